@@ -1,0 +1,18 @@
+// SwiGLU forward (Llama MLP); see ops.h.
+#include "priortune/ops.h"
+#include "priortune/vecmath.h"
+
+namespace pt {
+
+void swiglu_forward(float* out, const float* gate_up, int64_t N, int64_t I, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t n = 0; n < N; ++n) {
+    const float* g = gate_up + n * 2 * I;
+    const float* u = g + I;
+    float* o = out + n * I;
+#pragma omp simd
+    for (int64_t i = 0; i < I; ++i) o[i] = g[i] / (1.0f + exp_approx(-g[i])) * u[i];
+  }
+}
+
+}  // namespace pt

@@ -1,0 +1,27 @@
+// Single-precision matrix multiply, the workhorse of every CPU op.
+//
+//   C = alpha * op(A) * op(B) + beta * C        (row-major; op(X) = X or X^T)
+//
+// op(A) is M x K, op(B) is K x N, C is M x N with leading dimension ldc. When beta == 0, C is
+// overwritten without being read (so it may hold garbage or NaN). Work is split over `threads`
+// OpenMP threads; called from inside a parallel region it runs on the calling thread only.
+// Results are deterministic for a fixed thread count (each C element is summed in one fixed order).
+#pragma once
+#include <cstdint>
+
+namespace pt {
+
+void sgemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+           const float* B, int64_t ldb, float beta, float* C, int64_t ldc, int threads);
+
+// Name of the micro-kernel in use: "avx512", "avx2" or "generic" (chosen from the CPU at load time).
+const char* sgemm_kernel_name();
+
+// Force a micro-kernel by name (for tests and benchmarks); returns false if the CPU lacks it.
+bool sgemm_select_kernel(const char* name);
+
+// Measured fp32 fused-multiply-add peak of this CPU in GFLOP/s, over `threads` threads: a register-only
+// loop of independent FMAs with the widest vectors the CPU has (see gemm.cpp).
+double cpu_fma_peak_gflops(int threads);
+
+}  // namespace pt

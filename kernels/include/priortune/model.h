@@ -1,0 +1,98 @@
+// A frozen causal language model (GPT-2 or Llama family) on the CPU, fp32.
+//
+// Weights live in named slots (canonical names below) filled from safetensors files by load_tensor, which
+// converts F32/F16/BF16/F64 while reading in bounded chunks, so loading needs one copy of the weights plus
+// at most one tensor of scratch. Linear weights are kept in PyTorch's [out, in] layout; GPT-2's Conv1D
+// weights ([in, out] on disk) are transposed while loading. Llama's q/k/v and gate/up projections are
+// fused into one matrix each (row blocks), so each is one GEMM.
+//
+// Canonical slots (C = hidden, H/KV = heads, hd = head dim, I = intermediate, V = vocab):
+//   tok_emb [V, C]; pos_emb [maxPos, C] (GPT-2); lnf.w, lnf.b (b: GPT-2) [C]; lm_head [V, C] (untied only)
+//   l{i}.ln1.w/.b [C]; l{i}.qkv.w [(H+2KV) hd, C], l{i}.qkv.b; l{i}.proj.w [C, H hd], l{i}.proj.b;
+//   l{i}.ln2.w/.b [C]; l{i}.fc.w [I, C] (GPT-2) or [2I, C] (Llama: gate rows then up rows), l{i}.fc.b;
+//   l{i}.fc2.w [C, I], l{i}.fc2.b.   (.b slots exist only where the architecture has biases)
+#pragma once
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace pt {
+
+enum class Arch { GPT2, Llama };
+enum class DType { F32, F16, BF16, F64 };
+
+struct ModelConfig {
+  Arch arch = Arch::GPT2;
+  int64_t vocab = 0, hidden = 0, layers = 0, heads = 0, kv_heads = 0, head_dim = 0, intermediate = 0;
+  int64_t max_positions = 0;  // GPT-2: size of the position table; Llama: informational
+  float norm_eps = 1e-5f;
+  bool tied_head = true;
+  bool attn_bias = false, mlp_bias = false;  // Llama options; GPT-2 always has biases
+  bool scale_attn_by_inverse_layer_idx = false;  // GPT-2 option
+  // RoPE (Llama): inv_freq[i] = theta^(-2i/hd), then scaled by rope_type ("default", "linear", "llama3").
+  double rope_theta = 10000.0;
+  std::string rope_type = "default";
+  double rope_factor = 1.0, rope_low_freq_factor = 1.0, rope_high_freq_factor = 4.0;
+  int64_t rope_original_max_positions = 8192;
+  int threads = 1;
+};
+
+struct Slot {
+  std::vector<float> data;
+  int64_t rows = 0, cols = 0;
+  int64_t loaded_rows = 0;
+};
+
+struct ForwardArgs {
+  const int32_t* ids = nullptr;      // [B, T]
+  const uint8_t* mask = nullptr;     // [B, T], 1 = token, 0 = padding; nullptr = all tokens
+  const int32_t* labels = nullptr;   // [B, T], -100 = ignore; nullptr = no loss
+  const float* prompt = nullptr;     // [P, C] soft prompt, prepended to every sequence
+  int64_t B = 0, T = 0, P = 0;
+  std::vector<int> hidden_indices;   // 0..layers, Transformers' output_hidden_states order
+  bool want_logits = true;
+};
+
+struct ForwardResult {
+  std::vector<float> logits;               // [B, P+T, V] when want_logits
+  std::vector<std::vector<float>> hidden;  // one [B, P+T, C] per requested index
+  double loss = 0.0;                       // mean over labelled positions (0 when none)
+  int64_t label_count = 0;
+};
+
+class Model {
+ public:
+  explicit Model(const ModelConfig& config);
+
+  const ModelConfig& config() const { return cfg_; }
+
+  // Reads `rows x cols` values of `dtype` at byte `offset` of `file` into slot `target` starting at
+  // `row_offset` (transposing an on-disk [cols, rows] tensor when `transpose`). Throws with the slot and
+  // file named on any mismatch or I/O error.
+  void load_tensor(const std::string& target, int64_t row_offset, const std::string& file, uint64_t offset,
+                   DType dtype, int64_t rows, int64_t cols, bool transpose);
+  // Throws listing every slot that is not completely loaded.
+  void check_complete() const;
+
+  ForwardResult forward(const ForwardArgs& args);
+
+  const Slot& slot(const std::string& name) const;
+  const std::vector<float>& token_embeddings() const { return slot("tok_emb").data; }
+  size_t weight_bytes() const;
+  std::vector<std::string> slot_names() const;
+
+ private:
+  void add_slot(const std::string& name, int64_t rows, int64_t cols);
+  const float* w(const std::string& name) const;
+  const float* w_or_null(const std::string& name) const;
+  void rope_tables(int64_t pos0, int64_t S, std::vector<float>& cos, std::vector<float>& sin) const;
+
+  ModelConfig cfg_;
+  std::map<std::string, Slot> slots_;
+  std::vector<double> inv_freq_;
+  std::mutex run_mutex_;  // one forward/backward at a time per model (shared scratch, bounded memory)
+};
+
+}  // namespace pt

@@ -1,0 +1,32 @@
+// Branch-free float math that compilers vectorise inside `#pragma omp simd` loops (libm's expf/tanhf
+// do not vectorise and dominated the softmax and GELU loops).
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+namespace pt {
+
+// exp(x) for float: Cody-Waite range reduction x = n ln2 + r, |r| <= ln2/2, then a degree-6 minimax
+// polynomial for e^r (Cephes expf coefficients); max relative error about 2 ulp on [-87, 88].
+inline float exp_approx(float x) {
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// tanh(x) = 1 - 2 / (exp(2x) + 1): absolute error below 1e-7, enough for GELU (it multiplies 0.5 x).
+inline float tanh_approx(float x) { return 1.0f - 2.0f / (exp_approx(2.0f * x) + 1.0f); }
+
+}  // namespace pt

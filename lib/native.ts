@@ -1,0 +1,130 @@
+// Loads the compiled addon and types it by hand (the one place that knows the native surface).
+// The addon is searched at $PRIORTUNE_ADDON, then build/Release/priortune.node of this package.
+import { existsSync, readFileSync } from "node:fs";
+import { createRequire } from "node:module";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+
+export interface CudaInfo {
+  compiled: boolean;
+  usable: boolean;
+  deviceCount: number;
+  reason: string;
+  name: string;
+  computeCapability: string;
+  totalMemory: number;
+}
+
+export interface NativeModelConfig {
+  architecture: "gpt2" | "llama";
+  vocabSize: number;
+  hiddenSize: number;
+  numLayers: number;
+  numHeads: number;
+  numKvHeads: number;
+  headDim: number;
+  intermediateSize: number;
+  maxPositions: number;
+  normEps: number;
+  tiedHead: boolean;
+  attentionBias: boolean;
+  mlpBias: boolean;
+  scaleAttnByInverseLayerIdx: boolean;
+  ropeTheta: number;
+  ropeType: string;
+  ropeFactor: number;
+  ropeLowFreqFactor: number;
+  ropeHighFreqFactor: number;
+  ropeOriginalMaxPositions: number;
+  threads: number;
+}
+
+export interface NativeLoadEntry {
+  target: string;
+  rowOffset: number;
+  file: string;
+  offset: number;
+  dtype: "F32" | "F16" | "BF16" | "F64";
+  rows: number;
+  cols: number;
+  transpose: boolean;
+}
+
+export interface NativeForwardArgs {
+  inputIds: Int32Array;
+  batch: number;
+  seqLen: number;
+  attentionMask?: Uint8Array;
+  labels?: Int32Array;
+  prompt?: Float32Array;
+  hiddenStates?: number[];
+  logits?: boolean;
+}
+
+export interface NativeForwardResult {
+  logits?: Float32Array;
+  hiddenStates: Float32Array[];
+  loss?: number;
+  labelCount?: number;
+}
+
+export interface NativeModel {
+  loadTensors(entries: NativeLoadEntry[]): Promise<void>;
+  checkComplete(): void;
+  forward(args: NativeForwardArgs): Promise<NativeForwardResult>;
+  tokenEmbeddings(): Float32Array;
+  weightBytes(): number;
+  dispose(): void;
+}
+
+export interface Addon {
+  cudaInfo(): CudaInfo;
+  cpuInfo(): { gemmKernel: string; hardwareThreads: number };
+  gemm(
+    transA: boolean,
+    transB: boolean,
+    M: number,
+    N: number,
+    K: number,
+    alpha: number,
+    A: Float32Array,
+    lda: number,
+    B: Float32Array,
+    ldb: number,
+    beta: number,
+    C: Float32Array,
+    ldc: number,
+    threads: number,
+  ): void;
+  selectGemmKernel(name: "avx512" | "avx2" | "generic"): boolean;
+  fmaPeakGflops(threads: number): number;
+  NativeModel: new (config: NativeModelConfig) => NativeModel;
+  // --- nearest-neighbour search (kernels/cpu/knn.cpp, native/knn.cpp) ---
+}
+
+/** The package root: the nearest ancestor directory whose package.json is priortune's. */
+export function packageRoot(): string {
+  let dir = dirname(fileURLToPath(import.meta.url));
+  for (;;) {
+    const pj = join(dir, "package.json");
+    if (existsSync(pj) && JSON.parse(readFileSync(pj, "utf8")).name === "priortune") return dir;
+    const parent = dirname(dir);
+    if (parent === dir) throw new Error("priortune: cannot find the package root above " + import.meta.url);
+    dir = parent;
+  }
+}
+
+let cached: Addon | undefined;
+
+/** The native addon, loaded once. Throws an error that says how to build it when it is missing. */
+export function addon(): Addon {
+  if (cached) return cached;
+  const path = process.env.PRIORTUNE_ADDON ?? join(packageRoot(), "build", "Release", "priortune.node");
+  if (!existsSync(path)) {
+    throw new Error(
+      `priortune: native addon not found at ${path}; build it with \`npm run build:native\` (cmake-js) or \`npm run build:gyp\` (node-gyp)`,
+    );
+  }
+  cached = createRequire(import.meta.url)(path) as Addon;
+  return cached;
+}

@@ -1,0 +1,209 @@
+// Node-API glue shared by every native module: argument checks that name the argument, zero-copy views of
+// typed arrays, external (zero-copy) outputs, and a promise-returning async worker.
+//
+// Rules (../README.md, design notes): nothing here aborts the process. Every failure becomes a JS error
+// whose message names the argument and what was expected. Heavy work runs in PromiseWorker::Execute, which
+// never touches JS values and turns every C++ exception into a rejected promise.
+#pragma once
+#include <napi.h>
+
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace ptn {
+
+inline std::string type_name(const Napi::Value& v) {
+  if (v.IsUndefined()) return "undefined";
+  if (v.IsNull()) return "null";
+  if (v.IsTypedArray()) {
+    switch (v.As<Napi::TypedArray>().TypedArrayType()) {
+      case napi_float32_array: return "Float32Array";
+      case napi_float64_array: return "Float64Array";
+      case napi_int32_array: return "Int32Array";
+      case napi_uint32_array: return "Uint32Array";
+      case napi_uint8_array: return "Uint8Array";
+      default: return "another typed array";
+    }
+  }
+  if (v.IsArray()) return "Array";
+  if (v.IsNumber()) return "number";
+  if (v.IsString()) return "string";
+  if (v.IsBoolean()) return "boolean";
+  if (v.IsFunction()) return "function";
+  return "object";
+}
+
+[[noreturn]] inline void throw_type(Napi::Env env, const std::string& name, const std::string& expected,
+                                    const Napi::Value& got) {
+  throw Napi::TypeError::New(env, name + ": expected " + expected + ", got " + type_name(got));
+}
+
+// A non-owning view of a typed array's elements (the JS object must be kept alive while it is used).
+template <class T>
+struct View {
+  T* data = nullptr;
+  size_t length = 0;
+};
+
+template <class T>
+constexpr napi_typedarray_type typed_array_kind();
+template <>
+constexpr napi_typedarray_type typed_array_kind<float>() { return napi_float32_array; }
+template <>
+constexpr napi_typedarray_type typed_array_kind<int32_t>() { return napi_int32_array; }
+template <>
+constexpr napi_typedarray_type typed_array_kind<uint8_t>() { return napi_uint8_array; }
+template <>
+constexpr napi_typedarray_type typed_array_kind<double>() { return napi_float64_array; }
+
+template <class T>
+const char* typed_array_label() {
+  switch (typed_array_kind<T>()) {
+    case napi_float32_array: return "Float32Array";
+    case napi_int32_array: return "Int32Array";
+    case napi_uint8_array: return "Uint8Array";
+    default: return "Float64Array";
+  }
+}
+
+template <class T>
+View<T> view_of(const Napi::Value& v, const std::string& name) {
+  if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != typed_array_kind<T>())
+    throw_type(v.Env(), name, typed_array_label<T>(), v);
+  auto ta = v.As<Napi::TypedArray>();
+  auto buf = ta.ArrayBuffer();
+  return View<T>{reinterpret_cast<T*>(static_cast<uint8_t*>(buf.Data()) + ta.ByteOffset()), ta.ElementLength()};
+}
+
+template <class T>
+View<T> view_of_length(const Napi::Value& v, const std::string& name, size_t expected) {
+  View<T> view = view_of<T>(v, name);
+  if (view.length != expected)
+    throw Napi::RangeError::New(v.Env(), name + ": expected " + std::to_string(expected) + " elements, got " +
+                                             std::to_string(view.length));
+  return view;
+}
+
+inline int64_t int_of(const Napi::Value& v, const std::string& name, int64_t min_value = INT64_MIN) {
+  if (!v.IsNumber()) throw_type(v.Env(), name, "an integer", v);
+  double d = v.As<Napi::Number>().DoubleValue();
+  if (d != static_cast<double>(static_cast<int64_t>(d)))
+    throw Napi::TypeError::New(v.Env(), name + ": expected an integer, got " + std::to_string(d));
+  if (static_cast<int64_t>(d) < min_value)
+    throw Napi::RangeError::New(v.Env(), name + ": expected an integer >= " + std::to_string(min_value) +
+                                             ", got " + std::to_string(static_cast<int64_t>(d)));
+  return static_cast<int64_t>(d);
+}
+
+inline double number_of(const Napi::Value& v, const std::string& name) {
+  if (!v.IsNumber()) throw_type(v.Env(), name, "a number", v);
+  return v.As<Napi::Number>().DoubleValue();
+}
+
+inline Napi::Object object_of(const Napi::Value& v, const std::string& name) {
+  if (!v.IsObject() || v.IsArray() || v.IsTypedArray()) throw_type(v.Env(), name, "an object", v);
+  return v.As<Napi::Object>();
+}
+
+inline Napi::Value arg(const Napi::CallbackInfo& info, size_t i, const char* name) {
+  if (info.Length() <= i) throw Napi::TypeError::New(info.Env(), std::string(name) + ": missing argument");
+  return info[i];
+}
+
+// Moves a vector into an ArrayBuffer that owns it (freed by the JS garbage collector): no copy.
+template <class T>
+Napi::ArrayBuffer external_buffer(Napi::Env env, std::vector<T>&& data) {
+  auto* owned = new std::vector<T>(std::move(data));
+  if (owned->empty()) {
+    delete owned;
+    return Napi::ArrayBuffer::New(env, 0);
+  }
+  return Napi::ArrayBuffer::New(env, owned->data(), owned->size() * sizeof(T),
+                                [](Napi::Env, void*, std::vector<T>* p) { delete p; }, owned);
+}
+
+inline Napi::Float32Array to_float32(Napi::Env env, std::vector<float>&& data) {
+  size_t n = data.size();
+  return Napi::Float32Array::New(env, n, external_buffer(env, std::move(data)), 0);
+}
+
+inline Napi::Int32Array to_int32(Napi::Env env, std::vector<int32_t>&& data) {
+  size_t n = data.size();
+  return Napi::Int32Array::New(env, n, external_buffer(env, std::move(data)), 0);
+}
+
+// Runs `execute` on the libuv thread pool and resolves with `complete(env)` on the JS thread.
+// Inputs passed to keep() stay referenced (not collected) until the worker finishes, so views into
+// them stay valid while `execute` reads them.
+class PromiseWorker : public Napi::AsyncWorker {
+ public:
+  using Execute_ = std::function<void()>;
+  using Complete = std::function<Napi::Value(Napi::Env)>;
+
+  PromiseWorker(Napi::Env env, Execute_ execute, Complete complete)
+      : Napi::AsyncWorker(env, "priortune"),
+        deferred_(Napi::Promise::Deferred::New(env)),
+        execute_(std::move(execute)),
+        complete_(std::move(complete)) {}
+
+  void keep(const Napi::Value& v) {
+    if (v.IsObject()) refs_.push_back(Napi::Persistent(v.As<Napi::Object>()));
+  }
+
+  Napi::Promise queue() {
+    Napi::Promise p = deferred_.Promise();
+    Queue();
+    return p;
+  }
+
+ protected:
+  void Execute() override {
+    try {
+      execute_();
+    } catch (const std::exception& e) {
+      SetError(e.what());
+    } catch (...) {
+      SetError("priortune: unknown native error");
+    }
+  }
+  void OnOK() override {
+    Napi::Env env = Env();
+    try {
+      deferred_.Resolve(complete_ ? complete_(env) : env.Undefined());
+    } catch (const Napi::Error& e) {
+      deferred_.Reject(e.Value());
+    } catch (const std::exception& e) {
+      deferred_.Reject(Napi::Error::New(env, e.what()).Value());
+    }
+  }
+  void OnError(const Napi::Error& e) override { deferred_.Reject(e.Value()); }
+
+ private:
+  Napi::Promise::Deferred deferred_;
+  Execute_ execute_;
+  Complete complete_;
+  std::vector<Napi::ObjectReference> refs_;
+};
+
+// Runs `body`, converting C++ exceptions thrown synchronously into JS errors.
+template <class F>
+Napi::Value guarded(Napi::Env env, F&& body) {
+  try {
+    return body();
+  } catch (const Napi::Error&) {
+    throw;
+  } catch (const std::invalid_argument& e) {
+    throw Napi::TypeError::New(env, e.what());
+  } catch (const std::out_of_range& e) {
+    throw Napi::RangeError::New(env, e.what());
+  } catch (const std::exception& e) {
+    throw Napi::Error::New(env, e.what());
+  }
+}
+
+}  // namespace ptn

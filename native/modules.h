@@ -1,0 +1,8 @@
+// Each native module adds its functions and classes to the addon's exports.
+#pragma once
+#include <napi.h>
+
+namespace ptn {
+void init_system(Napi::Env env, Napi::Object exports);  // system.cpp: backend probe, threads, GEMM, peak
+void init_model(Napi::Env env, Napi::Object exports);   // model.cpp: the frozen language model
+}  // namespace ptn

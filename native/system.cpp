@@ -1,0 +1,86 @@
+// System-level functions: backend probe, CPU facts, and direct access to the GEMM (tests and benchmarks).
+#include "common.h"
+#include "modules.h"
+#include "priortune/cuda_device.h"
+#include "priortune/gemm.h"
+#include "priortune/parallel.h"
+
+namespace ptn {
+namespace {
+
+Napi::Value CudaInfo(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  pt::CudaProbe p = pt::cuda_probe();
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("compiled", p.compiled);
+  o.Set("usable", p.usable);
+  o.Set("deviceCount", p.device_count);
+  o.Set("reason", p.reason);
+  o.Set("name", p.name);
+  o.Set("computeCapability", std::to_string(p.major) + "." + std::to_string(p.minor));
+  o.Set("totalMemory", static_cast<double>(p.total_memory));
+  return o;
+}
+
+Napi::Value CpuInfo(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("gemmKernel", pt::sgemm_kernel_name());
+  o.Set("hardwareThreads", pt::hardware_threads());
+  return o;
+}
+
+// gemm(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, threads): synchronous, for tests and
+// benchmarks. Bounds are checked against each array's length before any element is touched.
+Napi::Value Gemm(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&]() -> Napi::Value {
+    bool ta = arg(info, 0, "transA").ToBoolean(), tb = arg(info, 1, "transB").ToBoolean();
+    int64_t M = int_of(arg(info, 2, "M"), "M", 0), N = int_of(arg(info, 3, "N"), "N", 0),
+            K = int_of(arg(info, 4, "K"), "K", 0);
+    float alpha = (float)number_of(arg(info, 5, "alpha"), "alpha");
+    auto A = view_of<float>(arg(info, 6, "A"), "A");
+    int64_t lda = int_of(arg(info, 7, "lda"), "lda", 1);
+    auto B = view_of<float>(arg(info, 8, "B"), "B");
+    int64_t ldb = int_of(arg(info, 9, "ldb"), "ldb", 1);
+    float beta = (float)number_of(arg(info, 10, "beta"), "beta");
+    auto C = view_of<float>(arg(info, 11, "C"), "C");
+    int64_t ldc = int_of(arg(info, 12, "ldc"), "ldc", 1);
+    int threads = (int)int_of(arg(info, 13, "threads"), "threads", 1);
+    auto need = [&](const char* name, size_t have, int64_t rows, int64_t cols, int64_t ld) {
+      if (rows == 0 || cols == 0) return;
+      if (ld < cols) throw Napi::RangeError::New(env, std::string(name) + ": leading dimension smaller than row length");
+      if ((int64_t)have < (rows - 1) * ld + cols)
+        throw Napi::RangeError::New(env, std::string(name) + ": array too short for the given shape");
+    };
+    need("A", A.length, ta ? K : M, ta ? M : K, lda);
+    need("B", B.length, tb ? N : K, tb ? K : N, ldb);
+    need("C", C.length, M, N, ldc);
+    pt::sgemm(ta, tb, M, N, K, alpha, A.data, lda, B.data, ldb, beta, C.data, ldc, threads);
+    return env.Undefined();
+  });
+}
+
+Napi::Value SelectGemmKernel(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!arg(info, 0, "name").IsString()) throw_type(env, "name", "a string", info[0]);
+  return Napi::Boolean::New(env, pt::sgemm_select_kernel(info[0].As<Napi::String>().Utf8Value().c_str()));
+}
+
+Napi::Value FmaPeak(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int threads = (int)int_of(arg(info, 0, "threads"), "threads", 1);
+  return Napi::Number::New(env, pt::cpu_fma_peak_gflops(threads));
+}
+
+}  // namespace
+
+void init_system(Napi::Env env, Napi::Object exports) {
+  exports.Set("cudaInfo", Napi::Function::New(env, CudaInfo, "cudaInfo"));
+  exports.Set("cpuInfo", Napi::Function::New(env, CpuInfo, "cpuInfo"));
+  exports.Set("gemm", Napi::Function::New(env, Gemm, "gemm"));
+  exports.Set("selectGemmKernel", Napi::Function::New(env, SelectGemmKernel, "selectGemmKernel"));
+  exports.Set("fmaPeakGflops", Napi::Function::New(env, FmaPeak, "fmaPeakGflops"));
+}
+
+}  // namespace ptn
