@@ -121,28 +121,28 @@ Model::Model(const ModelConfig& c) : cfg_(c) {
   const bool gpt2 = c.arch == Arch::GPT2;
   add_slot("tok_emb", c.vocab, C);
   if (gpt2) add_slot("pos_emb", c.max_positions, C);
-  add_slot("lnf.w", 1, C);
-  if (gpt2) add_slot("lnf.b", 1, C);
+  add_slot("lnf.w", C, 1);
+  if (gpt2) add_slot("lnf.b", C, 1);
   if (!c.tied_head) add_slot("lm_head", c.vocab, C);
   for (int64_t l = 0; l < L; ++l) {
     const std::string p = "l" + std::to_string(l) + ".";
-    add_slot(p + "ln1.w", 1, C);
-    add_slot(p + "ln2.w", 1, C);
+    add_slot(p + "ln1.w", C, 1);
+    add_slot(p + "ln2.w", C, 1);
     add_slot(p + "qkv.w", (H + 2 * KV) * hd, C);
     add_slot(p + "proj.w", C, H * hd);
     add_slot(p + "fc.w", gpt2 ? I : 2 * I, C);
     add_slot(p + "fc2.w", C, I);
     if (gpt2) {
-      add_slot(p + "ln1.b", 1, C);
-      add_slot(p + "ln2.b", 1, C);
+      add_slot(p + "ln1.b", C, 1);
+      add_slot(p + "ln2.b", C, 1);
     }
     if (gpt2 || c.attn_bias) {
-      add_slot(p + "qkv.b", 1, (H + 2 * KV) * hd);
-      add_slot(p + "proj.b", 1, C);
+      add_slot(p + "qkv.b", (H + 2 * KV) * hd, 1);
+      add_slot(p + "proj.b", C, 1);
     }
     if (gpt2 || c.mlp_bias) {
-      add_slot(p + "fc.b", 1, gpt2 ? I : 2 * I);
-      add_slot(p + "fc2.b", 1, C);
+      add_slot(p + "fc.b", gpt2 ? I : 2 * I, 1);
+      add_slot(p + "fc2.b", C, 1);
     }
   }
   if (!gpt2) {

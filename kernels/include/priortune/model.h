@@ -6,6 +6,7 @@
 // weights ([in, out] on disk) are transposed while loading. Llama's q/k/v and gate/up projections are
 // fused into one matrix each (row blocks), so each is one GEMM.
 //
+// Vectors (norm weights, biases) are [n, 1] slots, so a bias can be filled in row blocks like its matrix.
 // Canonical slots (C = hidden, H/KV = heads, hd = head dim, I = intermediate, V = vocab):
 //   tok_emb [V, C]; pos_emb [maxPos, C] (GPT-2); lnf.w, lnf.b (b: GPT-2) [C]; lm_head [V, C] (untied only)
 //   l{i}.ln1.w/.b [C]; l{i}.qkv.w [(H+2KV) hd, C], l{i}.qkv.b; l{i}.proj.w [C, H hd], l{i}.proj.b;

@@ -1,0 +1,164 @@
+// Safetensors headers: the 8-byte little-endian header length, a JSON header of
+// { name: { dtype, shape, data_offsets: [begin, end] } } (offsets relative to the end of the header), then
+// the raw little-endian data. We read only headers here; tensor bytes are read by the native loader
+// straight into the model's fp32 storage (one copy of the weights in memory), or by readTensors for
+// small files such as test fixtures.
+import { closeSync, existsSync, fstatSync, openSync, readFileSync, readSync } from "node:fs";
+import { join } from "node:path";
+
+export type SafetensorsDType = "F64" | "F32" | "F16" | "BF16" | "I64" | "I32" | "I16" | "I8" | "U8" | "BOOL";
+
+const DTYPE_BYTES: Record<string, number> = {
+  F64: 8,
+  F32: 4,
+  F16: 2,
+  BF16: 2,
+  I64: 8,
+  I32: 4,
+  I16: 2,
+  I8: 1,
+  U8: 1,
+  BOOL: 1,
+  F8_E4M3: 1,
+  F8_E5M2: 1,
+};
+
+export interface TensorInfo {
+  name: string;
+  dtype: string;
+  shape: number[];
+  file: string;
+  /** Absolute byte offset of the tensor's data in `file`. */
+  offset: number;
+  byteLength: number;
+}
+
+export interface SafetensorsHeader {
+  tensors: Map<string, TensorInfo>;
+  metadata: Record<string, string>;
+}
+
+export function readSafetensorsHeader(file: string): SafetensorsHeader {
+  const fd = openSync(file, "r");
+  try {
+    const size = fstatSync(fd).size;
+    const lenBuf = Buffer.alloc(8);
+    if (size < 8 || readSync(fd, lenBuf, 0, 8, 0) !== 8) throw new Error(`${file}: not a safetensors file (too short)`);
+    const headerLen = Number(lenBuf.readBigUInt64LE(0));
+    if (headerLen <= 0 || headerLen > 100 * 2 ** 20 || 8 + headerLen > size) {
+      throw new Error(`${file}: not a safetensors file (header length ${headerLen} for a ${size}-byte file)`);
+    }
+    const headerBuf = Buffer.alloc(headerLen);
+    readSync(fd, headerBuf, 0, headerLen, 8);
+    let json: Record<string, unknown>;
+    try {
+      json = JSON.parse(headerBuf.toString("utf8"));
+    } catch (e) {
+      throw new Error(`${file}: safetensors header is not valid JSON (${(e as Error).message})`);
+    }
+    const dataStart = 8 + headerLen;
+    const tensors = new Map<string, TensorInfo>();
+    let metadata: Record<string, string> = {};
+    for (const [name, value] of Object.entries(json)) {
+      if (name === "__metadata__") {
+        metadata = value as Record<string, string>;
+        continue;
+      }
+      const v = value as { dtype: string; shape: number[]; data_offsets: [number, number] };
+      const bytes = DTYPE_BYTES[v.dtype];
+      if (bytes === undefined) throw new Error(`${file}: tensor '${name}' has unknown dtype '${v.dtype}'`);
+      const count = v.shape.reduce((a, b) => a * b, 1);
+      const [begin, end] = v.data_offsets;
+      if (end - begin !== count * bytes || dataStart + end > size) {
+        throw new Error(
+          `${file}: tensor '${name}' (${v.dtype} [${v.shape}]) has data_offsets [${begin}, ${end}] that do not match its shape or the file size`,
+        );
+      }
+      tensors.set(name, { name, dtype: v.dtype, shape: v.shape, file, offset: dataStart + begin, byteLength: end - begin });
+    }
+    return { tensors, metadata };
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/** All tensors of a Hugging Face model directory: model.safetensors or a sharded index. */
+export function listModelTensors(dir: string): Map<string, TensorInfo> {
+  const single = join(dir, "model.safetensors");
+  const index = join(dir, "model.safetensors.index.json");
+  if (existsSync(index)) {
+    const weightMap = (JSON.parse(readFileSync(index, "utf8")) as { weight_map?: Record<string, string> }).weight_map;
+    if (!weightMap) throw new Error(`${index}: missing "weight_map"`);
+    const all = new Map<string, TensorInfo>();
+    for (const shard of new Set(Object.values(weightMap))) {
+      const path = join(dir, shard);
+      if (!existsSync(path)) throw new Error(`${index} names shard ${shard}, which does not exist in ${dir}`);
+      for (const [name, info] of readSafetensorsHeader(path).tensors) all.set(name, info);
+    }
+    for (const name of Object.keys(weightMap)) {
+      if (!all.has(name)) throw new Error(`${index} maps tensor '${name}' to ${weightMap[name]}, which does not hold it`);
+    }
+    return all;
+  }
+  if (existsSync(single)) return readSafetensorsHeader(single).tensors;
+  throw new Error(`${dir}: no model.safetensors or model.safetensors.index.json (only safetensors weights are supported)`);
+}
+
+export type TensorData = Float64Array | Float32Array | Int32Array | Uint8Array | BigInt64Array;
+
+/** Reads every tensor of a (small) safetensors file into typed arrays; F16/BF16 are widened to Float32Array. */
+export function readTensors(file: string): { tensors: Map<string, { shape: number[]; data: TensorData }>; metadata: Record<string, string> } {
+  const { tensors, metadata } = readSafetensorsHeader(file);
+  const buf = readFileSync(file);
+  const out = new Map<string, { shape: number[]; data: TensorData }>();
+  for (const [name, t] of tensors) {
+    const bytes = buf.subarray(t.offset, t.offset + t.byteLength);
+    const copy = new Uint8Array(bytes).buffer; // aligned copy
+    let data: TensorData;
+    switch (t.dtype) {
+      case "F64":
+        data = new Float64Array(copy);
+        break;
+      case "F32":
+        data = new Float32Array(copy);
+        break;
+      case "I32":
+        data = new Int32Array(copy);
+        break;
+      case "I64":
+        data = new BigInt64Array(copy);
+        break;
+      case "U8":
+      case "BOOL":
+        data = new Uint8Array(copy);
+        break;
+      case "F16":
+      case "BF16":
+        data = widenHalf(new Uint16Array(copy), t.dtype);
+        break;
+      default:
+        throw new Error(`${file}: readTensors does not support dtype ${t.dtype} (tensor '${name}')`);
+    }
+    out.set(name, { shape: t.shape, data });
+  }
+  return { tensors: out, metadata };
+}
+
+function widenHalf(src: Uint16Array, dtype: "F16" | "BF16"): Float32Array {
+  const out = new Float32Array(src.length);
+  const u32 = new Uint32Array(out.buffer);
+  for (let i = 0; i < src.length; i++) {
+    const h = src[i]!;
+    if (dtype === "BF16") {
+      u32[i] = h << 16;
+      continue;
+    }
+    const sign = h & 0x8000 ? -1 : 1;
+    const exp = (h >> 10) & 0x1f;
+    const man = h & 0x3ff;
+    if (exp === 0) out[i] = sign * man * 2 ** -24;
+    else if (exp === 31) out[i] = man ? Number.NaN : sign * Number.POSITIVE_INFINITY;
+    else out[i] = sign * (1 + man / 1024) * 2 ** (exp - 15);
+  }
+  return out;
+}

@@ -1,0 +1,83 @@
+// Tokenizers from a Hugging Face model directory, through @huggingface/tokenizers.
+// tokenizer.json (+ tokenizer_config.json) is the normal case; directories that only have GPT-2's
+// vocab.json + merges.txt get an equivalent byte-level BPE tokenizer.json built in memory.
+import { existsSync, readFileSync } from "node:fs";
+import { join } from "node:path";
+import { Tokenizer as HfTokenizer } from "@huggingface/tokenizers";
+
+export interface Tokenizer {
+  /** Token ids of `text`; special tokens (e.g. BOS) are added only when asked. */
+  encode(text: string, options?: { addSpecialTokens?: boolean }): number[];
+  /** Text of `ids`; exact inverse of encode unless `cleanUpSpaces` (legacy " ," -> "," clean-up) is set. */
+  decode(ids: ArrayLike<number>, options?: { skipSpecialTokens?: boolean; cleanUpSpaces?: boolean }): string;
+  tokenToId(token: string): number | undefined;
+  idToToken(id: number): string | undefined;
+  /** Number of entries in the vocabulary, added tokens included. */
+  readonly vocabSize: number;
+  /** Where it was loaded from: "tokenizer.json" or "vocab.json+merges.txt". */
+  readonly source: string;
+}
+
+class HfBackedTokenizer implements Tokenizer {
+  readonly vocabSize: number;
+  constructor(
+    private readonly inner: HfTokenizer,
+    readonly source: string,
+  ) {
+    this.vocabSize = inner.get_vocab(true).size;
+  }
+  encode(text: string, options: { addSpecialTokens?: boolean } = {}): number[] {
+    if (typeof text !== "string") throw new TypeError(`text: expected a string, got ${typeof text}`);
+    return this.inner.encode(text, { add_special_tokens: options.addSpecialTokens ?? false }).ids;
+  }
+  decode(ids: ArrayLike<number>, options: { skipSpecialTokens?: boolean; cleanUpSpaces?: boolean } = {}): string {
+    if (ids.length === 0) return "";
+    return this.inner.decode(Array.from(ids), {
+      skip_special_tokens: options.skipSpecialTokens ?? false,
+      clean_up_tokenization_spaces: options.cleanUpSpaces ?? false,
+    });
+  }
+  tokenToId(token: string): number | undefined {
+    return this.inner.token_to_id(token);
+  }
+  idToToken(id: number): string | undefined {
+    return this.inner.id_to_token(id);
+  }
+}
+
+/** The tokenizer.json equivalent of GPT-2's original vocab.json + merges.txt files. */
+export function byteLevelBpeJson(vocab: Record<string, number>, mergesText: string): Record<string, unknown> {
+  const merges = mergesText
+    .split("\n")
+    .filter((line) => line.length > 0 && !line.startsWith("#version"))
+    .map((line) => line.split(" "));
+  const eos = "<|endoftext|>";
+  return {
+    version: "1.0",
+    added_tokens:
+      eos in vocab
+        ? [{ id: vocab[eos], content: eos, single_word: false, lstrip: false, rstrip: false, normalized: true, special: true }]
+        : [],
+    normalizer: null,
+    pre_tokenizer: { type: "ByteLevel", add_prefix_space: false, trim_offsets: true, use_regex: true },
+    post_processor: { type: "ByteLevel", add_prefix_space: true, trim_offsets: false, use_regex: true },
+    decoder: { type: "ByteLevel", add_prefix_space: true, trim_offsets: true, use_regex: true },
+    model: { type: "BPE", dropout: null, unk_token: null, continuing_subword_prefix: "", end_of_word_suffix: "", fuse_unk: false, byte_fallback: false, ignore_merges: false, vocab, merges },
+  };
+}
+
+export function loadTokenizer(dir: string): Tokenizer {
+  const tokJson = join(dir, "tokenizer.json");
+  const tokConfig = join(dir, "tokenizer_config.json");
+  const config = existsSync(tokConfig) ? JSON.parse(readFileSync(tokConfig, "utf8")) : {};
+  if (existsSync(tokJson)) {
+    return new HfBackedTokenizer(new HfTokenizer(JSON.parse(readFileSync(tokJson, "utf8")), config), "tokenizer.json");
+  }
+  const vocabPath = join(dir, "vocab.json");
+  const mergesPath = join(dir, "merges.txt");
+  if (existsSync(vocabPath) && existsSync(mergesPath)) {
+    const json = byteLevelBpeJson(JSON.parse(readFileSync(vocabPath, "utf8")), readFileSync(mergesPath, "utf8"));
+    return new HfBackedTokenizer(new HfTokenizer(json, config), "vocab.json+merges.txt");
+  }
+  throw new Error(`${dir}: no tokenizer.json (or vocab.json + merges.txt) found`);
+}

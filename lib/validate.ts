@@ -1,0 +1,32 @@
+// Argument checks with messages that name the argument, the expected type and what was received.
+
+function describe(v: unknown): string {
+  if (v === null) return "null";
+  if (Array.isArray(v)) return `Array(${v.length})`;
+  if (ArrayBuffer.isView(v)) return `${v.constructor.name}(${(v as unknown as { length: number }).length})`;
+  if (typeof v === "object") return (v as object).constructor?.name ?? "object";
+  return `${typeof v} ${String(v)}`;
+}
+
+function typed<T>(v: unknown, name: string, ctor: { new (n: number): T; name: string }, length?: number): T {
+  if (!(v instanceof (ctor as unknown as new () => T))) {
+    throw new TypeError(`${name}: expected a ${ctor.name}, got ${describe(v)}`);
+  }
+  const n = (v as unknown as { length: number }).length;
+  if (length !== undefined && n !== length) {
+    throw new RangeError(`${name}: expected ${length} elements, got ${n}`);
+  }
+  return v;
+}
+
+export const requireFloat32 = (v: unknown, name: string, length?: number): Float32Array =>
+  typed(v, name, Float32Array, length);
+export const requireInt32 = (v: unknown, name: string, length?: number): Int32Array => typed(v, name, Int32Array, length);
+export const requireUint8 = (v: unknown, name: string, length?: number): Uint8Array => typed(v, name, Uint8Array, length);
+
+export function requirePositiveInt(v: unknown, name: string): number {
+  if (typeof v !== "number" || !Number.isInteger(v) || v < 1) {
+    throw new TypeError(`${name}: expected a positive integer, got ${describe(v)}`);
+  }
+  return v;
+}

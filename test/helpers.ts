@@ -1,0 +1,52 @@
+// Shared test helpers: fixture paths, golden files, and error measures with stated tolerances.
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { readTensors, type TensorData } from "../lib/safetensors.js";
+
+export const fixtures = join(dirname(fileURLToPath(import.meta.url)), "fixtures");
+export const modelDir = (name: string) => join(fixtures, "models", name);
+
+export interface Golden {
+  get(name: string): TensorData;
+  shape(name: string): number[];
+  meta: Record<string, string>;
+}
+
+export function readGolden(model: string): Golden {
+  const { tensors, metadata } = readTensors(join(fixtures, "golden", `${model}.safetensors`));
+  return {
+    get(name) {
+      const t = tensors.get(name);
+      if (!t) throw new Error(`golden ${model}: no tensor ${name}`);
+      return t.data;
+    },
+    shape(name) {
+      return tensors.get(name)!.shape;
+    },
+    meta: metadata,
+  };
+}
+
+/** Largest |a - b| and the largest |b| (the reference's scale). */
+export function compare(actual: ArrayLike<number>, expected: ArrayLike<number>): { maxAbs: number; scale: number } {
+  if (actual.length !== expected.length) throw new Error(`length ${actual.length} != ${expected.length}`);
+  let maxAbs = 0;
+  let scale = 0;
+  for (let i = 0; i < actual.length; i++) {
+    maxAbs = Math.max(maxAbs, Math.abs(actual[i]! - expected[i]!));
+    scale = Math.max(scale, Math.abs(expected[i]!));
+  }
+  return { maxAbs, scale };
+}
+
+export function toInt32(data: TensorData): Int32Array {
+  return data instanceof Int32Array ? data : Int32Array.from(data as ArrayLike<number>);
+}
+
+export function toUint8(data: TensorData): Uint8Array {
+  return Uint8Array.from(data as ArrayLike<number>);
+}
+
+export function toFloat32(data: TensorData): Float32Array {
+  return Float32Array.from(data as ArrayLike<number>);
+}
