@@ -9,7 +9,8 @@ export type Logger = (level: "info" | "warn", message: string) => void;
 
 /** Default logger: warnings to stderr; info only when PRIORTUNE_LOG=info. */
 export const defaultLogger: Logger = (level, message) => {
-  if (level === "warn" || process.env.PRIORTUNE_LOG === "info") process.stderr.write(`priortune: ${message}\n`);
+  if (level === "warn" || process.env.PRIORTUNE_LOG === "info")
+    process.stderr.write(`priortune: ${message}\n`);
 };
 
 export function cudaStatus(): CudaInfo {
@@ -33,8 +34,13 @@ export function resolveBackend(
   const cuda = cudaStatus();
   let why = "";
   if (!cuda.usable) why = cuda.reason;
-  else if (!modelKernels) why = `CUDA device ${cuda.name} found, but this version has no CUDA model kernels yet`;
-  if (!why) return { backend: "cuda", reason: `CUDA device ${cuda.name} (sm_${cuda.computeCapability.replace(".", "")})` };
+  else if (!modelKernels)
+    why = `CUDA device ${cuda.name} found, but this version has no CUDA model kernels yet`;
+  if (!why)
+    return {
+      backend: "cuda",
+      reason: `CUDA device ${cuda.name} (sm_${cuda.computeCapability.replace(".", "")})`,
+    };
   if (requested === "cuda") throw new Error(`backend "cuda" is not available: ${why}`);
   logger("info", `using the CPU backend: ${why}`);
   return { backend: "cpu", reason: why };

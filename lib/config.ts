@@ -41,7 +41,8 @@ function num(cfg: Json, key: string, fallback?: number): number {
     if (fallback !== undefined) return fallback;
     throw new Error(`config.json: missing "${key}"`);
   }
-  if (typeof v !== "number" || !Number.isFinite(v)) throw new Error(`config.json: "${key}" must be a number, got ${JSON.stringify(v)}`);
+  if (typeof v !== "number" || !Number.isFinite(v))
+    throw new Error(`config.json: "${key}" must be a number, got ${JSON.stringify(v)}`);
   return v;
 }
 
@@ -51,7 +52,8 @@ const LLAMA_ARCHS = new Set(["LlamaForCausalLM", "MistralForCausalLM", "LlamaMod
 export function parseConfig(cfg: Json): ModelConfig {
   const archs = (cfg.architectures as string[] | undefined) ?? [];
   const modelType = cfg.model_type as string | undefined;
-  const hfArchitecture = archs[0] ?? (modelType === "gpt2" ? "GPT2LMHeadModel" : modelType === "llama" ? "LlamaForCausalLM" : "");
+  const hfArchitecture =
+    archs[0] ?? (modelType === "gpt2" ? "GPT2LMHeadModel" : modelType === "llama" ? "LlamaForCausalLM" : "");
   if (GPT2_ARCHS.has(hfArchitecture)) return parseGpt2(cfg, hfArchitecture);
   if (LLAMA_ARCHS.has(hfArchitecture)) return parseLlama(cfg, hfArchitecture);
   throw new Error(
@@ -62,12 +64,16 @@ export function parseConfig(cfg: Json): ModelConfig {
 function parseGpt2(cfg: Json, hfArchitecture: string): ModelConfig {
   const act = (cfg.activation_function as string | undefined) ?? "gelu_new";
   if (act !== "gelu_new" && act !== "gelu_pytorch_tanh") {
-    throw new Error(`GPT-2 activation_function '${act}' is not supported (supported: gelu_new, gelu_pytorch_tanh)`);
+    throw new Error(
+      `GPT-2 activation_function '${act}' is not supported (supported: gelu_new, gelu_pytorch_tanh)`,
+    );
   }
-  if (cfg.scale_attn_weights === false) throw new Error("GPT-2 with scale_attn_weights=false is not supported");
+  if (cfg.scale_attn_weights === false)
+    throw new Error("GPT-2 with scale_attn_weights=false is not supported");
   const hidden = num(cfg, "n_embd");
   const heads = num(cfg, "n_head");
-  if (hidden % heads !== 0) throw new Error(`config.json: n_embd (${hidden}) is not a multiple of n_head (${heads})`);
+  if (hidden % heads !== 0)
+    throw new Error(`config.json: n_embd (${hidden}) is not a multiple of n_head (${heads})`);
   return {
     architecture: "gpt2",
     hfArchitecture,
@@ -114,7 +120,9 @@ function parseLlama(cfg: Json, hfArchitecture: string): ModelConfig {
   const heads = num(cfg, "num_attention_heads");
   const kvHeads = num(cfg, "num_key_value_heads", heads);
   if (heads % kvHeads !== 0) {
-    throw new Error(`config.json: num_attention_heads (${heads}) is not a multiple of num_key_value_heads (${kvHeads})`);
+    throw new Error(
+      `config.json: num_attention_heads (${heads}) is not a multiple of num_key_value_heads (${kvHeads})`,
+    );
   }
   const rope = parseRope(cfg);
   const window = cfg.sliding_window;
@@ -176,7 +184,8 @@ interface Need {
 
 function needs(c: ModelConfig): Need[] {
   const out: Need[] = [];
-  const add = (hf: string, target: string, rowOffset = 0, transpose = false) => out.push({ hf, target, rowOffset, transpose });
+  const add = (hf: string, target: string, rowOffset = 0, transpose = false) =>
+    out.push({ hf, target, rowOffset, transpose });
   if (c.architecture === "gpt2") {
     add("wte.weight", "tok_emb");
     add("wpe.weight", "pos_emb");
@@ -229,7 +238,8 @@ function needs(c: ModelConfig): Need[] {
 
 /** Strips the wrapper prefixes checkpoints use ("transformer.", "model."); lm_head keeps its name. */
 function canonicalName(name: string): string {
-  for (const prefix of ["transformer.", "model."]) if (name.startsWith(prefix)) return name.slice(prefix.length);
+  for (const prefix of ["transformer.", "model."])
+    if (name.startsWith(prefix)) return name.slice(prefix.length);
   return name;
 }
 
@@ -237,7 +247,10 @@ function canonicalName(name: string): string {
  * The native load plan for a model directory's tensors. Throws naming every missing tensor, and any tensor
  * with an unsupported dtype or a shape that does not match the config.
  */
-export function loadPlan(c: ModelConfig, tensors: Map<string, TensorInfo>): { entries: NativeLoadEntry[]; dtypes: Set<string> } {
+export function loadPlan(
+  c: ModelConfig,
+  tensors: Map<string, TensorInfo>,
+): { entries: NativeLoadEntry[]; dtypes: Set<string> } {
   const byName = new Map<string, TensorInfo>();
   for (const [name, info] of tensors) byName.set(canonicalName(name), info);
   const missing: string[] = [];
@@ -250,7 +263,9 @@ export function loadPlan(c: ModelConfig, tensors: Map<string, TensorInfo>): { en
       continue;
     }
     if (t.dtype !== "F32" && t.dtype !== "F16" && t.dtype !== "BF16" && t.dtype !== "F64") {
-      throw new Error(`tensor '${t.name}' has dtype ${t.dtype}; priortune loads F32, F16, BF16 and F64 weights`);
+      throw new Error(
+        `tensor '${t.name}' has dtype ${t.dtype}; priortune loads F32, F16, BF16 and F64 weights`,
+      );
     }
     dtypes.add(t.dtype);
     let rows: number;
@@ -276,7 +291,8 @@ export function loadPlan(c: ModelConfig, tensors: Map<string, TensorInfo>): { en
     });
   }
   if (missing.length > 0) {
-    const shown = missing.slice(0, 8).join(", ") + (missing.length > 8 ? `, ... (${missing.length} in all)` : "");
+    const shown =
+      missing.slice(0, 8).join(", ") + (missing.length > 8 ? `, ... (${missing.length} in all)` : "");
     throw new Error(`model weights are missing tensor(s) required by ${c.hfArchitecture}: ${shown}`);
   }
   return { entries, dtypes };

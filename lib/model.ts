@@ -3,7 +3,7 @@ import { existsSync, readFileSync, statSync } from "node:fs";
 import { availableParallelism } from "node:os";
 import { join, resolve } from "node:path";
 import { type Backend, type BackendChoice, defaultLogger, type Logger, resolveBackend } from "./backend.js";
-import { type ModelConfig, loadPlan, nativeConfig, parameterCount, parseConfig } from "./config.js";
+import { loadPlan, type ModelConfig, nativeConfig, parameterCount, parseConfig } from "./config.js";
 import { addon, type NativeModel } from "./native.js";
 import { listModelTensors } from "./safetensors.js";
 import { loadTokenizer, type Tokenizer } from "./tokenizer.js";
@@ -130,7 +130,8 @@ export class Model {
   async forward(options: ForwardOptions): Promise<ForwardOutput> {
     const native = this.#live();
     const c = this.config;
-    if (typeof options !== "object" || options === null) throw new TypeError("forward: expected an options object");
+    if (typeof options !== "object" || options === null)
+      throw new TypeError("forward: expected an options object");
     const batch = requirePositiveInt(options.batch, "batch");
     const seqLen = requirePositiveInt(options.seqLen, "seqLen");
     const inputIds = requireInt32(options.inputIds, "inputIds", batch * seqLen);
@@ -140,29 +141,41 @@ export class Model {
         throw new RangeError(`inputIds[${i}] = ${id} is outside the vocabulary [0, ${c.vocabSize})`);
       }
     }
-    const attentionMask = options.attentionMask === undefined ? undefined : requireUint8(options.attentionMask, "attentionMask", batch * seqLen);
-    const labels = options.labels === undefined ? undefined : requireInt32(options.labels, "labels", batch * seqLen);
+    const attentionMask =
+      options.attentionMask === undefined
+        ? undefined
+        : requireUint8(options.attentionMask, "attentionMask", batch * seqLen);
+    const labels =
+      options.labels === undefined ? undefined : requireInt32(options.labels, "labels", batch * seqLen);
     let promptLength = 0;
     if (options.prompt !== undefined) {
       const prompt = requireFloat32(options.prompt, "prompt");
       if (prompt.length === 0 || prompt.length % c.hiddenSize !== 0) {
-        throw new RangeError(`prompt: expected P x hiddenSize (${c.hiddenSize}) elements, got ${prompt.length}`);
+        throw new RangeError(
+          `prompt: expected P x hiddenSize (${c.hiddenSize}) elements, got ${prompt.length}`,
+        );
       }
       for (let i = 0; i < prompt.length; i++) {
-        if (!Number.isFinite(prompt[i]!)) throw new RangeError(`prompt[${i}] is ${prompt[i]} (prompt vectors must be finite)`);
+        if (!Number.isFinite(prompt[i]!))
+          throw new RangeError(`prompt[${i}] is ${prompt[i]} (prompt vectors must be finite)`);
       }
       promptLength = prompt.length / c.hiddenSize;
     }
     const positions = promptLength + seqLen;
     if (c.architecture === "gpt2" && positions > c.maxPositions) {
-      throw new RangeError(`prompt length ${promptLength} + seqLen ${seqLen} = ${positions} exceeds the model's ${c.maxPositions} positions`);
+      throw new RangeError(
+        `prompt length ${promptLength} + seqLen ${seqLen} = ${positions} exceeds the model's ${c.maxPositions} positions`,
+      );
     }
     if (c.slidingWindow !== undefined && positions > c.slidingWindow) {
-      throw new RangeError(`prompt length + seqLen = ${positions} exceeds the sliding window (${c.slidingWindow}), which priortune does not implement`);
+      throw new RangeError(
+        `prompt length + seqLen = ${positions} exceeds the sliding window (${c.slidingWindow}), which priortune does not implement`,
+      );
     }
     let hiddenStates: number[] | undefined;
     if (options.hiddenStates !== undefined) {
-      if (!Array.isArray(options.hiddenStates)) throw new TypeError("hiddenStates: expected an array of layer indices");
+      if (!Array.isArray(options.hiddenStates))
+        throw new TypeError("hiddenStates: expected an array of layer indices");
       const seen = new Set<number>();
       for (const [i, v] of options.hiddenStates.entries()) {
         if (!Number.isInteger(v) || v < 0 || v > c.numLayers) {
@@ -195,11 +208,13 @@ export class Model {
 }
 
 export async function loadModel(dirArg: string, options: LoadOptions = {}): Promise<Model> {
-  if (typeof dirArg !== "string") throw new TypeError(`dir: expected a model directory path, got ${typeof dirArg}`);
+  if (typeof dirArg !== "string")
+    throw new TypeError(`dir: expected a model directory path, got ${typeof dirArg}`);
   const dir = resolve(dirArg);
   if (!existsSync(dir) || !statSync(dir).isDirectory()) throw new Error(`${dir}: not a directory`);
   const logger = options.logger ?? defaultLogger;
-  const threads = options.threads === undefined ? availableParallelism() : requirePositiveInt(options.threads, "threads");
+  const threads =
+    options.threads === undefined ? availableParallelism() : requirePositiveInt(options.threads, "threads");
   const config = readConfig(dir);
   const { backend, reason } = resolveBackend(options.backend, logger);
   const { entries, dtypes } = loadPlan(config, listModelTensors(dir));

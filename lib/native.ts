@@ -98,7 +98,9 @@ export interface Addon {
   ): void;
   selectGemmKernel(name: "avx512" | "avx2" | "generic"): boolean;
   fmaPeakGflops(threads: number): number;
-  NativeModel: new (config: NativeModelConfig) => NativeModel;
+  NativeModel: new (
+    config: NativeModelConfig,
+  ) => NativeModel;
   // --- nearest-neighbour search (kernels/cpu/knn.cpp, native/knn.cpp) ---
 }
 

@@ -3,7 +3,7 @@
 // the raw little-endian data. We read only headers here; tensor bytes are read by the native loader
 // straight into the model's fp32 storage (one copy of the weights in memory), or by readTensors for
 // small files such as test fixtures.
-import { closeSync, existsSync, fstatSync, openSync, readFileSync, readSync } from "node:fs";
+import { closeSync, existsSync, fstatSync, openSync, readFileSync, readSync, writeSync } from "node:fs";
 import { join } from "node:path";
 
 export type SafetensorsDType = "F64" | "F32" | "F16" | "BF16" | "I64" | "I32" | "I16" | "I8" | "U8" | "BOOL";
@@ -43,7 +43,8 @@ export function readSafetensorsHeader(file: string): SafetensorsHeader {
   try {
     const size = fstatSync(fd).size;
     const lenBuf = Buffer.alloc(8);
-    if (size < 8 || readSync(fd, lenBuf, 0, 8, 0) !== 8) throw new Error(`${file}: not a safetensors file (too short)`);
+    if (size < 8 || readSync(fd, lenBuf, 0, 8, 0) !== 8)
+      throw new Error(`${file}: not a safetensors file (too short)`);
     const headerLen = Number(lenBuf.readBigUInt64LE(0));
     if (headerLen <= 0 || headerLen > 100 * 2 ** 20 || 8 + headerLen > size) {
       throw new Error(`${file}: not a safetensors file (header length ${headerLen} for a ${size}-byte file)`);
@@ -74,7 +75,14 @@ export function readSafetensorsHeader(file: string): SafetensorsHeader {
           `${file}: tensor '${name}' (${v.dtype} [${v.shape}]) has data_offsets [${begin}, ${end}] that do not match its shape or the file size`,
         );
       }
-      tensors.set(name, { name, dtype: v.dtype, shape: v.shape, file, offset: dataStart + begin, byteLength: end - begin });
+      tensors.set(name, {
+        name,
+        dtype: v.dtype,
+        shape: v.shape,
+        file,
+        offset: dataStart + begin,
+        byteLength: end - begin,
+      });
     }
     return { tensors, metadata };
   } finally {
@@ -87,7 +95,8 @@ export function listModelTensors(dir: string): Map<string, TensorInfo> {
   const single = join(dir, "model.safetensors");
   const index = join(dir, "model.safetensors.index.json");
   if (existsSync(index)) {
-    const weightMap = (JSON.parse(readFileSync(index, "utf8")) as { weight_map?: Record<string, string> }).weight_map;
+    const weightMap = (JSON.parse(readFileSync(index, "utf8")) as { weight_map?: Record<string, string> })
+      .weight_map;
     if (!weightMap) throw new Error(`${index}: missing "weight_map"`);
     const all = new Map<string, TensorInfo>();
     for (const shard of new Set(Object.values(weightMap))) {
@@ -96,18 +105,24 @@ export function listModelTensors(dir: string): Map<string, TensorInfo> {
       for (const [name, info] of readSafetensorsHeader(path).tensors) all.set(name, info);
     }
     for (const name of Object.keys(weightMap)) {
-      if (!all.has(name)) throw new Error(`${index} maps tensor '${name}' to ${weightMap[name]}, which does not hold it`);
+      if (!all.has(name))
+        throw new Error(`${index} maps tensor '${name}' to ${weightMap[name]}, which does not hold it`);
     }
     return all;
   }
   if (existsSync(single)) return readSafetensorsHeader(single).tensors;
-  throw new Error(`${dir}: no model.safetensors or model.safetensors.index.json (only safetensors weights are supported)`);
+  throw new Error(
+    `${dir}: no model.safetensors or model.safetensors.index.json (only safetensors weights are supported)`,
+  );
 }
 
 export type TensorData = Float64Array | Float32Array | Int32Array | Uint8Array | BigInt64Array;
 
 /** Reads every tensor of a (small) safetensors file into typed arrays; F16/BF16 are widened to Float32Array. */
-export function readTensors(file: string): { tensors: Map<string, { shape: number[]; data: TensorData }>; metadata: Record<string, string> } {
+export function readTensors(file: string): {
+  tensors: Map<string, { shape: number[]; data: TensorData }>;
+  metadata: Record<string, string>;
+} {
   const { tensors, metadata } = readSafetensorsHeader(file);
   const buf = readFileSync(file);
   const out = new Map<string, { shape: number[]; data: TensorData }>();
@@ -161,4 +176,48 @@ function widenHalf(src: Uint16Array, dtype: "F16" | "BF16"): Float32Array {
     else out[i] = sign * (1 + man / 1024) * 2 ** (exp - 15);
   }
   return out;
+}
+
+export interface TensorToWrite {
+  name: string;
+  dtype: "F32" | "F64" | "I32" | "U8";
+  shape: number[];
+  data: Float32Array | Float64Array | Int32Array | Uint8Array;
+}
+
+/**
+ * Writes a safetensors file, tensor by tensor (no second copy of the data in memory). The header is
+ * padded with spaces to a multiple of 8 bytes, as the format recommends, and keys are written sorted.
+ */
+export function writeSafetensors(
+  file: string,
+  tensors: TensorToWrite[],
+  metadata: Record<string, string> = {},
+): void {
+  const header: Record<string, unknown> = {};
+  if (Object.keys(metadata).length > 0) header.__metadata__ = metadata;
+  let offset = 0;
+  const sorted = [...tensors].sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
+  for (const t of sorted) {
+    const count = t.shape.reduce((a, b) => a * b, 1);
+    if (count !== t.data.length)
+      throw new Error(
+        `writeSafetensors: tensor '${t.name}' has ${t.data.length} values for shape [${t.shape}]`,
+      );
+    header[t.name] = { dtype: t.dtype, shape: t.shape, data_offsets: [offset, offset + t.data.byteLength] };
+    offset += t.data.byteLength;
+  }
+  let json = JSON.stringify(header);
+  json += " ".repeat((8 - ((Buffer.byteLength(json) + 8) % 8)) % 8);
+  const fd = openSync(file, "w");
+  try {
+    const len = Buffer.alloc(8);
+    len.writeBigUInt64LE(BigInt(Buffer.byteLength(json)));
+    writeSync(fd, len);
+    writeSync(fd, json);
+    for (const t of sorted)
+      writeSync(fd, new Uint8Array(t.data.buffer, t.data.byteOffset, t.data.byteLength));
+  } finally {
+    closeSync(fd);
+  }
 }

@@ -30,7 +30,10 @@ class HfBackedTokenizer implements Tokenizer {
     if (typeof text !== "string") throw new TypeError(`text: expected a string, got ${typeof text}`);
     return this.inner.encode(text, { add_special_tokens: options.addSpecialTokens ?? false }).ids;
   }
-  decode(ids: ArrayLike<number>, options: { skipSpecialTokens?: boolean; cleanUpSpaces?: boolean } = {}): string {
+  decode(
+    ids: ArrayLike<number>,
+    options: { skipSpecialTokens?: boolean; cleanUpSpaces?: boolean } = {},
+  ): string {
     if (ids.length === 0) return "";
     return this.inner.decode(Array.from(ids), {
       skip_special_tokens: options.skipSpecialTokens ?? false,
@@ -56,13 +59,34 @@ export function byteLevelBpeJson(vocab: Record<string, number>, mergesText: stri
     version: "1.0",
     added_tokens:
       eos in vocab
-        ? [{ id: vocab[eos], content: eos, single_word: false, lstrip: false, rstrip: false, normalized: true, special: true }]
+        ? [
+            {
+              id: vocab[eos],
+              content: eos,
+              single_word: false,
+              lstrip: false,
+              rstrip: false,
+              normalized: true,
+              special: true,
+            },
+          ]
         : [],
     normalizer: null,
     pre_tokenizer: { type: "ByteLevel", add_prefix_space: false, trim_offsets: true, use_regex: true },
     post_processor: { type: "ByteLevel", add_prefix_space: true, trim_offsets: false, use_regex: true },
     decoder: { type: "ByteLevel", add_prefix_space: true, trim_offsets: true, use_regex: true },
-    model: { type: "BPE", dropout: null, unk_token: null, continuing_subword_prefix: "", end_of_word_suffix: "", fuse_unk: false, byte_fallback: false, ignore_merges: false, vocab, merges },
+    model: {
+      type: "BPE",
+      dropout: null,
+      unk_token: null,
+      continuing_subword_prefix: "",
+      end_of_word_suffix: "",
+      fuse_unk: false,
+      byte_fallback: false,
+      ignore_merges: false,
+      vocab,
+      merges,
+    },
   };
 }
 
@@ -71,12 +95,18 @@ export function loadTokenizer(dir: string): Tokenizer {
   const tokConfig = join(dir, "tokenizer_config.json");
   const config = existsSync(tokConfig) ? JSON.parse(readFileSync(tokConfig, "utf8")) : {};
   if (existsSync(tokJson)) {
-    return new HfBackedTokenizer(new HfTokenizer(JSON.parse(readFileSync(tokJson, "utf8")), config), "tokenizer.json");
+    return new HfBackedTokenizer(
+      new HfTokenizer(JSON.parse(readFileSync(tokJson, "utf8")), config),
+      "tokenizer.json",
+    );
   }
   const vocabPath = join(dir, "vocab.json");
   const mergesPath = join(dir, "merges.txt");
   if (existsSync(vocabPath) && existsSync(mergesPath)) {
-    const json = byteLevelBpeJson(JSON.parse(readFileSync(vocabPath, "utf8")), readFileSync(mergesPath, "utf8"));
+    const json = byteLevelBpeJson(
+      JSON.parse(readFileSync(vocabPath, "utf8")),
+      readFileSync(mergesPath, "utf8"),
+    );
     return new HfBackedTokenizer(new HfTokenizer(json, config), "vocab.json+merges.txt");
   }
   throw new Error(`${dir}: no tokenizer.json (or vocab.json + merges.txt) found`);

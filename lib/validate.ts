@@ -21,8 +21,10 @@ function typed<T>(v: unknown, name: string, ctor: { new (n: number): T; name: st
 
 export const requireFloat32 = (v: unknown, name: string, length?: number): Float32Array =>
   typed(v, name, Float32Array, length);
-export const requireInt32 = (v: unknown, name: string, length?: number): Int32Array => typed(v, name, Int32Array, length);
-export const requireUint8 = (v: unknown, name: string, length?: number): Uint8Array => typed(v, name, Uint8Array, length);
+export const requireInt32 = (v: unknown, name: string, length?: number): Int32Array =>
+  typed(v, name, Int32Array, length);
+export const requireUint8 = (v: unknown, name: string, length?: number): Uint8Array =>
+  typed(v, name, Uint8Array, length);
 
 export function requirePositiveInt(v: unknown, name: string): number {
   if (typeof v !== "number" || !Number.isInteger(v) || v < 1) {

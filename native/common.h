@@ -22,12 +22,18 @@ inline std::string type_name(const Napi::Value& v) {
   if (v.IsNull()) return "null";
   if (v.IsTypedArray()) {
     switch (v.As<Napi::TypedArray>().TypedArrayType()) {
-      case napi_float32_array: return "Float32Array";
-      case napi_float64_array: return "Float64Array";
-      case napi_int32_array: return "Int32Array";
-      case napi_uint32_array: return "Uint32Array";
-      case napi_uint8_array: return "Uint8Array";
-      default: return "another typed array";
+      case napi_float32_array:
+        return "Float32Array";
+      case napi_float64_array:
+        return "Float64Array";
+      case napi_int32_array:
+        return "Int32Array";
+      case napi_uint32_array:
+        return "Uint32Array";
+      case napi_uint8_array:
+        return "Uint8Array";
+      default:
+        return "another typed array";
     }
   }
   if (v.IsArray()) return "Array";
@@ -53,21 +59,33 @@ struct View {
 template <class T>
 constexpr napi_typedarray_type typed_array_kind();
 template <>
-constexpr napi_typedarray_type typed_array_kind<float>() { return napi_float32_array; }
+constexpr napi_typedarray_type typed_array_kind<float>() {
+  return napi_float32_array;
+}
 template <>
-constexpr napi_typedarray_type typed_array_kind<int32_t>() { return napi_int32_array; }
+constexpr napi_typedarray_type typed_array_kind<int32_t>() {
+  return napi_int32_array;
+}
 template <>
-constexpr napi_typedarray_type typed_array_kind<uint8_t>() { return napi_uint8_array; }
+constexpr napi_typedarray_type typed_array_kind<uint8_t>() {
+  return napi_uint8_array;
+}
 template <>
-constexpr napi_typedarray_type typed_array_kind<double>() { return napi_float64_array; }
+constexpr napi_typedarray_type typed_array_kind<double>() {
+  return napi_float64_array;
+}
 
 template <class T>
 const char* typed_array_label() {
   switch (typed_array_kind<T>()) {
-    case napi_float32_array: return "Float32Array";
-    case napi_int32_array: return "Int32Array";
-    case napi_uint8_array: return "Uint8Array";
-    default: return "Float64Array";
+    case napi_float32_array:
+      return "Float32Array";
+    case napi_int32_array:
+      return "Int32Array";
+    case napi_uint8_array:
+      return "Uint8Array";
+    default:
+      return "Float64Array";
   }
 }
 
@@ -77,7 +95,8 @@ View<T> view_of(const Napi::Value& v, const std::string& name) {
     throw_type(v.Env(), name, typed_array_label<T>(), v);
   auto ta = v.As<Napi::TypedArray>();
   auto buf = ta.ArrayBuffer();
-  return View<T>{reinterpret_cast<T*>(static_cast<uint8_t*>(buf.Data()) + ta.ByteOffset()), ta.ElementLength()};
+  return View<T>{reinterpret_cast<T*>(static_cast<uint8_t*>(buf.Data()) + ta.ByteOffset()),
+                 ta.ElementLength()};
 }
 
 template <class T>
@@ -123,8 +142,9 @@ Napi::ArrayBuffer external_buffer(Napi::Env env, std::vector<T>&& data) {
     delete owned;
     return Napi::ArrayBuffer::New(env, 0);
   }
-  return Napi::ArrayBuffer::New(env, owned->data(), owned->size() * sizeof(T),
-                                [](Napi::Env, void*, std::vector<T>* p) { delete p; }, owned);
+  return Napi::ArrayBuffer::New(
+      env, owned->data(), owned->size() * sizeof(T), [](Napi::Env, void*, std::vector<T>* p) { delete p; },
+      owned);
 }
 
 inline Napi::Float32Array to_float32(Napi::Env env, std::vector<float>&& data) {

@@ -1,13 +1,14 @@
 // Node-API wrapper of pt::Model: construction from a plain config object, asynchronous weight loading,
 // asynchronous forward, and dispose(). The wrapped model is held by shared_ptr so a worker still running
 // after dispose() keeps it alive until it finishes; calls after dispose() throw "Model is disposed".
+#include "priortune/model.h"
+
 #include <algorithm>
 #include <cmath>
 #include <memory>
 
 #include "common.h"
 #include "modules.h"
-#include "priortune/model.h"
 
 namespace ptn {
 namespace {
@@ -35,7 +36,8 @@ pt::DType dtype_of(const Napi::Value& v, const std::string& name) {
   if (s == "F16") return pt::DType::F16;
   if (s == "BF16") return pt::DType::BF16;
   if (s == "F64") return pt::DType::F64;
-  throw Napi::TypeError::New(v.Env(), name + ": unsupported dtype '" + s + "' (supported: F32, F16, BF16, F64)");
+  throw Napi::TypeError::New(v.Env(),
+                             name + ": unsupported dtype '" + s + "' (supported: F32, F16, BF16, F64)");
 }
 
 class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
@@ -57,9 +59,12 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       pt::ModelConfig c;
       Napi::Value arch = o.Get("architecture");
       std::string a = arch.IsString() ? arch.As<Napi::String>().Utf8Value() : "";
-      if (a == "gpt2") c.arch = pt::Arch::GPT2;
-      else if (a == "llama") c.arch = pt::Arch::Llama;
-      else throw_type(env, "config.architecture", "\"gpt2\" or \"llama\"", arch);
+      if (a == "gpt2")
+        c.arch = pt::Arch::GPT2;
+      else if (a == "llama")
+        c.arch = pt::Arch::Llama;
+      else
+        throw_type(env, "config.architecture", "\"gpt2\" or \"llama\"", arch);
       c.vocab = get_int(o, "vocabSize", 0, 1);
       c.hidden = get_int(o, "hiddenSize", 0, 1);
       c.layers = get_int(o, "numLayers", 0, 1);
@@ -126,7 +131,8 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
           env,
           [model, entries]() {
             for (const Entry& e : *entries)
-              model->load_tensor(e.target, e.row_offset, e.file, e.offset, e.dtype, e.rows, e.cols, e.transpose);
+              model->load_tensor(e.target, e.row_offset, e.file, e.offset, e.dtype, e.rows, e.cols,
+                                 e.transpose);
           },
           nullptr);
       return worker->queue();
@@ -157,8 +163,9 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       auto ids = view_of_length<int32_t>(ids_v, "inputIds", BT);
       for (size_t i = 0; i < BT; ++i)
         if (ids.data[i] < 0 || ids.data[i] >= c.vocab)
-          throw Napi::RangeError::New(env, "inputIds[" + std::to_string(i) + "] = " + std::to_string(ids.data[i]) +
-                                               " is outside the vocabulary [0, " + std::to_string(c.vocab) + ")");
+          throw Napi::RangeError::New(env,
+                                      "inputIds[" + std::to_string(i) + "] = " + std::to_string(ids.data[i]) +
+                                          " is outside the vocabulary [0, " + std::to_string(c.vocab) + ")");
       args->ids = ids.data;
       std::vector<Napi::Value> keep{ids_v};  // inputs the worker reads: referenced until it finishes
       Napi::Value mask_v = o.Get("attentionMask");
@@ -171,7 +178,8 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
         auto labels = view_of_length<int32_t>(labels_v, "labels", BT);
         for (size_t i = 0; i < BT; ++i)
           if (labels.data[i] != -100 && (labels.data[i] < 0 || labels.data[i] >= c.vocab))
-            throw Napi::RangeError::New(env, "labels[" + std::to_string(i) + "] = " + std::to_string(labels.data[i]) +
+            throw Napi::RangeError::New(env, "labels[" + std::to_string(i) +
+                                                 "] = " + std::to_string(labels.data[i]) +
                                                  " is neither -100 nor inside the vocabulary");
         args->labels = labels.data;
         keep.push_back(labels_v);
@@ -197,8 +205,9 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
         for (uint32_t i = 0; i < arr.Length(); ++i) {
           int64_t idx = int_of(arr.Get(i), "hiddenStates[" + std::to_string(i) + "]", 0);
           if (idx > c.layers)
-            throw Napi::RangeError::New(env, "hiddenStates[" + std::to_string(i) + "] = " + std::to_string(idx) +
-                                                 " is outside 0.." + std::to_string(c.layers));
+            throw Napi::RangeError::New(env, "hiddenStates[" + std::to_string(i) +
+                                                 "] = " + std::to_string(idx) + " is outside 0.." +
+                                                 std::to_string(c.layers));
           if (std::find(args->hidden_indices.begin(), args->hidden_indices.end(), (int)idx) !=
               args->hidden_indices.end())
             throw Napi::RangeError::New(env, "hiddenStates: index " + std::to_string(idx) + " is repeated");
@@ -250,6 +259,8 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
 
 }  // namespace
 
-void init_model(Napi::Env env, Napi::Object exports) { exports.Set("NativeModel", ModelWrap::Define(env)); }
+void init_model(Napi::Env env, Napi::Object exports) {
+  exports.Set("NativeModel", ModelWrap::Define(env));
+}
 
 }  // namespace ptn

@@ -49,7 +49,8 @@ Napi::Value Gemm(const Napi::CallbackInfo& info) {
     int threads = (int)int_of(arg(info, 13, "threads"), "threads", 1);
     auto need = [&](const char* name, size_t have, int64_t rows, int64_t cols, int64_t ld) {
       if (rows == 0 || cols == 0) return;
-      if (ld < cols) throw Napi::RangeError::New(env, std::string(name) + ": leading dimension smaller than row length");
+      if (ld < cols)
+        throw Napi::RangeError::New(env, std::string(name) + ": leading dimension smaller than row length");
       if ((int64_t)have < (rows - 1) * ld + cols)
         throw Napi::RangeError::New(env, std::string(name) + ": array too short for the given shape");
     };

@@ -1,5 +1,13 @@
 // Bad input gets an error that names the argument; nothing aborts the process.
-import { copyFileSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import {
+  copyFileSync,
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  writeFileSync,
+} from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -16,30 +24,38 @@ describe("forward argument checks", () => {
   const ids = new Int32Array([1, 2, 3, 4, 5, 6]);
 
   it("rejects wrong typed-array types and lengths", async () => {
-    await expect(model.forward({ inputIds: [1, 2, 3] as unknown as Int32Array, batch: 1, seqLen: 3 })).rejects.toThrow(
-      /inputIds: expected a Int32Array, got Array\(3\)/,
+    await expect(
+      model.forward({ inputIds: [1, 2, 3] as unknown as Int32Array, batch: 1, seqLen: 3 }),
+    ).rejects.toThrow(/inputIds: expected a Int32Array, got Array\(3\)/);
+    await expect(model.forward({ inputIds: ids, batch: 2, seqLen: 4 })).rejects.toThrow(
+      /inputIds: expected 8 elements, got 6/,
     );
-    await expect(model.forward({ inputIds: ids, batch: 2, seqLen: 4 })).rejects.toThrow(/inputIds: expected 8 elements, got 6/);
-    await expect(model.forward({ inputIds: ids, batch: 2, seqLen: 3, attentionMask: new Uint8Array(5) })).rejects.toThrow(
-      /attentionMask: expected 6 elements/,
+    await expect(
+      model.forward({ inputIds: ids, batch: 2, seqLen: 3, attentionMask: new Uint8Array(5) }),
+    ).rejects.toThrow(/attentionMask: expected 6 elements/);
+    await expect(model.forward({ inputIds: ids, batch: 0, seqLen: 6 })).rejects.toThrow(
+      /batch: expected a positive integer/,
     );
-    await expect(model.forward({ inputIds: ids, batch: 0, seqLen: 6 })).rejects.toThrow(/batch: expected a positive integer/);
   });
 
   it("rejects ids outside the vocabulary", async () => {
     await expect(model.forward({ inputIds: new Int32Array([1, 500]), batch: 1, seqLen: 2 })).rejects.toThrow(
       /inputIds\[1\] = 500 is outside the vocabulary \[0, 500\)/,
     );
-    await expect(model.forward({ inputIds: new Int32Array([-1, 5]), batch: 1, seqLen: 2 })).rejects.toThrow(/inputIds\[0\] = -1/);
+    await expect(model.forward({ inputIds: new Int32Array([-1, 5]), batch: 1, seqLen: 2 })).rejects.toThrow(
+      /inputIds\[0\] = -1/,
+    );
   });
 
   it("rejects prompts that are not P x hiddenSize or not finite", async () => {
-    await expect(model.forward({ inputIds: ids, batch: 1, seqLen: 6, prompt: new Float32Array(95) })).rejects.toThrow(
-      /prompt: expected P x hiddenSize \(96\)/,
-    );
+    await expect(
+      model.forward({ inputIds: ids, batch: 1, seqLen: 6, prompt: new Float32Array(95) }),
+    ).rejects.toThrow(/prompt: expected P x hiddenSize \(96\)/);
     const bad = new Float32Array(96);
     bad[7] = Number.NaN;
-    await expect(model.forward({ inputIds: ids, batch: 1, seqLen: 6, prompt: bad })).rejects.toThrow(/prompt\[7\] is NaN/);
+    await expect(model.forward({ inputIds: ids, batch: 1, seqLen: 6, prompt: bad })).rejects.toThrow(
+      /prompt\[7\] is NaN/,
+    );
   });
 
   it("rejects bad hidden-state indices", async () => {
@@ -72,13 +88,17 @@ describe("forward argument checks", () => {
       ropeOriginalMaxPositions: 16,
       threads: 1,
     });
-    expect(() => native.forward({ inputIds: new Int32Array([1, 99]), batch: 1, seqLen: 2 })).toThrow(/inputIds\[1\] = 99/);
-    expect(() => native.forward({ inputIds: new Float32Array(2) as unknown as Int32Array, batch: 1, seqLen: 2 })).toThrow(
-      /inputIds: expected Int32Array, got Float32Array/,
+    expect(() => native.forward({ inputIds: new Int32Array([1, 99]), batch: 1, seqLen: 2 })).toThrow(
+      /inputIds\[1\] = 99/,
     );
+    expect(() =>
+      native.forward({ inputIds: new Float32Array(2) as unknown as Int32Array, batch: 1, seqLen: 2 }),
+    ).toThrow(/inputIds: expected Int32Array, got Float32Array/);
     expect(() => native.checkComplete()).toThrow(/model weights incomplete; not loaded: .*tok_emb/);
     native.dispose();
-    expect(() => native.forward({ inputIds: new Int32Array(2), batch: 1, seqLen: 2 })).toThrow(/Model is disposed/);
+    expect(() => native.forward({ inputIds: new Int32Array(2), batch: 1, seqLen: 2 })).toThrow(
+      /Model is disposed/,
+    );
   });
 });
 
@@ -91,7 +111,9 @@ describe("model lifecycle and loading errors", () => {
     model.dispose();
     model.dispose();
     expect(() => model.tokenEmbeddings()).toThrow("Model is disposed");
-    await expect(model.forward({ inputIds: new Int32Array(1), batch: 1, seqLen: 1 })).rejects.toThrow("Model is disposed");
+    await expect(model.forward({ inputIds: new Int32Array(1), batch: 1, seqLen: 1 })).rejects.toThrow(
+      "Model is disposed",
+    );
   });
 
   it("names an unsupported architecture", async () => {
@@ -116,16 +138,22 @@ describe("model lifecycle and loading errors", () => {
     const cfg = JSON.parse(readFileSync(join(dir, "config.json"), "utf8"));
     cfg.num_hidden_layers = 3; // asks for layers.2.*, which no shard holds
     writeFileSync(join(dir, "config.json"), JSON.stringify(cfg));
-    await expect(loadModel(dir)).rejects.toThrow(/missing tensor\(s\) required by LlamaForCausalLM: layers\.2\./);
+    await expect(loadModel(dir)).rejects.toThrow(
+      /missing tensor\(s\) required by LlamaForCausalLM: layers\.2\./,
+    );
   });
 
   it("rejects an unknown backend and a missing directory", async () => {
-    await expect(loadModel(modelDir("gpt2-tiny"), { backend: "tpu" as "cpu" })).rejects.toThrow(/backend: expected "auto", "cpu" or "cuda"/);
+    await expect(loadModel(modelDir("gpt2-tiny"), { backend: "tpu" as "cpu" })).rejects.toThrow(
+      /backend: expected "auto", "cpu" or "cuda"/,
+    );
     await expect(loadModel(join(tmp, "nope"))).rejects.toThrow(/not a directory/);
   });
 
   it("backend cuda fails with the reason when no usable CUDA model backend exists", async () => {
-    await expect(loadModel(modelDir("gpt2-tiny"), { backend: "cuda" })).rejects.toThrow(/backend "cuda" is not available: /);
+    await expect(loadModel(modelDir("gpt2-tiny"), { backend: "cuda" })).rejects.toThrow(
+      /backend "cuda" is not available: /,
+    );
   });
 });
 

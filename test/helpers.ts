@@ -28,7 +28,10 @@ export function readGolden(model: string): Golden {
 }
 
 /** Largest |a - b| and the largest |b| (the reference's scale). */
-export function compare(actual: ArrayLike<number>, expected: ArrayLike<number>): { maxAbs: number; scale: number } {
+export function compare(
+  actual: ArrayLike<number>,
+  expected: ArrayLike<number>,
+): { maxAbs: number; scale: number } {
   if (actual.length !== expected.length) throw new Error(`length ${actual.length} != ${expected.length}`);
   let maxAbs = 0;
   let scale = 0;

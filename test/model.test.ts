@@ -36,7 +36,15 @@ describe.each(MODELS)("forward matches Transformers: %s", (name) => {
   it("logits, hidden states and loss with a soft prompt and right padding", async () => {
     const L = model.config.numLayers;
     const all = Array.from({ length: L + 1 }, (_, i) => i);
-    const out = await model.forward({ inputIds, batch: B, seqLen: T, attentionMask, prompt, labels, hiddenStates: all });
+    const out = await model.forward({
+      inputIds,
+      batch: B,
+      seqLen: T,
+      attentionMask,
+      prompt,
+      labels,
+      hiddenStates: all,
+    });
     expect(out.positions).toBe(T + prompt.length / model.config.hiddenSize);
     const logits = compare(out.logits!, golden.get("logits") as Float64Array);
     expect(logits.maxAbs).toBeLessThan(REL_TOL * logits.scale);

@@ -11,9 +11,9 @@
 
 namespace pt {
 
-void attention_forward(float* out, float* probs, const float* qkv, const uint8_t* key_mask, const float* prefix_k,
-                       const float* prefix_v, int64_t Pp, int64_t B, int64_t S, int64_t H, int64_t KV, int64_t hd,
-                       float scale, int threads) {
+void attention_forward(float* out, float* probs, const float* qkv, const uint8_t* key_mask,
+                       const float* prefix_k, const float* prefix_v, int64_t Pp, int64_t B, int64_t S,
+                       int64_t H, int64_t KV, int64_t hd, float scale, int threads) {
   const int64_t ld = (H + 2 * KV) * hd;  // row stride of qkv
   const int64_t L = Pp + S;              // keys per query
   const int64_t group = H / KV;

@@ -41,17 +41,23 @@ float f16_to_f32(uint16_t h) {
 
 size_t dtype_size(DType t) {
   switch (t) {
-    case DType::F32: return 4;
-    case DType::F16: return 2;
-    case DType::BF16: return 2;
-    case DType::F64: return 8;
+    case DType::F32:
+      return 4;
+    case DType::F16:
+      return 2;
+    case DType::BF16:
+      return 2;
+    case DType::F64:
+      return 8;
   }
   return 4;
 }
 
 void convert(const uint8_t* src, DType t, size_t n, float* dst) {
   switch (t) {
-    case DType::F32: std::memcpy(dst, src, n * 4); break;
+    case DType::F32:
+      std::memcpy(dst, src, n * 4);
+      break;
     case DType::F16:
       for (size_t i = 0; i < n; ++i) {
         uint16_t h;
@@ -90,8 +96,9 @@ void read_converted(int fd, const std::string& file, uint64_t offset, DType t, s
       ssize_t r = pread(fd, buf.data() + got, m * es - got, static_cast<off_t>(offset + done * es + got));
       if (r < 0 && errno == EINTR) continue;
       if (r <= 0)
-        throw std::runtime_error("cannot read " + file + " at byte " + std::to_string(offset + done * es + got) +
-                                 (r == 0 ? ": file is shorter than its header says" : ": " + std::string(strerror(errno))));
+        throw std::runtime_error(
+            "cannot read " + file + " at byte " + std::to_string(offset + done * es + got) +
+            (r == 0 ? ": file is shorter than its header says" : ": " + std::string(strerror(errno))));
       got += static_cast<size_t>(r);
     }
     convert(buf.data(), t, m, dst + done);
@@ -116,7 +123,8 @@ Model::Model(const ModelConfig& c) : cfg_(c) {
   if (H % KV != 0)
     throw std::invalid_argument("model config: num_attention_heads (" + std::to_string(H) +
                                 ") must be a multiple of num_key_value_heads (" + std::to_string(KV) + ")");
-  if (c.arch == Arch::Llama && hd % 2 != 0) throw std::invalid_argument("model config: head_dim must be even for RoPE");
+  if (c.arch == Arch::Llama && hd % 2 != 0)
+    throw std::invalid_argument("model config: head_dim must be even for RoPE");
   if (c.threads < 1) throw std::invalid_argument("model config: threads must be >= 1");
   const bool gpt2 = c.arch == Arch::GPT2;
   add_slot("tok_emb", c.vocab, C);
@@ -185,7 +193,9 @@ const Slot& Model::slot(const std::string& name) const {
   return it->second;
 }
 
-const float* Model::w(const std::string& name) const { return slot(name).data.data(); }
+const float* Model::w(const std::string& name) const {
+  return slot(name).data.data();
+}
 
 const float* Model::w_or_null(const std::string& name) const {
   auto it = slots_.find(name);
@@ -204,8 +214,8 @@ size_t Model::weight_bytes() const {
   return n;
 }
 
-void Model::load_tensor(const std::string& target, int64_t row_offset, const std::string& file, uint64_t offset,
-                        DType dtype, int64_t rows, int64_t cols, bool transpose) {
+void Model::load_tensor(const std::string& target, int64_t row_offset, const std::string& file,
+                        uint64_t offset, DType dtype, int64_t rows, int64_t cols, bool transpose) {
   auto it = slots_.find(target);
   if (it == slots_.end()) throw std::invalid_argument("load: no weight slot named '" + target + "'");
   Slot& s = it->second;
@@ -281,12 +291,16 @@ ForwardResult Model::forward(const ForwardArgs& a) {
   if (!gpt2) rope_tables(0, S, rope_cos, rope_sin);
   const float attn_scale = 1.0f / std::sqrt(static_cast<float>(hd));
 
-  embedding_forward(x.data(), a.ids, a.prompt, P, w("tok_emb"), gpt2 ? w("pos_emb") : nullptr, 0, B, T, C, nt);
+  embedding_forward(x.data(), a.ids, a.prompt, P, w("tok_emb"), gpt2 ? w("pos_emb") : nullptr, 0, B, T, C,
+                    nt);
   capture(0, x.data());
   for (int64_t l = 0; l < c.layers; ++l) {
     const std::string p = "l" + std::to_string(l) + ".";
-    if (gpt2) layernorm_forward(ln.data(), nullptr, nullptr, x.data(), w(p + "ln1.w"), w(p + "ln1.b"), N, C, c.norm_eps, nt);
-    else rmsnorm_forward(ln.data(), nullptr, x.data(), w(p + "ln1.w"), N, C, c.norm_eps, nt);
+    if (gpt2)
+      layernorm_forward(ln.data(), nullptr, nullptr, x.data(), w(p + "ln1.w"), w(p + "ln1.b"), N, C,
+                        c.norm_eps, nt);
+    else
+      rmsnorm_forward(ln.data(), nullptr, x.data(), w(p + "ln1.w"), N, C, c.norm_eps, nt);
     matmul_forward(qkv.data(), ln.data(), w(p + "qkv.w"), w_or_null(p + "qkv.b"), N, C, qkv_w, nt);
     if (!gpt2) {
       rope_forward(qkv.data(), B, S, qkv_w, 0, H, hd, rope_cos.data(), rope_sin.data(), nt);
@@ -294,15 +308,19 @@ ForwardResult Model::forward(const ForwardArgs& a) {
     }
     float scale = attn_scale;
     if (gpt2 && c.scale_attn_by_inverse_layer_idx) scale /= static_cast<float>(l + 1);
-    attention_forward(att.data(), probs.data(), qkv.data(), key_mask.data(), nullptr, nullptr, 0, B, S, H, KV, hd,
-                      scale, nt);
+    attention_forward(att.data(), probs.data(), qkv.data(), key_mask.data(), nullptr, nullptr, 0, B, S, H, KV,
+                      hd, scale, nt);
     matmul_forward(tmp.data(), att.data(), w(p + "proj.w"), w_or_null(p + "proj.b"), N, H * hd, C, nt);
     residual_forward(x.data(), x.data(), tmp.data(), N * C, nt);
-    if (gpt2) layernorm_forward(ln.data(), nullptr, nullptr, x.data(), w(p + "ln2.w"), w(p + "ln2.b"), N, C, c.norm_eps, nt);
-    else rmsnorm_forward(ln.data(), nullptr, x.data(), w(p + "ln2.w"), N, C, c.norm_eps, nt);
+    if (gpt2)
+      layernorm_forward(ln.data(), nullptr, nullptr, x.data(), w(p + "ln2.w"), w(p + "ln2.b"), N, C,
+                        c.norm_eps, nt);
+    else
+      rmsnorm_forward(ln.data(), nullptr, x.data(), w(p + "ln2.w"), N, C, c.norm_eps, nt);
     matmul_forward(fc.data(), ln.data(), w(p + "fc.w"), w_or_null(p + "fc.b"), N, C, fc_w, nt);
     float* hidden_act = fc.data();
-    if (gpt2) gelu_forward(fc.data(), fc.data(), N * I, nt);
+    if (gpt2)
+      gelu_forward(fc.data(), fc.data(), N * I, nt);
     else {
       swiglu_forward(act.data(), fc.data(), N, I, nt);
       hidden_act = act.data();
@@ -311,8 +329,10 @@ ForwardResult Model::forward(const ForwardArgs& a) {
     residual_forward(x.data(), x.data(), tmp.data(), N * C, nt);
     if (l + 1 < c.layers) capture(static_cast<int>(l + 1), x.data());
   }
-  if (gpt2) layernorm_forward(ln.data(), nullptr, nullptr, x.data(), w("lnf.w"), w("lnf.b"), N, C, c.norm_eps, nt);
-  else rmsnorm_forward(ln.data(), nullptr, x.data(), w("lnf.w"), N, C, c.norm_eps, nt);
+  if (gpt2)
+    layernorm_forward(ln.data(), nullptr, nullptr, x.data(), w("lnf.w"), w("lnf.b"), N, C, c.norm_eps, nt);
+  else
+    rmsnorm_forward(ln.data(), nullptr, x.data(), w("lnf.w"), N, C, c.norm_eps, nt);
   capture(static_cast<int>(c.layers), ln.data());
 
   const float* head = c.tied_head ? w("tok_emb") : w("lm_head");
@@ -321,7 +341,8 @@ ForwardResult Model::forward(const ForwardArgs& a) {
     matmul_forward(res.logits.data(), ln.data(), head, nullptr, N, C, V, nt);
   }
   if (a.labels) {
-    // Causal shift over the concatenated sequence: row (b, s) predicts token s + 1; prompt rows carry no label.
+    // Causal shift over the concatenated sequence: row (b, s) predicts token s + 1; prompt rows carry no
+    // label.
     std::vector<int32_t> targets(N, -100);
     for (int64_t b = 0; b < B; ++b)
       for (int64_t s = 0; s + 1 < S; ++s)

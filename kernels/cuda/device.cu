@@ -11,7 +11,8 @@ CudaProbe cuda_probe() {
   int count = 0;
   cudaError_t err = cudaGetDeviceCount(&count);
   if (err != cudaSuccess) {
-    p.reason = std::string("CUDA unavailable: ") + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")";
+    p.reason =
+        std::string("CUDA unavailable: ") + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")";
     cudaGetLastError();  // clear the sticky-free error so later probes start clean
     return p;
   }

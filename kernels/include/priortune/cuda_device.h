@@ -7,13 +7,13 @@
 namespace pt {
 
 struct CudaProbe {
-  bool compiled = false;      // this build contains CUDA kernels
-  bool usable = false;        // a device is present and the driver accepts this runtime
+  bool compiled = false;  // this build contains CUDA kernels
+  bool usable = false;    // a device is present and the driver accepts this runtime
   int device_count = 0;
-  std::string reason;         // why not usable (empty when usable)
-  std::string name;           // device 0
-  int major = 0, minor = 0;   // compute capability of device 0
-  size_t total_memory = 0;    // bytes, device 0
+  std::string reason;        // why not usable (empty when usable)
+  std::string name;          // device 0
+  int major = 0, minor = 0;  // compute capability of device 0
+  size_t total_memory = 0;   // bytes, device 0
 };
 
 CudaProbe cuda_probe();

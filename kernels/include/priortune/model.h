@@ -30,7 +30,7 @@ struct ModelConfig {
   int64_t max_positions = 0;  // GPT-2: size of the position table; Llama: informational
   float norm_eps = 1e-5f;
   bool tied_head = true;
-  bool attn_bias = false, mlp_bias = false;  // Llama options; GPT-2 always has biases
+  bool attn_bias = false, mlp_bias = false;      // Llama options; GPT-2 always has biases
   bool scale_attn_by_inverse_layer_idx = false;  // GPT-2 option
   // RoPE (Llama): inv_freq[i] = theta^(-2i/hd), then scaled by rope_type ("default", "linear", "llama3").
   double rope_theta = 10000.0;
@@ -47,12 +47,12 @@ struct Slot {
 };
 
 struct ForwardArgs {
-  const int32_t* ids = nullptr;      // [B, T]
-  const uint8_t* mask = nullptr;     // [B, T], 1 = token, 0 = padding; nullptr = all tokens
-  const int32_t* labels = nullptr;   // [B, T], -100 = ignore; nullptr = no loss
-  const float* prompt = nullptr;     // [P, C] soft prompt, prepended to every sequence
+  const int32_t* ids = nullptr;     // [B, T]
+  const uint8_t* mask = nullptr;    // [B, T], 1 = token, 0 = padding; nullptr = all tokens
+  const int32_t* labels = nullptr;  // [B, T], -100 = ignore; nullptr = no loss
+  const float* prompt = nullptr;    // [P, C] soft prompt, prepended to every sequence
   int64_t B = 0, T = 0, P = 0;
-  std::vector<int> hidden_indices;   // 0..layers, Transformers' output_hidden_states order
+  std::vector<int> hidden_indices;  // 0..layers, Transformers' output_hidden_states order
   bool want_logits = true;
 };
 

@@ -27,7 +27,8 @@ void rmsnorm_forward(float* out, float* rstd, const float* x, const float* w, in
 void matmul_forward(float* out, const float* x, const float* W, const float* bias, int64_t N, int64_t C,
                     int64_t OC, int threads);
 
-// GELU, tanh approximation ("gelu_new" in GPT-2): out[i] (=) = 0.5 x (1 + tanh(sqrt(2/pi)(x + 0.044715 x^3))).
+// GELU, tanh approximation ("gelu_new" in GPT-2): out[i] (=) = 0.5 x (1 + tanh(sqrt(2/pi)(x + 0.044715
+// x^3))).
 void gelu_forward(float* out, const float* x, int64_t n, int threads);
 
 // SwiGLU (Llama MLP): gate_up[N, 2I] holds gate in [0, I) and up in [I, 2I) of each row;
@@ -49,9 +50,9 @@ void rope_forward(float* x, int64_t B, int64_t S, int64_t ld, int64_t col0, int6
 //   prefix_k/prefix_v[Pp, KV, hd] (nullptr when Pp == 0): keys/values every query attends to.
 //   out[B*S, H*hd] (=); probs[B, H, S, Pp+S] (=) saved for backward (softmax rows; masked entries 0).
 // A query with no visible key (only possible with Pp == 0 and a padded first position) outputs zeros.
-void attention_forward(float* out, float* probs, const float* qkv, const uint8_t* key_mask, const float* prefix_k,
-                       const float* prefix_v, int64_t Pp, int64_t B, int64_t S, int64_t H, int64_t KV, int64_t hd,
-                       float scale, int threads);
+void attention_forward(float* out, float* probs, const float* qkv, const uint8_t* key_mask,
+                       const float* prefix_k, const float* prefix_v, int64_t Pp, int64_t B, int64_t S,
+                       int64_t H, int64_t KV, int64_t hd, float scale, int threads);
 
 // Cross-entropy with ignore index: for each row n with target[n] >= 0, loss[n] (=) = logsumexp(logits[n,:])
 // - logits[n, target[n]]; rows with target -100 get 0. Returns the number of counted rows.

@@ -27,6 +27,8 @@ inline float exp_approx(float x) {
 }
 
 // tanh(x) = 1 - 2 / (exp(2x) + 1): absolute error below 1e-7, enough for GELU (it multiplies 0.5 x).
-inline float tanh_approx(float x) { return 1.0f - 2.0f / (exp_approx(2.0f * x) + 1.0f); }
+inline float tanh_approx(float x) {
+  return 1.0f - 2.0f / (exp_approx(2.0f * x) + 1.0f);
+}
 
 }  // namespace pt

@@ -1,0 +1,85 @@
+#!/usr/bin/env node
+// The `priortune` command line.
+import { realpathSync } from "node:fs";
+import { fileURLToPath } from "node:url";
+import { Command } from "commander";
+import { cudaStatus } from "./backend.js";
+import { describeModel } from "./model.js";
+import { addon } from "./native.js";
+
+function formatCount(n: number): string {
+  if (n >= 1e9) return `${(n / 1e9).toFixed(2)}B`;
+  if (n >= 1e6) return `${(n / 1e6).toFixed(2)}M`;
+  if (n >= 1e3) return `${(n / 1e3).toFixed(1)}k`;
+  return String(n);
+}
+
+export function infoText(dir: string): string {
+  const info = describeModel(dir);
+  const c = info.config;
+  const rows: [string, string][] = [
+    ["directory", info.dir],
+    ["architecture", `${c.architecture} (${c.hfArchitecture})`],
+    ["parameters", `${formatCount(info.parameterCount)} (${info.parameterCount})`],
+    ["stored dtype", info.dtypes.join(", ")],
+    ["weight files", String(info.weightFiles.length)],
+    ["vocab size", String(c.vocabSize)],
+    ["hidden size", String(c.hiddenSize)],
+    ["layers", String(c.numLayers)],
+    ["heads", `${c.numHeads} query / ${c.numKvHeads} key-value, head dim ${c.headDim}`],
+    ["intermediate size", String(c.intermediateSize)],
+    ["positions", String(c.maxPositions)],
+    ["head", c.tiedHead ? "tied to the token embeddings" : "separate lm_head"],
+  ];
+  if (c.architecture === "llama") {
+    const s = c.ropeScaling!;
+    const scaling = s.type === "default" ? "" : `, ${s.type} scaling x${s.factor}`;
+    rows.push(["rope", `theta ${c.ropeTheta}${scaling}`]);
+  }
+  rows.push([
+    "tokenizer",
+    info.tokenizer ? `${info.tokenizer.source}, ${info.tokenizer.vocabSize} entries` : "none found",
+  ]);
+  const width = Math.max(...rows.map(([k]) => k.length));
+  return rows.map(([k, v]) => `${k.padEnd(width)}  ${v}`).join("\n");
+}
+
+export function main(argv: string[]): void {
+  const program = new Command();
+  program.name("priortune").description("Prompt-tuning priors and posteriors on frozen language models");
+  program
+    .command("info")
+    .description("describe a Hugging Face model directory (config, sizes, parameters, dtype, tokenizer)")
+    .argument("<model-dir>", "directory with config.json, safetensors weights and tokenizer.json")
+    .option("--json", "print JSON")
+    .action((dir: string, opts: { json?: boolean }) => {
+      if (opts.json) process.stdout.write(`${JSON.stringify(describeModel(dir), null, 2)}\n`);
+      else process.stdout.write(`${infoText(dir)}\n`);
+    });
+  program
+    .command("doctor")
+    .description("show the native build: GEMM kernel, threads, CUDA status")
+    .action(() => {
+      const cpu = addon().cpuInfo();
+      const cuda = cudaStatus();
+      process.stdout.write(
+        `cpu gemm kernel  ${cpu.gemmKernel}\ncpu threads      ${cpu.hardwareThreads}\ncuda compiled    ${cuda.compiled}\n` +
+          `cuda usable      ${cuda.usable}${cuda.usable ? ` (${cuda.name}, sm_${cuda.computeCapability})` : ` (${cuda.reason})`}\n`,
+      );
+    });
+  program.exitOverride();
+  try {
+    program.parse(argv);
+  } catch (e) {
+    const err = e as { code?: string; exitCode?: number; message: string };
+    if (err.code?.startsWith("commander.")) {
+      process.exitCode = err.exitCode ?? 1;
+      return;
+    }
+    process.stderr.write(`priortune: ${err.message}\n`);
+    process.exitCode = 1;
+  }
+}
+
+// Run when executed directly (also through the npm bin link).
+if (process.argv[1] && realpathSync(process.argv[1]) === fileURLToPath(import.meta.url)) main(process.argv);
