@@ -4,7 +4,7 @@ import { availableParallelism } from "node:os";
 import { join, resolve } from "node:path";
 import { type Backend, type BackendChoice, defaultLogger, type Logger, resolveBackend } from "./backend.js";
 import { loadPlan, type ModelConfig, nativeConfig, parameterCount, parseConfig } from "./config.js";
-import { addon, type NativeModel } from "./native.js";
+import { addon, type DeepPrompts, type NativeForwardArgs, type NativeModel } from "./native.js";
 import { listModelTensors } from "./safetensors.js";
 import { loadTokenizer, type Tokenizer } from "./tokenizer.js";
 import { requireFloat32, requireInt32, requirePositiveInt, requireUint8 } from "./validate.js";
@@ -28,12 +28,35 @@ export interface ForwardOptions {
   attentionMask?: Uint8Array;
   /** Soft prompt, P x hiddenSize, prepended to every sequence (positions 0..P-1). */
   prompt?: Float32Array;
+  /**
+   * Deep prompts. "hidden" (the paper's variant): per listed layer, P_l x hiddenSize vectors prepended to
+   * the layer input, the first P_l output rows cut. "prefix" (prefix-tuning, as PEFT): per listed layer,
+   * key and value prefixes of Pp x numKvHeads x headDim attended by every position; token positions
+   * then start at Pp.
+   */
+  deepPrompts?: DeepPrompts;
   /** Indices 0..numLayers in Transformers' output_hidden_states order. */
   hiddenStates?: number[];
   /** Labels, batch x seqLen aligned with inputIds, -100 = ignore: adds the causal-LM loss. */
   labels?: Int32Array;
   /** Set false to skip returning logits (e.g. when only hidden states or the loss are needed). */
   logits?: boolean;
+}
+
+export interface LossAndGradOptions extends Omit<ForwardOptions, "hiddenStates" | "logits" | "labels"> {
+  /** Labels, batch x seqLen aligned with inputIds, -100 = ignore. */
+  labels: Int32Array;
+}
+
+export interface LossAndGrad {
+  loss: number;
+  labelCount: number;
+  /** d loss / d prompt, P x hiddenSize (when a prompt was given). */
+  promptGrad?: Float32Array;
+  /** Same shapes as the deepPrompts given: one array per layer. */
+  deepPromptGrads?:
+    | { kind: "hidden"; vectors: Float32Array[] }
+    | { kind: "prefix"; keys: Float32Array[]; values: Float32Array[] };
 }
 
 export interface ForwardOutput {
@@ -129,74 +152,32 @@ export class Model {
 
   async forward(options: ForwardOptions): Promise<ForwardOutput> {
     const native = this.#live();
-    const c = this.config;
-    if (typeof options !== "object" || options === null)
-      throw new TypeError("forward: expected an options object");
-    const batch = requirePositiveInt(options.batch, "batch");
-    const seqLen = requirePositiveInt(options.seqLen, "seqLen");
-    const inputIds = requireInt32(options.inputIds, "inputIds", batch * seqLen);
-    for (let i = 0; i < inputIds.length; i++) {
-      const id = inputIds[i]!;
-      if (id < 0 || id >= c.vocabSize) {
-        throw new RangeError(`inputIds[${i}] = ${id} is outside the vocabulary [0, ${c.vocabSize})`);
-      }
-    }
-    const attentionMask =
-      options.attentionMask === undefined
-        ? undefined
-        : requireUint8(options.attentionMask, "attentionMask", batch * seqLen);
-    const labels =
-      options.labels === undefined ? undefined : requireInt32(options.labels, "labels", batch * seqLen);
-    let promptLength = 0;
-    if (options.prompt !== undefined) {
-      const prompt = requireFloat32(options.prompt, "prompt");
-      if (prompt.length === 0 || prompt.length % c.hiddenSize !== 0) {
-        throw new RangeError(
-          `prompt: expected P x hiddenSize (${c.hiddenSize}) elements, got ${prompt.length}`,
-        );
-      }
-      for (let i = 0; i < prompt.length; i++) {
-        if (!Number.isFinite(prompt[i]!))
-          throw new RangeError(`prompt[${i}] is ${prompt[i]} (prompt vectors must be finite)`);
-      }
-      promptLength = prompt.length / c.hiddenSize;
-    }
-    const positions = promptLength + seqLen;
-    if (c.architecture === "gpt2" && positions > c.maxPositions) {
-      throw new RangeError(
-        `prompt length ${promptLength} + seqLen ${seqLen} = ${positions} exceeds the model's ${c.maxPositions} positions`,
-      );
-    }
-    if (c.slidingWindow !== undefined && positions > c.slidingWindow) {
-      throw new RangeError(
-        `prompt length + seqLen = ${positions} exceeds the sliding window (${c.slidingWindow}), which priortune does not implement`,
-      );
-    }
-    let hiddenStates: number[] | undefined;
-    if (options.hiddenStates !== undefined) {
-      if (!Array.isArray(options.hiddenStates))
-        throw new TypeError("hiddenStates: expected an array of layer indices");
-      const seen = new Set<number>();
-      for (const [i, v] of options.hiddenStates.entries()) {
-        if (!Number.isInteger(v) || v < 0 || v > c.numLayers) {
-          throw new RangeError(`hiddenStates[${i}] = ${v}: expected an integer in 0..${c.numLayers}`);
-        }
-        if (seen.has(v)) throw new RangeError(`hiddenStates: index ${v} is repeated`);
-        seen.add(v);
-      }
-      hiddenStates = options.hiddenStates;
-    }
+    const args = checkCallArgs(this.config, options);
     const out = await native.forward({
-      inputIds,
-      batch,
-      seqLen,
-      attentionMask,
-      labels,
-      prompt: options.prompt,
-      hiddenStates,
+      ...args,
+      hiddenStates: checkHiddenStates(this.config, options.hiddenStates),
       logits: options.logits ?? true,
     });
-    return { ...out, positions };
+    return { ...out, positions: args.positions };
+  }
+
+  /**
+   * Loss (mean cross-entropy over labelled positions, causal shift over the concatenated sequence) and its
+   * gradient with respect to the soft prompt and the deep prompts. Weights get no gradient.
+   */
+  async lossAndGrad(options: LossAndGradOptions): Promise<LossAndGrad> {
+    const native = this.#live();
+    if (options?.labels === undefined)
+      throw new TypeError("labels: expected an Int32Array (required by lossAndGrad)");
+    if (options.prompt === undefined && options.deepPrompts === undefined) {
+      throw new TypeError(
+        "lossAndGrad: give a prompt and/or deepPrompts (there is nothing else to differentiate)",
+      );
+    }
+    const args = checkCallArgs(this.config, options);
+    const out = await native.lossAndGrad({ ...args, labels: args.labels! });
+    if (out.labelCount === 0) throw new RangeError("labels: no labelled position");
+    return out as LossAndGrad;
   }
 
   /** Frees the native memory now (otherwise it goes with the garbage collector). Safe to call twice. */
@@ -228,4 +209,144 @@ export async function loadModel(dirArg: string, options: LoadOptions = {}): Prom
     throw e;
   }
   return new Model(native, dir, config, backend, reason, tokenizer, threads, [...dtypes].sort());
+}
+
+function checkFiniteFloat32(v: unknown, name: string, multipleOf: number, what: string): Float32Array {
+  const a = requireFloat32(v, name);
+  if (a.length === 0 || a.length % multipleOf !== 0) {
+    throw new RangeError(
+      `${name}: expected ${what} (a non-zero multiple of ${multipleOf} elements), got ${a.length}`,
+    );
+  }
+  for (let i = 0; i < a.length; i++) {
+    if (!Number.isFinite(a[i]!)) throw new RangeError(`${name}[${i}] is ${a[i]} (values must be finite)`);
+  }
+  return a;
+}
+
+function checkLayerList(c: ModelConfig, v: unknown, name: string): number[] {
+  if (!Array.isArray(v) || v.length === 0)
+    throw new TypeError(`${name}: expected a non-empty array of layer indices`);
+  const seen = new Set<number>();
+  for (const [i, l] of v.entries()) {
+    if (!Number.isInteger(l) || l < 0 || l >= c.numLayers) {
+      throw new RangeError(`${name}[${i}] = ${l}: expected an integer in 0..${c.numLayers - 1}`);
+    }
+    if (seen.has(l)) throw new RangeError(`${name}: layer ${l} is repeated`);
+    seen.add(l);
+  }
+  return v;
+}
+
+function checkDeepPrompts(c: ModelConfig, d: DeepPrompts): void {
+  if (typeof d !== "object" || d === null) throw new TypeError("deepPrompts: expected an object");
+  const layers = checkLayerList(c, d.layers, "deepPrompts.layers");
+  const perLayer = (v: unknown, key: string): unknown[] => {
+    if (!Array.isArray(v) || v.length !== layers.length) {
+      throw new TypeError(
+        `deepPrompts.${key}: expected an array of ${layers.length} Float32Array (one per layer)`,
+      );
+    }
+    return v;
+  };
+  if (d.kind === "hidden") {
+    perLayer(d.vectors, "vectors").forEach((t, i) => {
+      checkFiniteFloat32(t, `deepPrompts.vectors[${i}]`, c.hiddenSize, "P_l x hiddenSize");
+    });
+  } else if (d.kind === "prefix") {
+    const per = c.numKvHeads * c.headDim;
+    const keys = perLayer(d.keys, "keys");
+    const values = perLayer(d.values, "values");
+    const first = requireFloat32(keys[0], "deepPrompts.keys[0]").length;
+    keys.forEach((t, i) => {
+      const k = checkFiniteFloat32(t, `deepPrompts.keys[${i}]`, per, "Pp x numKvHeads x headDim");
+      if (k.length !== first)
+        throw new RangeError(`deepPrompts.keys[${i}]: every layer needs the same prefix length`);
+      checkFiniteFloat32(values[i], `deepPrompts.values[${i}]`, per, "Pp x numKvHeads x headDim");
+      if ((values[i] as Float32Array).length !== k.length) {
+        throw new RangeError(
+          `deepPrompts.values[${i}]: expected ${k.length} elements like keys[${i}], got ${(values[i] as Float32Array).length}`,
+        );
+      }
+    });
+  } else {
+    throw new TypeError(
+      `deepPrompts.kind: expected "hidden" or "prefix", got ${JSON.stringify((d as { kind: unknown }).kind)}`,
+    );
+  }
+}
+
+function checkHiddenStates(c: ModelConfig, v: number[] | undefined): number[] | undefined {
+  if (v === undefined) return undefined;
+  if (!Array.isArray(v)) throw new TypeError("hiddenStates: expected an array of layer indices");
+  const seen = new Set<number>();
+  for (const [i, l] of v.entries()) {
+    if (!Number.isInteger(l) || l < 0 || l > c.numLayers) {
+      throw new RangeError(`hiddenStates[${i}] = ${l}: expected an integer in 0..${c.numLayers}`);
+    }
+    if (seen.has(l)) throw new RangeError(`hiddenStates: index ${l} is repeated`);
+    seen.add(l);
+  }
+  return v;
+}
+
+/** The checks forward and lossAndGrad share; returns the native arguments and the sequence length. */
+function checkCallArgs(
+  c: ModelConfig,
+  options: ForwardOptions | LossAndGradOptions,
+): Omit<NativeForwardArgs, "hiddenStates" | "logits"> & { positions: number } {
+  if (typeof options !== "object" || options === null) throw new TypeError("expected an options object");
+  const batch = requirePositiveInt(options.batch, "batch");
+  const seqLen = requirePositiveInt(options.seqLen, "seqLen");
+  const inputIds = requireInt32(options.inputIds, "inputIds", batch * seqLen);
+  for (let i = 0; i < inputIds.length; i++) {
+    const id = inputIds[i]!;
+    if (id < 0 || id >= c.vocabSize)
+      throw new RangeError(`inputIds[${i}] = ${id} is outside the vocabulary [0, ${c.vocabSize})`);
+  }
+  const attentionMask =
+    options.attentionMask === undefined
+      ? undefined
+      : requireUint8(options.attentionMask, "attentionMask", batch * seqLen);
+  let labels: Int32Array | undefined;
+  if (options.labels !== undefined) {
+    labels = requireInt32(options.labels, "labels", batch * seqLen);
+    for (let i = 0; i < labels.length; i++) {
+      const t = labels[i]!;
+      if (t !== -100 && (t < 0 || t >= c.vocabSize))
+        throw new RangeError(`labels[${i}] = ${t} is neither -100 nor inside the vocabulary`);
+    }
+  }
+  let promptLength = 0;
+  if (options.prompt !== undefined) {
+    promptLength =
+      checkFiniteFloat32(options.prompt, "prompt", c.hiddenSize, `P x hiddenSize (${c.hiddenSize})`).length /
+      c.hiddenSize;
+  }
+  if (options.deepPrompts !== undefined) checkDeepPrompts(c, options.deepPrompts);
+  const positions = promptLength + seqLen;
+  const prefix =
+    options.deepPrompts?.kind === "prefix"
+      ? options.deepPrompts.keys[0]!.length / (c.numKvHeads * c.headDim)
+      : 0;
+  if (c.architecture === "gpt2" && positions + prefix > c.maxPositions) {
+    throw new RangeError(
+      `prompt length ${promptLength} + seqLen ${seqLen}${prefix ? ` + prefix ${prefix}` : ""} exceeds the model's ${c.maxPositions} positions`,
+    );
+  }
+  if (c.slidingWindow !== undefined && positions + prefix > c.slidingWindow) {
+    throw new RangeError(
+      `sequence of ${positions + prefix} positions exceeds the sliding window (${c.slidingWindow}), which priortune does not implement`,
+    );
+  }
+  return {
+    inputIds,
+    batch,
+    seqLen,
+    attentionMask,
+    labels,
+    prompt: options.prompt,
+    deepPrompts: options.deepPrompts,
+    positions,
+  };
 }

@@ -50,7 +50,12 @@ export interface NativeLoadEntry {
   transpose: boolean;
 }
 
+export type DeepPrompts =
+  | { kind: "hidden"; layers: number[]; vectors: Float32Array[] }
+  | { kind: "prefix"; layers: number[]; keys: Float32Array[]; values: Float32Array[] };
+
 export interface NativeForwardArgs {
+  deepPrompts?: DeepPrompts;
   inputIds: Int32Array;
   batch: number;
   seqLen: number;
@@ -68,10 +73,20 @@ export interface NativeForwardResult {
   labelCount?: number;
 }
 
+export interface NativeGradResult {
+  loss: number;
+  labelCount: number;
+  promptGrad?: Float32Array;
+  deepPromptGrads?:
+    | { kind: "hidden"; vectors: Float32Array[] }
+    | { kind: "prefix"; keys: Float32Array[]; values: Float32Array[] };
+}
+
 export interface NativeModel {
   loadTensors(entries: NativeLoadEntry[]): Promise<void>;
   checkComplete(): void;
   forward(args: NativeForwardArgs): Promise<NativeForwardResult>;
+  lossAndGrad(args: NativeForwardArgs & { labels: Int32Array }): Promise<NativeGradResult>;
   tokenEmbeddings(): Float32Array;
   weightBytes(): number;
   dispose(): void;
@@ -98,6 +113,18 @@ export interface Addon {
   ): void;
   selectGemmKernel(name: "avx512" | "avx2" | "generic"): boolean;
   fmaPeakGflops(threads: number): number;
+  adamwStep(
+    param: Float32Array,
+    grad: Float32Array,
+    m: Float32Array,
+    v: Float32Array,
+    lr: number,
+    beta1: number,
+    beta2: number,
+    eps: number,
+    weightDecay: number,
+    step: number,
+  ): void;
   NativeModel: new (
     config: NativeModelConfig,
   ) => NativeModel;

@@ -47,6 +47,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
                        {InstanceMethod("loadTensors", &ModelWrap::LoadTensors),
                         InstanceMethod("checkComplete", &ModelWrap::CheckComplete),
                         InstanceMethod("forward", &ModelWrap::Forward),
+                        InstanceMethod("lossAndGrad", &ModelWrap::LossAndGrad),
                         InstanceMethod("tokenEmbeddings", &ModelWrap::TokenEmbeddings),
                         InstanceMethod("weightBytes", &ModelWrap::WeightBytes),
                         InstanceMethod("dispose", &ModelWrap::Dispose)});
@@ -147,76 +148,151 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     });
   }
 
-  // forward({ inputIds, batch, seqLen, attentionMask?, prompt?, promptLength?, labels?, hiddenStates?,
-  //           logits? }) -> Promise<{ logits?, hiddenStates[], loss?, labelCount }>
+  // Parses the shared arguments of forward and lossAndGrad; `keep` collects the JS arrays the worker reads.
+  static std::shared_ptr<pt::ForwardArgs> parse_args(Napi::Env env, const pt::ModelConfig& c, const Napi::Object& o,
+                                                     std::vector<Napi::Value>& keep) {
+    auto args = std::make_shared<pt::ForwardArgs>();
+    args->B = int_of(o.Get("batch"), "batch", 1);
+    args->T = int_of(o.Get("seqLen"), "seqLen", 1);
+    const size_t BT = static_cast<size_t>(args->B * args->T);
+    Napi::Value ids_v = o.Get("inputIds");
+    auto ids = view_of_length<int32_t>(ids_v, "inputIds", BT);
+    for (size_t i = 0; i < BT; ++i)
+      if (ids.data[i] < 0 || ids.data[i] >= c.vocab)
+        throw Napi::RangeError::New(env, "inputIds[" + std::to_string(i) + "] = " + std::to_string(ids.data[i]) +
+                                             " is outside the vocabulary [0, " + std::to_string(c.vocab) + ")");
+    args->ids = ids.data;
+    keep.push_back(ids_v);
+    Napi::Value mask_v = o.Get("attentionMask");
+    if (!mask_v.IsUndefined() && !mask_v.IsNull()) {
+      args->mask = view_of_length<uint8_t>(mask_v, "attentionMask", BT).data;
+      keep.push_back(mask_v);
+    }
+    Napi::Value labels_v = o.Get("labels");
+    if (!labels_v.IsUndefined() && !labels_v.IsNull()) {
+      auto labels = view_of_length<int32_t>(labels_v, "labels", BT);
+      for (size_t i = 0; i < BT; ++i)
+        if (labels.data[i] != -100 && (labels.data[i] < 0 || labels.data[i] >= c.vocab))
+          throw Napi::RangeError::New(env, "labels[" + std::to_string(i) + "] = " + std::to_string(labels.data[i]) +
+                                               " is neither -100 nor inside the vocabulary");
+      args->labels = labels.data;
+      keep.push_back(labels_v);
+    }
+    Napi::Value prompt_v = o.Get("prompt");
+    if (!prompt_v.IsUndefined() && !prompt_v.IsNull()) {
+      auto prompt = finite_view(env, prompt_v, "prompt", 0);
+      if (prompt.length == 0 || prompt.length % c.hidden != 0)
+        throw Napi::RangeError::New(env, "prompt: expected a non-empty multiple of hiddenSize (" +
+                                             std::to_string(c.hidden) + ") elements, got " +
+                                             std::to_string(prompt.length));
+      args->prompt = prompt.data;
+      args->P = static_cast<int64_t>(prompt.length) / c.hidden;
+      keep.push_back(prompt_v);
+    }
+    Napi::Value deep_v = o.Get("deepPrompts");
+    if (!deep_v.IsUndefined() && !deep_v.IsNull()) parse_deep(env, c, object_of(deep_v, "deepPrompts"), *args, keep);
+    Napi::Value hs = o.Get("hiddenStates");
+    if (!hs.IsUndefined() && !hs.IsNull()) {
+      if (!hs.IsArray()) throw_type(env, "hiddenStates", "an array of layer indices", hs);
+      Napi::Array arr = hs.As<Napi::Array>();
+      for (uint32_t i = 0; i < arr.Length(); ++i) {
+        int64_t idx = int_of(arr.Get(i), "hiddenStates[" + std::to_string(i) + "]", 0);
+        if (idx > c.layers)
+          throw Napi::RangeError::New(env, "hiddenStates[" + std::to_string(i) + "] = " + std::to_string(idx) +
+                                               " is outside 0.." + std::to_string(c.layers));
+        if (std::find(args->hidden_indices.begin(), args->hidden_indices.end(), (int)idx) !=
+            args->hidden_indices.end())
+          throw Napi::RangeError::New(env, "hiddenStates: index " + std::to_string(idx) + " is repeated");
+        args->hidden_indices.push_back(static_cast<int>(idx));
+      }
+    }
+    Napi::Value want = o.Get("logits");
+    args->want_logits = want.IsUndefined() ? true : want.ToBoolean().Value();
+    return args;
+  }
+
+  // A Float32Array whose values are all finite; `expected` > 0 also checks its length.
+  static View<float> finite_view(Napi::Env env, const Napi::Value& v, const std::string& name, size_t expected) {
+    auto view = expected ? view_of_length<float>(v, name, expected) : view_of<float>(v, name);
+    for (size_t i = 0; i < view.length; ++i)
+      if (!std::isfinite(view.data[i])) throw Napi::RangeError::New(env, name + "[" + std::to_string(i) + "] is not finite");
+    return view;
+  }
+
+  // deepPrompts: { kind: "hidden", layers, vectors: Float32Array[] (P_l x hidden each) }
+  //            | { kind: "prefix", layers, keys: Float32Array[], values: Float32Array[] (Pp x kvHeads x headDim) }
+  static void parse_deep(Napi::Env env, const pt::ModelConfig& c, const Napi::Object& d, pt::ForwardArgs& args,
+                         std::vector<Napi::Value>& keep) {
+    Napi::Value kind_v = d.Get("kind");
+    const std::string kind = kind_v.IsString() ? kind_v.As<Napi::String>().Utf8Value() : "";
+    if (kind != "hidden" && kind != "prefix") throw_type(env, "deepPrompts.kind", "\"hidden\" or \"prefix\"", kind_v);
+    Napi::Value layers_v = d.Get("layers");
+    if (!layers_v.IsArray()) throw_type(env, "deepPrompts.layers", "an array of layer indices", layers_v);
+    Napi::Array layers = layers_v.As<Napi::Array>();
+    auto tensors = [&](const char* key) {
+      Napi::Value v = d.Get(key);
+      const std::string name = std::string("deepPrompts.") + key;
+      if (!v.IsArray()) throw_type(env, name, "an array of Float32Array (one per layer)", v);
+      Napi::Array arr = v.As<Napi::Array>();
+      if (arr.Length() != layers.Length())
+        throw Napi::RangeError::New(env, name + ": expected " + std::to_string(layers.Length()) +
+                                             " arrays (one per layer), got " + std::to_string(arr.Length()));
+      return arr;
+    };
+    for (uint32_t i = 0; i < layers.Length(); ++i) {
+      const int64_t l = int_of(layers.Get(i), "deepPrompts.layers[" + std::to_string(i) + "]", 0);
+      if (l >= c.layers)
+        throw Napi::RangeError::New(env, "deepPrompts.layers[" + std::to_string(i) + "] = " + std::to_string(l) +
+                                             " is outside 0.." + std::to_string(c.layers - 1));
+      if (std::find(args.deep.layers.begin(), args.deep.layers.end(), (int)l) != args.deep.layers.end())
+        throw Napi::RangeError::New(env, "deepPrompts.layers: layer " + std::to_string(l) + " is repeated");
+      args.deep.layers.push_back(static_cast<int>(l));
+    }
+    if (kind == "hidden") {
+      args.deep.kind = pt::DeepPrompts::Kind::Hidden;
+      Napi::Array vectors = tensors("vectors");
+      for (uint32_t i = 0; i < vectors.Length(); ++i) {
+        const std::string name = "deepPrompts.vectors[" + std::to_string(i) + "]";
+        auto view = finite_view(env, vectors.Get(i), name, 0);
+        if (view.length == 0 || view.length % c.hidden != 0)
+          throw Napi::RangeError::New(env, name + ": expected P_l x hiddenSize (" + std::to_string(c.hidden) +
+                                               ") elements, got " + std::to_string(view.length));
+        args.deep.vectors.push_back(view.data);
+        args.deep.lengths.push_back(static_cast<int64_t>(view.length) / c.hidden);
+        keep.push_back(vectors.Get(i));
+      }
+    } else {
+      args.deep.kind = pt::DeepPrompts::Kind::Prefix;
+      Napi::Array keys = tensors("keys"), values = tensors("values");
+      const size_t per = static_cast<size_t>(c.kv_heads * c.head_dim);
+      for (uint32_t i = 0; i < keys.Length(); ++i) {
+        const std::string kn = "deepPrompts.keys[" + std::to_string(i) + "]";
+        auto k = finite_view(env, keys.Get(i), kn, 0);
+        if (k.length == 0 || k.length % per != 0)
+          throw Napi::RangeError::New(env, kn + ": expected Pp x numKvHeads x headDim (" + std::to_string(per) +
+                                               " per position) elements, got " + std::to_string(k.length));
+        const int64_t Pp = static_cast<int64_t>(k.length / per);
+        if (i > 0 && Pp != args.deep.prefix_len)
+          throw Napi::RangeError::New(env, kn + ": every prefixed layer needs the same prefix length (" +
+                                               std::to_string(args.deep.prefix_len) + "), got " + std::to_string(Pp));
+        args.deep.prefix_len = Pp;
+        auto v = finite_view(env, values.Get(i), "deepPrompts.values[" + std::to_string(i) + "]", k.length);
+        args.deep.keys.push_back(k.data);
+        args.deep.values.push_back(v.data);
+        keep.push_back(keys.Get(i));
+        keep.push_back(values.Get(i));
+      }
+    }
+  }
+
+  // forward({ inputIds, batch, seqLen, attentionMask?, prompt?, deepPrompts?, labels?, hiddenStates?, logits? })
+  //   -> Promise<{ logits?, hiddenStates[], loss?, labelCount? }>
   Napi::Value Forward(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     return guarded(env, [&]() -> Napi::Value {
       auto model = live(env);
-      const pt::ModelConfig& c = model->config();
-      Napi::Object o = object_of(arg(info, 0, "args"), "args");
-      auto args = std::make_shared<pt::ForwardArgs>();
-      args->B = int_of(o.Get("batch"), "batch", 1);
-      args->T = int_of(o.Get("seqLen"), "seqLen", 1);
-      const size_t BT = static_cast<size_t>(args->B * args->T);
-      Napi::Value ids_v = o.Get("inputIds");
-      auto ids = view_of_length<int32_t>(ids_v, "inputIds", BT);
-      for (size_t i = 0; i < BT; ++i)
-        if (ids.data[i] < 0 || ids.data[i] >= c.vocab)
-          throw Napi::RangeError::New(env,
-                                      "inputIds[" + std::to_string(i) + "] = " + std::to_string(ids.data[i]) +
-                                          " is outside the vocabulary [0, " + std::to_string(c.vocab) + ")");
-      args->ids = ids.data;
-      std::vector<Napi::Value> keep{ids_v};  // inputs the worker reads: referenced until it finishes
-      Napi::Value mask_v = o.Get("attentionMask");
-      if (!mask_v.IsUndefined() && !mask_v.IsNull()) {
-        args->mask = view_of_length<uint8_t>(mask_v, "attentionMask", BT).data;
-        keep.push_back(mask_v);
-      }
-      Napi::Value labels_v = o.Get("labels");
-      if (!labels_v.IsUndefined() && !labels_v.IsNull()) {
-        auto labels = view_of_length<int32_t>(labels_v, "labels", BT);
-        for (size_t i = 0; i < BT; ++i)
-          if (labels.data[i] != -100 && (labels.data[i] < 0 || labels.data[i] >= c.vocab))
-            throw Napi::RangeError::New(env, "labels[" + std::to_string(i) +
-                                                 "] = " + std::to_string(labels.data[i]) +
-                                                 " is neither -100 nor inside the vocabulary");
-        args->labels = labels.data;
-        keep.push_back(labels_v);
-      }
-      Napi::Value prompt_v = o.Get("prompt");
-      if (!prompt_v.IsUndefined() && !prompt_v.IsNull()) {
-        auto prompt = view_of<float>(prompt_v, "prompt");
-        if (prompt.length == 0 || prompt.length % c.hidden != 0)
-          throw Napi::RangeError::New(env, "prompt: expected a non-empty multiple of hiddenSize (" +
-                                               std::to_string(c.hidden) + ") elements, got " +
-                                               std::to_string(prompt.length));
-        for (size_t i = 0; i < prompt.length; ++i)
-          if (!std::isfinite(prompt.data[i]))
-            throw Napi::RangeError::New(env, "prompt[" + std::to_string(i) + "] is not finite");
-        args->prompt = prompt.data;
-        args->P = static_cast<int64_t>(prompt.length) / c.hidden;
-        keep.push_back(prompt_v);
-      }
-      Napi::Value hs = o.Get("hiddenStates");
-      if (!hs.IsUndefined() && !hs.IsNull()) {
-        if (!hs.IsArray()) throw_type(env, "hiddenStates", "an array of layer indices", hs);
-        Napi::Array arr = hs.As<Napi::Array>();
-        for (uint32_t i = 0; i < arr.Length(); ++i) {
-          int64_t idx = int_of(arr.Get(i), "hiddenStates[" + std::to_string(i) + "]", 0);
-          if (idx > c.layers)
-            throw Napi::RangeError::New(env, "hiddenStates[" + std::to_string(i) +
-                                                 "] = " + std::to_string(idx) + " is outside 0.." +
-                                                 std::to_string(c.layers));
-          if (std::find(args->hidden_indices.begin(), args->hidden_indices.end(), (int)idx) !=
-              args->hidden_indices.end())
-            throw Napi::RangeError::New(env, "hiddenStates: index " + std::to_string(idx) + " is repeated");
-          args->hidden_indices.push_back(static_cast<int>(idx));
-        }
-      }
-      Napi::Value want = o.Get("logits");
-      args->want_logits = want.IsUndefined() ? true : want.ToBoolean().Value();
-
+      std::vector<Napi::Value> keep;
+      auto args = parse_args(env, model->config(), object_of(arg(info, 0, "args"), "args"), keep);
       auto result = std::make_shared<pt::ForwardResult>();
       auto* worker = new PromiseWorker(
           env, [model, args, result]() { *result = model->forward(*args); },
@@ -230,6 +306,46 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
             if (args->labels) {
               out.Set("loss", result->loss);
               out.Set("labelCount", static_cast<double>(result->label_count));
+            }
+            return out;
+          });
+      for (const auto& v : keep) worker->keep(v);
+      return worker->queue();
+    });
+  }
+
+  // lossAndGrad(args) -> Promise<{ loss, labelCount, promptGrad?, deepPromptGrads? }>
+  Napi::Value LossAndGrad(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return guarded(env, [&]() -> Napi::Value {
+      auto model = live(env);
+      std::vector<Napi::Value> keep;
+      auto args = parse_args(env, model->config(), object_of(arg(info, 0, "args"), "args"), keep);
+      if (!args->labels) throw Napi::TypeError::New(env, "labels: expected an Int32Array (required by lossAndGrad)");
+      auto result = std::make_shared<pt::GradResult>();
+      auto* worker = new PromiseWorker(
+          env, [model, args, result]() { *result = model->loss_and_grad(*args); },
+          [result, args](Napi::Env env) -> Napi::Value {
+            Napi::Object out = Napi::Object::New(env);
+            out.Set("loss", result->loss);
+            out.Set("labelCount", static_cast<double>(result->label_count));
+            if (args->P > 0) out.Set("promptGrad", to_float32(env, std::move(result->prompt_grad)));
+            auto list = [&](std::vector<std::vector<float>>& v) {
+              Napi::Array arr = Napi::Array::New(env, v.size());
+              for (size_t i = 0; i < v.size(); ++i) arr.Set(static_cast<uint32_t>(i), to_float32(env, std::move(v[i])));
+              return arr;
+            };
+            if (args->deep.kind == pt::DeepPrompts::Kind::Hidden) {
+              Napi::Object d = Napi::Object::New(env);
+              d.Set("kind", "hidden");
+              d.Set("vectors", list(result->deep_grads));
+              out.Set("deepPromptGrads", d);
+            } else if (args->deep.kind == pt::DeepPrompts::Kind::Prefix) {
+              Napi::Object d = Napi::Object::New(env);
+              d.Set("kind", "prefix");
+              d.Set("keys", list(result->key_grads));
+              d.Set("values", list(result->value_grads));
+              out.Set("deepPromptGrads", d);
             }
             return out;
           });

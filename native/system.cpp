@@ -3,6 +3,7 @@
 #include "modules.h"
 #include "priortune/cuda_device.h"
 #include "priortune/gemm.h"
+#include "priortune/ops.h"
 #include "priortune/parallel.h"
 
 namespace ptn {
@@ -74,6 +75,26 @@ Napi::Value FmaPeak(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, pt::cpu_fma_peak_gflops(threads));
 }
 
+// adamwStep(param, grad, m, v, lr, beta1, beta2, eps, weightDecay, step): in place on param, m and v.
+// Synchronous: prompt tensors are small (P x hidden), the update takes microseconds.
+Napi::Value AdamwStep(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&]() -> Napi::Value {
+    auto param = view_of<float>(arg(info, 0, "param"), "param");
+    auto grad = view_of_length<float>(arg(info, 1, "grad"), "grad", param.length);
+    auto m = view_of_length<float>(arg(info, 2, "m"), "m", param.length);
+    auto v = view_of_length<float>(arg(info, 3, "v"), "v", param.length);
+    const float lr = (float)number_of(arg(info, 4, "lr"), "lr");
+    const float b1 = (float)number_of(arg(info, 5, "beta1"), "beta1");
+    const float b2 = (float)number_of(arg(info, 6, "beta2"), "beta2");
+    const float eps = (float)number_of(arg(info, 7, "eps"), "eps");
+    const float wd = (float)number_of(arg(info, 8, "weightDecay"), "weightDecay");
+    const int64_t t = int_of(arg(info, 9, "step"), "step", 1);
+    pt::adamw_step(param.data, grad.data, m.data, v.data, (int64_t)param.length, lr, b1, b2, eps, wd, t);
+    return env.Undefined();
+  });
+}
+
 }  // namespace
 
 void init_system(Napi::Env env, Napi::Object exports) {
@@ -81,6 +102,7 @@ void init_system(Napi::Env env, Napi::Object exports) {
   exports.Set("cpuInfo", Napi::Function::New(env, CpuInfo, "cpuInfo"));
   exports.Set("gemm", Napi::Function::New(env, Gemm, "gemm"));
   exports.Set("selectGemmKernel", Napi::Function::New(env, SelectGemmKernel, "selectGemmKernel"));
+  exports.Set("adamwStep", Napi::Function::New(env, AdamwStep, "adamwStep"));
   exports.Set("fmaPeakGflops", Napi::Function::New(env, FmaPeak, "fmaPeakGflops"));
 }
 

@@ -3,6 +3,7 @@
 // softmax in place in `probs` (kept for backward), then out = P V. The full S x S token block is scored and
 // the upper triangle discarded: simpler than triangular tiling, and the waste is small next to the MLP.
 #include <algorithm>
+#include <vector>
 #include <cmath>
 
 #include "priortune/gemm.h"
@@ -57,6 +58,76 @@ void attention_forward(float* out, float* probs, const float* qkv, const uint8_t
     float* O = out + b * S * ldo + h * hd;
     if (Pp > 0) sgemm(false, false, S, hd, Pp, 1.0f, P, L, prefix_v + g * hd, KV * hd, 0.0f, O, ldo, 1);
     sgemm(false, false, S, hd, S, 1.0f, P + Pp, L, V, ld, Pp > 0 ? 1.0f : 0.0f, O, ldo, 1);
+  }
+}
+
+}  // namespace pt
+
+namespace pt {
+
+// Per (batch, kv-group) task, so the k/v gradients of a group (shared by its query heads) have one writer.
+// For each head: dP = dO [Vp; V]^T, dV += P^T dO, dS = P * (dP - rowsum(P * dP)) * scale, dQ = dS [Kp; K],
+// dK += dS^T Q. Masked and causal entries have P = 0, so dS is 0 there without a mask. Prefix gradients go
+// to per-task buffers and are summed over the batch in order afterwards (deterministic).
+void attention_backward(float* dqkv, float* dprefix_k, float* dprefix_v, const float* dout, const float* probs,
+                        const float* qkv, const float* prefix_k, const float* prefix_v, int64_t Pp, int64_t B,
+                        int64_t S, int64_t H, int64_t KV, int64_t hd, float scale, int64_t q_rows, int threads) {
+  const int64_t ld = (H + 2 * KV) * hd, L = Pp + S, group = H / KV, ldo = H * hd;
+  std::vector<float> prefix_buf(Pp > 0 ? 2 * B * KV * Pp * hd : 0, 0.0f);
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t bg = 0; bg < B * KV; ++bg) {
+    const int64_t b = bg / KV, g = bg % KV;
+    const float* K = qkv + b * S * ld + (H + g) * hd;
+    const float* V = qkv + b * S * ld + (H + KV + g) * hd;
+    float* dK = dqkv + b * S * ld + (H + g) * hd;
+    float* dV = dqkv + b * S * ld + (H + KV + g) * hd;
+    float* dKp = Pp > 0 ? prefix_buf.data() + (bg * 2) * Pp * hd : nullptr;
+    float* dVp = Pp > 0 ? dKp + Pp * hd : nullptr;
+    std::vector<float> dP(S * L);
+    for (int64_t j = 0; j < group; ++j) {
+      const int64_t h = g * group + j;
+      const float* Q = qkv + b * S * ld + h * hd;
+      const float* dO = dout + b * S * ldo + h * hd;
+      const float* P = probs + (b * H + h) * S * L;
+      const float acc = j == 0 ? 0.0f : 1.0f;
+      if (Pp > 0) {
+        sgemm(false, true, S, Pp, hd, 1.0f, dO, ldo, prefix_v + g * hd, KV * hd, 0.0f, dP.data(), L, 1);
+        sgemm(true, false, Pp, hd, S, 1.0f, P, L, dO, ldo, acc, dVp, hd, 1);
+      }
+      sgemm(false, true, S, S, hd, 1.0f, dO, ldo, V, ld, 0.0f, dP.data() + Pp, L, 1);
+      sgemm(true, false, S, hd, S, 1.0f, P + Pp, L, dO, ldo, acc, dV, ld, 1);
+      for (int64_t i = 0; i < S; ++i) {
+        const float* p = P + i * L;
+        float* d = dP.data() + i * L;
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t k = 0; k < L; ++k) dot += p[k] * d[k];
+#pragma omp simd
+        for (int64_t k = 0; k < L; ++k) d[k] = p[k] * (d[k] - dot) * scale;
+      }
+      float* dQ = dqkv + b * S * ld + h * hd;
+      if (q_rows > 0) {
+        if (Pp > 0) sgemm(false, false, q_rows, hd, Pp, 1.0f, dP.data(), L, prefix_k + g * hd, KV * hd, 0.0f, dQ, ld, 1);
+        sgemm(false, false, q_rows, hd, S, 1.0f, dP.data() + Pp, L, K, ld, Pp > 0 ? 1.0f : 0.0f, dQ, ld, 1);
+      }
+      for (int64_t i = q_rows; i < S; ++i) std::fill(dQ + i * ld, dQ + i * ld + hd, 0.0f);
+      sgemm(true, false, S, hd, S, 1.0f, dP.data() + Pp, L, Q, ld, acc, dK, ld, 1);
+      if (Pp > 0) sgemm(true, false, Pp, hd, S, 1.0f, dP.data(), L, Q, ld, acc, dKp, hd, 1);
+    }
+  }
+  if (Pp > 0) {
+    std::fill(dprefix_k, dprefix_k + Pp * KV * hd, 0.0f);
+    std::fill(dprefix_v, dprefix_v + Pp * KV * hd, 0.0f);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t g = 0; g < KV; ++g) {
+        const float* bk = prefix_buf.data() + ((b * KV + g) * 2) * Pp * hd;
+        const float* bv = bk + Pp * hd;
+        for (int64_t p = 0; p < Pp; ++p)
+          for (int64_t c = 0; c < hd; ++c) {
+            dprefix_k[(p * KV + g) * hd + c] += bk[p * hd + c];
+            dprefix_v[(p * KV + g) * hd + c] += bv[p * hd + c];
+          }
+      }
   }
 }
 

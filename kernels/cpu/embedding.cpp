@@ -23,3 +23,17 @@ void embedding_forward(float* out, const int32_t* ids, const float* prompt, int6
 }
 
 }  // namespace pt
+
+namespace pt {
+
+void embedding_backward(float* dprompt, const float* dout, int64_t P, int64_t B, int64_t S, int64_t C) {
+  std::memset(dprompt, 0, P * C * sizeof(float));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t s = 0; s < P; ++s) {
+      const float* g = dout + (b * S + s) * C;
+      float* d = dprompt + s * C;
+      for (int64_t c = 0; c < C; ++c) d[c] += g[c];
+    }
+}
+
+}  // namespace pt

@@ -258,103 +258,346 @@ void Model::rope_tables(int64_t pos0, int64_t S, std::vector<float>& cos, std::v
     }
 }
 
-ForwardResult Model::forward(const ForwardArgs& a) {
-  std::lock_guard<std::mutex> lock(run_mutex_);
+// What one layer saves for its backward (activation gradients only: no layer inputs to matmuls other
+// than those the norms, attention and activations need).
+struct LayerState {
+  int64_t S_l = 0;   // rows per sequence in this layer (deep rows + sequence)
+  int64_t P_l = 0;   // hidden deep rows in front
+  int64_t Pp = 0;    // prefix keys/values attended in this layer
+  const float* prefix_k = nullptr;
+  const float* prefix_v = nullptr;
+  std::vector<float> x_in, mean1, rstd1, qkv, probs, x_mid, mean2, rstd2, fc_pre;
+  std::vector<uint8_t> key_mask;
+  std::vector<float> cos, sin;
+};
+
+// Buffers reused across layers (not needed by the backward).
+struct Scratch {
+  std::vector<float> ln, att, tmp, act, out, dln, dact, dfc, datt, dqkv, dmid, dprefix_k, dprefix_v;
+};
+
+namespace {
+template <class T>
+T* sized(std::vector<T>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+}  // namespace
+
+void Model::check_args(const ForwardArgs& a) const {
+  const ModelConfig& c = cfg_;
+  const int64_t offset = a.deep.kind == DeepPrompts::Kind::Prefix ? a.deep.prefix_len : 0;
+  if (c.arch == Arch::GPT2 && a.P + a.T + offset > c.max_positions)
+    throw std::out_of_range("sequence too long: prompt (" + std::to_string(a.P) + ") + seqLen (" +
+                            std::to_string(a.T) + ")" + (offset ? " + prefix (" + std::to_string(offset) + ")" : "") +
+                            " exceeds the model's " + std::to_string(c.max_positions) + " positions");
+  for (int l : a.deep.layers)
+    if (l < 0 || l >= c.layers) throw std::out_of_range("deepPrompts.layers: layer " + std::to_string(l) + " is out of range");
+}
+
+void Model::layer_forward(int64_t l, const ForwardArgs& a, LayerState& st, Scratch& sc, float* x,
+                          const uint8_t* key_mask, bool save) {
   const ModelConfig& c = cfg_;
   const bool gpt2 = c.arch == Arch::GPT2;
   const int nt = c.threads;
-  const int64_t B = a.B, T = a.T, P = a.P, S = P + T, N = B * S, C = c.hidden, V = c.vocab;
-  const int64_t H = c.heads, KV = c.kv_heads, hd = c.head_dim, I = c.intermediate;
+  const int64_t B = a.B, S = a.P + a.T, C = c.hidden, H = c.heads, KV = c.kv_heads, hd = c.head_dim,
+                I = c.intermediate;
   const int64_t qkv_w = (H + 2 * KV) * hd, fc_w = gpt2 ? I : 2 * I;
-  if (gpt2 && S > c.max_positions)
-    throw std::out_of_range("sequence too long: prompt (" + std::to_string(P) + ") + seqLen (" +
-                            std::to_string(T) + ") = " + std::to_string(S) + " exceeds the model's " +
-                            std::to_string(c.max_positions) + " positions");
+  const std::string p = "l" + std::to_string(l) + ".";
+  // Deep prompts of this layer.
+  st.P_l = 0;
+  st.Pp = 0;
+  st.prefix_k = st.prefix_v = nullptr;
+  const float* deep_vectors = nullptr;
+  for (size_t i = 0; i < a.deep.layers.size(); ++i) {
+    if (a.deep.layers[i] != l) continue;
+    if (a.deep.kind == DeepPrompts::Kind::Hidden) {
+      st.P_l = a.deep.lengths[i];
+      deep_vectors = a.deep.vectors[i];
+    } else if (a.deep.kind == DeepPrompts::Kind::Prefix) {
+      st.Pp = a.deep.prefix_len;
+      st.prefix_k = a.deep.keys[i];
+      st.prefix_v = a.deep.values[i];
+    }
+  }
+  const int64_t P_l = st.P_l, S_l = S + P_l, N_l = B * S_l, Lk = st.Pp + S_l;
+  st.S_l = S_l;
+  // Layer input with the deep rows in front of each sequence.
+  float* x_in = sized(st.x_in, N_l * C);
+  for (int64_t b = 0; b < B; ++b) {
+    if (P_l) std::memcpy(x_in + b * S_l * C, deep_vectors, P_l * C * sizeof(float));
+    std::memcpy(x_in + (b * S_l + P_l) * C, x + b * S * C, S * C * sizeof(float));
+  }
+  uint8_t* km = sized(st.key_mask, N_l);
+  for (int64_t b = 0; b < B; ++b) {
+    std::fill(km + b * S_l, km + b * S_l + P_l, 1);
+    std::memcpy(km + b * S_l + P_l, key_mask + b * S, S);
+  }
+  float* ln = sized(sc.ln, N_l * C);
+  float* mean1 = save && gpt2 ? sized(st.mean1, N_l) : nullptr;
+  float* rstd1 = save ? sized(st.rstd1, N_l) : nullptr;
+  if (gpt2) layernorm_forward(ln, mean1, rstd1, x_in, w(p + "ln1.w"), w(p + "ln1.b"), N_l, C, c.norm_eps, nt);
+  else rmsnorm_forward(ln, rstd1, x_in, w(p + "ln1.w"), N_l, C, c.norm_eps, nt);
+  float* qkv = sized(st.qkv, N_l * qkv_w);
+  matmul_forward(qkv, ln, w(p + "qkv.w"), w_or_null(p + "qkv.b"), N_l, C, qkv_w, nt);
+  if (!gpt2) {
+    const int64_t pos0 = a.deep.kind == DeepPrompts::Kind::Prefix ? a.deep.prefix_len : 0;
+    rope_tables(pos0, S_l, st.cos, st.sin);
+    rope_forward(qkv, B, S_l, qkv_w, 0, H, hd, st.cos.data(), st.sin.data(), nt);
+    rope_forward(qkv, B, S_l, qkv_w, H * hd, KV, hd, st.cos.data(), st.sin.data(), nt);
+  }
+  float* att = sized(sc.att, N_l * H * hd);
+  float* probs = sized(st.probs, B * H * S_l * Lk);
+  attention_forward(att, probs, qkv, km, st.prefix_k, st.prefix_v, st.Pp, B, S_l, H, KV, hd, attn_scale(l), nt);
+  float* tmp = sized(sc.tmp, N_l * C);
+  matmul_forward(tmp, att, w(p + "proj.w"), w_or_null(p + "proj.b"), N_l, H * hd, C, nt);
+  float* x_mid = sized(st.x_mid, N_l * C);
+  residual_forward(x_mid, x_in, tmp, N_l * C, nt);
+  float* mean2 = save && gpt2 ? sized(st.mean2, N_l) : nullptr;
+  float* rstd2 = save ? sized(st.rstd2, N_l) : nullptr;
+  if (gpt2) layernorm_forward(ln, mean2, rstd2, x_mid, w(p + "ln2.w"), w(p + "ln2.b"), N_l, C, c.norm_eps, nt);
+  else rmsnorm_forward(ln, rstd2, x_mid, w(p + "ln2.w"), N_l, C, c.norm_eps, nt);
+  float* fc_pre = sized(st.fc_pre, N_l * fc_w);
+  matmul_forward(fc_pre, ln, w(p + "fc.w"), w_or_null(p + "fc.b"), N_l, C, fc_w, nt);
+  float* act = sized(sc.act, N_l * I);
+  if (gpt2) gelu_forward(act, fc_pre, N_l * I, nt);
+  else swiglu_forward(act, fc_pre, N_l, I, nt);
+  matmul_forward(tmp, act, w(p + "fc2.w"), w_or_null(p + "fc2.b"), N_l, I, C, nt);
+  // Output: the sequence rows of x_mid + mlp (the deep rows are cut).
+  for (int64_t b = 0; b < B; ++b)
+    residual_forward(x + b * S * C, x_mid + (b * S_l + P_l) * C, tmp + (b * S_l + P_l) * C, S * C, nt);
+}
 
+float Model::attn_scale(int64_t l) const {
+  float scale = 1.0f / std::sqrt(static_cast<float>(cfg_.head_dim));
+  if (cfg_.arch == Arch::GPT2 && cfg_.scale_attn_by_inverse_layer_idx) scale /= static_cast<float>(l + 1);
+  return scale;
+}
+
+void Model::run_forward(const ForwardArgs& a, std::vector<LayerState>& states, Scratch& sc, std::vector<float>& x,
+                        std::vector<float>& xf, std::vector<float>& lnf_mean, std::vector<float>& lnf_rstd,
+                        ForwardResult* capture) {
+  const ModelConfig& c = cfg_;
+  const bool gpt2 = c.arch == Arch::GPT2;
+  const int nt = c.threads;
+  const int64_t B = a.B, T = a.T, P = a.P, S = P + T, N = B * S, C = c.hidden;
+  const bool save = states.size() == static_cast<size_t>(c.layers);
   // Key mask over the concatenated sequence: prompt rows always attended.
   std::vector<uint8_t> key_mask(N, 1);
   if (a.mask)
     for (int64_t b = 0; b < B; ++b)
       for (int64_t t = 0; t < T; ++t) key_mask[b * S + P + t] = a.mask[b * T + t] ? 1 : 0;
-
-  ForwardResult res;
-  std::vector<int> want_hidden(c.layers + 1, -1);
-  for (size_t i = 0; i < a.hidden_indices.size(); ++i) want_hidden[a.hidden_indices[i]] = static_cast<int>(i);
-  res.hidden.resize(a.hidden_indices.size());
-  auto capture = [&](int index, const float* x) {
-    if (want_hidden[index] >= 0) res.hidden[want_hidden[index]].assign(x, x + N * C);
-  };
-
-  std::vector<float> x(N * C), ln(N * C), qkv(N * qkv_w), probs(B * H * S * S), att(N * H * hd), tmp(N * C),
-      fc(N * fc_w), act(gpt2 ? 0 : N * I);
-  std::vector<float> rope_cos, rope_sin;
-  if (!gpt2) rope_tables(0, S, rope_cos, rope_sin);
-  const float attn_scale = 1.0f / std::sqrt(static_cast<float>(hd));
-
-  embedding_forward(x.data(), a.ids, a.prompt, P, w("tok_emb"), gpt2 ? w("pos_emb") : nullptr, 0, B, T, C,
-                    nt);
-  capture(0, x.data());
-  for (int64_t l = 0; l < c.layers; ++l) {
-    const std::string p = "l" + std::to_string(l) + ".";
-    if (gpt2)
-      layernorm_forward(ln.data(), nullptr, nullptr, x.data(), w(p + "ln1.w"), w(p + "ln1.b"), N, C,
-                        c.norm_eps, nt);
-    else
-      rmsnorm_forward(ln.data(), nullptr, x.data(), w(p + "ln1.w"), N, C, c.norm_eps, nt);
-    matmul_forward(qkv.data(), ln.data(), w(p + "qkv.w"), w_or_null(p + "qkv.b"), N, C, qkv_w, nt);
-    if (!gpt2) {
-      rope_forward(qkv.data(), B, S, qkv_w, 0, H, hd, rope_cos.data(), rope_sin.data(), nt);
-      rope_forward(qkv.data(), B, S, qkv_w, H * hd, KV, hd, rope_cos.data(), rope_sin.data(), nt);
-    }
-    float scale = attn_scale;
-    if (gpt2 && c.scale_attn_by_inverse_layer_idx) scale /= static_cast<float>(l + 1);
-    attention_forward(att.data(), probs.data(), qkv.data(), key_mask.data(), nullptr, nullptr, 0, B, S, H, KV,
-                      hd, scale, nt);
-    matmul_forward(tmp.data(), att.data(), w(p + "proj.w"), w_or_null(p + "proj.b"), N, H * hd, C, nt);
-    residual_forward(x.data(), x.data(), tmp.data(), N * C, nt);
-    if (gpt2)
-      layernorm_forward(ln.data(), nullptr, nullptr, x.data(), w(p + "ln2.w"), w(p + "ln2.b"), N, C,
-                        c.norm_eps, nt);
-    else
-      rmsnorm_forward(ln.data(), nullptr, x.data(), w(p + "ln2.w"), N, C, c.norm_eps, nt);
-    matmul_forward(fc.data(), ln.data(), w(p + "fc.w"), w_or_null(p + "fc.b"), N, C, fc_w, nt);
-    float* hidden_act = fc.data();
-    if (gpt2)
-      gelu_forward(fc.data(), fc.data(), N * I, nt);
-    else {
-      swiglu_forward(act.data(), fc.data(), N, I, nt);
-      hidden_act = act.data();
-    }
-    matmul_forward(tmp.data(), hidden_act, w(p + "fc2.w"), w_or_null(p + "fc2.b"), N, I, C, nt);
-    residual_forward(x.data(), x.data(), tmp.data(), N * C, nt);
-    if (l + 1 < c.layers) capture(static_cast<int>(l + 1), x.data());
+  std::vector<int> want(c.layers + 1, -1);
+  if (capture) {
+    for (size_t i = 0; i < a.hidden_indices.size(); ++i) want[a.hidden_indices[i]] = static_cast<int>(i);
+    capture->hidden.resize(a.hidden_indices.size());
   }
-  if (gpt2)
-    layernorm_forward(ln.data(), nullptr, nullptr, x.data(), w("lnf.w"), w("lnf.b"), N, C, c.norm_eps, nt);
-  else
-    rmsnorm_forward(ln.data(), nullptr, x.data(), w("lnf.w"), N, C, c.norm_eps, nt);
-  capture(static_cast<int>(c.layers), ln.data());
+  auto keep = [&](int64_t index, const float* v) {
+    if (capture && want[index] >= 0) capture->hidden[want[index]].assign(v, v + N * C);
+  };
+  x.resize(N * C);
+  const int64_t pos0 = a.deep.kind == DeepPrompts::Kind::Prefix ? a.deep.prefix_len : 0;
+  embedding_forward(x.data(), a.ids, a.prompt, P, w("tok_emb"), gpt2 ? w("pos_emb") : nullptr, pos0, B, T, C, nt);
+  keep(0, x.data());
+  for (int64_t l = 0; l < c.layers; ++l) {
+    layer_forward(l, a, states[save ? l : 0], sc, x.data(), key_mask.data(), save);
+    if (l + 1 < c.layers) keep(l + 1, x.data());
+  }
+  xf.resize(N * C);
+  lnf_rstd.resize(N);
+  if (gpt2) {
+    lnf_mean.resize(N);
+    layernorm_forward(xf.data(), lnf_mean.data(), lnf_rstd.data(), x.data(), w("lnf.w"), w("lnf.b"), N, C, c.norm_eps, nt);
+  } else {
+    rmsnorm_forward(xf.data(), lnf_rstd.data(), x.data(), w("lnf.w"), N, C, c.norm_eps, nt);
+  }
+  keep(c.layers, xf.data());
+}
 
+namespace {
+// Causal shift over the concatenated sequence: row (b, s) predicts token s + 1; prompt rows carry no label.
+std::vector<int32_t> shifted_targets(const ForwardArgs& a) {
+  const int64_t S = a.P + a.T;
+  std::vector<int32_t> targets(a.B * S, -100);
+  for (int64_t b = 0; b < a.B; ++b)
+    for (int64_t s = 0; s + 1 < S; ++s)
+      if (s + 1 >= a.P) targets[b * S + s] = a.labels[b * a.T + s + 1 - a.P];
+  return targets;
+}
+}  // namespace
+
+ForwardResult Model::forward(const ForwardArgs& a) {
+  std::lock_guard<std::mutex> lock(run_mutex_);
+  check_args(a);
+  const ModelConfig& c = cfg_;
+  const int64_t N = a.B * (a.P + a.T), C = c.hidden, V = c.vocab;
+  ForwardResult res;
+  std::vector<LayerState> states(1);
+  Scratch sc;
+  std::vector<float> x, xf, lnf_mean, lnf_rstd;
+  run_forward(a, states, sc, x, xf, lnf_mean, lnf_rstd, &res);
   const float* head = c.tied_head ? w("tok_emb") : w("lm_head");
-  if (a.want_logits || a.labels) {
+  if (a.want_logits) {
     res.logits.resize(N * V);
-    matmul_forward(res.logits.data(), ln.data(), head, nullptr, N, C, V, nt);
+    matmul_forward(res.logits.data(), xf.data(), head, nullptr, N, C, V, c.threads);
   }
   if (a.labels) {
-    // Causal shift over the concatenated sequence: row (b, s) predicts token s + 1; prompt rows carry no
-    // label.
-    std::vector<int32_t> targets(N, -100);
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t s = 0; s + 1 < S; ++s)
-        if (s + 1 >= P) targets[b * S + s] = a.labels[b * T + s + 1 - P];
-    std::vector<float> losses(N);
-    res.label_count = crossentropy_forward(losses.data(), res.logits.data(), targets.data(), N, V, nt);
-    double sum = 0.0;
-    for (float v : losses) sum += v;
-    res.loss = res.label_count > 0 ? sum / res.label_count : 0.0;
+    const std::vector<int32_t> targets = shifted_targets(a);
+    std::vector<int64_t> rows;
+    for (int64_t r = 0; r < N; ++r)
+      if (targets[r] >= 0) rows.push_back(r);
+    res.label_count = static_cast<int64_t>(rows.size());
+    std::vector<float> xr(rows.size() * C);
+    std::vector<int32_t> tr(rows.size());
+    for (size_t i = 0; i < rows.size(); ++i) {
+      std::memcpy(xr.data() + i * C, xf.data() + rows[i] * C, C * sizeof(float));
+      tr[i] = targets[rows[i]];
+    }
+    const double sum = lm_head_crossentropy(nullptr, xr.data(), tr.data(), head, rows.size(), C, V, 0.0f, c.threads);
+    res.loss = rows.empty() ? 0.0 : sum / rows.size();
   }
-  if (!a.want_logits) std::vector<float>().swap(res.logits);
   return res;
+}
+
+void Model::layer_backward(int64_t l, const ForwardArgs& a, LayerState& st, Scratch& sc, float* dx,
+                           int64_t rows_needed, GradResult& g) {
+  const ModelConfig& c = cfg_;
+  const bool gpt2 = c.arch == Arch::GPT2;
+  const int nt = c.threads;
+  const int64_t B = a.B, S = a.P + a.T, C = c.hidden, H = c.heads, KV = c.kv_heads, hd = c.head_dim,
+                I = c.intermediate;
+  const int64_t qkv_w = (H + 2 * KV) * hd, fc_w = gpt2 ? I : 2 * I;
+  const int64_t P_l = st.P_l, S_l = st.S_l, N_l = B * S_l;
+  const std::string p = "l" + std::to_string(l) + ".";
+  // Gradient of the layer output over all S_l rows: the cut deep rows get none.
+  float* dmid = sized(sc.dmid, N_l * C);
+  for (int64_t b = 0; b < B; ++b) {
+    std::fill(dmid + b * S_l * C, dmid + (b * S_l + P_l) * C, 0.0f);
+    std::memcpy(dmid + (b * S_l + P_l) * C, dx + b * S * C, S * C * sizeof(float));
+  }
+  // MLP: out = x_mid + fc2(act(fc(norm2(x_mid)))).
+  float* dact = sized(sc.dact, N_l * I);
+  matmul_backward(dact, dmid, w(p + "fc2.w"), N_l, I, C, 0.0f, nt);
+  float* dfc = sized(sc.dfc, N_l * fc_w);
+  if (gpt2) gelu_backward(dfc, st.fc_pre.data(), dact, N_l * I, nt);
+  else swiglu_backward(dfc, st.fc_pre.data(), dact, N_l, I, nt);
+  float* dln = sized(sc.dln, N_l * C);
+  matmul_backward(dln, dfc, w(p + "fc.w"), N_l, C, fc_w, 0.0f, nt);
+  if (gpt2)
+    layernorm_backward(dmid, dln, st.x_mid.data(), w(p + "ln2.w"), st.mean2.data(), st.rstd2.data(), N_l, C, nt);
+  else
+    rmsnorm_backward(dmid, dln, st.x_mid.data(), w(p + "ln2.w"), st.rstd2.data(), N_l, C, nt);
+  // Attention: x_mid = x_in + proj(attn(qkv(norm1(x_in)))).
+  float* datt = sized(sc.datt, N_l * H * hd);
+  matmul_backward(datt, dmid, w(p + "proj.w"), N_l, H * hd, C, 0.0f, nt);
+  float* dqkv = sized(sc.dqkv, N_l * qkv_w);
+  float* dpk = st.Pp ? sized(sc.dprefix_k, st.Pp * KV * hd) : nullptr;
+  float* dpv = st.Pp ? sized(sc.dprefix_v, st.Pp * KV * hd) : nullptr;
+  attention_backward(dqkv, dpk, dpv, datt, st.probs.data(), st.qkv.data(), st.prefix_k, st.prefix_v, st.Pp, B, S_l,
+                     H, KV, hd, attn_scale(l), rows_needed, nt);
+  if (st.Pp) {
+    for (size_t i = 0; i < a.deep.layers.size(); ++i)
+      if (a.deep.layers[i] == l) {
+        g.key_grads[i].assign(dpk, dpk + st.Pp * KV * hd);
+        g.value_grads[i].assign(dpv, dpv + st.Pp * KV * hd);
+      }
+  }
+  if (rows_needed == 0) return;  // nothing below needs this layer's input gradient
+  if (!gpt2) {
+    rope_backward(dqkv, B, S_l, qkv_w, 0, H, hd, st.cos.data(), st.sin.data(), nt);
+    rope_backward(dqkv, B, S_l, qkv_w, H * hd, KV, hd, st.cos.data(), st.sin.data(), nt);
+  }
+  // Input gradient: the residual (dmid) plus norm1's backward of dqkv . Wqkv, on the first rows_needed rows
+  // of each sequence only (all rows unless this is the lowest layer with something to train).
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t r0 = b * S_l;
+    const int64_t rows = rows_needed;
+    matmul_backward(dln + r0 * C, dqkv + r0 * qkv_w, w(p + "qkv.w"), rows, C, qkv_w, 0.0f, nt);
+    if (gpt2)
+      layernorm_backward(dmid + r0 * C, dln + r0 * C, st.x_in.data() + r0 * C, w(p + "ln1.w"), st.mean1.data() + r0,
+                         st.rstd1.data() + r0, rows, C, nt);
+    else
+      rmsnorm_backward(dmid + r0 * C, dln + r0 * C, st.x_in.data() + r0 * C, w(p + "ln1.w"), st.rstd1.data() + r0,
+                       rows, C, nt);
+  }
+  // Deep (hidden) vectors' gradient: their rows summed over the batch; the rest flows to the layer below.
+  for (size_t i = 0; i < a.deep.layers.size(); ++i)
+    if (a.deep.layers[i] == l && P_l) {
+      std::vector<float>& gd = g.deep_grads[i];
+      gd.assign(P_l * C, 0.0f);
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t r = 0; r < P_l * C; ++r) gd[r] += dmid[b * S_l * C + r];
+    }
+  const int64_t copy_rows = std::min<int64_t>(S, rows_needed - P_l);
+  for (int64_t b = 0; b < B; ++b)
+    if (copy_rows > 0) std::memcpy(dx + b * S * C, dmid + (b * S_l + P_l) * C, copy_rows * C * sizeof(float));
+}
+
+GradResult Model::loss_and_grad(const ForwardArgs& a) {
+  std::lock_guard<std::mutex> lock(run_mutex_);
+  check_args(a);
+  if (!a.labels) throw std::invalid_argument("labels: required for lossAndGrad");
+  const ModelConfig& c = cfg_;
+  const bool gpt2 = c.arch == Arch::GPT2;
+  const int nt = c.threads;
+  const int64_t B = a.B, S = a.P + a.T, N = B * S, C = c.hidden, V = c.vocab;
+  GradResult g;
+  const size_t nd = a.deep.layers.size();
+  if (a.deep.kind == DeepPrompts::Kind::Hidden) g.deep_grads.resize(nd);
+  if (a.deep.kind == DeepPrompts::Kind::Prefix) {
+    g.key_grads.resize(nd);
+    g.value_grads.resize(nd);
+  }
+  // The lowest layer whose input (or attention) has something trainable: the backward stops there.
+  int64_t lowest = a.P > 0 ? 0 : c.layers;
+  for (int l : a.deep.layers) lowest = std::min<int64_t>(lowest, l);
+  if (lowest == c.layers) throw std::invalid_argument("lossAndGrad: nothing to train (no prompt and no deepPrompts)");
+
+  std::vector<LayerState> states(c.layers);
+  Scratch sc;
+  std::vector<float> x, xf, lnf_mean, lnf_rstd;
+  run_forward(a, states, sc, x, xf, lnf_mean, lnf_rstd, nullptr);
+
+  // Loss and the gradient of the final-norm output on labelled rows only.
+  const std::vector<int32_t> targets = shifted_targets(a);
+  std::vector<int64_t> rows;
+  for (int64_t r = 0; r < N; ++r)
+    if (targets[r] >= 0) rows.push_back(r);
+  if (rows.empty()) throw std::invalid_argument("labels: no labelled position (all -100 after the causal shift)");
+  g.label_count = static_cast<int64_t>(rows.size());
+  const int64_t R = g.label_count;
+  std::vector<float> xr(R * C), dxr(R * C);
+  std::vector<int32_t> tr(R);
+  for (int64_t i = 0; i < R; ++i) {
+    std::memcpy(xr.data() + i * C, xf.data() + rows[i] * C, C * sizeof(float));
+    tr[i] = targets[rows[i]];
+  }
+  const float* head = c.tied_head ? w("tok_emb") : w("lm_head");
+  g.loss = lm_head_crossentropy(dxr.data(), xr.data(), tr.data(), head, R, C, V, 1.0f / R, nt) / R;
+  // Final norm backward on the labelled rows (the others have zero gradient).
+  std::vector<float> dx(N * C, 0.0f);
+  for (int64_t i = 0; i < R; ++i) {
+    const int64_t r = rows[i];
+    if (gpt2)
+      layernorm_backward(dx.data() + r * C, dxr.data() + i * C, x.data() + r * C, w("lnf.w"), lnf_mean.data() + r,
+                         lnf_rstd.data() + r, 1, C, 1);
+    else
+      rmsnorm_backward(dx.data() + r * C, dxr.data() + i * C, x.data() + r * C, w("lnf.w"), lnf_rstd.data() + r, 1,
+                       C, 1);
+  }
+  // Layers, top down, to the lowest one with something to train.
+  for (int64_t l = c.layers - 1; l >= lowest; --l) {
+    LayerState& st = states[l];
+    int64_t rows_needed = st.S_l;
+    if (l == lowest) rows_needed = st.P_l + (l == 0 ? a.P : 0);
+    layer_backward(l, a, st, sc, dx.data(), rows_needed, g);
+    std::vector<float>().swap(st.probs);  // free as we go
+  }
+  if (a.P > 0) {
+    g.prompt_grad.resize(a.P * C);
+    embedding_backward(g.prompt_grad.data(), dx.data(), a.P, B, S, C);
+  }
+  return g;
 }
 
 }  // namespace pt

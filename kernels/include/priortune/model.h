@@ -46,13 +46,31 @@ struct Slot {
   int64_t loaded_rows = 0;
 };
 
+// Deep prompts (see lossAndGrad in README.md):
+//  Hidden (the paper's variant): at each listed layer, lengths[i] trainable vectors [lengths[i], C] are
+//   prepended to the layer input and as many rows cut from its output. In that layer the deep rows take
+//   positions 0..P_l-1 and the sequence is shifted by P_l (RoPE depends only on offsets, so this equals
+//   negative positions for the deep rows); deep rows are always attended.
+//  Prefix (prefix-tuning / P-Tuning v2, as PEFT feeds past_key_values): keys and values [Pp, KV, hd] per
+//   listed layer that every query attends to; keys are used as given (not rotated) and token positions
+//   start at Pp, as Transformers does with a cache of Pp entries.
+struct DeepPrompts {
+  enum class Kind { None, Hidden, Prefix } kind = Kind::None;
+  std::vector<int> layers;
+  std::vector<const float*> vectors;  // Hidden
+  std::vector<int64_t> lengths;       // Hidden
+  std::vector<const float*> keys, values;  // Prefix
+  int64_t prefix_len = 0;                  // Prefix
+};
+
 struct ForwardArgs {
-  const int32_t* ids = nullptr;     // [B, T]
-  const uint8_t* mask = nullptr;    // [B, T], 1 = token, 0 = padding; nullptr = all tokens
-  const int32_t* labels = nullptr;  // [B, T], -100 = ignore; nullptr = no loss
-  const float* prompt = nullptr;    // [P, C] soft prompt, prepended to every sequence
+  const int32_t* ids = nullptr;      // [B, T]
+  const uint8_t* mask = nullptr;     // [B, T], 1 = token, 0 = padding; nullptr = all tokens
+  const int32_t* labels = nullptr;   // [B, T], -100 = ignore; nullptr = no loss
+  const float* prompt = nullptr;     // [P, C] soft prompt, prepended to every sequence
   int64_t B = 0, T = 0, P = 0;
-  std::vector<int> hidden_indices;  // 0..layers, Transformers' output_hidden_states order
+  DeepPrompts deep;
+  std::vector<int> hidden_indices;   // 0..layers, Transformers' output_hidden_states order
   bool want_logits = true;
 };
 
@@ -62,6 +80,18 @@ struct ForwardResult {
   double loss = 0.0;                       // mean over labelled positions (0 when none)
   int64_t label_count = 0;
 };
+
+struct GradResult {
+  double loss = 0.0;
+  int64_t label_count = 0;
+  std::vector<float> prompt_grad;               // [P, C] (empty without a soft prompt)
+  std::vector<std::vector<float>> deep_grads;   // Hidden: one [P_l, C] per listed layer
+  std::vector<std::vector<float>> key_grads;    // Prefix: one [Pp, KV, hd] per listed layer
+  std::vector<std::vector<float>> value_grads;  // Prefix
+};
+
+struct LayerState;
+struct Scratch;
 
 class Model {
  public:
@@ -78,6 +108,9 @@ class Model {
   void check_complete() const;
 
   ForwardResult forward(const ForwardArgs& args);
+  // Mean cross-entropy over labelled positions and its gradient with respect to the soft prompt and the
+  // deep prompts. Needs labels with at least one labelled position.
+  GradResult loss_and_grad(const ForwardArgs& args);
 
   const Slot& slot(const std::string& name) const;
   const std::vector<float>& token_embeddings() const { return slot("tok_emb").data; }
@@ -89,6 +122,17 @@ class Model {
   const float* w(const std::string& name) const;
   const float* w_or_null(const std::string& name) const;
   void rope_tables(int64_t pos0, int64_t S, std::vector<float>& cos, std::vector<float>& sin) const;
+  void check_args(const ForwardArgs& a) const;
+  float attn_scale(int64_t l) const;
+  // Runs the embedding and every layer, saving what the backward needs when `states` holds one entry per
+  // layer (else one reused entry). Returns the last layer's output in x and the final-norm output in xf.
+  void run_forward(const ForwardArgs& a, std::vector<LayerState>& states, Scratch& sc, std::vector<float>& x,
+                   std::vector<float>& xf, std::vector<float>& lnf_mean, std::vector<float>& lnf_rstd,
+                   ForwardResult* capture);
+  void layer_forward(int64_t l, const ForwardArgs& a, LayerState& st, Scratch& sc, float* x,
+                     const uint8_t* key_mask, bool save);
+  void layer_backward(int64_t l, const ForwardArgs& a, LayerState& st, Scratch& sc, float* dx, int64_t rows_needed,
+                      GradResult& g);
 
   ModelConfig cfg_;
   std::map<std::string, Slot> slots_;

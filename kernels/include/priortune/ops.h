@@ -1,7 +1,8 @@
 // CPU reference ops, llm.c style: one forward/backward pair per op, row-major fp32, sized integers.
 // Shapes: N = rows (tokens), C = channels. `=` means the output is overwritten, `+=` accumulated.
 // Every op takes `threads` (OpenMP threads over rows); results are deterministic for a fixed count.
-// The backward of each op arrives with the prompt-gradient work (issue 3); the forward saves what it needs.
+// Backward passes compute gradients with respect to activations only: prompt-tuning freezes every weight,
+// so there are no weight gradients and no buffers for them.
 #pragma once
 #include <cstdint>
 
@@ -58,5 +59,55 @@ void attention_forward(float* out, float* probs, const float* qkv, const uint8_t
 // - logits[n, target[n]]; rows with target -100 get 0. Returns the number of counted rows.
 int64_t crossentropy_forward(float* losses, const float* logits, const int32_t* targets, int64_t N, int64_t V,
                              int threads);
+
+// ---------------------------------------------------------------------------------------------------------
+// Backward halves. `dout` is the gradient of the loss with respect to the op's output.
+
+// Soft-prompt embedding backward: dprompt[s, :] (=) = sum_b dout[b*S + s, :] for s < P (summed over the
+// batch in order b = 0..B-1). Token rows need no gradient: the embedding table is frozen.
+void embedding_backward(float* dprompt, const float* dout, int64_t P, int64_t B, int64_t S, int64_t C);
+
+// LayerNorm backward over rows; dx (+=) (accumulates into the residual stream's gradient).
+void layernorm_backward(float* dx, const float* dout, const float* x, const float* w, const float* mean,
+                        const float* rstd, int64_t N, int64_t C, int threads);
+
+// RMSNorm backward over rows; dx (+=).
+void rmsnorm_backward(float* dx, const float* dout, const float* x, const float* w, const float* rstd, int64_t N,
+                      int64_t C, int threads);
+
+// Linear layer backward with respect to its input: dx[N,C] (=) = dout[N,OC] . W[OC,C] (beta = 1: +=).
+void matmul_backward(float* dx, const float* dout, const float* W, int64_t N, int64_t C, int64_t OC, float beta,
+                     int threads);
+
+// GELU backward: dx (=) = dout * gelu'(x).
+void gelu_backward(float* dx, const float* x, const float* dout, int64_t n, int threads);
+
+// SwiGLU backward: dgate_up[N, 2I] (=) from dout[N, I] and the saved gate_up[N, 2I].
+void swiglu_backward(float* dgate_up, const float* gate_up, const float* dout, int64_t N, int64_t I, int threads);
+
+// RoPE backward: the inverse rotation, applied in place to the gradient of the rotated heads.
+void rope_backward(float* dx, int64_t B, int64_t S, int64_t ld, int64_t col0, int64_t heads, int64_t hd,
+                   const float* cos, const float* sin, int threads);
+
+// Attention backward. dout[B*S, H*hd]; probs and qkv as saved by attention_forward.
+//   dqkv[B*S, (H+2KV)*hd] (=): gradients of q, k and v (k and v summed over the heads of each group).
+//   dprefix_k/dprefix_v[Pp, KV, hd] (=), summed over the batch (nullptr when Pp == 0).
+//   q_rows: only the first q_rows rows of each sequence need dq (S for all; fewer when only the prompt
+//   rows' input gradient is wanted, e.g. the first prompted layer); dq rows past it are left zero.
+void attention_backward(float* dqkv, float* dprefix_k, float* dprefix_v, const float* dout, const float* probs,
+                        const float* qkv, const float* prefix_k, const float* prefix_v, int64_t Pp, int64_t B,
+                        int64_t S, int64_t H, int64_t KV, int64_t hd, float scale, int64_t q_rows, int threads);
+
+// Fused LM head + softmax cross-entropy on the rows that carry a label, in chunks (never the full
+// N x V logits). For each row r of x[R, C] with target t[r] >= 0:
+//   loss += logsumexp(x_r . W^T) - (x_r . W^T)[t_r]          (returned, summed)
+//   dx[r, :] (=) = grad_scale * (softmax(x_r . W^T) - onehot(t_r)) . W    (when dx != nullptr)
+double lm_head_crossentropy(float* dx, const float* x, const int32_t* targets, const float* W, int64_t R, int64_t C,
+                            int64_t V, float grad_scale, int threads);
+
+// AdamW (decoupled weight decay, bias-corrected; PyTorch's torch.optim.AdamW update), in place on
+// param, m and v for step t >= 1.
+void adamw_step(float* param, const float* grad, float* m, float* v, int64_t n, float lr, float beta1, float beta2,
+                float eps, float weight_decay, int64_t t);
 
 }  // namespace pt

@@ -1,0 +1,90 @@
+// AdamW over prompt tensors, stepping in the native core (no JS-side array math in a training step).
+import type { LossAndGrad } from "./model.js";
+import type { DeepPrompts } from "./native.js";
+import { addon } from "./native.js";
+import { requireFloat32 } from "./validate.js";
+
+export interface AdamWOptions {
+  lr: number;
+  beta1?: number;
+  beta2?: number;
+  eps?: number;
+  /** Decoupled weight decay (PyTorch's AdamW default 0.01). */
+  weightDecay?: number;
+}
+
+/** The trainable tensors of a prompt-tuning run, in a fixed order: the soft prompt, then the deep prompts. */
+export function promptTensors(prompt?: Float32Array, deep?: DeepPrompts): Float32Array[] {
+  const out: Float32Array[] = prompt ? [prompt] : [];
+  if (deep?.kind === "hidden") out.push(...deep.vectors);
+  if (deep?.kind === "prefix") out.push(...deep.keys, ...deep.values);
+  return out;
+}
+
+/** The gradients of lossAndGrad in the order of promptTensors. */
+export function promptGrads(g: LossAndGrad): Float32Array[] {
+  const out: Float32Array[] = g.promptGrad ? [g.promptGrad] : [];
+  const d = g.deepPromptGrads;
+  if (d?.kind === "hidden") out.push(...d.vectors);
+  if (d?.kind === "prefix") out.push(...d.keys, ...d.values);
+  return out;
+}
+
+/**
+ * torch.optim.AdamW's update (decoupled decay, bias correction), in place on the given tensors.
+ * State (m, v, step) is exposed for checkpoints.
+ */
+export class AdamW {
+  readonly params: Float32Array[];
+  readonly m: Float32Array[];
+  readonly v: Float32Array[];
+  stepCount = 0;
+  lr: number;
+  readonly beta1: number;
+  readonly beta2: number;
+  readonly eps: number;
+  readonly weightDecay: number;
+
+  constructor(params: Float32Array[], options: AdamWOptions) {
+    if (!Array.isArray(params) || params.length === 0)
+      throw new TypeError("params: expected a non-empty array of Float32Array");
+    this.params = params.map((p, i) => requireFloat32(p, `params[${i}]`));
+    this.m = this.params.map((p) => new Float32Array(p.length));
+    this.v = this.params.map((p) => new Float32Array(p.length));
+    const { lr, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weightDecay = 0.01 } = options;
+    for (const [name, value] of Object.entries({ lr, beta1, beta2, eps, weightDecay })) {
+      if (typeof value !== "number" || !Number.isFinite(value) || value < 0) {
+        throw new RangeError(`${name}: expected a finite number >= 0, got ${value}`);
+      }
+    }
+    if (beta1 >= 1 || beta2 >= 1) throw new RangeError("beta1 and beta2 must be below 1");
+    this.lr = lr;
+    this.beta1 = beta1;
+    this.beta2 = beta2;
+    this.eps = eps;
+    this.weightDecay = weightDecay;
+  }
+
+  /** One update with the given gradients (same order and lengths as params); `lr` overrides for schedules. */
+  step(grads: Float32Array[], lr = this.lr): void {
+    if (!Array.isArray(grads) || grads.length !== this.params.length) {
+      throw new TypeError(`grads: expected ${this.params.length} Float32Array (one per parameter tensor)`);
+    }
+    this.stepCount += 1;
+    const native = addon();
+    for (let i = 0; i < this.params.length; i++) {
+      native.adamwStep(
+        this.params[i]!,
+        grads[i]!,
+        this.m[i]!,
+        this.v[i]!,
+        lr,
+        this.beta1,
+        this.beta2,
+        this.eps,
+        this.weightDecay,
+        this.stepCount,
+      );
+    }
+  }
+}

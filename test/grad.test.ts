@@ -1,0 +1,124 @@
+// Loss and prompt gradients against PyTorch autograd in float64 (test/fixtures/golden, see its README):
+// soft prompt, deep prompts of both kinds (hidden: the paper's variant, against the generator's own
+// reference; prefix: against PEFT's prefix-tuning), with right padding, for all three fixture models.
+// Tolerance: relative error of each gradient tensor (max |ours - ref| / max |ref|) below 1e-3; fp32
+// rounding through a few layers gives ~1e-6, so 1e-3 only absorbs summation-order noise.
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { AdamW, loadModel, type Model } from "../lib/index.js";
+import { compare, modelDir, readGolden, toFloat32, toInt32, toUint8 } from "./helpers.js";
+
+const GRAD_TOL = 1e-3;
+const MODELS = ["gpt2-tiny", "llama-tiny", "llama-tiny-untied"] as const;
+
+function expectClose(actual: Float32Array, expected: ArrayLike<number>, what: string) {
+  const r = compare(actual, expected);
+  expect(r.maxAbs / r.scale, what).toBeLessThan(GRAD_TOL);
+}
+
+function split(data: ArrayLike<number>, parts: number): Float32Array[] {
+  const per = data.length / parts;
+  return Array.from({ length: parts }, (_, i) =>
+    Float32Array.from(Array.prototype.slice.call(data, i * per, (i + 1) * per)),
+  );
+}
+
+describe.each(MODELS)("gradients match PyTorch autograd: %s", (name) => {
+  const g = readGolden(name);
+  const [B, T] = g.shape("input_ids") as [number, number];
+  const base = {
+    inputIds: toInt32(g.get("input_ids")),
+    attentionMask: toUint8(g.get("attention_mask")),
+    labels: toInt32(g.get("labels")),
+    batch: B,
+    seqLen: T,
+  };
+  const prompt = toFloat32(g.get("prompt"));
+  const L = Number(g.meta.L);
+  let model: Model;
+  beforeAll(async () => {
+    model = await loadModel(modelDir(name), { backend: "cpu", threads: 2 });
+  });
+  afterAll(() => model?.dispose());
+
+  it("soft prompt: loss and d loss / d prompt", async () => {
+    const out = await model.lossAndGrad({ ...base, prompt });
+    const loss = (g.get("loss") as Float64Array)[0]!;
+    expect(Math.abs(out.loss - loss) / loss).toBeLessThan(1e-5);
+    expectClose(out.promptGrad!, g.get("prompt_grad") as Float64Array, "prompt_grad");
+  });
+
+  it('deep prompts, kind "hidden" (with a soft prompt)', async () => {
+    const layers = Array.from(toInt32(g.get("deep_hidden_layers")));
+    const vectors = split(g.get("deep_hidden_vectors") as Float64Array, layers.length);
+    const out = await model.lossAndGrad({
+      ...base,
+      prompt,
+      deepPrompts: { kind: "hidden", layers, vectors },
+    });
+    const loss = (g.get("deep_hidden_loss") as Float64Array)[0]!;
+    expect(Math.abs(out.loss - loss) / loss).toBeLessThan(1e-5);
+    expectClose(out.promptGrad!, g.get("deep_hidden_prompt_grad") as Float64Array, "prompt grad");
+    const d = out.deepPromptGrads!;
+    expect(d.kind).toBe("hidden");
+    const expected = split(g.get("deep_hidden_grads") as Float64Array, layers.length);
+    if (d.kind === "hidden") d.vectors.forEach((v, i) => expectClose(v, expected[i]!, `layer ${layers[i]}`));
+    const fwd = await model.forward({ ...base, prompt, deepPrompts: { kind: "hidden", layers, vectors } });
+    const r = compare(fwd.logits!, g.get("deep_hidden_logits") as Float64Array);
+    expect(r.maxAbs).toBeLessThan(1e-4 * r.scale);
+  });
+
+  it('deep prompts, kind "prefix" (PEFT prefix-tuning, every layer)', async () => {
+    const layers = Array.from({ length: L }, (_, i) => i);
+    const keys = split(g.get("prefix_keys") as Float64Array, L);
+    const values = split(g.get("prefix_values") as Float64Array, L);
+    const deepPrompts = { kind: "prefix" as const, layers, keys, values };
+    const out = await model.lossAndGrad({ ...base, deepPrompts });
+    const loss = (g.get("prefix_loss") as Float64Array)[0]!;
+    expect(Math.abs(out.loss - loss) / loss).toBeLessThan(1e-5);
+    expect(out.promptGrad).toBeUndefined();
+    const d = out.deepPromptGrads!;
+    const ek = split(g.get("prefix_key_grads") as Float64Array, L);
+    const ev = split(g.get("prefix_value_grads") as Float64Array, L);
+    if (d.kind !== "prefix") throw new Error("expected prefix gradients");
+    for (let l = 0; l < L; l++) {
+      expectClose(d.keys[l]!, ek[l]!, `keys ${l}`);
+      expectClose(d.values[l]!, ev[l]!, `values ${l}`);
+    }
+    const fwd = await model.forward({ ...base, deepPrompts });
+    const r = compare(fwd.logits!, g.get("prefix_logits") as Float64Array);
+    expect(r.maxAbs).toBeLessThan(1e-4 * r.scale);
+  });
+
+  it("10 AdamW steps follow PyTorch's loss curve", async () => {
+    const expected = g.get("curve_losses") as Float64Array;
+    const adamw = JSON.parse(g.meta.adamw!) as {
+      lr: number;
+      beta1: number;
+      beta2: number;
+      eps: number;
+      weight_decay: number;
+    };
+    const p = prompt.slice();
+    const opt = new AdamW([p], {
+      lr: adamw.lr,
+      beta1: adamw.beta1,
+      beta2: adamw.beta2,
+      eps: adamw.eps,
+      weightDecay: adamw.weight_decay,
+    });
+    for (let step = 0; step < expected.length; step++) {
+      const out = await model.lossAndGrad({ ...base, prompt: p });
+      expect(Math.abs(out.loss - expected[step]!) / expected[step]!, `step ${step}`).toBeLessThan(1e-4);
+      opt.step([out.promptGrad!]);
+    }
+    const r = compare(p, g.get("curve_final_prompt") as Float64Array);
+    expect(r.maxAbs / r.scale).toBeLessThan(1e-4);
+  });
+
+  it("is deterministic for a fixed thread count", async () => {
+    const a = await model.lossAndGrad({ ...base, prompt });
+    const b = await model.lossAndGrad({ ...base, prompt });
+    expect(a.loss).toBe(b.loss);
+    expect(Buffer.from(a.promptGrad!.buffer).equals(Buffer.from(b.promptGrad!.buffer))).toBe(true);
+  });
+});
