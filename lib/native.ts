@@ -131,6 +131,83 @@ export interface Addon {
   // --- nearest-neighbour search (kernels/cpu/knn.cpp, native/knn.cpp) ---
 }
 
+export interface NativeOps {
+  layernorm(
+    x: Float32Array,
+    w: Float32Array,
+    b: Float32Array,
+    N: number,
+    C: number,
+  ): [Float32Array, Float32Array, Float32Array];
+  layernormBackward(
+    dout: Float32Array,
+    x: Float32Array,
+    w: Float32Array,
+    mean: Float32Array,
+    rstd: Float32Array,
+    N: number,
+    C: number,
+  ): Float32Array;
+  rmsnorm(x: Float32Array, w: Float32Array, N: number, C: number): [Float32Array, Float32Array];
+  rmsnormBackward(
+    dout: Float32Array,
+    x: Float32Array,
+    w: Float32Array,
+    rstd: Float32Array,
+    N: number,
+    C: number,
+  ): Float32Array;
+  gelu(x: Float32Array): Float32Array;
+  geluBackward(x: Float32Array, dout: Float32Array): Float32Array;
+  swiglu(gateUp: Float32Array, N: number, I: number): Float32Array;
+  swigluBackward(gateUp: Float32Array, dout: Float32Array, N: number, I: number): Float32Array;
+  rope(
+    x: Float32Array,
+    B: number,
+    S: number,
+    heads: number,
+    hd: number,
+    theta: number,
+    backward: boolean,
+  ): Float32Array;
+  attention(
+    qkv: Float32Array,
+    keyMask: Uint8Array | null,
+    prefixK: Float32Array | null,
+    prefixV: Float32Array | null,
+    Pp: number,
+    B: number,
+    S: number,
+    H: number,
+    KV: number,
+    hd: number,
+    scale: number,
+  ): [Float32Array, Float32Array];
+  attentionBackward(
+    dout: Float32Array,
+    probs: Float32Array,
+    qkv: Float32Array,
+    prefixK: Float32Array | null,
+    prefixV: Float32Array | null,
+    Pp: number,
+    B: number,
+    S: number,
+    H: number,
+    KV: number,
+    hd: number,
+    scale: number,
+    qRows: number,
+  ): [Float32Array, Float32Array, Float32Array];
+  lmHeadCrossentropy(
+    x: Float32Array,
+    targets: Int32Array,
+    W: Float32Array,
+    R: number,
+    C: number,
+    V: number,
+  ): [number, Float32Array];
+}
+
 /** The package root: the nearest ancestor directory whose package.json is priortune's. */
 export function packageRoot(): string {
   let dir = dirname(fileURLToPath(import.meta.url));

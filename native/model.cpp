@@ -149,8 +149,8 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
   }
 
   // Parses the shared arguments of forward and lossAndGrad; `keep` collects the JS arrays the worker reads.
-  static std::shared_ptr<pt::ForwardArgs> parse_args(Napi::Env env, const pt::ModelConfig& c, const Napi::Object& o,
-                                                     std::vector<Napi::Value>& keep) {
+  static std::shared_ptr<pt::ForwardArgs> parse_args(Napi::Env env, const pt::ModelConfig& c,
+                                                     const Napi::Object& o, std::vector<Napi::Value>& keep) {
     auto args = std::make_shared<pt::ForwardArgs>();
     args->B = int_of(o.Get("batch"), "batch", 1);
     args->T = int_of(o.Get("seqLen"), "seqLen", 1);
@@ -159,8 +159,9 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     auto ids = view_of_length<int32_t>(ids_v, "inputIds", BT);
     for (size_t i = 0; i < BT; ++i)
       if (ids.data[i] < 0 || ids.data[i] >= c.vocab)
-        throw Napi::RangeError::New(env, "inputIds[" + std::to_string(i) + "] = " + std::to_string(ids.data[i]) +
-                                             " is outside the vocabulary [0, " + std::to_string(c.vocab) + ")");
+        throw Napi::RangeError::New(env,
+                                    "inputIds[" + std::to_string(i) + "] = " + std::to_string(ids.data[i]) +
+                                        " is outside the vocabulary [0, " + std::to_string(c.vocab) + ")");
     args->ids = ids.data;
     keep.push_back(ids_v);
     Napi::Value mask_v = o.Get("attentionMask");
@@ -173,7 +174,8 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       auto labels = view_of_length<int32_t>(labels_v, "labels", BT);
       for (size_t i = 0; i < BT; ++i)
         if (labels.data[i] != -100 && (labels.data[i] < 0 || labels.data[i] >= c.vocab))
-          throw Napi::RangeError::New(env, "labels[" + std::to_string(i) + "] = " + std::to_string(labels.data[i]) +
+          throw Napi::RangeError::New(env, "labels[" + std::to_string(i) +
+                                               "] = " + std::to_string(labels.data[i]) +
                                                " is neither -100 nor inside the vocabulary");
       args->labels = labels.data;
       keep.push_back(labels_v);
@@ -190,7 +192,8 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       keep.push_back(prompt_v);
     }
     Napi::Value deep_v = o.Get("deepPrompts");
-    if (!deep_v.IsUndefined() && !deep_v.IsNull()) parse_deep(env, c, object_of(deep_v, "deepPrompts"), *args, keep);
+    if (!deep_v.IsUndefined() && !deep_v.IsNull())
+      parse_deep(env, c, object_of(deep_v, "deepPrompts"), *args, keep);
     Napi::Value hs = o.Get("hiddenStates");
     if (!hs.IsUndefined() && !hs.IsNull()) {
       if (!hs.IsArray()) throw_type(env, "hiddenStates", "an array of layer indices", hs);
@@ -198,8 +201,9 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       for (uint32_t i = 0; i < arr.Length(); ++i) {
         int64_t idx = int_of(arr.Get(i), "hiddenStates[" + std::to_string(i) + "]", 0);
         if (idx > c.layers)
-          throw Napi::RangeError::New(env, "hiddenStates[" + std::to_string(i) + "] = " + std::to_string(idx) +
-                                               " is outside 0.." + std::to_string(c.layers));
+          throw Napi::RangeError::New(env, "hiddenStates[" + std::to_string(i) +
+                                               "] = " + std::to_string(idx) + " is outside 0.." +
+                                               std::to_string(c.layers));
         if (std::find(args->hidden_indices.begin(), args->hidden_indices.end(), (int)idx) !=
             args->hidden_indices.end())
           throw Napi::RangeError::New(env, "hiddenStates: index " + std::to_string(idx) + " is repeated");
@@ -212,20 +216,24 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
   }
 
   // A Float32Array whose values are all finite; `expected` > 0 also checks its length.
-  static View<float> finite_view(Napi::Env env, const Napi::Value& v, const std::string& name, size_t expected) {
+  static View<float> finite_view(Napi::Env env, const Napi::Value& v, const std::string& name,
+                                 size_t expected) {
     auto view = expected ? view_of_length<float>(v, name, expected) : view_of<float>(v, name);
     for (size_t i = 0; i < view.length; ++i)
-      if (!std::isfinite(view.data[i])) throw Napi::RangeError::New(env, name + "[" + std::to_string(i) + "] is not finite");
+      if (!std::isfinite(view.data[i]))
+        throw Napi::RangeError::New(env, name + "[" + std::to_string(i) + "] is not finite");
     return view;
   }
 
   // deepPrompts: { kind: "hidden", layers, vectors: Float32Array[] (P_l x hidden each) }
-  //            | { kind: "prefix", layers, keys: Float32Array[], values: Float32Array[] (Pp x kvHeads x headDim) }
-  static void parse_deep(Napi::Env env, const pt::ModelConfig& c, const Napi::Object& d, pt::ForwardArgs& args,
-                         std::vector<Napi::Value>& keep) {
+  //            | { kind: "prefix", layers, keys: Float32Array[], values: Float32Array[] (Pp x kvHeads x
+  //            headDim) }
+  static void parse_deep(Napi::Env env, const pt::ModelConfig& c, const Napi::Object& d,
+                         pt::ForwardArgs& args, std::vector<Napi::Value>& keep) {
     Napi::Value kind_v = d.Get("kind");
     const std::string kind = kind_v.IsString() ? kind_v.As<Napi::String>().Utf8Value() : "";
-    if (kind != "hidden" && kind != "prefix") throw_type(env, "deepPrompts.kind", "\"hidden\" or \"prefix\"", kind_v);
+    if (kind != "hidden" && kind != "prefix")
+      throw_type(env, "deepPrompts.kind", "\"hidden\" or \"prefix\"", kind_v);
     Napi::Value layers_v = d.Get("layers");
     if (!layers_v.IsArray()) throw_type(env, "deepPrompts.layers", "an array of layer indices", layers_v);
     Napi::Array layers = layers_v.As<Napi::Array>();
@@ -242,8 +250,9 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     for (uint32_t i = 0; i < layers.Length(); ++i) {
       const int64_t l = int_of(layers.Get(i), "deepPrompts.layers[" + std::to_string(i) + "]", 0);
       if (l >= c.layers)
-        throw Napi::RangeError::New(env, "deepPrompts.layers[" + std::to_string(i) + "] = " + std::to_string(l) +
-                                             " is outside 0.." + std::to_string(c.layers - 1));
+        throw Napi::RangeError::New(env, "deepPrompts.layers[" + std::to_string(i) +
+                                             "] = " + std::to_string(l) + " is outside 0.." +
+                                             std::to_string(c.layers - 1));
       if (std::find(args.deep.layers.begin(), args.deep.layers.end(), (int)l) != args.deep.layers.end())
         throw Napi::RangeError::New(env, "deepPrompts.layers: layer " + std::to_string(l) + " is repeated");
       args.deep.layers.push_back(static_cast<int>(l));
@@ -269,12 +278,14 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
         const std::string kn = "deepPrompts.keys[" + std::to_string(i) + "]";
         auto k = finite_view(env, keys.Get(i), kn, 0);
         if (k.length == 0 || k.length % per != 0)
-          throw Napi::RangeError::New(env, kn + ": expected Pp x numKvHeads x headDim (" + std::to_string(per) +
-                                               " per position) elements, got " + std::to_string(k.length));
+          throw Napi::RangeError::New(env, kn + ": expected Pp x numKvHeads x headDim (" +
+                                               std::to_string(per) + " per position) elements, got " +
+                                               std::to_string(k.length));
         const int64_t Pp = static_cast<int64_t>(k.length / per);
         if (i > 0 && Pp != args.deep.prefix_len)
           throw Napi::RangeError::New(env, kn + ": every prefixed layer needs the same prefix length (" +
-                                               std::to_string(args.deep.prefix_len) + "), got " + std::to_string(Pp));
+                                               std::to_string(args.deep.prefix_len) + "), got " +
+                                               std::to_string(Pp));
         args.deep.prefix_len = Pp;
         auto v = finite_view(env, values.Get(i), "deepPrompts.values[" + std::to_string(i) + "]", k.length);
         args.deep.keys.push_back(k.data);
@@ -285,7 +296,8 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     }
   }
 
-  // forward({ inputIds, batch, seqLen, attentionMask?, prompt?, deepPrompts?, labels?, hiddenStates?, logits? })
+  // forward({ inputIds, batch, seqLen, attentionMask?, prompt?, deepPrompts?, labels?, hiddenStates?, logits?
+  // })
   //   -> Promise<{ logits?, hiddenStates[], loss?, labelCount? }>
   Napi::Value Forward(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
@@ -321,7 +333,8 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       auto model = live(env);
       std::vector<Napi::Value> keep;
       auto args = parse_args(env, model->config(), object_of(arg(info, 0, "args"), "args"), keep);
-      if (!args->labels) throw Napi::TypeError::New(env, "labels: expected an Int32Array (required by lossAndGrad)");
+      if (!args->labels)
+        throw Napi::TypeError::New(env, "labels: expected an Int32Array (required by lossAndGrad)");
       auto result = std::make_shared<pt::GradResult>();
       auto* worker = new PromiseWorker(
           env, [model, args, result]() { *result = model->loss_and_grad(*args); },
@@ -332,7 +345,8 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
             if (args->P > 0) out.Set("promptGrad", to_float32(env, std::move(result->prompt_grad)));
             auto list = [&](std::vector<std::vector<float>>& v) {
               Napi::Array arr = Napi::Array::New(env, v.size());
-              for (size_t i = 0; i < v.size(); ++i) arr.Set(static_cast<uint32_t>(i), to_float32(env, std::move(v[i])));
+              for (size_t i = 0; i < v.size(); ++i)
+                arr.Set(static_cast<uint32_t>(i), to_float32(env, std::move(v[i])));
               return arr;
             };
             if (args->deep.kind == pt::DeepPrompts::Kind::Hidden) {

@@ -115,6 +115,23 @@ describe.each(MODELS)("gradients match PyTorch autograd: %s", (name) => {
     expect(r.maxAbs / r.scale).toBeLessThan(1e-4);
   });
 
+  it("whole-model central differences agree on the largest prompt-gradient coordinates", async () => {
+    // fp32 loss differences: h = 2e-2 keeps rounding noise (~1e-6 / h) well under the 3% tolerance.
+    const out = await model.lossAndGrad({ ...base, prompt });
+    const grad = out.promptGrad!;
+    const order = Array.from(grad.keys()).sort((a, b) => Math.abs(grad[b]!) - Math.abs(grad[a]!));
+    const top = Math.abs(grad[order[0]!]!);
+    const h = 2e-2;
+    for (const i of order.slice(0, 4)) {
+      const p = prompt.slice();
+      p[i] = prompt[i]! + h;
+      const up = (await model.forward({ ...base, prompt: p, logits: false })).loss!;
+      p[i] = prompt[i]! - h;
+      const down = (await model.forward({ ...base, prompt: p, logits: false })).loss!;
+      expect(Math.abs((up - down) / (2 * h) - grad[i]!), `coordinate ${i}`).toBeLessThan(3e-2 * top);
+    }
+  });
+
   it("is deterministic for a fixed thread count", async () => {
     const a = await model.lossAndGrad({ ...base, prompt });
     const b = await model.lossAndGrad({ ...base, prompt });

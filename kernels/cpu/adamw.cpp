@@ -5,8 +5,8 @@
 
 namespace pt {
 
-void adamw_step(float* param, const float* grad, float* m, float* v, int64_t n, float lr, float beta1, float beta2,
-                float eps, float weight_decay, int64_t t) {
+void adamw_step(float* param, const float* grad, float* m, float* v, int64_t n, float lr, float beta1,
+                float beta2, float eps, float weight_decay, int64_t t) {
   // torch.optim.AdamW (single-tensor path): decay first, then the bias-corrected Adam update with
   // denom = sqrt(v) / sqrt(1 - beta2^t) + eps and step size lr / (1 - beta1^t).
   const double bc1 = 1.0 - std::pow(static_cast<double>(beta1), static_cast<double>(t));

@@ -3,8 +3,8 @@
 // softmax in place in `probs` (kept for backward), then out = P V. The full S x S token block is scored and
 // the upper triangle discarded: simpler than triangular tiling, and the waste is small next to the MLP.
 #include <algorithm>
-#include <vector>
 #include <cmath>
+#include <vector>
 
 #include "priortune/gemm.h"
 #include "priortune/ops.h"
@@ -69,9 +69,10 @@ namespace pt {
 // For each head: dP = dO [Vp; V]^T, dV += P^T dO, dS = P * (dP - rowsum(P * dP)) * scale, dQ = dS [Kp; K],
 // dK += dS^T Q. Masked and causal entries have P = 0, so dS is 0 there without a mask. Prefix gradients go
 // to per-task buffers and are summed over the batch in order afterwards (deterministic).
-void attention_backward(float* dqkv, float* dprefix_k, float* dprefix_v, const float* dout, const float* probs,
-                        const float* qkv, const float* prefix_k, const float* prefix_v, int64_t Pp, int64_t B,
-                        int64_t S, int64_t H, int64_t KV, int64_t hd, float scale, int64_t q_rows, int threads) {
+void attention_backward(float* dqkv, float* dprefix_k, float* dprefix_v, const float* dout,
+                        const float* probs, const float* qkv, const float* prefix_k, const float* prefix_v,
+                        int64_t Pp, int64_t B, int64_t S, int64_t H, int64_t KV, int64_t hd, float scale,
+                        int64_t q_rows, int threads) {
   const int64_t ld = (H + 2 * KV) * hd, L = Pp + S, group = H / KV, ldo = H * hd;
   std::vector<float> prefix_buf(Pp > 0 ? 2 * B * KV * Pp * hd : 0, 0.0f);
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -107,7 +108,9 @@ void attention_backward(float* dqkv, float* dprefix_k, float* dprefix_v, const f
       }
       float* dQ = dqkv + b * S * ld + h * hd;
       if (q_rows > 0) {
-        if (Pp > 0) sgemm(false, false, q_rows, hd, Pp, 1.0f, dP.data(), L, prefix_k + g * hd, KV * hd, 0.0f, dQ, ld, 1);
+        if (Pp > 0)
+          sgemm(false, false, q_rows, hd, Pp, 1.0f, dP.data(), L, prefix_k + g * hd, KV * hd, 0.0f, dQ, ld,
+                1);
         sgemm(false, false, q_rows, hd, S, 1.0f, dP.data() + Pp, L, K, ld, Pp > 0 ? 1.0f : 0.0f, dQ, ld, 1);
       }
       for (int64_t i = q_rows; i < S; ++i) std::fill(dQ + i * ld, dQ + i * ld + hd, 0.0f);

@@ -17,7 +17,8 @@ void gelu_forward(float* out, const float* x, int64_t n, int threads) {
 
 namespace pt {
 
-// d/dx [0.5 x (1 + tanh(u))], u = k (x + 0.044715 x^3): 0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) k (1 + 3 * 0.044715 x^2).
+// d/dx [0.5 x (1 + tanh(u))], u = k (x + 0.044715 x^3): 0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) k (1 + 3 *
+// 0.044715 x^2).
 void gelu_backward(float* dx, const float* x, const float* dout, int64_t n, int threads) {
   const float k = 0.7978845608028654f;
 #pragma omp parallel for simd num_threads(threads) schedule(static)

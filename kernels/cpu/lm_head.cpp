@@ -9,8 +9,8 @@
 
 namespace pt {
 
-double lm_head_crossentropy(float* dx, const float* x, const int32_t* targets, const float* W, int64_t R, int64_t C,
-                            int64_t V, float grad_scale, int threads) {
+double lm_head_crossentropy(float* dx, const float* x, const int32_t* targets, const float* W, int64_t R,
+                            int64_t C, int64_t V, float grad_scale, int threads) {
   const int64_t chunk = 128;
   std::vector<float> logits(std::min(chunk, R) * V);
   std::vector<double> row_loss(R, 0.0);

@@ -18,8 +18,8 @@ void matmul_forward(float* out, const float* x, const float* W, const float* bia
 
 namespace pt {
 
-void matmul_backward(float* dx, const float* dout, const float* W, int64_t N, int64_t C, int64_t OC, float beta,
-                     int threads) {
+void matmul_backward(float* dx, const float* dout, const float* W, int64_t N, int64_t C, int64_t OC,
+                     float beta, int threads) {
   sgemm(false, false, N, C, OC, 1.0f, dout, OC, W, C, beta, dx, C, threads);
 }
 

@@ -261,9 +261,9 @@ void Model::rope_tables(int64_t pos0, int64_t S, std::vector<float>& cos, std::v
 // What one layer saves for its backward (activation gradients only: no layer inputs to matmuls other
 // than those the norms, attention and activations need).
 struct LayerState {
-  int64_t S_l = 0;   // rows per sequence in this layer (deep rows + sequence)
-  int64_t P_l = 0;   // hidden deep rows in front
-  int64_t Pp = 0;    // prefix keys/values attended in this layer
+  int64_t S_l = 0;  // rows per sequence in this layer (deep rows + sequence)
+  int64_t P_l = 0;  // hidden deep rows in front
+  int64_t Pp = 0;   // prefix keys/values attended in this layer
   const float* prefix_k = nullptr;
   const float* prefix_v = nullptr;
   std::vector<float> x_in, mean1, rstd1, qkv, probs, x_mid, mean2, rstd2, fc_pre;
@@ -289,10 +289,12 @@ void Model::check_args(const ForwardArgs& a) const {
   const int64_t offset = a.deep.kind == DeepPrompts::Kind::Prefix ? a.deep.prefix_len : 0;
   if (c.arch == Arch::GPT2 && a.P + a.T + offset > c.max_positions)
     throw std::out_of_range("sequence too long: prompt (" + std::to_string(a.P) + ") + seqLen (" +
-                            std::to_string(a.T) + ")" + (offset ? " + prefix (" + std::to_string(offset) + ")" : "") +
+                            std::to_string(a.T) + ")" +
+                            (offset ? " + prefix (" + std::to_string(offset) + ")" : "") +
                             " exceeds the model's " + std::to_string(c.max_positions) + " positions");
   for (int l : a.deep.layers)
-    if (l < 0 || l >= c.layers) throw std::out_of_range("deepPrompts.layers: layer " + std::to_string(l) + " is out of range");
+    if (l < 0 || l >= c.layers)
+      throw std::out_of_range("deepPrompts.layers: layer " + std::to_string(l) + " is out of range");
 }
 
 void Model::layer_forward(int64_t l, const ForwardArgs& a, LayerState& st, Scratch& sc, float* x,
@@ -336,8 +338,10 @@ void Model::layer_forward(int64_t l, const ForwardArgs& a, LayerState& st, Scrat
   float* ln = sized(sc.ln, N_l * C);
   float* mean1 = save && gpt2 ? sized(st.mean1, N_l) : nullptr;
   float* rstd1 = save ? sized(st.rstd1, N_l) : nullptr;
-  if (gpt2) layernorm_forward(ln, mean1, rstd1, x_in, w(p + "ln1.w"), w(p + "ln1.b"), N_l, C, c.norm_eps, nt);
-  else rmsnorm_forward(ln, rstd1, x_in, w(p + "ln1.w"), N_l, C, c.norm_eps, nt);
+  if (gpt2)
+    layernorm_forward(ln, mean1, rstd1, x_in, w(p + "ln1.w"), w(p + "ln1.b"), N_l, C, c.norm_eps, nt);
+  else
+    rmsnorm_forward(ln, rstd1, x_in, w(p + "ln1.w"), N_l, C, c.norm_eps, nt);
   float* qkv = sized(st.qkv, N_l * qkv_w);
   matmul_forward(qkv, ln, w(p + "qkv.w"), w_or_null(p + "qkv.b"), N_l, C, qkv_w, nt);
   if (!gpt2) {
@@ -348,20 +352,25 @@ void Model::layer_forward(int64_t l, const ForwardArgs& a, LayerState& st, Scrat
   }
   float* att = sized(sc.att, N_l * H * hd);
   float* probs = sized(st.probs, B * H * S_l * Lk);
-  attention_forward(att, probs, qkv, km, st.prefix_k, st.prefix_v, st.Pp, B, S_l, H, KV, hd, attn_scale(l), nt);
+  attention_forward(att, probs, qkv, km, st.prefix_k, st.prefix_v, st.Pp, B, S_l, H, KV, hd, attn_scale(l),
+                    nt);
   float* tmp = sized(sc.tmp, N_l * C);
   matmul_forward(tmp, att, w(p + "proj.w"), w_or_null(p + "proj.b"), N_l, H * hd, C, nt);
   float* x_mid = sized(st.x_mid, N_l * C);
   residual_forward(x_mid, x_in, tmp, N_l * C, nt);
   float* mean2 = save && gpt2 ? sized(st.mean2, N_l) : nullptr;
   float* rstd2 = save ? sized(st.rstd2, N_l) : nullptr;
-  if (gpt2) layernorm_forward(ln, mean2, rstd2, x_mid, w(p + "ln2.w"), w(p + "ln2.b"), N_l, C, c.norm_eps, nt);
-  else rmsnorm_forward(ln, rstd2, x_mid, w(p + "ln2.w"), N_l, C, c.norm_eps, nt);
+  if (gpt2)
+    layernorm_forward(ln, mean2, rstd2, x_mid, w(p + "ln2.w"), w(p + "ln2.b"), N_l, C, c.norm_eps, nt);
+  else
+    rmsnorm_forward(ln, rstd2, x_mid, w(p + "ln2.w"), N_l, C, c.norm_eps, nt);
   float* fc_pre = sized(st.fc_pre, N_l * fc_w);
   matmul_forward(fc_pre, ln, w(p + "fc.w"), w_or_null(p + "fc.b"), N_l, C, fc_w, nt);
   float* act = sized(sc.act, N_l * I);
-  if (gpt2) gelu_forward(act, fc_pre, N_l * I, nt);
-  else swiglu_forward(act, fc_pre, N_l, I, nt);
+  if (gpt2)
+    gelu_forward(act, fc_pre, N_l * I, nt);
+  else
+    swiglu_forward(act, fc_pre, N_l, I, nt);
   matmul_forward(tmp, act, w(p + "fc2.w"), w_or_null(p + "fc2.b"), N_l, I, C, nt);
   // Output: the sequence rows of x_mid + mlp (the deep rows are cut).
   for (int64_t b = 0; b < B; ++b)
@@ -374,9 +383,9 @@ float Model::attn_scale(int64_t l) const {
   return scale;
 }
 
-void Model::run_forward(const ForwardArgs& a, std::vector<LayerState>& states, Scratch& sc, std::vector<float>& x,
-                        std::vector<float>& xf, std::vector<float>& lnf_mean, std::vector<float>& lnf_rstd,
-                        ForwardResult* capture) {
+void Model::run_forward(const ForwardArgs& a, std::vector<LayerState>& states, Scratch& sc,
+                        std::vector<float>& x, std::vector<float>& xf, std::vector<float>& lnf_mean,
+                        std::vector<float>& lnf_rstd, ForwardResult* capture) {
   const ModelConfig& c = cfg_;
   const bool gpt2 = c.arch == Arch::GPT2;
   const int nt = c.threads;
@@ -397,7 +406,8 @@ void Model::run_forward(const ForwardArgs& a, std::vector<LayerState>& states, S
   };
   x.resize(N * C);
   const int64_t pos0 = a.deep.kind == DeepPrompts::Kind::Prefix ? a.deep.prefix_len : 0;
-  embedding_forward(x.data(), a.ids, a.prompt, P, w("tok_emb"), gpt2 ? w("pos_emb") : nullptr, pos0, B, T, C, nt);
+  embedding_forward(x.data(), a.ids, a.prompt, P, w("tok_emb"), gpt2 ? w("pos_emb") : nullptr, pos0, B, T, C,
+                    nt);
   keep(0, x.data());
   for (int64_t l = 0; l < c.layers; ++l) {
     layer_forward(l, a, states[save ? l : 0], sc, x.data(), key_mask.data(), save);
@@ -407,7 +417,8 @@ void Model::run_forward(const ForwardArgs& a, std::vector<LayerState>& states, S
   lnf_rstd.resize(N);
   if (gpt2) {
     lnf_mean.resize(N);
-    layernorm_forward(xf.data(), lnf_mean.data(), lnf_rstd.data(), x.data(), w("lnf.w"), w("lnf.b"), N, C, c.norm_eps, nt);
+    layernorm_forward(xf.data(), lnf_mean.data(), lnf_rstd.data(), x.data(), w("lnf.w"), w("lnf.b"), N, C,
+                      c.norm_eps, nt);
   } else {
     rmsnorm_forward(xf.data(), lnf_rstd.data(), x.data(), w("lnf.w"), N, C, c.norm_eps, nt);
   }
@@ -453,7 +464,8 @@ ForwardResult Model::forward(const ForwardArgs& a) {
       std::memcpy(xr.data() + i * C, xf.data() + rows[i] * C, C * sizeof(float));
       tr[i] = targets[rows[i]];
     }
-    const double sum = lm_head_crossentropy(nullptr, xr.data(), tr.data(), head, rows.size(), C, V, 0.0f, c.threads);
+    const double sum =
+        lm_head_crossentropy(nullptr, xr.data(), tr.data(), head, rows.size(), C, V, 0.0f, c.threads);
     res.loss = rows.empty() ? 0.0 : sum / rows.size();
   }
   return res;
@@ -479,12 +491,15 @@ void Model::layer_backward(int64_t l, const ForwardArgs& a, LayerState& st, Scra
   float* dact = sized(sc.dact, N_l * I);
   matmul_backward(dact, dmid, w(p + "fc2.w"), N_l, I, C, 0.0f, nt);
   float* dfc = sized(sc.dfc, N_l * fc_w);
-  if (gpt2) gelu_backward(dfc, st.fc_pre.data(), dact, N_l * I, nt);
-  else swiglu_backward(dfc, st.fc_pre.data(), dact, N_l, I, nt);
+  if (gpt2)
+    gelu_backward(dfc, st.fc_pre.data(), dact, N_l * I, nt);
+  else
+    swiglu_backward(dfc, st.fc_pre.data(), dact, N_l, I, nt);
   float* dln = sized(sc.dln, N_l * C);
   matmul_backward(dln, dfc, w(p + "fc.w"), N_l, C, fc_w, 0.0f, nt);
   if (gpt2)
-    layernorm_backward(dmid, dln, st.x_mid.data(), w(p + "ln2.w"), st.mean2.data(), st.rstd2.data(), N_l, C, nt);
+    layernorm_backward(dmid, dln, st.x_mid.data(), w(p + "ln2.w"), st.mean2.data(), st.rstd2.data(), N_l, C,
+                       nt);
   else
     rmsnorm_backward(dmid, dln, st.x_mid.data(), w(p + "ln2.w"), st.rstd2.data(), N_l, C, nt);
   // Attention: x_mid = x_in + proj(attn(qkv(norm1(x_in)))).
@@ -493,8 +508,8 @@ void Model::layer_backward(int64_t l, const ForwardArgs& a, LayerState& st, Scra
   float* dqkv = sized(sc.dqkv, N_l * qkv_w);
   float* dpk = st.Pp ? sized(sc.dprefix_k, st.Pp * KV * hd) : nullptr;
   float* dpv = st.Pp ? sized(sc.dprefix_v, st.Pp * KV * hd) : nullptr;
-  attention_backward(dqkv, dpk, dpv, datt, st.probs.data(), st.qkv.data(), st.prefix_k, st.prefix_v, st.Pp, B, S_l,
-                     H, KV, hd, attn_scale(l), rows_needed, nt);
+  attention_backward(dqkv, dpk, dpv, datt, st.probs.data(), st.qkv.data(), st.prefix_k, st.prefix_v, st.Pp, B,
+                     S_l, H, KV, hd, attn_scale(l), rows_needed, nt);
   if (st.Pp) {
     for (size_t i = 0; i < a.deep.layers.size(); ++i)
       if (a.deep.layers[i] == l) {
@@ -514,11 +529,11 @@ void Model::layer_backward(int64_t l, const ForwardArgs& a, LayerState& st, Scra
     const int64_t rows = rows_needed;
     matmul_backward(dln + r0 * C, dqkv + r0 * qkv_w, w(p + "qkv.w"), rows, C, qkv_w, 0.0f, nt);
     if (gpt2)
-      layernorm_backward(dmid + r0 * C, dln + r0 * C, st.x_in.data() + r0 * C, w(p + "ln1.w"), st.mean1.data() + r0,
-                         st.rstd1.data() + r0, rows, C, nt);
+      layernorm_backward(dmid + r0 * C, dln + r0 * C, st.x_in.data() + r0 * C, w(p + "ln1.w"),
+                         st.mean1.data() + r0, st.rstd1.data() + r0, rows, C, nt);
     else
-      rmsnorm_backward(dmid + r0 * C, dln + r0 * C, st.x_in.data() + r0 * C, w(p + "ln1.w"), st.rstd1.data() + r0,
-                       rows, C, nt);
+      rmsnorm_backward(dmid + r0 * C, dln + r0 * C, st.x_in.data() + r0 * C, w(p + "ln1.w"),
+                       st.rstd1.data() + r0, rows, C, nt);
   }
   // Deep (hidden) vectors' gradient: their rows summed over the batch; the rest flows to the layer below.
   for (size_t i = 0; i < a.deep.layers.size(); ++i)
@@ -551,7 +566,8 @@ GradResult Model::loss_and_grad(const ForwardArgs& a) {
   // The lowest layer whose input (or attention) has something trainable: the backward stops there.
   int64_t lowest = a.P > 0 ? 0 : c.layers;
   for (int l : a.deep.layers) lowest = std::min<int64_t>(lowest, l);
-  if (lowest == c.layers) throw std::invalid_argument("lossAndGrad: nothing to train (no prompt and no deepPrompts)");
+  if (lowest == c.layers)
+    throw std::invalid_argument("lossAndGrad: nothing to train (no prompt and no deepPrompts)");
 
   std::vector<LayerState> states(c.layers);
   Scratch sc;
@@ -563,7 +579,8 @@ GradResult Model::loss_and_grad(const ForwardArgs& a) {
   std::vector<int64_t> rows;
   for (int64_t r = 0; r < N; ++r)
     if (targets[r] >= 0) rows.push_back(r);
-  if (rows.empty()) throw std::invalid_argument("labels: no labelled position (all -100 after the causal shift)");
+  if (rows.empty())
+    throw std::invalid_argument("labels: no labelled position (all -100 after the causal shift)");
   g.label_count = static_cast<int64_t>(rows.size());
   const int64_t R = g.label_count;
   std::vector<float> xr(R * C), dxr(R * C);
@@ -579,11 +596,11 @@ GradResult Model::loss_and_grad(const ForwardArgs& a) {
   for (int64_t i = 0; i < R; ++i) {
     const int64_t r = rows[i];
     if (gpt2)
-      layernorm_backward(dx.data() + r * C, dxr.data() + i * C, x.data() + r * C, w("lnf.w"), lnf_mean.data() + r,
-                         lnf_rstd.data() + r, 1, C, 1);
+      layernorm_backward(dx.data() + r * C, dxr.data() + i * C, x.data() + r * C, w("lnf.w"),
+                         lnf_mean.data() + r, lnf_rstd.data() + r, 1, C, 1);
     else
-      rmsnorm_backward(dx.data() + r * C, dxr.data() + i * C, x.data() + r * C, w("lnf.w"), lnf_rstd.data() + r, 1,
-                       C, 1);
+      rmsnorm_backward(dx.data() + r * C, dxr.data() + i * C, x.data() + r * C, w("lnf.w"),
+                       lnf_rstd.data() + r, 1, C, 1);
   }
   // Layers, top down, to the lowest one with something to train.
   for (int64_t l = c.layers - 1; l >= lowest; --l) {

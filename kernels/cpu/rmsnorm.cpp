@@ -26,8 +26,8 @@ void rmsnorm_forward(float* out, float* rstd, const float* x, const float* w, in
 namespace pt {
 
 // dx += rstd * dnorm - rstd^3 * x * mean(dnorm * x), dnorm = dout * w.
-void rmsnorm_backward(float* dx, const float* dout, const float* x, const float* w, const float* rstd, int64_t N,
-                      int64_t C, int threads) {
+void rmsnorm_backward(float* dx, const float* dout, const float* x, const float* w, const float* rstd,
+                      int64_t N, int64_t C, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t n = 0; n < N; ++n) {
     const float* g = dout + n * C;

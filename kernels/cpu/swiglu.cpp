@@ -20,7 +20,8 @@ void swiglu_forward(float* out, const float* gate_up, int64_t N, int64_t I, int 
 namespace pt {
 
 // out = silu(g) u: du = dout silu(g); dg = dout u sigma(g) (1 + g (1 - sigma(g))).
-void swiglu_backward(float* dgate_up, const float* gate_up, const float* dout, int64_t N, int64_t I, int threads) {
+void swiglu_backward(float* dgate_up, const float* gate_up, const float* dout, int64_t N, int64_t I,
+                     int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t n = 0; n < N; ++n) {
     const float* g = gate_up + n * 2 * I;

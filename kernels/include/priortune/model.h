@@ -57,20 +57,20 @@ struct Slot {
 struct DeepPrompts {
   enum class Kind { None, Hidden, Prefix } kind = Kind::None;
   std::vector<int> layers;
-  std::vector<const float*> vectors;  // Hidden
-  std::vector<int64_t> lengths;       // Hidden
+  std::vector<const float*> vectors;       // Hidden
+  std::vector<int64_t> lengths;            // Hidden
   std::vector<const float*> keys, values;  // Prefix
   int64_t prefix_len = 0;                  // Prefix
 };
 
 struct ForwardArgs {
-  const int32_t* ids = nullptr;      // [B, T]
-  const uint8_t* mask = nullptr;     // [B, T], 1 = token, 0 = padding; nullptr = all tokens
-  const int32_t* labels = nullptr;   // [B, T], -100 = ignore; nullptr = no loss
-  const float* prompt = nullptr;     // [P, C] soft prompt, prepended to every sequence
+  const int32_t* ids = nullptr;     // [B, T]
+  const uint8_t* mask = nullptr;    // [B, T], 1 = token, 0 = padding; nullptr = all tokens
+  const int32_t* labels = nullptr;  // [B, T], -100 = ignore; nullptr = no loss
+  const float* prompt = nullptr;    // [P, C] soft prompt, prepended to every sequence
   int64_t B = 0, T = 0, P = 0;
   DeepPrompts deep;
-  std::vector<int> hidden_indices;   // 0..layers, Transformers' output_hidden_states order
+  std::vector<int> hidden_indices;  // 0..layers, Transformers' output_hidden_states order
   bool want_logits = true;
 };
 
@@ -131,8 +131,8 @@ class Model {
                    ForwardResult* capture);
   void layer_forward(int64_t l, const ForwardArgs& a, LayerState& st, Scratch& sc, float* x,
                      const uint8_t* key_mask, bool save);
-  void layer_backward(int64_t l, const ForwardArgs& a, LayerState& st, Scratch& sc, float* dx, int64_t rows_needed,
-                      GradResult& g);
+  void layer_backward(int64_t l, const ForwardArgs& a, LayerState& st, Scratch& sc, float* dx,
+                      int64_t rows_needed, GradResult& g);
 
   ModelConfig cfg_;
   std::map<std::string, Slot> slots_;

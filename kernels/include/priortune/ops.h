@@ -72,18 +72,19 @@ void layernorm_backward(float* dx, const float* dout, const float* x, const floa
                         const float* rstd, int64_t N, int64_t C, int threads);
 
 // RMSNorm backward over rows; dx (+=).
-void rmsnorm_backward(float* dx, const float* dout, const float* x, const float* w, const float* rstd, int64_t N,
-                      int64_t C, int threads);
+void rmsnorm_backward(float* dx, const float* dout, const float* x, const float* w, const float* rstd,
+                      int64_t N, int64_t C, int threads);
 
 // Linear layer backward with respect to its input: dx[N,C] (=) = dout[N,OC] . W[OC,C] (beta = 1: +=).
-void matmul_backward(float* dx, const float* dout, const float* W, int64_t N, int64_t C, int64_t OC, float beta,
-                     int threads);
+void matmul_backward(float* dx, const float* dout, const float* W, int64_t N, int64_t C, int64_t OC,
+                     float beta, int threads);
 
 // GELU backward: dx (=) = dout * gelu'(x).
 void gelu_backward(float* dx, const float* x, const float* dout, int64_t n, int threads);
 
 // SwiGLU backward: dgate_up[N, 2I] (=) from dout[N, I] and the saved gate_up[N, 2I].
-void swiglu_backward(float* dgate_up, const float* gate_up, const float* dout, int64_t N, int64_t I, int threads);
+void swiglu_backward(float* dgate_up, const float* gate_up, const float* dout, int64_t N, int64_t I,
+                     int threads);
 
 // RoPE backward: the inverse rotation, applied in place to the gradient of the rotated heads.
 void rope_backward(float* dx, int64_t B, int64_t S, int64_t ld, int64_t col0, int64_t heads, int64_t hd,
@@ -94,20 +95,21 @@ void rope_backward(float* dx, int64_t B, int64_t S, int64_t ld, int64_t col0, in
 //   dprefix_k/dprefix_v[Pp, KV, hd] (=), summed over the batch (nullptr when Pp == 0).
 //   q_rows: only the first q_rows rows of each sequence need dq (S for all; fewer when only the prompt
 //   rows' input gradient is wanted, e.g. the first prompted layer); dq rows past it are left zero.
-void attention_backward(float* dqkv, float* dprefix_k, float* dprefix_v, const float* dout, const float* probs,
-                        const float* qkv, const float* prefix_k, const float* prefix_v, int64_t Pp, int64_t B,
-                        int64_t S, int64_t H, int64_t KV, int64_t hd, float scale, int64_t q_rows, int threads);
+void attention_backward(float* dqkv, float* dprefix_k, float* dprefix_v, const float* dout,
+                        const float* probs, const float* qkv, const float* prefix_k, const float* prefix_v,
+                        int64_t Pp, int64_t B, int64_t S, int64_t H, int64_t KV, int64_t hd, float scale,
+                        int64_t q_rows, int threads);
 
 // Fused LM head + softmax cross-entropy on the rows that carry a label, in chunks (never the full
 // N x V logits). For each row r of x[R, C] with target t[r] >= 0:
 //   loss += logsumexp(x_r . W^T) - (x_r . W^T)[t_r]          (returned, summed)
 //   dx[r, :] (=) = grad_scale * (softmax(x_r . W^T) - onehot(t_r)) . W    (when dx != nullptr)
-double lm_head_crossentropy(float* dx, const float* x, const int32_t* targets, const float* W, int64_t R, int64_t C,
-                            int64_t V, float grad_scale, int threads);
+double lm_head_crossentropy(float* dx, const float* x, const int32_t* targets, const float* W, int64_t R,
+                            int64_t C, int64_t V, float grad_scale, int threads);
 
 // AdamW (decoupled weight decay, bias-corrected; PyTorch's torch.optim.AdamW update), in place on
 // param, m and v for step t >= 1.
-void adamw_step(float* param, const float* grad, float* m, float* v, int64_t n, float lr, float beta1, float beta2,
-                float eps, float weight_decay, int64_t t);
+void adamw_step(float* param, const float* grad, float* m, float* v, int64_t n, float lr, float beta1,
+                float beta2, float eps, float weight_decay, int64_t t);
 
 }  // namespace pt

@@ -1,0 +1,232 @@
+// Direct, synchronous access to single CPU ops (forward and backward) for the finite-difference tests in
+// test/ops.test.ts. Shapes are checked against the arrays' lengths before any op runs.
+#include "priortune/ops.h"
+
+#include <cmath>
+
+#include "common.h"
+#include "modules.h"
+
+namespace ptn {
+namespace {
+
+using F = View<float>;
+
+struct Args {
+  const Napi::CallbackInfo& info;
+  size_t i = 0;
+  F f32(const char* name, size_t n) { return view_of_length<float>(arg(info, i++, name), name, n); }
+  F f32_or_null(const char* name, size_t n) {
+    Napi::Value v = arg(info, i++, name);
+    if (v.IsNull() || v.IsUndefined()) return F{};
+    return view_of_length<float>(v, name, n);
+  }
+  int64_t i64(const char* name) { return int_of(arg(info, i++, name), name, 0); }
+  double num(const char* name) { return number_of(arg(info, i++, name), name); }
+};
+
+Napi::Float32Array out(Napi::Env env, size_t n) {
+  return Napi::Float32Array::New(env, n);
+}
+
+// layernorm(x, w, b, N, C) -> [out, mean, rstd]
+Napi::Value Layernorm(const Napi::CallbackInfo& info) {
+  return guarded(info.Env(), [&]() -> Napi::Value {
+    Args a{info};
+    const int64_t N = int_of(info[3], "N", 1), C = int_of(info[4], "C", 1);
+    F x = a.f32("x", N * C), w = a.f32("w", C), b = a.f32("b", C);
+    auto o = out(info.Env(), N * C), m = out(info.Env(), N), r = out(info.Env(), N);
+    pt::layernorm_forward(o.Data(), m.Data(), r.Data(), x.data, w.data, b.data, N, C, 1e-5f, 1);
+    Napi::Array res = Napi::Array::New(info.Env(), 3);
+    res.Set(0u, o), res.Set(1u, m), res.Set(2u, r);
+    return res;
+  });
+}
+
+// layernormBackward(dout, x, w, mean, rstd, N, C) -> dx
+Napi::Value LayernormBackward(const Napi::CallbackInfo& info) {
+  return guarded(info.Env(), [&]() -> Napi::Value {
+    Args a{info};
+    const int64_t N = int_of(info[5], "N", 1), C = int_of(info[6], "C", 1);
+    F d = a.f32("dout", N * C), x = a.f32("x", N * C), w = a.f32("w", C), m = a.f32("mean", N),
+      r = a.f32("rstd", N);
+    auto dx = out(info.Env(), N * C);
+    pt::layernorm_backward(dx.Data(), d.data, x.data, w.data, m.data, r.data, N, C, 1);
+    return dx;
+  });
+}
+
+// rmsnorm(x, w, N, C) -> [out, rstd]
+Napi::Value Rmsnorm(const Napi::CallbackInfo& info) {
+  return guarded(info.Env(), [&]() -> Napi::Value {
+    Args a{info};
+    const int64_t N = int_of(info[2], "N", 1), C = int_of(info[3], "C", 1);
+    F x = a.f32("x", N * C), w = a.f32("w", C);
+    auto o = out(info.Env(), N * C), r = out(info.Env(), N);
+    pt::rmsnorm_forward(o.Data(), r.Data(), x.data, w.data, N, C, 1e-5f, 1);
+    Napi::Array res = Napi::Array::New(info.Env(), 2);
+    res.Set(0u, o), res.Set(1u, r);
+    return res;
+  });
+}
+
+// rmsnormBackward(dout, x, w, rstd, N, C) -> dx
+Napi::Value RmsnormBackward(const Napi::CallbackInfo& info) {
+  return guarded(info.Env(), [&]() -> Napi::Value {
+    Args a{info};
+    const int64_t N = int_of(info[4], "N", 1), C = int_of(info[5], "C", 1);
+    F d = a.f32("dout", N * C), x = a.f32("x", N * C), w = a.f32("w", C), r = a.f32("rstd", N);
+    auto dx = out(info.Env(), N * C);
+    pt::rmsnorm_backward(dx.Data(), d.data, x.data, w.data, r.data, N, C, 1);
+    return dx;
+  });
+}
+
+// gelu(x) -> out; geluBackward(x, dout) -> dx
+Napi::Value Gelu(const Napi::CallbackInfo& info) {
+  return guarded(info.Env(), [&]() -> Napi::Value {
+    F x = view_of<float>(arg(info, 0, "x"), "x");
+    auto o = out(info.Env(), x.length);
+    pt::gelu_forward(o.Data(), x.data, x.length, 1);
+    return o;
+  });
+}
+Napi::Value GeluBackward(const Napi::CallbackInfo& info) {
+  return guarded(info.Env(), [&]() -> Napi::Value {
+    F x = view_of<float>(arg(info, 0, "x"), "x");
+    F d = view_of_length<float>(arg(info, 1, "dout"), "dout", x.length);
+    auto dx = out(info.Env(), x.length);
+    pt::gelu_backward(dx.Data(), x.data, d.data, x.length, 1);
+    return dx;
+  });
+}
+
+// swiglu(gateUp, N, I) -> out; swigluBackward(gateUp, dout, N, I) -> dgateUp
+Napi::Value Swiglu(const Napi::CallbackInfo& info) {
+  return guarded(info.Env(), [&]() -> Napi::Value {
+    const int64_t N = int_of(arg(info, 1, "N"), "N", 1), I = int_of(arg(info, 2, "I"), "I", 1);
+    F g = view_of_length<float>(info[0], "gateUp", N * 2 * I);
+    auto o = out(info.Env(), N * I);
+    pt::swiglu_forward(o.Data(), g.data, N, I, 1);
+    return o;
+  });
+}
+Napi::Value SwigluBackward(const Napi::CallbackInfo& info) {
+  return guarded(info.Env(), [&]() -> Napi::Value {
+    const int64_t N = int_of(arg(info, 2, "N"), "N", 1), I = int_of(arg(info, 3, "I"), "I", 1);
+    F g = view_of_length<float>(info[0], "gateUp", N * 2 * I),
+      d = view_of_length<float>(info[1], "dout", N * I);
+    auto dg = out(info.Env(), N * 2 * I);
+    pt::swiglu_backward(dg.Data(), g.data, d.data, N, I, 1);
+    return dg;
+  });
+}
+
+// rope(x, B, S, heads, hd, theta, backward) -> rotated copy (positions 0..S-1)
+Napi::Value Rope(const Napi::CallbackInfo& info) {
+  return guarded(info.Env(), [&]() -> Napi::Value {
+    const int64_t B = int_of(arg(info, 1, "B"), "B", 1), S = int_of(arg(info, 2, "S"), "S", 1),
+                  heads = int_of(arg(info, 3, "heads"), "heads", 1), hd = int_of(arg(info, 4, "hd"), "hd", 2);
+    const double theta = number_of(arg(info, 5, "theta"), "theta");
+    const bool backward = arg(info, 6, "backward").ToBoolean();
+    F x = view_of_length<float>(info[0], "x", B * S * heads * hd);
+    std::vector<float> cos(S * hd / 2), sin(S * hd / 2);
+    for (int64_t s = 0; s < S; ++s)
+      for (int64_t i = 0; i < hd / 2; ++i) {
+        const double ang = s * std::pow(theta, -2.0 * i / hd);
+        cos[s * hd / 2 + i] = (float)std::cos(ang);
+        sin[s * hd / 2 + i] = (float)std::sin(ang);
+      }
+    auto o = out(info.Env(), x.length);
+    std::copy(x.data, x.data + x.length, o.Data());
+    if (backward)
+      pt::rope_backward(o.Data(), B, S, heads * hd, 0, heads, hd, cos.data(), sin.data(), 1);
+    else
+      pt::rope_forward(o.Data(), B, S, heads * hd, 0, heads, hd, cos.data(), sin.data(), 1);
+    return o;
+  });
+}
+
+// attention(qkv, keyMask|null, prefixK|null, prefixV|null, Pp, B, S, H, KV, hd, scale) -> [out, probs]
+Napi::Value Attention(const Napi::CallbackInfo& info) {
+  return guarded(info.Env(), [&]() -> Napi::Value {
+    const int64_t Pp = int_of(arg(info, 4, "Pp"), "Pp", 0), B = int_of(arg(info, 5, "B"), "B", 1),
+                  S = int_of(arg(info, 6, "S"), "S", 1), H = int_of(arg(info, 7, "H"), "H", 1),
+                  KV = int_of(arg(info, 8, "KV"), "KV", 1), hd = int_of(arg(info, 9, "hd"), "hd", 1);
+    const float scale = (float)number_of(arg(info, 10, "scale"), "scale");
+    Args a{info};
+    F qkv = a.f32("qkv", B * S * (H + 2 * KV) * hd);
+    const uint8_t* mask = nullptr;
+    if (!info[1].IsNull()) mask = view_of_length<uint8_t>(info[1], "keyMask", B * S).data;
+    a.i = 2;
+    F pk = a.f32_or_null("prefixK", Pp * KV * hd), pv = a.f32_or_null("prefixV", Pp * KV * hd);
+    auto o = out(info.Env(), B * S * H * hd), probs = out(info.Env(), B * H * S * (Pp + S));
+    pt::attention_forward(o.Data(), probs.Data(), qkv.data, mask, pk.data, pv.data, Pp, B, S, H, KV, hd,
+                          scale, 2);
+    Napi::Array res = Napi::Array::New(info.Env(), 2);
+    res.Set(0u, o), res.Set(1u, probs);
+    return res;
+  });
+}
+
+// attentionBackward(dout, probs, qkv, prefixK|null, prefixV|null, Pp, B, S, H, KV, hd, scale, qRows)
+//   -> [dqkv, dprefixK, dprefixV]
+Napi::Value AttentionBackward(const Napi::CallbackInfo& info) {
+  return guarded(info.Env(), [&]() -> Napi::Value {
+    const int64_t Pp = int_of(arg(info, 5, "Pp"), "Pp", 0), B = int_of(arg(info, 6, "B"), "B", 1),
+                  S = int_of(arg(info, 7, "S"), "S", 1), H = int_of(arg(info, 8, "H"), "H", 1),
+                  KV = int_of(arg(info, 9, "KV"), "KV", 1), hd = int_of(arg(info, 10, "hd"), "hd", 1);
+    const float scale = (float)number_of(arg(info, 11, "scale"), "scale");
+    const int64_t q_rows = int_of(arg(info, 12, "qRows"), "qRows", 0);
+    Args a{info};
+    F d = a.f32("dout", B * S * H * hd), probs = a.f32("probs", B * H * S * (Pp + S)),
+      qkv = a.f32("qkv", B * S * (H + 2 * KV) * hd);
+    F pk = a.f32_or_null("prefixK", Pp * KV * hd), pv = a.f32_or_null("prefixV", Pp * KV * hd);
+    auto dqkv = out(info.Env(), qkv.length), dpk = out(info.Env(), Pp * KV * hd),
+         dpv = out(info.Env(), Pp * KV * hd);
+    pt::attention_backward(dqkv.Data(), Pp ? dpk.Data() : nullptr, Pp ? dpv.Data() : nullptr, d.data,
+                           probs.data, qkv.data, pk.data, pv.data, Pp, B, S, H, KV, hd, scale, q_rows, 2);
+    Napi::Array res = Napi::Array::New(info.Env(), 3);
+    res.Set(0u, dqkv), res.Set(1u, dpk), res.Set(2u, dpv);
+    return res;
+  });
+}
+
+// lmHeadCrossentropy(x, targets, W, R, C, V) -> [lossSum, dx] (dx with grad_scale 1)
+Napi::Value LmHeadCrossentropy(const Napi::CallbackInfo& info) {
+  return guarded(info.Env(), [&]() -> Napi::Value {
+    const int64_t R = int_of(arg(info, 3, "R"), "R", 1), C = int_of(arg(info, 4, "C"), "C", 1),
+                  V = int_of(arg(info, 5, "V"), "V", 1);
+    F x = view_of_length<float>(info[0], "x", R * C);
+    auto t = view_of_length<int32_t>(info[1], "targets", R);
+    F W = view_of_length<float>(info[2], "W", V * C);
+    for (int64_t r = 0; r < R; ++r)
+      if (t.data[r] >= V) throw Napi::RangeError::New(info.Env(), "targets: id outside the vocabulary");
+    auto dx = out(info.Env(), R * C);
+    const double loss = pt::lm_head_crossentropy(dx.Data(), x.data, t.data, W.data, R, C, V, 1.0f, 2);
+    Napi::Array res = Napi::Array::New(info.Env(), 2);
+    res.Set(0u, Napi::Number::New(info.Env(), loss)), res.Set(1u, dx);
+    return res;
+  });
+}
+
+}  // namespace
+
+void init_ops(Napi::Env env, Napi::Object exports) {
+  Napi::Object ops = Napi::Object::New(env);
+  ops.Set("layernorm", Napi::Function::New(env, Layernorm));
+  ops.Set("layernormBackward", Napi::Function::New(env, LayernormBackward));
+  ops.Set("rmsnorm", Napi::Function::New(env, Rmsnorm));
+  ops.Set("rmsnormBackward", Napi::Function::New(env, RmsnormBackward));
+  ops.Set("gelu", Napi::Function::New(env, Gelu));
+  ops.Set("geluBackward", Napi::Function::New(env, GeluBackward));
+  ops.Set("swiglu", Napi::Function::New(env, Swiglu));
+  ops.Set("swigluBackward", Napi::Function::New(env, SwigluBackward));
+  ops.Set("rope", Napi::Function::New(env, Rope));
+  ops.Set("attention", Napi::Function::New(env, Attention));
+  ops.Set("attentionBackward", Napi::Function::New(env, AttentionBackward));
+  ops.Set("lmHeadCrossentropy", Napi::Function::New(env, LmHeadCrossentropy));
+  exports.Set("ops", ops);
+}
+
+}  // namespace ptn
