@@ -129,6 +129,61 @@ export interface Addon {
     config: NativeModelConfig,
   ) => NativeModel;
   // --- nearest-neighbour search (kernels/cpu/knn.cpp, native/knn.cpp) ---
+  NativeKnnIndex: new () => {
+    build(
+      vocab: Float32Array,
+      dim: number,
+      metric: string,
+      backend: "cpu" | "cuda",
+      threads: number,
+    ): Promise<void>;
+    search(
+      queries: Float32Array,
+      k: number,
+      threads: number,
+    ): Promise<{ indices: Int32Array; scores: Float32Array; recoveredQueries: number }>;
+    searchRows(
+      rows: Int32Array,
+      k: number,
+      threads: number,
+      excludeSelf: boolean,
+    ): Promise<{ indices: Int32Array; scores: Float32Array; recoveredQueries: number }>;
+    info(): {
+      rows: number;
+      dim: number;
+      metric: string;
+      backend: string;
+      hostBytes: number;
+      deviceBytes: number;
+    };
+    dispose(): void;
+  };
+  gaussianFit(
+    rows: Float32Array,
+    dim: number,
+    jitter: number,
+    threads: number,
+  ): Promise<{
+    mean: Float64Array;
+    cholesky: Float64Array;
+    ridge: number;
+    meanVariance: number;
+    logDet: number;
+  }>;
+  mahalanobisSquared(
+    vectors: Float32Array,
+    dim: number,
+    mean: Float64Array,
+    cholesky: Float64Array,
+    threads: number,
+  ): Promise<Float64Array>;
+  meanDistances(
+    queries: Float32Array,
+    rows: Float32Array,
+    dim: number,
+    threads: number,
+  ): Promise<Float64Array>;
+  gramEigenvalues(x: Float32Array, dim: number, threads: number): Promise<Float64Array>;
 }
 
 export interface NativeOps {

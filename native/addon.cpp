@@ -5,6 +5,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   ptn::init_system(env, exports);
   ptn::init_model(env, exports);
   ptn::init_ops(env, exports);
+  ptn::init_knn(env, exports);
   return exports;
 }
 

@@ -7,5 +7,6 @@ void init_system(Napi::Env env, Napi::Object exports);  // system.cpp: backend p
 void init_model(Napi::Env env, Napi::Object exports);   // model.cpp: the frozen language model
 void init_ops(Napi::Env env,
               Napi::Object exports);  // ops.cpp: single CPU ops, for the finite-difference tests
+void init_knn(Napi::Env env,
               Napi::Object exports);  // knn.cpp: exact nearest-neighbour index, collapse linear algebra
 }  // namespace ptn

@@ -8,6 +8,8 @@
 //
 // Micro-kernels: AVX-512 8x32 (16 zmm accumulators), AVX2 6x16 (12 ymm accumulators), portable 4x16.
 // Compiled with target attributes, so one binary runs on any x86-64 and picks the widest at load time.
+#include "priortune/gemm.h"
+
 #include <immintrin.h>
 
 #include <algorithm>
@@ -16,7 +18,6 @@
 #include <cstring>
 #include <vector>
 
-#include "priortune/gemm.h"
 #include "priortune/parallel.h"
 
 namespace pt {
@@ -24,8 +25,8 @@ namespace {
 
 constexpr int64_t KC = 256;
 
-using MicroKernel = void (*)(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc, int m, int n,
-                             float alpha, float beta);
+using MicroKernel = void (*)(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc, int m,
+                             int n, float alpha, float beta);
 
 struct KernelDesc {
   const char* name;
@@ -37,8 +38,9 @@ struct KernelDesc {
 // ---------------------------------------------------------------------------------------------------------
 // Micro-kernels. Ap: kc x MR (k-major), Bp: kc x NR (k-major). C tile m x n (m <= MR, n <= NR).
 
-__attribute__((target("avx512f,fma"))) void kernel_avx512(int64_t kc, const float* Ap, const float* Bp, float* C,
-                                                         int64_t ldc, int m, int n, float alpha, float beta) {
+__attribute__((target("avx512f,fma"))) void kernel_avx512(int64_t kc, const float* Ap, const float* Bp,
+                                                          float* C, int64_t ldc, int m, int n, float alpha,
+                                                          float beta) {
   __m512 c00 = _mm512_setzero_ps(), c01 = _mm512_setzero_ps(), c10 = _mm512_setzero_ps(),
          c11 = _mm512_setzero_ps(), c20 = _mm512_setzero_ps(), c21 = _mm512_setzero_ps(),
          c30 = _mm512_setzero_ps(), c31 = _mm512_setzero_ps(), c40 = _mm512_setzero_ps(),
@@ -93,7 +95,7 @@ __attribute__((target("avx512f,fma"))) void kernel_avx512(int64_t kc, const floa
 }
 
 __attribute__((target("avx2,fma"))) void kernel_avx2(int64_t kc, const float* Ap, const float* Bp, float* C,
-                                                    int64_t ldc, int m, int n, float alpha, float beta) {
+                                                     int64_t ldc, int m, int n, float alpha, float beta) {
   __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps(), c10 = _mm256_setzero_ps(),
          c11 = _mm256_setzero_ps(), c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps(),
          c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps(), c40 = _mm256_setzero_ps(),
@@ -145,8 +147,8 @@ __attribute__((target("avx2,fma"))) void kernel_avx2(int64_t kc, const float* Ap
   }
 }
 
-void kernel_generic(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc, int m, int n, float alpha,
-                    float beta) {
+void kernel_generic(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc, int m, int n,
+                    float alpha, float beta) {
   float acc[4][16] = {};
   for (int64_t k = 0; k < kc; ++k) {
     for (int r = 0; r < 4; ++r) {
@@ -185,10 +187,12 @@ const KernelDesc* g_kernel = detect_kernel();
 // ---------------------------------------------------------------------------------------------------------
 // Packing. Element (i, k) of op(A) and (k, j) of op(B), honouring the transposes.
 
-inline float elemA(bool t, const float* A, int64_t lda, int64_t i, int64_t k) { return t ? A[k * lda + i] : A[i * lda + k]; }
+inline float elemA(bool t, const float* A, int64_t lda, int64_t i, int64_t k) {
+  return t ? A[k * lda + i] : A[i * lda + k];
+}
 
-void pack_A(const KernelDesc& kd, bool transA, const float* A, int64_t lda, int64_t i0, int64_t mc, int64_t k0,
-            int64_t kc, float* Ap) {
+void pack_A(const KernelDesc& kd, bool transA, const float* A, int64_t lda, int64_t i0, int64_t mc,
+            int64_t k0, int64_t kc, float* Ap) {
   const int mr = kd.mr;
   for (int64_t ip = 0; ip < mc; ip += mr) {
     const int m = (int)std::min<int64_t>(mr, mc - ip);
@@ -209,8 +213,8 @@ void pack_A(const KernelDesc& kd, bool transA, const float* A, int64_t lda, int6
   }
 }
 
-void pack_B(const KernelDesc& kd, bool transB, const float* B, int64_t ldb, int64_t k0, int64_t kc, int64_t j0,
-            int64_t nc, float* Bp) {
+void pack_B(const KernelDesc& kd, bool transB, const float* B, int64_t ldb, int64_t k0, int64_t kc,
+            int64_t j0, int64_t nc, float* Bp) {
   const int nr = kd.nr;
   for (int64_t jp = 0; jp < nc; jp += nr) {
     const int n = (int)std::min<int64_t>(nr, nc - jp);
@@ -249,9 +253,9 @@ struct AlignedBuffer {
 };
 
 // One thread's share: the sub-problem rows [i_begin, i_end) x columns [j_begin, j_end).
-void sgemm_serial(const KernelDesc& kd, bool transA, bool transB, int64_t i_begin, int64_t i_end, int64_t j_begin,
-                  int64_t j_end, int64_t K, float alpha, const float* A, int64_t lda, const float* B, int64_t ldb,
-                  float beta, float* C, int64_t ldc) {
+void sgemm_serial(const KernelDesc& kd, bool transA, bool transB, int64_t i_begin, int64_t i_end,
+                  int64_t j_begin, int64_t j_end, int64_t K, float alpha, const float* A, int64_t lda,
+                  const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
   thread_local AlignedBuffer bufA, bufB;
   const int64_t MC = kd.mc, NC = kd.nc;
   float* Ap = bufA.get(MC * KC);
@@ -269,7 +273,8 @@ void sgemm_serial(const KernelDesc& kd, bool transA, bool transB, int64_t i_begi
           const int n = (int)std::min<int64_t>(kd.nr, nc - jr);
           for (int64_t ir = 0; ir < mc; ir += kd.mr) {
             const int m = (int)std::min<int64_t>(kd.mr, mc - ir);
-            kd.kernel(kc, Ap + ir * kc, Bp + jr * kc, C + (ic + ir) * ldc + jc + jr, ldc, m, n, alpha, beta_eff);
+            kd.kernel(kc, Ap + ir * kc, Bp + jr * kc, C + (ic + ir) * ldc + jc + jr, ldc, m, n, alpha,
+                      beta_eff);
           }
         }
       }
@@ -279,8 +284,8 @@ void sgemm_serial(const KernelDesc& kd, bool transA, bool transB, int64_t i_begi
 
 }  // namespace
 
-void sgemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
-           const float* B, int64_t ldb, float beta, float* C, int64_t ldc, int threads) {
+void sgemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+           int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc, int threads) {
   if (M <= 0 || N <= 0) return;
   const KernelDesc& kd = *g_kernel;
   if (K <= 0) {  // C = beta * C
@@ -309,15 +314,25 @@ void sgemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float alph
   }
 }
 
-const char* sgemm_kernel_name() { return g_kernel->name; }
+const char* sgemm_kernel_name() {
+  return g_kernel->name;
+}
+
+SgemmMicroKernel sgemm_micro_kernel() {
+  const KernelDesc& kd = *g_kernel;
+  return SgemmMicroKernel{kd.name, kd.mr, kd.nr, KC, kd.mc, kd.nc, kd.kernel};
+}
 
 bool sgemm_select_kernel(const char* name) {
   __builtin_cpu_init();
-  if (!std::strcmp(name, "avx512") && __builtin_cpu_supports("avx512f")) g_kernel = &kAvx512;
+  if (!std::strcmp(name, "avx512") && __builtin_cpu_supports("avx512f"))
+    g_kernel = &kAvx512;
   else if (!std::strcmp(name, "avx2") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
     g_kernel = &kAvx2;
-  else if (!std::strcmp(name, "generic")) g_kernel = &kGeneric;
-  else return false;
+  else if (!std::strcmp(name, "generic"))
+    g_kernel = &kGeneric;
+  else
+    return false;
   return true;
 }
 

@@ -11,8 +11,21 @@
 
 namespace pt {
 
-void sgemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
-           const float* B, int64_t ldb, float beta, float* C, int64_t ldc, int threads);
+void sgemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+           int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc, int threads);
+
+// The register-tile micro-kernel in use, for fused ops that pack their own panels (kernels/cpu/knn.cpp).
+//   C[m x n] (ldc) = alpha * Ap^T Bp + beta * C   (C not read when beta == 0), m <= mr, n <= nr.
+// Ap: kc x mr k-major (element (k, r) at Ap[k*mr + r]); Bp: kc x nr k-major, 64-byte aligned. Panels are
+// zero-padded to full mr / nr. `mc`, `nc` are the cache-block sizes sgemm uses with this kernel.
+struct SgemmMicroKernel {
+  const char* name;
+  int mr, nr;
+  int64_t kc, mc, nc;
+  void (*run)(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc, int m, int n, float alpha,
+              float beta);
+};
+SgemmMicroKernel sgemm_micro_kernel();
 
 // Name of the micro-kernel in use: "avx512", "avx2" or "generic" (chosen from the CPU at load time).
 const char* sgemm_kernel_name();

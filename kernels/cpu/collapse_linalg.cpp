@@ -1,0 +1,245 @@
+// Float64 linear algebra for the collapse metrics; see priortune/collapse.h for the contracts.
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <vector>
+
+#include "priortune/collapse.h"
+#include "priortune/gemm.h"
+#include "priortune/parallel.h"
+
+namespace pt {
+namespace {
+
+__attribute__((target_clones("avx512f", "avx2", "default"))) double dot_d(const double* a, const double* b,
+                                                                          int64_t n) {
+  double s = 0.0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default"))) double dist2_f(const float* a, const float* b,
+                                                                            int64_t n) {
+  double s = 0.0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) {
+    const double t = static_cast<double>(a[i]) - static_cast<double>(b[i]);
+    s += t * t;
+  }
+  return s;
+}
+
+}  // namespace
+
+void collapse_covariance(double* mean, double* cov, const float* x, int64_t n, int64_t d, int threads) {
+  if (n < 2) throw std::invalid_argument("covariance: needs at least 2 rows");
+  threads = std::max(1, threads);
+  std::fill(mean, mean + d, 0.0);
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<double> part(d, 0.0);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t j = 0; j < d; ++j) part[j] += x[r * d + j];
+#pragma omp critical
+    for (int64_t j = 0; j < d; ++j) mean[j] += part[j];
+  }
+  for (int64_t j = 0; j < d; ++j) mean[j] /= static_cast<double>(n);
+  std::fill(cov, cov + d * d, 0.0);
+  constexpr int64_t kChunk = 256;
+  std::vector<float> centred(static_cast<size_t>(kChunk * d)), partial(static_cast<size_t>(d * d));
+  for (int64_t r0 = 0; r0 < n; r0 += kChunk) {
+    const int64_t rows = std::min(kChunk, n - r0);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = 0; j < d; ++j)
+        centred[r * d + j] = static_cast<float>(static_cast<double>(x[(r0 + r) * d + j]) - mean[j]);
+    sgemm(true, false, d, d, rows, 1.0f, centred.data(), d, centred.data(), d, 0.0f, partial.data(), d,
+          threads);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < d * d; ++i) cov[i] += partial[i];
+  }
+  const double inv = 1.0 / static_cast<double>(n - 1);
+  // Symmetrise exactly (the GEMM need not produce bit-symmetric tiles).
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t i = 0; i < d; ++i)
+    for (int64_t j = 0; j <= i; ++j) {
+      const double v = 0.5 * (cov[i * d + j] + cov[j * d + i]) * inv;
+      cov[i * d + j] = v;
+      cov[j * d + i] = v;
+    }
+}
+
+bool collapse_cholesky(double* a, int64_t d, int threads) {
+  threads = std::max(1, threads);
+  constexpr int64_t nb = 64;
+  for (int64_t j0 = 0; j0 < d; j0 += nb) {
+    const int64_t j1 = std::min(d, j0 + nb);
+    // Diagonal block (columns before j0 already applied by the trailing updates).
+    for (int64_t j = j0; j < j1; ++j) {
+      double* rj = a + j * d;
+      const double s = rj[j] - dot_d(rj + j0, rj + j0, j - j0);
+      if (!(s > 0.0)) return false;
+      rj[j] = std::sqrt(s);
+      for (int64_t i = j + 1; i < j1; ++i) {
+        double* ri = a + i * d;
+        ri[j] = (ri[j] - dot_d(ri + j0, rj + j0, j - j0)) / rj[j];
+      }
+    }
+    if (j1 == d) break;
+      // Panel below the diagonal block, then the trailing update A[i][j] -= L[i][j0:j1] . L[j][j0:j1].
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+      for (int64_t i = j1; i < d; ++i) {
+        double* ri = a + i * d;
+        for (int64_t j = j0; j < j1; ++j) {
+          const double* rj = a + j * d;
+          ri[j] = (ri[j] - dot_d(ri + j0, rj + j0, j - j0)) / rj[j];
+        }
+      }
+#pragma omp for schedule(dynamic, 8)
+      for (int64_t i = j1; i < d; ++i) {
+        double* ri = a + i * d;
+        for (int64_t j = j1; j <= i; ++j) ri[j] -= dot_d(ri + j0, a + j * d + j0, j1 - j0);
+      }
+    }
+  }
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t i = 0; i < d; ++i)
+    for (int64_t j = i + 1; j < d; ++j) a[i * d + j] = 0.0;
+  return true;
+}
+
+void collapse_mahalanobis_sq(double* out, const float* x, int64_t n, int64_t d, const double* mean,
+                             const double* L, int threads) {
+#pragma omp parallel num_threads(std::max(1, threads))
+  {
+    std::vector<double> z(d);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t r = 0; r < n; ++r) {
+      double s = 0.0;
+      for (int64_t i = 0; i < d; ++i) {
+        const double v =
+            (static_cast<double>(x[r * d + i]) - mean[i] - dot_d(L + i * d, z.data(), i)) / L[i * d + i];
+        z[i] = v;
+        s += v * v;
+      }
+      out[r] = s;
+    }
+  }
+}
+
+void collapse_mean_distances(double* out, const float* q, int64_t nq, const float* rows, int64_t nr,
+                             int64_t d, int threads) {
+#pragma omp parallel for num_threads(std::max(1, threads)) schedule(dynamic, 1)
+  for (int64_t i = 0; i < nq; ++i) {
+    double s = 0.0;
+    for (int64_t r = 0; r < nr; ++r) s += std::sqrt(dist2_f(q + i * d, rows + r * d, d));
+    out[i] = nr > 0 ? s / static_cast<double>(nr) : 0.0;
+  }
+}
+
+std::vector<double> collapse_gram_eigenvalues(const float* x, int64_t n, int64_t d, int threads) {
+  threads = std::max(1, threads);
+  if (n <= 0 || d <= 0) return {};
+  const bool rows_gram = n <= d;
+  const int64_t m = rows_gram ? n : d;
+  std::vector<double> g(static_cast<size_t>(m * m));
+  if (rows_gram) {
+    std::vector<double> xd(x, x + n * d);
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j <= i; ++j) g[i * m + j] = g[j * m + i] = dot_d(&xd[i * d], &xd[j * d], d);
+  } else {
+    std::vector<double> xt(static_cast<size_t>(d * n));  // columns of X as contiguous rows
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t j = 0; j < d; ++j) xt[j * n + r] = x[r * d + j];
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int64_t i = 0; i < d; ++i)
+      for (int64_t j = 0; j <= i; ++j) g[i * m + j] = g[j * m + i] = dot_d(&xt[i * n], &xt[j * n], n);
+  }
+  // Householder tridiagonalisation: for each column k, H = I - 2 v v^T (|v| = 1) zeroes g[k+2:, k]; the
+  // trailing block B becomes H B H = B - 2 (v w^T + w v^T), p = B v, w = p - (v^T p) v.
+  std::vector<double> diag(m), off(m, 0.0), v(m), p(m);
+  for (int64_t k = 0; k + 2 < m; ++k) {
+    const int64_t s = k + 1, len = m - s;
+    double norm2 = 0.0;
+    for (int64_t i = s; i < m; ++i) norm2 += g[i * m + k] * g[i * m + k];
+    const double norm = std::sqrt(norm2);
+    const double x0 = g[s * m + k];
+    const double alpha = x0 >= 0.0 ? -norm : norm;
+    diag[k] = g[k * m + k];
+    off[k] = alpha;
+    for (int64_t i = s; i < m; ++i) v[i] = g[i * m + k];
+    v[s] -= alpha;
+    double vn2 = 0.0;
+    for (int64_t i = s; i < m; ++i) vn2 += v[i] * v[i];
+    if (vn2 == 0.0) {
+      off[k] = x0;  // column already reduced
+      continue;
+    }
+    const double inv = 1.0 / std::sqrt(vn2);
+    for (int64_t i = s; i < m; ++i) v[i] *= inv;
+#pragma omp parallel for num_threads(threads) schedule(static) if (len > 128)
+    for (int64_t i = s; i < m; ++i) p[i] = dot_d(&g[i * m + s], &v[s], len);
+    const double K = dot_d(&v[s], &p[s], len);
+    for (int64_t i = s; i < m; ++i) p[i] -= K * v[i];  // p is now w
+#pragma omp parallel for num_threads(threads) schedule(static) if (len > 128)
+    for (int64_t i = s; i < m; ++i) {
+      double* gi = &g[i * m];
+      const double vi = v[i], wi = p[i];
+      for (int64_t j = s; j < m; ++j) gi[j] -= 2.0 * (vi * p[j] + wi * v[j]);
+    }
+  }
+  if (m >= 2) {
+    diag[m - 2] = g[(m - 2) * m + (m - 2)];
+    off[m - 2] = g[(m - 1) * m + (m - 2)];
+  }
+  if (m >= 1) diag[m - 1] = g[(m - 1) * m + (m - 1)];
+  off[m - 1] = 0.0;
+  // Implicit QL with Wilkinson shifts on the tridiagonal (diag, off), off[i] coupling i and i + 1.
+  for (int64_t l = 0; l < m; ++l) {
+    int iter = 0;
+    int64_t mm;
+    do {
+      for (mm = l; mm < m - 1; ++mm) {
+        const double dd = std::fabs(diag[mm]) + std::fabs(diag[mm + 1]);
+        if (std::fabs(off[mm]) <= 1e-15 * dd) break;
+      }
+      if (mm != l) {
+        if (iter++ == 200) throw std::runtime_error("eigenvalues: QL iteration did not converge");
+        double g2 = (diag[l + 1] - diag[l]) / (2.0 * off[l]);
+        double r = std::hypot(g2, 1.0);
+        g2 = diag[mm] - diag[l] + off[l] / (g2 + std::copysign(r, g2));
+        double s = 1.0, c = 1.0, pp = 0.0;
+        int64_t i;
+        for (i = mm - 1; i >= l; --i) {
+          double f = s * off[i], b = c * off[i];
+          off[i + 1] = (r = std::hypot(f, g2));
+          if (r == 0.0) {
+            diag[i + 1] -= pp;
+            off[mm] = 0.0;
+            break;
+          }
+          s = f / r;
+          c = g2 / r;
+          g2 = diag[i + 1] - pp;
+          r = (diag[i] - g2) * s + 2.0 * c * b;
+          pp = s * r;
+          diag[i + 1] = g2 + pp;
+          g2 = c * r - b;
+        }
+        if (r == 0.0 && i >= l) continue;
+        diag[l] -= pp;
+        off[l] = g2;
+        off[mm] = 0.0;
+      }
+    } while (mm != l);
+  }
+  std::sort(diag.begin(), diag.end(), [](double a, double b) { return a > b; });
+  return diag;
+}
+
+}  // namespace pt

@@ -1,0 +1,597 @@
+// Exact k-nearest-neighbour search on the CPU: the GEMM micro-kernel fused with per-query top-k selection,
+// followed by float64 re-scoring of the candidates and a certificate of exactness (see knn.h).
+//
+// Memory contract. The index owns rows_[V, d] (a copy of the vocabulary), norms in float64, and packed_, the
+// rows in the micro-kernel's B-panel layout: panel p holds rows [p*nr, p*nr + nr) as d x nr, k-major,
+// zero-padded; for cosine the packed rows are normalised (v / |v| in float64, rounded to fp32). A search
+// packs its queries into A-panels the same way, computes a score tile of MC queries x NC rows into a
+// thread-local buffer with the micro-kernel and scans it into per-query candidate heaps of size c > k. The
+// full Q x V score matrix never exists. Threads split the rows; their candidate lists are merged per query.
+//
+// Screening value a(q, v) (fp32) and what it approximates, s(q, v):
+//   cosine: a = fl(q^ . v^),             s = cos(q, v)
+//   dot:    a = fl(q . v),               s = q . v
+//   l2:     a = fl(q . v) - fl(|v|^2/2), s = q . v - |v|^2/2   (= (|q|^2 - |q - v|^2) / 2: same order)
+// The fp32 dot product of length d with any summation order satisfies |fl(x.y) - x.y| <= g_d sum|x_i y_i|
+// <= g_d |x||y|, g_d = d u / (1 - d u), u = 2^-24 (Higham, Accuracy and Stability of Numerical Algorithms,
+// 2nd ed., eq. 3.5); normalising adds 2u, the l2 shift another 2u (|q||v| + |v|^2). So |a - s| <= err with
+//   cosine: err = 1.25 (d + 6) u            dot: err = 1.25 (d + 2) u |q| vmax
+//   l2:     err = 1.25 (d + 4) u (|q| vmax + vmax^2)
+// plus d * 2^-146 for subnormal products; vmax = the largest row norm, 1.25 covers g_d/(d u) and the float64
+// re-scoring error. A row that no thread kept as a candidate has a <= B, B = the largest "heap minimum" of
+// the threads that dropped rows, hence s <= B + err. If the k-th best re-scored candidate has s_k > B + err,
+// no dropped row can reach the top k: the answer equals the float64 brute force. Otherwise the query is
+// searched again with 4c candidates, and once c reaches V by knn_exact_scan.
+#include "priortune/knn.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+
+#include "priortune/gemm.h"
+#include "priortune/parallel.h"
+
+namespace pt {
+
+KnnMetric knn_metric_from_name(const std::string& name) {
+  if (name == "cosine") return KnnMetric::Cosine;
+  if (name == "l2") return KnnMetric::L2;
+  if (name == "dot") return KnnMetric::Dot;
+  throw std::invalid_argument("metric: expected \"cosine\", \"l2\" or \"dot\", got \"" + name + "\"");
+}
+
+const char* knn_metric_name(KnnMetric metric) {
+  switch (metric) {
+    case KnnMetric::Cosine:
+      return "cosine";
+    case KnnMetric::L2:
+      return "l2";
+    default:
+      return "dot";
+  }
+}
+
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+struct FreeDeleter {
+  void operator()(void* p) const { std::free(p); }
+};
+template <class T>
+using AlignedArray = std::unique_ptr<T[], FreeDeleter>;
+
+template <class T>
+AlignedArray<T> aligned_array(size_t n) {
+  size_t bytes = ((std::max<size_t>(n, 1) * sizeof(T) + 63) / 64) * 64;
+  T* p = static_cast<T*>(std::aligned_alloc(64, bytes));
+  if (!p) throw std::bad_alloc();
+  return AlignedArray<T>(p);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Float64 scoring. Products of two floats are exact in double, so only the summation order differs from a
+// plain loop; one code path per row keeps duplicated rows bit-identical (their ties then go to the lower
+// index).
+
+__attribute__((target_clones("avx512f", "avx2", "default"))) double dot_f64(const float* a, const float* b,
+                                                                            int64_t n) {
+  double s = 0.0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += static_cast<double>(a[i]) * static_cast<double>(b[i]);
+  return s;
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default"))) void dot_dist_f64(const float* a, const float* b,
+                                                                               int64_t n, double* dot,
+                                                                               double* dist2) {
+  double s = 0.0, e = 0.0;
+#pragma omp simd reduction(+ : s, e)
+  for (int64_t i = 0; i < n; ++i) {
+    const double x = a[i], y = b[i];
+    s += x * y;
+    e += (x - y) * (x - y);
+  }
+  *dot = s;
+  *dist2 = e;
+}
+
+// The metric value in float64 ("m": larger is better for cosine/dot, smaller for l2 = squared distance) and
+// the screening-comparable value s (see the header comment).
+struct Exact {
+  double m, s;
+};
+
+inline Exact exact_score(KnnMetric metric, const float* q, double q_norm, const float* v, double v_norm,
+                         int64_t d) {
+  if (metric == KnnMetric::L2) {
+    double dot, dist2;
+    dot_dist_f64(q, v, d, &dot, &dist2);
+    return {dist2, dot - 0.5 * v_norm * v_norm};
+  }
+  const double dot = dot_f64(q, v, d);
+  if (metric == KnnMetric::Dot) return {dot, dot};
+  const double c = (q_norm == 0.0 || v_norm == 0.0) ? 0.0 : dot / (q_norm * v_norm);
+  return {c, c};
+}
+
+// "a ranks before b": better metric value, then lower index.
+inline bool ranks_before(KnnMetric metric, double ma, int32_t ia, double mb, int32_t ib) {
+  if (ma != mb) return metric == KnnMetric::L2 ? ma < mb : ma > mb;
+  return ia < ib;
+}
+
+inline float returned_score(KnnMetric metric, double m) {
+  return static_cast<float>(metric == KnnMetric::L2 ? std::sqrt(m) : m);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Candidate heaps for the fp32 screening: a min-heap on the screening value (the root is the worst kept).
+
+struct Cand {
+  float a;
+  int32_t i;
+};
+
+struct TopHeap {
+  Cand* h;
+  int32_t size, cap;
+  float threshold() const { return size < cap ? kNegInf : h[0].a; }
+  void push(float a, int32_t i) {
+    if (size < cap) {
+      int32_t c = size++;
+      while (c > 0) {
+        int32_t p = (c - 1) / 2;
+        if (h[p].a <= a) break;
+        h[c] = h[p];
+        c = p;
+      }
+      h[c] = {a, i};
+      return;
+    }
+    if (!(a > h[0].a)) return;
+    int32_t c = 0;
+    for (;;) {
+      int32_t l = 2 * c + 1;
+      if (l >= size) break;
+      int32_t r = l + 1;
+      int32_t m = (r < size && h[r].a < h[l].a) ? r : l;
+      if (h[m].a >= a) break;
+      h[c] = h[m];
+      c = m;
+    }
+    h[c] = {a, i};
+  }
+};
+
+// Scans one row of a score tile: values s[j] (minus sub[j] for l2) of rows base + j, j < n, into the heap.
+// Chunks of 16 are rejected with one vector max; only chunks holding a value above the threshold are pushed.
+__attribute__((target_clones("avx512f", "avx2", "default"))) void scan_row(const float* s, const float* sub,
+                                                                           int64_t n, int32_t base,
+                                                                           int32_t excl, TopHeap* heap) {
+  float thr = heap->threshold();
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    float m = kNegInf;
+    if (sub) {
+#pragma omp simd reduction(max : m)
+      for (int t = 0; t < 16; ++t) {
+        const float v = s[j + t] - sub[j + t];
+        m = v > m ? v : m;
+      }
+    } else {
+#pragma omp simd reduction(max : m)
+      for (int t = 0; t < 16; ++t) m = s[j + t] > m ? s[j + t] : m;
+    }
+    if (!(m > thr)) continue;
+    for (int t = 0; t < 16; ++t) {
+      const float v = sub ? s[j + t] - sub[j + t] : s[j + t];
+      const int32_t idx = base + static_cast<int32_t>(j + t);
+      if (v > thr && idx != excl) {
+        heap->push(v, idx);
+        thr = heap->threshold();
+      }
+    }
+  }
+  for (; j < n; ++j) {
+    const float v = sub ? s[j] - sub[j] : s[j];
+    const int32_t idx = base + static_cast<int32_t>(j);
+    if (v > thr && idx != excl) {
+      heap->push(v, idx);
+      thr = heap->threshold();
+    }
+  }
+}
+
+double screening_error(KnnMetric metric, int64_t d, double q_norm, double vmax) {
+  const double u = std::ldexp(1.0, -24), tiny = static_cast<double>(d) * std::ldexp(1.0, -146);
+  switch (metric) {
+    case KnnMetric::Cosine:
+      return 1.25 * (d + 6) * u + tiny;
+    case KnnMetric::Dot:
+      return 1.25 * (d + 2) * u * q_norm * vmax + tiny;
+    default:
+      return 1.25 * (d + 4) * u * (q_norm * vmax + vmax * vmax) + tiny;
+  }
+}
+
+int64_t candidate_count(int64_t k) {
+  return k + 32 + k / 8;
+}
+
+class CpuIndex final : public KnnIndex {
+ public:
+  CpuIndex(const float* vocab, int64_t V, int64_t d, KnnMetric metric, int threads)
+      : V_(V), d_(d), metric_(metric), mk_(sgemm_micro_kernel()) {
+    if (V <= 0 || d <= 0) throw std::invalid_argument("vocab: expected at least one row of dimension >= 1");
+    if (V > std::numeric_limits<int32_t>::max() - 1)
+      throw std::out_of_range("vocab: more than 2^31 - 2 rows");
+    rows_ = aligned_array<float>(static_cast<size_t>(V * d));
+    norms_.resize(V);
+    half_sq_ = aligned_array<float>(static_cast<size_t>(V));
+    const int64_t nr = mk_.nr, panels = (V + nr - 1) / nr;
+    packed_ = aligned_array<float>(static_cast<size_t>(panels * nr * d));
+    float* rows = rows_.get();
+    float* packed = packed_.get();
+    float* half_sq = half_sq_.get();
+    double vmax = 0.0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(max : vmax)
+    for (int64_t p = 0; p < panels; ++p) {
+      float* dst = packed + p * nr * d;
+      for (int64_t j = 0; j < nr; ++j) {
+        const int64_t r = p * nr + j;
+        if (r >= V) {
+          for (int64_t k = 0; k < d; ++k) dst[k * nr + j] = 0.0f;
+          continue;
+        }
+        const float* src = vocab + r * d;
+        std::memcpy(rows + r * d, src, sizeof(float) * d);
+        const double n2 = dot_f64(src, src, d), n = std::sqrt(n2);
+        norms_[r] = n;
+        half_sq[r] = static_cast<float>(0.5 * n2);
+        vmax = std::max(vmax, n);
+        if (metric == KnnMetric::Cosine) {
+          const double inv = n > 0.0 ? 1.0 / n : 0.0;
+          for (int64_t k = 0; k < d; ++k) dst[k * nr + j] = static_cast<float>(src[k] * inv);
+        } else {
+          for (int64_t k = 0; k < d; ++k) dst[k * nr + j] = src[k];
+        }
+      }
+    }
+    vmax_ = vmax;
+    if (!(vmax < kKnnMaxNorm))
+      throw std::out_of_range("vocab: a row norm is 1e18 or more (fp32 overflow risk)");
+  }
+
+  int64_t rows() const override {
+    return V_;
+  }
+  int64_t dim() const override {
+    return d_;
+  }
+  KnnMetric metric() const override {
+    return metric_;
+  }
+  const char* backend() const override {
+    return "cpu";
+  }
+  int64_t host_bytes() const override {
+    const int64_t panels = (V_ + mk_.nr - 1) / mk_.nr;
+    return (V_ * d_ + panels * mk_.nr * d_ + V_) * 4 + V_ * 8;
+  }
+  int64_t device_bytes() const override {
+    return 0;
+  }
+  const float* row(int64_t r) const override {
+    return rows_.get() + r * d_;
+  }
+
+  KnnResult search(const float* queries, int64_t Q, int64_t k, const int32_t* exclude,
+                   int threads) const override {
+    const int64_t available = V_ - (exclude ? 1 : 0);
+    if (k < 1 || k > kKnnMaxK || k > available)
+      throw std::out_of_range("k: expected an integer from 1 to " +
+                              std::to_string(std::min(kKnnMaxK, available)) +
+                              " (at most 1024 and at most the number of rows" +
+                              (exclude ? std::string(" other than the query's own") : std::string()) +
+                              "), got " + std::to_string(k));
+    threads = std::max(1, threads);
+    KnnResult res;
+    res.indices.assign(static_cast<size_t>(Q * k), -1);
+    res.scores.assign(static_cast<size_t>(Q * k), 0.0f);
+    std::vector<double> q_norms(Q);
+    knn_row_norms(q_norms.data(), queries, Q, d_, threads);
+    for (int64_t q = 0; q < Q; ++q)
+      if (!(q_norms[q] < kKnnMaxNorm)) throw std::out_of_range("queries: a row norm is 1e18 or more");
+
+    std::vector<int64_t> pending;
+    pending.reserve(Q);
+    for (int64_t q = 0; q < Q; ++q) {
+      if (metric_ == KnnMetric::Cosine && q_norms[q] == 0.0) {
+        // Every cosine with a zero vector is 0: the answer is the k lowest row indices.
+        int32_t r = 0;
+        for (int64_t t = 0; t < k; ++t, ++r) {
+          if (exclude && r == exclude[q]) ++r;
+          res.indices[q * k + t] = r;
+          res.scores[q * k + t] = 0.0f;
+        }
+        continue;
+      }
+      pending.push_back(q);
+    }
+    int64_t c = candidate_count(k);
+    bool first = true;
+    while (!pending.empty()) {
+      if (!first) res.recovered_queries += static_cast<int64_t>(pending.size());
+      if (c >= available) {
+        exact_subset(pending, queries, q_norms, k, exclude, threads, &res);
+        break;
+      }
+      std::vector<int64_t> failed;
+      // Bound the candidate heaps (threads x chunk x c entries) to about 64 MiB.
+      const int64_t chunk = std::clamp<int64_t>((int64_t{1} << 23) / (int64_t{threads} * c), mk_.mr, 4096);
+      for (size_t b = 0; b < pending.size(); b += chunk) {
+        const size_t e = std::min(pending.size(), b + static_cast<size_t>(chunk));
+        std::vector<int64_t> part(pending.begin() + b, pending.begin() + e);
+        screen(part, queries, q_norms, k, c, exclude, threads, &res, &failed);
+      }
+      pending.swap(failed);
+      c *= 4;
+      first = false;
+    }
+    return res;
+  }
+
+ private:
+  // Screens the queries `part` with c candidates each, re-scores, writes the certified results and appends
+  // the queries that could not be certified to `failed`.
+  void screen(const std::vector<int64_t>& part, const float* queries, const std::vector<double>& q_norms,
+              int64_t k, int64_t c, const int32_t* exclude, int threads, KnnResult* res,
+              std::vector<int64_t>* failed) const {
+    const int64_t n = static_cast<int64_t>(part.size()), d = d_, mr = mk_.mr, nr = mk_.nr, KC = mk_.kc;
+    const int64_t a_panels = (n + mr - 1) / mr;
+    // A-panels: query panel ip holds queries [ip*mr, ip*mr + mr) as d x mr, k-major (normalised for cosine).
+    AlignedArray<float> packed_q = aligned_array<float>(static_cast<size_t>(a_panels * mr * d));
+    float* Ap_all = packed_q.get();
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t ip = 0; ip < a_panels; ++ip) {
+      float* dst = Ap_all + ip * mr * d;
+      for (int64_t r = 0; r < mr; ++r) {
+        const int64_t t = ip * mr + r;
+        if (t >= n) {
+          for (int64_t kk = 0; kk < d; ++kk) dst[kk * mr + r] = 0.0f;
+          continue;
+        }
+        const float* src = queries + part[t] * d;
+        if (metric_ == KnnMetric::Cosine) {
+          const double inv = 1.0 / q_norms[part[t]];
+          for (int64_t kk = 0; kk < d; ++kk) dst[kk * mr + r] = static_cast<float>(src[kk] * inv);
+        } else {
+          for (int64_t kk = 0; kk < d; ++kk) dst[kk * mr + r] = src[kk];
+        }
+      }
+    }
+    // Cache blocks: MC queries (their A-panels, MC x d, stay in L2 while the rows stream past) x NC rows.
+    const int64_t MC = std::clamp<int64_t>((393216 / (4 * d)) / mr * mr, mr, 384);
+    const int64_t NC = std::max<int64_t>(nr, (256 / nr) * nr);
+    const int64_t v_panels = (V_ + nr - 1) / nr;
+    const int T = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, v_panels)));
+    std::vector<Cand> heap_store(static_cast<size_t>(T) * n * c);
+    std::vector<TopHeap> heaps(static_cast<size_t>(T) * n);
+    std::vector<int64_t> offered(static_cast<size_t>(T) * n, 0);
+    for (int64_t i = 0; i < T * n; ++i)
+      heaps[i] = TopHeap{heap_store.data() + i * c, 0, static_cast<int32_t>(c)};
+    const float* sub = metric_ == KnnMetric::L2 ? half_sq_.get() : nullptr;
+    const float* packed = packed_.get();
+    const auto kernel = mk_.run;
+    std::atomic<bool> oom{false};
+
+#pragma omp parallel num_threads(T)
+    {
+      const int t = thread_id(), parts = team_size();
+      int64_t p0, p1;
+      split_range(v_panels, parts, t, 1, &p0, &p1);
+      AlignedArray<float> tile;
+      try {
+        tile = aligned_array<float>(static_cast<size_t>(MC * NC));
+      } catch (...) {
+        oom = true;
+      }
+      if (tile && p0 < p1) {
+        float* S = tile.get();
+        TopHeap* my_heaps = heaps.data() + static_cast<size_t>(t) * n;
+        int64_t* my_offered = offered.data() + static_cast<size_t>(t) * n;
+        for (int64_t ic = 0; ic < a_panels; ic += MC / mr) {
+          const int64_t mp = std::min<int64_t>(MC / mr, a_panels - ic);
+          for (int64_t jc = p0; jc < p1; jc += NC / nr) {
+            const int64_t np = std::min<int64_t>(NC / nr, p1 - jc);
+            const int64_t row0 = jc * nr, ncols = std::min<int64_t>(np * nr, V_ - row0);
+            for (int64_t pc = 0; pc < d; pc += KC) {
+              const int64_t kc = std::min<int64_t>(KC, d - pc);
+              const float beta = pc == 0 ? 0.0f : 1.0f;
+              for (int64_t jp = 0; jp < np; ++jp) {
+                const float* Bp = packed + (jc + jp) * nr * d + pc * nr;
+                const int ncol = static_cast<int>(std::min<int64_t>(nr, V_ - (jc + jp) * nr));
+                for (int64_t ip = 0; ip < mp; ++ip) {
+                  const float* Ap = Ap_all + (ic + ip) * mr * d + pc * mr;
+                  const int mrow = static_cast<int>(std::min<int64_t>(mr, n - (ic + ip) * mr));
+                  kernel(kc, Ap, Bp, S + ip * mr * NC + jp * nr, NC, mrow, ncol, 1.0f, beta);
+                }
+              }
+            }
+            const int64_t q_end = std::min<int64_t>(n, (ic + mp) * mr);
+            for (int64_t qi = ic * mr; qi < q_end; ++qi) {
+              const int32_t excl = exclude ? exclude[part[qi]] : -1;
+              scan_row(S + (qi - ic * mr) * NC, sub ? sub + row0 : nullptr, ncols, static_cast<int32_t>(row0),
+                       excl, &my_heaps[qi]);
+              my_offered[qi] += ncols - ((excl >= row0 && excl < row0 + ncols) ? 1 : 0);
+            }
+          }
+        }
+      }
+    }
+    if (oom) throw std::bad_alloc();
+
+    // Merge, re-score in float64, rank, certify.
+    const float* rows = rows_.get();
+    std::vector<char> ok(n, 0);
+#pragma omp parallel num_threads(threads)
+    {
+      struct Scored {
+        double m, s;
+        int32_t i;
+      };
+      std::vector<Scored> cands;
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t qi = 0; qi < n; ++qi) {
+        const int64_t q = part[qi];
+        const float* qv = queries + q * d;
+        cands.clear();
+        double bound = -std::numeric_limits<double>::infinity();
+        bool dropped = false;
+        for (int tt = 0; tt < T; ++tt) {
+          const TopHeap& h = heaps[static_cast<size_t>(tt) * n + qi];
+          for (int32_t e = 0; e < h.size; ++e) {
+            const int32_t r = h.h[e].i;
+            const Exact x =
+                exact_score(metric_, qv, q_norms[q], rows + static_cast<int64_t>(r) * d, norms_[r], d);
+            cands.push_back({x.m, x.s, r});
+          }
+          if (offered[static_cast<size_t>(tt) * n + qi] > h.size) {
+            dropped = true;
+            bound = std::max(bound, static_cast<double>(h.h[0].a));
+          }
+        }
+        if (static_cast<int64_t>(cands.size()) < k)
+          continue;  // cannot happen (c >= k rows per thread); retry
+        const KnnMetric metric = metric_;
+        std::partial_sort(
+            cands.begin(), cands.begin() + k, cands.end(),
+            [metric](const Scored& x, const Scored& y) { return ranks_before(metric, x.m, x.i, y.m, y.i); });
+        if (dropped) {
+          double s_k = std::numeric_limits<double>::infinity();
+          for (int64_t t = 0; t < k; ++t) s_k = std::min(s_k, cands[t].s);
+          if (!(s_k > bound + screening_error(metric_, d, q_norms[q], vmax_))) continue;
+        }
+        for (int64_t t = 0; t < k; ++t) {
+          res->indices[q * k + t] = cands[t].i;
+          res->scores[q * k + t] = returned_score(metric_, cands[t].m);
+        }
+        ok[qi] = 1;
+      }
+    }
+    for (int64_t qi = 0; qi < n; ++qi)
+      if (!ok[qi]) failed->push_back(part[qi]);
+  }
+
+  void exact_subset(const std::vector<int64_t>& part, const float* queries,
+                    const std::vector<double>& q_norms, int64_t k, const int32_t* exclude, int threads,
+                    KnnResult* res) const {
+    (void)q_norms;
+    std::vector<int32_t> idx(k);
+    std::vector<float> sc(k);
+    for (int64_t q : part) {
+      int32_t ex = exclude ? exclude[q] : -1;
+      knn_exact_scan(idx.data(), sc.data(), queries + q * d_, 1, rows_.get(), norms_.data(), V_, d_, k,
+                     metric_, exclude ? &ex : nullptr, threads);
+      std::copy(idx.begin(), idx.end(), res->indices.begin() + q * k);
+      std::copy(sc.begin(), sc.end(), res->scores.begin() + q * k);
+    }
+  }
+
+  int64_t V_, d_;
+  KnnMetric metric_;
+  SgemmMicroKernel mk_;
+  AlignedArray<float> rows_, packed_, half_sq_;
+  std::vector<double> norms_;
+  double vmax_ = 0.0;
+};
+
+}  // namespace
+
+std::unique_ptr<KnnIndex> knn_index_cpu(const float* vocab, int64_t V, int64_t d, KnnMetric metric,
+                                        int threads) {
+  return std::make_unique<CpuIndex>(vocab, V, d, metric, std::max(1, threads));
+}
+
+void knn_row_norms(double* norms, const float* x, int64_t n, int64_t d, int threads) {
+#pragma omp parallel for num_threads(std::max(1, threads)) schedule(static) if (n * d > 65536)
+  for (int64_t r = 0; r < n; ++r) norms[r] = std::sqrt(dot_f64(x + r * d, x + r * d, d));
+}
+
+std::string knn_check_rows(const float* x, int64_t n, int64_t d, int threads) {
+  int64_t first_bad = n;
+#pragma omp parallel for num_threads(std::max(1, threads)) schedule(static) \
+    reduction(min                                                           \
+              : first_bad) if (n * d > 65536)
+  for (int64_t r = 0; r < n; ++r) {
+    // NaN or infinity in a row makes its squared norm NaN or infinite (finite floats cannot overflow a
+    // double).
+    const double n2 = dot_f64(x + r * d, x + r * d, d);
+    if (!(std::sqrt(n2) < kKnnMaxNorm)) first_bad = std::min(first_bad, r);
+  }
+  if (first_bad == n) return "";
+  const float* row = x + first_bad * d;
+  for (int64_t k = 0; k < d; ++k)
+    if (!std::isfinite(row[k]))
+      return "row " + std::to_string(first_bad) + " has a non-finite value (" +
+             (std::isnan(row[k]) ? "NaN" : (row[k] > 0 ? "Infinity" : "-Infinity")) + ") at column " +
+             std::to_string(k);
+  return "row " + std::to_string(first_bad) +
+         " has a norm of 1e18 or more, which fp32 screening cannot represent";
+}
+
+void knn_exact_scan(int32_t* indices, float* scores, const float* queries, int64_t Q, const float* vocab,
+                    const double* row_norms, int64_t V, int64_t d, int64_t k, KnnMetric metric,
+                    const int32_t* exclude, int threads) {
+  struct Item {
+    double m;
+    int32_t i;
+  };
+  auto before = [metric](const Item& a, const Item& b) { return ranks_before(metric, a.m, a.i, b.m, b.i); };
+  threads = std::max(1, threads);
+  for (int64_t q = 0; q < Q; ++q) {
+    const float* qv = queries + q * d;
+    const double qn = std::sqrt(dot_f64(qv, qv, d));
+    const int32_t excl = exclude ? exclude[q] : -1;
+    std::vector<std::vector<Item>> parts(threads);
+#pragma omp parallel num_threads(threads)
+    {
+      const int t = thread_id();
+      int64_t b, e;
+      split_range(V, team_size(), t, 1, &b, &e);
+      std::vector<Item> heap;  // max-heap under `before`: the root is the worst kept item
+      heap.reserve(k + 1);
+      for (int64_t r = b; r < e; ++r) {
+        if (r == excl) continue;
+        const Exact x = exact_score(metric, qv, qn, vocab + r * d, row_norms[r], d);
+        const Item it{x.m, static_cast<int32_t>(r)};
+        if (static_cast<int64_t>(heap.size()) < k) {
+          heap.push_back(it);
+          std::push_heap(heap.begin(), heap.end(), before);
+        } else if (before(it, heap.front())) {
+          std::pop_heap(heap.begin(), heap.end(), before);
+          heap.back() = it;
+          std::push_heap(heap.begin(), heap.end(), before);
+        }
+      }
+      parts[t] = std::move(heap);
+    }
+    std::vector<Item> all;
+    for (auto& p : parts) all.insert(all.end(), p.begin(), p.end());
+    const int64_t kk = std::min<int64_t>(k, static_cast<int64_t>(all.size()));
+    std::partial_sort(all.begin(), all.begin() + kk, all.end(), before);
+    for (int64_t t = 0; t < k; ++t) {
+      indices[q * k + t] = t < kk ? all[t].i : -1;
+      scores[q * k + t] = t < kk ? returned_score(metric, all[t].m) : 0.0f;
+    }
+  }
+}
+
+}  // namespace pt

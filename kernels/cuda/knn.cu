@@ -1,0 +1,693 @@
+// Exact k-nearest-neighbour search on CUDA (device 0): TF32 tensor-core screening fused with per-query
+// candidate selection, then float64 re-scoring of the candidates and the same certificate of exactness as the
+// CPU index (kernels/cpu/knn.cpp, whose header comment derives the bound). See priortune/knn.h for the
+// contract.
+//
+// Device memory, resident for the index's lifetime: rows_[V, d] fp32 (the original rows, for re-scoring),
+// screen_[V, d] fp32 (rows / |row| for cosine; rows_ itself otherwise), norms_[V] float64, half_sq_[V] fp32
+// (|row|^2 / 2, l2 only). Per search (scratch, reused across searches under the index's mutex): the queries
+// (original and screening copies), per-(query, slab) candidate lists, and the outputs.
+//
+// knn_screen_kernel<BQ>: block (slab, query tile) walks the BV-row tiles of its slab. For each tile it
+// computes the BQ x BV score tile with WMMA m16n16k8 TF32 fragments (operands staged through shared memory in
+// BK-wide k-steps, fp32 accumulation), stores it to shared memory, and each warp appends the scores above its
+// queries' thresholds to per-query candidate buffers (ballot + popc). A buffer holding more than c entries is
+// cut back to its c largest by a warp radix select on the order-preserving integer keys of the scores; the
+// threshold becomes the c-th largest value, which is also the bound on everything the block dropped for that
+// query. knn_finalize_kernel: one block per query merges the slabs' lists (a block radix select when they
+// hold more than c), re-scores the survivors in float64 (a warp per candidate), sorts them by (value, index)
+// with a bitonic sort and certifies the k-th: s_k > B + err. TF32 keeps 10 mantissa bits, so
+//   err = 1.25 (2^-10 + (d + 16) 2^-22) x (1 for cosine, |q| vmax for dot, |q| vmax + vmax^2 for l2)
+// (operand rounding 2^-11 each, tensor-core fp32 accumulation taken as truncating: 2^-23 per addition, with a
+// factor 2 to spare). Uncertified queries are searched again with 4c candidates; when c no longer fits in
+// shared memory they go to the float64 brute force on the host copy (knn_exact_scan).
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "priortune/knn.h"
+
+namespace pt {
+namespace {
+
+using namespace nvcuda;
+
+constexpr int kBV = 128;       // vocabulary rows per tile
+constexpr int kBK = 32;        // k-step staged in shared memory
+constexpr int kThreads = 256;  // 8 warps
+constexpr int kLdA = kBK + 4;  // padded leading dimensions (multiples of 4 floats keep WMMA pointers aligned)
+constexpr int kLdS = kBV + 4;
+constexpr int kMaxMerged = 8192;  // candidates one finalize block can merge (slabs x c)
+constexpr int kMetricCosine = 0, kMetricL2 = 1, kMetricDot = 2;
+
+void cuda_check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    throw std::runtime_error(std::string("CUDA kNN: ") + what + " failed: " + cudaGetErrorName(e) + " (" +
+                             cudaGetErrorString(e) + ")");
+  }
+}
+
+__device__ __forceinline__ uint32_t order_key(float f) {
+  const uint32_t b = __float_as_uint(f);
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+__device__ __forceinline__ float key_value(uint32_t k) {
+  return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+
+__device__ __forceinline__ uint32_t lanes_below(int lane) {
+  return (1u << lane) - 1u;
+}
+
+size_t screen_smem_bytes(int bq, int c) {
+  const size_t stage = std::max<size_t>(size_t(bq + kBV) * kLdA, size_t(bq) * kLdS) * sizeof(float);
+  const size_t buffers = size_t(bq) * (c + kBV) * (sizeof(float) + sizeof(int));
+  return stage + buffers;
+}
+
+// Scratch layout of a candidate buffer: [BQ][c + BV] scores, then [BQ][c + BV] indices.
+template <int BQ>
+__global__ void __launch_bounds__(kThreads)
+    knn_screen_kernel(const float* __restrict__ qs, const float* __restrict__ vs,
+                      const float* __restrict__ sub, const int* __restrict__ exclude, int Q, int V, int d,
+                      int c, int tiles_per_slab, int slabs, float* __restrict__ cand_a,
+                      int* __restrict__ cand_i, int* __restrict__ cand_n, float* __restrict__ bound) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  float* As = reinterpret_cast<float*>(smem);  // [BQ][kLdA]
+  float* Bs = As + BQ * kLdA;                  // [kBV][kLdA], column-major B (K x BV)
+  float* Ss = As;                              // [BQ][kLdS], aliases the staging buffers after the k-loop
+  constexpr int kStageA = (BQ + kBV) * kLdA, kStageS = BQ * kLdS;
+  constexpr int stage = kStageA > kStageS ? kStageA : kStageS;
+  const int cap = c + kBV;
+  float* buf_a = reinterpret_cast<float*>(smem) + stage;
+  int* buf_i = reinterpret_cast<int*>(buf_a + BQ * cap);
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int slab = blockIdx.x, q0 = blockIdx.y * BQ;
+  const int tiles = (V + kBV - 1) / kBV;
+  const int t_begin = slab * tiles_per_slab, t_end = min(tiles, t_begin + tiles_per_slab);
+  constexpr int kQueriesPerWarp = BQ / 8;
+  constexpr int kFragRows = BQ / 16;
+
+  int cnt[kQueriesPerWarp];
+  float thr[kQueriesPerWarp];
+  bool dropped[kQueriesPerWarp];
+  int excl[kQueriesPerWarp];
+#pragma unroll
+  for (int r = 0; r < kQueriesPerWarp; ++r) {
+    cnt[r] = 0;
+    thr[r] = -INFINITY;
+    dropped[r] = false;
+    const int q = q0 + warp + 8 * r;
+    excl[r] = (exclude && q < Q) ? exclude[q] : -1;
+  }
+
+  for (int tile = t_begin; tile < t_end; ++tile) {
+    const int v0 = tile * kBV;
+    wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc[kFragRows];
+#pragma unroll
+    for (int f = 0; f < kFragRows; ++f) wmma::fill_fragment(acc[f], 0.0f);
+    for (int k0 = 0; k0 < d; k0 += kBK) {
+      for (int e = threadIdx.x; e < BQ * kBK; e += kThreads) {
+        const int r = e / kBK, kk = e % kBK, q = q0 + r, k = k0 + kk;
+        As[r * kLdA + kk] = (q < Q && k < d) ? qs[size_t(q) * d + k] : 0.0f;
+      }
+      for (int e = threadIdx.x; e < kBV * kBK; e += kThreads) {
+        const int j = e / kBK, kk = e % kBK, v = v0 + j, k = k0 + kk;
+        Bs[j * kLdA + kk] = (v < V && k < d) ? vs[size_t(v) * d + k] : 0.0f;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < kBK; kk += 8) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major> b;
+        wmma::load_matrix_sync(b, Bs + warp * 16 * kLdA + kk, kLdA);
+#pragma unroll
+        for (int t = 0; t < b.num_elements; ++t) b.x[t] = wmma::__float_to_tf32(b.x[t]);
+#pragma unroll
+        for (int f = 0; f < kFragRows; ++f) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> a;
+          wmma::load_matrix_sync(a, As + f * 16 * kLdA + kk, kLdA);
+#pragma unroll
+          for (int t = 0; t < a.num_elements; ++t) a.x[t] = wmma::__float_to_tf32(a.x[t]);
+          wmma::mma_sync(acc[f], a, b, acc[f]);
+        }
+      }
+      __syncthreads();
+    }
+#pragma unroll
+    for (int f = 0; f < kFragRows; ++f)
+      wmma::store_matrix_sync(Ss + f * 16 * kLdS + warp * 16, acc[f], kLdS, wmma::mem_row_major);
+    __syncthreads();
+
+#pragma unroll
+    for (int r = 0; r < kQueriesPerWarp; ++r) {
+      const int qq = warp + 8 * r, q = q0 + qq;
+      if (q >= Q) continue;
+      float* qa = buf_a + qq * cap;
+      int* qi = buf_i + qq * cap;
+      for (int t = 0; t < kBV / 32; ++t) {
+        const int col = t * 32 + lane, j = v0 + col;
+        const bool ok = j < V && j != excl[r];
+        float v = -INFINITY;
+        if (ok) {
+          v = Ss[qq * kLdS + col];
+          if (sub) v -= sub[j];
+        }
+        const bool pass = ok && v > thr[r];
+        const uint32_t m = __ballot_sync(0xffffffffu, pass);
+        if (__ballot_sync(0xffffffffu, ok && !pass)) dropped[r] = true;
+        if (pass) {
+          const int pos = cnt[r] + __popc(m & lanes_below(lane));
+          qa[pos] = v;
+          qi[pos] = j;
+        }
+        cnt[r] += __popc(m);
+      }
+      __syncwarp();
+      if (cnt[r] > c) {
+        // Radix select: the largest key K with at least c keys >= K is the c-th largest.
+        const int n = cnt[r];
+        uint32_t K = 0;
+        for (int bit = 31; bit >= 0; --bit) {
+          const uint32_t trial = K | (1u << bit);
+          int ge = 0;
+          for (int e = lane; e < n; e += 32) ge += order_key(qa[e]) >= trial;
+          ge = __reduce_add_sync(0xffffffffu, ge);
+          if (ge >= c) K = trial;
+        }
+        int gt = 0;
+        for (int e = lane; e < n; e += 32) gt += order_key(qa[e]) > K;
+        gt = __reduce_add_sync(0xffffffffu, gt);
+        const int need_eq = c - gt;
+        int written = 0, eq_seen = 0;
+        for (int base = 0; base < n; base += 32) {
+          const int e = base + lane;
+          const float a = e < n ? qa[e] : 0.0f;
+          const int idx = e < n ? qi[e] : 0;
+          const uint32_t key = order_key(a);
+          const bool is_gt = e < n && key > K, is_eq = e < n && key == K;
+          const uint32_t meq = __ballot_sync(0xffffffffu, is_eq);
+          const bool keep = is_gt || (is_eq && eq_seen + __popc(meq & lanes_below(lane)) < need_eq);
+          const uint32_t mk = __ballot_sync(0xffffffffu, keep);
+          const int pos = written + __popc(mk & lanes_below(lane));
+          __syncwarp();
+          if (keep) {
+            qa[pos] = a;
+            qi[pos] = idx;
+          }
+          __syncwarp();
+          written += __popc(mk);
+          eq_seen += __popc(meq);
+        }
+        cnt[r] = c;
+        thr[r] = key_value(K);
+        dropped[r] = true;
+      }
+    }
+    __syncthreads();  // Ss aliases the staging buffers of the next tile
+  }
+
+#pragma unroll
+  for (int r = 0; r < kQueriesPerWarp; ++r) {
+    const int qq = warp + 8 * r, q = q0 + qq;
+    if (q >= Q) continue;
+    const size_t slot = size_t(q) * slabs + slab;
+    for (int e = lane; e < cnt[r]; e += 32) {
+      cand_a[slot * c + e] = buf_a[qq * cap + e];
+      cand_i[slot * c + e] = buf_i[qq * cap + e];
+    }
+    if (lane == 0) {
+      cand_n[slot] = cnt[r];
+      bound[slot] = dropped[r] ? thr[r] : -INFINITY;
+    }
+  }
+}
+
+__device__ __forceinline__ bool ranks_before(int metric, double ma, int ia, double mb, int ib) {
+  if (ma != mb) return metric == kMetricL2 ? ma < mb : ma > mb;
+  return ia < ib;
+}
+
+size_t finalize_smem_bytes(int merged, int pow2) {
+  return size_t(merged) * (sizeof(uint32_t) + sizeof(int)) +
+         size_t(pow2) * (2 * sizeof(double) + sizeof(int));
+}
+
+__global__ void __launch_bounds__(kThreads)
+    knn_finalize_kernel(const float* __restrict__ queries, const double* __restrict__ q_norms,
+                        const float* __restrict__ rows, const double* __restrict__ norms, int metric, int d,
+                        int k, int c, int slabs, int pow2, double vmax, const float* __restrict__ cand_a,
+                        const int* __restrict__ cand_i, const int* __restrict__ cand_n,
+                        const float* __restrict__ bound, int* __restrict__ out_i, float* __restrict__ out_s,
+                        int* __restrict__ failed) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int merged = slabs * c;
+  double* sm = reinterpret_cast<double*>(smem);           // [pow2]
+  double* ss = sm + pow2;                                 // [pow2]
+  uint32_t* gk = reinterpret_cast<uint32_t*>(ss + pow2);  // [merged]
+  int* gi = reinterpret_cast<int*>(gk + merged);          // [merged]
+  int* si = gi + merged;                                  // [pow2]
+  __shared__ int s_total, s_gt, s_eq, s_kept;
+  __shared__ float s_bound;
+  __shared__ int s_ge;
+
+  const int q = blockIdx.x, tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  if (tid == 0) {
+    int total = 0;
+    float b = -INFINITY;
+    for (int s = 0; s < slabs; ++s) {
+      total += cand_n[size_t(q) * slabs + s];
+      b = fmaxf(b, bound[size_t(q) * slabs + s]);
+    }
+    s_total = total;
+    s_bound = b;
+  }
+  __syncthreads();
+  // Gather the slabs' lists (slab s's entries are contiguous in [0, cand_n)).
+  {
+    int offset = 0;
+    for (int s = 0; s < slabs; ++s) {
+      const size_t slot = size_t(q) * slabs + s;
+      const int n = cand_n[slot];
+      for (int e = tid; e < n; e += kThreads) {
+        gk[offset + e] = order_key(cand_a[slot * c + e]);
+        gi[offset + e] = cand_i[slot * c + e];
+      }
+      offset += n;
+    }
+  }
+  __syncthreads();
+  const int total = s_total;
+  int nc = total;
+  if (total > c) {
+    // Block radix select of the c-th largest key, then keep everything above it and enough equal keys.
+    uint32_t K = 0;
+    for (int bit = 31; bit >= 0; --bit) {
+      const uint32_t trial = K | (1u << bit);
+      if (tid == 0) s_ge = 0;
+      __syncthreads();
+      int ge = 0;
+      for (int e = tid; e < total; e += kThreads) ge += gk[e] >= trial;
+      ge = __reduce_add_sync(0xffffffffu, ge);
+      if (lane == 0) atomicAdd(&s_ge, ge);
+      __syncthreads();
+      if (s_ge >= c) K = trial;
+      __syncthreads();
+    }
+    if (tid == 0) {
+      s_gt = 0;
+      s_eq = 0;
+      s_kept = 0;
+    }
+    __syncthreads();
+    int gt = 0;
+    for (int e = tid; e < total; e += kThreads) gt += gk[e] > K;
+    gt = __reduce_add_sync(0xffffffffu, gt);
+    if (lane == 0) atomicAdd(&s_gt, gt);
+    __syncthreads();
+    const int need_eq = c - s_gt;
+    for (int e = tid; e < total; e += kThreads) {
+      bool keep = gk[e] > K;
+      if (!keep && gk[e] == K) keep = atomicAdd(&s_eq, 1) < need_eq;
+      if (keep) {
+        const int pos = atomicAdd(&s_kept, 1);
+        si[pos] = gi[e];
+      }
+    }
+    __syncthreads();
+    if (tid == 0) s_bound = fmaxf(s_bound, key_value(K));
+    nc = c;
+  } else {
+    for (int e = tid; e < total; e += kThreads) si[e] = gi[e];
+  }
+  __syncthreads();
+
+  // Float64 re-scoring, a warp per candidate.
+  const float* qv = queries + size_t(q) * d;
+  const double qn = q_norms[q];
+  for (int e = warp; e < nc; e += kThreads / 32) {
+    const int r = si[e];
+    const float* v = rows + size_t(r) * d;
+    double dot = 0.0, dist2 = 0.0;
+    for (int t = lane; t < d; t += 32) {
+      const double x = qv[t], y = v[t];
+      dot += x * y;
+      dist2 += (x - y) * (x - y);
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+      dot += __shfl_down_sync(0xffffffffu, dot, o);
+      dist2 += __shfl_down_sync(0xffffffffu, dist2, o);
+    }
+    if (lane == 0) {
+      const double vn = norms[r];
+      double m, s;
+      if (metric == kMetricL2) {
+        m = dist2;
+        s = dot - 0.5 * vn * vn;
+      } else if (metric == kMetricDot) {
+        m = s = dot;
+      } else {
+        m = s = (qn == 0.0 || vn == 0.0) ? 0.0 : dot / (qn * vn);
+      }
+      sm[e] = m;
+      ss[e] = s;
+    }
+  }
+  const double worst = metric == kMetricL2 ? INFINITY : -INFINITY;
+  for (int e = nc + tid; e < pow2; e += kThreads) {
+    sm[e] = worst;
+    ss[e] = worst;
+    si[e] = INT_MAX;
+  }
+  __syncthreads();
+  // Bitonic sort, best first.
+  for (int size = 2; size <= pow2; size <<= 1) {
+    for (int stride = size / 2; stride > 0; stride >>= 1) {
+      for (int i = tid; i < pow2; i += kThreads) {
+        const int j = i ^ stride;
+        if (j > i) {
+          const bool up = (i & size) == 0;
+          const bool swap = up ? ranks_before(metric, sm[j], si[j], sm[i], si[i])
+                               : ranks_before(metric, sm[i], si[i], sm[j], si[j]);
+          if (swap) {
+            const double tm = sm[i], ts = ss[i];
+            const int ti = si[i];
+            sm[i] = sm[j];
+            ss[i] = ss[j];
+            si[i] = si[j];
+            sm[j] = tm;
+            ss[j] = ts;
+            si[j] = ti;
+          }
+        }
+      }
+      __syncthreads();
+    }
+  }
+  if (tid == 0) {
+    const double E = 1.25 * (ldexp(1.0, -10) + (d + 16) * ldexp(1.0, -22));
+    double err =
+        metric == kMetricCosine ? E : (metric == kMetricDot ? E * qn * vmax : E * (qn * vmax + vmax * vmax));
+    err += d * ldexp(1.0, -120) * (1.0 + qn + vmax);  // TF32 flushes subnormal operands
+    double s_k = INFINITY;
+    for (int t = 0; t < k; ++t) s_k = fmin(s_k, ss[t]);
+    const bool ok = nc >= k && (s_bound == -INFINITY || s_k > double(s_bound) + err);
+    failed[q] = ok ? 0 : 1;
+  }
+  for (int t = tid; t < k; t += kThreads) {
+    out_i[size_t(q) * k + t] = si[t];
+    out_s[size_t(q) * k + t] = float(metric == kMetricL2 ? sqrt(sm[t]) : sm[t]);
+  }
+}
+
+template <class T>
+struct DeviceBuffer {
+  T* ptr = nullptr;
+  size_t n = 0;
+  DeviceBuffer() = default;
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  ~DeviceBuffer() {
+    if (ptr) cudaFree(ptr);
+  }
+  void ensure(size_t count, const char* what) {
+    if (count <= n && ptr) return;
+    if (ptr) cudaFree(ptr);
+    ptr = nullptr;
+    n = 0;
+    cuda_check(cudaMalloc(&ptr, std::max<size_t>(count, 1) * sizeof(T)), what);
+    n = count;
+  }
+};
+
+int metric_code(KnnMetric m) {
+  return m == KnnMetric::Cosine ? kMetricCosine : (m == KnnMetric::L2 ? kMetricL2 : kMetricDot);
+}
+
+int next_pow2(int x) {
+  int p = 1;
+  while (p < x) p <<= 1;
+  return p;
+}
+
+class CudaIndex final : public KnnIndex {
+ public:
+  CudaIndex(const float* vocab, int64_t V, int64_t d, KnnMetric metric) : V_(V), d_(d), metric_(metric) {
+    if (V <= 0 || d <= 0) throw std::invalid_argument("vocab: expected at least one row of dimension >= 1");
+    if (V > std::numeric_limits<int32_t>::max() - 1 || d > std::numeric_limits<int32_t>::max() / 2)
+      throw std::out_of_range("vocab: too large for the CUDA index");
+    cuda_check(cudaSetDevice(0), "cudaSetDevice");
+    cudaDeviceProp prop{};
+    cuda_check(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties");
+    sms_ = prop.multiProcessorCount;
+    smem_optin_ = static_cast<size_t>(prop.sharedMemPerBlockOptin);
+    cuda_check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+
+    host_rows_.assign(vocab, vocab + V * d);
+    host_norms_.resize(V);
+    knn_row_norms(host_norms_.data(), vocab, V, d, 1);
+    vmax_ = 0.0;
+    for (double n : host_norms_) vmax_ = std::max(vmax_, n);
+    if (!(vmax_ < kKnnMaxNorm))
+      throw std::out_of_range("vocab: a row norm is 1e18 or more (fp32 overflow risk)");
+    const size_t elems = size_t(V) * d;
+    rows_.ensure(elems, "cudaMalloc(rows)");
+    cuda_check(cudaMemcpy(rows_.ptr, vocab, elems * sizeof(float), cudaMemcpyHostToDevice), "upload rows");
+    norms_.ensure(V, "cudaMalloc(norms)");
+    cuda_check(cudaMemcpy(norms_.ptr, host_norms_.data(), V * sizeof(double), cudaMemcpyHostToDevice),
+               "upload norms");
+    if (metric == KnnMetric::Cosine) {
+      std::vector<float> normalised(elems);
+      for (int64_t r = 0; r < V; ++r) {
+        const double inv = host_norms_[r] > 0.0 ? 1.0 / host_norms_[r] : 0.0;
+        for (int64_t k = 0; k < d; ++k) normalised[r * d + k] = static_cast<float>(vocab[r * d + k] * inv);
+      }
+      screen_.ensure(elems, "cudaMalloc(normalised rows)");
+      cuda_check(cudaMemcpy(screen_.ptr, normalised.data(), elems * sizeof(float), cudaMemcpyHostToDevice),
+                 "upload normalised rows");
+    }
+    if (metric == KnnMetric::L2) {
+      std::vector<float> half(V);
+      for (int64_t r = 0; r < V; ++r) half[r] = static_cast<float>(0.5 * host_norms_[r] * host_norms_[r]);
+      half_sq_.ensure(V, "cudaMalloc(half squared norms)");
+      cuda_check(cudaMemcpy(half_sq_.ptr, half.data(), V * sizeof(float), cudaMemcpyHostToDevice),
+                 "upload half squared norms");
+    }
+  }
+
+  ~CudaIndex() override {
+    if (stream_) cudaStreamDestroy(stream_);
+  }
+
+  int64_t rows() const override { return V_; }
+  int64_t dim() const override { return d_; }
+  KnnMetric metric() const override { return metric_; }
+  const char* backend() const override { return "cuda"; }
+  int64_t host_bytes() const override { return V_ * d_ * 4 + V_ * 8; }
+  int64_t device_bytes() const override {
+    return V_ * d_ * 4 * (metric_ == KnnMetric::Cosine ? 2 : 1) + V_ * 8 +
+           (metric_ == KnnMetric::L2 ? V_ * 4 : 0);
+  }
+  const float* row(int64_t r) const override { return host_rows_.data() + r * d_; }
+
+  KnnResult search(const float* queries, int64_t Q, int64_t k, const int32_t* exclude,
+                   int threads) const override {
+    const int64_t available = V_ - (exclude ? 1 : 0);
+    if (k < 1 || k > kKnnMaxK || k > available)
+      throw std::out_of_range("k: expected an integer from 1 to " +
+                              std::to_string(std::min(kKnnMaxK, available)) + ", got " + std::to_string(k));
+    std::lock_guard<std::mutex> lock(mu_);
+    cuda_check(cudaSetDevice(0), "cudaSetDevice");
+    KnnResult res;
+    res.indices.assign(size_t(Q * k), -1);
+    res.scores.assign(size_t(Q * k), 0.0f);
+    std::vector<double> q_norms(Q);
+    knn_row_norms(q_norms.data(), queries, Q, d_, threads);
+    for (int64_t q = 0; q < Q; ++q)
+      if (!(q_norms[q] < kKnnMaxNorm)) throw std::out_of_range("queries: a row norm is 1e18 or more");
+    std::vector<int64_t> pending;
+    for (int64_t q = 0; q < Q; ++q) {
+      if (metric_ == KnnMetric::Cosine && q_norms[q] == 0.0) {
+        int32_t r = 0;
+        for (int64_t t = 0; t < k; ++t, ++r) {
+          if (exclude && r == exclude[q]) ++r;
+          res.indices[q * k + t] = r;
+        }
+        continue;
+      }
+      pending.push_back(q);
+    }
+    int64_t c = k + std::max<int64_t>(64, k / 8);
+    bool first = true;
+    while (!pending.empty()) {
+      if (!first) res.recovered_queries += static_cast<int64_t>(pending.size());
+      const int bq = pick_bq(static_cast<int>(c));
+      if (c >= available || bq == 0 ||
+          finalize_smem_bytes(static_cast<int>(c), next_pow2(static_cast<int>(c))) > smem_optin_) {
+        host_exact(pending, queries, k, exclude, threads, &res);
+        break;
+      }
+      std::vector<int64_t> failed;
+      const int64_t chunk = 4096;
+      for (size_t b = 0; b < pending.size(); b += chunk) {
+        const size_t e = std::min(pending.size(), b + size_t(chunk));
+        std::vector<int64_t> part(pending.begin() + b, pending.begin() + e);
+        run(part, queries, q_norms, k, static_cast<int>(c), bq, exclude, &res, &failed);
+      }
+      pending.swap(failed);
+      c *= 4;
+      first = false;
+    }
+    return res;
+  }
+
+ private:
+  int pick_bq(int c) const {
+    for (int bq : {64, 32, 16})
+      if (screen_smem_bytes(bq, c) <= smem_optin_) return bq;
+    return 0;
+  }
+
+  template <int BQ>
+  void launch_screen(int slabs, int tiles_per_slab, int n, int c, const int* excl) const {
+    const size_t smem = screen_smem_bytes(BQ, c);
+    cuda_check(cudaFuncSetAttribute(knn_screen_kernel<BQ>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    static_cast<int>(smem)),
+               "cudaFuncSetAttribute(screen)");
+    const dim3 grid(slabs, (n + BQ - 1) / BQ);
+    knn_screen_kernel<BQ><<<grid, kThreads, smem, stream_>>>(
+        q_screen_.ptr, metric_ == KnnMetric::Cosine ? screen_.ptr : rows_.ptr,
+        metric_ == KnnMetric::L2 ? half_sq_.ptr : nullptr, excl, n, static_cast<int>(V_),
+        static_cast<int>(d_), c, tiles_per_slab, slabs, cand_a_.ptr, cand_i_.ptr, cand_n_.ptr, bound_.ptr);
+    cuda_check(cudaGetLastError(), "knn_screen_kernel launch");
+  }
+
+  void run(const std::vector<int64_t>& part, const float* queries, const std::vector<double>& q_norms,
+           int64_t k, int c, int bq, const int32_t* exclude, KnnResult* res,
+           std::vector<int64_t>* failed) const {
+    const int n = static_cast<int>(part.size()), d = static_cast<int>(d_);
+    const int tiles = static_cast<int>((V_ + kBV - 1) / kBV);
+    const int qtiles = (n + bq - 1) / bq;
+    int slabs = std::max(1, std::min(tiles, (2 * sms_ + qtiles - 1) / qtiles));
+    slabs = std::max(1, std::min(slabs, kMaxMerged / c));
+    const int tiles_per_slab = (tiles + slabs - 1) / slabs;
+    slabs = (tiles + tiles_per_slab - 1) / tiles_per_slab;
+    const int pow2 = next_pow2(c);
+    const int merged = slabs * c;
+    if (finalize_smem_bytes(merged, pow2) > smem_optin_)
+      throw std::runtime_error("CUDA kNN: candidate set too large");
+
+    std::vector<float> hq(size_t(n) * d), hs(size_t(n) * d);
+    std::vector<double> hn(n);
+    std::vector<int> hx(n, -1);
+    for (int i = 0; i < n; ++i) {
+      const float* src = queries + part[i] * d_;
+      std::memcpy(&hq[size_t(i) * d], src, sizeof(float) * d);
+      hn[i] = q_norms[part[i]];
+      const double inv = metric_ == KnnMetric::Cosine ? 1.0 / hn[i] : 1.0;
+      for (int t = 0; t < d; ++t)
+        hs[size_t(i) * d + t] = metric_ == KnnMetric::Cosine ? float(src[t] * inv) : src[t];
+      if (exclude) hx[i] = exclude[part[i]];
+    }
+    q_orig_.ensure(size_t(n) * d, "cudaMalloc(queries)");
+    q_screen_.ensure(size_t(n) * d, "cudaMalloc(screening queries)");
+    q_norm_.ensure(n, "cudaMalloc(query norms)");
+    excl_.ensure(n, "cudaMalloc(exclude)");
+    cand_a_.ensure(size_t(n) * merged, "cudaMalloc(candidates)");
+    cand_i_.ensure(size_t(n) * merged, "cudaMalloc(candidates)");
+    cand_n_.ensure(size_t(n) * slabs, "cudaMalloc(candidate counts)");
+    bound_.ensure(size_t(n) * slabs, "cudaMalloc(bounds)");
+    out_i_.ensure(size_t(n) * k, "cudaMalloc(indices)");
+    out_s_.ensure(size_t(n) * k, "cudaMalloc(scores)");
+    failed_.ensure(n, "cudaMalloc(flags)");
+    cuda_check(cudaMemcpyAsync(q_orig_.ptr, hq.data(), hq.size() * 4, cudaMemcpyHostToDevice, stream_),
+               "upload queries");
+    cuda_check(cudaMemcpyAsync(q_screen_.ptr, hs.data(), hs.size() * 4, cudaMemcpyHostToDevice, stream_),
+               "upload queries");
+    cuda_check(cudaMemcpyAsync(q_norm_.ptr, hn.data(), hn.size() * 8, cudaMemcpyHostToDevice, stream_),
+               "upload query norms");
+    if (exclude)
+      cuda_check(cudaMemcpyAsync(excl_.ptr, hx.data(), hx.size() * 4, cudaMemcpyHostToDevice, stream_),
+                 "upload exclude");
+    const int* excl = exclude ? excl_.ptr : nullptr;
+    if (bq == 64)
+      launch_screen<64>(slabs, tiles_per_slab, n, c, excl);
+    else if (bq == 32)
+      launch_screen<32>(slabs, tiles_per_slab, n, c, excl);
+    else
+      launch_screen<16>(slabs, tiles_per_slab, n, c, excl);
+    const size_t fsmem = finalize_smem_bytes(merged, pow2);
+    cuda_check(cudaFuncSetAttribute(knn_finalize_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    static_cast<int>(fsmem)),
+               "cudaFuncSetAttribute(finalize)");
+    knn_finalize_kernel<<<n, kThreads, fsmem, stream_>>>(
+        q_orig_.ptr, q_norm_.ptr, rows_.ptr, norms_.ptr, metric_code(metric_), d, static_cast<int>(k), c,
+        slabs, pow2, vmax_, cand_a_.ptr, cand_i_.ptr, cand_n_.ptr, bound_.ptr, out_i_.ptr, out_s_.ptr,
+        failed_.ptr);
+    cuda_check(cudaGetLastError(), "knn_finalize_kernel launch");
+    std::vector<int> oi(size_t(n) * k), fl(n);
+    std::vector<float> os(size_t(n) * k);
+    cuda_check(cudaMemcpyAsync(oi.data(), out_i_.ptr, oi.size() * 4, cudaMemcpyDeviceToHost, stream_),
+               "download");
+    cuda_check(cudaMemcpyAsync(os.data(), out_s_.ptr, os.size() * 4, cudaMemcpyDeviceToHost, stream_),
+               "download");
+    cuda_check(cudaMemcpyAsync(fl.data(), failed_.ptr, fl.size() * 4, cudaMemcpyDeviceToHost, stream_),
+               "download");
+    cuda_check(cudaStreamSynchronize(stream_), "kNN search");
+    for (int i = 0; i < n; ++i) {
+      if (fl[i]) {
+        failed->push_back(part[i]);
+        continue;
+      }
+      std::copy_n(&oi[size_t(i) * k], k, res->indices.begin() + part[i] * k);
+      std::copy_n(&os[size_t(i) * k], k, res->scores.begin() + part[i] * k);
+    }
+  }
+
+  void host_exact(const std::vector<int64_t>& part, const float* queries, int64_t k, const int32_t* exclude,
+                  int threads, KnnResult* res) const {
+    std::vector<int32_t> idx(k);
+    std::vector<float> sc(k);
+    for (int64_t q : part) {
+      int32_t ex = exclude ? exclude[q] : -1;
+      knn_exact_scan(idx.data(), sc.data(), queries + q * d_, 1, host_rows_.data(), host_norms_.data(), V_,
+                     d_, k, metric_, exclude ? &ex : nullptr, threads);
+      std::copy(idx.begin(), idx.end(), res->indices.begin() + q * k);
+      std::copy(sc.begin(), sc.end(), res->scores.begin() + q * k);
+    }
+  }
+
+  int64_t V_, d_;
+  KnnMetric metric_;
+  int sms_ = 1;
+  size_t smem_optin_ = 48 * 1024;
+  cudaStream_t stream_ = nullptr;
+  double vmax_ = 0.0;
+  std::vector<float> host_rows_;
+  std::vector<double> host_norms_;
+  DeviceBuffer<float> rows_, screen_, half_sq_;
+  DeviceBuffer<double> norms_;
+  mutable std::mutex mu_;
+  mutable DeviceBuffer<float> q_orig_, q_screen_, cand_a_, bound_, out_s_;
+  mutable DeviceBuffer<double> q_norm_;
+  mutable DeviceBuffer<int> excl_, cand_i_, cand_n_, out_i_, failed_;
+};
+
+}  // namespace
+
+std::unique_ptr<KnnIndex> knn_index_cuda(const float* vocab, int64_t V, int64_t d, KnnMetric metric) {
+  return std::make_unique<CudaIndex>(vocab, V, d, metric);
+}
+
+}  // namespace pt

@@ -1,0 +1,82 @@
+// Exact k-nearest-neighbour search of query vectors against a fixed set of rows (the "vocabulary": token
+// embeddings, or any reference set such as dataset activations).
+//
+// Exact means: the result equals a float64 brute force over all rows, ties (equal float64 values) broken by
+// the lower row index. Fast paths screen candidates in fp32 (CPU: the blocked GEMM micro-kernel; CUDA: TF32
+// tensor cores), re-score the candidates in float64 and *certify* the result with a rigorous bound on the
+// screening error; a query that cannot be certified is searched again with 4x the candidates, and finally
+// by the float64 brute force (knn_exact_scan). See kernels/cpu/knn.cpp for the bound.
+//
+// Metric values (float64, rounded to fp32 when returned):
+//   cosine: q.v / (|q| |v|), defined as 0 when either norm is 0 (as torch's F.normalize convention); larger
+//           is nearer
+//   dot:    q.v; larger is nearer
+//   l2:     |q - v|, the Euclidean distance (not squared); smaller is nearer
+//
+// Memory contract: every buffer is row-major fp32. Indices[Q, k] and scores[Q, k] are overwritten (=), best
+// first. Inputs must be finite (the Node layer checks and names the offending row), and row norms must stay
+// below 1e18 so that no fp32 product or squared norm overflows (checked: std::out_of_range).
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace pt {
+
+enum class KnnMetric { Cosine, L2, Dot };
+
+constexpr int64_t kKnnMaxK = 1024;
+constexpr double kKnnMaxNorm = 1e18;
+
+KnnMetric knn_metric_from_name(const std::string& name);  // "cosine" | "l2" | "dot"; std::invalid_argument
+const char* knn_metric_name(KnnMetric metric);
+
+struct KnnResult {
+  std::vector<int32_t> indices;   // [Q, k]
+  std::vector<float> scores;      // [Q, k]
+  int64_t recovered_queries = 0;  // queries that needed more than one screening round (see above)
+};
+
+// A search index over a copy of vocab[V, d]. search() is const and may run from several threads at once.
+class KnnIndex {
+ public:
+  virtual ~KnnIndex() = default;
+  // queries[Q, d]; 1 <= k <= min(kKnnMaxK, V - (exclude ? 1 : 0)). exclude[Q] (nullable): a row index that
+  // query q must not return (its own row in a self-search), or -1.
+  virtual KnnResult search(const float* queries, int64_t Q, int64_t k, const int32_t* exclude,
+                           int threads) const = 0;
+  virtual int64_t rows() const = 0;
+  virtual int64_t dim() const = 0;
+  virtual KnnMetric metric() const = 0;
+  virtual const char* backend() const = 0;  // "cpu" | "cuda"
+  virtual int64_t host_bytes() const = 0;
+  virtual int64_t device_bytes() const = 0;
+  // Row r of the original vocabulary (fp32, as given).
+  virtual const float* row(int64_t r) const = 0;
+};
+
+// CPU index: keeps the original rows (for float64 re-scoring) and a copy packed into the GEMM micro-kernel's
+// panel layout (normalised for cosine), so a search streams the vocabulary once with no packing.
+std::unique_ptr<KnnIndex> knn_index_cpu(const float* vocab, int64_t V, int64_t d, KnnMetric metric,
+                                        int threads);
+
+// CUDA index on device 0 (kernels/cuda/knn.cu): the rows stay resident on the device (original fp32 rows, a
+// normalised copy for cosine, float64 norms). Throws std::runtime_error when this build has no CUDA backend
+// or the device fails.
+std::unique_ptr<KnnIndex> knn_index_cuda(const float* vocab, int64_t V, int64_t d, KnnMetric metric);
+
+// The float64 brute force, the reference of both backends and their last resort: for each query, every row
+// is scored in float64 and the best k are kept (ties to the lower index). Threads split the rows.
+void knn_exact_scan(int32_t* indices, float* scores, const float* queries, int64_t Q, const float* vocab,
+                    const double* row_norms, int64_t V, int64_t d, int64_t k, KnnMetric metric,
+                    const int32_t* exclude, int threads);
+
+// Float64 L2 norms of the rows of x[n, d] (=).
+void knn_row_norms(double* norms, const float* x, int64_t n, int64_t d, int threads);
+
+// Checks x[n, d] for non-finite values and rows with norm >= kKnnMaxNorm; returns "" or a message naming
+// the first offending row and column (the caller prefixes the argument name).
+std::string knn_check_rows(const float* x, int64_t n, int64_t d, int threads);
+
+}  // namespace pt

@@ -1,0 +1,315 @@
+// Node-API glue of the exact nearest-neighbour index (kernels/cpu/knn.cpp, kernels/cuda/knn.cu) and of the
+// float64 linear algebra behind the collapse metrics (kernels/cpu/collapse_linalg.cpp).
+//
+// NativeKnnIndex: build() (async: copies, normalises and packs the rows, or uploads them to the device),
+// search() and searchRows() (async), info(), dispose(). The index is held by shared_ptr, so a search still
+// running after dispose() keeps it alive until it finishes; calls after dispose() throw "Index is disposed".
+// Queries are copied before the worker starts (they are small); the vocabulary is read in place by build()'s
+// worker, which keeps it referenced until it has been copied.
+#include "priortune/knn.h"
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+
+#include "common.h"
+#include "modules.h"
+#include "priortune/collapse.h"
+
+namespace ptn {
+namespace {
+
+Napi::Float64Array to_float64(Napi::Env env, std::vector<double>&& data) {
+  size_t n = data.size();
+  return Napi::Float64Array::New(env, n, external_buffer(env, std::move(data)), 0);
+}
+
+int threads_of(const Napi::CallbackInfo& info, size_t i) {
+  if (info.Length() <= i || info[i].IsUndefined()) return 1;
+  return static_cast<int>(int_of(info[i], "threads", 1));
+}
+
+int64_t rows_of(const View<float>& v, int64_t d, const std::string& name, Napi::Env env) {
+  if (v.length == 0 || v.length % static_cast<size_t>(d) != 0)
+    throw Napi::RangeError::New(env, name + ": expected a non-empty length that is a multiple of dim (" +
+                                         std::to_string(d) + "), got " + std::to_string(v.length));
+  return static_cast<int64_t>(v.length / static_cast<size_t>(d));
+}
+
+Napi::Object result_object(Napi::Env env, pt::KnnResult&& r) {
+  Napi::Object o = Napi::Object::New(env);
+  const double recovered = static_cast<double>(r.recovered_queries);
+  o.Set("indices", to_int32(env, std::move(r.indices)));
+  o.Set("scores", to_float32(env, std::move(r.scores)));
+  o.Set("recoveredQueries", recovered);
+  return o;
+}
+
+class KnnIndexWrap : public Napi::ObjectWrap<KnnIndexWrap> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(
+        env, "NativeKnnIndex",
+        {InstanceMethod("build", &KnnIndexWrap::Build), InstanceMethod("search", &KnnIndexWrap::Search),
+         InstanceMethod("searchRows", &KnnIndexWrap::SearchRows), InstanceMethod("info", &KnnIndexWrap::Info),
+         InstanceMethod("dispose", &KnnIndexWrap::Dispose)});
+  }
+
+  explicit KnnIndexWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<KnnIndexWrap>(info) {}
+
+ private:
+  std::shared_ptr<const pt::KnnIndex> live(Napi::Env env) {
+    if (disposed_) throw Napi::Error::New(env, "Index is disposed");
+    if (!index_) throw Napi::Error::New(env, "Index is not built yet (await build() first)");
+    return index_;
+  }
+
+  // build(vocab: Float32Array, dim, metric, backend: "cpu" | "cuda", threads) -> Promise<void>
+  Napi::Value Build(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return guarded(env, [&]() -> Napi::Value {
+      if (index_ || building_ || disposed_)
+        throw Napi::Error::New(env, "build: this index was already built");
+      Napi::Value vocab_value = arg(info, 0, "vocab");
+      View<float> vocab = view_of<float>(vocab_value, "vocab");
+      const int64_t d = int_of(arg(info, 1, "dim"), "dim", 1);
+      const int64_t V = rows_of(vocab, d, "vocab", env);
+      if (!arg(info, 2, "metric").IsString())
+        throw_type(env, "metric", "\"cosine\", \"l2\" or \"dot\"", info[2]);
+      const pt::KnnMetric metric = pt::knn_metric_from_name(info[2].As<Napi::String>().Utf8Value());
+      if (!arg(info, 3, "backend").IsString()) throw_type(env, "backend", "\"cpu\" or \"cuda\"", info[3]);
+      const std::string backend = info[3].As<Napi::String>().Utf8Value();
+      if (backend != "cpu" && backend != "cuda")
+        throw Napi::TypeError::New(env, "backend: expected \"cpu\" or \"cuda\", got \"" + backend + "\"");
+      const int threads = threads_of(info, 4);
+      auto slot = std::make_shared<std::shared_ptr<const pt::KnnIndex>>();
+      building_ = true;
+      auto* worker = new PromiseWorker(
+          env,
+          [slot, vocab, V, d, metric, backend, threads]() {
+            const std::string bad = pt::knn_check_rows(vocab.data, V, d, threads);
+            if (!bad.empty()) throw std::invalid_argument("vocab: " + bad);
+            if (backend == "cuda")
+              *slot = pt::knn_index_cuda(vocab.data, V, d, metric);
+            else
+              *slot = pt::knn_index_cpu(vocab.data, V, d, metric, threads);
+          },
+          [this, slot](Napi::Env e) -> Napi::Value {
+            building_ = false;
+            if (disposed_) return e.Undefined();  // disposed while building: drop the index
+            index_ = *slot;
+            return e.Undefined();
+          });
+      worker->keep(vocab_value);
+      worker->keep(Value());
+      return worker->queue();
+    });
+  }
+
+  // search(queries: Float32Array, k, threads) -> Promise<{ indices, scores, recoveredQueries }>
+  Napi::Value Search(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return guarded(env, [&]() -> Napi::Value {
+      auto index = live(env);
+      View<float> q = view_of<float>(arg(info, 0, "queries"), "queries");
+      const int64_t d = index->dim(), Q = rows_of(q, d, "queries", env);
+      const int64_t k = int_of(arg(info, 1, "k"), "k", 1);
+      const int threads = threads_of(info, 2);
+      auto queries = std::make_shared<std::vector<float>>(q.data, q.data + q.length);
+      auto out = std::make_shared<pt::KnnResult>();
+      auto* worker = new PromiseWorker(
+          env,
+          [index, queries, Q, d, k, threads, out]() {
+            const std::string bad = pt::knn_check_rows(queries->data(), Q, d, threads);
+            if (!bad.empty()) throw std::invalid_argument("queries: " + bad);
+            *out = index->search(queries->data(), Q, k, nullptr, threads);
+          },
+          [out](Napi::Env e) -> Napi::Value { return result_object(e, std::move(*out)); });
+      return worker->queue();
+    });
+  }
+
+  // searchRows(rows: Int32Array, k, threads, excludeSelf: boolean) -> Promise<{ indices, scores, ... }>:
+  // the index's own rows as queries; with excludeSelf each row's own index is never returned (self-search).
+  Napi::Value SearchRows(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return guarded(env, [&]() -> Napi::Value {
+      auto index = live(env);
+      View<int32_t> r = view_of<int32_t>(arg(info, 0, "rows"), "rows");
+      const int64_t k = int_of(arg(info, 1, "k"), "k", 1);
+      const int threads = threads_of(info, 2);
+      const bool exclude_self = info.Length() > 3 && info[3].ToBoolean().Value();
+      const int64_t V = index->rows();
+      for (size_t i = 0; i < r.length; ++i)
+        if (r.data[i] < 0 || r.data[i] >= V)
+          throw Napi::RangeError::New(env, "rows: element " + std::to_string(i) + " is " +
+                                               std::to_string(r.data[i]) + ", outside the index's rows [0, " +
+                                               std::to_string(V) + ")");
+      auto ids = std::make_shared<std::vector<int32_t>>(r.data, r.data + r.length);
+      auto out = std::make_shared<pt::KnnResult>();
+      auto* worker = new PromiseWorker(
+          env,
+          [index, ids, k, threads, exclude_self, out]() {
+            const int64_t d = index->dim(), Q = static_cast<int64_t>(ids->size());
+            std::vector<float> queries(static_cast<size_t>(Q * d));
+            for (int64_t i = 0; i < Q; ++i) std::copy_n(index->row((*ids)[i]), d, queries.begin() + i * d);
+            *out = index->search(queries.data(), Q, k, exclude_self ? ids->data() : nullptr, threads);
+          },
+          [out](Napi::Env e) -> Napi::Value { return result_object(e, std::move(*out)); });
+      return worker->queue();
+    });
+  }
+
+  Napi::Value Info(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    auto index = live(env);
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("rows", static_cast<double>(index->rows()));
+    o.Set("dim", static_cast<double>(index->dim()));
+    o.Set("metric", pt::knn_metric_name(index->metric()));
+    o.Set("backend", index->backend());
+    o.Set("hostBytes", static_cast<double>(index->host_bytes()));
+    o.Set("deviceBytes", static_cast<double>(index->device_bytes()));
+    return o;
+  }
+
+  Napi::Value Dispose(const Napi::CallbackInfo& info) {
+    index_.reset();
+    disposed_ = true;
+    return info.Env().Undefined();
+  }
+
+  std::shared_ptr<const pt::KnnIndex> index_;
+  bool building_ = false, disposed_ = false;
+};
+
+// gaussianFit(rows: Float32Array, dim, jitter, threads) -> Promise<{ mean, cholesky, ridge, meanVariance,
+// logDet }>: mean and unbiased covariance of the rows, ridge = jitter * trace / dim added to the diagonal
+// (jitter relative to the mean variance; the paper's Sigma + 1e-3 I when N < d, made scale-free), then the
+// Cholesky factor (lower, row-major d x d) and log det of the regularised covariance.
+Napi::Value GaussianFit(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&]() -> Napi::Value {
+    Napi::Value rows_value = arg(info, 0, "rows");
+    View<float> x = view_of<float>(rows_value, "rows");
+    const int64_t d = int_of(arg(info, 1, "dim"), "dim", 1), n = rows_of(x, d, "rows", env);
+    if (n < 2) throw Napi::RangeError::New(env, "rows: a Gaussian fit needs at least 2 rows, got 1");
+    const double jitter = number_of(arg(info, 2, "jitter"), "jitter");
+    if (!(jitter >= 0.0) || !std::isfinite(jitter))
+      throw Napi::RangeError::New(env,
+                                  "jitter: expected a finite number >= 0, got " + std::to_string(jitter));
+    const int threads = threads_of(info, 3);
+    struct Out {
+      std::vector<double> mean, chol;
+      double ridge = 0, mean_variance = 0, log_det = 0;
+    };
+    auto out = std::make_shared<Out>();
+    auto* worker = new PromiseWorker(
+        env,
+        [x, n, d, jitter, threads, out]() {
+          const std::string bad = pt::knn_check_rows(x.data, n, d, threads);
+          if (!bad.empty()) throw std::invalid_argument("rows: " + bad);
+          out->mean.resize(d);
+          out->chol.resize(static_cast<size_t>(d * d));
+          pt::collapse_covariance(out->mean.data(), out->chol.data(), x.data, n, d, threads);
+          double trace = 0.0;
+          for (int64_t i = 0; i < d; ++i) trace += out->chol[i * d + i];
+          out->mean_variance = trace / static_cast<double>(d);
+          out->ridge = jitter * (out->mean_variance > 0.0 ? out->mean_variance : 1.0);
+          for (int64_t i = 0; i < d; ++i) out->chol[i * d + i] += out->ridge;
+          if (!pt::collapse_cholesky(out->chol.data(), d, threads))
+            throw std::runtime_error("gaussianFit: the covariance is not positive definite with a ridge of " +
+                                     std::to_string(out->ridge) + "; raise the jitter");
+          for (int64_t i = 0; i < d; ++i) out->log_det += 2.0 * std::log(out->chol[i * d + i]);
+        },
+        [out](Napi::Env e) -> Napi::Value {
+          Napi::Object o = Napi::Object::New(e);
+          o.Set("mean", to_float64(e, std::move(out->mean)));
+          o.Set("cholesky", to_float64(e, std::move(out->chol)));
+          o.Set("ridge", out->ridge);
+          o.Set("meanVariance", out->mean_variance);
+          o.Set("logDet", out->log_det);
+          return o;
+        });
+    worker->keep(rows_value);
+    return worker->queue();
+  });
+}
+
+// mahalanobisSquared(vectors: Float32Array, dim, mean: Float64Array, cholesky: Float64Array, threads)
+//   -> Promise<Float64Array>
+Napi::Value MahalanobisSquared(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&]() -> Napi::Value {
+    Napi::Value xv = arg(info, 0, "vectors");
+    View<float> x = view_of<float>(xv, "vectors");
+    const int64_t d = int_of(arg(info, 1, "dim"), "dim", 1), n = rows_of(x, d, "vectors", env);
+    Napi::Value mv = arg(info, 2, "mean"), lv = arg(info, 3, "cholesky");
+    View<double> mean = view_of_length<double>(mv, "mean", d);
+    View<double> L = view_of_length<double>(lv, "cholesky", static_cast<size_t>(d * d));
+    const int threads = threads_of(info, 4);
+    auto out = std::make_shared<std::vector<double>>(n);
+    auto* worker = new PromiseWorker(
+        env,
+        [x, n, d, mean, L, threads, out]() {
+          pt::collapse_mahalanobis_sq(out->data(), x.data, n, d, mean.data, L.data, threads);
+        },
+        [out](Napi::Env e) -> Napi::Value { return to_float64(e, std::move(*out)); });
+    worker->keep(xv);
+    worker->keep(mv);
+    worker->keep(lv);
+    return worker->queue();
+  });
+}
+
+// meanDistances(queries: Float32Array, rows: Float32Array, dim, threads) -> Promise<Float64Array>
+Napi::Value MeanDistances(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&]() -> Napi::Value {
+    Napi::Value qv = arg(info, 0, "queries"), rv = arg(info, 1, "rows");
+    View<float> q = view_of<float>(qv, "queries"), r = view_of<float>(rv, "rows");
+    const int64_t d = int_of(arg(info, 2, "dim"), "dim", 1);
+    const int64_t nq = rows_of(q, d, "queries", env), nr = rows_of(r, d, "rows", env);
+    const int threads = threads_of(info, 3);
+    auto out = std::make_shared<std::vector<double>>(nq);
+    auto* worker = new PromiseWorker(
+        env,
+        [q, r, nq, nr, d, threads, out]() {
+          pt::collapse_mean_distances(out->data(), q.data, nq, r.data, nr, d, threads);
+        },
+        [out](Napi::Env e) -> Napi::Value { return to_float64(e, std::move(*out)); });
+    worker->keep(qv);
+    worker->keep(rv);
+    return worker->queue();
+  });
+}
+
+// gramEigenvalues(x: Float32Array, dim, threads) -> Promise<Float64Array> (descending; squared singular
+// values)
+Napi::Value GramEigenvalues(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&]() -> Napi::Value {
+    Napi::Value xv = arg(info, 0, "x");
+    View<float> x = view_of<float>(xv, "x");
+    const int64_t d = int_of(arg(info, 1, "dim"), "dim", 1), n = rows_of(x, d, "x", env);
+    const int threads = threads_of(info, 2);
+    auto out = std::make_shared<std::vector<double>>();
+    auto* worker = new PromiseWorker(
+        env, [x, n, d, threads, out]() { *out = pt::collapse_gram_eigenvalues(x.data, n, d, threads); },
+        [out](Napi::Env e) -> Napi::Value { return to_float64(e, std::move(*out)); });
+    worker->keep(xv);
+    return worker->queue();
+  });
+}
+
+}  // namespace
+
+void init_knn(Napi::Env env, Napi::Object exports) {
+  exports.Set("NativeKnnIndex", KnnIndexWrap::Define(env));
+  exports.Set("gaussianFit", Napi::Function::New(env, GaussianFit, "gaussianFit"));
+  exports.Set("mahalanobisSquared", Napi::Function::New(env, MahalanobisSquared, "mahalanobisSquared"));
+  exports.Set("meanDistances", Napi::Function::New(env, MeanDistances, "meanDistances"));
+  exports.Set("gramEigenvalues", Napi::Function::New(env, GramEigenvalues, "gramEigenvalues"));
+}
+
+}  // namespace ptn

@@ -1,0 +1,383 @@
+// Exact nearest-neighbour search against a plain float64 brute force written here, on random data, duplicated
+// rows, near-ties, zero rows, all three metrics and k in {1, 10, 1024}; CUDA against the CPU where a device is.
+import { describe, expect, it } from "vitest";
+import { MAX_K, nearestNeighbors, VocabIndex, type KnnMetric, type NeighborResult } from "../lib/knn.js";
+import { addon } from "../lib/native.js";
+
+// ---- the float64 reference -------------------------------------------------------------------------------
+
+function metricValue(metric: KnnMetric, q: Float32Array, v: Float32Array): number {
+  let dot = 0;
+  let qq = 0;
+  let vv = 0;
+  let dist2 = 0;
+  for (let i = 0; i < q.length; i++) {
+    dot += q[i] * v[i];
+    qq += q[i] * q[i];
+    vv += v[i] * v[i];
+    dist2 += (q[i] - v[i]) * (q[i] - v[i]);
+  }
+  if (metric === "dot") return dot;
+  if (metric === "l2") return dist2;
+  const nq = Math.sqrt(qq);
+  const nv = Math.sqrt(vv);
+  return nq === 0 || nv === 0 ? 0 : dot / (nq * nv);
+}
+
+/** Top-k by float64 value, ties to the lower index; l2 values are squared here, square-rooted on return. */
+function bruteForce(
+  queries: Float32Array,
+  vocab: Float32Array,
+  dim: number,
+  k: number,
+  metric: KnnMetric,
+  exclude?: Int32Array,
+): { indices: Int32Array; values: Float64Array } {
+  const Q = queries.length / dim;
+  const V = vocab.length / dim;
+  const indices = new Int32Array(Q * k);
+  const values = new Float64Array(Q * k);
+  for (let q = 0; q < Q; q++) {
+    const qv = queries.subarray(q * dim, (q + 1) * dim);
+    const all: { m: number; i: number }[] = [];
+    for (let r = 0; r < V; r++) {
+      if (exclude && exclude[q] === r) continue;
+      all.push({ m: metricValue(metric, qv, vocab.subarray(r * dim, (r + 1) * dim)), i: r });
+    }
+    all.sort((a, b) => (a.m !== b.m ? (metric === "l2" ? a.m - b.m : b.m - a.m) : a.i - b.i));
+    for (let t = 0; t < k; t++) {
+      indices[q * k + t] = all[t].i;
+      values[q * k + t] = metric === "l2" ? Math.sqrt(all[t].m) : all[t].m;
+    }
+  }
+  return { indices, values };
+}
+
+function expectExact(got: NeighborResult, want: { indices: Int32Array; values: Float64Array }): void {
+  expect(Array.from(got.indices)).toEqual(Array.from(want.indices));
+  for (let i = 0; i < got.scores.length; i++) {
+    // fp32 rounding of the float64 value: half an ulp, plus a tiny absolute slack for values near 0.
+    expect(Math.abs(got.scores[i] - want.values[i])).toBeLessThanOrEqual(
+      Math.abs(want.values[i]) * 2 ** -23 + 1e-12,
+    );
+  }
+}
+
+// ---- data ------------------------------------------------------------------------------------------------
+
+function rng(seed: number): () => number {
+  let s = seed >>> 0;
+  return () => {
+    s = (s + 0x6d2b79f5) >>> 0;
+    let t = s;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+function gaussian(n: number, seed: number, scale = 1): Float32Array {
+  const r = rng(seed);
+  const out = new Float32Array(n);
+  for (let i = 0; i < n; i += 2) {
+    const u = Math.max(r(), 1e-12);
+    const v = r();
+    const m = Math.sqrt(-2 * Math.log(u)) * scale;
+    out[i] = m * Math.cos(2 * Math.PI * v);
+    if (i + 1 < n) out[i + 1] = m * Math.sin(2 * Math.PI * v);
+  }
+  return out;
+}
+
+const METRICS: KnnMetric[] = ["cosine", "l2", "dot"];
+
+// ---- CPU -------------------------------------------------------------------------------------------------
+
+describe("VocabIndex (CPU) equals the float64 brute force", () => {
+  // dim 300 > the GEMM's 256-wide k-blocks; 1500 rows is not a multiple of any panel width.
+  const dim = 300;
+  const V = 1500;
+  const vocab = gaussian(V * dim, 1);
+  const queries = gaussian(13 * dim, 2);
+
+  for (const metric of METRICS) {
+    for (const k of [1, 10, 1024]) {
+      it(`${metric}, k = ${k}`, async () => {
+        const index = await VocabIndex.create(vocab, { dim, metric, backend: "cpu" });
+        try {
+          const got = await index.search(queries, { k });
+          expect(got.count).toBe(13);
+          expectExact(got, bruteForce(queries, vocab, dim, k, metric));
+        } finally {
+          index.dispose();
+        }
+      });
+    }
+  }
+
+  it("odd shapes: dim 37, 70 rows, 1 query, and a queries view with a byte offset", async () => {
+    const d = 37;
+    const v = gaussian(70 * d, 3);
+    const backing = gaussian(5 * d, 4);
+    const q = backing.subarray(2 * d, 3 * d);
+    for (const metric of METRICS) {
+      const got = await nearestNeighbors(q, v, { dim: d, k: 70, metric, backend: "cpu" });
+      expectExact(got, bruteForce(q, v, d, 70, metric));
+    }
+  });
+
+  it("is independent of the thread count", async () => {
+    const index = await VocabIndex.create(vocab, { dim, metric: "cosine", backend: "cpu", threads: 1 });
+    const one = await index.search(queries, { k: 10, threads: 1 });
+    const two = await index.search(queries, { k: 10, threads: 2 });
+    const many = await index.search(queries, { k: 10, threads: 7 });
+    expect(Array.from(two.indices)).toEqual(Array.from(one.indices));
+    expect(Array.from(many.indices)).toEqual(Array.from(one.indices));
+    expect(Array.from(two.scores)).toEqual(Array.from(one.scores));
+    index.dispose();
+  });
+
+  it("duplicated rows: exact ties go to the lower index, also with more copies than candidates", async () => {
+    const d = 64;
+    const base = gaussian(400 * d, 5);
+    // Row 7 copied to 150 further places (more than the 42 screening candidates of k = 10): the screening bound
+    // cannot certify and the query is searched again with more candidates.
+    const V2 = 400 + 150;
+    const v = new Float32Array(V2 * d);
+    v.set(base);
+    for (let c = 0; c < 150; c++) v.set(base.subarray(7 * d, 8 * d), (400 + c) * d);
+    // And rows 20, 21 equal to row 3.
+    v.set(base.subarray(3 * d, 4 * d), 20 * d);
+    v.set(base.subarray(3 * d, 4 * d), 21 * d);
+    const q = new Float32Array(3 * d);
+    q.set(base.subarray(7 * d, 8 * d), 0);
+    q.set(base.subarray(3 * d, 4 * d), d);
+    q.set(gaussian(d, 6), 2 * d);
+    for (const metric of METRICS) {
+      for (const k of [1, 10, 200]) {
+        const got = await nearestNeighbors(q, v, { dim: d, k, metric, backend: "cpu" });
+        expectExact(got, bruteForce(q, v, d, k, metric));
+      }
+    }
+    const got = await nearestNeighbors(q, v, { dim: d, k: 10, metric: "cosine", backend: "cpu" });
+    expect(Array.from(got.indices.subarray(0, 10))).toEqual([7, 400, 401, 402, 403, 404, 405, 406, 407, 408]);
+    expect(got.recoveredQueries).toBeGreaterThan(0);
+  });
+
+  it("near-ties that fp32 cannot separate are ranked like float64", async () => {
+    const d = 256;
+    const r = rng(9);
+    const base = gaussian(300 * d, 10);
+    const v = new Float32Array(base);
+    // Rows 100..139: row 50 with one component nudged by one ulp, up or down; their cosines and dot products
+    // with a query equal to row 50 differ from row 50's by about 1e-8 relative, below the fp32 GEMM's error.
+    for (let c = 0; c < 40; c++) {
+      const row = new Float32Array(base.subarray(50 * d, 51 * d));
+      const j = Math.floor(r() * d);
+      const bits = new Int32Array(row.buffer, j * 4, 1);
+      bits[0] += r() < 0.5 ? 1 : -1;
+      v.set(row, (100 + c) * d);
+    }
+    // The query is row 50 plus small noise: rows 50 and 100..139 are its 41 nearest, separated by ~1e-9
+    // relative (far above float64 rounding, far below fp32's). A query *equal* to row 50 would make the cosine
+    // differences (~1e-17) smaller than float64 rounding, where no two float64 implementations need agree.
+    const q = new Float32Array(base.subarray(50 * d, 51 * d));
+    const noise = gaussian(d, 16, 1e-3);
+    for (let i = 0; i < d; i++) q[i] += noise[i];
+    for (const metric of METRICS) {
+      for (const k of [1, 10, 41]) {
+        const got = await nearestNeighbors(q, v, { dim: d, k, metric, backend: "cpu" });
+        expectExact(got, bruteForce(q, v, d, k, metric));
+      }
+    }
+  });
+
+  it("zero-norm rows and queries: cosine 0 (so ties to the lowest indices), l2 and dot as defined", async () => {
+    const d = 16;
+    const v = gaussian(50 * d, 11);
+    v.fill(0, 10 * d, 11 * d);
+    const q = new Float32Array(2 * d);
+    q.set(gaussian(d, 12), d);
+    for (const metric of METRICS) {
+      const got = await nearestNeighbors(q, v, { dim: d, k: 50, metric, backend: "cpu" });
+      expectExact(got, bruteForce(q, v, d, 50, metric));
+    }
+    const cos = await nearestNeighbors(q, v, { dim: d, k: 5, metric: "cosine", backend: "cpu" });
+    expect(Array.from(cos.indices.subarray(0, 5))).toEqual([0, 1, 2, 3, 4]);
+    expect(Array.from(cos.scores.subarray(0, 5))).toEqual([0, 0, 0, 0, 0]);
+  });
+
+  it("self-search returns each row's nearest other rows", async () => {
+    const d = 48;
+    const v = gaussian(600 * d, 13);
+    v.set(v.subarray(5 * d, 6 * d), 9 * d); // row 9 duplicates row 5
+    const index = await VocabIndex.create(v, { dim: d, metric: "cosine", backend: "cpu" });
+    const rows = Int32Array.from([0, 5, 9, 599, 300]);
+    for (const k of [1, 10]) {
+      const got = await index.selfSearch({ k, rows, chunkRows: 2 });
+      const q = new Float32Array(rows.length * d);
+      rows.forEach((r, i) => {
+        q.set(v.subarray(r * d, (r + 1) * d), i * d);
+      });
+      expectExact(got, bruteForce(q, v, d, k, "cosine", rows));
+    }
+    const all = await index.selfSearch({ k: 1, chunkRows: 128 });
+    expect(all.count).toBe(600);
+    expect(all.indices[5]).toBe(9);
+    expect(all.indices[9]).toBe(5);
+    for (let i = 0; i < 600; i++) expect(all.indices[i]).not.toBe(i);
+    index.dispose();
+  });
+
+  it("all GEMM micro-kernels give the exact answer", async () => {
+    const d = 100;
+    const v = gaussian(900 * d, 14);
+    const q = gaussian(9 * d, 15);
+    const want = bruteForce(q, v, d, 10, "l2");
+    const kernels = ["avx2", "generic", "avx512"] as const;
+    try {
+      for (const kernel of kernels) {
+        if (!addon().selectGemmKernel(kernel)) continue;
+        const got = await nearestNeighbors(q, v, { dim: d, k: 10, metric: "l2", backend: "cpu" });
+        expectExact(got, want);
+      }
+    } finally {
+      addon().selectGemmKernel("avx512") ||
+        addon().selectGemmKernel("avx2") ||
+        addon().selectGemmKernel("generic");
+    }
+  });
+});
+
+describe("VocabIndex argument checks", () => {
+  const dim = 8;
+  const vocab = gaussian(20 * dim, 20);
+
+  it("names the argument in every error", async () => {
+    await expect(VocabIndex.create([1, 2] as unknown as Float32Array, { dim })).rejects.toThrow(
+      "vocab: expected a Float32Array, got Array(2)",
+    );
+    await expect(VocabIndex.create(vocab, { dim: 7 })).rejects.toThrow(
+      "vocab: expected a non-empty length that is a multiple of dim (7)",
+    );
+    await expect(VocabIndex.create(vocab, { dim: 2.5 })).rejects.toThrow(
+      "dim: expected an integer, got number 2.5",
+    );
+    await expect(VocabIndex.create(new Float32Array(0), { dim })).rejects.toThrow(
+      "vocab: expected a non-empty length",
+    );
+    await expect(VocabIndex.create(vocab, { dim, metric: "manhattan" as KnnMetric })).rejects.toThrow(
+      'metric: expected "cosine", "l2" or "dot", got string "manhattan"',
+    );
+    await expect(VocabIndex.create(vocab, { dim, backend: "tpu" as "cpu" })).rejects.toThrow(
+      "backend: expected",
+    );
+    const index = await VocabIndex.create(vocab, { dim, backend: "cpu" });
+    await expect(index.search(new Float32Array(9), { k: 1 })).rejects.toThrow(
+      "queries: expected a non-empty length",
+    );
+    await expect(index.search(vocab.subarray(0, dim), { k: 21 })).rejects.toThrow(
+      "k: expected an integer from 1 to 20, got 21",
+    );
+    await expect(index.search(vocab.subarray(0, dim), { k: 0 })).rejects.toThrow(
+      "k: expected an integer from 1 to 20",
+    );
+    await expect(index.selfSearch({ k: 20 })).rejects.toThrow("k: expected an integer from 1 to 19, got 20");
+    await expect(index.selfSearch({ k: 1, rows: [3, 20] })).rejects.toThrow("rows: element 1 is 20");
+    index.dispose();
+  });
+
+  it("k is capped at 1024 even for large vocabularies", async () => {
+    const v = gaussian(1100 * 4, 21);
+    const index = await VocabIndex.create(v, { dim: 4, backend: "cpu" });
+    await expect(index.search(v.subarray(0, 4), { k: MAX_K + 1 })).rejects.toThrow(
+      "k: expected an integer from 1 to 1024, got 1025",
+    );
+    index.dispose();
+  });
+
+  it("rejects NaN and Infinity, naming the row and column", async () => {
+    const bad = new Float32Array(vocab);
+    bad[3 * dim + 5] = Number.NaN;
+    await expect(VocabIndex.create(bad, { dim, backend: "cpu" })).rejects.toThrow(
+      "vocab: row 3 has a non-finite value (NaN) at column 5",
+    );
+    const index = await VocabIndex.create(vocab, { dim, backend: "cpu" });
+    const q = new Float32Array(2 * dim);
+    q[dim + 1] = Number.NEGATIVE_INFINITY;
+    await expect(index.search(q, { k: 3 })).rejects.toThrow(
+      "queries: row 1 has a non-finite value (-Infinity) at column 1",
+    );
+    const huge = new Float32Array(dim).fill(1e30);
+    await expect(index.search(huge, { k: 3 })).rejects.toThrow("queries: row 0 has a norm of 1e18 or more");
+    index.dispose();
+  });
+
+  it('throws "Index is disposed" after dispose, and a search in flight still finishes', async () => {
+    const index = await VocabIndex.create(vocab, { dim, backend: "cpu" });
+    const pending = index.search(vocab, { k: 2 });
+    index.dispose();
+    expect(index.disposed).toBe(true);
+    const r = await pending;
+    expect(r.indices[0]).toBe(0);
+    await expect(index.search(vocab, { k: 2 })).rejects.toThrow("Index is disposed");
+    await expect(index.selfSearch({ k: 1 })).rejects.toThrow("Index is disposed");
+    expect(() => index.memory()).toThrow("Index is disposed");
+    index.dispose(); // idempotent
+  });
+});
+
+// ---- CUDA against the CPU --------------------------------------------------------------------------------
+
+const cuda = addon().cudaInfo();
+const cudaSuffix = cuda.usable ? "" : ` (skipped: no CUDA device: ${cuda.reason})`;
+
+describe.skipIf(!cuda.usable)(`VocabIndex (CUDA) equals the CPU index${cudaSuffix}`, () => {
+  async function both(vocab: Float32Array, queries: Float32Array, dim: number, k: number, metric: KnnMetric) {
+    const cpu = await VocabIndex.create(vocab, { dim, metric, backend: "cpu" });
+    const gpu = await VocabIndex.create(vocab, { dim, metric, backend: "cuda" });
+    try {
+      return { cpu: await cpu.search(queries, { k }), gpu: await gpu.search(queries, { k }) };
+    } finally {
+      cpu.dispose();
+      gpu.dispose();
+    }
+  }
+
+  for (const metric of METRICS) {
+    for (const k of [1, 10, 1024]) {
+      it(`${metric}, k = ${k}, 2000 x 300`, async () => {
+        const dim = 300;
+        const vocab = gaussian(2000 * dim, 30);
+        const queries = gaussian(70 * dim, 31);
+        const { cpu, gpu } = await both(vocab, queries, dim, k, metric);
+        // Both are exact: identical indices, and scores equal (both the fp32 rounding of one float64 value,
+        // whose float64 sums may differ in the last bits: 2^-23 relative).
+        expect(Array.from(gpu.indices)).toEqual(Array.from(cpu.indices));
+        for (let i = 0; i < cpu.scores.length; i++)
+          expect(Math.abs(gpu.scores[i] - cpu.scores[i])).toBeLessThanOrEqual(
+            Math.abs(cpu.scores[i]) * 2 ** -22 + 1e-12,
+          );
+      });
+    }
+  }
+
+  it("duplicated rows, near-ties, zero rows and self-search", async () => {
+    const dim = 64;
+    const v = gaussian(3000 * dim, 32);
+    for (let c = 0; c < 200; c++) v.set(v.subarray(7 * dim, 8 * dim), (2500 + c) * dim);
+    v.fill(0, 11 * dim, 12 * dim);
+    const q = new Float32Array(v.subarray(0, 40 * dim));
+    for (const metric of METRICS) {
+      const { cpu, gpu } = await both(v, q, dim, 10, metric);
+      expect(Array.from(gpu.indices)).toEqual(Array.from(cpu.indices));
+    }
+    const cpu = await VocabIndex.create(v, { dim, backend: "cpu" });
+    const gpu = await VocabIndex.create(v, { dim, backend: "cuda" });
+    const a = await cpu.selfSearch({ k: 5, chunkRows: 1000 });
+    const b = await gpu.selfSearch({ k: 5, chunkRows: 1000 });
+    expect(Array.from(b.indices)).toEqual(Array.from(a.indices));
+    cpu.dispose();
+    gpu.dispose();
+  });
+});
