@@ -14,3 +14,29 @@ export type { DeepPrompts } from "./native.js";
 export { AdamW, type AdamWOptions, promptGrads, promptTensors } from "./optim.js";
 export { loadTokenizer, type Tokenizer } from "./tokenizer.js";
 // --- nearest-neighbour search and collapse metrics ---
+export {
+  type KnnBackendChoice,
+  type KnnMetric,
+  MAX_K,
+  type NeighborResult,
+  nearestNeighbors,
+  type SearchOptions,
+  type SelfSearchOptions,
+  VocabIndex,
+  type VocabIndexOptions,
+} from "./knn.js";
+export {
+  CollapseReference,
+  type CollapseReferenceOptions,
+  type CollapseReport,
+  type CollapseReportOptions,
+  type CollapseSource,
+  collapseReport,
+  createCollapseReference,
+  type ModelLike,
+  type NeighborEntry,
+  type ReferenceSummary,
+  type TokenDecoder,
+  type VectorReport,
+  type VectorSetSource,
+} from "./collapse.js";
