@@ -203,7 +203,9 @@ Napi::Value LmHeadCrossentropy(const Napi::CallbackInfo& info) {
     for (int64_t r = 0; r < R; ++r)
       if (t.data[r] >= V) throw Napi::RangeError::New(info.Env(), "targets: id outside the vocabulary");
     auto dx = out(info.Env(), R * C);
-    const double loss = pt::lm_head_crossentropy(dx.Data(), x.data, t.data, W.data, R, C, V, 1.0f, 2);
+    std::vector<float> scratch(pt::lm_head_chunk_rows(R, V) * V);
+    const double loss =
+        pt::lm_head_crossentropy(dx.Data(), x.data, t.data, W.data, R, C, V, 1.0f, scratch.data(), 2);
     Napi::Array res = Napi::Array::New(info.Env(), 2);
     res.Set(0u, Napi::Number::New(info.Env(), loss)), res.Set(1u, dx);
     return res;

@@ -11,6 +11,41 @@
 #include "priortune/vecmath.h"
 
 namespace pt {
+namespace {
+
+// Row i of the scores: prefix keys [0, Pp) and token keys Pp + j for j <= i with km[j] set are visible.
+// Softmax over the visible entries in place; the rest become 0. No visible key: the row is all zeros.
+PT_MULTIVERSION void softmax_causal_row(float* row, int64_t Pp, int64_t i, const uint8_t* km, int64_t L) {
+  float mx = -INFINITY;
+  for (int64_t j = 0; j < Pp; ++j) mx = std::max(mx, row[j]);
+  for (int64_t j = 0; j <= i; ++j)
+    if (!km || km[j]) mx = std::max(mx, row[Pp + j]);
+  if (mx == -INFINITY) {
+    std::fill(row, row + L, 0.0f);
+    return;
+  }
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < Pp + i + 1; ++j) {
+    const bool visible = j < Pp || !km || km[j - Pp];
+    const float e = visible ? exp_approx(row[j] - mx) : 0.0f;
+    row[j] = e;
+    sum += e;
+  }
+  std::fill(row + Pp + i + 1, row + L, 0.0f);
+  const float inv = 1.0f / sum;
+  for (int64_t j = 0; j < Pp + i + 1; ++j) row[j] *= inv;
+}
+
+// Softmax backward of one row, times the score scale: d = p * (d - <p, d>) * scale.
+PT_MULTIVERSION void softmax_backward_row(const float* p, float* d, int64_t L, float scale) {
+  float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+  for (int64_t k = 0; k < L; ++k) dot += p[k] * d[k];
+  for (int64_t k = 0; k < L; ++k) d[k] = p[k] * (d[k] - dot) * scale;
+}
+
+}  // namespace
 
 void attention_forward(float* out, float* probs, const float* qkv, const uint8_t* key_mask,
                        const float* prefix_k, const float* prefix_v, int64_t Pp, int64_t B, int64_t S,
@@ -29,32 +64,7 @@ void attention_forward(float* out, float* probs, const float* qkv, const uint8_t
     if (Pp > 0) sgemm(false, true, S, Pp, hd, scale, Q, ld, prefix_k + g * hd, KV * hd, 0.0f, P, L, 1);
     sgemm(false, true, S, S, hd, scale, Q, ld, K, ld, 0.0f, P + Pp, L, 1);
     const uint8_t* km = key_mask ? key_mask + b * S : nullptr;
-    for (int64_t i = 0; i < S; ++i) {
-      float* row = P + i * L;
-      float mx = -INFINITY;
-      for (int64_t j = 0; j < Pp; ++j) mx = std::max(mx, row[j]);
-      for (int64_t j = 0; j <= i; ++j)
-        if (!km || km[j]) mx = std::max(mx, row[Pp + j]);
-      if (mx == -INFINITY) {  // no visible key: defined as zero output
-        std::fill(row, row + L, 0.0f);
-        continue;
-      }
-      float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < Pp; ++j) {
-        row[j] = exp_approx(row[j] - mx);
-        sum += row[j];
-      }
-      for (int64_t j = 0; j <= i; ++j) {
-        const float e = (!km || km[j]) ? exp_approx(row[Pp + j] - mx) : 0.0f;
-        row[Pp + j] = e;
-        sum += e;
-      }
-      std::fill(row + Pp + i + 1, row + L, 0.0f);
-      const float inv = 1.0f / sum;
-#pragma omp simd
-      for (int64_t j = 0; j < Pp + i + 1; ++j) row[j] *= inv;
-    }
+    for (int64_t i = 0; i < S; ++i) softmax_causal_row(P + i * L, Pp, i, km, L);
     float* O = out + b * S * ldo + h * hd;
     if (Pp > 0) sgemm(false, false, S, hd, Pp, 1.0f, P, L, prefix_v + g * hd, KV * hd, 0.0f, O, ldo, 1);
     sgemm(false, false, S, hd, S, 1.0f, P + Pp, L, V, ld, Pp > 0 ? 1.0f : 0.0f, O, ldo, 1);
@@ -97,15 +107,7 @@ void attention_backward(float* dqkv, float* dprefix_k, float* dprefix_v, const f
       }
       sgemm(false, true, S, S, hd, 1.0f, dO, ldo, V, ld, 0.0f, dP.data() + Pp, L, 1);
       sgemm(true, false, S, hd, S, 1.0f, P + Pp, L, dO, ldo, acc, dV, ld, 1);
-      for (int64_t i = 0; i < S; ++i) {
-        const float* p = P + i * L;
-        float* d = dP.data() + i * L;
-        float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t k = 0; k < L; ++k) dot += p[k] * d[k];
-#pragma omp simd
-        for (int64_t k = 0; k < L; ++k) d[k] = p[k] * (d[k] - dot) * scale;
-      }
+      for (int64_t i = 0; i < S; ++i) softmax_backward_row(P + i * L, dP.data() + i * L, L, scale);
       float* dQ = dqkv + b * S * ld + h * hd;
       if (q_rows > 0) {
         if (Pp > 0)

@@ -276,6 +276,15 @@ struct Scratch {
   std::vector<float> ln, att, tmp, act, out, dln, dact, dfc, datt, dqkv, dmid, dprefix_k, dprefix_v;
 };
 
+struct Workspace {
+  std::vector<LayerState> states;
+  Scratch sc;
+  std::vector<float> x, xf, lnf_mean, lnf_rstd, dx, xr, dxr, logits;
+  std::vector<uint8_t> key_mask;
+};
+
+Model::~Model() = default;
+
 namespace {
 template <class T>
 T* sized(std::vector<T>& v, size_t n) {
@@ -383,16 +392,16 @@ float Model::attn_scale(int64_t l) const {
   return scale;
 }
 
-void Model::run_forward(const ForwardArgs& a, std::vector<LayerState>& states, Scratch& sc,
-                        std::vector<float>& x, std::vector<float>& xf, std::vector<float>& lnf_mean,
-                        std::vector<float>& lnf_rstd, ForwardResult* capture) {
+void Model::run_forward(const ForwardArgs& a, Workspace& ws, bool save, ForwardResult* capture) {
   const ModelConfig& c = cfg_;
   const bool gpt2 = c.arch == Arch::GPT2;
   const int nt = c.threads;
   const int64_t B = a.B, T = a.T, P = a.P, S = P + T, N = B * S, C = c.hidden;
-  const bool save = states.size() == static_cast<size_t>(c.layers);
+  if (ws.states.size() < static_cast<size_t>(save ? c.layers : 1)) ws.states.resize(save ? c.layers : 1);
+  std::vector<float>& x = ws.x;
   // Key mask over the concatenated sequence: prompt rows always attended.
-  std::vector<uint8_t> key_mask(N, 1);
+  std::vector<uint8_t>& key_mask = ws.key_mask;
+  key_mask.assign(N, 1);
   if (a.mask)
     for (int64_t b = 0; b < B; ++b)
       for (int64_t t = 0; t < T; ++t) key_mask[b * S + P + t] = a.mask[b * T + t] ? 1 : 0;
@@ -410,19 +419,17 @@ void Model::run_forward(const ForwardArgs& a, std::vector<LayerState>& states, S
                     nt);
   keep(0, x.data());
   for (int64_t l = 0; l < c.layers; ++l) {
-    layer_forward(l, a, states[save ? l : 0], sc, x.data(), key_mask.data(), save);
+    layer_forward(l, a, ws.states[save ? l : 0], ws.sc, x.data(), key_mask.data(), save);
     if (l + 1 < c.layers) keep(l + 1, x.data());
   }
-  xf.resize(N * C);
-  lnf_rstd.resize(N);
-  if (gpt2) {
-    lnf_mean.resize(N);
-    layernorm_forward(xf.data(), lnf_mean.data(), lnf_rstd.data(), x.data(), w("lnf.w"), w("lnf.b"), N, C,
-                      c.norm_eps, nt);
-  } else {
-    rmsnorm_forward(xf.data(), lnf_rstd.data(), x.data(), w("lnf.w"), N, C, c.norm_eps, nt);
-  }
-  keep(c.layers, xf.data());
+  float* xf = sized(ws.xf, N * C);
+  float* lnf_rstd = sized(ws.lnf_rstd, N);
+  if (gpt2)
+    layernorm_forward(xf, sized(ws.lnf_mean, N), lnf_rstd, x.data(), w("lnf.w"), w("lnf.b"), N, C, c.norm_eps,
+                      nt);
+  else
+    rmsnorm_forward(xf, lnf_rstd, x.data(), w("lnf.w"), N, C, c.norm_eps, nt);
+  keep(c.layers, xf);
 }
 
 namespace {
@@ -443,14 +450,14 @@ ForwardResult Model::forward(const ForwardArgs& a) {
   const ModelConfig& c = cfg_;
   const int64_t N = a.B * (a.P + a.T), C = c.hidden, V = c.vocab;
   ForwardResult res;
-  std::vector<LayerState> states(1);
-  Scratch sc;
-  std::vector<float> x, xf, lnf_mean, lnf_rstd;
-  run_forward(a, states, sc, x, xf, lnf_mean, lnf_rstd, &res);
+  if (!ws_) ws_ = std::make_unique<Workspace>();
+  Workspace& ws = *ws_;
+  run_forward(a, ws, false, &res);
+  const float* xf = ws.xf.data();
   const float* head = c.tied_head ? w("tok_emb") : w("lm_head");
   if (a.want_logits) {
     res.logits.resize(N * V);
-    matmul_forward(res.logits.data(), xf.data(), head, nullptr, N, C, V, c.threads);
+    matmul_forward(res.logits.data(), xf, head, nullptr, N, C, V, c.threads);
   }
   if (a.labels) {
     const std::vector<int32_t> targets = shifted_targets(a);
@@ -458,14 +465,15 @@ ForwardResult Model::forward(const ForwardArgs& a) {
     for (int64_t r = 0; r < N; ++r)
       if (targets[r] >= 0) rows.push_back(r);
     res.label_count = static_cast<int64_t>(rows.size());
-    std::vector<float> xr(rows.size() * C);
-    std::vector<int32_t> tr(rows.size());
-    for (size_t i = 0; i < rows.size(); ++i) {
-      std::memcpy(xr.data() + i * C, xf.data() + rows[i] * C, C * sizeof(float));
+    const int64_t R = res.label_count;
+    float* xr = sized(ws.xr, R * C);
+    std::vector<int32_t> tr(R);
+    for (int64_t i = 0; i < R; ++i) {
+      std::memcpy(xr + i * C, xf + rows[i] * C, C * sizeof(float));
       tr[i] = targets[rows[i]];
     }
-    const double sum =
-        lm_head_crossentropy(nullptr, xr.data(), tr.data(), head, rows.size(), C, V, 0.0f, c.threads);
+    float* logits = sized(ws.logits, lm_head_chunk_rows(R, V) * V);
+    const double sum = lm_head_crossentropy(nullptr, xr, tr.data(), head, R, C, V, 0.0f, logits, c.threads);
     res.loss = rows.empty() ? 0.0 : sum / rows.size();
   }
   return res;
@@ -569,10 +577,10 @@ GradResult Model::loss_and_grad(const ForwardArgs& a) {
   if (lowest == c.layers)
     throw std::invalid_argument("lossAndGrad: nothing to train (no prompt and no deepPrompts)");
 
-  std::vector<LayerState> states(c.layers);
-  Scratch sc;
-  std::vector<float> x, xf, lnf_mean, lnf_rstd;
-  run_forward(a, states, sc, x, xf, lnf_mean, lnf_rstd, nullptr);
+  if (!ws_) ws_ = std::make_unique<Workspace>();
+  Workspace& ws = *ws_;
+  run_forward(a, ws, true, nullptr);
+  const std::vector<float>& x = ws.x;
 
   // Loss and the gradient of the final-norm output on labelled rows only.
   const std::vector<int32_t> targets = shifted_targets(a);
@@ -583,32 +591,34 @@ GradResult Model::loss_and_grad(const ForwardArgs& a) {
     throw std::invalid_argument("labels: no labelled position (all -100 after the causal shift)");
   g.label_count = static_cast<int64_t>(rows.size());
   const int64_t R = g.label_count;
-  std::vector<float> xr(R * C), dxr(R * C);
+  float* xr = sized(ws.xr, R * C);
+  float* dxr = sized(ws.dxr, R * C);
   std::vector<int32_t> tr(R);
   for (int64_t i = 0; i < R; ++i) {
-    std::memcpy(xr.data() + i * C, xf.data() + rows[i] * C, C * sizeof(float));
+    std::memcpy(xr + i * C, ws.xf.data() + rows[i] * C, C * sizeof(float));
     tr[i] = targets[rows[i]];
   }
   const float* head = c.tied_head ? w("tok_emb") : w("lm_head");
-  g.loss = lm_head_crossentropy(dxr.data(), xr.data(), tr.data(), head, R, C, V, 1.0f / R, nt) / R;
+  float* logits = sized(ws.logits, lm_head_chunk_rows(R, V) * V);
+  g.loss = lm_head_crossentropy(dxr, xr, tr.data(), head, R, C, V, 1.0f / R, logits, nt) / R;
   // Final norm backward on the labelled rows (the others have zero gradient).
-  std::vector<float> dx(N * C, 0.0f);
+  std::vector<float>& dx = ws.dx;
+  dx.assign(N * C, 0.0f);
   for (int64_t i = 0; i < R; ++i) {
     const int64_t r = rows[i];
     if (gpt2)
-      layernorm_backward(dx.data() + r * C, dxr.data() + i * C, x.data() + r * C, w("lnf.w"),
-                         lnf_mean.data() + r, lnf_rstd.data() + r, 1, C, 1);
+      layernorm_backward(dx.data() + r * C, dxr + i * C, x.data() + r * C, w("lnf.w"), ws.lnf_mean.data() + r,
+                         ws.lnf_rstd.data() + r, 1, C, 1);
     else
-      rmsnorm_backward(dx.data() + r * C, dxr.data() + i * C, x.data() + r * C, w("lnf.w"),
-                       lnf_rstd.data() + r, 1, C, 1);
+      rmsnorm_backward(dx.data() + r * C, dxr + i * C, x.data() + r * C, w("lnf.w"), ws.lnf_rstd.data() + r,
+                       1, C, 1);
   }
   // Layers, top down, to the lowest one with something to train.
   for (int64_t l = c.layers - 1; l >= lowest; --l) {
-    LayerState& st = states[l];
+    LayerState& st = ws.states[l];
     int64_t rows_needed = st.S_l;
     if (l == lowest) rows_needed = st.P_l + (l == 0 ? a.P : 0);
-    layer_backward(l, a, st, sc, dx.data(), rows_needed, g);
-    std::vector<float>().swap(st.probs);  // free as we go
+    layer_backward(l, a, st, ws.sc, dx.data(), rows_needed, g);
   }
   if (a.P > 0) {
     g.prompt_grad.resize(a.P * C);

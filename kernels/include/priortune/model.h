@@ -15,6 +15,7 @@
 #pragma once
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -92,10 +93,12 @@ struct GradResult {
 
 struct LayerState;
 struct Scratch;
+struct Workspace;
 
 class Model {
  public:
   explicit Model(const ModelConfig& config);
+  ~Model();
 
   const ModelConfig& config() const { return cfg_; }
 
@@ -126,9 +129,7 @@ class Model {
   float attn_scale(int64_t l) const;
   // Runs the embedding and every layer, saving what the backward needs when `states` holds one entry per
   // layer (else one reused entry). Returns the last layer's output in x and the final-norm output in xf.
-  void run_forward(const ForwardArgs& a, std::vector<LayerState>& states, Scratch& sc, std::vector<float>& x,
-                   std::vector<float>& xf, std::vector<float>& lnf_mean, std::vector<float>& lnf_rstd,
-                   ForwardResult* capture);
+  void run_forward(const ForwardArgs& a, Workspace& ws, bool save, ForwardResult* capture);
   void layer_forward(int64_t l, const ForwardArgs& a, LayerState& st, Scratch& sc, float* x,
                      const uint8_t* key_mask, bool save);
   void layer_backward(int64_t l, const ForwardArgs& a, LayerState& st, Scratch& sc, float* dx,
@@ -138,6 +139,9 @@ class Model {
   std::map<std::string, Slot> slots_;
   std::vector<double> inv_freq_;
   std::mutex run_mutex_;  // one forward/backward at a time per model (shared scratch, bounded memory)
+  // Activations and scratch kept between calls, so repeated steps of one shape reuse memory instead of
+  // faulting in fresh pages every call; freed with the model.
+  std::unique_ptr<Workspace> ws_;
 };
 
 }  // namespace pt

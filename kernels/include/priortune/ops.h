@@ -104,8 +104,10 @@ void attention_backward(float* dqkv, float* dprefix_k, float* dprefix_v, const f
 // N x V logits). For each row r of x[R, C] with target t[r] >= 0:
 //   loss += logsumexp(x_r . W^T) - (x_r . W^T)[t_r]          (returned, summed)
 //   dx[r, :] (=) = grad_scale * (softmax(x_r . W^T) - onehot(t_r)) . W    (when dx != nullptr)
+// `logits` is scratch of lm_head_chunk_rows(R, V) * V floats.
+int64_t lm_head_chunk_rows(int64_t R, int64_t V);
 double lm_head_crossentropy(float* dx, const float* x, const int32_t* targets, const float* W, int64_t R,
-                            int64_t C, int64_t V, float grad_scale, int threads);
+                            int64_t C, int64_t V, float grad_scale, float* logits, int threads);
 
 // AdamW (decoupled weight decay, bias-corrected; PyTorch's torch.optim.AdamW update), in place on
 // param, m and v for step t >= 1.

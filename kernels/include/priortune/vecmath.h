@@ -1,8 +1,16 @@
-// Branch-free float math that compilers vectorise inside `#pragma omp simd` loops (libm's expf/tanhf
-// do not vectorise and dominated the softmax and GELU loops).
+// Branch-free float math that compilers vectorise (libm's expf/tanhf do not, and dominated the softmax
+// and GELU loops), and PT_MULTIVERSION: elementwise kernels are compiled for AVX-512, AVX2 and baseline
+// x86-64 and the loader picks one for the CPU (GCC/Clang function multiversioning), so one binary is
+// both portable and vectorised at full width.
 #pragma once
 #include <cstdint>
 #include <cstring>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDACC__)
+#define PT_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define PT_MULTIVERSION
+#endif
 
 namespace pt {
 
@@ -10,7 +18,8 @@ namespace pt {
 // polynomial for e^r (Cephes expf coefficients); max relative error about 2 ulp on [-87, 88].
 inline float exp_approx(float x) {
   x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
+  // Round to nearest by the 1.5 * 2^23 trick (no floorf call, so it vectorises without SSE4.1).
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   float r = x - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
