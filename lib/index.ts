@@ -1,31 +1,6 @@
 // Public API of priortune. Names here are a contract (see README.md).
 export { type Backend, type BackendChoice, cudaStatus, resolveBackend } from "./backend.js";
 export {
-  type ForwardOptions,
-  type ForwardOutput,
-  type LoadOptions,
-  type LossAndGrad,
-  type LossAndGradOptions,
-  loadModel,
-  Model,
-  type ModelConfig,
-} from "./model.js";
-export type { DeepPrompts } from "./native.js";
-export { AdamW, type AdamWOptions, promptGrads, promptTensors } from "./optim.js";
-export { loadTokenizer, type Tokenizer } from "./tokenizer.js";
-// --- nearest-neighbour search and collapse metrics ---
-export {
-  type KnnBackendChoice,
-  type KnnMetric,
-  MAX_K,
-  type NeighborResult,
-  nearestNeighbors,
-  type SearchOptions,
-  type SelfSearchOptions,
-  VocabIndex,
-  type VocabIndexOptions,
-} from "./knn.js";
-export {
   CollapseReference,
   type CollapseReferenceOptions,
   type CollapseReport,
@@ -40,3 +15,28 @@ export {
   type VectorReport,
   type VectorSetSource,
 } from "./collapse.js";
+// --- nearest-neighbour search and collapse metrics ---
+export {
+  type KnnBackendChoice,
+  type KnnMetric,
+  MAX_K,
+  type NeighborResult,
+  nearestNeighbors,
+  type SearchOptions,
+  type SelfSearchOptions,
+  VocabIndex,
+  type VocabIndexOptions,
+} from "./knn.js";
+export {
+  type ForwardOptions,
+  type ForwardOutput,
+  type LoadOptions,
+  type LossAndGrad,
+  type LossAndGradOptions,
+  loadModel,
+  Model,
+  type ModelConfig,
+} from "./model.js";
+export type { DeepPrompts } from "./native.js";
+export { AdamW, type AdamWOptions, promptGrads, promptTensors } from "./optim.js";
+export { loadTokenizer, type Tokenizer } from "./tokenizer.js";

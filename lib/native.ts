@@ -125,9 +125,9 @@ export interface Addon {
     weightDecay: number,
     step: number,
   ): void;
-  NativeModel: new (
-    config: NativeModelConfig,
-  ) => NativeModel;
+  NativeModel: new (config: NativeModelConfig) => NativeModel;
+  /** Single CPU ops, synchronous, for the finite-difference tests (native/ops.cpp). */
+  ops: NativeOps;
   // --- nearest-neighbour search (kernels/cpu/knn.cpp, native/knn.cpp) ---
   NativeKnnIndex: new () => {
     build(
