@@ -377,9 +377,17 @@ class CpuIndex final : public KnnIndex {
         }
       }
     }
-    // Cache blocks: MC queries (their A-panels, MC x d, stay in L2 while the rows stream past) x NC rows.
-    const int64_t MC = std::clamp<int64_t>((393216 / (4 * d)) / mr * mr, mr, 384);
+    // Cache blocks: MC queries x NC rows. The MC queries' A-panels (MC x d) and the score tile (MC x NC) stay
+    // in L2 (budget PRIORTUNE_KNN_L2_KIB, default 768 KiB) while the rows stream past once per query block;
+    // query blocks are balanced so that a 160-query batch is one block, not 128 + 32.
     const int64_t NC = std::max<int64_t>(nr, (256 / nr) * nr);
+    static const int64_t l2_bytes = [] {
+      const char* env = std::getenv("PRIORTUNE_KNN_L2_KIB");
+      return (env ? std::max(64L, std::atol(env)) : 768L) * 1024;
+    }();
+    const int64_t mc_max = std::clamp<int64_t>(l2_bytes / (4 * (d + NC)) / mr * mr, mr, 512);
+    const int64_t q_blocks = (n + mc_max - 1) / mc_max;
+    const int64_t MC = ((n + q_blocks - 1) / q_blocks + mr - 1) / mr * mr;
     const int64_t v_panels = (V_ + nr - 1) / nr;
     const int T = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, v_panels)));
     std::vector<Cand> heap_store(static_cast<size_t>(T) * n * c);
@@ -438,7 +446,10 @@ class CpuIndex final : public KnnIndex {
     }
     if (oom) throw std::bad_alloc();
 
-    // Merge, re-score in float64, rank, certify.
+    // Merge, re-score in float64 lazily (best screening values first), rank, certify. A candidate not yet
+    // re-scored has s <= a_next + err (a_next: the best screening value left), a dropped row s <= B + err; so
+    // once the k-th re-scored s_k exceeds max(a_next, B) + err the top k is final. Usually a few more than k
+    // candidates are re-scored, not all T * c.
     const float* rows = rows_.get();
     std::vector<char> ok(n, 0);
 #pragma omp parallel num_threads(threads)
@@ -447,43 +458,55 @@ class CpuIndex final : public KnnIndex {
         double m, s;
         int32_t i;
       };
-      std::vector<Scored> cands;
+      std::vector<Cand> cands;
+      std::vector<Scored> scored;
+      const KnnMetric metric = metric_;
+      const auto better = [metric](const Scored& x, const Scored& y) {
+        return ranks_before(metric, x.m, x.i, y.m, y.i);
+      };
 #pragma omp for schedule(dynamic, 1)
       for (int64_t qi = 0; qi < n; ++qi) {
         const int64_t q = part[qi];
         const float* qv = queries + q * d;
         cands.clear();
+        scored.clear();
         double bound = -std::numeric_limits<double>::infinity();
-        bool dropped = false;
         for (int tt = 0; tt < T; ++tt) {
           const TopHeap& h = heaps[static_cast<size_t>(tt) * n + qi];
-          for (int32_t e = 0; e < h.size; ++e) {
-            const int32_t r = h.h[e].i;
+          cands.insert(cands.end(), h.h, h.h + h.size);
+          if (offered[static_cast<size_t>(tt) * n + qi] > h.size)
+            bound = std::max(bound, static_cast<double>(h.h[0].a));
+        }
+        const int64_t total = static_cast<int64_t>(cands.size());
+        if (total < k) continue;  // cannot happen (each thread keeps min(c, its rows) >= k in all); retry
+        std::sort(cands.begin(), cands.end(), [](const Cand& x, const Cand& y) { return x.a > y.a; });
+        const double err = screening_error(metric_, d, q_norms[q], vmax_);
+        int64_t done = 0, want = std::min<int64_t>(total, k + 8);
+        for (;;) {
+          for (; done < want; ++done) {
+            const int32_t r = cands[done].i;
             const Exact x =
                 exact_score(metric_, qv, q_norms[q], rows + static_cast<int64_t>(r) * d, norms_[r], d);
-            cands.push_back({x.m, x.s, r});
+            scored.push_back({x.m, x.s, r});
           }
-          if (offered[static_cast<size_t>(tt) * n + qi] > h.size) {
-            dropped = true;
-            bound = std::max(bound, static_cast<double>(h.h[0].a));
-          }
-        }
-        if (static_cast<int64_t>(cands.size()) < k)
-          continue;  // cannot happen (c >= k rows per thread); retry
-        const KnnMetric metric = metric_;
-        std::partial_sort(
-            cands.begin(), cands.begin() + k, cands.end(),
-            [metric](const Scored& x, const Scored& y) { return ranks_before(metric, x.m, x.i, y.m, y.i); });
-        if (dropped) {
+          std::partial_sort(scored.begin(), scored.begin() + k, scored.end(), better);
           double s_k = std::numeric_limits<double>::infinity();
-          for (int64_t t = 0; t < k; ++t) s_k = std::min(s_k, cands[t].s);
-          if (!(s_k > bound + screening_error(metric_, d, q_norms[q], vmax_))) continue;
+          for (int64_t t = 0; t < k; ++t) s_k = std::min(s_k, scored[t].s);
+          const double left =
+              done < total ? static_cast<double>(cands[done].a) : -std::numeric_limits<double>::infinity();
+          const double limit = std::max(left, bound);
+          if (limit == -std::numeric_limits<double>::infinity() || s_k > limit + err) {
+            ok[qi] = 1;
+            break;
+          }
+          if (done == total) break;  // not certified: search again with more candidates
+          want = std::min(total, 2 * want);
         }
+        if (!ok[qi]) continue;
         for (int64_t t = 0; t < k; ++t) {
-          res->indices[q * k + t] = cands[t].i;
-          res->scores[q * k + t] = returned_score(metric_, cands[t].m);
+          res->indices[q * k + t] = scored[t].i;
+          res->scores[q * k + t] = returned_score(metric_, scored[t].m);
         }
-        ok[qi] = 1;
       }
     }
     for (int64_t qi = 0; qi < n; ++qi)
