@@ -8,10 +8,12 @@
 import { createRequire } from "node:module";
 import { availableParallelism } from "node:os";
 import { type KnnMetric, nearestNeighbors, VocabIndex } from "../lib/knn.js";
+import { addon } from "../lib/native.js";
 import { machine, medianMs, runPythonPeer, table } from "./common.js";
 
 const require = createRequire(import.meta.url);
 const threads = Number(process.env.PRIORTUNE_THREADS ?? availableParallelism());
+const cuda = addon().cudaInfo();
 
 interface Workload {
   name: string;
@@ -104,6 +106,14 @@ async function runWorkload(w: Workload, rows: Record<string, string | number>[])
     500,
   );
 
+  // CUDA: measured only where a device is usable (never reported otherwise).
+  let cudaMs: number | undefined;
+  if (cuda.usable) {
+    const gpu = await VocabIndex.create(vocab, { dim: w.d, metric: w.metric, backend: "cuda", threads });
+    cudaMs = await medianMs(`${w.name} cuda`, () => gpu.search(queries, { k: w.k }), 20, 1000);
+    gpu.dispose();
+  }
+
   const peer = runPythonPeer("knn_torch.py", [
     String(threads),
     String(w.Q),
@@ -159,6 +169,7 @@ async function runWorkload(w: Workload, rows: Record<string, string | number>[])
     "hn/ours": ratio(hnswMs, ours),
     GFLOPs: (2 * w.Q * w.V * w.d) / ours / 1e6,
     recovered,
+    ...(cuda.usable ? { "cuda ms (incl. transfers)": fmt(cudaMs) } : {}),
   });
 }
 
@@ -205,6 +216,11 @@ async function main() {
   const pick = (name: string) => wanted.length === 0 || wanted.includes(name);
   console.log(`machine: ${machine()}`);
   console.log(`backend: cpu (fused GEMM + top-k, float64 re-scoring), threads ${threads}`);
+  console.log(
+    cuda.usable
+      ? `cuda: ${cuda.name} (compute capability ${cuda.computeCapability}), measured below`
+      : `cuda: not measured (${cuda.reason})`,
+  );
   const rows: Record<string, string | number>[] = [];
   for (const w of workloads.filter((w) => pick(w.name))) await runWorkload(w, rows);
   if (rows.length) console.log(table(rows));

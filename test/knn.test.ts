@@ -1,7 +1,7 @@
 // Exact nearest-neighbour search against a plain float64 brute force written here, on random data, duplicated
 // rows, near-ties, zero rows, all three metrics and k in {1, 10, 1024}; CUDA against the CPU where a device is.
 import { describe, expect, it } from "vitest";
-import { MAX_K, nearestNeighbors, VocabIndex, type KnnMetric, type NeighborResult } from "../lib/knn.js";
+import { type KnnMetric, MAX_K, type NeighborResult, nearestNeighbors, VocabIndex } from "../lib/knn.js";
 import { addon } from "../lib/native.js";
 
 // ---- the float64 reference -------------------------------------------------------------------------------
@@ -162,6 +162,27 @@ describe("VocabIndex (CPU) equals the float64 brute force", () => {
     const got = await nearestNeighbors(q, v, { dim: d, k: 10, metric: "cosine", backend: "cpu" });
     expect(Array.from(got.indices.subarray(0, 10))).toEqual([7, 400, 401, 402, 403, 404, 405, 406, 407, 408]);
     expect(got.recoveredQueries).toBeGreaterThan(0);
+  });
+
+  it("a second screening round with 4x the candidates certifies what the first could not", async () => {
+    const d = 32;
+    const base = gaussian(2000 * d, 17);
+    const v = new Float32Array(base);
+    for (let c = 0; c < 60; c++) v.set(base.subarray(5 * d, 6 * d), (1000 + c) * d); // 61 equal rows > 42
+    const q = new Float32Array(base.subarray(5 * d, 6 * d));
+    for (const metric of METRICS) {
+      // One thread: one candidate heap of 42 for all rows (with more threads each holds a share of the copies).
+      const got = await nearestNeighbors(q, v, { dim: d, k: 10, metric, backend: "cpu", threads: 1 });
+      expect(got.recoveredQueries).toBe(1);
+      expectExact(got, bruteForce(q, v, d, 10, metric));
+    }
+  });
+
+  it("concurrent searches on one index agree", async () => {
+    const index = await VocabIndex.create(vocab, { dim, metric: "l2", backend: "cpu" });
+    const results = await Promise.all([1, 2, 3, 4].map(() => index.search(queries, { k: 10 })));
+    for (const r of results) expect(Array.from(r.indices)).toEqual(Array.from(results[0].indices));
+    index.dispose();
   });
 
   it("near-ties that fp32 cannot separate are ranked like float64", async () => {
