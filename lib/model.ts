@@ -48,6 +48,13 @@ export interface LossAndGradOptions extends Omit<ForwardOptions, "hiddenStates" 
   labels: Int32Array;
 }
 
+export interface GenerateOptions extends Omit<ForwardOptions, "hiddenStates" | "logits" | "labels"> {
+  maxNewTokens: number;
+  /** Stop a sequence after this token (default: none). */
+  eosId?: number;
+  labels?: never;
+}
+
 export interface LossAndGrad {
   loss: number;
   labelCount: number;
@@ -178,6 +185,23 @@ export class Model {
     const out = await native.lossAndGrad({ ...args, labels: args.labels! });
     if (out.labelCount === 0) throw new RangeError("labels: no labelled position");
     return out as LossAndGrad;
+  }
+
+  /**
+   * Greedy decoding with a key/value cache (native): every sequence of the right-padded batch continues
+   * after its last token for up to `maxNewTokens` tokens, with the soft and deep prompts in place. A
+   * sequence stops after `eosId`; the rest of its row is -1. Returns batch x maxNewTokens ids.
+   */
+  async generate(options: GenerateOptions): Promise<Int32Array> {
+    const native = this.#live();
+    if (options?.labels !== undefined) throw new TypeError("generate: labels are not used; leave them out");
+    const args = checkCallArgs(this.config, options);
+    const maxNew = requirePositiveInt(options.maxNewTokens, "maxNewTokens");
+    const eos = options.eosId ?? -1;
+    if (!Number.isInteger(eos) || eos < -1 || eos >= this.config.vocabSize) {
+      throw new RangeError(`eosId: expected a token id in the vocabulary (or -1 for none), got ${eos}`);
+    }
+    return native.generate(args, maxNew, eos);
   }
 
   /** Frees the native memory now (otherwise it goes with the garbage collector). Safe to call twice. */

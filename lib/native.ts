@@ -87,6 +87,7 @@ export interface NativeModel {
   checkComplete(): void;
   forward(args: NativeForwardArgs): Promise<NativeForwardResult>;
   lossAndGrad(args: NativeForwardArgs & { labels: Int32Array }): Promise<NativeGradResult>;
+  generate(args: NativeForwardArgs, maxNewTokens: number, eosId: number): Promise<Int32Array>;
   tokenEmbeddings(): Float32Array;
   weightBytes(): number;
   dispose(): void;

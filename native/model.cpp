@@ -48,6 +48,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
                         InstanceMethod("checkComplete", &ModelWrap::CheckComplete),
                         InstanceMethod("forward", &ModelWrap::Forward),
                         InstanceMethod("lossAndGrad", &ModelWrap::LossAndGrad),
+                        InstanceMethod("generate", &ModelWrap::Generate),
                         InstanceMethod("tokenEmbeddings", &ModelWrap::TokenEmbeddings),
                         InstanceMethod("weightBytes", &ModelWrap::WeightBytes),
                         InstanceMethod("dispose", &ModelWrap::Dispose)});
@@ -363,6 +364,24 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
             }
             return out;
           });
+      for (const auto& v : keep) worker->keep(v);
+      return worker->queue();
+    });
+  }
+
+  // generate(args, maxNewTokens, eosId) -> Promise<Int32Array batch x maxNewTokens> (-1 after a stop)
+  Napi::Value Generate(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return guarded(env, [&]() -> Napi::Value {
+      auto model = live(env);
+      std::vector<Napi::Value> keep;
+      auto args = parse_args(env, model->config(), object_of(arg(info, 0, "args"), "args"), keep);
+      const int64_t max_new = int_of(arg(info, 1, "maxNewTokens"), "maxNewTokens", 1);
+      const int32_t eos = static_cast<int32_t>(int_of(arg(info, 2, "eosId"), "eosId", -1));
+      auto result = std::make_shared<std::vector<int32_t>>();
+      auto* worker = new PromiseWorker(
+          env, [model, args, result, max_new, eos]() { *result = model->generate(*args, max_new, eos); },
+          [result](Napi::Env env) -> Napi::Value { return to_int32(env, std::move(*result)); });
       for (const auto& v : keep) worker->keep(v);
       return worker->queue();
     });

@@ -1,11 +1,40 @@
 // Linear layer forward on the blocked GEMM; see ops.h.
+#include <algorithm>
+
 #include "priortune/gemm.h"
 #include "priortune/ops.h"
+#include "priortune/vecmath.h"
 
 namespace pt {
+namespace {
+
+// A few rows (token-by-token generation): out[n, o] = x[n] . W[o]. Packing W for the GEMM would cost more
+// than the product itself, and W's rows are contiguous, so plain dot products stream it once.
+PT_MULTIVERSION void matmul_rows_block(float* out, const float* x, const float* W, const float* bias,
+                                       int64_t N, int64_t C, int64_t OC, int64_t o0, int64_t o1) {
+  for (int64_t o = o0; o < o1; ++o) {
+    const float* w = W + o * C;
+    for (int64_t n = 0; n < N; ++n) {
+      const float* xr = x + n * C;
+      float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t c = 0; c < C; ++c) s += xr[c] * w[c];
+      out[n * OC + o] = s + (bias ? bias[o] : 0.0f);
+    }
+  }
+}
+
+}  // namespace
 
 void matmul_forward(float* out, const float* x, const float* W, const float* bias, int64_t N, int64_t C,
                     int64_t OC, int threads) {
+  if (N <= 4) {
+    const int64_t block = 64;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t o0 = 0; o0 < OC; o0 += block)
+      matmul_rows_block(out, x, W, bias, N, C, OC, o0, std::min(OC, o0 + block));
+    return;
+  }
   if (bias) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = 0; n < N; ++n)

@@ -628,3 +628,180 @@ GradResult Model::loss_and_grad(const ForwardArgs& a) {
 }
 
 }  // namespace pt
+
+namespace pt {
+
+// Greedy decoding. The prefill is the saving forward pass: its per-layer qkv rows (keys after RoPE) seed
+// a cache of P_l + S + max_new slots per sequence and layer. Each new token then runs the layers for one
+// row per sequence: its key/value go to slot P_l + P + len_b + t of its sequence (overwriting the padding
+// there, which no query ever saw), and it attends to the prefix, the slots before it and itself.
+std::vector<int32_t> Model::generate(const ForwardArgs& a, int64_t max_new, int32_t eos) {
+  std::lock_guard<std::mutex> lock(run_mutex_);
+  check_args(a);
+  const ModelConfig& c = cfg_;
+  const bool gpt2 = c.arch == Arch::GPT2;
+  const int nt = c.threads;
+  const int64_t B = a.B, T = a.T, P = a.P, S = P + T, C = c.hidden, V = c.vocab, L = c.layers;
+  const int64_t H = c.heads, KV = c.kv_heads, hd = c.head_dim, I = c.intermediate, half = hd / 2;
+  const int64_t qkv_w = (H + 2 * KV) * hd, kv_w = KV * hd, fc_w = gpt2 ? I : 2 * I, group = H / KV;
+  const int64_t pos0 = a.deep.kind == DeepPrompts::Kind::Prefix ? a.deep.prefix_len : 0;
+  if (max_new < 1) throw std::invalid_argument("maxNewTokens: expected at least 1");
+  if (gpt2 && pos0 + S + max_new > c.max_positions)
+    throw std::out_of_range("generation needs " + std::to_string(pos0 + S + max_new) +
+                            " positions; the model has " + std::to_string(c.max_positions));
+  std::vector<int64_t> len(B, T);
+  if (a.mask)
+    for (int64_t b = 0; b < B; ++b) {
+      int64_t n = 0;
+      while (n < T && a.mask[b * T + n]) ++n;
+      for (int64_t t = n; t < T; ++t)
+        if (a.mask[b * T + t]) throw std::invalid_argument("attentionMask: generation needs right padding");
+      if (n == 0 && P == 0)
+        throw std::invalid_argument("attentionMask: sequence " + std::to_string(b) + " is empty");
+      len[b] = n;
+    }
+
+  if (!ws_) ws_ = std::make_unique<Workspace>();
+  Workspace& ws = *ws_;
+  run_forward(a, ws, true, nullptr);
+
+  // Caches, seeded from the prefill's keys and values.
+  std::vector<int64_t> cap(L), P_l(L);
+  std::vector<std::vector<float>> kc(L), vc(L);
+  for (int64_t l = 0; l < L; ++l) {
+    const LayerState& st = ws.states[l];
+    P_l[l] = st.P_l;
+    cap[l] = st.S_l + max_new;
+    kc[l].assign(B * cap[l] * kv_w, 0.0f);
+    vc[l].assign(B * cap[l] * kv_w, 0.0f);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t s = 0; s < st.S_l; ++s) {
+        const float* row = st.qkv.data() + (b * st.S_l + s) * qkv_w;
+        std::memcpy(kc[l].data() + (b * cap[l] + s) * kv_w, row + H * hd, kv_w * sizeof(float));
+        std::memcpy(vc[l].data() + (b * cap[l] + s) * kv_w, row + (H + KV) * hd, kv_w * sizeof(float));
+      }
+  }
+  const float* head = c.tied_head ? w("tok_emb") : w("lm_head");
+  std::vector<float> x(B * C), ln(B * C), qkv(B * qkv_w), att(B * H * hd), tmp(B * C), fc(B * fc_w),
+      act(B * I), logits(B * V), cosr(B * half), sinr(B * half);
+  auto argmax_rows = [&](std::vector<int32_t>& next) {
+    for (int64_t b = 0; b < B; ++b) {
+      const float* l = logits.data() + b * V;
+      next[b] = static_cast<int32_t>(std::max_element(l, l + V) - l);
+    }
+  };
+  // First token: the logits at each sequence's last position.
+  for (int64_t b = 0; b < B; ++b)
+    std::memcpy(x.data() + b * C, ws.xf.data() + (b * S + P + len[b] - 1) * C, C * sizeof(float));
+  matmul_forward(logits.data(), x.data(), head, nullptr, B, C, V, nt);
+  std::vector<int32_t> next(B), out(B * max_new, -1);
+  std::vector<uint8_t> done(B, 0);
+  argmax_rows(next);
+
+  for (int64_t t = 0; t < max_new; ++t) {
+    bool all_done = true;
+    for (int64_t b = 0; b < B; ++b) {
+      if (done[b]) continue;
+      out[b * max_new + t] = next[b];
+      if (next[b] == eos) done[b] = 1;
+      all_done = all_done && done[b];
+    }
+    if (all_done || t + 1 == max_new) break;
+    // Embed the new tokens at their positions.
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t pos = pos0 + P + len[b] + t;
+      const float* e = w("tok_emb") + static_cast<int64_t>(next[b]) * C;
+      for (int64_t ch = 0; ch < C; ++ch) x[b * C + ch] = e[ch] + (gpt2 ? w("pos_emb")[pos * C + ch] : 0.0f);
+    }
+    for (int64_t l = 0; l < L; ++l) {
+      const std::string p = "l" + std::to_string(l) + ".";
+      const LayerState& st = ws.states[l];
+      if (gpt2)
+        layernorm_forward(ln.data(), nullptr, nullptr, x.data(), w(p + "ln1.w"), w(p + "ln1.b"), B, C,
+                          c.norm_eps, nt);
+      else
+        rmsnorm_forward(ln.data(), nullptr, x.data(), w(p + "ln1.w"), B, C, c.norm_eps, nt);
+      matmul_forward(qkv.data(), ln.data(), w(p + "qkv.w"), w_or_null(p + "qkv.b"), B, C, qkv_w, nt);
+      if (!gpt2) {
+        for (int64_t b = 0; b < B; ++b) {
+          const double pos = static_cast<double>(pos0 + P_l[l] + P + len[b] + t);
+          for (int64_t i = 0; i < half; ++i) {
+            cosr[b * half + i] = static_cast<float>(std::cos(pos * inv_freq_[i]));
+            sinr[b * half + i] = static_cast<float>(std::sin(pos * inv_freq_[i]));
+          }
+          rope_forward(qkv.data() + b * qkv_w, 1, 1, qkv_w, 0, H, hd, cosr.data() + b * half,
+                       sinr.data() + b * half, 1);
+          rope_forward(qkv.data() + b * qkv_w, 1, 1, qkv_w, H * hd, KV, hd, cosr.data() + b * half,
+                       sinr.data() + b * half, 1);
+        }
+      }
+      const float scale = attn_scale(l);
+#pragma omp parallel for num_threads(nt) schedule(static)
+      for (int64_t bh = 0; bh < B * H; ++bh) {
+        const int64_t b = bh / H, h = bh % H, g = h / group;
+        const int64_t slot = P_l[l] + P + len[b] + t;
+        float* K = kc[l].data() + b * cap[l] * kv_w;
+        float* Vc = vc[l].data() + b * cap[l] * kv_w;
+        if (h % group == 0) {  // one writer per kv head
+          std::memcpy(K + slot * kv_w + g * hd, qkv.data() + b * qkv_w + (H + g) * hd, hd * sizeof(float));
+          std::memcpy(Vc + slot * kv_w + g * hd, qkv.data() + b * qkv_w + (H + KV + g) * hd,
+                      hd * sizeof(float));
+        }
+      }
+#pragma omp parallel for num_threads(nt) schedule(static)
+      for (int64_t bh = 0; bh < B * H; ++bh) {
+        const int64_t b = bh / H, h = bh % H, g = h / group;
+        const int64_t slot = P_l[l] + P + len[b] + t, Pp = st.Pp, n = Pp + slot + 1;
+        const float* q = qkv.data() + b * qkv_w + h * hd;
+        const float* K = kc[l].data() + b * cap[l] * kv_w;
+        const float* Vc = vc[l].data() + b * cap[l] * kv_w;
+        // Right padding: every slot before this one holds a real token (the padding after a sequence is
+        // overwritten by its generated tokens), so no mask is needed.
+        std::vector<float> sc(n);
+        float mx = -INFINITY;
+        for (int64_t j = 0; j < n; ++j) {
+          const float* k = j < Pp ? st.prefix_k + (j * KV + g) * hd : K + (j - Pp) * kv_w + g * hd;
+          float d = 0.0f;
+          for (int64_t i = 0; i < hd; ++i) d += q[i] * k[i];
+          sc[j] = d * scale;
+          mx = std::max(mx, sc[j]);
+        }
+        float sum = 0.0f;
+        for (int64_t j = 0; j < n; ++j) {
+          sc[j] = std::exp(sc[j] - mx);
+          sum += sc[j];
+        }
+        float* o = att.data() + b * H * hd + h * hd;
+        std::fill(o, o + hd, 0.0f);
+        for (int64_t j = 0; j < n; ++j) {
+          const float pj = sc[j] / sum;
+          const float* v = j < Pp ? st.prefix_v + (j * KV + g) * hd : Vc + (j - Pp) * kv_w + g * hd;
+          for (int64_t i = 0; i < hd; ++i) o[i] += pj * v[i];
+        }
+      }
+      matmul_forward(tmp.data(), att.data(), w(p + "proj.w"), w_or_null(p + "proj.b"), B, H * hd, C, nt);
+      residual_forward(x.data(), x.data(), tmp.data(), B * C, nt);
+      if (gpt2)
+        layernorm_forward(ln.data(), nullptr, nullptr, x.data(), w(p + "ln2.w"), w(p + "ln2.b"), B, C,
+                          c.norm_eps, nt);
+      else
+        rmsnorm_forward(ln.data(), nullptr, x.data(), w(p + "ln2.w"), B, C, c.norm_eps, nt);
+      matmul_forward(fc.data(), ln.data(), w(p + "fc.w"), w_or_null(p + "fc.b"), B, C, fc_w, nt);
+      if (gpt2)
+        gelu_forward(act.data(), fc.data(), B * I, nt);
+      else
+        swiglu_forward(act.data(), fc.data(), B, I, nt);
+      matmul_forward(tmp.data(), act.data(), w(p + "fc2.w"), w_or_null(p + "fc2.b"), B, I, C, nt);
+      residual_forward(x.data(), x.data(), tmp.data(), B * C, nt);
+    }
+    if (gpt2)
+      layernorm_forward(ln.data(), nullptr, nullptr, x.data(), w("lnf.w"), w("lnf.b"), B, C, c.norm_eps, nt);
+    else
+      rmsnorm_forward(ln.data(), nullptr, x.data(), w("lnf.w"), B, C, c.norm_eps, nt);
+    matmul_forward(logits.data(), ln.data(), head, nullptr, B, C, V, nt);
+    argmax_rows(next);
+  }
+  return out;
+}
+
+}  // namespace pt

@@ -114,6 +114,10 @@ class Model {
   // Mean cross-entropy over labelled positions and its gradient with respect to the soft prompt and the
   // deep prompts. Needs labels with at least one labelled position.
   GradResult loss_and_grad(const ForwardArgs& args);
+  // Greedy decoding with a key/value cache: each sequence (right-padded by args.mask) continues after its
+  // last token for up to max_new tokens; a sequence stops after emitting `eos` (>= 0), the rest of its row
+  // is filled with -1. Returns [B, max_new].
+  std::vector<int32_t> generate(const ForwardArgs& args, int64_t max_new, int32_t eos);
 
   const Slot& slot(const std::string& name) const;
   const std::vector<float>& token_embeddings() const { return slot("tok_emb").data; }
