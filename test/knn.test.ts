@@ -383,6 +383,18 @@ describe.skipIf(!cuda.usable)(`VocabIndex (CUDA) equals the CPU index${cudaSuffi
     }
   }
 
+  it("large shapes: 262144 rows (d 64) and d 8192 (3000 rows)", async () => {
+    for (const [V, dim, metric] of [
+      [262144, 64, "cosine"],
+      [3000, 8192, "l2"],
+    ] as const) {
+      const vocab = gaussian(V * dim, 33);
+      const queries = gaussian(33 * dim, 34);
+      const { cpu, gpu } = await both(vocab, queries, dim, 10, metric);
+      expect(Array.from(gpu.indices)).toEqual(Array.from(cpu.indices));
+    }
+  });
+
   it("duplicated rows, near-ties, zero rows and self-search", async () => {
     const dim = 64;
     const v = gaussian(3000 * dim, 32);
