@@ -31,7 +31,8 @@ export interface TokenDecoder {
 export interface ModelLike {
   tokenEmbeddings(): Float32Array;
   config: { hiddenSize: number; vocabSize: number };
-  tokenizer?: TokenDecoder;
+  /** null or absent: no tokenizer (token strings are then null). */
+  tokenizer?: TokenDecoder | null;
 }
 
 /** A matrix of reference rows: vocabulary embeddings, or dataset activations (then no tokenizer). */
@@ -261,7 +262,7 @@ export class CollapseReference {
         throw new RangeError(
           `source.tokenEmbeddings(): expected vocabSize x hiddenSize = ${expected} elements, got ${vocab.length}`,
         );
-      tokenizer = source.tokenizer;
+      tokenizer = source.tokenizer ?? undefined;
     } else if (typeof source === "object" && source !== null && "vocab" in source) {
       vocab = checkFloat32("source.vocab", source.vocab);
       dim = checkInteger("source.dim", source.dim, 1);
