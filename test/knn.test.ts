@@ -126,6 +126,17 @@ describe("VocabIndex (CPU) equals the float64 brute force", () => {
     }
   });
 
+  it("tiny dimensions (1 and 3), where cosines tie massively", async () => {
+    for (const d of [1, 3]) {
+      const v = gaussian(300 * d, 40 + d);
+      const q = gaussian(4 * d, 50 + d);
+      for (const metric of METRICS) {
+        const got = await nearestNeighbors(q, v, { dim: d, k: 20, metric, backend: "cpu" });
+        expectExact(got, bruteForce(q, v, d, 20, metric));
+      }
+    }
+  });
+
   it("is independent of the thread count", async () => {
     const index = await VocabIndex.create(vocab, { dim, metric: "cosine", backend: "cpu", threads: 1 });
     const one = await index.search(queries, { k: 10, threads: 1 });
