@@ -236,7 +236,11 @@ export class VocabIndex {
   }
 }
 
-/** One-shot search: builds an index over `vocab`, searches, disposes. Prefer VocabIndex for repeated searches. */
+/**
+ * One-shot search. On the CPU it reads `vocab` in place (no copy; do not modify it until the promise settles)
+ * and packs panels as it goes; on CUDA it builds an index, searches and disposes it. Prefer VocabIndex for
+ * repeated searches against one vocabulary.
+ */
 export async function nearestNeighbors(
   queries: Float32Array,
   vocab: Float32Array,
@@ -245,9 +249,16 @@ export async function nearestNeighbors(
   checkFloat32("queries", queries);
   checkFloat32("vocab", vocab);
   const dim = checkInteger("dim", options?.dim, 1);
-  rowCount("queries", queries, dim);
+  const count = rowCount("queries", queries, dim);
   const rows = rowCount("vocab", vocab, dim);
-  checkInteger("k", options.k, 1, Math.min(MAX_K, rows));
+  const k = checkInteger("k", options.k, 1, Math.min(MAX_K, rows));
+  const metric = checkMetric(options.metric ?? "cosine");
+  if (resolveKnnBackend(options.backend ?? "auto") === "cpu") {
+    const threads =
+      options.threads === undefined ? defaultThreads() : checkInteger("threads", options.threads, 1, 1024);
+    const r = await addon().knnSearchOnce(queries, vocab, dim, metric, k, threads);
+    return { indices: r.indices, scores: r.scores, k, count, recoveredQueries: r.recoveredQueries };
+  }
   const index = await VocabIndex.create(vocab, options);
   try {
     return await index.search(queries, options);

@@ -159,6 +159,14 @@ export interface Addon {
     };
     dispose(): void;
   };
+  knnSearchOnce(
+    queries: Float32Array,
+    vocab: Float32Array,
+    dim: number,
+    metric: string,
+    k: number,
+    threads: number,
+  ): Promise<{ indices: Int32Array; scores: Float32Array; recoveredQueries: number }>;
   gaussianFit(
     rows: Float32Array,
     dim: number,

@@ -183,6 +183,39 @@ class KnnIndexWrap : public Napi::ObjectWrap<KnnIndexWrap> {
   bool building_ = false, disposed_ = false;
 };
 
+// knnSearchOnce(queries, vocab, dim, metric, k, threads) -> Promise<{ indices, scores, recoveredQueries }>:
+// a one-shot CPU search over the vocabulary in place (no copy, no packed copy; kept referenced until done).
+Napi::Value KnnSearchOnce(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&]() -> Napi::Value {
+    View<float> q = view_of<float>(arg(info, 0, "queries"), "queries");
+    Napi::Value vocab_value = arg(info, 1, "vocab");
+    View<float> vocab = view_of<float>(vocab_value, "vocab");
+    const int64_t d = int_of(arg(info, 2, "dim"), "dim", 1);
+    const int64_t Q = rows_of(q, d, "queries", env), V = rows_of(vocab, d, "vocab", env);
+    if (!arg(info, 3, "metric").IsString())
+      throw_type(env, "metric", "\"cosine\", \"l2\" or \"dot\"", info[3]);
+    const pt::KnnMetric metric = pt::knn_metric_from_name(info[3].As<Napi::String>().Utf8Value());
+    const int64_t k = int_of(arg(info, 4, "k"), "k", 1);
+    const int threads = threads_of(info, 5);
+    auto queries = std::make_shared<std::vector<float>>(q.data, q.data + q.length);
+    auto out = std::make_shared<pt::KnnResult>();
+    auto* worker = new PromiseWorker(
+        env,
+        [queries, vocab, Q, V, d, metric, k, threads, out]() {
+          std::string bad = pt::knn_check_rows(vocab.data, V, d, threads);
+          if (!bad.empty()) throw std::invalid_argument("vocab: " + bad);
+          bad = pt::knn_check_rows(queries->data(), Q, d, threads);
+          if (!bad.empty()) throw std::invalid_argument("queries: " + bad);
+          auto index = pt::knn_index_cpu_borrowed(vocab.data, V, d, metric, threads);
+          *out = index->search(queries->data(), Q, k, nullptr, threads);
+        },
+        [out](Napi::Env e) -> Napi::Value { return result_object(e, std::move(*out)); });
+    worker->keep(vocab_value);
+    return worker->queue();
+  });
+}
+
 // gaussianFit(rows: Float32Array, dim, jitter, threads) -> Promise<{ mean, cholesky, ridge, meanVariance,
 // logDet }>: mean and unbiased covariance of the rows, ridge = jitter * trace / dim added to the diagonal
 // (jitter relative to the mean variance; the paper's Sigma + 1e-3 I when N < d, made scale-free), then the
@@ -306,6 +339,7 @@ Napi::Value GramEigenvalues(const Napi::CallbackInfo& info) {
 
 void init_knn(Napi::Env env, Napi::Object exports) {
   exports.Set("NativeKnnIndex", KnnIndexWrap::Define(env));
+  exports.Set("knnSearchOnce", Napi::Function::New(env, KnnSearchOnce, "knnSearchOnce"));
   exports.Set("gaussianFit", Napi::Function::New(env, GaussianFit, "gaussianFit"));
   exports.Set("mahalanobisSquared", Napi::Function::New(env, MahalanobisSquared, "mahalanobisSquared"));
   exports.Set("meanDistances", Napi::Function::New(env, MeanDistances, "meanDistances"));

@@ -334,6 +334,9 @@ describe("VocabIndex argument checks", () => {
     await expect(VocabIndex.create(bad, { dim, backend: "cpu" })).rejects.toThrow(
       "vocab: row 3 has a non-finite value (NaN) at column 5",
     );
+    await expect(nearestNeighbors(vocab, bad, { dim, k: 1, backend: "cpu" })).rejects.toThrow(
+      "vocab: row 3 has a non-finite value (NaN) at column 5",
+    );
     const index = await VocabIndex.create(vocab, { dim, backend: "cpu" });
     const q = new Float32Array(2 * dim);
     q[dim + 1] = Number.NEGATIVE_INFINITY;

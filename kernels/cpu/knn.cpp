@@ -7,6 +7,8 @@
 // packs its queries into A-panels the same way, computes a score tile of MC queries x NC rows into a
 // thread-local buffer with the micro-kernel and scans it into per-query candidate heaps of size c > k. The
 // full Q x V score matrix never exists. Threads split the rows; their candidate lists are merged per query.
+// A borrowed index (knn_index_cpu_borrowed, for one-shot searches) keeps only norms and packs each KC x NC
+// block of rows into a thread-local buffer just before it is used.
 //
 // Screening value a(q, v) (fp32) and what it approximates, s(q, v):
 //   cosine: a = fl(q^ . v^),             s = cos(q, v)
@@ -227,40 +229,51 @@ int64_t candidate_count(int64_t k) {
 
 class CpuIndex final : public KnnIndex {
  public:
-  CpuIndex(const float* vocab, int64_t V, int64_t d, KnnMetric metric, int threads)
+  // borrow = false: copies and packs the rows (a reusable index). borrow = true: keeps a pointer to vocab
+  // (which must outlive the index, unchanged) and packs each search's panels on the fly: no copy, no 2x
+  // memory, for one-shot searches.
+  CpuIndex(const float* vocab, int64_t V, int64_t d, KnnMetric metric, int threads, bool borrow)
       : V_(V), d_(d), metric_(metric), mk_(sgemm_micro_kernel()) {
     if (V <= 0 || d <= 0) throw std::invalid_argument("vocab: expected at least one row of dimension >= 1");
     if (V > std::numeric_limits<int32_t>::max() - 1)
       throw std::out_of_range("vocab: more than 2^31 - 2 rows");
-    rows_ = aligned_array<float>(static_cast<size_t>(V * d));
     norms_.resize(V);
     half_sq_ = aligned_array<float>(static_cast<size_t>(V));
-    const int64_t nr = mk_.nr, panels = (V + nr - 1) / nr;
-    packed_ = aligned_array<float>(static_cast<size_t>(panels * nr * d));
-    float* rows = rows_.get();
-    float* packed = packed_.get();
     float* half_sq = half_sq_.get();
     double vmax = 0.0;
+    if (borrow) {
+      rows_ptr_ = vocab;
 #pragma omp parallel for num_threads(threads) schedule(static) reduction(max : vmax)
-    for (int64_t p = 0; p < panels; ++p) {
-      float* dst = packed + p * nr * d;
-      for (int64_t j = 0; j < nr; ++j) {
-        const int64_t r = p * nr + j;
-        if (r >= V) {
-          for (int64_t k = 0; k < d; ++k) dst[k * nr + j] = 0.0f;
-          continue;
-        }
-        const float* src = vocab + r * d;
-        std::memcpy(rows + r * d, src, sizeof(float) * d);
-        const double n2 = dot_f64(src, src, d), n = std::sqrt(n2);
+      for (int64_t r = 0; r < V; ++r) {
+        const double n2 = dot_f64(vocab + r * d, vocab + r * d, d), n = std::sqrt(n2);
         norms_[r] = n;
         half_sq[r] = static_cast<float>(0.5 * n2);
         vmax = std::max(vmax, n);
-        if (metric == KnnMetric::Cosine) {
-          const double inv = n > 0.0 ? 1.0 / n : 0.0;
-          for (int64_t k = 0; k < d; ++k) dst[k * nr + j] = static_cast<float>(src[k] * inv);
-        } else {
-          for (int64_t k = 0; k < d; ++k) dst[k * nr + j] = src[k];
+      }
+    } else {
+      rows_ = aligned_array<float>(static_cast<size_t>(V * d));
+      rows_ptr_ = rows_.get();
+      const int64_t nr = mk_.nr, panels = (V + nr - 1) / nr;
+      packed_ = aligned_array<float>(static_cast<size_t>(panels * nr * d));
+      float* rows = rows_.get();
+      float* packed = packed_.get();
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(max : vmax)
+      for (int64_t p = 0; p < panels; ++p) {
+        float* dst = packed + p * nr * d;
+        for (int64_t j = 0; j < nr; ++j) {
+          const int64_t r = p * nr + j;
+          if (r >= V) {
+            for (int64_t k = 0; k < d; ++k) dst[k * nr + j] = 0.0f;
+            continue;
+          }
+          const float* src = vocab + r * d;
+          std::memcpy(rows + r * d, src, sizeof(float) * d);
+          const double n2 = dot_f64(src, src, d), n = std::sqrt(n2);
+          norms_[r] = n;
+          half_sq[r] = static_cast<float>(0.5 * n2);
+          vmax = std::max(vmax, n);
+          const double scale = screen_scale(n);
+          for (int64_t k = 0; k < d; ++k) dst[k * nr + j] = static_cast<float>(src[k] * scale);
         }
       }
     }
@@ -283,13 +296,13 @@ class CpuIndex final : public KnnIndex {
   }
   int64_t host_bytes() const override {
     const int64_t panels = (V_ + mk_.nr - 1) / mk_.nr;
-    return (V_ * d_ + panels * mk_.nr * d_ + V_) * 4 + V_ * 8;
+    return (packed_ ? (V_ * d_ + panels * mk_.nr * d_) * 4 : 0) + V_ * 4 + V_ * 8;
   }
   int64_t device_bytes() const override {
     return 0;
   }
   const float* row(int64_t r) const override {
-    return rows_.get() + r * d_;
+    return rows_ptr_ + r * d_;
   }
 
   KnnResult search(const float* queries, int64_t Q, int64_t k, const int32_t* exclude,
@@ -397,6 +410,7 @@ class CpuIndex final : public KnnIndex {
       heaps[i] = TopHeap{heap_store.data() + i * c, 0, static_cast<int32_t>(c)};
     const float* sub = metric_ == KnnMetric::L2 ? half_sq_.get() : nullptr;
     const float* packed = packed_.get();
+    const float* rows_src = rows_ptr_;
     const auto kernel = mk_.run;
     std::atomic<bool> oom{false};
 
@@ -405,9 +419,10 @@ class CpuIndex final : public KnnIndex {
       const int t = thread_id(), parts = team_size();
       int64_t p0, p1;
       split_range(v_panels, parts, t, 1, &p0, &p1);
-      AlignedArray<float> tile;
+      AlignedArray<float> tile, bpack;
       try {
         tile = aligned_array<float>(static_cast<size_t>(MC * NC));
+        if (!packed) bpack = aligned_array<float>(static_cast<size_t>(KC * NC));
       } catch (...) {
         oom = true;
       }
@@ -423,8 +438,23 @@ class CpuIndex final : public KnnIndex {
             for (int64_t pc = 0; pc < d; pc += KC) {
               const int64_t kc = std::min<int64_t>(KC, d - pc);
               const float beta = pc == 0 ? 0.0f : 1.0f;
+              if (!packed) {  // borrowed rows: pack this kc x (np * nr) block now, panel after panel
+                float* dst = bpack.get();
+                for (int64_t jp = 0; jp < np; ++jp, dst += kc * nr)
+                  for (int64_t j = 0; j < nr; ++j) {
+                    const int64_t r = (jc + jp) * nr + j;
+                    if (r >= V_) {
+                      for (int64_t kk = 0; kk < kc; ++kk) dst[kk * nr + j] = 0.0f;
+                      continue;
+                    }
+                    const float* src = rows_src + r * d + pc;
+                    const double scale = screen_scale(norms_[r]);
+                    for (int64_t kk = 0; kk < kc; ++kk)
+                      dst[kk * nr + j] = static_cast<float>(src[kk] * scale);
+                  }
+              }
               for (int64_t jp = 0; jp < np; ++jp) {
-                const float* Bp = packed + (jc + jp) * nr * d + pc * nr;
+                const float* Bp = packed ? packed + (jc + jp) * nr * d + pc * nr : bpack.get() + jp * kc * nr;
                 const int ncol = static_cast<int>(std::min<int64_t>(nr, V_ - (jc + jp) * nr));
                 for (int64_t ip = 0; ip < mp; ++ip) {
                   const float* Ap = Ap_all + (ic + ip) * mr * d + pc * mr;
@@ -450,7 +480,7 @@ class CpuIndex final : public KnnIndex {
     // re-scored has s <= a_next + err (a_next: the best screening value left), a dropped row s <= B + err; so
     // once the k-th re-scored s_k exceeds max(a_next, B) + err the top k is final. Usually a few more than k
     // candidates are re-scored, not all T * c.
-    const float* rows = rows_.get();
+    const float* rows = rows_ptr_;
     std::vector<char> ok(n, 0);
 #pragma omp parallel num_threads(threads)
     {
@@ -521,8 +551,8 @@ class CpuIndex final : public KnnIndex {
     std::vector<float> sc(k);
     for (int64_t q : part) {
       int32_t ex = exclude ? exclude[q] : -1;
-      knn_exact_scan(idx.data(), sc.data(), queries + q * d_, 1, rows_.get(), norms_.data(), V_, d_, k,
-                     metric_, exclude ? &ex : nullptr, threads);
+      knn_exact_scan(idx.data(), sc.data(), queries + q * d_, 1, rows_ptr_, norms_.data(), V_, d_, k, metric_,
+                     exclude ? &ex : nullptr, threads);
       std::copy(idx.begin(), idx.end(), res->indices.begin() + q * k);
       std::copy(sc.begin(), sc.end(), res->scores.begin() + q * k);
     }
@@ -531,7 +561,13 @@ class CpuIndex final : public KnnIndex {
   int64_t V_, d_;
   KnnMetric metric_;
   SgemmMicroKernel mk_;
-  AlignedArray<float> rows_, packed_, half_sq_;
+  // The fp32 screening copy of a row is row * screen_scale(|row|) (rounded): normalised for cosine.
+  double screen_scale(double norm) const {
+    return metric_ == KnnMetric::Cosine ? (norm > 0.0 ? 1.0 / norm : 0.0) : 1.0;
+  }
+
+  AlignedArray<float> rows_, packed_, half_sq_;  // rows_ and packed_ are empty when borrowing
+  const float* rows_ptr_ = nullptr;
   std::vector<double> norms_;
   double vmax_ = 0.0;
 };
@@ -540,7 +576,12 @@ class CpuIndex final : public KnnIndex {
 
 std::unique_ptr<KnnIndex> knn_index_cpu(const float* vocab, int64_t V, int64_t d, KnnMetric metric,
                                         int threads) {
-  return std::make_unique<CpuIndex>(vocab, V, d, metric, std::max(1, threads));
+  return std::make_unique<CpuIndex>(vocab, V, d, metric, std::max(1, threads), false);
+}
+
+std::unique_ptr<KnnIndex> knn_index_cpu_borrowed(const float* vocab, int64_t V, int64_t d, KnnMetric metric,
+                                                 int threads) {
+  return std::make_unique<CpuIndex>(vocab, V, d, metric, std::max(1, threads), true);
 }
 
 void knn_row_norms(double* norms, const float* x, int64_t n, int64_t d, int threads) {

@@ -61,6 +61,11 @@ class KnnIndex {
 std::unique_ptr<KnnIndex> knn_index_cpu(const float* vocab, int64_t V, int64_t d, KnnMetric metric,
                                         int threads);
 
+// CPU index that borrows vocab (no copy, no packed copy; the caller keeps vocab alive and unchanged while the
+// index lives) and packs each search's panels on the fly: for one-shot searches.
+std::unique_ptr<KnnIndex> knn_index_cpu_borrowed(const float* vocab, int64_t V, int64_t d, KnnMetric metric,
+                                                 int threads);
+
 // CUDA index on device 0 (kernels/cuda/knn.cu): the rows stay resident on the device (original fp32 rows, a
 // normalised copy for cosine, float64 norms). Throws std::runtime_error when this build has no CUDA backend
 // or the device fails.
