@@ -1,0 +1,127 @@
+// Token ids and causal-LM labels for one example: the loss falls on the answer only (paper.md, Setup:
+// "labels only on answer tokens").
+import type { Tokenizer } from "../tokenizer.js";
+import { requirePositiveInt } from "../validate.js";
+
+/** Label value the loss ignores (PyTorch / Hugging Face convention, also lib/model.ts). */
+export const IGNORE_INDEX = -100;
+
+export interface EncodeOptions {
+  /** Most tokens in `ids`. Longer examples lose prompt tokens from the left (see encodeExample). */
+  maxLength?: number;
+  /** Appended after the completion and labelled, so the model learns to stop. */
+  eosId?: number;
+  /** Let the tokenizer add its special tokens (e.g. Llama 3's BOS) to the prompt. Default false. */
+  addSpecialTokens?: boolean;
+  /**
+   * When even the completion alone exceeds maxLength: "error" (default) throws; "truncate" keeps its
+   * first tokens (plain-text tasks such as C4, where the whole document is the completion).
+   */
+  completionOverflow?: "error" | "truncate";
+}
+
+export interface EncodedExample {
+  /** Prompt tokens then completion tokens (then EOS). */
+  ids: Int32Array;
+  /**
+   * Aligned with `ids`: -100 on the prompt, the token id itself on the completion (and EOS). labels[t]
+   * is the target for position t; the loss shifts, predicting it from the logits at t - 1.
+   */
+  labels: Int32Array;
+  /** Number of prompt tokens at the start of `ids` (special tokens included), after truncation. */
+  promptLength: number;
+}
+
+// How many special tokens each tokenizer puts before the text (Llama 3: BOS), found once on a probe
+// text: an empty prompt alone cannot tell leading special tokens from trailing ones.
+const leadingSpecialCount = new WeakMap<Tokenizer, number>();
+
+function leadingSpecialTokens(tokenizer: Tokenizer, prompt: string, plain: number[]): number[] {
+  let k = leadingSpecialCount.get(tokenizer);
+  if (k === undefined) {
+    const probePlain = tokenizer.encode("x", { addSpecialTokens: false });
+    const probe = tokenizer.encode("x", { addSpecialTokens: true });
+    k = 0;
+    while (k + probePlain.length <= probe.length && !probePlain.every((t, i) => probe[k! + i] === t)) k++;
+    if (k + probePlain.length > probe.length) k = 0;
+    leadingSpecialCount.set(tokenizer, k);
+  }
+  const withSpecial = tokenizer.encode(prompt, { addSpecialTokens: true });
+  if (!plain.every((t, i) => withSpecial[k + i] === t)) {
+    throw new Error("tokenizer: the encoding with special tokens is not special tokens + the plain encoding");
+  }
+  return withSpecial.slice(0, k);
+}
+
+/**
+ * Encodes one example for training or validation loss.
+ *
+ * Prompt and completion are tokenized separately and concatenated. Tokenizing the joined text would let
+ * BPE merge across the boundary: with a prompt ending in "Answer: " and the completion "Paris", the
+ * joined text encodes " Paris" as one token whose space belongs to the prompt, so the first answer token
+ * would sit partly in the prompt and the answer tokens would differ from what the model generates after
+ * the prompt alone. Separate encoding makes the boundary exact; the completions carry their leading
+ * space (" Paris") so that they tokenize the way the model writes them after "Answer:".
+ *
+ * Truncation to `maxLength` keeps the whole completion (and EOS) and the tokenizer's leading special
+ * tokens, and cuts the prompt from the left: for SQuAD that drops the start of the context, keeping
+ * the question next to the answer. If even the completion does not fit, it is an error, unless
+ * `completionOverflow` is "truncate". Special tokens a tokenizer appends after the text (add_eos_token)
+ * are not kept in the middle of the sequence; pass `eosId` to end the completion instead.
+ */
+export function encodeExample(
+  tokenizer: Tokenizer,
+  example: { prompt: string; completion: string },
+  options: EncodeOptions = {},
+): EncodedExample {
+  if (typeof tokenizer?.encode !== "function") throw new TypeError("tokenizer: expected a Tokenizer");
+  if (typeof example?.prompt !== "string") throw new TypeError("example.prompt: expected a string");
+  if (typeof example.completion !== "string") throw new TypeError("example.completion: expected a string");
+  const maxLength =
+    options.maxLength === undefined ? undefined : requirePositiveInt(options.maxLength, "maxLength");
+  const { eosId } = options;
+  if (eosId !== undefined && (!Number.isInteger(eosId) || eosId < 0 || eosId >= tokenizer.vocabSize)) {
+    throw new RangeError(`eosId: expected a token id in [0, ${tokenizer.vocabSize}), got ${eosId}`);
+  }
+  const overflow = options.completionOverflow ?? "error";
+  if (overflow !== "error" && overflow !== "truncate") {
+    throw new RangeError(
+      `completionOverflow: expected "error" or "truncate", got ${JSON.stringify(overflow)}`,
+    );
+  }
+
+  const promptPlain = tokenizer.encode(example.prompt, { addSpecialTokens: false });
+  let special: number[] = [];
+  if (options.addSpecialTokens) {
+    special = leadingSpecialTokens(tokenizer, example.prompt, promptPlain);
+  }
+  let tail = tokenizer.encode(example.completion, { addSpecialTokens: false });
+  if (eosId !== undefined) tail.push(eosId);
+
+  let body = promptPlain;
+  if (maxLength !== undefined && special.length + body.length + tail.length > maxLength) {
+    const room = maxLength - special.length - tail.length;
+    if (room >= 0) {
+      body = body.slice(body.length - room);
+    } else if (overflow === "truncate" && maxLength > special.length) {
+      body = [];
+      tail = tail.slice(0, maxLength - special.length);
+    } else {
+      throw new RangeError(
+        `maxLength: ${maxLength} tokens cannot hold the completion (${tail.length} tokens` +
+          `${eosId !== undefined ? " with EOS" : ""}${special.length ? ` plus ${special.length} special` : ""}); ` +
+          `raise maxLength${overflow === "error" ? ' or set completionOverflow: "truncate"' : ""}`,
+      );
+    }
+  }
+
+  const promptLength = special.length + body.length;
+  const n = promptLength + tail.length;
+  const ids = new Int32Array(n);
+  const labels = new Int32Array(n).fill(IGNORE_INDEX);
+  ids.set(special, 0);
+  ids.set(body, special.length);
+  ids.set(tail, promptLength);
+  labels.set(tail, promptLength);
+  return { ids, labels, promptLength };
+}

@@ -1,0 +1,575 @@
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { gunzipSync } from "node:zlib";
+import { afterAll, describe, expect, it } from "vitest";
+import {
+  CLOZE_TEMPLATE,
+  encodeExample,
+  fillTemplate,
+  generateArithmetic,
+  generateCloze,
+  generateQaFacts,
+  IGNORE_INDEX,
+  loadTask,
+  MATH_TEMPLATE,
+  parseMathematics,
+  parseSquad,
+  parseTaskSpec,
+  SQUAD_TEMPLATE,
+  splitSentences,
+  writeArithmetic,
+  writeCloze,
+  writeQaFacts,
+} from "../lib/tasks.js";
+import { loadTokenizer, type Tokenizer } from "../lib/tokenizer.js";
+import { fixtures, modelDir } from "./helpers.js";
+
+const data = (name: string) => join(fixtures, "data", name);
+const tmp = mkdtempSync(join(tmpdir(), "priortune-tasks-"));
+afterAll(() => rmSync(tmp, { recursive: true, force: true }));
+
+describe("templates", () => {
+  it("fills placeholders, with {{ }} as literal braces", () => {
+    expect(fillTemplate(SQUAD_TEMPLATE, { context: "C.", question: "Q?" })).toBe("C.\nQuestion: Q?\nAnswer:");
+    expect(fillTemplate(MATH_TEMPLATE, { question: "1+1" })).toBe("Question: 1+1\nAnswer:");
+    expect(fillTemplate("{{x}} {x}", { x: "y" })).toBe("{x} y");
+  });
+
+  it("names bad templates and missing fields", () => {
+    expect(() => fillTemplate("{x", { x: "y" })).toThrow(/template: bad placeholder at offset 0/);
+    expect(() => fillTemplate("x}", {})).toThrow(/unmatched "}"/);
+    expect(() => fillTemplate("{y}", { x: "1" })).toThrow(/no string value for placeholder \{y\}/);
+  });
+});
+
+describe("SQuAD loader", () => {
+  it("reads v1.1 with the paper's template and every gold answer", async () => {
+    const task = await loadTask({
+      kind: "squad",
+      path: data("squad-v1.1.json"),
+      trainCount: 2,
+      validationCount: 2,
+      shuffle: false,
+    });
+    expect(task.metric).toBe("qa");
+    expect(task.name).toBe("squad:squad-v1.1.json");
+    expect(task.train[0]).toEqual({
+      id: "lh-1",
+      prompt:
+        "The Tower of Hercules is a Roman lighthouse near A Coruña, in Spain. It was built in the 2nd " +
+        "century and is still in use.\nQuestion: In which country is the Tower of Hercules?\nAnswer:",
+      completion: " Spain",
+      answers: ["Spain", "Spain", "in Spain"],
+    });
+    expect(task.validation.map((e) => e.id)).toEqual(["rv-1", "rv-2"]);
+    expect(task.validation[0]!.completion).toBe(" the Black Sea");
+  });
+
+  it("stores offsets that point at the answers", () => {
+    const records = parseSquad(readFileSync(data("squad-v1.1.json"), "utf8"));
+    for (const r of records) {
+      r.answers.forEach((a, i) => {
+        expect(r.context.slice(r.answerStarts[i], r.answerStarts[i]! + a.length)).toBe(a);
+      });
+    }
+  });
+
+  it("v2: skips unanswerable questions by default, keeps them with an empty answer on request", async () => {
+    const spec = { kind: "squad", path: data("squad-v2.0.json"), shuffle: false } as const;
+    const skipped = await loadTask({ ...spec, trainCount: 5, validationCount: 0 });
+    expect(skipped.train.map((e) => e.id)).toEqual(["ob-1", "ob-3"]);
+    expect(skipped.train[1]!.answers).toEqual(["2,635 metres"]);
+    const kept = await loadTask({ ...spec, unanswerable: "keep", trainCount: 5, validationCount: 0 });
+    expect(kept.train.map((e) => e.id)).toEqual(["ob-1", "ob-2", "ob-3"]);
+    expect(kept.train[1]).toMatchObject({ completion: "", answers: [""] });
+  });
+
+  it("takes a separate validation file and custom templates", async () => {
+    const task = await loadTask({
+      kind: "squad",
+      path: data("squad-v1.1.json"),
+      validationPath: data("squad-v2.0.json"),
+      template: "{title}: {context}\nQ: {question}\nA: ",
+      trainCount: 4,
+      validationCount: 2,
+      seed: 1,
+    });
+    expect(task.train).toHaveLength(4);
+    expect(task.validation.map((e) => e.id).sort()).toEqual(["ob-1", "ob-3"]);
+    // The template ends in a space, so the completion does not start with one.
+    const ob1 = task.validation.find((e) => e.id === "ob-1")!;
+    expect(ob1.prompt.startsWith("Observatories: The Paranal")).toBe(true);
+    expect(ob1.completion).toBe("the Atacama Desert");
+  });
+
+  it("names malformed files", () => {
+    expect(() => parseSquad('{"data": [{"paragraphs": [{"qas": []}]}]}', "f.json")).toThrow(
+      "f.json: data[0].paragraphs[0].context: expected a string, got undefined",
+    );
+    expect(() => parseSquad("[]", "f.json")).toThrow(/f\.json: data: expected an array of articles/);
+  });
+});
+
+describe("Mathematics loader", () => {
+  it("reads question/answer line pairs with the paper's template", async () => {
+    const task = await loadTask({
+      kind: "mathematics",
+      path: data("arithmetic__add_or_sub.txt"),
+      trainCount: 6,
+      validationCount: 2,
+      shuffle: false,
+    });
+    expect(task.metric).toBe("accuracy");
+    expect(task.train[0]).toEqual({
+      prompt: "Question: Work out -0.3 + -2.\nAnswer:",
+      completion: " -2.3",
+      answers: ["-2.3"],
+    });
+    expect(task.validation.map((e) => e.answers![0])).toEqual(["0.25", "1325"]);
+  });
+
+  it("samples at random by seed, disjoint train and validation, and caps counts at what the file has", async () => {
+    const spec = { kind: "mathematics", path: data("arithmetic__add_or_sub.txt"), trainCount: 5 } as const;
+    const a = await loadTask({ ...spec, seed: 7 });
+    const b = await loadTask({ ...spec, seed: 7 });
+    const c = await loadTask({ ...spec, seed: 8 });
+    expect(a.train).toEqual(b.train);
+    expect(a.train).not.toEqual(c.train);
+    expect(a.validation).toHaveLength(3); // 8 pairs in the file: 5 train, the other 3 validation
+    const prompts = [...a.train, ...a.validation].map((e) => e.prompt);
+    expect(new Set(prompts).size).toBe(8);
+  });
+
+  it("names an odd number of lines", () => {
+    expect(() => parseMathematics("1 + 1\n2\n3 + 3\n", "m.txt")).toThrow(/m\.txt: 3 lines, expected/);
+    expect(parseMathematics("1 + 1\r\n2\r\n")).toEqual([{ question: "1 + 1", answer: "2" }]);
+  });
+});
+
+describe("C4 loader", () => {
+  it("reads gzipped JSON lines into empty-prompt examples, the same as the plain file", async () => {
+    const gz = await loadTask({
+      kind: "c4",
+      path: data("c4-sample.json.gz"),
+      trainCount: 2,
+      validationCount: 1,
+      shuffle: false,
+    });
+    const plain = await loadTask({
+      kind: "c4",
+      path: data("c4-sample.json"),
+      trainCount: 2,
+      validationCount: 1,
+      shuffle: false,
+    });
+    expect(gz.metric).toBe("none");
+    expect(gz.train[0]!.prompt).toBe("");
+    expect(gz.train[0]!.completion.startsWith("Beginners BBQ Class Taking Place in Missoula!\nDo you")).toBe(
+      true,
+    );
+    expect(gz.train[0]!.answers).toBeUndefined();
+    expect(gz.train).toEqual(plain.train);
+    expect(gz.validation).toEqual(plain.validation);
+  });
+
+  it("splits prefix and continuation by words, skipping texts too short to split", async () => {
+    const task = await loadTask({
+      kind: "c4",
+      path: data("c4-sample.json.gz"),
+      prefixWords: 10,
+      shuffle: false,
+      trainCount: 10,
+    });
+    // The third document has 9 words.
+    expect(task.train).toHaveLength(2);
+    expect(task.train[1]).toEqual({
+      prompt: "Discussion in 'Mac OS X Lion (10.7)' started by axboi87,",
+      completion: " Jan 20, 2012.",
+    });
+    const first = task.train[0]!;
+    expect(first.prompt + first.completion).toBe(
+      JSON.parse(readFileSync(data("c4-sample.json"), "utf8").split("\n")[0]!).text,
+    );
+  });
+
+  it("rejects a template, which plain text has no use for", async () => {
+    await expect(loadTask({ kind: "c4", path: data("c4-sample.json"), template: "{text}" })).rejects.toThrow(
+      /unknown option "template" for kind "c4"/,
+    );
+  });
+});
+
+describe("JSONL loader", () => {
+  it("reads {prompt, completion} records, blank lines skipped, answers optional", async () => {
+    const task = await loadTask({ kind: "jsonl", path: data("pairs.jsonl"), shuffle: false, trainCount: 3 });
+    expect(task.metric).toBe("qa");
+    expect(task.train).toEqual([
+      { prompt: "Translate to French: cat\nAnswer:", completion: " chat", answers: ["chat"] },
+      { prompt: "Translate to French: dog\nAnswer:", completion: " chien", answers: ["chien", "le chien"] },
+      { prompt: "Translate to French: bird\nAnswer:", completion: " oiseau", answers: ["oiseau"] },
+    ]);
+    expect(task.validation).toEqual([]);
+  });
+
+  it("fills a template from any string field and names records that lack it", async () => {
+    const path = join(tmp, "fields.jsonl");
+    writeFileSync(path, '{"word": "cat", "completion": " chat"}\n{"completion": " chien"}\n');
+    await expect(loadTask({ kind: "jsonl", path, template: "French for {word}:" })).rejects.toThrow(
+      /fields\.jsonl: record 2: template: no string value for placeholder \{word\}/,
+    );
+    writeFileSync(path, '{"prompt": "x"}\n');
+    await expect(loadTask({ kind: "jsonl", path })).rejects.toThrow(
+      /record 1: expected a string "completion" field/,
+    );
+  });
+});
+
+describe("task specs", () => {
+  it("describe() reproduces the task with loadTask, and checks the data file's hash", async () => {
+    const path = join(tmp, "copy.txt");
+    writeFileSync(path, readFileSync(data("arithmetic__add_or_sub.txt")));
+    const task = await loadTask({ kind: "mathematics", path, trainCount: 4, validationCount: 2, seed: 3 });
+    const spec = task.describe();
+    expect(spec).toMatchObject({
+      kind: "mathematics",
+      path,
+      seed: 3,
+      shuffle: true,
+      template: MATH_TEMPLATE,
+      metric: "accuracy",
+    });
+    expect(spec["sha256"]).toMatch(/^[0-9a-f]{64}$/);
+    const again = await loadTask(JSON.parse(JSON.stringify(spec)));
+    expect(again.train).toEqual(task.train);
+    expect(again.validation).toEqual(task.validation);
+    expect(again.describe()).toEqual(spec);
+    writeFileSync(path, "1 + 1\n2\n");
+    await expect(loadTask(spec)).rejects.toThrow(/the file changed since the task was described/);
+  });
+
+  it("names unknown kinds, unknown options, wrong types and missing paths", async () => {
+    expect(() => parseTaskSpec({ kind: "glue" })).toThrow(/kind: expected one of "squad", "mathematics"/);
+    expect(() => parseTaskSpec({ kind: "arithmetic", digit: 3 })).toThrow(
+      /unknown option "digit" for kind "arithmetic"/,
+    );
+    expect(() => parseTaskSpec({ kind: "arithmetic", digits: 0 })).toThrow(
+      /digits: expected an integer >= 1/,
+    );
+    expect(() => parseTaskSpec({ kind: "arithmetic", operations: ["div"] })).toThrow(
+      /operations\[0\]: expected one of/,
+    );
+    expect(() => parseTaskSpec({ kind: "squad" })).toThrow(/path: required for kind "squad"/);
+    expect(() => parseTaskSpec({ kind: "squad", path: "x", trainCount: -1 })).toThrow(/trainCount/);
+    // Undefined options are absent options (CLI wiring passes them through).
+    expect(parseTaskSpec({ kind: "arithmetic", path: undefined, template: undefined })).toBeTruthy();
+    await expect(loadTask({ kind: "squad", path: join(tmp, "missing.json") })).rejects.toThrow(
+      /missing\.json: cannot read/,
+    );
+    await expect(
+      loadTask({ kind: "squad", path: data("squad-v1.1.json"), template: "{context} {questoin}" }),
+    ).rejects.toThrow(/placeholder \{questoin\} is not a field of SQuAD examples/);
+  });
+});
+
+describe("arithmetic generator", () => {
+  it("writes Mathematics-format pairs with correct answers", () => {
+    const text = generateArithmetic({
+      count: 300,
+      seed: 1,
+      operations: ["add", "sub", "mul"],
+      digits: 2,
+      negative: true,
+    });
+    const pairs = parseMathematics(text);
+    expect(pairs).toHaveLength(300);
+    for (const { question, answer } of pairs) {
+      const nums = [...question.matchAll(/(?<!\d)-?\d+/g)].map((m) => Number(m[0]));
+      expect(nums).toHaveLength(2);
+      // "Subtract {q} from {p}." names q first.
+      const [p, q] = (question.startsWith("Subtract") ? [nums[1], nums[0]] : nums) as [number, number];
+      for (const n of nums) expect(Math.abs(n)).toBeGreaterThanOrEqual(10);
+      let expected: number;
+      if (/less than/.test(question)) expected = q - p;
+      else if (/\+|plus|Add|Sum|Total|together/.test(question)) expected = p + q;
+      else if (/\*|times|Multiply|[Pp]roduct/.test(question)) expected = p * q;
+      else expected = p - q;
+      expect(Number(answer), question).toBe(expected);
+    }
+    expect(new Set(pairs.map((p) => p.question)).size).toBe(300);
+  });
+
+  it("is reproducible by seed and exact with decimals", () => {
+    const opts = { count: 50, seed: 9, digits: 1, decimals: 2, negative: true };
+    expect(generateArithmetic(opts)).toBe(generateArithmetic(opts));
+    expect(generateArithmetic(opts)).not.toBe(generateArithmetic({ ...opts, seed: 10 }));
+    const plain = parseMathematics(generateArithmetic({ ...opts, phrasing: "plain", operations: ["add"] }));
+    for (const { question, answer } of plain) {
+      const [, p, q] = /^What is (-?[\d.]+) \+ (-?[\d.]+)\?$/.exec(question)!;
+      expect(Math.round((Number(p) + Number(q)) * 100)).toBe(Math.round(Number(answer) * 100));
+      expect(answer).not.toMatch(/\.\d*0$|^-?0\d/); // no trailing zeros, no leading zeros
+    }
+  });
+
+  it("names a problem space too small for the count", () => {
+    expect(() =>
+      generateArithmetic({ count: 200, digits: 1, operations: ["add"], phrasing: "plain" }),
+    ).toThrow(/count: could not draw 200 distinct questions at digits=1/);
+    expect(() => generateArithmetic({ count: 5, operations: [] })).toThrow(
+      /operations: expected a non-empty array/,
+    );
+  });
+
+  it("round-trips: a written file read by the Mathematics loader is the in-memory task", async () => {
+    const path = join(tmp, "arith.txt.gz");
+    const options = { digits: 3, negative: true, operations: ["add", "mul"] as ("add" | "mul")[] };
+    writeArithmetic(path, { ...options, count: 30, seed: 4 });
+    expect(gunzipSync(readFileSync(path)).toString()).toBe(
+      generateArithmetic({ ...options, count: 30, seed: 4 }),
+    );
+    const fromFile = await loadTask({
+      kind: "mathematics",
+      path,
+      trainCount: 20,
+      validationCount: 10,
+      shuffle: false,
+    });
+    const generated = await loadTask({
+      kind: "arithmetic",
+      ...options,
+      trainCount: 20,
+      validationCount: 10,
+      seed: 4,
+    });
+    expect(generated.train).toEqual(fromFile.train);
+    expect(generated.validation).toEqual(fromFile.validation);
+    expect(generated.describe()).toEqual({
+      kind: "arithmetic",
+      name: "arithmetic",
+      metric: "accuracy",
+      trainCount: 20,
+      validationCount: 10,
+      seed: 4,
+      operations: ["add", "mul"],
+      digits: 3,
+      decimals: 0,
+      negative: true,
+      phrasing: "mathematics",
+      unique: true,
+      template: MATH_TEMPLATE,
+    });
+    expect((await loadTask(generated.describe())).train).toEqual(generated.train);
+  });
+});
+
+describe("QA facts generator", () => {
+  it("writes SQuAD JSON whose answer_start offsets point at the answers", () => {
+    const json = generateQaFacts({ count: 60, seed: 2, peoplePerContext: 3, questionsPerContext: 4 });
+    const parsed = JSON.parse(json);
+    expect(parsed.version).toBe("1.1");
+    const records = parseSquad(json);
+    expect(records).toHaveLength(60);
+    for (const r of records) {
+      expect(r.answers).toHaveLength(1);
+      expect(r.context.slice(r.answerStarts[0], r.answerStarts[0]! + r.answers[0]!.length)).toBe(
+        r.answers[0],
+      );
+      // The person asked about is in the paragraph.
+      const name = /(?:was|does|is) ([A-Z]\w+ [A-Z]\w+)/.exec(r.question)![1]!;
+      expect(r.context).toContain(name);
+    }
+    expect(new Set(records.map((r) => r.id)).size).toBe(60);
+  });
+
+  it("is reproducible by seed", () => {
+    expect(generateQaFacts({ count: 10, seed: 5 })).toBe(generateQaFacts({ count: 10, seed: 5 }));
+    expect(generateQaFacts({ count: 10, seed: 5 })).not.toBe(generateQaFacts({ count: 10, seed: 6 }));
+  });
+
+  it("writes v2.0 with unanswerable questions about absent people", () => {
+    const records = parseSquad(generateQaFacts({ count: 200, seed: 3, unanswerableFraction: 0.3 }));
+    const impossible = records.filter((r) => r.impossible);
+    expect(impossible.length).toBeGreaterThan(30);
+    expect(impossible.length).toBeLessThan(90);
+    for (const r of impossible) {
+      expect(r.answers).toEqual([]);
+      const name = /(?:was|does|is) ([A-Z]\w+ [A-Z]\w+)/.exec(r.question)![1]!;
+      expect(r.context).not.toContain(name);
+    }
+  });
+
+  it("round-trips through the SQuAD loader", async () => {
+    const path = join(tmp, "facts.json");
+    const options = { peoplePerContext: 2, questionsPerContext: 3, unanswerableFraction: 0.2 };
+    writeQaFacts(path, { ...options, count: 12, seed: 8 });
+    const fromFile = await loadTask({
+      kind: "squad",
+      path,
+      unanswerable: "keep",
+      trainCount: 8,
+      validationCount: 4,
+      shuffle: false,
+    });
+    const generated = await loadTask({
+      kind: "qa-facts",
+      ...options,
+      unanswerable: "keep",
+      trainCount: 8,
+      validationCount: 4,
+      seed: 8,
+    });
+    expect(generated.train).toEqual(fromFile.train);
+    expect(generated.validation).toEqual(fromFile.validation);
+    expect(generated.train[0]!.prompt).toMatch(/\nQuestion: .+\?\nAnswer:$/);
+    await expect(loadTask({ kind: "qa-facts", unanswerableFraction: 0.5 })).rejects.toThrow(
+      /set unanswerable: "keep"/,
+    );
+  });
+});
+
+describe("cloze generator", () => {
+  const text = readFileSync(data("prose.txt"), "utf8");
+
+  it("splits sentences across line wraps and at paragraph breaks", () => {
+    const sentences = splitSentences(text);
+    expect(sentences[0]).toBe(
+      "The lighthouse keeper climbed the spiral staircase every evening before sunset.",
+    );
+    expect(sentences).toContain("Short line here.");
+    expect(sentences).toHaveLength(7);
+  });
+
+  it("masks one content word per sentence; prompt, completion and answer agree", () => {
+    const lines = generateCloze({ text, seed: 1 })
+      .trim()
+      .split("\n")
+      .map((l) => JSON.parse(l));
+    expect(lines).toHaveLength(6); // "Short line here." has 3 words, fewer than minWords 6
+    for (const r of lines) {
+      expect(r.context).toContain("____");
+      expect(r.answer.length).toBeGreaterThanOrEqual(4);
+      expect(r.completion).toBe(` ${r.answer}`);
+      expect(r.prompt).toBe(fillTemplate(CLOZE_TEMPLATE, { context: r.context, mask: "____" }));
+      expect(splitSentences(text)).toContain(r.context.replace("____", r.answer));
+    }
+    expect(generateCloze({ text, seed: 1 })).toBe(generateCloze({ text, seed: 1 }));
+    expect(generateCloze({ text, seed: 1 })).not.toBe(generateCloze({ text, seed: 2 }));
+    expect(() => generateCloze({ text, count: 7 })).toThrow(
+      /asked for 7 cloze items, the text has 6 eligible/,
+    );
+  });
+
+  it("round-trips: the JSONL file read as a generic JSONL task is the cloze task", async () => {
+    const path = join(tmp, "cloze.jsonl");
+    const options = { minWords: 5, mask: "<blank>", template: "Fill in {mask}: {context}\nAnswer:" };
+    expect(writeCloze(path, { ...options, text, seed: 3 }).count).toBe(6);
+    const fromFile = await loadTask({
+      kind: "jsonl",
+      path,
+      trainCount: 4,
+      validationCount: 2,
+      shuffle: false,
+    });
+    const generated = await loadTask({
+      kind: "cloze",
+      path: data("prose.txt"),
+      ...options,
+      trainCount: 4,
+      validationCount: 2,
+      seed: 3,
+    });
+    expect(generated.train).toEqual(fromFile.train);
+    expect(generated.validation).toEqual(fromFile.validation);
+    expect(generated.train[0]!.prompt.startsWith("Fill in <blank>: ")).toBe(true);
+    const again = await loadTask(generated.describe());
+    expect(again.train).toEqual(generated.train);
+  });
+});
+
+describe("encodeExample", () => {
+  const tokenizer = loadTokenizer(modelDir("llama-tiny"));
+  const example = { prompt: "Question: What is 12 + 30?\nAnswer:", completion: " 42" };
+
+  it("puts -100 exactly on the prompt positions and the ids on the completion and EOS", () => {
+    const promptIds = tokenizer.encode(example.prompt);
+    const completionIds = tokenizer.encode(example.completion);
+    const e = encodeExample(tokenizer, example, { eosId: 0 });
+    expect(e.promptLength).toBe(promptIds.length);
+    expect([...e.ids]).toEqual([...promptIds, ...completionIds, 0]);
+    expect([...e.labels]).toEqual([...promptIds.map(() => IGNORE_INDEX), ...completionIds, 0]);
+    const noEos = encodeExample(tokenizer, example);
+    expect(noEos.ids.length).toBe(promptIds.length + completionIds.length);
+  });
+
+  it("tokenizes the completion on its own: no BPE merge across the boundary", () => {
+    // Encoding "Answer: " + "Paris" as one text would attach the space to the answer (" P..." tokens).
+    const ex = { prompt: "Answer: ", completion: "Paris" };
+    const e = encodeExample(tokenizer, ex);
+    expect([...e.ids.slice(e.promptLength)]).toEqual(tokenizer.encode("Paris"));
+    expect([...e.ids.slice(0, e.promptLength)]).toEqual(tokenizer.encode("Answer: "));
+    const joint = tokenizer.encode(ex.prompt + ex.completion);
+    expect(joint).not.toEqual([...e.ids]);
+  });
+
+  it("truncates the prompt from the left, keeping the whole completion", () => {
+    const full = encodeExample(tokenizer, example, { eosId: 0 });
+    const e = encodeExample(tokenizer, example, { eosId: 0, maxLength: 8 });
+    expect(e.ids.length).toBe(8);
+    const tail = full.ids.length - full.promptLength;
+    expect(e.promptLength).toBe(8 - tail);
+    expect([...e.ids]).toEqual([...full.ids.slice(full.ids.length - 8)]);
+    expect([...e.labels.slice(0, e.promptLength)].every((l) => l === IGNORE_INDEX)).toBe(true);
+    expect([...e.labels.slice(e.promptLength)]).toEqual([...full.labels.slice(full.promptLength)]);
+    // Exactly the completion: no prompt left.
+    expect(encodeExample(tokenizer, example, { eosId: 0, maxLength: tail }).promptLength).toBe(0);
+  });
+
+  it("names a completion that cannot fit, or truncates it on request", () => {
+    const long = { prompt: "", completion: " the quick brown fox jumps over the lazy dog" };
+    const n = tokenizer.encode(long.completion).length;
+    expect(() => encodeExample(tokenizer, long, { maxLength: n - 1 })).toThrow(
+      new RegExp(`maxLength: ${n - 1} tokens cannot hold the completion \\(${n} tokens\\)`),
+    );
+    const cut = encodeExample(tokenizer, long, { maxLength: 4, completionOverflow: "truncate" });
+    expect([...cut.ids]).toEqual(tokenizer.encode(long.completion).slice(0, 4));
+    expect([...cut.labels]).toEqual([...cut.ids]);
+    expect(() => encodeExample(tokenizer, example, { eosId: 10_000 })).toThrow(/eosId: expected a token id/);
+    expect(() => encodeExample(tokenizer, example, { maxLength: 0 })).toThrow(
+      /maxLength: expected a positive integer/,
+    );
+  });
+
+  it("keeps leading special tokens (BOS) through truncation", () => {
+    // A wrapper that adds BOS like Llama 3's tokenizer does.
+    const bos = 1;
+    const withBos: Tokenizer = {
+      ...tokenizer,
+      vocabSize: tokenizer.vocabSize,
+      encode: (text, o) => [...(o?.addSpecialTokens ? [bos] : []), ...tokenizer.encode(text)],
+    };
+    const full = encodeExample(withBos, example, { addSpecialTokens: true });
+    expect(full.ids[0]).toBe(bos);
+    expect(full.promptLength).toBe(tokenizer.encode(example.prompt).length + 1);
+    const cut = encodeExample(withBos, example, { addSpecialTokens: true, maxLength: 5 });
+    expect(cut.ids[0]).toBe(bos);
+    expect(cut.ids.length).toBe(5);
+    const empty = encodeExample(withBos, { prompt: "", completion: " 42" }, { addSpecialTokens: true });
+    expect(empty.promptLength).toBe(1);
+    expect(empty.labels[0]).toBe(IGNORE_INDEX);
+  });
+
+  it("encodes loaded tasks end to end", async () => {
+    const gpt2 = loadTokenizer(modelDir("gpt2-tiny"));
+    const task = await loadTask({
+      kind: "squad",
+      path: data("squad-v1.1.json"),
+      trainCount: 4,
+      validationCount: 0,
+    });
+    for (const ex of task.train) {
+      const e = encodeExample(gpt2, ex, { eosId: 0, maxLength: 24 });
+      expect(e.ids.length).toBeLessThanOrEqual(24);
+      expect(gpt2.decode(e.ids.slice(e.promptLength, -1))).toBe(ex.completion);
+    }
+  });
+});
