@@ -77,6 +77,27 @@ AlignedArray<T> aligned_array(size_t n) {
   return AlignedArray<T>(p);
 }
 
+// Per-thread scratch reused across searches (OpenMP and libuv threads persist), so a search does not pay
+// mmap + page faults for its tiles and packed queries every time; buffers above 16 MiB are not kept.
+struct Scratch {
+  AlignedArray<unsigned char> data;
+  size_t cap = 0;
+  void* get(size_t bytes) {
+    if (bytes > cap || bytes > (size_t{16} << 20)) {
+      data.reset();
+      cap = 0;
+      data = aligned_array<unsigned char>(bytes);
+      if (bytes <= (size_t{16} << 20)) cap = bytes;
+    }
+    return data.get();
+  }
+};
+
+template <class T>
+T* scratch(Scratch& s, size_t count) {
+  return static_cast<T*>(s.get(std::max<size_t>(count, 1) * sizeof(T)));
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Float64 scoring. Products of two floats are exact in double, so only the summation order differs from a
 // plain loop; one code path per row keeps duplicated rows bit-identical (their ties then go to the lower
@@ -370,8 +391,8 @@ class CpuIndex final : public KnnIndex {
     const int64_t n = static_cast<int64_t>(part.size()), d = d_, mr = mk_.mr, nr = mk_.nr, KC = mk_.kc;
     const int64_t a_panels = (n + mr - 1) / mr;
     // A-panels: query panel ip holds queries [ip*mr, ip*mr + mr) as d x mr, k-major (normalised for cosine).
-    AlignedArray<float> packed_q = aligned_array<float>(static_cast<size_t>(a_panels * mr * d));
-    float* Ap_all = packed_q.get();
+    thread_local Scratch packed_q_store;
+    float* Ap_all = scratch<float>(packed_q_store, static_cast<size_t>(a_panels * mr * d));
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t ip = 0; ip < a_panels; ++ip) {
       float* dst = Ap_all + ip * mr * d;
@@ -403,11 +424,11 @@ class CpuIndex final : public KnnIndex {
     const int64_t MC = ((n + q_blocks - 1) / q_blocks + mr - 1) / mr * mr;
     const int64_t v_panels = (V_ + nr - 1) / nr;
     const int T = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, v_panels)));
-    std::vector<Cand> heap_store(static_cast<size_t>(T) * n * c);
+    thread_local Scratch heap_scratch;
+    Cand* heap_store = scratch<Cand>(heap_scratch, static_cast<size_t>(T) * n * c);
     std::vector<TopHeap> heaps(static_cast<size_t>(T) * n);
     std::vector<int64_t> offered(static_cast<size_t>(T) * n, 0);
-    for (int64_t i = 0; i < T * n; ++i)
-      heaps[i] = TopHeap{heap_store.data() + i * c, 0, static_cast<int32_t>(c)};
+    for (int64_t i = 0; i < T * n; ++i) heaps[i] = TopHeap{heap_store + i * c, 0, static_cast<int32_t>(c)};
     const float* sub = metric_ == KnnMetric::L2 ? half_sq_.get() : nullptr;
     const float* packed = packed_.get();
     const float* rows_src = rows_ptr_;
@@ -419,15 +440,16 @@ class CpuIndex final : public KnnIndex {
       const int t = thread_id(), parts = team_size();
       int64_t p0, p1;
       split_range(v_panels, parts, t, 1, &p0, &p1);
-      AlignedArray<float> tile, bpack;
+      thread_local Scratch tile_store, bpack_store;
+      float* S = nullptr;
+      float* bpack = nullptr;
       try {
-        tile = aligned_array<float>(static_cast<size_t>(MC * NC));
-        if (!packed) bpack = aligned_array<float>(static_cast<size_t>(KC * NC));
+        S = scratch<float>(tile_store, static_cast<size_t>(MC * NC));
+        if (!packed) bpack = scratch<float>(bpack_store, static_cast<size_t>(KC * NC));
       } catch (...) {
         oom = true;
       }
-      if (tile && p0 < p1) {
-        float* S = tile.get();
+      if (S && (packed || bpack) && p0 < p1) {
         TopHeap* my_heaps = heaps.data() + static_cast<size_t>(t) * n;
         int64_t* my_offered = offered.data() + static_cast<size_t>(t) * n;
         for (int64_t ic = 0; ic < a_panels; ic += MC / mr) {
@@ -439,7 +461,7 @@ class CpuIndex final : public KnnIndex {
               const int64_t kc = std::min<int64_t>(KC, d - pc);
               const float beta = pc == 0 ? 0.0f : 1.0f;
               if (!packed) {  // borrowed rows: pack this kc x (np * nr) block now, panel after panel
-                float* dst = bpack.get();
+                float* dst = bpack;
                 for (int64_t jp = 0; jp < np; ++jp, dst += kc * nr)
                   for (int64_t j = 0; j < nr; ++j) {
                     const int64_t r = (jc + jp) * nr + j;
@@ -454,7 +476,7 @@ class CpuIndex final : public KnnIndex {
                   }
               }
               for (int64_t jp = 0; jp < np; ++jp) {
-                const float* Bp = packed ? packed + (jc + jp) * nr * d + pc * nr : bpack.get() + jp * kc * nr;
+                const float* Bp = packed ? packed + (jc + jp) * nr * d + pc * nr : bpack + jp * kc * nr;
                 const int ncol = static_cast<int>(std::min<int64_t>(nr, V_ - (jc + jp) * nr));
                 for (int64_t ip = 0; ip < mp; ++ip) {
                   const float* Ap = Ap_all + (ic + ip) * mr * d + pc * mr;
