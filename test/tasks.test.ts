@@ -2,7 +2,9 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { gunzipSync } from "node:zlib";
+import { Command } from "commander";
 import { afterAll, describe, expect, it } from "vitest";
+import { registerDataCommands } from "../lib/cli-data.js";
 import {
   CLOZE_TEMPLATE,
   encodeExample,
@@ -571,5 +573,102 @@ describe("encodeExample", () => {
       expect(e.ids.length).toBeLessThanOrEqual(24);
       expect(gpt2.decode(e.ids.slice(e.promptLength, -1))).toBe(ex.completion);
     }
+  });
+});
+
+describe("make-data CLI", () => {
+  const run = async (args: string[]) => {
+    let out = "";
+    const write = (s: string) => {
+      out += s;
+    };
+    const program = new Command()
+      .name("priortune")
+      .exitOverride()
+      .configureOutput({ writeOut: write, writeErr: write });
+    registerDataCommands(program);
+    await program.parseAsync(args, { from: "user" });
+    return out;
+  };
+
+  it("documents every option in --help", async () => {
+    const program = new Command();
+    const makeData = registerDataCommands(program);
+    expect(makeData.commands.map((c) => c.name())).toEqual(["arithmetic", "qa", "cloze"]);
+    for (const cmd of makeData.commands) {
+      const help = cmd.helpInformation();
+      for (const option of cmd.options) {
+        expect(option.description.length, `${cmd.name()} ${option.long}`).toBeGreaterThan(10);
+        expect(help).toContain(option.long!);
+      }
+    }
+    await expect(run(["make-data", "qa", "--help"])).rejects.toMatchObject({
+      code: "commander.helpDisplayed",
+    });
+  });
+
+  it("writes the same files as the library functions, and refuses to overwrite without --force", async () => {
+    const path = join(tmp, "cli-arith.txt");
+    await run([
+      "make-data",
+      "arithmetic",
+      "-n",
+      "20",
+      "--seed",
+      "5",
+      "--operations",
+      "add,mul",
+      "--digits",
+      "3",
+      "--negative",
+      "-o",
+      path,
+    ]);
+    expect(readFileSync(path, "utf8")).toBe(
+      generateArithmetic({ count: 20, seed: 5, operations: ["add", "mul"], digits: 3, negative: true }),
+    );
+    await expect(run(["make-data", "arithmetic", "-n", "20", "-o", path])).rejects.toThrow(
+      /--out: .* exists; pass --force/,
+    );
+    await run(["make-data", "arithmetic", "-n", "4", "--phrasing", "plain", "-o", path, "--force"]);
+    expect(parseMathematics(readFileSync(path, "utf8"))).toHaveLength(4);
+
+    const qaPath = join(tmp, "cli-qa.json");
+    await run(["make-data", "qa", "-n", "9", "--seed", "2", "--unanswerable-fraction", "0.5", "-o", qaPath]);
+    expect(readFileSync(qaPath, "utf8")).toBe(
+      generateQaFacts({ count: 9, seed: 2, unanswerableFraction: 0.5 }),
+    );
+
+    const clozePath = join(tmp, "cli-cloze.jsonl");
+    await run([
+      "make-data",
+      "cloze",
+      "-i",
+      data("prose.txt"),
+      "-n",
+      "3",
+      "--mask",
+      "[MASK]",
+      "-o",
+      clozePath,
+    ]);
+    const text = readFileSync(data("prose.txt"), "utf8");
+    expect(readFileSync(clozePath, "utf8")).toBe(generateCloze({ text, count: 3, mask: "[MASK]" }));
+  });
+
+  it("names bad option values", async () => {
+    await expect(run(["make-data", "arithmetic", "-n", "x", "-o", "-"])).rejects.toThrow(
+      /option '-n, --count <n>' argument 'x' is invalid. expected an integer >= 0/,
+    );
+    await expect(
+      run(["make-data", "arithmetic", "-n", "3", "--operations", "add,div", "-o", "-"]),
+    ).rejects.toThrow(/unknown operation "div"/);
+    await expect(
+      run(["make-data", "qa", "-n", "3", "--unanswerable-fraction", "2", "-o", "-"]),
+    ).rejects.toThrow(/expected a number in \[0, 1\]/);
+    await expect(run(["make-data", "qa", "-n", "3"])).rejects.toThrow(/required option '-o, --out <path>'/);
+    await expect(run(["make-data", "cloze", "-i", join(tmp, "nope.txt"), "-o", "-"])).rejects.toThrow(
+      /--input: cannot read/,
+    );
   });
 });
