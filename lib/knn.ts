@@ -1,6 +1,7 @@
 // Exact nearest-neighbour search of vectors against a vocabulary (or any reference set of rows), on the CPU
 // or CUDA, usable without loading a model. "Exact" means: the same top-k as a float64 brute force, ties
-// broken by the lower row index (kernels/include/priortune/knn.h explains how fp32 screening is certified).
+// broken by the lower row index (kernels/include/priortune/knn.h explains how fp32 screening is certified,
+// and why values closer than float64 rounding are ordered as our float64 sums come out).
 //
 // Metrics (values computed in float64, returned as fp32):
 //   "cosine": q.v / (|q| |v|), larger is nearer; a cosine involving a zero vector is 0 (torch's convention)

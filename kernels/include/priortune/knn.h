@@ -5,7 +5,9 @@
 // the lower row index. Fast paths screen candidates in fp32 (CPU: the blocked GEMM micro-kernel; CUDA: TF32
 // tensor cores), re-score the candidates in float64 and *certify* the result with a rigorous bound on the
 // screening error; a query that cannot be certified is searched again with 4x the candidates, and finally
-// by the float64 brute force (knn_exact_scan). See kernels/cpu/knn.cpp for the bound.
+// by the float64 brute force (knn_exact_scan). See kernels/cpu/knn.cpp for the bound. (Two values closer than
+// float64 rounding, ~1e-16 relative, are ordered as this code's float64 sums come out; another float64
+// implementation summing in another order may order them differently. Exact duplicates always tie.)
 //
 // Metric values (float64, rounded to fp32 when returned):
 //   cosine: q.v / (|q| |v|), defined as 0 when either norm is 0 (as torch's F.normalize convention); larger
