@@ -28,6 +28,20 @@ export {
   type VocabIndexOptions,
 } from "./knn.js";
 export {
+  type AccuracyScores,
+  arithmeticAccuracy,
+  arithmeticCorrect,
+  exactMatch,
+  f1Score,
+  normalizeAnswer,
+  parseFirstNumber,
+  type QaScores,
+  qaScores,
+  type Rational,
+  scoreTask,
+  type TaskScores,
+} from "./metrics.js";
+export {
   type ForwardOptions,
   type ForwardOutput,
   type LoadOptions,
@@ -39,4 +53,42 @@ export {
 } from "./model.js";
 export type { DeepPrompts } from "./native.js";
 export { AdamW, type AdamWOptions, promptGrads, promptTensors } from "./optim.js";
+
+// --- tasks, data and evaluation metrics ---
+export {
+  type ArithmeticOperation,
+  type ArithmeticOptions,
+  type ArithmeticTaskSpec,
+  type C4TaskSpec,
+  CLOZE_TEMPLATE,
+  type ClozeOptions,
+  type ClozeRecord,
+  type ClozeTaskSpec,
+  type EncodedExample,
+  type EncodeOptions,
+  type Example,
+  encodeExample,
+  fillTemplate,
+  generateArithmetic,
+  generateCloze,
+  generateQaFacts,
+  IGNORE_INDEX,
+  type JsonlTaskSpec,
+  loadTask,
+  MATH_TEMPLATE,
+  type MathematicsTaskSpec,
+  parseTaskSpec,
+  type QaFactsOptions,
+  type QaFactsTaskSpec,
+  SQUAD_TEMPLATE,
+  type SquadTaskSpec,
+  TASK_KINDS,
+  type Task,
+  type TaskKind,
+  type TaskMetric,
+  type TaskSpec,
+  writeArithmetic,
+  writeCloze,
+  writeQaFacts,
+} from "./tasks.js";
 export { loadTokenizer, type Tokenizer } from "./tokenizer.js";
