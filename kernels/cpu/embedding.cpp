@@ -1,4 +1,5 @@
-// Soft-prompt + token (+ learned position) embedding; see ops.h for the contract.
+// Soft-prompt + token (+ learned position) embedding, its prompt gradient (=) and its table gradients (+=);
+// see ops.h for the contract.
 #include <cstring>
 
 #include "priortune/ops.h"
@@ -34,6 +35,33 @@ void embedding_backward(float* dprompt, const float* dout, int64_t P, int64_t B,
       float* d = dprompt + s * C;
       for (int64_t c = 0; c < C; ++c) d[c] += g[c];
     }
+}
+
+}  // namespace pt
+
+namespace pt {
+
+// Scatter-add with repeated ids: each thread owns a block of channels and walks every row in order, so no
+// two threads touch the same element and the sum order is fixed (independent of the thread count).
+void embedding_backward_weights(float* dwte, float* dwpe, const float* dout, const int32_t* ids, int64_t P,
+                                int64_t pos_offset, int64_t B, int64_t T, int64_t C, int threads) {
+  const int64_t S = P + T, block = 64;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t c0 = 0; c0 < C; c0 += block) {
+    const int64_t c1 = c0 + block < C ? c0 + block : C;
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t s = 0; s < S; ++s) {
+        const float* g = dout + (b * S + s) * C;
+        if (s >= P) {
+          float* d = dwte + static_cast<int64_t>(ids[b * T + s - P]) * C;
+          for (int64_t c = c0; c < c1; ++c) d[c] += g[c];
+        }
+        if (dwpe) {
+          float* d = dwpe + (s + pos_offset) * C;
+          for (int64_t c = c0; c < c1; ++c) d[c] += g[c];
+        }
+      }
+  }
 }
 
 }  // namespace pt

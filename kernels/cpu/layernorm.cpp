@@ -1,4 +1,6 @@
-// LayerNorm forward and backward (GPT-2); see ops.h. Row statistics are accumulated in double.
+// LayerNorm forward, backward (dx +=) and weight gradients (dw, db +=) (GPT-2); see ops.h. Row statistics
+// and the weight gradients' sums over rows are accumulated in double.
+#include <algorithm>
 #include <cmath>
 
 #include "priortune/ops.h"
@@ -51,6 +53,35 @@ void layernorm_backward(float* dx, const float* dout, const float* x, const floa
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t n = 0; n < N; ++n)
     layernorm_backward_row(dx + n * C, dout + n * C, x + n * C, w, mean[n], rstd[n], C);
+}
+
+}  // namespace pt
+
+namespace pt {
+
+// Column sums over rows: each thread owns a block of channels and adds the rows in order (double
+// accumulators), so the result does not depend on the thread count.
+void layernorm_backward_weights(float* dw, float* db, const float* dout, const float* x, const float* mean,
+                                const float* rstd, int64_t N, int64_t C, int threads) {
+  const int64_t block = 64;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t c0 = 0; c0 < C; c0 += block) {
+    const int64_t c1 = std::min(C, c0 + block);
+    double sw[block] = {}, sb[block] = {};
+    for (int64_t n = 0; n < N; ++n) {
+      const float* g = dout + n * C;
+      const float* xr = x + n * C;
+      const float m = mean[n], r = rstd[n];
+      for (int64_t c = c0; c < c1; ++c) {
+        sw[c - c0] += static_cast<double>(g[c]) * ((xr[c] - m) * r);
+        sb[c - c0] += g[c];
+      }
+    }
+    for (int64_t c = c0; c < c1; ++c) {
+      dw[c] += static_cast<float>(sw[c - c0]);
+      db[c] += static_cast<float>(sb[c - c0]);
+    }
+  }
 }
 
 }  // namespace pt

@@ -1,5 +1,6 @@
-// Fused LM head + softmax cross-entropy (+ its input gradient) over labelled rows, in row chunks so the
-// full rows x vocab logits are never held; see ops.h. Prompt-tuning only needs logits where a label is.
+// Fused LM head + softmax cross-entropy (+ its input gradient, and for full-parameter training the head's
+// weight gradient, +=) over labelled rows, in row chunks so the full rows x vocab logits are never held;
+// see ops.h. Prompt-tuning only needs logits where a label is.
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -38,8 +39,11 @@ int64_t lm_head_chunk_rows(int64_t R, int64_t V) {
   return std::max<int64_t>(1, std::min<int64_t>(R, std::max<int64_t>(64, (int64_t{256} << 20) / (V * 4))));
 }
 
-double lm_head_crossentropy(float* dx, const float* x, const int32_t* targets, const float* W, int64_t R,
-                            int64_t C, int64_t V, float grad_scale, float* logits_scratch, int threads) {
+namespace {
+
+// Both entry points: dW == nullptr is the prompt-tuning path (no weight gradient, no extra GEMM).
+double lm_head_chunks(float* dx, float* dW, const float* x, const int32_t* targets, const float* W, int64_t R,
+                      int64_t C, int64_t V, float grad_scale, float* logits_scratch, int threads) {
   const int64_t chunk = lm_head_chunk_rows(R, V);
   float* logits = logits_scratch;
   std::vector<double> row_loss(R, 0.0);
@@ -57,10 +61,25 @@ double lm_head_crossentropy(float* dx, const float* x, const int32_t* targets, c
       row_loss[r0 + r] = softmax_xent_row(l, t, V, grad_scale);
     }
     if (dx) sgemm(false, false, rc, C, V, 1.0f, logits, V, W, C, 0.0f, dx + r0 * C, C, threads);
+    // dW += dlogits^T . x over this chunk's rows (unlabelled rows hold zeros).
+    if (dW) sgemm(true, false, V, C, rc, 1.0f, logits, V, x + r0 * C, C, 1.0f, dW, C, threads);
   }
   double total = 0.0;
   for (double v : row_loss) total += v;
   return total;
+}
+
+}  // namespace
+
+double lm_head_crossentropy(float* dx, const float* x, const int32_t* targets, const float* W, int64_t R,
+                            int64_t C, int64_t V, float grad_scale, float* logits_scratch, int threads) {
+  return lm_head_chunks(dx, nullptr, x, targets, W, R, C, V, grad_scale, logits_scratch, threads);
+}
+
+double lm_head_crossentropy_with_weight_grad(float* dx, float* dW, const float* x, const int32_t* targets,
+                                             const float* W, int64_t R, int64_t C, int64_t V,
+                                             float grad_scale, float* logits_scratch, int threads) {
+  return lm_head_chunks(dx, dW, x, targets, W, R, C, V, grad_scale, logits_scratch, threads);
 }
 
 }  // namespace pt

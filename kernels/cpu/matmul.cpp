@@ -1,4 +1,4 @@
-// Linear layer forward on the blocked GEMM; see ops.h.
+// Linear layer forward, input backward and weight/bias gradients (+=) on the blocked GEMM; see ops.h.
 #include <algorithm>
 
 #include "priortune/gemm.h"
@@ -50,6 +50,30 @@ namespace pt {
 void matmul_backward(float* dx, const float* dout, const float* W, int64_t N, int64_t C, int64_t OC,
                      float beta, int threads) {
   sgemm(false, false, N, C, OC, 1.0f, dout, OC, W, C, beta, dx, C, threads);
+}
+
+}  // namespace pt
+
+namespace pt {
+
+// dW via the GEMM with dout transposed (one pass over the N rows per output tile, deterministic); the bias
+// as column sums with each thread owning a range of columns and adding the rows in order (in double: N is
+// every token of the batch).
+void matmul_backward_weights(float* dW, float* dbias, const float* dout, const float* x, int64_t N, int64_t C,
+                             int64_t OC, int threads) {
+  sgemm(true, false, OC, C, N, 1.0f, dout, OC, x, C, 1.0f, dW, C, threads);
+  if (!dbias) return;
+  const int64_t block = 64;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t o0 = 0; o0 < OC; o0 += block) {
+    const int64_t o1 = std::min(OC, o0 + block);
+    double acc[block] = {};
+    for (int64_t n = 0; n < N; ++n) {
+      const float* d = dout + n * OC;
+      for (int64_t o = o0; o < o1; ++o) acc[o - o0] += d[o];
+    }
+    for (int64_t o = o0; o < o1; ++o) dbias[o] += static_cast<float>(acc[o - o0]);
+  }
 }
 
 }  // namespace pt

@@ -259,7 +259,8 @@ void Model::rope_tables(int64_t pos0, int64_t S, std::vector<float>& cos, std::v
 }
 
 // What one layer saves for its backward (activation gradients only: no layer inputs to matmuls other
-// than those the norms, attention and activations need).
+// than those the norms, attention and activations need). Full-parameter training also keeps the matmul
+// inputs for the weight gradients (ln1, att, ln2, act; empty otherwise).
 struct LayerState {
   int64_t S_l = 0;  // rows per sequence in this layer (deep rows + sequence)
   int64_t P_l = 0;  // hidden deep rows in front
@@ -267,6 +268,7 @@ struct LayerState {
   const float* prefix_k = nullptr;
   const float* prefix_v = nullptr;
   std::vector<float> x_in, mean1, rstd1, qkv, probs, x_mid, mean2, rstd2, fc_pre;
+  std::vector<float> ln1, att, ln2, act;
   std::vector<uint8_t> key_mask;
   std::vector<float> cos, sin;
 };
@@ -279,7 +281,7 @@ struct Scratch {
 struct Workspace {
   std::vector<LayerState> states;
   Scratch sc;
-  std::vector<float> x, xf, lnf_mean, lnf_rstd, dx, xr, dxr, logits;
+  std::vector<float> x, xf, lnf_mean, lnf_rstd, dx, xr, dxr, logits, dxf;
   std::vector<uint8_t> key_mask;
 };
 
@@ -307,7 +309,7 @@ void Model::check_args(const ForwardArgs& a) const {
 }
 
 void Model::layer_forward(int64_t l, const ForwardArgs& a, LayerState& st, Scratch& sc, float* x,
-                          const uint8_t* key_mask, bool save) {
+                          const uint8_t* key_mask, bool save, bool train) {
   const ModelConfig& c = cfg_;
   const bool gpt2 = c.arch == Arch::GPT2;
   const int nt = c.threads;
@@ -344,7 +346,8 @@ void Model::layer_forward(int64_t l, const ForwardArgs& a, LayerState& st, Scrat
     std::fill(km + b * S_l, km + b * S_l + P_l, 1);
     std::memcpy(km + b * S_l + P_l, key_mask + b * S, S);
   }
-  float* ln = sized(sc.ln, N_l * C);
+  // Matmul inputs go to scratch, or to the layer state when training needs them for the weight gradients.
+  float* ln = train ? sized(st.ln1, N_l * C) : sized(sc.ln, N_l * C);
   float* mean1 = save && gpt2 ? sized(st.mean1, N_l) : nullptr;
   float* rstd1 = save ? sized(st.rstd1, N_l) : nullptr;
   if (gpt2)
@@ -359,7 +362,7 @@ void Model::layer_forward(int64_t l, const ForwardArgs& a, LayerState& st, Scrat
     rope_forward(qkv, B, S_l, qkv_w, 0, H, hd, st.cos.data(), st.sin.data(), nt);
     rope_forward(qkv, B, S_l, qkv_w, H * hd, KV, hd, st.cos.data(), st.sin.data(), nt);
   }
-  float* att = sized(sc.att, N_l * H * hd);
+  float* att = train ? sized(st.att, N_l * H * hd) : sized(sc.att, N_l * H * hd);
   float* probs = sized(st.probs, B * H * S_l * Lk);
   attention_forward(att, probs, qkv, km, st.prefix_k, st.prefix_v, st.Pp, B, S_l, H, KV, hd, attn_scale(l),
                     nt);
@@ -369,13 +372,14 @@ void Model::layer_forward(int64_t l, const ForwardArgs& a, LayerState& st, Scrat
   residual_forward(x_mid, x_in, tmp, N_l * C, nt);
   float* mean2 = save && gpt2 ? sized(st.mean2, N_l) : nullptr;
   float* rstd2 = save ? sized(st.rstd2, N_l) : nullptr;
+  if (train) ln = sized(st.ln2, N_l * C);
   if (gpt2)
     layernorm_forward(ln, mean2, rstd2, x_mid, w(p + "ln2.w"), w(p + "ln2.b"), N_l, C, c.norm_eps, nt);
   else
     rmsnorm_forward(ln, rstd2, x_mid, w(p + "ln2.w"), N_l, C, c.norm_eps, nt);
   float* fc_pre = sized(st.fc_pre, N_l * fc_w);
   matmul_forward(fc_pre, ln, w(p + "fc.w"), w_or_null(p + "fc.b"), N_l, C, fc_w, nt);
-  float* act = sized(sc.act, N_l * I);
+  float* act = train ? sized(st.act, N_l * I) : sized(sc.act, N_l * I);
   if (gpt2)
     gelu_forward(act, fc_pre, N_l * I, nt);
   else
@@ -392,7 +396,7 @@ float Model::attn_scale(int64_t l) const {
   return scale;
 }
 
-void Model::run_forward(const ForwardArgs& a, Workspace& ws, bool save, ForwardResult* capture) {
+void Model::run_forward(const ForwardArgs& a, Workspace& ws, bool save, ForwardResult* capture, bool train) {
   const ModelConfig& c = cfg_;
   const bool gpt2 = c.arch == Arch::GPT2;
   const int nt = c.threads;
@@ -419,7 +423,7 @@ void Model::run_forward(const ForwardArgs& a, Workspace& ws, bool save, ForwardR
                     nt);
   keep(0, x.data());
   for (int64_t l = 0; l < c.layers; ++l) {
-    layer_forward(l, a, ws.states[save ? l : 0], ws.sc, x.data(), key_mask.data(), save);
+    layer_forward(l, a, ws.states[save ? l : 0], ws.sc, x.data(), key_mask.data(), save, train);
     if (l + 1 < c.layers) keep(l + 1, x.data());
   }
   float* xf = sized(ws.xf, N * C);
@@ -802,6 +806,246 @@ std::vector<int32_t> Model::generate(const ForwardArgs& a, int64_t max_new, int3
     argmax_rows(next);
   }
   return out;
+}
+
+}  // namespace pt
+
+// ---------------------------------------------------------------------------------------------------------
+// Full-parameter training: the forward keeps every matmul input, the backward runs every layer over all rows
+// and adds each op's weight gradient (ops.h, "Weight-gradient halves") into the slots' `grad`; AdamW then
+// updates the slots in place. The prompt-tuning paths above never reach this code.
+
+namespace pt {
+
+namespace {
+
+constexpr int64_t kChunk = int64_t{1} << 16;  // elementwise chunk of the optimizer and the norm reduction
+
+// Sum of squares of v in fixed chunks reduced in order: the same value for any thread count.
+double sum_squares(const std::vector<float>& v, int threads) {
+  const int64_t n = static_cast<int64_t>(v.size()), chunks = (n + kChunk - 1) / kChunk;
+  std::vector<double> part(chunks, 0.0);
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t k = 0; k < chunks; ++k) {
+    const int64_t e = std::min(n, (k + 1) * kChunk);
+    double s = 0.0;
+    for (int64_t i = k * kChunk; i < e; ++i) s += static_cast<double>(v[i]) * v[i];
+    part[k] = s;
+  }
+  double total = 0.0;
+  for (double s : part) total += s;
+  return total;
+}
+
+}  // namespace
+
+bool Model::decays(const std::string& name) {
+  if (name == "lm_head") return true;
+  auto ends_with = [&](const char* suffix) {
+    const size_t k = std::strlen(suffix);
+    return name.size() >= k && name.compare(name.size() - k, k, suffix) == 0;
+  };
+  return name[0] == 'l' &&
+         (ends_with(".qkv.w") || ends_with(".proj.w") || ends_with(".fc.w") || ends_with(".fc2.w"));
+}
+
+float* Model::grad_of(const std::string& name) {
+  auto it = slots_.find(name);
+  if (it == slots_.end()) throw std::invalid_argument("no weight slot named '" + name + "'");
+  return it->second.grad.data();
+}
+
+float* Model::grad_or_null(const std::string& name) {
+  auto it = slots_.find(name);
+  return it == slots_.end() ? nullptr : it->second.grad.data();
+}
+
+void Model::set_slot(const std::string& name, const float* values, size_t n) {
+  std::lock_guard<std::mutex> lock(run_mutex_);
+  auto it = slots_.find(name);
+  if (it == slots_.end()) throw std::invalid_argument("no weight slot named '" + name + "'");
+  Slot& s = it->second;
+  if (n != static_cast<size_t>(s.rows * s.cols))
+    throw std::invalid_argument("weights for '" + name + "': expected " + std::to_string(s.rows) + " x " +
+                                std::to_string(s.cols) + " = " + std::to_string(s.rows * s.cols) +
+                                " values, got " + std::to_string(n));
+  s.data.assign(values, values + n);
+  s.loaded_rows = s.rows;
+}
+
+void Model::layer_backward_weights(int64_t l, const ForwardArgs& a, LayerState& st, Scratch& sc, float* dx) {
+  const ModelConfig& c = cfg_;
+  const bool gpt2 = c.arch == Arch::GPT2;
+  const int nt = c.threads;
+  const int64_t B = a.B, S = a.T, N = B * S, C = c.hidden, H = c.heads, KV = c.kv_heads, hd = c.head_dim,
+                I = c.intermediate;
+  const int64_t qkv_w = (H + 2 * KV) * hd, fc_w = gpt2 ? I : 2 * I;
+  const std::string p = "l" + std::to_string(l) + ".";
+  // MLP: out = x_mid + fc2(act(fc(norm2(x_mid)))); dx is d out, and d x_mid once norm2's backward is added.
+  float* dact = sized(sc.dact, N * I);
+  matmul_backward(dact, dx, w(p + "fc2.w"), N, I, C, 0.0f, nt);
+  matmul_backward_weights(grad_of(p + "fc2.w"), grad_or_null(p + "fc2.b"), dx, st.act.data(), N, I, C, nt);
+  float* dfc = sized(sc.dfc, N * fc_w);
+  if (gpt2)
+    gelu_backward(dfc, st.fc_pre.data(), dact, N * I, nt);
+  else
+    swiglu_backward(dfc, st.fc_pre.data(), dact, N, I, nt);
+  matmul_backward_weights(grad_of(p + "fc.w"), grad_or_null(p + "fc.b"), dfc, st.ln2.data(), N, C, fc_w, nt);
+  float* dln = sized(sc.dln, N * C);
+  matmul_backward(dln, dfc, w(p + "fc.w"), N, C, fc_w, 0.0f, nt);
+  if (gpt2) {
+    layernorm_backward_weights(grad_of(p + "ln2.w"), grad_of(p + "ln2.b"), dln, st.x_mid.data(),
+                               st.mean2.data(), st.rstd2.data(), N, C, nt);
+    layernorm_backward(dx, dln, st.x_mid.data(), w(p + "ln2.w"), st.mean2.data(), st.rstd2.data(), N, C, nt);
+  } else {
+    rmsnorm_backward_weights(grad_of(p + "ln2.w"), dln, st.x_mid.data(), st.rstd2.data(), N, C, nt);
+    rmsnorm_backward(dx, dln, st.x_mid.data(), w(p + "ln2.w"), st.rstd2.data(), N, C, nt);
+  }
+  // Attention: x_mid = x_in + proj(attn(rope(qkv(norm1(x_in))))); dx becomes d x_in.
+  float* datt = sized(sc.datt, N * H * hd);
+  matmul_backward(datt, dx, w(p + "proj.w"), N, H * hd, C, 0.0f, nt);
+  matmul_backward_weights(grad_of(p + "proj.w"), grad_or_null(p + "proj.b"), dx, st.att.data(), N, H * hd, C,
+                          nt);
+  float* dqkv = sized(sc.dqkv, N * qkv_w);
+  attention_backward(dqkv, nullptr, nullptr, datt, st.probs.data(), st.qkv.data(), nullptr, nullptr, 0, B, S,
+                     H, KV, hd, attn_scale(l), S, nt);
+  if (!gpt2) {
+    rope_backward(dqkv, B, S, qkv_w, 0, H, hd, st.cos.data(), st.sin.data(), nt);
+    rope_backward(dqkv, B, S, qkv_w, H * hd, KV, hd, st.cos.data(), st.sin.data(), nt);
+  }
+  matmul_backward_weights(grad_of(p + "qkv.w"), grad_or_null(p + "qkv.b"), dqkv, st.ln1.data(), N, C, qkv_w,
+                          nt);
+  matmul_backward(dln, dqkv, w(p + "qkv.w"), N, C, qkv_w, 0.0f, nt);
+  if (gpt2) {
+    layernorm_backward_weights(grad_of(p + "ln1.w"), grad_of(p + "ln1.b"), dln, st.x_in.data(),
+                               st.mean1.data(), st.rstd1.data(), N, C, nt);
+    layernorm_backward(dx, dln, st.x_in.data(), w(p + "ln1.w"), st.mean1.data(), st.rstd1.data(), N, C, nt);
+  } else {
+    rmsnorm_backward_weights(grad_of(p + "ln1.w"), dln, st.x_in.data(), st.rstd1.data(), N, C, nt);
+    rmsnorm_backward(dx, dln, st.x_in.data(), w(p + "ln1.w"), st.rstd1.data(), N, C, nt);
+  }
+}
+
+TrainStats Model::train_grads_locked(const ForwardArgs& a) {
+  check_args(a);
+  if (!a.labels) throw std::invalid_argument("labels: required for training");
+  if (a.P > 0 || a.deep.kind != DeepPrompts::Kind::None)
+    throw std::invalid_argument(
+        "full-parameter training takes token ids only: leave out prompt and deepPrompts");
+  check_complete();
+  const ModelConfig& c = cfg_;
+  const bool gpt2 = c.arch == Arch::GPT2;
+  const int nt = c.threads;
+  const int64_t B = a.B, T = a.T, N = B * T, C = c.hidden, V = c.vocab;
+  const std::vector<int32_t> targets = shifted_targets(a);
+  int64_t R = 0;
+  for (int32_t t : targets) R += t >= 0;
+  if (R == 0) throw std::invalid_argument("labels: no labelled position (all -100 after the causal shift)");
+  for (auto& kv : slots_) kv.second.grad.assign(kv.second.data.size(), 0.0f);
+
+  if (!ws_) ws_ = std::make_unique<Workspace>();
+  Workspace& ws = *ws_;
+  run_forward(a, ws, true, nullptr, true);
+
+  // LM head + cross-entropy: d xf (=) and the head's weight gradient (+=; the token embedding when tied).
+  const float* head = c.tied_head ? w("tok_emb") : w("lm_head");
+  float* dhead = c.tied_head ? grad_of("tok_emb") : grad_of("lm_head");
+  float* dxf = sized(ws.dxf, N * C);
+  const float scale = 1.0f / static_cast<float>(R);
+  double loss_sum;
+  if (4 * R >= 3 * N) {
+    // (Nearly) every position labelled, as in pretraining: all rows in place, unlabelled ones give zeros.
+    float* logits = sized(ws.logits, lm_head_chunk_rows(N, V) * V);
+    loss_sum = lm_head_crossentropy_with_weight_grad(dxf, dhead, ws.xf.data(), targets.data(), head, N, C, V,
+                                                     scale, logits, nt);
+  } else {
+    // Sparse labels (e.g. padded batches, prompt-masked fine-tuning data): gather the labelled rows.
+    std::vector<int64_t> rows;
+    rows.reserve(R);
+    for (int64_t r = 0; r < N; ++r)
+      if (targets[r] >= 0) rows.push_back(r);
+    float* xr = sized(ws.xr, R * C);
+    float* dxr = sized(ws.dxr, R * C);
+    std::vector<int32_t> tr(R);
+    for (int64_t i = 0; i < R; ++i) {
+      std::memcpy(xr + i * C, ws.xf.data() + rows[i] * C, C * sizeof(float));
+      tr[i] = targets[rows[i]];
+    }
+    float* logits = sized(ws.logits, lm_head_chunk_rows(R, V) * V);
+    loss_sum =
+        lm_head_crossentropy_with_weight_grad(dxr, dhead, xr, tr.data(), head, R, C, V, scale, logits, nt);
+    std::fill(dxf, dxf + N * C, 0.0f);
+    for (int64_t i = 0; i < R; ++i) std::memcpy(dxf + rows[i] * C, dxr + i * C, C * sizeof(float));
+  }
+
+  // Final norm, every layer top down, then the embedding tables.
+  std::vector<float>& dx = ws.dx;
+  dx.assign(N * C, 0.0f);
+  if (gpt2) {
+    layernorm_backward_weights(grad_of("lnf.w"), grad_of("lnf.b"), dxf, ws.x.data(), ws.lnf_mean.data(),
+                               ws.lnf_rstd.data(), N, C, nt);
+    layernorm_backward(dx.data(), dxf, ws.x.data(), w("lnf.w"), ws.lnf_mean.data(), ws.lnf_rstd.data(), N, C,
+                       nt);
+  } else {
+    rmsnorm_backward_weights(grad_of("lnf.w"), dxf, ws.x.data(), ws.lnf_rstd.data(), N, C, nt);
+    rmsnorm_backward(dx.data(), dxf, ws.x.data(), w("lnf.w"), ws.lnf_rstd.data(), N, C, nt);
+  }
+  for (int64_t l = c.layers - 1; l >= 0; --l) layer_backward_weights(l, a, ws.states[l], ws.sc, dx.data());
+  embedding_backward_weights(grad_of("tok_emb"), gpt2 ? grad_of("pos_emb") : nullptr, dx.data(), a.ids, 0, 0,
+                             B, T, C, nt);
+  TrainStats st;
+  st.loss = loss_sum / static_cast<double>(R);
+  st.label_count = R;
+  st.step = adam_step_;
+  return st;
+}
+
+TrainStats Model::train_grads(const ForwardArgs& a) {
+  std::lock_guard<std::mutex> lock(run_mutex_);
+  return train_grads_locked(a);
+}
+
+TrainStats Model::train_step(const ForwardArgs& a, const AdamWConfig& o) {
+  if (!(o.lr >= 0.0f) || !std::isfinite(o.lr))
+    throw std::invalid_argument("adamw.lr: expected a finite value >= 0");
+  if (!(o.beta1 >= 0.0f && o.beta1 < 1.0f) || !(o.beta2 >= 0.0f && o.beta2 < 1.0f))
+    throw std::invalid_argument("adamw.beta1, adamw.beta2: expected values in [0, 1)");
+  if (!(o.eps > 0.0f)) throw std::invalid_argument("adamw.eps: expected a value > 0");
+  if (!(o.weight_decay >= 0.0f)) throw std::invalid_argument("adamw.weightDecay: expected a value >= 0");
+  if (!(o.max_grad_norm >= 0.0)) throw std::invalid_argument("adamw.maxGradNorm: expected a value >= 0");
+  std::lock_guard<std::mutex> lock(run_mutex_);
+  TrainStats st = train_grads_locked(a);
+  const int nt = cfg_.threads;
+  // Global gradient norm over every slot, in slot-name order (deterministic).
+  double sq = 0.0;
+  for (const auto& kv : slots_) sq += sum_squares(kv.second.grad, nt);
+  st.grad_norm = std::sqrt(sq);
+  if (!std::isfinite(st.grad_norm))
+    throw std::runtime_error("training step: the gradient is not finite (loss " + std::to_string(st.loss) +
+                             "); weights left unchanged");
+  // torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6) when that is below 1.
+  const double coef = o.max_grad_norm > 0.0 ? o.max_grad_norm / (st.grad_norm + 1e-6) : 1.0;
+  ++adam_step_;
+  for (auto& kv : slots_) {
+    Slot& s = kv.second;
+    const int64_t n = static_cast<int64_t>(s.data.size());
+    if (s.adam_m.size() != s.data.size()) {
+      s.adam_m.assign(n, 0.0f);
+      s.adam_v.assign(n, 0.0f);
+    }
+    const float wd = decays(kv.first) ? o.weight_decay : 0.0f;
+    float* g = s.grad.data();
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
+      const int64_t len = std::min(kChunk, n - i0);
+      if (coef < 1.0)
+        for (int64_t i = i0; i < i0 + len; ++i) g[i] = static_cast<float>(g[i] * coef);
+      adamw_step(s.data.data() + i0, g + i0, s.adam_m.data() + i0, s.adam_v.data() + i0, len, o.lr, o.beta1,
+                 o.beta2, o.eps, wd, adam_step_);
+    }
+  }
+  st.step = adam_step_;
+  return st;
 }
 
 }  // namespace pt

@@ -1,6 +1,7 @@
-// RMSNorm forward and backward (Llama); see ops.h. Hugging Face computes the statistic in fp32 and
-// multiplies the normalised row by the weight afterwards; we accumulate in double and match within fp32
-// rounding.
+// RMSNorm forward, backward (dx +=) and weight gradient (dw +=) (Llama); see ops.h. Hugging Face computes the
+// statistic in fp32 and multiplies the normalised row by the weight afterwards; we accumulate in double and
+// match within fp32 rounding.
+#include <algorithm>
 #include <cmath>
 
 #include "priortune/ops.h"
@@ -41,6 +42,28 @@ void rmsnorm_backward(float* dx, const float* dout, const float* x, const float*
                       int64_t N, int64_t C, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t n = 0; n < N; ++n) rmsnorm_backward_row(dx + n * C, dout + n * C, x + n * C, w, rstd[n], C);
+}
+
+}  // namespace pt
+
+namespace pt {
+
+// Column sums over rows, as in layernorm_backward_weights: channel blocks per thread, rows in order.
+void rmsnorm_backward_weights(float* dw, const float* dout, const float* x, const float* rstd, int64_t N,
+                              int64_t C, int threads) {
+  const int64_t block = 64;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t c0 = 0; c0 < C; c0 += block) {
+    const int64_t c1 = std::min(C, c0 + block);
+    double sw[block] = {};
+    for (int64_t n = 0; n < N; ++n) {
+      const float* g = dout + n * C;
+      const float* xr = x + n * C;
+      const float r = rstd[n];
+      for (int64_t c = c0; c < c1; ++c) sw[c - c0] += static_cast<double>(g[c]) * (xr[c] * r);
+    }
+    for (int64_t c = c0; c < c1; ++c) dw[c] += static_cast<float>(sw[c - c0]);
+  }
 }
 
 }  // namespace pt

@@ -1,4 +1,5 @@
-// A frozen causal language model (GPT-2 or Llama family) on the CPU, fp32.
+// A causal language model (GPT-2 or Llama family) on the CPU, fp32: frozen for prompt-tuning, or trained in
+// full (every weight slot gets a gradient and AdamW moments; see "Full-parameter training" below).
 //
 // Weights live in named slots (canonical names below) filled from safetensors files by load_tensor, which
 // converts F32/F16/BF16/F64 while reading in bounded chunks, so loading needs one copy of the weights plus
@@ -45,6 +46,9 @@ struct Slot {
   std::vector<float> data;
   int64_t rows = 0, cols = 0;
   int64_t loaded_rows = 0;
+  // Full-parameter training only (empty otherwise): d loss / d data in the same layout, and AdamW's first
+  // and second moments. The slot's own data are the fp32 master weights.
+  std::vector<float> grad, adam_m, adam_v;
 };
 
 // Deep prompts (see lossAndGrad in README.md):
@@ -91,6 +95,23 @@ struct GradResult {
   std::vector<std::vector<float>> value_grads;  // Prefix
 };
 
+// Full-parameter training (see Model::train_grads and Model::train_step).
+struct AdamWConfig {
+  float lr = 1e-3f, beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f;
+  // Decoupled weight decay, applied only to the slots Model::decays names.
+  float weight_decay = 0.0f;
+  // Clip the global gradient norm to this value before the update (torch.nn.utils.clip_grad_norm_);
+  // 0 = no clipping.
+  double max_grad_norm = 0.0;
+};
+
+struct TrainStats {
+  double loss = 0.0;  // mean cross-entropy over labelled positions
+  int64_t label_count = 0;
+  double grad_norm = 0.0;  // global L2 norm of all weight gradients before clipping (train_step only)
+  int64_t step = 0;        // AdamW steps taken so far (train_step only)
+};
+
 struct LayerState;
 struct Scratch;
 struct Workspace;
@@ -124,6 +145,25 @@ class Model {
   size_t weight_bytes() const;
   std::vector<std::string> slot_names() const;
 
+  // --- Full-parameter training (pretraining from scratch or fine-tuning every weight) ---
+  // Batches are token ids only (no soft or deep prompts), with labels and an optional padding mask; the
+  // loss is the mean cross-entropy over labelled positions after the causal shift, as in forward().
+
+  // Copies `n` values into slot `name` (n must be rows x cols) and marks it loaded: random initialisation
+  // or weights computed elsewhere. Optimizer moments are kept.
+  void set_slot(const std::string& name, const float* values, size_t n);
+  // Loss and d loss / d every weight slot, written (=) into each slot's `grad` (same layout as `data`).
+  TrainStats train_grads(const ForwardArgs& args);
+  // train_grads, then one AdamW step on every slot (moments owned by the model, created at the first step):
+  // global-norm clipping when asked, weight decay on the slots `decays` names, lr, betas and eps for all.
+  TrainStats train_step(const ForwardArgs& args, const AdamWConfig& adamw);
+  int64_t optimizer_steps() const { return adam_step_; }
+  // Weight decay rule: the weight matrices of linear layers (l{i}.qkv.w, proj.w, fc.w, fc2.w and an untied
+  // lm_head), as Hugging Face's Trainer decays every nn.Linear weight; no decay for embeddings (tok_emb,
+  // which a tied head shares, and pos_emb), norm weights or biases, which set scales and offsets that decay
+  // toward zero would only distort (GPT-2 / nanoGPT / Llama practice).
+  static bool decays(const std::string& slot_name);
+
  private:
   void add_slot(const std::string& name, int64_t rows, int64_t cols);
   const float* w(const std::string& name) const;
@@ -133,11 +173,20 @@ class Model {
   float attn_scale(int64_t l) const;
   // Runs the embedding and every layer, saving what the backward needs when `states` holds one entry per
   // layer (else one reused entry). Returns the last layer's output in x and the final-norm output in xf.
-  void run_forward(const ForwardArgs& a, Workspace& ws, bool save, ForwardResult* capture);
+  // `train` also keeps each layer's matmul inputs (norm outputs, attention output, MLP activation) for the
+  // weight gradients; the prompt-tuning paths never set it.
+  void run_forward(const ForwardArgs& a, Workspace& ws, bool save, ForwardResult* capture,
+                   bool train = false);
   void layer_forward(int64_t l, const ForwardArgs& a, LayerState& st, Scratch& sc, float* x,
-                     const uint8_t* key_mask, bool save);
+                     const uint8_t* key_mask, bool save, bool train = false);
   void layer_backward(int64_t l, const ForwardArgs& a, LayerState& st, Scratch& sc, float* dx,
                       int64_t rows_needed, GradResult& g);
+  // Full-parameter backward of one layer (no deep prompts): dx holds d output on entry and d input on exit;
+  // adds the layer's weight gradients into the slots' `grad`.
+  void layer_backward_weights(int64_t l, const ForwardArgs& a, LayerState& st, Scratch& sc, float* dx);
+  TrainStats train_grads_locked(const ForwardArgs& a);
+  float* grad_of(const std::string& name);
+  float* grad_or_null(const std::string& name);
 
   ModelConfig cfg_;
   std::map<std::string, Slot> slots_;
@@ -146,6 +195,7 @@ class Model {
   // Activations and scratch kept between calls, so repeated steps of one shape reuse memory instead of
   // faulting in fresh pages every call; freed with the model.
   std::unique_ptr<Workspace> ws_;
+  int64_t adam_step_ = 0;  // AdamW's t, shared by every slot
 };
 
 }  // namespace pt

@@ -1,8 +1,9 @@
 // CPU reference ops, llm.c style: one forward/backward pair per op, row-major fp32, sized integers.
 // Shapes: N = rows (tokens), C = channels. `=` means the output is overwritten, `+=` accumulated.
 // Every op takes `threads` (OpenMP threads over rows); results are deterministic for a fixed count.
-// Backward passes compute gradients with respect to activations only: prompt-tuning freezes every weight,
-// so there are no weight gradients and no buffers for them.
+// The `*_backward` passes compute gradients with respect to activations only: prompt-tuning freezes every
+// weight, so that path has no weight gradients and no buffers for them. Full-parameter training adds the
+// `*_backward_weights` halves at the end of this file, run only when weights are trained.
 #pragma once
 #include <cstdint>
 
@@ -113,5 +114,42 @@ double lm_head_crossentropy(float* dx, const float* x, const int32_t* targets, c
 // param, m and v for step t >= 1.
 void adamw_step(float* param, const float* grad, float* m, float* v, int64_t n, float lr, float beta1,
                 float beta2, float eps, float weight_decay, int64_t t);
+
+// ---------------------------------------------------------------------------------------------------------
+// Weight-gradient halves (full-parameter training). Every weight gradient is accumulated (+=) into a buffer
+// the caller zeroes once per step, so a weight used twice (a tied LM head and token embedding) sums both
+// contributions. Nothing races: sums over rows run either inside the GEMM (deterministic, see gemm.h) or
+// with each thread owning a range of columns and adding the rows in order, so results are deterministic
+// for a fixed thread count, like every op here.
+
+// Linear layer backward with respect to its parameters (layout of matmul_forward):
+//   dW[OC, C] (+=) = dout[N, OC]^T . x[N, C];  dbias[OC] (+=) = sum_n dout[n, :]   (dbias may be nullptr).
+void matmul_backward_weights(float* dW, float* dbias, const float* dout, const float* x, int64_t N, int64_t C,
+                             int64_t OC, int threads);
+
+// LayerNorm backward with respect to its parameters, from the statistics saved by layernorm_forward:
+//   dw[c] (+=) = sum_n dout[n, c] * (x[n, c] - mean[n]) * rstd[n];  db[c] (+=) = sum_n dout[n, c].
+void layernorm_backward_weights(float* dw, float* db, const float* dout, const float* x, const float* mean,
+                                const float* rstd, int64_t N, int64_t C, int threads);
+
+// RMSNorm backward with respect to its weight: dw[c] (+=) = sum_n dout[n, c] * x[n, c] * rstd[n].
+void rmsnorm_backward_weights(float* dw, const float* dout, const float* x, const float* rstd, int64_t N,
+                              int64_t C, int threads);
+
+// Embedding backward with respect to the tables, in embedding_forward's layout (B sequences of P prompt
+// rows then T token rows, S = P + T):
+//   dwte[ids[b*T + t], :] (+=) = dout[b*S + P + t, :]            (token rows; repeated ids add up)
+//   dwpe[s + pos_offset, :] (+=) = sum_b dout[b*S + s, :]        (every row, when dwpe != nullptr: GPT-2)
+// Ids are range-checked by the caller.
+void embedding_backward_weights(float* dwte, float* dwpe, const float* dout, const int32_t* ids, int64_t P,
+                                int64_t pos_offset, int64_t B, int64_t T, int64_t C, int threads);
+
+// lm_head_crossentropy that also accumulates the head's weight gradient over the labelled rows:
+//   dW[V, C] (+=) = grad_scale * sum_r (softmax(x_r . W^T) - onehot(t_r))^T x_r
+// (unlabelled rows contribute nothing). Same loss, dx and scratch contract as lm_head_crossentropy. With
+// every row labelled, as in pretraining, pass all rows: no gather is needed.
+double lm_head_crossentropy_with_weight_grad(float* dx, float* dW, const float* x, const int32_t* targets,
+                                             const float* W, int64_t R, int64_t C, int64_t V,
+                                             float grad_scale, float* logits, int threads);
 
 }  // namespace pt
