@@ -193,6 +193,52 @@ export interface Addon {
     threads: number,
   ): Promise<Float64Array>;
   gramEigenvalues(x: Float32Array, dim: number, threads: number): Promise<Float64Array>;
+  // --- priors and regularisers (kernels/cpu/prior_gaussian.cpp, native/priors.cpp) ---
+  priorGaussianFit(
+    rows: Float32Array,
+    dim: number,
+    options: { shrinkage?: number; ridgeAbsolute?: number; ridgeRelative?: number; keepCovariance?: boolean },
+    threads: number,
+  ): Promise<{
+    mean: Float64Array;
+    cholesky: Float64Array;
+    covariance: Float64Array | null;
+    ridge: number;
+    meanVariance: number;
+    logDet: number;
+    covarianceSeconds: number;
+    choleskySeconds: number;
+  }>;
+  priorCholesky(
+    matrix: Float64Array,
+    dim: number,
+    threads: number,
+  ): Promise<{ cholesky: Float64Array; logDet: number; seconds: number }>;
+  /** mean + scale * L z per row of z (synchronous). */
+  priorGaussianTransform(
+    z: Float64Array,
+    dim: number,
+    mean: Float64Array,
+    cholesky: Float64Array,
+    scale: number,
+    threads: number,
+  ): Float32Array;
+  /** Squared Mahalanobis distances and, when asked, Sigma^-1 (x - mean) per row (synchronous). */
+  priorGaussianEnergy(
+    x: Float32Array,
+    dim: number,
+    mean: Float64Array,
+    cholesky: Float64Array,
+    gradient: boolean,
+    threads: number,
+  ): { mahalanobisSquared: Float64Array; gradient: Float32Array | null };
+  /** Exact L2 nearest row of a fixed set (synchronous, for the nearest-vocabulary regulariser). */
+  NativeNearestRows: new (
+    vocab: Float32Array,
+    dim: number,
+    threads: number,
+  ) => { nearest(queries: Float32Array, threads: number): Int32Array; rows(): number; dispose(): void };
+  // --- end priors ---
 }
 
 export interface NativeOps {

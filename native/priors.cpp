@@ -1,0 +1,255 @@
+// Node-API glue of the priors and the controllable-posterior regulariser (kernels/cpu/prior_gaussian.cpp,
+// and the exact nearest-row search of kernels/cpu/knn.cpp).
+//
+// priorGaussianFit and priorCholesky run on the thread pool and return promises (O(n d^2) and O(d^3) work).
+// The per-draw and per-step functions are synchronous, because lib/priors.ts's Prior.sample() and
+// Regularizer.value()/gradient() are: they are O(n d^2) for n prompt rows (milliseconds at n = 20,
+// d = 2048) and use `threads` OpenMP threads inside the call. NativeNearestRows holds a CPU index for the
+// nearest-vocabulary-row regulariser; dispose() frees it, later calls throw "NearestRows is disposed".
+#include <chrono>
+#include <cmath>
+#include <memory>
+
+#include "common.h"
+#include "modules.h"
+#include "priortune/knn.h"
+#include "priortune/prior.h"
+
+namespace ptn {
+namespace {
+
+Napi::Float64Array to_float64(Napi::Env env, std::vector<double>&& data) {
+  size_t n = data.size();
+  return Napi::Float64Array::New(env, n, external_buffer(env, std::move(data)), 0);
+}
+
+int threads_of(const Napi::CallbackInfo& info, size_t i) {
+  if (info.Length() <= i || info[i].IsUndefined()) return 1;
+  return static_cast<int>(int_of(info[i], "threads", 1));
+}
+
+template <class T>
+int64_t rows_of(const View<T>& v, int64_t d, const std::string& name, Napi::Env env) {
+  if (v.length == 0 || v.length % static_cast<size_t>(d) != 0)
+    throw Napi::RangeError::New(env, name + ": expected a non-empty length that is a multiple of dim (" +
+                                         std::to_string(d) + "), got " + std::to_string(v.length));
+  return static_cast<int64_t>(v.length / static_cast<size_t>(d));
+}
+
+template <class T>
+void require_finite(const View<T>& v, int64_t d, const std::string& name, Napi::Env env) {
+  for (size_t i = 0; i < v.length; ++i)
+    if (!std::isfinite(static_cast<double>(v.data[i])))
+      throw Napi::RangeError::New(env, name + ": row " + std::to_string(i / d) + ", column " +
+                                           std::to_string(i % d) + " is not finite");
+}
+
+double option_number(const Napi::Object& o, const char* key, double fallback, double lo, double hi) {
+  Napi::Value v = o.Get(key);
+  if (v.IsUndefined()) return fallback;
+  const double x = number_of(v, std::string("options.") + key);
+  if (!(x >= lo && x <= hi))
+    throw Napi::RangeError::New(o.Env(), std::string("options.") + key + ": expected a number from " +
+                                             std::to_string(lo) + " to " + std::to_string(hi) + ", got " +
+                                             std::to_string(x));
+  return x;
+}
+
+// priorGaussianFit(rows: Float32Array, dim, { shrinkage, ridgeAbsolute, ridgeRelative, keepCovariance },
+//   threads) -> Promise<{ mean, cholesky, covariance | null, ridge, meanVariance, logDet, covarianceSeconds,
+//   choleskySeconds }>
+Napi::Value PriorGaussianFit(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&]() -> Napi::Value {
+    Napi::Value rows_value = arg(info, 0, "rows");
+    View<float> x = view_of<float>(rows_value, "rows");
+    const int64_t d = int_of(arg(info, 1, "dim"), "dim", 1), n = rows_of(x, d, "rows", env);
+    if (n < 2) throw Napi::RangeError::New(env, "rows: a Gaussian fit needs at least 2 rows, got 1");
+    Napi::Object options = object_of(arg(info, 2, "options"), "options");
+    const double shrinkage = option_number(options, "shrinkage", 0.0, 0.0, 1.0);
+    const double ridge_absolute = option_number(options, "ridgeAbsolute", 0.0, 0.0, 1e300);
+    const double ridge_relative = option_number(options, "ridgeRelative", 0.0, 0.0, 1e300);
+    const bool keep_covariance = options.Get("keepCovariance").ToBoolean().Value();
+    const int threads = threads_of(info, 3);
+    struct Out {
+      std::vector<double> mean, chol, cov;
+      pt::PriorGaussianFitInfo fit;
+    };
+    auto out = std::make_shared<Out>();
+    auto* worker = new PromiseWorker(
+        env,
+        [x, n, d, shrinkage, ridge_absolute, ridge_relative, keep_covariance, threads, out]() {
+          const std::string bad = pt::knn_check_rows(x.data, n, d, threads);
+          if (!bad.empty()) throw std::invalid_argument("rows: " + bad);
+          out->mean.resize(d);
+          out->chol.resize(static_cast<size_t>(d * d));
+          if (keep_covariance) out->cov.resize(static_cast<size_t>(d * d));
+          if (!pt::prior_gaussian_fit(out->mean.data(), out->chol.data(),
+                                      keep_covariance ? out->cov.data() : nullptr, x.data, n, d, shrinkage,
+                                      ridge_absolute, ridge_relative, threads, &out->fit))
+            throw std::runtime_error(
+                "fitted Gaussian: the covariance of " + std::to_string(n) + " rows in " + std::to_string(d) +
+                " dimensions is not positive definite with a ridge of " + std::to_string(out->fit.ridge) +
+                (n <= d ? " (fewer rows than dimensions)" : "") + "; raise the jitter or the shrinkage");
+        },
+        [out, keep_covariance](Napi::Env e) -> Napi::Value {
+          Napi::Object o = Napi::Object::New(e);
+          o.Set("mean", to_float64(e, std::move(out->mean)));
+          o.Set("cholesky", to_float64(e, std::move(out->chol)));
+          o.Set("covariance", keep_covariance ? Napi::Value(to_float64(e, std::move(out->cov))) : e.Null());
+          o.Set("ridge", out->fit.ridge);
+          o.Set("meanVariance", out->fit.mean_variance);
+          o.Set("logDet", out->fit.log_det);
+          o.Set("covarianceSeconds", out->fit.covariance_seconds);
+          o.Set("choleskySeconds", out->fit.cholesky_seconds);
+          return o;
+        });
+    worker->keep(rows_value);
+    return worker->queue();
+  });
+}
+
+// priorCholesky(matrix: Float64Array, dim, threads) -> Promise<{ cholesky, logDet, seconds }>; the matrix is
+// copied (only its lower triangle is read).
+Napi::Value PriorCholesky(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&]() -> Napi::Value {
+    const int64_t d = int_of(arg(info, 1, "dim"), "dim", 1);
+    View<double> m = view_of_length<double>(arg(info, 0, "matrix"), "matrix", static_cast<size_t>(d * d));
+    require_finite(m, d, "matrix", env);
+    const int threads = threads_of(info, 2);
+    struct Out {
+      std::vector<double> a;
+      double log_det = 0, seconds = 0;
+    };
+    auto out = std::make_shared<Out>();
+    out->a.assign(m.data, m.data + m.length);
+    auto* worker = new PromiseWorker(
+        env,
+        [out, d, threads]() {
+          auto t0 = std::chrono::steady_clock::now();
+          if (!pt::prior_cholesky(out->a.data(), d, threads, &out->log_det))
+            throw std::runtime_error("matrix: not positive definite (a Cholesky pivot is not positive)");
+          out->seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        },
+        [out](Napi::Env e) -> Napi::Value {
+          Napi::Object o = Napi::Object::New(e);
+          o.Set("cholesky", to_float64(e, std::move(out->a)));
+          o.Set("logDet", out->log_det);
+          o.Set("seconds", out->seconds);
+          return o;
+        });
+    return worker->queue();
+  });
+}
+
+// priorGaussianTransform(z: Float64Array, dim, mean: Float64Array, cholesky: Float64Array, scale, threads)
+//   -> Float32Array: mean + scale * L z per row (synchronous).
+Napi::Value PriorGaussianTransform(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&]() -> Napi::Value {
+    View<double> z = view_of<double>(arg(info, 0, "z"), "z");
+    const int64_t d = int_of(arg(info, 1, "dim"), "dim", 1), n = rows_of(z, d, "z", env);
+    View<double> mean = view_of_length<double>(arg(info, 2, "mean"), "mean", d);
+    View<double> L = view_of_length<double>(arg(info, 3, "cholesky"), "cholesky", static_cast<size_t>(d * d));
+    const double scale = number_of(arg(info, 4, "scale"), "scale");
+    if (!std::isfinite(scale)) throw Napi::RangeError::New(env, "scale: expected a finite number");
+    const int threads = threads_of(info, 5);
+    std::vector<float> out(static_cast<size_t>(n * d));
+    pt::prior_gaussian_transform(out.data(), z.data, n, d, mean.data, L.data, scale, threads);
+    return to_float32(env, std::move(out));
+  });
+}
+
+// priorGaussianEnergy(x: Float32Array, dim, mean: Float64Array, cholesky: Float64Array, gradient: boolean,
+//   threads) -> { mahalanobisSquared: Float64Array, gradient: Float32Array | null } (synchronous).
+Napi::Value PriorGaussianEnergy(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&]() -> Napi::Value {
+    View<float> x = view_of<float>(arg(info, 0, "x"), "x");
+    const int64_t d = int_of(arg(info, 1, "dim"), "dim", 1), n = rows_of(x, d, "x", env);
+    require_finite(x, d, "x", env);
+    View<double> mean = view_of_length<double>(arg(info, 2, "mean"), "mean", d);
+    View<double> L = view_of_length<double>(arg(info, 3, "cholesky"), "cholesky", static_cast<size_t>(d * d));
+    const bool want_gradient = arg(info, 4, "gradient").ToBoolean().Value();
+    const int threads = threads_of(info, 5);
+    std::vector<double> r2(n);
+    std::vector<float> grad(want_gradient ? static_cast<size_t>(n * d) : 0);
+    pt::prior_gaussian_energy(r2.data(), want_gradient ? grad.data() : nullptr, x.data, n, d, mean.data,
+                              L.data, threads);
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("mahalanobisSquared", to_float64(env, std::move(r2)));
+    o.Set("gradient", want_gradient ? Napi::Value(to_float32(env, std::move(grad))) : env.Null());
+    return o;
+  });
+}
+
+// new NativeNearestRows(vocab: Float32Array, dim, threads): an exact L2 index over a copy of the rows, built
+// synchronously; nearest(queries: Float32Array, threads) -> Int32Array, each query's nearest row (ties to the
+// lower index, as knn.h defines exact); rows(); dispose().
+class NearestRowsWrap : public Napi::ObjectWrap<NearestRowsWrap> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(
+        env, "NativeNearestRows",
+        {InstanceMethod("nearest", &NearestRowsWrap::Nearest), InstanceMethod("rows", &NearestRowsWrap::Rows),
+         InstanceMethod("dispose", &NearestRowsWrap::Dispose)});
+  }
+
+  explicit NearestRowsWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NearestRowsWrap>(info) {
+    Napi::Env env = info.Env();
+    guarded(env, [&]() -> Napi::Value {
+      View<float> vocab = view_of<float>(arg(info, 0, "vocab"), "vocab");
+      const int64_t d = int_of(arg(info, 1, "dim"), "dim", 1), V = rows_of(vocab, d, "vocab", env);
+      const int threads = threads_of(info, 2);
+      const std::string bad = pt::knn_check_rows(vocab.data, V, d, threads);
+      if (!bad.empty()) throw Napi::RangeError::New(env, "vocab: " + bad);
+      index_ = pt::knn_index_cpu(vocab.data, V, d, pt::KnnMetric::L2, threads);
+      return env.Undefined();
+    });
+  }
+
+ private:
+  const pt::KnnIndex& live(Napi::Env env) {
+    if (!index_) throw Napi::Error::New(env, "NearestRows is disposed");
+    return *index_;
+  }
+
+  Napi::Value Nearest(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return guarded(env, [&]() -> Napi::Value {
+      const pt::KnnIndex& index = live(env);
+      View<float> q = view_of<float>(arg(info, 0, "queries"), "queries");
+      const int64_t d = index.dim(), Q = rows_of(q, d, "queries", env);
+      const int threads = threads_of(info, 1);
+      const std::string bad = pt::knn_check_rows(q.data, Q, d, threads);
+      if (!bad.empty()) throw Napi::RangeError::New(env, "queries: " + bad);
+      pt::KnnResult r = index.search(q.data, Q, 1, nullptr, threads);
+      return to_int32(env, std::move(r.indices));
+    });
+  }
+
+  Napi::Value Rows(const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), static_cast<double>(live(info.Env()).rows()));
+  }
+
+  Napi::Value Dispose(const Napi::CallbackInfo& info) {
+    index_.reset();
+    return info.Env().Undefined();
+  }
+
+  std::unique_ptr<pt::KnnIndex> index_;
+};
+
+}  // namespace
+
+void init_priors(Napi::Env env, Napi::Object exports) {
+  exports.Set("priorGaussianFit", Napi::Function::New(env, PriorGaussianFit, "priorGaussianFit"));
+  exports.Set("priorCholesky", Napi::Function::New(env, PriorCholesky, "priorCholesky"));
+  exports.Set("priorGaussianTransform",
+              Napi::Function::New(env, PriorGaussianTransform, "priorGaussianTransform"));
+  exports.Set("priorGaussianEnergy", Napi::Function::New(env, PriorGaussianEnergy, "priorGaussianEnergy"));
+  exports.Set("NativeNearestRows", NearestRowsWrap::Define(env));
+}
+
+}  // namespace ptn
