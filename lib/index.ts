@@ -53,6 +53,30 @@ export {
 } from "./model.js";
 export type { DeepPrompts } from "./native.js";
 export { AdamW, type AdamWOptions, promptGrads, promptTensors } from "./optim.js";
+// --- priors and controllable-posterior regularisers ---
+export {
+  type ActivationOptions,
+  createPrior,
+  createRegularizer,
+  datasetActivations,
+  type Energy,
+  ExclusionLaw,
+  ExclusionPrior,
+  GaussianPrior,
+  PRIOR_KINDS,
+  type Prior,
+  type PriorContext,
+  type PriorKind,
+  type PriorModel,
+  type PriorRecord,
+  type PriorTokenizer,
+  REGULARIZER_KINDS,
+  type Regularizer,
+  type RegularizerContext,
+  type RegularizerKind,
+  type RegularizerSpec,
+  readTexts,
+} from "./priors.js";
 
 // --- tasks, data and evaluation metrics ---
 export {
