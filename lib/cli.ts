@@ -4,6 +4,8 @@ import { realpathSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import { Command } from "commander";
 import { cudaStatus } from "./backend.js";
+import { registerDataCommands } from "./cli-data.js";
+import { registerTuneCommands } from "./cli-tune.js";
 import { describeModel } from "./model.js";
 import { addon } from "./native.js";
 
@@ -44,9 +46,12 @@ export function infoText(dir: string): string {
   return rows.map(([k, v]) => `${k.padEnd(width)}  ${v}`).join("\n");
 }
 
-export function main(argv: string[]): void {
+export async function main(argv: string[]): Promise<void> {
   const program = new Command();
   program.name("priortune").description("Prompt-tuning priors and posteriors on frozen language models");
+  // Before any subcommand exists: commander copies the setting to subcommands created after it, so bad
+  // options anywhere end in our catch below rather than in process.exit.
+  program.exitOverride();
   program
     .command("info")
     .description("describe a Hugging Face model directory (config, sizes, parameters, dtype, tokenizer)")
@@ -62,14 +67,17 @@ export function main(argv: string[]): void {
     .action(() => {
       const cpu = addon().cpuInfo();
       const cuda = cudaStatus();
+      const peak = addon().fmaPeakGflops(cpu.hardwareThreads);
       process.stdout.write(
-        `cpu gemm kernel  ${cpu.gemmKernel}\ncpu threads      ${cpu.hardwareThreads}\ncuda compiled    ${cuda.compiled}\n` +
+        `cpu gemm kernel  ${cpu.gemmKernel}\ncpu threads      ${cpu.hardwareThreads}\n` +
+          `cpu fp32 peak    ${peak.toFixed(0)} GFLOP/s (measured: register-only FMA loop, all threads)\ncuda compiled    ${cuda.compiled}\n` +
           `cuda usable      ${cuda.usable}${cuda.usable ? ` (${cuda.name}, sm_${cuda.computeCapability})` : ` (${cuda.reason})`}\n`,
       );
     });
-  program.exitOverride();
+  registerTuneCommands(program);
+  registerDataCommands(program);
   try {
-    program.parse(argv);
+    await program.parseAsync(argv);
   } catch (e) {
     const err = e as { code?: string; exitCode?: number; message: string };
     if (err.code?.startsWith("commander.")) {
@@ -82,4 +90,5 @@ export function main(argv: string[]): void {
 }
 
 // Run when executed directly (also through the npm bin link).
-if (process.argv[1] && realpathSync(process.argv[1]) === fileURLToPath(import.meta.url)) main(process.argv);
+if (process.argv[1] && realpathSync(process.argv[1]) === fileURLToPath(import.meta.url))
+  await main(process.argv);

@@ -116,3 +116,16 @@ export {
   writeQaFacts,
 } from "./tasks.js";
 export { loadTokenizer, type Tokenizer } from "./tokenizer.js";
+export {
+  type EvalRecord,
+  type EvaluateOptions,
+  evaluatePrompt,
+  type OptimizerOptions,
+  type RegularizerOptions,
+  readPromptFile,
+  type StepRecord,
+  type TuneMode,
+  type TuneOptions,
+  type TuneResult,
+  tune,
+} from "./train.js";

@@ -1,0 +1,331 @@
+// `priortune tune` and `priortune eval`: the experiment loop from the command line.
+import { existsSync, readFileSync } from "node:fs";
+import { join } from "node:path";
+import { SingleBar } from "cli-progress";
+import { type Command, InvalidArgumentError, Option } from "commander";
+import type { BackendChoice } from "./backend.js";
+import { loadModel } from "./model.js";
+import { createPrior, type PriorRecord } from "./priors.js";
+import { loadTask, type TaskSpec } from "./tasks.js";
+import {
+  type EvalRecord,
+  evaluatePrompt,
+  readPromptFile,
+  type StepRecord,
+  type TuneMode,
+  tune,
+} from "./train.js";
+
+function int(value: string): number {
+  const n = Number(value);
+  if (!Number.isInteger(n)) throw new InvalidArgumentError(`expected an integer, got ${value}`);
+  return n;
+}
+
+function num(value: string): number {
+  const n = Number(value);
+  if (!Number.isFinite(n)) throw new InvalidArgumentError(`expected a number, got ${value}`);
+  return n;
+}
+
+function intList(value: string): number[] {
+  return value.split(",").map((v) => int(v.trim()));
+}
+
+/** key=value pairs; numbers and booleans are parsed, the rest stay strings. */
+function keyValue(value: string, previous: Record<string, unknown> = {}): Record<string, unknown> {
+  const eq = value.indexOf("=");
+  if (eq <= 0) throw new InvalidArgumentError(`expected key=value, got ${value}`);
+  const key = value.slice(0, eq);
+  const raw = value.slice(eq + 1);
+  let parsed: unknown = raw;
+  if (raw === "true" || raw === "false") parsed = raw === "true";
+  else if (raw !== "" && Number.isFinite(Number(raw))) parsed = Number(raw);
+  else if (raw.includes(",") && raw.split(",").every((v) => Number.isFinite(Number(v))))
+    parsed = raw.split(",").map(Number);
+  return { ...previous, [key]: parsed };
+}
+
+interface TuneCliOptions {
+  task: string;
+  data?: string;
+  trainCount?: number;
+  validationCount?: number;
+  template?: string;
+  taskOpt: Record<string, unknown>;
+  prior: string;
+  priorOpt: Record<string, unknown>;
+  mode: TuneMode;
+  promptLength: number;
+  deepLayers?: number[];
+  deepLength?: number;
+  steps: number;
+  batchSize: number;
+  lr: number;
+  weightDecay: number;
+  schedule: "constant" | "linear" | "cosine";
+  warmup: number;
+  clipNorm?: number;
+  accumulate: number;
+  regularizer?: "prior-nll" | "l2-init" | "nearest-vocab";
+  lambda: number;
+  lambdaSchedule: "constant" | "linear";
+  evalEvery: number;
+  evalExamples?: number;
+  maxNewTokens: number;
+  collapseEvery?: number;
+  snapshotEvery: number;
+  checkpointEvery: number;
+  maxLength: number;
+  seed: number;
+  runDir?: string;
+  threads?: number;
+  backend: BackendChoice;
+  json?: boolean;
+}
+
+function taskSpec(
+  o: Pick<
+    TuneCliOptions,
+    "task" | "data" | "trainCount" | "validationCount" | "template" | "taskOpt" | "seed"
+  >,
+): TaskSpec {
+  return {
+    kind: o.task,
+    path: o.data,
+    trainCount: o.trainCount,
+    validationCount: o.validationCount,
+    template: o.template,
+    seed: o.seed,
+    ...o.taskOpt,
+  } as TaskSpec;
+}
+
+/** Progress on a terminal (a bar with loss and ETA), plain log lines otherwise (CI, files). */
+function progress(total: number, start: number) {
+  const tty = process.stderr.isTTY;
+  const bar = tty
+    ? new SingleBar({
+        format: "tune [{bar}] {value}/{total} | loss {loss} | {rate} ms/step | ETA {eta_formatted}",
+        stream: process.stderr,
+        hideCursor: true,
+      })
+    : undefined;
+  bar?.start(total, start, { loss: "-", rate: "-" });
+  let last = performance.now();
+  return {
+    step(r: StepRecord) {
+      if (bar) bar.update(r.step, { loss: r.loss.toFixed(4), rate: r.ms.toFixed(0) });
+      else if (r.step === 1 || r.step % 10 === 0 || r.step === total || performance.now() - last > 10_000) {
+        last = performance.now();
+        process.stderr.write(
+          `step ${r.step}/${total} loss ${r.loss.toFixed(4)} lr ${r.lr.toExponential(2)} |g| ${r.gradNorm.toFixed(3)} ${r.ms.toFixed(0)} ms\n`,
+        );
+      }
+    },
+    eval(e: EvalRecord) {
+      const parts = [`eval @${e.step}: val loss ${e.validationLoss.toFixed(4)}`];
+      if (e.exactMatch !== undefined)
+        parts.push(`EM ${(100 * e.exactMatch).toFixed(1)} F1 ${(100 * e.f1!).toFixed(1)}`);
+      if (e.accuracy !== undefined) parts.push(`accuracy ${(100 * e.accuracy).toFixed(1)}%`);
+      if (e.collapse) parts.push(`collapse rate ${(100 * e.collapse.collapseRate).toFixed(0)}%`);
+      const line = parts.join(", ");
+      if (bar) bar.updateETA();
+      process.stderr.write(`${bar ? "\n" : ""}${line}\n`);
+    },
+    stop() {
+      bar?.stop();
+    },
+  };
+}
+
+export function registerTuneCommands(program: Command): void {
+  program
+    .command("tune")
+    .description("prompt-tune a frozen model on a task from a prior, writing a resumable run directory")
+    .argument("<model-dir>", "Hugging Face model directory")
+    .requiredOption("--task <kind>", "task: squad | mathematics | c4 | jsonl | arithmetic | qa-facts | cloze")
+    .option("--data <path>", "data file for squad / mathematics / c4 / jsonl / cloze (the source text)")
+    .option("--train-count <n>", "training examples", int)
+    .option("--validation-count <n>", "validation examples", int)
+    .option("--template <text>", "prompt template with {placeholders} (default: the paper's for the task)")
+    .option(
+      "--task-opt <key=value>",
+      "extra task option, repeatable (e.g. digits=2, negative=true)",
+      keyValue,
+      {},
+    )
+    .option(
+      "--prior <kind>",
+      "prior: gaussian | xavier | uniform | vocab | class-label | fitted-gaussian | exclusion | interpolation | knn | posterior",
+      "gaussian",
+    )
+    .option(
+      "--prior-opt <key=value>",
+      "prior option, repeatable (e.g. sigma=0.02, source=vocab, layer=8)",
+      keyValue,
+      {},
+    )
+    .addOption(
+      new Option("--mode <mode>", "what is trained")
+        .choices(["soft", "deep-hidden", "deep-prefix"])
+        .default("soft"),
+    )
+    .option("--prompt-length <n>", "soft-prompt vectors P", int, 20)
+    .option("--deep-layers <list>", "deep-prompt layers, comma separated (default: the last three)", intList)
+    .option("--deep-length <n>", "deep-prompt vectors per layer (default: --prompt-length)", int)
+    .option("--steps <n>", "optimizer steps", int, 100)
+    .option("--batch-size <n>", "examples per micro-batch", int, 2)
+    .option("--lr <x>", "peak learning rate", num, 5e-3)
+    .option("--weight-decay <x>", "AdamW decoupled weight decay", num, 0.01)
+    .addOption(
+      new Option("--schedule <kind>", "learning-rate schedule after warm-up")
+        .choices(["constant", "linear", "cosine"])
+        .default("constant"),
+    )
+    .option("--warmup <n>", "linear warm-up steps", int, 0)
+    .option("--clip-norm <x>", "clip the global gradient norm", num)
+    .option("--accumulate <n>", "micro-batches per update (gradient accumulation)", int, 1)
+    .addOption(
+      new Option("--regularizer <kind>", "controllable-posterior regulariser").choices([
+        "prior-nll",
+        "l2-init",
+        "nearest-vocab",
+      ]),
+    )
+    .option("--lambda <x>", "regulariser weight", num, 0.1)
+    .addOption(
+      new Option("--lambda-schedule <kind>", "regulariser weight over training")
+        .choices(["constant", "linear"])
+        .default("constant"),
+    )
+    .option("--eval-every <n>", "evaluate every n steps (0: at the end only)", int, 0)
+    .option("--eval-examples <n>", "validation examples per evaluation (default all)", int)
+    .option("--max-new-tokens <n>", "tokens generated per validation example", int, 16)
+    .option("--collapse-every <n>", "collapse metrics of the prompt every n steps", int)
+    .option("--snapshot-every <n>", "prompt snapshots (trajectory) every n steps", int, 10)
+    .option("--checkpoint-every <n>", "resumable checkpoints every n steps", int, 10)
+    .option("--max-length <n>", "longest sequence, prompt included", int, 256)
+    .option("--seed <n>", "seed of every random choice", int, 0)
+    .option("--run-dir <dir>", "run directory (created, or resumed when it holds the same run)")
+    .option("--threads <n>", "CPU threads (default: all cores)", int)
+    .addOption(
+      new Option("--backend <kind>", "compute backend").choices(["auto", "cpu", "cuda"]).default("auto"),
+    )
+    .option("--json", "print the result as JSON")
+    .action(async (dir: string, o: TuneCliOptions) => {
+      const model = await loadModel(dir, { backend: o.backend, threads: o.threads });
+      try {
+        const task = await loadTask(taskSpec(o));
+        const prior = await createPrior({ kind: o.prior, ...o.priorOpt } as PriorRecord, { model });
+        const regularizer = o.regularizer
+          ? { regularizer: { kind: o.regularizer }, lambda: o.lambda, schedule: o.lambdaSchedule }
+          : undefined;
+        const resumed =
+          o.runDir && existsSync(join(o.runDir, "checkpoint.json"))
+            ? JSON.parse(readFileSync(join(o.runDir, "checkpoint.json"), "utf8")).step
+            : 0;
+        const bar = progress(o.steps, resumed);
+        let result: Awaited<ReturnType<typeof tune>>;
+        try {
+          result = await tune({
+            model,
+            task,
+            prior,
+            mode: o.mode,
+            promptLength: o.promptLength,
+            deepLayers: o.deepLayers,
+            deepLength: o.deepLength,
+            optimizer: {
+              lr: o.lr,
+              weightDecay: o.weightDecay,
+              schedule: o.schedule,
+              warmupSteps: o.warmup,
+              clipNorm: o.clipNorm,
+              accumulate: o.accumulate,
+            },
+            regularizer,
+            steps: o.steps,
+            batchSize: o.batchSize,
+            evalEvery: o.evalEvery,
+            evalExamples: o.evalExamples,
+            maxNewTokens: o.maxNewTokens,
+            collapseEvery: o.collapseEvery,
+            snapshotEvery: o.snapshotEvery,
+            checkpointEvery: o.checkpointEvery,
+            maxLength: o.maxLength,
+            seed: o.seed,
+            runDir: o.runDir,
+            onStep: (r) => bar.step(r),
+            onEval: (e) => bar.eval(e),
+          });
+        } finally {
+          bar.stop();
+        }
+        const summary = {
+          steps: result.steps,
+          lastLoss: result.lastLoss,
+          resumedFrom: result.resumedFrom ?? null,
+          final: result.evals.at(-1) ?? null,
+          runDir: result.runDir ?? null,
+        };
+        process.stdout.write(
+          o.json
+            ? `${JSON.stringify(summary, null, 2)}\n`
+            : `done: ${summary.steps} steps, loss ${summary.lastLoss.toFixed(4)}${summary.runDir ? `, run in ${summary.runDir}` : ""}\n`,
+        );
+      } finally {
+        model.dispose();
+      }
+    });
+
+  program
+    .command("eval")
+    .description("evaluate a run's trained prompt (or a snapshot) on its task's validation set")
+    .argument("<run-dir>", "a directory written by `priortune tune`")
+    .option("--prompt <file>", "prompt file to evaluate (default: <run-dir>/prompt.safetensors)")
+    .option("--model <dir>", "model directory (default: the one in run.json)")
+    .option("--eval-examples <n>", "validation examples (default: all)", int)
+    .option("--max-new-tokens <n>", "tokens generated per example", int)
+    .option("--batch-size <n>", "examples per batch", int)
+    .option("--threads <n>", "CPU threads", int)
+    .addOption(
+      new Option("--backend <kind>", "compute backend").choices(["auto", "cpu", "cuda"]).default("auto"),
+    )
+    .action(
+      async (
+        runDir: string,
+        o: {
+          prompt?: string;
+          model?: string;
+          evalExamples?: number;
+          maxNewTokens?: number;
+          batchSize?: number;
+          threads?: number;
+          backend: BackendChoice;
+        },
+      ) => {
+        const runPath = join(runDir, "run.json");
+        if (!existsSync(runPath)) throw new Error(`${runDir}: no run.json (not a priortune run directory)`);
+        const run = JSON.parse(readFileSync(runPath, "utf8"));
+        const model = await loadModel(o.model ?? run.model.dir, { backend: o.backend, threads: o.threads });
+        try {
+          const task = await loadTask(run.task as TaskSpec);
+          const saved = readPromptFile(o.prompt ?? join(runDir, "prompt.safetensors"));
+          const record = await evaluatePrompt({
+            model,
+            task,
+            prompt: saved.prompt,
+            deepPrompts: saved.deepPrompts,
+            batchSize: o.batchSize ?? run.batchSize,
+            evalExamples: o.evalExamples,
+            maxNewTokens: o.maxNewTokens ?? run.maxNewTokens,
+            step: Number(saved.metadata.step ?? 0),
+          });
+          process.stdout.write(`${JSON.stringify(record, null, 2)}\n`);
+        } finally {
+          model.dispose();
+        }
+      },
+    );
+}

@@ -1,0 +1,759 @@
+// The prompt-tuning loop: a prior initialises the prompt, AdamW trains it on a task, evaluation and
+// collapse metrics are recorded along the way, and a run directory keeps everything needed to reproduce
+// or resume it. The heavy work (loss, gradients, AdamW, generation, collapse search) is native.
+import { createHash } from "node:crypto";
+import {
+  appendFileSync,
+  closeSync,
+  existsSync,
+  fsyncSync,
+  mkdirSync,
+  openSync,
+  readdirSync,
+  readFileSync,
+  readSync,
+  renameSync,
+  statSync,
+  truncateSync,
+  writeFileSync,
+  writeSync,
+} from "node:fs";
+import { join } from "node:path";
+import { type CollapseReference, createCollapseReference } from "./collapse.js";
+import { arithmeticCorrect, exactMatch, f1Score } from "./metrics.js";
+import type { LossAndGrad, Model } from "./model.js";
+import type { DeepPrompts } from "./native.js";
+import { AdamW, promptGrads } from "./optim.js";
+import { createRegularizer, type Prior, type Regularizer, type RegularizerSpec } from "./priors.js";
+import { Rng, type RngState } from "./rng.js";
+import { readTensors, type TensorToWrite, writeSafetensors } from "./safetensors.js";
+import { type Example, encodeExample, type Task } from "./tasks.js";
+
+export type TuneMode = "soft" | "deep-hidden" | "deep-prefix";
+export type Schedule = "constant" | "linear" | "cosine";
+
+export interface OptimizerOptions {
+  lr?: number;
+  beta1?: number;
+  beta2?: number;
+  eps?: number;
+  weightDecay?: number;
+  /** Learning-rate schedule after the warm-up (default constant). */
+  schedule?: Schedule;
+  warmupSteps?: number;
+  /** Clip the global gradient norm to this value (default: no clipping). */
+  clipNorm?: number;
+  /** Micro-batches whose gradients are averaged into one update (default 1). */
+  accumulate?: number;
+}
+
+export interface RegularizerOptions {
+  /**
+   * The penalty on the soft prompt: a Regularizer, or its spec ({ kind: "prior-nll" | "l2-init" |
+   * "nearest-vocab" }), which tune builds with the run's prior, initial prompt and vocabulary.
+   */
+  regularizer: Regularizer | RegularizerSpec;
+  /** Weight λ of the regulariser in the loss. */
+  lambda: number;
+  /** λ over training: constant, or ramped linearly from 0 to λ over the run (default constant). */
+  schedule?: "constant" | "linear";
+}
+
+export interface TuneOptions {
+  model: Model;
+  task: Task;
+  prior: Prior;
+  mode?: TuneMode;
+  /** Soft-prompt length P (default 20). */
+  promptLength?: number;
+  /** Layers of the deep prompts (deep modes; default the last three, as the paper). */
+  deepLayers?: number[];
+  /** Deep-prompt length per layer (default promptLength). */
+  deepLength?: number;
+  /** Standard deviation of the initial prefix keys and values (deep-prefix; default 0.02). */
+  prefixInitStd?: number;
+  optimizer?: OptimizerOptions;
+  regularizer?: RegularizerOptions;
+  steps: number;
+  batchSize?: number;
+  /** Evaluate every N steps (and at the end); 0 = only at the end (default 0). */
+  evalEvery?: number;
+  /** Validation examples used per evaluation (default all). */
+  evalExamples?: number;
+  /** Tokens generated per validation example for task metrics (default 16). */
+  maxNewTokens?: number;
+  /** Collapse metrics of the soft prompt every N steps (default: at evaluations only). */
+  collapseEvery?: number;
+  /** Prompt snapshots (the trajectory) every N steps (default 10). */
+  snapshotEvery?: number;
+  /** Resumable checkpoints every N steps (default 10). */
+  checkpointEvery?: number;
+  /** Longest encoded example; longer prompts are cut from the left (default 256 positions with the prompt). */
+  maxLength?: number;
+  seed?: number;
+  /** Where the run is written (and resumed from). Without it nothing is written. */
+  runDir?: string;
+  onStep?: (record: StepRecord) => void;
+  onEval?: (record: EvalRecord) => void;
+  signal?: AbortSignal;
+}
+
+export interface StepRecord {
+  type: "step";
+  step: number;
+  loss: number;
+  taskLoss: number;
+  regularizer: number | null;
+  lr: number;
+  gradNorm: number;
+  tokens: number;
+  ms: number;
+}
+
+export interface EvalRecord {
+  type: "eval";
+  step: number;
+  validationLoss: number;
+  exactMatch?: number;
+  f1?: number;
+  accuracy?: number;
+  collapse?: {
+    collapseRate: number;
+    meanNearestCosine: number;
+    meanDivergence: number;
+    projectedPrompt: string | null;
+  };
+  ms: number;
+}
+
+export interface TuneResult {
+  prompt?: Float32Array;
+  deepPrompts?: DeepPrompts;
+  steps: number;
+  lastLoss: number;
+  evals: EvalRecord[];
+  runDir?: string;
+  resumedFrom?: number;
+}
+
+interface Encoded {
+  ids: Int32Array;
+  labels: Int32Array;
+}
+
+interface Batch {
+  inputIds: Int32Array;
+  labels: Int32Array;
+  attentionMask: Uint8Array;
+  batch: number;
+  seqLen: number;
+  tokens: number;
+}
+
+/** Right-pads a group of encoded examples into one batch (pad id 0, mask 0, label -100). */
+export function collate(group: { ids: Int32Array; labels: Int32Array }[]): Batch {
+  const seqLen = Math.max(...group.map((e) => e.ids.length));
+  const n = group.length;
+  const inputIds = new Int32Array(n * seqLen);
+  const labels = new Int32Array(n * seqLen).fill(-100);
+  const attentionMask = new Uint8Array(n * seqLen);
+  let tokens = 0;
+  group.forEach((e, i) => {
+    inputIds.set(e.ids, i * seqLen);
+    labels.set(e.labels, i * seqLen);
+    attentionMask.fill(1, i * seqLen, i * seqLen + e.ids.length);
+    tokens += e.ids.length;
+  });
+  return { inputIds, labels, attentionMask, batch: n, seqLen, tokens };
+}
+
+/**
+ * Length-bucketed batches: examples sorted by length (stable), cut into batches of `size`, so padding
+ * stays small; the order of the batches is shuffled with `rng` each epoch.
+ */
+export function bucketBatches(lengths: number[], size: number): number[][] {
+  const order = lengths.map((l, i) => [l, i] as const).sort((a, b) => a[0] - b[0] || a[1] - b[1]);
+  const batches: number[][] = [];
+  for (let i = 0; i < order.length; i += size) batches.push(order.slice(i, i + size).map(([, j]) => j));
+  return batches;
+}
+
+export function learningRate(
+  step: number,
+  steps: number,
+  lr: number,
+  schedule: Schedule,
+  warmup: number,
+): number {
+  if (warmup > 0 && step < warmup) return (lr * (step + 1)) / warmup;
+  const span = Math.max(1, steps - warmup);
+  const progress = Math.min(1, (step - warmup) / span);
+  if (schedule === "linear") return lr * (1 - progress);
+  if (schedule === "cosine") return lr * 0.5 * (1 + Math.cos(Math.PI * progress));
+  return lr;
+}
+
+function norm(arrays: Float32Array[]): number {
+  let s = 0;
+  for (const a of arrays) for (let i = 0; i < a.length; i++) s += a[i]! * a[i]!;
+  return Math.sqrt(s);
+}
+
+/** Writes a file atomically: to a temporary name, fsync, then rename over the target. */
+export function atomicWrite(path: string, data: string | Uint8Array): void {
+  const tmp = `${path}.tmp-${process.pid}`;
+  const fd = openSync(tmp, "w");
+  try {
+    writeSync(fd, typeof data === "string" ? Buffer.from(data) : data);
+    fsyncSync(fd);
+  } finally {
+    closeSync(fd);
+  }
+  renameSync(tmp, path);
+}
+
+function atomicSafetensors(path: string, tensors: TensorToWrite[], metadata: Record<string, string>): void {
+  const tmp = `${path}.tmp-${process.pid}`;
+  writeSafetensors(tmp, tensors, metadata);
+  const fd = openSync(tmp, "r+");
+  fsyncSync(fd);
+  closeSync(fd);
+  renameSync(tmp, path);
+}
+
+/** A fingerprint of a model directory: config.json, and each weight file's name, safetensors header and size. */
+export function modelFingerprint(dir: string): string {
+  const h = createHash("sha256");
+  h.update(readFileSync(join(dir, "config.json")));
+  for (const f of readdirSync(dir).sort()) {
+    if (!f.endsWith(".safetensors")) continue;
+    const path = join(dir, f);
+    const size = statSync(path).size;
+    const fd = openSync(path, "r");
+    try {
+      const len = Buffer.alloc(8);
+      readSync(fd, len, 0, 8, 0);
+      const headerLen = Math.min(Number(len.readBigUInt64LE(0)), size - 8);
+      const header = Buffer.alloc(headerLen);
+      readSync(fd, header, 0, headerLen, 8);
+      h.update(f);
+      h.update(header);
+      h.update(String(size));
+    } finally {
+      closeSync(fd);
+    }
+  }
+  return h.digest("hex");
+}
+
+const PACKAGE_VERSION = "0.1.0";
+
+interface Checkpoint {
+  step: number;
+  rng: RngState;
+  epochBatches: number[][];
+  epochCursor: number;
+  optimizerStep: number;
+  metricsBytes: number;
+  lastLoss: number;
+  evals: EvalRecord[];
+}
+
+/** Runs (or resumes) prompt-tuning. See TuneOptions; everything is reproducible from the seed. */
+export async function tune(options: TuneOptions): Promise<TuneResult> {
+  const { model, task, prior } = options;
+  const c = model.config;
+  const mode = options.mode ?? "soft";
+  if (mode !== "soft" && mode !== "deep-hidden" && mode !== "deep-prefix") {
+    throw new TypeError(`mode: expected "soft", "deep-hidden" or "deep-prefix", got ${JSON.stringify(mode)}`);
+  }
+  const P = options.promptLength ?? 20;
+  const steps = options.steps;
+  if (!Number.isInteger(steps) || steps < 1)
+    throw new RangeError(`steps: expected a positive integer, got ${steps}`);
+  if (!Number.isInteger(P) || P < (mode === "deep-prefix" ? 0 : 1))
+    throw new RangeError(`promptLength: expected a positive integer, got ${P}`);
+  if (prior.dim !== c.hiddenSize) {
+    throw new RangeError(`prior: its dimension ${prior.dim} is not the model's hidden size ${c.hiddenSize}`);
+  }
+  const batchSize = options.batchSize ?? 2;
+  const opt = {
+    lr: 5e-3,
+    beta1: 0.9,
+    beta2: 0.999,
+    eps: 1e-8,
+    weightDecay: 0.01,
+    schedule: "constant" as Schedule,
+    warmupSteps: 0,
+    accumulate: 1,
+    ...options.optimizer,
+  };
+  const deepLayers =
+    options.deepLayers ?? [c.numLayers - 3, c.numLayers - 2, c.numLayers - 1].filter((l) => l >= 0);
+  const deepLength = options.deepLength ?? (P > 0 ? P : 20);
+  const seed = options.seed ?? 0;
+  const evalEvery = options.evalEvery ?? 0;
+  const snapshotEvery = options.snapshotEvery ?? 10;
+  const checkpointEvery = options.checkpointEvery ?? 10;
+  const maxNewTokens = options.maxNewTokens ?? 16;
+  const maxLength = options.maxLength ?? 256;
+  const tokenizer = model.tokenizer;
+  if (!tokenizer) throw new Error(`model ${model.dir} has no tokenizer; tune needs one to encode the task`);
+  const eosId = endOfText(model);
+
+  // Initial tensors from the prior (a fixed draw order: soft prompt, then each deep layer).
+  const rng = new Rng(seed);
+  const prompt = mode === "deep-prefix" && P === 0 ? undefined : prior.sample(P, rng);
+  let deepPrompts: DeepPrompts | undefined;
+  if (mode === "deep-hidden") {
+    deepPrompts = {
+      kind: "hidden",
+      layers: deepLayers,
+      vectors: deepLayers.map(() => prior.sample(deepLength, rng)),
+    };
+  } else if (mode === "deep-prefix") {
+    const per = deepLength * c.numKvHeads * c.headDim;
+    const std = options.prefixInitStd ?? 0.02;
+    const draw = () => new Float32Array(per).map(() => rng.normal() * std);
+    deepPrompts = {
+      kind: "prefix",
+      layers: deepLayers,
+      keys: deepLayers.map(draw),
+      values: deepLayers.map(draw),
+    };
+  }
+  const tensors: Float32Array[] = [];
+  if (prompt) tensors.push(prompt);
+  if (deepPrompts?.kind === "hidden") tensors.push(...deepPrompts.vectors);
+  if (deepPrompts?.kind === "prefix") tensors.push(...deepPrompts.keys, ...deepPrompts.values);
+  const initial = tensors.map((t) => t.slice());
+  const adamw = new AdamW(tensors, opt);
+  let regularizer: Regularizer | undefined;
+  let ownsRegularizer = false;
+  if (options.regularizer) {
+    if (!prompt)
+      throw new TypeError("regularizer: it acts on the soft prompt, and this run has none (promptLength 0)");
+    const r = options.regularizer.regularizer;
+    if (typeof (r as Regularizer).valueAndGradient === "function") regularizer = r as Regularizer;
+    else {
+      const spec = r as RegularizerSpec;
+      regularizer = createRegularizer(spec, {
+        prior,
+        init: initial[0],
+        vocab: spec.kind === "nearest-vocab" ? model.tokenEmbeddings() : undefined,
+        dim: c.hiddenSize,
+        threads: model.threads,
+      });
+      ownsRegularizer = true;
+    }
+  }
+
+  // Data: encoded once; prompt positions count against maxLength.
+  const budget = maxLength - (prompt ? P : 0) - (mode === "deep-prefix" ? deepLength : 0);
+  const encode = (ex: Example): Encoded => {
+    const e = encodeExample(tokenizer, ex, { maxLength: budget, eosId });
+    return { ids: e.ids, labels: e.labels };
+  };
+  const train = task.train.map(encode);
+  if (train.length === 0) throw new Error(`task ${task.name}: no training examples`);
+
+  // Run directory and resume.
+  const runDir = options.runDir;
+  const runRecord = {
+    version: 1,
+    package: { name: "priortune", version: PACKAGE_VERSION },
+    model: { dir: model.dir, fingerprint: modelFingerprint(model.dir), architecture: c.hfArchitecture },
+    task: task.describe(),
+    prior: prior.describe(),
+    mode,
+    promptLength: P,
+    deepLayers: mode === "soft" ? null : deepLayers,
+    deepLength: mode === "soft" ? null : deepLength,
+    optimizer: opt,
+    regularizer:
+      regularizer && options.regularizer
+        ? {
+            ...regularizer.describe(),
+            lambda: options.regularizer.lambda,
+            schedule: options.regularizer.schedule ?? "constant",
+          }
+        : null,
+    steps,
+    batchSize,
+    evalEvery,
+    maxNewTokens,
+    maxLength,
+    seed,
+    threads: model.threads,
+  };
+  let state: Checkpoint = {
+    step: 0,
+    rng: rng.state(),
+    epochBatches: [],
+    epochCursor: 0,
+    optimizerStep: 0,
+    metricsBytes: 0,
+    lastLoss: Number.NaN,
+    evals: [],
+  };
+  let resumedFrom: number | undefined;
+  const metricsPath = runDir ? join(runDir, "metrics.jsonl") : "";
+  if (runDir) {
+    mkdirSync(join(runDir, "snapshots"), { recursive: true });
+    const runJson = join(runDir, "run.json");
+    const checkpointJson = join(runDir, "checkpoint.json");
+    if (existsSync(runJson)) {
+      const previous = JSON.parse(readFileSync(runJson, "utf8"));
+      if (JSON.stringify(previous) !== JSON.stringify(runRecord)) {
+        throw new Error(`${runDir} holds a different run (run.json differs); use a new runDir or delete it`);
+      }
+      if (existsSync(checkpointJson)) {
+        state = JSON.parse(readFileSync(checkpointJson, "utf8")) as Checkpoint;
+        const saved = readTensors(join(runDir, "checkpoint.safetensors")).tensors;
+        tensors.forEach((t, i) => {
+          t.set(saved.get(`param.${i}`)!.data as Float32Array);
+          adamw.m[i]!.set(saved.get(`m.${i}`)!.data as Float32Array);
+          adamw.v[i]!.set(saved.get(`v.${i}`)!.data as Float32Array);
+        });
+        initial.forEach((t, i) => t.set(saved.get(`init.${i}`)!.data as Float32Array));
+        adamw.stepCount = state.optimizerStep;
+        if (existsSync(metricsPath)) truncateSync(metricsPath, state.metricsBytes);
+        resumedFrom = state.step;
+      }
+    } else {
+      atomicWrite(runJson, `${JSON.stringify(runRecord, null, 2)}\n`);
+      writeFileSync(metricsPath, "");
+    }
+  }
+  const rngNow = new Rng(state.rng);
+
+  const appendMetrics = (record: StepRecord | EvalRecord) => {
+    if (!runDir) return;
+    appendFileSync(metricsPath, `${JSON.stringify(record)}\n`);
+  };
+  const names = tensorNames(prompt, deepPrompts);
+  const saveTensors = (path: string, step: number, kind: string) => {
+    atomicSafetensors(
+      path,
+      tensors.map((t, i) => ({
+        name: names[i]!,
+        dtype: "F32" as const,
+        shape: tensorShape(names[i]!, t.length, c),
+        data: t,
+      })),
+      {
+        format: "priortune-prompt",
+        version: "1",
+        kind,
+        step: String(step),
+        mode,
+        run: JSON.stringify({ prior: runRecord.prior, task: task.name, seed }),
+      },
+    );
+  };
+  const checkpoint = () => {
+    if (!runDir) return;
+    state.rng = rngNow.state();
+    state.optimizerStep = adamw.stepCount;
+    state.metricsBytes = statSync(metricsPath).size;
+    const list: TensorToWrite[] = [];
+    tensors.forEach((t, i) => {
+      list.push({ name: `param.${i}`, dtype: "F32", shape: [t.length], data: t });
+      list.push({ name: `m.${i}`, dtype: "F32", shape: [t.length], data: adamw.m[i]! });
+      list.push({ name: `v.${i}`, dtype: "F32", shape: [t.length], data: adamw.v[i]! });
+      list.push({ name: `init.${i}`, dtype: "F32", shape: [t.length], data: initial[i]! });
+    });
+    // Tensors first, then the JSON that points at them: a kill between the two leaves the previous
+    // checkpoint.json, whose step is older than the tensors, so we write the tensors under the step too.
+    atomicSafetensors(join(runDir, "checkpoint.safetensors"), list, { step: String(state.step) });
+    atomicWrite(join(runDir, "checkpoint.json"), JSON.stringify(state));
+  };
+
+  let collapseRef: CollapseReference | undefined;
+  const evaluate = async (step: number): Promise<EvalRecord> => {
+    if (prompt) collapseRef ??= await createCollapseReference(model, { seed });
+    return evaluatePrompt({
+      model,
+      task,
+      prompt,
+      deepPrompts,
+      batchSize,
+      maxNewTokens,
+      evalExamples: options.evalExamples,
+      maxLength: budget,
+      step,
+      collapseReference: collapseRef,
+    });
+  };
+
+  try {
+    if (runDir && state.step === 0 && resumedFrom === undefined)
+      saveTensors(join(runDir, "snapshots", "step-000000.safetensors"), 0, "snapshot");
+    const lengths = train.map((e) => e.ids.length);
+    while (state.step < steps) {
+      if (options.signal?.aborted) throw new Error("tune: aborted");
+      const t0 = performance.now();
+      const step = state.step;
+      const lr = learningRate(step, steps, opt.lr, opt.schedule, opt.warmupSteps);
+      // Accumulate gradients over micro-batches (mean of their losses).
+      let taskLoss = 0;
+      let tokens = 0;
+      const grads = tensors.map((t) => new Float32Array(t.length));
+      for (let micro = 0; micro < opt.accumulate; micro++) {
+        if (state.epochCursor >= state.epochBatches.length) {
+          state.epochBatches = rngNow.shuffle(bucketBatches(lengths, batchSize));
+          state.epochCursor = 0;
+        }
+        const b = collate(state.epochBatches[state.epochCursor++]!.map((i) => train[i]!));
+        const g: LossAndGrad = await model.lossAndGrad({ ...b, prompt, deepPrompts });
+        taskLoss += g.loss / opt.accumulate;
+        tokens += b.tokens;
+        promptGrads(g).forEach((gi, i) => {
+          const acc = grads[i]!;
+          for (let k = 0; k < acc.length; k++) acc[k] += gi[k]! / opt.accumulate;
+        });
+      }
+      // Regulariser on the soft prompt (tensor 0): lambda * R(prompt) joins the loss.
+      let regValue: number | null = null;
+      if (regularizer && options.regularizer) {
+        const { lambda, schedule = "constant" } = options.regularizer;
+        const lam = schedule === "linear" ? (lambda * (step + 1)) / steps : lambda;
+        const r = regularizer.valueAndGradient(tensors[0]!);
+        regValue = lam * r.value;
+        const acc = grads[0]!;
+        for (let k = 0; k < acc.length; k++) acc[k] += lam * r.gradient[k]!;
+      }
+      const gradNorm = norm(grads);
+      if (opt.clipNorm !== undefined && gradNorm > opt.clipNorm) {
+        const s = opt.clipNorm / gradNorm;
+        for (const g of grads) for (let k = 0; k < g.length; k++) g[k] *= s;
+      }
+      adamw.step(grads, lr);
+      state.step = step + 1;
+      state.lastLoss = taskLoss + (regValue ?? 0);
+      const record: StepRecord = {
+        type: "step",
+        step: state.step,
+        loss: state.lastLoss,
+        taskLoss,
+        regularizer: regValue,
+        lr,
+        gradNorm,
+        tokens,
+        ms: performance.now() - t0,
+      };
+      appendMetrics(record);
+      options.onStep?.(record);
+      if (
+        options.collapseEvery &&
+        state.step % options.collapseEvery === 0 &&
+        prompt &&
+        !(evalEvery && state.step % evalEvery === 0)
+      ) {
+        collapseRef ??= await createCollapseReference(model, { seed });
+        const report = await collapseRef.report(prompt, { perDimensionSpread: false });
+        appendMetrics({
+          type: "eval",
+          step: state.step,
+          validationLoss: Number.NaN,
+          collapse: {
+            collapseRate: report.aggregate.collapseRate,
+            meanNearestCosine: report.aggregate.meanNearestCosine,
+            meanDivergence: report.aggregate.meanDivergence,
+            projectedPrompt: report.aggregate.projectedPrompt,
+          },
+          ms: 0,
+        });
+      }
+      if ((evalEvery && state.step % evalEvery === 0) || state.step === steps) {
+        const ev = await evaluate(state.step);
+        state.evals.push(ev);
+        appendMetrics(ev);
+        options.onEval?.(ev);
+      }
+      if (runDir && (state.step % snapshotEvery === 0 || state.step === steps)) {
+        saveTensors(
+          join(runDir, "snapshots", `step-${String(state.step).padStart(6, "0")}.safetensors`),
+          state.step,
+          "snapshot",
+        );
+      }
+      if (runDir && (state.step % checkpointEvery === 0 || state.step === steps)) checkpoint();
+    }
+    if (runDir) saveTensors(join(runDir, "prompt.safetensors"), state.step, "final");
+  } finally {
+    collapseRef?.dispose();
+    if (ownsRegularizer) regularizer?.dispose();
+  }
+  return {
+    prompt,
+    deepPrompts,
+    steps: state.step,
+    lastLoss: state.lastLoss,
+    evals: state.evals,
+    runDir,
+    resumedFrom,
+  };
+}
+
+export interface EvaluateOptions {
+  model: Model;
+  task: Task;
+  prompt?: Float32Array;
+  deepPrompts?: DeepPrompts;
+  batchSize?: number;
+  /** Validation examples used (default all). */
+  evalExamples?: number;
+  maxNewTokens?: number;
+  /** Token budget for an example without the soft prompt (default 256 - P). */
+  maxLength?: number;
+  step?: number;
+  /** Collapse metrics of the soft prompt against this reference (created from the model when absent). */
+  collapseReference?: CollapseReference;
+}
+
+/** Mean cross-entropy on validation tokens; task metrics from greedy generation; collapse of the soft prompt. */
+export async function evaluatePrompt(options: EvaluateOptions): Promise<EvalRecord> {
+  const { model, task, prompt, deepPrompts } = options;
+  const t0 = performance.now();
+  const tokenizer = model.tokenizer;
+  if (!tokenizer) throw new Error(`model ${model.dir} has no tokenizer`);
+  const eosId = endOfText(model);
+  const batchSize = options.batchSize ?? 2;
+  const maxNewTokens = options.maxNewTokens ?? 16;
+  const budget = options.maxLength ?? 256 - (prompt ? prompt.length / model.config.hiddenSize : 0);
+  const validation = task.validation.slice(0, options.evalExamples ?? task.validation.length);
+  let lossSum = 0;
+  let count = 0;
+  for (let i = 0; i < validation.length; i += batchSize) {
+    const enc = validation
+      .slice(i, i + batchSize)
+      .map((ex) => encodeExample(tokenizer, ex, { maxLength: budget, eosId }));
+    const out = await model.forward({ ...collate(enc), prompt, deepPrompts, logits: false });
+    if (out.labelCount) {
+      lossSum += out.loss! * out.labelCount;
+      count += out.labelCount;
+    }
+  }
+  const record: EvalRecord = {
+    type: "eval",
+    step: options.step ?? 0,
+    validationLoss: count ? lossSum / count : Number.NaN,
+    ms: 0,
+  };
+  if (task.metric !== "none" && validation.length > 0) {
+    let em = 0;
+    let f1 = 0;
+    let acc = 0;
+    for (let i = 0; i < validation.length; i += batchSize) {
+      const group = validation.slice(i, i + batchSize);
+      const enc = group.map((ex) =>
+        encodeExample(tokenizer, { ...ex, completion: "" }, { maxLength: budget - maxNewTokens }),
+      );
+      const b = collate(enc);
+      const ids = await model.generate({
+        inputIds: b.inputIds,
+        attentionMask: b.attentionMask,
+        batch: b.batch,
+        seqLen: b.seqLen,
+        prompt,
+        deepPrompts,
+        maxNewTokens,
+        eosId: eosId ?? -1,
+      });
+      group.forEach((ex, j) => {
+        const row = Array.from(ids.subarray(j * maxNewTokens, (j + 1) * maxNewTokens)).filter(
+          (t) => t >= 0 && t !== eosId,
+        );
+        const text = tokenizer.decode(row).split("\n")[0]!.trim();
+        const golds = ex.answers ?? [ex.completion.trim()];
+        em += exactMatch(text, golds);
+        f1 += f1Score(text, golds);
+        acc += arithmeticCorrect(text, golds[0]!) ? 1 : 0;
+      });
+    }
+    if (task.metric === "qa") {
+      record.exactMatch = em / validation.length;
+      record.f1 = f1 / validation.length;
+    } else {
+      record.accuracy = acc / validation.length;
+    }
+  }
+  if (prompt) {
+    const ref = options.collapseReference ?? (await createCollapseReference(model));
+    try {
+      const report = await ref.report(prompt, { perDimensionSpread: false });
+      record.collapse = {
+        collapseRate: report.aggregate.collapseRate,
+        meanNearestCosine: report.aggregate.meanNearestCosine,
+        meanDivergence: report.aggregate.meanDivergence,
+        projectedPrompt: report.aggregate.projectedPrompt,
+      };
+    } finally {
+      if (!options.collapseReference) ref.dispose();
+    }
+  }
+  record.ms = performance.now() - t0;
+  return record;
+}
+
+/** The tokenizer's end-of-text token, if it has one of the usual names. */
+export function endOfText(model: Model): number | undefined {
+  const t = model.tokenizer;
+  if (!t) return undefined;
+  for (const name of ["<|endoftext|>", "<|end_of_text|>", "</s>", "<|eot_id|>"]) {
+    const id = t.tokenToId(name);
+    if (id !== undefined) return id;
+  }
+  return undefined;
+}
+
+function tensorNames(prompt: Float32Array | undefined, deep: DeepPrompts | undefined): string[] {
+  const names: string[] = prompt ? ["prompt"] : [];
+  if (deep?.kind === "hidden") names.push(...deep.layers.map((l) => `deep.hidden.${l}`));
+  if (deep?.kind === "prefix")
+    names.push(
+      ...deep.layers.map((l) => `deep.prefix.${l}.keys`),
+      ...deep.layers.map((l) => `deep.prefix.${l}.values`),
+    );
+  return names;
+}
+
+function tensorShape(name: string, length: number, c: Model["config"]): number[] {
+  if (name.startsWith("deep.prefix.")) return [length / (c.numKvHeads * c.headDim), c.numKvHeads, c.headDim];
+  return [length / c.hiddenSize, c.hiddenSize];
+}
+
+/** Reads the prompt tensors a run saved (prompt.safetensors or a snapshot). */
+export function readPromptFile(path: string): {
+  prompt?: Float32Array;
+  deepPrompts?: DeepPrompts;
+  metadata: Record<string, string>;
+} {
+  const { tensors, metadata } = readTensors(path);
+  const prompt = tensors.get("prompt")?.data as Float32Array | undefined;
+  const hidden = [...tensors.keys()]
+    .filter((k) => k.startsWith("deep.hidden."))
+    .map((k) => Number(k.split(".")[2]));
+  const prefix = [...tensors.keys()]
+    .filter((k) => /^deep\.prefix\.\d+\.keys$/.test(k))
+    .map((k) => Number(k.split(".")[2]));
+  let deepPrompts: DeepPrompts | undefined;
+  if (hidden.length) {
+    hidden.sort((a, b) => a - b);
+    deepPrompts = {
+      kind: "hidden",
+      layers: hidden,
+      vectors: hidden.map((l) => tensors.get(`deep.hidden.${l}`)!.data as Float32Array),
+    };
+  } else if (prefix.length) {
+    prefix.sort((a, b) => a - b);
+    deepPrompts = {
+      kind: "prefix",
+      layers: prefix,
+      keys: prefix.map((l) => tensors.get(`deep.prefix.${l}.keys`)!.data as Float32Array),
+      values: prefix.map((l) => tensors.get(`deep.prefix.${l}.values`)!.data as Float32Array),
+    };
+  }
+  return { prompt, deepPrompts, metadata };
+}
