@@ -415,7 +415,7 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
           adamw.m[i]!.set(saved.get(`m.${i}`)!.data as Float32Array);
           adamw.v[i]!.set(saved.get(`v.${i}`)!.data as Float32Array);
         });
-        initial.forEach((t, i) => t.set(saved.get(`init.${i}`)!.data as Float32Array));
+        for (const [i, t] of initial.entries()) t.set(saved.get(`init.${i}`)!.data as Float32Array);
         adamw.stepCount = state.optimizerStep;
         if (existsSync(metricsPath)) truncateSync(metricsPath, state.metricsBytes);
         resumedFrom = state.step;
