@@ -61,7 +61,8 @@ describe.each(MODELS)("gradients match PyTorch autograd: %s", (name) => {
     const d = out.deepPromptGrads!;
     expect(d.kind).toBe("hidden");
     const expected = split(g.get("deep_hidden_grads") as Float64Array, layers.length);
-    if (d.kind === "hidden") for (const [i, v] of d.vectors.entries()) expectClose(v, expected[i]!, `layer ${layers[i]}`);
+    if (d.kind === "hidden")
+      for (const [i, v] of d.vectors.entries()) expectClose(v, expected[i]!, `layer ${layers[i]}`);
     const fwd = await model.forward({ ...base, prompt, deepPrompts: { kind: "hidden", layers, vectors } });
     const r = compare(fwd.logits!, g.get("deep_hidden_logits") as Float64Array);
     expect(r.maxAbs).toBeLessThan(1e-4 * r.scale);
