@@ -19,7 +19,9 @@
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { Command } from "commander";
+import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
+import { priorRecordFromOptions, registerSamplePrior } from "../lib/cli-sample-prior.js";
 import type { ExclusionLaw, GaussianPrior } from "../lib/gaussian.js";
 import { loadModel, type Model } from "../lib/model.js";
 import { addon } from "../lib/native.js";
@@ -33,7 +35,7 @@ import {
   readTexts,
 } from "../lib/priors.js";
 import { Rng } from "../lib/rng.js";
-import { writeSafetensors } from "../lib/safetensors.js";
+import { readTensors, writeSafetensors } from "../lib/safetensors.js";
 import { chiSquareLogSurvival, quantile } from "../lib/stats.js";
 import { modelDir } from "./helpers.js";
 
@@ -765,5 +767,93 @@ describe("regularisers", () => {
     expect(() => createRegularizer({ kind: "l2" } as never, { dim: D })).toThrow(
       /regularizer\.kind: expected/,
     );
+  });
+});
+
+describe("priortune sample-prior", () => {
+  async function run(...args: string[]): Promise<string> {
+    const program = new Command().name("priortune").exitOverride();
+    registerSamplePrior(program);
+    const out: string[] = [];
+    const spy = vi.spyOn(process.stdout, "write").mockImplementation((chunk) => {
+      out.push(String(chunk));
+      return true;
+    });
+    try {
+      await program.parseAsync(["node", "priortune", "sample-prior", ...args]);
+    } finally {
+      spy.mockRestore();
+    }
+    return out.join("");
+  }
+
+  it("writes the draw with the prior's record, seed and statistics; the record rebuilds the same draw", async () => {
+    const out = join(dir, "cli.safetensors");
+    const text = await run(
+      modelDir("llama-tiny"),
+      "--prior",
+      "exclusion",
+      "--count",
+      "6",
+      "--seed",
+      "4",
+      "--out",
+      out,
+    );
+    expect(text).toMatch(/wrote 6 x 96 exclusion prior vectors \(seed 4\)/);
+    const { tensors, metadata } = readTensors(out);
+    expect(tensors.get("prompt")!.shape).toEqual([6, D]);
+    expect(metadata.seed).toBe("4");
+    expect(JSON.parse(metadata.stats).accepted).toBe(6);
+    const prior = await createPrior(JSON.parse(metadata.prior), { model: llama });
+    expect(tensors.get("prompt")!.data).toEqual(prior.sample(6, new Rng(4)));
+  });
+
+  it("maps flags to records and refuses flags the kind does not take", async () => {
+    expect(priorRecordFromOptions({ prior: "gaussian", sigma: 0.1 })).toEqual({
+      kind: "gaussian",
+      sigma: 0.1,
+    });
+    expect(
+      priorRecordFromOptions({ prior: "fitted-gaussian", texts: "a.txt", layer: 2, pooling: "token" }),
+    ).toEqual({
+      kind: "fitted-gaussian",
+      source: "activations",
+      textsFile: "a.txt",
+      layer: 2,
+      pooling: "token",
+    });
+    expect(priorRecordFromOptions({ prior: "exclusion", base: "gaussian", sigma: 1, c: 3 })).toEqual({
+      kind: "exclusion",
+      base: { kind: "gaussian", sigma: 1 },
+      c: 3,
+    });
+    expect(priorRecordFromOptions({ spec: '{"prior": {"kind": "uniform", "range": 0.1}}' })).toEqual({
+      kind: "uniform",
+      range: 0.1,
+    });
+    expect(() => priorRecordFromOptions({ prior: "uniform", sigma: 2 })).toThrow(
+      /--sigma: not an option of --prior uniform/,
+    );
+    expect(() => priorRecordFromOptions({ spec: "{}", sigma: 2 })).toThrow(/leave out --sigma/);
+    const stderr = vi.spyOn(process.stderr, "write").mockImplementation(() => true);
+    try {
+      await run(
+        modelDir("llama-tiny"),
+        "--prior",
+        "knn",
+        "--percentile",
+        "101",
+        "--out",
+        join(dir, "x.safetensors"),
+      );
+      expect(process.exitCode).toBe(1);
+      expect(String(stderr.mock.calls[0]?.[0])).toMatch(
+        /prior\.percentile: expected a finite number >= 0 and <= 100/,
+      );
+    } finally {
+      stderr.mockRestore();
+      process.exitCode = 0;
+    }
   });
 });
