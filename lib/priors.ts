@@ -1064,7 +1064,7 @@ async function buildKnn(f: Fields, res: Resources): Promise<Prior> {
   const seed = f.number("seed", 0, { min: 0, max: 2 ** 32 - 1, integer: true });
   const m = Math.min(sampleRows, vocabRows);
   res.progress(`nearest-neighbour distances of ${m} vocabulary rows`);
-  const index = await VocabIndex.create(vocab, { dim, metric: "l2", backend: "cpu", threads: res.threads });
+  const index = await VocabIndex.create(vocab, { dim, metric: "l2", backend: "auto", threads: res.threads });
   let distances: Float64Array;
   try {
     const rows = m === vocabRows ? undefined : chooseRows(vocabRows, m, new Rng(seed));

@@ -8,7 +8,9 @@
 // nearest-vocabulary-row regulariser; dispose() frees it, later calls throw "NearestRows is disposed".
 #include <chrono>
 #include <cmath>
+#include <iomanip>
 #include <memory>
+#include <sstream>
 
 #include "common.h"
 #include "modules.h"
@@ -21,6 +23,13 @@ namespace {
 Napi::Float64Array to_float64(Napi::Env env, std::vector<double>&& data) {
   size_t n = data.size();
   return Napi::Float64Array::New(env, n, external_buffer(env, std::move(data)), 0);
+}
+
+// Shortest round-trip-ish form for messages ("0.001", "1e-08"), unlike std::to_string's fixed 6 decimals.
+std::string number_text(double x) {
+  std::ostringstream o;
+  o << std::setprecision(6) << x;
+  return o.str();
 }
 
 int threads_of(const Napi::CallbackInfo& info, size_t i) {
@@ -50,8 +59,8 @@ double option_number(const Napi::Object& o, const char* key, double fallback, do
   const double x = number_of(v, std::string("options.") + key);
   if (!(x >= lo && x <= hi))
     throw Napi::RangeError::New(o.Env(), std::string("options.") + key + ": expected a number from " +
-                                             std::to_string(lo) + " to " + std::to_string(hi) + ", got " +
-                                             std::to_string(x));
+                                             number_text(lo) + " to " + number_text(hi) + ", got " +
+                                             number_text(x));
   return x;
 }
 
@@ -89,7 +98,7 @@ Napi::Value PriorGaussianFit(const Napi::CallbackInfo& info) {
                                       ridge_absolute, ridge_relative, threads, &out->fit))
             throw std::runtime_error(
                 "fitted Gaussian: the covariance of " + std::to_string(n) + " rows in " + std::to_string(d) +
-                " dimensions is not positive definite with a ridge of " + std::to_string(out->fit.ridge) +
+                " dimensions is not positive definite with a ridge of " + number_text(out->fit.ridge) +
                 (n <= d ? " (fewer rows than dimensions)" : "") + "; raise the jitter or the shrinkage");
         },
         [out, keep_covariance](Napi::Env e) -> Napi::Value {
