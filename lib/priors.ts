@@ -5,7 +5,8 @@
 // from describe(), with every default filled in, so a run directory can rebuild it exactly. Every random
 // choice goes through lib/rng.ts's Rng (sampling) or an Rng seeded from the record (which vocabulary rows a
 // Gaussian is fitted to), so the same record, context and seed give the same prompt, bit for bit, whatever
-// the thread count. The Gaussian linear algebra is native and float64 (lib/gaussian.ts).
+// the thread count (on one kind of CPU: the fit's fp32 GEMM differs in the last bits between AVX-512 and
+// AVX2). The Gaussian linear algebra is native and float64 (lib/gaussian.ts).
 import { createHash } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { resolve } from "node:path";
