@@ -344,3 +344,107 @@ export function addon(): Addon {
   cached = createRequire(import.meta.url)(path) as Addon;
   return cached;
 }
+
+// --- full-parameter training (kernels/cpu/model.cpp "Full-parameter training", native/model.cpp) ---
+// Declaration merging adds these members to NativeModel and NativeOps above.
+
+/** AdamW settings of one full-parameter step (weight decay only on the slots the core decays). */
+export interface NativeAdamWOptions {
+  lr: number;
+  beta1: number;
+  beta2: number;
+  eps: number;
+  weightDecay: number;
+  /** Clip the global gradient norm to this before the update; 0 = no clipping. */
+  maxGradNorm: number;
+}
+
+export interface NativeModel {
+  /** Canonical weight slots (kernels/include/priortune/model.h) with their [rows, cols] shapes. */
+  slots(): { name: string; rows: number; cols: number }[];
+  /** Copies of every slot's fp32 weights, by canonical name. */
+  exportTensors(): Record<string, Float32Array>;
+  /** Copies rows x cols finite values into each named slot and marks it loaded. */
+  importTensors(tensors: Record<string, Float32Array>): void;
+  /** Loss and d loss / d every weight slot (token-id batches only; labels required). */
+  trainGrads(
+    args: NativeForwardArgs & { labels: Int32Array },
+  ): Promise<{ loss: number; labelCount: number; gradients: Record<string, Float32Array> }>;
+  /** trainGrads, then one AdamW step on every slot; gradNorm is the global norm before clipping. */
+  trainStep(
+    args: NativeForwardArgs & { labels: Int32Array },
+    adamw: NativeAdamWOptions,
+  ): Promise<{ loss: number; labelCount: number; gradNorm: number; step: number }>;
+}
+
+/** Weight-gradient halves of the ops; the gradient arrays are accumulated (+=) in place. */
+export interface NativeOps {
+  matmul(
+    x: Float32Array,
+    W: Float32Array,
+    bias: Float32Array | null,
+    N: number,
+    C: number,
+    OC: number,
+  ): Float32Array;
+  matmulBackwardWeights(
+    dW: Float32Array,
+    dbias: Float32Array | null,
+    dout: Float32Array,
+    x: Float32Array,
+    N: number,
+    C: number,
+    OC: number,
+  ): void;
+  layernormBackwardWeights(
+    dw: Float32Array,
+    db: Float32Array,
+    dout: Float32Array,
+    x: Float32Array,
+    mean: Float32Array,
+    rstd: Float32Array,
+    N: number,
+    C: number,
+  ): void;
+  rmsnormBackwardWeights(
+    dw: Float32Array,
+    dout: Float32Array,
+    x: Float32Array,
+    rstd: Float32Array,
+    N: number,
+    C: number,
+  ): void;
+  embedding(
+    ids: Int32Array,
+    prompt: Float32Array | null,
+    P: number,
+    wte: Float32Array,
+    wpe: Float32Array | null,
+    posOffset: number,
+    B: number,
+    T: number,
+    C: number,
+  ): Float32Array;
+  embeddingBackwardWeights(
+    dwte: Float32Array,
+    dwpe: Float32Array | null,
+    dout: Float32Array,
+    ids: Int32Array,
+    P: number,
+    posOffset: number,
+    B: number,
+    T: number,
+    C: number,
+  ): void;
+  /** [lossSum, dx] with grad_scale 1; dW (+=) the head's weight gradient. */
+  lmHeadCrossentropyWeights(
+    dW: Float32Array,
+    x: Float32Array,
+    targets: Int32Array,
+    W: Float32Array,
+    R: number,
+    C: number,
+    V: number,
+  ): [number, Float32Array];
+}
+// --- end full-parameter training ---

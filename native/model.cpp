@@ -1,6 +1,7 @@
 // Node-API wrapper of pt::Model: construction from a plain config object, asynchronous weight loading,
-// asynchronous forward, and dispose(). The wrapped model is held by shared_ptr so a worker still running
-// after dispose() keeps it alive until it finishes; calls after dispose() throw "Model is disposed".
+// asynchronous forward, full-parameter training (gradients of every weight, AdamW), and dispose(). The
+// wrapped model is held by shared_ptr so a worker still running after dispose() keeps it alive until it
+// finishes; calls after dispose() throw "Model is disposed".
 #include "priortune/model.h"
 
 #include <algorithm>
@@ -51,7 +52,13 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
                         InstanceMethod("generate", &ModelWrap::Generate),
                         InstanceMethod("tokenEmbeddings", &ModelWrap::TokenEmbeddings),
                         InstanceMethod("weightBytes", &ModelWrap::WeightBytes),
-                        InstanceMethod("dispose", &ModelWrap::Dispose)});
+                        InstanceMethod("dispose", &ModelWrap::Dispose),
+                        // full-parameter training
+                        InstanceMethod("slots", &ModelWrap::Slots),
+                        InstanceMethod("exportTensors", &ModelWrap::ExportTensors),
+                        InstanceMethod("importTensors", &ModelWrap::ImportTensors),
+                        InstanceMethod("trainGrads", &ModelWrap::TrainGrads),
+                        InstanceMethod("trainStep", &ModelWrap::TrainStep)});
   }
 
   explicit ModelWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<ModelWrap>(info) {
@@ -401,6 +408,132 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
   Napi::Value Dispose(const Napi::CallbackInfo& info) {
     model_.reset();
     return info.Env().Undefined();
+  }
+
+  // --- Full-parameter training (pt::Model::train_grads / train_step) ---
+
+  // slots() -> [{ name, rows, cols }] in canonical-name order (kernels/include/priortune/model.h)
+  Napi::Value Slots(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return guarded(env, [&]() -> Napi::Value {
+      auto model = live(env);
+      const std::vector<std::string> names = model->slot_names();
+      Napi::Array arr = Napi::Array::New(env, names.size());
+      for (size_t i = 0; i < names.size(); ++i) {
+        const pt::Slot& s = model->slot(names[i]);
+        Napi::Object o = Napi::Object::New(env);
+        o.Set("name", names[i]);
+        o.Set("rows", static_cast<double>(s.rows));
+        o.Set("cols", static_cast<double>(s.cols));
+        arr.Set(static_cast<uint32_t>(i), o);
+      }
+      return arr;
+    });
+  }
+
+  // exportTensors() -> { [slot]: Float32Array } (copies of the fp32 weights; throws if any slot is unset)
+  Napi::Value ExportTensors(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return guarded(env, [&]() -> Napi::Value {
+      auto model = live(env);
+      Napi::Object out = Napi::Object::New(env);
+      for (auto& [name, data] : model->copy_weights()) out.Set(name, to_float32(env, std::move(data)));
+      return out;
+    });
+  }
+
+  // importTensors({ [slot]: Float32Array }) -> undefined (copies; each must hold rows x cols finite values)
+  Napi::Value ImportTensors(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return guarded(env, [&]() -> Napi::Value {
+      auto model = live(env);
+      Napi::Object o = object_of(arg(info, 0, "tensors"), "tensors");
+      Napi::Array keys = o.GetPropertyNames();
+      for (uint32_t i = 0; i < keys.Length(); ++i) {
+        const std::string name = keys.Get(i).ToString().Utf8Value();
+        auto view = finite_view(env, o.Get(name), "tensors." + name, 0);
+        model->set_slot(name, view.data, view.length);
+      }
+      return env.Undefined();
+    });
+  }
+
+  static Napi::Object train_result(Napi::Env env, const pt::TrainStats& st) {
+    Napi::Object out = Napi::Object::New(env);
+    out.Set("loss", st.loss);
+    out.Set("labelCount", static_cast<double>(st.label_count));
+    return out;
+  }
+
+  // Token-id batches only: the C++ side rejects prompts; labels are required.
+  std::shared_ptr<pt::ForwardArgs> parse_train_args(Napi::Env env, const pt::ModelConfig& c,
+                                                    const Napi::CallbackInfo& info,
+                                                    std::vector<Napi::Value>& keep) {
+    Napi::Object o = object_of(arg(info, 0, "args"), "args");
+    auto args = parse_args(env, c, o, keep);
+    if (!args->labels)
+      throw Napi::TypeError::New(env, "labels: expected an Int32Array (required for training)");
+    if (args->P > 0 || args->deep.kind != pt::DeepPrompts::Kind::None)
+      throw Napi::TypeError::New(
+          env, "full-parameter training takes token ids only: leave out prompt and deepPrompts");
+    return args;
+  }
+
+  // trainGrads(args) -> Promise<{ loss, labelCount, gradients: { [slot]: Float32Array } }>
+  Napi::Value TrainGrads(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return guarded(env, [&]() -> Napi::Value {
+      auto model = live(env);
+      std::vector<Napi::Value> keep;
+      auto args = parse_train_args(env, model->config(), info, keep);
+      struct Result {
+        pt::TrainStats stats;
+        std::vector<std::pair<std::string, std::vector<float>>> grads;
+      };
+      auto result = std::make_shared<Result>();
+      auto* worker = new PromiseWorker(
+          env, [model, args, result]() { result->stats = model->train_grads(*args, &result->grads); },
+          [result](Napi::Env env) -> Napi::Value {
+            Napi::Object out = train_result(env, result->stats);
+            Napi::Object grads = Napi::Object::New(env);
+            for (auto& [name, g] : result->grads) grads.Set(name, to_float32(env, std::move(g)));
+            out.Set("gradients", grads);
+            return out;
+          });
+      for (const auto& v : keep) worker->keep(v);
+      return worker->queue();
+    });
+  }
+
+  // trainStep(args, { lr, beta1, beta2, eps, weightDecay, maxGradNorm })
+  //   -> Promise<{ loss, labelCount, gradNorm, step }>
+  Napi::Value TrainStep(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return guarded(env, [&]() -> Napi::Value {
+      auto model = live(env);
+      std::vector<Napi::Value> keep;
+      auto args = parse_train_args(env, model->config(), info, keep);
+      Napi::Object o = object_of(arg(info, 1, "adamw"), "adamw");
+      pt::AdamWConfig cfg;
+      auto num = [&](const char* key) { return number_of(o.Get(key), std::string("adamw.") + key); };
+      cfg.lr = static_cast<float>(num("lr"));
+      cfg.beta1 = static_cast<float>(num("beta1"));
+      cfg.beta2 = static_cast<float>(num("beta2"));
+      cfg.eps = static_cast<float>(num("eps"));
+      cfg.weight_decay = static_cast<float>(num("weightDecay"));
+      cfg.max_grad_norm = num("maxGradNorm");
+      auto result = std::make_shared<pt::TrainStats>();
+      auto* worker = new PromiseWorker(
+          env, [model, args, result, cfg]() { *result = model->train_step(*args, cfg); },
+          [result](Napi::Env env) -> Napi::Value {
+            Napi::Object out = train_result(env, *result);
+            out.Set("gradNorm", result->grad_norm);
+            out.Set("step", static_cast<double>(result->step));
+            return out;
+          });
+      for (const auto& v : keep) worker->keep(v);
+      return worker->queue();
+    });
   }
 
   std::shared_ptr<pt::Model> model_;

@@ -1,5 +1,6 @@
 // Direct, synchronous access to single CPU ops (forward and backward) for the finite-difference tests in
-// test/ops.test.ts. Shapes are checked against the arrays' lengths before any op runs.
+// test/ops.test.ts, and their weight-gradient halves for test/weights.test.ts. Shapes are checked against the
+// arrays' lengths before any op runs.
 #include "priortune/ops.h"
 
 #include <cmath>
@@ -212,6 +213,125 @@ Napi::Value LmHeadCrossentropy(const Napi::CallbackInfo& info) {
   });
 }
 
+// --- weight gradients (full-parameter training); the gradient buffers are accumulated (+=) in place ---
+
+// matmul(x, W, bias|null, N, C, OC) -> out
+Napi::Value Matmul(const Napi::CallbackInfo& info) {
+  return guarded(info.Env(), [&]() -> Napi::Value {
+    const int64_t N = int_of(arg(info, 3, "N"), "N", 1), C = int_of(arg(info, 4, "C"), "C", 1),
+                  OC = int_of(arg(info, 5, "OC"), "OC", 1);
+    Args a{info};
+    F x = a.f32("x", N * C), W = a.f32("W", OC * C), b = a.f32_or_null("bias", OC);
+    auto o = out(info.Env(), N * OC);
+    pt::matmul_forward(o.Data(), x.data, W.data, b.data, N, C, OC, 2);
+    return o;
+  });
+}
+
+// matmulBackwardWeights(dW, dbias|null, dout, x, N, C, OC): dW (+=), dbias (+=)
+Napi::Value MatmulBackwardWeights(const Napi::CallbackInfo& info) {
+  return guarded(info.Env(), [&]() -> Napi::Value {
+    const int64_t N = int_of(arg(info, 4, "N"), "N", 1), C = int_of(arg(info, 5, "C"), "C", 1),
+                  OC = int_of(arg(info, 6, "OC"), "OC", 1);
+    Args a{info};
+    F dW = a.f32("dW", OC * C), db = a.f32_or_null("dbias", OC), d = a.f32("dout", N * OC),
+      x = a.f32("x", N * C);
+    pt::matmul_backward_weights(dW.data, db.data, d.data, x.data, N, C, OC, 2);
+    return info.Env().Undefined();
+  });
+}
+
+// layernormBackwardWeights(dw, db, dout, x, mean, rstd, N, C): dw (+=), db (+=)
+Napi::Value LayernormBackwardWeights(const Napi::CallbackInfo& info) {
+  return guarded(info.Env(), [&]() -> Napi::Value {
+    const int64_t N = int_of(arg(info, 6, "N"), "N", 1), C = int_of(arg(info, 7, "C"), "C", 1);
+    Args a{info};
+    F dw = a.f32("dw", C), db = a.f32("db", C), d = a.f32("dout", N * C), x = a.f32("x", N * C),
+      m = a.f32("mean", N), r = a.f32("rstd", N);
+    pt::layernorm_backward_weights(dw.data, db.data, d.data, x.data, m.data, r.data, N, C, 2);
+    return info.Env().Undefined();
+  });
+}
+
+// rmsnormBackwardWeights(dw, dout, x, rstd, N, C): dw (+=)
+Napi::Value RmsnormBackwardWeights(const Napi::CallbackInfo& info) {
+  return guarded(info.Env(), [&]() -> Napi::Value {
+    const int64_t N = int_of(arg(info, 4, "N"), "N", 1), C = int_of(arg(info, 5, "C"), "C", 1);
+    Args a{info};
+    F dw = a.f32("dw", C), d = a.f32("dout", N * C), x = a.f32("x", N * C), r = a.f32("rstd", N);
+    pt::rmsnorm_backward_weights(dw.data, d.data, x.data, r.data, N, C, 2);
+    return info.Env().Undefined();
+  });
+}
+
+// Token ids checked against the table's rows, and the position table's rows against the positions used.
+static void check_embedding(Napi::Env env, const View<int32_t>& ids, size_t wte_len, size_t wpe_len,
+                            bool has_wpe, int64_t S, int64_t pos_offset, int64_t C) {
+  const int64_t V = static_cast<int64_t>(wte_len) / C;
+  if (V * C != static_cast<int64_t>(wte_len))
+    throw Napi::RangeError::New(env, "wte: expected V x C elements");
+  for (size_t i = 0; i < ids.length; ++i)
+    if (ids.data[i] < 0 || ids.data[i] >= V) throw Napi::RangeError::New(env, "ids: id outside the table");
+  if (has_wpe && static_cast<int64_t>(wpe_len) < (S + pos_offset) * C)
+    throw Napi::RangeError::New(env, "wpe: fewer rows than positions used");
+}
+
+// embedding(ids, prompt|null, P, wte, wpe|null, posOffset, B, T, C) -> out [B*(P+T), C]
+Napi::Value Embedding(const Napi::CallbackInfo& info) {
+  return guarded(info.Env(), [&]() -> Napi::Value {
+    const int64_t P = int_of(arg(info, 2, "P"), "P", 0),
+                  pos_offset = int_of(arg(info, 5, "posOffset"), "posOffset", 0),
+                  B = int_of(arg(info, 6, "B"), "B", 1), T = int_of(arg(info, 7, "T"), "T", 1),
+                  C = int_of(arg(info, 8, "C"), "C", 1);
+    auto ids = view_of_length<int32_t>(arg(info, 0, "ids"), "ids", B * T);
+    F prompt = P ? view_of_length<float>(info[1], "prompt", P * C) : F{};
+    F wte = view_of<float>(arg(info, 3, "wte"), "wte");
+    F wpe = info[4].IsNull() ? F{} : view_of<float>(info[4], "wpe");
+    check_embedding(info.Env(), ids, wte.length, wpe.length, wpe.data != nullptr, P + T, pos_offset, C);
+    auto o = out(info.Env(), B * (P + T) * C);
+    pt::embedding_forward(o.Data(), ids.data, prompt.data, P, wte.data, wpe.data, pos_offset, B, T, C, 2);
+    return o;
+  });
+}
+
+// embeddingBackwardWeights(dwte, dwpe|null, dout, ids, P, posOffset, B, T, C): dwte (+=), dwpe (+=)
+Napi::Value EmbeddingBackwardWeights(const Napi::CallbackInfo& info) {
+  return guarded(info.Env(), [&]() -> Napi::Value {
+    const int64_t P = int_of(arg(info, 4, "P"), "P", 0),
+                  pos_offset = int_of(arg(info, 5, "posOffset"), "posOffset", 0),
+                  B = int_of(arg(info, 6, "B"), "B", 1), T = int_of(arg(info, 7, "T"), "T", 1),
+                  C = int_of(arg(info, 8, "C"), "C", 1);
+    F dwte = view_of<float>(arg(info, 0, "dwte"), "dwte");
+    F dwpe = info[1].IsNull() ? F{} : view_of<float>(info[1], "dwpe");
+    F d = view_of_length<float>(arg(info, 2, "dout"), "dout", B * (P + T) * C);
+    auto ids = view_of_length<int32_t>(arg(info, 3, "ids"), "ids", B * T);
+    check_embedding(info.Env(), ids, dwte.length, dwpe.length, dwpe.data != nullptr, P + T, pos_offset, C);
+    pt::embedding_backward_weights(dwte.data, dwpe.data, d.data, ids.data, P, pos_offset, B, T, C, 2);
+    return info.Env().Undefined();
+  });
+}
+
+// lmHeadCrossentropyWeights(dW, x, targets, W, R, C, V) -> [lossSum, dx] (grad_scale 1), dW (+=)
+Napi::Value LmHeadCrossentropyWeights(const Napi::CallbackInfo& info) {
+  return guarded(info.Env(), [&]() -> Napi::Value {
+    const int64_t R = int_of(arg(info, 4, "R"), "R", 1), C = int_of(arg(info, 5, "C"), "C", 1),
+                  V = int_of(arg(info, 6, "V"), "V", 1);
+    F dW = view_of_length<float>(info[0], "dW", V * C);
+    F x = view_of_length<float>(info[1], "x", R * C);
+    auto t = view_of_length<int32_t>(info[2], "targets", R);
+    F W = view_of_length<float>(info[3], "W", V * C);
+    for (int64_t r = 0; r < R; ++r)
+      if (t.data[r] >= V) throw Napi::RangeError::New(info.Env(), "targets: id outside the vocabulary");
+    auto dx = out(info.Env(), R * C);
+    std::vector<float> scratch(pt::lm_head_chunk_rows(R, V) * V);
+    const double loss = pt::lm_head_crossentropy_with_weight_grad(dx.Data(), dW.data, x.data, t.data, W.data,
+                                                                  R, C, V, 1.0f, scratch.data(), 2);
+    Napi::Array res = Napi::Array::New(info.Env(), 2);
+    res.Set(0u, Napi::Number::New(info.Env(), loss)), res.Set(1u, dx);
+    return res;
+  });
+}
+
 }  // namespace
 
 void init_ops(Napi::Env env, Napi::Object exports) {
@@ -228,6 +348,13 @@ void init_ops(Napi::Env env, Napi::Object exports) {
   ops.Set("attention", Napi::Function::New(env, Attention));
   ops.Set("attentionBackward", Napi::Function::New(env, AttentionBackward));
   ops.Set("lmHeadCrossentropy", Napi::Function::New(env, LmHeadCrossentropy));
+  ops.Set("matmul", Napi::Function::New(env, Matmul));
+  ops.Set("matmulBackwardWeights", Napi::Function::New(env, MatmulBackwardWeights));
+  ops.Set("layernormBackwardWeights", Napi::Function::New(env, LayernormBackwardWeights));
+  ops.Set("rmsnormBackwardWeights", Napi::Function::New(env, RmsnormBackwardWeights));
+  ops.Set("embedding", Napi::Function::New(env, Embedding));
+  ops.Set("embeddingBackwardWeights", Napi::Function::New(env, EmbeddingBackwardWeights));
+  ops.Set("lmHeadCrossentropyWeights", Napi::Function::New(env, LmHeadCrossentropyWeights));
   exports.Set("ops", ops);
 }
 

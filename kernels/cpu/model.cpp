@@ -1000,9 +1000,21 @@ TrainStats Model::train_grads_locked(const ForwardArgs& a) {
   return st;
 }
 
-TrainStats Model::train_grads(const ForwardArgs& a) {
+TrainStats Model::train_grads(const ForwardArgs& a,
+                              std::vector<std::pair<std::string, std::vector<float>>>* copy) {
   std::lock_guard<std::mutex> lock(run_mutex_);
-  return train_grads_locked(a);
+  TrainStats st = train_grads_locked(a);
+  if (copy)
+    for (const auto& kv : slots_) copy->emplace_back(kv.first, kv.second.grad);
+  return st;
+}
+
+std::vector<std::pair<std::string, std::vector<float>>> Model::copy_weights() {
+  std::lock_guard<std::mutex> lock(run_mutex_);
+  check_complete();
+  std::vector<std::pair<std::string, std::vector<float>>> out;
+  for (const auto& kv : slots_) out.emplace_back(kv.first, kv.second.data);
+  return out;
 }
 
 TrainStats Model::train_step(const ForwardArgs& a, const AdamWConfig& o) {

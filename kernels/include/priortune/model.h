@@ -19,6 +19,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace pt {
@@ -152,8 +153,12 @@ class Model {
   // Copies `n` values into slot `name` (n must be rows x cols) and marks it loaded: random initialisation
   // or weights computed elsewhere. Optimizer moments are kept.
   void set_slot(const std::string& name, const float* values, size_t n);
-  // Loss and d loss / d every weight slot, written (=) into each slot's `grad` (same layout as `data`).
-  TrainStats train_grads(const ForwardArgs& args);
+  // Loss and d loss / d every weight slot, written (=) into each slot's `grad` (same layout as `data`);
+  // `copy`, when given, receives (name, grad) for every slot, copied under the same lock.
+  TrainStats train_grads(const ForwardArgs& args,
+                         std::vector<std::pair<std::string, std::vector<float>>>* copy = nullptr);
+  // (name, data) of every slot, copied under the run lock (consistent even while other calls queue).
+  std::vector<std::pair<std::string, std::vector<float>>> copy_weights();
   // train_grads, then one AdamW step on every slot (moments owned by the model, created at the first step):
   // global-norm clipping when asked, weight decay on the slots `decays` names, lr, betas and eps for all.
   TrainStats train_step(const ForwardArgs& args, const AdamWConfig& adamw);
