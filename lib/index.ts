@@ -53,6 +53,21 @@ export {
 } from "./model.js";
 export type { DeepPrompts } from "./native.js";
 export { AdamW, type AdamWOptions, promptGrads, promptTensors } from "./optim.js";
+// --- full-parameter training ---
+export {
+  type CreateModelOptions,
+  createModel,
+  hfTensorLayout,
+  loadTrainableModel,
+  modelWeights,
+  type PretrainBatch,
+  Pretrainer,
+  type PretrainerOptions,
+  type PretrainStep,
+  saveModel,
+  setModelWeights,
+  toHfTensors,
+} from "./pretrain.js";
 // --- priors and controllable-posterior regularisers ---
 export {
   type ActivationOptions,
