@@ -21,6 +21,12 @@ What it writes (see test/fixtures/README.md for every convention):
     independent pure-torch float64 implementation in this file that reads the saved files.
   * tokenizers.json  token ids of a fixed list of texts for the GPT-2 BPE, the Llama-3 BPE
     and the tiny models' own tokenizer. No third-party vocabulary is copied into fixtures.
+  * golden/<model>-weights.safetensors  full-parameter training references: the gradient of the
+    loss with respect to every weight (as row sums, column sums and sampled entries, to keep the
+    files small) and a 10-step AdamW loss curve over all parameters with gradient clipping and
+    weight decay on linear weights only. Written after everything above, from its own seeds, so
+    the other files do not change. `--weights-only` regenerates just these from the existing
+    models/ directories.
 
 Everything is seeded; running twice gives byte-identical files (same library versions).
 No network access is needed.
@@ -53,6 +59,11 @@ PP = 5                     # prefix-tuning length
 CURVE_STEPS = 10
 ADAMW = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
 IGNORE = -100
+# full-parameter training goldens (golden/<model>-weights.safetensors)
+WEIGHT_SAMPLES = 32        # sampled entries per weight matrix
+WEIGHT_CURVE_T = 16        # tokens per sequence of the loss-curve batch (every position labelled)
+WEIGHT_ADAMW = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+WEIGHT_MAX_GRAD_NORM = 1.0
 TINY_VOCAB = 500           # tiny BPE vocab size (= model vocab size); kept small for fixture size
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -800,6 +811,183 @@ def make_golden(spec, out_dir, versions):
 
 
 # ----------------------------------------------------------------------------------------
+# full-parameter training goldens
+# ----------------------------------------------------------------------------------------
+
+
+def is_embedding_param(name: str) -> bool:
+    return any(k in name for k in ("wte.", "wpe.", "embed_tokens."))
+
+
+def decays(name: str, p: torch.Tensor) -> bool:
+    """priortune's weight-decay rule (Model::decays): every linear weight matrix, an untied lm_head
+    included; no embeddings, norm weights or biases."""
+    return p.ndim == 2 and not is_embedding_param(name)
+
+
+def summarize(prefix: str, name: str, t: torch.Tensor, idx: torch.Tensor, out: dict):
+    """Vectors in full; matrices (Hugging Face layout) as row sums, column sums and sampled entries."""
+    t = t.detach().to(torch.float64)
+    if t.ndim == 1:
+        out[f"{prefix}.{name}"] = t.clone()
+        return
+    out[f"{prefix}.{name}.row_sums"] = t.sum(1)
+    out[f"{prefix}.{name}.col_sums"] = t.sum(0)
+    out[f"{prefix}.{name}.sample"] = t.reshape(-1)[idx.long()].clone()
+
+
+def make_weight_golden(spec, out_dir, versions):
+    """golden/<model>-weights.safetensors: weight gradients and a full-parameter AdamW curve."""
+    from transformers import AutoModelForCausalLM
+
+    name, mdir = spec["name"], spec["dir"]
+    log = lambda *a: print(f"[{name} weights]", *a, flush=True)  # noqa: E731
+    model = AutoModelForCausalLM.from_pretrained(mdir, dtype=torch.float64, attn_implementation="eager")
+    model.eval()  # no dropout (GPT-2's config has 0.1)
+    cfg = model.config
+    V = cfg.vocab_size
+    params = dict(model.named_parameters())  # a tied lm_head appears once, as the token embedding
+    names = sorted(params)
+    ref = RefModel(mdir)
+    assert all(n in ref.w for n in names), "RefModel reads every parameter under its transformers name"
+
+    g = torch.Generator().manual_seed(spec["seed"] + 2000)
+    # gradient batch: right padding and ignored labels, like the prompt goldens
+    ids = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, T - PAD_LAST:] = 0
+    labels = ids.clone()
+    labels[mask == 0] = IGNORE
+    labels[:, 0] = IGNORE
+    # loss-curve batch: pretraining style, every next token is a target
+    curve_ids = torch.randint(0, V, (B, WEIGHT_CURVE_T), generator=g)
+    samples = {}
+    for n in names:
+        if params[n].ndim == 2:
+            k = min(WEIGHT_SAMPLES, params[n].numel())
+            samples[n] = torch.randperm(params[n].numel(), generator=g)[:k].sort().values.to(torch.int32)
+
+    tensors = {
+        "input_ids": ids.to(torch.int32),
+        "attention_mask": mask.to(torch.int32),
+        "labels": labels.to(torch.int32),
+        "curve_input_ids": curve_ids.to(torch.int32),
+    }
+    for n, idx in samples.items():
+        tensors[f"sample_index.{n}"] = idx
+
+    def loss_of(m_ids, m_mask, m_labels):
+        logits = model(input_ids=m_ids, attention_mask=m_mask, position_ids=torch.arange(m_ids.shape[1])[None]).logits
+        return ce_loss(logits, m_labels)
+
+    with ExactF64():
+        # ---------------- gradient of every weight
+        loss = loss_of(ids, mask, labels)
+        grads = torch.autograd.grad(loss, [params[n] for n in names])
+        tensors["loss"] = loss.detach().reshape(1)
+        for n, gr in zip(names, grads):
+            summarize("weight_grads", n, gr, samples.get(n), tensors)
+        # independent reference: the pure-torch model, its own weight tensors as leaves (tied: one tensor
+        # used twice, so both contributions add up as in transformers)
+        leaves = {n: ref.w[n].clone().requires_grad_(True) for n in names}
+        ref.w.update(leaves)
+        if ref.gpt2:
+            ref.emb = ref.w["transformer.wte.weight"]
+            ref.out = ref.w.get("lm_head.weight", ref.emb)
+        else:
+            ref.emb = ref.w["model.embed_tokens.weight"]
+            ref.out = ref.emb if ref.cfg.get("tie_word_embeddings") else ref.w["lm_head.weight"]
+        r_loss = ce_loss(ref.forward(ids, mask)[0], labels)
+        close(r_loss, loss, 1e-12, "ref weight-grad loss")
+        r_grads = torch.autograd.grad(r_loss, [leaves[n] for n in names])
+        worst = max(close(a, b, 1e-10, f"ref weight grad {n}") for n, a, b in zip(names, r_grads, grads))
+        log(f"loss {loss.item():.6f}; weight grads vs pure-torch reference: max |diff| {worst:.1e}")
+        for n, gr in zip(names, grads):
+            assert gr.abs().max() > 1e-6 or is_embedding_param(n), f"gradient of {n} is ~0"
+
+        # ---------------- 10-step full-parameter AdamW curve
+        init = {n: params[n].detach().clone() for n in names}
+        curve_mask = torch.ones_like(curve_ids)
+        groups = [
+            {"params": [params[n] for n in names if decays(n, params[n])],
+             "weight_decay": WEIGHT_ADAMW["weight_decay"]},
+            {"params": [params[n] for n in names if not decays(n, params[n])], "weight_decay": 0.0},
+        ]
+        opt = torch.optim.AdamW(groups, lr=WEIGHT_ADAMW["lr"], betas=WEIGHT_ADAMW["betas"], eps=WEIGHT_ADAMW["eps"])
+        losses, norms = [], []
+        for _ in range(CURVE_STEPS):
+            opt.zero_grad()
+            lo = loss_of(curve_ids, curve_mask, curve_ids)
+            lo.backward()
+            norms.append(torch.nn.utils.clip_grad_norm_([params[n] for n in names], WEIGHT_MAX_GRAD_NORM))
+            losses.append(lo.detach())
+            opt.step()
+        losses, norms = torch.stack(losses), torch.stack(norms).to(torch.float64)
+        assert losses[-1] < losses[0] - 0.1, f"full-parameter curve did not fall: {losses.tolist()}"
+        assert (norms > WEIGHT_MAX_GRAD_NORM).any(), "clipping never active; the curve would not test it"
+        final = {n: params[n].detach().clone() for n in names}
+
+        # manual replica on the pure-torch reference (documents the exact rule: clip, decoupled decay on
+        # linear weights, bias-corrected Adam)
+        w = {n: init[n].clone() for n in names}
+        m1 = {n: torch.zeros_like(w[n]) for n in names}
+        m2 = {n: torch.zeros_like(w[n]) for n in names}
+        lr, (b1, b2), eps = WEIGHT_ADAMW["lr"], WEIGHT_ADAMW["betas"], WEIGHT_ADAMW["eps"]
+        for t in range(1, CURVE_STEPS + 1):
+            leaves = {n: w[n].clone().requires_grad_(True) for n in names}
+            ref.w.update(leaves)
+            if ref.gpt2:
+                ref.emb = ref.w["transformer.wte.weight"]
+                ref.out = ref.w.get("lm_head.weight", ref.emb)
+            else:
+                ref.emb = ref.w["model.embed_tokens.weight"]
+                ref.out = ref.emb if ref.cfg.get("tie_word_embeddings") else ref.w["lm_head.weight"]
+            lo = ce_loss(ref.forward(curve_ids, curve_mask)[0], curve_ids)
+            close(lo, losses[t - 1], 1e-10, f"manual full-parameter AdamW loss step {t}")
+            gs = dict(zip(names, torch.autograd.grad(lo, [leaves[n] for n in names])))
+            norm = torch.sqrt(sum((gs[n] ** 2).sum() for n in names))
+            close(norm, norms[t - 1], 1e-10, f"manual gradient norm step {t}")
+            coef = min(1.0, WEIGHT_MAX_GRAD_NORM / (norm.item() + 1e-6))
+            for n in names:
+                gr = gs[n] * coef
+                wd = WEIGHT_ADAMW["weight_decay"] if decays(n, w[n]) else 0.0
+                w[n] = w[n] * (1 - lr * wd)
+                m1[n] = b1 * m1[n] + (1 - b1) * gr
+                m2[n] = b2 * m2[n] + (1 - b2) * gr * gr
+                w[n] = w[n] - lr * (m1[n] / (1 - b1**t)) / ((m2[n] / (1 - b2**t)).sqrt() + eps)
+        worst = max(close(w[n], final[n], 1e-10, f"manual AdamW final {n}") for n in names)
+        log(f"curve {[round(x, 5) for x in losses.tolist()]}; grad norms {[round(x, 3) for x in norms.tolist()]};"
+            f" manual replica max |dw| {worst:.1e}")
+    tensors["curve_losses"] = losses
+    tensors["curve_grad_norms"] = norms
+    for n in names:
+        summarize("curve_final", n, final[n], samples.get(n), tensors)
+    for k in list(tensors):
+        if tensors[k].dtype != torch.int32:
+            tensors[k] = tensors[k].detach().to(torch.float64).contiguous()
+    meta = {
+        "version": FIXTURE_VERSION,
+        "model": name,
+        "model_dir": f"models/{name}",
+        "model_type": cfg.model_type,
+        "B": str(B), "T": str(T), "curve_T": str(WEIGHT_CURVE_T), "V": str(V),
+        "ignore_index": str(IGNORE),
+        "curve_steps": str(CURVE_STEPS),
+        "adamw": json.dumps({"lr": WEIGHT_ADAMW["lr"], "beta1": WEIGHT_ADAMW["betas"][0],
+                             "beta2": WEIGHT_ADAMW["betas"][1], "eps": WEIGHT_ADAMW["eps"],
+                             "weight_decay": WEIGHT_ADAMW["weight_decay"],
+                             "max_grad_norm": WEIGHT_MAX_GRAD_NORM}),
+        "decay_rule": "2-D parameters except embeddings (wte, wpe, embed_tokens); untied lm_head decays",
+        "parameters": json.dumps(names),
+        "seed": str(spec["seed"] + 2000),
+        **versions,
+    }
+    path = os.path.join(out_dir, "golden", f"{name}-weights.safetensors")
+    save_safetensors_sorted(tensors, meta, path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------
 # tokenizer fixtures
 # ----------------------------------------------------------------------------------------
 
@@ -920,6 +1108,8 @@ def main():
     ap.add_argument("--llama3-tokenizer-dir",
                     default=os.path.join(REPO_ROOT, "node_modules", "@lenml", "tokenizer-llama3", "models"))
     ap.add_argument("--out", default=os.path.join(REPO_ROOT, "test", "fixtures"))
+    ap.add_argument("--weights-only", action="store_true",
+                    help="only (re)write golden/<model>-weights.safetensors from the existing models/")
     args = ap.parse_args()
     for f in (os.path.join(args.gpt2_tokenizer_dir, "encoder.json"), os.path.join(args.gpt2_tokenizer_dir, "vocab.bpe"),
               os.path.join(args.llama3_tokenizer_dir, "tokenizer.json")):
@@ -944,6 +1134,12 @@ def main():
 
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
+    if args.weights_only:
+        for spec in model_specs(TINY_VOCAB):
+            spec["dir"] = os.path.join(out, "models", spec["name"])
+            path = make_weight_golden(spec, out, versions)
+            print(f"{os.path.getsize(path):>9}  {os.path.relpath(path, out)}")
+        return 0
     tok = train_tiny_tokenizer()
     specs = build_models(out, tok)
     summary = {}
@@ -952,6 +1148,8 @@ def main():
         summary[os.path.relpath(path, out)] = shapes
     tokenizer_fixtures(args.gpt2_tokenizer_dir, args.llama3_tokenizer_dir,
                        os.path.join(out, "models", "gpt2-tiny"), os.path.join(out, "tokenizers.json"))
+    for spec in specs:  # last, from their own seeds: the files above do not depend on them
+        make_weight_golden(spec, out, versions)
 
     total = 0
     for root, _, files in os.walk(out):
