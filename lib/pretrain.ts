@@ -395,7 +395,8 @@ function slotShapes(native: NativeModel): Record<string, { rows: number; cols: n
   return shapes;
 }
 
-const TOKENIZER_FILES = [
+/** Files a save copies from the source directory: the tokenizer and generation defaults. */
+const COMPANION_FILES = [
   "tokenizer.json",
   "tokenizer_config.json",
   "special_tokens_map.json",
@@ -406,18 +407,22 @@ const TOKENIZER_FILES = [
 
 /**
  * Writes a Hugging Face model directory: config.json, model.safetensors (F32, Transformers' tensor names and
- * layouts) and the source directory's tokenizer files. loadModel and from_pretrained read it back.
+ * layouts) and the source directory's tokenizer files. loadModel and from_pretrained read it back. Files of
+ * the same names are overwritten.
  */
 export function saveModel(model: Model, dirArg: string): void {
   const t = trainableOf(model, "saveModel");
   if (model.disposed) throw new Error("Model is disposed");
   const dir = resolve(dirArg);
+  // loaders read a sharded index before model.safetensors, so an old one would shadow what is written here
+  if (existsSync(join(dir, "model.safetensors.index.json")))
+    throw new Error(`${dir} holds model.safetensors.index.json (sharded weights); save to another directory`);
   mkdirSync(dir, { recursive: true });
   const tensors = toHfTensors(model.config, t.native.exportTensors(), slotShapes(t.native));
   writeSafetensors(join(dir, "model.safetensors"), tensors, { format: "pt" });
   writeFileSync(join(dir, "config.json"), `${JSON.stringify(t.hfConfig, null, 2)}\n`);
   if (t.sourceDir && t.sourceDir !== dir) {
-    for (const f of TOKENIZER_FILES) {
+    for (const f of COMPANION_FILES) {
       const from = join(t.sourceDir, f);
       if (existsSync(from)) copyFileSync(from, join(dir, f));
     }
