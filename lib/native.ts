@@ -448,3 +448,38 @@ export interface NativeOps {
   ): [number, Float32Array];
 }
 // --- end full-parameter training ---
+// --- activation and prompt analyses (kernels/cpu/analysis_linalg.cpp, native/analysis.cpp) ---
+// Declaration merging adds these members to Addon above.
+
+export interface Addon {
+  /** Symmetric eigen-decomposition (float64): values descending, row k of vectors = eigenvector k. */
+  analysisSymmetricEigen(
+    matrix: Float64Array,
+    dim: number,
+    vectors: boolean,
+    threads: number,
+  ): Promise<{ values: Float64Array; vectors: Float64Array | null }>;
+  /** rows(a) x rows(b) squared Euclidean distances (b null: a against itself, exact zero diagonal). */
+  analysisPairwiseSquaredDistances(
+    a: Float32Array,
+    b: Float32Array | null,
+    dim: number,
+    threads: number,
+  ): Promise<Float64Array>;
+  /** tr sqrt(S1^1/2 S2 S1^1/2) of two symmetric positive semi-definite matrices (the Frechet cross term). */
+  analysisTraceSqrtProduct(s1: Float64Array, s2: Float64Array, dim: number, threads: number): Promise<number>;
+  /** tr(S2^-1 S1) from the lower Cholesky factors L2, L1. */
+  analysisTraceInverseProduct(
+    l2: Float64Array,
+    l1: Float64Array,
+    dim: number,
+    threads: number,
+  ): Promise<number>;
+  /** The float64 mean and unbiased covariance of the rows (n >= 2). */
+  analysisCovariance(
+    rows: Float32Array,
+    dim: number,
+    threads: number,
+  ): Promise<{ mean: Float64Array; covariance: Float64Array }>;
+}
+// --- end analyses ---

@@ -7,6 +7,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   ptn::init_ops(env, exports);
   ptn::init_knn(env, exports);
   ptn::init_priors(env, exports);
+  ptn::init_analysis(env, exports);
   return exports;
 }
 

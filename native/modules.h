@@ -9,5 +9,6 @@ void init_ops(Napi::Env env,
               Napi::Object exports);  // ops.cpp: single CPU ops, for the finite-difference tests
 void init_knn(Napi::Env env,
               Napi::Object exports);  // knn.cpp: exact nearest-neighbour index, collapse linear algebra
-void init_priors(Napi::Env env, Napi::Object exports);  // priors.cpp: Gaussian priors, regularisers
+void init_priors(Napi::Env env, Napi::Object exports);    // priors.cpp: Gaussian priors, regularisers
+void init_analysis(Napi::Env env, Napi::Object exports);  // analysis.cpp: eigen, distances, Gaussian traces
 }  // namespace ptn
