@@ -5,6 +5,7 @@ import { fileURLToPath } from "node:url";
 import { Command } from "commander";
 import { cudaStatus } from "./backend.js";
 import { registerDataCommands } from "./cli-data.js";
+import { registerPretrainCommand } from "./cli-pretrain.js";
 import { registerSamplePrior } from "./cli-sample-prior.js";
 import { registerTuneCommands } from "./cli-tune.js";
 import { describeModel } from "./model.js";
@@ -78,6 +79,7 @@ export async function main(argv: string[]): Promise<void> {
   registerTuneCommands(program);
   registerDataCommands(program);
   registerSamplePrior(program);
+  registerPretrainCommand(program);
   try {
     await program.parseAsync(argv);
   } catch (e) {
