@@ -5,51 +5,9 @@
 // difference quotient carries ~1e-4 relative rounding noise, and the O(h^2) truncation is ~1e-4.
 import { describe, expect, it } from "vitest";
 import { addon } from "../lib/native.js";
+import { checkGradient, dot, randn } from "./fd.js";
 
 const ops = addon().ops;
-const H_STEP = 1e-2;
-
-function rng(seed: number) {
-  let s = seed >>> 0;
-  return () => {
-    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
-    return s / 4294967296 - 0.5;
-  };
-}
-function randn(n: number, seed: number, scale = 1): Float32Array {
-  const r = rng(seed);
-  return new Float32Array(n).map(() => (r() + r() + r()) * scale);
-}
-function dot(a: Float32Array, b: Float32Array): number {
-  let s = 0;
-  for (let i = 0; i < a.length; i++) s += a[i]! * b[i]!;
-  return s;
-}
-
-/** Checks analytic[i] against central differences of loss(x) for up to `samples` coordinates. */
-function checkGradient(
-  x: Float32Array,
-  loss: (x: Float32Array) => number,
-  analytic: Float32Array,
-  samples = 48,
-) {
-  expect(analytic.length).toBe(x.length);
-  let scale = 0;
-  for (const v of analytic) scale = Math.max(scale, Math.abs(v));
-  const step = Math.max(1, Math.floor(x.length / samples));
-  for (let i = 0; i < x.length; i += step) {
-    const keep = x[i]!;
-    x[i] = keep + H_STEP;
-    const up = loss(x);
-    x[i] = keep - H_STEP;
-    const down = loss(x);
-    x[i] = keep;
-    const fd = (up - down) / (2 * H_STEP);
-    expect(Math.abs(fd - analytic[i]!), `coordinate ${i}: fd ${fd} vs analytic ${analytic[i]}`).toBeLessThan(
-      2e-2 * scale + 1e-4,
-    );
-  }
-}
 
 describe("finite-difference checks of the CPU ops' backward", () => {
   const N = 5;

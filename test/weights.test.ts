@@ -31,59 +31,12 @@ import {
   toHfTensors,
 } from "../lib/index.js";
 import { addon } from "../lib/native.js";
+import { checkGradient, dot, randn } from "./fd.js";
 import { compare, modelDir, readGolden, toInt32, toUint8 } from "./helpers.js";
 
 const ops = addon().ops;
-const H_STEP = 1e-2;
 const GRAD_TOL = 1e-3;
 const MODELS = ["gpt2-tiny", "llama-tiny", "llama-tiny-untied"] as const;
-
-function rng(seed: number) {
-  let s = seed >>> 0;
-  return () => {
-    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
-    return s / 4294967296 - 0.5;
-  };
-}
-function randn(n: number, seed: number, scale = 1): Float32Array {
-  const r = rng(seed);
-  return new Float32Array(n).map(() => (r() + r() + r()) * scale);
-}
-function dot(a: Float32Array, b: Float32Array): number {
-  let s = 0;
-  for (let i = 0; i < a.length; i++) s += a[i]! * b[i]!;
-  return s;
-}
-
-/** Checks analytic[i] against central differences of loss(w) for up to `samples` coordinates of w. */
-function checkGradient(
-  w: Float32Array,
-  loss: (w: Float32Array) => number,
-  analytic: Float32Array,
-  samples = 48,
-) {
-  expect(analytic.length).toBe(w.length);
-  let scale = 0;
-  for (const v of analytic) scale = Math.max(scale, Math.abs(v));
-  expect(scale, "gradient is not all zero").toBeGreaterThan(0);
-  const step = Math.max(1, Math.floor(w.length / samples));
-  let worst = 0;
-  for (let i = 0; i < w.length; i += step) {
-    const keep = w[i]!;
-    w[i] = keep + H_STEP;
-    const up = loss(w);
-    w[i] = keep - H_STEP;
-    const down = loss(w);
-    w[i] = keep;
-    const fd = (up - down) / (2 * H_STEP);
-    worst = Math.max(worst, Math.abs(fd - analytic[i]!) / scale);
-    expect(Math.abs(fd - analytic[i]!), `coordinate ${i}: fd ${fd} vs analytic ${analytic[i]}`).toBeLessThan(
-      2e-2 * scale + 1e-4,
-    );
-  }
-  // PRIORTUNE_REPORT=1 prints the measured errors (relative to max |analytic|) for the record.
-  if (process.env.PRIORTUNE_REPORT) console.log("finite differences: max |fd - analytic| / scale", worst);
-}
 
 describe("finite-difference checks of the ops' weight gradients", () => {
   // C = 70 spans two of the kernels' 64-channel blocks, so both threads of the column split do work.
