@@ -312,7 +312,7 @@ export class CollapseReference {
         gaussianRows === rows
           ? vocab
           : gatherRows(vocab, dim, sampleWithoutReplacement(rows, gaussianRows, seed + 1));
-      const fit = await addon().gaussianFit(fitRows, dim, jitter, threads);
+      const fit = await addon().priorGaussianFit(fitRows, dim, { ridgeRelative: jitter }, threads);
       // Divergence rows, and the reference's own divergence against them.
       const divergenceRows = gatherRows(
         vocab,

@@ -167,18 +167,6 @@ export interface Addon {
     k: number,
     threads: number,
   ): Promise<{ indices: Int32Array; scores: Float32Array; recoveredQueries: number }>;
-  gaussianFit(
-    rows: Float32Array,
-    dim: number,
-    jitter: number,
-    threads: number,
-  ): Promise<{
-    mean: Float64Array;
-    cholesky: Float64Array;
-    ridge: number;
-    meanVariance: number;
-    logDet: number;
-  }>;
   mahalanobisSquared(
     vectors: Float32Array,
     dim: number,

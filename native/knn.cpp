@@ -216,59 +216,6 @@ Napi::Value KnnSearchOnce(const Napi::CallbackInfo& info) {
   });
 }
 
-// gaussianFit(rows: Float32Array, dim, jitter, threads) -> Promise<{ mean, cholesky, ridge, meanVariance,
-// logDet }>: mean and unbiased covariance of the rows, ridge = jitter * trace / dim added to the diagonal
-// (jitter relative to the mean variance; the paper's Sigma + 1e-3 I when N < d, made scale-free), then the
-// Cholesky factor (lower, row-major d x d) and log det of the regularised covariance.
-Napi::Value GaussianFit(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  return guarded(env, [&]() -> Napi::Value {
-    Napi::Value rows_value = arg(info, 0, "rows");
-    View<float> x = view_of<float>(rows_value, "rows");
-    const int64_t d = int_of(arg(info, 1, "dim"), "dim", 1), n = rows_of(x, d, "rows", env);
-    if (n < 2) throw Napi::RangeError::New(env, "rows: a Gaussian fit needs at least 2 rows, got 1");
-    const double jitter = number_of(arg(info, 2, "jitter"), "jitter");
-    if (!(jitter >= 0.0) || !std::isfinite(jitter))
-      throw Napi::RangeError::New(env,
-                                  "jitter: expected a finite number >= 0, got " + std::to_string(jitter));
-    const int threads = threads_of(info, 3);
-    struct Out {
-      std::vector<double> mean, chol;
-      double ridge = 0, mean_variance = 0, log_det = 0;
-    };
-    auto out = std::make_shared<Out>();
-    auto* worker = new PromiseWorker(
-        env,
-        [x, n, d, jitter, threads, out]() {
-          const std::string bad = pt::knn_check_rows(x.data, n, d, threads);
-          if (!bad.empty()) throw std::invalid_argument("rows: " + bad);
-          out->mean.resize(d);
-          out->chol.resize(static_cast<size_t>(d * d));
-          pt::collapse_covariance(out->mean.data(), out->chol.data(), x.data, n, d, threads);
-          double trace = 0.0;
-          for (int64_t i = 0; i < d; ++i) trace += out->chol[i * d + i];
-          out->mean_variance = trace / static_cast<double>(d);
-          out->ridge = jitter * (out->mean_variance > 0.0 ? out->mean_variance : 1.0);
-          for (int64_t i = 0; i < d; ++i) out->chol[i * d + i] += out->ridge;
-          if (!pt::collapse_cholesky(out->chol.data(), d, threads))
-            throw std::runtime_error("gaussianFit: the covariance is not positive definite with a ridge of " +
-                                     std::to_string(out->ridge) + "; raise the jitter");
-          for (int64_t i = 0; i < d; ++i) out->log_det += 2.0 * std::log(out->chol[i * d + i]);
-        },
-        [out](Napi::Env e) -> Napi::Value {
-          Napi::Object o = Napi::Object::New(e);
-          o.Set("mean", to_float64(e, std::move(out->mean)));
-          o.Set("cholesky", to_float64(e, std::move(out->chol)));
-          o.Set("ridge", out->ridge);
-          o.Set("meanVariance", out->mean_variance);
-          o.Set("logDet", out->log_det);
-          return o;
-        });
-    worker->keep(rows_value);
-    return worker->queue();
-  });
-}
-
 // mahalanobisSquared(vectors: Float32Array, dim, mean: Float64Array, cholesky: Float64Array, threads)
 //   -> Promise<Float64Array>
 Napi::Value MahalanobisSquared(const Napi::CallbackInfo& info) {
@@ -340,7 +287,6 @@ Napi::Value GramEigenvalues(const Napi::CallbackInfo& info) {
 void init_knn(Napi::Env env, Napi::Object exports) {
   exports.Set("NativeKnnIndex", KnnIndexWrap::Define(env));
   exports.Set("knnSearchOnce", Napi::Function::New(env, KnnSearchOnce, "knnSearchOnce"));
-  exports.Set("gaussianFit", Napi::Function::New(env, GaussianFit, "gaussianFit"));
   exports.Set("mahalanobisSquared", Napi::Function::New(env, MahalanobisSquared, "mahalanobisSquared"));
   exports.Set("meanDistances", Napi::Function::New(env, MeanDistances, "meanDistances"));
   exports.Set("gramEigenvalues", Napi::Function::New(env, GramEigenvalues, "gramEigenvalues"));

@@ -32,23 +32,27 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) double dist2_f(cons
 
 }  // namespace
 
+// The mean's summation order does not depend on the thread count (threads own column blocks and add the
+// rows in order), so a fit is bit-identical whatever the number of threads: a prior drawn with a given seed
+// must be. The centred cross-products are fp32 GEMMs over chunks of 256 rows (sgemm splits C, never K, so
+// each entry's sum order is fixed too), accumulated in float64.
 void collapse_covariance(double* mean, double* cov, const float* x, int64_t n, int64_t d, int threads) {
   if (n < 2) throw std::invalid_argument("covariance: needs at least 2 rows");
   threads = std::max(1, threads);
-  std::fill(mean, mean + d, 0.0);
-#pragma omp parallel num_threads(threads)
-  {
-    std::vector<double> part(d, 0.0);
-#pragma omp for schedule(static)
+  constexpr int64_t kColumns = 64;
+  const int64_t column_blocks = (d + kColumns - 1) / kColumns;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t b = 0; b < column_blocks; ++b) {
+    const int64_t j0 = b * kColumns, j1 = std::min(d, j0 + kColumns);
+    double acc[kColumns] = {};
     for (int64_t r = 0; r < n; ++r)
-      for (int64_t j = 0; j < d; ++j) part[j] += x[r * d + j];
-#pragma omp critical
-    for (int64_t j = 0; j < d; ++j) mean[j] += part[j];
+      for (int64_t j = j0; j < j1; ++j) acc[j - j0] += x[r * d + j];
+    for (int64_t j = j0; j < j1; ++j) mean[j] = acc[j - j0] / static_cast<double>(n);
   }
-  for (int64_t j = 0; j < d; ++j) mean[j] /= static_cast<double>(n);
   std::fill(cov, cov + d * d, 0.0);
   constexpr int64_t kChunk = 256;
-  std::vector<float> centred(static_cast<size_t>(kChunk * d)), partial(static_cast<size_t>(d * d));
+  std::vector<float> centred(static_cast<size_t>(std::min(kChunk, n) * d)),
+      partial(static_cast<size_t>(d * d));
   for (int64_t r0 = 0; r0 < n; r0 += kChunk) {
     const int64_t rows = std::min(kChunk, n - r0);
 #pragma omp parallel for num_threads(threads) schedule(static)

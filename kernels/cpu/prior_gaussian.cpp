@@ -1,7 +1,7 @@
 // Gaussian priors: fit, sample, negative log-density and its gradient; see priortune/prior.h for the
-// contracts. The blocked Cholesky is collapse_linalg.cpp's; this file adds a thread-count-independent
-// covariance, the regularised fit, the sampler x = mu + s L z and the two triangular solves of the gradient
-// Sigma^-1 (x - mu).
+// contracts. The covariance and the blocked Cholesky are collapse_linalg.cpp's; this file adds the
+// regularised fit, the sampler x = mu + s L z and the two triangular solves of the gradient Sigma^-1 (x -
+// mu).
 //
 // Both per-row kernels work on blocks of rows: each row of L (up to 16 KiB at d = 2048) is loaded once per
 // block and applied to every row of the block, so L (32 MiB at d = 2048) streams from memory once per block
@@ -44,47 +44,6 @@ int64_t block_rows(int64_t n, int threads) {
   return std::max<int64_t>(1, std::min<int64_t>(16, per_thread));
 }
 
-// mean[d] (=) and the unbiased covariance cov[d, d] (=) of x[n, d], as collapse_covariance but with a mean
-// whose summation order does not depend on the thread count (threads own column blocks and add the rows in
-// order), so a fit is bit-identical whatever the number of threads: a prior drawn with a given seed must be.
-// The centred cross-products are fp32 GEMMs over chunks of 256 rows (sgemm splits C, never K, so each
-// entry's sum order is fixed too), accumulated in float64.
-void covariance(double* mean, double* cov, const float* x, int64_t n, int64_t d, int threads) {
-  constexpr int64_t kColumns = 64;
-  const int64_t column_blocks = (d + kColumns - 1) / kColumns;
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t b = 0; b < column_blocks; ++b) {
-    const int64_t j0 = b * kColumns, j1 = std::min(d, j0 + kColumns);
-    double acc[kColumns] = {};
-    for (int64_t r = 0; r < n; ++r)
-      for (int64_t j = j0; j < j1; ++j) acc[j - j0] += x[r * d + j];
-    for (int64_t j = j0; j < j1; ++j) mean[j] = acc[j - j0] / static_cast<double>(n);
-  }
-  std::fill(cov, cov + d * d, 0.0);
-  constexpr int64_t kChunk = 256;
-  std::vector<float> centred(static_cast<size_t>(std::min(kChunk, n) * d)),
-      partial(static_cast<size_t>(d * d));
-  for (int64_t r0 = 0; r0 < n; r0 += kChunk) {
-    const int64_t rows = std::min(kChunk, n - r0);
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t j = 0; j < d; ++j)
-        centred[r * d + j] = static_cast<float>(static_cast<double>(x[(r0 + r) * d + j]) - mean[j]);
-    sgemm(true, false, d, d, rows, 1.0f, centred.data(), d, centred.data(), d, 0.0f, partial.data(), d,
-          threads);
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t i = 0; i < d * d; ++i) cov[i] += partial[i];
-  }
-  const double inv = 1.0 / static_cast<double>(n - 1);
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t i = 0; i < d; ++i)
-    for (int64_t j = 0; j <= i; ++j) {
-      const double v = 0.5 * (cov[i * d + j] + cov[j * d + i]) * inv;
-      cov[i * d + j] = v;
-      cov[j * d + i] = v;
-    }
-}
-
 }  // namespace
 
 bool prior_cholesky(double* a, int64_t d, int threads, double* log_det) {
@@ -101,11 +60,12 @@ bool prior_gaussian_fit(double* mean, double* L, double* cov, const float* x, in
   if (n < 2) throw std::invalid_argument("rows: a Gaussian fit needs at least 2 rows");
   threads = std::max(1, threads);
   auto t0 = std::chrono::steady_clock::now();
-  covariance(mean, L, x, n, d, threads);
+  collapse_covariance(mean, L, x, n, d, threads);
   double trace = 0.0;
   for (int64_t i = 0; i < d; ++i) trace += L[i * d + i];
   const double mean_variance = trace / static_cast<double>(d);
-  const double ridge = ridge_absolute + ridge_relative * mean_variance;
+  // A relative ridge on an all-constant set (zero variance) falls back to units of 1, so it still factors.
+  const double ridge = ridge_absolute + ridge_relative * (mean_variance > 0.0 ? mean_variance : 1.0);
   const double keep = 1.0 - shrinkage, diagonal = shrinkage * mean_variance + ridge;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t i = 0; i < d; ++i) {

@@ -24,7 +24,8 @@ struct PriorGaussianFitInfo {
 //   Sigma = (1 - shrinkage) S + shrinkage (tr S / d) I + ridge I,  ridge = ridge_absolute + ridge_relative tr
 //   S / d
 // where S is the unbiased sample covariance (shrinkage towards the scaled identity, as Ledoit-Wolf's target;
-// the ridge is the paper's jitter "Sigma + 1e-3 I when N < d", absolute or relative to the mean variance).
+// the ridge is the paper's jitter "Sigma + 1e-3 I when N < d", absolute or relative to the mean variance; a
+// relative ridge on rows of zero variance counts in units of 1).
 // Returns false when Sigma is not positive definite (then L is garbage); throws std::invalid_argument for
 // n < 2.
 bool prior_gaussian_fit(double* mean, double* L, double* cov, const float* x, int64_t n, int64_t d,
