@@ -7,6 +7,7 @@ import { SingleBar } from "cli-progress";
 import { type Command, InvalidArgumentError } from "commander";
 import type { Model } from "./model.js";
 import { createModel, loadTrainableModel, Pretrainer } from "./pretrain.js";
+import { readTexts } from "./priors.js";
 import { Rng } from "./rng.js";
 import { loadTokenizer, type Tokenizer } from "./tokenizer.js";
 import { atomicWrite } from "./train.js";
@@ -24,12 +25,16 @@ function num(value: string): number {
   return n;
 }
 
-/** Token stream of text files: documents separated by blank lines, each followed by end-of-text. */
+/**
+ * Token stream of text files, each document followed by end-of-text: JSON lines / JSON (optionally .gz) with a
+ * "text" field give one document per record (the corpus format, read by readTexts); plain text files are
+ * split into documents at blank lines.
+ */
 export function tokenizeFiles(tokenizer: Tokenizer, files: string[], eos: number | undefined): Int32Array {
   const ids: number[] = [];
   for (const f of files) {
-    const text = readFileSync(f, "utf8").replace(/\r\n?/g, "\n");
-    for (const doc of text.split(/\n{2,}/)) {
+    const docs = /\.jsonl?(\.gz)?$/.test(f) ? readTexts(f) : readFileSync(f, "utf8").replace(/\r\n?/g, "\n").split(/\n{2,}/);
+    for (const doc of docs) {
       const d = doc.trim();
       if (!d) continue;
       for (const id of tokenizer.encode(d)) ids.push(id);
