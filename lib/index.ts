@@ -1,4 +1,43 @@
 // Public API of priortune. Names here are a contract (see README.md).
+
+// --- activation analyses, projections, plots and reports ---
+export {
+  type ActivationIndex,
+  type ActivationSet,
+  type CaptureOptions,
+  captureActivations,
+  loadActivations,
+} from "./activations.js";
+export {
+  brownForsythe,
+  convergenceByRun,
+  convergenceStep,
+  type FitGaussianOptions,
+  fitGaussian,
+  frechetDistance,
+  type GaussianLike,
+  type GaussianMoments,
+  gaussianKl,
+  type KMeansOptions,
+  type KMeansResult,
+  kMeans,
+  type LinearProbeOptions,
+  type LinearProbeResult,
+  linearProbe,
+  lossCurve,
+  type MmdOptions,
+  type MmdResult,
+  mannWhitneyU,
+  mmd,
+  type RunMetrics,
+  randomWalkTrajectories,
+  readMetrics,
+  stepLengths,
+  symmetricKl,
+  type TrajectoryStatistics,
+  trajectoryStatistics,
+  welchTTest,
+} from "./analysis.js";
 export { type Backend, type BackendChoice, cudaStatus, resolveBackend } from "./backend.js";
 export {
   CollapseReference,
@@ -53,6 +92,19 @@ export {
 } from "./model.js";
 export type { DeepPrompts } from "./native.js";
 export { AdamW, type AdamWOptions, promptGrads, promptTensors } from "./optim.js";
+export {
+  barSpec,
+  clusterSpec,
+  densitySpec,
+  lossCurveSpec,
+  type PlotSpec,
+  renderFigure,
+  renderSvg,
+  scatterSpec,
+  svgToPng,
+  trajectorySpec,
+  writeFigure,
+} from "./plots.js";
 // --- full-parameter training ---
 export {
   type CreateModelOptions,
@@ -92,7 +144,8 @@ export {
   type RegularizerSpec,
   readTexts,
 } from "./priors.js";
-
+export { exactNeighbors, fitPca, type Pca, type PcaOptions, pca, tsne, umap } from "./projection.js";
+export { buildReport, type ReportData, type ReportOptions, type ReportResult } from "./report.js";
 // --- tasks, data and evaluation metrics ---
 export {
   type ArithmeticOperation,

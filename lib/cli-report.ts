@@ -1,0 +1,102 @@
+// `priortune report`: compare runs in one self-contained HTML page with a folder of SVG/PNG figures.
+import { type Command, InvalidArgumentError, Option } from "commander";
+import { readTexts } from "./priors.js";
+import { buildReport } from "./report.js";
+
+function int(value: string): number {
+  const n = Number(value);
+  if (!Number.isInteger(n)) throw new InvalidArgumentError(`expected an integer, got ${value}`);
+  return n;
+}
+
+function num(value: string): number {
+  const n = Number(value);
+  if (!Number.isFinite(n)) throw new InvalidArgumentError(`expected a number, got ${value}`);
+  return n;
+}
+
+function intList(value: string): number[] {
+  return value.split(",").map((v) => int(v.trim()));
+}
+
+function nameFile(value: string, previous: { name: string; file: string }[] = []) {
+  const eq = value.indexOf("=");
+  if (eq <= 0 || eq === value.length - 1) throw new InvalidArgumentError(`expected name=file, got ${value}`);
+  return [...previous, { name: value.slice(0, eq), file: value.slice(eq + 1) }];
+}
+
+interface ReportCliOptions {
+  out: string;
+  title?: string;
+  names?: string;
+  model?: string | false;
+  projection: "pca" | "tsne" | "umap";
+  maxVocabularyPoints: number;
+  level?: number;
+  activations: boolean;
+  layers?: number[];
+  texts: number;
+  extraTexts: { name: string; file: string }[];
+  seed: number;
+  threads?: number;
+}
+
+export function registerReportCommands(program: Command): void {
+  program
+    .command("report")
+    .description(
+      "compare runs: report.html (tables and interactive plots, viewable offline), report.json and figures/ (SVG, PNG, Vega-Lite)",
+    )
+    .argument("<run-dir...>", "run directories written by `priortune tune`")
+    .requiredOption("--out <dir>", "output directory (created if missing)")
+    .option("--title <text>", "page title", "priortune report")
+    .option("--names <list>", "run names, comma separated (default: the directories' names)")
+    .option(
+      "--model <dir>",
+      "model for the vocabulary and activation sections (default: the first run's model)",
+    )
+    .option("--no-model", "skip the vocabulary and activation sections")
+    .addOption(
+      new Option("--projection <method>", "projection of the embedding-space figure")
+        .choices(["pca", "tsne", "umap"])
+        .default("pca"),
+    )
+    .option("--max-vocabulary-points <n>", "vocabulary rows drawn (a seeded subsample)", int, 2000)
+    .option("--level <loss>", "validation loss of the convergence step (default: the highest final one)", num)
+    .option("--no-activations", "skip the activation section (clusters, densities, distances, trajectories)")
+    .option("--layers <list>", "hidden-state indices of the activation section (default: all)", intList)
+    .option("--texts <n>", "texts per task in the activation section", int, 64)
+    .option(
+      "--extra-texts <name=file>",
+      "another text set for the activation section (one text per line, or .jsonl/.json with a text field); repeatable",
+      nameFile,
+      [],
+    )
+    .option("--seed <n>", "seed of the subsamples and projections", int, 0)
+    .option("--threads <n>", "CPU threads (default: all cores)", int)
+    .action(async (runDirs: string[], o: ReportCliOptions) => {
+      const names = o.names?.split(",").map((s) => s.trim());
+      const result = await buildReport(runDirs, {
+        outDir: o.out,
+        title: o.title,
+        names,
+        model: o.model === false ? null : o.model,
+        projection: o.projection,
+        maxVocabularyPoints: o.maxVocabularyPoints,
+        level: o.level,
+        activations: o.activations
+          ? {
+              layers: o.layers,
+              texts: o.texts,
+              extraSets: o.extraTexts.map((e) => ({ name: e.name, texts: readTexts(e.file) })),
+            }
+          : false,
+        seed: o.seed,
+        threads: o.threads,
+        onProgress: (m) => process.stderr.write(`${m}\n`),
+      });
+      process.stdout.write(
+        `${result.html}\n${result.json}\n${result.figures.length} figure files in ${o.out}/figures\n`,
+      );
+    });
+}
