@@ -1,6 +1,7 @@
 #!/usr/bin/env node
 // The `priortune` command line.
 import { realpathSync } from "node:fs";
+import { dirname } from "node:path";
 import { fileURLToPath } from "node:url";
 import { Command } from "commander";
 import { cudaStatus } from "./backend.js";
@@ -8,6 +9,7 @@ import { registerDataCommands } from "./cli-data.js";
 import { registerPretrainCommand } from "./cli-pretrain.js";
 import { registerSamplePrior } from "./cli-sample-prior.js";
 import { registerTuneCommands } from "./cli-tune.js";
+import { demo, demoTables } from "./demo.js";
 import { describeModel } from "./model.js";
 import { addon } from "./native.js";
 
@@ -80,6 +82,25 @@ export async function main(argv: string[]): Promise<void> {
   registerDataCommands(program);
   registerSamplePrior(program);
   registerPretrainCommand(program);
+  program
+    .command("demo")
+    .description(
+      "the paper's experiment in minutes on the shipped model: soft prompts on arithmetic and QA from three priors, with collapse metrics",
+    )
+    .option("--model <dir>", "model directory (default: the shipped models/priortune-small)")
+    .option("--out <dir>", "where the run directories go (default runs/demo-<time>)")
+    .option("--steps <n>", "optimizer steps per run", (v) => Number.parseInt(v, 10), 120)
+    .option("--threads <n>", "CPU threads (default: all cores)", (v) => Number.parseInt(v, 10))
+    .option("--json", "print the result rows as JSON")
+    .action(async (o: { model?: string; out?: string; steps: number; threads?: number; json?: boolean }) => {
+      const t0 = performance.now();
+      const rows = await demo({ modelDir: o.model, outDir: o.out, steps: o.steps, threads: o.threads });
+      if (o.json) process.stdout.write(`${JSON.stringify(rows, null, 2)}\n`);
+      else
+        process.stdout.write(
+          `\n${demoTables(rows)}\n\nruns: ${dirname(rows[0]!.runDir)} (${((performance.now() - t0) / 1e3).toFixed(0)} s in all)\n`,
+        );
+    });
   try {
     await program.parseAsync(argv);
   } catch (e) {
