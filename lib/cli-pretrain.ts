@@ -33,7 +33,11 @@ function num(value: string): number {
 export function tokenizeFiles(tokenizer: Tokenizer, files: string[], eos: number | undefined): Int32Array {
   const ids: number[] = [];
   for (const f of files) {
-    const docs = /\.jsonl?(\.gz)?$/.test(f) ? readTexts(f) : readFileSync(f, "utf8").replace(/\r\n?/g, "\n").split(/\n{2,}/);
+    const docs = /\.jsonl?(\.gz)?$/.test(f)
+      ? readTexts(f)
+      : readFileSync(f, "utf8")
+          .replace(/\r\n?/g, "\n")
+          .split(/\n{2,}/);
     for (const doc of docs) {
       const d = doc.trim();
       if (!d) continue;
