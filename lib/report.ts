@@ -332,12 +332,17 @@ export async function buildReport(runDirs: readonly string[], options: ReportOpt
           points.push({ x: coords[2 * o], y: coords[2 * o + 1], group: s.group, label });
           o++;
         });
-      const axis = method === "pca" ? ["PC 1", "PC 2"] : [`${method} 1`, `${method} 2`];
+      const axis =
+        method === "pca"
+          ? ["PC 1", "PC 2"]
+          : method === "tsne"
+            ? ["t-SNE 1", "t-SNE 2"]
+            : ["UMAP 1", "UMAP 2"];
       figures.push({
         name: "embedding-space",
         title: "Vocabulary, prior samples and trained prompts",
         spec: scatterSpec(points, {
-          title: `Embedding space (${method.toUpperCase()}${vocab ? " of the vocabulary" : ""})`,
+          title: `Embedding space (${method === "pca" ? (vocab ? "PCA of the vocabulary" : "PCA of the prompts") : `${method === "tsne" ? "t-SNE" : "UMAP"} of ${vocab ? "a vocabulary sample and " : ""}the prompts`})`,
           xTitle: axis[0],
           yTitle: axis[1],
           background: ["vocabulary"],
