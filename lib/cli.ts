@@ -7,6 +7,7 @@ import { Command } from "commander";
 import { cudaStatus } from "./backend.js";
 import { registerDataCommands } from "./cli-data.js";
 import { registerPretrainCommand } from "./cli-pretrain.js";
+import { registerReportCommands } from "./cli-report.js";
 import { registerSamplePrior } from "./cli-sample-prior.js";
 import { registerTuneCommands } from "./cli-tune.js";
 import { demo, demoTables } from "./demo.js";
@@ -82,6 +83,7 @@ export async function main(argv: string[]): Promise<void> {
   registerDataCommands(program);
   registerSamplePrior(program);
   registerPretrainCommand(program);
+  registerReportCommands(program);
   program
     .command("demo")
     .description(
