@@ -13,32 +13,6 @@
 namespace ptn {
 namespace {
 
-Napi::Float64Array to_float64(Napi::Env env, std::vector<double>&& data) {
-  size_t n = data.size();
-  return Napi::Float64Array::New(env, n, external_buffer(env, std::move(data)), 0);
-}
-
-int threads_of(const Napi::CallbackInfo& info, size_t i) {
-  if (info.Length() <= i || info[i].IsUndefined()) return 1;
-  return static_cast<int>(int_of(info[i], "threads", 1));
-}
-
-template <class T>
-int64_t rows_of(const View<T>& v, int64_t d, const std::string& name, Napi::Env env) {
-  if (v.length == 0 || v.length % static_cast<size_t>(d) != 0)
-    throw Napi::RangeError::New(env, name + ": expected a non-empty length that is a multiple of dim (" +
-                                         std::to_string(d) + "), got " + std::to_string(v.length));
-  return static_cast<int64_t>(v.length / static_cast<size_t>(d));
-}
-
-template <class T>
-void require_finite(const View<T>& v, int64_t d, const std::string& name, Napi::Env env) {
-  for (size_t i = 0; i < v.length; ++i)
-    if (!std::isfinite(static_cast<double>(v.data[i])))
-      throw Napi::RangeError::New(env, name + ": row " + std::to_string(i / d) + ", column " +
-                                           std::to_string(i % d) + " is not finite");
-}
-
 View<double> square_matrix(const Napi::CallbackInfo& info, size_t i, const char* name, int64_t d) {
   View<double> m = view_of_length<double>(arg(info, i, name), name, static_cast<size_t>(d * d));
   require_finite(m, d, name, info.Env());

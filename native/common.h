@@ -7,6 +7,7 @@
 #pragma once
 #include <napi.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -155,6 +156,35 @@ inline Napi::Float32Array to_float32(Napi::Env env, std::vector<float>&& data) {
 inline Napi::Int32Array to_int32(Napi::Env env, std::vector<int32_t>&& data) {
   size_t n = data.size();
   return Napi::Int32Array::New(env, n, external_buffer(env, std::move(data)), 0);
+}
+
+inline Napi::Float64Array to_float64(Napi::Env env, std::vector<double>&& data) {
+  size_t n = data.size();
+  return Napi::Float64Array::New(env, n, external_buffer(env, std::move(data)), 0);
+}
+
+// The optional `threads` argument at position i (default 1).
+inline int threads_of(const Napi::CallbackInfo& info, size_t i) {
+  if (info.Length() <= i || info[i].IsUndefined()) return 1;
+  return static_cast<int>(int_of(info[i], "threads", 1));
+}
+
+// Rows of a row-major matrix of width d held in a typed array; its length must be a non-zero multiple of d.
+template <class T>
+int64_t rows_of(const View<T>& v, int64_t d, const std::string& name, Napi::Env env) {
+  if (v.length == 0 || v.length % static_cast<size_t>(d) != 0)
+    throw Napi::RangeError::New(env, name + ": expected a non-empty length that is a multiple of dim (" +
+                                         std::to_string(d) + "), got " + std::to_string(v.length));
+  return static_cast<int64_t>(v.length / static_cast<size_t>(d));
+}
+
+// Throws naming the first non-finite element by row and column.
+template <class T>
+void require_finite(const View<T>& v, int64_t d, const std::string& name, Napi::Env env) {
+  for (size_t i = 0; i < v.length; ++i)
+    if (!std::isfinite(static_cast<double>(v.data[i])))
+      throw Napi::RangeError::New(env, name + ": row " + std::to_string(i / d) + ", column " +
+                                           std::to_string(i % d) + " is not finite");
 }
 
 // Runs `execute` on the libuv thread pool and resolves with `complete(env)` on the JS thread.

@@ -19,23 +19,6 @@
 namespace ptn {
 namespace {
 
-Napi::Float64Array to_float64(Napi::Env env, std::vector<double>&& data) {
-  size_t n = data.size();
-  return Napi::Float64Array::New(env, n, external_buffer(env, std::move(data)), 0);
-}
-
-int threads_of(const Napi::CallbackInfo& info, size_t i) {
-  if (info.Length() <= i || info[i].IsUndefined()) return 1;
-  return static_cast<int>(int_of(info[i], "threads", 1));
-}
-
-int64_t rows_of(const View<float>& v, int64_t d, const std::string& name, Napi::Env env) {
-  if (v.length == 0 || v.length % static_cast<size_t>(d) != 0)
-    throw Napi::RangeError::New(env, name + ": expected a non-empty length that is a multiple of dim (" +
-                                         std::to_string(d) + "), got " + std::to_string(v.length));
-  return static_cast<int64_t>(v.length / static_cast<size_t>(d));
-}
-
 Napi::Object result_object(Napi::Env env, pt::KnnResult&& r) {
   Napi::Object o = Napi::Object::New(env);
   const double recovered = static_cast<double>(r.recovered_queries);
