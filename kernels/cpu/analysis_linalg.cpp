@@ -12,24 +12,10 @@
 
 #include "priortune/analysis.h"
 #include "priortune/gemm.h"
+#include "priortune/vec64.h"
 
 namespace pt {
 namespace {
-
-__attribute__((target_clones("avx512f", "avx2", "default"))) double dot_d(const double* a, const double* b,
-                                                                          int64_t n) {
-  double s = 0.0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
-// y[0..n) += alpha * x[0..n)
-__attribute__((target_clones("avx512f", "avx2", "default"))) void axpy_d(double* y, const double* x,
-                                                                         double alpha, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
-}
 
 // Householder reduction of the symmetric matrix held in w (= V^T = V at the start) to tridiagonal form:
 // diagonal d[n], sub-diagonal e[n] (e[i] couples i - 1 and i). With `accumulate`, w ends as the transposed

@@ -7,30 +7,9 @@
 #include "priortune/collapse.h"
 #include "priortune/gemm.h"
 #include "priortune/parallel.h"
+#include "priortune/vec64.h"
 
 namespace pt {
-namespace {
-
-__attribute__((target_clones("avx512f", "avx2", "default"))) double dot_d(const double* a, const double* b,
-                                                                          int64_t n) {
-  double s = 0.0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
-__attribute__((target_clones("avx512f", "avx2", "default"))) double dist2_f(const float* a, const float* b,
-                                                                            int64_t n) {
-  double s = 0.0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) {
-    const double t = static_cast<double>(a[i]) - static_cast<double>(b[i]);
-    s += t * t;
-  }
-  return s;
-}
-
-}  // namespace
 
 // The mean's summation order does not depend on the thread count (threads own column blocks and add the
 // rows in order), so a fit is bit-identical whatever the number of threads: a prior drawn with a given seed

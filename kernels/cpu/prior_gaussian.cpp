@@ -15,24 +15,10 @@
 #include "priortune/collapse.h"
 #include "priortune/gemm.h"
 #include "priortune/prior.h"
+#include "priortune/vec64.h"
 
 namespace pt {
 namespace {
-
-__attribute__((target_clones("avx512f", "avx2", "default"))) double dot_d(const double* a, const double* b,
-                                                                          int64_t n) {
-  double s = 0.0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
-// y[0..n) -= alpha * x[0..n)
-__attribute__((target_clones("avx512f", "avx2", "default"))) void axpy_neg_d(double* y, const double* x,
-                                                                             double alpha, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] -= alpha * x[i];
-}
 
 double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -130,7 +116,7 @@ void prior_gaussian_energy(double* r2, float* grad, const float* x, int64_t n, i
           double* wr = w.data() + (r - r0) * d;
           const double g = wr[i] / Li[i];
           wr[i] = g;
-          axpy_neg_d(wr, Li, g, i);
+          axpy_d(wr, Li, -g, i);
         }
       }
       for (int64_t r = r0; r < r1; ++r)
