@@ -2,6 +2,7 @@
 import { existsSync, readFileSync } from "node:fs";
 import { gunzipSync } from "node:zlib";
 import { type Command, InvalidArgumentError, Option } from "commander";
+import { integerArg } from "./cli-args.js";
 import {
   ARITHMETIC_OPERATIONS,
   type ArithmeticOperation,
@@ -13,14 +14,6 @@ import {
   writeQaFacts,
 } from "./data/generators.js";
 import { CLOZE_TEMPLATE } from "./data/templates.js";
-
-const integer = (min: number) => (value: string) => {
-  const n = Number(value);
-  if (!/^\s*-?\d+\s*$/u.test(value) || !Number.isSafeInteger(n) || n < min) {
-    throw new InvalidArgumentError(`expected an integer >= ${min}`);
-  }
-  return n;
-};
 
 const fraction = (value: string) => {
   const x = Number(value);
@@ -90,16 +83,16 @@ export function registerDataCommands(program: Command): Command {
       "arithmetic questions as a DeepMind Mathematics file (question line, answer line); load it with task kind " +
         '"mathematics", or generate the same in memory with kind "arithmetic"',
     )
-    .requiredOption("-n, --count <n>", "number of question/answer pairs", integer(0))
-    .option("--seed <n>", "random seed", integer(0), 0)
+    .requiredOption("-n, --count <n>", "number of question/answer pairs", integerArg(0))
+    .option("--seed <n>", "random seed", integerArg(0), 0)
     .option(
       "--operations <list>",
       "comma-separated operations drawn uniformly: add, sub, mul",
       operationList,
       ["add", "sub"] as ArithmeticOperation[],
     )
-    .option("--digits <n>", "difficulty level: digits in each operand's integer part", integer(1), 2)
-    .option("--decimals <n>", "decimal places of each operand", integer(0), 0)
+    .option("--digits <n>", "difficulty level: digits in each operand's integer part", integerArg(1), 2)
+    .option("--decimals <n>", "decimal places of each operand", integerArg(0), 0)
     .option("--negative", "allow negative operands (each negated with probability 1/2)")
     .addOption(
       new Option(
@@ -151,13 +144,13 @@ export function registerDataCommands(program: Command): Command {
       "extractive QA over templated facts about invented people, as SQuAD JSON (v1.1, or v2.0 with unanswerable " +
         'questions) with exact answer_start offsets; load it with task kind "squad", or generate in memory with "qa-facts"',
     )
-    .requiredOption("-n, --count <n>", "number of questions", integer(0))
-    .option("--seed <n>", "random seed", integer(0), 0)
-    .option("--people-per-context <n>", "people described in each paragraph (1-10)", integer(1), 2)
+    .requiredOption("-n, --count <n>", "number of questions", integerArg(0))
+    .option("--seed <n>", "random seed", integerArg(0), 0)
+    .option("--people-per-context <n>", "people described in each paragraph (1-10)", integerArg(1), 2)
     .option(
       "--questions-per-context <n>",
       "questions asked about each paragraph (at most 5 per person)",
-      integer(1),
+      integerArg(1),
       2,
     )
     .option(
@@ -199,11 +192,11 @@ export function registerDataCommands(program: Command): Command {
         'word per sentence replaced by the mask; load it with task kind "jsonl", or generate in memory with "cloze"',
     )
     .requiredOption("-i, --input <path>", "the text to mask words in (UTF-8, optionally gzipped)")
-    .option("-n, --count <n>", "number of items (default: one per eligible sentence)", integer(0))
-    .option("--seed <n>", "random seed (sentence order and the masked word)", integer(0), 0)
-    .option("--min-words <n>", "skip sentences with fewer words", integer(1), 6)
-    .option("--max-words <n>", "skip sentences with more words", integer(1), 80)
-    .option("--min-word-length <n>", "mask only words with at least this many letters", integer(1), 4)
+    .option("-n, --count <n>", "number of items (default: one per eligible sentence)", integerArg(0))
+    .option("--seed <n>", "random seed (sentence order and the masked word)", integerArg(0), 0)
+    .option("--min-words <n>", "skip sentences with fewer words", integerArg(1), 6)
+    .option("--max-words <n>", "skip sentences with more words", integerArg(1), 80)
+    .option("--min-word-length <n>", "mask only words with at least this many letters", integerArg(1), 4)
     .option("--mask <text>", "what replaces the masked word", "____")
     .option("--template <text>", "prompt template over {context} and {mask}", CLOZE_TEMPLATE);
   outputOptions(cloze, "the JSON lines").action(

@@ -4,26 +4,14 @@
 import { existsSync, mkdirSync, readFileSync, renameSync, rmSync, writeFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { SingleBar } from "cli-progress";
-import { type Command, InvalidArgumentError } from "commander";
+import type { Command } from "commander";
+import { integerArg, numberArg } from "./cli-args.js";
 import type { Model } from "./model.js";
 import { createModel, loadTrainableModel, Pretrainer } from "./pretrain.js";
 import { readTexts } from "./priors.js";
 import { Rng } from "./rng.js";
 import { loadTokenizer, type Tokenizer } from "./tokenizer.js";
 import { atomicWrite } from "./train.js";
-
-function int(value: string): number {
-  const n = Number(value);
-  if (!Number.isInteger(n) || n < 0)
-    throw new InvalidArgumentError(`expected a non-negative integer, got ${value}`);
-  return n;
-}
-
-function num(value: string): number {
-  const n = Number(value);
-  if (!Number.isFinite(n)) throw new InvalidArgumentError(`expected a number, got ${value}`);
-  return n;
-}
 
 /**
  * Token stream of text files, each document followed by end-of-text: JSON lines / JSON (optionally .gz) with a
@@ -219,18 +207,18 @@ export function registerPretrainCommand(program: Command): void {
       "--out <dir>",
       "model directory to write (config.json, model.safetensors, tokenizer, curve)",
     )
-    .option("--steps <n>", "optimizer steps", int, 1000)
-    .option("--batch-size <n>", "sequences per step", int, 8)
-    .option("--seq-len <n>", "tokens per sequence", int, 256)
-    .option("--lr <x>", "peak learning rate", num, 3e-3)
-    .option("--min-lr <x>", "learning rate at the end of the cosine decay", num, 3e-4)
-    .option("--warmup <n>", "linear warm-up steps", int, 100)
-    .option("--weight-decay <x>", "decoupled weight decay on linear-layer weights", num, 0.1)
-    .option("--eval-every <n>", "held-out evaluation every n steps", int, 100)
-    .option("--eval-batches <n>", "held-out batches per evaluation", int, 8)
-    .option("--save-every <n>", "save the model every n steps", int, 200)
-    .option("--seed <n>", "seed of the initialisation and the batch draws", int, 0)
-    .option("--threads <n>", "CPU threads (default: all cores)", int)
+    .option("--steps <n>", "optimizer steps", integerArg(0), 1000)
+    .option("--batch-size <n>", "sequences per step", integerArg(0), 8)
+    .option("--seq-len <n>", "tokens per sequence", integerArg(0), 256)
+    .option("--lr <x>", "peak learning rate", numberArg, 3e-3)
+    .option("--min-lr <x>", "learning rate at the end of the cosine decay", numberArg, 3e-4)
+    .option("--warmup <n>", "linear warm-up steps", integerArg(0), 100)
+    .option("--weight-decay <x>", "decoupled weight decay on linear-layer weights", numberArg, 0.1)
+    .option("--eval-every <n>", "held-out evaluation every n steps", integerArg(0), 100)
+    .option("--eval-batches <n>", "held-out batches per evaluation", integerArg(0), 8)
+    .option("--save-every <n>", "save the model every n steps", integerArg(0), 200)
+    .option("--seed <n>", "seed of the initialisation and the batch draws", integerArg(0), 0)
+    .option("--threads <n>", "CPU threads (default: all cores)", integerArg(0))
     .action(async (o: PretrainCliOptions) => {
       const result = await pretrain(o);
       const last = result.curve.filter((p) => p.validationLoss !== undefined).at(-1);

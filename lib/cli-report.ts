@@ -1,23 +1,8 @@
 // `priortune report`: compare runs in one self-contained HTML page with a folder of SVG/PNG figures.
 import { type Command, InvalidArgumentError, Option } from "commander";
+import { integerArg, integerListArg, numberArg } from "./cli-args.js";
 import { readTexts } from "./priors.js";
 import { buildReport } from "./report.js";
-
-function int(value: string): number {
-  const n = Number(value);
-  if (!Number.isInteger(n)) throw new InvalidArgumentError(`expected an integer, got ${value}`);
-  return n;
-}
-
-function num(value: string): number {
-  const n = Number(value);
-  if (!Number.isFinite(n)) throw new InvalidArgumentError(`expected a number, got ${value}`);
-  return n;
-}
-
-function intList(value: string): number[] {
-  return value.split(",").map((v) => int(v.trim()));
-}
 
 function nameFile(value: string, previous: { name: string; file: string }[] = []) {
   const eq = value.indexOf("=");
@@ -61,19 +46,27 @@ export function registerReportCommands(program: Command): void {
         .choices(["pca", "tsne", "umap"])
         .default("pca"),
     )
-    .option("--max-vocabulary-points <n>", "vocabulary rows drawn (a seeded subsample)", int, 2000)
-    .option("--level <loss>", "validation loss of the convergence step (default: the highest final one)", num)
+    .option("--max-vocabulary-points <n>", "vocabulary rows drawn (a seeded subsample)", integerArg(), 2000)
+    .option(
+      "--level <loss>",
+      "validation loss of the convergence step (default: the highest final one)",
+      numberArg,
+    )
     .option("--no-activations", "skip the activation section (clusters, densities, distances, trajectories)")
-    .option("--layers <list>", "hidden-state indices of the activation section (default: all)", intList)
-    .option("--texts <n>", "texts per task in the activation section", int, 64)
+    .option(
+      "--layers <list>",
+      "hidden-state indices of the activation section (default: all)",
+      integerListArg,
+    )
+    .option("--texts <n>", "texts per task in the activation section", integerArg(), 64)
     .option(
       "--extra-texts <name=file>",
       "another text set for the activation section (one text per line, or .jsonl/.json with a text field); repeatable",
       nameFile,
       [],
     )
-    .option("--seed <n>", "seed of the subsamples and projections", int, 0)
-    .option("--threads <n>", "CPU threads (default: all cores)", int)
+    .option("--seed <n>", "seed of the subsamples and projections", integerArg(), 0)
+    .option("--threads <n>", "CPU threads (default: all cores)", integerArg())
     .action(async (runDirs: string[], o: ReportCliOptions) => {
       const names = o.names?.split(",").map((s) => s.trim());
       const result = await buildReport(runDirs, {

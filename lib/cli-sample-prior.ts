@@ -4,26 +4,11 @@ import { readFileSync } from "node:fs";
 import { resolve } from "node:path";
 import { type Command, InvalidArgumentError, Option } from "commander";
 import type { BackendChoice } from "./backend.js";
+import { integerArg, numberArg } from "./cli-args.js";
 import { describeModel, loadModel, type Model } from "./model.js";
 import { createPrior, PRIOR_KINDS, type PriorKind, type PriorRecord } from "./priors.js";
 import { Rng } from "./rng.js";
 import { writeSafetensors } from "./safetensors.js";
-
-function integer(min: number) {
-  return (value: string): number => {
-    const n = Number(value);
-    if (!Number.isInteger(n) || n < min)
-      throw new InvalidArgumentError(`expected an integer >= ${min}, got ${value}`);
-    return n;
-  };
-}
-
-function finite(value: string): number {
-  const n = Number(value);
-  if (value.trim() === "" || !Number.isFinite(n))
-    throw new InvalidArgumentError(`expected a number, got ${value}`);
-  return n;
-}
 
 function words(value: string, previous: string[] = []): string[] {
   return [...previous, ...value.split(",")];
@@ -245,7 +230,7 @@ export function priorRecordFromOptions(o: PriorCliOptions): PriorRecord {
         throw new InvalidArgumentError(
           "--prior interpolation needs --texts (the new domain; --second-texts defaults to the vocabulary)",
         );
-      const alpha = o.alpha === undefined || o.alpha === "uniform" ? "uniform" : finite(o.alpha);
+      const alpha = o.alpha === undefined || o.alpha === "uniform" ? "uniform" : numberArg(o.alpha);
       const second =
         o.secondTexts === undefined
           ? (defined({
@@ -266,7 +251,7 @@ export function priorRecordFromOptions(o: PriorCliOptions): PriorRecord {
         percentile: o.percentile,
         neighbor: o.neighbor,
         sampleRows:
-          o.sampleRows === undefined || o.sampleRows === "all" ? o.sampleRows : integer(1)(o.sampleRows),
+          o.sampleRows === undefined || o.sampleRows === "all" ? o.sampleRows : integerArg(1)(o.sampleRows),
         seed: o.fitSeed,
       }) as PriorRecord;
     case "posterior":
@@ -321,23 +306,23 @@ export function registerSamplePrior(program: Command): void {
       "the whole prior as a JSON record, or @file with one (a run.json's prior works); replaces --prior and its options",
     )
     .requiredOption("--out <file>", "output safetensors file")
-    .option("--count <n>", "vectors to draw (the prompt length P)", integer(1), 20)
-    .option("--seed <n>", "seed of the draw", integer(0), 0)
+    .option("--count <n>", "vectors to draw (the prompt length P)", integerArg(1), 20)
+    .option("--seed <n>", "seed of the draw", integerArg(0), 0)
     .option(
       "--sigma <x>",
       "gaussian: standard deviation (default 0.02); also exclusion --base gaussian, class-label --fill gaussian",
-      finite,
+      numberArg,
     )
-    .option("--mean <x>", "gaussian: the mean of every coordinate (default 0)", finite)
+    .option("--mean <x>", "gaussian: the mean of every coordinate (default 0)", numberArg)
     .option(
       "--range <a>",
       "uniform: draw from [-a, a] (default 0.5); also class-label --fill uniform",
-      finite,
+      numberArg,
     )
     .option(
       "--gain <g>",
       "xavier: gain, bound gain * sqrt(6 / (P + d)) (default 1); also class-label --fill xavier",
-      finite,
+      numberArg,
     )
     .addOption(
       new Option(
@@ -345,7 +330,7 @@ export function registerSamplePrior(program: Command): void {
         "vocab: the N most frequent tokens of --corpus, or the whole vocabulary uniformly",
       ).choices(["frequent", "uniform"]),
     )
-    .option("--top <n>", "vocab: how many of the most frequent tokens (default 5000)", integer(1))
+    .option("--top <n>", "vocab: how many of the most frequent tokens (default 5000)", integerArg(1))
     .option(
       "--corpus <file>",
       'vocab: text whose token frequencies rank the vocabulary (.txt lines, or .jsonl/.json(.gz) with "text")',
@@ -365,14 +350,18 @@ export function registerSamplePrior(program: Command): void {
     .option(
       "--rows <n>",
       `reference rows fitted, chosen at random (default: vocab 20000, else all) ${fitHelp}`,
-      integer(2),
+      integerArg(2),
     )
     .option(
       "--fit-seed <n>",
       "seed of the random reference rows (fitted Gaussians) or of the rows behind the kNN distances (default 0)",
-      integer(0),
+      integerArg(0),
     )
-    .option("--layer <n>", `activations: hidden-state index 0..layers, 0 = embeddings ${fitHelp}`, integer(0))
+    .option(
+      "--layer <n>",
+      `activations: hidden-state index 0..layers, 0 = embeddings ${fitHelp}`,
+      integerArg(0),
+    )
     .option(
       "--texts <file>",
       `activations: texts, one per line or .jsonl/.json(.gz) with "text" ${fitHelp}; interpolation: the new domain`,
@@ -390,11 +379,11 @@ export function registerSamplePrior(program: Command): void {
     .option(
       "--max-length <n>",
       "activations: tokens per text, longer texts truncated (default 128)",
-      integer(1),
+      integerArg(1),
     )
-    .option("--batch-size <n>", "activations: texts per forward pass (default 8)", integer(1))
+    .option("--batch-size <n>", "activations: texts per forward pass (default 8)", integerArg(1))
     .option("--no-special-tokens", "activations: do not let the tokenizer add special tokens (e.g. BOS)")
-    .option("--jitter <x>", `ridge added to the covariance (default 1e-3) ${fitHelp}`, finite)
+    .option("--jitter <x>", `ridge added to the covariance (default 1e-3) ${fitHelp}`, numberArg)
     .addOption(
       new Option(
         "--jitter-mode <mode>",
@@ -404,7 +393,7 @@ export function registerSamplePrior(program: Command): void {
     .option(
       "--shrinkage <s>",
       `shrink the covariance towards (trace / d) I by s in [0, 1] (default 0) ${fitHelp}`,
-      finite,
+      numberArg,
     )
     .addOption(
       new Option("--base <kind>", "exclusion: the Gaussian excluded (default fitted-gaussian)").choices([
@@ -412,11 +401,11 @@ export function registerSamplePrior(program: Command): void {
         "fitted-gaussian",
       ]),
     )
-    .option("--c <x>", "exclusion: c > 1 of c_dim = exp((2/d) ln c) (default 5)", finite)
+    .option("--c <x>", "exclusion: c > 1 of c_dim = exp((2/d) ln c) (default 5)", numberArg)
     .option(
       "--max-tries <n>",
       "exclusion: draws allowed per sample on average before giving up (default 10000)",
-      integer(1),
+      integerArg(1),
     )
     .option(
       "--alpha <a>",
@@ -425,9 +414,13 @@ export function registerSamplePrior(program: Command): void {
     .option(
       "--percentile <p>",
       "knn: percentile 0..100 of the vocabulary's nearest-neighbour distances used as the radius (default 50)",
-      finite,
+      numberArg,
     )
-    .option("--neighbor <k>", "knn: use the distance to the k-th nearest other row (default 1)", integer(1))
+    .option(
+      "--neighbor <k>",
+      "knn: use the distance to the k-th nearest other row (default 1)",
+      integerArg(1),
+    )
     .option("--sample-rows <n>", 'knn: vocabulary rows whose distances are measured, or "all" (default 4096)')
     .option(
       "--path <file>",
@@ -437,8 +430,8 @@ export function registerSamplePrior(program: Command): void {
       "--tensor <name>",
       'posterior / --source tensor: tensor name in --path (default "prompt", or the only tensor)',
     )
-    .option("--noise <x>", "posterior: standard deviation of Gaussian noise added (default 0)", finite)
-    .option("--threads <n>", "CPU threads (default: all cores)", integer(1))
+    .option("--noise <x>", "posterior: standard deviation of Gaussian noise added (default 0)", numberArg)
+    .option("--threads <n>", "CPU threads (default: all cores)", integerArg(1))
     .addOption(
       new Option("--backend <kind>", "compute backend for activations")
         .choices(["auto", "cpu", "cuda"])

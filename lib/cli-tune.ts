@@ -4,6 +4,7 @@ import { join } from "node:path";
 import { SingleBar } from "cli-progress";
 import { type Command, InvalidArgumentError, Option } from "commander";
 import type { BackendChoice } from "./backend.js";
+import { integerArg, integerListArg, numberArg } from "./cli-args.js";
 import { loadModel } from "./model.js";
 import { createPrior, type PriorRecord } from "./priors.js";
 import { loadTask, type TaskSpec } from "./tasks.js";
@@ -15,22 +16,6 @@ import {
   type TuneMode,
   tune,
 } from "./train.js";
-
-function int(value: string): number {
-  const n = Number(value);
-  if (!Number.isInteger(n)) throw new InvalidArgumentError(`expected an integer, got ${value}`);
-  return n;
-}
-
-function num(value: string): number {
-  const n = Number(value);
-  if (!Number.isFinite(n)) throw new InvalidArgumentError(`expected a number, got ${value}`);
-  return n;
-}
-
-function intList(value: string): number[] {
-  return value.split(",").map((v) => int(v.trim()));
-}
 
 /** key=value pairs; numbers and booleans are parsed, the rest stay strings. */
 function keyValue(value: string, previous: Record<string, unknown> = {}): Record<string, unknown> {
@@ -146,8 +131,8 @@ export function registerTuneCommands(program: Command): void {
     .argument("<model-dir>", "Hugging Face model directory")
     .requiredOption("--task <kind>", "task: squad | mathematics | c4 | jsonl | arithmetic | qa-facts | cloze")
     .option("--data <path>", "data file for squad / mathematics / c4 / jsonl / cloze (the source text)")
-    .option("--train-count <n>", "training examples", int)
-    .option("--validation-count <n>", "validation examples", int)
+    .option("--train-count <n>", "training examples", integerArg())
+    .option("--validation-count <n>", "validation examples", integerArg())
     .option("--template <text>", "prompt template with {placeholders} (default: the paper's for the task)")
     .option(
       "--task-opt <key=value>",
@@ -171,21 +156,25 @@ export function registerTuneCommands(program: Command): void {
         .choices(["soft", "deep-hidden", "deep-prefix"])
         .default("soft"),
     )
-    .option("--prompt-length <n>", "soft-prompt vectors P", int, 20)
-    .option("--deep-layers <list>", "deep-prompt layers, comma separated (default: the last three)", intList)
-    .option("--deep-length <n>", "deep-prompt vectors per layer (default: --prompt-length)", int)
-    .option("--steps <n>", "optimizer steps", int, 100)
-    .option("--batch-size <n>", "examples per micro-batch", int, 2)
-    .option("--lr <x>", "peak learning rate", num, 5e-3)
-    .option("--weight-decay <x>", "AdamW decoupled weight decay", num, 0.01)
+    .option("--prompt-length <n>", "soft-prompt vectors P", integerArg(), 20)
+    .option(
+      "--deep-layers <list>",
+      "deep-prompt layers, comma separated (default: the last three)",
+      integerListArg,
+    )
+    .option("--deep-length <n>", "deep-prompt vectors per layer (default: --prompt-length)", integerArg())
+    .option("--steps <n>", "optimizer steps", integerArg(), 100)
+    .option("--batch-size <n>", "examples per micro-batch", integerArg(), 2)
+    .option("--lr <x>", "peak learning rate", numberArg, 5e-3)
+    .option("--weight-decay <x>", "AdamW decoupled weight decay", numberArg, 0.01)
     .addOption(
       new Option("--schedule <kind>", "learning-rate schedule after warm-up")
         .choices(["constant", "linear", "cosine"])
         .default("constant"),
     )
-    .option("--warmup <n>", "linear warm-up steps", int, 0)
-    .option("--clip-norm <x>", "clip the global gradient norm", num)
-    .option("--accumulate <n>", "micro-batches per update (gradient accumulation)", int, 1)
+    .option("--warmup <n>", "linear warm-up steps", integerArg(), 0)
+    .option("--clip-norm <x>", "clip the global gradient norm", numberArg)
+    .option("--accumulate <n>", "micro-batches per update (gradient accumulation)", integerArg(), 1)
     .addOption(
       new Option("--regularizer <kind>", "controllable-posterior regulariser").choices([
         "prior-nll",
@@ -193,22 +182,22 @@ export function registerTuneCommands(program: Command): void {
         "nearest-vocab",
       ]),
     )
-    .option("--lambda <x>", "regulariser weight", num, 0.1)
+    .option("--lambda <x>", "regulariser weight", numberArg, 0.1)
     .addOption(
       new Option("--lambda-schedule <kind>", "regulariser weight over training")
         .choices(["constant", "linear"])
         .default("constant"),
     )
-    .option("--eval-every <n>", "evaluate every n steps (0: at the end only)", int, 0)
-    .option("--eval-examples <n>", "validation examples per evaluation (default all)", int)
-    .option("--max-new-tokens <n>", "tokens generated per validation example", int, 16)
-    .option("--collapse-every <n>", "collapse metrics of the prompt every n steps", int)
-    .option("--snapshot-every <n>", "prompt snapshots (trajectory) every n steps", int, 10)
-    .option("--checkpoint-every <n>", "resumable checkpoints every n steps", int, 10)
-    .option("--max-length <n>", "longest sequence, prompt included", int, 256)
-    .option("--seed <n>", "seed of every random choice", int, 0)
+    .option("--eval-every <n>", "evaluate every n steps (0: at the end only)", integerArg(), 0)
+    .option("--eval-examples <n>", "validation examples per evaluation (default all)", integerArg())
+    .option("--max-new-tokens <n>", "tokens generated per validation example", integerArg(), 16)
+    .option("--collapse-every <n>", "collapse metrics of the prompt every n steps", integerArg())
+    .option("--snapshot-every <n>", "prompt snapshots (trajectory) every n steps", integerArg(), 10)
+    .option("--checkpoint-every <n>", "resumable checkpoints every n steps", integerArg(), 10)
+    .option("--max-length <n>", "longest sequence, prompt included", integerArg(), 256)
+    .option("--seed <n>", "seed of every random choice", integerArg(), 0)
     .option("--run-dir <dir>", "run directory (created, or resumed when it holds the same run)")
-    .option("--threads <n>", "CPU threads (default: all cores)", int)
+    .option("--threads <n>", "CPU threads (default: all cores)", integerArg())
     .addOption(
       new Option("--backend <kind>", "compute backend").choices(["auto", "cpu", "cuda"]).default("auto"),
     )
@@ -285,10 +274,10 @@ export function registerTuneCommands(program: Command): void {
     .argument("<run-dir>", "a directory written by `priortune tune`")
     .option("--prompt <file>", "prompt file to evaluate (default: <run-dir>/prompt.safetensors)")
     .option("--model <dir>", "model directory (default: the one in run.json)")
-    .option("--eval-examples <n>", "validation examples (default: all)", int)
-    .option("--max-new-tokens <n>", "tokens generated per example", int)
-    .option("--batch-size <n>", "examples per batch", int)
-    .option("--threads <n>", "CPU threads", int)
+    .option("--eval-examples <n>", "validation examples (default: all)", integerArg())
+    .option("--max-new-tokens <n>", "tokens generated per example", integerArg())
+    .option("--batch-size <n>", "examples per batch", integerArg())
+    .option("--threads <n>", "CPU threads", integerArg())
     .addOption(
       new Option("--backend <kind>", "compute backend").choices(["auto", "cpu", "cuda"]).default("auto"),
     )
