@@ -7,7 +7,14 @@ import { loadPlan, type ModelConfig, nativeConfig, parameterCount, parseConfig }
 import { addon, type DeepPrompts, type NativeForwardArgs, type NativeModel } from "./native.js";
 import { listModelTensors } from "./safetensors.js";
 import { loadTokenizer, type Tokenizer } from "./tokenizer.js";
-import { requireFloat32, requireInt32, requirePositiveInt, requireUint8 } from "./validate.js";
+import {
+  checkLabels,
+  checkTokenIds,
+  requireFloat32,
+  requireInt32,
+  requirePositiveInt,
+  requireUint8,
+} from "./validate.js";
 
 export type { ModelConfig } from "./config.js";
 
@@ -323,11 +330,7 @@ function checkCallArgs(
   const batch = requirePositiveInt(options.batch, "batch");
   const seqLen = requirePositiveInt(options.seqLen, "seqLen");
   const inputIds = requireInt32(options.inputIds, "inputIds", batch * seqLen);
-  for (let i = 0; i < inputIds.length; i++) {
-    const id = inputIds[i]!;
-    if (id < 0 || id >= c.vocabSize)
-      throw new RangeError(`inputIds[${i}] = ${id} is outside the vocabulary [0, ${c.vocabSize})`);
-  }
+  checkTokenIds(inputIds, c.vocabSize, "inputIds");
   const attentionMask =
     options.attentionMask === undefined
       ? undefined
@@ -335,11 +338,7 @@ function checkCallArgs(
   let labels: Int32Array | undefined;
   if (options.labels !== undefined) {
     labels = requireInt32(options.labels, "labels", batch * seqLen);
-    for (let i = 0; i < labels.length; i++) {
-      const t = labels[i]!;
-      if (t !== -100 && (t < 0 || t >= c.vocabSize))
-        throw new RangeError(`labels[${i}] = ${t} is neither -100 nor inside the vocabulary`);
-    }
+    checkLabels(labels, c.vocabSize, "labels");
   }
   let promptLength = 0;
   if (options.prompt !== undefined) {

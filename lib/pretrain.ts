@@ -16,7 +16,7 @@ import { addon, type NativeModel } from "./native.js";
 import { Rng } from "./rng.js";
 import { listModelTensors, type TensorToWrite, writeSafetensors } from "./safetensors.js";
 import { loadTokenizer, type Tokenizer } from "./tokenizer.js";
-import { requireInt32, requirePositiveInt, requireUint8 } from "./validate.js";
+import { checkLabels, checkTokenIds, requireInt32, requirePositiveInt, requireUint8 } from "./validate.js";
 
 type Json = Record<string, unknown>;
 
@@ -477,11 +477,7 @@ function checkedBatch(c: ModelConfig, b: PretrainBatch) {
   const batch = requirePositiveInt(b.batch, "batch");
   const seqLen = requirePositiveInt(b.seqLen, "seqLen");
   const inputIds = requireInt32(b.inputIds, "inputIds", batch * seqLen);
-  for (let i = 0; i < inputIds.length; i++) {
-    const id = inputIds[i]!;
-    if (id < 0 || id >= c.vocabSize)
-      throw new RangeError(`inputIds[${i}] = ${id} is outside the vocabulary [0, ${c.vocabSize})`);
-  }
+  checkTokenIds(inputIds, c.vocabSize, "inputIds");
   if (c.architecture === "gpt2" && seqLen > c.maxPositions)
     throw new RangeError(`seqLen ${seqLen} exceeds the model's ${c.maxPositions} positions`);
   const attentionMask =
@@ -494,11 +490,7 @@ function checkedBatch(c: ModelConfig, b: PretrainBatch) {
     if (attentionMask) for (let i = 0; i < labels.length; i++) if (!attentionMask[i]) labels[i] = -100;
   } else {
     labels = requireInt32(b.labels, "labels", batch * seqLen);
-    for (let i = 0; i < labels.length; i++) {
-      const t = labels[i]!;
-      if (t !== -100 && (t < 0 || t >= c.vocabSize))
-        throw new RangeError(`labels[${i}] = ${t} is neither -100 nor inside the vocabulary`);
-    }
+    checkLabels(labels, c.vocabSize, "labels");
   }
   return { inputIds, batch, seqLen, attentionMask, labels };
 }

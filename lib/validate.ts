@@ -32,3 +32,21 @@ export function requirePositiveInt(v: unknown, name: string): number {
   }
   return v;
 }
+
+/** Token ids must lie in [0, vocabSize). */
+export function checkTokenIds(ids: Int32Array, vocabSize: number, name: string): void {
+  for (let i = 0; i < ids.length; i++) {
+    const id = ids[i]!;
+    if (id < 0 || id >= vocabSize)
+      throw new RangeError(`${name}[${i}] = ${id} is outside the vocabulary [0, ${vocabSize})`);
+  }
+}
+
+/** Labels are token ids or -100 (ignored). */
+export function checkLabels(labels: Int32Array, vocabSize: number, name: string): void {
+  for (let i = 0; i < labels.length; i++) {
+    const t = labels[i]!;
+    if (t !== -100 && (t < 0 || t >= vocabSize))
+      throw new RangeError(`${name}[${i}] = ${t} is neither -100 nor inside the vocabulary`);
+  }
+}
