@@ -350,10 +350,7 @@ void Model::layer_forward(int64_t l, const ForwardArgs& a, LayerState& st, Scrat
   float* ln = train ? sized(st.ln1, N_l * C) : sized(sc.ln, N_l * C);
   float* mean1 = save && gpt2 ? sized(st.mean1, N_l) : nullptr;
   float* rstd1 = save ? sized(st.rstd1, N_l) : nullptr;
-  if (gpt2)
-    layernorm_forward(ln, mean1, rstd1, x_in, w(p + "ln1.w"), w(p + "ln1.b"), N_l, C, c.norm_eps, nt);
-  else
-    rmsnorm_forward(ln, rstd1, x_in, w(p + "ln1.w"), N_l, C, c.norm_eps, nt);
+  norm_forward(p + "ln1", ln, mean1, rstd1, x_in, N_l);
   float* qkv = sized(st.qkv, N_l * qkv_w);
   matmul_forward(qkv, ln, w(p + "qkv.w"), w_or_null(p + "qkv.b"), N_l, C, qkv_w, nt);
   if (!gpt2) {
@@ -373,10 +370,7 @@ void Model::layer_forward(int64_t l, const ForwardArgs& a, LayerState& st, Scrat
   float* mean2 = save && gpt2 ? sized(st.mean2, N_l) : nullptr;
   float* rstd2 = save ? sized(st.rstd2, N_l) : nullptr;
   if (train) ln = sized(st.ln2, N_l * C);
-  if (gpt2)
-    layernorm_forward(ln, mean2, rstd2, x_mid, w(p + "ln2.w"), w(p + "ln2.b"), N_l, C, c.norm_eps, nt);
-  else
-    rmsnorm_forward(ln, rstd2, x_mid, w(p + "ln2.w"), N_l, C, c.norm_eps, nt);
+  norm_forward(p + "ln2", ln, mean2, rstd2, x_mid, N_l);
   float* fc_pre = sized(st.fc_pre, N_l * fc_w);
   matmul_forward(fc_pre, ln, w(p + "fc.w"), w_or_null(p + "fc.b"), N_l, C, fc_w, nt);
   float* act = train ? sized(st.act, N_l * I) : sized(sc.act, N_l * I);
@@ -388,6 +382,23 @@ void Model::layer_forward(int64_t l, const ForwardArgs& a, LayerState& st, Scrat
   // Output: the sequence rows of x_mid + mlp (the deep rows are cut).
   for (int64_t b = 0; b < B; ++b)
     residual_forward(x + b * S * C, x_mid + (b * S_l + P_l) * C, tmp + (b * S_l + P_l) * C, S * C, nt);
+}
+
+void Model::norm_forward(const std::string& name, float* out, float* mean, float* rstd, const float* x,
+                         int64_t N) const {
+  if (cfg_.arch == Arch::GPT2)
+    layernorm_forward(out, mean, rstd, x, w(name + ".w"), w(name + ".b"), N, cfg_.hidden, cfg_.norm_eps,
+                      cfg_.threads);
+  else
+    rmsnorm_forward(out, rstd, x, w(name + ".w"), N, cfg_.hidden, cfg_.norm_eps, cfg_.threads);
+}
+
+void Model::norm_backward(const std::string& name, float* dx, const float* dout, const float* x,
+                          const float* mean, const float* rstd, int64_t N, int threads) const {
+  if (cfg_.arch == Arch::GPT2)
+    layernorm_backward(dx, dout, x, w(name + ".w"), mean, rstd, N, cfg_.hidden, threads);
+  else
+    rmsnorm_backward(dx, dout, x, w(name + ".w"), rstd, N, cfg_.hidden, threads);
 }
 
 float Model::attn_scale(int64_t l) const {
@@ -428,11 +439,7 @@ void Model::run_forward(const ForwardArgs& a, Workspace& ws, bool save, ForwardR
   }
   float* xf = sized(ws.xf, N * C);
   float* lnf_rstd = sized(ws.lnf_rstd, N);
-  if (gpt2)
-    layernorm_forward(xf, sized(ws.lnf_mean, N), lnf_rstd, x.data(), w("lnf.w"), w("lnf.b"), N, C, c.norm_eps,
-                      nt);
-  else
-    rmsnorm_forward(xf, lnf_rstd, x.data(), w("lnf.w"), N, C, c.norm_eps, nt);
+  norm_forward("lnf", xf, sized(ws.lnf_mean, N), lnf_rstd, x.data(), N);
   keep(c.layers, xf);
 }
 
@@ -509,11 +516,7 @@ void Model::layer_backward(int64_t l, const ForwardArgs& a, LayerState& st, Scra
     swiglu_backward(dfc, st.fc_pre.data(), dact, N_l, I, nt);
   float* dln = sized(sc.dln, N_l * C);
   matmul_backward(dln, dfc, w(p + "fc.w"), N_l, C, fc_w, 0.0f, nt);
-  if (gpt2)
-    layernorm_backward(dmid, dln, st.x_mid.data(), w(p + "ln2.w"), st.mean2.data(), st.rstd2.data(), N_l, C,
-                       nt);
-  else
-    rmsnorm_backward(dmid, dln, st.x_mid.data(), w(p + "ln2.w"), st.rstd2.data(), N_l, C, nt);
+  norm_backward(p + "ln2", dmid, dln, st.x_mid.data(), st.mean2.data(), st.rstd2.data(), N_l, nt);
   // Attention: x_mid = x_in + proj(attn(qkv(norm1(x_in)))).
   float* datt = sized(sc.datt, N_l * H * hd);
   matmul_backward(datt, dmid, w(p + "proj.w"), N_l, H * hd, C, 0.0f, nt);
@@ -540,12 +543,8 @@ void Model::layer_backward(int64_t l, const ForwardArgs& a, LayerState& st, Scra
     const int64_t r0 = b * S_l;
     const int64_t rows = rows_needed;
     matmul_backward(dln + r0 * C, dqkv + r0 * qkv_w, w(p + "qkv.w"), rows, C, qkv_w, 0.0f, nt);
-    if (gpt2)
-      layernorm_backward(dmid + r0 * C, dln + r0 * C, st.x_in.data() + r0 * C, w(p + "ln1.w"),
-                         st.mean1.data() + r0, st.rstd1.data() + r0, rows, C, nt);
-    else
-      rmsnorm_backward(dmid + r0 * C, dln + r0 * C, st.x_in.data() + r0 * C, w(p + "ln1.w"),
-                       st.rstd1.data() + r0, rows, C, nt);
+    norm_backward(p + "ln1", dmid + r0 * C, dln + r0 * C, st.x_in.data() + r0 * C,
+                  gpt2 ? st.mean1.data() + r0 : nullptr, st.rstd1.data() + r0, rows, nt);
   }
   // Deep (hidden) vectors' gradient: their rows summed over the batch; the rest flows to the layer below.
   for (size_t i = 0; i < a.deep.layers.size(); ++i)
@@ -610,12 +609,8 @@ GradResult Model::loss_and_grad(const ForwardArgs& a) {
   dx.assign(N * C, 0.0f);
   for (int64_t i = 0; i < R; ++i) {
     const int64_t r = rows[i];
-    if (gpt2)
-      layernorm_backward(dx.data() + r * C, dxr + i * C, x.data() + r * C, w("lnf.w"), ws.lnf_mean.data() + r,
-                         ws.lnf_rstd.data() + r, 1, C, 1);
-    else
-      rmsnorm_backward(dx.data() + r * C, dxr + i * C, x.data() + r * C, w("lnf.w"), ws.lnf_rstd.data() + r,
-                       1, C, 1);
+    norm_backward("lnf", dx.data() + r * C, dxr + i * C, x.data() + r * C,
+                  gpt2 ? ws.lnf_mean.data() + r : nullptr, ws.lnf_rstd.data() + r, 1, 1);
   }
   // Layers, top down, to the lowest one with something to train.
   for (int64_t l = c.layers - 1; l >= lowest; --l) {
@@ -720,11 +715,7 @@ std::vector<int32_t> Model::generate(const ForwardArgs& a, int64_t max_new, int3
     for (int64_t l = 0; l < L; ++l) {
       const std::string p = "l" + std::to_string(l) + ".";
       const LayerState& st = ws.states[l];
-      if (gpt2)
-        layernorm_forward(ln.data(), nullptr, nullptr, x.data(), w(p + "ln1.w"), w(p + "ln1.b"), B, C,
-                          c.norm_eps, nt);
-      else
-        rmsnorm_forward(ln.data(), nullptr, x.data(), w(p + "ln1.w"), B, C, c.norm_eps, nt);
+      norm_forward(p + "ln1", ln.data(), nullptr, nullptr, x.data(), B);
       matmul_forward(qkv.data(), ln.data(), w(p + "qkv.w"), w_or_null(p + "qkv.b"), B, C, qkv_w, nt);
       if (!gpt2) {
         for (int64_t b = 0; b < B; ++b) {
@@ -785,11 +776,7 @@ std::vector<int32_t> Model::generate(const ForwardArgs& a, int64_t max_new, int3
       }
       matmul_forward(tmp.data(), att.data(), w(p + "proj.w"), w_or_null(p + "proj.b"), B, H * hd, C, nt);
       residual_forward(x.data(), x.data(), tmp.data(), B * C, nt);
-      if (gpt2)
-        layernorm_forward(ln.data(), nullptr, nullptr, x.data(), w(p + "ln2.w"), w(p + "ln2.b"), B, C,
-                          c.norm_eps, nt);
-      else
-        rmsnorm_forward(ln.data(), nullptr, x.data(), w(p + "ln2.w"), B, C, c.norm_eps, nt);
+      norm_forward(p + "ln2", ln.data(), nullptr, nullptr, x.data(), B);
       matmul_forward(fc.data(), ln.data(), w(p + "fc.w"), w_or_null(p + "fc.b"), B, C, fc_w, nt);
       if (gpt2)
         gelu_forward(act.data(), fc.data(), B * I, nt);
@@ -798,10 +785,7 @@ std::vector<int32_t> Model::generate(const ForwardArgs& a, int64_t max_new, int3
       matmul_forward(tmp.data(), act.data(), w(p + "fc2.w"), w_or_null(p + "fc2.b"), B, I, C, nt);
       residual_forward(x.data(), x.data(), tmp.data(), B * C, nt);
     }
-    if (gpt2)
-      layernorm_forward(ln.data(), nullptr, nullptr, x.data(), w("lnf.w"), w("lnf.b"), B, C, c.norm_eps, nt);
-    else
-      rmsnorm_forward(ln.data(), nullptr, x.data(), w("lnf.w"), B, C, c.norm_eps, nt);
+    norm_forward("lnf", ln.data(), nullptr, nullptr, x.data(), B);
     matmul_forward(logits.data(), ln.data(), head, nullptr, B, C, V, nt);
     argmax_rows(next);
   }

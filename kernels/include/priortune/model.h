@@ -176,6 +176,12 @@ class Model {
   void rope_tables(int64_t pos0, int64_t S, std::vector<float>& cos, std::vector<float>& sin) const;
   void check_args(const ForwardArgs& a) const;
   float attn_scale(int64_t l) const;
+  // The architecture's norm (LayerNorm for GPT-2, RMSNorm for Llama) with the weights of slot `name`
+  // ("l3.ln1", "lnf"); mean is unused by RMSNorm.
+  void norm_forward(const std::string& name, float* out, float* mean, float* rstd, const float* x,
+                    int64_t N) const;
+  void norm_backward(const std::string& name, float* dx, const float* dout, const float* x, const float* mean,
+                     const float* rstd, int64_t N, int threads) const;
   // Runs the embedding and every layer, saving what the backward needs when `states` holds one entry per
   // layer (else one reused entry). Returns the last layer's output in x and the final-norm output in xf.
   // `train` also keeps each layer's matmul inputs (norm outputs, attention output, MLP activation) for the
