@@ -8,8 +8,9 @@ import { type CollapseReference, createCollapseReference } from "./collapse.js";
 import { loadModel } from "./model.js";
 import { packageRoot } from "./native.js";
 import { createPrior, type PriorRecord } from "./priors.js";
+import { Rng } from "./rng.js";
 import { loadTask, type TaskSpec } from "./tasks.js";
-import { type EvalRecord, tune } from "./train.js";
+import { type EvalRecord, evaluatePrompt, tune } from "./train.js";
 
 export interface DemoOptions {
   /** Model directory (default: the shipped models/priortune-small). */
@@ -34,8 +35,11 @@ export interface DemoOptions {
 export interface DemoRow {
   task: string;
   prior: string;
+  /** Mean training loss over the first and the last quarter of the steps. */
   firstLoss: number;
   lastLoss: number;
+  /** Validation loss with the initial prompt (the prior's draw) and with the trained one. */
+  initialValidationLoss: number;
   validationLoss: number;
   /** Accuracy (arithmetic) or exact match (QA), 0..1. */
   score: number;
@@ -79,6 +83,10 @@ const DEMO_TASKS: Record<
     }) as TaskSpec,
 };
 
+function mean(xs: number[]): number {
+  return xs.reduce((a, b) => a + b, 0) / xs.length;
+}
+
 function median(xs: number[]): number {
   const s = [...xs].sort((a, b) => a - b);
   return s.length === 0 ? Number.NaN : s[Math.floor(s.length / 2)]!;
@@ -112,6 +120,15 @@ export async function demo(options: DemoOptions = {}): Promise<DemoRow[]> {
         const t0 = performance.now();
         const prior = await createPrior(DEMO_PRIORS[priorName]!, { model });
         const runDir = join(outDir, `${taskName}-${priorName}`);
+        // The prior's draw as tune will make it (same seed, first draw), evaluated before any training.
+        const initial = prior.sample(options.promptLength ?? 20, new Rng(o.seed));
+        const before = await evaluatePrompt({
+          model,
+          task,
+          prompt: initial,
+          batchSize: options.batchSize ?? 8,
+          scores: false,
+        });
         const losses: number[] = [];
         let lastEval: EvalRecord | undefined;
         const result = await tune({
@@ -143,8 +160,9 @@ export async function demo(options: DemoOptions = {}): Promise<DemoRow[]> {
         const row: DemoRow = {
           task: taskName,
           prior: priorName,
-          firstLoss: losses[0]!,
-          lastLoss: median(losses.slice(-5)),
+          firstLoss: mean(losses.slice(0, Math.max(1, Math.floor(losses.length / 4)))),
+          lastLoss: mean(losses.slice(-Math.max(1, Math.floor(losses.length / 4)))),
+          initialValidationLoss: before.validationLoss,
           validationLoss: lastEval?.validationLoss ?? Number.NaN,
           score: (qa ? lastEval?.exactMatch : lastEval?.accuracy) ?? Number.NaN,
           scoreName: qa ? "exact match" : "accuracy",
@@ -177,7 +195,7 @@ export function demoTables(rows: DemoRow[]): string {
       .map((r) => [
         r.task,
         `${r.firstLoss.toFixed(3)} -> ${r.lastLoss.toFixed(3)}`,
-        r.validationLoss.toFixed(3),
+        `${r.initialValidationLoss.toFixed(3)} -> ${r.validationLoss.toFixed(3)}`,
         `${(100 * r.score).toFixed(1)}% ${r.scoreName}${r.f1 !== undefined ? `, F1 ${(100 * r.f1).toFixed(1)}%` : ""}`,
         `${(100 * r.collapseRate).toFixed(0)}%`,
         r.meanNearestCosine.toFixed(3),

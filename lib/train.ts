@@ -610,6 +610,8 @@ export interface EvaluateOptions {
   step?: number;
   /** Collapse metrics of the soft prompt against this reference (created from the model when absent). */
   collapseReference?: CollapseReference;
+  /** Set false for the validation loss alone (no generation, no collapse metrics). */
+  scores?: boolean;
 }
 
 /** Mean cross-entropy on validation tokens; task metrics from greedy generation; collapse of the soft prompt. */
@@ -641,7 +643,8 @@ export async function evaluatePrompt(options: EvaluateOptions): Promise<EvalReco
     validationLoss: count ? lossSum / count : Number.NaN,
     ms: 0,
   };
-  if (task.metric !== "none" && validation.length > 0) {
+  const scores = options.scores ?? true;
+  if (scores && task.metric !== "none" && validation.length > 0) {
     let em = 0;
     let f1 = 0;
     let acc = 0;
@@ -679,7 +682,7 @@ export async function evaluatePrompt(options: EvaluateOptions): Promise<EvalReco
       record.accuracy = acc / validation.length;
     }
   }
-  if (prompt) {
+  if (scores && prompt) {
     const ref = options.collapseReference ?? (await createCollapseReference(model));
     try {
       const report = await ref.report(prompt, { perDimensionSpread: false });
