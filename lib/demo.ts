@@ -8,6 +8,7 @@ import { type CollapseReference, createCollapseReference } from "./collapse.js";
 import { loadModel } from "./model.js";
 import { packageRoot } from "./native.js";
 import { createPrior, type PriorRecord } from "./priors.js";
+import { buildReport } from "./report.js";
 import { Rng } from "./rng.js";
 import { loadTask, type TaskSpec } from "./tasks.js";
 import { type EvalRecord, evaluatePrompt, tune } from "./train.js";
@@ -29,6 +30,8 @@ export interface DemoOptions {
   /** Which tasks and priors (default all). */
   tasks?: ("arithmetic" | "qa")[];
   priors?: ("gaussian" | "fitted-gaussian" | "exclusion")[];
+  /** Write the comparison report (report/report.html and figures) after the runs (default true). */
+  report?: boolean;
   log?: (line: string) => void;
 }
 
@@ -177,6 +180,21 @@ export async function demo(options: DemoOptions = {}): Promise<DemoRow[]> {
         rows.push(row);
         log(`  ${taskName} / ${priorName}: done in ${row.seconds.toFixed(0)} s`);
       }
+    }
+    if (options.report ?? true) {
+      const t0 = performance.now();
+      const out = await buildReport(
+        rows.map((r) => r.runDir),
+        {
+          outDir: join(outDir, "report"),
+          title: "priortune demo: priors and posteriors on the shipped model",
+          model,
+          activations: { texts: 32 },
+          seed: o.seed,
+          onProgress: (m) => log(`  report: ${m}`),
+        },
+      );
+      log(`report ${out.html} (${((performance.now() - t0) / 1e3).toFixed(0)} s)`);
     }
   } finally {
     reference?.dispose();
