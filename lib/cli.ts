@@ -91,7 +91,7 @@ export async function main(argv: string[]): Promise<void> {
     )
     .option("--model <dir>", "model directory (default: the shipped models/priortune-small)")
     .option("--out <dir>", "where the run directories go (default runs/demo-<time>)")
-    .option("--steps <n>", "optimizer steps per run", (v) => Number.parseInt(v, 10), 120)
+    .option("--steps <n>", "optimizer steps per run", (v) => Number.parseInt(v, 10), 300)
     .option("--threads <n>", "CPU threads (default: all cores)", (v) => Number.parseInt(v, 10))
     .option("--json", "print the result rows as JSON")
     .action(async (o: { model?: string; out?: string; steps: number; threads?: number; json?: boolean }) => {

@@ -18,7 +18,7 @@ export interface DemoOptions {
   modelDir?: string;
   /** Where the run directories go (default runs/demo-<time>). */
   outDir?: string;
-  /** Optimizer steps per run (default 120). */
+  /** Optimizer steps per run (default 300). */
   steps?: number;
   promptLength?: number;
   batchSize?: number;
@@ -98,7 +98,7 @@ function median(xs: number[]): number {
 export async function demo(options: DemoOptions = {}): Promise<DemoRow[]> {
   const log = options.log ?? ((line: string) => process.stderr.write(`${line}\n`));
   const modelDir = resolve(options.modelDir ?? join(packageRoot(), "models", "priortune-small"));
-  const steps = options.steps ?? 120;
+  const steps = options.steps ?? 300;
   const o = {
     trainCount: options.trainCount ?? 512,
     validationCount: options.validationCount ?? 32,
