@@ -10,7 +10,19 @@
 import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { checkInteger } from "./knn.js";
-import type { Model } from "./model.js";
+import type { ForwardOptions, ForwardOutput } from "./model.js";
+
+/** What activation capture needs of a model (lib/model.ts's Model has all of it). */
+export interface ActivationModel {
+  readonly config: { hiddenSize: number; vocabSize: number; numLayers: number; maxPositions: number };
+  readonly tokenizer: {
+    encode(text: string, options?: { addSpecialTokens?: boolean }): number[];
+    tokenToId?(token: string): number | undefined;
+  } | null;
+  readonly dir?: string;
+  forward(options: ForwardOptions): Promise<Pick<ForwardOutput, "hiddenStates">>;
+}
+
 import { readTensors, type TensorToWrite, writeSafetensors } from "./safetensors.js";
 import { endOfText } from "./train.js";
 
@@ -189,7 +201,7 @@ export function loadActivations(dir: string): ActivationSet {
  * Returns the rows in input order, in memory or (with outDir) on disk; see CaptureOptions.
  */
 export async function captureActivations(
-  model: Model,
+  model: ActivationModel,
   inputs: readonly (string | ArrayLike<number>)[],
   options: CaptureOptions,
 ): Promise<ActivationSet> {
@@ -326,7 +338,7 @@ export async function captureActivations(
         hiddenStates: layers,
         logits: false,
       });
-      const positions = out.positions;
+      const positions = out.hiddenStates[0]!.length / (batch.length * d); // prompt + sequence rows
       layers.forEach((l, li) => {
         const h = out.hiddenStates[li];
         batch.forEach((t, b) => {

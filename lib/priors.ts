@@ -11,6 +11,7 @@ import { createHash } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { resolve } from "node:path";
 import { gunzipSync } from "node:zlib";
+import { captureActivations } from "./activations.js";
 import {
   checkCount,
   type Energy,
@@ -630,7 +631,8 @@ export interface ActivationOptions {
 
 /**
  * Hidden states of `model` at one layer over a dataset of texts: rows x hiddenSize, one row per text (mean
- * pooling) or per token (token pooling), in the texts' order. Right padding is masked out.
+ * pooling) or per token (token pooling), in the texts' order. Right padding is masked out. A thin view of
+ * lib/activations.ts's captureActivations (one layer, in memory).
  */
 export async function datasetActivations(
   model: PriorModel,
@@ -652,55 +654,20 @@ export async function datasetActivations(
     throw new RangeError(`batchSize: expected a positive integer, got ${shown(batchSize)}`);
   if (!model.tokenizer) throw new TypeError("model: has no tokenizer (needed to compute activations)");
   if (texts.length === 0) throw new RangeError("texts: expected at least one text");
-  const ids = texts.map((t, i) => {
+  texts.forEach((t, i) => {
     if (typeof t !== "string") throw new TypeError(`texts[${i}]: expected a string, got ${shown(t)}`);
-    const e = model.tokenizer!.encode(t, { addSpecialTokens: options.addSpecialTokens ?? true });
-    if (e.length === 0) throw new RangeError(`texts[${i}]: the tokenizer gives no tokens for it`);
-    return e.slice(0, maxLength);
   });
-  const d = c.hiddenSize;
-  const offsets = new Int32Array(texts.length + 1);
-  for (let i = 0; i < texts.length; i++)
-    offsets[i + 1] = offsets[i] + (pooling === "token" ? ids[i].length : 1);
-  const rows = new Float32Array(offsets[texts.length] * d);
-  const order = ids.map((_, i) => i).sort((a, b) => ids[a].length - ids[b].length || a - b);
-  const sum = new Float64Array(d);
-  let tokens = 0;
-  for (let start = 0; start < order.length; start += batchSize) {
-    const batch = order.slice(start, start + batchSize);
-    const seqLen = Math.max(...batch.map((i) => ids[i].length));
-    const inputIds = new Int32Array(batch.length * seqLen);
-    const attentionMask = new Uint8Array(batch.length * seqLen);
-    batch.forEach((t, b) => {
-      inputIds.set(ids[t], b * seqLen);
-      attentionMask.fill(1, b * seqLen, b * seqLen + ids[t].length);
-    });
-    const out = await model.forward({
-      inputIds,
-      batch: batch.length,
-      seqLen,
-      attentionMask,
-      hiddenStates: [layer],
-      logits: false,
-    });
-    const h = out.hiddenStates[0];
-    const positions = h.length / (batch.length * d);
-    const first = positions - seqLen; // prompt positions, if any, come first
-    batch.forEach((t, b) => {
-      const len = ids[t].length;
-      tokens += len;
-      const base = (b * positions + first) * d;
-      if (pooling === "token") {
-        rows.set(h.subarray(base, base + len * d), offsets[t] * d);
-        return;
-      }
-      sum.fill(0);
-      for (let p = 0; p < len; p++) for (let j = 0; j < d; j++) sum[j] += h[base + p * d + j];
-      for (let j = 0; j < d; j++) rows[offsets[t] * d + j] = sum[j] / len;
-    });
-    options.onProgress?.(Math.min(order.length, start + batchSize), order.length);
-  }
-  return { rows, count: offsets[texts.length], tokens };
+  const set = await captureActivations(model, texts, {
+    layers: [layer],
+    pooling,
+    maxLength,
+    batchSize,
+    chunkTexts: texts.length,
+    addSpecialTokens: options.addSpecialTokens ?? true,
+    onProgress: options.onProgress ? (p) => options.onProgress!(p.texts, p.total) : undefined,
+  });
+  const rows = pooling === "token" ? set.tokens(layer) : set.mean(layer);
+  return { rows, count: rows.length / c.hiddenSize, tokens: set.index.tokens };
 }
 
 /** m distinct indices of [0, n) chosen with `rng`, ascending. */

@@ -701,9 +701,11 @@ export async function evaluatePrompt(options: EvaluateOptions): Promise<EvalReco
 }
 
 /** The tokenizer's end-of-text token, if it has one of the usual names. */
-export function endOfText(model: Model): number | undefined {
+export function endOfText(model: {
+  readonly tokenizer: { tokenToId?(token: string): number | undefined } | null;
+}): number | undefined {
   const t = model.tokenizer;
-  if (!t) return undefined;
+  if (!t?.tokenToId) return undefined;
   for (const name of ["<|endoftext|>", "<|end_of_text|>", "</s>", "<|eot_id|>"]) {
     const id = t.tokenToId(name);
     if (id !== undefined) return id;
