@@ -2,7 +2,7 @@
 """Generate the golden test fixtures of priortune (test/fixtures/).
 
 How to run (from the repository root; needs torch (CPU is fine), transformers 5.x,
-peft, safetensors and tokenizers, e.g. the venv at /opt/ptv):
+peft, safetensors and tokenizers, e.g. in a virtual environment):
 
     /path/to/python scripts/make_fixtures.py
     # optional arguments (defaults shown, relative to the repository root):
