@@ -401,6 +401,17 @@ void Model::norm_backward(const std::string& name, float* dx, const float* dout,
     rmsnorm_backward(dx, dout, x, w(name + ".w"), rstd, N, cfg_.hidden, threads);
 }
 
+void Model::norm_backward_with_weights(const std::string& name, float* dx, const float* dout, const float* x,
+                                       const float* mean, const float* rstd, int64_t N) {
+  const int64_t C = cfg_.hidden;
+  if (cfg_.arch == Arch::GPT2)
+    layernorm_backward_weights(grad_of(name + ".w"), grad_of(name + ".b"), dout, x, mean, rstd, N, C,
+                               cfg_.threads);
+  else
+    rmsnorm_backward_weights(grad_of(name + ".w"), dout, x, rstd, N, C, cfg_.threads);
+  norm_backward(name, dx, dout, x, mean, rstd, N, cfg_.threads);
+}
+
 float Model::attn_scale(int64_t l) const {
   float scale = 1.0f / std::sqrt(static_cast<float>(cfg_.head_dim));
   if (cfg_.arch == Arch::GPT2 && cfg_.scale_attn_by_inverse_layer_idx) scale /= static_cast<float>(l + 1);
@@ -877,14 +888,8 @@ void Model::layer_backward_weights(int64_t l, const ForwardArgs& a, LayerState& 
   matmul_backward_weights(grad_of(p + "fc.w"), grad_or_null(p + "fc.b"), dfc, st.ln2.data(), N, C, fc_w, nt);
   float* dln = sized(sc.dln, N * C);
   matmul_backward(dln, dfc, w(p + "fc.w"), N, C, fc_w, 0.0f, nt);
-  if (gpt2) {
-    layernorm_backward_weights(grad_of(p + "ln2.w"), grad_of(p + "ln2.b"), dln, st.x_mid.data(),
-                               st.mean2.data(), st.rstd2.data(), N, C, nt);
-    layernorm_backward(dx, dln, st.x_mid.data(), w(p + "ln2.w"), st.mean2.data(), st.rstd2.data(), N, C, nt);
-  } else {
-    rmsnorm_backward_weights(grad_of(p + "ln2.w"), dln, st.x_mid.data(), st.rstd2.data(), N, C, nt);
-    rmsnorm_backward(dx, dln, st.x_mid.data(), w(p + "ln2.w"), st.rstd2.data(), N, C, nt);
-  }
+  norm_backward_with_weights(p + "ln2", dx, dln, st.x_mid.data(), gpt2 ? st.mean2.data() : nullptr,
+                             st.rstd2.data(), N);
   // Attention: x_mid = x_in + proj(attn(rope(qkv(norm1(x_in))))); dx becomes d x_in.
   float* datt = sized(sc.datt, N * H * hd);
   matmul_backward(datt, dx, w(p + "proj.w"), N, H * hd, C, 0.0f, nt);
@@ -900,14 +905,8 @@ void Model::layer_backward_weights(int64_t l, const ForwardArgs& a, LayerState& 
   matmul_backward_weights(grad_of(p + "qkv.w"), grad_or_null(p + "qkv.b"), dqkv, st.ln1.data(), N, C, qkv_w,
                           nt);
   matmul_backward(dln, dqkv, w(p + "qkv.w"), N, C, qkv_w, 0.0f, nt);
-  if (gpt2) {
-    layernorm_backward_weights(grad_of(p + "ln1.w"), grad_of(p + "ln1.b"), dln, st.x_in.data(),
-                               st.mean1.data(), st.rstd1.data(), N, C, nt);
-    layernorm_backward(dx, dln, st.x_in.data(), w(p + "ln1.w"), st.mean1.data(), st.rstd1.data(), N, C, nt);
-  } else {
-    rmsnorm_backward_weights(grad_of(p + "ln1.w"), dln, st.x_in.data(), st.rstd1.data(), N, C, nt);
-    rmsnorm_backward(dx, dln, st.x_in.data(), w(p + "ln1.w"), st.rstd1.data(), N, C, nt);
-  }
+  norm_backward_with_weights(p + "ln1", dx, dln, st.x_in.data(), gpt2 ? st.mean1.data() : nullptr,
+                             st.rstd1.data(), N);
 }
 
 TrainStats Model::train_grads_locked(const ForwardArgs& a) {
@@ -965,15 +964,8 @@ TrainStats Model::train_grads_locked(const ForwardArgs& a) {
   // Final norm, every layer top down, then the embedding tables.
   std::vector<float>& dx = ws.dx;
   dx.assign(N * C, 0.0f);
-  if (gpt2) {
-    layernorm_backward_weights(grad_of("lnf.w"), grad_of("lnf.b"), dxf, ws.x.data(), ws.lnf_mean.data(),
-                               ws.lnf_rstd.data(), N, C, nt);
-    layernorm_backward(dx.data(), dxf, ws.x.data(), w("lnf.w"), ws.lnf_mean.data(), ws.lnf_rstd.data(), N, C,
-                       nt);
-  } else {
-    rmsnorm_backward_weights(grad_of("lnf.w"), dxf, ws.x.data(), ws.lnf_rstd.data(), N, C, nt);
-    rmsnorm_backward(dx.data(), dxf, ws.x.data(), w("lnf.w"), ws.lnf_rstd.data(), N, C, nt);
-  }
+  norm_backward_with_weights("lnf", dx.data(), dxf, ws.x.data(), gpt2 ? ws.lnf_mean.data() : nullptr,
+                             ws.lnf_rstd.data(), N);
   for (int64_t l = c.layers - 1; l >= 0; --l) layer_backward_weights(l, a, ws.states[l], ws.sc, dx.data());
   embedding_backward_weights(grad_of("tok_emb"), gpt2 ? grad_of("pos_emb") : nullptr, dx.data(), a.ids, 0, 0,
                              B, T, C, nt);

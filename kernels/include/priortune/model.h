@@ -182,6 +182,9 @@ class Model {
                     int64_t N) const;
   void norm_backward(const std::string& name, float* dx, const float* dout, const float* x, const float* mean,
                      const float* rstd, int64_t N, int threads) const;
+  // Training: also adds the norm's weight (and bias) gradients (+=) into their gradient buffers.
+  void norm_backward_with_weights(const std::string& name, float* dx, const float* dout, const float* x,
+                                  const float* mean, const float* rstd, int64_t N);
   // Runs the embedding and every layer, saving what the backward needs when `states` holds one entry per
   // layer (else one reused entry). Returns the last layer's output in x and the final-norm output in xf.
   // `train` also keeps each layer's matmul inputs (norm outputs, attention output, MLP activation) for the
