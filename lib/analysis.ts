@@ -6,7 +6,7 @@
 import { existsSync, readFileSync } from "node:fs";
 import { availableParallelism } from "node:os";
 import { join } from "node:path";
-import { GaussianPrior } from "./gaussian.js";
+import { fitGaussianPrior, GaussianPrior } from "./gaussian.js";
 import { checkFloat32, checkInteger, rowCount } from "./knn.js";
 import { addon } from "./native.js";
 import { Rng } from "./rng.js";
@@ -69,21 +69,12 @@ export async function fitGaussian(
   const ridgeRelative = options.ridgeRelative ?? 1e-3;
   const ridgeAbsolute = options.ridgeAbsolute ?? 0;
   const shrinkage = options.shrinkage ?? 0;
-  const fit = await addon().priorGaussianFit(
+  return fitGaussianPrior(
     rows,
     dim,
-    { shrinkage, ridgeAbsolute, ridgeRelative, keepCovariance: true },
+    { shrinkage, ridgeAbsolute, ridgeRelative },
     threads,
-  );
-  return new GaussianPrior({
-    kind: "fitted-gaussian",
-    dim,
-    mean: fit.mean,
-    sigma: null,
-    cholesky: fit.cholesky,
-    covariance: fit.covariance,
-    logDet: fit.logDet,
-    record: {
+    {
       kind: "fitted-gaussian",
       source: "rows",
       name: options.name ?? null,
@@ -92,9 +83,8 @@ export async function fitGaussian(
       jitter: ridgeAbsolute > 0 ? ridgeAbsolute : ridgeRelative,
       jitterMode: ridgeAbsolute > 0 ? "absolute" : "relative",
     },
-    stats: { fittedRows: n, ridge: fit.ridge, meanVariance: fit.meanVariance },
-    threads,
-  });
+    (fit) => ({ fittedRows: n, ridge: fit.ridge, meanVariance: fit.meanVariance }),
+  );
 }
 
 function momentsOf(name: string, g: GaussianLike): GaussianMoments {

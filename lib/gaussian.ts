@@ -50,6 +50,38 @@ export interface GaussianInit {
 }
 
 /**
+ * A full-covariance Gaussian fitted natively to `rows` (dim wide), regularised as `regularisation` says (see
+ * prior.h): the one fit behind the fitted-gaussian prior and the analyses' per-dataset Gaussians.
+ */
+export async function fitGaussianPrior(
+  rows: Float32Array,
+  dim: number,
+  regularisation: { shrinkage: number; ridgeAbsolute: number; ridgeRelative: number },
+  threads: number,
+  record: PriorRecord,
+  stats: (fit: {
+    ridge: number;
+    meanVariance: number;
+    covarianceSeconds: number;
+    choleskySeconds: number;
+  }) => Record<string, number>,
+): Promise<GaussianPrior> {
+  const fit = await addon().priorGaussianFit(rows, dim, { ...regularisation, keepCovariance: true }, threads);
+  return new GaussianPrior({
+    kind: "fitted-gaussian",
+    dim,
+    mean: fit.mean,
+    sigma: null,
+    cholesky: fit.cholesky,
+    covariance: fit.covariance,
+    logDet: fit.logDet,
+    record,
+    stats: stats(fit),
+    threads,
+  });
+}
+
+/**
  * N(mean, Sigma) in `dim` dimensions, isotropic (Sigma = sigma^2 I) or full (Sigma = L L^T). sample() draws
  * mean + L z row by row; logProb() is the exact log-density; energy() is 0.5 (x - mu)^T Sigma^-1 (x - mu) per
  * row, summed, with its gradient Sigma^-1 (x - mu): the prior-nll regulariser.

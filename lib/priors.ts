@@ -16,6 +16,7 @@ import {
   checkCount,
   type Energy,
   ExclusionPrior,
+  fitGaussianPrior,
   GaussianPrior,
   rowsOf,
   standardNormals,
@@ -939,36 +940,25 @@ async function buildFittedGaussian(f: Fields, res: Resources): Promise<Prior> {
   const jitterMode = f.string("jitterMode", "relative", ["relative", "absolute"] as const);
   const shrinkage = f.number("shrinkage", 0, { min: 0, max: 1 });
   res.progress(`fitting a ${dim}-dimensional Gaussian to ${rows} rows`);
-  const fit = await addon().priorGaussianFit(
+  Object.assign(record, { rows: rowsWanted, seed, jitter, jitterMode, shrinkage });
+  return fitGaussianPrior(
     fitRows,
     dim,
     {
       shrinkage,
       ridgeAbsolute: jitterMode === "absolute" ? jitter : 0,
       ridgeRelative: jitterMode === "relative" ? jitter : 0,
-      keepCovariance: true,
     },
     res.threads,
-  );
-  Object.assign(record, { rows: rowsWanted, seed, jitter, jitterMode, shrinkage });
-  return new GaussianPrior({
-    kind: "fitted-gaussian",
-    dim,
-    mean: fit.mean,
-    sigma: null,
-    cholesky: fit.cholesky,
-    covariance: fit.covariance,
-    logDet: fit.logDet,
     record,
-    stats: {
+    (fit) => ({
       fittedRows: rows,
       ridge: fit.ridge,
       meanVariance: fit.meanVariance,
       covarianceSeconds: fit.covarianceSeconds,
       choleskySeconds: fit.choleskySeconds,
-    },
-    threads: res.threads,
-  });
+    }),
+  );
 }
 
 async function gaussianPart(f: Fields, key: string, fallback: PriorRecord | undefined, res: Resources) {
