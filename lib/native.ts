@@ -4,6 +4,7 @@ import { existsSync, readFileSync } from "node:fs";
 import { createRequire } from "node:module";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
+import type { ModelConfig } from "./config.js";
 
 export interface CudaInfo {
   compiled: boolean;
@@ -15,20 +16,24 @@ export interface CudaInfo {
   totalMemory: number;
 }
 
-export interface NativeModelConfig {
-  architecture: "gpt2" | "llama";
-  vocabSize: number;
-  hiddenSize: number;
-  numLayers: number;
-  numHeads: number;
-  numKvHeads: number;
-  headDim: number;
-  intermediateSize: number;
-  maxPositions: number;
-  normEps: number;
-  tiedHead: boolean;
-  attentionBias: boolean;
-  mlpBias: boolean;
+/** What the native model is built from: the parsed config's sizes plus the flattened RoPE settings. */
+export interface NativeModelConfig
+  extends Pick<
+    ModelConfig,
+    | "architecture"
+    | "vocabSize"
+    | "hiddenSize"
+    | "numLayers"
+    | "numHeads"
+    | "numKvHeads"
+    | "headDim"
+    | "intermediateSize"
+    | "maxPositions"
+    | "normEps"
+    | "tiedHead"
+    | "attentionBias"
+    | "mlpBias"
+  > {
   scaleAttnByInverseLayerIdx: boolean;
   ropeTheta: number;
   ropeType: string;
