@@ -1,6 +1,6 @@
 // Backend choice at run time. One addon binary serves every machine: CUDA is used only when this build
 // has CUDA kernels for the requested work and a usable device answers the probe.
-import { addon, type CudaInfo } from "./native.js";
+import { addon, type CudaInfo, type CudaOpCheck } from "./native.js";
 
 export type BackendChoice = "auto" | "cpu" | "cuda";
 export type Backend = "cpu" | "cuda";
@@ -18,13 +18,23 @@ export function cudaStatus(): CudaInfo {
 }
 
 /**
- * Resolves a backend request for whole-model work. `modelKernels` says whether this build has CUDA kernels
- * for the model (they arrive with the CUDA backend; until then "cuda" is refused with the reason).
+ * Runs every CUDA op against its CPU reference on device 0 (random inputs, fixed seeds): one row per op and
+ * shape with the error relative to the output's scale and the tolerance it must meet. Rejects without a
+ * usable device.
+ */
+export function cudaSelfTest(): Promise<CudaOpCheck[]> {
+  const info = cudaStatus();
+  if (!info.usable) return Promise.reject(new Error(`CUDA self-test: ${info.reason}`));
+  return addon().cudaSelfTest();
+}
+
+/**
+ * Resolves a backend request for whole-model work: "cuda" when this build has the CUDA model kernels and a
+ * usable device answers the probe; "auto" falls back to the CPU with the reason logged.
  */
 export function resolveBackend(
   choice: BackendChoice | undefined,
   logger: Logger = defaultLogger,
-  modelKernels = false,
 ): { backend: Backend; reason: string } {
   const requested = choice ?? "auto";
   if (requested !== "auto" && requested !== "cpu" && requested !== "cuda") {
@@ -34,8 +44,8 @@ export function resolveBackend(
   const cuda = cudaStatus();
   let why = "";
   if (!cuda.usable) why = cuda.reason;
-  else if (!modelKernels)
-    why = `CUDA device ${cuda.name} found, but this version has no CUDA model kernels yet`;
+  else if (!cuda.modelKernels)
+    why = `CUDA device ${cuda.name} found, but this build has no CUDA model kernels`;
   if (!why)
     return {
       backend: "cuda",

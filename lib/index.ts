@@ -38,7 +38,7 @@ export {
   trajectoryStatistics,
   welchTTest,
 } from "./analysis.js";
-export { type Backend, type BackendChoice, cudaStatus, resolveBackend } from "./backend.js";
+export { type Backend, type BackendChoice, cudaSelfTest, cudaStatus, resolveBackend } from "./backend.js";
 export {
   CollapseReference,
   type CollapseReferenceOptions,
@@ -89,8 +89,12 @@ export {
   loadModel,
   Model,
   type ModelConfig,
+  type PromptBatch,
+  type PromptStepResult,
+  PromptTrainer,
+  type PromptTrainerOptions,
 } from "./model.js";
-export type { DeepPrompts } from "./native.js";
+export type { CudaOpCheck, CudaPrecision, DeepPrompts, DeviceMemory } from "./native.js";
 export { AdamW, type AdamWOptions, promptGrads, promptTensors } from "./optim.js";
 export {
   barSpec,

@@ -4,7 +4,15 @@ import { availableParallelism } from "node:os";
 import { join, resolve } from "node:path";
 import { type Backend, type BackendChoice, defaultLogger, type Logger, resolveBackend } from "./backend.js";
 import { loadPlan, type ModelConfig, nativeConfig, parameterCount, parseConfig } from "./config.js";
-import { addon, type DeepPrompts, type NativeForwardArgs, type NativeModel } from "./native.js";
+import {
+  addon,
+  type CudaPrecision,
+  type DeepPrompts,
+  type DeviceMemory,
+  type NativeForwardArgs,
+  type NativeModel,
+} from "./native.js";
+import { AdamW, type AdamWOptions, promptGrads, promptTensors } from "./optim.js";
 import { listModelTensors } from "./safetensors.js";
 import { loadTokenizer, type Tokenizer } from "./tokenizer.js";
 import {
@@ -24,6 +32,136 @@ export interface LoadOptions {
   /** CPU threads; default: all available cores. */
   threads?: number;
   logger?: Logger;
+  /**
+   * CUDA matrix-product precision: "bf16" (default; tensor cores, weights stored in bf16 on the device),
+   * "tf32", or "fp32" (CUDA cores; the verification path). Ignored on the CPU.
+   */
+  precision?: CudaPrecision;
+  /** Replay repeated training steps as CUDA graphs (default true). Ignored on the CPU. */
+  cudaGraphs?: boolean;
+}
+
+/** A batch for PromptTrainer.step: token ids with labels (the trainer supplies the prompts). */
+export type PromptBatch = Omit<LossAndGradOptions, "prompt" | "deepPrompts">;
+
+export interface PromptTrainerOptions extends AdamWOptions {
+  /** Clip the global gradient norm (over every trainable tensor) to this before the update; 0 = none. */
+  maxGradNorm?: number;
+}
+
+export interface PromptStepResult {
+  loss: number;
+  labelCount: number;
+  /** Global L2 norm of the gradients before clipping. */
+  gradNorm: number;
+  /** AdamW steps taken so far. */
+  step: number;
+}
+
+/**
+ * One loss + gradient + AdamW step per call on prompt tensors the trainer owns. On CUDA the tensors, their
+ * gradients and AdamW's moments stay on the device and a repeated step shape replays a CUDA graph; on the
+ * CPU the same update runs through lossAndGrad and the native AdamW (the reference).
+ */
+export class PromptTrainer {
+  readonly #model: Model;
+  readonly #native: NativeModel | null;
+  readonly #tensors: { prompt?: Float32Array; deepPrompts?: DeepPrompts };
+  readonly #adamw: AdamW | null;
+  readonly #options: Required<Omit<PromptTrainerOptions, "lr">> & { lr: number };
+  #steps = 0;
+
+  /** Use Model.promptTrainer. */
+  constructor(
+    model: Model,
+    native: NativeModel | null,
+    tensors: { prompt?: Float32Array; deepPrompts?: DeepPrompts },
+    options: PromptTrainerOptions,
+  ) {
+    this.#model = model;
+    this.#native = native;
+    const { lr, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weightDecay = 0.01, maxGradNorm = 0 } = options;
+    if (typeof maxGradNorm !== "number" || !Number.isFinite(maxGradNorm) || maxGradNorm < 0)
+      throw new RangeError(`maxGradNorm: expected a finite number >= 0, got ${maxGradNorm}`);
+    this.#options = { lr, beta1, beta2, eps, weightDecay, maxGradNorm };
+    this.#tensors = tensors;
+    // The CPU path owns copies of the tensors; on CUDA they live on the device (AdamW validates the settings).
+    const adamw = new AdamW(promptTensors(tensors.prompt, tensors.deepPrompts), {
+      lr,
+      beta1,
+      beta2,
+      eps,
+      weightDecay,
+    });
+    this.#adamw = native ? null : adamw;
+  }
+
+  get steps(): number {
+    return this.#steps;
+  }
+
+  /** One step on `batch`; `lr` overrides the learning rate for this step (schedules). */
+  async step(batch: PromptBatch, lr = this.#options.lr): Promise<PromptStepResult> {
+    if (typeof lr !== "number" || !Number.isFinite(lr) || lr < 0)
+      throw new RangeError(`lr: expected a finite number >= 0, got ${lr}`);
+    const o = this.#options;
+    if (this.#native) {
+      const args = checkCallArgs(this.#model.config, batch);
+      if (args.labels === undefined)
+        throw new TypeError("labels: expected an Int32Array (required for a step)");
+      const r = await this.#native.promptStep(
+        { ...args, labels: args.labels },
+        {
+          lr,
+          beta1: o.beta1,
+          beta2: o.beta2,
+          eps: o.eps,
+          weightDecay: o.weightDecay,
+          maxGradNorm: o.maxGradNorm,
+        },
+      );
+      this.#steps = r.step;
+      return r;
+    }
+    const g = await this.#model.lossAndGrad({ ...batch, ...this.#tensors } as LossAndGradOptions);
+    const grads = promptGrads(g);
+    let sq = 0;
+    for (const t of grads) for (let i = 0; i < t.length; i++) sq += t[i]! * t[i]!;
+    const gradNorm = Math.sqrt(sq);
+    if (!Number.isFinite(gradNorm))
+      throw new Error(`prompt step: the gradient is not finite (loss ${g.loss})`);
+    if (o.maxGradNorm > 0) {
+      const coef = o.maxGradNorm / (gradNorm + 1e-6);
+      if (coef < 1)
+        for (const t of grads) for (let i = 0; i < t.length; i++) t[i] = Math.fround(t[i]! * coef);
+    }
+    this.#adamw!.step(grads, lr);
+    this.#steps = this.#adamw!.stepCount;
+    return { loss: g.loss, labelCount: g.labelCount, gradNorm, step: this.#steps };
+  }
+
+  /** Copies of the current tensors. */
+  async tensors(): Promise<{ prompt?: Float32Array; deepPrompts?: DeepPrompts }> {
+    if (this.#native) return this.#native.trainables();
+    const copy = (a: Float32Array) => a.slice();
+    const d = this.#tensors.deepPrompts;
+    return {
+      ...(this.#tensors.prompt ? { prompt: copy(this.#tensors.prompt) } : {}),
+      ...(d
+        ? {
+            deepPrompts:
+              d.kind === "hidden"
+                ? { kind: "hidden", layers: [...d.layers], vectors: d.vectors.map(copy) }
+                : {
+                    kind: "prefix",
+                    layers: [...d.layers],
+                    keys: d.keys.map(copy),
+                    values: d.values.map(copy),
+                  },
+          }
+        : {}),
+    };
+  }
 }
 
 export interface ForwardOptions {
@@ -211,6 +349,49 @@ export class Model {
     return native.generate(args, maxNew, eos);
   }
 
+  /** Device memory held by this model on CUDA (null on the CPU backend). */
+  deviceMemory(): DeviceMemory | null {
+    return this.backend === "cuda" ? this.#live().deviceMemory() : null;
+  }
+
+  /**
+   * A trainer for the given prompt tensors (copied: the caller's arrays are not modified). See PromptTrainer.
+   */
+  async promptTrainer(
+    init: { prompt?: Float32Array; deepPrompts?: DeepPrompts },
+    options: PromptTrainerOptions,
+  ): Promise<PromptTrainer> {
+    const native = this.#live();
+    if (init?.prompt === undefined && init?.deepPrompts === undefined)
+      throw new TypeError("promptTrainer: give a prompt and/or deepPrompts to train");
+    // Validates the tensors' shapes against the config (a one-token dummy batch).
+    checkCallArgs(this.config, { inputIds: new Int32Array(1), batch: 1, seqLen: 1, ...init });
+    const copy = (a: Float32Array) => a.slice();
+    const d = init.deepPrompts;
+    const tensors = {
+      ...(init.prompt ? { prompt: copy(init.prompt) } : {}),
+      ...(d
+        ? {
+            deepPrompts:
+              d.kind === "hidden"
+                ? ({ kind: "hidden", layers: [...d.layers], vectors: d.vectors.map(copy) } as DeepPrompts)
+                : ({
+                    kind: "prefix",
+                    layers: [...d.layers],
+                    keys: d.keys.map(copy),
+                    values: d.values.map(copy),
+                  } as DeepPrompts),
+          }
+        : {}),
+    };
+    if (this.backend === "cuda") {
+      const trainer = new PromptTrainer(this, native, tensors, options);
+      await native.setTrainables(tensors);
+      return trainer;
+    }
+    return new PromptTrainer(this, null, tensors, options);
+  }
+
   /** Frees the native memory now (otherwise it goes with the garbage collector). Safe to call twice. */
   dispose(): void {
     if (this.#disposed) return;
@@ -235,6 +416,16 @@ export async function loadModel(dirArg: string, options: LoadOptions = {}): Prom
   try {
     await native.loadTensors(entries);
     native.checkComplete();
+    if (backend === "cuda") {
+      const precision = options.precision ?? "bf16";
+      if (precision !== "bf16" && precision !== "tf32" && precision !== "fp32")
+        throw new TypeError(`precision: expected "bf16", "tf32" or "fp32", got ${JSON.stringify(precision)}`);
+      const mem = await native.attachCuda({ precision, graphs: options.cudaGraphs ?? true });
+      logger(
+        "info",
+        `CUDA: ${mem.device}, ${precision} weights ${(mem.weightBytes / 2 ** 20).toFixed(1)} MiB on the device`,
+      );
+    }
   } catch (e) {
     native.dispose();
     throw e;

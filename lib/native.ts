@@ -14,6 +14,8 @@ export interface CudaInfo {
   name: string;
   computeCapability: string;
   totalMemory: number;
+  /** This build has the CUDA model kernels (kernels/cuda). */
+  modelKernels: boolean;
 }
 
 /** What the native model is built from: the parsed config's sizes plus the flattened RoPE settings. */
@@ -476,3 +478,54 @@ export interface Addon {
   ): Promise<{ mean: Float64Array; covariance: Float64Array }>;
 }
 // --- end analyses ---
+
+// --- CUDA backend (kernels/cuda/model.cu, native/model.cpp "CUDA backend") ---
+
+export type CudaPrecision = "bf16" | "tf32" | "fp32";
+
+export interface DeviceMemory {
+  device: string;
+  precision: CudaPrecision;
+  /** Bytes of weights on the device. */
+  weightBytes: number;
+  /** Bytes of activations, scratch and device-resident trainables held now. */
+  workspaceBytes: number;
+  deviceFreeBytes: number;
+  deviceTotalBytes: number;
+}
+
+/** One CUDA op compared with its CPU reference: err = max |gpu - cpu| / max |cpu|, pass = err <= tol. */
+export interface CudaOpCheck {
+  op: string;
+  shape: string;
+  err: number;
+  tol: number;
+  pass: boolean;
+  note: string;
+}
+
+export interface NativeModel {
+  /** Uploads the weights to CUDA device 0; forward and lossAndGrad then run there. */
+  attachCuda(options: { precision?: CudaPrecision; graphs?: boolean }): Promise<DeviceMemory>;
+  deviceMemory(): DeviceMemory;
+  /** Device-resident trainables for promptStep (AdamW state reset). */
+  setTrainables(t: { prompt?: Float32Array; deepPrompts?: DeepPrompts }): Promise<void>;
+  trainables(): Promise<{ prompt?: Float32Array; deepPrompts?: DeepPrompts }>;
+  /** Loss, gradients and one AdamW step of the device-resident trainables, on the device. */
+  promptStep(
+    args: NativeForwardArgs & { labels: Int32Array },
+    adamw: NativeAdamWOptions,
+  ): Promise<{ loss: number; labelCount: number; gradNorm: number; step: number }>;
+}
+
+export interface Addon {
+  /** Every CUDA op against its CPU reference on device 0 (rejects without a usable device). */
+  cudaSelfTest(): Promise<CudaOpCheck[]>;
+  /** Median ms of the device GEMM C[M, N] = A[M, K] . B[N, K]^T on random operands (CUDA events). */
+  cudaGemmBench(precision: CudaPrecision, M: number, N: number, K: number, iters: number): Promise<number>;
+}
+
+export interface NativeModel {
+  /** Synthetic weights for benchmarks: uniform values of standard deviation std, norm weights 1, biases 0. */
+  fillRandom(seed: number, std: number): Promise<void>;
+}

@@ -10,6 +10,7 @@
 
 #include "common.h"
 #include "modules.h"
+#include "priortune/cuda_model.h"
 
 namespace ptn {
 namespace {
@@ -58,7 +59,14 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
                         InstanceMethod("exportTensors", &ModelWrap::ExportTensors),
                         InstanceMethod("importTensors", &ModelWrap::ImportTensors),
                         InstanceMethod("trainGrads", &ModelWrap::TrainGrads),
-                        InstanceMethod("trainStep", &ModelWrap::TrainStep)});
+                        InstanceMethod("trainStep", &ModelWrap::TrainStep),
+                        InstanceMethod("fillRandom", &ModelWrap::FillRandom),
+                        // CUDA backend
+                        InstanceMethod("attachCuda", &ModelWrap::AttachCuda),
+                        InstanceMethod("deviceMemory", &ModelWrap::DeviceMemory),
+                        InstanceMethod("setTrainables", &ModelWrap::SetTrainables),
+                        InstanceMethod("trainables", &ModelWrap::Trainables),
+                        InstanceMethod("promptStep", &ModelWrap::PromptStep)});
   }
 
   explicit ModelWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<ModelWrap>(info) {
@@ -188,20 +196,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       args->labels = labels.data;
       keep.push_back(labels_v);
     }
-    Napi::Value prompt_v = o.Get("prompt");
-    if (!prompt_v.IsUndefined() && !prompt_v.IsNull()) {
-      auto prompt = finite_view(env, prompt_v, "prompt", 0);
-      if (prompt.length == 0 || prompt.length % c.hidden != 0)
-        throw Napi::RangeError::New(env, "prompt: expected a non-empty multiple of hiddenSize (" +
-                                             std::to_string(c.hidden) + ") elements, got " +
-                                             std::to_string(prompt.length));
-      args->prompt = prompt.data;
-      args->P = static_cast<int64_t>(prompt.length) / c.hidden;
-      keep.push_back(prompt_v);
-    }
-    Napi::Value deep_v = o.Get("deepPrompts");
-    if (!deep_v.IsUndefined() && !deep_v.IsNull())
-      parse_deep(env, c, object_of(deep_v, "deepPrompts"), *args, keep);
+    parse_prompts(env, c, o, *args, keep);
     Napi::Value hs = o.Get("hiddenStates");
     if (!hs.IsUndefined() && !hs.IsNull()) {
       if (!hs.IsArray()) throw_type(env, "hiddenStates", "an array of layer indices", hs);
@@ -221,6 +216,25 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     Napi::Value want = o.Get("logits");
     args->want_logits = want.IsUndefined() ? true : want.ToBoolean().Value();
     return args;
+  }
+
+  // The optional prompt and deepPrompts of an argument object.
+  static void parse_prompts(Napi::Env env, const pt::ModelConfig& c, const Napi::Object& o,
+                            pt::ForwardArgs& args, std::vector<Napi::Value>& keep) {
+    Napi::Value prompt_v = o.Get("prompt");
+    if (!prompt_v.IsUndefined() && !prompt_v.IsNull()) {
+      auto prompt = finite_view(env, prompt_v, "prompt", 0);
+      if (prompt.length == 0 || prompt.length % c.hidden != 0)
+        throw Napi::RangeError::New(env, "prompt: expected a non-empty multiple of hiddenSize (" +
+                                             std::to_string(c.hidden) + ") elements, got " +
+                                             std::to_string(prompt.length));
+      args.prompt = prompt.data;
+      args.P = static_cast<int64_t>(prompt.length) / c.hidden;
+      keep.push_back(prompt_v);
+    }
+    Napi::Value deep_v = o.Get("deepPrompts");
+    if (!deep_v.IsUndefined() && !deep_v.IsNull())
+      parse_deep(env, c, object_of(deep_v, "deepPrompts"), args, keep);
   }
 
   // A Float32Array whose values are all finite; `expected` > 0 also checks its length.
@@ -315,7 +329,10 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       auto args = parse_args(env, model->config(), object_of(arg(info, 0, "args"), "args"), keep);
       auto result = std::make_shared<pt::ForwardResult>();
       auto* worker = new PromiseWorker(
-          env, [model, args, result]() { *result = model->forward(*args); },
+          env,
+          [model, device = device_, args, result]() {
+            *result = device ? device->forward(*args) : model->forward(*args);
+          },
           [result, args](Napi::Env env) -> Napi::Value {
             Napi::Object out = Napi::Object::New(env);
             if (args->want_logits) out.Set("logits", to_float32(env, std::move(result->logits)));
@@ -334,6 +351,32 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     });
   }
 
+  // { kind, layers, vectors } or { kind, layers, keys, values } from per-layer tensors (moved out).
+  static Napi::Object deep_object(Napi::Env env, pt::DeepPrompts::Kind kind, const std::vector<int>& layers,
+                                  std::vector<std::vector<float>>& vectors,
+                                  std::vector<std::vector<float>>& keys,
+                                  std::vector<std::vector<float>>& values) {
+    auto list = [&](std::vector<std::vector<float>>& v) {
+      Napi::Array arr = Napi::Array::New(env, v.size());
+      for (size_t i = 0; i < v.size(); ++i)
+        arr.Set(static_cast<uint32_t>(i), to_float32(env, std::move(v[i])));
+      return arr;
+    };
+    Napi::Object d = Napi::Object::New(env);
+    Napi::Array ls = Napi::Array::New(env, layers.size());
+    for (size_t i = 0; i < layers.size(); ++i) ls.Set(static_cast<uint32_t>(i), layers[i]);
+    d.Set("layers", ls);
+    if (kind == pt::DeepPrompts::Kind::Hidden) {
+      d.Set("kind", "hidden");
+      d.Set("vectors", list(vectors));
+    } else {
+      d.Set("kind", "prefix");
+      d.Set("keys", list(keys));
+      d.Set("values", list(values));
+    }
+    return d;
+  }
+
   // lossAndGrad(args) -> Promise<{ loss, labelCount, promptGrad?, deepPromptGrads? }>
   Napi::Value LossAndGrad(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
@@ -345,30 +388,19 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
         throw Napi::TypeError::New(env, "labels: expected an Int32Array (required by lossAndGrad)");
       auto result = std::make_shared<pt::GradResult>();
       auto* worker = new PromiseWorker(
-          env, [model, args, result]() { *result = model->loss_and_grad(*args); },
+          env,
+          [model, device = device_, args, result]() {
+            *result = device ? device->loss_and_grad(*args) : model->loss_and_grad(*args);
+          },
           [result, args](Napi::Env env) -> Napi::Value {
             Napi::Object out = Napi::Object::New(env);
             out.Set("loss", result->loss);
             out.Set("labelCount", static_cast<double>(result->label_count));
             if (args->P > 0) out.Set("promptGrad", to_float32(env, std::move(result->prompt_grad)));
-            auto list = [&](std::vector<std::vector<float>>& v) {
-              Napi::Array arr = Napi::Array::New(env, v.size());
-              for (size_t i = 0; i < v.size(); ++i)
-                arr.Set(static_cast<uint32_t>(i), to_float32(env, std::move(v[i])));
-              return arr;
-            };
-            if (args->deep.kind == pt::DeepPrompts::Kind::Hidden) {
-              Napi::Object d = Napi::Object::New(env);
-              d.Set("kind", "hidden");
-              d.Set("vectors", list(result->deep_grads));
-              out.Set("deepPromptGrads", d);
-            } else if (args->deep.kind == pt::DeepPrompts::Kind::Prefix) {
-              Napi::Object d = Napi::Object::New(env);
-              d.Set("kind", "prefix");
-              d.Set("keys", list(result->key_grads));
-              d.Set("values", list(result->value_grads));
-              out.Set("deepPromptGrads", d);
-            }
+            if (args->deep.kind != pt::DeepPrompts::Kind::None)
+              out.Set("deepPromptGrads",
+                      deep_object(env, args->deep.kind, args->deep.layers, result->deep_grads,
+                                  result->key_grads, result->value_grads));
             return out;
           });
       for (const auto& v : keep) worker->keep(v);
@@ -406,6 +438,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
   }
 
   Napi::Value Dispose(const Napi::CallbackInfo& info) {
+    device_.reset();  // device memory is freed here unless a running worker still holds the model
     model_.reset();
     return info.Env().Undefined();
   }
@@ -513,15 +546,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       auto model = live(env);
       std::vector<Napi::Value> keep;
       auto args = parse_train_args(env, model->config(), info, keep);
-      Napi::Object o = object_of(arg(info, 1, "adamw"), "adamw");
-      pt::AdamWConfig cfg;
-      auto num = [&](const char* key) { return number_of(o.Get(key), std::string("adamw.") + key); };
-      cfg.lr = static_cast<float>(num("lr"));
-      cfg.beta1 = static_cast<float>(num("beta1"));
-      cfg.beta2 = static_cast<float>(num("beta2"));
-      cfg.eps = static_cast<float>(num("eps"));
-      cfg.weight_decay = static_cast<float>(num("weightDecay"));
-      cfg.max_grad_norm = num("maxGradNorm");
+      const pt::AdamWConfig cfg = parse_adamw(info);
       auto result = std::make_shared<pt::TrainStats>();
       auto* worker = new PromiseWorker(
           env, [model, args, result, cfg]() { *result = model->train_step(*args, cfg); },
@@ -536,7 +561,169 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     });
   }
 
+  // { lr, beta1, beta2, eps, weightDecay, maxGradNorm } as the second argument.
+  static pt::AdamWConfig parse_adamw(const Napi::CallbackInfo& info) {
+    Napi::Object o = object_of(arg(info, 1, "adamw"), "adamw");
+    pt::AdamWConfig cfg;
+    auto num = [&](const char* key) { return number_of(o.Get(key), std::string("adamw.") + key); };
+    cfg.lr = static_cast<float>(num("lr"));
+    cfg.beta1 = static_cast<float>(num("beta1"));
+    cfg.beta2 = static_cast<float>(num("beta2"));
+    cfg.eps = static_cast<float>(num("eps"));
+    cfg.weight_decay = static_cast<float>(num("weightDecay"));
+    cfg.max_grad_norm = num("maxGradNorm");
+    return cfg;
+  }
+
+  // fillRandom(seed, std) -> Promise<void>: synthetic weights for benchmarks (pt::Model::fill_random).
+  Napi::Value FillRandom(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return guarded(env, [&]() -> Napi::Value {
+      auto model = live(env);
+      const uint64_t seed = static_cast<uint64_t>(int_of(arg(info, 0, "seed"), "seed", 0));
+      const double std_dev = number_of(arg(info, 1, "std"), "std");
+      if (!(std_dev > 0.0) || !std::isfinite(std_dev))
+        throw Napi::RangeError::New(env, "std: expected a finite value > 0");
+      auto* worker = new PromiseWorker(
+          env, [model, seed, std_dev]() { model->fill_random(seed, static_cast<float>(std_dev)); }, nullptr);
+      return worker->queue();
+    });
+  }
+
+  // --- CUDA backend (pt::DeviceModel) ---
+
+  std::shared_ptr<pt::DeviceModel> device(Napi::Env env) {
+    live(env);
+    if (!device_)
+      throw Napi::Error::New(env, "this model is not on a CUDA device (load it with backend \"cuda\")");
+    return device_;
+  }
+
+  static Napi::Object memory_object(Napi::Env env, const pt::DeviceMemoryInfo& m,
+                                    const std::string& precision) {
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("device", m.device);
+    o.Set("precision", precision);
+    o.Set("weightBytes", static_cast<double>(m.weights));
+    o.Set("workspaceBytes", static_cast<double>(m.workspace));
+    o.Set("deviceFreeBytes", static_cast<double>(m.device_free));
+    o.Set("deviceTotalBytes", static_cast<double>(m.device_total));
+    return o;
+  }
+
+  // attachCuda({ precision: "bf16" | "tf32" | "fp32", graphs: boolean }) -> Promise<memory info>: uploads the
+  // weights; forward and lossAndGrad then run on the device.
+  Napi::Value AttachCuda(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return guarded(env, [&]() -> Napi::Value {
+      auto model = live(env);
+      Napi::Object o = object_of(arg(info, 0, "options"), "options");
+      pt::CudaModelOptions opt;
+      Napi::Value p = o.Get("precision");
+      const std::string prec =
+          p.IsUndefined() ? "bf16" : (p.IsString() ? p.As<Napi::String>().Utf8Value() : "");
+      if (prec == "bf16")
+        opt.precision = pt::cuda::GemmPrecision::BF16;
+      else if (prec == "tf32")
+        opt.precision = pt::cuda::GemmPrecision::TF32;
+      else if (prec == "fp32")
+        opt.precision = pt::cuda::GemmPrecision::FP32;
+      else
+        throw_type(env, "precision", "\"bf16\", \"tf32\" or \"fp32\"", p);
+      Napi::Value g = o.Get("graphs");
+      opt.graphs = g.IsUndefined() ? true : g.ToBoolean().Value();
+      device_.reset();  // a model re-attached (other precision or graph setting) frees the old copy first
+      auto holder = std::make_shared<std::shared_ptr<pt::DeviceModel>>();
+      auto* self = this;
+      auto* worker = new PromiseWorker(
+          env,
+          [model, holder, opt]() { *holder = std::shared_ptr<pt::DeviceModel>(pt::cuda_model(*model, opt)); },
+          [self, holder, prec](Napi::Env env) -> Napi::Value {
+            if (!self->model_) return env.Undefined();  // disposed meanwhile: the upload is dropped
+            self->device_ = *holder;
+            return memory_object(env, self->device_->memory(), prec);
+          });
+      worker->keep(info.This());
+      return worker->queue();
+    });
+  }
+
+  // deviceMemory() -> { device, precision, weightBytes, workspaceBytes, deviceFreeBytes, deviceTotalBytes }
+  Napi::Value DeviceMemory(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return guarded(env, [&]() -> Napi::Value {
+      auto d = device(env);
+      return memory_object(env, d->memory(), d->precision());
+    });
+  }
+
+  // setTrainables({ prompt?, deepPrompts? }) -> Promise<void>: the device-resident tensors promptStep trains.
+  Napi::Value SetTrainables(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return guarded(env, [&]() -> Napi::Value {
+      auto d = device(env);
+      std::vector<Napi::Value> keep;
+      auto args = std::make_shared<pt::ForwardArgs>();
+      parse_prompts(env, live(env)->config(), object_of(arg(info, 0, "trainables"), "trainables"), *args,
+                    keep);
+      auto* worker = new PromiseWorker(
+          env, [d, args]() { d->set_trainables(*args); }, nullptr);
+      for (const auto& v : keep) worker->keep(v);
+      return worker->queue();
+    });
+  }
+
+  // trainables() -> Promise<{ prompt?, deepPrompts? }> (copies of the device-resident tensors)
+  Napi::Value Trainables(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return guarded(env, [&]() -> Napi::Value {
+      auto d = device(env);
+      auto result = std::make_shared<pt::PromptTensors>();
+      auto* worker = new PromiseWorker(
+          env, [d, result]() { *result = d->trainables(); },
+          [result](Napi::Env env) -> Napi::Value {
+            Napi::Object out = Napi::Object::New(env);
+            if (!result->prompt.empty()) out.Set("prompt", to_float32(env, std::move(result->prompt)));
+            if (result->kind != pt::DeepPrompts::Kind::None)
+              out.Set("deepPrompts", deep_object(env, result->kind, result->layers, result->deep,
+                                                 result->keys, result->values));
+            return out;
+          });
+      return worker->queue();
+    });
+  }
+
+  // promptStep({ inputIds, batch, seqLen, attentionMask?, labels }, adamw) -> Promise<{ loss, labelCount,
+  // gradNorm, step }>: loss, gradients and one AdamW step of the device-resident trainables.
+  Napi::Value PromptStep(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return guarded(env, [&]() -> Napi::Value {
+      auto d = device(env);
+      std::vector<Napi::Value> keep;
+      auto args = parse_args(env, live(env)->config(), object_of(arg(info, 0, "args"), "args"), keep);
+      if (!args->labels)
+        throw Napi::TypeError::New(env, "labels: expected an Int32Array (required for a step)");
+      if (args->P > 0 || args->deep.kind != pt::DeepPrompts::Kind::None)
+        throw Napi::TypeError::New(env,
+                                   "promptStep trains the tensors given to setTrainables: leave out prompt "
+                                   "and deepPrompts");
+      const pt::AdamWConfig cfg = parse_adamw(info);
+      auto result = std::make_shared<pt::TrainStats>();
+      auto* worker = new PromiseWorker(
+          env, [d, args, result, cfg]() { *result = d->prompt_step(*args, cfg); },
+          [result](Napi::Env env) -> Napi::Value {
+            Napi::Object out = train_result(env, *result);
+            out.Set("gradNorm", result->grad_norm);
+            out.Set("step", static_cast<double>(result->step));
+            return out;
+          });
+      for (const auto& v : keep) worker->keep(v);
+      return worker->queue();
+    });
+  }
+
   std::shared_ptr<pt::Model> model_;
+  std::shared_ptr<pt::DeviceModel> device_;
 };
 
 }  // namespace

@@ -2,6 +2,7 @@
 #include "common.h"
 #include "modules.h"
 #include "priortune/cuda_device.h"
+#include "priortune/cuda_model.h"
 #include "priortune/gemm.h"
 #include "priortune/ops.h"
 #include "priortune/parallel.h"
@@ -20,7 +21,62 @@ Napi::Value CudaInfo(const Napi::CallbackInfo& info) {
   o.Set("name", p.name);
   o.Set("computeCapability", std::to_string(p.major) + "." + std::to_string(p.minor));
   o.Set("totalMemory", static_cast<double>(p.total_memory));
+  o.Set("modelKernels", p.compiled);  // the CUDA build includes the model kernels (kernels/cuda)
   return o;
+}
+
+// cudaGemmBench(precision, M, N, K, iters) -> Promise<number>: median ms of the device GEMM (see
+// pt::cuda_gemm_benchmark).
+Napi::Value CudaGemmBench(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&]() -> Napi::Value {
+    Napi::Value p = arg(info, 0, "precision");
+    const std::string name = p.IsString() ? p.As<Napi::String>().Utf8Value() : "";
+    pt::cuda::GemmPrecision prec;
+    if (name == "bf16")
+      prec = pt::cuda::GemmPrecision::BF16;
+    else if (name == "tf32")
+      prec = pt::cuda::GemmPrecision::TF32;
+    else if (name == "fp32")
+      prec = pt::cuda::GemmPrecision::FP32;
+    else
+      throw_type(env, "precision", "\"bf16\", \"tf32\" or \"fp32\"", p);
+    const int64_t M = int_of(arg(info, 1, "M"), "M", 1), N = int_of(arg(info, 2, "N"), "N", 1),
+                  K = int_of(arg(info, 3, "K"), "K", 1);
+    const int iters = static_cast<int>(int_of(arg(info, 4, "iters"), "iters", 1));
+    auto result = std::make_shared<double>(0.0);
+    auto* worker = new PromiseWorker(
+        env, [=]() { *result = pt::cuda_gemm_benchmark(prec, M, N, K, iters); },
+        [result](Napi::Env env) -> Napi::Value { return Napi::Number::New(env, *result); });
+    return worker->queue();
+  });
+}
+
+// cudaSelfTest() -> Promise<[{ op, shape, err, tol, pass, note }]>: every CUDA op against its CPU reference
+// on device 0 (rejects without a usable device).
+Napi::Value CudaSelfTest(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&]() -> Napi::Value {
+    auto result = std::make_shared<std::vector<pt::cuda::OpCheck>>();
+    auto* worker = new PromiseWorker(
+        env, [result]() { *result = pt::cuda_selftest(); },
+        [result](Napi::Env env) -> Napi::Value {
+          Napi::Array arr = Napi::Array::New(env, result->size());
+          for (size_t i = 0; i < result->size(); ++i) {
+            const pt::cuda::OpCheck& c = (*result)[i];
+            Napi::Object o = Napi::Object::New(env);
+            o.Set("op", c.op);
+            o.Set("shape", c.shape);
+            o.Set("err", c.err);
+            o.Set("tol", c.tol);
+            o.Set("pass", c.pass);
+            o.Set("note", c.note);
+            arr.Set(static_cast<uint32_t>(i), o);
+          }
+          return arr;
+        });
+    return worker->queue();
+  });
 }
 
 Napi::Value CpuInfo(const Napi::CallbackInfo& info) {
@@ -99,6 +155,8 @@ Napi::Value AdamwStep(const Napi::CallbackInfo& info) {
 
 void init_system(Napi::Env env, Napi::Object exports) {
   exports.Set("cudaInfo", Napi::Function::New(env, CudaInfo, "cudaInfo"));
+  exports.Set("cudaGemmBench", Napi::Function::New(env, CudaGemmBench, "cudaGemmBench"));
+  exports.Set("cudaSelfTest", Napi::Function::New(env, CudaSelfTest, "cudaSelfTest"));
   exports.Set("cpuInfo", Napi::Function::New(env, CpuInfo, "cpuInfo"));
   exports.Set("gemm", Napi::Function::New(env, Gemm, "gemm"));
   exports.Set("selectGemmKernel", Napi::Function::New(env, SelectGemmKernel, "selectGemmKernel"));

@@ -1,20 +1,31 @@
 // The GPU check, run on a machine with an NVIDIA GPU (see scripts/gpu-check.sh, which bundles this file with
-// esbuild so it needs no node_modules there): the CUDA probe, the CUDA kNN kernel against the CPU reference
-// on the issue's shapes (exact: identical indices, scores within fp32 rounding), and its timings (medians
-// of CUDA-event-free wall clock over repeated searches, transfers of the queries and results included).
-// Prints JSON lines and a Markdown table. Exits non-zero when a comparison fails.
+// esbuild so it needs no node_modules there). Sections, each optional by name on the command line
+// (default: all, in this order):
+//   checks  every CUDA op against the CPU reference and the whole-model checks of test/cuda-checks.ts
+//   gemm    the device GEMM's throughput per precision (the peak model FLOP utilisation is measured against)
+//   steps   full prompt-tuning steps (loss + prompt gradients + AdamW, P = 20) on issue #5's shapes with
+//           synthetic weights: median wall-clock ms per step (graph replay), tokens/s, MFU, device memory
+//   knn     the CUDA kNN index against the CPU index on issue #4's shapes, and its timings
+// Prints JSON lines and Markdown tables; exits non-zero when a correctness check fails.
 
+import { nativeConfig, parseConfig } from "../lib/config.js";
 import { VocabIndex } from "../lib/knn.js";
-import { addon } from "../lib/native.js";
+import { addon, type CudaPrecision } from "../lib/native.js";
+import { allCudaChecks, type CheckRow } from "../test/cuda-checks.js";
 
-const info = addon().cudaInfo();
+const native = addon();
+const info = native.cudaInfo();
 console.log(JSON.stringify({ what: "cuda", ...info }));
 if (!info.usable) {
   console.log(`no usable CUDA device: ${info.reason}`);
   process.exit(2);
 }
+const wanted = new Set(process.argv.slice(2));
+const want = (s: string) => wanted.size === 0 || wanted.has(s);
+const tables: string[] = [`${info.name}, compute capability ${info.computeCapability}`];
+let failed = false;
 
-function random(n: number, seed: number): Float32Array {
+function random(n: number, seed: number, scale = 1): Float32Array {
   let s = seed >>> 0 || 1;
   const out = new Float32Array(n);
   for (let i = 0; i < n; i++) {
@@ -23,13 +34,13 @@ function random(n: number, seed: number): Float32Array {
     s ^= s >>> 17;
     s ^= s << 5;
     s >>>= 0;
-    out[i] = s / 4294967296 - 0.5;
+    out[i] = scale * (s / 4294967296 - 0.5);
   }
   return out;
 }
 
-async function median(fn: () => Promise<unknown>, runs: number): Promise<number> {
-  await fn();
+async function median(fn: () => Promise<unknown>, runs: number, warm = 1): Promise<number> {
+  for (let i = 0; i < warm; i++) await fn();
   const times: number[] = [];
   for (let i = 0; i < runs; i++) {
     const t = process.hrtime.bigint();
@@ -40,56 +51,202 @@ async function median(fn: () => Promise<unknown>, runs: number): Promise<number>
   return times[Math.floor(times.length / 2)]!;
 }
 
-const workloads = [
-  { name: "160 x 50257 x 768", Q: 160, V: 50257, d: 768, goalMs: 0.06 },
-  { name: "4096 x 50257 x 768", Q: 4096, V: 50257, d: 768, goalMs: 1.5 },
-  { name: "20 x 128256 x 2048", Q: 20, V: 128256, d: 2048, goalMs: 0.15 },
-  { name: "160 x 262144 x 256 (V = 256k)", Q: 160, V: 262144, d: 256, goalMs: Number.NaN },
-  { name: "16 x 8192 x 8192 (d = 8192)", Q: 16, V: 8192, d: 8192, goalMs: Number.NaN },
-];
-const rows: string[] = [];
-let failed = false;
-for (const w of workloads) {
-  const vocab = random(w.V * w.d, 1 + w.V);
-  const queries = random(w.Q * w.d, 2 + w.Q);
-  for (const metric of ["cosine", "l2"] as const) {
-    const gpu = await VocabIndex.create(vocab, { dim: w.d, metric, backend: "cuda" });
-    const cpu = await VocabIndex.create(vocab, { dim: w.d, metric, backend: "cpu" });
-    const a = await gpu.search(queries, { k: 10 });
-    const b = await cpu.search(queries, { k: 10 });
-    let same = true;
-    let worst = 0;
-    for (let i = 0; i < a.indices.length; i++) {
-      if (a.indices[i] !== b.indices[i]) same = false;
-      worst = Math.max(worst, Math.abs(a.scores[i]! - b.scores[i]!) / (1e-30 + Math.abs(b.scores[i]!)));
-    }
-    const ok = same && worst < 1e-5;
-    failed ||= !ok;
-    const ms = await median(() => gpu.search(queries, { k: 10 }), 20);
-    const cpuMs = await median(() => cpu.search(queries, { k: 10 }), 3);
-    console.log(
-      JSON.stringify({
-        what: "knn",
-        workload: w.name,
-        metric,
-        identicalIndices: same,
-        maxRelScoreError: worst,
-        cudaMs: ms,
-        cpuMs,
-        goalMs: w.goalMs,
-      }),
-    );
-    rows.push(
-      `| ${w.name} | ${metric} | ${same ? "yes" : "NO"} | ${worst.toExponential(1)} | ${ms.toFixed(3)} | ${Number.isNaN(w.goalMs) ? "" : w.goalMs} | ${cpuMs.toFixed(1)} |`,
-    );
-    gpu.dispose();
-    cpu.dispose();
-  }
+// ---- checks ----
+if (want("checks")) {
+  const rows: CheckRow[] = await allCudaChecks((r) => console.log(JSON.stringify({ what: "check", ...r })));
+  failed ||= rows.some((r) => !r.pass);
+  const bad = rows.filter((r) => !r.pass);
+  tables.push(
+    `CUDA checks: ${rows.length - bad.length} of ${rows.length} pass`,
+    "| group | check | error | tolerance | pass |\n|---|---|---|---|---|\n" +
+      rows
+        .map(
+          (r) =>
+            `| ${r.group} | ${r.name} | ${r.err.toExponential(2)} | ${r.tol} | ${r.pass ? "yes" : `**NO** ${r.note ?? ""}`} |`,
+        )
+        .join("\n"),
+  );
 }
-console.log(`\n${info.name}, compute capability ${info.computeCapability}\n`);
-console.log(
-  "| workload (Q x V x d, top-10) | metric | same indices as CPU | max rel. score error | CUDA ms | goal ms | CPU ms |",
-);
-console.log("|---|---|---|---|---|---|---|");
-for (const r of rows) console.log(r);
+
+// ---- gemm ----
+let peakBf16 = Number.NaN;
+if (want("gemm")) {
+  const lines: string[] = [];
+  const shapes: [string, number, number, number][] = [
+    ["8192^3", 8192, 8192, 8192],
+    ["GPT-2 fc, 8 x 256 rows", 2048, 3072, 768],
+    ["GPT-2 qkv, 32 x 512 rows", 16384, 2304, 768],
+    ["Llama-1B fc, 8 x 512 rows", 4096, 16384, 2048],
+    ["LM head 128256, 512 rows", 512, 128256, 2048],
+  ];
+  for (const [name, M, N, K] of shapes)
+    for (const p of ["bf16", "tf32", "fp32"] as CudaPrecision[]) {
+      if (p === "fp32" && M * N * K > 2 ** 36) continue;
+      const ms = await native.cudaGemmBench(p, M, N, K, 10);
+      const tflops = (2 * M * N * K) / ms / 1e9;
+      if (name === "8192^3" && p === "bf16") peakBf16 = tflops;
+      console.log(JSON.stringify({ what: "gemm", shape: name, M, N, K, precision: p, ms, tflops }));
+      lines.push(`| ${name} | ${p} | ${ms.toFixed(3)} | ${tflops.toFixed(1)} |`);
+    }
+  tables.push(
+    `Device GEMM (ours)\n| shape | precision | ms | TFLOP/s |\n|---|---|---|---|\n${lines.join("\n")}`,
+  );
+}
+
+// ---- steps ----
+if (want("steps")) {
+  const gpt2 = parseConfig({
+    architectures: ["GPT2LMHeadModel"],
+    model_type: "gpt2",
+    vocab_size: 50257,
+    n_embd: 768,
+    n_layer: 12,
+    n_head: 12,
+    n_positions: 1024,
+  });
+  const llama = parseConfig({
+    architectures: ["LlamaForCausalLM"],
+    model_type: "llama",
+    vocab_size: 128256,
+    hidden_size: 2048,
+    intermediate_size: 8192,
+    num_hidden_layers: 16,
+    num_attention_heads: 32,
+    num_key_value_heads: 8,
+    max_position_embeddings: 4096,
+    tie_word_embeddings: true,
+    rope_theta: 500000.0,
+  });
+  const runs = [
+    { name: "GPT-2 124M", config: gpt2, B: 32, S: 512, goalMs: 28, peer: "eager bf16 85.3" },
+    { name: "GPT-2 124M", config: gpt2, B: 8, S: 256, goalMs: 6, peer: "eager 23.4, compile 11.1" },
+    { name: "Llama-3.2-1B shape", config: llama, B: 8, S: 512, goalMs: 38, peer: "bf16 63.6" },
+    { name: "Llama-3.2-1B shape", config: llama, B: 2, S: 276, goalMs: 15, peer: "bf16 37.5" },
+  ];
+  const lines: string[] = [];
+  const P = 20;
+  for (const cfg of [gpt2, llama]) {
+    const model = new native.NativeModel(nativeConfig(cfg, 16));
+    await model.fillRandom(1, 0.02);
+    for (const precision of ["bf16", "tf32"] as CudaPrecision[]) {
+      for (const graphs of [true, false]) {
+        if (!graphs && precision !== "bf16") continue;
+        await model.attachCuda({ precision, graphs });
+        for (const r of runs.filter((x) => x.config === cfg)) {
+          const T = r.S - P;
+          const C = cfg.hiddenSize;
+          await model.setTrainables({ prompt: random(P * C, 3, 0.04) });
+          const ids = new Int32Array(r.B * T);
+          for (let i = 0; i < ids.length; i++) ids[i] = (i * 7919 + 13) % cfg.vocabSize;
+          const args = { inputIds: ids, labels: ids, batch: r.B, seqLen: T };
+          const adamw = { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weightDecay: 0, maxGradNorm: 0 };
+          try {
+            const ms = await median(() => model.promptStep(args, adamw), 20, 3);
+            const mem = model.deviceMemory();
+            // Model FLOPs of a prompt-tuning step: 4 N per token (forward 2 N, input-gradient backward 2 N; no
+            // weight gradients), N = layer weights + LM head; attention 2 B L H S^2 hd forward (causal half),
+            // twice that backward.
+            const c = cfg;
+            const kv = c.numKvHeads * c.headDim;
+            const fc = c.architecture === "gpt2" ? 2 : 3;
+            const perLayer =
+              C * (c.numHeads * c.headDim + 2 * kv) +
+              c.numHeads * c.headDim * C +
+              fc * C * c.intermediateSize;
+            const N = c.numLayers * perLayer + c.vocabSize * C;
+            const flops = 4 * N * r.B * r.S + 6 * r.B * c.numLayers * c.numHeads * r.S * r.S * c.headDim;
+            const tflops = flops / ms / 1e9;
+            const row = {
+              what: "step",
+              model: r.name,
+              B: r.B,
+              S: r.S,
+              precision,
+              graphs,
+              ms,
+              tokPerS: (r.B * r.S) / (ms / 1e3),
+              tflops,
+              mfu: tflops / peakBf16,
+              deviceMiB: (mem.weightBytes + mem.workspaceBytes) / 2 ** 20,
+              goalMs: r.goalMs,
+            };
+            console.log(JSON.stringify(row));
+            lines.push(
+              `| ${r.name} | ${r.B} x ${r.S} | ${precision}${graphs ? "" : " eager"} | ${ms.toFixed(2)} | ${r.goalMs} | ${r.peer} | ${row.tokPerS.toFixed(0)} | ${(100 * row.mfu).toFixed(1)}% | ${row.deviceMiB.toFixed(0)} |`,
+            );
+          } catch (e) {
+            console.log(
+              JSON.stringify({ what: "step", model: r.name, B: r.B, S: r.S, precision, error: String(e) }),
+            );
+            lines.push(
+              `| ${r.name} | ${r.B} x ${r.S} | ${precision} | error: ${String(e).slice(0, 80)} | | | | | |`,
+            );
+            failed = true;
+          }
+        }
+      }
+    }
+    model.dispose();
+  }
+  tables.push(
+    `Prompt-tuning steps (P = 20, loss + prompt gradients + AdamW; MFU over our bf16 8192^3 GEMM, ${peakBf16.toFixed(0)} TFLOP/s)\n` +
+      "| model | B x S | precision | ms | goal ms | peer ms (issue) | tokens/s | MFU | device MiB |\n|---|---|---|---|---|---|---|---|---|\n" +
+      lines.join("\n"),
+  );
+}
+
+// ---- knn ----
+if (want("knn")) {
+  const workloads = [
+    { name: "160 x 50257 x 768", Q: 160, V: 50257, d: 768, goalMs: 0.06 },
+    { name: "4096 x 50257 x 768", Q: 4096, V: 50257, d: 768, goalMs: 1.5 },
+    { name: "20 x 128256 x 2048", Q: 20, V: 128256, d: 2048, goalMs: 0.15 },
+    { name: "160 x 262144 x 256 (V = 256k)", Q: 160, V: 262144, d: 256, goalMs: Number.NaN },
+    { name: "16 x 8192 x 8192 (d = 8192)", Q: 16, V: 8192, d: 8192, goalMs: Number.NaN },
+  ];
+  const rows: string[] = [];
+  for (const w of workloads) {
+    const vocab = random(w.V * w.d, 1 + w.V);
+    const queries = random(w.Q * w.d, 2 + w.Q);
+    for (const metric of ["cosine", "l2"] as const) {
+      const gpu = await VocabIndex.create(vocab, { dim: w.d, metric, backend: "cuda" });
+      const cpu = await VocabIndex.create(vocab, { dim: w.d, metric, backend: "cpu" });
+      const a = await gpu.search(queries, { k: 10 });
+      const b = await cpu.search(queries, { k: 10 });
+      let same = true;
+      let worst = 0;
+      for (let i = 0; i < a.indices.length; i++) {
+        if (a.indices[i] !== b.indices[i]) same = false;
+        worst = Math.max(worst, Math.abs(a.scores[i]! - b.scores[i]!) / (1e-30 + Math.abs(b.scores[i]!)));
+      }
+      const ok = same && worst < 1e-5;
+      failed ||= !ok;
+      const ms = await median(() => gpu.search(queries, { k: 10 }), 20);
+      const cpuMs = await median(() => cpu.search(queries, { k: 10 }), 3);
+      console.log(
+        JSON.stringify({
+          what: "knn",
+          workload: w.name,
+          metric,
+          identicalIndices: same,
+          maxRelScoreError: worst,
+          cudaMs: ms,
+          cpuMs,
+          goalMs: w.goalMs,
+        }),
+      );
+      rows.push(
+        `| ${w.name} | ${metric} | ${same ? "yes" : "NO"} | ${worst.toExponential(1)} | ${ms.toFixed(3)} | ${Number.isNaN(w.goalMs) ? "" : w.goalMs} | ${cpuMs.toFixed(1)} |`,
+      );
+      gpu.dispose();
+      cpu.dispose();
+    }
+  }
+  tables.push(
+    "| workload (Q x V x d, top-10) | metric | same indices as CPU | max rel. score error | CUDA ms | goal ms | CPU ms |\n|---|---|---|---|---|---|---|\n" +
+      rows.join("\n"),
+  );
+}
+
+console.log(`\n${tables.join("\n\n")}\n`);
 process.exit(failed ? 1 : 0);

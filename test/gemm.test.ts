@@ -85,6 +85,8 @@ describe("build flavour", () => {
     const expected = process.env.PRIORTUNE_EXPECT_CUDA_COMPILED;
     const info = native.cudaInfo();
     if (expected !== undefined) expect(info.compiled).toBe(expected === "1");
+    // The CUDA build always carries the model kernels (kernels/cuda/model.cu).
+    expect(info.modelKernels).toBe(info.compiled);
     // Without a GPU or driver the probe must answer with a reason, never crash.
     if (!info.usable) expect(info.reason.length).toBeGreaterThan(0);
   });

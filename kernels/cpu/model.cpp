@@ -454,8 +454,6 @@ void Model::run_forward(const ForwardArgs& a, Workspace& ws, bool save, ForwardR
   keep(c.layers, xf);
 }
 
-namespace {
-// Causal shift over the concatenated sequence: row (b, s) predicts token s + 1; prompt rows carry no label.
 std::vector<int32_t> shifted_targets(const ForwardArgs& a) {
   const int64_t S = a.P + a.T;
   std::vector<int32_t> targets(a.B * S, -100);
@@ -464,7 +462,6 @@ std::vector<int32_t> shifted_targets(const ForwardArgs& a) {
       if (s + 1 >= a.P) targets[b * S + s] = a.labels[b * a.T + s + 1 - a.P];
   return targets;
 }
-}  // namespace
 
 ForwardResult Model::forward(const ForwardArgs& a) {
   std::lock_guard<std::mutex> lock(run_mutex_);
@@ -866,6 +863,44 @@ void Model::set_slot(const std::string& name, const float* values, size_t n) {
                                 " values, got " + std::to_string(n));
   s.data.assign(values, values + n);
   s.loaded_rows = s.rows;
+}
+
+void Model::fill_random(uint64_t seed, float std) {
+  std::lock_guard<std::mutex> lock(run_mutex_);
+  const float half_width = std * std::sqrt(3.0f);  // uniform on [-a, a] has standard deviation a / sqrt(3)
+  uint64_t slot_index = 0;
+  for (auto& kv : slots_) {
+    Slot& s = kv.second;
+    const std::string& name = kv.first;
+    const int64_t n = s.rows * s.cols;
+    s.data.resize(n);
+    s.loaded_rows = s.rows;
+    const bool is_norm = name.size() > 2 && name.compare(name.size() - 2, 2, ".w") == 0 &&
+                         (name.find("ln") != std::string::npos);
+    const bool is_bias = name.size() > 2 && name.compare(name.size() - 2, 2, ".b") == 0;
+    ++slot_index;
+    if (is_norm || is_bias) {
+      std::fill(s.data.begin(), s.data.end(), is_norm ? 1.0f : 0.0f);
+      continue;
+    }
+    float* d = s.data.data();
+#pragma omp parallel for num_threads(cfg_.threads) schedule(static)
+    for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
+      // splitmix64 seeds one xorshift stream per chunk: the values do not depend on the thread count.
+      uint64_t z =
+          seed + 0x9e3779b97f4a7c15ull * (slot_index * 0x100000001b3ull + static_cast<uint64_t>(i0) + 1);
+      z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+      z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+      uint64_t x = (z ^ (z >> 31)) | 1;
+      const int64_t e = std::min(n, i0 + kChunk);
+      for (int64_t i = i0; i < e; ++i) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        d[i] = half_width * (static_cast<float>(x >> 40) * (2.0f / 16777216.0f) - 1.0f);
+      }
+    }
+  }
 }
 
 void Model::layer_backward_weights(int64_t l, const ForwardArgs& a, LayerState& st, Scratch& sc, float* dx) {

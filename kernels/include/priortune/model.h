@@ -117,6 +117,10 @@ struct LayerState;
 struct Scratch;
 struct Workspace;
 
+// Causal shift over the concatenated sequence (prompt rows, then tokens): row (b, s) of [B, P + T] predicts
+// token s + 1; prompt rows carry no label (-100).
+std::vector<int32_t> shifted_targets(const ForwardArgs& a);
+
 class Model {
  public:
   explicit Model(const ModelConfig& config);
@@ -145,6 +149,13 @@ class Model {
   const std::vector<float>& token_embeddings() const { return slot("tok_emb").data; }
   size_t weight_bytes() const;
   std::vector<std::string> slot_names() const;
+  // RoPE's inverse frequencies (Llama; empty for GPT-2), scalings applied: the angle of position p in pair i
+  // is p * inv_freq()[i].
+  const std::vector<double>& inv_freq() const { return inv_freq_; }
+  // The attention's score scale of layer l (1/sqrt(hd), GPT-2's optional 1/(l+1) included).
+  float attn_scale(int64_t l) const;
+  // Throws on sequences longer than the model's positions or deep-prompt layers out of range.
+  void check_args(const ForwardArgs& a) const;
 
   // --- Full-parameter training (pretraining from scratch or fine-tuning every weight) ---
   // Batches are token ids only (no soft or deep prompts), with labels and an optional padding mask; the
@@ -153,6 +164,10 @@ class Model {
   // Copies `n` values into slot `name` (n must be rows x cols) and marks it loaded: random initialisation
   // or weights computed elsewhere. Optimizer moments are kept.
   void set_slot(const std::string& name, const float* values, size_t n);
+  // Fills every slot with synthetic weights for benchmarks (timing needs no trained weights, only realistic
+  // magnitudes): uniform values of standard deviation `std` in matrices and embeddings, 1 in norm weights, 0
+  // in biases; deterministic for a seed, filled in parallel (a 1B-parameter model in about a second).
+  void fill_random(uint64_t seed, float std);
   // Loss and d loss / d every weight slot, written (=) into each slot's `grad` (same layout as `data`);
   // `copy`, when given, receives (name, grad) for every slot, copied under the same lock.
   TrainStats train_grads(const ForwardArgs& args,
@@ -174,8 +189,6 @@ class Model {
   const float* w(const std::string& name) const;
   const float* w_or_null(const std::string& name) const;
   void rope_tables(int64_t pos0, int64_t S, std::vector<float>& cos, std::vector<float>& sin) const;
-  void check_args(const ForwardArgs& a) const;
-  float attn_scale(int64_t l) const;
   // The architecture's norm (LayerNorm for GPT-2, RMSNorm for Llama) with the weights of slot `name`
   // ("l3.ln1", "lnf"); mean is unused by RMSNorm.
   void norm_forward(const std::string& name, float* out, float* mean, float* rstd, const float* x,

@@ -1,0 +1,138 @@
+// Shared helpers of the CUDA sources (not part of the public headers): error checks that throw, an RAII
+// device buffer, and what the op self-tests need (seeded random inputs, host/device copies, the error
+// measure of priortune/cuda_ops.h).
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "priortune/cuda_ops.h"
+
+namespace pt {
+namespace cuda {
+
+// Throws std::runtime_error("<what>: <error name> (<error string>)") and clears the (non-sticky) error.
+inline void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    throw std::runtime_error(std::string("CUDA ") + what + " failed: " + cudaGetErrorName(e) + " (" +
+                             cudaGetErrorString(e) + ")");
+  }
+}
+// After a kernel launch: configuration errors (bad grid, too much shared memory) surface here.
+inline void check_launch(const char* op) {
+  check(cudaGetLastError(), op);
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+// Grid size for a grid-stride loop over n items with `threads` per block (bounded; never 0).
+inline unsigned grid_for(int64_t n, int threads, int64_t max_blocks = 65535 * 8) {
+  int64_t b = ceil_div(n > 0 ? n : 1, threads);
+  return static_cast<unsigned>(b < max_blocks ? b : max_blocks);
+}
+
+// A device allocation owned by one object (moved, never copied).
+template <class T>
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  explicit DeviceBuffer(size_t n) { resize(n); }
+  ~DeviceBuffer() { release(); }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  DeviceBuffer(DeviceBuffer&& o) noexcept : p_(o.p_), n_(o.n_) { o.p_ = nullptr, o.n_ = 0; }
+  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
+    if (this != &o) {
+      release();
+      p_ = o.p_, n_ = o.n_;
+      o.p_ = nullptr, o.n_ = 0;
+    }
+    return *this;
+  }
+  // Reallocates (contents lost) when n exceeds the capacity; never shrinks.
+  void resize(size_t n) {
+    if (n <= n_) return;
+    release();
+    void* p = nullptr;
+    cudaError_t e = cudaMalloc(&p, n * sizeof(T));
+    if (e != cudaSuccess) {
+      cudaGetLastError();
+      throw std::runtime_error("CUDA out of memory: cannot allocate " + std::to_string(n * sizeof(T)) +
+                               " bytes (" + cudaGetErrorString(e) + ")");
+    }
+    p_ = static_cast<T*>(p);
+    n_ = n;
+  }
+  void release() {
+    if (p_) cudaFree(p_);
+    p_ = nullptr;
+    n_ = 0;
+  }
+  T* get() const { return p_; }
+  size_t size() const { return n_; }
+  size_t bytes() const { return n_ * sizeof(T); }
+
+ private:
+  T* p_ = nullptr;
+  size_t n_ = 0;
+};
+
+// --- Self-test support (synchronous; not for the hot path) ---------------------------------------------
+template <class T>
+DeviceBuffer<T> to_device(const std::vector<T>& h) {
+  DeviceBuffer<T> d(h.size() ? h.size() : 1);
+  if (!h.empty())
+    check(cudaMemcpy(d.get(), h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice), "copy to device");
+  return d;
+}
+template <class T>
+std::vector<T> to_host(const T* d, size_t n) {
+  std::vector<T> h(n);
+  check(cudaDeviceSynchronize(), "kernel execution");
+  if (n) check(cudaMemcpy(h.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost), "copy to host");
+  return h;
+}
+// Uniform values in [-scale, scale), xorshift from `seed` (deterministic).
+inline std::vector<float> random_vector(size_t n, uint32_t seed, float scale = 1.0f) {
+  std::vector<float> v(n);
+  uint32_t s = seed * 2654435761u + 12345u;
+  if (!s) s = 1;
+  for (auto& x : v) {
+    s ^= s << 13;
+    s ^= s >> 17;
+    s ^= s << 5;
+    x = scale * (2.0f * static_cast<float>(s >> 8) / 16777216.0f - 1.0f);
+  }
+  return v;
+}
+// The error measure of OpCheck: max |got - want| / max |want|.
+inline double rel_error(const std::vector<float>& got, const std::vector<float>& want) {
+  double worst = 0.0, scale = 1e-30;
+  for (size_t i = 0; i < want.size(); ++i) {
+    const double d = std::fabs(static_cast<double>(got[i]) - want[i]);
+    worst = std::isnan(d) ? INFINITY : (d > worst ? d : worst);
+    scale = std::fabs(want[i]) > scale ? std::fabs(want[i]) : scale;
+  }
+  return worst / scale;
+}
+inline OpCheck make_check(std::string op, std::string shape, double err, double tol, std::string note) {
+  OpCheck c;
+  c.op = std::move(op);
+  c.shape = std::move(shape);
+  c.err = err;
+  c.tol = tol;
+  c.pass = err <= tol;
+  c.note = std::move(note);
+  return c;
+}
+
+}  // namespace cuda
+}  // namespace pt

@@ -1,0 +1,626 @@
+// Matrix products on CUDA (priortune/cuda_ops.h: gemm, to_bf16) and their self-test.
+//
+// gemm_tc_kernel (BF16 and TF32 tensor cores, WMMA): a 256-thread block computes a 128 x 128 tile of C;
+// its 8 warps sit 2 (rows) x 4 (columns), each owning 64 x 32 outputs as 4 x 2 fragments of 16 x 16 with
+// fp32 accumulators. K advances in BK-wide steps (BF16: BK = 32, m16n16k16; TF32: BK = 16, m16n16k8, so
+// both fit two stages in 48 KB of static shared memory) through two shared-memory stages, one
+// __syncthreads per step: while the warps multiply one stage, the next step's operands are loaded into
+// registers (raw, 16 bytes a chunk), then rounded (bf16: RN-even; tf32: cvt.rna) and stored into the
+// other stage. A is staged as [m][k]; B as [n][k] for NT (a col_major matrix_b) and as [k][n] for NN (a
+// row_major matrix_b), so both layouts read 16-byte pieces of rows, coalesced, with no transpose. Stage
+// rows are padded by 16 bytes (BK + 8 bf16, BK + 4 floats, 128 + 8 bf16, 128 + 4 floats): the eight
+// 16-byte rows of a fragment load fall in distinct banks and every fragment pointer stays 32-byte aligned.
+// Edges and alignment: tile elements outside the operand ([0, M) x [0, K), B's [0, N) x [0, K)) are
+// stored as zeros, so fragments need no masking. Steps whose tiles are entirely inside and whose operand
+// allows 16-byte loads (base 16-byte aligned, leading dimension a multiple of the chunk: checked on the
+// host) are prefetched with vector loads; any other step is copied after the MMAs with per-chunk bounds
+// checks (a vector load for a whole aligned chunk, else element by element). The epilogue goes through a
+// per-warp 16 x 20 shared scratch (aliasing the finished stages): store_matrix_sync there, then a
+// bounds-checked copy out that adds bias and, when beta == 1, the old C (beta == 0 never reads C).
+// N tiles are on blockIdx.x, M tiles on blockIdx.y (a grid-stride loop past 65535 M tiles).
+// gemm_fp32_kernel (FP32 verification path): 64 x 64 tiles, BK = 16, 4 x 4 outputs a thread with fp32
+// FMA, operands staged k-major in shared memory through scalar bounds-checked loads.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "common.cuh"
+#include "priortune/cuda_ops.h"
+#include "priortune/gemm.h"
+
+namespace pt {
+namespace cuda {
+namespace {
+
+using namespace nvcuda;
+
+constexpr int kThreads = 256;  // 8 warps
+constexpr int kBM = 128, kBN = 128;
+constexpr int kWarpM = 64, kWarpN = 32;  // warps: 2 x 4
+constexpr int kLdScr = 20;               // per-warp epilogue scratch: 16 x 20 floats
+constexpr int kMaxGridY = 65535;
+constexpr int64_t kMaxDim = INT_MAX - 1024;  // M, N, K: tile arithmetic stays within int
+
+// Per-precision tensor-core configuration. T is the shared-memory operand type.
+template <class T>
+struct Tc;
+template <>
+struct Tc<__nv_bfloat16> {
+  static constexpr int kBK = 32, kWK = 16, kPad = 8;
+  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major>;
+  template <class Layout>
+  using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, Layout>;
+  using Acc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+};
+template <>
+struct Tc<float> {
+  static constexpr int kBK = 16, kWK = 8, kPad = 4;
+  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
+  template <class Layout>
+  using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, Layout>;
+  using Acc = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
+};
+
+// Reads one 16-byte chunk (4 floats or 8 bf16) starting at p, of which the first `valid` elements are in
+// bounds (valid <= 0: none). The raw bits land in w; elements past `valid` are zero.
+template <class G>
+__device__ __forceinline__ void load_chunk(uint32_t (&w)[4], const G* p, int valid, bool vec) {
+  if constexpr (sizeof(G) == 4) {
+    if (vec && valid >= 4) {
+      const uint4 t = __ldg(reinterpret_cast<const uint4*>(p));
+      w[0] = t.x, w[1] = t.y, w[2] = t.z, w[3] = t.w;
+    } else {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) w[e] = e < valid ? __float_as_uint(__ldg(p + e)) : 0u;
+    }
+  } else {
+    static_assert(sizeof(G) == 2, "chunk elements are fp32 or bf16");
+    if (vec && valid >= 8) {
+      const uint4 t = __ldg(reinterpret_cast<const uint4*>(p));
+      w[0] = t.x, w[1] = t.y, w[2] = t.z, w[3] = t.w;
+    } else {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const uint32_t lo = 2 * e < valid ? __ldg(p + 2 * e) : 0u;
+        const uint32_t hi = 2 * e + 1 < valid ? __ldg(p + 2 * e + 1) : 0u;
+        w[e] = lo | (hi << 16);
+      }
+    }
+  }
+}
+
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+  return static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(lo))) |
+         (static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(hi))) << 16);
+}
+
+// Converts a raw chunk of G to T (bf16: round to nearest even; float: round to tf32) and stores it at s.
+template <class T, class G>
+__device__ __forceinline__ void store_chunk(T* s, const uint32_t (&w)[4]) {
+  if constexpr (sizeof(T) == 2 && sizeof(G) == 2) {  // bf16 -> bf16: as is
+    *reinterpret_cast<uint4*>(s) = make_uint4(w[0], w[1], w[2], w[3]);
+  } else if constexpr (sizeof(T) == 2) {  // fp32 -> bf16
+    *reinterpret_cast<uint2*>(s) = make_uint2(pack_bf16x2(__uint_as_float(w[0]), __uint_as_float(w[1])),
+                                              pack_bf16x2(__uint_as_float(w[2]), __uint_as_float(w[3])));
+  } else {  // fp32 -> tf32 (kept in fp32 storage with the low 13 mantissa bits zero)
+    static_assert(sizeof(G) == 4, "TF32 needs fp32 operands");
+    *reinterpret_cast<float4*>(s) = make_float4(
+        wmma::__float_to_tf32(__uint_as_float(w[0])), wmma::__float_to_tf32(__uint_as_float(w[1])),
+        wmma::__float_to_tf32(__uint_as_float(w[2])), wmma::__float_to_tf32(__uint_as_float(w[3])));
+  }
+}
+
+// One R x CC operand tile (CC contiguous in global memory and in shared memory), split into 16-byte
+// chunks over the block's threads.
+template <int R, int CC, class G>
+struct TileRegs {
+  static constexpr int kVec = 16 / static_cast<int>(sizeof(G));
+  static constexpr int kPerRow = CC / kVec;
+  static constexpr int kPer = R * kPerRow / kThreads;
+  static_assert(CC % kVec == 0 && (R * kPerRow) % kThreads == 0, "tile must split evenly into chunks");
+  uint32_t w[kPer][4];  // raw chunks between load_fast and store
+
+  __device__ __forceinline__ static int row(int i) {
+    return (static_cast<int>(threadIdx.x) + i * kThreads) / kPerRow;
+  }
+  __device__ __forceinline__ static int col(int i) {
+    return (static_cast<int>(threadIdx.x) + i * kThreads) % kPerRow * kVec;
+  }
+  // The whole tile in bounds and its chunks 16-byte aligned: vector loads into registers.
+  __device__ __forceinline__ void load_fast(const G* base, int64_t ld) {
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const uint4 t = __ldg(reinterpret_cast<const uint4*>(base + row(i) * ld + col(i)));
+      w[i][0] = t.x, w[i][1] = t.y, w[i][2] = t.z, w[i][3] = t.w;
+    }
+  }
+  template <class T>
+  __device__ __forceinline__ void store(T* s, int lds) const {
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) store_chunk<T, G>(s + row(i) * lds + col(i), w[i]);
+  }
+  // Any tile: bounds-checked loads (zero outside rows_valid x cols_valid), converted and stored at once.
+  template <class T>
+  __device__ __forceinline__ static void copy_checked(const G* base, int64_t ld, int rows_valid,
+                                                      int cols_valid, bool vec, T* s, int lds) {
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int r = row(i), c = col(i);
+      uint32_t t[4];
+      load_chunk<G>(t, base + r * ld + c, r < rows_valid ? cols_valid - c : 0, vec);
+      store_chunk<T, G>(s + r * lds + c, t);
+    }
+  }
+};
+
+// C[M, N] (= or +=) A[M, K] . op(B) (+ bias). T: shared-memory operand type (bf16, or float for TF32);
+// GB: B's global element type (uint16_t bf16 bits, or float); NT: B is [N, K], else [K, N].
+// About 200-230 registers a thread, so one block per SM: the next step's loads overlap a whole step of
+// MMAs (limiting to 128 registers for two blocks spilled).
+template <class T, bool NT, class GB>
+__global__ void __launch_bounds__(kThreads, 1)
+    gemm_tc_kernel(const float* __restrict__ A, int64_t lda, const GB* __restrict__ B, int64_t ldb, float* C,
+                   int64_t ldc, const float* __restrict__ bias, int M, int N, int K, bool beta_one,
+                   bool a_vec, bool b_vec) {
+  using Cfg = Tc<T>;
+  using Layout = typename std::conditional<NT, wmma::col_major, wmma::row_major>::type;
+  constexpr int kBK = Cfg::kBK, kWK = Cfg::kWK;
+  constexpr int kLdA = kBK + Cfg::kPad;                         // A stage: [kBM][kLdA]
+  constexpr int kLdB = NT ? kBK + Cfg::kPad : kBN + Cfg::kPad;  // B stage: NT [kBN][kLdB], NN [kBK][kLdB]
+  constexpr int kStageA = kBM * kLdA, kStageB = (NT ? kBN : kBK) * kLdB;
+  constexpr int kPipeBytes = 2 * (kStageA + kStageB) * static_cast<int>(sizeof(T));
+  constexpr int kScrBytes = (kThreads / 32) * 16 * kLdScr * static_cast<int>(sizeof(float));
+  constexpr int kSmemBytes = kPipeBytes > kScrBytes ? kPipeBytes : kScrBytes;
+  static_assert(kSmemBytes <= 48 * 1024, "static shared memory limit");
+  static_assert((kStageA * sizeof(T)) % 128 == 0 && (kStageB * sizeof(T)) % 128 == 0, "stage alignment");
+  __shared__ __align__(128) unsigned char smem[kSmemBytes];
+  T* As = reinterpret_cast<T*>(smem);  // [2][kStageA]
+  T* Bs = As + 2 * kStageA;            // [2][kStageB]
+
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  const int wm = warp / (kBN / kWarpN), wn = warp % (kBN / kWarpN);
+  const int n0 = static_cast<int>(blockIdx.x) * kBN;
+  const int tiles_m = (M + kBM - 1) / kBM;
+  const int kt_count = (K + kBK - 1) / kBK;
+  const bool b_fast_cols = b_vec && n0 + kBN <= N;
+
+  TileRegs<kBM, kBK, float> ra;                     // A step: [kBM][kBK]
+  TileRegs<NT ? kBN : kBK, NT ? kBK : kBN, GB> rb;  // B step: NT [kBN][kBK], NN [kBK][kBN]
+
+  for (int tm = static_cast<int>(blockIdx.y); tm < tiles_m; tm += static_cast<int>(gridDim.y)) {
+    const int m0 = tm * kBM;
+    const float* a_tile = A + static_cast<int64_t>(m0) * lda;
+    const bool a_fast_rows = a_vec && m0 + kBM <= M;
+    const GB* b_tile = NT ? B + static_cast<int64_t>(n0) * ldb : B + n0;
+    const int64_t b_kstride = NT ? 1 : ldb;  // elements from one k to the next in B
+
+    // A step that is fully in bounds with aligned chunks (the interior of a large product) is prefetched
+    // into registers before the previous step's MMAs and stored after them; any other step is copied with
+    // bounds checks after them (no raw registers live across the MMAs on that path).
+    auto fast_a = [&](int kt) { return a_fast_rows && (kt + 1) * kBK <= K; };
+    auto fast_b = [&](int kt) { return b_fast_cols && (kt + 1) * kBK <= K; };
+    auto prefetch = [&](int kt) {
+      if (fast_a(kt)) ra.load_fast(a_tile + kt * kBK, lda);
+      if (fast_b(kt)) rb.load_fast(b_tile + kt * kBK * b_kstride, ldb);
+    };
+    auto commit = [&](int stage, int kt) {
+      const int k0 = kt * kBK;
+      T* sa = As + stage * kStageA;
+      T* sb = Bs + stage * kStageB;
+      if (fast_a(kt))
+        ra.store(sa, kLdA);
+      else
+        ra.copy_checked(a_tile + k0, lda, M - m0, K - k0, a_vec, sa, kLdA);
+      if (fast_b(kt))
+        rb.store(sb, kLdB);
+      else if (NT)
+        rb.copy_checked(b_tile + k0, ldb, N - n0, K - k0, b_vec, sb, kLdB);
+      else
+        rb.copy_checked(b_tile + k0 * b_kstride, ldb, K - k0, N - n0, b_vec, sb, kLdB);
+    };
+
+    typename Cfg::Acc acc[kWarpM / 16][kWarpN / 16];
+#pragma unroll
+    for (int i = 0; i < kWarpM / 16; ++i)
+#pragma unroll
+      for (int j = 0; j < kWarpN / 16; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+
+    prefetch(0);
+    commit(0, 0);
+    __syncthreads();
+    // Two shared stages, one barrier per step: stage cur ^ 1 was last read before the previous barrier, so
+    // it is refilled (step kt + 1) while stage cur (step kt) is multiplied.
+    for (int kt = 0; kt < kt_count; ++kt) {
+      const int cur = kt & 1;
+      const bool more = kt + 1 < kt_count;
+      if (more) prefetch(kt + 1);
+      const T* as = As + cur * kStageA + (wm * kWarpM) * kLdA;
+      const T* bs = Bs + cur * kStageB + (NT ? (wn * kWarpN) * kLdB : wn * kWarpN);
+#pragma unroll
+      for (int kk = 0; kk < kBK; kk += kWK) {
+        typename Cfg::template FragB<Layout> b[kWarpN / 16];
+#pragma unroll
+        for (int j = 0; j < kWarpN / 16; ++j)
+          wmma::load_matrix_sync(b[j], bs + (NT ? (j * 16) * kLdB + kk : kk * kLdB + j * 16), kLdB);
+#pragma unroll
+        for (int i = 0; i < kWarpM / 16; ++i) {
+          typename Cfg::FragA a;
+          wmma::load_matrix_sync(a, as + (i * 16) * kLdA + kk, kLdA);
+#pragma unroll
+          for (int j = 0; j < kWarpN / 16; ++j) wmma::mma_sync(acc[i][j], a, b[j], acc[i][j]);
+        }
+      }
+      if (more) commit(cur ^ 1, kt + 1);
+      __syncthreads();
+    }
+
+    // Epilogue: the stages are free (the loop ended on a barrier); each warp uses its own scratch.
+    float* scr = reinterpret_cast<float*>(smem) + warp * 16 * kLdScr;
+#pragma unroll
+    for (int i = 0; i < kWarpM / 16; ++i) {
+#pragma unroll
+      for (int j = 0; j < kWarpN / 16; ++j) {
+        wmma::store_matrix_sync(scr, acc[i][j], kLdScr, wmma::mem_row_major);
+        __syncwarp();
+        const int row0 = m0 + wm * kWarpM + i * 16, col0 = n0 + wn * kWarpN + j * 16;
+#pragma unroll 1
+        for (int t = 0; t < 8; ++t) {
+          const int r = 2 * t + lane / 16, c = lane % 16;
+          const int gm = row0 + r, gn = col0 + c;
+          if (gm < M && gn < N) {
+            float v = scr[r * kLdScr + c];
+            if (bias) v += __ldg(bias + gn);
+            float* dst = C + static_cast<int64_t>(gm) * ldc + gn;
+            if (beta_one) v += *dst;
+            *dst = v;
+          }
+        }
+        __syncwarp();
+      }
+    }
+    __syncthreads();  // the scratch aliases the next M tile's stage 0
+  }
+}
+
+// FP32 verification path: 64 x 64 tile per block, thread (tx, ty) owns rows ty + 16 i, columns tx + 16 j.
+constexpr int kFM = 64, kFN = 64, kFK = 16;
+
+template <bool NT>
+__global__ void __launch_bounds__(kThreads)
+    gemm_fp32_kernel(const float* __restrict__ A, int64_t lda, const float* __restrict__ B, int64_t ldb,
+                     float* C, int64_t ldc, const float* __restrict__ bias, int M, int N, int K,
+                     bool beta_one) {
+  __shared__ float As[kFK][kFM + 1];  // [k][m]
+  __shared__ float Bs[kFK][kFN + 1];  // [k][n]
+  const int tid = static_cast<int>(threadIdx.x), tx = tid % 16, ty = tid / 16;
+  const int n0 = static_cast<int>(blockIdx.x) * kFN;
+  const int tiles_m = (M + kFM - 1) / kFM;
+  for (int tm = static_cast<int>(blockIdx.y); tm < tiles_m; tm += static_cast<int>(gridDim.y)) {
+    const int m0 = tm * kFM;
+    float acc[4][4] = {};
+    for (int k0 = 0; k0 < K; k0 += kFK) {
+#pragma unroll
+      for (int l = 0; l < kFM * kFK / kThreads; ++l) {
+        const int idx = tid + l * kThreads, r = idx / kFK, kk = idx % kFK;
+        const int m = m0 + r, k = k0 + kk;
+        As[kk][r] = (m < M && k < K) ? __ldg(A + static_cast<int64_t>(m) * lda + k) : 0.0f;
+      }
+#pragma unroll
+      for (int l = 0; l < kFN * kFK / kThreads; ++l) {
+        const int idx = tid + l * kThreads;
+        if (NT) {
+          const int c = idx / kFK, kk = idx % kFK, n = n0 + c, k = k0 + kk;
+          Bs[kk][c] = (n < N && k < K) ? __ldg(B + static_cast<int64_t>(n) * ldb + k) : 0.0f;
+        } else {
+          const int kk = idx / kFN, c = idx % kFN, n = n0 + c, k = k0 + kk;
+          Bs[kk][c] = (n < N && k < K) ? __ldg(B + static_cast<int64_t>(k) * ldb + n) : 0.0f;
+        }
+      }
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < kFK; ++kk) {
+        float a[4], b[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) a[i] = As[kk][ty + 16 * i];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) b[j] = Bs[kk][tx + 16 * j];
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+      }
+      __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int m = m0 + ty + 16 * i;
+      if (m >= M) continue;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int n = n0 + tx + 16 * j;
+        if (n >= N) continue;
+        float v = acc[i][j];
+        if (bias) v += __ldg(bias + n);
+        float* dst = C + static_cast<int64_t>(m) * ldc + n;
+        if (beta_one) v += *dst;
+        *dst = v;
+      }
+    }
+  }
+}
+
+__global__ void to_bf16_kernel(uint16_t* __restrict__ dst, const float* __restrict__ src, int64_t n) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
+    dst[i] = __bfloat16_as_ushort(__float2bfloat16_rn(src[i]));
+}
+
+bool aligned16(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
+
+dim3 grid_2d(int64_t M, int64_t N, int bm, int bn) {
+  const int64_t tiles_m = ceil_div(M, bm);
+  return dim3(static_cast<unsigned>(ceil_div(N, bn)),
+              static_cast<unsigned>(tiles_m < kMaxGridY ? tiles_m : kMaxGridY));
+}
+
+template <class T, class GB>
+void launch_tc(Stream stream, bool nt, int M, int N, int K, const float* A, int64_t lda, const GB* B,
+               int64_t ldb, float* C, int64_t ldc, const float* bias, bool beta_one) {
+  const bool a_vec = aligned16(A) && lda % 4 == 0;
+  const bool b_vec = aligned16(B) && ldb % (16 / static_cast<int64_t>(sizeof(GB))) == 0;
+  const dim3 grid = grid_2d(M, N, kBM, kBN);
+  if (nt)
+    gemm_tc_kernel<T, true, GB>
+        <<<grid, kThreads, 0, stream>>>(A, lda, B, ldb, C, ldc, bias, M, N, K, beta_one, a_vec, b_vec);
+  else
+    gemm_tc_kernel<T, false, GB>
+        <<<grid, kThreads, 0, stream>>>(A, lda, B, ldb, C, ldc, bias, M, N, K, beta_one, a_vec, b_vec);
+}
+
+}  // namespace
+
+const char* precision_name(GemmPrecision p) {
+  switch (p) {
+    case GemmPrecision::BF16:
+      return "bf16";
+    case GemmPrecision::TF32:
+      return "tf32";
+    case GemmPrecision::FP32:
+      return "fp32";
+  }
+  return "unknown";
+}
+
+void gemm(Stream stream, GemmPrecision precision, bool b_transposed, int64_t M, int64_t N, int64_t K,
+          const float* A, int64_t lda, const void* B, int64_t ldb, bool b_bf16, float* C, int64_t ldc,
+          const float* bias, float beta) {
+  auto bad = [&](const std::string& msg) {
+    return std::invalid_argument(std::string("gemm (") + precision_name(precision) +
+                                 (b_transposed ? ", NT): " : ", NN): ") + msg);
+  };
+  if (M < 1 || N < 1 || K < 1 || M > kMaxDim || N > kMaxDim || K > kMaxDim)
+    throw bad("M, N, K must be in [1, " + std::to_string(kMaxDim) + "], got M=" + std::to_string(M) +
+              " N=" + std::to_string(N) + " K=" + std::to_string(K));
+  if (!A || !B || !C) throw bad("A, B and C must be non-null");
+  const int64_t b_row = b_transposed ? K : N;
+  if (lda < K || ldb < b_row || ldc < N)
+    throw bad("leading dimension too small: lda=" + std::to_string(lda) + " (K=" + std::to_string(K) +
+              "), ldb=" + std::to_string(ldb) + " (" + std::to_string(b_row) +
+              "), ldc=" + std::to_string(ldc) + " (N=" + std::to_string(N) + ")");
+  if (beta != 0.0f && beta != 1.0f) throw bad("beta must be 0 or 1, got " + std::to_string(beta));
+  if (precision != GemmPrecision::BF16 && precision != GemmPrecision::TF32 &&
+      precision != GemmPrecision::FP32)
+    throw bad("unknown precision");
+  if (b_bf16 && precision != GemmPrecision::BF16) throw bad("a bf16 B needs the BF16 precision");
+  const int m = static_cast<int>(M), n = static_cast<int>(N), k = static_cast<int>(K);
+  const bool beta_one = beta == 1.0f;
+  if (precision == GemmPrecision::BF16) {
+    if (b_bf16)
+      launch_tc<__nv_bfloat16, uint16_t>(stream, b_transposed, m, n, k, A, lda,
+                                         static_cast<const uint16_t*>(B), ldb, C, ldc, bias, beta_one);
+    else
+      launch_tc<__nv_bfloat16, float>(stream, b_transposed, m, n, k, A, lda, static_cast<const float*>(B),
+                                      ldb, C, ldc, bias, beta_one);
+  } else if (precision == GemmPrecision::TF32) {
+    launch_tc<float, float>(stream, b_transposed, m, n, k, A, lda, static_cast<const float*>(B), ldb, C, ldc,
+                            bias, beta_one);
+  } else {
+    const dim3 grid = grid_2d(M, N, kFM, kFN);
+    const float* b = static_cast<const float*>(B);
+    if (b_transposed)
+      gemm_fp32_kernel<true><<<grid, kThreads, 0, stream>>>(A, lda, b, ldb, C, ldc, bias, m, n, k, beta_one);
+    else
+      gemm_fp32_kernel<false><<<grid, kThreads, 0, stream>>>(A, lda, b, ldb, C, ldc, bias, m, n, k, beta_one);
+  }
+  check_launch("gemm");
+}
+
+void to_bf16(Stream stream, bf16_t* dst, const float* src, int64_t n) {
+  if (n < 0) throw std::invalid_argument("to_bf16: n must be >= 0, got " + std::to_string(n));
+  if (n == 0) return;
+  if (!dst || !src) throw std::invalid_argument("to_bf16: dst and src must be non-null");
+  to_bf16_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(dst, src, n);
+  check_launch("to_bf16");
+}
+
+// --- Self-test -------------------------------------------------------------------------------------------
+namespace {
+
+// Host round-to-nearest-even to bf16 (the device's __float2bfloat16_rn on finite values and infinities).
+uint16_t host_bf16_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);  // NaN stays NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+float host_bf16_value(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+struct GemmCase {
+  int64_t M, N, K;
+  int64_t pad, align;  // ld = round_up(row length + pad, align)
+  int64_t offset;      // elements by which A, B, C and bias start past their allocations
+  bool beta_one, bias;
+};
+
+int64_t round_up(int64_t x, int64_t a) {
+  return ceil_div(x, a) * a;
+}
+
+// rel_error over the M x N region at `offset` with leading dimension ldc; every element outside it must be
+// bit-identical (the kernel must not write there): otherwise the error is infinite.
+double region_error(const std::vector<float>& got, const std::vector<float>& want, int64_t M, int64_t N,
+                    int64_t ldc, int64_t offset) {
+  std::vector<float> g, w;
+  g.reserve(static_cast<size_t>(M * N));
+  w.reserve(static_cast<size_t>(M * N));
+  bool outside_ok = true;
+  for (size_t i = 0; i < want.size(); ++i) {
+    const int64_t rel = static_cast<int64_t>(i) - offset;
+    if (rel >= 0 && rel % ldc < N) {
+      g.push_back(got[i]);
+      w.push_back(want[i]);
+    } else if (std::memcmp(&got[i], &want[i], sizeof(float)) != 0) {
+      outside_ok = false;
+    }
+  }
+  return outside_ok ? rel_error(g, w) : INFINITY;
+}
+
+}  // namespace
+
+std::vector<OpCheck> selftest_gemm() {
+  check(cudaSetDevice(0), "cudaSetDevice");
+  std::vector<OpCheck> out;
+  const GemmCase cases[] = {
+      {1, 1, 1, 0, 1, 0, false, false},      {77, 50257, 64, 0, 1, 0, false, false},
+      {128, 768, 768, 0, 1, 0, false, true}, {65, 203, 100, 1, 8, 0, false, true},
+      {33, 130, 70, 3, 1, 1, true, true},    {300, 64, 2304, 0, 1, 0, false, false},
+  };
+  uint32_t seed = 1000;
+  for (const GemmCase& cs : cases) {
+    for (const bool nt : {true, false}) {
+      const int64_t M = cs.M, N = cs.N, K = cs.K, off = cs.offset;
+      const int64_t lda = round_up(K + cs.pad, cs.align), ldc = round_up(N + cs.pad, cs.align);
+      const int64_t ldb = round_up((nt ? K : N) + cs.pad, cs.align);
+      const int64_t b_rows = nt ? N : K, b_cols = nt ? K : N;
+      const size_t size_a = static_cast<size_t>(off + (M - 1) * lda + K);
+      const size_t size_b = static_cast<size_t>(off + (b_rows - 1) * ldb + b_cols);
+      const size_t size_c = static_cast<size_t>(off + (M - 1) * ldc + N);
+      const std::vector<float> a = random_vector(size_a, ++seed), b = random_vector(size_b, ++seed);
+      const std::vector<float> bias = random_vector(static_cast<size_t>(off + N), ++seed);
+      std::vector<float> c0;
+      if (cs.beta_one) {
+        c0 = random_vector(size_c, ++seed);
+      } else {  // C is not read with beta == 0: NaN inside the product's region, a marker outside it
+        c0.assign(size_c, 0.5f);
+        for (int64_t i = 0; i < M; ++i)
+          for (int64_t j = 0; j < N; ++j) c0[static_cast<size_t>(off + i * ldc + j)] = NAN;
+      }
+      std::vector<float> a_r(size_a), b_r(size_b);
+      std::vector<uint16_t> b_bits(size_b);
+      for (size_t i = 0; i < size_a; ++i) a_r[i] = host_bf16_value(host_bf16_bits(a[i]));
+      for (size_t i = 0; i < size_b; ++i) {
+        b_bits[i] = host_bf16_bits(b[i]);
+        b_r[i] = host_bf16_value(b_bits[i]);
+      }
+      const float beta = cs.beta_one ? 1.0f : 0.0f;
+      auto reference = [&](const std::vector<float>& ha, const std::vector<float>& hb) {
+        std::vector<float> r = c0;
+        pt::sgemm(false, nt, M, N, K, 1.0f, ha.data() + off, lda, hb.data() + off, ldb, beta, r.data() + off,
+                  ldc, 4);
+        if (cs.bias)
+          for (int64_t i = 0; i < M; ++i)
+            for (int64_t j = 0; j < N; ++j) r[static_cast<size_t>(off + i * ldc + j)] += bias[off + j];
+        return r;
+      };
+      const std::vector<float> ref_f = reference(a, b), ref_b = reference(a_r, b_r);
+
+      DeviceBuffer<float> d_a = to_device(a), d_b = to_device(b), d_bias = to_device(bias),
+                          d_c = to_device(c0);
+      DeviceBuffer<uint16_t> d_bits = to_device(b_bits);
+      auto run = [&](GemmPrecision p, bool b_bf16) {
+        check(cudaMemcpy(d_c.get(), c0.data(), size_c * sizeof(float), cudaMemcpyHostToDevice),
+              "copy to device");
+        const void* dB =
+            b_bf16 ? static_cast<const void*>(d_bits.get() + off) : static_cast<const void*>(d_b.get() + off);
+        gemm(nullptr, p, nt, M, N, K, d_a.get() + off, lda, dB, ldb, b_bf16, d_c.get() + off, ldc,
+             cs.bias ? d_bias.get() + off : nullptr, beta);
+        return to_host(d_c.get(), size_c);
+      };
+
+      std::string shape = std::string(nt ? "NT" : "NN") + " M=" + std::to_string(M) +
+                          " N=" + std::to_string(N) + " K=" + std::to_string(K);
+      if (lda != K || ldb != b_cols || ldc != N)
+        shape +=
+            " lda=" + std::to_string(lda) + " ldb=" + std::to_string(ldb) + " ldc=" + std::to_string(ldc);
+      if (off) shape += " offset=" + std::to_string(off);
+      if (cs.beta_one) shape += " beta=1";
+      if (cs.bias) shape += " bias";
+
+      const double kd = static_cast<double>(K);
+      const double tol_fp32 = 1e-5 * std::max(1.0, std::sqrt(kd / 768.0));
+      const double tol_bf16 = 1e-5 + kd * std::ldexp(1.0, -26);
+      const std::string note_fp32 =
+          "fp32 FMA vs the CPU sgemm: only the order of additions differs (rounding walk grows like sqrt(K))";
+      const std::string note_tf32 =
+          "tf32 operands keep 10 mantissa bits (2^-11 relative each), fp32 accumulation, K up to 2304; "
+          "reference in full fp32";
+      const std::string note_bf16 =
+          "reference on the same RN-even bf16-rounded A and B: bf16 products are exact in fp32, so only the "
+          "accumulation differs (tensor cores may round toward zero once per k-block: K/8 ulps allowed)";
+      out.push_back(make_check("gemm fp32", shape,
+                               region_error(run(GemmPrecision::FP32, false), ref_f, M, N, ldc, off), tol_fp32,
+                               note_fp32));
+      out.push_back(make_check("gemm tf32", shape,
+                               region_error(run(GemmPrecision::TF32, false), ref_f, M, N, ldc, off), 5e-3,
+                               note_tf32));
+      out.push_back(make_check("gemm bf16", shape,
+                               region_error(run(GemmPrecision::BF16, true), ref_b, M, N, ldc, off), tol_bf16,
+                               note_bf16 + "; B uploaded as bf16"));
+      out.push_back(make_check("gemm bf16 (fp32 B)", shape,
+                               region_error(run(GemmPrecision::BF16, false), ref_b, M, N, ldc, off), tol_bf16,
+                               note_bf16 + "; B converted on the fly"));
+    }
+  }
+
+  // to_bf16: bit-exact against the host RN-even conversion, ties and signed zero included.
+  {
+    std::vector<float> src = random_vector(4093, ++seed, 3.0f);
+    for (uint32_t bits : {0x3f808000u, 0x3f818000u, 0x3f808001u, 0xbf808000u, 0xbf818000u, 0x80000000u,
+                          0x7f7fffffu, 0x00000000u, 0x4b7fff80u}) {
+      float f;
+      std::memcpy(&f, &bits, 4);
+      src.push_back(f);
+    }
+    DeviceBuffer<float> d_src = to_device(src);
+    DeviceBuffer<uint16_t> d_dst(src.size());
+    to_bf16(nullptr, d_dst.get(), d_src.get(), static_cast<int64_t>(src.size()));
+    const std::vector<uint16_t> got = to_host(d_dst.get(), src.size());
+    double mismatches = 0;
+    for (size_t i = 0; i < src.size(); ++i) mismatches += got[i] != host_bf16_bits(src[i]);
+    out.push_back(make_check("to_bf16", "n=" + std::to_string(src.size()), mismatches, 0.0,
+                             "bit-exact round to nearest even (err counts mismatching elements)"));
+  }
+  return out;
+}
+
+}  // namespace cuda
+}  // namespace pt

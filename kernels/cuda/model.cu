@@ -1,0 +1,993 @@
+// The model on a CUDA device (see priortune/cuda_model.h): the prompt-tuning paths of kernels/cpu/model.cpp
+// with the ops of priortune/cuda_ops.h, step for step, so the CPU model is the reference of every stage.
+//
+// Differences from the CPU path, all for the device:
+//  - attention saves log-sum-exps instead of probabilities (flash style);
+//  - the final norm, the LM head and the loss run on the labelled rows only (gathered first), and the final
+//    norm's gradient is scattered back into the zeroed residual gradient;
+//  - every per-call input (ids, per-layer key masks, labelled rows and targets, host prompts, the optimiser's
+//    step numbers) is packed into one pinned host buffer and sent in one copy; the step itself is a fixed
+//    sequence of launches on one stream, which is what a CUDA graph captures (the buffers' addresses are part
+//    of the graph, so any reallocation bumps `generation_` and retires the graphs).
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <stdexcept>
+
+#include "common.cuh"
+#include "priortune/cuda_model.h"
+
+namespace pt {
+namespace {
+
+using cuda::bf16_t;
+using cuda::check;
+using cuda::DeviceBuffer;
+using cuda::GemmPrecision;
+using cuda::Stream;
+
+constexpr size_t kAlign = 256;  // byte alignment of every array in the packed inputs
+
+// A weight matrix on the device: bf16 or fp32 ([rows, cols], PyTorch layout).
+struct Mat {
+  const void* p = nullptr;
+  bool bf16 = false;
+};
+
+// What one layer keeps for its backward.
+struct LayerState {
+  int64_t S_l = 0, P_l = 0, Pp = 0;
+  int deep_index = -1;  // index into the deep-prompt lists, or -1
+  DeviceBuffer<float> x_in, mean1, rstd1, qkv, att, lse, x_mid, mean2, rstd2, fc_pre;
+};
+
+// One call's inputs, packed for a single host-to-device copy, and the device addresses of each part.
+struct Inputs {
+  std::vector<uint8_t> host;
+  template <class T>
+  size_t put(const T* p, size_t n) {
+    const size_t off = (host.size() + kAlign - 1) / kAlign * kAlign;
+    host.resize(off + n * sizeof(T));
+    if (n) std::memcpy(host.data() + off, p, n * sizeof(T));
+    return off;
+  }
+};
+
+struct GraphEntry {
+  cudaGraphExec_t exec = nullptr;
+  uint64_t generation = 0;        // generation_ the graph was captured at
+  uint64_t eager_generation = 0;  // generation_ after the last eager run of this shape (0: none)
+};
+
+// Host-side plan of one call: shapes, per-layer deep-prompt layout, labelled rows, packed inputs.
+struct Plan {
+  int64_t B = 0, T = 0, P = 0, S = 0, N = 0, R = 0, pos0 = 0, lowest = 0;
+  std::vector<int64_t> P_l, Pp;
+  std::vector<int> deep_index;
+  std::vector<int32_t> rows, targets;
+  Inputs in;
+  size_t off_ids = 0, off_rows = 0, off_targets = 0, off_prompt = 0, off_hyper = 0;
+  std::vector<size_t> off_mask;                // per layer
+  std::vector<size_t> off_deep_a, off_deep_b;  // hidden vectors, or prefix keys and values, when uploaded
+  std::string key;
+};
+
+class CudaModel final : public DeviceModel {
+ public:
+  CudaModel(const Model& host, const CudaModelOptions& o) : host_(host), cfg_(host.config()), opt_(o) {
+    gpt2_ = cfg_.arch == Arch::GPT2;
+    kind_ = gpt2_ ? cuda::NormKind::LayerNorm : cuda::NormKind::RMSNorm;
+    check(cudaSetDevice(0), "cudaSetDevice(0)");
+    cudaDeviceProp prop{};
+    check(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties");
+    device_name_ = prop.name;
+    check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+    host.check_complete();
+    const bool bf16 = opt_.precision == GemmPrecision::BF16;
+    for (const std::string& name : host.slot_names()) {
+      const Slot& s = host.slot(name);
+      const bool matrix = name == "lm_head" || name.find(".qkv.w") != std::string::npos ||
+                          name.find(".proj.w") != std::string::npos ||
+                          name.find(".fc.w") != std::string::npos || name.find(".fc2.w") != std::string::npos;
+      DeviceBuffer<float> d(s.data.size());
+      check(cudaMemcpy(d.get(), s.data.data(), s.data.size() * sizeof(float), cudaMemcpyHostToDevice),
+            "weight upload");
+      weight_bytes_ += d.bytes();
+      const bool tied_table = name == "tok_emb" && cfg_.tied_head;
+      if (bf16 && (matrix || tied_table)) {
+        DeviceBuffer<bf16_t> h(s.data.size());
+        cuda::to_bf16(stream_, h.get(), d.get(), static_cast<int64_t>(s.data.size()));
+        check(cudaStreamSynchronize(stream_), "weight conversion to bf16");
+        weight_bytes_ += h.bytes();
+        h16_.emplace(name, std::move(h));
+        if (matrix) {  // only the bf16 copy is kept
+          weight_bytes_ -= d.bytes();
+          continue;
+        }
+      }
+      f32_.emplace(name, std::move(d));
+    }
+    check(cudaMallocHost(reinterpret_cast<void**>(&host_out_), 4 * sizeof(double)), "cudaMallocHost");
+  }
+
+  ~CudaModel() override {
+    for (auto& kv : graphs_)
+      if (kv.second.exec) cudaGraphExecDestroy(kv.second.exec);
+    if (pinned_) cudaFreeHost(pinned_);
+    if (host_out_) cudaFreeHost(host_out_);
+    if (stream_) cudaStreamDestroy(stream_);
+  }
+
+  std::string precision() const override { return cuda::precision_name(opt_.precision); }
+
+  DeviceMemoryInfo memory() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    DeviceMemoryInfo m;
+    m.weights = weight_bytes_;
+    m.workspace = workspace_bytes();
+    check(cudaSetDevice(0), "cudaSetDevice(0)");
+    check(cudaMemGetInfo(&m.device_free, &m.device_total), "cudaMemGetInfo");
+    m.device = device_name_;
+    return m;
+  }
+
+  ForwardResult forward(const ForwardArgs& a) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    check(cudaSetDevice(0), "cudaSetDevice(0)");
+    Plan pl = plan(a, false);
+    upload_prompts(pl, a);
+    send(pl);
+    const Ptrs in = pointers(pl, a, false);
+    const int64_t N = pl.N, C = cfg_.hidden, V = cfg_.vocab;
+    ForwardResult res;
+    std::vector<int> want(cfg_.layers + 1, -1);
+    for (size_t i = 0; i < a.hidden_indices.size(); ++i) want[a.hidden_indices[i]] = static_cast<int>(i);
+    res.hidden.resize(a.hidden_indices.size());
+    auto keep = [&](int64_t index, const float* v) {
+      if (want[index] < 0) return;
+      std::vector<float>& h = res.hidden[want[index]];
+      h.resize(N * C);
+      check(cudaMemcpyAsync(h.data(), v, N * C * sizeof(float), cudaMemcpyDeviceToHost, stream_),
+            "hidden state copy");
+    };
+    embed(pl, in);
+    keep(0, x_.get());
+    for (int64_t l = 0; l < cfg_.layers; ++l) {
+      layer_forward(l, pl, in, states_[0]);
+      if (l + 1 < cfg_.layers) keep(l + 1, x_.get());
+    }
+    need(xf_, N * C);
+    need(lnf_mean_, N);
+    need(lnf_rstd_, N);
+    cuda::norm_forward(stream_, kind_, xf_.get(), lnf_mean_.get(), lnf_rstd_.get(), x_.get(), nullptr,
+                       nullptr, f("lnf.w"), f_or_null("lnf.b"), N, C, cfg_.norm_eps);
+    keep(cfg_.layers, xf_.get());
+    if (a.want_logits) {
+      res.logits.resize(N * V);
+      const int64_t chunk = head_chunk_rows(N);
+      need(logits_, chunk * V);
+      for (int64_t r0 = 0; r0 < N; r0 += chunk) {
+        const int64_t rc = std::min(chunk, N - r0);
+        gemm_nt(rc, V, C, xf_.get() + r0 * C, C, head(), logits_.get(), V, nullptr, 0.0f);
+        check(cudaMemcpyAsync(res.logits.data() + r0 * V, logits_.get(), rc * V * sizeof(float),
+                              cudaMemcpyDeviceToHost, stream_),
+              "logits copy");
+      }
+    }
+    if (a.labels) {
+      res.label_count = pl.R;
+      if (pl.R > 0) {
+        need(xr_, pl.R * C);
+        cuda::gather_rows(stream_, xr_.get(), xf_.get(), in.rows, pl.R, C);
+        head_loss(xr_.get(), in.targets, pl.R, nullptr, 0.0f);
+        check(cudaMemcpyAsync(host_out_, loss_sum_.get(), sizeof(double), cudaMemcpyDeviceToHost, stream_),
+              "loss copy");
+      }
+    }
+    sync("forward");
+    if (a.labels && pl.R > 0) res.loss = host_out_[0] / static_cast<double>(pl.R);
+    return res;
+  }
+
+  GradResult loss_and_grad(const ForwardArgs& a) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    check(cudaSetDevice(0), "cudaSetDevice(0)");
+    if (!a.labels) throw std::invalid_argument("labels: required for lossAndGrad");
+    Plan pl = plan(a, true);
+    upload_prompts(pl, a);
+    pl.key = "grad|" + pl.key;
+    send(pl);
+    const Ptrs in = pointers(pl, a, false);
+    run_step(pl, [&] { grad_pass(pl, in); });
+    check(cudaMemcpyAsync(host_out_, loss_sum_.get(), sizeof(double), cudaMemcpyDeviceToHost, stream_),
+          "loss copy");
+    GradResult g;
+    g.label_count = pl.R;
+    const int64_t C = cfg_.hidden, kvw = cfg_.kv_heads * cfg_.head_dim;
+    auto fetch = [&](std::vector<float>& dst, const float* src, size_t n) {
+      dst.resize(n);
+      check(cudaMemcpyAsync(dst.data(), src, n * sizeof(float), cudaMemcpyDeviceToHost, stream_),
+            "gradient copy");
+    };
+    if (a.P > 0) fetch(g.prompt_grad, gprompt_.get(), a.P * C);
+    const size_t nd = a.deep.layers.size();
+    if (a.deep.kind == DeepPrompts::Kind::Hidden) {
+      g.deep_grads.resize(nd);
+      for (size_t i = 0; i < nd; ++i) fetch(g.deep_grads[i], gdeep_a_[i].get(), a.deep.lengths[i] * C);
+    } else if (a.deep.kind == DeepPrompts::Kind::Prefix) {
+      g.key_grads.resize(nd);
+      g.value_grads.resize(nd);
+      for (size_t i = 0; i < nd; ++i) {
+        fetch(g.key_grads[i], gdeep_a_[i].get(), a.deep.prefix_len * kvw);
+        fetch(g.value_grads[i], gdeep_b_[i].get(), a.deep.prefix_len * kvw);
+      }
+    }
+    sync("lossAndGrad");
+    g.loss = host_out_[0] / static_cast<double>(pl.R);
+    return g;
+  }
+
+  void set_trainables(const ForwardArgs& a) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    check(cudaSetDevice(0), "cudaSetDevice(0)");
+    check_trainable_shapes(a);
+    const int64_t C = cfg_.hidden, kvw = cfg_.kv_heads * cfg_.head_dim;
+    train_ = TrainState{};
+    train_.P = a.P;
+    train_.deep_kind = a.deep.kind;
+    train_.layers = a.deep.layers;
+    train_.lengths = a.deep.lengths;
+    train_.prefix_len = a.deep.prefix_len;
+    auto add = [&](const float* src, size_t n) {
+      TrainTensor t;
+      t.n = n;
+      t.param.resize(n);
+      t.m.resize(n);
+      t.v.resize(n);
+      check(cudaMemcpy(t.param.get(), src, n * sizeof(float), cudaMemcpyHostToDevice), "trainable upload");
+      check(cudaMemset(t.m.get(), 0, n * sizeof(float)), "cudaMemset");
+      check(cudaMemset(t.v.get(), 0, n * sizeof(float)), "cudaMemset");
+      train_.tensors.push_back(std::move(t));
+    };
+    if (a.P > 0) add(a.prompt, a.P * C);
+    for (size_t i = 0; i < a.deep.layers.size(); ++i) {
+      if (a.deep.kind == DeepPrompts::Kind::Hidden) add(a.deep.vectors[i], a.deep.lengths[i] * C);
+      if (a.deep.kind == DeepPrompts::Kind::Prefix) {
+        add(a.deep.keys[i], a.deep.prefix_len * kvw);
+        add(a.deep.values[i], a.deep.prefix_len * kvw);
+      }
+    }
+    if (train_.tensors.empty())
+      throw std::invalid_argument("setTrainables: nothing to train (no prompt and no deepPrompts)");
+    train_.ready = true;
+    ++generation_;  // the trainables' addresses are new
+  }
+
+  PromptTensors trainables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    check(cudaSetDevice(0), "cudaSetDevice(0)");
+    if (!train_.ready) throw std::logic_error("no trainable prompt on the device: call setTrainables first");
+    PromptTensors out;
+    out.kind = train_.deep_kind;
+    out.layers = train_.layers;
+    size_t k = 0;
+    auto get = [&](std::vector<float>& dst) {
+      const TrainTensor& t = train_.tensors[k++];
+      dst.resize(t.n);
+      check(cudaMemcpy(dst.data(), t.param.get(), t.n * sizeof(float), cudaMemcpyDeviceToHost),
+            "trainable download");
+    };
+    if (train_.P > 0) get(out.prompt);
+    const size_t nd = train_.layers.size();
+    if (train_.deep_kind == DeepPrompts::Kind::Hidden) {
+      out.deep.resize(nd);
+      for (auto& d : out.deep) get(d);
+    } else if (train_.deep_kind == DeepPrompts::Kind::Prefix) {
+      out.keys.resize(nd);
+      out.values.resize(nd);
+      for (size_t i = 0; i < nd; ++i) {
+        get(out.keys[i]);
+        get(out.values[i]);
+      }
+    }
+    return out;
+  }
+
+  TrainStats prompt_step(const ForwardArgs& batch, const AdamWConfig& o) override {
+    if (!(o.lr >= 0.0f) || !std::isfinite(o.lr))
+      throw std::invalid_argument("adamw.lr: expected a finite value >= 0");
+    if (!(o.beta1 >= 0.0f && o.beta1 < 1.0f) || !(o.beta2 >= 0.0f && o.beta2 < 1.0f))
+      throw std::invalid_argument("adamw.beta1, adamw.beta2: expected values in [0, 1)");
+    if (!(o.eps > 0.0f)) throw std::invalid_argument("adamw.eps: expected a value > 0");
+    if (!(o.weight_decay >= 0.0f)) throw std::invalid_argument("adamw.weightDecay: expected a value >= 0");
+    if (!(o.max_grad_norm >= 0.0)) throw std::invalid_argument("adamw.maxGradNorm: expected a value >= 0");
+    std::lock_guard<std::mutex> lock(mutex_);
+    check(cudaSetDevice(0), "cudaSetDevice(0)");
+    if (!train_.ready) throw std::logic_error("no trainable prompt on the device: call setTrainables first");
+    if (!batch.labels) throw std::invalid_argument("labels: required for a training step");
+    // The batch's shapes come from the resident trainables.
+    ForwardArgs a = batch;
+    a.P = train_.P;
+    a.prompt = nullptr;
+    a.deep = DeepPrompts{};
+    a.deep.kind = train_.deep_kind;
+    a.deep.layers = train_.layers;
+    a.deep.lengths = train_.lengths;
+    a.deep.prefix_len = train_.prefix_len;
+    a.deep.vectors.assign(a.deep.layers.size(), nullptr);
+    a.deep.keys.assign(a.deep.layers.size(), nullptr);
+    a.deep.values.assign(a.deep.layers.size(), nullptr);
+    Plan pl = plan(a, true);
+    const int64_t t = train_.step + 1;
+    const float hyper[4] = {o.lr, static_cast<float>(1.0 - std::pow(static_cast<double>(o.beta1), t)),
+                            static_cast<float>(1.0 - std::pow(static_cast<double>(o.beta2), t)), 0.0f};
+    pl.off_hyper = pl.in.put(hyper, 4);
+    char opts[160];
+    std::snprintf(opts, sizeof opts, "step|b1=%a b2=%a eps=%a wd=%a clip=%a|", o.beta1, o.beta2, o.eps,
+                  o.weight_decay, o.max_grad_norm);
+    pl.key = opts + pl.key;
+    send(pl);
+    const Ptrs in = pointers(pl, a, true);
+    need(clip_, 1);
+    need(gnorm_sq_, 1);
+    run_step(pl, [&] {
+      grad_pass(pl, in);
+      // Global gradient norm over every trainable tensor (in order), clipping, AdamW.
+      for (size_t i = 0; i < train_.tensors.size(); ++i)
+        cuda::sum_squares_f64(stream_, gnorm_sq_.get(), grad_of_trainable(i),
+                              static_cast<int64_t>(train_.tensors[i].n), i > 0);
+      if (o.max_grad_norm > 0.0)
+        cuda::clip_factor(stream_, clip_.get(), gnorm_sq_.get(), static_cast<float>(o.max_grad_norm));
+      const float* hyper_dev = reinterpret_cast<const float*>(inputs_.get() + pl.off_hyper);
+      for (size_t i = 0; i < train_.tensors.size(); ++i) {
+        TrainTensor& tt = train_.tensors[i];
+        cuda::adamw_step(stream_, tt.param.get(), grad_of_trainable(i), tt.m.get(), tt.v.get(),
+                         static_cast<int64_t>(tt.n), hyper_dev, o.beta1, o.beta2, o.eps, o.weight_decay,
+                         o.max_grad_norm > 0.0 ? clip_.get() : nullptr);
+      }
+    });
+    check(cudaMemcpyAsync(host_out_, loss_sum_.get(), sizeof(double), cudaMemcpyDeviceToHost, stream_),
+          "loss copy");
+    check(cudaMemcpyAsync(host_out_ + 1, gnorm_sq_.get(), sizeof(double), cudaMemcpyDeviceToHost, stream_),
+          "gradient norm copy");
+    sync("promptStep");
+    train_.step = t;
+    TrainStats st;
+    st.loss = host_out_[0] / static_cast<double>(pl.R);
+    st.label_count = pl.R;
+    st.grad_norm = std::sqrt(host_out_[1]);
+    st.step = t;
+    return st;
+  }
+
+ private:
+  struct Ptrs {
+    const int32_t* ids = nullptr;
+    const int32_t* rows = nullptr;
+    const int32_t* targets = nullptr;
+    const float* prompt = nullptr;
+    std::vector<const uint8_t*> mask;          // per layer
+    std::vector<const float*> deep_a, deep_b;  // per deep index
+  };
+  struct TrainTensor {
+    size_t n = 0;
+    DeviceBuffer<float> param, m, v;
+  };
+  struct TrainState {
+    bool ready = false;
+    int64_t P = 0, prefix_len = 0, step = 0;
+    DeepPrompts::Kind deep_kind = DeepPrompts::Kind::None;
+    std::vector<int> layers;
+    std::vector<int64_t> lengths;
+    std::vector<TrainTensor> tensors;  // prompt, then per deep layer (hidden: vectors; prefix: keys, values)
+  };
+
+  // ---- small helpers ----
+  const float* f(const std::string& name) const {
+    auto it = f32_.find(name);
+    if (it == f32_.end()) throw std::logic_error("CUDA model: no fp32 weight '" + name + "'");
+    return it->second.get();
+  }
+  const float* f_or_null(const std::string& name) const {
+    auto it = f32_.find(name);
+    return it == f32_.end() ? nullptr : it->second.get();
+  }
+  Mat mat(const std::string& name) const {
+    auto h = h16_.find(name);
+    if (h != h16_.end()) return {h->second.get(), true};
+    return {f(name), false};
+  }
+  Mat head() const { return mat(cfg_.tied_head ? "tok_emb" : "lm_head"); }
+
+  template <class T>
+  void need(DeviceBuffer<T>& b, int64_t n) {
+    if (static_cast<size_t>(n) > b.size()) {
+      b.resize(static_cast<size_t>(n));
+      ++generation_;
+    }
+  }
+  size_t workspace_bytes() const {
+    size_t n = x_.bytes() + xf_.bytes() + lnf_mean_.bytes() + lnf_rstd_.bytes() + xr_in_.bytes() +
+               xr_.bytes() + dxr_.bytes() + dxr_in_.bytes() + logits_.bytes() + losses_.bytes() +
+               loss_sum_.bytes() + dx_.bytes() + ln_.bytes() + tmp_.bytes() + act_.bytes() + dmid_.bytes() +
+               dact_.bytes() + dfc_.bytes() + dln_.bytes() + datt_.bytes() + dqkv_.bytes() +
+               attn_scratch_.bytes() + rope_cos_.bytes() + rope_sin_.bytes() + inputs_.bytes() +
+               gprompt_.bytes() + clip_.bytes() + gnorm_sq_.bytes();
+    for (const LayerState& s : states_)
+      n += s.x_in.bytes() + s.mean1.bytes() + s.rstd1.bytes() + s.qkv.bytes() + s.att.bytes() +
+           s.lse.bytes() + s.x_mid.bytes() + s.mean2.bytes() + s.rstd2.bytes() + s.fc_pre.bytes();
+    for (const auto& b : gdeep_a_) n += b.bytes();
+    for (const auto& b : gdeep_b_) n += b.bytes();
+    for (const auto& t : train_.tensors) n += t.param.bytes() + t.m.bytes() + t.v.bytes();
+    return n;
+  }
+  void sync(const char* what) {
+    cudaError_t e = cudaStreamSynchronize(stream_);
+    if (e != cudaSuccess)
+      check(e, (std::string(what) + " on the device (a failed kernel leaves the CUDA context unusable; "
+                                    "dispose the model and load it again)")
+                   .c_str());
+  }
+  int64_t head_chunk_rows(int64_t R) const {
+    const int64_t budget = (int64_t{256} << 20) / static_cast<int64_t>(sizeof(float));
+    return std::max<int64_t>(1, std::min<int64_t>(R, budget / cfg_.vocab));
+  }
+
+  void gemm_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, Mat W, float* C, int64_t ldc,
+               const float* bias, float beta) {
+    cuda::gemm(stream_, opt_.precision, true, M, N, K, A, lda, W.p, K, W.bf16, C, ldc, bias, beta);
+  }
+  // C[M, N] = A[M, K] . W where W is [K, N] (a weight [out = K, in = N]: the input gradient of a linear
+  // layer).
+  void gemm_nn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, Mat W, float* C, int64_t ldc,
+               float beta) {
+    cuda::gemm(stream_, opt_.precision, false, M, N, K, A, lda, W.p, N, W.bf16, C, ldc, nullptr, beta);
+  }
+
+  // ---- planning and inputs ----
+  void check_trainable_shapes(const ForwardArgs& a) const {
+    host_.check_args(a);
+    if (a.P == 0 && a.deep.kind == DeepPrompts::Kind::None)
+      throw std::invalid_argument("nothing to train (no prompt and no deepPrompts)");
+  }
+
+  Plan plan(const ForwardArgs& a, bool grads) {
+    host_.check_args(a);
+    const ModelConfig& c = cfg_;
+    Plan pl;
+    pl.B = a.B, pl.T = a.T, pl.P = a.P, pl.S = a.P + a.T, pl.N = pl.B * pl.S;
+    pl.pos0 = a.deep.kind == DeepPrompts::Kind::Prefix ? a.deep.prefix_len : 0;
+    pl.P_l.assign(c.layers, 0);
+    pl.Pp.assign(c.layers, 0);
+    pl.deep_index.assign(c.layers, -1);
+    for (size_t i = 0; i < a.deep.layers.size(); ++i) {
+      const int l = a.deep.layers[i];
+      pl.deep_index[l] = static_cast<int>(i);
+      if (a.deep.kind == DeepPrompts::Kind::Hidden) pl.P_l[l] = a.deep.lengths[i];
+      if (a.deep.kind == DeepPrompts::Kind::Prefix) pl.Pp[l] = a.deep.prefix_len;
+    }
+    pl.lowest = a.P > 0 ? 0 : c.layers;
+    for (int l : a.deep.layers) pl.lowest = std::min<int64_t>(pl.lowest, l);
+    if (grads && pl.lowest == c.layers)
+      throw std::invalid_argument("lossAndGrad: nothing to train (no prompt and no deepPrompts)");
+    // Labelled rows after the causal shift.
+    if (a.labels) {
+      const std::vector<int32_t> t = shifted_targets(a);
+      for (int64_t r = 0; r < pl.N; ++r)
+        if (t[r] >= 0) {
+          pl.rows.push_back(static_cast<int32_t>(r));
+          pl.targets.push_back(t[r]);
+        }
+      pl.R = static_cast<int64_t>(pl.rows.size());
+      if (grads && pl.R == 0)
+        throw std::invalid_argument("labels: no labelled position (all -100 after the causal shift)");
+    }
+    if (pl.N > INT32_MAX) throw std::out_of_range("batch x sequence is too large for the CUDA backend");
+    // Inputs: ids, per-layer key masks (deep rows always attended), labelled rows and their targets.
+    pl.off_ids = pl.in.put(a.ids, pl.B * pl.T);
+    std::vector<uint8_t> km(pl.N, 1);
+    if (a.mask)
+      for (int64_t b = 0; b < pl.B; ++b)
+        for (int64_t t = 0; t < pl.T; ++t) km[b * pl.S + pl.P + t] = a.mask[b * pl.T + t] ? 1 : 0;
+    pl.off_mask.resize(c.layers);
+    std::map<int64_t, size_t> by_len;  // one mask per distinct deep length
+    for (int64_t l = 0; l < c.layers; ++l) {
+      auto it = by_len.find(pl.P_l[l]);
+      if (it != by_len.end()) {
+        pl.off_mask[l] = it->second;
+        continue;
+      }
+      const int64_t Pl = pl.P_l[l], Sl = pl.S + Pl;
+      std::vector<uint8_t> m(pl.B * Sl, 1);
+      for (int64_t b = 0; b < pl.B; ++b) std::memcpy(m.data() + b * Sl + Pl, km.data() + b * pl.S, pl.S);
+      pl.off_mask[l] = by_len[Pl] = pl.in.put(m.data(), m.size());
+    }
+    pl.off_rows = pl.in.put(pl.rows.data(), pl.rows.size());
+    pl.off_targets = pl.in.put(pl.targets.data(), pl.targets.size());
+    // The shape key of a training step's graph.
+    std::string key = "B=" + std::to_string(pl.B) + " T=" + std::to_string(pl.T) +
+                      " P=" + std::to_string(pl.P) + " R=" + std::to_string(pl.R) +
+                      " kind=" + std::to_string(static_cast<int>(a.deep.kind)) +
+                      " Pp=" + std::to_string(a.deep.prefix_len) + " layers=";
+    for (size_t i = 0; i < a.deep.layers.size(); ++i)
+      key += std::to_string(a.deep.layers[i]) + ":" +
+             std::to_string(i < a.deep.lengths.size() ? a.deep.lengths[i] : 0) + ",";
+    pl.key = key;
+    return pl;
+  }
+
+  // Host prompts (forward, lossAndGrad) travel with the inputs.
+  void upload_prompts(Plan& pl, const ForwardArgs& a) {
+    const int64_t C = cfg_.hidden, kvw = cfg_.kv_heads * cfg_.head_dim;
+    if (a.P > 0) pl.off_prompt = pl.in.put(a.prompt, a.P * C);
+    for (size_t i = 0; i < a.deep.layers.size(); ++i) {
+      if (a.deep.kind == DeepPrompts::Kind::Hidden) {
+        pl.off_deep_a.push_back(pl.in.put(a.deep.vectors[i], a.deep.lengths[i] * C));
+        pl.off_deep_b.push_back(0);
+      } else {
+        pl.off_deep_a.push_back(pl.in.put(a.deep.keys[i], a.deep.prefix_len * kvw));
+        pl.off_deep_b.push_back(pl.in.put(a.deep.values[i], a.deep.prefix_len * kvw));
+      }
+    }
+  }
+
+  // One host-to-device copy of the packed inputs (through pinned memory).
+  void send(const Plan& pl) {
+    const size_t n = std::max<size_t>(pl.in.host.size(), 1);
+    if (n > pinned_size_) {
+      check(cudaStreamSynchronize(stream_), "stream synchronisation");
+      if (pinned_) cudaFreeHost(pinned_);
+      pinned_ = nullptr;
+      pinned_size_ = 0;
+      check(cudaMallocHost(reinterpret_cast<void**>(&pinned_), n), "cudaMallocHost (input staging)");
+      pinned_size_ = n;
+    }
+    need(inputs_, static_cast<int64_t>(n));
+    std::memcpy(pinned_, pl.in.host.data(), pl.in.host.size());
+    check(cudaMemcpyAsync(inputs_.get(), pinned_, pl.in.host.size(), cudaMemcpyHostToDevice, stream_),
+          "input copy");
+  }
+
+  Ptrs pointers(const Plan& pl, const ForwardArgs& a, bool resident) {
+    const uint8_t* base = inputs_.get();
+    Ptrs p;
+    p.ids = reinterpret_cast<const int32_t*>(base + pl.off_ids);
+    p.rows = reinterpret_cast<const int32_t*>(base + pl.off_rows);
+    p.targets = reinterpret_cast<const int32_t*>(base + pl.off_targets);
+    for (int64_t l = 0; l < cfg_.layers; ++l) p.mask.push_back(base + pl.off_mask[l]);
+    const size_t nd = a.deep.layers.size();
+    if (resident) {
+      size_t k = 0;
+      if (a.P > 0) p.prompt = train_.tensors[k++].param.get();
+      for (size_t i = 0; i < nd; ++i) {
+        p.deep_a.push_back(train_.tensors[k++].param.get());
+        p.deep_b.push_back(a.deep.kind == DeepPrompts::Kind::Prefix ? train_.tensors[k++].param.get()
+                                                                    : nullptr);
+      }
+    } else {
+      if (a.P > 0) p.prompt = reinterpret_cast<const float*>(base + pl.off_prompt);
+      for (size_t i = 0; i < nd; ++i) {
+        p.deep_a.push_back(reinterpret_cast<const float*>(base + pl.off_deep_a[i]));
+        p.deep_b.push_back(a.deep.kind == DeepPrompts::Kind::Prefix
+                               ? reinterpret_cast<const float*>(base + pl.off_deep_b[i])
+                               : nullptr);
+      }
+    }
+    // Gradient buffers of the deep prompts.
+    if (gdeep_a_.size() < nd) {
+      gdeep_a_.resize(nd);
+      gdeep_b_.resize(nd);
+    }
+    const int64_t C = cfg_.hidden, kvw = cfg_.kv_heads * cfg_.head_dim;
+    for (size_t i = 0; i < nd; ++i) {
+      if (a.deep.kind == DeepPrompts::Kind::Hidden) need(gdeep_a_[i], a.deep.lengths[i] * C);
+      if (a.deep.kind == DeepPrompts::Kind::Prefix) {
+        need(gdeep_a_[i], a.deep.prefix_len * kvw);
+        need(gdeep_b_[i], a.deep.prefix_len * kvw);
+      }
+    }
+    if (a.P > 0) need(gprompt_, a.P * C);
+    rope_for(pl);
+    return p;
+  }
+
+  const float* grad_of_trainable(size_t i) const {
+    size_t k = 0;
+    if (train_.P > 0) {
+      if (i == 0) return gprompt_.get();
+      k = 1;
+    }
+    const size_t j = i - k;
+    if (train_.deep_kind == DeepPrompts::Kind::Prefix)
+      return (j % 2 == 0 ? gdeep_a_[j / 2] : gdeep_b_[j / 2]).get();
+    return gdeep_a_[j].get();
+  }
+
+  // RoPE tables by absolute position, [positions, hd/2], from the host model's inverse frequencies in double.
+  void rope_for(const Plan& pl) {
+    if (gpt2_) return;
+    int64_t S_max = pl.S;
+    for (int64_t v : pl.P_l) S_max = std::max(S_max, pl.S + v);
+    const int64_t need_pos = pl.pos0 + S_max, half = cfg_.head_dim / 2;
+    if (need_pos <= rope_positions_) return;
+    const int64_t n = std::max<int64_t>(need_pos, 2 * rope_positions_);
+    const std::vector<double>& inv = host_.inv_freq();
+    std::vector<float> cs(n * half), sn(n * half);
+    for (int64_t p = 0; p < n; ++p)
+      for (int64_t i = 0; i < half; ++i) {
+        const double ang = static_cast<double>(p) * inv[i];
+        cs[p * half + i] = static_cast<float>(std::cos(ang));
+        sn[p * half + i] = static_cast<float>(std::sin(ang));
+      }
+    check(cudaStreamSynchronize(stream_), "stream synchronisation");
+    rope_cos_ = DeviceBuffer<float>(cs.size());
+    rope_sin_ = DeviceBuffer<float>(sn.size());
+    check(cudaMemcpy(rope_cos_.get(), cs.data(), cs.size() * sizeof(float), cudaMemcpyHostToDevice),
+          "rope upload");
+    check(cudaMemcpy(rope_sin_.get(), sn.data(), sn.size() * sizeof(float), cudaMemcpyHostToDevice),
+          "rope upload");
+    rope_positions_ = n;
+    ++generation_;
+  }
+
+  // ---- the passes ----
+  void embed(const Plan& pl, const Ptrs& in) {
+    const int64_t C = cfg_.hidden;
+    need(x_, pl.N * C);
+    if (states_.size() < static_cast<size_t>(cfg_.layers)) states_.resize(cfg_.layers);
+    cuda::embedding_forward(stream_, x_.get(), in.ids, in.prompt, pl.P, f("tok_emb"),
+                            gpt2_ ? f("pos_emb") : nullptr, pl.pos0, pl.B, pl.T, C);
+  }
+
+  void layer_forward(int64_t l, const Plan& pl, const Ptrs& in, LayerState& st) {
+    const ModelConfig& c = cfg_;
+    const int64_t B = pl.B, S = pl.S, C = c.hidden, H = c.heads, KV = c.kv_heads, hd = c.head_dim,
+                  I = c.intermediate;
+    const int64_t qkv_w = (H + 2 * KV) * hd, fc_w = gpt2_ ? I : 2 * I;
+    const std::string p = "l" + std::to_string(l) + ".";
+    st.P_l = pl.P_l[l];
+    st.Pp = pl.Pp[l];
+    st.deep_index = pl.deep_index[l];
+    const int64_t P_l = st.P_l, S_l = S + P_l, N_l = B * S_l;
+    st.S_l = S_l;
+    const float* pk = st.Pp ? in.deep_a[st.deep_index] : nullptr;
+    const float* pv = st.Pp ? in.deep_b[st.deep_index] : nullptr;
+    // Layer input: the deep rows in front of each sequence.
+    need(st.x_in, N_l * C);
+    if (P_l) {
+      const float* deep = in.deep_a[st.deep_index];
+      for (int64_t b = 0; b < B; ++b)
+        check(cudaMemcpyAsync(st.x_in.get() + b * S_l * C, deep, P_l * C * sizeof(float),
+                              cudaMemcpyDeviceToDevice, stream_),
+              "deep rows copy");
+    }
+    check(cudaMemcpy2DAsync(st.x_in.get() + P_l * C, S_l * C * sizeof(float), x_.get(), S * C * sizeof(float),
+                            S * C * sizeof(float), B, cudaMemcpyDeviceToDevice, stream_),
+          "layer input copy");
+    need(ln_, N_l * C);
+    need(st.mean1, N_l);
+    need(st.rstd1, N_l);
+    cuda::norm_forward(stream_, kind_, ln_.get(), gpt2_ ? st.mean1.get() : nullptr, st.rstd1.get(),
+                       st.x_in.get(), nullptr, nullptr, f(p + "ln1.w"), f_or_null(p + "ln1.b"), N_l, C,
+                       c.norm_eps);
+    need(st.qkv, N_l * qkv_w);
+    gemm_nt(N_l, qkv_w, C, ln_.get(), C, mat(p + "qkv.w"), st.qkv.get(), qkv_w, f_or_null(p + "qkv.b"), 0.0f);
+    if (!gpt2_) {
+      const int64_t half = hd / 2;
+      const float* cs = rope_cos_.get() + pl.pos0 * half;
+      const float* sn = rope_sin_.get() + pl.pos0 * half;
+      cuda::rope_forward(stream_, st.qkv.get(), B, S_l, qkv_w, 0, H, hd, cs, sn);
+      cuda::rope_forward(stream_, st.qkv.get(), B, S_l, qkv_w, H * hd, KV, hd, cs, sn);
+    }
+    need(st.att, N_l * H * hd);
+    need(st.lse, B * H * S_l);
+    cuda::attention_forward(stream_, st.att.get(), st.lse.get(), st.qkv.get(), in.mask[l], pk, pv, st.Pp, B,
+                            S_l, H, KV, hd, host_.attn_scale(l));
+    need(tmp_, N_l * C);
+    gemm_nt(N_l, C, H * hd, st.att.get(), H * hd, mat(p + "proj.w"), tmp_.get(), C, f_or_null(p + "proj.b"),
+            0.0f);
+    // x_mid = x_in + attention, fused with the second norm.
+    need(st.x_mid, N_l * C);
+    need(st.mean2, N_l);
+    need(st.rstd2, N_l);
+    cuda::norm_forward(stream_, kind_, ln_.get(), gpt2_ ? st.mean2.get() : nullptr, st.rstd2.get(),
+                       st.x_in.get(), tmp_.get(), st.x_mid.get(), f(p + "ln2.w"), f_or_null(p + "ln2.b"), N_l,
+                       C, c.norm_eps);
+    need(st.fc_pre, N_l * fc_w);
+    gemm_nt(N_l, fc_w, C, ln_.get(), C, mat(p + "fc.w"), st.fc_pre.get(), fc_w, f_or_null(p + "fc.b"), 0.0f);
+    need(act_, N_l * I);
+    if (gpt2_)
+      cuda::gelu_forward(stream_, act_.get(), st.fc_pre.get(), N_l * I);
+    else
+      cuda::swiglu_forward(stream_, act_.get(), st.fc_pre.get(), N_l, I);
+    gemm_nt(N_l, C, I, act_.get(), I, mat(p + "fc2.w"), tmp_.get(), C, f_or_null(p + "fc2.b"), 0.0f);
+    // Output: the sequence rows of x_mid + mlp (the deep rows are cut).
+    if (P_l == 0) {
+      cuda::residual_forward(stream_, x_.get(), st.x_mid.get(), tmp_.get(), N_l * C);
+    } else {
+      for (int64_t b = 0; b < B; ++b)
+        cuda::residual_forward(stream_, x_.get() + b * S * C, st.x_mid.get() + (b * S_l + P_l) * C,
+                               tmp_.get() + (b * S_l + P_l) * C, S * C);
+    }
+  }
+
+  void layer_backward(int64_t l, const Plan& pl, const Ptrs& in, LayerState& st, int64_t rows_needed) {
+    const ModelConfig& c = cfg_;
+    const int64_t B = pl.B, S = pl.S, C = c.hidden, H = c.heads, KV = c.kv_heads, hd = c.head_dim,
+                  I = c.intermediate;
+    const int64_t qkv_w = (H + 2 * KV) * hd, fc_w = gpt2_ ? I : 2 * I;
+    const int64_t P_l = st.P_l, S_l = st.S_l, N_l = B * S_l;
+    const std::string p = "l" + std::to_string(l) + ".";
+    // Gradient of the layer output over all S_l rows: the cut deep rows get none.
+    need(dmid_, N_l * C);
+    if (P_l) check(cudaMemsetAsync(dmid_.get(), 0, N_l * C * sizeof(float), stream_), "cudaMemsetAsync");
+    check(cudaMemcpy2DAsync(dmid_.get() + P_l * C, S_l * C * sizeof(float), dx_.get(), S * C * sizeof(float),
+                            S * C * sizeof(float), B, cudaMemcpyDeviceToDevice, stream_),
+          "layer gradient copy");
+    // MLP: out = x_mid + fc2(act(fc(norm2(x_mid)))).
+    need(dact_, N_l * I);
+    gemm_nn(N_l, I, C, dmid_.get(), C, mat(p + "fc2.w"), dact_.get(), I, 0.0f);
+    need(dfc_, N_l * fc_w);
+    if (gpt2_)
+      cuda::gelu_backward(stream_, dfc_.get(), st.fc_pre.get(), dact_.get(), N_l * I);
+    else
+      cuda::swiglu_backward(stream_, dfc_.get(), st.fc_pre.get(), dact_.get(), N_l, I);
+    need(dln_, N_l * C);
+    gemm_nn(N_l, C, fc_w, dfc_.get(), fc_w, mat(p + "fc.w"), dln_.get(), C, 0.0f);
+    cuda::norm_backward(stream_, kind_, dmid_.get(), dln_.get(), st.x_mid.get(), f(p + "ln2.w"),
+                        gpt2_ ? st.mean2.get() : nullptr, st.rstd2.get(), N_l, C);
+    // Attention: x_mid = x_in + proj(attn(qkv(norm1(x_in)))).
+    need(datt_, N_l * H * hd);
+    gemm_nn(N_l, H * hd, C, dmid_.get(), C, mat(p + "proj.w"), datt_.get(), H * hd, 0.0f);
+    need(dqkv_, N_l * qkv_w);
+    need(attn_scratch_, cuda::attention_backward_scratch_floats(st.Pp, B, S_l, H, KV, hd));
+    const float* pk = st.Pp ? in.deep_a[st.deep_index] : nullptr;
+    const float* pv = st.Pp ? in.deep_b[st.deep_index] : nullptr;
+    float* dpk = st.Pp ? gdeep_a_[st.deep_index].get() : nullptr;
+    float* dpv = st.Pp ? gdeep_b_[st.deep_index].get() : nullptr;
+    cuda::attention_backward(stream_, dqkv_.get(), dpk, dpv, datt_.get(), st.att.get(), st.lse.get(),
+                             st.qkv.get(), in.mask[l], pk, pv, st.Pp, B, S_l, H, KV, hd, host_.attn_scale(l),
+                             rows_needed, attn_scratch_.get());
+    if (rows_needed == 0) return;  // nothing below needs this layer's input gradient
+    if (!gpt2_) {
+      const int64_t half = hd / 2;
+      const float* cs = rope_cos_.get() + pl.pos0 * half;
+      const float* sn = rope_sin_.get() + pl.pos0 * half;
+      cuda::rope_backward(stream_, dqkv_.get(), B, S_l, qkv_w, 0, H, hd, cs, sn);
+      cuda::rope_backward(stream_, dqkv_.get(), B, S_l, qkv_w, H * hd, KV, hd, cs, sn);
+    }
+    // Input gradient: the residual (dmid) plus norm1's backward of dqkv . Wqkv, on the first rows_needed rows
+    // of each sequence (all rows unless this is the lowest layer with something to train).
+    if (rows_needed == S_l) {
+      gemm_nn(N_l, C, qkv_w, dqkv_.get(), qkv_w, mat(p + "qkv.w"), dln_.get(), C, 0.0f);
+      cuda::norm_backward(stream_, kind_, dmid_.get(), dln_.get(), st.x_in.get(), f(p + "ln1.w"),
+                          gpt2_ ? st.mean1.get() : nullptr, st.rstd1.get(), N_l, C);
+    } else {
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t r0 = b * S_l;
+        gemm_nn(rows_needed, C, qkv_w, dqkv_.get() + r0 * qkv_w, qkv_w, mat(p + "qkv.w"), dln_.get() + r0 * C,
+                C, 0.0f);
+        cuda::norm_backward(stream_, kind_, dmid_.get() + r0 * C, dln_.get() + r0 * C, st.x_in.get() + r0 * C,
+                            f(p + "ln1.w"), gpt2_ ? st.mean1.get() + r0 : nullptr, st.rstd1.get() + r0,
+                            rows_needed, C);
+      }
+    }
+    // Deep (hidden) vectors' gradient: their rows summed over the batch; the rest flows to the layer below.
+    if (P_l) cuda::batch_sum_rows(stream_, gdeep_a_[st.deep_index].get(), dmid_.get(), B, P_l, S_l * C, C);
+    const int64_t copy_rows = std::min<int64_t>(S, rows_needed - P_l);
+    if (copy_rows > 0)
+      check(
+          cudaMemcpy2DAsync(dx_.get(), S * C * sizeof(float), dmid_.get() + P_l * C, S_l * C * sizeof(float),
+                            copy_rows * C * sizeof(float), B, cudaMemcpyDeviceToDevice, stream_),
+          "layer gradient copy");
+  }
+
+  // LM head + cross-entropy over R gathered rows xr [R, C]: losses summed into loss_sum_ (float64); with dxr,
+  // also d loss / d xr (=) scaled by grad_scale. Logits go through a bounded chunk buffer.
+  void head_loss(const float* xr, const int32_t* targets, int64_t R, float* dxr, float grad_scale) {
+    const int64_t C = cfg_.hidden, V = cfg_.vocab, chunk = head_chunk_rows(R);
+    need(logits_, chunk * V);
+    need(losses_, R);
+    need(loss_sum_, 1);
+    for (int64_t r0 = 0; r0 < R; r0 += chunk) {
+      const int64_t rc = std::min(chunk, R - r0);
+      gemm_nt(rc, V, C, xr + r0 * C, C, head(), logits_.get(), V, nullptr, 0.0f);
+      cuda::softmax_xent(stream_, logits_.get(), losses_.get() + r0, targets + r0, rc, V, grad_scale,
+                         dxr != nullptr);
+      if (dxr) gemm_nn(rc, C, V, logits_.get(), V, head(), dxr + r0 * C, C, 0.0f);
+    }
+    cuda::sum_f64(stream_, loss_sum_.get(), losses_.get(), R, false);
+  }
+
+  // Forward with saved states, loss on the labelled rows, backward to the lowest trained layer; prompt and
+  // deep-prompt gradients end in gprompt_ / gdeep_a_ / gdeep_b_.
+  void grad_pass(const Plan& pl, const Ptrs& in) {
+    const ModelConfig& c = cfg_;
+    const int64_t C = c.hidden, R = pl.R;
+    embed(pl, in);
+    for (int64_t l = 0; l < c.layers; ++l) layer_forward(l, pl, in, states_[l]);
+    // Final norm on the labelled rows only, then the head and the loss.
+    need(xr_in_, R * C);
+    need(xr_, R * C);
+    need(dxr_, R * C);
+    need(dxr_in_, R * C);
+    need(lnf_mean_, R);
+    need(lnf_rstd_, R);
+    cuda::gather_rows(stream_, xr_in_.get(), x_.get(), in.rows, R, C);
+    cuda::norm_forward(stream_, kind_, xr_.get(), gpt2_ ? lnf_mean_.get() : nullptr, lnf_rstd_.get(),
+                       xr_in_.get(), nullptr, nullptr, f("lnf.w"), f_or_null("lnf.b"), R, C, c.norm_eps);
+    head_loss(xr_.get(), in.targets, R, dxr_.get(), 1.0f / static_cast<float>(R));
+    check(cudaMemsetAsync(dxr_in_.get(), 0, R * C * sizeof(float), stream_), "cudaMemsetAsync");
+    cuda::norm_backward(stream_, kind_, dxr_in_.get(), dxr_.get(), xr_in_.get(), f("lnf.w"),
+                        gpt2_ ? lnf_mean_.get() : nullptr, lnf_rstd_.get(), R, C);
+    need(dx_, pl.N * C);
+    check(cudaMemsetAsync(dx_.get(), 0, pl.N * C * sizeof(float), stream_), "cudaMemsetAsync");
+    cuda::scatter_rows(stream_, dx_.get(), dxr_in_.get(), in.rows, R, C);
+    for (int64_t l = c.layers - 1; l >= pl.lowest; --l) {
+      LayerState& st = states_[l];
+      int64_t rows_needed = st.S_l;
+      if (l == pl.lowest) rows_needed = st.P_l + (l == 0 ? pl.P : 0);
+      layer_backward(l, pl, in, st, rows_needed);
+    }
+    if (pl.P > 0) cuda::batch_sum_rows(stream_, gprompt_.get(), dx_.get(), pl.B, pl.P, pl.S * C, C);
+  }
+
+  // Runs `body` eagerly, or replays / captures its CUDA graph (see the header comment).
+  template <class F>
+  void run_step(const Plan& pl, F&& body) {
+    if (!opt_.graphs) {
+      body();
+      return;
+    }
+    GraphEntry& e = graphs_[pl.key];
+    if (e.exec && e.generation == generation_) {
+      check(cudaGraphLaunch(e.exec, stream_), "cudaGraphLaunch");
+      return;
+    }
+    if (e.eager_generation != generation_) {  // first time at these addresses: run eagerly (allocations)
+      body();
+      e.eager_generation = generation_;
+      return;
+    }
+    if (e.exec) {
+      cudaGraphExecDestroy(e.exec);
+      e.exec = nullptr;
+    }
+    if (graphs_.size() > 32) {  // bound the cache: drop every other graph
+      for (auto& kv : graphs_)
+        if (kv.second.exec && &kv.second != &e) {
+          cudaGraphExecDestroy(kv.second.exec);
+          kv.second.exec = nullptr;
+        }
+    }
+    const uint64_t before = generation_;
+    cudaGraph_t graph = nullptr;
+    check(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed), "cudaStreamBeginCapture");
+    try {
+      body();
+    } catch (...) {
+      cudaStreamEndCapture(stream_, &graph);
+      if (graph) cudaGraphDestroy(graph);
+      throw;
+    }
+    check(cudaStreamEndCapture(stream_, &graph), "cudaStreamEndCapture");
+    if (generation_ != before) {  // something was reallocated while capturing: not replayable
+      cudaGraphDestroy(graph);
+      throw std::logic_error("CUDA graph capture reallocated a buffer (internal error)");
+    }
+    cudaGraphExec_t exec = nullptr;
+    cudaError_t err = cudaGraphInstantiate(&exec, graph, 0);
+    cudaGraphDestroy(graph);
+    check(err, "cudaGraphInstantiate");
+    e.exec = exec;
+    e.generation = generation_;
+    check(cudaGraphLaunch(e.exec, stream_), "cudaGraphLaunch");
+  }
+
+  const Model& host_;
+  ModelConfig cfg_;
+  CudaModelOptions opt_;
+  bool gpt2_ = false;
+  cuda::NormKind kind_ = cuda::NormKind::LayerNorm;
+  std::string device_name_;
+  cudaStream_t stream_ = nullptr;
+  std::mutex mutex_;
+  std::map<std::string, DeviceBuffer<float>> f32_;
+  std::map<std::string, DeviceBuffer<bf16_t>> h16_;
+  size_t weight_bytes_ = 0;
+  // Workspace (grown on demand, kept between calls).
+  std::vector<LayerState> states_;
+  DeviceBuffer<float> x_, xf_, lnf_mean_, lnf_rstd_, xr_in_, xr_, dxr_, dxr_in_, logits_, losses_, dx_;
+  DeviceBuffer<float> ln_, tmp_, act_, dmid_, dact_, dfc_, dln_, datt_, dqkv_, attn_scratch_;
+  DeviceBuffer<float> rope_cos_, rope_sin_, gprompt_, clip_;
+  DeviceBuffer<double> loss_sum_, gnorm_sq_;
+  std::vector<DeviceBuffer<float>> gdeep_a_, gdeep_b_;
+  DeviceBuffer<uint8_t> inputs_;
+  int64_t rope_positions_ = 0;
+  uint8_t* pinned_ = nullptr;
+  size_t pinned_size_ = 0;
+  double* host_out_ = nullptr;
+  TrainState train_;
+  uint64_t generation_ = 1;
+  std::map<std::string, GraphEntry> graphs_;
+};
+
+}  // namespace
+
+std::unique_ptr<DeviceModel> cuda_model(const Model& host, const CudaModelOptions& options) {
+  return std::make_unique<CudaModel>(host, options);
+}
+
+double cuda_gemm_benchmark(GemmPrecision precision, int64_t M, int64_t N, int64_t K, int iters) {
+  if (M < 1 || N < 1 || K < 1 || iters < 1)
+    throw std::invalid_argument("gemm benchmark: sizes and iters must be >= 1");
+  check(cudaSetDevice(0), "cudaSetDevice(0)");
+  cudaStream_t s = nullptr;
+  check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate");
+  cudaEvent_t start = nullptr, stop = nullptr;
+  std::vector<float> times;
+  try {
+    DeviceBuffer<float> A(M * K), Bf(N * K), C(M * N);
+    DeviceBuffer<bf16_t> Bh(N * K);
+    // Random operands: a 1 MiB random block repeated (timing depends on the values only through power).
+    const std::vector<float> block = cuda::random_vector(1 << 18, 99);
+    auto fill = [&](float* d, int64_t n) {
+      for (int64_t o = 0; o < n; o += static_cast<int64_t>(block.size()))
+        check(cudaMemcpy(d + o, block.data(), std::min<int64_t>(block.size(), n - o) * sizeof(float),
+                         cudaMemcpyHostToDevice),
+              "benchmark fill");
+    };
+    fill(A.get(), M * K);
+    fill(Bf.get(), N * K);
+    const bool bf16 = precision == GemmPrecision::BF16;
+    if (bf16) cuda::to_bf16(s, Bh.get(), Bf.get(), N * K);
+    const void* B = bf16 ? static_cast<const void*>(Bh.get()) : Bf.get();
+    auto run = [&] {
+      cuda::gemm(s, precision, true, M, N, K, A.get(), K, B, K, bf16, C.get(), N, nullptr, 0.0f);
+    };
+    check(cudaEventCreate(&start), "cudaEventCreate");
+    check(cudaEventCreate(&stop), "cudaEventCreate");
+    for (int i = 0; i < 3; ++i) run();
+    for (int i = 0; i < iters; ++i) {
+      check(cudaEventRecord(start, s), "cudaEventRecord");
+      run();
+      check(cudaEventRecord(stop, s), "cudaEventRecord");
+      check(cudaEventSynchronize(stop), "gemm benchmark");
+      float ms = 0.0f;
+      check(cudaEventElapsedTime(&ms, start, stop), "cudaEventElapsedTime");
+      times.push_back(ms);
+    }
+  } catch (...) {
+    if (start) cudaEventDestroy(start);
+    if (stop) cudaEventDestroy(stop);
+    cudaStreamDestroy(s);
+    throw;
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  cudaStreamDestroy(s);
+  std::sort(times.begin(), times.end());
+  return times[times.size() / 2];
+}
+
+std::vector<cuda::OpCheck> cuda_selftest() {
+  check(cudaSetDevice(0), "cudaSetDevice(0)");
+  return cuda::selftest_all();
+}
+
+namespace cuda {
+std::vector<OpCheck> selftest_all() {
+  std::vector<OpCheck> all;
+  for (auto* part : {&selftest_gemm, &selftest_elementwise, &selftest_attention}) {
+    std::vector<OpCheck> r = part();
+    all.insert(all.end(), r.begin(), r.end());
+  }
+  return all;
+}
+}  // namespace cuda
+
+}  // namespace pt

@@ -1,0 +1,76 @@
+// The frozen model on a CUDA device: the prompt-tuning paths of pt::Model (forward, loss and prompt
+// gradients for soft and deep prompts) run with the kernels of priortune/cuda_ops.h, plus a prompt-training
+// step that keeps the trainable tensors and their AdamW state on the device.
+//
+// Weights are uploaded once from a loaded pt::Model: matrices in bf16 for GemmPrecision::BF16 (fp32 for
+// TF32/FP32), norm weights and biases in fp32, the token (and GPT-2 position) table in fp32 for the
+// embedding lookup (plus a bf16 copy when it is also the tied LM head). Activations are fp32.
+//
+// A training step of a shape seen before (same batch, lengths, prompts, label count and optimiser settings)
+// replays a CUDA graph: its inputs (ids, masks, labelled rows, the step's learning rate and bias
+// corrections) travel in one host-to-device copy before the launch, and the loss (and gradient norm) come
+// back in one copy after it. The first call of a shape runs eagerly (allocating what it needs), the second
+// captures the graph. Nothing synchronises the host inside a step.
+//
+// Generation stays on the CPU model (the host weights are kept).
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "priortune/cuda_ops.h"
+#include "priortune/model.h"
+
+namespace pt {
+
+struct CudaModelOptions {
+  cuda::GemmPrecision precision = cuda::GemmPrecision::BF16;
+  bool graphs = true;  // replay training steps as CUDA graphs
+};
+
+struct DeviceMemoryInfo {
+  size_t weights = 0;    // bytes of uploaded weights
+  size_t workspace = 0;  // bytes of activations, scratch and trainables held now
+  size_t device_free = 0, device_total = 0;
+  std::string device;  // name of the device
+};
+
+// Trainable tensors in GradResult's layout (prompt [P, C]; deep: hidden [P_l, C] per listed layer, or prefix
+// keys and values [Pp, KV, hd] per listed layer).
+struct PromptTensors {
+  DeepPrompts::Kind kind = DeepPrompts::Kind::None;
+  std::vector<int> layers;  // deep-prompt layers
+  std::vector<float> prompt;
+  std::vector<std::vector<float>> deep, keys, values;
+};
+
+class DeviceModel {
+ public:
+  virtual ~DeviceModel() = default;
+  virtual ForwardResult forward(const ForwardArgs& args) = 0;
+  virtual GradResult loss_and_grad(const ForwardArgs& args) = 0;
+  // Device-resident prompt training: set_trainables copies args' prompt and deep prompts to the device and
+  // resets the AdamW state; prompt_step then runs loss, gradients and one AdamW step on them for a batch
+  // (args' own prompt and deep prompt pointers are ignored; their shapes must match). lr is the step's
+  // learning rate (schedules live in the caller).
+  virtual void set_trainables(const ForwardArgs& args) = 0;
+  virtual PromptTensors trainables() = 0;
+  virtual TrainStats prompt_step(const ForwardArgs& batch, const AdamWConfig& adamw) = 0;
+  virtual DeviceMemoryInfo memory() = 0;
+  virtual std::string precision() const = 0;
+};
+
+// Uploads `host`'s weights to CUDA device 0. Throws when this build has no CUDA backend, no usable device,
+// or the weights do not fit.
+std::unique_ptr<DeviceModel> cuda_model(const Model& host, const CudaModelOptions& options);
+
+// Median milliseconds of `iters` timed calls (CUDA events, after warm-up) of the device GEMM C[M, N] = A[M,
+// K] . B[N, K]^T on random operands (never zeros), B in bf16 for the BF16 precision: the GEMM peak the model
+// FLOP utilisation is reported against.
+double cuda_gemm_benchmark(cuda::GemmPrecision precision, int64_t M, int64_t N, int64_t K, int iters);
+
+// Every CUDA op against its CPU reference (priortune/cuda_ops.h selftest_all); throws without CUDA.
+std::vector<cuda::OpCheck> cuda_selftest();
+
+}  // namespace pt

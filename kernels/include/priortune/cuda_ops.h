@@ -1,0 +1,138 @@
+// CUDA ops: the device counterparts of the CPU reference ops in priortune/ops.h, one launcher per op, llm.c
+// style. Every launcher enqueues work on `stream` and returns without synchronising (so a whole training
+// step can be captured as one CUDA graph); a launch error is thrown as std::runtime_error naming the op.
+// Pointers are device pointers unless a parameter says otherwise. Shapes and layouts are exactly those of
+// ops.h (row-major fp32 activations, PyTorch [out, in] weights); only the differences are stated here.
+//
+// Numerics: activations and every reduction are fp32 (sums of squares, softmax statistics, norms); matrix
+// products run in the precision the caller picks (GemmPrecision). The fp32 path exists for verification:
+// with it every op agrees with its CPU reference to fp32 rounding (the order of additions differs).
+//
+// This header has no CUDA includes, so host code (the Node layer, tests) can name the ops.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+struct CUstream_st;
+
+namespace pt {
+namespace cuda {
+
+using Stream = CUstream_st*;
+using bf16_t = uint16_t;  // bfloat16 bits (device code reinterprets them as __nv_bfloat16)
+
+// --- Matrix products -----------------------------------------------------------------------------------
+// BF16: tensor cores, bf16 operands (A rounded to nearest even while staged), fp32 accumulation.
+// TF32: tensor cores, tf32 operands, fp32 accumulation.  FP32: CUDA cores, fp32 FMA (verification path).
+enum class GemmPrecision { BF16, TF32, FP32 };
+const char* precision_name(GemmPrecision p);
+
+// C[M, N] (=, or += when beta == 1) = A[M, K] . op(B) (+ bias[N] broadcast over rows; nullptr: none).
+//   b_transposed = true  ("NT"): B is [N, K] row-major, op(B) = B^T   (x . W^T: a linear layer's forward)
+//   b_transposed = false ("NN"): B is [K, N] row-major, op(B) = B     (dout . W: a linear layer's backward)
+// A and C are fp32 (leading dimensions lda, ldc, in elements). B is bf16 when b_bf16, else fp32 (ldb). Any
+// M, N, K >= 1 and any leading dimensions >= the row length work (edge tiles and unaligned rows take a
+// slower path). beta is 0 or 1: with 0, C is not read. The BF16 precision accepts fp32 or bf16 B; TF32 and
+// FP32 need fp32 B.
+void gemm(Stream stream, GemmPrecision precision, bool b_transposed, int64_t M, int64_t N, int64_t K,
+          const float* A, int64_t lda, const void* B, int64_t ldb, bool b_bf16, float* C, int64_t ldc,
+          const float* bias, float beta);
+
+// dst[i] (=) = bf16(src[i]), round to nearest even (weights are converted once, on upload).
+void to_bf16(Stream stream, bf16_t* dst, const float* src, int64_t n);
+
+// --- Embedding, norms, activations (ops.h contracts; `stream` first) ------------------------------------
+// ids are device int32 and already range-checked by the caller; prompt may be nullptr when P == 0.
+void embedding_forward(Stream stream, float* out, const int32_t* ids, const float* prompt, int64_t P,
+                       const float* wte, const float* wpe, int64_t pos_offset, int64_t B, int64_t T,
+                       int64_t C);
+
+// dst[r, c] (=) = sum_{b = 0..B-1} src[b * batch_stride + r * C + c] for r < rows: the batch sum of rows
+// (the soft prompt's gradient is batch_sum_rows(dprompt, dx, B, P, S * C, C); deep prompts' likewise).
+void batch_sum_rows(Stream stream, float* dst, const float* src, int64_t B, int64_t rows,
+                    int64_t batch_stride, int64_t C);
+
+enum class NormKind { LayerNorm, RMSNorm };
+// out (=) = norm(x) * w (+ b); saves mean[N] (LayerNorm only; may be nullptr) and rstd[N] when non-null.
+// Fused residual: when `residual` is non-null, the normalised input is x + residual, which is also written
+// to x_sum[N, C] (=) (x_sum may alias x). b may be nullptr (RMSNorm has none).
+void norm_forward(Stream stream, NormKind kind, float* out, float* mean, float* rstd, const float* x,
+                  const float* residual, float* x_sum, const float* w, const float* b, int64_t N, int64_t C,
+                  float eps);
+// dx (+=) the gradient with respect to the norm's input (ops.h layernorm_backward / rmsnorm_backward).
+void norm_backward(Stream stream, NormKind kind, float* dx, const float* dout, const float* x, const float* w,
+                   const float* mean, const float* rstd, int64_t N, int64_t C);
+
+void gelu_forward(Stream stream, float* out, const float* x, int64_t n);
+void gelu_backward(Stream stream, float* dx, const float* x, const float* dout, int64_t n);
+void swiglu_forward(Stream stream, float* out, const float* gate_up, int64_t N, int64_t I);
+void swiglu_backward(Stream stream, float* dgate_up, const float* gate_up, const float* dout, int64_t N,
+                     int64_t I);
+// out (=) = a + b (out may alias a or b).
+void residual_forward(Stream stream, float* out, const float* a, const float* b, int64_t n);
+// cos/sin: device tables [S, hd/2] as in ops.h.
+void rope_forward(Stream stream, float* x, int64_t B, int64_t S, int64_t ld, int64_t col0, int64_t heads,
+                  int64_t hd, const float* cos, const float* sin);
+void rope_backward(Stream stream, float* dx, int64_t B, int64_t S, int64_t ld, int64_t col0, int64_t heads,
+                   int64_t hd, const float* cos, const float* sin);
+
+// --- Attention (fused, flash style: the S x S probabilities are never stored) ----------------------------
+// Same inputs and masking rules as ops.h attention_forward (causal, GQA, key padding mask, key/value
+// prefixes; a query with no visible key outputs zeros). Instead of probs it saves lse[B, H, S] (=), the
+// natural-log sum of exp(scaled scores) of each query row (-INFINITY for a row with no visible key).
+void attention_forward(Stream stream, float* out, float* lse, const float* qkv, const uint8_t* key_mask,
+                       const float* prefix_k, const float* prefix_v, int64_t Pp, int64_t B, int64_t S,
+                       int64_t H, int64_t KV, int64_t hd, float scale);
+// Same outputs as ops.h attention_backward (dqkv (=) with dq rows >= q_rows zero; dprefix_k/v (=) summed
+// over the batch, nullptr when Pp == 0), recomputing the probabilities from qkv and lse. `out` is the
+// forward's output. `scratch` holds attention_backward_scratch_floats(...) floats.
+int64_t attention_backward_scratch_floats(int64_t Pp, int64_t B, int64_t S, int64_t H, int64_t KV,
+                                          int64_t hd);
+void attention_backward(Stream stream, float* dqkv, float* dprefix_k, float* dprefix_v, const float* dout,
+                        const float* out, const float* lse, const float* qkv, const uint8_t* key_mask,
+                        const float* prefix_k, const float* prefix_v, int64_t Pp, int64_t B, int64_t S,
+                        int64_t H, int64_t KV, int64_t hd, float scale, int64_t q_rows, float* scratch);
+
+// --- LM head and loss ----------------------------------------------------------------------------------
+// dst[i, :] (=) = src[rows[i], :] for i < R (rows: device int32).
+void gather_rows(Stream stream, float* dst, const float* src, const int32_t* rows, int64_t R, int64_t C);
+// dst[rows[i], :] (=) = src[i, :]; rows are distinct; other rows of dst are untouched.
+void scatter_rows(Stream stream, float* dst, const float* src, const int32_t* rows, int64_t R, int64_t C);
+// Softmax cross-entropy over rows of logits[R, V] with targets[R] (all >= 0, < V):
+//   losses[r] (=) = logsumexp(logits[r, :]) - logits[r, targets[r]]
+//   when want_grad: logits[r, :] (=) = grad_scale * (softmax(logits[r, :]) - onehot(targets[r]))  (in place)
+void softmax_xent(Stream stream, float* logits, float* losses, const int32_t* targets, int64_t R, int64_t V,
+                  float grad_scale, bool want_grad);
+// out[0] (= or += when accumulate) = sum of x[0..n) in float64, in a fixed order (deterministic).
+void sum_f64(Stream stream, double* out, const float* x, int64_t n, bool accumulate);
+
+// --- Optimiser -----------------------------------------------------------------------------------------
+// AdamW on n values, torch.optim.AdamW's update (ops.h adamw_step). The step-dependent numbers are read
+// from device memory so a captured graph can be replayed for every step:
+//   hyper[0] = lr, hyper[1] = 1 - beta1^t, hyper[2] = 1 - beta2^t.
+// When clip is non-null, the gradient is first multiplied by clip[0] (global-norm clipping factor).
+void adamw_step(Stream stream, float* param, const float* grad, float* m, float* v, int64_t n,
+                const float* hyper, float beta1, float beta2, float eps, float weight_decay,
+                const float* clip);
+// out[0] (= or += when accumulate) = sum of squares of x[0..n) in float64 (for the global gradient norm).
+void sum_squares_f64(Stream stream, double* out, const float* x, int64_t n, bool accumulate);
+// clip[0] (=) = max_norm / (sqrt(sum_sq[0]) + 1e-6) when that is below 1, else 1 (clip_grad_norm_).
+void clip_factor(Stream stream, float* clip, const double* sum_sq, float max_norm);
+
+// --- Self-test: every op above against its CPU reference (ops.h) on random inputs -------------------------
+// err = max |gpu - cpu| / max(max |cpu|, 1e-30): the error relative to the output's scale; pass = err <= tol.
+struct OpCheck {
+  std::string op;     // e.g. "gemm NT bf16"
+  std::string shape;  // e.g. "M=77 N=50257 K=768"
+  double err = 0.0, tol = 0.0;
+  bool pass = false;
+  std::string note;  // why the tolerance is what it is
+};
+std::vector<OpCheck> selftest_gemm();         // kernels/cuda/gemm.cu
+std::vector<OpCheck> selftest_attention();    // kernels/cuda/attention.cu
+std::vector<OpCheck> selftest_elementwise();  // kernels/cuda/elementwise.cu
+std::vector<OpCheck> selftest_all();          // all of the above (device 0)
+
+}  // namespace cuda
+}  // namespace pt
