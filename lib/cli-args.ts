@@ -1,6 +1,25 @@
 // Option parsers shared by the priortune subcommands (commander calls them with the raw string; an
 // InvalidArgumentError becomes "option '--x <n>' argument 'y' is invalid. <message>").
-import { InvalidArgumentError } from "commander";
+import { type Command, InvalidArgumentError, Option } from "commander";
+import type { BackendChoice } from "./backend.js";
+import type { CudaPrecision } from "./native.js";
+
+/** What --backend and --precision give a command (see withBackend). */
+export interface BackendFlags {
+  backend: BackendChoice;
+  precision: CudaPrecision;
+}
+
+/** Adds --backend and --precision (the CUDA matrix-product precision) to a command that loads a model. */
+export function withBackend(cmd: Command, description = "compute backend"): Command {
+  return cmd
+    .addOption(new Option("--backend <kind>", description).choices(["auto", "cpu", "cuda"]).default("auto"))
+    .addOption(
+      new Option("--precision <p>", "CUDA matrix products: bf16 (tensor cores), tf32, or fp32 (exact path)")
+        .choices(["bf16", "tf32", "fp32"])
+        .default("bf16"),
+    );
+}
 
 /** An integer >= min (default: any integer). */
 export const integerArg =

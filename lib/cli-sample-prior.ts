@@ -3,8 +3,7 @@
 import { readFileSync } from "node:fs";
 import { resolve } from "node:path";
 import { type Command, InvalidArgumentError, Option } from "commander";
-import type { BackendChoice } from "./backend.js";
-import { integerArg, numberArg } from "./cli-args.js";
+import { type BackendFlags, integerArg, numberArg, withBackend } from "./cli-args.js";
 import { describeModel, loadModel, type Model } from "./model.js";
 import { createPrior, PRIOR_KINDS, type PriorKind, type PriorRecord } from "./priors.js";
 import { Rng } from "./rng.js";
@@ -277,20 +276,18 @@ function needsWeights(record: unknown): boolean {
   }
 }
 
-interface SamplePriorOptions extends PriorCliOptions {
+interface SamplePriorOptions extends PriorCliOptions, BackendFlags {
   count: number;
   seed: number;
   out: string;
   threads?: number;
-  backend: BackendChoice;
   json?: boolean;
 }
 
 /** Adds `priortune sample-prior <model-dir> --prior <kind> [options] --count N --seed S --out file`. */
 export function registerSamplePrior(program: Command): void {
   const fitHelp = "(fitted-gaussian, exclusion, interpolation)";
-  program
-    .command("sample-prior")
+  withBackend(program.command("sample-prior"), "compute backend for activations")
     .description(
       'draw prompt vectors from a prior (paper, "Priors") and write them to a safetensors file: tensor "prompt" ' +
         "[count, hidden size] F32, with the prior's record (it rebuilds the prior), the seed and the prior's " +
@@ -432,11 +429,6 @@ export function registerSamplePrior(program: Command): void {
     )
     .option("--noise <x>", "posterior: standard deviation of Gaussian noise added (default 0)", numberArg)
     .option("--threads <n>", "CPU threads (default: all cores)", integerArg(1))
-    .addOption(
-      new Option("--backend <kind>", "compute backend for activations")
-        .choices(["auto", "cpu", "cuda"])
-        .default("auto"),
-    )
     .option("--json", "print a JSON summary")
     .action(async (dir: string, o: SamplePriorOptions) => {
       try {
@@ -453,7 +445,7 @@ async function samplePrior(dir: string, o: SamplePriorOptions): Promise<void> {
   let model: Model | undefined;
   let dim: number;
   if (needsWeights(record)) {
-    model = await loadModel(dir, { backend: o.backend, threads: o.threads });
+    model = await loadModel(dir, { backend: o.backend, precision: o.precision, threads: o.threads });
     dim = model.config.hiddenSize;
   } else {
     dim = describeModel(dir).config.hiddenSize;

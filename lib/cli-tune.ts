@@ -3,8 +3,7 @@ import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { SingleBar } from "cli-progress";
 import { type Command, InvalidArgumentError, Option } from "commander";
-import type { BackendChoice } from "./backend.js";
-import { integerArg, integerListArg, numberArg } from "./cli-args.js";
+import { type BackendFlags, integerArg, integerListArg, numberArg, withBackend } from "./cli-args.js";
 import { loadModel } from "./model.js";
 import { createPrior, type PriorRecord } from "./priors.js";
 import { loadTask, type TaskSpec } from "./tasks.js";
@@ -31,7 +30,7 @@ function keyValue(value: string, previous: Record<string, unknown> = {}): Record
   return { ...previous, [key]: parsed };
 }
 
-interface TuneCliOptions {
+interface TuneCliOptions extends BackendFlags {
   task: string;
   data?: string;
   trainCount?: number;
@@ -65,7 +64,6 @@ interface TuneCliOptions {
   seed: number;
   runDir?: string;
   threads?: number;
-  backend: BackendChoice;
   json?: boolean;
 }
 
@@ -125,8 +123,7 @@ function progress(total: number, start: number) {
 }
 
 export function registerTuneCommands(program: Command): void {
-  program
-    .command("tune")
+  withBackend(program.command("tune"))
     .description("prompt-tune a frozen model on a task from a prior, writing a resumable run directory")
     .argument("<model-dir>", "Hugging Face model directory")
     .requiredOption("--task <kind>", "task: squad | mathematics | c4 | jsonl | arithmetic | qa-facts | cloze")
@@ -198,12 +195,9 @@ export function registerTuneCommands(program: Command): void {
     .option("--seed <n>", "seed of every random choice", integerArg(), 0)
     .option("--run-dir <dir>", "run directory (created, or resumed when it holds the same run)")
     .option("--threads <n>", "CPU threads (default: all cores)", integerArg())
-    .addOption(
-      new Option("--backend <kind>", "compute backend").choices(["auto", "cpu", "cuda"]).default("auto"),
-    )
     .option("--json", "print the result as JSON")
     .action(async (dir: string, o: TuneCliOptions) => {
-      const model = await loadModel(dir, { backend: o.backend, threads: o.threads });
+      const model = await loadModel(dir, { backend: o.backend, precision: o.precision, threads: o.threads });
       try {
         const task = await loadTask(taskSpec(o));
         const prior = await createPrior({ kind: o.prior, ...o.priorOpt } as PriorRecord, { model });
@@ -268,8 +262,7 @@ export function registerTuneCommands(program: Command): void {
       }
     });
 
-  program
-    .command("eval")
+  withBackend(program.command("eval"))
     .description("evaluate a run's trained prompt (or a snapshot) on its task's validation set")
     .argument("<run-dir>", "a directory written by `priortune tune`")
     .option("--prompt <file>", "prompt file to evaluate (default: <run-dir>/prompt.safetensors)")
@@ -278,9 +271,6 @@ export function registerTuneCommands(program: Command): void {
     .option("--max-new-tokens <n>", "tokens generated per example", integerArg())
     .option("--batch-size <n>", "examples per batch", integerArg())
     .option("--threads <n>", "CPU threads", integerArg())
-    .addOption(
-      new Option("--backend <kind>", "compute backend").choices(["auto", "cpu", "cuda"]).default("auto"),
-    )
     .action(
       async (
         runDir: string,
@@ -291,13 +281,16 @@ export function registerTuneCommands(program: Command): void {
           maxNewTokens?: number;
           batchSize?: number;
           threads?: number;
-          backend: BackendChoice;
-        },
+        } & BackendFlags,
       ) => {
         const runPath = join(runDir, "run.json");
         if (!existsSync(runPath)) throw new Error(`${runDir}: no run.json (not a priortune run directory)`);
         const run = JSON.parse(readFileSync(runPath, "utf8"));
-        const model = await loadModel(o.model ?? run.model.dir, { backend: o.backend, threads: o.threads });
+        const model = await loadModel(o.model ?? run.model.dir, {
+          backend: o.backend,
+          precision: o.precision,
+          threads: o.threads,
+        });
         try {
           const task = await loadTask(run.task as TaskSpec);
           const saved = readPromptFile(o.prompt ?? join(runDir, "prompt.safetensors"));

@@ -4,7 +4,7 @@ import { realpathSync } from "node:fs";
 import { dirname } from "node:path";
 import { fileURLToPath } from "node:url";
 import { Command } from "commander";
-import { cudaStatus } from "./backend.js";
+import { cudaSelfTest, cudaStatus } from "./backend.js";
 import { registerDataCommands } from "./cli-data.js";
 import { registerPretrainCommand } from "./cli-pretrain.js";
 import { registerReportCommands } from "./cli-report.js";
@@ -69,7 +69,8 @@ export async function main(argv: string[]): Promise<void> {
   program
     .command("doctor")
     .description("show the native build: GEMM kernel, threads, CUDA status")
-    .action(() => {
+    .option("--cuda-selftest", "also run every CUDA op against its CPU reference (needs a usable device)")
+    .action(async (o: { cudaSelftest?: boolean }) => {
       const cpu = addon().cpuInfo();
       const cuda = cudaStatus();
       const peak = addon().fmaPeakGflops(cpu.hardwareThreads);
@@ -78,6 +79,15 @@ export async function main(argv: string[]): Promise<void> {
           `cpu fp32 peak    ${peak.toFixed(0)} GFLOP/s (measured: register-only FMA loop, all threads)\ncuda compiled    ${cuda.compiled}\n` +
           `cuda usable      ${cuda.usable}${cuda.usable ? ` (${cuda.name}, sm_${cuda.computeCapability})` : ` (${cuda.reason})`}\n`,
       );
+      if (!o.cudaSelftest) return;
+      const checks = await cudaSelfTest();
+      for (const c of checks)
+        process.stdout.write(
+          `${c.pass ? "ok  " : "FAIL"} ${c.op} [${c.shape}] err ${c.err.toExponential(2)} (tol ${c.tol})\n`,
+        );
+      const bad = checks.filter((c) => !c.pass).length;
+      process.stdout.write(`cuda self-test   ${checks.length - bad} of ${checks.length} pass\n`);
+      if (bad) process.exitCode = 1;
     });
   registerTuneCommands(program);
   registerDataCommands(program);
