@@ -4,8 +4,9 @@
 #   bash scripts/gpu-check.sh --prepare [peers-dir]   here: node (xz), the bundled check, the PyTorch peers
 #                                                      go to .carry/ (ignored by git); carry .carry and
 #                                                      build/Release/priortune.node
-#   bash scripts/gpu-check.sh                          there: runs the check and the peers; results in $OUT
-#                                                      (or ./gpu-results)
+#   bash scripts/gpu-check.sh [sections...]            there: runs the check (sections: checks gemm steps knn,
+#                                                      default all) and the PyTorch peers (PEERS=0 skips them);
+#                                                      results in $OUT (or ./gpu-results)
 #
 # The addon is the one built here (build/Release/priortune.node: nvcc compiles sm_80 and sm_90a, the CUDA
 # runtime is static), so nothing is compiled there.
@@ -29,8 +30,11 @@ out="${OUT:-gpu-results}"
 mkdir -p "$out"
 xz -dc .carry/node.xz > /tmp/node && chmod +x /tmp/node
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt" || true
-status=0
-PRIORTUNE_ADDON="$PWD/build/Release/priortune.node" /tmp/node .carry/gpu-check.mjs 2>&1 | tee "$out/gpu-check.log" || status=$?
+set +e
+PRIORTUNE_ADDON="$PWD/build/Release/priortune.node" /tmp/node .carry/gpu-check.mjs "$@" 2>&1 | tee "$out/gpu-check.log"
+status=${PIPESTATUS[0]}
+set -e
+[ "${PEERS:-1}" = "0" ] && exit "$status"
 for f in gpu_peer.py gpu_peer_llama.py; do
   if [ -f ".carry/$f" ]; then PYTHONUNBUFFERED=1 timeout 240 python3 ".carry/$f" 2>&1 | tee "$out/${f%.py}.jsonl" || true; fi
 done
