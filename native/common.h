@@ -16,6 +16,8 @@
 #include <string>
 #include <vector>
 
+#include "priortune/cuda_ops.h"
+
 namespace ptn {
 
 inline std::string type_name(const Napi::Value& v) {
@@ -123,6 +125,15 @@ inline int64_t int_of(const Napi::Value& v, const std::string& name, int64_t min
 inline double number_of(const Napi::Value& v, const std::string& name) {
   if (!v.IsNumber()) throw_type(v.Env(), name, "a number", v);
   return v.As<Napi::Number>().DoubleValue();
+}
+
+// "bf16" | "tf32" | "fp32" -> the CUDA matrix-product precision.
+inline pt::cuda::GemmPrecision precision_of(const Napi::Value& v, const std::string& name) {
+  const std::string s = v.IsString() ? v.As<Napi::String>().Utf8Value() : "";
+  if (s == "bf16") return pt::cuda::GemmPrecision::BF16;
+  if (s == "tf32") return pt::cuda::GemmPrecision::TF32;
+  if (s == "fp32") return pt::cuda::GemmPrecision::FP32;
+  throw_type(v.Env(), name, "\"bf16\", \"tf32\" or \"fp32\"", v);
 }
 
 inline Napi::Object object_of(const Napi::Value& v, const std::string& name) {

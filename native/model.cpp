@@ -498,6 +498,14 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     return out;
   }
 
+  // A training step's result: train_result plus the gradient norm before clipping and the step count.
+  static Napi::Value step_result(Napi::Env env, const pt::TrainStats& st) {
+    Napi::Object out = train_result(env, st);
+    out.Set("gradNorm", st.grad_norm);
+    out.Set("step", static_cast<double>(st.step));
+    return out;
+  }
+
   // Token-id batches only: the C++ side rejects prompts; labels are required.
   std::shared_ptr<pt::ForwardArgs> parse_train_args(Napi::Env env, const pt::ModelConfig& c,
                                                     const Napi::CallbackInfo& info,
@@ -550,12 +558,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       auto result = std::make_shared<pt::TrainStats>();
       auto* worker = new PromiseWorker(
           env, [model, args, result, cfg]() { *result = model->train_step(*args, cfg); },
-          [result](Napi::Env env) -> Napi::Value {
-            Napi::Object out = train_result(env, *result);
-            out.Set("gradNorm", result->grad_norm);
-            out.Set("step", static_cast<double>(result->step));
-            return out;
-          });
+          [result](Napi::Env env) -> Napi::Value { return step_result(env, *result); });
       for (const auto& v : keep) worker->keep(v);
       return worker->queue();
     });
@@ -620,16 +623,8 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       Napi::Object o = object_of(arg(info, 0, "options"), "options");
       pt::CudaModelOptions opt;
       Napi::Value p = o.Get("precision");
-      const std::string prec =
-          p.IsUndefined() ? "bf16" : (p.IsString() ? p.As<Napi::String>().Utf8Value() : "");
-      if (prec == "bf16")
-        opt.precision = pt::cuda::GemmPrecision::BF16;
-      else if (prec == "tf32")
-        opt.precision = pt::cuda::GemmPrecision::TF32;
-      else if (prec == "fp32")
-        opt.precision = pt::cuda::GemmPrecision::FP32;
-      else
-        throw_type(env, "precision", "\"bf16\", \"tf32\" or \"fp32\"", p);
+      if (!p.IsUndefined()) opt.precision = precision_of(p, "precision");
+      const std::string prec = pt::cuda::precision_name(opt.precision);
       Napi::Value g = o.Get("graphs");
       opt.graphs = g.IsUndefined() ? true : g.ToBoolean().Value();
       device_.reset();  // a model re-attached (other precision or graph setting) frees the old copy first
@@ -711,12 +706,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       auto result = std::make_shared<pt::TrainStats>();
       auto* worker = new PromiseWorker(
           env, [d, args, result, cfg]() { *result = d->prompt_step(*args, cfg); },
-          [result](Napi::Env env) -> Napi::Value {
-            Napi::Object out = train_result(env, *result);
-            out.Set("gradNorm", result->grad_norm);
-            out.Set("step", static_cast<double>(result->step));
-            return out;
-          });
+          [result](Napi::Env env) -> Napi::Value { return step_result(env, *result); });
       for (const auto& v : keep) worker->keep(v);
       return worker->queue();
     });

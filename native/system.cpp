@@ -30,17 +30,7 @@ Napi::Value CudaInfo(const Napi::CallbackInfo& info) {
 Napi::Value CudaGemmBench(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return guarded(env, [&]() -> Napi::Value {
-    Napi::Value p = arg(info, 0, "precision");
-    const std::string name = p.IsString() ? p.As<Napi::String>().Utf8Value() : "";
-    pt::cuda::GemmPrecision prec;
-    if (name == "bf16")
-      prec = pt::cuda::GemmPrecision::BF16;
-    else if (name == "tf32")
-      prec = pt::cuda::GemmPrecision::TF32;
-    else if (name == "fp32")
-      prec = pt::cuda::GemmPrecision::FP32;
-    else
-      throw_type(env, "precision", "\"bf16\", \"tf32\" or \"fp32\"", p);
+    const pt::cuda::GemmPrecision prec = precision_of(arg(info, 0, "precision"), "precision");
     const int64_t M = int_of(arg(info, 1, "M"), "M", 1), N = int_of(arg(info, 2, "N"), "N", 1),
                   K = int_of(arg(info, 3, "K"), "K", 1);
     const int iters = static_cast<int>(int_of(arg(info, 4, "iters"), "iters", 1));

@@ -16,7 +16,7 @@ import { join } from "node:path";
 import { loadModel, type Model } from "../lib/model.js";
 import type { CudaPrecision, DeepPrompts } from "../lib/native.js";
 import { createModel, saveModel } from "../lib/pretrain.js";
-import { compare, modelDir, readGolden, toFloat32, toInt32, toUint8 } from "./helpers.js";
+import { compare, goldenBatch, modelDir, readGolden, toFloat32, toInt32 } from "./helpers.js";
 
 export interface CheckRow {
   group: string;
@@ -60,14 +60,7 @@ export async function fixtureChecks(name: string, precision: CudaPrecision): Pro
   const g = readGolden(name);
   const tol = TOL[precision];
   const rows = new Rows(`${name} ${precision}`);
-  const [B, T] = g.shape("input_ids") as [number, number];
-  const base = {
-    inputIds: toInt32(g.get("input_ids")),
-    attentionMask: toUint8(g.get("attention_mask")),
-    labels: toInt32(g.get("labels")),
-    batch: B,
-    seqLen: T,
-  };
+  const base = goldenBatch(g);
   const prompt = toFloat32(g.get("prompt"));
   const L = Number(g.meta.L);
   const hiddenLayers = Array.from(toInt32(g.get("deep_hidden_layers")));
@@ -348,15 +341,7 @@ export async function errorChecks(): Promise<CheckRow[]> {
       message.slice(0, 120),
     );
     const g = readGolden("llama-tiny");
-    const [b, t] = g.shape("input_ids") as [number, number];
-    const r = await model.lossAndGrad({
-      inputIds: toInt32(g.get("input_ids")),
-      attentionMask: toUint8(g.get("attention_mask")),
-      labels: toInt32(g.get("labels")),
-      batch: b,
-      seqLen: t,
-      prompt: toFloat32(g.get("prompt")),
-    });
+    const r = await model.lossAndGrad({ ...goldenBatch(g), prompt: toFloat32(g.get("prompt")) });
     const ref = (g.get("loss") as Float64Array)[0]!;
     rows.add("the model works after the error", Math.abs(r.loss - ref) / ref, 1e-5);
   } finally {

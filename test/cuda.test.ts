@@ -14,7 +14,7 @@ import {
   fixtureChecks,
   randomModelChecks,
 } from "./cuda-checks.js";
-import { compare, modelDir, readGolden, toFloat32, toInt32, toUint8 } from "./helpers.js";
+import { compare, goldenBatch, modelDir, readGolden, toFloat32 } from "./helpers.js";
 
 const cuda = cudaStatus();
 const suffix = cuda.usable ? "" : ` (skipped: no CUDA device: ${cuda.reason})`;
@@ -52,14 +52,7 @@ describe.skipIf(!cuda.usable)(`CUDA backend${suffix}`, () => {
 
 describe("PromptTrainer on the CPU (the device step's reference)", () => {
   const g = readGolden("llama-tiny");
-  const [B, T] = g.shape("input_ids") as [number, number];
-  const base = {
-    inputIds: toInt32(g.get("input_ids")),
-    attentionMask: toUint8(g.get("attention_mask")),
-    labels: toInt32(g.get("labels")),
-    batch: B,
-    seqLen: T,
-  };
+  const base = goldenBatch(g);
   const prompt = toFloat32(g.get("prompt"));
   const adamw = JSON.parse(g.meta.adamw!) as {
     lr: number;

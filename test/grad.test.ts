@@ -5,7 +5,7 @@
 // rounding through a few layers gives ~1e-6, so 1e-3 only absorbs summation-order noise.
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { AdamW, loadModel, type Model } from "../lib/index.js";
-import { compare, modelDir, readGolden, toFloat32, toInt32, toUint8 } from "./helpers.js";
+import { compare, goldenBatch, modelDir, readGolden, toFloat32, toInt32 } from "./helpers.js";
 
 const GRAD_TOL = 1e-3;
 const MODELS = ["gpt2-tiny", "llama-tiny", "llama-tiny-untied"] as const;
@@ -24,14 +24,7 @@ function split(data: ArrayLike<number>, parts: number): Float32Array[] {
 
 describe.each(MODELS)("gradients match PyTorch autograd: %s", (name) => {
   const g = readGolden(name);
-  const [B, T] = g.shape("input_ids") as [number, number];
-  const base = {
-    inputIds: toInt32(g.get("input_ids")),
-    attentionMask: toUint8(g.get("attention_mask")),
-    labels: toInt32(g.get("labels")),
-    batch: B,
-    seqLen: T,
-  };
+  const base = goldenBatch(g);
   const prompt = toFloat32(g.get("prompt"));
   const L = Number(g.meta.L);
   let model: Model;

@@ -53,3 +53,21 @@ export function toUint8(data: TensorData): Uint8Array {
 export function toFloat32(data: TensorData): Float32Array {
   return Float32Array.from(data as ArrayLike<number>);
 }
+
+/** The labelled, right-padded batch of a golden file (input_ids, attention_mask, labels). */
+export function goldenBatch(g: Golden): {
+  inputIds: Int32Array;
+  attentionMask: Uint8Array;
+  labels: Int32Array;
+  batch: number;
+  seqLen: number;
+} {
+  const [batch, seqLen] = g.shape("input_ids") as [number, number];
+  return {
+    inputIds: toInt32(g.get("input_ids")),
+    attentionMask: toUint8(g.get("attention_mask")),
+    labels: toInt32(g.get("labels")),
+    batch,
+    seqLen,
+  };
+}

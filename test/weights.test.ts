@@ -32,7 +32,7 @@ import {
 } from "../lib/index.js";
 import { addon } from "../lib/native.js";
 import { checkGradient, dot, randn } from "./fd.js";
-import { compare, modelDir, readGolden, toInt32, toUint8 } from "./helpers.js";
+import { compare, goldenBatch, modelDir, readGolden, toInt32 } from "./helpers.js";
 
 const ops = addon().ops;
 const GRAD_TOL = 1e-3;
@@ -213,14 +213,7 @@ function hfMap(model: Model, slots: Record<string, Float32Array>) {
 
 describe.each(MODELS)("full-parameter training against PyTorch autograd: %s", (name) => {
   const g = readGolden(`${name}-weights`);
-  const [B, T] = g.shape("input_ids") as [number, number];
-  const batch = {
-    inputIds: toInt32(g.get("input_ids")),
-    attentionMask: toUint8(g.get("attention_mask")),
-    labels: toInt32(g.get("labels")),
-    batch: B,
-    seqLen: T,
-  };
+  const batch = goldenBatch(g);
   const [CB, CT] = g.shape("curve_input_ids") as [number, number];
   const curveBatch = { inputIds: toInt32(g.get("curve_input_ids")), batch: CB, seqLen: CT };
   const adamw = JSON.parse(g.meta.adamw!) as {

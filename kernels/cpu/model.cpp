@@ -1028,7 +1028,7 @@ std::vector<std::pair<std::string, std::vector<float>>> Model::copy_weights() {
   return out;
 }
 
-TrainStats Model::train_step(const ForwardArgs& a, const AdamWConfig& o) {
+void check_adamw(const AdamWConfig& o) {
   if (!(o.lr >= 0.0f) || !std::isfinite(o.lr))
     throw std::invalid_argument("adamw.lr: expected a finite value >= 0");
   if (!(o.beta1 >= 0.0f && o.beta1 < 1.0f) || !(o.beta2 >= 0.0f && o.beta2 < 1.0f))
@@ -1036,6 +1036,10 @@ TrainStats Model::train_step(const ForwardArgs& a, const AdamWConfig& o) {
   if (!(o.eps > 0.0f)) throw std::invalid_argument("adamw.eps: expected a value > 0");
   if (!(o.weight_decay >= 0.0f)) throw std::invalid_argument("adamw.weightDecay: expected a value >= 0");
   if (!(o.max_grad_norm >= 0.0)) throw std::invalid_argument("adamw.maxGradNorm: expected a value >= 0");
+}
+
+TrainStats Model::train_step(const ForwardArgs& a, const AdamWConfig& o) {
+  check_adamw(o);
   std::lock_guard<std::mutex> lock(run_mutex_);
   TrainStats st = train_grads_locked(a);
   const int nt = cfg_.threads;

@@ -391,18 +391,6 @@ void launch_tc(Stream stream, bool nt, int M, int N, int K, const float* A, int6
 
 }  // namespace
 
-const char* precision_name(GemmPrecision p) {
-  switch (p) {
-    case GemmPrecision::BF16:
-      return "bf16";
-    case GemmPrecision::TF32:
-      return "tf32";
-    case GemmPrecision::FP32:
-      return "fp32";
-  }
-  return "unknown";
-}
-
 void gemm(Stream stream, GemmPrecision precision, bool b_transposed, int64_t M, int64_t N, int64_t K,
           const float* A, int64_t lda, const void* B, int64_t ldb, bool b_bf16, float* C, int64_t ldc,
           const float* bias, float beta) {

@@ -298,13 +298,7 @@ class CudaModel final : public DeviceModel {
   }
 
   TrainStats prompt_step(const ForwardArgs& batch, const AdamWConfig& o) override {
-    if (!(o.lr >= 0.0f) || !std::isfinite(o.lr))
-      throw std::invalid_argument("adamw.lr: expected a finite value >= 0");
-    if (!(o.beta1 >= 0.0f && o.beta1 < 1.0f) || !(o.beta2 >= 0.0f && o.beta2 < 1.0f))
-      throw std::invalid_argument("adamw.beta1, adamw.beta2: expected values in [0, 1)");
-    if (!(o.eps > 0.0f)) throw std::invalid_argument("adamw.eps: expected a value > 0");
-    if (!(o.weight_decay >= 0.0f)) throw std::invalid_argument("adamw.weightDecay: expected a value >= 0");
-    if (!(o.max_grad_norm >= 0.0)) throw std::invalid_argument("adamw.maxGradNorm: expected a value >= 0");
+    check_adamw(o);
     std::lock_guard<std::mutex> lock(mutex_);
     check(cudaSetDevice(0), "cudaSetDevice(0)");
     if (!train_.ready) throw std::logic_error("no trainable prompt on the device: call setTrainables first");

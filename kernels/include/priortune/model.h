@@ -106,6 +106,10 @@ struct AdamWConfig {
   double max_grad_norm = 0.0;
 };
 
+// Throws std::invalid_argument naming the first setting out of range (lr >= 0 finite, betas in [0, 1), eps >
+// 0, weight decay >= 0, max_grad_norm >= 0).
+void check_adamw(const AdamWConfig& o);
+
 struct TrainStats {
   double loss = 0.0;  // mean cross-entropy over labelled positions
   int64_t label_count = 0;
