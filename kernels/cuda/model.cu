@@ -8,7 +8,9 @@
 //  - every per-call input (ids, per-layer key masks, labelled rows and targets, host prompts, the optimiser's
 //    step numbers) is packed into one pinned host buffer and sent in one copy; the step itself is a fixed
 //    sequence of launches on one stream, which is what a CUDA graph captures (the buffers' addresses are part
-//    of the graph, so any reallocation bumps `generation_` and retires the graphs).
+//    of the graph, so any reallocation bumps `generation_` and retires the graphs);
+//  - every copy and memset goes on that stream too: it is non-blocking, so work on the legacy default stream
+//    (cudaMemcpy, cudaMemset) would not be ordered with it (a pageable cudaMemcpy may return before its DMA).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -94,7 +96,8 @@ class CudaModel final : public DeviceModel {
                           name.find(".proj.w") != std::string::npos ||
                           name.find(".fc.w") != std::string::npos || name.find(".fc2.w") != std::string::npos;
       DeviceBuffer<float> d(s.data.size());
-      check(cudaMemcpy(d.get(), s.data.data(), s.data.size() * sizeof(float), cudaMemcpyHostToDevice),
+      check(cudaMemcpyAsync(d.get(), s.data.data(), s.data.size() * sizeof(float), cudaMemcpyHostToDevice,
+                            stream_),
             "weight upload");
       weight_bytes_ += d.bytes();
       const bool tied_table = name == "tok_emb" && cfg_.tied_head;
@@ -248,9 +251,10 @@ class CudaModel final : public DeviceModel {
       t.param.resize(n);
       t.m.resize(n);
       t.v.resize(n);
-      check(cudaMemcpy(t.param.get(), src, n * sizeof(float), cudaMemcpyHostToDevice), "trainable upload");
-      check(cudaMemset(t.m.get(), 0, n * sizeof(float)), "cudaMemset");
-      check(cudaMemset(t.v.get(), 0, n * sizeof(float)), "cudaMemset");
+      check(cudaMemcpyAsync(t.param.get(), src, n * sizeof(float), cudaMemcpyHostToDevice, stream_),
+            "trainable upload");
+      check(cudaMemsetAsync(t.m.get(), 0, n * sizeof(float), stream_), "cudaMemsetAsync");
+      check(cudaMemsetAsync(t.v.get(), 0, n * sizeof(float), stream_), "cudaMemsetAsync");
       train_.tensors.push_back(std::move(t));
     };
     if (a.P > 0) add(a.prompt, a.P * C);
@@ -278,7 +282,7 @@ class CudaModel final : public DeviceModel {
     auto get = [&](std::vector<float>& dst) {
       const TrainTensor& t = train_.tensors[k++];
       dst.resize(t.n);
-      check(cudaMemcpy(dst.data(), t.param.get(), t.n * sizeof(float), cudaMemcpyDeviceToHost),
+      check(cudaMemcpyAsync(dst.data(), t.param.get(), t.n * sizeof(float), cudaMemcpyDeviceToHost, stream_),
             "trainable download");
     };
     if (train_.P > 0) get(out.prompt);
@@ -531,9 +535,11 @@ class CudaModel final : public DeviceModel {
 
   // One host-to-device copy of the packed inputs (through pinned memory).
   void send(const Plan& pl) {
+    // The previous call's upload may still read the staging buffer when that call failed before its final
+    // synchronisation: wait for the stream (a no-op after a normal call).
+    check(cudaStreamSynchronize(stream_), "stream synchronisation");
     const size_t n = std::max<size_t>(pl.in.host.size(), 1);
     if (n > pinned_size_) {
-      check(cudaStreamSynchronize(stream_), "stream synchronisation");
       if (pinned_) cudaFreeHost(pinned_);
       pinned_ = nullptr;
       pinned_size_ = 0;
@@ -620,9 +626,11 @@ class CudaModel final : public DeviceModel {
     check(cudaStreamSynchronize(stream_), "stream synchronisation");
     rope_cos_ = DeviceBuffer<float>(cs.size());
     rope_sin_ = DeviceBuffer<float>(sn.size());
-    check(cudaMemcpy(rope_cos_.get(), cs.data(), cs.size() * sizeof(float), cudaMemcpyHostToDevice),
+    check(cudaMemcpyAsync(rope_cos_.get(), cs.data(), cs.size() * sizeof(float), cudaMemcpyHostToDevice,
+                          stream_),
           "rope upload");
-    check(cudaMemcpy(rope_sin_.get(), sn.data(), sn.size() * sizeof(float), cudaMemcpyHostToDevice),
+    check(cudaMemcpyAsync(rope_sin_.get(), sn.data(), sn.size() * sizeof(float), cudaMemcpyHostToDevice,
+                          stream_),
           "rope upload");
     rope_positions_ = n;
     ++generation_;
@@ -680,7 +688,9 @@ class CudaModel final : public DeviceModel {
     need(st.att, N_l * H * hd);
     need(st.lse, B * H * S_l);
     cuda::attention_forward(stream_, st.att.get(), st.lse.get(), st.qkv.get(), in.mask[l], pk, pv, st.Pp, B,
-                            S_l, H, KV, hd, host_.attn_scale(l));
+                            S_l, H, KV, hd, host_.attn_scale(l),
+                            opt_.precision == GemmPrecision::BF16 ? cuda::AttentionPrecision::BF16
+                                                                  : cuda::AttentionPrecision::FP32);
     need(tmp_, N_l * C);
     gemm_nt(N_l, C, H * hd, st.att.get(), H * hd, mat(p + "proj.w"), tmp_.get(), C, f_or_null(p + "proj.b"),
             0.0f);
@@ -745,7 +755,9 @@ class CudaModel final : public DeviceModel {
     float* dpv = st.Pp ? gdeep_b_[st.deep_index].get() : nullptr;
     cuda::attention_backward(stream_, dqkv_.get(), dpk, dpv, datt_.get(), st.att.get(), st.lse.get(),
                              st.qkv.get(), in.mask[l], pk, pv, st.Pp, B, S_l, H, KV, hd, host_.attn_scale(l),
-                             rows_needed, attn_scratch_.get());
+                             rows_needed, attn_scratch_.get(),
+                             opt_.precision == GemmPrecision::BF16 ? cuda::AttentionPrecision::BF16
+                                                                   : cuda::AttentionPrecision::FP32);
     if (rows_needed == 0) return;  // nothing below needs this layer's input gradient
     if (!gpt2_) {
       const int64_t half = hd / 2;
@@ -931,8 +943,8 @@ double cuda_gemm_benchmark(GemmPrecision precision, int64_t M, int64_t N, int64_
     const std::vector<float> block = cuda::random_vector(1 << 18, 99);
     auto fill = [&](float* d, int64_t n) {
       for (int64_t o = 0; o < n; o += static_cast<int64_t>(block.size()))
-        check(cudaMemcpy(d + o, block.data(), std::min<int64_t>(block.size(), n - o) * sizeof(float),
-                         cudaMemcpyHostToDevice),
+        check(cudaMemcpyAsync(d + o, block.data(), std::min<int64_t>(block.size(), n - o) * sizeof(float),
+                              cudaMemcpyHostToDevice, s),
               "benchmark fill");
     };
     fill(A.get(), M * K);

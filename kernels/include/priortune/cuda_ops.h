@@ -28,6 +28,13 @@ using bf16_t = uint16_t;  // bfloat16 bits (device code reinterprets them as __n
 enum class GemmPrecision { BF16, TF32, FP32 };
 const char* precision_name(GemmPrecision p);
 
+// Attention matrix products (attention_forward / attention_backward):
+// FP32: CUDA cores, fp32 throughout (verification path).
+// BF16: tensor cores (WMMA). Q, K, V, dO, P and dS are rounded to bf16 (round to nearest even) as operands,
+//   with fp32 accumulation; scores, softmax statistics, lse, delta and every sum stay fp32. Taken for hd a
+//   multiple of 16 up to 128; any other hd silently runs the FP32 kernels (same outputs as FP32 then).
+enum class AttentionPrecision { FP32, BF16 };
+
 // C[M, N] (=, or += when beta == 1) = A[M, K] . op(B) (+ bias[N] broadcast over rows; nullptr: none).
 //   b_transposed = true  ("NT"): B is [N, K] row-major, op(B) = B^T   (x . W^T: a linear layer's forward)
 //   b_transposed = false ("NN"): B is [K, N] row-major, op(B) = B     (dout . W: a linear layer's backward)
@@ -81,18 +88,22 @@ void rope_backward(Stream stream, float* dx, int64_t B, int64_t S, int64_t ld, i
 // Same inputs and masking rules as ops.h attention_forward (causal, GQA, key padding mask, key/value
 // prefixes; a query with no visible key outputs zeros). Instead of probs it saves lse[B, H, S] (=), the
 // natural-log sum of exp(scaled scores) of each query row (-INFINITY for a row with no visible key).
+// `precision` picks the kernels (AttentionPrecision above); both are deterministic.
 void attention_forward(Stream stream, float* out, float* lse, const float* qkv, const uint8_t* key_mask,
                        const float* prefix_k, const float* prefix_v, int64_t Pp, int64_t B, int64_t S,
-                       int64_t H, int64_t KV, int64_t hd, float scale);
+                       int64_t H, int64_t KV, int64_t hd, float scale,
+                       AttentionPrecision precision = AttentionPrecision::FP32);
 // Same outputs as ops.h attention_backward (dqkv (=) with dq rows >= q_rows zero; dprefix_k/v (=) summed
 // over the batch, nullptr when Pp == 0), recomputing the probabilities from qkv and lse. `out` is the
-// forward's output. `scratch` holds attention_backward_scratch_floats(...) floats.
+// forward's output. `scratch` holds attention_backward_scratch_floats(...) floats (the same for either
+// precision). `precision` as for attention_forward (the delta = dout . out row sums are fp32 in both).
 int64_t attention_backward_scratch_floats(int64_t Pp, int64_t B, int64_t S, int64_t H, int64_t KV,
                                           int64_t hd);
 void attention_backward(Stream stream, float* dqkv, float* dprefix_k, float* dprefix_v, const float* dout,
                         const float* out, const float* lse, const float* qkv, const uint8_t* key_mask,
                         const float* prefix_k, const float* prefix_v, int64_t Pp, int64_t B, int64_t S,
-                        int64_t H, int64_t KV, int64_t hd, float scale, int64_t q_rows, float* scratch);
+                        int64_t H, int64_t KV, int64_t hd, float scale, int64_t q_rows, float* scratch,
+                        AttentionPrecision precision = AttentionPrecision::FP32);
 
 // --- LM head and loss ----------------------------------------------------------------------------------
 // dst[i, :] (=) = src[rows[i], :] for i < R (rows: device int32).

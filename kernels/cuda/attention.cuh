@@ -1,0 +1,90 @@
+// Internal to attention.cu (fp32, CUDA cores) and attention_tc.cu (bf16, tensor cores): the kernel
+// arguments and key addressing both paths share, host helpers, and the tensor-core launchers that
+// attention.cu's public functions dispatch to. Not a public header.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cstdint>
+#include <mutex>
+#include <set>
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+#include "common.cuh"
+
+namespace pt {
+namespace cuda {
+namespace attn {
+
+// Everything the kernels read; unused pointers are null.
+struct AttnArgs {
+  const float* qkv;
+  const uint8_t* mask;
+  const float* pk;
+  const float* pv;
+  int Pp, B, S, H, KV, hd, group;
+  float scale;
+  int64_t ld;  // row stride of qkv / dqkv: (H + 2 KV) hd
+};
+
+struct BwdPtrs {
+  float* dqkv;
+  float* part_k;  // [B, Pp, KV, hd] per-batch prefix partials
+  float* part_v;
+  const float* dout;
+  const float* lse;
+  const float* delta;
+  int q_rows;
+};
+
+// Source row of unified key kk (kv head g, sequence b): K when !is_v, else V; nullptr past the keys.
+__device__ __forceinline__ const float* key_row(const AttnArgs& a, int b, int g, int kk, bool is_v) {
+  if (kk < a.Pp) return (is_v ? a.pv : a.pk) + (static_cast<int64_t>(kk) * a.KV + g) * a.hd;
+  const int j = kk - a.Pp;
+  if (j >= a.S) return nullptr;
+  return a.qkv + (static_cast<int64_t>(b) * a.S + j) * a.ld +
+         static_cast<int64_t>(a.H + (is_v ? a.KV : 0) + g) * a.hd;
+}
+
+// Key kk exists and is not padding (the causal test is separate).
+__device__ __forceinline__ int key_valid(const AttnArgs& a, int b, int kk) {
+  if (kk < a.Pp) return 1;
+  const int j = kk - a.Pp;
+  if (j >= a.S) return 0;
+  return a.mask == nullptr || a.mask[static_cast<int64_t>(b) * a.S + j] != 0;
+}
+
+// Opts a kernel into more than 48 KB of dynamic shared memory, once per (kernel, device).
+template <class Kernel>
+void allow_smem(Kernel* kernel, size_t bytes, const char* op) {
+  static std::mutex mu;
+  static std::set<std::pair<const void*, int>> done;
+  int dev = 0;
+  check(cudaGetDevice(&dev), op);
+  std::lock_guard<std::mutex> lock(mu);
+  const std::pair<const void*, int> key(reinterpret_cast<const void*>(kernel), dev);
+  if (done.count(key)) return;
+  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
+        op);
+  done.insert(key);
+}
+
+inline unsigned grid_1d(int64_t blocks, const char* op) {
+  if (blocks > INT_MAX) throw std::invalid_argument(std::string(op) + ": too many blocks");
+  return static_cast<unsigned>(blocks);
+}
+
+// Tensor-core path (attention_tc.cu). tc_supported: head dims it takes (a multiple of 16, at most 128).
+// forward_tc writes out and lse; backward_tc runs the dk/dv and dq kernels (p.delta must be computed and
+// the prefix partials are summed by the caller, as for the fp32 kernels).
+inline bool tc_supported(int64_t hd) {
+  return hd >= 16 && hd <= 128 && hd % 16 == 0;
+}
+void forward_tc(Stream stream, const AttnArgs& a, float* out, float* lse);
+void backward_tc(Stream stream, const AttnArgs& a, const BwdPtrs& p);
+
+}  // namespace attn
+}  // namespace cuda
+}  // namespace pt

@@ -1,0 +1,564 @@
+// Fused causal attention on tensor cores (AttentionPrecision::BF16 of priortune/cuda_ops.h): the same
+// kernels, block split, scratch and semantics as attention.cu's fp32 path, with every matrix product on
+// WMMA (bf16 m16n16k16 fragments, fp32 accumulators). Taken for hd a multiple of 16 up to 128.
+//
+// Numerics: Q, K, V and dO are rounded to bf16 (nearest even) while staged in shared memory; P and dS are
+// computed in fp32 and rounded to bf16 as operands. Scores, softmax statistics, lse, delta and all
+// accumulations are fp32.
+//
+// Layout: 128 threads = 4 warps; query tiles and key tiles of 64 rows, 16 per warp. Operand tiles are bf16
+// [64][D + 8] (D = 64 or 128 >= hd; the 16-byte pad puts the eight 16-byte rows of a fragment load in
+// distinct banks and keeps every fragment pointer 32-byte aligned); only the first hd columns are written
+// or read. Each warp owns a 16-row strip: its products go to a per-warp fp32 strip [16][D + 4] through
+// store_matrix_sync, and masks and softmax work on that strip with lane (r, h) = (lane / 2, lane % 2)
+// taking row r, columns 2t + h (row reductions: one xor shuffle). P and dS go to a per-warp bf16 strip
+// [16][64 + 8] that is loaded back as a matrix_a fragment. Fragments are only loaded, stored, filled and
+// multiplied (their element-to-thread mapping is never used); __syncwarp orders a warp's strip traffic.
+// Dynamic shared memory for D = 128 (64): forward 93 KB (53), dk/dv 111 KB (63), dq 110 KB (62), so two
+// blocks fit an H100 SM, as __launch_bounds__(128, 2) asks of the registers.
+//   forward   block (b, h, query tile); key tiles from 0 to the causal limit, K and V staged together.
+//             O stays in accumulator fragments. Online softmax with a lazy reference max: the row's
+//             reference m moves only when a tile's max exceeds it by more than kRescaleNats (P <= e^8, no
+//             overflow), so O is rescaled (stored to the strip, scaled by row, reloaded) only then; the
+//             result is the same softmax. No visible key: out = 0, lse = -inf.
+//   backward  attention.cu runs delta = dout . out and the prefix batch sum; here B: block (b, g, key
+//             tile), warp w owns 16 keys: S^T = K Q^T, P^T = exp(scale S^T - lse) (kept in registers),
+//             dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q; token rows to dqkv,
+//             prefix rows to the per-batch partials. C: block (b, h, query tile): S = Q K^T, dP = dO V^T,
+//             dS, dQ += dS K for rows < q_rows, zeros after.
+// One writer per output element, fixed summation order, no atomics: bitwise deterministic.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "attention.cuh"
+#include "common.cuh"
+
+namespace pt {
+namespace cuda {
+namespace attn {
+namespace {
+
+using namespace nvcuda;
+
+constexpr int kWarps = 4, kTcThreads = 32 * kWarps;
+constexpr int kBQ = 16 * kWarps, kBK = 16 * kWarps;  // query / key tile rows: 16 per warp
+constexpr int kLdB = 64 + 8;                         // bf16 strip stride (P, dS: 64 columns)
+constexpr float kRescaleNats = 8.0f;
+static_assert(kBQ == 64 && kBK == 64, "the softmax lanes cover 64 columns: 32 lanes x 2");
+
+using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major>;
+using FragBRow = wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major>;
+using FragBCol = wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major>;
+using Acc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  return static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(lo))) |
+         (static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(hi))) << 16);
+}
+
+// dst[r * (D + 8) + c] = bf16(row(r)[c]) for c < hd (0 for a null row); columns >= hd are not written.
+// 4-float chunks, loaded in batches of 4 per thread before they are converted and stored.
+template <int D, int ROWS, class RowFn>
+__device__ __forceinline__ void load_tile_bf16(__nv_bfloat16* dst, int hd, RowFn row) {
+  constexpr int kChunks = D / 4, kIters = ROWS * kChunks / kTcThreads, kBatch = 4;
+  static_assert(kIters % kBatch == 0, "tile loads come in whole batches");
+#pragma unroll 1
+  for (int it0 = 0; it0 < kIters; it0 += kBatch) {
+    float4 v[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int idx = threadIdx.x + (it0 + u) * kTcThreads, r = idx / kChunks, c = (idx % kChunks) * 4;
+      const float* src = c < hd ? row(r) : nullptr;
+      v[u] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      if (src != nullptr) {
+        src += c;
+        if ((reinterpret_cast<uintptr_t>(src) & 15) == 0)
+          v[u] = *reinterpret_cast<const float4*>(src);
+        else
+          v[u] = make_float4(src[0], src[1], src[2], src[3]);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int idx = threadIdx.x + (it0 + u) * kTcThreads, r = idx / kChunks, c = (idx % kChunks) * 4;
+      if (c < hd)
+        *reinterpret_cast<uint2*>(dst + r * (D + 8) + c) =
+            make_uint2(pack_bf16(v[u].x, v[u].y), pack_bf16(v[u].z, v[u].w));
+    }
+  }
+}
+
+// acc[j] = A[16 x hd] . B^T for the four 16-row blocks j of B: A rows of stride LDT from sA, B rows (64 of
+// them, stride LDT) from sB. Used for S = Q K^T, S^T = K Q^T, dP = dO V^T and dP^T = V dO^T.
+template <int D>
+__device__ __forceinline__ void strip_dot(const __nv_bfloat16* sA, const __nv_bfloat16* sB, int hd,
+                                          Acc (&acc)[4]) {
+  constexpr int LDT = D + 8;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) wmma::fill_fragment(acc[j], 0.0f);
+#pragma unroll
+  for (int kd = 0; kd < D / 16; ++kd) {
+    if (kd * 16 < hd) {
+      FragA fa;
+      wmma::load_matrix_sync(fa, sA + kd * 16, LDT);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        FragBCol fb;
+        wmma::load_matrix_sync(fb, sB + j * 16 * LDT + kd * 16, LDT);
+        wmma::mma_sync(acc[j], fa, fb, acc[j]);
+      }
+    }
+  }
+}
+
+// acc[n] += P[16 x 64] . B[64 x hd] for the column blocks n < hd / 16: P from a bf16 strip (stride kLdB),
+// B rows of stride LDT. Used for O += P V, dV += P^T dO, dK += dS^T Q and dQ += dS K.
+template <int D>
+__device__ __forceinline__ void strip_pv(const __nv_bfloat16* sP, const __nv_bfloat16* sB, int hd,
+                                         Acc (&acc)[D / 16]) {
+  constexpr int LDT = D + 8;
+#pragma unroll
+  for (int kb = 0; kb < 4; ++kb) {
+    FragA fa;
+    wmma::load_matrix_sync(fa, sP + kb * 16, kLdB);
+#pragma unroll
+    for (int n = 0; n < D / 16; ++n) {
+      if (n * 16 < hd) {
+        FragBRow fb;
+        wmma::load_matrix_sync(fb, sB + kb * 16 * LDT + n * 16, LDT);
+        wmma::mma_sync(acc[n], fa, fb, acc[n]);
+      }
+    }
+  }
+}
+
+template <int N>
+__device__ __forceinline__ void store_strip(float* strip, int ldf, const Acc (&acc)[N], int ncols) {
+#pragma unroll
+  for (int n = 0; n < N; ++n)
+    if (n * 16 < ncols) wmma::store_matrix_sync(strip + n * 16, acc[n], ldf, wmma::mem_row_major);
+}
+
+// Row rr of a warp's fp32 strip (hd columns), times s, to dst (global): lanes take 4 columns each.
+__device__ __forceinline__ void write_row(float* dst, const float* src, int hd, float s) {
+  const int lane = threadIdx.x & 31;
+  for (int c = 4 * lane; c < hd; c += 128) {
+    const float4 v = *reinterpret_cast<const float4*>(src + c);
+    if ((reinterpret_cast<uintptr_t>(dst + c) & 15) == 0) {
+      *reinterpret_cast<float4*>(dst + c) = make_float4(s * v.x, s * v.y, s * v.z, s * v.w);
+    } else {
+      dst[c] = s * v.x;
+      dst[c + 1] = s * v.y;
+      dst[c + 2] = s * v.z;
+      dst[c + 3] = s * v.w;
+    }
+  }
+}
+
+// --- Forward --------------------------------------------------------------------------------------------
+// Shared memory: sQ, sK, sV bf16 [64][D+8]; per warp an fp32 strip [16][D+4] and a bf16 strip [16][64+8];
+// valid[64].
+template <int D>
+constexpr size_t fwd_tc_smem() {
+  return 3 * static_cast<size_t>(64) * (D + 8) * 2 + kWarps * static_cast<size_t>(16) * (D + 4) * 4 +
+         kWarps * static_cast<size_t>(16) * kLdB * 2 + kBK * 4;
+}
+
+template <int D>
+__global__ void __launch_bounds__(kTcThreads, 2)
+    attn_fwd_tc_kernel(AttnArgs a, float* __restrict__ out, float* __restrict__ lse, int nqt) {
+  constexpr int LDT = D + 8, LDF = D + 4, NF = D / 16;
+  extern __shared__ __align__(128) unsigned char smem_tc[];
+  __nv_bfloat16* sQ = reinterpret_cast<__nv_bfloat16*>(smem_tc);
+  __nv_bfloat16* sK = sQ + kBQ * LDT;
+  __nv_bfloat16* sV = sK + kBK * LDT;
+  float* sF = reinterpret_cast<float*>(sV + kBK * LDT);
+  __nv_bfloat16* sB = reinterpret_cast<__nv_bfloat16*>(sF + kWarps * 16 * LDF);
+  int* sValid = reinterpret_cast<int*>(sB + kWarps * 16 * kLdB);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int r = lane >> 1, hf = lane & 1;  // softmax: strip row r, columns 2t + hf
+  const unsigned nbh = static_cast<unsigned>(a.B * a.H);
+  const int bh = static_cast<int>(blockIdx.x % nbh);
+  const int qt = nqt - 1 - static_cast<int>(blockIdx.x / nbh);  // the longest (last) query tiles first
+  const int b = bh / a.H, h = bh % a.H, g = h / a.group;
+  const int q0 = qt * kBQ, q_end = min(q0 + kBQ, a.S);
+  const int wq0 = q0 + 16 * warp, qi = wq0 + r;  // the warp's first row; this lane's softmax row
+  float* strip = sF + warp * 16 * LDF;
+  __nv_bfloat16* bstrip = sB + warp * 16 * kLdB;
+
+  const float* qbase = a.qkv + static_cast<int64_t>(b) * a.S * a.ld + static_cast<int64_t>(h) * a.hd;
+  load_tile_bf16<D, kBQ>(sQ, a.hd, [&](int rr) -> const float* {
+    const int i = q0 + rr;
+    return i < a.S ? qbase + static_cast<int64_t>(i) * a.ld : nullptr;
+  });
+
+  Acc o[NF];
+#pragma unroll
+  for (int n = 0; n < NF; ++n) wmma::fill_fragment(o[n], 0.0f);
+  float m_ref = -INFINITY;  // the row's exponent reference (-inf until a key is visible)
+  float l_part = 0.0f;      // this lane's share of the row sum of exp(s - m_ref)
+
+  const int nkeys = a.Pp + q_end;  // keys visible to some row of the tile: all prefix, tokens < q_end
+  for (int k0 = 0; k0 < nkeys; k0 += kBK) {
+    __syncthreads();  // the previous tile's readers of sK, sV are done (and sQ is loaded)
+    load_tile_bf16<D, kBK>(sK, a.hd, [&](int rr) { return key_row(a, b, g, k0 + rr, false); });
+    load_tile_bf16<D, kBK>(sV, a.hd, [&](int rr) { return key_row(a, b, g, k0 + rr, true); });
+    if (tid < kBK) sValid[tid] = key_valid(a, b, k0 + tid);
+    __syncthreads();
+    if (wq0 >= a.S || k0 - a.Pp > wq0 + 15) continue;  // no row of this warp sees a key of this tile
+
+    {
+      Acc s[4];
+      strip_dot<D>(sQ + 16 * warp * LDT, sK, a.hd, s);
+      store_strip(strip, LDF, s, 64);
+    }
+    __syncwarp();
+    float x[32], mx = -INFINITY;
+    const float* srow = strip + r * LDF;
+#pragma unroll
+    for (int t = 0; t < 32; ++t) {
+      const int c = 2 * t + hf;
+      const bool vis = sValid[c] != 0 && k0 + c - a.Pp <= qi;
+      x[t] = vis ? srow[c] * a.scale : -INFINITY;
+      mx = fmaxf(mx, x[t]);
+    }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    // The reference moves only when the tile's max exceeds it by more than kRescaleNats (or it was -inf).
+    const float m_new = mx > m_ref + kRescaleNats ? mx : m_ref;
+    const float alpha = (m_ref == -INFINITY || m_new == m_ref) ? 1.0f : expf(m_ref - m_new);
+    m_ref = m_new;
+    float part = 0.0f;
+#pragma unroll
+    for (int t = 0; t < 32; ++t) {
+      const float pr = x[t] == -INFINITY ? 0.0f : expf(x[t] - m_new);
+      bstrip[r * kLdB + 2 * t + hf] = __float2bfloat16_rn(pr);
+      part += pr;
+    }
+    l_part = l_part * alpha + part;
+    const bool rescale = __any_sync(0xffffffffu, alpha != 1.0f);
+    __syncwarp();   // P is complete; the scores have been read
+    if (rescale) {  // O rows *= alpha through the strip (warp-uniform branch)
+      store_strip(strip, LDF, o, a.hd);
+      __syncwarp();
+      for (int c = hf; c < a.hd; c += 2) strip[r * LDF + c] *= alpha;
+      __syncwarp();
+#pragma unroll
+      for (int n = 0; n < NF; ++n)
+        if (n * 16 < a.hd) wmma::load_matrix_sync(o[n], strip + n * 16, LDF, wmma::mem_row_major);
+    }
+    strip_pv<D>(bstrip, sV, a.hd, o);
+  }
+
+  const float total = l_part + __shfl_xor_sync(0xffffffffu, l_part, 1);
+  const float inv = total > 0.0f ? 1.0f / total : 0.0f;  // no visible key: zeros
+  if (hf == 0 && qi < a.S)
+    lse[(static_cast<int64_t>(b) * a.H + h) * a.S + qi] = total > 0.0f ? m_ref + logf(total) : -INFINITY;
+  __syncwarp();  // the last tile's strip readers are done
+  store_strip(strip, LDF, o, a.hd);
+  __syncwarp();
+  float* obase = out + static_cast<int64_t>(b) * a.S * a.H * a.hd + static_cast<int64_t>(h) * a.hd;
+  for (int rr = 0; rr < 16; ++rr) {
+    const float inv_r = __shfl_sync(0xffffffffu, inv, 2 * rr);
+    const int i = wq0 + rr;
+    if (i < a.S) write_row(obase + static_cast<int64_t>(i) * a.H * a.hd, strip + rr * LDF, a.hd, inv_r);
+  }
+}
+
+// --- Backward --------------------------------------------------------------------------------------------
+// Kernel B. Shared memory: sK, sV, sQ, sdO bf16 [64][D+8]; per warp an fp32 strip [16][D+4] and a bf16
+// strip [16][64+8]; lse, delta [64]; valid [64].
+template <int D>
+constexpr size_t kv_tc_smem() {
+  return 4 * static_cast<size_t>(64) * (D + 8) * 2 + kWarps * static_cast<size_t>(16) * (D + 4) * 4 +
+         kWarps * static_cast<size_t>(16) * kLdB * 2 + (2 * kBQ + kBK) * 4;
+}
+
+template <int D>
+__global__ void __launch_bounds__(kTcThreads, 2) attn_bwd_kv_tc_kernel(AttnArgs a, BwdPtrs p) {
+  constexpr int LDT = D + 8, LDF = D + 4, NF = D / 16;
+  extern __shared__ __align__(128) unsigned char smem_tc[];
+  __nv_bfloat16* sK = reinterpret_cast<__nv_bfloat16*>(smem_tc);
+  __nv_bfloat16* sV = sK + kBK * LDT;
+  __nv_bfloat16* sQ = sV + kBK * LDT;
+  __nv_bfloat16* sdO = sQ + kBQ * LDT;
+  float* sF = reinterpret_cast<float*>(sdO + kBQ * LDT);
+  __nv_bfloat16* sB = reinterpret_cast<__nv_bfloat16*>(sF + kWarps * 16 * LDF);
+  float* sLse = reinterpret_cast<float*>(sB + kWarps * 16 * kLdB);
+  float* sDel = sLse + kBQ;
+  int* sValid = reinterpret_cast<int*>(sDel + kBQ);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int r = lane >> 1, hf = lane & 1;  // strip row r (a key), columns 2t + hf (queries)
+  const unsigned nbg = static_cast<unsigned>(a.B * a.KV);
+  const int bg = static_cast<int>(blockIdx.x % nbg);
+  const int kt = static_cast<int>(blockIdx.x / nbg);  // the first key tiles (most queries) first
+  const int b = bg / a.KV, g = bg % a.KV;
+  const int k0 = kt * kBK, wk0 = k0 + 16 * warp;  // the block's and the warp's first key
+  const int jr = wk0 + r - a.Pp;                  // this lane's key as a token index (< 0: prefix)
+  float* strip = sF + warp * 16 * LDF;
+  __nv_bfloat16* bstrip = sB + warp * 16 * kLdB;
+
+  load_tile_bf16<D, kBK>(sK, a.hd, [&](int rr) { return key_row(a, b, g, k0 + rr, false); });
+  load_tile_bf16<D, kBK>(sV, a.hd, [&](int rr) { return key_row(a, b, g, k0 + rr, true); });
+  if (tid < kBK) sValid[tid] = key_valid(a, b, k0 + tid);
+
+  Acc dk[NF], dv[NF];
+#pragma unroll
+  for (int n = 0; n < NF; ++n) {
+    wmma::fill_fragment(dk[n], 0.0f);
+    wmma::fill_fragment(dv[n], 0.0f);
+  }
+
+  // Query tiles that can see a key of this tile: all when it holds a prefix key, else from the first token.
+  const int qt0 = k0 < a.Pp ? 0 : (k0 - a.Pp) / kBQ;
+  const int nqt = (a.S + kBQ - 1) / kBQ;
+  const int64_t ldo = static_cast<int64_t>(a.H) * a.hd;
+  for (int hh = 0; hh < a.group; ++hh) {
+    const int h = g * a.group + hh;
+    const float* qbase = a.qkv + static_cast<int64_t>(b) * a.S * a.ld + static_cast<int64_t>(h) * a.hd;
+    const float* obase = p.dout + static_cast<int64_t>(b) * a.S * ldo + static_cast<int64_t>(h) * a.hd;
+    const int64_t row0 = (static_cast<int64_t>(b) * a.H + h) * a.S;  // lse / delta of (b, h)
+    for (int qt = qt0; qt < nqt; ++qt) {
+      const int q0 = qt * kBQ;
+      __syncthreads();  // the previous step's readers of sQ, sdO are done
+      load_tile_bf16<D, kBQ>(sQ, a.hd, [&](int rr) -> const float* {
+        const int i = q0 + rr;
+        return i < a.S ? qbase + static_cast<int64_t>(i) * a.ld : nullptr;
+      });
+      load_tile_bf16<D, kBQ>(sdO, a.hd, [&](int rr) -> const float* {
+        const int i = q0 + rr;
+        return i < a.S ? obase + static_cast<int64_t>(i) * ldo : nullptr;
+      });
+      if (tid < kBQ) {
+        const int i = q0 + tid;
+        sLse[tid] = i < a.S ? p.lse[row0 + i] : 0.0f;
+        sDel[tid] = i < a.S ? p.delta[row0 + i] : 0.0f;
+      }
+      __syncthreads();
+      // The warp's keys: none past the end, and the first at or before the tile's last query.
+      if (wk0 >= a.Pp + a.S || wk0 - a.Pp > min(q0 + kBQ, a.S) - 1) continue;
+
+      {
+        Acc s[4];
+        strip_dot<D>(sK + 16 * warp * LDT, sQ, a.hd, s);  // S^T: rows keys, columns queries
+        store_strip(strip, LDF, s, 64);
+      }
+      __syncwarp();
+      const bool valid = sValid[16 * warp + r] != 0;
+      const float* srow = strip + r * LDF;
+      float pr[32];
+#pragma unroll
+      for (int t = 0; t < 32; ++t) {
+        const int q = 2 * t + hf, i = q0 + q;
+        const bool vis = valid && i < a.S && jr <= i;
+        pr[t] = vis ? expf(srow[q] * a.scale - sLse[q]) : 0.0f;
+        bstrip[r * kLdB + q] = __float2bfloat16_rn(pr[t]);
+      }
+      __syncwarp();
+      strip_pv<D>(bstrip, sdO, a.hd, dv);  // dV += P^T dO
+      {
+        Acc dp[4];
+        strip_dot<D>(sV + 16 * warp * LDT, sdO, a.hd, dp);  // dP^T
+        store_strip(strip, LDF, dp, 64);
+      }
+      __syncwarp();  // dP^T is complete; the P^T fragment loads are done
+#pragma unroll
+      for (int t = 0; t < 32; ++t) {
+        const int q = 2 * t + hf;
+        bstrip[r * kLdB + q] = __float2bfloat16_rn(pr[t] * (srow[q] - sDel[q]));  // dS^T
+      }
+      __syncwarp();
+      strip_pv<D>(bstrip, sQ, a.hd, dk);  // dK += dS^T Q (scale applied on store)
+    }
+  }
+
+  // Token keys to dqkv, prefix keys to this sequence's partials; keys past the end have no row.
+  __syncwarp();
+  for (int pass = 0; pass < 2; ++pass) {
+    if (pass == 0)
+      store_strip(strip, LDF, dk, a.hd);
+    else
+      store_strip(strip, LDF, dv, a.hd);
+    __syncwarp();
+    for (int rr = 0; rr < 16; ++rr) {
+      const int kk = wk0 + rr;
+      float* dst;
+      if (kk < a.Pp) {
+        dst = (pass == 0 ? p.part_k : p.part_v) + ((static_cast<int64_t>(b) * a.Pp + kk) * a.KV + g) * a.hd;
+      } else {
+        const int j = kk - a.Pp;
+        if (j >= a.S) break;
+        dst = p.dqkv + (static_cast<int64_t>(b) * a.S + j) * a.ld +
+              static_cast<int64_t>(a.H + (pass == 0 ? 0 : a.KV) + g) * a.hd;
+      }
+      write_row(dst, strip + rr * LDF, a.hd, pass == 0 ? a.scale : 1.0f);
+    }
+    __syncwarp();
+  }
+}
+
+// Kernel C. Shared memory: sQ, sdO, sK, sV bf16 [64][D+8]; per warp an fp32 strip [16][D+4] and a bf16
+// strip [16][64+8]; valid [64].
+template <int D>
+constexpr size_t q_tc_smem() {
+  return 4 * static_cast<size_t>(64) * (D + 8) * 2 + kWarps * static_cast<size_t>(16) * (D + 4) * 4 +
+         kWarps * static_cast<size_t>(16) * kLdB * 2 + kBK * 4;
+}
+
+template <int D>
+__global__ void __launch_bounds__(kTcThreads, 2) attn_bwd_q_tc_kernel(AttnArgs a, BwdPtrs p, int nqt) {
+  constexpr int LDT = D + 8, LDF = D + 4, NF = D / 16;
+  extern __shared__ __align__(128) unsigned char smem_tc[];
+  __nv_bfloat16* sQ = reinterpret_cast<__nv_bfloat16*>(smem_tc);
+  __nv_bfloat16* sdO = sQ + kBQ * LDT;
+  __nv_bfloat16* sK = sdO + kBQ * LDT;
+  __nv_bfloat16* sV = sK + kBK * LDT;
+  float* sF = reinterpret_cast<float*>(sV + kBK * LDT);
+  __nv_bfloat16* sB = reinterpret_cast<__nv_bfloat16*>(sF + kWarps * 16 * LDF);
+  int* sValid = reinterpret_cast<int*>(sB + kWarps * 16 * kLdB);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int r = lane >> 1, hf = lane & 1;  // strip row r (a query), columns 2t + hf (keys)
+  const unsigned nbh = static_cast<unsigned>(a.B * a.H);
+  const int bh = static_cast<int>(blockIdx.x % nbh);
+  const int qt = nqt - 1 - static_cast<int>(blockIdx.x / nbh);
+  const int b = bh / a.H, h = bh % a.H, g = h / a.group;
+  const int q0 = qt * kBQ, q_end = min(q0 + kBQ, a.S), q_lim = min(q_end, p.q_rows);
+  const int wq0 = q0 + 16 * warp, qi = wq0 + r;
+  float* dq_base = p.dqkv + static_cast<int64_t>(b) * a.S * a.ld + static_cast<int64_t>(h) * a.hd;
+
+  if (q0 >= q_lim) {  // no row of this tile needs dq: zeros (uniform across the block, before any barrier)
+    for (int i = q0 + warp; i < q_end; i += kWarps)
+      for (int d = lane; d < a.hd; d += 32) dq_base[static_cast<int64_t>(i) * a.ld + d] = 0.0f;
+    return;
+  }
+
+  float* strip = sF + warp * 16 * LDF;
+  __nv_bfloat16* bstrip = sB + warp * 16 * kLdB;
+  const float* qbase = a.qkv + static_cast<int64_t>(b) * a.S * a.ld + static_cast<int64_t>(h) * a.hd;
+  const int64_t ldo = static_cast<int64_t>(a.H) * a.hd;
+  const float* obase = p.dout + static_cast<int64_t>(b) * a.S * ldo + static_cast<int64_t>(h) * a.hd;
+  load_tile_bf16<D, kBQ>(sQ, a.hd, [&](int rr) -> const float* {
+    const int i = q0 + rr;
+    return i < a.S ? qbase + static_cast<int64_t>(i) * a.ld : nullptr;
+  });
+  load_tile_bf16<D, kBQ>(sdO, a.hd, [&](int rr) -> const float* {
+    const int i = q0 + rr;
+    return i < a.S ? obase + static_cast<int64_t>(i) * ldo : nullptr;
+  });
+  const int64_t row0 = (static_cast<int64_t>(b) * a.H + h) * a.S;
+  const float lse_r = qi < a.S ? p.lse[row0 + qi] : 0.0f;
+  const float del_r = qi < a.S ? p.delta[row0 + qi] : 0.0f;
+  Acc dq[NF];
+#pragma unroll
+  for (int n = 0; n < NF; ++n) wmma::fill_fragment(dq[n], 0.0f);
+
+  const int nkeys = a.Pp + q_lim;
+  for (int k0 = 0; k0 < nkeys; k0 += kBK) {
+    __syncthreads();  // the previous tile's readers of sK, sV are done (and sQ, sdO are loaded)
+    load_tile_bf16<D, kBK>(sK, a.hd, [&](int rr) { return key_row(a, b, g, k0 + rr, false); });
+    load_tile_bf16<D, kBK>(sV, a.hd, [&](int rr) { return key_row(a, b, g, k0 + rr, true); });
+    if (tid < kBK) sValid[tid] = key_valid(a, b, k0 + tid);
+    __syncthreads();
+    if (wq0 >= q_lim || k0 - a.Pp > wq0 + 15) continue;  // no row of this warp needs this tile
+
+    {
+      Acc s[4];
+      strip_dot<D>(sQ + 16 * warp * LDT, sK, a.hd, s);
+      store_strip(strip, LDF, s, 64);
+    }
+    __syncwarp();
+    const float* srow = strip + r * LDF;
+    float pr[32];
+#pragma unroll
+    for (int t = 0; t < 32; ++t) {
+      const int c = 2 * t + hf;
+      const bool vis = sValid[c] != 0 && qi < q_lim && k0 + c - a.Pp <= qi;
+      pr[t] = vis ? expf(srow[c] * a.scale - lse_r) : 0.0f;
+    }
+    __syncwarp();  // the scores have been read
+    {
+      Acc dp[4];
+      strip_dot<D>(sdO + 16 * warp * LDT, sV, a.hd, dp);
+      store_strip(strip, LDF, dp, 64);
+    }
+    __syncwarp();
+#pragma unroll
+    for (int t = 0; t < 32; ++t) {
+      const int c = 2 * t + hf;
+      bstrip[r * kLdB + c] = __float2bfloat16_rn(pr[t] * (srow[c] - del_r));  // dS
+    }
+    __syncwarp();
+    strip_pv<D>(bstrip, sK, a.hd, dq);  // dQ += dS K (scale applied on store)
+  }
+
+  __syncwarp();
+  store_strip(strip, LDF, dq, a.hd);
+  __syncwarp();
+  for (int rr = 0; rr < 16; ++rr) {
+    const int i = wq0 + rr;
+    if (i >= a.S) break;
+    // Rows past q_rows: zeros (their dS is 0; the factor 0 also covers rows this warp skipped).
+    write_row(dq_base + static_cast<int64_t>(i) * a.ld, strip + rr * LDF, a.hd,
+              i < p.q_rows ? a.scale : 0.0f);
+  }
+}
+
+template <int D>
+void forward_tc_impl(Stream stream, const AttnArgs& a, float* out, float* lse) {
+  constexpr size_t smem = fwd_tc_smem<D>();
+  auto* kernel = attn_fwd_tc_kernel<D>;
+  allow_smem(kernel, smem, "attention_forward (bf16)");
+  const int nqt = (a.S + kBQ - 1) / kBQ;
+  const unsigned grid = grid_1d(static_cast<int64_t>(nqt) * a.B * a.H, "attention_forward");
+  kernel<<<grid, kTcThreads, smem, stream>>>(a, out, lse, nqt);
+  check_launch("attention_forward (bf16)");
+}
+
+template <int D>
+void backward_tc_impl(Stream stream, const AttnArgs& a, const BwdPtrs& p) {
+  {
+    constexpr size_t smem = kv_tc_smem<D>();
+    auto* kernel = attn_bwd_kv_tc_kernel<D>;
+    allow_smem(kernel, smem, "attention_backward (bf16 dk, dv)");
+    const int64_t nkt = (static_cast<int64_t>(a.Pp) + a.S + kBK - 1) / kBK;
+    const unsigned grid = grid_1d(nkt * a.B * a.KV, "attention_backward");
+    kernel<<<grid, kTcThreads, smem, stream>>>(a, p);
+    check_launch("attention_backward (bf16 dk, dv)");
+  }
+  {
+    constexpr size_t smem = q_tc_smem<D>();
+    auto* kernel = attn_bwd_q_tc_kernel<D>;
+    allow_smem(kernel, smem, "attention_backward (bf16 dq)");
+    const int nqt = (a.S + kBQ - 1) / kBQ;
+    const unsigned grid = grid_1d(static_cast<int64_t>(nqt) * a.B * a.H, "attention_backward");
+    kernel<<<grid, kTcThreads, smem, stream>>>(a, p, nqt);
+    check_launch("attention_backward (bf16 dq)");
+  }
+}
+
+}  // namespace
+
+void forward_tc(Stream stream, const AttnArgs& a, float* out, float* lse) {
+  if (a.hd <= 64)
+    forward_tc_impl<64>(stream, a, out, lse);
+  else
+    forward_tc_impl<128>(stream, a, out, lse);
+}
+
+void backward_tc(Stream stream, const AttnArgs& a, const BwdPtrs& p) {
+  if (a.hd <= 64)
+    backward_tc_impl<64>(stream, a, p);
+  else
+    backward_tc_impl<128>(stream, a, p);
+}
+
+}  // namespace attn
+}  // namespace cuda
+}  // namespace pt
