@@ -1,5 +1,6 @@
 #!/usr/bin/env node
-// Checks (or with --fix, applies) clang-format on kernels/ and native/ using the clang-format npm package.
+// Checks (or with --fix, applies) clang-format on kernels/, native/ and tools/ using the clang-format npm
+// package.
 import { execFileSync } from "node:child_process";
 import { readdirSync, statSync } from "node:fs";
 import { createRequire } from "node:module";
@@ -17,6 +18,7 @@ const walk = (dir) => {
 };
 walk("kernels");
 walk("native");
+walk("tools");
 const bin = require.resolve("clang-format/index.js");
 const args = fix ? ["-i", ...files] : ["--dry-run", "--Werror", ...files];
 try {

@@ -463,10 +463,12 @@ class CudaIndex final : public KnnIndex {
       throw std::out_of_range("vocab: a row norm is 1e18 or more (fp32 overflow risk)");
     const size_t elems = size_t(V) * d;
     rows_.ensure(elems, "cudaMalloc(rows)");
-    cuda_check(cudaMemcpy(rows_.ptr, vocab, elems * sizeof(float), cudaMemcpyHostToDevice), "upload rows");
+    cuda_check(cudaMemcpyAsync(rows_.ptr, vocab, elems * sizeof(float), cudaMemcpyHostToDevice, stream_),
+               "upload rows");
     norms_.ensure(V, "cudaMalloc(norms)");
-    cuda_check(cudaMemcpy(norms_.ptr, host_norms_.data(), V * sizeof(double), cudaMemcpyHostToDevice),
-               "upload norms");
+    cuda_check(
+        cudaMemcpyAsync(norms_.ptr, host_norms_.data(), V * sizeof(double), cudaMemcpyHostToDevice, stream_),
+        "upload norms");
     if (metric == KnnMetric::Cosine) {
       std::vector<float> normalised(elems);
       for (int64_t r = 0; r < V; ++r) {
@@ -474,16 +476,21 @@ class CudaIndex final : public KnnIndex {
         for (int64_t k = 0; k < d; ++k) normalised[r * d + k] = static_cast<float>(vocab[r * d + k] * inv);
       }
       screen_.ensure(elems, "cudaMalloc(normalised rows)");
-      cuda_check(cudaMemcpy(screen_.ptr, normalised.data(), elems * sizeof(float), cudaMemcpyHostToDevice),
+      cuda_check(cudaMemcpyAsync(screen_.ptr, normalised.data(), elems * sizeof(float),
+                                 cudaMemcpyHostToDevice, stream_),
                  "upload normalised rows");
     }
     if (metric == KnnMetric::L2) {
       std::vector<float> half(V);
       for (int64_t r = 0; r < V; ++r) half[r] = static_cast<float>(0.5 * host_norms_[r] * host_norms_[r]);
       half_sq_.ensure(V, "cudaMalloc(half squared norms)");
-      cuda_check(cudaMemcpy(half_sq_.ptr, half.data(), V * sizeof(float), cudaMemcpyHostToDevice),
-                 "upload half squared norms");
+      cuda_check(
+          cudaMemcpyAsync(half_sq_.ptr, half.data(), V * sizeof(float), cudaMemcpyHostToDevice, stream_),
+          "upload half squared norms");
     }
+    // The uploads go on stream_: it is non-blocking, so a legacy-stream cudaMemcpy (which may return before
+    // its DMA from pageable memory is done) would not be ordered with the searches.
+    cuda_check(cudaStreamSynchronize(stream_), "upload");
   }
 
   ~CudaIndex() override {
