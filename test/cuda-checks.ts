@@ -16,7 +16,7 @@ import { join } from "node:path";
 import { loadModel, type Model } from "../lib/model.js";
 import type { CudaPrecision, DeepPrompts } from "../lib/native.js";
 import { createModel, saveModel } from "../lib/pretrain.js";
-import { compare, goldenBatch, modelDir, readGolden, toFloat32, toInt32 } from "./helpers.js";
+import { compare, goldenAdamW, goldenBatch, modelDir, readGolden, toFloat32, toInt32 } from "./helpers.js";
 
 export interface CheckRow {
   group: string;
@@ -143,23 +143,8 @@ export async function fixtureChecks(name: string, precision: CudaPrecision): Pro
       tol.grad,
     );
     // Ten device-resident AdamW steps against PyTorch's curve.
-    const adamw = JSON.parse(g.meta.adamw!) as {
-      lr: number;
-      beta1: number;
-      beta2: number;
-      eps: number;
-      weight_decay: number;
-    };
-    const trainer = await model.promptTrainer(
-      { prompt },
-      {
-        lr: adamw.lr,
-        beta1: adamw.beta1,
-        beta2: adamw.beta2,
-        eps: adamw.eps,
-        weightDecay: adamw.weight_decay,
-      },
-    );
+    const { maxGradNorm: _, ...adamw } = goldenAdamW(g);
+    const trainer = await model.promptTrainer({ prompt }, adamw);
     const expected = g.get("curve_losses") as Float64Array;
     let curve = 0;
     for (let step = 0; step < expected.length; step++) {

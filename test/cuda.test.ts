@@ -14,7 +14,7 @@ import {
   fixtureChecks,
   randomModelChecks,
 } from "./cuda-checks.js";
-import { compare, goldenBatch, modelDir, readGolden, toFloat32 } from "./helpers.js";
+import { compare, goldenAdamW, goldenBatch, modelDir, readGolden, toFloat32 } from "./helpers.js";
 
 const cuda = cudaStatus();
 const suffix = cuda.usable ? "" : ` (skipped: no CUDA device: ${cuda.reason})`;
@@ -54,20 +54,7 @@ describe("PromptTrainer on the CPU (the device step's reference)", () => {
   const g = readGolden("llama-tiny");
   const base = goldenBatch(g);
   const prompt = toFloat32(g.get("prompt"));
-  const adamw = JSON.parse(g.meta.adamw!) as {
-    lr: number;
-    beta1: number;
-    beta2: number;
-    eps: number;
-    weight_decay: number;
-  };
-  const opts = {
-    lr: adamw.lr,
-    beta1: adamw.beta1,
-    beta2: adamw.beta2,
-    eps: adamw.eps,
-    weightDecay: adamw.weight_decay,
-  };
+  const { maxGradNorm: _, ...opts } = goldenAdamW(g);
 
   it("follows PyTorch's 10-step curve and leaves the caller's prompt untouched", async () => {
     const model = await loadModel(modelDir("llama-tiny"), { backend: "cpu", threads: 2 });

@@ -5,7 +5,7 @@
 // rounding through a few layers gives ~1e-6, so 1e-3 only absorbs summation-order noise.
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { AdamW, loadModel, type Model } from "../lib/index.js";
-import { compare, goldenBatch, modelDir, readGolden, toFloat32, toInt32 } from "./helpers.js";
+import { compare, goldenAdamW, goldenBatch, modelDir, readGolden, toFloat32, toInt32 } from "./helpers.js";
 
 const GRAD_TOL = 1e-3;
 const MODELS = ["gpt2-tiny", "llama-tiny", "llama-tiny-untied"] as const;
@@ -85,21 +85,8 @@ describe.each(MODELS)("gradients match PyTorch autograd: %s", (name) => {
 
   it("10 AdamW steps follow PyTorch's loss curve", async () => {
     const expected = g.get("curve_losses") as Float64Array;
-    const adamw = JSON.parse(g.meta.adamw!) as {
-      lr: number;
-      beta1: number;
-      beta2: number;
-      eps: number;
-      weight_decay: number;
-    };
     const p = prompt.slice();
-    const opt = new AdamW([p], {
-      lr: adamw.lr,
-      beta1: adamw.beta1,
-      beta2: adamw.beta2,
-      eps: adamw.eps,
-      weightDecay: adamw.weight_decay,
-    });
+    const opt = new AdamW([p], goldenAdamW(g));
     for (let step = 0; step < expected.length; step++) {
       const out = await model.lossAndGrad({ ...base, prompt: p });
       expect(Math.abs(out.loss - expected[step]!) / expected[step]!, `step ${step}`).toBeLessThan(1e-4);

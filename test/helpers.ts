@@ -71,3 +71,23 @@ export function goldenBatch(g: Golden): {
     seqLen,
   };
 }
+
+/** The AdamW settings a golden file's curve was trained with, in AdamWOptions' names. */
+export function goldenAdamW(g: Golden): {
+  lr: number;
+  beta1: number;
+  beta2: number;
+  eps: number;
+  weightDecay: number;
+  maxGradNorm: number;
+} {
+  const a = JSON.parse(g.meta.adamw!) as Record<string, number>;
+  return {
+    lr: a.lr!,
+    beta1: a.beta1!,
+    beta2: a.beta2!,
+    eps: a.eps!,
+    weightDecay: a.weight_decay!,
+    maxGradNorm: a.max_grad_norm ?? 0,
+  };
+}

@@ -32,7 +32,7 @@ import {
 } from "../lib/index.js";
 import { addon } from "../lib/native.js";
 import { checkGradient, dot, randn } from "./fd.js";
-import { compare, goldenBatch, modelDir, readGolden, toInt32 } from "./helpers.js";
+import { compare, goldenAdamW, goldenBatch, modelDir, readGolden, toInt32 } from "./helpers.js";
 
 const ops = addon().ops;
 const GRAD_TOL = 1e-3;
@@ -216,26 +216,14 @@ describe.each(MODELS)("full-parameter training against PyTorch autograd: %s", (n
   const batch = goldenBatch(g);
   const [CB, CT] = g.shape("curve_input_ids") as [number, number];
   const curveBatch = { inputIds: toInt32(g.get("curve_input_ids")), batch: CB, seqLen: CT };
-  const adamw = JSON.parse(g.meta.adamw!) as {
-    lr: number;
-    beta1: number;
-    beta2: number;
-    eps: number;
-    weight_decay: number;
-    max_grad_norm: number;
-  };
+  const adamw = goldenAdamW(g);
   let model: Model;
   let trainer: Pretrainer;
   const dirs: string[] = [];
   beforeAll(async () => {
     model = await loadTrainableModel(modelDir(name), { threads: 2 });
     trainer = new Pretrainer(model, {
-      lr: adamw.lr,
-      beta1: adamw.beta1,
-      beta2: adamw.beta2,
-      eps: adamw.eps,
-      weightDecay: adamw.weight_decay,
-      maxGradNorm: adamw.max_grad_norm,
+      ...adamw,
     });
   });
   afterAll(() => {
