@@ -863,12 +863,15 @@ class CudaModel final : public DeviceModel {
       cudaGraphExecDestroy(e.exec);
       e.exec = nullptr;
     }
-    if (graphs_.size() > 32) {  // bound the cache: drop every other graph
-      for (auto& kv : graphs_)
-        if (kv.second.exec && &kv.second != &e) {
-          cudaGraphExecDestroy(kv.second.exec);
-          kv.second.exec = nullptr;
+    if (graphs_.size() > 32) {  // bound the cache: forget every other shape (they start eagerly again)
+      for (auto it = graphs_.begin(); it != graphs_.end();) {
+        if (&it->second == &e) {
+          ++it;
+          continue;
         }
+        if (it->second.exec) cudaGraphExecDestroy(it->second.exec);
+        it = graphs_.erase(it);
+      }
     }
     const uint64_t before = generation_;
     cudaGraph_t graph = nullptr;
