@@ -39,6 +39,11 @@ export interface LoadOptions {
   precision?: CudaPrecision;
   /** Replay repeated training steps as CUDA graphs (default true). Ignored on the CPU. */
   cudaGraphs?: boolean;
+  /**
+   * Time every device stage (GEMMs, attention, norms, ...) with CUDA events; read the sums with
+   * model.deviceProfile(). Profiled calls run eagerly (no graphs) and somewhat slower. Ignored on the CPU.
+   */
+  cudaProfile?: boolean;
 }
 
 /** A batch for PromptTrainer.step: token ids with labels (the trainer supplies the prompts). */
@@ -349,6 +354,11 @@ export class Model {
     return native.generate(args, maxNew, eos);
   }
 
+  /** Milliseconds per device stage since the last call (loadModel with cudaProfile; null on the CPU). */
+  deviceProfile(): Record<string, number> | null {
+    return this.backend === "cuda" ? this.#live().deviceProfile() : null;
+  }
+
   /** Device memory held by this model on CUDA (null on the CPU backend). */
   deviceMemory(): DeviceMemory | null {
     return this.backend === "cuda" ? this.#live().deviceMemory() : null;
@@ -420,7 +430,11 @@ export async function loadModel(dirArg: string, options: LoadOptions = {}): Prom
       const precision = options.precision ?? "bf16";
       if (precision !== "bf16" && precision !== "tf32" && precision !== "fp32")
         throw new TypeError(`precision: expected "bf16", "tf32" or "fp32", got ${JSON.stringify(precision)}`);
-      const mem = await native.attachCuda({ precision, graphs: options.cudaGraphs ?? true });
+      const mem = await native.attachCuda({
+        precision,
+        graphs: options.cudaGraphs ?? true,
+        profile: options.cudaProfile ?? false,
+      });
       logger(
         "info",
         `CUDA: ${mem.device}, ${precision} weights ${(mem.weightBytes / 2 ** 20).toFixed(1)} MiB on the device`,

@@ -506,8 +506,14 @@ export interface CudaOpCheck {
 
 export interface NativeModel {
   /** Uploads the weights to CUDA device 0; forward and lossAndGrad then run there. */
-  attachCuda(options: { precision?: CudaPrecision; graphs?: boolean }): Promise<DeviceMemory>;
+  attachCuda(options: {
+    precision?: CudaPrecision;
+    graphs?: boolean;
+    profile?: boolean;
+  }): Promise<DeviceMemory>;
   deviceMemory(): DeviceMemory;
+  /** Milliseconds per stage since the last call (attachCuda with profile: true; profiled steps run eagerly). */
+  deviceProfile(): Record<string, number>;
   /** Device-resident trainables for promptStep (AdamW state reset). */
   setTrainables(t: { prompt?: Float32Array; deepPrompts?: DeepPrompts }): Promise<void>;
   trainables(): Promise<{ prompt?: Float32Array; deepPrompts?: DeepPrompts }>;

@@ -64,6 +64,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
                         // CUDA backend
                         InstanceMethod("attachCuda", &ModelWrap::AttachCuda),
                         InstanceMethod("deviceMemory", &ModelWrap::DeviceMemory),
+                        InstanceMethod("deviceProfile", &ModelWrap::DeviceProfile),
                         InstanceMethod("setTrainables", &ModelWrap::SetTrainables),
                         InstanceMethod("trainables", &ModelWrap::Trainables),
                         InstanceMethod("promptStep", &ModelWrap::PromptStep)});
@@ -627,6 +628,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       const std::string prec = pt::cuda::precision_name(opt.precision);
       Napi::Value g = o.Get("graphs");
       opt.graphs = g.IsUndefined() ? true : g.ToBoolean().Value();
+      opt.profile = o.Get("profile").ToBoolean().Value();
       device_.reset();  // a model re-attached (other precision or graph setting) frees the old copy first
       auto holder = std::make_shared<std::shared_ptr<pt::DeviceModel>>();
       auto* self = this;
@@ -649,6 +651,16 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     return guarded(env, [&]() -> Napi::Value {
       auto d = device(env);
       return memory_object(env, d->memory(), d->precision());
+    });
+  }
+
+  // deviceProfile() -> { [stage]: ms } summed since the last call (attachCuda({ profile: true }) only).
+  Napi::Value DeviceProfile(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return guarded(env, [&]() -> Napi::Value {
+      Napi::Object out = Napi::Object::New(env);
+      for (const auto& [stage, ms] : device(env)->profile()) out.Set(stage, ms);
+      return out;
     });
   }
 

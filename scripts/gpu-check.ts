@@ -186,6 +186,38 @@ if (want("steps")) {
         }
       }
     }
+    // Where the time goes: one profiled configuration per model (eager, CUDA events between stages).
+    const r = runs.filter((x) => x.config === cfg)[0]!;
+    await model.attachCuda({ precision: "bf16", graphs: false, profile: true });
+    const T = r.S - P;
+    await model.setTrainables({ prompt: random(P * cfg.hiddenSize, 3, 0.04) });
+    const ids = new Int32Array(r.B * T).map((_, i) => (i * 7919 + 13) % cfg.vocabSize);
+    const adamw = { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weightDecay: 0, maxGradNorm: 0 };
+    for (let i = 0; i < 2; i++)
+      await model.promptStep({ inputIds: ids, labels: ids, batch: r.B, seqLen: T }, adamw);
+    model.deviceProfile(); // drop the warm-up
+    const steps = 5;
+    for (let i = 0; i < steps; i++)
+      await model.promptStep({ inputIds: ids, labels: ids, batch: r.B, seqLen: T }, adamw);
+    const prof = Object.entries(model.deviceProfile()).sort((a, b) => b[1] - a[1]);
+    const total = prof.reduce((t, [, ms]) => t + ms, 0);
+    console.log(
+      JSON.stringify({
+        what: "profile",
+        model: r.name,
+        B: r.B,
+        S: r.S,
+        precision: "bf16",
+        perStepMs: Object.fromEntries(prof.map(([k, v]) => [k, v / steps])),
+      }),
+    );
+    tables.push(
+      `Profile, ${r.name} ${r.B} x ${r.S}, bf16, eager with events (ms per step; total ${(total / steps).toFixed(2)})\n` +
+        "| stage | ms | share |\n|---|---|---|\n" +
+        prof
+          .map(([k, ms]) => `| ${k} | ${(ms / steps).toFixed(3)} | ${((100 * ms) / total).toFixed(1)}% |`)
+          .join("\n"),
+    );
     model.dispose();
   }
   tables.push(

@@ -118,6 +118,7 @@ class CudaModel final : public DeviceModel {
   }
 
   ~CudaModel() override {
+    for (auto& m : marks_) cudaEventDestroy(m.second);
     for (auto& kv : graphs_)
       if (kv.second.exec) cudaGraphExecDestroy(kv.second.exec);
     if (pinned_) cudaFreeHost(pinned_);
@@ -126,6 +127,13 @@ class CudaModel final : public DeviceModel {
   }
 
   std::string precision() const override { return cuda::precision_name(opt_.precision); }
+
+  std::vector<std::pair<std::string, double>> profile() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    std::vector<std::pair<std::string, double>> out(profile_ms_.begin(), profile_ms_.end());
+    profile_ms_.clear();
+    return out;
+  }
 
   DeviceMemoryInfo memory() override {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -166,6 +174,7 @@ class CudaModel final : public DeviceModel {
     need(xf_, N * C);
     need(lnf_mean_, N);
     need(lnf_rstd_, N);
+    mark("norm forward");
     cuda::norm_forward(stream_, kind_, xf_.get(), lnf_mean_.get(), lnf_rstd_.get(), x_.get(), nullptr,
                        nullptr, f("lnf.w"), f_or_null("lnf.b"), N, C, cfg_.norm_eps);
     keep(cfg_.layers, xf_.get());
@@ -185,6 +194,7 @@ class CudaModel final : public DeviceModel {
       res.label_count = pl.R;
       if (pl.R > 0) {
         need(xr_, pl.R * C);
+        mark("gather, scatter, batch sums");
         cuda::gather_rows(stream_, xr_.get(), xf_.get(), in.rows, pl.R, C);
         head_loss(xr_.get(), in.targets, pl.R, nullptr, 0.0f);
         check(cudaMemcpyAsync(host_out_, loss_sum_.get(), sizeof(double), cudaMemcpyDeviceToHost, stream_),
@@ -253,7 +263,9 @@ class CudaModel final : public DeviceModel {
       t.v.resize(n);
       check(cudaMemcpyAsync(t.param.get(), src, n * sizeof(float), cudaMemcpyHostToDevice, stream_),
             "trainable upload");
+      mark("copies, memsets");
       check(cudaMemsetAsync(t.m.get(), 0, n * sizeof(float), stream_), "cudaMemsetAsync");
+      mark("copies, memsets");
       check(cudaMemsetAsync(t.v.get(), 0, n * sizeof(float), stream_), "cudaMemsetAsync");
       train_.tensors.push_back(std::move(t));
     };
@@ -335,6 +347,7 @@ class CudaModel final : public DeviceModel {
     run_step(pl, [&] {
       grad_pass(pl, in);
       // Global gradient norm over every trainable tensor (in order), clipping, AdamW.
+      mark("optimizer");
       for (size_t i = 0; i < train_.tensors.size(); ++i)
         cuda::sum_squares_f64(stream_, gnorm_sq_.get(), grad_of_trainable(i),
                               static_cast<int64_t>(train_.tensors[i].n), i > 0);
@@ -424,11 +437,31 @@ class CudaModel final : public DeviceModel {
     return n;
   }
   void sync(const char* what) {
+    mark(nullptr);
     cudaError_t e = cudaStreamSynchronize(stream_);
     if (e != cudaSuccess)
       check(e, (std::string(what) + " on the device (a failed kernel leaves the CUDA context unusable; "
                                     "dispose the model and load it again)")
                    .c_str());
+    flush_marks();
+  }
+  // Profiling (CudaModelOptions::profile): an event before each stage; the time to the next event is the
+  // stage's. nullptr closes the last stage. Off: nothing is recorded.
+  void mark(const char* stage) {
+    if (!opt_.profile || (marks_.empty() && !stage)) return;
+    cudaEvent_t ev = nullptr;
+    check(cudaEventCreate(&ev), "cudaEventCreate");
+    marks_.emplace_back(stage, ev);
+    check(cudaEventRecord(ev, stream_), "cudaEventRecord");
+  }
+  void flush_marks() {
+    for (size_t i = 0; i + 1 < marks_.size(); ++i) {
+      float ms = 0.0f;
+      if (marks_[i].first && cudaEventElapsedTime(&ms, marks_[i].second, marks_[i + 1].second) == cudaSuccess)
+        profile_ms_[marks_[i].first] += ms;
+    }
+    for (auto& m : marks_) cudaEventDestroy(m.second);
+    marks_.clear();
   }
   int64_t head_chunk_rows(int64_t R) const {
     const int64_t budget = (int64_t{256} << 20) / static_cast<int64_t>(sizeof(float));
@@ -437,12 +470,14 @@ class CudaModel final : public DeviceModel {
 
   void gemm_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, Mat W, float* C, int64_t ldc,
                const float* bias, float beta) {
+    mark("gemm x W^T (forward, LM head)");
     cuda::gemm(stream_, opt_.precision, true, M, N, K, A, lda, W.p, K, W.bf16, C, ldc, bias, beta);
   }
   // C[M, N] = A[M, K] . W where W is [K, N] (a weight [out = K, in = N]: the input gradient of a linear
   // layer).
   void gemm_nn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, Mat W, float* C, int64_t ldc,
                float beta) {
+    mark("gemm dY W (input gradients)");
     cuda::gemm(stream_, opt_.precision, false, M, N, K, A, lda, W.p, N, W.bf16, C, ldc, nullptr, beta);
   }
 
@@ -641,6 +676,7 @@ class CudaModel final : public DeviceModel {
     const int64_t C = cfg_.hidden;
     need(x_, pl.N * C);
     if (states_.size() < static_cast<size_t>(cfg_.layers)) states_.resize(cfg_.layers);
+    mark("embedding");
     cuda::embedding_forward(stream_, x_.get(), in.ids, in.prompt, pl.P, f("tok_emb"),
                             gpt2_ ? f("pos_emb") : nullptr, pl.pos0, pl.B, pl.T, C);
   }
@@ -667,12 +703,14 @@ class CudaModel final : public DeviceModel {
                               cudaMemcpyDeviceToDevice, stream_),
               "deep rows copy");
     }
+    mark("copies, memsets");
     check(cudaMemcpy2DAsync(st.x_in.get() + P_l * C, S_l * C * sizeof(float), x_.get(), S * C * sizeof(float),
                             S * C * sizeof(float), B, cudaMemcpyDeviceToDevice, stream_),
           "layer input copy");
     need(ln_, N_l * C);
     need(st.mean1, N_l);
     need(st.rstd1, N_l);
+    mark("norm forward");
     cuda::norm_forward(stream_, kind_, ln_.get(), gpt2_ ? st.mean1.get() : nullptr, st.rstd1.get(),
                        st.x_in.get(), nullptr, nullptr, f(p + "ln1.w"), f_or_null(p + "ln1.b"), N_l, C,
                        c.norm_eps);
@@ -682,11 +720,13 @@ class CudaModel final : public DeviceModel {
       const int64_t half = hd / 2;
       const float* cs = rope_cos_.get() + pl.pos0 * half;
       const float* sn = rope_sin_.get() + pl.pos0 * half;
+      mark("rope");
       cuda::rope_forward(stream_, st.qkv.get(), B, S_l, qkv_w, 0, H, hd, cs, sn);
       cuda::rope_forward(stream_, st.qkv.get(), B, S_l, qkv_w, H * hd, KV, hd, cs, sn);
     }
     need(st.att, N_l * H * hd);
     need(st.lse, B * H * S_l);
+    mark("attention forward");
     cuda::attention_forward(stream_, st.att.get(), st.lse.get(), st.qkv.get(), in.mask[l], pk, pv, st.Pp, B,
                             S_l, H, KV, hd, host_.attn_scale(l),
                             opt_.precision == GemmPrecision::BF16 ? cuda::AttentionPrecision::BF16
@@ -698,12 +738,14 @@ class CudaModel final : public DeviceModel {
     need(st.x_mid, N_l * C);
     need(st.mean2, N_l);
     need(st.rstd2, N_l);
+    mark("norm forward");
     cuda::norm_forward(stream_, kind_, ln_.get(), gpt2_ ? st.mean2.get() : nullptr, st.rstd2.get(),
                        st.x_in.get(), tmp_.get(), st.x_mid.get(), f(p + "ln2.w"), f_or_null(p + "ln2.b"), N_l,
                        C, c.norm_eps);
     need(st.fc_pre, N_l * fc_w);
     gemm_nt(N_l, fc_w, C, ln_.get(), C, mat(p + "fc.w"), st.fc_pre.get(), fc_w, f_or_null(p + "fc.b"), 0.0f);
     need(act_, N_l * I);
+    mark("activation");
     if (gpt2_)
       cuda::gelu_forward(stream_, act_.get(), st.fc_pre.get(), N_l * I);
     else
@@ -711,8 +753,10 @@ class CudaModel final : public DeviceModel {
     gemm_nt(N_l, C, I, act_.get(), I, mat(p + "fc2.w"), tmp_.get(), C, f_or_null(p + "fc2.b"), 0.0f);
     // Output: the sequence rows of x_mid + mlp (the deep rows are cut).
     if (P_l == 0) {
+      mark("residual");
       cuda::residual_forward(stream_, x_.get(), st.x_mid.get(), tmp_.get(), N_l * C);
     } else {
+      mark("residual");
       for (int64_t b = 0; b < B; ++b)
         cuda::residual_forward(stream_, x_.get() + b * S * C, st.x_mid.get() + (b * S_l + P_l) * C,
                                tmp_.get() + (b * S_l + P_l) * C, S * C);
@@ -728,6 +772,7 @@ class CudaModel final : public DeviceModel {
     const std::string p = "l" + std::to_string(l) + ".";
     // Gradient of the layer output over all S_l rows: the cut deep rows get none.
     need(dmid_, N_l * C);
+    mark("copies, memsets");
     if (P_l) check(cudaMemsetAsync(dmid_.get(), 0, N_l * C * sizeof(float), stream_), "cudaMemsetAsync");
     check(cudaMemcpy2DAsync(dmid_.get() + P_l * C, S_l * C * sizeof(float), dx_.get(), S * C * sizeof(float),
                             S * C * sizeof(float), B, cudaMemcpyDeviceToDevice, stream_),
@@ -736,12 +781,14 @@ class CudaModel final : public DeviceModel {
     need(dact_, N_l * I);
     gemm_nn(N_l, I, C, dmid_.get(), C, mat(p + "fc2.w"), dact_.get(), I, 0.0f);
     need(dfc_, N_l * fc_w);
+    mark("activation");
     if (gpt2_)
       cuda::gelu_backward(stream_, dfc_.get(), st.fc_pre.get(), dact_.get(), N_l * I);
     else
       cuda::swiglu_backward(stream_, dfc_.get(), st.fc_pre.get(), dact_.get(), N_l, I);
     need(dln_, N_l * C);
     gemm_nn(N_l, C, fc_w, dfc_.get(), fc_w, mat(p + "fc.w"), dln_.get(), C, 0.0f);
+    mark("norm backward");
     cuda::norm_backward(stream_, kind_, dmid_.get(), dln_.get(), st.x_mid.get(), f(p + "ln2.w"),
                         gpt2_ ? st.mean2.get() : nullptr, st.rstd2.get(), N_l, C);
     // Attention: x_mid = x_in + proj(attn(qkv(norm1(x_in)))).
@@ -753,6 +800,7 @@ class CudaModel final : public DeviceModel {
     const float* pv = st.Pp ? in.deep_b[st.deep_index] : nullptr;
     float* dpk = st.Pp ? gdeep_a_[st.deep_index].get() : nullptr;
     float* dpv = st.Pp ? gdeep_b_[st.deep_index].get() : nullptr;
+    mark("attention backward");
     cuda::attention_backward(stream_, dqkv_.get(), dpk, dpv, datt_.get(), st.att.get(), st.lse.get(),
                              st.qkv.get(), in.mask[l], pk, pv, st.Pp, B, S_l, H, KV, hd, host_.attn_scale(l),
                              rows_needed, attn_scratch_.get(),
@@ -763,6 +811,7 @@ class CudaModel final : public DeviceModel {
       const int64_t half = hd / 2;
       const float* cs = rope_cos_.get() + pl.pos0 * half;
       const float* sn = rope_sin_.get() + pl.pos0 * half;
+      mark("rope");
       cuda::rope_backward(stream_, dqkv_.get(), B, S_l, qkv_w, 0, H, hd, cs, sn);
       cuda::rope_backward(stream_, dqkv_.get(), B, S_l, qkv_w, H * hd, KV, hd, cs, sn);
     }
@@ -770,6 +819,7 @@ class CudaModel final : public DeviceModel {
     // of each sequence (all rows unless this is the lowest layer with something to train).
     if (rows_needed == S_l) {
       gemm_nn(N_l, C, qkv_w, dqkv_.get(), qkv_w, mat(p + "qkv.w"), dln_.get(), C, 0.0f);
+      mark("norm backward");
       cuda::norm_backward(stream_, kind_, dmid_.get(), dln_.get(), st.x_in.get(), f(p + "ln1.w"),
                           gpt2_ ? st.mean1.get() : nullptr, st.rstd1.get(), N_l, C);
     } else {
@@ -777,6 +827,7 @@ class CudaModel final : public DeviceModel {
         const int64_t r0 = b * S_l;
         gemm_nn(rows_needed, C, qkv_w, dqkv_.get() + r0 * qkv_w, qkv_w, mat(p + "qkv.w"), dln_.get() + r0 * C,
                 C, 0.0f);
+        mark("norm backward");
         cuda::norm_backward(stream_, kind_, dmid_.get() + r0 * C, dln_.get() + r0 * C, st.x_in.get() + r0 * C,
                             f(p + "ln1.w"), gpt2_ ? st.mean1.get() + r0 : nullptr, st.rstd1.get() + r0,
                             rows_needed, C);
@@ -802,10 +853,12 @@ class CudaModel final : public DeviceModel {
     for (int64_t r0 = 0; r0 < R; r0 += chunk) {
       const int64_t rc = std::min(chunk, R - r0);
       gemm_nt(rc, V, C, xr + r0 * C, C, head(), logits_.get(), V, nullptr, 0.0f);
+      mark("softmax cross-entropy");
       cuda::softmax_xent(stream_, logits_.get(), losses_.get() + r0, targets + r0, rc, V, grad_scale,
                          dxr != nullptr);
       if (dxr) gemm_nn(rc, C, V, logits_.get(), V, head(), dxr + r0 * C, C, 0.0f);
     }
+    mark("reductions");
     cuda::sum_f64(stream_, loss_sum_.get(), losses_.get(), R, false);
   }
 
@@ -823,15 +876,21 @@ class CudaModel final : public DeviceModel {
     need(dxr_in_, R * C);
     need(lnf_mean_, R);
     need(lnf_rstd_, R);
+    mark("gather, scatter, batch sums");
     cuda::gather_rows(stream_, xr_in_.get(), x_.get(), in.rows, R, C);
+    mark("norm forward");
     cuda::norm_forward(stream_, kind_, xr_.get(), gpt2_ ? lnf_mean_.get() : nullptr, lnf_rstd_.get(),
                        xr_in_.get(), nullptr, nullptr, f("lnf.w"), f_or_null("lnf.b"), R, C, c.norm_eps);
     head_loss(xr_.get(), in.targets, R, dxr_.get(), 1.0f / static_cast<float>(R));
+    mark("copies, memsets");
     check(cudaMemsetAsync(dxr_in_.get(), 0, R * C * sizeof(float), stream_), "cudaMemsetAsync");
+    mark("norm backward");
     cuda::norm_backward(stream_, kind_, dxr_in_.get(), dxr_.get(), xr_in_.get(), f("lnf.w"),
                         gpt2_ ? lnf_mean_.get() : nullptr, lnf_rstd_.get(), R, C);
     need(dx_, pl.N * C);
+    mark("copies, memsets");
     check(cudaMemsetAsync(dx_.get(), 0, pl.N * C * sizeof(float), stream_), "cudaMemsetAsync");
+    mark("gather, scatter, batch sums");
     cuda::scatter_rows(stream_, dx_.get(), dxr_in_.get(), in.rows, R, C);
     for (int64_t l = c.layers - 1; l >= pl.lowest; --l) {
       LayerState& st = states_[l];
@@ -845,7 +904,7 @@ class CudaModel final : public DeviceModel {
   // Runs `body` eagerly, or replays / captures its CUDA graph (see the header comment).
   template <class F>
   void run_step(const Plan& pl, F&& body) {
-    if (!opt_.graphs) {
+    if (!opt_.graphs || opt_.profile) {  // a profiled step runs eagerly (events between its stages)
       body();
       return;
     }
@@ -923,6 +982,8 @@ class CudaModel final : public DeviceModel {
   TrainState train_;
   uint64_t generation_ = 1;
   std::map<std::string, GraphEntry> graphs_;
+  std::vector<std::pair<const char*, cudaEvent_t>> marks_;
+  std::map<std::string, double> profile_ms_;
 };
 
 }  // namespace

@@ -455,6 +455,22 @@ void test_misc(Model& llama) {
   const DeviceMemoryInfo m = dev->memory();
   check("memory(): weights and workspace counted, device named",
         m.weights > 0 && m.workspace > 0 && !m.device.empty());
+  // Profiling: the stages are timed, and the results are those of an unprofiled model, bit for bit.
+  CudaModelOptions po;
+  po.profile = true;
+  auto prof = cuda_model(llama, po);
+  const GradResult gp = prof->loss_and_grad(c.a), gd = dev->loss_and_grad(c.a);
+  const auto stages = prof->profile();
+  bool has_gemm = false, has_attention = false;
+  for (const auto& [stage, ms] : stages) {
+    has_gemm |= stage.rfind("gemm", 0) == 0 && ms >= 0;
+    has_attention |= stage == "attention backward" && ms >= 0;
+  }
+  check("profile(): gemm and attention stages timed", has_gemm && has_attention);
+  check("profile(): emptied by the call", prof->profile().empty());
+  check("profiled results equal unprofiled ones", gp.loss == gd.loss && gp.prompt_grad == gd.prompt_grad &&
+                                                      gp.key_grads == gd.key_grads &&
+                                                      gp.value_grads == gd.value_grads);
   for (auto p : {cuda::GemmPrecision::FP32, cuda::GemmPrecision::TF32, cuda::GemmPrecision::BF16}) {
     const double ms = cuda_gemm_benchmark(p, 70, 130, 40, 2);
     check(std::string("cuda_gemm_benchmark ") + cuda::precision_name(p) + " ran", ms >= 0);

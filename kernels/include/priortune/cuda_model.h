@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "priortune/cuda_ops.h"
@@ -27,6 +28,9 @@ namespace pt {
 struct CudaModelOptions {
   cuda::GemmPrecision precision = cuda::GemmPrecision::BF16;
   bool graphs = true;  // replay training steps as CUDA graphs
+  // Time every stage (gemm, attention, norms, ...) with CUDA events; profiled calls run eagerly (no graphs)
+  // and a little slower. DeviceModel::profile() returns the sums.
+  bool profile = false;
 };
 
 struct DeviceMemoryInfo {
@@ -59,6 +63,8 @@ class DeviceModel {
   virtual TrainStats prompt_step(const ForwardArgs& batch, const AdamWConfig& adamw) = 0;
   virtual DeviceMemoryInfo memory() = 0;
   virtual std::string precision() const = 0;
+  // Milliseconds per stage summed since the last call (empty unless CudaModelOptions::profile); resets.
+  virtual std::vector<std::pair<std::string, double>> profile() = 0;
 };
 
 // Uploads `host`'s weights to CUDA device 0. Throws when this build has no CUDA backend, no usable device,
