@@ -1,6 +1,7 @@
 // Shared test helpers: fixture paths, golden files, and error measures with stated tolerances.
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
+import type { NativeAdamWOptions } from "../lib/native.js";
 import { readTensors, type TensorData } from "../lib/safetensors.js";
 
 export const fixtures = join(dirname(fileURLToPath(import.meta.url)), "fixtures");
@@ -73,14 +74,7 @@ export function goldenBatch(g: Golden): {
 }
 
 /** The AdamW settings a golden file's curve was trained with, in AdamWOptions' names. */
-export function goldenAdamW(g: Golden): {
-  lr: number;
-  beta1: number;
-  beta2: number;
-  eps: number;
-  weightDecay: number;
-  maxGradNorm: number;
-} {
+export function goldenAdamW(g: Golden): NativeAdamWOptions {
   const a = JSON.parse(g.meta.adamw!) as Record<string, number>;
   return {
     lr: a.lr!,
