@@ -10,6 +10,7 @@ import {
   type DeepPrompts,
   type DeviceMemory,
   type NativeForwardArgs,
+  type NativeGradResult,
   type NativeModel,
 } from "./native.js";
 import { AdamW, type AdamWOptions, promptGrads, promptTensors } from "./optim.js";
@@ -61,6 +62,22 @@ export interface PromptStepResult {
   gradNorm: number;
   /** AdamW steps taken so far. */
   step: number;
+}
+
+/** Deep copies of a prompt and deep prompts (the trainer owns its tensors; callers get copies). */
+function copyPromptTensors(t: { prompt?: Float32Array; deepPrompts?: DeepPrompts }): {
+  prompt?: Float32Array;
+  deepPrompts?: DeepPrompts;
+} {
+  const copy = (a: Float32Array) => a.slice();
+  const d = t.deepPrompts;
+  const deep: DeepPrompts | undefined =
+    d === undefined
+      ? undefined
+      : d.kind === "hidden"
+        ? { kind: "hidden", layers: [...d.layers], vectors: d.vectors.map(copy) }
+        : { kind: "prefix", layers: [...d.layers], keys: d.keys.map(copy), values: d.values.map(copy) };
+  return { ...(t.prompt ? { prompt: copy(t.prompt) } : {}), ...(deep ? { deepPrompts: deep } : {}) };
 }
 
 /**
@@ -148,24 +165,7 @@ export class PromptTrainer {
   /** Copies of the current tensors. */
   async tensors(): Promise<{ prompt?: Float32Array; deepPrompts?: DeepPrompts }> {
     if (this.#native) return this.#native.trainables();
-    const copy = (a: Float32Array) => a.slice();
-    const d = this.#tensors.deepPrompts;
-    return {
-      ...(this.#tensors.prompt ? { prompt: copy(this.#tensors.prompt) } : {}),
-      ...(d
-        ? {
-            deepPrompts:
-              d.kind === "hidden"
-                ? { kind: "hidden", layers: [...d.layers], vectors: d.vectors.map(copy) }
-                : {
-                    kind: "prefix",
-                    layers: [...d.layers],
-                    keys: d.keys.map(copy),
-                    values: d.values.map(copy),
-                  },
-          }
-        : {}),
-    };
+    return copyPromptTensors(this.#tensors);
   }
 }
 
@@ -205,16 +205,8 @@ export interface GenerateOptions extends Omit<ForwardOptions, "hiddenStates" | "
   labels?: never;
 }
 
-export interface LossAndGrad {
-  loss: number;
-  labelCount: number;
-  /** d loss / d prompt, P x hiddenSize (when a prompt was given). */
-  promptGrad?: Float32Array;
-  /** Same shapes as the deepPrompts given: one array per layer. */
-  deepPromptGrads?:
-    | { kind: "hidden"; vectors: Float32Array[] }
-    | { kind: "prefix"; keys: Float32Array[]; values: Float32Array[] };
-}
+/** Loss and the gradients of the prompt tensors (the native result as it is). */
+export type LossAndGrad = NativeGradResult;
 
 export interface ForwardOutput {
   /** batch x (P + seqLen) x vocabSize (absent when `logits: false`). */
@@ -334,7 +326,7 @@ export class Model {
     const args = checkCallArgs(this.config, options);
     const out = await native.lossAndGrad({ ...args, labels: args.labels! });
     if (out.labelCount === 0) throw new RangeError("labels: no labelled position");
-    return out as LossAndGrad;
+    return out;
   }
 
   /**
@@ -376,24 +368,7 @@ export class Model {
       throw new TypeError("promptTrainer: give a prompt and/or deepPrompts to train");
     // Validates the tensors' shapes against the config (a one-token dummy batch).
     checkCallArgs(this.config, { inputIds: new Int32Array(1), batch: 1, seqLen: 1, ...init });
-    const copy = (a: Float32Array) => a.slice();
-    const d = init.deepPrompts;
-    const tensors = {
-      ...(init.prompt ? { prompt: copy(init.prompt) } : {}),
-      ...(d
-        ? {
-            deepPrompts:
-              d.kind === "hidden"
-                ? ({ kind: "hidden", layers: [...d.layers], vectors: d.vectors.map(copy) } as DeepPrompts)
-                : ({
-                    kind: "prefix",
-                    layers: [...d.layers],
-                    keys: d.keys.map(copy),
-                    values: d.values.map(copy),
-                  } as DeepPrompts),
-          }
-        : {}),
-    };
+    const tensors = copyPromptTensors(init);
     if (this.backend === "cuda") {
       const trainer = new PromptTrainer(this, native, tensors, options);
       await native.setTrainables(tensors);

@@ -83,7 +83,9 @@ export interface NativeForwardResult {
 export interface NativeGradResult {
   loss: number;
   labelCount: number;
+  /** d loss / d prompt, P x hiddenSize (when a prompt was given). */
   promptGrad?: Float32Array;
+  /** Same shapes as the deepPrompts given: one array per layer. */
   deepPromptGrads?:
     | { kind: "hidden"; vectors: Float32Array[] }
     | { kind: "prefix"; keys: Float32Array[]; values: Float32Array[] };

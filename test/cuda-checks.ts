@@ -13,8 +13,9 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 // Module imports (not lib/index.js): the GPU check's bundle must not pull in the plotting stack.
-import { loadModel, type Model } from "../lib/model.js";
+import { loadModel } from "../lib/model.js";
 import type { CudaPrecision, DeepPrompts } from "../lib/native.js";
+import { promptGrads } from "../lib/optim.js";
 import { createModel, saveModel } from "../lib/pretrain.js";
 import { compare, goldenAdamW, goldenBatch, modelDir, readGolden, toFloat32, toInt32 } from "./helpers.js";
 
@@ -243,8 +244,8 @@ export async function randomModelChecks(
         const a = await gpu.lossAndGrad({ ...base, ...extra });
         const b = await cpu.lossAndGrad({ ...base, ...extra });
         rows.add(`${what}: loss vs CPU`, Math.abs(a.loss - b.loss) / Math.abs(b.loss), tol.loss);
-        const ga = gradList(a);
-        const gb = gradList(b);
+        const ga = promptGrads(a);
+        const gb = promptGrads(b);
         rows.add(`${what}: gradients vs CPU`, rel(concat(ga), concat(gb)), tol.grad);
       }
       const f = await gpu.forward({ ...base, prompt });
@@ -280,14 +281,6 @@ export async function randomModelChecks(
     rmSync(dir, { recursive: true, force: true });
   }
   return rows.list;
-}
-
-function gradList(g: Awaited<ReturnType<Model["lossAndGrad"]>>): Float32Array[] {
-  const out: Float32Array[] = g.promptGrad ? [g.promptGrad] : [];
-  const d = g.deepPromptGrads;
-  if (d?.kind === "hidden") out.push(...d.vectors);
-  if (d?.kind === "prefix") out.push(...d.keys, ...d.values);
-  return out;
 }
 
 function lcg(seed: number): () => number {

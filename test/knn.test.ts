@@ -3,6 +3,7 @@
 import { describe, expect, it } from "vitest";
 import { type KnnMetric, MAX_K, type NeighborResult, nearestNeighbors, VocabIndex } from "../lib/knn.js";
 import { addon } from "../lib/native.js";
+import { seededRandom } from "../lib/stats.js";
 
 // ---- the float64 reference -------------------------------------------------------------------------------
 
@@ -65,19 +66,8 @@ function expectExact(got: NeighborResult, want: { indices: Int32Array; values: F
 
 // ---- data ------------------------------------------------------------------------------------------------
 
-function rng(seed: number): () => number {
-  let s = seed >>> 0;
-  return () => {
-    s = (s + 0x6d2b79f5) >>> 0;
-    let t = s;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
 function gaussian(n: number, seed: number, scale = 1): Float32Array {
-  const r = rng(seed);
+  const r = seededRandom(seed);
   const out = new Float32Array(n);
   for (let i = 0; i < n; i += 2) {
     const u = Math.max(r(), 1e-12);
@@ -198,7 +188,7 @@ describe("VocabIndex (CPU) equals the float64 brute force", () => {
 
   it("near-ties that fp32 cannot separate are ranked like float64", async () => {
     const d = 256;
-    const r = rng(9);
+    const r = seededRandom(9);
     const base = gaussian(300 * d, 10);
     const v = new Float32Array(base);
     // Rows 100..139: row 50 with one component nudged by one ulp, up or down; their cosines and dot products
