@@ -329,36 +329,11 @@ class CpuIndex final : public KnnIndex {
   KnnResult search(const float* queries, int64_t Q, int64_t k, const int32_t* exclude,
                    int threads) const override {
     const int64_t available = V_ - (exclude ? 1 : 0);
-    if (k < 1 || k > kKnnMaxK || k > available)
-      throw std::out_of_range("k: expected an integer from 1 to " +
-                              std::to_string(std::min(kKnnMaxK, available)) +
-                              " (at most 1024 and at most the number of rows" +
-                              (exclude ? std::string(" other than the query's own") : std::string()) +
-                              "), got " + std::to_string(k));
     threads = std::max(1, threads);
     KnnResult res;
-    res.indices.assign(static_cast<size_t>(Q * k), -1);
-    res.scores.assign(static_cast<size_t>(Q * k), 0.0f);
-    std::vector<double> q_norms(Q);
-    knn_row_norms(q_norms.data(), queries, Q, d_, threads);
-    for (int64_t q = 0; q < Q; ++q)
-      if (!(q_norms[q] < kKnnMaxNorm)) throw std::out_of_range("queries: a row norm is 1e18 or more");
-
-    std::vector<int64_t> pending;
-    pending.reserve(Q);
-    for (int64_t q = 0; q < Q; ++q) {
-      if (metric_ == KnnMetric::Cosine && q_norms[q] == 0.0) {
-        // Every cosine with a zero vector is 0: the answer is the k lowest row indices.
-        int32_t r = 0;
-        for (int64_t t = 0; t < k; ++t, ++r) {
-          if (exclude && r == exclude[q]) ++r;
-          res.indices[q * k + t] = r;
-          res.scores[q * k + t] = 0.0f;
-        }
-        continue;
-      }
-      pending.push_back(q);
-    }
+    std::vector<double> q_norms;
+    std::vector<int64_t> pending =
+        knn_search_begin(res, q_norms, queries, Q, V_, d_, k, metric_, exclude, threads);
     int64_t c = candidate_count(k);
     bool first = true;
     while (!pending.empty()) {
@@ -604,6 +579,38 @@ std::unique_ptr<KnnIndex> knn_index_cpu(const float* vocab, int64_t V, int64_t d
 std::unique_ptr<KnnIndex> knn_index_cpu_borrowed(const float* vocab, int64_t V, int64_t d, KnnMetric metric,
                                                  int threads) {
   return std::make_unique<CpuIndex>(vocab, V, d, metric, std::max(1, threads), true);
+}
+
+std::vector<int64_t> knn_search_begin(KnnResult& res, std::vector<double>& q_norms, const float* queries,
+                                      int64_t Q, int64_t V, int64_t d, int64_t k, KnnMetric metric,
+                                      const int32_t* exclude, int threads) {
+  const int64_t available = V - (exclude ? 1 : 0);
+  if (k < 1 || k > kKnnMaxK || k > available)
+    throw std::out_of_range("k: expected an integer from 1 to " +
+                            std::to_string(std::min(kKnnMaxK, available)) +
+                            " (at most 1024 and at most the number of rows" +
+                            (exclude ? std::string(" other than the query's own") : std::string()) +
+                            "), got " + std::to_string(k));
+  res.indices.assign(static_cast<size_t>(Q * k), -1);
+  res.scores.assign(static_cast<size_t>(Q * k), 0.0f);
+  q_norms.resize(Q);
+  knn_row_norms(q_norms.data(), queries, Q, d, threads);
+  for (int64_t q = 0; q < Q; ++q)
+    if (!(q_norms[q] < kKnnMaxNorm)) throw std::out_of_range("queries: a row norm is 1e18 or more");
+  std::vector<int64_t> pending;
+  pending.reserve(Q);
+  for (int64_t q = 0; q < Q; ++q) {
+    if (metric == KnnMetric::Cosine && q_norms[q] == 0.0) {
+      int32_t r = 0;
+      for (int64_t t = 0; t < k; ++t, ++r) {
+        if (exclude && r == exclude[q]) ++r;
+        res.indices[q * k + t] = r;
+      }
+      continue;
+    }
+    pending.push_back(q);
+  }
+  return pending;
 }
 
 void knn_row_norms(double* norms, const float* x, int64_t n, int64_t d, int threads) {

@@ -511,30 +511,12 @@ class CudaIndex final : public KnnIndex {
   KnnResult search(const float* queries, int64_t Q, int64_t k, const int32_t* exclude,
                    int threads) const override {
     const int64_t available = V_ - (exclude ? 1 : 0);
-    if (k < 1 || k > kKnnMaxK || k > available)
-      throw std::out_of_range("k: expected an integer from 1 to " +
-                              std::to_string(std::min(kKnnMaxK, available)) + ", got " + std::to_string(k));
+    KnnResult res;
+    std::vector<double> q_norms;
+    std::vector<int64_t> pending =
+        knn_search_begin(res, q_norms, queries, Q, V_, d_, k, metric_, exclude, threads);
     std::lock_guard<std::mutex> lock(mu_);
     cuda_check(cudaSetDevice(0), "cudaSetDevice");
-    KnnResult res;
-    res.indices.assign(size_t(Q * k), -1);
-    res.scores.assign(size_t(Q * k), 0.0f);
-    std::vector<double> q_norms(Q);
-    knn_row_norms(q_norms.data(), queries, Q, d_, threads);
-    for (int64_t q = 0; q < Q; ++q)
-      if (!(q_norms[q] < kKnnMaxNorm)) throw std::out_of_range("queries: a row norm is 1e18 or more");
-    std::vector<int64_t> pending;
-    for (int64_t q = 0; q < Q; ++q) {
-      if (metric_ == KnnMetric::Cosine && q_norms[q] == 0.0) {
-        int32_t r = 0;
-        for (int64_t t = 0; t < k; ++t, ++r) {
-          if (exclude && r == exclude[q]) ++r;
-          res.indices[q * k + t] = r;
-        }
-        continue;
-      }
-      pending.push_back(q);
-    }
     int64_t c = k + std::max<int64_t>(64, k / 8);
     bool first = true;
     while (!pending.empty()) {

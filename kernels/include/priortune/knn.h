@@ -82,6 +82,14 @@ void knn_exact_scan(int32_t* indices, float* scores, const float* queries, int64
 // Float64 L2 norms of the rows of x[n, d] (=).
 void knn_row_norms(double* norms, const float* x, int64_t n, int64_t d, int threads);
 
+// The start of a search, shared by the CPU and CUDA indexes: checks k against the V rows (throws naming the
+// range), sizes res to Q x k (indices -1, scores 0), fills q_norms with the queries' float64 norms (throws on
+// a norm >= kKnnMaxNorm) and answers the zero queries of a cosine search (every cosine with a zero vector is
+// 0: the k lowest row indices other than the excluded one). Returns the queries still to search.
+std::vector<int64_t> knn_search_begin(KnnResult& res, std::vector<double>& q_norms, const float* queries,
+                                      int64_t Q, int64_t V, int64_t d, int64_t k, KnnMetric metric,
+                                      const int32_t* exclude, int threads);
+
 // Checks x[n, d] for non-finite values and rows with norm >= kKnnMaxNorm; returns "" or a message naming
 // the first offending row and column (the caller prefixes the argument name).
 std::string knn_check_rows(const float* x, int64_t n, int64_t d, int threads);
