@@ -8,9 +8,9 @@
 //   knn     the CUDA kNN index against the CPU index on issue #4's shapes, and its timings
 // Prints JSON lines and Markdown tables; exits non-zero when a correctness check fails.
 
-import { nativeConfig, parseConfig } from "../lib/config.js";
+import { type ModelConfig, nativeConfig, parseConfig } from "../lib/config.js";
 import { VocabIndex } from "../lib/knn.js";
-import { addon, type CudaPrecision } from "../lib/native.js";
+import { addon, type CudaPrecision, type NativeModel } from "../lib/native.js";
 import { allCudaChecks, type CheckRow } from "../test/cuda-checks.js";
 
 const native = addon();
@@ -125,6 +125,14 @@ if (want("steps")) {
   ];
   const lines: string[] = [];
   const P = 20;
+  const adamw = { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weightDecay: 0, maxGradNorm: 0 };
+  // A fresh random soft prompt on the device and a fully labelled batch of B sequences of S - P tokens.
+  const prepareStep = async (model: NativeModel, cfg: ModelConfig, B: number, S: number) => {
+    const T = S - P;
+    await model.setTrainables({ prompt: random(P * cfg.hiddenSize, 3, 0.04) });
+    const ids = new Int32Array(B * T).map((_, i) => (i * 7919 + 13) % cfg.vocabSize);
+    return { inputIds: ids, labels: ids, batch: B, seqLen: T };
+  };
   for (const cfg of [gpt2, llama]) {
     const model = new native.NativeModel(nativeConfig(cfg, 16));
     await model.fillRandom(1, 0.02);
@@ -133,13 +141,8 @@ if (want("steps")) {
         if (!graphs && precision !== "bf16") continue;
         await model.attachCuda({ precision, graphs });
         for (const r of runs.filter((x) => x.config === cfg)) {
-          const T = r.S - P;
           const C = cfg.hiddenSize;
-          await model.setTrainables({ prompt: random(P * C, 3, 0.04) });
-          const ids = new Int32Array(r.B * T);
-          for (let i = 0; i < ids.length; i++) ids[i] = (i * 7919 + 13) % cfg.vocabSize;
-          const args = { inputIds: ids, labels: ids, batch: r.B, seqLen: T };
-          const adamw = { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weightDecay: 0, maxGradNorm: 0 };
+          const args = await prepareStep(model, cfg, r.B, r.S);
           try {
             const ms = await median(() => model.promptStep(args, adamw), 20, 3);
             const mem = model.deviceMemory();
@@ -189,16 +192,11 @@ if (want("steps")) {
     // Where the time goes: one profiled configuration per model (eager, CUDA events between stages).
     const r = runs.filter((x) => x.config === cfg)[0]!;
     await model.attachCuda({ precision: "bf16", graphs: false, profile: true });
-    const T = r.S - P;
-    await model.setTrainables({ prompt: random(P * cfg.hiddenSize, 3, 0.04) });
-    const ids = new Int32Array(r.B * T).map((_, i) => (i * 7919 + 13) % cfg.vocabSize);
-    const adamw = { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weightDecay: 0, maxGradNorm: 0 };
-    for (let i = 0; i < 2; i++)
-      await model.promptStep({ inputIds: ids, labels: ids, batch: r.B, seqLen: T }, adamw);
+    const args = await prepareStep(model, cfg, r.B, r.S);
+    for (let i = 0; i < 2; i++) await model.promptStep(args, adamw);
     model.deviceProfile(); // drop the warm-up
     const steps = 5;
-    for (let i = 0; i < steps; i++)
-      await model.promptStep({ inputIds: ids, labels: ids, batch: r.B, seqLen: T }, adamw);
+    for (let i = 0; i < steps; i++) await model.promptStep(args, adamw);
     const prof = Object.entries(model.deviceProfile()).sort((a, b) => b[1] - a[1]);
     const total = prof.reduce((t, [, ms]) => t + ms, 0);
     console.log(
