@@ -6,7 +6,8 @@
 //   node scripts/cuda-emu.mjs [--asan] [SECTION...]
 //
 // --asan    AddressSanitizer build (catches out-of-bounds reads too; slower)
-// SECTION   selftest grad step prec extra cache misc knn (default: all)
+// SECTION   addon selftest grad step prec extra cache misc knn (default: all; addon: the emulated Node addon
+//           runs test/cuda.test.ts and the bundled gpu-check --tiny; not with --asan)
 // The environment passes through: SEED=n shifts the fiber schedules, REVERSE=1 runs blocks last to first.
 //
 // The .cu/.cuh files are rewritten into build/cuda-emu/gen (launches, __shared__ poisoning, vector-access
@@ -24,15 +25,22 @@ const root = join(dirname(fileURLToPath(import.meta.url)), "..");
 const args = process.argv.slice(2);
 const asan = args.includes("--asan");
 const unknown = args.filter((a) => a.startsWith("--") && a !== "--asan");
-const allSections = ["extra", "selftest", "prec", "grad", "knn", "step", "cache", "misc"]; // longest first
+// "addon" builds the Node addon against the emulator and runs the JS-level CUDA suite with it (see below).
+const allSections = ["addon", "extra", "selftest", "prec", "grad", "knn", "step", "cache", "misc"]; // longest first
 const picked = args.filter((a) => !a.startsWith("--")).flatMap((a) => a.split(","));
 const badSection = picked.filter((s) => !allSections.includes(s));
+if (asan && picked.includes("addon")) {
+  console.error("cuda-emu: the addon section does not run with --asan (node would need libasan preloaded)");
+  process.exit(2);
+}
 if (unknown.length || badSection.length) {
   console.error(`cuda-emu: unknown ${unknown.length ? `option ${unknown[0]}` : `section ${badSection[0]}`}`);
   console.error(`usage: node scripts/cuda-emu.mjs [--asan] [${allSections.join("|")}...]`);
   process.exit(2);
 }
-const sections = picked.length ? allSections.filter((s) => picked.includes(s)) : allSections;
+const sections = picked.length
+  ? allSections.filter((s) => picked.includes(s))
+  : allSections.filter((s) => !(asan && s === "addon"));
 
 const jobs = Math.max(1, availableParallelism());
 const cxx = process.env.CXX || "g++";
@@ -40,12 +48,14 @@ const out = join(root, "build", "cuda-emu");
 const gen = join(out, "gen");
 const objDir = join(out, asan ? "obj-asan" : "obj");
 const bin = join(out, asan ? "check-asan" : "check");
+const addonBin = join(out, asan ? "priortune-emu-asan.node" : "priortune-emu.node");
 const emuDir = join(root, "tools", "cuda-emu");
 const cudaDir = join(root, "kernels", "cuda");
 const cpuDir = join(root, "kernels", "cpu");
 const flags = [
   "-std=c++17",
   asan ? "-O1" : "-O2",
+  "-fPIC", // the same objects serve the check program and the emulated addon
   "-fopenmp",
   "-fno-math-errno",
   "-Wno-unknown-pragmas",
@@ -191,7 +201,6 @@ async function build() {
     throw new Error(`the emulator's fibers need x86-64 Linux (this is ${process.platform}/${process.arch})`);
   }
   mkdirSync(gen, { recursive: true });
-  for (const d of ["cuda", "cpu", "emu"]) mkdirSync(join(objDir, d), { recursive: true });
 
   const cudaFiles = readdirSync(cudaDir)
     .filter((f) => /\.(cu|cuh)$/.test(f))
@@ -207,29 +216,58 @@ async function build() {
   }
   for (const f of readdirSync(gen)) if (!wanted.has(f)) rmSync(join(gen, f)); // a removed source
 
-  const units = [
-    ...[...wanted]
-      .filter((f) => f.endsWith(".cpp"))
-      .map((f) => ({ src: join(gen, f), obj: join("cuda", f) })),
-    ...readdirSync(cpuDir)
-      .filter((f) => f.endsWith(".cpp"))
-      .sort()
-      .map((f) => ({
-        src: join(cpuDir, f),
-        obj: join("cpu", f),
-        // the reference's GEMMs with device-rounded operands (tools/cuda-emu/rounded_sgemm.cpp)
-        extra:
-          f === "matmul.cpp" || f === "lm_head.cpp"
-            ? ["-Dsgemm=sgemm_rounded"]
-            : f === "attention.cpp"
-              ? ["-Dsgemm=sgemm_rounded_attention"]
-              : [],
-      })),
-    ...["runtime.cpp", "rounded_sgemm.cpp", "check.cpp"].map((f) => ({
-      src: join(emuDir, f),
-      obj: join("emu", f),
-    })),
-  ].map((u) => ({ ...u, obj: join(objDir, u.obj.replace(/\.cpp$/, ".o")) }));
+  // The reference's GEMMs with device-rounded operands (tools/cuda-emu/rounded_sgemm.cpp) in the check
+  // program; the addon gets the real CPU backend.
+  const rounded = {
+    "matmul.cpp": ["-Dsgemm=sgemm_rounded"],
+    "lm_head.cpp": ["-Dsgemm=sgemm_rounded"],
+    "attention.cpp": ["-Dsgemm=sgemm_rounded_attention"],
+  };
+  const cudaUnits = [...wanted]
+    .filter((f) => f.endsWith(".cpp"))
+    .map((f) => ({ src: join(gen, f), obj: join("cuda", f) }));
+  const cpuFiles = readdirSync(cpuDir)
+    .filter((f) => f.endsWith(".cpp"))
+    .sort();
+  const emuUnit = (f) => ({ src: join(emuDir, f), obj: join("emu", f) });
+  const checkUnits = [
+    ...cudaUnits,
+    ...cpuFiles.map((f) => ({ src: join(cpuDir, f), obj: join("cpu", f), extra: rounded[f] ?? [] })),
+    ...["runtime.cpp", "rounded_sgemm.cpp", "check.cpp"].map(emuUnit),
+  ];
+  const targets = [{ bin, units: checkUnits, link: [] }];
+  if (sections.includes("addon")) {
+    const nodeInclude = nodeHeaders();
+    const napi = ["NAPI_VERSION=8", "NAPI_CPP_EXCEPTIONS", "NODE_ADDON_API_DISABLE_DEPRECATED"];
+    const nativeFlags = [
+      ...napi.map((d) => `-D${d}`),
+      "-I",
+      nodeInclude,
+      "-I",
+      join(root, "node_modules", "node-addon-api"),
+    ];
+    targets.push({
+      bin: addonBin,
+      units: [
+        ...cudaUnits,
+        ...cpuFiles.map((f) => ({ src: join(cpuDir, f), obj: join(rounded[f] ? "cpu-real" : "cpu", f) })),
+        emuUnit("runtime.cpp"),
+        ...readdirSync(join(root, "native"))
+          .filter((f) => f.endsWith(".cpp"))
+          .sort()
+          .map((f) => ({ src: join(root, "native", f), obj: join("native", f), extra: nativeFlags })),
+      ],
+      link: ["-shared"], // node_api's symbols come from the node binary at load time
+    });
+  }
+  // One compile per object (the CUDA and runtime objects serve both targets).
+  const byObj = new Map();
+  for (const t of targets) {
+    t.units = t.units.map((u) => ({ ...u, obj: join(objDir, u.obj.replace(/\.cpp$/, ".o")) }));
+    for (const u of t.units) byObj.set(u.obj, u);
+  }
+  const units = [...byObj.values()];
+  for (const d of new Set(units.map((u) => dirname(u.obj)))) mkdirSync(d, { recursive: true });
 
   const stale = units.filter((u) => {
     u.argv = [...flags, ...(u.extra ?? []), "-MMD", "-MF", `${u.obj}.d`, "-c", u.src, "-o", u.obj];
@@ -254,22 +292,79 @@ async function build() {
   });
   if (failed) throw new Error(`${failed} file(s) failed to compile`);
 
-  const linkArgv = [...flags, ...units.map((u) => u.obj), "-o", bin];
-  const linkCmd = `${bin}.cmd`;
-  const current =
-    existsSync(linkCmd) &&
-    readFileSync(linkCmd, "utf8") === linkArgv.join(" ") &&
-    units.every((u) => mtime(u.obj) <= mtime(bin));
-  if (!current) {
-    const r = await run(cxx, linkArgv);
-    if (r.code !== 0) throw new Error(`link failed\n${r.output}`);
-    writeFileSync(linkCmd, linkArgv.join(" "));
+  for (const t of targets) {
+    const linkArgv = [...flags, ...t.link, ...t.units.map((u) => u.obj), "-o", t.bin];
+    const linkCmd = `${t.bin}.cmd`;
+    const current =
+      existsSync(linkCmd) &&
+      readFileSync(linkCmd, "utf8") === linkArgv.join(" ") &&
+      t.units.every((u) => mtime(u.obj) <= mtime(t.bin));
+    if (!current) {
+      const r = await run(cxx, linkArgv);
+      if (r.code !== 0) throw new Error(`link of ${relative(root, t.bin)} failed\n${r.output}`);
+      writeFileSync(linkCmd, linkArgv.join(" "));
+    }
+    if (stale.length || !current)
+      console.log(`cuda-emu: built ${relative(root, t.bin)} in ${((Date.now() - t0) / 1000).toFixed(1)} s`);
   }
-  if (stale.length || !current)
-    console.log(`cuda-emu: built ${relative(root, bin)} in ${((Date.now() - t0) / 1000).toFixed(1)} s`);
+}
+
+// Node's C headers (node_api.h): next to this node binary (a system or nvm install), else node-gyp's or
+// cmake-js's downloaded copies.
+function nodeHeaders() {
+  const version = process.version.slice(1);
+  const home = process.env.HOME ?? "";
+  const candidates = [
+    join(dirname(dirname(process.execPath)), "include", "node"),
+    join(home, ".cache", "node-gyp", version, "include", "node"),
+    join(home, ".cmake-js", "node-x64", `v${version}`, "include", "node"),
+  ];
+  const found = candidates.find((d) => existsSync(join(d, "node_api.h")));
+  if (!found) throw new Error(`no Node headers (node_api.h) found in ${candidates.join(", ")}`);
+  return found;
 }
 
 // ---- run ----------------------------------------------------------------------------------------------
+
+// The "addon" section: the JS-level CUDA suite (test/cuda.test.ts: lib's backend "cuda", the native
+// bindings, PromptTrainer, graphs, errors) run by vitest with the emulated addon in place of the real one.
+// It passes when every test ran (none skipped), none failed, and the emulator reported nothing.
+async function runAddonSuite(env) {
+  const vitest = join(root, "node_modules", "vitest", "vitest.mjs");
+  // A 2 GiB emulated device: the out-of-memory check fails at its first large allocation.
+  const suiteEnv = { ...env, PRIORTUNE_ADDON: addonBin, PRIORTUNE_CUDA_EMULATED: "1", EMU_DEVICE_MIB: "2048" };
+  const suite = await run(process.execPath, [vitest, "run", "test/cuda.test.ts", "--reporter=verbose"], {
+    env: { ...suiteEnv, NO_COLOR: "1", FORCE_COLOR: "0" },
+  });
+  // The GPU check's bundle (what scripts/gpu-check.sh carries to a GPU machine) on tiny shapes.
+  const bundle = join(out, "gpu-check.mjs");
+  const { build: esbuild } = await import("esbuild");
+  await esbuild({
+    entryPoints: [join(root, "scripts", "gpu-check.ts")],
+    bundle: true,
+    platform: "node",
+    format: "esm",
+    outfile: bundle,
+    external: ["*.node"],
+    logLevel: "warning",
+  });
+  const check = await run(process.execPath, [bundle, "--tiny", "gemm", "steps", "knn"], { env: suiteEnv });
+  const r = {
+    code: suite.code || check.code,
+    signal: suite.signal ?? check.signal,
+    output: `${suite.output.replace(/\x1b\[[0-9;]*m/g, "")}\n-- gpu-check --tiny (bundled)\n${check.output}`,
+  };
+  const passed = Number(/Tests\s+(?:\d+ failed \| )?(\d+) passed/.exec(r.output)?.[1] ?? 0);
+  const failed = Number(/Tests\s+(\d+) failed/.exec(r.output)?.[1] ?? 0);
+  const skipped = Number(/Tests\s+.*?(\d+) skipped/.exec(r.output)?.[1] ?? 0);
+  const emu = (r.output.match(/^EMU (ERROR|warning)/gm) ?? []).length;
+  const ok = r.code === 0 && passed > 0 && failed === 0 && skipped === 0 && emu === 0;
+  const summary =
+    `addon suite: ${passed} passed, ${failed} failed, ${skipped} skipped, ${emu} emulator report(s); ` +
+    `gpu-check --tiny exit ${check.code}\n` +
+    `checks: ${passed + failed + skipped}, failed: ${ok ? 0 : Math.max(1, failed + skipped + emu)}\n`;
+  return { ...r, output: r.output + summary };
+}
 
 async function runSections() {
   const t0 = Date.now();
@@ -279,7 +374,7 @@ async function runSections() {
   const env = { ...process.env, OMP_NUM_THREADS: "1" };
   await pool(sections, jobs, async (section) => {
     const t = Date.now();
-    const r = await run(bin, [section], { env });
+    const r = section === "addon" ? await runAddonSuite(env) : await run(bin, [section], { env });
     const m = /^checks: (\d+), failed: (\d+)$/m.exec(r.output);
     if (m) {
       checks += Number(m[1]);

@@ -7,6 +7,8 @@
 //           synthetic weights: median wall-clock ms per step (graph replay), tokens/s, MFU, device memory
 //   knn     the CUDA kNN index against the CPU index on issue #4's shapes, and its timings
 // Prints JSON lines and Markdown tables; exits non-zero when a correctness check fails.
+// --tiny runs every section on small shapes: a dry run of the whole script, which scripts/cuda-emu.mjs does
+// under the CPU emulator so that the bundle carried to a GPU machine has already run end to end.
 
 import { type ModelConfig, nativeConfig, parseConfig } from "../lib/config.js";
 import { VocabIndex } from "../lib/knn.js";
@@ -20,9 +22,12 @@ if (!info.usable) {
   console.log(`no usable CUDA device: ${info.reason}`);
   process.exit(2);
 }
-const wanted = new Set(process.argv.slice(2));
+const tiny = process.argv.includes("--tiny");
+const wanted = new Set(process.argv.slice(2).filter((a) => !a.startsWith("--")));
 const want = (s: string) => wanted.size === 0 || wanted.has(s);
-const tables: string[] = [`${info.name}, compute capability ${info.computeCapability}`];
+const tables: string[] = [
+  `${info.name}, compute capability ${info.computeCapability}${tiny ? " (--tiny: small shapes under the shapes' names)" : ""}`,
+];
 let failed = false;
 
 function random(n: number, seed: number, scale = 1): Float32Array {
@@ -72,17 +77,22 @@ if (want("checks")) {
 let peakBf16 = Number.NaN;
 if (want("gemm")) {
   const lines: string[] = [];
-  const shapes: [string, number, number, number][] = [
-    ["8192^3", 8192, 8192, 8192],
-    ["GPT-2 fc, 8 x 256 rows", 2048, 3072, 768],
-    ["GPT-2 qkv, 32 x 512 rows", 16384, 2304, 768],
-    ["Llama-1B fc, 8 x 512 rows", 4096, 16384, 2048],
-    ["LM head 128256, 512 rows", 512, 128256, 2048],
-  ];
+  const shapes: [string, number, number, number][] = tiny
+    ? [
+        ["8192^3", 128, 128, 128], // stands in for the peak shape
+        ["odd", 70, 130, 40],
+      ]
+    : [
+        ["8192^3", 8192, 8192, 8192],
+        ["GPT-2 fc, 8 x 256 rows", 2048, 3072, 768],
+        ["GPT-2 qkv, 32 x 512 rows", 16384, 2304, 768],
+        ["Llama-1B fc, 8 x 512 rows", 4096, 16384, 2048],
+        ["LM head 128256, 512 rows", 512, 128256, 2048],
+      ];
   for (const [name, M, N, K] of shapes)
     for (const p of ["bf16", "tf32", "fp32"] as CudaPrecision[]) {
       if (p === "fp32" && M * N * K > 2 ** 36) continue;
-      const ms = await native.cudaGemmBench(p, M, N, K, 10);
+      const ms = await native.cudaGemmBench(p, M, N, K, tiny ? 2 : 10);
       const tflops = (2 * M * N * K) / ms / 1e9;
       if (name === "8192^3" && p === "bf16") peakBf16 = tflops;
       console.log(JSON.stringify({ what: "gemm", shape: name, M, N, K, precision: p, ms, tflops }));
@@ -98,30 +108,40 @@ if (want("steps")) {
   const gpt2 = parseConfig({
     architectures: ["GPT2LMHeadModel"],
     model_type: "gpt2",
-    vocab_size: 50257,
-    n_embd: 768,
-    n_layer: 12,
-    n_head: 12,
-    n_positions: 1024,
+    ...(tiny
+      ? { vocab_size: 500, n_embd: 128, n_layer: 2, n_head: 2, n_positions: 128 }
+      : { vocab_size: 50257, n_embd: 768, n_layer: 12, n_head: 12, n_positions: 1024 }),
   });
   const llama = parseConfig({
     architectures: ["LlamaForCausalLM"],
     model_type: "llama",
-    vocab_size: 128256,
-    hidden_size: 2048,
-    intermediate_size: 8192,
-    num_hidden_layers: 16,
-    num_attention_heads: 32,
-    num_key_value_heads: 8,
+    ...(tiny
+      ? {
+          vocab_size: 500,
+          hidden_size: 128,
+          intermediate_size: 320,
+          num_hidden_layers: 2,
+          num_attention_heads: 2,
+          num_key_value_heads: 1,
+        }
+      : {
+          vocab_size: 128256,
+          hidden_size: 2048,
+          intermediate_size: 8192,
+          num_hidden_layers: 16,
+          num_attention_heads: 32,
+          num_key_value_heads: 8,
+        }),
     max_position_embeddings: 4096,
     tie_word_embeddings: true,
     rope_theta: 500000.0,
   });
+  const shape = (B: number, S: number) => (tiny ? { B: 2, S: 40 + B } : { B, S });
   const runs = [
-    { name: "GPT-2 124M", config: gpt2, B: 32, S: 512, goalMs: 28, peer: "eager bf16 85.3" },
-    { name: "GPT-2 124M", config: gpt2, B: 8, S: 256, goalMs: 6, peer: "eager 23.4, compile 11.1" },
-    { name: "Llama-3.2-1B shape", config: llama, B: 8, S: 512, goalMs: 38, peer: "bf16 63.6" },
-    { name: "Llama-3.2-1B shape", config: llama, B: 2, S: 276, goalMs: 15, peer: "bf16 37.5" },
+    { name: "GPT-2 124M", config: gpt2, ...shape(32, 512), goalMs: 28, peer: "eager bf16 85.3" },
+    { name: "GPT-2 124M", config: gpt2, ...shape(8, 256), goalMs: 6, peer: "eager 23.4, compile 11.1" },
+    { name: "Llama-3.2-1B shape", config: llama, ...shape(8, 512), goalMs: 38, peer: "bf16 63.6" },
+    { name: "Llama-3.2-1B shape", config: llama, ...shape(2, 276), goalMs: 15, peer: "bf16 37.5" },
   ];
   const lines: string[] = [];
   const P = 20;
@@ -144,7 +164,7 @@ if (want("steps")) {
           const C = cfg.hiddenSize;
           const args = await prepareStep(model, cfg, r.B, r.S);
           try {
-            const ms = await median(() => model.promptStep(args, adamw), 20, 3);
+            const ms = await median(() => model.promptStep(args, adamw), tiny ? 3 : 20, tiny ? 2 : 3);
             const mem = model.deviceMemory();
             // Model FLOPs of a prompt-tuning step: 4 N per token (forward 2 N, input-gradient backward 2 N; no
             // weight gradients), N = layer weights + LM head; attention 2 B L H S^2 hd forward (causal half),
@@ -195,7 +215,7 @@ if (want("steps")) {
     const args = await prepareStep(model, cfg, r.B, r.S);
     for (let i = 0; i < 2; i++) await model.promptStep(args, adamw);
     model.deviceProfile(); // drop the warm-up
-    const steps = 5;
+    const steps = tiny ? 2 : 5;
     for (let i = 0; i < steps; i++) await model.promptStep(args, adamw);
     const prof = Object.entries(model.deviceProfile()).sort((a, b) => b[1] - a[1]);
     const total = prof.reduce((t, [, ms]) => t + ms, 0);
@@ -227,13 +247,18 @@ if (want("steps")) {
 
 // ---- knn ----
 if (want("knn")) {
-  const workloads = [
-    { name: "160 x 50257 x 768", Q: 160, V: 50257, d: 768, goalMs: 0.06 },
-    { name: "4096 x 50257 x 768", Q: 4096, V: 50257, d: 768, goalMs: 1.5 },
-    { name: "20 x 128256 x 2048", Q: 20, V: 128256, d: 2048, goalMs: 0.15 },
-    { name: "160 x 262144 x 256 (V = 256k)", Q: 160, V: 262144, d: 256, goalMs: Number.NaN },
-    { name: "16 x 8192 x 8192 (d = 8192)", Q: 16, V: 8192, d: 8192, goalMs: Number.NaN },
-  ];
+  const workloads = tiny
+    ? [
+        { name: "7 x 300 x 40", Q: 7, V: 300, d: 40, goalMs: Number.NaN },
+        { name: "3 x 2100 x 24", Q: 3, V: 2100, d: 24, goalMs: Number.NaN },
+      ]
+    : [
+        { name: "160 x 50257 x 768", Q: 160, V: 50257, d: 768, goalMs: 0.06 },
+        { name: "4096 x 50257 x 768", Q: 4096, V: 50257, d: 768, goalMs: 1.5 },
+        { name: "20 x 128256 x 2048", Q: 20, V: 128256, d: 2048, goalMs: 0.15 },
+        { name: "160 x 262144 x 256 (V = 256k)", Q: 160, V: 262144, d: 256, goalMs: Number.NaN },
+        { name: "16 x 8192 x 8192 (d = 8192)", Q: 16, V: 8192, d: 8192, goalMs: Number.NaN },
+      ];
   const rows: string[] = [];
   for (const w of workloads) {
     const vocab = random(w.V * w.d, 1 + w.V);
@@ -251,8 +276,8 @@ if (want("knn")) {
       }
       const ok = same && worst < 1e-5;
       failed ||= !ok;
-      const ms = await median(() => gpu.search(queries, { k: 10 }), 20);
-      const cpuMs = await median(() => cpu.search(queries, { k: 10 }), 3);
+      const ms = await median(() => gpu.search(queries, { k: 10 }), tiny ? 2 : 20);
+      const cpuMs = await median(() => cpu.search(queries, { k: 10 }), tiny ? 1 : 3);
       console.log(
         JSON.stringify({
           what: "knn",
@@ -271,6 +296,35 @@ if (want("knn")) {
       gpu.dispose();
       cpu.dispose();
     }
+  }
+  // The vocabulary self-search: every row's 10 nearest other rows (cosine), the whole V x V in chunks, on
+  // the device and on the CPU index of the same machine; the results must agree row for row.
+  {
+    const V = tiny ? 900 : 50257;
+    const d = tiny ? 32 : 768;
+    const vocab = random(V * d, 5);
+    const gpu = await VocabIndex.create(vocab, { dim: d, metric: "cosine", backend: "cuda" });
+    const cpu = await VocabIndex.create(vocab, { dim: d, metric: "cosine", backend: "cpu" });
+    await gpu.selfSearch({ k: 10, rows: [0, 1, 2] }); // warm-up
+    const time = async (index: VocabIndex) => {
+      const t = process.hrtime.bigint();
+      const r = await index.selfSearch({ k: 10 });
+      return { r, ms: Number(process.hrtime.bigint() - t) / 1e6 };
+    };
+    const a = await time(gpu);
+    const b = await time(cpu);
+    let mismatched = 0;
+    for (let i = 0; i < a.r.indices.length; i++) if (a.r.indices[i] !== b.r.indices[i]) mismatched++;
+    failed ||= mismatched > 0;
+    const name = `self-search ${V} x ${V} x ${d}`;
+    console.log(
+      JSON.stringify({ what: "knn-self", workload: name, mismatched, cudaMs: a.ms, cpuMs: b.ms, k: 10 }),
+    );
+    rows.push(
+      `| ${name} | cosine | ${mismatched ? `NO (${mismatched})` : "yes"} | | ${a.ms.toFixed(1)} | | ${b.ms.toFixed(1)} |`,
+    );
+    gpu.dispose();
+    cpu.dispose();
   }
   tables.push(
     "| workload (Q x V x d, top-10) | metric | same indices as CPU | max rel. score error | CUDA ms | goal ms | CPU ms |\n|---|---|---|---|---|---|---|\n" +

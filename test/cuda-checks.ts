@@ -210,8 +210,10 @@ export async function randomModelChecks(
     const gpu = await loadModel(dir, { backend: "cuda", precision });
     const eager = await loadModel(dir, { backend: "cuda", precision, cudaGraphs: false });
     try {
-      const B = 3;
-      const T = 150;
+      // Under the CPU emulator (scripts/cuda-emu.mjs) a shorter batch: still three 64-key tiles.
+      const emulated = process.env.PRIORTUNE_CUDA_EMULATED === "1";
+      const B = emulated ? 2 : 3;
+      const T = emulated ? 110 : 150;
       const P = 20;
       const C = 256;
       const rng = lcg(11);

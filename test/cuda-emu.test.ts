@@ -1,8 +1,10 @@
 // The CUDA sources executed without a GPU: scripts/cuda-emu.mjs builds kernels/cuda/*.cu against the CPU
 // emulator in tools/cuda-emu and runs tools/cuda-emu/check.cpp (every op's self-test, the device model
 // against the CPU model at fp32 / tf32 / bf16 with CUDA graphs against eager steps, the kNN index against the
-// float64 brute force), failing on any wrong value and on any stream-ordering or capture error the emulator
-// reports. It shows values and API use, not race-freedom, speed or launch limits on a real GPU (see
+// float64 brute force), then builds the Node addon against the emulator and runs the JS-level CUDA suite
+// (test/cuda.test.ts: backend "cuda" through lib, the bindings, PromptTrainer, graphs, out of memory) and the
+// bundled GPU check on tiny shapes with it, failing on any wrong value, skipped test, and any stream-ordering
+// or capture error the emulator reports. It shows values and API use, not race-freedom, speed or launch limits on a real GPU (see
 // tools/cuda-emu/include/emu_cuda.h). Needs g++ on x86-64 Linux; PRIORTUNE_CUDA_EMU=0 skips it (CI's second
 // vitest run, whose addon build does not change what it checks).
 import { spawn, spawnSync } from "node:child_process";

@@ -6,7 +6,16 @@
 // which scripts/gpu-check.ts also runs. Without a device that suite is skipped with the probe's reason; the
 // CPU half of PromptTrainer (the reference of the device-resident step) is tested everywhere.
 import { describe, expect, it } from "vitest";
-import { AdamW, cudaStatus, loadModel } from "../lib/index.js";
+import {
+  AdamW,
+  createPrior,
+  cudaStatus,
+  loadModel,
+  loadTask,
+  type StepRecord,
+  type TuneMode,
+  tune,
+} from "../lib/index.js";
 import {
   type CheckRow,
   errorChecks,
@@ -45,6 +54,59 @@ describe.skipIf(!cuda.usable)(`CUDA backend${suffix}`, () => {
       it(`random ${arch} (hd 64), ${precision}: CPU agreement, graph replay`, async () => {
         expectAllPass(await randomModelChecks(arch, precision));
       }, 300_000);
+  it.each(["soft", "deep-prefix"] as const)(
+    "tune() (%s) on CUDA at fp32 follows the CPU run step for step, evaluation included",
+    async (mode: TuneMode) => {
+      const task = await loadTask({ kind: "arithmetic", trainCount: 12, validationCount: 2, seed: 3 });
+      const run = async (backend: "cpu" | "cuda") => {
+        const model = await loadModel(
+          modelDir("llama-tiny"),
+          backend === "cuda" ? { backend, precision: "fp32" } : { backend, threads: 2 },
+        );
+        try {
+          expect(model.backend).toBe(backend);
+          const prior = await createPrior({ kind: "gaussian", sigma: 0.5 }, { model });
+          const steps: StepRecord[] = [];
+          const r = await tune({
+            model,
+            task,
+            prior,
+            mode,
+            promptLength: 4,
+            deepLayers: [0, 1],
+            deepLength: 3,
+            steps: 4,
+            batchSize: 4,
+            evalEvery: 4,
+            maxNewTokens: 4,
+            optimizer: { lr: 1e-2, clipNorm: 1 },
+            seed: 5,
+            onStep: (s) => steps.push(s),
+          });
+          return { r, steps };
+        } finally {
+          model.dispose();
+        }
+      };
+      const gpu = await run("cuda");
+      const cpu = await run("cpu");
+      expect(gpu.steps.length).toBe(4);
+      gpu.steps.forEach((s, i) => {
+        const c = cpu.steps[i]!;
+        expect(Math.abs(s.loss - c.loss) / c.loss, `step ${i + 1} loss`).toBeLessThan(1e-4);
+        expect(Math.abs(s.gradNorm - c.gradNorm) / c.gradNorm, `step ${i + 1} gradient norm`).toBeLessThan(
+          1e-3,
+        );
+      });
+      const [ge, ce] = [gpu.r.evals[0]!, cpu.r.evals[0]!];
+      expect(Math.abs(ge.validationLoss - ce.validationLoss) / ce.validationLoss).toBeLessThan(1e-4);
+      const a = mode === "soft" ? gpu.r.prompt! : (gpu.r.deepPrompts as { keys: Float32Array[] }).keys[0]!;
+      const b = mode === "soft" ? cpu.r.prompt! : (cpu.r.deepPrompts as { keys: Float32Array[] }).keys[0]!;
+      const r = compare(a, b);
+      expect(r.maxAbs / r.scale).toBeLessThan(1e-3);
+    },
+    300_000,
+  );
   it("out of memory is a JS error and the model keeps working", async () => {
     expectAllPass(await errorChecks());
   }, 120_000);

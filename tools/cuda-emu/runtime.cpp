@@ -99,6 +99,17 @@ static constexpr size_t kGuard = 256;
 static std::map<uintptr_t, Alloc> dev_allocs;  // user pointer -> allocation
 static std::map<uintptr_t, size_t> pinned_allocs;
 static size_t dev_bytes = 0;
+// The emulated device's memory: EMU_DEVICE_MIB (default 8 GiB, host memory backs it), so that an
+// allocation beyond it fails as cudaErrorMemoryAllocation instead of exhausting the host.
+static size_t device_capacity() {
+  static const size_t cap = [] {
+    const char* e = std::getenv("EMU_DEVICE_MIB");
+    const long long mib = e ? std::atoll(e) : 8192;
+    return size_t(mib > 0 ? mib : 8192) << 20;
+  }();
+  return cap;
+}
+
 enum class Mem { Device, Pinned, Pageable, Bad };
 
 static Mem classify(const void* ptr, size_t n) {
@@ -437,7 +448,7 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int) {
   std::snprintf(p->name, sizeof p->name, "CPU emulator");
   p->major = 9;
   p->minor = 0;
-  p->totalGlobalMem = size_t{80} << 30;
+  p->totalGlobalMem = device_capacity();
   p->multiProcessorCount = 132;
   p->sharedMemPerBlock = 48 * 1024;
   p->sharedMemPerBlockOptin = 227 * 1024;
@@ -475,6 +486,7 @@ const char* cudaGetErrorString(cudaError_t e) {
 
 cudaError_t cudaMalloc(void** p, size_t n) {
   illegal_in_capture("cudaMalloc");  // reported; the allocation still happens
+  if (n > device_capacity() - std::min(dev_bytes, device_capacity())) return fail(cudaErrorMemoryAllocation);
   unsigned char* raw = nullptr;
   if (posix_memalign(reinterpret_cast<void**>(&raw), 256, n + 2 * kGuard))
     return fail(cudaErrorMemoryAllocation);
@@ -524,8 +536,8 @@ cudaError_t cudaFreeHost(void* p) {
   return cudaSuccess;
 }
 cudaError_t cudaMemGetInfo(size_t* f, size_t* t) {
-  *t = size_t{80} << 30;
-  *f = *t - dev_bytes;
+  *t = device_capacity();
+  *f = *t - std::min(dev_bytes, *t);
   return cudaSuccess;
 }
 

@@ -11,7 +11,8 @@
 //   __syncthreads, warp collectives some lanes skip, partial warps and partial masks abort.
 // - Shared memory is filled with 0xff bytes (NaN) at each block start, device memory at allocation;
 //   device allocations carry guard zones checked after each job (out-of-bounds writes), host/device copies
-//   check their ranges and kinds, vector accesses and WMMA pointers their alignment.
+//   check their ranges and kinds, vector accesses and WMMA pointers their alignment. The device has
+//   EMU_DEVICE_MIB of memory (default 8192): a larger allocation fails with cudaErrorMemoryAllocation.
 // - Streams: work is queued and runs at synchronisation points, so it is asynchronous to the host as on a
 //   GPU; the legacy stream is unordered against non-blocking streams (reported). Graph capture records
 //   jobs, a graph launch replays them; calls that are illegal during a capture are reported.
