@@ -332,7 +332,12 @@ function nodeHeaders() {
 async function runAddonSuite(env) {
   const vitest = join(root, "node_modules", "vitest", "vitest.mjs");
   // A 2 GiB emulated device: the out-of-memory check fails at its first large allocation.
-  const suiteEnv = { ...env, PRIORTUNE_ADDON: addonBin, PRIORTUNE_CUDA_EMULATED: "1", EMU_DEVICE_MIB: "2048" };
+  const suiteEnv = {
+    ...env,
+    PRIORTUNE_ADDON: addonBin,
+    PRIORTUNE_CUDA_EMULATED: "1",
+    EMU_DEVICE_MIB: "2048",
+  };
   const suite = await run(process.execPath, [vitest, "run", "test/cuda.test.ts", "--reporter=verbose"], {
     env: { ...suiteEnv, NO_COLOR: "1", FORCE_COLOR: "0" },
   });
@@ -349,10 +354,11 @@ async function runAddonSuite(env) {
     logLevel: "warning",
   });
   const check = await run(process.execPath, [bundle, "--tiny", "gemm", "steps", "knn"], { env: suiteEnv });
+  const ansi = new RegExp(`${String.fromCharCode(27)}\\[[0-9;]*m`, "g"); // colour codes, if any remain
   const r = {
     code: suite.code || check.code,
     signal: suite.signal ?? check.signal,
-    output: `${suite.output.replace(/\x1b\[[0-9;]*m/g, "")}\n-- gpu-check --tiny (bundled)\n${check.output}`,
+    output: `${suite.output.replace(ansi, "")}\n-- gpu-check --tiny (bundled)\n${check.output}`,
   };
   const passed = Number(/Tests\s+(?:\d+ failed \| )?(\d+) passed/.exec(r.output)?.[1] ?? 0);
   const failed = Number(/Tests\s+(\d+) failed/.exec(r.output)?.[1] ?? 0);
