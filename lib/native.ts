@@ -530,7 +530,18 @@ export interface Addon {
   /** Every CUDA op against its CPU reference on device 0 (rejects without a usable device). */
   cudaSelfTest(): Promise<CudaOpCheck[]>;
   /** Median ms of the device GEMM C[M, N] = A[M, K] . B[N, K]^T on random operands (CUDA events). */
-  cudaGemmBench(precision: CudaPrecision, M: number, N: number, K: number, iters: number): Promise<number>;
+  /**
+   * Median ms of the device GEMM C = A B^T and its max |C - R| / max |R| against our fp32 GEMM; engine
+   * "cublaslt" times cuBLASLt (loaded at run time: $PRIORTUNE_CUBLASLT or libcublasLt.so.13/.12) instead.
+   */
+  cudaGemmBench(
+    precision: CudaPrecision,
+    M: number,
+    N: number,
+    K: number,
+    iters: number,
+    engine?: "priortune" | "cublaslt",
+  ): Promise<{ ms: number; maxRelErr: number; engine: string }>;
 }
 
 export interface NativeModel {

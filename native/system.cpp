@@ -25,8 +25,9 @@ Napi::Value CudaInfo(const Napi::CallbackInfo& info) {
   return o;
 }
 
-// cudaGemmBench(precision, M, N, K, iters) -> Promise<number>: median ms of the device GEMM (see
-// pt::cuda_gemm_benchmark).
+// cudaGemmBench(precision, M, N, K, iters, engine = "priortune") -> Promise<{ ms, maxRelErr, engine }>: the
+// device GEMM's median ms and its error against our fp32 GEMM; engine "cublaslt" times cuBLASLt instead,
+// loaded at run time (rejects with the reason where it cannot be loaded). See pt::cuda_gemm_benchmark.
 Napi::Value CudaGemmBench(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return guarded(env, [&]() -> Napi::Value {
@@ -34,10 +35,24 @@ Napi::Value CudaGemmBench(const Napi::CallbackInfo& info) {
     const int64_t M = int_of(arg(info, 1, "M"), "M", 1), N = int_of(arg(info, 2, "N"), "N", 1),
                   K = int_of(arg(info, 3, "K"), "K", 1);
     const int iters = static_cast<int>(int_of(arg(info, 4, "iters"), "iters", 1));
-    auto result = std::make_shared<double>(0.0);
+    pt::GemmEngine engine = pt::GemmEngine::Ours;
+    if (info.Length() > 5 && !info[5].IsUndefined()) {
+      const std::string e = info[5].IsString() ? info[5].As<Napi::String>().Utf8Value() : "";
+      if (e == "cublaslt")
+        engine = pt::GemmEngine::CublasLt;
+      else if (e != "priortune")
+        throw_type(env, "engine", "\"priortune\" or \"cublaslt\"", info[5]);
+    }
+    auto result = std::make_shared<pt::GemmBenchResult>();
     auto* worker = new PromiseWorker(
-        env, [=]() { *result = pt::cuda_gemm_benchmark(prec, M, N, K, iters); },
-        [result](Napi::Env env) -> Napi::Value { return Napi::Number::New(env, *result); });
+        env, [=]() { *result = pt::cuda_gemm_benchmark(prec, M, N, K, iters, engine); },
+        [result](Napi::Env env) -> Napi::Value {
+          Napi::Object o = Napi::Object::New(env);
+          o.Set("ms", result->ms);
+          o.Set("maxRelErr", result->max_rel_err);
+          o.Set("engine", result->engine);
+          return o;
+        });
     return worker->queue();
   });
 }

@@ -3,9 +3,10 @@
 // tools/cuda-emu (read include/emu_cuda.h there for what it can and cannot prove), checked against the CPU
 // implementation by tools/cuda-emu/check.cpp. Needs g++ (C++17, OpenMP) on x86-64 Linux; no GPU, no nvcc.
 //
-//   node scripts/cuda-emu.mjs [--asan] [SECTION...]
+//   node scripts/cuda-emu.mjs [--asan] [--build-only] [SECTION...]
 //
 // --asan    AddressSanitizer build (catches out-of-bounds reads too; slower)
+// --build-only  build what the sections need (build/cuda-emu/check, priortune-emu.node for addon), run nothing
 // SECTION   addon selftest grad step prec extra cache misc knn (default: all; addon: the emulated Node addon
 //           runs test/cuda.test.ts and the bundled gpu-check --tiny; not with --asan)
 // The environment passes through: SEED=n shifts the fiber schedules, REVERSE=1 runs blocks last to first.
@@ -24,7 +25,8 @@ import { fileURLToPath } from "node:url";
 const root = join(dirname(fileURLToPath(import.meta.url)), "..");
 const args = process.argv.slice(2);
 const asan = args.includes("--asan");
-const unknown = args.filter((a) => a.startsWith("--") && a !== "--asan");
+const buildOnly = args.includes("--build-only");
+const unknown = args.filter((a) => a.startsWith("--") && a !== "--asan" && a !== "--build-only");
 // "addon" builds the Node addon against the emulator and runs the JS-level CUDA suite with it (see below).
 const allSections = ["addon", "extra", "selftest", "prec", "grad", "knn", "step", "cache", "misc"]; // longest first
 const picked = args.filter((a) => !a.startsWith("--")).flatMap((a) => a.split(","));
@@ -35,7 +37,7 @@ if (asan && picked.includes("addon")) {
 }
 if (unknown.length || badSection.length) {
   console.error(`cuda-emu: unknown ${unknown.length ? `option ${unknown[0]}` : `section ${badSection[0]}`}`);
-  console.error(`usage: node scripts/cuda-emu.mjs [--asan] [${allSections.join("|")}...]`);
+  console.error(`usage: node scripts/cuda-emu.mjs [--asan] [--build-only] [${allSections.join("|")}...]`);
   process.exit(2);
 }
 const sections = picked.length
@@ -404,7 +406,7 @@ async function runSections() {
 
 try {
   await build();
-  process.exitCode = (await runSections()) ? 0 : 1;
+  process.exitCode = buildOnly || (await runSections()) ? 0 : 1;
 } catch (e) {
   console.error(`cuda-emu: ${e instanceof Error ? e.message : e}`);
   process.exitCode = 1;

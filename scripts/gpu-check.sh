@@ -30,6 +30,13 @@ out="${OUT:-gpu-results}"
 mkdir -p "$out"
 xz -dc .carry/node.xz > /tmp/node && chmod +x /tmp/node
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt" || true
+# cuBLASLt for the GEMM comparison: PyTorch's wheels carry one outside the loader path (none: ours alone).
+if [ -z "${PRIORTUNE_CUBLASLT:-}" ]; then
+  roots="/usr/local/cuda /usr/lib /opt $(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null || true)"
+  PRIORTUNE_CUBLASLT="$(find $roots -name 'libcublasLt.so*' -type f 2>/dev/null | sort -r | head -1 || true)"
+  export PRIORTUNE_CUBLASLT
+  echo "cuBLASLt: ${PRIORTUNE_CUBLASLT:-not found}"
+fi
 set +e
 PRIORTUNE_ADDON="$PWD/build/Release/priortune.node" /tmp/node .carry/gpu-check.mjs "$@" 2>&1 | tee "$out/gpu-check.log"
 status=${PIPESTATUS[0]}

@@ -25,7 +25,7 @@ std::unique_ptr<DeviceModel> cuda_model(const Model&, const CudaModelOptions&) {
 std::vector<cuda::OpCheck> cuda_selftest() {
   no_cuda();
 }
-double cuda_gemm_benchmark(cuda::GemmPrecision, int64_t, int64_t, int64_t, int) {
+GemmBenchResult cuda_gemm_benchmark(cuda::GemmPrecision, int64_t, int64_t, int64_t, int, GemmEngine) {
   no_cuda();
 }
 }  // namespace pt

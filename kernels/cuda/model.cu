@@ -21,6 +21,7 @@
 #include <stdexcept>
 
 #include "common.cuh"
+#include "cublaslt.cuh"
 #include "priortune/cuda_model.h"
 
 namespace pt {
@@ -992,19 +993,37 @@ std::unique_ptr<DeviceModel> cuda_model(const Model& host, const CudaModelOption
   return std::make_unique<CudaModel>(host, options);
 }
 
-double cuda_gemm_benchmark(GemmPrecision precision, int64_t M, int64_t N, int64_t K, int iters) {
+GemmBenchResult cuda_gemm_benchmark(GemmPrecision precision, int64_t M, int64_t N, int64_t K, int iters,
+                                    GemmEngine engine) {
   if (M < 1 || N < 1 || K < 1 || iters < 1)
     throw std::invalid_argument("gemm benchmark: sizes and iters must be >= 1");
   check(cudaSetDevice(0), "cudaSetDevice(0)");
+  const bool bf16 = precision == GemmPrecision::BF16;
+  // cuBLASLt first: a machine without it fails here, before any allocation.
+  std::unique_ptr<cuda::CublasLtGemm> lt;
+  GemmBenchResult out;
+  out.engine = "priortune";
+  if (engine == GemmEngine::CublasLt) {
+    out.engine = cuda::cublaslt_library();
+    lt = std::make_unique<cuda::CublasLtGemm>(precision, M, N, K);
+  }
   cudaStream_t s = nullptr;
   check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate");
   cudaEvent_t start = nullptr, stop = nullptr;
   std::vector<float> times;
   try {
-    DeviceBuffer<float> A(M * K), Bf(N * K), C(M * N);
-    DeviceBuffer<bf16_t> Bh(N * K);
-    // Random operands: a 1 MiB random block repeated (timing depends on the values only through power).
-    const std::vector<float> block = cuda::random_vector(1 << 18, 99);
+    DeviceBuffer<float> A(M * K), Bf(N * K), C(M * N), R(M * N);
+    DeviceBuffer<bf16_t> Ah(lt && bf16 ? M * K : 0), Bh(bf16 ? N * K : 0);
+    // Random operands: a 1 MiB random block repeated (timing depends on the values only through power),
+    // rounded to bf16 values for BF16 so that the conversions below are exact.
+    std::vector<float> block = cuda::random_vector(1 << 18, 99);
+    if (bf16)
+      for (float& v : block) {
+        uint32_t u;
+        std::memcpy(&u, &v, 4);
+        u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+        std::memcpy(&v, &u, 4);
+      }
     auto fill = [&](float* d, int64_t n) {
       for (int64_t o = 0; o < n; o += static_cast<int64_t>(block.size()))
         check(cudaMemcpyAsync(d + o, block.data(), std::min<int64_t>(block.size(), n - o) * sizeof(float),
@@ -1013,11 +1032,15 @@ double cuda_gemm_benchmark(GemmPrecision precision, int64_t M, int64_t N, int64_
     };
     fill(A.get(), M * K);
     fill(Bf.get(), N * K);
-    const bool bf16 = precision == GemmPrecision::BF16;
     if (bf16) cuda::to_bf16(s, Bh.get(), Bf.get(), N * K);
-    const void* B = bf16 ? static_cast<const void*>(Bh.get()) : Bf.get();
+    if (lt && bf16) cuda::to_bf16(s, Ah.get(), A.get(), M * K);
     auto run = [&] {
-      cuda::gemm(s, precision, true, M, N, K, A.get(), K, B, K, bf16, C.get(), N, nullptr, 0.0f);
+      if (lt)
+        lt->run(s, bf16 ? static_cast<const void*>(Ah.get()) : A.get(),
+                bf16 ? static_cast<const void*>(Bh.get()) : Bf.get(), C.get());
+      else
+        cuda::gemm(s, precision, true, M, N, K, A.get(), K,
+                   bf16 ? static_cast<const void*>(Bh.get()) : Bf.get(), K, bf16, C.get(), N, nullptr, 0.0f);
     };
     check(cudaEventCreate(&start), "cudaEventCreate");
     check(cudaEventCreate(&stop), "cudaEventCreate");
@@ -1031,6 +1054,14 @@ double cuda_gemm_benchmark(GemmPrecision precision, int64_t M, int64_t N, int64_
       check(cudaEventElapsedTime(&ms, start, stop), "cudaEventElapsedTime");
       times.push_back(ms);
     }
+    // The reference: our fp32 GEMM (CUDA cores) on the same operand values.
+    cuda::gemm(s, GemmPrecision::FP32, true, M, N, K, A.get(), K, Bf.get(), K, false, R.get(), N, nullptr,
+               0.0f);
+    std::vector<float> c(M * N), r(M * N);
+    check(cudaMemcpyAsync(c.data(), C.get(), c.size() * sizeof(float), cudaMemcpyDeviceToHost, s), "copy");
+    check(cudaMemcpyAsync(r.data(), R.get(), r.size() * sizeof(float), cudaMemcpyDeviceToHost, s), "copy");
+    check(cudaStreamSynchronize(s), "gemm benchmark");
+    out.max_rel_err = cuda::rel_error(c, r);
   } catch (...) {
     if (start) cudaEventDestroy(start);
     if (stop) cudaEventDestroy(stop);
@@ -1041,7 +1072,8 @@ double cuda_gemm_benchmark(GemmPrecision precision, int64_t M, int64_t N, int64_
   cudaEventDestroy(stop);
   cudaStreamDestroy(s);
   std::sort(times.begin(), times.end());
-  return times[times.size() / 2];
+  out.ms = times[times.size() / 2];
+  return out;
 }
 
 std::vector<cuda::OpCheck> cuda_selftest() {

@@ -71,10 +71,22 @@ class DeviceModel {
 // or the weights do not fit.
 std::unique_ptr<DeviceModel> cuda_model(const Model& host, const CudaModelOptions& options);
 
-// Median milliseconds of `iters` timed calls (CUDA events, after warm-up) of the device GEMM C[M, N] = A[M,
-// K] . B[N, K]^T on random operands (never zeros), B in bf16 for the BF16 precision: the GEMM peak the model
-// FLOP utilisation is reported against.
-double cuda_gemm_benchmark(cuda::GemmPrecision precision, int64_t M, int64_t N, int64_t K, int iters);
+// Which kernels a GEMM benchmark times: ours (kernels/cuda/gemm.cu, what the model uses), or cuBLASLt loaded
+// at run time where the machine has it ($PRIORTUNE_CUBLASLT, else libcublasLt.so.13/.12 on the loader path).
+enum class GemmEngine { Ours, CublasLt };
+
+struct GemmBenchResult {
+  double ms = 0;           // median of the timed calls
+  double max_rel_err = 0;  // max |C - R| / max |R| against our fp32 GEMM on the same operands
+  std::string engine;      // "priortune", or the cuBLASLt library and version
+};
+
+// `iters` timed calls (CUDA events, after warm-up) of C[M, N] = A[M, K] . B[N, K]^T on random operands
+// (never zeros; for BF16 the values are bf16-exact, so both engines and the reference see the same operands).
+// Ours takes A in fp32 and B in bf16 for BF16, as the model does; cuBLASLt takes both in bf16. The median
+// of ours at BF16 8192^3 is the peak the model FLOP utilisation is reported against.
+GemmBenchResult cuda_gemm_benchmark(cuda::GemmPrecision precision, int64_t M, int64_t N, int64_t K, int iters,
+                                    GemmEngine engine = GemmEngine::Ours);
 
 // Every CUDA op against its CPU reference (priortune/cuda_ops.h selftest_all); throws without CUDA.
 std::vector<cuda::OpCheck> cuda_selftest();

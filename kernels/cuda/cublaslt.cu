@@ -1,0 +1,189 @@
+// cuBLASLt as a second GEMM engine, for benchmarks only (priortune/cuda_model.h: GemmEngine::CublasLt).
+// It is loaded at run time with dlopen where present (the GPU machines have it through PyTorch's wheels)
+// and never linked: the build machines have the CUDA runtime but no cuBLAS. The few entry points, types and
+// constants used are declared here with the values of cublasLt.h, cublas_api.h and library_types.h, which
+// are the same in cuBLAS 12 and 13.
+#include <dlfcn.h>
+
+#include <cstdlib>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "common.cuh"
+#include "cublaslt.cuh"
+
+namespace pt {
+namespace cuda {
+namespace {
+
+using Status = int;  // cublasStatus_t; 0 = CUBLAS_STATUS_SUCCESS
+using Handle = void*;
+using MatmulDesc = void*;
+using Layout = void*;
+using Preference = void*;
+struct Algo {  // cublasLtMatmulAlgo_t
+  uint64_t data[8];
+};
+struct Heuristic {  // cublasLtMatmulHeuristicResult_t
+  Algo algo;
+  size_t workspace_size;
+  Status state;
+  float waves_count;
+  int reserved[4];
+};
+constexpr int kCompute32F = 68, kCompute32FFastTF32 = 77;  // cublasComputeType_t
+constexpr int kR32F = 0, kR16BF = 14;                      // cudaDataType
+constexpr int kDescTransA = 3, kDescTransB = 4;            // cublasLtMatmulDescAttributes_t
+constexpr int kOpN = 0, kOpT = 1;                          // cublasOperation_t
+constexpr int kPrefMaxWorkspaceBytes = 1;                  // cublasLtMatmulPreferenceAttributes_t
+constexpr size_t kWorkspaceBytes = size_t{32} << 20;
+
+struct Api {
+  std::string library;  // the path or name that loaded
+  std::string error;    // why it did not
+  Status (*create)(Handle*) = nullptr;
+  Status (*destroy)(Handle) = nullptr;
+  size_t (*version)() = nullptr;
+  const char* (*status_name)(Status) = nullptr;
+  Status (*desc_create)(MatmulDesc*, int, int) = nullptr;
+  Status (*desc_destroy)(MatmulDesc) = nullptr;
+  Status (*desc_set)(MatmulDesc, int, const void*, size_t) = nullptr;
+  Status (*layout_create)(Layout*, int, uint64_t, uint64_t, int64_t) = nullptr;
+  Status (*layout_destroy)(Layout) = nullptr;
+  Status (*pref_create)(Preference*) = nullptr;
+  Status (*pref_destroy)(Preference) = nullptr;
+  Status (*pref_set)(Preference, int, const void*, size_t) = nullptr;
+  Status (*heuristic)(Handle, MatmulDesc, Layout, Layout, Layout, Layout, Preference, int, Heuristic*,
+                      int*) = nullptr;
+  Status (*matmul)(Handle, MatmulDesc, const void*, const void*, Layout, const void*, Layout, const void*,
+                   const void*, Layout, void*, Layout, const Algo*, void*, size_t, cudaStream_t) = nullptr;
+};
+
+template <class F>
+bool bind(void* lib, F& f, const char* name, std::string& error) {
+  f = reinterpret_cast<F>(dlsym(lib, name));
+  if (!f && error.empty()) error = std::string("symbol ") + name + " missing";
+  return f != nullptr;
+}
+
+// The library, loaded once: $PRIORTUNE_CUBLASLT, else the loader's search for libcublasLt.so.13/.12/.so.
+const Api& api() {
+  static Api a;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    std::vector<std::string> names;
+    if (const char* env = std::getenv("PRIORTUNE_CUBLASLT"); env && *env) names.push_back(env);
+    for (const char* n : {"libcublasLt.so.13", "libcublasLt.so.12", "libcublasLt.so"}) names.push_back(n);
+    std::string tried;
+    void* lib = nullptr;
+    for (const std::string& n : names) {
+      lib = dlopen(n.c_str(), RTLD_NOW | RTLD_LOCAL);
+      if (lib) {
+        a.library = n;
+        break;
+      }
+      tried += (tried.empty() ? "" : "; ") + n + ": " + dlerror();
+    }
+    if (!lib) {
+      a.error = "cuBLASLt not found (set PRIORTUNE_CUBLASLT to libcublasLt.so's path); tried " + tried;
+      return;
+    }
+    std::string e;
+    bool ok = bind(lib, a.create, "cublasLtCreate", e) & bind(lib, a.destroy, "cublasLtDestroy", e) &
+              bind(lib, a.version, "cublasLtGetVersion", e) &
+              bind(lib, a.status_name, "cublasLtGetStatusName", e) &
+              bind(lib, a.desc_create, "cublasLtMatmulDescCreate", e) &
+              bind(lib, a.desc_destroy, "cublasLtMatmulDescDestroy", e) &
+              bind(lib, a.desc_set, "cublasLtMatmulDescSetAttribute", e) &
+              bind(lib, a.layout_create, "cublasLtMatrixLayoutCreate", e) &
+              bind(lib, a.layout_destroy, "cublasLtMatrixLayoutDestroy", e) &
+              bind(lib, a.pref_create, "cublasLtMatmulPreferenceCreate", e) &
+              bind(lib, a.pref_destroy, "cublasLtMatmulPreferenceDestroy", e) &
+              bind(lib, a.pref_set, "cublasLtMatmulPreferenceSetAttribute", e) &
+              bind(lib, a.heuristic, "cublasLtMatmulAlgoGetHeuristic", e) &
+              bind(lib, a.matmul, "cublasLtMatmul", e);
+    if (!ok) {
+      a.error = a.library + " is not a usable cuBLASLt: " + e;
+      a.library.clear();
+      dlclose(lib);
+    }
+  });
+  return a;
+}
+
+void lt_check(Status s, const char* what) {
+  if (s != 0) {
+    const char* name = api().status_name ? api().status_name(s) : nullptr;
+    throw std::runtime_error(std::string("cuBLASLt ") + what +
+                             " failed: " + (name ? name : ("status " + std::to_string(s))));
+  }
+}
+
+}  // namespace
+
+std::string cublaslt_library() {
+  const Api& a = api();
+  if (a.library.empty()) throw std::runtime_error(a.error);
+  return a.library + " (version " + std::to_string(a.version()) + ")";
+}
+
+struct CublasLtGemm::Impl {
+  Handle handle = nullptr;
+  MatmulDesc desc = nullptr;
+  Layout la = nullptr, lb = nullptr, lc = nullptr;
+  Preference pref = nullptr;
+  DeviceBuffer<uint8_t> workspace;
+  Heuristic best{};
+  ~Impl() {
+    const Api& a = api();
+    if (pref) a.pref_destroy(pref);
+    for (Layout l : {la, lb, lc})
+      if (l) a.layout_destroy(l);
+    if (desc) a.desc_destroy(desc);
+    if (handle) a.destroy(handle);
+  }
+};
+
+// Row-major C[M, N] = A[M, K] . B[N, K]^T is, column-major, C^T[N, M] = B[N, K] . A^T: cuBLASLt's "TN"
+// product with m = N, n = M and both operands K-contiguous (its fastest layout).
+CublasLtGemm::CublasLtGemm(GemmPrecision precision, int64_t M, int64_t N, int64_t K)
+    : impl_(std::make_unique<Impl>()) {
+  const Api& a = api();
+  if (a.library.empty()) throw std::runtime_error(a.error);
+  Impl& d = *impl_;
+  lt_check(a.create(&d.handle), "cublasLtCreate");
+  const int compute = precision == GemmPrecision::TF32 ? kCompute32FFastTF32 : kCompute32F;
+  const int in = precision == GemmPrecision::BF16 ? kR16BF : kR32F;
+  lt_check(a.desc_create(&d.desc, compute, kR32F), "cublasLtMatmulDescCreate");
+  const int32_t t = kOpT, n = kOpN;
+  lt_check(a.desc_set(d.desc, kDescTransA, &t, sizeof t), "cublasLtMatmulDescSetAttribute(TRANSA)");
+  lt_check(a.desc_set(d.desc, kDescTransB, &n, sizeof n), "cublasLtMatmulDescSetAttribute(TRANSB)");
+  lt_check(a.layout_create(&d.la, in, K, N, K), "cublasLtMatrixLayoutCreate(B)");
+  lt_check(a.layout_create(&d.lb, in, K, M, K), "cublasLtMatrixLayoutCreate(A)");
+  lt_check(a.layout_create(&d.lc, kR32F, N, M, N), "cublasLtMatrixLayoutCreate(C)");
+  lt_check(a.pref_create(&d.pref), "cublasLtMatmulPreferenceCreate");
+  const uint64_t ws = kWorkspaceBytes;
+  lt_check(a.pref_set(d.pref, kPrefMaxWorkspaceBytes, &ws, sizeof ws),
+           "cublasLtMatmulPreferenceSetAttribute");
+  int found = 0;
+  lt_check(a.heuristic(d.handle, d.desc, d.la, d.lb, d.lc, d.lc, d.pref, 1, &d.best, &found),
+           "cublasLtMatmulAlgoGetHeuristic");
+  if (found < 1 || d.best.state != 0)
+    throw std::runtime_error("cuBLASLt has no algorithm for " + std::string(precision_name(precision)) + " " +
+                             std::to_string(M) + "x" + std::to_string(N) + "x" + std::to_string(K));
+  d.workspace.resize(std::max<size_t>(d.best.workspace_size, 1));
+}
+
+CublasLtGemm::~CublasLtGemm() = default;
+
+void CublasLtGemm::run(cudaStream_t stream, const void* A, const void* B, float* C) {
+  const Impl& d = *impl_;
+  const float one = 1.0f, zero = 0.0f;
+  lt_check(api().matmul(d.handle, d.desc, &one, B, d.la, A, d.lb, &zero, C, d.lc, C, d.lc, &d.best.algo,
+                        d.workspace.get(), d.workspace.bytes(), stream),
+           "cublasLtMatmul");
+}
+
+}  // namespace cuda
+}  // namespace pt
