@@ -89,13 +89,14 @@ export {
   loadModel,
   Model,
   type ModelConfig,
+  type OptimizerState,
   type PromptBatch,
   type PromptStepResult,
   PromptTrainer,
   type PromptTrainerOptions,
 } from "./model.js";
 export type { CudaOpCheck, CudaPrecision, DeepPrompts, DeviceMemory } from "./native.js";
-export { AdamW, type AdamWOptions, promptGrads, promptTensors } from "./optim.js";
+export { AdamW, type AdamWOptions, fromPromptTensors, promptGrads, promptTensors } from "./optim.js";
 export {
   barSpec,
   clusterSpec,

@@ -13,7 +13,7 @@ import {
   type NativeGradResult,
   type NativeModel,
 } from "./native.js";
-import { AdamW, type AdamWOptions, promptGrads, promptTensors } from "./optim.js";
+import { AdamW, type AdamWOptions, fromPromptTensors, promptGrads, promptTensors } from "./optim.js";
 import { listModelTensors } from "./safetensors.js";
 import { loadTokenizer, type Tokenizer } from "./tokenizer.js";
 import {
@@ -69,16 +69,21 @@ function copyPromptTensors(t: { prompt?: Float32Array; deepPrompts?: DeepPrompts
   prompt?: Float32Array;
   deepPrompts?: DeepPrompts;
 } {
-  const copy = (a: Float32Array) => a.slice();
-  const d = t.deepPrompts;
-  const deep: DeepPrompts | undefined =
-    d === undefined
-      ? undefined
-      : d.kind === "hidden"
-        ? { kind: "hidden", layers: [...d.layers], vectors: d.vectors.map(copy) }
-        : { kind: "prefix", layers: [...d.layers], keys: d.keys.map(copy), values: d.values.map(copy) };
-  return { ...(t.prompt ? { prompt: copy(t.prompt) } : {}), ...(deep ? { deepPrompts: deep } : {}) };
+  return fromPromptTensors(
+    t,
+    promptTensors(t.prompt, t.deepPrompts).map((a) => a.slice()),
+  );
 }
+
+/** AdamW's state: the step count and the moments, in the order of promptTensors (prompt, then deep tensors). */
+export interface OptimizerState {
+  step: number;
+  m: Float32Array[];
+  v: Float32Array[];
+}
+
+// The trainer whose tensors a CUDA model holds on the device (one set per model; a newer trainer replaces it).
+const deviceTrainer = new WeakMap<Model, PromptTrainer>();
 
 /**
  * One loss + gradient + AdamW step per call on prompt tensors the trainer owns. On CUDA the tensors, their
@@ -128,6 +133,7 @@ export class PromptTrainer {
       throw new RangeError(`lr: expected a finite number >= 0, got ${lr}`);
     const o = this.#options;
     if (this.#native) {
+      this.#checkCurrent();
       const args = checkCallArgs(this.#model.config, batch);
       if (args.labels === undefined)
         throw new TypeError("labels: expected an Int32Array (required for a step)");
@@ -162,10 +168,67 @@ export class PromptTrainer {
     return { loss: g.loss, labelCount: g.labelCount, gradNorm, step: this.#steps };
   }
 
+  // A CUDA model's device holds one trainer's tensors: an older trainer must not read or step the newer one's.
+  #checkCurrent(): void {
+    if (deviceTrainer.get(this.#model) !== this)
+      throw new Error(
+        "PromptTrainer: a newer promptTrainer() on this CUDA model replaced this trainer's device tensors " +
+          "(a model trains one set at a time; use another loaded model for a second trainer)",
+      );
+  }
+
   /** Copies of the current tensors. */
   async tensors(): Promise<{ prompt?: Float32Array; deepPrompts?: DeepPrompts }> {
-    if (this.#native) return this.#native.trainables();
+    if (this.#native) {
+      this.#checkCurrent();
+      const { step: _, ...t } = await this.#native.trainables();
+      return t;
+    }
     return copyPromptTensors(this.#tensors);
+  }
+
+  /** Copies of AdamW's state (checkpoints). */
+  async optimizerState(): Promise<OptimizerState> {
+    if (this.#native) {
+      this.#checkCurrent();
+      const m = await this.#native.trainables("m");
+      const v = await this.#native.trainables("v");
+      return {
+        step: m.step,
+        m: promptTensors(m.prompt, m.deepPrompts),
+        v: promptTensors(v.prompt, v.deepPrompts),
+      };
+    }
+    const a = this.#adamw!;
+    return { step: a.stepCount, m: a.m.map((t) => t.slice()), v: a.v.map((t) => t.slice()) };
+  }
+
+  /** Restores AdamW's state as optimizerState returns it (a resumed run); the tensors are not changed. */
+  async setOptimizerState(state: OptimizerState): Promise<void> {
+    const shapes = promptTensors(this.#tensors.prompt, this.#tensors.deepPrompts);
+    if (!Number.isInteger(state.step) || state.step < 0)
+      throw new RangeError(`step: expected an integer >= 0, got ${state.step}`);
+    for (const [name, list] of [
+      ["m", state.m],
+      ["v", state.v],
+    ] as const) {
+      if (list.length !== shapes.length || list.some((t, i) => t.length !== shapes[i]!.length))
+        throw new RangeError(`${name}: expected ${shapes.length} tensors shaped as the trainer's`);
+    }
+    if (this.#native) {
+      this.#checkCurrent();
+      await this.#native.setOptimizerState(
+        fromPromptTensors(this.#tensors, state.m),
+        fromPromptTensors(this.#tensors, state.v),
+        state.step,
+      );
+    } else {
+      const a = this.#adamw!;
+      for (const [i, t] of state.m.entries()) a.m[i]!.set(t);
+      for (const [i, t] of state.v.entries()) a.v[i]!.set(t);
+      a.stepCount = state.step;
+    }
+    this.#steps = state.step;
   }
 }
 
@@ -370,8 +433,10 @@ export class Model {
     checkCallArgs(this.config, { inputIds: new Int32Array(1), batch: 1, seqLen: 1, ...init });
     const tensors = copyPromptTensors(init);
     if (this.backend === "cuda") {
+      // A CUDA model holds one device-resident set of trainables: this trainer replaces the previous one.
       const trainer = new PromptTrainer(this, native, tensors, options);
       await native.setTrainables(tensors);
+      deviceTrainer.set(this, trainer);
       return trainer;
     }
     return new PromptTrainer(this, null, tensors, options);

@@ -518,7 +518,16 @@ export interface NativeModel {
   deviceProfile(): Record<string, number>;
   /** Device-resident trainables for promptStep (AdamW state reset). */
   setTrainables(t: { prompt?: Float32Array; deepPrompts?: DeepPrompts }): Promise<void>;
-  trainables(): Promise<{ prompt?: Float32Array; deepPrompts?: DeepPrompts }>;
+  /** Copies of the device-resident tensors ("param", default) or AdamW's moments ("m", "v"); step = AdamW steps. */
+  trainables(
+    slot?: "param" | "m" | "v",
+  ): Promise<{ prompt?: Float32Array; deepPrompts?: DeepPrompts; step: number }>;
+  /** Restores AdamW's moments (shaped as the trainables) and step count. */
+  setOptimizerState(
+    m: { prompt?: Float32Array; deepPrompts?: DeepPrompts },
+    v: { prompt?: Float32Array; deepPrompts?: DeepPrompts },
+    step: number,
+  ): Promise<void>;
   /** Loss, gradients and one AdamW step of the device-resident trainables, on the device. */
   promptStep(
     args: NativeForwardArgs & { labels: Int32Array },

@@ -21,6 +21,24 @@ export function promptTensors(prompt?: Float32Array, deep?: DeepPrompts): Float3
   return out;
 }
 
+/** The inverse of promptTensors: `flat` (in promptTensors order) shaped as `like`'s prompt and deep prompts. */
+export function fromPromptTensors(
+  like: { prompt?: Float32Array; deepPrompts?: DeepPrompts },
+  flat: Float32Array[],
+): { prompt?: Float32Array; deepPrompts?: DeepPrompts } {
+  let k = 0;
+  const next = () => flat[k++]!;
+  const prompt = like.prompt ? next() : undefined;
+  const d = like.deepPrompts;
+  const deep: DeepPrompts | undefined =
+    d === undefined
+      ? undefined
+      : d.kind === "hidden"
+        ? { kind: "hidden", layers: [...d.layers], vectors: d.vectors.map(next) }
+        : { kind: "prefix", layers: [...d.layers], keys: d.keys.map(next), values: d.values.map(next) };
+  return { ...(prompt ? { prompt } : {}), ...(deep ? { deepPrompts: deep } : {}) };
+}
+
 /** The gradients of lossAndGrad in the order of promptTensors. */
 export function promptGrads(g: LossAndGrad): Float32Array[] {
   const out: Float32Array[] = g.promptGrad ? [g.promptGrad] : [];

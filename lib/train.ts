@@ -23,7 +23,7 @@ import { type CollapseReference, createCollapseReference } from "./collapse.js";
 import { arithmeticCorrect, exactMatch, f1Score } from "./metrics.js";
 import type { LossAndGrad, Model } from "./model.js";
 import type { DeepPrompts } from "./native.js";
-import { AdamW, promptGrads } from "./optim.js";
+import { AdamW, promptGrads, promptTensors } from "./optim.js";
 import { createRegularizer, type Prior, type Regularizer, type RegularizerSpec } from "./priors.js";
 import { Rng, type RngState } from "./rng.js";
 import { readTensors, type TensorToWrite, writeSafetensors } from "./safetensors.js";
@@ -41,7 +41,7 @@ export interface OptimizerOptions {
   /** Learning-rate schedule after the warm-up (default constant). */
   schedule?: Schedule;
   warmupSteps?: number;
-  /** Clip the global gradient norm to this value (default: no clipping). */
+  /** Clip the global gradient norm to this value, as torch's clip_grad_norm_ (default: no clipping). */
   clipNorm?: number;
   /** Micro-batches whose gradients are averaged into one update (default 1). */
   accumulate?: number;
@@ -288,6 +288,10 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
     accumulate: 1,
     ...options.optimizer,
   };
+  if (opt.clipNorm !== undefined && !(Number.isFinite(opt.clipNorm) && opt.clipNorm > 0))
+    throw new RangeError(
+      `optimizer.clipNorm: expected a finite number > 0 (leave it out for none), got ${opt.clipNorm}`,
+    );
   const deepLayers =
     options.deepLayers ?? [c.numLayers - 3, c.numLayers - 2, c.numLayers - 1].filter((l) => l >= 0);
   const deepLength = options.deepLength ?? (P > 0 ? P : 20);
@@ -486,6 +490,38 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
     });
   };
 
+  // On CUDA a step that is loss + clipping + AdamW alone stays on the device (PromptTrainer: tensors, gradients
+  // and AdamW moments never leave it, and a repeated batch shape replays a CUDA graph); the host copies are
+  // refreshed only where something reads them (evaluation, collapse metrics, snapshots, checkpoints, the
+  // result). A regulariser or gradient accumulation combine gradients on the host and take the host path.
+  const trainer =
+    model.backend === "cuda" && !regularizer && opt.accumulate === 1
+      ? await model.promptTrainer(
+          { prompt, deepPrompts },
+          {
+            lr: opt.lr,
+            beta1: opt.beta1,
+            beta2: opt.beta2,
+            eps: opt.eps,
+            weightDecay: opt.weightDecay,
+            maxGradNorm: opt.clipNorm ?? 0,
+          },
+        )
+      : undefined;
+  if (trainer && adamw.stepCount > 0)
+    await trainer.setOptimizerState({ step: adamw.stepCount, m: adamw.m, v: adamw.v });
+  let stale = false;
+  const pull = async () => {
+    if (!trainer || !stale) return;
+    const now = await trainer.tensors();
+    for (const [i, t] of promptTensors(now.prompt, now.deepPrompts).entries()) tensors[i]!.set(t);
+    const st = await trainer.optimizerState();
+    for (const [i, t] of st.m.entries()) adamw.m[i]!.set(t);
+    for (const [i, t] of st.v.entries()) adamw.v[i]!.set(t);
+    adamw.stepCount = st.step;
+    stale = false;
+  };
+
   try {
     if (runDir && state.step === 0 && resumedFrom === undefined)
       saveTensors(join(runDir, "snapshots", "step-000000.safetensors"), 0, "snapshot");
@@ -495,40 +531,52 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
       const t0 = performance.now();
       const step = state.step;
       const lr = learningRate(step, steps, opt.lr, opt.schedule, opt.warmupSteps);
-      // Accumulate gradients over micro-batches (mean of their losses).
-      let taskLoss = 0;
-      let tokens = 0;
-      const grads = tensors.map((t) => new Float32Array(t.length));
-      for (let micro = 0; micro < opt.accumulate; micro++) {
+      const nextBatch = () => {
         if (state.epochCursor >= state.epochBatches.length) {
           state.epochBatches = rngNow.shuffle(bucketBatches(lengths, batchSize));
           state.epochCursor = 0;
         }
-        const b = collate(state.epochBatches[state.epochCursor++]!.map((i) => train[i]!));
-        const g: LossAndGrad = await model.lossAndGrad({ ...b, prompt, deepPrompts });
-        taskLoss += g.loss / opt.accumulate;
-        tokens += b.tokens;
-        promptGrads(g).forEach((gi, i) => {
-          const acc = grads[i]!;
-          for (let k = 0; k < acc.length; k++) acc[k] += gi[k]! / opt.accumulate;
-        });
-      }
-      // Regulariser on the soft prompt (tensor 0): lambda * R(prompt) joins the loss.
+        return collate(state.epochBatches[state.epochCursor++]!.map((i) => train[i]!));
+      };
+      let taskLoss = 0;
+      let tokens = 0;
+      let gradNorm: number;
       let regValue: number | null = null;
-      if (regularizer && options.regularizer) {
-        const { lambda, schedule = "constant" } = options.regularizer;
-        const lam = schedule === "linear" ? (lambda * (step + 1)) / steps : lambda;
-        const r = regularizer.valueAndGradient(tensors[0]!);
-        regValue = lam * r.value;
-        const acc = grads[0]!;
-        for (let k = 0; k < acc.length; k++) acc[k] += lam * r.gradient[k]!;
+      if (trainer) {
+        const b = nextBatch();
+        const r = await trainer.step(b, lr);
+        taskLoss = r.loss;
+        tokens = b.tokens;
+        gradNorm = r.gradNorm;
+        stale = true;
+      } else {
+        // Accumulate gradients over micro-batches (mean of their losses).
+        const grads = tensors.map((t) => new Float32Array(t.length));
+        for (let micro = 0; micro < opt.accumulate; micro++) {
+          const b = nextBatch();
+          const g: LossAndGrad = await model.lossAndGrad({ ...b, prompt, deepPrompts });
+          taskLoss += g.loss / opt.accumulate;
+          tokens += b.tokens;
+          promptGrads(g).forEach((gi, i) => {
+            const acc = grads[i]!;
+            for (let k = 0; k < acc.length; k++) acc[k] += gi[k]! / opt.accumulate;
+          });
+        }
+        // Regulariser on the soft prompt (tensor 0): lambda * R(prompt) joins the loss.
+        if (regularizer && options.regularizer) {
+          const { lambda, schedule = "constant" } = options.regularizer;
+          const lam = schedule === "linear" ? (lambda * (step + 1)) / steps : lambda;
+          const r = regularizer.valueAndGradient(tensors[0]!);
+          regValue = lam * r.value;
+          const acc = grads[0]!;
+          for (let k = 0; k < acc.length; k++) acc[k] += lam * r.gradient[k]!;
+        }
+        gradNorm = norm(grads);
+        // As torch.nn.utils.clip_grad_norm_ (and the device step): scale by clip / (norm + 1e-6) when below 1.
+        const coef = opt.clipNorm === undefined ? 1 : opt.clipNorm / (gradNorm + 1e-6);
+        if (coef < 1) for (const g of grads) for (let k = 0; k < g.length; k++) g[k] *= coef;
+        adamw.step(grads, lr);
       }
-      const gradNorm = norm(grads);
-      if (opt.clipNorm !== undefined && gradNorm > opt.clipNorm) {
-        const s = opt.clipNorm / gradNorm;
-        for (const g of grads) for (let k = 0; k < g.length; k++) g[k] *= s;
-      }
-      adamw.step(grads, lr);
       state.step = step + 1;
       state.lastLoss = taskLoss + (regValue ?? 0);
       const record: StepRecord = {
@@ -544,6 +592,14 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
       };
       appendMetrics(record);
       options.onStep?.(record);
+      const due = (every: number | undefined) => !!every && state.step % every === 0;
+      if (
+        due(options.collapseEvery) ||
+        due(evalEvery) ||
+        (runDir && (due(snapshotEvery) || due(checkpointEvery))) ||
+        state.step === steps
+      )
+        await pull();
       if (
         options.collapseEvery &&
         state.step % options.collapseEvery === 0 &&

@@ -67,6 +67,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
                         InstanceMethod("deviceProfile", &ModelWrap::DeviceProfile),
                         InstanceMethod("setTrainables", &ModelWrap::SetTrainables),
                         InstanceMethod("trainables", &ModelWrap::Trainables),
+                        InstanceMethod("setOptimizerState", &ModelWrap::SetOptimizerState),
                         InstanceMethod("promptStep", &ModelWrap::PromptStep)});
   }
 
@@ -680,22 +681,59 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     });
   }
 
-  // trainables() -> Promise<{ prompt?, deepPrompts? }> (copies of the device-resident tensors)
+  // trainables(slot = "param") -> Promise<{ prompt?, deepPrompts?, step }>: copies of the device-resident
+  // tensors ("param") or of AdamW's moments ("m", "v"), and the AdamW steps taken.
   Napi::Value Trainables(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     return guarded(env, [&]() -> Napi::Value {
       auto d = device(env);
+      using Trainable = pt::DeviceModel::Trainable;
+      Trainable which = Trainable::Param;
+      if (info.Length() > 0 && !info[0].IsUndefined()) {
+        const std::string s = info[0].IsString() ? info[0].As<Napi::String>().Utf8Value() : "";
+        if (s == "m")
+          which = Trainable::AdamM;
+        else if (s == "v")
+          which = Trainable::AdamV;
+        else if (s != "param")
+          throw_type(env, "slot", "\"param\", \"m\" or \"v\"", info[0]);
+      }
       auto result = std::make_shared<pt::PromptTensors>();
+      auto steps = std::make_shared<int64_t>(0);
       auto* worker = new PromiseWorker(
-          env, [d, result]() { *result = d->trainables(); },
-          [result](Napi::Env env) -> Napi::Value {
+          env,
+          [d, result, steps, which]() {
+            *result = d->trainables(which);
+            *steps = d->optimizer_steps();
+          },
+          [result, steps](Napi::Env env) -> Napi::Value {
             Napi::Object out = Napi::Object::New(env);
             if (!result->prompt.empty()) out.Set("prompt", to_float32(env, std::move(result->prompt)));
             if (result->kind != pt::DeepPrompts::Kind::None)
               out.Set("deepPrompts", deep_object(env, result->kind, result->layers, result->deep,
                                                  result->keys, result->values));
+            out.Set("step", static_cast<double>(*steps));
             return out;
           });
+      return worker->queue();
+    });
+  }
+
+  // setOptimizerState(m, v, step) -> Promise<void>: AdamW's moments ({ prompt?, deepPrompts? } shaped as the
+  // trainables) and step count, for a resumed run.
+  Napi::Value SetOptimizerState(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return guarded(env, [&]() -> Napi::Value {
+      auto d = device(env);
+      std::vector<Napi::Value> keep;
+      auto m = std::make_shared<pt::ForwardArgs>();
+      auto v = std::make_shared<pt::ForwardArgs>();
+      parse_prompts(env, live(env)->config(), object_of(arg(info, 0, "m"), "m"), *m, keep);
+      parse_prompts(env, live(env)->config(), object_of(arg(info, 1, "v"), "v"), *v, keep);
+      const int64_t step = int_of(arg(info, 2, "step"), "step", 0);
+      auto* worker = new PromiseWorker(
+          env, [d, m, v, step]() { d->set_optimizer_state(*m, *v, step); }, nullptr);
+      for (const auto& k : keep) worker->keep(k);
       return worker->queue();
     });
   }

@@ -5,6 +5,9 @@
 // and errors (out of memory) as JS errors. The checks and their tolerances live in test/cuda-checks.ts,
 // which scripts/gpu-check.ts also runs. Without a device that suite is skipped with the probe's reason; the
 // CPU half of PromptTrainer (the reference of the device-resident step) is tested everywhere.
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import {
   AdamW,
@@ -14,6 +17,8 @@ import {
   loadTask,
   type StepRecord,
   type TuneMode,
+  type TuneOptions,
+  type TuneResult,
   tune,
 } from "../lib/index.js";
 import {
@@ -36,6 +41,103 @@ function expectAllPass(rows: CheckRow[]) {
   expect(rows.length).toBeGreaterThan(0);
 }
 
+const tuneTask = loadTask({ kind: "arithmetic", trainCount: 12, validationCount: 2, seed: 3 });
+
+/** A 4-step tune() of llama-tiny on the given backend (CUDA at fp32), evaluated at the end. */
+async function tuneRun(backend: "cpu" | "cuda", mode: TuneMode, extra: Partial<TuneOptions> = {}) {
+  const model = await loadModel(
+    modelDir("llama-tiny"),
+    backend === "cuda" ? { backend, precision: "fp32" } : { backend, threads: 2 },
+  );
+  try {
+    expect(model.backend).toBe(backend);
+    const prior = await createPrior({ kind: "gaussian", sigma: 0.5 }, { model });
+    const steps: StepRecord[] = [];
+    const { onStep, ...rest } = extra;
+    const result = await tune({
+      model,
+      task: await tuneTask,
+      prior,
+      mode,
+      promptLength: 4,
+      deepLayers: [0, 1],
+      deepLength: 3,
+      steps: 4,
+      batchSize: 4,
+      evalEvery: 4,
+      maxNewTokens: 4,
+      optimizer: { lr: 1e-2, clipNorm: 1 },
+      seed: 5,
+      ...rest,
+      onStep: (s) => {
+        steps.push(s);
+        onStep?.(s);
+      },
+    });
+    return { result, steps };
+  } finally {
+    model.dispose();
+  }
+}
+
+function firstTensor(r: TuneResult): Float32Array {
+  return r.prompt ?? (r.deepPrompts as { keys: Float32Array[] }).keys[0]!;
+}
+
+/**
+ * Three steps on one trainer; a second trainer gets its tensors and optimizer state; both take two more
+ * steps on the same batches: equal losses and tensors (bit for bit: same backend, same kernels).
+ */
+async function trainerStateRoundTrip(backend: "cpu" | "cuda"): Promise<{ same: boolean; detail?: string }> {
+  const g = readGolden("llama-tiny");
+  const base = goldenBatch(g);
+  const prompt = toFloat32(g.get("prompt"));
+  const { maxGradNorm: _, ...opts } = goldenAdamW(g);
+  const load = () =>
+    loadModel(
+      modelDir("llama-tiny"),
+      backend === "cuda" ? { backend, precision: "fp32" } : { backend, threads: 2 },
+    );
+  // Two models: a CUDA model holds one trainer's tensors at a time.
+  const [model, other] = [await load(), await load()];
+  try {
+    const a = await model.promptTrainer({ prompt }, opts);
+    for (let i = 0; i < 3; i++) await a.step(base);
+    const state = await a.optimizerState();
+    if (state.step !== 3) return { same: false, detail: `step ${state.step}` };
+    const b = await other.promptTrainer(await a.tensors(), opts);
+    await b.setOptimizerState(state);
+    for (let i = 0; i < 2; i++) {
+      const [ra, rb] = [await a.step(base), await b.step(base)];
+      if (ra.loss !== rb.loss || ra.step !== rb.step)
+        return { same: false, detail: `step ${ra.step}: ${ra.loss} vs ${rb.loss}` };
+    }
+    const [pa, pb] = [(await a.tensors()).prompt!, (await b.tensors()).prompt!];
+    const sa = await a.optimizerState();
+    const sb = await b.optimizerState();
+    const same =
+      pa.every((v, i) => v === pb[i]) &&
+      sa.step === 5 &&
+      sb.step === 5 &&
+      sa.v[0]!.every((v, i) => v === sb.v[0]![i]);
+    if (!same) return { same, detail: "tensors or moments differ" };
+    if (backend === "cuda") {
+      // A second trainer on the same model takes over its device tensors: the first one says so.
+      await model.promptTrainer({ prompt }, opts);
+      const message = await a.step(base).then(
+        () => "",
+        (e: Error) => e.message,
+      );
+      if (!/replaced this trainer's device tensors/.test(message))
+        return { same: false, detail: `replaced trainer: ${message || "no error"}` };
+    }
+    return { same };
+  } finally {
+    model.dispose();
+    other.dispose();
+  }
+}
+
 describe.skipIf(!cuda.usable)(`CUDA backend${suffix}`, () => {
   it("every CUDA op matches its CPU reference", async () => {
     const { cudaSelfTest } = await import("../lib/index.js");
@@ -54,42 +156,19 @@ describe.skipIf(!cuda.usable)(`CUDA backend${suffix}`, () => {
       it(`random ${arch} (hd 64), ${precision}: CPU agreement, graph replay`, async () => {
         expectAllPass(await randomModelChecks(arch, precision));
       }, 300_000);
-  it.each(["soft", "deep-prefix"] as const)(
-    "tune() (%s) on CUDA at fp32 follows the CPU run step for step, evaluation included",
-    async (mode: TuneMode) => {
-      const task = await loadTask({ kind: "arithmetic", trainCount: 12, validationCount: 2, seed: 3 });
-      const run = async (backend: "cpu" | "cuda") => {
-        const model = await loadModel(
-          modelDir("llama-tiny"),
-          backend === "cuda" ? { backend, precision: "fp32" } : { backend, threads: 2 },
-        );
-        try {
-          expect(model.backend).toBe(backend);
-          const prior = await createPrior({ kind: "gaussian", sigma: 0.5 }, { model });
-          const steps: StepRecord[] = [];
-          const r = await tune({
-            model,
-            task,
-            prior,
-            mode,
-            promptLength: 4,
-            deepLayers: [0, 1],
-            deepLength: 3,
-            steps: 4,
-            batchSize: 4,
-            evalEvery: 4,
-            maxNewTokens: 4,
-            optimizer: { lr: 1e-2, clipNorm: 1 },
-            seed: 5,
-            onStep: (s) => steps.push(s),
-          });
-          return { r, steps };
-        } finally {
-          model.dispose();
-        }
-      };
-      const gpu = await run("cuda");
-      const cpu = await run("cpu");
+  // tune() on CUDA: soft and deep-prefix take the device-resident step, a regulariser the host path.
+  it.each([
+    ["soft", false],
+    ["deep-prefix", false],
+    ["soft", true],
+  ] as const)(
+    "tune() (%s, regulariser %s) on CUDA at fp32 follows the CPU run step for step, evaluation included",
+    async (mode, regularized) => {
+      const extra: Partial<TuneOptions> = regularized
+        ? { regularizer: { regularizer: { kind: "l2-init" }, lambda: 0.5 } }
+        : {};
+      const gpu = await tuneRun("cuda", mode, extra);
+      const cpu = await tuneRun("cpu", mode, extra);
       expect(gpu.steps.length).toBe(4);
       gpu.steps.forEach((s, i) => {
         const c = cpu.steps[i]!;
@@ -98,15 +177,39 @@ describe.skipIf(!cuda.usable)(`CUDA backend${suffix}`, () => {
           1e-3,
         );
       });
-      const [ge, ce] = [gpu.r.evals[0]!, cpu.r.evals[0]!];
+      const [ge, ce] = [gpu.result.evals[0]!, cpu.result.evals[0]!];
       expect(Math.abs(ge.validationLoss - ce.validationLoss) / ce.validationLoss).toBeLessThan(1e-4);
-      const a = mode === "soft" ? gpu.r.prompt! : (gpu.r.deepPrompts as { keys: Float32Array[] }).keys[0]!;
-      const b = mode === "soft" ? cpu.r.prompt! : (cpu.r.deepPrompts as { keys: Float32Array[] }).keys[0]!;
-      const r = compare(a, b);
+      const r = compare(firstTensor(gpu.result), firstTensor(cpu.result));
       expect(r.maxAbs / r.scale).toBeLessThan(1e-3);
     },
     300_000,
   );
+  it("tune() on CUDA resumes from its checkpoint (device AdamW state restored) to the uninterrupted run", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "priortune-cuda-tune-"));
+    try {
+      const whole = await tuneRun("cuda", "soft", { runDir: join(dir, "whole"), checkpointEvery: 2 });
+      const controller = new AbortController();
+      const opts = { runDir: join(dir, "cut"), checkpointEvery: 2, signal: controller.signal };
+      await expect(
+        tuneRun("cuda", "soft", {
+          ...opts,
+          onStep: (s) => {
+            if (s.step === 3) controller.abort();
+          },
+        }),
+      ).rejects.toThrow(/aborted/);
+      const resumed = await tuneRun("cuda", "soft", { ...opts, signal: undefined });
+      expect(resumed.result.resumedFrom).toBe(2);
+      expect(resumed.steps.map((s) => s.step)).toEqual([3, 4]);
+      expect(resumed.steps.map((s) => s.loss)).toEqual(whole.steps.slice(2).map((s) => s.loss));
+      expect(resumed.result.prompt).toEqual(whole.result.prompt);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }, 300_000);
+  it("PromptTrainer's optimizer state round-trips: a trainer given it steps as the original", async () => {
+    expect(await trainerStateRoundTrip("cuda")).toEqual({ same: true });
+  }, 120_000);
   it("out of memory is a JS error and the model keeps working", async () => {
     expectAllPass(await errorChecks());
   }, 120_000);
@@ -159,6 +262,10 @@ describe("PromptTrainer on the CPU (the device step's reference)", () => {
     }
   });
 
+  it("optimizer state round-trips: a trainer given it steps as the original", async () => {
+    expect(await trainerStateRoundTrip("cpu")).toEqual({ same: true });
+  });
+
   it("rejects bad settings and empty trainers with named errors", async () => {
     const model = await loadModel(modelDir("llama-tiny"), { backend: "cpu", threads: 1 });
     try {
@@ -169,6 +276,8 @@ describe("PromptTrainer on the CPU (the device step's reference)", () => {
       await expect(model.promptTrainer({ prompt: new Float32Array(5) }, opts)).rejects.toThrow(/prompt/);
       const t = await model.promptTrainer({ prompt }, opts);
       await expect(t.step(base, Number.NaN)).rejects.toThrow(/lr/);
+      await expect(t.setOptimizerState({ step: 1, m: [], v: [] })).rejects.toThrow(/m: expected 1 tensors/);
+      await expect(t.setOptimizerState({ step: -1, m: [], v: [] })).rejects.toThrow(/step/);
     } finally {
       model.dispose();
     }

@@ -284,7 +284,7 @@ class CudaModel final : public DeviceModel {
     ++generation_;  // the trainables' addresses are new
   }
 
-  PromptTensors trainables() override {
+  PromptTensors trainables(Trainable which) override {
     std::lock_guard<std::mutex> lock(mutex_);
     check(cudaSetDevice(0), "cudaSetDevice(0)");
     if (!train_.ready) throw std::logic_error("no trainable prompt on the device: call setTrainables first");
@@ -294,8 +294,11 @@ class CudaModel final : public DeviceModel {
     size_t k = 0;
     auto get = [&](std::vector<float>& dst) {
       const TrainTensor& t = train_.tensors[k++];
+      const DeviceBuffer<float>& src = which == Trainable::AdamM   ? t.m
+                                       : which == Trainable::AdamV ? t.v
+                                                                   : t.param;
       dst.resize(t.n);
-      check(cudaMemcpyAsync(dst.data(), t.param.get(), t.n * sizeof(float), cudaMemcpyDeviceToHost, stream_),
+      check(cudaMemcpyAsync(dst.data(), src.get(), t.n * sizeof(float), cudaMemcpyDeviceToHost, stream_),
             "trainable download");
     };
     if (train_.P > 0) get(out.prompt);
@@ -312,6 +315,45 @@ class CudaModel final : public DeviceModel {
       }
     }
     return out;
+  }
+
+  int64_t optimizer_steps() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return train_.ready ? train_.step : 0;
+  }
+
+  void set_optimizer_state(const ForwardArgs& m, const ForwardArgs& v, int64_t steps) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    check(cudaSetDevice(0), "cudaSetDevice(0)");
+    if (!train_.ready) throw std::logic_error("no trainable prompt on the device: call setTrainables first");
+    if (steps < 0) throw std::invalid_argument("optimizer state: step must be >= 0");
+    for (const ForwardArgs* a : {&m, &v}) {
+      const char* which = a == &m ? "optimizer state m" : "optimizer state v";
+      check_trainable_shapes(*a);
+      bool same = a->P == train_.P && a->deep.kind == train_.deep_kind && a->deep.layers == train_.layers;
+      if (same && a->deep.kind == DeepPrompts::Kind::Hidden) same = a->deep.lengths == train_.lengths;
+      if (same && a->deep.kind == DeepPrompts::Kind::Prefix) same = a->deep.prefix_len == train_.prefix_len;
+      if (!same)
+        throw std::invalid_argument(std::string(which) + ": its tensors do not match the trainables");
+      size_t k = 0;
+      auto put = [&](const float* src) {
+        TrainTensor& t = train_.tensors[k++];
+        DeviceBuffer<float>& dst = a == &m ? t.m : t.v;
+        check(cudaMemcpyAsync(dst.get(), src, t.n * sizeof(float), cudaMemcpyHostToDevice, stream_),
+              "optimizer state upload");
+      };
+      if (a->P > 0) put(a->prompt);
+      for (size_t i = 0; i < a->deep.layers.size(); ++i) {
+        if (a->deep.kind == DeepPrompts::Kind::Hidden) put(a->deep.vectors[i]);
+        if (a->deep.kind == DeepPrompts::Kind::Prefix) {
+          put(a->deep.keys[i]);
+          put(a->deep.values[i]);
+        }
+      }
+    }
+    // The host arrays may be freed when this returns.
+    check(cudaStreamSynchronize(stream_), "optimizer state upload");
+    train_.step = steps;
   }
 
   TrainStats prompt_step(const ForwardArgs& batch, const AdamWConfig& o) override {

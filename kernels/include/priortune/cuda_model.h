@@ -59,7 +59,13 @@ class DeviceModel {
   // (args' own prompt and deep prompt pointers are ignored; their shapes must match). lr is the step's
   // learning rate (schedules live in the caller).
   virtual void set_trainables(const ForwardArgs& args) = 0;
-  virtual PromptTensors trainables() = 0;
+  // Copies of the trainables (Param) or of AdamW's first or second moments, in the same layout.
+  enum class Trainable { Param, AdamM, AdamV };
+  virtual PromptTensors trainables(Trainable which = Trainable::Param) = 0;
+  // AdamW steps taken since set_trainables (or set by set_optimizer_state).
+  virtual int64_t optimizer_steps() = 0;
+  // Restores AdamW's moments and step count (a resumed run): m and v shaped as the trainables.
+  virtual void set_optimizer_state(const ForwardArgs& m, const ForwardArgs& v, int64_t steps) = 0;
   virtual TrainStats prompt_step(const ForwardArgs& batch, const AdamWConfig& adamw) = 0;
   virtual DeviceMemoryInfo memory() = 0;
   virtual std::string precision() const = 0;
