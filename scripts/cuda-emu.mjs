@@ -328,8 +328,9 @@ function nodeHeaders() {
 
 // ---- run ----------------------------------------------------------------------------------------------
 
-// The "addon" section: the JS-level CUDA suite (test/cuda.test.ts: lib's backend "cuda", the native
-// bindings, PromptTrainer, graphs, errors) run by vitest with the emulated addon in place of the real one.
+// The "addon" section: the JS-level CUDA suites (test/cuda.test.ts: lib's backend "cuda", the native
+// bindings, PromptTrainer, tune(), graphs, errors; test/knn.test.ts: VocabIndex on CUDA) run by vitest with
+// the emulated addon in place of the real one.
 // It passes when every test ran (none skipped), none failed, and the emulator reported nothing.
 async function runAddonSuite(env) {
   const vitest = join(root, "node_modules", "vitest", "vitest.mjs");
@@ -340,7 +341,8 @@ async function runAddonSuite(env) {
     PRIORTUNE_CUDA_EMULATED: "1",
     EMU_DEVICE_MIB: "2048",
   };
-  const suite = await run(process.execPath, [vitest, "run", "test/cuda.test.ts", "--reporter=verbose"], {
+  const files = ["test/cuda.test.ts", "test/knn.test.ts"]; // knn: its CUDA block runs on the emulated device
+  const suite = await run(process.execPath, [vitest, "run", ...files, "--reporter=verbose"], {
     env: { ...suiteEnv, NO_COLOR: "1", FORCE_COLOR: "0" },
   });
   // The GPU check's bundle (what scripts/gpu-check.sh carries to a GPU machine) on tiny shapes.

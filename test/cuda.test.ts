@@ -5,12 +5,15 @@
 // and errors (out of memory) as JS errors. The checks and their tolerances live in test/cuda-checks.ts,
 // which scripts/gpu-check.ts also runs. Without a device that suite is skipped with the probe's reason; the
 // CPU half of PromptTrainer (the reference of the device-resident step) is tested everywhere.
-import { mkdtempSync, rmSync } from "node:fs";
+import { spawnSync } from "node:child_process";
+import { existsSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
 import { describe, expect, it } from "vitest";
 import {
   AdamW,
+  collapseReport,
   createPrior,
   cudaStatus,
   loadModel,
@@ -209,6 +212,75 @@ describe.skipIf(!cuda.usable)(`CUDA backend${suffix}`, () => {
   }, 300_000);
   it("PromptTrainer's optimizer state round-trips: a trainer given it steps as the original", async () => {
     expect(await trainerStateRoundTrip("cuda")).toEqual({ same: true });
+  }, 120_000);
+  it("collapseReport with the CUDA index equals the CPU report", async () => {
+    const model = await loadModel(modelDir("gpt2-tiny"), { backend: "cpu", threads: 2 });
+    try {
+      const emb = model.tokenEmbeddings();
+      const d = model.config.hiddenSize;
+      // Two prompt rows on token embeddings (collapsed) and three random ones.
+      const prompt = new Float32Array(5 * d).map((_, i) => Math.sin(i * 0.37) * 0.3);
+      prompt.set(emb.subarray(11 * d, 12 * d), 0);
+      prompt.set(emb.subarray(40 * d, 41 * d), 3 * d);
+      const [cpu, gpu] = [
+        await collapseReport(prompt, model, { k: 4, seed: 2, backend: "cpu" }),
+        await collapseReport(prompt, model, { k: 4, seed: 2, backend: "cuda" }),
+      ];
+      expect([cpu.reference.backend, gpu.reference.backend]).toEqual(["cpu", "cuda"]);
+      expect(gpu.vectors.map((v) => v.nearest.map((n) => n.id))).toEqual(
+        cpu.vectors.map((v) => v.nearest.map((n) => n.id)),
+      );
+      expect(gpu.aggregate.projectedPrompt).toBe(cpu.aggregate.projectedPrompt);
+      expect(gpu.aggregate.collapseRate).toBe(cpu.aggregate.collapseRate);
+      gpu.vectors.forEach((v, i) => {
+        const c = cpu.vectors[i]!;
+        expect(v.nearest[0]!.cosine).toBeCloseTo(c.nearest[0]!.cosine, 6);
+        expect(v.nearestDistancePercentile.l2).toBeCloseTo(c.nearestDistancePercentile.l2, 6);
+      });
+    } finally {
+      model.dispose();
+    }
+  }, 120_000);
+  it("the CLI tunes on CUDA (--backend cuda --precision fp32) and says so", () => {
+    const dir = mkdtempSync(join(tmpdir(), "priortune-cuda-cli-"));
+    try {
+      const cli = join(dirname(fileURLToPath(import.meta.url)), "..", "lib", "cli.ts");
+      const r = spawnSync(
+        process.execPath,
+        [
+          "--import",
+          "tsx",
+          cli,
+          "tune",
+          modelDir("llama-tiny"),
+          "--task",
+          "arithmetic",
+          "--train-count",
+          "12",
+          "--validation-count",
+          "2",
+          "--steps",
+          "3",
+          "--prompt-length",
+          "4",
+          "--backend",
+          "cuda",
+          "--precision",
+          "fp32",
+          "--run-dir",
+          join(dir, "run"),
+          "--json",
+        ],
+        { encoding: "utf8", env: { ...process.env, PRIORTUNE_LOG: "info" } },
+      );
+      expect(r.status, r.stderr).toBe(0);
+      expect(r.stderr).toMatch(/step 3\/3 loss \d+\.\d+/);
+      expect(r.stderr).toMatch(/priortune: CUDA: .*, fp32 weights/);
+      expect(JSON.parse(r.stdout).steps).toBe(3);
+      expect(existsSync(join(dir, "run", "prompt.safetensors"))).toBe(true);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   }, 120_000);
   it("out of memory is a JS error and the model keeps working", async () => {
     expectAllPass(await errorChecks());
