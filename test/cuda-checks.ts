@@ -13,10 +13,14 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 // Module imports (not lib/index.js): the GPU check's bundle must not pull in the plotting stack.
+import { collapseReport } from "../lib/collapse.js";
 import { loadModel } from "../lib/model.js";
 import type { CudaPrecision, DeepPrompts } from "../lib/native.js";
 import { promptGrads } from "../lib/optim.js";
 import { createModel, saveModel } from "../lib/pretrain.js";
+import { createPrior } from "../lib/priors.js";
+import { loadTask } from "../lib/tasks.js";
+import { type StepRecord, type TuneMode, type TuneOptions, type TuneResult, tune } from "../lib/train.js";
 import { compare, goldenAdamW, goldenBatch, modelDir, readGolden, toFloat32, toInt32 } from "./helpers.js";
 
 export interface CheckRow {
@@ -293,7 +297,198 @@ function lcg(seed: number): () => number {
   };
 }
 
-/** Errors that must become JS errors: device out of memory (and the model still works afterwards). */
+const loadFixture = (name: string, backend: "cpu" | "cuda") =>
+  loadModel(modelDir(name), backend === "cuda" ? { backend, precision: "fp32" } : { backend, threads: 2 });
+
+/** A 4-step tune() of llama-tiny on the given backend (CUDA at fp32), evaluated at the end. */
+async function tuneRun(backend: "cpu" | "cuda", mode: TuneMode, extra: Partial<TuneOptions> = {}) {
+  const model = await loadFixture("llama-tiny", backend);
+  try {
+    if (model.backend !== backend) throw new Error(`loaded on ${model.backend}, not ${backend}`);
+    const prior = await createPrior({ kind: "gaussian", sigma: 0.5 }, { model });
+    const steps: StepRecord[] = [];
+    const { onStep, ...rest } = extra;
+    const result = await tune({
+      model,
+      task: await loadTask({ kind: "arithmetic", trainCount: 12, validationCount: 2, seed: 3 }),
+      prior,
+      mode,
+      promptLength: 4,
+      deepLayers: [0, 1],
+      deepLength: 3,
+      steps: 4,
+      batchSize: 4,
+      evalEvery: 4,
+      maxNewTokens: 4,
+      optimizer: { lr: 1e-2, clipNorm: 1 },
+      seed: 5,
+      ...rest,
+      onStep: (s) => {
+        steps.push(s);
+        onStep?.(s);
+      },
+    });
+    return { result, steps };
+  } finally {
+    model.dispose();
+  }
+}
+
+function firstTensor(r: TuneResult): Float32Array {
+  return r.prompt ?? (r.deepPrompts as { keys: Float32Array[] }).keys[0]!;
+}
+
+/**
+ * tune() at fp32 on CUDA against the same run on the CPU, step for step: soft and deep-prefix take the
+ * device-resident step, a regularised run the host path. Losses and the validation loss to 1e-4, gradient
+ * norms and the final tensor to 1e-3 (fp32 summation order through four AdamW steps).
+ */
+export async function tuneChecks(mode: TuneMode, regularized: boolean): Promise<CheckRow[]> {
+  const rows = new Rows(`tune ${mode}${regularized ? " + l2-init" : ""} fp32`);
+  const extra: Partial<TuneOptions> = regularized
+    ? { regularizer: { regularizer: { kind: "l2-init" }, lambda: 0.5 } }
+    : {};
+  const gpu = await tuneRun("cuda", mode, extra);
+  const cpu = await tuneRun("cpu", mode, extra);
+  rows.add("steps taken", gpu.steps.length === 4 ? 0 : 1, 0);
+  let loss = 0;
+  let norm = 0;
+  gpu.steps.forEach((s, i) => {
+    const c = cpu.steps[i]!;
+    loss = Math.max(loss, Math.abs(s.loss - c.loss) / c.loss);
+    norm = Math.max(norm, Math.abs(s.gradNorm - c.gradNorm) / c.gradNorm);
+  });
+  rows.add("loss per step vs CPU", loss, 1e-4);
+  rows.add("gradient norm per step vs CPU", norm, 1e-3);
+  const [ge, ce] = [gpu.result.evals[0]!, cpu.result.evals[0]!];
+  rows.add(
+    "validation loss vs CPU",
+    Math.abs(ge.validationLoss - ce.validationLoss) / ce.validationLoss,
+    1e-4,
+  );
+  rows.add("final tensor vs CPU", rel(firstTensor(gpu.result), firstTensor(cpu.result)), 1e-3);
+  return rows.list;
+}
+
+/** A CUDA tune() aborted after step 3 resumes from its step-2 checkpoint and ends as the uninterrupted run. */
+export async function tuneResumeChecks(): Promise<CheckRow[]> {
+  const rows = new Rows("tune resume on CUDA");
+  const dir = mkdtempSync(join(tmpdir(), "priortune-cuda-tune-"));
+  try {
+    const whole = await tuneRun("cuda", "soft", { runDir: join(dir, "whole"), checkpointEvery: 2 });
+    const controller = new AbortController();
+    const opts = { runDir: join(dir, "cut"), checkpointEvery: 2 };
+    const message = await tuneRun("cuda", "soft", {
+      ...opts,
+      signal: controller.signal,
+      onStep: (s) => {
+        if (s.step === 3) controller.abort();
+      },
+    }).then(
+      () => "",
+      (e: Error) => e.message,
+    );
+    rows.add("the aborted run stops with an error", /aborted/.test(message) ? 0 : 1, 0, message.slice(0, 80));
+    const resumed = await tuneRun("cuda", "soft", opts);
+    rows.add("resumes from step 2", resumed.result.resumedFrom === 2 ? 0 : 1, 0);
+    const same =
+      resumed.steps.map((s) => s.loss).join() ===
+        whole.steps
+          .slice(2)
+          .map((s) => s.loss)
+          .join() && resumed.result.prompt!.every((v, i) => v === whole.result.prompt![i]);
+    rows.add("losses of steps 3-4 and final prompt: bit-identical", same ? 0 : 1, 0);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+  return rows.list;
+}
+
+/**
+ * PromptTrainer's AdamW state: three steps on one trainer, then a trainer on a second model gets its tensors
+ * and optimizer state; two more steps on each give bit-identical losses, tensors and moments. On CUDA, a
+ * newer promptTrainer() on the first model takes over its device tensors and the older trainer says so.
+ */
+export async function trainerStateChecks(backend: "cpu" | "cuda"): Promise<CheckRow[]> {
+  const rows = new Rows(`optimizer state ${backend}`);
+  const g = readGolden("llama-tiny");
+  const base = goldenBatch(g);
+  const prompt = toFloat32(g.get("prompt"));
+  const { maxGradNorm: _, ...opts } = goldenAdamW(g);
+  // Two models: a CUDA model holds one trainer's tensors at a time.
+  const [model, other] = [await loadFixture("llama-tiny", backend), await loadFixture("llama-tiny", backend)];
+  try {
+    const a = await model.promptTrainer({ prompt }, opts);
+    for (let i = 0; i < 3; i++) await a.step(base);
+    const state = await a.optimizerState();
+    rows.add("step count after 3 steps", state.step === 3 ? 0 : 1, 0);
+    const b = await other.promptTrainer(await a.tensors(), opts);
+    await b.setOptimizerState(state);
+    let diff = 0;
+    for (let i = 0; i < 2; i++) {
+      const [ra, rb] = [await a.step(base), await b.step(base)];
+      diff = Math.max(diff, Math.abs(ra.loss - rb.loss), Math.abs(ra.step - rb.step));
+    }
+    const [pa, pb] = [(await a.tensors()).prompt!, (await b.tensors()).prompt!];
+    const [sa, sb] = [await a.optimizerState(), await b.optimizerState()];
+    rows.add("restored trainer: losses of two more steps", diff, 0, "bit-identical expected");
+    rows.add("restored trainer: prompt", rel(pb, pa), 0, "bit-identical expected");
+    rows.add("restored trainer: moments", Math.max(rel(sb.m[0]!, sa.m[0]!), rel(sb.v[0]!, sa.v[0]!)), 0);
+    if (backend === "cuda") {
+      await model.promptTrainer({ prompt }, opts);
+      const message = await a.step(base).then(
+        () => "",
+        (e: Error) => e.message,
+      );
+      rows.add(
+        "a replaced trainer throws",
+        /replaced this trainer's device tensors/.test(message) ? 0 : 1,
+        0,
+        message.slice(0, 80),
+      );
+    }
+  } finally {
+    model.dispose();
+    other.dispose();
+  }
+  return rows.list;
+}
+
+/** collapseReport through the CUDA index equals the CPU report (neighbours, projected prompt, rates). */
+export async function collapseChecks(): Promise<CheckRow[]> {
+  const rows = new Rows("collapse report on CUDA");
+  const model = await loadFixture("gpt2-tiny", "cpu");
+  try {
+    const emb = model.tokenEmbeddings();
+    const d = model.config.hiddenSize;
+    // Two prompt rows on token embeddings (collapsed) and three others.
+    const prompt = new Float32Array(5 * d).map((_, i) => Math.sin(i * 0.37) * 0.3);
+    prompt.set(emb.subarray(11 * d, 12 * d), 0);
+    prompt.set(emb.subarray(40 * d, 41 * d), 3 * d);
+    const cpu = await collapseReport(prompt, model, { k: 4, seed: 2, backend: "cpu" });
+    const gpu = await collapseReport(prompt, model, { k: 4, seed: 2, backend: "cuda" });
+    rows.add("the report used the CUDA index", gpu.reference.backend === "cuda" ? 0 : 1, 0);
+    const ids = (r: typeof cpu) => r.vectors.map((v) => v.nearest.map((n) => n.id).join()).join(";");
+    rows.add("nearest token ids", ids(gpu) === ids(cpu) ? 0 : 1, 0);
+    const agg = (r: typeof cpu) => `${r.aggregate.projectedPrompt}|${r.aggregate.collapseRate}`;
+    rows.add("projected prompt and collapse rate", agg(gpu) === agg(cpu) ? 0 : 1, 0);
+    let worst = 0;
+    gpu.vectors.forEach((v, i) => {
+      const c = cpu.vectors[i]!;
+      worst = Math.max(
+        worst,
+        Math.abs(v.nearest[0]!.cosine - c.nearest[0]!.cosine),
+        Math.abs(v.nearestDistancePercentile.l2 - c.nearestDistancePercentile.l2) / 100,
+      );
+    });
+    rows.add("nearest cosine and distance percentile", worst, 1e-6);
+  } finally {
+    model.dispose();
+  }
+  return rows.list;
+}
+
+/** Errors that must become JS errors: device out of memory (and the model keeps working afterwards). */
 export async function errorChecks(): Promise<CheckRow[]> {
   const rows = new Rows("errors");
   const model = await loadModel(modelDir("llama-tiny"), { backend: "cuda", precision: "fp32" });
@@ -372,6 +567,15 @@ export async function allCudaChecks(log: (row: CheckRow) => void = () => {}): Pr
   for (const precision of ["fp32", "bf16"] as const)
     for (const arch of ["gpt2", "llama"] as const)
       await run(`random ${arch} ${precision}`, () => randomModelChecks(arch, precision));
+  for (const [mode, regularized] of [
+    ["soft", false],
+    ["deep-prefix", false],
+    ["soft", true],
+  ] as const)
+    await run(`tune ${mode}`, () => tuneChecks(mode, regularized));
+  await run("tune resume", tuneResumeChecks);
+  await run("optimizer state", () => trainerStateChecks("cuda"));
+  await run("collapse", collapseChecks);
   await run("errors", errorChecks);
   return out;
 }
