@@ -493,6 +493,10 @@ export async function errorChecks(): Promise<CheckRow[]> {
   const rows = new Rows("errors");
   const model = await loadModel(modelDir("llama-tiny"), { backend: "cuda", precision: "fp32" });
   try {
+    const g = readGolden("llama-tiny");
+    const batch = { ...goldenBatch(g), prompt: toFloat32(g.get("prompt")) };
+    await model.lossAndGrad(batch);
+    const before = model.deviceMemory()!.workspaceBytes;
     // 2^22 rows x (hidden 96 + ...) per layer: far beyond any device's memory.
     const B = 4096;
     const T = 1024;
@@ -515,8 +519,15 @@ export async function errorChecks(): Promise<CheckRow[]> {
       0,
       message.slice(0, 120),
     );
-    const g = readGolden("llama-tiny");
-    const r = await model.lossAndGrad({ ...goldenBatch(g), prompt: toFloat32(g.get("prompt")) });
+    // The buffers the failed call grew before the one that did not fit are given back.
+    const after = model.deviceMemory()!.workspaceBytes;
+    rows.add(
+      "the workspace is released after the error",
+      after <= before ? 0 : 1,
+      0,
+      `${before} -> ${after} bytes`,
+    );
+    const r = await model.lossAndGrad(batch);
     const ref = (g.get("loss") as Float64Array)[0]!;
     rows.add("the model works after the error", Math.abs(r.loss - ref) / ref, 1e-5);
   } finally {

@@ -39,6 +39,11 @@ inline unsigned grid_for(int64_t n, int threads, int64_t max_blocks = 65535 * 8)
   return static_cast<unsigned>(b < max_blocks ? b : max_blocks);
 }
 
+// A failed device allocation (the message names the size and CUDA's error).
+struct OutOfMemory : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
 // A device allocation owned by one object (moved, never copied).
 template <class T>
 class DeviceBuffer {
@@ -65,8 +70,8 @@ class DeviceBuffer {
     cudaError_t e = cudaMalloc(&p, n * sizeof(T));
     if (e != cudaSuccess) {
       cudaGetLastError();
-      throw std::runtime_error("CUDA out of memory: cannot allocate " + std::to_string(n * sizeof(T)) +
-                               " bytes (" + cudaGetErrorString(e) + ")");
+      throw OutOfMemory("CUDA out of memory: cannot allocate " + std::to_string(n * sizeof(T)) + " bytes (" +
+                        cudaGetErrorString(e) + ")");
     }
     p_ = static_cast<T*>(p);
     n_ = n;

@@ -149,6 +149,9 @@ class CudaModel final : public DeviceModel {
 
   ForwardResult forward(const ForwardArgs& a) override {
     std::lock_guard<std::mutex> lock(mutex_);
+    return releasing_on_oom([&] { return forward_locked(a); });
+  }
+  ForwardResult forward_locked(const ForwardArgs& a) {
     check(cudaSetDevice(0), "cudaSetDevice(0)");
     Plan pl = plan(a, false);
     upload_prompts(pl, a);
@@ -209,6 +212,9 @@ class CudaModel final : public DeviceModel {
 
   GradResult loss_and_grad(const ForwardArgs& a) override {
     std::lock_guard<std::mutex> lock(mutex_);
+    return releasing_on_oom([&] { return loss_and_grad_locked(a); });
+  }
+  GradResult loss_and_grad_locked(const ForwardArgs& a) {
     check(cudaSetDevice(0), "cudaSetDevice(0)");
     if (!a.labels) throw std::invalid_argument("labels: required for lossAndGrad");
     Plan pl = plan(a, true);
@@ -359,6 +365,9 @@ class CudaModel final : public DeviceModel {
   TrainStats prompt_step(const ForwardArgs& batch, const AdamWConfig& o) override {
     check_adamw(o);
     std::lock_guard<std::mutex> lock(mutex_);
+    return releasing_on_oom([&] { return prompt_step_locked(batch, o); });
+  }
+  TrainStats prompt_step_locked(const ForwardArgs& batch, const AdamWConfig& o) {
     check(cudaSetDevice(0), "cudaSetDevice(0)");
     if (!train_.ready) throw std::logic_error("no trainable prompt on the device: call setTrainables first");
     if (!batch.labels) throw std::invalid_argument("labels: required for a training step");
@@ -464,20 +473,53 @@ class CudaModel final : public DeviceModel {
       ++generation_;
     }
   }
-  size_t workspace_bytes() const {
-    size_t n = x_.bytes() + xf_.bytes() + lnf_mean_.bytes() + lnf_rstd_.bytes() + xr_in_.bytes() +
-               xr_.bytes() + dxr_.bytes() + dxr_in_.bytes() + logits_.bytes() + losses_.bytes() +
-               loss_sum_.bytes() + dx_.bytes() + ln_.bytes() + tmp_.bytes() + act_.bytes() + dmid_.bytes() +
-               dact_.bytes() + dfc_.bytes() + dln_.bytes() + datt_.bytes() + dqkv_.bytes() +
-               attn_scratch_.bytes() + rope_cos_.bytes() + rope_sin_.bytes() + inputs_.bytes() +
-               gprompt_.bytes() + clip_.bytes() + gnorm_sq_.bytes();
-    for (const LayerState& s : states_)
-      n += s.x_in.bytes() + s.mean1.bytes() + s.rstd1.bytes() + s.qkv.bytes() + s.att.bytes() +
-           s.lse.bytes() + s.x_mid.bytes() + s.mean2.bytes() + s.rstd2.bytes() + s.fc_pre.bytes();
-    for (const auto& b : gdeep_a_) n += b.bytes();
-    for (const auto& b : gdeep_b_) n += b.bytes();
+  // Every workspace buffer (activations, scratch, inputs, gradients, rope tables): not the weights, not the
+  // trainables.
+  template <class F>
+  void for_each_workspace(F&& f) {
+    for (DeviceBuffer<float>* b :
+         {&x_,      &xf_,   &lnf_mean_,     &lnf_rstd_, &xr_in_,    &xr_,      &dxr_,  &dxr_in_, &logits_,
+          &losses_, &dx_,   &ln_,           &tmp_,      &act_,      &dmid_,    &dact_, &dfc_,    &dln_,
+          &datt_,   &dqkv_, &attn_scratch_, &rope_cos_, &rope_sin_, &gprompt_, &clip_})
+      f(*b);
+    f(loss_sum_);
+    f(gnorm_sq_);
+    f(inputs_);
+    for (LayerState& s : states_)
+      for (DeviceBuffer<float>* b :
+           {&s.x_in, &s.mean1, &s.rstd1, &s.qkv, &s.att, &s.lse, &s.x_mid, &s.mean2, &s.rstd2, &s.fc_pre})
+        f(*b);
+    for (auto& b : gdeep_a_) f(b);
+    for (auto& b : gdeep_b_) f(b);
+  }
+  size_t workspace_bytes() {
+    size_t n = 0;
+    for_each_workspace([&](const auto& b) { n += b.bytes(); });
     for (const auto& t : train_.tensors) n += t.param.bytes() + t.m.bytes() + t.v.bytes();
     return n;
+  }
+  // After an out-of-memory failure: the buffers a call grows stage by stage are given back (the failed call
+  // may have grown several before one did not fit), with the graphs that point at them, so that the model's
+  // device memory is its weights and trainables again and a smaller batch can follow.
+  // Runs a call's body (the lock held); out of memory releases the workspace before the error goes up.
+  template <class F>
+  auto releasing_on_oom(F&& body) -> decltype(body()) {
+    try {
+      return body();
+    } catch (const cuda::OutOfMemory&) {
+      release_workspace();
+      throw;
+    }
+  }
+  void release_workspace() {
+    cudaStreamSynchronize(stream_);  // kernels queued before the failure may still use the buffers
+    cudaGetLastError();
+    for_each_workspace([](auto& b) { b.release(); });
+    rope_positions_ = 0;
+    for (auto& entry : graphs_)
+      if (entry.second.exec) cudaGraphExecDestroy(entry.second.exec);
+    graphs_.clear();
+    ++generation_;
   }
   void sync(const char* what) {
     mark(nullptr);
