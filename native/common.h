@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <initializer_list>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -127,13 +128,25 @@ inline double number_of(const Napi::Value& v, const std::string& name) {
   return v.As<Napi::Number>().DoubleValue();
 }
 
+// A string that must be one of `options`: its index there (else a TypeError listing them: "a", "b" or "c").
+inline size_t choice_of(const Napi::Value& v, const std::string& name,
+                        std::initializer_list<const char*> options) {
+  const std::string s = v.IsString() ? v.As<Napi::String>().Utf8Value() : "";
+  std::string expected;
+  size_t i = 0;
+  for (const char* o : options) {
+    if (s == o) return i;
+    expected += std::string(i == 0 ? "" : i + 1 == options.size() ? " or " : ", ") + "\"" + o + "\"";
+    ++i;
+  }
+  throw_type(v.Env(), name, expected, v);
+}
+
 // "bf16" | "tf32" | "fp32" -> the CUDA matrix-product precision.
 inline pt::cuda::GemmPrecision precision_of(const Napi::Value& v, const std::string& name) {
-  const std::string s = v.IsString() ? v.As<Napi::String>().Utf8Value() : "";
-  if (s == "bf16") return pt::cuda::GemmPrecision::BF16;
-  if (s == "tf32") return pt::cuda::GemmPrecision::TF32;
-  if (s == "fp32") return pt::cuda::GemmPrecision::FP32;
-  throw_type(v.Env(), name, "\"bf16\", \"tf32\" or \"fp32\"", v);
+  constexpr pt::cuda::GemmPrecision by_index[] = {
+      pt::cuda::GemmPrecision::BF16, pt::cuda::GemmPrecision::TF32, pt::cuda::GemmPrecision::FP32};
+  return by_index[choice_of(v, name, {"bf16", "tf32", "fp32"})];
 }
 
 inline Napi::Object object_of(const Napi::Value& v, const std::string& name) {

@@ -76,14 +76,9 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     guarded(env, [&]() -> Napi::Value {
       Napi::Object o = object_of(arg(info, 0, "config"), "config");
       pt::ModelConfig c;
-      Napi::Value arch = o.Get("architecture");
-      std::string a = arch.IsString() ? arch.As<Napi::String>().Utf8Value() : "";
-      if (a == "gpt2")
-        c.arch = pt::Arch::GPT2;
-      else if (a == "llama")
-        c.arch = pt::Arch::Llama;
-      else
-        throw_type(env, "config.architecture", "\"gpt2\" or \"llama\"", arch);
+      c.arch = choice_of(o.Get("architecture"), "config.architecture", {"gpt2", "llama"}) == 0
+                   ? pt::Arch::GPT2
+                   : pt::Arch::Llama;
       c.vocab = get_int(o, "vocabSize", 0, 1);
       c.hidden = get_int(o, "hiddenSize", 0, 1);
       c.layers = get_int(o, "numLayers", 0, 1);
@@ -254,10 +249,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
   //            headDim) }
   static void parse_deep(Napi::Env env, const pt::ModelConfig& c, const Napi::Object& d,
                          pt::ForwardArgs& args, std::vector<Napi::Value>& keep) {
-    Napi::Value kind_v = d.Get("kind");
-    const std::string kind = kind_v.IsString() ? kind_v.As<Napi::String>().Utf8Value() : "";
-    if (kind != "hidden" && kind != "prefix")
-      throw_type(env, "deepPrompts.kind", "\"hidden\" or \"prefix\"", kind_v);
+    const bool hidden = choice_of(d.Get("kind"), "deepPrompts.kind", {"hidden", "prefix"}) == 0;
     Napi::Value layers_v = d.Get("layers");
     if (!layers_v.IsArray()) throw_type(env, "deepPrompts.layers", "an array of layer indices", layers_v);
     Napi::Array layers = layers_v.As<Napi::Array>();
@@ -281,7 +273,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
         throw Napi::RangeError::New(env, "deepPrompts.layers: layer " + std::to_string(l) + " is repeated");
       args.deep.layers.push_back(static_cast<int>(l));
     }
-    if (kind == "hidden") {
+    if (hidden) {
       args.deep.kind = pt::DeepPrompts::Kind::Hidden;
       Napi::Array vectors = tensors("vectors");
       for (uint32_t i = 0; i < vectors.Length(); ++i) {
@@ -688,16 +680,10 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     return guarded(env, [&]() -> Napi::Value {
       auto d = device(env);
       using Trainable = pt::DeviceModel::Trainable;
-      Trainable which = Trainable::Param;
-      if (info.Length() > 0 && !info[0].IsUndefined()) {
-        const std::string s = info[0].IsString() ? info[0].As<Napi::String>().Utf8Value() : "";
-        if (s == "m")
-          which = Trainable::AdamM;
-        else if (s == "v")
-          which = Trainable::AdamV;
-        else if (s != "param")
-          throw_type(env, "slot", "\"param\", \"m\" or \"v\"", info[0]);
-      }
+      constexpr Trainable by_index[] = {Trainable::Param, Trainable::AdamM, Trainable::AdamV};
+      const Trainable which = info.Length() > 0 && !info[0].IsUndefined()
+                                  ? by_index[choice_of(info[0], "slot", {"param", "m", "v"})]
+                                  : Trainable::Param;
       auto result = std::make_shared<pt::PromptTensors>();
       auto steps = std::make_shared<int64_t>(0);
       auto* worker = new PromiseWorker(

@@ -35,14 +35,10 @@ Napi::Value CudaGemmBench(const Napi::CallbackInfo& info) {
     const int64_t M = int_of(arg(info, 1, "M"), "M", 1), N = int_of(arg(info, 2, "N"), "N", 1),
                   K = int_of(arg(info, 3, "K"), "K", 1);
     const int iters = static_cast<int>(int_of(arg(info, 4, "iters"), "iters", 1));
-    pt::GemmEngine engine = pt::GemmEngine::Ours;
-    if (info.Length() > 5 && !info[5].IsUndefined()) {
-      const std::string e = info[5].IsString() ? info[5].As<Napi::String>().Utf8Value() : "";
-      if (e == "cublaslt")
-        engine = pt::GemmEngine::CublasLt;
-      else if (e != "priortune")
-        throw_type(env, "engine", "\"priortune\" or \"cublaslt\"", info[5]);
-    }
+    const pt::GemmEngine engine = info.Length() > 5 && !info[5].IsUndefined() &&
+                                          choice_of(info[5], "engine", {"priortune", "cublaslt"}) == 1
+                                      ? pt::GemmEngine::CublasLt
+                                      : pt::GemmEngine::Ours;
     auto result = std::make_shared<pt::GemmBenchResult>();
     auto* worker = new PromiseWorker(
         env, [=]() { *result = pt::cuda_gemm_benchmark(prec, M, N, K, iters, engine); },

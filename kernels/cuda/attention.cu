@@ -24,7 +24,6 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -710,16 +709,6 @@ double lse_error(const std::vector<float>& got, const std::vector<double>& want)
     scale = std::max(scale, std::fabs(want[i]));
   }
   return worst / scale;
-}
-
-// x rounded to the nearest bf16 (ties to even), as a float.
-float round_bf16(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  u &= 0xffff0000u;
-  std::memcpy(&x, &u, 4);
-  return x;
 }
 
 AttnData round_data_bf16(const AttnData& d) {

@@ -446,21 +446,6 @@ void to_bf16(Stream stream, bf16_t* dst, const float* src, int64_t n) {
 // --- Self-test -------------------------------------------------------------------------------------------
 namespace {
 
-// Host round-to-nearest-even to bf16 (the device's __float2bfloat16_rn on finite values and infinities).
-uint16_t host_bf16_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);  // NaN stays NaN
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-float host_bf16_value(uint16_t b) {
-  const uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
 struct GemmCase {
   int64_t M, N, K;
   int64_t pad, align;  // ld = round_up(row length + pad, align)

@@ -333,14 +333,16 @@ class CudaModel final : public DeviceModel {
     check(cudaSetDevice(0), "cudaSetDevice(0)");
     if (!train_.ready) throw std::logic_error("no trainable prompt on the device: call setTrainables first");
     if (steps < 0) throw std::invalid_argument("optimizer state: step must be >= 0");
-    for (const ForwardArgs* a : {&m, &v}) {
-      const char* which = a == &m ? "optimizer state m" : "optimizer state v";
+    for (const ForwardArgs* a : {&m, &v}) {  // both checked before either is uploaded
       check_trainable_shapes(*a);
       bool same = a->P == train_.P && a->deep.kind == train_.deep_kind && a->deep.layers == train_.layers;
       if (same && a->deep.kind == DeepPrompts::Kind::Hidden) same = a->deep.lengths == train_.lengths;
       if (same && a->deep.kind == DeepPrompts::Kind::Prefix) same = a->deep.prefix_len == train_.prefix_len;
       if (!same)
-        throw std::invalid_argument(std::string(which) + ": its tensors do not match the trainables");
+        throw std::invalid_argument(std::string("optimizer state ") + (a == &m ? "m" : "v") +
+                                    ": its tensors do not match the trainables");
+    }
+    for (const ForwardArgs* a : {&m, &v}) {
       size_t k = 0;
       auto put = [&](const float* src) {
         TrainTensor& t = train_.tensors[k++];
@@ -498,9 +500,6 @@ class CudaModel final : public DeviceModel {
     for (const auto& t : train_.tensors) n += t.param.bytes() + t.m.bytes() + t.v.bytes();
     return n;
   }
-  // After an out-of-memory failure: the buffers a call grows stage by stage are given back (the failed call
-  // may have grown several before one did not fit), with the graphs that point at them, so that the model's
-  // device memory is its weights and trainables again and a smaller batch can follow.
   // Runs a call's body (the lock held); out of memory releases the workspace before the error goes up.
   template <class F>
   auto releasing_on_oom(F&& body) -> decltype(body()) {
@@ -511,6 +510,9 @@ class CudaModel final : public DeviceModel {
       throw;
     }
   }
+  // After an out-of-memory failure: the buffers a call grows stage by stage are given back (the failed call
+  // may have grown several before one did not fit), with the graphs that point at them, so that the model's
+  // device memory is its weights and trainables again and a smaller batch can follow.
   void release_workspace() {
     cudaStreamSynchronize(stream_);  // kernels queued before the failure may still use the buffers
     cudaGetLastError();
@@ -1102,12 +1104,7 @@ GemmBenchResult cuda_gemm_benchmark(GemmPrecision precision, int64_t M, int64_t 
     // rounded to bf16 values for BF16 so that the conversions below are exact.
     std::vector<float> block = cuda::random_vector(1 << 18, 99);
     if (bf16)
-      for (float& v : block) {
-        uint32_t u;
-        std::memcpy(&u, &v, 4);
-        u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
-        std::memcpy(&v, &u, 4);
-      }
+      for (float& v : block) v = cuda::round_bf16(v);
     auto fill = [&](float* d, int64_t n) {
       for (int64_t o = 0; o < n; o += static_cast<int64_t>(block.size()))
         check(cudaMemcpyAsync(d + o, block.data(), std::min<int64_t>(block.size(), n - o) * sizeof(float),
