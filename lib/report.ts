@@ -38,6 +38,7 @@ import {
 } from "./plots.js";
 import { fitPca, tsne, umap } from "./projection.js";
 import { Rng } from "./rng.js";
+import { concatRows } from "./stats.js";
 import { loadTask } from "./tasks.js";
 import { type EvalRecord, readPromptFile } from "./train.js";
 
@@ -186,16 +187,6 @@ function meanDisplacement(a: Float32Array | null, b: Float32Array | null, dim: n
     s += Math.sqrt(d2);
   }
   return s / rows;
-}
-
-function concatRows(parts: Float32Array[]): Float32Array {
-  const out = new Float32Array(parts.reduce((s, p) => s + p.length, 0));
-  let o = 0;
-  for (const p of parts) {
-    out.set(p, o);
-    o += p.length;
-  }
-  return out;
 }
 
 /** Builds the report of `runDirs` (see ReportOptions); returns the paths written and every number shown. */

@@ -1,5 +1,5 @@
 // Small statistics helpers for the collapse metrics: a seeded generator, sampling without replacement,
-// percentile ranks, quantiles, the chi-square tail and the effective rank of a spectrum.
+// percentile ranks, quantiles, the chi-square tail and the effective rank of a spectrum; and row stacking.
 
 /** mulberry32: a fast seeded 32-bit generator; returns numbers in [0, 1). */
 export function seededRandom(seed: number): () => number {
@@ -136,4 +136,15 @@ export function effectiveRank(squaredSingularValues: ArrayLike<number>, energy: 
     if (acc >= energy * total * (1 - 1e-12)) return i + 1;
   }
   return values.length;
+}
+
+/** Row blocks stacked into one array (the blocks' lengths summed). */
+export function concatRows(parts: Float32Array[]): Float32Array {
+  const out = new Float32Array(parts.reduce((s, p) => s + p.length, 0));
+  let o = 0;
+  for (const p of parts) {
+    out.set(p, o);
+    o += p.length;
+  }
+  return out;
 }

@@ -526,18 +526,18 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
     if (runDir && state.step === 0 && resumedFrom === undefined)
       saveTensors(join(runDir, "snapshots", "step-000000.safetensors"), 0, "snapshot");
     const lengths = train.map((e) => e.ids.length);
+    const nextBatch = () => {
+      if (state.epochCursor >= state.epochBatches.length) {
+        state.epochBatches = rngNow.shuffle(bucketBatches(lengths, batchSize));
+        state.epochCursor = 0;
+      }
+      return collate(state.epochBatches[state.epochCursor++]!.map((i) => train[i]!));
+    };
     while (state.step < steps) {
       if (options.signal?.aborted) throw new Error("tune: aborted");
       const t0 = performance.now();
       const step = state.step;
       const lr = learningRate(step, steps, opt.lr, opt.schedule, opt.warmupSteps);
-      const nextBatch = () => {
-        if (state.epochCursor >= state.epochBatches.length) {
-          state.epochBatches = rngNow.shuffle(bucketBatches(lengths, batchSize));
-          state.epochCursor = 0;
-        }
-        return collate(state.epochBatches[state.epochCursor++]!.map((i) => train[i]!));
-      };
       let taskLoss = 0;
       let tokens = 0;
       let gradNorm: number;
@@ -592,20 +592,15 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
       };
       appendMetrics(record);
       options.onStep?.(record);
+      // What this step ends with; each reads the host tensors, which a device-resident step must refresh.
       const due = (every: number | undefined) => !!every && state.step % every === 0;
-      if (
-        due(options.collapseEvery) ||
-        due(evalEvery) ||
-        (runDir && (due(snapshotEvery) || due(checkpointEvery))) ||
-        state.step === steps
-      )
-        await pull();
-      if (
-        options.collapseEvery &&
-        state.step % options.collapseEvery === 0 &&
-        prompt &&
-        !(evalEvery && state.step % evalEvery === 0)
-      ) {
+      const last = state.step === steps;
+      const collapseNow = due(options.collapseEvery) && prompt !== undefined && !due(evalEvery);
+      const evalNow = due(evalEvery) || last;
+      const snapshotNow = runDir !== undefined && (due(snapshotEvery) || last);
+      const checkpointNow = runDir !== undefined && (due(checkpointEvery) || last);
+      if (collapseNow || evalNow || snapshotNow || checkpointNow) await pull();
+      if (collapseNow) {
         collapseRef ??= await createCollapseReference(model, { seed });
         const report = await collapseRef.report(prompt, { perDimensionSpread: false });
         appendMetrics({
@@ -621,20 +616,20 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
           ms: 0,
         });
       }
-      if ((evalEvery && state.step % evalEvery === 0) || state.step === steps) {
+      if (evalNow) {
         const ev = await evaluate(state.step);
         state.evals.push(ev);
         appendMetrics(ev);
         options.onEval?.(ev);
       }
-      if (runDir && (state.step % snapshotEvery === 0 || state.step === steps)) {
+      if (snapshotNow) {
         saveTensors(
           join(runDir, "snapshots", `step-${String(state.step).padStart(6, "0")}.safetensors`),
           state.step,
           "snapshot",
         );
       }
-      if (runDir && (state.step % checkpointEvery === 0 || state.step === steps)) checkpoint();
+      if (checkpointNow) checkpoint();
     }
     if (runDir) saveTensors(join(runDir, "prompt.safetensors"), state.step, "final");
   } finally {

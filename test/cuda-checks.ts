@@ -19,6 +19,7 @@ import type { CudaPrecision, DeepPrompts } from "../lib/native.js";
 import { promptGrads } from "../lib/optim.js";
 import { createModel, saveModel } from "../lib/pretrain.js";
 import { createPrior } from "../lib/priors.js";
+import { concatRows } from "../lib/stats.js";
 import { loadTask } from "../lib/tasks.js";
 import { type StepRecord, type TuneMode, type TuneOptions, type TuneResult, tune } from "../lib/train.js";
 import { compare, goldenAdamW, goldenBatch, modelDir, readGolden, toFloat32, toInt32 } from "./helpers.js";
@@ -131,7 +132,7 @@ export async function fixtureChecks(name: string, precision: CudaPrecision): Pro
     const dhv = dh.deepPromptGrads as { vectors: Float32Array[] };
     rows.add(
       "deep hidden: d loss / d vectors",
-      rel(concat(dhv.vectors), g.get("deep_hidden_grads") as Float64Array),
+      rel(concatRows(dhv.vectors), g.get("deep_hidden_grads") as Float64Array),
       tol.grad,
     );
     const dp = await model.lossAndGrad({ ...base, deepPrompts: prefix });
@@ -139,12 +140,12 @@ export async function fixtureChecks(name: string, precision: CudaPrecision): Pro
     const dpk = dp.deepPromptGrads as { keys: Float32Array[]; values: Float32Array[] };
     rows.add(
       "prefix: d loss / d keys",
-      rel(concat(dpk.keys), g.get("prefix_key_grads") as Float64Array),
+      rel(concatRows(dpk.keys), g.get("prefix_key_grads") as Float64Array),
       tol.grad,
     );
     rows.add(
       "prefix: d loss / d values",
-      rel(concat(dpk.values), g.get("prefix_value_grads") as Float64Array),
+      rel(concatRows(dpk.values), g.get("prefix_value_grads") as Float64Array),
       tol.grad,
     );
     // Ten device-resident AdamW steps against PyTorch's curve.
@@ -168,16 +169,6 @@ export async function fixtureChecks(name: string, precision: CudaPrecision): Pro
     model.dispose();
   }
   return rows.list;
-}
-
-function concat(parts: Float32Array[]): Float32Array {
-  const out = new Float32Array(parts.reduce((n, p) => n + p.length, 0));
-  let o = 0;
-  for (const p of parts) {
-    out.set(p, o);
-    o += p.length;
-  }
-  return out;
 }
 
 /**
@@ -252,7 +243,7 @@ export async function randomModelChecks(
         rows.add(`${what}: loss vs CPU`, Math.abs(a.loss - b.loss) / Math.abs(b.loss), tol.loss);
         const ga = promptGrads(a);
         const gb = promptGrads(b);
-        rows.add(`${what}: gradients vs CPU`, rel(concat(ga), concat(gb)), tol.grad);
+        rows.add(`${what}: gradients vs CPU`, rel(concatRows(ga), concatRows(gb)), tol.grad);
       }
       const f = await gpu.forward({ ...base, prompt });
       const fc = await cpu.forward({ ...base, prompt });
