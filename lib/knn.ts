@@ -44,6 +44,11 @@ export interface NeighborResult {
   count: number;
   /** Queries whose fp32 screening could not be certified at first and were searched again (diagnostic). */
   recoveredQueries: number;
+  /**
+   * CUDA: milliseconds the device spent in this search's kernels (CUDA events; the host-side query preparation
+   * and the transfers excluded), summed over screening rounds and chunks. 0 on the CPU.
+   */
+  deviceMs: number;
 }
 
 export interface SelfSearchOptions {
@@ -184,7 +189,14 @@ export class VocabIndex {
     const threads =
       options.threads === undefined ? this.threads : checkInteger("threads", options.threads, 1, 1024);
     const r = await native.search(queries, k, threads);
-    return { indices: r.indices, scores: r.scores, k, count, recoveredQueries: r.recoveredQueries };
+    return {
+      indices: r.indices,
+      scores: r.scores,
+      k,
+      count,
+      recoveredQueries: r.recoveredQueries,
+      deviceMs: r.deviceMs,
+    };
   }
 
   /**
@@ -213,15 +225,17 @@ export class VocabIndex {
     const indices = new Int32Array(rows.length * k);
     const scores = new Float32Array(rows.length * k);
     let recovered = 0;
+    let deviceMs = 0;
     for (let start = 0; start < rows.length; start += chunk) {
       const part = rows.subarray(start, Math.min(rows.length, start + chunk));
       const r = await this.#live().searchRows(part, k, threads, true);
       indices.set(r.indices, start * k);
       scores.set(r.scores, start * k);
       recovered += r.recoveredQueries;
+      deviceMs += r.deviceMs;
       options.onProgress?.(start + part.length, rows.length);
     }
-    return { indices, scores, k, count: rows.length, recoveredQueries: recovered };
+    return { indices, scores, k, count: rows.length, recoveredQueries: recovered, deviceMs };
   }
 
   /** Bytes the index holds in host and device memory. */
@@ -258,7 +272,14 @@ export async function nearestNeighbors(
     const threads =
       options.threads === undefined ? defaultThreads() : checkInteger("threads", options.threads, 1, 1024);
     const r = await addon().knnSearchOnce(queries, vocab, dim, metric, k, threads);
-    return { indices: r.indices, scores: r.scores, k, count, recoveredQueries: r.recoveredQueries };
+    return {
+      indices: r.indices,
+      scores: r.scores,
+      k,
+      count,
+      recoveredQueries: r.recoveredQueries,
+      deviceMs: r.deviceMs,
+    };
   }
   const index = await VocabIndex.create(vocab, options);
   try {

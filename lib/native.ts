@@ -102,6 +102,14 @@ export interface NativeModel {
   dispose(): void;
 }
 
+/** A native kNN search's result; deviceMs: the CUDA kernels' device time (events), 0 on the CPU. */
+export interface NativeKnnResult {
+  indices: Int32Array;
+  scores: Float32Array;
+  recoveredQueries: number;
+  deviceMs: number;
+}
+
 export interface Addon {
   cudaInfo(): CudaInfo;
   cpuInfo(): { gemmKernel: string; hardwareThreads: number };
@@ -147,17 +155,8 @@ export interface Addon {
       backend: "cpu" | "cuda",
       threads: number,
     ): Promise<void>;
-    search(
-      queries: Float32Array,
-      k: number,
-      threads: number,
-    ): Promise<{ indices: Int32Array; scores: Float32Array; recoveredQueries: number }>;
-    searchRows(
-      rows: Int32Array,
-      k: number,
-      threads: number,
-      excludeSelf: boolean,
-    ): Promise<{ indices: Int32Array; scores: Float32Array; recoveredQueries: number }>;
+    search(queries: Float32Array, k: number, threads: number): Promise<NativeKnnResult>;
+    searchRows(rows: Int32Array, k: number, threads: number, excludeSelf: boolean): Promise<NativeKnnResult>;
     info(): {
       rows: number;
       dim: number;
@@ -175,7 +174,7 @@ export interface Addon {
     metric: string,
     k: number,
     threads: number,
-  ): Promise<{ indices: Int32Array; scores: Float32Array; recoveredQueries: number }>;
+  ): Promise<NativeKnnResult>;
   mahalanobisSquared(
     vectors: Float32Array,
     dim: number,

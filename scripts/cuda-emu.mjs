@@ -357,7 +357,20 @@ async function runAddonSuite(env) {
     external: ["*.node"],
     logLevel: "warning",
   });
-  const check = await run(process.execPath, [bundle, "--tiny", "gemm", "steps", "knn"], { env: suiteEnv });
+  const results = join(out, "gpu-check-results.md");
+  rmSync(results, { force: true });
+  const check = await run(
+    process.execPath,
+    [bundle, "--tiny", "gemm", "steps", "knn", "--results", results],
+    {
+      env: suiteEnv,
+    },
+  );
+  // The tables must also have reached --results (gpu-check.sh collects them there).
+  if (check.code === 0 && !readFileSync(results, "utf8").includes("| workload (Q x V x d, top-10) |")) {
+    check.code = 1;
+    check.output += "\ngpu-check --tiny: the knn table is missing from --results\n";
+  }
   const ansi = new RegExp(`${String.fromCharCode(27)}\\[[0-9;]*m`, "g"); // colour codes, if any remain
   const r = {
     code: suite.code || check.code,

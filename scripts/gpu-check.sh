@@ -4,9 +4,15 @@
 #   bash scripts/gpu-check.sh --prepare [peers-dir]   here: node (xz), the bundled check, the PyTorch peers
 #                                                      go to .carry/ (ignored by git); carry .carry and
 #                                                      build/Release/priortune.node
-#   bash scripts/gpu-check.sh [sections...]            there: runs the check (sections: checks gemm steps knn,
-#                                                      default all) and the PyTorch peers (PEERS=0 skips them);
-#                                                      results in $OUT (or ./gpu-results)
+#   bash scripts/gpu-check.sh [groups...]              there: runs the check, one process per group of sections
+#                                                      (sections: checks gemm steps knn; a group joins them with
+#                                                      commas; default: checks gemm,steps knn), then the PyTorch
+#                                                      peers (PEERS=0 skips them); logs, results.md and
+#                                                      summary.txt in $OUT (or ./gpu-results)
+#
+# Each group runs in its own process (a kernel fault that poisons the CUDA context stops only its group) under
+# a time limit, all within BUDGET_S seconds (default 540) so that a lent machine's slot is never overrun: what
+# finished is kept, what ran out of time is named in summary.txt.
 #
 # The addon is the one built here (build/Release/priortune.node: nvcc compiles sm_80 and sm_90a, the CUDA
 # runtime is static), so nothing is compiled there.
@@ -28,8 +34,9 @@ fi
 
 out="${OUT:-gpu-results}"
 mkdir -p "$out"
+deadline=$(( $(date +%s) + ${BUDGET_S:-540} ))
 xz -dc .carry/node.xz > /tmp/node && chmod +x /tmp/node
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt" || true
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$out/gpu.txt" || true
 # cuBLASLt for the GEMM comparison: PyTorch's wheels carry one outside the loader path (none: ours alone).
 if [ -z "${PRIORTUNE_CUBLASLT:-}" ]; then
   roots="/usr/local/cuda /usr/lib /opt $(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null || true)"
@@ -37,12 +44,43 @@ if [ -z "${PRIORTUNE_CUBLASLT:-}" ]; then
   export PRIORTUNE_CUBLASLT
   echo "cuBLASLt: ${PRIORTUNE_CUBLASLT:-not found}"
 fi
-set +e
-PRIORTUNE_ADDON="$PWD/build/Release/priortune.node" /tmp/node .carry/gpu-check.mjs "$@" 2>&1 | tee "$out/gpu-check.log"
-status=${PIPESTATUS[0]}
-set -e
-[ "${PEERS:-1}" = "0" ] && exit "$status"
-for f in gpu_peer.py gpu_peer_llama.py; do
-  if [ -f ".carry/$f" ]; then PYTHONUNBUFFERED=1 timeout 240 python3 ".carry/$f" 2>&1 | tee "$out/${f%.py}.jsonl" || true; fi
+export PRIORTUNE_ADDON="$PWD/build/Release/priortune.node"
+
+status=0
+# part NAME CAP COMMAND...: runs COMMAND for at most CAP seconds (less when the budget is nearly spent), its
+# output to $out/NAME.log; the exit status and the time taken go to summary.txt.
+part() {
+  local name=$1 cap=$2 left start rc
+  shift 2
+  left=$(( deadline - $(date +%s) ))
+  [ "$left" -lt "$cap" ] && cap=$left
+  if [ "$cap" -lt 15 ]; then
+    echo "$name: not run (budget spent)" | tee -a "$out/summary.txt"
+    return
+  fi
+  echo "== $name (at most ${cap}s)"
+  start=$(date +%s)
+  set +e
+  timeout -k 5 "$cap" "$@" 2>&1 | tee "$out/$name.log"
+  rc=${PIPESTATUS[0]}
+  set -e
+  echo "$name: exit $rc after $(( $(date +%s) - start ))s$([ "$rc" = 124 ] && echo ' (time limit)')" | tee -a "$out/summary.txt"
+  return "$rc"
+}
+
+groups=("$@")
+[ ${#groups[@]} -eq 0 ] && groups=(checks gemm,steps knn)
+for g in "${groups[@]}"; do
+  case "$g" in checks) cap=100 ;; *steps*) cap=170 ;; *) cap=90 ;; esac
+  part "priortune-${g//,/-}" "$cap" /tmp/node .carry/gpu-check.mjs ${g//,/ } --results "$out/results.md" || status=1
 done
+if [ "${PEERS:-1}" != "0" ]; then
+  export PYTHONUNBUFFERED=1
+  for f in gpu_peer.py gpu_peer_llama.py; do
+    cap=170
+    [ "$f" = gpu_peer_llama.py ] && cap=150
+    if [ -f ".carry/$f" ]; then part "${f%.py}" "$cap" python3 ".carry/$f" || true; fi
+  done
+fi
+cat "$out/summary.txt"
 exit "$status"

@@ -97,6 +97,7 @@ describe("VocabIndex (CPU) equals the float64 brute force", () => {
         try {
           const got = await index.search(queries, { k });
           expect(got.count).toBe(13);
+          expect(got.deviceMs).toBe(0);
           expectExact(got, bruteForce(queries, vocab, dim, k, metric));
         } finally {
           index.dispose();
@@ -379,6 +380,9 @@ describe.skipIf(!cuda.usable)(`VocabIndex (CUDA) equals the CPU index${cudaSuffi
         // Both are exact: identical indices, and scores equal (both the fp32 rounding of one float64 value,
         // whose float64 sums may differ in the last bits: 2^-23 relative).
         expect(Array.from(gpu.indices)).toEqual(Array.from(cpu.indices));
+        // The device time of the kernels is reported on CUDA only.
+        expect(gpu.deviceMs).toBeGreaterThan(0);
+        expect(cpu.deviceMs).toBe(0);
         for (let i = 0; i < cpu.scores.length; i++)
           expect(Math.abs(gpu.scores[i] - cpu.scores[i])).toBeLessThanOrEqual(
             Math.abs(cpu.scores[i]) * 2 ** -22 + 1e-12,
@@ -414,6 +418,7 @@ describe.skipIf(!cuda.usable)(`VocabIndex (CUDA) equals the CPU index${cudaSuffi
     const a = await cpu.selfSearch({ k: 5, chunkRows: 1000 });
     const b = await gpu.selfSearch({ k: 5, chunkRows: 1000 });
     expect(Array.from(b.indices)).toEqual(Array.from(a.indices));
+    expect(b.deviceMs).toBeGreaterThan(0);
     cpu.dispose();
     gpu.dispose();
   });

@@ -453,6 +453,8 @@ class CudaIndex final : public KnnIndex {
     sms_ = prop.multiProcessorCount;
     smem_optin_ = static_cast<size_t>(prop.sharedMemPerBlockOptin);
     cuda_check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+    cuda_check(cudaEventCreate(&start_), "cudaEventCreate");
+    cuda_check(cudaEventCreate(&stop_), "cudaEventCreate");
 
     host_rows_.assign(vocab, vocab + V * d);
     host_norms_.resize(V);
@@ -494,6 +496,8 @@ class CudaIndex final : public KnnIndex {
   }
 
   ~CudaIndex() override {
+    if (start_) cudaEventDestroy(start_);
+    if (stop_) cudaEventDestroy(stop_);
     if (stream_) cudaStreamDestroy(stream_);
   }
 
@@ -610,6 +614,8 @@ class CudaIndex final : public KnnIndex {
       cuda_check(cudaMemcpyAsync(excl_.ptr, hx.data(), hx.size() * 4, cudaMemcpyHostToDevice, stream_),
                  "upload exclude");
     const int* excl = exclude ? excl_.ptr : nullptr;
+    // Device time of the two kernels (the transfers and the host-side query preparation excluded).
+    cuda_check(cudaEventRecord(start_, stream_), "cudaEventRecord");
     if (bq == 64)
       launch_screen<64>(slabs, tiles_per_slab, n, c, excl);
     else if (bq == 32)
@@ -625,6 +631,7 @@ class CudaIndex final : public KnnIndex {
         slabs, pow2, vmax_, cand_a_.ptr, cand_i_.ptr, cand_n_.ptr, bound_.ptr, out_i_.ptr, out_s_.ptr,
         failed_.ptr);
     cuda_check(cudaGetLastError(), "knn_finalize_kernel launch");
+    cuda_check(cudaEventRecord(stop_, stream_), "cudaEventRecord");
     std::vector<int> oi(size_t(n) * k), fl(n);
     std::vector<float> os(size_t(n) * k);
     cuda_check(cudaMemcpyAsync(oi.data(), out_i_.ptr, oi.size() * 4, cudaMemcpyDeviceToHost, stream_),
@@ -634,6 +641,9 @@ class CudaIndex final : public KnnIndex {
     cuda_check(cudaMemcpyAsync(fl.data(), failed_.ptr, fl.size() * 4, cudaMemcpyDeviceToHost, stream_),
                "download");
     cuda_check(cudaStreamSynchronize(stream_), "kNN search");
+    float ms = 0.0f;
+    cuda_check(cudaEventElapsedTime(&ms, start_, stop_), "cudaEventElapsedTime");
+    res->device_ms += ms;
     for (int i = 0; i < n; ++i) {
       if (fl[i]) {
         failed->push_back(part[i]);
@@ -662,6 +672,7 @@ class CudaIndex final : public KnnIndex {
   int sms_ = 1;
   size_t smem_optin_ = 48 * 1024;
   cudaStream_t stream_ = nullptr;
+  cudaEvent_t start_ = nullptr, stop_ = nullptr;
   double vmax_ = 0.0;
   std::vector<float> host_rows_;
   std::vector<double> host_norms_;
