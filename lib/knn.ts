@@ -49,6 +49,8 @@ export interface NeighborResult {
    * and the transfers excluded), summed over screening rounds and chunks. 0 on the CPU.
    */
   deviceMs: number;
+  /** CUDA: the screening kernel's part of deviceMs (the rest merges and re-scores the candidates). 0 on the CPU. */
+  deviceScreenMs: number;
 }
 
 export interface SelfSearchOptions {
@@ -196,6 +198,7 @@ export class VocabIndex {
       count,
       recoveredQueries: r.recoveredQueries,
       deviceMs: r.deviceMs,
+      deviceScreenMs: r.deviceScreenMs,
     };
   }
 
@@ -226,6 +229,7 @@ export class VocabIndex {
     const scores = new Float32Array(rows.length * k);
     let recovered = 0;
     let deviceMs = 0;
+    let deviceScreenMs = 0;
     for (let start = 0; start < rows.length; start += chunk) {
       const part = rows.subarray(start, Math.min(rows.length, start + chunk));
       const r = await this.#live().searchRows(part, k, threads, true);
@@ -233,9 +237,10 @@ export class VocabIndex {
       scores.set(r.scores, start * k);
       recovered += r.recoveredQueries;
       deviceMs += r.deviceMs;
+      deviceScreenMs += r.deviceScreenMs;
       options.onProgress?.(start + part.length, rows.length);
     }
-    return { indices, scores, k, count: rows.length, recoveredQueries: recovered, deviceMs };
+    return { indices, scores, k, count: rows.length, recoveredQueries: recovered, deviceMs, deviceScreenMs };
   }
 
   /** Bytes the index holds in host and device memory. */
@@ -279,6 +284,7 @@ export async function nearestNeighbors(
       count,
       recoveredQueries: r.recoveredQueries,
       deviceMs: r.deviceMs,
+      deviceScreenMs: r.deviceScreenMs,
     };
   }
   const index = await VocabIndex.create(vocab, options);

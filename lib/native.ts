@@ -102,12 +102,16 @@ export interface NativeModel {
   dispose(): void;
 }
 
-/** A native kNN search's result; deviceMs: the CUDA kernels' device time (events), 0 on the CPU. */
+/**
+ * A native kNN search's result; deviceMs: the CUDA kernels' device time (events), deviceScreenMs the screening
+ * kernel's part of it; both 0 on the CPU.
+ */
 export interface NativeKnnResult {
   indices: Int32Array;
   scores: Float32Array;
   recoveredQueries: number;
   deviceMs: number;
+  deviceScreenMs: number;
 }
 
 export interface Addon {

@@ -21,11 +21,13 @@ namespace {
 
 Napi::Object result_object(Napi::Env env, pt::KnnResult&& r) {
   Napi::Object o = Napi::Object::New(env);
-  const double recovered = static_cast<double>(r.recovered_queries), device_ms = r.device_ms;
+  const double recovered = static_cast<double>(r.recovered_queries), device_ms = r.device_ms,
+               screen_ms = r.device_screen_ms;
   o.Set("indices", to_int32(env, std::move(r.indices)));
   o.Set("scores", to_float32(env, std::move(r.scores)));
   o.Set("recoveredQueries", recovered);
   o.Set("deviceMs", device_ms);
+  o.Set("deviceScreenMs", screen_ms);
   return o;
 }
 

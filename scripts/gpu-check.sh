@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # GPU check for a machine with an NVIDIA GPU and no Node.js (the lent device machines).
 #
-#   bash scripts/gpu-check.sh --prepare [peers-dir]   here: node (xz), the bundled check, the PyTorch peers
-#                                                      go to .carry/ (ignored by git); carry .carry and
-#                                                      build/Release/priortune.node
+#   bash scripts/gpu-check.sh --prepare [peers-dir]   here: node and the addon (xz), the bundled check, the
+#                                                      PyTorch peers go to .carry/ (ignored by git); carry .carry
 #   bash scripts/gpu-check.sh [groups...]              there: runs the check, one process per group of sections
 #                                                      (sections: checks gemm steps knn; a group joins them with
 #                                                      commas; default: checks gemm,steps knn), then the PyTorch
@@ -23,12 +22,14 @@ if [ "${1:-}" = "--prepare" ]; then
   peers="${2:-../shared/peers}"
   mkdir -p .carry
   xz -6 -c "$(command -v node)" > .carry/node.xz
+  # The addon goes compressed too (a device call carries at most 64 MiB with the working tree).
+  xz -6 -c build/Release/priortune.node > .carry/priortune.node.xz
   npx esbuild scripts/gpu-check.ts --bundle --platform=node --format=esm --outfile=.carry/gpu-check.mjs \
     --external:*.node --log-level=warning
   for f in gpu_peer.py gpu_peer_llama.py; do
     if [ -f "$peers/$f" ]; then cp -f "$peers/$f" .carry/ && chmod u+w ".carry/$f"; else echo "note: no $peers/$f (the peer runs are skipped)"; fi
   done
-  echo "prepared .carry/ ($(du -sh .carry | cut -f1)); carry: .carry build/Release/priortune.node"
+  echo "prepared .carry/ ($(du -sh .carry | cut -f1)); carry: .carry"
   exit 0
 fi
 
@@ -36,6 +37,7 @@ out="${OUT:-gpu-results}"
 mkdir -p "$out"
 deadline=$(( $(date +%s) + ${BUDGET_S:-540} ))
 xz -dc .carry/node.xz > /tmp/node && chmod +x /tmp/node
+if [ -f .carry/priortune.node.xz ]; then mkdir -p build/Release && xz -dc .carry/priortune.node.xz > build/Release/priortune.node; fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$out/gpu.txt" || true
 # cuBLASLt for the GEMM comparison: PyTorch's wheels carry one outside the loader path (none: ours alone).
 if [ -z "${PRIORTUNE_CUBLASLT:-}" ]; then
@@ -45,6 +47,8 @@ if [ -z "${PRIORTUNE_CUBLASLT:-}" ]; then
   echo "cuBLASLt: ${PRIORTUNE_CUBLASLT:-not found}"
 fi
 export PRIORTUNE_ADDON="$PWD/build/Release/priortune.node"
+# The checks read test/fixtures next to the bundle (test/helpers.ts resolves them from its own location).
+ln -sfn ../test/fixtures .carry/fixtures
 
 status=0
 # part NAME CAP COMMAND...: runs COMMAND for at most CAP seconds (less when the budget is nearly spent), its

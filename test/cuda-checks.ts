@@ -15,7 +15,7 @@ import { join } from "node:path";
 // Module imports (not lib/index.js): the GPU check's bundle must not pull in the plotting stack.
 import { collapseReport } from "../lib/collapse.js";
 import { loadModel } from "../lib/model.js";
-import type { CudaPrecision, DeepPrompts } from "../lib/native.js";
+import { addon, type CudaPrecision, type DeepPrompts } from "../lib/native.js";
 import { promptGrads } from "../lib/optim.js";
 import { createModel, saveModel } from "../lib/pretrain.js";
 import { createPrior } from "../lib/priors.js";
@@ -488,8 +488,10 @@ export async function errorChecks(): Promise<CheckRow[]> {
     const batch = { ...goldenBatch(g), prompt: toFloat32(g.get("prompt")) };
     await model.lossAndGrad(batch);
     const before = model.deviceMemory()!.workspaceBytes;
-    // 2^22 rows x (hidden 96 + ...) per layer: far beyond any device's memory.
-    const B = 4096;
+    // 2^22 rows need about 77 GB of workspace (measured on an H200, where that fitted): B grows with the
+    // device's memory so the request is always beyond it (about twice the device's memory or more).
+    const total = addon().cudaInfo().totalMemory;
+    const B = 4096 * Math.max(1, Math.ceil((2 * total) / 77e9));
     const T = 1024;
     const ids = new Int32Array(B * T);
     let message = "";

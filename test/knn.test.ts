@@ -382,7 +382,10 @@ describe.skipIf(!cuda.usable)(`VocabIndex (CUDA) equals the CPU index${cudaSuffi
         expect(Array.from(gpu.indices)).toEqual(Array.from(cpu.indices));
         // The device time of the kernels is reported on CUDA only.
         expect(gpu.deviceMs).toBeGreaterThan(0);
+        expect(gpu.deviceScreenMs).toBeGreaterThan(0);
+        expect(gpu.deviceScreenMs).toBeLessThanOrEqual(gpu.deviceMs);
         expect(cpu.deviceMs).toBe(0);
+        expect(cpu.deviceScreenMs).toBe(0);
         for (let i = 0; i < cpu.scores.length; i++)
           expect(Math.abs(gpu.scores[i] - cpu.scores[i])).toBeLessThanOrEqual(
             Math.abs(cpu.scores[i]) * 2 ** -22 + 1e-12,

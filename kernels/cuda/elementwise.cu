@@ -614,11 +614,11 @@ __device__ __forceinline__ void row_visit(float* p, int64_t V, F&& f) {
 }
 
 __global__ void __launch_bounds__(kMaxBlockThreads)
-    softmax_xent_kernel(float* logits, float* losses, const int32_t* targets, int64_t R, int64_t V,
-                        float grad_scale, bool want_grad) {
+    softmax_xent_kernel(float* logits, int64_t ld, float* losses, const int32_t* targets, int64_t R,
+                        int64_t V, float grad_scale, bool want_grad) {
   __shared__ float sh[32];
   for (int64_t r = blockIdx.x; r < R; r += gridDim.x) {
-    float* p = logits + r * V;
+    float* p = logits + r * ld;
     const int64_t t = targets[r];
     if (t < 0 || t >= V) {  // outside the contract: ignored row (t < 0, the CPU's convention) or NaN loss
       if (threadIdx.x == 0) losses[r] = t < 0 ? 0.0f : NAN;
@@ -909,15 +909,16 @@ void scatter_rows(Stream stream, float* dst, const float* src, const int32_t* ro
   launch_rows_copy<false>("scatter_rows", stream, dst, src, rows, R, C);
 }
 
-void softmax_xent(Stream stream, float* logits, float* losses, const int32_t* targets, int64_t R, int64_t V,
-                  float grad_scale, bool want_grad) {
+void softmax_xent(Stream stream, float* logits, int64_t ld, float* losses, const int32_t* targets, int64_t R,
+                  int64_t V, float grad_scale, bool want_grad) {
   const char* name = "softmax_xent";
   require(R >= 0 && V >= 0, name, "negative size");
   if (R == 0) return;
   require(V > 0, name, "V must be positive");
+  require(ld >= V, name, "row stride ld must be >= V");
   require(logits && losses && targets, name, "null pointer");
   const int threads = V >= 8192 ? kMaxBlockThreads : (V >= 1024 ? 256 : 128);
-  softmax_xent_kernel<<<rows_grid(R), threads, 0, stream>>>(logits, losses, targets, R, V, grad_scale,
+  softmax_xent_kernel<<<rows_grid(R), threads, 0, stream>>>(logits, ld, losses, targets, R, V, grad_scale,
                                                             want_grad);
   check_launch(name);
 }
@@ -1237,38 +1238,45 @@ void test_rows(std::vector<OpCheck>& out, uint32_t& seed) {
 
 void test_softmax_xent(std::vector<OpCheck>& out, uint32_t& seed) {
   struct Cfg {
-    int64_t R, V;
+    int64_t R, V, ld;
     bool ignored_row;
   };
-  for (const Cfg& g : {Cfg{7, 50257, false}, Cfg{5, 4096, true}}) {
-    const size_t n = static_cast<size_t>(g.R * g.V);
+  // ld > V: the LM head's padded rows (50257 -> 50264); the padding columns must come back untouched.
+  for (const Cfg& g : {Cfg{7, 50257, 50257, false}, Cfg{6, 50257, 50264, false}, Cfg{5, 4096, 4096, true}}) {
+    const size_t n = static_cast<size_t>(g.R * g.ld);
     const auto logits = random_vector(n, ++seed, 8.0f);
     auto targets = index_vector(static_cast<size_t>(g.R), g.V, 7177, 11);
     if (g.ignored_row) targets[2] = -100;
     const float grad_scale = 1.0f / static_cast<float>(g.R);
     std::vector<float> want_loss(static_cast<size_t>(g.R)), want_grad(n, 0.0f);
-    ::pt::crossentropy_forward(want_loss.data(), logits.data(), targets.data(), g.R, g.V, kRefThreads);
+    std::vector<float> packed(static_cast<size_t>(g.R * g.V));  // the CPU reference wants rows of V
+    for (int64_t r = 0; r < g.R; ++r) std::copy_n(logits.begin() + r * g.ld, g.V, packed.begin() + r * g.V);
+    ::pt::crossentropy_forward(want_loss.data(), packed.data(), targets.data(), g.R, g.V, kRefThreads);
+    want_grad = logits;  // padding columns unchanged
     for (int64_t r = 0; r < g.R; ++r) {
       const int32_t t = targets[static_cast<size_t>(r)];
-      if (t < 0) continue;
-      const float* l = logits.data() + r * g.V;
+      const float* l = logits.data() + r * g.ld;
+      if (t < 0) {
+        std::fill_n(want_grad.begin() + r * g.ld, g.V, 0.0f);
+        continue;
+      }
       double mx = l[0], sum = 0.0;
       for (int64_t v = 1; v < g.V; ++v) mx = std::max(mx, static_cast<double>(l[v]));
       for (int64_t v = 0; v < g.V; ++v) sum += std::exp(l[v] - mx);
       for (int64_t v = 0; v < g.V; ++v)
-        want_grad[static_cast<size_t>(r * g.V + v)] =
+        want_grad[static_cast<size_t>(r * g.ld + v)] =
             static_cast<float>(grad_scale * (std::exp(l[v] - mx) / sum - (v == t ? 1.0 : 0.0)));
     }
     auto d_targets = to_device(targets);
     for (bool grad : {true, false}) {
       auto d_logits = to_device(logits);
       DeviceBuffer<float> d_loss(static_cast<size_t>(g.R));
-      softmax_xent(nullptr, d_logits.get(), d_loss.get(), d_targets.get(), g.R, g.V, grad_scale, grad);
+      softmax_xent(nullptr, d_logits.get(), g.ld, d_loss.get(), d_targets.get(), g.R, g.V, grad_scale, grad);
       double err = rel_error(to_host(d_loss.get(), static_cast<size_t>(g.R)), want_loss);
       err = std::max(err, rel_error(to_host(d_logits.get(), n), grad ? want_grad : logits));
       out.push_back(
           make_check("softmax_xent",
-                     dims({{"R", g.R}, {"V", g.V}}) + (grad ? " grad" : " loss only") +
+                     dims({{"R", g.R}, {"V", g.V}, {"ld", g.ld}}) + (grad ? " grad" : " loss only") +
                          (g.ignored_row ? " target -100" : ""),
                      err, kTolMath,
                      "fp32 expf sums per block vs the CPU's float64 sum; gradient vs a float64 host "
@@ -1380,7 +1388,7 @@ void test_arguments(std::vector<OpCheck>& out) {
     rope_backward(nullptr, nullptr, 2, 4, 64, 0, 0, 64, nullptr, nullptr);
     gather_rows(nullptr, nullptr, nullptr, nullptr, 0, 8);
     scatter_rows(nullptr, nullptr, nullptr, nullptr, 0, 8);
-    softmax_xent(nullptr, nullptr, nullptr, nullptr, 0, 50257, 1.0f, true);
+    softmax_xent(nullptr, nullptr, 50257, nullptr, nullptr, 0, 50257, 1.0f, true);
     sum_f64(nullptr, nullptr, nullptr, 0, true);
     sum_squares_f64(nullptr, nullptr, nullptr, 0, true);
     adamw_step(nullptr, nullptr, nullptr, nullptr, nullptr, 0, nullptr, 0.9f, 0.999f, 1e-8f, 0.0f, nullptr);
@@ -1409,7 +1417,11 @@ void test_arguments(std::vector<OpCheck>& out) {
                  buf.get(), nullptr, 1, 8, 1e-5f);
   });
   expect_throw([&] { gelu_forward(nullptr, buf.get(), buf.get(), -1); });
-  expect_throw([&] { softmax_xent(nullptr, buf.get(), buf.get(), nullptr, 1, 8, 1.0f, false); });
+  expect_throw([&] { softmax_xent(nullptr, buf.get(), 8, buf.get(), nullptr, 1, 8, 1.0f, false); });
+  expect_throw([&] {  // row stride below V
+    softmax_xent(nullptr, buf.get(), 7, buf.get(), reinterpret_cast<const int32_t*>(buf.get()), 1, 8, 1.0f,
+                 false);
+  });
   if (missed) {
     err = INFINITY;
     note = std::to_string(missed) + " invalid call(s) did not throw std::invalid_argument";

@@ -550,9 +550,15 @@ class CudaModel final : public DeviceModel {
     for (auto& m : marks_) cudaEventDestroy(m.second);
     marks_.clear();
   }
+  // Logits rows are padded to a multiple of 8 floats (32 bytes): the LM head backward reads them as its A
+  // operand, and the GEMM's fast path wants 16-byte aligned rows (an odd vocabulary such as GPT-2's 50257
+  // would send every k-step of that GEMM down the bounds-checked path).
+  int64_t logits_ld() const { return (cfg_.vocab + 7) / 8 * 8; }
+  // Rows of logits per chunk: bounded to 1 GiB, and large enough that the LM head backward (M = chunk rows,
+  // N = hidden) has a few hundred 128 x 128 tiles to spread over the SMs.
   int64_t head_chunk_rows(int64_t R) const {
-    const int64_t budget = (int64_t{256} << 20) / static_cast<int64_t>(sizeof(float));
-    return std::max<int64_t>(1, std::min<int64_t>(R, budget / cfg_.vocab));
+    const int64_t budget = (int64_t{1} << 30) / static_cast<int64_t>(sizeof(float));
+    return std::max<int64_t>(1, std::min<int64_t>(R, budget / logits_ld()));
   }
 
   void gemm_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, Mat W, float* C, int64_t ldc,
@@ -933,17 +939,17 @@ class CudaModel final : public DeviceModel {
   // LM head + cross-entropy over R gathered rows xr [R, C]: losses summed into loss_sum_ (float64); with dxr,
   // also d loss / d xr (=) scaled by grad_scale. Logits go through a bounded chunk buffer.
   void head_loss(const float* xr, const int32_t* targets, int64_t R, float* dxr, float grad_scale) {
-    const int64_t C = cfg_.hidden, V = cfg_.vocab, chunk = head_chunk_rows(R);
-    need(logits_, chunk * V);
+    const int64_t C = cfg_.hidden, V = cfg_.vocab, ld = logits_ld(), chunk = head_chunk_rows(R);
+    need(logits_, chunk * ld);
     need(losses_, R);
     need(loss_sum_, 1);
     for (int64_t r0 = 0; r0 < R; r0 += chunk) {
       const int64_t rc = std::min(chunk, R - r0);
-      gemm_nt(rc, V, C, xr + r0 * C, C, head(), logits_.get(), V, nullptr, 0.0f);
+      gemm_nt(rc, V, C, xr + r0 * C, C, head(), logits_.get(), ld, nullptr, 0.0f);
       mark("softmax cross-entropy");
-      cuda::softmax_xent(stream_, logits_.get(), losses_.get() + r0, targets + r0, rc, V, grad_scale,
+      cuda::softmax_xent(stream_, logits_.get(), ld, losses_.get() + r0, targets + r0, rc, V, grad_scale,
                          dxr != nullptr);
-      if (dxr) gemm_nn(rc, C, V, logits_.get(), V, head(), dxr + r0 * C, C, 0.0f);
+      if (dxr) gemm_nn(rc, C, V, logits_.get(), ld, head(), dxr + r0 * C, C, 0.0f);
     }
     mark("reductions");
     cuda::sum_f64(stream_, loss_sum_.get(), losses_.get(), R, false);

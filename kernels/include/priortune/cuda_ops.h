@@ -110,11 +110,12 @@ void attention_backward(Stream stream, float* dqkv, float* dprefix_k, float* dpr
 void gather_rows(Stream stream, float* dst, const float* src, const int32_t* rows, int64_t R, int64_t C);
 // dst[rows[i], :] (=) = src[i, :]; rows are distinct; other rows of dst are untouched.
 void scatter_rows(Stream stream, float* dst, const float* src, const int32_t* rows, int64_t R, int64_t C);
-// Softmax cross-entropy over rows of logits[R, V] with targets[R] (all >= 0, < V):
+// Softmax cross-entropy over rows of logits[R, V] (row stride ld >= V; the columns past V are neither read
+// nor written) with targets[R] (all >= 0, < V):
 //   losses[r] (=) = logsumexp(logits[r, :]) - logits[r, targets[r]]
 //   when want_grad: logits[r, :] (=) = grad_scale * (softmax(logits[r, :]) - onehot(targets[r]))  (in place)
-void softmax_xent(Stream stream, float* logits, float* losses, const int32_t* targets, int64_t R, int64_t V,
-                  float grad_scale, bool want_grad);
+void softmax_xent(Stream stream, float* logits, int64_t ld, float* losses, const int32_t* targets, int64_t R,
+                  int64_t V, float grad_scale, bool want_grad);
 // out[0] (= or += when accumulate) = sum of x[0..n) in float64, in a fixed order (deterministic).
 void sum_f64(Stream stream, double* out, const float* x, int64_t n, bool accumulate);
 
