@@ -8,10 +8,12 @@
 // (|row|^2 / 2, l2 only). Per search (scratch, reused across searches under the index's mutex): the queries
 // (original and screening copies), per-(query, slab) candidate lists, and the outputs.
 //
-// knn_screen_kernel<BQ>: block (slab, query tile) walks the BV-row tiles of its slab. For each tile it
-// computes the BQ x BV score tile with WMMA m16n16k8 TF32 fragments (operands staged through shared memory in
-// BK-wide k-steps, fp32 accumulation), stores it to shared memory, and each warp appends the scores above its
-// queries' thresholds to per-query candidate buffers (ballot + popc). A buffer holding more than c entries is
+// knn_screen_kernel<BQ, VEC>: block (slab, query tile) walks the BV-row tiles of its slab. For each tile it
+// computes the BQ x BV score tile with WMMA m16n16k8 TF32 fragments (operands rounded to TF32 as they are
+// staged through shared memory in BK-wide k-steps; VEC: 16-byte loads, the next step's issued before this
+// step's MMAs; fp32 accumulation), stores it to shared memory, and each warp appends the scores above its
+// queries' thresholds to per-query candidate buffers of cap = c + m BV entries (ballot + popc). A buffer that
+// might not hold another tile (more than cap - BV entries) is
 // cut back to its c largest by a warp radix select on the order-preserving integer keys of the scores; the
 // threshold becomes the c-th largest value, which is also the bound on everything the block dropped for that
 // query. knn_finalize_kernel: one block per query merges the slabs' lists (a block radix select when they
@@ -70,18 +72,63 @@ __device__ __forceinline__ uint32_t lanes_below(int lane) {
   return (1u << lane) - 1u;
 }
 
-size_t screen_smem_bytes(int bq, int c) {
+// One warp cuts a candidate list qa/qi[0, n) back to its c largest scores (n > c), in place: a radix select
+// finds the largest key K with at least c keys >= K (the c-th largest), then everything above K and enough
+// entries equal to it are compacted to the front. thr becomes the c-th largest value: the bound on all that
+// was dropped.
+__device__ __forceinline__ void cut_to_best(float* qa, int* qi, int& n, float& thr, bool& dropped, int c,
+                                            int lane) {
+  uint32_t K = 0;
+  for (int bit = 31; bit >= 0; --bit) {
+    const uint32_t trial = K | (1u << bit);
+    int ge = 0;
+    for (int e = lane; e < n; e += 32) ge += order_key(qa[e]) >= trial;
+    ge = __reduce_add_sync(0xffffffffu, ge);
+    if (ge >= c) K = trial;
+  }
+  int gt = 0;
+  for (int e = lane; e < n; e += 32) gt += order_key(qa[e]) > K;
+  gt = __reduce_add_sync(0xffffffffu, gt);
+  const int need_eq = c - gt;
+  int written = 0, eq_seen = 0;
+  for (int base = 0; base < n; base += 32) {
+    const int e = base + lane;
+    const float a = e < n ? qa[e] : 0.0f;
+    const int idx = e < n ? qi[e] : 0;
+    const uint32_t key = order_key(a);
+    const bool is_gt = e < n && key > K, is_eq = e < n && key == K;
+    const uint32_t meq = __ballot_sync(0xffffffffu, is_eq);
+    const bool keep = is_gt || (is_eq && eq_seen + __popc(meq & lanes_below(lane)) < need_eq);
+    const uint32_t mk = __ballot_sync(0xffffffffu, keep);
+    const int pos = written + __popc(mk & lanes_below(lane));
+    __syncwarp();
+    if (keep) {
+      qa[pos] = a;
+      qi[pos] = idx;
+    }
+    __syncwarp();
+    written += __popc(mk);
+    eq_seen += __popc(meq);
+  }
+  n = c;
+  thr = key_value(K);
+  dropped = true;
+}
+
+size_t screen_smem_bytes(int bq, int cap) {
   const size_t stage = std::max<size_t>(size_t(bq + kBV) * kLdA, size_t(bq) * kLdS) * sizeof(float);
-  const size_t buffers = size_t(bq) * (c + kBV) * (sizeof(float) + sizeof(int));
+  const size_t buffers = size_t(bq) * cap * (sizeof(float) + sizeof(int));
   return stage + buffers;
 }
 
-// Scratch layout of a candidate buffer: [BQ][c + BV] scores, then [BQ][c + BV] indices.
-template <int BQ>
+// Scratch layout of a candidate buffer: [BQ][cap] scores, then [BQ][cap] indices; cap = c + m BV (m >= 1):
+// a query's buffer is cut back to its c best only when another tile might not fit, so with m = 2 that
+// happens every few tiles instead of after nearly every one.
+template <int BQ, bool VEC>
 __global__ void __launch_bounds__(kThreads)
     knn_screen_kernel(const float* __restrict__ qs, const float* __restrict__ vs,
                       const float* __restrict__ sub, const int* __restrict__ exclude, int Q, int V, int d,
-                      int c, int tiles_per_slab, int slabs, float* __restrict__ cand_a,
+                      int c, int cap, int tiles_per_slab, int slabs, float* __restrict__ cand_a,
                       int* __restrict__ cand_i, int* __restrict__ cand_n, float* __restrict__ bound) {
   extern __shared__ __align__(128) unsigned char smem[];
   float* As = reinterpret_cast<float*>(smem);  // [BQ][kLdA]
@@ -89,7 +136,6 @@ __global__ void __launch_bounds__(kThreads)
   float* Ss = As;                              // [BQ][kLdS], aliases the staging buffers after the k-loop
   constexpr int kStageA = (BQ + kBV) * kLdA, kStageS = BQ * kLdS;
   constexpr int stage = kStageA > kStageS ? kStageA : kStageS;
-  const int cap = c + kBV;
   float* buf_a = reinterpret_cast<float*>(smem) + stage;
   int* buf_i = reinterpret_cast<int*>(buf_a + BQ * cap);
 
@@ -118,32 +164,79 @@ __global__ void __launch_bounds__(kThreads)
     wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc[kFragRows];
 #pragma unroll
     for (int f = 0; f < kFragRows; ++f) wmma::fill_fragment(acc[f], 0.0f);
-    for (int k0 = 0; k0 < d; k0 += kBK) {
-      for (int e = threadIdx.x; e < BQ * kBK; e += kThreads) {
-        const int r = e / kBK, kk = e % kBK, q = q0 + r, k = k0 + kk;
-        As[r * kLdA + kk] = (q < Q && k < d) ? qs[size_t(q) * d + k] : 0.0f;
-      }
-      for (int e = threadIdx.x; e < kBV * kBK; e += kThreads) {
-        const int j = e / kBK, kk = e % kBK, v = v0 + j, k = k0 + kk;
-        Bs[j * kLdA + kk] = (v < V && k < d) ? vs[size_t(v) * d + k] : 0.0f;
-      }
-      __syncthreads();
+    // The k-loop: operands are rounded to TF32 once, as they are staged (so the fragments need no
+    // conversion). VEC (d % 4 == 0): 16-byte loads, and the next k-step's loads are issued before this
+    // step's MMAs so that their latency hides behind them.
+    auto mma_step = [&]() {
 #pragma unroll
       for (int kk = 0; kk < kBK; kk += 8) {
         wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major> b;
         wmma::load_matrix_sync(b, Bs + warp * 16 * kLdA + kk, kLdA);
 #pragma unroll
-        for (int t = 0; t < b.num_elements; ++t) b.x[t] = wmma::__float_to_tf32(b.x[t]);
-#pragma unroll
         for (int f = 0; f < kFragRows; ++f) {
           wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> a;
           wmma::load_matrix_sync(a, As + f * 16 * kLdA + kk, kLdA);
-#pragma unroll
-          for (int t = 0; t < a.num_elements; ++t) a.x[t] = wmma::__float_to_tf32(a.x[t]);
           wmma::mma_sync(acc[f], a, b, acc[f]);
         }
       }
-      __syncthreads();
+    };
+    if constexpr (VEC) {
+      constexpr int kQuads = kBK / 4;  // float4s per staged row
+      constexpr int kChunksA = BQ * kQuads, kChunksB = kBV * kQuads;
+      constexpr int kPerA = (kChunksA + kThreads - 1) / kThreads, kPerB = kChunksB / kThreads;
+      static_assert(kChunksB % kThreads == 0, "B chunks per thread");
+      float4 ra[kPerA], rb[kPerB];
+      const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      auto load = [&](int k0) {
+#pragma unroll
+        for (int i = 0; i < kPerA; ++i) {
+          const int e = threadIdx.x + i * kThreads, q = q0 + e / kQuads, k = k0 + (e % kQuads) * 4;
+          ra[i] = (e < kChunksA && q < Q && k < d)
+                      ? __ldg(reinterpret_cast<const float4*>(qs + size_t(q) * d + k))
+                      : zero;
+        }
+#pragma unroll
+        for (int i = 0; i < kPerB; ++i) {
+          const int e = threadIdx.x + i * kThreads, v = v0 + e / kQuads, k = k0 + (e % kQuads) * 4;
+          rb[i] = (v < V && k < d) ? __ldg(reinterpret_cast<const float4*>(vs + size_t(v) * d + k)) : zero;
+        }
+      };
+      auto tf32x4 = [](float4 t) {
+        return make_float4(wmma::__float_to_tf32(t.x), wmma::__float_to_tf32(t.y), wmma::__float_to_tf32(t.z),
+                           wmma::__float_to_tf32(t.w));
+      };
+      load(0);
+      for (int k0 = 0; k0 < d; k0 += kBK) {
+#pragma unroll
+        for (int i = 0; i < kPerA; ++i) {
+          const int e = threadIdx.x + i * kThreads;
+          if (e < kChunksA)
+            *reinterpret_cast<float4*>(As + (e / kQuads) * kLdA + (e % kQuads) * 4) = tf32x4(ra[i]);
+        }
+#pragma unroll
+        for (int i = 0; i < kPerB; ++i) {
+          const int e = threadIdx.x + i * kThreads;
+          *reinterpret_cast<float4*>(Bs + (e / kQuads) * kLdA + (e % kQuads) * 4) = tf32x4(rb[i]);
+        }
+        __syncthreads();
+        if (k0 + kBK < d) load(k0 + kBK);
+        mma_step();
+        __syncthreads();
+      }
+    } else {
+      for (int k0 = 0; k0 < d; k0 += kBK) {
+        for (int e = threadIdx.x; e < BQ * kBK; e += kThreads) {
+          const int r = e / kBK, kk = e % kBK, q = q0 + r, k = k0 + kk;
+          As[r * kLdA + kk] = (q < Q && k < d) ? wmma::__float_to_tf32(qs[size_t(q) * d + k]) : 0.0f;
+        }
+        for (int e = threadIdx.x; e < kBV * kBK; e += kThreads) {
+          const int j = e / kBK, kk = e % kBK, v = v0 + j, k = k0 + kk;
+          Bs[j * kLdA + kk] = (v < V && k < d) ? wmma::__float_to_tf32(vs[size_t(v) * d + k]) : 0.0f;
+        }
+        __syncthreads();
+        mma_step();
+        __syncthreads();
+      }
     }
 #pragma unroll
     for (int f = 0; f < kFragRows; ++f)
@@ -175,45 +268,8 @@ __global__ void __launch_bounds__(kThreads)
         cnt[r] += __popc(m);
       }
       __syncwarp();
-      if (cnt[r] > c) {
-        // Radix select: the largest key K with at least c keys >= K is the c-th largest.
-        const int n = cnt[r];
-        uint32_t K = 0;
-        for (int bit = 31; bit >= 0; --bit) {
-          const uint32_t trial = K | (1u << bit);
-          int ge = 0;
-          for (int e = lane; e < n; e += 32) ge += order_key(qa[e]) >= trial;
-          ge = __reduce_add_sync(0xffffffffu, ge);
-          if (ge >= c) K = trial;
-        }
-        int gt = 0;
-        for (int e = lane; e < n; e += 32) gt += order_key(qa[e]) > K;
-        gt = __reduce_add_sync(0xffffffffu, gt);
-        const int need_eq = c - gt;
-        int written = 0, eq_seen = 0;
-        for (int base = 0; base < n; base += 32) {
-          const int e = base + lane;
-          const float a = e < n ? qa[e] : 0.0f;
-          const int idx = e < n ? qi[e] : 0;
-          const uint32_t key = order_key(a);
-          const bool is_gt = e < n && key > K, is_eq = e < n && key == K;
-          const uint32_t meq = __ballot_sync(0xffffffffu, is_eq);
-          const bool keep = is_gt || (is_eq && eq_seen + __popc(meq & lanes_below(lane)) < need_eq);
-          const uint32_t mk = __ballot_sync(0xffffffffu, keep);
-          const int pos = written + __popc(mk & lanes_below(lane));
-          __syncwarp();
-          if (keep) {
-            qa[pos] = a;
-            qi[pos] = idx;
-          }
-          __syncwarp();
-          written += __popc(mk);
-          eq_seen += __popc(meq);
-        }
-        cnt[r] = c;
-        thr[r] = key_value(K);
-        dropped[r] = true;
-      }
+      // The next tile could overflow the buffer: cut it back to its c best.
+      if (cnt[r] > cap - kBV) cut_to_best(qa, qi, cnt[r], thr[r], dropped[r], c, lane);
     }
     __syncthreads();  // Ss aliases the staging buffers of the next tile
   }
@@ -222,6 +278,8 @@ __global__ void __launch_bounds__(kThreads)
   for (int r = 0; r < kQueriesPerWarp; ++r) {
     const int qq = warp + 8 * r, q = q0 + qq;
     if (q >= Q) continue;
+    // The slab's list holds at most c entries.
+    if (cnt[r] > c) cut_to_best(buf_a + qq * cap, buf_i + qq * cap, cnt[r], thr[r], dropped[r], c, lane);
     const size_t slot = size_t(q) * slabs + slab;
     for (int e = lane; e < cnt[r]; e += 32) {
       cand_a[slot * c + e] = buf_a[qq * cap + e];
@@ -527,8 +585,8 @@ class CudaIndex final : public KnnIndex {
     bool first = true;
     while (!pending.empty()) {
       if (!first) res.recovered_queries += static_cast<int64_t>(pending.size());
-      const int bq = pick_bq(static_cast<int>(c));
-      if (c >= available || bq == 0 ||
+      const ScreenShape shape = pick_screen(static_cast<int>(c));
+      if (c >= available || shape.bq == 0 ||
           finalize_smem_bytes(static_cast<int>(c), next_pow2(static_cast<int>(c))) > smem_optin_) {
         host_exact(pending, queries, k, exclude, threads, &res);
         break;
@@ -538,7 +596,7 @@ class CudaIndex final : public KnnIndex {
       for (size_t b = 0; b < pending.size(); b += chunk) {
         const size_t e = std::min(pending.size(), b + size_t(chunk));
         std::vector<int64_t> part(pending.begin() + b, pending.begin() + e);
-        run(part, queries, q_norms, k, static_cast<int>(c), bq, exclude, &res, &failed);
+        run(part, queries, q_norms, k, static_cast<int>(c), shape, exclude, &res, &failed);
       }
       pending.swap(failed);
       c *= 4;
@@ -548,30 +606,47 @@ class CudaIndex final : public KnnIndex {
   }
 
  private:
-  int pick_bq(int c) const {
+  // Query-tile height and candidate-buffer capacity of the screening kernel: the tallest tile (fewer passes
+  // over the vocabulary) whose buffers fit in shared memory, with room for two tiles of candidates if
+  // possible (bq 0: nothing fits).
+  struct ScreenShape {
+    int bq = 0, cap = 0;
+  };
+  ScreenShape pick_screen(int c) const {
     for (int bq : {64, 32, 16})
-      if (screen_smem_bytes(bq, c) <= smem_optin_) return bq;
-    return 0;
+      for (int m : {2, 1})
+        if (screen_smem_bytes(bq, c + m * kBV) <= smem_optin_) return {bq, c + m * kBV};
+    return {};
   }
 
-  template <int BQ>
-  void launch_screen(int slabs, int tiles_per_slab, int n, int c, const int* excl) const {
-    const size_t smem = screen_smem_bytes(BQ, c);
-    cuda_check(cudaFuncSetAttribute(knn_screen_kernel<BQ>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  template <int BQ, bool VEC>
+  void launch_screen(int slabs, int tiles_per_slab, int n, int c, int cap, const int* excl) const {
+    const size_t smem = screen_smem_bytes(BQ, cap);
+    cuda_check(cudaFuncSetAttribute(knn_screen_kernel<BQ, VEC>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     static_cast<int>(smem)),
                "cudaFuncSetAttribute(screen)");
     const dim3 grid(slabs, (n + BQ - 1) / BQ);
-    knn_screen_kernel<BQ><<<grid, kThreads, smem, stream_>>>(
+    knn_screen_kernel<BQ, VEC><<<grid, kThreads, smem, stream_>>>(
         q_screen_.ptr, metric_ == KnnMetric::Cosine ? screen_.ptr : rows_.ptr,
         metric_ == KnnMetric::L2 ? half_sq_.ptr : nullptr, excl, n, static_cast<int>(V_),
-        static_cast<int>(d_), c, tiles_per_slab, slabs, cand_a_.ptr, cand_i_.ptr, cand_n_.ptr, bound_.ptr);
+        static_cast<int>(d_), c, cap, tiles_per_slab, slabs, cand_a_.ptr, cand_i_.ptr, cand_n_.ptr,
+        bound_.ptr);
     cuda_check(cudaGetLastError(), "knn_screen_kernel launch");
   }
 
+  // 16-byte loads need every row to start 16-byte aligned (the buffers are cudaMalloc'd): d % 4 == 0.
+  template <int BQ>
+  void launch_screen(int slabs, int tiles_per_slab, int n, int c, int cap, const int* excl) const {
+    if (d_ % 4 == 0)
+      launch_screen<BQ, true>(slabs, tiles_per_slab, n, c, cap, excl);
+    else
+      launch_screen<BQ, false>(slabs, tiles_per_slab, n, c, cap, excl);
+  }
+
   void run(const std::vector<int64_t>& part, const float* queries, const std::vector<double>& q_norms,
-           int64_t k, int c, int bq, const int32_t* exclude, KnnResult* res,
+           int64_t k, int c, ScreenShape shape, const int32_t* exclude, KnnResult* res,
            std::vector<int64_t>* failed) const {
-    const int n = static_cast<int>(part.size()), d = static_cast<int>(d_);
+    const int n = static_cast<int>(part.size()), d = static_cast<int>(d_), bq = shape.bq;
     const int tiles = static_cast<int>((V_ + kBV - 1) / kBV);
     const int qtiles = (n + bq - 1) / bq;
     int slabs = std::max(1, std::min(tiles, (2 * sms_ + qtiles - 1) / qtiles));
@@ -619,11 +694,11 @@ class CudaIndex final : public KnnIndex {
     // Device time of the two kernels (the transfers and the host-side query preparation excluded).
     cuda_check(cudaEventRecord(start_, stream_), "cudaEventRecord");
     if (bq == 64)
-      launch_screen<64>(slabs, tiles_per_slab, n, c, excl);
+      launch_screen<64>(slabs, tiles_per_slab, n, c, shape.cap, excl);
     else if (bq == 32)
-      launch_screen<32>(slabs, tiles_per_slab, n, c, excl);
+      launch_screen<32>(slabs, tiles_per_slab, n, c, shape.cap, excl);
     else
-      launch_screen<16>(slabs, tiles_per_slab, n, c, excl);
+      launch_screen<16>(slabs, tiles_per_slab, n, c, shape.cap, excl);
     cuda_check(cudaEventRecord(mid_, stream_), "cudaEventRecord");
     const size_t fsmem = finalize_smem_bytes(merged, pow2);
     cuda_check(cudaFuncSetAttribute(knn_finalize_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,

@@ -497,9 +497,18 @@ void test_misc(Model& llama) {
 
 // The CUDA kNN index against the float64 brute force: indices equal, scores to fp32 rounding. 200 copies of
 // one row tie at the top for a query on it, more than the first round keeps as candidates, so that query
-// cannot be certified and goes through a recovery round.
+// cannot be certified and goes through a recovery round. Two shapes: V 600, d 40 (16-byte staging loads, a
+// tile or so per slab) and V 20000, d 37 (scalar loads; several tiles per slab, so candidate buffers are cut
+// back between tiles as well as at the end).
+void test_knn_shape(int64_t V, int64_t d);
+
 void test_knn() {
-  const int64_t V = 600, d = 40, Q = 37;
+  for (auto [V, d] : {std::pair<int64_t, int64_t>{600, 40}, std::pair<int64_t, int64_t>{20000, 37}})
+    test_knn_shape(V, d);
+}
+
+void test_knn_shape(int64_t V, int64_t d) {
+  const int64_t Q = 37;
   std::mt19937 g(5);
   std::normal_distribution<float> N(0.0f, 1.0f);
   std::vector<float> vocab(V * d), queries(Q * d);
