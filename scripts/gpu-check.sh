@@ -6,7 +6,8 @@
 #   bash scripts/gpu-check.sh [groups...]              there: runs the check, one process per group of sections
 #                                                      (sections: checks gemm steps knn; a group joins them with
 #                                                      commas; default: checks gemm,steps knn), then the PyTorch
-#                                                      peers (PEERS=0 skips them); logs, results.md and
+#                                                      peers (PEERS=0 skips them), then with PROFILE=1 ncu
+#                                                      on the kNN and GEMM kernels; logs, results.md and
 #                                                      summary.txt in $OUT (or ./gpu-results)
 #
 # Each group runs in its own process (a kernel fault that poisons the CUDA context stops only its group) under
@@ -85,6 +86,20 @@ if [ "${PEERS:-1}" != "0" ]; then
     [ "$f" = gpu_peer_llama.py ] && cap=150
     if [ -f ".carry/$f" ]; then part "${f%.py}" "$cap" python3 ".carry/$f" || true; fi
   done
+fi
+# PROFILE=1: Nsight Compute on the two kernels that dominate (the kNN screening and the tensor-core GEMM),
+# one launch each: speed of light, occupancy, launch statistics, warp stalls, memory; into ncu.txt.
+if [ "${PROFILE:-0}" = "1" ]; then
+  ncu="$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1 || true)"
+  if [ -z "$ncu" ]; then
+    echo "profile: no ncu on this machine" | tee -a "$out/summary.txt"
+  else
+    secs=(--section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats
+      --section MemoryWorkloadAnalysis)
+    part ncu-knn 90 "$ncu" -k regex:knn_screen --launch-skip 1 --launch-count 1 "${secs[@]}" \
+      /tmp/node .carry/gpu-check.mjs knn --quick || true
+    part ncu-gemm 90 "$ncu" -k regex:gemm_tc --launch-count 1 "${secs[@]}" /tmp/node .carry/gpu-check.mjs gemm || true
+  fi
 fi
 cat "$out/summary.txt"
 exit "$status"
