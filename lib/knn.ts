@@ -191,15 +191,7 @@ export class VocabIndex {
     const threads =
       options.threads === undefined ? this.threads : checkInteger("threads", options.threads, 1, 1024);
     const r = await native.search(queries, k, threads);
-    return {
-      indices: r.indices,
-      scores: r.scores,
-      k,
-      count,
-      recoveredQueries: r.recoveredQueries,
-      deviceMs: r.deviceMs,
-      deviceScreenMs: r.deviceScreenMs,
-    };
+    return { ...r, k, count };
   }
 
   /**
@@ -277,15 +269,7 @@ export async function nearestNeighbors(
     const threads =
       options.threads === undefined ? defaultThreads() : checkInteger("threads", options.threads, 1, 1024);
     const r = await addon().knnSearchOnce(queries, vocab, dim, metric, k, threads);
-    return {
-      indices: r.indices,
-      scores: r.scores,
-      k,
-      count,
-      recoveredQueries: r.recoveredQueries,
-      deviceMs: r.deviceMs,
-      deviceScreenMs: r.deviceScreenMs,
-    };
+    return { ...r, k, count };
   }
   const index = await VocabIndex.create(vocab, options);
   try {
