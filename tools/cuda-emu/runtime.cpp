@@ -278,9 +278,28 @@ unsigned cur_thread = 0;
 static const void* sched_bottom = nullptr;
 static size_t sched_size = 0;
 static void* sched_fake = nullptr;
+// cp.async: per thread, the copies not yet committed and the committed groups, oldest first.
+struct AsyncCopy {
+  unsigned char* dst;
+  const unsigned char* src;
+  size_t size, zfill;
+};
+struct AsyncQueue {
+  std::vector<AsyncCopy> open;
+  std::deque<std::vector<AsyncCopy>> groups;
+};
+static std::vector<AsyncQueue> async_q;
 static void fiber_entry() {
   ASAN_FINISH(nullptr, &sched_bottom, &sched_size);
   (*body)();
+  {
+    const AsyncQueue& q = async_q[cur_thread];
+    bool queued = !q.open.empty();
+    for (const auto& g : q.groups) queued |= !g.empty();
+    if (queued)
+      report(true, std::string(kname) + ": thread " + std::to_string(cur_thread) +
+                       " exited with a cp.async copy still queued (no __pipeline_wait_prior covered it)");
+  }
   fibers[cur_thread].state = kDone;
   ASAN_START(nullptr, sched_bottom, sched_size);
   emu_switch(&fibers[cur_thread].sp, sched_sp);
@@ -303,6 +322,35 @@ static void init_fiber(unsigned t) {
   *--sp = reinterpret_cast<void*>(&fiber_entry);  // emu_switch's return target
   for (int i = 0; i < 6; ++i) *--sp = nullptr;    // rbp rbx r12 r13 r14 r15
   fibers[t] = Fiber{sp, nullptr, kRun, nullptr, nullptr, 0};
+  async_q[t].open.clear();
+  async_q[t].groups.clear();
+}
+void async_copy(void* dst, const void* src, size_t size, size_t zfill) {
+  if (size != 4 && size != 8 && size != 16)
+    fatal(std::string(kname) + ": __pipeline_memcpy_async of " + std::to_string(size) +
+          " bytes (4, 8 or 16)");
+  if (zfill > size) fatal(std::string(kname) + ": __pipeline_memcpy_async zero fill larger than the copy");
+  if (reinterpret_cast<uintptr_t>(dst) % size || reinterpret_cast<uintptr_t>(src) % size)
+    fatal(std::string(kname) + ": __pipeline_memcpy_async with a pointer not aligned to " +
+          std::to_string(size) + " bytes");
+  async_q[cur_thread].open.push_back(
+      {static_cast<unsigned char*>(dst), static_cast<const unsigned char*>(src), size, zfill});
+}
+void async_commit() {
+  AsyncQueue& q = async_q[cur_thread];
+  q.groups.push_back(std::move(q.open));
+  q.open.clear();
+}
+// Lands every group but the `prior` newest (the latest moment the hardware may complete them).
+void async_wait_prior(size_t prior) {
+  AsyncQueue& q = async_q[cur_thread];
+  while (q.groups.size() > prior) {
+    for (const AsyncCopy& c : q.groups.front()) {
+      std::memcpy(c.dst, c.src, c.size - c.zfill);
+      std::memset(c.dst + (c.size - c.zfill), 0, c.zfill);
+    }
+    q.groups.pop_front();
+  }
 }
 static void resume(unsigned t) {
   cur_thread = t;
@@ -407,6 +455,7 @@ void run_grid(dim3 grid, dim3 block, size_t dyn, const char* name, const std::fu
           std::to_string(block.x) + "," + std::to_string(block.y) + "," + std::to_string(block.z) + ")");
   ensure_stacks(block.x);
   fibers.resize(std::max<size_t>(fibers.size(), block.x));
+  async_q.resize(std::max<size_t>(async_q.size(), block.x));
   nthreads = block.x;
   body = &b;
   kname = name;

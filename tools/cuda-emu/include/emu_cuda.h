@@ -19,6 +19,12 @@
 // - WMMA bf16 m16n16k16 and tf32 m16n16k8: A and B fragments hold the whole tile in every lane, each
 //   accumulator element belongs to one lane (the others read NaN after mma_sync), products are summed in
 //   double and rounded once; tf32 operands are truncated to 10 mantissa bits as the tensor core reads them.
+// - cp.async (__pipeline_memcpy_async / _commit / _wait_prior): each thread keeps its own queue of copy
+//   groups, and a copy lands as late as the rules allow: when a __pipeline_wait_prior(n) leaves fewer than
+//   its group among the n newest. So reading a stage before waiting for it sees the block-start poison (or a
+//   stale tile), and refilling a stage other warps may still read is caught by the phase order as above.
+//   Sizes 4, 8 and 16 with zero fill; source and destination must be aligned to the size; a thread that
+//   exits with a copy still queued is reported.
 //
 // What it cannot prove: there is no real memory model or concurrency (fibers never interleave inside a
 // phase, so races between threads of a phase and missing __threadfence/volatile go unseen, and atomics are
@@ -226,6 +232,11 @@ void launch(const char* name, void (*k)(KA...), dim3 grid, dim3 block, size_t sm
   enqueue(s, name, [=] { run_grid(grid, block, smem, name, [&] { std::apply(k, *tup); }); });
 }
 
+// cp.async (runtime.cpp): the calling thread's queue.
+void async_copy(void* dst, const void* src, size_t size, size_t zfill);
+void async_commit();
+void async_wait_prior(size_t prior);
+
 template <class T>
 inline T* aligned_vec(T* p, size_t a) {
   if (reinterpret_cast<uintptr_t>(p) % a)
@@ -338,6 +349,17 @@ inline uint32_t __float_as_uint(float f) {
 }
 inline float __uint_as_float(uint32_t u) {
   return emu::from_bits<float>(u);
+}
+
+// ---- cp.async (cuda_pipeline_primitives.h) ----
+inline void __pipeline_memcpy_async(void* dst, const void* src, size_t size_and_align, size_t zfill = 0) {
+  emu::async_copy(dst, src, size_and_align, zfill);
+}
+inline void __pipeline_commit() {
+  emu::async_commit();
+}
+inline void __pipeline_wait_prior(size_t prior) {
+  emu::async_wait_prior(prior);
 }
 
 // ---- bf16 ----
