@@ -30,6 +30,12 @@ inline void check_launch(const char* op) {
   check(cudaGetLastError(), op);
 }
 
+// Two floats rounded to bf16 (nearest even) and packed, the first in the low half (memory order).
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+  return static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(lo))) |
+         (static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(hi))) << 16);
+}
+
 inline int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }

@@ -13,8 +13,9 @@
 //    registers, up to 8 (forward) or 4 (backward) packs per thread with up to 1024 threads; statistics are
 //    fp32, two-pass for LayerNorm (mean, then centred squares). Longer rows take a scalar kernel that
 //    re-reads global memory.
-//  - softmax_xent: one block per row: max, sum of exp, then (optionally) the gradient in place. A row whose
-//    start is not 16-byte aligned runs as a scalar head, a float4 body and a scalar tail.
+//  - softmax_xent: one block per row: max, sum of exp, then (optionally) the gradient, in place or as bf16
+//    into a second buffer. A row whose start is not 16-byte aligned runs as a scalar head, a float4 body
+//    and a scalar tail.
 //  - sum_f64 / sum_squares_f64: a single 1024-thread block, per-thread float64 accumulators over a fixed
 //    stride and a fixed-shape tree, so the result is deterministic. No kernel in this file uses atomics.
 // Reductions across threads use xor-butterfly shuffles (then one shared-memory step across warps): every
@@ -97,6 +98,24 @@ __device__ __forceinline__ void store_vec(float* p, const float (&d)[VEC]) {
 #pragma unroll
     for (int e = 0; e < VEC; ++e) p[e] = d[e];
   }
+}
+
+// bf16 outputs (the activation operands of BF16 products): rounded to nearest even; four at a time as one
+// 8-byte store (the caller checks the alignment, as for float4).
+template <int VEC>
+__device__ __forceinline__ void store_vec(uint16_t* p, const float (&d)[VEC]) {
+  if constexpr (VEC == 4) {
+    *reinterpret_cast<uint2*>(p) = make_uint2(pack_bf16x2(d[0], d[1]), pack_bf16x2(d[2], d[3]));
+  } else {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) p[e] = __bfloat16_as_ushort(__float2bfloat16_rn(d[e]));
+  }
+}
+__device__ __forceinline__ void put(float* p, float v) {
+  *p = v;
+}
+__device__ __forceinline__ void put(uint16_t* p, float v) {
+  *p = __bfloat16_as_ushort(__float2bfloat16_rn(v));
 }
 
 struct SumOp {
@@ -414,8 +433,8 @@ struct AddOp {
   __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
 };
 
-template <int NIN, class Op>
-__global__ void map_kernel(float* out, const float* a, const float* b, int64_t n, int64_t n4, Op op) {
+template <int NIN, class Op, class O>
+__global__ void map_kernel(O* out, const float* a, const float* b, int64_t n, int64_t n4, Op op) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t start = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   for (int64_t i = start; i < n4; i += stride) {
@@ -429,29 +448,28 @@ __global__ void map_kernel(float* out, const float* a, const float* b, int64_t n
   for (int64_t i = 4 * n4 + start; i < n; i += stride) {
     float vb = 0.0f;
     if constexpr (NIN == 2) vb = b[i];
-    out[i] = op(a[i], vb);
+    put(out + i, op(a[i], vb));
   }
 }
 
-template <int NIN, class Op>
-void launch_map(Stream stream, const char* name, float* out, const float* a, const float* b, int64_t n,
-                Op op) {
+template <int NIN, class Op, class O>
+void launch_map(Stream stream, const char* name, O* out, const float* a, const float* b, int64_t n, Op op) {
   const bool vec = aligned16(out) && aligned16(a) && (NIN == 1 || aligned16(b));
   const int64_t n4 = vec ? n / 4 : 0;
-  map_kernel<NIN, Op><<<grid_for(n4 > 0 ? n4 : n, kThreads), kThreads, 0, stream>>>(out, a, b, n, n4, op);
+  map_kernel<NIN, Op, O><<<grid_for(n4 > 0 ? n4 : n, kThreads), kThreads, 0, stream>>>(out, a, b, n, n4, op);
   check_launch(name);
 }
 
 // ---------------------------------------------------------------------------------------------------------
 // SwiGLU: gate_up[N, 2I] = [gate | up]
 
-template <int VEC>
-__global__ void swiglu_forward_kernel(float* out, const float* gate_up, int64_t N, int64_t I) {
+template <int VEC, class O>
+__global__ void swiglu_forward_kernel(O* out, const float* gate_up, int64_t N, int64_t I) {
   const int64_t packs = I / VEC, stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t row = blockIdx.y; row < N; row += gridDim.y) {
     const float* g = gate_up + row * 2 * I;
     const float* u = g + I;
-    float* o = out + row * I;
+    O* o = out + row * I;
     for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < packs; j += stride) {
       float gv[VEC], uv[VEC], ov[VEC];
       load_vec<VEC>(gv, g + j * VEC);
@@ -463,16 +481,16 @@ __global__ void swiglu_forward_kernel(float* out, const float* gate_up, int64_t 
   }
 }
 
-template <int VEC>
-__global__ void swiglu_backward_kernel(float* dgate_up, const float* gate_up, const float* dout, int64_t N,
+template <int VEC, class O>
+__global__ void swiglu_backward_kernel(O* dgate_up, const float* gate_up, const float* dout, int64_t N,
                                        int64_t I) {
   const int64_t packs = I / VEC, stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t row = blockIdx.y; row < N; row += gridDim.y) {
     const float* g = gate_up + row * 2 * I;
     const float* u = g + I;
     const float* d = dout + row * I;
-    float* dg = dgate_up + row * 2 * I;
-    float* du = dg + I;
+    O* dg = dgate_up + row * 2 * I;
+    O* du = dg + I;
     for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < packs; j += stride) {
       float gv[VEC], uv[VEC], dv[VEC], dgv[VEC], duv[VEC];
       load_vec<VEC>(gv, g + j * VEC);
@@ -615,14 +633,18 @@ __device__ __forceinline__ void row_visit(float* p, int64_t V, F&& f) {
 
 __global__ void __launch_bounds__(kMaxBlockThreads)
     softmax_xent_kernel(float* logits, int64_t ld, float* losses, const int32_t* targets, int64_t R,
-                        int64_t V, float grad_scale, bool want_grad) {
+                        int64_t V, float grad_scale, bool want_grad, uint16_t* grad16) {
   __shared__ float sh[32];
   for (int64_t r = blockIdx.x; r < R; r += gridDim.x) {
     float* p = logits + r * ld;
+    uint16_t* g = grad16 ? grad16 + r * ld : nullptr;
     const int64_t t = targets[r];
     if (t < 0 || t >= V) {  // outside the contract: ignored row (t < 0, the CPU's convention) or NaN loss
       if (threadIdx.x == 0) losses[r] = t < 0 ? 0.0f : NAN;
-      if (want_grad) row_visit<true>(p, V, [](int64_t, float& v) { v = 0.0f; });
+      if (want_grad && g)
+        for (int64_t j = threadIdx.x; j < V; j += blockDim.x) g[j] = 0;
+      else if (want_grad)
+        row_visit<true>(p, V, [](int64_t, float& v) { v = 0.0f; });
       continue;  // uniform across the block: t is the same for every thread
     }
     const float lt = p[t];  // read before pass 3 overwrites it (the reductions' barriers order this)
@@ -636,10 +658,17 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
       losses[r] = static_cast<float>(log(static_cast<double>(sum)) + static_cast<double>(mx) - lt);
     if (want_grad) {
       const float k = grad_scale / sum;
-      row_visit<true>(p, V, [&](int64_t j, float& v) {
+      auto grad = [&](int64_t j, float& v) {
         v = expf(v - mx) * k;
         if (j == t) v -= grad_scale;
-      });
+      };
+      if (g)
+        row_visit<false>(p, V, [&](int64_t j, float& v) {
+          grad(j, v);
+          g[j] = __bfloat16_as_ushort(__float2bfloat16_rn(v));
+        });
+      else
+        row_visit<true>(p, V, grad);
     }
   }
 }
@@ -837,21 +866,23 @@ void norm_backward(Stream stream, NormKind kind, float* dx, const float* dout, c
   check_launch(name);
 }
 
-void gelu_forward(Stream stream, float* out, const float* x, int64_t n) {
+namespace {
+template <class O>
+void gelu_forward_to(Stream stream, O* out, const float* x, int64_t n) {
   require(n >= 0, "gelu_forward", "negative size");
   if (n == 0) return;
   require(out && x, "gelu_forward", "null pointer");
   launch_map<1>(stream, "gelu_forward", out, x, nullptr, n, GeluForwardOp());
 }
-
-void gelu_backward(Stream stream, float* dx, const float* x, const float* dout, int64_t n) {
+template <class O>
+void gelu_backward_to(Stream stream, O* dx, const float* x, const float* dout, int64_t n) {
   require(n >= 0, "gelu_backward", "negative size");
   if (n == 0) return;
   require(dx && x && dout, "gelu_backward", "null pointer");
   launch_map<2>(stream, "gelu_backward", dx, x, dout, n, GeluBackwardOp());
 }
-
-void swiglu_forward(Stream stream, float* out, const float* gate_up, int64_t N, int64_t I) {
+template <class O>
+void swiglu_forward_to(Stream stream, O* out, const float* gate_up, int64_t N, int64_t I) {
   const char* name = "swiglu_forward";
   require(N >= 0 && I >= 0, name, "negative size");
   if (N == 0 || I == 0) return;
@@ -861,14 +892,14 @@ void swiglu_forward(Stream stream, float* out, const float* gate_up, int64_t N, 
   const int threads = row_threads(cols);
   const dim3 grid = row_grid(N, cols, threads);
   if (vec)
-    swiglu_forward_kernel<4><<<grid, threads, 0, stream>>>(out, gate_up, N, I);
+    swiglu_forward_kernel<4, O><<<grid, threads, 0, stream>>>(out, gate_up, N, I);
   else
-    swiglu_forward_kernel<1><<<grid, threads, 0, stream>>>(out, gate_up, N, I);
+    swiglu_forward_kernel<1, O><<<grid, threads, 0, stream>>>(out, gate_up, N, I);
   check_launch(name);
 }
-
-void swiglu_backward(Stream stream, float* dgate_up, const float* gate_up, const float* dout, int64_t N,
-                     int64_t I) {
+template <class O>
+void swiglu_backward_to(Stream stream, O* dgate_up, const float* gate_up, const float* dout, int64_t N,
+                        int64_t I) {
   const char* name = "swiglu_backward";
   require(N >= 0 && I >= 0, name, "negative size");
   if (N == 0 || I == 0) return;
@@ -878,10 +909,38 @@ void swiglu_backward(Stream stream, float* dgate_up, const float* gate_up, const
   const int threads = row_threads(cols);
   const dim3 grid = row_grid(N, cols, threads);
   if (vec)
-    swiglu_backward_kernel<4><<<grid, threads, 0, stream>>>(dgate_up, gate_up, dout, N, I);
+    swiglu_backward_kernel<4, O><<<grid, threads, 0, stream>>>(dgate_up, gate_up, dout, N, I);
   else
-    swiglu_backward_kernel<1><<<grid, threads, 0, stream>>>(dgate_up, gate_up, dout, N, I);
+    swiglu_backward_kernel<1, O><<<grid, threads, 0, stream>>>(dgate_up, gate_up, dout, N, I);
   check_launch(name);
+}
+}  // namespace
+
+void gelu_forward(Stream stream, float* out, const float* x, int64_t n) {
+  gelu_forward_to(stream, out, x, n);
+}
+void gelu_forward_bf16(Stream stream, bf16_t* out, const float* x, int64_t n) {
+  gelu_forward_to(stream, out, x, n);
+}
+void gelu_backward(Stream stream, float* dx, const float* x, const float* dout, int64_t n) {
+  gelu_backward_to(stream, dx, x, dout, n);
+}
+void gelu_backward_bf16(Stream stream, bf16_t* dx, const float* x, const float* dout, int64_t n) {
+  gelu_backward_to(stream, dx, x, dout, n);
+}
+void swiglu_forward(Stream stream, float* out, const float* gate_up, int64_t N, int64_t I) {
+  swiglu_forward_to(stream, out, gate_up, N, I);
+}
+void swiglu_forward_bf16(Stream stream, bf16_t* out, const float* gate_up, int64_t N, int64_t I) {
+  swiglu_forward_to(stream, out, gate_up, N, I);
+}
+void swiglu_backward(Stream stream, float* dgate_up, const float* gate_up, const float* dout, int64_t N,
+                     int64_t I) {
+  swiglu_backward_to(stream, dgate_up, gate_up, dout, N, I);
+}
+void swiglu_backward_bf16(Stream stream, bf16_t* dgate_up, const float* gate_up, const float* dout, int64_t N,
+                          int64_t I) {
+  swiglu_backward_to(stream, dgate_up, gate_up, dout, N, I);
 }
 
 void residual_forward(Stream stream, float* out, const float* a, const float* b, int64_t n) {
@@ -910,7 +969,7 @@ void scatter_rows(Stream stream, float* dst, const float* src, const int32_t* ro
 }
 
 void softmax_xent(Stream stream, float* logits, int64_t ld, float* losses, const int32_t* targets, int64_t R,
-                  int64_t V, float grad_scale, bool want_grad) {
+                  int64_t V, float grad_scale, bool want_grad, bf16_t* grad_bf16) {
   const char* name = "softmax_xent";
   require(R >= 0 && V >= 0, name, "negative size");
   if (R == 0) return;
@@ -919,7 +978,7 @@ void softmax_xent(Stream stream, float* logits, int64_t ld, float* losses, const
   require(logits && losses && targets, name, "null pointer");
   const int threads = V >= 8192 ? kMaxBlockThreads : (V >= 1024 ? 256 : 128);
   softmax_xent_kernel<<<rows_grid(R), threads, 0, stream>>>(logits, ld, losses, targets, R, V, grad_scale,
-                                                            want_grad);
+                                                            want_grad, grad_bf16);
   check_launch(name);
 }
 
@@ -959,6 +1018,15 @@ namespace {
 constexpr int kRefThreads = 4;
 constexpr double kTolExact = 1e-6;
 constexpr double kTolMath = 1e-5;
+// bf16 outputs: the fp32 result rounded once to nearest even, at most 2^-8 relative per element (8
+// significant bits), plus a little for the fp32 math before it.
+constexpr double kTolBf16Out = 4e-3;
+constexpr const char* kNoteBf16Out = "output rounded to bf16 (2^-8 relative) vs the fp32 CPU reference";
+std::vector<float> bf16_to_float(const std::vector<uint16_t>& b) {
+  std::vector<float> f(b.size());
+  for (size_t i = 0; i < b.size(); ++i) f[i] = host_bf16_value(b[i]);
+  return f;
+}
 const char* const kNoteExact = "copies / fp32 adds in the CPU's order: expected bit-exact (err 0)";
 
 std::string dims(std::initializer_list<std::pair<const char*, int64_t>> ds) {
@@ -1131,6 +1199,18 @@ void test_gelu(std::vector<OpCheck>& out, uint32_t& seed) {
     out.push_back(make_check("gelu_backward", shape,
                              rel_error(to_host(d_dx.get(), static_cast<size_t>(total)), want_dx), kTolMath,
                              note));
+    auto d_out16 = to_device(std::vector<uint16_t>(static_cast<size_t>(total), 0));
+    auto d_dx16 = to_device(std::vector<uint16_t>(static_cast<size_t>(total), 0));
+    gelu_forward_bf16(nullptr, d_out16.get() + shift, d_x.get() + shift, n);
+    gelu_backward_bf16(nullptr, d_dx16.get() + shift, d_x.get() + shift, d_dout.get() + shift, n);
+    out.push_back(
+        make_check("gelu_forward bf16", shape,
+                   rel_error(bf16_to_float(to_host(d_out16.get(), static_cast<size_t>(total))), want),
+                   kTolBf16Out, kNoteBf16Out));
+    out.push_back(
+        make_check("gelu_backward bf16", shape,
+                   rel_error(bf16_to_float(to_host(d_dx16.get(), static_cast<size_t>(total))), want_dx),
+                   kTolBf16Out, kNoteBf16Out));
   }
 }
 
@@ -1153,6 +1233,17 @@ void test_swiglu(std::vector<OpCheck>& out, uint32_t& seed) {
     out.push_back(make_check("swiglu_backward", dims({{"N", N}, {"I", I}}),
                              rel_error(to_host(d_dgu.get(), static_cast<size_t>(N * 2 * I)), want_d),
                              kTolMath, note));
+    DeviceBuffer<uint16_t> d_out16(static_cast<size_t>(N * I)), d_dgu16(static_cast<size_t>(N * 2 * I));
+    swiglu_forward_bf16(nullptr, d_out16.get(), d_gu.get(), N, I);
+    swiglu_backward_bf16(nullptr, d_dgu16.get(), d_gu.get(), d_dout.get(), N, I);
+    out.push_back(
+        make_check("swiglu_forward bf16", dims({{"N", N}, {"I", I}}),
+                   rel_error(bf16_to_float(to_host(d_out16.get(), static_cast<size_t>(N * I))), want),
+                   kTolBf16Out, kNoteBf16Out));
+    out.push_back(
+        make_check("swiglu_backward bf16", dims({{"N", N}, {"I", I}}),
+                   rel_error(bf16_to_float(to_host(d_dgu16.get(), static_cast<size_t>(N * 2 * I))), want_d),
+                   kTolBf16Out, kNoteBf16Out));
   }
 }
 
@@ -1281,6 +1372,34 @@ void test_softmax_xent(std::vector<OpCheck>& out, uint32_t& seed) {
                      err, kTolMath,
                      "fp32 expf sums per block vs the CPU's float64 sum; gradient vs a float64 host "
                      "softmax"));
+    }
+    // The gradient as bf16 into a second buffer (the LM head backward's operand): logits untouched, each
+    // gradient element within bf16's rounding of the reference, the padding columns not written.
+    {
+      auto d_logits = to_device(logits);
+      DeviceBuffer<float> d_loss(static_cast<size_t>(g.R));
+      const std::vector<uint16_t> marker(n, 0x7fc1);  // a NaN pattern: any unwritten element shows
+      auto d_g16 = to_device(marker);
+      softmax_xent(nullptr, d_logits.get(), g.ld, d_loss.get(), d_targets.get(), g.R, g.V, grad_scale, true,
+                   d_g16.get());
+      const std::vector<uint16_t> g16 = to_host(d_g16.get(), n);
+      std::vector<float> got(n), want(n);
+      bool padding_ok = true;
+      for (size_t i = 0; i < n; ++i) {
+        const bool inside = static_cast<int64_t>(i % static_cast<size_t>(g.ld)) < g.V;
+        got[i] = inside ? host_bf16_value(g16[i]) : 0.0f;
+        want[i] = inside ? want_grad[i] : 0.0f;
+        padding_ok = padding_ok && (inside || g16[i] == 0x7fc1);
+      }
+      double err = rel_error(to_host(d_loss.get(), static_cast<size_t>(g.R)), want_loss);
+      err = std::max(err, rel_error(to_host(d_logits.get(), n), logits));
+      err = std::max(err, rel_error(got, want));
+      out.push_back(make_check(
+          "softmax_xent bf16 grad",
+          dims({{"R", g.R}, {"V", g.V}, {"ld", g.ld}}) + (g.ignored_row ? " target -100" : ""),
+          padding_ok ? err : INFINITY, 4e-3,
+          "gradient rounded to bf16 (2^-8 relative per element) vs a float64 host softmax; logits and the "
+          "padding columns untouched"));
     }
   }
 }

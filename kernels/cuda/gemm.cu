@@ -21,6 +21,7 @@
 // gemm_fp32_kernel (FP32 verification path): 64 x 64 tiles, BK = 16, 4 x 4 outputs a thread with fp32
 // FMA, operands staged k-major in shared memory through scalar bounds-checked loads.
 #include <cuda_bf16.h>
+#include <cuda_pipeline.h>
 #include <cuda_runtime.h>
 #include <mma.h>
 
@@ -28,6 +29,7 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -99,11 +101,6 @@ __device__ __forceinline__ void load_chunk(uint32_t (&w)[4], const G* p, int val
   }
 }
 
-__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
-  return static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(lo))) |
-         (static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(hi))) << 16);
-}
-
 // Converts a raw chunk of G to T (bf16: round to nearest even; float: round to tf32) and stores it at s.
 template <class T, class G>
 __device__ __forceinline__ void store_chunk(T* s, const uint32_t (&w)[4]) {
@@ -163,13 +160,43 @@ struct TileRegs {
   }
 };
 
+// The epilogue of both tensor-core kernels: a warp's FM x FN accumulator fragments (output rows row0 + 16 i,
+// columns col0 + 16 j) go through the warp's 16 x kLdScr scratch in shared memory, then to C with bounds
+// checks, bias added and, when beta_one, the old C (beta == 0 never reads C).
+template <class Acc, int FM, int FN>
+__device__ __forceinline__ void store_acc(const Acc (&acc)[FM][FN], float* scr, int lane, int row0, int col0,
+                                          float* C, int64_t ldc, const float* __restrict__ bias, int M, int N,
+                                          bool beta_one) {
+#pragma unroll
+  for (int i = 0; i < FM; ++i) {
+#pragma unroll
+    for (int j = 0; j < FN; ++j) {
+      wmma::store_matrix_sync(scr, acc[i][j], kLdScr, wmma::mem_row_major);
+      __syncwarp();
+#pragma unroll 1
+      for (int t = 0; t < 8; ++t) {
+        const int r = 2 * t + lane / 16, c = lane % 16;
+        const int gm = row0 + i * 16 + r, gn = col0 + j * 16 + c;
+        if (gm < M && gn < N) {
+          float v = scr[r * kLdScr + c];
+          if (bias) v += __ldg(bias + gn);
+          float* dst = C + static_cast<int64_t>(gm) * ldc + gn;
+          if (beta_one) v += *dst;
+          *dst = v;
+        }
+      }
+      __syncwarp();
+    }
+  }
+}
+
 // C[M, N] (= or +=) A[M, K] . op(B) (+ bias). T: shared-memory operand type (bf16, or float for TF32);
-// GB: B's global element type (uint16_t bf16 bits, or float); NT: B is [N, K], else [K, N].
+// GA, GB: A's and B's global element types (uint16_t bf16 bits, or float); NT: B is [N, K], else [K, N].
 // About 200-230 registers a thread, so one block per SM: the next step's loads overlap a whole step of
 // MMAs (limiting to 128 registers for two blocks spilled).
-template <class T, bool NT, class GB>
+template <class T, bool NT, class GA, class GB>
 __global__ void __launch_bounds__(kThreads, 1)
-    gemm_tc_kernel(const float* __restrict__ A, int64_t lda, const GB* __restrict__ B, int64_t ldb, float* C,
+    gemm_tc_kernel(const GA* __restrict__ A, int64_t lda, const GB* __restrict__ B, int64_t ldb, float* C,
                    int64_t ldc, const float* __restrict__ bias, int M, int N, int K, bool beta_one,
                    bool a_vec, bool b_vec) {
   using Cfg = Tc<T>;
@@ -194,12 +221,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int kt_count = (K + kBK - 1) / kBK;
   const bool b_fast_cols = b_vec && n0 + kBN <= N;
 
-  TileRegs<kBM, kBK, float> ra;                     // A step: [kBM][kBK]
+  TileRegs<kBM, kBK, GA> ra;                        // A step: [kBM][kBK]
   TileRegs<NT ? kBN : kBK, NT ? kBK : kBN, GB> rb;  // B step: NT [kBN][kBK], NN [kBK][kBN]
 
   for (int tm = static_cast<int>(blockIdx.y); tm < tiles_m; tm += static_cast<int>(gridDim.y)) {
     const int m0 = tm * kBM;
-    const float* a_tile = A + static_cast<int64_t>(m0) * lda;
+    const GA* a_tile = A + static_cast<int64_t>(m0) * lda;
     const bool a_fast_rows = a_vec && m0 + kBM <= M;
     const GB* b_tile = NT ? B + static_cast<int64_t>(n0) * ldb : B + n0;
     const int64_t b_kstride = NT ? 1 : ldb;  // elements from one k to the next in B
@@ -265,30 +292,138 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
 
     // Epilogue: the stages are free (the loop ended on a barrier); each warp uses its own scratch.
-    float* scr = reinterpret_cast<float*>(smem) + warp * 16 * kLdScr;
+    store_acc(acc, reinterpret_cast<float*>(smem) + warp * 16 * kLdScr, lane, m0 + wm * kWarpM,
+              n0 + wn * kWarpN, C, ldc, bias, M, N, beta_one);
+    __syncthreads();  // the scratch aliases the next M tile's stage 0
+  }
+}
+
+// ---- Pipelined BF16 kernel (A and B both bf16 in global memory) ---------------------------------------
+// gemm_pipe_kernel<NT, BN>: a 256-thread block computes a 128 x BN tile of C (BN 128 or 256); its 8 warps
+// sit 2 x 4, each owning 64 x BN/4 outputs (4 x BN/64 fragments, m16n16k16, fp32 accumulators). Operand
+// tiles travel global -> shared memory with cp.async (16 bytes a copy, no registers, no conversion: both
+// operands are already bf16) through kPStages stages of BK = 32: while step kt is multiplied, the copies
+// of steps kt + 1 .. kt + kPStages - 1 are in flight, so the memory latency hides behind the pipeline
+// rather than behind other warps. One barrier per step: after it, every warp has finished step kt - 1,
+// whose stage is the one refilled. Chunks past M, N or K are zero-filled by the copy itself (src-size
+// below 16), so edge tiles need no second path; it needs 16-byte aligned bases and leading dimensions that
+// are multiples of 8 (pipe_ok). Stage rows are padded by 16 bytes as in the staged kernel, so fragment
+// loads are free of bank conflicts. The epilogue is the staged kernel's (store_acc), through a scratch that
+// aliases the finished stages. A 1-D grid walks the tiles in groups of kGroupM M tiles (see the kernel).
+constexpr int kPBM = 128, kPBK = 32, kPStages = 4, kPPad = 8;
+constexpr int64_t kGroupM = 8;  // M tiles per group of the tile order
+
+template <bool NT, int BN>
+struct PipeShape {
+  static constexpr int kWN = BN / 4;                           // warp tile 64 x kWN
+  static constexpr int kLdA = kPBK + kPPad;                    // A stage: [kPBM][kLdA]
+  static constexpr int kLdB = NT ? kPBK + kPPad : BN + kPPad;  // B stage: NT [BN][kLdB], NN [kPBK][kLdB]
+  static constexpr int kStageA = kPBM * kLdA, kStageB = (NT ? BN : kPBK) * kLdB;  // elements
+  static constexpr size_t kSmem = size_t{kPStages} * (kStageA + kStageB) * sizeof(__nv_bfloat16);
+  static_assert((kStageA * 2) % 128 == 0 && (kStageB * 2) % 128 == 0, "stage alignment");
+  static_assert(kSmem >= (kThreads / 32) * 16 * kLdScr * sizeof(float), "epilogue scratch fits the stages");
+};
+
+// Issues the cp.async copies of an R x CC bf16 tile (CC contiguous) whose element (r, c) is
+// g[(r0 + r) * ld + c0 + c], in bounds for r0 + r < rows and c0 + c < cols, into s[r * lds + c]. A chunk
+// with fewer than 8 elements in bounds copies those and zero-fills the rest; one with none reads nothing
+// (its source is g itself, a valid aligned address).
+template <int R, int CC>
+__device__ __forceinline__ void cp_tile(__nv_bfloat16* s, int lds, const uint16_t* __restrict__ g, int64_t ld,
+                                        int r0, int rows, int c0, int cols) {
+  constexpr int kPerRow = CC / 8, kChunks = R * kPerRow;
+  static_assert(CC % 8 == 0 && kChunks % kThreads == 0, "tile must split evenly into 16-byte chunks");
 #pragma unroll
-    for (int i = 0; i < kWarpM / 16; ++i) {
+  for (int i = 0; i < kChunks / kThreads; ++i) {
+    const int e = static_cast<int>(threadIdx.x) + i * kThreads, r = e / kPerRow, c = e % kPerRow * 8;
+    const int gr = r0 + r, gc = c0 + c;
+    const int valid = gr < rows ? min(cols - gc, 8) : 0;
+    void* dst = s + r * lds + c;
+    if (valid >= 8) {
+      __pipeline_memcpy_async(dst, g + static_cast<int64_t>(gr) * ld + gc, 16);
+    } else {
+      const uint16_t* src = valid > 0 ? g + static_cast<int64_t>(gr) * ld + gc : g;
+      __pipeline_memcpy_async(dst, src, 16, 16 - 2 * max(valid, 0));
+    }
+  }
+}
+
+// BN = 256: about 235 registers a thread, one block per SM; BN = 128: capped at 128 registers so that two
+// blocks (16 warps) share an SM (ptxas, sm_90a: no spills for NT, 40 bytes of spill loads for NN).
+template <bool NT, int BN>
+__global__ void __launch_bounds__(kThreads, BN == 128 ? 2 : 1)
+    gemm_pipe_kernel(const uint16_t* __restrict__ A, int64_t lda, const uint16_t* __restrict__ B, int64_t ldb,
+                     float* C, int64_t ldc, const float* __restrict__ bias, int M, int N, int K,
+                     bool beta_one) {
+  using S = PipeShape<NT, BN>;
+  using Cfg = Tc<__nv_bfloat16>;
+  using Layout = typename std::conditional<NT, wmma::col_major, wmma::row_major>::type;
+  constexpr int kFM = 64 / 16, kFN = S::kWN / 16;
+  extern __shared__ __align__(128) unsigned char smem[];
+  __nv_bfloat16* As = reinterpret_cast<__nv_bfloat16*>(smem);  // [kPStages][kStageA]
+  __nv_bfloat16* Bs = As + kPStages * S::kStageA;              // [kPStages][kStageB]
+
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  const int wm = warp / 4, wn = warp % 4;
+  const int64_t tiles_m = (M + kPBM - 1) / kPBM, tiles_n = (N + BN - 1) / BN;
+  const int kt_count = (K + kPBK - 1) / kPBK;
+
+  // Tiles in grouped order: kGroupM consecutive M tiles walk the N tiles together (M fastest), so the
+  // blocks running at once share their B tiles (and A tiles) through L2 instead of each M tile streaming
+  // all of B from memory (the LM head's 50257 x 768 weight, a kNN vocabulary).
+  for (int64_t t = blockIdx.x; t < tiles_m * tiles_n; t += gridDim.x) {
+    const int64_t per_group = kGroupM * tiles_n, first_m = t / per_group * kGroupM;
+    const int64_t in_group = t % per_group, group_m = min(tiles_m - first_m, int64_t{kGroupM});
+    const int m0 = static_cast<int>((first_m + in_group % group_m) * kPBM);
+    const int n0 = static_cast<int>(in_group / group_m * BN);
+    // Step kt's copies into stage kt % kPStages, as one commit group; past the last step the group is empty,
+    // so that every wait below leaves the same number of groups in flight.
+    auto load = [&](int kt) {
+      if (kt < kt_count) {
+        const int st = kt % kPStages, k0 = kt * kPBK;
+        cp_tile<kPBM, kPBK>(As + st * S::kStageA, S::kLdA, A, lda, m0, M, k0, K);
+        if (NT)
+          cp_tile<NT ? BN : kPBK, NT ? kPBK : BN>(Bs + st * S::kStageB, S::kLdB, B, ldb, n0, N, k0, K);
+        else
+          cp_tile<NT ? BN : kPBK, NT ? kPBK : BN>(Bs + st * S::kStageB, S::kLdB, B, ldb, k0, K, n0, N);
+      }
+      __pipeline_commit();
+    };
+
+    typename Cfg::Acc acc[kFM][kFN];
 #pragma unroll
-      for (int j = 0; j < kWarpN / 16; ++j) {
-        wmma::store_matrix_sync(scr, acc[i][j], kLdScr, wmma::mem_row_major);
-        __syncwarp();
-        const int row0 = m0 + wm * kWarpM + i * 16, col0 = n0 + wn * kWarpN + j * 16;
-#pragma unroll 1
-        for (int t = 0; t < 8; ++t) {
-          const int r = 2 * t + lane / 16, c = lane % 16;
-          const int gm = row0 + r, gn = col0 + c;
-          if (gm < M && gn < N) {
-            float v = scr[r * kLdScr + c];
-            if (bias) v += __ldg(bias + gn);
-            float* dst = C + static_cast<int64_t>(gm) * ldc + gn;
-            if (beta_one) v += *dst;
-            *dst = v;
-          }
+    for (int i = 0; i < kFM; ++i)
+#pragma unroll
+      for (int j = 0; j < kFN; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+
+#pragma unroll
+    for (int st = 0; st < kPStages - 1; ++st) load(st);
+    for (int kt = 0; kt < kt_count; ++kt) {
+      __pipeline_wait_prior(kPStages - 2);  // this thread's copies of step kt have landed ...
+      __syncthreads();                      // ... everyone's have, and step kt - 1's stage is free
+      load(kt + kPStages - 1);
+      const int st = kt % kPStages;
+      const __nv_bfloat16* as = As + st * S::kStageA + (wm * 64) * S::kLdA;
+      const __nv_bfloat16* bs = Bs + st * S::kStageB + (NT ? (wn * S::kWN) * S::kLdB : wn * S::kWN);
+#pragma unroll
+      for (int kk = 0; kk < kPBK; kk += 16) {
+        typename Cfg::FragA a[kFM];
+#pragma unroll
+        for (int i = 0; i < kFM; ++i) wmma::load_matrix_sync(a[i], as + (i * 16) * S::kLdA + kk, S::kLdA);
+#pragma unroll
+        for (int j = 0; j < kFN; ++j) {
+          typename Cfg::template FragB<Layout> b;
+          wmma::load_matrix_sync(b, bs + (NT ? (j * 16) * S::kLdB + kk : kk * S::kLdB + j * 16), S::kLdB);
+#pragma unroll
+          for (int i = 0; i < kFM; ++i) wmma::mma_sync(acc[i][j], a[i], b, acc[i][j]);
         }
-        __syncwarp();
       }
     }
-    __syncthreads();  // the scratch aliases the next M tile's stage 0
+    __pipeline_wait_prior(0);  // only empty groups are left; nothing lands in the scratch below
+    __syncthreads();           // every warp is done with the stages the scratch aliases
+    store_acc(acc, reinterpret_cast<float*>(smem) + warp * 16 * kLdScr, lane, m0 + wm * 64, n0 + wn * S::kWN,
+              C, ldc, bias, M, N, beta_one);
+    __syncthreads();  // the scratch aliases the next M tile's first stages
   }
 }
 
@@ -359,9 +494,23 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-__global__ void to_bf16_kernel(uint16_t* __restrict__ dst, const float* __restrict__ src, int64_t n) {
+// dst[i] = bf16(src[i]). vec (src 16-byte and dst 8-byte aligned): four elements a step, one 16-byte load
+// and one 8-byte store (activations are converted before every pipelined product, so this runs at memory
+// speed); the n % 4 left over, or everything without vec, one by one.
+__global__ void to_bf16_kernel(uint16_t* __restrict__ dst, const float* __restrict__ src, int64_t n,
+                               bool vec) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  int64_t done = 0;
+  if (vec) {
+    const int64_t quads = n / 4;
+    for (int64_t i = first; i < quads; i += stride) {
+      const float4 v = __ldg(reinterpret_cast<const float4*>(src) + i);
+      reinterpret_cast<uint2*>(dst)[i] = make_uint2(pack_bf16x2(v.x, v.y), pack_bf16x2(v.z, v.w));
+    }
+    done = quads * 4;
+  }
+  for (int64_t i = done + first; i < n; i += stride)
     dst[i] = __bfloat16_as_ushort(__float2bfloat16_rn(src[i]));
 }
 
@@ -375,25 +524,94 @@ dim3 grid_2d(int64_t M, int64_t N, int bm, int bn) {
               static_cast<unsigned>(tiles_m < kMaxGridY ? tiles_m : kMaxGridY));
 }
 
-template <class T, class GB>
-void launch_tc(Stream stream, bool nt, int M, int N, int K, const float* A, int64_t lda, const GB* B,
+template <class T, class GA, class GB>
+void launch_tc(Stream stream, bool nt, int M, int N, int K, const GA* A, int64_t lda, const GB* B,
                int64_t ldb, float* C, int64_t ldc, const float* bias, bool beta_one) {
-  const bool a_vec = aligned16(A) && lda % 4 == 0;
+  const bool a_vec = aligned16(A) && lda % (16 / static_cast<int64_t>(sizeof(GA))) == 0;
   const bool b_vec = aligned16(B) && ldb % (16 / static_cast<int64_t>(sizeof(GB))) == 0;
   const dim3 grid = grid_2d(M, N, kBM, kBN);
   if (nt)
-    gemm_tc_kernel<T, true, GB>
+    gemm_tc_kernel<T, true, GA, GB>
         <<<grid, kThreads, 0, stream>>>(A, lda, B, ldb, C, ldc, bias, M, N, K, beta_one, a_vec, b_vec);
   else
-    gemm_tc_kernel<T, false, GB>
+    gemm_tc_kernel<T, false, GA, GB>
         <<<grid, kThreads, 0, stream>>>(A, lda, B, ldb, C, ldc, bias, M, N, K, beta_one, a_vec, b_vec);
 }
 
-}  // namespace
+template <bool NT, int BN>
+void launch_pipe(Stream stream, int M, int N, int K, const uint16_t* A, int64_t lda, const uint16_t* B,
+                 int64_t ldb, float* C, int64_t ldc, const float* bias, bool beta_one) {
+  using S = PipeShape<NT, BN>;
+  // Above 48 KB of dynamic shared memory needs the opt-in, once per kernel (device 0).
+  static const cudaError_t opt_in = cudaFuncSetAttribute(
+      gemm_pipe_kernel<NT, BN>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(S::kSmem));
+  check(opt_in, "cudaFuncSetAttribute(gemm_pipe_kernel)");
+  const int64_t tiles = ceil_div(M, kPBM) * ceil_div(N, BN);
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(tiles, int64_t{1} << 30));
+  gemm_pipe_kernel<NT, BN>
+      <<<grid, kThreads, S::kSmem, stream>>>(A, lda, B, ldb, C, ldc, bias, M, N, K, beta_one);
+}
 
-void gemm(Stream stream, GemmPrecision precision, bool b_transposed, int64_t M, int64_t N, int64_t K,
-          const float* A, int64_t lda, const void* B, int64_t ldb, bool b_bf16, float* C, int64_t ldc,
-          const float* bias, float beta) {
+// Which tensor-core kernel runs a BF16 product. Auto: the pipelined kernel whenever the operands allow it,
+// else the staged kernel. Its tile width is the one with the smaller wave-quantisation cost: waves of
+// blocks over the SMs (two 128-wide blocks share an SM, one 256-wide) times the work of a wave (256 columns
+// either way); ties go to 256.
+enum class TcKernel { Auto, Staged, Pipe128, Pipe256 };
+
+struct DeviceInfo {
+  int sms = 1, major = 0;
+  size_t smem_optin = 0;
+};
+const DeviceInfo& device_info() {
+  static const DeviceInfo info = [] {
+    cudaDeviceProp p{};
+    check(cudaGetDeviceProperties(&p, 0), "cudaGetDeviceProperties");
+    DeviceInfo d;
+    d.sms = std::max(1, p.multiProcessorCount);
+    d.major = p.major;
+    d.smem_optin = p.sharedMemPerBlockOptin;
+    return d;
+  }();
+  return info;
+}
+
+// PRIORTUNE_CUDA_GEMM = auto (default) | staged | pipe128 | pipe256: a fixed choice for comparing the
+// kernels on one machine (the pipelined ones still only where the operands allow them). Read at every call
+// (a captured graph keeps the kernels it was captured with), so one process can compare them.
+TcKernel env_kernel() {
+  const char* const raw = std::getenv("PRIORTUNE_CUDA_GEMM");
+  const std::string v = raw ? raw : "";
+  if (v.empty() || v == "auto") return TcKernel::Auto;
+  if (v == "staged") return TcKernel::Staged;
+  if (v == "pipe128") return TcKernel::Pipe128;
+  if (v == "pipe256") return TcKernel::Pipe256;
+  throw std::invalid_argument("PRIORTUNE_CUDA_GEMM must be auto, staged, pipe128 or pipe256, got \"" + v +
+                              "\"");
+}
+
+// Whether the pipelined kernel of width bn can take this product (bf16 operands, 16-byte aligned bases and
+// rows, an sm_80+ device with the shared memory for its stages).
+bool pipe_ok(int bn, bool nt, const void* A, int64_t lda, bool a_bf16, const void* B, int64_t ldb,
+             bool b_bf16) {
+  if (!a_bf16 || !b_bf16 || !aligned16(A) || !aligned16(B) || lda % 8 != 0 || ldb % 8 != 0) return false;
+  const DeviceInfo& d = device_info();
+  const size_t need = bn == 256 ? (nt ? PipeShape<true, 256>::kSmem : PipeShape<false, 256>::kSmem)
+                                : (nt ? PipeShape<true, 128>::kSmem : PipeShape<false, 128>::kSmem);
+  return d.major >= 8 && d.smem_optin >= need;
+}
+
+int pick_width(TcKernel kernel, int64_t M, int64_t N) {
+  if (kernel == TcKernel::Pipe128) return 128;
+  if (kernel == TcKernel::Pipe256) return 256;
+  const int64_t tiles_m = ceil_div(M, kPBM), sms = device_info().sms;
+  const int64_t waves_256 = ceil_div(tiles_m * ceil_div(N, 256), sms);
+  const int64_t waves_128 = ceil_div(tiles_m * ceil_div(N, 128), 2 * sms);
+  return waves_256 <= waves_128 ? 256 : 128;
+}
+
+void gemm_with(TcKernel kernel, Stream stream, GemmPrecision precision, bool b_transposed, int64_t M,
+               int64_t N, int64_t K, const void* A, int64_t lda, bool a_bf16, const void* B, int64_t ldb,
+               bool b_bf16, float* C, int64_t ldc, const float* bias, float beta) {
   auto bad = [&](const std::string& msg) {
     return std::invalid_argument(std::string("gemm (") + precision_name(precision) +
                                  (b_transposed ? ", NT): " : ", NN): ") + msg);
@@ -411,35 +629,69 @@ void gemm(Stream stream, GemmPrecision precision, bool b_transposed, int64_t M, 
   if (precision != GemmPrecision::BF16 && precision != GemmPrecision::TF32 &&
       precision != GemmPrecision::FP32)
     throw bad("unknown precision");
-  if (b_bf16 && precision != GemmPrecision::BF16) throw bad("a bf16 B needs the BF16 precision");
+  if ((a_bf16 || b_bf16) && precision != GemmPrecision::BF16)
+    throw bad("bf16 operands need the BF16 precision");
   const int m = static_cast<int>(M), n = static_cast<int>(N), k = static_cast<int>(K);
   const bool beta_one = beta == 1.0f;
+  const float* af = static_cast<const float*>(A);
+  const uint16_t* ah = static_cast<const uint16_t*>(A);
   if (precision == GemmPrecision::BF16) {
-    if (b_bf16)
-      launch_tc<__nv_bfloat16, uint16_t>(stream, b_transposed, m, n, k, A, lda,
-                                         static_cast<const uint16_t*>(B), ldb, C, ldc, bias, beta_one);
-    else
-      launch_tc<__nv_bfloat16, float>(stream, b_transposed, m, n, k, A, lda, static_cast<const float*>(B),
-                                      ldb, C, ldc, bias, beta_one);
+    const int bn = kernel == TcKernel::Staged ? 0 : pick_width(kernel, M, N);
+    if (bn && pipe_ok(bn, b_transposed, A, lda, a_bf16, B, ldb, b_bf16)) {
+      const uint16_t* bh = static_cast<const uint16_t*>(B);
+      if (b_transposed && bn == 256)
+        launch_pipe<true, 256>(stream, m, n, k, ah, lda, bh, ldb, C, ldc, bias, beta_one);
+      else if (b_transposed)
+        launch_pipe<true, 128>(stream, m, n, k, ah, lda, bh, ldb, C, ldc, bias, beta_one);
+      else if (bn == 256)
+        launch_pipe<false, 256>(stream, m, n, k, ah, lda, bh, ldb, C, ldc, bias, beta_one);
+      else
+        launch_pipe<false, 128>(stream, m, n, k, ah, lda, bh, ldb, C, ldc, bias, beta_one);
+    } else if (a_bf16 && b_bf16) {
+      launch_tc<__nv_bfloat16, uint16_t, uint16_t>(stream, b_transposed, m, n, k, ah, lda,
+                                                   static_cast<const uint16_t*>(B), ldb, C, ldc, bias,
+                                                   beta_one);
+    } else if (a_bf16) {
+      launch_tc<__nv_bfloat16, uint16_t, float>(stream, b_transposed, m, n, k, ah, lda,
+                                                static_cast<const float*>(B), ldb, C, ldc, bias, beta_one);
+    } else if (b_bf16) {
+      launch_tc<__nv_bfloat16, float, uint16_t>(stream, b_transposed, m, n, k, af, lda,
+                                                static_cast<const uint16_t*>(B), ldb, C, ldc, bias, beta_one);
+    } else {
+      launch_tc<__nv_bfloat16, float, float>(stream, b_transposed, m, n, k, af, lda,
+                                             static_cast<const float*>(B), ldb, C, ldc, bias, beta_one);
+    }
   } else if (precision == GemmPrecision::TF32) {
-    launch_tc<float, float>(stream, b_transposed, m, n, k, A, lda, static_cast<const float*>(B), ldb, C, ldc,
-                            bias, beta_one);
+    launch_tc<float, float, float>(stream, b_transposed, m, n, k, af, lda, static_cast<const float*>(B), ldb,
+                                   C, ldc, bias, beta_one);
   } else {
     const dim3 grid = grid_2d(M, N, kFM, kFN);
     const float* b = static_cast<const float*>(B);
     if (b_transposed)
-      gemm_fp32_kernel<true><<<grid, kThreads, 0, stream>>>(A, lda, b, ldb, C, ldc, bias, m, n, k, beta_one);
+      gemm_fp32_kernel<true><<<grid, kThreads, 0, stream>>>(af, lda, b, ldb, C, ldc, bias, m, n, k, beta_one);
     else
-      gemm_fp32_kernel<false><<<grid, kThreads, 0, stream>>>(A, lda, b, ldb, C, ldc, bias, m, n, k, beta_one);
+      gemm_fp32_kernel<false>
+          <<<grid, kThreads, 0, stream>>>(af, lda, b, ldb, C, ldc, bias, m, n, k, beta_one);
   }
   check_launch("gemm");
+}
+
+}  // namespace
+
+void gemm(Stream stream, GemmPrecision precision, bool b_transposed, int64_t M, int64_t N, int64_t K,
+          const void* A, int64_t lda, bool a_bf16, const void* B, int64_t ldb, bool b_bf16, float* C,
+          int64_t ldc, const float* bias, float beta) {
+  gemm_with(env_kernel(), stream, precision, b_transposed, M, N, K, A, lda, a_bf16, B, ldb, b_bf16, C, ldc,
+            bias, beta);
 }
 
 void to_bf16(Stream stream, bf16_t* dst, const float* src, int64_t n) {
   if (n < 0) throw std::invalid_argument("to_bf16: n must be >= 0, got " + std::to_string(n));
   if (n == 0) return;
   if (!dst || !src) throw std::invalid_argument("to_bf16: dst and src must be non-null");
-  to_bf16_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(dst, src, n);
+  const bool vec = aligned16(src) && reinterpret_cast<uintptr_t>(dst) % 8 == 0;
+  to_bf16_kernel<<<grid_for(vec ? std::max<int64_t>(n / 4, 1) : n, kThreads), kThreads, 0, stream>>>(dst, src,
+                                                                                                     n, vec);
   check_launch("to_bf16");
 }
 
@@ -486,6 +738,7 @@ std::vector<OpCheck> selftest_gemm() {
       {1, 1, 1, 0, 1, 0, false, false},      {77, 50257, 64, 0, 1, 0, false, false},
       {128, 768, 768, 0, 1, 0, false, true}, {65, 203, 100, 1, 8, 0, false, true},
       {33, 130, 70, 3, 1, 1, true, true},    {300, 64, 2304, 0, 1, 0, false, false},
+      {257, 520, 136, 0, 8, 0, true, true},  {1100, 300, 40, 0, 8, 0, false, true},
   };
   uint32_t seed = 1000;
   for (const GemmCase& cs : cases) {
@@ -508,8 +761,11 @@ std::vector<OpCheck> selftest_gemm() {
           for (int64_t j = 0; j < N; ++j) c0[static_cast<size_t>(off + i * ldc + j)] = NAN;
       }
       std::vector<float> a_r(size_a), b_r(size_b);
-      std::vector<uint16_t> b_bits(size_b);
-      for (size_t i = 0; i < size_a; ++i) a_r[i] = host_bf16_value(host_bf16_bits(a[i]));
+      std::vector<uint16_t> a_bits(size_a), b_bits(size_b);
+      for (size_t i = 0; i < size_a; ++i) {
+        a_bits[i] = host_bf16_bits(a[i]);
+        a_r[i] = host_bf16_value(a_bits[i]);
+      }
       for (size_t i = 0; i < size_b; ++i) {
         b_bits[i] = host_bf16_bits(b[i]);
         b_r[i] = host_bf16_value(b_bits[i]);
@@ -528,14 +784,16 @@ std::vector<OpCheck> selftest_gemm() {
 
       DeviceBuffer<float> d_a = to_device(a), d_b = to_device(b), d_bias = to_device(bias),
                           d_c = to_device(c0);
-      DeviceBuffer<uint16_t> d_bits = to_device(b_bits);
-      auto run = [&](GemmPrecision p, bool b_bf16) {
+      DeviceBuffer<uint16_t> d_bits = to_device(b_bits), d_abits = to_device(a_bits);
+      auto run = [&](GemmPrecision p, bool b_bf16, bool a_bf16 = false, TcKernel kernel = TcKernel::Auto) {
         check(cudaMemcpy(d_c.get(), c0.data(), size_c * sizeof(float), cudaMemcpyHostToDevice),
               "copy to device");
+        const void* dA = a_bf16 ? static_cast<const void*>(d_abits.get() + off)
+                                : static_cast<const void*>(d_a.get() + off);
         const void* dB =
             b_bf16 ? static_cast<const void*>(d_bits.get() + off) : static_cast<const void*>(d_b.get() + off);
-        gemm(nullptr, p, nt, M, N, K, d_a.get() + off, lda, dB, ldb, b_bf16, d_c.get() + off, ldc,
-             cs.bias ? d_bias.get() + off : nullptr, beta);
+        gemm_with(kernel, nullptr, p, nt, M, N, K, dA, lda, a_bf16, dB, ldb, b_bf16, d_c.get() + off, ldc,
+                  cs.bias ? d_bias.get() + off : nullptr, beta);
         return to_host(d_c.get(), size_c);
       };
 
@@ -571,6 +829,20 @@ std::vector<OpCheck> selftest_gemm() {
       out.push_back(make_check("gemm bf16 (fp32 B)", shape,
                                region_error(run(GemmPrecision::BF16, false), ref_b, M, N, ldc, off), tol_bf16,
                                note_bf16 + "; B converted on the fly"));
+      // Both operands bf16 in memory (as the model passes them): the staged kernel, and the pipelined one
+      // at both tile widths wherever its alignment rules let it take the product.
+      out.push_back(make_check(
+          "gemm bf16 (bf16 A, staged)", shape,
+          region_error(run(GemmPrecision::BF16, true, true, TcKernel::Staged), ref_b, M, N, ldc, off),
+          tol_bf16, note_bf16 + "; A and B uploaded as bf16"));
+      for (const TcKernel pipe : {TcKernel::Pipe128, TcKernel::Pipe256}) {
+        const int bn = pipe == TcKernel::Pipe128 ? 128 : 256;
+        if (!pipe_ok(bn, nt, d_abits.get() + off, lda, true, d_bits.get() + off, ldb, true)) continue;
+        out.push_back(
+            make_check("gemm bf16 (bf16 A, pipelined " + std::to_string(bn) + ")", shape,
+                       region_error(run(GemmPrecision::BF16, true, true, pipe), ref_b, M, N, ldc, off),
+                       tol_bf16, note_bf16 + "; A and B uploaded as bf16, cp.async stages"));
+      }
     }
   }
 

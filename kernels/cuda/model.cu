@@ -487,6 +487,7 @@ class CudaModel final : public DeviceModel {
     f(loss_sum_);
     f(gnorm_sq_);
     f(inputs_);
+    f(a16_);
     for (LayerState& s : states_)
       for (DeviceBuffer<float>* b :
            {&s.x_in, &s.mean1, &s.rstd1, &s.qkv, &s.att, &s.lse, &s.x_mid, &s.mean2, &s.rstd2, &s.fc_pre})
@@ -561,17 +562,40 @@ class CudaModel final : public DeviceModel {
     return std::max<int64_t>(1, std::min<int64_t>(R, budget / logits_ld()));
   }
 
+  // Under BF16 with bf16 weights the activation operand is converted to bf16 first (one pass at memory
+  // speed into a16_, reused by every product: the stream orders them), so that the product takes the
+  // cp.async-pipelined kernel instead of converting A again for every column tile of the output.
+  bool bf16_operand(Mat W) const { return opt_.precision == GemmPrecision::BF16 && W.bf16; }
+  const void* gemm_a(const float* A, int64_t lda, int64_t M, int64_t K, Mat W, bool* a_bf16) {
+    *a_bf16 = bf16_operand(W);
+    if (!*a_bf16) return A;
+    const int64_t n = (M - 1) * lda + K;
+    need(a16_, n);
+    cuda::to_bf16(stream_, a16_.get(), A, n);
+    return a16_.get();
+  }
   void gemm_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, Mat W, float* C, int64_t ldc,
                const float* bias, float beta) {
     mark("gemm x W^T (forward, LM head)");
-    cuda::gemm(stream_, opt_.precision, true, M, N, K, A, lda, W.p, K, W.bf16, C, ldc, bias, beta);
+    bool a_bf16 = false;
+    const void* a = gemm_a(A, lda, M, K, W, &a_bf16);
+    cuda::gemm(stream_, opt_.precision, true, M, N, K, a, lda, a_bf16, W.p, K, W.bf16, C, ldc, bias, beta);
+  }
+  // The same with A already bf16 (bf16_operand(W) holds).
+  void gemm_nt_bf16(int64_t M, int64_t N, int64_t K, const bf16_t* A, int64_t lda, Mat W, float* C,
+                    int64_t ldc, const float* bias) {
+    mark("gemm x W^T (forward, LM head)");
+    cuda::gemm(stream_, opt_.precision, true, M, N, K, A, lda, true, W.p, K, true, C, ldc, bias, 0.0f);
   }
   // C[M, N] = A[M, K] . W where W is [K, N] (a weight [out = K, in = N]: the input gradient of a linear
   // layer).
   void gemm_nn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, Mat W, float* C, int64_t ldc,
                float beta) {
     mark("gemm dY W (input gradients)");
-    cuda::gemm(stream_, opt_.precision, false, M, N, K, A, lda, W.p, N, W.bf16, C, ldc, nullptr, beta);
+    bool a_bf16 = false;
+    const void* a = gemm_a(A, lda, M, K, W, &a_bf16);
+    cuda::gemm(stream_, opt_.precision, false, M, N, K, a, lda, a_bf16, W.p, N, W.bf16, C, ldc, nullptr,
+               beta);
   }
 
   // ---- planning and inputs ----
@@ -837,13 +861,23 @@ class CudaModel final : public DeviceModel {
                        C, c.norm_eps);
     need(st.fc_pre, N_l * fc_w);
     gemm_nt(N_l, fc_w, C, ln_.get(), C, mat(p + "fc.w"), st.fc_pre.get(), fc_w, f_or_null(p + "fc.b"), 0.0f);
-    need(act_, N_l * I);
+    const Mat fc2 = mat(p + "fc2.w");
     mark("activation");
-    if (gpt2_)
-      cuda::gelu_forward(stream_, act_.get(), st.fc_pre.get(), N_l * I);
-    else
-      cuda::swiglu_forward(stream_, act_.get(), st.fc_pre.get(), N_l, I);
-    gemm_nt(N_l, C, I, act_.get(), I, mat(p + "fc2.w"), tmp_.get(), C, f_or_null(p + "fc2.b"), 0.0f);
+    if (bf16_operand(fc2)) {  // the activation's only reader is fc2: written as its bf16 operand
+      need(a16_, N_l * I);
+      if (gpt2_)
+        cuda::gelu_forward_bf16(stream_, a16_.get(), st.fc_pre.get(), N_l * I);
+      else
+        cuda::swiglu_forward_bf16(stream_, a16_.get(), st.fc_pre.get(), N_l, I);
+      gemm_nt_bf16(N_l, C, I, a16_.get(), I, fc2, tmp_.get(), C, f_or_null(p + "fc2.b"));
+    } else {
+      need(act_, N_l * I);
+      if (gpt2_)
+        cuda::gelu_forward(stream_, act_.get(), st.fc_pre.get(), N_l * I);
+      else
+        cuda::swiglu_forward(stream_, act_.get(), st.fc_pre.get(), N_l, I);
+      gemm_nt(N_l, C, I, act_.get(), I, fc2, tmp_.get(), C, f_or_null(p + "fc2.b"), 0.0f);
+    }
     // Output: the sequence rows of x_mid + mlp (the deep rows are cut).
     if (P_l == 0) {
       mark("residual");
@@ -873,14 +907,26 @@ class CudaModel final : public DeviceModel {
     // MLP: out = x_mid + fc2(act(fc(norm2(x_mid)))).
     need(dact_, N_l * I);
     gemm_nn(N_l, I, C, dmid_.get(), C, mat(p + "fc2.w"), dact_.get(), I, 0.0f);
-    need(dfc_, N_l * fc_w);
-    mark("activation");
-    if (gpt2_)
-      cuda::gelu_backward(stream_, dfc_.get(), st.fc_pre.get(), dact_.get(), N_l * I);
-    else
-      cuda::swiglu_backward(stream_, dfc_.get(), st.fc_pre.get(), dact_.get(), N_l, I);
+    const Mat fc = mat(p + "fc.w");
     need(dln_, N_l * C);
-    gemm_nn(N_l, C, fc_w, dfc_.get(), fc_w, mat(p + "fc.w"), dln_.get(), C, 0.0f);
+    mark("activation");
+    if (bf16_operand(fc)) {  // the activation gradient's only reader is fc's input gradient: written in bf16
+      need(a16_, N_l * fc_w);
+      if (gpt2_)
+        cuda::gelu_backward_bf16(stream_, a16_.get(), st.fc_pre.get(), dact_.get(), N_l * I);
+      else
+        cuda::swiglu_backward_bf16(stream_, a16_.get(), st.fc_pre.get(), dact_.get(), N_l, I);
+      mark("gemm dY W (input gradients)");
+      cuda::gemm(stream_, opt_.precision, false, N_l, C, fc_w, a16_.get(), fc_w, true, fc.p, C, true,
+                 dln_.get(), C, nullptr, 0.0f);
+    } else {
+      need(dfc_, N_l * fc_w);
+      if (gpt2_)
+        cuda::gelu_backward(stream_, dfc_.get(), st.fc_pre.get(), dact_.get(), N_l * I);
+      else
+        cuda::swiglu_backward(stream_, dfc_.get(), st.fc_pre.get(), dact_.get(), N_l, I);
+      gemm_nn(N_l, C, fc_w, dfc_.get(), fc_w, fc, dln_.get(), C, 0.0f);
+    }
     mark("norm backward");
     cuda::norm_backward(stream_, kind_, dmid_.get(), dln_.get(), st.x_mid.get(), f(p + "ln2.w"),
                         gpt2_ ? st.mean2.get() : nullptr, st.rstd2.get(), N_l, C);
@@ -943,13 +989,23 @@ class CudaModel final : public DeviceModel {
     need(logits_, chunk * ld);
     need(losses_, R);
     need(loss_sum_, 1);
+    // Under BF16 with a bf16 head the gradient of the logits is written as bf16 straight into a16_, the
+    // backward product's operand (no fp32 gradient, no conversion pass).
+    const bool g16 = dxr && bf16_operand(head());
+    if (g16) need(a16_, chunk * ld);  // grown before the loop: no buffer is freed under queued work
     for (int64_t r0 = 0; r0 < R; r0 += chunk) {
       const int64_t rc = std::min(chunk, R - r0);
       gemm_nt(rc, V, C, xr + r0 * C, C, head(), logits_.get(), ld, nullptr, 0.0f);
       mark("softmax cross-entropy");
       cuda::softmax_xent(stream_, logits_.get(), ld, losses_.get() + r0, targets + r0, rc, V, grad_scale,
-                         dxr != nullptr);
-      if (dxr) gemm_nn(rc, C, V, logits_.get(), ld, head(), dxr + r0 * C, C, 0.0f);
+                         dxr != nullptr, g16 ? a16_.get() : nullptr);
+      if (g16) {
+        mark("gemm dY W (input gradients)");
+        cuda::gemm(stream_, opt_.precision, false, rc, C, V, a16_.get(), ld, true, head().p, C, true,
+                   dxr + r0 * C, C, nullptr, 0.0f);
+      } else if (dxr) {
+        gemm_nn(rc, C, V, logits_.get(), ld, head(), dxr + r0 * C, C, 0.0f);
+      }
     }
     mark("reductions");
     cuda::sum_f64(stream_, loss_sum_.get(), losses_.get(), R, false);
@@ -1065,6 +1121,7 @@ class CudaModel final : public DeviceModel {
   DeviceBuffer<float> x_, xf_, lnf_mean_, lnf_rstd_, xr_in_, xr_, dxr_, dxr_in_, logits_, losses_, dx_;
   DeviceBuffer<float> ln_, tmp_, act_, dmid_, dact_, dfc_, dln_, datt_, dqkv_, attn_scratch_;
   DeviceBuffer<float> rope_cos_, rope_sin_, gprompt_, clip_;
+  DeviceBuffer<bf16_t> a16_;  // the bf16 copy of a product's activation operand (gemm_a)
   DeviceBuffer<double> loss_sum_, gnorm_sq_;
   std::vector<DeviceBuffer<float>> gdeep_a_, gdeep_b_;
   DeviceBuffer<uint8_t> inputs_;
@@ -1105,7 +1162,7 @@ GemmBenchResult cuda_gemm_benchmark(GemmPrecision precision, int64_t M, int64_t 
   std::vector<float> times;
   try {
     DeviceBuffer<float> A(M * K), Bf(N * K), C(M * N), R(M * N);
-    DeviceBuffer<bf16_t> Ah(lt && bf16 ? M * K : 0), Bh(bf16 ? N * K : 0);
+    DeviceBuffer<bf16_t> Ah(bf16 ? M * K : 0), Bh(bf16 ? N * K : 0);
     // Random operands: a 1 MiB random block repeated (timing depends on the values only through power),
     // rounded to bf16 values for BF16 so that the conversions below are exact.
     std::vector<float> block = cuda::random_vector(1 << 18, 99);
@@ -1121,13 +1178,16 @@ GemmBenchResult cuda_gemm_benchmark(GemmPrecision precision, int64_t M, int64_t 
     fill(Bf.get(), N * K);
     if (bf16) cuda::to_bf16(s, Bh.get(), Bf.get(), N * K);
     if (lt && bf16) cuda::to_bf16(s, Ah.get(), A.get(), M * K);
+    // Ours at BF16 is timed as the model runs it: the fp32 activations converted to bf16, then the product.
     auto run = [&] {
-      if (lt)
+      if (lt) {
         lt->run(s, bf16 ? static_cast<const void*>(Ah.get()) : A.get(),
                 bf16 ? static_cast<const void*>(Bh.get()) : Bf.get(), C.get());
-      else
-        cuda::gemm(s, precision, true, M, N, K, A.get(), K,
+      } else {
+        if (bf16) cuda::to_bf16(s, Ah.get(), A.get(), M * K);
+        cuda::gemm(s, precision, true, M, N, K, bf16 ? static_cast<const void*>(Ah.get()) : A.get(), K, bf16,
                    bf16 ? static_cast<const void*>(Bh.get()) : Bf.get(), K, bf16, C.get(), N, nullptr, 0.0f);
+      }
     };
     check(cudaEventCreate(&start), "cudaEventCreate");
     check(cudaEventCreate(&stop), "cudaEventCreate");
@@ -1142,8 +1202,8 @@ GemmBenchResult cuda_gemm_benchmark(GemmPrecision precision, int64_t M, int64_t 
       times.push_back(ms);
     }
     // The reference: our fp32 GEMM (CUDA cores) on the same operand values.
-    cuda::gemm(s, GemmPrecision::FP32, true, M, N, K, A.get(), K, Bf.get(), K, false, R.get(), N, nullptr,
-               0.0f);
+    cuda::gemm(s, GemmPrecision::FP32, true, M, N, K, A.get(), K, false, Bf.get(), K, false, R.get(), N,
+               nullptr, 0.0f);
     std::vector<float> c(M * N), r(M * N);
     check(cudaMemcpyAsync(c.data(), C.get(), c.size() * sizeof(float), cudaMemcpyDeviceToHost, s), "copy");
     check(cudaMemcpyAsync(r.data(), R.get(), r.size() * sizeof(float), cudaMemcpyDeviceToHost, s), "copy");

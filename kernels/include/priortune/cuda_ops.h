@@ -23,7 +23,7 @@ using Stream = CUstream_st*;
 using bf16_t = uint16_t;  // bfloat16 bits (device code reinterprets them as __nv_bfloat16)
 
 // --- Matrix products -----------------------------------------------------------------------------------
-// BF16: tensor cores, bf16 operands (A rounded to nearest even while staged), fp32 accumulation.
+// BF16: tensor cores, bf16 operands (fp32 ones rounded to nearest even), fp32 accumulation.
 // TF32: tensor cores, tf32 operands, fp32 accumulation.  FP32: CUDA cores, fp32 FMA (verification path).
 enum class GemmPrecision { BF16, TF32, FP32 };
 const char* precision_name(GemmPrecision p);
@@ -38,15 +38,19 @@ enum class AttentionPrecision { FP32, BF16 };
 // C[M, N] (=, or += when beta == 1) = A[M, K] . op(B) (+ bias[N] broadcast over rows; nullptr: none).
 //   b_transposed = true  ("NT"): B is [N, K] row-major, op(B) = B^T   (x . W^T: a linear layer's forward)
 //   b_transposed = false ("NN"): B is [K, N] row-major, op(B) = B     (dout . W: a linear layer's backward)
-// A and C are fp32 (leading dimensions lda, ldc, in elements). B is bf16 when b_bf16, else fp32 (ldb). Any
-// M, N, K >= 1 and any leading dimensions >= the row length work (edge tiles and unaligned rows take a
-// slower path). beta is 0 or 1: with 0, C is not read. The BF16 precision accepts fp32 or bf16 B; TF32 and
-// FP32 need fp32 B.
+// C is fp32 (ldc). A is bf16 when a_bf16, else fp32 (lda); B is bf16 when b_bf16, else fp32 (ldb); bf16
+// operands need the BF16 precision, whose tensor cores round fp32 operands to bf16 (nearest even) as they
+// stage them. Any M, N, K >= 1 and any leading dimensions >= the row length work. The fastest path is BF16
+// with both operands bf16, 16-byte aligned, lda and ldb multiples of 8 (a cp.async pipeline; edge tiles
+// included); anything else takes the staged kernel (fp32 operands converted as they are staged; unaligned
+// rows or edge tiles load element by element). PRIORTUNE_CUDA_GEMM=staged|pipe128|pipe256 fixes the
+// kernel for comparisons (default auto). beta is 0 or 1: with 0, C is not read.
 void gemm(Stream stream, GemmPrecision precision, bool b_transposed, int64_t M, int64_t N, int64_t K,
-          const float* A, int64_t lda, const void* B, int64_t ldb, bool b_bf16, float* C, int64_t ldc,
-          const float* bias, float beta);
+          const void* A, int64_t lda, bool a_bf16, const void* B, int64_t ldb, bool b_bf16, float* C,
+          int64_t ldc, const float* bias, float beta);
 
-// dst[i] (=) = bf16(src[i]), round to nearest even (weights are converted once, on upload).
+// dst[i] (=) = bf16(src[i]), round to nearest even (weights once, on upload; activations before each BF16
+// product, so that it can take the pipelined kernel).
 void to_bf16(Stream stream, bf16_t* dst, const float* src, int64_t n);
 
 // --- Embedding, norms, activations (ops.h contracts; `stream` first) ------------------------------------
@@ -76,6 +80,13 @@ void gelu_backward(Stream stream, float* dx, const float* x, const float* dout, 
 void swiglu_forward(Stream stream, float* out, const float* gate_up, int64_t N, int64_t I);
 void swiglu_backward(Stream stream, float* dgate_up, const float* gate_up, const float* dout, int64_t N,
                      int64_t I);
+// The same, the output rounded to bf16 (nearest even): an activation (or its gradient) whose only reader is
+// a BF16 product, written once in the operand type instead of fp32 and converted again.
+void gelu_forward_bf16(Stream stream, bf16_t* out, const float* x, int64_t n);
+void gelu_backward_bf16(Stream stream, bf16_t* dx, const float* x, const float* dout, int64_t n);
+void swiglu_forward_bf16(Stream stream, bf16_t* out, const float* gate_up, int64_t N, int64_t I);
+void swiglu_backward_bf16(Stream stream, bf16_t* dgate_up, const float* gate_up, const float* dout, int64_t N,
+                          int64_t I);
 // out (=) = a + b (out may alias a or b).
 void residual_forward(Stream stream, float* out, const float* a, const float* b, int64_t n);
 // cos/sin: device tables [S, hd/2] as in ops.h.
@@ -114,8 +125,10 @@ void scatter_rows(Stream stream, float* dst, const float* src, const int32_t* ro
 // nor written) with targets[R] (all >= 0, < V):
 //   losses[r] (=) = logsumexp(logits[r, :]) - logits[r, targets[r]]
 //   when want_grad: logits[r, :] (=) = grad_scale * (softmax(logits[r, :]) - onehot(targets[r]))  (in place)
+// With grad_bf16 the gradient goes there instead, rounded to bf16 (same ld; logits left as they were): the
+// LM head backward's operand, ready for the pipelined GEMM.
 void softmax_xent(Stream stream, float* logits, int64_t ld, float* losses, const int32_t* targets, int64_t R,
-                  int64_t V, float grad_scale, bool want_grad);
+                  int64_t V, float grad_scale, bool want_grad, bf16_t* grad_bf16 = nullptr);
 // out[0] (= or += when accumulate) = sum of x[0..n) in float64, in a fixed order (deterministic).
 void sum_f64(Stream stream, double* out, const float* x, int64_t n, bool accumulate);
 
