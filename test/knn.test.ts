@@ -394,6 +394,21 @@ describe.skipIf(!cuda.usable)(`VocabIndex (CUDA) equals the CPU index${cudaSuffi
     }
   }
 
+  it("the matrix screening path (PRIORTUNE_CUDA_KNN=matrix: bf16 GEMM + selection) too, every metric", async () => {
+    const dim = 300;
+    const vocab = gaussian(2000 * dim, 40);
+    const queries = gaussian(50 * dim, 41);
+    process.env.PRIORTUNE_CUDA_KNN = "matrix";
+    try {
+      for (const metric of METRICS) {
+        const { cpu, gpu } = await both(vocab, queries, dim, 10, metric);
+        expect(Array.from(gpu.indices)).toEqual(Array.from(cpu.indices));
+      }
+    } finally {
+      delete process.env.PRIORTUNE_CUDA_KNN;
+    }
+  });
+
   it("large shapes: 262144 rows (d 64) and d 8192 (3000 rows)", async () => {
     for (const [V, dim, metric] of [
       [262144, 64, "cosine"],

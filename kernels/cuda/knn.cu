@@ -1,34 +1,45 @@
-// Exact k-nearest-neighbour search on CUDA (device 0): TF32 tensor-core screening fused with per-query
-// candidate selection, then float64 re-scoring of the candidates and the same certificate of exactness as the
-// CPU index (kernels/cpu/knn.cpp, whose header comment derives the bound). See priortune/knn.h for the
-// contract.
+// Exact k-nearest-neighbour search on CUDA (device 0): tensor-core screening that keeps each query's best
+// candidates, then float64 re-scoring of the candidates and the same certificate of exactness as the CPU
+// index (kernels/cpu/knn.cpp, whose header comment derives the bound). See priortune/knn.h for the contract.
 //
 // Device memory, resident for the index's lifetime: rows_[V, d] fp32 (the original rows, for re-scoring),
-// screen_[V, d] fp32 (rows / |row| for cosine; rows_ itself otherwise), norms_[V] float64, half_sq_[V] fp32
-// (|row|^2 / 2, l2 only). Per search (scratch, reused across searches under the index's mutex): the queries
-// (original and screening copies), per-(query, slab) candidate lists, and the outputs.
+// screen_[V, d] fp32 (rows / |row| for cosine; rows_ itself otherwise), screen16_[V, d] its bf16 copy,
+// norms_[V] float64, half_sq_[V] / neg_half_[V] fp32 (+-|row|^2 / 2, l2 only). Per search (scratch, reused
+// across searches under the index's mutex): the queries (original, and their screening copy made on the
+// device by knn_prep_kernel), per-(query, slab) candidate lists, the matrix path's score block, the outputs.
 //
-// knn_screen_kernel<BQ, VEC>: block (slab, query tile) walks the BV-row tiles of its slab. For each tile it
-// computes the BQ x BV score tile with WMMA m16n16k8 TF32 fragments (operands rounded to TF32 as they are
-// staged through shared memory in BK-wide k-steps; VEC: 16-byte loads, the next step's issued before this
-// step's MMAs; fp32 accumulation), stores it to shared memory, and each warp appends the scores above its
-// queries' thresholds to per-query candidate buffers of cap = c + m BV entries (ballot + popc). A buffer that
-// might not hold another tile (more than cap - BV entries) is
-// cut back to its c largest by a warp radix select on the order-preserving integer keys of the scores; the
-// threshold becomes the c-th largest value, which is also the bound on everything the block dropped for that
-// query. knn_finalize_kernel: one block per query merges the slabs' lists (a block radix select when they
-// hold more than c), re-scores the survivors in float64 (a warp per candidate), sorts them by (value, index)
-// with a bitonic sort and certifies the k-th: s_k > B + err. TF32 keeps 10 mantissa bits, so
-//   err = 1.25 (2^-10 + (d + 16) 2^-22) x (1 for cosine, |q| vmax for dot, |q| vmax + vmax^2 for l2)
-// (operand rounding 2^-11 each, tensor-core fp32 accumulation taken as truncating: 2^-23 per addition, with a
-// factor 2 to spare). Uncertified queries are searched again with 4c candidates; when c no longer fits in
-// shared memory they go to the float64 brute force on the host copy (knn_exact_scan).
+// Two screening paths (PRIORTUNE_CUDA_KNN = fused | matrix; default fused, the one measured on a GPU so far;
+// matrix only where its candidate lists fit one finalize block):
+// - matrix: the scores of a block of queries against up to kScoreBudget bytes of vocabulary columns come
+//   from the BF16 GEMM (priortune/cuda_ops.h: bf16 operands, fp32 accumulation, cp.async-pipelined; l2's
+//   -|row|^2 / 2 as its bias) into scores_, and knn_select_kernel keeps the c best of each query's 16384-
+//   column slab: the slab's keys sit in registers (32 a thread), a bitwise radix select over block sums
+//   finds the c-th largest, and everything above it plus enough equal keys are written out. The
+//   vocabulary is read once per query block, and the GEMM is the model's, so it gets faster with it.
+// - fused (knn_screen_kernel<BQ, VEC>): block (slab, query tile) walks the BV-row tiles of its slab. For
+//   each tile it computes the BQ x BV score tile with WMMA m16n16k8 TF32 fragments (operands rounded to
+//   TF32 as they are staged through shared memory in BK-wide k-steps; VEC: 16-byte loads, the next step's
+//   issued before this step's MMAs; fp32 accumulation), stores it to shared memory, and each warp appends
+//   the scores above its queries' thresholds to per-query candidate buffers of cap = c + m BV entries
+//   (ballot + popc). A buffer that might not hold another tile (more than cap - BV entries) is cut back to
+//   its c largest by a warp radix select on the order-preserving integer keys of the scores; the threshold
+//   becomes the c-th largest value, which is also the bound on everything the block dropped for that query.
+// knn_finalize_kernel: one block per query merges the slabs' lists (a block radix select when they hold
+// more than c), re-scores the survivors in float64 (a warp per candidate), sorts them by (value, index)
+// with a bitonic sort and certifies the k-th: s_k > B + err, with
+//   err = 1.25 (u + (d + 16) 2^-22) x (1 for cosine, |q| vmax for dot, |q| vmax + vmax^2 for l2)
+// where u bounds the relative error of one product of rounded operands: TF32 keeps 11 significant bits
+// (2^-11 per operand, u = 2^-10), bf16 8 (2^-8 per operand, u = 2^-7 + 2^-16, the 2^-16 inside the factor
+// 1.25); the tensor cores' fp32 accumulation is taken as truncating, 2^-23 per addition, with a factor 2
+// to spare. Uncertified queries are searched again with 4c candidates; when c no longer fits they go to
+// the float64 brute force on the host copy (knn_exact_scan).
 #include <cuda_runtime.h>
 #include <mma.h>
 
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <mutex>
@@ -36,6 +47,7 @@
 #include <string>
 #include <vector>
 
+#include "priortune/cuda_ops.h"
 #include "priortune/knn.h"
 
 namespace pt {
@@ -50,6 +62,9 @@ constexpr int kLdA = kBK + 4;  // padded leading dimensions (multiples of 4 floa
 constexpr int kLdS = kBV + 4;
 constexpr int kMaxMerged = 8192;  // candidates one finalize block can merge (slabs x c)
 constexpr int kMetricCosine = 0, kMetricL2 = 1, kMetricDot = 2;
+constexpr int64_t kScoreBudget = int64_t{512} << 20;  // bytes of the matrix path's score block
+// Relative error bound of one screening product of rounded operands (see the header comment).
+const double kUnitErrTf32 = std::ldexp(1.0, -10), kUnitErrBf16 = std::ldexp(1.0, -7);
 
 void cuda_check(cudaError_t e, const char* what) {
   if (e != cudaSuccess) {
@@ -292,6 +307,112 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Screening copies of n queries (rows of d): q / |q| for cosine (0 for a zero query), q itself otherwise;
+// fp32 into q32 (the fused path) and/or bf16 into q16 (the matrix path). norms: the host's float64 |q|.
+__global__ void knn_prep_kernel(const float* __restrict__ q, const double* __restrict__ norms, int64_t n,
+                                int d, bool cosine, float* __restrict__ q32, uint16_t* __restrict__ q16) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n * d; i += stride) {
+    const double nq = norms[i / d];
+    const double inv = cosine ? (nq > 0.0 ? 1.0 / nq : 0.0) : 1.0;
+    const float v = static_cast<float>(static_cast<double>(q[i]) * inv);
+    if (q32) q32[i] = v;
+    if (q16) q16[i] = __bfloat16_as_ushort(__float2bfloat16_rn(v));
+  }
+}
+
+// ---- matrix path: selection from a block of scores ----
+constexpr int kSelThreads = 512, kSelPerThread = 32;
+constexpr int kSelChunk = kSelThreads * kSelPerThread;  // vocabulary columns one selection block covers
+
+// The sum over the block of one int per thread, returned to every thread. part: 2 x (warps) partial sums,
+// used alternately (parity flips), so a call needs one barrier: the half it writes was last read before the
+// previous call's barrier.
+__device__ __forceinline__ int block_sum(int v, int* part, int& parity) {
+  constexpr int kWarps = kSelThreads / 32;
+  v = __reduce_add_sync(0xffffffffu, v);
+  int* p = part + parity * kWarps;
+  if (threadIdx.x % 32 == 0) p[threadIdx.x / 32] = v;
+  __syncthreads();
+  int t = 0;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) t += p[w];
+  parity ^= 1;
+  return t;
+}
+
+// Block (query i, slab s of this score block): columns [s kSelChunk, ...) of scores row i (row stride lds,
+// L columns in the block, the first being vocabulary row v0). Writes the slab's candidate list (slot
+// i * slabs + slab0 + s, at most c entries: the c largest scores, ties at the cut taken in any order) and
+// its bound: the c-th largest score when some valid column was dropped, else -inf. The excluded row (a
+// self-search's own row) and columns past L carry key 0, below every real score's key (-inf's is 0x7fffff).
+__global__ void __launch_bounds__(kSelThreads)
+    knn_select_kernel(const float* __restrict__ scores, int64_t lds, int L, int v0, int slab0,
+                      const int* __restrict__ exclude, int c, int slabs, float* __restrict__ cand_a,
+                      int* __restrict__ cand_i, int* __restrict__ cand_n, float* __restrict__ bound) {
+  __shared__ int part[2 * (kSelThreads / 32)];
+  __shared__ int s_out, s_eq;
+  const int q = static_cast<int>(blockIdx.x), tid = static_cast<int>(threadIdx.x), lane = tid % 32;
+  const int j0 = static_cast<int>(blockIdx.y) * kSelChunk;
+  const int width = min(kSelChunk, L - j0);
+  const float* row = scores + static_cast<int64_t>(q) * lds + j0;
+  const int ex = exclude ? exclude[q] - (v0 + j0) : -1;
+  uint32_t key[kSelPerThread];
+  int valid = 0;
+#pragma unroll
+  for (int i = 0; i < kSelPerThread; ++i) {
+    const int j = tid + i * kSelThreads;
+    const bool ok = j < width && j != ex;
+    key[i] = ok ? order_key(row[j]) : 0u;
+    valid += ok;
+  }
+  int parity = 0;
+  valid = block_sum(valid, part, parity);
+  const bool cut = valid > c;
+  // K: the largest key with at least c keys >= K (the c-th largest); 0 when everything valid is kept.
+  uint32_t K = 0;
+  if (cut) {
+    for (int bit = 31; bit >= 0; --bit) {
+      const uint32_t trial = K | (1u << bit);
+      int ge = 0;
+#pragma unroll
+      for (int i = 0; i < kSelPerThread; ++i) ge += key[i] >= trial;
+      if (block_sum(ge, part, parity) >= c) K = trial;
+    }
+  }
+  int gt = 0;
+#pragma unroll
+  for (int i = 0; i < kSelPerThread; ++i) gt += key[i] > K;
+  const int need_eq = cut ? c - block_sum(gt, part, parity) : 0;
+  if (tid == 0) {
+    s_out = 0;
+    s_eq = 0;
+  }
+  __syncthreads();
+  const size_t slot = static_cast<size_t>(q) * slabs + slab0 + blockIdx.y;
+  float* oa = cand_a + slot * c;
+  int* oi = cand_i + slot * c;
+#pragma unroll
+  for (int i = 0; i < kSelPerThread; ++i) {
+    bool keep = key[i] > K;
+    if (cut && key[i] == K) keep = atomicAdd(&s_eq, 1) < need_eq;
+    const uint32_t m = __ballot_sync(0xffffffffu, keep);
+    int base = 0;
+    if (lane == 0 && m) base = atomicAdd(&s_out, __popc(m));
+    base = __shfl_sync(0xffffffffu, base, 0);
+    if (keep) {
+      const int pos = base + __popc(m & lanes_below(lane));
+      oa[pos] = key_value(key[i]);
+      oi[pos] = v0 + j0 + tid + i * kSelThreads;
+    }
+  }
+  __syncthreads();
+  if (tid == 0) {
+    cand_n[slot] = s_out;
+    bound[slot] = cut ? key_value(K) : -INFINITY;
+  }
+}
+
 __device__ __forceinline__ bool ranks_before(int metric, double ma, int ia, double mb, int ib) {
   if (ma != mb) return metric == kMetricL2 ? ma < mb : ma > mb;
   return ia < ib;
@@ -305,10 +426,10 @@ size_t finalize_smem_bytes(int merged, int pow2) {
 __global__ void __launch_bounds__(kThreads)
     knn_finalize_kernel(const float* __restrict__ queries, const double* __restrict__ q_norms,
                         const float* __restrict__ rows, const double* __restrict__ norms, int metric, int d,
-                        int k, int c, int slabs, int pow2, double vmax, const float* __restrict__ cand_a,
-                        const int* __restrict__ cand_i, const int* __restrict__ cand_n,
-                        const float* __restrict__ bound, int* __restrict__ out_i, float* __restrict__ out_s,
-                        int* __restrict__ failed) {
+                        int k, int c, int slabs, int pow2, double vmax, double unit_err,
+                        const float* __restrict__ cand_a, const int* __restrict__ cand_i,
+                        const int* __restrict__ cand_n, const float* __restrict__ bound,
+                        int* __restrict__ out_i, float* __restrict__ out_s, int* __restrict__ failed) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int merged = slabs * c;
   double* sm = reinterpret_cast<double*>(smem);           // [pow2]
@@ -454,10 +575,10 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   if (tid == 0) {
-    const double E = 1.25 * (ldexp(1.0, -10) + (d + 16) * ldexp(1.0, -22));
+    const double E = 1.25 * (unit_err + (d + 16) * ldexp(1.0, -22));
     double err =
         metric == kMetricCosine ? E : (metric == kMetricDot ? E * qn * vmax : E * (qn * vmax + vmax * vmax));
-    err += d * ldexp(1.0, -120) * (1.0 + qn + vmax);  // TF32 flushes subnormal operands
+    err += d * ldexp(1.0, -120) * (1.0 + qn + vmax);  // tensor cores may flush subnormal operands
     double s_k = INFINITY;
     for (int t = 0; t < k; ++t) s_k = fmin(s_k, ss[t]);
     const bool ok = nc >= k && (s_bound == -INFINITY || s_k > double(s_bound) + err);
@@ -541,12 +662,23 @@ class CudaIndex final : public KnnIndex {
                                  cudaMemcpyHostToDevice, stream_),
                  "upload normalised rows");
     }
+    // The matrix path's bf16 copy of the screening rows, converted on the device.
+    screen16_.ensure(elems, "cudaMalloc(bf16 rows)");
+    cuda::to_bf16(stream_, screen16_.ptr, metric == KnnMetric::Cosine ? screen_.ptr : rows_.ptr,
+                  static_cast<int64_t>(elems));
     if (metric == KnnMetric::L2) {
-      std::vector<float> half(V);
-      for (int64_t r = 0; r < V; ++r) half[r] = static_cast<float>(0.5 * host_norms_[r] * host_norms_[r]);
+      std::vector<float> half(V), neg(V);
+      for (int64_t r = 0; r < V; ++r) {
+        half[r] = static_cast<float>(0.5 * host_norms_[r] * host_norms_[r]);
+        neg[r] = -half[r];
+      }
       half_sq_.ensure(V, "cudaMalloc(half squared norms)");
       cuda_check(
           cudaMemcpyAsync(half_sq_.ptr, half.data(), V * sizeof(float), cudaMemcpyHostToDevice, stream_),
+          "upload half squared norms");
+      neg_half_.ensure(V, "cudaMalloc(half squared norms)");
+      cuda_check(
+          cudaMemcpyAsync(neg_half_.ptr, neg.data(), V * sizeof(float), cudaMemcpyHostToDevice, stream_),
           "upload half squared norms");
     }
     // The uploads go on stream_: it is non-blocking, so a legacy-stream cudaMemcpy (which may return before
@@ -567,8 +699,8 @@ class CudaIndex final : public KnnIndex {
   const char* backend() const override { return "cuda"; }
   int64_t host_bytes() const override { return V_ * d_ * 4 + V_ * 8; }
   int64_t device_bytes() const override {
-    return V_ * d_ * 4 * (metric_ == KnnMetric::Cosine ? 2 : 1) + V_ * 8 +
-           (metric_ == KnnMetric::L2 ? V_ * 4 : 0);
+    return V_ * d_ * (4 * (metric_ == KnnMetric::Cosine ? 2 : 1) + 2) + V_ * 8 +
+           (metric_ == KnnMetric::L2 ? V_ * 8 : 0);
   }
   const float* row(int64_t r) const override { return host_rows_.data() + r * d_; }
 
@@ -583,11 +715,14 @@ class CudaIndex final : public KnnIndex {
     cuda_check(cudaSetDevice(0), "cudaSetDevice");
     int64_t c = k + std::max<int64_t>(64, k / 8);
     bool first = true;
+    const Path want = env_path();
     while (!pending.empty()) {
       if (!first) res.recovered_queries += static_cast<int64_t>(pending.size());
-      const ScreenShape shape = pick_screen(static_cast<int>(c));
-      if (c >= available || shape.bq == 0 ||
-          finalize_smem_bytes(static_cast<int>(c), next_pow2(static_cast<int>(c))) > smem_optin_) {
+      const int ci = static_cast<int>(std::min<int64_t>(c, INT_MAX / 2));
+      const bool matrix = want == Path::Matrix && matrix_fits(ci);
+      const ScreenShape shape = matrix ? ScreenShape{} : pick_screen(ci);
+      if (c >= available || (!matrix && shape.bq == 0) ||
+          finalize_smem_bytes(ci, next_pow2(ci)) > smem_optin_) {
         host_exact(pending, queries, k, exclude, threads, &res);
         break;
       }
@@ -596,7 +731,7 @@ class CudaIndex final : public KnnIndex {
       for (size_t b = 0; b < pending.size(); b += chunk) {
         const size_t e = std::min(pending.size(), b + size_t(chunk));
         std::vector<int64_t> part(pending.begin() + b, pending.begin() + e);
-        run(part, queries, q_norms, k, static_cast<int>(c), shape, exclude, &res, &failed);
+        run(part, queries, q_norms, k, ci, matrix, shape, exclude, &res, &failed);
       }
       pending.swap(failed);
       c *= 4;
@@ -612,6 +747,22 @@ class CudaIndex final : public KnnIndex {
   struct ScreenShape {
     int bq = 0, cap = 0;
   };
+  // PRIORTUNE_CUDA_KNN = auto (default: fused) | fused | matrix, read at every search.
+  enum class Path { Auto, Matrix, Fused };
+  static Path env_path() {
+    const char* raw = std::getenv("PRIORTUNE_CUDA_KNN");
+    const std::string v = raw ? raw : "";
+    if (v.empty() || v == "auto") return Path::Auto;
+    if (v == "matrix") return Path::Matrix;
+    if (v == "fused") return Path::Fused;
+    throw std::invalid_argument("PRIORTUNE_CUDA_KNN must be auto, matrix or fused, got \"" + v + "\"");
+  }
+  // The matrix path keeps c candidates per 16384-column slab: its merge must fit one finalize block.
+  bool matrix_fits(int c) const {
+    const int64_t slabs = (V_ + kSelChunk - 1) / kSelChunk;
+    return slabs * c <= kMaxMerged &&
+           finalize_smem_bytes(static_cast<int>(slabs * c), next_pow2(c)) <= smem_optin_;
+  }
   ScreenShape pick_screen(int c) const {
     for (int bq : {64, 32, 16})
       for (int m : {2, 1})
@@ -644,34 +795,47 @@ class CudaIndex final : public KnnIndex {
   }
 
   void run(const std::vector<int64_t>& part, const float* queries, const std::vector<double>& q_norms,
-           int64_t k, int c, ScreenShape shape, const int32_t* exclude, KnnResult* res,
+           int64_t k, int c, bool matrix, ScreenShape shape, const int32_t* exclude, KnnResult* res,
            std::vector<int64_t>* failed) const {
-    const int n = static_cast<int>(part.size()), d = static_cast<int>(d_), bq = shape.bq;
+    const int n = static_cast<int>(part.size()), d = static_cast<int>(d_);
     const int tiles = static_cast<int>((V_ + kBV - 1) / kBV);
-    const int qtiles = (n + bq - 1) / bq;
-    int slabs = std::max(1, std::min(tiles, (2 * sms_ + qtiles - 1) / qtiles));
-    slabs = std::max(1, std::min(slabs, kMaxMerged / c));
-    const int tiles_per_slab = (tiles + slabs - 1) / slabs;
-    slabs = (tiles + tiles_per_slab - 1) / tiles_per_slab;
+    int slabs;
+    if (matrix) {
+      slabs = static_cast<int>((V_ + kSelChunk - 1) / kSelChunk);
+    } else {
+      const int qtiles = (n + shape.bq - 1) / shape.bq;
+      slabs = std::max(1, std::min(tiles, (2 * sms_ + qtiles - 1) / qtiles));
+      slabs = std::max(1, std::min(slabs, kMaxMerged / c));
+      const int tiles_per_slab = (tiles + slabs - 1) / slabs;
+      slabs = (tiles + tiles_per_slab - 1) / tiles_per_slab;
+    }
     const int pow2 = next_pow2(c);
     const int merged = slabs * c;
     if (finalize_smem_bytes(merged, pow2) > smem_optin_)
       throw std::runtime_error("CUDA kNN: candidate set too large");
 
-    std::vector<float> hq(size_t(n) * d), hs(size_t(n) * d);
+    // The queries go up as they are (straight from the caller's array when this part is a run of consecutive
+    // rows); their screening copy is made on the device.
+    bool consecutive = true;
+    for (int i = 1; i < n && consecutive; ++i) consecutive = part[i] == part[0] + i;
+    std::vector<float> hq;
+    const float* src = queries + part[0] * d_;
+    if (!consecutive) {
+      hq.resize(size_t(n) * d);
+      for (int i = 0; i < n; ++i) std::memcpy(&hq[size_t(i) * d], queries + part[i] * d_, sizeof(float) * d);
+      src = hq.data();
+    }
     std::vector<double> hn(n);
     std::vector<int> hx(n, -1);
     for (int i = 0; i < n; ++i) {
-      const float* src = queries + part[i] * d_;
-      std::memcpy(&hq[size_t(i) * d], src, sizeof(float) * d);
       hn[i] = q_norms[part[i]];
-      const double inv = metric_ == KnnMetric::Cosine ? 1.0 / hn[i] : 1.0;
-      for (int t = 0; t < d; ++t)
-        hs[size_t(i) * d + t] = metric_ == KnnMetric::Cosine ? float(src[t] * inv) : src[t];
       if (exclude) hx[i] = exclude[part[i]];
     }
     q_orig_.ensure(size_t(n) * d, "cudaMalloc(queries)");
-    q_screen_.ensure(size_t(n) * d, "cudaMalloc(screening queries)");
+    if (matrix)
+      q16_.ensure(size_t(n) * d, "cudaMalloc(screening queries)");
+    else
+      q_screen_.ensure(size_t(n) * d, "cudaMalloc(screening queries)");
     q_norm_.ensure(n, "cudaMalloc(query norms)");
     excl_.ensure(n, "cudaMalloc(exclude)");
     cand_a_.ensure(size_t(n) * merged, "cudaMalloc(candidates)");
@@ -681,24 +845,47 @@ class CudaIndex final : public KnnIndex {
     out_i_.ensure(size_t(n) * k, "cudaMalloc(indices)");
     out_s_.ensure(size_t(n) * k, "cudaMalloc(scores)");
     failed_.ensure(n, "cudaMalloc(flags)");
-    cuda_check(cudaMemcpyAsync(q_orig_.ptr, hq.data(), hq.size() * 4, cudaMemcpyHostToDevice, stream_),
-               "upload queries");
-    cuda_check(cudaMemcpyAsync(q_screen_.ptr, hs.data(), hs.size() * 4, cudaMemcpyHostToDevice, stream_),
+    // Score block of the matrix path: n x W, W a multiple of the selection slab, within kScoreBudget.
+    const int64_t slab_cols = kSelChunk;
+    int64_t W = std::max<int64_t>(1, kScoreBudget / (int64_t{4} * n * slab_cols)) * slab_cols;
+    W = std::min(W, (V_ + slab_cols - 1) / slab_cols * slab_cols);
+    if (matrix) scores_.ensure(size_t(n) * W, "cudaMalloc(score block)");
+    cuda_check(cudaMemcpyAsync(q_orig_.ptr, src, size_t(n) * d * 4, cudaMemcpyHostToDevice, stream_),
                "upload queries");
     cuda_check(cudaMemcpyAsync(q_norm_.ptr, hn.data(), hn.size() * 8, cudaMemcpyHostToDevice, stream_),
                "upload query norms");
     if (exclude)
       cuda_check(cudaMemcpyAsync(excl_.ptr, hx.data(), hx.size() * 4, cudaMemcpyHostToDevice, stream_),
                  "upload exclude");
+    const int64_t nd = int64_t{n} * d;
+    knn_prep_kernel<<<static_cast<unsigned>(std::min<int64_t>((nd + 255) / 256, 65535 * 8)), 256, 0,
+                      stream_>>>(q_orig_.ptr, q_norm_.ptr, n, d, metric_ == KnnMetric::Cosine,
+                                 matrix ? nullptr : q_screen_.ptr, matrix ? q16_.ptr : nullptr);
+    cuda_check(cudaGetLastError(), "knn_prep_kernel launch");
     const int* excl = exclude ? excl_.ptr : nullptr;
-    // Device time of the two kernels (the transfers and the host-side query preparation excluded).
+    // Device time of the screening and finalize kernels (the transfers and the query preparation excluded).
     cuda_check(cudaEventRecord(start_, stream_), "cudaEventRecord");
-    if (bq == 64)
-      launch_screen<64>(slabs, tiles_per_slab, n, c, shape.cap, excl);
-    else if (bq == 32)
-      launch_screen<32>(slabs, tiles_per_slab, n, c, shape.cap, excl);
-    else
-      launch_screen<16>(slabs, tiles_per_slab, n, c, shape.cap, excl);
+    if (matrix) {
+      for (int64_t v0 = 0; v0 < V_; v0 += W) {
+        const int64_t L = std::min(W, V_ - v0);
+        cuda::gemm(stream_, cuda::GemmPrecision::BF16, true, n, L, d_, q16_.ptr, d_, true,
+                   screen16_.ptr + v0 * d_, d_, true, scores_.ptr, W,
+                   metric_ == KnnMetric::L2 ? neg_half_.ptr + v0 : nullptr, 0.0f);
+        const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>((L + slab_cols - 1) / slab_cols));
+        knn_select_kernel<<<grid, kSelThreads, 0, stream_>>>(
+            scores_.ptr, W, static_cast<int>(L), static_cast<int>(v0), static_cast<int>(v0 / slab_cols), excl,
+            c, slabs, cand_a_.ptr, cand_i_.ptr, cand_n_.ptr, bound_.ptr);
+        cuda_check(cudaGetLastError(), "knn_select_kernel launch");
+      }
+    } else {
+      const int tiles_per_slab = (tiles + slabs - 1) / slabs;
+      if (shape.bq == 64)
+        launch_screen<64>(slabs, tiles_per_slab, n, c, shape.cap, excl);
+      else if (shape.bq == 32)
+        launch_screen<32>(slabs, tiles_per_slab, n, c, shape.cap, excl);
+      else
+        launch_screen<16>(slabs, tiles_per_slab, n, c, shape.cap, excl);
+    }
     cuda_check(cudaEventRecord(mid_, stream_), "cudaEventRecord");
     const size_t fsmem = finalize_smem_bytes(merged, pow2);
     cuda_check(cudaFuncSetAttribute(knn_finalize_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -706,8 +893,8 @@ class CudaIndex final : public KnnIndex {
                "cudaFuncSetAttribute(finalize)");
     knn_finalize_kernel<<<n, kThreads, fsmem, stream_>>>(
         q_orig_.ptr, q_norm_.ptr, rows_.ptr, norms_.ptr, metric_code(metric_), d, static_cast<int>(k), c,
-        slabs, pow2, vmax_, cand_a_.ptr, cand_i_.ptr, cand_n_.ptr, bound_.ptr, out_i_.ptr, out_s_.ptr,
-        failed_.ptr);
+        slabs, pow2, vmax_, matrix ? kUnitErrBf16 : kUnitErrTf32, cand_a_.ptr, cand_i_.ptr, cand_n_.ptr,
+        bound_.ptr, out_i_.ptr, out_s_.ptr, failed_.ptr);
     cuda_check(cudaGetLastError(), "knn_finalize_kernel launch");
     cuda_check(cudaEventRecord(stop_, stream_), "cudaEventRecord");
     std::vector<int> oi(size_t(n) * k), fl(n);
@@ -756,10 +943,12 @@ class CudaIndex final : public KnnIndex {
   double vmax_ = 0.0;
   std::vector<float> host_rows_;
   std::vector<double> host_norms_;
-  DeviceBuffer<float> rows_, screen_, half_sq_;
+  DeviceBuffer<float> rows_, screen_, half_sq_, neg_half_;
+  DeviceBuffer<uint16_t> screen16_;
   DeviceBuffer<double> norms_;
   mutable std::mutex mu_;
-  mutable DeviceBuffer<float> q_orig_, q_screen_, cand_a_, bound_, out_s_;
+  mutable DeviceBuffer<float> q_orig_, q_screen_, cand_a_, bound_, out_s_, scores_;
+  mutable DeviceBuffer<uint16_t> q16_;
   mutable DeviceBuffer<double> q_norm_;
   mutable DeviceBuffer<int> excl_, cand_i_, cand_n_, out_i_, failed_;
 };

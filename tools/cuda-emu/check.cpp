@@ -14,6 +14,7 @@
 // results must not change). Prints one row per check and ends with "checks: N, failed: F".
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
@@ -503,8 +504,14 @@ void test_misc(Model& llama) {
 void test_knn_shape(int64_t V, int64_t d);
 
 void test_knn() {
-  for (auto [V, d] : {std::pair<int64_t, int64_t>{600, 40}, std::pair<int64_t, int64_t>{20000, 37}})
-    test_knn_shape(V, d);
+  // Both screening paths (PRIORTUNE_CUDA_KNN): the matrix path (bf16 GEMM + slab selection; d 40 takes the
+  // pipelined GEMM, d 37 the staged one; V 20000 spans two selection slabs) and the fused TF32 kernel.
+  for (const char* path : {"matrix", "fused"}) {
+    setenv("PRIORTUNE_CUDA_KNN", path, 1);
+    for (auto [V, d] : {std::pair<int64_t, int64_t>{600, 40}, std::pair<int64_t, int64_t>{20000, 37}})
+      test_knn_shape(V, d);
+  }
+  unsetenv("PRIORTUNE_CUDA_KNN");
 }
 
 void test_knn_shape(int64_t V, int64_t d) {
@@ -524,8 +531,8 @@ void test_knn_shape(int64_t V, int64_t d) {
   std::vector<double> norms(V);
   knn_row_norms(norms.data(), vocab.data(), V, d, 1);
   for (KnnMetric metric : {KnnMetric::Cosine, KnnMetric::L2, KnnMetric::Dot}) {
-    std::printf("[knn %s] V=%lld d=%lld Q=%lld\n", knn_metric_name(metric), (long long)V, (long long)d,
-                (long long)Q);
+    std::printf("[knn %s, %s] V=%lld d=%lld Q=%lld\n", std::getenv("PRIORTUNE_CUDA_KNN"),
+                knn_metric_name(metric), (long long)V, (long long)d, (long long)Q);
     auto index = knn_index_cuda(vocab.data(), V, d, metric);
     for (int64_t k : {1, 4, 100})
       for (const int32_t* ex :
