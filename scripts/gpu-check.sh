@@ -76,7 +76,7 @@ part() {
 groups=("$@")
 [ ${#groups[@]} -eq 0 ] && groups=(checks gemm,steps knn)
 for g in "${groups[@]}"; do
-  case "$g" in checks) cap=100 ;; *steps*) cap=170 ;; *) cap=90 ;; esac
+  case "$g" in checks) cap=100 ;; *steps*) cap=210 ;; *knn*) cap=150 ;; *) cap=90 ;; esac
   part "priortune-${g//,/-}" "$cap" /tmp/node .carry/gpu-check.mjs ${g//,/ } --results "$out/results.md" || status=1
 done
 if [ "${PEERS:-1}" != "0" ]; then
@@ -87,7 +87,7 @@ if [ "${PEERS:-1}" != "0" ]; then
     if [ -f ".carry/$f" ]; then part "${f%.py}" "$cap" python3 ".carry/$f" || true; fi
   done
 fi
-# PROFILE=1: Nsight Compute on the two kernels that dominate (the kNN screening and the tensor-core GEMM),
+# PROFILE=1: Nsight Compute on the two kernels that dominate (the kNN screening and the pipelined BF16 GEMM),
 # one launch each: speed of light, occupancy, launch statistics, warp stalls, memory; into ncu.txt.
 if [ "${PROFILE:-0}" = "1" ]; then
   ncu="$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1 || true)"
@@ -98,7 +98,7 @@ if [ "${PROFILE:-0}" = "1" ]; then
       --section MemoryWorkloadAnalysis)
     part ncu-knn 90 "$ncu" -k regex:knn_screen --launch-skip 1 --launch-count 1 "${secs[@]}" \
       /tmp/node .carry/gpu-check.mjs knn --quick || true
-    part ncu-gemm 90 "$ncu" -k regex:gemm_tc --launch-count 1 "${secs[@]}" /tmp/node .carry/gpu-check.mjs gemm || true
+    part ncu-gemm 90 "$ncu" -k regex:gemm_pipe --launch-count 1 "${secs[@]}" /tmp/node .carry/gpu-check.mjs gemm || true
   fi
 fi
 cat "$out/summary.txt"

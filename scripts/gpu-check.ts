@@ -87,6 +87,22 @@ if (want("checks")) {
   );
 }
 
+// Runs fn with the environment variable `name` set to value (undefined: unset, the default choice); the addon
+// reads PRIORTUNE_CUDA_GEMM at every product and PRIORTUNE_CUDA_KNN at every search.
+async function withEnv<T>(name: string, value: string | undefined, fn: () => Promise<T>): Promise<T> {
+  const before = process.env[name];
+  if (value === undefined) delete process.env[name];
+  else process.env[name] = value;
+  try {
+    return await fn();
+  } finally {
+    if (before === undefined) delete process.env[name];
+    else process.env[name] = before;
+  }
+}
+const withGemmKernel = <T>(kernel: string | undefined, fn: () => Promise<T>) =>
+  withEnv("PRIORTUNE_CUDA_GEMM", kernel, fn);
+
 // ---- gemm ----
 // bf16 8192^3 TFLOP/s per engine: the peaks model FLOP utilisation is reported against (cuBLASLt's when the
 // machine has it, the stricter denominator).
@@ -112,11 +128,16 @@ if (want("gemm")) {
   for (const [name, M, N, K] of shapes)
     for (const p of ["bf16", "tf32", "fp32"] as CudaPrecision[]) {
       if (p === "fp32" && M * N * K > 2 ** 36) continue;
-      for (const engine of ["priortune", "cublaslt"] as const) {
+      // "priortune staged": our BF16 product forced onto the register-staged kernel (PRIORTUNE_CUDA_GEMM),
+      // beside the default cp.async-pipelined one.
+      for (const engine of ["priortune", "priortune staged", "cublaslt"] as const) {
         if (engine === "cublaslt" && cublasLt.startsWith("unavailable")) continue;
+        if (engine === "priortune staged" && p !== "bf16") continue;
         let r: { ms: number; maxRelErr: number; engine: string };
         try {
-          r = await native.cudaGemmBench(p, M, N, K, tiny ? 2 : 10, engine);
+          r = await withGemmKernel(engine === "priortune staged" ? "staged" : undefined, () =>
+            native.cudaGemmBench(p, M, N, K, tiny ? 2 : 10, engine === "cublaslt" ? "cublaslt" : "priortune"),
+          );
         } catch (e) {
           if (engine !== "cublaslt") throw e;
           // No cuBLASLt on this machine (or it refused the shape): noted once, our rows stand alone.
@@ -208,10 +229,17 @@ if (want("steps")) {
   for (const cfg of [gpt2, llama]) {
     const model = new native.NativeModel(nativeConfig(cfg, 16));
     await model.fillRandom(1, 0.02);
-    for (const precision of ["bf16", "tf32"] as CudaPrecision[]) {
-      for (const graphs of [true, false]) {
-        if (!graphs && precision !== "bf16") continue;
+    // bf16 with graphs (the default GEMM, then the register-staged one for comparison), bf16 eager, tf32.
+    const setups: { precision: CudaPrecision; graphs: boolean; kernel?: string }[] = [
+      { precision: "bf16", graphs: true },
+      { precision: "bf16", graphs: true, kernel: "staged" },
+      { precision: "bf16", graphs: false },
+      { precision: "tf32", graphs: true },
+    ];
+    for (const { precision, graphs, kernel } of setups) {
+      await withGemmKernel(kernel, async () => {
         await model.attachCuda({ precision, graphs });
+        const label = `${precision}${graphs ? "" : " eager"}${kernel ? ` (${kernel} GEMM)` : ""}`;
         for (const r of runs.filter((x) => x.config === cfg)) {
           const C = cfg.hiddenSize;
           const args = await prepareStep(model, cfg, r.B, r.S);
@@ -238,6 +266,7 @@ if (want("steps")) {
               S: r.S,
               precision,
               graphs,
+              gemmKernel: kernel ?? "auto",
               ms,
               tokPerS: (r.B * r.S) / (ms / 1e3),
               tflops,
@@ -248,19 +277,27 @@ if (want("steps")) {
             };
             console.log(JSON.stringify(row));
             lines.push(
-              `| ${r.name} | ${r.B} x ${r.S} | ${precision}${graphs ? "" : " eager"} | ${ms.toFixed(2)} | ${r.goalMs} | ${r.peer} | ${row.tokPerS.toFixed(0)} | ${(100 * row.mfu).toFixed(1)}% / ${Number.isNaN(row.mfuCublasLt) ? "-" : `${(100 * row.mfuCublasLt).toFixed(1)}%`} | ${row.deviceMiB.toFixed(0)} |`,
+              `| ${r.name} | ${r.B} x ${r.S} | ${label} | ${ms.toFixed(2)} | ${r.goalMs} | ${r.peer} | ${row.tokPerS.toFixed(0)} | ${(100 * row.mfu).toFixed(1)}% / ${Number.isNaN(row.mfuCublasLt) ? "-" : `${(100 * row.mfuCublasLt).toFixed(1)}%`} | ${row.deviceMiB.toFixed(0)} |`,
             );
           } catch (e) {
             console.log(
-              JSON.stringify({ what: "step", model: r.name, B: r.B, S: r.S, precision, error: String(e) }),
+              JSON.stringify({
+                what: "step",
+                model: r.name,
+                B: r.B,
+                S: r.S,
+                precision,
+                gemmKernel: kernel ?? "auto",
+                error: String(e),
+              }),
             );
             lines.push(
-              `| ${r.name} | ${r.B} x ${r.S} | ${precision} | error: ${String(e).slice(0, 80)} | | | | | |`,
+              `| ${r.name} | ${r.B} x ${r.S} | ${label} | error: ${String(e).slice(0, 80)} | | | | | |`,
             );
             failed = true;
           }
         }
-      }
+      });
     }
     // Where the time goes: one profiled configuration per model (eager, CUDA events between stages).
     const r = runs.filter((x) => x.config === cfg)[0]!;
@@ -313,55 +350,62 @@ if (want("knn")) {
         { name: "16 x 8192 x 8192 (d = 8192)", Q: 16, V: 8192, d: 8192, goalMs: Number.NaN },
       ];
   const rows: string[] = [];
+  // Both screening paths of the CUDA index (PRIORTUNE_CUDA_KNN): fused (the default: the TF32 screening
+  // kernel) and matrix (bf16 GEMM + slab selection), each against the CPU index.
+  const paths = quick ? ["fused"] : ["fused", "matrix"];
   for (const w of quick ? workloads.slice(0, 1) : workloads) {
     const vocab = random(w.V * w.d, 1 + w.V);
     const queries = random(w.Q * w.d, 2 + w.Q);
     for (const metric of quick ? (["cosine"] as const) : (["cosine", "l2"] as const)) {
       const gpu = await VocabIndex.create(vocab, { dim: w.d, metric, backend: "cuda" });
       const cpu = await VocabIndex.create(vocab, { dim: w.d, metric, backend: "cpu" });
-      const a = await gpu.search(queries, { k: 10 });
       const b = await cpu.search(queries, { k: 10 });
-      let same = true;
-      let worst = 0;
-      for (let i = 0; i < a.indices.length; i++) {
-        if (a.indices[i] !== b.indices[i]) same = false;
-        worst = Math.max(worst, Math.abs(a.scores[i]! - b.scores[i]!) / (1e-30 + Math.abs(b.scores[i]!)));
-      }
-      const ok = same && worst < 1e-5;
-      failed ||= !ok;
-      // Wall clock per search (host preparation, transfers and the Node call included) and the kernels' device
-      // time (CUDA events), the figure comparable with the PyTorch peer's event timing of matmul + topk.
-      const device: number[] = [];
-      const screen: number[] = [];
-      const ms = await median(
-        async () => {
-          const r = await gpu.search(queries, { k: 10 });
-          device.push(r.deviceMs);
-          screen.push(r.deviceScreenMs);
-        },
-        tiny || quick ? 2 : 20,
-      );
-      const deviceMs = medianOf(device.slice(1));
-      const screenMs = medianOf(screen.slice(1));
       const cpuMs = quick ? Number.NaN : await median(() => cpu.search(queries, { k: 10 }), tiny ? 1 : 3);
-      console.log(
-        JSON.stringify({
-          what: "knn",
-          workload: w.name,
-          metric,
-          identicalIndices: same,
-          maxRelScoreError: worst,
-          cudaMs: ms,
-          cudaDeviceMs: deviceMs,
-          cudaScreenMs: screenMs,
-          recoveredQueries: a.recoveredQueries,
-          cpuMs,
-          goalMs: w.goalMs,
-        }),
-      );
-      rows.push(
-        `| ${w.name} | ${metric} | ${same ? "yes" : "NO"} | ${worst.toExponential(1)} | ${deviceMs.toFixed(3)} (${screenMs.toFixed(3)}) | ${ms.toFixed(3)} | ${Number.isNaN(w.goalMs) ? "" : w.goalMs} | ${cpuMs.toFixed(1)} |`,
-      );
+      for (const path of paths)
+        await withEnv("PRIORTUNE_CUDA_KNN", path, async () => {
+          const a = await gpu.search(queries, { k: 10 });
+          let same = true;
+          let worst = 0;
+          for (let i = 0; i < a.indices.length; i++) {
+            if (a.indices[i] !== b.indices[i]) same = false;
+            worst = Math.max(worst, Math.abs(a.scores[i]! - b.scores[i]!) / (1e-30 + Math.abs(b.scores[i]!)));
+          }
+          const ok = same && worst < 1e-5;
+          failed ||= !ok;
+          // Wall clock per search (host preparation, transfers and the Node call included) and the kernels' device
+          // time (CUDA events), the figure comparable with the PyTorch peer's event timing of matmul + topk.
+          const device: number[] = [];
+          const screen: number[] = [];
+          const ms = await median(
+            async () => {
+              const r = await gpu.search(queries, { k: 10 });
+              device.push(r.deviceMs);
+              screen.push(r.deviceScreenMs);
+            },
+            tiny || quick ? 2 : 20,
+          );
+          const deviceMs = medianOf(device.slice(1));
+          const screenMs = medianOf(screen.slice(1));
+          console.log(
+            JSON.stringify({
+              what: "knn",
+              workload: w.name,
+              metric,
+              path,
+              identicalIndices: same,
+              maxRelScoreError: worst,
+              cudaMs: ms,
+              cudaDeviceMs: deviceMs,
+              cudaScreenMs: screenMs,
+              recoveredQueries: a.recoveredQueries,
+              cpuMs,
+              goalMs: w.goalMs,
+            }),
+          );
+          rows.push(
+            `| ${w.name} | ${metric} | ${path} | ${same ? "yes" : "NO"} | ${worst.toExponential(1)} | ${deviceMs.toFixed(3)} (${screenMs.toFixed(3)}) | ${ms.toFixed(3)} | ${a.recoveredQueries} | ${Number.isNaN(w.goalMs) ? "" : w.goalMs} | ${cpuMs.toFixed(1)} |`,
+          );
+        });
       gpu.dispose();
       cpu.dispose();
     }
@@ -380,32 +424,36 @@ if (want("knn")) {
       const r = await index.selfSearch({ k: 10 });
       return { r, ms: Number(process.hrtime.bigint() - t) / 1e6 };
     };
-    const a = await time(gpu);
     const b = await time(cpu);
-    let mismatched = 0;
-    for (let i = 0; i < a.r.indices.length; i++) if (a.r.indices[i] !== b.r.indices[i]) mismatched++;
-    failed ||= mismatched > 0;
-    const name = `self-search ${V} x ${V} x ${d}`;
-    console.log(
-      JSON.stringify({
-        what: "knn-self",
-        workload: name,
-        mismatched,
-        cudaMs: a.ms,
-        cudaDeviceMs: a.r.deviceMs,
-        cudaScreenMs: a.r.deviceScreenMs,
-        cpuMs: b.ms,
-        k: 10,
-      }),
-    );
-    rows.push(
-      `| ${name} | cosine | ${mismatched ? `NO (${mismatched})` : "yes"} | | ${a.r.deviceMs.toFixed(1)} (${a.r.deviceScreenMs.toFixed(1)}) | ${a.ms.toFixed(1)} | | ${b.ms.toFixed(1)} |`,
-    );
+    for (const path of paths)
+      await withEnv("PRIORTUNE_CUDA_KNN", path, async () => {
+        const a = await time(gpu);
+        let mismatched = 0;
+        for (let i = 0; i < a.r.indices.length; i++) if (a.r.indices[i] !== b.r.indices[i]) mismatched++;
+        failed ||= mismatched > 0;
+        const name = `self-search ${V} x ${V} x ${d}`;
+        console.log(
+          JSON.stringify({
+            what: "knn-self",
+            workload: name,
+            path,
+            mismatched,
+            cudaMs: a.ms,
+            cudaDeviceMs: a.r.deviceMs,
+            cudaScreenMs: a.r.deviceScreenMs,
+            cpuMs: b.ms,
+            k: 10,
+          }),
+        );
+        rows.push(
+          `| ${name} | cosine | ${path} | ${mismatched ? `NO (${mismatched})` : "yes"} | | ${a.r.deviceMs.toFixed(1)} (${a.r.deviceScreenMs.toFixed(1)}) | ${a.ms.toFixed(1)} | ${a.r.recoveredQueries} | | ${b.ms.toFixed(1)} |`,
+        );
+      });
     gpu.dispose();
     cpu.dispose();
   }
   tables.push(
-    "| workload (Q x V x d, top-10) | metric | same indices as CPU | max rel. score error | CUDA device ms (screening) | CUDA wall ms | goal ms | CPU ms |\n|---|---|---|---|---|---|---|---|\n" +
+    "| workload (Q x V x d, top-10) | metric | CUDA path | same indices as CPU | max rel. score error | CUDA device ms (screening) | CUDA wall ms | recovered queries | goal ms | CPU ms |\n|---|---|---|---|---|---|---|---|---|---|\n" +
       rows.join("\n"),
   );
 }
