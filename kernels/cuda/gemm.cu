@@ -349,7 +349,7 @@ __device__ __forceinline__ void cp_tile(__nv_bfloat16* s, int lds, const uint16_
 }
 
 // BN = 256: about 235 registers a thread, one block per SM; BN = 128: capped at 128 registers so that two
-// blocks (16 warps) share an SM (ptxas, sm_90a: no spills for NT, 40 bytes of spill loads for NN).
+// blocks (16 warps) share an SM (ptxas, sm_90a: no spills for NT, about 20 bytes each way for NN).
 template <bool NT, int BN>
 __global__ void __launch_bounds__(kThreads, BN == 128 ? 2 : 1)
     gemm_pipe_kernel(const uint16_t* __restrict__ A, int64_t lda, const uint16_t* __restrict__ B, int64_t ldb,
