@@ -529,6 +529,71 @@ export async function errorChecks(): Promise<CheckRow[]> {
   return rows.list;
 }
 
+/**
+ * The BF16 products' two kernels (PRIORTUNE_CUDA_GEMM): a soft-prompt loss and gradient with the default
+ * (cp.async-pipelined) kernel equal the register-staged kernel's (the same bf16 operands and the same order
+ * of 16-wide k-blocks, so equal up to fp32 rounding), for both families; a bad value is a JS error naming the
+ * variable.
+ */
+export async function gemmKernelChecks(): Promise<CheckRow[]> {
+  const rows = new Rows("gemm kernels");
+  const before = process.env.PRIORTUNE_CUDA_GEMM;
+  const restore = () => {
+    if (before === undefined) delete process.env.PRIORTUNE_CUDA_GEMM;
+    else process.env.PRIORTUNE_CUDA_GEMM = before;
+  };
+  try {
+    for (const name of ["gpt2-tiny", "llama-tiny"] as const) {
+      const g = readGolden(name);
+      const batch = { ...goldenBatch(g), prompt: toFloat32(g.get("prompt")) };
+      // Eager launches: a replayed graph keeps the kernels it was captured with.
+      const model = await loadModel(modelDir(name), {
+        backend: "cuda",
+        precision: "bf16",
+        cudaGraphs: false,
+      });
+      try {
+        delete process.env.PRIORTUNE_CUDA_GEMM;
+        const pipe = await model.lossAndGrad(batch);
+        process.env.PRIORTUNE_CUDA_GEMM = "staged";
+        const staged = await model.lossAndGrad(batch);
+        rows.add(`${name}: loss, pipelined vs staged`, Math.abs(pipe.loss - staged.loss) / staged.loss, 1e-6);
+        rows.add(
+          `${name}: d loss / d prompt, pipelined vs staged`,
+          rel(pipe.promptGrad!, staged.promptGrad!),
+          1e-5,
+          "same bf16 operands, same k-block order: equal up to fp32 rounding",
+        );
+        process.env.PRIORTUNE_CUDA_GEMM = "bogus";
+        let message = "";
+        try {
+          await model.lossAndGrad(batch);
+        } catch (e) {
+          message = String((e as Error).message);
+        }
+        rows.add(
+          `${name}: a bad PRIORTUNE_CUDA_GEMM is a JS error naming it`,
+          /PRIORTUNE_CUDA_GEMM must be/.test(message) ? 0 : 1,
+          0,
+          message.slice(0, 120),
+        );
+        restore();
+        const again = await model.lossAndGrad(batch);
+        rows.add(
+          `${name}: the model works after that error`,
+          Math.abs(again.loss - pipe.loss) / pipe.loss,
+          1e-6,
+        );
+      } finally {
+        model.dispose();
+      }
+    }
+  } finally {
+    restore();
+  }
+  return rows.list;
+}
+
 /** Every check: op self-test rows first (from the addon), then the model checks. */
 export async function allCudaChecks(log: (row: CheckRow) => void = () => {}): Promise<CheckRow[]> {
   const { cudaSelfTest } = await import("../lib/backend.js");
@@ -581,5 +646,6 @@ export async function allCudaChecks(log: (row: CheckRow) => void = () => {}): Pr
   await run("optimizer state", () => trainerStateChecks("cuda"));
   await run("collapse", collapseChecks);
   await run("errors", errorChecks);
+  await run("gemm kernels", gemmKernelChecks);
   return out;
 }

@@ -19,6 +19,7 @@ import {
   errorChecks,
   FIXTURE_MODELS,
   fixtureChecks,
+  gemmKernelChecks,
   randomModelChecks,
   trainerStateChecks,
   tuneChecks,
@@ -119,6 +120,9 @@ describe.skipIf(!cuda.usable)(`CUDA backend${suffix}`, () => {
   }, 120_000);
   it("out of memory is a JS error and the model keeps working", async () => {
     expectAllPass(await errorChecks());
+  }, 120_000);
+  it("the pipelined and the staged BF16 GEMM give the same step; a bad PRIORTUNE_CUDA_GEMM is an error", async () => {
+    expectAllPass(await gemmKernelChecks());
   }, 120_000);
 });
 

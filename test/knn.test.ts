@@ -409,6 +409,20 @@ describe.skipIf(!cuda.usable)(`VocabIndex (CUDA) equals the CPU index${cudaSuffi
     }
   });
 
+  it("a bad PRIORTUNE_CUDA_KNN is an error naming it", async () => {
+    const dim = 16;
+    const index = await VocabIndex.create(gaussian(300 * dim, 42), { dim, backend: "cuda" });
+    process.env.PRIORTUNE_CUDA_KNN = "bogus";
+    try {
+      await expect(index.search(gaussian(2 * dim, 43), { k: 3 })).rejects.toThrow(
+        /PRIORTUNE_CUDA_KNN must be/,
+      );
+    } finally {
+      delete process.env.PRIORTUNE_CUDA_KNN;
+      index.dispose();
+    }
+  });
+
   it("large shapes: 262144 rows (d 64) and d 8192 (3000 rows)", async () => {
     for (const [V, dim, metric] of [
       [262144, 64, "cosine"],
