@@ -4,9 +4,10 @@
 //
 // Device memory, resident for the index's lifetime: rows_[V, d] fp32 (the original rows, for re-scoring),
 // screen_[V, d] fp32 (rows / |row| for cosine; rows_ itself otherwise), screen16_[V, d] its bf16 copy,
-// norms_[V] float64, half_sq_[V] / neg_half_[V] fp32 (+-|row|^2 / 2, l2 only). Per search (scratch, reused
-// across searches under the index's mutex): the queries (original, and their screening copy made on the
-// device by knn_prep_kernel), per-(query, slab) candidate lists, the matrix path's score block, the outputs.
+// norms_[V] float64, neg_half_[V] fp32 (-|row|^2 / 2, l2 only: added to q.row, it ranks like -|q - row|^2).
+// Per search (scratch, reused across searches under the index's mutex): the queries (original, and their
+// screening copy made on the device by knn_prep_kernel), per-(query, slab) candidate lists, the matrix path's
+// score block, the outputs.
 //
 // Two screening paths (PRIORTUNE_CUDA_KNN = fused | matrix; default fused, the one measured on a GPU so far;
 // matrix only where its candidate lists fit one finalize block):
@@ -142,7 +143,7 @@ size_t screen_smem_bytes(int bq, int cap) {
 template <int BQ, bool VEC>
 __global__ void __launch_bounds__(kThreads)
     knn_screen_kernel(const float* __restrict__ qs, const float* __restrict__ vs,
-                      const float* __restrict__ sub, const int* __restrict__ exclude, int Q, int V, int d,
+                      const float* __restrict__ shift, const int* __restrict__ exclude, int Q, int V, int d,
                       int c, int cap, int tiles_per_slab, int slabs, float* __restrict__ cand_a,
                       int* __restrict__ cand_i, int* __restrict__ cand_n, float* __restrict__ bound) {
   extern __shared__ __align__(128) unsigned char smem[];
@@ -270,7 +271,7 @@ __global__ void __launch_bounds__(kThreads)
         float v = -INFINITY;
         if (ok) {
           v = Ss[qq * kLdS + col];
-          if (sub) v -= sub[j];
+          if (shift) v += shift[j];
         }
         const bool pass = ok && v > thr[r];
         const uint32_t m = __ballot_sync(0xffffffffu, pass);
@@ -325,20 +326,30 @@ __global__ void knn_prep_kernel(const float* __restrict__ q, const double* __res
 constexpr int kSelThreads = 512, kSelPerThread = 32;
 constexpr int kSelChunk = kSelThreads * kSelPerThread;  // vocabulary columns one selection block covers
 
-// The sum over the block of one int per thread, returned to every thread. part: 2 x (warps) partial sums,
-// used alternately (parity flips), so a call needs one barrier: the half it writes was last read before the
-// previous call's barrier.
+// The sum over the block (blockDim.x a multiple of 32) of one int per thread, returned to every thread.
+// part: 2 x 32 ints of shared memory whose halves are used alternately (parity flips), so a call needs one
+// barrier: the half it writes was last read before the previous call's barrier.
 __device__ __forceinline__ int block_sum(int v, int* part, int& parity) {
-  constexpr int kWarps = kSelThreads / 32;
   v = __reduce_add_sync(0xffffffffu, v);
-  int* p = part + parity * kWarps;
+  int* p = part + parity * 32;
   if (threadIdx.x % 32 == 0) p[threadIdx.x / 32] = v;
   __syncthreads();
   int t = 0;
-#pragma unroll
-  for (int w = 0; w < kWarps; ++w) t += p[w];
+  for (int w = 0; w < static_cast<int>(blockDim.x / 32); ++w) t += p[w];
   parity ^= 1;
   return t;
+}
+
+// The largest key K with at least c of the block's keys >= K (the c-th largest), by a bitwise radix select:
+// one block_sum per bit. count_ge(trial): how many of this thread's keys are >= trial.
+template <class F>
+__device__ __forceinline__ uint32_t block_kth_largest(int c, F&& count_ge, int* part, int& parity) {
+  uint32_t K = 0;
+  for (int bit = 31; bit >= 0; --bit) {
+    const uint32_t trial = K | (1u << bit);
+    if (block_sum(count_ge(trial), part, parity) >= c) K = trial;
+  }
+  return K;
 }
 
 // Block (query i, slab s of this score block): columns [s kSelChunk, ...) of scores row i (row stride lds,
@@ -350,7 +361,7 @@ __global__ void __launch_bounds__(kSelThreads)
     knn_select_kernel(const float* __restrict__ scores, int64_t lds, int L, int v0, int slab0,
                       const int* __restrict__ exclude, int c, int slabs, float* __restrict__ cand_a,
                       int* __restrict__ cand_i, int* __restrict__ cand_n, float* __restrict__ bound) {
-  __shared__ int part[2 * (kSelThreads / 32)];
+  __shared__ int part[2 * 32];
   __shared__ int s_out, s_eq;
   const int q = static_cast<int>(blockIdx.x), tid = static_cast<int>(threadIdx.x), lane = tid % 32;
   const int j0 = static_cast<int>(blockIdx.y) * kSelChunk;
@@ -369,17 +380,17 @@ __global__ void __launch_bounds__(kSelThreads)
   int parity = 0;
   valid = block_sum(valid, part, parity);
   const bool cut = valid > c;
-  // K: the largest key with at least c keys >= K (the c-th largest); 0 when everything valid is kept.
-  uint32_t K = 0;
-  if (cut) {
-    for (int bit = 31; bit >= 0; --bit) {
-      const uint32_t trial = K | (1u << bit);
-      int ge = 0;
+  // K: the c-th largest key; 0 when everything valid is kept.
+  const uint32_t K = cut ? block_kth_largest(
+                               c,
+                               [&](uint32_t trial) {
+                                 int ge = 0;
 #pragma unroll
-      for (int i = 0; i < kSelPerThread; ++i) ge += key[i] >= trial;
-      if (block_sum(ge, part, parity) >= c) K = trial;
-    }
-  }
+                                 for (int i = 0; i < kSelPerThread; ++i) ge += key[i] >= trial;
+                                 return ge;
+                               },
+                               part, parity)
+                         : 0u;
   int gt = 0;
 #pragma unroll
   for (int i = 0; i < kSelPerThread; ++i) gt += key[i] > K;
@@ -437,9 +448,10 @@ __global__ void __launch_bounds__(kThreads)
   uint32_t* gk = reinterpret_cast<uint32_t*>(ss + pow2);  // [merged]
   int* gi = reinterpret_cast<int*>(gk + merged);          // [merged]
   int* si = gi + merged;                                  // [pow2]
-  __shared__ int s_total, s_gt, s_eq, s_kept;
+  __shared__ int s_total, s_eq, s_kept;
   __shared__ float s_bound;
-  __shared__ int s_ge;
+  __shared__ int part[2 * 32];
+  int parity = 0;
 
   const int q = blockIdx.x, tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   if (tid == 0) {
@@ -470,32 +482,22 @@ __global__ void __launch_bounds__(kThreads)
   const int total = s_total;
   int nc = total;
   if (total > c) {
-    // Block radix select of the c-th largest key, then keep everything above it and enough equal keys.
-    uint32_t K = 0;
-    for (int bit = 31; bit >= 0; --bit) {
-      const uint32_t trial = K | (1u << bit);
-      if (tid == 0) s_ge = 0;
-      __syncthreads();
-      int ge = 0;
-      for (int e = tid; e < total; e += kThreads) ge += gk[e] >= trial;
-      ge = __reduce_add_sync(0xffffffffu, ge);
-      if (lane == 0) atomicAdd(&s_ge, ge);
-      __syncthreads();
-      if (s_ge >= c) K = trial;
-      __syncthreads();
-    }
+    // The c-th largest key, then everything above it and enough equal keys are kept.
+    const uint32_t K = block_kth_largest(
+        c,
+        [&](uint32_t trial) {
+          int ge = 0;
+          for (int e = tid; e < total; e += kThreads) ge += gk[e] >= trial;
+          return ge;
+        },
+        part, parity);
     if (tid == 0) {
-      s_gt = 0;
       s_eq = 0;
       s_kept = 0;
     }
-    __syncthreads();
     int gt = 0;
     for (int e = tid; e < total; e += kThreads) gt += gk[e] > K;
-    gt = __reduce_add_sync(0xffffffffu, gt);
-    if (lane == 0) atomicAdd(&s_gt, gt);
-    __syncthreads();
-    const int need_eq = c - s_gt;
+    const int need_eq = c - block_sum(gt, part, parity);  // its barrier also publishes s_eq and s_kept
     for (int e = tid; e < total; e += kThreads) {
       bool keep = gk[e] > K;
       if (!keep && gk[e] == K) keep = atomicAdd(&s_eq, 1) < need_eq;
@@ -667,15 +669,8 @@ class CudaIndex final : public KnnIndex {
     cuda::to_bf16(stream_, screen16_.ptr, metric == KnnMetric::Cosine ? screen_.ptr : rows_.ptr,
                   static_cast<int64_t>(elems));
     if (metric == KnnMetric::L2) {
-      std::vector<float> half(V), neg(V);
-      for (int64_t r = 0; r < V; ++r) {
-        half[r] = static_cast<float>(0.5 * host_norms_[r] * host_norms_[r]);
-        neg[r] = -half[r];
-      }
-      half_sq_.ensure(V, "cudaMalloc(half squared norms)");
-      cuda_check(
-          cudaMemcpyAsync(half_sq_.ptr, half.data(), V * sizeof(float), cudaMemcpyHostToDevice, stream_),
-          "upload half squared norms");
+      std::vector<float> neg(V);
+      for (int64_t r = 0; r < V; ++r) neg[r] = -static_cast<float>(0.5 * host_norms_[r] * host_norms_[r]);
       neg_half_.ensure(V, "cudaMalloc(half squared norms)");
       cuda_check(
           cudaMemcpyAsync(neg_half_.ptr, neg.data(), V * sizeof(float), cudaMemcpyHostToDevice, stream_),
@@ -700,7 +695,7 @@ class CudaIndex final : public KnnIndex {
   int64_t host_bytes() const override { return V_ * d_ * 4 + V_ * 8; }
   int64_t device_bytes() const override {
     return V_ * d_ * (4 * (metric_ == KnnMetric::Cosine ? 2 : 1) + 2) + V_ * 8 +
-           (metric_ == KnnMetric::L2 ? V_ * 8 : 0);
+           (metric_ == KnnMetric::L2 ? V_ * 4 : 0);
   }
   const float* row(int64_t r) const override { return host_rows_.data() + r * d_; }
 
@@ -779,7 +774,7 @@ class CudaIndex final : public KnnIndex {
     const dim3 grid(slabs, (n + BQ - 1) / BQ);
     knn_screen_kernel<BQ, VEC><<<grid, kThreads, smem, stream_>>>(
         q_screen_.ptr, metric_ == KnnMetric::Cosine ? screen_.ptr : rows_.ptr,
-        metric_ == KnnMetric::L2 ? half_sq_.ptr : nullptr, excl, n, static_cast<int>(V_),
+        metric_ == KnnMetric::L2 ? neg_half_.ptr : nullptr, excl, n, static_cast<int>(V_),
         static_cast<int>(d_), c, cap, tiles_per_slab, slabs, cand_a_.ptr, cand_i_.ptr, cand_n_.ptr,
         bound_.ptr);
     cuda_check(cudaGetLastError(), "knn_screen_kernel launch");
@@ -943,7 +938,7 @@ class CudaIndex final : public KnnIndex {
   double vmax_ = 0.0;
   std::vector<float> host_rows_;
   std::vector<double> host_norms_;
-  DeviceBuffer<float> rows_, screen_, half_sq_, neg_half_;
+  DeviceBuffer<float> rows_, screen_, neg_half_;
   DeviceBuffer<uint16_t> screen16_;
   DeviceBuffer<double> norms_;
   mutable std::mutex mu_;
