@@ -378,14 +378,13 @@ __global__ void __launch_bounds__(kThreads, BN == 128 ? 2 : 1)
     const int n0 = static_cast<int>(in_group / group_m * BN);
     // Step kt's copies into stage kt % kPStages, as one commit group; past the last step the group is empty,
     // so that every wait below leaves the same number of groups in flight.
+    // B's stage rows run along n for NT ([N, K] in memory), along k for NN ([K, N]).
     auto load = [&](int kt) {
       if (kt < kt_count) {
         const int st = kt % kPStages, k0 = kt * kPBK;
         cp_tile<kPBM, kPBK>(As + st * S::kStageA, S::kLdA, A, lda, m0, M, k0, K);
-        if (NT)
-          cp_tile<NT ? BN : kPBK, NT ? kPBK : BN>(Bs + st * S::kStageB, S::kLdB, B, ldb, n0, N, k0, K);
-        else
-          cp_tile<NT ? BN : kPBK, NT ? kPBK : BN>(Bs + st * S::kStageB, S::kLdB, B, ldb, k0, K, n0, N);
+        cp_tile<NT ? BN : kPBK, NT ? kPBK : BN>(Bs + st * S::kStageB, S::kLdB, B, ldb, NT ? n0 : k0,
+                                                NT ? N : K, NT ? k0 : n0, NT ? K : N);
       }
       __pipeline_commit();
     };

@@ -587,6 +587,12 @@ class CudaModel final : public DeviceModel {
     mark("gemm x W^T (forward, LM head)");
     cuda::gemm(stream_, opt_.precision, true, M, N, K, A, lda, true, W.p, K, true, C, ldc, bias, 0.0f);
   }
+  // C[M, N] = A[M, K] . W with A already bf16 (bf16_operand(W) holds).
+  void gemm_nn_bf16(int64_t M, int64_t N, int64_t K, const bf16_t* A, int64_t lda, Mat W, float* C,
+                    int64_t ldc) {
+    mark("gemm dY W (input gradients)");
+    cuda::gemm(stream_, opt_.precision, false, M, N, K, A, lda, true, W.p, N, true, C, ldc, nullptr, 0.0f);
+  }
   // C[M, N] = A[M, K] . W where W is [K, N] (a weight [out = K, in = N]: the input gradient of a linear
   // layer).
   void gemm_nn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, Mat W, float* C, int64_t ldc,
@@ -916,9 +922,7 @@ class CudaModel final : public DeviceModel {
         cuda::gelu_backward_bf16(stream_, a16_.get(), st.fc_pre.get(), dact_.get(), N_l * I);
       else
         cuda::swiglu_backward_bf16(stream_, a16_.get(), st.fc_pre.get(), dact_.get(), N_l, I);
-      mark("gemm dY W (input gradients)");
-      cuda::gemm(stream_, opt_.precision, false, N_l, C, fc_w, a16_.get(), fc_w, true, fc.p, C, true,
-                 dln_.get(), C, nullptr, 0.0f);
+      gemm_nn_bf16(N_l, C, fc_w, a16_.get(), fc_w, fc, dln_.get(), C);
     } else {
       need(dfc_, N_l * fc_w);
       if (gpt2_)
@@ -1000,9 +1004,7 @@ class CudaModel final : public DeviceModel {
       cuda::softmax_xent(stream_, logits_.get(), ld, losses_.get() + r0, targets + r0, rc, V, grad_scale,
                          dxr != nullptr, g16 ? a16_.get() : nullptr);
       if (g16) {
-        mark("gemm dY W (input gradients)");
-        cuda::gemm(stream_, opt_.precision, false, rc, C, V, a16_.get(), ld, true, head().p, C, true,
-                   dxr + r0 * C, C, nullptr, 0.0f);
+        gemm_nn_bf16(rc, C, V, a16_.get(), ld, head(), dxr + r0 * C, C);
       } else if (dxr) {
         gemm_nn(rc, C, V, logits_.get(), ld, head(), dxr + r0 * C, C, 0.0f);
       }
