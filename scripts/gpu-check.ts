@@ -17,6 +17,7 @@ import { type ModelConfig, nativeConfig, parseConfig } from "../lib/config.js";
 import { VocabIndex } from "../lib/knn.js";
 import { addon, type CudaPrecision, type NativeModel } from "../lib/native.js";
 import { allCudaChecks, type CheckRow } from "../test/cuda-checks.js";
+import { withEnv } from "../test/helpers.js";
 
 const native = addon();
 const info = native.cudaInfo();
@@ -87,22 +88,6 @@ if (want("checks")) {
   );
 }
 
-// Runs fn with the environment variable `name` set to value (undefined: unset, the default choice); the addon
-// reads PRIORTUNE_CUDA_GEMM at every product and PRIORTUNE_CUDA_KNN at every search.
-async function withEnv<T>(name: string, value: string | undefined, fn: () => Promise<T>): Promise<T> {
-  const before = process.env[name];
-  if (value === undefined) delete process.env[name];
-  else process.env[name] = value;
-  try {
-    return await fn();
-  } finally {
-    if (before === undefined) delete process.env[name];
-    else process.env[name] = before;
-  }
-}
-const withGemmKernel = <T>(kernel: string | undefined, fn: () => Promise<T>) =>
-  withEnv("PRIORTUNE_CUDA_GEMM", kernel, fn);
-
 // ---- gemm ----
 // bf16 8192^3 TFLOP/s per engine: the peaks model FLOP utilisation is reported against (cuBLASLt's when the
 // machine has it, the stricter denominator).
@@ -135,7 +120,7 @@ if (want("gemm")) {
         if (engine === "priortune staged" && p !== "bf16") continue;
         let r: { ms: number; maxRelErr: number; engine: string };
         try {
-          r = await withGemmKernel(engine === "priortune staged" ? "staged" : undefined, () =>
+          r = await withEnv("PRIORTUNE_CUDA_GEMM", engine === "priortune staged" ? "staged" : undefined, () =>
             native.cudaGemmBench(p, M, N, K, tiny ? 2 : 10, engine === "cublaslt" ? "cublaslt" : "priortune"),
           );
         } catch (e) {
@@ -237,7 +222,7 @@ if (want("steps")) {
       { precision: "tf32", graphs: true },
     ];
     for (const { precision, graphs, kernel } of setups) {
-      await withGemmKernel(kernel, async () => {
+      await withEnv("PRIORTUNE_CUDA_GEMM", kernel, async () => {
         await model.attachCuda({ precision, graphs });
         const label = `${precision}${graphs ? "" : " eager"}${kernel ? ` (${kernel} GEMM)` : ""}`;
         for (const r of runs.filter((x) => x.config === cfg)) {

@@ -22,7 +22,16 @@ import { createPrior } from "../lib/priors.js";
 import { concatRows } from "../lib/stats.js";
 import { loadTask } from "../lib/tasks.js";
 import { type StepRecord, type TuneMode, type TuneOptions, type TuneResult, tune } from "../lib/train.js";
-import { compare, goldenAdamW, goldenBatch, modelDir, readGolden, toFloat32, toInt32 } from "./helpers.js";
+import {
+  compare,
+  goldenAdamW,
+  goldenBatch,
+  modelDir,
+  readGolden,
+  toFloat32,
+  toInt32,
+  withEnv,
+} from "./helpers.js";
 
 export interface CheckRow {
   group: string;
@@ -537,59 +546,44 @@ export async function errorChecks(): Promise<CheckRow[]> {
  */
 export async function gemmKernelChecks(): Promise<CheckRow[]> {
   const rows = new Rows("gemm kernels");
-  const before = process.env.PRIORTUNE_CUDA_GEMM;
-  const restore = () => {
-    if (before === undefined) delete process.env.PRIORTUNE_CUDA_GEMM;
-    else process.env.PRIORTUNE_CUDA_GEMM = before;
-  };
-  try {
-    for (const name of ["gpt2-tiny", "llama-tiny"] as const) {
-      const g = readGolden(name);
-      const batch = { ...goldenBatch(g), prompt: toFloat32(g.get("prompt")) };
-      // Eager launches: a replayed graph keeps the kernels it was captured with.
-      const model = await loadModel(modelDir(name), {
-        backend: "cuda",
-        precision: "bf16",
-        cudaGraphs: false,
-      });
+  for (const name of ["gpt2-tiny", "llama-tiny"] as const) {
+    const g = readGolden(name);
+    const batch = { ...goldenBatch(g), prompt: toFloat32(g.get("prompt")) };
+    // Eager launches: a replayed graph keeps the kernels it was captured with.
+    const model = await loadModel(modelDir(name), { backend: "cuda", precision: "bf16", cudaGraphs: false });
+    const step = (kernel: string | undefined) =>
+      withEnv("PRIORTUNE_CUDA_GEMM", kernel, () => model.lossAndGrad(batch));
+    try {
+      const pipe = await step(undefined);
+      const staged = await step("staged");
+      rows.add(`${name}: loss, pipelined vs staged`, Math.abs(pipe.loss - staged.loss) / staged.loss, 1e-6);
+      rows.add(
+        `${name}: d loss / d prompt, pipelined vs staged`,
+        rel(pipe.promptGrad!, staged.promptGrad!),
+        1e-5,
+        "same bf16 operands, same k-block order: equal up to fp32 rounding",
+      );
+      let message = "";
       try {
-        delete process.env.PRIORTUNE_CUDA_GEMM;
-        const pipe = await model.lossAndGrad(batch);
-        process.env.PRIORTUNE_CUDA_GEMM = "staged";
-        const staged = await model.lossAndGrad(batch);
-        rows.add(`${name}: loss, pipelined vs staged`, Math.abs(pipe.loss - staged.loss) / staged.loss, 1e-6);
-        rows.add(
-          `${name}: d loss / d prompt, pipelined vs staged`,
-          rel(pipe.promptGrad!, staged.promptGrad!),
-          1e-5,
-          "same bf16 operands, same k-block order: equal up to fp32 rounding",
-        );
-        process.env.PRIORTUNE_CUDA_GEMM = "bogus";
-        let message = "";
-        try {
-          await model.lossAndGrad(batch);
-        } catch (e) {
-          message = String((e as Error).message);
-        }
-        rows.add(
-          `${name}: a bad PRIORTUNE_CUDA_GEMM is a JS error naming it`,
-          /PRIORTUNE_CUDA_GEMM must be/.test(message) ? 0 : 1,
-          0,
-          message.slice(0, 120),
-        );
-        restore();
-        const again = await model.lossAndGrad(batch);
-        rows.add(
-          `${name}: the model works after that error`,
-          Math.abs(again.loss - pipe.loss) / pipe.loss,
-          1e-6,
-        );
-      } finally {
-        model.dispose();
+        await step("bogus");
+      } catch (e) {
+        message = String((e as Error).message);
       }
+      rows.add(
+        `${name}: a bad PRIORTUNE_CUDA_GEMM is a JS error naming it`,
+        /PRIORTUNE_CUDA_GEMM must be/.test(message) ? 0 : 1,
+        0,
+        message.slice(0, 120),
+      );
+      const again = await step(undefined);
+      rows.add(
+        `${name}: the model works after that error`,
+        Math.abs(again.loss - pipe.loss) / pipe.loss,
+        1e-6,
+      );
+    } finally {
+      model.dispose();
     }
-  } finally {
-    restore();
   }
   return rows.list;
 }

@@ -85,3 +85,19 @@ export function goldenAdamW(g: Golden): NativeAdamWOptions {
     maxGradNorm: a.max_grad_norm ?? 0,
   };
 }
+
+/**
+ * Runs fn with the environment variable `name` set to value (undefined: unset), then restores it. The addon
+ * reads PRIORTUNE_CUDA_GEMM at every product and PRIORTUNE_CUDA_KNN at every search.
+ */
+export async function withEnv<T>(name: string, value: string | undefined, fn: () => Promise<T>): Promise<T> {
+  const before = process.env[name];
+  if (value === undefined) delete process.env[name];
+  else process.env[name] = value;
+  try {
+    return await fn();
+  } finally {
+    if (before === undefined) delete process.env[name];
+    else process.env[name] = before;
+  }
+}

@@ -4,6 +4,7 @@ import { describe, expect, it } from "vitest";
 import { type KnnMetric, MAX_K, type NeighborResult, nearestNeighbors, VocabIndex } from "../lib/knn.js";
 import { addon } from "../lib/native.js";
 import { seededRandom } from "../lib/stats.js";
+import { withEnv } from "./helpers.js";
 
 // ---- the float64 reference -------------------------------------------------------------------------------
 
@@ -398,27 +399,22 @@ describe.skipIf(!cuda.usable)(`VocabIndex (CUDA) equals the CPU index${cudaSuffi
     const dim = 300;
     const vocab = gaussian(2000 * dim, 40);
     const queries = gaussian(50 * dim, 41);
-    process.env.PRIORTUNE_CUDA_KNN = "matrix";
-    try {
+    await withEnv("PRIORTUNE_CUDA_KNN", "matrix", async () => {
       for (const metric of METRICS) {
         const { cpu, gpu } = await both(vocab, queries, dim, 10, metric);
         expect(Array.from(gpu.indices)).toEqual(Array.from(cpu.indices));
       }
-    } finally {
-      delete process.env.PRIORTUNE_CUDA_KNN;
-    }
+    });
   });
 
   it("a bad PRIORTUNE_CUDA_KNN is an error naming it", async () => {
     const dim = 16;
     const index = await VocabIndex.create(gaussian(300 * dim, 42), { dim, backend: "cuda" });
-    process.env.PRIORTUNE_CUDA_KNN = "bogus";
     try {
-      await expect(index.search(gaussian(2 * dim, 43), { k: 3 })).rejects.toThrow(
-        /PRIORTUNE_CUDA_KNN must be/,
+      await withEnv("PRIORTUNE_CUDA_KNN", "bogus", () =>
+        expect(index.search(gaussian(2 * dim, 43), { k: 3 })).rejects.toThrow(/PRIORTUNE_CUDA_KNN must be/),
       );
     } finally {
-      delete process.env.PRIORTUNE_CUDA_KNN;
       index.dispose();
     }
   });
