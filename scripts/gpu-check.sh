@@ -88,7 +88,8 @@ if [ "${PEERS:-1}" != "0" ]; then
   done
 fi
 # PROFILE=1: Nsight Compute on the two kernels that dominate (the kNN screening and the pipelined BF16 GEMM),
-# one launch each: speed of light, occupancy, launch statistics, warp stalls, memory; into ncu.txt.
+# one launch each: speed of light, occupancy, launch statistics, warp stalls, memory; into ncu-knn.log and
+# ncu-gemm.log.
 if [ "${PROFILE:-0}" = "1" ]; then
   ncu="$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1 || true)"
   if [ -z "$ncu" ]; then
