@@ -105,6 +105,8 @@ if (want("gemm")) {
         ["GPT-2 qkv, 32 x 512 rows", 16384, 2304, 768],
         ["Llama-1B fc, 8 x 512 rows", 4096, 16384, 2048],
         ["LM head 128256, 512 rows", 512, 128256, 2048],
+        // Few rows (32-row tiles): the kNN matrix path's screening of 20 queries, a prompt's P = 20 rows.
+        ["20 rows x 128256 x 2048", 20, 128256, 2048],
       ];
   // Error against our fp32 GEMM on the same operands: bf16 operands are exact, so only the summation order
   // differs; tf32 rounds the operands (2^-11 relative).
@@ -335,9 +337,9 @@ if (want("knn")) {
         { name: "16 x 8192 x 8192 (d = 8192)", Q: 16, V: 8192, d: 8192, goalMs: Number.NaN },
       ];
   const rows: string[] = [];
-  // Both screening paths of the CUDA index (PRIORTUNE_CUDA_KNN): fused (the default: the TF32 screening
-  // kernel) and matrix (bf16 GEMM + slab selection), each against the CPU index.
-  const paths = quick ? ["fused"] : ["fused", "matrix"];
+  // The screening paths of the CUDA index (PRIORTUNE_CUDA_KNN): fused (the TF32 screening kernel), matrix
+  // (bf16 GEMM + slab selection) and auto (the default, which picks one of them), each against the CPU index.
+  const paths = quick ? ["fused"] : ["auto", "fused", "matrix"];
   for (const w of quick ? workloads.slice(0, 1) : workloads) {
     const vocab = random(w.V * w.d, 1 + w.V);
     const queries = random(w.Q * w.d, 2 + w.Q);

@@ -299,8 +299,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 // ---- Pipelined BF16 kernel (A and B both bf16 in global memory) ---------------------------------------
-// gemm_pipe_kernel<NT, BN>: a 256-thread block computes a 128 x BN tile of C (BN 128 or 256); its 8 warps
-// sit 2 x 4, each owning 64 x BN/4 outputs (4 x BN/64 fragments, m16n16k16, fp32 accumulators). Operand
+// gemm_pipe_kernel<NT, BM, BN>: a 256-thread block computes a BM x BN tile of C (BM 128, or 64 and 32 for
+// products of few rows such as P = 20 prompt rows or a handful of kNN queries, where 128-row tiles would be
+// mostly padding; BN 128 or 256); its 8 warps sit 2 x 4, each owning BM/2 x BN/4 outputs (BM/32 x BN/64
+// fragments, m16n16k16, fp32 accumulators). Operand
 // tiles travel global -> shared memory with cp.async (16 bytes a copy, no registers, no conversion: both
 // operands are already bf16) through kPStages stages of BK = 32: while step kt is multiplied, the copies
 // of steps kt + 1 .. kt + kPStages - 1 are in flight, so the memory latency hides behind the pipeline
@@ -310,16 +312,24 @@ __global__ void __launch_bounds__(kThreads, 1)
 // are multiples of 8 (pipe_ok). Stage rows are padded by 16 bytes as in the staged kernel, so fragment
 // loads are free of bank conflicts. The epilogue is the staged kernel's (store_acc), through a scratch that
 // aliases the finished stages. A 1-D grid walks the tiles in groups of kGroupM M tiles (see the kernel).
-constexpr int kPBM = 128, kPBK = 32, kPStages = 4, kPPad = 8;
+constexpr int kPBK = 32, kPStages = 4, kPPad = 8;
 constexpr int64_t kGroupM = 8;  // M tiles per group of the tile order
 
-template <bool NT, int BN>
+// Shared memory of the pipelined kernel's stages (bytes).
+constexpr size_t pipe_smem(bool nt, int bm, int bn) {
+  return size_t{kPStages} *
+         (size_t(bm) * (kPBK + kPPad) + (nt ? size_t(bn) * (kPBK + kPPad) : size_t(kPBK) * (bn + kPPad))) *
+         sizeof(__nv_bfloat16);
+}
+
+template <bool NT, int BM, int BN>
 struct PipeShape {
-  static constexpr int kWN = BN / 4;                           // warp tile 64 x kWN
-  static constexpr int kLdA = kPBK + kPPad;                    // A stage: [kPBM][kLdA]
+  static constexpr int kWM = BM / 2, kWN = BN / 4;             // warp tile kWM x kWN
+  static constexpr int kLdA = kPBK + kPPad;                    // A stage: [BM][kLdA]
   static constexpr int kLdB = NT ? kPBK + kPPad : BN + kPPad;  // B stage: NT [BN][kLdB], NN [kPBK][kLdB]
-  static constexpr int kStageA = kPBM * kLdA, kStageB = (NT ? BN : kPBK) * kLdB;  // elements
-  static constexpr size_t kSmem = size_t{kPStages} * (kStageA + kStageB) * sizeof(__nv_bfloat16);
+  static constexpr int kStageA = BM * kLdA, kStageB = (NT ? BN : kPBK) * kLdB;  // elements
+  static constexpr size_t kSmem = pipe_smem(NT, BM, BN);
+  static_assert(kSmem == size_t{kPStages} * (kStageA + kStageB) * sizeof(__nv_bfloat16), "stage sizes");
   static_assert((kStageA * 2) % 128 == 0 && (kStageB * 2) % 128 == 0, "stage alignment");
   static_assert(kSmem >= (kThreads / 32) * 16 * kLdScr * sizeof(float), "epilogue scratch fits the stages");
 };
@@ -332,10 +342,12 @@ template <int R, int CC>
 __device__ __forceinline__ void cp_tile(__nv_bfloat16* s, int lds, const uint16_t* __restrict__ g, int64_t ld,
                                         int r0, int rows, int c0, int cols) {
   constexpr int kPerRow = CC / 8, kChunks = R * kPerRow;
-  static_assert(CC % 8 == 0 && kChunks % kThreads == 0, "tile must split evenly into 16-byte chunks");
+  static_assert(CC % 8 == 0 && (kChunks % kThreads == 0 || kChunks < kThreads),
+                "tile must split evenly into 16-byte chunks");
 #pragma unroll
-  for (int i = 0; i < kChunks / kThreads; ++i) {
+  for (int i = 0; i < (kChunks + kThreads - 1) / kThreads; ++i) {
     const int e = static_cast<int>(threadIdx.x) + i * kThreads, r = e / kPerRow, c = e % kPerRow * 8;
+    if (kChunks < kThreads && e >= kChunks) break;  // a 32-row A tile: half the threads copy it
     const int gr = r0 + r, gc = c0 + c;
     const int valid = gr < rows ? min(cols - gc, 8) : 0;
     void* dst = s + r * lds + c;
@@ -348,24 +360,29 @@ __device__ __forceinline__ void cp_tile(__nv_bfloat16* s, int lds, const uint16_
   }
 }
 
-// BN = 256: about 235 registers a thread, one block per SM; BN = 128: capped at 128 registers so that two
-// blocks (16 warps) share an SM (ptxas, sm_90a: no spills for NT, about 20 bytes each way for NN).
-template <bool NT, int BN>
-__global__ void __launch_bounds__(kThreads, BN == 128 ? 2 : 1)
+// BM x BN = 128 x 256: about 235 registers a thread, one block per SM; 128 x 128: capped at 128 registers so
+// that two blocks (16 warps) share an SM (ptxas, sm_90a: no spills for NT, about 20 bytes each way for NN);
+// the 64- and 32-row tiles hold half or a quarter of the accumulators and run two blocks an SM too.
+constexpr int pipe_blocks_per_sm(int bm, int bn) {
+  return bm == 128 && bn == 256 ? 1 : 2;
+}
+
+template <bool NT, int BM, int BN>
+__global__ void __launch_bounds__(kThreads, pipe_blocks_per_sm(BM, BN))
     gemm_pipe_kernel(const uint16_t* __restrict__ A, int64_t lda, const uint16_t* __restrict__ B, int64_t ldb,
                      float* C, int64_t ldc, const float* __restrict__ bias, int M, int N, int K,
                      bool beta_one) {
-  using S = PipeShape<NT, BN>;
+  using S = PipeShape<NT, BM, BN>;
   using Cfg = Tc<__nv_bfloat16>;
   using Layout = typename std::conditional<NT, wmma::col_major, wmma::row_major>::type;
-  constexpr int kFM = 64 / 16, kFN = S::kWN / 16;
+  constexpr int kFM = S::kWM / 16, kFN = S::kWN / 16;
   extern __shared__ __align__(128) unsigned char smem[];
   __nv_bfloat16* As = reinterpret_cast<__nv_bfloat16*>(smem);  // [kPStages][kStageA]
   __nv_bfloat16* Bs = As + kPStages * S::kStageA;              // [kPStages][kStageB]
 
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const int wm = warp / 4, wn = warp % 4;
-  const int64_t tiles_m = (M + kPBM - 1) / kPBM, tiles_n = (N + BN - 1) / BN;
+  const int64_t tiles_m = (M + BM - 1) / BM, tiles_n = (N + BN - 1) / BN;
   const int kt_count = (K + kPBK - 1) / kPBK;
 
   // Tiles in grouped order: kGroupM consecutive M tiles walk the N tiles together (M fastest), so the
@@ -374,7 +391,7 @@ __global__ void __launch_bounds__(kThreads, BN == 128 ? 2 : 1)
   for (int64_t t = blockIdx.x; t < tiles_m * tiles_n; t += gridDim.x) {
     const int64_t per_group = kGroupM * tiles_n, first_m = t / per_group * kGroupM;
     const int64_t in_group = t % per_group, group_m = min(tiles_m - first_m, int64_t{kGroupM});
-    const int m0 = static_cast<int>((first_m + in_group % group_m) * kPBM);
+    const int m0 = static_cast<int>((first_m + in_group % group_m) * BM);
     const int n0 = static_cast<int>(in_group / group_m * BN);
     // Step kt's copies into stage kt % kPStages, as one commit group; past the last step the group is empty,
     // so that every wait below leaves the same number of groups in flight.
@@ -382,7 +399,7 @@ __global__ void __launch_bounds__(kThreads, BN == 128 ? 2 : 1)
     auto load = [&](int kt) {
       if (kt < kt_count) {
         const int st = kt % kPStages, k0 = kt * kPBK;
-        cp_tile<kPBM, kPBK>(As + st * S::kStageA, S::kLdA, A, lda, m0, M, k0, K);
+        cp_tile<BM, kPBK>(As + st * S::kStageA, S::kLdA, A, lda, m0, M, k0, K);
         cp_tile<NT ? BN : kPBK, NT ? kPBK : BN>(Bs + st * S::kStageB, S::kLdB, B, ldb, NT ? n0 : k0,
                                                 NT ? N : K, NT ? k0 : n0, NT ? K : N);
       }
@@ -402,7 +419,7 @@ __global__ void __launch_bounds__(kThreads, BN == 128 ? 2 : 1)
       __syncthreads();                      // ... everyone's have, and step kt - 1's stage is free
       load(kt + kPStages - 1);
       const int st = kt % kPStages;
-      const __nv_bfloat16* as = As + st * S::kStageA + (wm * 64) * S::kLdA;
+      const __nv_bfloat16* as = As + st * S::kStageA + (wm * S::kWM) * S::kLdA;
       const __nv_bfloat16* bs = Bs + st * S::kStageB + (NT ? (wn * S::kWN) * S::kLdB : wn * S::kWN);
 #pragma unroll
       for (int kk = 0; kk < kPBK; kk += 16) {
@@ -420,8 +437,8 @@ __global__ void __launch_bounds__(kThreads, BN == 128 ? 2 : 1)
     }
     __pipeline_wait_prior(0);  // only empty groups are left; nothing lands in the scratch below
     __syncthreads();           // every warp is done with the stages the scratch aliases
-    store_acc(acc, reinterpret_cast<float*>(smem) + warp * 16 * kLdScr, lane, m0 + wm * 64, n0 + wn * S::kWN,
-              C, ldc, bias, M, N, beta_one);
+    store_acc(acc, reinterpret_cast<float*>(smem) + warp * 16 * kLdScr, lane, m0 + wm * S::kWM,
+              n0 + wn * S::kWN, C, ldc, bias, M, N, beta_one);
     __syncthreads();  // the scratch aliases the next M tile's first stages
   }
 }
@@ -537,24 +554,55 @@ void launch_tc(Stream stream, bool nt, int M, int N, int K, const GA* A, int64_t
         <<<grid, kThreads, 0, stream>>>(A, lda, B, ldb, C, ldc, bias, M, N, K, beta_one, a_vec, b_vec);
 }
 
-template <bool NT, int BN>
-void launch_pipe(Stream stream, int M, int N, int K, const uint16_t* A, int64_t lda, const uint16_t* B,
-                 int64_t ldb, float* C, int64_t ldc, const float* bias, bool beta_one) {
-  using S = PipeShape<NT, BN>;
+// The pipelined kernel's arguments, passed down its dispatch on (NT, BM, BN).
+struct PipeArgs {
+  Stream stream;
+  int M, N, K;
+  const uint16_t* A;
+  int64_t lda;
+  const uint16_t* B;
+  int64_t ldb;
+  float* C;
+  int64_t ldc;
+  const float* bias;
+  bool beta_one;
+};
+
+template <bool NT, int BM, int BN>
+void launch_pipe(const PipeArgs& a) {
+  using S = PipeShape<NT, BM, BN>;
   // Above 48 KB of dynamic shared memory needs the opt-in, once per kernel (device 0).
   static const cudaError_t opt_in = cudaFuncSetAttribute(
-      gemm_pipe_kernel<NT, BN>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(S::kSmem));
+      gemm_pipe_kernel<NT, BM, BN>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(S::kSmem));
   check(opt_in, "cudaFuncSetAttribute(gemm_pipe_kernel)");
-  const int64_t tiles = ceil_div(M, kPBM) * ceil_div(N, BN);
+  const int64_t tiles = ceil_div(a.M, BM) * ceil_div(a.N, BN);
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>(tiles, int64_t{1} << 30));
-  gemm_pipe_kernel<NT, BN>
-      <<<grid, kThreads, S::kSmem, stream>>>(A, lda, B, ldb, C, ldc, bias, M, N, K, beta_one);
+  gemm_pipe_kernel<NT, BM, BN><<<grid, kThreads, S::kSmem, a.stream>>>(a.A, a.lda, a.B, a.ldb, a.C, a.ldc,
+                                                                       a.bias, a.M, a.N, a.K, a.beta_one);
+}
+
+template <bool NT, int BM>
+void launch_pipe_width(int bn, const PipeArgs& a) {
+  if (bn == 256)
+    launch_pipe<NT, BM, 256>(a);
+  else
+    launch_pipe<NT, BM, 128>(a);
+}
+
+template <bool NT>
+void launch_pipe_rows(int bm, int bn, const PipeArgs& a) {
+  if (bm == 32)
+    launch_pipe_width<NT, 32>(bn, a);
+  else if (bm == 64)
+    launch_pipe_width<NT, 64>(bn, a);
+  else
+    launch_pipe_width<NT, 128>(bn, a);
 }
 
 // Which tensor-core kernel runs a BF16 product. Auto: the pipelined kernel whenever the operands allow it,
-// else the staged kernel. Its tile width is the one with the smaller wave-quantisation cost: waves of
-// blocks over the SMs (two 128-wide blocks share an SM, one 256-wide) times the work of a wave (256 columns
-// either way); ties go to 256.
+// else the staged kernel. Its tile height is the smallest of 32, 64, 128 that holds M, up to 128 (pick_rows);
+// its width the one with the smaller wave-quantisation cost: waves of blocks over the SMs (blocks an SM:
+// pipe_blocks_per_sm) times the columns a wave covers an SM; ties go to 256.
 enum class TcKernel { Auto, Staged, Pipe128, Pipe256 };
 
 struct DeviceInfo {
@@ -590,22 +638,26 @@ TcKernel env_kernel() {
 
 // Whether the pipelined kernel of width bn can take this product (bf16 operands, 16-byte aligned bases and
 // rows, an sm_80+ device with the shared memory for its stages).
-bool pipe_ok(int bn, bool nt, const void* A, int64_t lda, bool a_bf16, const void* B, int64_t ldb,
+bool pipe_ok(int bm, int bn, bool nt, const void* A, int64_t lda, bool a_bf16, const void* B, int64_t ldb,
              bool b_bf16) {
   if (!a_bf16 || !b_bf16 || !aligned16(A) || !aligned16(B) || lda % 8 != 0 || ldb % 8 != 0) return false;
   const DeviceInfo& d = device_info();
-  const size_t need = bn == 256 ? (nt ? PipeShape<true, 256>::kSmem : PipeShape<false, 256>::kSmem)
-                                : (nt ? PipeShape<true, 128>::kSmem : PipeShape<false, 128>::kSmem);
-  return d.major >= 8 && d.smem_optin >= need;
+  return d.major >= 8 && d.smem_optin >= pipe_smem(nt, bm, bn);
+}
+
+int pick_rows(int64_t M) {
+  return M <= 32 ? 32 : M <= 64 ? 64 : 128;
 }
 
 int pick_width(TcKernel kernel, int64_t M, int64_t N) {
   if (kernel == TcKernel::Pipe128) return 128;
   if (kernel == TcKernel::Pipe256) return 256;
-  const int64_t tiles_m = ceil_div(M, kPBM), sms = device_info().sms;
-  const int64_t waves_256 = ceil_div(tiles_m * ceil_div(N, 256), sms);
-  const int64_t waves_128 = ceil_div(tiles_m * ceil_div(N, 128), 2 * sms);
-  return waves_256 <= waves_128 ? 256 : 128;
+  const int bm = pick_rows(M);
+  const int64_t tiles_m = ceil_div(M, bm), sms = device_info().sms;
+  const int64_t per_sm_128 = pipe_blocks_per_sm(bm, 128), per_sm_256 = pipe_blocks_per_sm(bm, 256);
+  const int64_t cost_256 = ceil_div(tiles_m * ceil_div(N, 256), per_sm_256 * sms) * 256 * per_sm_256;
+  const int64_t cost_128 = ceil_div(tiles_m * ceil_div(N, 128), per_sm_128 * sms) * 128 * per_sm_128;
+  return cost_256 <= cost_128 ? 256 : 128;
 }
 
 void gemm_with(TcKernel kernel, Stream stream, GemmPrecision precision, bool b_transposed, int64_t M,
@@ -635,17 +687,14 @@ void gemm_with(TcKernel kernel, Stream stream, GemmPrecision precision, bool b_t
   const float* af = static_cast<const float*>(A);
   const uint16_t* ah = static_cast<const uint16_t*>(A);
   if (precision == GemmPrecision::BF16) {
-    const int bn = kernel == TcKernel::Staged ? 0 : pick_width(kernel, M, N);
-    if (bn && pipe_ok(bn, b_transposed, A, lda, a_bf16, B, ldb, b_bf16)) {
-      const uint16_t* bh = static_cast<const uint16_t*>(B);
-      if (b_transposed && bn == 256)
-        launch_pipe<true, 256>(stream, m, n, k, ah, lda, bh, ldb, C, ldc, bias, beta_one);
-      else if (b_transposed)
-        launch_pipe<true, 128>(stream, m, n, k, ah, lda, bh, ldb, C, ldc, bias, beta_one);
-      else if (bn == 256)
-        launch_pipe<false, 256>(stream, m, n, k, ah, lda, bh, ldb, C, ldc, bias, beta_one);
+    const int bm = pick_rows(M), bn = kernel == TcKernel::Staged ? 0 : pick_width(kernel, M, N);
+    if (bn && pipe_ok(bm, bn, b_transposed, A, lda, a_bf16, B, ldb, b_bf16)) {
+      const PipeArgs args{stream, m, n,   k,    ah,      lda, static_cast<const uint16_t*>(B),
+                          ldb,    C, ldc, bias, beta_one};
+      if (b_transposed)
+        launch_pipe_rows<true>(bm, bn, args);
       else
-        launch_pipe<false, 128>(stream, m, n, k, ah, lda, bh, ldb, C, ldc, bias, beta_one);
+        launch_pipe_rows<false>(bm, bn, args);
     } else if (a_bf16 && b_bf16) {
       launch_tc<__nv_bfloat16, uint16_t, uint16_t>(stream, b_transposed, m, n, k, ah, lda,
                                                    static_cast<const uint16_t*>(B), ldb, C, ldc, bias,
@@ -738,6 +787,8 @@ std::vector<OpCheck> selftest_gemm() {
       {128, 768, 768, 0, 1, 0, false, true}, {65, 203, 100, 1, 8, 0, false, true},
       {33, 130, 70, 3, 1, 1, true, true},    {300, 64, 2304, 0, 1, 0, false, false},
       {257, 520, 136, 0, 8, 0, true, true},  {1100, 300, 40, 0, 8, 0, false, true},
+      {20, 1000, 264, 0, 8, 0, false, true}, {50, 300, 72, 0, 8, 8, true, true},
+      {3, 130, 40, 0, 8, 0, false, false},
   };
   uint32_t seed = 1000;
   for (const GemmCase& cs : cases) {
@@ -836,7 +887,8 @@ std::vector<OpCheck> selftest_gemm() {
           tol_bf16, note_bf16 + "; A and B uploaded as bf16"));
       for (const TcKernel pipe : {TcKernel::Pipe128, TcKernel::Pipe256}) {
         const int bn = pipe == TcKernel::Pipe128 ? 128 : 256;
-        if (!pipe_ok(bn, nt, d_abits.get() + off, lda, true, d_bits.get() + off, ldb, true)) continue;
+        if (!pipe_ok(pick_rows(M), bn, nt, d_abits.get() + off, lda, true, d_bits.get() + off, ldb, true))
+          continue;
         out.push_back(
             make_check("gemm bf16 (bf16 A, pipelined " + std::to_string(bn) + ")", shape,
                        region_error(run(GemmPrecision::BF16, true, true, pipe), ref_b, M, N, ldc, off),

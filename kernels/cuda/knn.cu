@@ -9,8 +9,8 @@
 // screening copy made on the device by knn_prep_kernel), per-(query, slab) candidate lists, the matrix path's
 // score block, the outputs.
 //
-// Two screening paths (PRIORTUNE_CUDA_KNN = fused | matrix; default fused, the one measured on a GPU so far;
-// matrix only where its candidate lists fit one finalize block):
+// Two screening paths (PRIORTUNE_CUDA_KNN = auto | fused | matrix; matrix only where its candidate lists fit
+// one finalize block; auto takes matrix where the query block's GEMM fills the device, see fills_device):
 // - matrix: the scores of a block of queries against up to kScoreBudget bytes of vocabulary columns come
 //   from the BF16 GEMM (priortune/cuda_ops.h: bf16 operands, fp32 accumulation, cp.async-pipelined; l2's
 //   -|row|^2 / 2 as its bias) into scores_, and knn_select_kernel keeps the c best of each query's 16384-
@@ -28,12 +28,16 @@
 // knn_finalize_kernel: one block per query merges the slabs' lists (a block radix select when they hold
 // more than c), re-scores the survivors in float64 (a warp per candidate), sorts them by (value, index)
 // with a bitonic sort and certifies the k-th: s_k > B + err, with
-//   err = 1.25 (u + (d + 16) 2^-22) x (1 for cosine, |q| vmax for dot, |q| vmax + vmax^2 for l2)
+//   err = E x (1 for cosine, |q| vmax for dot and l2) + A vmax^2 for l2 only,
+//   A = 1.25 (d + 16) 2^-22, E = 1.25 u + A
 // where u bounds the relative error of one product of rounded operands: TF32 keeps 11 significant bits
 // (2^-11 per operand, u = 2^-10), bf16 8 (2^-8 per operand, u = 2^-7 + 2^-16, the 2^-16 inside the factor
 // 1.25); the tensor cores' fp32 accumulation is taken as truncating, 2^-23 per addition, with a factor 2
-// to spare. Uncertified queries are searched again with 4c candidates; when c no longer fits they go to
-// the float64 brute force on the host copy (knn_exact_scan).
+// to spare (A). l2's shift -|row|^2 / 2 is rounded to fp32 and added in fp32 (2^-25 vmax^2 and 2^-23 of the
+// sum), never through rounded operands, so its vmax^2 term carries A, not u: the CPU's single fp32 error
+// covers both terms there, while here a bf16 u on vmax^2 would double the bound on rows of similar norms and
+// send half the l2 queries back for a second pass. Uncertified queries are searched again with 4c candidates;
+// when c no longer fits they go to the float64 brute force on the host copy (knn_exact_scan).
 #include <cuda_runtime.h>
 #include <mma.h>
 
@@ -64,6 +68,7 @@ constexpr int kLdS = kBV + 4;
 constexpr int kMaxMerged = 8192;  // candidates one finalize block can merge (slabs x c)
 constexpr int kMetricCosine = 0, kMetricL2 = 1, kMetricDot = 2;
 constexpr int64_t kScoreBudget = int64_t{512} << 20;  // bytes of the matrix path's score block
+constexpr int64_t kQueryChunk = 4096;                 // queries screened per pass
 // Relative error bound of one screening product of rounded operands (see the header comment).
 const double kUnitErrTf32 = std::ldexp(1.0, -10), kUnitErrBf16 = std::ldexp(1.0, -7);
 
@@ -577,9 +582,11 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   if (tid == 0) {
-    const double E = 1.25 * (unit_err + (d + 16) * ldexp(1.0, -22));
-    double err =
-        metric == kMetricCosine ? E : (metric == kMetricDot ? E * qn * vmax : E * (qn * vmax + vmax * vmax));
+    // The rounding of the operands touches the product alone; l2's shift and its addition are fp32.
+    const double acc = 1.25 * (d + 16) * ldexp(1.0, -22), E = 1.25 * unit_err + acc;
+    double err = metric == kMetricCosine ? E
+                 : metric == kMetricDot  ? E * qn * vmax
+                                         : E * qn * vmax + acc * vmax * vmax;
     err += d * ldexp(1.0, -120) * (1.0 + qn + vmax);  // tensor cores may flush subnormal operands
     double s_k = INFINITY;
     for (int t = 0; t < k; ++t) s_k = fmin(s_k, ss[t]);
@@ -714,7 +721,9 @@ class CudaIndex final : public KnnIndex {
     while (!pending.empty()) {
       if (!first) res.recovered_queries += static_cast<int64_t>(pending.size());
       const int ci = static_cast<int>(std::min<int64_t>(c, INT_MAX / 2));
-      const bool matrix = want == Path::Matrix && matrix_fits(ci);
+      const bool matrix =
+          (want == Path::Matrix || (want == Path::Auto && fills_device(int64_t(pending.size())))) &&
+          matrix_fits(ci);
       const ScreenShape shape = matrix ? ScreenShape{} : pick_screen(ci);
       if (c >= available || (!matrix && shape.bq == 0) ||
           finalize_smem_bytes(ci, next_pow2(ci)) > smem_optin_) {
@@ -722,9 +731,8 @@ class CudaIndex final : public KnnIndex {
         break;
       }
       std::vector<int64_t> failed;
-      const int64_t chunk = 4096;
-      for (size_t b = 0; b < pending.size(); b += chunk) {
-        const size_t e = std::min(pending.size(), b + size_t(chunk));
+      for (size_t b = 0; b < pending.size(); b += kQueryChunk) {
+        const size_t e = std::min(pending.size(), b + size_t(kQueryChunk));
         std::vector<int64_t> part(pending.begin() + b, pending.begin() + e);
         run(part, queries, q_norms, k, ci, matrix, shape, exclude, &res, &failed);
       }
@@ -742,7 +750,7 @@ class CudaIndex final : public KnnIndex {
   struct ScreenShape {
     int bq = 0, cap = 0;
   };
-  // PRIORTUNE_CUDA_KNN = auto (default: fused) | fused | matrix, read at every search.
+  // PRIORTUNE_CUDA_KNN = auto (default) | fused | matrix, read at every search.
   enum class Path { Auto, Matrix, Fused };
   static Path env_path() {
     const char* raw = std::getenv("PRIORTUNE_CUDA_KNN");
@@ -751,6 +759,15 @@ class CudaIndex final : public KnnIndex {
     if (v == "matrix") return Path::Matrix;
     if (v == "fused") return Path::Fused;
     throw std::invalid_argument("PRIORTUNE_CUDA_KNN must be auto, matrix or fused, got \"" + v + "\"");
+  }
+  // Auto's choice: the matrix path when the GEMM of n queries (one chunk at most) against the vocabulary has
+  // at least two 128 x 128 tiles per SM. Measured on an H100 (scripts/gpu-check.sh): there it screened 2.5 to
+  // 3 times faster than the fused kernel (160 or 4096 x 50257 x 768, 160 x 262144 x 256, the 50257-row
+  // self-search) and tied at 20 x 128256 x 2048; with few tiles (16 x 8192 x 8192: 64) the GEMM leaves SMs
+  // idle and the fused kernel, which splits the vocabulary into slabs, was 3 times faster.
+  bool fills_device(int64_t n) const {
+    const int64_t q = std::min<int64_t>(n, kQueryChunk);
+    return ((q + 127) / 128) * ((V_ + 127) / 128) >= 2 * int64_t(sms_);
   }
   // The matrix path keeps c candidates per 16384-column slab: its merge must fit one finalize block.
   bool matrix_fits(int c) const {
