@@ -30,6 +30,24 @@ inline void check_launch(const char* op) {
   check(cudaGetLastError(), op);
 }
 
+// Device 0's properties that kernel choices depend on, read once.
+struct DeviceInfo {
+  int sms = 1, major = 0;
+  size_t smem_optin = 48 * 1024;
+};
+inline const DeviceInfo& device_info() {
+  static const DeviceInfo info = [] {
+    cudaDeviceProp p{};
+    check(cudaGetDeviceProperties(&p, 0), "cudaGetDeviceProperties");
+    DeviceInfo d;
+    d.sms = p.multiProcessorCount > 1 ? p.multiProcessorCount : 1;
+    d.major = p.major;
+    d.smem_optin = p.sharedMemPerBlockOptin;
+    return d;
+  }();
+  return info;
+}
+
 // Two floats rounded to bf16 (nearest even) and packed, the first in the low half (memory order).
 __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
   return static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(lo))) |
@@ -69,16 +87,18 @@ class DeviceBuffer {
     }
     return *this;
   }
-  // Reallocates (contents lost) when n exceeds the capacity; never shrinks.
-  void resize(size_t n) {
+  // Reallocates (contents lost) when n exceeds the capacity; never shrinks. `what` names the buffer in the
+  // out-of-memory message.
+  void resize(size_t n, const char* what = nullptr) {
     if (n <= n_) return;
     release();
     void* p = nullptr;
     cudaError_t e = cudaMalloc(&p, n * sizeof(T));
     if (e != cudaSuccess) {
       cudaGetLastError();
-      throw OutOfMemory("CUDA out of memory: cannot allocate " + std::to_string(n * sizeof(T)) + " bytes (" +
-                        cudaGetErrorString(e) + ")");
+      throw OutOfMemory("CUDA out of memory: cannot allocate " + std::to_string(n * sizeof(T)) + " bytes" +
+                        (what ? std::string(" for ") + what : std::string()) + " (" + cudaGetErrorString(e) +
+                        ")");
     }
     p_ = static_cast<T*>(p);
     n_ = n;

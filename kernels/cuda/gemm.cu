@@ -605,23 +605,6 @@ void launch_pipe_rows(int bm, int bn, const PipeArgs& a) {
 // pipe_blocks_per_sm) times the columns a wave covers an SM; ties go to 256.
 enum class TcKernel { Auto, Staged, Pipe128, Pipe256 };
 
-struct DeviceInfo {
-  int sms = 1, major = 0;
-  size_t smem_optin = 0;
-};
-const DeviceInfo& device_info() {
-  static const DeviceInfo info = [] {
-    cudaDeviceProp p{};
-    check(cudaGetDeviceProperties(&p, 0), "cudaGetDeviceProperties");
-    DeviceInfo d;
-    d.sms = std::max(1, p.multiProcessorCount);
-    d.major = p.major;
-    d.smem_optin = p.sharedMemPerBlockOptin;
-    return d;
-  }();
-  return info;
-}
-
 // PRIORTUNE_CUDA_GEMM = auto (default) | staged | pipe128 | pipe256: a fixed choice for comparing the
 // kernels on one machine (the pipelined ones still only where the operands allow them). Read at every call
 // (a captured graph keeps the kernels it was captured with), so one process can compare them.

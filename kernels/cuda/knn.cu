@@ -52,6 +52,7 @@
 #include <string>
 #include <vector>
 
+#include "common.cuh"
 #include "priortune/cuda_ops.h"
 #include "priortune/knn.h"
 
@@ -73,11 +74,7 @@ constexpr int64_t kQueryChunk = 4096;                 // queries screened per pa
 const double kUnitErrTf32 = std::ldexp(1.0, -10), kUnitErrBf16 = std::ldexp(1.0, -7);
 
 void cuda_check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    cudaGetLastError();
-    throw std::runtime_error(std::string("CUDA kNN: ") + what + " failed: " + cudaGetErrorName(e) + " (" +
-                             cudaGetErrorString(e) + ")");
-  }
+  if (e != cudaSuccess) cuda::check(e, (std::string("kNN: ") + what).c_str());
 }
 
 __device__ __forceinline__ uint32_t order_key(float f) {
@@ -600,24 +597,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <class T>
-struct DeviceBuffer {
-  T* ptr = nullptr;
-  size_t n = 0;
-  DeviceBuffer() = default;
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  ~DeviceBuffer() {
-    if (ptr) cudaFree(ptr);
-  }
-  void ensure(size_t count, const char* what) {
-    if (count <= n && ptr) return;
-    if (ptr) cudaFree(ptr);
-    ptr = nullptr;
-    n = 0;
-    cuda_check(cudaMalloc(&ptr, std::max<size_t>(count, 1) * sizeof(T)), what);
-    n = count;
-  }
-};
+using DeviceBuffer = cuda::DeviceBuffer<T>;
 
 int metric_code(KnnMetric m) {
   return m == KnnMetric::Cosine ? kMetricCosine : (m == KnnMetric::L2 ? kMetricL2 : kMetricDot);
@@ -636,10 +616,8 @@ class CudaIndex final : public KnnIndex {
     if (V > std::numeric_limits<int32_t>::max() - 1 || d > std::numeric_limits<int32_t>::max() / 2)
       throw std::out_of_range("vocab: too large for the CUDA index");
     cuda_check(cudaSetDevice(0), "cudaSetDevice");
-    cudaDeviceProp prop{};
-    cuda_check(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties");
-    sms_ = prop.multiProcessorCount;
-    smem_optin_ = static_cast<size_t>(prop.sharedMemPerBlockOptin);
+    sms_ = cuda::device_info().sms;
+    smem_optin_ = cuda::device_info().smem_optin;
     cuda_check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
     cuda_check(cudaEventCreate(&start_), "cudaEventCreate");
     cuda_check(cudaEventCreate(&mid_), "cudaEventCreate");
@@ -653,34 +631,34 @@ class CudaIndex final : public KnnIndex {
     if (!(vmax_ < kKnnMaxNorm))
       throw std::out_of_range("vocab: a row norm is 1e18 or more (fp32 overflow risk)");
     const size_t elems = size_t(V) * d;
-    rows_.ensure(elems, "cudaMalloc(rows)");
-    cuda_check(cudaMemcpyAsync(rows_.ptr, vocab, elems * sizeof(float), cudaMemcpyHostToDevice, stream_),
+    rows_.resize(elems, "rows");
+    cuda_check(cudaMemcpyAsync(rows_.get(), vocab, elems * sizeof(float), cudaMemcpyHostToDevice, stream_),
                "upload rows");
-    norms_.ensure(V, "cudaMalloc(norms)");
-    cuda_check(
-        cudaMemcpyAsync(norms_.ptr, host_norms_.data(), V * sizeof(double), cudaMemcpyHostToDevice, stream_),
-        "upload norms");
+    norms_.resize(V, "norms");
+    cuda_check(cudaMemcpyAsync(norms_.get(), host_norms_.data(), V * sizeof(double), cudaMemcpyHostToDevice,
+                               stream_),
+               "upload norms");
     if (metric == KnnMetric::Cosine) {
       std::vector<float> normalised(elems);
       for (int64_t r = 0; r < V; ++r) {
         const double inv = host_norms_[r] > 0.0 ? 1.0 / host_norms_[r] : 0.0;
         for (int64_t k = 0; k < d; ++k) normalised[r * d + k] = static_cast<float>(vocab[r * d + k] * inv);
       }
-      screen_.ensure(elems, "cudaMalloc(normalised rows)");
-      cuda_check(cudaMemcpyAsync(screen_.ptr, normalised.data(), elems * sizeof(float),
+      screen_.resize(elems, "normalised rows");
+      cuda_check(cudaMemcpyAsync(screen_.get(), normalised.data(), elems * sizeof(float),
                                  cudaMemcpyHostToDevice, stream_),
                  "upload normalised rows");
     }
     // The matrix path's bf16 copy of the screening rows, converted on the device.
-    screen16_.ensure(elems, "cudaMalloc(bf16 rows)");
-    cuda::to_bf16(stream_, screen16_.ptr, metric == KnnMetric::Cosine ? screen_.ptr : rows_.ptr,
+    screen16_.resize(elems, "bf16 rows");
+    cuda::to_bf16(stream_, screen16_.get(), metric == KnnMetric::Cosine ? screen_.get() : rows_.get(),
                   static_cast<int64_t>(elems));
     if (metric == KnnMetric::L2) {
       std::vector<float> neg(V);
       for (int64_t r = 0; r < V; ++r) neg[r] = -static_cast<float>(0.5 * host_norms_[r] * host_norms_[r]);
-      neg_half_.ensure(V, "cudaMalloc(half squared norms)");
+      neg_half_.resize(V, "half squared norms");
       cuda_check(
-          cudaMemcpyAsync(neg_half_.ptr, neg.data(), V * sizeof(float), cudaMemcpyHostToDevice, stream_),
+          cudaMemcpyAsync(neg_half_.get(), neg.data(), V * sizeof(float), cudaMemcpyHostToDevice, stream_),
           "upload half squared norms");
     }
     // The uploads go on stream_: it is non-blocking, so a legacy-stream cudaMemcpy (which may return before
@@ -790,10 +768,10 @@ class CudaIndex final : public KnnIndex {
                "cudaFuncSetAttribute(screen)");
     const dim3 grid(slabs, (n + BQ - 1) / BQ);
     knn_screen_kernel<BQ, VEC><<<grid, kThreads, smem, stream_>>>(
-        q_screen_.ptr, metric_ == KnnMetric::Cosine ? screen_.ptr : rows_.ptr,
-        metric_ == KnnMetric::L2 ? neg_half_.ptr : nullptr, excl, n, static_cast<int>(V_),
-        static_cast<int>(d_), c, cap, tiles_per_slab, slabs, cand_a_.ptr, cand_i_.ptr, cand_n_.ptr,
-        bound_.ptr);
+        q_screen_.get(), metric_ == KnnMetric::Cosine ? screen_.get() : rows_.get(),
+        metric_ == KnnMetric::L2 ? neg_half_.get() : nullptr, excl, n, static_cast<int>(V_),
+        static_cast<int>(d_), c, cap, tiles_per_slab, slabs, cand_a_.get(), cand_i_.get(), cand_n_.get(),
+        bound_.get());
     cuda_check(cudaGetLastError(), "knn_screen_kernel launch");
   }
 
@@ -843,50 +821,50 @@ class CudaIndex final : public KnnIndex {
       hn[i] = q_norms[part[i]];
       if (exclude) hx[i] = exclude[part[i]];
     }
-    q_orig_.ensure(size_t(n) * d, "cudaMalloc(queries)");
+    q_orig_.resize(size_t(n) * d, "queries");
     if (matrix)
-      q16_.ensure(size_t(n) * d, "cudaMalloc(screening queries)");
+      q16_.resize(size_t(n) * d, "screening queries");
     else
-      q_screen_.ensure(size_t(n) * d, "cudaMalloc(screening queries)");
-    q_norm_.ensure(n, "cudaMalloc(query norms)");
-    excl_.ensure(n, "cudaMalloc(exclude)");
-    cand_a_.ensure(size_t(n) * merged, "cudaMalloc(candidates)");
-    cand_i_.ensure(size_t(n) * merged, "cudaMalloc(candidates)");
-    cand_n_.ensure(size_t(n) * slabs, "cudaMalloc(candidate counts)");
-    bound_.ensure(size_t(n) * slabs, "cudaMalloc(bounds)");
-    out_i_.ensure(size_t(n) * k, "cudaMalloc(indices)");
-    out_s_.ensure(size_t(n) * k, "cudaMalloc(scores)");
-    failed_.ensure(n, "cudaMalloc(flags)");
+      q_screen_.resize(size_t(n) * d, "screening queries");
+    q_norm_.resize(n, "query norms");
+    excl_.resize(n, "exclude");
+    cand_a_.resize(size_t(n) * merged, "candidates");
+    cand_i_.resize(size_t(n) * merged, "candidates");
+    cand_n_.resize(size_t(n) * slabs, "candidate counts");
+    bound_.resize(size_t(n) * slabs, "bounds");
+    out_i_.resize(size_t(n) * k, "indices");
+    out_s_.resize(size_t(n) * k, "scores");
+    failed_.resize(n, "flags");
     // Score block of the matrix path: n x W, W a multiple of the selection slab, within kScoreBudget.
     const int64_t slab_cols = kSelChunk;
     int64_t W = std::max<int64_t>(1, kScoreBudget / (int64_t{4} * n * slab_cols)) * slab_cols;
     W = std::min(W, (V_ + slab_cols - 1) / slab_cols * slab_cols);
-    if (matrix) scores_.ensure(size_t(n) * W, "cudaMalloc(score block)");
-    cuda_check(cudaMemcpyAsync(q_orig_.ptr, src, size_t(n) * d * 4, cudaMemcpyHostToDevice, stream_),
+    if (matrix) scores_.resize(size_t(n) * W, "score block");
+    cuda_check(cudaMemcpyAsync(q_orig_.get(), src, size_t(n) * d * 4, cudaMemcpyHostToDevice, stream_),
                "upload queries");
-    cuda_check(cudaMemcpyAsync(q_norm_.ptr, hn.data(), hn.size() * 8, cudaMemcpyHostToDevice, stream_),
+    cuda_check(cudaMemcpyAsync(q_norm_.get(), hn.data(), hn.size() * 8, cudaMemcpyHostToDevice, stream_),
                "upload query norms");
     if (exclude)
-      cuda_check(cudaMemcpyAsync(excl_.ptr, hx.data(), hx.size() * 4, cudaMemcpyHostToDevice, stream_),
+      cuda_check(cudaMemcpyAsync(excl_.get(), hx.data(), hx.size() * 4, cudaMemcpyHostToDevice, stream_),
                  "upload exclude");
     const int64_t nd = int64_t{n} * d;
     knn_prep_kernel<<<static_cast<unsigned>(std::min<int64_t>((nd + 255) / 256, 65535 * 8)), 256, 0,
-                      stream_>>>(q_orig_.ptr, q_norm_.ptr, n, d, metric_ == KnnMetric::Cosine,
-                                 matrix ? nullptr : q_screen_.ptr, matrix ? q16_.ptr : nullptr);
+                      stream_>>>(q_orig_.get(), q_norm_.get(), n, d, metric_ == KnnMetric::Cosine,
+                                 matrix ? nullptr : q_screen_.get(), matrix ? q16_.get() : nullptr);
     cuda_check(cudaGetLastError(), "knn_prep_kernel launch");
-    const int* excl = exclude ? excl_.ptr : nullptr;
+    const int* excl = exclude ? excl_.get() : nullptr;
     // Device time of the screening and finalize kernels (the transfers and the query preparation excluded).
     cuda_check(cudaEventRecord(start_, stream_), "cudaEventRecord");
     if (matrix) {
       for (int64_t v0 = 0; v0 < V_; v0 += W) {
         const int64_t L = std::min(W, V_ - v0);
-        cuda::gemm(stream_, cuda::GemmPrecision::BF16, true, n, L, d_, q16_.ptr, d_, true,
-                   screen16_.ptr + v0 * d_, d_, true, scores_.ptr, W,
-                   metric_ == KnnMetric::L2 ? neg_half_.ptr + v0 : nullptr, 0.0f);
+        cuda::gemm(stream_, cuda::GemmPrecision::BF16, true, n, L, d_, q16_.get(), d_, true,
+                   screen16_.get() + v0 * d_, d_, true, scores_.get(), W,
+                   metric_ == KnnMetric::L2 ? neg_half_.get() + v0 : nullptr, 0.0f);
         const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>((L + slab_cols - 1) / slab_cols));
         knn_select_kernel<<<grid, kSelThreads, 0, stream_>>>(
-            scores_.ptr, W, static_cast<int>(L), static_cast<int>(v0), static_cast<int>(v0 / slab_cols), excl,
-            c, slabs, cand_a_.ptr, cand_i_.ptr, cand_n_.ptr, bound_.ptr);
+            scores_.get(), W, static_cast<int>(L), static_cast<int>(v0), static_cast<int>(v0 / slab_cols),
+            excl, c, slabs, cand_a_.get(), cand_i_.get(), cand_n_.get(), bound_.get());
         cuda_check(cudaGetLastError(), "knn_select_kernel launch");
       }
     } else {
@@ -904,18 +882,18 @@ class CudaIndex final : public KnnIndex {
                                     static_cast<int>(fsmem)),
                "cudaFuncSetAttribute(finalize)");
     knn_finalize_kernel<<<n, kThreads, fsmem, stream_>>>(
-        q_orig_.ptr, q_norm_.ptr, rows_.ptr, norms_.ptr, metric_code(metric_), d, static_cast<int>(k), c,
-        slabs, pow2, vmax_, matrix ? kUnitErrBf16 : kUnitErrTf32, cand_a_.ptr, cand_i_.ptr, cand_n_.ptr,
-        bound_.ptr, out_i_.ptr, out_s_.ptr, failed_.ptr);
+        q_orig_.get(), q_norm_.get(), rows_.get(), norms_.get(), metric_code(metric_), d, static_cast<int>(k),
+        c, slabs, pow2, vmax_, matrix ? kUnitErrBf16 : kUnitErrTf32, cand_a_.get(), cand_i_.get(),
+        cand_n_.get(), bound_.get(), out_i_.get(), out_s_.get(), failed_.get());
     cuda_check(cudaGetLastError(), "knn_finalize_kernel launch");
     cuda_check(cudaEventRecord(stop_, stream_), "cudaEventRecord");
     std::vector<int> oi(size_t(n) * k), fl(n);
     std::vector<float> os(size_t(n) * k);
-    cuda_check(cudaMemcpyAsync(oi.data(), out_i_.ptr, oi.size() * 4, cudaMemcpyDeviceToHost, stream_),
+    cuda_check(cudaMemcpyAsync(oi.data(), out_i_.get(), oi.size() * 4, cudaMemcpyDeviceToHost, stream_),
                "download");
-    cuda_check(cudaMemcpyAsync(os.data(), out_s_.ptr, os.size() * 4, cudaMemcpyDeviceToHost, stream_),
+    cuda_check(cudaMemcpyAsync(os.data(), out_s_.get(), os.size() * 4, cudaMemcpyDeviceToHost, stream_),
                "download");
-    cuda_check(cudaMemcpyAsync(fl.data(), failed_.ptr, fl.size() * 4, cudaMemcpyDeviceToHost, stream_),
+    cuda_check(cudaMemcpyAsync(fl.data(), failed_.get(), fl.size() * 4, cudaMemcpyDeviceToHost, stream_),
                "download");
     cuda_check(cudaStreamSynchronize(stream_), "kNN search");
     float ms = 0.0f, screen_ms = 0.0f;
