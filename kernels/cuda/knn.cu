@@ -616,8 +616,6 @@ class CudaIndex final : public KnnIndex {
     if (V > std::numeric_limits<int32_t>::max() - 1 || d > std::numeric_limits<int32_t>::max() / 2)
       throw std::out_of_range("vocab: too large for the CUDA index");
     cuda_check(cudaSetDevice(0), "cudaSetDevice");
-    sms_ = cuda::device_info().sms;
-    smem_optin_ = cuda::device_info().smem_optin;
     cuda_check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
     cuda_check(cudaEventCreate(&start_), "cudaEventCreate");
     cuda_check(cudaEventCreate(&mid_), "cudaEventCreate");
@@ -704,7 +702,7 @@ class CudaIndex final : public KnnIndex {
           matrix_fits(ci);
       const ScreenShape shape = matrix ? ScreenShape{} : pick_screen(ci);
       if (c >= available || (!matrix && shape.bq == 0) ||
-          finalize_smem_bytes(ci, next_pow2(ci)) > smem_optin_) {
+          finalize_smem_bytes(ci, next_pow2(ci)) > cuda::device_info().smem_optin) {
         host_exact(pending, queries, k, exclude, threads, &res);
         break;
       }
@@ -745,18 +743,19 @@ class CudaIndex final : public KnnIndex {
   // idle and the fused kernel, which splits the vocabulary into slabs, was 3 times faster.
   bool fills_device(int64_t n) const {
     const int64_t q = std::min<int64_t>(n, kQueryChunk);
-    return ((q + 127) / 128) * ((V_ + 127) / 128) >= 2 * int64_t(sms_);
+    return cuda::ceil_div(q, 128) * cuda::ceil_div(V_, 128) >= 2 * int64_t{cuda::device_info().sms};
   }
   // The matrix path keeps c candidates per 16384-column slab: its merge must fit one finalize block.
+  int matrix_slabs() const { return static_cast<int>(cuda::ceil_div(V_, kSelChunk)); }
   bool matrix_fits(int c) const {
-    const int64_t slabs = (V_ + kSelChunk - 1) / kSelChunk;
+    const int64_t slabs = matrix_slabs();
     return slabs * c <= kMaxMerged &&
-           finalize_smem_bytes(static_cast<int>(slabs * c), next_pow2(c)) <= smem_optin_;
+           finalize_smem_bytes(static_cast<int>(slabs * c), next_pow2(c)) <= cuda::device_info().smem_optin;
   }
   ScreenShape pick_screen(int c) const {
     for (int bq : {64, 32, 16})
       for (int m : {2, 1})
-        if (screen_smem_bytes(bq, c + m * kBV) <= smem_optin_) return {bq, c + m * kBV};
+        if (screen_smem_bytes(bq, c + m * kBV) <= cuda::device_info().smem_optin) return {bq, c + m * kBV};
     return {};
   }
 
@@ -791,17 +790,17 @@ class CudaIndex final : public KnnIndex {
     const int tiles = static_cast<int>((V_ + kBV - 1) / kBV);
     int slabs;
     if (matrix) {
-      slabs = static_cast<int>((V_ + kSelChunk - 1) / kSelChunk);
+      slabs = matrix_slabs();
     } else {
       const int qtiles = (n + shape.bq - 1) / shape.bq;
-      slabs = std::max(1, std::min(tiles, (2 * sms_ + qtiles - 1) / qtiles));
+      slabs = std::max(1, std::min(tiles, (2 * cuda::device_info().sms + qtiles - 1) / qtiles));
       slabs = std::max(1, std::min(slabs, kMaxMerged / c));
       const int tiles_per_slab = (tiles + slabs - 1) / slabs;
       slabs = (tiles + tiles_per_slab - 1) / tiles_per_slab;
     }
     const int pow2 = next_pow2(c);
     const int merged = slabs * c;
-    if (finalize_smem_bytes(merged, pow2) > smem_optin_)
+    if (finalize_smem_bytes(merged, pow2) > cuda::device_info().smem_optin)
       throw std::runtime_error("CUDA kNN: candidate set too large");
 
     // The queries go up as they are (straight from the caller's array when this part is a run of consecutive
@@ -848,9 +847,9 @@ class CudaIndex final : public KnnIndex {
       cuda_check(cudaMemcpyAsync(excl_.get(), hx.data(), hx.size() * 4, cudaMemcpyHostToDevice, stream_),
                  "upload exclude");
     const int64_t nd = int64_t{n} * d;
-    knn_prep_kernel<<<static_cast<unsigned>(std::min<int64_t>((nd + 255) / 256, 65535 * 8)), 256, 0,
-                      stream_>>>(q_orig_.get(), q_norm_.get(), n, d, metric_ == KnnMetric::Cosine,
-                                 matrix ? nullptr : q_screen_.get(), matrix ? q16_.get() : nullptr);
+    knn_prep_kernel<<<cuda::grid_for(nd, 256), 256, 0, stream_>>>(
+        q_orig_.get(), q_norm_.get(), n, d, metric_ == KnnMetric::Cosine, matrix ? nullptr : q_screen_.get(),
+        matrix ? q16_.get() : nullptr);
     cuda_check(cudaGetLastError(), "knn_prep_kernel launch");
     const int* excl = exclude ? excl_.get() : nullptr;
     // Device time of the screening and finalize kernels (the transfers and the query preparation excluded).
@@ -926,8 +925,6 @@ class CudaIndex final : public KnnIndex {
 
   int64_t V_, d_;
   KnnMetric metric_;
-  int sms_ = 1;
-  size_t smem_optin_ = 48 * 1024;
   cudaStream_t stream_ = nullptr;
   cudaEvent_t start_ = nullptr, mid_ = nullptr, stop_ = nullptr;
   double vmax_ = 0.0;
