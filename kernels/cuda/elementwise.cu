@@ -916,30 +916,31 @@ void swiglu_backward_to(Stream stream, O* dgate_up, const float* gate_up, const 
 }
 }  // namespace
 
+// The public overloads: fp32 or bf16 output.
 void gelu_forward(Stream stream, float* out, const float* x, int64_t n) {
   gelu_forward_to(stream, out, x, n);
 }
-void gelu_forward_bf16(Stream stream, bf16_t* out, const float* x, int64_t n) {
+void gelu_forward(Stream stream, bf16_t* out, const float* x, int64_t n) {
   gelu_forward_to(stream, out, x, n);
 }
 void gelu_backward(Stream stream, float* dx, const float* x, const float* dout, int64_t n) {
   gelu_backward_to(stream, dx, x, dout, n);
 }
-void gelu_backward_bf16(Stream stream, bf16_t* dx, const float* x, const float* dout, int64_t n) {
+void gelu_backward(Stream stream, bf16_t* dx, const float* x, const float* dout, int64_t n) {
   gelu_backward_to(stream, dx, x, dout, n);
 }
 void swiglu_forward(Stream stream, float* out, const float* gate_up, int64_t N, int64_t I) {
   swiglu_forward_to(stream, out, gate_up, N, I);
 }
-void swiglu_forward_bf16(Stream stream, bf16_t* out, const float* gate_up, int64_t N, int64_t I) {
+void swiglu_forward(Stream stream, bf16_t* out, const float* gate_up, int64_t N, int64_t I) {
   swiglu_forward_to(stream, out, gate_up, N, I);
 }
 void swiglu_backward(Stream stream, float* dgate_up, const float* gate_up, const float* dout, int64_t N,
                      int64_t I) {
   swiglu_backward_to(stream, dgate_up, gate_up, dout, N, I);
 }
-void swiglu_backward_bf16(Stream stream, bf16_t* dgate_up, const float* gate_up, const float* dout, int64_t N,
-                          int64_t I) {
+void swiglu_backward(Stream stream, bf16_t* dgate_up, const float* gate_up, const float* dout, int64_t N,
+                     int64_t I) {
   swiglu_backward_to(stream, dgate_up, gate_up, dout, N, I);
 }
 
@@ -1201,8 +1202,8 @@ void test_gelu(std::vector<OpCheck>& out, uint32_t& seed) {
                              note));
     auto d_out16 = to_device(std::vector<uint16_t>(static_cast<size_t>(total), 0));
     auto d_dx16 = to_device(std::vector<uint16_t>(static_cast<size_t>(total), 0));
-    gelu_forward_bf16(nullptr, d_out16.get() + shift, d_x.get() + shift, n);
-    gelu_backward_bf16(nullptr, d_dx16.get() + shift, d_x.get() + shift, d_dout.get() + shift, n);
+    gelu_forward(nullptr, d_out16.get() + shift, d_x.get() + shift, n);
+    gelu_backward(nullptr, d_dx16.get() + shift, d_x.get() + shift, d_dout.get() + shift, n);
     out.push_back(
         make_check("gelu_forward bf16", shape,
                    rel_error(bf16_to_float(to_host(d_out16.get(), static_cast<size_t>(total))), want),
@@ -1234,8 +1235,8 @@ void test_swiglu(std::vector<OpCheck>& out, uint32_t& seed) {
                              rel_error(to_host(d_dgu.get(), static_cast<size_t>(N * 2 * I)), want_d),
                              kTolMath, note));
     DeviceBuffer<uint16_t> d_out16(static_cast<size_t>(N * I)), d_dgu16(static_cast<size_t>(N * 2 * I));
-    swiglu_forward_bf16(nullptr, d_out16.get(), d_gu.get(), N, I);
-    swiglu_backward_bf16(nullptr, d_dgu16.get(), d_gu.get(), d_dout.get(), N, I);
+    swiglu_forward(nullptr, d_out16.get(), d_gu.get(), N, I);
+    swiglu_backward(nullptr, d_dgu16.get(), d_gu.get(), d_dout.get(), N, I);
     out.push_back(
         make_check("swiglu_forward bf16", dims({{"N", N}, {"I", I}}),
                    rel_error(bf16_to_float(to_host(d_out16.get(), static_cast<size_t>(N * I))), want),
@@ -1498,10 +1499,10 @@ void test_arguments(std::vector<OpCheck>& out) {
     norm_forward(nullptr, NormKind::LayerNorm, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
                  nullptr, 0, 768, 1e-5f);
     norm_backward(nullptr, NormKind::RMSNorm, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 0, 768);
-    gelu_forward(nullptr, nullptr, nullptr, 0);
-    gelu_backward(nullptr, nullptr, nullptr, nullptr, 0);
-    swiglu_forward(nullptr, nullptr, nullptr, 0, 16);
-    swiglu_backward(nullptr, nullptr, nullptr, nullptr, 0, 16);
+    gelu_forward(nullptr, static_cast<float*>(nullptr), nullptr, 0);
+    gelu_backward(nullptr, static_cast<float*>(nullptr), nullptr, nullptr, 0);
+    swiglu_forward(nullptr, static_cast<float*>(nullptr), nullptr, 0, 16);
+    swiglu_backward(nullptr, static_cast<float*>(nullptr), nullptr, nullptr, 0, 16);
     residual_forward(nullptr, nullptr, nullptr, nullptr, 0);
     rope_forward(nullptr, nullptr, 0, 4, 64, 0, 1, 64, nullptr, nullptr);
     rope_backward(nullptr, nullptr, 2, 4, 64, 0, 0, 64, nullptr, nullptr);

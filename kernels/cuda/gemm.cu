@@ -302,16 +302,16 @@ __global__ void __launch_bounds__(kThreads, 1)
 // gemm_pipe_kernel<NT, BM, BN>: a 256-thread block computes a BM x BN tile of C (BM 128, or 64 and 32 for
 // products of few rows such as P = 20 prompt rows or a handful of kNN queries, where 128-row tiles would be
 // mostly padding; BN 128 or 256); its 8 warps sit 2 x 4, each owning BM/2 x BN/4 outputs (BM/32 x BN/64
-// fragments, m16n16k16, fp32 accumulators). Operand
-// tiles travel global -> shared memory with cp.async (16 bytes a copy, no registers, no conversion: both
-// operands are already bf16) through kPStages stages of BK = 32: while step kt is multiplied, the copies
-// of steps kt + 1 .. kt + kPStages - 1 are in flight, so the memory latency hides behind the pipeline
-// rather than behind other warps. One barrier per step: after it, every warp has finished step kt - 1,
-// whose stage is the one refilled. Chunks past M, N or K are zero-filled by the copy itself (src-size
-// below 16), so edge tiles need no second path; it needs 16-byte aligned bases and leading dimensions that
-// are multiples of 8 (pipe_ok). Stage rows are padded by 16 bytes as in the staged kernel, so fragment
-// loads are free of bank conflicts. The epilogue is the staged kernel's (store_acc), through a scratch that
-// aliases the finished stages. A 1-D grid walks the tiles in groups of kGroupM M tiles (see the kernel).
+// fragments, m16n16k16, fp32 accumulators). Operand tiles travel global -> shared memory with cp.async
+// (16 bytes a copy, no registers, no conversion: both operands are already bf16) through kPStages stages of
+// BK = 32: while step kt is multiplied, the copies of steps kt + 1 .. kt + kPStages - 1 are in flight, so
+// the memory latency hides behind the pipeline rather than behind other warps. One barrier per step: after
+// it, every warp has finished step kt - 1, whose stage is the one refilled. Chunks past M, N or K are
+// zero-filled by the copy itself (src-size below 16), so edge tiles need no second path; it needs 16-byte
+// aligned bases and leading dimensions that are multiples of 8 (pipe_ok). Stage rows are padded by 16 bytes
+// as in the staged kernel, so fragment loads are free of bank conflicts. The epilogue is the staged kernel's
+// (store_acc), through a scratch that aliases the finished stages. A 1-D grid walks the tiles in groups of
+// kGroupM M tiles (see the kernel).
 constexpr int kPBK = 32, kPStages = 4, kPPad = 8;
 constexpr int64_t kGroupM = 8;  // M tiles per group of the tile order
 

@@ -604,6 +604,26 @@ class CudaModel final : public DeviceModel {
                beta);
   }
 
+  // The MLP's activation of fc's output fc_pre [N, fc width] (GELU, or SwiGLU of [gate | up]) into out
+  // [N, I], and its gradient into dfc [N, fc width]: fp32, or bf16 (O = bf16_t) where a BF16 product is the
+  // only reader.
+  template <class O>
+  void mlp_activation(O* out, const float* fc_pre, int64_t N, int64_t I) {
+    mark("activation");
+    if (gpt2_)
+      cuda::gelu_forward(stream_, out, fc_pre, N * I);
+    else
+      cuda::swiglu_forward(stream_, out, fc_pre, N, I);
+  }
+  template <class O>
+  void mlp_activation_backward(O* dfc, const float* fc_pre, const float* dact, int64_t N, int64_t I) {
+    mark("activation");
+    if (gpt2_)
+      cuda::gelu_backward(stream_, dfc, fc_pre, dact, N * I);
+    else
+      cuda::swiglu_backward(stream_, dfc, fc_pre, dact, N, I);
+  }
+
   // ---- planning and inputs ----
   void check_trainable_shapes(const ForwardArgs& a) const {
     host_.check_args(a);
@@ -868,20 +888,13 @@ class CudaModel final : public DeviceModel {
     need(st.fc_pre, N_l * fc_w);
     gemm_nt(N_l, fc_w, C, ln_.get(), C, mat(p + "fc.w"), st.fc_pre.get(), fc_w, f_or_null(p + "fc.b"), 0.0f);
     const Mat fc2 = mat(p + "fc2.w");
-    mark("activation");
     if (bf16_operand(fc2)) {  // the activation's only reader is fc2: written as its bf16 operand
       need(a16_, N_l * I);
-      if (gpt2_)
-        cuda::gelu_forward_bf16(stream_, a16_.get(), st.fc_pre.get(), N_l * I);
-      else
-        cuda::swiglu_forward_bf16(stream_, a16_.get(), st.fc_pre.get(), N_l, I);
+      mlp_activation(a16_.get(), st.fc_pre.get(), N_l, I);
       gemm_nt_bf16(N_l, C, I, a16_.get(), I, fc2, tmp_.get(), C, f_or_null(p + "fc2.b"));
     } else {
       need(act_, N_l * I);
-      if (gpt2_)
-        cuda::gelu_forward(stream_, act_.get(), st.fc_pre.get(), N_l * I);
-      else
-        cuda::swiglu_forward(stream_, act_.get(), st.fc_pre.get(), N_l, I);
+      mlp_activation(act_.get(), st.fc_pre.get(), N_l, I);
       gemm_nt(N_l, C, I, act_.get(), I, fc2, tmp_.get(), C, f_or_null(p + "fc2.b"), 0.0f);
     }
     // Output: the sequence rows of x_mid + mlp (the deep rows are cut).
@@ -915,20 +928,13 @@ class CudaModel final : public DeviceModel {
     gemm_nn(N_l, I, C, dmid_.get(), C, mat(p + "fc2.w"), dact_.get(), I, 0.0f);
     const Mat fc = mat(p + "fc.w");
     need(dln_, N_l * C);
-    mark("activation");
     if (bf16_operand(fc)) {  // the activation gradient's only reader is fc's input gradient: written in bf16
       need(a16_, N_l * fc_w);
-      if (gpt2_)
-        cuda::gelu_backward_bf16(stream_, a16_.get(), st.fc_pre.get(), dact_.get(), N_l * I);
-      else
-        cuda::swiglu_backward_bf16(stream_, a16_.get(), st.fc_pre.get(), dact_.get(), N_l, I);
+      mlp_activation_backward(a16_.get(), st.fc_pre.get(), dact_.get(), N_l, I);
       gemm_nn_bf16(N_l, C, fc_w, a16_.get(), fc_w, fc, dln_.get(), C);
     } else {
       need(dfc_, N_l * fc_w);
-      if (gpt2_)
-        cuda::gelu_backward(stream_, dfc_.get(), st.fc_pre.get(), dact_.get(), N_l * I);
-      else
-        cuda::swiglu_backward(stream_, dfc_.get(), st.fc_pre.get(), dact_.get(), N_l, I);
+      mlp_activation_backward(dfc_.get(), st.fc_pre.get(), dact_.get(), N_l, I);
       gemm_nn(N_l, C, fc_w, dfc_.get(), fc_w, fc, dln_.get(), C, 0.0f);
     }
     mark("norm backward");

@@ -82,11 +82,11 @@ void swiglu_backward(Stream stream, float* dgate_up, const float* gate_up, const
                      int64_t I);
 // The same, the output rounded to bf16 (nearest even): an activation (or its gradient) whose only reader is
 // a BF16 product, written once in the operand type instead of fp32 and converted again.
-void gelu_forward_bf16(Stream stream, bf16_t* out, const float* x, int64_t n);
-void gelu_backward_bf16(Stream stream, bf16_t* dx, const float* x, const float* dout, int64_t n);
-void swiglu_forward_bf16(Stream stream, bf16_t* out, const float* gate_up, int64_t N, int64_t I);
-void swiglu_backward_bf16(Stream stream, bf16_t* dgate_up, const float* gate_up, const float* dout, int64_t N,
-                          int64_t I);
+void gelu_forward(Stream stream, bf16_t* out, const float* x, int64_t n);
+void gelu_backward(Stream stream, bf16_t* dx, const float* x, const float* dout, int64_t n);
+void swiglu_forward(Stream stream, bf16_t* out, const float* gate_up, int64_t N, int64_t I);
+void swiglu_backward(Stream stream, bf16_t* dgate_up, const float* gate_up, const float* dout, int64_t N,
+                     int64_t I);
 // out (=) = a + b (out may alias a or b).
 void residual_forward(Stream stream, float* out, const float* a, const float* b, int64_t n);
 // cos/sin: device tables [S, hd/2] as in ops.h.
