@@ -62,6 +62,7 @@ const flags = [
   "-fno-math-errno",
   "-Wno-unknown-pragmas",
   "-DPRIORTUNE_WITH_CUDA=1",
+  "-DPRIORTUNE_CUDA_EMU=1", // kernels/cuda/mma.cuh: the emulator's ldmatrix/mma.sync instead of inline PTX
   "-I",
   join(emuDir, "include"),
   "-I",
@@ -121,8 +122,8 @@ function transform(src, file) {
     counts.shared += names.length;
     return `${m} ${names.map((n) => `emu::poison_shared(&${n}, sizeof(${n}));`).join(" ")}`;
   });
-  // reinterpret_cast<[const] float4/uint4/uint2*>(e) -> EMU_VEC(...), which checks the alignment.
-  const vec = /reinterpret_cast<(?:const\s+)?(?:float4|uint4|uint2)\s*\*>\(/g;
+  // reinterpret_cast<[const] float4/float2/uint4/uint2*>(e) -> EMU_VEC(...), which checks the alignment.
+  const vec = /reinterpret_cast<(?:const\s+)?(?:float4|float2|uint4|uint2)\s*\*>\(/g;
   let res = "";
   let i = 0;
   for (let m = vec.exec(s); m; m = vec.exec(s)) {

@@ -115,14 +115,22 @@ if (want("gemm")) {
   for (const [name, M, N, K] of shapes)
     for (const p of ["bf16", "tf32", "fp32"] as CudaPrecision[]) {
       if (p === "fp32" && M * N * K > 2 ** 36) continue;
-      // "priortune staged": our BF16 product forced onto the register-staged kernel (PRIORTUNE_CUDA_GEMM),
-      // beside the default cp.async-pipelined one.
-      for (const engine of ["priortune", "priortune staged", "cublaslt"] as const) {
+      // "priortune pipe" / "priortune staged": our BF16 product forced onto the pipelined WMMA kernel or the
+      // register-staged one (PRIORTUNE_CUDA_GEMM), beside the default (ldmatrix + mma.sync).
+      // "priortune mma128" / "mma256": the default kernel at a fixed tile width (auto picks by wave count).
+      const kernels: Record<string, string | undefined> = {
+        "priortune mma128": "mma128",
+        "priortune mma256": "mma256",
+        "priortune pipe": "pipe",
+        "priortune staged": "staged",
+      };
+      const engines = ["priortune", ...Object.keys(kernels), "cublaslt"];
+      for (const engine of engines) {
         if (engine === "cublaslt" && cublasLt.startsWith("unavailable")) continue;
-        if (engine === "priortune staged" && p !== "bf16") continue;
+        if (engine in kernels && p !== "bf16") continue;
         let r: { ms: number; maxRelErr: number; engine: string };
         try {
-          r = await withEnv("PRIORTUNE_CUDA_GEMM", engine === "priortune staged" ? "staged" : undefined, () =>
+          r = await withEnv("PRIORTUNE_CUDA_GEMM", kernels[engine], () =>
             native.cudaGemmBench(p, M, N, K, tiny ? 2 : 10, engine === "cublaslt" ? "cublaslt" : "priortune"),
           );
         } catch (e) {
@@ -216,9 +224,11 @@ if (want("steps")) {
   for (const cfg of [gpt2, llama]) {
     const model = new native.NativeModel(nativeConfig(cfg, 16));
     await model.fillRandom(1, 0.02);
-    // bf16 with graphs (the default GEMM, then the register-staged one for comparison), bf16 eager, tf32.
+    // bf16 with graphs (the default GEMM, then the pipelined WMMA and register-staged ones for comparison),
+    // bf16 eager, tf32.
     const setups: { precision: CudaPrecision; graphs: boolean; kernel?: string }[] = [
       { precision: "bf16", graphs: true },
+      { precision: "bf16", graphs: true, kernel: "pipe" },
       { precision: "bf16", graphs: true, kernel: "staged" },
       { precision: "bf16", graphs: false },
       { precision: "tf32", graphs: true },

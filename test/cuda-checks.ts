@@ -539,10 +539,10 @@ export async function errorChecks(): Promise<CheckRow[]> {
 }
 
 /**
- * The BF16 products' two kernels (PRIORTUNE_CUDA_GEMM): a soft-prompt loss and gradient with the default
- * (cp.async-pipelined) kernel equal the register-staged kernel's (the same bf16 operands and the same order
- * of 16-wide k-blocks, so equal up to fp32 rounding), for both families; a bad value is a JS error naming the
- * variable.
+ * The BF16 products' three kernels (PRIORTUNE_CUDA_GEMM): a soft-prompt loss and gradient with the default
+ * (ldmatrix + mma.sync) kernel and with the pipelined WMMA one equal the register-staged kernel's (the same
+ * bf16 operands and the same order of 16-wide k-blocks, so equal up to fp32 rounding), for both families; a
+ * bad value is a JS error naming the variable.
  */
 export async function gemmKernelChecks(): Promise<CheckRow[]> {
   const rows = new Rows("gemm kernels");
@@ -554,15 +554,21 @@ export async function gemmKernelChecks(): Promise<CheckRow[]> {
     const step = (kernel: string | undefined) =>
       withEnv("PRIORTUNE_CUDA_GEMM", kernel, () => model.lossAndGrad(batch));
     try {
-      const pipe = await step(undefined);
       const staged = await step("staged");
-      rows.add(`${name}: loss, pipelined vs staged`, Math.abs(pipe.loss - staged.loss) / staged.loss, 1e-6);
-      rows.add(
-        `${name}: d loss / d prompt, pipelined vs staged`,
-        rel(pipe.promptGrad!, staged.promptGrad!),
-        1e-5,
-        "same bf16 operands, same k-block order: equal up to fp32 rounding",
-      );
+      const mma = await step(undefined);
+      for (const [label, kernel] of [
+        ["mma.sync (default)", undefined],
+        ["pipelined WMMA", "pipe"],
+      ] as const) {
+        const got = await step(kernel);
+        rows.add(`${name}: loss, ${label} vs staged`, Math.abs(got.loss - staged.loss) / staged.loss, 1e-6);
+        rows.add(
+          `${name}: d loss / d prompt, ${label} vs staged`,
+          rel(got.promptGrad!, staged.promptGrad!),
+          1e-5,
+          "same bf16 operands, same k-block order: equal up to fp32 rounding",
+        );
+      }
       let message = "";
       try {
         await step("bogus");
@@ -576,11 +582,7 @@ export async function gemmKernelChecks(): Promise<CheckRow[]> {
         message.slice(0, 120),
       );
       const again = await step(undefined);
-      rows.add(
-        `${name}: the model works after that error`,
-        Math.abs(again.loss - pipe.loss) / pipe.loss,
-        1e-6,
-      );
+      rows.add(`${name}: the model works after that error`, Math.abs(again.loss - mma.loss) / mma.loss, 1e-6);
     } finally {
       model.dispose();
     }

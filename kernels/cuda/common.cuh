@@ -33,7 +33,8 @@ inline void check_launch(const char* op) {
 // Device 0's properties that kernel choices depend on, read once.
 struct DeviceInfo {
   int sms = 1, major = 0;
-  size_t smem_optin = 48 * 1024;
+  size_t smem_optin = 48 * 1024;   // a block's most shared memory (opted in)
+  size_t smem_per_sm = 48 * 1024;  // an SM's (each resident block also takes 1 KB of it for the system)
 };
 inline const DeviceInfo& device_info() {
   static const DeviceInfo info = [] {
@@ -43,6 +44,7 @@ inline const DeviceInfo& device_info() {
     d.sms = p.multiProcessorCount > 1 ? p.multiProcessorCount : 1;
     d.major = p.major;
     d.smem_optin = p.sharedMemPerBlockOptin;
+    d.smem_per_sm = p.sharedMemPerMultiprocessor;
     return d;
   }();
   return info;

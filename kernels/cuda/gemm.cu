@@ -1,4 +1,7 @@
-// Matrix products on CUDA (priortune/cuda_ops.h: gemm, to_bf16) and their self-test.
+// Matrix products on CUDA (priortune/cuda_ops.h: gemm, to_bf16) and their self-test. Four kernels:
+// gemm_mma_kernel (ldmatrix + mma.sync, the default for bf16 operands with 16-byte rows; described at its
+// definition), gemm_pipe_kernel (cp.async + WMMA, the same operands), gemm_tc_kernel (register-staged WMMA:
+// any operands, BF16 and TF32) and gemm_fp32_kernel (FP32 verification path).
 //
 // gemm_tc_kernel (BF16 and TF32 tensor cores, WMMA): a 256-thread block computes a 128 x 128 tile of C;
 // its 8 warps sit 2 (rows) x 4 (columns), each owning 64 x 32 outputs as 4 x 2 fragments of 16 x 16 with
@@ -37,6 +40,7 @@
 #include <vector>
 
 #include "common.cuh"
+#include "mma.cuh"
 #include "priortune/cuda_ops.h"
 #include "priortune/gemm.h"
 
@@ -308,10 +312,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 // the memory latency hides behind the pipeline rather than behind other warps. One barrier per step: after
 // it, every warp has finished step kt - 1, whose stage is the one refilled. Chunks past M, N or K are
 // zero-filled by the copy itself (src-size below 16), so edge tiles need no second path; it needs 16-byte
-// aligned bases and leading dimensions that are multiples of 8 (pipe_ok). Stage rows are padded by 16 bytes
-// as in the staged kernel, so fragment loads are free of bank conflicts. The epilogue is the staged kernel's
-// (store_acc), through a scratch that aliases the finished stages. A 1-D grid walks the tiles in groups of
-// kGroupM M tiles (see the kernel).
+// aligned bases and leading dimensions that are multiples of 8 (cp_async_ok). Stage rows are padded by 16
+// bytes as in the staged kernel, so fragment loads are free of bank conflicts. The epilogue is the staged
+// kernel's (store_acc), through a scratch that aliases the finished stages. A 1-D grid walks the tiles in
+// groups of kGroupM M tiles (see the kernel).
 constexpr int kPBK = 32, kPStages = 4, kPPad = 8;
 constexpr int64_t kGroupM = 8;  // M tiles per group of the tile order
 
@@ -360,6 +364,18 @@ __device__ __forceinline__ void cp_tile(__nv_bfloat16* s, int lds, const uint16_
   }
 }
 
+// Tile t of a 1-D grid in grouped order: kGroupM consecutive M tiles walk the N tiles together (M fastest),
+// so the blocks running at once share their B tiles (and A tiles) through L2 instead of each M tile
+// streaming all of B from memory (the LM head's 50257 x 768 weight, a kNN vocabulary). Sets the tile's
+// first row m0 and column n0.
+__device__ __forceinline__ void grouped_tile(int64_t t, int64_t tiles_m, int64_t tiles_n, int bm, int bn,
+                                             int& m0, int& n0) {
+  const int64_t per_group = kGroupM * tiles_n, first_m = t / per_group * kGroupM;
+  const int64_t in_group = t % per_group, group_m = min(tiles_m - first_m, int64_t{kGroupM});
+  m0 = static_cast<int>((first_m + in_group % group_m) * bm);
+  n0 = static_cast<int>(in_group / group_m * bn);
+}
+
 // BM x BN = 128 x 256: about 235 registers a thread, one block per SM; 128 x 128: capped at 128 registers so
 // that two blocks (16 warps) share an SM (ptxas, sm_90a: no spills for NT, about 20 bytes each way for NN);
 // the 64- and 32-row tiles hold half or a quarter of the accumulators and run two blocks an SM too.
@@ -385,14 +401,10 @@ __global__ void __launch_bounds__(kThreads, pipe_blocks_per_sm(BM, BN))
   const int64_t tiles_m = (M + BM - 1) / BM, tiles_n = (N + BN - 1) / BN;
   const int kt_count = (K + kPBK - 1) / kPBK;
 
-  // Tiles in grouped order: kGroupM consecutive M tiles walk the N tiles together (M fastest), so the
-  // blocks running at once share their B tiles (and A tiles) through L2 instead of each M tile streaming
-  // all of B from memory (the LM head's 50257 x 768 weight, a kNN vocabulary).
+  // Tiles in grouped order (grouped_tile).
   for (int64_t t = blockIdx.x; t < tiles_m * tiles_n; t += gridDim.x) {
-    const int64_t per_group = kGroupM * tiles_n, first_m = t / per_group * kGroupM;
-    const int64_t in_group = t % per_group, group_m = min(tiles_m - first_m, int64_t{kGroupM});
-    const int m0 = static_cast<int>((first_m + in_group % group_m) * BM);
-    const int n0 = static_cast<int>(in_group / group_m * BN);
+    int m0, n0;
+    grouped_tile(t, tiles_m, tiles_n, BM, BN, m0, n0);
     // Step kt's copies into stage kt % kPStages, as one commit group; past the last step the group is empty,
     // so that every wait below leaves the same number of groups in flight.
     // B's stage rows run along n for NT ([N, K] in memory), along k for NN ([K, N]).
@@ -440,6 +452,186 @@ __global__ void __launch_bounds__(kThreads, pipe_blocks_per_sm(BM, BN))
     store_acc(acc, reinterpret_cast<float*>(smem) + warp * 16 * kLdScr, lane, m0 + wm * S::kWM,
               n0 + wn * S::kWN, C, ldc, bias, M, N, beta_one);
     __syncthreads();  // the scratch aliases the next M tile's first stages
+  }
+}
+
+// ---- mma.sync BF16 kernel (the default for bf16 operands) ---------------------------------------------
+// gemm_mma_kernel<NT, BM, BN>: a 256-thread block computes a BM x BN tile of C; its 8 warps sit 2 x 4, each
+// owning (BM/2) x (BN/4) outputs as m16n8k16 products (mma.cuh) held in registers: BM/32 x BN/32 fragments of
+// 16 x 8, fp32. Operands travel global -> shared memory with cp.async through mma_stages() stages of
+// BK = kMBK = 64, exactly as in the pipelined kernel (zero fill past M, N and K; one barrier per step), and
+// shared memory -> registers with ldmatrix (.trans for NN's k-major B tile), one instruction per 16 x 16
+// piece, instead of WMMA's per-element loads. Stage rows are unpadded and swizzled: the 16-byte chunk c of
+// row r sits at chunk c ^ (r % 8) of that row (swz), so the 8 rows one ldmatrix phase reads (same logical
+// chunk, 8 consecutive rows) fall in 8 distinct bank groups, and so do the 8 chunks of a row the copies
+// write. The epilogue writes the accumulators straight from registers (two adjacent columns a thread,
+// 8-byte stores when C allows), adding bias and, when beta_one, the old C; no shared scratch.
+constexpr int kMBK = 64;
+
+__host__ __device__ constexpr int mma_stages(int bm, int bn) {
+  return bm == 128 && bn == 128 ? 3 : 4;
+}
+constexpr size_t mma_smem(int bm, int bn) {
+  return size_t(mma_stages(bm, bn)) * size_t(bm + bn) * kMBK * sizeof(__nv_bfloat16);
+}
+// 256 columns (up to 128 accumulators a thread; 144 to 192 KB of stages): one block an SM; 128 columns
+// two (registers capped at 128; stages of 80 to 96 KB).
+constexpr int mma_blocks_per_sm(int, int bn) {
+  return bn == 256 ? 1 : 2;
+}
+static_assert(mma_smem(128, 256) <= 227 * 1024 && mma_smem(128, 128) * 2 + 2048 <= 228 * 1024,
+              "stage sizes fit an H100 SM (227 KB a block, 228 KB an SM) at the blocks an SM above");
+
+// Element (r, c) of a swizzled stage with rows of L bf16 (L a multiple of 64; c a multiple of 8 here).
+__device__ __forceinline__ int swz(int r, int c, int L) {
+  return r * L + ((((c >> 3) ^ r) & 7) | ((c >> 3) & ~7)) * 8 + (c & 7);
+}
+
+// cp_tile's copies into a swizzled R x CC stage (CC a multiple of 64).
+template <int R, int CC>
+__device__ __forceinline__ void cp_tile_swz(__nv_bfloat16* s, const uint16_t* __restrict__ g, int64_t ld,
+                                            int r0, int rows, int c0, int cols) {
+  constexpr int kPerRow = CC / 8, kChunks = R * kPerRow;
+  static_assert(CC % 64 == 0 && kChunks % kThreads == 0, "tile must split evenly into 16-byte chunks");
+#pragma unroll
+  for (int i = 0; i < kChunks / kThreads; ++i) {
+    const int e = static_cast<int>(threadIdx.x) + i * kThreads, r = e / kPerRow, c = e % kPerRow * 8;
+    const int gr = r0 + r, gc = c0 + c;
+    const int valid = gr < rows ? min(cols - gc, 8) : 0;
+    void* dst = s + swz(r, c, CC);
+    if (valid >= 8) {
+      __pipeline_memcpy_async(dst, g + static_cast<int64_t>(gr) * ld + gc, 16);
+    } else {
+      const uint16_t* src = valid > 0 ? g + static_cast<int64_t>(gr) * ld + gc : g;
+      __pipeline_memcpy_async(dst, src, 16, 16 - 2 * max(valid, 0));
+    }
+  }
+}
+
+// c_vec: C and bias (when given) 8-byte aligned and ldc even, so column pairs go as one 8-byte access.
+template <bool NT, int BM, int BN>
+__global__ void __launch_bounds__(kThreads, mma_blocks_per_sm(BM, BN))
+    gemm_mma_kernel(const uint16_t* __restrict__ A, int64_t lda, const uint16_t* __restrict__ B, int64_t ldb,
+                    float* C, int64_t ldc, const float* __restrict__ bias, int M, int N, int K, bool beta_one,
+                    bool c_vec) {
+  constexpr int kStages = mma_stages(BM, BN);
+  constexpr int kWM = BM / 2, kWN = BN / 4, kMT = kWM / 16, kNT = kWN / 8;
+  constexpr int kStageA = BM * kMBK,
+                kStageB = BN * kMBK;  // elements: A [BM][kMBK]; B NT [BN][kMBK], NN [kMBK][BN]
+  static_assert(kWM % 16 == 0 && kWN % 16 == 0, "warp tiles are whole 16 x 16 ldmatrix pieces");
+  extern __shared__ __align__(128) unsigned char smem[];
+  __nv_bfloat16* As = reinterpret_cast<__nv_bfloat16*>(smem);  // [kStages][kStageA]
+  __nv_bfloat16* Bs = As + kStages * kStageA;                  // [kStages][kStageB]
+
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  const int wm = warp / 4, wn = warp % 4;
+  const int64_t tiles_m = (M + BM - 1) / BM, tiles_n = (N + BN - 1) / BN;
+  const int kt_count = (K + kMBK - 1) / kMBK;
+  // This lane's ldmatrix row and chunk within a 16 x 16 piece: A's rows (lane % 16), k chunk lane / 16; NT
+  // B's n rows (lane % 8 + 8 (lane / 16)), k chunk (lane / 8) % 2; NN B's k rows lane % 16, n chunk lane
+  // / 16.
+  const int a_row = wm * kWM + (lane & 15), a_col = 8 * (lane >> 4);
+  const int b_row = NT ? wn * kWN + (lane & 7) + 8 * (lane >> 4) : (lane & 15);
+  const int b_col = NT ? 8 * ((lane >> 3) & 1) : wn * kWN + 8 * (lane >> 4);
+
+  for (int64_t t = blockIdx.x; t < tiles_m * tiles_n; t += gridDim.x) {
+    int m0, n0;
+    grouped_tile(t, tiles_m, tiles_n, BM, BN, m0, n0);
+    auto load = [&](int kt) {
+      if (kt < kt_count) {
+        const int st = kt % kStages, k0 = kt * kMBK;
+        cp_tile_swz<BM, kMBK>(As + st * kStageA, A, lda, m0, M, k0, K);
+        cp_tile_swz<NT ? BN : kMBK, NT ? kMBK : BN>(Bs + st * kStageB, B, ldb, NT ? n0 : k0, NT ? N : K,
+                                                    NT ? k0 : n0, NT ? K : N);
+      }
+      __pipeline_commit();
+    };
+
+    float acc[kMT][kNT][4];
+#pragma unroll
+    for (int i = 0; i < kMT; ++i)
+#pragma unroll
+      for (int j = 0; j < kNT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+
+#pragma unroll
+    for (int st = 0; st < kStages - 1; ++st) load(st);
+    for (int kt = 0; kt < kt_count; ++kt) {
+      __pipeline_wait_prior(kStages - 2);  // this thread's copies of step kt have landed ...
+      __syncthreads();                     // ... everyone's have, and step kt - 1's stage is free
+      load(kt + kStages - 1);
+      const __nv_bfloat16* as = As + (kt % kStages) * kStageA;
+      const __nv_bfloat16* bs = Bs + (kt % kStages) * kStageB;
+      // Fragments double-buffered across the stage's four 16-wide k-steps: the loads of step kk + 1 are
+      // issued before the products of step kk, so their latency hides behind those MMAs.
+      uint32_t a[2][kMT][4], b[2][kNT][2];
+      auto fetch = [&](int buf, int kk) {
+#pragma unroll
+        for (int i = 0; i < kMT; ++i) ldsm_x4(a[buf][i], as + swz(a_row + 16 * i, kk + a_col, kMBK));
+#pragma unroll
+        for (int jp = 0; jp < kNT / 2; ++jp) {
+          uint32_t q[4];
+          if (NT)
+            ldsm_x4(q, bs + swz(b_row + 16 * jp, kk + b_col, kMBK));
+          else
+            ldsm_x4_trans(q, bs + swz(kk + b_row, b_col + 16 * jp, BN));
+          b[buf][2 * jp][0] = q[0], b[buf][2 * jp][1] = q[1];
+          b[buf][2 * jp + 1][0] = q[2], b[buf][2 * jp + 1][1] = q[3];
+        }
+      };
+      fetch(0, 0);
+#pragma unroll
+      for (int s = 0; s < kMBK / 16; ++s) {
+        if (s + 1 < kMBK / 16) fetch((s + 1) % 2, 16 * (s + 1));
+#pragma unroll
+        for (int i = 0; i < kMT; ++i)
+#pragma unroll
+          for (int j = 0; j < kNT; ++j)
+            mma_bf16_16816(acc[i][j], a[s % 2][i], b[s % 2][j][0], b[s % 2][j][1]);
+      }
+    }
+    __pipeline_wait_prior(0);  // only empty groups are left
+    __syncthreads();           // every warp is done with the stages before the next tile refills them
+
+    // Epilogue: fragment (i, j) holds rows g and g + 8, columns 2 (lane % 4) and the next (mma.cuh).
+#pragma unroll
+    for (int i = 0; i < kMT; ++i) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = m0 + wm * kWM + 16 * i + (lane >> 2) + 8 * h;
+        if (row >= M) continue;
+        float* crow = C + static_cast<int64_t>(row) * ldc;
+#pragma unroll
+        for (int j = 0; j < kNT; ++j) {
+          const int col = n0 + wn * kWN + 8 * j + 2 * (lane & 3);
+          float v0 = acc[i][j][2 * h], v1 = acc[i][j][2 * h + 1];
+          if (c_vec && col + 1 < N) {
+            if (bias) {
+              const float2 bb = __ldg(reinterpret_cast<const float2*>(bias + col));
+              v0 += bb.x, v1 += bb.y;
+            }
+            float2* dst = reinterpret_cast<float2*>(crow + col);
+            if (beta_one) {
+              const float2 old = *dst;
+              v0 += old.x, v1 += old.y;
+            }
+            *dst = make_float2(v0, v1);
+          } else {
+            if (col < N) {
+              if (bias) v0 += __ldg(bias + col);
+              if (beta_one) v0 += crow[col];
+              crow[col] = v0;
+            }
+            if (col + 1 < N) {
+              if (bias) v1 += __ldg(bias + col + 1);
+              if (beta_one) v1 += crow[col + 1];
+              crow[col + 1] = v1;
+            }
+          }
+        }
+      }
+    }
   }
 }
 
@@ -581,66 +773,117 @@ void launch_pipe(const PipeArgs& a) {
                                                                        a.bias, a.M, a.N, a.K, a.beta_one);
 }
 
-template <bool NT, int BM>
-void launch_pipe_width(int bn, const PipeArgs& a) {
-  if (bn == 256)
-    launch_pipe<NT, BM, 256>(a);
+template <bool NT, int BM, int BN>
+void launch_mma(const PipeArgs& a) {
+  constexpr size_t smem = mma_smem(BM, BN);
+  static const cudaError_t opt_in = cudaFuncSetAttribute(
+      gemm_mma_kernel<NT, BM, BN>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  check(opt_in, "cudaFuncSetAttribute(gemm_mma_kernel)");
+  const bool c_vec = reinterpret_cast<uintptr_t>(a.C) % 8 == 0 && a.ldc % 2 == 0 &&
+                     (!a.bias || reinterpret_cast<uintptr_t>(a.bias) % 8 == 0);
+  const int64_t tiles = ceil_div(a.M, BM) * ceil_div(a.N, BN);
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(tiles, int64_t{1} << 30));
+  gemm_mma_kernel<NT, BM, BN><<<grid, kThreads, smem, a.stream>>>(a.A, a.lda, a.B, a.ldb, a.C, a.ldc, a.bias,
+                                                                  a.M, a.N, a.K, a.beta_one, c_vec);
+}
+
+// Calls f(BM, BN) (as std::integral_constant) for a tile height of 32, 64 or 128 and a width of 128 or 256.
+template <class F>
+void with_shape(int bm, int bn, F f) {
+  using I32 = std::integral_constant<int, 32>;
+  using I64 = std::integral_constant<int, 64>;
+  using I128 = std::integral_constant<int, 128>;
+  using I256 = std::integral_constant<int, 256>;
+  auto width = [&](auto rows) {
+    if (bn == 256)
+      f(rows, I256{});
+    else
+      f(rows, I128{});
+  };
+  if (bm == 32)
+    width(I32{});
+  else if (bm == 64)
+    width(I64{});
   else
-    launch_pipe<NT, BM, 128>(a);
+    width(I128{});
 }
 
 template <bool NT>
-void launch_pipe_rows(int bm, int bn, const PipeArgs& a) {
-  if (bm == 32)
-    launch_pipe_width<NT, 32>(bn, a);
-  else if (bm == 64)
-    launch_pipe_width<NT, 64>(bn, a);
-  else
-    launch_pipe_width<NT, 128>(bn, a);
+void launch_pipe_shape(int bm, int bn, const PipeArgs& a) {
+  with_shape(bm, bn,
+             [&](auto rows, auto cols) { launch_pipe<NT, decltype(rows)::value, decltype(cols)::value>(a); });
+}
+template <bool NT>
+void launch_mma_shape(int bm, int bn, const PipeArgs& a) {
+  with_shape(bm, bn,
+             [&](auto rows, auto cols) { launch_mma<NT, decltype(rows)::value, decltype(cols)::value>(a); });
 }
 
-// Which tensor-core kernel runs a BF16 product. Auto: the pipelined kernel whenever the operands allow it,
-// else the staged kernel. Its tile height is the smallest of 32, 64, 128 that holds M, up to 128 (pick_rows);
-// its width the one with the smaller wave-quantisation cost: waves of blocks over the SMs (blocks an SM:
-// pipe_blocks_per_sm) times the columns a wave covers an SM; ties go to 256.
-enum class TcKernel { Auto, Staged, Pipe128, Pipe256 };
+// Which tensor-core kernel runs a BF16 product. Auto: the mma.sync kernel whenever the operands allow it,
+// else the pipelined WMMA kernel where they allow that, else the staged kernel. The tile height is the
+// smallest of 32, 64, 128 that holds M, up to 128 (pick_rows); the width 128 for the mma kernel, for the
+// pipelined one the width with the smaller wave-quantisation cost: waves of blocks over the SMs (the blocks
+// an SM holds) times the columns a wave covers an SM; ties go to 256.
+enum class TcKernel { Auto, Staged, Pipe, Pipe128, Pipe256, Mma128, Mma256 };
 
-// PRIORTUNE_CUDA_GEMM = auto (default) | staged | pipe128 | pipe256: a fixed choice for comparing the
-// kernels on one machine (the pipelined ones still only where the operands allow them). Read at every call
-// (a captured graph keeps the kernels it was captured with), so one process can compare them.
+// PRIORTUNE_CUDA_GEMM = auto (default) | staged | pipe | pipe128 | pipe256 | mma128 | mma256: a fixed
+// choice for comparing the kernels on one machine (pipe: the pipelined WMMA kernel at auto's width; the
+// pipelined and mma ones still only where the operands allow them; a fixed width of 256 the device cannot
+// hold falls back to 128). Read at every call (a captured
+// graph keeps the kernels it was captured with), so one process can compare them.
 TcKernel env_kernel() {
   const char* const raw = std::getenv("PRIORTUNE_CUDA_GEMM");
   const std::string v = raw ? raw : "";
   if (v.empty() || v == "auto") return TcKernel::Auto;
   if (v == "staged") return TcKernel::Staged;
+  if (v == "pipe") return TcKernel::Pipe;
   if (v == "pipe128") return TcKernel::Pipe128;
   if (v == "pipe256") return TcKernel::Pipe256;
-  throw std::invalid_argument("PRIORTUNE_CUDA_GEMM must be auto, staged, pipe128 or pipe256, got \"" + v +
-                              "\"");
+  if (v == "mma128") return TcKernel::Mma128;
+  if (v == "mma256") return TcKernel::Mma256;
+  throw std::invalid_argument(
+      "PRIORTUNE_CUDA_GEMM must be auto, staged, pipe, pipe128, pipe256, mma128 or mma256, got \"" + v +
+      "\"");
 }
 
-// Whether the pipelined kernel of width bn can take this product (bf16 operands, 16-byte aligned bases and
-// rows, an sm_80+ device with the shared memory for its stages).
-bool pipe_ok(int bm, int bn, bool nt, const void* A, int64_t lda, bool a_bf16, const void* B, int64_t ldb,
-             bool b_bf16) {
-  if (!a_bf16 || !b_bf16 || !aligned16(A) || !aligned16(B) || lda % 8 != 0 || ldb % 8 != 0) return false;
-  const DeviceInfo& d = device_info();
-  return d.major >= 8 && d.smem_optin >= pipe_smem(nt, bm, bn);
+// bf16 operands with 16-byte aligned bases and rows: what both cp.async kernels need of the operands.
+bool cp_async_ok(const void* A, int64_t lda, bool a_bf16, const void* B, int64_t ldb, bool b_bf16) {
+  return a_bf16 && b_bf16 && aligned16(A) && aligned16(B) && lda % 8 == 0 && ldb % 8 == 0 &&
+         device_info().major >= 8;
+}
+
+// Whether the device holds a block of the pipelined (mma = false) or mma kernel of this shape.
+bool shape_fits(bool mma, bool nt, int bm, int bn) {
+  return device_info().smem_optin >= (mma ? mma_smem(bm, bn) : pipe_smem(nt, bm, bn));
+}
+
+// Blocks of a shape resident on one SM: the launch bound, or fewer where shared memory holds fewer.
+int64_t blocks_per_sm(bool mma, bool nt, int bm, int bn) {
+  const int64_t bound = mma ? mma_blocks_per_sm(bm, bn) : pipe_blocks_per_sm(bm, bn);
+  const int64_t smem = static_cast<int64_t>(mma ? mma_smem(bm, bn) : pipe_smem(nt, bm, bn)) + 1024;
+  return std::max<int64_t>(1,
+                           std::min<int64_t>(bound, static_cast<int64_t>(device_info().smem_per_sm) / smem));
 }
 
 int pick_rows(int64_t M) {
   return M <= 32 ? 32 : M <= 64 ? 64 : 128;
 }
 
-int pick_width(TcKernel kernel, int64_t M, int64_t N) {
-  if (kernel == TcKernel::Pipe128) return 128;
-  if (kernel == TcKernel::Pipe256) return 256;
+// The mma kernel's auto width is always 128: its 128 x 256 tile holds one block (8 warps) an SM, too few to
+// hide the ldmatrix -> mma latency (H100: 235 against 277 TFLOP/s at 8192^3, 0.454 against 0.288 ms for
+// the GPT-2 qkv product), so it is only there to be chosen for comparisons.
+int pick_width(TcKernel kernel, bool mma, bool nt, int64_t M, int64_t N) {
+  if (kernel == TcKernel::Pipe128 || kernel == TcKernel::Mma128) return 128;
+  if ((kernel == TcKernel::Pipe256 || kernel == TcKernel::Mma256) && shape_fits(mma, nt, pick_rows(M), 256))
+    return 256;
   const int bm = pick_rows(M);
+  if (mma || !shape_fits(mma, nt, bm, 256)) return 128;
   const int64_t tiles_m = ceil_div(M, bm), sms = device_info().sms;
-  const int64_t per_sm_128 = pipe_blocks_per_sm(bm, 128), per_sm_256 = pipe_blocks_per_sm(bm, 256);
-  const int64_t cost_256 = ceil_div(tiles_m * ceil_div(N, 256), per_sm_256 * sms) * 256 * per_sm_256;
-  const int64_t cost_128 = ceil_div(tiles_m * ceil_div(N, 128), per_sm_128 * sms) * 128 * per_sm_128;
-  return cost_256 <= cost_128 ? 256 : 128;
+  auto cost = [&](int bn) {
+    const int64_t per_sm = blocks_per_sm(mma, nt, bm, bn);
+    return ceil_div(tiles_m * ceil_div(N, bn), per_sm * sms) * bn * per_sm;
+  };
+  return cost(256) <= cost(128) ? 256 : 128;
 }
 
 void gemm_with(TcKernel kernel, Stream stream, GemmPrecision precision, bool b_transposed, int64_t M,
@@ -670,14 +913,23 @@ void gemm_with(TcKernel kernel, Stream stream, GemmPrecision precision, bool b_t
   const float* af = static_cast<const float*>(A);
   const uint16_t* ah = static_cast<const uint16_t*>(A);
   if (precision == GemmPrecision::BF16) {
-    const int bm = pick_rows(M), bn = kernel == TcKernel::Staged ? 0 : pick_width(kernel, M, N);
-    if (bn && pipe_ok(bm, bn, b_transposed, A, lda, a_bf16, B, ldb, b_bf16)) {
-      const PipeArgs args{stream, m, n,   k,    ah,      lda, static_cast<const uint16_t*>(B),
-                          ldb,    C, ldc, bias, beta_one};
+    const int bm = pick_rows(M);
+    const bool pipe = kernel == TcKernel::Pipe || kernel == TcKernel::Pipe128 || kernel == TcKernel::Pipe256;
+    const bool cp_async = kernel != TcKernel::Staged && cp_async_ok(A, lda, a_bf16, B, ldb, b_bf16);
+    const PipeArgs args{stream, m, n,   k,    ah,      lda, static_cast<const uint16_t*>(B),
+                        ldb,    C, ldc, bias, beta_one};
+    if (cp_async && !pipe && shape_fits(true, b_transposed, bm, 128)) {
+      const int bn = pick_width(kernel, true, b_transposed, M, N);
       if (b_transposed)
-        launch_pipe_rows<true>(bm, bn, args);
+        launch_mma_shape<true>(bm, bn, args);
       else
-        launch_pipe_rows<false>(bm, bn, args);
+        launch_mma_shape<false>(bm, bn, args);
+    } else if (cp_async && shape_fits(false, b_transposed, bm, 128)) {
+      const int bn = pick_width(kernel, false, b_transposed, M, N);
+      if (b_transposed)
+        launch_pipe_shape<true>(bm, bn, args);
+      else
+        launch_pipe_shape<false>(bm, bn, args);
     } else if (a_bf16 && b_bf16) {
       launch_tc<__nv_bfloat16, uint16_t, uint16_t>(stream, b_transposed, m, n, k, ah, lda,
                                                    static_cast<const uint16_t*>(B), ldb, C, ldc, bias,
@@ -862,20 +1114,24 @@ std::vector<OpCheck> selftest_gemm() {
       out.push_back(make_check("gemm bf16 (fp32 B)", shape,
                                region_error(run(GemmPrecision::BF16, false), ref_b, M, N, ldc, off), tol_bf16,
                                note_bf16 + "; B converted on the fly"));
-      // Both operands bf16 in memory (as the model passes them): the staged kernel, and the pipelined one
-      // at both tile widths wherever its alignment rules let it take the product.
+      // Both operands bf16 in memory (as the model passes them): the staged kernel, and the pipelined WMMA
+      // and mma.sync ones at both tile widths wherever their alignment rules let them take the product.
       out.push_back(make_check(
           "gemm bf16 (bf16 A, staged)", shape,
           region_error(run(GemmPrecision::BF16, true, true, TcKernel::Staged), ref_b, M, N, ldc, off),
           tol_bf16, note_bf16 + "; A and B uploaded as bf16"));
-      for (const TcKernel pipe : {TcKernel::Pipe128, TcKernel::Pipe256}) {
-        const int bn = pipe == TcKernel::Pipe128 ? 128 : 256;
-        if (!pipe_ok(pick_rows(M), bn, nt, d_abits.get() + off, lda, true, d_bits.get() + off, ldb, true))
-          continue;
-        out.push_back(
-            make_check("gemm bf16 (bf16 A, pipelined " + std::to_string(bn) + ")", shape,
-                       region_error(run(GemmPrecision::BF16, true, true, pipe), ref_b, M, N, ldc, off),
-                       tol_bf16, note_bf16 + "; A and B uploaded as bf16, cp.async stages"));
+      if (!cp_async_ok(d_abits.get() + off, lda, true, d_bits.get() + off, ldb, true)) continue;
+      for (const TcKernel fixed :
+           {TcKernel::Pipe128, TcKernel::Pipe256, TcKernel::Mma128, TcKernel::Mma256}) {
+        const bool mma = fixed == TcKernel::Mma128 || fixed == TcKernel::Mma256;
+        const int bn = fixed == TcKernel::Pipe128 || fixed == TcKernel::Mma128 ? 128 : 256;
+        if (!shape_fits(mma, nt, pick_rows(M), bn)) continue;
+        out.push_back(make_check(
+            std::string("gemm bf16 (bf16 A, ") + (mma ? "mma.sync " : "pipelined ") + std::to_string(bn) +
+                ")",
+            shape, region_error(run(GemmPrecision::BF16, true, true, fixed), ref_b, M, N, ldc, off), tol_bf16,
+            note_bf16 + (mma ? "; A and B uploaded as bf16, cp.async stages, ldmatrix + mma.sync m16n8k16"
+                             : "; A and B uploaded as bf16, cp.async stages, WMMA")));
       }
     }
   }

@@ -19,6 +19,9 @@
 // - WMMA bf16 m16n16k16 and tf32 m16n16k8: A and B fragments hold the whole tile in every lane, each
 //   accumulator element belongs to one lane (the others read NaN after mma_sync), products are summed in
 //   double and rounded once; tf32 operands are truncated to 10 mantissa bits as the tensor core reads them.
+// - The inline-PTX primitives of kernels/cuda/mma.cuh (ldmatrix .x4 plain and .trans, mma.sync m16n8k16
+//   bf16 -> fp32) as warp collectives with the PTX ISA's per-lane fragment layouts (16-byte aligned rows;
+//   products summed in double as above).
 // - cp.async (__pipeline_memcpy_async / _commit / _wait_prior): each thread keeps its own queue of copy
 //   groups, and a copy lands as late as the rules allow: when a __pipeline_wait_prior(n) leaves fewer than
 //   its group among the n newest. So reading a stage before waiting for it sees the block-start poison (or a
@@ -71,6 +74,12 @@ struct alignas(16) uint4 {
 struct alignas(8) uint2 {
   uint32_t x, y;
 };
+struct alignas(8) float2 {
+  float x, y;
+};
+inline float2 make_float2(float a, float b) {
+  return {a, b};
+}
 inline float4 make_float4(float a, float b, float c, float d) {
   return {a, b, c, d};
 }
@@ -145,7 +154,7 @@ struct cudaDeviceProp {
   int major, minor;
   size_t totalGlobalMem;
   int multiProcessorCount;
-  size_t sharedMemPerBlock, sharedMemPerBlockOptin;
+  size_t sharedMemPerBlock, sharedMemPerBlockOptin, sharedMemPerMultiprocessor;
 };
 
 struct CUstream_st;
@@ -272,6 +281,59 @@ T from_bits(uint64_t b) {
   T v;
   std::memcpy(&v, &b, sizeof(T));
   return v;
+}
+
+// Gathers the warp's 32 values of `mine` into all (every lane gets the whole array).
+inline void warp_gather(const char* what, uint64_t mine, uint64_t (&all)[32]) {
+  warp_exchange(what, 0xffffffffu, mine, [&](const uint64_t* w, unsigned) {
+    std::memcpy(all, w, sizeof(all));
+    return 0;
+  });
+}
+
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16 (kernels/cuda/mma.cuh): lanes 8i..8i+7 give the 16-byte
+// aligned row addresses of matrix i; r[i] of lane l = matrix i's row l/4, elements 2(l%4) and 2(l%4)+1, or
+// with trans its column l/4, rows 2(l%4) and 2(l%4)+1.
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* p, bool trans) {
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) fatal("ldmatrix: row address not 16-byte aligned");
+  uint64_t rows[32];
+  warp_gather("ldmatrix", reinterpret_cast<uintptr_t>(p), rows);
+  const unsigned l = cur_thread & 31u;
+  auto at = [&](unsigned row, unsigned col) {
+    return static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(rows[row])[col]);
+  };
+  for (unsigned i = 0; i < 4; ++i)
+    r[i] = trans ? at(8 * i + 2 * (l % 4), l / 4) | at(8 * i + 2 * (l % 4) + 1, l / 4) << 16
+                 : at(8 * i + l / 4, 2 * (l % 4)) | at(8 * i + l / 4, 2 * (l % 4) + 1) << 16;
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 with d as C and D: the warp's A (16 x 16) and B
+// (16 x 8) are gathered from the lanes' fragments (layouts in kernels/cuda/mma.cuh), the products summed in
+// double and rounded once, as the WMMA emulation does.
+inline void mma_bf16_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  uint64_t a01[32], a23[32], b[32];
+  warp_gather("mma.sync", a[0] | static_cast<uint64_t>(a[1]) << 32, a01);
+  warp_gather("mma.sync", a[2] | static_cast<uint64_t>(a[3]) << 32, a23);
+  warp_gather("mma.sync", b0 | static_cast<uint64_t>(b1) << 32, b);
+  auto half = [](uint64_t v, unsigned reg, unsigned k) {  // element k % 2 of 32-bit register reg
+    const uint32_t w = static_cast<uint32_t>(v >> (32 * reg));
+    const uint32_t bits = ((k % 2) ? w >> 16 : w & 0xffffu) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  };
+  auto A = [&](unsigned row, unsigned k) {  // a[0]/a[1]: k < 8, rows g / g + 8; a[2]/a[3]: k >= 8
+    const uint64_t* src = k < 8 ? a01 : a23;
+    return half(src[4 * (row % 8) + (k % 8) / 2], row / 8, k);
+  };
+  auto B = [&](unsigned k, unsigned n) { return half(b[4 * n + (k % 8) / 2], k / 8, k); };
+  const unsigned l = cur_thread & 31u, g = l / 4, t = l % 4;
+  for (unsigned e = 0; e < 4; ++e) {
+    const unsigned row = g + 8 * (e / 2), col = 2 * t + e % 2;
+    double s = d[e];
+    for (unsigned k = 0; k < 16; ++k) s += static_cast<double>(A(row, k)) * B(k, col);
+    d[e] = static_cast<float>(s);
+  }
 }
 }  // namespace emu
 
