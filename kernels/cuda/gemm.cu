@@ -338,23 +338,30 @@ struct PipeShape {
   static_assert(kSmem >= (kThreads / 32) * 16 * kLdScr * sizeof(float), "epilogue scratch fits the stages");
 };
 
+// Element (r, c) of a swizzled stage with rows of L bf16 (L a multiple of 64; c a multiple of 8 here): the
+// 16-byte chunk c / 8 of row r sits at chunk (c / 8) ^ (r % 8) of that row's group of 8 chunks.
+__device__ __forceinline__ int swz(int r, int c, int L) {
+  return r * L + ((((c >> 3) ^ r) & 7) | ((c >> 3) & ~7)) * 8 + (c & 7);
+}
+
 // Issues the cp.async copies of an R x CC bf16 tile (CC contiguous) whose element (r, c) is
-// g[(r0 + r) * ld + c0 + c], in bounds for r0 + r < rows and c0 + c < cols, into s[r * lds + c]. A chunk
-// with fewer than 8 elements in bounds copies those and zero-fills the rest; one with none reads nothing
-// (its source is g itself, a valid aligned address).
-template <int R, int CC>
+// g[(r0 + r) * ld + c0 + c], in bounds for r0 + r < rows and c0 + c < cols, into s[r * lds + c], or with
+// kSwz into s[swz(r, c, CC)] (lds unused). A chunk with fewer than 8 elements in bounds copies those and
+// zero-fills the rest; one with none reads nothing (its source is g itself, a valid aligned address).
+template <int R, int CC, bool kSwz>
 __device__ __forceinline__ void cp_tile(__nv_bfloat16* s, int lds, const uint16_t* __restrict__ g, int64_t ld,
                                         int r0, int rows, int c0, int cols) {
   constexpr int kPerRow = CC / 8, kChunks = R * kPerRow;
   static_assert(CC % 8 == 0 && (kChunks % kThreads == 0 || kChunks < kThreads),
                 "tile must split evenly into 16-byte chunks");
+  static_assert(!kSwz || CC % 64 == 0, "swizzled rows are whole groups of 8 chunks");
 #pragma unroll
   for (int i = 0; i < (kChunks + kThreads - 1) / kThreads; ++i) {
     const int e = static_cast<int>(threadIdx.x) + i * kThreads, r = e / kPerRow, c = e % kPerRow * 8;
     if (kChunks < kThreads && e >= kChunks) break;  // a 32-row A tile: half the threads copy it
     const int gr = r0 + r, gc = c0 + c;
     const int valid = gr < rows ? min(cols - gc, 8) : 0;
-    void* dst = s + r * lds + c;
+    void* dst = kSwz ? s + swz(r, c, CC) : s + r * lds + c;
     if (valid >= 8) {
       __pipeline_memcpy_async(dst, g + static_cast<int64_t>(gr) * ld + gc, 16);
     } else {
@@ -362,6 +369,18 @@ __device__ __forceinline__ void cp_tile(__nv_bfloat16* s, int lds, const uint16_
       __pipeline_memcpy_async(dst, src, 16, 16 - 2 * max(valid, 0));
     }
   }
+}
+
+// The copies of one k-step of both operands of the tile at (m0, n0): A's BM x BK piece at column k0 into sa,
+// B's (NT: rows n0.., columns k0..; NN: rows k0.., columns n0..) into sb, as cp_tile lays them out.
+template <bool NT, int BM, int BN, int BK, bool kSwz>
+__device__ __forceinline__ void cp_step(__nv_bfloat16* sa, int lds_a, __nv_bfloat16* sb, int lds_b,
+                                        const uint16_t* __restrict__ A, int64_t lda,
+                                        const uint16_t* __restrict__ B, int64_t ldb, int m0, int n0, int k0,
+                                        int M, int N, int K) {
+  cp_tile<BM, BK, kSwz>(sa, lds_a, A, lda, m0, M, k0, K);
+  cp_tile<NT ? BN : BK, NT ? BK : BN, kSwz>(sb, lds_b, B, ldb, NT ? n0 : k0, NT ? N : K, NT ? k0 : n0,
+                                            NT ? K : N);
 }
 
 // Tile t of a 1-D grid in grouped order: kGroupM consecutive M tiles walk the N tiles together (M fastest),
@@ -411,9 +430,8 @@ __global__ void __launch_bounds__(kThreads, pipe_blocks_per_sm(BM, BN))
     auto load = [&](int kt) {
       if (kt < kt_count) {
         const int st = kt % kPStages, k0 = kt * kPBK;
-        cp_tile<BM, kPBK>(As + st * S::kStageA, S::kLdA, A, lda, m0, M, k0, K);
-        cp_tile<NT ? BN : kPBK, NT ? kPBK : BN>(Bs + st * S::kStageB, S::kLdB, B, ldb, NT ? n0 : k0,
-                                                NT ? N : K, NT ? k0 : n0, NT ? K : N);
+        cp_step<NT, BM, BN, kPBK, false>(As + st * S::kStageA, S::kLdA, Bs + st * S::kStageB, S::kLdB, A, lda,
+                                         B, ldb, m0, n0, k0, M, N, K);
       }
       __pipeline_commit();
     };
@@ -482,32 +500,6 @@ constexpr int mma_blocks_per_sm(int, int bn) {
 static_assert(mma_smem(128, 256) <= 227 * 1024 && mma_smem(128, 128) * 2 + 2048 <= 228 * 1024,
               "stage sizes fit an H100 SM (227 KB a block, 228 KB an SM) at the blocks an SM above");
 
-// Element (r, c) of a swizzled stage with rows of L bf16 (L a multiple of 64; c a multiple of 8 here).
-__device__ __forceinline__ int swz(int r, int c, int L) {
-  return r * L + ((((c >> 3) ^ r) & 7) | ((c >> 3) & ~7)) * 8 + (c & 7);
-}
-
-// cp_tile's copies into a swizzled R x CC stage (CC a multiple of 64).
-template <int R, int CC>
-__device__ __forceinline__ void cp_tile_swz(__nv_bfloat16* s, const uint16_t* __restrict__ g, int64_t ld,
-                                            int r0, int rows, int c0, int cols) {
-  constexpr int kPerRow = CC / 8, kChunks = R * kPerRow;
-  static_assert(CC % 64 == 0 && kChunks % kThreads == 0, "tile must split evenly into 16-byte chunks");
-#pragma unroll
-  for (int i = 0; i < kChunks / kThreads; ++i) {
-    const int e = static_cast<int>(threadIdx.x) + i * kThreads, r = e / kPerRow, c = e % kPerRow * 8;
-    const int gr = r0 + r, gc = c0 + c;
-    const int valid = gr < rows ? min(cols - gc, 8) : 0;
-    void* dst = s + swz(r, c, CC);
-    if (valid >= 8) {
-      __pipeline_memcpy_async(dst, g + static_cast<int64_t>(gr) * ld + gc, 16);
-    } else {
-      const uint16_t* src = valid > 0 ? g + static_cast<int64_t>(gr) * ld + gc : g;
-      __pipeline_memcpy_async(dst, src, 16, 16 - 2 * max(valid, 0));
-    }
-  }
-}
-
 // c_vec: C and bias (when given) 8-byte aligned and ldc even, so column pairs go as one 8-byte access.
 template <bool NT, int BM, int BN>
 __global__ void __launch_bounds__(kThreads, mma_blocks_per_sm(BM, BN))
@@ -540,9 +532,8 @@ __global__ void __launch_bounds__(kThreads, mma_blocks_per_sm(BM, BN))
     auto load = [&](int kt) {
       if (kt < kt_count) {
         const int st = kt % kStages, k0 = kt * kMBK;
-        cp_tile_swz<BM, kMBK>(As + st * kStageA, A, lda, m0, M, k0, K);
-        cp_tile_swz<NT ? BN : kMBK, NT ? kMBK : BN>(Bs + st * kStageB, B, ldb, NT ? n0 : k0, NT ? N : K,
-                                                    NT ? k0 : n0, NT ? K : N);
+        cp_step<NT, BM, BN, kMBK, true>(As + st * kStageA, 0, Bs + st * kStageB, 0, A, lda, B, ldb, m0, n0,
+                                        k0, M, N, K);
       }
       __pipeline_commit();
     };
