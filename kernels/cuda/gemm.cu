@@ -479,11 +479,12 @@ __global__ void __launch_bounds__(kThreads, pipe_blocks_per_sm(BM, BN))
 // 16 x 8, fp32. Operands travel global -> shared memory with cp.async through mma_stages() stages of
 // BK = kMBK = 64, exactly as in the pipelined kernel (zero fill past M, N and K; one barrier per step), and
 // shared memory -> registers with ldmatrix (.trans for NN's k-major B tile), one instruction per 16 x 16
-// piece, instead of WMMA's per-element loads. Stage rows are unpadded and swizzled: the 16-byte chunk c of
-// row r sits at chunk c ^ (r % 8) of that row (swz), so the 8 rows one ldmatrix phase reads (same logical
-// chunk, 8 consecutive rows) fall in 8 distinct bank groups, and so do the 8 chunks of a row the copies
-// write. The epilogue writes the accumulators straight from registers (two adjacent columns a thread,
-// 8-byte stores when C allows), adding bias and, when beta_one, the old C; no shared scratch.
+// piece, instead of WMMA's per-element loads; the fragments of the next 16-wide k-step are loaded before the
+// MMAs of the current one (two fragment buffers). Stage rows are unpadded and swizzled: the 16-byte chunk c
+// of row r sits at chunk c ^ (r % 8) within its group of 8 chunks (swz), so the 8 rows one ldmatrix phase
+// reads (same logical chunk, 8 consecutive rows) fall in 8 distinct bank groups, and so do the 8 chunks of
+// a row the copies write. The epilogue writes the accumulators straight from registers (two adjacent
+// columns a thread, 8-byte stores when C allows), adding bias and, when beta_one, the old C; no scratch.
 constexpr int kMBK = 64;
 
 __host__ __device__ constexpr int mma_stages(int bm, int bn) {
