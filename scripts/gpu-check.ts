@@ -117,7 +117,7 @@ if (want("gemm")) {
       if (p === "fp32" && M * N * K > 2 ** 36) continue;
       // "priortune pipe" / "priortune staged": our BF16 product forced onto the pipelined WMMA kernel or the
       // register-staged one (PRIORTUNE_CUDA_GEMM), beside the default (ldmatrix + mma.sync).
-      // "priortune mma128" / "mma256": the default kernel at a fixed tile width (auto picks by wave count).
+      // "priortune mma128" / "mma256": the default kernel at a fixed tile width (auto takes 128).
       const kernels: Record<string, string | undefined> = {
         "priortune mma128": "mma128",
         "priortune mma256": "mma256",

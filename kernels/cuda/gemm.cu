@@ -495,7 +495,7 @@ constexpr size_t mma_smem(int bm, int bn) {
 }
 // 256 columns (up to 128 accumulators a thread; 144 to 192 KB of stages): one block an SM; 128 columns
 // two (registers capped at 128; stages of 80 to 96 KB).
-constexpr int mma_blocks_per_sm(int, int bn) {
+constexpr int mma_blocks_per_sm(int bn) {
   return bn == 256 ? 1 : 2;
 }
 static_assert(mma_smem(128, 256) <= 227 * 1024 && mma_smem(128, 128) * 2 + 2048 <= 228 * 1024,
@@ -503,14 +503,14 @@ static_assert(mma_smem(128, 256) <= 227 * 1024 && mma_smem(128, 128) * 2 + 2048 
 
 // c_vec: C and bias (when given) 8-byte aligned and ldc even, so column pairs go as one 8-byte access.
 template <bool NT, int BM, int BN>
-__global__ void __launch_bounds__(kThreads, mma_blocks_per_sm(BM, BN))
+__global__ void __launch_bounds__(kThreads, mma_blocks_per_sm(BN))
     gemm_mma_kernel(const uint16_t* __restrict__ A, int64_t lda, const uint16_t* __restrict__ B, int64_t ldb,
                     float* C, int64_t ldc, const float* __restrict__ bias, int M, int N, int K, bool beta_one,
                     bool c_vec) {
   constexpr int kStages = mma_stages(BM, BN);
   constexpr int kWM = BM / 2, kWN = BN / 4, kMT = kWM / 16, kNT = kWN / 8;
-  constexpr int kStageA = BM * kMBK,
-                kStageB = BN * kMBK;  // elements: A [BM][kMBK]; B NT [BN][kMBK], NN [kMBK][BN]
+  // Stage sizes in elements: A [BM][kMBK]; B NT [BN][kMBK], NN [kMBK][BN].
+  constexpr int kStageA = BM * kMBK, kStageB = BN * kMBK;
   static_assert(kWM % 16 == 0 && kWN % 16 == 0, "warp tiles are whole 16 x 16 ldmatrix pieces");
   extern __shared__ __align__(128) unsigned char smem[];
   __nv_bfloat16* As = reinterpret_cast<__nv_bfloat16*>(smem);  // [kStages][kStageA]
@@ -610,15 +610,14 @@ __global__ void __launch_bounds__(kThreads, mma_blocks_per_sm(BM, BN))
             }
             *dst = make_float2(v0, v1);
           } else {
-            if (col < N) {
-              if (bias) v0 += __ldg(bias + col);
-              if (beta_one) v0 += crow[col];
-              crow[col] = v0;
-            }
-            if (col + 1 < N) {
-              if (bias) v1 += __ldg(bias + col + 1);
-              if (beta_one) v1 += crow[col + 1];
-              crow[col + 1] = v1;
+            const float v[2] = {v0, v1};
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              if (col + e >= N) continue;
+              float x = v[e];
+              if (bias) x += __ldg(bias + col + e);
+              if (beta_one) x += crow[col + e];
+              crow[col + e] = x;
             }
           }
         }
@@ -752,6 +751,11 @@ struct PipeArgs {
   bool beta_one;
 };
 
+// A 1-D grid of one block a BM x BN tile (the kernels walk further tiles past 2^30 with a grid-stride loop).
+unsigned tile_grid(const PipeArgs& a, int bm, int bn) {
+  return static_cast<unsigned>(std::min<int64_t>(ceil_div(a.M, bm) * ceil_div(a.N, bn), int64_t{1} << 30));
+}
+
 template <bool NT, int BM, int BN>
 void launch_pipe(const PipeArgs& a) {
   using S = PipeShape<NT, BM, BN>;
@@ -759,10 +763,8 @@ void launch_pipe(const PipeArgs& a) {
   static const cudaError_t opt_in = cudaFuncSetAttribute(
       gemm_pipe_kernel<NT, BM, BN>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(S::kSmem));
   check(opt_in, "cudaFuncSetAttribute(gemm_pipe_kernel)");
-  const int64_t tiles = ceil_div(a.M, BM) * ceil_div(a.N, BN);
-  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(tiles, int64_t{1} << 30));
-  gemm_pipe_kernel<NT, BM, BN><<<grid, kThreads, S::kSmem, a.stream>>>(a.A, a.lda, a.B, a.ldb, a.C, a.ldc,
-                                                                       a.bias, a.M, a.N, a.K, a.beta_one);
+  gemm_pipe_kernel<NT, BM, BN><<<tile_grid(a, BM, BN), kThreads, S::kSmem, a.stream>>>(
+      a.A, a.lda, a.B, a.ldb, a.C, a.ldc, a.bias, a.M, a.N, a.K, a.beta_one);
 }
 
 template <bool NT, int BM, int BN>
@@ -773,42 +775,32 @@ void launch_mma(const PipeArgs& a) {
   check(opt_in, "cudaFuncSetAttribute(gemm_mma_kernel)");
   const bool c_vec = reinterpret_cast<uintptr_t>(a.C) % 8 == 0 && a.ldc % 2 == 0 &&
                      (!a.bias || reinterpret_cast<uintptr_t>(a.bias) % 8 == 0);
-  const int64_t tiles = ceil_div(a.M, BM) * ceil_div(a.N, BN);
-  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(tiles, int64_t{1} << 30));
-  gemm_mma_kernel<NT, BM, BN><<<grid, kThreads, smem, a.stream>>>(a.A, a.lda, a.B, a.ldb, a.C, a.ldc, a.bias,
-                                                                  a.M, a.N, a.K, a.beta_one, c_vec);
+  gemm_mma_kernel<NT, BM, BN><<<tile_grid(a, BM, BN), kThreads, smem, a.stream>>>(
+      a.A, a.lda, a.B, a.ldb, a.C, a.ldc, a.bias, a.M, a.N, a.K, a.beta_one, c_vec);
 }
 
-// Calls f(BM, BN) (as std::integral_constant) for a tile height of 32, 64 or 128 and a width of 128 or 256.
+// Calls f(NT, BM, BN) (as std::integral_constant) for B transposed or not, a tile height of 32, 64 or 128 and
+// a width of 128 or 256: the one dispatch of both cp.async kernels' instantiations.
 template <class F>
-void with_shape(int bm, int bn, F f) {
-  using I32 = std::integral_constant<int, 32>;
-  using I64 = std::integral_constant<int, 64>;
-  using I128 = std::integral_constant<int, 128>;
-  using I256 = std::integral_constant<int, 256>;
-  auto width = [&](auto rows) {
+void with_shape(bool nt, int bm, int bn, F f) {
+  auto width = [&](auto t, auto rows) {
     if (bn == 256)
-      f(rows, I256{});
+      f(t, rows, std::integral_constant<int, 256>{});
     else
-      f(rows, I128{});
+      f(t, rows, std::integral_constant<int, 128>{});
   };
-  if (bm == 32)
-    width(I32{});
-  else if (bm == 64)
-    width(I64{});
+  auto height = [&](auto t) {
+    if (bm == 32)
+      width(t, std::integral_constant<int, 32>{});
+    else if (bm == 64)
+      width(t, std::integral_constant<int, 64>{});
+    else
+      width(t, std::integral_constant<int, 128>{});
+  };
+  if (nt)
+    height(std::true_type{});
   else
-    width(I128{});
-}
-
-template <bool NT>
-void launch_pipe_shape(int bm, int bn, const PipeArgs& a) {
-  with_shape(bm, bn,
-             [&](auto rows, auto cols) { launch_pipe<NT, decltype(rows)::value, decltype(cols)::value>(a); });
-}
-template <bool NT>
-void launch_mma_shape(int bm, int bn, const PipeArgs& a) {
-  with_shape(bm, bn,
-             [&](auto rows, auto cols) { launch_mma<NT, decltype(rows)::value, decltype(cols)::value>(a); });
+    height(std::false_type{});
 }
 
 // Which tensor-core kernel runs a BF16 product. Auto: the mma.sync kernel whenever the operands allow it,
@@ -821,8 +813,8 @@ enum class TcKernel { Auto, Staged, Pipe, Pipe128, Pipe256, Mma128, Mma256 };
 // PRIORTUNE_CUDA_GEMM = auto (default) | staged | pipe | pipe128 | pipe256 | mma128 | mma256: a fixed
 // choice for comparing the kernels on one machine (pipe: the pipelined WMMA kernel at auto's width; the
 // pipelined and mma ones still only where the operands allow them; a fixed width of 256 the device cannot
-// hold falls back to 128). Read at every call (a captured
-// graph keeps the kernels it was captured with), so one process can compare them.
+// hold falls back to 128). Read at every call (a captured graph keeps the kernels it was captured with), so
+// one process can compare them.
 TcKernel env_kernel() {
   const char* const raw = std::getenv("PRIORTUNE_CUDA_GEMM");
   const std::string v = raw ? raw : "";
@@ -849,12 +841,12 @@ bool shape_fits(bool mma, bool nt, int bm, int bn) {
   return device_info().smem_optin >= (mma ? mma_smem(bm, bn) : pipe_smem(nt, bm, bn));
 }
 
-// Blocks of a shape resident on one SM: the launch bound, or fewer where shared memory holds fewer.
-int64_t blocks_per_sm(bool mma, bool nt, int bm, int bn) {
-  const int64_t bound = mma ? mma_blocks_per_sm(bm, bn) : pipe_blocks_per_sm(bm, bn);
-  const int64_t smem = static_cast<int64_t>(mma ? mma_smem(bm, bn) : pipe_smem(nt, bm, bn)) + 1024;
-  return std::max<int64_t>(1,
-                           std::min<int64_t>(bound, static_cast<int64_t>(device_info().smem_per_sm) / smem));
+// Blocks of a pipelined-kernel shape resident on one SM: the launch bound, or fewer where shared memory
+// holds fewer.
+int64_t pipe_resident(bool nt, int bm, int bn) {
+  const int64_t smem = static_cast<int64_t>(pipe_smem(nt, bm, bn)) + 1024;
+  return std::max<int64_t>(1, std::min<int64_t>(pipe_blocks_per_sm(bm, bn),
+                                                static_cast<int64_t>(device_info().smem_per_sm) / smem));
 }
 
 int pick_rows(int64_t M) {
@@ -864,15 +856,13 @@ int pick_rows(int64_t M) {
 // The mma kernel's auto width is always 128: its 128 x 256 tile holds one block (8 warps) an SM, too few to
 // hide the ldmatrix -> mma latency (H100: 235 against 277 TFLOP/s at 8192^3, 0.454 against 0.288 ms for
 // the GPT-2 qkv product), so it is only there to be chosen for comparisons.
-int pick_width(TcKernel kernel, bool mma, bool nt, int64_t M, int64_t N) {
+int pick_width(TcKernel kernel, bool mma, bool nt, int bm, int64_t M, int64_t N) {
   if (kernel == TcKernel::Pipe128 || kernel == TcKernel::Mma128) return 128;
-  if ((kernel == TcKernel::Pipe256 || kernel == TcKernel::Mma256) && shape_fits(mma, nt, pick_rows(M), 256))
-    return 256;
-  const int bm = pick_rows(M);
+  if ((kernel == TcKernel::Pipe256 || kernel == TcKernel::Mma256) && shape_fits(mma, nt, bm, 256)) return 256;
   if (mma || !shape_fits(mma, nt, bm, 256)) return 128;
   const int64_t tiles_m = ceil_div(M, bm), sms = device_info().sms;
   auto cost = [&](int bn) {
-    const int64_t per_sm = blocks_per_sm(mma, nt, bm, bn);
+    const int64_t per_sm = pipe_resident(nt, bm, bn);
     return ceil_div(tiles_m * ceil_div(N, bn), per_sm * sms) * bn * per_sm;
   };
   return cost(256) <= cost(128) ? 256 : 128;
@@ -911,17 +901,15 @@ void gemm_with(TcKernel kernel, Stream stream, GemmPrecision precision, bool b_t
     const PipeArgs args{stream, m, n,   k,    ah,      lda, static_cast<const uint16_t*>(B),
                         ldb,    C, ldc, bias, beta_one};
     if (cp_async && !pipe && shape_fits(true, b_transposed, bm, 128)) {
-      const int bn = pick_width(kernel, true, b_transposed, M, N);
-      if (b_transposed)
-        launch_mma_shape<true>(bm, bn, args);
-      else
-        launch_mma_shape<false>(bm, bn, args);
+      with_shape(b_transposed, bm, pick_width(kernel, true, b_transposed, bm, M, N),
+                 [&](auto t, auto r, auto c) {
+                   launch_mma<decltype(t)::value, decltype(r)::value, decltype(c)::value>(args);
+                 });
     } else if (cp_async && shape_fits(false, b_transposed, bm, 128)) {
-      const int bn = pick_width(kernel, false, b_transposed, M, N);
-      if (b_transposed)
-        launch_pipe_shape<true>(bm, bn, args);
-      else
-        launch_pipe_shape<false>(bm, bn, args);
+      with_shape(b_transposed, bm, pick_width(kernel, false, b_transposed, bm, M, N),
+                 [&](auto t, auto r, auto c) {
+                   launch_pipe<decltype(t)::value, decltype(r)::value, decltype(c)::value>(args);
+                 });
     } else if (a_bf16 && b_bf16) {
       launch_tc<__nv_bfloat16, uint16_t, uint16_t>(stream, b_transposed, m, n, k, ah, lda,
                                                    static_cast<const uint16_t*>(B), ldb, C, ldc, bias,
