@@ -371,16 +371,24 @@ __device__ __forceinline__ void cp_tile(__nv_bfloat16* s, int lds, const uint16_
   }
 }
 
-// The copies of one k-step of both operands of the tile at (m0, n0): A's BM x BK piece at column k0 into sa,
-// B's (NT: rows n0.., columns k0..; NN: rows k0.., columns n0..) into sb, as cp_tile lays them out.
-template <bool NT, int BM, int BN, int BK, bool kSwz>
-__device__ __forceinline__ void cp_step(__nv_bfloat16* sa, int lds_a, __nv_bfloat16* sb, int lds_b,
+// Step kt's copies of both operands of the tile at (m0, n0) into stage kt % Stages, as one commit group: A's
+// BM x BK piece at column k0 = kt BK into As + stage * stage_a, B's (NT: rows n0.., columns k0..; NN: rows
+// k0.., columns n0..) into Bs + stage * stage_b, laid out as cp_tile does (rows lds_a / lds_b apart, or
+// swizzled). Past the last step (kt >= kt_count) the group is empty, so that every wait of the pipeline
+// leaves the same number of groups in flight.
+template <bool NT, int BM, int BN, int BK, int Stages, bool kSwz>
+__device__ __forceinline__ void cp_step(int kt, int kt_count, __nv_bfloat16* As, int stage_a, int lds_a,
+                                        __nv_bfloat16* Bs, int stage_b, int lds_b,
                                         const uint16_t* __restrict__ A, int64_t lda,
-                                        const uint16_t* __restrict__ B, int64_t ldb, int m0, int n0, int k0,
-                                        int M, int N, int K) {
-  cp_tile<BM, BK, kSwz>(sa, lds_a, A, lda, m0, M, k0, K);
-  cp_tile<NT ? BN : BK, NT ? BK : BN, kSwz>(sb, lds_b, B, ldb, NT ? n0 : k0, NT ? N : K, NT ? k0 : n0,
-                                            NT ? K : N);
+                                        const uint16_t* __restrict__ B, int64_t ldb, int m0, int n0, int M,
+                                        int N, int K) {
+  if (kt < kt_count) {
+    const int st = kt % Stages, k0 = kt * BK;
+    cp_tile<BM, BK, kSwz>(As + st * stage_a, lds_a, A, lda, m0, M, k0, K);
+    cp_tile<NT ? BN : BK, NT ? BK : BN, kSwz>(Bs + st * stage_b, lds_b, B, ldb, NT ? n0 : k0, NT ? N : K,
+                                              NT ? k0 : n0, NT ? K : N);
+  }
+  __pipeline_commit();
 }
 
 // Tile t of a 1-D grid in grouped order: kGroupM consecutive M tiles walk the N tiles together (M fastest),
@@ -424,16 +432,10 @@ __global__ void __launch_bounds__(kThreads, pipe_blocks_per_sm(BM, BN))
   for (int64_t t = blockIdx.x; t < tiles_m * tiles_n; t += gridDim.x) {
     int m0, n0;
     grouped_tile(t, tiles_m, tiles_n, BM, BN, m0, n0);
-    // Step kt's copies into stage kt % kPStages, as one commit group; past the last step the group is empty,
-    // so that every wait below leaves the same number of groups in flight.
-    // B's stage rows run along n for NT ([N, K] in memory), along k for NN ([K, N]).
+    // Step kt's copies (cp_step). B's stage rows run along n for NT ([N, K] in memory), along k for NN.
     auto load = [&](int kt) {
-      if (kt < kt_count) {
-        const int st = kt % kPStages, k0 = kt * kPBK;
-        cp_step<NT, BM, BN, kPBK, false>(As + st * S::kStageA, S::kLdA, Bs + st * S::kStageB, S::kLdB, A, lda,
-                                         B, ldb, m0, n0, k0, M, N, K);
-      }
-      __pipeline_commit();
+      cp_step<NT, BM, BN, kPBK, kPStages, false>(kt, kt_count, As, S::kStageA, S::kLdA, Bs, S::kStageB,
+                                                 S::kLdB, A, lda, B, ldb, m0, n0, M, N, K);
     };
 
     typename Cfg::Acc acc[kFM][kFN];
@@ -530,13 +532,9 @@ __global__ void __launch_bounds__(kThreads, mma_blocks_per_sm(BN))
   for (int64_t t = blockIdx.x; t < tiles_m * tiles_n; t += gridDim.x) {
     int m0, n0;
     grouped_tile(t, tiles_m, tiles_n, BM, BN, m0, n0);
-    auto load = [&](int kt) {
-      if (kt < kt_count) {
-        const int st = kt % kStages, k0 = kt * kMBK;
-        cp_step<NT, BM, BN, kMBK, true>(As + st * kStageA, 0, Bs + st * kStageB, 0, A, lda, B, ldb, m0, n0,
-                                        k0, M, N, K);
-      }
-      __pipeline_commit();
+    auto load = [&](int kt) {  // step kt's copies (cp_step), swizzled
+      cp_step<NT, BM, BN, kMBK, kStages, true>(kt, kt_count, As, kStageA, 0, Bs, kStageB, 0, A, lda, B, ldb,
+                                               m0, n0, M, N, K);
     };
 
     float acc[kMT][kNT][4];
