@@ -17,7 +17,16 @@
 // g++ dependency list changed). Sections run as separate processes, one per core. Exits non-zero on a
 // build error, a crash, an emulator error or any failed check.
 import { spawn } from "node:child_process";
-import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import {
+  existsSync,
+  mkdirSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  symlinkSync,
+  writeFileSync,
+} from "node:fs";
 import { availableParallelism } from "node:os";
 import { dirname, join, relative, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -358,11 +367,14 @@ async function runAddonSuite(env) {
     external: ["*.node"],
     logLevel: "warning",
   });
+  // The wgmma section's model checks read test/fixtures next to the bundle, as gpu-check.sh links them.
+  rmSync(join(out, "fixtures"), { force: true });
+  symlinkSync(join(root, "test", "fixtures"), join(out, "fixtures"));
   const results = join(out, "gpu-check-results.md");
   rmSync(results, { force: true });
   const check = await run(
     process.execPath,
-    [bundle, "--tiny", "gemm", "steps", "knn", "--results", results],
+    [bundle, "--tiny", "wgmma", "gemm", "steps", "knn", "--results", results],
     {
       env: suiteEnv,
     },

@@ -7,6 +7,9 @@
 //   steps   full prompt-tuning steps (loss + prompt gradients + AdamW, P = 20) on issue #5's shapes with
 //           synthetic weights: median wall-clock ms per step (graph replay), tokens/s, MFU, device memory
 //   knn     the CUDA kNN index against the CPU index on issue #4's shapes, and its timings
+//   wgmma   the Hopper wgmma GEMM kernel's correctness alone (the GEMM self-test, which covers it, and the
+//           model-level kernel comparison), so that gpu-check.sh can run it first in its own process and keep
+//           it out of the other groups (PRIORTUNE_CUDA_WGMMA=0) if it fails or faults
 // Prints JSON lines and Markdown tables (also appended to FILE with --results FILE); exits non-zero when a
 // correctness check fails.
 // --tiny runs every section on small shapes: a dry run of the whole script, which scripts/cuda-emu.mjs does
@@ -71,6 +74,38 @@ async function median(fn: () => Promise<unknown>, runs: number, warm = 1): Promi
   return medianOf(times);
 }
 
+// The wgmma kernel's rows (GEMM engines, step setups): on Hopper, unless PRIORTUNE_CUDA_WGMMA=0 keeps it off.
+const wgmmaRuns = info.computeCapability.startsWith("9.") && process.env.PRIORTUNE_CUDA_WGMMA !== "0";
+
+// ---- wgmma ----
+if (want("wgmma") && wanted.size > 0) {
+  if (!wgmmaRuns) {
+    console.log(`wgmma: not run (compute capability ${info.computeCapability}, or PRIORTUNE_CUDA_WGMMA=0)`);
+  } else {
+    const { cudaSelfTest } = await import("../lib/backend.js");
+    const { gemmKernelChecks } = await import("../test/cuda-checks.js");
+    const gemm = (await cudaSelfTest()).filter((c) => c.op.startsWith("gemm bf16"));
+    const rows = [
+      ...gemm.map((c) => ({
+        group: "gemm self-test",
+        name: `${c.op} ${c.shape}`,
+        err: c.err,
+        tol: c.tol,
+        pass: c.pass,
+      })),
+      ...(await gemmKernelChecks()),
+    ];
+    const wg = rows.filter((r) => r.name.includes("wgmma"));
+    const bad = rows.filter((r) => !r.pass);
+    for (const r of wg) console.log(JSON.stringify({ what: "wgmma", ...r }));
+    failed ||= bad.length > 0;
+    tables.push(
+      `wgmma: ${wg.filter((r) => r.pass).length} of ${wg.length} wgmma checks pass (${bad.length} failures of ${rows.length} GEMM checks)\n` +
+        bad.map((r) => `- ${r.group}: ${r.name}: ${r.err.toExponential(2)} (tol ${r.tol})`).join("\n"),
+    );
+  }
+}
+
 // ---- checks ----
 if (want("checks")) {
   const rows: CheckRow[] = await allCudaChecks((r) => console.log(JSON.stringify({ what: "check", ...r })));
@@ -118,9 +153,11 @@ if (want("gemm")) {
       // "priortune pipe" / "priortune staged": our BF16 product forced onto the pipelined WMMA kernel or the
       // register-staged one (PRIORTUNE_CUDA_GEMM), beside the default (ldmatrix + mma.sync).
       // "priortune mma128" / "mma256": the default kernel at a fixed tile width (auto takes 128).
+      // "priortune wgmma128" / "wgmma256": the Hopper wgmma kernel (elsewhere these fall back to the default).
       const kernels: Record<string, string | undefined> = {
         "priortune mma128": "mma128",
         "priortune mma256": "mma256",
+        ...(wgmmaRuns ? { "priortune wgmma128": "wgmma128", "priortune wgmma256": "wgmma256" } : {}),
         "priortune pipe": "pipe",
         "priortune staged": "staged",
       };
@@ -224,10 +261,11 @@ if (want("steps")) {
   for (const cfg of [gpt2, llama]) {
     const model = new native.NativeModel(nativeConfig(cfg, 16));
     await model.fillRandom(1, 0.02);
-    // bf16 with graphs (the default GEMM, then the pipelined WMMA and register-staged ones for comparison),
-    // bf16 eager, tf32.
+    // bf16 with graphs (the default GEMM, then the wgmma, pipelined WMMA and register-staged ones for
+    // comparison), bf16 eager, tf32.
     const setups: { precision: CudaPrecision; graphs: boolean; kernel?: string }[] = [
       { precision: "bf16", graphs: true },
+      ...(wgmmaRuns ? [{ precision: "bf16" as const, graphs: true, kernel: "wgmma" }] : []),
       { precision: "bf16", graphs: true, kernel: "pipe" },
       { precision: "bf16", graphs: true, kernel: "staged" },
       { precision: "bf16", graphs: false },

@@ -539,10 +539,11 @@ export async function errorChecks(): Promise<CheckRow[]> {
 }
 
 /**
- * The BF16 products' three kernels (PRIORTUNE_CUDA_GEMM): a soft-prompt loss and gradient with the default
- * (ldmatrix + mma.sync) kernel and with the pipelined WMMA one equal the register-staged kernel's (the same
- * bf16 operands and the same order of 16-wide k-blocks, so equal up to fp32 rounding), for both families; a
- * bad value is a JS error naming the variable.
+ * The BF16 products' kernels (PRIORTUNE_CUDA_GEMM): a soft-prompt loss and gradient with the default
+ * (ldmatrix + mma.sync) kernel, the pipelined WMMA one and, on Hopper, the wgmma one (elsewhere "wgmma" falls
+ * back to the default) equal the register-staged kernel's (the same bf16 operands and the same order of
+ * 16-wide k-blocks, so equal up to fp32 rounding), for both families; a bad value is a JS error naming the
+ * variable.
  */
 export async function gemmKernelChecks(): Promise<CheckRow[]> {
   const rows = new Rows("gemm kernels");
@@ -559,6 +560,7 @@ export async function gemmKernelChecks(): Promise<CheckRow[]> {
       for (const [label, kernel] of [
         ["mma.sync (default)", undefined],
         ["pipelined WMMA", "pipe"],
+        ["wgmma", "wgmma"],
       ] as const) {
         const got = await step(kernel);
         rows.add(`${name}: loss, ${label} vs staged`, Math.abs(got.loss - staged.loss) / staged.loss, 1e-6);

@@ -343,25 +343,37 @@ struct PipeShape {
 __device__ __forceinline__ int swz(int r, int c, int L) {
   return r * L + ((((c >> 3) ^ r) & 7) | ((c >> 3) & ~7)) * 8 + (c & 7);
 }
+// The same swizzle on a stage of R rows stored as panels of 64 columns ([c / 64][R][64]): every row is 128
+// bytes, the layout of wgmma's 128-byte swizzle (mma.cuh). For CC = 64 both are one and the same.
+__device__ __forceinline__ int swz_panel(int r, int c, int R) {
+  return (c >> 6) * (R * 64) + swz(r, c & 63, 64);
+}
+
+// Shared-memory layouts of a cp.async tile: rows lds apart; swizzled rows (swz); swizzled 64-column panels
+// (swz_panel).
+enum TileLayout { kPadded = 0, kSwizzled = 1, kPanels = 2 };
 
 // Issues the cp.async copies of an R x CC bf16 tile (CC contiguous) whose element (r, c) is
 // g[(r0 + r) * ld + c0 + c], in bounds for r0 + r < rows and c0 + c < cols, into s[r * lds + c], or with
-// kSwz into s[swz(r, c, CC)] (lds unused). A chunk with fewer than 8 elements in bounds copies those and
-// zero-fills the rest; one with none reads nothing (its source is g itself, a valid aligned address).
-template <int R, int CC, bool kSwz>
+// kLayout kSwizzled into s[swz(r, c, CC)], kPanels into s[swz_panel(r, c, R)] (lds unused). A chunk with
+// fewer than 8 elements in bounds copies those and zero-fills the rest; one with none reads nothing (its
+// source is g itself, a valid aligned address).
+template <int R, int CC, int kLayout>
 __device__ __forceinline__ void cp_tile(__nv_bfloat16* s, int lds, const uint16_t* __restrict__ g, int64_t ld,
                                         int r0, int rows, int c0, int cols) {
   constexpr int kPerRow = CC / 8, kChunks = R * kPerRow;
   static_assert(CC % 8 == 0 && (kChunks % kThreads == 0 || kChunks < kThreads),
                 "tile must split evenly into 16-byte chunks");
-  static_assert(!kSwz || CC % 64 == 0, "swizzled rows are whole groups of 8 chunks");
+  static_assert(kLayout == kPadded || CC % 64 == 0, "swizzled rows are whole groups of 8 chunks");
 #pragma unroll
   for (int i = 0; i < (kChunks + kThreads - 1) / kThreads; ++i) {
     const int e = static_cast<int>(threadIdx.x) + i * kThreads, r = e / kPerRow, c = e % kPerRow * 8;
     if (kChunks < kThreads && e >= kChunks) break;  // a 32-row A tile: half the threads copy it
     const int gr = r0 + r, gc = c0 + c;
     const int valid = gr < rows ? min(cols - gc, 8) : 0;
-    void* dst = kSwz ? s + swz(r, c, CC) : s + r * lds + c;
+    void* dst = kLayout == kPanels     ? s + swz_panel(r, c, R)
+                : kLayout == kSwizzled ? s + swz(r, c, CC)
+                                       : s + r * lds + c;
     if (valid >= 8) {
       __pipeline_memcpy_async(dst, g + static_cast<int64_t>(gr) * ld + gc, 16);
     } else {
@@ -374,9 +386,9 @@ __device__ __forceinline__ void cp_tile(__nv_bfloat16* s, int lds, const uint16_
 // Step kt's copies of both operands of the tile at (m0, n0) into stage kt % Stages, as one commit group: A's
 // BM x BK piece at column k0 = kt BK into As + stage * stage_a, B's (NT: rows n0.., columns k0..; NN: rows
 // k0.., columns n0..) into Bs + stage * stage_b, laid out as cp_tile does (rows lds_a / lds_b apart, or
-// swizzled). Past the last step (kt >= kt_count) the group is empty, so that every wait of the pipeline
-// leaves the same number of groups in flight.
-template <bool NT, int BM, int BN, int BK, int Stages, bool kSwz>
+// swizzled, kLayout). Past the last step (kt >= kt_count) the group is empty, so that every wait of the
+// pipeline leaves the same number of groups in flight.
+template <bool NT, int BM, int BN, int BK, int Stages, int kLayout>
 __device__ __forceinline__ void cp_step(int kt, int kt_count, __nv_bfloat16* As, int stage_a, int lds_a,
                                         __nv_bfloat16* Bs, int stage_b, int lds_b,
                                         const uint16_t* __restrict__ A, int64_t lda,
@@ -384,9 +396,9 @@ __device__ __forceinline__ void cp_step(int kt, int kt_count, __nv_bfloat16* As,
                                         int N, int K) {
   if (kt < kt_count) {
     const int st = kt % Stages, k0 = kt * BK;
-    cp_tile<BM, BK, kSwz>(As + st * stage_a, lds_a, A, lda, m0, M, k0, K);
-    cp_tile<NT ? BN : BK, NT ? BK : BN, kSwz>(Bs + st * stage_b, lds_b, B, ldb, NT ? n0 : k0, NT ? N : K,
-                                              NT ? k0 : n0, NT ? K : N);
+    cp_tile<BM, BK, kLayout>(As + st * stage_a, lds_a, A, lda, m0, M, k0, K);
+    cp_tile<NT ? BN : BK, NT ? BK : BN, kLayout>(Bs + st * stage_b, lds_b, B, ldb, NT ? n0 : k0, NT ? N : K,
+                                                 NT ? k0 : n0, NT ? K : N);
   }
   __pipeline_commit();
 }
@@ -434,8 +446,8 @@ __global__ void __launch_bounds__(kThreads, pipe_blocks_per_sm(BM, BN))
     grouped_tile(t, tiles_m, tiles_n, BM, BN, m0, n0);
     // Step kt's copies (cp_step). B's stage rows run along n for NT ([N, K] in memory), along k for NN.
     auto load = [&](int kt) {
-      cp_step<NT, BM, BN, kPBK, kPStages, false>(kt, kt_count, As, S::kStageA, S::kLdA, Bs, S::kStageB,
-                                                 S::kLdB, A, lda, B, ldb, m0, n0, M, N, K);
+      cp_step<NT, BM, BN, kPBK, kPStages, kPadded>(kt, kt_count, As, S::kStageA, S::kLdA, Bs, S::kStageB,
+                                                   S::kLdB, A, lda, B, ldb, m0, n0, M, N, K);
     };
 
     typename Cfg::Acc acc[kFM][kFN];
@@ -475,6 +487,36 @@ __global__ void __launch_bounds__(kThreads, pipe_blocks_per_sm(BM, BN))
   }
 }
 
+// Writes the accumulator pair (v0, v1) of C row crow, columns col and col + 1 (those below N), adding bias
+// and, when beta_one, the old C: the register epilogue of the mma.sync and wgmma kernels, whose fragments
+// both hold two adjacent columns a thread. c_vec: C and bias (when given) 8-byte aligned and ldc even, so the
+// pair goes as one 8-byte access.
+__device__ __forceinline__ void store_pair(float* crow, int col, float v0, float v1,
+                                           const float* __restrict__ bias, int N, bool beta_one, bool c_vec) {
+  if (c_vec && col + 1 < N) {
+    if (bias) {
+      const float2 bb = __ldg(reinterpret_cast<const float2*>(bias + col));
+      v0 += bb.x, v1 += bb.y;
+    }
+    float2* dst = reinterpret_cast<float2*>(crow + col);
+    if (beta_one) {
+      const float2 old = *dst;
+      v0 += old.x, v1 += old.y;
+    }
+    *dst = make_float2(v0, v1);
+  } else {
+    const float v[2] = {v0, v1};
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      if (col + e >= N) continue;
+      float x = v[e];
+      if (bias) x += __ldg(bias + col + e);
+      if (beta_one) x += crow[col + e];
+      crow[col + e] = x;
+    }
+  }
+}
+
 // ---- mma.sync BF16 kernel (the default for bf16 operands) ---------------------------------------------
 // gemm_mma_kernel<NT, BM, BN>: a 256-thread block computes a BM x BN tile of C; its 8 warps sit 2 x 4, each
 // owning (BM/2) x (BN/4) outputs as m16n8k16 products (mma.cuh) held in registers: BM/32 x BN/32 fragments of
@@ -503,7 +545,7 @@ constexpr int mma_blocks_per_sm(int bn) {
 static_assert(mma_smem(128, 256) <= 227 * 1024 && mma_smem(128, 128) * 2 + 2048 <= 228 * 1024,
               "stage sizes fit an H100 SM (227 KB a block, 228 KB an SM) at the blocks an SM above");
 
-// c_vec: C and bias (when given) 8-byte aligned and ldc even, so column pairs go as one 8-byte access.
+// c_vec: as in store_pair.
 template <bool NT, int BM, int BN>
 __global__ void __launch_bounds__(kThreads, mma_blocks_per_sm(BN))
     gemm_mma_kernel(const uint16_t* __restrict__ A, int64_t lda, const uint16_t* __restrict__ B, int64_t ldb,
@@ -533,8 +575,8 @@ __global__ void __launch_bounds__(kThreads, mma_blocks_per_sm(BN))
     int m0, n0;
     grouped_tile(t, tiles_m, tiles_n, BM, BN, m0, n0);
     auto load = [&](int kt) {  // step kt's copies (cp_step), swizzled
-      cp_step<NT, BM, BN, kMBK, kStages, true>(kt, kt_count, As, kStageA, 0, Bs, kStageB, 0, A, lda, B, ldb,
-                                               m0, n0, M, N, K);
+      cp_step<NT, BM, BN, kMBK, kStages, kSwizzled>(kt, kt_count, As, kStageA, 0, Bs, kStageB, 0, A, lda, B,
+                                                    ldb, m0, n0, M, N, K);
     };
 
     float acc[kMT][kNT][4];
@@ -593,33 +635,102 @@ __global__ void __launch_bounds__(kThreads, mma_blocks_per_sm(BN))
         if (row >= M) continue;
         float* crow = C + static_cast<int64_t>(row) * ldc;
 #pragma unroll
-        for (int j = 0; j < kNT; ++j) {
-          const int col = n0 + wn * kWN + 8 * j + 2 * (lane & 3);
-          float v0 = acc[i][j][2 * h], v1 = acc[i][j][2 * h + 1];
-          if (c_vec && col + 1 < N) {
-            if (bias) {
-              const float2 bb = __ldg(reinterpret_cast<const float2*>(bias + col));
-              v0 += bb.x, v1 += bb.y;
-            }
-            float2* dst = reinterpret_cast<float2*>(crow + col);
-            if (beta_one) {
-              const float2 old = *dst;
-              v0 += old.x, v1 += old.y;
-            }
-            *dst = make_float2(v0, v1);
-          } else {
-            const float v[2] = {v0, v1};
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              if (col + e >= N) continue;
-              float x = v[e];
-              if (bias) x += __ldg(bias + col + e);
-              if (beta_one) x += crow[col + e];
-              crow[col + e] = x;
-            }
-          }
-        }
+        for (int j = 0; j < kNT; ++j)
+          store_pair(crow, n0 + wn * kWN + 8 * j + 2 * (lane & 3), acc[i][j][2 * h], acc[i][j][2 * h + 1],
+                     bias, N, beta_one, c_vec);
       }
+    }
+  }
+}
+
+// ---- wgmma BF16 kernel (sm_90a, Hopper) -------------------------------------------------------------------
+// gemm_wgmma_kernel<NT, BN>: a 256-thread block (two warpgroups) computes a 128 x BN tile of C (BN 128 or
+// 256); warpgroup g owns rows 64 g..64 g + 63 and issues wgmma.mma_async m64nBNk16 (mma.cuh), both operands
+// read by the tensor cores straight from shared memory through descriptors, fp32 accumulators in registers
+// (BN / 2 a thread). Operands travel global -> shared memory with cp.async through kWStages stages of BK =
+// 64 (zero fill past M, N and K as in the other cp.async kernels), laid out as wgmma's 128-byte swizzle
+// wants: A and NT's B as rows of 64 k (K-major), NN's B as 64-column panels of k rows (MN-major, read
+// transposed); the stages start on a 1024-byte boundary (the dynamic shared memory is rounded up to one).
+// One barrier per step, and one group of MMAs left in flight across it: at step kt the block waits for its
+// copies of step kt (fence.proxy.async makes them visible to the tensor cores), refills the stage of step
+// kt - 2 (its MMAs retired by every warpgroup's wait before the barrier), issues step kt's four k16 MMAs,
+// commits them and waits until only they are in flight, so the next step's barrier and copies overlap them.
+// The epilogue is the mma.sync kernel's (store_pair), from registers.
+constexpr int kWBM = 128, kWBK = 64, kWStages = 4;
+
+constexpr size_t wgmma_smem(int bn) {
+  return size_t{kWStages} * size_t(kWBM + bn) * kWBK * sizeof(__nv_bfloat16) + 1024;  // + the round-up
+}
+static_assert(wgmma_smem(256) <= 227 * 1024, "stages fit an H100 block (227 KB)");
+
+template <bool NT, int BN>
+__global__ void __launch_bounds__(kThreads, 1)
+    gemm_wgmma_kernel(const uint16_t* __restrict__ A, int64_t lda, const uint16_t* __restrict__ B,
+                      int64_t ldb, float* C, int64_t ldc, const float* __restrict__ bias, int M, int N, int K,
+                      bool beta_one, bool c_vec) {
+  static_assert(kWStages >= 3, "the stage refilled at step kt is that of step kt - 2");
+  constexpr int kStageA = kWBM * kWBK, kStageB = BN * kWBK;  // elements: A [128][64]; B NT [BN][64], NN
+                                                             // [BN / 64][64][64]
+  constexpr uint32_t kRow = kWBK * 2, kAtom = 8 * kRow;      // bytes: a 128-byte row, 8 of them
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  unsigned char* smem = smem_raw + (1024 - smem_addr(smem_raw) % 1024) % 1024;
+  __nv_bfloat16* As = reinterpret_cast<__nv_bfloat16*>(smem);  // [kWStages][kStageA]
+  __nv_bfloat16* Bs = As + kWStages * kStageA;                 // [kWStages][kStageB]
+  const uint32_t a_base = smem_addr(As) + static_cast<uint32_t>(threadIdx.x / 128) * 64 * kRow;
+  const uint32_t b_base = smem_addr(Bs);
+
+  const int warp = static_cast<int>(threadIdx.x) / 32 % 4, lane = static_cast<int>(threadIdx.x) % 32;
+  const int row_base = static_cast<int>(threadIdx.x / 128) * 64 + 16 * warp + (lane >> 2);
+  const int64_t tiles_m = (M + kWBM - 1) / kWBM, tiles_n = (N + BN - 1) / BN;
+  const int kt_count = (K + kWBK - 1) / kWBK;
+
+  for (int64_t t = blockIdx.x; t < tiles_m * tiles_n; t += gridDim.x) {
+    int m0, n0;
+    grouped_tile(t, tiles_m, tiles_n, kWBM, BN, m0, n0);
+    auto load = [&](int kt) {  // step kt's copies (cp_step), in wgmma's layouts
+      cp_step<NT, kWBM, BN, kWBK, kWStages, kPanels>(kt, kt_count, As, kStageA, 0, Bs, kStageB, 0, A, lda, B,
+                                                     ldb, m0, n0, M, N, K);
+    };
+    float acc[BN / 2];
+#pragma unroll
+    for (int st = 0; st < kWStages - 2; ++st) load(st);
+    for (int kt = 0; kt < kt_count; ++kt) {
+      __pipeline_wait_prior(kWStages - 3);  // this thread's copies of step kt have landed ...
+      fence_proxy_async();                  // ... where the tensor cores see them ...
+      __syncthreads();                      // ... everyone's, and step kt - 2's MMAs have retired
+      load(kt + kWStages - 2);
+      const int st = kt % kWStages;
+      const uint32_t a0 = a_base + st * kStageA * 2, b0 = b_base + st * kStageB * 2;
+      wgmma_fence_acc(acc);
+      wgmma_fence();
+#pragma unroll
+      for (int s = 0; s < kWBK / 16; ++s) {
+        // A: K-major, k-step s 32 bytes in. B: NT K-major the same; NN MN-major, k-step s 16 rows down,
+        // panels of 64 columns kWBK rows apart.
+        const uint64_t da = wgmma_desc(a0 + 32 * s, 16, kAtom);
+        const uint64_t db =
+            NT ? wgmma_desc(b0 + 32 * s, 16, kAtom) : wgmma_desc(b0 + 16 * kRow * s, kWBK * kRow, kAtom);
+        wgmma_bf16<BN, NT ? 0 : 1>(acc, da, db, kt > 0 || s > 0);
+      }
+      wgmma_commit();
+      wgmma_wait<1>();
+      wgmma_fence_acc(acc);
+    }
+    wgmma_wait<0>();
+    wgmma_fence_acc(acc);
+    __pipeline_wait_prior(0);  // only empty groups are left
+    __syncthreads();           // every warpgroup is done with the stages before the next tile refills them
+
+    // Epilogue: acc[4 j + 2 h + e] is row row_base + 8 h, column 8 j + 2 (lane % 4) + e (mma.cuh).
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = m0 + row_base + 8 * h;
+      if (row >= M) continue;
+      float* crow = C + static_cast<int64_t>(row) * ldc;
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j)
+        store_pair(crow, n0 + 8 * j + 2 * (lane & 3), acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1], bias, N,
+                   beta_one, c_vec);
     }
   }
 }
@@ -754,6 +865,12 @@ unsigned tile_grid(const PipeArgs& a, int bm, int bn) {
   return static_cast<unsigned>(std::min<int64_t>(ceil_div(a.M, bm) * ceil_div(a.N, bn), int64_t{1} << 30));
 }
 
+// store_pair's c_vec: C and bias (when given) 8-byte aligned, ldc even.
+bool c_vec(const PipeArgs& a) {
+  return reinterpret_cast<uintptr_t>(a.C) % 8 == 0 && a.ldc % 2 == 0 &&
+         (!a.bias || reinterpret_cast<uintptr_t>(a.bias) % 8 == 0);
+}
+
 template <bool NT, int BM, int BN>
 void launch_pipe(const PipeArgs& a) {
   using S = PipeShape<NT, BM, BN>;
@@ -771,10 +888,18 @@ void launch_mma(const PipeArgs& a) {
   static const cudaError_t opt_in = cudaFuncSetAttribute(
       gemm_mma_kernel<NT, BM, BN>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   check(opt_in, "cudaFuncSetAttribute(gemm_mma_kernel)");
-  const bool c_vec = reinterpret_cast<uintptr_t>(a.C) % 8 == 0 && a.ldc % 2 == 0 &&
-                     (!a.bias || reinterpret_cast<uintptr_t>(a.bias) % 8 == 0);
   gemm_mma_kernel<NT, BM, BN><<<tile_grid(a, BM, BN), kThreads, smem, a.stream>>>(
-      a.A, a.lda, a.B, a.ldb, a.C, a.ldc, a.bias, a.M, a.N, a.K, a.beta_one, c_vec);
+      a.A, a.lda, a.B, a.ldb, a.C, a.ldc, a.bias, a.M, a.N, a.K, a.beta_one, c_vec(a));
+}
+
+template <bool NT, int BN>
+void launch_wgmma(const PipeArgs& a) {
+  constexpr size_t smem = wgmma_smem(BN);
+  static const cudaError_t opt_in = cudaFuncSetAttribute(
+      gemm_wgmma_kernel<NT, BN>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  check(opt_in, "cudaFuncSetAttribute(gemm_wgmma_kernel)");
+  gemm_wgmma_kernel<NT, BN><<<tile_grid(a, kWBM, BN), kThreads, smem, a.stream>>>(
+      a.A, a.lda, a.B, a.ldb, a.C, a.ldc, a.bias, a.M, a.N, a.K, a.beta_one, c_vec(a));
 }
 
 // Calls f(NT, BM, BN) (as std::integral_constant) for B transposed or not, a tile height of 32, 64 or 128 and
@@ -805,14 +930,16 @@ void with_shape(bool nt, int bm, int bn, F f) {
 // else the pipelined WMMA kernel where they allow that, else the staged kernel. The tile height is the
 // smallest of 32, 64, 128 that holds M, up to 128 (pick_rows); the width 128 for the mma kernel, for the
 // pipelined one the width with the smaller wave-quantisation cost: waves of blocks over the SMs (the blocks
-// an SM holds) times the columns a wave covers an SM; ties go to 256.
-enum class TcKernel { Auto, Staged, Pipe, Pipe128, Pipe256, Mma128, Mma256 };
+// an SM holds) times the columns a wave covers an SM; ties go to 256. The wgmma kernel (Hopper) runs only
+// when chosen (PRIORTUNE_CUDA_GEMM=wgmma...) until it has been measured against the mma.sync kernel on a GPU.
+enum class TcKernel { Auto, Staged, Pipe, Pipe128, Pipe256, Mma128, Mma256, Wgmma, Wgmma128, Wgmma256 };
 
-// PRIORTUNE_CUDA_GEMM = auto (default) | staged | pipe | pipe128 | pipe256 | mma128 | mma256: a fixed
-// choice for comparing the kernels on one machine (pipe: the pipelined WMMA kernel at auto's width; the
-// pipelined and mma ones still only where the operands allow them; a fixed width of 256 the device cannot
-// hold falls back to 128). Read at every call (a captured graph keeps the kernels it was captured with), so
-// one process can compare them.
+// PRIORTUNE_CUDA_GEMM = auto (default) | staged | pipe | pipe128 | pipe256 | mma128 | mma256 | wgmma |
+// wgmma128 | wgmma256: a fixed choice for comparing the kernels on one machine (pipe: the pipelined WMMA
+// kernel at auto's width; wgmma: width 256, or 128 when N <= 128; the cp.async ones still only where the
+// operands allow them, wgmma only on compute capability 9.x, else auto's choice; a fixed width of 256 the
+// device cannot hold falls back to 128). Read at every call (a captured graph keeps the kernels it was
+// captured with), so one process can compare them.
 TcKernel env_kernel() {
   const char* const raw = std::getenv("PRIORTUNE_CUDA_GEMM");
   const std::string v = raw ? raw : "";
@@ -823,15 +950,32 @@ TcKernel env_kernel() {
   if (v == "pipe256") return TcKernel::Pipe256;
   if (v == "mma128") return TcKernel::Mma128;
   if (v == "mma256") return TcKernel::Mma256;
+  if (v == "wgmma") return TcKernel::Wgmma;
+  if (v == "wgmma128") return TcKernel::Wgmma128;
+  if (v == "wgmma256") return TcKernel::Wgmma256;
   throw std::invalid_argument(
-      "PRIORTUNE_CUDA_GEMM must be auto, staged, pipe, pipe128, pipe256, mma128 or mma256, got \"" + v +
-      "\"");
+      "PRIORTUNE_CUDA_GEMM must be auto, staged, pipe, pipe128, pipe256, mma128, mma256, wgmma, wgmma128 or "
+      "wgmma256, got \"" +
+      v + "\"");
 }
 
 // bf16 operands with 16-byte aligned bases and rows: what both cp.async kernels need of the operands.
 bool cp_async_ok(const void* A, int64_t lda, bool a_bf16, const void* B, int64_t ldb, bool b_bf16) {
   return a_bf16 && b_bf16 && aligned16(A) && aligned16(B) && lda % 8 == 0 && ldb % 8 == 0 &&
          device_info().major >= 8;
+}
+
+// The wgmma kernel's width for a fixed choice, 0 where it does not run: not that choice, not a Hopper device
+// (the sm_90a code; the emulator reports 9.0 too), no room for its stages, or PRIORTUNE_CUDA_WGMMA=0 (a
+// switch that keeps it off whatever is asked, e.g. for the rest of a GPU check after it failed there).
+int wgmma_width(TcKernel kernel, int64_t N) {
+  if (kernel != TcKernel::Wgmma && kernel != TcKernel::Wgmma128 && kernel != TcKernel::Wgmma256) return 0;
+  if (device_info().major != 9) return 0;
+  const char* off = std::getenv("PRIORTUNE_CUDA_WGMMA");
+  if (off && std::strcmp(off, "0") == 0) return 0;
+  const bool wide = kernel == TcKernel::Wgmma256 || (kernel == TcKernel::Wgmma && N > 128);
+  if (wide && device_info().smem_optin >= wgmma_smem(256)) return 256;
+  return device_info().smem_optin >= wgmma_smem(128) ? 128 : 0;
 }
 
 // Whether the device holds a block of the pipelined (mma = false) or mma kernel of this shape.
@@ -898,7 +1042,19 @@ void gemm_with(TcKernel kernel, Stream stream, GemmPrecision precision, bool b_t
     const bool cp_async = kernel != TcKernel::Staged && cp_async_ok(A, lda, a_bf16, B, ldb, b_bf16);
     const PipeArgs args{stream, m, n,   k,    ah,      lda, static_cast<const uint16_t*>(B),
                         ldb,    C, ldc, bias, beta_one};
-    if (cp_async && !pipe && shape_fits(true, b_transposed, bm, 128)) {
+    const int wg_width = cp_async ? wgmma_width(kernel, N) : 0;
+    if (wg_width) {
+      auto launch = [&](auto t) {
+        if (wg_width == 256)
+          launch_wgmma<decltype(t)::value, 256>(args);
+        else
+          launch_wgmma<decltype(t)::value, 128>(args);
+      };
+      if (b_transposed)
+        launch(std::true_type{});
+      else
+        launch(std::false_type{});
+    } else if (cp_async && !pipe && shape_fits(true, b_transposed, bm, 128)) {
       with_shape(b_transposed, bm, pick_width(kernel, true, b_transposed, bm, M, N),
                  [&](auto t, auto r, auto c) {
                    launch_mma<decltype(t)::value, decltype(r)::value, decltype(c)::value>(args);
@@ -1110,6 +1266,15 @@ std::vector<OpCheck> selftest_gemm() {
             shape, region_error(run(GemmPrecision::BF16, true, true, fixed), ref_b, M, N, ldc, off), tol_bf16,
             note_bf16 + (mma ? "; A and B uploaded as bf16, cp.async stages, ldmatrix + mma.sync m16n8k16"
                              : "; A and B uploaded as bf16, cp.async stages, WMMA")));
+      }
+      for (const TcKernel fixed : {TcKernel::Wgmma128, TcKernel::Wgmma256}) {
+        const int bn = wgmma_width(fixed, N);
+        if (bn != (fixed == TcKernel::Wgmma128 ? 128 : 256)) continue;  // not Hopper, or no room for it
+        out.push_back(make_check(
+            "gemm bf16 (bf16 A, wgmma " + std::to_string(bn) + ")", shape,
+            region_error(run(GemmPrecision::BF16, true, true, fixed), ref_b, M, N, ldc, off), tol_bf16,
+            note_bf16 + "; A and B uploaded as bf16, cp.async stages in the 128-byte swizzle, wgmma m64nNk16 "
+                        "from shared memory"));
       }
     }
   }

@@ -289,6 +289,24 @@ struct AsyncQueue {
   std::deque<std::vector<AsyncCopy>> groups;
 };
 static std::vector<AsyncQueue> async_q;
+// wgmma.mma_async: each thread's issued MMAs, as groups (the open one last), run when a wait retires them.
+struct Wgmma {
+  float* d;
+  int n;
+  uint64_t da, db;
+  bool scale_d, tnsp_b;
+  uint64_t copies;  // cp.async copies issued in the block before this MMA
+};
+// Per 16-byte chunk of dynamic shared memory, the number of the last cp.async issued into it: an MMA that
+// reads a chunk a later copy targets ran while that stage was being refilled (on a GPU it may read either).
+static std::vector<uint64_t> chunk_copy;
+static uint64_t copies_issued = 0;
+struct WgmmaQueue {
+  std::vector<Wgmma> open;
+  std::deque<std::vector<Wgmma>> groups;
+};
+static std::vector<WgmmaQueue> wgmma_q;
+static size_t dsmem_size = 0;
 static void fiber_entry() {
   ASAN_FINISH(nullptr, &sched_bottom, &sched_size);
   (*body)();
@@ -299,6 +317,10 @@ static void fiber_entry() {
     if (queued)
       report(true, std::string(kname) + ": thread " + std::to_string(cur_thread) +
                        " exited with a cp.async copy still queued (no __pipeline_wait_prior covered it)");
+    const WgmmaQueue& w = wgmma_q[cur_thread];
+    if (!w.open.empty() || !w.groups.empty())
+      report(true, std::string(kname) + ": thread " + std::to_string(cur_thread) +
+                       " exited with a wgmma not retired by wgmma.wait_group (or not committed)");
   }
   fibers[cur_thread].state = kDone;
   ASAN_START(nullptr, sched_bottom, sched_size);
@@ -324,6 +346,8 @@ static void init_fiber(unsigned t) {
   fibers[t] = Fiber{sp, nullptr, kRun, nullptr, nullptr, 0};
   async_q[t].open.clear();
   async_q[t].groups.clear();
+  wgmma_q[t].open.clear();
+  wgmma_q[t].groups.clear();
 }
 void async_copy(void* dst, const void* src, size_t size, size_t zfill) {
   if (size != 4 && size != 8 && size != 16)
@@ -335,6 +359,9 @@ void async_copy(void* dst, const void* src, size_t size, size_t zfill) {
           std::to_string(size) + " bytes");
   async_q[cur_thread].open.push_back(
       {static_cast<unsigned char*>(dst), static_cast<const unsigned char*>(src), size, zfill});
+  ++copies_issued;
+  const auto* d = static_cast<const unsigned char*>(dst);
+  if (d >= dsmem && d < dsmem + dsmem_size) chunk_copy[static_cast<size_t>(d - dsmem) / 16] = copies_issued;
 }
 void async_commit() {
   AsyncQueue& q = async_q[cur_thread];
@@ -349,6 +376,78 @@ void async_wait_prior(size_t prior) {
       std::memcpy(c.dst, c.src, c.size - c.zfill);
       std::memset(c.dst + (c.size - c.zfill), 0, c.zfill);
     }
+    q.groups.pop_front();
+  }
+}
+// Shared-memory "addresses" (mma.cuh's smem_addr, the descriptors' start addresses): offsets into the
+// block's dynamic shared memory plus kSmemWindow, which is not a multiple of 1024, so a kernel that assumes
+// its dynamic shared memory starts 1024-byte aligned computes wrong addresses here.
+static constexpr uint32_t kSmemWindow = 0x180;
+uint32_t smem_addr(const void* p) {
+  const auto* b = static_cast<const unsigned char*>(p);
+  if (b < dsmem || b > dsmem + dsmem_size)
+    fatal(std::string(kname) + ": smem_addr of a pointer outside the dynamic shared memory");
+  return kSmemWindow + static_cast<uint32_t>(b - dsmem);
+}
+// Element (row, k) of a 128-byte-swizzled bf16 operand (mma.cuh, "wgmma"): rows are M for A, N for B.
+static float wgmma_operand(uint64_t desc, bool mn_major, unsigned row, unsigned k, uint64_t copies) {
+  const uint32_t start = static_cast<uint32_t>(desc & 0x3fffu) << 4;
+  const uint32_t lbo = static_cast<uint32_t>((desc >> 16) & 0x3fffu) << 4;
+  const uint32_t sbo = static_cast<uint32_t>((desc >> 32) & 0x3fffu) << 4;
+  if ((desc >> 62) != 1 || ((desc >> 49) & 7u) != 0)
+    fatal(std::string(kname) +
+          ": wgmma descriptor: only the 128-byte swizzle with base offset 0 is emulated");
+  const uint32_t logical = mn_major ? start + row / 64 * lbo + row % 64 * 2 + k % 8 * 128 + k / 8 * sbo
+                                    : start + row / 8 * sbo + row % 8 * 128 + k * 2;
+  const uint32_t addr = logical ^ (((logical >> 7) & 7u) << 4);
+  if (addr < kSmemWindow || addr + 2 > kSmemWindow + dsmem_size)
+    fatal(std::string(kname) + ": wgmma operand read outside the dynamic shared memory");
+  if (chunk_copy[(addr - kSmemWindow) / 16] > copies)
+    fatal(std::string(kname) +
+          ": a cp.async into shared memory an in-flight wgmma reads (wait for the MMA "
+          "group before refilling its stage)");
+  uint16_t bits;
+  std::memcpy(&bits, dsmem + (addr - kSmemWindow), 2);
+  const uint32_t w = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &w, 4);
+  return f;
+}
+static void wgmma_run(const Wgmma& m) {
+  const unsigned t = cur_thread % 128, w = t / 32, l = t % 32;
+  for (int i = 0; i < m.n / 2; ++i) {
+    const unsigned j = static_cast<unsigned>(i) / 4, e = static_cast<unsigned>(i) % 4;
+    const unsigned row = 16 * w + l / 4 + 8 * (e / 2), col = 8 * j + 2 * (l % 4) + e % 2;
+    double s = m.scale_d ? m.d[i] : 0.0;
+    for (unsigned k = 0; k < 16; ++k)
+      s += static_cast<double>(wgmma_operand(m.da, false, row, k, m.copies)) *
+           wgmma_operand(m.db, m.tnsp_b, col, k, m.copies);
+    m.d[i] = static_cast<float>(s);
+  }
+}
+void wgmma_fence() {
+  warp_barrier("wgmma.fence");
+}
+void wgmma_bf16(float* d, int n, uint64_t da, uint64_t db, bool scale_d, bool tnsp_b) {
+  if (nthreads % 128 != 0) fatal(std::string(kname) + ": wgmma in a block that is not whole warpgroups");
+  uint64_t a[32], b[32];
+  warp_gather("wgmma.mma_async", da, a);
+  warp_gather("wgmma.mma_async", db, b);
+  for (unsigned l = 0; l < 32; ++l)
+    if (a[l] != da || b[l] != db) fatal(std::string(kname) + ": wgmma descriptors differ across the warp");
+  wgmma_q[cur_thread].open.push_back({d, n, da, db, scale_d, tnsp_b, copies_issued});
+}
+void wgmma_commit() {
+  warp_barrier("wgmma.commit_group");
+  WgmmaQueue& q = wgmma_q[cur_thread];
+  q.groups.push_back(std::move(q.open));
+  q.open.clear();
+}
+void wgmma_wait(int pending) {
+  warp_barrier("wgmma.wait_group");
+  WgmmaQueue& q = wgmma_q[cur_thread];
+  while (q.groups.size() > static_cast<size_t>(pending)) {
+    for (const Wgmma& m : q.groups.front()) wgmma_run(m);
     q.groups.pop_front();
   }
 }
@@ -456,12 +555,15 @@ void run_grid(dim3 grid, dim3 block, size_t dyn, const char* name, const std::fu
   ensure_stacks(block.x);
   fibers.resize(std::max<size_t>(fibers.size(), block.x));
   async_q.resize(std::max<size_t>(async_q.size(), block.x));
+  wgmma_q.resize(std::max<size_t>(wgmma_q.size(), block.x));
   nthreads = block.x;
   body = &b;
   kname = name;
   gridDim = grid;
   blockDim = block;
   if (dsmem_raw.size() < dyn + 256) dsmem_raw.resize(dyn + 256);
+  dsmem_size = dyn;
+  chunk_copy.assign(dyn / 16 + 1, 0);
   dsmem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(dsmem_raw.data()) + 127) &
                                            ~uintptr_t{127});
   const uint64_t nb = uint64_t{grid.x} * grid.y * grid.z;

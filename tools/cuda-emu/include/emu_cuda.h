@@ -22,6 +22,11 @@
 // - The inline-PTX primitives of kernels/cuda/mma.cuh (ldmatrix .x4 plain and .trans, mma.sync m16n8k16
 //   bf16 -> fp32) as warp collectives with the PTX ISA's per-lane fragment layouts (16-byte aligned rows;
 //   products summed in double as above).
+// - wgmma.mma_async m64nNk16 bf16 -> fp32 with both operands in shared memory (128-byte swizzle, K- or
+//   MN-major B): each thread queues its MMAs; commit_group closes a group and wait_group(n) runs all but the
+//   n newest groups then, reading shared memory and writing the thread's accumulator registers at that
+//   moment, so a stage refilled or an accumulator read before the wait that retires it shows up as a wrong
+//   value. Shared addresses are offsets into dynamic shared memory plus a base that is not 1024-aligned.
 // - cp.async (__pipeline_memcpy_async / _commit / _wait_prior): each thread keeps its own queue of copy
 //   groups, and a copy lands as late as the rules allow: when a __pipeline_wait_prior(n) leaves fewer than
 //   its group among the n newest. So reading a stage before waiting for it sees the block-start poison (or a
@@ -245,6 +250,13 @@ void launch(const char* name, void (*k)(KA...), dim3 grid, dim3 block, size_t sm
 void async_copy(void* dst, const void* src, size_t size, size_t zfill);
 void async_commit();
 void async_wait_prior(size_t prior);
+
+// wgmma (runtime.cpp; kernels/cuda/mma.cuh): shared addresses, and the per-thread queue of MMA groups.
+uint32_t smem_addr(const void* p);
+void wgmma_fence();
+void wgmma_bf16(float* d, int n, uint64_t da, uint64_t db, bool scale_d, bool tnsp_b);
+void wgmma_commit();
+void wgmma_wait(int pending);
 
 template <class T>
 inline T* aligned_vec(T* p, size_t a) {
