@@ -541,10 +541,11 @@ export interface NativeModel {
 export interface Addon {
   /** Every CUDA op against its CPU reference on device 0 (rejects without a usable device). */
   cudaSelfTest(): Promise<CudaOpCheck[]>;
-  /** Median ms of the device GEMM C[M, N] = A[M, K] . B[N, K]^T on random operands (CUDA events). */
   /**
-   * Median ms of the device GEMM C = A B^T and its max |C - R| / max |R| against our fp32 GEMM; engine
-   * "cublaslt" times cuBLASLt (loaded at run time: $PRIORTUNE_CUBLASLT or libcublasLt.so.13/.12) instead.
+   * Median ms (CUDA events) of the device GEMM C[M, N] = A[M, K] . B[N, K]^T ("nt", default) or A . B[K, N]
+   * ("nn", the input-gradient products) on random operands, and its max |C - R| / max |R| against our fp32
+   * GEMM; engine "cublaslt" times cuBLASLt (loaded at run time: $PRIORTUNE_CUBLASLT or
+   * libcublasLt.so.13/.12) instead.
    */
   cudaGemmBench(
     precision: CudaPrecision,
@@ -553,6 +554,7 @@ export interface Addon {
     K: number,
     iters: number,
     engine?: "priortune" | "cublaslt",
+    layout?: "nt" | "nn",
   ): Promise<{ ms: number; maxRelErr: number; engine: string }>;
 }
 

@@ -25,9 +25,10 @@ Napi::Value CudaInfo(const Napi::CallbackInfo& info) {
   return o;
 }
 
-// cudaGemmBench(precision, M, N, K, iters, engine = "priortune") -> Promise<{ ms, maxRelErr, engine }>: the
-// device GEMM's median ms and its error against our fp32 GEMM; engine "cublaslt" times cuBLASLt instead,
-// loaded at run time (rejects with the reason where it cannot be loaded). See pt::cuda_gemm_benchmark.
+// cudaGemmBench(precision, M, N, K, iters, engine = "priortune", layout = "nt") -> Promise<{ ms, maxRelErr,
+// engine }>: the device GEMM's median ms and its error against our fp32 GEMM; engine "cublaslt" times
+// cuBLASLt instead, loaded at run time (rejects with the reason where it cannot be loaded); layout "nn" takes
+// B as [K, N]. See pt::cuda_gemm_benchmark.
 Napi::Value CudaGemmBench(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return guarded(env, [&]() -> Napi::Value {
@@ -39,9 +40,11 @@ Napi::Value CudaGemmBench(const Napi::CallbackInfo& info) {
                                           choice_of(info[5], "engine", {"priortune", "cublaslt"}) == 1
                                       ? pt::GemmEngine::CublasLt
                                       : pt::GemmEngine::Ours;
+    const bool nt =
+        !(info.Length() > 6 && !info[6].IsUndefined() && choice_of(info[6], "layout", {"nt", "nn"}) == 1);
     auto result = std::make_shared<pt::GemmBenchResult>();
     auto* worker = new PromiseWorker(
-        env, [=]() { *result = pt::cuda_gemm_benchmark(prec, M, N, K, iters, engine); },
+        env, [=]() { *result = pt::cuda_gemm_benchmark(prec, M, N, K, iters, engine, nt); },
         [result](Napi::Env env) -> Napi::Value {
           Napi::Object o = Napi::Object::New(env);
           o.Set("ms", result->ms);

@@ -129,27 +129,33 @@ if (want("checks")) {
 const peak: Record<string, number> = { priortune: Number.NaN, cublaslt: Number.NaN };
 if (want("gemm")) {
   const lines: string[] = [];
-  const shapes: [string, number, number, number][] = tiny
+  // NT: C = A B^T (forward products, B the weight [N, K]); NN: C = A B (input gradients, B the weight [K, N]).
+  const shapes: [string, number, number, number, "nt" | "nn"][] = tiny
     ? [
-        ["8192^3", 128, 128, 128], // stands in for the peak shape
-        ["odd", 70, 130, 40],
+        ["8192^3", 128, 128, 128, "nt"], // stands in for the peak shape
+        ["odd", 70, 130, 40, "nt"],
+        ["odd NN", 70, 130, 40, "nn"],
       ]
     : [
-        ["8192^3", 8192, 8192, 8192],
-        ["GPT-2 fc, 8 x 256 rows", 2048, 3072, 768],
-        ["GPT-2 qkv, 32 x 512 rows", 16384, 2304, 768],
-        ["Llama-1B fc, 8 x 512 rows", 4096, 16384, 2048],
-        ["LM head 128256, 512 rows", 512, 128256, 2048],
+        ["8192^3", 8192, 8192, 8192, "nt"],
+        ["8192^3 NN", 8192, 8192, 8192, "nn"],
+        ["GPT-2 fc, 8 x 256 rows", 2048, 3072, 768, "nt"],
+        ["GPT-2 qkv, 32 x 512 rows", 16384, 2304, 768, "nt"],
+        ["GPT-2 qkv input grad (NN), 32 x 512 rows", 16384, 768, 2304, "nn"],
+        ["Llama-1B fc, 8 x 512 rows", 4096, 16384, 2048, "nt"],
+        ["Llama-1B down input grad (NN), 8 x 512 rows", 4096, 8192, 2048, "nn"],
+        ["LM head 128256, 512 rows", 512, 128256, 2048, "nt"],
         // Few rows (32-row tiles): the kNN matrix path's screening of 20 queries, a prompt's P = 20 rows.
-        ["20 rows x 128256 x 2048", 20, 128256, 2048],
+        ["20 rows x 128256 x 2048", 20, 128256, 2048, "nt"],
       ];
   // Error against our fp32 GEMM on the same operands: bf16 operands are exact, so only the summation order
   // differs; tf32 rounds the operands (2^-11 relative).
   const gemmTol: Record<CudaPrecision, number> = { bf16: 1e-4, tf32: 3e-3, fp32: 1e-5 };
   let cublasLt = "";
-  for (const [name, M, N, K] of shapes)
+  for (const [name, M, N, K, layout] of shapes)
     for (const p of ["bf16", "tf32", "fp32"] as CudaPrecision[]) {
       if (p === "fp32" && M * N * K > 2 ** 36) continue;
+      if (layout === "nn" && p !== "bf16") continue;
       // "priortune pipe" / "priortune staged": our BF16 product forced onto the pipelined WMMA kernel or the
       // register-staged one (PRIORTUNE_CUDA_GEMM), beside the default (ldmatrix + mma.sync).
       // "priortune mma128" / "mma256": the default kernel at a fixed tile width (auto takes 128).
@@ -168,7 +174,15 @@ if (want("gemm")) {
         let r: { ms: number; maxRelErr: number; engine: string };
         try {
           r = await withEnv("PRIORTUNE_CUDA_GEMM", kernels[engine], () =>
-            native.cudaGemmBench(p, M, N, K, tiny ? 2 : 10, engine === "cublaslt" ? "cublaslt" : "priortune"),
+            native.cudaGemmBench(
+              p,
+              M,
+              N,
+              K,
+              tiny ? 2 : 10,
+              engine === "cublaslt" ? "cublaslt" : "priortune",
+              layout,
+            ),
           );
         } catch (e) {
           if (engine !== "cublaslt") throw e;
@@ -186,6 +200,7 @@ if (want("gemm")) {
           JSON.stringify({
             what: "gemm",
             shape: name,
+            layout,
             M,
             N,
             K,
@@ -386,8 +401,13 @@ if (want("knn")) {
       ];
   const rows: string[] = [];
   // The screening paths of the CUDA index (PRIORTUNE_CUDA_KNN): fused (the TF32 screening kernel), matrix
-  // (bf16 GEMM + slab selection) and auto (the default, which picks one of them), each against the CPU index.
-  const paths = quick ? ["fused"] : ["auto", "fused", "matrix"];
+  // (bf16 GEMM + slab selection) and auto (the default, which picks one of them), each against the CPU index;
+  // on Hopper also "matrix+wgmma", the matrix path with its GEMM on the wgmma kernel.
+  const paths = quick ? ["fused"] : ["auto", "fused", "matrix", ...(wgmmaRuns ? ["matrix+wgmma"] : [])];
+  const withPath = <T>(path: string, fn: () => Promise<T>) =>
+    withEnv("PRIORTUNE_CUDA_KNN", path.split("+")[0], () =>
+      withEnv("PRIORTUNE_CUDA_GEMM", path.endsWith("+wgmma") ? "wgmma" : undefined, fn),
+    );
   for (const w of quick ? workloads.slice(0, 1) : workloads) {
     const vocab = random(w.V * w.d, 1 + w.V);
     const queries = random(w.Q * w.d, 2 + w.Q);
@@ -397,7 +417,7 @@ if (want("knn")) {
       const b = await cpu.search(queries, { k: 10 });
       const cpuMs = quick ? Number.NaN : await median(() => cpu.search(queries, { k: 10 }), tiny ? 1 : 3);
       for (const path of paths)
-        await withEnv("PRIORTUNE_CUDA_KNN", path, async () => {
+        await withPath(path, async () => {
           const a = await gpu.search(queries, { k: 10 });
           let same = true;
           let worst = 0;
@@ -461,7 +481,7 @@ if (want("knn")) {
     };
     const b = await time(cpu);
     for (const path of paths)
-      await withEnv("PRIORTUNE_CUDA_KNN", path, async () => {
+      await withPath(path, async () => {
         const a = await time(gpu);
         let mismatched = 0;
         for (let i = 0; i < a.r.indices.length; i++) if (a.r.indices[i] !== b.r.indices[i]) mismatched++;

@@ -25,7 +25,7 @@ std::unique_ptr<DeviceModel> cuda_model(const Model&, const CudaModelOptions&) {
 std::vector<cuda::OpCheck> cuda_selftest() {
   no_cuda();
 }
-GemmBenchResult cuda_gemm_benchmark(cuda::GemmPrecision, int64_t, int64_t, int64_t, int, GemmEngine) {
+GemmBenchResult cuda_gemm_benchmark(cuda::GemmPrecision, int64_t, int64_t, int64_t, int, GemmEngine, bool) {
   no_cuda();
 }
 }  // namespace pt

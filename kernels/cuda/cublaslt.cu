@@ -146,8 +146,9 @@ struct CublasLtGemm::Impl {
 };
 
 // Row-major C[M, N] = A[M, K] . B[N, K]^T is, column-major, C^T[N, M] = B[N, K] . A^T: cuBLASLt's "TN"
-// product with m = N, n = M and both operands K-contiguous (its fastest layout).
-CublasLtGemm::CublasLtGemm(GemmPrecision precision, int64_t M, int64_t N, int64_t K)
+// product with m = N, n = M and both operands K-contiguous (its fastest layout). Without b_transposed, B is
+// row-major [K, N], column-major [N, K] with leading dimension N: the "NN" product.
+CublasLtGemm::CublasLtGemm(GemmPrecision precision, int64_t M, int64_t N, int64_t K, bool b_transposed)
     : impl_(std::make_unique<Impl>()) {
   const Api& a = api();
   if (a.library.empty()) throw std::runtime_error(a.error);
@@ -156,10 +157,13 @@ CublasLtGemm::CublasLtGemm(GemmPrecision precision, int64_t M, int64_t N, int64_
   const int compute = precision == GemmPrecision::TF32 ? kCompute32FFastTF32 : kCompute32F;
   const int in = precision == GemmPrecision::BF16 ? kR16BF : kR32F;
   lt_check(a.desc_create(&d.desc, compute, kR32F), "cublasLtMatmulDescCreate");
-  const int32_t t = kOpT, n = kOpN;
+  const int32_t t = b_transposed ? kOpT : kOpN, n = kOpN;
   lt_check(a.desc_set(d.desc, kDescTransA, &t, sizeof t), "cublasLtMatmulDescSetAttribute(TRANSA)");
   lt_check(a.desc_set(d.desc, kDescTransB, &n, sizeof n), "cublasLtMatmulDescSetAttribute(TRANSB)");
-  lt_check(a.layout_create(&d.la, in, K, N, K), "cublasLtMatrixLayoutCreate(B)");
+  if (b_transposed)
+    lt_check(a.layout_create(&d.la, in, K, N, K), "cublasLtMatrixLayoutCreate(B)");
+  else
+    lt_check(a.layout_create(&d.la, in, N, K, N), "cublasLtMatrixLayoutCreate(B)");
   lt_check(a.layout_create(&d.lb, in, K, M, K), "cublasLtMatrixLayoutCreate(A)");
   lt_check(a.layout_create(&d.lc, kR32F, N, M, N), "cublasLtMatrixLayoutCreate(C)");
   lt_check(a.pref_create(&d.pref), "cublasLtMatmulPreferenceCreate");
@@ -170,8 +174,9 @@ CublasLtGemm::CublasLtGemm(GemmPrecision precision, int64_t M, int64_t N, int64_
   lt_check(a.heuristic(d.handle, d.desc, d.la, d.lb, d.lc, d.lc, d.pref, 1, &d.best, &found),
            "cublasLtMatmulAlgoGetHeuristic");
   if (found < 1 || d.best.state != 0)
-    throw std::runtime_error("cuBLASLt has no algorithm for " + std::string(precision_name(precision)) + " " +
-                             std::to_string(M) + "x" + std::to_string(N) + "x" + std::to_string(K));
+    throw std::runtime_error("cuBLASLt has no algorithm for " + std::string(precision_name(precision)) +
+                             (b_transposed ? " NT " : " NN ") + std::to_string(M) + "x" + std::to_string(N) +
+                             "x" + std::to_string(K));
   d.workspace.resize(std::max<size_t>(d.best.workspace_size, 1));
 }
 

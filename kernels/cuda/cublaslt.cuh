@@ -19,7 +19,7 @@ std::string cublaslt_library();
 // workspace. run() only enqueues on the stream.
 class CublasLtGemm {
  public:
-  CublasLtGemm(GemmPrecision precision, int64_t M, int64_t N, int64_t K);
+  CublasLtGemm(GemmPrecision precision, int64_t M, int64_t N, int64_t K, bool b_transposed = true);
   ~CublasLtGemm();
   CublasLtGemm(const CublasLtGemm&) = delete;
   CublasLtGemm& operator=(const CublasLtGemm&) = delete;

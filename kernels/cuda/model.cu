@@ -1151,7 +1151,7 @@ std::unique_ptr<DeviceModel> cuda_model(const Model& host, const CudaModelOption
 }
 
 GemmBenchResult cuda_gemm_benchmark(GemmPrecision precision, int64_t M, int64_t N, int64_t K, int iters,
-                                    GemmEngine engine) {
+                                    GemmEngine engine, bool b_transposed) {
   if (M < 1 || N < 1 || K < 1 || iters < 1)
     throw std::invalid_argument("gemm benchmark: sizes and iters must be >= 1");
   check(cudaSetDevice(0), "cudaSetDevice(0)");
@@ -1162,7 +1162,7 @@ GemmBenchResult cuda_gemm_benchmark(GemmPrecision precision, int64_t M, int64_t 
   out.engine = "priortune";
   if (engine == GemmEngine::CublasLt) {
     out.engine = cuda::cublaslt_library();
-    lt = std::make_unique<cuda::CublasLtGemm>(precision, M, N, K);
+    lt = std::make_unique<cuda::CublasLtGemm>(precision, M, N, K, b_transposed);
   }
   cudaStream_t s = nullptr;
   check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate");
@@ -1170,6 +1170,7 @@ GemmBenchResult cuda_gemm_benchmark(GemmPrecision precision, int64_t M, int64_t 
   std::vector<float> times;
   try {
     DeviceBuffer<float> A(M * K), Bf(N * K), C(M * N), R(M * N);
+    const int64_t ldb = b_transposed ? K : N;  // B: [N, K] or [K, N], the same N K values either way
     DeviceBuffer<bf16_t> Ah(bf16 ? M * K : 0), Bh(bf16 ? N * K : 0);
     // Random operands: a 1 MiB random block repeated (timing depends on the values only through power),
     // rounded to bf16 values for BF16 so that the conversions below are exact.
@@ -1193,8 +1194,9 @@ GemmBenchResult cuda_gemm_benchmark(GemmPrecision precision, int64_t M, int64_t 
                 bf16 ? static_cast<const void*>(Bh.get()) : Bf.get(), C.get());
       } else {
         if (bf16) cuda::to_bf16(s, Ah.get(), A.get(), M * K);
-        cuda::gemm(s, precision, true, M, N, K, bf16 ? static_cast<const void*>(Ah.get()) : A.get(), K, bf16,
-                   bf16 ? static_cast<const void*>(Bh.get()) : Bf.get(), K, bf16, C.get(), N, nullptr, 0.0f);
+        cuda::gemm(s, precision, b_transposed, M, N, K, bf16 ? static_cast<const void*>(Ah.get()) : A.get(),
+                   K, bf16, bf16 ? static_cast<const void*>(Bh.get()) : Bf.get(), ldb, bf16, C.get(), N,
+                   nullptr, 0.0f);
       }
     };
     check(cudaEventCreate(&start), "cudaEventCreate");
@@ -1210,8 +1212,8 @@ GemmBenchResult cuda_gemm_benchmark(GemmPrecision precision, int64_t M, int64_t 
       times.push_back(ms);
     }
     // The reference: our fp32 GEMM (CUDA cores) on the same operand values.
-    cuda::gemm(s, GemmPrecision::FP32, true, M, N, K, A.get(), K, false, Bf.get(), K, false, R.get(), N,
-               nullptr, 0.0f);
+    cuda::gemm(s, GemmPrecision::FP32, b_transposed, M, N, K, A.get(), K, false, Bf.get(), ldb, false,
+               R.get(), N, nullptr, 0.0f);
     std::vector<float> c(M * N), r(M * N);
     check(cudaMemcpyAsync(c.data(), C.get(), c.size() * sizeof(float), cudaMemcpyDeviceToHost, s), "copy");
     check(cudaMemcpyAsync(r.data(), R.get(), r.size() * sizeof(float), cudaMemcpyDeviceToHost, s), "copy");
