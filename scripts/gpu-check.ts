@@ -276,106 +276,123 @@ if (want("steps")) {
   for (const cfg of [gpt2, llama]) {
     const model = new native.NativeModel(nativeConfig(cfg, 16));
     await model.fillRandom(1, 0.02);
-    // bf16 with graphs (the default GEMM, then the wgmma, pipelined WMMA and register-staged ones for
-    // comparison), bf16 eager, tf32.
-    const setups: { precision: CudaPrecision; graphs: boolean; kernel?: string }[] = [
+    // bf16 with graphs (the default kernels; then the mma.sync attention backward, the wgmma GEMM alone and
+    // with it, the pipelined WMMA and register-staged GEMMs for comparison), bf16 eager, tf32.
+    const setups: { precision: CudaPrecision; graphs: boolean; kernel?: string; attn?: string }[] = [
       { precision: "bf16", graphs: true },
-      ...(wgmmaRuns ? [{ precision: "bf16" as const, graphs: true, kernel: "wgmma" }] : []),
+      { precision: "bf16", graphs: true, attn: "mma" },
+      ...(wgmmaRuns
+        ? [
+            { precision: "bf16" as const, graphs: true, kernel: "wgmma" },
+            { precision: "bf16" as const, graphs: true, kernel: "wgmma", attn: "mma" },
+          ]
+        : []),
       { precision: "bf16", graphs: true, kernel: "pipe" },
       { precision: "bf16", graphs: true, kernel: "staged" },
       { precision: "bf16", graphs: false },
       { precision: "tf32", graphs: true },
     ];
-    for (const { precision, graphs, kernel } of setups) {
-      await withEnv("PRIORTUNE_CUDA_GEMM", kernel, async () => {
-        await model.attachCuda({ precision, graphs });
-        const label = `${precision}${graphs ? "" : " eager"}${kernel ? ` (${kernel} GEMM)` : ""}`;
-        for (const r of runs.filter((x) => x.config === cfg)) {
-          const C = cfg.hiddenSize;
-          const args = await prepareStep(model, cfg, r.B, r.S);
-          try {
-            const ms = await median(() => model.promptStep(args, adamw), tiny ? 3 : 20, tiny ? 2 : 3);
-            const mem = model.deviceMemory();
-            // Model FLOPs of a prompt-tuning step: 4 N per token (forward 2 N, input-gradient backward 2 N; no
-            // weight gradients), N = layer weights + LM head; attention 2 B L H S^2 hd forward (causal half),
-            // twice that backward.
-            const c = cfg;
-            const kv = c.numKvHeads * c.headDim;
-            const fc = c.architecture === "gpt2" ? 2 : 3;
-            const perLayer =
-              C * (c.numHeads * c.headDim + 2 * kv) +
-              c.numHeads * c.headDim * C +
-              fc * C * c.intermediateSize;
-            const N = c.numLayers * perLayer + c.vocabSize * C;
-            const flops = 4 * N * r.B * r.S + 6 * r.B * c.numLayers * c.numHeads * r.S * r.S * c.headDim;
-            const tflops = flops / ms / 1e9;
-            const row = {
-              what: "step",
-              model: r.name,
-              B: r.B,
-              S: r.S,
-              precision,
-              graphs,
-              gemmKernel: kernel ?? "auto",
-              ms,
-              tokPerS: (r.B * r.S) / (ms / 1e3),
-              tflops,
-              mfu: tflops / peak.priortune!,
-              mfuCublasLt: tflops / peak.cublaslt!,
-              deviceMiB: (mem.weightBytes + mem.workspaceBytes) / 2 ** 20,
-              goalMs: r.goalMs,
-            };
-            console.log(JSON.stringify(row));
-            lines.push(
-              `| ${r.name} | ${r.B} x ${r.S} | ${label} | ${ms.toFixed(2)} | ${r.goalMs} | ${r.peer} | ${row.tokPerS.toFixed(0)} | ${(100 * row.mfu).toFixed(1)}% / ${Number.isNaN(row.mfuCublasLt) ? "-" : `${(100 * row.mfuCublasLt).toFixed(1)}%`} | ${row.deviceMiB.toFixed(0)} |`,
-            );
-          } catch (e) {
-            console.log(
-              JSON.stringify({
+    for (const { precision, graphs, kernel, attn } of setups) {
+      await withEnv("PRIORTUNE_CUDA_ATTN", attn, () =>
+        withEnv("PRIORTUNE_CUDA_GEMM", kernel, async () => {
+          await model.attachCuda({ precision, graphs });
+          const label =
+            `${precision}${graphs ? "" : " eager"}${kernel ? ` (${kernel} GEMM)` : ""}` +
+            `${attn ? ` (${attn} attention bwd)` : ""}`;
+          for (const r of runs.filter((x) => x.config === cfg)) {
+            const C = cfg.hiddenSize;
+            const args = await prepareStep(model, cfg, r.B, r.S);
+            try {
+              const ms = await median(() => model.promptStep(args, adamw), tiny ? 3 : 20, tiny ? 2 : 3);
+              const mem = model.deviceMemory();
+              // Model FLOPs of a prompt-tuning step: 4 N per token (forward 2 N, input-gradient backward 2 N; no
+              // weight gradients), N = layer weights + LM head; attention 2 B L H S^2 hd forward (causal half),
+              // twice that backward.
+              const c = cfg;
+              const kv = c.numKvHeads * c.headDim;
+              const fc = c.architecture === "gpt2" ? 2 : 3;
+              const perLayer =
+                C * (c.numHeads * c.headDim + 2 * kv) +
+                c.numHeads * c.headDim * C +
+                fc * C * c.intermediateSize;
+              const N = c.numLayers * perLayer + c.vocabSize * C;
+              const flops = 4 * N * r.B * r.S + 6 * r.B * c.numLayers * c.numHeads * r.S * r.S * c.headDim;
+              const tflops = flops / ms / 1e9;
+              const row = {
                 what: "step",
                 model: r.name,
                 B: r.B,
                 S: r.S,
                 precision,
+                graphs,
                 gemmKernel: kernel ?? "auto",
-                error: String(e),
-              }),
-            );
-            lines.push(
-              `| ${r.name} | ${r.B} x ${r.S} | ${label} | error: ${String(e).slice(0, 80)} | | | | | |`,
-            );
-            failed = true;
+                attentionBackward: attn ?? "wmma",
+                ms,
+                tokPerS: (r.B * r.S) / (ms / 1e3),
+                tflops,
+                mfu: tflops / peak.priortune!,
+                mfuCublasLt: tflops / peak.cublaslt!,
+                deviceMiB: (mem.weightBytes + mem.workspaceBytes) / 2 ** 20,
+                goalMs: r.goalMs,
+              };
+              console.log(JSON.stringify(row));
+              lines.push(
+                `| ${r.name} | ${r.B} x ${r.S} | ${label} | ${ms.toFixed(2)} | ${r.goalMs} | ${r.peer} | ${row.tokPerS.toFixed(0)} | ${(100 * row.mfu).toFixed(1)}% / ${Number.isNaN(row.mfuCublasLt) ? "-" : `${(100 * row.mfuCublasLt).toFixed(1)}%`} | ${row.deviceMiB.toFixed(0)} |`,
+              );
+            } catch (e) {
+              console.log(
+                JSON.stringify({
+                  what: "step",
+                  model: r.name,
+                  B: r.B,
+                  S: r.S,
+                  precision,
+                  gemmKernel: kernel ?? "auto",
+                  attentionBackward: attn ?? "wmma",
+                  error: String(e),
+                }),
+              );
+              lines.push(
+                `| ${r.name} | ${r.B} x ${r.S} | ${label} | error: ${String(e).slice(0, 80)} | | | | | |`,
+              );
+              failed = true;
+            }
           }
-        }
-      });
+        }),
+      );
     }
-    // Where the time goes: one profiled configuration per model (eager, CUDA events between stages).
+    // Where the time goes: one profiled configuration per model (eager, CUDA events between stages), with the
+    // default attention backward and with the mma.sync one.
     const r = runs.filter((x) => x.config === cfg)[0]!;
-    await model.attachCuda({ precision: "bf16", graphs: false, profile: true });
-    const args = await prepareStep(model, cfg, r.B, r.S);
-    for (let i = 0; i < 2; i++) await model.promptStep(args, adamw);
-    model.deviceProfile(); // drop the warm-up
-    const steps = tiny ? 2 : 5;
-    for (let i = 0; i < steps; i++) await model.promptStep(args, adamw);
-    const prof = Object.entries(model.deviceProfile()).sort((a, b) => b[1] - a[1]);
-    const total = prof.reduce((t, [, ms]) => t + ms, 0);
-    console.log(
-      JSON.stringify({
-        what: "profile",
-        model: r.name,
-        B: r.B,
-        S: r.S,
-        precision: "bf16",
-        perStepMs: Object.fromEntries(prof.map(([k, v]) => [k, v / steps])),
-      }),
-    );
-    tables.push(
-      `Profile, ${r.name} ${r.B} x ${r.S}, bf16, eager with events (ms per step; total ${(total / steps).toFixed(2)})\n` +
-        "| stage | ms | share |\n|---|---|---|\n" +
-        prof
-          .map(([k, ms]) => `| ${k} | ${(ms / steps).toFixed(3)} | ${((100 * ms) / total).toFixed(1)}% |`)
-          .join("\n"),
-    );
+    for (const attn of [undefined, "mma"])
+      await withEnv("PRIORTUNE_CUDA_ATTN", attn, async () => {
+        await model.attachCuda({ precision: "bf16", graphs: false, profile: true });
+        const args = await prepareStep(model, cfg, r.B, r.S);
+        for (let i = 0; i < 2; i++) await model.promptStep(args, adamw);
+        model.deviceProfile(); // drop the warm-up
+        const steps = tiny ? 2 : 5;
+        for (let i = 0; i < steps; i++) await model.promptStep(args, adamw);
+        const prof = Object.entries(model.deviceProfile()).sort((a, b) => b[1] - a[1]);
+        const total = prof.reduce((t, [, ms]) => t + ms, 0);
+        console.log(
+          JSON.stringify({
+            what: "profile",
+            model: r.name,
+            B: r.B,
+            S: r.S,
+            precision: "bf16",
+            attentionBackward: attn ?? "wmma",
+            perStepMs: Object.fromEntries(prof.map(([k, v]) => [k, v / steps])),
+          }),
+        );
+        tables.push(
+          `Profile, ${r.name} ${r.B} x ${r.S}, bf16${attn ? `, ${attn} attention backward` : ""}, eager with events (ms per step; total ${(total / steps).toFixed(2)})\n` +
+            "| stage | ms | share |\n|---|---|---|\n" +
+            prof
+              .map(([k, ms]) => `| ${k} | ${(ms / steps).toFixed(3)} | ${((100 * ms) / total).toFixed(1)}% |`)
+              .join("\n"),
+        );
+      });
     model.dispose();
   }
   tables.push(

@@ -539,30 +539,34 @@ export async function errorChecks(): Promise<CheckRow[]> {
 }
 
 /**
- * The BF16 products' kernels (PRIORTUNE_CUDA_GEMM): a soft-prompt loss and gradient with the default
- * (ldmatrix + mma.sync) kernel, the pipelined WMMA one and, on Hopper, the wgmma one (elsewhere "wgmma" falls
- * back to the default) equal the register-staged kernel's (the same bf16 operands and the same order of
- * 16-wide k-blocks, so equal up to fp32 rounding), for both families; a bad value is a JS error naming the
- * variable.
+ * The BF16 kernels one can choose (PRIORTUNE_CUDA_GEMM, PRIORTUNE_CUDA_ATTN): a soft-prompt loss and gradient
+ * with the default (ldmatrix + mma.sync) GEMM, the pipelined WMMA one, on Hopper the wgmma one (elsewhere
+ * "wgmma" falls back to the default), and with the mma.sync attention backward, equal the register-staged
+ * GEMM's with the default attention (the same bf16 operands, the same order of 16-wide k-blocks and the same
+ * bf16 roundings of P and dS, so equal up to fp32 rounding), for both families; a bad value of either
+ * variable is a JS error naming it.
  */
 export async function gemmKernelChecks(): Promise<CheckRow[]> {
   const rows = new Rows("gemm kernels");
+  const GEMM = "PRIORTUNE_CUDA_GEMM";
+  const ATTN = "PRIORTUNE_CUDA_ATTN";
   for (const name of ["gpt2-tiny", "llama-tiny"] as const) {
     const g = readGolden(name);
     const batch = { ...goldenBatch(g), prompt: toFloat32(g.get("prompt")) };
     // Eager launches: a replayed graph keeps the kernels it was captured with.
     const model = await loadModel(modelDir(name), { backend: "cuda", precision: "bf16", cudaGraphs: false });
-    const step = (kernel: string | undefined) =>
-      withEnv("PRIORTUNE_CUDA_GEMM", kernel, () => model.lossAndGrad(batch));
+    const step = (variable: string, value: string | undefined) =>
+      withEnv(variable, value, () => model.lossAndGrad(batch));
     try {
-      const staged = await step("staged");
-      const mma = await step(undefined);
-      for (const [label, kernel] of [
-        ["mma.sync (default)", undefined],
-        ["pipelined WMMA", "pipe"],
-        ["wgmma", "wgmma"],
+      const staged = await step(GEMM, "staged");
+      const mma = await step(GEMM, undefined);
+      for (const [label, variable, value] of [
+        ["mma.sync (default)", GEMM, undefined],
+        ["pipelined WMMA", GEMM, "pipe"],
+        ["wgmma", GEMM, "wgmma"],
+        ["mma.sync attention backward", ATTN, "mma"],
       ] as const) {
-        const got = await step(kernel);
+        const got = await step(variable, value);
         rows.add(`${name}: loss, ${label} vs staged`, Math.abs(got.loss - staged.loss) / staged.loss, 1e-6);
         rows.add(
           `${name}: d loss / d prompt, ${label} vs staged`,
@@ -571,20 +575,26 @@ export async function gemmKernelChecks(): Promise<CheckRow[]> {
           "same bf16 operands, same k-block order: equal up to fp32 rounding",
         );
       }
-      let message = "";
-      try {
-        await step("bogus");
-      } catch (e) {
-        message = String((e as Error).message);
+      for (const variable of [GEMM, ATTN]) {
+        let message = "";
+        try {
+          await step(variable, "bogus");
+        } catch (e) {
+          message = String((e as Error).message);
+        }
+        rows.add(
+          `${name}: a bad ${variable} is a JS error naming it`,
+          new RegExp(`${variable} must be`).test(message) ? 0 : 1,
+          0,
+          message.slice(0, 120),
+        );
       }
+      const again = await step(GEMM, undefined);
       rows.add(
-        `${name}: a bad PRIORTUNE_CUDA_GEMM is a JS error naming it`,
-        /PRIORTUNE_CUDA_GEMM must be/.test(message) ? 0 : 1,
-        0,
-        message.slice(0, 120),
+        `${name}: the model works after those errors`,
+        Math.abs(again.loss - mma.loss) / mma.loss,
+        1e-6,
       );
-      const again = await step(undefined);
-      rows.add(`${name}: the model works after that error`, Math.abs(again.loss - mma.loss) / mma.loss, 1e-6);
     } finally {
       model.dispose();
     }

@@ -179,12 +179,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int b = bh / a.H, h = bh % a.H, g = h / a.group;
   const int q0 = qt * BQ, q_end = min(q0 + BQ, a.S);
   const int hd4 = (a.hd + 3) & ~3;
-
-  const float* qbase = a.qkv + static_cast<int64_t>(b) * a.S * a.ld + static_cast<int64_t>(h) * a.hd;
-  load_tile<D, BQ>(sQ, a.hd, [&](int r) -> const float* {
-    const int i = q0 + r;
-    return i < a.S ? qbase + static_cast<int64_t>(i) * a.ld : nullptr;
-  });
+  load_tile<D, BQ>(sQ, a.hd, [&](int r) { return q_row(a, b, h, q0 + r); });
 
   float m[RM], l[RM], o[RM][NC][4];
 #pragma unroll
@@ -321,23 +316,14 @@ __global__ void __launch_bounds__(kThreads, 2) attn_bwd_kv_kernel(AttnArgs a, Bw
   // Query tiles that can see a key of this tile: all when it holds a prefix key, else from the first token.
   const int qt0 = k0 < a.Pp ? 0 : (k0 - a.Pp) / BQ;
   const int nqt = (a.S + BQ - 1) / BQ;
-  const int64_t ldo = static_cast<int64_t>(a.H) * a.hd;
   for (int hh = 0; hh < a.group; ++hh) {
     const int h = g * a.group + hh;
-    const float* qbase = a.qkv + static_cast<int64_t>(b) * a.S * a.ld + static_cast<int64_t>(h) * a.hd;
-    const float* obase = p.dout + static_cast<int64_t>(b) * a.S * ldo + static_cast<int64_t>(h) * a.hd;
     const int64_t row0 = (static_cast<int64_t>(b) * a.H + h) * a.S;  // lse / delta of (b, h)
     for (int qt = qt0; qt < nqt; ++qt) {
       const int q0 = qt * BQ;
       __syncthreads();  // the previous step's readers of sQ, sdO, sP are done
-      load_tile<D, BQ>(sQ, a.hd, [&](int r) -> const float* {
-        const int i = q0 + r;
-        return i < a.S ? qbase + static_cast<int64_t>(i) * a.ld : nullptr;
-      });
-      load_tile<D, BQ>(sdO, a.hd, [&](int r) -> const float* {
-        const int i = q0 + r;
-        return i < a.S ? obase + static_cast<int64_t>(i) * ldo : nullptr;
-      });
+      load_tile<D, BQ>(sQ, a.hd, [&](int r) { return q_row(a, b, h, q0 + r); });
+      load_tile<D, BQ>(sdO, a.hd, [&](int r) { return dout_row(a, p.dout, b, h, q0 + r); });
       if (tid < BQ) {
         const int i = q0 + tid;
         sLse[tid] = i < a.S ? p.lse[row0 + i] : 0.0f;
@@ -432,18 +418,8 @@ __global__ void __launch_bounds__(kThreads, 2) attn_bwd_q_kernel(AttnArgs a, Bwd
       for (int d = lane; d < a.hd; d += 32) dq_base[static_cast<int64_t>(i) * a.ld + d] = 0.0f;
     return;
   }
-
-  const float* qbase = a.qkv + static_cast<int64_t>(b) * a.S * a.ld + static_cast<int64_t>(h) * a.hd;
-  const int64_t ldo = static_cast<int64_t>(a.H) * a.hd;
-  const float* obase = p.dout + static_cast<int64_t>(b) * a.S * ldo + static_cast<int64_t>(h) * a.hd;
-  load_tile<D, BQ>(sQ, a.hd, [&](int r) -> const float* {
-    const int i = q0 + r;
-    return i < a.S ? qbase + static_cast<int64_t>(i) * a.ld : nullptr;
-  });
-  load_tile<D, BQ>(sdO, a.hd, [&](int r) -> const float* {
-    const int i = q0 + r;
-    return i < a.S ? obase + static_cast<int64_t>(i) * ldo : nullptr;
-  });
+  load_tile<D, BQ>(sQ, a.hd, [&](int r) { return q_row(a, b, h, q0 + r); });
+  load_tile<D, BQ>(sdO, a.hd, [&](int r) { return dout_row(a, p.dout, b, h, q0 + r); });
   const int64_t row0 = (static_cast<int64_t>(b) * a.H + h) * a.S;
   float lse_r[RM], del_r[RM], dq[RM][NC][4];
 #pragma unroll
@@ -638,6 +614,7 @@ void attention_backward(Stream stream, float* dqkv, float* dprefix_k, float* dpr
     return;
   }
   if (scratch == nullptr) throw std::invalid_argument("attention_backward: scratch is null");
+  const bool mma = attn::backward_mma();  // read (and a bad value refused) whichever kernels run
   const AttnArgs a = make_args(qkv, key_mask, prefix_k, prefix_v, Pp, B, S, H, KV, hd, scale);
   BwdPtrs p;
   p.dqkv = dqkv;
@@ -654,7 +631,7 @@ void attention_backward(Stream stream, float* dqkv, float* dprefix_k, float* dpr
                                    static_cast<int>(hd), warps);
   check_launch("attention_backward (delta)");
   if (precision == AttentionPrecision::BF16 && attn::tc_supported(hd))
-    attn::backward_tc(stream, a, p);  // attention_tc.cu
+    attn::backward_tc(stream, a, p, mma);  // attention_tc.cu
   else if (hd <= 64)
     backward_impl<64>(stream, a, p);
   else if (hd <= 128)
@@ -914,6 +891,16 @@ std::vector<OpCheck> selftest_attention() {
       checks.push_back(
           make_check("attention bf16 determinism", shape, same_bits(got, again) ? 0.0 : 1.0, 0.0,
                      "two BF16 runs (forward and backward) must agree bit for bit (no atomics)"));
+      // The mma.sync backward (PRIORTUNE_CUDA_ATTN=mma): the same accuracy, and deterministic too.
+      {
+        const attn::ForceBackwardKernel force(true);
+        const AttnOutputs mma = attention_device(t, db, scale, AttentionPrecision::BF16);
+        push_accuracy(checks, " bf16 mma", shape, mma, ref, Pp, tol_bf16, note_bf16,
+                      "bf16 mma.sync backward (scores in registers) vs the same float64 host reference");
+        const AttnOutputs mma2 = attention_device(t, db, scale, AttentionPrecision::BF16);
+        checks.push_back(make_check("attention bf16 mma determinism", shape, same_bits(mma, mma2) ? 0.0 : 1.0,
+                                    0.0, "two mma.sync backward runs must agree bit for bit"));
+      }
       // The kernels round Q, K, V to nearest even as the host did: on the raw inputs the forward is the same.
       const AttnOutputs raw = attention_device(t, d, scale, AttentionPrecision::BF16);
       const bool same_fwd = same_bits(raw.out, got.out) && same_bits(raw.lse, got.lse);

@@ -48,6 +48,15 @@ __device__ __forceinline__ const float* key_row(const AttnArgs& a, int b, int g,
          static_cast<int64_t>(a.H + (is_v ? a.KV : 0) + g) * a.hd;
 }
 
+// Row i of query head h in sequence b: its Q (in qkv) and its dO (in dout, [B, S, H, hd]); nullptr past S.
+__device__ __forceinline__ const float* q_row(const AttnArgs& a, int b, int h, int i) {
+  return i < a.S ? a.qkv + (static_cast<int64_t>(b) * a.S + i) * a.ld + static_cast<int64_t>(h) * a.hd
+                 : nullptr;
+}
+__device__ __forceinline__ const float* dout_row(const AttnArgs& a, const float* dout, int b, int h, int i) {
+  return i < a.S ? dout + ((static_cast<int64_t>(b) * a.S + i) * a.H + h) * a.hd : nullptr;
+}
+
 // Key kk exists and is not padding (the causal test is separate).
 __device__ __forceinline__ int key_valid(const AttnArgs& a, int b, int kk) {
   if (kk < a.Pp) return 1;
@@ -83,7 +92,23 @@ inline bool tc_supported(int64_t hd) {
   return hd >= 16 && hd <= 128 && hd % 16 == 0;
 }
 void forward_tc(Stream stream, const AttnArgs& a, float* out, float* lse);
-void backward_tc(Stream stream, const AttnArgs& a, const BwdPtrs& p);
+void backward_tc(Stream stream, const AttnArgs& a, const BwdPtrs& p, bool mma);
+
+// Which products backward_tc runs (its mma argument): WMMA through per-warp shared strips (the default) or
+// ldmatrix + mma.sync with the scores in registers. PRIORTUNE_CUDA_ATTN = wmma | mma, read by every
+// attention_backward call whichever kernels run (a captured graph keeps what it was captured with), unless a
+// ForceBackwardKernel is alive on this thread (the self-test's way of running both).
+bool backward_mma();
+class ForceBackwardKernel {
+ public:
+  explicit ForceBackwardKernel(bool mma);
+  ~ForceBackwardKernel();
+  ForceBackwardKernel(const ForceBackwardKernel&) = delete;
+  ForceBackwardKernel& operator=(const ForceBackwardKernel&) = delete;
+
+ private:
+  int saved_;
+};
 
 }  // namespace attn
 }  // namespace cuda

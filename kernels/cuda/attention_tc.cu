@@ -34,9 +34,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <stdexcept>
+#include <string>
 
 #include "attention.cuh"
 #include "common.cuh"
+#include "mma.cuh"
 
 namespace pt {
 namespace cuda {
@@ -191,12 +195,7 @@ __global__ void __launch_bounds__(kTcThreads, 2)
   const int wq0 = q0 + 16 * warp, qi = wq0 + r;  // the warp's first row; this lane's softmax row
   float* strip = sF + warp * 16 * LDF;
   __nv_bfloat16* bstrip = sB + warp * 16 * kLdB;
-
-  const float* qbase = a.qkv + static_cast<int64_t>(b) * a.S * a.ld + static_cast<int64_t>(h) * a.hd;
-  load_tile_bf16<D, kBQ>(sQ, a.hd, [&](int rr) -> const float* {
-    const int i = q0 + rr;
-    return i < a.S ? qbase + static_cast<int64_t>(i) * a.ld : nullptr;
-  });
+  load_tile_bf16<D, kBQ>(sQ, a.hd, [&](int rr) { return q_row(a, b, h, q0 + rr); });
 
   Acc o[NF];
 #pragma unroll
@@ -271,6 +270,37 @@ __global__ void __launch_bounds__(kTcThreads, 2)
 }
 
 // --- Backward --------------------------------------------------------------------------------------------
+// The dk/dv kernels' walk over the query tiles that can see key tile k0 (all when it holds a prefix key, else
+// from the first token's tile): for each query head of kv head g and each such tile, Q and dO are staged as
+// bf16 tiles and lse, delta as fp32 rows, then step(q0) runs in each warp whose keys (from wk0) are not past
+// the end and start at or before the tile's last query.
+template <int D, class Step>
+__device__ __forceinline__ void for_query_tiles(const AttnArgs& a, const BwdPtrs& p, int b, int g, int k0,
+                                                int wk0, __nv_bfloat16* sQ, __nv_bfloat16* sdO, float* sLse,
+                                                float* sDel, Step&& step) {
+  const int tid = threadIdx.x;
+  const int qt0 = k0 < a.Pp ? 0 : (k0 - a.Pp) / kBQ;
+  const int nqt = (a.S + kBQ - 1) / kBQ;
+  for (int hh = 0; hh < a.group; ++hh) {
+    const int h = g * a.group + hh;
+    const int64_t row0 = (static_cast<int64_t>(b) * a.H + h) * a.S;  // lse / delta of (b, h)
+    for (int qt = qt0; qt < nqt; ++qt) {
+      const int q0 = qt * kBQ;
+      __syncthreads();  // the previous step's readers of sQ, sdO are done
+      load_tile_bf16<D, kBQ>(sQ, a.hd, [&](int rr) { return q_row(a, b, h, q0 + rr); });
+      load_tile_bf16<D, kBQ>(sdO, a.hd, [&](int rr) { return dout_row(a, p.dout, b, h, q0 + rr); });
+      if (tid < kBQ) {
+        const int i = q0 + tid;
+        sLse[tid] = i < a.S ? p.lse[row0 + i] : 0.0f;
+        sDel[tid] = i < a.S ? p.delta[row0 + i] : 0.0f;
+      }
+      __syncthreads();
+      if (wk0 >= a.Pp + a.S || wk0 - a.Pp > min(q0 + kBQ, a.S) - 1) continue;
+      step(q0);
+    }
+  }
+}
+
 // Kernel B. Shared memory: sK, sV, sQ, sdO bf16 [64][D+8]; per warp an fp32 strip [16][D+4] and a bf16
 // strip [16][64+8]; lse, delta [64]; valid [64].
 template <int D>
@@ -315,68 +345,39 @@ __global__ void __launch_bounds__(kTcThreads, 2) attn_bwd_kv_tc_kernel(AttnArgs 
     wmma::fill_fragment(dv[n], 0.0f);
   }
 
-  // Query tiles that can see a key of this tile: all when it holds a prefix key, else from the first token.
-  const int qt0 = k0 < a.Pp ? 0 : (k0 - a.Pp) / kBQ;
-  const int nqt = (a.S + kBQ - 1) / kBQ;
-  const int64_t ldo = static_cast<int64_t>(a.H) * a.hd;
-  for (int hh = 0; hh < a.group; ++hh) {
-    const int h = g * a.group + hh;
-    const float* qbase = a.qkv + static_cast<int64_t>(b) * a.S * a.ld + static_cast<int64_t>(h) * a.hd;
-    const float* obase = p.dout + static_cast<int64_t>(b) * a.S * ldo + static_cast<int64_t>(h) * a.hd;
-    const int64_t row0 = (static_cast<int64_t>(b) * a.H + h) * a.S;  // lse / delta of (b, h)
-    for (int qt = qt0; qt < nqt; ++qt) {
-      const int q0 = qt * kBQ;
-      __syncthreads();  // the previous step's readers of sQ, sdO are done
-      load_tile_bf16<D, kBQ>(sQ, a.hd, [&](int rr) -> const float* {
-        const int i = q0 + rr;
-        return i < a.S ? qbase + static_cast<int64_t>(i) * a.ld : nullptr;
-      });
-      load_tile_bf16<D, kBQ>(sdO, a.hd, [&](int rr) -> const float* {
-        const int i = q0 + rr;
-        return i < a.S ? obase + static_cast<int64_t>(i) * ldo : nullptr;
-      });
-      if (tid < kBQ) {
-        const int i = q0 + tid;
-        sLse[tid] = i < a.S ? p.lse[row0 + i] : 0.0f;
-        sDel[tid] = i < a.S ? p.delta[row0 + i] : 0.0f;
-      }
-      __syncthreads();
-      // The warp's keys: none past the end, and the first at or before the tile's last query.
-      if (wk0 >= a.Pp + a.S || wk0 - a.Pp > min(q0 + kBQ, a.S) - 1) continue;
-
-      {
-        Acc s[4];
-        strip_dot<D>(sK + 16 * warp * LDT, sQ, a.hd, s);  // S^T: rows keys, columns queries
-        store_strip(strip, LDF, s, 64);
-      }
-      __syncwarp();
-      const bool valid = sValid[16 * warp + r] != 0;
-      const float* srow = strip + r * LDF;
-      float pr[32];
-#pragma unroll
-      for (int t = 0; t < 32; ++t) {
-        const int q = 2 * t + hf, i = q0 + q;
-        const bool vis = valid && i < a.S && jr <= i;
-        pr[t] = vis ? expf(srow[q] * a.scale - sLse[q]) : 0.0f;
-        bstrip[r * kLdB + q] = __float2bfloat16_rn(pr[t]);
-      }
-      __syncwarp();
-      strip_pv<D>(bstrip, sdO, a.hd, dv);  // dV += P^T dO
-      {
-        Acc dp[4];
-        strip_dot<D>(sV + 16 * warp * LDT, sdO, a.hd, dp);  // dP^T
-        store_strip(strip, LDF, dp, 64);
-      }
-      __syncwarp();  // dP^T is complete; the P^T fragment loads are done
-#pragma unroll
-      for (int t = 0; t < 32; ++t) {
-        const int q = 2 * t + hf;
-        bstrip[r * kLdB + q] = __float2bfloat16_rn(pr[t] * (srow[q] - sDel[q]));  // dS^T
-      }
-      __syncwarp();
-      strip_pv<D>(bstrip, sQ, a.hd, dk);  // dK += dS^T Q (scale applied on store)
+  for_query_tiles<D>(a, p, b, g, k0, wk0, sQ, sdO, sLse, sDel, [&](int q0) {
+    {
+      Acc s[4];
+      strip_dot<D>(sK + 16 * warp * LDT, sQ, a.hd, s);  // S^T: rows keys, columns queries
+      store_strip(strip, LDF, s, 64);
     }
-  }
+    __syncwarp();
+    const bool valid = sValid[16 * warp + r] != 0;
+    const float* srow = strip + r * LDF;
+    float pr[32];
+#pragma unroll
+    for (int t = 0; t < 32; ++t) {
+      const int q = 2 * t + hf, i = q0 + q;
+      const bool vis = valid && i < a.S && jr <= i;
+      pr[t] = vis ? expf(srow[q] * a.scale - sLse[q]) : 0.0f;
+      bstrip[r * kLdB + q] = __float2bfloat16_rn(pr[t]);
+    }
+    __syncwarp();
+    strip_pv<D>(bstrip, sdO, a.hd, dv);  // dV += P^T dO
+    {
+      Acc dp[4];
+      strip_dot<D>(sV + 16 * warp * LDT, sdO, a.hd, dp);  // dP^T
+      store_strip(strip, LDF, dp, 64);
+    }
+    __syncwarp();  // dP^T is complete; the P^T fragment loads are done
+#pragma unroll
+    for (int t = 0; t < 32; ++t) {
+      const int q = 2 * t + hf;
+      bstrip[r * kLdB + q] = __float2bfloat16_rn(pr[t] * (srow[q] - sDel[q]));  // dS^T
+    }
+    __syncwarp();
+    strip_pv<D>(bstrip, sQ, a.hd, dk);  // dK += dS^T Q (scale applied on store)
+  });
 
   // Token keys to dqkv, prefix keys to this sequence's partials; keys past the end have no row.
   __syncwarp();
@@ -400,6 +401,26 @@ __global__ void __launch_bounds__(kTcThreads, 2) attn_bwd_kv_tc_kernel(AttnArgs 
       write_row(dst, strip + rr * LDF, a.hd, pass == 0 ? a.scale : 1.0f);
     }
     __syncwarp();
+  }
+}
+
+// The dq kernels' walk over the key tiles the tile's rows below q_lim can see: K and V staged as bf16 tiles
+// and the keys' validity, then step(k0) in each warp (rows from wq0) with a row below q_lim that sees a key
+// of the tile.
+template <int D, class Step>
+__device__ __forceinline__ void for_key_tiles(const AttnArgs& a, int b, int g, int q_lim, int wq0,
+                                              __nv_bfloat16* sK, __nv_bfloat16* sV, int* sValid,
+                                              Step&& step) {
+  const int tid = threadIdx.x;
+  const int nkeys = a.Pp + q_lim;
+  for (int k0 = 0; k0 < nkeys; k0 += kBK) {
+    __syncthreads();  // the previous tile's readers of sK, sV are done (and sQ, sdO are loaded)
+    load_tile_bf16<D, kBK>(sK, a.hd, [&](int rr) { return key_row(a, b, g, k0 + rr, false); });
+    load_tile_bf16<D, kBK>(sV, a.hd, [&](int rr) { return key_row(a, b, g, k0 + rr, true); });
+    if (tid < kBK) sValid[tid] = key_valid(a, b, k0 + tid);
+    __syncthreads();
+    if (wq0 >= q_lim || k0 - a.Pp > wq0 + 15) continue;  // no row of this warp needs this tile
+    step(k0);
   }
 }
 
@@ -441,17 +462,8 @@ __global__ void __launch_bounds__(kTcThreads, 2) attn_bwd_q_tc_kernel(AttnArgs a
 
   float* strip = sF + warp * 16 * LDF;
   __nv_bfloat16* bstrip = sB + warp * 16 * kLdB;
-  const float* qbase = a.qkv + static_cast<int64_t>(b) * a.S * a.ld + static_cast<int64_t>(h) * a.hd;
-  const int64_t ldo = static_cast<int64_t>(a.H) * a.hd;
-  const float* obase = p.dout + static_cast<int64_t>(b) * a.S * ldo + static_cast<int64_t>(h) * a.hd;
-  load_tile_bf16<D, kBQ>(sQ, a.hd, [&](int rr) -> const float* {
-    const int i = q0 + rr;
-    return i < a.S ? qbase + static_cast<int64_t>(i) * a.ld : nullptr;
-  });
-  load_tile_bf16<D, kBQ>(sdO, a.hd, [&](int rr) -> const float* {
-    const int i = q0 + rr;
-    return i < a.S ? obase + static_cast<int64_t>(i) * ldo : nullptr;
-  });
+  load_tile_bf16<D, kBQ>(sQ, a.hd, [&](int rr) { return q_row(a, b, h, q0 + rr); });
+  load_tile_bf16<D, kBQ>(sdO, a.hd, [&](int rr) { return dout_row(a, p.dout, b, h, q0 + rr); });
   const int64_t row0 = (static_cast<int64_t>(b) * a.H + h) * a.S;
   const float lse_r = qi < a.S ? p.lse[row0 + qi] : 0.0f;
   const float del_r = qi < a.S ? p.delta[row0 + qi] : 0.0f;
@@ -459,15 +471,7 @@ __global__ void __launch_bounds__(kTcThreads, 2) attn_bwd_q_tc_kernel(AttnArgs a
 #pragma unroll
   for (int n = 0; n < NF; ++n) wmma::fill_fragment(dq[n], 0.0f);
 
-  const int nkeys = a.Pp + q_lim;
-  for (int k0 = 0; k0 < nkeys; k0 += kBK) {
-    __syncthreads();  // the previous tile's readers of sK, sV are done (and sQ, sdO are loaded)
-    load_tile_bf16<D, kBK>(sK, a.hd, [&](int rr) { return key_row(a, b, g, k0 + rr, false); });
-    load_tile_bf16<D, kBK>(sV, a.hd, [&](int rr) { return key_row(a, b, g, k0 + rr, true); });
-    if (tid < kBK) sValid[tid] = key_valid(a, b, k0 + tid);
-    __syncthreads();
-    if (wq0 >= q_lim || k0 - a.Pp > wq0 + 15) continue;  // no row of this warp needs this tile
-
+  for_key_tiles<D>(a, b, g, q_lim, wq0, sK, sV, sValid, [&](int k0) {
     {
       Acc s[4];
       strip_dot<D>(sQ + 16 * warp * LDT, sK, a.hd, s);
@@ -496,7 +500,7 @@ __global__ void __launch_bounds__(kTcThreads, 2) attn_bwd_q_tc_kernel(AttnArgs a
     }
     __syncwarp();
     strip_pv<D>(bstrip, sK, a.hd, dq);  // dQ += dS K (scale applied on store)
-  }
+  });
 
   __syncwarp();
   store_strip(strip, LDF, dq, a.hd);
@@ -508,6 +512,251 @@ __global__ void __launch_bounds__(kTcThreads, 2) attn_bwd_q_tc_kernel(AttnArgs a
     write_row(dq_base + static_cast<int64_t>(i) * a.ld, strip + rr * LDF, a.hd,
               i < p.q_rows ? a.scale : 0.0f);
   }
+}
+
+// --- Backward on mma.sync (PRIORTUNE_CUDA_ATTN=mma) ------------------------------------------------------
+// The same two kernels, block split, tile loads, masks and outputs as above, but every product is an
+// ldmatrix + mma.sync m16n8k16 (mma.cuh) whose results stay in registers: S^T (or S) and dP^T (or dP) are
+// fp32 accumulator fragments, the probabilities and dS are computed element by element in them (a lane holds
+// rows g and g + 8, columns 2t and 2t + 1 of each 8-column block, g = lane / 4, t = lane % 4) and repacked as
+// the bf16 A fragments of the next product (the accumulators of two adjacent 8-column blocks are exactly the
+// A fragment of one 16-wide k-step), so no per-warp strips and no round trips through shared memory. Tiles
+// stay bf16 [64][D + 8] (a 144- or 272-byte row stride: the eight 16-byte rows one ldmatrix phase reads fall
+// in distinct bank groups). Products over hd skip the 16-wide steps past hd (the tile loads leave those
+// columns unwritten). Each output element still has one writer and a fixed summation order.
+
+// acc[j] (j < 8: columns 8 j..8 j + 7 of the 64 rows of sB) = A (16 rows of sA) . sB^T over hd: both tiles
+// [row][hd] with stride LDT (S^T = K Q^T, S = Q K^T, dP^T = V dO^T, dP = dO V^T).
+template <int D>
+__device__ __forceinline__ void frag_dot(const __nv_bfloat16* sA, const __nv_bfloat16* sB, int hd,
+                                         float (&acc)[8][4]) {
+  constexpr int LDT = D + 8;
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[j][e] = 0.0f;
+#pragma unroll
+  for (int kd = 0; kd < D / 16; ++kd) {
+    if (kd * 16 >= hd) break;
+    uint32_t a[4];
+    ldsm_x4(a, sA + (lane & 15) * LDT + 16 * kd + 8 * (lane >> 4));
+#pragma unroll
+    for (int jp = 0; jp < 4; ++jp) {
+      uint32_t b[4];
+      ldsm_x4(b, sB + (16 * jp + (lane & 7) + 8 * (lane >> 4)) * LDT + 16 * kd + 8 * ((lane >> 3) & 1));
+      mma_bf16_16816(acc[2 * jp], a, b[0], b[1]);
+      mma_bf16_16816(acc[2 * jp + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// acc[n] (n < D / 8: columns 8 n.. of hd) += P (16 x 64, bf16 A fragments of four 16-wide k-steps) . sB
+// (64 rows [row][hd], stride LDT): dV += P^T dO, dK += dS^T Q, dQ += dS K.
+template <int D>
+__device__ __forceinline__ void frag_pv(const uint32_t (&p)[4][4], const __nv_bfloat16* sB, int hd,
+                                        float (&acc)[D / 8][4]) {
+  constexpr int LDT = D + 8;
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int kq = 0; kq < 4; ++kq)
+#pragma unroll
+    for (int np = 0; np < D / 16; ++np) {
+      if (np * 16 >= hd) break;
+      uint32_t b[4];
+      ldsm_x4_trans(b, sB + (16 * kq + (lane & 15)) * LDT + 16 * np + 8 * (lane >> 4));
+      mma_bf16_16816(acc[2 * np], p[kq], b[0], b[1]);
+      mma_bf16_16816(acc[2 * np + 1], p[kq], b[2], b[3]);
+    }
+}
+
+// The A fragments of a 16 x 64 bf16 operand from fp32 values laid out as accumulator fragments.
+__device__ __forceinline__ void pack_a(const float (&v)[8][4], uint32_t (&p)[4][4]) {
+#pragma unroll
+  for (int kq = 0; kq < 4; ++kq) {
+    p[kq][0] = pack_bf16(v[2 * kq][0], v[2 * kq][1]);
+    p[kq][1] = pack_bf16(v[2 * kq][2], v[2 * kq][3]);
+    p[kq][2] = pack_bf16(v[2 * kq + 1][0], v[2 * kq + 1][1]);
+    p[kq][3] = pack_bf16(v[2 * kq + 1][2], v[2 * kq + 1][3]);
+  }
+}
+
+// Rows g and g + 8 (of the warp's 16) of a 16 x hd accumulator, times scale(row), to dst(row) (null: no
+// row there).
+template <int D, class DstFn, class ScaleFn>
+__device__ __forceinline__ void store_rows(const float (&acc)[D / 8][4], int hd, DstFn dst, ScaleFn scale) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float* row = dst(g + 8 * h);
+    if (row == nullptr) continue;
+    const float s = scale(g + 8 * h);
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      const int c = 8 * n + 2 * t;
+      if (c >= hd) break;
+      row[c] = s * acc[n][2 * h];
+      row[c + 1] = s * acc[n][2 * h + 1];
+    }
+  }
+}
+
+template <int D>
+constexpr size_t kv_mma_smem() {
+  return 4 * static_cast<size_t>(64) * (D + 8) * 2 + (2 * kBQ + kBK) * 4;
+}
+
+template <int D>
+__global__ void __launch_bounds__(kTcThreads, 2) attn_bwd_kv_mma_kernel(AttnArgs a, BwdPtrs p) {
+  constexpr int LDT = D + 8;
+  extern __shared__ __align__(128) unsigned char smem_tc[];
+  __nv_bfloat16* sK = reinterpret_cast<__nv_bfloat16*>(smem_tc);
+  __nv_bfloat16* sV = sK + kBK * LDT;
+  __nv_bfloat16* sQ = sV + kBK * LDT;
+  __nv_bfloat16* sdO = sQ + kBQ * LDT;
+  float* sLse = reinterpret_cast<float*>(sdO + kBQ * LDT);
+  float* sDel = sLse + kBQ;
+  int* sValid = reinterpret_cast<int*>(sDel + kBQ);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g4 = lane >> 2, t4 = lane & 3;
+  const unsigned nbg = static_cast<unsigned>(a.B * a.KV);
+  const int bg = static_cast<int>(blockIdx.x % nbg);
+  const int kt = static_cast<int>(blockIdx.x / nbg);  // the first key tiles (most queries) first
+  const int b = bg / a.KV, g = bg % a.KV;
+  const int k0 = kt * kBK, wk0 = k0 + 16 * warp;  // the block's and the warp's first key
+
+  load_tile_bf16<D, kBK>(sK, a.hd, [&](int rr) { return key_row(a, b, g, k0 + rr, false); });
+  load_tile_bf16<D, kBK>(sV, a.hd, [&](int rr) { return key_row(a, b, g, k0 + rr, true); });
+  if (tid < kBK) sValid[tid] = key_valid(a, b, k0 + tid);
+
+  float dk[D / 8][4], dv[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.0f;
+
+  for_query_tiles<D>(a, p, b, g, k0, wk0, sQ, sdO, sLse, sDel, [&](int q0) {
+    float s[8][4];  // S^T, then P^T: rows keys wk0 + g4 (+ 8), columns queries q0 + 8 j + 2 t4 (+ 1)
+    frag_dot<D>(sK + 16 * warp * LDT, sQ, a.hd, s);
+#pragma unroll
+    for (int e2 = 0; e2 < 2; ++e2) {
+      const int kr = 16 * warp + g4 + 8 * e2, jr = k0 + kr - a.Pp;
+      const bool valid = sValid[kr] != 0;
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int e1 = 0; e1 < 2; ++e1) {
+          const int q = 8 * j + 2 * t4 + e1, i = q0 + q;
+          float& x = s[j][2 * e2 + e1];
+          x = valid && i < a.S && jr <= i ? expf(x * a.scale - sLse[q]) : 0.0f;
+        }
+    }
+    uint32_t pa[4][4];
+    pack_a(s, pa);
+    frag_pv<D>(pa, sdO, a.hd, dv);  // dV += P^T dO
+    float dp[8][4];
+    frag_dot<D>(sV + 16 * warp * LDT, sdO, a.hd, dp);  // dP^T
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dp[j][e] = s[j][e] * (dp[j][e] - sDel[8 * j + 2 * t4 + (e & 1)]);  // dS^T
+    pack_a(dp, pa);
+    frag_pv<D>(pa, sQ, a.hd, dk);  // dK += dS^T Q (scale applied on store)
+  });
+
+  // Token keys to dqkv, prefix keys to this sequence's partials; keys past the end have no row.
+  auto rows_of = [&](bool is_v) {
+    return [&, is_v](int rr) -> float* {
+      const int kk = wk0 + rr;
+      if (kk < a.Pp)
+        return (is_v ? p.part_v : p.part_k) + ((static_cast<int64_t>(b) * a.Pp + kk) * a.KV + g) * a.hd;
+      const int j = kk - a.Pp;
+      if (j >= a.S) return nullptr;
+      return p.dqkv + (static_cast<int64_t>(b) * a.S + j) * a.ld +
+             static_cast<int64_t>(a.H + (is_v ? a.KV : 0) + g) * a.hd;
+    };
+  };
+  store_rows<D>(dk, a.hd, rows_of(false), [&](int) { return a.scale; });
+  store_rows<D>(dv, a.hd, rows_of(true), [](int) { return 1.0f; });
+}
+
+template <int D>
+constexpr size_t q_mma_smem() {
+  return 4 * static_cast<size_t>(64) * (D + 8) * 2 + kBK * 4;
+}
+
+template <int D>
+__global__ void __launch_bounds__(kTcThreads, 2) attn_bwd_q_mma_kernel(AttnArgs a, BwdPtrs p, int nqt) {
+  constexpr int LDT = D + 8;
+  extern __shared__ __align__(128) unsigned char smem_tc[];
+  __nv_bfloat16* sQ = reinterpret_cast<__nv_bfloat16*>(smem_tc);
+  __nv_bfloat16* sdO = sQ + kBQ * LDT;
+  __nv_bfloat16* sK = sdO + kBQ * LDT;
+  __nv_bfloat16* sV = sK + kBK * LDT;
+  int* sValid = reinterpret_cast<int*>(sV + kBK * LDT);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g4 = lane >> 2, t4 = lane & 3;
+  const unsigned nbh = static_cast<unsigned>(a.B * a.H);
+  const int bh = static_cast<int>(blockIdx.x % nbh);
+  const int qt = nqt - 1 - static_cast<int>(blockIdx.x / nbh);
+  const int b = bh / a.H, h = bh % a.H, g = h / a.group;
+  const int q0 = qt * kBQ, q_end = min(q0 + kBQ, a.S), q_lim = min(q_end, p.q_rows);
+  const int wq0 = q0 + 16 * warp;
+  float* dq_base = p.dqkv + static_cast<int64_t>(b) * a.S * a.ld + static_cast<int64_t>(h) * a.hd;
+
+  if (q0 >= q_lim) {  // no row of this tile needs dq: zeros (uniform across the block, before any barrier)
+    for (int i = q0 + warp; i < q_end; i += kWarps)
+      for (int d = lane; d < a.hd; d += 32) dq_base[static_cast<int64_t>(i) * a.ld + d] = 0.0f;
+    return;
+  }
+  load_tile_bf16<D, kBQ>(sQ, a.hd, [&](int rr) { return q_row(a, b, h, q0 + rr); });
+  load_tile_bf16<D, kBQ>(sdO, a.hd, [&](int rr) { return dout_row(a, p.dout, b, h, q0 + rr); });
+  // This lane's rows wq0 + g4 and wq0 + g4 + 8: their lse and delta.
+  const int64_t row0 = (static_cast<int64_t>(b) * a.H + h) * a.S;
+  float lse_r[2], del_r[2];
+#pragma unroll
+  for (int e2 = 0; e2 < 2; ++e2) {
+    const int qi = wq0 + g4 + 8 * e2;
+    lse_r[e2] = qi < a.S ? p.lse[row0 + qi] : 0.0f;
+    del_r[e2] = qi < a.S ? p.delta[row0 + qi] : 0.0f;
+  }
+  float dq[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dq[n][e] = 0.0f;
+
+  for_key_tiles<D>(a, b, g, q_lim, wq0, sK, sV, sValid, [&](int k0) {
+    float s[8][4];  // S, then P: rows queries wq0 + g4 (+ 8), columns keys k0 + 8 j + 2 t4 (+ 1)
+    frag_dot<D>(sQ + 16 * warp * LDT, sK, a.hd, s);
+#pragma unroll
+    for (int e2 = 0; e2 < 2; ++e2) {
+      const int qi = wq0 + g4 + 8 * e2;
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int e1 = 0; e1 < 2; ++e1) {
+          const int c = 8 * j + 2 * t4 + e1;
+          float& x = s[j][2 * e2 + e1];
+          x = sValid[c] != 0 && qi < q_lim && k0 + c - a.Pp <= qi ? expf(x * a.scale - lse_r[e2]) : 0.0f;
+        }
+    }
+    float dp[8][4];
+    frag_dot<D>(sdO + 16 * warp * LDT, sV, a.hd, dp);  // dP
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dp[j][e] = s[j][e] * (dp[j][e] - del_r[e >> 1]);  // dS
+    uint32_t pa[4][4];
+    pack_a(dp, pa);
+    frag_pv<D>(pa, sK, a.hd, dq);  // dQ += dS K (scale applied on store)
+  });
+
+  // Rows past q_rows: zeros (their dS is 0; the factor 0 also covers rows this warp skipped).
+  store_rows<D>(
+      dq, a.hd,
+      [&](int rr) { return wq0 + rr < a.S ? dq_base + static_cast<int64_t>(wq0 + rr) * a.ld : nullptr; },
+      [&](int rr) { return wq0 + rr < p.q_rows ? a.scale : 0.0f; });
 }
 
 template <int D>
@@ -522,10 +771,10 @@ void forward_tc_impl(Stream stream, const AttnArgs& a, float* out, float* lse) {
 }
 
 template <int D>
-void backward_tc_impl(Stream stream, const AttnArgs& a, const BwdPtrs& p) {
+void backward_tc_impl(Stream stream, const AttnArgs& a, const BwdPtrs& p, bool mma) {
   {
-    constexpr size_t smem = kv_tc_smem<D>();
-    auto* kernel = attn_bwd_kv_tc_kernel<D>;
+    const size_t smem = mma ? kv_mma_smem<D>() : kv_tc_smem<D>();
+    auto* kernel = mma ? attn_bwd_kv_mma_kernel<D> : attn_bwd_kv_tc_kernel<D>;
     allow_smem(kernel, smem, "attention_backward (bf16 dk, dv)");
     const int64_t nkt = (static_cast<int64_t>(a.Pp) + a.S + kBK - 1) / kBK;
     const unsigned grid = grid_1d(nkt * a.B * a.KV, "attention_backward");
@@ -533,8 +782,8 @@ void backward_tc_impl(Stream stream, const AttnArgs& a, const BwdPtrs& p) {
     check_launch("attention_backward (bf16 dk, dv)");
   }
   {
-    constexpr size_t smem = q_tc_smem<D>();
-    auto* kernel = attn_bwd_q_tc_kernel<D>;
+    const size_t smem = mma ? q_mma_smem<D>() : q_tc_smem<D>();
+    auto* kernel = mma ? attn_bwd_q_mma_kernel<D> : attn_bwd_q_tc_kernel<D>;
     allow_smem(kernel, smem, "attention_backward (bf16 dq)");
     const int nqt = (a.S + kBQ - 1) / kBQ;
     const unsigned grid = grid_1d(static_cast<int64_t>(nqt) * a.B * a.H, "attention_backward");
@@ -552,11 +801,31 @@ void forward_tc(Stream stream, const AttnArgs& a, float* out, float* lse) {
     forward_tc_impl<128>(stream, a, out, lse);
 }
 
-void backward_tc(Stream stream, const AttnArgs& a, const BwdPtrs& p) {
+namespace {
+thread_local int forced_backward = -1;  // ForceBackwardKernel: -1 none, 0 WMMA, 1 mma.sync
+}
+
+ForceBackwardKernel::ForceBackwardKernel(bool mma) : saved_(forced_backward) {
+  forced_backward = mma ? 1 : 0;
+}
+ForceBackwardKernel::~ForceBackwardKernel() {
+  forced_backward = saved_;
+}
+
+bool backward_mma() {
+  if (forced_backward >= 0) return forced_backward == 1;
+  const char* raw = std::getenv("PRIORTUNE_CUDA_ATTN");
+  const std::string v = raw ? raw : "";
+  if (v.empty() || v == "wmma") return false;
+  if (v == "mma") return true;
+  throw std::invalid_argument("PRIORTUNE_CUDA_ATTN must be wmma or mma, got \"" + v + "\"");
+}
+
+void backward_tc(Stream stream, const AttnArgs& a, const BwdPtrs& p, bool mma) {
   if (a.hd <= 64)
-    backward_tc_impl<64>(stream, a, p);
+    backward_tc_impl<64>(stream, a, p, mma);
   else
-    backward_tc_impl<128>(stream, a, p);
+    backward_tc_impl<128>(stream, a, p, mma);
 }
 
 }  // namespace attn
