@@ -276,7 +276,7 @@ if (want("steps")) {
   for (const cfg of [gpt2, llama]) {
     const model = new native.NativeModel(nativeConfig(cfg, 16));
     await model.fillRandom(1, 0.02);
-    // bf16 with graphs (the default kernels; then the mma.sync attention backward, the wgmma GEMM alone and
+    // bf16 with graphs (the default kernels; then the mma.sync attention kernels, the wgmma GEMM alone and
     // with it, the pipelined WMMA and register-staged GEMMs for comparison), bf16 eager, tf32.
     const setups: { precision: CudaPrecision; graphs: boolean; kernel?: string; attn?: string }[] = [
       { precision: "bf16", graphs: true },
@@ -298,7 +298,7 @@ if (want("steps")) {
           await model.attachCuda({ precision, graphs });
           const label =
             `${precision}${graphs ? "" : " eager"}${kernel ? ` (${kernel} GEMM)` : ""}` +
-            `${attn ? ` (${attn} attention bwd)` : ""}`;
+            `${attn ? ` (${attn} attention)` : ""}`;
           for (const r of runs.filter((x) => x.config === cfg)) {
             const C = cfg.hiddenSize;
             const args = await prepareStep(model, cfg, r.B, r.S);
@@ -326,7 +326,7 @@ if (want("steps")) {
                 precision,
                 graphs,
                 gemmKernel: kernel ?? "auto",
-                attentionBackward: attn ?? "wmma",
+                attention: attn ?? "wmma",
                 ms,
                 tokPerS: (r.B * r.S) / (ms / 1e3),
                 tflops,
@@ -348,7 +348,7 @@ if (want("steps")) {
                   S: r.S,
                   precision,
                   gemmKernel: kernel ?? "auto",
-                  attentionBackward: attn ?? "wmma",
+                  attention: attn ?? "wmma",
                   error: String(e),
                 }),
               );
@@ -362,7 +362,7 @@ if (want("steps")) {
       );
     }
     // Where the time goes: one profiled configuration per model (eager, CUDA events between stages), with the
-    // default attention backward and with the mma.sync one.
+    // default attention kernels and with the mma.sync ones.
     const r = runs.filter((x) => x.config === cfg)[0]!;
     for (const attn of [undefined, "mma"])
       await withEnv("PRIORTUNE_CUDA_ATTN", attn, async () => {
@@ -381,12 +381,12 @@ if (want("steps")) {
             B: r.B,
             S: r.S,
             precision: "bf16",
-            attentionBackward: attn ?? "wmma",
+            attention: attn ?? "wmma",
             perStepMs: Object.fromEntries(prof.map(([k, v]) => [k, v / steps])),
           }),
         );
         tables.push(
-          `Profile, ${r.name} ${r.B} x ${r.S}, bf16${attn ? `, ${attn} attention backward` : ""}, eager with events (ms per step; total ${(total / steps).toFixed(2)})\n` +
+          `Profile, ${r.name} ${r.B} x ${r.S}, bf16${attn ? `, ${attn} attention` : ""}, eager with events (ms per step; total ${(total / steps).toFixed(2)})\n` +
             "| stage | ms | share |\n|---|---|---|\n" +
             prof
               .map(([k, ms]) => `| ${k} | ${(ms / steps).toFixed(3)} | ${((100 * ms) / total).toFixed(1)}% |`)

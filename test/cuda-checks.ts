@@ -541,10 +541,10 @@ export async function errorChecks(): Promise<CheckRow[]> {
 /**
  * The BF16 kernels one can choose (PRIORTUNE_CUDA_GEMM, PRIORTUNE_CUDA_ATTN): a soft-prompt loss and gradient
  * with the default (ldmatrix + mma.sync) GEMM, the pipelined WMMA one, on Hopper the wgmma one (elsewhere
- * "wgmma" falls back to the default), and with the mma.sync attention backward, equal the register-staged
- * GEMM's with the default attention (the same bf16 operands, the same order of 16-wide k-blocks and the same
- * bf16 roundings of P and dS, so equal up to fp32 rounding), for both families; a bad value of either
- * variable is a JS error naming it.
+ * "wgmma" falls back to the default), and with the mma.sync attention kernels, equal the register-staged
+ * GEMM's with the default attention (the GEMMs: the same bf16 operands and order of 16-wide k-blocks, so
+ * equal up to fp32 rounding; the attention kernels: up to bf16 rounding of P), for both families; a bad
+ * value of either variable is a JS error naming it.
  */
 export async function gemmKernelChecks(): Promise<CheckRow[]> {
   const rows = new Rows("gemm kernels");
@@ -560,19 +560,27 @@ export async function gemmKernelChecks(): Promise<CheckRow[]> {
     try {
       const staged = await step(GEMM, "staged");
       const mma = await step(GEMM, undefined);
-      for (const [label, variable, value] of [
-        ["mma.sync (default)", GEMM, undefined],
-        ["pipelined WMMA", GEMM, "pipe"],
-        ["wgmma", GEMM, "wgmma"],
-        ["mma.sync attention backward", ATTN, "mma"],
+      const same = "same bf16 operands, same k-block order: equal up to fp32 rounding";
+      // The mma.sync attention forward takes the running max as the softmax reference (the WMMA one a lazy
+      // one), so P is rounded to bf16 at other values: equal up to bf16 rounding (2^-9 relative), not fp32's.
+      const rounded = "P rounded to bf16 against another reference max: equal up to bf16 rounding";
+      for (const [label, variable, value, lossTol, gradTol, note] of [
+        ["mma.sync (default)", GEMM, undefined, 1e-6, 1e-5, same],
+        ["pipelined WMMA", GEMM, "pipe", 1e-6, 1e-5, same],
+        ["wgmma", GEMM, "wgmma", 1e-6, 1e-5, same],
+        ["mma.sync attention", ATTN, "mma", 1e-3, 2e-2, rounded],
       ] as const) {
         const got = await step(variable, value);
-        rows.add(`${name}: loss, ${label} vs staged`, Math.abs(got.loss - staged.loss) / staged.loss, 1e-6);
+        rows.add(
+          `${name}: loss, ${label} vs staged`,
+          Math.abs(got.loss - staged.loss) / staged.loss,
+          lossTol,
+        );
         rows.add(
           `${name}: d loss / d prompt, ${label} vs staged`,
           rel(got.promptGrad!, staged.promptGrad!),
-          1e-5,
-          "same bf16 operands, same k-block order: equal up to fp32 rounding",
+          gradTol,
+          note,
         );
       }
       for (const variable of [GEMM, ATTN]) {

@@ -578,8 +578,9 @@ void attention_forward(Stream stream, float* out, float* lse, const float* qkv, 
   validate("attention_forward", Pp, B, S, H, KV, hd, prefix_k, prefix_v);
   if (B == 0 || S == 0) return;
   const AttnArgs a = make_args(qkv, key_mask, prefix_k, prefix_v, Pp, B, S, H, KV, hd, scale);
+  const bool mma = attn::attention_mma();  // read (and a bad value refused) whichever kernels run
   if (precision == AttentionPrecision::BF16 && attn::tc_supported(hd))
-    attn::forward_tc(stream, a, out, lse);  // attention_tc.cu
+    attn::forward_tc(stream, a, out, lse, mma);  // attention_tc.cu
   else if (hd <= 64)
     forward_impl<64>(stream, a, out, lse);
   else if (hd <= 128)
@@ -614,7 +615,7 @@ void attention_backward(Stream stream, float* dqkv, float* dprefix_k, float* dpr
     return;
   }
   if (scratch == nullptr) throw std::invalid_argument("attention_backward: scratch is null");
-  const bool mma = attn::backward_mma();  // read (and a bad value refused) whichever kernels run
+  const bool mma = attn::attention_mma();  // read (and a bad value refused) whichever kernels run
   const AttnArgs a = make_args(qkv, key_mask, prefix_k, prefix_v, Pp, B, S, H, KV, hd, scale);
   BwdPtrs p;
   p.dqkv = dqkv;
@@ -891,15 +892,21 @@ std::vector<OpCheck> selftest_attention() {
       checks.push_back(
           make_check("attention bf16 determinism", shape, same_bits(got, again) ? 0.0 : 1.0, 0.0,
                      "two BF16 runs (forward and backward) must agree bit for bit (no atomics)"));
-      // The mma.sync backward (PRIORTUNE_CUDA_ATTN=mma): the same accuracy, and deterministic too.
+      // The mma.sync kernels (PRIORTUNE_CUDA_ATTN=mma): the same accuracy, deterministic, and the same
+      // forward on raw and on host-rounded inputs.
       {
-        const attn::ForceBackwardKernel force(true);
+        const attn::ForceAttentionKernel force(true);
         const AttnOutputs mma = attention_device(t, db, scale, AttentionPrecision::BF16);
         push_accuracy(checks, " bf16 mma", shape, mma, ref, Pp, tol_bf16, note_bf16,
-                      "bf16 mma.sync backward (scores in registers) vs the same float64 host reference");
+                      "bf16 mma.sync kernels (scores in registers) vs the same float64 host log-sum-exp");
         const AttnOutputs mma2 = attention_device(t, db, scale, AttentionPrecision::BF16);
         checks.push_back(make_check("attention bf16 mma determinism", shape, same_bits(mma, mma2) ? 0.0 : 1.0,
-                                    0.0, "two mma.sync backward runs must agree bit for bit"));
+                                    0.0, "two mma.sync runs (forward and backward) must agree bit for bit"));
+        const AttnOutputs raw = attention_device(t, d, scale, AttentionPrecision::BF16);
+        checks.push_back(
+            make_check("attention_forward bf16 mma rounding", shape,
+                       same_bits(raw.out, mma.out) && same_bits(raw.lse, mma.lse) ? 0.0 : 1.0, 0.0,
+                       "mma.sync forward on raw fp32 inputs vs on host-rounded (RN-even) inputs: same bits"));
       }
       // The kernels round Q, K, V to nearest even as the host did: on the raw inputs the forward is the same.
       const AttnOutputs raw = attention_device(t, d, scale, AttentionPrecision::BF16);

@@ -91,20 +91,21 @@ inline unsigned grid_1d(int64_t blocks, const char* op) {
 inline bool tc_supported(int64_t hd) {
   return hd >= 16 && hd <= 128 && hd % 16 == 0;
 }
-void forward_tc(Stream stream, const AttnArgs& a, float* out, float* lse);
+void forward_tc(Stream stream, const AttnArgs& a, float* out, float* lse, bool mma);
 void backward_tc(Stream stream, const AttnArgs& a, const BwdPtrs& p, bool mma);
 
-// Which products backward_tc runs (its mma argument): WMMA through per-warp shared strips (the default) or
-// ldmatrix + mma.sync with the scores in registers. PRIORTUNE_CUDA_ATTN = wmma | mma, read by every
-// attention_backward call whichever kernels run (a captured graph keeps what it was captured with), unless a
-// ForceBackwardKernel is alive on this thread (the self-test's way of running both).
-bool backward_mma();
-class ForceBackwardKernel {
+// Which products forward_tc and backward_tc run (their mma argument): WMMA through per-warp shared strips
+// (the default) or ldmatrix + mma.sync with the scores in registers. PRIORTUNE_CUDA_ATTN = wmma | mma, read
+// by every attention_forward and attention_backward call whichever kernels run (a captured graph keeps what
+// it was captured with), unless a ForceAttentionKernel is alive on this thread (the self-test's way of
+// running both).
+bool attention_mma();
+class ForceAttentionKernel {
  public:
-  explicit ForceBackwardKernel(bool mma);
-  ~ForceBackwardKernel();
-  ForceBackwardKernel(const ForceBackwardKernel&) = delete;
-  ForceBackwardKernel& operator=(const ForceBackwardKernel&) = delete;
+  explicit ForceAttentionKernel(bool mma);
+  ~ForceAttentionKernel();
+  ForceAttentionKernel(const ForceAttentionKernel&) = delete;
+  ForceAttentionKernel& operator=(const ForceAttentionKernel&) = delete;
 
  private:
   int saved_;

@@ -759,10 +759,106 @@ __global__ void __launch_bounds__(kTcThreads, 2) attn_bwd_q_mma_kernel(AttnArgs 
       [&](int rr) { return wq0 + rr < p.q_rows ? a.scale : 0.0f; });
 }
 
+// The forward on mma.sync (PRIORTUNE_CUDA_ATTN=mma): the same block split, tile walk, masks and outputs as
+// attn_fwd_tc_kernel; S = Q K^T and O += P V as ldmatrix + mma.sync with S, P and O in registers. Online
+// softmax per row with the running max as reference (rescaling O is a register multiply here, so no lazy
+// reference is needed): each lane holds columns 2 t4, 2 t4 + 1 of every 8-column block of rows g4 and g4 + 8,
+// and the row's max and sum combine the four lanes of a row (xor 1, 2).
 template <int D>
-void forward_tc_impl(Stream stream, const AttnArgs& a, float* out, float* lse) {
-  constexpr size_t smem = fwd_tc_smem<D>();
-  auto* kernel = attn_fwd_tc_kernel<D>;
+constexpr size_t fwd_mma_smem() {
+  return 3 * static_cast<size_t>(64) * (D + 8) * 2 + kBK * 4;
+}
+
+template <int D>
+__global__ void __launch_bounds__(kTcThreads, 2)
+    attn_fwd_mma_kernel(AttnArgs a, float* __restrict__ out, float* __restrict__ lse, int nqt) {
+  constexpr int LDT = D + 8;
+  extern __shared__ __align__(128) unsigned char smem_tc[];
+  __nv_bfloat16* sQ = reinterpret_cast<__nv_bfloat16*>(smem_tc);
+  __nv_bfloat16* sK = sQ + kBQ * LDT;
+  __nv_bfloat16* sV = sK + kBK * LDT;
+  int* sValid = reinterpret_cast<int*>(sV + kBK * LDT);
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g4 = lane >> 2, t4 = lane & 3;
+  const unsigned nbh = static_cast<unsigned>(a.B * a.H);
+  const int bh = static_cast<int>(blockIdx.x % nbh);
+  const int qt = nqt - 1 - static_cast<int>(blockIdx.x / nbh);  // the longest (last) query tiles first
+  const int b = bh / a.H, h = bh % a.H, g = h / a.group;
+  const int q0 = qt * kBQ, q_end = min(q0 + kBQ, a.S);
+  const int wq0 = q0 + 16 * warp;
+
+  load_tile_bf16<D, kBQ>(sQ, a.hd, [&](int rr) { return q_row(a, b, h, q0 + rr); });
+  float o[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[n][e] = 0.0f;
+  float m_run[2] = {-INFINITY, -INFINITY};  // rows g4, g4 + 8: running max (-inf until a key is visible)
+  float l_part[2] = {0.0f, 0.0f};           // this lane's share of the row sum of exp(s - m_run)
+
+  for_key_tiles<D>(a, b, g, q_end, wq0, sK, sV, sValid, [&](int k0) {
+    float s[8][4];
+    frag_dot<D>(sQ + 16 * warp * LDT, sK, a.hd, s);
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int c = 8 * j + 2 * t4 + (e & 1), qi = wq0 + g4 + 8 * (e >> 1);
+        float& x = s[j][e];
+        x = sValid[c] != 0 && k0 + c - a.Pp <= qi ? x * a.scale : -INFINITY;
+        mx[e >> 1] = fmaxf(mx[e >> 1], x);
+      }
+    float alpha[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+      const float m_new = fmaxf(m_run[r], mx[r]);
+      alpha[r] = m_run[r] == -INFINITY ? 1.0f : expf(m_run[r] - m_new);
+      m_run[r] = m_new;
+      l_part[r] *= alpha[r];
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float& x = s[j][e];
+        x = x == -INFINITY ? 0.0f : expf(x - m_run[e >> 1]);
+        l_part[e >> 1] += x;
+      }
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[n][e] *= alpha[e >> 1];
+    uint32_t pa[4][4];
+    pack_a(s, pa);
+    frag_pv<D>(pa, sV, a.hd, o);  // O += P V
+  });
+
+  float inv[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float total = l_part[r] + __shfl_xor_sync(0xffffffffu, l_part[r], 1);
+    total += __shfl_xor_sync(0xffffffffu, total, 2);
+    inv[r] = total > 0.0f ? 1.0f / total : 0.0f;  // no visible key: zeros
+    const int qi = wq0 + g4 + 8 * r;
+    if (t4 == 0 && qi < a.S)
+      lse[(static_cast<int64_t>(b) * a.H + h) * a.S + qi] = total > 0.0f ? m_run[r] + logf(total) : -INFINITY;
+  }
+  store_rows<D>(
+      o, a.hd,
+      [&](int rr) -> float* {
+        const int i = wq0 + rr;
+        return i < a.S ? out + ((static_cast<int64_t>(b) * a.S + i) * a.H + h) * a.hd : nullptr;
+      },
+      [&](int rr) { return inv[rr >> 3]; });
+}
+
+template <int D>
+void forward_tc_impl(Stream stream, const AttnArgs& a, float* out, float* lse, bool mma) {
+  const size_t smem = mma ? fwd_mma_smem<D>() : fwd_tc_smem<D>();
+  auto* kernel = mma ? attn_fwd_mma_kernel<D> : attn_fwd_tc_kernel<D>;
   allow_smem(kernel, smem, "attention_forward (bf16)");
   const int nqt = (a.S + kBQ - 1) / kBQ;
   const unsigned grid = grid_1d(static_cast<int64_t>(nqt) * a.B * a.H, "attention_forward");
@@ -794,26 +890,26 @@ void backward_tc_impl(Stream stream, const AttnArgs& a, const BwdPtrs& p, bool m
 
 }  // namespace
 
-void forward_tc(Stream stream, const AttnArgs& a, float* out, float* lse) {
+void forward_tc(Stream stream, const AttnArgs& a, float* out, float* lse, bool mma) {
   if (a.hd <= 64)
-    forward_tc_impl<64>(stream, a, out, lse);
+    forward_tc_impl<64>(stream, a, out, lse, mma);
   else
-    forward_tc_impl<128>(stream, a, out, lse);
+    forward_tc_impl<128>(stream, a, out, lse, mma);
 }
 
 namespace {
-thread_local int forced_backward = -1;  // ForceBackwardKernel: -1 none, 0 WMMA, 1 mma.sync
+thread_local int forced_kernel = -1;  // ForceAttentionKernel: -1 none, 0 WMMA, 1 mma.sync
 }
 
-ForceBackwardKernel::ForceBackwardKernel(bool mma) : saved_(forced_backward) {
-  forced_backward = mma ? 1 : 0;
+ForceAttentionKernel::ForceAttentionKernel(bool mma) : saved_(forced_kernel) {
+  forced_kernel = mma ? 1 : 0;
 }
-ForceBackwardKernel::~ForceBackwardKernel() {
-  forced_backward = saved_;
+ForceAttentionKernel::~ForceAttentionKernel() {
+  forced_kernel = saved_;
 }
 
-bool backward_mma() {
-  if (forced_backward >= 0) return forced_backward == 1;
+bool attention_mma() {
+  if (forced_kernel >= 0) return forced_kernel == 1;
   const char* raw = std::getenv("PRIORTUNE_CUDA_ATTN");
   const std::string v = raw ? raw : "";
   if (v.empty() || v == "wmma") return false;
