@@ -78,7 +78,7 @@ part() {
 groups=("$@")
 [ ${#groups[@]} -eq 0 ] && groups=(wgmma checks gemm,steps knn)
 for g in "${groups[@]}"; do
-  case "$g" in wgmma) cap=60 ;; checks) cap=100 ;; *steps*) cap=240 ;; *knn*) cap=150 ;; *) cap=90 ;; esac
+  case "$g" in wgmma) cap=60 ;; checks) cap=100 ;; *steps*) cap=300 ;; *knn*) cap=180 ;; *) cap=90 ;; esac
   if ! part "priortune-${g//,/-}" "$cap" /tmp/node .carry/gpu-check.mjs ${g//,/ } --results "$out/results.md"; then
     status=1
     # The wgmma kernel failed or faulted on its own: keep it out of the groups that follow.
