@@ -1,6 +1,6 @@
 // The GPU check, run on a machine with an NVIDIA GPU (see scripts/gpu-check.sh, which bundles this file with
 // esbuild so it needs no node_modules there). Sections, each optional by name on the command line
-// (default: all, in this order):
+// (default: all but wgmma, which runs only when named, first):
 //   checks  every CUDA op against the CPU reference and the whole-model checks of test/cuda-checks.ts
 //   gemm    the device GEMM's throughput per precision, ours and cuBLASLt's where the machine has it (loaded at
 //           run time), each checked against our fp32 GEMM; the bf16 8192^3 peaks are MFU's denominators

@@ -164,6 +164,26 @@ __device__ __forceinline__ void write_row(float* dst, const float* src, int hd, 
   }
 }
 
+// The forward's and the dq kernels' walk over the key tiles that the query tile's rows below q_lim can see
+// (all prefix keys, tokens below q_lim): K and V staged as bf16 tiles and the keys' validity, then step(k0)
+// in each warp (rows from wq0) with a row below q_lim that sees a key of the tile.
+template <int D, class Step>
+__device__ __forceinline__ void for_key_tiles(const AttnArgs& a, int b, int g, int q_lim, int wq0,
+                                              __nv_bfloat16* sK, __nv_bfloat16* sV, int* sValid,
+                                              Step&& step) {
+  const int tid = threadIdx.x;
+  const int nkeys = a.Pp + q_lim;
+  for (int k0 = 0; k0 < nkeys; k0 += kBK) {
+    __syncthreads();  // the previous tile's readers of sK, sV are done (and sQ, sdO are loaded)
+    load_tile_bf16<D, kBK>(sK, a.hd, [&](int rr) { return key_row(a, b, g, k0 + rr, false); });
+    load_tile_bf16<D, kBK>(sV, a.hd, [&](int rr) { return key_row(a, b, g, k0 + rr, true); });
+    if (tid < kBK) sValid[tid] = key_valid(a, b, k0 + tid);
+    __syncthreads();
+    if (wq0 >= q_lim || k0 - a.Pp > wq0 + 15) continue;  // no row of this warp needs this tile
+    step(k0);
+  }
+}
+
 // --- Forward --------------------------------------------------------------------------------------------
 // Shared memory: sQ, sK, sV bf16 [64][D+8]; per warp an fp32 strip [16][D+4] and a bf16 strip [16][64+8];
 // valid[64].
@@ -203,15 +223,8 @@ __global__ void __launch_bounds__(kTcThreads, 2)
   float m_ref = -INFINITY;  // the row's exponent reference (-inf until a key is visible)
   float l_part = 0.0f;      // this lane's share of the row sum of exp(s - m_ref)
 
-  const int nkeys = a.Pp + q_end;  // keys visible to some row of the tile: all prefix, tokens < q_end
-  for (int k0 = 0; k0 < nkeys; k0 += kBK) {
-    __syncthreads();  // the previous tile's readers of sK, sV are done (and sQ is loaded)
-    load_tile_bf16<D, kBK>(sK, a.hd, [&](int rr) { return key_row(a, b, g, k0 + rr, false); });
-    load_tile_bf16<D, kBK>(sV, a.hd, [&](int rr) { return key_row(a, b, g, k0 + rr, true); });
-    if (tid < kBK) sValid[tid] = key_valid(a, b, k0 + tid);
-    __syncthreads();
-    if (wq0 >= a.S || k0 - a.Pp > wq0 + 15) continue;  // no row of this warp sees a key of this tile
-
+  // Rows below q_end: a warp whose first row is past it is past S too (q_end is S or the tile's end).
+  for_key_tiles<D>(a, b, g, q_end, wq0, sK, sV, sValid, [&](int k0) {
     {
       Acc s[4];
       strip_dot<D>(sQ + 16 * warp * LDT, sK, a.hd, s);
@@ -252,7 +265,7 @@ __global__ void __launch_bounds__(kTcThreads, 2)
         if (n * 16 < a.hd) wmma::load_matrix_sync(o[n], strip + n * 16, LDF, wmma::mem_row_major);
     }
     strip_pv<D>(bstrip, sV, a.hd, o);
-  }
+  });
 
   const float total = l_part + __shfl_xor_sync(0xffffffffu, l_part, 1);
   const float inv = total > 0.0f ? 1.0f / total : 0.0f;  // no visible key: zeros
@@ -401,26 +414,6 @@ __global__ void __launch_bounds__(kTcThreads, 2) attn_bwd_kv_tc_kernel(AttnArgs 
       write_row(dst, strip + rr * LDF, a.hd, pass == 0 ? a.scale : 1.0f);
     }
     __syncwarp();
-  }
-}
-
-// The dq kernels' walk over the key tiles the tile's rows below q_lim can see: K and V staged as bf16 tiles
-// and the keys' validity, then step(k0) in each warp (rows from wq0) with a row below q_lim that sees a key
-// of the tile.
-template <int D, class Step>
-__device__ __forceinline__ void for_key_tiles(const AttnArgs& a, int b, int g, int q_lim, int wq0,
-                                              __nv_bfloat16* sK, __nv_bfloat16* sV, int* sValid,
-                                              Step&& step) {
-  const int tid = threadIdx.x;
-  const int nkeys = a.Pp + q_lim;
-  for (int k0 = 0; k0 < nkeys; k0 += kBK) {
-    __syncthreads();  // the previous tile's readers of sK, sV are done (and sQ, sdO are loaded)
-    load_tile_bf16<D, kBK>(sK, a.hd, [&](int rr) { return key_row(a, b, g, k0 + rr, false); });
-    load_tile_bf16<D, kBK>(sV, a.hd, [&](int rr) { return key_row(a, b, g, k0 + rr, true); });
-    if (tid < kBK) sValid[tid] = key_valid(a, b, k0 + tid);
-    __syncthreads();
-    if (wq0 >= q_lim || k0 - a.Pp > wq0 + 15) continue;  // no row of this warp needs this tile
-    step(k0);
   }
 }
 

@@ -903,7 +903,7 @@ void launch_wgmma(const PipeArgs& a) {
 }
 
 // Calls f(NT, BM, BN) (as std::integral_constant) for B transposed or not, a tile height of 32, 64 or 128 and
-// a width of 128 or 256: the one dispatch of both cp.async kernels' instantiations.
+// a width of 128 or 256: the one dispatch of the cp.async kernels' instantiations (wgmma's: BM fixed).
 template <class F>
 void with_shape(bool nt, int bm, int bn, F f) {
   auto width = [&](auto t, auto rows) {
@@ -1044,16 +1044,8 @@ void gemm_with(TcKernel kernel, Stream stream, GemmPrecision precision, bool b_t
                         ldb,    C, ldc, bias, beta_one};
     const int wg_width = cp_async ? wgmma_width(kernel, N) : 0;
     if (wg_width) {
-      auto launch = [&](auto t) {
-        if (wg_width == 256)
-          launch_wgmma<decltype(t)::value, 256>(args);
-        else
-          launch_wgmma<decltype(t)::value, 128>(args);
-      };
-      if (b_transposed)
-        launch(std::true_type{});
-      else
-        launch(std::false_type{});
+      with_shape(b_transposed, kWBM, wg_width,
+                 [&](auto t, auto, auto c) { launch_wgmma<decltype(t)::value, decltype(c)::value>(args); });
     } else if (cp_async && !pipe && shape_fits(true, b_transposed, bm, 128)) {
       with_shape(b_transposed, bm, pick_width(kernel, true, b_transposed, bm, M, N),
                  [&](auto t, auto r, auto c) {
