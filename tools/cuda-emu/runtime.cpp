@@ -278,16 +278,34 @@ unsigned cur_thread = 0;
 static const void* sched_bottom = nullptr;
 static size_t sched_size = 0;
 static void* sched_fake = nullptr;
-// cp.async: per thread, the copies not yet committed and the committed groups, oldest first.
+// A thread's asynchronous operations of one kind (cp.async copies, wgmma MMAs): those not yet committed and
+// the committed groups, oldest first. retire(keep, run) runs every group but the `keep` newest, oldest first.
+template <class T>
+struct GroupQueue {
+  std::vector<T> open;
+  std::deque<std::vector<T>> groups;
+  void commit() {
+    groups.push_back(std::move(open));
+    open.clear();
+  }
+  template <class F>
+  void retire(size_t keep, F run) {
+    while (groups.size() > keep) {
+      for (const T& op : groups.front()) run(op);
+      groups.pop_front();
+    }
+  }
+  void clear() {
+    open.clear();
+    groups.clear();
+  }
+};
 struct AsyncCopy {
   unsigned char* dst;
   const unsigned char* src;
   size_t size, zfill;
 };
-struct AsyncQueue {
-  std::vector<AsyncCopy> open;
-  std::deque<std::vector<AsyncCopy>> groups;
-};
+using AsyncQueue = GroupQueue<AsyncCopy>;
 static std::vector<AsyncQueue> async_q;
 // wgmma.mma_async: each thread's issued MMAs, as groups (the open one last), run when a wait retires them.
 struct Wgmma {
@@ -301,10 +319,7 @@ struct Wgmma {
 // reads a chunk a later copy targets ran while that stage was being refilled (on a GPU it may read either).
 static std::vector<uint64_t> chunk_copy;
 static uint64_t copies_issued = 0;
-struct WgmmaQueue {
-  std::vector<Wgmma> open;
-  std::deque<std::vector<Wgmma>> groups;
-};
+using WgmmaQueue = GroupQueue<Wgmma>;
 static std::vector<WgmmaQueue> wgmma_q;
 static size_t dsmem_size = 0;
 static void fiber_entry() {
@@ -344,10 +359,8 @@ static void init_fiber(unsigned t) {
   *--sp = reinterpret_cast<void*>(&fiber_entry);  // emu_switch's return target
   for (int i = 0; i < 6; ++i) *--sp = nullptr;    // rbp rbx r12 r13 r14 r15
   fibers[t] = Fiber{sp, nullptr, kRun, nullptr, nullptr, 0};
-  async_q[t].open.clear();
-  async_q[t].groups.clear();
-  wgmma_q[t].open.clear();
-  wgmma_q[t].groups.clear();
+  async_q[t].clear();
+  wgmma_q[t].clear();
 }
 void async_copy(void* dst, const void* src, size_t size, size_t zfill) {
   if (size != 4 && size != 8 && size != 16)
@@ -364,20 +377,14 @@ void async_copy(void* dst, const void* src, size_t size, size_t zfill) {
   if (d >= dsmem && d < dsmem + dsmem_size) chunk_copy[static_cast<size_t>(d - dsmem) / 16] = copies_issued;
 }
 void async_commit() {
-  AsyncQueue& q = async_q[cur_thread];
-  q.groups.push_back(std::move(q.open));
-  q.open.clear();
+  async_q[cur_thread].commit();
 }
 // Lands every group but the `prior` newest (the latest moment the hardware may complete them).
 void async_wait_prior(size_t prior) {
-  AsyncQueue& q = async_q[cur_thread];
-  while (q.groups.size() > prior) {
-    for (const AsyncCopy& c : q.groups.front()) {
-      std::memcpy(c.dst, c.src, c.size - c.zfill);
-      std::memset(c.dst + (c.size - c.zfill), 0, c.zfill);
-    }
-    q.groups.pop_front();
-  }
+  async_q[cur_thread].retire(prior, [](const AsyncCopy& c) {
+    std::memcpy(c.dst, c.src, c.size - c.zfill);
+    std::memset(c.dst + (c.size - c.zfill), 0, c.zfill);
+  });
 }
 // Shared-memory "addresses" (mma.cuh's smem_addr, the descriptors' start addresses): offsets into the
 // block's dynamic shared memory plus kSmemWindow, which is not a multiple of 1024, so a kernel that assumes
@@ -408,10 +415,7 @@ static float wgmma_operand(uint64_t desc, bool mn_major, unsigned row, unsigned 
           "group before refilling its stage)");
   uint16_t bits;
   std::memcpy(&bits, dsmem + (addr - kSmemWindow), 2);
-  const uint32_t w = static_cast<uint32_t>(bits) << 16;
-  float f;
-  std::memcpy(&f, &w, 4);
-  return f;
+  return __bfloat162float(__nv_bfloat16{bits});
 }
 static void wgmma_run(const Wgmma& m) {
   const unsigned t = cur_thread % 128, w = t / 32, l = t % 32;
@@ -439,17 +443,11 @@ void wgmma_bf16(float* d, int n, uint64_t da, uint64_t db, bool scale_d, bool tn
 }
 void wgmma_commit() {
   warp_barrier("wgmma.commit_group");
-  WgmmaQueue& q = wgmma_q[cur_thread];
-  q.groups.push_back(std::move(q.open));
-  q.open.clear();
+  wgmma_q[cur_thread].commit();
 }
 void wgmma_wait(int pending) {
   warp_barrier("wgmma.wait_group");
-  WgmmaQueue& q = wgmma_q[cur_thread];
-  while (q.groups.size() > static_cast<size_t>(pending)) {
-    for (const Wgmma& m : q.groups.front()) wgmma_run(m);
-    q.groups.pop_front();
-  }
+  wgmma_q[cur_thread].retire(static_cast<size_t>(pending), wgmma_run);
 }
 static void resume(unsigned t) {
   cur_thread = t;

@@ -25,8 +25,9 @@
 // - wgmma.mma_async m64nNk16 bf16 -> fp32 with both operands in shared memory (128-byte swizzle, K- or
 //   MN-major B): each thread queues its MMAs; commit_group closes a group and wait_group(n) runs all but the
 //   n newest groups then, reading shared memory and writing the thread's accumulator registers at that
-//   moment, so a stage refilled or an accumulator read before the wait that retires it shows up as a wrong
-//   value. Shared addresses are offsets into dynamic shared memory plus a base that is not 1024-aligned.
+//   moment, so an accumulator read before the wait that retires it shows up as a wrong value, and a
+//   cp.async issued into shared memory that a not yet retired MMA reads is reported. Shared addresses are
+//   offsets into dynamic shared memory plus a base that is not 1024-aligned.
 // - cp.async (__pipeline_memcpy_async / _commit / _wait_prior): each thread keeps its own queue of copy
 //   groups, and a copy lands as late as the rules allow: when a __pipeline_wait_prior(n) leaves fewer than
 //   its group among the n newest. So reading a stage before waiting for it sees the block-start poison (or a
