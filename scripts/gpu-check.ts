@@ -85,7 +85,10 @@ if (want("wgmma") && wanted.size > 0) {
     const { cudaSelfTest } = await import("../lib/backend.js");
     const { gemmKernelChecks } = await import("../test/cuda-checks.js");
     // --tiny (the emulated dry run) skips the GEMM self-test, which the emulator's own self-test section runs.
-    const gemm = tiny ? [] : (await cudaSelfTest()).filter((c) => c.op.startsWith("gemm bf16"));
+    // The attention self-test's bf16 rows come along (the mma.sync kernels, the default, and the WMMA ones).
+    const gemm = tiny
+      ? []
+      : (await cudaSelfTest()).filter((c) => c.op.startsWith("gemm bf16") || /^attention.* bf16/.test(c.op));
     const rows = [
       ...gemm.map((c) => ({
         group: "gemm self-test",
@@ -96,7 +99,7 @@ if (want("wgmma") && wanted.size > 0) {
       })),
       ...(await gemmKernelChecks()),
     ];
-    const wg = rows.filter((r) => r.name.includes("wgmma"));
+    const wg = rows.filter((r) => r.name.includes("wgmma") || r.name.startsWith("attention"));
     const bad = rows.filter((r) => !r.pass);
     for (const r of wg) console.log(JSON.stringify({ what: "wgmma", ...r }));
     failed ||= bad.length > 0;
@@ -277,19 +280,15 @@ if (want("steps")) {
   for (const cfg of [gpt2, llama]) {
     const model = new native.NativeModel(nativeConfig(cfg, 16));
     await model.fillRandom(1, 0.02);
-    // bf16 with graphs (the default kernels; then the mma.sync attention kernels, the wgmma GEMM alone and
-    // with it, the pipelined WMMA and register-staged GEMMs for comparison), bf16 eager, tf32.
+    // bf16 with graphs: the default kernels (auto GEMM: wgmma on Hopper where it is faster, else mma.sync;
+    // mma.sync attention), the previous defaults (mma.sync GEMM, WMMA attention), the wgmma GEMM at its fixed
+    // width (against auto's pick), the WMMA attention alone; bf16 eager; tf32. (The pipelined WMMA and
+    // register-staged GEMMs lost to the mma.sync one on every step and product: the gemm section times them.)
     const setups: { precision: CudaPrecision; graphs: boolean; kernel?: string; attn?: string }[] = [
       { precision: "bf16", graphs: true },
-      { precision: "bf16", graphs: true, attn: "mma" },
-      ...(wgmmaRuns
-        ? [
-            { precision: "bf16" as const, graphs: true, kernel: "wgmma" },
-            { precision: "bf16" as const, graphs: true, kernel: "wgmma", attn: "mma" },
-          ]
-        : []),
-      { precision: "bf16", graphs: true, kernel: "pipe" },
-      { precision: "bf16", graphs: true, kernel: "staged" },
+      { precision: "bf16", graphs: true, kernel: "mma128", attn: "wmma" },
+      ...(wgmmaRuns ? [{ precision: "bf16" as const, graphs: true, kernel: "wgmma" }] : []),
+      { precision: "bf16", graphs: true, attn: "wmma" },
       { precision: "bf16", graphs: false },
       { precision: "tf32", graphs: true },
     ];
@@ -327,7 +326,7 @@ if (want("steps")) {
                 precision,
                 graphs,
                 gemmKernel: kernel ?? "auto",
-                attention: attn ?? "wmma",
+                attention: attn ?? "mma",
                 ms,
                 tokPerS: (r.B * r.S) / (ms / 1e3),
                 tflops,
@@ -349,7 +348,7 @@ if (want("steps")) {
                   S: r.S,
                   precision,
                   gemmKernel: kernel ?? "auto",
-                  attention: attn ?? "wmma",
+                  attention: attn ?? "mma",
                   error: String(e),
                 }),
               );
@@ -363,9 +362,9 @@ if (want("steps")) {
       );
     }
     // Where the time goes: one profiled configuration per model (eager, CUDA events between stages), with the
-    // default attention kernels and with the mma.sync ones.
+    // default kernels and with the WMMA attention ones.
     const r = runs.filter((x) => x.config === cfg)[0]!;
-    for (const attn of [undefined, "mma"])
+    for (const attn of [undefined, "wmma"])
       await withEnv("PRIORTUNE_CUDA_ATTN", attn, async () => {
         await model.attachCuda({ precision: "bf16", graphs: false, profile: true });
         const args = await prepareStep(model, cfg, r.B, r.S);
@@ -382,7 +381,7 @@ if (want("steps")) {
             B: r.B,
             S: r.S,
             precision: "bf16",
-            attention: attn ?? "wmma",
+            attention: attn ?? "mma",
             perStepMs: Object.fromEntries(prof.map(([k, v]) => [k, v / steps])),
           }),
         );

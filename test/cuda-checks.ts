@@ -540,10 +540,11 @@ export async function errorChecks(): Promise<CheckRow[]> {
 
 /**
  * The BF16 kernels one can choose (PRIORTUNE_CUDA_GEMM, PRIORTUNE_CUDA_ATTN): a soft-prompt loss and gradient
- * with the default (ldmatrix + mma.sync) GEMM, the pipelined WMMA one, on Hopper the wgmma one (elsewhere
- * "wgmma" falls back to the default), and with the mma.sync attention kernels, equal the register-staged
- * GEMM's with the default attention (the GEMMs: the same bf16 operands and order of 16-wide k-blocks, so
- * equal up to fp32 rounding; the attention kernels: up to bf16 rounding of P), for both families; a bad
+ * with the default GEMM choice (auto), the ldmatrix + mma.sync GEMM, the pipelined WMMA one, on Hopper the
+ * wgmma one (elsewhere "wgmma" falls back to auto's choice), and with the WMMA attention kernels, equal the
+ * register-staged GEMM's with the default (mma.sync) attention (the GEMMs: the same bf16 operands and order
+ * of 16-wide k-blocks, so equal up to fp32 rounding; the attention kernels: up to bf16 rounding of P), for
+ * both families; a bad
  * value of either variable is a JS error naming it.
  */
 export async function gemmKernelChecks(): Promise<CheckRow[]> {
@@ -559,18 +560,19 @@ export async function gemmKernelChecks(): Promise<CheckRow[]> {
       withEnv(variable, value, () => model.lossAndGrad(batch));
     try {
       const staged = await step(GEMM, "staged");
-      const mma = await step(GEMM, undefined);
+      const auto = await step(GEMM, undefined);
       const same = "same bf16 operands, same k-block order: equal up to fp32 rounding";
-      // The mma.sync attention forward takes the running max as the softmax reference (the WMMA one a lazy
-      // one), so P is rounded to bf16 at other values: equal up to bf16 rounding (2^-9 relative), not fp32's.
+      // The mma.sync attention forward (the default) takes the running max as the softmax reference, the WMMA
+      // one a lazy one, so P is rounded to bf16 at other values: equal up to bf16 rounding (2^-9 relative).
       const rounded = "P rounded to bf16 against another reference max: equal up to bf16 rounding";
       for (const [label, variable, value, lossTol, gradTol, note] of [
-        ["mma.sync (default)", GEMM, undefined, 1e-6, 1e-5, same],
+        ["auto (default)", GEMM, undefined, 1e-6, 1e-5, same],
+        ["mma.sync", GEMM, "mma128", 1e-6, 1e-5, same],
         ["pipelined WMMA", GEMM, "pipe", 1e-6, 1e-5, same],
         ["wgmma", GEMM, "wgmma", 1e-6, 1e-5, same],
-        ["mma.sync attention", ATTN, "mma", 1e-3, 2e-2, rounded],
+        ["WMMA attention", ATTN, "wmma", 1e-3, 2e-2, rounded],
       ] as const) {
-        const got = value === undefined ? mma : await step(variable, value); // the default: run above
+        const got = value === undefined ? auto : await step(variable, value); // the default: run above
         rows.add(
           `${name}: loss, ${label} vs staged`,
           Math.abs(got.loss - staged.loss) / staged.loss,
@@ -600,7 +602,7 @@ export async function gemmKernelChecks(): Promise<CheckRow[]> {
       const again = await step(GEMM, undefined);
       rows.add(
         `${name}: the model works after those errors`,
-        Math.abs(again.loss - mma.loss) / mma.loss,
+        Math.abs(again.loss - auto.loss) / auto.loss,
         1e-6,
       );
     } finally {

@@ -882,31 +882,35 @@ std::vector<OpCheck> selftest_attention() {
       }
     }
     if (tc) {
+      const attn::ForceAttentionKernel mma(true);  // the default kernels, whatever PRIORTUNE_CUDA_ATTN says
       const AttnData db = round_data_bf16(d);
       const AttnRef ref = attention_reference(t, db, scale);
       const AttnOutputs got = attention_device(t, db, scale, AttentionPrecision::BF16);
-      push_accuracy(checks, " bf16", shape, got, ref, Pp, tol_bf16, note_bf16,
-                    "bf16 tensor cores on bf16-rounded inputs vs a float64 host log-sum-exp of the same: the "
-                    "scores are exact products with fp32 sums and the statistics fp32, as in the fp32 path");
+      push_accuracy(
+          checks, " bf16", shape, got, ref, Pp, tol_bf16, note_bf16,
+          "bf16 mma.sync kernels on bf16-rounded inputs vs a float64 host log-sum-exp of the same: the "
+          "scores are exact products with fp32 sums and the statistics fp32, as in the fp32 path");
       const AttnOutputs again = attention_device(t, db, scale, AttentionPrecision::BF16);
       checks.push_back(
           make_check("attention bf16 determinism", shape, same_bits(got, again) ? 0.0 : 1.0, 0.0,
                      "two BF16 runs (forward and backward) must agree bit for bit (no atomics)"));
-      // The mma.sync kernels (PRIORTUNE_CUDA_ATTN=mma): the same accuracy, deterministic, and the same
-      // forward on raw and on host-rounded inputs.
+      // The WMMA kernels (PRIORTUNE_CUDA_ATTN=wmma; the default above runs the mma.sync ones): the same
+      // accuracy, deterministic, and the same forward on raw and on host-rounded inputs.
       {
-        const attn::ForceAttentionKernel force(true);
-        const AttnOutputs mma = attention_device(t, db, scale, AttentionPrecision::BF16);
-        push_accuracy(checks, " bf16 mma", shape, mma, ref, Pp, tol_bf16, note_bf16,
-                      "bf16 mma.sync kernels (scores in registers) vs the same float64 host log-sum-exp");
-        const AttnOutputs mma2 = attention_device(t, db, scale, AttentionPrecision::BF16);
-        checks.push_back(make_check("attention bf16 mma determinism", shape, same_bits(mma, mma2) ? 0.0 : 1.0,
-                                    0.0, "two mma.sync runs (forward and backward) must agree bit for bit"));
+        const attn::ForceAttentionKernel force(false);
+        const AttnOutputs wmma = attention_device(t, db, scale, AttentionPrecision::BF16);
+        push_accuracy(
+            checks, " bf16 wmma", shape, wmma, ref, Pp, tol_bf16, note_bf16,
+            "bf16 WMMA kernels (scores through shared strips) vs the same float64 host log-sum-exp");
+        const AttnOutputs wmma2 = attention_device(t, db, scale, AttentionPrecision::BF16);
+        checks.push_back(make_check("attention bf16 wmma determinism", shape,
+                                    same_bits(wmma, wmma2) ? 0.0 : 1.0, 0.0,
+                                    "two WMMA runs (forward and backward) must agree bit for bit"));
         const AttnOutputs raw = attention_device(t, d, scale, AttentionPrecision::BF16);
         checks.push_back(
-            make_check("attention_forward bf16 mma rounding", shape,
-                       same_bits(raw.out, mma.out) && same_bits(raw.lse, mma.lse) ? 0.0 : 1.0, 0.0,
-                       "mma.sync forward on raw fp32 inputs vs on host-rounded (RN-even) inputs: same bits"));
+            make_check("attention_forward bf16 wmma rounding", shape,
+                       same_bits(raw.out, wmma.out) && same_bits(raw.lse, wmma.lse) ? 0.0 : 1.0, 0.0,
+                       "WMMA forward on raw fp32 inputs vs on host-rounded (RN-even) inputs: same bits"));
       }
       // The kernels round Q, K, V to nearest even as the host did: on the raw inputs the forward is the same.
       const AttnOutputs raw = attention_device(t, d, scale, AttentionPrecision::BF16);

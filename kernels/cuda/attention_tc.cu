@@ -905,9 +905,9 @@ bool attention_mma() {
   if (forced_kernel >= 0) return forced_kernel == 1;
   const char* raw = std::getenv("PRIORTUNE_CUDA_ATTN");
   const std::string v = raw ? raw : "";
-  if (v.empty() || v == "wmma") return false;
-  if (v == "mma") return true;
-  throw std::invalid_argument("PRIORTUNE_CUDA_ATTN must be wmma or mma, got \"" + v + "\"");
+  if (v.empty() || v == "mma") return true;
+  if (v == "wmma") return false;
+  throw std::invalid_argument("PRIORTUNE_CUDA_ATTN must be mma or wmma, got \"" + v + "\"");
 }
 
 void backward_tc(Stream stream, const AttnArgs& a, const BwdPtrs& p, bool mma) {

@@ -930,8 +930,8 @@ void with_shape(bool nt, int bm, int bn, F f) {
 // else the pipelined WMMA kernel where they allow that, else the staged kernel. The tile height is the
 // smallest of 32, 64, 128 that holds M, up to 128 (pick_rows); the width 128 for the mma kernel, for the
 // pipelined one the width with the smaller wave-quantisation cost: waves of blocks over the SMs (the blocks
-// an SM holds) times the columns a wave covers an SM; ties go to 256. The wgmma kernel (Hopper) runs only
-// when chosen (PRIORTUNE_CUDA_GEMM=wgmma...) until it has been measured against the mma.sync kernel on a GPU.
+// an SM holds) times the columns a wave covers an SM; ties go to 256. On Hopper, auto runs the wgmma kernel
+// instead where it was measured faster (wgmma_width).
 enum class TcKernel { Auto, Staged, Pipe, Pipe128, Pipe256, Mma128, Mma256, Wgmma, Wgmma128, Wgmma256 };
 
 // PRIORTUNE_CUDA_GEMM = auto (default) | staged | pipe | pipe128 | pipe256 | mma128 | mma256 | wgmma |
@@ -965,17 +965,35 @@ bool cp_async_ok(const void* A, int64_t lda, bool a_bf16, const void* B, int64_t
          device_info().major >= 8;
 }
 
-// The wgmma kernel's width for a fixed choice, 0 where it does not run: not that choice, not a Hopper device
-// (the sm_90a code; the emulator reports 9.0 too), no room for its stages, or PRIORTUNE_CUDA_WGMMA=0 (a
-// switch that keeps it off whatever is asked, e.g. for the rest of a GPU check after it failed there).
-int wgmma_width(TcKernel kernel, int64_t N) {
-  if (kernel != TcKernel::Wgmma && kernel != TcKernel::Wgmma128 && kernel != TcKernel::Wgmma256) return 0;
+// The wgmma kernel's width, 0 where it does not run: not a wgmma choice or auto, not a Hopper device (the
+// sm_90a code; the emulator reports 9.0 too), no room for its stages, or PRIORTUNE_CUDA_WGMMA=0 (a switch
+// that keeps it off whatever is asked, e.g. for the rest of a GPU check after it failed there). Auto takes it
+// where it was measured faster than the mma.sync kernel (H200, 2026-11-26: 1.1-1.4x on every product of the
+// model shapes with M >= 512 and K >= 768, 394 against 276 TFLOP/s at 8192^3; equal on the GPT-2 qkv product,
+// K = 768): M > 64 (its tiles are 128 rows; the mma kernel's 32- and 64-row tiles serve fewer rows: 20 rows x
+// 128256 x 2048 ran 0.28 against 0.15 ms) and K >= 512 (a short K spends its time filling the four stages:
+// 160 x 262144 x 256 screened in 0.64 against 0.57 ms). Its width is the one with the smaller wave cost, full
+// waves of one block an SM times the tile's time (a 128 x 256 tile takes 256/394 against 128/325 for 128 x
+// 128, the two widths' 8192^3 rates), so few-tile products keep the SMs busy.
+int wgmma_width(TcKernel kernel, int64_t M, int64_t N, int64_t K) {
+  const bool fixed =
+      kernel == TcKernel::Wgmma || kernel == TcKernel::Wgmma128 || kernel == TcKernel::Wgmma256;
+  if (!fixed && kernel != TcKernel::Auto) return 0;
   if (device_info().major != 9) return 0;
   const char* off = std::getenv("PRIORTUNE_CUDA_WGMMA");
   if (off && std::strcmp(off, "0") == 0) return 0;
+  if (device_info().smem_optin < wgmma_smem(128)) return 0;
+  const bool fits256 = device_info().smem_optin >= wgmma_smem(256);
+  if (kernel == TcKernel::Auto) {
+    if (M <= 64 || K < 512) return 0;
+    const int64_t tiles_m = ceil_div(M, kWBM), sms = device_info().sms;
+    auto cost = [&](int bn) {
+      return static_cast<double>(ceil_div(tiles_m * ceil_div(N, bn), sms)) * bn / (bn == 256 ? 394.0 : 325.0);
+    };
+    return fits256 && cost(256) <= cost(128) ? 256 : 128;
+  }
   const bool wide = kernel == TcKernel::Wgmma256 || (kernel == TcKernel::Wgmma && N > 128);
-  if (wide && device_info().smem_optin >= wgmma_smem(256)) return 256;
-  return device_info().smem_optin >= wgmma_smem(128) ? 128 : 0;
+  return wide && fits256 ? 256 : 128;
 }
 
 // Whether the device holds a block of the pipelined (mma = false) or mma kernel of this shape.
@@ -1042,7 +1060,7 @@ void gemm_with(TcKernel kernel, Stream stream, GemmPrecision precision, bool b_t
     const bool cp_async = kernel != TcKernel::Staged && cp_async_ok(A, lda, a_bf16, B, ldb, b_bf16);
     const PipeArgs args{stream, m, n,   k,    ah,      lda, static_cast<const uint16_t*>(B),
                         ldb,    C, ldc, bias, beta_one};
-    const int wg_width = cp_async ? wgmma_width(kernel, N) : 0;
+    const int wg_width = cp_async ? wgmma_width(kernel, M, N, K) : 0;
     if (wg_width) {
       with_shape(b_transposed, kWBM, wg_width,
                  [&](auto t, auto, auto c) { launch_wgmma<decltype(t)::value, decltype(c)::value>(args); });
@@ -1260,7 +1278,7 @@ std::vector<OpCheck> selftest_gemm() {
                              : "; A and B uploaded as bf16, cp.async stages, WMMA")));
       }
       for (const TcKernel fixed : {TcKernel::Wgmma128, TcKernel::Wgmma256}) {
-        const int bn = wgmma_width(fixed, N);
+        const int bn = wgmma_width(fixed, M, N, K);
         if (bn != (fixed == TcKernel::Wgmma128 ? 128 : 256)) continue;  // not Hopper, or no room for it
         out.push_back(make_check(
             "gemm bf16 (bf16 A, wgmma " + std::to_string(bn) + ")", shape,
