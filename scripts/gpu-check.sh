@@ -96,8 +96,8 @@ if [ "${PEERS:-1}" != "0" ]; then
     if [ -f ".carry/$f" ]; then part "${f%.py}" "$cap" python3 ".carry/$f" || true; fi
   done
 fi
-# PROFILE=1: Nsight Compute on the two kernels that dominate (the kNN screening and the default mma.sync BF16
-# GEMM), one launch each: speed of light, occupancy, launch statistics, warp stalls, memory; into ncu-knn.log
+# PROFILE=1: Nsight Compute on the two kernels that dominate (the kNN screening and the default BF16 GEMM:
+# wgmma on Hopper, else mma.sync), one launch each: speed of light, occupancy, launch statistics, warp stalls, memory; into ncu-knn.log
 # and ncu-gemm.log.
 if [ "${PROFILE:-0}" = "1" ]; then
   ncu="$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1 || true)"
@@ -108,7 +108,7 @@ if [ "${PROFILE:-0}" = "1" ]; then
       --section MemoryWorkloadAnalysis)
     part ncu-knn 90 "$ncu" -k regex:knn_screen --launch-skip 1 --launch-count 1 "${secs[@]}" \
       /tmp/node .carry/gpu-check.mjs knn --quick || true
-    part ncu-gemm 90 "$ncu" -k regex:gemm_mma --launch-count 1 "${secs[@]}" /tmp/node .carry/gpu-check.mjs gemm || true
+    part ncu-gemm 90 "$ncu" -k 'regex:gemm_(wg)?mma_kernel' --launch-count 1 "${secs[@]}" /tmp/node .carry/gpu-check.mjs gemm || true
   fi
 fi
 cat "$out/summary.txt"

@@ -30,9 +30,10 @@ const char* precision_name(GemmPrecision p);
 
 // Attention matrix products (attention_forward / attention_backward):
 // FP32: CUDA cores, fp32 throughout (verification path).
-// BF16: tensor cores (WMMA). Q, K, V, dO, P and dS are rounded to bf16 (round to nearest even) as operands,
-//   with fp32 accumulation; scores, softmax statistics, lse, delta and every sum stay fp32. Taken for hd a
-//   multiple of 16 up to 128; any other hd silently runs the FP32 kernels (same outputs as FP32 then).
+// BF16: tensor cores (ldmatrix + mma.sync; PRIORTUNE_CUDA_ATTN=wmma: WMMA). Q, K, V, dO, P and dS are
+//   rounded to bf16 (round to nearest even) as operands, with fp32 accumulation; scores, softmax
+//   statistics, lse, delta and every sum stay fp32. Taken for hd a multiple of 16 up to 128; any other hd
+//   silently runs the FP32 kernels (same outputs as FP32 then).
 enum class AttentionPrecision { FP32, BF16 };
 
 // C[M, N] (=, or += when beta == 1) = A[M, K] . op(B) (+ bias[N] broadcast over rows; nullptr: none).
@@ -41,8 +42,9 @@ enum class AttentionPrecision { FP32, BF16 };
 // C is fp32 (ldc). A is bf16 when a_bf16, else fp32 (lda); B is bf16 when b_bf16, else fp32 (ldb); bf16
 // operands need the BF16 precision, whose tensor cores round fp32 operands to bf16 (nearest even) as they
 // stage them. Any M, N, K >= 1 and any leading dimensions >= the row length work. The fastest path is BF16
-// with both operands bf16, 16-byte aligned, lda and ldb multiples of 8 (a cp.async pipeline feeding
-// ldmatrix + mma.sync; edge tiles included); anything else takes the staged kernel (fp32 operands converted
+// with both operands bf16, 16-byte aligned, lda and ldb multiples of 8 (a cp.async pipeline feeding wgmma on
+// Hopper where M > 64 and K >= 512, else ldmatrix + mma.sync; edge tiles included); anything else takes the
+// staged kernel (fp32 operands converted
 // as they are staged; unaligned rows or edge tiles load element by element).
 // PRIORTUNE_CUDA_GEMM=staged|pipe|pipe128|pipe256|mma128|mma256|wgmma|wgmma128|wgmma256 fixes the kernel for
 // comparisons (default auto; the wgmma ones on compute capability 9.x only, PRIORTUNE_CUDA_WGMMA=0 keeping
