@@ -7,8 +7,8 @@
 //   steps   full prompt-tuning steps (loss + prompt gradients + AdamW, P = 20) on issue #5's shapes with
 //           synthetic weights: median wall-clock ms per step (graph replay), tokens/s, MFU, device memory
 //   knn     the CUDA kNN index against the CPU index on issue #4's shapes, and its timings
-//   wgmma   the Hopper wgmma GEMM kernel's correctness alone (the GEMM self-test, which covers it, and the
-//           model-level kernel comparison), so that gpu-check.sh can run it first in its own process and keep
+//   wgmma   the Hopper wgmma GEMM kernels' correctness alone (cp.async-fed and TMA-fed: the GEMM self-test,
+//           which covers them, and the model-level kernel comparison), so that gpu-check.sh can run it first in its own process and keep
 //           it out of the other groups (PRIORTUNE_CUDA_WGMMA=0) if it fails or faults
 // Prints JSON lines and Markdown tables (also appended to FILE with --results FILE); exits non-zero when a
 // correctness check fails.
@@ -99,7 +99,7 @@ if (want("wgmma") && wanted.size > 0) {
       })),
       ...(await gemmKernelChecks()),
     ];
-    const wg = rows.filter((r) => r.name.includes("wgmma") || r.name.startsWith("attention"));
+    const wg = rows.filter((r) => /wgmma|tma/.test(r.name) || r.name.startsWith("attention"));
     const bad = rows.filter((r) => !r.pass);
     for (const r of wg) console.log(JSON.stringify({ what: "wgmma", ...r }));
     failed ||= bad.length > 0;
@@ -161,13 +161,21 @@ if (want("gemm")) {
       if (p === "fp32" && M * N * K > 2 ** 36) continue;
       if (layout === "nn" && p !== "bf16") continue;
       // "priortune pipe" / "priortune staged": our BF16 product forced onto the pipelined WMMA kernel or the
-      // register-staged one (PRIORTUNE_CUDA_GEMM), beside the default (ldmatrix + mma.sync).
-      // "priortune mma128" / "mma256": the default kernel at a fixed tile width (auto takes 128).
-      // "priortune wgmma128" / "wgmma256": the Hopper wgmma kernel (elsewhere these fall back to the default).
+      // register-staged one (PRIORTUNE_CUDA_GEMM), beside the default (auto: wgmma on Hopper where faster).
+      // "priortune mma128" / "mma256": the ldmatrix + mma.sync kernel at a fixed tile width.
+      // "priortune wgmma128" / "wgmma256": the Hopper wgmma kernel; "tma128" / "tma256": the same fed by TMA
+      // loads from a producer warp (elsewhere these fall back to the default).
       const kernels: Record<string, string | undefined> = {
         "priortune mma128": "mma128",
         "priortune mma256": "mma256",
-        ...(wgmmaRuns ? { "priortune wgmma128": "wgmma128", "priortune wgmma256": "wgmma256" } : {}),
+        ...(wgmmaRuns
+          ? {
+              "priortune wgmma128": "wgmma128",
+              "priortune wgmma256": "wgmma256",
+              "priortune tma128": "tma128",
+              "priortune tma256": "tma256",
+            }
+          : {}),
         "priortune pipe": "pipe",
         "priortune staged": "staged",
       };
@@ -282,12 +290,17 @@ if (want("steps")) {
     await model.fillRandom(1, 0.02);
     // bf16 with graphs: the default kernels (auto GEMM: wgmma on Hopper where it is faster, else mma.sync;
     // mma.sync attention), the previous defaults (mma.sync GEMM, WMMA attention), the wgmma GEMM at its fixed
-    // width (against auto's pick), the WMMA attention alone; bf16 eager; tf32. (The pipelined WMMA and
+    // width (against auto's pick) and its TMA-fed twin, the WMMA attention alone; bf16 eager; tf32. (The pipelined WMMA and
     // register-staged GEMMs lost to the mma.sync one on every step and product: the gemm section times them.)
     const setups: { precision: CudaPrecision; graphs: boolean; kernel?: string; attn?: string }[] = [
       { precision: "bf16", graphs: true },
       { precision: "bf16", graphs: true, kernel: "mma128", attn: "wmma" },
-      ...(wgmmaRuns ? [{ precision: "bf16" as const, graphs: true, kernel: "wgmma" }] : []),
+      ...(wgmmaRuns
+        ? [
+            { precision: "bf16" as const, graphs: true, kernel: "wgmma" },
+            { precision: "bf16" as const, graphs: true, kernel: "tma" },
+          ]
+        : []),
       { precision: "bf16", graphs: true, attn: "wmma" },
       { precision: "bf16", graphs: false },
       { precision: "tf32", graphs: true },

@@ -23,6 +23,7 @@
 // N tiles are on blockIdx.x, M tiles on blockIdx.y (a grid-stride loop past 65535 M tiles).
 // gemm_fp32_kernel (FP32 verification path): 64 x 64 tiles, BK = 16, 4 x 4 outputs a thread with fp32
 // FMA, operands staged k-major in shared memory through scalar bounds-checked loads.
+#include <cuda.h>  // CUtensorMap and cuTensorMapEncodeTiled's signature (reached through the runtime)
 #include <cuda_bf16.h>
 #include <cuda_pipeline.h>
 #include <cuda_runtime.h>
@@ -657,6 +658,45 @@ __global__ void __launch_bounds__(kThreads, mma_blocks_per_sm(BN))
 // commits them and waits until only they are in flight, so the next step's barrier and copies overlap them.
 // The epilogue is the mma.sync kernel's (store_pair), from registers.
 constexpr int kWBM = 128, kWBK = 64, kWStages = 4;
+constexpr uint32_t kWRow = kWBK * 2, kWAtom = 8 * kWRow;  // bytes: a stage row (the 128-byte swizzle span), 8
+
+// One 64-wide k-step of a warpgroup's MMAs on the stage at shared addresses a0 (its 64 rows of A) and b0 (B),
+// committed as one group, then a wait until only that group is in flight (the previous step's have
+// retired). A: K-major, k16-step s 32 bytes in. B: NT K-major the same; NN MN-major, k16-step s 16 rows
+// down, panels of 64 columns kWBK rows apart. first: D = A . B (no accumulation).
+template <bool NT, int BN>
+__device__ __forceinline__ void wgmma_step(float (&acc)[BN / 2], uint32_t a0, uint32_t b0, bool first) {
+  wgmma_fence_acc(acc);
+  wgmma_fence();
+#pragma unroll
+  for (int s = 0; s < kWBK / 16; ++s) {
+    const uint64_t da = wgmma_desc(a0 + 32 * s, 16, kWAtom);
+    const uint64_t db =
+        NT ? wgmma_desc(b0 + 32 * s, 16, kWAtom) : wgmma_desc(b0 + 16 * kWRow * s, kWBK * kWRow, kWAtom);
+    wgmma_bf16<BN, NT ? 0 : 1>(acc, da, db, !first || s > 0);
+  }
+  wgmma_commit();
+  wgmma_wait<1>();
+  wgmma_fence_acc(acc);
+}
+
+// A warpgroup's 64 x BN accumulators (wgmma's D fragment) -> C from registers: acc[4 j + 2 h + e] is row
+// row0 + 8 h, column n0 + 8 j + 2 (lane % 4) + e (mma.cuh); the mma.sync kernel's store_pair.
+template <int BN>
+__device__ __forceinline__ void wgmma_epilogue(const float (&acc)[BN / 2], float* C, int64_t ldc,
+                                               const float* bias, int M, int N, int row0, int n0, int lane,
+                                               bool beta_one, bool c_vec) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int row = row0 + 8 * h;
+    if (row >= M) continue;
+    float* crow = C + static_cast<int64_t>(row) * ldc;
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j)
+      store_pair(crow, n0 + 8 * j + 2 * (lane & 3), acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1], bias, N,
+                 beta_one, c_vec);
+  }
+}
 
 constexpr size_t wgmma_smem(int bn) {
   return size_t{kWStages} * size_t(kWBM + bn) * kWBK * sizeof(__nv_bfloat16) + 1024;  // + the round-up
@@ -671,12 +711,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   static_assert(kWStages >= 3, "the stage refilled at step kt is that of step kt - 2");
   constexpr int kStageA = kWBM * kWBK, kStageB = BN * kWBK;  // elements: A [128][64]; B NT [BN][64], NN
                                                              // [BN / 64][64][64]
-  constexpr uint32_t kRow = kWBK * 2, kAtom = 8 * kRow;      // bytes: a 128-byte row, 8 of them
   extern __shared__ __align__(128) unsigned char smem_raw[];
   unsigned char* smem = smem_raw + (1024 - smem_addr(smem_raw) % 1024) % 1024;
   __nv_bfloat16* As = reinterpret_cast<__nv_bfloat16*>(smem);  // [kWStages][kStageA]
   __nv_bfloat16* Bs = As + kWStages * kStageA;                 // [kWStages][kStageB]
-  const uint32_t a_base = smem_addr(As) + static_cast<uint32_t>(threadIdx.x / 128) * 64 * kRow;
+  const uint32_t a_base = smem_addr(As) + static_cast<uint32_t>(threadIdx.x / 128) * 64 * kWRow;
   const uint32_t b_base = smem_addr(Bs);
 
   const int warp = static_cast<int>(threadIdx.x) / 32 % 4, lane = static_cast<int>(threadIdx.x) % 32;
@@ -700,38 +739,109 @@ __global__ void __launch_bounds__(kThreads, 1)
       __syncthreads();                      // ... everyone's, and step kt - 2's MMAs have retired
       load(kt + kWStages - 2);
       const int st = kt % kWStages;
-      const uint32_t a0 = a_base + st * kStageA * 2, b0 = b_base + st * kStageB * 2;
-      wgmma_fence_acc(acc);
-      wgmma_fence();
-#pragma unroll
-      for (int s = 0; s < kWBK / 16; ++s) {
-        // A: K-major, k-step s 32 bytes in. B: NT K-major the same; NN MN-major, k-step s 16 rows down,
-        // panels of 64 columns kWBK rows apart.
-        const uint64_t da = wgmma_desc(a0 + 32 * s, 16, kAtom);
-        const uint64_t db =
-            NT ? wgmma_desc(b0 + 32 * s, 16, kAtom) : wgmma_desc(b0 + 16 * kRow * s, kWBK * kRow, kAtom);
-        wgmma_bf16<BN, NT ? 0 : 1>(acc, da, db, kt > 0 || s > 0);
-      }
-      wgmma_commit();
-      wgmma_wait<1>();
-      wgmma_fence_acc(acc);
+      wgmma_step<NT, BN>(acc, a_base + st * kStageA * 2, b_base + st * kStageB * 2, kt == 0);
     }
     wgmma_wait<0>();
     wgmma_fence_acc(acc);
     __pipeline_wait_prior(0);  // only empty groups are left
     __syncthreads();           // every warpgroup is done with the stages before the next tile refills them
 
-    // Epilogue: acc[4 j + 2 h + e] is row row_base + 8 h, column 8 j + 2 (lane % 4) + e (mma.cuh).
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int row = m0 + row_base + 8 * h;
-      if (row >= M) continue;
-      float* crow = C + static_cast<int64_t>(row) * ldc;
-#pragma unroll
-      for (int j = 0; j < BN / 8; ++j)
-        store_pair(crow, n0 + 8 * j + 2 * (lane & 3), acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1], bias, N,
-                   beta_one, c_vec);
+    wgmma_epilogue<BN>(acc, C, ldc, bias, M, N, m0 + row_base, n0, lane, beta_one, c_vec);
+  }
+}
+
+// ---- TMA + wgmma BF16 kernel (sm_90a, Hopper) -------------------------------------------------------------
+// gemm_tma_kernel<NT, BN>: the wgmma kernel's tiles, stages, shared layouts, descriptors and epilogue, but
+// with warp specialisation: a 384-thread block is a producer warpgroup, of which one thread issues the TMA
+// tile loads (tma_load_2d: the copies, their zero fill at the edges and the 128-byte swizzle are done by the
+// TMA unit, no address arithmetic or cp.async in the MMA warps), and two MMA warpgroups (rows 0..63 and
+// 64..127 of the tile). Stages hand over through mbarriers, not __syncthreads: full[s] completes when the
+// producer's arrival and the stage's bytes have landed; empty[s] when all 256 MMA threads have retired the
+// MMAs that read stage s (wgmma_wait<1> one step later, so one group stays in flight). The producer runs up
+// to kWStages steps ahead. Nsight on the wgmma kernel (8192^3, H200) showed the tensor pipe 42% busy and
+// the MMA warps stalled on the address math and copies this moves out of them.
+constexpr int kTThreads = 384;
+
+constexpr size_t tma_smem(int bn) {
+  return wgmma_smem(bn) + 2 * kWStages * sizeof(uint64_t);  // + the full and empty barriers
+}
+static_assert(tma_smem(256) <= 227 * 1024, "stages and barriers fit an H100 block (227 KB)");
+
+template <bool NT, int BN>
+__global__ void __launch_bounds__(kTThreads, 1)
+    gemm_tma_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
+                    float* C, int64_t ldc, const float* __restrict__ bias, int M, int N, int K, bool beta_one,
+                    bool c_vec) {
+  constexpr int kStageA = kWBM * kWBK, kStageB = BN * kWBK;  // elements, as in gemm_wgmma_kernel
+  constexpr uint32_t kStageBytes = (kStageA + kStageB) * 2;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  unsigned char* smem = smem_raw + (1024 - smem_addr(smem_raw) % 1024) % 1024;
+  __nv_bfloat16* As = reinterpret_cast<__nv_bfloat16*>(smem);  // [kWStages][kStageA]
+  __nv_bfloat16* Bs = As + kWStages * kStageA;                 // [kWStages][kStageB]
+  uint64_t* full = reinterpret_cast<uint64_t*>(Bs + kWStages * kStageB);
+  uint64_t* empty = full + kWStages;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kWStages; ++s) {
+      mbar_init(&full[s], 1);
+      mbar_init(&empty[s], 2 * 128);
     }
+    mbar_fence_init();
+  }
+  __syncthreads();
+
+  const int64_t tiles_m = (M + kWBM - 1) / kWBM, tiles_n = (N + BN - 1) / BN;
+  const int kt_count = (K + kWBK - 1) / kWBK;
+  int stage = 0;
+  unsigned phase = 0;  // the parity of the phase of `stage` this round of the ring waits for
+  auto advance = [&] {
+    if (++stage == kWStages) {
+      stage = 0;
+      phase ^= 1u;
+    }
+  };
+  const int wg = static_cast<int>(threadIdx.x) / 128;
+  if (wg == 0) {  // the producer: one thread issues every load; the other 127 have nothing to do
+    if (threadIdx.x != 0) return;
+    for (int64_t t = blockIdx.x; t < tiles_m * tiles_n; t += gridDim.x) {
+      int m0, n0;
+      grouped_tile(t, tiles_m, tiles_n, kWBM, BN, m0, n0);
+      for (int kt = 0; kt < kt_count; ++kt, advance()) {
+        mbar_wait(&empty[stage], phase ^ 1u);  // the MMAs of the stage's last round have retired
+        mbar_arrive_expect_tx(&full[stage], kStageBytes);
+        tma_load_2d(As + stage * kStageA, &map_a, &full[stage], kt * kWBK, m0);  // A: 64 k x 128 rows
+        if (NT) {
+          tma_load_2d(Bs + stage * kStageB, &map_b, &full[stage], kt * kWBK, n0);  // B [N, K]: 64 k x BN rows
+        } else {
+#pragma unroll
+          for (int p = 0; p < BN / 64; ++p)  // B [K, N]: panels of 64 n x 64 k rows
+            tma_load_2d(Bs + stage * kStageB + p * 64 * kWBK, &map_b, &full[stage], n0 + 64 * p, kt * kWBK);
+        }
+      }
+    }
+    return;
+  }
+
+  const int mw = wg - 1;  // the MMA warpgroup: tile rows 64 mw .. 64 mw + 63
+  const uint32_t a_base = smem_addr(As) + static_cast<uint32_t>(mw) * 64 * kWRow, b_base = smem_addr(Bs);
+  const int warp = static_cast<int>(threadIdx.x) / 32 % 4, lane = static_cast<int>(threadIdx.x) % 32;
+  const int row_base = mw * 64 + 16 * warp + (lane >> 2);
+  for (int64_t t = blockIdx.x; t < tiles_m * tiles_n; t += gridDim.x) {
+    int m0, n0;
+    grouped_tile(t, tiles_m, tiles_n, kWBM, BN, m0, n0);
+    float acc[BN / 2];
+    int held = -1;  // the stage whose MMAs are still in flight
+    for (int kt = 0; kt < kt_count; ++kt, advance()) {
+      mbar_wait(&full[stage], phase);
+      wgmma_step<NT, BN>(acc, a_base + stage * kStageA * 2, b_base + stage * kStageB * 2, kt == 0);
+      // The previous step's MMAs have retired (wgmma_step's wait): their stage goes back to the producer.
+      if (held >= 0) mbar_arrive(&empty[held]);
+      held = stage;
+    }
+    wgmma_wait<0>();
+    wgmma_fence_acc(acc);
+    mbar_arrive(&empty[held]);
+
+    wgmma_epilogue<BN>(acc, C, ldc, bias, M, N, m0 + row_base, n0, lane, beta_one, c_vec);
   }
 }
 
@@ -902,6 +1012,54 @@ void launch_wgmma(const PipeArgs& a) {
       a.A, a.lda, a.B, a.ldb, a.C, a.ldc, a.bias, a.M, a.N, a.K, a.beta_one, c_vec(a));
 }
 
+// cuTensorMapEncodeTiled, from the driver through the runtime (no link against libcuda); null where the
+// driver lacks it.
+using EncodeTiled = decltype(&cuTensorMapEncodeTiled);
+EncodeTiled encode_tiled() {
+  static const EncodeTiled fn = [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    const cudaError_t e =
+        cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &q);
+    return e == cudaSuccess && q == cudaDriverEntryPointSuccess ? reinterpret_cast<EncodeTiled>(p) : nullptr;
+  }();
+  return fn;
+}
+
+// A bf16 row-major matrix [rows, cols] with row stride ld (elements) as TMA boxes of box_cols x box_rows,
+// 128-byte swizzled, zero past the edges.
+CUtensorMap tensor_map(const uint16_t* base, int64_t rows, int64_t cols, int64_t ld, int box_cols,
+                       int box_rows) {
+  const EncodeTiled encode = encode_tiled();
+  if (!encode) throw std::runtime_error("gemm (TMA kernel): the CUDA driver has no cuTensorMapEncodeTiled");
+  CUtensorMap map;
+  const cuuint64_t dim[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t stride[1] = {static_cast<cuuint64_t>(ld) * 2};
+  const cuuint32_t box[2] = {static_cast<cuuint32_t>(box_cols), static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t elem[2] = {1, 1};
+  const CUresult r = encode(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<uint16_t*>(base), dim,
+                            stride, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS)
+    throw std::runtime_error("gemm (TMA kernel): cuTensorMapEncodeTiled failed (CUresult " +
+                             std::to_string(r) + ") for a " + std::to_string(rows) + " x " +
+                             std::to_string(cols) + " operand, ld " + std::to_string(ld));
+  return map;
+}
+
+template <bool NT, int BN>
+void launch_tma(const PipeArgs& a) {
+  constexpr size_t smem = tma_smem(BN);
+  static const cudaError_t opt_in = cudaFuncSetAttribute(
+      gemm_tma_kernel<NT, BN>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  check(opt_in, "cudaFuncSetAttribute(gemm_tma_kernel)");
+  const CUtensorMap map_a = tensor_map(a.A, a.M, a.K, a.lda, kWBK, kWBM);
+  const CUtensorMap map_b =
+      NT ? tensor_map(a.B, a.N, a.K, a.ldb, kWBK, BN) : tensor_map(a.B, a.K, a.N, a.ldb, 64, kWBK);
+  gemm_tma_kernel<NT, BN><<<tile_grid(a, kWBM, BN), kTThreads, smem, a.stream>>>(
+      map_a, map_b, a.C, a.ldc, a.bias, a.M, a.N, a.K, a.beta_one, c_vec(a));
+}
+
 // Calls f(NT, BM, BN) (as std::integral_constant) for B transposed or not, a tile height of 32, 64 or 128 and
 // a width of 128 or 256: the one dispatch of the cp.async kernels' instantiations (wgmma's: BM fixed).
 template <class F>
@@ -932,11 +1090,30 @@ void with_shape(bool nt, int bm, int bn, F f) {
 // pipelined one the width with the smaller wave-quantisation cost: waves of blocks over the SMs (the blocks
 // an SM holds) times the columns a wave covers an SM; ties go to 256. On Hopper, auto runs the wgmma kernel
 // instead where it was measured faster (wgmma_width).
-enum class TcKernel { Auto, Staged, Pipe, Pipe128, Pipe256, Mma128, Mma256, Wgmma, Wgmma128, Wgmma256 };
+enum class TcKernel {
+  Auto,
+  Staged,
+  Pipe,
+  Pipe128,
+  Pipe256,
+  Mma128,
+  Mma256,
+  Wgmma,
+  Wgmma128,
+  Wgmma256,
+  Tma,
+  Tma128,
+  Tma256
+};
+
+bool is_tma(TcKernel k) {
+  return k == TcKernel::Tma || k == TcKernel::Tma128 || k == TcKernel::Tma256;
+}
 
 // PRIORTUNE_CUDA_GEMM = auto (default) | staged | pipe | pipe128 | pipe256 | mma128 | mma256 | wgmma |
-// wgmma128 | wgmma256: a fixed choice for comparing the kernels on one machine (pipe: the pipelined WMMA
-// kernel at auto's width; wgmma: width 256, or 128 when N <= 128; the cp.async ones still only where the
+// wgmma128 | wgmma256 | tma | tma128 | tma256: a fixed choice for comparing the kernels on one machine (pipe:
+// the pipelined WMMA kernel at auto's width; wgmma and tma (the TMA-fed wgmma kernel, not yet run on a GPU):
+// width 256, or 128 when N <= 128; the cp.async and TMA ones still only where the
 // operands allow them, wgmma only on compute capability 9.x, else auto's choice; a fixed width of 256 the
 // device cannot hold falls back to 128). Read at every call (a captured graph keeps the kernels it was
 // captured with), so one process can compare them.
@@ -953,9 +1130,12 @@ TcKernel env_kernel() {
   if (v == "wgmma") return TcKernel::Wgmma;
   if (v == "wgmma128") return TcKernel::Wgmma128;
   if (v == "wgmma256") return TcKernel::Wgmma256;
+  if (v == "tma") return TcKernel::Tma;
+  if (v == "tma128") return TcKernel::Tma128;
+  if (v == "tma256") return TcKernel::Tma256;
   throw std::invalid_argument(
-      "PRIORTUNE_CUDA_GEMM must be auto, staged, pipe, pipe128, pipe256, mma128, mma256, wgmma, wgmma128 or "
-      "wgmma256, got \"" +
+      "PRIORTUNE_CUDA_GEMM must be auto, staged, pipe, pipe128, pipe256, mma128, mma256, wgmma, wgmma128, "
+      "wgmma256, tma, tma128 or tma256, got \"" +
       v + "\"");
 }
 
@@ -976,14 +1156,15 @@ bool cp_async_ok(const void* A, int64_t lda, bool a_bf16, const void* B, int64_t
 // waves of one block an SM times the tile's time (a 128 x 256 tile takes 256/394 against 128/325 for 128 x
 // 128, the two widths' 8192^3 rates), so few-tile products keep the SMs busy.
 int wgmma_width(TcKernel kernel, int64_t M, int64_t N, int64_t K) {
-  const bool fixed =
-      kernel == TcKernel::Wgmma || kernel == TcKernel::Wgmma128 || kernel == TcKernel::Wgmma256;
+  const bool fixed = kernel == TcKernel::Wgmma || kernel == TcKernel::Wgmma128 ||
+                     kernel == TcKernel::Wgmma256 || is_tma(kernel);
   if (!fixed && kernel != TcKernel::Auto) return 0;
   if (device_info().major != 9) return 0;
   const char* off = std::getenv("PRIORTUNE_CUDA_WGMMA");
   if (off && std::strcmp(off, "0") == 0) return 0;
-  if (device_info().smem_optin < wgmma_smem(128)) return 0;
-  const bool fits256 = device_info().smem_optin >= wgmma_smem(256);
+  auto smem = [&](int bn) { return is_tma(kernel) ? tma_smem(bn) : wgmma_smem(bn); };
+  if (device_info().smem_optin < smem(128)) return 0;
+  const bool fits256 = device_info().smem_optin >= smem(256);
   if (kernel == TcKernel::Auto) {
     if (M <= 64 || K < 512) return 0;
     const int64_t tiles_m = ceil_div(M, kWBM), sms = device_info().sms;
@@ -992,7 +1173,8 @@ int wgmma_width(TcKernel kernel, int64_t M, int64_t N, int64_t K) {
     };
     return fits256 && cost(256) <= cost(128) ? 256 : 128;
   }
-  const bool wide = kernel == TcKernel::Wgmma256 || (kernel == TcKernel::Wgmma && N > 128);
+  const bool wide = kernel == TcKernel::Wgmma256 || kernel == TcKernel::Tma256 ||
+                    ((kernel == TcKernel::Wgmma || kernel == TcKernel::Tma) && N > 128);
   return wide && fits256 ? 256 : 128;
 }
 
@@ -1061,7 +1243,10 @@ void gemm_with(TcKernel kernel, Stream stream, GemmPrecision precision, bool b_t
     const PipeArgs args{stream, m, n,   k,    ah,      lda, static_cast<const uint16_t*>(B),
                         ldb,    C, ldc, bias, beta_one};
     const int wg_width = cp_async ? wgmma_width(kernel, M, N, K) : 0;
-    if (wg_width) {
+    if (wg_width && is_tma(kernel)) {
+      with_shape(b_transposed, kWBM, wg_width,
+                 [&](auto t, auto, auto c) { launch_tma<decltype(t)::value, decltype(c)::value>(args); });
+    } else if (wg_width) {
       with_shape(b_transposed, kWBM, wg_width,
                  [&](auto t, auto, auto c) { launch_wgmma<decltype(t)::value, decltype(c)::value>(args); });
     } else if (cp_async && !pipe && shape_fits(true, b_transposed, bm, 128)) {
@@ -1277,14 +1462,20 @@ std::vector<OpCheck> selftest_gemm() {
             note_bf16 + (mma ? "; A and B uploaded as bf16, cp.async stages, ldmatrix + mma.sync m16n8k16"
                              : "; A and B uploaded as bf16, cp.async stages, WMMA")));
       }
-      for (const TcKernel fixed : {TcKernel::Wgmma128, TcKernel::Wgmma256}) {
+      for (const TcKernel fixed :
+           {TcKernel::Wgmma128, TcKernel::Wgmma256, TcKernel::Tma128, TcKernel::Tma256}) {
         const int bn = wgmma_width(fixed, M, N, K);
-        if (bn != (fixed == TcKernel::Wgmma128 ? 128 : 256)) continue;  // not Hopper, or no room for it
+        const bool tma = is_tma(fixed);
+        if (bn != (fixed == TcKernel::Wgmma128 || fixed == TcKernel::Tma128 ? 128 : 256))
+          continue;  // not Hopper, or no room for it
         out.push_back(make_check(
-            "gemm bf16 (bf16 A, wgmma " + std::to_string(bn) + ")", shape,
+            std::string("gemm bf16 (bf16 A, ") + (tma ? "tma " : "wgmma ") + std::to_string(bn) + ")", shape,
             region_error(run(GemmPrecision::BF16, true, true, fixed), ref_b, M, N, ldc, off), tol_bf16,
-            note_bf16 + "; A and B uploaded as bf16, cp.async stages in the 128-byte swizzle, wgmma m64nNk16 "
-                        "from shared memory"));
+            note_bf16 +
+                (tma ? "; A and B uploaded as bf16, TMA loads in the 128-byte swizzle from a producer warp, "
+                       "mbarrier stages, wgmma m64nNk16 from shared memory"
+                     : "; A and B uploaded as bf16, cp.async stages in the 128-byte swizzle, wgmma "
+                       "m64nNk16 from shared memory")));
       }
     }
   }

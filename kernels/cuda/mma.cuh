@@ -32,6 +32,15 @@
 // the asm sequence so the compiler cannot move their reads across the wait. Shared memory written by stores
 // or cp.async must be made visible to the async proxy (fence_proxy_async) before the barrier that precedes
 // the wgmma reading it. The emulator runs a group's MMAs when a wait retires it, reading shared memory then.
+//
+// mbarrier and TMA (sm_90a): an mbarrier (8 bytes of shared memory) completes a phase when its count of
+// arrivals has arrived and the transaction bytes announced with them (arrive_expect_tx) have landed;
+// mbar_wait(bar, parity) returns once the phase of that parity has completed (a fresh barrier is in phase 0,
+// so waiting for parity 1 returns at once: how a producer finds its empty stages free). tma_load_2d copies a
+// box of a 2-D tensor (a CUtensorMap built on the host, passed as a __grid_constant__ kernel parameter)
+// into shared memory in the map's 128-byte swizzle (the layout wgmma reads; the destination 1024-byte
+// aligned), zero past the tensor's edges, and completes the box's bytes on the barrier. Its writes are in
+// the async proxy, as are wgmma's reads, so the barrier wait is all the ordering a consumer needs.
 #pragma once
 #include <cstdint>
 
@@ -68,6 +77,22 @@ __device__ __forceinline__ void wgmma_fence_acc(float (&)[N]) {}
 template <int N, int TB>
 __device__ __forceinline__ void wgmma_bf16(float (&d)[N / 2], uint64_t da, uint64_t db, int scale_d) {
   emu::wgmma_bf16(d, N, da, db, scale_d != 0, TB != 0);
+}
+__device__ __forceinline__ void mbar_init(uint64_t* bar, unsigned count) {
+  emu::mbar_init(bar, count);
+}
+__device__ __forceinline__ void mbar_fence_init() {}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  emu::mbar_arrive(bar, 0);
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  emu::mbar_arrive(bar, bytes);
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, unsigned parity) {
+  emu::mbar_wait(bar, parity);
+}
+__device__ __forceinline__ void tma_load_2d(void* dst, const void* map, uint64_t* bar, int c0, int c1) {
+  emu::tma_load_2d(dst, map, bar, c0, c1);
 }
 #else
 // A shared-memory pointer's address in the shared window (what ldmatrix and the wgmma descriptors take).
@@ -174,6 +199,52 @@ template <int N, int TB>
 __device__ __forceinline__ void wgmma_bf16(float (&d)[N / 2], uint64_t da, uint64_t db, int scale_d) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   Wgmma<N>::template run<TB>(d, da, db, scale_d);
+#endif
+}
+// mbarrier and TMA: sm_90a only, like wgmma (nothing elsewhere; the host launches their kernel on 9.x only).
+__device__ __forceinline__ void mbar_init(uint64_t* bar, unsigned count) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+#endif
+}
+// Makes initialised barriers visible to the async proxy (the TMA unit completes bytes on them).
+__device__ __forceinline__ void mbar_fence_init() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes)
+               : "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, unsigned parity) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  uint32_t done;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(smem_addr(bar)), "r"(parity)
+        : "memory");
+  } while (!done);
+#endif
+}
+// Box (c0: the inner, contiguous coordinate; c1: the row) of the map's tensor -> dst, completing on bar.
+__device__ __forceinline__ void tma_load_2d(void* dst, const void* map, uint64_t* bar, int c0, int c1) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, "
+      "%4}], "
+      "[%2];\n" ::"r"(smem_addr(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)), "r"(c0), "r"(c1)
+      : "memory");
 #endif
 }
 #endif

@@ -9,6 +9,7 @@
 #include <map>
 #include <set>
 
+#include "cuda.h"
 #include "emu_cuda.h"
 
 #ifdef __SANITIZE_ADDRESS__  // AddressSanitizer must be told about fiber stack switches
@@ -251,7 +252,7 @@ emu_switch:
 .size emu_switch, .-emu_switch
 )");
 
-enum { kRun, kBar, kWarp, kDone };
+enum { kRun, kBar, kWarp, kDone, kMbar };
 struct Fiber {
   void* sp;
   void* fake;  // AddressSanitizer's saved fake stack
@@ -259,6 +260,8 @@ struct Fiber {
   const char* tag;  // the warp collective it waits in, and its pointer/ldm (WMMA)
   const void* p;
   unsigned ldm;
+  uint64_t* bar = nullptr;  // kMbar: the mbarrier it waits on, and the parity of the phase it waits for
+  unsigned parity = 0;
 };
 static constexpr size_t kStack = 256 * 1024, kPage = 4096;
 static unsigned char* stack_mem = nullptr;
@@ -358,7 +361,7 @@ static void init_fiber(unsigned t) {
   *--sp = nullptr;                                // fake return address of fiber_entry
   *--sp = reinterpret_cast<void*>(&fiber_entry);  // emu_switch's return target
   for (int i = 0; i < 6; ++i) *--sp = nullptr;    // rbp rbx r12 r13 r14 r15
-  fibers[t] = Fiber{sp, nullptr, kRun, nullptr, nullptr, 0};
+  fibers[t] = Fiber{sp, nullptr, kRun, nullptr, nullptr, 0, nullptr, 0};
   async_q[t].clear();
   wgmma_q[t].clear();
 }
@@ -411,7 +414,7 @@ static float wgmma_operand(uint64_t desc, bool mn_major, unsigned row, unsigned 
     fatal(std::string(kname) + ": wgmma operand read outside the dynamic shared memory");
   if (chunk_copy[(addr - kSmemWindow) / 16] > copies)
     fatal(std::string(kname) +
-          ": a cp.async into shared memory an in-flight wgmma reads (wait for the MMA "
+          ": a cp.async or TMA copy into shared memory an in-flight wgmma reads (wait for the MMA "
           "group before refilling its stage)");
   uint16_t bits;
   std::memcpy(&bits, dsmem + (addr - kSmemWindow), 2);
@@ -449,6 +452,109 @@ void wgmma_wait(int pending) {
   warp_barrier("wgmma.wait_group");
   wgmma_q[cur_thread].retire(static_cast<size_t>(pending), wgmma_run);
 }
+// ---- mbarrier and TMA ----
+static void yield_to_sched(unsigned me);
+// A TMA tile load waiting on its barrier: the box's rows of the tensor map's global memory, zero past the
+// tensor, into the swizzled destination.
+struct TmaLoad {
+  unsigned char* dst;
+  const CUtensorMap* map;
+  int c0, c1;
+};
+struct Mbar {
+  unsigned count = 0, pending = 0;  // arrivals a phase needs, and those still missing
+  int64_t tx = 0;                   // transaction bytes expected and not yet landed
+  unsigned phase = 0;               // completed phases
+  std::vector<TmaLoad> loads;       // issued, not landed
+};
+static std::map<const uint64_t*, Mbar> mbars;  // this block's, by address
+// Emulated tensor map fields (cuTensorMapEncodeTiled below): opaque[0..6].
+enum { kMapAddr, kMapDim0, kMapDim1, kMapStride, kMapBox0, kMapBox1, kMapMagic };
+static constexpr uint64_t kMapTag = 0x7450414d4d54ull;
+static Mbar& mbar_at(const uint64_t* bar, const char* what, bool init = false) {
+  const auto* b = reinterpret_cast<const unsigned char*>(bar);
+  if (b < dsmem || b + 8 > dsmem + dsmem_size || reinterpret_cast<uintptr_t>(bar) % 8)
+    fatal(std::string(kname) + ": " + what +
+          " on an mbarrier outside dynamic shared memory or not 8-aligned");
+  auto it = mbars.find(bar);
+  if (!init && it == mbars.end())
+    fatal(std::string(kname) + ": " + what + " on an mbarrier never initialised");
+  return mbars[bar];
+}
+static void mbar_complete(Mbar& m) {
+  if (m.pending == 0 && m.tx == 0) {
+    ++m.phase;
+    m.pending = m.count;
+  }
+}
+// Lands the barrier's queued TMA loads (the latest moment they may complete: someone now waits on it).
+static void mbar_land(Mbar& m) {
+  for (const TmaLoad& l : m.loads) {
+    const uint64_t* f = l.map->opaque;
+    const auto* g = reinterpret_cast<const unsigned char*>(f[kMapAddr]);
+    const uint64_t box0 = f[kMapBox0], box1 = f[kMapBox1];
+    const uint32_t base = kSmemWindow + static_cast<uint32_t>(l.dst - dsmem);
+    for (uint64_t r = 0; r < box1; ++r)
+      for (uint64_t c = 0; c < box0; ++c) {
+        const int64_t gc = l.c0 + static_cast<int64_t>(c), gr = l.c1 + static_cast<int64_t>(r);
+        uint16_t v = 0;
+        if (gc >= 0 && gr >= 0 && static_cast<uint64_t>(gc) < f[kMapDim0] &&
+            static_cast<uint64_t>(gr) < f[kMapDim1])
+          std::memcpy(&v, g + static_cast<uint64_t>(gr) * f[kMapStride] + static_cast<uint64_t>(gc) * 2, 2);
+        const uint32_t logical = base + static_cast<uint32_t>(r * box0 * 2 + c * 2);
+        const uint32_t addr = logical ^ (((logical >> 7) & 7u) << 4);
+        std::memcpy(dsmem + (addr - kSmemWindow), &v, 2);
+      }
+    m.tx -= static_cast<int64_t>(box0 * box1 * 2);
+  }
+  m.loads.clear();
+  mbar_complete(m);
+}
+void mbar_init(uint64_t* bar, unsigned count) {
+  if (count < 1) fatal(std::string(kname) + ": mbarrier.init with a count of 0");
+  Mbar& m = mbar_at(bar, "mbarrier.init", true);
+  if (!m.loads.empty()) fatal(std::string(kname) + ": mbarrier.init on a barrier with TMA loads in flight");
+  m = Mbar{count, count, 0, 0, {}};
+}
+void mbar_arrive(uint64_t* bar, uint32_t expect_tx) {
+  Mbar& m = mbar_at(bar, "mbarrier.arrive");
+  if (m.pending == 0) fatal(std::string(kname) + ": mbarrier.arrive past the phase's count");
+  m.tx += expect_tx;
+  --m.pending;
+  mbar_complete(m);
+}
+static bool mbar_done(uint64_t* bar, unsigned parity) {
+  Mbar& m = mbar_at(bar, "mbarrier.try_wait");
+  mbar_land(m);
+  return (m.phase & 1u) != (parity & 1u);  // the phase of that parity is the last completed one
+}
+void mbar_wait(uint64_t* bar, unsigned parity) {
+  while (!mbar_done(bar, parity)) {
+    Fiber& f = fibers[cur_thread];
+    f.state = kMbar;
+    f.bar = bar;
+    f.parity = parity;
+    yield_to_sched(cur_thread);
+  }
+}
+void tma_load_2d(void* dst, const void* map, uint64_t* bar, int c0, int c1) {
+  const auto* tm = static_cast<const CUtensorMap*>(map);
+  const uint64_t* f = tm->opaque;
+  if (f[kMapMagic] != kMapTag)
+    fatal(std::string(kname) + ": TMA load with a tensor map not from cuTensorMapEncodeTiled");
+  auto* d = static_cast<unsigned char*>(dst);
+  const uint64_t bytes = f[kMapBox0] * f[kMapBox1] * 2;
+  if (d < dsmem || d + bytes > dsmem + dsmem_size)
+    fatal(std::string(kname) + ": TMA load outside the dynamic shared memory");
+  if ((kSmemWindow + static_cast<uint32_t>(d - dsmem)) % 128)
+    fatal(std::string(kname) + ": TMA load into shared memory not 128-byte aligned (the 128-byte swizzle)");
+  Mbar& m = mbar_at(bar, "cp.async.bulk.tensor");
+  m.loads.push_back({d, tm, c0, c1});
+  ++copies_issued;
+  for (uint64_t o = 0; o < bytes; o += 16)
+    chunk_copy[static_cast<size_t>(d - dsmem + o) / 16] = copies_issued;
+}
+
 static void resume(unsigned t) {
   cur_thread = t;
   threadIdx = uint3{t, 0, 0};
@@ -515,7 +621,10 @@ static void run_block(unsigned block_linear) {
     for (bool ran = true; ran;) {
       ran = false;
       auto run = [&](unsigned t) {
-        if (t >= nthreads || fibers[t].state != kRun) return false;
+        if (t >= nthreads) return false;
+        Fiber& f = fibers[t];
+        if (f.state == kMbar && mbar_done(f.bar, f.parity)) f.state = kRun;
+        if (f.state != kRun) return false;
         resume(t);
         return true;
       };
@@ -532,11 +641,22 @@ static void run_block(unsigned block_linear) {
         }
       }
     }
-    unsigned at = 0, done = 0, warp = 0;
+    unsigned at = 0, done = 0, warp = 0, spin = 0;
     for (unsigned t = 0; t < nthreads; ++t)
-      (fibers[t].state == kBar ? at : fibers[t].state == kDone ? done : warp) += 1;
-    if (done == nthreads) return;
+      (fibers[t].state == kBar    ? at
+       : fibers[t].state == kDone ? done
+       : fibers[t].state == kMbar ? spin
+                                  : warp) += 1;
+    if (done == nthreads) {
+      for (const auto& [bar, m] : mbars)
+        if (!m.loads.empty())
+          report(true, std::string(kname) + ": block exited with a TMA load no thread waited for");
+      return;
+    }
     if (warp) fatal(std::string(kname) + ": incomplete warp collective (deadlock)");
+    if (spin)
+      fatal(std::string(kname) + ": " + std::to_string(spin) +
+            " threads wait on mbarrier phases no arrival or TMA load can complete (deadlock)");
     if (done)
       fatal(std::string(kname) + ": divergent __syncthreads (" + std::to_string(at) + " at the barrier, " +
             std::to_string(done) + " exited)");
@@ -570,6 +690,7 @@ void run_grid(dim3 grid, dim3 block, size_t dyn, const char* name, const std::fu
     blockIdx = uint3{static_cast<unsigned>(k % grid.x), static_cast<unsigned>(k / grid.x % grid.y),
                      static_cast<unsigned>(k / grid.x / grid.y)};
     ++epoch;
+    mbars.clear();
     if (dyn) std::memset(dsmem, 0xff, dyn);
     run_block(static_cast<unsigned>(k));
   }
@@ -904,5 +1025,46 @@ cudaError_t cudaEventSynchronize(cudaEvent_t e) {
 }
 cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t a, cudaEvent_t b) {
   *ms = static_cast<float>(b->t - a->t);
+  return cudaSuccess;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Driver: tensor maps for TMA loads (only what the emulated load reads: 2-D bf16, 128-byte swizzle).
+CUresult cuTensorMapEncodeTiled(CUtensorMap* map, CUtensorMapDataType type, cuuint32_t rank, void* addr,
+                                const cuuint64_t* dim, const cuuint64_t* strides, const cuuint32_t* box,
+                                const cuuint32_t* elem_strides, CUtensorMapInterleave interleave,
+                                CUtensorMapSwizzle swizzle, CUtensorMapL2promotion,
+                                CUtensorMapFloatOOBfill fill) {
+  auto bad = [](const std::string& why) {
+    emu::report(true, "cuTensorMapEncodeTiled: " + why);
+    return CUDA_ERROR_INVALID_VALUE;
+  };
+  if (!map || reinterpret_cast<uintptr_t>(map) % 64) return bad("map null or not 64-byte aligned");
+  if (type != CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 || rank != 2 || interleave != CU_TENSOR_MAP_INTERLEAVE_NONE ||
+      swizzle != CU_TENSOR_MAP_SWIZZLE_128B || fill != CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE)
+    return bad("only 2-D bf16 maps with the 128-byte swizzle, no interleave, zero fill are emulated");
+  if (reinterpret_cast<uintptr_t>(addr) % 16) return bad("global address not 16-byte aligned");
+  if (dim[0] < 1 || dim[1] < 1 || dim[0] > (uint64_t{1} << 32) || dim[1] > (uint64_t{1} << 32))
+    return bad("dimensions out of [1, 2^32]");
+  if (strides[0] % 16 || strides[0] < dim[0] * 2)
+    return bad("row stride not a multiple of 16 or below the row");
+  if (box[0] < 1 || box[1] < 1 || box[0] > 256 || box[1] > 256 || box[0] * 2 > 128 || box[0] * 2 % 16)
+    return bad("box out of range (inner box at most the 128-byte swizzle span, a multiple of 16 bytes)");
+  if (elem_strides[0] != 1 || elem_strides[1] != 1) return bad("element strides other than 1");
+  std::memset(map->opaque, 0, sizeof(map->opaque));
+  map->opaque[emu::kMapAddr] = reinterpret_cast<uintptr_t>(addr);
+  map->opaque[emu::kMapDim0] = dim[0];
+  map->opaque[emu::kMapDim1] = dim[1];
+  map->opaque[emu::kMapStride] = strides[0];
+  map->opaque[emu::kMapBox0] = box[0];
+  map->opaque[emu::kMapBox1] = box[1];
+  map->opaque[emu::kMapMagic] = emu::kMapTag;
+  return CUDA_SUCCESS;
+}
+cudaError_t cudaGetDriverEntryPointByVersion(const char* symbol, void** fn, unsigned, unsigned long long,
+                                             cudaDriverEntryPointQueryResult* status) {
+  const bool found = std::strcmp(symbol, "cuTensorMapEncodeTiled") == 0;
+  *fn = found ? reinterpret_cast<void*>(&cuTensorMapEncodeTiled) : nullptr;
+  if (status) *status = found ? cudaDriverEntryPointSuccess : cudaDriverEntryPointSymbolNotFound;
   return cudaSuccess;
 }

@@ -28,6 +28,13 @@
 //   moment, so an accumulator read before the wait that retires it shows up as a wrong value, and a
 //   cp.async issued into shared memory that a not yet retired MMA reads is reported. Shared addresses are
 //   offsets into dynamic shared memory plus a base that is not 1024-aligned.
+// - mbarrier (init, arrive, arrive.expect_tx, try_wait.parity) and TMA 2-D tile loads into shared memory
+//   (cp.async.bulk.tensor with a tensor map from cuTensorMapEncodeTiled: bf16, 128-byte swizzle by
+//   shared address, zero fill outside the tensor): a load is queued on its barrier and lands, completing
+//   its bytes, only when some thread waits on that barrier, so reading a stage without waiting for its
+//   barrier sees poison or a stale tile; a waiting thread sleeps until the barrier's phase completes
+//   (a wait no arrival or load can complete is reported as a deadlock), and a load into shared memory a
+//   not yet retired wgmma reads is reported as for cp.async.
 // - cp.async (__pipeline_memcpy_async / _commit / _wait_prior): each thread keeps its own queue of copy
 //   groups, and a copy lands as late as the rules allow: when a __pipeline_wait_prior(n) leaves fewer than
 //   its group among the n newest. So reading a stage before waiting for it sees the block-start poison (or a
@@ -63,6 +70,7 @@
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
 #define __shared__ static
+#define __grid_constant__
 
 struct uint3 {
   unsigned x = 0, y = 0, z = 0;
@@ -206,6 +214,16 @@ cudaError_t cudaEventDestroy(cudaEvent_t);
 cudaError_t cudaEventRecord(cudaEvent_t, cudaStream_t = nullptr);
 cudaError_t cudaEventSynchronize(cudaEvent_t);
 cudaError_t cudaEventElapsedTime(float*, cudaEvent_t, cudaEvent_t);
+// Driver entry points: only cuTensorMapEncodeTiled (cuda.h) is there.
+enum cudaDriverEntryPointQueryResult {
+  cudaDriverEntryPointSuccess = 0,
+  cudaDriverEntryPointSymbolNotFound = 1,
+  cudaDriverEntryPointVersionNotSufficent = 2
+};
+constexpr unsigned long long cudaEnableDefault = 0;
+cudaError_t cudaGetDriverEntryPointByVersion(const char* symbol, void** fn, unsigned version,
+                                             unsigned long long flags,
+                                             cudaDriverEntryPointQueryResult* status = nullptr);
 template <class T>
 cudaError_t cudaMalloc(T** p, size_t n) {  // the typed overloads of cuda_runtime.h
   return cudaMalloc(reinterpret_cast<void**>(p), n);
@@ -258,6 +276,13 @@ void wgmma_fence();
 void wgmma_bf16(float* d, int n, uint64_t da, uint64_t db, bool scale_d, bool tnsp_b);
 void wgmma_commit();
 void wgmma_wait(int pending);
+
+// mbarrier and TMA (runtime.cpp; kernels/cuda/mma.cuh): a barrier in dynamic shared memory counts arrivals
+// and transaction bytes; a TMA tile load queues on its barrier and lands when a thread waits on it.
+void mbar_init(uint64_t* bar, unsigned count);
+void mbar_arrive(uint64_t* bar, uint32_t expect_tx);
+void mbar_wait(uint64_t* bar, unsigned parity);
+void tma_load_2d(void* dst, const void* map, uint64_t* bar, int c0, int c1);
 
 template <class T>
 inline T* aligned_vec(T* p, size_t a) {
