@@ -1,15 +1,17 @@
 // The GPU check, run on a machine with an NVIDIA GPU (see scripts/gpu-check.sh, which bundles this file with
 // esbuild so it needs no node_modules there). Sections, each optional by name on the command line
-// (default: all but wgmma, which runs only when named, first):
+// (default: all but wgmma and tma, which run only when named, first):
 //   checks  every CUDA op against the CPU reference and the whole-model checks of test/cuda-checks.ts
 //   gemm    the device GEMM's throughput per precision, ours and cuBLASLt's where the machine has it (loaded at
 //           run time), each checked against our fp32 GEMM; the bf16 8192^3 peaks are MFU's denominators
 //   steps   full prompt-tuning steps (loss + prompt gradients + AdamW, P = 20) on issue #5's shapes with
 //           synthetic weights: median wall-clock ms per step (graph replay), tokens/s, MFU, device memory
 //   knn     the CUDA kNN index against the CPU index on issue #4's shapes, and its timings
-//   wgmma   the Hopper wgmma GEMM kernels' correctness alone (cp.async-fed and TMA-fed: the GEMM self-test,
-//           which covers them, and the model-level kernel comparison), so that gpu-check.sh can run it first in its own process and keep
-//           it out of the other groups (PRIORTUNE_CUDA_WGMMA=0) if it fails or faults
+//   wgmma   the Hopper wgmma GEMM kernel's correctness alone (the GEMM self-test, which covers it, the
+//           attention self-test's bf16 rows and the model-level kernel comparison), so that gpu-check.sh can
+//           run it first in its own process and keep it out of the other groups (PRIORTUNE_CUDA_WGMMA=0) if
+//           it fails or faults
+//   tma     the same for the TMA-fed wgmma kernel (PRIORTUNE_CUDA_TMA=0 keeps it out after a failure)
 // Prints JSON lines and Markdown tables (also appended to FILE with --results FILE); exits non-zero when a
 // correctness check fails.
 // --tiny runs every section on small shapes: a dry run of the whole script, which scripts/cuda-emu.mjs does
@@ -76,38 +78,50 @@ async function median(fn: () => Promise<unknown>, runs: number, warm = 1): Promi
 
 // The wgmma kernel's rows (GEMM engines, step setups): on Hopper, unless PRIORTUNE_CUDA_WGMMA=0 keeps it off.
 const wgmmaRuns = info.computeCapability.startsWith("9.") && process.env.PRIORTUNE_CUDA_WGMMA !== "0";
+// The TMA-fed one's, unless PRIORTUNE_CUDA_TMA=0 keeps it off too (gpu-check.sh, after its tma group failed).
+const tmaRuns = wgmmaRuns && process.env.PRIORTUNE_CUDA_TMA !== "0";
 
-// ---- wgmma ----
-if (want("wgmma") && wanted.size > 0) {
-  if (!wgmmaRuns) {
-    console.log(`wgmma: not run (compute capability ${info.computeCapability}, or PRIORTUNE_CUDA_WGMMA=0)`);
-  } else {
-    const { cudaSelfTest } = await import("../lib/backend.js");
-    const { gemmKernelChecks } = await import("../test/cuda-checks.js");
-    // --tiny (the emulated dry run) skips the GEMM self-test, which the emulator's own self-test section runs.
-    // The attention self-test's bf16 rows come along (the mma.sync kernels, the default, and the WMMA ones).
-    const gemm = tiny
-      ? []
-      : (await cudaSelfTest()).filter((c) => c.op.startsWith("gemm bf16") || /^attention.* bf16/.test(c.op));
-    const rows = [
-      ...gemm.map((c) => ({
-        group: "gemm self-test",
-        name: `${c.op} ${c.shape}`,
-        err: c.err,
-        tol: c.tol,
-        pass: c.pass,
-      })),
-      ...(await gemmKernelChecks()),
-    ];
-    const wg = rows.filter((r) => /wgmma|tma/.test(r.name) || r.name.startsWith("attention"));
-    const bad = rows.filter((r) => !r.pass);
-    for (const r of wg) console.log(JSON.stringify({ what: "wgmma", ...r }));
-    failed ||= bad.length > 0;
-    tables.push(
-      `wgmma: ${wg.filter((r) => r.pass).length} of ${wg.length} wgmma checks pass (${bad.length} failures of ${rows.length} GEMM checks)\n` +
-        bad.map((r) => `- ${r.group}: ${r.name}: ${r.err.toExponential(2)} (tol ${r.tol})`).join("\n"),
+// ---- wgmma, tma ----
+// The Hopper kernels' correctness alone, each in its own process under gpu-check.sh: wgmma (the cp.async-fed
+// kernel, auto's choice on Hopper, and the attention kernels' bf16 self-test rows) with the TMA-fed kernel
+// kept off (PRIORTUNE_CUDA_TMA=0, so that a fault or hang of it cannot take the wgmma rows down), then tma.
+for (const section of ["wgmma", "tma"] as const) {
+  if (!want(section) || wanted.size === 0) continue;
+  if (section === "wgmma" ? !wgmmaRuns : !tmaRuns) {
+    console.log(
+      `${section}: not run (compute capability ${info.computeCapability}, or PRIORTUNE_CUDA_WGMMA=0 / PRIORTUNE_CUDA_TMA=0)`,
     );
+    continue;
   }
+  const { cudaSelfTest } = await import("../lib/backend.js");
+  const { gemmKernelChecks } = await import("../test/cuda-checks.js");
+  // --tiny (the emulated dry run) skips the GEMM self-test, which the emulator's own self-test section runs.
+  const gemm = tiny
+    ? []
+    : (await cudaSelfTest()).filter((c) => c.op.startsWith("gemm bf16") || /^attention.* bf16/.test(c.op));
+  const rows = [
+    ...gemm.map((c) => ({
+      group: "gemm self-test",
+      name: `${c.op} ${c.shape}`,
+      err: c.err,
+      tol: c.tol,
+      pass: c.pass,
+    })),
+    ...(await gemmKernelChecks()),
+  ];
+  const tma = (name: string) => /tma/i.test(name);
+  const mine = rows.filter((r) =>
+    section === "tma"
+      ? tma(r.name)
+      : (/wgmma/.test(r.name) && !tma(r.name)) || r.name.startsWith("attention"),
+  );
+  const bad = rows.filter((r) => !r.pass);
+  for (const r of mine) console.log(JSON.stringify({ what: section, ...r }));
+  failed ||= bad.length > 0;
+  tables.push(
+    `${section}: ${mine.filter((r) => r.pass).length} of ${mine.length} ${section} checks pass (${bad.length} failures of ${rows.length} GEMM checks)\n` +
+      bad.map((r) => `- ${r.group}: ${r.name}: ${r.err.toExponential(2)} (tol ${r.tol})`).join("\n"),
+  );
 }
 
 // ---- checks ----
@@ -168,14 +182,8 @@ if (want("gemm")) {
       const kernels: Record<string, string | undefined> = {
         "priortune mma128": "mma128",
         "priortune mma256": "mma256",
-        ...(wgmmaRuns
-          ? {
-              "priortune wgmma128": "wgmma128",
-              "priortune wgmma256": "wgmma256",
-              "priortune tma128": "tma128",
-              "priortune tma256": "tma256",
-            }
-          : {}),
+        ...(wgmmaRuns ? { "priortune wgmma128": "wgmma128", "priortune wgmma256": "wgmma256" } : {}),
+        ...(tmaRuns ? { "priortune tma128": "tma128", "priortune tma256": "tma256" } : {}),
         "priortune pipe": "pipe",
         "priortune staged": "staged",
       };
@@ -295,12 +303,8 @@ if (want("steps")) {
     const setups: { precision: CudaPrecision; graphs: boolean; kernel?: string; attn?: string }[] = [
       { precision: "bf16", graphs: true },
       { precision: "bf16", graphs: true, kernel: "mma128", attn: "wmma" },
-      ...(wgmmaRuns
-        ? [
-            { precision: "bf16" as const, graphs: true, kernel: "wgmma" },
-            { precision: "bf16" as const, graphs: true, kernel: "tma" },
-          ]
-        : []),
+      ...(wgmmaRuns ? [{ precision: "bf16" as const, graphs: true, kernel: "wgmma" }] : []),
+      ...(tmaRuns ? [{ precision: "bf16" as const, graphs: true, kernel: "tma" }] : []),
       { precision: "bf16", graphs: true, attn: "wmma" },
       { precision: "bf16", graphs: false },
       { precision: "tf32", graphs: true },

@@ -1110,6 +1110,12 @@ bool is_tma(TcKernel k) {
   return k == TcKernel::Tma || k == TcKernel::Tma128 || k == TcKernel::Tma256;
 }
 
+// A kill switch set to "0" (PRIORTUNE_CUDA_WGMMA, PRIORTUNE_CUDA_TMA).
+bool env_off(const char* name) {
+  const char* v = std::getenv(name);
+  return v && std::strcmp(v, "0") == 0;
+}
+
 // PRIORTUNE_CUDA_GEMM = auto (default) | staged | pipe | pipe128 | pipe256 | mma128 | mma256 | wgmma |
 // wgmma128 | wgmma256 | tma | tma128 | tma256: a fixed choice for comparing the kernels on one machine (pipe:
 // the pipelined WMMA kernel at auto's width; wgmma and tma (the TMA-fed wgmma kernel, not yet run on a GPU):
@@ -1147,7 +1153,9 @@ bool cp_async_ok(const void* A, int64_t lda, bool a_bf16, const void* B, int64_t
 
 // The wgmma kernel's width, 0 where it does not run: not a wgmma choice or auto, not a Hopper device (the
 // sm_90a code; the emulator reports 9.0 too), no room for its stages, or PRIORTUNE_CUDA_WGMMA=0 (a switch
-// that keeps it off whatever is asked, e.g. for the rest of a GPU check after it failed there). Auto takes it
+// that keeps it off whatever is asked, e.g. for the rest of a GPU check after it failed there;
+// PRIORTUNE_CUDA_TMA=0 does the same for the TMA-fed kernel alone: gemm_with then takes its fixed choices
+// as auto). Auto takes it
 // where it was measured faster than the mma.sync kernel (H200, 2026-11-26: 1.1-1.4x on every product of the
 // model shapes with M >= 512 and K >= 768, 394 against 276 TFLOP/s at 8192^3; equal on the GPT-2 qkv product,
 // K = 768): M > 64 (its tiles are 128 rows; the mma kernel's 32- and 64-row tiles serve fewer rows: 20 rows x
@@ -1160,8 +1168,7 @@ int wgmma_width(TcKernel kernel, int64_t M, int64_t N, int64_t K) {
                      kernel == TcKernel::Wgmma256 || is_tma(kernel);
   if (!fixed && kernel != TcKernel::Auto) return 0;
   if (device_info().major != 9) return 0;
-  const char* off = std::getenv("PRIORTUNE_CUDA_WGMMA");
-  if (off && std::strcmp(off, "0") == 0) return 0;
+  if (env_off("PRIORTUNE_CUDA_WGMMA")) return 0;
   auto smem = [&](int bn) { return is_tma(kernel) ? tma_smem(bn) : wgmma_smem(bn); };
   if (device_info().smem_optin < smem(128)) return 0;
   const bool fits256 = device_info().smem_optin >= smem(256);
@@ -1213,6 +1220,7 @@ int pick_width(TcKernel kernel, bool mma, bool nt, int bm, int64_t M, int64_t N)
 void gemm_with(TcKernel kernel, Stream stream, GemmPrecision precision, bool b_transposed, int64_t M,
                int64_t N, int64_t K, const void* A, int64_t lda, bool a_bf16, const void* B, int64_t ldb,
                bool b_bf16, float* C, int64_t ldc, const float* bias, float beta) {
+  if (is_tma(kernel) && env_off("PRIORTUNE_CUDA_TMA")) kernel = TcKernel::Auto;
   auto bad = [&](const std::string& msg) {
     return std::invalid_argument(std::string("gemm (") + precision_name(precision) +
                                  (b_transposed ? ", NT): " : ", NN): ") + msg);
@@ -1466,8 +1474,9 @@ std::vector<OpCheck> selftest_gemm() {
            {TcKernel::Wgmma128, TcKernel::Wgmma256, TcKernel::Tma128, TcKernel::Tma256}) {
         const int bn = wgmma_width(fixed, M, N, K);
         const bool tma = is_tma(fixed);
-        if (bn != (fixed == TcKernel::Wgmma128 || fixed == TcKernel::Tma128 ? 128 : 256))
-          continue;  // not Hopper, or no room for it
+        if (bn != (fixed == TcKernel::Wgmma128 || fixed == TcKernel::Tma128 ? 128 : 256) ||
+            (tma && env_off("PRIORTUNE_CUDA_TMA")))
+          continue;  // not Hopper, no room for it, or switched off
         out.push_back(make_check(
             std::string("gemm bf16 (bf16 A, ") + (tma ? "tma " : "wgmma ") + std::to_string(bn) + ")", shape,
             region_error(run(GemmPrecision::BF16, true, true, fixed), ref_b, M, N, ldc, off), tol_bf16,

@@ -224,16 +224,20 @@ __device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t by
                : "memory");
 #endif
 }
+// A phase that has not completed after 2^24 polls (seconds; a GEMM's stage waits take microseconds) traps:
+// a bug in the barrier protocol becomes a kernel fault, reported as a JS error, instead of a hang.
 __device__ __forceinline__ void mbar_wait(uint64_t* bar, unsigned parity) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  uint32_t done;
-  do {
+  for (uint32_t polls = 0;; ++polls) {
+    uint32_t done;
     asm volatile(
         "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
         : "=r"(done)
         : "r"(smem_addr(bar)), "r"(parity)
         : "memory");
-  } while (!done);
+    if (done) return;
+    if (polls == (1u << 24)) __trap();
+  }
 #endif
 }
 // Box (c0: the inner, contiguous coordinate; c1: the row) of the map's tensor -> dst, completing on bar.
