@@ -298,8 +298,9 @@ if (want("steps")) {
     await model.fillRandom(1, 0.02);
     // bf16 with graphs: the default kernels (auto GEMM: wgmma on Hopper where it is faster, else mma.sync;
     // mma.sync attention), the previous defaults (mma.sync GEMM, WMMA attention), the wgmma GEMM at its fixed
-    // width (against auto's pick) and its TMA-fed twin, the WMMA attention alone; bf16 eager; tf32. (The pipelined WMMA and
-    // register-staged GEMMs lost to the mma.sync one on every step and product: the gemm section times them.)
+    // width (against auto's pick) and its TMA-fed twin, the WMMA attention alone; bf16 eager; tf32. (The
+    // pipelined WMMA and register-staged GEMMs lost to the mma.sync one on every step and product: the gemm
+    // section times them.)
     const setups: { precision: CudaPrecision; graphs: boolean; kernel?: string; attn?: string }[] = [
       { precision: "bf16", graphs: true },
       { precision: "bf16", graphs: true, kernel: "mma128", attn: "wmma" },

@@ -1119,9 +1119,9 @@ bool env_off(const char* name) {
 // PRIORTUNE_CUDA_GEMM = auto (default) | staged | pipe | pipe128 | pipe256 | mma128 | mma256 | wgmma |
 // wgmma128 | wgmma256 | tma | tma128 | tma256: a fixed choice for comparing the kernels on one machine (pipe:
 // the pipelined WMMA kernel at auto's width; wgmma and tma (the TMA-fed wgmma kernel, not yet run on a GPU):
-// width 256, or 128 when N <= 128; the cp.async and TMA ones still only where the
-// operands allow them, wgmma only on compute capability 9.x, else auto's choice; a fixed width of 256 the
-// device cannot hold falls back to 128). Read at every call (a captured graph keeps the kernels it was
+// width 256, or 128 when N <= 128; the cp.async and TMA ones still only where the operands allow them, wgmma
+// and tma only on compute capability 9.x, else auto's choice; a fixed width of 256 the device cannot hold
+// falls back to 128). Read at every call (a captured graph keeps the kernels it was
 // captured with), so one process can compare them.
 TcKernel env_kernel() {
   const char* const raw = std::getenv("PRIORTUNE_CUDA_GEMM");
@@ -1155,14 +1155,13 @@ bool cp_async_ok(const void* A, int64_t lda, bool a_bf16, const void* B, int64_t
 // sm_90a code; the emulator reports 9.0 too), no room for its stages, or PRIORTUNE_CUDA_WGMMA=0 (a switch
 // that keeps it off whatever is asked, e.g. for the rest of a GPU check after it failed there;
 // PRIORTUNE_CUDA_TMA=0 does the same for the TMA-fed kernel alone: gemm_with then takes its fixed choices
-// as auto). Auto takes it
-// where it was measured faster than the mma.sync kernel (H200, 2026-11-26: 1.1-1.4x on every product of the
-// model shapes with M >= 512 and K >= 768, 394 against 276 TFLOP/s at 8192^3; equal on the GPT-2 qkv product,
-// K = 768): M > 64 (its tiles are 128 rows; the mma kernel's 32- and 64-row tiles serve fewer rows: 20 rows x
-// 128256 x 2048 ran 0.28 against 0.15 ms) and K >= 512 (a short K spends its time filling the four stages:
-// 160 x 262144 x 256 screened in 0.64 against 0.57 ms). Its width is the one with the smaller wave cost, full
-// waves of one block an SM times the tile's time (a 128 x 256 tile takes 256/394 against 128/325 for 128 x
-// 128, the two widths' 8192^3 rates), so few-tile products keep the SMs busy.
+// as auto). Auto takes it where it was measured faster than the mma.sync kernel (H200, 2026-11-26: 1.1-1.4x
+// on every product of the model shapes with M >= 512 and K >= 768, 394 against 276 TFLOP/s at 8192^3; equal
+// on the GPT-2 qkv product, K = 768): M > 64 (its tiles are 128 rows; the mma kernel's 32- and 64-row tiles
+// serve fewer rows: 20 rows x 128256 x 2048 ran 0.28 against 0.15 ms) and K >= 512 (a short K spends its time
+// filling the four stages: 160 x 262144 x 256 screened in 0.64 against 0.57 ms). Its width is the one with
+// the smaller wave cost, full waves of one block an SM times the tile's time (a 128 x 256 tile takes 256/394
+// against 128/325 for 128 x 128, the two widths' 8192^3 rates), so few-tile products keep the SMs busy.
 int wgmma_width(TcKernel kernel, int64_t M, int64_t N, int64_t K) {
   const bool fixed = kernel == TcKernel::Wgmma || kernel == TcKernel::Wgmma128 ||
                      kernel == TcKernel::Wgmma256 || is_tma(kernel);

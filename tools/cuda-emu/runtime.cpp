@@ -322,6 +322,11 @@ struct Wgmma {
 // reads a chunk a later copy targets ran while that stage was being refilled (on a GPU it may read either).
 static std::vector<uint64_t> chunk_copy;
 static uint64_t copies_issued = 0;
+// A cp.async or TMA copy issued into [d, d + bytes) of dynamic shared memory.
+static void note_copy(const unsigned char* d, size_t bytes) {
+  ++copies_issued;
+  for (size_t o = 0; o < bytes; o += 16) chunk_copy[static_cast<size_t>(d - dsmem + o) / 16] = copies_issued;
+}
 using WgmmaQueue = GroupQueue<Wgmma>;
 static std::vector<WgmmaQueue> wgmma_q;
 static size_t dsmem_size = 0;
@@ -375,9 +380,8 @@ void async_copy(void* dst, const void* src, size_t size, size_t zfill) {
           std::to_string(size) + " bytes");
   async_q[cur_thread].open.push_back(
       {static_cast<unsigned char*>(dst), static_cast<const unsigned char*>(src), size, zfill});
-  ++copies_issued;
   const auto* d = static_cast<const unsigned char*>(dst);
-  if (d >= dsmem && d < dsmem + dsmem_size) chunk_copy[static_cast<size_t>(d - dsmem) / 16] = copies_issued;
+  if (d >= dsmem && d < dsmem + dsmem_size) note_copy(d, size);
 }
 void async_commit() {
   async_q[cur_thread].commit();
@@ -399,6 +403,11 @@ uint32_t smem_addr(const void* p) {
     fatal(std::string(kname) + ": smem_addr of a pointer outside the dynamic shared memory");
   return kSmemWindow + static_cast<uint32_t>(b - dsmem);
 }
+// The 128-byte swizzle (mma.cuh): the 16-byte chunk of a shared address moves by its 128-byte row's index
+// within its 1024-byte atom. wgmma reads and TMA writes through it alike.
+static uint32_t swizzle128(uint32_t logical) {
+  return logical ^ (((logical >> 7) & 7u) << 4);
+}
 // Element (row, k) of a 128-byte-swizzled bf16 operand (mma.cuh, "wgmma"): rows are M for A, N for B.
 static float wgmma_operand(uint64_t desc, bool mn_major, unsigned row, unsigned k, uint64_t copies) {
   const uint32_t start = static_cast<uint32_t>(desc & 0x3fffu) << 4;
@@ -409,7 +418,7 @@ static float wgmma_operand(uint64_t desc, bool mn_major, unsigned row, unsigned 
           ": wgmma descriptor: only the 128-byte swizzle with base offset 0 is emulated");
   const uint32_t logical = mn_major ? start + row / 64 * lbo + row % 64 * 2 + k % 8 * 128 + k / 8 * sbo
                                     : start + row / 8 * sbo + row % 8 * 128 + k * 2;
-  const uint32_t addr = logical ^ (((logical >> 7) & 7u) << 4);
+  const uint32_t addr = swizzle128(logical);
   if (addr < kSmemWindow || addr + 2 > kSmemWindow + dsmem_size)
     fatal(std::string(kname) + ": wgmma operand read outside the dynamic shared memory");
   if (chunk_copy[(addr - kSmemWindow) / 16] > copies)
@@ -471,15 +480,19 @@ static std::map<const uint64_t*, Mbar> mbars;  // this block's, by address
 // Emulated tensor map fields (cuTensorMapEncodeTiled below): opaque[0..6].
 enum { kMapAddr, kMapDim0, kMapDim1, kMapStride, kMapBox0, kMapBox1, kMapMagic };
 static constexpr uint64_t kMapTag = 0x7450414d4d54ull;
+// The bytes a load of the map's box writes (and completes on its barrier, zero-filled ones included).
+static uint64_t box_bytes(const uint64_t* f) {
+  return f[kMapBox0] * f[kMapBox1] * 2;
+}
 static Mbar& mbar_at(const uint64_t* bar, const char* what, bool init = false) {
   const auto* b = reinterpret_cast<const unsigned char*>(bar);
   if (b < dsmem || b + 8 > dsmem + dsmem_size || reinterpret_cast<uintptr_t>(bar) % 8)
     fatal(std::string(kname) + ": " + what +
           " on an mbarrier outside dynamic shared memory or not 8-aligned");
-  auto it = mbars.find(bar);
-  if (!init && it == mbars.end())
-    fatal(std::string(kname) + ": " + what + " on an mbarrier never initialised");
-  return mbars[bar];
+  if (init) return mbars[bar];
+  const auto it = mbars.find(bar);
+  if (it == mbars.end()) fatal(std::string(kname) + ": " + what + " on an mbarrier never initialised");
+  return it->second;
 }
 static void mbar_complete(Mbar& m) {
   if (m.pending == 0 && m.tx == 0) {
@@ -501,11 +514,10 @@ static void mbar_land(Mbar& m) {
         if (gc >= 0 && gr >= 0 && static_cast<uint64_t>(gc) < f[kMapDim0] &&
             static_cast<uint64_t>(gr) < f[kMapDim1])
           std::memcpy(&v, g + static_cast<uint64_t>(gr) * f[kMapStride] + static_cast<uint64_t>(gc) * 2, 2);
-        const uint32_t logical = base + static_cast<uint32_t>(r * box0 * 2 + c * 2);
-        const uint32_t addr = logical ^ (((logical >> 7) & 7u) << 4);
+        const uint32_t addr = swizzle128(base + static_cast<uint32_t>(r * box0 * 2 + c * 2));
         std::memcpy(dsmem + (addr - kSmemWindow), &v, 2);
       }
-    m.tx -= static_cast<int64_t>(box0 * box1 * 2);
+    m.tx -= static_cast<int64_t>(box_bytes(f));
   }
   m.loads.clear();
   mbar_complete(m);
@@ -543,16 +555,14 @@ void tma_load_2d(void* dst, const void* map, uint64_t* bar, int c0, int c1) {
   if (f[kMapMagic] != kMapTag)
     fatal(std::string(kname) + ": TMA load with a tensor map not from cuTensorMapEncodeTiled");
   auto* d = static_cast<unsigned char*>(dst);
-  const uint64_t bytes = f[kMapBox0] * f[kMapBox1] * 2;
+  const uint64_t bytes = box_bytes(f);
   if (d < dsmem || d + bytes > dsmem + dsmem_size)
     fatal(std::string(kname) + ": TMA load outside the dynamic shared memory");
   if ((kSmemWindow + static_cast<uint32_t>(d - dsmem)) % 128)
     fatal(std::string(kname) + ": TMA load into shared memory not 128-byte aligned (the 128-byte swizzle)");
   Mbar& m = mbar_at(bar, "cp.async.bulk.tensor");
   m.loads.push_back({d, tm, c0, c1});
-  ++copies_issued;
-  for (uint64_t o = 0; o < bytes; o += 16)
-    chunk_copy[static_cast<size_t>(d - dsmem + o) / 16] = copies_issued;
+  note_copy(d, bytes);
 }
 
 static void resume(unsigned t) {
