@@ -298,14 +298,17 @@ if (want("steps")) {
     await model.fillRandom(1, 0.02);
     // bf16 with graphs: the default kernels (auto GEMM: wgmma on Hopper where it is faster, else mma.sync;
     // mma.sync attention), the previous defaults (mma.sync GEMM, WMMA attention), the wgmma GEMM at its fixed
-    // width (against auto's pick) and its TMA-fed twin, the WMMA attention alone; bf16 eager; tf32. (The
-    // pipelined WMMA and register-staged GEMMs lost to the mma.sync one on every step and product: the gemm
-    // section times them.)
+    // width (against auto's pick) and its TMA-fed twin, the cp.async-staged attention alone and with the TMA
+    // GEMM (the candidates for the next defaults), the WMMA attention alone; bf16 eager; tf32. (The pipelined
+    // WMMA and register-staged GEMMs lost to the mma.sync one on every step and product: the gemm section
+    // times them.)
     const setups: { precision: CudaPrecision; graphs: boolean; kernel?: string; attn?: string }[] = [
       { precision: "bf16", graphs: true },
       { precision: "bf16", graphs: true, kernel: "mma128", attn: "wmma" },
       ...(wgmmaRuns ? [{ precision: "bf16" as const, graphs: true, kernel: "wgmma" }] : []),
       ...(tmaRuns ? [{ precision: "bf16" as const, graphs: true, kernel: "tma" }] : []),
+      { precision: "bf16", graphs: true, attn: "async" },
+      ...(tmaRuns ? [{ precision: "bf16" as const, graphs: true, kernel: "tma", attn: "async" }] : []),
       { precision: "bf16", graphs: true, attn: "wmma" },
       { precision: "bf16", graphs: false },
       { precision: "tf32", graphs: true },
@@ -380,9 +383,9 @@ if (want("steps")) {
       );
     }
     // Where the time goes: one profiled configuration per model (eager, CUDA events between stages), with the
-    // default kernels and with the WMMA attention ones.
+    // default kernels and with the cp.async-staged attention ones.
     const r = runs.filter((x) => x.config === cfg)[0]!;
-    for (const attn of [undefined, "wmma"])
+    for (const attn of [undefined, "async"])
       await withEnv("PRIORTUNE_CUDA_ATTN", attn, async () => {
         await model.attachCuda({ precision: "bf16", graphs: false, profile: true });
         const args = await prepareStep(model, cfg, r.B, r.S);
@@ -437,12 +440,25 @@ if (want("knn")) {
   const rows: string[] = [];
   // The screening paths of the CUDA index (PRIORTUNE_CUDA_KNN): fused (the TF32 screening kernel), matrix
   // (bf16 GEMM + slab selection) and auto (the default, which picks one of them), each against the CPU index;
-  // on Hopper also "matrix+wgmma", the matrix path with its GEMM on the wgmma kernel.
-  const paths = quick ? ["fused"] : ["auto", "fused", "matrix", ...(wgmmaRuns ? ["matrix+wgmma"] : [])];
-  const withPath = <T>(path: string, fn: () => Promise<T>) =>
-    withEnv("PRIORTUNE_CUDA_KNN", path.split("+")[0], () =>
-      withEnv("PRIORTUNE_CUDA_GEMM", path.endsWith("+wgmma") ? "wgmma" : undefined, fn),
+  // "+filter": the matrix path with the filter selection kernel (PRIORTUNE_CUDA_KNN_SELECT=filter); on Hopper
+  // also "+wgmma", the matrix path with its GEMM on the wgmma kernel.
+  const paths = quick
+    ? ["fused"]
+    : [
+        "auto",
+        "fused",
+        "matrix",
+        "matrix+filter",
+        ...(wgmmaRuns ? ["matrix+wgmma", "matrix+wgmma+filter"] : []),
+      ];
+  const withPath = <T>(path: string, fn: () => Promise<T>) => {
+    const parts = path.split("+");
+    return withEnv("PRIORTUNE_CUDA_KNN", parts[0], () =>
+      withEnv("PRIORTUNE_CUDA_GEMM", parts.includes("wgmma") ? "wgmma" : undefined, () =>
+        withEnv("PRIORTUNE_CUDA_KNN_SELECT", parts.includes("filter") ? "filter" : undefined, fn),
+      ),
     );
+  };
   for (const w of quick ? workloads.slice(0, 1) : workloads) {
     const vocab = random(w.V * w.d, 1 + w.V);
     const queries = random(w.Q * w.d, 2 + w.Q);

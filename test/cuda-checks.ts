@@ -541,11 +541,11 @@ export async function errorChecks(): Promise<CheckRow[]> {
 /**
  * The BF16 kernels one can choose (PRIORTUNE_CUDA_GEMM, PRIORTUNE_CUDA_ATTN): a soft-prompt loss and gradient
  * with the default GEMM choice (auto), the ldmatrix + mma.sync GEMM, the pipelined WMMA one, on Hopper the
- * wgmma one and the TMA-fed wgmma one (elsewhere "wgmma" and "tma" fall back to auto's choice), and with the WMMA attention kernels, equal the
- * register-staged GEMM's with the default (mma.sync) attention (the GEMMs: the same bf16 operands and order
- * of 16-wide k-blocks, so equal up to fp32 rounding; the attention kernels: up to bf16 rounding of P), for
- * both families; a bad
- * value of either variable is a JS error naming it.
+ * wgmma one and the TMA-fed wgmma one (elsewhere "wgmma" and "tma" fall back to auto's choice), and with the
+ * WMMA attention kernels, equal the register-staged GEMM's with the default (mma.sync) attention (the GEMMs:
+ * the same bf16 operands and order of 16-wide k-blocks, so equal up to fp32 rounding; the attention kernels:
+ * up to bf16 rounding of P); the cp.async-staged attention equals the default bit for bit; for both families.
+ * A bad value of either variable is a JS error naming it.
  */
 export async function gemmKernelChecks(): Promise<CheckRow[]> {
   const rows = new Rows("gemm kernels");
@@ -586,6 +586,17 @@ export async function gemmKernelChecks(): Promise<CheckRow[]> {
           note,
         );
       }
+      // The cp.async-staged attention kernels: the default ones' tiles, products and order, so the same bits.
+      const staged16 = await step(ATTN, "async");
+      const sameBits =
+        staged16.loss === auto.loss &&
+        staged16.promptGrad!.every((v, i) => Object.is(v, auto.promptGrad![i]));
+      rows.add(
+        `${name}: loss and d loss / d prompt, cp.async attention vs default`,
+        sameBits ? 0 : 1,
+        0,
+        "the same bf16 tiles and products as the default mma.sync attention: the same bits",
+      );
       for (const variable of [GEMM, ATTN]) {
         let message = "";
         try {

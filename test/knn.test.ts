@@ -395,29 +395,35 @@ describe.skipIf(!cuda.usable)(`VocabIndex (CUDA) equals the CPU index${cudaSuffi
     }
   }
 
-  it("the matrix screening path (PRIORTUNE_CUDA_KNN=matrix: bf16 GEMM + selection) too, every metric", async () => {
-    const dim = 300;
-    const vocab = gaussian(2000 * dim, 40);
-    const queries = gaussian(50 * dim, 41);
-    await withEnv("PRIORTUNE_CUDA_KNN", "matrix", async () => {
-      for (const metric of METRICS) {
-        const { cpu, gpu } = await both(vocab, queries, dim, 10, metric);
-        expect(Array.from(gpu.indices)).toEqual(Array.from(cpu.indices));
+  for (const select of ["radix", "filter"])
+    it(`the matrix screening path (PRIORTUNE_CUDA_KNN=matrix: bf16 GEMM + ${select} selection) too, every metric`, async () => {
+      const dim = 300;
+      const vocab = gaussian(2000 * dim, 40);
+      const queries = gaussian(50 * dim, 41);
+      await withEnv("PRIORTUNE_CUDA_KNN", "matrix", () =>
+        withEnv("PRIORTUNE_CUDA_KNN_SELECT", select, async () => {
+          for (const metric of METRICS) {
+            const { cpu, gpu } = await both(vocab, queries, dim, 10, metric);
+            expect(Array.from(gpu.indices)).toEqual(Array.from(cpu.indices));
+          }
+        }),
+      );
+    });
+
+  for (const variable of ["PRIORTUNE_CUDA_KNN", "PRIORTUNE_CUDA_KNN_SELECT"])
+    it(`a bad ${variable} is an error naming it`, async () => {
+      const dim = 16;
+      const index = await VocabIndex.create(gaussian(300 * dim, 42), { dim, backend: "cuda" });
+      try {
+        await withEnv(variable, "bogus", () =>
+          expect(index.search(gaussian(2 * dim, 43), { k: 3 })).rejects.toThrow(
+            new RegExp(`${variable} must be`),
+          ),
+        );
+      } finally {
+        index.dispose();
       }
     });
-  });
-
-  it("a bad PRIORTUNE_CUDA_KNN is an error naming it", async () => {
-    const dim = 16;
-    const index = await VocabIndex.create(gaussian(300 * dim, 42), { dim, backend: "cuda" });
-    try {
-      await withEnv("PRIORTUNE_CUDA_KNN", "bogus", () =>
-        expect(index.search(gaussian(2 * dim, 43), { k: 3 })).rejects.toThrow(/PRIORTUNE_CUDA_KNN must be/),
-      );
-    } finally {
-      index.dispose();
-    }
-  });
 
   it("large shapes: 262144 rows (d 64) and d 8192 (3000 rows)", async () => {
     for (const [V, dim, metric] of [

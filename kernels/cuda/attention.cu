@@ -578,9 +578,9 @@ void attention_forward(Stream stream, float* out, float* lse, const float* qkv, 
   validate("attention_forward", Pp, B, S, H, KV, hd, prefix_k, prefix_v);
   if (B == 0 || S == 0) return;
   const AttnArgs a = make_args(qkv, key_mask, prefix_k, prefix_v, Pp, B, S, H, KV, hd, scale);
-  const bool mma = attn::attention_mma();  // read (and a bad value refused) whichever kernels run
+  const attn::AttnKernel kernel = attn::attention_kernel();  // read (a bad value refused) whatever runs
   if (precision == AttentionPrecision::BF16 && attn::tc_supported(hd))
-    attn::forward_tc(stream, a, out, lse, mma);  // attention_tc.cu
+    attn::forward_tc(stream, a, out, lse, kernel);  // attention_tc.cu
   else if (hd <= 64)
     forward_impl<64>(stream, a, out, lse);
   else if (hd <= 128)
@@ -615,7 +615,7 @@ void attention_backward(Stream stream, float* dqkv, float* dprefix_k, float* dpr
     return;
   }
   if (scratch == nullptr) throw std::invalid_argument("attention_backward: scratch is null");
-  const bool mma = attn::attention_mma();  // read (and a bad value refused) whichever kernels run
+  const attn::AttnKernel kernel = attn::attention_kernel();  // read (a bad value refused) whatever runs
   const AttnArgs a = make_args(qkv, key_mask, prefix_k, prefix_v, Pp, B, S, H, KV, hd, scale);
   BwdPtrs p;
   p.dqkv = dqkv;
@@ -632,7 +632,7 @@ void attention_backward(Stream stream, float* dqkv, float* dprefix_k, float* dpr
                                    static_cast<int>(hd), warps);
   check_launch("attention_backward (delta)");
   if (precision == AttentionPrecision::BF16 && attn::tc_supported(hd))
-    attn::backward_tc(stream, a, p, mma);  // attention_tc.cu
+    attn::backward_tc(stream, a, p, kernel);  // attention_tc.cu
   else if (hd <= 64)
     backward_impl<64>(stream, a, p);
   else if (hd <= 128)
@@ -882,7 +882,7 @@ std::vector<OpCheck> selftest_attention() {
       }
     }
     if (tc) {
-      const attn::ForceAttentionKernel mma(true);  // the default kernels, whatever PRIORTUNE_CUDA_ATTN says
+      const attn::ForceAttentionKernel mma(attn::AttnKernel::Mma);  // the default, whatever the variable says
       const AttnData db = round_data_bf16(d);
       const AttnRef ref = attention_reference(t, db, scale);
       const AttnOutputs got = attention_device(t, db, scale, AttentionPrecision::BF16);
@@ -897,7 +897,7 @@ std::vector<OpCheck> selftest_attention() {
       // The WMMA kernels (PRIORTUNE_CUDA_ATTN=wmma; the default above runs the mma.sync ones): the same
       // accuracy, deterministic, and the same forward on raw and on host-rounded inputs.
       {
-        const attn::ForceAttentionKernel force(false);
+        const attn::ForceAttentionKernel force(attn::AttnKernel::Wmma);
         const AttnOutputs wmma = attention_device(t, db, scale, AttentionPrecision::BF16);
         push_accuracy(
             checks, " bf16 wmma", shape, wmma, ref, Pp, tol_bf16, note_bf16,
@@ -911,6 +911,24 @@ std::vector<OpCheck> selftest_attention() {
             make_check("attention_forward bf16 wmma rounding", shape,
                        same_bits(raw.out, wmma.out) && same_bits(raw.lse, wmma.lse) ? 0.0 : 1.0, 0.0,
                        "WMMA forward on raw fp32 inputs vs on host-rounded (RN-even) inputs: same bits"));
+      }
+      // The cp.async-staged mma.sync kernels (PRIORTUNE_CUDA_ATTN=async): the same tiles, products and order
+      // as the default ones, so the same bits, on rounded and on raw inputs.
+      {
+        const attn::ForceAttentionKernel force(attn::AttnKernel::MmaAsync);
+        const AttnOutputs staged = attention_device(t, db, scale, AttentionPrecision::BF16);
+        checks.push_back(make_check("attention bf16 async", shape, same_bits(staged, got) ? 0.0 : 1.0, 0.0,
+                                    "cp.async-staged mma.sync kernels vs the default mma.sync ones (forward "
+                                    "and backward): the same bf16 tiles and products, same bits"));
+        const AttnOutputs raw = attention_device(t, d, scale, AttentionPrecision::BF16);
+        const AttnOutputs raw_mma = [&] {
+          const attn::ForceAttentionKernel m(attn::AttnKernel::Mma);
+          return attention_device(t, d, scale, AttentionPrecision::BF16);
+        }();
+        checks.push_back(make_check("attention bf16 async raw inputs", shape,
+                                    same_bits(raw, raw_mma) ? 0.0 : 1.0, 0.0,
+                                    "on raw fp32 inputs (rounded in the kernels' staging): the same bits as "
+                                    "the default kernels"));
       }
       // The kernels round Q, K, V to nearest even as the host did: on the raw inputs the forward is the same.
       const AttnOutputs raw = attention_device(t, d, scale, AttentionPrecision::BF16);

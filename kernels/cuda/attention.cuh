@@ -91,19 +91,22 @@ inline unsigned grid_1d(int64_t blocks, const char* op) {
 inline bool tc_supported(int64_t hd) {
   return hd >= 16 && hd <= 128 && hd % 16 == 0;
 }
-void forward_tc(Stream stream, const AttnArgs& a, float* out, float* lse, bool mma);
-void backward_tc(Stream stream, const AttnArgs& a, const BwdPtrs& p, bool mma);
+// Which kernels forward_tc and backward_tc run: ldmatrix + mma.sync with the scores in registers (Mma, the
+// default: H200, 2026-11-26, GPT-2 B32 x 512 attention backward 10.5 against 14.6 ms a step), WMMA through
+// per-warp shared strips (Wmma), or the mma.sync kernels with each next K/V (Q/dO) tile queued by cp.async
+// into an fp32 stage while the current one is multiplied (MmaAsync, not yet run on a GPU; the same bits as
+// Mma, which it falls back to where a base pointer is not 16-byte aligned).
+enum class AttnKernel { Wmma = 0, Mma = 1, MmaAsync = 2 };
+void forward_tc(Stream stream, const AttnArgs& a, float* out, float* lse, AttnKernel k);
+void backward_tc(Stream stream, const AttnArgs& a, const BwdPtrs& p, AttnKernel k);
 
-// Which products forward_tc and backward_tc run (their mma argument): ldmatrix + mma.sync with the scores in
-// registers (the default: H200, 2026-11-26, GPT-2 B32 x 512 attention backward 10.5 against 14.6 ms a step)
-// or WMMA through per-warp shared strips. PRIORTUNE_CUDA_ATTN = mma | wmma, read
-// by every attention_forward and attention_backward call whichever kernels run (a captured graph keeps what
-// it was captured with), unless a ForceAttentionKernel is alive on this thread (the self-test's way of
-// running both).
-bool attention_mma();
+// PRIORTUNE_CUDA_ATTN = mma | wmma | async, read by every attention_forward and attention_backward call
+// whichever kernels run (a captured graph keeps what it was captured with), unless a ForceAttentionKernel is
+// alive on this thread (the self-test's way of running each).
+AttnKernel attention_kernel();
 class ForceAttentionKernel {
  public:
-  explicit ForceAttentionKernel(bool mma);
+  explicit ForceAttentionKernel(AttnKernel k);
   ~ForceAttentionKernel();
   ForceAttentionKernel(const ForceAttentionKernel&) = delete;
   ForceAttentionKernel& operator=(const ForceAttentionKernel&) = delete;

@@ -28,6 +28,7 @@
 //             dS, dQ += dS K for rows < q_rows, zeros after.
 // One writer per output element, fixed summation order, no atomics: bitwise deterministic.
 #include <cuda_bf16.h>
+#include <cuda_pipeline.h>
 #include <cuda_runtime.h>
 #include <mma.h>
 
@@ -95,6 +96,47 @@ __device__ __forceinline__ void load_tile_bf16(__nv_bfloat16* dst, int hd, RowFn
             make_uint2(pack_bf16(v[u].x, v[u].y), pack_bf16(v[u].z, v[u].w));
     }
   }
+}
+
+// The cp.async staging of PRIORTUNE_CUDA_ATTN=async: a tile's rows are queued as 16-byte copies into a dense
+// fp32 stage [ROWS][D] (columns < hd; a null row is zero filled from `any`, a valid address never read) while
+// the previous tile is multiplied, then rounded into the bf16 tile (convert_tile) once they have landed. The
+// caller commits the group; every source row and `any` must be 16-byte aligned (async_ok).
+template <int D, int ROWS, class RowFn>
+__device__ __forceinline__ void stage_tile_async(float* stage, int hd, const float* any, RowFn row) {
+  constexpr int kChunks = D / 4, kIters = ROWS * kChunks / kTcThreads;
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    const int idx = threadIdx.x + it * kTcThreads, r = idx / kChunks, c = (idx % kChunks) * 4;
+    if (c >= hd) continue;
+    const float* src = row(r);
+    if (src != nullptr)
+      __pipeline_memcpy_async(stage + r * D + c, src + c, 16);
+    else
+      __pipeline_memcpy_async(stage + r * D + c, any, 16, 16);
+  }
+}
+
+// dst[r * (D + 8) + c] = bf16(stage[r * D + c]) for c < hd: the same values load_tile_bf16 writes.
+template <int D, int ROWS>
+__device__ __forceinline__ void convert_tile(__nv_bfloat16* dst, const float* stage, int hd) {
+  constexpr int kChunks = D / 4, kIters = ROWS * kChunks / kTcThreads;
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    const int idx = threadIdx.x + it * kTcThreads, r = idx / kChunks, c = (idx % kChunks) * 4;
+    if (c >= hd) continue;
+    const float4 v = *reinterpret_cast<const float4*>(stage + r * D + c);
+    *reinterpret_cast<uint2*>(dst + r * (D + 8) + c) = make_uint2(pack_bf16(v.x, v.y), pack_bf16(v.z, v.w));
+  }
+}
+
+// The K and V rows of key tile k0 (kv head g, sequence b) queued into stage [2][kBK][D] and committed.
+template <int D>
+__device__ __forceinline__ void stage_key_tile(const AttnArgs& a, int b, int g, int k0, float* stage) {
+  stage_tile_async<D, kBK>(stage, a.hd, a.qkv, [&](int rr) { return key_row(a, b, g, k0 + rr, false); });
+  stage_tile_async<D, kBK>(stage + kBK * D, a.hd, a.qkv,
+                           [&](int rr) { return key_row(a, b, g, k0 + rr, true); });
+  __pipeline_commit();
 }
 
 // acc[j] = A[16 x hd] . B^T for the four 16-row blocks j of B: A rows of stride LDT from sA, B rows (64 of
@@ -166,19 +208,29 @@ __device__ __forceinline__ void write_row(float* dst, const float* src, int hd, 
 
 // The forward's and the dq kernels' walk over the key tiles that the query tile's rows below q_lim can see
 // (all prefix keys, tokens below q_lim): K and V staged as bf16 tiles and the keys' validity, then step(k0)
-// in each warp (rows from wq0) with a row below q_lim that sees a key of the tile.
-template <int D, class Step>
+// in each warp (rows from wq0) with a row below q_lim that sees a key of the tile. ASYNC: the caller has
+// queued key tile 0 into stage (stage_key_tile; q_lim > 0, so there is one), and tile k0 + kBK is queued
+// while tile k0 is multiplied.
+template <int D, bool ASYNC, class Step>
 __device__ __forceinline__ void for_key_tiles(const AttnArgs& a, int b, int g, int q_lim, int wq0,
-                                              __nv_bfloat16* sK, __nv_bfloat16* sV, int* sValid,
+                                              __nv_bfloat16* sK, __nv_bfloat16* sV, int* sValid, float* stage,
                                               Step&& step) {
   const int tid = threadIdx.x;
   const int nkeys = a.Pp + q_lim;
   for (int k0 = 0; k0 < nkeys; k0 += kBK) {
-    __syncthreads();  // the previous tile's readers of sK, sV are done (and sQ, sdO are loaded)
-    load_tile_bf16<D, kBK>(sK, a.hd, [&](int rr) { return key_row(a, b, g, k0 + rr, false); });
-    load_tile_bf16<D, kBK>(sV, a.hd, [&](int rr) { return key_row(a, b, g, k0 + rr, true); });
+    if (ASYNC) {
+      __pipeline_wait_prior(0);  // this thread's copies of tile k0 have landed ...
+      __syncthreads();           // ... everyone's, and the previous tile's readers of sK, sV are done
+      convert_tile<D, kBK>(sK, stage, a.hd);
+      convert_tile<D, kBK>(sV, stage + kBK * D, a.hd);
+    } else {
+      __syncthreads();  // the previous tile's readers of sK, sV are done (and sQ, sdO are loaded)
+      load_tile_bf16<D, kBK>(sK, a.hd, [&](int rr) { return key_row(a, b, g, k0 + rr, false); });
+      load_tile_bf16<D, kBK>(sV, a.hd, [&](int rr) { return key_row(a, b, g, k0 + rr, true); });
+    }
     if (tid < kBK) sValid[tid] = key_valid(a, b, k0 + tid);
     __syncthreads();
+    if (ASYNC && k0 + kBK < nkeys) stage_key_tile<D>(a, b, g, k0 + kBK, stage);  // the stage is free again
     if (wq0 >= q_lim || k0 - a.Pp > wq0 + 15) continue;  // no row of this warp needs this tile
     step(k0);
   }
@@ -224,7 +276,7 @@ __global__ void __launch_bounds__(kTcThreads, 2)
   float l_part = 0.0f;      // this lane's share of the row sum of exp(s - m_ref)
 
   // Rows below q_end: a warp whose first row is past it is past S too (q_end is S or the tile's end).
-  for_key_tiles<D>(a, b, g, q_end, wq0, sK, sV, sValid, [&](int k0) {
+  for_key_tiles<D, false>(a, b, g, q_end, wq0, sK, sV, sValid, nullptr, [&](int k0) {
     {
       Acc s[4];
       strip_dot<D>(sQ + 16 * warp * LDT, sK, a.hd, s);
@@ -286,31 +338,57 @@ __global__ void __launch_bounds__(kTcThreads, 2)
 // The dk/dv kernels' walk over the query tiles that can see key tile k0 (all when it holds a prefix key, else
 // from the first token's tile): for each query head of kv head g and each such tile, Q and dO are staged as
 // bf16 tiles and lse, delta as fp32 rows, then step(q0) runs in each warp whose keys (from wk0) are not past
-// the end and start at or before the tile's last query.
-template <int D, class Step>
+// the end and start at or before the tile's last query. ASYNC: the caller has queued the first tile
+// (stage_query_tile with query_tile(.., 0)), and each next one is queued while the current one is multiplied.
+struct QueryTile {
+  int h, q0;
+};
+__device__ __forceinline__ int query_tiles_first(const AttnArgs& a, int k0) {
+  return k0 < a.Pp ? 0 : (k0 - a.Pp) / kBQ;
+}
+// Item `it` of the walk: head g * group + it / n, query tile qt0 + it % n (n tiles a head).
+__device__ __forceinline__ QueryTile query_tile(const AttnArgs& a, int g, int k0, int it) {
+  const int qt0 = query_tiles_first(a, k0), n = (a.S + kBQ - 1) / kBQ - qt0;
+  return {g * a.group + it / n, (qt0 + it % n) * kBQ};
+}
+// The Q and dO rows of query tile t (sequence b) queued into stage [2][kBQ][D] and committed.
+template <int D>
+__device__ __forceinline__ void stage_query_tile(const AttnArgs& a, const BwdPtrs& p, int b, QueryTile t,
+                                                 float* stage) {
+  stage_tile_async<D, kBQ>(stage, a.hd, a.qkv, [&](int rr) { return q_row(a, b, t.h, t.q0 + rr); });
+  stage_tile_async<D, kBQ>(stage + kBQ * D, a.hd, a.qkv,
+                           [&](int rr) { return dout_row(a, p.dout, b, t.h, t.q0 + rr); });
+  __pipeline_commit();
+}
+
+template <int D, bool ASYNC, class Step>
 __device__ __forceinline__ void for_query_tiles(const AttnArgs& a, const BwdPtrs& p, int b, int g, int k0,
                                                 int wk0, __nv_bfloat16* sQ, __nv_bfloat16* sdO, float* sLse,
-                                                float* sDel, Step&& step) {
+                                                float* sDel, float* stage, Step&& step) {
   const int tid = threadIdx.x;
-  const int qt0 = k0 < a.Pp ? 0 : (k0 - a.Pp) / kBQ;
-  const int nqt = (a.S + kBQ - 1) / kBQ;
-  for (int hh = 0; hh < a.group; ++hh) {
-    const int h = g * a.group + hh;
-    const int64_t row0 = (static_cast<int64_t>(b) * a.H + h) * a.S;  // lse / delta of (b, h)
-    for (int qt = qt0; qt < nqt; ++qt) {
-      const int q0 = qt * kBQ;
+  const int items = a.group * ((a.S + kBQ - 1) / kBQ - query_tiles_first(a, k0));
+  for (int it = 0; it < items; ++it) {
+    const QueryTile t = query_tile(a, g, k0, it);
+    const int64_t row0 = (static_cast<int64_t>(b) * a.H + t.h) * a.S;  // lse / delta of (b, h)
+    if (ASYNC) {
+      __pipeline_wait_prior(0);  // this thread's copies of the tile have landed ...
+      __syncthreads();           // ... everyone's, and the previous step's readers of sQ, sdO are done
+      convert_tile<D, kBQ>(sQ, stage, a.hd);
+      convert_tile<D, kBQ>(sdO, stage + kBQ * D, a.hd);
+    } else {
       __syncthreads();  // the previous step's readers of sQ, sdO are done
-      load_tile_bf16<D, kBQ>(sQ, a.hd, [&](int rr) { return q_row(a, b, h, q0 + rr); });
-      load_tile_bf16<D, kBQ>(sdO, a.hd, [&](int rr) { return dout_row(a, p.dout, b, h, q0 + rr); });
-      if (tid < kBQ) {
-        const int i = q0 + tid;
-        sLse[tid] = i < a.S ? p.lse[row0 + i] : 0.0f;
-        sDel[tid] = i < a.S ? p.delta[row0 + i] : 0.0f;
-      }
-      __syncthreads();
-      if (wk0 >= a.Pp + a.S || wk0 - a.Pp > min(q0 + kBQ, a.S) - 1) continue;
-      step(q0);
+      load_tile_bf16<D, kBQ>(sQ, a.hd, [&](int rr) { return q_row(a, b, t.h, t.q0 + rr); });
+      load_tile_bf16<D, kBQ>(sdO, a.hd, [&](int rr) { return dout_row(a, p.dout, b, t.h, t.q0 + rr); });
     }
+    if (tid < kBQ) {
+      const int i = t.q0 + tid;
+      sLse[tid] = i < a.S ? p.lse[row0 + i] : 0.0f;
+      sDel[tid] = i < a.S ? p.delta[row0 + i] : 0.0f;
+    }
+    __syncthreads();
+    if (ASYNC && it + 1 < items) stage_query_tile<D>(a, p, b, query_tile(a, g, k0, it + 1), stage);
+    if (wk0 >= a.Pp + a.S || wk0 - a.Pp > min(t.q0 + kBQ, a.S) - 1) continue;
+    step(t.q0);
   }
 }
 
@@ -358,7 +436,7 @@ __global__ void __launch_bounds__(kTcThreads, 2) attn_bwd_kv_tc_kernel(AttnArgs 
     wmma::fill_fragment(dv[n], 0.0f);
   }
 
-  for_query_tiles<D>(a, p, b, g, k0, wk0, sQ, sdO, sLse, sDel, [&](int q0) {
+  for_query_tiles<D, false>(a, p, b, g, k0, wk0, sQ, sdO, sLse, sDel, nullptr, [&](int q0) {
     {
       Acc s[4];
       strip_dot<D>(sK + 16 * warp * LDT, sQ, a.hd, s);  // S^T: rows keys, columns queries
@@ -464,7 +542,7 @@ __global__ void __launch_bounds__(kTcThreads, 2) attn_bwd_q_tc_kernel(AttnArgs a
 #pragma unroll
   for (int n = 0; n < NF; ++n) wmma::fill_fragment(dq[n], 0.0f);
 
-  for_key_tiles<D>(a, b, g, q_lim, wq0, sK, sV, sValid, [&](int k0) {
+  for_key_tiles<D, false>(a, b, g, q_lim, wq0, sK, sV, sValid, nullptr, [&](int k0) {
     {
       Acc s[4];
       strip_dot<D>(sQ + 16 * warp * LDT, sK, a.hd, s);
@@ -594,12 +672,23 @@ __device__ __forceinline__ void store_rows(const float (&acc)[D / 8][4], int hd,
   }
 }
 
-template <int D>
-constexpr size_t kv_mma_smem() {
-  return 4 * static_cast<size_t>(64) * (D + 8) * 2 + (2 * kBQ + kBK) * 4;
+// The mma.sync kernels' shared memory: `base` bytes of tiles and rows, then under ASYNC the fp32 stage of
+// two 64-row tiles (16-byte aligned: base is a multiple of 16).
+template <int D, bool ASYNC>
+constexpr size_t with_stage(size_t base) {
+  return base + (ASYNC ? 2 * static_cast<size_t>(64) * D * sizeof(float) : 0);
+}
+__device__ __forceinline__ float* stage_at(unsigned char* smem, size_t base) {
+  return reinterpret_cast<float*>(smem + base);
 }
 
 template <int D>
+__host__ __device__ constexpr size_t kv_mma_base() {
+  return 4 * static_cast<size_t>(64) * (D + 8) * 2 + (2 * kBQ + kBK) * 4;
+}
+static_assert(kv_mma_base<64>() % 16 == 0 && kv_mma_base<128>() % 16 == 0, "the stage is 16-byte aligned");
+
+template <int D, bool ASYNC>
 __global__ void __launch_bounds__(kTcThreads, 2) attn_bwd_kv_mma_kernel(AttnArgs a, BwdPtrs p) {
   constexpr int LDT = D + 8;
   extern __shared__ __align__(128) unsigned char smem_tc[];
@@ -617,7 +706,10 @@ __global__ void __launch_bounds__(kTcThreads, 2) attn_bwd_kv_mma_kernel(AttnArgs
   const int kt = static_cast<int>(blockIdx.x / nbg);  // the first key tiles (most queries) first
   const int b = bg / a.KV, g = bg % a.KV;
   const int k0 = kt * kBK, wk0 = k0 + 16 * warp;  // the block's and the warp's first key
+  float* stage = ASYNC ? stage_at(smem_tc, kv_mma_base<D>()) : nullptr;
 
+  // The first query tile's copies fly while this block's own keys are loaded.
+  if (ASYNC) stage_query_tile<D>(a, p, b, query_tile(a, g, k0, 0), stage);
   load_tile_bf16<D, kBK>(sK, a.hd, [&](int rr) { return key_row(a, b, g, k0 + rr, false); });
   load_tile_bf16<D, kBK>(sV, a.hd, [&](int rr) { return key_row(a, b, g, k0 + rr, true); });
   if (tid < kBK) sValid[tid] = key_valid(a, b, k0 + tid);
@@ -628,7 +720,7 @@ __global__ void __launch_bounds__(kTcThreads, 2) attn_bwd_kv_mma_kernel(AttnArgs
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.0f;
 
-  for_query_tiles<D>(a, p, b, g, k0, wk0, sQ, sdO, sLse, sDel, [&](int q0) {
+  for_query_tiles<D, ASYNC>(a, p, b, g, k0, wk0, sQ, sdO, sLse, sDel, stage, [&](int q0) {
     float s[8][4];  // S^T, then P^T: rows keys wk0 + g4 (+ 8), columns queries q0 + 8 j + 2 t4 (+ 1)
     frag_dot<D>(sK + 16 * warp * LDT, sQ, a.hd, s);
 #pragma unroll
@@ -674,11 +766,12 @@ __global__ void __launch_bounds__(kTcThreads, 2) attn_bwd_kv_mma_kernel(AttnArgs
 }
 
 template <int D>
-constexpr size_t q_mma_smem() {
+__host__ __device__ constexpr size_t q_mma_base() {
   return 4 * static_cast<size_t>(64) * (D + 8) * 2 + kBK * 4;
 }
+static_assert(q_mma_base<64>() % 16 == 0 && q_mma_base<128>() % 16 == 0, "the stage is 16-byte aligned");
 
-template <int D>
+template <int D, bool ASYNC>
 __global__ void __launch_bounds__(kTcThreads, 2) attn_bwd_q_mma_kernel(AttnArgs a, BwdPtrs p, int nqt) {
   constexpr int LDT = D + 8;
   extern __shared__ __align__(128) unsigned char smem_tc[];
@@ -702,6 +795,8 @@ __global__ void __launch_bounds__(kTcThreads, 2) attn_bwd_q_mma_kernel(AttnArgs 
       for (int d = lane; d < a.hd; d += 32) dq_base[static_cast<int64_t>(i) * a.ld + d] = 0.0f;
     return;
   }
+  float* stage = ASYNC ? stage_at(smem_tc, q_mma_base<D>()) : nullptr;
+  if (ASYNC) stage_key_tile<D>(a, b, g, 0, stage);  // the first key tile's copies fly while Q, dO load
   load_tile_bf16<D, kBQ>(sQ, a.hd, [&](int rr) { return q_row(a, b, h, q0 + rr); });
   load_tile_bf16<D, kBQ>(sdO, a.hd, [&](int rr) { return dout_row(a, p.dout, b, h, q0 + rr); });
   // This lane's rows wq0 + g4 and wq0 + g4 + 8: their lse and delta.
@@ -719,7 +814,7 @@ __global__ void __launch_bounds__(kTcThreads, 2) attn_bwd_q_mma_kernel(AttnArgs 
 #pragma unroll
     for (int e = 0; e < 4; ++e) dq[n][e] = 0.0f;
 
-  for_key_tiles<D>(a, b, g, q_lim, wq0, sK, sV, sValid, [&](int k0) {
+  for_key_tiles<D, ASYNC>(a, b, g, q_lim, wq0, sK, sV, sValid, stage, [&](int k0) {
     float s[8][4];  // S, then P: rows queries wq0 + g4 (+ 8), columns keys k0 + 8 j + 2 t4 (+ 1)
     frag_dot<D>(sQ + 16 * warp * LDT, sK, a.hd, s);
 #pragma unroll
@@ -758,11 +853,12 @@ __global__ void __launch_bounds__(kTcThreads, 2) attn_bwd_q_mma_kernel(AttnArgs 
 // reference is needed): each lane holds columns 2 t4, 2 t4 + 1 of every 8-column block of rows g4 and g4 + 8,
 // and the row's max and sum combine the four lanes of a row (xor 1, 2).
 template <int D>
-constexpr size_t fwd_mma_smem() {
+__host__ __device__ constexpr size_t fwd_mma_base() {
   return 3 * static_cast<size_t>(64) * (D + 8) * 2 + kBK * 4;
 }
+static_assert(fwd_mma_base<64>() % 16 == 0 && fwd_mma_base<128>() % 16 == 0, "the stage is 16-byte aligned");
 
-template <int D>
+template <int D, bool ASYNC>
 __global__ void __launch_bounds__(kTcThreads, 2)
     attn_fwd_mma_kernel(AttnArgs a, float* __restrict__ out, float* __restrict__ lse, int nqt) {
   constexpr int LDT = D + 8;
@@ -779,7 +875,9 @@ __global__ void __launch_bounds__(kTcThreads, 2)
   const int b = bh / a.H, h = bh % a.H, g = h / a.group;
   const int q0 = qt * kBQ, q_end = min(q0 + kBQ, a.S);
   const int wq0 = q0 + 16 * warp;
+  float* stage = ASYNC ? stage_at(smem_tc, fwd_mma_base<D>()) : nullptr;
 
+  if (ASYNC) stage_key_tile<D>(a, b, g, 0, stage);  // the first key tile's copies fly while Q loads
   load_tile_bf16<D, kBQ>(sQ, a.hd, [&](int rr) { return q_row(a, b, h, q0 + rr); });
   float o[D / 8][4];
 #pragma unroll
@@ -789,7 +887,7 @@ __global__ void __launch_bounds__(kTcThreads, 2)
   float m_run[2] = {-INFINITY, -INFINITY};  // rows g4, g4 + 8: running max (-inf until a key is visible)
   float l_part[2] = {0.0f, 0.0f};           // this lane's share of the row sum of exp(s - m_run)
 
-  for_key_tiles<D>(a, b, g, q_end, wq0, sK, sV, sValid, [&](int k0) {
+  for_key_tiles<D, ASYNC>(a, b, g, q_end, wq0, sK, sV, sValid, stage, [&](int k0) {
     float s[8][4];
     frag_dot<D>(sQ + 16 * warp * LDT, sK, a.hd, s);
     float mx[2] = {-INFINITY, -INFINITY};
@@ -848,10 +946,15 @@ __global__ void __launch_bounds__(kTcThreads, 2)
       [&](int rr) { return inv[rr >> 3]; });
 }
 
+// The kernel of a choice, at head-dim bound D: tc (WMMA), mma, or mma with the cp.async staging.
 template <int D>
-void forward_tc_impl(Stream stream, const AttnArgs& a, float* out, float* lse, bool mma) {
-  const size_t smem = mma ? fwd_mma_smem<D>() : fwd_tc_smem<D>();
-  auto* kernel = mma ? attn_fwd_mma_kernel<D> : attn_fwd_tc_kernel<D>;
+void forward_tc_impl(Stream stream, const AttnArgs& a, float* out, float* lse, AttnKernel k) {
+  const size_t smem = k == AttnKernel::Wmma  ? fwd_tc_smem<D>()
+                      : k == AttnKernel::Mma ? fwd_mma_base<D>()
+                                             : with_stage<D, true>(fwd_mma_base<D>());
+  auto* kernel = k == AttnKernel::Wmma  ? attn_fwd_tc_kernel<D>
+                 : k == AttnKernel::Mma ? attn_fwd_mma_kernel<D, false>
+                                        : attn_fwd_mma_kernel<D, true>;
   allow_smem(kernel, smem, "attention_forward (bf16)");
   const int nqt = (a.S + kBQ - 1) / kBQ;
   const unsigned grid = grid_1d(static_cast<int64_t>(nqt) * a.B * a.H, "attention_forward");
@@ -860,10 +963,14 @@ void forward_tc_impl(Stream stream, const AttnArgs& a, float* out, float* lse, b
 }
 
 template <int D>
-void backward_tc_impl(Stream stream, const AttnArgs& a, const BwdPtrs& p, bool mma) {
+void backward_tc_impl(Stream stream, const AttnArgs& a, const BwdPtrs& p, AttnKernel k) {
   {
-    const size_t smem = mma ? kv_mma_smem<D>() : kv_tc_smem<D>();
-    auto* kernel = mma ? attn_bwd_kv_mma_kernel<D> : attn_bwd_kv_tc_kernel<D>;
+    const size_t smem = k == AttnKernel::Wmma  ? kv_tc_smem<D>()
+                        : k == AttnKernel::Mma ? kv_mma_base<D>()
+                                               : with_stage<D, true>(kv_mma_base<D>());
+    auto* kernel = k == AttnKernel::Wmma  ? attn_bwd_kv_tc_kernel<D>
+                   : k == AttnKernel::Mma ? attn_bwd_kv_mma_kernel<D, false>
+                                          : attn_bwd_kv_mma_kernel<D, true>;
     allow_smem(kernel, smem, "attention_backward (bf16 dk, dv)");
     const int64_t nkt = (static_cast<int64_t>(a.Pp) + a.S + kBK - 1) / kBK;
     const unsigned grid = grid_1d(nkt * a.B * a.KV, "attention_backward");
@@ -871,8 +978,12 @@ void backward_tc_impl(Stream stream, const AttnArgs& a, const BwdPtrs& p, bool m
     check_launch("attention_backward (bf16 dk, dv)");
   }
   {
-    const size_t smem = mma ? q_mma_smem<D>() : q_tc_smem<D>();
-    auto* kernel = mma ? attn_bwd_q_mma_kernel<D> : attn_bwd_q_tc_kernel<D>;
+    const size_t smem = k == AttnKernel::Wmma  ? q_tc_smem<D>()
+                        : k == AttnKernel::Mma ? q_mma_base<D>()
+                                               : with_stage<D, true>(q_mma_base<D>());
+    auto* kernel = k == AttnKernel::Wmma  ? attn_bwd_q_tc_kernel<D>
+                   : k == AttnKernel::Mma ? attn_bwd_q_mma_kernel<D, false>
+                                          : attn_bwd_q_mma_kernel<D, true>;
     allow_smem(kernel, smem, "attention_backward (bf16 dq)");
     const int nqt = (a.S + kBQ - 1) / kBQ;
     const unsigned grid = grid_1d(static_cast<int64_t>(nqt) * a.B * a.H, "attention_backward");
@@ -881,40 +992,51 @@ void backward_tc_impl(Stream stream, const AttnArgs& a, const BwdPtrs& p, bool m
   }
 }
 
+// cp.async copies 16 bytes from 16-byte aligned rows: every base pointer must be (the row strides are
+// multiples of hd, itself a multiple of 16 here); otherwise MmaAsync runs as Mma (the same bits).
+bool async_ok(const AttnArgs& a, const float* dout) {
+  auto aligned = [](const float* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
+  return aligned(a.qkv) && (dout == nullptr || aligned(dout)) &&
+         (a.Pp == 0 || (aligned(a.pk) && aligned(a.pv)));
+}
+
 }  // namespace
 
-void forward_tc(Stream stream, const AttnArgs& a, float* out, float* lse, bool mma) {
+void forward_tc(Stream stream, const AttnArgs& a, float* out, float* lse, AttnKernel k) {
+  if (k == AttnKernel::MmaAsync && !async_ok(a, nullptr)) k = AttnKernel::Mma;
   if (a.hd <= 64)
-    forward_tc_impl<64>(stream, a, out, lse, mma);
+    forward_tc_impl<64>(stream, a, out, lse, k);
   else
-    forward_tc_impl<128>(stream, a, out, lse, mma);
+    forward_tc_impl<128>(stream, a, out, lse, k);
 }
 
 namespace {
-thread_local int forced_kernel = -1;  // ForceAttentionKernel: -1 none, 0 WMMA, 1 mma.sync
+thread_local int forced_kernel = -1;  // ForceAttentionKernel: -1 none, else an AttnKernel
 }
 
-ForceAttentionKernel::ForceAttentionKernel(bool mma) : saved_(forced_kernel) {
-  forced_kernel = mma ? 1 : 0;
+ForceAttentionKernel::ForceAttentionKernel(AttnKernel k) : saved_(forced_kernel) {
+  forced_kernel = static_cast<int>(k);
 }
 ForceAttentionKernel::~ForceAttentionKernel() {
   forced_kernel = saved_;
 }
 
-bool attention_mma() {
-  if (forced_kernel >= 0) return forced_kernel == 1;
+AttnKernel attention_kernel() {
+  if (forced_kernel >= 0) return static_cast<AttnKernel>(forced_kernel);
   const char* raw = std::getenv("PRIORTUNE_CUDA_ATTN");
   const std::string v = raw ? raw : "";
-  if (v.empty() || v == "mma") return true;
-  if (v == "wmma") return false;
-  throw std::invalid_argument("PRIORTUNE_CUDA_ATTN must be mma or wmma, got \"" + v + "\"");
+  if (v.empty() || v == "mma") return AttnKernel::Mma;
+  if (v == "wmma") return AttnKernel::Wmma;
+  if (v == "async") return AttnKernel::MmaAsync;
+  throw std::invalid_argument("PRIORTUNE_CUDA_ATTN must be mma, wmma or async, got \"" + v + "\"");
 }
 
-void backward_tc(Stream stream, const AttnArgs& a, const BwdPtrs& p, bool mma) {
+void backward_tc(Stream stream, const AttnArgs& a, const BwdPtrs& p, AttnKernel k) {
+  if (k == AttnKernel::MmaAsync && !async_ok(a, p.dout)) k = AttnKernel::Mma;
   if (a.hd <= 64)
-    backward_tc_impl<64>(stream, a, p, mma);
+    backward_tc_impl<64>(stream, a, p, k);
   else
-    backward_tc_impl<128>(stream, a, p, mma);
+    backward_tc_impl<128>(stream, a, p, k);
 }
 
 }  // namespace attn

@@ -758,8 +758,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 // 64..127 of the tile). Stages hand over through mbarriers, not __syncthreads: full[s] completes when the
 // producer's arrival and the stage's bytes have landed; empty[s] when all 256 MMA threads have retired the
 // MMAs that read stage s (wgmma_wait<1> one step later, so one group stays in flight). The producer runs up
-// to kWStages steps ahead. Nsight on the wgmma kernel (8192^3, H200) showed the tensor pipe 42% busy and
-// the MMA warps stalled on the address math and copies this moves out of them.
+// to kWStages steps ahead, across tiles (the grid is persistent, launch_tma). Nsight on the wgmma kernel
+// (8192^3, H200) showed the tensor pipe 42% busy and the MMA warps stalled on the address math and copies
+// this moves out of them.
 constexpr int kTThreads = 384;
 
 constexpr size_t tma_smem(int bn) {
@@ -1056,8 +1057,11 @@ void launch_tma(const PipeArgs& a) {
   const CUtensorMap map_a = tensor_map(a.A, a.M, a.K, a.lda, kWBK, kWBM);
   const CUtensorMap map_b =
       NT ? tensor_map(a.B, a.N, a.K, a.ldb, kWBK, BN) : tensor_map(a.B, a.K, a.N, a.ldb, 64, kWBK);
-  gemm_tma_kernel<NT, BN><<<tile_grid(a, kWBM, BN), kTThreads, smem, a.stream>>>(
-      map_a, map_b, a.C, a.ldc, a.bias, a.M, a.N, a.K, a.beta_one, c_vec(a));
+  // Persistent: one block an SM (the stages take most of its shared memory) walks tiles t, t + grid, ..., so
+  // the producer loads the next tile's first stages while the MMA warpgroups store this one's C.
+  const unsigned grid = std::min<unsigned>(tile_grid(a, kWBM, BN), static_cast<unsigned>(device_info().sms));
+  gemm_tma_kernel<NT, BN><<<grid, kTThreads, smem, a.stream>>>(map_a, map_b, a.C, a.ldc, a.bias, a.M, a.N,
+                                                               a.K, a.beta_one, c_vec(a));
 }
 
 // Calls f(NT, BM, BN) (as std::integral_constant) for B transposed or not, a tile height of 32, 64 or 128 and

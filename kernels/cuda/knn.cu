@@ -15,7 +15,9 @@
 //   from the BF16 GEMM (priortune/cuda_ops.h: bf16 operands, fp32 accumulation, cp.async-pipelined; l2's
 //   -|row|^2 / 2 as its bias) into scores_, and knn_select_kernel keeps the c best of each query's 16384-
 //   column slab: the slab's keys sit in registers (32 a thread), a bitwise radix select over block sums
-//   finds the c-th largest, and everything above it plus enough equal keys are written out. The
+//   finds the c-th largest, and everything above it plus enough equal keys are written out
+//   (PRIORTUNE_CUDA_KNN_SELECT=filter: the keys at or above the c-th largest of the threads' maxima are
+//   gathered first and one warp selects among them, see knn_select_kernel). The
 //   vocabulary is read once per query block, and the GEMM is the model's, so it gets faster with it.
 // - fused (knn_screen_kernel<BQ, VEC>): block (slab, query tile) walks the BV-row tiles of its slab. For
 //   each tile it computes the BQ x BV score tile with WMMA m16n16k8 TF32 fragments (operands rounded to
@@ -354,17 +356,48 @@ __device__ __forceinline__ uint32_t block_kth_largest(int c, F&& count_ge, int* 
   return K;
 }
 
+// The largest key K with at least c of n keys in shared memory >= K, by warp 0 alone (a bitwise radix select,
+// one __reduce_add_sync per bit); also how many of them are > K (gt).
+__device__ __forceinline__ uint32_t warp_kth_largest(const uint32_t* keys, int n, int c, int& gt) {
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+  uint32_t K = 0;
+  for (int bit = 31; bit >= 0; --bit) {
+    const uint32_t trial = K | (1u << bit);
+    int ge = 0;
+    for (int e = lane; e < n; e += 32) ge += keys[e] >= trial;
+    if (__reduce_add_sync(0xffffffffu, ge) >= c) K = trial;
+  }
+  int g = 0;
+  for (int e = lane; e < n; e += 32) g += keys[e] > K;
+  gt = __reduce_add_sync(0xffffffffu, g);
+  return K;
+}
+
+// PRIORTUNE_CUDA_KNN_SELECT=filter (not yet run on a GPU): the filter's candidate room, and the largest c it
+// takes (the c-th largest of the 512 threads' maxima must exist and sit near the slab's c-th largest).
+constexpr int kFilterCap = 2048, kFilterMaxC = 128;
+
 // Block (query i, slab s of this score block): columns [s kSelChunk, ...) of scores row i (row stride lds,
 // L columns in the block, the first being vocabulary row v0). Writes the slab's candidate list (slot
 // i * slabs + slab0 + s, at most c entries: the c largest scores, ties at the cut taken in any order) and
 // its bound: the c-th largest score when some valid column was dropped, else -inf. The excluded row (a
 // self-search's own row) and columns past L carry key 0, below every real score's key (-inf's is 0x7fffff).
+// FILTER (c <= kFilterMaxC): instead of 32 block-wide counting rounds over all 16384 keys, T0 = the c-th
+// largest of the threads' maxima (c threads hold a key >= T0, so the slab's c-th largest K >= T0) is found by
+// one warp, the keys >= T0 (typically little more than c) are gathered into shared memory, and one warp
+// selects K among them; everything above K and enough keys equal to it are written as before. When more than
+// kFilterCap keys reach T0 (ties, adversarial layouts) the block takes the full select.
+template <bool FILTER>
 __global__ void __launch_bounds__(kSelThreads)
     knn_select_kernel(const float* __restrict__ scores, int64_t lds, int L, int v0, int slab0,
                       const int* __restrict__ exclude, int c, int slabs, float* __restrict__ cand_a,
                       int* __restrict__ cand_i, int* __restrict__ cand_n, float* __restrict__ bound) {
   __shared__ int part[2 * 32];
-  __shared__ int s_out, s_eq;
+  __shared__ int s_out, s_eq, s_n, s_gt;
+  __shared__ uint32_t s_K;
+  // FILTER: the threads' maxima, then the gathered keys and their columns.
+  __shared__ uint32_t s_key[FILTER ? kFilterCap : 1];
+  __shared__ int s_col[FILTER ? kFilterCap : 1];
   const int q = static_cast<int>(blockIdx.x), tid = static_cast<int>(threadIdx.x), lane = tid % 32;
   const int j0 = static_cast<int>(blockIdx.y) * kSelChunk;
   const int width = min(kSelChunk, L - j0);
@@ -382,6 +415,81 @@ __global__ void __launch_bounds__(kSelThreads)
   int parity = 0;
   valid = block_sum(valid, part, parity);
   const bool cut = valid > c;
+  if (tid == 0) {
+    s_out = 0;
+    s_eq = 0;
+    s_n = 0;
+  }
+  const size_t slot = static_cast<size_t>(q) * slabs + slab0 + blockIdx.y;
+  float* oa = cand_a + slot * c;
+  int* oi = cand_i + slot * c;
+  // Appends (value of key kk, column j) when keep, in any order: one shared atomic a warp.
+  auto emit = [&](bool keep, uint32_t kk, int j) {
+    const uint32_t m = __ballot_sync(0xffffffffu, keep);
+    int base = 0;
+    if (lane == 0 && m) base = atomicAdd(&s_out, __popc(m));
+    base = __shfl_sync(0xffffffffu, base, 0);
+    if (keep) {
+      const int pos = base + __popc(m & lanes_below(lane));
+      oa[pos] = key_value(kk);
+      oi[pos] = v0 + j0 + j;
+    }
+  };
+  if (FILTER && cut && c <= kFilterMaxC) {  // block-uniform
+    uint32_t mx = 0;
+#pragma unroll
+    for (int i = 0; i < kSelPerThread; ++i) mx = max(mx, key[i]);
+    s_key[tid] = mx;
+    __syncthreads();  // (also publishes s_n = 0)
+    if (tid < 32) {
+      int unused;
+      const uint32_t t0 = warp_kth_largest(s_key, kSelThreads, c, unused);
+      if (tid == 0) s_K = t0;
+    }
+    __syncthreads();                   // T0 is out; the maxima have been read
+    const uint32_t t0 = max(s_K, 1u);  // key 0 (no column, or the excluded one) is never a candidate
+#pragma unroll
+    for (int i = 0; i < kSelPerThread; ++i) {
+      const bool take = key[i] >= t0;
+      const uint32_t m = __ballot_sync(0xffffffffu, take);
+      int base = 0;
+      if (lane == 0 && m) base = atomicAdd(&s_n, __popc(m));
+      base = __shfl_sync(0xffffffffu, base, 0);
+      const int pos = base + __popc(m & lanes_below(lane));
+      if (take && pos < kFilterCap) {
+        s_key[pos] = key[i];
+        s_col[pos] = tid + i * kSelThreads;
+      }
+    }
+    __syncthreads();
+    const int n = s_n;
+    if (n <= kFilterCap) {  // block-uniform: else the full select below, on the keys still in registers
+      if (tid < 32) {
+        int gt = 0;
+        const uint32_t K = warp_kth_largest(s_key, n, c, gt);
+        if (tid == 0) {
+          s_K = K;
+          s_gt = gt;
+        }
+      }
+      __syncthreads();
+      const uint32_t K = s_K;
+      const int need_eq = c - s_gt;
+      for (int e0 = 0; e0 < n; e0 += kSelThreads) {  // whole rounds: every lane reaches the ballots
+        const int e = e0 + tid;
+        const uint32_t kk = e < n ? s_key[e] : 0u;
+        bool keep = e < n && kk > K;
+        if (e < n && kk == K) keep = atomicAdd(&s_eq, 1) < need_eq;
+        emit(keep, kk, e < n ? s_col[e] : 0);
+      }
+      __syncthreads();
+      if (tid == 0) {
+        cand_n[slot] = s_out;
+        bound[slot] = key_value(K);
+      }
+      return;
+    }
+  }
   // K: the c-th largest key; 0 when everything valid is kept.
   const uint32_t K = cut ? block_kth_largest(
                                c,
@@ -397,27 +505,12 @@ __global__ void __launch_bounds__(kSelThreads)
 #pragma unroll
   for (int i = 0; i < kSelPerThread; ++i) gt += key[i] > K;
   const int need_eq = cut ? c - block_sum(gt, part, parity) : 0;
-  if (tid == 0) {
-    s_out = 0;
-    s_eq = 0;
-  }
-  __syncthreads();
-  const size_t slot = static_cast<size_t>(q) * slabs + slab0 + blockIdx.y;
-  float* oa = cand_a + slot * c;
-  int* oi = cand_i + slot * c;
+  __syncthreads();  // s_out and s_eq are zero for everyone
 #pragma unroll
   for (int i = 0; i < kSelPerThread; ++i) {
     bool keep = key[i] > K;
     if (cut && key[i] == K) keep = atomicAdd(&s_eq, 1) < need_eq;
-    const uint32_t m = __ballot_sync(0xffffffffu, keep);
-    int base = 0;
-    if (lane == 0 && m) base = atomicAdd(&s_out, __popc(m));
-    base = __shfl_sync(0xffffffffu, base, 0);
-    if (keep) {
-      const int pos = base + __popc(m & lanes_below(lane));
-      oa[pos] = key_value(key[i]);
-      oi[pos] = v0 + j0 + tid + i * kSelThreads;
-    }
+    emit(keep, key[i], tid + i * kSelThreads);
   }
   __syncthreads();
   if (tid == 0) {
@@ -443,7 +536,7 @@ __global__ void __launch_bounds__(kThreads)
                         const float* __restrict__ cand_a, const int* __restrict__ cand_i,
                         const int* __restrict__ cand_n, const float* __restrict__ bound,
                         int* __restrict__ out_i, float* __restrict__ out_s, int* __restrict__ failed) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  extern __shared__ __align__(128) unsigned char smem[];  // one alignment for every extern smem here
   const int merged = slabs * c;
   double* sm = reinterpret_cast<double*>(smem);           // [pow2]
   double* ss = sm + pow2;                                 // [pow2]
@@ -694,6 +787,7 @@ class CudaIndex final : public KnnIndex {
     int64_t c = k + std::max<int64_t>(64, k / 8);
     bool first = true;
     const Path want = env_path();
+    select_filter_ = env_select_filter();  // run's selection kernel (under mu_)
     while (!pending.empty()) {
       if (!first) res.recovered_queries += static_cast<int64_t>(pending.size());
       const int ci = static_cast<int>(std::min<int64_t>(c, INT_MAX / 2));
@@ -735,6 +829,15 @@ class CudaIndex final : public KnnIndex {
     if (v == "matrix") return Path::Matrix;
     if (v == "fused") return Path::Fused;
     throw std::invalid_argument("PRIORTUNE_CUDA_KNN must be auto, matrix or fused, got \"" + v + "\"");
+  }
+  // PRIORTUNE_CUDA_KNN_SELECT = radix (default) | filter: the matrix path's selection kernel
+  // (knn_select_kernel; filter not yet run on a GPU), read at every search.
+  static bool env_select_filter() {
+    const char* raw = std::getenv("PRIORTUNE_CUDA_KNN_SELECT");
+    const std::string v = raw ? raw : "";
+    if (v.empty() || v == "radix") return false;
+    if (v == "filter") return true;
+    throw std::invalid_argument("PRIORTUNE_CUDA_KNN_SELECT must be radix or filter, got \"" + v + "\"");
   }
   // Auto's choice: the matrix path when the GEMM of n queries (one chunk at most) against the vocabulary has
   // at least two 128 x 128 tiles per SM. Measured on an H100 (scripts/gpu-check.sh): there it screened 2.5 to
@@ -861,9 +964,10 @@ class CudaIndex final : public KnnIndex {
                    screen16_.get() + v0 * d_, d_, true, scores_.get(), W,
                    metric_ == KnnMetric::L2 ? neg_half_.get() + v0 : nullptr, 0.0f);
         const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>((L + slab_cols - 1) / slab_cols));
-        knn_select_kernel<<<grid, kSelThreads, 0, stream_>>>(
-            scores_.get(), W, static_cast<int>(L), static_cast<int>(v0), static_cast<int>(v0 / slab_cols),
-            excl, c, slabs, cand_a_.get(), cand_i_.get(), cand_n_.get(), bound_.get());
+        auto* select = select_filter_ ? knn_select_kernel<true> : knn_select_kernel<false>;
+        select<<<grid, kSelThreads, 0, stream_>>>(scores_.get(), W, static_cast<int>(L), static_cast<int>(v0),
+                                                  static_cast<int>(v0 / slab_cols), excl, c, slabs,
+                                                  cand_a_.get(), cand_i_.get(), cand_n_.get(), bound_.get());
         cuda_check(cudaGetLastError(), "knn_select_kernel launch");
       }
     } else {
@@ -934,6 +1038,7 @@ class CudaIndex final : public KnnIndex {
   DeviceBuffer<uint16_t> screen16_;
   DeviceBuffer<double> norms_;
   mutable std::mutex mu_;
+  mutable bool select_filter_ = false;  // PRIORTUNE_CUDA_KNN_SELECT=filter, read by each search (under mu_)
   mutable DeviceBuffer<float> q_orig_, q_screen_, cand_a_, bound_, out_s_, scores_;
   mutable DeviceBuffer<uint16_t> q16_;
   mutable DeviceBuffer<double> q_norm_;

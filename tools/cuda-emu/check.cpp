@@ -505,13 +505,19 @@ void test_knn_shape(int64_t V, int64_t d);
 
 void test_knn() {
   // Both screening paths (PRIORTUNE_CUDA_KNN): the matrix path (bf16 GEMM + slab selection; d 40 takes the
-  // pipelined GEMM, d 37 the staged one; V 20000 spans two selection slabs) and the fused TF32 kernel.
-  for (const char* path : {"matrix", "fused"}) {
-    setenv("PRIORTUNE_CUDA_KNN", path, 1);
+  // pipelined GEMM, d 37 the staged one; V 20000 spans two selection slabs) with either selection kernel
+  // (PRIORTUNE_CUDA_KNN_SELECT; the filter one gathers the 200 tied rows for the query on them, sends the
+  // zero query's all-equal slab to its full select, and leaves k = 100's c = 164 to the full select), and
+  // the fused TF32 kernel.
+  for (const char* path : {"matrix", "matrix+filter", "fused"}) {
+    const std::string p = path;
+    setenv("PRIORTUNE_CUDA_KNN", p == "fused" ? "fused" : "matrix", 1);
+    setenv("PRIORTUNE_CUDA_KNN_SELECT", p == "matrix+filter" ? "filter" : "radix", 1);
     for (auto [V, d] : {std::pair<int64_t, int64_t>{600, 40}, std::pair<int64_t, int64_t>{20000, 37}})
       test_knn_shape(V, d);
   }
   unsetenv("PRIORTUNE_CUDA_KNN");
+  unsetenv("PRIORTUNE_CUDA_KNN_SELECT");
 }
 
 void test_knn_shape(int64_t V, int64_t d) {
@@ -531,8 +537,9 @@ void test_knn_shape(int64_t V, int64_t d) {
   std::vector<double> norms(V);
   knn_row_norms(norms.data(), vocab.data(), V, d, 1);
   for (KnnMetric metric : {KnnMetric::Cosine, KnnMetric::L2, KnnMetric::Dot}) {
-    std::printf("[knn %s, %s] V=%lld d=%lld Q=%lld\n", std::getenv("PRIORTUNE_CUDA_KNN"),
-                knn_metric_name(metric), (long long)V, (long long)d, (long long)Q);
+    std::printf("[knn %s, %s select, %s] V=%lld d=%lld Q=%lld\n", std::getenv("PRIORTUNE_CUDA_KNN"),
+                std::getenv("PRIORTUNE_CUDA_KNN_SELECT"), knn_metric_name(metric), (long long)V, (long long)d,
+                (long long)Q);
     auto index = knn_index_cuda(vocab.data(), V, d, metric);
     for (int64_t k : {1, 4, 100})
       for (const int32_t* ex :

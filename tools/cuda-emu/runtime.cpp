@@ -729,7 +729,13 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int) {
   p->major = 9;
   p->minor = 0;
   p->totalGlobalMem = device_capacity();
-  p->multiProcessorCount = 132;
+  // 132 (an H100 SXM) unless EMU_SMS says otherwise: fewer SMs make persistent grids walk several tiles.
+  static const int sms = [] {
+    const char* e = std::getenv("EMU_SMS");
+    const int v = e ? std::atoi(e) : 0;
+    return v > 0 ? v : 132;
+  }();
+  p->multiProcessorCount = sms;
   p->sharedMemPerBlock = 48 * 1024;
   p->sharedMemPerBlockOptin = 227 * 1024;
   p->sharedMemPerMultiprocessor = 228 * 1024;
