@@ -24,6 +24,7 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <exception>
 #include <initializer_list>
 #include <stdexcept>
@@ -201,10 +202,10 @@ __global__ void batch_sum_kernel(float* dst, const float* src, int64_t B, int64_
 // ---------------------------------------------------------------------------------------------------------
 // Norms (no __restrict__: x_sum may alias x; each thread reads its own elements before writing them)
 
-template <int VEC, int MAXV, bool LN>
+template <int VEC, int MAXV, bool LN, class O>
 __global__ void __launch_bounds__(kMaxBlockThreads)
-    norm_forward_cached(float* out, float* mean, float* rstd, const float* x, const float* residual,
-                        float* x_sum, const float* w, const float* b, int64_t N, int C, float eps) {
+    norm_forward_cached(O* out, float* mean, float* rstd, const float* x, const float* residual, float* x_sum,
+                        const float* w, const float* b, int64_t N, int C, float eps) {
   __shared__ float sh[32];
   const int packs = C / VEC;
   const float fc = static_cast<float>(C);
@@ -276,9 +277,9 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
 
 // Rows too long for the register cache: scalar, the row re-read from global memory (x_sum after the first
 // pass when there is a residual: this thread wrote those elements itself).
-template <bool LN>
+template <bool LN, class O>
 __global__ void __launch_bounds__(kMaxBlockThreads)
-    norm_forward_uncached(float* out, float* mean, float* rstd, const float* x, const float* residual,
+    norm_forward_uncached(O* out, float* mean, float* rstd, const float* x, const float* residual,
                           float* x_sum, const float* w, const float* b, int64_t N, int64_t C, float eps) {
   __shared__ float sh[32];
   const float fc = static_cast<float>(C);
@@ -310,9 +311,9 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
     }
     for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
       if constexpr (LN)
-        out[off + c] = (in[c] - m) * r * w[c] + (b ? b[c] : 0.0f);
+        put(out + off + c, (in[c] - m) * r * w[c] + (b ? b[c] : 0.0f));
       else
-        out[off + c] = in[c] * r * w[c];
+        put(out + off + c, in[c] * r * w[c]);
     }
     if (threadIdx.x == 0) {
       if (LN && mean) mean[row] = m;
@@ -325,8 +326,8 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
 // RMSNorm:   dx += r dn - r^3 x mean(dn x).
 template <int VEC, int MAXV, bool LN>
 __global__ void __launch_bounds__(kMaxBlockThreads)
-    norm_backward_cached(float* dx, const float* dout, const float* x, const float* w, const float* mean,
-                         const float* rstd, int64_t N, int C) {
+    norm_backward_cached(float* dx, uint16_t* dx16, const float* dout, const float* x, const float* w,
+                         const float* mean, const float* rstd, int64_t N, int C) {
   __shared__ float sh[32];
   const int packs = C / VEC;
   const float fc = static_cast<float>(C);
@@ -374,6 +375,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
             d[e] += r * dn[k][e] - kr * xv[k][e];
         }
         store_vec<VEC>(dx + off + j * VEC, d);
+        if (dx16) store_vec<VEC>(dx16 + off + j * VEC, d);
       }
     }
   }
@@ -381,8 +383,8 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
 
 template <bool LN>
 __global__ void __launch_bounds__(kMaxBlockThreads)
-    norm_backward_uncached(float* dx, const float* dout, const float* x, const float* w, const float* mean,
-                           const float* rstd, int64_t N, int64_t C) {
+    norm_backward_uncached(float* dx, uint16_t* dx16, const float* dout, const float* x, const float* w,
+                           const float* mean, const float* rstd, int64_t N, int64_t C) {
   __shared__ float sh[32];
   const float fc = static_cast<float>(C);
   for (int64_t row = blockIdx.x; row < N; row += gridDim.x) {
@@ -405,10 +407,9 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
     const float m1 = s1 / fc, m2 = s2 / fc, kr = m1 * r * r * r;
     for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
       const float dn = dout[off + c] * w[c], xc = x[off + c];
-      if constexpr (LN)
-        dx[off + c] += r * (dn - m1 - (xc - m) * r * m2);
-      else
-        dx[off + c] += r * dn - kr * xc;
+      const float d = dx[off + c] + (LN ? r * (dn - m1 - (xc - m) * r * m2) : r * dn - kr * xc);
+      dx[off + c] = d;
+      if (dx16) put(dx16 + off + c, d);
     }
   }
 }
@@ -792,9 +793,11 @@ void batch_sum_rows(Stream stream, float* dst, const float* src, int64_t B, int6
   check_launch(name);
 }
 
-void norm_forward(Stream stream, NormKind kind, float* out, float* mean, float* rstd, const float* x,
-                  const float* residual, float* x_sum, const float* w, const float* b, int64_t N, int64_t C,
-                  float eps) {
+namespace {
+template <class O>
+void norm_forward_to(Stream stream, NormKind kind, O* out, float* mean, float* rstd, const float* x,
+                     const float* residual, float* x_sum, const float* w, const float* b, int64_t N,
+                     int64_t C, float eps) {
   const char* name = "norm_forward";
   require(N >= 0 && C >= 0, name, "negative size");
   if (N == 0) return;
@@ -803,6 +806,7 @@ void norm_forward(Stream stream, NormKind kind, float* out, float* mean, float* 
   require(!residual || x_sum, name, "x_sum is required with a residual");
   const bool ln = kind == NormKind::LayerNorm;
   if (!ln) b = nullptr, mean = nullptr;
+  // A bf16 out takes 8-byte stores of four: aligned16 is stricter than needed there, and as cheap to ask.
   const bool vec = C % 4 == 0 && aligned16(out) && aligned16(x) && aligned16(residual) && aligned16(x_sum) &&
                    aligned16(w) && aligned16(b);
   const int64_t packs = vec ? C / 4 : C;
@@ -811,36 +815,49 @@ void norm_forward(Stream stream, NormKind kind, float* out, float* mean, float* 
   const int c = static_cast<int>(C);
   if (packs <= static_cast<int64_t>(threads) * kNormCacheFwd) {
     if (vec && ln)
-      norm_forward_cached<4, kNormCacheFwd, true>
+      norm_forward_cached<4, kNormCacheFwd, true, O>
           <<<grid, threads, 0, stream>>>(out, mean, rstd, x, residual, x_sum, w, b, N, c, eps);
     else if (vec)
-      norm_forward_cached<4, kNormCacheFwd, false>
+      norm_forward_cached<4, kNormCacheFwd, false, O>
           <<<grid, threads, 0, stream>>>(out, mean, rstd, x, residual, x_sum, w, b, N, c, eps);
     else if (ln)
-      norm_forward_cached<1, kNormCacheFwd, true>
+      norm_forward_cached<1, kNormCacheFwd, true, O>
           <<<grid, threads, 0, stream>>>(out, mean, rstd, x, residual, x_sum, w, b, N, c, eps);
     else
-      norm_forward_cached<1, kNormCacheFwd, false>
+      norm_forward_cached<1, kNormCacheFwd, false, O>
           <<<grid, threads, 0, stream>>>(out, mean, rstd, x, residual, x_sum, w, b, N, c, eps);
   } else if (ln) {
-    norm_forward_uncached<true>
+    norm_forward_uncached<true, O>
         <<<grid, kMaxBlockThreads, 0, stream>>>(out, mean, rstd, x, residual, x_sum, w, b, N, C, eps);
   } else {
-    norm_forward_uncached<false>
+    norm_forward_uncached<false, O>
         <<<grid, kMaxBlockThreads, 0, stream>>>(out, mean, rstd, x, residual, x_sum, w, b, N, C, eps);
   }
   check_launch(name);
 }
+}  // namespace
+
+void norm_forward(Stream stream, NormKind kind, float* out, float* mean, float* rstd, const float* x,
+                  const float* residual, float* x_sum, const float* w, const float* b, int64_t N, int64_t C,
+                  float eps) {
+  norm_forward_to(stream, kind, out, mean, rstd, x, residual, x_sum, w, b, N, C, eps);
+}
+void norm_forward(Stream stream, NormKind kind, bf16_t* out, float* mean, float* rstd, const float* x,
+                  const float* residual, float* x_sum, const float* w, const float* b, int64_t N, int64_t C,
+                  float eps) {
+  norm_forward_to(stream, kind, out, mean, rstd, x, residual, x_sum, w, b, N, C, eps);
+}
 
 void norm_backward(Stream stream, NormKind kind, float* dx, const float* dout, const float* x, const float* w,
-                   const float* mean, const float* rstd, int64_t N, int64_t C) {
+                   const float* mean, const float* rstd, int64_t N, int64_t C, bf16_t* dx16) {
   const char* name = "norm_backward";
   require(N >= 0 && C >= 0, name, "negative size");
   if (N == 0 || C == 0) return;
   require(C <= INT_MAX, name, "C too large");
   const bool ln = kind == NormKind::LayerNorm;
   require(dx && dout && x && w && rstd && (!ln || mean), name, "null pointer");
-  const bool vec = C % 4 == 0 && aligned16(dx) && aligned16(dout) && aligned16(x) && aligned16(w);
+  const bool vec =
+      C % 4 == 0 && aligned16(dx) && aligned16(dx16) && aligned16(dout) && aligned16(x) && aligned16(w);
   const int64_t packs = vec ? C / 4 : C;
   const int threads = norm_threads(packs);
   const unsigned grid = rows_grid(N);
@@ -848,20 +865,22 @@ void norm_backward(Stream stream, NormKind kind, float* dx, const float* dout, c
   if (packs <= static_cast<int64_t>(threads) * kNormCacheBwd) {
     if (vec && ln)
       norm_backward_cached<4, kNormCacheBwd, true>
-          <<<grid, threads, 0, stream>>>(dx, dout, x, w, mean, rstd, N, c);
+          <<<grid, threads, 0, stream>>>(dx, dx16, dout, x, w, mean, rstd, N, c);
     else if (vec)
       norm_backward_cached<4, kNormCacheBwd, false>
-          <<<grid, threads, 0, stream>>>(dx, dout, x, w, mean, rstd, N, c);
+          <<<grid, threads, 0, stream>>>(dx, dx16, dout, x, w, mean, rstd, N, c);
     else if (ln)
       norm_backward_cached<1, kNormCacheBwd, true>
-          <<<grid, threads, 0, stream>>>(dx, dout, x, w, mean, rstd, N, c);
+          <<<grid, threads, 0, stream>>>(dx, dx16, dout, x, w, mean, rstd, N, c);
     else
       norm_backward_cached<1, kNormCacheBwd, false>
-          <<<grid, threads, 0, stream>>>(dx, dout, x, w, mean, rstd, N, c);
+          <<<grid, threads, 0, stream>>>(dx, dx16, dout, x, w, mean, rstd, N, c);
   } else if (ln) {
-    norm_backward_uncached<true><<<grid, kMaxBlockThreads, 0, stream>>>(dx, dout, x, w, mean, rstd, N, C);
+    norm_backward_uncached<true>
+        <<<grid, kMaxBlockThreads, 0, stream>>>(dx, dx16, dout, x, w, mean, rstd, N, C);
   } else {
-    norm_backward_uncached<false><<<grid, kMaxBlockThreads, 0, stream>>>(dx, dout, x, w, mean, rstd, N, C);
+    norm_backward_uncached<false>
+        <<<grid, kMaxBlockThreads, 0, stream>>>(dx, dx16, dout, x, w, mean, rstd, N, C);
   }
   check_launch(name);
 }
@@ -1136,12 +1155,31 @@ void test_norm_forward(std::vector<OpCheck>& out, uint32_t& seed, NormKind kind,
     err = std::max(err, rel_error(to_host(d_x.get(), n), xin));
   }
   const char* res_name[] = {"", " residual", " residual in place"};
-  out.push_back(make_check(
-      ln ? "norm_forward layernorm" : "norm_forward rmsnorm",
-      dims({{"N", N}, {"C", C}}) + (row0 ? " row0=" + std::to_string(row0) : "") + res_name[residual], err,
-      kTolMath,
-      "fp32 block-reduced statistics vs the CPU's float64 ones (order and precision "
-      "differ); out, mean, rstd and x_sum compared"));
+  const std::string shape =
+      dims({{"N", N}, {"C", C}}) + (row0 ? " row0=" + std::to_string(row0) : "") + res_name[residual];
+  out.push_back(make_check(ln ? "norm_forward layernorm" : "norm_forward rmsnorm", shape, err, kTolMath,
+                           "fp32 block-reduced statistics vs the CPU's float64 ones (order and precision "
+                           "differ); out, mean, rstd and x_sum compared"));
+  // The bf16 output (a BF16 product's operand): the fp32 one above rounded to nearest even, bit for bit. Run
+  // on the original inputs again (the residual-in-place case overwrote x).
+  auto d_x2 = to_device(x);
+  auto d_out16 = to_device(std::vector<uint16_t>(n, 0x7fc1));
+  auto d_xsum2 = to_device(out0);
+  float* x_sum2 = residual == 2 ? d_x2.get() : d_xsum2.get();
+  norm_forward(nullptr, kind, d_out16.get() + off, nullptr, nullptr, d_x2.get() + off,
+               residual ? d_res.get() + off : nullptr, residual ? x_sum2 + off : nullptr, d_w.get(),
+               ln ? d_b.get() : nullptr, N, C, eps);
+  const std::vector<float> got32 = to_host(d_out.get(), n);
+  const std::vector<uint16_t> got16 = to_host(d_out16.get(), n);
+  size_t wrong = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const bool inside = i >= off && i < off + static_cast<size_t>(N * C);
+    wrong += got16[i] != (inside ? host_bf16_bits(got32[i]) : uint16_t{0x7fc1});
+  }
+  out.push_back(make_check(ln ? "norm_forward layernorm bf16" : "norm_forward rmsnorm bf16", shape,
+                           static_cast<double>(wrong), 0.0,
+                           "bf16 out vs the fp32 out rounded to nearest even on the host: same bits, rows "
+                           "outside untouched"));
 }
 
 void test_norm_backward(std::vector<OpCheck>& out, uint32_t& seed, NormKind kind, int64_t total, int64_t row0,
@@ -1171,11 +1209,29 @@ void test_norm_backward(std::vector<OpCheck>& out, uint32_t& seed, NormKind kind
   auto d_mean = to_device(mean), d_rstd = to_device(rstd);
   norm_backward(nullptr, kind, d_dx.get() + off, d_dout.get() + off, d_x.get() + off, d_w.get(),
                 ln ? d_mean.get() + row0 : nullptr, d_rstd.get() + row0, N, C);
-  const double err = rel_error(to_host(d_dx.get(), n), want);
-  out.push_back(
-      make_check(ln ? "norm_backward layernorm" : "norm_backward rmsnorm",
-                 dims({{"N", N}, {"C", C}}) + (row0 ? " row0=" + std::to_string(row0) : "") + " dx+=", err,
-                 kTolMath, "fp32 block-reduced row sums vs the CPU's float64 ones"));
+  const std::vector<float> got = to_host(d_dx.get(), n);
+  const double err = rel_error(got, want);
+  const std::string shape =
+      dims({{"N", N}, {"C", C}}) + (row0 ? " row0=" + std::to_string(row0) : "") + " dx+=";
+  out.push_back(make_check(ln ? "norm_backward layernorm" : "norm_backward rmsnorm", shape, err, kTolMath,
+                           "fp32 block-reduced row sums vs the CPU's float64 ones"));
+  // With dx16: the same dx, and dx16 its bf16 rounding, bit for bit.
+  auto d_dx2 = to_device(dx0);
+  auto d_dx16 = to_device(std::vector<uint16_t>(n, 0x7fc1));
+  norm_backward(nullptr, kind, d_dx2.get() + off, d_dout.get() + off, d_x.get() + off, d_w.get(),
+                ln ? d_mean.get() + row0 : nullptr, d_rstd.get() + row0, N, C, d_dx16.get() + off);
+  const std::vector<float> got2 = to_host(d_dx2.get(), n);
+  const std::vector<uint16_t> got16 = to_host(d_dx16.get(), n);
+  size_t wrong = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const bool inside = i >= off && i < off + static_cast<size_t>(N * C);
+    wrong += std::memcmp(&got2[i], &got[i], sizeof(float)) != 0 ||
+             got16[i] != (inside ? host_bf16_bits(got[i]) : uint16_t{0x7fc1});
+  }
+  out.push_back(make_check(ln ? "norm_backward layernorm bf16" : "norm_backward rmsnorm bf16", shape,
+                           static_cast<double>(wrong), 0.0,
+                           "with dx16: dx the same bits, dx16 dx rounded to nearest even on the host, rows "
+                           "outside untouched"));
 }
 
 void test_gelu(std::vector<OpCheck>& out, uint32_t& seed) {
@@ -1496,8 +1552,8 @@ void test_arguments(std::vector<OpCheck>& out) {
   try {
     embedding_forward(nullptr, nullptr, nullptr, nullptr, 0, nullptr, nullptr, 0, 0, 5, 8);
     batch_sum_rows(nullptr, nullptr, nullptr, 3, 0, 8, 8);
-    norm_forward(nullptr, NormKind::LayerNorm, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
-                 nullptr, 0, 768, 1e-5f);
+    norm_forward(nullptr, NormKind::LayerNorm, static_cast<float*>(nullptr), nullptr, nullptr, nullptr,
+                 nullptr, nullptr, nullptr, nullptr, 0, 768, 1e-5f);
     norm_backward(nullptr, NormKind::RMSNorm, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 0, 768);
     gelu_forward(nullptr, static_cast<float*>(nullptr), nullptr, 0);
     gelu_backward(nullptr, static_cast<float*>(nullptr), nullptr, nullptr, 0);

@@ -604,6 +604,29 @@ class CudaModel final : public DeviceModel {
                beta);
   }
 
+  // out[N, Nout] = norm(x (+ residual, also written to x_sum)) . W^T (+ bias), norm `name` (its .w, .b), its
+  // statistics to mean (LayerNorm) and rstd: under BF16 the norm writes the product's bf16 operand itself
+  // (the same RN-even values the conversion pass would give), else its fp32 output goes through gemm_nt.
+  void norm_then_gemm(int64_t N, int64_t Nout, int64_t C, const float* x, const float* residual, float* x_sum,
+                      const std::string& name, float* mean, float* rstd, Mat W, float* out,
+                      const float* bias) {
+    const float* w = f(name + ".w");
+    const float* b = f_or_null(name + ".b");
+    if (bf16_operand(W)) {
+      need(a16_, N * C);
+      mark("norm forward");
+      cuda::norm_forward(stream_, kind_, a16_.get(), mean, rstd, x, residual, x_sum, w, b, N, C,
+                         cfg_.norm_eps);
+      gemm_nt_bf16(N, Nout, C, a16_.get(), C, W, out, Nout, bias);
+    } else {
+      need(ln_, N * C);
+      mark("norm forward");
+      cuda::norm_forward(stream_, kind_, ln_.get(), mean, rstd, x, residual, x_sum, w, b, N, C,
+                         cfg_.norm_eps);
+      gemm_nt(N, Nout, C, ln_.get(), C, W, out, Nout, bias, 0.0f);
+    }
+  }
+
   // The MLP's activation of fc's output fc_pre [N, fc width] (GELU, or SwiGLU of [gate | up]) into out
   // [N, I], and its gradient into dfc [N, fc width]: fp32, or bf16 (O = bf16_t) where a BF16 product is the
   // only reader.
@@ -850,15 +873,13 @@ class CudaModel final : public DeviceModel {
     check(cudaMemcpy2DAsync(st.x_in.get() + P_l * C, S_l * C * sizeof(float), x_.get(), S * C * sizeof(float),
                             S * C * sizeof(float), B, cudaMemcpyDeviceToDevice, stream_),
           "layer input copy");
-    need(ln_, N_l * C);
     need(st.mean1, N_l);
     need(st.rstd1, N_l);
-    mark("norm forward");
-    cuda::norm_forward(stream_, kind_, ln_.get(), gpt2_ ? st.mean1.get() : nullptr, st.rstd1.get(),
-                       st.x_in.get(), nullptr, nullptr, f(p + "ln1.w"), f_or_null(p + "ln1.b"), N_l, C,
-                       c.norm_eps);
     need(st.qkv, N_l * qkv_w);
-    gemm_nt(N_l, qkv_w, C, ln_.get(), C, mat(p + "qkv.w"), st.qkv.get(), qkv_w, f_or_null(p + "qkv.b"), 0.0f);
+    // The norms' outputs have one reader, the next product: under BF16 they are written as its bf16 operand.
+    norm_then_gemm(N_l, qkv_w, C, st.x_in.get(), nullptr, nullptr, p + "ln1",
+                   gpt2_ ? st.mean1.get() : nullptr, st.rstd1.get(), mat(p + "qkv.w"), st.qkv.get(),
+                   f_or_null(p + "qkv.b"));
     if (!gpt2_) {
       const int64_t half = hd / 2;
       const float* cs = rope_cos_.get() + pl.pos0 * half;
@@ -881,12 +902,10 @@ class CudaModel final : public DeviceModel {
     need(st.x_mid, N_l * C);
     need(st.mean2, N_l);
     need(st.rstd2, N_l);
-    mark("norm forward");
-    cuda::norm_forward(stream_, kind_, ln_.get(), gpt2_ ? st.mean2.get() : nullptr, st.rstd2.get(),
-                       st.x_in.get(), tmp_.get(), st.x_mid.get(), f(p + "ln2.w"), f_or_null(p + "ln2.b"), N_l,
-                       C, c.norm_eps);
     need(st.fc_pre, N_l * fc_w);
-    gemm_nt(N_l, fc_w, C, ln_.get(), C, mat(p + "fc.w"), st.fc_pre.get(), fc_w, f_or_null(p + "fc.b"), 0.0f);
+    norm_then_gemm(N_l, fc_w, C, st.x_in.get(), tmp_.get(), st.x_mid.get(), p + "ln2",
+                   gpt2_ ? st.mean2.get() : nullptr, st.rstd2.get(), mat(p + "fc.w"), st.fc_pre.get(),
+                   f_or_null(p + "fc.b"));
     const Mat fc2 = mat(p + "fc2.w");
     if (bf16_operand(fc2)) {  // the activation's only reader is fc2: written as its bf16 operand
       need(a16_, N_l * I);
@@ -937,12 +956,19 @@ class CudaModel final : public DeviceModel {
       mlp_activation_backward(dfc_.get(), st.fc_pre.get(), dact_.get(), N_l, I);
       gemm_nn(N_l, C, fc_w, dfc_.get(), fc_w, fc, dln_.get(), C, 0.0f);
     }
+    // Attention: x_mid = x_in + proj(attn(qkv(norm1(x_in)))). dmid's next reader is proj's input gradient:
+    // under BF16 norm2's backward also writes it as that product's bf16 operand.
+    need(datt_, N_l * H * hd);
+    const Mat proj = mat(p + "proj.w");
+    const bool d16 = bf16_operand(proj);
+    if (d16) need(a16_, N_l * C);
     mark("norm backward");
     cuda::norm_backward(stream_, kind_, dmid_.get(), dln_.get(), st.x_mid.get(), f(p + "ln2.w"),
-                        gpt2_ ? st.mean2.get() : nullptr, st.rstd2.get(), N_l, C);
-    // Attention: x_mid = x_in + proj(attn(qkv(norm1(x_in)))).
-    need(datt_, N_l * H * hd);
-    gemm_nn(N_l, H * hd, C, dmid_.get(), C, mat(p + "proj.w"), datt_.get(), H * hd, 0.0f);
+                        gpt2_ ? st.mean2.get() : nullptr, st.rstd2.get(), N_l, C, d16 ? a16_.get() : nullptr);
+    if (d16)
+      gemm_nn_bf16(N_l, H * hd, C, a16_.get(), C, proj, datt_.get(), H * hd);
+    else
+      gemm_nn(N_l, H * hd, C, dmid_.get(), C, proj, datt_.get(), H * hd, 0.0f);
     need(dqkv_, N_l * qkv_w);
     need(attn_scratch_, cuda::attention_backward_scratch_floats(st.Pp, B, S_l, H, KV, hd));
     const float* pk = st.Pp ? in.deep_a[st.deep_index] : nullptr;

@@ -72,13 +72,18 @@ void batch_sum_rows(Stream stream, float* dst, const float* src, int64_t B, int6
 enum class NormKind { LayerNorm, RMSNorm };
 // out (=) = norm(x) * w (+ b); saves mean[N] (LayerNorm only; may be nullptr) and rstd[N] when non-null.
 // Fused residual: when `residual` is non-null, the normalised input is x + residual, which is also written
-// to x_sum[N, C] (=) (x_sum may alias x). b may be nullptr (RMSNorm has none).
+// to x_sum[N, C] (=) (x_sum may alias x). b may be nullptr (RMSNorm has none). A bf16 out gets the fp32
+// result rounded to nearest even (a BF16 product's operand, with no conversion pass).
 void norm_forward(Stream stream, NormKind kind, float* out, float* mean, float* rstd, const float* x,
                   const float* residual, float* x_sum, const float* w, const float* b, int64_t N, int64_t C,
                   float eps);
-// dx (+=) the gradient with respect to the norm's input (ops.h layernorm_backward / rmsnorm_backward).
+void norm_forward(Stream stream, NormKind kind, bf16_t* out, float* mean, float* rstd, const float* x,
+                  const float* residual, float* x_sum, const float* w, const float* b, int64_t N, int64_t C,
+                  float eps);
+// dx (+=) the gradient with respect to the norm's input (ops.h layernorm_backward / rmsnorm_backward); with
+// dx16, also the updated dx rounded to bf16 (nearest even) into dx16[N, C].
 void norm_backward(Stream stream, NormKind kind, float* dx, const float* dout, const float* x, const float* w,
-                   const float* mean, const float* rstd, int64_t N, int64_t C);
+                   const float* mean, const float* rstd, int64_t N, int64_t C, bf16_t* dx16 = nullptr);
 
 void gelu_forward(Stream stream, float* out, const float* x, int64_t n);
 void gelu_backward(Stream stream, float* dx, const float* x, const float* dout, int64_t n);
