@@ -935,16 +935,29 @@ class CudaModel final : public DeviceModel {
     const int64_t qkv_w = (H + 2 * KV) * hd, fc_w = gpt2_ ? I : 2 * I;
     const int64_t P_l = st.P_l, S_l = st.S_l, N_l = B * S_l;
     const std::string p = "l" + std::to_string(l) + ".";
-    // Gradient of the layer output over all S_l rows: the cut deep rows get none.
-    need(dmid_, N_l * C);
-    mark("copies, memsets");
-    if (P_l) check(cudaMemsetAsync(dmid_.get(), 0, N_l * C * sizeof(float), stream_), "cudaMemsetAsync");
-    check(cudaMemcpy2DAsync(dmid_.get() + P_l * C, S_l * C * sizeof(float), dx_.get(), S * C * sizeof(float),
-                            S * C * sizeof(float), B, cudaMemcpyDeviceToDevice, stream_),
-          "layer gradient copy");
+    // Gradient of the layer output over all S_l rows: the cut deep rows get none. Without deep rows dx_ has
+    // dmid's layout, and the layer works in it (no copy in or out). The layer above may have left dmid's bf16
+    // copy in a16_ (dmid16_ready_: its norm1 backward wrote it for this fc2 product).
+    const bool in_place = P_l == 0;
+    const bool dmid16 = dmid16_ready_ && in_place;
+    dmid16_ready_ = false;
+    float* dmid = in_place ? dx_.get() : dmid_.get();
+    if (!in_place) {
+      need(dmid_, N_l * C);
+      dmid = dmid_.get();
+      mark("copies, memsets");
+      check(cudaMemsetAsync(dmid, 0, N_l * C * sizeof(float), stream_), "cudaMemsetAsync");
+      check(cudaMemcpy2DAsync(dmid + P_l * C, S_l * C * sizeof(float), dx_.get(), S * C * sizeof(float),
+                              S * C * sizeof(float), B, cudaMemcpyDeviceToDevice, stream_),
+            "layer gradient copy");
+    }
     // MLP: out = x_mid + fc2(act(fc(norm2(x_mid)))).
     need(dact_, N_l * I);
-    gemm_nn(N_l, I, C, dmid_.get(), C, mat(p + "fc2.w"), dact_.get(), I, 0.0f);
+    const Mat fc2 = mat(p + "fc2.w");
+    if (dmid16 && bf16_operand(fc2))
+      gemm_nn_bf16(N_l, I, C, a16_.get(), C, fc2, dact_.get(), I);
+    else
+      gemm_nn(N_l, I, C, dmid, C, fc2, dact_.get(), I, 0.0f);
     const Mat fc = mat(p + "fc.w");
     need(dln_, N_l * C);
     if (bf16_operand(fc)) {  // the activation gradient's only reader is fc's input gradient: written in bf16
@@ -963,12 +976,12 @@ class CudaModel final : public DeviceModel {
     const bool d16 = bf16_operand(proj);
     if (d16) need(a16_, N_l * C);
     mark("norm backward");
-    cuda::norm_backward(stream_, kind_, dmid_.get(), dln_.get(), st.x_mid.get(), f(p + "ln2.w"),
+    cuda::norm_backward(stream_, kind_, dmid, dln_.get(), st.x_mid.get(), f(p + "ln2.w"),
                         gpt2_ ? st.mean2.get() : nullptr, st.rstd2.get(), N_l, C, d16 ? a16_.get() : nullptr);
     if (d16)
       gemm_nn_bf16(N_l, H * hd, C, a16_.get(), C, proj, datt_.get(), H * hd);
     else
-      gemm_nn(N_l, H * hd, C, dmid_.get(), C, proj, datt_.get(), H * hd, 0.0f);
+      gemm_nn(N_l, H * hd, C, dmid, C, proj, datt_.get(), H * hd, 0.0f);
     need(dqkv_, N_l * qkv_w);
     need(attn_scratch_, cuda::attention_backward_scratch_floats(st.Pp, B, S_l, H, KV, hd));
     const float* pk = st.Pp ? in.deep_a[st.deep_index] : nullptr;
@@ -994,28 +1007,36 @@ class CudaModel final : public DeviceModel {
     // of each sequence (all rows unless this is the lowest layer with something to train).
     if (rows_needed == S_l) {
       gemm_nn(N_l, C, qkv_w, dqkv_.get(), qkv_w, mat(p + "qkv.w"), dln_.get(), C, 0.0f);
+      // The layer below (without deep rows, like this one) first reads this result, in place in dx_,
+      // through its fc2 input gradient: under BF16 that operand is written here too (a16_ is grown to what
+      // that layer's MLP needs, so nothing is reallocated between).
+      const bool hand16 = in_place && l > pl.lowest && pl.P_l[l - 1] == 0 &&
+                          bf16_operand(mat("l" + std::to_string(l - 1) + ".fc2.w"));
+      if (hand16) need(a16_, N_l * fc_w);
       mark("norm backward");
-      cuda::norm_backward(stream_, kind_, dmid_.get(), dln_.get(), st.x_in.get(), f(p + "ln1.w"),
-                          gpt2_ ? st.mean1.get() : nullptr, st.rstd1.get(), N_l, C);
+      cuda::norm_backward(stream_, kind_, dmid, dln_.get(), st.x_in.get(), f(p + "ln1.w"),
+                          gpt2_ ? st.mean1.get() : nullptr, st.rstd1.get(), N_l, C,
+                          hand16 ? a16_.get() : nullptr);
+      dmid16_ready_ = hand16;
     } else {
       for (int64_t b = 0; b < B; ++b) {
         const int64_t r0 = b * S_l;
         gemm_nn(rows_needed, C, qkv_w, dqkv_.get() + r0 * qkv_w, qkv_w, mat(p + "qkv.w"), dln_.get() + r0 * C,
                 C, 0.0f);
         mark("norm backward");
-        cuda::norm_backward(stream_, kind_, dmid_.get() + r0 * C, dln_.get() + r0 * C, st.x_in.get() + r0 * C,
+        cuda::norm_backward(stream_, kind_, dmid + r0 * C, dln_.get() + r0 * C, st.x_in.get() + r0 * C,
                             f(p + "ln1.w"), gpt2_ ? st.mean1.get() + r0 : nullptr, st.rstd1.get() + r0,
                             rows_needed, C);
       }
     }
     // Deep (hidden) vectors' gradient: their rows summed over the batch; the rest flows to the layer below.
-    if (P_l) cuda::batch_sum_rows(stream_, gdeep_a_[st.deep_index].get(), dmid_.get(), B, P_l, S_l * C, C);
+    if (in_place) return;  // the input gradient is in dx_ already
+    cuda::batch_sum_rows(stream_, gdeep_a_[st.deep_index].get(), dmid, B, P_l, S_l * C, C);
     const int64_t copy_rows = std::min<int64_t>(S, rows_needed - P_l);
     if (copy_rows > 0)
-      check(
-          cudaMemcpy2DAsync(dx_.get(), S * C * sizeof(float), dmid_.get() + P_l * C, S_l * C * sizeof(float),
-                            copy_rows * C * sizeof(float), B, cudaMemcpyDeviceToDevice, stream_),
-          "layer gradient copy");
+      check(cudaMemcpy2DAsync(dx_.get(), S * C * sizeof(float), dmid + P_l * C, S_l * C * sizeof(float),
+                              copy_rows * C * sizeof(float), B, cudaMemcpyDeviceToDevice, stream_),
+            "layer gradient copy");
   }
 
   // LM head + cross-entropy over R gathered rows xr [R, C]: losses summed into loss_sum_ (float64); with dxr,
@@ -1075,6 +1096,7 @@ class CudaModel final : public DeviceModel {
     check(cudaMemsetAsync(dx_.get(), 0, pl.N * C * sizeof(float), stream_), "cudaMemsetAsync");
     mark("gather, scatter, batch sums");
     cuda::scatter_rows(stream_, dx_.get(), dxr_in_.get(), in.rows, R, C);
+    dmid16_ready_ = false;
     for (int64_t l = c.layers - 1; l >= pl.lowest; --l) {
       LayerState& st = states_[l];
       int64_t rows_needed = st.S_l;
@@ -1155,7 +1177,8 @@ class CudaModel final : public DeviceModel {
   DeviceBuffer<float> x_, xf_, lnf_mean_, lnf_rstd_, xr_in_, xr_, dxr_, dxr_in_, logits_, losses_, dx_;
   DeviceBuffer<float> ln_, tmp_, act_, dmid_, dact_, dfc_, dln_, datt_, dqkv_, attn_scratch_;
   DeviceBuffer<float> rope_cos_, rope_sin_, gprompt_, clip_;
-  DeviceBuffer<bf16_t> a16_;  // the bf16 copy of a product's activation operand (gemm_a)
+  DeviceBuffer<bf16_t> a16_;   // the bf16 copy of a product's activation operand (gemm_a)
+  bool dmid16_ready_ = false;  // layer_backward: a16_ holds the next layer's dmid in bf16 (its fc2 operand)
   DeviceBuffer<double> loss_sum_, gnorm_sq_;
   std::vector<DeviceBuffer<float>> gdeep_a_, gdeep_b_;
   DeviceBuffer<uint8_t> inputs_;
