@@ -838,16 +838,21 @@ class CudaModel final : public DeviceModel {
   }
 
   // ---- the passes ----
-  void embed(const Plan& pl, const Ptrs& in) {
+  // The embedded rows [B, S, C] into dst (x_ when null).
+  void embed(const Plan& pl, const Ptrs& in, float* dst = nullptr) {
     const int64_t C = cfg_.hidden;
     need(x_, pl.N * C);
     if (states_.size() < static_cast<size_t>(cfg_.layers)) states_.resize(cfg_.layers);
     mark("embedding");
-    cuda::embedding_forward(stream_, x_.get(), in.ids, in.prompt, pl.P, f("tok_emb"),
+    cuda::embedding_forward(stream_, dst ? dst : x_.get(), in.ids, in.prompt, pl.P, f("tok_emb"),
                             gpt2_ ? f("pos_emb") : nullptr, pl.pos0, pl.B, pl.T, C);
   }
 
-  void layer_forward(int64_t l, const Plan& pl, const Ptrs& in, LayerState& st) {
+  // Layer l on x_ ([B, S, C]) into x_, with its saved state in st. grad_pass chains layers without deep rows
+  // through their states instead: input_ready says st.x_in holds the input already (the layer below, or the
+  // embedding, wrote it there), and out (when not null) takes the output rows in x_'s layout.
+  void layer_forward(int64_t l, const Plan& pl, const Ptrs& in, LayerState& st, bool input_ready = false,
+                     float* out = nullptr) {
     const ModelConfig& c = cfg_;
     const int64_t B = pl.B, S = pl.S, C = c.hidden, H = c.heads, KV = c.kv_heads, hd = c.head_dim,
                   I = c.intermediate;
@@ -860,19 +865,23 @@ class CudaModel final : public DeviceModel {
     st.S_l = S_l;
     const float* pk = st.Pp ? in.deep_a[st.deep_index] : nullptr;
     const float* pv = st.Pp ? in.deep_b[st.deep_index] : nullptr;
+    if (!out) out = x_.get();
     // Layer input: the deep rows in front of each sequence.
     need(st.x_in, N_l * C);
-    if (P_l) {
-      const float* deep = in.deep_a[st.deep_index];
-      for (int64_t b = 0; b < B; ++b)
-        check(cudaMemcpyAsync(st.x_in.get() + b * S_l * C, deep, P_l * C * sizeof(float),
-                              cudaMemcpyDeviceToDevice, stream_),
-              "deep rows copy");
-    }
-    mark("copies, memsets");
-    check(cudaMemcpy2DAsync(st.x_in.get() + P_l * C, S_l * C * sizeof(float), x_.get(), S * C * sizeof(float),
+    if (!input_ready) {
+      if (P_l) {
+        const float* deep = in.deep_a[st.deep_index];
+        for (int64_t b = 0; b < B; ++b)
+          check(cudaMemcpyAsync(st.x_in.get() + b * S_l * C, deep, P_l * C * sizeof(float),
+                                cudaMemcpyDeviceToDevice, stream_),
+                "deep rows copy");
+      }
+      mark("copies, memsets");
+      check(
+          cudaMemcpy2DAsync(st.x_in.get() + P_l * C, S_l * C * sizeof(float), x_.get(), S * C * sizeof(float),
                             S * C * sizeof(float), B, cudaMemcpyDeviceToDevice, stream_),
           "layer input copy");
+    }
     need(st.mean1, N_l);
     need(st.rstd1, N_l);
     need(st.qkv, N_l * qkv_w);
@@ -919,11 +928,11 @@ class CudaModel final : public DeviceModel {
     // Output: the sequence rows of x_mid + mlp (the deep rows are cut).
     if (P_l == 0) {
       mark("residual");
-      cuda::residual_forward(stream_, x_.get(), st.x_mid.get(), tmp_.get(), N_l * C);
+      cuda::residual_forward(stream_, out, st.x_mid.get(), tmp_.get(), N_l * C);
     } else {
       mark("residual");
       for (int64_t b = 0; b < B; ++b)
-        cuda::residual_forward(stream_, x_.get() + b * S * C, st.x_mid.get() + (b * S_l + P_l) * C,
+        cuda::residual_forward(stream_, out + b * S * C, st.x_mid.get() + (b * S_l + P_l) * C,
                                tmp_.get() + (b * S_l + P_l) * C, S * C);
     }
   }
@@ -1071,8 +1080,22 @@ class CudaModel final : public DeviceModel {
   void grad_pass(const Plan& pl, const Ptrs& in) {
     const ModelConfig& c = cfg_;
     const int64_t C = c.hidden, R = pl.R;
-    embed(pl, in);
-    for (int64_t l = 0; l < c.layers; ++l) layer_forward(l, pl, in, states_[l]);
+    // Each layer's output goes straight into the next layer's saved input when that layer has no deep rows
+    // (the same [B, S, C] layout), so no layer input is copied; the last one's into x_ for the final norm.
+    auto direct = [&](int64_t l) -> float* {
+      if (l >= c.layers || pl.P_l[l] != 0) return nullptr;
+      if (states_.size() < static_cast<size_t>(c.layers)) states_.resize(c.layers);
+      need(states_[l].x_in, pl.N * C);
+      return states_[l].x_in.get();
+    };
+    float* in0 = direct(0);
+    embed(pl, in, in0);
+    bool ready = in0 != nullptr;
+    for (int64_t l = 0; l < c.layers; ++l) {
+      float* out = direct(l + 1);
+      layer_forward(l, pl, in, states_[l], ready, out);
+      ready = out != nullptr;
+    }
     // Final norm on the labelled rows only, then the head and the loss.
     need(xr_in_, R * C);
     need(xr_, R * C);
