@@ -182,7 +182,13 @@ if (want("gemm")) {
       const kernels: Record<string, string | undefined> = {
         "priortune mma128": "mma128",
         "priortune mma256": "mma256",
-        ...(wgmmaRuns ? { "priortune wgmma128": "wgmma128", "priortune wgmma256": "wgmma256" } : {}),
+        ...(wgmmaRuns
+          ? {
+              "priortune wgmma128": "wgmma128",
+              "priortune wgmma256": "wgmma256",
+              "priortune wgmma2": "wgmma2",
+            }
+          : {}),
         ...(tmaRuns ? { "priortune tma128": "tma128", "priortune tma256": "tma256" } : {}),
         "priortune pipe": "pipe",
         "priortune staged": "staged",
@@ -298,14 +304,16 @@ if (want("steps")) {
     await model.fillRandom(1, 0.02);
     // bf16 with graphs: the default kernels (auto GEMM: wgmma on Hopper where it is faster, else mma.sync;
     // mma.sync attention), the previous defaults (mma.sync GEMM, WMMA attention), the wgmma GEMM at its fixed
-    // width (against auto's pick) and its TMA-fed twin, the cp.async-staged attention alone and with the TMA
-    // GEMM (the candidates for the next defaults), the WMMA attention alone; bf16 eager; tf32. (The pipelined
+    // width (against auto's pick), at 128 x 128 with two blocks an SM (wgmma2) and its TMA-fed twin, the
+    // cp.async-staged attention alone and with the TMA GEMM (the candidates for the next defaults), the WMMA
+    // attention alone; bf16 eager; tf32. (The pipelined
     // WMMA and register-staged GEMMs lost to the mma.sync one on every step and product: the gemm section
     // times them.)
     const setups: { precision: CudaPrecision; graphs: boolean; kernel?: string; attn?: string }[] = [
       { precision: "bf16", graphs: true },
       { precision: "bf16", graphs: true, kernel: "mma128", attn: "wmma" },
       ...(wgmmaRuns ? [{ precision: "bf16" as const, graphs: true, kernel: "wgmma" }] : []),
+      ...(wgmmaRuns ? [{ precision: "bf16" as const, graphs: true, kernel: "wgmma2" }] : []),
       ...(tmaRuns ? [{ precision: "bf16" as const, graphs: true, kernel: "tma" }] : []),
       { precision: "bf16", graphs: true, attn: "async" },
       ...(tmaRuns ? [{ precision: "bf16" as const, graphs: true, kernel: "tma", attn: "async" }] : []),

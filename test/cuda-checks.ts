@@ -541,11 +541,11 @@ export async function errorChecks(): Promise<CheckRow[]> {
 /**
  * The BF16 kernels one can choose (PRIORTUNE_CUDA_GEMM, PRIORTUNE_CUDA_ATTN): a soft-prompt loss and gradient
  * with the default GEMM choice (auto), the ldmatrix + mma.sync GEMM, the pipelined WMMA one, on Hopper the
- * wgmma one and the TMA-fed wgmma one (elsewhere "wgmma" and "tma" fall back to auto's choice), and with the
- * WMMA attention kernels, equal the register-staged GEMM's with the default (mma.sync) attention (the GEMMs:
- * the same bf16 operands and order of 16-wide k-blocks, so equal up to fp32 rounding; the attention kernels:
- * up to bf16 rounding of P); the cp.async-staged attention equals the default bit for bit; for both families.
- * A bad value of either variable is a JS error naming it.
+ * wgmma one (also at two blocks an SM) and the TMA-fed wgmma one (elsewhere "wgmma", "wgmma2" and "tma" fall
+ * back to auto's choice), and with the WMMA attention kernels, equal the register-staged GEMM's with the
+ * default (mma.sync) attention (the GEMMs: the same bf16 operands and order of 16-wide k-blocks, so equal up
+ * to fp32 rounding; the attention kernels: up to bf16 rounding of P); the cp.async-staged attention equals
+ * the default bit for bit; for both families. A bad value of either variable is a JS error naming it.
  */
 export async function gemmKernelChecks(): Promise<CheckRow[]> {
   const rows = new Rows("gemm kernels");
@@ -570,6 +570,7 @@ export async function gemmKernelChecks(): Promise<CheckRow[]> {
         ["mma.sync", GEMM, "mma128", 1e-6, 1e-5, same],
         ["pipelined WMMA", GEMM, "pipe", 1e-6, 1e-5, same],
         ["wgmma", GEMM, "wgmma", 1e-6, 1e-5, same],
+        ["wgmma, two blocks an SM", GEMM, "wgmma2", 1e-6, 1e-5, same],
         ["TMA-fed wgmma", GEMM, "tma", 1e-6, 1e-5, same],
         ["WMMA attention", ATTN, "wmma", 1e-3, 2e-2, rounded],
       ] as const) {

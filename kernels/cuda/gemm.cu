@@ -698,23 +698,29 @@ __device__ __forceinline__ void wgmma_epilogue(const float (&acc)[BN / 2], float
   }
 }
 
-constexpr size_t wgmma_smem(int bn) {
-  return size_t{kWStages} * size_t(kWBM + bn) * kWBK * sizeof(__nv_bfloat16) + 1024;  // + the round-up
+constexpr size_t wgmma_smem(int bn, int stages = kWStages) {
+  return size_t(stages) * size_t(kWBM + bn) * kWBK * sizeof(__nv_bfloat16) + 1024;  // + the round-up
 }
 static_assert(wgmma_smem(256) <= 227 * 1024, "stages fit an H100 block (227 KB)");
+// PRIORTUNE_CUDA_GEMM=wgmma2 (not yet run on a GPU): 128 x 128 tiles through three stages, so that two
+// blocks share an SM (2 x 97 KB of shared memory, at most 128 registers a thread: ptxas 124-128, no
+// spills) and one's pipeline fill and epilogue overlap the other's MMAs, which one block an SM cannot do;
+// the short-K products (GPT-2's K = 768: 12 k-steps a tile) spend much of a tile there.
+constexpr int kW2Stages = 3;
+static_assert(2 * (wgmma_smem(128, kW2Stages) + 1024) <= 228 * 1024, "two blocks fit an H100 SM");
 
-template <bool NT, int BN>
-__global__ void __launch_bounds__(kThreads, 1)
+template <bool NT, int BN, int STAGES = kWStages>
+__global__ void __launch_bounds__(kThreads, STAGES == kW2Stages ? 2 : 1)
     gemm_wgmma_kernel(const uint16_t* __restrict__ A, int64_t lda, const uint16_t* __restrict__ B,
                       int64_t ldb, float* C, int64_t ldc, const float* __restrict__ bias, int M, int N, int K,
                       bool beta_one, bool c_vec) {
-  static_assert(kWStages >= 3, "the stage refilled at step kt is that of step kt - 2");
+  static_assert(STAGES >= 3, "the stage refilled at step kt is that of step kt - 2");
   constexpr int kStageA = kWBM * kWBK, kStageB = BN * kWBK;  // elements: A [128][64]; B NT [BN][64], NN
                                                              // [BN / 64][64][64]
   extern __shared__ __align__(128) unsigned char smem_raw[];
   unsigned char* smem = smem_raw + (1024 - smem_addr(smem_raw) % 1024) % 1024;
-  __nv_bfloat16* As = reinterpret_cast<__nv_bfloat16*>(smem);  // [kWStages][kStageA]
-  __nv_bfloat16* Bs = As + kWStages * kStageA;                 // [kWStages][kStageB]
+  __nv_bfloat16* As = reinterpret_cast<__nv_bfloat16*>(smem);  // [STAGES][kStageA]
+  __nv_bfloat16* Bs = As + STAGES * kStageA;                   // [STAGES][kStageB]
   const uint32_t a_base = smem_addr(As) + static_cast<uint32_t>(threadIdx.x / 128) * 64 * kWRow;
   const uint32_t b_base = smem_addr(Bs);
 
@@ -727,18 +733,18 @@ __global__ void __launch_bounds__(kThreads, 1)
     int m0, n0;
     grouped_tile(t, tiles_m, tiles_n, kWBM, BN, m0, n0);
     auto load = [&](int kt) {  // step kt's copies (cp_step), in wgmma's layouts
-      cp_step<NT, kWBM, BN, kWBK, kWStages, kPanels>(kt, kt_count, As, kStageA, 0, Bs, kStageB, 0, A, lda, B,
-                                                     ldb, m0, n0, M, N, K);
+      cp_step<NT, kWBM, BN, kWBK, STAGES, kPanels>(kt, kt_count, As, kStageA, 0, Bs, kStageB, 0, A, lda, B,
+                                                   ldb, m0, n0, M, N, K);
     };
     float acc[BN / 2];
 #pragma unroll
-    for (int st = 0; st < kWStages - 2; ++st) load(st);
+    for (int st = 0; st < STAGES - 2; ++st) load(st);
     for (int kt = 0; kt < kt_count; ++kt) {
-      __pipeline_wait_prior(kWStages - 3);  // this thread's copies of step kt have landed ...
-      fence_proxy_async();                  // ... where the tensor cores see them ...
-      __syncthreads();                      // ... everyone's, and step kt - 2's MMAs have retired
-      load(kt + kWStages - 2);
-      const int st = kt % kWStages;
+      __pipeline_wait_prior(STAGES - 3);  // this thread's copies of step kt have landed ...
+      fence_proxy_async();                // ... where the tensor cores see them ...
+      __syncthreads();                    // ... everyone's, and step kt - 2's MMAs have retired
+      load(kt + STAGES - 2);
+      const int st = kt % STAGES;
       wgmma_step<NT, BN>(acc, a_base + st * kStageA * 2, b_base + st * kStageB * 2, kt == 0);
     }
     wgmma_wait<0>();
@@ -1003,13 +1009,13 @@ void launch_mma(const PipeArgs& a) {
       a.A, a.lda, a.B, a.ldb, a.C, a.ldc, a.bias, a.M, a.N, a.K, a.beta_one, c_vec(a));
 }
 
-template <bool NT, int BN>
+template <bool NT, int BN, int STAGES = kWStages>
 void launch_wgmma(const PipeArgs& a) {
-  constexpr size_t smem = wgmma_smem(BN);
+  constexpr size_t smem = wgmma_smem(BN, STAGES);
   static const cudaError_t opt_in = cudaFuncSetAttribute(
-      gemm_wgmma_kernel<NT, BN>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+      gemm_wgmma_kernel<NT, BN, STAGES>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   check(opt_in, "cudaFuncSetAttribute(gemm_wgmma_kernel)");
-  gemm_wgmma_kernel<NT, BN><<<tile_grid(a, kWBM, BN), kThreads, smem, a.stream>>>(
+  gemm_wgmma_kernel<NT, BN, STAGES><<<tile_grid(a, kWBM, BN), kThreads, smem, a.stream>>>(
       a.A, a.lda, a.B, a.ldb, a.C, a.ldc, a.bias, a.M, a.N, a.K, a.beta_one, c_vec(a));
 }
 
@@ -1107,7 +1113,8 @@ enum class TcKernel {
   Wgmma256,
   Tma,
   Tma128,
-  Tma256
+  Tma256,
+  Wgmma2
 };
 
 bool is_tma(TcKernel k) {
@@ -1121,12 +1128,13 @@ bool env_off(const char* name) {
 }
 
 // PRIORTUNE_CUDA_GEMM = auto (default) | staged | pipe | pipe128 | pipe256 | mma128 | mma256 | wgmma |
-// wgmma128 | wgmma256 | tma | tma128 | tma256: a fixed choice for comparing the kernels on one machine (pipe:
-// the pipelined WMMA kernel at auto's width; wgmma and tma (the TMA-fed wgmma kernel, not yet run on a GPU):
-// width 256, or 128 when N <= 128; the cp.async and TMA ones still only where the operands allow them, wgmma
-// and tma only on compute capability 9.x, else auto's choice; a fixed width of 256 the device cannot hold
-// falls back to 128). Read at every call (a captured graph keeps the kernels it was
-// captured with), so one process can compare them.
+// wgmma128 | wgmma256 | wgmma2 | tma | tma128 | tma256: a fixed choice for comparing the kernels on one
+// machine (pipe: the pipelined WMMA kernel at auto's width; wgmma2: the wgmma kernel at 128 x 128, three
+// stages, two blocks an SM, not yet run on a GPU; wgmma and tma (the TMA-fed wgmma kernel, not yet run on a
+// GPU): width 256, or 128 when N <= 128; the cp.async and TMA ones still only where the operands allow them,
+// wgmma and tma only on compute capability 9.x, else auto's choice; a fixed width of 256 the device cannot
+// hold falls back to 128). Read at every call (a captured graph keeps the kernels it was captured with), so
+// one process can compare them.
 TcKernel env_kernel() {
   const char* const raw = std::getenv("PRIORTUNE_CUDA_GEMM");
   const std::string v = raw ? raw : "";
@@ -1143,9 +1151,10 @@ TcKernel env_kernel() {
   if (v == "tma") return TcKernel::Tma;
   if (v == "tma128") return TcKernel::Tma128;
   if (v == "tma256") return TcKernel::Tma256;
+  if (v == "wgmma2") return TcKernel::Wgmma2;
   throw std::invalid_argument(
       "PRIORTUNE_CUDA_GEMM must be auto, staged, pipe, pipe128, pipe256, mma128, mma256, wgmma, wgmma128, "
-      "wgmma256, tma, tma128 or tma256, got \"" +
+      "wgmma256, wgmma2, tma, tma128 or tma256, got \"" +
       v + "\"");
 }
 
@@ -1168,11 +1177,12 @@ bool cp_async_ok(const void* A, int64_t lda, bool a_bf16, const void* B, int64_t
 // against 128/325 for 128 x 128, the two widths' 8192^3 rates), so few-tile products keep the SMs busy.
 int wgmma_width(TcKernel kernel, int64_t M, int64_t N, int64_t K) {
   const bool fixed = kernel == TcKernel::Wgmma || kernel == TcKernel::Wgmma128 ||
-                     kernel == TcKernel::Wgmma256 || is_tma(kernel);
+                     kernel == TcKernel::Wgmma256 || kernel == TcKernel::Wgmma2 || is_tma(kernel);
   if (!fixed && kernel != TcKernel::Auto) return 0;
   if (device_info().major != 9) return 0;
   if (env_off("PRIORTUNE_CUDA_WGMMA")) return 0;
   auto smem = [&](int bn) { return is_tma(kernel) ? tma_smem(bn) : wgmma_smem(bn); };
+  if (kernel == TcKernel::Wgmma2) return device_info().smem_optin >= wgmma_smem(128, kW2Stages) ? 128 : 0;
   if (device_info().smem_optin < smem(128)) return 0;
   const bool fits256 = device_info().smem_optin >= smem(256);
   if (kernel == TcKernel::Auto) {
@@ -1257,6 +1267,11 @@ void gemm_with(TcKernel kernel, Stream stream, GemmPrecision precision, bool b_t
     if (wg_width && is_tma(kernel)) {
       with_shape(b_transposed, kWBM, wg_width,
                  [&](auto t, auto, auto c) { launch_tma<decltype(t)::value, decltype(c)::value>(args); });
+    } else if (wg_width && kernel == TcKernel::Wgmma2) {
+      if (b_transposed)
+        launch_wgmma<true, 128, kW2Stages>(args);
+      else
+        launch_wgmma<false, 128, kW2Stages>(args);
     } else if (wg_width) {
       with_shape(b_transposed, kWBM, wg_width,
                  [&](auto t, auto, auto c) { launch_wgmma<decltype(t)::value, decltype(c)::value>(args); });
@@ -1474,15 +1489,19 @@ std::vector<OpCheck> selftest_gemm() {
                              : "; A and B uploaded as bf16, cp.async stages, WMMA")));
       }
       for (const TcKernel fixed :
-           {TcKernel::Wgmma128, TcKernel::Wgmma256, TcKernel::Tma128, TcKernel::Tma256}) {
+           {TcKernel::Wgmma128, TcKernel::Wgmma256, TcKernel::Wgmma2, TcKernel::Tma128, TcKernel::Tma256}) {
         const int bn = wgmma_width(fixed, M, N, K);
-        const bool tma = is_tma(fixed);
-        if (bn != (fixed == TcKernel::Wgmma128 || fixed == TcKernel::Tma128 ? 128 : 256) ||
+        const bool tma = is_tma(fixed), two = fixed == TcKernel::Wgmma2;
+        if (bn != (fixed == TcKernel::Wgmma128 || two || fixed == TcKernel::Tma128 ? 128 : 256) ||
             (tma && env_off("PRIORTUNE_CUDA_TMA")))
           continue;  // not Hopper, no room for it, or switched off
         out.push_back(make_check(
-            std::string("gemm bf16 (bf16 A, ") + (tma ? "tma " : "wgmma ") + std::to_string(bn) + ")", shape,
-            region_error(run(GemmPrecision::BF16, true, true, fixed), ref_b, M, N, ldc, off), tol_bf16,
+            std::string("gemm bf16 (bf16 A, ") +
+                (tma   ? "tma "
+                 : two ? "wgmma2 "
+                       : "wgmma ") +
+                std::to_string(bn) + ")",
+            shape, region_error(run(GemmPrecision::BF16, true, true, fixed), ref_b, M, N, ldc, off), tol_bf16,
             note_bf16 +
                 (tma ? "; A and B uploaded as bf16, TMA loads in the 128-byte swizzle from a producer warp, "
                        "mbarrier stages, wgmma m64nNk16 from shared memory"
