@@ -374,7 +374,7 @@ async function runAddonSuite(env) {
   rmSync(results, { force: true });
   const check = await run(
     process.execPath,
-    [bundle, "--tiny", "wgmma", "tma", "gemm", "steps", "knn", "--results", results],
+    [bundle, "--tiny", "wgmma", "tma", "async", "gemm", "steps", "knn", "--results", results],
     {
       env: suiteEnv,
     },

@@ -4,12 +4,14 @@
 #   bash scripts/gpu-check.sh --prepare [peers-dir]   here: node and the addon (xz), the bundled check, the
 #                                                      PyTorch peers go to .carry/ (ignored by git); carry .carry
 #   bash scripts/gpu-check.sh [groups...]              there: runs the check, one process per group of sections
-#                                                      (sections: wgmma tma checks gemm steps knn; a group joins
-#                                                      them with commas; default: wgmma tma checks gemm,steps
-#                                                      knn; wgmma runs with PRIORTUNE_CUDA_TMA=0; when wgmma
-#                                                      fails, the groups after it run with
-#                                                      PRIORTUNE_CUDA_WGMMA=0, when tma fails, with
-#                                                      PRIORTUNE_CUDA_TMA=0), then the PyTorch
+#                                                      (sections: wgmma tma async checks gemm steps knn; a
+#                                                      group joins them with commas; default: wgmma tma async
+#                                                      checks gemm,steps knn; wgmma runs with
+#                                                      PRIORTUNE_CUDA_TMA=0 and PRIORTUNE_CUDA_ATTN_ASYNC=0,
+#                                                      tma with the latter; when wgmma, tma or async fails,
+#                                                      the groups after it run with PRIORTUNE_CUDA_WGMMA=0,
+#                                                      PRIORTUNE_CUDA_TMA=0 or PRIORTUNE_CUDA_ATTN_ASYNC=0),
+#                                                      then the PyTorch
 #                                                      peers (PEERS=0 skips them), then with PROFILE=1 ncu
 #                                                      on the kNN and GEMM kernels; logs, results.md and
 #                                                      summary.txt in $OUT (or ./gpu-results)
@@ -78,12 +80,14 @@ part() {
 }
 
 groups=("$@")
-[ ${#groups[@]} -eq 0 ] && groups=(wgmma tma checks gemm,steps knn)
+[ ${#groups[@]} -eq 0 ] && groups=(wgmma tma async checks gemm,steps knn)
 for g in "${groups[@]}"; do
-  case "$g" in wgmma | tma) cap=60 ;; checks) cap=100 ;; *steps*) cap=300 ;; *knn*) cap=180 ;; *) cap=90 ;; esac
-  # The wgmma group runs without the TMA-fed kernel (not yet run on a GPU), which the tma group checks next.
+  case "$g" in wgmma | tma | async) cap=60 ;; checks) cap=100 ;; *steps*) cap=300 ;; *knn*) cap=180 ;; *) cap=90 ;; esac
+  # The wgmma group runs without the TMA-fed kernel and the cp.async-staged attention (neither yet run on a
+  # GPU), which the tma and async groups check next; tma runs without the attention one.
   tma_env=()
-  [ "$g" = wgmma ] && tma_env=(env PRIORTUNE_CUDA_TMA=0)
+  [ "$g" = wgmma ] && tma_env=(env PRIORTUNE_CUDA_TMA=0 PRIORTUNE_CUDA_ATTN_ASYNC=0)
+  [ "$g" = tma ] && tma_env=(env PRIORTUNE_CUDA_ATTN_ASYNC=0)
   if ! part "priortune-${g//,/-}" "$cap" ${tma_env[@]+"${tma_env[@]}"} /tmp/node .carry/gpu-check.mjs ${g//,/ } \
     --results "$out/results.md"; then
     status=1
@@ -94,6 +98,9 @@ for g in "${groups[@]}"; do
     elif [ "$g" = tma ]; then
       export PRIORTUNE_CUDA_TMA=0
       echo "tma failed: the groups after it run with PRIORTUNE_CUDA_TMA=0" | tee -a "$out/summary.txt"
+    elif [ "$g" = async ]; then
+      export PRIORTUNE_CUDA_ATTN_ASYNC=0
+      echo "async failed: the groups after it run with PRIORTUNE_CUDA_ATTN_ASYNC=0" | tee -a "$out/summary.txt"
     fi
   fi
 done

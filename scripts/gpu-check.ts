@@ -1,6 +1,6 @@
 // The GPU check, run on a machine with an NVIDIA GPU (see scripts/gpu-check.sh, which bundles this file with
 // esbuild so it needs no node_modules there). Sections, each optional by name on the command line
-// (default: all but wgmma and tma, which run only when named, first):
+// (default: all but wgmma, tma and async, which run only when named, first):
 //   checks  every CUDA op against the CPU reference and the whole-model checks of test/cuda-checks.ts
 //   gemm    the device GEMM's throughput per precision, ours and cuBLASLt's where the machine has it (loaded at
 //           run time), each checked against our fp32 GEMM; the bf16 8192^3 peaks are MFU's denominators
@@ -12,6 +12,7 @@
 //           run it first in its own process and keep it out of the other groups (PRIORTUNE_CUDA_WGMMA=0) if
 //           it fails or faults
 //   tma     the same for the TMA-fed wgmma kernel (PRIORTUNE_CUDA_TMA=0 keeps it out after a failure)
+//   async   the same for the cp.async-staged attention kernels (PRIORTUNE_CUDA_ATTN_ASYNC=0)
 // Prints JSON lines and Markdown tables (also appended to FILE with --results FILE); exits non-zero when a
 // correctness check fails.
 // --tiny runs every section on small shapes: a dry run of the whole script, which scripts/cuda-emu.mjs does
@@ -80,16 +81,20 @@ async function median(fn: () => Promise<unknown>, runs: number, warm = 1): Promi
 const wgmmaRuns = info.computeCapability.startsWith("9.") && process.env.PRIORTUNE_CUDA_WGMMA !== "0";
 // The TMA-fed one's, unless PRIORTUNE_CUDA_TMA=0 keeps it off too (gpu-check.sh, after its tma group failed).
 const tmaRuns = wgmmaRuns && process.env.PRIORTUNE_CUDA_TMA !== "0";
+// The cp.async-staged attention's, unless PRIORTUNE_CUDA_ATTN_ASYNC=0 (gpu-check.sh, after its group failed).
+const asyncRuns = process.env.PRIORTUNE_CUDA_ATTN_ASYNC !== "0";
 
-// ---- wgmma, tma ----
-// The Hopper kernels' correctness alone, each in its own process under gpu-check.sh: wgmma (the cp.async-fed
-// kernel, auto's choice on Hopper, and the attention kernels' bf16 self-test rows) with the TMA-fed kernel
-// kept off (PRIORTUNE_CUDA_TMA=0, so that a fault or hang of it cannot take the wgmma rows down), then tma.
-for (const section of ["wgmma", "tma"] as const) {
+// ---- wgmma, tma, async ----
+// The kernels not yet proven on hardware, each alone in its own process under gpu-check.sh: wgmma (the
+// cp.async-fed kernel, auto's choice on Hopper, and the attention kernels' bf16 self-test rows) with the
+// TMA-fed kernel and the cp.async-staged attention kept off (PRIORTUNE_CUDA_TMA=0, PRIORTUNE_CUDA_ATTN_ASYNC=0,
+// so that a fault or hang of theirs cannot take the wgmma rows down), then tma, then async (the
+// cp.async-staged attention, on any GPU).
+for (const section of ["wgmma", "tma", "async"] as const) {
   if (!want(section) || wanted.size === 0) continue;
-  if (section === "wgmma" ? !wgmmaRuns : !tmaRuns) {
+  if (section === "wgmma" ? !wgmmaRuns : section === "tma" ? !tmaRuns : !asyncRuns) {
     console.log(
-      `${section}: not run (compute capability ${info.computeCapability}, or PRIORTUNE_CUDA_WGMMA=0 / PRIORTUNE_CUDA_TMA=0)`,
+      `${section}: not run (compute capability ${info.computeCapability}, or PRIORTUNE_CUDA_WGMMA=0 / PRIORTUNE_CUDA_TMA=0 / PRIORTUNE_CUDA_ATTN_ASYNC=0)`,
     );
     continue;
   }
@@ -110,10 +115,13 @@ for (const section of ["wgmma", "tma"] as const) {
     ...(await gemmKernelChecks()),
   ];
   const tma = (name: string) => /tma/i.test(name);
+  const asy = (name: string) => /async/.test(name);
   const mine = rows.filter((r) =>
     section === "tma"
       ? tma(r.name)
-      : (/wgmma/.test(r.name) && !tma(r.name)) || r.name.startsWith("attention"),
+      : section === "async"
+        ? asy(r.name)
+        : (/wgmma/.test(r.name) && !tma(r.name)) || (r.name.startsWith("attention") && !asy(r.name)),
   );
   const bad = rows.filter((r) => !r.pass);
   for (const r of mine) console.log(JSON.stringify({ what: section, ...r }));
@@ -315,8 +323,10 @@ if (want("steps")) {
       ...(wgmmaRuns ? [{ precision: "bf16" as const, graphs: true, kernel: "wgmma" }] : []),
       ...(wgmmaRuns ? [{ precision: "bf16" as const, graphs: true, kernel: "wgmma2" }] : []),
       ...(tmaRuns ? [{ precision: "bf16" as const, graphs: true, kernel: "tma" }] : []),
-      { precision: "bf16", graphs: true, attn: "async" },
-      ...(tmaRuns ? [{ precision: "bf16" as const, graphs: true, kernel: "tma", attn: "async" }] : []),
+      ...(asyncRuns ? [{ precision: "bf16" as const, graphs: true, attn: "async" }] : []),
+      ...(tmaRuns && asyncRuns
+        ? [{ precision: "bf16" as const, graphs: true, kernel: "tma", attn: "async" }]
+        : []),
       { precision: "bf16", graphs: true, attn: "wmma" },
       { precision: "bf16", graphs: false },
       { precision: "tf32", graphs: true },
@@ -393,7 +403,7 @@ if (want("steps")) {
     // Where the time goes: one profiled configuration per model (eager, CUDA events between stages), with the
     // default kernels and with the cp.async-staged attention ones.
     const r = runs.filter((x) => x.config === cfg)[0]!;
-    for (const attn of [undefined, "async"])
+    for (const attn of [undefined, asyncRuns ? "async" : "wmma"])
       await withEnv("PRIORTUNE_CUDA_ATTN", attn, async () => {
         await model.attachCuda({ precision: "bf16", graphs: false, profile: true });
         const args = await prepareStep(model, cfg, r.B, r.S);

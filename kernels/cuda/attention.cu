@@ -914,7 +914,7 @@ std::vector<OpCheck> selftest_attention() {
       }
       // The cp.async-staged mma.sync kernels (PRIORTUNE_CUDA_ATTN=async): the same tiles, products and order
       // as the default ones, so the same bits, on rounded and on raw inputs.
-      {
+      if (!attn::async_attention_off()) {
         const attn::ForceAttentionKernel force(attn::AttnKernel::MmaAsync);
         const AttnOutputs staged = attention_device(t, db, scale, AttentionPrecision::BF16);
         checks.push_back(make_check("attention bf16 async", shape, same_bits(staged, got) ? 0.0 : 1.0, 0.0,

@@ -103,7 +103,10 @@ void backward_tc(Stream stream, const AttnArgs& a, const BwdPtrs& p, AttnKernel 
 // PRIORTUNE_CUDA_ATTN = mma | wmma | async, read by every attention_forward and attention_backward call
 // whichever kernels run (a captured graph keeps what it was captured with), unless a ForceAttentionKernel is
 // alive on this thread (the self-test's way of running each).
+// PRIORTUNE_CUDA_ATTN_ASYNC=0 keeps MmaAsync from running (the variable's async then means mma, and the
+// self-test skips its async rows): a switch for the rest of a GPU check after it failed there.
 AttnKernel attention_kernel();
+bool async_attention_off();
 class ForceAttentionKernel {
  public:
   explicit ForceAttentionKernel(AttnKernel k);

@@ -1021,13 +1021,18 @@ ForceAttentionKernel::~ForceAttentionKernel() {
   forced_kernel = saved_;
 }
 
+bool async_attention_off() {
+  const char* v = std::getenv("PRIORTUNE_CUDA_ATTN_ASYNC");
+  return v && std::string(v) == "0";
+}
+
 AttnKernel attention_kernel() {
   if (forced_kernel >= 0) return static_cast<AttnKernel>(forced_kernel);
   const char* raw = std::getenv("PRIORTUNE_CUDA_ATTN");
   const std::string v = raw ? raw : "";
   if (v.empty() || v == "mma") return AttnKernel::Mma;
   if (v == "wmma") return AttnKernel::Wmma;
-  if (v == "async") return AttnKernel::MmaAsync;
+  if (v == "async") return async_attention_off() ? AttnKernel::Mma : AttnKernel::MmaAsync;
   throw std::invalid_argument("PRIORTUNE_CUDA_ATTN must be mma, wmma or async, got \"" + v + "\"");
 }
 
