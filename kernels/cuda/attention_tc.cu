@@ -38,6 +38,7 @@
 #include <cstdlib>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "attention.cuh"
 #include "common.cuh"
@@ -130,6 +131,17 @@ __device__ __forceinline__ void convert_tile(__nv_bfloat16* dst, const float* st
   }
 }
 
+// The walkers' ASYNC step: this thread's queued copies land, the barrier (everyone's have, and the previous
+// tiles' readers of t0, t1 are done), then the stage's two 64-row tiles are rounded into t0 and t1.
+template <int D>
+__device__ __forceinline__ void land_stage(const float* stage, __nv_bfloat16* t0, __nv_bfloat16* t1, int hd) {
+  static_assert(kBK == 64 && kBQ == 64, "a stage holds two 64-row tiles");
+  __pipeline_wait_prior(0);
+  __syncthreads();
+  convert_tile<D, 64>(t0, stage, hd);
+  convert_tile<D, 64>(t1, stage + 64 * D, hd);
+}
+
 // The K and V rows of key tile k0 (kv head g, sequence b) queued into stage [2][kBK][D] and committed.
 template <int D>
 __device__ __forceinline__ void stage_key_tile(const AttnArgs& a, int b, int g, int k0, float* stage) {
@@ -219,10 +231,7 @@ __device__ __forceinline__ void for_key_tiles(const AttnArgs& a, int b, int g, i
   const int nkeys = a.Pp + q_lim;
   for (int k0 = 0; k0 < nkeys; k0 += kBK) {
     if (ASYNC) {
-      __pipeline_wait_prior(0);  // this thread's copies of tile k0 have landed ...
-      __syncthreads();           // ... everyone's, and the previous tile's readers of sK, sV are done
-      convert_tile<D, kBK>(sK, stage, a.hd);
-      convert_tile<D, kBK>(sV, stage + kBK * D, a.hd);
+      land_stage<D>(stage, sK, sV, a.hd);
     } else {
       __syncthreads();  // the previous tile's readers of sK, sV are done (and sQ, sdO are loaded)
       load_tile_bf16<D, kBK>(sK, a.hd, [&](int rr) { return key_row(a, b, g, k0 + rr, false); });
@@ -371,10 +380,7 @@ __device__ __forceinline__ void for_query_tiles(const AttnArgs& a, const BwdPtrs
     const QueryTile t = query_tile(a, g, k0, it);
     const int64_t row0 = (static_cast<int64_t>(b) * a.H + t.h) * a.S;  // lse / delta of (b, h)
     if (ASYNC) {
-      __pipeline_wait_prior(0);  // this thread's copies of the tile have landed ...
-      __syncthreads();           // ... everyone's, and the previous step's readers of sQ, sdO are done
-      convert_tile<D, kBQ>(sQ, stage, a.hd);
-      convert_tile<D, kBQ>(sdO, stage + kBQ * D, a.hd);
+      land_stage<D>(stage, sQ, sdO, a.hd);
     } else {
       __syncthreads();  // the previous step's readers of sQ, sdO are done
       load_tile_bf16<D, kBQ>(sQ, a.hd, [&](int rr) { return q_row(a, b, t.h, t.q0 + rr); });
@@ -946,15 +952,21 @@ __global__ void __launch_bounds__(kTcThreads, 2)
       [&](int rr) { return inv[rr >> 3]; });
 }
 
-// The kernel of a choice, at head-dim bound D: tc (WMMA), mma, or mma with the cp.async staging.
+// A choice's kernel and its shared memory, at head-dim bound D: the WMMA one (tc_smem bytes), the mma.sync
+// one (base bytes) or its cp.async-staged twin (base and the stage).
+template <int D, class Kernel>
+std::pair<Kernel*, size_t> choose(AttnKernel k, Kernel* tc, size_t tc_smem, Kernel* mma, Kernel* staged,
+                                  size_t base) {
+  if (k == AttnKernel::Wmma) return {tc, tc_smem};
+  if (k == AttnKernel::Mma) return {mma, base};
+  return {staged, with_stage<D, true>(base)};
+}
+
 template <int D>
 void forward_tc_impl(Stream stream, const AttnArgs& a, float* out, float* lse, AttnKernel k) {
-  const size_t smem = k == AttnKernel::Wmma  ? fwd_tc_smem<D>()
-                      : k == AttnKernel::Mma ? fwd_mma_base<D>()
-                                             : with_stage<D, true>(fwd_mma_base<D>());
-  auto* kernel = k == AttnKernel::Wmma  ? attn_fwd_tc_kernel<D>
-                 : k == AttnKernel::Mma ? attn_fwd_mma_kernel<D, false>
-                                        : attn_fwd_mma_kernel<D, true>;
+  const auto [kernel, smem] =
+      choose<D>(k, attn_fwd_tc_kernel<D>, fwd_tc_smem<D>(), attn_fwd_mma_kernel<D, false>,
+                attn_fwd_mma_kernel<D, true>, fwd_mma_base<D>());
   allow_smem(kernel, smem, "attention_forward (bf16)");
   const int nqt = (a.S + kBQ - 1) / kBQ;
   const unsigned grid = grid_1d(static_cast<int64_t>(nqt) * a.B * a.H, "attention_forward");
@@ -965,12 +977,9 @@ void forward_tc_impl(Stream stream, const AttnArgs& a, float* out, float* lse, A
 template <int D>
 void backward_tc_impl(Stream stream, const AttnArgs& a, const BwdPtrs& p, AttnKernel k) {
   {
-    const size_t smem = k == AttnKernel::Wmma  ? kv_tc_smem<D>()
-                        : k == AttnKernel::Mma ? kv_mma_base<D>()
-                                               : with_stage<D, true>(kv_mma_base<D>());
-    auto* kernel = k == AttnKernel::Wmma  ? attn_bwd_kv_tc_kernel<D>
-                   : k == AttnKernel::Mma ? attn_bwd_kv_mma_kernel<D, false>
-                                          : attn_bwd_kv_mma_kernel<D, true>;
+    const auto [kernel, smem] =
+        choose<D>(k, attn_bwd_kv_tc_kernel<D>, kv_tc_smem<D>(), attn_bwd_kv_mma_kernel<D, false>,
+                  attn_bwd_kv_mma_kernel<D, true>, kv_mma_base<D>());
     allow_smem(kernel, smem, "attention_backward (bf16 dk, dv)");
     const int64_t nkt = (static_cast<int64_t>(a.Pp) + a.S + kBK - 1) / kBK;
     const unsigned grid = grid_1d(nkt * a.B * a.KV, "attention_backward");
@@ -978,12 +987,9 @@ void backward_tc_impl(Stream stream, const AttnArgs& a, const BwdPtrs& p, AttnKe
     check_launch("attention_backward (bf16 dk, dv)");
   }
   {
-    const size_t smem = k == AttnKernel::Wmma  ? q_tc_smem<D>()
-                        : k == AttnKernel::Mma ? q_mma_base<D>()
-                                               : with_stage<D, true>(q_mma_base<D>());
-    auto* kernel = k == AttnKernel::Wmma  ? attn_bwd_q_tc_kernel<D>
-                   : k == AttnKernel::Mma ? attn_bwd_q_mma_kernel<D, false>
-                                          : attn_bwd_q_mma_kernel<D, true>;
+    const auto [kernel, smem] =
+        choose<D>(k, attn_bwd_q_tc_kernel<D>, q_tc_smem<D>(), attn_bwd_q_mma_kernel<D, false>,
+                  attn_bwd_q_mma_kernel<D, true>, q_mma_base<D>());
     allow_smem(kernel, smem, "attention_backward (bf16 dq)");
     const int nqt = (a.S + kBQ - 1) / kBQ;
     const unsigned grid = grid_1d(static_cast<int64_t>(nqt) * a.B * a.H, "attention_backward");
