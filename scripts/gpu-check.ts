@@ -317,13 +317,21 @@ if (want("steps")) {
     // attention alone; bf16 eager; tf32. (The pipelined
     // WMMA and register-staged GEMMs lost to the mma.sync one on every step and product: the gemm section
     // times them.)
-    const setups: { precision: CudaPrecision; graphs: boolean; kernel?: string; attn?: string }[] = [
+    const setups: {
+      precision: CudaPrecision;
+      graphs: boolean;
+      kernel?: string;
+      attn?: string;
+      peel?: boolean;
+    }[] = [
       { precision: "bf16", graphs: true },
       { precision: "bf16", graphs: true, kernel: "mma128", attn: "wmma" },
       ...(wgmmaRuns ? [{ precision: "bf16" as const, graphs: true, kernel: "wgmma" }] : []),
       ...(wgmmaRuns ? [{ precision: "bf16" as const, graphs: true, kernel: "wgmma2" }] : []),
       ...(tmaRuns ? [{ precision: "bf16" as const, graphs: true, kernel: "tma" }] : []),
       ...(asyncRuns ? [{ precision: "bf16" as const, graphs: true, attn: "async" }] : []),
+      { precision: "bf16", graphs: true, peel: true },
+      ...(asyncRuns ? [{ precision: "bf16" as const, graphs: true, attn: "async", peel: true }] : []),
       ...(tmaRuns && asyncRuns
         ? [{ precision: "bf16" as const, graphs: true, kernel: "tma", attn: "async" }]
         : []),
@@ -331,73 +339,76 @@ if (want("steps")) {
       { precision: "bf16", graphs: false },
       { precision: "tf32", graphs: true },
     ];
-    for (const { precision, graphs, kernel, attn } of setups) {
+    for (const { precision, graphs, kernel, attn, peel } of setups) {
       await withEnv("PRIORTUNE_CUDA_ATTN", attn, () =>
-        withEnv("PRIORTUNE_CUDA_GEMM", kernel, async () => {
-          await model.attachCuda({ precision, graphs });
-          const label =
-            `${precision}${graphs ? "" : " eager"}${kernel ? ` (${kernel} GEMM)` : ""}` +
-            `${attn ? ` (${attn} attention)` : ""}`;
-          for (const r of runs.filter((x) => x.config === cfg)) {
-            const C = cfg.hiddenSize;
-            const args = await prepareStep(model, cfg, r.B, r.S);
-            try {
-              const ms = await median(() => model.promptStep(args, adamw), tiny ? 3 : 20, tiny ? 2 : 3);
-              const mem = model.deviceMemory();
-              // Model FLOPs of a prompt-tuning step: 4 N per token (forward 2 N, input-gradient backward 2 N; no
-              // weight gradients), N = layer weights + LM head; attention 2 B L H S^2 hd forward (causal half),
-              // twice that backward.
-              const c = cfg;
-              const kv = c.numKvHeads * c.headDim;
-              const fc = c.architecture === "gpt2" ? 2 : 3;
-              const perLayer =
-                C * (c.numHeads * c.headDim + 2 * kv) +
-                c.numHeads * c.headDim * C +
-                fc * C * c.intermediateSize;
-              const N = c.numLayers * perLayer + c.vocabSize * C;
-              const flops = 4 * N * r.B * r.S + 6 * r.B * c.numLayers * c.numHeads * r.S * r.S * c.headDim;
-              const tflops = flops / ms / 1e9;
-              const row = {
-                what: "step",
-                model: r.name,
-                B: r.B,
-                S: r.S,
-                precision,
-                graphs,
-                gemmKernel: kernel ?? "auto",
-                attention: attn ?? "mma",
-                ms,
-                tokPerS: (r.B * r.S) / (ms / 1e3),
-                tflops,
-                mfu: tflops / peak.priortune!,
-                mfuCublasLt: tflops / peak.cublaslt!,
-                deviceMiB: (mem.weightBytes + mem.workspaceBytes) / 2 ** 20,
-                goalMs: r.goalMs,
-              };
-              console.log(JSON.stringify(row));
-              lines.push(
-                `| ${r.name} | ${r.B} x ${r.S} | ${label} | ${ms.toFixed(2)} | ${r.goalMs} | ${r.peer} | ${row.tokPerS.toFixed(0)} | ${(100 * row.mfu).toFixed(1)}% / ${Number.isNaN(row.mfuCublasLt) ? "-" : `${(100 * row.mfuCublasLt).toFixed(1)}%`} | ${row.deviceMiB.toFixed(0)} |`,
-              );
-            } catch (e) {
-              console.log(
-                JSON.stringify({
+        withEnv("PRIORTUNE_CUDA_GEMM_PEEL", peel ? "1" : undefined, () =>
+          withEnv("PRIORTUNE_CUDA_GEMM", kernel, async () => {
+            await model.attachCuda({ precision, graphs });
+            const label =
+              `${precision}${graphs ? "" : " eager"}${kernel ? ` (${kernel} GEMM)` : ""}` +
+              `${peel ? " (peeled tails)" : ""}${attn ? ` (${attn} attention)` : ""}`;
+            for (const r of runs.filter((x) => x.config === cfg)) {
+              const C = cfg.hiddenSize;
+              const args = await prepareStep(model, cfg, r.B, r.S);
+              try {
+                const ms = await median(() => model.promptStep(args, adamw), tiny ? 3 : 20, tiny ? 2 : 3);
+                const mem = model.deviceMemory();
+                // Model FLOPs of a prompt-tuning step: 4 N per token (forward 2 N, input-gradient backward 2 N; no
+                // weight gradients), N = layer weights + LM head; attention 2 B L H S^2 hd forward (causal half),
+                // twice that backward.
+                const c = cfg;
+                const kv = c.numKvHeads * c.headDim;
+                const fc = c.architecture === "gpt2" ? 2 : 3;
+                const perLayer =
+                  C * (c.numHeads * c.headDim + 2 * kv) +
+                  c.numHeads * c.headDim * C +
+                  fc * C * c.intermediateSize;
+                const N = c.numLayers * perLayer + c.vocabSize * C;
+                const flops = 4 * N * r.B * r.S + 6 * r.B * c.numLayers * c.numHeads * r.S * r.S * c.headDim;
+                const tflops = flops / ms / 1e9;
+                const row = {
                   what: "step",
                   model: r.name,
                   B: r.B,
                   S: r.S,
                   precision,
+                  graphs,
                   gemmKernel: kernel ?? "auto",
                   attention: attn ?? "mma",
-                  error: String(e),
-                }),
-              );
-              lines.push(
-                `| ${r.name} | ${r.B} x ${r.S} | ${label} | error: ${String(e).slice(0, 80)} | | | | | |`,
-              );
-              failed = true;
+                  peel: !!peel,
+                  ms,
+                  tokPerS: (r.B * r.S) / (ms / 1e3),
+                  tflops,
+                  mfu: tflops / peak.priortune!,
+                  mfuCublasLt: tflops / peak.cublaslt!,
+                  deviceMiB: (mem.weightBytes + mem.workspaceBytes) / 2 ** 20,
+                  goalMs: r.goalMs,
+                };
+                console.log(JSON.stringify(row));
+                lines.push(
+                  `| ${r.name} | ${r.B} x ${r.S} | ${label} | ${ms.toFixed(2)} | ${r.goalMs} | ${r.peer} | ${row.tokPerS.toFixed(0)} | ${(100 * row.mfu).toFixed(1)}% / ${Number.isNaN(row.mfuCublasLt) ? "-" : `${(100 * row.mfuCublasLt).toFixed(1)}%`} | ${row.deviceMiB.toFixed(0)} |`,
+                );
+              } catch (e) {
+                console.log(
+                  JSON.stringify({
+                    what: "step",
+                    model: r.name,
+                    B: r.B,
+                    S: r.S,
+                    precision,
+                    gemmKernel: kernel ?? "auto",
+                    attention: attn ?? "mma",
+                    error: String(e),
+                  }),
+                );
+                lines.push(
+                  `| ${r.name} | ${r.B} x ${r.S} | ${label} | error: ${String(e).slice(0, 80)} | | | | | |`,
+                );
+                failed = true;
+              }
             }
-          }
-        }),
+          }),
+        ),
       );
     }
     // Where the time goes: one profiled configuration per model (eager, CUDA events between stages), with the

@@ -1230,9 +1230,45 @@ int pick_width(TcKernel kernel, bool mma, bool nt, int bm, int64_t M, int64_t N)
   return cost(256) <= cost(128) ? 256 : 128;
 }
 
+// Tail peeling (PRIORTUNE_CUDA_GEMM_PEEL=1, not yet run on a GPU). One wgmma block an SM runs a product in
+// waves of SM-count tiles, and the model's shapes often spill a few tiles into a last wave that costs a whole
+// wave's time: GPT-2 B32 x 512 has 17024 = 133 x 128 rows, so its N = 768 products are 399 tiles of 128 x 256
+// (3 waves and 3 tiles on 132 SMs); Llama B8 x 512 has 4256 = 33 x 128 + 32 rows, so its N = 2048 products
+// are 272 tiles (2 waves and 8 tiles whose 128 rows hold 32). Peeling runs the rows of those full waves as
+// before and the rest as a second product on the mma.sync kernel with tiles short enough (32, 64 or 128
+// rows) to spread over the SMs: a tail of 32 x 128 tiles takes about a quarter to an eighth of a wave of
+// 128 x 256 ones. peel_rows_for: the rows of the full waves (a multiple of 128), or 0 when there is no tail
+// to peel: fewer than two waves, or a last wave more than half full.
+int64_t peel_rows_for(int64_t M, int64_t N, int bn, int64_t sms) {
+  const int64_t tiles_n = ceil_div(N, bn), tiles_m = ceil_div(M, kWBM), tiles = tiles_m * tiles_n;
+  const int64_t waves = ceil_div(tiles, sms), tail = tiles - (waves - 1) * sms;
+  if (waves < 2 || 2 * tail > sms) return 0;
+  const int64_t rows_tiles = (waves - 1) * sms / tiles_n;
+  return rows_tiles > 0 && rows_tiles < tiles_m ? rows_tiles * kWBM : 0;
+}
+// The mma.sync tile height for the peeled rows (bm x 128 tiles, two blocks an SM), or 0 when peeling does not
+// pay: the tail's estimated time, in units of the wave it replaces (a 128 x bn wgmma tile an SM), must stay
+// under 0.6. A wave of mma tiles does 2 bm x 128 an SM against the wgmma wave's 128 x bn, at 278 against 395
+// TFLOP/s (H200, 8192^3), so it costs (2 bm / bn) (395 / 278) of it; a tall remainder (a 4096-query kNN
+// block's 128 rows x 32768) needs so many short tiles that it would cost more than the wave.
+int peel_height(int64_t rows, int64_t N, int bn, int64_t sms) {
+  int best = 0;
+  double best_cost = 0.6;
+  for (int bm : {32, 64, 128}) {
+    const double waves = static_cast<double>(ceil_div(ceil_div(rows, bm) * ceil_div(N, 128), 2 * sms));
+    const double cost = waves * (2.0 * bm / bn) * (395.0 / 278.0);
+    if (cost < best_cost) best = bm, best_cost = cost;
+  }
+  return best;
+}
+bool env_peel() {
+  const char* v = std::getenv("PRIORTUNE_CUDA_GEMM_PEEL");
+  return v && std::strcmp(v, "1") == 0;
+}
+
 void gemm_with(TcKernel kernel, Stream stream, GemmPrecision precision, bool b_transposed, int64_t M,
                int64_t N, int64_t K, const void* A, int64_t lda, bool a_bf16, const void* B, int64_t ldb,
-               bool b_bf16, float* C, int64_t ldc, const float* bias, float beta) {
+               bool b_bf16, float* C, int64_t ldc, const float* bias, float beta, int force_bm = 0) {
   if (is_tma(kernel) && env_off("PRIORTUNE_CUDA_TMA")) kernel = TcKernel::Auto;
   auto bad = [&](const std::string& msg) {
     return std::invalid_argument(std::string("gemm (") + precision_name(precision) +
@@ -1258,7 +1294,7 @@ void gemm_with(TcKernel kernel, Stream stream, GemmPrecision precision, bool b_t
   const float* af = static_cast<const float*>(A);
   const uint16_t* ah = static_cast<const uint16_t*>(A);
   if (precision == GemmPrecision::BF16) {
-    const int bm = pick_rows(M);
+    const int bm = force_bm ? force_bm : pick_rows(M);
     const bool pipe = kernel == TcKernel::Pipe || kernel == TcKernel::Pipe128 || kernel == TcKernel::Pipe256;
     const bool cp_async = kernel != TcKernel::Staged && cp_async_ok(A, lda, a_bf16, B, ldb, b_bf16);
     const PipeArgs args{stream, m, n,   k,    ah,      lda, static_cast<const uint16_t*>(B),
@@ -1316,11 +1352,35 @@ void gemm_with(TcKernel kernel, Stream stream, GemmPrecision precision, bool b_t
 
 }  // namespace
 
+// Rows [0, M1) as `kernel` chooses, rows [M1, M) on the mma.sync kernel at tile height bm (the peeled tail).
+void gemm_peeled(TcKernel kernel, Stream stream, bool b_transposed, int64_t M, int64_t N, int64_t K,
+                 const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb, float* C, int64_t ldc,
+                 const float* bias, float beta, int64_t M1, int bm) {
+  gemm_with(kernel, stream, GemmPrecision::BF16, b_transposed, M1, N, K, A, lda, true, B, ldb, true, C, ldc,
+            bias, beta);
+  gemm_with(TcKernel::Mma128, stream, GemmPrecision::BF16, b_transposed, M - M1, N, K, A + M1 * lda, lda,
+            true, B, ldb, true, C + M1 * ldc, ldc, bias, beta, bm);
+}
+
 void gemm(Stream stream, GemmPrecision precision, bool b_transposed, int64_t M, int64_t N, int64_t K,
           const void* A, int64_t lda, bool a_bf16, const void* B, int64_t ldb, bool b_bf16, float* C,
           int64_t ldc, const float* bias, float beta) {
-  gemm_with(env_kernel(), stream, precision, b_transposed, M, N, K, A, lda, a_bf16, B, ldb, b_bf16, C, ldc,
-            bias, beta);
+  const TcKernel kernel = env_kernel();
+  if (precision == GemmPrecision::BF16 && env_peel() && A && B && C && M > 0 && N > 0 && K > 0 && lda >= K &&
+      ldc >= N && cp_async_ok(A, lda, a_bf16, B, ldb, b_bf16) && !is_tma(kernel) &&
+      kernel != TcKernel::Wgmma2) {
+    const int bn = wgmma_width(kernel, M, N, K);
+    const int64_t sms = device_info().sms;
+    const int64_t M1 = bn ? peel_rows_for(M, N, bn, sms) : 0;
+    const int bm = M1 ? peel_height(M - M1, N, bn, sms) : 0;
+    if (bm > 0) {
+      gemm_peeled(kernel, stream, b_transposed, M, N, K, static_cast<const uint16_t*>(A), lda,
+                  static_cast<const uint16_t*>(B), ldb, C, ldc, bias, beta, M1, bm);
+      return;
+    }
+  }
+  gemm_with(kernel, stream, precision, b_transposed, M, N, K, A, lda, a_bf16, B, ldb, b_bf16, C, ldc, bias,
+            beta);
 }
 
 void to_bf16(Stream stream, bf16_t* dst, const float* src, int64_t n) {
@@ -1508,6 +1568,46 @@ std::vector<OpCheck> selftest_gemm() {
                      : "; A and B uploaded as bf16, cp.async stages in the 128-byte swizzle, wgmma "
                        "m64nNk16 from shared memory")));
       }
+      // Tail peeling (PRIORTUNE_CUDA_GEMM_PEEL): the first 128-row block as auto chooses, the rest on the
+      // mma.sync kernel at each tile height, written where the one product would have written.
+      if (M > 128) {
+        for (const int bm : {32, 64, 128}) {
+          check(cudaMemcpy(d_c.get(), c0.data(), size_c * sizeof(float), cudaMemcpyHostToDevice),
+                "copy to device");
+          gemm_peeled(TcKernel::Auto, nullptr, nt, M, N, K, d_abits.get() + off, lda, d_bits.get() + off, ldb,
+                      d_c.get() + off, ldc, cs.bias ? d_bias.get() + off : nullptr, beta, 128, bm);
+          out.push_back(make_check("gemm bf16 (bf16 A, peeled at 128, tail " + std::to_string(bm) + " rows)",
+                                   shape, region_error(to_host(d_c.get(), size_c), ref_b, M, N, ldc, off),
+                                   tol_bf16, note_bf16 + "; rows past 128 on the mma.sync kernel"));
+        }
+      }
+    }
+  }
+
+  // Tail peeling's arithmetic on issue #5's shapes at 132 SMs: the rows of the full waves, 0 when nothing is
+  // peeled; the tail's tile height.
+  {
+    struct PeelCase {
+      int64_t M, N;
+      int bn;
+      int64_t want_rows;
+      int want_bm;
+    };
+    const PeelCase peel_cases[] = {
+        {17024, 768, 256, 16896, 32},   // GPT-2 B32 x 512, N = 768: 399 tiles, 3 tiles past 3 waves
+        {17024, 2304, 256, 16896, 32},  // its qkv: 1197 tiles, 9 past 9 waves
+        {4256, 2048, 256, 4224, 32},    // Llama B8 x 512, N = 2048: 272 tiles, 8 past 2 waves
+        {5336, 50257, 256, 0, 0},       // an LM-head chunk: its last wave 90 of 132 tiles, more than half
+        {4096, 32768, 256, 3968, 0},    // a kNN score block: 4 tiles past 31 waves, but 128 x 32768 to redo
+        {2208, 768, 128, 0, 0},         // GPT-2 B8 x 256: one wave
+    };
+    for (const PeelCase& pc : peel_cases) {
+      const int64_t rows = peel_rows_for(pc.M, pc.N, pc.bn, 132);
+      const int bm = rows ? peel_height(pc.M - rows, pc.N, pc.bn, 132) : 0;
+      out.push_back(make_check("gemm peel_rows_for",
+                               "M=" + std::to_string(pc.M) + " N=" + std::to_string(pc.N),
+                               rows == pc.want_rows && bm == pc.want_bm ? 0.0 : 1.0, 0.0,
+                               "the rows of the full waves and the tail's tile height, exact"));
     }
   }
 
