@@ -263,7 +263,7 @@ if (want("steps")) {
     architectures: ["GPT2LMHeadModel"],
     model_type: "gpt2",
     ...(tiny
-      ? { vocab_size: 500, n_embd: 128, n_layer: 2, n_head: 2, n_positions: 128 }
+      ? { vocab_size: 600, n_embd: 128, n_layer: 2, n_head: 2, n_positions: 128 }
       : { vocab_size: 50257, n_embd: 768, n_layer: 12, n_head: 12, n_positions: 1024 }),
   });
   const llama = parseConfig({
@@ -271,7 +271,7 @@ if (want("steps")) {
     model_type: "llama",
     ...(tiny
       ? {
-          vocab_size: 500,
+          vocab_size: 600,
           hidden_size: 128,
           intermediate_size: 320,
           num_hidden_layers: 2,
@@ -290,6 +290,8 @@ if (want("steps")) {
     tie_word_embeddings: true,
     rope_theta: 500000.0,
   });
+  // --tiny: vocabularies of 600, so that the LM head's input gradient (K = 600) takes the wgmma kernel and,
+  // under PRIORTUNE_CUDA_GEMM_SPLITK=1, split-K, which the first-loss check then covers.
   const shape = (B: number, S: number) => (tiny ? { B: 2, S: 40 + B } : { B, S });
   const runs = [
     { name: "GPT-2 124M", config: gpt2, ...shape(32, 512), goalMs: 28, peer: "eager bf16 85.3" },
@@ -298,6 +300,7 @@ if (want("steps")) {
     { name: "Llama-3.2-1B shape", config: llama, ...shape(2, 276), goalMs: 15, peer: "bf16 37.5" },
   ];
   const lines: string[] = [];
+  const firstLoss: Record<string, number> = {};
   const P = 20;
   const adamw = { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weightDecay: 0, maxGradNorm: 0 };
   // A fresh random soft prompt on the device and a fully labelled batch of B sequences of S - P tokens.
@@ -323,6 +326,7 @@ if (want("steps")) {
       kernel?: string;
       attn?: string;
       peel?: boolean;
+      splitk?: boolean;
     }[] = [
       { precision: "bf16", graphs: true },
       { precision: "bf16", graphs: true, kernel: "mma128", attn: "wmma" },
@@ -331,7 +335,10 @@ if (want("steps")) {
       ...(tmaRuns ? [{ precision: "bf16" as const, graphs: true, kernel: "tma" }] : []),
       ...(asyncRuns ? [{ precision: "bf16" as const, graphs: true, attn: "async" }] : []),
       { precision: "bf16", graphs: true, peel: true },
-      ...(asyncRuns ? [{ precision: "bf16" as const, graphs: true, attn: "async", peel: true }] : []),
+      { precision: "bf16", graphs: true, splitk: true },
+      ...(asyncRuns
+        ? [{ precision: "bf16" as const, graphs: true, attn: "async", peel: true, splitk: true }]
+        : []),
       ...(tmaRuns && asyncRuns
         ? [{ precision: "bf16" as const, graphs: true, kernel: "tma", attn: "async" }]
         : []),
@@ -339,75 +346,89 @@ if (want("steps")) {
       { precision: "bf16", graphs: false },
       { precision: "tf32", graphs: true },
     ];
-    for (const { precision, graphs, kernel, attn, peel } of setups) {
+    for (const { precision, graphs, kernel, attn, peel, splitk } of setups) {
       await withEnv("PRIORTUNE_CUDA_ATTN", attn, () =>
         withEnv("PRIORTUNE_CUDA_GEMM_PEEL", peel ? "1" : undefined, () =>
-          withEnv("PRIORTUNE_CUDA_GEMM", kernel, async () => {
-            await model.attachCuda({ precision, graphs });
-            const label =
-              `${precision}${graphs ? "" : " eager"}${kernel ? ` (${kernel} GEMM)` : ""}` +
-              `${peel ? " (peeled tails)" : ""}${attn ? ` (${attn} attention)` : ""}`;
-            for (const r of runs.filter((x) => x.config === cfg)) {
-              const C = cfg.hiddenSize;
-              const args = await prepareStep(model, cfg, r.B, r.S);
-              try {
-                const ms = await median(() => model.promptStep(args, adamw), tiny ? 3 : 20, tiny ? 2 : 3);
-                const mem = model.deviceMemory();
-                // Model FLOPs of a prompt-tuning step: 4 N per token (forward 2 N, input-gradient backward 2 N; no
-                // weight gradients), N = layer weights + LM head; attention 2 B L H S^2 hd forward (causal half),
-                // twice that backward.
-                const c = cfg;
-                const kv = c.numKvHeads * c.headDim;
-                const fc = c.architecture === "gpt2" ? 2 : 3;
-                const perLayer =
-                  C * (c.numHeads * c.headDim + 2 * kv) +
-                  c.numHeads * c.headDim * C +
-                  fc * C * c.intermediateSize;
-                const N = c.numLayers * perLayer + c.vocabSize * C;
-                const flops = 4 * N * r.B * r.S + 6 * r.B * c.numLayers * c.numHeads * r.S * r.S * c.headDim;
-                const tflops = flops / ms / 1e9;
-                const row = {
-                  what: "step",
-                  model: r.name,
-                  B: r.B,
-                  S: r.S,
-                  precision,
-                  graphs,
-                  gemmKernel: kernel ?? "auto",
-                  attention: attn ?? "mma",
-                  peel: !!peel,
-                  ms,
-                  tokPerS: (r.B * r.S) / (ms / 1e3),
-                  tflops,
-                  mfu: tflops / peak.priortune!,
-                  mfuCublasLt: tflops / peak.cublaslt!,
-                  deviceMiB: (mem.weightBytes + mem.workspaceBytes) / 2 ** 20,
-                  goalMs: r.goalMs,
-                };
-                console.log(JSON.stringify(row));
-                lines.push(
-                  `| ${r.name} | ${r.B} x ${r.S} | ${label} | ${ms.toFixed(2)} | ${r.goalMs} | ${r.peer} | ${row.tokPerS.toFixed(0)} | ${(100 * row.mfu).toFixed(1)}% / ${Number.isNaN(row.mfuCublasLt) ? "-" : `${(100 * row.mfuCublasLt).toFixed(1)}%`} | ${row.deviceMiB.toFixed(0)} |`,
-                );
-              } catch (e) {
-                console.log(
-                  JSON.stringify({
+          withEnv("PRIORTUNE_CUDA_GEMM_SPLITK", splitk ? "1" : undefined, () =>
+            withEnv("PRIORTUNE_CUDA_GEMM", kernel, async () => {
+              await model.attachCuda({ precision, graphs });
+              const label =
+                `${precision}${graphs ? "" : " eager"}${kernel ? ` (${kernel} GEMM)` : ""}` +
+                `${peel ? " (peeled tails)" : ""}${splitk ? " (split-K)" : ""}${attn ? ` (${attn} attention)` : ""}`;
+              for (const r of runs.filter((x) => x.config === cfg)) {
+                const C = cfg.hiddenSize;
+                const args = await prepareStep(model, cfg, r.B, r.S);
+                try {
+                  // Every setup starts from the same prompt: its first step's loss must match the default setup's
+                  // (the first, bf16) to bf16 rounding: a model-scale check of each candidate kernel.
+                  const first = (await model.promptStep(args, adamw)).loss;
+                  const key = `${r.name} ${r.B} x ${r.S}`;
+                  firstLoss[key] ??= first;
+                  const lossRel = Math.abs(first - firstLoss[key]!) / Math.abs(firstLoss[key]!);
+                  const lossOk = lossRel <= 1e-2;
+                  failed ||= !lossOk;
+                  const ms = await median(() => model.promptStep(args, adamw), tiny ? 3 : 20, tiny ? 2 : 3);
+                  const mem = model.deviceMemory();
+                  // Model FLOPs of a prompt-tuning step: 4 N per token (forward 2 N, input-gradient backward 2 N; no
+                  // weight gradients), N = layer weights + LM head; attention 2 B L H S^2 hd forward (causal half),
+                  // twice that backward.
+                  const c = cfg;
+                  const kv = c.numKvHeads * c.headDim;
+                  const fc = c.architecture === "gpt2" ? 2 : 3;
+                  const perLayer =
+                    C * (c.numHeads * c.headDim + 2 * kv) +
+                    c.numHeads * c.headDim * C +
+                    fc * C * c.intermediateSize;
+                  const N = c.numLayers * perLayer + c.vocabSize * C;
+                  const flops =
+                    4 * N * r.B * r.S + 6 * r.B * c.numLayers * c.numHeads * r.S * r.S * c.headDim;
+                  const tflops = flops / ms / 1e9;
+                  const row = {
                     what: "step",
                     model: r.name,
                     B: r.B,
                     S: r.S,
                     precision,
+                    graphs,
                     gemmKernel: kernel ?? "auto",
                     attention: attn ?? "mma",
-                    error: String(e),
-                  }),
-                );
-                lines.push(
-                  `| ${r.name} | ${r.B} x ${r.S} | ${label} | error: ${String(e).slice(0, 80)} | | | | | |`,
-                );
-                failed = true;
+                    peel: !!peel,
+                    splitk: !!splitk,
+                    firstLoss: first,
+                    firstLossRelToDefault: lossRel,
+                    ms,
+                    tokPerS: (r.B * r.S) / (ms / 1e3),
+                    tflops,
+                    mfu: tflops / peak.priortune!,
+                    mfuCublasLt: tflops / peak.cublaslt!,
+                    deviceMiB: (mem.weightBytes + mem.workspaceBytes) / 2 ** 20,
+                    goalMs: r.goalMs,
+                  };
+                  console.log(JSON.stringify(row));
+                  lines.push(
+                    `| ${r.name} | ${r.B} x ${r.S} | ${label} | ${ms.toFixed(2)} | ${r.goalMs} | ${r.peer} | ${row.tokPerS.toFixed(0)} | ${(100 * row.mfu).toFixed(1)}% / ${Number.isNaN(row.mfuCublasLt) ? "-" : `${(100 * row.mfuCublasLt).toFixed(1)}%`} | ${row.deviceMiB.toFixed(0)} | ${lossRel.toExponential(1)}${lossOk ? "" : " **NO**"} |`,
+                  );
+                } catch (e) {
+                  console.log(
+                    JSON.stringify({
+                      what: "step",
+                      model: r.name,
+                      B: r.B,
+                      S: r.S,
+                      precision,
+                      gemmKernel: kernel ?? "auto",
+                      attention: attn ?? "mma",
+                      error: String(e),
+                    }),
+                  );
+                  lines.push(
+                    `| ${r.name} | ${r.B} x ${r.S} | ${label} | error: ${String(e).slice(0, 80)} | | | | | | |`,
+                  );
+                  failed = true;
+                }
               }
-            }
-          }),
+            }),
+          ),
         ),
       );
     }
@@ -447,7 +468,7 @@ if (want("steps")) {
   }
   tables.push(
     `Prompt-tuning steps (P = 20, loss + prompt gradients + AdamW; MFU over the bf16 8192^3 GEMM peak, ours ${peak.priortune!.toFixed(0)} / cuBLASLt ${peak.cublaslt!.toFixed(0)} TFLOP/s)\n` +
-      "| model | B x S | precision | ms | goal ms | peer ms (issue) | tokens/s | MFU (ours / cuBLASLt peak) | device MiB |\n|---|---|---|---|---|---|---|---|---|\n" +
+      "| model | B x S | precision | ms | goal ms | peer ms (issue) | tokens/s | MFU (ours / cuBLASLt peak) | device MiB | first loss vs default |\n|---|---|---|---|---|---|---|---|---|---|\n" +
       lines.join("\n"),
   );
 }

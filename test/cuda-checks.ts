@@ -572,6 +572,7 @@ export async function gemmKernelChecks(): Promise<CheckRow[]> {
         ["wgmma", GEMM, "wgmma", 1e-6, 1e-5, same],
         ["wgmma, two blocks an SM", GEMM, "wgmma2", 1e-6, 1e-5, same],
         ["auto with peeled tails", "PRIORTUNE_CUDA_GEMM_PEEL", "1", 1e-6, 1e-5, same],
+        ["auto with split-K", "PRIORTUNE_CUDA_GEMM_SPLITK", "1", 1e-6, 1e-5, same],
         ["TMA-fed wgmma", GEMM, "tma", 1e-6, 1e-5, same],
         ["WMMA attention", ATTN, "wmma", 1e-3, 2e-2, rounded],
       ] as const) {

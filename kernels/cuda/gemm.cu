@@ -709,11 +709,13 @@ static_assert(wgmma_smem(256) <= 227 * 1024, "stages fit an H100 block (227 KB)"
 constexpr int kW2Stages = 3;
 static_assert(2 * (wgmma_smem(128, kW2Stages) + 1024) <= 228 * 1024, "two blocks fit an H100 SM");
 
+// splits > 1 (split-K, see gemm_split): block tile t of split s = t / tiles multiplies the k-range
+// [s kc, s kc + kc) (kc a multiple of 64) into C + s split_stride; splits = 1 is the plain product.
 template <bool NT, int BN, int STAGES = kWStages>
 __global__ void __launch_bounds__(kThreads, STAGES == kW2Stages ? 2 : 1)
     gemm_wgmma_kernel(const uint16_t* __restrict__ A, int64_t lda, const uint16_t* __restrict__ B,
                       int64_t ldb, float* C, int64_t ldc, const float* __restrict__ bias, int M, int N, int K,
-                      bool beta_one, bool c_vec) {
+                      bool beta_one, bool c_vec, int splits, int kc, int64_t split_stride) {
   static_assert(STAGES >= 3, "the stage refilled at step kt is that of step kt - 2");
   constexpr int kStageA = kWBM * kWBK, kStageB = BN * kWBK;  // elements: A [128][64]; B NT [BN][64], NN
                                                              // [BN / 64][64][64]
@@ -726,15 +728,20 @@ __global__ void __launch_bounds__(kThreads, STAGES == kW2Stages ? 2 : 1)
 
   const int warp = static_cast<int>(threadIdx.x) / 32 % 4, lane = static_cast<int>(threadIdx.x) % 32;
   const int row_base = static_cast<int>(threadIdx.x / 128) * 64 + 16 * warp + (lane >> 2);
-  const int64_t tiles_m = (M + kWBM - 1) / kWBM, tiles_n = (N + BN - 1) / BN;
-  const int kt_count = (K + kWBK - 1) / kWBK;
+  const int64_t tiles_m = (M + kWBM - 1) / kWBM, tiles_n = (N + BN - 1) / BN, tiles = tiles_m * tiles_n;
 
-  for (int64_t t = blockIdx.x; t < tiles_m * tiles_n; t += gridDim.x) {
+  for (int64_t t = blockIdx.x; t < tiles * splits; t += gridDim.x) {
     int m0, n0;
-    grouped_tile(t, tiles_m, tiles_n, kWBM, BN, m0, n0);
+    grouped_tile(t % tiles, tiles_m, tiles_n, kWBM, BN, m0, n0);
+    const int split = static_cast<int>(t / tiles), k0 = split * kc;
+    const int Ks = splits == 1 ? K : min(kc, K - k0);
+    const uint16_t* Ag = A + k0;
+    const uint16_t* Bg = NT ? B + k0 : B + static_cast<int64_t>(k0) * ldb;
+    float* Cs = C + split * split_stride;
+    const int kt_count = (Ks + kWBK - 1) / kWBK;
     auto load = [&](int kt) {  // step kt's copies (cp_step), in wgmma's layouts
-      cp_step<NT, kWBM, BN, kWBK, STAGES, kPanels>(kt, kt_count, As, kStageA, 0, Bs, kStageB, 0, A, lda, B,
-                                                   ldb, m0, n0, M, N, K);
+      cp_step<NT, kWBM, BN, kWBK, STAGES, kPanels>(kt, kt_count, As, kStageA, 0, Bs, kStageB, 0, Ag, lda, Bg,
+                                                   ldb, m0, n0, M, N, Ks);
     };
     float acc[BN / 2];
 #pragma unroll
@@ -752,7 +759,7 @@ __global__ void __launch_bounds__(kThreads, STAGES == kW2Stages ? 2 : 1)
     __pipeline_wait_prior(0);  // only empty groups are left
     __syncthreads();           // every warpgroup is done with the stages before the next tile refills them
 
-    wgmma_epilogue<BN>(acc, C, ldc, bias, M, N, m0 + row_base, n0, lane, beta_one, c_vec);
+    wgmma_epilogue<BN>(acc, Cs, ldc, bias, M, N, m0 + row_base, n0, lane, beta_one, c_vec);
   }
 }
 
@@ -1010,13 +1017,16 @@ void launch_mma(const PipeArgs& a) {
 }
 
 template <bool NT, int BN, int STAGES = kWStages>
-void launch_wgmma(const PipeArgs& a) {
+void launch_wgmma(const PipeArgs& a, int splits = 1, int kc = 0, int64_t split_stride = 0) {
   constexpr size_t smem = wgmma_smem(BN, STAGES);
   static const cudaError_t opt_in = cudaFuncSetAttribute(
       gemm_wgmma_kernel<NT, BN, STAGES>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   check(opt_in, "cudaFuncSetAttribute(gemm_wgmma_kernel)");
-  gemm_wgmma_kernel<NT, BN, STAGES><<<tile_grid(a, kWBM, BN), kThreads, smem, a.stream>>>(
-      a.A, a.lda, a.B, a.ldb, a.C, a.ldc, a.bias, a.M, a.N, a.K, a.beta_one, c_vec(a));
+  const unsigned grid =
+      static_cast<unsigned>(std::min<int64_t>(int64_t{tile_grid(a, kWBM, BN)} * splits, int64_t{1} << 30));
+  gemm_wgmma_kernel<NT, BN, STAGES><<<grid, kThreads, smem, a.stream>>>(a.A, a.lda, a.B, a.ldb, a.C, a.ldc,
+                                                                        a.bias, a.M, a.N, a.K, a.beta_one,
+                                                                        c_vec(a), splits, kc, split_stride);
 }
 
 // cuTensorMapEncodeTiled, from the driver through the runtime (no link against libcuda); null where the
@@ -1230,6 +1240,80 @@ int pick_width(TcKernel kernel, bool mma, bool nt, int bm, int64_t M, int64_t N)
   return cost(256) <= cost(128) ? 256 : 128;
 }
 
+// Split-K (PRIORTUNE_CUDA_GEMM_SPLITK=1 and a workspace from the caller; not yet run on a GPU). A product of
+// fewer wgmma tiles than half the SMs leaves most of them idle for its whole K loop: Llama B2 x 276 has 592
+// rows, so its N = 2048 products are 40 tiles of 128 x 256 for 132 SMs. Split into s k-ranges, the tiles
+// times s fill the SMs; each range's partial product goes to its own slice of the workspace and
+// splitk_reduce_kernel adds the slices in order (then the bias, then C when beta is 1): deterministic.
+struct SplitPlan {
+  int splits = 1, kc = 0, bn = 0;
+};
+bool env_splitk() {
+  const char* v = std::getenv("PRIORTUNE_CUDA_GEMM_SPLITK");
+  return v && std::strcmp(v, "1") == 0;
+}
+// The plan: width bn (128, or 256 where wide fits) and s k-ranges of kc (a multiple of 64, at least 4
+// k-steps, s at most 8, the partials at most 2^25 floats), the one with the smallest estimated time in
+// microseconds: waves x k-steps a range x a tile's step time (2 x 128 x bn x 64 flops at the width's 8192^3
+// rate on an H200, 394 or 325 TFLOP/s, over 132 SMs), plus the partials' traffic (written, read, C written:
+// (2 s + 1) M N floats at 3 TB/s); none unless it beats the unsplit product at width `plain` (auto's) by a
+// fifth: a product whose tiles leave SMs idle through a long K.
+SplitPlan split_plan_for(int64_t M, int64_t N, int64_t K, int plain, bool wide, int64_t sms) {
+  auto time = [&](int bn, int64_t splits, int64_t kc) {
+    const int64_t waves = ceil_div(ceil_div(M, kWBM) * ceil_div(N, bn) * splits, sms);
+    const double step_us = 2.0 * kWBM * bn * kWBK * 132 / ((bn == 256 ? 394.0 : 325.0) * 1e6);
+    const double reduce_us = splits > 1 ? (2.0 * splits + 1) * M * N * 4 / 3e6 : 0.0;
+    return static_cast<double>(waves * ceil_div(kc, kWBK)) * step_us + reduce_us;
+  };
+  const double plain_time = time(plain, 1, K);
+  SplitPlan best;
+  double best_time = 0.8 * plain_time;
+  for (const int bn : {128, 256}) {
+    if (bn == 256 && !wide) continue;
+    for (int64_t want = 2; want <= std::min<int64_t>(8, K / (4 * kWBK)); ++want) {
+      const int64_t kc = ceil_div(ceil_div(K, want), kWBK) * kWBK, splits = ceil_div(K, kc);
+      if (splits < 2 || splits * M * N > (int64_t{1} << 25)) continue;
+      const double t = time(bn, splits, kc);
+      if (t < best_time) {
+        best_time = t;
+        best.splits = static_cast<int>(splits);
+        best.kc = static_cast<int>(kc);
+        best.bn = bn;
+      }
+    }
+  }
+  return best;
+}
+
+__global__ void splitk_reduce_kernel(float* C, int64_t ldc, const float* __restrict__ ws, int splits, int M,
+                                     int N, const float* __restrict__ bias, bool beta_one) {
+  const int64_t total = static_cast<int64_t>(M) * N;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += stride) {
+    float v = 0.0f;
+    for (int s = 0; s < splits; ++s) v += ws[s * total + e];
+    const int64_t i = e / N, j = e % N;
+    if (bias) v += bias[j];
+    float* c = C + i * ldc + j;
+    *c = beta_one ? *c + v : v;
+  }
+}
+
+// The split product: the wgmma kernel at width p.bn into ws (p.splits x M x N), then the reduction into C.
+void gemm_split(Stream stream, bool b_transposed, int M, int N, int K, const uint16_t* A, int64_t lda,
+                const uint16_t* B, int64_t ldb, float* C, int64_t ldc, const float* bias, bool beta_one,
+                const SplitPlan& p, float* ws) {
+  const PipeArgs args{stream, M, N, K, A, lda, B, ldb, ws, N, nullptr, false};
+  const int64_t slice = static_cast<int64_t>(M) * N;
+  with_shape(b_transposed, kWBM, p.bn, [&](auto t, auto, auto c) {
+    launch_wgmma<decltype(t)::value, decltype(c)::value>(args, p.splits, p.kc, slice);
+  });
+  check_launch("gemm (split-K)");
+  splitk_reduce_kernel<<<grid_for(slice, kThreads), kThreads, 0, stream>>>(C, ldc, ws, p.splits, M, N, bias,
+                                                                           beta_one);
+  check_launch("gemm (split-K reduction)");
+}
+
 // Tail peeling (PRIORTUNE_CUDA_GEMM_PEEL=1, not yet run on a GPU). One wgmma block an SM runs a product in
 // waves of SM-count tiles, and the model's shapes often spill a few tiles into a last wave that costs a whole
 // wave's time: GPT-2 B32 x 512 has 17024 = 133 x 128 rows, so its N = 768 products are 399 tiles of 128 x 256
@@ -1362,13 +1446,41 @@ void gemm_peeled(TcKernel kernel, Stream stream, bool b_transposed, int64_t M, i
             true, B, ldb, true, C + M1 * ldc, ldc, bias, beta, bm);
 }
 
+// The split plan of a BF16 product with bf16 operands (none unless PRIORTUNE_CUDA_GEMM_SPLITK=1 and the
+// kernel choice is a wgmma one at a width).
+SplitPlan split_plan(TcKernel kernel, int64_t M, int64_t N, int64_t K) {
+  if (!env_splitk() || kernel != TcKernel::Auto) return {};
+  const int bn = wgmma_width(kernel, M, N, K);
+  return bn ? split_plan_for(M, N, K, bn, device_info().smem_optin >= wgmma_smem(256), device_info().sms)
+            : SplitPlan{};
+}
+
+int64_t gemm_workspace_floats(GemmPrecision precision, int64_t M, int64_t N, int64_t K) {
+  if (precision != GemmPrecision::BF16 || M < 1 || N < 1 || K < 1 || M > kMaxDim || N > kMaxDim ||
+      K > kMaxDim)
+    return 0;
+  const SplitPlan p = split_plan(env_kernel(), M, N, K);
+  return p.splits > 1 ? p.splits * M * N : 0;
+}
+
 void gemm(Stream stream, GemmPrecision precision, bool b_transposed, int64_t M, int64_t N, int64_t K,
           const void* A, int64_t lda, bool a_bf16, const void* B, int64_t ldb, bool b_bf16, float* C,
-          int64_t ldc, const float* bias, float beta) {
+          int64_t ldc, const float* bias, float beta, float* workspace, int64_t workspace_floats) {
   const TcKernel kernel = env_kernel();
-  if (precision == GemmPrecision::BF16 && env_peel() && A && B && C && M > 0 && N > 0 && K > 0 && lda >= K &&
-      ldc >= N && cp_async_ok(A, lda, a_bf16, B, ldb, b_bf16) && !is_tma(kernel) &&
-      kernel != TcKernel::Wgmma2) {
+  const bool fast = precision == GemmPrecision::BF16 && A && B && C && M > 0 && N > 0 && K > 0 &&
+                    M <= kMaxDim && N <= kMaxDim && K <= kMaxDim && lda >= K && ldc >= N &&
+                    ldb >= (b_transposed ? K : N) && (beta == 0.0f || beta == 1.0f) &&
+                    cp_async_ok(A, lda, a_bf16, B, ldb, b_bf16);
+  if (fast && workspace) {
+    const SplitPlan p = split_plan(kernel, M, N, K);
+    if (p.splits > 1 && workspace_floats >= p.splits * M * N) {
+      gemm_split(stream, b_transposed, static_cast<int>(M), static_cast<int>(N), static_cast<int>(K),
+                 static_cast<const uint16_t*>(A), lda, static_cast<const uint16_t*>(B), ldb, C, ldc, bias,
+                 beta == 1.0f, p, workspace);
+      return;
+    }
+  }
+  if (fast && env_peel() && !is_tma(kernel) && kernel != TcKernel::Wgmma2) {
     const int bn = wgmma_width(kernel, M, N, K);
     const int64_t sms = device_info().sms;
     const int64_t M1 = bn ? peel_rows_for(M, N, bn, sms) : 0;
@@ -1381,6 +1493,13 @@ void gemm(Stream stream, GemmPrecision precision, bool b_transposed, int64_t M, 
   }
   gemm_with(kernel, stream, precision, b_transposed, M, N, K, A, lda, a_bf16, B, ldb, b_bf16, C, ldc, bias,
             beta);
+}
+
+void gemm(Stream stream, GemmPrecision precision, bool b_transposed, int64_t M, int64_t N, int64_t K,
+          const void* A, int64_t lda, bool a_bf16, const void* B, int64_t ldb, bool b_bf16, float* C,
+          int64_t ldc, const float* bias, float beta) {
+  gemm(stream, precision, b_transposed, M, N, K, A, lda, a_bf16, B, ldb, b_bf16, C, ldc, bias, beta, nullptr,
+       0);
 }
 
 void to_bf16(Stream stream, bf16_t* dst, const float* src, int64_t n) {
@@ -1568,6 +1687,28 @@ std::vector<OpCheck> selftest_gemm() {
                      : "; A and B uploaded as bf16, cp.async stages in the 128-byte swizzle, wgmma "
                        "m64nNk16 from shared memory")));
       }
+      // Split-K (PRIORTUNE_CUDA_GEMM_SPLITK): the wgmma kernel (width 128) over 2 and 3 k-ranges into a
+      // workspace, reduced into C in order (with the bias, and C when beta is 1).
+      if (wgmma_width(TcKernel::Wgmma128, M, N, K) == 128) {
+        int last = 1;
+        for (const int64_t want : {2, 3}) {
+          SplitPlan sp;
+          sp.kc = static_cast<int>(ceil_div(ceil_div(K, want), kWBK) * kWBK);
+          sp.splits = static_cast<int>(ceil_div(K, sp.kc));
+          sp.bn = 128;
+          if (sp.splits == last) continue;  // 1, or the same ranges as the previous row
+          last = sp.splits;
+          DeviceBuffer<float> ws(static_cast<size_t>(sp.splits * M * N));
+          check(cudaMemcpy(d_c.get(), c0.data(), size_c * sizeof(float), cudaMemcpyHostToDevice),
+                "copy to device");
+          gemm_split(nullptr, nt, static_cast<int>(M), static_cast<int>(N), static_cast<int>(K),
+                     d_abits.get() + off, lda, d_bits.get() + off, ldb, d_c.get() + off, ldc,
+                     cs.bias ? d_bias.get() + off : nullptr, cs.beta_one, sp, ws.get());
+          out.push_back(make_check("gemm bf16 (bf16 A, split-K " + std::to_string(sp.splits) + ")", shape,
+                                   region_error(to_host(d_c.get(), size_c), ref_b, M, N, ldc, off), tol_bf16,
+                                   note_bf16 + "; wgmma partial products over k-ranges, added in order"));
+        }
+      }
       // Tail peeling (PRIORTUNE_CUDA_GEMM_PEEL): the first 128-row block as auto chooses, the rest on the
       // mma.sync kernel at each tile height, written where the one product would have written.
       if (M > 128) {
@@ -1609,6 +1750,32 @@ std::vector<OpCheck> selftest_gemm() {
                                rows == pc.want_rows && bm == pc.want_bm ? 0.0 : 1.0, 0.0,
                                "the rows of the full waves and the tail's tile height, exact"));
     }
+  }
+
+  // Split-K's plan on issue #5's shapes at 132 SMs (auto's unsplit width given): the width, the number of
+  // k-ranges and their length, or none.
+  {
+    const SplitPlan o = split_plan_for(552, 2048, 2048, 128, true, 132);      // Llama B2 x 276 o_proj
+    const SplitPlan d = split_plan_for(552, 2048, 8192, 128, true, 132);      // its down projection
+    const SplitPlan gi = split_plan_for(552, 2048, 16384, 128, true, 132);    // its gate/up input gradient
+    const SplitPlan h = split_plan_for(512, 2048, 128256, 128, true, 132);    // its LM-head input gradient
+    const SplitPlan g = split_plan_for(552, 16384, 2048, 256, true, 132);     // its gate/up: 5 x 64 tiles
+    const SplitPlan b8 = split_plan_for(2208, 768, 768, 128, true, 132);      // GPT-2 B8 x 256 qkv-sized
+    const SplitPlan big = split_plan_for(17024, 768, 3072, 256, true, 132);   // GPT-2 B32: many waves
+    const SplitPlan shortk = split_plan_for(552, 2048, 384, 128, true, 132);  // K too short
+    auto row = [&](const char* what, const SplitPlan& p, int bn, int splits, int kc) {
+      out.push_back(make_check("gemm split_plan_for", what,
+                               p.bn == bn && p.splits == splits && p.kc == kc ? 0.0 : 1.0, 0.0,
+                               "width, k-ranges and their length, exact (bn 0: no split)"));
+    };
+    row("M=552 N=2048 K=2048", o, 0, 1, 0);  // 27 us unsplit: the partials' traffic eats the gain
+    row("M=552 N=2048 K=8192", d, 256, 3, 2752);
+    row("M=552 N=2048 K=16384", gi, 256, 3, 5504);
+    row("M=512 N=2048 K=128256", h, 256, 4, 32064);
+    row("M=552 N=16384 K=2048", g, 0, 1, 0);
+    row("M=2208 N=768 K=768", b8, 0, 1, 0);
+    row("M=17024 N=768 K=3072", big, 0, 1, 0);
+    row("M=552 N=2048 K=384", shortk, 0, 1, 0);
   }
 
   // to_bf16: bit-exact against the host RN-even conversion, ties and signed zero included.

@@ -482,7 +482,7 @@ class CudaModel final : public DeviceModel {
     for (DeviceBuffer<float>* b :
          {&x_,      &xf_,   &lnf_mean_,     &lnf_rstd_, &xr_in_,    &xr_,      &dxr_,  &dxr_in_, &logits_,
           &losses_, &dx_,   &ln_,           &tmp_,      &act_,      &dmid_,    &dact_, &dfc_,    &dln_,
-          &datt_,   &dqkv_, &attn_scratch_, &rope_cos_, &rope_sin_, &gprompt_, &clip_})
+          &datt_,   &dqkv_, &attn_scratch_, &rope_cos_, &rope_sin_, &gprompt_, &clip_, &gemm_ws_})
       f(*b);
     f(loss_sum_);
     f(gnorm_sq_);
@@ -574,24 +574,33 @@ class CudaModel final : public DeviceModel {
     cuda::to_bf16(stream_, a16_.get(), A, n);
     return a16_.get();
   }
+  // Every product goes through here: with the split-K workspace it may use (PRIORTUNE_CUDA_GEMM_SPLITK=1;
+  // grown before the product is queued, so never while one that uses it is in flight).
+  void product(bool nt, int64_t M, int64_t N, int64_t K, const void* A, int64_t lda, bool a_bf16, Mat W,
+               float* C, int64_t ldc, const float* bias, float beta) {
+    const int64_t ws = cuda::gemm_workspace_floats(opt_.precision, M, N, K);
+    if (ws > 0) need(gemm_ws_, ws);
+    cuda::gemm(stream_, opt_.precision, nt, M, N, K, A, lda, a_bf16, W.p, nt ? K : N, W.bf16, C, ldc, bias,
+               beta, ws > 0 ? gemm_ws_.get() : nullptr, ws);
+  }
   void gemm_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, Mat W, float* C, int64_t ldc,
                const float* bias, float beta) {
     mark("gemm x W^T (forward, LM head)");
     bool a_bf16 = false;
     const void* a = gemm_a(A, lda, M, K, W, &a_bf16);
-    cuda::gemm(stream_, opt_.precision, true, M, N, K, a, lda, a_bf16, W.p, K, W.bf16, C, ldc, bias, beta);
+    product(true, M, N, K, a, lda, a_bf16, W, C, ldc, bias, beta);
   }
   // The same with A already bf16 (bf16_operand(W) holds).
   void gemm_nt_bf16(int64_t M, int64_t N, int64_t K, const bf16_t* A, int64_t lda, Mat W, float* C,
                     int64_t ldc, const float* bias) {
     mark("gemm x W^T (forward, LM head)");
-    cuda::gemm(stream_, opt_.precision, true, M, N, K, A, lda, true, W.p, K, true, C, ldc, bias, 0.0f);
+    product(true, M, N, K, A, lda, true, W, C, ldc, bias, 0.0f);
   }
   // C[M, N] = A[M, K] . W with A already bf16 (bf16_operand(W) holds).
   void gemm_nn_bf16(int64_t M, int64_t N, int64_t K, const bf16_t* A, int64_t lda, Mat W, float* C,
                     int64_t ldc) {
     mark("gemm dY W (input gradients)");
-    cuda::gemm(stream_, opt_.precision, false, M, N, K, A, lda, true, W.p, N, true, C, ldc, nullptr, 0.0f);
+    product(false, M, N, K, A, lda, true, W, C, ldc, nullptr, 0.0f);
   }
   // C[M, N] = A[M, K] . W where W is [K, N] (a weight [out = K, in = N]: the input gradient of a linear
   // layer).
@@ -600,8 +609,7 @@ class CudaModel final : public DeviceModel {
     mark("gemm dY W (input gradients)");
     bool a_bf16 = false;
     const void* a = gemm_a(A, lda, M, K, W, &a_bf16);
-    cuda::gemm(stream_, opt_.precision, false, M, N, K, a, lda, a_bf16, W.p, N, W.bf16, C, ldc, nullptr,
-               beta);
+    product(false, M, N, K, a, lda, a_bf16, W, C, ldc, nullptr, beta);
   }
 
   // out[N, Nout] = norm(x (+ residual, also written to x_sum)) . W^T (+ bias), norm `name` (its .w, .b), its
@@ -1200,8 +1208,9 @@ class CudaModel final : public DeviceModel {
   DeviceBuffer<float> x_, xf_, lnf_mean_, lnf_rstd_, xr_in_, xr_, dxr_, dxr_in_, logits_, losses_, dx_;
   DeviceBuffer<float> ln_, tmp_, act_, dmid_, dact_, dfc_, dln_, datt_, dqkv_, attn_scratch_;
   DeviceBuffer<float> rope_cos_, rope_sin_, gprompt_, clip_;
-  DeviceBuffer<bf16_t> a16_;   // the bf16 copy of a product's activation operand (gemm_a)
-  bool dmid16_ready_ = false;  // layer_backward: a16_ holds the next layer's dmid in bf16 (its fc2 operand)
+  DeviceBuffer<float> gemm_ws_;  // split-K partial products (product)
+  DeviceBuffer<bf16_t> a16_;     // the bf16 copy of a product's activation operand (gemm_a)
+  bool dmid16_ready_ = false;    // layer_backward: a16_ holds the next layer's dmid in bf16 (its fc2 operand)
   DeviceBuffer<double> loss_sum_, gnorm_sq_;
   std::vector<DeviceBuffer<float>> gdeep_a_, gdeep_b_;
   DeviceBuffer<uint8_t> inputs_;

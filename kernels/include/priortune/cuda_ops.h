@@ -46,13 +46,22 @@ enum class AttentionPrecision { FP32, BF16 };
 // Hopper where M > 64 and K >= 512, else ldmatrix + mma.sync; edge tiles included); anything else takes the
 // staged kernel (fp32 operands converted
 // as they are staged; unaligned rows or edge tiles load element by element).
-// PRIORTUNE_CUDA_GEMM=staged|pipe|pipe128|pipe256|mma128|mma256|wgmma|wgmma128|wgmma256|tma|tma128|tma256
-// fixes the kernel for comparisons (default auto; the wgmma and TMA-fed wgmma ones on compute capability 9.x
-// only, PRIORTUNE_CUDA_WGMMA=0 keeping them off, PRIORTUNE_CUDA_TMA=0 the TMA-fed ones). beta is 0 or 1: with
-// 0, C is not read.
+// PRIORTUNE_CUDA_GEMM=staged|pipe|pipe128|pipe256|mma128|mma256|wgmma|wgmma128|wgmma256|wgmma2|tma|tma128|
+// tma256 fixes the kernel for comparisons (default auto; the wgmma and TMA-fed wgmma ones on compute
+// capability 9.x only, PRIORTUNE_CUDA_WGMMA=0 keeping them off, PRIORTUNE_CUDA_TMA=0 the TMA-fed ones);
+// PRIORTUNE_CUDA_GEMM_PEEL=1 runs a wgmma product's sparse last wave as a second product on short mma.sync
+// tiles. beta is 0 or 1: with 0, C is not read.
 void gemm(Stream stream, GemmPrecision precision, bool b_transposed, int64_t M, int64_t N, int64_t K,
           const void* A, int64_t lda, bool a_bf16, const void* B, int64_t ldb, bool b_bf16, float* C,
           int64_t ldc, const float* bias, float beta);
+// The same with a device workspace of workspace_floats floats, which PRIORTUNE_CUDA_GEMM_SPLITK=1 lets a
+// product of too few tiles to fill the GPU use for split-K (partial products over k-ranges, added in a fixed
+// order); gemm_workspace_floats says how many floats this product would use (0: it would not split). The
+// workspace must not be in use by other work on other streams.
+void gemm(Stream stream, GemmPrecision precision, bool b_transposed, int64_t M, int64_t N, int64_t K,
+          const void* A, int64_t lda, bool a_bf16, const void* B, int64_t ldb, bool b_bf16, float* C,
+          int64_t ldc, const float* bias, float beta, float* workspace, int64_t workspace_floats);
+int64_t gemm_workspace_floats(GemmPrecision precision, int64_t M, int64_t N, int64_t K);
 
 // dst[i] (=) = bf16(src[i]), round to nearest even (weights once, on upload; activations before each BF16
 // product, so that it can take the pipelined kernel).
