@@ -23,7 +23,7 @@ import { type ModelConfig, nativeConfig, parseConfig } from "../lib/config.js";
 import { VocabIndex } from "../lib/knn.js";
 import { addon, type CudaPrecision, type NativeModel } from "../lib/native.js";
 import { allCudaChecks, type CheckRow } from "../test/cuda-checks.js";
-import { withEnv } from "../test/helpers.js";
+import { withEnv, withEnvs } from "../test/helpers.js";
 
 const native = addon();
 const info = native.cudaInfo();
@@ -347,90 +347,89 @@ if (want("steps")) {
       { precision: "tf32", graphs: true },
     ];
     for (const { precision, graphs, kernel, attn, peel, splitk } of setups) {
-      await withEnv("PRIORTUNE_CUDA_ATTN", attn, () =>
-        withEnv("PRIORTUNE_CUDA_GEMM_PEEL", peel ? "1" : undefined, () =>
-          withEnv("PRIORTUNE_CUDA_GEMM_SPLITK", splitk ? "1" : undefined, () =>
-            withEnv("PRIORTUNE_CUDA_GEMM", kernel, async () => {
-              await model.attachCuda({ precision, graphs });
-              const label =
-                `${precision}${graphs ? "" : " eager"}${kernel ? ` (${kernel} GEMM)` : ""}` +
-                `${peel ? " (peeled tails)" : ""}${splitk ? " (split-K)" : ""}${attn ? ` (${attn} attention)` : ""}`;
-              for (const r of runs.filter((x) => x.config === cfg)) {
-                const C = cfg.hiddenSize;
-                const args = await prepareStep(model, cfg, r.B, r.S);
-                try {
-                  // Every setup starts from the same prompt: its first step's loss must match the default setup's
-                  // (the first, bf16) to bf16 rounding: a model-scale check of each candidate kernel.
-                  const first = (await model.promptStep(args, adamw)).loss;
-                  const key = `${r.name} ${r.B} x ${r.S}`;
-                  firstLoss[key] ??= first;
-                  const lossRel = Math.abs(first - firstLoss[key]!) / Math.abs(firstLoss[key]!);
-                  const lossOk = lossRel <= 1e-2;
-                  failed ||= !lossOk;
-                  const ms = await median(() => model.promptStep(args, adamw), tiny ? 3 : 20, tiny ? 2 : 3);
-                  const mem = model.deviceMemory();
-                  // Model FLOPs of a prompt-tuning step: 4 N per token (forward 2 N, input-gradient backward 2 N; no
-                  // weight gradients), N = layer weights + LM head; attention 2 B L H S^2 hd forward (causal half),
-                  // twice that backward.
-                  const c = cfg;
-                  const kv = c.numKvHeads * c.headDim;
-                  const fc = c.architecture === "gpt2" ? 2 : 3;
-                  const perLayer =
-                    C * (c.numHeads * c.headDim + 2 * kv) +
-                    c.numHeads * c.headDim * C +
-                    fc * C * c.intermediateSize;
-                  const N = c.numLayers * perLayer + c.vocabSize * C;
-                  const flops =
-                    4 * N * r.B * r.S + 6 * r.B * c.numLayers * c.numHeads * r.S * r.S * c.headDim;
-                  const tflops = flops / ms / 1e9;
-                  const row = {
-                    what: "step",
-                    model: r.name,
-                    B: r.B,
-                    S: r.S,
-                    precision,
-                    graphs,
-                    gemmKernel: kernel ?? "auto",
-                    attention: attn ?? "mma",
-                    peel: !!peel,
-                    splitk: !!splitk,
-                    firstLoss: first,
-                    firstLossRelToDefault: lossRel,
-                    ms,
-                    tokPerS: (r.B * r.S) / (ms / 1e3),
-                    tflops,
-                    mfu: tflops / peak.priortune!,
-                    mfuCublasLt: tflops / peak.cublaslt!,
-                    deviceMiB: (mem.weightBytes + mem.workspaceBytes) / 2 ** 20,
-                    goalMs: r.goalMs,
-                  };
-                  console.log(JSON.stringify(row));
-                  lines.push(
-                    `| ${r.name} | ${r.B} x ${r.S} | ${label} | ${ms.toFixed(2)} | ${r.goalMs} | ${r.peer} | ${row.tokPerS.toFixed(0)} | ${(100 * row.mfu).toFixed(1)}% / ${Number.isNaN(row.mfuCublasLt) ? "-" : `${(100 * row.mfuCublasLt).toFixed(1)}%`} | ${row.deviceMiB.toFixed(0)} | ${lossRel.toExponential(1)}${lossOk ? "" : " **NO**"} |`,
-                  );
-                } catch (e) {
-                  console.log(
-                    JSON.stringify({
-                      what: "step",
-                      model: r.name,
-                      B: r.B,
-                      S: r.S,
-                      precision,
-                      gemmKernel: kernel ?? "auto",
-                      attention: attn ?? "mma",
-                      error: String(e),
-                    }),
-                  );
-                  lines.push(
-                    `| ${r.name} | ${r.B} x ${r.S} | ${label} | error: ${String(e).slice(0, 80)} | | | | | | |`,
-                  );
-                  failed = true;
-                }
-              }
-            }),
-          ),
-        ),
-      );
+      const env = {
+        PRIORTUNE_CUDA_ATTN: attn,
+        PRIORTUNE_CUDA_GEMM_PEEL: peel ? "1" : undefined,
+        PRIORTUNE_CUDA_GEMM_SPLITK: splitk ? "1" : undefined,
+        PRIORTUNE_CUDA_GEMM: kernel,
+      };
+      await withEnvs(env, async () => {
+        await model.attachCuda({ precision, graphs });
+        const label =
+          `${precision}${graphs ? "" : " eager"}${kernel ? ` (${kernel} GEMM)` : ""}` +
+          `${peel ? " (peeled tails)" : ""}${splitk ? " (split-K)" : ""}${attn ? ` (${attn} attention)` : ""}`;
+        for (const r of runs.filter((x) => x.config === cfg)) {
+          const C = cfg.hiddenSize;
+          const args = await prepareStep(model, cfg, r.B, r.S);
+          try {
+            // Every setup starts from the same prompt: its first step's loss must match the default setup's
+            // (the first, bf16) to bf16 rounding: a model-scale check of each candidate kernel.
+            const first = (await model.promptStep(args, adamw)).loss;
+            const key = `${r.name} ${r.B} x ${r.S}`;
+            firstLoss[key] ??= first;
+            const lossRel = Math.abs(first - firstLoss[key]!) / Math.abs(firstLoss[key]!);
+            const lossOk = lossRel <= 1e-2;
+            failed ||= !lossOk;
+            const ms = await median(() => model.promptStep(args, adamw), tiny ? 3 : 20, tiny ? 2 : 3);
+            const mem = model.deviceMemory();
+            // Model FLOPs of a prompt-tuning step: 4 N per token (forward 2 N, input-gradient backward 2 N; no
+            // weight gradients), N = layer weights + LM head; attention 2 B L H S^2 hd forward (causal half),
+            // twice that backward.
+            const c = cfg;
+            const kv = c.numKvHeads * c.headDim;
+            const fc = c.architecture === "gpt2" ? 2 : 3;
+            const perLayer =
+              C * (c.numHeads * c.headDim + 2 * kv) +
+              c.numHeads * c.headDim * C +
+              fc * C * c.intermediateSize;
+            const N = c.numLayers * perLayer + c.vocabSize * C;
+            const flops = 4 * N * r.B * r.S + 6 * r.B * c.numLayers * c.numHeads * r.S * r.S * c.headDim;
+            const tflops = flops / ms / 1e9;
+            const row = {
+              what: "step",
+              model: r.name,
+              B: r.B,
+              S: r.S,
+              precision,
+              graphs,
+              gemmKernel: kernel ?? "auto",
+              attention: attn ?? "mma",
+              peel: !!peel,
+              splitk: !!splitk,
+              firstLoss: first,
+              firstLossRelToDefault: lossRel,
+              ms,
+              tokPerS: (r.B * r.S) / (ms / 1e3),
+              tflops,
+              mfu: tflops / peak.priortune!,
+              mfuCublasLt: tflops / peak.cublaslt!,
+              deviceMiB: (mem.weightBytes + mem.workspaceBytes) / 2 ** 20,
+              goalMs: r.goalMs,
+            };
+            console.log(JSON.stringify(row));
+            lines.push(
+              `| ${r.name} | ${r.B} x ${r.S} | ${label} | ${ms.toFixed(2)} | ${r.goalMs} | ${r.peer} | ${row.tokPerS.toFixed(0)} | ${(100 * row.mfu).toFixed(1)}% / ${Number.isNaN(row.mfuCublasLt) ? "-" : `${(100 * row.mfuCublasLt).toFixed(1)}%`} | ${row.deviceMiB.toFixed(0)} | ${lossRel.toExponential(1)}${lossOk ? "" : " **NO**"} |`,
+            );
+          } catch (e) {
+            console.log(
+              JSON.stringify({
+                what: "step",
+                model: r.name,
+                B: r.B,
+                S: r.S,
+                precision,
+                gemmKernel: kernel ?? "auto",
+                attention: attn ?? "mma",
+                error: String(e),
+              }),
+            );
+            lines.push(
+              `| ${r.name} | ${r.B} x ${r.S} | ${label} | error: ${String(e).slice(0, 80)} | | | | | | |`,
+            );
+            failed = true;
+          }
+        }
+      });
     }
     // Where the time goes: one profiled configuration per model (eager, CUDA events between stages), with the
     // default kernels and with the cp.async-staged attention ones.
@@ -503,11 +502,12 @@ if (want("knn")) {
       ];
   const withPath = <T>(path: string, fn: () => Promise<T>) => {
     const parts = path.split("+");
-    return withEnv("PRIORTUNE_CUDA_KNN", parts[0], () =>
-      withEnv("PRIORTUNE_CUDA_GEMM", parts.includes("wgmma") ? "wgmma" : undefined, () =>
-        withEnv("PRIORTUNE_CUDA_KNN_SELECT", parts.includes("filter") ? "filter" : undefined, fn),
-      ),
-    );
+    const env = {
+      PRIORTUNE_CUDA_KNN: parts[0],
+      PRIORTUNE_CUDA_GEMM: parts.includes("wgmma") ? "wgmma" : undefined,
+      PRIORTUNE_CUDA_KNN_SELECT: parts.includes("filter") ? "filter" : undefined,
+    };
+    return withEnvs(env, fn);
   };
   for (const w of quick ? workloads.slice(0, 1) : workloads) {
     const vocab = random(w.V * w.d, 1 + w.V);

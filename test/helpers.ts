@@ -101,3 +101,13 @@ export async function withEnv<T>(name: string, value: string | undefined, fn: ()
     else process.env[name] = before;
   }
 }
+
+/** withEnv for several variables at once (each undefined value: unset), all restored afterwards. */
+export function withEnvs<T>(vars: Record<string, string | undefined>, fn: () => Promise<T>): Promise<T> {
+  return Object.entries(vars).reduceRight<() => Promise<T>>(
+    (inner, [name, value]) =>
+      () =>
+        withEnv(name, value, inner),
+    fn,
+  )();
+}

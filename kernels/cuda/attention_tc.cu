@@ -678,11 +678,11 @@ __device__ __forceinline__ void store_rows(const float (&acc)[D / 8][4], int hd,
   }
 }
 
-// The mma.sync kernels' shared memory: `base` bytes of tiles and rows, then under ASYNC the fp32 stage of
-// two 64-row tiles (16-byte aligned: base is a multiple of 16).
-template <int D, bool ASYNC>
+// The mma.sync kernels' shared memory: `base` bytes of tiles and rows, then with the cp.async staging the
+// fp32 stage of two 64-row tiles (16-byte aligned: base is a multiple of 16).
+template <int D>
 constexpr size_t with_stage(size_t base) {
-  return base + (ASYNC ? 2 * static_cast<size_t>(64) * D * sizeof(float) : 0);
+  return base + 2 * static_cast<size_t>(64) * D * sizeof(float);
 }
 __device__ __forceinline__ float* stage_at(unsigned char* smem, size_t base) {
   return reinterpret_cast<float*>(smem + base);
@@ -959,7 +959,7 @@ std::pair<Kernel*, size_t> choose(AttnKernel k, Kernel* tc, size_t tc_smem, Kern
                                   size_t base) {
   if (k == AttnKernel::Wmma) return {tc, tc_smem};
   if (k == AttnKernel::Mma) return {mma, base};
-  return {staged, with_stage<D, true>(base)};
+  return {staged, with_stage<D>(base)};
 }
 
 template <int D>
@@ -1028,8 +1028,7 @@ ForceAttentionKernel::~ForceAttentionKernel() {
 }
 
 bool async_attention_off() {
-  const char* v = std::getenv("PRIORTUNE_CUDA_ATTN_ASYNC");
-  return v && std::string(v) == "0";
+  return env_is("PRIORTUNE_CUDA_ATTN_ASYNC", "0");
 }
 
 AttnKernel attention_kernel() {

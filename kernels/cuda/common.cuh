@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -25,6 +26,13 @@ inline void check(cudaError_t e, const char* what) {
                              cudaGetErrorString(e) + ")");
   }
 }
+// Whether environment variable `name` is set to exactly `value` (the kernels' switches: "0" keeps a kernel
+// off, "1" turns an option on).
+inline bool env_is(const char* name, const char* value) {
+  const char* v = std::getenv(name);
+  return v && std::strcmp(v, value) == 0;
+}
+
 // After a kernel launch: configuration errors (bad grid, too much shared memory) surface here.
 inline void check_launch(const char* op) {
   check(cudaGetLastError(), op);

@@ -658,6 +658,12 @@ __global__ void __launch_bounds__(kThreads, mma_blocks_per_sm(BN))
 // commits them and waits until only they are in flight, so the next step's barrier and copies overlap them.
 // The epilogue is the mma.sync kernel's (store_pair), from registers.
 constexpr int kWBM = 128, kWBK = 64, kWStages = 4;
+// The measured bf16 rates the kernel choices weigh (TFLOP/s at 8192^3, H200, 2026-11-26): the wgmma kernel
+// at tile width 256 or 128, and the mma.sync kernel at 128 x 128.
+constexpr double kMmaTflops = 278.0;
+constexpr double wgmma_tflops(int bn) {
+  return bn == 256 ? 394.0 : 325.0;
+}
 constexpr uint32_t kWRow = kWBK * 2, kWAtom = 8 * kWRow;  // bytes: a stage row (the 128-byte swizzle span), 8
 
 // One 64-wide k-step of a warpgroup's MMAs on the stage at shared addresses a0 (its 64 rows of A) and b0 (B),
@@ -1133,8 +1139,7 @@ bool is_tma(TcKernel k) {
 
 // A kill switch set to "0" (PRIORTUNE_CUDA_WGMMA, PRIORTUNE_CUDA_TMA).
 bool env_off(const char* name) {
-  const char* v = std::getenv(name);
-  return v && std::strcmp(v, "0") == 0;
+  return env_is(name, "0");
 }
 
 // PRIORTUNE_CUDA_GEMM = auto (default) | staged | pipe | pipe128 | pipe256 | mma128 | mma256 | wgmma |
@@ -1199,7 +1204,7 @@ int wgmma_width(TcKernel kernel, int64_t M, int64_t N, int64_t K) {
     if (M <= 64 || K < 512) return 0;
     const int64_t tiles_m = ceil_div(M, kWBM), sms = device_info().sms;
     auto cost = [&](int bn) {
-      return static_cast<double>(ceil_div(tiles_m * ceil_div(N, bn), sms)) * bn / (bn == 256 ? 394.0 : 325.0);
+      return static_cast<double>(ceil_div(tiles_m * ceil_div(N, bn), sms)) * bn / wgmma_tflops(bn);
     };
     return fits256 && cost(256) <= cost(128) ? 256 : 128;
   }
@@ -1248,9 +1253,13 @@ int pick_width(TcKernel kernel, bool mma, bool nt, int bm, int64_t M, int64_t N)
 struct SplitPlan {
   int splits = 1, kc = 0, bn = 0;
 };
-bool env_splitk() {
-  const char* v = std::getenv("PRIORTUNE_CUDA_GEMM_SPLITK");
-  return v && std::strcmp(v, "1") == 0;
+// About `want` k-ranges of K at width bn: kc rounded up to whole 64-wide k-steps, so the ranges may be fewer.
+SplitPlan split_ranges(int64_t K, int64_t want, int bn) {
+  SplitPlan p;
+  p.kc = static_cast<int>(ceil_div(ceil_div(K, want), kWBK) * kWBK);
+  p.splits = static_cast<int>(ceil_div(K, p.kc));
+  p.bn = bn;
+  return p;
 }
 // The plan: width bn (128, or 256 where wide fits) and s k-ranges of kc (a multiple of 64, at least 4
 // k-steps, s at most 8, the partials at most 2^25 floats), the one with the smallest estimated time in
@@ -1261,7 +1270,7 @@ bool env_splitk() {
 SplitPlan split_plan_for(int64_t M, int64_t N, int64_t K, int plain, bool wide, int64_t sms) {
   auto time = [&](int bn, int64_t splits, int64_t kc) {
     const int64_t waves = ceil_div(ceil_div(M, kWBM) * ceil_div(N, bn) * splits, sms);
-    const double step_us = 2.0 * kWBM * bn * kWBK * 132 / ((bn == 256 ? 394.0 : 325.0) * 1e6);
+    const double step_us = 2.0 * kWBM * bn * kWBK * 132 / (wgmma_tflops(bn) * 1e6);
     const double reduce_us = splits > 1 ? (2.0 * splits + 1) * M * N * 4 / 3e6 : 0.0;
     return static_cast<double>(waves * ceil_div(kc, kWBK)) * step_us + reduce_us;
   };
@@ -1271,15 +1280,10 @@ SplitPlan split_plan_for(int64_t M, int64_t N, int64_t K, int plain, bool wide, 
   for (const int bn : {128, 256}) {
     if (bn == 256 && !wide) continue;
     for (int64_t want = 2; want <= std::min<int64_t>(8, K / (4 * kWBK)); ++want) {
-      const int64_t kc = ceil_div(ceil_div(K, want), kWBK) * kWBK, splits = ceil_div(K, kc);
-      if (splits < 2 || splits * M * N > (int64_t{1} << 25)) continue;
-      const double t = time(bn, splits, kc);
-      if (t < best_time) {
-        best_time = t;
-        best.splits = static_cast<int>(splits);
-        best.kc = static_cast<int>(kc);
-        best.bn = bn;
-      }
+      const SplitPlan p = split_ranges(K, want, bn);
+      if (p.splits < 2 || p.splits * M * N > (int64_t{1} << 25)) continue;
+      const double t = time(bn, p.splits, p.kc);
+      if (t < best_time) best_time = t, best = p;
     }
   }
   return best;
@@ -1332,22 +1336,18 @@ int64_t peel_rows_for(int64_t M, int64_t N, int bn, int64_t sms) {
 }
 // The mma.sync tile height for the peeled rows (bm x 128 tiles, two blocks an SM), or 0 when peeling does not
 // pay: the tail's estimated time, in units of the wave it replaces (a 128 x bn wgmma tile an SM), must stay
-// under 0.6. A wave of mma tiles does 2 bm x 128 an SM against the wgmma wave's 128 x bn, at 278 against 395
-// TFLOP/s (H200, 8192^3), so it costs (2 bm / bn) (395 / 278) of it; a tall remainder (a 4096-query kNN
+// under 0.6. A wave of mma tiles does 2 bm x 128 an SM against the wgmma wave's 128 x bn, at 278 against 394
+// TFLOP/s (H200, 8192^3), so it costs (2 bm / bn) (394 / 278) of it; a tall remainder (a 4096-query kNN
 // block's 128 rows x 32768) needs so many short tiles that it would cost more than the wave.
 int peel_height(int64_t rows, int64_t N, int bn, int64_t sms) {
   int best = 0;
   double best_cost = 0.6;
   for (int bm : {32, 64, 128}) {
     const double waves = static_cast<double>(ceil_div(ceil_div(rows, bm) * ceil_div(N, 128), 2 * sms));
-    const double cost = waves * (2.0 * bm / bn) * (395.0 / 278.0);
+    const double cost = waves * (2.0 * bm / bn) * (wgmma_tflops(256) / kMmaTflops);
     if (cost < best_cost) best = bm, best_cost = cost;
   }
   return best;
-}
-bool env_peel() {
-  const char* v = std::getenv("PRIORTUNE_CUDA_GEMM_PEEL");
-  return v && std::strcmp(v, "1") == 0;
 }
 
 void gemm_with(TcKernel kernel, Stream stream, GemmPrecision precision, bool b_transposed, int64_t M,
@@ -1449,7 +1449,7 @@ void gemm_peeled(TcKernel kernel, Stream stream, bool b_transposed, int64_t M, i
 // The split plan of a BF16 product with bf16 operands (none unless PRIORTUNE_CUDA_GEMM_SPLITK=1 and the
 // kernel choice is a wgmma one at a width).
 SplitPlan split_plan(TcKernel kernel, int64_t M, int64_t N, int64_t K) {
-  if (!env_splitk() || kernel != TcKernel::Auto) return {};
+  if (!env_is("PRIORTUNE_CUDA_GEMM_SPLITK", "1") || kernel != TcKernel::Auto) return {};
   const int bn = wgmma_width(kernel, M, N, K);
   return bn ? split_plan_for(M, N, K, bn, device_info().smem_optin >= wgmma_smem(256), device_info().sms)
             : SplitPlan{};
@@ -1480,7 +1480,7 @@ void gemm(Stream stream, GemmPrecision precision, bool b_transposed, int64_t M, 
       return;
     }
   }
-  if (fast && env_peel() && !is_tma(kernel) && kernel != TcKernel::Wgmma2) {
+  if (fast && env_is("PRIORTUNE_CUDA_GEMM_PEEL", "1") && !is_tma(kernel) && kernel != TcKernel::Wgmma2) {
     const int bn = wgmma_width(kernel, M, N, K);
     const int64_t sms = device_info().sms;
     const int64_t M1 = bn ? peel_rows_for(M, N, bn, sms) : 0;
@@ -1692,10 +1692,7 @@ std::vector<OpCheck> selftest_gemm() {
       if (wgmma_width(TcKernel::Wgmma128, M, N, K) == 128) {
         int last = 1;
         for (const int64_t want : {2, 3}) {
-          SplitPlan sp;
-          sp.kc = static_cast<int>(ceil_div(ceil_div(K, want), kWBK) * kWBK);
-          sp.splits = static_cast<int>(ceil_div(K, sp.kc));
-          sp.bn = 128;
+          const SplitPlan sp = split_ranges(K, want, 128);
           if (sp.splits == last) continue;  // 1, or the same ranges as the previous row
           last = sp.splits;
           DeviceBuffer<float> ws(static_cast<size_t>(sp.splits * M * N));

@@ -92,23 +92,51 @@ __device__ __forceinline__ uint32_t lanes_below(int lane) {
   return (1u << lane) - 1u;
 }
 
+// The largest key K with at least c keys >= K (the c-th largest), by a bitwise radix select: total_ge(trial)
+// counts the keys >= trial over whoever holds them (a warp, a block).
+template <class F>
+__device__ __forceinline__ uint32_t kth_largest(int c, F&& total_ge) {
+  uint32_t K = 0;
+  for (int bit = 31; bit >= 0; --bit) {
+    const uint32_t trial = K | (1u << bit);
+    if (total_ge(trial) >= c) K = trial;
+  }
+  return K;
+}
+
+// The same over n keys key_at(e) that one warp reads (lane, lane + 32, ...; one __reduce_add_sync a bit);
+// also how many of them are > K (gt).
+template <class KeyAt>
+__device__ __forceinline__ uint32_t warp_kth_largest(int n, int c, int lane, KeyAt&& key_at, int& gt) {
+  auto count = [&](auto&& pred) {
+    int k = 0;
+    for (int e = lane; e < n; e += 32) k += pred(key_at(e));
+    return __reduce_add_sync(0xffffffffu, k);
+  };
+  const uint32_t K =
+      kth_largest(c, [&](uint32_t trial) { return count([&](uint32_t k) { return k >= trial; }); });
+  gt = count([&](uint32_t k) { return k > K; });
+  return K;
+}
+
+// The position of this lane's entry when a warp appends the entries of its taking lanes to a list whose
+// length is *counter (shared memory): one atomic a warp, lanes in order. Every lane of the warp must call it.
+__device__ __forceinline__ int warp_append(bool take, int* counter, int lane) {
+  const uint32_t m = __ballot_sync(0xffffffffu, take);
+  int base = 0;
+  if (lane == 0 && m) base = atomicAdd(counter, __popc(m));
+  return __shfl_sync(0xffffffffu, base, 0) + __popc(m & lanes_below(lane));
+}
+
 // One warp cuts a candidate list qa/qi[0, n) back to its c largest scores (n > c), in place: a radix select
 // finds the largest key K with at least c keys >= K (the c-th largest), then everything above K and enough
 // entries equal to it are compacted to the front. thr becomes the c-th largest value: the bound on all that
 // was dropped.
 __device__ __forceinline__ void cut_to_best(float* qa, int* qi, int& n, float& thr, bool& dropped, int c,
                                             int lane) {
-  uint32_t K = 0;
-  for (int bit = 31; bit >= 0; --bit) {
-    const uint32_t trial = K | (1u << bit);
-    int ge = 0;
-    for (int e = lane; e < n; e += 32) ge += order_key(qa[e]) >= trial;
-    ge = __reduce_add_sync(0xffffffffu, ge);
-    if (ge >= c) K = trial;
-  }
   int gt = 0;
-  for (int e = lane; e < n; e += 32) gt += order_key(qa[e]) > K;
-  gt = __reduce_add_sync(0xffffffffu, gt);
+  const uint32_t K = warp_kth_largest(
+      n, c, lane, [&](int e) { return order_key(qa[e]); }, gt);
   const int need_eq = c - gt;
   int written = 0, eq_seen = 0;
   for (int base = 0; base < n; base += 32) {
@@ -348,29 +376,7 @@ __device__ __forceinline__ int block_sum(int v, int* part, int& parity) {
 // one block_sum per bit. count_ge(trial): how many of this thread's keys are >= trial.
 template <class F>
 __device__ __forceinline__ uint32_t block_kth_largest(int c, F&& count_ge, int* part, int& parity) {
-  uint32_t K = 0;
-  for (int bit = 31; bit >= 0; --bit) {
-    const uint32_t trial = K | (1u << bit);
-    if (block_sum(count_ge(trial), part, parity) >= c) K = trial;
-  }
-  return K;
-}
-
-// The largest key K with at least c of n keys in shared memory >= K, by warp 0 alone (a bitwise radix select,
-// one __reduce_add_sync per bit); also how many of them are > K (gt).
-__device__ __forceinline__ uint32_t warp_kth_largest(const uint32_t* keys, int n, int c, int& gt) {
-  const int lane = static_cast<int>(threadIdx.x) % 32;
-  uint32_t K = 0;
-  for (int bit = 31; bit >= 0; --bit) {
-    const uint32_t trial = K | (1u << bit);
-    int ge = 0;
-    for (int e = lane; e < n; e += 32) ge += keys[e] >= trial;
-    if (__reduce_add_sync(0xffffffffu, ge) >= c) K = trial;
-  }
-  int g = 0;
-  for (int e = lane; e < n; e += 32) g += keys[e] > K;
-  gt = __reduce_add_sync(0xffffffffu, g);
-  return K;
+  return kth_largest(c, [&](uint32_t trial) { return block_sum(count_ge(trial), part, parity); });
 }
 
 // PRIORTUNE_CUDA_KNN_SELECT=filter (not yet run on a GPU): the filter's candidate room, and the largest c it
@@ -425,12 +431,8 @@ __global__ void __launch_bounds__(kSelThreads)
   int* oi = cand_i + slot * c;
   // Appends (value of key kk, column j) when keep, in any order: one shared atomic a warp.
   auto emit = [&](bool keep, uint32_t kk, int j) {
-    const uint32_t m = __ballot_sync(0xffffffffu, keep);
-    int base = 0;
-    if (lane == 0 && m) base = atomicAdd(&s_out, __popc(m));
-    base = __shfl_sync(0xffffffffu, base, 0);
+    const int pos = warp_append(keep, &s_out, lane);
     if (keep) {
-      const int pos = base + __popc(m & lanes_below(lane));
       oa[pos] = key_value(kk);
       oi[pos] = v0 + j0 + j;
     }
@@ -443,7 +445,8 @@ __global__ void __launch_bounds__(kSelThreads)
     __syncthreads();  // (also publishes s_n = 0)
     if (tid < 32) {
       int unused;
-      const uint32_t t0 = warp_kth_largest(s_key, kSelThreads, c, unused);
+      const uint32_t t0 = warp_kth_largest(
+          kSelThreads, c, lane, [&](int e) { return s_key[e]; }, unused);
       if (tid == 0) s_K = t0;
     }
     __syncthreads();                   // T0 is out; the maxima have been read
@@ -451,11 +454,7 @@ __global__ void __launch_bounds__(kSelThreads)
 #pragma unroll
     for (int i = 0; i < kSelPerThread; ++i) {
       const bool take = key[i] >= t0;
-      const uint32_t m = __ballot_sync(0xffffffffu, take);
-      int base = 0;
-      if (lane == 0 && m) base = atomicAdd(&s_n, __popc(m));
-      base = __shfl_sync(0xffffffffu, base, 0);
-      const int pos = base + __popc(m & lanes_below(lane));
+      const int pos = warp_append(take, &s_n, lane);
       if (take && pos < kFilterCap) {
         s_key[pos] = key[i];
         s_col[pos] = tid + i * kSelThreads;
@@ -466,7 +465,8 @@ __global__ void __launch_bounds__(kSelThreads)
     if (n <= kFilterCap) {  // block-uniform: else the full select below, on the keys still in registers
       if (tid < 32) {
         int gt = 0;
-        const uint32_t K = warp_kth_largest(s_key, n, c, gt);
+        const uint32_t K = warp_kth_largest(
+            n, c, lane, [&](int e) { return s_key[e]; }, gt);
         if (tid == 0) {
           s_K = K;
           s_gt = gt;
@@ -787,7 +787,7 @@ class CudaIndex final : public KnnIndex {
     int64_t c = k + std::max<int64_t>(64, k / 8);
     bool first = true;
     const Path want = env_path();
-    select_filter_ = env_select_filter();  // run's selection kernel (under mu_)
+    const bool filter = env_select_filter();
     while (!pending.empty()) {
       if (!first) res.recovered_queries += static_cast<int64_t>(pending.size());
       const int ci = static_cast<int>(std::min<int64_t>(c, INT_MAX / 2));
@@ -804,7 +804,7 @@ class CudaIndex final : public KnnIndex {
       for (size_t b = 0; b < pending.size(); b += kQueryChunk) {
         const size_t e = std::min(pending.size(), b + size_t(kQueryChunk));
         std::vector<int64_t> part(pending.begin() + b, pending.begin() + e);
-        run(part, queries, q_norms, k, ci, matrix, shape, exclude, &res, &failed);
+        run(part, queries, q_norms, k, ci, matrix, filter, shape, exclude, &res, &failed);
       }
       pending.swap(failed);
       c *= 4;
@@ -886,9 +886,11 @@ class CudaIndex final : public KnnIndex {
       launch_screen<BQ, false>(slabs, tiles_per_slab, n, c, cap, excl);
   }
 
+  // Screens and finalises the queries `part` with c candidates a slab (matrix path or fused kernel; filter:
+  // PRIORTUNE_CUDA_KNN_SELECT=filter's selection on the matrix path); uncertified ones go to *failed.
   void run(const std::vector<int64_t>& part, const float* queries, const std::vector<double>& q_norms,
-           int64_t k, int c, bool matrix, ScreenShape shape, const int32_t* exclude, KnnResult* res,
-           std::vector<int64_t>* failed) const {
+           int64_t k, int c, bool matrix, bool filter, ScreenShape shape, const int32_t* exclude,
+           KnnResult* res, std::vector<int64_t>* failed) const {
     const int n = static_cast<int>(part.size()), d = static_cast<int>(d_);
     const int tiles = static_cast<int>((V_ + kBV - 1) / kBV);
     int slabs;
@@ -964,7 +966,7 @@ class CudaIndex final : public KnnIndex {
                    screen16_.get() + v0 * d_, d_, true, scores_.get(), W,
                    metric_ == KnnMetric::L2 ? neg_half_.get() + v0 : nullptr, 0.0f);
         const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>((L + slab_cols - 1) / slab_cols));
-        auto* select = select_filter_ ? knn_select_kernel<true> : knn_select_kernel<false>;
+        auto* select = filter ? knn_select_kernel<true> : knn_select_kernel<false>;
         select<<<grid, kSelThreads, 0, stream_>>>(scores_.get(), W, static_cast<int>(L), static_cast<int>(v0),
                                                   static_cast<int>(v0 / slab_cols), excl, c, slabs,
                                                   cand_a_.get(), cand_i_.get(), cand_n_.get(), bound_.get());
@@ -1038,7 +1040,6 @@ class CudaIndex final : public KnnIndex {
   DeviceBuffer<uint16_t> screen16_;
   DeviceBuffer<double> norms_;
   mutable std::mutex mu_;
-  mutable bool select_filter_ = false;  // PRIORTUNE_CUDA_KNN_SELECT=filter, read by each search (under mu_)
   mutable DeviceBuffer<float> q_orig_, q_screen_, cand_a_, bound_, out_s_, scores_;
   mutable DeviceBuffer<uint16_t> q16_;
   mutable DeviceBuffer<double> q_norm_;
