@@ -83,8 +83,8 @@ groups=("$@")
 [ ${#groups[@]} -eq 0 ] && groups=(wgmma tma async checks gemm,steps knn)
 for g in "${groups[@]}"; do
   case "$g" in wgmma | tma | async) cap=60 ;; checks) cap=100 ;; *steps*) cap=300 ;; *knn*) cap=180 ;; *) cap=90 ;; esac
-  # The wgmma group runs without the TMA-fed kernel and the cp.async-staged attention (neither yet run on a
-  # GPU), which the tma and async groups check next; tma runs without the attention one.
+  # The wgmma group runs without the TMA-fed kernel and the cp.async attention kernels (none yet run on a
+  # GPU), which the tma and async groups check next; tma runs without the attention ones.
   tma_env=()
   [ "$g" = wgmma ] && tma_env=(env PRIORTUNE_CUDA_TMA=0 PRIORTUNE_CUDA_ATTN_ASYNC=0)
   [ "$g" = tma ] && tma_env=(env PRIORTUNE_CUDA_ATTN_ASYNC=0)

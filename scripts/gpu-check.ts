@@ -12,7 +12,8 @@
 //           run it first in its own process and keep it out of the other groups (PRIORTUNE_CUDA_WGMMA=0) if
 //           it fails or faults
 //   tma     the same for the TMA-fed wgmma kernel (PRIORTUNE_CUDA_TMA=0 keeps it out after a failure)
-//   async   the same for the cp.async-staged attention kernels (PRIORTUNE_CUDA_ATTN_ASYNC=0)
+//   async   the same for the cp.async attention kernels, fp32-staged (PRIORTUNE_CUDA_ATTN=async) and on bf16
+//           copies of the operands (=bf16) (PRIORTUNE_CUDA_ATTN_ASYNC=0 keeps both out)
 // Prints JSON lines and Markdown tables (also appended to FILE with --results FILE); exits non-zero when a
 // correctness check fails.
 // --tiny runs every section on small shapes: a dry run of the whole script, which scripts/cuda-emu.mjs does
@@ -81,15 +82,16 @@ async function median(fn: () => Promise<unknown>, runs: number, warm = 1): Promi
 const wgmmaRuns = info.computeCapability.startsWith("9.") && process.env.PRIORTUNE_CUDA_WGMMA !== "0";
 // The TMA-fed one's, unless PRIORTUNE_CUDA_TMA=0 keeps it off too (gpu-check.sh, after its tma group failed).
 const tmaRuns = wgmmaRuns && process.env.PRIORTUNE_CUDA_TMA !== "0";
-// The cp.async-staged attention's, unless PRIORTUNE_CUDA_ATTN_ASYNC=0 (gpu-check.sh, after its group failed).
+// The cp.async attention kernels' (staged, bf16 copies), unless PRIORTUNE_CUDA_ATTN_ASYNC=0 (gpu-check.sh, after
+// its group failed).
 const asyncRuns = process.env.PRIORTUNE_CUDA_ATTN_ASYNC !== "0";
 
 // ---- wgmma, tma, async ----
 // The kernels not yet proven on hardware, each alone in its own process under gpu-check.sh: wgmma (the
 // cp.async-fed kernel, auto's choice on Hopper, and the attention kernels' bf16 self-test rows) with the
 // TMA-fed kernel and the cp.async-staged attention kept off (PRIORTUNE_CUDA_TMA=0, PRIORTUNE_CUDA_ATTN_ASYNC=0,
-// so that a fault or hang of theirs cannot take the wgmma rows down), then tma, then async (the
-// cp.async-staged attention, on any GPU).
+// so that a fault or hang of theirs cannot take the wgmma rows down), then tma, then async (the cp.async
+// attention kernels, fp32-staged and on bf16 copies, on any GPU).
 for (const section of ["wgmma", "tma", "async"] as const) {
   if (!want(section) || wanted.size === 0) continue;
   if (section === "wgmma" ? !wgmmaRuns : section === "tma" ? !tmaRuns : !asyncRuns) {
@@ -115,7 +117,7 @@ for (const section of ["wgmma", "tma", "async"] as const) {
     ...(await gemmKernelChecks()),
   ];
   const tma = (name: string) => /tma/i.test(name);
-  const asy = (name: string) => /async/.test(name);
+  const asy = (name: string) => /async|bf16 copies/.test(name);
   const mine = rows.filter((r) =>
     section === "tma"
       ? tma(r.name)
@@ -316,8 +318,8 @@ if (want("steps")) {
     // bf16 with graphs: the default kernels (auto GEMM: wgmma on Hopper where it is faster, else mma.sync;
     // mma.sync attention), the previous defaults (mma.sync GEMM, WMMA attention), the wgmma GEMM at its fixed
     // width (against auto's pick), at 128 x 128 with two blocks an SM (wgmma2) and its TMA-fed twin, the
-    // cp.async-staged attention alone and with the TMA GEMM (the candidates for the next defaults), the WMMA
-    // attention alone; bf16 eager; tf32. (The pipelined
+    // cp.async attention (fp32-staged, and on bf16 copies of its operands) alone and with the TMA GEMM (the
+    // candidates for the next defaults), the WMMA attention alone; bf16 eager; tf32. (The pipelined
     // WMMA and register-staged GEMMs lost to the mma.sync one on every step and product: the gemm section
     // times them.)
     const setups: {
@@ -334,6 +336,7 @@ if (want("steps")) {
       ...(wgmmaRuns ? [{ precision: "bf16" as const, graphs: true, kernel: "wgmma2" }] : []),
       ...(tmaRuns ? [{ precision: "bf16" as const, graphs: true, kernel: "tma" }] : []),
       ...(asyncRuns ? [{ precision: "bf16" as const, graphs: true, attn: "async" }] : []),
+      ...(asyncRuns ? [{ precision: "bf16" as const, graphs: true, attn: "bf16" }] : []),
       { precision: "bf16", graphs: true, peel: true },
       { precision: "bf16", graphs: true, splitk: true },
       ...(asyncRuns
@@ -341,6 +344,9 @@ if (want("steps")) {
         : []),
       ...(tmaRuns && asyncRuns
         ? [{ precision: "bf16" as const, graphs: true, kernel: "tma", attn: "async" }]
+        : []),
+      ...(tmaRuns && asyncRuns
+        ? [{ precision: "bf16" as const, graphs: true, kernel: "tma", attn: "bf16" }]
         : []),
       { precision: "bf16", graphs: true, attn: "wmma" },
       { precision: "bf16", graphs: false },
@@ -432,9 +438,10 @@ if (want("steps")) {
       });
     }
     // Where the time goes: one profiled configuration per model (eager, CUDA events between stages), with the
-    // default kernels and with the cp.async-staged attention ones.
+    // default kernels and with the cp.async attention ones (fp32-staged, on bf16 copies: their conversions
+    // count as attention).
     const r = runs.filter((x) => x.config === cfg)[0]!;
-    for (const attn of [undefined, asyncRuns ? "async" : "wmma"])
+    for (const attn of [undefined, ...(asyncRuns ? ["async", "bf16"] : ["wmma"])])
       await withEnv("PRIORTUNE_CUDA_ATTN", attn, async () => {
         await model.attachCuda({ precision: "bf16", graphs: false, profile: true });
         const args = await prepareStep(model, cfg, r.B, r.S);

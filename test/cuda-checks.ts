@@ -14,7 +14,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 // Module imports (not lib/index.js): the GPU check's bundle must not pull in the plotting stack.
 import { collapseReport } from "../lib/collapse.js";
-import { loadModel } from "../lib/model.js";
+import { type LossAndGrad, type LossAndGradOptions, loadModel } from "../lib/model.js";
 import { addon, type CudaPrecision, type DeepPrompts } from "../lib/native.js";
 import { promptGrads } from "../lib/optim.js";
 import { createModel, saveModel } from "../lib/pretrain.js";
@@ -50,6 +50,22 @@ const TOL: Record<CudaPrecision, { logits: number; grad: number; loss: number }>
   bf16: { logits: 5e-2, grad: 1e-1, loss: 1e-2 },
 };
 
+// Two lossAndGrad results bit for bit: the loss, the prompt gradient and every deep gradient.
+function sameResult(a: LossAndGrad, b: LossAndGrad): boolean {
+  const arrays = (r: LossAndGrad): Float32Array[] => {
+    const d = r.deepPromptGrads;
+    const deep = !d ? [] : d.kind === "hidden" ? d.vectors : [...d.keys, ...d.values];
+    return [...(r.promptGrad ? [r.promptGrad] : []), ...deep];
+  };
+  const x = arrays(a),
+    y = arrays(b);
+  return (
+    Object.is(a.loss, b.loss) &&
+    x.length === y.length &&
+    x.every((v, i) => v.length === y[i]!.length && v.every((e, j) => Object.is(e, y[i]![j])))
+  );
+}
+
 function rel(actual: ArrayLike<number>, expected: ArrayLike<number>): number {
   const r = compare(actual, expected);
   return r.maxAbs / Math.max(r.scale, 1e-30);
@@ -70,6 +86,25 @@ class Rows {
   }
 }
 
+/** A golden file's deep prompts: hidden vectors at its layers, prefix keys and values at every layer. */
+function goldenDeep(g: ReturnType<typeof readGolden>): { hidden: DeepPrompts; prefix: DeepPrompts } {
+  const L = Number(g.meta.L);
+  const hiddenLayers = Array.from(toInt32(g.get("deep_hidden_layers")));
+  return {
+    hidden: {
+      kind: "hidden",
+      layers: hiddenLayers,
+      vectors: split(g.get("deep_hidden_vectors") as Float64Array, hiddenLayers.length),
+    },
+    prefix: {
+      kind: "prefix",
+      layers: Array.from({ length: L }, (_, i) => i),
+      keys: split(g.get("prefix_keys") as Float64Array, L),
+      values: split(g.get("prefix_values") as Float64Array, L),
+    },
+  };
+}
+
 /** One fixture model at one precision: forward, gradients of all three prompt kinds, the 10-step curve. */
 export async function fixtureChecks(name: string, precision: CudaPrecision): Promise<CheckRow[]> {
   const g = readGolden(name);
@@ -78,18 +113,7 @@ export async function fixtureChecks(name: string, precision: CudaPrecision): Pro
   const base = goldenBatch(g);
   const prompt = toFloat32(g.get("prompt"));
   const L = Number(g.meta.L);
-  const hiddenLayers = Array.from(toInt32(g.get("deep_hidden_layers")));
-  const hidden: DeepPrompts = {
-    kind: "hidden",
-    layers: hiddenLayers,
-    vectors: split(g.get("deep_hidden_vectors") as Float64Array, hiddenLayers.length),
-  };
-  const prefix: DeepPrompts = {
-    kind: "prefix",
-    layers: Array.from({ length: L }, (_, i) => i),
-    keys: split(g.get("prefix_keys") as Float64Array, L),
-    values: split(g.get("prefix_values") as Float64Array, L),
-  };
+  const { hidden, prefix } = goldenDeep(g);
   const model = await loadModel(modelDir(name), { backend: "cuda", precision });
   try {
     const lossErr = (ours: number, key: string) => {
@@ -556,8 +580,8 @@ export async function gemmKernelChecks(): Promise<CheckRow[]> {
     const batch = { ...goldenBatch(g), prompt: toFloat32(g.get("prompt")) };
     // Eager launches: a replayed graph keeps the kernels it was captured with.
     const model = await loadModel(modelDir(name), { backend: "cuda", precision: "bf16", cudaGraphs: false });
-    const step = (variable: string, value: string | undefined) =>
-      withEnv(variable, value, () => model.lossAndGrad(batch));
+    const step = (variable: string, value: string | undefined, b: LossAndGradOptions = batch) =>
+      withEnv(variable, value, () => model.lossAndGrad(b));
     try {
       const staged = await step(GEMM, "staged");
       const auto = await step(GEMM, undefined);
@@ -589,19 +613,28 @@ export async function gemmKernelChecks(): Promise<CheckRow[]> {
           note,
         );
       }
-      // The cp.async-staged attention kernels: the default ones' tiles, products and order, so the same bits
-      // (unless PRIORTUNE_CUDA_ATTN_ASYNC=0 keeps them off).
+      // The cp.async attention kernels (an fp32 stage, or tiles copied from bf16 copies of the operands): the
+      // default ones' tiles, products and order, so the same bits, for each prompt kind (unless
+      // PRIORTUNE_CUDA_ATTN_ASYNC=0 keeps them off).
       if (process.env.PRIORTUNE_CUDA_ATTN_ASYNC !== "0") {
-        const staged16 = await step(ATTN, "async");
-        const sameBits =
-          staged16.loss === auto.loss &&
-          staged16.promptGrad!.every((v, i) => Object.is(v, auto.promptGrad![i]));
-        rows.add(
-          `${name}: loss and d loss / d prompt, cp.async attention vs default`,
-          sameBits ? 0 : 1,
-          0,
-          "the same bf16 tiles and products as the default mma.sync attention: the same bits",
-        );
+        const { hidden, prefix } = goldenDeep(g);
+        for (const [kind, b] of [
+          ["soft prompt", batch],
+          ["deep hidden", { ...batch, deepPrompts: hidden }],
+          ["prefix", { ...goldenBatch(g), deepPrompts: prefix }],
+        ] as const) {
+          const ref = b === batch ? auto : await step(ATTN, undefined, b);
+          for (const [label, value] of [
+            ["cp.async attention", "async"],
+            ["attention on bf16 copies", "bf16"],
+          ] as const)
+            rows.add(
+              `${name}, ${kind}: loss and gradients, ${label} vs default`,
+              sameResult(await step(ATTN, value, b), ref) ? 0 : 1,
+              0,
+              "the same bf16 tiles and products as the default mma.sync attention: the same bits",
+            );
+        }
       }
       for (const variable of [GEMM, ATTN]) {
         let message = "";

@@ -516,12 +516,18 @@ void validate(const char* op, int64_t Pp, int64_t B, int64_t S, int64_t H, int64
 }
 
 AttnArgs make_args(const float* qkv, const uint8_t* key_mask, const float* prefix_k, const float* prefix_v,
-                   int64_t Pp, int64_t B, int64_t S, int64_t H, int64_t KV, int64_t hd, float scale) {
+                   int64_t Pp, int64_t B, int64_t S, int64_t H, int64_t KV, int64_t hd, float scale,
+                   const AttentionBf16Operands* bf16 = nullptr) {
   AttnArgs a;
   a.qkv = qkv;
   a.mask = key_mask;
   a.pk = prefix_k;
   a.pv = prefix_v;
+  if (bf16) {
+    a.qkv16 = bf16->qkv;
+    a.pk16 = bf16->prefix_k;
+    a.pv16 = bf16->prefix_v;
+  }
   a.Pp = static_cast<int>(Pp);
   a.B = static_cast<int>(B);
   a.S = static_cast<int>(S);
@@ -572,12 +578,18 @@ void backward_impl(Stream stream, const AttnArgs& a, const BwdPtrs& p) {
 
 }  // namespace
 
+bool attention_takes_bf16_operands(AttentionPrecision precision, int64_t hd) {
+  return precision == AttentionPrecision::BF16 && attn::tc_supported(hd) &&
+         attn::attention_kernel() == attn::AttnKernel::MmaBf16;
+}
+
 void attention_forward(Stream stream, float* out, float* lse, const float* qkv, const uint8_t* key_mask,
                        const float* prefix_k, const float* prefix_v, int64_t Pp, int64_t B, int64_t S,
-                       int64_t H, int64_t KV, int64_t hd, float scale, AttentionPrecision precision) {
+                       int64_t H, int64_t KV, int64_t hd, float scale, AttentionPrecision precision,
+                       const AttentionBf16Operands* bf16) {
   validate("attention_forward", Pp, B, S, H, KV, hd, prefix_k, prefix_v);
   if (B == 0 || S == 0) return;
-  const AttnArgs a = make_args(qkv, key_mask, prefix_k, prefix_v, Pp, B, S, H, KV, hd, scale);
+  const AttnArgs a = make_args(qkv, key_mask, prefix_k, prefix_v, Pp, B, S, H, KV, hd, scale, bf16);
   const attn::AttnKernel kernel = attn::attention_kernel();  // read (a bad value refused) whatever runs
   if (precision == AttentionPrecision::BF16 && attn::tc_supported(hd))
     attn::forward_tc(stream, a, out, lse, kernel);  // attention_tc.cu
@@ -599,7 +611,7 @@ void attention_backward(Stream stream, float* dqkv, float* dprefix_k, float* dpr
                         const float* out, const float* lse, const float* qkv, const uint8_t* key_mask,
                         const float* prefix_k, const float* prefix_v, int64_t Pp, int64_t B, int64_t S,
                         int64_t H, int64_t KV, int64_t hd, float scale, int64_t q_rows, float* scratch,
-                        AttentionPrecision precision) {
+                        AttentionPrecision precision, const AttentionBf16Operands* bf16) {
   validate("attention_backward", Pp, B, S, H, KV, hd, prefix_k, prefix_v);
   if (q_rows < 0 || q_rows > S)
     throw std::invalid_argument("attention_backward: q_rows must be in [0, S] (q_rows=" +
@@ -616,10 +628,11 @@ void attention_backward(Stream stream, float* dqkv, float* dprefix_k, float* dpr
   }
   if (scratch == nullptr) throw std::invalid_argument("attention_backward: scratch is null");
   const attn::AttnKernel kernel = attn::attention_kernel();  // read (a bad value refused) whatever runs
-  const AttnArgs a = make_args(qkv, key_mask, prefix_k, prefix_v, Pp, B, S, H, KV, hd, scale);
+  const AttnArgs a = make_args(qkv, key_mask, prefix_k, prefix_v, Pp, B, S, H, KV, hd, scale, bf16);
   BwdPtrs p;
   p.dqkv = dqkv;
   p.dout = dout;
+  p.dout16 = bf16 ? bf16->dout : nullptr;
   p.lse = lse;
   p.delta = scratch;
   p.part_k = Pp > 0 ? scratch + B * H * S : nullptr;
@@ -742,7 +755,10 @@ AttnRef attention_reference(const AttnCase& t, const AttnData& d, float scale) {
 
 // Forward then backward on the device with the given precision. Outputs start as NaN so an unwritten
 // element fails the comparison.
-AttnOutputs attention_device(const AttnCase& t, const AttnData& d, float scale, AttentionPrecision prec) {
+// bf16_copies: the calls also get bf16 copies of their operands (AttentionBf16Operands, made on the device by
+// to_bf16), which the MmaBf16 kernels read.
+AttnOutputs attention_device(const AttnCase& t, const AttnData& d, float scale, AttentionPrecision prec,
+                             bool bf16_copies = false) {
   const int64_t B = t.B, S = t.S, H = t.H, KV = t.KV, hd = t.hd, Pp = t.Pp;
   const int64_t ld = (H + 2 * KV) * hd;
   DeviceBuffer<float> d_qkv = to_device(d.qkv), d_pk = to_device(d.pk), d_pv = to_device(d.pv);
@@ -756,11 +772,25 @@ AttnOutputs attention_device(const AttnCase& t, const AttnData& d, float scale, 
   const float* dev_pk = Pp ? d_pk.get() : nullptr;
   const float* dev_pv = Pp ? d_pv.get() : nullptr;
   const uint8_t* dev_mask = t.mask ? d_mask.get() : nullptr;
+  DeviceBuffer<bf16_t> h_qkv, h_pk, h_pv, h_dout;
+  AttentionBf16Operands ops;
+  if (bf16_copies) {
+    auto copy = [](DeviceBuffer<bf16_t>& dst, const DeviceBuffer<float>& src, int64_t n) {
+      dst = DeviceBuffer<bf16_t>(std::max<int64_t>(n, 1));
+      to_bf16(nullptr, dst.get(), src.get(), n);
+      return dst.get();
+    };
+    ops.qkv = copy(h_qkv, d_qkv, B * S * ld);
+    ops.prefix_k = Pp ? copy(h_pk, d_pk, Pp * KV * hd) : nullptr;
+    ops.prefix_v = Pp ? copy(h_pv, d_pv, Pp * KV * hd) : nullptr;
+    ops.dout = copy(h_dout, d_dout, B * S * H * hd);
+  }
+  const AttentionBf16Operands* bf16 = bf16_copies ? &ops : nullptr;
   attention_forward(nullptr, d_out.get(), d_lse.get(), d_qkv.get(), dev_mask, dev_pk, dev_pv, Pp, B, S, H, KV,
-                    hd, scale, prec);
+                    hd, scale, prec, bf16);
   attention_backward(nullptr, d_dqkv.get(), Pp ? d_dpk.get() : nullptr, Pp ? d_dpv.get() : nullptr,
                      d_dout.get(), d_out.get(), d_lse.get(), d_qkv.get(), dev_mask, dev_pk, dev_pv, Pp, B, S,
-                     H, KV, hd, scale, t.q_rows, d_scratch.get(), prec);
+                     H, KV, hd, scale, t.q_rows, d_scratch.get(), prec, bf16);
   AttnOutputs o;
   o.out = to_host(d_out.get(), B * S * H * hd);
   o.lse = to_host(d_lse.get(), B * H * S);
@@ -929,6 +959,29 @@ std::vector<OpCheck> selftest_attention() {
                                     same_bits(raw, raw_mma) ? 0.0 : 1.0, 0.0,
                                     "on raw fp32 inputs (rounded in the kernels' staging): the same bits as "
                                     "the default kernels"));
+      }
+      // The mma.sync kernels copying their tiles from bf16 copies of the operands (PRIORTUNE_CUDA_ATTN=bf16):
+      // the same tiles, products and order, so the same bits; copies made from the raw inputs by to_bf16 give
+      // the default kernels' bits on those inputs; without the copies the default kernels run.
+      if (!attn::async_attention_off()) {
+        const attn::ForceAttentionKernel force(attn::AttnKernel::MmaBf16);
+        const AttnOutputs direct = attention_device(t, db, scale, AttentionPrecision::BF16, true);
+        checks.push_back(
+            make_check("attention bf16 copies", shape, same_bits(direct, got) ? 0.0 : 1.0, 0.0,
+                       "mma.sync kernels queuing their tiles from bf16 copies by cp.async vs the "
+                       "default mma.sync ones (forward and backward): same bits"));
+        const AttnOutputs raw = attention_device(t, d, scale, AttentionPrecision::BF16, true);
+        const AttnOutputs raw_mma = [&] {
+          const attn::ForceAttentionKernel m(attn::AttnKernel::Mma);
+          return attention_device(t, d, scale, AttentionPrecision::BF16);
+        }();
+        checks.push_back(make_check("attention bf16 copies raw inputs", shape,
+                                    same_bits(raw, raw_mma) ? 0.0 : 1.0, 0.0,
+                                    "copies of the raw fp32 inputs made by to_bf16: the same bits as the "
+                                    "default kernels rounding those inputs as they stage them"));
+        const AttnOutputs none = attention_device(t, db, scale, AttentionPrecision::BF16, false);
+        checks.push_back(make_check("attention bf16 copies missing", shape, same_bits(none, got) ? 0.0 : 1.0,
+                                    0.0, "PRIORTUNE_CUDA_ATTN=bf16 without copies runs the default kernels"));
       }
       // The kernels round Q, K, V to nearest even as the host did: on the raw inputs the forward is the same.
       const AttnOutputs raw = attention_device(t, d, scale, AttentionPrecision::BF16);

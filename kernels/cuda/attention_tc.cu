@@ -102,7 +102,7 @@ __device__ __forceinline__ void load_tile_bf16(__nv_bfloat16* dst, int hd, RowFn
 // The cp.async staging of PRIORTUNE_CUDA_ATTN=async: a tile's rows are queued as 16-byte copies into a dense
 // fp32 stage [ROWS][D] (columns < hd; a null row is zero filled from `any`, a valid address never read) while
 // the previous tile is multiplied, then rounded into the bf16 tile (convert_tile) once they have landed. The
-// caller commits the group; every source row and `any` must be 16-byte aligned (async_ok).
+// caller commits the group; every source row and `any` must be 16-byte aligned (runnable).
 template <int D, int ROWS, class RowFn>
 __device__ __forceinline__ void stage_tile_async(float* stage, int hd, const float* any, RowFn row) {
   constexpr int kChunks = D / 4, kIters = ROWS * kChunks / kTcThreads;
@@ -131,24 +131,94 @@ __device__ __forceinline__ void convert_tile(__nv_bfloat16* dst, const float* st
   }
 }
 
-// The walkers' ASYNC step: this thread's queued copies land, the barrier (everyone's have, and the previous
-// tiles' readers of t0, t1 are done), then the stage's two 64-row tiles are rounded into t0 and t1.
-template <int D>
-__device__ __forceinline__ void land_stage(const float* stage, __nv_bfloat16* t0, __nv_bfloat16* t1, int hd) {
-  static_assert(kBK == 64 && kBQ == 64, "a stage holds two 64-row tiles");
-  __pipeline_wait_prior(0);
-  __syncthreads();
-  convert_tile<D, 64>(t0, stage, hd);
-  convert_tile<D, 64>(t1, stage + 64 * D, hd);
+// How the walkers fill their operand tiles (template parameter L): kSync rounds the fp32 rows into the tiles
+// while the block waits (load_tile_bf16; the WMMA kernels and AttnKernel::Mma); kStaged (MmaAsync) queues the
+// next tiles' fp32 rows by cp.async into an fp32 stage while the current ones are multiplied and rounds them
+// into the tiles once landed; kDirect (MmaBf16) queues the next tiles' rows from the caller's bf16 copies by
+// cp.async straight into a second pair of tiles, swapped in once landed (half the bytes, no rounding pass).
+constexpr int kSync = 0, kStaged = 1, kDirect = 2;
+
+// The pair of tiles a walker fills for each step (K and V, or Q and dO) and where the next pair is queued:
+// the fp32 stage [2][64][D] (kStaged) or the tiles n0, n1 (kDirect).
+struct TilePair {
+  __nv_bfloat16* t0;
+  __nv_bfloat16* t1;
+  __nv_bfloat16* n0 = nullptr;
+  __nv_bfloat16* n1 = nullptr;
+  float* stage = nullptr;
+};
+
+// kDirect: dst[r * (D + 8) + c] = row(r)[c] for c < hd from bf16 rows (a null row zero filled from `any`, a
+// valid 16-byte aligned address never read), queued as 16-byte cp.async copies; the caller commits. Columns
+// >= hd are not written: the tile load_tile_bf16 writes from the fp32 rows these were rounded from.
+template <int D, int ROWS, class RowFn>
+__device__ __forceinline__ void copy_tile_async(__nv_bfloat16* dst, int hd, const bf16_t* any, RowFn row) {
+  constexpr int kChunks = D / 8, kIters = ROWS * kChunks / kTcThreads;
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    const int idx = threadIdx.x + it * kTcThreads, r = idx / kChunks, c = (idx % kChunks) * 8;
+    if (c >= hd) continue;
+    const bf16_t* src = row(r);
+    if (src != nullptr)
+      __pipeline_memcpy_async(dst + r * (D + 8) + c, src + c, 16);
+    else
+      __pipeline_memcpy_async(dst + r * (D + 8) + c, any, 16, 16);
+  }
 }
 
-// The K and V rows of key tile k0 (kv head g, sequence b) queued into stage [2][kBK][D] and committed.
-template <int D>
-__device__ __forceinline__ void stage_key_tile(const AttnArgs& a, int b, int g, int k0, float* stage) {
-  stage_tile_async<D, kBK>(stage, a.hd, a.qkv, [&](int rr) { return key_row(a, b, g, k0 + rr, false); });
-  stage_tile_async<D, kBK>(stage + kBK * D, a.hd, a.qkv,
-                           [&](int rr) { return key_row(a, b, g, k0 + rr, true); });
+// A kernel's own tile (loaded once, before its walk): rounded from the fp32 rows now, or (kDirect) queued
+// from the bf16 rows, committed with the walk's first tiles.
+template <int D, int ROWS, int L, class Row32, class Row16>
+__device__ __forceinline__ void own_tile(__nv_bfloat16* dst, const AttnArgs& a, Row32 row32, Row16 row16) {
+  if (L == kDirect)
+    copy_tile_async<D, ROWS>(dst, a.hd, a.qkv16, row16);
+  else
+    load_tile_bf16<D, ROWS>(dst, a.hd, row32);
+}
+
+// Queues a pair's next tiles (kStaged, kDirect) from two row sources (fp32 and bf16 of each) and commits.
+template <int D, int L, class A32, class B32, class A16, class B16>
+__device__ __forceinline__ void queue_pair(const AttnArgs& a, const TilePair& tp, A32 a32, B32 b32, A16 a16,
+                                           B16 b16) {
+  static_assert(kBK == 64 && kBQ == 64, "a pair is two 64-row tiles");
+  if (L == kStaged) {
+    stage_tile_async<D, 64>(tp.stage, a.hd, a.qkv, a32);
+    stage_tile_async<D, 64>(tp.stage + 64 * D, a.hd, a.qkv, b32);
+  } else {
+    copy_tile_async<D, 64>(tp.n0, a.hd, a.qkv16, a16);
+    copy_tile_async<D, 64>(tp.n1, a.hd, a.qkv16, b16);
+  }
   __pipeline_commit();
+}
+
+// The walkers' kStaged / kDirect step: this thread's queued copies land, the barrier (everyone's have, and
+// the previous tiles' readers are done), then the stage is rounded into t0, t1 (kStaged) or the landed pair
+// is swapped in (kDirect; the old pair is the next one to fill).
+template <int D, int L>
+__device__ __forceinline__ void land_pair(TilePair& tp, int hd) {
+  __pipeline_wait_prior(0);
+  __syncthreads();
+  if (L == kStaged) {
+    convert_tile<D, 64>(tp.t0, tp.stage, hd);
+    convert_tile<D, 64>(tp.t1, tp.stage + 64 * D, hd);
+  } else {
+    __nv_bfloat16* t = tp.t0;
+    tp.t0 = tp.n0;
+    tp.n0 = t;
+    t = tp.t1;
+    tp.t1 = tp.n1;
+    tp.n1 = t;
+  }
+}
+
+// The K and V rows of key tile k0 (kv head g, sequence b) queued into the pair's next tiles and committed.
+template <int D, int L>
+__device__ __forceinline__ void queue_key_tile(const AttnArgs& a, int b, int g, int k0, const TilePair& kv) {
+  queue_pair<D, L>(
+      a, kv, [&](int rr) { return key_row(a, b, g, k0 + rr, false); },
+      [&](int rr) { return key_row(a, b, g, k0 + rr, true); },
+      [&](int rr) { return key_row16(a, b, g, k0 + rr, false); },
+      [&](int rr) { return key_row16(a, b, g, k0 + rr, true); });
 }
 
 // acc[j] = A[16 x hd] . B^T for the four 16-row blocks j of B: A rows of stride LDT from sA, B rows (64 of
@@ -219,27 +289,26 @@ __device__ __forceinline__ void write_row(float* dst, const float* src, int hd, 
 }
 
 // The forward's and the dq kernels' walk over the key tiles that the query tile's rows below q_lim can see
-// (all prefix keys, tokens below q_lim): K and V staged as bf16 tiles and the keys' validity, then step(k0)
-// in each warp (rows from wq0) with a row below q_lim that sees a key of the tile. ASYNC: the caller has
-// queued key tile 0 into stage (stage_key_tile; q_lim > 0, so there is one), and tile k0 + kBK is queued
-// while tile k0 is multiplied.
-template <int D, bool ASYNC, class Step>
+// (all prefix keys, tokens below q_lim): K and V as bf16 tiles kv.t0, kv.t1 and the keys' validity, then
+// step(k0) in each warp (rows from wq0) with a row below q_lim that sees a key of the tile. kStaged, kDirect:
+// the caller has queued key tile 0 (queue_key_tile; q_lim > 0, so there is one), and tile k0 + kBK is queued
+// while tile k0 is multiplied (kDirect: kv.t0, kv.t1 change from tile to tile).
+template <int D, int L, class Step>
 __device__ __forceinline__ void for_key_tiles(const AttnArgs& a, int b, int g, int q_lim, int wq0,
-                                              __nv_bfloat16* sK, __nv_bfloat16* sV, int* sValid, float* stage,
-                                              Step&& step) {
+                                              TilePair& kv, int* sValid, Step&& step) {
   const int tid = threadIdx.x;
   const int nkeys = a.Pp + q_lim;
   for (int k0 = 0; k0 < nkeys; k0 += kBK) {
-    if (ASYNC) {
-      land_stage<D>(stage, sK, sV, a.hd);
+    if (L == kSync) {
+      __syncthreads();  // the previous tile's readers of the tiles are done (and the kernel's own are loaded)
+      load_tile_bf16<D, kBK>(kv.t0, a.hd, [&](int rr) { return key_row(a, b, g, k0 + rr, false); });
+      load_tile_bf16<D, kBK>(kv.t1, a.hd, [&](int rr) { return key_row(a, b, g, k0 + rr, true); });
     } else {
-      __syncthreads();  // the previous tile's readers of sK, sV are done (and sQ, sdO are loaded)
-      load_tile_bf16<D, kBK>(sK, a.hd, [&](int rr) { return key_row(a, b, g, k0 + rr, false); });
-      load_tile_bf16<D, kBK>(sV, a.hd, [&](int rr) { return key_row(a, b, g, k0 + rr, true); });
+      land_pair<D, L>(kv, a.hd);
     }
     if (tid < kBK) sValid[tid] = key_valid(a, b, k0 + tid);
     __syncthreads();
-    if (ASYNC && k0 + kBK < nkeys) stage_key_tile<D>(a, b, g, k0 + kBK, stage);  // the stage is free again
+    if (L != kSync && k0 + kBK < nkeys) queue_key_tile<D, L>(a, b, g, k0 + kBK, kv);  // the next pair is free
     if (wq0 >= q_lim || k0 - a.Pp > wq0 + 15) continue;  // no row of this warp needs this tile
     step(k0);
   }
@@ -285,7 +354,8 @@ __global__ void __launch_bounds__(kTcThreads, 2)
   float l_part = 0.0f;      // this lane's share of the row sum of exp(s - m_ref)
 
   // Rows below q_end: a warp whose first row is past it is past S too (q_end is S or the tile's end).
-  for_key_tiles<D, false>(a, b, g, q_end, wq0, sK, sV, sValid, nullptr, [&](int k0) {
+  TilePair kv{sK, sV};
+  for_key_tiles<D, kSync>(a, b, g, q_end, wq0, kv, sValid, [&](int k0) {
     {
       Acc s[4];
       strip_dot<D>(sQ + 16 * warp * LDT, sK, a.hd, s);
@@ -347,8 +417,9 @@ __global__ void __launch_bounds__(kTcThreads, 2)
 // The dk/dv kernels' walk over the query tiles that can see key tile k0 (all when it holds a prefix key, else
 // from the first token's tile): for each query head of kv head g and each such tile, Q and dO are staged as
 // bf16 tiles and lse, delta as fp32 rows, then step(q0) runs in each warp whose keys (from wk0) are not past
-// the end and start at or before the tile's last query. ASYNC: the caller has queued the first tile
-// (stage_query_tile with query_tile(.., 0)), and each next one is queued while the current one is multiplied.
+// the end and start at or before the tile's last query. kStaged, kDirect: the caller has queued the first
+// tile (queue_query_tile with query_tile(.., 0)), and each next one is queued while the current one is
+// multiplied (kDirect: qd.t0, qd.t1 change from tile to tile).
 struct QueryTile {
   int h, q0;
 };
@@ -360,31 +431,32 @@ __device__ __forceinline__ QueryTile query_tile(const AttnArgs& a, int g, int k0
   const int qt0 = query_tiles_first(a, k0), n = (a.S + kBQ - 1) / kBQ - qt0;
   return {g * a.group + it / n, (qt0 + it % n) * kBQ};
 }
-// The Q and dO rows of query tile t (sequence b) queued into stage [2][kBQ][D] and committed.
-template <int D>
-__device__ __forceinline__ void stage_query_tile(const AttnArgs& a, const BwdPtrs& p, int b, QueryTile t,
-                                                 float* stage) {
-  stage_tile_async<D, kBQ>(stage, a.hd, a.qkv, [&](int rr) { return q_row(a, b, t.h, t.q0 + rr); });
-  stage_tile_async<D, kBQ>(stage + kBQ * D, a.hd, a.qkv,
-                           [&](int rr) { return dout_row(a, p.dout, b, t.h, t.q0 + rr); });
-  __pipeline_commit();
+// The Q and dO rows of query tile t (sequence b) queued into the pair's next tiles and committed.
+template <int D, int L>
+__device__ __forceinline__ void queue_query_tile(const AttnArgs& a, const BwdPtrs& p, int b, QueryTile t,
+                                                 const TilePair& qd) {
+  queue_pair<D, L>(
+      a, qd, [&](int rr) { return q_row(a, b, t.h, t.q0 + rr); },
+      [&](int rr) { return dout_row(a, p.dout, b, t.h, t.q0 + rr); },
+      [&](int rr) { return q_row_in(a, a.qkv16, b, t.h, t.q0 + rr); },
+      [&](int rr) { return dout_row(a, p.dout16, b, t.h, t.q0 + rr); });
 }
 
-template <int D, bool ASYNC, class Step>
+template <int D, int L, class Step>
 __device__ __forceinline__ void for_query_tiles(const AttnArgs& a, const BwdPtrs& p, int b, int g, int k0,
-                                                int wk0, __nv_bfloat16* sQ, __nv_bfloat16* sdO, float* sLse,
-                                                float* sDel, float* stage, Step&& step) {
+                                                int wk0, TilePair& qd, float* sLse, float* sDel,
+                                                Step&& step) {
   const int tid = threadIdx.x;
   const int items = a.group * ((a.S + kBQ - 1) / kBQ - query_tiles_first(a, k0));
   for (int it = 0; it < items; ++it) {
     const QueryTile t = query_tile(a, g, k0, it);
     const int64_t row0 = (static_cast<int64_t>(b) * a.H + t.h) * a.S;  // lse / delta of (b, h)
-    if (ASYNC) {
-      land_stage<D>(stage, sQ, sdO, a.hd);
+    if (L == kSync) {
+      __syncthreads();  // the previous step's readers of the tiles are done
+      load_tile_bf16<D, kBQ>(qd.t0, a.hd, [&](int rr) { return q_row(a, b, t.h, t.q0 + rr); });
+      load_tile_bf16<D, kBQ>(qd.t1, a.hd, [&](int rr) { return dout_row(a, p.dout, b, t.h, t.q0 + rr); });
     } else {
-      __syncthreads();  // the previous step's readers of sQ, sdO are done
-      load_tile_bf16<D, kBQ>(sQ, a.hd, [&](int rr) { return q_row(a, b, t.h, t.q0 + rr); });
-      load_tile_bf16<D, kBQ>(sdO, a.hd, [&](int rr) { return dout_row(a, p.dout, b, t.h, t.q0 + rr); });
+      land_pair<D, L>(qd, a.hd);
     }
     if (tid < kBQ) {
       const int i = t.q0 + tid;
@@ -392,7 +464,7 @@ __device__ __forceinline__ void for_query_tiles(const AttnArgs& a, const BwdPtrs
       sDel[tid] = i < a.S ? p.delta[row0 + i] : 0.0f;
     }
     __syncthreads();
-    if (ASYNC && it + 1 < items) stage_query_tile<D>(a, p, b, query_tile(a, g, k0, it + 1), stage);
+    if (L != kSync && it + 1 < items) queue_query_tile<D, L>(a, p, b, query_tile(a, g, k0, it + 1), qd);
     if (wk0 >= a.Pp + a.S || wk0 - a.Pp > min(t.q0 + kBQ, a.S) - 1) continue;
     step(t.q0);
   }
@@ -442,7 +514,8 @@ __global__ void __launch_bounds__(kTcThreads, 2) attn_bwd_kv_tc_kernel(AttnArgs 
     wmma::fill_fragment(dv[n], 0.0f);
   }
 
-  for_query_tiles<D, false>(a, p, b, g, k0, wk0, sQ, sdO, sLse, sDel, nullptr, [&](int q0) {
+  TilePair qd{sQ, sdO};
+  for_query_tiles<D, kSync>(a, p, b, g, k0, wk0, qd, sLse, sDel, [&](int q0) {
     {
       Acc s[4];
       strip_dot<D>(sK + 16 * warp * LDT, sQ, a.hd, s);  // S^T: rows keys, columns queries
@@ -548,7 +621,8 @@ __global__ void __launch_bounds__(kTcThreads, 2) attn_bwd_q_tc_kernel(AttnArgs a
 #pragma unroll
   for (int n = 0; n < NF; ++n) wmma::fill_fragment(dq[n], 0.0f);
 
-  for_key_tiles<D, false>(a, b, g, q_lim, wq0, sK, sV, sValid, nullptr, [&](int k0) {
+  TilePair kv{sK, sV};
+  for_key_tiles<D, kSync>(a, b, g, q_lim, wq0, kv, sValid, [&](int k0) {
     {
       Acc s[4];
       strip_dot<D>(sQ + 16 * warp * LDT, sK, a.hd, s);
@@ -678,14 +752,25 @@ __device__ __forceinline__ void store_rows(const float (&acc)[D / 8][4], int hd,
   }
 }
 
-// The mma.sync kernels' shared memory: `base` bytes of tiles and rows, then with the cp.async staging the
-// fp32 stage of two 64-row tiles (16-byte aligned: base is a multiple of 16).
-template <int D>
-constexpr size_t with_stage(size_t base) {
-  return base + 2 * static_cast<size_t>(64) * D * sizeof(float);
+// The mma.sync kernels' shared memory: `base` bytes of tiles and rows, then where the next tiles are queued:
+// kStaged's fp32 stage of two 64-row tiles, kDirect's second pair of bf16 tiles (16-byte aligned: base is a
+// multiple of 16).
+template <int D, int L>
+constexpr size_t with_next(size_t base) {
+  return base + (L == kStaged   ? 2 * static_cast<size_t>(64) * D * sizeof(float)
+                 : L == kDirect ? 2 * static_cast<size_t>(64) * (D + 8) * sizeof(__nv_bfloat16)
+                                : 0);
 }
-__device__ __forceinline__ float* stage_at(unsigned char* smem, size_t base) {
-  return reinterpret_cast<float*>(smem + base);
+template <int D, int L>
+__device__ __forceinline__ TilePair pair_at(__nv_bfloat16* t0, __nv_bfloat16* t1, unsigned char* smem,
+                                            size_t base) {
+  TilePair tp{t0, t1};
+  if (L == kStaged) tp.stage = reinterpret_cast<float*>(smem + base);
+  if (L == kDirect) {
+    tp.n0 = reinterpret_cast<__nv_bfloat16*>(smem + base);
+    tp.n1 = tp.n0 + 64 * (D + 8);
+  }
+  return tp;
 }
 
 template <int D>
@@ -694,7 +779,7 @@ __host__ __device__ constexpr size_t kv_mma_base() {
 }
 static_assert(kv_mma_base<64>() % 16 == 0 && kv_mma_base<128>() % 16 == 0, "the stage is 16-byte aligned");
 
-template <int D, bool ASYNC>
+template <int D, int L>
 __global__ void __launch_bounds__(kTcThreads, 2) attn_bwd_kv_mma_kernel(AttnArgs a, BwdPtrs p) {
   constexpr int LDT = D + 8;
   extern __shared__ __align__(128) unsigned char smem_tc[];
@@ -712,12 +797,18 @@ __global__ void __launch_bounds__(kTcThreads, 2) attn_bwd_kv_mma_kernel(AttnArgs
   const int kt = static_cast<int>(blockIdx.x / nbg);  // the first key tiles (most queries) first
   const int b = bg / a.KV, g = bg % a.KV;
   const int k0 = kt * kBK, wk0 = k0 + 16 * warp;  // the block's and the warp's first key
-  float* stage = ASYNC ? stage_at(smem_tc, kv_mma_base<D>()) : nullptr;
+  TilePair qd = pair_at<D, L>(sQ, sdO, smem_tc, kv_mma_base<D>());
 
-  // The first query tile's copies fly while this block's own keys are loaded.
-  if (ASYNC) stage_query_tile<D>(a, p, b, query_tile(a, g, k0, 0), stage);
-  load_tile_bf16<D, kBK>(sK, a.hd, [&](int rr) { return key_row(a, b, g, k0 + rr, false); });
-  load_tile_bf16<D, kBK>(sV, a.hd, [&](int rr) { return key_row(a, b, g, k0 + rr, true); });
+  // kStaged: the first query tile's copies fly while this block's own keys are loaded; kDirect: they go with
+  // the keys' copies.
+  if (L == kStaged) queue_query_tile<D, L>(a, p, b, query_tile(a, g, k0, 0), qd);
+  own_tile<D, kBK, L>(
+      sK, a, [&](int rr) { return key_row(a, b, g, k0 + rr, false); },
+      [&](int rr) { return key_row16(a, b, g, k0 + rr, false); });
+  own_tile<D, kBK, L>(
+      sV, a, [&](int rr) { return key_row(a, b, g, k0 + rr, true); },
+      [&](int rr) { return key_row16(a, b, g, k0 + rr, true); });
+  if (L == kDirect) queue_query_tile<D, L>(a, p, b, query_tile(a, g, k0, 0), qd);
   if (tid < kBK) sValid[tid] = key_valid(a, b, k0 + tid);
 
   float dk[D / 8][4], dv[D / 8][4];
@@ -726,7 +817,9 @@ __global__ void __launch_bounds__(kTcThreads, 2) attn_bwd_kv_mma_kernel(AttnArgs
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.0f;
 
-  for_query_tiles<D, ASYNC>(a, p, b, g, k0, wk0, sQ, sdO, sLse, sDel, stage, [&](int q0) {
+  for_query_tiles<D, L>(a, p, b, g, k0, wk0, qd, sLse, sDel, [&](int q0) {
+    const __nv_bfloat16* sQ = qd.t0;
+    const __nv_bfloat16* sdO = qd.t1;
     float s[8][4];  // S^T, then P^T: rows keys wk0 + g4 (+ 8), columns queries q0 + 8 j + 2 t4 (+ 1)
     frag_dot<D>(sK + 16 * warp * LDT, sQ, a.hd, s);
 #pragma unroll
@@ -777,7 +870,7 @@ __host__ __device__ constexpr size_t q_mma_base() {
 }
 static_assert(q_mma_base<64>() % 16 == 0 && q_mma_base<128>() % 16 == 0, "the stage is 16-byte aligned");
 
-template <int D, bool ASYNC>
+template <int D, int L>
 __global__ void __launch_bounds__(kTcThreads, 2) attn_bwd_q_mma_kernel(AttnArgs a, BwdPtrs p, int nqt) {
   constexpr int LDT = D + 8;
   extern __shared__ __align__(128) unsigned char smem_tc[];
@@ -801,10 +894,15 @@ __global__ void __launch_bounds__(kTcThreads, 2) attn_bwd_q_mma_kernel(AttnArgs 
       for (int d = lane; d < a.hd; d += 32) dq_base[static_cast<int64_t>(i) * a.ld + d] = 0.0f;
     return;
   }
-  float* stage = ASYNC ? stage_at(smem_tc, q_mma_base<D>()) : nullptr;
-  if (ASYNC) stage_key_tile<D>(a, b, g, 0, stage);  // the first key tile's copies fly while Q, dO load
-  load_tile_bf16<D, kBQ>(sQ, a.hd, [&](int rr) { return q_row(a, b, h, q0 + rr); });
-  load_tile_bf16<D, kBQ>(sdO, a.hd, [&](int rr) { return dout_row(a, p.dout, b, h, q0 + rr); });
+  TilePair kv = pair_at<D, L>(sK, sV, smem_tc, q_mma_base<D>());
+  if (L == kStaged) queue_key_tile<D, L>(a, b, g, 0, kv);  // the first key tile's copies fly while Q, dO load
+  own_tile<D, kBQ, L>(
+      sQ, a, [&](int rr) { return q_row(a, b, h, q0 + rr); },
+      [&](int rr) { return q_row_in(a, a.qkv16, b, h, q0 + rr); });
+  own_tile<D, kBQ, L>(
+      sdO, a, [&](int rr) { return dout_row(a, p.dout, b, h, q0 + rr); },
+      [&](int rr) { return dout_row(a, p.dout16, b, h, q0 + rr); });
+  if (L == kDirect) queue_key_tile<D, L>(a, b, g, 0, kv);  // with Q's and dO's copies
   // This lane's rows wq0 + g4 and wq0 + g4 + 8: their lse and delta.
   const int64_t row0 = (static_cast<int64_t>(b) * a.H + h) * a.S;
   float lse_r[2], del_r[2];
@@ -820,7 +918,9 @@ __global__ void __launch_bounds__(kTcThreads, 2) attn_bwd_q_mma_kernel(AttnArgs 
 #pragma unroll
     for (int e = 0; e < 4; ++e) dq[n][e] = 0.0f;
 
-  for_key_tiles<D, ASYNC>(a, b, g, q_lim, wq0, sK, sV, sValid, stage, [&](int k0) {
+  for_key_tiles<D, L>(a, b, g, q_lim, wq0, kv, sValid, [&](int k0) {
+    const __nv_bfloat16* sK = kv.t0;
+    const __nv_bfloat16* sV = kv.t1;
     float s[8][4];  // S, then P: rows queries wq0 + g4 (+ 8), columns keys k0 + 8 j + 2 t4 (+ 1)
     frag_dot<D>(sQ + 16 * warp * LDT, sK, a.hd, s);
 #pragma unroll
@@ -864,7 +964,7 @@ __host__ __device__ constexpr size_t fwd_mma_base() {
 }
 static_assert(fwd_mma_base<64>() % 16 == 0 && fwd_mma_base<128>() % 16 == 0, "the stage is 16-byte aligned");
 
-template <int D, bool ASYNC>
+template <int D, int L>
 __global__ void __launch_bounds__(kTcThreads, 2)
     attn_fwd_mma_kernel(AttnArgs a, float* __restrict__ out, float* __restrict__ lse, int nqt) {
   constexpr int LDT = D + 8;
@@ -881,10 +981,13 @@ __global__ void __launch_bounds__(kTcThreads, 2)
   const int b = bh / a.H, h = bh % a.H, g = h / a.group;
   const int q0 = qt * kBQ, q_end = min(q0 + kBQ, a.S);
   const int wq0 = q0 + 16 * warp;
-  float* stage = ASYNC ? stage_at(smem_tc, fwd_mma_base<D>()) : nullptr;
+  TilePair kv = pair_at<D, L>(sK, sV, smem_tc, fwd_mma_base<D>());
 
-  if (ASYNC) stage_key_tile<D>(a, b, g, 0, stage);  // the first key tile's copies fly while Q loads
-  load_tile_bf16<D, kBQ>(sQ, a.hd, [&](int rr) { return q_row(a, b, h, q0 + rr); });
+  if (L == kStaged) queue_key_tile<D, L>(a, b, g, 0, kv);  // the first key tile's copies fly while Q loads
+  own_tile<D, kBQ, L>(
+      sQ, a, [&](int rr) { return q_row(a, b, h, q0 + rr); },
+      [&](int rr) { return q_row_in(a, a.qkv16, b, h, q0 + rr); });
+  if (L == kDirect) queue_key_tile<D, L>(a, b, g, 0, kv);  // with Q's copies
   float o[D / 8][4];
 #pragma unroll
   for (int n = 0; n < D / 8; ++n)
@@ -893,7 +996,9 @@ __global__ void __launch_bounds__(kTcThreads, 2)
   float m_run[2] = {-INFINITY, -INFINITY};  // rows g4, g4 + 8: running max (-inf until a key is visible)
   float l_part[2] = {0.0f, 0.0f};           // this lane's share of the row sum of exp(s - m_run)
 
-  for_key_tiles<D, ASYNC>(a, b, g, q_end, wq0, sK, sV, sValid, stage, [&](int k0) {
+  for_key_tiles<D, L>(a, b, g, q_end, wq0, kv, sValid, [&](int k0) {
+    const __nv_bfloat16* sK = kv.t0;
+    const __nv_bfloat16* sV = kv.t1;
     float s[8][4];
     frag_dot<D>(sQ + 16 * warp * LDT, sK, a.hd, s);
     float mx[2] = {-INFINITY, -INFINITY};
@@ -952,21 +1057,28 @@ __global__ void __launch_bounds__(kTcThreads, 2)
       [&](int rr) { return inv[rr >> 3]; });
 }
 
-// A choice's kernel and its shared memory, at head-dim bound D: the WMMA one (tc_smem bytes), the mma.sync
-// one (base bytes) or its cp.async-staged twin (base and the stage).
+// A choice's kernel and its shared memory, at head-dim bound D: the WMMA one (tc_smem bytes) or the mma.sync
+// one with the choice's tile loads (base bytes and what they queue into).
 template <int D, class Kernel>
-std::pair<Kernel*, size_t> choose(AttnKernel k, Kernel* tc, size_t tc_smem, Kernel* mma, Kernel* staged,
-                                  size_t base) {
-  if (k == AttnKernel::Wmma) return {tc, tc_smem};
-  if (k == AttnKernel::Mma) return {mma, base};
-  return {staged, with_stage<D>(base)};
+std::pair<Kernel*, size_t> choose(AttnKernel k, Kernel* tc, size_t tc_smem, Kernel* sync, Kernel* staged,
+                                  Kernel* direct, size_t base) {
+  switch (k) {
+    case AttnKernel::Wmma:
+      return {tc, tc_smem};
+    case AttnKernel::MmaAsync:
+      return {staged, with_next<D, kStaged>(base)};
+    case AttnKernel::MmaBf16:
+      return {direct, with_next<D, kDirect>(base)};
+    default:
+      return {sync, base};
+  }
 }
 
 template <int D>
 void forward_tc_impl(Stream stream, const AttnArgs& a, float* out, float* lse, AttnKernel k) {
   const auto [kernel, smem] =
-      choose<D>(k, attn_fwd_tc_kernel<D>, fwd_tc_smem<D>(), attn_fwd_mma_kernel<D, false>,
-                attn_fwd_mma_kernel<D, true>, fwd_mma_base<D>());
+      choose<D>(k, attn_fwd_tc_kernel<D>, fwd_tc_smem<D>(), attn_fwd_mma_kernel<D, kSync>,
+                attn_fwd_mma_kernel<D, kStaged>, attn_fwd_mma_kernel<D, kDirect>, fwd_mma_base<D>());
   allow_smem(kernel, smem, "attention_forward (bf16)");
   const int nqt = (a.S + kBQ - 1) / kBQ;
   const unsigned grid = grid_1d(static_cast<int64_t>(nqt) * a.B * a.H, "attention_forward");
@@ -978,8 +1090,8 @@ template <int D>
 void backward_tc_impl(Stream stream, const AttnArgs& a, const BwdPtrs& p, AttnKernel k) {
   {
     const auto [kernel, smem] =
-        choose<D>(k, attn_bwd_kv_tc_kernel<D>, kv_tc_smem<D>(), attn_bwd_kv_mma_kernel<D, false>,
-                  attn_bwd_kv_mma_kernel<D, true>, kv_mma_base<D>());
+        choose<D>(k, attn_bwd_kv_tc_kernel<D>, kv_tc_smem<D>(), attn_bwd_kv_mma_kernel<D, kSync>,
+                  attn_bwd_kv_mma_kernel<D, kStaged>, attn_bwd_kv_mma_kernel<D, kDirect>, kv_mma_base<D>());
     allow_smem(kernel, smem, "attention_backward (bf16 dk, dv)");
     const int64_t nkt = (static_cast<int64_t>(a.Pp) + a.S + kBK - 1) / kBK;
     const unsigned grid = grid_1d(nkt * a.B * a.KV, "attention_backward");
@@ -988,8 +1100,8 @@ void backward_tc_impl(Stream stream, const AttnArgs& a, const BwdPtrs& p, AttnKe
   }
   {
     const auto [kernel, smem] =
-        choose<D>(k, attn_bwd_q_tc_kernel<D>, q_tc_smem<D>(), attn_bwd_q_mma_kernel<D, false>,
-                  attn_bwd_q_mma_kernel<D, true>, q_mma_base<D>());
+        choose<D>(k, attn_bwd_q_tc_kernel<D>, q_tc_smem<D>(), attn_bwd_q_mma_kernel<D, kSync>,
+                  attn_bwd_q_mma_kernel<D, kStaged>, attn_bwd_q_mma_kernel<D, kDirect>, q_mma_base<D>());
     allow_smem(kernel, smem, "attention_backward (bf16 dq)");
     const int nqt = (a.S + kBQ - 1) / kBQ;
     const unsigned grid = grid_1d(static_cast<int64_t>(nqt) * a.B * a.H, "attention_backward");
@@ -999,17 +1111,26 @@ void backward_tc_impl(Stream stream, const AttnArgs& a, const BwdPtrs& p, AttnKe
 }
 
 // cp.async copies 16 bytes from 16-byte aligned rows: every base pointer must be (the row strides are
-// multiples of hd, itself a multiple of 16 here); otherwise MmaAsync runs as Mma (the same bits).
-bool async_ok(const AttnArgs& a, const float* dout) {
-  auto aligned = [](const float* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
-  return aligned(a.qkv) && (dout == nullptr || aligned(dout)) &&
-         (a.Pp == 0 || (aligned(a.pk) && aligned(a.pv)));
+// multiples of hd, itself a multiple of 16 here). MmaAsync reads the fp32 operands, MmaBf16 their bf16
+// copies (which must be there); otherwise they run as Mma (the same bits). dout: the backward's (else null).
+template <class T>
+bool operands_ok(const T* qkv, const T* pk, const T* pv, int Pp, bool backward, const T* dout) {
+  auto ok = [](const T* q) { return q != nullptr && reinterpret_cast<uintptr_t>(q) % 16 == 0; };
+  return ok(qkv) && (!backward || ok(dout)) && (Pp == 0 || (ok(pk) && ok(pv)));
+}
+AttnKernel runnable(AttnKernel k, const AttnArgs& a, const BwdPtrs* p) {
+  const bool bwd = p != nullptr;
+  if (k == AttnKernel::MmaAsync && !operands_ok(a.qkv, a.pk, a.pv, a.Pp, bwd, bwd ? p->dout : nullptr))
+    return AttnKernel::Mma;
+  if (k == AttnKernel::MmaBf16 && !operands_ok(a.qkv16, a.pk16, a.pv16, a.Pp, bwd, bwd ? p->dout16 : nullptr))
+    return AttnKernel::Mma;
+  return k;
 }
 
 }  // namespace
 
 void forward_tc(Stream stream, const AttnArgs& a, float* out, float* lse, AttnKernel k) {
-  if (k == AttnKernel::MmaAsync && !async_ok(a, nullptr)) k = AttnKernel::Mma;
+  k = runnable(k, a, nullptr);
   if (a.hd <= 64)
     forward_tc_impl<64>(stream, a, out, lse, k);
   else
@@ -1038,11 +1159,12 @@ AttnKernel attention_kernel() {
   if (v.empty() || v == "mma") return AttnKernel::Mma;
   if (v == "wmma") return AttnKernel::Wmma;
   if (v == "async") return async_attention_off() ? AttnKernel::Mma : AttnKernel::MmaAsync;
-  throw std::invalid_argument("PRIORTUNE_CUDA_ATTN must be mma, wmma or async, got \"" + v + "\"");
+  if (v == "bf16") return async_attention_off() ? AttnKernel::Mma : AttnKernel::MmaBf16;
+  throw std::invalid_argument("PRIORTUNE_CUDA_ATTN must be mma, wmma, async or bf16, got \"" + v + "\"");
 }
 
 void backward_tc(Stream stream, const AttnArgs& a, const BwdPtrs& p, AttnKernel k) {
-  if (k == AttnKernel::MmaAsync && !async_ok(a, p.dout)) k = AttnKernel::Mma;
+  k = runnable(k, a, &p);
   if (a.hd <= 64)
     backward_tc_impl<64>(stream, a, p, k);
   else

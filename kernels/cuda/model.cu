@@ -46,6 +46,8 @@ struct LayerState {
   int64_t S_l = 0, P_l = 0, Pp = 0;
   int deep_index = -1;  // index into the deep-prompt lists, or -1
   DeviceBuffer<float> x_in, mean1, rstd1, qkv, att, lse, x_mid, mean2, rstd2, fc_pre;
+  DeviceBuffer<bf16_t> qkv16;  // qkv's bf16 copy, where the attention takes one (attention_bf16)
+  bool has_qkv16 = false;      // the forward wrote it (the backward passes it only then)
 };
 
 // One call's inputs, packed for a single host-to-device copy, and the device addresses of each part.
@@ -488,10 +490,14 @@ class CudaModel final : public DeviceModel {
     f(gnorm_sq_);
     f(inputs_);
     f(a16_);
-    for (LayerState& s : states_)
+    f(prefix16_);
+    f(datt16_);
+    for (LayerState& s : states_) {
+      f(s.qkv16);
       for (DeviceBuffer<float>* b :
            {&s.x_in, &s.mean1, &s.rstd1, &s.qkv, &s.att, &s.lse, &s.x_mid, &s.mean2, &s.rstd2, &s.fc_pre})
         f(*b);
+    }
     for (auto& b : gdeep_a_) f(b);
     for (auto& b : gdeep_b_) f(b);
   }
@@ -653,6 +659,34 @@ class CudaModel final : public DeviceModel {
       cuda::gelu_backward(stream_, dfc, fc_pre, dact, N * I);
     else
       cuda::swiglu_backward(stream_, dfc, fc_pre, dact, N, I);
+  }
+
+  cuda::AttentionPrecision attention_precision() const {
+    return opt_.precision == GemmPrecision::BF16 ? cuda::AttentionPrecision::BF16
+                                                 : cuda::AttentionPrecision::FP32;
+  }
+  // Whether the attention takes bf16 copies of its operands now (PRIORTUNE_CUDA_ATTN=bf16): the forward then
+  // keeps qkv's copy in its state, and each call converts the prefixes (and the backward dout) before it.
+  bool attention_bf16() const {
+    return cuda::attention_takes_bf16_operands(attention_precision(), cfg_.head_dim);
+  }
+  // The copies of layer state st's attention: its qkv16, the prefix keys and values (pk, pv; converted here
+  // into prefix16_) and dout16 (the backward's, or null).
+  cuda::AttentionBf16Operands attention_operands(LayerState& st, const float* pk, const float* pv,
+                                                 const bf16_t* dout16) {
+    cuda::AttentionBf16Operands ops;
+    ops.qkv = st.qkv16.get();
+    ops.dout = dout16;
+    if (st.Pp) {
+      const int64_t n = st.Pp * cfg_.kv_heads * cfg_.head_dim,
+                    n16 = (n + 7) / 8 * 8;  // 16-byte aligned halves
+      need(prefix16_, 2 * n16);
+      cuda::to_bf16(stream_, prefix16_.get(), pk, n);
+      cuda::to_bf16(stream_, prefix16_.get() + n16, pv, n);
+      ops.prefix_k = prefix16_.get();
+      ops.prefix_v = prefix16_.get() + n16;
+    }
+    return ops;
   }
 
   // ---- planning and inputs ----
@@ -908,10 +942,15 @@ class CudaModel final : public DeviceModel {
     need(st.att, N_l * H * hd);
     need(st.lse, B * H * S_l);
     mark("attention forward");
+    st.has_qkv16 = attention_bf16();
+    cuda::AttentionBf16Operands ops;
+    if (st.has_qkv16) {  // kept for the backward
+      need(st.qkv16, N_l * qkv_w);
+      cuda::to_bf16(stream_, st.qkv16.get(), st.qkv.get(), N_l * qkv_w);
+      ops = attention_operands(st, pk, pv, nullptr);
+    }
     cuda::attention_forward(stream_, st.att.get(), st.lse.get(), st.qkv.get(), in.mask[l], pk, pv, st.Pp, B,
-                            S_l, H, KV, hd, host_.attn_scale(l),
-                            opt_.precision == GemmPrecision::BF16 ? cuda::AttentionPrecision::BF16
-                                                                  : cuda::AttentionPrecision::FP32);
+                            S_l, H, KV, hd, host_.attn_scale(l), attention_precision(), &ops);
     need(tmp_, N_l * C);
     gemm_nt(N_l, C, H * hd, st.att.get(), H * hd, mat(p + "proj.w"), tmp_.get(), C, f_or_null(p + "proj.b"),
             0.0f);
@@ -1006,11 +1045,15 @@ class CudaModel final : public DeviceModel {
     float* dpk = st.Pp ? gdeep_a_[st.deep_index].get() : nullptr;
     float* dpv = st.Pp ? gdeep_b_[st.deep_index].get() : nullptr;
     mark("attention backward");
+    cuda::AttentionBf16Operands ops;
+    if (st.has_qkv16 && attention_bf16()) {
+      need(datt16_, N_l * H * hd);
+      cuda::to_bf16(stream_, datt16_.get(), datt_.get(), N_l * H * hd);
+      ops = attention_operands(st, pk, pv, datt16_.get());
+    }
     cuda::attention_backward(stream_, dqkv_.get(), dpk, dpv, datt_.get(), st.att.get(), st.lse.get(),
                              st.qkv.get(), in.mask[l], pk, pv, st.Pp, B, S_l, H, KV, hd, host_.attn_scale(l),
-                             rows_needed, attn_scratch_.get(),
-                             opt_.precision == GemmPrecision::BF16 ? cuda::AttentionPrecision::BF16
-                                                                   : cuda::AttentionPrecision::FP32);
+                             rows_needed, attn_scratch_.get(), attention_precision(), &ops);
     if (rows_needed == 0) return;  // nothing below needs this layer's input gradient
     if (!gpt2_) {
       const int64_t half = hd / 2;
@@ -1210,7 +1253,9 @@ class CudaModel final : public DeviceModel {
   DeviceBuffer<float> rope_cos_, rope_sin_, gprompt_, clip_;
   DeviceBuffer<float> gemm_ws_;  // split-K partial products (product)
   DeviceBuffer<bf16_t> a16_;     // the bf16 copy of a product's activation operand (gemm_a)
-  bool dmid16_ready_ = false;    // layer_backward: a16_ holds the next layer's dmid in bf16 (its fc2 operand)
+  DeviceBuffer<bf16_t> prefix16_,
+      datt16_;                 // attention_operands: the prefixes' and the backward dout's copies
+  bool dmid16_ready_ = false;  // layer_backward: a16_ holds the next layer's dmid in bf16 (its fc2 operand)
   DeviceBuffer<double> loss_sum_, gnorm_sq_;
   std::vector<DeviceBuffer<float>> gdeep_a_, gdeep_b_;
   DeviceBuffer<uint8_t> inputs_;

@@ -30,7 +30,8 @@ const char* precision_name(GemmPrecision p);
 
 // Attention matrix products (attention_forward / attention_backward):
 // FP32: CUDA cores, fp32 throughout (verification path).
-// BF16: tensor cores (ldmatrix + mma.sync; PRIORTUNE_CUDA_ATTN=wmma: WMMA). Q, K, V, dO, P and dS are
+// BF16: tensor cores (ldmatrix + mma.sync; PRIORTUNE_CUDA_ATTN=wmma: WMMA; =async or =bf16: mma.sync with
+//   cp.async tile loads, see AttentionBf16Operands). Q, K, V, dO, P and dS are
 //   rounded to bf16 (round to nearest even) as operands, with fp32 accumulation; scores, softmax
 //   statistics, lse, delta and every sum stay fp32. Taken for hd a multiple of 16 up to 128; any other hd
 //   silently runs the FP32 kernels (same outputs as FP32 then).
@@ -115,14 +116,33 @@ void rope_backward(Stream stream, float* dx, int64_t B, int64_t S, int64_t ld, i
                    int64_t hd, const float* cos, const float* sin);
 
 // --- Attention (fused, flash style: the S x S probabilities are never stored) ----------------------------
+// bf16 copies (round to nearest even, the values to_bf16 writes) of the fp32 operands of attention_forward
+// and attention_backward below, same layouts: qkv, prefix_k and prefix_v (when Pp > 0), and for
+// attention_backward dout. The BF16 kernels round exactly these values as they stage their tiles, so with
+// PRIORTUNE_CUDA_ATTN=bf16 they copy the tiles from the copies instead (cp.async, half the bytes, the next
+// tile in flight while one is multiplied): the same outputs bit for bit. Where a copy the call needs is null
+// or not 16-byte aligned, or another kernel choice runs, they are not read. The fp32 operands are still
+// required.
+struct AttentionBf16Operands {
+  const bf16_t* qkv = nullptr;
+  const bf16_t* prefix_k = nullptr;
+  const bf16_t* prefix_v = nullptr;
+  const bf16_t* dout = nullptr;
+};
+// Whether attention_forward / attention_backward at this precision and head dim would read such copies now
+// (PRIORTUNE_CUDA_ATTN=bf16, tensor-core kernels): a caller makes them only then.
+bool attention_takes_bf16_operands(AttentionPrecision precision, int64_t hd);
+
 // Same inputs and masking rules as ops.h attention_forward (causal, GQA, key padding mask, key/value
 // prefixes; a query with no visible key outputs zeros). Instead of probs it saves lse[B, H, S] (=), the
 // natural-log sum of exp(scaled scores) of each query row (-INFINITY for a row with no visible key).
 // `precision` picks the kernels (AttentionPrecision above); both are deterministic.
+// `bf16` (optional): bf16 copies of the operands (AttentionBf16Operands above).
 void attention_forward(Stream stream, float* out, float* lse, const float* qkv, const uint8_t* key_mask,
                        const float* prefix_k, const float* prefix_v, int64_t Pp, int64_t B, int64_t S,
                        int64_t H, int64_t KV, int64_t hd, float scale,
-                       AttentionPrecision precision = AttentionPrecision::FP32);
+                       AttentionPrecision precision = AttentionPrecision::FP32,
+                       const AttentionBf16Operands* bf16 = nullptr);
 // Same outputs as ops.h attention_backward (dqkv (=) with dq rows >= q_rows zero; dprefix_k/v (=) summed
 // over the batch, nullptr when Pp == 0), recomputing the probabilities from qkv and lse. `out` is the
 // forward's output. `scratch` holds attention_backward_scratch_floats(...) floats (the same for either
@@ -133,7 +153,8 @@ void attention_backward(Stream stream, float* dqkv, float* dprefix_k, float* dpr
                         const float* out, const float* lse, const float* qkv, const uint8_t* key_mask,
                         const float* prefix_k, const float* prefix_v, int64_t Pp, int64_t B, int64_t S,
                         int64_t H, int64_t KV, int64_t hd, float scale, int64_t q_rows, float* scratch,
-                        AttentionPrecision precision = AttentionPrecision::FP32);
+                        AttentionPrecision precision = AttentionPrecision::FP32,
+                        const AttentionBf16Operands* bf16 = nullptr);
 
 // --- LM head and loss ----------------------------------------------------------------------------------
 // dst[i, :] (=) = src[rows[i], :] for i < R (rows: device int32).
