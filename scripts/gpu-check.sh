@@ -112,9 +112,10 @@ if [ "${PEERS:-1}" != "0" ]; then
     if [ -f ".carry/$f" ]; then part "${f%.py}" "$cap" python3 ".carry/$f" || true; fi
   done
 fi
-# PROFILE=1: Nsight Compute on the two kernels that dominate (the kNN screening and the default BF16 GEMM:
-# wgmma on Hopper, else mma.sync), one launch each: speed of light, occupancy, launch statistics, warp stalls, memory; into ncu-knn.log
-# and ncu-gemm.log.
+# PROFILE=1: Nsight Compute: every kernel's device time in a few default-path kNN searches (160 x 50257 x 768:
+# where its time goes, screening GEMM, slab selection, finalize) into ncu-knn-kernels.log; then the slab
+# selection and the default BF16 GEMM (wgmma on Hopper, else mma.sync), one launch each: speed of light,
+# occupancy, launch statistics, warp stalls, memory; into ncu-knn.log and ncu-gemm.log.
 if [ "${PROFILE:-0}" = "1" ]; then
   ncu="$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1 || true)"
   if [ -z "$ncu" ]; then
@@ -122,7 +123,8 @@ if [ "${PROFILE:-0}" = "1" ]; then
   else
     secs=(--section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats
       --section MemoryWorkloadAnalysis)
-    part ncu-knn 90 "$ncu" -k regex:knn_screen --launch-skip 1 --launch-count 1 "${secs[@]}" \
+    part ncu-knn-kernels 90 "$ncu" --metrics gpu__time_duration.sum /tmp/node .carry/gpu-check.mjs knn --quick || true
+    part ncu-knn 90 "$ncu" -k regex:knn_select --launch-skip 1 --launch-count 1 "${secs[@]}" \
       /tmp/node .carry/gpu-check.mjs knn --quick || true
     part ncu-gemm 90 "$ncu" -k 'regex:gemm_(wg)?mma_kernel' --launch-count 1 "${secs[@]}" /tmp/node .carry/gpu-check.mjs gemm || true
   fi

@@ -34,8 +34,8 @@ if (!info.usable) {
   process.exit(2);
 }
 const tiny = process.argv.includes("--tiny");
-// --quick: knn runs its first workload only (cosine, a few searches, no CPU timing or self-search), e.g. under
-// a profiler.
+// --quick: knn runs its first workload only (cosine, the default path, a few searches, no CPU timing or
+// self-search), e.g. under a profiler.
 const quick = process.argv.includes("--quick");
 const argv = process.argv.slice(2);
 const resultsAt = argv.indexOf("--results");
@@ -499,7 +499,7 @@ if (want("knn")) {
   // "+filter": the matrix path with the filter selection kernel (PRIORTUNE_CUDA_KNN_SELECT=filter); on Hopper
   // also "+wgmma", the matrix path with its GEMM on the wgmma kernel.
   const paths = quick
-    ? ["fused"]
+    ? ["auto"]
     : [
         "auto",
         "fused",
