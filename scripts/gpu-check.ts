@@ -312,6 +312,15 @@ if (want("steps")) {
     const ids = new Int32Array(B * T).map((_, i) => (i * 7919 + 13) % cfg.vocabSize);
     return { inputIds: ids, labels: ids, batch: B, seqLen: T };
   };
+  // Whether cuBLASLt loads here (a tiny product through it).
+  const ltRuns = await (async () => {
+    try {
+      await native.cudaGemmBench("bf16", 64, 64, 64, 1, "cublaslt", "nt");
+      return true;
+    } catch {
+      return false;
+    }
+  })();
   for (const cfg of [gpt2, llama]) {
     const model = new native.NativeModel(nativeConfig(cfg, 16));
     await model.fillRandom(1, 0.02);
@@ -319,7 +328,10 @@ if (want("steps")) {
     // mma.sync attention), the previous defaults (mma.sync GEMM, WMMA attention), the wgmma GEMM at its fixed
     // width (against auto's pick), at 128 x 128 with two blocks an SM (wgmma2) and its TMA-fed twin, the
     // cp.async attention (fp32-staged, and on bf16 copies of its operands) alone and with the TMA GEMM (the
-    // candidates for the next defaults), the WMMA attention alone; bf16 eager; tf32. (The pipelined
+    // candidates for the next defaults), the WMMA attention alone; bf16 eager; tf32. Where cuBLASLt loads,
+    // also every product on cuBLASLt (PRIORTUNE_CUDA_GEMM=cublaslt), with the default attention and with the
+    // one on bf16 copies: what the step would cost with a vendor-class GEMM, so how much of the gap to each
+    // goal is the GEMM's. (The pipelined
     // WMMA and register-staged GEMMs lost to the mma.sync one on every step and product: the gemm section
     // times them.)
     const setups: {
@@ -349,6 +361,10 @@ if (want("steps")) {
         ? [{ precision: "bf16" as const, graphs: true, kernel: "tma", attn: "bf16" }]
         : []),
       { precision: "bf16", graphs: true, attn: "wmma" },
+      ...(ltRuns ? [{ precision: "bf16" as const, graphs: true, kernel: "cublaslt" }] : []),
+      ...(ltRuns && asyncRuns
+        ? [{ precision: "bf16" as const, graphs: true, kernel: "cublaslt", attn: "bf16" }]
+        : []),
       { precision: "bf16", graphs: false },
       { precision: "tf32", graphs: true },
     ];

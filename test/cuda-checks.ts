@@ -636,6 +636,36 @@ export async function gemmKernelChecks(): Promise<CheckRow[]> {
             );
         }
       }
+      // cuBLASLt as the engine of every product (a comparison engine, loaded at run time): the same step up
+      // to fp32 rounding where the machine has it, else a JS error that names it.
+      {
+        let lt: LossAndGrad | undefined;
+        let message = "";
+        try {
+          lt = await step(GEMM, "cublaslt");
+        } catch (e) {
+          message = String((e as Error).message);
+        }
+        if (lt) {
+          rows.add(
+            `${name}: loss, cuBLASLt engine vs staged`,
+            Math.abs(lt.loss - staged.loss) / staged.loss,
+            1e-6,
+          );
+          rows.add(
+            `${name}: d loss / d prompt, cuBLASLt engine vs staged`,
+            rel(lt.promptGrad!, staged.promptGrad!),
+            1e-5,
+            same,
+          );
+        } else
+          rows.add(
+            `${name}: no cuBLASLt here: PRIORTUNE_CUDA_GEMM=cublaslt is a JS error naming it`,
+            /cuBLASLt/.test(message) ? 0 : 1,
+            0,
+            message.slice(0, 120),
+          );
+      }
       for (const variable of [GEMM, ATTN]) {
         let message = "";
         try {

@@ -1,4 +1,5 @@
-// cuBLASLt as a second GEMM engine, for benchmarks only (priortune/cuda_model.h: GemmEngine::CublasLt).
+// cuBLASLt as a second GEMM engine, for benchmarks only (priortune/cuda_model.h: GemmEngine::CublasLt, and
+// whole steps through cuda::gemm with PRIORTUNE_CUDA_GEMM=cublaslt).
 // It is loaded at run time with dlopen where present (the GPU machines have it through PyTorch's wheels)
 // and never linked: the build machines have the CUDA runtime but no cuBLAS. The few entry points, types and
 // constants used are declared here with the values of cublasLt.h, cublas_api.h and library_types.h, which
@@ -6,8 +7,11 @@
 #include <dlfcn.h>
 
 #include <cstdlib>
+#include <map>
+#include <memory>
 #include <mutex>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "common.cuh"
@@ -35,8 +39,10 @@ struct Heuristic {  // cublasLtMatmulHeuristicResult_t
 constexpr int kCompute32F = 68, kCompute32FFastTF32 = 77;  // cublasComputeType_t
 constexpr int kR32F = 0, kR16BF = 14;                      // cudaDataType
 constexpr int kDescTransA = 3, kDescTransB = 4;            // cublasLtMatmulDescAttributes_t
-constexpr int kOpN = 0, kOpT = 1;                          // cublasOperation_t
-constexpr int kPrefMaxWorkspaceBytes = 1;                  // cublasLtMatmulPreferenceAttributes_t
+constexpr int kDescEpilogue = 7, kDescBiasPointer = 8;
+constexpr uint32_t kEpilogueBias = 4;      // cublasLtEpilogue_t: CUBLASLT_EPILOGUE_BIAS
+constexpr int kOpN = 0, kOpT = 1;          // cublasOperation_t
+constexpr int kPrefMaxWorkspaceBytes = 1;  // cublasLtMatmulPreferenceAttributes_t
 constexpr size_t kWorkspaceBytes = size_t{32} << 20;
 
 struct Api {
@@ -147,9 +153,14 @@ struct CublasLtGemm::Impl {
 
 // Row-major C[M, N] = A[M, K] . B[N, K]^T is, column-major, C^T[N, M] = B[N, K] . A^T: cuBLASLt's "TN"
 // product with m = N, n = M and both operands K-contiguous (its fastest layout). Without b_transposed, B is
-// row-major [K, N], column-major [N, K] with leading dimension N: the "NN" product.
-CublasLtGemm::CublasLtGemm(GemmPrecision precision, int64_t M, int64_t N, int64_t K, bool b_transposed)
+// row-major [K, N], column-major [N, K] with leading dimension ldb: the "NN" product. The bias epilogue adds
+// a vector over cuBLASLt's m, our columns.
+CublasLtGemm::CublasLtGemm(GemmPrecision precision, int64_t M, int64_t N, int64_t K, bool b_transposed,
+                           int64_t lda, int64_t ldb, int64_t ldc, bool bias)
     : impl_(std::make_unique<Impl>()) {
+  if (lda == 0) lda = K;
+  if (ldb == 0) ldb = b_transposed ? K : N;
+  if (ldc == 0) ldc = N;
   const Api& a = api();
   if (a.library.empty()) throw std::runtime_error(a.error);
   Impl& d = *impl_;
@@ -160,12 +171,15 @@ CublasLtGemm::CublasLtGemm(GemmPrecision precision, int64_t M, int64_t N, int64_
   const int32_t t = b_transposed ? kOpT : kOpN, n = kOpN;
   lt_check(a.desc_set(d.desc, kDescTransA, &t, sizeof t), "cublasLtMatmulDescSetAttribute(TRANSA)");
   lt_check(a.desc_set(d.desc, kDescTransB, &n, sizeof n), "cublasLtMatmulDescSetAttribute(TRANSB)");
+  if (bias)
+    lt_check(a.desc_set(d.desc, kDescEpilogue, &kEpilogueBias, sizeof kEpilogueBias),
+             "cublasLtMatmulDescSetAttribute(EPILOGUE)");
   if (b_transposed)
-    lt_check(a.layout_create(&d.la, in, K, N, K), "cublasLtMatrixLayoutCreate(B)");
+    lt_check(a.layout_create(&d.la, in, K, N, ldb), "cublasLtMatrixLayoutCreate(B)");
   else
-    lt_check(a.layout_create(&d.la, in, N, K, N), "cublasLtMatrixLayoutCreate(B)");
-  lt_check(a.layout_create(&d.lb, in, K, M, K), "cublasLtMatrixLayoutCreate(A)");
-  lt_check(a.layout_create(&d.lc, kR32F, N, M, N), "cublasLtMatrixLayoutCreate(C)");
+    lt_check(a.layout_create(&d.la, in, N, K, ldb), "cublasLtMatrixLayoutCreate(B)");
+  lt_check(a.layout_create(&d.lb, in, K, M, lda), "cublasLtMatrixLayoutCreate(A)");
+  lt_check(a.layout_create(&d.lc, kR32F, N, M, ldc), "cublasLtMatrixLayoutCreate(C)");
   lt_check(a.pref_create(&d.pref), "cublasLtMatmulPreferenceCreate");
   const uint64_t ws = kWorkspaceBytes;
   lt_check(a.pref_set(d.pref, kPrefMaxWorkspaceBytes, &ws, sizeof ws),
@@ -182,12 +196,43 @@ CublasLtGemm::CublasLtGemm(GemmPrecision precision, int64_t M, int64_t N, int64_
 
 CublasLtGemm::~CublasLtGemm() = default;
 
-void CublasLtGemm::run(cudaStream_t stream, const void* A, const void* B, float* C) {
+void CublasLtGemm::run(cudaStream_t stream, const void* A, const void* B, float* C, const float* bias,
+                       float beta) {
   const Impl& d = *impl_;
-  const float one = 1.0f, zero = 0.0f;
-  lt_check(api().matmul(d.handle, d.desc, &one, B, d.la, A, d.lb, &zero, C, d.lc, C, d.lc, &d.best.algo,
+  const float one = 1.0f;
+  if (bias)
+    lt_check(api().desc_set(d.desc, kDescBiasPointer, &bias, sizeof bias),
+             "cublasLtMatmulDescSetAttribute(BIAS_POINTER)");
+  lt_check(api().matmul(d.handle, d.desc, &one, B, d.la, A, d.lb, &beta, C, d.lc, C, d.lc, &d.best.algo,
                         d.workspace.get(), d.workspace.bytes(), stream),
            "cublasLtMatmul");
+}
+
+void cublaslt_product(Stream stream, GemmPrecision precision, bool b_transposed, int64_t M, int64_t N,
+                      int64_t K, const void* A, int64_t lda, const void* B, int64_t ldb, float* C,
+                      int64_t ldc, const float* bias, float beta) {
+  using Key = std::tuple<int, Stream, int, bool, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool>;
+  static std::mutex mu;
+  static std::map<Key, std::unique_ptr<CublasLtGemm>> plans;
+  int dev = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  const Key key(dev, stream, static_cast<int>(precision), b_transposed, M, N, K, lda, ldb, ldc,
+                bias != nullptr);
+  CublasLtGemm* plan = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    std::unique_ptr<CublasLtGemm>& p = plans[key];
+    try {
+      if (!p)
+        p = std::make_unique<CublasLtGemm>(precision, M, N, K, b_transposed, lda, ldb, ldc, bias != nullptr);
+    } catch (const std::exception& e) {
+      throw std::runtime_error(std::string("PRIORTUNE_CUDA_GEMM=cublaslt: ") + e.what());
+    }
+    plan = p.get();
+  }
+  // Plans are keyed by stream, and a stream's products are queued by one thread at a time (the model's lock):
+  // setting a plan's bias pointer and queueing it do not race.
+  plan->run(stream, A, B, C, bias, beta);
 }
 
 }  // namespace cuda

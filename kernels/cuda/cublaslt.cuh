@@ -14,21 +14,33 @@ namespace cuda {
 // The loaded library and its version; throws the reason when cuBLASLt cannot be loaded.
 std::string cublaslt_library();
 
-// One planned product C[M, N] = A[M, K] . B[N, K]^T (row-major; A and B bf16 for BF16, else fp32; C fp32;
-// TF32 lets cuBLASLt round the fp32 operands to tf32), with the heuristic's best algorithm and its
-// workspace. run() only enqueues on the stream.
+// One planned product C[M, N] = A[M, K] . B[N, K]^T, or . B[K, N] without b_transposed (row-major with
+// leading dimensions lda, ldb, ldc, 0 for dense; A and B bf16 for BF16, else fp32; C fp32; TF32 lets
+// cuBLASLt round the fp32 operands to tf32), with the heuristic's best algorithm and its workspace; `bias`:
+// planned with cuBLASLt's bias epilogue (a bias[N] broadcast over rows, given to run). run() only enqueues
+// on the stream: C = A op(B) (+ bias) (+ C when beta is 1).
 class CublasLtGemm {
  public:
-  CublasLtGemm(GemmPrecision precision, int64_t M, int64_t N, int64_t K, bool b_transposed = true);
+  CublasLtGemm(GemmPrecision precision, int64_t M, int64_t N, int64_t K, bool b_transposed = true,
+               int64_t lda = 0, int64_t ldb = 0, int64_t ldc = 0, bool bias = false);
   ~CublasLtGemm();
   CublasLtGemm(const CublasLtGemm&) = delete;
   CublasLtGemm& operator=(const CublasLtGemm&) = delete;
-  void run(cudaStream_t stream, const void* A, const void* B, float* C);
+  void run(cudaStream_t stream, const void* A, const void* B, float* C, const float* bias = nullptr,
+           float beta = 0.0f);
 
  private:
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };
+
+// cuda::gemm's cuBLASLt engine (PRIORTUNE_CUDA_GEMM=cublaslt, for comparing whole steps): the product of
+// cuda::gemm's arguments (operands both bf16 for BF16, both fp32 otherwise) through a CublasLtGemm planned
+// once per (device, stream, shape, layout, bias) and kept for the process (its workspace too, so that
+// captured graphs stay valid). Throws where cuBLASLt cannot be loaded or refuses the product.
+void cublaslt_product(Stream stream, GemmPrecision precision, bool b_transposed, int64_t M, int64_t N,
+                      int64_t K, const void* A, int64_t lda, const void* B, int64_t ldb, float* C,
+                      int64_t ldc, const float* bias, float beta);
 
 }  // namespace cuda
 }  // namespace pt

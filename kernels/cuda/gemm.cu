@@ -41,6 +41,7 @@
 #include <vector>
 
 #include "common.cuh"
+#include "cublaslt.cuh"
 #include "mma.cuh"
 #include "priortune/cuda_ops.h"
 #include "priortune/gemm.h"
@@ -1130,7 +1131,8 @@ enum class TcKernel {
   Tma,
   Tma128,
   Tma256,
-  Wgmma2
+  Wgmma2,
+  CublasLt
 };
 
 bool is_tma(TcKernel k) {
@@ -1149,7 +1151,9 @@ bool env_off(const char* name) {
 // GPU): width 256, or 128 when N <= 128; the cp.async and TMA ones still only where the operands allow them,
 // wgmma and tma only on compute capability 9.x, else auto's choice; a fixed width of 256 the device cannot
 // hold falls back to 128). Read at every call (a captured graph keeps the kernels it was captured with), so
-// one process can compare them.
+// one process can compare them. cublaslt: cuBLASLt loaded at run time (cublaslt.cuh; an error where it cannot
+// be) for every product whose operands are both bf16 (BF16) or both fp32, a second engine for comparing whole
+// steps, not ours.
 TcKernel env_kernel() {
   const char* const raw = std::getenv("PRIORTUNE_CUDA_GEMM");
   const std::string v = raw ? raw : "";
@@ -1167,9 +1171,10 @@ TcKernel env_kernel() {
   if (v == "tma128") return TcKernel::Tma128;
   if (v == "tma256") return TcKernel::Tma256;
   if (v == "wgmma2") return TcKernel::Wgmma2;
+  if (v == "cublaslt") return TcKernel::CublasLt;
   throw std::invalid_argument(
       "PRIORTUNE_CUDA_GEMM must be auto, staged, pipe, pipe128, pipe256, mma128, mma256, wgmma, wgmma128, "
-      "wgmma256, wgmma2, tma, tma128 or tma256, got \"" +
+      "wgmma256, wgmma2, tma, tma128, tma256 or cublaslt, got \"" +
       v + "\"");
 }
 
@@ -1466,7 +1471,15 @@ int64_t gemm_workspace_floats(GemmPrecision precision, int64_t M, int64_t N, int
 void gemm(Stream stream, GemmPrecision precision, bool b_transposed, int64_t M, int64_t N, int64_t K,
           const void* A, int64_t lda, bool a_bf16, const void* B, int64_t ldb, bool b_bf16, float* C,
           int64_t ldc, const float* bias, float beta, float* workspace, int64_t workspace_floats) {
-  const TcKernel kernel = env_kernel();
+  TcKernel kernel = env_kernel();
+  if (kernel == TcKernel::CublasLt) {
+    const bool bf16 = precision == GemmPrecision::BF16;
+    if (A && B && C && M > 0 && N > 0 && K > 0 && a_bf16 == bf16 && b_bf16 == bf16) {
+      cublaslt_product(stream, precision, b_transposed, M, N, K, A, lda, B, ldb, C, ldc, bias, beta);
+      return;
+    }
+    kernel = TcKernel::Auto;  // mixed operands (or nothing to multiply): ours
+  }
   const bool fast = precision == GemmPrecision::BF16 && A && B && C && M > 0 && N > 0 && K > 0 &&
                     M <= kMaxDim && N <= kMaxDim && K <= kMaxDim && lda >= K && ldc >= N &&
                     ldb >= (b_transposed ? K : N) && (beta == 0.0f || beta == 1.0f) &&

@@ -50,8 +50,10 @@ enum class AttentionPrecision { FP32, BF16 };
 // PRIORTUNE_CUDA_GEMM=staged|pipe|pipe128|pipe256|mma128|mma256|wgmma|wgmma128|wgmma256|wgmma2|tma|tma128|
 // tma256 fixes the kernel for comparisons (default auto; the wgmma and TMA-fed wgmma ones on compute
 // capability 9.x only, PRIORTUNE_CUDA_WGMMA=0 keeping them off, PRIORTUNE_CUDA_TMA=0 the TMA-fed ones);
-// PRIORTUNE_CUDA_GEMM_PEEL=1 runs a wgmma product's sparse last wave as a second product on short mma.sync
-// tiles. beta is 0 or 1: with 0, C is not read.
+// PRIORTUNE_CUDA_GEMM=cublaslt hands every product whose operands are both bf16 (BF16) or both fp32 to
+// cuBLASLt, loaded at run time where the machine has it (an error where not): a second engine for comparing
+// whole steps, never the default. PRIORTUNE_CUDA_GEMM_PEEL=1 runs a wgmma product's sparse last wave as a
+// second product on short mma.sync tiles. beta is 0 or 1: with 0, C is not read.
 void gemm(Stream stream, GemmPrecision precision, bool b_transposed, int64_t M, int64_t N, int64_t K,
           const void* A, int64_t lda, bool a_bf16, const void* B, int64_t ldb, bool b_bf16, float* C,
           int64_t ldc, const float* bias, float beta);
