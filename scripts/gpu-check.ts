@@ -325,7 +325,8 @@ if (want("steps")) {
     const model = new native.NativeModel(nativeConfig(cfg, 16));
     await model.fillRandom(1, 0.02);
     // bf16 with graphs: the default kernels (auto GEMM: wgmma on Hopper where it is faster, else mma.sync;
-    // mma.sync attention), the previous defaults (mma.sync GEMM, WMMA attention), the wgmma GEMM at its fixed
+    // mma.sync attention; GPT-2's GELU written by fc's product), the same with the GELU as a separate pass
+    // (PRIORTUNE_CUDA_GEMM_OUT16=0, the previous default), the previous defaults (mma.sync GEMM, WMMA attention), the wgmma GEMM at its fixed
     // width (against auto's pick), at 128 x 128 with two blocks an SM (wgmma2) and its TMA-fed twin, the
     // cp.async attention (fp32-staged, and on bf16 copies of its operands) alone and with the TMA GEMM (the
     // candidates for the next defaults), the WMMA attention alone; bf16 eager; tf32. Where cuBLASLt loads,
@@ -341,8 +342,10 @@ if (want("steps")) {
       attn?: string;
       peel?: boolean;
       splitk?: boolean;
+      sep16?: boolean;
     }[] = [
       { precision: "bf16", graphs: true },
+      { precision: "bf16", graphs: true, sep16: true },
       { precision: "bf16", graphs: true, kernel: "mma128", attn: "wmma" },
       ...(wgmmaRuns ? [{ precision: "bf16" as const, graphs: true, kernel: "wgmma" }] : []),
       ...(wgmmaRuns ? [{ precision: "bf16" as const, graphs: true, kernel: "wgmma2" }] : []),
@@ -368,8 +371,9 @@ if (want("steps")) {
       { precision: "bf16", graphs: false },
       { precision: "tf32", graphs: true },
     ];
-    for (const { precision, graphs, kernel, attn, peel, splitk } of setups) {
+    for (const { precision, graphs, kernel, attn, peel, splitk, sep16 } of setups) {
       const env = {
+        PRIORTUNE_CUDA_GEMM_OUT16: sep16 ? "0" : undefined,
         PRIORTUNE_CUDA_ATTN: attn,
         PRIORTUNE_CUDA_GEMM_PEEL: peel ? "1" : undefined,
         PRIORTUNE_CUDA_GEMM_SPLITK: splitk ? "1" : undefined,
@@ -379,7 +383,8 @@ if (want("steps")) {
         await model.attachCuda({ precision, graphs });
         const label =
           `${precision}${graphs ? "" : " eager"}${kernel ? ` (${kernel} GEMM)` : ""}` +
-          `${peel ? " (peeled tails)" : ""}${splitk ? " (split-K)" : ""}${attn ? ` (${attn} attention)` : ""}`;
+          `${peel ? " (peeled tails)" : ""}${splitk ? " (split-K)" : ""}${attn ? ` (${attn} attention)` : ""}` +
+          `${sep16 ? " (GELU as a separate pass)" : ""}`;
         for (const r of runs.filter((x) => x.config === cfg)) {
           const C = cfg.hiddenSize;
           const args = await prepareStep(model, cfg, r.B, r.S);
@@ -418,6 +423,7 @@ if (want("steps")) {
               attention: attn ?? "mma",
               peel: !!peel,
               splitk: !!splitk,
+              geluPass: !!sep16,
               firstLoss: first,
               firstLossRelToDefault: lossRel,
               ms,

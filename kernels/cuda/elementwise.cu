@@ -43,8 +43,6 @@ constexpr int kThreads = 256;     // flat and row kernels
 constexpr int kNormCacheFwd = 8;  // packs per thread held in registers by norm_forward
 constexpr int kNormCacheBwd = 4;  // packs per thread (two arrays) held by norm_backward
 constexpr int kMaxBlockThreads = 1024;
-constexpr float kSqrt2OverPi = 0.7978845608028654f;
-constexpr float kGeluCoeff = 0.044715f;
 
 // ---------------------------------------------------------------------------------------------------------
 // Host helpers
@@ -418,9 +416,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
 // Flat elementwise maps: out[i] = op(a[i], b[i]) (b unused when NIN == 1). out may alias a or b.
 
 struct GeluForwardOp {
-  __device__ __forceinline__ float operator()(float v, float) const {
-    return 0.5f * v * (1.0f + tanhf(kSqrt2OverPi * (v + kGeluCoeff * v * v * v)));
-  }
+  __device__ __forceinline__ float operator()(float v, float) const { return gelu_tanh(v); }
 };
 struct GeluBackwardOp {  // (x, dout)
   __device__ __forceinline__ float operator()(float v, float d) const {

@@ -489,12 +489,24 @@ __global__ void __launch_bounds__(kThreads, pipe_blocks_per_sm(BM, BN))
   }
 }
 
+// The bf16 copy a product may also write (gemm's c16): bf16 of each output element as written to C, or of
+// gelu_tanh of it; C's row stride; p null: none (and always with split-K partials).
+struct Out16 {
+  uint16_t* p = nullptr;
+  bool gelu = false;
+};
+__device__ __forceinline__ float out16_value(float v, bool gelu) {
+  return gelu ? gelu_tanh(v) : v;
+}
+
 // Writes the accumulator pair (v0, v1) of C row crow, columns col and col + 1 (those below N), adding bias
-// and, when beta_one, the old C: the register epilogue of the mma.sync and wgmma kernels, whose fragments
-// both hold two adjacent columns a thread. c_vec: C and bias (when given) 8-byte aligned and ldc even, so the
-// pair goes as one 8-byte access.
+// and, when beta_one, the old C, and the pair's bf16 copy to c16row (the same row of o16, null for none):
+// the register epilogue of the mma.sync and wgmma kernels, whose fragments both hold two adjacent columns a
+// thread. c_vec: C and bias (when given) 8-byte aligned and ldc even (and c16 4-byte aligned), so the pair
+// goes as one 8-byte access (and one 4-byte one).
 __device__ __forceinline__ void store_pair(float* crow, int col, float v0, float v1,
-                                           const float* __restrict__ bias, int N, bool beta_one, bool c_vec) {
+                                           const float* __restrict__ bias, int N, bool beta_one, bool c_vec,
+                                           uint16_t* c16row = nullptr, bool gelu = false) {
   if (c_vec && col + 1 < N) {
     if (bias) {
       const float2 bb = __ldg(reinterpret_cast<const float2*>(bias + col));
@@ -506,6 +518,8 @@ __device__ __forceinline__ void store_pair(float* crow, int col, float v0, float
       v0 += old.x, v1 += old.y;
     }
     *dst = make_float2(v0, v1);
+    if (c16row)
+      *reinterpret_cast<uint32_t*>(c16row + col) = pack_bf16x2(out16_value(v0, gelu), out16_value(v1, gelu));
   } else {
     const float v[2] = {v0, v1};
 #pragma unroll
@@ -515,6 +529,7 @@ __device__ __forceinline__ void store_pair(float* crow, int col, float v0, float
       if (bias) x += __ldg(bias + col + e);
       if (beta_one) x += crow[col + e];
       crow[col + e] = x;
+      if (c16row) c16row[col + e] = __bfloat16_as_ushort(__float2bfloat16_rn(out16_value(x, gelu)));
     }
   }
 }
@@ -552,7 +567,7 @@ template <bool NT, int BM, int BN>
 __global__ void __launch_bounds__(kThreads, mma_blocks_per_sm(BN))
     gemm_mma_kernel(const uint16_t* __restrict__ A, int64_t lda, const uint16_t* __restrict__ B, int64_t ldb,
                     float* C, int64_t ldc, const float* __restrict__ bias, int M, int N, int K, bool beta_one,
-                    bool c_vec) {
+                    bool c_vec, Out16 o16) {
   constexpr int kStages = mma_stages(BM, BN);
   constexpr int kWM = BM / 2, kWN = BN / 4, kMT = kWM / 16, kNT = kWN / 8;
   // Stage sizes in elements: A [BM][kMBK]; B NT [BN][kMBK], NN [kMBK][BN].
@@ -636,10 +651,11 @@ __global__ void __launch_bounds__(kThreads, mma_blocks_per_sm(BN))
         const int row = m0 + wm * kWM + 16 * i + (lane >> 2) + 8 * h;
         if (row >= M) continue;
         float* crow = C + static_cast<int64_t>(row) * ldc;
+        uint16_t* c16row = o16.p ? o16.p + static_cast<int64_t>(row) * ldc : nullptr;
 #pragma unroll
         for (int j = 0; j < kNT; ++j)
           store_pair(crow, n0 + wn * kWN + 8 * j + 2 * (lane & 3), acc[i][j][2 * h], acc[i][j][2 * h + 1],
-                     bias, N, beta_one, c_vec);
+                     bias, N, beta_one, c_vec, c16row, o16.gelu);
       }
     }
   }
@@ -692,16 +708,17 @@ __device__ __forceinline__ void wgmma_step(float (&acc)[BN / 2], uint32_t a0, ui
 template <int BN>
 __device__ __forceinline__ void wgmma_epilogue(const float (&acc)[BN / 2], float* C, int64_t ldc,
                                                const float* bias, int M, int N, int row0, int n0, int lane,
-                                               bool beta_one, bool c_vec) {
+                                               bool beta_one, bool c_vec, Out16 o16) {
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int row = row0 + 8 * h;
     if (row >= M) continue;
     float* crow = C + static_cast<int64_t>(row) * ldc;
+    uint16_t* c16row = o16.p ? o16.p + static_cast<int64_t>(row) * ldc : nullptr;
 #pragma unroll
     for (int j = 0; j < BN / 8; ++j)
       store_pair(crow, n0 + 8 * j + 2 * (lane & 3), acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1], bias, N,
-                 beta_one, c_vec);
+                 beta_one, c_vec, c16row, o16.gelu);
   }
 }
 
@@ -722,7 +739,7 @@ template <bool NT, int BN, int STAGES = kWStages>
 __global__ void __launch_bounds__(kThreads, STAGES == kW2Stages ? 2 : 1)
     gemm_wgmma_kernel(const uint16_t* __restrict__ A, int64_t lda, const uint16_t* __restrict__ B,
                       int64_t ldb, float* C, int64_t ldc, const float* __restrict__ bias, int M, int N, int K,
-                      bool beta_one, bool c_vec, int splits, int kc, int64_t split_stride) {
+                      bool beta_one, bool c_vec, int splits, int kc, int64_t split_stride, Out16 o16) {
   static_assert(STAGES >= 3, "the stage refilled at step kt is that of step kt - 2");
   constexpr int kStageA = kWBM * kWBK, kStageB = BN * kWBK;  // elements: A [128][64]; B NT [BN][64], NN
                                                              // [BN / 64][64][64]
@@ -766,7 +783,7 @@ __global__ void __launch_bounds__(kThreads, STAGES == kW2Stages ? 2 : 1)
     __pipeline_wait_prior(0);  // only empty groups are left
     __syncthreads();           // every warpgroup is done with the stages before the next tile refills them
 
-    wgmma_epilogue<BN>(acc, Cs, ldc, bias, M, N, m0 + row_base, n0, lane, beta_one, c_vec);
+    wgmma_epilogue<BN>(acc, Cs, ldc, bias, M, N, m0 + row_base, n0, lane, beta_one, c_vec, o16);
   }
 }
 
@@ -792,7 +809,7 @@ template <bool NT, int BN>
 __global__ void __launch_bounds__(kTThreads, 1)
     gemm_tma_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
                     float* C, int64_t ldc, const float* __restrict__ bias, int M, int N, int K, bool beta_one,
-                    bool c_vec) {
+                    bool c_vec, Out16 o16) {
   constexpr int kStageA = kWBM * kWBK, kStageB = BN * kWBK;  // elements, as in gemm_wgmma_kernel
   constexpr uint32_t kStageBytes = (kStageA + kStageB) * 2;
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -862,7 +879,7 @@ __global__ void __launch_bounds__(kTThreads, 1)
     wgmma_fence_acc(acc);
     mbar_arrive(&empty[held]);
 
-    wgmma_epilogue<BN>(acc, C, ldc, bias, M, N, m0 + row_base, n0, lane, beta_one, c_vec);
+    wgmma_epilogue<BN>(acc, C, ldc, bias, M, N, m0 + row_base, n0, lane, beta_one, c_vec, o16);
   }
 }
 
@@ -989,6 +1006,7 @@ struct PipeArgs {
   int64_t ldc;
   const float* bias;
   bool beta_one;
+  Out16 o16 = {};  // the register-epilogue kernels' bf16 copy (the others leave it to gemm)
 };
 
 // A 1-D grid of one block a BM x BN tile (the kernels walk further tiles past 2^30 with a grid-stride loop).
@@ -999,7 +1017,8 @@ unsigned tile_grid(const PipeArgs& a, int bm, int bn) {
 // store_pair's c_vec: C and bias (when given) 8-byte aligned, ldc even.
 bool c_vec(const PipeArgs& a) {
   return reinterpret_cast<uintptr_t>(a.C) % 8 == 0 && a.ldc % 2 == 0 &&
-         (!a.bias || reinterpret_cast<uintptr_t>(a.bias) % 8 == 0);
+         (!a.bias || reinterpret_cast<uintptr_t>(a.bias) % 8 == 0) &&
+         (!a.o16.p || reinterpret_cast<uintptr_t>(a.o16.p) % 4 == 0);
 }
 
 template <bool NT, int BM, int BN>
@@ -1020,7 +1039,7 @@ void launch_mma(const PipeArgs& a) {
       gemm_mma_kernel<NT, BM, BN>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   check(opt_in, "cudaFuncSetAttribute(gemm_mma_kernel)");
   gemm_mma_kernel<NT, BM, BN><<<tile_grid(a, BM, BN), kThreads, smem, a.stream>>>(
-      a.A, a.lda, a.B, a.ldb, a.C, a.ldc, a.bias, a.M, a.N, a.K, a.beta_one, c_vec(a));
+      a.A, a.lda, a.B, a.ldb, a.C, a.ldc, a.bias, a.M, a.N, a.K, a.beta_one, c_vec(a), a.o16);
 }
 
 template <bool NT, int BN, int STAGES = kWStages>
@@ -1031,9 +1050,9 @@ void launch_wgmma(const PipeArgs& a, int splits = 1, int kc = 0, int64_t split_s
   check(opt_in, "cudaFuncSetAttribute(gemm_wgmma_kernel)");
   const unsigned grid =
       static_cast<unsigned>(std::min<int64_t>(int64_t{tile_grid(a, kWBM, BN)} * splits, int64_t{1} << 30));
-  gemm_wgmma_kernel<NT, BN, STAGES><<<grid, kThreads, smem, a.stream>>>(a.A, a.lda, a.B, a.ldb, a.C, a.ldc,
-                                                                        a.bias, a.M, a.N, a.K, a.beta_one,
-                                                                        c_vec(a), splits, kc, split_stride);
+  gemm_wgmma_kernel<NT, BN, STAGES><<<grid, kThreads, smem, a.stream>>>(
+      a.A, a.lda, a.B, a.ldb, a.C, a.ldc, a.bias, a.M, a.N, a.K, a.beta_one, c_vec(a), splits, kc,
+      split_stride, splits == 1 ? a.o16 : Out16{});
 }
 
 // cuTensorMapEncodeTiled, from the driver through the runtime (no link against libcuda); null where the
@@ -1084,7 +1103,7 @@ void launch_tma(const PipeArgs& a) {
   // the producer loads the next tile's first stages while the MMA warpgroups store this one's C.
   const unsigned grid = std::min<unsigned>(tile_grid(a, kWBM, BN), static_cast<unsigned>(device_info().sms));
   gemm_tma_kernel<NT, BN><<<grid, kTThreads, smem, a.stream>>>(map_a, map_b, a.C, a.ldc, a.bias, a.M, a.N,
-                                                               a.K, a.beta_one, c_vec(a));
+                                                               a.K, a.beta_one, c_vec(a), a.o16);
 }
 
 // Calls f(NT, BM, BN) (as std::integral_constant) for B transposed or not, a tile height of 32, 64 or 128 and
@@ -1355,9 +1374,12 @@ int peel_height(int64_t rows, int64_t N, int bn, int64_t sms) {
   return best;
 }
 
-void gemm_with(TcKernel kernel, Stream stream, GemmPrecision precision, bool b_transposed, int64_t M,
+// Returns whether the kernel also wrote o16 (the register-epilogue ones: wgmma, TMA, mma.sync); the others
+// leave it to the caller.
+bool gemm_with(TcKernel kernel, Stream stream, GemmPrecision precision, bool b_transposed, int64_t M,
                int64_t N, int64_t K, const void* A, int64_t lda, bool a_bf16, const void* B, int64_t ldb,
-               bool b_bf16, float* C, int64_t ldc, const float* bias, float beta, int force_bm = 0) {
+               bool b_bf16, float* C, int64_t ldc, const float* bias, float beta, int force_bm = 0,
+               Out16 o16 = {}) {
   if (is_tma(kernel) && env_off("PRIORTUNE_CUDA_TMA")) kernel = TcKernel::Auto;
   auto bad = [&](const std::string& msg) {
     return std::invalid_argument(std::string("gemm (") + precision_name(precision) +
@@ -1382,13 +1404,16 @@ void gemm_with(TcKernel kernel, Stream stream, GemmPrecision precision, bool b_t
   const bool beta_one = beta == 1.0f;
   const float* af = static_cast<const float*>(A);
   const uint16_t* ah = static_cast<const uint16_t*>(A);
+  bool wrote16 = false;
   if (precision == GemmPrecision::BF16) {
     const int bm = force_bm ? force_bm : pick_rows(M);
     const bool pipe = kernel == TcKernel::Pipe || kernel == TcKernel::Pipe128 || kernel == TcKernel::Pipe256;
     const bool cp_async = kernel != TcKernel::Staged && cp_async_ok(A, lda, a_bf16, B, ldb, b_bf16);
-    const PipeArgs args{stream, m, n,   k,    ah,      lda, static_cast<const uint16_t*>(B),
-                        ldb,    C, ldc, bias, beta_one};
+    const PipeArgs args{stream, m, n,   k,    ah,       lda, static_cast<const uint16_t*>(B),
+                        ldb,    C, ldc, bias, beta_one, o16};
     const int wg_width = cp_async ? wgmma_width(kernel, M, N, K) : 0;
+    const bool mma = cp_async && !pipe && shape_fits(true, b_transposed, bm, 128);
+    wrote16 = o16.p && (wg_width || mma);
     if (wg_width && is_tma(kernel)) {
       with_shape(b_transposed, kWBM, wg_width,
                  [&](auto t, auto, auto c) { launch_tma<decltype(t)::value, decltype(c)::value>(args); });
@@ -1400,7 +1425,7 @@ void gemm_with(TcKernel kernel, Stream stream, GemmPrecision precision, bool b_t
     } else if (wg_width) {
       with_shape(b_transposed, kWBM, wg_width,
                  [&](auto t, auto, auto c) { launch_wgmma<decltype(t)::value, decltype(c)::value>(args); });
-    } else if (cp_async && !pipe && shape_fits(true, b_transposed, bm, 128)) {
+    } else if (mma) {
       with_shape(b_transposed, bm, pick_width(kernel, true, b_transposed, bm, M, N),
                  [&](auto t, auto r, auto c) {
                    launch_mma<decltype(t)::value, decltype(r)::value, decltype(c)::value>(args);
@@ -1437,18 +1462,23 @@ void gemm_with(TcKernel kernel, Stream stream, GemmPrecision precision, bool b_t
           <<<grid, kThreads, 0, stream>>>(af, lda, b, ldb, C, ldc, bias, m, n, k, beta_one);
   }
   check_launch("gemm");
+  return wrote16;
 }
 
 }  // namespace
 
 // Rows [0, M1) as `kernel` chooses, rows [M1, M) on the mma.sync kernel at tile height bm (the peeled tail).
-void gemm_peeled(TcKernel kernel, Stream stream, bool b_transposed, int64_t M, int64_t N, int64_t K,
+bool gemm_peeled(TcKernel kernel, Stream stream, bool b_transposed, int64_t M, int64_t N, int64_t K,
                  const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb, float* C, int64_t ldc,
-                 const float* bias, float beta, int64_t M1, int bm) {
-  gemm_with(kernel, stream, GemmPrecision::BF16, b_transposed, M1, N, K, A, lda, true, B, ldb, true, C, ldc,
-            bias, beta);
-  gemm_with(TcKernel::Mma128, stream, GemmPrecision::BF16, b_transposed, M - M1, N, K, A + M1 * lda, lda,
-            true, B, ldb, true, C + M1 * ldc, ldc, bias, beta, bm);
+                 const float* bias, float beta, int64_t M1, int bm, Out16 o16) {
+  const bool first = gemm_with(kernel, stream, GemmPrecision::BF16, b_transposed, M1, N, K, A, lda, true, B,
+                               ldb, true, C, ldc, bias, beta, 0, o16);
+  Out16 rest = o16;
+  if (rest.p) rest.p += M1 * ldc;
+  const bool second =
+      gemm_with(TcKernel::Mma128, stream, GemmPrecision::BF16, b_transposed, M - M1, N, K, A + M1 * lda, lda,
+                true, B, ldb, true, C + M1 * ldc, ldc, bias, beta, bm, rest);
+  return first && second;
 }
 
 // The split plan of a BF16 product with bf16 operands (none unless PRIORTUNE_CUDA_GEMM_SPLITK=1 and the
@@ -1468,15 +1498,16 @@ int64_t gemm_workspace_floats(GemmPrecision precision, int64_t M, int64_t N, int
   return p.splits > 1 ? p.splits * M * N : 0;
 }
 
-void gemm(Stream stream, GemmPrecision precision, bool b_transposed, int64_t M, int64_t N, int64_t K,
-          const void* A, int64_t lda, bool a_bf16, const void* B, int64_t ldb, bool b_bf16, float* C,
-          int64_t ldc, const float* bias, float beta, float* workspace, int64_t workspace_floats) {
-  TcKernel kernel = env_kernel();
+// gemm's product on `kernel` (PRIORTUNE_CUDA_GEMM's choice); returns whether it also wrote o16.
+bool product_on(TcKernel kernel, Stream stream, GemmPrecision precision, bool b_transposed, int64_t M,
+                int64_t N, int64_t K, const void* A, int64_t lda, bool a_bf16, const void* B, int64_t ldb,
+                bool b_bf16, float* C, int64_t ldc, const float* bias, float beta, float* workspace,
+                int64_t workspace_floats, Out16 o16) {
   if (kernel == TcKernel::CublasLt) {
     const bool bf16 = precision == GemmPrecision::BF16;
     if (A && B && C && M > 0 && N > 0 && K > 0 && a_bf16 == bf16 && b_bf16 == bf16) {
       cublaslt_product(stream, precision, b_transposed, M, N, K, A, lda, B, ldb, C, ldc, bias, beta);
-      return;
+      return false;
     }
     kernel = TcKernel::Auto;  // mixed operands (or nothing to multiply): ours
   }
@@ -1490,7 +1521,7 @@ void gemm(Stream stream, GemmPrecision precision, bool b_transposed, int64_t M, 
       gemm_split(stream, b_transposed, static_cast<int>(M), static_cast<int>(N), static_cast<int>(K),
                  static_cast<const uint16_t*>(A), lda, static_cast<const uint16_t*>(B), ldb, C, ldc, bias,
                  beta == 1.0f, p, workspace);
-      return;
+      return false;
     }
   }
   if (fast && env_is("PRIORTUNE_CUDA_GEMM_PEEL", "1") && !is_tma(kernel) && kernel != TcKernel::Wgmma2) {
@@ -1499,13 +1530,32 @@ void gemm(Stream stream, GemmPrecision precision, bool b_transposed, int64_t M, 
     const int64_t M1 = bn ? peel_rows_for(M, N, bn, sms) : 0;
     const int bm = M1 ? peel_height(M - M1, N, bn, sms) : 0;
     if (bm > 0) {
-      gemm_peeled(kernel, stream, b_transposed, M, N, K, static_cast<const uint16_t*>(A), lda,
-                  static_cast<const uint16_t*>(B), ldb, C, ldc, bias, beta, M1, bm);
-      return;
+      return gemm_peeled(kernel, stream, b_transposed, M, N, K, static_cast<const uint16_t*>(A), lda,
+                         static_cast<const uint16_t*>(B), ldb, C, ldc, bias, beta, M1, bm, o16);
     }
   }
-  gemm_with(kernel, stream, precision, b_transposed, M, N, K, A, lda, a_bf16, B, ldb, b_bf16, C, ldc, bias,
-            beta);
+  return gemm_with(kernel, stream, precision, b_transposed, M, N, K, A, lda, a_bf16, B, ldb, b_bf16, C, ldc,
+                   bias, beta, 0, o16);
+}
+
+void gemm(Stream stream, GemmPrecision precision, bool b_transposed, int64_t M, int64_t N, int64_t K,
+          const void* A, int64_t lda, bool a_bf16, const void* B, int64_t ldb, bool b_bf16, float* C,
+          int64_t ldc, const float* bias, float beta, float* workspace, int64_t workspace_floats, bf16_t* c16,
+          bool c16_gelu) {
+  if (c16 && ldc != N)
+    throw std::invalid_argument("gemm: a bf16 copy (c16) needs ldc == N, got ldc=" + std::to_string(ldc) +
+                                " N=" + std::to_string(N));
+  const bool fused16 = !env_off("PRIORTUNE_CUDA_GEMM_OUT16");
+  const Out16 o16{fused16 ? c16 : nullptr, c16_gelu};
+  const bool wrote16 = product_on(env_kernel(), stream, precision, b_transposed, M, N, K, A, lda, a_bf16, B,
+                                  ldb, b_bf16, C, ldc, bias, beta, workspace, workspace_floats, o16);
+  // The paths without the register epilogue (and PRIORTUNE_CUDA_GEMM_OUT16=0): the same values from C.
+  if (c16 && !wrote16 && M > 0 && N > 0) {
+    if (c16_gelu)
+      gelu_forward(stream, c16, C, M * N);
+    else
+      to_bf16(stream, c16, C, M * N);
+  }
 }
 
 void gemm(Stream stream, GemmPrecision precision, bool b_transposed, int64_t M, int64_t N, int64_t K,
@@ -1726,7 +1776,7 @@ std::vector<OpCheck> selftest_gemm() {
           check(cudaMemcpy(d_c.get(), c0.data(), size_c * sizeof(float), cudaMemcpyHostToDevice),
                 "copy to device");
           gemm_peeled(TcKernel::Auto, nullptr, nt, M, N, K, d_abits.get() + off, lda, d_bits.get() + off, ldb,
-                      d_c.get() + off, ldc, cs.bias ? d_bias.get() + off : nullptr, beta, 128, bm);
+                      d_c.get() + off, ldc, cs.bias ? d_bias.get() + off : nullptr, beta, 128, bm, Out16{});
           out.push_back(make_check("gemm bf16 (bf16 A, peeled at 128, tail " + std::to_string(bm) + " rows)",
                                    shape, region_error(to_host(d_c.get(), size_c), ref_b, M, N, ldc, off),
                                    tol_bf16, note_bf16 + "; rows past 128 on the mma.sync kernel"));
@@ -1786,6 +1836,85 @@ std::vector<OpCheck> selftest_gemm() {
     row("M=2208 N=768 K=768", b8, 0, 1, 0);
     row("M=17024 N=768 K=3072", big, 0, 1, 0);
     row("M=552 N=2048 K=384", shortk, 0, 1, 0);
+  }
+
+  // The bf16 copy beside C (c16): each register-epilogue kernel writes bf16(C), or bf16(gelu(C)), with the
+  // bits to_bf16 / gelu_forward give from the C it wrote; the other kernels leave it alone, and gemm always
+  // delivers those bits (PRIORTUNE_CUDA_GEMM_OUT16=0 too); a c16 with ldc != N is refused.
+  {
+    struct Case16 {
+      int64_t M, N, K;
+      bool beta_one;
+    };
+    for (const Case16& c : {Case16{130, 200, 96, false}, Case16{70, 131, 64, true}}) {
+      for (const bool nt : {true, false}) {
+        const int64_t M = c.M, N = c.N, K = c.K;
+        std::vector<uint16_t> a_bits(M * K), b_bits(N * K);
+        const std::vector<float> a = random_vector(M * K, ++seed), b = random_vector(N * K, ++seed);
+        for (int64_t i = 0; i < M * K; ++i) a_bits[i] = host_bf16_bits(a[i]);
+        for (int64_t i = 0; i < N * K; ++i) b_bits[i] = host_bf16_bits(b[i]);
+        const std::vector<float> bias = random_vector(N, ++seed), c0 = random_vector(M * N, ++seed, 2.0f);
+        DeviceBuffer<uint16_t> d_a = to_device(a_bits), d_b = to_device(b_bits), d_16(M * N), d_ref(M * N);
+        DeviceBuffer<float> d_bias = to_device(bias), d_c(M * N);
+        const float beta = c.beta_one ? 1.0f : 0.0f;
+        const std::string shape = std::string(nt ? "NT" : "NN") + " M=" + std::to_string(M) +
+                                  " N=" + std::to_string(N) + " K=" + std::to_string(K) + " bias" +
+                                  (c.beta_one ? " beta=1" : "");
+        // The bits of the copy as the separate pass makes it from the C on the device.
+        auto expected = [&](bool gelu) {
+          if (gelu)
+            gelu_forward(nullptr, d_ref.get(), d_c.get(), M * N);
+          else
+            to_bf16(nullptr, d_ref.get(), d_c.get(), M * N);
+          return to_host(d_ref.get(), M * N);
+        };
+        auto reset = [&] {
+          check(cudaMemcpy(d_c.get(), c0.data(), M * N * sizeof(float), cudaMemcpyHostToDevice), "copy");
+          check(cudaMemset(d_16.get(), 0xff, M * N * sizeof(uint16_t)), "memset");
+        };
+        const std::pair<const char*, TcKernel> kernels[] = {
+            {"auto", TcKernel::Auto},     {"mma128", TcKernel::Mma128}, {"wgmma", TcKernel::Wgmma},
+            {"wgmma2", TcKernel::Wgmma2}, {"tma", TcKernel::Tma},       {"pipe", TcKernel::Pipe},
+            {"staged", TcKernel::Staged}};
+        for (const auto& [kname, kernel] : kernels)
+          for (const bool gelu : {false, true}) {
+            reset();
+            const bool wrote =
+                gemm_with(kernel, nullptr, GemmPrecision::BF16, nt, M, N, K, d_a.get(), K, true, d_b.get(),
+                          nt ? K : N, true, d_c.get(), N, d_bias.get(), beta, 0, Out16{d_16.get(), gelu});
+            const std::vector<uint16_t> got = to_host(d_16.get(), M * N);
+            const std::vector<uint16_t> want =
+                wrote ? expected(gelu) : std::vector<uint16_t>(static_cast<size_t>(M * N), 0xffff);
+            double mismatches = 0;
+            for (int64_t i = 0; i < M * N; ++i) mismatches += got[i] != want[i];
+            out.push_back(make_check(std::string("gemm bf16 copy (") + kname + (gelu ? ", gelu)" : ")"),
+                                     shape, mismatches, 0.0,
+                                     wrote ? "written beside C: the bits the separate pass gives from C "
+                                             "(err counts mismatching elements)"
+                                           : "this kernel leaves the copy to gemm: untouched"));
+          }
+        for (const bool gelu : {false, true}) {
+          reset();
+          gemm(nullptr, GemmPrecision::BF16, nt, M, N, K, d_a.get(), K, true, d_b.get(), nt ? K : N, true,
+               d_c.get(), N, d_bias.get(), beta, nullptr, 0, d_16.get(), gelu);
+          const std::vector<uint16_t> got = to_host(d_16.get(), M * N), want = expected(gelu);
+          double mismatches = 0;
+          for (int64_t i = 0; i < M * N; ++i) mismatches += got[i] != want[i];
+          out.push_back(make_check(std::string("gemm bf16 copy (public") + (gelu ? ", gelu)" : ")"), shape,
+                                   mismatches, 0.0, "gemm's copy: the separate pass's bits"));
+        }
+      }
+    }
+    bool refused = false;
+    try {
+      gemm(nullptr, GemmPrecision::BF16, true, 2, 2, 2, reinterpret_cast<const void*>(16), 2, true,
+           reinterpret_cast<const void*>(16), 2, true, reinterpret_cast<float*>(16), 4, nullptr, 0.0f,
+           nullptr, 0, reinterpret_cast<bf16_t*>(16));
+    } catch (const std::invalid_argument&) {
+      refused = true;
+    }
+    out.push_back(make_check("gemm bf16 copy (ldc != N)", "M=2 N=2 ldc=4", refused ? 0.0 : 1.0, 0.0,
+                             "refused before anything runs"));
   }
 
   // to_bf16: bit-exact against the host RN-even conversion, ties and signed zero included.

@@ -492,6 +492,7 @@ class CudaModel final : public DeviceModel {
     f(a16_);
     f(prefix16_);
     f(datt16_);
+    f(act16_);
     for (LayerState& s : states_) {
       f(s.qkv16);
       for (DeviceBuffer<float>* b :
@@ -581,26 +582,28 @@ class CudaModel final : public DeviceModel {
     return a16_.get();
   }
   // Every product goes through here: with the split-K workspace it may use (PRIORTUNE_CUDA_GEMM_SPLITK=1;
-  // grown before the product is queued, so never while one that uses it is in flight).
+  // grown before the product is queued, so never while one that uses it is in flight); c16 (ldc == N): also
+  // the output's bf16 copy, through GELU with gelu (cuda::gemm).
   void product(bool nt, int64_t M, int64_t N, int64_t K, const void* A, int64_t lda, bool a_bf16, Mat W,
-               float* C, int64_t ldc, const float* bias, float beta) {
+               float* C, int64_t ldc, const float* bias, float beta, bf16_t* c16 = nullptr,
+               bool gelu = false) {
     const int64_t ws = cuda::gemm_workspace_floats(opt_.precision, M, N, K);
     if (ws > 0) need(gemm_ws_, ws);
     cuda::gemm(stream_, opt_.precision, nt, M, N, K, A, lda, a_bf16, W.p, nt ? K : N, W.bf16, C, ldc, bias,
-               beta, ws > 0 ? gemm_ws_.get() : nullptr, ws);
+               beta, ws > 0 ? gemm_ws_.get() : nullptr, ws, c16, gelu);
   }
   void gemm_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, Mat W, float* C, int64_t ldc,
-               const float* bias, float beta) {
+               const float* bias, float beta, bf16_t* c16 = nullptr, bool gelu = false) {
     mark("gemm x W^T (forward, LM head)");
     bool a_bf16 = false;
     const void* a = gemm_a(A, lda, M, K, W, &a_bf16);
-    product(true, M, N, K, a, lda, a_bf16, W, C, ldc, bias, beta);
+    product(true, M, N, K, a, lda, a_bf16, W, C, ldc, bias, beta, c16, gelu);
   }
   // The same with A already bf16 (bf16_operand(W) holds).
   void gemm_nt_bf16(int64_t M, int64_t N, int64_t K, const bf16_t* A, int64_t lda, Mat W, float* C,
-                    int64_t ldc, const float* bias) {
+                    int64_t ldc, const float* bias, bf16_t* c16 = nullptr, bool gelu = false) {
     mark("gemm x W^T (forward, LM head)");
-    product(true, M, N, K, A, lda, true, W, C, ldc, bias, 0.0f);
+    product(true, M, N, K, A, lda, true, W, C, ldc, bias, 0.0f, c16, gelu);
   }
   // C[M, N] = A[M, K] . W with A already bf16 (bf16_operand(W) holds).
   void gemm_nn_bf16(int64_t M, int64_t N, int64_t K, const bf16_t* A, int64_t lda, Mat W, float* C,
@@ -621,9 +624,10 @@ class CudaModel final : public DeviceModel {
   // out[N, Nout] = norm(x (+ residual, also written to x_sum)) . W^T (+ bias), norm `name` (its .w, .b), its
   // statistics to mean (LayerNorm) and rstd: under BF16 the norm writes the product's bf16 operand itself
   // (the same RN-even values the conversion pass would give), else its fp32 output goes through gemm_nt.
+  // out16 (optional): also out's bf16 copy, of GELU(out) with gelu (product's c16).
   void norm_then_gemm(int64_t N, int64_t Nout, int64_t C, const float* x, const float* residual, float* x_sum,
-                      const std::string& name, float* mean, float* rstd, Mat W, float* out,
-                      const float* bias) {
+                      const std::string& name, float* mean, float* rstd, Mat W, float* out, const float* bias,
+                      bf16_t* out16 = nullptr, bool gelu = false) {
     const float* w = f(name + ".w");
     const float* b = f_or_null(name + ".b");
     if (bf16_operand(W)) {
@@ -631,13 +635,13 @@ class CudaModel final : public DeviceModel {
       mark("norm forward");
       cuda::norm_forward(stream_, kind_, a16_.get(), mean, rstd, x, residual, x_sum, w, b, N, C,
                          cfg_.norm_eps);
-      gemm_nt_bf16(N, Nout, C, a16_.get(), C, W, out, Nout, bias);
+      gemm_nt_bf16(N, Nout, C, a16_.get(), C, W, out, Nout, bias, out16, gelu);
     } else {
       need(ln_, N * C);
       mark("norm forward");
       cuda::norm_forward(stream_, kind_, ln_.get(), mean, rstd, x, residual, x_sum, w, b, N, C,
                          cfg_.norm_eps);
-      gemm_nt(N, Nout, C, ln_.get(), C, W, out, Nout, bias, 0.0f);
+      gemm_nt(N, Nout, C, ln_.get(), C, W, out, Nout, bias, 0.0f, out16, gelu);
     }
   }
 
@@ -927,10 +931,13 @@ class CudaModel final : public DeviceModel {
     need(st.mean1, N_l);
     need(st.rstd1, N_l);
     need(st.qkv, N_l * qkv_w);
+    // The attention's bf16 copy of qkv (attention_bf16): GPT-2's comes with the product (no RoPE after it).
+    st.has_qkv16 = attention_bf16();
+    if (st.has_qkv16) need(st.qkv16, N_l * qkv_w);
     // The norms' outputs have one reader, the next product: under BF16 they are written as its bf16 operand.
     norm_then_gemm(N_l, qkv_w, C, st.x_in.get(), nullptr, nullptr, p + "ln1",
                    gpt2_ ? st.mean1.get() : nullptr, st.rstd1.get(), mat(p + "qkv.w"), st.qkv.get(),
-                   f_or_null(p + "qkv.b"));
+                   f_or_null(p + "qkv.b"), gpt2_ && st.has_qkv16 ? st.qkv16.get() : nullptr);
     if (!gpt2_) {
       const int64_t half = hd / 2;
       const float* cs = rope_cos_.get() + pl.pos0 * half;
@@ -942,11 +949,9 @@ class CudaModel final : public DeviceModel {
     need(st.att, N_l * H * hd);
     need(st.lse, B * H * S_l);
     mark("attention forward");
-    st.has_qkv16 = attention_bf16();
     cuda::AttentionBf16Operands ops;
-    if (st.has_qkv16) {  // kept for the backward
-      need(st.qkv16, N_l * qkv_w);
-      cuda::to_bf16(stream_, st.qkv16.get(), st.qkv.get(), N_l * qkv_w);
+    if (st.has_qkv16) {                                                               // kept for the backward
+      if (!gpt2_) cuda::to_bf16(stream_, st.qkv16.get(), st.qkv.get(), N_l * qkv_w);  // after RoPE
       ops = attention_operands(st, pk, pv, nullptr);
     }
     cuda::attention_forward(stream_, st.att.get(), st.lse.get(), st.qkv.get(), in.mask[l], pk, pv, st.Pp, B,
@@ -959,11 +964,17 @@ class CudaModel final : public DeviceModel {
     need(st.mean2, N_l);
     need(st.rstd2, N_l);
     need(st.fc_pre, N_l * fc_w);
+    const Mat fc2 = mat(p + "fc2.w");
+    // GPT-2 under BF16: fc's product also writes GELU of its output as fc2's bf16 operand (cuda::gemm's c16;
+    // the values gelu_forward would give, in its own buffer: a16_ is fc's operand).
+    const bool fused_gelu = gpt2_ && bf16_operand(fc2);
+    if (fused_gelu) need(act16_, N_l * I);
     norm_then_gemm(N_l, fc_w, C, st.x_in.get(), tmp_.get(), st.x_mid.get(), p + "ln2",
                    gpt2_ ? st.mean2.get() : nullptr, st.rstd2.get(), mat(p + "fc.w"), st.fc_pre.get(),
-                   f_or_null(p + "fc.b"));
-    const Mat fc2 = mat(p + "fc2.w");
-    if (bf16_operand(fc2)) {  // the activation's only reader is fc2: written as its bf16 operand
+                   f_or_null(p + "fc.b"), fused_gelu ? act16_.get() : nullptr, fused_gelu);
+    if (fused_gelu) {
+      gemm_nt_bf16(N_l, C, I, act16_.get(), I, fc2, tmp_.get(), C, f_or_null(p + "fc2.b"));
+    } else if (bf16_operand(fc2)) {  // the activation's only reader is fc2: written as its bf16 operand
       need(a16_, N_l * I);
       mlp_activation(a16_.get(), st.fc_pre.get(), N_l, I);
       gemm_nt_bf16(N_l, C, I, a16_.get(), I, fc2, tmp_.get(), C, f_or_null(p + "fc2.b"));
@@ -1253,8 +1264,9 @@ class CudaModel final : public DeviceModel {
   DeviceBuffer<float> rope_cos_, rope_sin_, gprompt_, clip_;
   DeviceBuffer<float> gemm_ws_;  // split-K partial products (product)
   DeviceBuffer<bf16_t> a16_;     // the bf16 copy of a product's activation operand (gemm_a)
-  DeviceBuffer<bf16_t> prefix16_,
-      datt16_;                 // attention_operands: the prefixes' and the backward dout's copies
+  // attention_operands: the prefixes' and the backward dout's bf16 copies; GPT-2's GELU output as fc2's
+  // operand, written by fc's product.
+  DeviceBuffer<bf16_t> prefix16_, datt16_, act16_;
   bool dmid16_ready_ = false;  // layer_backward: a16_ holds the next layer's dmid in bf16 (its fc2 operand)
   DeviceBuffer<double> loss_sum_, gnorm_sq_;
   std::vector<DeviceBuffer<float>> gdeep_a_, gdeep_b_;
