@@ -636,9 +636,10 @@ export async function gemmKernelChecks(): Promise<CheckRow[]> {
             );
         }
       }
-      // The products' bf16 copies written beside C (GPT-2's fc product writing GELU as fc2's operand; with
-      // PRIORTUNE_CUDA_ATTN=bf16 its qkv product the attention's copy) against the separate passes
-      // (PRIORTUNE_CUDA_GEMM_OUT16=0): the same values, so the same bits.
+      // The products' bf16 copies written by the GEMM epilogue (GPT-2's fc product writing GELU as fc2's
+      // operand, fc2's input gradient writing GELU's gradient as fc's; with PRIORTUNE_CUDA_ATTN=bf16 its qkv
+      // product the attention's copy) against the separate passes (PRIORTUNE_CUDA_GEMM_OUT16=0): the same
+      // values, so the same bits.
       for (const attn of [undefined, "bf16"] as const) {
         const fused = await step(ATTN, attn);
         const separate = await withEnv("PRIORTUNE_CUDA_GEMM_OUT16", "0", () => step(ATTN, attn));
@@ -646,7 +647,7 @@ export async function gemmKernelChecks(): Promise<CheckRow[]> {
           `${name}: loss and gradients, bf16 copies from the GEMM epilogue vs separate passes${attn ? " (attention on bf16 copies)" : ""}`,
           sameResult(fused, separate) ? 0 : 1,
           0,
-          "gelu_forward / to_bf16 of the fp32 output, computed in the epilogue or after it: the same bits",
+          "gelu_forward / gelu_backward / to_bf16 of the fp32 output, in the epilogue or after it: the same bits",
         );
       }
       // cuBLASLt as the engine of every product (a comparison engine, loaded at run time): the same step up

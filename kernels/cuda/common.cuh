@@ -70,6 +70,13 @@ constexpr float kGeluCoeff = 0.044715f;
 __device__ __forceinline__ float gelu_tanh(float v) {
   return 0.5f * v * (1.0f + tanhf(kSqrt2OverPi * (v + kGeluCoeff * v * v * v)));
 }
+// d * gelu_tanh'(v): gelu_backward's, and the epilogue's that writes it beside the product giving d.
+__device__ __forceinline__ float gelu_tanh_grad(float v, float d) {
+  const float t = tanhf(kSqrt2OverPi * (v + kGeluCoeff * v * v * v));
+  const float local =
+      0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * kSqrt2OverPi * (1.0f + 3.0f * kGeluCoeff * v * v);
+  return d * local;
+}
 
 inline int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;

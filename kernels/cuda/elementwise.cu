@@ -419,12 +419,7 @@ struct GeluForwardOp {
   __device__ __forceinline__ float operator()(float v, float) const { return gelu_tanh(v); }
 };
 struct GeluBackwardOp {  // (x, dout)
-  __device__ __forceinline__ float operator()(float v, float d) const {
-    const float t = tanhf(kSqrt2OverPi * (v + kGeluCoeff * v * v * v));
-    const float local =
-        0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * kSqrt2OverPi * (1.0f + 3.0f * kGeluCoeff * v * v);
-    return d * local;
-  }
+  __device__ __forceinline__ float operator()(float v, float d) const { return gelu_tanh_grad(v, d); }
 };
 struct AddOp {
   __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }

@@ -489,24 +489,27 @@ __global__ void __launch_bounds__(kThreads, pipe_blocks_per_sm(BM, BN))
   }
 }
 
-// The bf16 copy a product may also write (gemm's c16): bf16 of each output element as written to C, or of
-// gelu_tanh of it; C's row stride; p null: none (and always with split-K partials).
+// The bf16 copy a product may also write (gemm's c16, Out16Op and aux): C's layout; p null: none (and always
+// with split-K partials). With GeluGrad the kernel does not write C.
 struct Out16 {
   uint16_t* p = nullptr;
-  bool gelu = false;
+  Out16Op op = Out16Op::Copy;
+  const float* aux = nullptr;
 };
-__device__ __forceinline__ float out16_value(float v, bool gelu) {
-  return gelu ? gelu_tanh(v) : v;
+__device__ __forceinline__ float out16_value(float v, Out16Op op, float x) {
+  return op == Out16Op::Copy ? v : op == Out16Op::Gelu ? gelu_tanh(v) : gelu_tanh_grad(x, v);
 }
 
 // Writes the accumulator pair (v0, v1) of C row crow, columns col and col + 1 (those below N), adding bias
-// and, when beta_one, the old C, and the pair's bf16 copy to c16row (the same row of o16, null for none):
-// the register epilogue of the mma.sync and wgmma kernels, whose fragments both hold two adjacent columns a
-// thread. c_vec: C and bias (when given) 8-byte aligned and ldc even (and c16 4-byte aligned), so the pair
-// goes as one 8-byte access (and one 4-byte one).
+// and, when beta_one, the old C, and the pair's bf16 copy (o16) to c16row, reading auxrow for GeluGrad (the
+// same row of o16.p and o16.aux; c16row null: none): the register epilogue of the mma.sync and wgmma
+// kernels, whose fragments both hold two adjacent columns a thread. c_vec: C, bias and aux (when given)
+// 8-byte aligned, c16 4-byte aligned and ldc even, so the pair goes as 8-byte (and 4-byte) accesses.
 __device__ __forceinline__ void store_pair(float* crow, int col, float v0, float v1,
                                            const float* __restrict__ bias, int N, bool beta_one, bool c_vec,
-                                           uint16_t* c16row = nullptr, bool gelu = false) {
+                                           uint16_t* c16row = nullptr, Out16Op op = Out16Op::Copy,
+                                           const float* auxrow = nullptr) {
+  const bool write_c = c16row == nullptr || op != Out16Op::GeluGrad;
   if (c_vec && col + 1 < N) {
     if (bias) {
       const float2 bb = __ldg(reinterpret_cast<const float2*>(bias + col));
@@ -517,9 +520,13 @@ __device__ __forceinline__ void store_pair(float* crow, int col, float v0, float
       const float2 old = *dst;
       v0 += old.x, v1 += old.y;
     }
-    *dst = make_float2(v0, v1);
-    if (c16row)
-      *reinterpret_cast<uint32_t*>(c16row + col) = pack_bf16x2(out16_value(v0, gelu), out16_value(v1, gelu));
+    if (write_c) *dst = make_float2(v0, v1);
+    if (c16row) {
+      const float2 x =
+          op == Out16Op::GeluGrad ? *reinterpret_cast<const float2*>(auxrow + col) : make_float2(0.0f, 0.0f);
+      *reinterpret_cast<uint32_t*>(c16row + col) =
+          pack_bf16x2(out16_value(v0, op, x.x), out16_value(v1, op, x.y));
+    }
   } else {
     const float v[2] = {v0, v1};
 #pragma unroll
@@ -528,10 +535,20 @@ __device__ __forceinline__ void store_pair(float* crow, int col, float v0, float
       float x = v[e];
       if (bias) x += __ldg(bias + col + e);
       if (beta_one) x += crow[col + e];
-      crow[col + e] = x;
-      if (c16row) c16row[col + e] = __bfloat16_as_ushort(__float2bfloat16_rn(out16_value(x, gelu)));
+      if (write_c) crow[col + e] = x;
+      if (c16row) {
+        const float a = op == Out16Op::GeluGrad ? auxrow[col + e] : 0.0f;
+        c16row[col + e] = __bfloat16_as_ushort(__float2bfloat16_rn(out16_value(x, op, a)));
+      }
     }
   }
+}
+// Row `row` of o16's copy and of its aux (null where there is none).
+__device__ __forceinline__ uint16_t* out16_row(const Out16& o16, int row, int64_t ldc) {
+  return o16.p ? o16.p + static_cast<int64_t>(row) * ldc : nullptr;
+}
+__device__ __forceinline__ const float* aux_row(const Out16& o16, int row, int64_t ldc) {
+  return o16.aux ? o16.aux + static_cast<int64_t>(row) * ldc : nullptr;
 }
 
 // ---- mma.sync BF16 kernel (the default for bf16 operands) ---------------------------------------------
@@ -651,11 +668,12 @@ __global__ void __launch_bounds__(kThreads, mma_blocks_per_sm(BN))
         const int row = m0 + wm * kWM + 16 * i + (lane >> 2) + 8 * h;
         if (row >= M) continue;
         float* crow = C + static_cast<int64_t>(row) * ldc;
-        uint16_t* c16row = o16.p ? o16.p + static_cast<int64_t>(row) * ldc : nullptr;
+        uint16_t* c16row = out16_row(o16, row, ldc);
+        const float* auxrow = aux_row(o16, row, ldc);
 #pragma unroll
         for (int j = 0; j < kNT; ++j)
           store_pair(crow, n0 + wn * kWN + 8 * j + 2 * (lane & 3), acc[i][j][2 * h], acc[i][j][2 * h + 1],
-                     bias, N, beta_one, c_vec, c16row, o16.gelu);
+                     bias, N, beta_one, c_vec, c16row, o16.op, auxrow);
       }
     }
   }
@@ -714,11 +732,12 @@ __device__ __forceinline__ void wgmma_epilogue(const float (&acc)[BN / 2], float
     const int row = row0 + 8 * h;
     if (row >= M) continue;
     float* crow = C + static_cast<int64_t>(row) * ldc;
-    uint16_t* c16row = o16.p ? o16.p + static_cast<int64_t>(row) * ldc : nullptr;
+    uint16_t* c16row = out16_row(o16, row, ldc);
+    const float* auxrow = aux_row(o16, row, ldc);
 #pragma unroll
     for (int j = 0; j < BN / 8; ++j)
       store_pair(crow, n0 + 8 * j + 2 * (lane & 3), acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1], bias, N,
-                 beta_one, c_vec, c16row, o16.gelu);
+                 beta_one, c_vec, c16row, o16.op, auxrow);
   }
 }
 
@@ -1018,7 +1037,8 @@ unsigned tile_grid(const PipeArgs& a, int bm, int bn) {
 bool c_vec(const PipeArgs& a) {
   return reinterpret_cast<uintptr_t>(a.C) % 8 == 0 && a.ldc % 2 == 0 &&
          (!a.bias || reinterpret_cast<uintptr_t>(a.bias) % 8 == 0) &&
-         (!a.o16.p || reinterpret_cast<uintptr_t>(a.o16.p) % 4 == 0);
+         (!a.o16.p || reinterpret_cast<uintptr_t>(a.o16.p) % 4 == 0) &&
+         (!a.o16.aux || reinterpret_cast<uintptr_t>(a.o16.aux) % 8 == 0);
 }
 
 template <bool NT, int BM, int BN>
@@ -1541,18 +1561,22 @@ bool product_on(TcKernel kernel, Stream stream, GemmPrecision precision, bool b_
 void gemm(Stream stream, GemmPrecision precision, bool b_transposed, int64_t M, int64_t N, int64_t K,
           const void* A, int64_t lda, bool a_bf16, const void* B, int64_t ldb, bool b_bf16, float* C,
           int64_t ldc, const float* bias, float beta, float* workspace, int64_t workspace_floats, bf16_t* c16,
-          bool c16_gelu) {
+          Out16Op op, const float* aux) {
   if (c16 && ldc != N)
     throw std::invalid_argument("gemm: a bf16 copy (c16) needs ldc == N, got ldc=" + std::to_string(ldc) +
                                 " N=" + std::to_string(N));
+  if (c16 && op == Out16Op::GeluGrad && !aux)
+    throw std::invalid_argument("gemm: Out16Op::GeluGrad needs aux (GELU's input)");
   const bool fused16 = !env_off("PRIORTUNE_CUDA_GEMM_OUT16");
-  const Out16 o16{fused16 ? c16 : nullptr, c16_gelu};
+  const Out16 o16{fused16 ? c16 : nullptr, op, op == Out16Op::GeluGrad ? aux : nullptr};
   const bool wrote16 = product_on(env_kernel(), stream, precision, b_transposed, M, N, K, A, lda, a_bf16, B,
                                   ldb, b_bf16, C, ldc, bias, beta, workspace, workspace_floats, o16);
   // The paths without the register epilogue (and PRIORTUNE_CUDA_GEMM_OUT16=0): the same values from C.
   if (c16 && !wrote16 && M > 0 && N > 0) {
-    if (c16_gelu)
+    if (op == Out16Op::Gelu)
       gelu_forward(stream, c16, C, M * N);
+    else if (op == Out16Op::GeluGrad)
+      gelu_backward(stream, c16, aux, C, M * N);
     else
       to_bf16(stream, c16, C, M * N);
   }
@@ -1838,14 +1862,17 @@ std::vector<OpCheck> selftest_gemm() {
     row("M=552 N=2048 K=384", shortk, 0, 1, 0);
   }
 
-  // The bf16 copy beside C (c16): each register-epilogue kernel writes bf16(C), or bf16(gelu(C)), with the
-  // bits to_bf16 / gelu_forward give from the C it wrote; the other kernels leave it alone, and gemm always
-  // delivers those bits (PRIORTUNE_CUDA_GEMM_OUT16=0 too); a c16 with ldc != N is refused.
+  // The bf16 copy beside C (c16): each register-epilogue kernel writes bf16 of C, of GELU of C, or of GELU's
+  // gradient at aux with C as dout, with the bits to_bf16 / gelu_forward / gelu_backward give from the C the
+  // same kernel writes without a copy; the other kernels leave it alone, and gemm always delivers those bits;
+  // a c16 with ldc != N is refused.
   {
     struct Case16 {
       int64_t M, N, K;
       bool beta_one;
     };
+    const std::pair<const char*, Out16Op> ops[] = {
+        {"", Out16Op::Copy}, {", gelu", Out16Op::Gelu}, {", gelu grad", Out16Op::GeluGrad}};
     for (const Case16& c : {Case16{130, 200, 96, false}, Case16{70, 131, 64, true}}) {
       for (const bool nt : {true, false}) {
         const int64_t M = c.M, N = c.N, K = c.K;
@@ -1854,54 +1881,68 @@ std::vector<OpCheck> selftest_gemm() {
         for (int64_t i = 0; i < M * K; ++i) a_bits[i] = host_bf16_bits(a[i]);
         for (int64_t i = 0; i < N * K; ++i) b_bits[i] = host_bf16_bits(b[i]);
         const std::vector<float> bias = random_vector(N, ++seed), c0 = random_vector(M * N, ++seed, 2.0f);
+        const std::vector<float> aux = random_vector(M * N, ++seed, 3.0f);
         DeviceBuffer<uint16_t> d_a = to_device(a_bits), d_b = to_device(b_bits), d_16(M * N), d_ref(M * N);
-        DeviceBuffer<float> d_bias = to_device(bias), d_c(M * N);
+        DeviceBuffer<float> d_bias = to_device(bias), d_aux = to_device(aux), d_c(M * N);
         const float beta = c.beta_one ? 1.0f : 0.0f;
         const std::string shape = std::string(nt ? "NT" : "NN") + " M=" + std::to_string(M) +
                                   " N=" + std::to_string(N) + " K=" + std::to_string(K) + " bias" +
                                   (c.beta_one ? " beta=1" : "");
-        // The bits of the copy as the separate pass makes it from the C on the device.
-        auto expected = [&](bool gelu) {
-          if (gelu)
+        auto reset = [&] {
+          check(cudaMemcpy(d_c.get(), c0.data(), M * N * sizeof(float), cudaMemcpyHostToDevice), "copy");
+          check(cudaMemset(d_16.get(), 0xff, M * N * sizeof(uint16_t)), "memset");
+        };
+        // The copy's bits as the separate pass makes them from the C in d_c.
+        auto expected = [&](Out16Op op) {
+          if (op == Out16Op::Gelu)
             gelu_forward(nullptr, d_ref.get(), d_c.get(), M * N);
+          else if (op == Out16Op::GeluGrad)
+            gelu_backward(nullptr, d_ref.get(), d_aux.get(), d_c.get(), M * N);
           else
             to_bf16(nullptr, d_ref.get(), d_c.get(), M * N);
           return to_host(d_ref.get(), M * N);
         };
-        auto reset = [&] {
-          check(cudaMemcpy(d_c.get(), c0.data(), M * N * sizeof(float), cudaMemcpyHostToDevice), "copy");
-          check(cudaMemset(d_16.get(), 0xff, M * N * sizeof(uint16_t)), "memset");
+        auto mismatches = [&](const std::vector<uint16_t>& got, const std::vector<uint16_t>& want) {
+          double n = 0;
+          for (int64_t i = 0; i < M * N; ++i) n += got[i] != want[i];
+          return n;
         };
         const std::pair<const char*, TcKernel> kernels[] = {
             {"auto", TcKernel::Auto},     {"mma128", TcKernel::Mma128}, {"wgmma", TcKernel::Wgmma},
             {"wgmma2", TcKernel::Wgmma2}, {"tma", TcKernel::Tma},       {"pipe", TcKernel::Pipe},
             {"staged", TcKernel::Staged}};
-        for (const auto& [kname, kernel] : kernels)
-          for (const bool gelu : {false, true}) {
-            reset();
-            const bool wrote =
-                gemm_with(kernel, nullptr, GemmPrecision::BF16, nt, M, N, K, d_a.get(), K, true, d_b.get(),
-                          nt ? K : N, true, d_c.get(), N, d_bias.get(), beta, 0, Out16{d_16.get(), gelu});
+        for (const auto& kp : kernels)
+          for (const auto& [oname, op] : ops) {
+            const TcKernel kernel = kp.second;
+            const char* kname = kp.first;
+            auto run = [&](Out16 o16) {
+              reset();
+              return gemm_with(kernel, nullptr, GemmPrecision::BF16, nt, M, N, K, d_a.get(), K, true,
+                               d_b.get(), nt ? K : N, true, d_c.get(), N, d_bias.get(), beta, 0, o16);
+            };
+            run(Out16{});
+            const std::vector<uint16_t> want = expected(op);
+            const bool wrote = run(Out16{d_16.get(), op, d_aux.get()});
             const std::vector<uint16_t> got = to_host(d_16.get(), M * N);
-            const std::vector<uint16_t> want =
-                wrote ? expected(gelu) : std::vector<uint16_t>(static_cast<size_t>(M * N), 0xffff);
-            double mismatches = 0;
-            for (int64_t i = 0; i < M * N; ++i) mismatches += got[i] != want[i];
-            out.push_back(make_check(std::string("gemm bf16 copy (") + kname + (gelu ? ", gelu)" : ")"),
-                                     shape, mismatches, 0.0,
-                                     wrote ? "written beside C: the bits the separate pass gives from C "
-                                             "(err counts mismatching elements)"
-                                           : "this kernel leaves the copy to gemm: untouched"));
+            out.push_back(make_check(
+                std::string("gemm bf16 copy (") + kname + oname + ")", shape,
+                mismatches(got, wrote ? want : std::vector<uint16_t>(static_cast<size_t>(M * N), 0xffff)),
+                0.0,
+                wrote ? "written by the epilogue: the bits the separate pass gives from this kernel's C (err "
+                        "counts mismatching elements)"
+                      : "this kernel leaves the copy to gemm: untouched"));
           }
-        for (const bool gelu : {false, true}) {
+        for (const auto& [oname, op] : ops) {
           reset();
           gemm(nullptr, GemmPrecision::BF16, nt, M, N, K, d_a.get(), K, true, d_b.get(), nt ? K : N, true,
-               d_c.get(), N, d_bias.get(), beta, nullptr, 0, d_16.get(), gelu);
-          const std::vector<uint16_t> got = to_host(d_16.get(), M * N), want = expected(gelu);
-          double mismatches = 0;
-          for (int64_t i = 0; i < M * N; ++i) mismatches += got[i] != want[i];
-          out.push_back(make_check(std::string("gemm bf16 copy (public") + (gelu ? ", gelu)" : ")"), shape,
-                                   mismatches, 0.0, "gemm's copy: the separate pass's bits"));
+               d_c.get(), N, d_bias.get(), beta, nullptr, 0);
+          const std::vector<uint16_t> want = expected(op);
+          reset();
+          gemm(nullptr, GemmPrecision::BF16, nt, M, N, K, d_a.get(), K, true, d_b.get(), nt ? K : N, true,
+               d_c.get(), N, d_bias.get(), beta, nullptr, 0, d_16.get(), op, d_aux.get());
+          out.push_back(make_check(std::string("gemm bf16 copy (public") + oname + ")", shape,
+                                   mismatches(to_host(d_16.get(), M * N), want), 0.0,
+                                   "gemm's copy: the separate pass's bits"));
         }
       }
     }

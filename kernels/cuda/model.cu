@@ -583,51 +583,54 @@ class CudaModel final : public DeviceModel {
   }
   // Every product goes through here: with the split-K workspace it may use (PRIORTUNE_CUDA_GEMM_SPLITK=1;
   // grown before the product is queued, so never while one that uses it is in flight); c16 (ldc == N): also
-  // the output's bf16 copy, through GELU with gelu (cuda::gemm).
+  // a bf16 copy of the output, of GELU of it, or of GELU's gradient at aux (cuda::gemm's Out16Op).
   void product(bool nt, int64_t M, int64_t N, int64_t K, const void* A, int64_t lda, bool a_bf16, Mat W,
                float* C, int64_t ldc, const float* bias, float beta, bf16_t* c16 = nullptr,
-               bool gelu = false) {
+               cuda::Out16Op op = cuda::Out16Op::Copy, const float* aux = nullptr) {
     const int64_t ws = cuda::gemm_workspace_floats(opt_.precision, M, N, K);
     if (ws > 0) need(gemm_ws_, ws);
     cuda::gemm(stream_, opt_.precision, nt, M, N, K, A, lda, a_bf16, W.p, nt ? K : N, W.bf16, C, ldc, bias,
-               beta, ws > 0 ? gemm_ws_.get() : nullptr, ws, c16, gelu);
+               beta, ws > 0 ? gemm_ws_.get() : nullptr, ws, c16, op, aux);
   }
   void gemm_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, Mat W, float* C, int64_t ldc,
-               const float* bias, float beta, bf16_t* c16 = nullptr, bool gelu = false) {
+               const float* bias, float beta, bf16_t* c16 = nullptr, cuda::Out16Op op = cuda::Out16Op::Copy) {
     mark("gemm x W^T (forward, LM head)");
     bool a_bf16 = false;
     const void* a = gemm_a(A, lda, M, K, W, &a_bf16);
-    product(true, M, N, K, a, lda, a_bf16, W, C, ldc, bias, beta, c16, gelu);
+    product(true, M, N, K, a, lda, a_bf16, W, C, ldc, bias, beta, c16, op);
   }
   // The same with A already bf16 (bf16_operand(W) holds).
   void gemm_nt_bf16(int64_t M, int64_t N, int64_t K, const bf16_t* A, int64_t lda, Mat W, float* C,
-                    int64_t ldc, const float* bias, bf16_t* c16 = nullptr, bool gelu = false) {
+                    int64_t ldc, const float* bias, bf16_t* c16 = nullptr,
+                    cuda::Out16Op op = cuda::Out16Op::Copy) {
     mark("gemm x W^T (forward, LM head)");
-    product(true, M, N, K, A, lda, true, W, C, ldc, bias, 0.0f, c16, gelu);
+    product(true, M, N, K, A, lda, true, W, C, ldc, bias, 0.0f, c16, op);
   }
   // C[M, N] = A[M, K] . W with A already bf16 (bf16_operand(W) holds).
   void gemm_nn_bf16(int64_t M, int64_t N, int64_t K, const bf16_t* A, int64_t lda, Mat W, float* C,
-                    int64_t ldc) {
+                    int64_t ldc, bf16_t* c16 = nullptr, cuda::Out16Op op = cuda::Out16Op::Copy,
+                    const float* aux = nullptr) {
     mark("gemm dY W (input gradients)");
-    product(false, M, N, K, A, lda, true, W, C, ldc, nullptr, 0.0f);
+    product(false, M, N, K, A, lda, true, W, C, ldc, nullptr, 0.0f, c16, op, aux);
   }
   // C[M, N] = A[M, K] . W where W is [K, N] (a weight [out = K, in = N]: the input gradient of a linear
   // layer).
   void gemm_nn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, Mat W, float* C, int64_t ldc,
-               float beta) {
+               float beta, bf16_t* c16 = nullptr, cuda::Out16Op op = cuda::Out16Op::Copy,
+               const float* aux = nullptr) {
     mark("gemm dY W (input gradients)");
     bool a_bf16 = false;
     const void* a = gemm_a(A, lda, M, K, W, &a_bf16);
-    product(false, M, N, K, a, lda, a_bf16, W, C, ldc, nullptr, beta);
+    product(false, M, N, K, a, lda, a_bf16, W, C, ldc, nullptr, beta, c16, op, aux);
   }
 
   // out[N, Nout] = norm(x (+ residual, also written to x_sum)) . W^T (+ bias), norm `name` (its .w, .b), its
   // statistics to mean (LayerNorm) and rstd: under BF16 the norm writes the product's bf16 operand itself
   // (the same RN-even values the conversion pass would give), else its fp32 output goes through gemm_nt.
-  // out16 (optional): also out's bf16 copy, of GELU(out) with gelu (product's c16).
+  // out16 (optional): also out's bf16 copy, of GELU of out with Out16Op::Gelu (product's c16).
   void norm_then_gemm(int64_t N, int64_t Nout, int64_t C, const float* x, const float* residual, float* x_sum,
                       const std::string& name, float* mean, float* rstd, Mat W, float* out, const float* bias,
-                      bf16_t* out16 = nullptr, bool gelu = false) {
+                      bf16_t* out16 = nullptr, cuda::Out16Op op = cuda::Out16Op::Copy) {
     const float* w = f(name + ".w");
     const float* b = f_or_null(name + ".b");
     if (bf16_operand(W)) {
@@ -635,13 +638,13 @@ class CudaModel final : public DeviceModel {
       mark("norm forward");
       cuda::norm_forward(stream_, kind_, a16_.get(), mean, rstd, x, residual, x_sum, w, b, N, C,
                          cfg_.norm_eps);
-      gemm_nt_bf16(N, Nout, C, a16_.get(), C, W, out, Nout, bias, out16, gelu);
+      gemm_nt_bf16(N, Nout, C, a16_.get(), C, W, out, Nout, bias, out16, op);
     } else {
       need(ln_, N * C);
       mark("norm forward");
       cuda::norm_forward(stream_, kind_, ln_.get(), mean, rstd, x, residual, x_sum, w, b, N, C,
                          cfg_.norm_eps);
-      gemm_nt(N, Nout, C, ln_.get(), C, W, out, Nout, bias, 0.0f, out16, gelu);
+      gemm_nt(N, Nout, C, ln_.get(), C, W, out, Nout, bias, 0.0f, out16, op);
     }
   }
 
@@ -971,7 +974,7 @@ class CudaModel final : public DeviceModel {
     if (fused_gelu) need(act16_, N_l * I);
     norm_then_gemm(N_l, fc_w, C, st.x_in.get(), tmp_.get(), st.x_mid.get(), p + "ln2",
                    gpt2_ ? st.mean2.get() : nullptr, st.rstd2.get(), mat(p + "fc.w"), st.fc_pre.get(),
-                   f_or_null(p + "fc.b"), fused_gelu ? act16_.get() : nullptr, fused_gelu);
+                   f_or_null(p + "fc.b"), fused_gelu ? act16_.get() : nullptr, cuda::Out16Op::Gelu);
     if (fused_gelu) {
       gemm_nt_bf16(N_l, C, I, act16_.get(), I, fc2, tmp_.get(), C, f_or_null(p + "fc2.b"));
     } else if (bf16_operand(fc2)) {  // the activation's only reader is fc2: written as its bf16 operand
@@ -1021,13 +1024,24 @@ class CudaModel final : public DeviceModel {
     // MLP: out = x_mid + fc2(act(fc(norm2(x_mid)))).
     need(dact_, N_l * I);
     const Mat fc2 = mat(p + "fc2.w");
-    if (dmid16 && bf16_operand(fc2))
-      gemm_nn_bf16(N_l, I, C, a16_.get(), C, fc2, dact_.get(), I);
-    else
-      gemm_nn(N_l, I, C, dmid, C, fc2, dact_.get(), I, 0.0f);
     const Mat fc = mat(p + "fc.w");
     need(dln_, N_l * C);
-    if (bf16_operand(fc)) {  // the activation gradient's only reader is fc's input gradient: written in bf16
+    // GPT-2 under BF16: fc2's input gradient product writes GELU's gradient at fc_pre as fc's bf16 operand
+    // (cuda::gemm's Out16Op::GeluGrad: gelu_backward's values; dact_ then only a fallback's scratch).
+    const bool fused_dgelu = gpt2_ && bf16_operand(fc);
+    bf16_t* dfc16 = nullptr;
+    if (fused_dgelu) {
+      need(act16_, N_l * I);
+      dfc16 = act16_.get();
+    }
+    const cuda::Out16Op dgelu = cuda::Out16Op::GeluGrad;
+    if (dmid16 && bf16_operand(fc2))
+      gemm_nn_bf16(N_l, I, C, a16_.get(), C, fc2, dact_.get(), I, dfc16, dgelu, st.fc_pre.get());
+    else
+      gemm_nn(N_l, I, C, dmid, C, fc2, dact_.get(), I, 0.0f, dfc16, dgelu, st.fc_pre.get());
+    if (fused_dgelu) {
+      gemm_nn_bf16(N_l, C, I, dfc16, I, fc, dln_.get(), C);
+    } else if (bf16_operand(fc)) {  // the activation gradient's only reader is fc's input gradient: in bf16
       need(a16_, N_l * fc_w);
       mlp_activation_backward(a16_.get(), st.fc_pre.get(), dact_.get(), N_l, I);
       gemm_nn_bf16(N_l, C, fc_w, a16_.get(), fc_w, fc, dln_.get(), C);

@@ -61,14 +61,17 @@ void gemm(Stream stream, GemmPrecision precision, bool b_transposed, int64_t M, 
 // product of too few tiles to fill the GPU use for split-K (partial products over k-ranges, added in a fixed
 // order); gemm_workspace_floats says how many floats this product would use (0: it would not split). The
 // workspace must not be in use by other work on other streams.
-// c16 (optional, needs ldc == N): also c16[i] (=) bf16 (nearest even) of each element as written to C, or
-// with c16_gelu of gelu_forward of it (GPT-2's tanh GELU): the next product's operand without a conversion
-// pass. The register-epilogue kernels (wgmma, TMA-fed, mma.sync) write it beside C; on the other paths (and
-// with PRIORTUNE_CUDA_GEMM_OUT16=0) to_bf16 / gelu_forward convert C after the product: the same values.
+// c16 (optional, needs ldc == N): also c16[i] (=) bf16 (nearest even) of f(v) for each element v as written
+// to C: the next product's operand without a conversion pass. f by op: Copy v; Gelu gelu_forward's GPT-2
+// tanh GELU of v; GeluGrad gelu_backward's gradient with x = aux[i] (aux: C's layout) and dout = v, after
+// which C's contents are unspecified (the fused kernels do not write it). The register-epilogue kernels
+// (wgmma, TMA-fed, mma.sync) write c16 from registers; the other paths (and PRIORTUNE_CUDA_GEMM_OUT16=0)
+// run to_bf16 / gelu_forward / gelu_backward on C after the product: the same values.
+enum class Out16Op { Copy = 0, Gelu = 1, GeluGrad = 2 };
 void gemm(Stream stream, GemmPrecision precision, bool b_transposed, int64_t M, int64_t N, int64_t K,
           const void* A, int64_t lda, bool a_bf16, const void* B, int64_t ldb, bool b_bf16, float* C,
           int64_t ldc, const float* bias, float beta, float* workspace, int64_t workspace_floats,
-          bf16_t* c16 = nullptr, bool c16_gelu = false);
+          bf16_t* c16 = nullptr, Out16Op op = Out16Op::Copy, const float* aux = nullptr);
 int64_t gemm_workspace_floats(GemmPrecision precision, int64_t M, int64_t N, int64_t K);
 
 // dst[i] (=) = bf16(src[i]), round to nearest even (weights once, on upload; activations before each BF16
