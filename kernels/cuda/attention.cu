@@ -942,43 +942,31 @@ std::vector<OpCheck> selftest_attention() {
                        same_bits(raw.out, wmma.out) && same_bits(raw.lse, wmma.lse) ? 0.0 : 1.0, 0.0,
                        "WMMA forward on raw fp32 inputs vs on host-rounded (RN-even) inputs: same bits"));
       }
-      // The cp.async-staged mma.sync kernels (PRIORTUNE_CUDA_ATTN=async): the same tiles, products and order
-      // as the default ones, so the same bits, on rounded and on raw inputs.
-      if (!attn::async_attention_off()) {
-        const attn::ForceAttentionKernel force(attn::AttnKernel::MmaAsync);
-        const AttnOutputs staged = attention_device(t, db, scale, AttentionPrecision::BF16);
-        checks.push_back(make_check("attention bf16 async", shape, same_bits(staged, got) ? 0.0 : 1.0, 0.0,
-                                    "cp.async-staged mma.sync kernels vs the default mma.sync ones (forward "
-                                    "and backward): the same bf16 tiles and products, same bits"));
-        const AttnOutputs raw = attention_device(t, d, scale, AttentionPrecision::BF16);
+      // The cp.async mma.sync kernels, fp32-staged (PRIORTUNE_CUDA_ATTN=async) and copying their tiles from
+      // bf16 copies of the operands (=bf16, `copies`): the same tiles, products and order as the default
+      // ones, so the same bits, on rounded inputs and on raw ones (rounded in the kernels' staging, or by
+      // to_bf16 into the copies).
+      auto same_as_default = [&](attn::AttnKernel k, const std::string& name, bool copies, const char* what) {
+        const attn::ForceAttentionKernel force(k);
+        const AttnOutputs rounded = attention_device(t, db, scale, AttentionPrecision::BF16, copies);
+        checks.push_back(make_check("attention bf16 " + name, shape, same_bits(rounded, got) ? 0.0 : 1.0, 0.0,
+                                    std::string(what) +
+                                        " vs the default mma.sync kernels (forward and "
+                                        "backward): the same bf16 tiles and products, same bits"));
+        const AttnOutputs raw = attention_device(t, d, scale, AttentionPrecision::BF16, copies);
         const AttnOutputs raw_mma = [&] {
           const attn::ForceAttentionKernel m(attn::AttnKernel::Mma);
           return attention_device(t, d, scale, AttentionPrecision::BF16);
         }();
-        checks.push_back(make_check("attention bf16 async raw inputs", shape,
+        checks.push_back(make_check("attention bf16 " + name + " raw inputs", shape,
                                     same_bits(raw, raw_mma) ? 0.0 : 1.0, 0.0,
-                                    "on raw fp32 inputs (rounded in the kernels' staging): the same bits as "
-                                    "the default kernels"));
-      }
-      // The mma.sync kernels copying their tiles from bf16 copies of the operands (PRIORTUNE_CUDA_ATTN=bf16):
-      // the same tiles, products and order, so the same bits; copies made from the raw inputs by to_bf16 give
-      // the default kernels' bits on those inputs; without the copies the default kernels run.
+                                    "on raw fp32 inputs: the same bits as the default kernels"));
+      };
       if (!attn::async_attention_off()) {
+        same_as_default(attn::AttnKernel::MmaAsync, "async", false, "cp.async-staged mma.sync kernels");
+        same_as_default(attn::AttnKernel::MmaBf16, "copies", true,
+                        "mma.sync kernels queuing their tiles from bf16 copies by cp.async");
         const attn::ForceAttentionKernel force(attn::AttnKernel::MmaBf16);
-        const AttnOutputs direct = attention_device(t, db, scale, AttentionPrecision::BF16, true);
-        checks.push_back(
-            make_check("attention bf16 copies", shape, same_bits(direct, got) ? 0.0 : 1.0, 0.0,
-                       "mma.sync kernels queuing their tiles from bf16 copies by cp.async vs the "
-                       "default mma.sync ones (forward and backward): same bits"));
-        const AttnOutputs raw = attention_device(t, d, scale, AttentionPrecision::BF16, true);
-        const AttnOutputs raw_mma = [&] {
-          const attn::ForceAttentionKernel m(attn::AttnKernel::Mma);
-          return attention_device(t, d, scale, AttentionPrecision::BF16);
-        }();
-        checks.push_back(make_check("attention bf16 copies raw inputs", shape,
-                                    same_bits(raw, raw_mma) ? 0.0 : 1.0, 0.0,
-                                    "copies of the raw fp32 inputs made by to_bf16: the same bits as the "
-                                    "default kernels rounding those inputs as they stage them"));
         const AttnOutputs none = attention_device(t, db, scale, AttentionPrecision::BF16, false);
         checks.push_back(make_check("attention bf16 copies missing", shape, same_bits(none, got) ? 0.0 : 1.0,
                                     0.0, "PRIORTUNE_CUDA_ATTN=bf16 without copies runs the default kernels"));

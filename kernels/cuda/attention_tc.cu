@@ -62,11 +62,6 @@ using FragBRow = wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma:
 using FragBCol = wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major>;
 using Acc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
 
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  return static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(lo))) |
-         (static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(hi))) << 16);
-}
-
 // dst[r * (D + 8) + c] = bf16(row(r)[c]) for c < hd (0 for a null row); columns >= hd are not written.
 // 4-float chunks, loaded in batches of 4 per thread before they are converted and stored.
 template <int D, int ROWS, class RowFn>
@@ -94,28 +89,37 @@ __device__ __forceinline__ void load_tile_bf16(__nv_bfloat16* dst, int hd, RowFn
       const int idx = threadIdx.x + (it0 + u) * kTcThreads, r = idx / kChunks, c = (idx % kChunks) * 4;
       if (c < hd)
         *reinterpret_cast<uint2*>(dst + r * (D + 8) + c) =
-            make_uint2(pack_bf16(v[u].x, v[u].y), pack_bf16(v[u].z, v[u].w));
+            make_uint2(pack_bf16x2(v[u].x, v[u].y), pack_bf16x2(v[u].z, v[u].w));
     }
   }
 }
 
-// The cp.async staging of PRIORTUNE_CUDA_ATTN=async: a tile's rows are queued as 16-byte copies into a dense
-// fp32 stage [ROWS][D] (columns < hd; a null row is zero filled from `any`, a valid address never read) while
-// the previous tile is multiplied, then rounded into the bf16 tile (convert_tile) once they have landed. The
-// caller commits the group; every source row and `any` must be 16-byte aligned (runnable).
-template <int D, int ROWS, class RowFn>
-__device__ __forceinline__ void stage_tile_async(float* stage, int hd, const float* any, RowFn row) {
-  constexpr int kChunks = D / 4, kIters = ROWS * kChunks / kTcThreads;
+// A tile's rows queued as 16-byte cp.async copies: dst[r * LD + c] = row(r)[c] for c < hd, elements of T
+// (fp32 into kStaged's dense stage, LD = D; bf16 into a kDirect tile, LD = D + 8); a null row is zero filled
+// from `any` (a valid address, never read). Columns >= hd are not written. The caller commits the group;
+// every source row and `any` must be 16-byte aligned (runnable).
+template <int D, int ROWS, int LD, class T, class RowFn>
+__device__ __forceinline__ void queue_rows_async(T* dst, int hd, const T* any, RowFn row) {
+  constexpr int kPer = 16 / static_cast<int>(sizeof(T)), kChunks = D / kPer,
+                kIters = ROWS * kChunks / kTcThreads;
 #pragma unroll
   for (int it = 0; it < kIters; ++it) {
-    const int idx = threadIdx.x + it * kTcThreads, r = idx / kChunks, c = (idx % kChunks) * 4;
+    const int idx = threadIdx.x + it * kTcThreads, r = idx / kChunks, c = (idx % kChunks) * kPer;
     if (c >= hd) continue;
-    const float* src = row(r);
+    const T* src = row(r);
     if (src != nullptr)
-      __pipeline_memcpy_async(stage + r * D + c, src + c, 16);
+      __pipeline_memcpy_async(dst + r * LD + c, src + c, 16);
     else
-      __pipeline_memcpy_async(stage + r * D + c, any, 16, 16);
+      __pipeline_memcpy_async(dst + r * LD + c, any, 16, 16);
   }
+}
+
+// The cp.async staging of PRIORTUNE_CUDA_ATTN=async: a tile's fp32 rows queued into a dense stage [ROWS][D]
+// while the previous tile is multiplied, then rounded into the bf16 tile (convert_tile) once they have
+// landed.
+template <int D, int ROWS, class RowFn>
+__device__ __forceinline__ void stage_tile_async(float* stage, int hd, const float* any, RowFn row) {
+  queue_rows_async<D, ROWS, D>(stage, hd, any, row);
 }
 
 // dst[r * (D + 8) + c] = bf16(stage[r * D + c]) for c < hd: the same values load_tile_bf16 writes.
@@ -127,7 +131,8 @@ __device__ __forceinline__ void convert_tile(__nv_bfloat16* dst, const float* st
     const int idx = threadIdx.x + it * kTcThreads, r = idx / kChunks, c = (idx % kChunks) * 4;
     if (c >= hd) continue;
     const float4 v = *reinterpret_cast<const float4*>(stage + r * D + c);
-    *reinterpret_cast<uint2*>(dst + r * (D + 8) + c) = make_uint2(pack_bf16(v.x, v.y), pack_bf16(v.z, v.w));
+    *reinterpret_cast<uint2*>(dst + r * (D + 8) + c) =
+        make_uint2(pack_bf16x2(v.x, v.y), pack_bf16x2(v.z, v.w));
   }
 }
 
@@ -148,22 +153,11 @@ struct TilePair {
   float* stage = nullptr;
 };
 
-// kDirect: dst[r * (D + 8) + c] = row(r)[c] for c < hd from bf16 rows (a null row zero filled from `any`, a
-// valid 16-byte aligned address never read), queued as 16-byte cp.async copies; the caller commits. Columns
-// >= hd are not written: the tile load_tile_bf16 writes from the fp32 rows these were rounded from.
+// kDirect: the bf16 tile dst [ROWS][D + 8] queued from bf16 rows: the tile load_tile_bf16 writes from the
+// fp32 rows these were rounded from.
 template <int D, int ROWS, class RowFn>
 __device__ __forceinline__ void copy_tile_async(__nv_bfloat16* dst, int hd, const bf16_t* any, RowFn row) {
-  constexpr int kChunks = D / 8, kIters = ROWS * kChunks / kTcThreads;
-#pragma unroll
-  for (int it = 0; it < kIters; ++it) {
-    const int idx = threadIdx.x + it * kTcThreads, r = idx / kChunks, c = (idx % kChunks) * 8;
-    if (c >= hd) continue;
-    const bf16_t* src = row(r);
-    if (src != nullptr)
-      __pipeline_memcpy_async(dst + r * (D + 8) + c, src + c, 16);
-    else
-      __pipeline_memcpy_async(dst + r * (D + 8) + c, any, 16, 16);
-  }
+  queue_rows_async<D, ROWS, D + 8>(reinterpret_cast<bf16_t*>(dst), hd, any, row);
 }
 
 // A kernel's own tile (loaded once, before its walk): rounded from the fp32 rows now, or (kDirect) queued
@@ -725,10 +719,10 @@ __device__ __forceinline__ void frag_pv(const uint32_t (&p)[4][4], const __nv_bf
 __device__ __forceinline__ void pack_a(const float (&v)[8][4], uint32_t (&p)[4][4]) {
 #pragma unroll
   for (int kq = 0; kq < 4; ++kq) {
-    p[kq][0] = pack_bf16(v[2 * kq][0], v[2 * kq][1]);
-    p[kq][1] = pack_bf16(v[2 * kq][2], v[2 * kq][3]);
-    p[kq][2] = pack_bf16(v[2 * kq + 1][0], v[2 * kq + 1][1]);
-    p[kq][3] = pack_bf16(v[2 * kq + 1][2], v[2 * kq + 1][3]);
+    p[kq][0] = pack_bf16x2(v[2 * kq][0], v[2 * kq][1]);
+    p[kq][1] = pack_bf16x2(v[2 * kq][2], v[2 * kq][3]);
+    p[kq][2] = pack_bf16x2(v[2 * kq + 1][0], v[2 * kq + 1][1]);
+    p[kq][3] = pack_bf16x2(v[2 * kq + 1][2], v[2 * kq + 1][3]);
   }
 }
 
