@@ -13,7 +13,8 @@
 //    registers, up to 8 (forward) or 4 (backward) packs per thread with up to 1024 threads; statistics are
 //    fp32, two-pass for LayerNorm (mean, then centred squares). Longer rows take a scalar kernel that
 //    re-reads global memory.
-//  - softmax_xent: one block per row: max, sum of exp, then (optionally) the gradient, in place or as bf16
+//  - softmax_xent: one block per row: max and sum of exp in one read (a running max per thread), then
+//    (optionally) the gradient, in place or as bf16
 //    into a second buffer. A row whose start is not 16-byte aligned runs as a scalar head, a float4 body
 //    and a scalar tail.
 //  - sum_f64 / sum_squares_f64: a single 1024-thread block, per-thread float64 accumulators over a fixed
@@ -639,13 +640,22 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
         row_visit<true>(p, V, [](int64_t, float& v) { v = 0.0f; });
       continue;  // uniform across the block: t is the same for every thread
     }
-    const float lt = p[t];  // read before pass 3 overwrites it (the reductions' barriers order this)
-    float mx = -INFINITY;
-    row_visit<false>(p, V, [&](int64_t, float& v) { mx = fmaxf(mx, v); });
-    mx = block_reduce(mx, -INFINITY, sh, MaxOp());
-    float sum = 0.0f;
-    row_visit<false>(p, V, [&](int64_t, float& v) { sum += expf(v - mx); });
-    sum = block_reduce(sum, 0.0f, sh, SumOp());
+    const float lt =
+        p[t];  // read before the gradient pass overwrites it (the reductions' barriers order this)
+    // One read for the statistics: each thread keeps its running max m and the sum of exp(v - m) over its
+    // share (rescaled when m rises; a share that is all -inf so far adds nothing), then the block's max and
+    // the shares' sums rescaled to it.
+    float m = -INFINITY, part = 0.0f;
+    row_visit<false>(p, V, [&](int64_t, float& v) {
+      if (v > m) {
+        part = part * expf(m - v) + 1.0f;
+        m = v;
+      } else if (m != -INFINITY) {
+        part += expf(v - m);
+      }
+    });
+    const float mx = block_reduce(m, -INFINITY, sh, MaxOp());
+    const float sum = block_reduce(m == -INFINITY ? 0.0f : part * expf(m - mx), 0.0f, sh, SumOp());
     if (threadIdx.x == 0)
       losses[r] = static_cast<float>(log(static_cast<double>(sum)) + static_cast<double>(mx) - lt);
     if (want_grad) {
@@ -1383,9 +1393,16 @@ void test_softmax_xent(std::vector<OpCheck>& out, uint32_t& seed) {
   // ld > V: the LM head's padded rows (50257 -> 50264); the padding columns must come back untouched.
   for (const Cfg& g : {Cfg{7, 50257, 50257, false}, Cfg{6, 50257, 50264, false}, Cfg{5, 4096, 4096, true}}) {
     const size_t n = static_cast<size_t>(g.R * g.ld);
-    const auto logits = random_vector(n, ++seed, 8.0f);
+    auto logits = random_vector(n, ++seed, 8.0f);
     auto targets = index_vector(static_cast<size_t>(g.R), g.V, 7177, 11);
-    if (g.ignored_row) targets[2] = -100;
+    if (g.ignored_row) {
+      targets[2] = -100;
+      // Row 0 rising (every thread's running max moves at each element) and row 1 with -inf logits (masked
+      // columns), the target's excepted.
+      for (int64_t v = 0; v < g.V; ++v) logits[static_cast<size_t>(v)] = -20.0f + 40.0f * v / g.V;
+      for (int64_t v = 3; v < g.V; v += 7)
+        if (v != targets[1]) logits[static_cast<size_t>(g.ld + v)] = -INFINITY;
+    }
     const float grad_scale = 1.0f / static_cast<float>(g.R);
     std::vector<float> want_loss(static_cast<size_t>(g.R)), want_grad(n, 0.0f);
     std::vector<float> packed(static_cast<size_t>(g.R * g.V));  // the CPU reference wants rows of V
@@ -1416,7 +1433,7 @@ void test_softmax_xent(std::vector<OpCheck>& out, uint32_t& seed) {
       out.push_back(
           make_check("softmax_xent",
                      dims({{"R", g.R}, {"V", g.V}, {"ld", g.ld}}) + (grad ? " grad" : " loss only") +
-                         (g.ignored_row ? " target -100" : ""),
+                         (g.ignored_row ? " target -100, rising row, -inf logits" : ""),
                      err, kTolMath,
                      "fp32 expf sums per block vs the CPU's float64 sum; gradient vs a float64 host "
                      "softmax"));
