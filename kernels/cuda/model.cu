@@ -1059,10 +1059,14 @@ class CudaModel final : public DeviceModel {
     mark("norm backward");
     cuda::norm_backward(stream_, kind_, dmid, dln_.get(), st.x_mid.get(), f(p + "ln2.w"),
                         gpt2_ ? st.mean2.get() : nullptr, st.rstd2.get(), N_l, C, d16 ? a16_.get() : nullptr);
+    // With the attention on bf16 copies, proj's input gradient also writes dO's copy (cuda::gemm's c16).
+    const bool dout16 = st.has_qkv16 && attention_bf16();
+    if (dout16) need(datt16_, N_l * H * hd);
+    bf16_t* datt16 = dout16 ? datt16_.get() : nullptr;
     if (d16)
-      gemm_nn_bf16(N_l, H * hd, C, a16_.get(), C, proj, datt_.get(), H * hd);
+      gemm_nn_bf16(N_l, H * hd, C, a16_.get(), C, proj, datt_.get(), H * hd, datt16);
     else
-      gemm_nn(N_l, H * hd, C, dmid, C, proj, datt_.get(), H * hd, 0.0f);
+      gemm_nn(N_l, H * hd, C, dmid, C, proj, datt_.get(), H * hd, 0.0f, datt16);
     need(dqkv_, N_l * qkv_w);
     need(attn_scratch_, cuda::attention_backward_scratch_floats(st.Pp, B, S_l, H, KV, hd));
     const float* pk = st.Pp ? in.deep_a[st.deep_index] : nullptr;
@@ -1071,11 +1075,7 @@ class CudaModel final : public DeviceModel {
     float* dpv = st.Pp ? gdeep_b_[st.deep_index].get() : nullptr;
     mark("attention backward");
     cuda::AttentionBf16Operands ops;
-    if (st.has_qkv16 && attention_bf16()) {
-      need(datt16_, N_l * H * hd);
-      cuda::to_bf16(stream_, datt16_.get(), datt_.get(), N_l * H * hd);
-      ops = attention_operands(st, pk, pv, datt16_.get());
-    }
+    if (dout16) ops = attention_operands(st, pk, pv, datt16);
     cuda::attention_backward(stream_, dqkv_.get(), dpk, dpv, datt_.get(), st.att.get(), st.lse.get(),
                              st.qkv.get(), in.mask[l], pk, pv, st.Pp, B, S_l, H, KV, hd, host_.attn_scale(l),
                              rows_needed, attn_scratch_.get(), attention_precision(), &ops);
