@@ -589,6 +589,28 @@ export async function gemmKernelChecks(): Promise<CheckRow[]> {
       // The mma.sync attention forward (the default) takes the running max as the softmax reference, the WMMA
       // one a lazy one, so P is rounded to bf16 at other values: equal up to bf16 rounding (2^-9 relative).
       const rounded = "P rounded to bf16 against another reference max: equal up to bf16 rounding";
+      // A setup's loss and prompt gradient against the staged kernel's.
+      const vsStaged = (label: string, got: LossAndGrad, lossTol: number, gradTol: number, note: string) => {
+        rows.add(
+          `${name}: loss, ${label} vs staged`,
+          Math.abs(got.loss - staged.loss) / staged.loss,
+          lossTol,
+        );
+        rows.add(
+          `${name}: d loss / d prompt, ${label} vs staged`,
+          rel(got.promptGrad!, staged.promptGrad!),
+          gradTol,
+          note,
+        );
+      };
+      // The message of a step that must fail ("" when it ran), and its result when it did run.
+      const attempt = async (variable: string, value: string) => {
+        try {
+          return { result: await step(variable, value), message: "" };
+        } catch (e) {
+          return { result: undefined, message: String((e as Error).message) };
+        }
+      };
       for (const [label, variable, value, lossTol, gradTol, note] of [
         ["auto (default)", GEMM, undefined, 1e-6, 1e-5, same],
         ["mma.sync", GEMM, "mma128", 1e-6, 1e-5, same],
@@ -601,17 +623,7 @@ export async function gemmKernelChecks(): Promise<CheckRow[]> {
         ["WMMA attention", ATTN, "wmma", 1e-3, 2e-2, rounded],
       ] as const) {
         const got = value === undefined ? auto : await step(variable, value); // the default: run above
-        rows.add(
-          `${name}: loss, ${label} vs staged`,
-          Math.abs(got.loss - staged.loss) / staged.loss,
-          lossTol,
-        );
-        rows.add(
-          `${name}: d loss / d prompt, ${label} vs staged`,
-          rel(got.promptGrad!, staged.promptGrad!),
-          gradTol,
-          note,
-        );
+        vsStaged(label, got, lossTol, gradTol, note);
       }
       // The cp.async attention kernels (an fp32 stage, or tiles copied from bf16 copies of the operands): the
       // default ones' tiles, products and order, so the same bits, for each prompt kind (unless
@@ -653,40 +665,18 @@ export async function gemmKernelChecks(): Promise<CheckRow[]> {
       // cuBLASLt as the engine of every product (a comparison engine, loaded at run time): the same step up
       // to fp32 rounding where the machine has it, else a JS error that names it.
       {
-        let lt: LossAndGrad | undefined;
-        let message = "";
-        try {
-          lt = await step(GEMM, "cublaslt");
-        } catch (e) {
-          message = String((e as Error).message);
-        }
-        if (lt) {
-          rows.add(
-            `${name}: loss, cuBLASLt engine vs staged`,
-            Math.abs(lt.loss - staged.loss) / staged.loss,
-            1e-6,
-          );
-          rows.add(
-            `${name}: d loss / d prompt, cuBLASLt engine vs staged`,
-            rel(lt.promptGrad!, staged.promptGrad!),
-            1e-5,
-            same,
-          );
-        } else
+        const lt = await attempt(GEMM, "cublaslt");
+        if (lt.result) vsStaged("cuBLASLt engine", lt.result, 1e-6, 1e-5, same);
+        else
           rows.add(
             `${name}: no cuBLASLt here: PRIORTUNE_CUDA_GEMM=cublaslt is a JS error naming it`,
-            /cuBLASLt/.test(message) ? 0 : 1,
+            /cuBLASLt/.test(lt.message) ? 0 : 1,
             0,
-            message.slice(0, 120),
+            lt.message.slice(0, 120),
           );
       }
       for (const variable of [GEMM, ATTN]) {
-        let message = "";
-        try {
-          await step(variable, "bogus");
-        } catch (e) {
-          message = String((e as Error).message);
-        }
+        const { message } = await attempt(variable, "bogus");
         rows.add(
           `${name}: a bad ${variable} is a JS error naming it`,
           new RegExp(`${variable} must be`).test(message) ? 0 : 1,

@@ -640,8 +640,8 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
         row_visit<true>(p, V, [](int64_t, float& v) { v = 0.0f; });
       continue;  // uniform across the block: t is the same for every thread
     }
-    const float lt =
-        p[t];  // read before the gradient pass overwrites it (the reductions' barriers order this)
+    // The target's logit, read before the gradient pass overwrites it (the reductions' barriers order this).
+    const float lt = p[t];
     // One read for the statistics: each thread keeps its running max m and the sum of exp(v - m) over its
     // share (rescaled when m rises; a share that is all -inf so far adds nothing), then the block's max and
     // the shares' sums rescaled to it.

@@ -1501,8 +1501,8 @@ bool gemm_peeled(TcKernel kernel, Stream stream, bool b_transposed, int64_t M, i
   return first && second;
 }
 
-// The split plan of a BF16 product with bf16 operands (none unless PRIORTUNE_CUDA_GEMM_SPLITK=1 and the
-// kernel choice is a wgmma one at a width).
+// The split plan of a BF16 product with bf16 operands (none unless PRIORTUNE_CUDA_GEMM_SPLITK=1, the kernel
+// choice is auto and auto picks a wgmma width).
 SplitPlan split_plan(TcKernel kernel, int64_t M, int64_t N, int64_t K) {
   if (!env_is("PRIORTUNE_CUDA_GEMM_SPLITK", "1") || kernel != TcKernel::Auto) return {};
   const int bn = wgmma_width(kernel, M, N, K);

@@ -673,7 +673,8 @@ class CudaModel final : public DeviceModel {
                                                  : cuda::AttentionPrecision::FP32;
   }
   // Whether the attention takes bf16 copies of its operands now (PRIORTUNE_CUDA_ATTN=bf16): the forward then
-  // keeps qkv's copy in its state, and each call converts the prefixes (and the backward dout) before it.
+  // keeps qkv's copy in its state, proj's input-gradient product writes dout's, and each attention call
+  // converts the prefixes before it (attention_operands).
   bool attention_bf16() const {
     return cuda::attention_takes_bf16_operands(attention_precision(), cfg_.head_dim);
   }
@@ -952,9 +953,10 @@ class CudaModel final : public DeviceModel {
     need(st.att, N_l * H * hd);
     need(st.lse, B * H * S_l);
     mark("attention forward");
+    // Llama's qkv copy (kept for the backward) is made here, after RoPE; GPT-2's came with the product.
     cuda::AttentionBf16Operands ops;
-    if (st.has_qkv16) {                                                               // kept for the backward
-      if (!gpt2_) cuda::to_bf16(stream_, st.qkv16.get(), st.qkv.get(), N_l * qkv_w);  // after RoPE
+    if (st.has_qkv16) {
+      if (!gpt2_) cuda::to_bf16(stream_, st.qkv16.get(), st.qkv.get(), N_l * qkv_w);
       ops = attention_operands(st, pk, pv, nullptr);
     }
     cuda::attention_forward(stream_, st.att.get(), st.lse.get(), st.qkv.get(), in.mask[l], pk, pv, st.Pp, B,
