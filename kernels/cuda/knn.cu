@@ -27,9 +27,11 @@
 //   (ballot + popc). A buffer that might not hold another tile (more than cap - BV entries) is cut back to
 //   its c largest by a warp radix select on the order-preserving integer keys of the scores; the threshold
 //   becomes the c-th largest value, which is also the bound on everything the block dropped for that query.
-// knn_finalize_kernel: one block per query merges the slabs' lists (a block radix select when they hold
-// more than c), re-scores the survivors in float64 (a warp per candidate), sorts them by (value, index)
-// with a bitonic sort and certifies the k-th: s_k > B + err, with
+// knn_finalize_kernel: one block per query merges the slabs' lists, drops the candidates whose screening
+// score is more than 2 err below the k-th best (they cannot rank; a block radix select finds the k-th, and
+// the c-th when more than c remain), re-scores the survivors in float64 (a warp per candidate, 16-byte loads
+// issued together), sorts them by (value, index) with a bitonic sort and certifies the k-th: s_k > B + err,
+// with
 //   err = E x (1 for cosine, |q| vmax for dot and l2) + A vmax^2 for l2 only,
 //   A = 1.25 (d + 16) 2^-22, E = 1.25 u + A
 // where u bounds the relative error of one product of rounded operands: TF32 keeps 11 significant bits
@@ -38,8 +40,9 @@
 // to spare (A). l2's shift -|row|^2 / 2 is rounded to fp32 and added in fp32 (2^-25 vmax^2 and 2^-23 of the
 // sum), never through rounded operands, so its vmax^2 term carries A, not u: the CPU's single fp32 error
 // covers both terms there, while here a bf16 u on vmax^2 would double the bound on rows of similar norms and
-// send half the l2 queries back for a second pass. Uncertified queries are searched again with 4c candidates;
-// when c no longer fits they go to the float64 brute force on the host copy (knn_exact_scan).
+// send half the l2 queries back for a second pass. Uncertified queries are searched again with 4c candidates
+// (on the matrix path, while the score block spans the whole vocabulary, by a second selection from it: no
+// second GEMM); when c no longer fits they go to the float64 brute force on the host copy (knn_exact_scan).
 #include <cuda_runtime.h>
 #include <mma.h>
 
@@ -383,28 +386,30 @@ __device__ __forceinline__ uint32_t block_kth_largest(int c, F&& count_ge, int* 
 // takes (the c-th largest of the 512 threads' maxima must exist and sit near the slab's c-th largest).
 constexpr int kFilterCap = 2048, kFilterMaxC = 128;
 
-// Block (query i, slab s of this score block): columns [s kSelChunk, ...) of scores row i (row stride lds,
-// L columns in the block, the first being vocabulary row v0). Writes the slab's candidate list (slot
-// i * slabs + slab0 + s, at most c entries: the c largest scores, ties at the cut taken in any order) and
-// its bound: the c-th largest score when some valid column was dropped, else -inf. The excluded row (a
-// self-search's own row) and columns past L carry key 0, below every real score's key (-inf's is 0x7fffff).
-// FILTER (c <= kFilterMaxC): instead of 32 block-wide counting rounds over all 16384 keys, T0 = the c-th
-// largest of the threads' maxima (c threads hold a key >= T0, so the slab's c-th largest K >= T0) is found by
-// one warp, the keys >= T0 (typically little more than c) are gathered into shared memory, and one warp
-// selects K among them; everything above K and enough keys equal to it are written as before. When more than
-// kFilterCap keys reach T0 (ties, adversarial layouts) the block takes the full select.
+// Block (b, slab s of this score block), for query i = map ? map[b] : b: columns [s kSelChunk, ...) of scores
+// row i (row stride lds, L columns in the block, the first being vocabulary row v0). Writes the slab's
+// candidate list (slot b * slabs + slab0 + s, at most c entries: the c largest scores, ties at the cut taken
+// in any order) and its bound: the c-th largest score when some valid column was dropped, else -inf. The
+// excluded row (a self-search's own row) and columns past L carry key 0, below every real score's key (-inf's
+// is 0x7fffff). FILTER (c <= kFilterMaxC): instead of 32 block-wide counting rounds over all 16384 keys, T0 =
+// the c-th largest of the threads' maxima (c threads hold a key >= T0, so the slab's c-th largest K >= T0) is
+// found by one warp, the keys >= T0 (typically little more than c) are gathered into shared memory, and one
+// warp selects K among them; everything above K and enough keys equal to it are written as before. When more
+// than kFilterCap keys reach T0 (ties, adversarial layouts) the block takes the full select.
 template <bool FILTER>
 __global__ void __launch_bounds__(kSelThreads)
     knn_select_kernel(const float* __restrict__ scores, int64_t lds, int L, int v0, int slab0,
-                      const int* __restrict__ exclude, int c, int slabs, float* __restrict__ cand_a,
-                      int* __restrict__ cand_i, int* __restrict__ cand_n, float* __restrict__ bound) {
+                      const int* __restrict__ exclude, int c, int slabs, const int* __restrict__ map,
+                      float* __restrict__ cand_a, int* __restrict__ cand_i, int* __restrict__ cand_n,
+                      float* __restrict__ bound) {
   __shared__ int part[2 * 32];
   __shared__ int s_out, s_eq, s_n, s_gt;
   __shared__ uint32_t s_K;
   // FILTER: the threads' maxima, then the gathered keys and their columns.
   __shared__ uint32_t s_key[FILTER ? kFilterCap : 1];
   __shared__ int s_col[FILTER ? kFilterCap : 1];
-  const int q = static_cast<int>(blockIdx.x), tid = static_cast<int>(threadIdx.x), lane = tid % 32;
+  const int b = static_cast<int>(blockIdx.x), q = map ? map[b] : b;
+  const int tid = static_cast<int>(threadIdx.x), lane = tid % 32;
   const int j0 = static_cast<int>(blockIdx.y) * kSelChunk;
   const int width = min(kSelChunk, L - j0);
   const float* row = scores + static_cast<int64_t>(q) * lds + j0;
@@ -426,7 +431,7 @@ __global__ void __launch_bounds__(kSelThreads)
     s_eq = 0;
     s_n = 0;
   }
-  const size_t slot = static_cast<size_t>(q) * slabs + slab0 + blockIdx.y;
+  const size_t slot = static_cast<size_t>(b) * slabs + slab0 + blockIdx.y;
   float* oa = cand_a + slot * c;
   int* oi = cand_i + slot * c;
   // Appends (value of key kk, column j) when keep, in any order: one shared atomic a warp.
@@ -529,13 +534,90 @@ size_t finalize_smem_bytes(int merged, int pow2) {
          size_t(pow2) * (2 * sizeof(double) + sizeof(int));
 }
 
-__global__ void __launch_bounds__(kThreads)
+// Absolute error bound of one screening score (see the header comment): the certificate's margin, and half
+// the pruning margin before the re-scoring.
+__device__ __forceinline__ double screen_error(int metric, int d, double qn, double vmax, double unit_err) {
+  // The rounding of the operands touches the product alone; l2's shift and its addition are fp32.
+  const double acc = 1.25 * (d + 16) * ldexp(1.0, -22), E = 1.25 * unit_err + acc;
+  double err = metric == kMetricCosine ? E
+               : metric == kMetricDot  ? E * qn * vmax
+                                       : E * qn * vmax + acc * vmax * vmax;
+  return err + d * ldexp(1.0, -120) * (1.0 + qn + vmax);  // tensor cores may flush subnormal operands
+}
+
+constexpr int kFinThreads = 512;   // 16 warps: the re-scoring's loads in flight
+constexpr int kRescoreUnroll = 4;  // 16-byte loads of the candidate (and the query) a lane issues at once
+
+// Float64 dot product and squared distance of the query qv and the row v (d values), computed by one warp,
+// returned to lane 0. The products of two floats are exact in float64. VEC (d % 4 == 0, rows 16-byte
+// aligned): each lane issues kRescoreUnroll 16-byte loads of each operand before it uses any, so a row of
+// up to 512 values waits on one memory latency (the scalar loop before it issued a 4-byte load a lane per
+// 32 values).
+template <bool VEC>
+__device__ __forceinline__ void rescore_row(const float* __restrict__ qv, const float* __restrict__ v, int d,
+                                            int lane, double& dot, double& dist2) {
+  dot = 0.0;
+  dist2 = 0.0;
+  auto add = [&](float x, float y) {
+    const double a = x, b = y;
+    dot = fma(a, b, dot);
+    dist2 = fma(a - b, a - b, dist2);
+  };
+  if (VEC) {
+    const float4* q4 = reinterpret_cast<const float4*>(qv);
+    const float4* v4 = reinterpret_cast<const float4*>(v);
+    const int n4 = d / 4;
+    for (int t0 = 0; t0 < n4; t0 += 32 * kRescoreUnroll) {
+      float4 a[kRescoreUnroll], b[kRescoreUnroll];
+#pragma unroll
+      for (int u = 0; u < kRescoreUnroll; ++u) {
+        const int t = t0 + u * 32 + lane;
+        a[u] = t < n4 ? __ldg(q4 + t) : make_float4(0.f, 0.f, 0.f, 0.f);
+        b[u] = t < n4 ? __ldg(v4 + t) : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+#pragma unroll
+      for (int u = 0; u < kRescoreUnroll; ++u) {
+        add(a[u].x, b[u].x);
+        add(a[u].y, b[u].y);
+        add(a[u].z, b[u].z);
+        add(a[u].w, b[u].w);
+      }
+    }
+  } else {
+    for (int t0 = 0; t0 < d; t0 += 32 * kRescoreUnroll) {
+      float a[kRescoreUnroll], b[kRescoreUnroll];
+#pragma unroll
+      for (int u = 0; u < kRescoreUnroll; ++u) {
+        const int t = t0 + u * 32 + lane;
+        a[u] = t < d ? __ldg(qv + t) : 0.0f;
+        b[u] = t < d ? __ldg(v + t) : 0.0f;
+      }
+#pragma unroll
+      for (int u = 0; u < kRescoreUnroll; ++u) add(a[u], b[u]);
+    }
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    dot += __shfl_down_sync(0xffffffffu, dot, o);
+    dist2 += __shfl_down_sync(0xffffffffu, dist2, o);
+  }
+}
+
+// Block b finalises query q = map ? map[b] : b (map: the matrix path's second selection from a resident
+// score block, which lists the queries it retries; their candidate slots are b's): merges the slabs' lists,
+// drops the candidates whose screening score is more than 2 err below the k-th largest (their exact score is
+// below that of k others, so they cannot rank; their largest score joins the bound anyway), keeps the c best
+// of the rest when more than c remain (near-ties; the c-th largest joins the bound), re-scores them in
+// float64 (a warp per candidate), sorts them by (value, index) with a bitonic sort of the next power of two,
+// and certifies the k-th: s_k > B + err.
+template <bool VEC>
+__global__ void __launch_bounds__(kFinThreads, 2)
     knn_finalize_kernel(const float* __restrict__ queries, const double* __restrict__ q_norms,
                         const float* __restrict__ rows, const double* __restrict__ norms, int metric, int d,
                         int k, int c, int slabs, int pow2, double vmax, double unit_err,
-                        const float* __restrict__ cand_a, const int* __restrict__ cand_i,
-                        const int* __restrict__ cand_n, const float* __restrict__ bound,
-                        int* __restrict__ out_i, float* __restrict__ out_s, int* __restrict__ failed) {
+                        const int* __restrict__ map, const float* __restrict__ cand_a,
+                        const int* __restrict__ cand_i, const int* __restrict__ cand_n,
+                        const float* __restrict__ bound, int* __restrict__ out_i, float* __restrict__ out_s,
+                        int* __restrict__ failed) {
   extern __shared__ __align__(128) unsigned char smem[];  // one alignment for every extern smem here
   const int merged = slabs * c;
   double* sm = reinterpret_cast<double*>(smem);           // [pow2]
@@ -544,29 +626,30 @@ __global__ void __launch_bounds__(kThreads)
   int* gi = reinterpret_cast<int*>(gk + merged);          // [merged]
   int* si = gi + merged;                                  // [pow2]
   __shared__ int s_total, s_eq, s_kept;
+  __shared__ uint32_t s_drop;  // the largest key dropped here (0: none)
   __shared__ float s_bound;
   __shared__ int part[2 * 32];
   int parity = 0;
 
-  const int q = blockIdx.x, tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int b = blockIdx.x, q = map ? map[b] : b, tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   if (tid == 0) {
     int total = 0;
-    float b = -INFINITY;
+    float bd = -INFINITY;
     for (int s = 0; s < slabs; ++s) {
-      total += cand_n[size_t(q) * slabs + s];
-      b = fmaxf(b, bound[size_t(q) * slabs + s]);
+      total += cand_n[size_t(b) * slabs + s];
+      bd = fmaxf(bd, bound[size_t(b) * slabs + s]);
     }
     s_total = total;
-    s_bound = b;
+    s_bound = bd;
   }
   __syncthreads();
   // Gather the slabs' lists (slab s's entries are contiguous in [0, cand_n)).
   {
     int offset = 0;
     for (int s = 0; s < slabs; ++s) {
-      const size_t slot = size_t(q) * slabs + s;
+      const size_t slot = size_t(b) * slabs + s;
       const int n = cand_n[slot];
-      for (int e = tid; e < n; e += kThreads) {
+      for (int e = tid; e < n; e += kFinThreads) {
         gk[offset + e] = order_key(cand_a[slot * c + e]);
         gi[offset + e] = cand_i[slot * c + e];
       }
@@ -575,56 +658,78 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();
   const int total = s_total;
-  int nc = total;
-  if (total > c) {
-    // The c-th largest key, then everything above it and enough equal keys are kept.
+  const float* qv = queries + size_t(q) * d;
+  const double qn = q_norms[q];
+  const double err = screen_error(metric, d, qn, vmax, unit_err);
+  // Pruning: a candidate whose screening score is below the k-th largest minus 2 err has an exact score below
+  // those of k others, so it cannot rank; only the rest are re-scored. The largest dropped score still
+  // raises the bound (the certificate does not lean on this argument).
+  const double floor_s = total > k ? double(key_value(block_kth_largest(
+                                         static_cast<int>(k),
+                                         [&](uint32_t trial) {
+                                           int ge = 0;
+                                           for (int e = tid; e < total; e += kFinThreads)
+                                             ge += gk[e] >= trial;
+                                           return ge;
+                                         },
+                                         part, parity))) -
+                                         2.0 * err
+                                   : -INFINITY;
+  if (tid == 0) {
+    s_kept = 0;
+    s_eq = 0;
+    s_drop = 0u;
+  }
+  int keep_n = 0;
+  for (int e = tid; e < total; e += kFinThreads) keep_n += double(key_value(gk[e])) >= floor_s;
+  const int kept = block_sum(keep_n, part, parity);  // its barrier also publishes s_kept, s_eq and s_drop
+  int nc;
+  if (kept <= c) {
+    for (int e = tid; e < total; e += kFinThreads) {
+      const float v = key_value(gk[e]);
+      if (double(v) >= floor_s) {
+        const int pos = atomicAdd(&s_kept, 1);
+        si[pos] = gi[e];
+        ss[pos] = v;
+      } else {
+        atomicMax(&s_drop, gk[e]);
+      }
+    }
+    nc = kept;
+  } else {
+    // More than c within reach of the k-th (near-ties): the c best, everything above the c-th largest key
+    // and enough equal keys; the c-th largest joins the bound.
     const uint32_t K = block_kth_largest(
         c,
         [&](uint32_t trial) {
           int ge = 0;
-          for (int e = tid; e < total; e += kThreads) ge += gk[e] >= trial;
+          for (int e = tid; e < total; e += kFinThreads) ge += gk[e] >= trial;
           return ge;
         },
         part, parity);
-    if (tid == 0) {
-      s_eq = 0;
-      s_kept = 0;
-    }
     int gt = 0;
-    for (int e = tid; e < total; e += kThreads) gt += gk[e] > K;
-    const int need_eq = c - block_sum(gt, part, parity);  // its barrier also publishes s_eq and s_kept
-    for (int e = tid; e < total; e += kThreads) {
+    for (int e = tid; e < total; e += kFinThreads) gt += gk[e] > K;
+    const int need_eq = c - block_sum(gt, part, parity);
+    for (int e = tid; e < total; e += kFinThreads) {
       bool keep = gk[e] > K;
       if (!keep && gk[e] == K) keep = atomicAdd(&s_eq, 1) < need_eq;
       if (keep) {
         const int pos = atomicAdd(&s_kept, 1);
         si[pos] = gi[e];
+        ss[pos] = key_value(gk[e]);
       }
     }
-    __syncthreads();
-    if (tid == 0) s_bound = fmaxf(s_bound, key_value(K));
+    if (tid == 0) s_drop = K;
     nc = c;
-  } else {
-    for (int e = tid; e < total; e += kThreads) si[e] = gi[e];
   }
   __syncthreads();
+  if (tid == 0 && s_drop != 0u) s_bound = fmaxf(s_bound, key_value(s_drop));  // key 0: nothing dropped
 
   // Float64 re-scoring, a warp per candidate.
-  const float* qv = queries + size_t(q) * d;
-  const double qn = q_norms[q];
-  for (int e = warp; e < nc; e += kThreads / 32) {
+  for (int e = warp; e < nc; e += kFinThreads / 32) {
     const int r = si[e];
-    const float* v = rows + size_t(r) * d;
-    double dot = 0.0, dist2 = 0.0;
-    for (int t = lane; t < d; t += 32) {
-      const double x = qv[t], y = v[t];
-      dot += x * y;
-      dist2 += (x - y) * (x - y);
-    }
-    for (int o = 16; o > 0; o >>= 1) {
-      dot += __shfl_down_sync(0xffffffffu, dot, o);
-      dist2 += __shfl_down_sync(0xffffffffu, dist2, o);
-    }
+    double dot, dist2;
+    rescore_row<VEC>(qv, rows + size_t(r) * d, d, lane, dot, dist2);
     if (lane == 0) {
       const double vn = norms[r];
       double m, s;
@@ -640,17 +745,20 @@ __global__ void __launch_bounds__(kThreads)
       ss[e] = s;
     }
   }
+  // Sort the next power of two covering the survivors and the k outputs (<= pow2: nc <= c and k <= c).
+  int sort_n = 1;
+  while (sort_n < max(nc, k)) sort_n <<= 1;
   const double worst = metric == kMetricL2 ? INFINITY : -INFINITY;
-  for (int e = nc + tid; e < pow2; e += kThreads) {
+  for (int e = nc + tid; e < sort_n; e += kFinThreads) {
     sm[e] = worst;
     ss[e] = worst;
     si[e] = INT_MAX;
   }
   __syncthreads();
   // Bitonic sort, best first.
-  for (int size = 2; size <= pow2; size <<= 1) {
+  for (int size = 2; size <= sort_n; size <<= 1) {
     for (int stride = size / 2; stride > 0; stride >>= 1) {
-      for (int i = tid; i < pow2; i += kThreads) {
+      for (int i = tid; i < sort_n; i += kFinThreads) {
         const int j = i ^ stride;
         if (j > i) {
           const bool up = (i & size) == 0;
@@ -672,18 +780,12 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   if (tid == 0) {
-    // The rounding of the operands touches the product alone; l2's shift and its addition are fp32.
-    const double acc = 1.25 * (d + 16) * ldexp(1.0, -22), E = 1.25 * unit_err + acc;
-    double err = metric == kMetricCosine ? E
-                 : metric == kMetricDot  ? E * qn * vmax
-                                         : E * qn * vmax + acc * vmax * vmax;
-    err += d * ldexp(1.0, -120) * (1.0 + qn + vmax);  // tensor cores may flush subnormal operands
     double s_k = INFINITY;
     for (int t = 0; t < k; ++t) s_k = fmin(s_k, ss[t]);
     const bool ok = nc >= k && (s_bound == -INFINITY || s_k > double(s_bound) + err);
     failed[q] = ok ? 0 : 1;
   }
-  for (int t = tid; t < k; t += kThreads) {
+  for (int t = tid; t < k; t += kFinThreads) {
     out_i[size_t(q) * k + t] = si[t];
     out_s[size_t(q) * k + t] = float(metric == kMetricL2 ? sqrt(sm[t]) : sm[t]);
   }
@@ -801,13 +903,15 @@ class CudaIndex final : public KnnIndex {
         break;
       }
       std::vector<int64_t> failed;
+      int64_t c_next = 4 * c;
       for (size_t b = 0; b < pending.size(); b += kQueryChunk) {
         const size_t e = std::min(pending.size(), b + size_t(kQueryChunk));
         std::vector<int64_t> part(pending.begin() + b, pending.begin() + e);
-        run(part, queries, q_norms, k, ci, matrix, filter, shape, exclude, &res, &failed);
+        c_next = std::max<int64_t>(c_next, int64_t{4} * run(part, queries, q_norms, k, ci, matrix, filter,
+                                                            shape, exclude, &res, &failed));
       }
       pending.swap(failed);
-      c *= 4;
+      c = c_next;
       first = false;
     }
     return res;
@@ -887,10 +991,12 @@ class CudaIndex final : public KnnIndex {
   }
 
   // Screens and finalises the queries `part` with c candidates a slab (matrix path or fused kernel; filter:
-  // PRIORTUNE_CUDA_KNN_SELECT=filter's selection on the matrix path); uncertified ones go to *failed.
-  void run(const std::vector<int64_t>& part, const float* queries, const std::vector<double>& q_norms,
-           int64_t k, int c, bool matrix, bool filter, ScreenShape shape, const int32_t* exclude,
-           KnnResult* res, std::vector<int64_t>* failed) const {
+  // PRIORTUNE_CUDA_KNN_SELECT=filter's selection on the matrix path); uncertified ones go to *failed. Returns
+  // the number of candidates a slab of the last round (more than c where the resident score block served a
+  // second selection).
+  int run(const std::vector<int64_t>& part, const float* queries, const std::vector<double>& q_norms,
+          int64_t k, int c, bool matrix, bool filter, ScreenShape shape, const int32_t* exclude,
+          KnnResult* res, std::vector<int64_t>* failed) const {
     const int n = static_cast<int>(part.size()), d = static_cast<int>(d_);
     const int tiles = static_cast<int>((V_ + kBV - 1) / kBV);
     int slabs;
@@ -944,6 +1050,7 @@ class CudaIndex final : public KnnIndex {
     int64_t W = std::max<int64_t>(1, kScoreBudget / (int64_t{4} * n * slab_cols)) * slab_cols;
     W = std::min(W, (V_ + slab_cols - 1) / slab_cols * slab_cols);
     if (matrix) scores_.resize(size_t(n) * W, "score block");
+    score_cols_ = W;
     cuda_check(cudaMemcpyAsync(q_orig_.get(), src, size_t(n) * d * 4, cudaMemcpyHostToDevice, stream_),
                "upload queries");
     cuda_check(cudaMemcpyAsync(q_norm_.get(), hn.data(), hn.size() * 8, cudaMemcpyHostToDevice, stream_),
@@ -963,14 +1070,10 @@ class CudaIndex final : public KnnIndex {
       for (int64_t v0 = 0; v0 < V_; v0 += W) {
         const int64_t L = std::min(W, V_ - v0);
         cuda::gemm(stream_, cuda::GemmPrecision::BF16, true, n, L, d_, q16_.get(), d_, true,
-                   screen16_.get() + v0 * d_, d_, true, scores_.get(), W,
+                   screen16_.get() + v0 * d_, d_, true, scores_.get(), score_cols_,
                    metric_ == KnnMetric::L2 ? neg_half_.get() + v0 : nullptr, 0.0f);
-        const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>((L + slab_cols - 1) / slab_cols));
-        auto* select = filter ? knn_select_kernel<true> : knn_select_kernel<false>;
-        select<<<grid, kSelThreads, 0, stream_>>>(scores_.get(), W, static_cast<int>(L), static_cast<int>(v0),
-                                                  static_cast<int>(v0 / slab_cols), excl, c, slabs,
-                                                  cand_a_.get(), cand_i_.get(), cand_n_.get(), bound_.get());
-        cuda_check(cudaGetLastError(), "knn_select_kernel launch");
+        launch_select(filter, n, static_cast<int>((L + slab_cols - 1) / slab_cols), static_cast<int>(L),
+                      static_cast<int>(v0), excl, c, slabs, nullptr);
       }
     } else {
       const int tiles_per_slab = (tiles + slabs - 1) / slabs;
@@ -982,30 +1085,38 @@ class CudaIndex final : public KnnIndex {
         launch_screen<16>(slabs, tiles_per_slab, n, c, shape.cap, excl);
     }
     cuda_check(cudaEventRecord(mid_, stream_), "cudaEventRecord");
-    const size_t fsmem = finalize_smem_bytes(merged, pow2);
-    cuda_check(cudaFuncSetAttribute(knn_finalize_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    static_cast<int>(fsmem)),
-               "cudaFuncSetAttribute(finalize)");
-    knn_finalize_kernel<<<n, kThreads, fsmem, stream_>>>(
-        q_orig_.get(), q_norm_.get(), rows_.get(), norms_.get(), metric_code(metric_), d, static_cast<int>(k),
-        c, slabs, pow2, vmax_, matrix ? kUnitErrBf16 : kUnitErrTf32, cand_a_.get(), cand_i_.get(),
-        cand_n_.get(), bound_.get(), out_i_.get(), out_s_.get(), failed_.get());
-    cuda_check(cudaGetLastError(), "knn_finalize_kernel launch");
-    cuda_check(cudaEventRecord(stop_, stream_), "cudaEventRecord");
+    launch_finalize(n, k, c, slabs, matrix, nullptr);
     std::vector<int> oi(size_t(n) * k), fl(n);
     std::vector<float> os(size_t(n) * k);
-    cuda_check(cudaMemcpyAsync(oi.data(), out_i_.get(), oi.size() * 4, cudaMemcpyDeviceToHost, stream_),
-               "download");
-    cuda_check(cudaMemcpyAsync(os.data(), out_s_.get(), os.size() * 4, cudaMemcpyDeviceToHost, stream_),
-               "download");
-    cuda_check(cudaMemcpyAsync(fl.data(), failed_.get(), fl.size() * 4, cudaMemcpyDeviceToHost, stream_),
-               "download");
-    cuda_check(cudaStreamSynchronize(stream_), "kNN search");
-    float ms = 0.0f, screen_ms = 0.0f;
-    cuda_check(cudaEventElapsedTime(&ms, start_, stop_), "cudaEventElapsedTime");
-    cuda_check(cudaEventElapsedTime(&screen_ms, start_, mid_), "cudaEventElapsedTime");
-    res->device_ms += ms;
-    res->device_screen_ms += screen_ms;
+    collect(n, k, &oi, &os, &fl, res);
+    // A score block that spans the whole vocabulary is still resident: the uncertified queries take their
+    // candidates from it again, 4c a slab, without another GEMM over the vocabulary (at 20 x 128256 x 2048
+    // that second GEMM alone reads the 525 MB bf16 copy).
+    std::vector<int> retry;
+    for (int i = 0; i < n; ++i)
+      if (fl[i]) retry.push_back(i);
+    const int64_t available = V_ - (exclude ? 1 : 0);
+    while (matrix && W >= V_ && !retry.empty() && int64_t{4} * c < available && matrix_fits(4 * c)) {
+      c *= 4;
+      const int nf = static_cast<int>(retry.size());
+      res->recovered_queries += nf;
+      map_.resize(nf, "retried queries");
+      cand_a_.resize(size_t(nf) * slabs * c, "candidates");
+      cand_i_.resize(size_t(nf) * slabs * c, "candidates");
+      cand_n_.resize(size_t(nf) * slabs, "candidate counts");
+      bound_.resize(size_t(nf) * slabs, "bounds");
+      cuda_check(cudaMemcpyAsync(map_.get(), retry.data(), size_t(nf) * 4, cudaMemcpyHostToDevice, stream_),
+                 "upload retried queries");
+      cuda_check(cudaEventRecord(start_, stream_), "cudaEventRecord");
+      launch_select(filter, nf, slabs, static_cast<int>(V_), 0, excl, c, slabs, map_.get());
+      cuda_check(cudaEventRecord(mid_, stream_), "cudaEventRecord");
+      launch_finalize(nf, k, c, slabs, true, map_.get());
+      collect(n, k, &oi, &os, &fl, res);
+      std::vector<int> still;
+      for (int i : retry)
+        if (fl[i]) still.push_back(i);
+      retry.swap(still);
+    }
     for (int i = 0; i < n; ++i) {
       if (fl[i]) {
         failed->push_back(part[i]);
@@ -1014,6 +1125,54 @@ class CudaIndex final : public KnnIndex {
       std::copy_n(&oi[size_t(i) * k], k, res->indices.begin() + part[i] * k);
       std::copy_n(&os[size_t(i) * k], k, res->scores.begin() + part[i] * k);
     }
+    return c;
+  }
+
+  // The selection kernel over the score block's columns [v0, v0 + L) for `blocks` queries (map: their score
+  // rows, nullptr for 0..blocks-1; candidate slots are the block's), c candidates a slab.
+  void launch_select(bool filter, int blocks, int slabs_here, int L, int v0, const int* excl, int c,
+                     int slabs, const int* map) const {
+    const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(slabs_here));
+    auto* select = filter ? knn_select_kernel<true> : knn_select_kernel<false>;
+    select<<<grid, kSelThreads, 0, stream_>>>(scores_.get(), score_cols_, L, v0,
+                                              static_cast<int>(v0 / kSelChunk), excl, c, slabs, map,
+                                              cand_a_.get(), cand_i_.get(), cand_n_.get(), bound_.get());
+    cuda_check(cudaGetLastError(), "knn_select_kernel launch");
+  }
+
+  // The finalize kernel for `blocks` queries (map as in launch_select), c candidates a slab; the stop event
+  // follows it.
+  void launch_finalize(int blocks, int64_t k, int c, int slabs, bool matrix, const int* map) const {
+    const int pow2 = next_pow2(c);
+    const size_t fsmem = finalize_smem_bytes(slabs * c, pow2);
+    auto* finalize = d_ % 4 == 0 ? knn_finalize_kernel<true> : knn_finalize_kernel<false>;
+    cuda_check(
+        cudaFuncSetAttribute(finalize, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(fsmem)),
+        "cudaFuncSetAttribute(finalize)");
+    finalize<<<blocks, kFinThreads, fsmem, stream_>>>(
+        q_orig_.get(), q_norm_.get(), rows_.get(), norms_.get(), metric_code(metric_), static_cast<int>(d_),
+        static_cast<int>(k), c, slabs, pow2, vmax_, matrix ? kUnitErrBf16 : kUnitErrTf32, map, cand_a_.get(),
+        cand_i_.get(), cand_n_.get(), bound_.get(), out_i_.get(), out_s_.get(), failed_.get());
+    cuda_check(cudaGetLastError(), "knn_finalize_kernel launch");
+    cuda_check(cudaEventRecord(stop_, stream_), "cudaEventRecord");
+  }
+
+  // Downloads the n queries' results and flags, waits, and adds the start..stop (start..mid: screening)
+  // device time to res.
+  void collect(int n, int64_t k, std::vector<int>* oi, std::vector<float>* os, std::vector<int>* fl,
+               KnnResult* res) const {
+    cuda_check(cudaMemcpyAsync(oi->data(), out_i_.get(), size_t(n) * k * 4, cudaMemcpyDeviceToHost, stream_),
+               "download");
+    cuda_check(cudaMemcpyAsync(os->data(), out_s_.get(), size_t(n) * k * 4, cudaMemcpyDeviceToHost, stream_),
+               "download");
+    cuda_check(cudaMemcpyAsync(fl->data(), failed_.get(), size_t(n) * 4, cudaMemcpyDeviceToHost, stream_),
+               "download");
+    cuda_check(cudaStreamSynchronize(stream_), "kNN search");
+    float ms = 0.0f, screen_ms = 0.0f;
+    cuda_check(cudaEventElapsedTime(&ms, start_, stop_), "cudaEventElapsedTime");
+    cuda_check(cudaEventElapsedTime(&screen_ms, start_, mid_), "cudaEventElapsedTime");
+    res->device_ms += ms;
+    res->device_screen_ms += screen_ms;
   }
 
   void host_exact(const std::vector<int64_t>& part, const float* queries, int64_t k, const int32_t* exclude,
@@ -1043,7 +1202,8 @@ class CudaIndex final : public KnnIndex {
   mutable DeviceBuffer<float> q_orig_, q_screen_, cand_a_, bound_, out_s_, scores_;
   mutable DeviceBuffer<uint16_t> q16_;
   mutable DeviceBuffer<double> q_norm_;
-  mutable DeviceBuffer<int> excl_, cand_i_, cand_n_, out_i_, failed_;
+  mutable DeviceBuffer<int> excl_, cand_i_, cand_n_, out_i_, failed_, map_;
+  mutable int64_t score_cols_ = 0;  // row stride of scores_
 };
 
 }  // namespace

@@ -440,6 +440,12 @@ T atomicAdd(T* p, T v) {
   return old;
 }
 template <class T>
+T atomicMax(T* p, T v) {
+  const T old = *p;
+  *p = old < v ? v : old;
+  return old;
+}
+template <class T>
 T __ldg(const T* p) {
   if (alignof(T) > 4) emu::aligned_vec(p, alignof(T));
   return *p;
