@@ -28,10 +28,10 @@
 //   its c largest by a warp radix select on the order-preserving integer keys of the scores; the threshold
 //   becomes the c-th largest value, which is also the bound on everything the block dropped for that query.
 // knn_finalize_kernel: one block per query merges the slabs' lists, drops the candidates whose screening
-// score is more than 2 err below the k-th best (they cannot rank; a block radix select finds the k-th, and
-// the c-th when more than c remain), re-scores the survivors in float64 (a warp per candidate, 16-byte loads
-// issued together), sorts them by (value, index) with a bitonic sort and certifies the k-th: s_k > B + err,
-// with
+// score is more than 2 err below the k-th best (they cannot rank; a radix select finds the k-th, by one warp
+// up to 1024 candidates, and the c-th when more than c remain), re-scores the survivors in float64 (a warp
+// per candidate, 16-byte loads issued together), sorts them by (value, index) with a bitonic sort and
+// certifies the k-th: s_k > B + err, with
 //   err = E x (1 for cosine, |q| vmax for dot and l2) + A vmax^2 for l2 only,
 //   A = 1.25 (d + 16) 2^-22, E = 1.25 u + A
 // where u bounds the relative error of one product of rounded operands: TF32 keeps 11 significant bits
@@ -545,8 +545,9 @@ __device__ __forceinline__ double screen_error(int metric, int d, double qn, dou
   return err + d * ldexp(1.0, -120) * (1.0 + qn + vmax);  // tensor cores may flush subnormal operands
 }
 
-constexpr int kFinThreads = 512;   // 16 warps: the re-scoring's loads in flight
-constexpr int kRescoreUnroll = 4;  // 16-byte loads of the candidate (and the query) a lane issues at once
+constexpr int kFinThreads = 512;    // 16 warps: the re-scoring's loads in flight
+constexpr int kRescoreUnroll = 4;   // 16-byte loads of the candidate (and the query) a lane issues at once
+constexpr int kWarpSelectMax = 32;  // keys a lane takes when one warp finds the k-th largest of a merge
 
 // Float64 dot product and squared distance of the query qv and the row v (d values), computed by one warp,
 // returned to lane 0. The products of two floats are exact in float64. VEC (d % 4 == 0, rows 16-byte
@@ -626,7 +627,7 @@ __global__ void __launch_bounds__(kFinThreads, 2)
   int* gi = reinterpret_cast<int*>(gk + merged);          // [merged]
   int* si = gi + merged;                                  // [pow2]
   __shared__ int s_total, s_eq, s_kept;
-  __shared__ uint32_t s_drop;  // the largest key dropped here (0: none)
+  __shared__ uint32_t s_drop, s_kk;  // the largest key dropped here (0: none); the k-th largest key
   __shared__ float s_bound;
   __shared__ int part[2 * 32];
   int parity = 0;
@@ -664,17 +665,30 @@ __global__ void __launch_bounds__(kFinThreads, 2)
   // Pruning: a candidate whose screening score is below the k-th largest minus 2 err has an exact score below
   // those of k others, so it cannot rank; only the rest are re-scored. The largest dropped score still
   // raises the bound (the certificate does not lean on this argument).
-  const double floor_s = total > k ? double(key_value(block_kth_largest(
-                                         static_cast<int>(k),
-                                         [&](uint32_t trial) {
-                                           int ge = 0;
-                                           for (int e = tid; e < total; e += kFinThreads)
-                                             ge += gk[e] >= trial;
-                                           return ge;
-                                         },
-                                         part, parity))) -
-                                         2.0 * err
-                                   : -INFINITY;
+  // The k-th largest key: one warp when the merged lists are short (no block barrier a bit), else the block.
+  uint32_t Kk = 0;
+  if (total > k) {  // block-uniform
+    if (total <= 32 * kWarpSelectMax) {
+      if (warp == 0) {
+        int unused;
+        const uint32_t K = warp_kth_largest(
+            total, k, lane, [&](int e) { return gk[e]; }, unused);
+        if (lane == 0) s_kk = K;
+      }
+      __syncthreads();
+      Kk = s_kk;
+    } else {
+      Kk = block_kth_largest(
+          k,
+          [&](uint32_t trial) {
+            int ge = 0;
+            for (int e = tid; e < total; e += kFinThreads) ge += gk[e] >= trial;
+            return ge;
+          },
+          part, parity);
+    }
+  }
+  const double floor_s = total > k ? double(key_value(Kk)) - 2.0 * err : -INFINITY;
   if (tid == 0) {
     s_kept = 0;
     s_eq = 0;

@@ -499,9 +499,9 @@ void test_misc(Model& llama) {
 // The CUDA kNN index against the float64 brute force: indices equal, scores to fp32 rounding. 200 copies of
 // one row tie at the top for a query on it, more than the first round keeps as candidates, so that query
 // cannot be certified and goes through a recovery round (on the matrix path a second selection from the
-// resident score block, with 4c candidates, for k 1 and 4; k 100's 4c exceeds V 600 and 1200). Shapes: V 600,
+// resident score block, with 4c candidates, for k 1 and 4; k 100's 4c exceeds V 600). Shapes: V 600,
 // d 40 (16-byte staging loads, a tile or so per slab) and V 20000, d 37 (scalar loads; several tiles per
-// slab, so candidate buffers are cut back between tiles as well as at the end); V 1200 with d 580 and 290:
+// slab, so candidate buffers are cut back between tiles as well as at the end); V 600 with d 580 and 290:
 // the finalize's re-scoring loop takes more than one step a row, with 16-byte loads (d % 4 == 0) and scalar
 // ones.
 void test_knn_shape(int64_t V, int64_t d);
@@ -517,7 +517,7 @@ void test_knn() {
     setenv("PRIORTUNE_CUDA_KNN", p == "fused" ? "fused" : "matrix", 1);
     setenv("PRIORTUNE_CUDA_KNN_SELECT", p == "matrix+filter" ? "filter" : "radix", 1);
     for (auto [V, d] : {std::pair<int64_t, int64_t>{600, 40}, std::pair<int64_t, int64_t>{20000, 37},
-                        std::pair<int64_t, int64_t>{1200, 580}, std::pair<int64_t, int64_t>{1200, 290}})
+                        std::pair<int64_t, int64_t>{600, 580}, std::pair<int64_t, int64_t>{600, 290}})
       test_knn_shape(V, d);
   }
   unsetenv("PRIORTUNE_CUDA_KNN");
