@@ -53,6 +53,6 @@ describe.skipIf(reason !== "")(
         summary: expect.stringMatching(/ 0 failed/),
       });
       expect(Number(summary?.[1])).toBeGreaterThan(1000);
-    }, 3_000_000); // 20 to 35 minutes on 2 cores, by the machine; 50 before a slow machine counts as a failure
+    }, 3_900_000); // 20 to 50 minutes on 2 cores, by the machine; 65 (CI has 90 in all) before a slow one fails
   },
 );
