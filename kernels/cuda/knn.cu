@@ -665,6 +665,12 @@ __global__ void __launch_bounds__(kFinThreads, 2)
   // Pruning: a candidate whose screening score is below the k-th largest minus 2 err has an exact score below
   // those of k others, so it cannot rank; only the rest are re-scored. The largest dropped score still
   // raises the bound (the certificate does not lean on this argument).
+  // How many merged keys this thread holds >= trial (the block radix selects' count).
+  auto merged_ge = [&](uint32_t trial) {
+    int ge = 0;
+    for (int e = tid; e < total; e += kFinThreads) ge += gk[e] >= trial;
+    return ge;
+  };
   // The k-th largest key: one warp when the merged lists are short (no block barrier a bit), else the block.
   uint32_t Kk = 0;
   if (total > k) {  // block-uniform
@@ -678,14 +684,7 @@ __global__ void __launch_bounds__(kFinThreads, 2)
       __syncthreads();
       Kk = s_kk;
     } else {
-      Kk = block_kth_largest(
-          k,
-          [&](uint32_t trial) {
-            int ge = 0;
-            for (int e = tid; e < total; e += kFinThreads) ge += gk[e] >= trial;
-            return ge;
-          },
-          part, parity);
+      Kk = block_kth_largest(k, merged_ge, part, parity);
     }
   }
   const double floor_s = total > k ? double(key_value(Kk)) - 2.0 * err : -INFINITY;
@@ -713,14 +712,7 @@ __global__ void __launch_bounds__(kFinThreads, 2)
   } else {
     // More than c within reach of the k-th (near-ties): the c best, everything above the c-th largest key
     // and enough equal keys; the c-th largest joins the bound.
-    const uint32_t K = block_kth_largest(
-        c,
-        [&](uint32_t trial) {
-          int ge = 0;
-          for (int e = tid; e < total; e += kFinThreads) ge += gk[e] >= trial;
-          return ge;
-        },
-        part, parity);
+    const uint32_t K = block_kth_largest(c, merged_ge, part, parity);
     int gt = 0;
     for (int e = tid; e < total; e += kFinThreads) gt += gk[e] > K;
     const int need_eq = c - block_sum(gt, part, parity);
