@@ -17,15 +17,29 @@ export function cudaStatus(): CudaInfo {
   return addon().cudaInfo();
 }
 
+/** The self-test's parts: the GEMM kernels, the elementwise ops (norms, embedding, losses, AdamW...), attention. */
+export const CUDA_SELFTEST_PARTS = ["gemm", "elementwise", "attention"] as const;
+export type CudaSelfTestPart = (typeof CUDA_SELFTEST_PARTS)[number];
+
 /**
  * Runs every CUDA op against its CPU reference on device 0 (random inputs, fixed seeds): one row per op and
- * shape with the error relative to the output's scale and the tolerance it must meet. Rejects without a
- * usable device.
+ * shape with the error relative to the output's scale and the tolerance it must meet. `parts` limits it to
+ * those parts (default: all). Rejects without a usable device, and on an unknown part.
  */
-export function cudaSelfTest(): Promise<CudaOpCheck[]> {
+export function cudaSelfTest(options: { parts?: readonly CudaSelfTestPart[] } = {}): Promise<CudaOpCheck[]> {
+  const parts = options.parts;
+  if (parts !== undefined) {
+    const bad = Array.isArray(parts) ? parts.find((p) => !CUDA_SELFTEST_PARTS.includes(p)) : parts;
+    if (!Array.isArray(parts) || bad !== undefined)
+      return Promise.reject(
+        new TypeError(
+          `CUDA self-test: unknown part ${JSON.stringify(bad)} (the parts are ${CUDA_SELFTEST_PARTS.join(", ")})`,
+        ),
+      );
+  }
   const info = cudaStatus();
   if (!info.usable) return Promise.reject(new Error(`CUDA self-test: ${info.reason}`));
-  return addon().cudaSelfTest();
+  return addon().cudaSelfTest(parts === undefined ? undefined : [...parts]);
 }
 
 /**

@@ -4,7 +4,7 @@ import { realpathSync } from "node:fs";
 import { dirname } from "node:path";
 import { fileURLToPath } from "node:url";
 import { Command } from "commander";
-import { cudaSelfTest, cudaStatus } from "./backend.js";
+import { type CudaSelfTestPart, cudaSelfTest, cudaStatus } from "./backend.js";
 import { registerDataCommands } from "./cli-data.js";
 import { registerPretrainCommand } from "./cli-pretrain.js";
 import { registerReportCommands } from "./cli-report.js";
@@ -69,8 +69,11 @@ export async function main(argv: string[]): Promise<void> {
   program
     .command("doctor")
     .description("show the native build: GEMM kernel, threads, CUDA status")
-    .option("--cuda-selftest", "also run every CUDA op against its CPU reference (needs a usable device)")
-    .action(async (o: { cudaSelftest?: boolean }) => {
+    .option(
+      "--cuda-selftest [parts]",
+      "also run the CUDA ops against their CPU reference (needs a usable device): all, or the comma-separated parts gemm, elementwise, attention",
+    )
+    .action(async (o: { cudaSelftest?: boolean | string }) => {
       const cpu = addon().cpuInfo();
       const cuda = cudaStatus();
       const peak = addon().fmaPeakGflops(cpu.hardwareThreads);
@@ -80,7 +83,9 @@ export async function main(argv: string[]): Promise<void> {
           `cuda usable      ${cuda.usable}${cuda.usable ? ` (${cuda.name}, sm_${cuda.computeCapability})` : ` (${cuda.reason})`}\n`,
       );
       if (!o.cudaSelftest) return;
-      const checks = await cudaSelfTest();
+      const parts =
+        typeof o.cudaSelftest === "string" ? (o.cudaSelftest.split(",") as CudaSelfTestPart[]) : undefined;
+      const checks = await cudaSelfTest({ parts });
       for (const c of checks)
         process.stdout.write(
           `${c.pass ? "ok  " : "FAIL"} ${c.op} [${c.shape}] err ${c.err.toExponential(2)} (tol ${c.tol})\n`,

@@ -38,7 +38,15 @@ export {
   trajectoryStatistics,
   welchTTest,
 } from "./analysis.js";
-export { type Backend, type BackendChoice, cudaSelfTest, cudaStatus, resolveBackend } from "./backend.js";
+export {
+  type Backend,
+  type BackendChoice,
+  CUDA_SELFTEST_PARTS,
+  type CudaSelfTestPart,
+  cudaSelfTest,
+  cudaStatus,
+  resolveBackend,
+} from "./backend.js";
 export {
   CollapseReference,
   type CollapseReferenceOptions,

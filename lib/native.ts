@@ -539,8 +539,11 @@ export interface NativeModel {
 }
 
 export interface Addon {
-  /** Every CUDA op against its CPU reference on device 0 (rejects without a usable device). */
-  cudaSelfTest(): Promise<CudaOpCheck[]>;
+  /**
+   * Every CUDA op against its CPU reference on device 0, or those of the parts named ("gemm", "elementwise",
+   * "attention"); rejects without a usable device.
+   */
+  cudaSelfTest(parts?: string[]): Promise<CudaOpCheck[]>;
   /**
    * Median ms (CUDA events) of the device GEMM C[M, N] = A[M, K] . B[N, K]^T ("nt", default) or A . B[K, N]
    * ("nn", the input-gradient products) on random operands, and its max |C - R| / max |R| against our fp32

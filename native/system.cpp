@@ -56,14 +56,24 @@ Napi::Value CudaGemmBench(const Napi::CallbackInfo& info) {
   });
 }
 
-// cudaSelfTest() -> Promise<[{ op, shape, err, tol, pass, note }]>: every CUDA op against its CPU reference
-// on device 0 (rejects without a usable device).
+// cudaSelfTest(parts?: string[]) -> Promise<[{ op, shape, err, tol, pass, note }]>: every CUDA op against its
+// CPU reference on device 0, or those of the parts named ("gemm", "elementwise", "attention"); rejects
+// without a usable device.
 Napi::Value CudaSelfTest(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return guarded(env, [&]() -> Napi::Value {
+    static const char* const kParts[] = {"gemm", "elementwise", "attention"};
+    std::vector<std::string> parts;
+    if (info.Length() > 0 && !info[0].IsUndefined()) {
+      if (!info[0].IsArray()) throw_type(env, "parts", "an array of part names", info[0]);
+      const Napi::Array list = info[0].As<Napi::Array>();
+      for (uint32_t i = 0; i < list.Length(); ++i)
+        parts.push_back(kParts[choice_of(list.Get(i), "parts[" + std::to_string(i) + "]",
+                                         {kParts[0], kParts[1], kParts[2]})]);
+    }
     auto result = std::make_shared<std::vector<pt::cuda::OpCheck>>();
     auto* worker = new PromiseWorker(
-        env, [result]() { *result = pt::cuda_selftest(); },
+        env, [result, parts]() { *result = pt::cuda_selftest(parts); },
         [result](Napi::Env env) -> Napi::Value {
           Napi::Array arr = Napi::Array::New(env, result->size());
           for (size_t i = 0; i < result->size(); ++i) {

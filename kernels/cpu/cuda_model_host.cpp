@@ -22,7 +22,7 @@ namespace {
 std::unique_ptr<DeviceModel> cuda_model(const Model&, const CudaModelOptions&) {
   no_cuda();
 }
-std::vector<cuda::OpCheck> cuda_selftest() {
+std::vector<cuda::OpCheck> cuda_selftest(const std::vector<std::string>&) {
   no_cuda();
 }
 GemmBenchResult cuda_gemm_benchmark(cuda::GemmPrecision, int64_t, int64_t, int64_t, int, GemmEngine, bool) {

@@ -16,9 +16,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <iterator>
 #include <map>
 #include <mutex>
 #include <stdexcept>
+#include <string>
+#include <utility>
 
 #include "common.cuh"
 #include "cublaslt.cuh"
@@ -1387,16 +1390,24 @@ GemmBenchResult cuda_gemm_benchmark(GemmPrecision precision, int64_t M, int64_t 
   return out;
 }
 
-std::vector<cuda::OpCheck> cuda_selftest() {
+std::vector<cuda::OpCheck> cuda_selftest(const std::vector<std::string>& parts) {
   check(cudaSetDevice(0), "cudaSetDevice(0)");
-  return cuda::selftest_all();
+  return cuda::selftest_all(parts);
 }
 
 namespace cuda {
-std::vector<OpCheck> selftest_all() {
+std::vector<OpCheck> selftest_all(const std::vector<std::string>& parts) {
+  using Part = std::vector<OpCheck> (*)();
+  const std::pair<const char*, Part> known[] = {
+      {"gemm", &selftest_gemm}, {"elementwise", &selftest_elementwise}, {"attention", &selftest_attention}};
+  for (const std::string& p : parts)
+    if (std::none_of(std::begin(known), std::end(known), [&](const auto& k) { return p == k.first; }))
+      throw std::invalid_argument("CUDA self-test: unknown part \"" + p +
+                                  "\" (the parts are gemm, elementwise, attention)");
   std::vector<OpCheck> all;
-  for (auto* part : {&selftest_gemm, &selftest_elementwise, &selftest_attention}) {
-    std::vector<OpCheck> r = part();
+  for (const auto& [name, run] : known) {
+    if (!parts.empty() && std::find(parts.begin(), parts.end(), name) == parts.end()) continue;
+    std::vector<OpCheck> r = run();
     all.insert(all.end(), r.begin(), r.end());
   }
   return all;

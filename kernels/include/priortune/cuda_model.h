@@ -95,7 +95,8 @@ struct GemmBenchResult {
 GemmBenchResult cuda_gemm_benchmark(cuda::GemmPrecision precision, int64_t M, int64_t N, int64_t K, int iters,
                                     GemmEngine engine = GemmEngine::Ours, bool b_transposed = true);
 
-// Every CUDA op against its CPU reference (priortune/cuda_ops.h selftest_all); throws without CUDA.
-std::vector<cuda::OpCheck> cuda_selftest();
+// Every CUDA op against its CPU reference (priortune/cuda_ops.h selftest_all), or those of the parts named
+// (gemm, elementwise, attention); throws without CUDA.
+std::vector<cuda::OpCheck> cuda_selftest(const std::vector<std::string>& parts = {});
 
 }  // namespace pt
