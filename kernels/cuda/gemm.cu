@@ -1493,8 +1493,9 @@ bool gemm_peeled(TcKernel kernel, Stream stream, bool b_transposed, int64_t M, i
                  const float* bias, float beta, int64_t M1, int bm, Out16 o16) {
   const bool first = gemm_with(kernel, stream, GemmPrecision::BF16, b_transposed, M1, N, K, A, lda, true, B,
                                ldb, true, C, ldc, bias, beta, 0, o16);
-  Out16 rest = o16;
+  Out16 rest = o16;  // the tail's rows of the copy, and of GELU's input for its gradient
   if (rest.p) rest.p += M1 * ldc;
+  if (rest.aux) rest.aux += M1 * ldc;
   const bool second =
       gemm_with(TcKernel::Mma128, stream, GemmPrecision::BF16, b_transposed, M - M1, N, K, A + M1 * lda, lda,
                 true, B, ldb, true, C + M1 * ldc, ldc, bias, beta, bm, rest);
@@ -1931,6 +1932,22 @@ std::vector<OpCheck> selftest_gemm() {
                 wrote ? "written by the epilogue: the bits the separate pass gives from this kernel's C (err "
                         "counts mismatching elements)"
                       : "this kernel leaves the copy to gemm: untouched"));
+          }
+        // Tail peeling (PRIORTUNE_CUDA_GEMM_PEEL): rows past 128 on the mma.sync kernel, their copy and GELU
+        // gradient input (aux) rows offset like C's.
+        if (M > 128)
+          for (const auto& [oname, op] : ops) {
+            auto run = [&](Out16 o16) {
+              reset();
+              return gemm_peeled(TcKernel::Auto, nullptr, nt, M, N, K, d_a.get(), K, d_b.get(), nt ? K : N,
+                                 d_c.get(), N, d_bias.get(), beta, 128, 32, o16);
+            };
+            run(Out16{});
+            const std::vector<uint16_t> want = expected(op);
+            const bool wrote = run(Out16{d_16.get(), op, d_aux.get()});
+            out.push_back(make_check(std::string("gemm bf16 copy (peeled at 128") + oname + ")", shape,
+                                     mismatches(to_host(d_16.get(), M * N), want) + (wrote ? 0 : 1), 0.0,
+                                     "both parts' epilogues write it: the separate pass's bits"));
           }
         for (const auto& [oname, op] : ops) {
           reset();
