@@ -6,8 +6,6 @@
 
 #include <climits>
 #include <cstdint>
-#include <mutex>
-#include <set>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -83,21 +81,6 @@ __device__ __forceinline__ int key_valid(const AttnArgs& a, int b, int kk) {
   const int j = kk - a.Pp;
   if (j >= a.S) return 0;
   return a.mask == nullptr || a.mask[static_cast<int64_t>(b) * a.S + j] != 0;
-}
-
-// Opts a kernel into more than 48 KB of dynamic shared memory, once per (kernel, device).
-template <class Kernel>
-void allow_smem(Kernel* kernel, size_t bytes, const char* op) {
-  static std::mutex mu;
-  static std::set<std::pair<const void*, int>> done;
-  int dev = 0;
-  check(cudaGetDevice(&dev), op);
-  std::lock_guard<std::mutex> lock(mu);
-  const std::pair<const void*, int> key(reinterpret_cast<const void*>(kernel), dev);
-  if (done.count(key)) return;
-  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
-        op);
-  done.insert(key);
 }
 
 inline unsigned grid_1d(int64_t blocks, const char* op) {

@@ -9,8 +9,11 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "priortune/cuda_ops.h"
@@ -56,6 +59,24 @@ inline const DeviceInfo& device_info() {
     return d;
   }();
   return info;
+}
+
+// Opts a kernel into `bytes` of dynamic shared memory (more than 48 KB needs it) on the current device.
+// The attribute is one setting per kernel for the whole process while launches come from several host
+// threads (two kNN indexes searching at once, each launching a kernel with its own size): it only ever
+// grows, under one lock, so no launch finds it lowered below what its caller asked for.
+template <class Kernel>
+void allow_smem(Kernel* kernel, size_t bytes, const char* op) {
+  static std::mutex mu;
+  static std::map<std::pair<const void*, int>, size_t> granted;
+  int dev = 0;
+  check(cudaGetDevice(&dev), op);
+  std::lock_guard<std::mutex> lock(mu);
+  size_t& g = granted[{reinterpret_cast<const void*>(kernel), dev}];
+  if (bytes <= g) return;
+  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
+        op);
+  g = bytes;
 }
 
 // Two floats rounded to bf16 (nearest even) and packed, the first in the low half (memory order).

@@ -975,9 +975,7 @@ class CudaIndex final : public KnnIndex {
   template <int BQ, bool VEC>
   void launch_screen(int slabs, int tiles_per_slab, int n, int c, int cap, const int* excl) const {
     const size_t smem = screen_smem_bytes(BQ, cap);
-    cuda_check(cudaFuncSetAttribute(knn_screen_kernel<BQ, VEC>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    static_cast<int>(smem)),
-               "cudaFuncSetAttribute(screen)");
+    cuda::allow_smem(knn_screen_kernel<BQ, VEC>, smem, "kNN: knn_screen_kernel shared memory");
     const dim3 grid(slabs, (n + BQ - 1) / BQ);
     knn_screen_kernel<BQ, VEC><<<grid, kThreads, smem, stream_>>>(
         q_screen_.get(), metric_ == KnnMetric::Cosine ? screen_.get() : rows_.get(),
@@ -1152,9 +1150,7 @@ class CudaIndex final : public KnnIndex {
     const int pow2 = next_pow2(c);
     const size_t fsmem = finalize_smem_bytes(slabs * c, pow2);
     auto* finalize = d_ % 4 == 0 ? knn_finalize_kernel<true> : knn_finalize_kernel<false>;
-    cuda_check(
-        cudaFuncSetAttribute(finalize, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(fsmem)),
-        "cudaFuncSetAttribute(finalize)");
+    cuda::allow_smem(finalize, fsmem, "kNN: knn_finalize_kernel shared memory");
     finalize<<<blocks, kFinThreads, fsmem, stream_>>>(
         q_orig_.get(), q_norm_.get(), rows_.get(), norms_.get(), metric_code(metric_), static_cast<int>(d_),
         static_cast<int>(k), c, slabs, pow2, vmax_, matrix ? kUnitErrBf16 : kUnitErrTf32, map, cand_a_.get(),
