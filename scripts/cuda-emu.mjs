@@ -7,8 +7,9 @@
 //
 // --asan    AddressSanitizer build (catches out-of-bounds reads too; slower)
 // --build-only  build what the sections need (build/cuda-emu/check, priortune-emu.node for addon), run nothing
-// SECTION   addon selftest grad step prec extra cache misc knn (default: all; addon: the emulated Node addon
-//           runs test/cuda.test.ts and the bundled gpu-check --tiny; not with --asan)
+// SECTION   addon selftest grad step prec extra cache misc knn smem99 (default: all; addon: the emulated Node
+//           addon runs test/cuda.test.ts and the bundled gpu-check --tiny; not with --asan; smem99: the
+//           attention self-test on a device with 99 KB of shared memory a block, as on Ada GPUs)
 // The environment passes through: SEED=n shifts the fiber schedules, REVERSE=1 runs blocks last to first.
 //
 // The .cu/.cuh files are rewritten into build/cuda-emu/gen (launches, __shared__ poisoning, vector-access
@@ -37,7 +38,7 @@ const asan = args.includes("--asan");
 const buildOnly = args.includes("--build-only");
 const unknown = args.filter((a) => a.startsWith("--") && a !== "--asan" && a !== "--build-only");
 // "addon" builds the Node addon against the emulator and runs the JS-level CUDA suite with it (see below).
-const allSections = ["addon", "extra", "selftest", "prec", "grad", "knn", "step", "cache", "misc"]; // longest first
+const allSections = ["addon", "extra", "selftest", "prec", "grad", "knn", "step", "smem99", "cache", "misc"]; // longest first
 const picked = args.filter((a) => !a.startsWith("--")).flatMap((a) => a.split(","));
 const badSection = picked.filter((s) => !allSections.includes(s));
 if (asan && picked.includes("addon")) {
@@ -410,7 +411,9 @@ async function runSections() {
   const env = { ...process.env, OMP_NUM_THREADS: "1" };
   await pool(sections, jobs, async (section) => {
     const t = Date.now();
-    const r = section === "addon" ? await runAddonSuite(env) : await run(bin, [section], { env });
+    // smem99: the attention self-test on a device with 99 KB of shared memory a block (Ada's).
+    const sectionEnv = section === "smem99" ? { ...env, EMU_SMEM_OPTIN_KB: "99" } : env;
+    const r = section === "addon" ? await runAddonSuite(env) : await run(bin, [section], { env: sectionEnv });
     const m = /^checks: (\d+), failed: (\d+)$/m.exec(r.output);
     if (m) {
       checks += Number(m[1]);

@@ -152,6 +152,18 @@ template <>
 struct Tiles<256> {
   static constexpr int kFwdRM = 2, kFwdCN = 4, kKvRM = 2, kKvCN = 2, kQRM = 2, kQCN = 2;
 };
+// The shapes taken where Tiles' do not fit a block's shared memory: every kernel within 99 KB (Ada GPUs,
+// which run the sm_80 code; Tiles<128>'s backward takes 111 KB, Tiles<256>'s up to 138 KB).
+template <int D>
+struct SmallTiles : Tiles<D> {};
+template <>
+struct SmallTiles<128> {
+  static constexpr int kFwdRM = 4, kFwdCN = 4, kKvRM = 2, kKvCN = 2, kQRM = 2, kQCN = 2;
+};
+template <>
+struct SmallTiles<256> {
+  static constexpr int kFwdRM = 2, kFwdCN = 2, kKvRM = 1, kKvCN = 1, kQRM = 1, kQCN = 1;
+};
 
 // --- Forward --------------------------------------------------------------------------------------------
 // Shared memory: sQ [BQ][D+4], sKV [BK][D+4] (K, then V of the same tile), sP [BQ][BK+4], valid[BK].
@@ -495,7 +507,6 @@ __global__ void attn_prefix_sum_kernel(float* __restrict__ dpk, float* __restric
 }
 
 // --- Host side ---------------------------------------------------------------------------------------------
-using attn::allow_smem;
 using attn::grid_1d;
 
 void validate(const char* op, int64_t Pp, int64_t B, int64_t S, int64_t H, int64_t KV, int64_t hd,
@@ -540,9 +551,9 @@ AttnArgs make_args(const float* qkv, const uint8_t* key_mask, const float* prefi
   return a;
 }
 
-template <int D>
+template <int D, class T>
 void forward_impl(Stream stream, const AttnArgs& a, float* out, float* lse) {
-  constexpr int RM = Tiles<D>::kFwdRM, CN = Tiles<D>::kFwdCN, BQ = 16 * RM;
+  constexpr int RM = T::kFwdRM, CN = T::kFwdCN, BQ = 16 * RM;
   constexpr size_t smem = fwd_smem<D, RM, CN>();
   auto* kernel = attn_fwd_kernel<D, RM, CN>;
   allow_smem(kernel, smem, "attention_forward");
@@ -552,10 +563,10 @@ void forward_impl(Stream stream, const AttnArgs& a, float* out, float* lse) {
   check_launch("attention_forward");
 }
 
-template <int D>
+template <int D, class T>
 void backward_impl(Stream stream, const AttnArgs& a, const BwdPtrs& p) {
   {
-    constexpr int RM = Tiles<D>::kKvRM, CN = Tiles<D>::kKvCN, BK = 16 * RM;
+    constexpr int RM = T::kKvRM, CN = T::kKvCN, BK = 16 * RM;
     constexpr size_t smem = kv_smem<D, RM, CN>();
     auto* kernel = attn_bwd_kv_kernel<D, RM, CN>;
     allow_smem(kernel, smem, "attention_backward (dk, dv)");
@@ -565,7 +576,7 @@ void backward_impl(Stream stream, const AttnArgs& a, const BwdPtrs& p) {
     check_launch("attention_backward (dk, dv)");
   }
   {
-    constexpr int RM = Tiles<D>::kQRM, CN = Tiles<D>::kQCN, BQ = 16 * RM;
+    constexpr int RM = T::kQRM, CN = T::kQCN, BQ = 16 * RM;
     constexpr size_t smem = q_smem<D, RM, CN>();
     auto* kernel = attn_bwd_q_kernel<D, RM, CN>;
     allow_smem(kernel, smem, "attention_backward (dq)");
@@ -574,6 +585,24 @@ void backward_impl(Stream stream, const AttnArgs& a, const BwdPtrs& p) {
     kernel<<<grid, kThreads, smem, stream>>>(a, p, nqt);
     check_launch("attention_backward (dq)");
   }
+}
+
+// Tiles<D> where its kernels fit a block's shared memory, else SmallTiles<D>.
+template <int D>
+void forward_fit(Stream stream, const AttnArgs& a, float* out, float* lse) {
+  using T = Tiles<D>;
+  if (fwd_smem<D, T::kFwdRM, T::kFwdCN>() <= device_info().smem_optin)
+    forward_impl<D, T>(stream, a, out, lse);
+  else
+    forward_impl<D, SmallTiles<D>>(stream, a, out, lse);
+}
+template <int D>
+void backward_fit(Stream stream, const AttnArgs& a, const BwdPtrs& p) {
+  using T = Tiles<D>;
+  if (std::max(kv_smem<D, T::kKvRM, T::kKvCN>(), q_smem<D, T::kQRM, T::kQCN>()) <= device_info().smem_optin)
+    backward_impl<D, T>(stream, a, p);
+  else
+    backward_impl<D, SmallTiles<D>>(stream, a, p);
 }
 
 }  // namespace
@@ -594,11 +623,11 @@ void attention_forward(Stream stream, float* out, float* lse, const float* qkv, 
   if (precision == AttentionPrecision::BF16 && attn::tc_supported(hd))
     attn::forward_tc(stream, a, out, lse, kernel);  // attention_tc.cu
   else if (hd <= 64)
-    forward_impl<64>(stream, a, out, lse);
+    forward_fit<64>(stream, a, out, lse);
   else if (hd <= 128)
-    forward_impl<128>(stream, a, out, lse);
+    forward_fit<128>(stream, a, out, lse);
   else
-    forward_impl<256>(stream, a, out, lse);
+    forward_fit<256>(stream, a, out, lse);
 }
 
 int64_t attention_backward_scratch_floats(int64_t Pp, int64_t B, int64_t S, int64_t H, int64_t KV,
@@ -647,11 +676,11 @@ void attention_backward(Stream stream, float* dqkv, float* dprefix_k, float* dpr
   if (precision == AttentionPrecision::BF16 && attn::tc_supported(hd))
     attn::backward_tc(stream, a, p, kernel);  // attention_tc.cu
   else if (hd <= 64)
-    backward_impl<64>(stream, a, p);
+    backward_fit<64>(stream, a, p);
   else if (hd <= 128)
-    backward_impl<128>(stream, a, p);
+    backward_fit<128>(stream, a, p);
   else
-    backward_impl<256>(stream, a, p);
+    backward_fit<256>(stream, a, p);
   if (Pp > 0) {
     attn_prefix_sum_kernel<<<grid_for(n_prefix, kThreads), kThreads, 0, stream>>>(
         dprefix_k, dprefix_v, p.part_k, p.part_v, static_cast<int>(B), n_prefix);

@@ -1052,20 +1052,19 @@ __global__ void __launch_bounds__(kTcThreads, 2)
 }
 
 // A choice's kernel and its shared memory, at head-dim bound D: the WMMA one (tc_smem bytes) or the mma.sync
-// one with the choice's tile loads (base bytes and what they queue into).
+// one with the choice's tile loads (base bytes and what they queue into). Where the choice does not fit a
+// block's shared memory (hd 128 on a GPU with 99 KB, such as Ada), the mma.sync kernel with synchronous
+// loads (the same bits as the queued ones; the WMMA kernel's within the same tolerance).
 template <int D, class Kernel>
 std::pair<Kernel*, size_t> choose(AttnKernel k, Kernel* tc, size_t tc_smem, Kernel* sync, Kernel* staged,
                                   Kernel* direct, size_t base) {
-  switch (k) {
-    case AttnKernel::Wmma:
-      return {tc, tc_smem};
-    case AttnKernel::MmaAsync:
-      return {staged, with_next<D, kStaged>(base)};
-    case AttnKernel::MmaBf16:
-      return {direct, with_next<D, kDirect>(base)};
-    default:
-      return {sync, base};
-  }
+  const size_t most = device_info().smem_optin;
+  if (k == AttnKernel::Wmma && tc_smem <= most) return {tc, tc_smem};
+  if (k == AttnKernel::MmaAsync && with_next<D, kStaged>(base) <= most)
+    return {staged, with_next<D, kStaged>(base)};
+  if (k == AttnKernel::MmaBf16 && with_next<D, kDirect>(base) <= most)
+    return {direct, with_next<D, kDirect>(base)};
+  return {sync, base};
 }
 
 template <int D>
