@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -136,34 +137,23 @@ __device__ __forceinline__ void store4(float* dst, const float (&v)[4], float s,
   }
 }
 
-// Tile shapes per padded head width: RM rows per thread (16*RM rows), CN score columns (16*CN columns).
+// Tile shapes per padded head width: RM rows per thread (16*RM rows), CN score columns (16*CN columns), for
+// the forward, dk/dv and dq kernels.
+template <int FwdRM, int FwdCN, int KvRM, int KvCN, int QRM, int QCN>
+struct TileShape {
+  static constexpr int kFwdRM = FwdRM, kFwdCN = FwdCN, kKvRM = KvRM, kKvCN = KvCN, kQRM = QRM, kQCN = QCN;
+};
 // Chosen so the main kernels fit two blocks per H100 SM (shared memory and 128 registers) for D = 64 and 128.
 template <int D>
-struct Tiles;
-template <>
-struct Tiles<64> {
-  static constexpr int kFwdRM = 4, kFwdCN = 4, kKvRM = 4, kKvCN = 4, kQRM = 4, kQCN = 4;
-};
-template <>
-struct Tiles<128> {
-  static constexpr int kFwdRM = 4, kFwdCN = 4, kKvRM = 4, kKvCN = 2, kQRM = 4, kQCN = 2;
-};
-template <>
-struct Tiles<256> {
-  static constexpr int kFwdRM = 2, kFwdCN = 4, kKvRM = 2, kKvCN = 2, kQRM = 2, kQCN = 2;
-};
+using Tiles = std::conditional_t<
+    D == 64, TileShape<4, 4, 4, 4, 4, 4>,
+    std::conditional_t<D == 128, TileShape<4, 4, 4, 2, 4, 2>, TileShape<2, 4, 2, 2, 2, 2>>>;
 // The shapes taken where Tiles' do not fit a block's shared memory: every kernel within 99 KB (Ada GPUs,
 // which run the sm_80 code; Tiles<128>'s backward takes 111 KB, Tiles<256>'s up to 138 KB).
 template <int D>
-struct SmallTiles : Tiles<D> {};
-template <>
-struct SmallTiles<128> {
-  static constexpr int kFwdRM = 4, kFwdCN = 4, kKvRM = 2, kKvCN = 2, kQRM = 2, kQCN = 2;
-};
-template <>
-struct SmallTiles<256> {
-  static constexpr int kFwdRM = 2, kFwdCN = 2, kKvRM = 1, kKvCN = 1, kQRM = 1, kQCN = 1;
-};
+using SmallTiles = std::conditional_t<
+    D == 64, Tiles<64>,
+    std::conditional_t<D == 128, TileShape<4, 4, 2, 2, 2, 2>, TileShape<2, 2, 1, 1, 1, 1>>>;
 
 // --- Forward --------------------------------------------------------------------------------------------
 // Shared memory: sQ [BQ][D+4], sKV [BK][D+4] (K, then V of the same tile), sP [BQ][BK+4], valid[BK].
