@@ -650,12 +650,13 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
       if (v > m) {
         part = part * expf(m - v) + 1.0f;
         m = v;
-      } else if (m != -INFINITY) {
+      } else if (v != -INFINITY) {  // a NaN (v > m false) poisons the sum, as it does the CPU's
         part += expf(v - m);
       }
     });
     const float mx = block_reduce(m, -INFINITY, sh, MaxOp());
-    const float sum = block_reduce(m == -INFINITY ? 0.0f : part * expf(m - mx), 0.0f, sh, SumOp());
+    // part == 0: no finite value in the share (its m is -inf); a NaN part stays NaN whatever m is.
+    const float sum = block_reduce(part == 0.0f ? 0.0f : part * expf(m - mx), 0.0f, sh, SumOp());
     if (threadIdx.x == 0)
       losses[r] = static_cast<float>(log(static_cast<double>(sum)) + static_cast<double>(mx) - lt);
     if (want_grad) {
@@ -1465,6 +1466,31 @@ void test_softmax_xent(std::vector<OpCheck>& out, uint32_t& seed) {
           padding_ok ? err : INFINITY, 4e-3,
           "gradient rounded to bf16 (2^-8 relative per element) vs a float64 host softmax; logits and the "
           "padding columns untouched"));
+    }
+  }
+  // NaN logits make the loss NaN, as on the CPU, wherever they sit: a row all NaN but its target, a row with
+  // one NaN at the start of a thread's first 16 bytes (before any finite value of that thread's share).
+  {
+    const int64_t R = 3, V = 4096;
+    auto logits = random_vector(static_cast<size_t>(R * V), ++seed, 8.0f);
+    const std::vector<int32_t> targets = {5, 9, 11};
+    for (int64_t v = 0; v < V; ++v)
+      if (v != targets[0]) logits[static_cast<size_t>(v)] = NAN;
+    logits[static_cast<size_t>(V + 4 * 37)] = NAN;
+    std::vector<float> want(static_cast<size_t>(R));
+    ::pt::crossentropy_forward(want.data(), logits.data(), targets.data(), R, V, kRefThreads);
+    auto d_targets = to_device(targets);
+    for (bool grad : {false, true}) {
+      auto d_logits = to_device(logits);
+      DeviceBuffer<float> d_loss(static_cast<size_t>(R));
+      softmax_xent(nullptr, d_logits.get(), V, d_loss.get(), d_targets.get(), R, V, 1.0f / R, grad);
+      const std::vector<float> got = to_host(d_loss.get(), static_cast<size_t>(R));
+      const bool nan_rows =
+          std::isnan(got[0]) && std::isnan(got[1]) && std::isnan(want[0]) && std::isnan(want[1]);
+      out.push_back(make_check(
+          "softmax_xent", dims({{"R", R}, {"V", V}}) + (grad ? " grad" : " loss only") + " NaN logits",
+          nan_rows ? std::fabs(got[2] - want[2]) / std::fabs(want[2]) : INFINITY, kTolMath,
+          "rows with a NaN logit: NaN loss (as the CPU's); the clean row vs the CPU"));
     }
   }
 }
