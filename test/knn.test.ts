@@ -181,6 +181,17 @@ describe("VocabIndex (CPU) equals the float64 brute force", () => {
     }
   });
 
+  it("a query that takes four rounds (42, 168, 672 candidates, then the exact scan) is recovered once", async () => {
+    const d = 32;
+    const base = gaussian(2000 * d, 19);
+    const v = new Float32Array(base);
+    for (let c = 0; c < 999; c++) v.set(base.subarray(5 * d, 6 * d), (1000 + c) * d); // 1000 equal rows
+    const q = new Float32Array(base.subarray(5 * d, 6 * d));
+    const got = await nearestNeighbors(q, v, { dim: d, k: 10, metric: "cosine", backend: "cpu", threads: 1 });
+    expect(got.recoveredQueries).toBe(1);
+    expectExact(got, bruteForce(q, v, d, 10, "cosine"));
+  });
+
   it("concurrent searches on one index agree", async () => {
     const index = await VocabIndex.create(vocab, { dim, metric: "l2", backend: "cpu" });
     const results = await Promise.all([1, 2, 3, 4].map(() => index.search(queries, { k: 10 })));

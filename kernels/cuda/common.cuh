@@ -21,13 +21,37 @@
 namespace pt {
 namespace cuda {
 
-// Throws std::runtime_error("<what>: <error name> (<error string>)") and clears the (non-sticky) error.
+// A failed device allocation (the message names the size and CUDA's error).
+struct OutOfMemory : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// Throws std::runtime_error("<what>: <error name> (<error string>)"), OutOfMemory for
+// cudaErrorMemoryAllocation (pinned host memory, graph instantiation: the model's out-of-memory recovery
+// knows it), and clears the (non-sticky) error.
 inline void check(cudaError_t e, const char* what) {
   if (e != cudaSuccess) {
     cudaGetLastError();
-    throw std::runtime_error(std::string("CUDA ") + what + " failed: " + cudaGetErrorName(e) + " (" +
-                             cudaGetErrorString(e) + ")");
+    const std::string msg =
+        std::string("CUDA ") + what + " failed: " + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ")";
+    if (e == cudaErrorMemoryAllocation) throw OutOfMemory(msg);
+    throw std::runtime_error(msg);
   }
+}
+
+// The kernel switches the CUDA sources read while work is queued (gemm.cu, attention*.cu): a captured graph
+// keeps the choices made at its capture, so they are part of a step graph's key (a step after a switch
+// changed runs eagerly and is captured again instead of replaying the old choice).
+inline std::string kernel_switches() {
+  std::string s;
+  for (const char* name : {"PRIORTUNE_CUDA_GEMM", "PRIORTUNE_CUDA_GEMM_OUT16", "PRIORTUNE_CUDA_GEMM_PEEL",
+                           "PRIORTUNE_CUDA_GEMM_SPLITK", "PRIORTUNE_CUDA_WGMMA", "PRIORTUNE_CUDA_TMA",
+                           "PRIORTUNE_CUDA_ATTN", "PRIORTUNE_CUDA_ATTN_ASYNC", "PRIORTUNE_CUBLASLT"}) {
+    const char* v = std::getenv(name);
+    s += v ? v : "";
+    s += ',';
+  }
+  return s;
 }
 // Whether environment variable `name` is set to exactly `value` (the kernels' switches: "0" keeps a kernel
 // off, "1" turns an option on).
@@ -108,11 +132,6 @@ inline unsigned grid_for(int64_t n, int threads, int64_t max_blocks = 65535 * 8)
   int64_t b = ceil_div(n > 0 ? n : 1, threads);
   return static_cast<unsigned>(b < max_blocks ? b : max_blocks);
 }
-
-// A failed device allocation (the message names the size and CUDA's error).
-struct OutOfMemory : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
 
 // A device allocation owned by one object (moved, never copied).
 template <class T>

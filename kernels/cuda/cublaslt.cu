@@ -7,6 +7,7 @@
 #include <dlfcn.h>
 
 #include <cstdlib>
+#include <iterator>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -75,7 +76,7 @@ bool bind(void* lib, F& f, const char* name, std::string& error) {
 
 // The library, loaded once: $PRIORTUNE_CUBLASLT, else the loader's search for libcublasLt.so.13/.12/.so.
 const Api& api() {
-  static Api a;
+  static Api& a = *new Api;  // never destroyed: plans released at exit still call into it
   static std::once_flag once;
   std::call_once(once, [] {
     std::vector<std::string> names;
@@ -208,24 +209,49 @@ void CublasLtGemm::run(cudaStream_t stream, const void* A, const void* B, float*
            "cublasLtMatmul");
 }
 
+namespace {
+// cublaslt_product's plans, by (device, stream, precision, layout, M, N, K, lda, ldb, ldc, bias). Never
+// destroyed: at exit cuBLASLt's own globals may already be gone, so the plans are not released then (the
+// owners of streams release theirs through cublaslt_forget).
+using PlanKey =
+    std::tuple<int, Stream, int, bool, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool>;
+struct Plans {
+  std::mutex mu;
+  std::map<PlanKey, std::unique_ptr<CublasLtGemm>> map;
+};
+Plans& plans() {
+  static Plans& p = *new Plans;
+  return p;
+}
+}  // namespace
+
+void cublaslt_forget(Stream stream) noexcept {
+  Plans& p = plans();
+  std::lock_guard<std::mutex> lock(p.mu);
+  for (auto it = p.map.begin(); it != p.map.end();)
+    it = std::get<1>(it->first) == stream ? p.map.erase(it) : std::next(it);
+}
+
 void cublaslt_product(Stream stream, GemmPrecision precision, bool b_transposed, int64_t M, int64_t N,
                       int64_t K, const void* A, int64_t lda, const void* B, int64_t ldb, float* C,
                       int64_t ldc, const float* bias, float beta) {
-  using Key = std::tuple<int, Stream, int, bool, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool>;
-  static std::mutex mu;
-  static std::map<Key, std::unique_ptr<CublasLtGemm>> plans;
+  Plans& plans_ = plans();
   int dev = 0;
   check(cudaGetDevice(&dev), "cudaGetDevice");
-  const Key key(dev, stream, static_cast<int>(precision), b_transposed, M, N, K, lda, ldb, ldc,
-                bias != nullptr);
+  const PlanKey key(dev, stream, static_cast<int>(precision), b_transposed, M, N, K, lda, ldb, ldc,
+                    bias != nullptr);
   CublasLtGemm* plan = nullptr;
   {
-    std::lock_guard<std::mutex> lock(mu);
-    std::unique_ptr<CublasLtGemm>& p = plans[key];
+    std::lock_guard<std::mutex> lock(plans_.mu);
+    std::unique_ptr<CublasLtGemm>& p = plans_.map[key];
     try {
       if (!p)
         p = std::make_unique<CublasLtGemm>(precision, M, N, K, b_transposed, lda, ldb, ldc, bias != nullptr);
+    } catch (const OutOfMemory&) {
+      plans_.map.erase(key);
+      throw;  // as it is: the model's out-of-memory recovery knows it
     } catch (const std::exception& e) {
+      plans_.map.erase(key);
       throw std::runtime_error(std::string("PRIORTUNE_CUDA_GEMM=cublaslt: ") + e.what());
     }
     plan = p.get();

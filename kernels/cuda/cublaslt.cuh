@@ -42,5 +42,9 @@ void cublaslt_product(Stream stream, GemmPrecision precision, bool b_transposed,
                       int64_t K, const void* A, int64_t lda, const void* B, int64_t ldb, float* C,
                       int64_t ldc, const float* bias, float beta);
 
+// Releases the plans (and their workspaces) cublaslt_product made for `stream`: for its owner to call once
+// no queued or captured work on it uses them (before destroying the stream).
+void cublaslt_forget(Stream stream) noexcept;
+
 }  // namespace cuda
 }  // namespace pt

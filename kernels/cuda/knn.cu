@@ -58,6 +58,7 @@
 #include <vector>
 
 #include "common.cuh"
+#include "cublaslt.cuh"
 #include "priortune/cuda_ops.h"
 #include "priortune/knn.h"
 
@@ -817,6 +818,71 @@ class CudaIndex final : public KnnIndex {
     if (V > std::numeric_limits<int32_t>::max() - 1 || d > std::numeric_limits<int32_t>::max() / 2)
       throw std::out_of_range("vocab: too large for the CUDA index");
     cuda_check(cudaSetDevice(0), "cudaSetDevice");
+    try {
+      build(vocab);
+    } catch (...) {
+      release();  // no destructor runs for an object whose constructor threw
+      throw;
+    }
+  }
+
+  ~CudaIndex() override { release(); }
+
+  int64_t rows() const override { return V_; }
+  int64_t dim() const override { return d_; }
+  KnnMetric metric() const override { return metric_; }
+  const char* backend() const override { return "cuda"; }
+  int64_t host_bytes() const override { return V_ * d_ * 4 + V_ * 8; }
+  int64_t device_bytes() const override {
+    return V_ * d_ * (4 * (metric_ == KnnMetric::Cosine ? 2 : 1) + 2) + V_ * 8 +
+           (metric_ == KnnMetric::L2 ? V_ * 4 : 0);
+  }
+  const float* row(int64_t r) const override { return host_rows_.data() + r * d_; }
+
+  KnnResult search(const float* queries, int64_t Q, int64_t k, const int32_t* exclude,
+                   int threads) const override {
+    const int64_t available = V_ - (exclude ? 1 : 0);
+    KnnResult res;
+    std::vector<double> q_norms;
+    std::vector<int64_t> pending =
+        knn_search_begin(res, q_norms, queries, Q, V_, d_, k, metric_, exclude, threads);
+    std::lock_guard<std::mutex> lock(mu_);
+    cuda_check(cudaSetDevice(0), "cudaSetDevice");
+    int64_t c = k + std::max<int64_t>(64, k / 8);
+    bool first = true;
+    const Path want = env_path();
+    const bool filter = env_select_filter();
+    while (!pending.empty()) {
+      const int ci = static_cast<int>(std::min<int64_t>(c, INT_MAX / 2));
+      const bool matrix =
+          (want == Path::Matrix || (want == Path::Auto && fills_device(int64_t(pending.size())))) &&
+          matrix_fits(ci);
+      const ScreenShape shape = matrix ? ScreenShape{} : pick_screen(ci);
+      if (c >= available || (!matrix && shape.bq == 0) ||
+          finalize_smem_bytes(ci, next_pow2(ci)) > cuda::device_info().smem_optin) {
+        host_exact(pending, queries, k, exclude, threads, &res);
+        break;
+      }
+      std::vector<int64_t> failed;
+      int64_t c_next = 4 * c;
+      for (size_t b = 0; b < pending.size(); b += kQueryChunk) {
+        const size_t e = std::min(pending.size(), b + size_t(kQueryChunk));
+        std::vector<int64_t> part(pending.begin() + b, pending.begin() + e);
+        c_next = std::max<int64_t>(c_next, int64_t{4} * run(part, queries, q_norms, k, ci, matrix, filter,
+                                                            shape, exclude, first, &res, &failed));
+      }
+      pending.swap(failed);
+      c = c_next;
+      first = false;
+    }
+    return res;
+  }
+
+ private:
+  // The stream, events and device copies of the vocabulary (the constructor's work).
+  void build(const float* vocab) {
+    const int64_t V = V_, d = d_;
+    const KnnMetric metric = metric_;
     cuda_check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
     cuda_check(cudaEventCreate(&start_), "cudaEventCreate");
     cuda_check(cudaEventCreate(&mid_), "cudaEventCreate");
@@ -865,65 +931,20 @@ class CudaIndex final : public KnnIndex {
     cuda_check(cudaStreamSynchronize(stream_), "upload");
   }
 
-  ~CudaIndex() override {
+  // Frees what build() created (the device buffers free themselves); also the destructor's work.
+  void release() noexcept {
+    if (stream_) {
+      cudaStreamSynchronize(stream_);
+      cuda::cublaslt_forget(stream_);  // plans the model GEMM's cuBLASLt engine made for this stream
+    }
     if (start_) cudaEventDestroy(start_);
     if (mid_) cudaEventDestroy(mid_);
     if (stop_) cudaEventDestroy(stop_);
     if (stream_) cudaStreamDestroy(stream_);
+    start_ = mid_ = stop_ = nullptr;
+    stream_ = nullptr;
   }
 
-  int64_t rows() const override { return V_; }
-  int64_t dim() const override { return d_; }
-  KnnMetric metric() const override { return metric_; }
-  const char* backend() const override { return "cuda"; }
-  int64_t host_bytes() const override { return V_ * d_ * 4 + V_ * 8; }
-  int64_t device_bytes() const override {
-    return V_ * d_ * (4 * (metric_ == KnnMetric::Cosine ? 2 : 1) + 2) + V_ * 8 +
-           (metric_ == KnnMetric::L2 ? V_ * 4 : 0);
-  }
-  const float* row(int64_t r) const override { return host_rows_.data() + r * d_; }
-
-  KnnResult search(const float* queries, int64_t Q, int64_t k, const int32_t* exclude,
-                   int threads) const override {
-    const int64_t available = V_ - (exclude ? 1 : 0);
-    KnnResult res;
-    std::vector<double> q_norms;
-    std::vector<int64_t> pending =
-        knn_search_begin(res, q_norms, queries, Q, V_, d_, k, metric_, exclude, threads);
-    std::lock_guard<std::mutex> lock(mu_);
-    cuda_check(cudaSetDevice(0), "cudaSetDevice");
-    int64_t c = k + std::max<int64_t>(64, k / 8);
-    bool first = true;
-    const Path want = env_path();
-    const bool filter = env_select_filter();
-    while (!pending.empty()) {
-      if (!first) res.recovered_queries += static_cast<int64_t>(pending.size());
-      const int ci = static_cast<int>(std::min<int64_t>(c, INT_MAX / 2));
-      const bool matrix =
-          (want == Path::Matrix || (want == Path::Auto && fills_device(int64_t(pending.size())))) &&
-          matrix_fits(ci);
-      const ScreenShape shape = matrix ? ScreenShape{} : pick_screen(ci);
-      if (c >= available || (!matrix && shape.bq == 0) ||
-          finalize_smem_bytes(ci, next_pow2(ci)) > cuda::device_info().smem_optin) {
-        host_exact(pending, queries, k, exclude, threads, &res);
-        break;
-      }
-      std::vector<int64_t> failed;
-      int64_t c_next = 4 * c;
-      for (size_t b = 0; b < pending.size(); b += kQueryChunk) {
-        const size_t e = std::min(pending.size(), b + size_t(kQueryChunk));
-        std::vector<int64_t> part(pending.begin() + b, pending.begin() + e);
-        c_next = std::max<int64_t>(c_next, int64_t{4} * run(part, queries, q_norms, k, ci, matrix, filter,
-                                                            shape, exclude, &res, &failed));
-      }
-      pending.swap(failed);
-      c = c_next;
-      first = false;
-    }
-    return res;
-  }
-
- private:
   // Query-tile height and candidate-buffer capacity of the screening kernel: the tallest tile (fewer passes
   // over the vocabulary) whose buffers fit in shared memory, with room for two tiles of candidates if
   // possible (bq 0: nothing fits).
@@ -1000,7 +1021,7 @@ class CudaIndex final : public KnnIndex {
   // second selection).
   int run(const std::vector<int64_t>& part, const float* queries, const std::vector<double>& q_norms,
           int64_t k, int c, bool matrix, bool filter, ScreenShape shape, const int32_t* exclude,
-          KnnResult* res, std::vector<int64_t>* failed) const {
+          bool first_round, KnnResult* res, std::vector<int64_t>* failed) const {
     const int n = static_cast<int>(part.size()), d = static_cast<int>(d_);
     const int tiles = static_cast<int>((V_ + kBV - 1) / kBV);
     int slabs;
@@ -1099,11 +1120,13 @@ class CudaIndex final : public KnnIndex {
     std::vector<int> retry;
     for (int i = 0; i < n; ++i)
       if (fl[i]) retry.push_back(i);
+    // recovered_queries: the queries whose first screening was not certified, each once, however many
+    // selections and rounds it takes (as on the CPU).
+    if (first_round) res->recovered_queries += static_cast<int64_t>(retry.size());
     const int64_t available = V_ - (exclude ? 1 : 0);
     while (matrix && W >= V_ && !retry.empty() && int64_t{4} * c < available && matrix_fits(4 * c)) {
       c *= 4;
       const int nf = static_cast<int>(retry.size());
-      res->recovered_queries += nf;
       map_.resize(nf, "retried queries");
       cand_a_.resize(size_t(nf) * slabs * c, "candidates");
       cand_i_.resize(size_t(nf) * slabs * c, "candidates");

@@ -93,34 +93,15 @@ class CudaModel final : public DeviceModel {
     cudaDeviceProp prop{};
     check(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties");
     device_name_ = prop.name;
-    check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
     host.check_complete();
-    const bool bf16 = opt_.precision == GemmPrecision::BF16;
-    for (const std::string& name : host.slot_names()) {
-      const Slot& s = host.slot(name);
-      const bool matrix = name == "lm_head" || name.find(".qkv.w") != std::string::npos ||
-                          name.find(".proj.w") != std::string::npos ||
-                          name.find(".fc.w") != std::string::npos || name.find(".fc2.w") != std::string::npos;
-      DeviceBuffer<float> d(s.data.size());
-      check(cudaMemcpyAsync(d.get(), s.data.data(), s.data.size() * sizeof(float), cudaMemcpyHostToDevice,
-                            stream_),
-            "weight upload");
-      weight_bytes_ += d.bytes();
-      const bool tied_table = name == "tok_emb" && cfg_.tied_head;
-      if (bf16 && (matrix || tied_table)) {
-        DeviceBuffer<bf16_t> h(s.data.size());
-        cuda::to_bf16(stream_, h.get(), d.get(), static_cast<int64_t>(s.data.size()));
-        check(cudaStreamSynchronize(stream_), "weight conversion to bf16");
-        weight_bytes_ += h.bytes();
-        h16_.emplace(name, std::move(h));
-        if (matrix) {  // only the bf16 copy is kept
-          weight_bytes_ -= d.bytes();
-          continue;
-        }
-      }
-      f32_.emplace(name, std::move(d));
+    check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+    try {
+      upload(host);
+    } catch (...) {  // no destructor runs for an object whose constructor threw (the buffers free themselves)
+      cudaStreamSynchronize(stream_);
+      cudaStreamDestroy(stream_);
+      throw;
     }
-    check(cudaMallocHost(reinterpret_cast<void**>(&host_out_), 4 * sizeof(double)), "cudaMallocHost");
   }
 
   ~CudaModel() override {
@@ -129,7 +110,11 @@ class CudaModel final : public DeviceModel {
       if (kv.second.exec) cudaGraphExecDestroy(kv.second.exec);
     if (pinned_) cudaFreeHost(pinned_);
     if (host_out_) cudaFreeHost(host_out_);
-    if (stream_) cudaStreamDestroy(stream_);
+    if (stream_) {
+      cudaStreamSynchronize(stream_);
+      cuda::cublaslt_forget(stream_);  // the cuBLASLt engine's plans for this stream (none unless it ran)
+      cudaStreamDestroy(stream_);
+    }
   }
 
   std::string precision() const override { return cuda::precision_name(opt_.precision); }
@@ -435,6 +420,36 @@ class CudaModel final : public DeviceModel {
   }
 
  private:
+  // The weights on the device (bf16 copies of the matrices at BF16) and the pinned result buffer.
+  void upload(const Model& host) {
+    const bool bf16 = opt_.precision == GemmPrecision::BF16;
+    for (const std::string& name : host.slot_names()) {
+      const Slot& s = host.slot(name);
+      const bool matrix = name == "lm_head" || name.find(".qkv.w") != std::string::npos ||
+                          name.find(".proj.w") != std::string::npos ||
+                          name.find(".fc.w") != std::string::npos || name.find(".fc2.w") != std::string::npos;
+      DeviceBuffer<float> d(s.data.size());
+      check(cudaMemcpyAsync(d.get(), s.data.data(), s.data.size() * sizeof(float), cudaMemcpyHostToDevice,
+                            stream_),
+            "weight upload");
+      weight_bytes_ += d.bytes();
+      const bool tied_table = name == "tok_emb" && cfg_.tied_head;
+      if (bf16 && (matrix || tied_table)) {
+        DeviceBuffer<bf16_t> h(s.data.size());
+        cuda::to_bf16(stream_, h.get(), d.get(), static_cast<int64_t>(s.data.size()));
+        check(cudaStreamSynchronize(stream_), "weight conversion to bf16");
+        weight_bytes_ += h.bytes();
+        h16_.emplace(name, std::move(h));
+        if (matrix) {  // only the bf16 copy is kept
+          weight_bytes_ -= d.bytes();
+          continue;
+        }
+      }
+      f32_.emplace(name, std::move(d));
+    }
+    check(cudaMallocHost(reinterpret_cast<void**>(&host_out_), 4 * sizeof(double)), "cudaMallocHost");
+  }
+
   struct Ptrs {
     const int32_t* ids = nullptr;
     const int32_t* rows = nullptr;
@@ -768,7 +783,7 @@ class CudaModel final : public DeviceModel {
     for (size_t i = 0; i < a.deep.layers.size(); ++i)
       key += std::to_string(a.deep.layers[i]) + ":" +
              std::to_string(i < a.deep.lengths.size() ? a.deep.lengths[i] : 0) + ",";
-    pl.key = key;
+    pl.key = key + " switches=" + cuda::kernel_switches();
     return pl;
   }
 

@@ -439,6 +439,34 @@ void test_cache(Model& host) {
     }
     ++i;
   }
+  // A kernel switch changed between a shape's eager run and its capture (PRIORTUNE_CUDA_ATTN=bf16: the
+  // attention's bf16 operand copies are allocated on first use): a graph's key holds the switches, so the
+  // call after the change runs eagerly (allocating), the next captures, none throws, and each equals an
+  // eager model's under the same switches.
+  {
+    std::printf("[%s bf16] a kernel switch changed between a shape's eager run and its capture\n",
+                arch_name(host));
+    CudaModelOptions og, oe;
+    og.precision = oe.precision = cuda::GemmPrecision::BF16;
+    oe.graphs = false;
+    auto g = cuda_model(host, og), e = cuda_model(host, oe);
+    for (int call = 0; call < 5; ++call) {
+      if (call == 1) setenv("PRIORTUNE_CUDA_ATTN", "bf16", 1);
+      Case c = small;
+      c.fill(host.config(), 400 + call);
+      const GradResult want = e->loss_and_grad(c.a);
+      const long long gl = emu::graph_launches;
+      try {
+        const GradResult got = g->loss_and_grad(c.a);
+        compare_grads(
+            "switch, call " + std::to_string(call) + (emu::graph_launches > gl ? " [graph]" : " [eager]"),
+            got, want, 0.0, 0.0);
+      } catch (const std::exception& ex) {
+        check("switch, call " + std::to_string(call) + ": " + ex.what(), false);
+      }
+    }
+    unsetenv("PRIORTUNE_CUDA_ATTN");
+  }
   check_emu("graph cache");
 }
 
@@ -559,6 +587,10 @@ void test_knn_shape(int64_t V, int64_t d) {
               r.indices == ei);
         expect(tag + ": scores", rel(r.scores, es), 1e-6);
         check(tag + ": the tied query needed recovery", r.recovered_queries > 0);
+        check(tag + ": each recovered query counted once", r.recovered_queries <= Q);
+        if (!ex)  // the tied query alone: one query recovered, however many selections or rounds it took
+          check(tag + ": the tied query alone counts 1",
+                index->search(&queries[5 * d], 1, k, nullptr, 1).recovered_queries == 1);
       }
     check_emu(std::string("knn ") + knn_metric_name(metric));
   }
