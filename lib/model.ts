@@ -22,6 +22,7 @@ import {
   requireFloat32,
   requireInt32,
   requirePositiveInt,
+  requireThreads,
   requireUint8,
 } from "./validate.js";
 
@@ -457,7 +458,7 @@ export async function loadModel(dirArg: string, options: LoadOptions = {}): Prom
   if (!existsSync(dir) || !statSync(dir).isDirectory()) throw new Error(`${dir}: not a directory`);
   const logger = options.logger ?? defaultLogger;
   const threads =
-    options.threads === undefined ? availableParallelism() : requirePositiveInt(options.threads, "threads");
+    options.threads === undefined ? availableParallelism() : requireThreads(options.threads, "threads");
   const config = readConfig(dir);
   const { backend, reason } = resolveBackend(options.backend, logger);
   const { entries, dtypes } = loadPlan(config, listModelTensors(dir));

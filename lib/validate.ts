@@ -26,6 +26,13 @@ export const requireInt32 = (v: unknown, name: string, length?: number): Int32Ar
 export const requireUint8 = (v: unknown, name: string, length?: number): Uint8Array =>
   typed(v, name, Uint8Array, length);
 
+/** A thread count: 1 to 1024 (the native side refuses more: OpenMP would end the process). */
+export function requireThreads(v: unknown, name: string): number {
+  const n = requirePositiveInt(v, name);
+  if (n > 1024) throw new RangeError(`${name}: expected at most 1024, got ${n}`);
+  return n;
+}
+
 export function requirePositiveInt(v: unknown, name: string): number {
   if (typeof v !== "number" || !Number.isInteger(v) || v < 1) {
     throw new TypeError(`${name}: expected a positive integer, got ${describe(v)}`);

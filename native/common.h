@@ -115,7 +115,8 @@ View<T> view_of_length(const Napi::Value& v, const std::string& name, size_t exp
 inline int64_t int_of(const Napi::Value& v, const std::string& name, int64_t min_value = INT64_MIN) {
   if (!v.IsNumber()) throw_type(v.Env(), name, "an integer", v);
   double d = v.As<Napi::Number>().DoubleValue();
-  if (d != static_cast<double>(static_cast<int64_t>(d)))
+  // NaN, infinities and magnitudes of 2^63 or more fail before the cast (which would be undefined for them).
+  if (!(d > -9.2e18 && d < 9.2e18) || d != static_cast<double>(static_cast<int64_t>(d)))
     throw Napi::TypeError::New(v.Env(), name + ": expected an integer, got " + std::to_string(d));
   if (static_cast<int64_t>(d) < min_value)
     throw Napi::RangeError::New(v.Env(), name + ": expected an integer >= " + std::to_string(min_value) +
@@ -187,10 +188,19 @@ inline Napi::Float64Array to_float64(Napi::Env env, std::vector<double>&& data) 
   return Napi::Float64Array::New(env, n, external_buffer(env, std::move(data)), 0);
 }
 
+// A thread count: 1 to 1024 (OpenMP ends the process when it cannot create the threads asked for, so a
+// mistyped count must be an error here).
+inline int threads_value(const Napi::Value& v, const std::string& name) {
+  const int64_t t = int_of(v, name, 1);
+  if (t > 1024)
+    throw Napi::RangeError::New(v.Env(), name + ": expected at most 1024, got " + std::to_string(t));
+  return static_cast<int>(t);
+}
+
 // The optional `threads` argument at position i (default 1).
 inline int threads_of(const Napi::CallbackInfo& info, size_t i) {
   if (info.Length() <= i || info[i].IsUndefined()) return 1;
-  return static_cast<int>(int_of(info[i], "threads", 1));
+  return threads_value(info[i], "threads");
 }
 
 // Rows of a row-major matrix of width d held in a typed array; its length must be a non-zero multiple of d.
@@ -228,6 +238,8 @@ class PromiseWorker : public Napi::AsyncWorker {
   void keep(const Napi::Value& v) {
     if (v.IsObject()) refs_.push_back(Napi::Persistent(v.As<Napi::Object>()));
   }
+  // Runs on the main thread when the work fails, before the promise rejects (undoing what the call began).
+  void on_error(std::function<void()> f) { on_error_ = std::move(f); }
 
   Napi::Promise queue() {
     Napi::Promise p = deferred_.Promise();
@@ -255,12 +267,16 @@ class PromiseWorker : public Napi::AsyncWorker {
       deferred_.Reject(Napi::Error::New(env, e.what()).Value());
     }
   }
-  void OnError(const Napi::Error& e) override { deferred_.Reject(e.Value()); }
+  void OnError(const Napi::Error& e) override {
+    if (on_error_) on_error_();
+    deferred_.Reject(e.Value());
+  }
 
  private:
   Napi::Promise::Deferred deferred_;
   Execute_ execute_;
   Complete complete_;
+  std::function<void()> on_error_;
   std::vector<Napi::ObjectReference> refs_;
 };
 
@@ -277,6 +293,8 @@ Napi::Value guarded(Napi::Env env, F&& body) {
     throw Napi::RangeError::New(env, e.what());
   } catch (const std::exception& e) {
     throw Napi::Error::New(env, e.what());
+  } catch (...) {
+    throw Napi::Error::New(env, "unknown native exception");
   }
 }
 

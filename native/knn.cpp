@@ -86,6 +86,7 @@ class KnnIndexWrap : public Napi::ObjectWrap<KnnIndexWrap> {
             index_ = *slot;
             return e.Undefined();
           });
+      worker->on_error([this]() { building_ = false; });  // a failed build leaves the index buildable
       worker->keep(vocab_value);
       worker->keep(Value());
       return worker->queue();

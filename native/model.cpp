@@ -99,7 +99,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       c.rope_low_freq_factor = get_number(o, "ropeLowFreqFactor", 1.0);
       c.rope_high_freq_factor = get_number(o, "ropeHighFreqFactor", 4.0);
       c.rope_original_max_positions = get_int(o, "ropeOriginalMaxPositions", 8192, 1);
-      c.threads = static_cast<int>(get_int(o, "threads", 1, 1));
+      c.threads = o.Get("threads").IsUndefined() ? 1 : threads_value(o.Get("threads"), "config.threads");
       model_ = std::make_shared<pt::Model>(c);
       return env.Undefined();
     });
@@ -161,37 +161,48 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     });
   }
 
+  // ForwardArgs with its own copies of the token ids, labels and mask: they index memory (embedding rows,
+  // logits), so the worker reads the values that were checked, whatever the caller does to its arrays
+  // while the call runs (refilling a batch buffer, transferring it).
+  struct OwnedArgs : pt::ForwardArgs {
+    std::vector<int32_t> ids_copy, labels_copy;
+    std::vector<uint8_t> mask_copy;
+  };
+
   // Parses the shared arguments of forward and lossAndGrad; `keep` collects the JS arrays the worker reads.
   static std::shared_ptr<pt::ForwardArgs> parse_args(Napi::Env env, const pt::ModelConfig& c,
                                                      const Napi::Object& o, std::vector<Napi::Value>& keep) {
-    auto args = std::make_shared<pt::ForwardArgs>();
+    auto args = std::make_shared<OwnedArgs>();
     args->B = int_of(o.Get("batch"), "batch", 1);
     args->T = int_of(o.Get("seqLen"), "seqLen", 1);
+    if (args->B > INT32_MAX || args->T > INT32_MAX / args->B)
+      throw Napi::RangeError::New(env, "batch x seqLen = " + std::to_string(args->B) + " x " +
+                                           std::to_string(args->T) + " is more than 2^31 - 1 tokens");
     const size_t BT = static_cast<size_t>(args->B * args->T);
-    Napi::Value ids_v = o.Get("inputIds");
-    auto ids = view_of_length<int32_t>(ids_v, "inputIds", BT);
+    auto ids = view_of_length<int32_t>(o.Get("inputIds"), "inputIds", BT);
+    args->ids_copy.assign(ids.data, ids.data + BT);
     for (size_t i = 0; i < BT; ++i)
-      if (ids.data[i] < 0 || ids.data[i] >= c.vocab)
-        throw Napi::RangeError::New(env,
-                                    "inputIds[" + std::to_string(i) + "] = " + std::to_string(ids.data[i]) +
-                                        " is outside the vocabulary [0, " + std::to_string(c.vocab) + ")");
-    args->ids = ids.data;
-    keep.push_back(ids_v);
+      if (args->ids_copy[i] < 0 || args->ids_copy[i] >= c.vocab)
+        throw Napi::RangeError::New(
+            env, "inputIds[" + std::to_string(i) + "] = " + std::to_string(args->ids_copy[i]) +
+                     " is outside the vocabulary [0, " + std::to_string(c.vocab) + ")");
+    args->ids = args->ids_copy.data();
     Napi::Value mask_v = o.Get("attentionMask");
     if (!mask_v.IsUndefined() && !mask_v.IsNull()) {
-      args->mask = view_of_length<uint8_t>(mask_v, "attentionMask", BT).data;
-      keep.push_back(mask_v);
+      const uint8_t* m = view_of_length<uint8_t>(mask_v, "attentionMask", BT).data;
+      args->mask_copy.assign(m, m + BT);
+      args->mask = args->mask_copy.data();
     }
     Napi::Value labels_v = o.Get("labels");
     if (!labels_v.IsUndefined() && !labels_v.IsNull()) {
       auto labels = view_of_length<int32_t>(labels_v, "labels", BT);
+      args->labels_copy.assign(labels.data, labels.data + BT);
       for (size_t i = 0; i < BT; ++i)
-        if (labels.data[i] != -100 && (labels.data[i] < 0 || labels.data[i] >= c.vocab))
+        if (args->labels_copy[i] != -100 && (args->labels_copy[i] < 0 || args->labels_copy[i] >= c.vocab))
           throw Napi::RangeError::New(env, "labels[" + std::to_string(i) +
-                                               "] = " + std::to_string(labels.data[i]) +
+                                               "] = " + std::to_string(args->labels_copy[i]) +
                                                " is neither -100 nor inside the vocabulary");
-      args->labels = labels.data;
-      keep.push_back(labels_v);
+      args->labels = args->labels_copy.data();
     }
     parse_prompts(env, c, o, *args, keep);
     Napi::Value hs = o.Get("hiddenStates");
@@ -422,9 +433,11 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
 
   Napi::Value TokenEmbeddings(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    auto model = live(env);
-    const std::vector<float>& e = model->token_embeddings();
-    return to_float32(env, std::vector<float>(e));
+    return guarded(env, [&]() -> Napi::Value {  // the V x C copy can throw std::bad_alloc
+      auto model = live(env);
+      const std::vector<float>& e = model->token_embeddings();
+      return to_float32(env, std::vector<float>(e));
+    });
   }
 
   Napi::Value WeightBytes(const Napi::CallbackInfo& info) {
@@ -662,12 +675,12 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     Napi::Env env = info.Env();
     return guarded(env, [&]() -> Napi::Value {
       auto d = device(env);
+      auto model = live(env);  // the device model reads the host model (config, RoPE tables) as it works
       std::vector<Napi::Value> keep;
       auto args = std::make_shared<pt::ForwardArgs>();
-      parse_prompts(env, live(env)->config(), object_of(arg(info, 0, "trainables"), "trainables"), *args,
-                    keep);
+      parse_prompts(env, model->config(), object_of(arg(info, 0, "trainables"), "trainables"), *args, keep);
       auto* worker = new PromiseWorker(
-          env, [d, args]() { d->set_trainables(*args); }, nullptr);
+          env, [d, model, args]() { d->set_trainables(*args); }, nullptr);
       for (const auto& v : keep) worker->keep(v);
       return worker->queue();
     });
@@ -679,6 +692,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     Napi::Env env = info.Env();
     return guarded(env, [&]() -> Napi::Value {
       auto d = device(env);
+      auto model = live(env);  // kept alive while the worker runs (see SetTrainables)
       using Trainable = pt::DeviceModel::Trainable;
       constexpr Trainable by_index[] = {Trainable::Param, Trainable::AdamM, Trainable::AdamV};
       const Trainable which = info.Length() > 0 && !info[0].IsUndefined()
@@ -688,7 +702,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       auto steps = std::make_shared<int64_t>(0);
       auto* worker = new PromiseWorker(
           env,
-          [d, result, steps, which]() {
+          [d, model, result, steps, which]() {
             *result = d->trainables(which);
             *steps = d->optimizer_steps();
           },
@@ -711,14 +725,15 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     Napi::Env env = info.Env();
     return guarded(env, [&]() -> Napi::Value {
       auto d = device(env);
+      auto model = live(env);  // kept alive while the worker runs (see SetTrainables)
       std::vector<Napi::Value> keep;
       auto m = std::make_shared<pt::ForwardArgs>();
       auto v = std::make_shared<pt::ForwardArgs>();
-      parse_prompts(env, live(env)->config(), object_of(arg(info, 0, "m"), "m"), *m, keep);
-      parse_prompts(env, live(env)->config(), object_of(arg(info, 1, "v"), "v"), *v, keep);
+      parse_prompts(env, model->config(), object_of(arg(info, 0, "m"), "m"), *m, keep);
+      parse_prompts(env, model->config(), object_of(arg(info, 1, "v"), "v"), *v, keep);
       const int64_t step = int_of(arg(info, 2, "step"), "step", 0);
       auto* worker = new PromiseWorker(
-          env, [d, m, v, step]() { d->set_optimizer_state(*m, *v, step); }, nullptr);
+          env, [d, model, m, v, step]() { d->set_optimizer_state(*m, *v, step); }, nullptr);
       for (const auto& k : keep) worker->keep(k);
       return worker->queue();
     });
@@ -730,8 +745,9 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     Napi::Env env = info.Env();
     return guarded(env, [&]() -> Napi::Value {
       auto d = device(env);
+      auto model = live(env);  // kept alive while the worker runs (see SetTrainables)
       std::vector<Napi::Value> keep;
-      auto args = parse_args(env, live(env)->config(), object_of(arg(info, 0, "args"), "args"), keep);
+      auto args = parse_args(env, model->config(), object_of(arg(info, 0, "args"), "args"), keep);
       if (!args->labels)
         throw Napi::TypeError::New(env, "labels: expected an Int32Array (required for a step)");
       if (args->P > 0 || args->deep.kind != pt::DeepPrompts::Kind::None)
@@ -741,7 +757,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       const pt::AdamWConfig cfg = parse_adamw(info);
       auto result = std::make_shared<pt::TrainStats>();
       auto* worker = new PromiseWorker(
-          env, [d, args, result, cfg]() { *result = d->prompt_step(*args, cfg); },
+          env, [d, model, args, result, cfg]() { *result = d->prompt_step(*args, cfg); },
           [result](Napi::Env env) -> Napi::Value { return step_result(env, *result); });
       for (const auto& v : keep) worker->keep(v);
       return worker->queue();

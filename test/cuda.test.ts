@@ -163,6 +163,24 @@ describe.skipIf(!cuda.usable)(`CUDA backend${suffix}`, () => {
     limit(120_000),
   );
   it(
+    "dispose() while device work runs: each call settles, the model's later calls say it is disposed",
+    async () => {
+      const g = readGolden("llama-tiny");
+      const { maxGradNorm: _, ...opts } = goldenAdamW(g);
+      const model = await loadModel(modelDir("llama-tiny"), { backend: "cuda", threads: 1 });
+      const trainer = await model.promptTrainer({ prompt: toFloat32(g.get("prompt")) }, opts);
+      // The workers hold the host model too (the device model reads its config and RoPE tables).
+      const step = trainer.step(goldenBatch(g));
+      const others = [trainer.tensors(), trainer.optimizerState()];
+      model.dispose();
+      const [done] = await Promise.allSettled([step, ...others]);
+      if (done!.status === "fulfilled") expect(Number.isFinite((await step).loss)).toBe(true);
+      else expect(String(done!.reason)).toMatch(/disposed/);
+      await expect(trainer.step(goldenBatch(g))).rejects.toThrow(/disposed/);
+    },
+    limit(120_000),
+  );
+  it(
     "out of memory is a JS error and the model keeps working",
     async () => {
       expectAllPass(await errorChecks());

@@ -11,9 +11,38 @@ import {
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { nativeConfig, parseConfig } from "../lib/config.js";
 import { loadModel, type Model } from "../lib/index.js";
 import { addon } from "../lib/native.js";
 import { modelDir } from "./helpers.js";
+
+describe("native argument limits (what lib's checks would catch first)", () => {
+  const cfg = () =>
+    nativeConfig(
+      parseConfig(JSON.parse(readFileSync(join(modelDir("llama-tiny"), "config.json"), "utf8"))),
+      1,
+    );
+
+  it("thread counts above 1024 are refused (OpenMP would end the process), in lib and in the binding", async () => {
+    await expect(loadModel(modelDir("llama-tiny"), { backend: "cpu", threads: 5000 })).rejects.toThrow(
+      "threads: expected at most 1024, got 5000",
+    );
+    expect(() => new (addon().NativeModel)({ ...cfg(), threads: 5000 })).toThrow(
+      "config.threads: expected at most 1024",
+    );
+    expect(() => new (addon().NativeModel)({ ...cfg(), threads: Number.NaN })).toThrow(
+      "config.threads: expected an integer",
+    );
+  });
+
+  it("batch x seqLen beyond 2^31 - 1 tokens is refused before any array is read", async () => {
+    const native = new (addon().NativeModel)(cfg());
+    expect(() => native.forward({ inputIds: new Int32Array(0), batch: 2 ** 32, seqLen: 2 ** 32 })).toThrow(
+      "batch x seqLen = 4294967296 x 4294967296 is more than 2^31 - 1 tokens",
+    );
+    native.dispose();
+  });
+});
 
 describe("forward argument checks", () => {
   let model: Model;

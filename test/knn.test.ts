@@ -322,6 +322,18 @@ describe("VocabIndex argument checks", () => {
     index.dispose();
   });
 
+  it("a native index whose build failed can be built again; thread counts above 1024 are refused", async () => {
+    const bad = new Float32Array(vocab);
+    bad[2] = Number.NaN;
+    const native = new (addon().NativeKnnIndex)();
+    await expect(native.build(bad, dim, "cosine", "cpu", 1)).rejects.toThrow("vocab: row 0");
+    await native.build(vocab, dim, "cosine", "cpu", 1);
+    const r = await native.search(vocab.subarray(0, dim), 1, 1);
+    expect(r.indices[0]).toBe(0);
+    expect(() => native.search(vocab.subarray(0, dim), 1, 4096)).toThrow("threads: expected at most 1024");
+    native.dispose();
+  });
+
   it("k is capped at 1024 even for large vocabularies", async () => {
     const v = gaussian(1100 * 4, 21);
     const index = await VocabIndex.create(v, { dim: 4, backend: "cpu" });
