@@ -3,22 +3,25 @@
 #
 #   bash scripts/gpu-check.sh --prepare [peers-dir]   here: node and the addon (xz), the bundled check, the
 #                                                      PyTorch peers go to .carry/ (ignored by git); carry .carry
-#   bash scripts/gpu-check.sh [groups...]              there: runs the check, one process per group of sections
-#                                                      (sections: wgmma tma async checks gemm steps knn; a
-#                                                      group joins them with commas; default: wgmma tma async
-#                                                      checks gemm,steps knn; wgmma runs with
+#   bash scripts/gpu-check.sh [groups...]              there: runs the groups in order, each in its own process
+#                                                      (sections of the check: wgmma tma async checks gemm steps
+#                                                      knn, a group joining them with commas; "peers": the
+#                                                      PyTorch peers, Llama's first; default: wgmma tma async
+#                                                      knn steps peers gemm checks). wgmma runs with
 #                                                      PRIORTUNE_CUDA_TMA=0 and PRIORTUNE_CUDA_ATTN_ASYNC=0,
-#                                                      tma with the latter; when wgmma, tma or async fails,
-#                                                      the groups after it run with PRIORTUNE_CUDA_WGMMA=0,
-#                                                      PRIORTUNE_CUDA_TMA=0 or PRIORTUNE_CUDA_ATTN_ASYNC=0),
-#                                                      then the PyTorch
-#                                                      peers (PEERS=0 skips them), then with PROFILE=1 ncu
-#                                                      on the kNN and GEMM kernels; logs, results.md and
-#                                                      summary.txt in $OUT (or ./gpu-results)
+#                                                      tma with the latter; when wgmma, tma or async fails, the
+#                                                      groups after it run with PRIORTUNE_CUDA_WGMMA=0,
+#                                                      PRIORTUNE_CUDA_TMA=0 or PRIORTUNE_CUDA_ATTN_ASYNC=0.
+#                                                      PEERS=0 skips the peers; PROFILE=1 adds ncu on the kNN
+#                                                      and GEMM kernels at the end.
 #
-# Each group runs in its own process (a kernel fault that poisons the CUDA context stops only its group) under
-# a time limit, all within BUDGET_S seconds (default 540) so that a lent machine's slot is never overrun: what
-# finished is kept, what ran out of time is named in summary.txt.
+# Each group runs under a time limit, all within BUDGET_S seconds (default 540; give the device call's
+# timeout_s at least BUDGET_S + 30), and the groups before the peers leave them PEER_RESERVE_S (default 200)
+# so that the ratios always have their peer. What finished is kept: the check appends each table to
+# results.md as its section ends, and a section stopped by its time limit writes the rows it has. $OUT (or
+# ./gpu-results) receives four files, within the device tool's eight: summary.txt (GPU, each group's exit
+# status and time), results.md (the tables), logs.tar.gz (every group's full log, refreshed after each), and
+# whatever the caller redirects there (console.log).
 #
 # The addon is the one built here (build/Release/priortune.node: nvcc compiles sm_80 and sm_90a, the CUDA
 # runtime is static), so nothing is compiled there.
@@ -28,24 +31,42 @@ cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--prepare" ]; then
   peers="${2:-../shared/peers}"
   mkdir -p .carry
-  xz -6 -c "$(command -v node)" > .carry/node.xz
-  # The addon goes compressed too (a device call carries at most 64 MiB with the working tree).
-  xz -6 -c build/Release/priortune.node > .carry/priortune.node.xz
+  # Node and the addon go stripped (symbols only: node's debug info is 12 MB) and compressed: a device call
+  # carries at most 64 MiB with the working tree, checked below.
+  tmp="$(mktemp -d)"
+  cp "$(command -v node)" "$tmp/node"
+  cp build/Release/priortune.node "$tmp/priortune.node"
+  strip "$tmp/node" 2>/dev/null || echo "note: strip failed; node goes unstripped"
+  strip --strip-unneeded "$tmp/priortune.node" 2>/dev/null || echo "note: strip failed; the addon goes unstripped"
+  "$tmp/node" -e "require('$tmp/priortune.node')" # both still load
+  xz -6 -T2 -c "$tmp/node" > .carry/node.xz
+  xz -6 -T2 -c "$tmp/priortune.node" > .carry/priortune.node.xz
+  rm -rf "$tmp"
   npx esbuild scripts/gpu-check.ts --bundle --platform=node --format=esm --outfile=.carry/gpu-check.mjs \
-    --external:*.node --log-level=warning
+    --external:*.node --minify-whitespace --minify-syntax --log-level=warning
   for f in gpu_peer.py gpu_peer_llama.py; do
     if [ -f "$peers/$f" ]; then cp -f "$peers/$f" .carry/ && chmod u+w ".carry/$f"; else echo "note: no $peers/$f (the peer runs are skipped)"; fi
   done
-  echo "prepared .carry/ ($(du -sh .carry | cut -f1)); carry: .carry"
+  # What a device call sends: tracked and untracked-not-ignored files, and .carry.
+  sent=$( (git ls-files -z; git ls-files -z --others --exclude-standard) | xargs -0 du -cb 2>/dev/null |
+    awk '$2 == "total" { s += $1 } END { print s + 0 }')
+  sent=$(( sent + $(du -sb .carry | cut -f1) ))
+  echo "prepared .carry/ ($(du -sh .carry | cut -f1)); carry: .carry; a device call sends $(( sent >> 20 )) of its 64 MiB"
+  if [ "$sent" -gt $(( 64 << 20 )) ]; then
+    echo "too large for a device call: build the addon for sm_90a alone (PRIORTUNE_CUDA_ARCHITECTURES=90a-real)" >&2
+    exit 1
+  fi
   exit 0
 fi
 
 out="${OUT:-gpu-results}"
-mkdir -p "$out"
+logs=/tmp/gpu-check-logs  # tarred into $out/logs.tar.gz after each group (the device tool returns 8 files)
+mkdir -p "$out" "$logs"
 deadline=$(( $(date +%s) + ${BUDGET_S:-540} ))
+reserve=0  # seconds the groups before the peers leave them (set below)
 xz -dc .carry/node.xz > /tmp/node && chmod +x /tmp/node
 if [ -f .carry/priortune.node.xz ]; then mkdir -p build/Release && xz -dc .carry/priortune.node.xz > build/Release/priortune.node; fi
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$out/gpu.txt" || true
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee -a "$out/summary.txt" || true
 # cuBLASLt for the GEMM comparison: PyTorch's wheels carry one outside the loader path (none: ours alone).
 if [ -z "${PRIORTUNE_CUBLASLT:-}" ]; then
   roots="/usr/local/cuda /usr/lib /opt $(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null || true)"
@@ -58,12 +79,13 @@ export PRIORTUNE_ADDON="$PWD/build/Release/priortune.node"
 ln -sfn ../test/fixtures .carry/fixtures
 
 status=0
-# part NAME CAP COMMAND...: runs COMMAND for at most CAP seconds (less when the budget is nearly spent), its
-# output to $out/NAME.log; the exit status and the time taken go to summary.txt.
+# part NAME CAP COMMAND...: runs COMMAND for at most CAP seconds (less when the budget, less the peers'
+# reserve, is nearly spent), its output to $logs/NAME.log (and the console); the exit status and the time
+# taken go to summary.txt, the logs to $out/logs.tar.gz.
 part() {
   local name=$1 cap=$2 left start rc
   shift 2
-  left=$(( deadline - $(date +%s) ))
+  left=$(( deadline - reserve - 10 - $(date +%s) ))
   [ "$left" -lt "$cap" ] && cap=$left
   if [ "$cap" -lt 15 ]; then
     echo "$name: not run (budget spent)" | tee -a "$out/summary.txt"
@@ -72,17 +94,37 @@ part() {
   echo "== $name (at most ${cap}s)"
   start=$(date +%s)
   set +e
-  timeout -k 5 "$cap" "$@" 2>&1 | tee "$out/$name.log"
+  timeout -k 5 "$cap" "$@" 2>&1 | tee "$logs/$name.log"
   rc=${PIPESTATUS[0]}
   set -e
-  echo "$name: exit $rc after $(( $(date +%s) - start ))s$([ "$rc" = 124 ] && echo ' (time limit)')" | tee -a "$out/summary.txt"
+  echo "$name: exit $rc after $(( $(date +%s) - start ))s$(case $rc in 124 | 137) echo ' (time limit)' ;; esac)" |
+    tee -a "$out/summary.txt"
+  tar -czf "$out/logs.tar.gz" -C "$logs" . 2>/dev/null || true
   return "$rc"
 }
 
+# peers: the PyTorch peers in the same call (Llama's first: the step where PyTorch leads), unless PEERS=0.
+peers() {
+  [ "${PEERS:-1}" = "0" ] && return 0
+  export PYTHONUNBUFFERED=1
+  for f in gpu_peer_llama.py gpu_peer.py; do
+    cap=170
+    [ "$f" = gpu_peer_llama.py ] && cap=110
+    if [ -f ".carry/$f" ]; then part "${f%.py}" "$cap" python3 ".carry/$f" || true; fi
+  done
+}
+
 groups=("$@")
-[ ${#groups[@]} -eq 0 ] && groups=(wgmma tma async checks gemm,steps knn)
+[ ${#groups[@]} -eq 0 ] && groups=(wgmma tma async knn steps peers gemm checks)
+case " ${groups[*]} " in *" peers "*) ;; *) groups+=(peers) ;; esac  # the ratios need their peer
+[ "${PEERS:-1}" != "0" ] && reserve=${PEER_RESERVE_S:-200}
 for g in "${groups[@]}"; do
-  case "$g" in wgmma | tma | async) cap=60 ;; checks) cap=100 ;; *steps*) cap=300 ;; *knn*) cap=180 ;; *) cap=90 ;; esac
+  if [ "$g" = peers ]; then
+    reserve=0
+    peers
+    continue
+  fi
+  case "$g" in wgmma | tma | async) cap=60 ;; checks) cap=100 ;; *steps*) cap=240 ;; *knn*) cap=150 ;; *) cap=90 ;; esac
   # The wgmma group runs without the TMA-fed kernel and the cp.async attention kernels (none yet run on a
   # GPU), which the tma and async groups check next; tma runs without the attention ones.
   tma_env=()
@@ -104,14 +146,6 @@ for g in "${groups[@]}"; do
     fi
   fi
 done
-if [ "${PEERS:-1}" != "0" ]; then
-  export PYTHONUNBUFFERED=1
-  for f in gpu_peer.py gpu_peer_llama.py; do
-    cap=170
-    [ "$f" = gpu_peer_llama.py ] && cap=150
-    if [ -f ".carry/$f" ]; then part "${f%.py}" "$cap" python3 ".carry/$f" || true; fi
-  done
-fi
 # PROFILE=1: Nsight Compute: every kernel's device time in a few default-path kNN searches (160 x 50257 x 768:
 # where its time goes, screening GEMM, slab selection, finalize) into ncu-knn-kernels.log; then the slab
 # selection and the default BF16 GEMM (wgmma on Hopper, else mma.sync), one launch each: speed of light,
@@ -123,7 +157,9 @@ if [ "${PROFILE:-0}" = "1" ]; then
   else
     secs=(--section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats
       --section MemoryWorkloadAnalysis)
-    part ncu-knn-kernels 90 "$ncu" --metrics gpu__time_duration.sum /tmp/node .carry/gpu-check.mjs knn --quick || true
+    # Unlocked clocks and warm caches, as in the unprofiled runs (ncu's defaults lock base clocks and flush).
+    part ncu-knn-kernels 90 "$ncu" --clock-control none --cache-control none --metrics gpu__time_duration.sum \
+      /tmp/node .carry/gpu-check.mjs knn --quick || true
     part ncu-knn 90 "$ncu" -k regex:knn_select --launch-skip 1 --launch-count 1 "${secs[@]}" \
       /tmp/node .carry/gpu-check.mjs knn --quick || true
     part ncu-gemm 90 "$ncu" -k 'regex:gemm_(wg)?mma_kernel' --launch-count 1 "${secs[@]}" /tmp/node .carry/gpu-check.mjs gemm || true
