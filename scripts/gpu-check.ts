@@ -50,16 +50,22 @@ function emit(table: string) {
   tables.push(table);
   if (resultsFile) appendFileSync(resultsFile, `${table}\n\n`);
 }
-// The table of the section running now, as far as it got: written by the SIGTERM handler when gpu-check.sh's
-// time limit stops this process (timeout sends SIGTERM; Node runs the handler between native calls).
+// The table of the section running now, as far as it got: written when gpu-check.sh's time limit stops this
+// process (timeout sends SIGTERM; Node runs the handler between native calls) or an error ends it early.
 let partial: (() => string) | undefined;
-process.on("SIGTERM", () => {
+function flushPartial(why: string) {
   const t = partial?.();
-  const note = `${t ?? "(no table in progress)"}\n(stopped by the time limit: the rows above are those that finished)`;
+  partial = undefined;
+  if (t === undefined) return;
+  const note = `${t}\n(${why}: the rows above are those that finished)`;
   console.log(`\n${note}`);
   if (resultsFile) appendFileSync(resultsFile, `${note}\n\n`);
+}
+process.on("SIGTERM", () => {
+  flushPartial("stopped by the time limit");
   process.exit(124);
 });
+process.on("exit", () => flushPartial("stopped by an error"));
 const switches = [
   "PRIORTUNE_CUDA_WGMMA",
   "PRIORTUNE_CUDA_TMA",
