@@ -337,8 +337,6 @@ class CpuIndex final : public KnnIndex {
     int64_t c = candidate_count(k);
     bool first = true;
     while (!pending.empty()) {
-      // The queries of the second round are those the first could not certify; later rounds hold a subset.
-      if (!first && res.recovered_queries == 0) res.recovered_queries = static_cast<int64_t>(pending.size());
       if (c >= available) {
         exact_subset(pending, queries, q_norms, k, exclude, threads, &res);
         break;
@@ -352,6 +350,8 @@ class CpuIndex final : public KnnIndex {
         screen(part, queries, q_norms, k, c, exclude, threads, &res, &failed);
       }
       pending.swap(failed);
+      // Those the first round could not certify (later rounds hold a subset of them).
+      if (first) res.recovered_queries = static_cast<int64_t>(pending.size());
       c *= 4;
       first = false;
     }

@@ -232,6 +232,13 @@ void cublaslt_forget(Stream stream) noexcept {
     it = std::get<1>(it->first) == stream ? p.map.erase(it) : std::next(it);
 }
 
+void retire_stream(cudaStream_t stream) noexcept {
+  if (!stream) return;
+  cudaStreamSynchronize(stream);
+  cublaslt_forget(stream);
+  cudaStreamDestroy(stream);
+}
+
 void cublaslt_product(Stream stream, GemmPrecision precision, bool b_transposed, int64_t M, int64_t N,
                       int64_t K, const void* A, int64_t lda, const void* B, int64_t ldb, float* C,
                       int64_t ldc, const float* bias, float beta) {

@@ -46,5 +46,9 @@ void cublaslt_product(Stream stream, GemmPrecision precision, bool b_transposed,
 // no queued or captured work on it uses them (before destroying the stream).
 void cublaslt_forget(Stream stream) noexcept;
 
+// The end of a stream that cuda::gemm may have used: waits for its work, releases its cuBLASLt plans
+// (cublaslt_forget), destroys it. Null: nothing.
+void retire_stream(cudaStream_t stream) noexcept;
+
 }  // namespace cuda
 }  // namespace pt

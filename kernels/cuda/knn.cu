@@ -933,14 +933,10 @@ class CudaIndex final : public KnnIndex {
 
   // Frees what build() created (the device buffers free themselves); also the destructor's work.
   void release() noexcept {
-    if (stream_) {
-      cudaStreamSynchronize(stream_);
-      cuda::cublaslt_forget(stream_);  // plans the model GEMM's cuBLASLt engine made for this stream
-    }
+    cuda::retire_stream(stream_);  // also the plans the model GEMM's cuBLASLt engine made for it
     if (start_) cudaEventDestroy(start_);
     if (mid_) cudaEventDestroy(mid_);
     if (stop_) cudaEventDestroy(stop_);
-    if (stream_) cudaStreamDestroy(stream_);
     start_ = mid_ = stop_ = nullptr;
     stream_ = nullptr;
   }

@@ -98,8 +98,7 @@ class CudaModel final : public DeviceModel {
     try {
       upload(host);
     } catch (...) {  // no destructor runs for an object whose constructor threw (the buffers free themselves)
-      cudaStreamSynchronize(stream_);
-      cudaStreamDestroy(stream_);
+      cuda::retire_stream(stream_);
       throw;
     }
   }
@@ -110,11 +109,7 @@ class CudaModel final : public DeviceModel {
       if (kv.second.exec) cudaGraphExecDestroy(kv.second.exec);
     if (pinned_) cudaFreeHost(pinned_);
     if (host_out_) cudaFreeHost(host_out_);
-    if (stream_) {
-      cudaStreamSynchronize(stream_);
-      cuda::cublaslt_forget(stream_);  // the cuBLASLt engine's plans for this stream (none unless it ran)
-      cudaStreamDestroy(stream_);
-    }
+    cuda::retire_stream(stream_);  // also the cuBLASLt engine's plans for it (none unless it ran)
   }
 
   std::string precision() const override { return cuda::precision_name(opt_.precision); }
