@@ -12,10 +12,11 @@ import { addon } from "./native.js";
 import { Rng } from "./rng.js";
 import { logGamma, logUpperGammaRegularized } from "./stats.js";
 import type { EvalRecord, StepRecord } from "./train.js";
+import { threadsOr } from "./validate.js";
 
 /** Threads for native calls: the given count or every core. */
 export function analysisThreads(threads: number | undefined): number {
-  return threads === undefined ? availableParallelism() : checkInteger("threads", threads, 1, 1024);
+  return threadsOr(threads, availableParallelism());
 }
 
 function checkDim(dim: unknown): number {

@@ -10,6 +10,7 @@
 // Inputs must be finite: NaN or Infinity in a row is an error naming the row and column. k must be an integer
 // from 1 to min(1024, rows) (rows - 1 for a self-search); anything else is a RangeError, never a clamp.
 import { addon } from "./native.js";
+import { threadsOr } from "./validate.js";
 
 export type KnnMetric = "cosine" | "l2" | "dot";
 export type KnnBackendChoice = "auto" | "cpu" | "cuda";
@@ -160,8 +161,7 @@ export class VocabIndex {
     const rows = rowCount("vocab", vocab, dim);
     const metric = checkMetric(options.metric ?? "cosine");
     const backend = resolveKnnBackend(options.backend ?? "auto");
-    const threads =
-      options.threads === undefined ? defaultThreads() : checkInteger("threads", options.threads, 1, 1024);
+    const threads = threadsOr(options.threads, defaultThreads());
     const native = new (addon().NativeKnnIndex)();
     await native.build(vocab, dim, metric, backend, threads);
     return new VocabIndex(native, rows, dim, metric, backend, threads);
@@ -188,8 +188,7 @@ export class VocabIndex {
     checkFloat32("queries", queries);
     const count = rowCount("queries", queries, this.dim);
     const k = this.#k(options?.k, false);
-    const threads =
-      options.threads === undefined ? this.threads : checkInteger("threads", options.threads, 1, 1024);
+    const threads = threadsOr(options.threads, this.threads);
     const r = await native.search(queries, k, threads);
     return { ...r, k, count };
   }
@@ -215,8 +214,7 @@ export class VocabIndex {
       });
     }
     const chunk = options.chunkRows === undefined ? 4096 : checkInteger("chunkRows", options.chunkRows, 1);
-    const threads =
-      options.threads === undefined ? this.threads : checkInteger("threads", options.threads, 1, 1024);
+    const threads = threadsOr(options.threads, this.threads);
     const indices = new Int32Array(rows.length * k);
     const scores = new Float32Array(rows.length * k);
     let recovered = 0;
@@ -266,8 +264,7 @@ export async function nearestNeighbors(
   const k = checkInteger("k", options.k, 1, Math.min(MAX_K, rows));
   const metric = checkMetric(options.metric ?? "cosine");
   if (resolveKnnBackend(options.backend ?? "auto") === "cpu") {
-    const threads =
-      options.threads === undefined ? defaultThreads() : checkInteger("threads", options.threads, 1, 1024);
+    const threads = threadsOr(options.threads, defaultThreads());
     const r = await addon().knnSearchOnce(queries, vocab, dim, metric, k, threads);
     return { ...r, k, count };
   }

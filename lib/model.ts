@@ -22,8 +22,8 @@ import {
   requireFloat32,
   requireInt32,
   requirePositiveInt,
-  requireThreads,
   requireUint8,
+  threadsOr,
 } from "./validate.js";
 
 export type { ModelConfig } from "./config.js";
@@ -457,8 +457,7 @@ export async function loadModel(dirArg: string, options: LoadOptions = {}): Prom
   const dir = resolve(dirArg);
   if (!existsSync(dir) || !statSync(dir).isDirectory()) throw new Error(`${dir}: not a directory`);
   const logger = options.logger ?? defaultLogger;
-  const threads =
-    options.threads === undefined ? availableParallelism() : requireThreads(options.threads, "threads");
+  const threads = threadsOr(options.threads, availableParallelism());
   const config = readConfig(dir);
   const { backend, reason } = resolveBackend(options.backend, logger);
   const { entries, dtypes } = loadPlan(config, listModelTensors(dir));

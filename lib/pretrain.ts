@@ -16,7 +16,14 @@ import { addon, type NativeModel } from "./native.js";
 import { Rng } from "./rng.js";
 import { listModelTensors, type TensorToWrite, writeSafetensors } from "./safetensors.js";
 import { loadTokenizer, type Tokenizer } from "./tokenizer.js";
-import { checkLabels, checkTokenIds, requireInt32, requirePositiveInt, requireUint8 } from "./validate.js";
+import {
+  checkLabels,
+  checkTokenIds,
+  requireInt32,
+  requirePositiveInt,
+  requireUint8,
+  threadsOr,
+} from "./validate.js";
 
 type Json = Record<string, unknown>;
 
@@ -290,8 +297,7 @@ export async function createModel(
   const std = options.initStd ?? rangeFromConfig;
   if (typeof std !== "number" || !(std > 0) || !Number.isFinite(std))
     throw new RangeError(`initStd: expected a positive number, got ${std}`);
-  const threads =
-    options.threads === undefined ? availableParallelism() : requirePositiveInt(options.threads, "threads");
+  const threads = threadsOr(options.threads, availableParallelism());
   const native = new (addon().NativeModel)(nativeConfig(config, threads));
   try {
     native.importTensors(initialWeights(config, native.slots(), seed, std));
@@ -338,8 +344,7 @@ export async function loadTrainableModel(
   if (!existsSync(path)) throw new Error(`${dir}: no config.json (expected a Hugging Face model directory)`);
   const hfConfig = JSON.parse(readFileSync(path, "utf8")) as Json;
   const config = parseConfig(hfConfig);
-  const threads =
-    options.threads === undefined ? availableParallelism() : requirePositiveInt(options.threads, "threads");
+  const threads = threadsOr(options.threads, availableParallelism());
   const { entries, dtypes } = loadPlan(config, listModelTensors(dir));
   const tokenizer = ["tokenizer.json", "vocab.json"].some((f) => existsSync(join(dir, f)))
     ? loadTokenizer(dir)

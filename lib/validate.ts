@@ -33,6 +33,11 @@ export function requireThreads(v: unknown, name: string): number {
   return n;
 }
 
+/** A `threads` option: `fallback` when it is undefined, else a count checked by requireThreads. */
+export function threadsOr(v: unknown, fallback: number, name = "threads"): number {
+  return v === undefined ? fallback : requireThreads(v, name);
+}
+
 export function requirePositiveInt(v: unknown, name: string): number {
   if (typeof v !== "number" || !Number.isInteger(v) || v < 1) {
     throw new TypeError(`${name}: expected a positive integer, got ${describe(v)}`);

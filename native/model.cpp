@@ -156,7 +156,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
   Napi::Value CheckComplete(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     return guarded(env, [&]() -> Napi::Value {
-      live(env)->check_complete();
+      live(env)->check_complete();  // not under the run lock: a queued step must not block the JS thread
       return env.Undefined();
     });
   }
@@ -640,7 +640,10 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       auto* self = this;
       auto* worker = new PromiseWorker(
           env,
-          [model, holder, opt]() { *holder = std::shared_ptr<pt::DeviceModel>(pt::cuda_model(*model, opt)); },
+          [model, holder, opt]() {
+            auto weights = model->lock_weights();  // no load or training step rewrites a slot mid-upload
+            *holder = std::shared_ptr<pt::DeviceModel>(pt::cuda_model(*model, opt));
+          },
           [self, holder, prec](Napi::Env env) -> Napi::Value {
             if (!self->model_) return env.Undefined();  // disposed meanwhile: the upload is dropped
             self->device_ = *holder;

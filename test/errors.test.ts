@@ -13,6 +13,7 @@ import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { nativeConfig, parseConfig } from "../lib/config.js";
 import { loadModel, type Model } from "../lib/index.js";
+import { createModel, loadTrainableModel } from "../lib/pretrain.js";
 import { addon } from "../lib/native.js";
 import { modelDir } from "./helpers.js";
 
@@ -26,6 +27,13 @@ describe("native argument limits (what lib's checks would catch first)", () => {
   it("thread counts above 1024 are refused (OpenMP would end the process), in lib and in the binding", async () => {
     await expect(loadModel(modelDir("llama-tiny"), { backend: "cpu", threads: 5000 })).rejects.toThrow(
       "threads: expected at most 1024, got 5000",
+    );
+    // The training entry points share the check (they took any positive integer before).
+    await expect(loadTrainableModel(modelDir("llama-tiny"), { threads: 5000 })).rejects.toThrow(
+      "threads: expected at most 1024, got 5000",
+    );
+    await expect(createModel(modelDir("llama-tiny"), { threads: 2048 })).rejects.toThrow(
+      "threads: expected at most 1024, got 2048",
     );
     expect(() => new (addon().NativeModel)({ ...cfg(), threads: 5000 })).toThrow(
       "config.threads: expected at most 1024",

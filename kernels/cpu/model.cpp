@@ -216,6 +216,7 @@ size_t Model::weight_bytes() const {
 
 void Model::load_tensor(const std::string& target, int64_t row_offset, const std::string& file,
                         uint64_t offset, DType dtype, int64_t rows, int64_t cols, bool transpose) {
+  std::lock_guard<std::mutex> lock(run_mutex_);  // a run or a second load may be queued on another thread
   auto it = slots_.find(target);
   if (it == slots_.end()) throw std::invalid_argument("load: no weight slot named '" + target + "'");
   Slot& s = it->second;

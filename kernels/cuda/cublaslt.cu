@@ -44,6 +44,7 @@ constexpr int kDescEpilogue = 7, kDescBiasPointer = 8;
 constexpr uint32_t kEpilogueBias = 4;      // cublasLtEpilogue_t: CUBLASLT_EPILOGUE_BIAS
 constexpr int kOpN = 0, kOpT = 1;          // cublasOperation_t
 constexpr int kPrefMaxWorkspaceBytes = 1;  // cublasLtMatmulPreferenceAttributes_t
+constexpr int kPrefMinAlignA = 5, kPrefMinAlignB = 6, kPrefMinAlignC = 7, kPrefMinAlignD = 8;
 constexpr size_t kWorkspaceBytes = size_t{32} << 20;
 
 struct Api {
@@ -74,7 +75,26 @@ bool bind(void* lib, F& f, const char* name, std::string& error) {
   return f != nullptr;
 }
 
-// The library, loaded once: $PRIORTUNE_CUBLASLT, else the loader's search for libcublasLt.so.13/.12/.so.
+// Binds every entry point of `lib` into a; false (with the first missing symbol in error) if one is missing.
+bool bind_all(void* lib, Api& a, std::string& e) {
+  return bind(lib, a.create, "cublasLtCreate", e) & bind(lib, a.destroy, "cublasLtDestroy", e) &
+         bind(lib, a.version, "cublasLtGetVersion", e) &
+         bind(lib, a.status_name, "cublasLtGetStatusName", e) &
+         bind(lib, a.desc_create, "cublasLtMatmulDescCreate", e) &
+         bind(lib, a.desc_destroy, "cublasLtMatmulDescDestroy", e) &
+         bind(lib, a.desc_set, "cublasLtMatmulDescSetAttribute", e) &
+         bind(lib, a.layout_create, "cublasLtMatrixLayoutCreate", e) &
+         bind(lib, a.layout_destroy, "cublasLtMatrixLayoutDestroy", e) &
+         bind(lib, a.pref_create, "cublasLtMatmulPreferenceCreate", e) &
+         bind(lib, a.pref_destroy, "cublasLtMatmulPreferenceDestroy", e) &
+         bind(lib, a.pref_set, "cublasLtMatmulPreferenceSetAttribute", e) &
+         bind(lib, a.heuristic, "cublasLtMatmulAlgoGetHeuristic", e) &
+         bind(lib, a.matmul, "cublasLtMatmul", e);
+}
+
+// The library, loaded once: $PRIORTUNE_CUBLASLT, else the loader's search for libcublasLt.so.13/.12/.so. A
+// candidate is taken when it has every entry point and can create a handle (a cuBLAS 13 library under a
+// driver too old for it loads but fails there; the next name may be a cuBLAS 12 that works).
 const Api& api() {
   static Api& a = *new Api;  // never destroyed: plans released at exit still call into it
   static std::once_flag once;
@@ -83,38 +103,31 @@ const Api& api() {
     if (const char* env = std::getenv("PRIORTUNE_CUBLASLT"); env && *env) names.push_back(env);
     for (const char* n : {"libcublasLt.so.13", "libcublasLt.so.12", "libcublasLt.so"}) names.push_back(n);
     std::string tried;
-    void* lib = nullptr;
     for (const std::string& n : names) {
-      lib = dlopen(n.c_str(), RTLD_NOW | RTLD_LOCAL);
-      if (lib) {
-        a.library = n;
-        break;
+      void* lib = dlopen(n.c_str(), RTLD_NOW | RTLD_LOCAL);
+      if (!lib) {
+        const char* why = dlerror();
+        tried += (tried.empty() ? "" : "; ") + n + ": " + (why ? why : "not loadable");
+        continue;
       }
-      tried += (tried.empty() ? "" : "; ") + n + ": " + dlerror();
-    }
-    if (!lib) {
-      a.error = "cuBLASLt not found (set PRIORTUNE_CUBLASLT to libcublasLt.so's path); tried " + tried;
-      return;
-    }
-    std::string e;
-    bool ok = bind(lib, a.create, "cublasLtCreate", e) & bind(lib, a.destroy, "cublasLtDestroy", e) &
-              bind(lib, a.version, "cublasLtGetVersion", e) &
-              bind(lib, a.status_name, "cublasLtGetStatusName", e) &
-              bind(lib, a.desc_create, "cublasLtMatmulDescCreate", e) &
-              bind(lib, a.desc_destroy, "cublasLtMatmulDescDestroy", e) &
-              bind(lib, a.desc_set, "cublasLtMatmulDescSetAttribute", e) &
-              bind(lib, a.layout_create, "cublasLtMatrixLayoutCreate", e) &
-              bind(lib, a.layout_destroy, "cublasLtMatrixLayoutDestroy", e) &
-              bind(lib, a.pref_create, "cublasLtMatmulPreferenceCreate", e) &
-              bind(lib, a.pref_destroy, "cublasLtMatmulPreferenceDestroy", e) &
-              bind(lib, a.pref_set, "cublasLtMatmulPreferenceSetAttribute", e) &
-              bind(lib, a.heuristic, "cublasLtMatmulAlgoGetHeuristic", e) &
-              bind(lib, a.matmul, "cublasLtMatmul", e);
-    if (!ok) {
-      a.error = a.library + " is not a usable cuBLASLt: " + e;
-      a.library.clear();
+      Api c;
+      std::string e;
+      Handle probe = nullptr;
+      Status st = 0;
+      if (bind_all(lib, c, e) && (st = c.create(&probe)) == 0) {
+        c.destroy(probe);
+        c.library = n;
+        a = c;
+        return;
+      }
+      if (e.empty()) {
+        const char* name = c.status_name ? c.status_name(st) : nullptr;
+        e = std::string("cublasLtCreate failed: ") + (name ? name : "status " + std::to_string(st));
+      }
+      tried += (tried.empty() ? "" : "; ") + n + ": " + e;
       dlclose(lib);
     }
+    a.error = "no usable cuBLASLt (set PRIORTUNE_CUBLASLT to libcublasLt.so's path); tried " + tried;
   });
   return a;
 }
@@ -157,7 +170,7 @@ struct CublasLtGemm::Impl {
 // row-major [K, N], column-major [N, K] with leading dimension ldb: the "NN" product. The bias epilogue adds
 // a vector over cuBLASLt's m, our columns.
 CublasLtGemm::CublasLtGemm(GemmPrecision precision, int64_t M, int64_t N, int64_t K, bool b_transposed,
-                           int64_t lda, int64_t ldb, int64_t ldc, bool bias)
+                           int64_t lda, int64_t ldb, int64_t ldc, bool bias, uint32_t align)
     : impl_(std::make_unique<Impl>()) {
   if (lda == 0) lda = K;
   if (ldb == 0) ldb = b_transposed ? K : N;
@@ -185,6 +198,11 @@ CublasLtGemm::CublasLtGemm(GemmPrecision precision, int64_t M, int64_t N, int64_
   const uint64_t ws = kWorkspaceBytes;
   lt_check(a.pref_set(d.pref, kPrefMaxWorkspaceBytes, &ws, sizeof ws),
            "cublasLtMatmulPreferenceSetAttribute");
+  // Without these the heuristic assumes 256-byte aligned operands and may pick an algorithm that fails (or
+  // reads misaligned vectors) on a row view into a larger buffer.
+  for (int attr : {kPrefMinAlignA, kPrefMinAlignB, kPrefMinAlignC, kPrefMinAlignD})
+    lt_check(a.pref_set(d.pref, attr, &align, sizeof align),
+             "cublasLtMatmulPreferenceSetAttribute(MIN_ALIGNMENT)");
   int found = 0;
   lt_check(a.heuristic(d.handle, d.desc, d.la, d.lb, d.lc, d.lc, d.pref, 1, &d.best, &found),
            "cublasLtMatmulAlgoGetHeuristic");
@@ -210,11 +228,12 @@ void CublasLtGemm::run(cudaStream_t stream, const void* A, const void* B, float*
 }
 
 namespace {
-// cublaslt_product's plans, by (device, stream, precision, layout, M, N, K, lda, ldb, ldc, bias). Never
+// cublaslt_product's plans, by (device, stream, precision, layout, M, N, K, lda, ldb, ldc, bias, the
+// operands' common alignment). Never
 // destroyed: at exit cuBLASLt's own globals may already be gone, so the plans are not released then (the
 // owners of streams release theirs through cublaslt_forget).
 using PlanKey =
-    std::tuple<int, Stream, int, bool, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool>;
+    std::tuple<int, Stream, int, bool, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, uint32_t>;
 struct Plans {
   std::mutex mu;
   std::map<PlanKey, std::unique_ptr<CublasLtGemm>> map;
@@ -245,15 +264,20 @@ void cublaslt_product(Stream stream, GemmPrecision precision, bool b_transposed,
   Plans& plans_ = plans();
   int dev = 0;
   check(cudaGetDevice(&dev), "cudaGetDevice");
+  // The largest power of two (at most 256) dividing every operand's address, bias included.
+  uintptr_t bits = reinterpret_cast<uintptr_t>(A) | reinterpret_cast<uintptr_t>(B) |
+                   reinterpret_cast<uintptr_t>(C) | reinterpret_cast<uintptr_t>(bias) | uintptr_t{256};
+  const uint32_t align = static_cast<uint32_t>(bits & (~bits + 1));
   const PlanKey key(dev, stream, static_cast<int>(precision), b_transposed, M, N, K, lda, ldb, ldc,
-                    bias != nullptr);
+                    bias != nullptr, align);
   CublasLtGemm* plan = nullptr;
   {
     std::lock_guard<std::mutex> lock(plans_.mu);
     std::unique_ptr<CublasLtGemm>& p = plans_.map[key];
     try {
       if (!p)
-        p = std::make_unique<CublasLtGemm>(precision, M, N, K, b_transposed, lda, ldb, ldc, bias != nullptr);
+        p = std::make_unique<CublasLtGemm>(precision, M, N, K, b_transposed, lda, ldb, ldc, bias != nullptr,
+                                           align);
     } catch (const OutOfMemory&) {
       plans_.map.erase(key);
       throw;  // as it is: the model's out-of-memory recovery knows it

@@ -21,8 +21,10 @@ std::string cublaslt_library();
 // on the stream: C = A op(B) (+ bias) (+ C when beta is 1).
 class CublasLtGemm {
  public:
+  // `align`: the byte alignment every operand pointer given to run() will have (a power of two, at most 256,
+  // cuBLASLt's default assumption); the heuristic then only offers algorithms that work with it.
   CublasLtGemm(GemmPrecision precision, int64_t M, int64_t N, int64_t K, bool b_transposed = true,
-               int64_t lda = 0, int64_t ldb = 0, int64_t ldc = 0, bool bias = false);
+               int64_t lda = 0, int64_t ldb = 0, int64_t ldc = 0, bool bias = false, uint32_t align = 256);
   ~CublasLtGemm();
   CublasLtGemm(const CublasLtGemm&) = delete;
   CublasLtGemm& operator=(const CublasLtGemm&) = delete;
@@ -36,8 +38,8 @@ class CublasLtGemm {
 
 // cuda::gemm's cuBLASLt engine (PRIORTUNE_CUDA_GEMM=cublaslt, for comparing whole steps): the product of
 // cuda::gemm's arguments (operands both bf16 for BF16, both fp32 otherwise) through a CublasLtGemm planned
-// once per (device, stream, shape, layout, bias) and kept for the process (its workspace too, so that
-// captured graphs stay valid). Throws where cuBLASLt cannot be loaded or refuses the product.
+// once per (device, stream, shape, layout, bias, operand alignment) and kept for the process (its workspace
+// too, so that captured graphs stay valid). Throws where cuBLASLt cannot be loaded or refuses the product.
 void cublaslt_product(Stream stream, GemmPrecision precision, bool b_transposed, int64_t M, int64_t N,
                       int64_t K, const void* A, int64_t lda, const void* B, int64_t ldb, float* C,
                       int64_t ldc, const float* bias, float beta);

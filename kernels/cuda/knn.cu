@@ -854,9 +854,11 @@ class CudaIndex final : public KnnIndex {
     const bool filter = env_select_filter();
     while (!pending.empty()) {
       const int ci = static_cast<int>(std::min<int64_t>(c, INT_MAX / 2));
+      // The matrix path also needs its score block; where the device cannot hold even one slab of it, the
+      // round takes the fused kernel (or the host), which needs no score block.
       const bool matrix =
           (want == Path::Matrix || (want == Path::Auto && fills_device(int64_t(pending.size())))) &&
-          matrix_fits(ci);
+          matrix_fits(ci) && reserve_scores(std::min<int64_t>(int64_t(pending.size()), kQueryChunk));
       const ScreenShape shape = matrix ? ScreenShape{} : pick_screen(ci);
       if (c >= available || (!matrix && shape.bq == 0) ||
           finalize_smem_bytes(ci, next_pow2(ci)) > cuda::device_info().smem_optin) {
@@ -1066,12 +1068,8 @@ class CudaIndex final : public KnnIndex {
     out_i_.resize(size_t(n) * k, "indices");
     out_s_.resize(size_t(n) * k, "scores");
     failed_.resize(n, "flags");
-    // Score block of the matrix path: n x W, W a multiple of the selection slab, within kScoreBudget.
     const int64_t slab_cols = kSelChunk;
-    int64_t W = std::max<int64_t>(1, kScoreBudget / (int64_t{4} * n * slab_cols)) * slab_cols;
-    W = std::min(W, (V_ + slab_cols - 1) / slab_cols * slab_cols);
-    if (matrix) scores_.resize(size_t(n) * W, "score block");
-    score_cols_ = W;
+    const int64_t W = score_cols_;  // the matrix path's score block, reserved by search()
     cuda_check(cudaMemcpyAsync(q_orig_.get(), src, size_t(n) * d * 4, cudaMemcpyHostToDevice, stream_),
                "upload queries");
     cuda_check(cudaMemcpyAsync(q_norm_.get(), hn.data(), hn.size() * 8, cudaMemcpyHostToDevice, stream_),
@@ -1149,6 +1147,29 @@ class CudaIndex final : public KnnIndex {
       std::copy_n(&os[size_t(i) * k], k, res->scores.begin() + part[i] * k);
     }
     return c;
+  }
+
+  // Allocates the matrix path's score block for chunks of up to n queries: n x W floats, W a multiple of the
+  // selection slab, the whole vocabulary if it fits kScoreBudget. Where the device refuses that much, W is
+  // halved (more GEMM passes, and no resident retry once W < V) down to one slab; false when even that
+  // fails (the block is then freed). Sets score_cols_ = W.
+  bool reserve_scores(int64_t n) const {
+    const int64_t slab_cols = kSelChunk;
+    int64_t W = std::max<int64_t>(1, kScoreBudget / (int64_t{4} * n * slab_cols)) * slab_cols;
+    W = std::min(W, (V_ + slab_cols - 1) / slab_cols * slab_cols);
+    for (;;) {
+      try {
+        scores_.resize(size_t(n) * W, "score block");
+        score_cols_ = W;
+        return true;
+      } catch (const cuda::OutOfMemory&) {
+        if (W == slab_cols) {
+          scores_.release();
+          return false;
+        }
+        W = std::max(slab_cols, W / 2 / slab_cols * slab_cols);
+      }
+    }
   }
 
   // The selection kernel over the score block's columns [v0, v0 + L) for `blocks` queries (map: their score

@@ -535,6 +535,44 @@ void test_misc(Model& llama) {
 // ones.
 void test_knn_shape(int64_t V, int64_t d);
 
+// The matrix path on a device that refuses its score block (EMU_MAX_ALLOC_BYTES, set after the index is
+// built): V 40000 spans three 16384-column slabs, so 37 queries want a 37 x 49152 block (7.3 MB). Under a
+// 5 MB cap the block shrinks to one slab a pass (2.4 MB, three GEMM passes); under 2 MB no slab fits and
+// the fused kernel takes the round. Either way the neighbours are the float64 brute force's; before the
+// fallback both searches threw "CUDA out of memory ... score block".
+void test_knn_score_block_oom() {
+  const int64_t V = 40000, d = 24, Q = 37, k = 10;
+  std::mt19937 g(11);
+  std::normal_distribution<float> N(0.0f, 1.0f);
+  std::vector<float> vocab(V * d), queries(Q * d);
+  for (auto& x : vocab) x = N(g);
+  for (int64_t q = 0; q < Q; ++q)
+    for (int64_t t = 0; t < d; ++t) queries[q * d + t] = vocab[(q * 1009 % V) * d + t] + 0.3f * N(g);
+  std::vector<double> norms(V);
+  knn_row_norms(norms.data(), vocab.data(), V, d, 1);
+  std::vector<int32_t> ei(Q * k);
+  std::vector<float> es(Q * k);
+  knn_exact_scan(ei.data(), es.data(), queries.data(), Q, vocab.data(), norms.data(), V, d, k,
+                 KnnMetric::Cosine, nullptr, 1);
+  std::printf("[knn matrix, score block refused] V=%lld d=%lld Q=%lld\n", (long long)V, (long long)d,
+              (long long)Q);
+  setenv("PRIORTUNE_CUDA_KNN", "matrix", 1);
+  for (const char* cap : {"5000000", "2000000"}) {
+    auto index = knn_index_cuda(vocab.data(), V, d, KnnMetric::Cosine);
+    setenv("EMU_MAX_ALLOC_BYTES", cap, 1);
+    const std::string tag = std::string("allocations capped at ") + cap + " bytes";
+    try {
+      const KnnResult r = index->search(queries.data(), Q, k, nullptr, 1);
+      check(tag + ": indices = float64 brute force", r.indices == ei);
+      expect(tag + ": scores", rel(r.scores, es), 1e-6);
+    } catch (const std::exception& e) {
+      check(tag + ": search threw " + e.what(), false);
+    }
+    unsetenv("EMU_MAX_ALLOC_BYTES");
+  }
+  check_emu("knn score block refused");
+}
+
 void test_knn() {
   // Both screening paths (PRIORTUNE_CUDA_KNN): the matrix path (bf16 GEMM + slab selection; d 40 takes the
   // pipelined GEMM, d 37 the staged one; V 20000 spans two selection slabs) with either selection kernel
@@ -549,8 +587,9 @@ void test_knn() {
                         std::pair<int64_t, int64_t>{600, 580}, std::pair<int64_t, int64_t>{600, 290}})
       test_knn_shape(V, d);
   }
-  unsetenv("PRIORTUNE_CUDA_KNN");
   unsetenv("PRIORTUNE_CUDA_KNN_SELECT");
+  test_knn_score_block_oom();
+  unsetenv("PRIORTUNE_CUDA_KNN");
 }
 
 void test_knn_shape(int64_t V, int64_t d) {

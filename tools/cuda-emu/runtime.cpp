@@ -786,6 +786,10 @@ const char* cudaGetErrorString(cudaError_t e) {
 
 cudaError_t cudaMalloc(void** p, size_t n) {
   illegal_in_capture("cudaMalloc");  // reported; the allocation still happens
+  // EMU_MAX_ALLOC_BYTES (read at each call, so a check can set it between calls): a larger single
+  // allocation fails, as on a nearly full device.
+  if (const char* m = std::getenv("EMU_MAX_ALLOC_BYTES"); m && *m && n > std::strtoull(m, nullptr, 10))
+    return fail(cudaErrorMemoryAllocation);
   if (n > device_capacity() - std::min(dev_bytes, device_capacity())) return fail(cudaErrorMemoryAllocation);
   unsigned char* raw = nullptr;
   if (posix_memalign(reinterpret_cast<void**>(&raw), 256, n + 2 * kGuard))

@@ -139,6 +139,9 @@ class Model {
                    DType dtype, int64_t rows, int64_t cols, bool transpose);
   // Throws listing every slot that is not completely loaded.
   void check_complete() const;
+  // Holds the run lock: the weights neither change (loads, training steps, set_slot) nor are read by a
+  // run while the lock lives. For code that reads every slot from another thread, e.g. the CUDA upload.
+  std::unique_lock<std::mutex> lock_weights() const { return std::unique_lock<std::mutex>(run_mutex_); }
 
   ForwardResult forward(const ForwardArgs& args);
   // Mean cross-entropy over labelled positions and its gradient with respect to the soft prompt and the
@@ -222,7 +225,9 @@ class Model {
   ModelConfig cfg_;
   std::map<std::string, Slot> slots_;
   std::vector<double> inv_freq_;
-  std::mutex run_mutex_;  // one forward/backward at a time per model (shared scratch, bounded memory)
+  // One forward/backward at a time per model (shared scratch, bounded memory); loads and weight writes take
+  // it too, and lock_weights() lends it to readers outside the class (the CUDA upload).
+  mutable std::mutex run_mutex_;
   // Activations and scratch kept between calls, so repeated steps of one shape reuse memory instead of
   // faulting in fresh pages every call; freed with the model.
   std::unique_ptr<Workspace> ws_;

@@ -12,7 +12,8 @@
 // - Shared memory is filled with 0xff bytes (NaN) at each block start, device memory at allocation;
 //   device allocations carry guard zones checked after each job (out-of-bounds writes), host/device copies
 //   check their ranges and kinds, vector accesses and WMMA pointers their alignment. The device has
-//   EMU_DEVICE_MIB of memory (default 8192): a larger allocation fails with cudaErrorMemoryAllocation; a
+//   EMU_DEVICE_MIB of memory (default 8192): a larger allocation fails with cudaErrorMemoryAllocation, as
+//   does one over EMU_MAX_ALLOC_BYTES (unset: no limit; read at each cudaMalloc); a
 //   block EMU_SMEM_OPTIN_KB of dynamic shared memory at most (default 227, an H100's; opting a kernel into
 //   more is reported, launching with more than its opt-in aborts).
 // - Streams: work is queued and runs at synchronisation points, so it is asynchronous to the host as on a
