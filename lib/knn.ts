@@ -247,9 +247,9 @@ export class VocabIndex {
 }
 
 /**
- * One-shot search. On the CPU it reads `vocab` in place (no copy; do not modify it until the promise settles)
- * and packs panels as it goes; on CUDA it builds an index, searches and disposes it. Prefer VocabIndex for
- * repeated searches against one vocabulary.
+ * One-shot search. On the CPU it searches a copy of `vocab` taken when the call starts (so the caller may
+ * change, transfer or resize its buffer meanwhile) and packs panels as it goes; on CUDA it builds an index,
+ * searches and disposes it. Prefer VocabIndex for repeated searches against one vocabulary.
  */
 export async function nearestNeighbors(
   queries: Float32Array,

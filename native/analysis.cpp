@@ -1,6 +1,6 @@
 // Node-API glue of the analysis linear algebra (kernels/cpu/analysis_linalg.cpp, and collapse_covariance of
 // kernels/cpu/collapse_linalg.cpp). Every function is O(n^2 d) or O(d^3) and runs on the thread pool,
-// returning a promise; the inputs stay referenced by the worker while it reads them.
+// returning a promise; the worker reads copies of the inputs (common.h: owned()).
 #include "priortune/analysis.h"
 
 #include <cmath>
@@ -13,10 +13,11 @@
 namespace ptn {
 namespace {
 
-View<double> square_matrix(const Napi::CallbackInfo& info, size_t i, const char* name, int64_t d) {
-  View<double> m = view_of_length<double>(arg(info, i, name), name, static_cast<size_t>(d * d));
+// A finite d x d Float64Array argument, copied for the worker.
+Owned<double> square_matrix(const Napi::CallbackInfo& info, size_t i, const char* name, int64_t d) {
+  View<double> m = view_of_length<double>(arg(info, i, name), name, count_of(info.Env(), name, {d, d}));
   require_finite(m, d, name, info.Env());
-  return m;
+  return owned(m);
 }
 
 // analysisSymmetricEigen(matrix: Float64Array, dim, vectors: boolean, threads)
@@ -25,8 +26,7 @@ Napi::Value SymmetricEigen(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return guarded(env, [&]() -> Napi::Value {
     const int64_t d = int_of(arg(info, 1, "dim"), "dim", 1);
-    Napi::Value mv = arg(info, 0, "matrix");
-    View<double> m = square_matrix(info, 0, "matrix", d);
+    Owned<double> m = square_matrix(info, 0, "matrix", d);
     const bool want = arg(info, 2, "vectors").ToBoolean().Value();
     const int threads = threads_of(info, 3);
     struct Out {
@@ -38,7 +38,7 @@ Napi::Value SymmetricEigen(const Napi::CallbackInfo& info) {
         [m, d, want, threads, out]() {
           out->values.resize(static_cast<size_t>(d));
           if (want) out->vectors.resize(static_cast<size_t>(d * d));
-          pt::analysis_symmetric_eigen(out->values.data(), want ? out->vectors.data() : nullptr, m.data, d,
+          pt::analysis_symmetric_eigen(out->values.data(), want ? out->vectors.data() : nullptr, m->data(), d,
                                        threads);
         },
         [out, want](Napi::Env e) -> Napi::Value {
@@ -47,7 +47,6 @@ Napi::Value SymmetricEigen(const Napi::CallbackInfo& info) {
           o.Set("vectors", want ? Napi::Value(to_float64(e, std::move(out->vectors))) : e.Null());
           return o;
         });
-    worker->keep(mv);
     return worker->queue();
   });
 }
@@ -74,16 +73,15 @@ Napi::Value PairwiseSquaredDistances(const Napi::CallbackInfo& info) {
       throw Napi::RangeError::New(env, "a, b: " + std::to_string(na) + " x " + std::to_string(nb) +
                                            " distances are too many for one matrix; split the rows");
     const int threads = threads_of(info, 3);
+    const Owned<float> ac = owned(a), bc = bv.IsNull() || bv.IsUndefined() ? ac : owned(b);
     auto out = std::make_shared<std::vector<double>>();
     auto* worker = new PromiseWorker(
         env,
-        [a, b, na, nb, d, threads, out]() {
+        [ac, bc, na, nb, d, threads, out]() {
           out->resize(static_cast<size_t>(na * nb));
-          pt::analysis_pairwise_sq_distances(out->data(), a.data, na, b.data, nb, d, threads);
+          pt::analysis_pairwise_sq_distances(out->data(), ac->data(), na, bc->data(), nb, d, threads);
         },
         [out](Napi::Env e) -> Napi::Value { return to_float64(e, std::move(*out)); });
-    worker->keep(av);
-    worker->keep(bv);
     return worker->queue();
   });
 }
@@ -93,15 +91,15 @@ Napi::Value TraceSqrtProduct(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return guarded(env, [&]() -> Napi::Value {
     const int64_t d = int_of(arg(info, 2, "dim"), "dim", 1);
-    View<double> s1 = square_matrix(info, 0, "s1", d), s2 = square_matrix(info, 1, "s2", d);
+    Owned<double> s1 = square_matrix(info, 0, "s1", d), s2 = square_matrix(info, 1, "s2", d);
     const int threads = threads_of(info, 3);
     auto out = std::make_shared<double>(0.0);
     auto* worker = new PromiseWorker(
         env,
-        [s1, s2, d, threads, out]() { *out = pt::analysis_trace_sqrt_product(s1.data, s2.data, d, threads); },
+        [s1, s2, d, threads, out]() {
+          *out = pt::analysis_trace_sqrt_product(s1->data(), s2->data(), d, threads);
+        },
         [out](Napi::Env e) -> Napi::Value { return Napi::Number::New(e, *out); });
-    worker->keep(info[0]);
-    worker->keep(info[1]);
     return worker->queue();
   });
 }
@@ -112,17 +110,15 @@ Napi::Value TraceInverseProduct(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return guarded(env, [&]() -> Napi::Value {
     const int64_t d = int_of(arg(info, 2, "dim"), "dim", 1);
-    View<double> l2 = square_matrix(info, 0, "l2", d), l1 = square_matrix(info, 1, "l1", d);
+    Owned<double> l2 = square_matrix(info, 0, "l2", d), l1 = square_matrix(info, 1, "l1", d);
     const int threads = threads_of(info, 3);
     auto out = std::make_shared<double>(0.0);
     auto* worker = new PromiseWorker(
         env,
         [l2, l1, d, threads, out]() {
-          *out = pt::analysis_trace_inverse_product(l2.data, l1.data, d, threads);
+          *out = pt::analysis_trace_inverse_product(l2->data(), l1->data(), d, threads);
         },
         [out](Napi::Env e) -> Napi::Value { return Napi::Number::New(e, *out); });
-    worker->keep(info[0]);
-    worker->keep(info[1]);
     return worker->queue();
   });
 }
@@ -138,16 +134,18 @@ Napi::Value Covariance(const Napi::CallbackInfo& info) {
     if (n < 2) throw Napi::RangeError::New(env, "rows: a covariance needs at least 2 rows, got 1");
     require_finite(x, d, "rows", env);
     const int threads = threads_of(info, 2);
+    count_of(env, "dim x dim covariance", {d, d});
+    const Owned<float> xc = owned(x);
     struct Out {
       std::vector<double> mean, cov;
     };
     auto out = std::make_shared<Out>();
     auto* worker = new PromiseWorker(
         env,
-        [x, n, d, threads, out]() {
+        [xc, n, d, threads, out]() {
           out->mean.resize(static_cast<size_t>(d));
           out->cov.resize(static_cast<size_t>(d * d));
-          pt::collapse_covariance(out->mean.data(), out->cov.data(), x.data, n, d, threads);
+          pt::collapse_covariance(out->mean.data(), out->cov.data(), xc->data(), n, d, threads);
         },
         [out](Napi::Env e) -> Napi::Value {
           Napi::Object o = Napi::Object::New(e);
@@ -155,7 +153,6 @@ Napi::Value Covariance(const Napi::CallbackInfo& info) {
           o.Set("covariance", to_float64(e, std::move(out->cov)));
           return o;
         });
-    worker->keep(xv);
     return worker->queue();
   });
 }

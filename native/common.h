@@ -124,6 +124,25 @@ inline int64_t int_of(const Napi::Value& v, const std::string& name, int64_t min
   return static_cast<int64_t>(d);
 }
 
+// The element count of a shape (each size >= 0): a RangeError naming `what` where the product passes 2^53,
+// the longest a typed array can be. Shapes multiplied unchecked in int64 wrap, and a wrapped count can pass
+// a length check and send a kernel far past the arrays.
+inline size_t count_of(Napi::Env env, const std::string& what, std::initializer_list<int64_t> sizes) {
+  int64_t n = 1;
+  for (int64_t x : sizes)
+    if (x < 0 || __builtin_mul_overflow(n, x, &n) || n > (int64_t{1} << 53))
+      throw Napi::RangeError::New(env, what + ": the sizes multiply to more than 2^53 elements");
+  return static_cast<size_t>(n);
+}
+
+// A size argument: an integer from min_value to 2^32 (so that sums of a few sizes cannot overflow either).
+inline int64_t size_of(const Napi::Value& v, const std::string& name, int64_t min_value) {
+  const int64_t x = int_of(v, name, min_value);
+  if (x > (int64_t{1} << 32))
+    throw Napi::RangeError::New(v.Env(), name + ": expected at most 2^32, got " + std::to_string(x));
+  return x;
+}
+
 inline double number_of(const Napi::Value& v, const std::string& name) {
   if (!v.IsNumber()) throw_type(v.Env(), name, "a number", v);
   return v.As<Napi::Number>().DoubleValue();
@@ -221,9 +240,22 @@ void require_finite(const View<T>& v, int64_t d, const std::string& name, Napi::
                                            std::to_string(i % d) + " is not finite");
 }
 
+// An owned copy of a typed array's elements, for a worker thread to read. A worker must not read a JS array
+// in place: keeping the array referenced stops its collection, not a transfer of its buffer
+// (structuredClone, postMessage), a detach or a resize, after which the memory can be freed or unmapped
+// while the worker reads it. The copy is one pass over memory on the JS thread, small beside the work of
+// the calls that take it.
+template <class T>
+using Owned = std::shared_ptr<const std::vector<T>>;
+template <class T>
+Owned<T> owned(const View<T>& v) {
+  return std::make_shared<const std::vector<T>>(v.data, v.data + v.length);
+}
+using Copies = std::vector<Owned<float>>;  // a call's copied float inputs, held by its worker (hold())
+
 // Runs `execute` on the libuv thread pool and resolves with `complete(env)` on the JS thread.
-// Inputs passed to keep() stay referenced (not collected) until the worker finishes, so views into
-// them stay valid while `execute` reads them.
+// Objects passed to keep() stay referenced (not collected) until the worker finishes: the receiver of a
+// method, say. Typed-array inputs are not read through such a reference but copied first (owned()).
 class PromiseWorker : public Napi::AsyncWorker {
  public:
   using Execute_ = std::function<void()>;
@@ -238,6 +270,8 @@ class PromiseWorker : public Napi::AsyncWorker {
   void keep(const Napi::Value& v) {
     if (v.IsObject()) refs_.push_back(Napi::Persistent(v.As<Napi::Object>()));
   }
+  // Keeps a native object (an input's copy, say) alive until the worker is done with it.
+  void hold(std::shared_ptr<const void> p) { held_.push_back(std::move(p)); }
   // Runs on the main thread when the work fails, before the promise rejects (undoing what the call began).
   void on_error(std::function<void()> f) { on_error_ = std::move(f); }
 
@@ -278,6 +312,7 @@ class PromiseWorker : public Napi::AsyncWorker {
   Complete complete_;
   std::function<void()> on_error_;
   std::vector<Napi::ObjectReference> refs_;
+  std::vector<std::shared_ptr<const void>> held_;
 };
 
 // Runs `body`, converting C++ exceptions thrown synchronously into JS errors.

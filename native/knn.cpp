@@ -4,8 +4,8 @@
 // NativeKnnIndex: build() (async: copies, normalises and packs the rows, or uploads them to the device),
 // search() and searchRows() (async), info(), dispose(). The index is held by shared_ptr, so a search still
 // running after dispose() keeps it alive until it finishes; calls after dispose() throw "Index is disposed".
-// Queries are copied before the worker starts (they are small); the vocabulary is read in place by build()'s
-// worker, which keeps it referenced until it has been copied.
+// Every typed-array input is copied before the worker starts (common.h: owned()): a worker reading a JS
+// array in place could read freed memory if the caller transferred or resized its buffer meanwhile.
 #include "priortune/knn.h"
 
 #include <algorithm>
@@ -56,8 +56,7 @@ class KnnIndexWrap : public Napi::ObjectWrap<KnnIndexWrap> {
     return guarded(env, [&]() -> Napi::Value {
       if (index_ || building_ || disposed_)
         throw Napi::Error::New(env, "build: this index was already built");
-      Napi::Value vocab_value = arg(info, 0, "vocab");
-      View<float> vocab = view_of<float>(vocab_value, "vocab");
+      View<float> vocab = view_of<float>(arg(info, 0, "vocab"), "vocab");
       const int64_t d = int_of(arg(info, 1, "dim"), "dim", 1);
       const int64_t V = rows_of(vocab, d, "vocab", env);
       if (!arg(info, 2, "metric").IsString())
@@ -69,16 +68,20 @@ class KnnIndexWrap : public Napi::ObjectWrap<KnnIndexWrap> {
         throw Napi::TypeError::New(env, "backend: expected \"cpu\" or \"cuda\", got \"" + backend + "\"");
       const int threads = threads_of(info, 4);
       auto slot = std::make_shared<std::shared_ptr<const pt::KnnIndex>>();
+      // Copied for the worker (common.h: owned()); the copy is freed once the index holds its own.
+      auto rows = std::make_shared<Owned<float>>(owned(vocab));
       building_ = true;
       auto* worker = new PromiseWorker(
           env,
-          [slot, vocab, V, d, metric, backend, threads]() {
-            const std::string bad = pt::knn_check_rows(vocab.data, V, d, threads);
+          [slot, rows, V, d, metric, backend, threads]() {
+            const float* vocab = (*rows)->data();
+            const std::string bad = pt::knn_check_rows(vocab, V, d, threads);
             if (!bad.empty()) throw std::invalid_argument("vocab: " + bad);
             if (backend == "cuda")
-              *slot = pt::knn_index_cuda(vocab.data, V, d, metric);
+              *slot = pt::knn_index_cuda(vocab, V, d, metric);
             else
-              *slot = pt::knn_index_cpu(vocab.data, V, d, metric, threads);
+              *slot = pt::knn_index_cpu(vocab, V, d, metric, threads);
+            rows->reset();
           },
           [this, slot](Napi::Env e) -> Napi::Value {
             building_ = false;
@@ -87,7 +90,6 @@ class KnnIndexWrap : public Napi::ObjectWrap<KnnIndexWrap> {
             return e.Undefined();
           });
       worker->on_error([this]() { building_ = false; });  // a failed build leaves the index buildable
-      worker->keep(vocab_value);
       worker->keep(Value());
       return worker->queue();
     });
@@ -102,7 +104,7 @@ class KnnIndexWrap : public Napi::ObjectWrap<KnnIndexWrap> {
       const int64_t d = index->dim(), Q = rows_of(q, d, "queries", env);
       const int64_t k = int_of(arg(info, 1, "k"), "k", 1);
       const int threads = threads_of(info, 2);
-      auto queries = std::make_shared<std::vector<float>>(q.data, q.data + q.length);
+      const Owned<float> queries = owned(q);
       auto out = std::make_shared<pt::KnnResult>();
       auto* worker = new PromiseWorker(
           env,
@@ -171,13 +173,12 @@ class KnnIndexWrap : public Napi::ObjectWrap<KnnIndexWrap> {
 };
 
 // knnSearchOnce(queries, vocab, dim, metric, k, threads) -> Promise<{ indices, scores, recoveredQueries }>:
-// a one-shot CPU search over the vocabulary in place (no copy, no packed copy; kept referenced until done).
+// a one-shot CPU search over a copy of the vocabulary (no packed copy).
 Napi::Value KnnSearchOnce(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return guarded(env, [&]() -> Napi::Value {
     View<float> q = view_of<float>(arg(info, 0, "queries"), "queries");
-    Napi::Value vocab_value = arg(info, 1, "vocab");
-    View<float> vocab = view_of<float>(vocab_value, "vocab");
+    View<float> vocab = view_of<float>(arg(info, 1, "vocab"), "vocab");
     const int64_t d = int_of(arg(info, 2, "dim"), "dim", 1);
     const int64_t Q = rows_of(q, d, "queries", env), V = rows_of(vocab, d, "vocab", env);
     if (!arg(info, 3, "metric").IsString())
@@ -185,20 +186,19 @@ Napi::Value KnnSearchOnce(const Napi::CallbackInfo& info) {
     const pt::KnnMetric metric = pt::knn_metric_from_name(info[3].As<Napi::String>().Utf8Value());
     const int64_t k = int_of(arg(info, 4, "k"), "k", 1);
     const int threads = threads_of(info, 5);
-    auto queries = std::make_shared<std::vector<float>>(q.data, q.data + q.length);
+    const Owned<float> queries = owned(q), rows = owned(vocab);
     auto out = std::make_shared<pt::KnnResult>();
     auto* worker = new PromiseWorker(
         env,
-        [queries, vocab, Q, V, d, metric, k, threads, out]() {
-          std::string bad = pt::knn_check_rows(vocab.data, V, d, threads);
+        [queries, rows, Q, V, d, metric, k, threads, out]() {
+          std::string bad = pt::knn_check_rows(rows->data(), V, d, threads);
           if (!bad.empty()) throw std::invalid_argument("vocab: " + bad);
           bad = pt::knn_check_rows(queries->data(), Q, d, threads);
           if (!bad.empty()) throw std::invalid_argument("queries: " + bad);
-          auto index = pt::knn_index_cpu_borrowed(vocab.data, V, d, metric, threads);
+          auto index = pt::knn_index_cpu_borrowed(rows->data(), V, d, metric, threads);
           *out = index->search(queries->data(), Q, k, nullptr, threads);
         },
         [out](Napi::Env e) -> Napi::Value { return result_object(e, std::move(*out)); });
-    worker->keep(vocab_value);
     return worker->queue();
   });
 }
@@ -208,23 +208,21 @@ Napi::Value KnnSearchOnce(const Napi::CallbackInfo& info) {
 Napi::Value MahalanobisSquared(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return guarded(env, [&]() -> Napi::Value {
-    Napi::Value xv = arg(info, 0, "vectors");
-    View<float> x = view_of<float>(xv, "vectors");
+    View<float> x = view_of<float>(arg(info, 0, "vectors"), "vectors");
     const int64_t d = int_of(arg(info, 1, "dim"), "dim", 1), n = rows_of(x, d, "vectors", env);
-    Napi::Value mv = arg(info, 2, "mean"), lv = arg(info, 3, "cholesky");
-    View<double> mean = view_of_length<double>(mv, "mean", d);
-    View<double> L = view_of_length<double>(lv, "cholesky", static_cast<size_t>(d * d));
+    View<double> mean = view_of_length<double>(arg(info, 2, "mean"), "mean", d);
+    View<double> L =
+        view_of_length<double>(arg(info, 3, "cholesky"), "cholesky", count_of(env, "cholesky", {d, d}));
     const int threads = threads_of(info, 4);
+    const Owned<float> xc = owned(x);
+    const Owned<double> mc = owned(mean), lc = owned(L);
     auto out = std::make_shared<std::vector<double>>(n);
     auto* worker = new PromiseWorker(
         env,
-        [x, n, d, mean, L, threads, out]() {
-          pt::collapse_mahalanobis_sq(out->data(), x.data, n, d, mean.data, L.data, threads);
+        [xc, n, d, mc, lc, threads, out]() {
+          pt::collapse_mahalanobis_sq(out->data(), xc->data(), n, d, mc->data(), lc->data(), threads);
         },
         [out](Napi::Env e) -> Napi::Value { return to_float64(e, std::move(*out)); });
-    worker->keep(xv);
-    worker->keep(mv);
-    worker->keep(lv);
     return worker->queue();
   });
 }
@@ -233,20 +231,19 @@ Napi::Value MahalanobisSquared(const Napi::CallbackInfo& info) {
 Napi::Value MeanDistances(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return guarded(env, [&]() -> Napi::Value {
-    Napi::Value qv = arg(info, 0, "queries"), rv = arg(info, 1, "rows");
-    View<float> q = view_of<float>(qv, "queries"), r = view_of<float>(rv, "rows");
+    View<float> q = view_of<float>(arg(info, 0, "queries"), "queries"),
+                r = view_of<float>(arg(info, 1, "rows"), "rows");
     const int64_t d = int_of(arg(info, 2, "dim"), "dim", 1);
     const int64_t nq = rows_of(q, d, "queries", env), nr = rows_of(r, d, "rows", env);
     const int threads = threads_of(info, 3);
+    const Owned<float> qc = owned(q), rc = owned(r);
     auto out = std::make_shared<std::vector<double>>(nq);
     auto* worker = new PromiseWorker(
         env,
-        [q, r, nq, nr, d, threads, out]() {
-          pt::collapse_mean_distances(out->data(), q.data, nq, r.data, nr, d, threads);
+        [qc, rc, nq, nr, d, threads, out]() {
+          pt::collapse_mean_distances(out->data(), qc->data(), nq, rc->data(), nr, d, threads);
         },
         [out](Napi::Env e) -> Napi::Value { return to_float64(e, std::move(*out)); });
-    worker->keep(qv);
-    worker->keep(rv);
     return worker->queue();
   });
 }
@@ -256,15 +253,14 @@ Napi::Value MeanDistances(const Napi::CallbackInfo& info) {
 Napi::Value GramEigenvalues(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return guarded(env, [&]() -> Napi::Value {
-    Napi::Value xv = arg(info, 0, "x");
-    View<float> x = view_of<float>(xv, "x");
+    View<float> x = view_of<float>(arg(info, 0, "x"), "x");
     const int64_t d = int_of(arg(info, 1, "dim"), "dim", 1), n = rows_of(x, d, "x", env);
     const int threads = threads_of(info, 2);
+    const Owned<float> xc = owned(x);
     auto out = std::make_shared<std::vector<double>>();
     auto* worker = new PromiseWorker(
-        env, [x, n, d, threads, out]() { *out = pt::collapse_gram_eigenvalues(x.data, n, d, threads); },
+        env, [xc, n, d, threads, out]() { *out = pt::collapse_gram_eigenvalues(xc->data(), n, d, threads); },
         [out](Napi::Env e) -> Napi::Value { return to_float64(e, std::move(*out)); });
-    worker->keep(xv);
     return worker->queue();
   });
 }

@@ -169,9 +169,10 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     std::vector<uint8_t> mask_copy;
   };
 
-  // Parses the shared arguments of forward and lossAndGrad; `keep` collects the JS arrays the worker reads.
+  // Parses the shared arguments of forward and lossAndGrad; `keep` collects the copies of the float arrays
+  // (prompts) the worker reads, for it to hold.
   static std::shared_ptr<pt::ForwardArgs> parse_args(Napi::Env env, const pt::ModelConfig& c,
-                                                     const Napi::Object& o, std::vector<Napi::Value>& keep) {
+                                                     const Napi::Object& o, Copies& keep) {
     auto args = std::make_shared<OwnedArgs>();
     args->B = int_of(o.Get("batch"), "batch", 1);
     args->T = int_of(o.Get("seqLen"), "seqLen", 1);
@@ -228,7 +229,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
 
   // The optional prompt and deepPrompts of an argument object.
   static void parse_prompts(Napi::Env env, const pt::ModelConfig& c, const Napi::Object& o,
-                            pt::ForwardArgs& args, std::vector<Napi::Value>& keep) {
+                            pt::ForwardArgs& args, Copies& keep) {
     Napi::Value prompt_v = o.Get("prompt");
     if (!prompt_v.IsUndefined() && !prompt_v.IsNull()) {
       auto prompt = finite_view(env, prompt_v, "prompt", 0);
@@ -236,9 +237,9 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
         throw Napi::RangeError::New(env, "prompt: expected a non-empty multiple of hiddenSize (" +
                                              std::to_string(c.hidden) + ") elements, got " +
                                              std::to_string(prompt.length));
-      args.prompt = prompt.data;
+      keep.push_back(owned(prompt));
+      args.prompt = keep.back()->data();
       args.P = static_cast<int64_t>(prompt.length) / c.hidden;
-      keep.push_back(prompt_v);
     }
     Napi::Value deep_v = o.Get("deepPrompts");
     if (!deep_v.IsUndefined() && !deep_v.IsNull())
@@ -259,7 +260,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
   //            | { kind: "prefix", layers, keys: Float32Array[], values: Float32Array[] (Pp x kvHeads x
   //            headDim) }
   static void parse_deep(Napi::Env env, const pt::ModelConfig& c, const Napi::Object& d,
-                         pt::ForwardArgs& args, std::vector<Napi::Value>& keep) {
+                         pt::ForwardArgs& args, Copies& keep) {
     const bool hidden = choice_of(d.Get("kind"), "deepPrompts.kind", {"hidden", "prefix"}) == 0;
     Napi::Value layers_v = d.Get("layers");
     if (!layers_v.IsArray()) throw_type(env, "deepPrompts.layers", "an array of layer indices", layers_v);
@@ -293,9 +294,9 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
         if (view.length == 0 || view.length % c.hidden != 0)
           throw Napi::RangeError::New(env, name + ": expected P_l x hiddenSize (" + std::to_string(c.hidden) +
                                                ") elements, got " + std::to_string(view.length));
-        args.deep.vectors.push_back(view.data);
+        keep.push_back(owned(view));
+        args.deep.vectors.push_back(keep.back()->data());
         args.deep.lengths.push_back(static_cast<int64_t>(view.length) / c.hidden);
-        keep.push_back(vectors.Get(i));
       }
     } else {
       args.deep.kind = pt::DeepPrompts::Kind::Prefix;
@@ -315,10 +316,10 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
                                                std::to_string(Pp));
         args.deep.prefix_len = Pp;
         auto v = finite_view(env, values.Get(i), "deepPrompts.values[" + std::to_string(i) + "]", k.length);
-        args.deep.keys.push_back(k.data);
-        args.deep.values.push_back(v.data);
-        keep.push_back(keys.Get(i));
-        keep.push_back(values.Get(i));
+        keep.push_back(owned(k));
+        args.deep.keys.push_back(keep.back()->data());
+        keep.push_back(owned(v));
+        args.deep.values.push_back(keep.back()->data());
       }
     }
   }
@@ -330,7 +331,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     Napi::Env env = info.Env();
     return guarded(env, [&]() -> Napi::Value {
       auto model = live(env);
-      std::vector<Napi::Value> keep;
+      Copies keep;
       auto args = parse_args(env, model->config(), object_of(arg(info, 0, "args"), "args"), keep);
       auto result = std::make_shared<pt::ForwardResult>();
       auto* worker = new PromiseWorker(
@@ -351,7 +352,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
             }
             return out;
           });
-      for (const auto& v : keep) worker->keep(v);
+      for (const auto& v : keep) worker->hold(v);
       return worker->queue();
     });
   }
@@ -387,7 +388,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     Napi::Env env = info.Env();
     return guarded(env, [&]() -> Napi::Value {
       auto model = live(env);
-      std::vector<Napi::Value> keep;
+      Copies keep;
       auto args = parse_args(env, model->config(), object_of(arg(info, 0, "args"), "args"), keep);
       if (!args->labels)
         throw Napi::TypeError::New(env, "labels: expected an Int32Array (required by lossAndGrad)");
@@ -408,7 +409,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
                                   result->key_grads, result->value_grads));
             return out;
           });
-      for (const auto& v : keep) worker->keep(v);
+      for (const auto& v : keep) worker->hold(v);
       return worker->queue();
     });
   }
@@ -418,7 +419,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     Napi::Env env = info.Env();
     return guarded(env, [&]() -> Napi::Value {
       auto model = live(env);
-      std::vector<Napi::Value> keep;
+      Copies keep;
       auto args = parse_args(env, model->config(), object_of(arg(info, 0, "args"), "args"), keep);
       const int64_t max_new = int_of(arg(info, 1, "maxNewTokens"), "maxNewTokens", 1);
       const int32_t eos = static_cast<int32_t>(int_of(arg(info, 2, "eosId"), "eosId", -1));
@@ -426,7 +427,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       auto* worker = new PromiseWorker(
           env, [model, args, result, max_new, eos]() { *result = model->generate(*args, max_new, eos); },
           [result](Napi::Env env) -> Napi::Value { return to_int32(env, std::move(*result)); });
-      for (const auto& v : keep) worker->keep(v);
+      for (const auto& v : keep) worker->hold(v);
       return worker->queue();
     });
   }
@@ -515,8 +516,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
 
   // Token-id batches only: the C++ side rejects prompts; labels are required.
   std::shared_ptr<pt::ForwardArgs> parse_train_args(Napi::Env env, const pt::ModelConfig& c,
-                                                    const Napi::CallbackInfo& info,
-                                                    std::vector<Napi::Value>& keep) {
+                                                    const Napi::CallbackInfo& info, Copies& keep) {
     Napi::Object o = object_of(arg(info, 0, "args"), "args");
     auto args = parse_args(env, c, o, keep);
     if (!args->labels)
@@ -532,7 +532,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     Napi::Env env = info.Env();
     return guarded(env, [&]() -> Napi::Value {
       auto model = live(env);
-      std::vector<Napi::Value> keep;
+      Copies keep;
       auto args = parse_train_args(env, model->config(), info, keep);
       struct Result {
         pt::TrainStats stats;
@@ -548,7 +548,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
             out.Set("gradients", grads);
             return out;
           });
-      for (const auto& v : keep) worker->keep(v);
+      for (const auto& v : keep) worker->hold(v);
       return worker->queue();
     });
   }
@@ -559,14 +559,14 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     Napi::Env env = info.Env();
     return guarded(env, [&]() -> Napi::Value {
       auto model = live(env);
-      std::vector<Napi::Value> keep;
+      Copies keep;
       auto args = parse_train_args(env, model->config(), info, keep);
       const pt::AdamWConfig cfg = parse_adamw(info);
       auto result = std::make_shared<pt::TrainStats>();
       auto* worker = new PromiseWorker(
           env, [model, args, result, cfg]() { *result = model->train_step(*args, cfg); },
           [result](Napi::Env env) -> Napi::Value { return step_result(env, *result); });
-      for (const auto& v : keep) worker->keep(v);
+      for (const auto& v : keep) worker->hold(v);
       return worker->queue();
     });
   }
@@ -679,12 +679,12 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     return guarded(env, [&]() -> Napi::Value {
       auto d = device(env);
       auto model = live(env);  // the device model reads the host model (config, RoPE tables) as it works
-      std::vector<Napi::Value> keep;
+      Copies keep;
       auto args = std::make_shared<pt::ForwardArgs>();
       parse_prompts(env, model->config(), object_of(arg(info, 0, "trainables"), "trainables"), *args, keep);
       auto* worker = new PromiseWorker(
           env, [d, model, args]() { d->set_trainables(*args); }, nullptr);
-      for (const auto& v : keep) worker->keep(v);
+      for (const auto& v : keep) worker->hold(v);
       return worker->queue();
     });
   }
@@ -729,7 +729,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     return guarded(env, [&]() -> Napi::Value {
       auto d = device(env);
       auto model = live(env);  // kept alive while the worker runs (see SetTrainables)
-      std::vector<Napi::Value> keep;
+      Copies keep;
       auto m = std::make_shared<pt::ForwardArgs>();
       auto v = std::make_shared<pt::ForwardArgs>();
       parse_prompts(env, model->config(), object_of(arg(info, 0, "m"), "m"), *m, keep);
@@ -737,7 +737,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       const int64_t step = int_of(arg(info, 2, "step"), "step", 0);
       auto* worker = new PromiseWorker(
           env, [d, model, m, v, step]() { d->set_optimizer_state(*m, *v, step); }, nullptr);
-      for (const auto& k : keep) worker->keep(k);
+      for (const auto& k : keep) worker->hold(k);
       return worker->queue();
     });
   }
@@ -749,7 +749,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     return guarded(env, [&]() -> Napi::Value {
       auto d = device(env);
       auto model = live(env);  // kept alive while the worker runs (see SetTrainables)
-      std::vector<Napi::Value> keep;
+      Copies keep;
       auto args = parse_args(env, model->config(), object_of(arg(info, 0, "args"), "args"), keep);
       if (!args->labels)
         throw Napi::TypeError::New(env, "labels: expected an Int32Array (required for a step)");
@@ -762,7 +762,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       auto* worker = new PromiseWorker(
           env, [d, model, args, result, cfg]() { *result = d->prompt_step(*args, cfg); },
           [result](Napi::Env env) -> Napi::Value { return step_result(env, *result); });
-      for (const auto& v : keep) worker->keep(v);
+      for (const auto& v : keep) worker->hold(v);
       return worker->queue();
     });
   }

@@ -26,6 +26,18 @@ struct Args {
   double num(const char* name) { return number_of(arg(info, i++, name), name); }
 };
 
+// The element count of a shape of size arguments (count_of: a RangeError past 2^53 elements).
+size_t shape(const Napi::CallbackInfo& info, std::initializer_list<int64_t> sizes) {
+  return count_of(info.Env(), "shape", sizes);
+}
+
+// Prefix keys and values are both given when Pp > 0 (the kernels read them), both absent otherwise.
+void check_prefixes(Napi::Env env, int64_t Pp, const View<float>& pk, const View<float>& pv) {
+  if ((Pp > 0) != (pk.data != nullptr) || (Pp > 0) != (pv.data != nullptr))
+    throw Napi::TypeError::New(env, "prefixK, prefixV: expected both Float32Arrays when Pp > 0 (Pp = " +
+                                        std::to_string(Pp) + "), both null when Pp is 0");
+}
+
 Napi::Float32Array out(Napi::Env env, size_t n) {
   return Napi::Float32Array::New(env, n);
 }
@@ -34,9 +46,9 @@ Napi::Float32Array out(Napi::Env env, size_t n) {
 Napi::Value Layernorm(const Napi::CallbackInfo& info) {
   return guarded(info.Env(), [&]() -> Napi::Value {
     Args a{info};
-    const int64_t N = int_of(info[3], "N", 1), C = int_of(info[4], "C", 1);
-    F x = a.f32("x", N * C), w = a.f32("w", C), b = a.f32("b", C);
-    auto o = out(info.Env(), N * C), m = out(info.Env(), N), r = out(info.Env(), N);
+    const int64_t N = size_of(arg(info, 3, "N"), "N", 1), C = size_of(arg(info, 4, "C"), "C", 1);
+    F x = a.f32("x", shape(info, {N, C})), w = a.f32("w", C), b = a.f32("b", C);
+    auto o = out(info.Env(), shape(info, {N, C})), m = out(info.Env(), N), r = out(info.Env(), N);
     pt::layernorm_forward(o.Data(), m.Data(), r.Data(), x.data, w.data, b.data, N, C, 1e-5f, 1);
     Napi::Array res = Napi::Array::New(info.Env(), 3);
     res.Set(0u, o), res.Set(1u, m), res.Set(2u, r);
@@ -48,10 +60,10 @@ Napi::Value Layernorm(const Napi::CallbackInfo& info) {
 Napi::Value LayernormBackward(const Napi::CallbackInfo& info) {
   return guarded(info.Env(), [&]() -> Napi::Value {
     Args a{info};
-    const int64_t N = int_of(info[5], "N", 1), C = int_of(info[6], "C", 1);
-    F d = a.f32("dout", N * C), x = a.f32("x", N * C), w = a.f32("w", C), m = a.f32("mean", N),
-      r = a.f32("rstd", N);
-    auto dx = out(info.Env(), N * C);
+    const int64_t N = size_of(arg(info, 5, "N"), "N", 1), C = size_of(arg(info, 6, "C"), "C", 1);
+    F d = a.f32("dout", shape(info, {N, C})), x = a.f32("x", shape(info, {N, C})), w = a.f32("w", C),
+      m = a.f32("mean", N), r = a.f32("rstd", N);
+    auto dx = out(info.Env(), shape(info, {N, C}));
     pt::layernorm_backward(dx.Data(), d.data, x.data, w.data, m.data, r.data, N, C, 1);
     return dx;
   });
@@ -61,9 +73,9 @@ Napi::Value LayernormBackward(const Napi::CallbackInfo& info) {
 Napi::Value Rmsnorm(const Napi::CallbackInfo& info) {
   return guarded(info.Env(), [&]() -> Napi::Value {
     Args a{info};
-    const int64_t N = int_of(info[2], "N", 1), C = int_of(info[3], "C", 1);
-    F x = a.f32("x", N * C), w = a.f32("w", C);
-    auto o = out(info.Env(), N * C), r = out(info.Env(), N);
+    const int64_t N = size_of(arg(info, 2, "N"), "N", 1), C = size_of(arg(info, 3, "C"), "C", 1);
+    F x = a.f32("x", shape(info, {N, C})), w = a.f32("w", C);
+    auto o = out(info.Env(), shape(info, {N, C})), r = out(info.Env(), N);
     pt::rmsnorm_forward(o.Data(), r.Data(), x.data, w.data, N, C, 1e-5f, 1);
     Napi::Array res = Napi::Array::New(info.Env(), 2);
     res.Set(0u, o), res.Set(1u, r);
@@ -75,9 +87,10 @@ Napi::Value Rmsnorm(const Napi::CallbackInfo& info) {
 Napi::Value RmsnormBackward(const Napi::CallbackInfo& info) {
   return guarded(info.Env(), [&]() -> Napi::Value {
     Args a{info};
-    const int64_t N = int_of(info[4], "N", 1), C = int_of(info[5], "C", 1);
-    F d = a.f32("dout", N * C), x = a.f32("x", N * C), w = a.f32("w", C), r = a.f32("rstd", N);
-    auto dx = out(info.Env(), N * C);
+    const int64_t N = size_of(arg(info, 4, "N"), "N", 1), C = size_of(arg(info, 5, "C"), "C", 1);
+    F d = a.f32("dout", shape(info, {N, C})), x = a.f32("x", shape(info, {N, C})), w = a.f32("w", C),
+      r = a.f32("rstd", N);
+    auto dx = out(info.Env(), shape(info, {N, C}));
     pt::rmsnorm_backward(dx.Data(), d.data, x.data, w.data, r.data, N, C, 1);
     return dx;
   });
@@ -105,19 +118,19 @@ Napi::Value GeluBackward(const Napi::CallbackInfo& info) {
 // swiglu(gateUp, N, I) -> out; swigluBackward(gateUp, dout, N, I) -> dgateUp
 Napi::Value Swiglu(const Napi::CallbackInfo& info) {
   return guarded(info.Env(), [&]() -> Napi::Value {
-    const int64_t N = int_of(arg(info, 1, "N"), "N", 1), I = int_of(arg(info, 2, "I"), "I", 1);
-    F g = view_of_length<float>(info[0], "gateUp", N * 2 * I);
-    auto o = out(info.Env(), N * I);
+    const int64_t N = size_of(arg(info, 1, "N"), "N", 1), I = size_of(arg(info, 2, "I"), "I", 1);
+    F g = view_of_length<float>(info[0], "gateUp", shape(info, {N, 2, I}));
+    auto o = out(info.Env(), shape(info, {N, I}));
     pt::swiglu_forward(o.Data(), g.data, N, I, 1);
     return o;
   });
 }
 Napi::Value SwigluBackward(const Napi::CallbackInfo& info) {
   return guarded(info.Env(), [&]() -> Napi::Value {
-    const int64_t N = int_of(arg(info, 2, "N"), "N", 1), I = int_of(arg(info, 3, "I"), "I", 1);
-    F g = view_of_length<float>(info[0], "gateUp", N * 2 * I),
-      d = view_of_length<float>(info[1], "dout", N * I);
-    auto dg = out(info.Env(), N * 2 * I);
+    const int64_t N = size_of(arg(info, 2, "N"), "N", 1), I = size_of(arg(info, 3, "I"), "I", 1);
+    F g = view_of_length<float>(info[0], "gateUp", shape(info, {N, 2, I})),
+      d = view_of_length<float>(info[1], "dout", shape(info, {N, I}));
+    auto dg = out(info.Env(), shape(info, {N, 2, I}));
     pt::swiglu_backward(dg.Data(), g.data, d.data, N, I, 1);
     return dg;
   });
@@ -126,11 +139,12 @@ Napi::Value SwigluBackward(const Napi::CallbackInfo& info) {
 // rope(x, B, S, heads, hd, theta, backward) -> rotated copy (positions 0..S-1)
 Napi::Value Rope(const Napi::CallbackInfo& info) {
   return guarded(info.Env(), [&]() -> Napi::Value {
-    const int64_t B = int_of(arg(info, 1, "B"), "B", 1), S = int_of(arg(info, 2, "S"), "S", 1),
-                  heads = int_of(arg(info, 3, "heads"), "heads", 1), hd = int_of(arg(info, 4, "hd"), "hd", 2);
+    const int64_t B = size_of(arg(info, 1, "B"), "B", 1), S = size_of(arg(info, 2, "S"), "S", 1),
+                  heads = size_of(arg(info, 3, "heads"), "heads", 1),
+                  hd = size_of(arg(info, 4, "hd"), "hd", 2);
     const double theta = number_of(arg(info, 5, "theta"), "theta");
     const bool backward = arg(info, 6, "backward").ToBoolean();
-    F x = view_of_length<float>(info[0], "x", B * S * heads * hd);
+    F x = view_of_length<float>(info[0], "x", shape(info, {B, S, heads, hd}));
     std::vector<float> cos(S * hd / 2), sin(S * hd / 2);
     for (int64_t s = 0; s < S; ++s)
       for (int64_t i = 0; i < hd / 2; ++i) {
@@ -151,17 +165,20 @@ Napi::Value Rope(const Napi::CallbackInfo& info) {
 // attention(qkv, keyMask|null, prefixK|null, prefixV|null, Pp, B, S, H, KV, hd, scale) -> [out, probs]
 Napi::Value Attention(const Napi::CallbackInfo& info) {
   return guarded(info.Env(), [&]() -> Napi::Value {
-    const int64_t Pp = int_of(arg(info, 4, "Pp"), "Pp", 0), B = int_of(arg(info, 5, "B"), "B", 1),
-                  S = int_of(arg(info, 6, "S"), "S", 1), H = int_of(arg(info, 7, "H"), "H", 1),
-                  KV = int_of(arg(info, 8, "KV"), "KV", 1), hd = int_of(arg(info, 9, "hd"), "hd", 1);
+    const int64_t Pp = size_of(arg(info, 4, "Pp"), "Pp", 0), B = size_of(arg(info, 5, "B"), "B", 1),
+                  S = size_of(arg(info, 6, "S"), "S", 1), H = size_of(arg(info, 7, "H"), "H", 1),
+                  KV = size_of(arg(info, 8, "KV"), "KV", 1), hd = size_of(arg(info, 9, "hd"), "hd", 1);
     const float scale = (float)number_of(arg(info, 10, "scale"), "scale");
     Args a{info};
-    F qkv = a.f32("qkv", B * S * (H + 2 * KV) * hd);
+    F qkv = a.f32("qkv", shape(info, {B, S, (H + 2 * KV), hd}));
     const uint8_t* mask = nullptr;
-    if (!info[1].IsNull()) mask = view_of_length<uint8_t>(info[1], "keyMask", B * S).data;
+    if (!info[1].IsNull()) mask = view_of_length<uint8_t>(info[1], "keyMask", shape(info, {B, S})).data;
     a.i = 2;
-    F pk = a.f32_or_null("prefixK", Pp * KV * hd), pv = a.f32_or_null("prefixV", Pp * KV * hd);
-    auto o = out(info.Env(), B * S * H * hd), probs = out(info.Env(), B * H * S * (Pp + S));
+    F pk = a.f32_or_null("prefixK", shape(info, {Pp, KV, hd})),
+      pv = a.f32_or_null("prefixV", shape(info, {Pp, KV, hd}));
+    auto o = out(info.Env(), shape(info, {B, S, H, hd})),
+         probs = out(info.Env(), shape(info, {B, H, S, (Pp + S)}));
+    check_prefixes(info.Env(), Pp, pk, pv);
     pt::attention_forward(o.Data(), probs.Data(), qkv.data, mask, pk.data, pv.data, Pp, B, S, H, KV, hd,
                           scale, 2);
     Napi::Array res = Napi::Array::New(info.Env(), 2);
@@ -174,17 +191,22 @@ Napi::Value Attention(const Napi::CallbackInfo& info) {
 //   -> [dqkv, dprefixK, dprefixV]
 Napi::Value AttentionBackward(const Napi::CallbackInfo& info) {
   return guarded(info.Env(), [&]() -> Napi::Value {
-    const int64_t Pp = int_of(arg(info, 5, "Pp"), "Pp", 0), B = int_of(arg(info, 6, "B"), "B", 1),
-                  S = int_of(arg(info, 7, "S"), "S", 1), H = int_of(arg(info, 8, "H"), "H", 1),
-                  KV = int_of(arg(info, 9, "KV"), "KV", 1), hd = int_of(arg(info, 10, "hd"), "hd", 1);
+    const int64_t Pp = size_of(arg(info, 5, "Pp"), "Pp", 0), B = size_of(arg(info, 6, "B"), "B", 1),
+                  S = size_of(arg(info, 7, "S"), "S", 1), H = size_of(arg(info, 8, "H"), "H", 1),
+                  KV = size_of(arg(info, 9, "KV"), "KV", 1), hd = size_of(arg(info, 10, "hd"), "hd", 1);
     const float scale = (float)number_of(arg(info, 11, "scale"), "scale");
-    const int64_t q_rows = int_of(arg(info, 12, "qRows"), "qRows", 0);
+    const int64_t q_rows = size_of(arg(info, 12, "qRows"), "qRows", 0);
+    if (q_rows > S)  // the first q_rows query rows (S: all): more would write past dqkv
+      throw Napi::RangeError::New(
+          info.Env(), "qRows: expected at most S = " + std::to_string(S) + ", got " + std::to_string(q_rows));
     Args a{info};
-    F d = a.f32("dout", B * S * H * hd), probs = a.f32("probs", B * H * S * (Pp + S)),
-      qkv = a.f32("qkv", B * S * (H + 2 * KV) * hd);
-    F pk = a.f32_or_null("prefixK", Pp * KV * hd), pv = a.f32_or_null("prefixV", Pp * KV * hd);
-    auto dqkv = out(info.Env(), qkv.length), dpk = out(info.Env(), Pp * KV * hd),
-         dpv = out(info.Env(), Pp * KV * hd);
+    F d = a.f32("dout", shape(info, {B, S, H, hd})), probs = a.f32("probs", shape(info, {B, H, S, (Pp + S)})),
+      qkv = a.f32("qkv", shape(info, {B, S, (H + 2 * KV), hd}));
+    F pk = a.f32_or_null("prefixK", shape(info, {Pp, KV, hd})),
+      pv = a.f32_or_null("prefixV", shape(info, {Pp, KV, hd}));
+    auto dqkv = out(info.Env(), qkv.length), dpk = out(info.Env(), shape(info, {Pp, KV, hd})),
+         dpv = out(info.Env(), shape(info, {Pp, KV, hd}));
+    check_prefixes(info.Env(), Pp, pk, pv);
     pt::attention_backward(dqkv.Data(), Pp ? dpk.Data() : nullptr, Pp ? dpv.Data() : nullptr, d.data,
                            probs.data, qkv.data, pk.data, pv.data, Pp, B, S, H, KV, hd, scale, q_rows, 2);
     Napi::Array res = Napi::Array::New(info.Env(), 3);
@@ -196,14 +218,14 @@ Napi::Value AttentionBackward(const Napi::CallbackInfo& info) {
 // lmHeadCrossentropy(x, targets, W, R, C, V) -> [lossSum, dx] (dx with grad_scale 1)
 Napi::Value LmHeadCrossentropy(const Napi::CallbackInfo& info) {
   return guarded(info.Env(), [&]() -> Napi::Value {
-    const int64_t R = int_of(arg(info, 3, "R"), "R", 1), C = int_of(arg(info, 4, "C"), "C", 1),
-                  V = int_of(arg(info, 5, "V"), "V", 1);
-    F x = view_of_length<float>(info[0], "x", R * C);
+    const int64_t R = size_of(arg(info, 3, "R"), "R", 1), C = size_of(arg(info, 4, "C"), "C", 1),
+                  V = size_of(arg(info, 5, "V"), "V", 1);
+    F x = view_of_length<float>(info[0], "x", shape(info, {R, C}));
     auto t = view_of_length<int32_t>(info[1], "targets", R);
-    F W = view_of_length<float>(info[2], "W", V * C);
+    F W = view_of_length<float>(info[2], "W", shape(info, {V, C}));
     for (int64_t r = 0; r < R; ++r)
       if (t.data[r] >= V) throw Napi::RangeError::New(info.Env(), "targets: id outside the vocabulary");
-    auto dx = out(info.Env(), R * C);
+    auto dx = out(info.Env(), shape(info, {R, C}));
     std::vector<float> scratch(pt::lm_head_chunk_rows(R, V) * V);
     const double loss =
         pt::lm_head_crossentropy(dx.Data(), x.data, t.data, W.data, R, C, V, 1.0f, scratch.data(), 2);
@@ -218,11 +240,12 @@ Napi::Value LmHeadCrossentropy(const Napi::CallbackInfo& info) {
 // matmul(x, W, bias|null, N, C, OC) -> out
 Napi::Value Matmul(const Napi::CallbackInfo& info) {
   return guarded(info.Env(), [&]() -> Napi::Value {
-    const int64_t N = int_of(arg(info, 3, "N"), "N", 1), C = int_of(arg(info, 4, "C"), "C", 1),
-                  OC = int_of(arg(info, 5, "OC"), "OC", 1);
+    const int64_t N = size_of(arg(info, 3, "N"), "N", 1), C = size_of(arg(info, 4, "C"), "C", 1),
+                  OC = size_of(arg(info, 5, "OC"), "OC", 1);
     Args a{info};
-    F x = a.f32("x", N * C), W = a.f32("W", OC * C), b = a.f32_or_null("bias", OC);
-    auto o = out(info.Env(), N * OC);
+    F x = a.f32("x", shape(info, {N, C})), W = a.f32("W", shape(info, {OC, C})),
+      b = a.f32_or_null("bias", OC);
+    auto o = out(info.Env(), shape(info, {N, OC}));
     pt::matmul_forward(o.Data(), x.data, W.data, b.data, N, C, OC, 2);
     return o;
   });
@@ -231,11 +254,11 @@ Napi::Value Matmul(const Napi::CallbackInfo& info) {
 // matmulBackwardWeights(dW, dbias|null, dout, x, N, C, OC): dW (+=), dbias (+=)
 Napi::Value MatmulBackwardWeights(const Napi::CallbackInfo& info) {
   return guarded(info.Env(), [&]() -> Napi::Value {
-    const int64_t N = int_of(arg(info, 4, "N"), "N", 1), C = int_of(arg(info, 5, "C"), "C", 1),
-                  OC = int_of(arg(info, 6, "OC"), "OC", 1);
+    const int64_t N = size_of(arg(info, 4, "N"), "N", 1), C = size_of(arg(info, 5, "C"), "C", 1),
+                  OC = size_of(arg(info, 6, "OC"), "OC", 1);
     Args a{info};
-    F dW = a.f32("dW", OC * C), db = a.f32_or_null("dbias", OC), d = a.f32("dout", N * OC),
-      x = a.f32("x", N * C);
+    F dW = a.f32("dW", shape(info, {OC, C})), db = a.f32_or_null("dbias", OC),
+      d = a.f32("dout", shape(info, {N, OC})), x = a.f32("x", shape(info, {N, C}));
     pt::matmul_backward_weights(dW.data, db.data, d.data, x.data, N, C, OC, 2);
     return info.Env().Undefined();
   });
@@ -244,10 +267,10 @@ Napi::Value MatmulBackwardWeights(const Napi::CallbackInfo& info) {
 // layernormBackwardWeights(dw, db, dout, x, mean, rstd, N, C): dw (+=), db (+=)
 Napi::Value LayernormBackwardWeights(const Napi::CallbackInfo& info) {
   return guarded(info.Env(), [&]() -> Napi::Value {
-    const int64_t N = int_of(arg(info, 6, "N"), "N", 1), C = int_of(arg(info, 7, "C"), "C", 1);
+    const int64_t N = size_of(arg(info, 6, "N"), "N", 1), C = size_of(arg(info, 7, "C"), "C", 1);
     Args a{info};
-    F dw = a.f32("dw", C), db = a.f32("db", C), d = a.f32("dout", N * C), x = a.f32("x", N * C),
-      m = a.f32("mean", N), r = a.f32("rstd", N);
+    F dw = a.f32("dw", C), db = a.f32("db", C), d = a.f32("dout", shape(info, {N, C})),
+      x = a.f32("x", shape(info, {N, C})), m = a.f32("mean", N), r = a.f32("rstd", N);
     pt::layernorm_backward_weights(dw.data, db.data, d.data, x.data, m.data, r.data, N, C, 2);
     return info.Env().Undefined();
   });
@@ -256,9 +279,10 @@ Napi::Value LayernormBackwardWeights(const Napi::CallbackInfo& info) {
 // rmsnormBackwardWeights(dw, dout, x, rstd, N, C): dw (+=)
 Napi::Value RmsnormBackwardWeights(const Napi::CallbackInfo& info) {
   return guarded(info.Env(), [&]() -> Napi::Value {
-    const int64_t N = int_of(arg(info, 4, "N"), "N", 1), C = int_of(arg(info, 5, "C"), "C", 1);
+    const int64_t N = size_of(arg(info, 4, "N"), "N", 1), C = size_of(arg(info, 5, "C"), "C", 1);
     Args a{info};
-    F dw = a.f32("dw", C), d = a.f32("dout", N * C), x = a.f32("x", N * C), r = a.f32("rstd", N);
+    F dw = a.f32("dw", C), d = a.f32("dout", shape(info, {N, C})), x = a.f32("x", shape(info, {N, C})),
+      r = a.f32("rstd", N);
     pt::rmsnorm_backward_weights(dw.data, d.data, x.data, r.data, N, C, 2);
     return info.Env().Undefined();
   });
@@ -272,23 +296,23 @@ static void check_embedding(Napi::Env env, const View<int32_t>& ids, size_t wte_
     throw Napi::RangeError::New(env, "wte: expected V x C elements");
   for (size_t i = 0; i < ids.length; ++i)
     if (ids.data[i] < 0 || ids.data[i] >= V) throw Napi::RangeError::New(env, "ids: id outside the table");
-  if (has_wpe && static_cast<int64_t>(wpe_len) < (S + pos_offset) * C)
+  if (has_wpe && static_cast<int64_t>(wpe_len) / C < S + pos_offset)  // rows, not rows x C: no overflow
     throw Napi::RangeError::New(env, "wpe: fewer rows than positions used");
 }
 
 // embedding(ids, prompt|null, P, wte, wpe|null, posOffset, B, T, C) -> out [B*(P+T), C]
 Napi::Value Embedding(const Napi::CallbackInfo& info) {
   return guarded(info.Env(), [&]() -> Napi::Value {
-    const int64_t P = int_of(arg(info, 2, "P"), "P", 0),
-                  pos_offset = int_of(arg(info, 5, "posOffset"), "posOffset", 0),
-                  B = int_of(arg(info, 6, "B"), "B", 1), T = int_of(arg(info, 7, "T"), "T", 1),
-                  C = int_of(arg(info, 8, "C"), "C", 1);
-    auto ids = view_of_length<int32_t>(arg(info, 0, "ids"), "ids", B * T);
-    F prompt = P ? view_of_length<float>(info[1], "prompt", P * C) : F{};
+    const int64_t P = size_of(arg(info, 2, "P"), "P", 0),
+                  pos_offset = size_of(arg(info, 5, "posOffset"), "posOffset", 0),
+                  B = size_of(arg(info, 6, "B"), "B", 1), T = size_of(arg(info, 7, "T"), "T", 1),
+                  C = size_of(arg(info, 8, "C"), "C", 1);
+    auto ids = view_of_length<int32_t>(arg(info, 0, "ids"), "ids", shape(info, {B, T}));
+    F prompt = P ? view_of_length<float>(info[1], "prompt", shape(info, {P, C})) : F{};
     F wte = view_of<float>(arg(info, 3, "wte"), "wte");
     F wpe = info[4].IsNull() ? F{} : view_of<float>(info[4], "wpe");
     check_embedding(info.Env(), ids, wte.length, wpe.length, wpe.data != nullptr, P + T, pos_offset, C);
-    auto o = out(info.Env(), B * (P + T) * C);
+    auto o = out(info.Env(), shape(info, {B, (P + T), C}));
     pt::embedding_forward(o.Data(), ids.data, prompt.data, P, wte.data, wpe.data, pos_offset, B, T, C, 2);
     return o;
   });
@@ -297,14 +321,14 @@ Napi::Value Embedding(const Napi::CallbackInfo& info) {
 // embeddingBackwardWeights(dwte, dwpe|null, dout, ids, P, posOffset, B, T, C): dwte (+=), dwpe (+=)
 Napi::Value EmbeddingBackwardWeights(const Napi::CallbackInfo& info) {
   return guarded(info.Env(), [&]() -> Napi::Value {
-    const int64_t P = int_of(arg(info, 4, "P"), "P", 0),
-                  pos_offset = int_of(arg(info, 5, "posOffset"), "posOffset", 0),
-                  B = int_of(arg(info, 6, "B"), "B", 1), T = int_of(arg(info, 7, "T"), "T", 1),
-                  C = int_of(arg(info, 8, "C"), "C", 1);
+    const int64_t P = size_of(arg(info, 4, "P"), "P", 0),
+                  pos_offset = size_of(arg(info, 5, "posOffset"), "posOffset", 0),
+                  B = size_of(arg(info, 6, "B"), "B", 1), T = size_of(arg(info, 7, "T"), "T", 1),
+                  C = size_of(arg(info, 8, "C"), "C", 1);
     F dwte = view_of<float>(arg(info, 0, "dwte"), "dwte");
     F dwpe = info[1].IsNull() ? F{} : view_of<float>(info[1], "dwpe");
-    F d = view_of_length<float>(arg(info, 2, "dout"), "dout", B * (P + T) * C);
-    auto ids = view_of_length<int32_t>(arg(info, 3, "ids"), "ids", B * T);
+    F d = view_of_length<float>(arg(info, 2, "dout"), "dout", shape(info, {B, (P + T), C}));
+    auto ids = view_of_length<int32_t>(arg(info, 3, "ids"), "ids", shape(info, {B, T}));
     check_embedding(info.Env(), ids, dwte.length, dwpe.length, dwpe.data != nullptr, P + T, pos_offset, C);
     pt::embedding_backward_weights(dwte.data, dwpe.data, d.data, ids.data, P, pos_offset, B, T, C, 2);
     return info.Env().Undefined();
@@ -314,15 +338,15 @@ Napi::Value EmbeddingBackwardWeights(const Napi::CallbackInfo& info) {
 // lmHeadCrossentropyWeights(dW, x, targets, W, R, C, V) -> [lossSum, dx] (grad_scale 1), dW (+=)
 Napi::Value LmHeadCrossentropyWeights(const Napi::CallbackInfo& info) {
   return guarded(info.Env(), [&]() -> Napi::Value {
-    const int64_t R = int_of(arg(info, 4, "R"), "R", 1), C = int_of(arg(info, 5, "C"), "C", 1),
-                  V = int_of(arg(info, 6, "V"), "V", 1);
-    F dW = view_of_length<float>(info[0], "dW", V * C);
-    F x = view_of_length<float>(info[1], "x", R * C);
+    const int64_t R = size_of(arg(info, 4, "R"), "R", 1), C = size_of(arg(info, 5, "C"), "C", 1),
+                  V = size_of(arg(info, 6, "V"), "V", 1);
+    F dW = view_of_length<float>(info[0], "dW", shape(info, {V, C}));
+    F x = view_of_length<float>(info[1], "x", shape(info, {R, C}));
     auto t = view_of_length<int32_t>(info[2], "targets", R);
-    F W = view_of_length<float>(info[3], "W", V * C);
+    F W = view_of_length<float>(info[3], "W", shape(info, {V, C}));
     for (int64_t r = 0; r < R; ++r)
       if (t.data[r] >= V) throw Napi::RangeError::New(info.Env(), "targets: id outside the vocabulary");
-    auto dx = out(info.Env(), R * C);
+    auto dx = out(info.Env(), shape(info, {R, C}));
     std::vector<float> scratch(pt::lm_head_chunk_rows(R, V) * V);
     const double loss = pt::lm_head_crossentropy_with_weight_grad(dx.Data(), dW.data, x.data, t.data, W.data,
                                                                   R, C, V, 1.0f, scratch.data(), 2);

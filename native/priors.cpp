@@ -54,6 +54,8 @@ Napi::Value PriorGaussianFit(const Napi::CallbackInfo& info) {
     const double ridge_relative = option_number(options, "ridgeRelative", 0.0, 0.0, 1e300);
     const bool keep_covariance = options.Get("keepCovariance").ToBoolean().Value();
     const int threads = threads_of(info, 3);
+    count_of(env, "dim x dim covariance", {d, d});
+    const Owned<float> xc = owned(x);
     struct Out {
       std::vector<double> mean, chol, cov;
       pt::PriorGaussianFitInfo fit;
@@ -61,14 +63,15 @@ Napi::Value PriorGaussianFit(const Napi::CallbackInfo& info) {
     auto out = std::make_shared<Out>();
     auto* worker = new PromiseWorker(
         env,
-        [x, n, d, shrinkage, ridge_absolute, ridge_relative, keep_covariance, threads, out]() {
-          const std::string bad = pt::knn_check_rows(x.data, n, d, threads);
+        [xc, n, d, shrinkage, ridge_absolute, ridge_relative, keep_covariance, threads, out]() {
+          const float* x = xc->data();
+          const std::string bad = pt::knn_check_rows(x, n, d, threads);
           if (!bad.empty()) throw std::invalid_argument("rows: " + bad);
           out->mean.resize(d);
           out->chol.resize(static_cast<size_t>(d * d));
           if (keep_covariance) out->cov.resize(static_cast<size_t>(d * d));
           if (!pt::prior_gaussian_fit(out->mean.data(), out->chol.data(),
-                                      keep_covariance ? out->cov.data() : nullptr, x.data, n, d, shrinkage,
+                                      keep_covariance ? out->cov.data() : nullptr, x, n, d, shrinkage,
                                       ridge_absolute, ridge_relative, threads, &out->fit))
             throw std::runtime_error(
                 "fitted Gaussian: the covariance of " + std::to_string(n) + " rows in " + std::to_string(d) +
@@ -87,7 +90,6 @@ Napi::Value PriorGaussianFit(const Napi::CallbackInfo& info) {
           o.Set("choleskySeconds", out->fit.cholesky_seconds);
           return o;
         });
-    worker->keep(rows_value);
     return worker->queue();
   });
 }
@@ -98,7 +100,8 @@ Napi::Value PriorCholesky(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return guarded(env, [&]() -> Napi::Value {
     const int64_t d = int_of(arg(info, 1, "dim"), "dim", 1);
-    View<double> m = view_of_length<double>(arg(info, 0, "matrix"), "matrix", static_cast<size_t>(d * d));
+    View<double> m =
+        view_of_length<double>(arg(info, 0, "matrix"), "matrix", count_of(env, "matrix", {d, d}));
     require_finite(m, d, "matrix", env);
     const int threads = threads_of(info, 2);
     struct Out {
@@ -134,7 +137,8 @@ Napi::Value PriorGaussianTransform(const Napi::CallbackInfo& info) {
     View<double> z = view_of<double>(arg(info, 0, "z"), "z");
     const int64_t d = int_of(arg(info, 1, "dim"), "dim", 1), n = rows_of(z, d, "z", env);
     View<double> mean = view_of_length<double>(arg(info, 2, "mean"), "mean", d);
-    View<double> L = view_of_length<double>(arg(info, 3, "cholesky"), "cholesky", static_cast<size_t>(d * d));
+    View<double> L =
+        view_of_length<double>(arg(info, 3, "cholesky"), "cholesky", count_of(env, "cholesky", {d, d}));
     const double scale = number_of(arg(info, 4, "scale"), "scale");
     if (!std::isfinite(scale)) throw Napi::RangeError::New(env, "scale: expected a finite number");
     const int threads = threads_of(info, 5);
@@ -153,7 +157,8 @@ Napi::Value PriorGaussianEnergy(const Napi::CallbackInfo& info) {
     const int64_t d = int_of(arg(info, 1, "dim"), "dim", 1), n = rows_of(x, d, "x", env);
     require_finite(x, d, "x", env);
     View<double> mean = view_of_length<double>(arg(info, 2, "mean"), "mean", d);
-    View<double> L = view_of_length<double>(arg(info, 3, "cholesky"), "cholesky", static_cast<size_t>(d * d));
+    View<double> L =
+        view_of_length<double>(arg(info, 3, "cholesky"), "cholesky", count_of(env, "cholesky", {d, d}));
     const bool want_gradient = arg(info, 4, "gradient").ToBoolean().Value();
     const int threads = threads_of(info, 5);
     std::vector<double> r2(n);

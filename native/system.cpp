@@ -1,4 +1,6 @@
 // System-level functions: backend probe, CPU facts, and direct access to the GEMM (tests and benchmarks).
+#include <tuple>
+
 #include "common.h"
 #include "modules.h"
 #include "priortune/cuda_device.h"
@@ -33,9 +35,16 @@ Napi::Value CudaGemmBench(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return guarded(env, [&]() -> Napi::Value {
     const pt::cuda::GemmPrecision prec = precision_of(arg(info, 0, "precision"), "precision");
-    const int64_t M = int_of(arg(info, 1, "M"), "M", 1), N = int_of(arg(info, 2, "N"), "N", 1),
-                  K = int_of(arg(info, 3, "K"), "K", 1);
-    const int iters = static_cast<int>(int_of(arg(info, 4, "iters"), "iters", 1));
+    const int64_t M = size_of(arg(info, 1, "M"), "M", 1), N = size_of(arg(info, 2, "N"), "N", 1),
+                  K = size_of(arg(info, 3, "K"), "K", 1);
+    // Each operand at most 2^31 elements (the device buffers and the host reference are that size).
+    for (auto [what, a, b] :
+         {std::tuple<const char*, int64_t, int64_t>{"M x K", M, K}, {"N x K", N, K}, {"M x N", M, N}})
+      if (count_of(env, what, {a, b}) > (size_t{1} << 31))
+        throw Napi::RangeError::New(env, std::string(what) + ": expected at most 2^31 elements");
+    const int64_t iters64 = int_of(arg(info, 4, "iters"), "iters", 1);
+    if (iters64 > 100000) throw Napi::RangeError::New(env, "iters: expected at most 100000");
+    const int iters = static_cast<int>(iters64);
     const pt::GemmEngine engine = info.Length() > 5 && !info[5].IsUndefined() &&
                                           choice_of(info[5], "engine", {"priortune", "cublaslt"}) == 1
                                       ? pt::GemmEngine::CublasLt
@@ -107,22 +116,22 @@ Napi::Value Gemm(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return guarded(env, [&]() -> Napi::Value {
     bool ta = arg(info, 0, "transA").ToBoolean(), tb = arg(info, 1, "transB").ToBoolean();
-    int64_t M = int_of(arg(info, 2, "M"), "M", 0), N = int_of(arg(info, 3, "N"), "N", 0),
-            K = int_of(arg(info, 4, "K"), "K", 0);
+    int64_t M = size_of(arg(info, 2, "M"), "M", 0), N = size_of(arg(info, 3, "N"), "N", 0),
+            K = size_of(arg(info, 4, "K"), "K", 0);
     float alpha = (float)number_of(arg(info, 5, "alpha"), "alpha");
     auto A = view_of<float>(arg(info, 6, "A"), "A");
-    int64_t lda = int_of(arg(info, 7, "lda"), "lda", 1);
+    int64_t lda = size_of(arg(info, 7, "lda"), "lda", 1);
     auto B = view_of<float>(arg(info, 8, "B"), "B");
-    int64_t ldb = int_of(arg(info, 9, "ldb"), "ldb", 1);
+    int64_t ldb = size_of(arg(info, 9, "ldb"), "ldb", 1);
     float beta = (float)number_of(arg(info, 10, "beta"), "beta");
     auto C = view_of<float>(arg(info, 11, "C"), "C");
-    int64_t ldc = int_of(arg(info, 12, "ldc"), "ldc", 1);
-    int threads = (int)int_of(arg(info, 13, "threads"), "threads", 1);
+    int64_t ldc = size_of(arg(info, 12, "ldc"), "ldc", 1);
+    const int threads = threads_value(arg(info, 13, "threads"), "threads");
     auto need = [&](const char* name, size_t have, int64_t rows, int64_t cols, int64_t ld) {
       if (rows == 0 || cols == 0) return;
       if (ld < cols)
         throw Napi::RangeError::New(env, std::string(name) + ": leading dimension smaller than row length");
-      if ((int64_t)have < (rows - 1) * ld + cols)
+      if (have < count_of(env, name, {rows - 1, ld}) + static_cast<size_t>(cols))
         throw Napi::RangeError::New(env, std::string(name) + ": array too short for the given shape");
     };
     need("A", A.length, ta ? K : M, ta ? M : K, lda);
@@ -141,8 +150,9 @@ Napi::Value SelectGemmKernel(const Napi::CallbackInfo& info) {
 
 Napi::Value FmaPeak(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  int threads = (int)int_of(arg(info, 0, "threads"), "threads", 1);
-  return Napi::Number::New(env, pt::cpu_fma_peak_gflops(threads));
+  return guarded(env, [&]() -> Napi::Value {
+    return Napi::Number::New(env, pt::cpu_fma_peak_gflops(threads_value(arg(info, 0, "threads"), "threads")));
+  });
 }
 
 // adamwStep(param, grad, m, v, lr, beta1, beta2, eps, weightDecay, step): in place on param, m and v.

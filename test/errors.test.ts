@@ -13,8 +13,8 @@ import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { nativeConfig, parseConfig } from "../lib/config.js";
 import { loadModel, type Model } from "../lib/index.js";
-import { createModel, loadTrainableModel } from "../lib/pretrain.js";
 import { addon } from "../lib/native.js";
+import { createModel, loadTrainableModel } from "../lib/pretrain.js";
 import { modelDir } from "./helpers.js";
 
 describe("native argument limits (what lib's checks would catch first)", () => {
@@ -49,6 +49,75 @@ describe("native argument limits (what lib's checks would catch first)", () => {
       "batch x seqLen = 4294967296 x 4294967296 is more than 2^31 - 1 tokens",
     );
     native.dispose();
+  });
+
+  // Sizes whose product wraps in int64 made a length check pass and the kernel run far past the arrays
+  // (a segmentation fault before these checks).
+  it("shapes whose sizes multiply past 2^53 elements are refused, not wrapped", () => {
+    const a = addon();
+    const f = (n: number) => new Float32Array(n);
+    expect(() => a.ops.swiglu(f(0), 2 ** 32, 2 ** 32)).toThrow("shape: the sizes multiply to more than 2^53");
+    expect(() => a.ops.matmul(f(0), f(0), null, 2 ** 32, 2 ** 32, 2 ** 32)).toThrow("more than 2^53");
+    expect(() => a.ops.swiglu(f(0), 2 ** 40, 1)).toThrow("N: expected at most 2^32");
+    expect(() => a.gemm(false, false, 3, 1, 1, 1, f(3), 3 * 2 ** 61, f(1), 1, 0, f(1), 1, 1)).toThrow(
+      "lda: expected at most 2^32",
+    );
+    expect(() => a.gemm(false, false, 3, 1, 1, 1, f(3), 2 ** 32, f(1), 1, 0, f(3), 1, 1)).toThrow(
+      "A: array too short",
+    );
+    expect(() => a.priorCholesky(new Float64Array(0), 2 ** 32, 1)).toThrow("more than 2^53");
+  });
+
+  it("attention ops refuse qRows beyond S and a prefix length without prefixes", () => {
+    const { ops } = addon();
+    const f = (n: number) => new Float32Array(n);
+    // B = S = H = KV = hd = 1, Pp = 0: dout 1, probs 1, qkv 3.
+    expect(() => ops.attentionBackward(f(1), f(1), f(3), null, null, 0, 1, 1, 1, 1, 1, 1, 1e7)).toThrow(
+      "qRows: expected at most S = 1, got 10000000",
+    );
+    expect(() => ops.attention(f(3), null, null, null, 1, 1, 1, 1, 1, 1, 1)).toThrow(
+      "prefixK, prefixV: expected both Float32Arrays when Pp > 0",
+    );
+  });
+
+  it("thread counts of the CPU peak and GEMM probes are checked like the others", () => {
+    const a = addon();
+    expect(() => a.fmaPeakGflops(2 ** 31)).toThrow("threads: expected at most 1024");
+    const f = (n: number) => new Float32Array(n);
+    expect(() => a.gemm(false, false, 1, 1, 1, 1, f(1), 1, f(1), 1, 0, f(1), 1, 5000)).toThrow(
+      "threads: expected at most 1024",
+    );
+  });
+
+  // Workers read copies: an input whose buffer shrinks (or is transferred) while the call runs no longer
+  // takes the worker into unmapped memory (before the copies, this test ended the process with SIGSEGV).
+  it("an input buffer resized to nothing while a worker runs does not affect the result", async () => {
+    const a = addon();
+    // ES2024's resizable ArrayBuffer (Node 20 has it; this TypeScript lib does not declare it yet).
+    type Resizable = ArrayBuffer & { resize(bytes: number): void };
+    const Resizable = ArrayBuffer as unknown as new (
+      bytes: number,
+      o: { maxByteLength: number },
+    ) => Resizable;
+    const d = 64,
+      n = 20000;
+    const q = new Float32Array(3 * d).fill(0.5);
+    const buf = new Resizable(n * d * 4, { maxByteLength: n * d * 4 });
+    const rows = new Float32Array(buf).fill(1);
+    const pending = a.meanDistances(q, rows, d, 1);
+    buf.resize(0);
+    expect(rows.length).toBe(0);
+    for (const v of await pending) expect(v).toBeCloseTo(4, 5); // |0.5 - 1| over 64 dimensions: sqrt(16)
+    const vocabBuffer = new Resizable(n * d * 4, { maxByteLength: n * d * 4 });
+    const vocab = new Float32Array(vocabBuffer).fill(1);
+    vocab[0] = 2;
+    const built = new a.NativeKnnIndex();
+    const building = built.build(vocab, d, "dot", "cpu", 1);
+    vocabBuffer.resize(0);
+    await building;
+    expect(built.info().rows).toBe(n);
+    expect((await built.search(new Float32Array(d).fill(1), 1, 1)).indices[0]).toBe(0);
+    built.dispose();
   });
 });
 
