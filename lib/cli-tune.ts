@@ -13,20 +13,36 @@ import {
   readPromptFile,
   type StepRecord,
   type TuneMode,
+  textBudget,
   tune,
 } from "./train.js";
 
-/** key=value pairs; numbers and booleans are parsed, the rest stay strings. */
-function keyValue(value: string, previous: Record<string, unknown> = {}): Record<string, unknown> {
+/** One value of key=value: true / false, a number, or the text itself. */
+function scalar(raw: string): unknown {
+  if (raw === "true" || raw === "false") return raw === "true";
+  if (raw.trim() !== "" && Number.isFinite(Number(raw))) return Number(raw);
+  return raw;
+}
+
+/**
+ * key=value pairs: booleans and numbers are parsed, a comma-separated value is a list (operations=add,mul;
+ * digits=1,2), a value starting with [ { or " is JSON (name="2024" keeps a string of digits), the rest
+ * stay strings.
+ */
+export function keyValue(value: string, previous: Record<string, unknown> = {}): Record<string, unknown> {
   const eq = value.indexOf("=");
   if (eq <= 0) throw new InvalidArgumentError(`expected key=value, got ${value}`);
   const key = value.slice(0, eq);
   const raw = value.slice(eq + 1);
-  let parsed: unknown = raw;
-  if (raw === "true" || raw === "false") parsed = raw === "true";
-  else if (raw !== "" && Number.isFinite(Number(raw))) parsed = Number(raw);
-  else if (raw.includes(",") && raw.split(",").every((v) => Number.isFinite(Number(v))))
-    parsed = raw.split(",").map(Number);
+  let parsed: unknown;
+  if (/^\s*[[{"]/u.test(raw)) {
+    try {
+      parsed = JSON.parse(raw);
+    } catch (e) {
+      throw new InvalidArgumentError(`${key}: not valid JSON (${(e as Error).message})`);
+    }
+  } else if (raw.includes(",")) parsed = raw.split(",").map((v) => scalar(v.trim()));
+  else parsed = scalar(raw);
   return { ...previous, [key]: parsed };
 }
 
@@ -67,12 +83,15 @@ interface TuneCliOptions extends BackendFlags {
   json?: boolean;
 }
 
-function taskSpec(
+export function taskSpec(
   o: Pick<
     TuneCliOptions,
     "task" | "data" | "trainCount" | "validationCount" | "template" | "taskOpt" | "seed"
   >,
 ): TaskSpec {
+  // A list option given one item (operations=mul) is a one-item list.
+  const { operations } = o.taskOpt;
+  const taskOpt = typeof operations === "string" ? { ...o.taskOpt, operations: [operations] } : o.taskOpt;
   return {
     kind: o.task,
     path: o.data,
@@ -80,7 +99,7 @@ function taskSpec(
     validationCount: o.validationCount,
     template: o.template,
     seed: o.seed,
-    ...o.taskOpt,
+    ...taskOpt,
   } as TaskSpec;
 }
 
@@ -89,14 +108,23 @@ function progress(total: number, start: number) {
   const tty = process.stderr.isTTY;
   const bar = tty
     ? new SingleBar({
-        format: "tune [{bar}] {value}/{total} | loss {loss} | {rate} ms/step | ETA {eta_formatted}",
+        format: "tune [{bar}] {value}/{total} | loss {loss} | {rate} ms/step | ETA {eta_formatted}{phase}",
         stream: process.stderr,
         hideCursor: true,
       })
     : undefined;
-  bar?.start(total, start, { loss: "-", rate: "-" });
+  bar?.start(total, start, { loss: "-", rate: "-", phase: "" });
   let last = performance.now();
+  let lastEval = 0;
   return {
+    /** Batches of an evaluation done (the bar shows them; a log line every 10 s otherwise). */
+    evalProgress(done: number, of: number) {
+      if (bar) bar.update({ phase: done < of ? ` | evaluating ${done}/${of}` : "" });
+      else if (done === of || performance.now() - lastEval > 10_000) {
+        lastEval = performance.now();
+        process.stderr.write(`evaluating: ${done}/${of} batches\n`);
+      }
+    },
     step(r: StepRecord) {
       if (bar) bar.update(r.step, { loss: r.loss.toFixed(4), rate: r.ms.toFixed(0) });
       else if (r.step === 1 || r.step % 10 === 0 || r.step === total || performance.now() - last > 10_000) {
@@ -128,12 +156,12 @@ export function registerTuneCommands(program: Command): void {
     .argument("<model-dir>", "Hugging Face model directory")
     .requiredOption("--task <kind>", "task: squad | mathematics | c4 | jsonl | arithmetic | qa-facts | cloze")
     .option("--data <path>", "data file for squad / mathematics / c4 / jsonl / cloze (the source text)")
-    .option("--train-count <n>", "training examples", integerArg())
-    .option("--validation-count <n>", "validation examples", integerArg())
+    .option("--train-count <n>", "training examples", integerArg(1))
+    .option("--validation-count <n>", "validation examples", integerArg(0))
     .option("--template <text>", "prompt template with {placeholders} (default: the paper's for the task)")
     .option(
       "--task-opt <key=value>",
-      "extra task option, repeatable (e.g. digits=2, negative=true)",
+      'extra task option, repeatable (e.g. digits=2, negative=true, operations=add,mul, name="2024")',
       keyValue,
       {},
     )
@@ -153,15 +181,15 @@ export function registerTuneCommands(program: Command): void {
         .choices(["soft", "deep-hidden", "deep-prefix"])
         .default("soft"),
     )
-    .option("--prompt-length <n>", "soft-prompt vectors P", integerArg(), 20)
+    .option("--prompt-length <n>", "soft-prompt vectors P", integerArg(0), 20)
     .option(
       "--deep-layers <list>",
       "deep-prompt layers, comma separated (default: the last three)",
       integerListArg,
     )
-    .option("--deep-length <n>", "deep-prompt vectors per layer (default: --prompt-length)", integerArg())
-    .option("--steps <n>", "optimizer steps", integerArg(), 100)
-    .option("--batch-size <n>", "examples per micro-batch", integerArg(), 2)
+    .option("--deep-length <n>", "deep-prompt vectors per layer (default: --prompt-length)", integerArg(1))
+    .option("--steps <n>", "optimizer steps", integerArg(1), 100)
+    .option("--batch-size <n>", "examples per micro-batch", integerArg(1), 2)
     .option("--lr <x>", "peak learning rate", numberArg, 5e-3)
     .option("--weight-decay <x>", "AdamW decoupled weight decay", numberArg, 0.01)
     .addOption(
@@ -169,9 +197,9 @@ export function registerTuneCommands(program: Command): void {
         .choices(["constant", "linear", "cosine"])
         .default("constant"),
     )
-    .option("--warmup <n>", "linear warm-up steps", integerArg(), 0)
+    .option("--warmup <n>", "linear warm-up steps", integerArg(0), 0)
     .option("--clip-norm <x>", "clip the global gradient norm", numberArg)
-    .option("--accumulate <n>", "micro-batches per update (gradient accumulation)", integerArg(), 1)
+    .option("--accumulate <n>", "micro-batches per update (gradient accumulation)", integerArg(1), 1)
     .addOption(
       new Option("--regularizer <kind>", "controllable-posterior regulariser").choices([
         "prior-nll",
@@ -185,16 +213,16 @@ export function registerTuneCommands(program: Command): void {
         .choices(["constant", "linear"])
         .default("constant"),
     )
-    .option("--eval-every <n>", "evaluate every n steps (0: at the end only)", integerArg(), 0)
-    .option("--eval-examples <n>", "validation examples per evaluation (default all)", integerArg())
-    .option("--max-new-tokens <n>", "tokens generated per validation example", integerArg(), 16)
-    .option("--collapse-every <n>", "collapse metrics of the prompt every n steps", integerArg())
-    .option("--snapshot-every <n>", "prompt snapshots (trajectory) every n steps", integerArg(), 10)
-    .option("--checkpoint-every <n>", "resumable checkpoints every n steps", integerArg(), 10)
-    .option("--max-length <n>", "longest sequence, prompt included", integerArg(), 256)
+    .option("--eval-every <n>", "evaluate every n steps (0: at the end only)", integerArg(0), 0)
+    .option("--eval-examples <n>", "validation examples per evaluation (default all)", integerArg(1))
+    .option("--max-new-tokens <n>", "tokens generated per validation example", integerArg(1), 16)
+    .option("--collapse-every <n>", "collapse metrics of the prompt every n steps", integerArg(0))
+    .option("--snapshot-every <n>", "prompt snapshots (trajectory) every n steps", integerArg(0), 10)
+    .option("--checkpoint-every <n>", "resumable checkpoints every n steps", integerArg(0), 10)
+    .option("--max-length <n>", "longest sequence, prompt included", integerArg(1), 256)
     .option("--seed <n>", "seed of every random choice", integerArg(), 0)
     .option("--run-dir <dir>", "run directory (created, or resumed when it holds the same run)")
-    .option("--threads <n>", "CPU threads (default: all cores)", integerArg())
+    .option("--threads <n>", "CPU threads (default: all cores)", integerArg(1))
     .option("--json", "print the result as JSON")
     .action(async (dir: string, o: TuneCliOptions) => {
       const model = await loadModel(dir, { backend: o.backend, precision: o.precision, threads: o.threads });
@@ -241,6 +269,7 @@ export function registerTuneCommands(program: Command): void {
             runDir: o.runDir,
             onStep: (r) => bar.step(r),
             onEval: (e) => bar.eval(e),
+            onEvalProgress: (done, of) => bar.evalProgress(done, of),
           });
         } finally {
           bar.stop();
@@ -267,10 +296,10 @@ export function registerTuneCommands(program: Command): void {
     .argument("<run-dir>", "a directory written by `priortune tune`")
     .option("--prompt <file>", "prompt file to evaluate (default: <run-dir>/prompt.safetensors)")
     .option("--model <dir>", "model directory (default: the one in run.json)")
-    .option("--eval-examples <n>", "validation examples (default: all)", integerArg())
-    .option("--max-new-tokens <n>", "tokens generated per example", integerArg())
-    .option("--batch-size <n>", "examples per batch", integerArg())
-    .option("--threads <n>", "CPU threads", integerArg())
+    .option("--eval-examples <n>", "validation examples (default: all)", integerArg(1))
+    .option("--max-new-tokens <n>", "tokens generated per example", integerArg(1))
+    .option("--batch-size <n>", "examples per batch", integerArg(1))
+    .option("--threads <n>", "CPU threads", integerArg(1))
     .action(
       async (
         runDir: string,
@@ -294,15 +323,26 @@ export function registerTuneCommands(program: Command): void {
         try {
           const task = await loadTask(run.task as TaskSpec);
           const saved = readPromptFile(o.prompt ?? join(runDir, "prompt.safetensors"));
+          // The run's own token budget and seed, so that the numbers are those tune recorded.
+          const P = saved.prompt ? saved.prompt.length / model.config.hiddenSize : 0;
+          let lastLog = 0;
           const record = await evaluatePrompt({
             model,
             task,
             prompt: saved.prompt,
             deepPrompts: saved.deepPrompts,
             batchSize: o.batchSize ?? run.batchSize,
-            evalExamples: o.evalExamples,
+            evalExamples: o.evalExamples ?? run.evalExamples ?? undefined,
             maxNewTokens: o.maxNewTokens ?? run.maxNewTokens,
+            maxLength: textBudget(run.maxLength, P, run.mode, run.deepLength ?? 0),
+            seed: run.seed,
             step: Number(saved.metadata.step ?? 0),
+            onProgress: (done, of) => {
+              if (done === of || performance.now() - lastLog > 5_000) {
+                lastLog = performance.now();
+                process.stderr.write(`evaluating: ${done}/${of} batches\n`);
+              }
+            },
           });
           process.stdout.write(`${JSON.stringify(record, null, 2)}\n`);
         } finally {

@@ -4,6 +4,7 @@
 // vocabulary's bulk). For each run it reports validation loss, task accuracy and where the posterior ended
 // up (collapse metrics); every run is a run directory (lib/train.ts).
 import { join, resolve } from "node:path";
+import { readMetrics } from "./analysis.js";
 import { type CollapseReference, createCollapseReference } from "./collapse.js";
 import { loadModel } from "./model.js";
 import { packageRoot } from "./native.js";
@@ -132,8 +133,6 @@ export async function demo(options: DemoOptions = {}): Promise<DemoRow[]> {
           batchSize: options.batchSize ?? 8,
           scores: false,
         });
-        const losses: number[] = [];
-        let lastEval: EvalRecord | undefined;
         const result = await tune({
           model,
           task,
@@ -149,15 +148,15 @@ export async function demo(options: DemoOptions = {}): Promise<DemoRow[]> {
           seed: o.seed,
           runDir,
           onStep: (r) => {
-            losses.push(r.taskLoss);
             if (r.step === 1 || r.step % Math.max(1, Math.floor(steps / 4)) === 0) {
               log(`  ${taskName} / ${priorName}: step ${r.step}/${steps}, loss ${r.taskLoss.toFixed(3)}`);
             }
           },
-          onEval: (e) => {
-            lastEval = e;
-          },
         });
+        // From the run directory, not the callbacks: a rerun into the same --out resumes a finished run,
+        // which returns at once without calling them.
+        const losses = readMetrics(runDir).steps.map((r) => r.taskLoss);
+        const lastEval: EvalRecord | undefined = result.evals.at(-1);
         const report = await reference.report(result.prompt!, { k: 1, perDimensionSpread: false });
         const qa = taskName === "qa";
         const row: DemoRow = {

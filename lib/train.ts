@@ -43,7 +43,10 @@ export interface OptimizerOptions {
   warmupSteps?: number;
   /** Clip the global gradient norm to this value, as torch's clip_grad_norm_ (default: no clipping). */
   clipNorm?: number;
-  /** Micro-batches whose gradients are averaged into one update (default 1). */
+  /**
+   * Micro-batches combined into one update (default 1): loss and gradient are the mean over all their
+   * labelled tokens, as one batch holding them all would give.
+   */
   accumulate?: number;
 }
 
@@ -95,6 +98,8 @@ export interface TuneOptions {
   runDir?: string;
   onStep?: (record: StepRecord) => void;
   onEval?: (record: EvalRecord) => void;
+  /** Progress of an evaluation: batches done of the total (loss batches, then generation batches). */
+  onEvalProgress?: (done: number, total: number) => void;
   signal?: AbortSignal;
 }
 
@@ -176,6 +181,47 @@ export function bucketBatches(lengths: number[], size: number): number[][] {
   const batches: number[][] = [];
   for (let i = 0; i < order.length; i += size) batches.push(order.slice(i, i + size).map(([, j]) => j));
   return batches;
+}
+
+/**
+ * Positions left for an example's tokens when `maxLength` also holds the soft prompt (P vectors) and, in
+ * deep-prefix mode, the prefix (its keys and values take positions in every prefixed layer's attention).
+ */
+export function textBudget(maxLength: number, P: number, mode: TuneMode, deepLength: number): number {
+  return maxLength - P - (mode === "deep-prefix" ? deepLength : 0);
+}
+
+/** One micro-batch's mean loss over its `count` labelled tokens, and the gradients of that mean. */
+export interface MicroBatch {
+  loss: number;
+  count: number;
+  grads: Float32Array[];
+}
+
+/**
+ * Gradient accumulation: adds into `into` (zeroed, one array per tensor) the gradient of the mean loss over
+ * every labelled token of the micro-batches (each micro-batch's gradient weighted by its share of the
+ * tokens), and returns that mean loss.
+ */
+export function combineMicroBatches(parts: MicroBatch[], into: Float32Array[]): number {
+  const labelled = parts.reduce((n, p) => n + p.count, 0);
+  let loss = 0;
+  for (const part of parts) {
+    const w = labelled > 0 ? part.count / labelled : 1 / parts.length;
+    loss += w * part.loss;
+    part.grads.forEach((g, i) => {
+      const acc = into[i]!;
+      for (let k = 0; k < acc.length; k++) acc[k] += w * g[k]!;
+    });
+  }
+  return loss;
+}
+
+/** An integer option >= min, else a RangeError naming it. */
+function countOption(name: string, value: number, min: number): number {
+  if (!Number.isInteger(value) || value < min)
+    throw new RangeError(`${name}: expected an integer >= ${min}, got ${value}`);
+  return value;
 }
 
 export function learningRate(
@@ -276,7 +322,7 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
   if (prior.dim !== c.hiddenSize) {
     throw new RangeError(`prior: its dimension ${prior.dim} is not the model's hidden size ${c.hiddenSize}`);
   }
-  const batchSize = options.batchSize ?? 2;
+  const batchSize = countOption("batchSize", options.batchSize ?? 2, 1);
   const opt = {
     lr: 5e-3,
     beta1: 0.9,
@@ -288,6 +334,12 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
     accumulate: 1,
     ...options.optimizer,
   };
+  countOption("optimizer.accumulate", opt.accumulate, 1);
+  countOption("optimizer.warmupSteps", opt.warmupSteps, 0);
+  if (!["constant", "linear", "cosine"].includes(opt.schedule))
+    throw new TypeError(
+      `optimizer.schedule: expected "constant", "linear" or "cosine", got ${JSON.stringify(opt.schedule)}`,
+    );
   if (opt.clipNorm !== undefined && !(Number.isFinite(opt.clipNorm) && opt.clipNorm > 0))
     throw new RangeError(
       `optimizer.clipNorm: expected a finite number > 0 (leave it out for none), got ${opt.clipNorm}`,
@@ -296,13 +348,26 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
     options.deepLayers ?? [c.numLayers - 3, c.numLayers - 2, c.numLayers - 1].filter((l) => l >= 0);
   const deepLength = options.deepLength ?? (P > 0 ? P : 20);
   const seed = options.seed ?? 0;
-  const evalEvery = options.evalEvery ?? 0;
-  const snapshotEvery = options.snapshotEvery ?? 10;
-  const checkpointEvery = options.checkpointEvery ?? 10;
-  const maxNewTokens = options.maxNewTokens ?? 16;
-  const maxLength = options.maxLength ?? 256;
-  const tokenizer = model.tokenizer;
-  if (!tokenizer) throw new Error(`model ${model.dir} has no tokenizer; tune needs one to encode the task`);
+  const evalEvery = countOption("evalEvery", options.evalEvery ?? 0, 0);
+  const snapshotEvery = countOption("snapshotEvery", options.snapshotEvery ?? 10, 0);
+  const checkpointEvery = countOption("checkpointEvery", options.checkpointEvery ?? 10, 0);
+  if (options.collapseEvery !== undefined) countOption("collapseEvery", options.collapseEvery, 0);
+  if (options.evalExamples !== undefined) countOption("evalExamples", options.evalExamples, 1);
+  const maxNewTokens = countOption("maxNewTokens", options.maxNewTokens ?? 16, 1);
+  const maxLength = countOption("maxLength", options.maxLength ?? 256, 1);
+  if (options.regularizer) {
+    const { lambda, schedule = "constant" } = options.regularizer;
+    if (!(Number.isFinite(lambda) && lambda >= 0))
+      throw new RangeError(`regularizer.lambda: expected a finite number >= 0, got ${lambda}`);
+    if (schedule !== "constant" && schedule !== "linear")
+      throw new TypeError(
+        `regularizer.schedule: expected "constant" or "linear", got ${JSON.stringify(schedule)}`,
+      );
+  }
+  const modelTokenizer = model.tokenizer;
+  if (!modelTokenizer)
+    throw new Error(`model ${model.dir} has no tokenizer; tune needs one to encode the task`);
+  const tokenizer: NonNullable<Model["tokenizer"]> = modelTokenizer;
   const eosId = endOfText(model);
 
   // Initial tensors from the prior (a fixed draw order: soft prompt, then each deep layer).
@@ -351,300 +416,342 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
       ownsRegularizer = true;
     }
   }
-
-  // Data: encoded once; prompt positions count against maxLength.
-  const budget = maxLength - (prompt ? P : 0) - (mode === "deep-prefix" ? deepLength : 0);
-  const encode = (ex: Example): Encoded => {
-    const e = encodeExample(tokenizer, ex, { maxLength: budget, eosId });
-    return { ids: e.ids, labels: e.labels };
-  };
-  const train = task.train.map(encode);
-  if (train.length === 0) throw new Error(`task ${task.name}: no training examples`);
-
-  // Run directory and resume.
-  const runDir = options.runDir;
-  const runRecord = {
-    version: 1,
-    package: { name: "priortune", version: PACKAGE_VERSION },
-    model: { dir: model.dir, fingerprint: modelFingerprint(model.dir), architecture: c.hfArchitecture },
-    task: task.describe(),
-    prior: prior.describe(),
-    mode,
-    promptLength: P,
-    deepLayers: mode === "soft" ? null : deepLayers,
-    deepLength: mode === "soft" ? null : deepLength,
-    optimizer: opt,
-    regularizer:
-      regularizer && options.regularizer
-        ? {
-            ...regularizer.describe(),
-            lambda: options.regularizer.lambda,
-            schedule: options.regularizer.schedule ?? "constant",
-          }
-        : null,
-    steps,
-    batchSize,
-    evalEvery,
-    maxNewTokens,
-    maxLength,
-    seed,
-    threads: model.threads,
-  };
-  let state: Checkpoint = {
-    step: 0,
-    rng: rng.state(),
-    epochBatches: [],
-    epochCursor: 0,
-    optimizerStep: 0,
-    metricsBytes: 0,
-    lastLoss: Number.NaN,
-    evals: [],
-  };
-  let resumedFrom: number | undefined;
-  const metricsPath = runDir ? join(runDir, "metrics.jsonl") : "";
-  if (runDir) {
-    mkdirSync(join(runDir, "snapshots"), { recursive: true });
-    const runJson = join(runDir, "run.json");
-    const checkpointJson = join(runDir, "checkpoint.json");
-    if (existsSync(runJson)) {
-      const previous = JSON.parse(readFileSync(runJson, "utf8"));
-      if (JSON.stringify(previous) !== JSON.stringify(runRecord)) {
-        throw new Error(`${runDir} holds a different run (run.json differs); use a new runDir or delete it`);
-      }
-      if (existsSync(checkpointJson)) {
-        state = JSON.parse(readFileSync(checkpointJson, "utf8")) as Checkpoint;
-        const saved = readTensors(join(runDir, "checkpoint.safetensors")).tensors;
-        tensors.forEach((t, i) => {
-          t.set(saved.get(`param.${i}`)!.data as Float32Array);
-          adamw.m[i]!.set(saved.get(`m.${i}`)!.data as Float32Array);
-          adamw.v[i]!.set(saved.get(`v.${i}`)!.data as Float32Array);
-        });
-        for (const [i, t] of initial.entries()) t.set(saved.get(`init.${i}`)!.data as Float32Array);
-        adamw.stepCount = state.optimizerStep;
-        if (existsSync(metricsPath)) truncateSync(metricsPath, state.metricsBytes);
-        resumedFrom = state.step;
-      }
-    } else {
-      atomicWrite(runJson, `${JSON.stringify(runRecord, null, 2)}\n`);
-      writeFileSync(metricsPath, "");
-    }
-  }
-  const rngNow = new Rng(state.rng);
-
-  const appendMetrics = (record: StepRecord | EvalRecord) => {
-    if (!runDir) return;
-    appendFileSync(metricsPath, `${JSON.stringify(record)}\n`);
-  };
-  const names = tensorNames(prompt, deepPrompts);
-  const saveTensors = (path: string, step: number, kind: string) => {
-    atomicSafetensors(
-      path,
-      tensors.map((t, i) => ({
-        name: names[i]!,
-        dtype: "F32" as const,
-        shape: tensorShape(names[i]!, t.length, c),
-        data: t,
-      })),
-      {
-        format: "priortune-prompt",
-        version: "1",
-        kind,
-        step: String(step),
-        mode,
-        run: JSON.stringify({ prior: runRecord.prior, task: task.name, seed }),
-      },
-    );
-  };
-  const checkpoint = () => {
-    if (!runDir) return;
-    state.rng = rngNow.state();
-    state.optimizerStep = adamw.stepCount;
-    state.metricsBytes = statSync(metricsPath).size;
-    const list: TensorToWrite[] = [];
-    tensors.forEach((t, i) => {
-      list.push({ name: `param.${i}`, dtype: "F32", shape: [t.length], data: t });
-      list.push({ name: `m.${i}`, dtype: "F32", shape: [t.length], data: adamw.m[i]! });
-      list.push({ name: `v.${i}`, dtype: "F32", shape: [t.length], data: adamw.v[i]! });
-      list.push({ name: `init.${i}`, dtype: "F32", shape: [t.length], data: initial[i]! });
-    });
-    // Tensors first, then the JSON that points at them: a kill between the two leaves the previous
-    // checkpoint.json, whose step is older than the tensors, so we write the tensors under the step too.
-    atomicSafetensors(join(runDir, "checkpoint.safetensors"), list, { step: String(state.step) });
-    atomicWrite(join(runDir, "checkpoint.json"), JSON.stringify(state));
-  };
-
   let collapseRef: CollapseReference | undefined;
-  const evaluate = async (step: number): Promise<EvalRecord> => {
-    if (prompt) collapseRef ??= await createCollapseReference(model, { seed });
-    return evaluatePrompt({
-      model,
-      task,
-      prompt,
-      deepPrompts,
-      batchSize,
-      maxNewTokens,
-      evalExamples: options.evalExamples,
-      maxLength: budget,
-      step,
-      collapseReference: collapseRef,
-    });
-  };
-
-  // On CUDA a step that is loss + clipping + AdamW alone stays on the device (PromptTrainer: tensors, gradients
-  // and AdamW moments never leave it, and a repeated batch shape replays a CUDA graph); the host copies are
-  // refreshed only where something reads them (evaluation, collapse metrics, snapshots, checkpoints, the
-  // result). A regulariser or gradient accumulation combine gradients on the host and take the host path.
-  const trainer =
-    model.backend === "cuda" && !regularizer && opt.accumulate === 1
-      ? await model.promptTrainer(
-          { prompt, deepPrompts },
-          {
-            lr: opt.lr,
-            beta1: opt.beta1,
-            beta2: opt.beta2,
-            eps: opt.eps,
-            weightDecay: opt.weightDecay,
-            maxGradNorm: opt.clipNorm ?? 0,
-          },
-        )
-      : undefined;
-  if (trainer && adamw.stepCount > 0)
-    await trainer.setOptimizerState({ step: adamw.stepCount, m: adamw.m, v: adamw.v });
-  let stale = false;
-  const pull = async () => {
-    if (!trainer || !stale) return;
-    const now = await trainer.tensors();
-    for (const [i, t] of promptTensors(now.prompt, now.deepPrompts).entries()) tensors[i]!.set(t);
-    const st = await trainer.optimizerState();
-    for (const [i, t] of st.m.entries()) adamw.m[i]!.set(t);
-    for (const [i, t] of st.v.entries()) adamw.v[i]!.set(t);
-    adamw.stepCount = st.step;
-    stale = false;
-  };
-
   try {
-    if (runDir && state.step === 0 && resumedFrom === undefined)
-      saveTensors(join(runDir, "snapshots", "step-000000.safetensors"), 0, "snapshot");
-    const lengths = train.map((e) => e.ids.length);
-    const nextBatch = () => {
-      if (state.epochCursor >= state.epochBatches.length) {
-        state.epochBatches = rngNow.shuffle(bucketBatches(lengths, batchSize));
-        state.epochCursor = 0;
-      }
-      return collate(state.epochBatches[state.epochCursor++]!.map((i) => train[i]!));
-    };
-    while (state.step < steps) {
-      if (options.signal?.aborted) throw new Error("tune: aborted");
-      const t0 = performance.now();
-      const step = state.step;
-      const lr = learningRate(step, steps, opt.lr, opt.schedule, opt.warmupSteps);
-      let taskLoss = 0;
-      let tokens = 0;
-      let gradNorm: number;
-      let regValue: number | null = null;
-      if (trainer) {
-        const b = nextBatch();
-        const r = await trainer.step(b, lr);
-        taskLoss = r.loss;
-        tokens = b.tokens;
-        gradNorm = r.gradNorm;
-        stale = true;
-      } else {
-        // Accumulate gradients over micro-batches (mean of their losses).
-        const grads = tensors.map((t) => new Float32Array(t.length));
-        for (let micro = 0; micro < opt.accumulate; micro++) {
-          const b = nextBatch();
-          const g: LossAndGrad = await model.lossAndGrad({ ...b, prompt, deepPrompts });
-          taskLoss += g.loss / opt.accumulate;
-          tokens += b.tokens;
-          promptGrads(g).forEach((gi, i) => {
-            const acc = grads[i]!;
-            for (let k = 0; k < acc.length; k++) acc[k] += gi[k]! / opt.accumulate;
-          });
-        }
-        // Regulariser on the soft prompt (tensor 0): lambda * R(prompt) joins the loss.
-        if (regularizer && options.regularizer) {
-          const { lambda, schedule = "constant" } = options.regularizer;
-          const lam = schedule === "linear" ? (lambda * (step + 1)) / steps : lambda;
-          const r = regularizer.valueAndGradient(tensors[0]!);
-          regValue = lam * r.value;
-          const acc = grads[0]!;
-          for (let k = 0; k < acc.length; k++) acc[k] += lam * r.gradient[k]!;
-        }
-        gradNorm = norm(grads);
-        // As torch.nn.utils.clip_grad_norm_ (and the device step): scale by clip / (norm + 1e-6) when below 1.
-        const coef = opt.clipNorm === undefined ? 1 : opt.clipNorm / (gradNorm + 1e-6);
-        if (coef < 1) for (const g of grads) for (let k = 0; k < g.length; k++) g[k] *= coef;
-        adamw.step(grads, lr);
-      }
-      state.step = step + 1;
-      state.lastLoss = taskLoss + (regValue ?? 0);
-      const record: StepRecord = {
-        type: "step",
-        step: state.step,
-        loss: state.lastLoss,
-        taskLoss,
-        regularizer: regValue,
-        lr,
-        gradNorm,
-        tokens,
-        ms: performance.now() - t0,
-      };
-      appendMetrics(record);
-      options.onStep?.(record);
-      // What this step ends with; each reads the host tensors, which a device-resident step must refresh.
-      const due = (every: number | undefined) => !!every && state.step % every === 0;
-      const last = state.step === steps;
-      const collapseNow = due(options.collapseEvery) && prompt !== undefined && !due(evalEvery);
-      const evalNow = due(evalEvery) || last;
-      const snapshotNow = runDir !== undefined && (due(snapshotEvery) || last);
-      const checkpointNow = runDir !== undefined && (due(checkpointEvery) || last);
-      if (collapseNow || evalNow || snapshotNow || checkpointNow) await pull();
-      if (collapseNow) {
-        collapseRef ??= await createCollapseReference(model, { seed });
-        const report = await collapseRef.report(prompt, { perDimensionSpread: false });
-        appendMetrics({
-          type: "eval",
-          step: state.step,
-          validationLoss: Number.NaN,
-          collapse: {
-            collapseRate: report.aggregate.collapseRate,
-            meanNearestCosine: report.aggregate.meanNearestCosine,
-            meanDivergence: report.aggregate.meanDivergence,
-            projectedPrompt: report.aggregate.projectedPrompt,
-          },
-          ms: 0,
-        });
-      }
-      if (evalNow) {
-        const ev = await evaluate(state.step);
-        state.evals.push(ev);
-        appendMetrics(ev);
-        options.onEval?.(ev);
-      }
-      if (snapshotNow) {
-        saveTensors(
-          join(runDir, "snapshots", `step-${String(state.step).padStart(6, "0")}.safetensors`),
-          state.step,
-          "snapshot",
-        );
-      }
-      if (checkpointNow) checkpoint();
-    }
-    if (runDir) saveTensors(join(runDir, "prompt.safetensors"), state.step, "final");
+    return await tuneWith();
   } finally {
     collapseRef?.dispose();
     if (ownsRegularizer) regularizer?.dispose();
   }
-  return {
-    prompt,
-    deepPrompts,
-    steps: state.step,
-    lastLoss: state.lastLoss,
-    evals: state.evals,
-    runDir,
-    resumedFrom,
-  };
+
+  // The rest of the run, inside the try that frees the regulariser and the collapse reference.
+  async function tuneWith(): Promise<TuneResult> {
+    // Data: encoded once; prompt positions count against maxLength. Plain-text tasks (metric "none", C4)
+    // keep the first tokens of a document longer than the budget.
+    const budget = textBudget(maxLength, prompt ? P : 0, mode, deepLength);
+    const positions = `maxLength ${maxLength} less ${prompt ? P : 0} prompt${mode === "deep-prefix" ? ` and ${deepLength} prefix` : ""} positions`;
+    if (budget < 1) throw new RangeError(`maxLength: ${positions} leaves no room for the text`);
+    if (task.metric !== "none" && budget - maxNewTokens < 1)
+      throw new RangeError(
+        `maxNewTokens: ${positions} leaves ${budget}, no room for a question before ${maxNewTokens} generated tokens`,
+      );
+    const completionOverflow = task.metric === "none" ? "truncate" : "error";
+    const encode = (ex: Example): Encoded => {
+      const e = encodeExample(tokenizer, ex, { maxLength: budget, eosId, completionOverflow });
+      return { ids: e.ids, labels: e.labels };
+    };
+    const train = task.train.map(encode);
+    if (train.length === 0) throw new Error(`task ${task.name}: no training examples`);
+
+    // Run directory and resume.
+    const runDir = options.runDir;
+    const runRecord = {
+      version: 1,
+      package: { name: "priortune", version: PACKAGE_VERSION },
+      model: { dir: model.dir, fingerprint: modelFingerprint(model.dir), architecture: c.hfArchitecture },
+      task: task.describe(),
+      prior: prior.describe(),
+      mode,
+      promptLength: P,
+      deepLayers: mode === "soft" ? null : deepLayers,
+      deepLength: mode === "soft" ? null : deepLength,
+      prefixInitStd: mode === "deep-prefix" ? (options.prefixInitStd ?? 0.02) : null,
+      optimizer: opt,
+      regularizer:
+        regularizer && options.regularizer
+          ? {
+              ...regularizer.describe(),
+              lambda: options.regularizer.lambda,
+              schedule: options.regularizer.schedule ?? "constant",
+            }
+          : null,
+      steps,
+      batchSize,
+      evalEvery,
+      evalExamples: options.evalExamples ?? null,
+      collapseEvery: options.collapseEvery ?? null,
+      maxNewTokens,
+      maxLength,
+      seed,
+      threads: model.threads,
+    };
+    let state: Checkpoint = {
+      step: 0,
+      rng: rng.state(),
+      epochBatches: [],
+      epochCursor: 0,
+      optimizerStep: 0,
+      metricsBytes: 0,
+      lastLoss: Number.NaN,
+      evals: [],
+    };
+    let resumedFrom: number | undefined;
+    const metricsPath = runDir ? join(runDir, "metrics.jsonl") : "";
+    if (runDir) {
+      mkdirSync(join(runDir, "snapshots"), { recursive: true });
+      const runJson = join(runDir, "run.json");
+      const checkpointJson = join(runDir, "checkpoint.json");
+      if (existsSync(runJson)) {
+        const previous = JSON.parse(readFileSync(runJson, "utf8"));
+        if (JSON.stringify(previous) !== JSON.stringify(runRecord)) {
+          throw new Error(
+            `${runDir} holds a different run (run.json differs); use a new runDir or delete it`,
+          );
+        }
+        const checkpointTensors = join(runDir, "checkpoint.safetensors");
+        if (existsSync(checkpointTensors)) {
+          const { tensors: saved, metadata } = readTensors(checkpointTensors);
+          // The state written with the tensors, in one file (runs written before it kept the state in
+          // checkpoint.json alone, which must then be of the tensors' step).
+          if (metadata.state !== undefined) state = JSON.parse(metadata.state) as Checkpoint;
+          else {
+            state = JSON.parse(readFileSync(checkpointJson, "utf8")) as Checkpoint;
+            if (metadata.step !== String(state.step))
+              throw new Error(
+                `${runDir}: checkpoint.json (step ${state.step}) and checkpoint.safetensors (step ${metadata.step}) ` +
+                  "are of different steps (the run stopped between writing them); delete both to restart the run",
+              );
+          }
+          tensors.forEach((t, i) => {
+            t.set(saved.get(`param.${i}`)!.data as Float32Array);
+            adamw.m[i]!.set(saved.get(`m.${i}`)!.data as Float32Array);
+            adamw.v[i]!.set(saved.get(`v.${i}`)!.data as Float32Array);
+          });
+          for (const [i, t] of initial.entries()) t.set(saved.get(`init.${i}`)!.data as Float32Array);
+          adamw.stepCount = state.optimizerStep;
+          if (existsSync(metricsPath)) truncateSync(metricsPath, state.metricsBytes);
+          resumedFrom = state.step;
+        } else {
+          // Stopped before its first checkpoint: the run starts again, and so do its metrics.
+          writeFileSync(metricsPath, "");
+        }
+      } else {
+        atomicWrite(runJson, `${JSON.stringify(runRecord, null, 2)}\n`);
+        writeFileSync(metricsPath, "");
+      }
+    }
+    const rngNow = new Rng(state.rng);
+
+    const appendMetrics = (record: StepRecord | EvalRecord) => {
+      if (!runDir) return;
+      appendFileSync(metricsPath, `${JSON.stringify(record)}\n`);
+    };
+    const names = tensorNames(prompt, deepPrompts);
+    const saveTensors = (path: string, step: number, kind: string) => {
+      atomicSafetensors(
+        path,
+        tensors.map((t, i) => ({
+          name: names[i]!,
+          dtype: "F32" as const,
+          shape: tensorShape(names[i]!, t.length, c),
+          data: t,
+        })),
+        {
+          format: "priortune-prompt",
+          version: "1",
+          kind,
+          step: String(step),
+          mode,
+          run: JSON.stringify({ prior: runRecord.prior, task: task.name, seed }),
+        },
+      );
+    };
+    const checkpoint = () => {
+      if (!runDir) return;
+      state.rng = rngNow.state();
+      state.optimizerStep = adamw.stepCount;
+      state.metricsBytes = statSync(metricsPath).size;
+      const list: TensorToWrite[] = [];
+      tensors.forEach((t, i) => {
+        list.push({ name: `param.${i}`, dtype: "F32", shape: [t.length], data: t });
+        list.push({ name: `m.${i}`, dtype: "F32", shape: [t.length], data: adamw.m[i]! });
+        list.push({ name: `v.${i}`, dtype: "F32", shape: [t.length], data: adamw.v[i]! });
+        list.push({ name: `init.${i}`, dtype: "F32", shape: [t.length], data: initial[i]! });
+      });
+      // The state goes in the tensors' file (one atomic rename holds both, so a resume cannot pair one
+      // step's tensors with another's state); checkpoint.json repeats it for tools that read the step.
+      atomicSafetensors(join(runDir, "checkpoint.safetensors"), list, {
+        step: String(state.step),
+        state: JSON.stringify(state),
+      });
+      atomicWrite(join(runDir, "checkpoint.json"), JSON.stringify(state));
+    };
+
+    const evaluate = async (step: number): Promise<EvalRecord> => {
+      if (prompt) collapseRef ??= await createCollapseReference(model, { seed });
+      return evaluatePrompt({
+        model,
+        task,
+        prompt,
+        deepPrompts,
+        batchSize,
+        maxNewTokens,
+        evalExamples: options.evalExamples,
+        maxLength: budget,
+        step,
+        collapseReference: collapseRef,
+        onProgress: options.onEvalProgress,
+      });
+    };
+
+    // On CUDA a step that is loss + clipping + AdamW alone stays on the device (PromptTrainer: tensors, gradients
+    // and AdamW moments never leave it, and a repeated batch shape replays a CUDA graph); the host copies are
+    // refreshed only where something reads them (evaluation, collapse metrics, snapshots, checkpoints, the
+    // result). A regulariser or gradient accumulation combine gradients on the host and take the host path.
+    const trainer =
+      model.backend === "cuda" && !regularizer && opt.accumulate === 1
+        ? await model.promptTrainer(
+            { prompt, deepPrompts },
+            {
+              lr: opt.lr,
+              beta1: opt.beta1,
+              beta2: opt.beta2,
+              eps: opt.eps,
+              weightDecay: opt.weightDecay,
+              maxGradNorm: opt.clipNorm ?? 0,
+            },
+          )
+        : undefined;
+    if (trainer && adamw.stepCount > 0)
+      await trainer.setOptimizerState({ step: adamw.stepCount, m: adamw.m, v: adamw.v });
+    let stale = false;
+    const pull = async () => {
+      if (!trainer || !stale) return;
+      const now = await trainer.tensors();
+      for (const [i, t] of promptTensors(now.prompt, now.deepPrompts).entries()) tensors[i]!.set(t);
+      const st = await trainer.optimizerState();
+      for (const [i, t] of st.m.entries()) adamw.m[i]!.set(t);
+      for (const [i, t] of st.v.entries()) adamw.v[i]!.set(t);
+      adamw.stepCount = st.step;
+      stale = false;
+    };
+
+    {
+      if (runDir && state.step === 0 && resumedFrom === undefined)
+        saveTensors(join(runDir, "snapshots", "step-000000.safetensors"), 0, "snapshot");
+      const lengths = train.map((e) => e.ids.length);
+      const nextBatch = () => {
+        if (state.epochCursor >= state.epochBatches.length) {
+          state.epochBatches = rngNow.shuffle(bucketBatches(lengths, batchSize));
+          state.epochCursor = 0;
+        }
+        return collate(state.epochBatches[state.epochCursor++]!.map((i) => train[i]!));
+      };
+      while (state.step < steps) {
+        if (options.signal?.aborted) throw new Error("tune: aborted");
+        const t0 = performance.now();
+        const step = state.step;
+        const lr = learningRate(step, steps, opt.lr, opt.schedule, opt.warmupSteps);
+        let taskLoss = 0;
+        let tokens = 0;
+        let gradNorm: number;
+        let regValue: number | null = null;
+        if (trainer) {
+          const b = nextBatch();
+          const r = await trainer.step(b, lr);
+          taskLoss = r.loss;
+          tokens = b.tokens;
+          gradNorm = r.gradNorm;
+          stale = true;
+        } else {
+          // Accumulate gradients over micro-batches, each weighted by its labelled tokens: the loss and
+          // gradient of the mean over every labelled token of the update, as one batch of them all would
+          // give (a plain mean of the micro-batches' means would count a micro-batch with few answer
+          // tokens as much as one with many).
+          const grads = tensors.map((t) => new Float32Array(t.length));
+          const parts: MicroBatch[] = [];
+          for (let micro = 0; micro < opt.accumulate; micro++) {
+            const b = nextBatch();
+            const g: LossAndGrad = await model.lossAndGrad({ ...b, prompt, deepPrompts });
+            tokens += b.tokens;
+            parts.push({ loss: g.loss, count: g.labelCount, grads: promptGrads(g) });
+          }
+          taskLoss = combineMicroBatches(parts, grads);
+          // Regulariser on the soft prompt (tensor 0): lambda * R(prompt) joins the loss.
+          if (regularizer && options.regularizer) {
+            const { lambda, schedule = "constant" } = options.regularizer;
+            const lam = schedule === "linear" ? (lambda * (step + 1)) / steps : lambda;
+            const r = regularizer.valueAndGradient(tensors[0]!);
+            regValue = lam * r.value;
+            const acc = grads[0]!;
+            for (let k = 0; k < acc.length; k++) acc[k] += lam * r.gradient[k]!;
+          }
+          gradNorm = norm(grads);
+          // As the device step: a non-finite gradient stops the run before AdamW writes it into the prompt
+          // (and a checkpoint would keep it).
+          if (!Number.isFinite(gradNorm))
+            throw new Error(`prompt step ${step + 1}: the gradient is not finite (loss ${taskLoss})`);
+          // As torch.nn.utils.clip_grad_norm_ (and the device step): scale by clip / (norm + 1e-6) when below 1.
+          const coef = opt.clipNorm === undefined ? 1 : opt.clipNorm / (gradNorm + 1e-6);
+          if (coef < 1) for (const g of grads) for (let k = 0; k < g.length; k++) g[k] *= coef;
+          adamw.step(grads, lr);
+        }
+        state.step = step + 1;
+        state.lastLoss = taskLoss + (regValue ?? 0);
+        const record: StepRecord = {
+          type: "step",
+          step: state.step,
+          loss: state.lastLoss,
+          taskLoss,
+          regularizer: regValue,
+          lr,
+          gradNorm,
+          tokens,
+          ms: performance.now() - t0,
+        };
+        appendMetrics(record);
+        options.onStep?.(record);
+        // What this step ends with; each reads the host tensors, which a device-resident step must refresh.
+        const due = (every: number | undefined) => !!every && state.step % every === 0;
+        const last = state.step === steps;
+        const evalNow = due(evalEvery) || last;
+        const collapseNow = due(options.collapseEvery) && prompt !== undefined && !evalNow;
+        const snapshotNow = runDir !== undefined && (due(snapshotEvery) || last);
+        const checkpointNow = runDir !== undefined && (due(checkpointEvery) || last);
+        if (collapseNow || evalNow || snapshotNow || checkpointNow) await pull();
+        if (collapseNow) {
+          collapseRef ??= await createCollapseReference(model, { seed });
+          const report = await collapseRef.report(prompt, { perDimensionSpread: false });
+          appendMetrics({
+            type: "eval",
+            step: state.step,
+            validationLoss: Number.NaN,
+            collapse: {
+              collapseRate: report.aggregate.collapseRate,
+              meanNearestCosine: report.aggregate.meanNearestCosine,
+              meanDivergence: report.aggregate.meanDivergence,
+              projectedPrompt: report.aggregate.projectedPrompt,
+            },
+            ms: 0,
+          });
+        }
+        if (evalNow) {
+          const ev = await evaluate(state.step);
+          state.evals.push(ev);
+          appendMetrics(ev);
+          options.onEval?.(ev);
+        }
+        if (snapshotNow) {
+          saveTensors(
+            join(runDir, "snapshots", `step-${String(state.step).padStart(6, "0")}.safetensors`),
+            state.step,
+            "snapshot",
+          );
+        }
+        if (checkpointNow) checkpoint();
+      }
+      if (runDir) saveTensors(join(runDir, "prompt.safetensors"), state.step, "final");
+      return {
+        prompt,
+        deepPrompts,
+        steps: state.step,
+        lastLoss: state.lastLoss,
+        evals: state.evals,
+        runDir,
+        resumedFrom,
+      };
+    }
+  }
 }
 
 export interface EvaluateOptions {
@@ -661,8 +768,12 @@ export interface EvaluateOptions {
   step?: number;
   /** Collapse metrics of the soft prompt against this reference (created from the model when absent). */
   collapseReference?: CollapseReference;
+  /** Seed of the reference created when none is given (its divergence rows; tune uses the run's seed). */
+  seed?: number;
   /** Set false for the validation loss alone (no generation, no collapse metrics). */
   scores?: boolean;
+  /** Called after each batch: batches done of the total (loss batches, then generation batches). */
+  onProgress?: (done: number, total: number) => void;
 }
 
 /** Mean cross-entropy on validation tokens; task metrics from greedy generation; collapse of the soft prompt. */
@@ -676,6 +787,12 @@ export async function evaluatePrompt(options: EvaluateOptions): Promise<EvalReco
   const maxNewTokens = options.maxNewTokens ?? 16;
   const budget = options.maxLength ?? 256 - (prompt ? prompt.length / model.config.hiddenSize : 0);
   const validation = task.validation.slice(0, options.evalExamples ?? task.validation.length);
+  const scores = options.scores ?? true;
+  const generating = scores && task.metric !== "none" && validation.length > 0;
+  const batches = Math.ceil(validation.length / batchSize);
+  const total = generating ? 2 * batches : batches;
+  let done = 0;
+  const progressed = () => options.onProgress?.(++done, total);
   let lossSum = 0;
   let count = 0;
   for (let i = 0; i < validation.length; i += batchSize) {
@@ -687,6 +804,7 @@ export async function evaluatePrompt(options: EvaluateOptions): Promise<EvalReco
       lossSum += out.loss! * out.labelCount;
       count += out.labelCount;
     }
+    progressed();
   }
   const record: EvalRecord = {
     type: "eval",
@@ -694,8 +812,7 @@ export async function evaluatePrompt(options: EvaluateOptions): Promise<EvalReco
     validationLoss: count ? lossSum / count : Number.NaN,
     ms: 0,
   };
-  const scores = options.scores ?? true;
-  if (scores && task.metric !== "none" && validation.length > 0) {
+  if (generating) {
     let em = 0;
     let f1 = 0;
     let acc = 0;
@@ -725,6 +842,7 @@ export async function evaluatePrompt(options: EvaluateOptions): Promise<EvalReco
         f1 += f1Score(text, golds);
         acc += arithmeticCorrect(text, golds[0]!) ? 1 : 0;
       });
+      progressed();
     }
     if (task.metric === "qa") {
       record.exactMatch = em / validation.length;
@@ -734,7 +852,8 @@ export async function evaluatePrompt(options: EvaluateOptions): Promise<EvalReco
     }
   }
   if (scores && prompt) {
-    const ref = options.collapseReference ?? (await createCollapseReference(model));
+    const ref =
+      options.collapseReference ?? (await createCollapseReference(model, { seed: options.seed ?? 0 }));
     try {
       const report = await ref.report(prompt, { perDimensionSpread: false });
       record.collapse = {

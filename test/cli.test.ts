@@ -1,6 +1,6 @@
 // The priortune command line, run as a user would (a child process, no terminal: plain log lines).
 import { execFileSync, spawnSync } from "node:child_process";
-import { existsSync, mkdtempSync, rmSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -72,6 +72,10 @@ describe("priortune CLI", () => {
       "4",
       "--eval-every",
       "3",
+      "--max-length",
+      "40",
+      "--seed",
+      "5",
       "--prior-opt",
       "sigma=0.5",
       "--run-dir",
@@ -89,8 +93,36 @@ describe("priortune CLI", () => {
     );
     expect(ev.step).toBe(6);
     expect(ev.validationLoss).toBeGreaterThan(0);
+    // The same numbers tune recorded at step 6: eval takes the run's token budget (--max-length 40 less
+    // the prompt) and its seed (the collapse reference's divergence rows), not the defaults.
+    const recorded = readFileSync(join(runDir, "metrics.jsonl"), "utf8")
+      .trim()
+      .split("\n")
+      .map((l) => JSON.parse(l))
+      .filter((l) => l.type === "eval" && l.step === 6)
+      .at(-1);
+    expect(ev.validationLoss).toBe(recorded.validationLoss);
+    expect(ev.accuracy).toBe(recorded.accuracy);
+    expect(ev.collapse.meanDivergence).toBe(recorded.collapse.meanDivergence);
     const again = run(...args, "--json");
     expect(again.status, again.stderr).toBe(0);
     expect(JSON.parse(again.stdout).resumedFrom).toBe(6);
+  });
+});
+
+describe("--task-opt and --prior-opt values", () => {
+  it("parses booleans, numbers, comma lists of numbers or words, and JSON", async () => {
+    const { keyValue } = await import("../lib/cli-tune.js");
+    expect(keyValue("negative=true")).toEqual({ negative: true });
+    expect(keyValue("digits=2")).toEqual({ digits: 2 });
+    expect(keyValue("digits=1,2")).toEqual({ digits: [1, 2] });
+    expect(keyValue("operations=add,mul")).toEqual({ operations: ["add", "mul"] }); // refused before
+    expect(keyValue("operations=mul")).toEqual({ operations: "mul" });
+    expect(keyValue('name="2024"')).toEqual({ name: "2024" });
+    expect(keyValue('ops=["mul"]', { a: 1 })).toEqual({ a: 1, ops: ["mul"] });
+    expect(() => keyValue("x=[1,")).toThrow("x: not valid JSON");
+    const { taskSpec } = await import("../lib/cli-tune.js");
+    const one = taskSpec({ task: "arithmetic", taskOpt: keyValue("operations=mul"), seed: 0 });
+    expect((one as { operations?: string[] }).operations).toEqual(["mul"]);
   });
 });

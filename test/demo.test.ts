@@ -42,5 +42,19 @@ describe("demo (shortened) on the shipped model", () => {
     const text = demoTables(rows);
     expect(text).toContain("prior: exclusion");
     expect(text).toContain("nearest tokens");
+    // Run again into the same directory: every run resumes finished (no step or eval callbacks fire), and
+    // the table is the same, read from the run directories (it used to be all NaN).
+    const again = await demo({
+      steps: 16,
+      trainCount: 128,
+      validationCount: 16,
+      outDir: tmp,
+      threads: 2,
+      report: false,
+      log: () => {},
+    });
+    const numbers = (rs: typeof rows) =>
+      rs.map((r) => [r.firstLoss, r.lastLoss, r.validationLoss, r.score, r.collapseRate]);
+    expect(numbers(again)).toEqual(numbers(rows));
   });
 });

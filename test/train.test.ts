@@ -1,7 +1,7 @@
 // The tuning loop on a fixture model: loss falls for each mode, regularisers pull where they should, run
 // directories hold what they promise, and a run killed mid-way resumes to the same prompt, bit for bit.
 import { execFileSync, spawnSync } from "node:child_process";
-import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -9,7 +9,14 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { loadModel, type Model } from "../lib/model.js";
 import { createPrior, createRegularizer } from "../lib/priors.js";
 import { loadTask, type Task } from "../lib/tasks.js";
-import { bucketBatches, learningRate, readPromptFile, type StepRecord, tune } from "../lib/train.js";
+import {
+  bucketBatches,
+  combineMicroBatches,
+  learningRate,
+  readPromptFile,
+  type StepRecord,
+  tune,
+} from "../lib/train.js";
 import { modelDir } from "./helpers.js";
 
 const here = dirname(fileURLToPath(import.meta.url));
@@ -125,6 +132,33 @@ describe("tune on llama-tiny", () => {
     expect(await run(50)).toBeLessThan(0.5 * (await run(0)));
   });
 
+  it("refuses options that would hang, train on nothing or fail at the last step", async () => {
+    const prior = await createPrior({ kind: "gaussian", sigma: 0.5 }, { model });
+    const base = { model, task, prior, promptLength: 4, steps: 2 };
+    await expect(tune({ ...base, batchSize: 0 })).rejects.toThrow(
+      "batchSize: expected an integer >= 1, got 0",
+    );
+    await expect(tune({ ...base, optimizer: { accumulate: 1.5 } })).rejects.toThrow(
+      "optimizer.accumulate: expected an integer >= 1, got 1.5",
+    );
+    await expect(tune({ ...base, optimizer: { warmupSteps: -5 } })).rejects.toThrow(
+      "optimizer.warmupSteps: expected an integer >= 0",
+    );
+    await expect(tune({ ...base, optimizer: { schedule: "cosin" as unknown as "cosine" } })).rejects.toThrow(
+      'optimizer.schedule: expected "constant", "linear" or "cosine", got "cosin"',
+    );
+    await expect(
+      tune({ ...base, regularizer: { regularizer: { kind: "l2-init" }, lambda: -1 } }),
+    ).rejects.toThrow("regularizer.lambda: expected a finite number >= 0, got -1");
+    // 20 positions less 4 prompt vectors leave 16, none of them for a question before 16 generated tokens:
+    // refused before training (it used to fail at the final evaluation, after every step had run).
+    const steps: number[] = [];
+    await expect(
+      tune({ ...base, maxLength: 20, maxNewTokens: 16, onStep: (r) => steps.push(r.step) }),
+    ).rejects.toThrow("maxNewTokens: maxLength 20 less 4 prompt positions leaves 16");
+    expect(steps).toEqual([]);
+  });
+
   it("is identical for a seed (CPU, fixed threads)", async () => {
     const prior = await createPrior({ kind: "gaussian", sigma: 0.5 }, { model });
     const a = await tune({ model, task, prior, promptLength: 4, steps: 5, batchSize: 4, seed: 9 });
@@ -144,7 +178,13 @@ describe("resume after a kill", () => {
       env: { ...process.env, CRASH_AT: "8" },
     });
     expect(crash.signal).toBe("SIGKILL");
-    expect(JSON.parse(readFileSync(join(killed, "checkpoint.json"), "utf8")).step).toBe(5);
+    const checkpointJson = join(killed, "checkpoint.json");
+    const state = JSON.parse(readFileSync(checkpointJson, "utf8"));
+    expect(state.step).toBe(5);
+    // A kill between the checkpoint's two writes leaves checkpoint.json one checkpoint behind its tensors:
+    // the resume takes the state written inside checkpoint.safetensors, so it still ends bit-identical
+    // (it used to pair the newer tensors with the older step, RNG and batch order).
+    writeFileSync(checkpointJson, JSON.stringify({ ...state, step: 0, optimizerStep: 0, epochCursor: 0 }));
     execFileSync(process.execPath, ["--import", "tsx", child, dir, killed, "12"]);
     const a = readPromptFile(join(whole, "prompt.safetensors")).prompt!;
     const b = readPromptFile(join(killed, "prompt.safetensors")).prompt!;
@@ -158,6 +198,45 @@ describe("resume after a kill", () => {
         .filter((l) => l.type === "step");
     expect(steps(killed).map((l) => l.step)).toEqual(steps(whole).map((l) => l.step));
     expect(steps(killed).map((l) => l.loss)).toEqual(steps(whole).map((l) => l.loss));
+  });
+});
+
+describe("a run killed before its first checkpoint", () => {
+  it("starts again, metrics included: one line per step", () => {
+    const child = join(here, "support", "tune-child.ts");
+    const early = join(tmp, "early");
+    const crash = spawnSync(
+      process.execPath,
+      ["--import", "tsx", child, modelDir("llama-tiny"), early, "7"],
+      {
+        env: { ...process.env, CRASH_AT: "3" },
+      },
+    );
+    expect(crash.signal).toBe("SIGKILL");
+    expect(existsSync(join(early, "checkpoint.json"))).toBe(false);
+    execFileSync(process.execPath, ["--import", "tsx", child, modelDir("llama-tiny"), early, "7"]);
+    const steps = readFileSync(join(early, "metrics.jsonl"), "utf8")
+      .trim()
+      .split("\n")
+      .map((l) => JSON.parse(l))
+      .filter((l) => l.type === "step")
+      .map((l) => l.step);
+    expect(steps).toEqual([1, 2, 3, 4, 5, 6, 7]); // was [1, 2, 3, 1, ..., 7]
+  });
+});
+
+describe("gradient accumulation", () => {
+  it("weights each micro-batch by its labelled tokens: the mean over all of them", () => {
+    const into = [new Float32Array(2)];
+    const loss = combineMicroBatches(
+      [
+        { loss: 2, count: 1, grads: [new Float32Array([4, 0])] },
+        { loss: 1, count: 3, grads: [new Float32Array([0, 8])] },
+      ],
+      into,
+    );
+    expect(loss).toBeCloseTo((2 * 1 + 1 * 3) / 4, 12); // not (2 + 1) / 2
+    expect(Array.from(into[0]!)).toEqual([1, 6]);
   });
 });
 
