@@ -65,12 +65,13 @@ export interface CollapseReferenceOptions {
 }
 
 export interface CollapseReportOptions {
-  /** Nearest reference rows listed per vector (default 5). */
+  /** Nearest reference rows listed per vector (default 5, or every row of a smaller reference). */
   k?: number;
   /**
    * A vector counts as collapsed when its nearest-neighbour cosine similarity is at least the
-   * `collapseQuantile` quantile of the reference rows' own nearest-neighbour similarities (default 0.05: as
-   * close to a token as 95% of tokens are to theirs) ...
+   * `collapseQuantile` quantile of the reference rows' own nearest-neighbour similarities (default 0.05:
+   * at least as similar to its nearest row as the 5% of rows least similar to their own nearest row are,
+   * i.e. inside the range that 95% of rows occupy) ...
    */
   collapseQuantile?: number;
   /** ... or at least this absolute cosine similarity, when given (overrides the quantile). */
@@ -97,7 +98,9 @@ export interface VectorReport {
   /**
    * Percentile (0..100, mid-rank) of this vector's nearest-neighbour distance (cosine distance 1 - cos, and L2)
    * among the reference rows' own nearest-neighbour distances: low means closer to a reference row than
-   * reference rows typically are to each other.
+   * reference rows typically are to each other. "Nearest" is by the reference's metric on both sides: with
+   * the default cosine metric the L2 figure is the L2 distance to the cosine-nearest row (of the vector, and
+   * of each reference row), not the smallest L2 distance.
    */
   nearestDistancePercentile: { cosine: number; l2: number };
   /** Mahalanobis distance under the Gaussian fitted to the reference (regularised covariance). */
@@ -143,12 +146,18 @@ export interface ReferenceSummary {
   backend: "cpu" | "cuda";
   hasTokenizer: boolean;
   neighborSampleRows: number;
-  /** Quantiles of the reference rows' own nearest-neighbour cosine similarity and L2 distance. */
+  /**
+   * Quantiles of the reference rows' own nearest-neighbour cosine similarity and L2 distance, the
+   * neighbour found by the reference's metric (with cosine, the L2 figure is to the cosine-nearest row).
+   */
   nearestCosineQuantiles: { q05: number; q50: number; q95: number };
   nearestL2Quantiles: { q05: number; q50: number; q95: number };
   gaussian: { rows: number; ridge: number; meanVariance: number; logDet: number };
   divergenceRows: number;
-  /** The divergence of M other random reference rows against the same M rows (the paper's 1.31 baseline). */
+  /**
+   * The divergence of M other random reference rows against the same M rows (the paper's 1.31 baseline);
+   * a reference of fewer than 2M rows uses the M rows themselves, each row's distance to itself left out.
+   */
   referenceDivergence: number;
   seed: number;
 }
@@ -206,7 +215,11 @@ function optionalNumber(name: string, value: unknown, fallback: number, min: num
   return value;
 }
 
-/** The reference side of the collapse metrics, computed once: index, neighbour baseline, Gaussian, divergence rows. */
+/**
+ * The reference side of the collapse metrics, computed once: index, neighbour baseline, Gaussian, divergence
+ * rows. A { vocab, dim } source's array is kept (not copied) to compute the reported cosine and L2 values:
+ * leave it unchanged while the reference is in use.
+ */
 export class CollapseReference {
   readonly summary: ReferenceSummary;
   readonly dim: number;
@@ -313,14 +326,15 @@ export class CollapseReference {
           ? vocab
           : gatherRows(vocab, dim, sampleWithoutReplacement(rows, gaussianRows, seed + 1));
       const fit = await addon().priorGaussianFit(fitRows, dim, { ridgeRelative: jitter }, threads);
-      // Divergence rows, and the reference's own divergence against them.
-      const divergenceRows = gatherRows(
-        vocab,
-        dim,
-        sampleWithoutReplacement(rows, divergenceCount, seed + 2),
-      );
-      const others = gatherRows(vocab, dim, sampleWithoutReplacement(rows, divergenceCount, seed + 3));
+      // Divergence rows, and the reference's own divergence against them: from M other rows where the
+      // reference has 2M (one draw, split), else from the divergence rows themselves with each row's zero
+      // distance to itself left out of its mean (a prompt vector has no such zero term).
+      const drawn = sampleWithoutReplacement(rows, Math.min(rows, 2 * divergenceCount), seed + 2);
+      const divergenceRows = gatherRows(vocab, dim, drawn.subarray(0, divergenceCount));
+      const disjoint = drawn.length >= 2 * divergenceCount;
+      const others = disjoint ? gatherRows(vocab, dim, drawn.subarray(divergenceCount)) : divergenceRows;
       const own = await addon().meanDistances(others, divergenceRows, dim, threads);
+      if (!disjoint) for (let i = 0; i < own.length; i++) own[i] *= divergenceCount / (divergenceCount - 1);
       const q = (a: Float64Array) => ({
         q05: quantile(a, 0.05),
         q50: quantile(a, 0.5),
@@ -370,7 +384,16 @@ export class CollapseReference {
     const dim = this.dim;
     const count = rowCount("promptVectors", vectors, dim);
     const k =
-      options.k === undefined ? 5 : checkInteger("k", options.k, 1, Math.min(1024, this.summary.rows));
+      options.k === undefined
+        ? Math.min(5, this.summary.rows)
+        : checkInteger("k", options.k, 1, Math.min(1024, this.summary.rows));
+    // Non-finite values are refused here, naming the row and column, before the searches below start
+    // together (any of which would otherwise fail first, with its own message).
+    for (let i = 0; i < vectors.length; i++)
+      if (!Number.isFinite(vectors[i]!))
+        throw new RangeError(
+          `promptVectors: row ${Math.floor(i / dim)}, column ${i % dim} is ${vectors[i]} (values must be finite)`,
+        );
     const energy = optionalNumber("energy", options.energy, 0.95, 0, 1);
     const quantileRule = options.collapseThreshold === undefined;
     const collapseQuantile = optionalNumber("collapseQuantile", options.collapseQuantile, 0.05, 0, 1);

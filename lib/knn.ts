@@ -8,7 +8,8 @@
 //   "l2":     |q - v|, the Euclidean distance (not squared), smaller is nearer
 //   "dot":    q.v, larger is nearer
 // Inputs must be finite: NaN or Infinity in a row is an error naming the row and column. k must be an integer
-// from 1 to min(1024, rows) (rows - 1 for a self-search); anything else is a RangeError, never a clamp.
+// from 1 to min(1024, rows) (rows - 1 for a self-search): a non-integer is a TypeError, one out of range a
+// RangeError, never a clamp.
 import { addon } from "./native.js";
 import { threadsOr } from "./validate.js";
 
@@ -205,13 +206,12 @@ export class VocabIndex {
       rows = new Int32Array(this.rows);
       for (let i = 0; i < this.rows; i++) rows[i] = i;
     } else {
-      rows = Int32Array.from(options.rows);
-      rows.forEach((r, i) => {
-        if (!Number.isInteger(options.rows![i]) || r < 0 || r >= this.rows)
-          throw new RangeError(
-            `rows: element ${i} is ${options.rows![i]}, outside the index's rows [0, ${this.rows})`,
-          );
+      // Checked before the Int32Array conversion, which would wrap 2^32 + 1 to row 1.
+      Array.from(options.rows, (r, i) => {
+        if (!Number.isInteger(r) || r < 0 || r >= this.rows)
+          throw new RangeError(`rows: element ${i} is ${r}, outside the index's rows [0, ${this.rows})`);
       });
+      rows = Int32Array.from(options.rows);
     }
     const chunk = options.chunkRows === undefined ? 4096 : checkInteger("chunkRows", options.chunkRows, 1);
     const threads = threadsOr(options.threads, this.threads);

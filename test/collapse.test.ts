@@ -237,6 +237,29 @@ describe("collapseReport", () => {
     );
   });
 
+  it("the reference's own divergence leaves out each row's zero distance to itself", async () => {
+    // 50 rows, M = 1000 > V: the divergence rows are all 50 rows, and the reference's own divergence is the
+    // mean distance over ordered pairs of different rows (with the zero terms it came out 2% low).
+    const d = 8;
+    const V = 50;
+    const vocab = gaussian(V * d, 21);
+    let sum = 0;
+    for (let i = 0; i < V; i++)
+      for (let j = 0; j < V; j++) {
+        if (i === j) continue;
+        let d2 = 0;
+        for (let t = 0; t < d; t++) d2 += (vocab[i * d + t] - vocab[j * d + t]) ** 2;
+        sum += Math.sqrt(d2);
+      }
+    const ref = await createCollapseReference({ vocab, dim: d }, { backend: "cpu" });
+    expect(ref.summary.referenceDivergence).toBeCloseTo(sum / (V * (V - 1)), 9);
+    // With 2M rows or more, M other rows: no row is measured against itself.
+    const big = await createCollapseReference({ vocab, dim: d }, { backend: "cpu", divergenceRows: 25 });
+    expect(big.summary.referenceDivergence).toBeGreaterThan(0);
+    ref.dispose();
+    big.dispose();
+  });
+
   it("a model source: tokens, projected prompt, collapse of a copied token row, percentiles", async () => {
     const d = 24;
     const V = 500;
@@ -325,5 +348,24 @@ describe("collapseReport", () => {
     await expect(
       collapseReport(new Float32Array(4), { vocab, dim: 4 }, { collapseQuantile: 2, backend: "cpu" }),
     ).rejects.toThrow("collapseQuantile: expected a number from 0 to 1, got number 2");
+    // Non-finite values: the same message whichever of the report's searches would have met them first.
+    const nan = gaussian(4 * 4, 13);
+    nan[9] = Number.NaN;
+    for (let i = 0; i < 3; i++)
+      await expect(collapseReport(nan, { vocab, dim: 4 }, { backend: "cpu" })).rejects.toThrow(
+        "promptVectors: row 2, column 1 is NaN (values must be finite)",
+      );
+  });
+
+  it("a reference smaller than the default k lists all its rows; self-search rows are checked unconverted", async () => {
+    const vocab = gaussian(3 * 4, 14);
+    const report = await collapseReport(gaussian(2 * 4, 15), { vocab, dim: 4 }, { backend: "cpu" });
+    expect(report.vectors[0].nearest).toHaveLength(3);
+    const { VocabIndex } = await import("../lib/knn.js");
+    const index = await VocabIndex.create(vocab, { dim: 4, metric: "cosine", backend: "cpu" });
+    await expect(index.selfSearch({ k: 1, rows: [2 ** 32 + 1] })).rejects.toThrow(
+      "rows: element 0 is 4294967297, outside the index's rows [0, 3)",
+    );
+    index.dispose();
   });
 });
