@@ -6,12 +6,12 @@ import { join, resolve } from "node:path";
 import { SingleBar } from "cli-progress";
 import type { Command } from "commander";
 import { integerArg, numberArg } from "./cli-args.js";
+import { atomicWrite } from "./files.js";
 import type { Model } from "./model.js";
 import { createModel, loadTrainableModel, Pretrainer } from "./pretrain.js";
 import { readTexts } from "./priors.js";
 import { Rng } from "./rng.js";
 import { loadTokenizer, type Tokenizer } from "./tokenizer.js";
-import { atomicWrite } from "./train.js";
 
 /**
  * Token stream of text files, each document followed by end-of-text: JSON lines / JSON (optionally .gz) with a

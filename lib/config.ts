@@ -31,6 +31,8 @@ export interface ModelConfig {
   ropeScaling?: RopeScaling;
   /** Mistral-style sliding window; sequences longer than it are refused. */
   slidingWindow?: number;
+  /** GPT-2's scale_attn_by_inverse_layer_idx: layer l's attention scores also scaled by 1 / (l + 1). */
+  scaleAttnByInverseLayerIdx?: boolean;
 }
 
 type Json = Record<string, unknown>;
@@ -70,6 +72,11 @@ function parseGpt2(cfg: Json, hfArchitecture: string): ModelConfig {
   }
   if (cfg.scale_attn_weights === false)
     throw new Error("GPT-2 with scale_attn_weights=false is not supported");
+  const inverseLayer = cfg.scale_attn_by_inverse_layer_idx ?? false;
+  if (typeof inverseLayer !== "boolean")
+    throw new Error(
+      `config.json: "scale_attn_by_inverse_layer_idx" must be a boolean, got ${JSON.stringify(inverseLayer)}`,
+    );
   const hidden = num(cfg, "n_embd");
   const heads = num(cfg, "n_head");
   if (hidden % heads !== 0)
@@ -89,6 +96,7 @@ function parseGpt2(cfg: Json, hfArchitecture: string): ModelConfig {
     tiedHead: cfg.tie_word_embeddings !== false,
     attentionBias: true,
     mlpBias: true,
+    ...(inverseLayer ? { scaleAttnByInverseLayerIdx: true } : {}),
   };
 }
 
@@ -119,6 +127,10 @@ function parseLlama(cfg: Json, hfArchitecture: string): ModelConfig {
   const hidden = num(cfg, "hidden_size");
   const heads = num(cfg, "num_attention_heads");
   const kvHeads = num(cfg, "num_key_value_heads", heads);
+  if (cfg.head_dim == null && hidden % heads !== 0)
+    throw new Error(
+      `config.json: hidden_size (${hidden}) is not a multiple of num_attention_heads (${heads}) and no head_dim is given`,
+    );
   if (heads % kvHeads !== 0) {
     throw new Error(
       `config.json: num_attention_heads (${heads}) is not a multiple of num_key_value_heads (${kvHeads})`,
@@ -162,7 +174,7 @@ export function nativeConfig(c: ModelConfig, threads: number): NativeModelConfig
     tiedHead: c.tiedHead,
     attentionBias: c.attentionBias,
     mlpBias: c.mlpBias,
-    scaleAttnByInverseLayerIdx: false,
+    scaleAttnByInverseLayerIdx: c.scaleAttnByInverseLayerIdx ?? false,
     ropeTheta: c.ropeTheta ?? 10000,
     ropeType: c.ropeScaling?.type ?? "default",
     ropeFactor: c.ropeScaling?.factor ?? 1,
@@ -180,59 +192,65 @@ interface Need {
   rowOffset: number;
   /** GPT-2 Conv1D weights are stored [in, out]; slots hold [out, in]. */
   transpose: boolean;
+  /** The shape the config implies, as the slot holds it ([out, in] for a matrix, [n] for a vector). */
+  shape: number[];
 }
 
 function needs(c: ModelConfig): Need[] {
   const out: Need[] = [];
-  const add = (hf: string, target: string, rowOffset = 0, transpose = false) =>
-    out.push({ hf, target, rowOffset, transpose });
+  const add = (hf: string, target: string, shape: number[], rowOffset = 0, transpose = false) =>
+    out.push({ hf, target, rowOffset, transpose, shape });
+  const C = c.hiddenSize;
+  const I = c.intermediateSize;
   if (c.architecture === "gpt2") {
-    add("wte.weight", "tok_emb");
-    add("wpe.weight", "pos_emb");
-    add("ln_f.weight", "lnf.w");
-    add("ln_f.bias", "lnf.b");
+    add("wte.weight", "tok_emb", [c.vocabSize, C]);
+    add("wpe.weight", "pos_emb", [c.maxPositions, C]);
+    add("ln_f.weight", "lnf.w", [C]);
+    add("ln_f.bias", "lnf.b", [C]);
     for (let i = 0; i < c.numLayers; i++) {
       const h = `h.${i}.`;
       const l = `l${i}.`;
-      add(`${h}ln_1.weight`, `${l}ln1.w`);
-      add(`${h}ln_1.bias`, `${l}ln1.b`);
-      add(`${h}attn.c_attn.weight`, `${l}qkv.w`, 0, true);
-      add(`${h}attn.c_attn.bias`, `${l}qkv.b`);
-      add(`${h}attn.c_proj.weight`, `${l}proj.w`, 0, true);
-      add(`${h}attn.c_proj.bias`, `${l}proj.b`);
-      add(`${h}ln_2.weight`, `${l}ln2.w`);
-      add(`${h}ln_2.bias`, `${l}ln2.b`);
-      add(`${h}mlp.c_fc.weight`, `${l}fc.w`, 0, true);
-      add(`${h}mlp.c_fc.bias`, `${l}fc.b`);
-      add(`${h}mlp.c_proj.weight`, `${l}fc2.w`, 0, true);
-      add(`${h}mlp.c_proj.bias`, `${l}fc2.b`);
+      add(`${h}ln_1.weight`, `${l}ln1.w`, [C]);
+      add(`${h}ln_1.bias`, `${l}ln1.b`, [C]);
+      add(`${h}attn.c_attn.weight`, `${l}qkv.w`, [3 * C, C], 0, true);
+      add(`${h}attn.c_attn.bias`, `${l}qkv.b`, [3 * C]);
+      add(`${h}attn.c_proj.weight`, `${l}proj.w`, [C, C], 0, true);
+      add(`${h}attn.c_proj.bias`, `${l}proj.b`, [C]);
+      add(`${h}ln_2.weight`, `${l}ln2.w`, [C]);
+      add(`${h}ln_2.bias`, `${l}ln2.b`, [C]);
+      add(`${h}mlp.c_fc.weight`, `${l}fc.w`, [I, C], 0, true);
+      add(`${h}mlp.c_fc.bias`, `${l}fc.b`, [I]);
+      add(`${h}mlp.c_proj.weight`, `${l}fc2.w`, [C, I], 0, true);
+      add(`${h}mlp.c_proj.bias`, `${l}fc2.b`, [C]);
     }
   } else {
     const qRows = c.numHeads * c.headDim;
     const kvRows = c.numKvHeads * c.headDim;
-    add("embed_tokens.weight", "tok_emb");
-    add("norm.weight", "lnf.w");
+    add("embed_tokens.weight", "tok_emb", [c.vocabSize, C]);
+    add("norm.weight", "lnf.w", [C]);
     for (let i = 0; i < c.numLayers; i++) {
       const h = `layers.${i}.`;
       const l = `l${i}.`;
-      add(`${h}input_layernorm.weight`, `${l}ln1.w`);
-      add(`${h}post_attention_layernorm.weight`, `${l}ln2.w`);
+      add(`${h}input_layernorm.weight`, `${l}ln1.w`, [C]);
+      add(`${h}post_attention_layernorm.weight`, `${l}ln2.w`, [C]);
       for (const kind of ["weight", ...(c.attentionBias ? ["bias"] : [])]) {
         const t = kind === "weight" ? "w" : "b";
-        add(`${h}self_attn.q_proj.${kind}`, `${l}qkv.${t}`, 0);
-        add(`${h}self_attn.k_proj.${kind}`, `${l}qkv.${t}`, qRows);
-        add(`${h}self_attn.v_proj.${kind}`, `${l}qkv.${t}`, qRows + kvRows);
-        add(`${h}self_attn.o_proj.${kind}`, `${l}proj.${t}`);
+        const m = (rows: number, cols: number) => (kind === "weight" ? [rows, cols] : [rows]);
+        add(`${h}self_attn.q_proj.${kind}`, `${l}qkv.${t}`, m(qRows, C), 0);
+        add(`${h}self_attn.k_proj.${kind}`, `${l}qkv.${t}`, m(kvRows, C), qRows);
+        add(`${h}self_attn.v_proj.${kind}`, `${l}qkv.${t}`, m(kvRows, C), qRows + kvRows);
+        add(`${h}self_attn.o_proj.${kind}`, `${l}proj.${t}`, m(C, qRows));
       }
       for (const kind of ["weight", ...(c.mlpBias ? ["bias"] : [])]) {
         const t = kind === "weight" ? "w" : "b";
-        add(`${h}mlp.gate_proj.${kind}`, `${l}fc.${t}`, 0);
-        add(`${h}mlp.up_proj.${kind}`, `${l}fc.${t}`, c.intermediateSize);
-        add(`${h}mlp.down_proj.${kind}`, `${l}fc2.${t}`);
+        const m = (rows: number, cols: number) => (kind === "weight" ? [rows, cols] : [rows]);
+        add(`${h}mlp.gate_proj.${kind}`, `${l}fc.${t}`, m(I, C), 0);
+        add(`${h}mlp.up_proj.${kind}`, `${l}fc.${t}`, m(I, C), I);
+        add(`${h}mlp.down_proj.${kind}`, `${l}fc2.${t}`, m(C, I));
       }
     }
   }
-  if (!c.tiedHead) out.push({ hf: "lm_head.weight", target: "lm_head", rowOffset: 0, transpose: false });
+  if (!c.tiedHead) add("lm_head.weight", "lm_head", [c.vocabSize, C]);
   return out;
 }
 
@@ -268,17 +286,16 @@ export function loadPlan(
       );
     }
     dtypes.add(t.dtype);
-    let rows: number;
-    let cols: number;
-    if (t.shape.length === 1) {
-      rows = t.shape[0]!;
-      cols = 1;
-    } else if (t.shape.length === 2) {
-      rows = n.transpose ? t.shape[1]! : t.shape[0]!;
-      cols = n.transpose ? t.shape[0]! : t.shape[1]!;
-    } else {
-      throw new Error(`tensor '${t.name}' has shape [${t.shape}]; expected a vector or a matrix`);
-    }
+    // The shape the config implies, checked per tensor (the native loader checks only that each fits its
+    // slot, so a q_proj and k_proj of swapped heights would otherwise fill the fused qkv slot wrongly).
+    const stored = n.transpose ? [...n.shape].reverse() : n.shape;
+    if (t.shape.length !== stored.length || t.shape.some((x, i) => x !== stored[i]))
+      throw new Error(
+        `tensor '${t.name}' in ${t.file} has shape [${t.shape}], but config.json implies [${stored}] ` +
+          `(hidden ${c.hiddenSize}, heads ${c.numHeads}/${c.numKvHeads} of ${c.headDim}, intermediate ${c.intermediateSize}, vocab ${c.vocabSize})`,
+      );
+    const rows = n.shape[0]!;
+    const cols = n.shape.length === 2 ? n.shape[1]! : 1;
     entries.push({
       target: n.target,
       rowOffset: n.rowOffset,

@@ -207,10 +207,9 @@ export class VocabIndex {
       for (let i = 0; i < this.rows; i++) rows[i] = i;
     } else {
       // Checked before the Int32Array conversion, which would wrap 2^32 + 1 to row 1.
-      Array.from(options.rows, (r, i) => {
+      for (const [i, r] of Array.from(options.rows).entries())
         if (!Number.isInteger(r) || r < 0 || r >= this.rows)
           throw new RangeError(`rows: element ${i} is ${r}, outside the index's rows [0, ${this.rows})`);
-      });
       rows = Int32Array.from(options.rows);
     }
     const chunk = options.chunkRows === undefined ? 4096 : checkInteger("chunkRows", options.chunkRows, 1);

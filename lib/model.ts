@@ -1,9 +1,10 @@
 // loadModel and Model: a frozen GPT-2 or Llama model with a soft prompt in front (the public contract).
-import { existsSync, readFileSync, statSync } from "node:fs";
+import { existsSync, statSync } from "node:fs";
 import { availableParallelism } from "node:os";
 import { join, resolve } from "node:path";
 import { type Backend, type BackendChoice, defaultLogger, type Logger, resolveBackend } from "./backend.js";
 import { loadPlan, type ModelConfig, nativeConfig, parameterCount, parseConfig } from "./config.js";
+import { readJsonFile } from "./files.js";
 import {
   addon,
   type CudaPrecision,
@@ -15,7 +16,7 @@ import {
 } from "./native.js";
 import { AdamW, type AdamWOptions, fromPromptTensors, promptGrads, promptTensors } from "./optim.js";
 import { listModelTensors } from "./safetensors.js";
-import { loadTokenizer, type Tokenizer } from "./tokenizer.js";
+import { findTokenizer, type Tokenizer } from "./tokenizer.js";
 import {
   checkLabels,
   checkTokenIds,
@@ -298,12 +299,7 @@ export interface ModelInfo {
 function readConfig(dir: string): ModelConfig {
   const path = join(dir, "config.json");
   if (!existsSync(path)) throw new Error(`${dir}: no config.json (expected a Hugging Face model directory)`);
-  return parseConfig(JSON.parse(readFileSync(path, "utf8")));
-}
-
-function tryTokenizer(dir: string): Tokenizer | null {
-  const has = ["tokenizer.json", "vocab.json"].some((f) => existsSync(join(dir, f)));
-  return has ? loadTokenizer(dir) : null;
+  return parseConfig(readJsonFile(path) as Record<string, unknown>);
 }
 
 export function describeModel(dirArg: string): ModelInfo {
@@ -311,7 +307,7 @@ export function describeModel(dirArg: string): ModelInfo {
   const config = readConfig(dir);
   const tensors = listModelTensors(dir);
   const { entries, dtypes } = loadPlan(config, tensors);
-  const tok = tryTokenizer(dir);
+  const tok = findTokenizer(dir, (m) => defaultLogger("warn", m));
   return {
     dir,
     config,
@@ -461,7 +457,7 @@ export async function loadModel(dirArg: string, options: LoadOptions = {}): Prom
   const config = readConfig(dir);
   const { backend, reason } = resolveBackend(options.backend, logger);
   const { entries, dtypes } = loadPlan(config, listModelTensors(dir));
-  const tokenizer = tryTokenizer(dir);
+  const tokenizer = findTokenizer(dir, (m) => logger("warn", m));
   const native = new (addon().NativeModel)(nativeConfig(config, threads));
   try {
     await native.loadTensors(entries);

@@ -6,16 +6,17 @@
 // master weights, the AdamW moments belong to the model, and weight decay applies only to the weight
 // matrices of linear layers (attention q/k/v and output, MLP, an untied LM head) — never to embeddings, norm
 // weights or biases (see Model::decays in kernels/include/priortune/model.h).
-import { copyFileSync, existsSync, mkdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
+import { copyFileSync, existsSync, mkdirSync, statSync, writeFileSync } from "node:fs";
 import { availableParallelism } from "node:os";
 import { join, resolve } from "node:path";
 import { defaultLogger, type Logger } from "./backend.js";
 import { loadPlan, type ModelConfig, nativeConfig, parseConfig } from "./config.js";
+import { readJsonFile } from "./files.js";
 import { Model } from "./model.js";
 import { addon, type NativeModel } from "./native.js";
 import { Rng } from "./rng.js";
 import { listModelTensors, type TensorToWrite, writeSafetensors } from "./safetensors.js";
-import { loadTokenizer, type Tokenizer } from "./tokenizer.js";
+import { findTokenizer, type Tokenizer } from "./tokenizer.js";
 import {
   checkLabels,
   checkTokenIds,
@@ -174,6 +175,7 @@ export function hfConfigJson(c: ModelConfig): Json {
       activation_function: "gelu_new",
       layer_norm_epsilon: c.normEps,
       tie_word_embeddings: c.tiedHead,
+      ...(c.scaleAttnByInverseLayerIdx ? { scale_attn_by_inverse_layer_idx: true } : {}),
       dtype: "float32",
     };
   }
@@ -194,6 +196,7 @@ export function hfConfigJson(c: ModelConfig): Json {
     attention_bias: c.attentionBias,
     mlp_bias: c.mlpBias,
     tie_word_embeddings: c.tiedHead,
+    ...(c.slidingWindow !== undefined ? { sliding_window: c.slidingWindow } : {}),
     // Transformers 5's form; lib/config.ts and Transformers 4.x's loaders read it too.
     rope_parameters: {
       rope_type: rope?.type ?? "default",
@@ -272,11 +275,9 @@ export async function createModel(
     const path = join(sourceDir, "config.json");
     if (!existsSync(path))
       throw new Error(`${sourceDir}: no config.json (expected a Hugging Face model directory)`);
-    hfConfig = JSON.parse(readFileSync(path, "utf8")) as Json;
+    hfConfig = readJsonFile(path) as Json;
     config = parseConfig(hfConfig);
-    tokenizer = ["tokenizer.json", "vocab.json"].some((f) => existsSync(join(sourceDir!, f)))
-      ? loadTokenizer(sourceDir)
-      : null;
+    tokenizer = findTokenizer(sourceDir, (m) => (options.logger ?? defaultLogger)("warn", m));
   } else if (typeof source === "object" && source !== null) {
     if (isParsedConfig(source as Json)) {
       config = source as ModelConfig;
@@ -342,13 +343,11 @@ export async function loadTrainableModel(
   if (!existsSync(dir) || !statSync(dir).isDirectory()) throw new Error(`${dir}: not a directory`);
   const path = join(dir, "config.json");
   if (!existsSync(path)) throw new Error(`${dir}: no config.json (expected a Hugging Face model directory)`);
-  const hfConfig = JSON.parse(readFileSync(path, "utf8")) as Json;
+  const hfConfig = readJsonFile(path) as Json;
   const config = parseConfig(hfConfig);
   const threads = threadsOr(options.threads, availableParallelism());
   const { entries, dtypes } = loadPlan(config, listModelTensors(dir));
-  const tokenizer = ["tokenizer.json", "vocab.json"].some((f) => existsSync(join(dir, f)))
-    ? loadTokenizer(dir)
-    : null;
+  const tokenizer = findTokenizer(dir, (m) => (options.logger ?? defaultLogger)("warn", m));
   const native = new (addon().NativeModel)(nativeConfig(config, threads));
   try {
     await native.loadTensors(entries);

@@ -3,8 +3,9 @@
 // the raw little-endian data. We read only headers here; tensor bytes are read by the native loader
 // straight into the model's fp32 storage (one copy of the weights in memory), or by readTensors for
 // small files such as test fixtures.
-import { closeSync, existsSync, fstatSync, openSync, readFileSync, readSync, writeSync } from "node:fs";
+import { closeSync, existsSync, fstatSync, openSync, readFileSync, readSync } from "node:fs";
 import { join } from "node:path";
+import { readJsonFile, writeAll } from "./files.js";
 
 export type SafetensorsDType = "F64" | "F32" | "F16" | "BF16" | "I64" | "I32" | "I16" | "I8" | "U8" | "BOOL";
 
@@ -19,8 +20,13 @@ const DTYPE_BYTES: Record<string, number> = {
   I8: 1,
   U8: 1,
   BOOL: 1,
+  U64: 8,
+  U32: 4,
+  U16: 2,
   F8_E4M3: 1,
   F8_E5M2: 1,
+  F8_E8M0: 1,
+  C64: 8,
 };
 
 export interface TensorInfo {
@@ -51,30 +57,54 @@ export function readSafetensorsHeader(file: string): SafetensorsHeader {
     }
     const headerBuf = Buffer.alloc(headerLen);
     readSync(fd, headerBuf, 0, headerLen, 8);
-    let json: Record<string, unknown>;
+    let json: unknown;
     try {
       json = JSON.parse(headerBuf.toString("utf8"));
     } catch (e) {
       throw new Error(`${file}: safetensors header is not valid JSON (${(e as Error).message})`);
     }
+    if (json === null || typeof json !== "object" || Array.isArray(json))
+      throw new Error(`${file}: safetensors header is not a JSON object`);
     const dataStart = 8 + headerLen;
+    const dataSize = size - dataStart;
     const tensors = new Map<string, TensorInfo>();
     let metadata: Record<string, string> = {};
-    for (const [name, value] of Object.entries(json)) {
+    const isCount = (x: unknown): x is number => Number.isSafeInteger(x) && (x as number) >= 0;
+    for (const [name, value] of Object.entries(json as Record<string, unknown>)) {
       if (name === "__metadata__") {
+        if (value === null || typeof value !== "object" || Array.isArray(value))
+          throw new Error(`${file}: safetensors __metadata__ is not an object of strings`);
         metadata = value as Record<string, string>;
         continue;
       }
-      const v = value as { dtype: string; shape: number[]; data_offsets: [number, number] };
+      const bad = (why: string) => new Error(`${file}: tensor '${name}': ${why}`);
+      if (value === null || typeof value !== "object")
+        throw bad("not an object of dtype, shape, data_offsets");
+      const v = value as { dtype?: unknown; shape?: unknown; data_offsets?: unknown };
+      if (typeof v.dtype !== "string") throw bad(`dtype ${JSON.stringify(v.dtype)} is not a string`);
+      if (!Array.isArray(v.shape) || !v.shape.every(isCount))
+        throw bad(`shape ${JSON.stringify(v.shape)} is not a list of non-negative integers`);
+      const offsets = v.data_offsets;
+      if (
+        !Array.isArray(offsets) ||
+        offsets.length !== 2 ||
+        !offsets.every(isCount) ||
+        offsets[0] > offsets[1]
+      )
+        throw bad(`data_offsets ${JSON.stringify(offsets)} is not [begin, end] with 0 <= begin <= end`);
+      const [begin, end] = offsets as [number, number];
+      const shape = v.shape as number[];
+      // An unknown dtype is kept (a tensor the model does not use may have one; the load plan refuses it
+      // where it is needed); its bytes are still checked against the layout below.
       const bytes = DTYPE_BYTES[v.dtype];
-      if (bytes === undefined) throw new Error(`${file}: tensor '${name}' has unknown dtype '${v.dtype}'`);
-      const count = v.shape.reduce((a, b) => a * b, 1);
-      const [begin, end] = v.data_offsets;
-      if (end - begin !== count * bytes || dataStart + end > size) {
-        throw new Error(
-          `${file}: tensor '${name}' (${v.dtype} [${v.shape}]) has data_offsets [${begin}, ${end}] that do not match its shape or the file size`,
+      const count = shape.reduce((a, b) => a * b, 1);
+      if (
+        end > dataSize ||
+        (bytes !== undefined && (!Number.isSafeInteger(count * bytes) || end - begin !== count * bytes))
+      )
+        throw bad(
+          `${v.dtype} [${shape}] does not match data_offsets [${begin}, ${end}] in ${dataSize} bytes of data`,
         );
-      }
       tensors.set(name, {
         name,
         dtype: v.dtype,
@@ -84,33 +114,70 @@ export function readSafetensorsHeader(file: string): SafetensorsHeader {
         byteLength: end - begin,
       });
     }
+    // As the reference loader: the tensors tile the data exactly, in offset order, with no gap or overlap
+    // (an overlap would alias two tensors' bytes; a gap is a sign of a damaged or duplicated entry).
+    let at = 0;
+    const layout = [...tensors.values()].sort((a, b) => a.offset - b.offset || a.byteLength - b.byteLength);
+    for (const t of layout) {
+      if (t.offset - dataStart !== at)
+        throw new Error(
+          `${file}: tensor '${t.name}' starts at data byte ${t.offset - dataStart}, expected ${at} (tensors must tile the data without gaps or overlaps)`,
+        );
+      at += t.byteLength;
+    }
+    if (at !== dataSize)
+      throw new Error(`${file}: the tensors cover ${at} of the ${dataSize} data bytes after the header`);
     return { tensors, metadata };
   } finally {
     closeSync(fd);
   }
 }
 
-/** All tensors of a Hugging Face model directory: model.safetensors or a sharded index. */
+/**
+ * All tensors of a Hugging Face model directory: model.safetensors, else a sharded index (the order
+ * Transformers loads them in). Each tensor comes from the shard the index's weight_map names; one that
+ * another shard also holds is an error.
+ */
 export function listModelTensors(dir: string): Map<string, TensorInfo> {
   const single = join(dir, "model.safetensors");
   const index = join(dir, "model.safetensors.index.json");
+  if (existsSync(single)) return readSafetensorsHeader(single).tensors;
   if (existsSync(index)) {
-    const weightMap = (JSON.parse(readFileSync(index, "utf8")) as { weight_map?: Record<string, string> })
-      .weight_map;
-    if (!weightMap) throw new Error(`${index}: missing "weight_map"`);
-    const all = new Map<string, TensorInfo>();
+    const parsed = readJsonFile(index) as { weight_map?: unknown } | null;
+    const weightMap = parsed?.weight_map as Record<string, string> | undefined;
+    if (
+      !weightMap ||
+      typeof weightMap !== "object" ||
+      Object.values(weightMap).some((v) => typeof v !== "string")
+    )
+      throw new Error(`${index}: missing "weight_map" (an object of tensor name to shard file)`);
+    const shards = new Map<string, Map<string, TensorInfo>>();
     for (const shard of new Set(Object.values(weightMap))) {
       const path = join(dir, shard);
       if (!existsSync(path)) throw new Error(`${index} names shard ${shard}, which does not exist in ${dir}`);
-      for (const [name, info] of readSafetensorsHeader(path).tensors) all.set(name, info);
+      shards.set(shard, readSafetensorsHeader(path).tensors);
     }
+    const all = new Map<string, TensorInfo>();
+    for (const [shard, tensors] of shards)
+      for (const [name, info] of tensors) {
+        const mapped = weightMap[name];
+        if (mapped !== undefined && mapped !== shard) {
+          throw new Error(
+            `${index} maps tensor '${name}' to ${mapped}, but ${shard} holds it too: which copy is meant is unclear`,
+          );
+        }
+        if (all.has(name))
+          throw new Error(
+            `${dir}: tensor '${name}' is in two shards (${all.get(name)!.file} and ${info.file})`,
+          );
+        all.set(name, info);
+      }
     for (const name of Object.keys(weightMap)) {
       if (!all.has(name))
         throw new Error(`${index} maps tensor '${name}' to ${weightMap[name]}, which does not hold it`);
     }
     return all;
   }
-  if (existsSync(single)) return readSafetensorsHeader(single).tensors;
   throw new Error(
     `${dir}: no model.safetensors or model.safetensors.index.json (only safetensors weights are supported)`,
   );
@@ -213,10 +280,9 @@ export function writeSafetensors(
   try {
     const len = Buffer.alloc(8);
     len.writeBigUInt64LE(BigInt(Buffer.byteLength(json)));
-    writeSync(fd, len);
-    writeSync(fd, json);
-    for (const t of sorted)
-      writeSync(fd, new Uint8Array(t.data.buffer, t.data.byteOffset, t.data.byteLength));
+    writeAll(fd, len);
+    writeAll(fd, Buffer.from(json, "utf8"));
+    for (const t of sorted) writeAll(fd, new Uint8Array(t.data.buffer, t.data.byteOffset, t.data.byteLength));
   } finally {
     closeSync(fd);
   }

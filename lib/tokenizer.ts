@@ -4,6 +4,7 @@
 import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { Tokenizer as HfTokenizer } from "@huggingface/tokenizers";
+import { readJsonFile } from "./files.js";
 
 export interface Tokenizer {
   /** Token ids of `text`; special tokens (e.g. BOS) are added only when asked. */
@@ -50,10 +51,12 @@ class HfBackedTokenizer implements Tokenizer {
 
 /** The tokenizer.json equivalent of GPT-2's original vocab.json + merges.txt files. */
 export function byteLevelBpeJson(vocab: Record<string, number>, mergesText: string): Record<string, unknown> {
+  // Lines may end in CRLF (a Windows or autocrlf checkout): a kept "\r" would make no merge match.
   const merges = mergesText
-    .split("\n")
+    .split(/\r?\n/u)
+    .map((line) => line.trim())
     .filter((line) => line.length > 0 && !line.startsWith("#version"))
-    .map((line) => line.split(" "));
+    .map((line) => line.split(/\s+/u));
   const eos = "<|endoftext|>";
   return {
     version: "1.0",
@@ -93,21 +96,33 @@ export function byteLevelBpeJson(vocab: Record<string, number>, mergesText: stri
 export function loadTokenizer(dir: string): Tokenizer {
   const tokJson = join(dir, "tokenizer.json");
   const tokConfig = join(dir, "tokenizer_config.json");
-  const config = existsSync(tokConfig) ? JSON.parse(readFileSync(tokConfig, "utf8")) : {};
+  const config = existsSync(tokConfig) ? readJsonFile(tokConfig) : {};
   if (existsSync(tokJson)) {
-    return new HfBackedTokenizer(
-      new HfTokenizer(JSON.parse(readFileSync(tokJson, "utf8")), config),
-      "tokenizer.json",
-    );
+    return new HfBackedTokenizer(new HfTokenizer(readJsonFile(tokJson), config), "tokenizer.json");
   }
   const vocabPath = join(dir, "vocab.json");
   const mergesPath = join(dir, "merges.txt");
   if (existsSync(vocabPath) && existsSync(mergesPath)) {
     const json = byteLevelBpeJson(
-      JSON.parse(readFileSync(vocabPath, "utf8")),
+      readJsonFile(vocabPath) as Record<string, number>,
       readFileSync(mergesPath, "utf8"),
     );
     return new HfBackedTokenizer(new HfTokenizer(json, config), "vocab.json+merges.txt");
   }
   throw new Error(`${dir}: no tokenizer.json (or vocab.json + merges.txt) found`);
+}
+
+/**
+ * The tokenizer of a model directory, or null where it has none. The model itself does not need one (ids
+ * in, logits out), so a tokenizer that is present but cannot be read is reported through `warn` and
+ * left out, rather than failing the load; whatever needs text then says it has no tokenizer.
+ */
+export function findTokenizer(dir: string, warn: (message: string) => void): Tokenizer | null {
+  if (!["tokenizer.json", "vocab.json"].some((f) => existsSync(join(dir, f)))) return null;
+  try {
+    return loadTokenizer(dir);
+  } catch (e) {
+    warn(`${dir}: tokenizer not loaded (${(e as Error).message}); the model loads without one`);
+    return null;
+  }
 }

@@ -16,10 +16,10 @@ import {
   statSync,
   truncateSync,
   writeFileSync,
-  writeSync,
 } from "node:fs";
 import { join } from "node:path";
 import { type CollapseReference, createCollapseReference } from "./collapse.js";
+import { atomicWrite } from "./files.js";
 import { arithmeticCorrect, exactMatch, f1Score } from "./metrics.js";
 import type { LossAndGrad, Model } from "./model.js";
 import type { DeepPrompts } from "./native.js";
@@ -246,18 +246,6 @@ function norm(arrays: Float32Array[]): number {
 }
 
 /** Writes a file atomically: to a temporary name, fsync, then rename over the target. */
-export function atomicWrite(path: string, data: string | Uint8Array): void {
-  const tmp = `${path}.tmp-${process.pid}`;
-  const fd = openSync(tmp, "w");
-  try {
-    writeSync(fd, typeof data === "string" ? Buffer.from(data) : data);
-    fsyncSync(fd);
-  } finally {
-    closeSync(fd);
-  }
-  renameSync(tmp, path);
-}
-
 function atomicSafetensors(path: string, tensors: TensorToWrite[], metadata: Record<string, string>): void {
   const tmp = `${path}.tmp-${process.pid}`;
   writeSafetensors(tmp, tensors, metadata);

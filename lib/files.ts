@@ -1,0 +1,34 @@
+// Small file helpers shared by the loaders, the training loop and the reports.
+import { closeSync, fsyncSync, openSync, readFileSync, renameSync, writeSync } from "node:fs";
+
+/** JSON.parse of a file, with the file's path in the error. */
+export function readJsonFile(path: string): unknown {
+  const text = readFileSync(path, "utf8");
+  try {
+    return JSON.parse(text);
+  } catch (e) {
+    throw new Error(`${path}: not valid JSON (${(e as Error).message})`);
+  }
+}
+
+/** writeSync until every byte is written (one write(2) stops at 2 GiB - 4 KiB). */
+export function writeAll(fd: number, bytes: Uint8Array): void {
+  for (let done = 0; done < bytes.byteLength; )
+    done += writeSync(fd, bytes, done, Math.min(bytes.byteLength - done, 1 << 30));
+}
+
+/**
+ * Writes a file so that a crash leaves either the old contents or the new, never a torn file: a temporary
+ * file beside it, fsync'd, then renamed over it.
+ */
+export function atomicWrite(path: string, data: string | Uint8Array): void {
+  const tmp = `${path}.tmp-${process.pid}`;
+  const fd = openSync(tmp, "w");
+  try {
+    writeAll(fd, typeof data === "string" ? Buffer.from(data) : data);
+    fsyncSync(fd);
+  } finally {
+    closeSync(fd);
+  }
+  renameSync(tmp, path);
+}
