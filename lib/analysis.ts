@@ -292,7 +292,15 @@ export async function mmd(
   if (!(bandwidth > 0) || !Number.isFinite(bandwidth)) {
     if (options.bandwidth !== undefined)
       throw new RangeError(`bandwidth: expected a positive number, got ${options.bandwidth}`);
-    bandwidth = 1; // every pooled point coincides: any bandwidth gives MMD 0
+    // Half the pairs or more coincide: the median of the distances that are not zero, so that the
+    // statistic does not depend on the data's units; 1 only when every point coincides (MMD 0 at any).
+    let nonzero: number[] = [];
+    for (let i = 0; i < N && nonzero.length < 1_000_000; i++)
+      for (let j = i + 1; j < N; j++) if (sq[i * N + j] > 0) nonzero.push(sq[i * N + j]);
+    nonzero = nonzero.sort((a, b) => a - b);
+    const k = nonzero.length;
+    bandwidth =
+      k === 0 ? 1 : Math.sqrt(k % 2 ? nonzero[(k - 1) / 2]! : 0.5 * (nonzero[k / 2 - 1]! + nonzero[k / 2]!));
   }
   const gamma = 1 / (2 * bandwidth * bandwidth);
   const K = new Float64Array(N * N);
@@ -375,6 +383,15 @@ export async function linearProbe(
   const y = Int32Array.from(labels, (l) => classIds.indexOf(l));
   const folds = checkInteger("folds", options.folds ?? 5, 2, n);
   const l2 = options.l2 ?? 1e-3;
+  if (typeof l2 !== "number" || !Number.isFinite(l2) || l2 < 0)
+    throw new RangeError(`l2: expected a finite number >= 0, got ${l2}`);
+  // A non-finite feature would make its standardised column NaN and every line search fail, so the probe
+  // would report chance accuracy as if the sets were inseparable.
+  for (let i = 0; i < rows.length; i++)
+    if (!Number.isFinite(rows[i]!))
+      throw new RangeError(
+        `rows: row ${Math.floor(i / dim)}, column ${i % dim} is ${rows[i]} (values must be finite)`,
+      );
   const iterations = checkInteger("iterations", options.iterations ?? 200, 1);
   const threads = analysisThreads(options.threads);
   const rng = new Rng(options.seed ?? 0);
@@ -683,7 +700,9 @@ async function kMeansOnce(
   const assignments = new Int32Array(n).fill(-1);
   let inertia = 0;
   let iterations = 0;
-  for (; iterations < maxIterations; iterations++) {
+  // Assigns every row to its nearest centroid; the inertia is of these centroids. Returns the distances
+  // and how many rows changed cluster.
+  const assign = async () => {
     const dist = await addon().analysisPairwiseSquaredDistances(rows, centroids, dim, threads);
     let changed = 0;
     inertia = 0;
@@ -694,7 +713,15 @@ async function kMeansOnce(
       assignments[i] = bestC;
       inertia += dist[i * k + bestC];
     }
-    if (changed === 0 && iterations > 0) break;
+    return { dist, changed };
+  };
+  let converged = false;
+  for (; iterations < maxIterations; iterations++) {
+    const { dist, changed } = await assign();
+    if (changed === 0 && iterations > 0) {
+      converged = true;
+      break;
+    }
     const sums = new Float64Array(k * dim);
     const counts = new Int32Array(k);
     for (let i = 0; i < n; i++) {
@@ -714,6 +741,8 @@ async function kMeansOnce(
       for (let j = 0; j < dim; j++) centroids[c * dim + j] = sums[c * dim + j] / counts[c];
     }
   }
+  // Stopped by maxIterations after moving the centroids: assignments and inertia of the returned ones.
+  if (!converged) await assign();
   return { centroids, assignments, inertia, iterations };
 }
 
@@ -995,20 +1024,37 @@ export interface ConvergenceOptions {
   window?: number;
 }
 
-/** The loss curve a convergence time is read from: (step, loss) pairs in step order. */
+const finiteLoss = (x: unknown): x is number => typeof x === "number" && Number.isFinite(x);
+
+/**
+ * The loss curve a convergence time is read from: (step, loss) pairs in step order. Validation records
+ * without a finite loss (collapse-only records, whose NaN metrics.jsonl holds as null; a diverged run) are
+ * left out; a training-loss window holding a non-finite loss gives NaN (never "reached").
+ */
 export function lossCurve(
   metrics: RunMetrics,
   options: ConvergenceOptions = {},
 ): { step: number; loss: number }[] {
-  if ((options.source ?? "validation") === "validation")
-    return metrics.evals.map((e) => ({ step: e.step, loss: e.validationLoss }));
+  const source = options.source ?? "validation";
+  if (source !== "validation" && source !== "train")
+    throw new TypeError(`source: expected "validation" or "train", got ${JSON.stringify(source)}`);
+  if (source === "validation")
+    return metrics.evals
+      .filter((e) => finiteLoss(e.validationLoss))
+      .map((e) => ({ step: e.step, loss: e.validationLoss }));
   const window = checkInteger("window", options.window ?? 10, 1);
   const out: { step: number; loss: number }[] = [];
   let sum = 0;
+  let bad = 0; // non-finite losses inside the window
   metrics.steps.forEach((s, i) => {
-    sum += s.loss;
-    if (i >= window) sum -= metrics.steps[i - window].loss;
-    out.push({ step: s.step, loss: sum / Math.min(i + 1, window) });
+    if (finiteLoss(s.loss)) sum += s.loss;
+    else bad++;
+    if (i >= window) {
+      const old = metrics.steps[i - window].loss;
+      if (finiteLoss(old)) sum -= old;
+      else bad--;
+    }
+    out.push({ step: s.step, loss: bad > 0 ? Number.NaN : sum / Math.min(i + 1, window) });
   });
   return out;
 }
@@ -1019,7 +1065,7 @@ export function convergenceStep(
   level: number,
   options: ConvergenceOptions = {},
 ): number | null {
-  for (const p of lossCurve(metrics, options)) if (p.loss <= level) return p.step;
+  for (const p of lossCurve(metrics, options)) if (Number.isFinite(p.loss) && p.loss <= level) return p.step;
   return null;
 }
 
@@ -1033,7 +1079,7 @@ export function convergenceByRun(
 ): { level: number; steps: { name: string; step: number | null; finalLoss: number | null }[] } {
   const finals = runs.map((r) => {
     const c = lossCurve(r.metrics, options);
-    return c.length ? c[c.length - 1].loss : null;
+    return c.length && Number.isFinite(c[c.length - 1].loss) ? c[c.length - 1].loss : null;
   });
   const known = finals.filter((f): f is number => f !== null);
   const level = options.level ?? (known.length ? Math.max(...known) : Number.NaN);

@@ -4,11 +4,12 @@
 //
 // Data go inline (`data.values`) so that a specification is self-contained; large point sets should be
 // subsampled first (limitRows), since every point becomes an SVG element.
-import { mkdirSync, writeFileSync } from "node:fs";
+import { mkdirSync } from "node:fs";
 import { join } from "node:path";
 import { Resvg } from "@resvg/resvg-js";
 import * as vega from "vega";
 import { compile, type TopLevelSpec } from "vega-lite";
+import { atomicWrite } from "./files.js";
 import { Rng } from "./rng.js";
 
 export type PlotSpec = TopLevelSpec;
@@ -27,6 +28,7 @@ export const FIGURE_CONFIG = {
 
 /** At most `max` of the items, chosen uniformly with a seeded generator, in their original order. */
 export function limitRows<T>(items: readonly T[], max: number, seed = 0): T[] {
+  if (!Number.isInteger(max) || max < 0) throw new RangeError(`max: expected an integer >= 0, got ${max}`);
   if (items.length <= max) return [...items];
   const rng = new Rng(seed);
   const idx = rng.shuffle(Array.from({ length: items.length }, (_, i) => i)).slice(0, max);
@@ -312,11 +314,18 @@ export function toVega(spec: PlotSpec): vega.Spec {
 export async function renderSvg(spec: PlotSpec): Promise<string> {
   const view = new vega.View(vega.parse(toVega(spec)), { renderer: "none", logLevel: vega.Error });
   try {
-    return await view.toSVG();
+    return (await view.toSVG()).replace(XML_FORBIDDEN, "\uFFFD");
   } finally {
     view.finalize();
   }
 }
+
+/**
+ * The characters XML forbids, removed from a figure's SVG (a token or run name may hold one: resvg,
+ * and any XML reader, would refuse the document), each replaced by U+FFFD.
+ */
+// biome-ignore lint/suspicious/noControlCharactersInRegex: these are the characters being removed
+const XML_FORBIDDEN = /[\u0000-\u0008\u000B\u000C\u000E-\u001F\uFFFE\uFFFF]/gu;
 
 /** Rasterises an SVG document to PNG with resvg at `scale` x its size (default 2: print resolution). */
 export function svgToPng(svg: string, options: { scale?: number } = {}): Buffer {
@@ -352,8 +361,8 @@ export async function writeFigure(
     png: join(dir, `${name}.png`),
     spec: join(dir, `${name}.vl.json`),
   };
-  writeFileSync(paths.svg, svg);
-  writeFileSync(paths.png, png);
-  writeFileSync(paths.spec, `${JSON.stringify(spec, null, 2)}\n`);
+  atomicWrite(paths.svg, svg);
+  atomicWrite(paths.png, png);
+  atomicWrite(paths.spec, `${JSON.stringify(spec, null, 2)}\n`);
   return paths;
 }

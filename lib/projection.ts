@@ -496,18 +496,28 @@ export async function tsne(
   if (!(perplexity > 0))
     throw new RangeError(`perplexity: expected a positive number, got ${options.perplexity}`);
   const iterations = checkInteger("iterations", options.iterations ?? 1000, 1);
-  const exaggeration = options.earlyExaggeration ?? 12;
+  const positive = (name: string, v: number) => {
+    if (typeof v !== "number" || !Number.isFinite(v) || v <= 0)
+      throw new RangeError(`${name}: expected a finite number > 0, got ${v}`);
+    return v;
+  };
+  const exaggeration = positive("earlyExaggeration", options.earlyExaggeration ?? 12);
   const theta = options.theta ?? 0.5;
+  if (typeof theta !== "number" || !(theta >= 0 && theta <= 1))
+    throw new RangeError(`theta: expected a number from 0 to 1, got ${theta}`);
   const lr =
     options.learningRate === undefined || options.learningRate === "auto"
       ? Math.max(n / exaggeration / 4, 50)
-      : options.learningRate;
+      : positive("learningRate", options.learningRate);
+  const init = options.init ?? "pca";
+  if (init !== "pca" && init !== "random")
+    throw new TypeError(`init: expected "pca" or "random", got ${JSON.stringify(init)}`);
   const threads = analysisThreads(options.threads);
   const k = Math.min(n - 1, Math.floor(3 * perplexity));
   const nn = await exactNeighbors(rows, dim, k, threads);
   const P = tsneAffinities(nn.indices, nn.distances, n, k, perplexity);
   const Y = new Float64Array(2 * n);
-  if ((options.init ?? "pca") === "pca") {
+  if (init === "pca") {
     const { projection } = await pca(rows, dim, { components: 2, seed: options.seed, threads });
     let m = 0;
     for (let i = 0; i < n; i++) m += projection[2 * i];

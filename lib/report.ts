@@ -4,7 +4,7 @@
 // trained (posterior) prompts, the prompt trajectories over training, and, when the model is at hand,
 // activation clusters and densities per layer for the runs' tasks with the distances between them (paper,
 // findings 1, 2 and 4). The page embeds vega, vega-lite and vega-embed inline: it needs no network to view.
-import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, readdirSync, readFileSync } from "node:fs";
 import { createRequire } from "node:module";
 import { basename, dirname, join, resolve } from "node:path";
 import { captureActivations } from "./activations.js";
@@ -19,6 +19,7 @@ import {
   readMetrics,
   trajectoryStatistics,
 } from "./analysis.js";
+import { atomicWrite } from "./files.js";
 import { loadModel, type Model } from "./model.js";
 import {
   barSpec,
@@ -102,6 +103,8 @@ export interface ClusterDistance {
   symmetricKl: number;
   mmd2: number;
   probeAccuracy: number;
+  /** The probe's chance level: the larger set's share of the rows. */
+  probeChance: number;
 }
 
 export interface TrajectoryRow {
@@ -311,6 +314,8 @@ export async function buildReport(runDirs: readonly string[], options: ReportOpt
         sets.push({ group: `${r.name}: trained`, rows: r.final!, labels: idx });
       }
       const method = options.projection ?? "pca";
+      if (method !== "pca" && method !== "tsne" && method !== "umap")
+        throw new TypeError(`projection: expected "pca", "tsne" or "umap", got ${JSON.stringify(method)}`);
       let coords: Float64Array;
       const all = concatRows(sets.map((s) => s.rows));
       if (method === "pca") coords = basis.transform(all);
@@ -427,6 +432,24 @@ export async function buildReport(runDirs: readonly string[], options: ReportOpt
               spreadP: ts.spread.pValue,
             });
             for (let b = a + 1; b < sets.length; b++) {
+              const na = means[a].length / dim;
+              const nb = means[b].length / dim;
+              if (na < 2 || nb < 2) {
+                // A Gaussian, MMD or probe needs two rows a set: the pair gets NaN, the report goes on.
+                clusterDistances.push({
+                  layer,
+                  a: sets[a].name,
+                  b: sets[b].name,
+                  frechet: Number.NaN,
+                  symmetricKl: Number.NaN,
+                  mmd2: Number.NaN,
+                  probeAccuracy: Number.NaN,
+                  probeChance: Math.max(na, nb) / (na + nb),
+                });
+                const note = `Sets with fewer than 2 texts (${sets[na < 2 ? a : b].name}) get no cluster distances.`;
+                if (!notes.includes(note)) notes.push(note);
+                continue;
+              }
               const ga = await fitGaussian(means[a], dim, { threads: options.threads });
               const gb = await fitGaussian(means[b], dim, { threads: options.threads });
               const labels = new Int32Array(means[a].length / dim + means[b].length / dim);
@@ -449,6 +472,7 @@ export async function buildReport(runDirs: readonly string[], options: ReportOpt
                         })
                       ).accuracy
                     : Number.NaN,
+                probeChance: Math.max(na, nb) / (na + nb),
               });
             }
           }
@@ -491,9 +515,9 @@ export async function buildReport(runDirs: readonly string[], options: ReportOpt
       notes,
     };
     const json = join(outDir, "report.json");
-    writeFileSync(json, `${JSON.stringify(data, null, 2)}\n`);
+    atomicWrite(json, `${JSON.stringify(data, null, 2)}\n`);
     const html = join(outDir, "report.html");
-    writeFileSync(html, renderHtml(data, figures));
+    atomicWrite(html, renderHtml(data, figures));
     return { html, json, figures: written, data };
   } finally {
     if (ownsModel) model?.dispose();
@@ -588,10 +612,19 @@ export function renderHtml(
   );
   const clusters = data.clusterDistances.length
     ? `<h2>Distances between activation clusters</h2>
-<p>Per-text mean activations per layer. Fréchet: squared 2-Wasserstein distance of fitted Gaussians; KL: symmetric KL of the Gaussians (ridge 1e-3 of the mean variance); MMD²: unbiased, RBF kernel with the median-heuristic bandwidth; probe: cross-validated accuracy of a linear classifier (0.5 = inseparable, 1 = separable).</p>
+<p>Per-text mean activations per layer. Fréchet: squared 2-Wasserstein distance of fitted Gaussians; KL: symmetric KL of the Gaussians (ridge 1e-3 of the mean variance); MMD²: unbiased, RBF kernel with the median-heuristic bandwidth; probe: cross-validated accuracy of a linear classifier (chance, the larger set's share, means inseparable; 1 = separable).</p>
 ${table(
-  ["layer", "set A", "set B", "Fréchet", "symmetric KL", "MMD²", "probe accuracy"],
-  data.clusterDistances.map((c) => [c.layer, c.a, c.b, c.frechet, c.symmetricKl, c.mmd2, c.probeAccuracy]),
+  ["layer", "set A", "set B", "Fréchet", "symmetric KL", "MMD²", "probe accuracy", "probe chance"],
+  data.clusterDistances.map((c) => [
+    c.layer,
+    c.a,
+    c.b,
+    c.frechet,
+    c.symmetricKl,
+    c.mmd2,
+    c.probeAccuracy,
+    c.probeChance,
+  ]),
 )}`
     : "";
   const traj = data.trajectories.length

@@ -7,11 +7,13 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { captureActivations, loadActivations } from "../lib/activations.js";
 import {
   convergenceByRun,
+  convergenceStep,
   fitGaussian,
   frechetDistance,
   gaussianKl,
   kMeans,
   linearProbe,
+  lossCurve,
   mannWhitneyU,
   mmd,
   normalTwoSidedP,
@@ -22,9 +24,10 @@ import {
 } from "../lib/analysis.js";
 import { loadModel, type Model } from "../lib/model.js";
 import { addon } from "../lib/native.js";
-import { lossCurveSpec, renderFigure, scatterSpec } from "../lib/plots.js";
+import { barSpec, lossCurveSpec, renderFigure, scatterSpec } from "../lib/plots.js";
 import { exactNeighbors, fitPca, tsne, umap } from "../lib/projection.js";
 import { Rng } from "../lib/rng.js";
+import type { EvalRecord, StepRecord } from "../lib/train.js";
 import { modelDir } from "./helpers.js";
 
 /** n x d rows of N(shift, scale^2) per coordinate. */
@@ -209,6 +212,58 @@ describe("distances between Gaussians", () => {
   });
 });
 
+describe("MMD, linear probe, k-means: edge cases", () => {
+  it("MMD's fallback bandwidth follows the data's scale when most points coincide", async () => {
+    const x = new Float32Array(15 * 2); // 15 copies of the origin
+    const y = (v: number) => new Float32Array(10).fill(v); // 5 copies of (v, v)
+    const small = await mmd(x, y(1e-3), 2, { threads: 1 });
+    const large = await mmd(x, y(1e3), 2, { threads: 1 });
+    expect(small.mmd2).toBeCloseTo(large.mmd2, 6); // 2e-6 against 2 with the old fixed bandwidth of 1
+    expect(small.mmd2).toBeGreaterThan(0.1);
+  });
+
+  it("the linear probe refuses non-finite rows and a bad l2; k-means' inertia is of its centroids", async () => {
+    const rows = gaussianRows(40, 3, new Rng(4));
+    const labels = Int32Array.from({ length: 40 }, (_, i) => i % 2);
+    const bad = rows.slice();
+    bad[7] = Number.NaN;
+    await expect(linearProbe(bad, labels, 3, { threads: 1 })).rejects.toThrow(
+      "rows: row 2, column 1 is NaN (values must be finite)",
+    );
+    await expect(linearProbe(rows, labels, 3, { l2: -5, threads: 1 })).rejects.toThrow(
+      "l2: expected a finite number >= 0, got -5",
+    );
+    // Stopped by maxIterations: the inertia is recomputed for the centroids returned (it was the previous
+    // centroids' before, 215 against 143 in the review's case).
+    const data = gaussianRows(30, 4, new Rng(5));
+    const km = await kMeans(data, 4, { k: 3, maxIterations: 1, restarts: 1, seed: 2, threads: 1 });
+    let inertia = 0;
+    for (let i = 0; i < 30; i++) {
+      let best = Number.POSITIVE_INFINITY;
+      for (let c = 0; c < 3; c++) {
+        let d2 = 0;
+        for (let j = 0; j < 4; j++) d2 += (data[i * 4 + j] - km.centroids[c * 4 + j]) ** 2;
+        best = Math.min(best, d2);
+      }
+      inertia += best;
+    }
+    expect(km.inertia).toBeCloseTo(inertia, 3);
+  });
+
+  it("t-SNE options are checked; figures survive control characters in labels", async () => {
+    const rows = gaussianRows(12, 3, new Rng(6));
+    await expect(tsne(rows, 3, { learningRate: Number.NaN, threads: 1 })).rejects.toThrow(
+      "learningRate: expected a finite number > 0, got NaN",
+    );
+    await expect(tsne(rows, 3, { init: "bogus" as "pca", threads: 1 })).rejects.toThrow(
+      'init: expected "pca" or "random", got "bogus"',
+    );
+    const fig = await renderFigure(barSpec([{ name: "tab\there\u0001ctl", value: 1 }], { title: "x" }));
+    expect(fig.svg).toContain("\uFFFD");
+    expect(fig.png.length).toBeGreaterThan(100);
+  });
+});
+
 describe("MMD, linear probe, k-means", () => {
   const d = 8;
   const rng = new Rng(11);
@@ -348,6 +403,26 @@ describe("convergence from metrics.jsonl", () => {
     expect(c.steps.map((s) => s.step)).toEqual([30, 40]);
     const at = convergenceByRun([{ name: "far", metrics: far }], { level: 2 });
     expect(at.steps[0].step).toBe(20);
+  });
+
+  it("records without a finite loss never count as reaching a level", () => {
+    // A collapse-only record (its NaN validation loss is null in JSON) at step 2 and a diverged training
+    // loss: before, null <= level read as 0 <= level, so step 2 'converged'.
+    const metrics = {
+      steps: [5, 4, null, 3].map((loss, i) => ({ type: "step", step: i + 1, loss }) as unknown as StepRecord),
+      evals: [
+        { type: "eval", step: 2, validationLoss: null },
+        { type: "eval", step: 4, validationLoss: 3.2 },
+      ] as unknown as EvalRecord[],
+    };
+    expect(convergenceStep(metrics, 3.5)).toBe(4);
+    expect(lossCurve(metrics).map((p) => p.step)).toEqual([4]);
+    const train = lossCurve(metrics, { source: "train", window: 2 });
+    expect(train.map((p) => p.loss)).toEqual([5, 4.5, Number.NaN, Number.NaN]);
+    expect(convergenceStep(metrics, 1, { source: "train", window: 2 })).toBeNull();
+    expect(() => lossCurve(metrics, { source: "valid" as "train" })).toThrow(
+      'source: expected "validation" or "train", got "valid"',
+    );
   });
 });
 
