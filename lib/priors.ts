@@ -282,11 +282,13 @@ class UniformPrior implements Prior {
     const n = rowsOf("x", x, this.dim);
     const a = this.bound(n);
     const inside = -this.dim * Math.log(2 * a);
+    // Samples are float32: one drawn just inside a may round to fround(a) > a, still inside the support.
+    const edge = Math.max(a, Math.fround(a));
     const out = new Float64Array(n);
     for (let r = 0; r < n; r++) {
       out[r] = inside;
       for (let j = 0; j < this.dim; j++)
-        if (Math.abs(x[r * this.dim + j]) > a) {
+        if (Math.abs(x[r * this.dim + j]) > edge) {
           out[r] = Number.NEGATIVE_INFINITY;
           break;
         }
@@ -435,12 +437,20 @@ class KnnPrior implements Prior {
 /** The prompt of an earlier run (its first n vectors), optionally with N(0, noise^2 I) added. */
 class PosteriorPrior implements Prior {
   readonly kind = "posterior";
+  /** The log-density and energy exist only with noise (without, the prior is a point mass). */
+  logProb?: (x: Float32Array) => Float64Array;
+  energy?: (x: Float32Array, gradient: boolean) => Energy;
   constructor(
     readonly dim: number,
     readonly vectors: Float32Array,
     readonly noise: number,
     readonly record: PriorRecord,
-  ) {}
+  ) {
+    if (noise > 0) {
+      this.logProb = (x) => this.#logProb(x);
+      this.energy = (x, gradient) => this.#energy(x, gradient);
+    }
+  }
 
   #rows(n: number): number {
     const available = this.vectors.length / this.dim;
@@ -456,15 +466,13 @@ class PosteriorPrior implements Prior {
     return out;
   }
 
-  logProb(x: Float32Array): Float64Array {
-    const e = this.energy(x, false);
+  #logProb(x: Float32Array): Float64Array {
+    const e = this.#energy(x, false);
     const c = -this.dim * (Math.log(this.noise) + 0.5 * Math.log(2 * Math.PI));
     return e.mahalanobisSquared.map((r2) => c - 0.5 * r2);
   }
 
-  energy(x: Float32Array, gradient: boolean): Energy {
-    if (!(this.noise > 0))
-      throw new Error("posterior prior: without noise it is a point mass and has no log-density");
+  #energy(x: Float32Array, gradient: boolean): Energy {
     const d = this.dim;
     const n = this.#rows(rowsOf("x", x, d));
     const inv = 1 / (this.noise * this.noise);
@@ -735,8 +743,9 @@ type Builder = (f: Fields, res: Resources) => Promise<Prior>;
 
 async function buildGaussian(f: Fields, res: Resources): Promise<Prior> {
   const dim = res.dim(f.path);
-  const sigma = f.number("sigma", 0.02, { above: 0 });
-  const m = f.number("mean", 0);
+  // Bounded so that draws, their squares and 1 / sigma^2 stay finite in float32 and float64.
+  const sigma = f.number("sigma", 0.02, { min: 1e-30, max: 1e30 });
+  const m = f.number("mean", 0, { min: -1e30, max: 1e30 });
   return new GaussianPrior({
     kind: "gaussian",
     dim,
@@ -751,13 +760,13 @@ async function buildGaussian(f: Fields, res: Resources): Promise<Prior> {
 }
 
 async function buildUniform(f: Fields, res: Resources): Promise<Prior> {
-  const range = f.number("range", 0.5, { above: 0 });
+  const range = f.number("range", 0.5, { min: 1e-30, max: 1e30 });
   return new UniformPrior("uniform", res.dim(f.path), () => range, { kind: "uniform", range });
 }
 
 async function buildXavier(f: Fields, res: Resources): Promise<Prior> {
   const dim = res.dim(f.path);
-  const gain = f.number("gain", 1, { above: 0 });
+  const gain = f.number("gain", 1, { min: 1e-30, max: 1e30 });
   // torch.nn.init.xavier_uniform_ on the P x d prompt tensor: fan_out = P, fan_in = d.
   return new UniformPrior("xavier", dim, (rows) => gain * Math.sqrt(6 / (rows + dim)), {
     kind: "xavier",
@@ -1051,7 +1060,9 @@ async function buildPosterior(f: Fields, res: Resources): Promise<Prior> {
   const dim = known ?? t.shape[t.shape.length - 1];
   if (t.shape[t.shape.length - 1] !== dim)
     throw new RangeError(`${f.name("path")}: tensor "${t.name}" has shape [${t.shape}], expected P x ${dim}`);
-  const noise = f.number("noise", 0, { min: 0 });
+  const noise = f.number("noise", 0, { min: 0, max: 1e30 });
+  if (noise > 0 && noise < 1e-30)
+    throw new RangeError(`${f.name("noise")}: expected 0 or a number from 1e-30 to 1e+30, got ${noise}`);
   return new PosteriorPrior(dim, t.data, noise, {
     kind: "posterior",
     path,

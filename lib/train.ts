@@ -336,6 +336,9 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
     options.deepLayers ?? [c.numLayers - 3, c.numLayers - 2, c.numLayers - 1].filter((l) => l >= 0);
   const deepLength = options.deepLength ?? (P > 0 ? P : 20);
   const seed = options.seed ?? 0;
+  // The generator takes 32 bits: a seed outside them would repeat another seed's run under its own name.
+  if (!Number.isInteger(seed) || seed < 0 || seed > 2 ** 32 - 1)
+    throw new RangeError(`seed: expected an integer from 0 to 2^32 - 1, got ${seed}`);
   const evalEvery = countOption("evalEvery", options.evalEvery ?? 0, 0);
   const snapshotEvery = countOption("snapshotEvery", options.snapshotEvery ?? 10, 0);
   const checkpointEvery = countOption("checkpointEvery", options.checkpointEvery ?? 10, 0);

@@ -623,7 +623,7 @@ describe("reproducibility and errors", () => {
       /prior\.kind: expected one of "gaussian"/,
     );
     await expect(createPrior({ kind: "gaussian", sigma: -1 }, { dim: 4 })).rejects.toThrow(
-      /prior\.sigma: expected a finite number > 0, got number -1/,
+      /prior\.sigma: expected a finite number >= 1e-30 and <= 1e\+30, got number -1/,
     );
     await expect(createPrior({ kind: "gaussian", sigma: 1, sgima: 2 }, { dim: 4 })).rejects.toThrow(
       /prior\.sgima: not an option/,
@@ -724,12 +724,25 @@ describe("regularisers", () => {
     for (const spec of [
       { kind: "uniform" },
       { kind: "exclusion", base: { kind: "gaussian" } },
+      { kind: "posterior", path: file }, // no noise: a point mass (it used to fail at the first step)
     ] as PriorRecord[]) {
       const prior: Prior = await createPrior(spec, { dim: D });
       expect(() => createRegularizer({ kind: "prior-nll" }, { prior, dim: D })).toThrow(
         /has no smooth log-density/,
       );
     }
+  });
+
+  it("uniform log-density holds at its own float32 samples' edge; scales that overflow float32 are refused", async () => {
+    const uniform = await createPrior({ kind: "uniform", range: 0.3 }, { dim: 1 });
+    // fround(0.3) > 0.3: a draw just inside the support rounds to it.
+    expect(Math.fround(0.3)).toBeGreaterThan(0.3);
+    expect(uniform.logProb!(new Float32Array([0.3]))[0]).toBeCloseTo(-Math.log(0.6), 12);
+    expect(uniform.logProb!(new Float32Array([0.31]))[0]).toBe(Number.NEGATIVE_INFINITY);
+    await expect(createPrior({ kind: "gaussian", sigma: 1e39 }, { dim: 2 })).rejects.toThrow(
+      "prior.sigma: expected a finite number >= 1e-30 and <= 1e+30, got number 1e+39",
+    );
+    await expect(createPrior({ kind: "uniform", range: 1e308 }, { dim: 2 })).rejects.toThrow(/prior\.range/);
   });
 
   it("l2-init and nearest-vocab: values, gradients by central differences, exact nearest rows", async () => {

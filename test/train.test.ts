@@ -135,6 +135,10 @@ describe("tune on llama-tiny", () => {
   it("refuses options that would hang, train on nothing or fail at the last step", async () => {
     const prior = await createPrior({ kind: "gaussian", sigma: 0.5 }, { model });
     const base = { model, task, prior, promptLength: 4, steps: 2 };
+    // 2^32 would run seed 0's run under another name.
+    await expect(tune({ ...base, seed: 2 ** 32 })).rejects.toThrow(
+      "seed: expected an integer from 0 to 2^32 - 1",
+    );
     await expect(tune({ ...base, batchSize: 0 })).rejects.toThrow(
       "batchSize: expected an integer >= 1, got 0",
     );
