@@ -141,11 +141,23 @@ export function parseFirstNumber(text: string): Rational | null {
   return value;
 }
 
+/** A gold answer that is one number and nothing else (a trailing full stop allowed). */
+const WHOLE_NUMBER = new RegExp(`^\\s*(?:${NUMBER.source})\\s*\\.?\\s*$`, "u");
+
+/** Whitespace removed, case-folded, trailing full stops and commas dropped: "3 * t**2." -> "3*t**2". */
+function compactAnswer(text: string): string {
+  return text
+    .replace(/\s+/gu, "")
+    .toLowerCase()
+    .replace(/[.,;]+$/u, "");
+}
+
 /**
  * Whether the first number in a generated answer equals the gold answer, compared exactly as rationals
- * ("0.30" = "0.3", "-4/2" = "-2"; no floating-point rounding). A gold answer that is not a number (e.g.
- * "True" in other Mathematics modules) is compared as the first whitespace-separated word, case-folded
- * and stripped of trailing punctuation.
+ * ("0.30" = "0.3", "-4/2" = "-2"; no floating-point rounding), where the gold is a number. A gold that holds
+ * digits but is not one number (a polynomial "3*t**2", a time "3:45 PM", a list "-2, 5") must match as a
+ * whole, whitespace and case aside; a gold without digits (e.g. "True" in other Mathematics modules) is
+ * compared as the first whitespace-separated word, case-folded and stripped of trailing punctuation.
  */
 export function arithmeticCorrect(prediction: string, gold: string | number): boolean {
   if (typeof prediction !== "string") {
@@ -154,7 +166,10 @@ export function arithmeticCorrect(prediction: string, gold: string | number): bo
   const goldText = typeof gold === "number" ? String(gold) : gold;
   if (typeof goldText !== "string")
     throw new TypeError(`gold: expected a string or number, got ${typeof gold}`);
-  const g = parseFirstNumber(goldText);
+  // A number only where the whole gold is one: "3*t**2", "3:45 PM" or "-2, 5" compare as text, not by
+  // their first number (which would accept "3*t**3").
+  const g = WHOLE_NUMBER.test(goldText) ? parseFirstNumber(goldText) : null;
+  if (g === null && /\d/u.test(goldText)) return compactAnswer(prediction) === compactAnswer(goldText);
   if (g === null) {
     const word = (s: string) => (s.trim().split(/\s+/u)[0] ?? "").toLowerCase().replace(/[.,;:!?]+$/u, "");
     return word(goldText) !== "" && word(prediction) === word(goldText);

@@ -300,7 +300,7 @@ function fileName(path: string): string {
 
 async function readChecked(path: string, expected: string | undefined, option: string) {
   const source = await readSource(path);
-  if (expected !== undefined && expected !== source.sha256) {
+  if (expected !== undefined && expected.trim().toLowerCase() !== source.sha256) {
     throw new Error(
       `${path}: the file changed since the task was described (${option} ${expected.slice(0, 12)}…, ` +
         `file ${source.sha256.slice(0, 12)}…); point the spec at the original data or drop ${option}`,
@@ -374,7 +374,7 @@ function c4Examples(text: string, prefixWords: number, source: string): Example[
   const out: Example[] = [];
   for (const doc of parseTextRecords(text, source)) {
     if (prefixWords === 0) {
-      out.push({ prompt: "", completion: doc });
+      if (doc.trim() !== "") out.push({ prompt: "", completion: doc }); // an empty document has nothing to learn
       continue;
     }
     // Split before the (prefixWords + 1)-th word; the continuation keeps its leading whitespace.

@@ -787,9 +787,11 @@ export async function evaluatePrompt(options: EvaluateOptions): Promise<EvalReco
   let lossSum = 0;
   let count = 0;
   for (let i = 0; i < validation.length; i += batchSize) {
+    // As training encodes them: plain-text tasks keep the first tokens of a longer document.
+    const completionOverflow = task.metric === "none" ? "truncate" : "error";
     const enc = validation
       .slice(i, i + batchSize)
-      .map((ex) => encodeExample(tokenizer, ex, { maxLength: budget, eosId }));
+      .map((ex) => encodeExample(tokenizer, ex, { maxLength: budget, eosId, completionOverflow }));
     const out = await model.forward({ ...collate(enc), prompt, deepPrompts, logits: false });
     if (out.labelCount) {
       lossSum += out.loss! * out.labelCount;

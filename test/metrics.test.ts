@@ -120,6 +120,12 @@ describe("arithmetic accuracy", () => {
     ["", "3", false],
     [" True.", "True", true], // non-numeric gold: first word, case-folded
     ["False", "True", false],
+    // Golds with digits that are not one number match as a whole (the first number alone accepted these):
+    ["3*t**3", "3*t**2", false],
+    [" 3 * t**2.", "3*t**2", true],
+    ["3:15 PM", "3:45 PM", false],
+    ["-2", "-2, 5", false],
+    ["-2, 5", "-2, 5", true],
   ] as const)("%j vs gold %j -> %s", (prediction, gold, correct) => {
     expect(arithmeticCorrect(prediction, gold)).toBe(correct);
   });

@@ -461,6 +461,24 @@ describe("cloze generator", () => {
     );
   });
 
+  it("a repeated sentence is one item, and only a word the sentence holds once is masked", () => {
+    // Before: the copies became separate items (a validation answer, unmasked, in training prompts) and
+    // "river" could be masked while another "river" stayed in the prompt.
+    const repeated = [
+      "The river meets another river near the old river mill.",
+      "The river meets another river near the old river mill.",
+      "Tall dogs chase quick cats across wide green fields.",
+    ].join(" ");
+    for (const seed of [1, 2, 3, 4]) {
+      const items = generateCloze({ text: repeated, seed })
+        .trim()
+        .split("\n")
+        .map((l) => JSON.parse(l) as { context: string; answer: string });
+      expect(items).toHaveLength(2);
+      for (const r of items) expect(r.context.toLowerCase()).not.toContain(r.answer.toLowerCase());
+    }
+  });
+
   it("round-trips: the JSONL file read as a generic JSONL task is the cloze task", async () => {
     const path = join(tmp, "cloze.jsonl");
     const options = { minWords: 5, mask: "<blank>", template: "Fill in {mask}: {context}\nAnswer:" };

@@ -17,7 +17,7 @@ import {
   type StepRecord,
   tune,
 } from "../lib/train.js";
-import { modelDir } from "./helpers.js";
+import { fixtures, modelDir } from "./helpers.js";
 
 const here = dirname(fileURLToPath(import.meta.url));
 const tmp = mkdtempSync(join(tmpdir(), "priortune-train-"));
@@ -161,6 +161,21 @@ describe("tune on llama-tiny", () => {
       tune({ ...base, maxLength: 20, maxNewTokens: 16, onStep: (r) => steps.push(r.step) }),
     ).rejects.toThrow("maxNewTokens: maxLength 20 less 4 prompt positions leaves 16");
     expect(steps).toEqual([]);
+  });
+
+  it("plain-text tasks (C4) keep the first tokens of a long document, in training and in evaluation", async () => {
+    // 12 positions less 4 prompt vectors: 8 tokens, fewer than the validation document's (9 words and EOS).
+    // The evaluation encoded without truncation before: every step trained, then the evaluation threw.
+    const c4 = await loadTask({
+      kind: "c4",
+      path: join(fixtures, "data", "c4-sample.json"),
+      trainCount: 2,
+      validationCount: 1,
+      shuffle: false,
+    });
+    const prior = await createPrior({ kind: "gaussian", sigma: 0.5 }, { model });
+    const r = await tune({ model, task: c4, prior, promptLength: 4, steps: 1, batchSize: 2, maxLength: 12 });
+    expect(Number.isFinite(r.evals.at(-1)!.validationLoss)).toBe(true);
   });
 
   it("is identical for a seed (CPU, fixed threads)", async () => {

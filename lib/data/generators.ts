@@ -483,11 +483,23 @@ export function generateClozeRecords(options: ClozeOptions): ClozeRecord[] {
   const o = clozeDefaults(options);
   const rng = new Rng(o.seed);
   const eligible: { sentence: string; words: RegExpExecArray[] }[] = [];
+  // A sentence the text repeats is one item (its copies would put a validation answer, unmasked, in the
+  // training prompts), and only a word the sentence holds once is masked (another occurrence would show
+  // the answer in the prompt).
+  const seen = new Set<string>();
   for (const sentence of splitSentences(o.text)) {
+    if (seen.has(sentence)) continue;
+    seen.add(sentence);
     const wordCount = sentence.split(" ").length;
     if (wordCount < o.minWords || wordCount > o.maxWords) continue;
-    const words = [...sentence.matchAll(/\p{L}+(?:['’]\p{L}+)*/gu)].filter(
-      (m) => [...m[0]].length >= o.minWordLength && !STOPWORDS.has(m[0].toLowerCase()),
+    const all = [...sentence.matchAll(/\p{L}+(?:['’]\p{L}+)*/gu)];
+    const times = new Map<string, number>();
+    for (const m of all) times.set(m[0].toLowerCase(), (times.get(m[0].toLowerCase()) ?? 0) + 1);
+    const words = all.filter(
+      (m) =>
+        [...m[0]].length >= o.minWordLength &&
+        !STOPWORDS.has(m[0].toLowerCase()) &&
+        times.get(m[0].toLowerCase()) === 1,
     );
     if (words.length > 0) eligible.push({ sentence, words });
   }
