@@ -1,5 +1,6 @@
 // `priortune make-data ...`: write the seeded synthetic datasets in the formats the task loaders read.
-import { existsSync, readFileSync } from "node:fs";
+import { existsSync, mkdirSync, readFileSync } from "node:fs";
+import { dirname, resolve } from "node:path";
 import { gunzipSync } from "node:zlib";
 import { type Command, InvalidArgumentError, Option } from "commander";
 import { integerArg } from "./cli-args.js";
@@ -55,6 +56,7 @@ function emit(o: OutputOptions, what: string, text: () => string, write: () => {
     return;
   }
   if (existsSync(o.out) && !o.force) throw new Error(`--out: ${o.out} exists; pass --force to overwrite it`);
+  mkdirSync(dirname(resolve(o.out)), { recursive: true }); // e.g. data/ in a fresh checkout
   const { count } = write();
   process.stderr.write(`wrote ${count} ${what} to ${o.out}\n`);
 }

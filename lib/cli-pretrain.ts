@@ -1,16 +1,27 @@
 // `priortune pretrain`: full-parameter training of a small model from scratch on text files, with the
 // native weight-gradient engine (lib/pretrain.ts). Writes the model directory (Hugging Face layout), a loss
 // curve with held-out perplexity against a unigram baseline, and checkpoints it can resume from.
-import { existsSync, mkdirSync, readFileSync, renameSync, rmSync, writeFileSync } from "node:fs";
+import {
+  copyFileSync,
+  existsSync,
+  mkdirSync,
+  readdirSync,
+  readFileSync,
+  renameSync,
+  rmSync,
+  writeFileSync,
+} from "node:fs";
 import { join, resolve } from "node:path";
 import { SingleBar } from "cli-progress";
 import type { Command } from "commander";
 import { integerArg, numberArg } from "./cli-args.js";
-import { atomicWrite } from "./files.js";
+import { atomicWrite, fsyncFile, readJsonFile } from "./files.js";
 import type { Model } from "./model.js";
+import type { NativeAdamState } from "./native.js";
 import { createModel, loadTrainableModel, Pretrainer } from "./pretrain.js";
 import { readTexts } from "./priors.js";
-import { Rng } from "./rng.js";
+import { Rng, type RngState } from "./rng.js";
+import { readTensors, type TensorToWrite, writeSafetensors } from "./safetensors.js";
 import { loadTokenizer, type Tokenizer } from "./tokenizer.js";
 
 /**
@@ -67,6 +78,37 @@ export interface PretrainCliOptions {
   threads?: number;
 }
 
+/** What pretrain-state.json holds: where the run is, and the options it was started with. */
+interface PretrainState {
+  step: number;
+  rng: RngState;
+  curve: PretrainCurvePoint[];
+  unigramPerplexity: number;
+  options: Partial<PretrainCliOptions>;
+  /** Training tokens and seconds so far (runs saved before these were kept restart them at 0). */
+  tokens?: number;
+  seconds?: number;
+}
+
+type PretrainCurvePoint = {
+  step: number;
+  loss?: number;
+  lr?: number;
+  validationLoss?: number;
+  validationPerplexity?: number;
+  tokens?: number;
+  seconds?: number;
+};
+
+/** The tokenizer files a save copies from --tokenizer. */
+const TOKENIZER_FILES = [
+  "tokenizer.json",
+  "tokenizer_config.json",
+  "special_tokens_map.json",
+  "vocab.json",
+  "merges.txt",
+];
+
 /** Cosine decay from lr to minLr after a linear warm-up. */
 function schedule(o: PretrainCliOptions) {
   return (step: number) => {
@@ -76,11 +118,60 @@ function schedule(o: PretrainCliOptions) {
   };
 }
 
+/** Options a resumed run keeps from its first start (they shape its schedule, batches and weights). */
+const RUN_OPTIONS = ["batchSize", "seqLen", "lr", "minLr", "warmup", "weightDecay", "seed"] as const;
+
+/** Refuses option values that would fail mid-run or mean nothing, before any work. */
+function checkOptions(o: PretrainCliOptions): void {
+  const int = (name: string, v: number, min: number) => {
+    if (!Number.isInteger(v) || v < min)
+      throw new RangeError(`--${name}: expected an integer >= ${min}, got ${v}`);
+  };
+  int("steps", o.steps, 1);
+  int("batch-size", o.batchSize, 1);
+  int("seq-len", o.seqLen, 1);
+  int("warmup", o.warmup, 0);
+  int("eval-every", o.evalEvery, 1);
+  int("eval-batches", o.evalBatches, 1);
+  int("save-every", o.saveEvery, 1);
+  if (!(Number.isFinite(o.lr) && o.lr >= 0))
+    throw new RangeError(`--lr: expected a number >= 0, got ${o.lr}`);
+  if (!(Number.isFinite(o.minLr) && o.minLr >= 0 && o.minLr <= o.lr))
+    throw new RangeError(`--min-lr: expected a number from 0 to --lr (${o.lr}), got ${o.minLr}`);
+  if (!(Number.isFinite(o.weightDecay) && o.weightDecay >= 0))
+    throw new RangeError(`--weight-decay: expected a number >= 0, got ${o.weightDecay}`);
+}
+
+/**
+ * Pretrains (or, with `resume`, continues) a model in `o.out`. `given` names the options the user set (the
+ * rest are defaults): a resumed run takes its saved values for the others, and refuses a given value that
+ * differs from the run's for an option in RUN_OPTIONS. Without `given`, every option counts as given.
+ */
 export async function pretrain(
-  o: PretrainCliOptions,
+  options: PretrainCliOptions,
   log: (line: string) => void = (l) => process.stderr.write(`${l}\n`),
+  given?: ReadonlySet<string>,
 ) {
+  let o = options;
   const out = resolve(o.out);
+  const statePath = join(out, "pretrain-state.json");
+  const resuming = !!o.resume && existsSync(statePath);
+  const state = resuming ? (readJsonFile(statePath) as PretrainState) : undefined;
+  if (state) {
+    const saved = state.options ?? {};
+    const merged = { ...o };
+    for (const key of RUN_OPTIONS) {
+      const was = saved[key];
+      if (was === undefined) continue;
+      if (given && !given.has(key)) (merged as Record<string, unknown>)[key] = was;
+      else if (merged[key] !== was)
+        throw new Error(
+          `--resume: ${key} ${merged[key]} differs from the run's ${was}; a resumed run keeps its options (leave it out)`,
+        );
+    }
+    o = merged;
+  }
+  checkOptions(o);
   mkdirSync(out, { recursive: true });
   const tokenizer = loadTokenizer(o.tokenizer);
   const eos = tokenizer.tokenToId("<|endoftext|>");
@@ -90,26 +181,34 @@ export async function pretrain(
     throw new Error(`--train: ${train.length} tokens, fewer than one sequence of ${o.seqLen + 1}`);
   if (validation.length < o.seqLen + 1)
     throw new Error(`--validation: ${validation.length} tokens, fewer than one sequence of ${o.seqLen + 1}`);
-  const statePath = join(out, "pretrain-state.json");
   let model: Model;
-  let curve: {
-    step: number;
-    loss?: number;
-    lr?: number;
-    validationLoss?: number;
-    validationPerplexity?: number;
-    tokens?: number;
-    seconds?: number;
-  }[] = [];
+  let curve: PretrainCurvePoint[] = [];
   let start = 0;
   let rng = new Rng(o.seed);
-  if (o.resume && existsSync(statePath)) {
-    const state = JSON.parse(readFileSync(statePath, "utf8"));
+  let adam: NativeAdamState | undefined;
+  let tokens = 0;
+  let secondsBefore = 0;
+  if (state) {
     model = await loadTrainableModel(out, { threads: o.threads });
     curve = state.curve;
     start = state.step;
     rng = new Rng(state.rng);
-    log(`resuming at step ${start} (AdamW moments restart from zero)`);
+    tokens = state.tokens ?? 0;
+    secondsBefore = state.seconds ?? 0;
+    const optimizerPath = join(out, "optimizer.safetensors");
+    if (existsSync(optimizerPath)) {
+      const { tensors, metadata } = readTensors(optimizerPath);
+      // Written first of a save's files, the state last: different steps mean a save that stopped half way.
+      if (metadata.step !== String(start))
+        throw new Error(
+          `--resume: ${out} holds the optimizer state of step ${metadata.step} and the run state of step ${start} ` +
+            "(a save stopped half way); its weights may be of either: start the run again",
+        );
+      adam = { step: Number(metadata.step), m: {}, v: {} };
+      for (const [name, t] of tensors)
+        (name.startsWith("m.") ? adam.m : adam.v)[name.slice(2)] = t.data as Float32Array;
+      log(`resuming at step ${start} (AdamW state restored)`);
+    } else log(`resuming at step ${start} (no optimizer.safetensors: AdamW moments restart from zero)`);
   } else {
     if (!o.config) throw new Error("--config: required for a new run (a config.json or a model directory)");
     model = await createModel(o.config, { seed: o.seed, threads: o.threads });
@@ -120,6 +219,7 @@ export async function pretrain(
     );
   }
   const trainer = new Pretrainer(model, { lr: (s) => schedule(o)(start + s), weightDecay: o.weightDecay });
+  if (adam) trainer.setOptimizerState(adam);
   const unigram = unigramPerplexity(train, validation, model.config.vocabSize);
   log(
     `train ${train.length} tokens, validation ${validation.length} tokens, unigram perplexity ${unigram.toFixed(1)}`,
@@ -140,22 +240,49 @@ export async function pretrain(
     }
     return sum / o.evalBatches;
   };
+  // A save: every file written and flushed in a side directory, then renamed into --out (the optimizer
+  // state first, the run state last: a resume refuses a directory whose two steps differ).
   const save = (step: number) => {
     const tmp = `${out}.saving`;
     rmSync(tmp, { recursive: true, force: true });
     trainer.save(tmp);
-    for (const f of ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]) {
-      if (existsSync(join(tmp, f))) renameSync(join(tmp, f), join(out, f));
+    for (const f of TOKENIZER_FILES) {
+      const src = join(o.tokenizer, f); // the tokenizer trained with, not the --config directory's
+      if (existsSync(src)) copyFileSync(src, join(tmp, f));
     }
+    const adamState = trainer.optimizerState();
+    const tensors: TensorToWrite[] = [];
+    for (const name of Object.keys(adamState.m).sort()) {
+      tensors.push({
+        name: `m.${name}`,
+        dtype: "F32",
+        shape: [adamState.m[name]!.length],
+        data: adamState.m[name]!,
+      });
+      tensors.push({
+        name: `v.${name}`,
+        dtype: "F32",
+        shape: [adamState.v[name]!.length],
+        data: adamState.v[name]!,
+      });
+    }
+    writeSafetensors(join(tmp, "optimizer.safetensors"), tensors, { step: String(step) });
+    const files = readdirSync(tmp);
+    for (const f of files) fsyncFile(join(tmp, f));
+    renameSync(join(tmp, "optimizer.safetensors"), join(out, "optimizer.safetensors"));
+    for (const f of files) if (f !== "optimizer.safetensors") renameSync(join(tmp, f), join(out, f));
     rmSync(tmp, { recursive: true, force: true });
-    for (const f of ["tokenizer.json", "tokenizer_config.json"]) {
-      const src = join(o.tokenizer, f);
-      if (existsSync(src) && !existsSync(join(out, f))) writeFileSync(join(out, f), readFileSync(src));
-    }
-    atomicWrite(
-      statePath,
-      JSON.stringify({ step, rng: rng.state(), curve, unigramPerplexity: unigram, options: o }, null, 1),
-    );
+    const seconds = secondsBefore + (performance.now() - t0) / 1e3;
+    const record: PretrainState = {
+      step,
+      rng: rng.state(),
+      curve,
+      unigramPerplexity: unigram,
+      options: o,
+      tokens,
+      seconds,
+    };
+    atomicWrite(statePath, JSON.stringify(record, null, 1));
   };
   const bar = process.stderr.isTTY
     ? new SingleBar({
@@ -165,7 +292,6 @@ export async function pretrain(
     : undefined;
   bar?.start(o.steps, start, { loss: "-", val: "-" });
   const t0 = performance.now();
-  let tokens = 0;
   try {
     for (let step = start + 1; step <= o.steps; step++) {
       const ids = new Int32Array(o.batchSize * o.seqLen);
@@ -178,7 +304,7 @@ export async function pretrain(
         point.validationLoss = v;
         point.validationPerplexity = Math.exp(v);
         point.tokens = tokens;
-        point.seconds = (performance.now() - t0) / 1e3;
+        point.seconds = secondsBefore + (performance.now() - t0) / 1e3;
         if (bar) bar.update(step, { loss: s.loss.toFixed(3), val: v.toFixed(3) });
         log(
           `${bar ? "\n" : ""}step ${step}: loss ${s.loss.toFixed(4)}, held-out loss ${v.toFixed(4)} (perplexity ${Math.exp(v).toFixed(1)} vs unigram ${unigram.toFixed(1)}), ${(tokens / point.seconds).toFixed(0)} tok/s`,
@@ -207,20 +333,21 @@ export function registerPretrainCommand(program: Command): void {
       "--out <dir>",
       "model directory to write (config.json, model.safetensors, tokenizer, curve)",
     )
-    .option("--steps <n>", "optimizer steps", integerArg(0), 1000)
-    .option("--batch-size <n>", "sequences per step", integerArg(0), 8)
-    .option("--seq-len <n>", "tokens per sequence", integerArg(0), 256)
+    .option("--steps <n>", "optimizer steps", integerArg(1), 1000)
+    .option("--batch-size <n>", "sequences per step", integerArg(1), 8)
+    .option("--seq-len <n>", "tokens per sequence", integerArg(1), 256)
     .option("--lr <x>", "peak learning rate", numberArg, 3e-3)
     .option("--min-lr <x>", "learning rate at the end of the cosine decay", numberArg, 3e-4)
     .option("--warmup <n>", "linear warm-up steps", integerArg(0), 100)
     .option("--weight-decay <x>", "decoupled weight decay on linear-layer weights", numberArg, 0.1)
-    .option("--eval-every <n>", "held-out evaluation every n steps", integerArg(0), 100)
-    .option("--eval-batches <n>", "held-out batches per evaluation", integerArg(0), 8)
-    .option("--save-every <n>", "save the model every n steps", integerArg(0), 200)
+    .option("--eval-every <n>", "held-out evaluation every n steps", integerArg(1), 100)
+    .option("--eval-batches <n>", "held-out batches per evaluation", integerArg(1), 8)
+    .option("--save-every <n>", "save the model every n steps", integerArg(1), 200)
     .option("--seed <n>", "seed of the initialisation and the batch draws", integerArg(0), 0)
-    .option("--threads <n>", "CPU threads (default: all cores)", integerArg(0))
-    .action(async (o: PretrainCliOptions) => {
-      const result = await pretrain(o);
+    .option("--threads <n>", "CPU threads (default: all cores)", integerArg(1))
+    .action(async (o: PretrainCliOptions, cmd: Command) => {
+      const given = new Set(Object.keys(o).filter((k) => cmd.getOptionValueSource(k) === "cli"));
+      const result = await pretrain(o, undefined, given);
       const last = result.curve.filter((p) => p.validationLoss !== undefined).at(-1);
       writeFileSync(
         join(o.out, "loss-curve.json"),

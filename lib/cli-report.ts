@@ -46,7 +46,7 @@ export function registerReportCommands(program: Command): void {
         .choices(["pca", "tsne", "umap"])
         .default("pca"),
     )
-    .option("--max-vocabulary-points <n>", "vocabulary rows drawn (a seeded subsample)", integerArg(), 2000)
+    .option("--max-vocabulary-points <n>", "vocabulary rows drawn (a seeded subsample)", integerArg(0), 2000)
     .option(
       "--level <loss>",
       "validation loss of the convergence step (default: the highest final one)",
@@ -58,15 +58,15 @@ export function registerReportCommands(program: Command): void {
       "hidden-state indices of the activation section (default: all)",
       integerListArg,
     )
-    .option("--texts <n>", "texts per task in the activation section", integerArg(), 64)
+    .option("--texts <n>", "texts per task in the activation section", integerArg(1), 64)
     .option(
       "--extra-texts <name=file>",
       "another text set for the activation section (one text per line, or .jsonl/.json with a text field); repeatable",
       nameFile,
       [],
     )
-    .option("--seed <n>", "seed of the subsamples and projections", integerArg(), 0)
-    .option("--threads <n>", "CPU threads (default: all cores)", integerArg())
+    .option("--seed <n>", "seed of the subsamples and projections", integerArg(0), 0)
+    .option("--threads <n>", "CPU threads (default: all cores)", integerArg(1))
     .action(async (runDirs: string[], o: ReportCliOptions) => {
       const names = o.names?.split(",").map((s) => s.trim());
       const result = await buildReport(runDirs, {

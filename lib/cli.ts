@@ -5,6 +5,7 @@ import { dirname } from "node:path";
 import { fileURLToPath } from "node:url";
 import { Command } from "commander";
 import { type CudaSelfTestPart, cudaSelfTest, cudaStatus } from "./backend.js";
+import { integerArg } from "./cli-args.js";
 import { registerDataCommands } from "./cli-data.js";
 import { registerPretrainCommand } from "./cli-pretrain.js";
 import { registerReportCommands } from "./cli-report.js";
@@ -106,8 +107,8 @@ export async function main(argv: string[]): Promise<void> {
     )
     .option("--model <dir>", "model directory (default: the shipped models/priortune-small)")
     .option("--out <dir>", "where the run directories go (default runs/demo-<time>)")
-    .option("--steps <n>", "optimizer steps per run", (v) => Number.parseInt(v, 10), 300)
-    .option("--threads <n>", "CPU threads (default: all cores)", (v) => Number.parseInt(v, 10))
+    .option("--steps <n>", "optimizer steps per run", integerArg(1), 300)
+    .option("--threads <n>", "CPU threads (default: all cores)", integerArg(1))
     .option("--json", "print the result rows as JSON")
     .action(async (o: { model?: string; out?: string; steps: number; threads?: number; json?: boolean }) => {
       const t0 = performance.now();

@@ -17,6 +17,16 @@ export function writeAll(fd: number, bytes: Uint8Array): void {
     done += writeSync(fd, bytes, done, Math.min(bytes.byteLength - done, 1 << 30));
 }
 
+/** Flushes a written file to the disk (before a rename makes it the one that counts). */
+export function fsyncFile(path: string): void {
+  const fd = openSync(path, "r+");
+  try {
+    fsyncSync(fd);
+  } finally {
+    closeSync(fd);
+  }
+}
+
 /**
  * Writes a file so that a crash leaves either the old contents or the new, never a torn file: a temporary
  * file beside it, fsync'd, then renamed over it.

@@ -19,6 +19,13 @@ export interface CudaInfo {
 }
 
 /** What the native model is built from: the parsed config's sizes plus the flattened RoPE settings. */
+/** Full-parameter AdamW state (see NativeModel.exportAdamState). */
+export interface NativeAdamState {
+  step: number;
+  m: Record<string, Float32Array>;
+  v: Record<string, Float32Array>;
+}
+
 export interface NativeModelConfig
   extends Pick<
     ModelConfig,
@@ -366,6 +373,10 @@ export interface NativeModel {
   exportTensors(): Record<string, Float32Array>;
   /** Copies rows x cols finite values into each named slot and marks it loaded. */
   importTensors(tensors: Record<string, Float32Array>): void;
+  /** AdamW's step count and moments of every slot (copies; empty before the first trainStep). */
+  exportAdamState(): NativeAdamState;
+  /** Restores what exportAdamState gave (checked whole before anything changes). */
+  importAdamState(state: NativeAdamState): void;
   /** Loss and d loss / d every weight slot (token-id batches only; labels required). */
   trainGrads(
     args: NativeForwardArgs & { labels: Int32Array },

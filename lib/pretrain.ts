@@ -6,14 +6,14 @@
 // master weights, the AdamW moments belong to the model, and weight decay applies only to the weight
 // matrices of linear layers (attention q/k/v and output, MLP, an untied LM head) — never to embeddings, norm
 // weights or biases (see Model::decays in kernels/include/priortune/model.h).
-import { copyFileSync, existsSync, mkdirSync, statSync, writeFileSync } from "node:fs";
+import { copyFileSync, existsSync, mkdirSync, renameSync, statSync } from "node:fs";
 import { availableParallelism } from "node:os";
 import { join, resolve } from "node:path";
 import { defaultLogger, type Logger } from "./backend.js";
 import { loadPlan, type ModelConfig, nativeConfig, parseConfig } from "./config.js";
-import { readJsonFile } from "./files.js";
+import { atomicWrite, fsyncFile, readJsonFile } from "./files.js";
 import { Model } from "./model.js";
-import { addon, type NativeModel } from "./native.js";
+import { addon, type NativeAdamState, type NativeModel } from "./native.js";
 import { Rng } from "./rng.js";
 import { listModelTensors, type TensorToWrite, writeSafetensors } from "./safetensors.js";
 import { findTokenizer, type Tokenizer } from "./tokenizer.js";
@@ -197,7 +197,23 @@ export function hfConfigJson(c: ModelConfig): Json {
     mlp_bias: c.mlpBias,
     tie_word_embeddings: c.tiedHead,
     ...(c.slidingWindow !== undefined ? { sliding_window: c.slidingWindow } : {}),
-    // Transformers 5's form; lib/config.ts and Transformers 4.x's loaders read it too.
+    // Transformers 4.x reads rope_theta and rope_scaling, 5.x rope_parameters: both are written.
+    rope_theta: c.ropeTheta ?? 10000,
+    ...(rope && rope.type !== "default"
+      ? {
+          rope_scaling: {
+            rope_type: rope.type,
+            factor: rope.factor,
+            ...(rope.type === "llama3"
+              ? {
+                  low_freq_factor: rope.lowFreqFactor,
+                  high_freq_factor: rope.highFreqFactor,
+                  original_max_position_embeddings: rope.originalMaxPositions,
+                }
+              : {}),
+          },
+        }
+      : {}),
     rope_parameters: {
       rope_type: rope?.type ?? "default",
       rope_theta: c.ropeTheta ?? 10000,
@@ -270,11 +286,17 @@ export async function createModel(
   let config: ModelConfig;
   let sourceDir: string | null = null;
   let tokenizer: Tokenizer | null = null;
-  if (typeof source === "string") {
+  if (typeof source === "string" && existsSync(source) && statSync(source).isFile()) {
+    // A config.json file on its own: no directory to take a tokenizer from.
+    hfConfig = readJsonFile(resolve(source)) as Json;
+    config = parseConfig(hfConfig);
+  } else if (typeof source === "string") {
     sourceDir = resolve(source);
     const path = join(sourceDir, "config.json");
     if (!existsSync(path))
-      throw new Error(`${sourceDir}: no config.json (expected a Hugging Face model directory)`);
+      throw new Error(
+        `${sourceDir}: no config.json (expected a config.json file or a Hugging Face model directory)`,
+      );
     hfConfig = readJsonFile(path) as Json;
     config = parseConfig(hfConfig);
     tokenizer = findTokenizer(sourceDir, (m) => (options.logger ?? defaultLogger)("warn", m));
@@ -423,8 +445,13 @@ export function saveModel(model: Model, dirArg: string): void {
     throw new Error(`${dir} holds model.safetensors.index.json (sharded weights); save to another directory`);
   mkdirSync(dir, { recursive: true });
   const tensors = toHfTensors(model.config, t.native.exportTensors(), slotShapes(t.native));
-  writeSafetensors(join(dir, "model.safetensors"), tensors, { format: "pt" });
-  writeFileSync(join(dir, "config.json"), `${JSON.stringify(t.hfConfig, null, 2)}\n`);
+  // Written beside and renamed over: a crash leaves the old weights or the new, never a torn file (a save
+  // over the source directory would otherwise risk the only copy).
+  const weights = join(dir, "model.safetensors");
+  writeSafetensors(`${weights}.tmp-${process.pid}`, tensors, { format: "pt" });
+  fsyncFile(`${weights}.tmp-${process.pid}`);
+  renameSync(`${weights}.tmp-${process.pid}`, weights);
+  atomicWrite(join(dir, "config.json"), `${JSON.stringify(t.hfConfig, null, 2)}\n`);
   if (t.sourceDir && t.sourceDir !== dir) {
     for (const f of COMPANION_FILES) {
       const from = join(t.sourceDir, f);
@@ -569,5 +596,17 @@ export class Pretrainer {
   /** saveModel(this.model, dir). */
   save(dir: string): void {
     saveModel(this.#model, dir);
+  }
+
+  /** AdamW's step count and moments of every weight (copies), for a checkpoint. */
+  optimizerState(): NativeAdamState {
+    if (this.#model.disposed) throw new Error("Model is disposed");
+    return this.#native.exportAdamState();
+  }
+
+  /** Restores what optimizerState() gave: a resumed run then continues as if it had not stopped. */
+  setOptimizerState(state: NativeAdamState): void {
+    if (this.#model.disposed) throw new Error("Model is disposed");
+    this.#native.importAdamState(state);
   }
 }

@@ -58,6 +58,8 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
                         InstanceMethod("slots", &ModelWrap::Slots),
                         InstanceMethod("exportTensors", &ModelWrap::ExportTensors),
                         InstanceMethod("importTensors", &ModelWrap::ImportTensors),
+                        InstanceMethod("exportAdamState", &ModelWrap::ExportAdamState),
+                        InstanceMethod("importAdamState", &ModelWrap::ImportAdamState),
                         InstanceMethod("trainGrads", &ModelWrap::TrainGrads),
                         InstanceMethod("trainStep", &ModelWrap::TrainStep),
                         InstanceMethod("fillRandom", &ModelWrap::FillRandom),
@@ -480,6 +482,48 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       Napi::Object out = Napi::Object::New(env);
       for (auto& [name, data] : model->copy_weights()) out.Set(name, to_float32(env, std::move(data)));
       return out;
+    });
+  }
+
+  // exportAdamState() -> { step, m: { [slot]: Float32Array }, v: { [slot]: Float32Array } } (copies; empty
+  // before the first trainStep)
+  Napi::Value ExportAdamState(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return guarded(env, [&]() -> Napi::Value {
+      pt::Model::AdamState st = live(env)->copy_adam_state();
+      Napi::Object out = Napi::Object::New(env), m = Napi::Object::New(env), v = Napi::Object::New(env);
+      for (auto& [name, mm, vv] : st.slots) {
+        m.Set(name, to_float32(env, std::move(mm)));
+        v.Set(name, to_float32(env, std::move(vv)));
+      }
+      out.Set("step", static_cast<double>(st.step));
+      out.Set("m", m);
+      out.Set("v", v);
+      return out;
+    });
+  }
+
+  // importAdamState({ step, m, v }) -> undefined: AdamW's step count and moments of every slot (copies).
+  Napi::Value ImportAdamState(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return guarded(env, [&]() -> Napi::Value {
+      auto model = live(env);
+      Napi::Object o = object_of(arg(info, 0, "state"), "state");
+      pt::Model::AdamState st;
+      st.step = int_of(o.Get("step"), "state.step", 0);
+      Napi::Object m = object_of(o.Get("m"), "state.m"), v = object_of(o.Get("v"), "state.v");
+      Napi::Array keys = m.GetPropertyNames();
+      if (keys.Length() != v.GetPropertyNames().Length())
+        throw Napi::RangeError::New(env, "state.m, state.v: expected the same slots");
+      for (uint32_t i = 0; i < keys.Length(); ++i) {
+        const std::string name = keys.Get(i).ToString().Utf8Value();
+        auto mv = finite_view(env, m.Get(name), "state.m." + name, 0);
+        auto vv = finite_view(env, v.Get(name), "state.v." + name, 0);
+        st.slots.emplace_back(name, std::vector<float>(mv.data, mv.data + mv.length),
+                              std::vector<float>(vv.data, vv.data + vv.length));
+      }
+      model->set_adam_state(st);
+      return env.Undefined();
     });
   }
 

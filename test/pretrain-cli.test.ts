@@ -58,6 +58,52 @@ describe("pretrain", () => {
     expect(result.curve.at(-1)!.step).toBe(60);
   });
 
+  it("a resumed run ends bit-identical to an uninterrupted one (AdamW state saved); its options are kept", async () => {
+    // Warm-up 3: the first three steps have the same learning rates whether the run is 3 or 6 steps long.
+    const small = { ...base, steps: 6, warmup: 3, evalEvery: 3, saveEvery: 3, seqLen: 16, batchSize: 2 };
+    const whole = join(tmp, "whole");
+    const split = join(tmp, "split");
+    await pretrain({ ...small, out: whole }, () => {});
+    await pretrain({ ...small, out: split, steps: 3 }, () => {});
+    const lines: string[] = [];
+    // Only --steps given: the warm-up, lr and the rest come from the run (the defaults would change them).
+    await pretrain(
+      { ...small, out: split, steps: 6, resume: true, warmup: 100, lr: 3e-3 },
+      (l) => lines.push(l),
+      new Set(["steps", "resume", "out"]),
+    );
+    expect(lines[0]).toMatch(/resuming at step 3 \(AdamW state restored\)/);
+    const weights = (dir: string) => readFileSync(join(dir, "model.safetensors"));
+    expect(weights(split).equals(weights(whole))).toBe(true); // the moments restarted before: 5.4518 vs 5.4590
+    const curve = (dir: string) => JSON.parse(readFileSync(join(dir, "pretrain-state.json"), "utf8"));
+    expect(curve(split).curve.map((p: { loss: number }) => p.loss)).toEqual(
+      curve(whole).curve.map((p: { loss: number }) => p.loss),
+    );
+    expect(curve(split).tokens).toBe(curve(whole).tokens);
+    // An option given explicitly that differs from the run's is refused.
+    await expect(
+      pretrain(
+        { ...small, out: split, steps: 9, resume: true, lr: 5e-2 },
+        () => {},
+        new Set(["lr", "steps"]),
+      ),
+    ).rejects.toThrow("--resume: lr 0.05 differs from the run's 0.01");
+  });
+
+  it("--config takes a config.json file as well as a directory; bad options fail before any work", async () => {
+    const cfg = join(tmp, "cfg.json");
+    writeFileSync(cfg, readFileSync(join(modelDir("llama-tiny"), "config.json")));
+    const out = join(tmp, "from-file");
+    await pretrain({ ...base, config: cfg, out, steps: 2, evalEvery: 2, saveEvery: 2 }, () => {});
+    const model = await loadModel(out, { backend: "cpu", threads: 1 });
+    expect(model.tokenizer).not.toBeNull(); // copied from --tokenizer
+    model.dispose();
+    await expect(pretrain({ ...base, out: join(tmp, "bad"), minLr: -1e-3 }, () => {})).rejects.toThrow(
+      "--min-lr: expected a number from 0 to --lr (0.01), got -0.001",
+    );
+    expect(existsSync(join(tmp, "bad"))).toBe(false);
+  });
+
   it("the unigram baseline is the add-one smoothed perplexity", () => {
     const tok = loadTokenizer(modelDir("llama-tiny"));
     const ids = tokenizeFiles(tok, [validation], undefined);

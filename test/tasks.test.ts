@@ -650,6 +650,10 @@ describe("make-data CLI", () => {
     );
     await run(["make-data", "arithmetic", "-n", "4", "--phrasing", "plain", "-o", path, "--force"]);
     expect(parseMathematics(readFileSync(path, "utf8"))).toHaveLength(4);
+    // A directory that does not exist yet (README: --out data/arith.txt in a fresh checkout) is created.
+    const nested = join(tmp, "new-dir", "deeper", "arith.txt");
+    await run(["make-data", "arithmetic", "-n", "3", "-o", nested]);
+    expect(parseMathematics(readFileSync(nested, "utf8"))).toHaveLength(3);
 
     const qaPath = join(tmp, "cli-qa.json");
     await run(["make-data", "qa", "-n", "9", "--seed", "2", "--unanswerable-fraction", "0.5", "-o", qaPath]);

@@ -1029,6 +1029,49 @@ std::vector<std::pair<std::string, std::vector<float>>> Model::copy_weights() {
   return out;
 }
 
+Model::AdamState Model::copy_adam_state() {
+  std::lock_guard<std::mutex> lock(run_mutex_);
+  AdamState st;
+  st.step = adam_step_;
+  for (const auto& [name, s] : slots_)
+    if (!s.adam_m.empty()) st.slots.emplace_back(name, s.adam_m, s.adam_v);
+  return st;
+}
+
+void Model::set_adam_state(const AdamState& state) {
+  std::lock_guard<std::mutex> lock(run_mutex_);
+  if (state.step < 0) throw std::invalid_argument("optimizer state: step must be >= 0");
+  std::map<std::string, const std::tuple<std::string, std::vector<float>, std::vector<float>>*> by_name;
+  for (const auto& t : state.slots) {
+    const std::string& name = std::get<0>(t);
+    auto it = slots_.find(name);
+    if (it == slots_.end())
+      throw std::invalid_argument("optimizer state: no weight slot named '" + name + "'");
+    const size_t n = it->second.data.size();
+    if (std::get<1>(t).size() != n || std::get<2>(t).size() != n)
+      throw std::invalid_argument(
+          "optimizer state: moments of '" + name + "' have " + std::to_string(std::get<1>(t).size()) + " / " +
+          std::to_string(std::get<2>(t).size()) + " values, the slot " + std::to_string(n));
+    if (!by_name.emplace(name, &t).second)
+      throw std::invalid_argument("optimizer state: slot '" + name + "' given twice");
+  }
+  if (state.step > 0 && by_name.size() != slots_.size())
+    throw std::invalid_argument("optimizer state: " + std::to_string(by_name.size()) + " of " +
+                                std::to_string(slots_.size()) + " slots given for step " +
+                                std::to_string(state.step));
+  for (auto& [name, s] : slots_) {
+    auto it = by_name.find(name);
+    if (it == by_name.end()) {
+      s.adam_m.clear();
+      s.adam_v.clear();
+    } else {
+      s.adam_m = std::get<1>(*it->second);
+      s.adam_v = std::get<2>(*it->second);
+    }
+  }
+  adam_step_ = state.step;
+}
+
 void check_adamw(const AdamWConfig& o) {
   if (!(o.lr >= 0.0f) || !std::isfinite(o.lr))
     throw std::invalid_argument("adamw.lr: expected a finite value >= 0");

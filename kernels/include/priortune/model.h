@@ -19,6 +19,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -185,6 +186,16 @@ class Model {
   // global-norm clipping when asked, weight decay on the slots `decays` names, lr, betas and eps for all.
   TrainStats train_step(const ForwardArgs& args, const AdamWConfig& adamw);
   int64_t optimizer_steps() const { return adam_step_; }
+  // AdamW's state for checkpoints: the step count and (name, m, v) of every slot, copied under the run lock
+  // (empty moments before the first step).
+  struct AdamState {
+    int64_t step = 0;
+    std::vector<std::tuple<std::string, std::vector<float>, std::vector<float>>> slots;
+  };
+  AdamState copy_adam_state();
+  // Restores a state copy_adam_state gave (every slot named once, lengths as the slot's); checked whole
+  // before anything changes.
+  void set_adam_state(const AdamState& state);
   // Weight decay rule: the weight matrices of linear layers (l{i}.qkv.w, proj.w, fc.w, fc2.w and an untied
   // lm_head), as Hugging Face's Trainer decays every nn.Linear weight; no decay for embeddings (tok_emb,
   // which a tied head shares, and pos_emb), norm weights or biases, which set scales and offsets that decay
