@@ -539,6 +539,7 @@ export class Pretrainer {
   readonly #lr: number | ((step: number) => number);
   readonly #adamw: { beta1: number; beta2: number; eps: number; weightDecay: number; maxGradNorm: number };
   #steps = 0;
+  #queue: Promise<void> = Promise.resolve();
 
   constructor(model: Model, options: PretrainerOptions) {
     this.#native = trainableOf(model, "Pretrainer").native;
@@ -566,16 +567,27 @@ export class Pretrainer {
     return this.#steps;
   }
 
-  /** Loss and gradient of one batch, then one AdamW update of every weight. */
-  async step(batch: PretrainBatch): Promise<PretrainStep> {
-    if (this.#model.disposed) throw new Error("Model is disposed");
-    const args = checkedBatch(this.#model.config, batch);
-    const next = this.#steps + 1;
-    const lr = typeof this.#lr === "function" ? this.#lr(next) : this.#lr;
-    checkNumber(lr, `lr(${next})`, (x) => x >= 0, "a number >= 0");
-    const out = await this.#native.trainStep(args, { lr, ...this.#adamw });
-    this.#steps = next;
-    return { loss: out.loss, labelCount: out.labelCount, gradNorm: out.gradNorm, lr, step: next };
+  /**
+   * Loss and gradient of one batch, then one AdamW update of every weight. Steps called without awaiting
+   * the previous one run in call order, each with its own step number and learning rate.
+   */
+  step(batch: PretrainBatch): Promise<PretrainStep> {
+    const run = async () => {
+      if (this.#model.disposed) throw new Error("Model is disposed");
+      const args = checkedBatch(this.#model.config, batch);
+      const next = this.#steps + 1;
+      const lr = typeof this.#lr === "function" ? this.#lr(next) : this.#lr;
+      checkNumber(lr, `lr(${next})`, (x) => x >= 0, "a number >= 0");
+      const out = await this.#native.trainStep(args, { lr, ...this.#adamw });
+      this.#steps = next;
+      return { loss: out.loss, labelCount: out.labelCount, gradNorm: out.gradNorm, lr, step: next };
+    };
+    const result = this.#queue.then(run);
+    this.#queue = result.then(
+      () => undefined,
+      () => undefined,
+    );
+    return result;
   }
 
   /** Loss and d loss / d every weight (canonical slot names and layouts) for one batch, without an update. */
