@@ -174,6 +174,7 @@ export async function pretrain(
   checkOptions(o);
   mkdirSync(out, { recursive: true });
   const tokenizer = loadTokenizer(o.tokenizer);
+  log(`tokenizing ${[...o.train, ...o.validation].join(", ")}`);
   const eos = tokenizer.tokenToId("<|endoftext|>");
   const train = tokenizeFiles(tokenizer, o.train, eos);
   const validation = tokenizeFiles(tokenizer, o.validation, eos);
@@ -292,6 +293,7 @@ export async function pretrain(
     : undefined;
   bar?.start(o.steps, start, { loss: "-", val: "-" });
   const t0 = performance.now();
+  let lastLine = t0;
   try {
     for (let step = start + 1; step <= o.steps; step++) {
       const ids = new Int32Array(o.batchSize * o.seqLen);
@@ -310,6 +312,11 @@ export async function pretrain(
           `${bar ? "\n" : ""}step ${step}: loss ${s.loss.toFixed(4)}, held-out loss ${v.toFixed(4)} (perplexity ${Math.exp(v).toFixed(1)} vs unigram ${unigram.toFixed(1)}), ${(tokens / point.seconds).toFixed(0)} tok/s`,
         );
       } else if (bar) bar.update(step, { loss: s.loss.toFixed(3) });
+      else if (performance.now() - lastLine > 30_000) {
+        // No terminal (a log file, CI): a line at least every 30 s between evaluations.
+        lastLine = performance.now();
+        log(`step ${step}/${o.steps}: loss ${s.loss.toFixed(4)}, lr ${s.lr.toExponential(2)}`);
+      }
       curve.push(point);
       if (step % o.saveEvery === 0 || step === o.steps) save(step);
     }

@@ -362,10 +362,9 @@ function jsonlExamples(text: string, template: string, source: string): Example[
       throw new RangeError(`${where}: ${(e as Error).message}`);
     }
     const given = r["answers"];
-    const answers =
-      Array.isArray(given) && given.every((a) => typeof a === "string")
-        ? [...given]
-        : [r["completion"].trim()];
+    if (given !== undefined && !(Array.isArray(given) && given.every((a) => typeof a === "string")))
+      throw new TypeError(`${where}: "answers" must be an array of strings when present`);
+    const answers = given !== undefined ? [...(given as string[])] : [r["completion"].trim()];
     return { prompt, completion: r["completion"], answers };
   });
 }

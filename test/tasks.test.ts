@@ -224,6 +224,11 @@ describe("JSONL loader", () => {
     await expect(loadTask({ kind: "jsonl", path })).rejects.toThrow(
       /record 1: expected a string "completion" field/,
     );
+    // A malformed answers field is an error (it was replaced by the completion without a word).
+    writeFileSync(path, '{"prompt": "x", "completion": " 2", "answers": [2]}\n');
+    await expect(loadTask({ kind: "jsonl", path })).rejects.toThrow(
+      /record 1: "answers" must be an array of strings when present/,
+    );
   });
 });
 
