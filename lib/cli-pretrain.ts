@@ -136,8 +136,8 @@ function checkOptions(o: PretrainCliOptions): void {
   int("save-every", o.saveEvery, 1);
   if (!(Number.isFinite(o.lr) && o.lr >= 0))
     throw new RangeError(`--lr: expected a number >= 0, got ${o.lr}`);
-  if (!(Number.isFinite(o.minLr) && o.minLr >= 0 && o.minLr <= o.lr))
-    throw new RangeError(`--min-lr: expected a number from 0 to --lr (${o.lr}), got ${o.minLr}`);
+  if (!(Number.isFinite(o.minLr) && o.minLr >= 0))
+    throw new RangeError(`--min-lr: expected a number >= 0, got ${o.minLr}`);
   if (!(Number.isFinite(o.weightDecay) && o.weightDecay >= 0))
     throw new RangeError(`--weight-decay: expected a number >= 0, got ${o.weightDecay}`);
 }
@@ -169,6 +169,8 @@ export async function pretrain(
           `--resume: ${key} ${merged[key]} differs from the run's ${was}; a resumed run keeps its options (leave it out)`,
         );
     }
+    // --steps may be given to extend (or shorten) a run, which re-spans its cosine decay; left out, the run's.
+    if (given && !given.has("steps") && saved.steps !== undefined) merged.steps = saved.steps;
     o = merged;
   }
   checkOptions(o);
@@ -205,7 +207,7 @@ export async function pretrain(
           `--resume: ${out} holds the optimizer state of step ${metadata.step} and the run state of step ${start} ` +
             "(a save stopped half way); its weights may be of either: start the run again",
         );
-      adam = { step: Number(metadata.step), m: {}, v: {} };
+      adam = { step: Number(metadata.adamStep ?? metadata.step), m: {}, v: {} };
       for (const [name, t] of tensors)
         (name.startsWith("m.") ? adam.m : adam.v)[name.slice(2)] = t.data as Float32Array;
       log(`resuming at step ${start} (AdamW state restored)`);
@@ -267,7 +269,12 @@ export async function pretrain(
         data: adamState.v[name]!,
       });
     }
-    writeSafetensors(join(tmp, "optimizer.safetensors"), tensors, { step: String(step) });
+    // step: the run's (checked against pretrain-state.json); adamStep: AdamW's t, which differs after a
+    // resume from a save without optimizer state (its moments restarted at t = 0).
+    writeSafetensors(join(tmp, "optimizer.safetensors"), tensors, {
+      step: String(step),
+      adamStep: String(adamState.step),
+    });
     const files = readdirSync(tmp);
     for (const f of files) fsyncFile(join(tmp, f));
     renameSync(join(tmp, "optimizer.safetensors"), join(out, "optimizer.safetensors"));

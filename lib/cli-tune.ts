@@ -25,9 +25,9 @@ function scalar(raw: string): unknown {
 }
 
 /**
- * key=value pairs: booleans and numbers are parsed, a comma-separated value is a list (operations=add,mul;
- * digits=1,2), a value starting with [ { or " is JSON (name="2024" keeps a string of digits), the rest
- * stay strings.
+ * key=value pairs: booleans and numbers are parsed, a comma-separated list of words or numbers is a list
+ * (operations=add,mul; digits=1,2), a value starting with [ { or " is JSON (name="2024" keeps a string of
+ * digits), the rest stay strings (template=Q: {q}, A: keeps its commas).
  */
 export function keyValue(value: string, previous: Record<string, unknown> = {}): Record<string, unknown> {
   const eq = value.indexOf("=");
@@ -41,8 +41,9 @@ export function keyValue(value: string, previous: Record<string, unknown> = {}):
     } catch (e) {
       throw new InvalidArgumentError(`${key}: not valid JSON (${(e as Error).message})`);
     }
-  } else if (raw.includes(",")) parsed = raw.split(",").map((v) => scalar(v.trim()));
-  else parsed = scalar(raw);
+  } else if (raw.includes(",") && raw.split(",").every((v) => /^[\w.+-]+$/u.test(v.trim())))
+    parsed = raw.split(",").map((v) => scalar(v.trim())); // a list of words or numbers
+  else parsed = scalar(raw); // text with commas and spaces (a template) stays one string
   return { ...previous, [key]: parsed };
 }
 

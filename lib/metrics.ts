@@ -155,8 +155,8 @@ function compactAnswer(text: string): string {
 /**
  * Whether the first number in a generated answer equals the gold answer, compared exactly as rationals
  * ("0.30" = "0.3", "-4/2" = "-2"; no floating-point rounding), where the gold is a number. A gold that holds
- * digits but is not one number (a polynomial "3*t**2", a time "3:45 PM", a list "-2, 5") must match as a
- * whole, whitespace and case aside; a gold without digits (e.g. "True" in other Mathematics modules) is
+ * digits but is not one number (a polynomial "3*t**2", a time "3:45 PM", a list "-2, 5") must equal the
+ * prediction's first as many whitespace-separated pieces (case and a final full stop aside); a gold without digits (e.g. "True" in other Mathematics modules) is
  * compared as the first whitespace-separated word, case-folded and stripped of trailing punctuation.
  */
 export function arithmeticCorrect(prediction: string, gold: string | number): boolean {
@@ -169,7 +169,13 @@ export function arithmeticCorrect(prediction: string, gold: string | number): bo
   // A number only where the whole gold is one: "3*t**2", "3:45 PM" or "-2, 5" compare as text, not by
   // their first number (which would accept "3*t**3").
   const g = WHOLE_NUMBER.test(goldText) ? parseFirstNumber(goldText) : null;
-  if (g === null && /\d/u.test(goldText)) return compactAnswer(prediction) === compactAnswer(goldText);
+  if (g === null && /\d/u.test(goldText)) {
+    // As many whitespace-separated pieces of the prediction as the gold has: "3*t**2 is the answer" counts
+    // for "3*t**2", "3*t**2+1" does not.
+    const pieces = goldText.trim().split(/\s+/u).length;
+    const head = prediction.trim().split(/\s+/u).slice(0, pieces).join(" ");
+    return compactAnswer(head) === compactAnswer(goldText);
+  }
   if (g === null) {
     const word = (s: string) => (s.trim().split(/\s+/u)[0] ?? "").toLowerCase().replace(/[.,;:!?]+$/u, "");
     return word(goldText) !== "" && word(prediction) === word(goldText);

@@ -526,6 +526,16 @@ function checkedBatch(c: ModelConfig, b: PretrainBatch) {
   return { inputIds, batch, seqLen, attentionMask, labels };
 }
 
+/** A checked batch with its own copies of the arrays (checkedBatch already copies default labels). */
+function copiedBatch(b: ReturnType<typeof checkedBatch>): ReturnType<typeof checkedBatch> {
+  return {
+    ...b,
+    inputIds: b.inputIds.slice(),
+    labels: b.labels.slice(),
+    attentionMask: b.attentionMask?.slice(),
+  };
+}
+
 function checkNumber(v: unknown, name: string, ok: (x: number) => boolean, what: string): number {
   if (typeof v !== "number" || !Number.isFinite(v) || !ok(v))
     throw new RangeError(`${name}: expected ${what}, got ${String(v)}`);
@@ -571,10 +581,12 @@ export class Pretrainer {
    * Loss and gradient of one batch, then one AdamW update of every weight. Steps called without awaiting
    * the previous one run in call order, each with its own step number and learning rate.
    */
-  step(batch: PretrainBatch): Promise<PretrainStep> {
+  async step(batch: PretrainBatch): Promise<PretrainStep> {
+    // The batch is checked and copied now (an async function runs up to its first await at the call, and a
+    // throw becomes the promise's rejection), so a caller may refill its arrays before the step runs.
+    const args = copiedBatch(checkedBatch(this.#model.config, batch));
     const run = async () => {
       if (this.#model.disposed) throw new Error("Model is disposed");
-      const args = checkedBatch(this.#model.config, batch);
       const next = this.#steps + 1;
       const lr = typeof this.#lr === "function" ? this.#lr(next) : this.#lr;
       checkNumber(lr, `lr(${next})`, (x) => x >= 0, "a number >= 0");
@@ -582,27 +594,34 @@ export class Pretrainer {
       this.#steps = next;
       return { loss: out.loss, labelCount: out.labelCount, gradNorm: out.gradNorm, lr, step: next };
     };
-    const result = this.#queue.then(run);
-    this.#queue = result.then(
-      () => undefined,
-      () => undefined,
-    );
-    return result;
+    return this.#queued(run);
   }
 
   /** Loss and d loss / d every weight (canonical slot names and layouts) for one batch, without an update. */
   async gradients(
     batch: PretrainBatch,
   ): Promise<{ loss: number; labelCount: number; gradients: Record<string, Float32Array> }> {
-    if (this.#model.disposed) throw new Error("Model is disposed");
-    return this.#native.trainGrads(checkedBatch(this.#model.config, batch));
+    const args = copiedBatch(checkedBatch(this.#model.config, batch));
+    return this.#queued(async () => {
+      if (this.#model.disposed) throw new Error("Model is disposed");
+      return this.#native.trainGrads(args);
+    });
   }
 
-  /** Mean loss of a batch with the current weights (no gradient, no update). */
+  /** Mean loss of a batch with the current weights (no gradient, no update), after the steps called before. */
   async evaluate(batch: PretrainBatch): Promise<number> {
-    const args = checkedBatch(this.#model.config, batch);
-    const out = await this.#model.forward({ ...args, logits: false });
-    return out.loss!;
+    const args = copiedBatch(checkedBatch(this.#model.config, batch));
+    return this.#queued(async () => (await this.#model.forward({ ...args, logits: false })).loss!);
+  }
+
+  /** Runs `work` after everything queued before it (steps, gradients, evaluations), in call order. */
+  #queued<T>(work: () => Promise<T>): Promise<T> {
+    const result = this.#queue.then(work);
+    this.#queue = result.then(
+      () => undefined,
+      () => undefined,
+    );
+    return result;
   }
 
   /** saveModel(this.model, dir). */

@@ -183,6 +183,19 @@ export function bucketBatches(lengths: number[], size: number): number[][] {
   return batches;
 }
 
+/** JSON with object keys sorted at every level: equal values give equal text whatever the key order. */
+function canonicalJson(value: unknown): string {
+  return JSON.stringify(value, (_key, v) =>
+    v && typeof v === "object" && !Array.isArray(v)
+      ? Object.fromEntries(
+          Object.keys(v)
+            .sort()
+            .map((k) => [k, (v as Record<string, unknown>)[k]]),
+        )
+      : v,
+  );
+}
+
 /**
  * Positions left for an example's tokens when `maxLength` also holds the soft prompt (P vectors) and, in
  * deep-prefix mode, the prefix (its keys and values take positions in every prefixed layer's attention).
@@ -483,17 +496,22 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
       const runJson = join(runDir, "run.json");
       const checkpointJson = join(runDir, "checkpoint.json");
       if (existsSync(runJson)) {
-        const previous = JSON.parse(readFileSync(runJson, "utf8"));
-        if (JSON.stringify(previous) !== JSON.stringify(runRecord)) {
+        const previous = JSON.parse(readFileSync(runJson, "utf8")) as Record<string, unknown>;
+        // Fields this version records that an older run.json lacks are not a difference (they were not
+        // recorded then); key order is not either.
+        const comparable: Record<string, unknown> = { ...runRecord, ...previous };
+        if (canonicalJson(comparable) !== canonicalJson(runRecord)) {
           throw new Error(
             `${runDir} holds a different run (run.json differs); use a new runDir or delete it`,
           );
         }
         const checkpointTensors = join(runDir, "checkpoint.safetensors");
-        if (existsSync(checkpointTensors)) {
-          const { tensors: saved, metadata } = readTensors(checkpointTensors);
-          // The state written with the tensors, in one file (runs written before it kept the state in
-          // checkpoint.json alone, which must then be of the tensors' step).
+        const saved = existsSync(checkpointTensors) ? readTensors(checkpointTensors) : undefined;
+        // The state is written with the tensors, in one file; runs written before kept it in
+        // checkpoint.json alone, which must then exist and be of the tensors' step.
+        const usable = saved && (saved.metadata.state !== undefined || existsSync(checkpointJson));
+        if (saved && usable) {
+          const metadata = saved.metadata;
           if (metadata.state !== undefined) state = JSON.parse(metadata.state) as Checkpoint;
           else {
             state = JSON.parse(readFileSync(checkpointJson, "utf8")) as Checkpoint;
@@ -503,12 +521,13 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
                   "are of different steps (the run stopped between writing them); delete both to restart the run",
               );
           }
+          const got = saved.tensors;
           tensors.forEach((t, i) => {
-            t.set(saved.get(`param.${i}`)!.data as Float32Array);
-            adamw.m[i]!.set(saved.get(`m.${i}`)!.data as Float32Array);
-            adamw.v[i]!.set(saved.get(`v.${i}`)!.data as Float32Array);
+            t.set(got.get(`param.${i}`)!.data as Float32Array);
+            adamw.m[i]!.set(got.get(`m.${i}`)!.data as Float32Array);
+            adamw.v[i]!.set(got.get(`v.${i}`)!.data as Float32Array);
           });
-          for (const [i, t] of initial.entries()) t.set(saved.get(`init.${i}`)!.data as Float32Array);
+          for (const [i, t] of initial.entries()) t.set(got.get(`init.${i}`)!.data as Float32Array);
           adamw.stepCount = state.optimizerStep;
           if (existsSync(metricsPath)) truncateSync(metricsPath, state.metricsBytes);
           resumedFrom = state.step;

@@ -28,9 +28,11 @@ export const requireUint8 = (v: unknown, name: string, length?: number): Uint8Ar
 
 /** A thread count: 1 to 1024 (the native side refuses more: OpenMP would end the process). */
 export function requireThreads(v: unknown, name: string): number {
-  const n = requirePositiveInt(v, name);
-  if (n > 1024) throw new RangeError(`${name}: expected at most 1024, got ${n}`);
-  return n;
+  if (typeof v !== "number" || !Number.isInteger(v))
+    throw new TypeError(`${name}: expected an integer from 1 to 1024, got ${describe(v)}`);
+  if (v < 1) throw new RangeError(`${name}: expected at least 1, got ${v}`);
+  if (v > 1024) throw new RangeError(`${name}: expected at most 1024, got ${v}`);
+  return v;
 }
 
 /** A `threads` option: `fallback` when it is undefined, else a count checked by requireThreads. */

@@ -119,6 +119,7 @@ describe("--task-opt and --prior-opt values", () => {
     expect(keyValue("operations=add,mul")).toEqual({ operations: ["add", "mul"] }); // refused before
     expect(keyValue("operations=mul")).toEqual({ operations: "mul" });
     expect(keyValue('name="2024"')).toEqual({ name: "2024" });
+    expect(keyValue("template=Q: {q}, A:")).toEqual({ template: "Q: {q}, A:" });
     expect(keyValue('ops=["mul"]', { a: 1 })).toEqual({ a: 1, ops: ["mul"] });
     expect(() => keyValue("x=[1,")).toThrow("x: not valid JSON");
     const { taskSpec } = await import("../lib/cli-tune.js");

@@ -106,6 +106,16 @@ describe("safetensors headers", () => {
     await expect(loadModel(dir, { backend: "cpu", threads: 1 })).rejects.toThrow(
       `maps tensor 'model.embed_tokens.weight' to ${home}, but ${other} holds it too`,
     );
+    // With a model.safetensors beside the (broken) index, the single file is what loads, as in Transformers.
+    copyFileSync(join(modelDir("llama-tiny"), "model.safetensors"), join(dir, "model.safetensors"));
+    copyFileSync(join(modelDir("llama-tiny"), "config.json"), join(dir, "config.json"));
+    const single = await loadModel(dir, { backend: "cpu", threads: 1 });
+    const reference = await loadModel(modelDir("llama-tiny"), { backend: "cpu", threads: 1 });
+    expect(
+      Buffer.from(single.tokenEmbeddings().buffer).equals(Buffer.from(reference.tokenEmbeddings().buffer)),
+    ).toBe(true);
+    single.dispose();
+    reference.dispose();
   });
 });
 

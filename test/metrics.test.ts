@@ -122,10 +122,12 @@ describe("arithmetic accuracy", () => {
     ["False", "True", false],
     // Golds with digits that are not one number match as a whole (the first number alone accepted these):
     ["3*t**3", "3*t**2", false],
-    [" 3 * t**2.", "3*t**2", true],
+    [" 3*t**2.", "3*t**2", true], // case, surrounding space and a final full stop aside
     ["3:15 PM", "3:45 PM", false],
     ["-2", "-2, 5", false],
     ["-2, 5", "-2, 5", true],
+    ["3*t**2 is the answer", "3*t**2", true], // the gold's pieces first, then other words
+    ["3*t**2+1", "3*t**2", false],
   ] as const)("%j vs gold %j -> %s", (prediction, gold, correct) => {
     expect(arithmeticCorrect(prediction, gold)).toBe(correct);
   });

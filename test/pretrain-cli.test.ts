@@ -72,6 +72,13 @@ describe("pretrain", () => {
       (l) => lines.push(l),
       new Set(["steps", "resume", "out"]),
     );
+    // Resumed again with nothing given: the run's own --steps (6, not the default), so nothing is left to do.
+    const again = await pretrain(
+      { ...small, out: split, steps: 1000, resume: true },
+      () => {},
+      new Set(["resume"]),
+    );
+    expect(again.curve.at(-1)!.step).toBe(6);
     expect(lines.join("\n")).toMatch(/resuming at step 3 \(AdamW state restored\)/);
     const weights = (dir: string) => readFileSync(join(dir, "model.safetensors"));
     expect(weights(split).equals(weights(whole))).toBe(true); // the moments restarted before: 5.4518 vs 5.4590
@@ -99,7 +106,7 @@ describe("pretrain", () => {
     expect(model.tokenizer).not.toBeNull(); // copied from --tokenizer
     model.dispose();
     await expect(pretrain({ ...base, out: join(tmp, "bad"), minLr: -1e-3 }, () => {})).rejects.toThrow(
-      "--min-lr: expected a number from 0 to --lr (0.01), got -0.001",
+      "--min-lr: expected a number >= 0, got -0.001",
     );
     expect(existsSync(join(tmp, "bad"))).toBe(false);
   });

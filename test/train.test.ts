@@ -8,6 +8,7 @@ import { fileURLToPath } from "node:url";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { loadModel, type Model } from "../lib/model.js";
 import { createPrior, createRegularizer } from "../lib/priors.js";
+import { readTensors, writeSafetensors } from "../lib/safetensors.js";
 import { loadTask, type Task } from "../lib/tasks.js";
 import {
   bucketBatches,
@@ -217,6 +218,56 @@ describe("resume after a kill", () => {
         .filter((l) => l.type === "step");
     expect(steps(killed).map((l) => l.step)).toEqual(steps(whole).map((l) => l.step));
     expect(steps(killed).map((l) => l.loss)).toEqual(steps(whole).map((l) => l.loss));
+  });
+});
+
+describe("run directories of the previous version", () => {
+  it("resume: a run.json without the newer fields and a checkpoint whose state is in checkpoint.json", async () => {
+    const model = await loadModel(modelDir("llama-tiny"), { backend: "cpu", threads: 2 });
+    try {
+      const task = await loadTask({ kind: "arithmetic", trainCount: 24, validationCount: 2, seed: 3 });
+      const prior = await createPrior({ kind: "gaussian", sigma: 0.5 }, { model });
+      const run = (runDir: string, signal?: AbortSignal, onStep?: (r: StepRecord) => void) =>
+        tune({
+          model,
+          task,
+          prior,
+          promptLength: 4,
+          steps: 6,
+          batchSize: 4,
+          seed: 2,
+          runDir,
+          checkpointEvery: 3,
+          signal,
+          onStep,
+        });
+      const whole = await run(join(tmp, "v1-whole"));
+      const old = join(tmp, "v1-old");
+      const stop = new AbortController();
+      await expect(run(old, stop.signal, (r) => r.step === 4 && stop.abort())).rejects.toThrow("aborted");
+      // Make it look as the previous version wrote it: no newer run.json fields, no state in the tensors.
+      const runJson = join(old, "run.json");
+      const record = JSON.parse(readFileSync(runJson, "utf8"));
+      for (const k of ["prefixInitStd", "evalExamples", "collapseEvery"]) delete record[k];
+      writeFileSync(runJson, JSON.stringify(record, null, 2));
+      const file = join(old, "checkpoint.safetensors");
+      const { tensors, metadata } = readTensors(file);
+      writeSafetensors(
+        file,
+        [...tensors].map(([name, t]) => ({
+          name,
+          dtype: "F32" as const,
+          shape: t.shape,
+          data: t.data as Float32Array,
+        })),
+        { step: metadata.step! },
+      );
+      const resumed = await run(old);
+      expect(resumed.resumedFrom).toBe(3);
+      expect(Buffer.from(resumed.prompt!.buffer).equals(Buffer.from(whole.prompt!.buffer))).toBe(true);
+    } finally {
+      model.dispose();
+    }
   });
 });
 
