@@ -1,13 +1,5 @@
 // Bad input gets an error that names the argument; nothing aborts the process.
-import {
-  copyFileSync,
-  mkdirSync,
-  mkdtempSync,
-  readdirSync,
-  readFileSync,
-  rmSync,
-  writeFileSync,
-} from "node:fs";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -15,7 +7,7 @@ import { nativeConfig, parseConfig } from "../lib/config.js";
 import { loadModel, type Model } from "../lib/index.js";
 import { addon } from "../lib/native.js";
 import { createModel, loadTrainableModel } from "../lib/pretrain.js";
-import { modelDir } from "./helpers.js";
+import { copyModelDir, modelDir } from "./helpers.js";
 
 describe("native argument limits (what lib's checks would catch first)", () => {
   const cfg = () =>
@@ -224,8 +216,7 @@ describe("model lifecycle and loading errors", () => {
 
   it("names an unsupported architecture", async () => {
     const dir = join(tmp, "arch");
-    rmSync(dir, { recursive: true, force: true });
-    copyDir(modelDir("gpt2-tiny"), dir);
+    copyModelDir("gpt2-tiny", dir);
     const cfg = JSON.parse(readFileSync(join(dir, "config.json"), "utf8"));
     cfg.architectures = ["BertForMaskedLM"];
     writeFileSync(join(dir, "config.json"), JSON.stringify(cfg));
@@ -234,8 +225,7 @@ describe("model lifecycle and loading errors", () => {
 
   it("names a missing tensor", async () => {
     const dir = join(tmp, "missing");
-    rmSync(dir, { recursive: true, force: true });
-    copyDir(modelDir("llama-tiny-untied"), dir);
+    copyModelDir("llama-tiny-untied", dir);
     const indexPath = join(dir, "model.safetensors.index.json");
     const index = JSON.parse(readFileSync(indexPath, "utf8"));
     delete index.weight_map["lm_head.weight"];
@@ -262,8 +252,3 @@ describe("model lifecycle and loading errors", () => {
     );
   });
 });
-
-function copyDir(src: string, dst: string) {
-  mkdirSync(dst, { recursive: true });
-  for (const f of readdirSync(src)) copyFileSync(join(src, f), join(dst, f));
-}

@@ -1,4 +1,5 @@
 // Shared test helpers: fixture paths, golden files, and error measures with stated tolerances.
+import { copyFileSync, mkdirSync, readdirSync, rmSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import type { NativeAdamWOptions } from "../lib/native.js";
@@ -6,6 +7,14 @@ import { readTensors, type TensorData } from "../lib/safetensors.js";
 
 export const fixtures = join(dirname(fileURLToPath(import.meta.url)), "fixtures");
 export const modelDir = (name: string) => join(fixtures, "models", name);
+
+/** Copies a fixture model directory to `dst` (replacing what is there), to edit the copy. Returns `dst`. */
+export function copyModelDir(name: string, dst: string): string {
+  rmSync(dst, { recursive: true, force: true });
+  mkdirSync(dst, { recursive: true });
+  for (const f of readdirSync(modelDir(name))) copyFileSync(join(modelDir(name), f), join(dst, f));
+  return dst;
+}
 
 export interface Golden {
   get(name: string): TensorData;

@@ -1,15 +1,7 @@
 // Loading a Hugging Face directory a user downloaded: damaged or inconsistent files are errors that name the
 // file and tensor (never garbage weights), config options we implement are honoured, and a tokenizer that
 // cannot be read does not stop the model from loading.
-import {
-  copyFileSync,
-  mkdirSync,
-  mkdtempSync,
-  readdirSync,
-  readFileSync,
-  rmSync,
-  writeFileSync,
-} from "node:fs";
+import { copyFileSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
@@ -23,18 +15,12 @@ import {
   writeSafetensors,
 } from "../lib/safetensors.js";
 import { byteLevelBpeJson } from "../lib/tokenizer.js";
-import { modelDir } from "./helpers.js";
+import { copyModelDir, modelDir } from "./helpers.js";
 
 const tmp = mkdtempSync(join(tmpdir(), "priortune-loading-"));
 afterAll(() => rmSync(tmp, { recursive: true, force: true }));
 
-function copyModel(name: string, as: string): string {
-  const dst = join(tmp, as);
-  rmSync(dst, { recursive: true, force: true });
-  mkdirSync(dst, { recursive: true });
-  for (const f of readdirSync(modelDir(name))) copyFileSync(join(modelDir(name), f), join(dst, f));
-  return dst;
-}
+const copyModel = (name: string, as: string) => copyModelDir(name, join(tmp, as));
 
 const editJson = (path: string, edit: (j: Record<string, unknown>) => void) => {
   const j = JSON.parse(readFileSync(path, "utf8"));
