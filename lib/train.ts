@@ -422,14 +422,6 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
   }
   let collapseRef: CollapseReference | undefined;
   try {
-    return await tuneWith();
-  } finally {
-    collapseRef?.dispose();
-    if (ownsRegularizer) regularizer?.dispose();
-  }
-
-  // The rest of the run, inside the try that frees the regulariser and the collapse reference.
-  async function tuneWith(): Promise<TuneResult> {
     // Data: encoded once; prompt positions count against maxLength. Plain-text tasks (metric "none", C4)
     // keep the first tokens of a document longer than the budget.
     const budget = textBudget(maxLength, prompt ? P : 0, mode, deepLength);
@@ -636,131 +628,132 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
       stale = false;
     };
 
-    {
-      if (runDir && state.step === 0 && resumedFrom === undefined)
-        saveTensors(join(runDir, "snapshots", "step-000000.safetensors"), 0, "snapshot");
-      const lengths = train.map((e) => e.ids.length);
-      const nextBatch = () => {
-        if (state.epochCursor >= state.epochBatches.length) {
-          state.epochBatches = rngNow.shuffle(bucketBatches(lengths, batchSize));
-          state.epochCursor = 0;
-        }
-        return collate(state.epochBatches[state.epochCursor++]!.map((i) => train[i]!));
-      };
-      while (state.step < steps) {
-        if (options.signal?.aborted) throw new Error("tune: aborted");
-        const t0 = performance.now();
-        const step = state.step;
-        const lr = learningRate(step, steps, opt.lr, opt.schedule, opt.warmupSteps);
-        let taskLoss = 0;
-        let tokens = 0;
-        let gradNorm: number;
-        let regValue: number | null = null;
-        if (trainer) {
-          const b = nextBatch();
-          const r = await trainer.step(b, lr);
-          taskLoss = r.loss;
-          tokens = b.tokens;
-          gradNorm = r.gradNorm;
-          stale = true;
-        } else {
-          // Accumulate gradients over micro-batches, each weighted by its labelled tokens: the loss and
-          // gradient of the mean over every labelled token of the update, as one batch of them all would
-          // give (a plain mean of the micro-batches' means would count a micro-batch with few answer
-          // tokens as much as one with many).
-          const grads = tensors.map((t) => new Float32Array(t.length));
-          const parts: MicroBatch[] = [];
-          for (let micro = 0; micro < opt.accumulate; micro++) {
-            const b = nextBatch();
-            const g: LossAndGrad = await model.lossAndGrad({ ...b, prompt, deepPrompts });
-            tokens += b.tokens;
-            parts.push({ loss: g.loss, count: g.labelCount, grads: promptGrads(g) });
-          }
-          taskLoss = combineMicroBatches(parts, grads);
-          // Regulariser on the soft prompt (tensor 0): lambda * R(prompt) joins the loss.
-          if (regularizer && options.regularizer) {
-            const { lambda, schedule = "constant" } = options.regularizer;
-            const lam = schedule === "linear" ? (lambda * (step + 1)) / steps : lambda;
-            const r = regularizer.valueAndGradient(tensors[0]!);
-            regValue = lam * r.value;
-            const acc = grads[0]!;
-            for (let k = 0; k < acc.length; k++) acc[k] += lam * r.gradient[k]!;
-          }
-          gradNorm = norm(grads);
-          // As the device step: a non-finite gradient stops the run before AdamW writes it into the prompt
-          // (and a checkpoint would keep it).
-          if (!Number.isFinite(gradNorm))
-            throw new Error(`prompt step ${step + 1}: the gradient is not finite (loss ${taskLoss})`);
-          // As torch.nn.utils.clip_grad_norm_ (and the device step): scale by clip / (norm + 1e-6) when below 1.
-          const coef = opt.clipNorm === undefined ? 1 : opt.clipNorm / (gradNorm + 1e-6);
-          if (coef < 1) for (const g of grads) for (let k = 0; k < g.length; k++) g[k] *= coef;
-          adamw.step(grads, lr);
-        }
-        state.step = step + 1;
-        state.lastLoss = taskLoss + (regValue ?? 0);
-        const record: StepRecord = {
-          type: "step",
-          step: state.step,
-          loss: state.lastLoss,
-          taskLoss,
-          regularizer: regValue,
-          lr,
-          gradNorm,
-          tokens,
-          ms: performance.now() - t0,
-        };
-        appendMetrics(record);
-        options.onStep?.(record);
-        // What this step ends with; each reads the host tensors, which a device-resident step must refresh.
-        const due = (every: number | undefined) => !!every && state.step % every === 0;
-        const last = state.step === steps;
-        const evalNow = due(evalEvery) || last;
-        const collapseNow = due(options.collapseEvery) && prompt !== undefined && !evalNow;
-        const snapshotNow = runDir !== undefined && (due(snapshotEvery) || last);
-        const checkpointNow = runDir !== undefined && (due(checkpointEvery) || last);
-        if (collapseNow || evalNow || snapshotNow || checkpointNow) await pull();
-        if (collapseNow) {
-          collapseRef ??= await createCollapseReference(model, { seed });
-          const report = await collapseRef.report(prompt, { perDimensionSpread: false });
-          appendMetrics({
-            type: "eval",
-            step: state.step,
-            validationLoss: Number.NaN,
-            collapse: {
-              collapseRate: report.aggregate.collapseRate,
-              meanNearestCosine: report.aggregate.meanNearestCosine,
-              meanDivergence: report.aggregate.meanDivergence,
-              projectedPrompt: report.aggregate.projectedPrompt,
-            },
-            ms: 0,
-          });
-        }
-        if (evalNow) {
-          const ev = await evaluate(state.step);
-          state.evals.push(ev);
-          appendMetrics(ev);
-          options.onEval?.(ev);
-        }
-        if (snapshotNow) {
-          saveTensors(
-            join(runDir, "snapshots", `step-${String(state.step).padStart(6, "0")}.safetensors`),
-            state.step,
-            "snapshot",
-          );
-        }
-        if (checkpointNow) checkpoint();
+    if (runDir && state.step === 0 && resumedFrom === undefined)
+      saveTensors(join(runDir, "snapshots", "step-000000.safetensors"), 0, "snapshot");
+    const lengths = train.map((e) => e.ids.length);
+    const nextBatch = () => {
+      if (state.epochCursor >= state.epochBatches.length) {
+        state.epochBatches = rngNow.shuffle(bucketBatches(lengths, batchSize));
+        state.epochCursor = 0;
       }
-      if (runDir) saveTensors(join(runDir, "prompt.safetensors"), state.step, "final");
-      return {
-        prompt,
-        deepPrompts,
-        steps: state.step,
-        lastLoss: state.lastLoss,
-        evals: state.evals,
-        runDir,
-        resumedFrom,
+      return collate(state.epochBatches[state.epochCursor++]!.map((i) => train[i]!));
+    };
+    while (state.step < steps) {
+      if (options.signal?.aborted) throw new Error("tune: aborted");
+      const t0 = performance.now();
+      const step = state.step;
+      const lr = learningRate(step, steps, opt.lr, opt.schedule, opt.warmupSteps);
+      let taskLoss = 0;
+      let tokens = 0;
+      let gradNorm: number;
+      let regValue: number | null = null;
+      if (trainer) {
+        const b = nextBatch();
+        const r = await trainer.step(b, lr);
+        taskLoss = r.loss;
+        tokens = b.tokens;
+        gradNorm = r.gradNorm;
+        stale = true;
+      } else {
+        // Accumulate gradients over micro-batches, each weighted by its labelled tokens: the loss and
+        // gradient of the mean over every labelled token of the update, as one batch of them all would
+        // give (a plain mean of the micro-batches' means would count a micro-batch with few answer
+        // tokens as much as one with many).
+        const grads = tensors.map((t) => new Float32Array(t.length));
+        const parts: MicroBatch[] = [];
+        for (let micro = 0; micro < opt.accumulate; micro++) {
+          const b = nextBatch();
+          const g: LossAndGrad = await model.lossAndGrad({ ...b, prompt, deepPrompts });
+          tokens += b.tokens;
+          parts.push({ loss: g.loss, count: g.labelCount, grads: promptGrads(g) });
+        }
+        taskLoss = combineMicroBatches(parts, grads);
+        // Regulariser on the soft prompt (tensor 0): lambda * R(prompt) joins the loss.
+        if (regularizer && options.regularizer) {
+          const { lambda, schedule = "constant" } = options.regularizer;
+          const lam = schedule === "linear" ? (lambda * (step + 1)) / steps : lambda;
+          const r = regularizer.valueAndGradient(tensors[0]!);
+          regValue = lam * r.value;
+          const acc = grads[0]!;
+          for (let k = 0; k < acc.length; k++) acc[k] += lam * r.gradient[k]!;
+        }
+        gradNorm = norm(grads);
+        // As the device step: a non-finite gradient stops the run before AdamW writes it into the prompt
+        // (and a checkpoint would keep it).
+        if (!Number.isFinite(gradNorm))
+          throw new Error(`prompt step ${step + 1}: the gradient is not finite (loss ${taskLoss})`);
+        // As torch.nn.utils.clip_grad_norm_ (and the device step): scale by clip / (norm + 1e-6) when below 1.
+        const coef = opt.clipNorm === undefined ? 1 : opt.clipNorm / (gradNorm + 1e-6);
+        if (coef < 1) for (const g of grads) for (let k = 0; k < g.length; k++) g[k] *= coef;
+        adamw.step(grads, lr);
+      }
+      state.step = step + 1;
+      state.lastLoss = taskLoss + (regValue ?? 0);
+      const record: StepRecord = {
+        type: "step",
+        step: state.step,
+        loss: state.lastLoss,
+        taskLoss,
+        regularizer: regValue,
+        lr,
+        gradNorm,
+        tokens,
+        ms: performance.now() - t0,
       };
+      appendMetrics(record);
+      options.onStep?.(record);
+      // What this step ends with; each reads the host tensors, which a device-resident step must refresh.
+      const due = (every: number | undefined) => !!every && state.step % every === 0;
+      const last = state.step === steps;
+      const evalNow = due(evalEvery) || last;
+      const collapseNow = due(options.collapseEvery) && prompt !== undefined && !evalNow;
+      const snapshotNow = runDir !== undefined && (due(snapshotEvery) || last);
+      const checkpointNow = runDir !== undefined && (due(checkpointEvery) || last);
+      if (collapseNow || evalNow || snapshotNow || checkpointNow) await pull();
+      if (collapseNow) {
+        collapseRef ??= await createCollapseReference(model, { seed });
+        const report = await collapseRef.report(prompt, { perDimensionSpread: false });
+        appendMetrics({
+          type: "eval",
+          step: state.step,
+          validationLoss: Number.NaN,
+          collapse: {
+            collapseRate: report.aggregate.collapseRate,
+            meanNearestCosine: report.aggregate.meanNearestCosine,
+            meanDivergence: report.aggregate.meanDivergence,
+            projectedPrompt: report.aggregate.projectedPrompt,
+          },
+          ms: 0,
+        });
+      }
+      if (evalNow) {
+        const ev = await evaluate(state.step);
+        state.evals.push(ev);
+        appendMetrics(ev);
+        options.onEval?.(ev);
+      }
+      if (snapshotNow) {
+        saveTensors(
+          join(runDir, "snapshots", `step-${String(state.step).padStart(6, "0")}.safetensors`),
+          state.step,
+          "snapshot",
+        );
+      }
+      if (checkpointNow) checkpoint();
     }
+    if (runDir) saveTensors(join(runDir, "prompt.safetensors"), state.step, "final");
+    return {
+      prompt,
+      deepPrompts,
+      steps: state.step,
+      lastLoss: state.lastLoss,
+      evals: state.evals,
+      runDir,
+      resumedFrom,
+    };
+  } finally {
+    collapseRef?.dispose();
+    if (ownsRegularizer) regularizer?.dispose();
   }
 }
 
