@@ -251,7 +251,7 @@ template <class T>
 Owned<T> owned(const View<T>& v) {
   return std::make_shared<const std::vector<T>>(v.data, v.data + v.length);
 }
-using Copies = std::vector<Owned<float>>;  // a call's copied float inputs, held by its worker (hold())
+using Copies = std::vector<Owned<float>>;  // a call's copied float inputs (kept with its arguments)
 
 // Runs `execute` on the libuv thread pool and resolves with `complete(env)` on the JS thread.
 // Objects passed to keep() stay referenced (not collected) until the worker finishes: the receiver of a
@@ -270,8 +270,6 @@ class PromiseWorker : public Napi::AsyncWorker {
   void keep(const Napi::Value& v) {
     if (v.IsObject()) refs_.push_back(Napi::Persistent(v.As<Napi::Object>()));
   }
-  // Keeps a native object (an input's copy, say) alive until the worker is done with it.
-  void hold(std::shared_ptr<const void> p) { held_.push_back(std::move(p)); }
   // Runs on the main thread when the work fails, before the promise rejects (undoing what the call began).
   void on_error(std::function<void()> f) { on_error_ = std::move(f); }
 
@@ -312,7 +310,6 @@ class PromiseWorker : public Napi::AsyncWorker {
   Complete complete_;
   std::function<void()> on_error_;
   std::vector<Napi::ObjectReference> refs_;
-  std::vector<std::shared_ptr<const void>> held_;
 };
 
 // Runs `body`, converting C++ exceptions thrown synchronously into JS errors.

@@ -163,18 +163,18 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     });
   }
 
-  // ForwardArgs with its own copies of the token ids, labels and mask: they index memory (embedding rows,
-  // logits), so the worker reads the values that were checked, whatever the caller does to its arrays
-  // while the call runs (refilling a batch buffer, transferring it).
+  // ForwardArgs with its own copies of every array it points at (token ids, labels, mask, prompts): the
+  // worker that holds it reads the values that were checked, whatever the caller does to its arrays while
+  // the call runs (refilling a batch buffer, transferring or resizing it; common.h: owned()).
   struct OwnedArgs : pt::ForwardArgs {
     std::vector<int32_t> ids_copy, labels_copy;
     std::vector<uint8_t> mask_copy;
+    Copies floats;  // the prompt tensors
   };
 
-  // Parses the shared arguments of forward and lossAndGrad; `keep` collects the copies of the float arrays
-  // (prompts) the worker reads, for it to hold.
-  static std::shared_ptr<pt::ForwardArgs> parse_args(Napi::Env env, const pt::ModelConfig& c,
-                                                     const Napi::Object& o, Copies& keep) {
+  // Parses the shared arguments of forward and lossAndGrad.
+  static std::shared_ptr<OwnedArgs> parse_args(Napi::Env env, const pt::ModelConfig& c,
+                                               const Napi::Object& o) {
     auto args = std::make_shared<OwnedArgs>();
     args->B = int_of(o.Get("batch"), "batch", 1);
     args->T = int_of(o.Get("seqLen"), "seqLen", 1);
@@ -207,7 +207,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
                                                " is neither -100 nor inside the vocabulary");
       args->labels = args->labels_copy.data();
     }
-    parse_prompts(env, c, o, *args, keep);
+    parse_prompts(env, c, o, *args);
     Napi::Value hs = o.Get("hiddenStates");
     if (!hs.IsUndefined() && !hs.IsNull()) {
       if (!hs.IsArray()) throw_type(env, "hiddenStates", "an array of layer indices", hs);
@@ -230,8 +230,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
   }
 
   // The optional prompt and deepPrompts of an argument object.
-  static void parse_prompts(Napi::Env env, const pt::ModelConfig& c, const Napi::Object& o,
-                            pt::ForwardArgs& args, Copies& keep) {
+  static void parse_prompts(Napi::Env env, const pt::ModelConfig& c, const Napi::Object& o, OwnedArgs& args) {
     Napi::Value prompt_v = o.Get("prompt");
     if (!prompt_v.IsUndefined() && !prompt_v.IsNull()) {
       auto prompt = finite_view(env, prompt_v, "prompt", 0);
@@ -239,13 +238,12 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
         throw Napi::RangeError::New(env, "prompt: expected a non-empty multiple of hiddenSize (" +
                                              std::to_string(c.hidden) + ") elements, got " +
                                              std::to_string(prompt.length));
-      keep.push_back(owned(prompt));
-      args.prompt = keep.back()->data();
+      args.floats.push_back(owned(prompt));
+      args.prompt = args.floats.back()->data();
       args.P = static_cast<int64_t>(prompt.length) / c.hidden;
     }
     Napi::Value deep_v = o.Get("deepPrompts");
-    if (!deep_v.IsUndefined() && !deep_v.IsNull())
-      parse_deep(env, c, object_of(deep_v, "deepPrompts"), args, keep);
+    if (!deep_v.IsUndefined() && !deep_v.IsNull()) parse_deep(env, c, object_of(deep_v, "deepPrompts"), args);
   }
 
   // A Float32Array whose values are all finite; `expected` > 0 also checks its length.
@@ -261,8 +259,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
   // deepPrompts: { kind: "hidden", layers, vectors: Float32Array[] (P_l x hidden each) }
   //            | { kind: "prefix", layers, keys: Float32Array[], values: Float32Array[] (Pp x kvHeads x
   //            headDim) }
-  static void parse_deep(Napi::Env env, const pt::ModelConfig& c, const Napi::Object& d,
-                         pt::ForwardArgs& args, Copies& keep) {
+  static void parse_deep(Napi::Env env, const pt::ModelConfig& c, const Napi::Object& d, OwnedArgs& args) {
     const bool hidden = choice_of(d.Get("kind"), "deepPrompts.kind", {"hidden", "prefix"}) == 0;
     Napi::Value layers_v = d.Get("layers");
     if (!layers_v.IsArray()) throw_type(env, "deepPrompts.layers", "an array of layer indices", layers_v);
@@ -296,8 +293,8 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
         if (view.length == 0 || view.length % c.hidden != 0)
           throw Napi::RangeError::New(env, name + ": expected P_l x hiddenSize (" + std::to_string(c.hidden) +
                                                ") elements, got " + std::to_string(view.length));
-        keep.push_back(owned(view));
-        args.deep.vectors.push_back(keep.back()->data());
+        args.floats.push_back(owned(view));
+        args.deep.vectors.push_back(args.floats.back()->data());
         args.deep.lengths.push_back(static_cast<int64_t>(view.length) / c.hidden);
       }
     } else {
@@ -318,10 +315,10 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
                                                std::to_string(Pp));
         args.deep.prefix_len = Pp;
         auto v = finite_view(env, values.Get(i), "deepPrompts.values[" + std::to_string(i) + "]", k.length);
-        keep.push_back(owned(k));
-        args.deep.keys.push_back(keep.back()->data());
-        keep.push_back(owned(v));
-        args.deep.values.push_back(keep.back()->data());
+        args.floats.push_back(owned(k));
+        args.deep.keys.push_back(args.floats.back()->data());
+        args.floats.push_back(owned(v));
+        args.deep.values.push_back(args.floats.back()->data());
       }
     }
   }
@@ -333,8 +330,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     Napi::Env env = info.Env();
     return guarded(env, [&]() -> Napi::Value {
       auto model = live(env);
-      Copies keep;
-      auto args = parse_args(env, model->config(), object_of(arg(info, 0, "args"), "args"), keep);
+      auto args = parse_args(env, model->config(), object_of(arg(info, 0, "args"), "args"));
       auto result = std::make_shared<pt::ForwardResult>();
       auto* worker = new PromiseWorker(
           env,
@@ -354,7 +350,6 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
             }
             return out;
           });
-      for (const auto& v : keep) worker->hold(v);
       return worker->queue();
     });
   }
@@ -390,8 +385,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     Napi::Env env = info.Env();
     return guarded(env, [&]() -> Napi::Value {
       auto model = live(env);
-      Copies keep;
-      auto args = parse_args(env, model->config(), object_of(arg(info, 0, "args"), "args"), keep);
+      auto args = parse_args(env, model->config(), object_of(arg(info, 0, "args"), "args"));
       if (!args->labels)
         throw Napi::TypeError::New(env, "labels: expected an Int32Array (required by lossAndGrad)");
       auto result = std::make_shared<pt::GradResult>();
@@ -411,7 +405,6 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
                                   result->key_grads, result->value_grads));
             return out;
           });
-      for (const auto& v : keep) worker->hold(v);
       return worker->queue();
     });
   }
@@ -421,15 +414,13 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     Napi::Env env = info.Env();
     return guarded(env, [&]() -> Napi::Value {
       auto model = live(env);
-      Copies keep;
-      auto args = parse_args(env, model->config(), object_of(arg(info, 0, "args"), "args"), keep);
+      auto args = parse_args(env, model->config(), object_of(arg(info, 0, "args"), "args"));
       const int64_t max_new = int_of(arg(info, 1, "maxNewTokens"), "maxNewTokens", 1);
       const int32_t eos = static_cast<int32_t>(int_of(arg(info, 2, "eosId"), "eosId", -1));
       auto result = std::make_shared<std::vector<int32_t>>();
       auto* worker = new PromiseWorker(
           env, [model, args, result, max_new, eos]() { *result = model->generate(*args, max_new, eos); },
           [result](Napi::Env env) -> Napi::Value { return to_int32(env, std::move(*result)); });
-      for (const auto& v : keep) worker->hold(v);
       return worker->queue();
     });
   }
@@ -559,10 +550,10 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
   }
 
   // Token-id batches only: the C++ side rejects prompts; labels are required.
-  std::shared_ptr<pt::ForwardArgs> parse_train_args(Napi::Env env, const pt::ModelConfig& c,
-                                                    const Napi::CallbackInfo& info, Copies& keep) {
+  std::shared_ptr<OwnedArgs> parse_train_args(Napi::Env env, const pt::ModelConfig& c,
+                                              const Napi::CallbackInfo& info) {
     Napi::Object o = object_of(arg(info, 0, "args"), "args");
-    auto args = parse_args(env, c, o, keep);
+    auto args = parse_args(env, c, o);
     if (!args->labels)
       throw Napi::TypeError::New(env, "labels: expected an Int32Array (required for training)");
     if (args->P > 0 || args->deep.kind != pt::DeepPrompts::Kind::None)
@@ -576,8 +567,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     Napi::Env env = info.Env();
     return guarded(env, [&]() -> Napi::Value {
       auto model = live(env);
-      Copies keep;
-      auto args = parse_train_args(env, model->config(), info, keep);
+      auto args = parse_train_args(env, model->config(), info);
       struct Result {
         pt::TrainStats stats;
         std::vector<std::pair<std::string, std::vector<float>>> grads;
@@ -592,7 +582,6 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
             out.Set("gradients", grads);
             return out;
           });
-      for (const auto& v : keep) worker->hold(v);
       return worker->queue();
     });
   }
@@ -603,14 +592,12 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     Napi::Env env = info.Env();
     return guarded(env, [&]() -> Napi::Value {
       auto model = live(env);
-      Copies keep;
-      auto args = parse_train_args(env, model->config(), info, keep);
+      auto args = parse_train_args(env, model->config(), info);
       const pt::AdamWConfig cfg = parse_adamw(info);
       auto result = std::make_shared<pt::TrainStats>();
       auto* worker = new PromiseWorker(
           env, [model, args, result, cfg]() { *result = model->train_step(*args, cfg); },
           [result](Napi::Env env) -> Napi::Value { return step_result(env, *result); });
-      for (const auto& v : keep) worker->hold(v);
       return worker->queue();
     });
   }
@@ -723,12 +710,10 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     return guarded(env, [&]() -> Napi::Value {
       auto d = device(env);
       auto model = live(env);  // the device model reads the host model (config, RoPE tables) as it works
-      Copies keep;
-      auto args = std::make_shared<pt::ForwardArgs>();
-      parse_prompts(env, model->config(), object_of(arg(info, 0, "trainables"), "trainables"), *args, keep);
+      auto args = std::make_shared<OwnedArgs>();
+      parse_prompts(env, model->config(), object_of(arg(info, 0, "trainables"), "trainables"), *args);
       auto* worker = new PromiseWorker(
           env, [d, model, args]() { d->set_trainables(*args); }, nullptr);
-      for (const auto& v : keep) worker->hold(v);
       return worker->queue();
     });
   }
@@ -773,15 +758,13 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     return guarded(env, [&]() -> Napi::Value {
       auto d = device(env);
       auto model = live(env);  // kept alive while the worker runs (see SetTrainables)
-      Copies keep;
-      auto m = std::make_shared<pt::ForwardArgs>();
-      auto v = std::make_shared<pt::ForwardArgs>();
-      parse_prompts(env, model->config(), object_of(arg(info, 0, "m"), "m"), *m, keep);
-      parse_prompts(env, model->config(), object_of(arg(info, 1, "v"), "v"), *v, keep);
+      auto m = std::make_shared<OwnedArgs>();
+      auto v = std::make_shared<OwnedArgs>();
+      parse_prompts(env, model->config(), object_of(arg(info, 0, "m"), "m"), *m);
+      parse_prompts(env, model->config(), object_of(arg(info, 1, "v"), "v"), *v);
       const int64_t step = int_of(arg(info, 2, "step"), "step", 0);
       auto* worker = new PromiseWorker(
           env, [d, model, m, v, step]() { d->set_optimizer_state(*m, *v, step); }, nullptr);
-      for (const auto& k : keep) worker->hold(k);
       return worker->queue();
     });
   }
@@ -793,8 +776,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     return guarded(env, [&]() -> Napi::Value {
       auto d = device(env);
       auto model = live(env);  // kept alive while the worker runs (see SetTrainables)
-      Copies keep;
-      auto args = parse_args(env, model->config(), object_of(arg(info, 0, "args"), "args"), keep);
+      auto args = parse_args(env, model->config(), object_of(arg(info, 0, "args"), "args"));
       if (!args->labels)
         throw Napi::TypeError::New(env, "labels: expected an Int32Array (required for a step)");
       if (args->P > 0 || args->deep.kind != pt::DeepPrompts::Kind::None)
@@ -806,7 +788,6 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       auto* worker = new PromiseWorker(
           env, [d, model, args, result, cfg]() { *result = d->prompt_step(*args, cfg); },
           [result](Napi::Env env) -> Napi::Value { return step_result(env, *result); });
-      for (const auto& v : keep) worker->hold(v);
       return worker->queue();
     });
   }
