@@ -18,7 +18,7 @@ import { integerArg, numberArg } from "./cli-args.js";
 import { atomicWrite, fsyncFile, readJsonFile } from "./files.js";
 import type { Model } from "./model.js";
 import type { NativeAdamState } from "./native.js";
-import { createModel, loadTrainableModel, Pretrainer } from "./pretrain.js";
+import { createModel, loadTrainableModel, Pretrainer, TOKENIZER_FILES } from "./pretrain.js";
 import { readTexts } from "./priors.js";
 import { Rng, type RngState } from "./rng.js";
 import { readTensors, type TensorToWrite, writeSafetensors } from "./safetensors.js";
@@ -99,15 +99,6 @@ type PretrainCurvePoint = {
   tokens?: number;
   seconds?: number;
 };
-
-/** The tokenizer files a save copies from --tokenizer. */
-const TOKENIZER_FILES = [
-  "tokenizer.json",
-  "tokenizer_config.json",
-  "special_tokens_map.json",
-  "vocab.json",
-  "merges.txt",
-];
 
 /** Cosine decay from lr to minLr after a linear warm-up. */
 function schedule(o: PretrainCliOptions) {
@@ -255,20 +246,11 @@ export async function pretrain(
     }
     const adamState = trainer.optimizerState();
     const tensors: TensorToWrite[] = [];
-    for (const name of Object.keys(adamState.m).sort()) {
-      tensors.push({
-        name: `m.${name}`,
-        dtype: "F32",
-        shape: [adamState.m[name]!.length],
-        data: adamState.m[name]!,
-      });
-      tensors.push({
-        name: `v.${name}`,
-        dtype: "F32",
-        shape: [adamState.v[name]!.length],
-        data: adamState.v[name]!,
-      });
-    }
+    for (const name of Object.keys(adamState.m).sort())
+      for (const kind of ["m", "v"] as const) {
+        const data = adamState[kind][name]!;
+        tensors.push({ name: `${kind}.${name}`, dtype: "F32", shape: [data.length], data });
+      }
     // step: the run's (checked against pretrain-state.json); adamStep: AdamW's t, which differs after a
     // resume from a save without optimizer state (its moments restarted at t = 0).
     writeSafetensors(join(tmp, "optimizer.safetensors"), tensors, {

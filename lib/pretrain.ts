@@ -421,15 +421,17 @@ function slotShapes(native: NativeModel): Record<string, { rows: number; cols: n
   return shapes;
 }
 
-/** Files a save copies from the source directory: the tokenizer and generation defaults. */
-const COMPANION_FILES = [
+/** A model directory's tokenizer files (either tokenizer.json or GPT-2's vocab.json + merges.txt). */
+export const TOKENIZER_FILES = [
   "tokenizer.json",
   "tokenizer_config.json",
   "special_tokens_map.json",
   "vocab.json",
   "merges.txt",
-  "generation_config.json",
 ];
+
+/** Files a save copies from the source directory: the tokenizer and generation defaults. */
+const COMPANION_FILES = [...TOKENIZER_FILES, "generation_config.json"];
 
 /**
  * Writes a Hugging Face model directory: config.json, model.safetensors (F32, Transformers' tensor names and
