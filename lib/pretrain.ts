@@ -6,16 +6,16 @@
 // master weights, the AdamW moments belong to the model, and weight decay applies only to the weight
 // matrices of linear layers (attention q/k/v and output, MLP, an untied LM head) — never to embeddings, norm
 // weights or biases (see Model::decays in kernels/include/priortune/model.h).
-import { copyFileSync, existsSync, mkdirSync, renameSync, statSync } from "node:fs";
+import { copyFileSync, existsSync, mkdirSync, statSync } from "node:fs";
 import { availableParallelism } from "node:os";
 import { join, resolve } from "node:path";
 import { defaultLogger, type Logger } from "./backend.js";
 import { loadPlan, type ModelConfig, nativeConfig, parseConfig } from "./config.js";
-import { atomicWrite, fsyncFile, readJsonFile } from "./files.js";
+import { atomicWrite, readJsonFile } from "./files.js";
 import { Model } from "./model.js";
 import { addon, type NativeAdamState, type NativeModel } from "./native.js";
 import { Rng } from "./rng.js";
-import { listModelTensors, type TensorToWrite, writeSafetensors } from "./safetensors.js";
+import { listModelTensors, type TensorToWrite, writeSafetensorsAtomic } from "./safetensors.js";
 import { findTokenizer, type Tokenizer } from "./tokenizer.js";
 import {
   checkLabels,
@@ -442,17 +442,15 @@ export function saveModel(model: Model, dirArg: string): void {
   const t = trainableOf(model, "saveModel");
   if (model.disposed) throw new Error("Model is disposed");
   const dir = resolve(dirArg);
-  // loaders read a sharded index before model.safetensors, so an old one would shadow what is written here
+  // an old index beside the new model.safetensors would describe other weights (we and Transformers read the
+  // single file first, other tools may not)
   if (existsSync(join(dir, "model.safetensors.index.json")))
     throw new Error(`${dir} holds model.safetensors.index.json (sharded weights); save to another directory`);
   mkdirSync(dir, { recursive: true });
   const tensors = toHfTensors(model.config, t.native.exportTensors(), slotShapes(t.native));
-  // Written beside and renamed over: a crash leaves the old weights or the new, never a torn file (a save
-  // over the source directory would otherwise risk the only copy).
-  const weights = join(dir, "model.safetensors");
-  writeSafetensors(`${weights}.tmp-${process.pid}`, tensors, { format: "pt" });
-  fsyncFile(`${weights}.tmp-${process.pid}`);
-  renameSync(`${weights}.tmp-${process.pid}`, weights);
+  // Atomic: a crash leaves the old weights or the new, never a torn file (a save over the source directory
+  // would otherwise risk the only copy).
+  writeSafetensorsAtomic(join(dir, "model.safetensors"), tensors, { format: "pt" });
   atomicWrite(join(dir, "config.json"), `${JSON.stringify(t.hfConfig, null, 2)}\n`);
   if (t.sourceDir && t.sourceDir !== dir) {
     for (const f of COMPANION_FILES) {

@@ -3,9 +3,9 @@
 // the raw little-endian data. We read only headers here; tensor bytes are read by the native loader
 // straight into the model's fp32 storage (one copy of the weights in memory), or by readTensors for
 // small files such as test fixtures.
-import { closeSync, existsSync, fstatSync, openSync, readFileSync, readSync } from "node:fs";
+import { closeSync, existsSync, fstatSync, openSync, readFileSync, readSync, renameSync } from "node:fs";
 import { join } from "node:path";
-import { readJsonFile, writeAll } from "./files.js";
+import { fsyncFile, readJsonFile, writeAll } from "./files.js";
 
 export type SafetensorsDType = "F64" | "F32" | "F16" | "BF16" | "I64" | "I32" | "I16" | "I8" | "U8" | "BOOL";
 
@@ -250,6 +250,18 @@ export interface TensorToWrite {
   dtype: "F32" | "F64" | "I32" | "U8";
   shape: number[];
   data: Float32Array | Float64Array | Int32Array | Uint8Array;
+}
+
+/** writeSafetensors to a temporary file beside `file`, flushed, then renamed over it: old or new, never torn. */
+export function writeSafetensorsAtomic(
+  file: string,
+  tensors: TensorToWrite[],
+  metadata: Record<string, string> = {},
+): void {
+  const tmp = `${file}.tmp-${process.pid}`;
+  writeSafetensors(tmp, tensors, metadata);
+  fsyncFile(tmp);
+  renameSync(tmp, file);
 }
 
 /**

@@ -6,13 +6,11 @@ import {
   appendFileSync,
   closeSync,
   existsSync,
-  fsyncSync,
   mkdirSync,
   openSync,
   readdirSync,
   readFileSync,
   readSync,
-  renameSync,
   statSync,
   truncateSync,
   writeFileSync,
@@ -26,7 +24,7 @@ import type { DeepPrompts } from "./native.js";
 import { AdamW, promptGrads, promptTensors } from "./optim.js";
 import { createRegularizer, type Prior, type Regularizer, type RegularizerSpec } from "./priors.js";
 import { Rng, type RngState } from "./rng.js";
-import { readTensors, type TensorToWrite, writeSafetensors } from "./safetensors.js";
+import { readTensors, type TensorToWrite, writeSafetensorsAtomic } from "./safetensors.js";
 import { type Example, encodeExample, type Task } from "./tasks.js";
 
 export type TuneMode = "soft" | "deep-hidden" | "deep-prefix";
@@ -259,15 +257,6 @@ function norm(arrays: Float32Array[]): number {
 }
 
 /** Writes a file atomically: to a temporary name, fsync, then rename over the target. */
-function atomicSafetensors(path: string, tensors: TensorToWrite[], metadata: Record<string, string>): void {
-  const tmp = `${path}.tmp-${process.pid}`;
-  writeSafetensors(tmp, tensors, metadata);
-  const fd = openSync(tmp, "r+");
-  fsyncSync(fd);
-  closeSync(fd);
-  renameSync(tmp, path);
-}
-
 /** A fingerprint of a model directory: config.json, and each weight file's name, safetensors header and size. */
 export function modelFingerprint(dir: string): string {
   const h = createHash("sha256");
@@ -540,7 +529,7 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
     };
     const names = tensorNames(prompt, deepPrompts);
     const saveTensors = (path: string, step: number, kind: string) => {
-      atomicSafetensors(
+      writeSafetensorsAtomic(
         path,
         tensors.map((t, i) => ({
           name: names[i]!,
@@ -572,7 +561,7 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
       });
       // The state goes in the tensors' file (one atomic rename holds both, so a resume cannot pair one
       // step's tensors with another's state); checkpoint.json repeats it for tools that read the step.
-      atomicSafetensors(join(runDir, "checkpoint.safetensors"), list, {
+      writeSafetensorsAtomic(join(runDir, "checkpoint.safetensors"), list, {
         step: String(state.step),
         state: JSON.stringify(state),
       });
