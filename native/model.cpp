@@ -483,9 +483,9 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     return guarded(env, [&]() -> Napi::Value {
       pt::Model::AdamState st = live(env)->copy_adam_state();
       Napi::Object out = Napi::Object::New(env), m = Napi::Object::New(env), v = Napi::Object::New(env);
-      for (auto& [name, mm, vv] : st.slots) {
-        m.Set(name, to_float32(env, std::move(mm)));
-        v.Set(name, to_float32(env, std::move(vv)));
+      for (auto& [name, mv] : st.moments) {
+        m.Set(name, to_float32(env, std::move(mv.first)));
+        v.Set(name, to_float32(env, std::move(mv.second)));
       }
       out.Set("step", static_cast<double>(st.step));
       out.Set("m", m);
@@ -510,8 +510,8 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
         const std::string name = keys.Get(i).ToString().Utf8Value();
         auto mv = finite_view(env, m.Get(name), "state.m." + name, 0);
         auto vv = finite_view(env, v.Get(name), "state.v." + name, 0);
-        st.slots.emplace_back(name, std::vector<float>(mv.data, mv.data + mv.length),
-                              std::vector<float>(vv.data, vv.data + vv.length));
+        st.moments.emplace(name, std::make_pair(std::vector<float>(mv.data, mv.data + mv.length),
+                                                std::vector<float>(vv.data, vv.data + vv.length)));
       }
       model->set_adam_state(st);
       return env.Undefined();

@@ -1034,39 +1034,35 @@ Model::AdamState Model::copy_adam_state() {
   AdamState st;
   st.step = adam_step_;
   for (const auto& [name, s] : slots_)
-    if (!s.adam_m.empty()) st.slots.emplace_back(name, s.adam_m, s.adam_v);
+    if (!s.adam_m.empty()) st.moments.emplace(name, std::make_pair(s.adam_m, s.adam_v));
   return st;
 }
 
 void Model::set_adam_state(const AdamState& state) {
   std::lock_guard<std::mutex> lock(run_mutex_);
   if (state.step < 0) throw std::invalid_argument("optimizer state: step must be >= 0");
-  std::map<std::string, const std::tuple<std::string, std::vector<float>, std::vector<float>>*> by_name;
-  for (const auto& t : state.slots) {
-    const std::string& name = std::get<0>(t);
+  for (const auto& [name, mv] : state.moments) {
     auto it = slots_.find(name);
     if (it == slots_.end())
       throw std::invalid_argument("optimizer state: no weight slot named '" + name + "'");
     const size_t n = it->second.data.size();
-    if (std::get<1>(t).size() != n || std::get<2>(t).size() != n)
-      throw std::invalid_argument(
-          "optimizer state: moments of '" + name + "' have " + std::to_string(std::get<1>(t).size()) + " / " +
-          std::to_string(std::get<2>(t).size()) + " values, the slot " + std::to_string(n));
-    if (!by_name.emplace(name, &t).second)
-      throw std::invalid_argument("optimizer state: slot '" + name + "' given twice");
+    if (mv.first.size() != n || mv.second.size() != n)
+      throw std::invalid_argument("optimizer state: moments of '" + name + "' have " +
+                                  std::to_string(mv.first.size()) + " / " + std::to_string(mv.second.size()) +
+                                  " values, the slot " + std::to_string(n));
   }
-  if (state.step > 0 && by_name.size() != slots_.size())
-    throw std::invalid_argument("optimizer state: " + std::to_string(by_name.size()) + " of " +
+  if (state.step > 0 && state.moments.size() != slots_.size())
+    throw std::invalid_argument("optimizer state: " + std::to_string(state.moments.size()) + " of " +
                                 std::to_string(slots_.size()) + " slots given for step " +
                                 std::to_string(state.step));
   for (auto& [name, s] : slots_) {
-    auto it = by_name.find(name);
-    if (it == by_name.end()) {
+    auto it = state.moments.find(name);
+    if (it == state.moments.end()) {
       s.adam_m.clear();
       s.adam_v.clear();
     } else {
-      s.adam_m = std::get<1>(*it->second);
-      s.adam_v = std::get<2>(*it->second);
+      s.adam_m = it->second.first;
+      s.adam_v = it->second.second;
     }
   }
   adam_step_ = state.step;

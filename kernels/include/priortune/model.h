@@ -19,7 +19,6 @@
 #include <memory>
 #include <mutex>
 #include <string>
-#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -186,15 +185,15 @@ class Model {
   // global-norm clipping when asked, weight decay on the slots `decays` names, lr, betas and eps for all.
   TrainStats train_step(const ForwardArgs& args, const AdamWConfig& adamw);
   int64_t optimizer_steps() const { return adam_step_; }
-  // AdamW's state for checkpoints: the step count and (name, m, v) of every slot, copied under the run lock
-  // (empty moments before the first step).
+  // AdamW's state for checkpoints: the step count and each slot's moments, copied under the run lock (none
+  // before the first step).
   struct AdamState {
     int64_t step = 0;
-    std::vector<std::tuple<std::string, std::vector<float>, std::vector<float>>> slots;
+    std::map<std::string, std::pair<std::vector<float>, std::vector<float>>> moments;  // slot -> (m, v)
   };
   AdamState copy_adam_state();
-  // Restores a state copy_adam_state gave (every slot named once, lengths as the slot's); checked whole
-  // before anything changes.
+  // Restores a state copy_adam_state gave (every slot after the first step, lengths as the slot's); checked
+  // whole before anything changes.
   void set_adam_state(const AdamState& state);
   // Weight decay rule: the weight matrices of linear layers (l{i}.qkv.w, proj.w, fc.w, fc2.w and an untied
   // lm_head), as Hugging Face's Trainer decays every nn.Linear weight; no decay for embeddings (tok_emb,
