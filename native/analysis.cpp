@@ -15,7 +15,7 @@ namespace {
 
 // A finite d x d Float64Array argument, copied for the worker.
 Owned<double> square_matrix(const Napi::CallbackInfo& info, size_t i, const char* name, int64_t d) {
-  View<double> m = view_of_length<double>(arg(info, i, name), name, count_of(info.Env(), name, {d, d}));
+  View<double> m = square_view<double>(arg(info, i, name), name, d);
   require_finite(m, d, name, info.Env());
   return owned(m);
 }

@@ -135,6 +135,12 @@ inline size_t count_of(Napi::Env env, const std::string& what, std::initializer_
   return static_cast<size_t>(n);
 }
 
+// A dim x dim matrix argument (row-major), its element count checked by count_of before the length.
+template <class T>
+View<T> square_view(const Napi::Value& v, const std::string& name, int64_t d) {
+  return view_of_length<T>(v, name, count_of(v.Env(), name, {d, d}));
+}
+
 // A size argument: an integer from min_value to 2^32 (so that sums of a few sizes cannot overflow either).
 inline int64_t size_of(const Napi::Value& v, const std::string& name, int64_t min_value) {
   const int64_t x = int_of(v, name, min_value);

@@ -211,8 +211,7 @@ Napi::Value MahalanobisSquared(const Napi::CallbackInfo& info) {
     View<float> x = view_of<float>(arg(info, 0, "vectors"), "vectors");
     const int64_t d = int_of(arg(info, 1, "dim"), "dim", 1), n = rows_of(x, d, "vectors", env);
     View<double> mean = view_of_length<double>(arg(info, 2, "mean"), "mean", d);
-    View<double> L =
-        view_of_length<double>(arg(info, 3, "cholesky"), "cholesky", count_of(env, "cholesky", {d, d}));
+    View<double> L = square_view<double>(arg(info, 3, "cholesky"), "cholesky", d);
     const int threads = threads_of(info, 4);
     const Owned<float> xc = owned(x);
     const Owned<double> mc = owned(mean), lc = owned(L);

@@ -100,8 +100,7 @@ Napi::Value PriorCholesky(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return guarded(env, [&]() -> Napi::Value {
     const int64_t d = int_of(arg(info, 1, "dim"), "dim", 1);
-    View<double> m =
-        view_of_length<double>(arg(info, 0, "matrix"), "matrix", count_of(env, "matrix", {d, d}));
+    View<double> m = square_view<double>(arg(info, 0, "matrix"), "matrix", d);
     require_finite(m, d, "matrix", env);
     const int threads = threads_of(info, 2);
     struct Out {
@@ -137,8 +136,7 @@ Napi::Value PriorGaussianTransform(const Napi::CallbackInfo& info) {
     View<double> z = view_of<double>(arg(info, 0, "z"), "z");
     const int64_t d = int_of(arg(info, 1, "dim"), "dim", 1), n = rows_of(z, d, "z", env);
     View<double> mean = view_of_length<double>(arg(info, 2, "mean"), "mean", d);
-    View<double> L =
-        view_of_length<double>(arg(info, 3, "cholesky"), "cholesky", count_of(env, "cholesky", {d, d}));
+    View<double> L = square_view<double>(arg(info, 3, "cholesky"), "cholesky", d);
     const double scale = number_of(arg(info, 4, "scale"), "scale");
     if (!std::isfinite(scale)) throw Napi::RangeError::New(env, "scale: expected a finite number");
     const int threads = threads_of(info, 5);
@@ -157,8 +155,7 @@ Napi::Value PriorGaussianEnergy(const Napi::CallbackInfo& info) {
     const int64_t d = int_of(arg(info, 1, "dim"), "dim", 1), n = rows_of(x, d, "x", env);
     require_finite(x, d, "x", env);
     View<double> mean = view_of_length<double>(arg(info, 2, "mean"), "mean", d);
-    View<double> L =
-        view_of_length<double>(arg(info, 3, "cholesky"), "cholesky", count_of(env, "cholesky", {d, d}));
+    View<double> L = square_view<double>(arg(info, 3, "cholesky"), "cholesky", d);
     const bool want_gradient = arg(info, 4, "gradient").ToBoolean().Value();
     const int threads = threads_of(info, 5);
     std::vector<double> r2(n);
