@@ -7,7 +7,7 @@ import { existsSync, readFileSync } from "node:fs";
 import { availableParallelism } from "node:os";
 import { join } from "node:path";
 import { fitGaussianPrior, GaussianPrior } from "./gaussian.js";
-import { checkFloat32, checkInteger, rowCount } from "./knn.js";
+import { checkFiniteRows, checkFloat32, checkInteger, rowCount } from "./knn.js";
 import { addon } from "./native.js";
 import { Rng } from "./rng.js";
 import { logGamma, logUpperGammaRegularized } from "./stats.js";
@@ -387,11 +387,7 @@ export async function linearProbe(
     throw new RangeError(`l2: expected a finite number >= 0, got ${l2}`);
   // A non-finite feature would make its standardised column NaN and every line search fail, so the probe
   // would report chance accuracy as if the sets were inseparable.
-  for (let i = 0; i < rows.length; i++)
-    if (!Number.isFinite(rows[i]!))
-      throw new RangeError(
-        `rows: row ${Math.floor(i / dim)}, column ${i % dim} is ${rows[i]} (values must be finite)`,
-      );
+  checkFiniteRows("rows", rows, dim);
   const iterations = checkInteger("iterations", options.iterations ?? 200, 1);
   const threads = analysisThreads(options.threads);
   const rng = new Rng(options.seed ?? 0);

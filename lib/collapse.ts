@@ -7,6 +7,7 @@
 // distances, the divergence and the spectrum. A CollapseReference holds all of that and can be reused for
 // thousands of reports over a training run; collapseReport(vectors, source) builds one and disposes it.
 import {
+  checkFiniteRows,
   checkFloat32,
   checkInteger,
   describeValue,
@@ -389,11 +390,7 @@ export class CollapseReference {
         : checkInteger("k", options.k, 1, Math.min(1024, this.summary.rows));
     // Non-finite values are refused here, naming the row and column, before the searches below start
     // together (any of which would otherwise fail first, with its own message).
-    for (let i = 0; i < vectors.length; i++)
-      if (!Number.isFinite(vectors[i]!))
-        throw new RangeError(
-          `promptVectors: row ${Math.floor(i / dim)}, column ${i % dim} is ${vectors[i]} (values must be finite)`,
-        );
+    checkFiniteRows("promptVectors", vectors, dim);
     const energy = optionalNumber("energy", options.energy, 0.95, 0, 1);
     const quantileRule = options.collapseThreshold === undefined;
     const collapseQuantile = optionalNumber("collapseQuantile", options.collapseQuantile, 0.05, 0, 1);

@@ -83,6 +83,15 @@ export function checkFloat32(name: string, value: unknown): Float32Array {
   return value;
 }
 
+/** Every value of a rows x dim Float32Array finite, else a RangeError naming the row and column. */
+export function checkFiniteRows(name: string, data: Float32Array, dim: number): void {
+  for (let i = 0; i < data.length; i++)
+    if (!Number.isFinite(data[i]!))
+      throw new RangeError(
+        `${name}: row ${Math.floor(i / dim)}, column ${i % dim} is ${data[i]} (values must be finite)`,
+      );
+}
+
 export function checkInteger(
   name: string,
   value: unknown,
