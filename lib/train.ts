@@ -357,10 +357,8 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
         `regularizer.schedule: expected "constant" or "linear", got ${JSON.stringify(schedule)}`,
       );
   }
-  const modelTokenizer = model.tokenizer;
-  if (!modelTokenizer)
-    throw new Error(`model ${model.dir} has no tokenizer; tune needs one to encode the task`);
-  const tokenizer: NonNullable<Model["tokenizer"]> = modelTokenizer;
+  const tokenizer = model.tokenizer;
+  if (!tokenizer) throw new Error(`model ${model.dir} has no tokenizer; tune needs one to encode the task`);
   const eosId = endOfText(model);
 
   // Initial tensors from the prior (a fixed draw order: soft prompt, then each deep layer).
