@@ -104,6 +104,17 @@ export function taskSpec(
   } as TaskSpec;
 }
 
+/** An evaluation's progress as log lines: at the end, and at most one every `intervalMs` before it. */
+function evalLog(intervalMs: number): (done: number, of: number) => void {
+  let last = 0;
+  return (done, of) => {
+    if (done === of || performance.now() - last > intervalMs) {
+      last = performance.now();
+      process.stderr.write(`evaluating: ${done}/${of} batches\n`);
+    }
+  };
+}
+
 /** Progress on a terminal (a bar with loss and ETA), plain log lines otherwise (CI, files). */
 function progress(total: number, start: number) {
   const tty = process.stderr.isTTY;
@@ -116,15 +127,12 @@ function progress(total: number, start: number) {
     : undefined;
   bar?.start(total, start, { loss: "-", rate: "-", phase: "" });
   let last = performance.now();
-  let lastEval = 0;
+  const logEval = evalLog(10_000);
   return {
     /** Batches of an evaluation done (the bar shows them; a log line every 10 s otherwise). */
     evalProgress(done: number, of: number) {
       if (bar) bar.update({ phase: done < of ? ` | evaluating ${done}/${of}` : "" });
-      else if (done === of || performance.now() - lastEval > 10_000) {
-        lastEval = performance.now();
-        process.stderr.write(`evaluating: ${done}/${of} batches\n`);
-      }
+      else logEval(done, of);
     },
     step(r: StepRecord) {
       if (bar) bar.update(r.step, { loss: r.loss.toFixed(4), rate: r.ms.toFixed(0) });
@@ -326,7 +334,6 @@ export function registerTuneCommands(program: Command): void {
           const saved = readPromptFile(o.prompt ?? join(runDir, "prompt.safetensors"));
           // The run's own token budget and seed, so that the numbers are those tune recorded.
           const P = saved.prompt ? saved.prompt.length / model.config.hiddenSize : 0;
-          let lastLog = 0;
           const record = await evaluatePrompt({
             model,
             task,
@@ -338,12 +345,7 @@ export function registerTuneCommands(program: Command): void {
             maxLength: textBudget(run.maxLength, P, run.mode, run.deepLength ?? 0),
             seed: run.seed,
             step: Number(saved.metadata.step ?? 0),
-            onProgress: (done, of) => {
-              if (done === of || performance.now() - lastLog > 5_000) {
-                lastLog = performance.now();
-                process.stderr.write(`evaluating: ${done}/${of} batches\n`);
-              }
-            },
+            onProgress: evalLog(5_000),
           });
           process.stdout.write(`${JSON.stringify(record, null, 2)}\n`);
         } finally {
