@@ -503,37 +503,31 @@ export interface PretrainStep {
   step: number;
 }
 
+/**
+ * A checked batch holding its own copies of the arrays, so that a queued call reads what was checked
+ * whatever the caller does to its arrays meanwhile.
+ */
 function checkedBatch(c: ModelConfig, b: PretrainBatch) {
   if (typeof b !== "object" || b === null) throw new TypeError("batch: expected an object");
   const batch = requirePositiveInt(b.batch, "batch");
   const seqLen = requirePositiveInt(b.seqLen, "seqLen");
-  const inputIds = requireInt32(b.inputIds, "inputIds", batch * seqLen);
+  const inputIds = requireInt32(b.inputIds, "inputIds", batch * seqLen).slice();
   checkTokenIds(inputIds, c.vocabSize, "inputIds");
   if (c.architecture === "gpt2" && seqLen > c.maxPositions)
     throw new RangeError(`seqLen ${seqLen} exceeds the model's ${c.maxPositions} positions`);
   const attentionMask =
     b.attentionMask === undefined
       ? undefined
-      : requireUint8(b.attentionMask, "attentionMask", batch * seqLen);
+      : requireUint8(b.attentionMask, "attentionMask", batch * seqLen).slice();
   let labels: Int32Array;
   if (b.labels === undefined) {
     labels = inputIds.slice();
     if (attentionMask) for (let i = 0; i < labels.length; i++) if (!attentionMask[i]) labels[i] = -100;
   } else {
-    labels = requireInt32(b.labels, "labels", batch * seqLen);
+    labels = requireInt32(b.labels, "labels", batch * seqLen).slice();
     checkLabels(labels, c.vocabSize, "labels");
   }
   return { inputIds, batch, seqLen, attentionMask, labels };
-}
-
-/** A checked batch with its own copies of the arrays (checkedBatch already copies default labels). */
-function copiedBatch(b: ReturnType<typeof checkedBatch>): ReturnType<typeof checkedBatch> {
-  return {
-    ...b,
-    inputIds: b.inputIds.slice(),
-    labels: b.labels.slice(),
-    attentionMask: b.attentionMask?.slice(),
-  };
 }
 
 function checkNumber(v: unknown, name: string, ok: (x: number) => boolean, what: string): number {
@@ -584,7 +578,7 @@ export class Pretrainer {
   async step(batch: PretrainBatch): Promise<PretrainStep> {
     // The batch is checked and copied now (an async function runs up to its first await at the call, and a
     // throw becomes the promise's rejection), so a caller may refill its arrays before the step runs.
-    const args = copiedBatch(checkedBatch(this.#model.config, batch));
+    const args = checkedBatch(this.#model.config, batch);
     const run = async () => {
       if (this.#model.disposed) throw new Error("Model is disposed");
       const next = this.#steps + 1;
@@ -601,7 +595,7 @@ export class Pretrainer {
   async gradients(
     batch: PretrainBatch,
   ): Promise<{ loss: number; labelCount: number; gradients: Record<string, Float32Array> }> {
-    const args = copiedBatch(checkedBatch(this.#model.config, batch));
+    const args = checkedBatch(this.#model.config, batch);
     return this.#queued(async () => {
       if (this.#model.disposed) throw new Error("Model is disposed");
       return this.#native.trainGrads(args);
@@ -610,7 +604,7 @@ export class Pretrainer {
 
   /** Mean loss of a batch with the current weights (no gradient, no update), after the steps called before. */
   async evaluate(batch: PretrainBatch): Promise<number> {
-    const args = copiedBatch(checkedBatch(this.#model.config, batch));
+    const args = checkedBatch(this.#model.config, batch);
     return this.#queued(async () => (await this.#model.forward({ ...args, logits: false })).loss!);
   }
 
