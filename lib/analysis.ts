@@ -248,10 +248,14 @@ export function medianDistance(sq: Float64Array, n: number, rng: Rng): number {
       values[k] = sq[i * n + j];
     }
   }
+  return sqrtMedian(values);
+}
+
+/** The square root of the median of squared distances (sorts `values` in place). */
+function sqrtMedian(values: Float64Array): number {
   values.sort();
   const m = values.length;
-  const mid = m % 2 === 1 ? values[(m - 1) / 2] : 0.5 * (values[m / 2 - 1] + values[m / 2]);
-  return Math.sqrt(mid);
+  return Math.sqrt(m % 2 === 1 ? values[(m - 1) / 2]! : 0.5 * (values[m / 2 - 1]! + values[m / 2]!));
 }
 
 /**
@@ -294,13 +298,10 @@ export async function mmd(
       throw new RangeError(`bandwidth: expected a positive number, got ${options.bandwidth}`);
     // Half the pairs or more coincide: the median of the distances that are not zero, so that the
     // statistic does not depend on the data's units; 1 only when every point coincides (MMD 0 at any).
-    let nonzero: number[] = [];
+    const nonzero: number[] = [];
     for (let i = 0; i < N && nonzero.length < 1_000_000; i++)
       for (let j = i + 1; j < N; j++) if (sq[i * N + j] > 0) nonzero.push(sq[i * N + j]);
-    nonzero = nonzero.sort((a, b) => a - b);
-    const k = nonzero.length;
-    bandwidth =
-      k === 0 ? 1 : Math.sqrt(k % 2 ? nonzero[(k - 1) / 2]! : 0.5 * (nonzero[k / 2 - 1]! + nonzero[k / 2]!));
+    bandwidth = nonzero.length === 0 ? 1 : sqrtMedian(Float64Array.from(nonzero));
   }
   const gamma = 1 / (2 * bandwidth * bandwidth);
   const K = new Float64Array(N * N);
@@ -711,13 +712,9 @@ async function kMeansOnce(
     }
     return { dist, changed };
   };
-  let converged = false;
   for (; iterations < maxIterations; iterations++) {
     const { dist, changed } = await assign();
-    if (changed === 0 && iterations > 0) {
-      converged = true;
-      break;
-    }
+    if (changed === 0 && iterations > 0) break;
     const sums = new Float64Array(k * dim);
     const counts = new Int32Array(k);
     for (let i = 0; i < n; i++) {
@@ -737,8 +734,9 @@ async function kMeansOnce(
       for (let j = 0; j < dim; j++) centroids[c * dim + j] = sums[c * dim + j] / counts[c];
     }
   }
-  // Stopped by maxIterations after moving the centroids: assignments and inertia of the returned ones.
-  if (!converged) await assign();
+  // Stopped by maxIterations (not by the break) after moving the centroids: assignments and inertia of the
+  // returned ones.
+  if (iterations === maxIterations) await assign();
   return { centroids, assignments, inertia, iterations };
 }
 
