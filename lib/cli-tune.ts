@@ -4,9 +4,10 @@ import { join } from "node:path";
 import { SingleBar } from "cli-progress";
 import { type Command, InvalidArgumentError, Option } from "commander";
 import { type BackendFlags, integerArg, integerListArg, numberArg, withBackend } from "./cli-args.js";
+import { readJsonFile } from "./files.js";
 import { loadModel } from "./model.js";
 import { createPrior, type PriorRecord } from "./priors.js";
-import { loadTask, type TaskSpec } from "./tasks.js";
+import { loadRecordedTask, loadTask, type TaskSpec } from "./tasks.js";
 import {
   type EvalRecord,
   evaluatePrompt,
@@ -236,7 +237,13 @@ export function registerTuneCommands(program: Command): void {
     .action(async (dir: string, o: TuneCliOptions) => {
       const model = await loadModel(dir, { backend: o.backend, precision: o.precision, threads: o.threads });
       try {
-        const task = await loadTask(taskSpec(o));
+        const spec = taskSpec(o);
+        // A run directory of an earlier version (its task has no split) resumes with the split it began with.
+        const runJson = o.runDir ? join(o.runDir, "run.json") : "";
+        const recorded = runJson && existsSync(runJson) ? (readJsonFile(runJson) as { task?: object }) : null;
+        if (recorded?.task && !("split" in recorded.task))
+          spec.split = "train-first";
+        const task = await loadTask(spec);
         const prior = await createPrior({ kind: o.prior, ...o.priorOpt } as PriorRecord, { model });
         const regularizer = o.regularizer
           ? { regularizer: { kind: o.regularizer }, lambda: o.lambda, schedule: o.lambdaSchedule }
@@ -330,7 +337,7 @@ export function registerTuneCommands(program: Command): void {
           threads: o.threads,
         });
         try {
-          const task = await loadTask(run.task as TaskSpec);
+          const task = await loadRecordedTask(run.task);
           const saved = readPromptFile(o.prompt ?? join(runDir, "prompt.safetensors"));
           // The run's own token budget and seed, so that the numbers are those tune recorded.
           const P = saved.prompt ? saved.prompt.length / model.config.hiddenSize : 0;

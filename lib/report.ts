@@ -40,7 +40,7 @@ import {
 import { fitPca, tsne, umap } from "./projection.js";
 import { Rng } from "./rng.js";
 import { concatRows } from "./stats.js";
-import { loadTask } from "./tasks.js";
+import { loadRecordedTask } from "./tasks.js";
 import { type EvalRecord, readPromptFile } from "./train.js";
 
 export interface ReportOptions {
@@ -377,7 +377,7 @@ export async function buildReport(runDirs: readonly string[], options: ReportOpt
         if (seen.has(key)) continue;
         seen.add(key);
         try {
-          const task = await loadTask(r.record.task as Record<string, unknown>);
+          const task = await loadRecordedTask(r.record.task as Record<string, unknown>);
           const texts = [...task.validation, ...task.train]
             .slice(0, perTask)
             .map((e) => e.prompt + e.completion);

@@ -20,6 +20,7 @@ import {
   parseSquad,
   parseTextRecords,
   readSource,
+  readSourceLines,
   type SquadRecord,
 } from "./data/loaders.js";
 import {
@@ -71,11 +72,26 @@ interface TaskSpecBase {
   metric?: TaskMetric;
   /** At most this many train examples (fewer when a file has fewer). Default 1000. */
   trainCount?: number;
-  /** At most this many validation examples, after the train ones. Default 1000. */
+  /**
+   * At most this many validation examples. Default 1000. From one source they are held out first, so
+   * runs that differ only in trainCount are scored on the same examples (see `split`); a source with
+   * fewer than trainCount + validationCount examples gives train its count and validation the rest.
+   */
   validationCount?: number;
   /** Sampling seed for file tasks, generator seed for generated ones. Default 0. */
   seed?: number;
+  /**
+   * How one source (a file without validationPath, or a generator) is divided. "validation-first"
+   * (default): the first validationCount examples (after the shuffle) are the validation set, so runs
+   * that differ in trainCount are scored on the same examples, and the train examples are drawn from
+   * the rest, leaving out any whose SQuAD paragraph is a validation example's. "train-first": the
+   * first trainCount then the next validationCount, as earlier versions did (run directories they
+   * wrote have no `split` and reload this way).
+   */
+  split?: SplitOrder;
 }
+
+export type SplitOrder = "validation-first" | "train-first";
 
 interface FileTaskSpecBase extends TaskSpecBase {
   /** The data file (gzipped files are read transparently). */
@@ -198,6 +214,7 @@ const COMMON: Record<string, Check> = {
   trainCount: isInt(0),
   validationCount: isInt(0),
   seed: isInt(0, 2 ** 32 - 1),
+  split: isOneOf("validation-first", "train-first"),
 };
 const FILE: Record<string, Check> = {
   path: isString,
@@ -298,49 +315,87 @@ function fileName(path: string): string {
   return path.split(/[\\/]/u).pop() ?? path;
 }
 
-async function readChecked(path: string, expected: string | undefined, option: string) {
-  const source = await readSource(path);
-  if (expected !== undefined && expected.trim().toLowerCase() !== source.sha256) {
+function checkHash(path: string, expected: string | undefined, option: string, sha256: string): void {
+  if (expected !== undefined && expected.trim().toLowerCase() !== sha256) {
     throw new Error(
       `${path}: the file changed since the task was described (${option} ${expected.slice(0, 12)}…, ` +
-        `file ${source.sha256.slice(0, 12)}…); point the spec at the original data or drop ${option}`,
+        `file ${sha256.slice(0, 12)}…); point the spec at the original data or drop ${option}`,
     );
   }
+}
+
+async function readChecked(path: string, expected: string | undefined, option: string) {
+  const source = await readSource(path);
+  checkHash(path, expected, option, source.sha256);
   return source;
 }
 
+/** A file of a line format (JSON lines), read line by line: see readSourceLines. */
+async function readCheckedLines(path: string, expected: string | undefined, option: string) {
+  const source = await readSourceLines(path);
+  checkHash(path, expected, option, source.sha256);
+  return { text: source.lines, sha256: source.sha256 };
+}
+
 /**
- * Train and validation examples: from one list, the first trainCount then the next validationCount
- * (after a seeded shuffle unless `shuffle` is false); from two lists, a sample of each. The counts are
- * upper bounds: a source with fewer examples gives all it has, train first.
+ * Train and validation examples. From two lists: a sample of each. From one list, after a seeded
+ * shuffle unless `rng` is null: "validation-first" takes the first validation items as validation
+ * (fewer when the list has under train + validation items: train's count is kept) and the train items
+ * from the rest, skipping those whose `groups` entry (a SQuAD paragraph) a validation item has;
+ * "train-first" takes the first train items then the next validation ones. The counts are upper
+ * bounds: a source with fewer examples gives all it has.
  */
 function split(
-  trainItems: Example[],
+  items: Example[],
   validationItems: Example[] | null,
   counts: { train: number; validation: number },
   rng: Rng | null,
+  order: SplitOrder,
+  groups: readonly string[] | null = null,
 ): { train: Example[]; validation: Example[] } {
-  const order = (items: Example[]) => (rng ? rng.shuffle([...items]) : items);
-  if (validationItems === null) {
-    const all = order(trainItems);
-    const train = all.slice(0, counts.train);
-    return { train, validation: all.slice(train.length, train.length + counts.validation) };
+  const shuffled = (list: Example[]) => (rng ? rng.shuffle([...list]) : list);
+  if (validationItems !== null) {
+    return {
+      train: shuffled(items).slice(0, counts.train),
+      validation: shuffled(validationItems).slice(0, counts.validation),
+    };
   }
-  return {
-    train: order(trainItems).slice(0, counts.train),
-    validation: order(validationItems).slice(0, counts.validation),
-  };
+  // Shuffling the positions draws the same permutation as shuffling the items (it depends on the length).
+  const at = [...items.keys()];
+  if (rng) rng.shuffle(at);
+  const pick = (list: number[]) => list.map((i) => items[i]!);
+  if (order === "train-first") {
+    const train = at.slice(0, counts.train);
+    return { train: pick(train), validation: pick(at.slice(train.length, train.length + counts.validation)) };
+  }
+  // A source too small for both counts keeps train's: validation gets what is left.
+  const validation = at.slice(0, Math.min(counts.validation, Math.max(0, at.length - counts.train)));
+  const held = new Set(groups ? validation.map((i) => groups[i]) : []);
+  const train: number[] = [];
+  for (const i of at.slice(validation.length)) {
+    if (train.length >= counts.train) break;
+    if (groups && held.has(groups[i]!)) continue;
+    train.push(i);
+  }
+  return { train: pick(train), validation: pick(validation) };
 }
 
-function squadExamples(records: SquadRecord[], template: string, unanswerable: "skip" | "keep"): Example[] {
-  const out: Example[] = [];
+/** The examples with, for each, its paragraph (what the split keeps on one side). */
+function squadExamples(
+  records: SquadRecord[],
+  template: string,
+  unanswerable: "skip" | "keep",
+): { examples: Example[]; groups: string[] } {
+  const examples: Example[] = [];
+  const groups: string[] = [];
   for (const r of records) {
     if (r.impossible && unanswerable === "skip") continue;
     const prompt = fillTemplate(template, { context: r.context, question: r.question, title: r.title });
     const answers = r.impossible ? [""] : r.answers;
-    out.push({ prompt, completion: completionAfter(prompt, answers[0]!), answers, id: r.id });
+    examples.push({ prompt, completion: completionAfter(prompt, answers[0]!), answers, id: r.id });
+    groups.push(r.context);
   }
-  return out;
+  return { examples, groups };
 }
 
 function mathematicsExamples(text: string, template: string, source: string): Example[] {
@@ -350,7 +405,7 @@ function mathematicsExamples(text: string, template: string, source: string): Ex
   });
 }
 
-function jsonlExamples(text: string, template: string, source: string): Example[] {
+function jsonlExamples(text: string | readonly string[], template: string, source: string): Example[] {
   return parseJsonLines(text, source).map((r, i) => {
     const where = `${source}: record ${i + 1}`;
     if (typeof r["completion"] !== "string")
@@ -369,7 +424,7 @@ function jsonlExamples(text: string, template: string, source: string): Example[
   });
 }
 
-function c4Examples(text: string, prefixWords: number, source: string): Example[] {
+function c4Examples(text: string | readonly string[], prefixWords: number, source: string): Example[] {
   const out: Example[] = [];
   for (const doc of parseTextRecords(text, source)) {
     if (prefixWords === 0) {
@@ -386,6 +441,14 @@ function c4Examples(text: string, prefixWords: number, source: string): Example[
 }
 
 /**
+ * loadTask for a description a run recorded (run.json's `task`). Descriptions written before `split`
+ * existed divided their source train first, and reload that way.
+ */
+export function loadRecordedTask(description: Record<string, unknown>): Promise<Task> {
+  return loadTask("split" in description ? description : { ...description, split: "train-first" });
+}
+
+/**
  * Loads (or generates) a task from its spec. File kinds read `path` (and `validationPath`); generator
  * kinds draw trainCount + validationCount examples from their seed, train first. Errors name the
  * offending option.
@@ -395,6 +458,7 @@ export async function loadTask(spec: TaskSpec | Record<string, unknown>): Promis
   const kind = s.kind;
   const counts = { train: s.trainCount ?? DEFAULT_COUNT, validation: s.validationCount ?? DEFAULT_COUNT };
   const seed = s.seed ?? 0;
+  const order = s.split ?? "validation-first";
   const resolved: Record<string, unknown> = {
     kind,
     name: s.name,
@@ -402,6 +466,7 @@ export async function loadTask(spec: TaskSpec | Record<string, unknown>): Promis
     trainCount: counts.train,
     validationCount: counts.validation,
     seed,
+    split: order,
   };
   let examples: { train: Example[]; validation: Example[] };
 
@@ -414,36 +479,43 @@ export async function loadTask(spec: TaskSpec | Record<string, unknown>): Promis
       const validationPath = s.validationPath === undefined ? undefined : resolve(s.validationPath);
       const shuffle = s.shuffle ?? true;
       let template: string | undefined;
-      let toExamples: (text: string, source: string) => Example[];
+      // JSON lines are read line by line (a C4 shard may not fit one string); the others whole.
+      const lineFormat = kind === "c4" || kind === "jsonl";
+      let toExamples: (text: string | string[], source: string) => { examples: Example[]; groups?: string[] };
       if (kind === "squad") {
         template = s.template ?? SQUAD_TEMPLATE;
         checkTemplate(template, ["context", "question", "title"], "SQuAD");
         const unanswerable = s.unanswerable ?? "skip";
         resolved["unanswerable"] = unanswerable;
-        toExamples = (text, source) => squadExamples(parseSquad(text, source), template!, unanswerable);
+        toExamples = (text, source) =>
+          squadExamples(parseSquad(text as string, source), template!, unanswerable);
       } else if (kind === "mathematics") {
         template = s.template ?? MATH_TEMPLATE;
         checkTemplate(template, ["question"], "Mathematics");
-        toExamples = (text, source) => mathematicsExamples(text, template!, source);
+        toExamples = (text, source) => ({ examples: mathematicsExamples(text as string, template!, source) });
       } else if (kind === "jsonl") {
         template = s.template ?? JSONL_TEMPLATE;
         templateFields(template); // syntax only: the fields are whatever the records hold
 
-        toExamples = (text, source) => jsonlExamples(text, template!, source);
+        toExamples = (text, source) => ({ examples: jsonlExamples(text, template!, source) });
       } else {
         const prefixWords = s.prefixWords ?? 0;
         resolved["prefixWords"] = prefixWords;
-        toExamples = (text, source) => c4Examples(text, prefixWords, source);
+        toExamples = (text, source) => ({ examples: c4Examples(text, prefixWords, source) });
       }
-      const train = await readChecked(path, s.sha256, "sha256");
+      const read = lineFormat ? readCheckedLines : readChecked;
+      const train = await read(path, s.sha256, "sha256");
       const validation = validationPath
-        ? await readChecked(validationPath, s.validationSha256, "validationSha256")
+        ? await read(validationPath, s.validationSha256, "validationSha256")
         : null;
+      const trainSet = toExamples(train.text, path);
       examples = split(
-        toExamples(train.text, path),
-        validation && validationPath ? toExamples(validation.text, validationPath) : null,
+        trainSet.examples,
+        validation && validationPath ? toExamples(validation.text, validationPath).examples : null,
         counts,
         shuffle ? new Rng(seed) : null,
+        order,
+        trainSet.groups,
       );
       Object.assign(resolved, { path, sha256: train.sha256, shuffle, template });
       if (validation) Object.assign(resolved, { validationPath, validationSha256: validation.sha256 });
@@ -463,7 +535,7 @@ export async function loadTask(spec: TaskSpec | Record<string, unknown>): Promis
       };
       // The generated text goes through the Mathematics parser: the same path as a file on disk.
       const text = generateArithmetic({ ...options, count: counts.train + counts.validation, seed });
-      examples = split(mathematicsExamples(text, template, "arithmetic"), null, counts, null);
+      examples = split(mathematicsExamples(text, template, "arithmetic"), null, counts, null, order);
       Object.assign(resolved, options, { template });
       break;
     }
@@ -481,9 +553,12 @@ export async function loadTask(spec: TaskSpec | Record<string, unknown>): Promis
           'unanswerable: "skip" would drop the questions unanswerableFraction asks for; set unanswerable: "keep"',
         );
       }
-      const text = generateQaFacts({ ...options, count: counts.train + counts.validation, seed });
-      const records = parseSquad(text, "qa-facts");
-      examples = split(squadExamples(records, template, unanswerable), null, counts, null);
+      // Validation first: the paragraph it ends in may have up to questionsPerContext - 1 more questions,
+      // which train leaves out, so that many more are drawn.
+      const spare = order === "validation-first" ? options.questionsPerContext - 1 : 0;
+      const text = generateQaFacts({ ...options, count: counts.train + counts.validation + spare, seed });
+      const set = squadExamples(parseSquad(text, "qa-facts"), template, unanswerable);
+      examples = split(set.examples, null, counts, null, order, set.groups);
       Object.assign(resolved, options, { unanswerable, template });
       break;
     }
@@ -500,7 +575,7 @@ export async function loadTask(spec: TaskSpec | Record<string, unknown>): Promis
       // All eligible sentences in seeded order; the first items do not depend on how many are drawn.
       const records = generateClozeRecords({ ...options, text: source.text, seed });
       const all = records.map((r) => ({ prompt: r.prompt, completion: r.completion, answers: [r.answer] }));
-      examples = split(all, null, counts, null);
+      examples = split(all, null, counts, null, order);
       Object.assign(resolved, { path, sha256: source.sha256 }, options);
       resolved["name"] ??= `cloze:${fileName(path)}`;
       break;

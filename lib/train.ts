@@ -17,7 +17,7 @@ import {
 } from "node:fs";
 import { join } from "node:path";
 import { type CollapseReference, createCollapseReference } from "./collapse.js";
-import { atomicWrite } from "./files.js";
+import { atomicWrite, readJsonFile } from "./files.js";
 import { arithmeticCorrect, exactMatch, f1Score } from "./metrics.js";
 import type { LossAndGrad, Model } from "./model.js";
 import type { DeepPrompts } from "./native.js";
@@ -475,13 +475,21 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
       const runJson = join(runDir, "run.json");
       const checkpointJson = join(runDir, "checkpoint.json");
       if (existsSync(runJson)) {
-        const previous = JSON.parse(readFileSync(runJson, "utf8")) as Record<string, unknown>;
+        const previous = readJsonFile(runJson) as Record<string, unknown>;
         // Fields this version records that an older run.json lacks are not a difference (they were not
-        // recorded then); key order is not either.
+        // recorded then); key order is not either. Tasks recorded before `split` existed were divided
+        // train first (loadRecordedTask reloads them so).
+        const previousTask = previous["task"] as Record<string, unknown> | undefined;
+        if (previousTask && !("split" in previousTask))
+          previous["task"] = { ...previousTask, split: "train-first" };
         const comparable: Record<string, unknown> = { ...runRecord, ...previous };
-        if (canonicalJson(comparable) !== canonicalJson(runRecord)) {
+        const differing = Object.keys(comparable).filter(
+          (k) => canonicalJson(comparable[k]) !== canonicalJson((runRecord as Record<string, unknown>)[k]),
+        );
+        if (differing.length > 0) {
           throw new Error(
-            `${runDir} holds a different run (run.json differs); use a new runDir or delete it`,
+            `${runDir} holds a different run (run.json differs in ${differing.join(", ")}); ` +
+              "use a new runDir or delete it",
           );
         }
         const checkpointTensors = join(runDir, "checkpoint.safetensors");

@@ -1,6 +1,6 @@
 // The priortune command line, run as a user would (a child process, no terminal: plain log lines).
 import { execFileSync, spawnSync } from "node:child_process";
-import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -57,7 +57,7 @@ describe("priortune CLI", () => {
 
   it("tune writes a run that eval reads back; a second tune on the finished run resumes at its end", () => {
     const runDir = join(tmp, "run");
-    const args = [
+    const common = [
       "tune",
       modelDir("llama-tiny"),
       "--task",
@@ -83,7 +83,14 @@ describe("priortune CLI", () => {
       "--threads",
       "2",
     ];
-    const r = run(...args);
+    // The run is made as an earlier version made it: its task divided train first, and run.json's task
+    // without the split (eval and a resumed tune must divide it so again).
+    const r = run(...common, "--task-opt", "split=train-first");
+    const runJson = join(runDir, "run.json");
+    const record = JSON.parse(readFileSync(runJson, "utf8"));
+    expect(record.task.split).toBe("train-first");
+    delete record.task.split;
+    writeFileSync(runJson, JSON.stringify(record, null, 2));
     expect(r.status, r.stderr).toBe(0);
     expect(r.stderr).toMatch(/step 1\/6 loss \d+\.\d+/);
     expect(r.stderr).toMatch(/eval @6: val loss \d+\.\d+, accuracy/);
@@ -104,9 +111,13 @@ describe("priortune CLI", () => {
     expect(ev.validationLoss).toBe(recorded.validationLoss);
     expect(ev.accuracy).toBe(recorded.accuracy);
     expect(ev.collapse.meanDivergence).toBe(recorded.collapse.meanDivergence);
-    const again = run(...args, "--json");
+    const again = run(...common, "--json");
     expect(again.status, again.stderr).toBe(0);
     expect(JSON.parse(again.stdout).resumedFrom).toBe(6);
+    // Another task in the same directory is named as the difference.
+    const other = run(...common.map((a) => (a === "24" ? "25" : a)));
+    expect(other.status).not.toBe(0);
+    expect(other.stderr).toMatch(/holds a different run \(run\.json differs in task\)/);
   });
 });
 

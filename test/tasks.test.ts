@@ -1,10 +1,11 @@
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { gunzipSync } from "node:zlib";
+import { gunzipSync, gzipSync } from "node:zlib";
 import { Command } from "commander";
 import { afterAll, describe, expect, it } from "vitest";
 import { registerDataCommands } from "../lib/cli-data.js";
+import { readSource, readSourceLines } from "../lib/data/loaders.js";
 import {
   CLOZE_TEMPLATE,
   encodeExample,
@@ -13,6 +14,7 @@ import {
   generateCloze,
   generateQaFacts,
   IGNORE_INDEX,
+  loadRecordedTask,
   loadTask,
   MATH_TEMPLATE,
   parseMathematics,
@@ -53,6 +55,7 @@ describe("SQuAD loader", () => {
       trainCount: 2,
       validationCount: 2,
       shuffle: false,
+      split: "train-first",
     });
     expect(task.metric).toBe("qa");
     expect(task.name).toBe("squad:squad-v1.1.json");
@@ -121,6 +124,7 @@ describe("Mathematics loader", () => {
       trainCount: 6,
       validationCount: 2,
       shuffle: false,
+      split: "train-first",
     });
     expect(task.metric).toBe("accuracy");
     expect(task.train[0]).toEqual({
@@ -157,6 +161,7 @@ describe("C4 loader", () => {
       trainCount: 2,
       validationCount: 1,
       shuffle: false,
+      split: "train-first",
     });
     const plain = await loadTask({
       kind: "c4",
@@ -164,6 +169,7 @@ describe("C4 loader", () => {
       trainCount: 2,
       validationCount: 1,
       shuffle: false,
+      split: "train-first",
     });
     expect(gz.metric).toBe("none");
     expect(gz.train[0]!.prompt).toBe("");
@@ -182,6 +188,7 @@ describe("C4 loader", () => {
       prefixWords: 10,
       shuffle: false,
       trainCount: 10,
+      validationCount: 0,
     });
     // The third document has 9 words.
     expect(task.train).toHaveLength(2);
@@ -195,6 +202,34 @@ describe("C4 loader", () => {
     );
   });
 
+  it("reads line formats as a stream: the same lines and hash as the whole file, gzipped or not", async () => {
+    // Multi-byte characters across the stream's 64 KiB chunks, CRLF and LF ends, no final newline.
+    const docs = Array.from({ length: 3000 }, (_, i) =>
+      JSON.stringify({ text: `ünï ${i} 日本語 ${"é".repeat(i % 50)}` }),
+    );
+    const text = docs
+      .map((d, i) => d + (i % 3 === 0 ? "\r\n" : "\n"))
+      .join("")
+      .trimEnd();
+    const plain = join(tmp, "stream.json");
+    const gz = join(tmp, "stream.json.gz");
+    writeFileSync(plain, text);
+    writeFileSync(gz, gzipSync(text));
+    const whole = await readSource(plain);
+    const a = await readSourceLines(plain);
+    const b = await readSourceLines(gz);
+    expect(a.lines).toEqual(docs);
+    expect(b.lines).toEqual(docs);
+    expect(a.sha256).toBe(whole.sha256);
+    expect(b.sha256).toBe((await readSource(gz)).sha256);
+    const task = await loadTask({ kind: "c4", path: gz, trainCount: 5, validationCount: 5, seed: 1 });
+    expect(task.train[0]!.completion).toMatch(/^ünï \d+ 日本語/);
+    const bad = join(tmp, "bad.json.gz");
+    writeFileSync(bad, gzipSync(text).subarray(0, 200));
+    await expect(readSourceLines(bad)).rejects.toThrow(/bad\.json\.gz: not a valid gzip file/);
+    await expect(readSourceLines(join(tmp, "missing.json"))).rejects.toThrow(/missing\.json: cannot read/);
+  });
+
   it("rejects a template, which plain text has no use for", async () => {
     await expect(loadTask({ kind: "c4", path: data("c4-sample.json"), template: "{text}" })).rejects.toThrow(
       /unknown option "template" for kind "c4"/,
@@ -204,7 +239,13 @@ describe("C4 loader", () => {
 
 describe("JSONL loader", () => {
   it("reads {prompt, completion} records, blank lines skipped, answers optional", async () => {
-    const task = await loadTask({ kind: "jsonl", path: data("pairs.jsonl"), shuffle: false, trainCount: 3 });
+    const task = await loadTask({
+      kind: "jsonl",
+      path: data("pairs.jsonl"),
+      shuffle: false,
+      trainCount: 3,
+      validationCount: 0,
+    });
     expect(task.metric).toBe("qa");
     expect(task.train).toEqual([
       { prompt: "Translate to French: cat\nAnswer:", completion: " chat", answers: ["chat"] },
@@ -228,6 +269,64 @@ describe("JSONL loader", () => {
     writeFileSync(path, '{"prompt": "x", "completion": " 2", "answers": [2]}\n');
     await expect(loadTask({ kind: "jsonl", path })).rejects.toThrow(
       /record 1: "answers" must be an array of strings when present/,
+    );
+  });
+});
+
+describe("train and validation from one source", () => {
+  const math = { kind: "mathematics", path: data("arithmetic__add_or_sub.txt"), seed: 3 } as const;
+
+  it("holds validation out first: runs that differ in trainCount are scored on the same examples", async () => {
+    const small = await loadTask({ ...math, trainCount: 2, validationCount: 3 });
+    const large = await loadTask({ ...math, trainCount: 5, validationCount: 3 });
+    expect(small.validation).toHaveLength(3);
+    expect(large.validation).toEqual(small.validation);
+    expect(large.train.slice(0, 2)).toEqual(small.train);
+    const prompts = [...large.train, ...large.validation].map((e) => e.prompt);
+    expect(new Set(prompts).size).toBe(8);
+    // As before the split option existed, train first: validation moves with trainCount.
+    const old = { ...math, split: "train-first" } as const;
+    const oldSmall = await loadTask({ ...old, trainCount: 2, validationCount: 3 });
+    const oldLarge = await loadTask({ ...old, trainCount: 5, validationCount: 3 });
+    expect(oldLarge.validation).not.toEqual(oldSmall.validation);
+    // Generated tasks too.
+    const arith = { kind: "arithmetic", seed: 1 } as const;
+    const a = await loadTask({ ...arith, trainCount: 3, validationCount: 4 });
+    const b = await loadTask({ ...arith, trainCount: 9, validationCount: 4 });
+    expect(b.validation).toEqual(a.validation);
+  });
+
+  it("keeps train's count when the source is too small for both", async () => {
+    const task = await loadTask({ ...math, trainCount: 5 }); // 8 pairs, validationCount 1000
+    expect(task.train).toHaveLength(5);
+    expect(task.validation).toHaveLength(3);
+  });
+
+  it("never puts a SQuAD paragraph on both sides", async () => {
+    // Two paragraphs of two questions: validation takes lh-1, so lh-2 (its paragraph) is not trained on.
+    const task = await loadTask({
+      kind: "squad",
+      path: data("squad-v1.1.json"),
+      trainCount: 3,
+      validationCount: 1,
+      shuffle: false,
+    });
+    expect(task.validation.map((e) => e.id)).toEqual(["lh-1"]);
+    expect(task.train.map((e) => e.id)).toEqual(["rv-1", "rv-2"]);
+  });
+
+  it("records the split; a description without one (an earlier version's run) reloads train first", async () => {
+    const task = await loadTask({ ...math, trainCount: 2, validationCount: 3 });
+    const description = task.describe();
+    expect(description["split"]).toBe("validation-first");
+    const { split: _, ...old } = description;
+    const reloaded = await loadRecordedTask(old);
+    const trainFirst = await loadTask({ ...math, trainCount: 2, validationCount: 3, split: "train-first" });
+    expect(reloaded.validation).toEqual(trainFirst.validation);
+    expect(reloaded.validation).not.toEqual(task.validation);
+    expect((await loadRecordedTask(description)).validation).toEqual(task.validation);
+    await expect(loadTask({ ...math, split: "random" as "train-first" })).rejects.toThrow(
+      /split: expected one of "validation-first", "train-first", got "random"/,
     );
   });
 });
@@ -357,6 +456,7 @@ describe("arithmetic generator", () => {
       trainCount: 20,
       validationCount: 10,
       seed: 4,
+      split: "validation-first",
       operations: ["add", "mul"],
       digits: 3,
       decimals: 0,
@@ -408,7 +508,8 @@ describe("QA facts generator", () => {
   it("round-trips through the SQuAD loader", async () => {
     const path = join(tmp, "facts.json");
     const options = { peoplePerContext: 2, questionsPerContext: 3, unanswerableFraction: 0.2 };
-    writeQaFacts(path, { ...options, count: 12, seed: 8 });
+    // Validation (4) first; its last paragraph's 2 other questions are left out of train, so 8 + 4 + 2.
+    writeQaFacts(path, { ...options, count: 14, seed: 8 });
     const fromFile = await loadTask({
       kind: "squad",
       path,
@@ -427,7 +528,12 @@ describe("QA facts generator", () => {
     });
     expect(generated.train).toEqual(fromFile.train);
     expect(generated.validation).toEqual(fromFile.validation);
+    expect(generated.train).toHaveLength(8);
     expect(generated.train[0]!.prompt).toMatch(/\nQuestion: .+\?\nAnswer:$/);
+    // No paragraph is on both sides.
+    const paragraph = (e: { prompt: string }) => e.prompt.split("\nQuestion:")[0];
+    const held = new Set(generated.validation.map(paragraph));
+    expect(generated.train.filter((e) => held.has(paragraph(e)))).toEqual([]);
     await expect(loadTask({ kind: "qa-facts", unanswerableFraction: 0.5 })).rejects.toThrow(
       /set unanswerable: "keep"/,
     );

@@ -2,8 +2,11 @@
 // Mathematics question/answer text files, C4-style JSON lines with a "text" field, and generic JSONL.
 // Parsers take the file's text and return plain records; templates turn records into examples later.
 import { createHash } from "node:crypto";
-import { readFile } from "node:fs/promises";
-import { gunzipSync } from "node:zlib";
+import { createReadStream } from "node:fs";
+import { open, readFile } from "node:fs/promises";
+import { pipeline } from "node:stream/promises";
+import { StringDecoder } from "node:string_decoder";
+import { createGunzip, gunzipSync } from "node:zlib";
 
 export interface SourceText {
   text: string;
@@ -32,6 +35,66 @@ export async function readSource(path: string): Promise<SourceText> {
     }
   }
   return { text: new TextDecoder("utf-8").decode(raw), sha256 };
+}
+
+export interface SourceLines {
+  /** The lines, without their "\n" (or "\r\n"). */
+  lines: string[];
+  /** SHA-256 of the bytes on disk, as in SourceText. */
+  sha256: string;
+}
+
+/**
+ * Reads a UTF-8 text file line by line, gunzipping as it goes when it starts with the gzip magic bytes:
+ * for line formats (JSON lines), whose files (a C4 shard decodes to hundreds of MB) may be longer than
+ * the longest string JavaScript can hold.
+ */
+export async function readSourceLines(path: string): Promise<SourceLines> {
+  if (typeof path !== "string" || path.length === 0) {
+    throw new TypeError(`path: expected a file path, got ${JSON.stringify(path)}`);
+  }
+  const magic = Buffer.alloc(2);
+  let got = 0;
+  try {
+    const handle = await open(path, "r");
+    try {
+      got = (await handle.read(magic, 0, 2, 0)).bytesRead;
+    } finally {
+      await handle.close();
+    }
+  } catch (e) {
+    throw new Error(`${path}: cannot read (${(e as Error).message})`);
+  }
+  const gzipped = got === 2 && magic[0] === 0x1f && magic[1] === 0x8b;
+  const hash = createHash("sha256");
+  const lines: string[] = [];
+  const decoder = new StringDecoder("utf8");
+  let rest = "";
+  const take = (text: string) => {
+    const parts = (rest + text).split("\n");
+    rest = parts.pop()!;
+    for (const line of parts) lines.push(line.endsWith("\r") ? line.slice(0, -1) : line);
+  };
+  async function* hashed(source: AsyncIterable<Buffer>) {
+    for await (const chunk of source) {
+      hash.update(chunk);
+      yield chunk;
+    }
+  }
+  async function split(source: AsyncIterable<Buffer>) {
+    for await (const chunk of source) take(decoder.write(chunk));
+  }
+  try {
+    if (gzipped) await pipeline(createReadStream(path), hashed, createGunzip(), split);
+    else await pipeline(createReadStream(path), hashed, split);
+  } catch (e) {
+    const what =
+      gzipped && (e as { code?: string }).code?.startsWith("Z_") ? "not a valid gzip file" : "cannot read";
+    throw new Error(`${path}: ${what} (${(e as Error).message})`);
+  }
+  take(decoder.end());
+  if (rest !== "") lines.push(rest.endsWith("\r") ? rest.slice(0, -1) : rest);
+  return { lines, sha256: hash.digest("hex") };
 }
 
 /** One SQuAD question with its paragraph. */
@@ -155,10 +218,13 @@ export function parseMathematics(text: string, source = "Mathematics file"): Mat
 }
 
 /**
- * Parses JSON lines (one object per non-blank line). A file whose first non-blank character is "[" is
- * read as one JSON array of objects instead, which some dumps use.
+ * Parses JSON lines (one object per non-blank line), given as the file's text or its lines. A file whose
+ * first non-blank character is "[" is read as one JSON array of objects instead, which some dumps use.
  */
-export function parseJsonLines(text: string, source = "JSONL file"): Record<string, unknown>[] {
+export function parseJsonLines(
+  input: string | readonly string[],
+  source = "JSONL file",
+): Record<string, unknown>[] {
   const records: Record<string, unknown>[] = [];
   const check = (v: unknown, where: string): Record<string, unknown> => {
     if (typeof v !== "object" || v === null || Array.isArray(v)) {
@@ -168,10 +234,12 @@ export function parseJsonLines(text: string, source = "JSONL file"): Record<stri
     }
     return v as Record<string, unknown>;
   };
-  if (text.trimStart().startsWith("[")) {
+  const first =
+    typeof input === "string" ? input.trimStart() : (input.find((l) => l.trim() !== "") ?? "").trimStart();
+  if (first.startsWith("[")) {
     let arr: unknown;
     try {
-      arr = JSON.parse(text);
+      arr = JSON.parse(typeof input === "string" ? input : input.join("\n"));
     } catch (e) {
       throw new SyntaxError(`${source}: not valid JSON (${(e as Error).message})`);
     }
@@ -180,7 +248,7 @@ export function parseJsonLines(text: string, source = "JSONL file"): Record<stri
     });
     return records;
   }
-  const lines = text.split("\n");
+  const lines = typeof input === "string" ? input.split("\n") : input;
   for (let i = 0; i < lines.length; i++) {
     const line = lines[i]!.trim();
     if (line === "") continue;
@@ -196,8 +264,8 @@ export function parseJsonLines(text: string, source = "JSONL file"): Record<stri
 }
 
 /** C4-style documents: JSON lines with a string "text" field (other fields such as url are ignored). */
-export function parseTextRecords(text: string, source = "C4 file"): string[] {
-  return parseJsonLines(text, source).map((r, i) => {
+export function parseTextRecords(input: string | readonly string[], source = "C4 file"): string[] {
+  return parseJsonLines(input, source).map((r, i) => {
     if (typeof r["text"] !== "string") {
       throw new TypeError(`${source}: record ${i + 1}: expected a string "text" field`);
     }
