@@ -241,8 +241,7 @@ export function registerTuneCommands(program: Command): void {
         // A run directory of an earlier version (its task has no split) resumes with the split it began with.
         const runJson = o.runDir ? join(o.runDir, "run.json") : "";
         const recorded = runJson && existsSync(runJson) ? (readJsonFile(runJson) as { task?: object }) : null;
-        if (recorded?.task && !("split" in recorded.task))
-          spec.split = "train-first";
+        if (recorded?.task && !("split" in recorded.task)) spec.split = "train-first";
         const task = await loadTask(spec);
         const prior = await createPrior({ kind: o.prior, ...o.priorOpt } as PriorRecord, { model });
         const regularizer = o.regularizer
