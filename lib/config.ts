@@ -48,6 +48,27 @@ function num(cfg: Json, key: string, fallback?: number): number {
   return v;
 }
 
+function nonNegative(cfg: Json, key: string, fallback: number): number {
+  const v = num(cfg, key, fallback);
+  if (v < 0) throw new Error(`config.json: "${key}" must be >= 0, got ${v}`);
+  return v;
+}
+
+function slidingWindow(v: unknown): number {
+  if (typeof v !== "number" || !Number.isInteger(v) || v < 1)
+    throw new Error(
+      `config.json: "sliding_window" must be a positive integer or null, got ${JSON.stringify(v)}`,
+    );
+  return v;
+}
+
+/** A number > 0 (RoPE's theta and factors: zero or less gives infinite or NaN frequencies). */
+function positive(cfg: Json, key: string, fallback?: number): number {
+  const v = num(cfg, key, fallback);
+  if (!(v > 0)) throw new Error(`config.json: "${key}" must be > 0, got ${v}`);
+  return v;
+}
+
 const GPT2_ARCHS = new Set(["GPT2LMHeadModel", "GPT2Model"]);
 const LLAMA_ARCHS = new Set(["LlamaForCausalLM", "MistralForCausalLM", "LlamaModel"]);
 
@@ -92,7 +113,7 @@ function parseGpt2(cfg: Json, hfArchitecture: string): ModelConfig {
     headDim: hidden / heads,
     intermediateSize: num(cfg, "n_inner", 4 * hidden),
     maxPositions: num(cfg, "n_positions"),
-    normEps: num(cfg, "layer_norm_epsilon", 1e-5),
+    normEps: nonNegative(cfg, "layer_norm_epsilon", 1e-5),
     tiedHead: cfg.tie_word_embeddings !== false,
     attentionBias: true,
     mlpBias: true,
@@ -103,22 +124,24 @@ function parseGpt2(cfg: Json, hfArchitecture: string): ModelConfig {
 function parseRope(cfg: Json): { theta: number; scaling: RopeScaling } {
   // Transformers 4.x: rope_theta + rope_scaling {rope_type|type, ...}; 5.x: rope_parameters {rope_type, rope_theta, ...}.
   const params = (cfg.rope_parameters ?? cfg.rope_scaling ?? null) as Json | null;
-  const theta = num(params && typeof params.rope_theta === "number" ? params : cfg, "rope_theta", 10000);
+  const theta = positive(params && typeof params.rope_theta === "number" ? params : cfg, "rope_theta", 10000);
   const type = ((params?.rope_type ?? params?.type ?? "default") as string).toLowerCase();
   if (type !== "default" && type !== "linear" && type !== "llama3") {
     throw new Error(`rope scaling type '${type}' is not supported (supported: default, linear, llama3)`);
   }
   const p = params ?? {};
-  return {
-    theta,
-    scaling: {
-      type,
-      factor: type === "default" ? 1 : num(p, "factor"),
-      lowFreqFactor: type === "llama3" ? num(p, "low_freq_factor") : 1,
-      highFreqFactor: type === "llama3" ? num(p, "high_freq_factor") : 4,
-      originalMaxPositions: type === "llama3" ? num(p, "original_max_position_embeddings") : 8192,
-    },
+  const scaling: RopeScaling = {
+    type,
+    factor: type === "default" ? 1 : positive(p, "factor"),
+    lowFreqFactor: type === "llama3" ? positive(p, "low_freq_factor") : 1,
+    highFreqFactor: type === "llama3" ? positive(p, "high_freq_factor") : 4,
+    originalMaxPositions: type === "llama3" ? positive(p, "original_max_position_embeddings") : 8192,
   };
+  if (scaling.highFreqFactor <= scaling.lowFreqFactor)
+    throw new Error(
+      `config.json: rope scaling "high_freq_factor" (${scaling.highFreqFactor}) must exceed "low_freq_factor" (${scaling.lowFreqFactor})`,
+    );
+  return { theta, scaling };
 }
 
 function parseLlama(cfg: Json, hfArchitecture: string): ModelConfig {
@@ -149,13 +172,13 @@ function parseLlama(cfg: Json, hfArchitecture: string): ModelConfig {
     headDim: num(cfg, "head_dim", hidden / heads),
     intermediateSize: num(cfg, "intermediate_size"),
     maxPositions: num(cfg, "max_position_embeddings", 2048),
-    normEps: num(cfg, "rms_norm_eps", 1e-6),
+    normEps: nonNegative(cfg, "rms_norm_eps", 1e-6),
     tiedHead: cfg.tie_word_embeddings === true,
     attentionBias: cfg.attention_bias === true,
     mlpBias: cfg.mlp_bias === true,
     ropeTheta: rope.theta,
     ropeScaling: rope.scaling,
-    slidingWindow: typeof window === "number" ? window : undefined,
+    slidingWindow: window == null ? undefined : slidingWindow(window),
   };
 }
 

@@ -397,8 +397,8 @@ export class Model {
   async generate(options: GenerateOptions): Promise<Int32Array> {
     const native = this.#live();
     if (options?.labels !== undefined) throw new TypeError("generate: labels are not used; leave them out");
-    const args = checkCallArgs(this.config, options);
-    const maxNew = requirePositiveInt(options.maxNewTokens, "maxNewTokens");
+    const maxNew = requirePositiveInt(options?.maxNewTokens, "maxNewTokens");
+    const args = checkCallArgs(this.config, options, maxNew - 1);
     const eos = options.eosId ?? -1;
     if (!Number.isInteger(eos) || eos < -1 || eos >= this.config.vocabSize) {
       throw new RangeError(`eosId: expected a token id in the vocabulary (or -1 for none), got ${eos}`);
@@ -563,9 +563,11 @@ function checkHiddenStates(c: ModelConfig, v: number[] | undefined): number[] | 
 }
 
 /** The checks forward and lossAndGrad share; returns the native arguments and the sequence length. */
+/** `generated`: tokens generate() will feed back after the sequence (maxNewTokens - 1; the last is not). */
 function checkCallArgs(
   c: ModelConfig,
   options: ForwardOptions | LossAndGradOptions,
+  generated = 0,
 ): Omit<NativeForwardArgs, "hiddenStates" | "logits"> & { positions: number } {
   if (typeof options !== "object" || options === null) throw new TypeError("expected an options object");
   const batch = requirePositiveInt(options.batch, "batch");
@@ -593,14 +595,20 @@ function checkCallArgs(
     options.deepPrompts?.kind === "prefix"
       ? options.deepPrompts.keys[0]!.length / (c.numKvHeads * c.headDim)
       : 0;
-  if (c.architecture === "gpt2" && positions + prefix > c.maxPositions) {
+  const more = generated ? ` + ${generated} generated` : "";
+  if (c.architecture === "gpt2" && positions + prefix + generated > c.maxPositions) {
     throw new RangeError(
-      `prompt length ${promptLength} + seqLen ${seqLen}${prefix ? ` + prefix ${prefix}` : ""} exceeds the model's ${c.maxPositions} positions`,
+      `prompt length ${promptLength} + seqLen ${seqLen}${prefix ? ` + prefix ${prefix}` : ""}${more} exceeds the model's ${c.maxPositions} positions`,
     );
   }
-  if (c.slidingWindow !== undefined && positions + prefix > c.slidingWindow) {
+  // The longest row set a layer attends over: hidden deep prompts add their rows to their layer's.
+  const deep = options.deepPrompts;
+  const deepRows =
+    deep?.kind === "hidden" ? Math.max(0, ...deep.vectors.map((v) => v.length / c.hiddenSize)) : 0;
+  const attended = positions + prefix + deepRows + generated;
+  if (c.slidingWindow !== undefined && attended > c.slidingWindow) {
     throw new RangeError(
-      `sequence of ${positions + prefix} positions exceeds the sliding window (${c.slidingWindow}), which priortune does not implement`,
+      `sequence of ${attended} positions (prompt, tokens${prefix ? ", prefix" : ""}${deepRows ? ", deep prompt rows" : ""}${more ? ", generated tokens" : ""}) exceeds the sliding window (${c.slidingWindow}), which priortune does not implement`,
     );
   }
   return {

@@ -38,6 +38,13 @@ void check_prefixes(Napi::Env env, int64_t Pp, const View<float>& pk, const View
                                         std::to_string(Pp) + "), both null when Pp is 0");
 }
 
+// Grouped-query attention: each of the KV heads serves H / KV query heads (else columns past a row are read).
+void check_heads(Napi::Env env, int64_t H, int64_t KV) {
+  if (H % KV != 0)
+    throw Napi::RangeError::New(env, "H: expected a multiple of KV (" + std::to_string(KV) + "), got " +
+                                         std::to_string(H));
+}
+
 Napi::Float32Array out(Napi::Env env, size_t n) {
   return Napi::Float32Array::New(env, n);
 }
@@ -169,6 +176,7 @@ Napi::Value Attention(const Napi::CallbackInfo& info) {
                   S = size_of(arg(info, 6, "S"), "S", 1), H = size_of(arg(info, 7, "H"), "H", 1),
                   KV = size_of(arg(info, 8, "KV"), "KV", 1), hd = size_of(arg(info, 9, "hd"), "hd", 1);
     const float scale = (float)number_of(arg(info, 10, "scale"), "scale");
+    check_heads(info.Env(), H, KV);
     Args a{info};
     F qkv = a.f32("qkv", shape(info, {B, S, (H + 2 * KV), hd}));
     const uint8_t* mask = nullptr;
@@ -195,6 +203,7 @@ Napi::Value AttentionBackward(const Napi::CallbackInfo& info) {
                   S = size_of(arg(info, 7, "S"), "S", 1), H = size_of(arg(info, 8, "H"), "H", 1),
                   KV = size_of(arg(info, 9, "KV"), "KV", 1), hd = size_of(arg(info, 10, "hd"), "hd", 1);
     const float scale = (float)number_of(arg(info, 11, "scale"), "scale");
+    check_heads(info.Env(), H, KV);
     const int64_t q_rows = size_of(arg(info, 12, "qRows"), "qRows", 0);
     if (q_rows > S)  // the first q_rows query rows (S: all): more would write past dqkv
       throw Napi::RangeError::New(

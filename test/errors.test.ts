@@ -70,6 +70,14 @@ describe("native argument limits (what lib's checks would catch first)", () => {
     expect(() => ops.attention(f(3), null, null, null, 1, 1, 1, 1, 1, 1, 1)).toThrow(
       "prefixK, prefixV: expected both Float32Arrays when Pp > 0",
     );
+    // H = 3 query heads over KV = 2: the kernel read key/value columns past each row before.
+    const qkv = f(2 * (3 + 2 * 2) * 4);
+    expect(() => ops.attention(qkv, null, null, null, 0, 1, 2, 3, 2, 4, 0.5)).toThrow(
+      "H: expected a multiple of KV (2), got 3",
+    );
+    expect(() => ops.attentionBackward(f(24), f(12), qkv, null, null, 0, 1, 2, 3, 2, 4, 0.5, 2)).toThrow(
+      "H: expected a multiple of KV (2), got 3",
+    );
   });
 
   it("thread counts of the CPU peak and GEMM probes are checked like the others", () => {

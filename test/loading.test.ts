@@ -191,6 +191,95 @@ describe("config and weights agree", () => {
   });
 });
 
+describe("config values that would give garbage", () => {
+  const llama = {
+    architectures: ["LlamaForCausalLM"],
+    vocab_size: 10,
+    hidden_size: 8,
+    num_attention_heads: 2,
+    num_hidden_layers: 1,
+    intermediate_size: 8,
+  };
+  it("RoPE theta and factors must be > 0, low < high frequency factor; norm eps >= 0; window a positive integer", () => {
+    const bad: [Record<string, unknown>, RegExp][] = [
+      [{ rope_theta: 0 }, /"rope_theta" must be > 0, got 0/],
+      [{ rope_scaling: { rope_type: "linear", factor: 0 } }, /"factor" must be > 0, got 0/],
+      [{ rope_parameters: { rope_type: "linear", rope_theta: -1, factor: 2 } }, /"rope_theta" must be > 0/],
+      [
+        {
+          rope_scaling: {
+            rope_type: "llama3",
+            factor: 8,
+            low_freq_factor: 4,
+            high_freq_factor: 1,
+            original_max_position_embeddings: 16,
+          },
+        },
+        /"high_freq_factor" \(1\) must exceed "low_freq_factor" \(4\)/,
+      ],
+      [{ rms_norm_eps: -1 }, /"rms_norm_eps" must be >= 0, got -1/],
+      [{ sliding_window: 0 }, /"sliding_window" must be a positive integer or null, got 0/],
+      [{ sliding_window: 2.5 }, /"sliding_window" must be a positive integer or null, got 2\.5/],
+    ];
+    for (const [extra, message] of bad) expect(() => parseConfig({ ...llama, ...extra })).toThrow(message);
+    expect(parseConfig({ ...llama, sliding_window: null }).slidingWindow).toBeUndefined();
+  });
+
+  it("a NaN weight gives NaN logits, as in PyTorch (the attention softmax passed over NaN scores)", async () => {
+    const dir = copyModel("llama-tiny", "nan-k");
+    rewrite(join(dir, "model.safetensors"), (name, data) => {
+      if (name === "model.layers.0.self_attn.k_proj.weight") data[0] = Number.NaN;
+    });
+    const model = await loadModel(dir, { backend: "cpu", threads: 1 });
+    try {
+      const ids = new Int32Array([5, 17, 3, 9]);
+      const { logits } = await model.forward({ inputIds: ids, batch: 1, seqLen: 4 });
+      // Before: every logit finite (the head holding the NaN silently contributed nothing).
+      expect(logits!.every((x) => Number.isNaN(x))).toBe(true);
+    } finally {
+      model.dispose();
+    }
+  });
+
+  it("the sliding window counts hidden deep prompt rows and generated tokens", async () => {
+    const dir = copyModel("llama-tiny", "window");
+    editJson(join(dir, "config.json"), (c) => {
+      c.architectures = ["MistralForCausalLM"];
+      c.sliding_window = 10;
+    });
+    const model = await loadModel(dir, { backend: "cpu", threads: 1 });
+    try {
+      const C = model.config.hiddenSize;
+      const inputIds = new Int32Array(8).fill(3);
+      const base = { inputIds, batch: 1, seqLen: 8 };
+      await expect(model.generate({ ...base, maxNewTokens: 3 })).resolves.toHaveLength(3); // 8 + 2 fed back
+      await expect(model.generate({ ...base, maxNewTokens: 8 })).rejects.toThrow(
+        /sequence of 15 positions \(prompt, tokens, generated tokens\) exceeds the sliding window \(10\)/,
+      );
+      const deepPrompts = { kind: "hidden" as const, layers: [0], vectors: [new Float32Array(4 * C)] };
+      await expect(model.forward({ ...base, deepPrompts })).rejects.toThrow(
+        /sequence of 12 positions \(prompt, tokens, deep prompt rows\) exceeds the sliding window/,
+      );
+    } finally {
+      model.dispose();
+    }
+  });
+
+  it("GPT-2 generation may use the last position: the last new token takes none", async () => {
+    const model = await loadModel(modelDir("gpt2-tiny"), { backend: "cpu", threads: 1 }); // 64 positions
+    try {
+      const inputIds = new Int32Array(58).fill(3);
+      const got = await model.generate({ inputIds, batch: 1, seqLen: 58, maxNewTokens: 7 }); // 58 + 6 = 64
+      expect(got).toHaveLength(7);
+      await expect(model.generate({ inputIds, batch: 1, seqLen: 58, maxNewTokens: 8 })).rejects.toThrow(
+        /seqLen 58 \+ 7 generated exceeds the model's 64 positions/,
+      );
+    } finally {
+      model.dispose();
+    }
+  });
+});
+
 describe("tokenizers", () => {
   it("merges.txt with CRLF line endings gives the same tokenizer as with LF", () => {
     const vocab = { a: 0, b: 1, ab: 2 };

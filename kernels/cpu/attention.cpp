@@ -15,11 +15,23 @@ namespace {
 
 // Row i of the scores: prefix keys [0, Pp) and token keys Pp + j for j <= i with km[j] set are visible.
 // Softmax over the visible entries in place; the rest become 0. No visible key: the row is all zeros.
+// A NaN visible score makes the whole row NaN, as in PyTorch (std::max alone would pass over it).
 PT_MULTIVERSION void softmax_causal_row(float* row, int64_t Pp, int64_t i, const uint8_t* km, int64_t L) {
   float mx = -INFINITY;
-  for (int64_t j = 0; j < Pp; ++j) mx = std::max(mx, row[j]);
+  bool nan = false;
+  for (int64_t j = 0; j < Pp; ++j) {
+    mx = std::max(mx, row[j]);
+    nan |= std::isnan(row[j]);
+  }
   for (int64_t j = 0; j <= i; ++j)
-    if (!km || km[j]) mx = std::max(mx, row[Pp + j]);
+    if (!km || km[j]) {
+      mx = std::max(mx, row[Pp + j]);
+      nan |= std::isnan(row[Pp + j]);
+    }
+  if (nan) {
+    std::fill(row, row + L, NAN);
+    return;
+  }
   if (mx == -INFINITY) {
     std::fill(row, row + L, 0.0f);
     return;

@@ -126,6 +126,18 @@ Model::Model(const ModelConfig& c) : cfg_(c) {
   if (c.arch == Arch::Llama && hd % 2 != 0)
     throw std::invalid_argument("model config: head_dim must be even for RoPE");
   if (c.threads < 1) throw std::invalid_argument("model config: threads must be >= 1");
+  if (!(c.norm_eps >= 0.0)) throw std::invalid_argument("model config: norm_eps must be >= 0");
+  if (c.arch == Arch::Llama) {
+    // Zero or negative values give infinite or NaN rotary frequencies.
+    if (!(c.rope_theta > 0.0) || !(c.rope_factor > 0.0))
+      throw std::invalid_argument("model config: rope_theta and the rope scaling factor must be > 0");
+    if (c.rope_type == "llama3" &&
+        !(c.rope_low_freq_factor > 0.0 && c.rope_high_freq_factor > c.rope_low_freq_factor &&
+          c.rope_original_max_positions > 0))
+      throw std::invalid_argument(
+          "model config: llama3 rope scaling needs 0 < low_freq_factor < high_freq_factor and "
+          "original_max_position_embeddings > 0");
+  }
   const bool gpt2 = c.arch == Arch::GPT2;
   add_slot("tok_emb", c.vocab, C);
   if (gpt2) add_slot("pos_emb", c.max_positions, C);
@@ -654,8 +666,9 @@ std::vector<int32_t> Model::generate(const ForwardArgs& a, int64_t max_new, int3
   const int64_t qkv_w = (H + 2 * KV) * hd, kv_w = KV * hd, fc_w = gpt2 ? I : 2 * I, group = H / KV;
   const int64_t pos0 = a.deep.kind == DeepPrompts::Kind::Prefix ? a.deep.prefix_len : 0;
   if (max_new < 1) throw std::invalid_argument("maxNewTokens: expected at least 1");
-  if (gpt2 && pos0 + S + max_new > c.max_positions)
-    throw std::out_of_range("generation needs " + std::to_string(pos0 + S + max_new) +
+  // The last new token is returned, not fed back: it takes no position.
+  if (gpt2 && pos0 + S + max_new - 1 > c.max_positions)
+    throw std::out_of_range("generation needs " + std::to_string(pos0 + S + max_new - 1) +
                             " positions; the model has " + std::to_string(c.max_positions));
   std::vector<int64_t> len(B, T);
   if (a.mask)
