@@ -113,6 +113,21 @@ describe("statistics helpers", () => {
       for (let i = 1; i < eig.length; i++) expect(eig[i]).toBeLessThanOrEqual(eig[i - 1]);
     }
   });
+
+  it("Gram eigenvalues of a rank-deficient matrix converge (a collapsed prompt: rows that repeat a few)", async () => {
+    // 300 x 300 of rank 2. The QL iteration's deflation test was relative to neighbouring diagonal entries
+    // only: the null space's couplings shrank through 1e-100 with them and never passed ("did not converge").
+    const n = 300;
+    const x = new Float32Array(n * n);
+    for (let r = 0; r < n; r++)
+      for (let j = 0; j < n; j++) x[r * n + j] = (r % 2 ? 1 : -1) * (j + 1) * 1e-3 + (r % 3 === 0 ? j * j * 1e-5 : 0);
+    const eig = await addon().gramEigenvalues(x, n, 2);
+    let fro = 0;
+    for (const v of x) fro += v * v;
+    expect(eig.reduce((s, v) => s + v, 0) / fro).toBeCloseTo(1, 10);
+    expect(eig[1]! / eig[0]!).toBeGreaterThan(1e-6); // two directions
+    for (const v of eig.slice(2)) expect(Math.abs(v)).toBeLessThan(1e-9 * eig[0]!); // the rest null
+  });
 });
 
 describe("collapseReport", () => {

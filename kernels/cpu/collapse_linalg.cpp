@@ -182,14 +182,20 @@ std::vector<double> collapse_gram_eigenvalues(const float* x, int64_t n, int64_t
   }
   if (m >= 1) diag[m - 1] = g[(m - 1) * m + (m - 1)];
   off[m - 1] = 0.0;
-  // Implicit QL with Wilkinson shifts on the tridiagonal (diag, off), off[i] coupling i and i + 1.
+  // Implicit QL with Wilkinson shifts on the tridiagonal (diag, off), off[i] coupling i and i + 1. A coupling
+  // is negligible next to its neighbours or, as in tql2, next to the largest |diag| + |off| seen: without
+  // the second test the null space of a rank-deficient Gram (a collapsed prompt) never deflates, its
+  // couplings shrinking through 1e-100 and below while their diagonal neighbours shrink with them.
+  const double eps = std::ldexp(1.0, -52);
+  double scale = 0.0;
   for (int64_t l = 0; l < m; ++l) {
+    scale = std::max(scale, std::fabs(diag[l]) + std::fabs(off[l]));
     int iter = 0;
     int64_t mm;
     do {
       for (mm = l; mm < m - 1; ++mm) {
         const double dd = std::fabs(diag[mm]) + std::fabs(diag[mm + 1]);
-        if (std::fabs(off[mm]) <= 1e-15 * dd) break;
+        if (std::fabs(off[mm]) <= 1e-15 * dd || std::fabs(off[mm]) <= eps * scale) break;
       }
       if (mm != l) {
         if (iter++ == 200) throw std::runtime_error("eigenvalues: QL iteration did not converge");
