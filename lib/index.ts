@@ -159,6 +159,7 @@ export {
 } from "./priors.js";
 export { exactNeighbors, fitPca, type Pca, type PcaOptions, pca, tsne, umap } from "./projection.js";
 export { buildReport, type ReportData, type ReportOptions, type ReportResult } from "./report.js";
+export { Rng, type RngState } from "./rng.js";
 // --- tasks, data and evaluation metrics ---
 export {
   type ArithmeticOperation,

@@ -88,6 +88,13 @@ export class AdamW {
     if (!Array.isArray(grads) || grads.length !== this.params.length) {
       throw new TypeError(`grads: expected ${this.params.length} Float32Array (one per parameter tensor)`);
     }
+    // Everything is checked before any state changes: a refused step leaves the step count and tensors as
+    // they were (else the bias correction would be off by one for the rest of the run).
+    this.params.forEach((p, i) => {
+      requireFloat32(grads[i], `grads[${i}]`, p.length);
+    });
+    if (typeof lr !== "number" || !Number.isFinite(lr) || lr < 0)
+      throw new RangeError(`lr: expected a finite number >= 0, got ${lr}`);
     this.stepCount += 1;
     const native = addon();
     for (let i = 0; i < this.params.length; i++) {

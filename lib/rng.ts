@@ -19,7 +19,9 @@ export class Rng {
       this.#spare = seed.spare;
       return;
     }
-    if (!Number.isInteger(seed)) throw new TypeError(`seed: expected an integer, got ${seed}`);
+    // 32 bits of seed: a wider one would repeat a smaller seed's draws while recording a different seed.
+    if (!Number.isInteger(seed) || seed < 0 || seed > 0xffffffff)
+      throw new RangeError(`seed: expected an integer from 0 to 2^32 - 1, got ${seed}`);
     // splitmix32 expands the seed into the four state words; then warm up.
     let x = seed >>> 0;
     const split = () => {

@@ -72,7 +72,12 @@ export function readSafetensorsHeader(file: string): SafetensorsHeader {
     const isCount = (x: unknown): x is number => Number.isSafeInteger(x) && (x as number) >= 0;
     for (const [name, value] of Object.entries(json as Record<string, unknown>)) {
       if (name === "__metadata__") {
-        if (value === null || typeof value !== "object" || Array.isArray(value))
+        if (
+          value === null ||
+          typeof value !== "object" ||
+          Array.isArray(value) ||
+          !Object.values(value).every((v) => typeof v === "string")
+        )
           throw new Error(`${file}: safetensors __metadata__ is not an object of strings`);
         metadata = value as Record<string, string>;
         continue;

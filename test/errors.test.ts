@@ -6,7 +6,10 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { nativeConfig, parseConfig } from "../lib/config.js";
 import { loadModel, type Model } from "../lib/index.js";
 import { addon } from "../lib/native.js";
+import { AdamW } from "../lib/optim.js";
 import { createModel, loadTrainableModel } from "../lib/pretrain.js";
+import { Rng } from "../lib/rng.js";
+import { readTensors } from "../lib/safetensors.js";
 import { copyModelDir, modelDir } from "./helpers.js";
 
 describe("native argument limits (what lib's checks would catch first)", () => {
@@ -258,5 +261,44 @@ describe("model lifecycle and loading errors", () => {
     await expect(loadModel(modelDir("gpt2-tiny"), { backend: "cuda" })).rejects.toThrow(
       /backend "cuda" is not available: /,
     );
+  });
+});
+
+describe("optimizer, RNG and file-format checks", () => {
+  it("AdamW.step checks every gradient and lr before changing any state", () => {
+    const a = Float32Array.from([1, 2]);
+    const b = Float32Array.from([3, 4, 5]);
+    const opt = new AdamW([a, b], { lr: 0.1 });
+    const g = (n: number) => new Float32Array(n).fill(1);
+    // A wrong second gradient: before, the first tensor and its moments were updated and stepCount was 1.
+    expect(() => opt.step([g(2), g(2)])).toThrow(/grads\[1\]/);
+    expect(() => opt.step([g(2), g(3)], Number.NaN)).toThrow("lr: expected a finite number >= 0, got NaN");
+    expect(() => opt.step([g(2), g(3)], -1)).toThrow("lr: expected a finite number >= 0, got -1");
+    expect(opt.stepCount).toBe(0);
+    expect(Array.from(a)).toEqual([1, 2]);
+    expect(Array.from(opt.m[0]!)).toEqual([0, 0]);
+    opt.step([g(2), g(3)]);
+    expect(opt.stepCount).toBe(1);
+    expect(a[0]).toBeLessThan(1);
+  });
+
+  it("Rng seeds are 32-bit: a wider or negative seed is refused (it repeated another seed's draws)", () => {
+    expect(() => new Rng(2 ** 32)).toThrow("seed: expected an integer from 0 to 2^32 - 1, got 4294967296");
+    expect(() => new Rng(-1)).toThrow(RangeError);
+    expect(new Rng(2 ** 32 - 1).uniform()).toBeGreaterThanOrEqual(0);
+  });
+
+  it("safetensors __metadata__ values must be strings", () => {
+    const dir = mkdtempSync(join(tmpdir(), "priortune-meta-"));
+    try {
+      const file = join(dir, "m.safetensors");
+      const json = Buffer.from(JSON.stringify({ __metadata__: { step: 5 } }));
+      const len = Buffer.alloc(8);
+      len.writeBigUInt64LE(BigInt(json.length));
+      writeFileSync(file, Buffer.concat([len, json]));
+      expect(() => readTensors(file)).toThrow(/__metadata__ is not an object of strings/);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });
