@@ -36,6 +36,14 @@ export const integerArg =
     return n;
   };
 
+/** A seed: an integer from 0 to 2^32 - 1 (the RNG's width; a wider one would repeat another seed). */
+export function seedArg(value: string): number {
+  const n = integerArg(0)(value);
+  if (n > 0xffffffff)
+    throw new InvalidArgumentError(`expected an integer from 0 to 4294967295, got ${value}`);
+  return n;
+}
+
 /** Any finite number. */
 export function numberArg(value: string): number {
   const n = Number(value);

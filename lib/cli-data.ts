@@ -3,7 +3,7 @@ import { existsSync, mkdirSync, readFileSync } from "node:fs";
 import { dirname, resolve } from "node:path";
 import { gunzipSync } from "node:zlib";
 import { type Command, InvalidArgumentError, Option } from "commander";
-import { integerArg } from "./cli-args.js";
+import { integerArg, seedArg } from "./cli-args.js";
 import {
   ARITHMETIC_OPERATIONS,
   type ArithmeticOperation,
@@ -86,7 +86,7 @@ export function registerDataCommands(program: Command): Command {
         '"mathematics", or generate the same in memory with kind "arithmetic"',
     )
     .requiredOption("-n, --count <n>", "number of question/answer pairs", integerArg(0))
-    .option("--seed <n>", "random seed", integerArg(0), 0)
+    .option("--seed <n>", "random seed", seedArg, 0)
     .option(
       "--operations <list>",
       "comma-separated operations drawn uniformly: add, sub, mul",
@@ -147,7 +147,7 @@ export function registerDataCommands(program: Command): Command {
         'questions) with exact answer_start offsets; load it with task kind "squad", or generate in memory with "qa-facts"',
     )
     .requiredOption("-n, --count <n>", "number of questions", integerArg(0))
-    .option("--seed <n>", "random seed", integerArg(0), 0)
+    .option("--seed <n>", "random seed", seedArg, 0)
     .option("--people-per-context <n>", "people described in each paragraph (1-10)", integerArg(1), 2)
     .option(
       "--questions-per-context <n>",
@@ -195,7 +195,7 @@ export function registerDataCommands(program: Command): Command {
     )
     .requiredOption("-i, --input <path>", "the text to mask words in (UTF-8, optionally gzipped)")
     .option("-n, --count <n>", "number of items (default: one per eligible sentence)", integerArg(0))
-    .option("--seed <n>", "random seed (sentence order and the masked word)", integerArg(0), 0)
+    .option("--seed <n>", "random seed (sentence order and the masked word)", seedArg, 0)
     .option("--min-words <n>", "skip sentences with fewer words", integerArg(1), 6)
     .option("--max-words <n>", "skip sentences with more words", integerArg(1), 80)
     .option("--min-word-length <n>", "mask only words with at least this many letters", integerArg(1), 4)

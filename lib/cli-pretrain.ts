@@ -14,7 +14,7 @@ import {
 import { join, resolve } from "node:path";
 import { SingleBar } from "cli-progress";
 import type { Command } from "commander";
-import { integerArg, numberArg } from "./cli-args.js";
+import { integerArg, numberArg, seedArg } from "./cli-args.js";
 import { atomicWrite, fsyncFile, readJsonFile } from "./files.js";
 import type { Model } from "./model.js";
 import type { NativeAdamState } from "./native.js";
@@ -339,7 +339,7 @@ export function registerPretrainCommand(program: Command): void {
     .option("--eval-every <n>", "held-out evaluation every n steps", integerArg(1), 100)
     .option("--eval-batches <n>", "held-out batches per evaluation", integerArg(1), 8)
     .option("--save-every <n>", "save the model every n steps", integerArg(1), 200)
-    .option("--seed <n>", "seed of the initialisation and the batch draws", integerArg(0), 0)
+    .option("--seed <n>", "seed of the initialisation and the batch draws", seedArg, 0)
     .option("--threads <n>", "CPU threads (default: all cores)", integerArg(1))
     .action(async (o: PretrainCliOptions, cmd: Command) => {
       const given = new Set(Object.keys(o).filter((k) => cmd.getOptionValueSource(k) === "cli"));

@@ -1,6 +1,6 @@
 // `priortune report`: compare runs in one self-contained HTML page with a folder of SVG/PNG figures.
 import { type Command, InvalidArgumentError, Option } from "commander";
-import { integerArg, integerListArg, numberArg } from "./cli-args.js";
+import { integerArg, integerListArg, numberArg, seedArg } from "./cli-args.js";
 import { readTexts } from "./priors.js";
 import { buildReport } from "./report.js";
 
@@ -65,7 +65,7 @@ export function registerReportCommands(program: Command): void {
       nameFile,
       [],
     )
-    .option("--seed <n>", "seed of the subsamples and projections", integerArg(0), 0)
+    .option("--seed <n>", "seed of the subsamples and projections", seedArg, 0)
     .option("--threads <n>", "CPU threads (default: all cores)", integerArg(1))
     .action(async (runDirs: string[], o: ReportCliOptions) => {
       const names = o.names?.split(",").map((s) => s.trim());

@@ -3,11 +3,11 @@
 import { readFileSync } from "node:fs";
 import { resolve } from "node:path";
 import { type Command, InvalidArgumentError, Option } from "commander";
-import { type BackendFlags, integerArg, numberArg, withBackend } from "./cli-args.js";
+import { type BackendFlags, integerArg, numberArg, seedArg, withBackend } from "./cli-args.js";
 import { describeModel, loadModel, type Model } from "./model.js";
 import { createPrior, PRIOR_KINDS, type PriorKind, type PriorRecord } from "./priors.js";
 import { Rng } from "./rng.js";
-import { writeSafetensors } from "./safetensors.js";
+import { writeSafetensorsAtomic } from "./safetensors.js";
 
 function words(value: string, previous: string[] = []): string[] {
   return [...previous, ...value.split(",")];
@@ -304,7 +304,7 @@ export function registerSamplePrior(program: Command): void {
     )
     .requiredOption("--out <file>", "output safetensors file")
     .option("--count <n>", "vectors to draw (the prompt length P)", integerArg(1), 20)
-    .option("--seed <n>", "seed of the draw", integerArg(0), 0)
+    .option("--seed <n>", "seed of the draw", seedArg, 0)
     .option(
       "--sigma <x>",
       "gaussian: standard deviation (default 0.02); also exclusion --base gaussian, class-label --fill gaussian",
@@ -457,7 +457,7 @@ async function samplePrior(dir: string, o: SamplePriorOptions): Promise<void> {
     const stats = prior.stats?.() ?? {};
     const described = prior.describe();
     const out = resolve(o.out);
-    writeSafetensors(out, [{ name: "prompt", dtype: "F32", shape: [o.count, dim], data: prompt }], {
+    writeSafetensorsAtomic(out, [{ name: "prompt", dtype: "F32", shape: [o.count, dim], data: prompt }], {
       format: "priortune-prior-sample",
       version: "1",
       prior: JSON.stringify(described),

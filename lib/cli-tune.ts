@@ -3,7 +3,14 @@ import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { SingleBar } from "cli-progress";
 import { type Command, InvalidArgumentError, Option } from "commander";
-import { type BackendFlags, integerArg, integerListArg, numberArg, withBackend } from "./cli-args.js";
+import {
+  type BackendFlags,
+  integerArg,
+  integerListArg,
+  numberArg,
+  seedArg,
+  withBackend,
+} from "./cli-args.js";
 import { readJsonFile } from "./files.js";
 import { loadModel } from "./model.js";
 import { createPrior, type PriorRecord } from "./priors.js";
@@ -230,7 +237,7 @@ export function registerTuneCommands(program: Command): void {
     .option("--snapshot-every <n>", "prompt snapshots (trajectory) every n steps", integerArg(0), 10)
     .option("--checkpoint-every <n>", "resumable checkpoints every n steps", integerArg(0), 10)
     .option("--max-length <n>", "longest sequence, prompt included", integerArg(1), 256)
-    .option("--seed <n>", "seed of every random choice", integerArg(0), 0)
+    .option("--seed <n>", "seed of every random choice", seedArg, 0)
     .option("--run-dir <dir>", "run directory (created, or resumed when it holds the same run)")
     .option("--threads <n>", "CPU threads (default: all cores)", integerArg(1))
     .option("--json", "print the result as JSON")

@@ -52,7 +52,17 @@ export function infoText(dir: string): string {
   return rows.map(([k, v]) => `${k.padEnd(width)}  ${v}`).join("\n");
 }
 
+let epipeHandled = false;
+
 export async function main(argv: string[]): Promise<void> {
+  // Output piped into a reader that stops early (`| head`): end quietly, as Unix filters do.
+  if (!epipeHandled) {
+    epipeHandled = true;
+    process.stdout.on("error", (e: NodeJS.ErrnoException) => {
+      if (e.code !== "EPIPE") throw e;
+      process.exit(0);
+    });
+  }
   const program = new Command();
   program.name("priortune").description("Prompt-tuning priors and posteriors on frozen language models");
   // Before any subcommand exists: commander copies the setting to subcommands created after it, so bad
@@ -85,7 +95,9 @@ export async function main(argv: string[]): Promise<void> {
       );
       if (!o.cudaSelftest) return;
       const parts =
-        typeof o.cudaSelftest === "string" ? (o.cudaSelftest.split(",") as CudaSelfTestPart[]) : undefined;
+        typeof o.cudaSelftest === "string" && o.cudaSelftest !== "all"
+          ? (o.cudaSelftest.split(",") as CudaSelfTestPart[])
+          : undefined;
       const checks = await cudaSelfTest({ parts });
       for (const c of checks)
         process.stdout.write(

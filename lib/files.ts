@@ -1,5 +1,5 @@
 // Small file helpers shared by the loaders, the training loop and the reports.
-import { closeSync, fsyncSync, openSync, readFileSync, renameSync, writeSync } from "node:fs";
+import { closeSync, fsyncSync, openSync, readFileSync, renameSync, rmSync, writeSync } from "node:fs";
 
 /** JSON.parse of a file, with the file's path in the error. */
 export function readJsonFile(path: string): unknown {
@@ -32,13 +32,28 @@ export function fsyncFile(path: string): void {
  * file beside it, fsync'd, then renamed over it.
  */
 export function atomicWrite(path: string, data: string | Uint8Array): void {
+  replaceWith(path, (tmp) => {
+    const fd = openSync(tmp, "w");
+    try {
+      writeAll(fd, typeof data === "string" ? Buffer.from(data) : data);
+      fsyncSync(fd);
+    } finally {
+      closeSync(fd);
+    }
+  });
+}
+
+/**
+ * `write(tmp)` fills a temporary file beside `path` (flushed before it returns), which then replaces
+ * `path`; if the write fails, the temporary file is removed and `path` keeps its old contents.
+ */
+export function replaceWith(path: string, write: (tmp: string) => void): void {
   const tmp = `${path}.tmp-${process.pid}`;
-  const fd = openSync(tmp, "w");
   try {
-    writeAll(fd, typeof data === "string" ? Buffer.from(data) : data);
-    fsyncSync(fd);
-  } finally {
-    closeSync(fd);
+    write(tmp);
+    renameSync(tmp, path);
+  } catch (e) {
+    rmSync(tmp, { force: true });
+    throw e;
   }
-  renameSync(tmp, path);
 }

@@ -21,7 +21,7 @@ import {
   rowsOf,
   standardNormals,
 } from "./gaussian.js";
-import { defaultThreads, VocabIndex } from "./knn.js";
+import { checkFiniteRows, defaultThreads, VocabIndex } from "./knn.js";
 import type { ForwardOptions, ForwardOutput } from "./model.js";
 import { addon } from "./native.js";
 import { Rng } from "./rng.js";
@@ -1060,6 +1060,8 @@ async function buildPosterior(f: Fields, res: Resources): Promise<Prior> {
   const dim = known ?? t.shape[t.shape.length - 1];
   if (t.shape[t.shape.length - 1] !== dim)
     throw new RangeError(`${f.name("path")}: tensor "${t.name}" has shape [${t.shape}], expected P x ${dim}`);
+  // A NaN or infinite vector would be copied into every sample and fail only once the prompt is used.
+  checkFiniteRows(`${f.name("path")}: tensor "${t.name}"`, t.data, dim);
   const noise = f.number("noise", 0, { min: 0, max: 1e30 });
   if (noise > 0 && noise < 1e-30)
     throw new RangeError(`${f.name("noise")}: expected 0 or a number from 1e-30 to 1e+30, got ${noise}`);

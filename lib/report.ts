@@ -222,6 +222,8 @@ export async function buildReport(runDirs: readonly string[], options: ReportOpt
       const dir =
         (options.model as string | undefined) ??
         ((runs[0].record.model as { dir?: string } | undefined)?.dir as string | undefined);
+      if (typeof options.model === "string" && !existsSync(options.model))
+        throw new Error(`model: ${options.model} does not exist`); // given, not recorded: a typo is an error
       if (dir && existsSync(dir)) {
         progress(`loading ${dir}`);
         model = await loadModel(dir, { threads: options.threads });

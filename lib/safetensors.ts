@@ -3,9 +3,9 @@
 // the raw little-endian data. We read only headers here; tensor bytes are read by the native loader
 // straight into the model's fp32 storage (one copy of the weights in memory), or by readTensors for
 // small files such as test fixtures.
-import { closeSync, existsSync, fstatSync, openSync, readFileSync, readSync, renameSync } from "node:fs";
+import { closeSync, existsSync, fstatSync, openSync, readFileSync, readSync } from "node:fs";
 import { join } from "node:path";
-import { fsyncFile, readJsonFile, writeAll } from "./files.js";
+import { fsyncFile, readJsonFile, replaceWith, writeAll } from "./files.js";
 
 export type SafetensorsDType = "F64" | "F32" | "F16" | "BF16" | "I64" | "I32" | "I16" | "I8" | "U8" | "BOOL";
 
@@ -263,10 +263,10 @@ export function writeSafetensorsAtomic(
   tensors: TensorToWrite[],
   metadata: Record<string, string> = {},
 ): void {
-  const tmp = `${file}.tmp-${process.pid}`;
-  writeSafetensors(tmp, tensors, metadata);
-  fsyncFile(tmp);
-  renameSync(tmp, file);
+  replaceWith(file, (tmp) => {
+    writeSafetensors(tmp, tensors, metadata);
+    fsyncFile(tmp);
+  });
 }
 
 /**

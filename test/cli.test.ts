@@ -1,10 +1,11 @@
 // The priortune command line, run as a user would (a child process, no terminal: plain log lines).
 import { execFileSync, spawnSync } from "node:child_process";
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { afterAll, describe, expect, it } from "vitest";
+import { writeSafetensors } from "../lib/safetensors.js";
 import { modelDir } from "./helpers.js";
 
 const cli = join(dirname(fileURLToPath(import.meta.url)), "..", "lib", "cli.ts");
@@ -30,6 +31,79 @@ describe("priortune CLI", () => {
     const bad = run("tune", modelDir("llama-tiny"), "--task", "arithmetic", "--mode", "sideways");
     expect(bad.status).not.toBe(0);
     expect(bad.stderr).toMatch(/--mode <mode>' argument 'sideways' is invalid/);
+  });
+
+  it("sample-prior, make-data and doctor: seeds, bad vectors, failed writes, closed pipes, --cuda-selftest all", () => {
+    const model = modelDir("llama-tiny");
+    const wide = run(
+      "sample-prior",
+      model,
+      "--prior",
+      "gaussian",
+      "--seed",
+      "4294967296",
+      "--out",
+      join(tmp, "w.st"),
+    );
+    expect(wide.status).not.toBe(0); // it wrote seed 0's draw, recorded as seed 4294967296
+    expect(wide.stderr).toMatch(
+      /--seed <n>' argument '4294967296' is invalid\. expected an integer from 0 to 4294967295/,
+    );
+    // A posterior whose vectors are not finite is refused when read, not when the prompt is first used.
+    const nan = join(tmp, "nan.safetensors");
+    const hidden = JSON.parse(readFileSync(join(model, "config.json"), "utf8")).hidden_size as number;
+    const data = new Float32Array(2 * hidden);
+    data[hidden + 3] = Number.NaN;
+    writeSafetensors(nan, [{ name: "prompt", dtype: "F32", shape: [2, hidden], data }]);
+    const post = run(
+      "sample-prior",
+      model,
+      "--prior",
+      "posterior",
+      "--path",
+      nan,
+      "--count",
+      "2",
+      "--out",
+      join(tmp, "p.st"),
+    );
+    expect(post.status).not.toBe(0);
+    expect(post.stderr).toMatch(/tensor "prompt": row 1, column 3 is NaN/);
+    // A write that fails (file size limit) leaves the old file and no temporary file.
+    const old = join(tmp, "old.safetensors");
+    expect(run("sample-prior", model, "--prior", "gaussian", "--count", "2", "--out", old).status).toBe(0);
+    const before = readFileSync(old);
+    const limited = spawnSync(
+      "bash",
+      [
+        "-c",
+        `ulimit -f 8; exec "$0" --import tsx "$1" sample-prior "$2" --prior gaussian --count 64 --out "$3"`,
+        process.execPath,
+        cli,
+        model,
+        old,
+      ],
+      { encoding: "utf8" },
+    );
+    expect(limited.status).not.toBe(0);
+    expect(readFileSync(old).equals(before)).toBe(true); // was a torn 8 KiB file
+    expect(readdirSync(tmp).filter((f) => f.includes(".tmp-"))).toEqual([]);
+    // make-data into a pipe that closes early ends quietly (was an unhandled EPIPE with a stack trace).
+    const piped = spawnSync(
+      "bash",
+      [
+        "-c",
+        `"$0" --import tsx "$1" make-data arithmetic -n 200000 --digits 4 --out - | head -1; echo "status \${PIPESTATUS[0]}"`,
+        process.execPath,
+        cli,
+      ],
+      { encoding: "utf8" },
+    );
+    expect(piped.stdout).toMatch(/status 0/);
+    expect(piped.stderr).not.toMatch(/EPIPE/);
+    // "all" is what the help offers; without a device the answer is the device's absence.
+    const doctor = run("doctor", "--cuda-selftest", "all");
+    expect(doctor.stderr).not.toMatch(/unknown part/);
   });
 
   it("tune --help documents every option", () => {

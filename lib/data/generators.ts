@@ -1,9 +1,8 @@
 // Seeded synthetic data, written in the same formats the loaders read so that a generated file and an
 // in-memory task are the same data: arithmetic as DeepMind Mathematics question/answer lines, extractive
 // QA over templated facts as SQuAD JSON, cloze (masked-word) items over any text as JSON lines.
-import { randomBytes } from "node:crypto";
-import { renameSync, rmSync, writeFileSync } from "node:fs";
 import { gzipSync } from "node:zlib";
+import { atomicWrite } from "../files.js";
 import { Rng } from "../rng.js";
 import { CLOZE_TEMPLATE, checkTemplate, completionAfter, fillTemplate } from "./templates.js";
 
@@ -24,17 +23,9 @@ function requireFraction(v: unknown, name: string): number {
   return v;
 }
 
-/** Writes through a temporary file and a rename, so a reader never sees half a file; gzips for ".gz". */
+/** atomicWrite (a reader never sees half a file), gzipped for ".gz". */
 function writeAtomic(path: string, text: string): void {
-  const tmp = `${path}.tmp-${process.pid}-${randomBytes(4).toString("hex")}`;
-  const bytes = path.endsWith(".gz") ? gzipSync(Buffer.from(text, "utf8")) : text;
-  try {
-    writeFileSync(tmp, bytes);
-    renameSync(tmp, path);
-  } catch (e) {
-    rmSync(tmp, { force: true });
-    throw e;
-  }
+  atomicWrite(path, path.endsWith(".gz") ? gzipSync(Buffer.from(text, "utf8")) : text);
 }
 
 // ---------------------------------------------------------------------------------------------------
