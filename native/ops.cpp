@@ -41,8 +41,8 @@ void check_prefixes(Napi::Env env, int64_t Pp, const View<float>& pk, const View
 // Grouped-query attention: each of the KV heads serves H / KV query heads (else columns past a row are read).
 void check_heads(Napi::Env env, int64_t H, int64_t KV) {
   if (H % KV != 0)
-    throw Napi::RangeError::New(env, "H: expected a multiple of KV (" + std::to_string(KV) + "), got " +
-                                         std::to_string(H));
+    throw Napi::RangeError::New(
+        env, "H: expected a multiple of KV (" + std::to_string(KV) + "), got " + std::to_string(H));
 }
 
 Napi::Float32Array out(Napi::Env env, size_t n) {

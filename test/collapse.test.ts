@@ -120,7 +120,8 @@ describe("statistics helpers", () => {
     const n = 300;
     const x = new Float32Array(n * n);
     for (let r = 0; r < n; r++)
-      for (let j = 0; j < n; j++) x[r * n + j] = (r % 2 ? 1 : -1) * (j + 1) * 1e-3 + (r % 3 === 0 ? j * j * 1e-5 : 0);
+      for (let j = 0; j < n; j++)
+        x[r * n + j] = (r % 2 ? 1 : -1) * (j + 1) * 1e-3 + (r % 3 === 0 ? j * j * 1e-5 : 0);
     const eig = await addon().gramEigenvalues(x, n, 2);
     let fro = 0;
     for (const v of x) fro += v * v;
