@@ -3,7 +3,7 @@
 import { existsSync, mkdirSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { type TensorToWrite, writeSafetensors } from "../lib/safetensors.js";
+import { type TensorToWrite, writeSafetensorsAtomic } from "../lib/safetensors.js";
 
 export type BenchModel = "gpt2-124M" | "llama-5M";
 
@@ -106,6 +106,7 @@ export function benchModelDir(kind: BenchModel): string {
       add(`${h}mlp.down_proj.weight`, [C, I]);
     }
   }
-  writeSafetensors(join(dir, "model.safetensors"), tensors);
+  // Atomic: an interrupted write must not leave a file the existence check above takes as a cached model.
+  writeSafetensorsAtomic(join(dir, "model.safetensors"), tensors);
   return dir;
 }

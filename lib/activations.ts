@@ -14,7 +14,13 @@ import type { ForwardOptions, ForwardOutput } from "./model.js";
 
 /** What activation capture needs of a model (lib/model.ts's Model has all of it). */
 export interface ActivationModel {
-  readonly config: { hiddenSize: number; vocabSize: number; numLayers: number; maxPositions: number };
+  readonly config: {
+    architecture?: string;
+    hiddenSize: number;
+    vocabSize: number;
+    numLayers: number;
+    maxPositions: number;
+  };
   readonly tokenizer: {
     encode(text: string, options?: { addSpecialTokens?: boolean }): number[];
     tokenToId?(token: string): number | undefined;
@@ -220,12 +226,6 @@ export async function captureActivations(
   const padding = options.padding ?? "exclude";
   if (padding !== "exclude" && padding !== "include")
     throw new TypeError(`padding: expected "exclude" or "include", got ${String(padding)}`);
-  const maxLength = checkInteger(
-    "maxLength",
-    options.maxLength ?? Math.min(128, c.maxPositions),
-    1,
-    c.maxPositions,
-  );
   const batchSize = checkInteger("batchSize", options.batchSize ?? 8, 1);
   const chunkTexts = checkInteger("chunkTexts", options.chunkTexts ?? 256, 1);
   const padId = checkInteger("padId", options.padId ?? endOfText(model) ?? 0, 0, c.vocabSize - 1);
@@ -236,6 +236,13 @@ export async function captureActivations(
       throw new TypeError(`prompt: expected a Float32Array of P x ${d} values`);
     promptLength = prompt.length / d;
   }
+  // GPT-2's positions hold the prompt too: checked here, before any chunk is written (it failed mid-way).
+  const room = c.architecture === "gpt2" ? c.maxPositions - promptLength : c.maxPositions;
+  if (room < 1)
+    throw new RangeError(
+      `prompt: ${promptLength} rows leave no room in the model's ${c.maxPositions} positions`,
+    );
+  const maxLength = checkInteger("maxLength", options.maxLength ?? Math.min(128, room), 1, room);
   const includePrompt = (options.includePrompt ?? false) && promptLength > 0;
   if (!Array.isArray(inputs) || inputs.length === 0)
     throw new RangeError("inputs: expected at least one text");

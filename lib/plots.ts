@@ -227,6 +227,9 @@ export function densitySpec(
         {
           density: "value",
           groupby: ["layer", "group"],
+          // Each layer's curve over its own range: the default samples every group over the range of all,
+          // and layers whose scales differ by orders of magnitude got a flat line.
+          resolve: "independent",
           ...(options.bandwidth ? { bandwidth: options.bandwidth } : {}),
           as: ["value", "density"],
         },

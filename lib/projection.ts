@@ -492,9 +492,10 @@ export async function tsne(
   checkInteger("dim", dim, 1);
   const n = rowCount("rows", rows, dim);
   if (n < 4) throw new RangeError(`rows: t-SNE needs at least 4 rows, got ${n}`);
+  // Below 1 the neighbour count (3 x perplexity) rounds to 0.
+  if (options.perplexity !== undefined && !(options.perplexity >= 1))
+    throw new RangeError(`perplexity: expected a number >= 1, got ${options.perplexity}`);
   const perplexity = Math.min(options.perplexity ?? 30, (n - 1) / 3);
-  if (!(perplexity > 0))
-    throw new RangeError(`perplexity: expected a positive number, got ${options.perplexity}`);
   const iterations = checkInteger("iterations", options.iterations ?? 1000, 1);
   const positive = (name: string, v: number) => {
     if (typeof v !== "number" || !Number.isFinite(v) || v <= 0)
@@ -518,15 +519,21 @@ export async function tsne(
   const P = tsneAffinities(nn.indices, nn.distances, n, k, perplexity);
   const Y = new Float64Array(2 * n);
   if (init === "pca") {
-    const { projection } = await pca(rows, dim, { components: 2, seed: options.seed, threads });
+    // One-dimensional rows have one component: the second coordinate starts as "random" would.
+    const c = Math.min(2, dim);
+    const { projection } = await pca(rows, dim, { components: c, seed: options.seed, threads });
     let m = 0;
-    for (let i = 0; i < n; i++) m += projection[2 * i];
+    for (let i = 0; i < n; i++) m += projection[c * i];
     m /= n;
     let sd = 0;
-    for (let i = 0; i < n; i++) sd += (projection[2 * i] - m) ** 2;
+    for (let i = 0; i < n; i++) sd += (projection[c * i] - m) ** 2;
     sd = Math.sqrt(sd / n);
     const scale = sd > 0 ? 1e-4 / sd : 1;
-    for (let i = 0; i < 2 * n; i++) Y[i] = projection[i] * scale;
+    const rng = new Rng(options.seed ?? 0);
+    for (let i = 0; i < n; i++) {
+      Y[2 * i] = projection[c * i] * scale;
+      Y[2 * i + 1] = c === 2 ? projection[2 * i + 1] * scale : 1e-4 * rng.normal();
+    }
   } else {
     const rng = new Rng(options.seed ?? 0);
     for (let i = 0; i < 2 * n; i++) Y[i] = 1e-4 * rng.normal();
@@ -615,13 +622,23 @@ export async function umap(
     knnIndices.push([i, ...nn.indices.subarray(i * (neighbors - 1), (i + 1) * (neighbors - 1))]);
     knnDistances.push([0, ...nn.distances.subarray(i * (neighbors - 1), (i + 1) * (neighbors - 1))]);
   }
+  // umap-js loops until its epoch counter equals nEpochs (2.5 or Infinity: forever, on the main thread),
+  // takes 0 or a negative count as its default, and fits a degenerate curve for spread <= 0 or
+  // minDist > spread: all refused here.
+  const spread = options.spread ?? 1;
+  if (typeof spread !== "number" || !Number.isFinite(spread) || spread <= 0)
+    throw new RangeError(`spread: expected a finite number > 0, got ${spread}`);
+  const minDist = options.minDist ?? 0.1;
+  if (typeof minDist !== "number" || !(minDist >= 0 && minDist <= spread))
+    throw new RangeError(`minDist: expected a number from 0 to spread (${spread}), got ${minDist}`);
+  const epochs = options.epochs === undefined ? undefined : checkInteger("epochs", options.epochs, 1, 1e6);
   const rng = new Rng(options.seed ?? 0);
   const model = new UMAP({
     nComponents: 2,
     nNeighbors: neighbors,
-    minDist: options.minDist ?? 0.1,
-    spread: options.spread ?? 1,
-    nEpochs: options.epochs,
+    minDist,
+    spread,
+    nEpochs: epochs,
     random: () => rng.uniform(),
   });
   model.setPrecomputedKNN(knnIndices, knnDistances);

@@ -258,6 +258,23 @@ describe("MMD, linear probe, k-means: edge cases", () => {
     await expect(tsne(rows, 3, { init: "bogus" as "pca", threads: 1 })).rejects.toThrow(
       'init: expected "pca" or "random", got "bogus"',
     );
+    await expect(tsne(rows, 3, { perplexity: 0.3, threads: 1 })).rejects.toThrow(
+      "perplexity: expected a number >= 1, got 0.3",
+    );
+    // One-dimensional rows: PCA gives one component (the default init asked for two and threw).
+    const line = Float32Array.from({ length: 30 }, (_, i) => i + (i % 3) * 0.1);
+    const t = await tsne(line, 1, { iterations: 50, threads: 1 });
+    expect(t).toHaveLength(60);
+    expect(t.every(Number.isFinite)).toBe(true);
+    // UMAP: a fractional or infinite epoch count hung the process in umap-js; 0 ran its default silently.
+    for (const [o, message] of [
+      [{ epochs: 2.5 }, /epochs: expected an integer/],
+      [{ epochs: Number.POSITIVE_INFINITY }, /epochs: expected an integer/],
+      [{ epochs: 0 }, /epochs: expected an integer/],
+      [{ spread: -1 }, /spread: expected a finite number > 0, got -1/],
+      [{ minDist: 5 }, /minDist: expected a number from 0 to spread \(1\), got 5/],
+    ] as const)
+      await expect(umap(rows, 3, { ...o, threads: 1 })).rejects.toThrow(message);
     const fig = await renderFigure(barSpec([{ name: "tab\there\u0001ctl", value: 1 }], { title: "x" }));
     expect(fig.svg).toContain("\uFFFD");
     expect(fig.png.length).toBeGreaterThan(100);
@@ -515,6 +532,21 @@ describe("activation capture", () => {
     model = await loadModel(modelDir("llama-tiny"), { threads: 2 });
   });
   afterAll(() => model?.dispose());
+
+  it("GPT-2 with a soft prompt: the default length leaves the prompt's positions; a longer one is refused up front", async () => {
+    const gpt2 = await loadModel(modelDir("gpt2-tiny"), { backend: "cpu", threads: 1 }); // 64 positions
+    try {
+      const prompt = new Float32Array(4 * gpt2.config.hiddenSize);
+      const long = Int32Array.from({ length: 80 }, (_, i) => (i * 7) % 100);
+      const acts = await captureActivations(gpt2, [long, [1, 2, 3]], { layers: [1], prompt });
+      expect(acts.lengths()[0]).toBe(60); // was 64 + 4 prompt rows: refused after earlier chunks were written
+      await expect(captureActivations(gpt2, [long], { layers: [1], prompt, maxLength: 64 })).rejects.toThrow(
+        "maxLength: expected an integer from 1 to 60",
+      );
+    } finally {
+      gpt2.dispose();
+    }
+  });
 
   it("token rows equal an unpadded forward of each text; means average them; padding is excluded", async () => {
     const acts = await captureActivations(model, texts, { layers: [0, 2], batchSize: 4 });
