@@ -361,6 +361,7 @@ if (want("steps")) {
   ];
   const lines: string[] = [];
   const firstLoss: Record<string, number> = {};
+  const firstGradNorm: Record<string, number> = {};
   const P = 20;
   const adamw = { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weightDecay: 0, maxGradNorm: 0 };
   // A fresh random soft prompt on the device and a fully labelled batch of B sequences of S - P tokens.
@@ -389,7 +390,7 @@ if (want("steps")) {
   if (Number.isNaN(peak.priortune!)) await measurePeaks();
   const stepsTable = () =>
     `Prompt-tuning steps (P = 20, loss + prompt gradients + AdamW; MFU over the bf16 8192^3 GEMM peak, ours ${peak.priortune!.toFixed(0)} / cuBLASLt ${peak.cublaslt!.toFixed(0)} TFLOP/s)\n` +
-    "| model | B x S | precision | ms | goal ms | peer ms (issue) | tokens/s | MFU (ours / cuBLASLt peak) | device MiB | first loss vs default |\n|---|---|---|---|---|---|---|---|---|---|\n" +
+    "| model | B x S | precision | ms | goal ms | peer ms (issue) | tokens/s | MFU (ours / cuBLASLt peak) | device MiB | first loss / gradient norm vs default |\n|---|---|---|---|---|---|---|---|---|---|\n" +
     lines.join("\n");
   partial = stepsTable;
   // bf16 with graphs: the default kernels (auto GEMM: wgmma on Hopper where it is faster, else mma.sync;
@@ -464,11 +465,18 @@ if (want("steps")) {
           try {
             // Every setup starts from the same prompt: its first step's loss must match the default setup's
             // (the first, bf16) to bf16 rounding: a model-scale check of each candidate kernel.
-            const first = (await model.promptStep(args, adamw)).loss;
+            // The gradient norm too: several setups change only backward products (split-K, the attention
+            // backward, the GELU-gradient epilogue), which the loss cannot see.
+            const firstStep = await model.promptStep(args, adamw);
+            const first = firstStep.loss;
             const key = `${r.name} ${r.B} x ${r.S}`;
             firstLoss[key] ??= first;
+            firstGradNorm[key] ??= firstStep.gradNorm;
             const lossRel = Math.abs(first - firstLoss[key]!) / Math.abs(firstLoss[key]!);
-            const lossOk = lossRel <= 1e-2;
+            const gradRel =
+              Math.abs(firstStep.gradNorm - firstGradNorm[key]!) / Math.abs(firstGradNorm[key]!);
+            // Gradients in bf16 differ more between setups than the loss does: 5e-2 still catches wrong ones.
+            const lossOk = lossRel <= 1e-2 && gradRel <= 5e-2; // NaN fails both
             failed ||= !lossOk;
             // 20 timed steps for the default setup, 10 for each candidate (the table grew to 20 setups: the
             // device call's budget also has to hold the PyTorch peers). --tiny (the emulator, whose times mean
@@ -503,6 +511,7 @@ if (want("steps")) {
               geluPass: !!sep16,
               firstLoss: first,
               firstLossRelToDefault: lossRel,
+              firstGradNormRelToDefault: gradRel,
               ms,
               tokPerS: (r.B * r.S) / (ms / 1e3),
               tflops,
@@ -513,7 +522,7 @@ if (want("steps")) {
             };
             console.log(JSON.stringify(row));
             lines.push(
-              `| ${r.name} | ${r.B} x ${r.S} | ${label} | ${ms.toFixed(2)} | ${r.goalMs} | ${r.peer} | ${row.tokPerS.toFixed(0)} | ${(100 * row.mfu).toFixed(1)}% / ${Number.isNaN(row.mfuCublasLt) ? "-" : `${(100 * row.mfuCublasLt).toFixed(1)}%`} | ${row.deviceMiB.toFixed(0)} | ${lossRel.toExponential(1)}${lossOk ? "" : " **NO**"} |`,
+              `| ${r.name} | ${r.B} x ${r.S} | ${label} | ${ms.toFixed(2)} | ${r.goalMs} | ${r.peer} | ${row.tokPerS.toFixed(0)} | ${(100 * row.mfu).toFixed(1)}% / ${Number.isNaN(row.mfuCublasLt) ? "-" : `${(100 * row.mfuCublasLt).toFixed(1)}%`} | ${row.deviceMiB.toFixed(0)} | ${lossRel.toExponential(1)} / ${gradRel.toExponential(1)}${lossOk ? "" : " **NO**"} |`,
             );
           } catch (e) {
             console.log(
