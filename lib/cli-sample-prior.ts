@@ -184,6 +184,14 @@ export function priorRecordFromOptions(o: PriorCliOptions): PriorRecord {
     throw new InvalidArgumentError(
       `${extra.map((k) => FLAG_NAMES[k]).join(", ")}: not an option of --prior ${kind} (its options: ${allowed.map((k) => FLAG_NAMES[k]).join(", ")})`,
     );
+  // Flags of the kind that the chosen --fill / --base does not use: an error too (they were dropped).
+  const unusedWith = (flags: readonly (keyof PriorCliOptions)[], choice: string) => {
+    const dropped = given.filter((k) => flags.includes(k));
+    if (dropped.length > 0)
+      throw new InvalidArgumentError(
+        `${dropped.map((k) => FLAG_NAMES[k]).join(", ")}: not used with ${choice} (use --spec for other combinations)`,
+      );
+  };
   switch (kind as PriorKind) {
     case "gaussian":
       return defined({ kind, sigma: o.sigma, mean: o.mean }) as PriorRecord;
@@ -212,12 +220,23 @@ export function priorRecordFromOptions(o: PriorCliOptions): PriorRecord {
         throw new InvalidArgumentError(
           `--fill: expected vocab, gaussian, uniform or xavier (or use --spec), got ${fillKind}`,
         );
+      const fillFlag: Record<string, keyof PriorCliOptions> = {
+        gaussian: "sigma",
+        uniform: "range",
+        xavier: "gain",
+      };
+      unusedWith(
+        (["sigma", "range", "gain"] as const).filter((k) => k !== fillFlag[fillKind]),
+        `--fill ${fillKind}`,
+      );
       return { kind, words: o.words, fill: fill[fillKind] };
     }
     case "fitted-gaussian":
       return fittedGaussianRecord(o, o.texts);
     case "exclusion": {
       const baseKind = o.base ?? "fitted-gaussian";
+      if (baseKind === "gaussian") unusedWith(FIT_FLAGS, "--base gaussian");
+      else unusedWith(["sigma", "mean"], "--base fitted-gaussian");
       const base =
         baseKind === "gaussian"
           ? (defined({ kind: "gaussian", sigma: o.sigma, mean: o.mean }) as PriorRecord)

@@ -320,6 +320,7 @@ export function loadPlan(
     const rows = n.shape[0]!;
     const cols = n.shape.length === 2 ? n.shape[1]! : 1;
     entries.push({
+      name: t.name,
       target: n.target,
       rowOffset: n.rowOffset,
       file: t.file,

@@ -54,6 +54,8 @@ export interface NativeModelConfig
 }
 
 export interface NativeLoadEntry {
+  /** The tensor's name in the file, for errors (default: target). */
+  name?: string;
   target: string;
   rowOffset: number;
   file: string;

@@ -121,7 +121,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       Napi::Value list = arg(info, 0, "tensors");
       if (!list.IsArray()) throw_type(env, "tensors", "an array of load entries", list);
       struct Entry {
-        std::string target, file;
+        std::string name, target, file;
         int64_t row_offset, rows, cols;
         uint64_t offset;
         pt::DType dtype;
@@ -134,6 +134,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
         Napi::Object e = object_of(arr.Get(i), n);
         Entry en;
         en.target = e.Get("target").ToString().Utf8Value();
+        en.name = e.Get("name").IsString() ? e.Get("name").As<Napi::String>().Utf8Value() : en.target;
         en.file = e.Get("file").ToString().Utf8Value();
         en.row_offset = int_of(e.Get("rowOffset"), n + ".rowOffset", 0);
         en.rows = int_of(e.Get("rows"), n + ".rows", 1);
@@ -146,9 +147,14 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       auto* worker = new PromiseWorker(
           env,
           [model, entries]() {
-            for (const Entry& e : *entries)
-              model->load_tensor(e.target, e.row_offset, e.file, e.offset, e.dtype, e.rows, e.cols,
-                                 e.transpose);
+            for (const Entry& e : *entries) {
+              try {
+                model->load_tensor(e.target, e.row_offset, e.file, e.offset, e.dtype, e.rows, e.cols,
+                                   e.transpose);
+              } catch (const pt::NonFiniteWeight& x) {
+                throw std::runtime_error("tensor '" + e.name + "' in " + e.file + ": " + x.what());
+              }
+            }
           },
           nullptr);
       return worker->queue();

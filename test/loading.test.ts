@@ -7,6 +7,7 @@ import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
 import { parseConfig } from "../lib/config.js";
 import { loadModel } from "../lib/model.js";
+import { addon } from "../lib/native.js";
 import { hfConfigJson } from "../lib/pretrain.js";
 import {
   readSafetensorsHeader,
@@ -225,20 +226,25 @@ describe("config values that would give garbage", () => {
     expect(parseConfig({ ...llama, sliding_window: null }).slidingWindow).toBeUndefined();
   });
 
-  it("a NaN weight gives NaN logits, as in PyTorch (the attention softmax passed over NaN scores)", async () => {
+  it("a NaN or infinite weight is refused at load, naming the tensor and element", async () => {
+    // Before: it loaded, and the attention softmax passed over the NaN scores it made: finite, wrong logits.
     const dir = copyModel("llama-tiny", "nan-k");
     rewrite(join(dir, "model.safetensors"), (name, data) => {
-      if (name === "model.layers.0.self_attn.k_proj.weight") data[0] = Number.NaN;
+      if (name === "model.layers.0.self_attn.k_proj.weight") data[3 * 96 + 5] = Number.NaN;
+      if (name === "model.layers.1.mlp.up_proj.weight") data[7] = Number.POSITIVE_INFINITY;
     });
-    const model = await loadModel(dir, { backend: "cpu", threads: 1 });
-    try {
-      const ids = new Int32Array([5, 17, 3, 9]);
-      const { logits } = await model.forward({ inputIds: ids, batch: 1, seqLen: 4 });
-      // Before: every logit finite (the head holding the NaN silently contributed nothing).
-      expect(logits!.every((x) => Number.isNaN(x))).toBe(true);
-    } finally {
-      model.dispose();
-    }
+    await expect(loadModel(dir, { backend: "cpu", threads: 1 })).rejects.toThrow(
+      /tensor 'model\.layers\.0\.self_attn\.k_proj\.weight' in .*model\.safetensors: value NaN at \[3, 5\] \(weights must be finite/,
+    );
+  });
+
+  it("a NaN attention score makes the row NaN, as in PyTorch (the CPU softmax passed over it)", () => {
+    const { ops } = addon();
+    // B = 1, S = 2, H = KV = 1, hd = 2: the second query's score against key 0 is NaN.
+    const qkv = Float32Array.from([1, 0, Number.NaN, 0, 0, 1, 1, 1, 0, 1, 2, 2]);
+    const [out] = ops.attention(qkv, null, null, null, 0, 1, 2, 1, 1, 2, 1);
+    expect(Array.from(out.subarray(0, 2)).every(Number.isNaN)).toBe(true); // row 0 sees key 0 (NaN)
+    expect(Array.from(out.subarray(2, 4)).every(Number.isNaN)).toBe(true);
   });
 
   it("the sliding window counts hidden deep prompt rows and generated tokens", async () => {

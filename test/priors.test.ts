@@ -849,6 +849,25 @@ describe("priortune sample-prior", () => {
       /--sigma: not an option of --prior uniform/,
     );
     expect(() => priorRecordFromOptions({ spec: "{}", sigma: 2 })).toThrow(/leave out --sigma/);
+    // Flags the chosen --base / --fill does not use were dropped (a different prior than asked for, exit 0).
+    expect(() => priorRecordFromOptions({ prior: "exclusion", sigma: 5, mean: 3 })).toThrow(
+      "--sigma, --mean: not used with --base fitted-gaussian",
+    );
+    expect(() =>
+      priorRecordFromOptions({ prior: "exclusion", base: "gaussian", texts: "t.txt", layer: 2 }),
+    ).toThrow(
+      /--layer, --texts: not used with --base gaussian|--texts, --layer: not used with --base gaussian/,
+    );
+    expect(() => priorRecordFromOptions({ prior: "class-label", words: "yes", sigma: 5, range: 3 })).toThrow(
+      "--sigma, --range: not used with --fill vocab",
+    );
+    expect(priorRecordFromOptions({ prior: "class-label", words: "yes", fill: "uniform", range: 3 })).toEqual(
+      {
+        kind: "class-label",
+        words: "yes",
+        fill: { kind: "uniform", range: 3 },
+      },
+    );
     const stderr = vi.spyOn(process.stderr, "write").mockImplementation(() => true);
     try {
       await run(

@@ -249,6 +249,19 @@ void Model::load_tensor(const std::string& target, int64_t row_offset, const std
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t c = 0; c < cols; ++c) dst[r * cols + c] = tmp[c * rows + r];
   }
+  // A NaN or infinite weight (a damaged checkpoint) would give NaN or silently wrong outputs far from here.
+  // x * 0 is NaN exactly for NaN and infinite x: one vectorised pass, then a search only when one is there.
+  float probe = 0.0f;
+#pragma omp simd reduction(+ : probe)
+  for (size_t i = 0; i < n; ++i) probe += dst[i] * 0.0f;
+  for (size_t i = 0; probe != 0.0f && i < n; ++i)
+    if (!std::isfinite(dst[i])) {
+      const size_t r = i / static_cast<size_t>(cols), c = i % static_cast<size_t>(cols);
+      const size_t row = transpose ? c : r, col = transpose ? r : c;  // as stored in the file
+      throw NonFiniteWeight("value " + std::string(std::isnan(dst[i]) ? "NaN" : "infinite") + " at [" +
+                            std::to_string(row) + ", " + std::to_string(col) +
+                            "] (weights must be finite: the file is damaged)");
+    }
   s.loaded_rows += rows;
 }
 

@@ -18,6 +18,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
@@ -25,6 +26,12 @@
 namespace pt {
 
 enum class Arch { GPT2, Llama };
+
+// A weight file holds a NaN or infinite value (Model::load_tensor).
+struct NonFiniteWeight : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
 enum class DType { F32, F16, BF16, F64 };
 
 struct ModelConfig {
