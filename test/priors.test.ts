@@ -858,16 +858,16 @@ describe("priortune sample-prior", () => {
     ).toThrow(
       /--layer, --texts: not used with --base gaussian|--texts, --layer: not used with --base gaussian/,
     );
-    expect(() => priorRecordFromOptions({ prior: "class-label", words: "yes", sigma: 5, range: 3 })).toThrow(
-      "--sigma, --range: not used with --fill vocab",
-    );
-    expect(priorRecordFromOptions({ prior: "class-label", words: "yes", fill: "uniform", range: 3 })).toEqual(
-      {
-        kind: "class-label",
-        words: "yes",
-        fill: { kind: "uniform", range: 3 },
-      },
-    );
+    expect(() =>
+      priorRecordFromOptions({ prior: "class-label", words: ["yes"], sigma: 5, range: 3 }),
+    ).toThrow("--sigma, --range: not used with --fill vocab");
+    expect(
+      priorRecordFromOptions({ prior: "class-label", words: ["yes"], fill: "uniform", range: 3 }),
+    ).toEqual({
+      kind: "class-label",
+      words: ["yes"],
+      fill: { kind: "uniform", range: 3 },
+    });
     const stderr = vi.spyOn(process.stderr, "write").mockImplementation(() => true);
     try {
       await run(
