@@ -239,7 +239,7 @@ export async function pretrain(
   const save = (step: number) => {
     const tmp = `${out}.saving`;
     rmSync(tmp, { recursive: true, force: true });
-    trainer.save(tmp);
+    trainer.save(tmp, { tokenizer }); // bos/eos ids of the tokenizer trained with, when config.json lacks them
     for (const f of TOKENIZER_FILES) {
       const src = join(o.tokenizer, f); // the tokenizer trained with, not the --config directory's
       if (existsSync(src)) copyFileSync(src, join(tmp, f));

@@ -438,7 +438,13 @@ const COMPANION_FILES = [...TOKENIZER_FILES, "generation_config.json"];
  * layouts) and the source directory's tokenizer files. loadModel and from_pretrained read it back. Files of
  * the same names are overwritten.
  */
-export function saveModel(model: Model, dirArg: string): void {
+/**
+ * Writes the model as a Hugging Face directory. `tokenizer` (default the model's) names the end-of-text
+ * token that config.json's missing bos_token_id / eos_token_id are set to (null without one): Transformers
+ * would fill them with its class defaults (GPT-2 50256, Llama 1 and 2), other tokens or none at all in a
+ * priortune vocabulary.
+ */
+export function saveModel(model: Model, dirArg: string, options: { tokenizer?: Tokenizer } = {}): void {
   const t = trainableOf(model, "saveModel");
   if (model.disposed) throw new Error("Model is disposed");
   const dir = resolve(dirArg);
@@ -451,7 +457,13 @@ export function saveModel(model: Model, dirArg: string): void {
   // Atomic: a crash leaves the old weights or the new, never a torn file (a save over the source directory
   // would otherwise risk the only copy).
   writeSafetensorsAtomic(join(dir, "model.safetensors"), tensors, { format: "pt" });
-  atomicWrite(join(dir, "config.json"), `${JSON.stringify(t.hfConfig, null, 2)}\n`);
+  const hfConfig: Json = { ...t.hfConfig };
+  if (!("bos_token_id" in hfConfig) || !("eos_token_id" in hfConfig)) {
+    const end = (options.tokenizer ?? model.tokenizer)?.tokenToId("<|endoftext|>") ?? null;
+    hfConfig.bos_token_id ??= end;
+    hfConfig.eos_token_id ??= end;
+  }
+  atomicWrite(join(dir, "config.json"), `${JSON.stringify(hfConfig, null, 2)}\n`);
   if (t.sourceDir && t.sourceDir !== dir) {
     for (const f of COMPANION_FILES) {
       const from = join(t.sourceDir, f);
@@ -618,9 +630,9 @@ export class Pretrainer {
     return result;
   }
 
-  /** saveModel(this.model, dir). */
-  save(dir: string): void {
-    saveModel(this.#model, dir);
+  /** saveModel(this.model, dir, options). */
+  save(dir: string, options: { tokenizer?: Tokenizer } = {}): void {
+    saveModel(this.#model, dir, options);
   }
 
   /** AdamW's step count and moments of every weight (copies), for a checkpoint. */

@@ -15,10 +15,11 @@
 //   1e-4 of the largest reference value (fp32 rounding of ~1e-2 updates on ~0.1 weights, measured ~1e-5).
 //   Entries whose exact gradient is zero are set aside (see the GPT-2 key bias below): Adam divides by
 //   sqrt(v), which turns fp32 rounding there into steps as large as real ones.
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { parseConfig } from "../lib/config.js";
 import {
   createModel,
   loadModel,
@@ -31,6 +32,7 @@ import {
   toHfTensors,
 } from "../lib/index.js";
 import { addon } from "../lib/native.js";
+import { loadTokenizer } from "../lib/tokenizer.js";
 import { checkGradient, dot, randn } from "./fd.js";
 import { compare, goldenAdamW, goldenBatch, modelDir, readGolden, toInt32 } from "./helpers.js";
 
@@ -315,6 +317,36 @@ describe.each(MODELS)("full-parameter training against PyTorch autograd: %s", (n
       expect(Buffer.from(b.logits!.buffer).equals(Buffer.from(a.logits!.buffer))).toBe(true);
     } finally {
       back.dispose();
+    }
+  });
+});
+
+describe("saved config.json: bos and eos token ids", () => {
+  it("are the tokenizer's end of text, or null without one (not Transformers' class defaults)", async () => {
+    const config = parseConfig({
+      architectures: ["GPT2LMHeadModel"],
+      vocab_size: 300,
+      n_embd: 16,
+      n_head: 2,
+      n_layer: 1,
+      n_positions: 32,
+    });
+    const model = await createModel(config, { seed: 1, threads: 1 });
+    const dir = mkdtempSync(join(tmpdir(), "priortune-special-"));
+    try {
+      // GPT2Config would take 50256, outside this 300-token vocabulary.
+      saveModel(model, dir);
+      let saved = JSON.parse(readFileSync(join(dir, "config.json"), "utf8"));
+      expect([saved.bos_token_id, saved.eos_token_id]).toEqual([null, null]);
+      const tokenizer = loadTokenizer(join(import.meta.dirname, "..", "models", "priortune-small"));
+      saveModel(model, dir, { tokenizer });
+      saved = JSON.parse(readFileSync(join(dir, "config.json"), "utf8"));
+      const end = tokenizer.tokenToId("<|endoftext|>");
+      expect(end).toBeTypeOf("number");
+      expect([saved.bos_token_id, saved.eos_token_id]).toEqual([end, end]);
+    } finally {
+      model.dispose();
+      rmSync(dir, { recursive: true, force: true });
     }
   });
 });
