@@ -109,6 +109,20 @@ function schedule(o: PretrainCliOptions) {
   };
 }
 
+const STATE_FILE = "pretrain-state.json";
+
+/**
+ * Moves a whole save from its side directory into `out`: the optimizer state first and the run state last
+ * (a resume refuses a directory whose two steps differ), then removes the side directory. Safe to repeat
+ * after a stop part way: each file still in `tmp` is newer than the one in `out`.
+ */
+function finishSave(tmp: string, out: string): void {
+  const rank = (f: string) => (f === "optimizer.safetensors" ? 0 : f === STATE_FILE ? 2 : 1);
+  const files = readdirSync(tmp).sort((a, b) => rank(a) - rank(b));
+  for (const f of files) renameSync(join(tmp, f), join(out, f));
+  rmSync(tmp, { recursive: true, force: true });
+}
+
 /** Options a resumed run keeps from its first start (they shape its schedule, batches and weights). */
 const RUN_OPTIONS = ["batchSize", "seqLen", "lr", "minLr", "warmup", "weightDecay", "seed"] as const;
 
@@ -145,7 +159,14 @@ export async function pretrain(
 ) {
   let o = options;
   const out = resolve(o.out);
-  const statePath = join(out, "pretrain-state.json");
+  const statePath = join(out, STATE_FILE);
+  const pending = `${out}.saving`;
+  if (o.resume && existsSync(pending)) {
+    if (existsSync(join(pending, STATE_FILE))) {
+      finishSave(pending, out); // a whole save stopped among its renames: finish it
+      log(`completed the save that was interrupted in ${pending}`);
+    } else rmSync(pending, { recursive: true, force: true }); // stopped before its renames: --out is whole
+  }
   const resuming = !!o.resume && existsSync(statePath);
   const state = resuming ? (readJsonFile(statePath) as PretrainState) : undefined;
   if (state) {
@@ -257,11 +278,6 @@ export async function pretrain(
       step: String(step),
       adamStep: String(adamState.step),
     });
-    const files = readdirSync(tmp);
-    for (const f of files) fsyncFile(join(tmp, f));
-    renameSync(join(tmp, "optimizer.safetensors"), join(out, "optimizer.safetensors"));
-    for (const f of files) if (f !== "optimizer.safetensors") renameSync(join(tmp, f), join(out, f));
-    rmSync(tmp, { recursive: true, force: true });
     const seconds = secondsBefore + (performance.now() - t0) / 1e3;
     const record: PretrainState = {
       step,
@@ -272,7 +288,11 @@ export async function pretrain(
       tokens,
       seconds,
     };
-    atomicWrite(statePath, JSON.stringify(record, null, 1));
+    // The run state is the save's last file: with it in the side directory, the save is whole and a resume
+    // can finish moving it (finishSave) if this process stops among the renames.
+    writeFileSync(join(tmp, STATE_FILE), JSON.stringify(record, null, 1));
+    for (const f of readdirSync(tmp)) fsyncFile(join(tmp, f));
+    finishSave(tmp, out);
   };
   const bar = process.stderr.isTTY
     ? new SingleBar({

@@ -1,6 +1,15 @@
 // `priortune pretrain` end to end on a fixture config and tokenizer: the loss falls, the written directory
 // loads with loadModel, and --resume continues from the last save.
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import {
+  cpSync,
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  readFileSync,
+  renameSync,
+  rmSync,
+  writeFileSync,
+} from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
@@ -95,6 +104,34 @@ describe("pretrain", () => {
         new Set(["lr", "steps"]),
       ),
     ).rejects.toThrow("--resume: lr 0.05 differs from the run's 0.01");
+  });
+
+  it("a save stopped among its renames is finished by --resume; one stopped before them is dropped", async () => {
+    const small = { ...base, steps: 6, warmup: 3, evalEvery: 3, saveEvery: 3, seqLen: 16, batchSize: 2 };
+    const whole = join(tmp, "renames-whole");
+    await pretrain({ ...small, out: whole }, () => {});
+    const weights = (dir: string) => readFileSync(join(dir, "model.safetensors"));
+    // The step-6 save, stopped after its first two renames: --out has step 6's optimizer state and weights
+    // and step 3's run state; the side directory holds the rest. It was unresumable ("a save stopped half way").
+    const stopped = join(tmp, "renames-stopped");
+    await pretrain({ ...small, out: stopped, steps: 3 }, () => {});
+    cpSync(whole, `${stopped}.saving`, { recursive: true });
+    for (const f of ["optimizer.safetensors", "model.safetensors"])
+      renameSync(join(`${stopped}.saving`, f), join(stopped, f));
+    const lines: string[] = [];
+    const done = await pretrain({ ...small, out: stopped, resume: true }, (l) => lines.push(l));
+    expect(lines.join("\n")).toMatch(/completed the save that was interrupted/);
+    expect(done.curve.at(-1)!.step).toBe(6);
+    expect(existsSync(`${stopped}.saving`)).toBe(false);
+    expect(weights(stopped).equals(weights(whole))).toBe(true);
+    // Stopped before the renames (no run state in the side directory): --out still holds step 3, resumed.
+    const early = join(tmp, "renames-early");
+    await pretrain({ ...small, out: early, steps: 3 }, () => {});
+    mkdirSync(`${early}.saving`);
+    writeFileSync(join(`${early}.saving`, "model.safetensors"), "torn");
+    await pretrain({ ...small, out: early, resume: true }, () => {});
+    expect(existsSync(`${early}.saving`)).toBe(false);
+    expect(weights(early).equals(weights(whole))).toBe(true);
   });
 
   it("--config takes a config.json file as well as a directory; bad options fail before any work", async () => {
