@@ -210,6 +210,29 @@ describe("distances between Gaussians", () => {
     expect((await frechetDistance(g, h)).distanceSquared).toBeGreaterThan(20);
     expect((await gaussianKl(g, h)).symmetric).toBeGreaterThan(20);
   });
+
+  it("the fit is float64: nearly collinear columns without a ridge match a float64 reference", async () => {
+    // x2 = x1 + 1e-4 noise: the covariance's smallest direction is 1e-8 of its scale. The fp32 GEMM
+    // products the fit used before carried ~1e-7 rounding: Mahalanobis^2 of the probe 1.32 instead of 4.99.
+    const rng = new Rng(7);
+    const n = 2000;
+    const x = new Float32Array(2 * n);
+    for (let r = 0; r < n; r++) {
+      const a = rng.normal();
+      x[2 * r] = a;
+      x[2 * r + 1] = a + 1e-4 * rng.normal();
+    }
+    const ref = covarianceOf(x, n, 2);
+    const [sxx, sxy, , syy] = ref.cov;
+    const det = sxx! * syy! - sxy! * sxy!;
+    const probe = Float32Array.from([1, 1 + 2e-4]);
+    const dx = probe[0]! - ref.mean[0]!;
+    const dy = probe[1]! - ref.mean[1]!;
+    const m2 = (syy! * dx * dx - 2 * sxy! * dx * dy + sxx! * dy * dy) / det;
+    const g = await fitGaussian(x, 2, { ridgeRelative: 0, threads: 1 });
+    expect(g.mahalanobisSquared(probe)[0]! / m2).toBeCloseTo(1, 6);
+    expect(g.logDet / Math.log(det)).toBeCloseTo(1, 8);
+  });
 });
 
 describe("MMD, linear probe, k-means: edge cases", () => {

@@ -2,19 +2,55 @@
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
+#include <utility>
 #include <vector>
 
 #include "priortune/collapse.h"
-#include "priortune/gemm.h"
 #include "priortune/parallel.h"
 #include "priortune/vec64.h"
+#include "priortune/vecmath.h"
 
 namespace pt {
 
+namespace {
+
+// cov[i][j] += sum_r c[r][i] c[r][j] for i in [i0, i0 + 4), j in [j0, j0 + 8): a register tile of the
+// rows x d centred chunk c (row-major float64). Each entry's sum runs over the rows in order.
+PT_MULTIVERSION void syrk_tile(double* cov, const double* c, int64_t rows, int64_t d, int64_t i0,
+                               int64_t j0) {
+  double acc[4][8] = {};
+  for (int64_t r = 0; r < rows; ++r) {
+    const double* row = c + r * d;
+    double xj[8];
+    for (int jj = 0; jj < 8; ++jj) xj[jj] = row[j0 + jj];
+    for (int ii = 0; ii < 4; ++ii) {
+      const double xi = row[i0 + ii];
+#pragma omp simd
+      for (int jj = 0; jj < 8; ++jj) acc[ii][jj] += xi * xj[jj];
+    }
+  }
+  for (int ii = 0; ii < 4; ++ii)
+    for (int jj = 0; jj < 8; ++jj) cov[(i0 + ii) * d + j0 + jj] += acc[ii][jj];
+}
+
+// The same for a partial tile at the edges (ni <= 4 rows, nj <= 8 columns of cov).
+void syrk_edge(double* cov, const double* c, int64_t rows, int64_t d, int64_t i0, int64_t ni, int64_t j0,
+               int64_t nj) {
+  for (int64_t i = i0; i < i0 + ni; ++i)
+    for (int64_t j = j0; j < j0 + nj; ++j) {
+      double s = 0.0;
+      for (int64_t r = 0; r < rows; ++r) s += c[r * d + i] * c[r * d + j];
+      cov[i * d + j] += s;
+    }
+}
+
+}  // namespace
+
 // The mean's summation order does not depend on the thread count (threads own column blocks and add the
-// rows in order), so a fit is bit-identical whatever the number of threads: a prior drawn with a given seed
-// must be. The centred cross-products are fp32 GEMMs over chunks of 256 rows (sgemm splits C, never K, so
-// each entry's sum order is fixed too), accumulated in float64.
+// rows in order); the centred cross-products are float64 sums over the rows in order, in register tiles
+// that one thread each owns: a fit is bit-identical whatever the number of threads (a prior drawn with a
+// given seed must be). Float64 throughout: fp32 GEMM products (as before) carried rounding of about 1e-7
+// of the entries' scale, which a fit with little or no ridge on nearly collinear data took for signal.
 void collapse_covariance(double* mean, double* cov, const float* x, int64_t n, int64_t d, int threads) {
   if (n < 2) throw std::invalid_argument("covariance: needs at least 2 rows");
   threads = std::max(1, threads);
@@ -30,25 +66,38 @@ void collapse_covariance(double* mean, double* cov, const float* x, int64_t n, i
   }
   std::fill(cov, cov + d * d, 0.0);
   constexpr int64_t kChunk = 256;
-  std::vector<float> centred(static_cast<size_t>(std::min(kChunk, n) * d)),
-      partial(static_cast<size_t>(d * d));
+  std::vector<double> centred(static_cast<size_t>(std::min(kChunk, n) * d));
+  // Tiles of the lower triangle (diagonal tiles included): 4 rows of cov by 8 columns.
+  const int64_t row_tiles = (d + 3) / 4, col_tiles = (d + 7) / 8;
+  std::vector<std::pair<int64_t, int64_t>> tiles;
+  for (int64_t ti = 0; ti < row_tiles; ++ti)
+    for (int64_t tj = 0; tj < col_tiles && tj * 8 <= ti * 4 + 3; ++tj) tiles.emplace_back(ti * 4, tj * 8);
+  const int64_t ntiles = static_cast<int64_t>(tiles.size());
   for (int64_t r0 = 0; r0 < n; r0 += kChunk) {
     const int64_t rows = std::min(kChunk, n - r0);
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t j = 0; j < d; ++j)
-        centred[r * d + j] = static_cast<float>(static_cast<double>(x[(r0 + r) * d + j]) - mean[j]);
-    sgemm(true, false, d, d, rows, 1.0f, centred.data(), d, centred.data(), d, 0.0f, partial.data(), d,
-          threads);
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t i = 0; i < d * d; ++i) cov[i] += partial[i];
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t j = 0; j < d; ++j)
+          centred[r * d + j] = static_cast<double>(x[(r0 + r) * d + j]) - mean[j];
+#pragma omp for schedule(dynamic, 16)
+      for (int64_t t = 0; t < ntiles; ++t) {
+        const auto [i0, j0] = tiles[t];
+        const int64_t ni = std::min<int64_t>(4, d - i0), nj = std::min<int64_t>(8, d - j0);
+        if (ni == 4 && nj == 8)
+          syrk_tile(cov, centred.data(), rows, d, i0, j0);
+        else
+          syrk_edge(cov, centred.data(), rows, d, i0, ni, j0, nj);
+      }
+    }
   }
   const double inv = 1.0 / static_cast<double>(n - 1);
-  // Symmetrise exactly (the GEMM need not produce bit-symmetric tiles).
+  // The lower triangle (i >= j) is complete; mirror it.
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t i = 0; i < d; ++i)
     for (int64_t j = 0; j <= i; ++j) {
-      const double v = 0.5 * (cov[i * d + j] + cov[j * d + i]) * inv;
+      const double v = cov[i * d + j] * inv;
       cov[i * d + j] = v;
       cov[j * d + i] = v;
     }

@@ -9,9 +9,8 @@
 namespace pt {
 
 // mean[d] (=) and the unbiased covariance cov[d, d] (=, full symmetric) of the rows of x[n, d], n >= 2.
-// The mean is summed in float64 in a thread-count-independent order; the centred cross-products in fp32
-// GEMMs over chunks of 256 rows whose results are accumulated in float64 (relative error about
-// 256 * 2^-24 at worst per chunk). Bit-identical for any thread count.
+// The mean and the centred cross-products are summed in float64, each in a thread-count-independent
+// order: bit-identical for any thread count.
 void collapse_covariance(double* mean, double* cov, const float* x, int64_t n, int64_t d, int threads);
 
 // In-place Cholesky factorisation a = L L^T of a symmetric positive-definite a[d, d] (row-major; only the
