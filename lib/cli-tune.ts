@@ -14,7 +14,7 @@ import {
 import { readJsonFile } from "./files.js";
 import { loadModel } from "./model.js";
 import { createPrior, type PriorRecord } from "./priors.js";
-import { loadRecordedTask, loadTask, type TaskSpec } from "./tasks.js";
+import { loadRecordedTask, loadTask, specForRunDirs, type TaskSpec } from "./tasks.js";
 import {
   type EvalRecord,
   evaluatePrompt,
@@ -244,12 +244,8 @@ export function registerTuneCommands(program: Command): void {
     .action(async (dir: string, o: TuneCliOptions) => {
       const model = await loadModel(dir, { backend: o.backend, precision: o.precision, threads: o.threads });
       try {
-        const spec = taskSpec(o);
-        // A run directory of an earlier version (its task has no split) resumes with the split it began with.
-        const runJson = o.runDir ? join(o.runDir, "run.json") : "";
-        const recorded = runJson && existsSync(runJson) ? (readJsonFile(runJson) as { task?: object }) : null;
-        if (recorded?.task && !("split" in recorded.task)) spec.split = "train-first";
-        const task = await loadTask(spec);
+        // A run directory of an earlier version resumes with the split it began with.
+        const task = await loadTask(specForRunDirs(taskSpec(o), [o.runDir]));
         const prior = await createPrior({ kind: o.prior, ...o.priorOpt } as PriorRecord, { model });
         const regularizer = o.regularizer
           ? { regularizer: { kind: o.regularizer }, lambda: o.lambda, schedule: o.lambdaSchedule }

@@ -11,7 +11,7 @@ import { packageRoot } from "./native.js";
 import { createPrior, type PriorRecord } from "./priors.js";
 import { buildReport } from "./report.js";
 import { Rng } from "./rng.js";
-import { loadTask, type TaskSpec } from "./tasks.js";
+import { loadTask, specForRunDirs, type TaskSpec } from "./tasks.js";
 import { type EvalRecord, evaluatePrompt, tune } from "./train.js";
 
 export interface DemoOptions {
@@ -119,7 +119,9 @@ export async function demo(options: DemoOptions = {}): Promise<DemoRow[]> {
   try {
     reference = await createCollapseReference(model, { seed: o.seed });
     for (const taskName of tasks) {
-      const task = await loadTask(DEMO_TASKS[taskName]!(o));
+      // Run directories of an earlier version resume with the split they began with.
+      const runDirs = priors.map((p) => join(outDir, `${taskName}-${p}`));
+      const task = await loadTask(specForRunDirs(DEMO_TASKS[taskName]!(o), runDirs));
       for (const priorName of priors) {
         const t0 = performance.now();
         const prior = await createPrior(DEMO_PRIORS[priorName]!, { model });

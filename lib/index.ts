@@ -190,6 +190,7 @@ export {
   type SplitOrder,
   SQUAD_TEMPLATE,
   type SquadTaskSpec,
+  specForRunDirs,
   TASK_KINDS,
   type Task,
   type TaskKind,

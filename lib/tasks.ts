@@ -5,7 +5,8 @@
 // Examples are prompt/completion pairs: the prompt is the filled template up to "Answer:", the
 // completion is the gold answer as trained (with its leading space). Paper defaults (paper.md, Setup):
 // 1000 train / 1000 validation examples, the SQuAD and MATH templates below.
-import { resolve } from "node:path";
+import { existsSync } from "node:fs";
+import { join, resolve } from "node:path";
 import {
   type ArithmeticOptions,
   type ClozeOptions,
@@ -33,6 +34,7 @@ import {
   SQUAD_TEMPLATE,
   templateFields,
 } from "./data/templates.js";
+import { readJsonFile } from "./files.js";
 import { Rng } from "./rng.js";
 
 export * from "./data/encoding.js";
@@ -84,7 +86,8 @@ interface TaskSpecBase {
    * How one source (a file without validationPath, or a generator) is divided. "validation-first"
    * (default): the first validationCount examples (after the shuffle) are the validation set, so runs
    * that differ in trainCount are scored on the same examples, and the train examples are drawn from
-   * the rest, leaving out any whose SQuAD paragraph is a validation example's. "train-first": the
+   * the rest; SQuAD questions are held out a whole paragraph at a time (train never sees a validation
+   * question's paragraph; only the last held paragraph's other questions go unused). "train-first": the
    * first trainCount then the next validationCount, as earlier versions did (run directories they
    * wrote have no `split` and reload this way).
    */
@@ -339,9 +342,9 @@ async function readCheckedLines(path: string, expected: string | undefined, opti
 
 /**
  * Train and validation examples. From two lists: a sample of each. From one list, after a seeded
- * shuffle unless `rng` is null: "validation-first" takes the first validation items as validation
- * (fewer when the list has under train + validation items: train's count is kept) and the train items
- * from the rest, skipping those whose `groups` entry (a SQuAD paragraph) a validation item has;
+ * shuffle unless `rng` is null: "validation-first" takes validation first, whole `groups` (SQuAD
+ * paragraphs) at a time in the order they first appear (fewer when the list has under train + validation
+ * items: train's count is kept), and the train items from the other groups;
  * "train-first" takes the first train items then the next validation ones. The counts are upper
  * bounds: a source with fewer examples gives all it has.
  */
@@ -368,14 +371,29 @@ function split(
     const train = at.slice(0, counts.train);
     return { train: pick(train), validation: pick(at.slice(train.length, train.length + counts.validation)) };
   }
-  // A source too small for both counts keeps train's: validation gets what is left.
-  const validation = at.slice(0, Math.min(counts.validation, Math.max(0, at.length - counts.train)));
-  const held = new Set(groups ? validation.map((i) => groups[i]) : []);
+  // Validation holds out whole groups (SQuAD paragraphs; without groups each item is its own), in the order
+  // they first appear, until it has its count: only the last group's other items are lost to train. A
+  // source too small for both counts keeps train's: validation gets what is left.
+  const groupOf = (i: number): unknown => (groups ? groups[i] : i);
+  const members = new Map<unknown, number[]>();
+  for (const i of at) {
+    const g = groupOf(i);
+    const list = members.get(g);
+    if (list) list.push(i);
+    else members.set(g, [i]);
+  }
+  const wanted = Math.min(counts.validation, Math.max(0, at.length - counts.train));
+  const validation: number[] = [];
+  const held = new Set<unknown>();
+  for (const [g, list] of members) {
+    if (validation.length >= wanted) break;
+    held.add(g);
+    validation.push(...list.slice(0, wanted - validation.length));
+  }
   const train: number[] = [];
-  for (const i of at.slice(validation.length)) {
+  for (const i of at) {
     if (train.length >= counts.train) break;
-    if (groups && held.has(groups[i]!)) continue;
-    train.push(i);
+    if (!held.has(groupOf(i))) train.push(i);
   }
   return { train: pick(train), validation: pick(validation) };
 }
@@ -438,6 +456,22 @@ function c4Examples(text: string | readonly string[], prefixWords: number, sourc
     out.push({ prompt: doc.slice(0, cut), completion: doc.slice(cut) });
   }
   return out;
+}
+
+/**
+ * The spec to resume run directories with: one whose run.json was written before `split` existed (its task
+ * has none) divided its source train first, so the spec does too unless it names a split itself.
+ */
+export function specForRunDirs<T extends TaskSpec>(spec: T, runDirs: readonly (string | undefined)[]): T {
+  if (spec.split !== undefined) return spec;
+  for (const dir of runDirs) {
+    const path = dir ? join(dir, "run.json") : "";
+    if (!path || !existsSync(path)) continue;
+    const task = (readJsonFile(path) as { task?: unknown }).task;
+    if (typeof task === "object" && task !== null && !("split" in task))
+      return { ...spec, split: "train-first" };
+  }
+  return spec;
 }
 
 /**

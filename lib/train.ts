@@ -487,8 +487,14 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
           (k) => canonicalJson(comparable[k]) !== canonicalJson((runRecord as Record<string, unknown>)[k]),
         );
         if (differing.length > 0) {
+          // A task differing only in its split: the run was recorded train first (specForRunDirs says so).
+          const { split: was, ...restWas } = (comparable["task"] ?? {}) as Record<string, unknown>;
+          const { split: now, ...restNow } = runRecord.task as Record<string, unknown>;
+          const onlySplit =
+            differing.length === 1 && was !== now && canonicalJson(restWas) === canonicalJson(restNow);
           throw new Error(
-            `${runDir} holds a different run (run.json differs in ${differing.join(", ")}); ` +
+            `${runDir} holds a different run (run.json differs in ${differing.join(", ")}` +
+              `${onlySplit ? `: its task's split is "${was}", this one's "${now}"; load the task with split: "${was}" (specForRunDirs does) to resume it` : ""}); ` +
               "use a new runDir or delete it",
           );
         }

@@ -1,4 +1,4 @@
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { gunzipSync, gzipSync } from "node:zlib";
@@ -21,6 +21,7 @@ import {
   parseSquad,
   parseTaskSpec,
   SQUAD_TEMPLATE,
+  specForRunDirs,
   splitSentences,
   writeArithmetic,
   writeCloze,
@@ -224,6 +225,20 @@ describe("C4 loader", () => {
     expect(b.sha256).toBe((await readSource(gz)).sha256);
     const task = await loadTask({ kind: "c4", path: gz, trainCount: 5, validationCount: 5, seed: 1 });
     expect(task.train[0]!.completion).toMatch(/^ünï \d+ 日本語/);
+    // A byte-order mark is dropped; zero padding after the gzip member is ignored (as gunzip does); a
+    // one-line JSON array of several 64 KiB chunks reads whole (the partial line was rescanned per chunk).
+    const bom = join(tmp, "bom.json");
+    writeFileSync(bom, `\uFEFF${text}`);
+    expect((await readSourceLines(bom)).lines).toEqual(docs);
+    const padded = join(tmp, "padded.json.gz");
+    writeFileSync(padded, Buffer.concat([gzipSync(text), Buffer.alloc(16)]));
+    expect((await readSourceLines(padded)).lines).toEqual(docs);
+    const array = join(tmp, "array.json");
+    writeFileSync(array, `\uFEFF[${docs.join(",")}]`);
+    const [line] = (await readSourceLines(array)).lines;
+    expect(JSON.parse(line!)).toHaveLength(docs.length);
+    const fromArray = await loadTask({ kind: "c4", path: array, trainCount: 5, validationCount: 5, seed: 1 });
+    expect(fromArray.train).toEqual(task.train);
     const bad = join(tmp, "bad.json.gz");
     writeFileSync(bad, gzipSync(text).subarray(0, 200));
     await expect(readSourceLines(bad)).rejects.toThrow(/bad\.json\.gz: not a valid gzip file/);
@@ -313,6 +328,37 @@ describe("train and validation from one source", () => {
     });
     expect(task.validation.map((e) => e.id)).toEqual(["lh-1"]);
     expect(task.train.map((e) => e.id)).toEqual(["rv-1", "rv-2"]);
+  });
+
+  it("holds SQuAD paragraphs out whole: train keeps its count when the file has room for both", async () => {
+    // 50 paragraphs of 5 questions, shuffled. Holding out single questions left their paragraphs' other
+    // questions out of train too (train 5775 of 8000 on a SQuAD-dev-sized file; 0 on small ones).
+    const path = join(tmp, "paragraphs.json");
+    writeQaFacts(path, { peoplePerContext: 2, questionsPerContext: 5, count: 250, seed: 2 });
+    const task = await loadTask({ kind: "squad", path, trainCount: 200, validationCount: 40, seed: 3 });
+    expect(task.validation).toHaveLength(40);
+    expect(task.train).toHaveLength(200);
+    const paragraph = (e: { prompt: string }) => e.prompt.split("\nQuestion:")[0];
+    const held = new Set(task.validation.map(paragraph));
+    expect(held.size).toBe(8);
+    expect(task.train.filter((e) => held.has(paragraph(e)))).toEqual([]);
+    const again = await loadTask({ kind: "squad", path, trainCount: 100, validationCount: 40, seed: 3 });
+    expect(again.validation).toEqual(task.validation);
+  });
+
+  it("specForRunDirs: a run directory whose run.json task has no split resumes train first", () => {
+    const dir = join(tmp, "old-run");
+    mkdirSync(dir, { recursive: true });
+    const spec = { kind: "arithmetic", trainCount: 4 } as const;
+    expect(specForRunDirs(spec, [undefined, join(tmp, "missing-run")])).toEqual(spec);
+    writeFileSync(join(dir, "run.json"), JSON.stringify({ task: { kind: "arithmetic", trainCount: 4 } }));
+    expect(specForRunDirs(spec, [dir])).toEqual({ ...spec, split: "train-first" });
+    expect(specForRunDirs({ ...spec, split: "validation-first" }, [dir]).split).toBe("validation-first");
+    writeFileSync(
+      join(dir, "run.json"),
+      JSON.stringify({ task: { kind: "arithmetic", split: "validation-first" } }),
+    );
+    expect(specForRunDirs(spec, [dir])).toEqual(spec);
   });
 
   it("records the split; a description without one (an earlier version's run) reloads train first", async () => {

@@ -265,6 +265,13 @@ describe("run directories of the previous version", () => {
       const resumed = await run(old);
       expect(resumed.resumedFrom).toBe(3);
       expect(Buffer.from(resumed.prompt!.buffer).equals(Buffer.from(whole.prompt!.buffer))).toBe(true);
+      // A run.json task without a split was divided train first: resuming it with a task loaded the new
+      // way (validation first) is refused, and the error says how to load it.
+      delete record.task.split;
+      writeFileSync(runJson, JSON.stringify(record, null, 2));
+      await expect(run(old)).rejects.toThrow(
+        /run\.json differs in task: its task's split is "train-first", this one's "validation-first"; load the task with split: "train-first"/,
+      );
     } finally {
       model.dispose();
     }

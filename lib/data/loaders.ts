@@ -69,11 +69,19 @@ export async function readSourceLines(path: string): Promise<SourceLines> {
   const hash = createHash("sha256");
   const lines: string[] = [];
   const decoder = new StringDecoder("utf8");
-  let rest = "";
+  const push = (line: string) => lines.push(line.endsWith("\r") ? line.slice(0, -1) : line);
+  // Only the new text is searched for line ends; a line spanning chunks is kept in pieces and joined once
+  // (rescanning the partial line with each chunk was quadratic on one-line files such as JSON arrays).
+  let pending: string[] = [];
   const take = (text: string) => {
-    const parts = (rest + text).split("\n");
-    rest = parts.pop()!;
-    for (const line of parts) lines.push(line.endsWith("\r") ? line.slice(0, -1) : line);
+    let start = 0;
+    for (let nl = text.indexOf("\n"); nl >= 0; nl = text.indexOf("\n", start)) {
+      pending.push(text.slice(start, nl));
+      push(pending.length === 1 ? pending[0]! : pending.join(""));
+      pending = [];
+      start = nl + 1;
+    }
+    if (start < text.length) pending.push(text.slice(start));
   };
   async function* hashed(source: AsyncIterable<Buffer>) {
     for await (const chunk of source) {
@@ -88,12 +96,20 @@ export async function readSourceLines(path: string): Promise<SourceLines> {
     if (gzipped) await pipeline(createReadStream(path), hashed, createGunzip(), split);
     else await pipeline(createReadStream(path), hashed, split);
   } catch (e) {
-    const what =
-      gzipped && (e as { code?: string }).code?.startsWith("Z_") ? "not a valid gzip file" : "cannot read";
-    throw new Error(`${path}: ${what} (${(e as Error).message})`);
+    if (!gzipped) throw new Error(`${path}: cannot read (${(e as Error).message})`);
+    // What the streaming gunzip refuses, the whole-file one may still take (zero padding after the last
+    // member), as this reader did before it streamed; it names a damaged file itself.
+    const whole = await readSource(path);
+    const all = whole.text.split("\n");
+    if (all.at(-1) === "") all.pop();
+    lines.length = 0;
+    for (const line of all) push(line);
+    return { lines, sha256: whole.sha256 };
   }
   take(decoder.end());
-  if (rest !== "") lines.push(rest.endsWith("\r") ? rest.slice(0, -1) : rest);
+  if (pending.length > 0) push(pending.join(""));
+  // A UTF-8 byte-order mark is not part of the text (TextDecoder, used for whole files, drops it too).
+  if (lines[0]?.startsWith("\uFEFF")) lines[0] = lines[0].slice(1);
   return { lines, sha256: hash.digest("hex") };
 }
 
