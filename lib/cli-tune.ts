@@ -85,7 +85,7 @@ interface TuneCliOptions extends BackendFlags {
   collapseEvery?: number;
   snapshotEvery: number;
   checkpointEvery: number;
-  maxLength: number;
+  maxLength?: number;
   seed: number;
   runDir?: string;
   threads?: number;
@@ -236,7 +236,11 @@ export function registerTuneCommands(program: Command): void {
     .option("--collapse-every <n>", "collapse metrics of the prompt every n steps", integerArg(0))
     .option("--snapshot-every <n>", "prompt snapshots (trajectory) every n steps", integerArg(0), 10)
     .option("--checkpoint-every <n>", "resumable checkpoints every n steps", integerArg(0), 10)
-    .option("--max-length <n>", "longest sequence, prompt included", integerArg(1), 256)
+    .option(
+      "--max-length <n>",
+      "longest sequence, prompt included (default 256; a GPT-2 model's positions if fewer)",
+      integerArg(1),
+    )
     .option("--seed <n>", "seed of every random choice", seedArg, 0)
     .option("--run-dir <dir>", "run directory (created, or resumed when it holds the same run)")
     .option("--threads <n>", "CPU threads (default: all cores)", integerArg(1))

@@ -11,6 +11,7 @@ import { packageRoot } from "./native.js";
 import { createPrior, type PriorRecord } from "./priors.js";
 import { buildReport } from "./report.js";
 import { Rng } from "./rng.js";
+import { quantile } from "./stats.js";
 import { loadTask, specForRunDirs, type TaskSpec } from "./tasks.js";
 import { type EvalRecord, evaluatePrompt, tune } from "./train.js";
 
@@ -91,9 +92,9 @@ function mean(xs: number[]): number {
   return xs.reduce((a, b) => a + b, 0) / xs.length;
 }
 
+/** The median (the mean of the two middle values for an even count; the upper one was taken before). */
 function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  return s.length === 0 ? Number.NaN : s[Math.floor(s.length / 2)]!;
+  return quantile(Float64Array.from(xs).sort(), 0.5);
 }
 
 export async function demo(options: DemoOptions = {}): Promise<DemoRow[]> {
@@ -192,6 +193,7 @@ export async function demo(options: DemoOptions = {}): Promise<DemoRow[]> {
           model,
           activations: { texts: 32 },
           seed: o.seed,
+          threads: options.threads,
           onProgress: (m) => log(`  report: ${m}`),
         },
       );

@@ -39,9 +39,10 @@ import {
 } from "./plots.js";
 import { fitPca, tsne, umap } from "./projection.js";
 import { Rng } from "./rng.js";
+import { readTensors } from "./safetensors.js";
 import { concatRows } from "./stats.js";
 import { loadRecordedTask } from "./tasks.js";
-import { type EvalRecord, readPromptFile } from "./train.js";
+import { type EvalRecord, modelFingerprint, readPromptFile } from "./train.js";
 
 export interface ReportOptions {
   /** Where report.html, report.json and figures/ are written (created if missing). */
@@ -142,6 +143,8 @@ interface LoadedRun {
   initial: Float32Array | null;
   final: Float32Array | null;
   snapshots: { step: number; prompt: Float32Array }[];
+  /** No prompt.safetensors: the step of the prompt taken as final instead (null when there was none). */
+  unfinishedAt: number | null;
 }
 
 function loadRun(dir: string, name: string): LoadedRun {
@@ -158,19 +161,39 @@ function loadRun(dir: string, name: string): LoadedRun {
         .filter((s): s is { step: number; prompt: Float32Array } => s.prompt !== undefined)
     : [];
   const finalFile = join(dir, "prompt.safetensors");
-  const final = existsSync(finalFile)
-    ? (readPromptFile(finalFile).prompt ?? null)
-    : (snapshots[snapshots.length - 1]?.prompt ?? null);
-  return { name, dir, record, metrics, initial: snapshots[0]?.prompt ?? null, final, snapshots };
+  let final: Float32Array | null = null;
+  let unfinishedAt: number | null = null;
+  if (existsSync(finalFile)) final = readPromptFile(finalFile).prompt ?? null;
+  else {
+    // An unfinished run (killed, crashed): its newest prompt is the checkpoint's when that is newer than
+    // the last snapshot (sparse snapshots would otherwise give the initial prompt as "trained").
+    const last = snapshots[snapshots.length - 1];
+    final = last?.prompt ?? null;
+    unfinishedAt = last?.step ?? null;
+    const checkpoint = join(dir, "checkpoint.safetensors");
+    if (Number(record.promptLength ?? 0) > 0 && existsSync(checkpoint)) {
+      const { tensors, metadata } = readTensors(checkpoint);
+      const step = metadata.state ? (JSON.parse(metadata.state) as { step: number }).step : Number(metadata.step);
+      const prompt = tensors.get("param.0")?.data; // the soft prompt is the first trainable tensor
+      if (prompt instanceof Float32Array && Number.isFinite(step) && step > (last?.step ?? -1)) {
+        final = prompt;
+        unfinishedAt = step;
+      }
+    }
+  }
+  return { name, dir, record, metrics, initial: snapshots[0]?.prompt ?? null, final, unfinishedAt, snapshots };
 }
 
 function describeRecord(r: unknown): string {
   if (!r || typeof r !== "object") return "?";
   const o = r as Record<string, unknown>;
   const kind = String(o.kind ?? o.name ?? "?");
-  const details = ["sigma", "source", "c", "alpha", "top", "layer"]
+  // Every scalar option, so that two priors differing in any one (range, mean, noise, ...) read differently;
+  // file hashes left out, paths by their file name.
+  const details = Object.keys(o)
+    .filter((k) => k !== "kind" && k !== "name" && !/sha256$/i.test(k))
     .filter((k) => o[k] !== undefined && o[k] !== null && typeof o[k] !== "object")
-    .map((k) => `${k}=${o[k]}`);
+    .map((k) => `${k}=${typeof o[k] === "string" && /[\\/]/.test(o[k] as string) ? basename(o[k] as string) : o[k]}`);
   return details.length ? `${kind} (${details.join(", ")})` : kind;
 }
 
@@ -205,12 +228,17 @@ export async function buildReport(runDirs: readonly string[], options: ReportOpt
   const seed = options.seed ?? 0;
   const outDir = resolve(options.outDir);
   const figDir = join(outDir, "figures");
-  mkdirSync(figDir, { recursive: true });
   const names = options.names ?? runDirs.map((d) => basename(resolve(d)));
   if (new Set(names).size !== names.length)
     throw new RangeError(`names: run names must differ (${names.join(", ")})`);
   const runs = runDirs.map((d, i) => loadRun(resolve(d), names[i]));
+  mkdirSync(figDir, { recursive: true }); // after the runs are read: a failed report leaves no empty folder
   const notes: string[] = [];
+  for (const r of runs)
+    if (r.unfinishedAt !== null)
+      notes.push(
+        `${r.name} has no prompt.safetensors (unfinished): its prompt is the step-${r.unfinishedAt} ${r.final === r.snapshots.at(-1)?.prompt ? "snapshot" : "checkpoint"}.`,
+      );
   const figures: { name: string; title: string; spec: PlotSpec }[] = [];
 
   // Model: for the vocabulary and the activations.
@@ -234,16 +262,54 @@ export async function buildReport(runDirs: readonly string[], options: ReportOpt
         );
     }
   }
+  // Runs trained on another model than the one loaded: refused when their prompts do not fit it (the
+  // message named neither the run nor the cause), noted when they fit but the model files differ.
+  if (model) {
+    let fingerprint: string | null = null;
+    try {
+      fingerprint = model.dir ? modelFingerprint(model.dir) : null;
+    } catch {
+      fingerprint = null; // a model made in memory has no directory to compare
+    }
+    for (const r of runs) {
+      const P = Number(r.record.promptLength ?? 0);
+      const recorded = r.record.model as { dir?: string; fingerprint?: string } | undefined;
+      if (r.final && P > 0 && r.final.length !== P * model.config.hiddenSize) {
+        if (ownsModel) model.dispose();
+        throw new Error(
+          `${r.name}: its prompt is ${r.final.length / P} wide, the model's hidden size ${model.config.hiddenSize}: ` +
+            `it was trained on another model (${recorded?.dir ?? "not recorded"}); report it with that model or leave it out`,
+        );
+      }
+      if (fingerprint && recorded?.fingerprint && recorded.fingerprint !== fingerprint)
+        notes.push(
+          `${r.name} was trained on another model (${recorded.dir ?? "?"}) than the one loaded (${model.dir}): its prompts are shown in the loaded model's space.`,
+        );
+    }
+  }
   try {
+    // Without a model, from a run that has a soft prompt (P rows of dim values).
+    const withPrompt = runs.find((r) => r.final && Number(r.record.promptLength ?? 0) > 0);
     const dim =
       model?.config.hiddenSize ??
-      (runs.find((r) => r.final)?.final?.length ?? 0) / Number(runs[0].record.promptLength ?? 1);
+      (withPrompt ? withPrompt.final!.length / Number(withPrompt.record.promptLength) : 0);
 
     // Convergence and the summary table.
     const conv = convergenceByRun(
       runs.map((r) => ({ name: r.name, metrics: r.metrics })),
       { level: options.level },
     );
+    // What the convergence column can and cannot say.
+    const tasks = [...new Set(runs.map((r) => taskName(r.record.task)))];
+    if (tasks.length > 1 && options.level === undefined)
+      notes.push(
+        `The runs span several tasks (${tasks.join(", ")}): the convergence level is one validation loss for all of them; report each task's runs separately to compare convergence.`,
+      );
+    const single = runs.filter((r) => r.metrics.evals.filter((e) => Number.isFinite(e.validationLoss)).length <= 1);
+    if (single.length > 0)
+      notes.push(
+        `${single.map((r) => r.name).join(", ")}: one validation evaluation or none, so the convergence step is at most the last step (train with evalEvery for a curve).`,
+      );
     const summaries: RunSummary[] = runs.map((r, i) => {
       const last: EvalRecord | undefined = r.metrics.evals[r.metrics.evals.length - 1];
       const lastStep = r.metrics.steps[r.metrics.steps.length - 1];
@@ -358,7 +424,7 @@ export async function buildReport(runDirs: readonly string[], options: ReportOpt
           name: "prompt-trajectories",
           title: "Prompt trajectories over training",
           spec: trajectorySpec(traj, {
-            title: "Prompt trajectories (PCA of the vocabulary)",
+            title: `Prompt trajectories (${vocab ? "PCA of the vocabulary" : "PCA of the prompts"})`,
             xTitle: "PC 1",
             yTitle: "PC 2",
           }),
@@ -392,7 +458,11 @@ export async function buildReport(runDirs: readonly string[], options: ReportOpt
           );
         }
       }
-      for (const s of act.extraSets ?? []) sets.push({ name: s.name, texts: s.texts.slice(0, perTask) });
+      for (const s of act.extraSets ?? []) {
+        let name = s.name; // a task's name taken already: the extra set is told apart, as tasks are
+        while (sets.some((t) => t.name === name)) name += "'";
+        sets.push({ name, texts: s.texts.slice(0, perTask) });
+      }
       if (sets.length > 0) {
         progress(`capturing activations of ${sets.length} text set(s) at ${layers.length} layers`);
         const captured = [];

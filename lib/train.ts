@@ -256,7 +256,6 @@ function norm(arrays: Float32Array[]): number {
   return Math.sqrt(s);
 }
 
-/** Writes a file atomically: to a temporary name, fsync, then rename over the target. */
 /** A fingerprint of a model directory: config.json, and each weight file's name, safetensors header and size. */
 export function modelFingerprint(dir: string): string {
   const h = createHash("sha256");
@@ -347,7 +346,12 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
   if (options.collapseEvery !== undefined) countOption("collapseEvery", options.collapseEvery, 0);
   if (options.evalExamples !== undefined) countOption("evalExamples", options.evalExamples, 1);
   const maxNewTokens = countOption("maxNewTokens", options.maxNewTokens ?? 16, 1);
-  const maxLength = countOption("maxLength", options.maxLength ?? 256, 1);
+  // GPT-2's positions are learned: a longer sequence cannot run (it failed at the final evaluation, after
+  // training, before its last checkpoint). Its default fits them.
+  const gpt2Positions = c.architecture === "gpt2" ? c.maxPositions : Number.POSITIVE_INFINITY;
+  const maxLength = countOption("maxLength", options.maxLength ?? Math.min(256, gpt2Positions), 1);
+  if (maxLength > gpt2Positions)
+    throw new RangeError(`maxLength: ${maxLength} exceeds the model's ${gpt2Positions} positions (GPT-2's are learned)`);
   if (options.regularizer) {
     const { lambda, schedule = "constant" } = options.regularizer;
     if (!(Number.isFinite(lambda) && lambda >= 0))

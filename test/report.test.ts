@@ -167,3 +167,92 @@ describe("priortune report", () => {
     },
   );
 });
+
+describe("priortune report: unusual sets of runs", () => {
+  const dir = mkdtempSync(join(tmpdir(), "priortune-report-odd-"));
+  let model: Model;
+  beforeAll(async () => {
+    model = await loadModel(modelDir("llama-tiny"), { threads: 2 });
+  });
+  afterAll(() => model?.dispose());
+
+  it("an unfinished run's prompt is its newest checkpoint; priors told apart by any option; a prefix-only first run; extra sets renamed", async () => {
+    const task = await loadTask({ kind: "arithmetic", trainCount: 8, validationCount: 2 });
+    const base = { model, task, promptLength: 4, batchSize: 4, maxNewTokens: 2, seed: 1 } as const;
+    // A prefix-only run first (no soft prompt): the prompt width came from it (Infinity) without a model.
+    const prefix = join(dir, "prefix");
+    await tune({
+      ...base,
+      prior: await createPrior({ kind: "gaussian", sigma: 0.5 }, { model }),
+      mode: "deep-prefix",
+      promptLength: 0,
+      deepLayers: [1],
+      deepLength: 2,
+      steps: 2,
+      runDir: prefix,
+    });
+    const finished = join(dir, "wide");
+    await tune({
+      ...base,
+      prior: await createPrior({ kind: "uniform", range: 2 }, { model }),
+      steps: 4,
+      runDir: finished,
+    });
+    // Stopped after step 3: its snapshots are step 0 only, its checkpoint step 2.
+    const killed = join(dir, "narrow");
+    const stop = new AbortController();
+    await expect(
+      tune({
+        ...base,
+        prior: await createPrior({ kind: "uniform", range: 0.5 }, { model }),
+        steps: 8,
+        snapshotEvery: 100,
+        checkpointEvery: 2,
+        runDir: killed,
+        signal: stop.signal,
+        onStep: (r) => {
+          if (r.step === 3) stop.abort();
+        },
+      }),
+    ).rejects.toThrow("aborted");
+    const { data } = await buildReport([prefix, killed, finished], {
+      outDir: join(dir, "no-model"),
+      model: null,
+      threads: 2,
+    });
+    const byName = Object.fromEntries(data.runs.map((r) => [r.name, r]));
+    // The initial prompt was taken as trained before (displacement 0).
+    expect(byName.narrow!.promptDisplacement).toBeGreaterThan(0);
+    expect(data.notes.join("\n")).toMatch(
+      /narrow has no prompt\.safetensors \(unfinished\): its prompt is the step-2 checkpoint/,
+    );
+    expect(byName.narrow!.prior).toBe("uniform (range=0.5)");
+    expect(byName.wide!.prior).toBe("uniform (range=2)"); // both read "uniform" before
+    // A task name given to an extra set is told apart (it merged with the task's set before).
+    const extra = await buildReport([finished], {
+      outDir: join(dir, "extra"),
+      model,
+      activations: {
+        texts: 4,
+        layers: [1],
+        extraSets: [{ name: "arithmetic", texts: ["one two three", "four five", "six", "seven eight"] }],
+      },
+      threads: 2,
+    });
+    expect(extra.data.clusterDistances.map((c) => [c.a, c.b])).toEqual([["arithmetic", "arithmetic'"]]);
+    // Another model: noted when the prompts fit it, refused (naming the run) when they do not.
+    const other = await buildReport([finished], {
+      outDir: join(dir, "other"),
+      model: modelDir("llama-tiny-untied"),
+      activations: false,
+      threads: 2,
+    });
+    expect(other.data.notes.join("\n")).toMatch(/wide was trained on another model \(.*llama-tiny\)/);
+    const small = join(import.meta.dirname, "..", "models", "priortune-small");
+    await expect(
+      buildReport([finished], { outDir: join(dir, "small"), model: small, activations: false, threads: 2 }),
+    ).rejects.toThrow(
+      /wide: its prompt is 96 wide, the model's hidden size 256: it was trained on another model/,
+    );
+  }, 300_000);
+});

@@ -278,6 +278,24 @@ describe("run directories of the previous version", () => {
   });
 });
 
+describe("GPT-2's learned positions", () => {
+  it("maxLength defaults to the model's positions when fewer; a longer one is refused before step 1", async () => {
+    const model = await loadModel(modelDir("gpt2-tiny"), { backend: "cpu", threads: 2 }); // 64 positions
+    try {
+      const task = await loadTask({ kind: "arithmetic", trainCount: 4, validationCount: 2, seed: 1 });
+      const prior = await createPrior({ kind: "gaussian", sigma: 0.5 }, { model });
+      await expect(tune({ model, task, prior, promptLength: 4, steps: 1, maxLength: 100 })).rejects.toThrow(
+        "maxLength: 100 exceeds the model's 64 positions",
+      );
+      // Default 256 before: trained, then failed at the final evaluation (20 + 34 + 15 > 64 positions).
+      const r = await tune({ model, task, prior, promptLength: 20, steps: 1, batchSize: 2 });
+      expect(r.evals.at(-1)!.step).toBe(1);
+    } finally {
+      model.dispose();
+    }
+  });
+});
+
 describe("a run killed before its first checkpoint", () => {
   it("starts again, metrics included: one line per step", () => {
     const child = join(here, "support", "tune-child.ts");
