@@ -13,6 +13,7 @@ export const defaultLogger: Logger = (level, message) => {
     process.stderr.write(`priortune: ${message}\n`);
 };
 
+/** Whether the addon was built with CUDA and a device is usable now (with its name, or the reason not). */
 export function cudaStatus(): CudaInfo {
   return addon().cudaInfo();
 }

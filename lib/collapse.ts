@@ -510,7 +510,11 @@ export class CollapseReference {
   }
 }
 
-/** Builds a CollapseReference from a source (or reuses one), then reports. See CollapseReport for the fields. */
+/**
+ * Builds a CollapseReference from a source (a model or a vocabulary matrix): the vocabulary's kNN index,
+ * neighbour-distance distribution and Gaussian, ready for any number of `report()` calls. See
+ * CollapseReport for the fields a report holds.
+ */
 export async function createCollapseReference(
   source: ModelLike | VectorSetSource,
   options: CollapseReferenceOptions = {},

@@ -1,5 +1,7 @@
 // Small file helpers shared by the loaders, the training loop and the reports.
+
 import { closeSync, fsyncSync, openSync, readFileSync, renameSync, rmSync, writeSync } from "node:fs";
+import { join } from "node:path";
 
 /** JSON.parse of a file, with the file's path in the error. */
 export function readJsonFile(path: string): unknown {
@@ -55,5 +57,55 @@ export function replaceWith(path: string, write: (tmp: string) => void): void {
   } catch (e) {
     rmSync(tmp, { force: true });
     throw e;
+  }
+}
+
+/**
+ * An exclusive lock on `dir` for this process: `dir/.lock` holds its pid. A lock whose process has ended
+ * (killed, crashed) is taken over; one whose process runs is an error naming it. Returns the release.
+ */
+export function lockDirectory(dir: string, what: string): () => void {
+  const path = join(dir, ".lock");
+  const alive = (pid: number) => {
+    try {
+      process.kill(pid, 0);
+      return true;
+    } catch (e) {
+      return (e as NodeJS.ErrnoException).code === "EPERM";
+    }
+  };
+  for (let attempt = 0; ; attempt++) {
+    let fd: number;
+    try {
+      fd = openSync(path, "wx");
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== "EEXIST") throw e;
+      let pid = Number.NaN;
+      try {
+        pid = Number(readFileSync(path, "utf8").trim());
+      } catch {
+        // removed meanwhile: try again
+      }
+      if (Number.isInteger(pid) && pid > 0 && alive(pid))
+        throw new Error(
+          `${dir}: ${what} is in use by process ${pid}${pid === process.pid ? " (this one)" : ""}; wait for it to end or stop it`,
+        );
+      if (attempt > 0)
+        throw new Error(`${dir}: ${what}: its .lock could not be taken (another process took it)`);
+      rmSync(path, { force: true }); // its process has ended
+      continue;
+    }
+    try {
+      writeAll(fd, Buffer.from(String(process.pid)));
+    } finally {
+      closeSync(fd);
+    }
+    return () => {
+      try {
+        if (readFileSync(path, "utf8") === String(process.pid)) rmSync(path, { force: true });
+      } catch {
+        // already gone
+      }
+    };
   }
 }

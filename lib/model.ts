@@ -318,6 +318,10 @@ export function describeModel(dirArg: string): ModelInfo {
   };
 }
 
+/**
+ * A loaded model (loadModel): forward passes, losses and prompt gradients, generation and device-resident
+ * prompt training on the CPU or CUDA backend; frozen weights. dispose() frees its native memory.
+ */
 export class Model {
   readonly #native: NativeModel;
   #disposed = false;
@@ -447,6 +451,10 @@ export class Model {
   }
 }
 
+/**
+ * Loads a Hugging Face model directory (config.json, safetensors weights, tokenizer) on the backend asked
+ * for ("auto": CUDA when usable). Weights are converted to fp32 as they are read; see LoadOptions.
+ */
 export async function loadModel(dirArg: string, options: LoadOptions = {}): Promise<Model> {
   if (typeof dirArg !== "string")
     throw new TypeError(`dir: expected a model directory path, got ${typeof dirArg}`);

@@ -436,13 +436,10 @@ const COMPANION_FILES = [...TOKENIZER_FILES, "generation_config.json"];
 /**
  * Writes a Hugging Face model directory: config.json, model.safetensors (F32, Transformers' tensor names and
  * layouts) and the source directory's tokenizer files. loadModel and from_pretrained read it back. Files of
- * the same names are overwritten.
- */
-/**
- * Writes the model as a Hugging Face directory. `tokenizer` (default the model's) names the end-of-text
- * token that config.json's missing bos_token_id / eos_token_id are set to (null without one): Transformers
- * would fill them with its class defaults (GPT-2 50256, Llama 1 and 2), other tokens or none at all in a
- * priortune vocabulary.
+ * the same names are overwritten. `tokenizer` (default the model's) names the end-of-text token that
+ * config.json's missing bos_token_id / eos_token_id are set to (null without one): Transformers would fill
+ * them with its class defaults (GPT-2 50256, Llama 1 and 2), other tokens or none at all in a priortune
+ * vocabulary.
  */
 export function saveModel(model: Model, dirArg: string, options: { tokenizer?: Tokenizer } = {}): void {
   const t = trainableOf(model, "saveModel");

@@ -52,6 +52,7 @@ export interface Prior {
   energy?(x: Float32Array, gradient: boolean): Energy;
 }
 
+/** The prior kinds createPrior builds (the `kind` of a PriorRecord). */
 export const PRIOR_KINDS = [
   "gaussian",
   "xavier",
@@ -1148,6 +1149,7 @@ export async function createPrior(spec: PriorRecord, context: PriorContext = {})
 // Regularisers for controllable posteriors
 
 export type RegularizerKind = "prior-nll" | "l2-init" | "nearest-vocab";
+/** The regulariser kinds createRegularizer builds. */
 export const REGULARIZER_KINDS: readonly RegularizerKind[] = ["prior-nll", "l2-init", "nearest-vocab"];
 
 export interface RegularizerSpec {
@@ -1230,6 +1232,10 @@ class CachedRegularizer implements Regularizer {
   }
 }
 
+/**
+ * A regulariser of the soft prompt (value and gradient, native): the prior's negative log-density, the L2
+ * distance to the initial prompt, or the distance to the nearest vocabulary row. dispose() frees it.
+ */
 export function createRegularizer(spec: RegularizerSpec, context: RegularizerContext): Regularizer {
   if (typeof spec !== "object" || spec === null)
     throw new TypeError(`regularizer: expected { kind, ... }, got ${shown(spec)}`);

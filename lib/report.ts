@@ -173,7 +173,9 @@ function loadRun(dir: string, name: string): LoadedRun {
     const checkpoint = join(dir, "checkpoint.safetensors");
     if (Number(record.promptLength ?? 0) > 0 && existsSync(checkpoint)) {
       const { tensors, metadata } = readTensors(checkpoint);
-      const step = metadata.state ? (JSON.parse(metadata.state) as { step: number }).step : Number(metadata.step);
+      const step = metadata.state
+        ? (JSON.parse(metadata.state) as { step: number }).step
+        : Number(metadata.step);
       const prompt = tensors.get("param.0")?.data; // the soft prompt is the first trainable tensor
       if (prompt instanceof Float32Array && Number.isFinite(step) && step > (last?.step ?? -1)) {
         final = prompt;
@@ -181,7 +183,16 @@ function loadRun(dir: string, name: string): LoadedRun {
       }
     }
   }
-  return { name, dir, record, metrics, initial: snapshots[0]?.prompt ?? null, final, unfinishedAt, snapshots };
+  return {
+    name,
+    dir,
+    record,
+    metrics,
+    initial: snapshots[0]?.prompt ?? null,
+    final,
+    unfinishedAt,
+    snapshots,
+  };
 }
 
 function describeRecord(r: unknown): string {
@@ -193,7 +204,10 @@ function describeRecord(r: unknown): string {
   const details = Object.keys(o)
     .filter((k) => k !== "kind" && k !== "name" && !/sha256$/i.test(k))
     .filter((k) => o[k] !== undefined && o[k] !== null && typeof o[k] !== "object")
-    .map((k) => `${k}=${typeof o[k] === "string" && /[\\/]/.test(o[k] as string) ? basename(o[k] as string) : o[k]}`);
+    .map(
+      (k) =>
+        `${k}=${typeof o[k] === "string" && /[\\/]/.test(o[k] as string) ? basename(o[k] as string) : o[k]}`,
+    );
   return details.length ? `${kind} (${details.join(", ")})` : kind;
 }
 
@@ -305,7 +319,9 @@ export async function buildReport(runDirs: readonly string[], options: ReportOpt
       notes.push(
         `The runs span several tasks (${tasks.join(", ")}): the convergence level is one validation loss for all of them; report each task's runs separately to compare convergence.`,
       );
-    const single = runs.filter((r) => r.metrics.evals.filter((e) => Number.isFinite(e.validationLoss)).length <= 1);
+    const single = runs.filter(
+      (r) => r.metrics.evals.filter((e) => Number.isFinite(e.validationLoss)).length <= 1,
+    );
     if (single.length > 0)
       notes.push(
         `${single.map((r) => r.name).join(", ")}: one validation evaluation or none, so the convergence step is at most the last step (train with evalEvery for a curve).`,

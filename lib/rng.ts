@@ -6,6 +6,11 @@ export interface RngState {
   spare: number | null;
 }
 
+/**
+ * The seeded random number generator behind every draw (sfc32, seeded by splitmix32; 53-bit uniforms,
+ * unbiased integers, normals): the same seed gives the same draws on every platform. state() and
+ * new Rng(state) save and restore it.
+ */
 export class Rng {
   #a: number;
   #b: number;

@@ -268,6 +268,7 @@ const REQUIRED: Partial<Record<TaskKind, string[]>> = {
   cloze: ["path"],
 };
 
+/** The task kinds loadTask reads or generates. */
 export const TASK_KINDS = Object.keys(OPTIONS) as TaskKind[];
 
 /** Checks a task spec (e.g. parsed from JSON) option by option and returns it typed. */
@@ -484,8 +485,8 @@ export function loadRecordedTask(description: Record<string, unknown>): Promise<
 
 /**
  * Loads (or generates) a task from its spec. File kinds read `path` (and `validationPath`); generator
- * kinds draw trainCount + validationCount examples from their seed, train first. Errors name the
- * offending option.
+ * kinds draw trainCount + validationCount examples from their seed, divided as `split` says (validation
+ * first by default). Errors name the offending option.
  */
 export async function loadTask(spec: TaskSpec | Record<string, unknown>): Promise<Task> {
   const s = parseTaskSpec(spec);

@@ -93,6 +93,7 @@ export function byteLevelBpeJson(vocab: Record<string, number>, mergesText: stri
   };
 }
 
+/** The tokenizer of a model directory: tokenizer.json, or GPT-2's vocab.json + merges.txt. */
 export function loadTokenizer(dir: string): Tokenizer {
   const tokJson = join(dir, "tokenizer.json");
   const tokConfig = join(dir, "tokenizer_config.json");

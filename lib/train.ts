@@ -17,7 +17,7 @@ import {
 } from "node:fs";
 import { join } from "node:path";
 import { type CollapseReference, createCollapseReference } from "./collapse.js";
-import { atomicWrite, readJsonFile } from "./files.js";
+import { atomicWrite, lockDirectory, readJsonFile } from "./files.js";
 import { arithmeticCorrect, exactMatch, f1Score } from "./metrics.js";
 import type { LossAndGrad, Model } from "./model.js";
 import type { DeepPrompts } from "./native.js";
@@ -351,7 +351,9 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
   const gpt2Positions = c.architecture === "gpt2" ? c.maxPositions : Number.POSITIVE_INFINITY;
   const maxLength = countOption("maxLength", options.maxLength ?? Math.min(256, gpt2Positions), 1);
   if (maxLength > gpt2Positions)
-    throw new RangeError(`maxLength: ${maxLength} exceeds the model's ${gpt2Positions} positions (GPT-2's are learned)`);
+    throw new RangeError(
+      `maxLength: ${maxLength} exceeds the model's ${gpt2Positions} positions (GPT-2's are learned)`,
+    );
   if (options.regularizer) {
     const { lambda, schedule = "constant" } = options.regularizer;
     if (!(Number.isFinite(lambda) && lambda >= 0))
@@ -412,6 +414,7 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
     }
   }
   let collapseRef: CollapseReference | undefined;
+  let releaseLock = () => {};
   try {
     // Data: encoded once; prompt positions count against maxLength. Plain-text tasks (metric "none", C4)
     // keep the first tokens of a document longer than the budget.
@@ -429,6 +432,14 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
     };
     const train = task.train.map(encode);
     if (train.length === 0) throw new Error(`task ${task.name}: no training examples`);
+    // Validation asked for but none left (a small file whose examples trainCount took): every evaluation
+    // would be NaN. validationCount 0, asked for, trains without scores.
+    const described = task.describe();
+    if (task.validation.length === 0 && described.validationCount !== 0)
+      throw new RangeError(
+        `task ${task.name}: no validation examples (${described.validationPath ? "the validation file has none" : `trainCount took all ${train.length} the source has`}); ` +
+          "lower trainCount, give a validation file (validationPath), or set validationCount 0 to train without scores",
+      );
 
     // Run directory and resume.
     const runDir = options.runDir;
@@ -476,6 +487,8 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
     const metricsPath = runDir ? join(runDir, "metrics.jsonl") : "";
     if (runDir) {
       mkdirSync(join(runDir, "snapshots"), { recursive: true });
+      // One process at a time: a second tune on the directory (the first not dead yet) interleaved metrics.
+      releaseLock = lockDirectory(runDir, "the run directory");
       const runJson = join(runDir, "run.json");
       const checkpointJson = join(runDir, "checkpoint.json");
       if (existsSync(runJson)) {
@@ -759,6 +772,7 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
   } finally {
     collapseRef?.dispose();
     if (ownsRegularizer) regularizer?.dispose();
+    releaseLock();
   }
 }
 

@@ -104,7 +104,7 @@ The text is public domain; the model weights are released under the package's li
 \`\`\`sh
 node scripts/build-corpus.mjs
 npx priortune pretrain --config models/priortune-small --tokenizer models/priortune-small \\
-  --train corpus/build/train.jsonl --validation corpus/build/validation.jsonl --out models/priortune-small \\
+  --train corpus/build/train.jsonl --validation corpus/build/validation.jsonl --out models/priortune-small --force \\
   --steps ${o.steps} --batch-size ${o.batchSize} --seq-len ${o.seqLen} --lr ${o.lr} --min-lr ${o.minLr} --warmup ${o.warmup} \\
   --eval-every ${o.evalEvery} --eval-batches ${o.evalBatches} --save-every ${o.saveEvery} --seed ${o.seed}
 \`\`\`

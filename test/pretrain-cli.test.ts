@@ -134,6 +134,28 @@ describe("pretrain", () => {
     expect(weights(early).equals(weights(whole))).toBe(true);
   });
 
+  it("a finished run in --out is not replaced without --force; a directory in use is refused", async () => {
+    const small = { ...base, steps: 2, warmup: 1, evalEvery: 2, saveEvery: 2, seqLen: 16, batchSize: 2 };
+    const out = join(tmp, "guarded");
+    await pretrain({ ...small, out }, () => {});
+    const before = readFileSync(join(out, "model.safetensors"));
+    // Forgetting --resume replaced the saved run at its first save.
+    await expect(pretrain({ ...small, out, seed: 5 }, () => {})).rejects.toThrow(
+      /holds a pretraining run \(pretrain-state\.json\): --resume continues it, --force replaces it/,
+    );
+    expect(readFileSync(join(out, "model.safetensors")).equals(before)).toBe(true);
+    await pretrain({ ...small, out, seed: 5, force: true }, () => {});
+    expect(readFileSync(join(out, "model.safetensors")).equals(before)).toBe(false);
+    // A live process's lock (this one's pid) refuses a second run; a dead process's is taken over.
+    writeFileSync(join(out, ".lock"), String(process.pid));
+    await expect(pretrain({ ...small, out, seed: 5, resume: true }, () => {})).rejects.toThrow(
+      `${out}: the pretraining run is in use by process ${process.pid} (this one)`,
+    );
+    writeFileSync(join(out, ".lock"), "999999999");
+    await pretrain({ ...small, out, seed: 5, resume: true, steps: 3 }, () => {});
+    expect(existsSync(join(out, ".lock"))).toBe(false);
+  });
+
   it("--config takes a config.json file as well as a directory; bad options fail before any work", async () => {
     const cfg = join(tmp, "cfg.json");
     writeFileSync(cfg, readFileSync(join(modelDir("llama-tiny"), "config.json")));

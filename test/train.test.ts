@@ -1,7 +1,7 @@
 // The tuning loop on a fixture model: loss falls for each mode, regularisers pull where they should, run
 // directories hold what they promise, and a run killed mid-way resumes to the same prompt, bit for bit.
 import { execFileSync, spawnSync } from "node:child_process";
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -272,6 +272,48 @@ describe("run directories of the previous version", () => {
       await expect(run(old)).rejects.toThrow(
         /run\.json differs in task: its task's split is "train-first", this one's "validation-first"; load the task with split: "train-first"/,
       );
+    } finally {
+      model.dispose();
+    }
+  });
+});
+
+describe("a task without validation examples", () => {
+  it("is refused before training when validation was asked for; validationCount 0 trains without scores", async () => {
+    const model = await loadModel(modelDir("llama-tiny"), { backend: "cpu", threads: 2 });
+    try {
+      const prior = await createPrior({ kind: "gaussian", sigma: 0.5 }, { model });
+      const path = join(tmp, "eight.txt");
+      writeFileSync(path, Array.from({ length: 8 }, (_, i) => `What is ${i} + 1?\n${i + 1}`).join("\n"));
+      // 8 examples, trainCount 8: validation got none, and every evaluation was NaN (exit 0).
+      const full = await loadTask({ kind: "mathematics", path, trainCount: 8 });
+      expect(full.validation).toHaveLength(0);
+      await expect(tune({ model, task: full, prior, promptLength: 2, steps: 1 })).rejects.toThrow(
+        /no validation examples \(trainCount took all 8 the source has\)/,
+      );
+      const none = await loadTask({ kind: "mathematics", path, trainCount: 8, validationCount: 0 });
+      const r = await tune({ model, task: none, prior, promptLength: 2, steps: 1, maxNewTokens: 2 });
+      expect(r.evals.at(-1)!.step).toBe(1);
+    } finally {
+      model.dispose();
+    }
+  });
+});
+
+describe("a run directory in use", () => {
+  it("is refused while its process lives (two tunes interleaved their metrics); a dead one's lock is taken over", async () => {
+    const model = await loadModel(modelDir("llama-tiny"), { backend: "cpu", threads: 2 });
+    try {
+      const task = await loadTask({ kind: "arithmetic", trainCount: 4, validationCount: 2, seed: 1 });
+      const prior = await createPrior({ kind: "gaussian", sigma: 0.5 }, { model });
+      const runDir = join(tmp, "locked");
+      const run = () => tune({ model, task, prior, promptLength: 2, steps: 1, maxNewTokens: 2, runDir });
+      mkdirSync(runDir, { recursive: true });
+      writeFileSync(join(runDir, ".lock"), String(process.pid));
+      await expect(run()).rejects.toThrow(`${runDir}: the run directory is in use by process ${process.pid}`);
+      writeFileSync(join(runDir, ".lock"), "999999999");
+      expect((await run()).steps).toBe(1);
+      expect(existsSync(join(runDir, ".lock"))).toBe(false);
     } finally {
       model.dispose();
     }
