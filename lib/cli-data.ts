@@ -131,11 +131,21 @@ export function registerDataCommands(program: Command): Command {
         phrasing: o.phrasing,
         unique: !o.allowDuplicates,
       };
+      // The generator's advice names its option (unique: false); here it is a flag.
+      const flagged = <T>(run: () => T): T => {
+        try {
+          return run();
+        } catch (e) {
+          if (e instanceof Error)
+            e.message = e.message.replace("set unique: false", "pass --allow-duplicates");
+          throw e;
+        }
+      };
       emit(
         o,
         "arithmetic questions",
-        () => generateArithmetic(options),
-        () => writeArithmetic(o.out, options),
+        () => flagged(() => generateArithmetic(options)),
+        () => flagged(() => writeArithmetic(o.out, options)),
       );
     },
   );

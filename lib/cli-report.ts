@@ -89,7 +89,7 @@ export function registerReportCommands(program: Command): void {
         onProgress: (m) => process.stderr.write(`${m}\n`),
       });
       process.stdout.write(
-        `${result.html}\n${result.json}\n${result.figures.length} figure files in ${o.out}/figures\n`,
+        `${result.html}\n${result.json}\n${result.figures.length / 2} figures (SVG and PNG, and each one's Vega-Lite spec) in ${o.out}/figures\n`,
       );
     });
 }

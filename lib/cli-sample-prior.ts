@@ -146,6 +146,15 @@ function fittedGaussianRecord(o: PriorCliOptions, texts: string | undefined): Pr
   }) as PriorRecord;
 }
 
+/** A flag's value parsed by `parse`, its error prefixed with the flag's name. */
+function named<T>(flag: string, parse: () => T): T {
+  try {
+    return parse();
+  } catch (e) {
+    throw new InvalidArgumentError(`${flag}: ${(e as Error).message}`);
+  }
+}
+
 /**
  * The prior record that sample-prior's flags describe: `--spec` (a JSON record, or @file holding one, e.g. the
  * "prior" of a run.json), or `--prior <kind>` with that kind's flags. A flag the kind does not take is an
@@ -248,7 +257,10 @@ export function priorRecordFromOptions(o: PriorCliOptions): PriorRecord {
         throw new InvalidArgumentError(
           "--prior interpolation needs --texts (the new domain; --second-texts defaults to the vocabulary)",
         );
-      const alpha = o.alpha === undefined || o.alpha === "uniform" ? "uniform" : numberArg(o.alpha);
+      const alpha =
+        o.alpha === undefined || o.alpha === "uniform"
+          ? "uniform"
+          : named("--alpha", () => numberArg(o.alpha!));
       const second =
         o.secondTexts === undefined
           ? (defined({
@@ -269,7 +281,9 @@ export function priorRecordFromOptions(o: PriorCliOptions): PriorRecord {
         percentile: o.percentile,
         neighbor: o.neighbor,
         sampleRows:
-          o.sampleRows === undefined || o.sampleRows === "all" ? o.sampleRows : integerArg(1)(o.sampleRows),
+          o.sampleRows === undefined || o.sampleRows === "all"
+            ? o.sampleRows
+            : named("--sample-rows", () => integerArg(1)(o.sampleRows!)),
         seed: o.fitSeed,
       }) as PriorRecord;
     case "posterior":
@@ -472,7 +486,14 @@ async function samplePrior(dir: string, o: SamplePriorOptions): Promise<void> {
   try {
     const log = process.stderr.isTTY ? (m: string) => process.stderr.write(`${m}\n`) : undefined;
     const prior = await createPrior(record, { model, dim, threads: o.threads, onProgress: log });
-    const prompt = prior.sample(o.count, new Rng(o.seed));
+    // The library names its argument n; here it is --count.
+    const prompt = named("--count", () => {
+      try {
+        return prior.sample(o.count, new Rng(o.seed));
+      } catch (e) {
+        throw new Error((e as Error).message.replace(/^n: /, ""));
+      }
+    });
     const stats = prior.stats?.() ?? {};
     const described = prior.describe();
     const out = resolve(o.out);

@@ -69,6 +69,50 @@ describe("priortune CLI", () => {
     );
     expect(post.status).not.toBe(0);
     expect(post.stderr).toMatch(/tensor "prompt": row 1, column 3 is NaN/);
+    // Errors name the flag, not the library's option.
+    const finite = new Float32Array(2 * hidden);
+    const two = join(tmp, "two.safetensors");
+    writeSafetensors(two, [{ name: "prompt", dtype: "F32", shape: [2, hidden], data: finite }]);
+    const count = run(
+      "sample-prior",
+      model,
+      "--prior",
+      "posterior",
+      "--path",
+      two,
+      "--count",
+      "5",
+      "--out",
+      join(tmp, "c.st"),
+    );
+    expect(count.stderr).toMatch(/--count: the posterior holds 2 prompt vectors; asked for 5/);
+    const rows = run(
+      "sample-prior",
+      model,
+      "--prior",
+      "knn",
+      "--sample-rows",
+      "0",
+      "--out",
+      join(tmp, "k.st"),
+    );
+    expect(rows.stderr).toMatch(/--sample-rows: expected an integer >= 1, got 0/);
+    const dup = run(
+      "make-data",
+      "arithmetic",
+      "-n",
+      "500",
+      "--digits",
+      "1",
+      "--operations",
+      "add",
+      "--phrasing",
+      "plain",
+      "--out",
+      "-",
+    );
+    expect(dup.status).not.toBe(0);
+    expect(dup.stderr).toMatch(/pass --allow-duplicates/);
     // A write that fails (file size limit) leaves the old file and no temporary file.
     const old = join(tmp, "old.safetensors");
     expect(run("sample-prior", model, "--prior", "gaussian", "--count", "2", "--out", old).status).toBe(0);
