@@ -159,6 +159,28 @@ export async function pretrain(
   log: (line: string) => void = (l) => process.stderr.write(`${l}\n`),
   given?: ReadonlySet<string>,
 ) {
+  // One process at a time (a second, with the first not dead yet, would interleave saves). An existing
+  // directory is locked before anything in it is read or moved (the save recovery renames and deletes
+  // what a live run may be writing); a new one as soon as it is made.
+  const out = resolve(options.out);
+  const what = "the pretraining run";
+  let release = existsSync(out) ? lockDirectory(out, what) : null;
+  try {
+    return await pretrainLocked(options, log, given, () => {
+      mkdirSync(out, { recursive: true });
+      release ??= lockDirectory(out, what);
+    });
+  } finally {
+    release?.();
+  }
+}
+
+async function pretrainLocked(
+  options: PretrainCliOptions,
+  log: (line: string) => void,
+  given: ReadonlySet<string> | undefined,
+  makeOut: () => void,
+) {
   let o = options;
   const out = resolve(o.out);
   const statePath = join(out, STATE_FILE);
@@ -192,162 +214,154 @@ export async function pretrain(
     o = merged;
   }
   checkOptions(o);
-  mkdirSync(out, { recursive: true });
-  // One process at a time (a second, with the first not dead yet, would interleave saves).
-  const release = lockDirectory(out, "the pretraining run");
-  try {
-    const tokenizer = loadTokenizer(o.tokenizer);
-    log(`tokenizing ${[...o.train, ...o.validation].join(", ")}`);
-    const eos = tokenizer.tokenToId("<|endoftext|>");
-    const train = tokenizeFiles(tokenizer, o.train, eos);
-    const validation = tokenizeFiles(tokenizer, o.validation, eos);
-    if (train.length < o.seqLen + 1)
-      throw new Error(`--train: ${train.length} tokens, fewer than one sequence of ${o.seqLen + 1}`);
-    if (validation.length < o.seqLen + 1)
-      throw new Error(
-        `--validation: ${validation.length} tokens, fewer than one sequence of ${o.seqLen + 1}`,
-      );
-    let model: Model;
-    let curve: PretrainCurvePoint[] = [];
-    let start = 0;
-    let rng = new Rng(o.seed);
-    let adam: NativeAdamState | undefined;
-    let tokens = 0;
-    let secondsBefore = 0;
-    if (state) {
-      model = await loadTrainableModel(out, { threads: o.threads });
-      curve = state.curve;
-      start = state.step;
-      rng = new Rng(state.rng);
-      tokens = state.tokens ?? 0;
-      secondsBefore = state.seconds ?? 0;
-      const optimizerPath = join(out, "optimizer.safetensors");
-      if (existsSync(optimizerPath)) {
-        const { tensors, metadata } = readTensors(optimizerPath);
-        // Written first of a save's files, the state last: different steps mean a save that stopped half way.
-        if (metadata.step !== String(start))
-          throw new Error(
-            `--resume: ${out} holds the optimizer state of step ${metadata.step} and the run state of step ${start} ` +
-              "(a save stopped half way); its weights may be of either: start the run again",
-          );
-        adam = { step: Number(metadata.adamStep ?? metadata.step), m: {}, v: {} };
-        for (const [name, t] of tensors)
-          (name.startsWith("m.") ? adam.m : adam.v)[name.slice(2)] = t.data as Float32Array;
-        log(`resuming at step ${start} (AdamW state restored)`);
-      } else log(`resuming at step ${start} (no optimizer.safetensors: AdamW moments restart from zero)`);
-    } else {
-      if (!o.config) throw new Error("--config: required for a new run (a config.json or a model directory)");
-      model = await createModel(o.config, { seed: o.seed, threads: o.threads });
-    }
-    if (model.config.vocabSize < tokenizer.vocabSize) {
-      throw new Error(
-        `the model's vocabulary (${model.config.vocabSize}) is smaller than the tokenizer's (${tokenizer.vocabSize})`,
-      );
-    }
-    const trainer = new Pretrainer(model, { lr: (s) => schedule(o)(start + s), weightDecay: o.weightDecay });
-    if (adam) trainer.setOptimizerState(adam);
-    const unigram = unigramPerplexity(train, validation, model.config.vocabSize);
-    log(
-      `train ${train.length} tokens, validation ${validation.length} tokens, unigram perplexity ${unigram.toFixed(1)}`,
-    );
-    const window = (stream: Int32Array, offset: number, ids: Int32Array, row: number) => {
-      ids.set(stream.subarray(offset, offset + o.seqLen), row * o.seqLen);
-    };
-    // Fixed held-out windows, evenly spaced.
-    const evalOffsets = Array.from({ length: o.evalBatches * o.batchSize }, (_, i) =>
-      Math.floor((i * (validation.length - o.seqLen - 1)) / Math.max(1, o.evalBatches * o.batchSize - 1)),
-    );
-    const evaluate = async () => {
-      let sum = 0;
-      for (let b = 0; b < o.evalBatches; b++) {
-        const ids = new Int32Array(o.batchSize * o.seqLen);
-        for (let r = 0; r < o.batchSize; r++) window(validation, evalOffsets[b * o.batchSize + r]!, ids, r);
-        sum += await trainer.evaluate({ inputIds: ids, batch: o.batchSize, seqLen: o.seqLen });
-      }
-      return sum / o.evalBatches;
-    };
-    // A save: every file written and flushed in a side directory, then renamed into --out (the optimizer
-    // state first, the run state last: a resume refuses a directory whose two steps differ).
-    const save = (step: number) => {
-      const tmp = `${out}.saving`;
-      rmSync(tmp, { recursive: true, force: true });
-      trainer.save(tmp, { tokenizer }); // bos/eos ids of the tokenizer trained with, when config.json lacks them
-      for (const f of TOKENIZER_FILES) {
-        const src = join(o.tokenizer, f); // the tokenizer trained with, not the --config directory's
-        if (existsSync(src)) copyFileSync(src, join(tmp, f));
-      }
-      const adamState = trainer.optimizerState();
-      const tensors: TensorToWrite[] = [];
-      for (const name of Object.keys(adamState.m).sort())
-        for (const kind of ["m", "v"] as const) {
-          const data = adamState[kind][name]!;
-          tensors.push({ name: `${kind}.${name}`, dtype: "F32", shape: [data.length], data });
-        }
-      // step: the run's (checked against pretrain-state.json); adamStep: AdamW's t, which differs after a
-      // resume from a save without optimizer state (its moments restarted at t = 0).
-      writeSafetensors(join(tmp, "optimizer.safetensors"), tensors, {
-        step: String(step),
-        adamStep: String(adamState.step),
-      });
-      const seconds = secondsBefore + (performance.now() - t0) / 1e3;
-      const record: PretrainState = {
-        step,
-        rng: rng.state(),
-        curve,
-        unigramPerplexity: unigram,
-        options: o,
-        tokens,
-        seconds,
-      };
-      // The run state is the save's last file: with it in the side directory, the save is whole and a resume
-      // can finish moving it (finishSave) if this process stops among the renames.
-      writeFileSync(join(tmp, STATE_FILE), JSON.stringify(record, null, 1));
-      for (const f of readdirSync(tmp)) fsyncFile(join(tmp, f));
-      finishSave(tmp, out);
-    };
-    const bar = process.stderr.isTTY
-      ? new SingleBar({
-          format: "pretrain [{bar}] {value}/{total} | loss {loss} | val {val} | ETA {eta_formatted}",
-          stream: process.stderr,
-        })
-      : undefined;
-    bar?.start(o.steps, start, { loss: "-", val: "-" });
-    const t0 = performance.now();
-    let lastLine = t0;
-    try {
-      for (let step = start + 1; step <= o.steps; step++) {
-        const ids = new Int32Array(o.batchSize * o.seqLen);
-        for (let r = 0; r < o.batchSize; r++) window(train, rng.int(train.length - o.seqLen), ids, r);
-        const s = await trainer.step({ inputIds: ids, batch: o.batchSize, seqLen: o.seqLen });
-        tokens += o.batchSize * o.seqLen;
-        const point: (typeof curve)[number] = { step, loss: s.loss, lr: s.lr };
-        if (step % o.evalEvery === 0 || step === o.steps) {
-          const v = await evaluate();
-          point.validationLoss = v;
-          point.validationPerplexity = Math.exp(v);
-          point.tokens = tokens;
-          point.seconds = secondsBefore + (performance.now() - t0) / 1e3;
-          if (bar) bar.update(step, { loss: s.loss.toFixed(3), val: v.toFixed(3) });
-          log(
-            `${bar ? "\n" : ""}step ${step}: loss ${s.loss.toFixed(4)}, held-out loss ${v.toFixed(4)} (perplexity ${Math.exp(v).toFixed(1)} vs unigram ${unigram.toFixed(1)}), ${(tokens / point.seconds).toFixed(0)} tok/s`,
-          );
-        } else if (bar) bar.update(step, { loss: s.loss.toFixed(3) });
-        else if (performance.now() - lastLine > 30_000) {
-          // No terminal (a log file, CI): a line at least every 30 s between evaluations.
-          lastLine = performance.now();
-          log(`step ${step}/${o.steps}: loss ${s.loss.toFixed(4)}, lr ${s.lr.toExponential(2)}`);
-        }
-        curve.push(point);
-        if (step % o.saveEvery === 0 || step === o.steps) save(step);
-      }
-    } finally {
-      bar?.stop();
-    }
-    model.dispose();
-    return { curve, unigramPerplexity: unigram };
-  } finally {
-    release();
+  makeOut();
+  const tokenizer = loadTokenizer(o.tokenizer);
+  log(`tokenizing ${[...o.train, ...o.validation].join(", ")}`);
+  const eos = tokenizer.tokenToId("<|endoftext|>");
+  const train = tokenizeFiles(tokenizer, o.train, eos);
+  const validation = tokenizeFiles(tokenizer, o.validation, eos);
+  if (train.length < o.seqLen + 1)
+    throw new Error(`--train: ${train.length} tokens, fewer than one sequence of ${o.seqLen + 1}`);
+  if (validation.length < o.seqLen + 1)
+    throw new Error(`--validation: ${validation.length} tokens, fewer than one sequence of ${o.seqLen + 1}`);
+  let model: Model;
+  let curve: PretrainCurvePoint[] = [];
+  let start = 0;
+  let rng = new Rng(o.seed);
+  let adam: NativeAdamState | undefined;
+  let tokens = 0;
+  let secondsBefore = 0;
+  if (state) {
+    model = await loadTrainableModel(out, { threads: o.threads });
+    curve = state.curve;
+    start = state.step;
+    rng = new Rng(state.rng);
+    tokens = state.tokens ?? 0;
+    secondsBefore = state.seconds ?? 0;
+    const optimizerPath = join(out, "optimizer.safetensors");
+    if (existsSync(optimizerPath)) {
+      const { tensors, metadata } = readTensors(optimizerPath);
+      // Written first of a save's files, the state last: different steps mean a save that stopped half way.
+      if (metadata.step !== String(start))
+        throw new Error(
+          `--resume: ${out} holds the optimizer state of step ${metadata.step} and the run state of step ${start} ` +
+            "(a save stopped half way); its weights may be of either: start the run again",
+        );
+      adam = { step: Number(metadata.adamStep ?? metadata.step), m: {}, v: {} };
+      for (const [name, t] of tensors)
+        (name.startsWith("m.") ? adam.m : adam.v)[name.slice(2)] = t.data as Float32Array;
+      log(`resuming at step ${start} (AdamW state restored)`);
+    } else log(`resuming at step ${start} (no optimizer.safetensors: AdamW moments restart from zero)`);
+  } else {
+    if (!o.config) throw new Error("--config: required for a new run (a config.json or a model directory)");
+    model = await createModel(o.config, { seed: o.seed, threads: o.threads });
   }
+  if (model.config.vocabSize < tokenizer.vocabSize) {
+    throw new Error(
+      `the model's vocabulary (${model.config.vocabSize}) is smaller than the tokenizer's (${tokenizer.vocabSize})`,
+    );
+  }
+  const trainer = new Pretrainer(model, { lr: (s) => schedule(o)(start + s), weightDecay: o.weightDecay });
+  if (adam) trainer.setOptimizerState(adam);
+  const unigram = unigramPerplexity(train, validation, model.config.vocabSize);
+  log(
+    `train ${train.length} tokens, validation ${validation.length} tokens, unigram perplexity ${unigram.toFixed(1)}`,
+  );
+  const window = (stream: Int32Array, offset: number, ids: Int32Array, row: number) => {
+    ids.set(stream.subarray(offset, offset + o.seqLen), row * o.seqLen);
+  };
+  // Fixed held-out windows, evenly spaced.
+  const evalOffsets = Array.from({ length: o.evalBatches * o.batchSize }, (_, i) =>
+    Math.floor((i * (validation.length - o.seqLen - 1)) / Math.max(1, o.evalBatches * o.batchSize - 1)),
+  );
+  const evaluate = async () => {
+    let sum = 0;
+    for (let b = 0; b < o.evalBatches; b++) {
+      const ids = new Int32Array(o.batchSize * o.seqLen);
+      for (let r = 0; r < o.batchSize; r++) window(validation, evalOffsets[b * o.batchSize + r]!, ids, r);
+      sum += await trainer.evaluate({ inputIds: ids, batch: o.batchSize, seqLen: o.seqLen });
+    }
+    return sum / o.evalBatches;
+  };
+  // A save: every file written and flushed in a side directory, then renamed into --out (the optimizer
+  // state first, the run state last: a resume refuses a directory whose two steps differ).
+  const save = (step: number) => {
+    const tmp = `${out}.saving`;
+    rmSync(tmp, { recursive: true, force: true });
+    trainer.save(tmp, { tokenizer }); // bos/eos ids of the tokenizer trained with, when config.json lacks them
+    for (const f of TOKENIZER_FILES) {
+      const src = join(o.tokenizer, f); // the tokenizer trained with, not the --config directory's
+      if (existsSync(src)) copyFileSync(src, join(tmp, f));
+    }
+    const adamState = trainer.optimizerState();
+    const tensors: TensorToWrite[] = [];
+    for (const name of Object.keys(adamState.m).sort())
+      for (const kind of ["m", "v"] as const) {
+        const data = adamState[kind][name]!;
+        tensors.push({ name: `${kind}.${name}`, dtype: "F32", shape: [data.length], data });
+      }
+    // step: the run's (checked against pretrain-state.json); adamStep: AdamW's t, which differs after a
+    // resume from a save without optimizer state (its moments restarted at t = 0).
+    writeSafetensors(join(tmp, "optimizer.safetensors"), tensors, {
+      step: String(step),
+      adamStep: String(adamState.step),
+    });
+    const seconds = secondsBefore + (performance.now() - t0) / 1e3;
+    const record: PretrainState = {
+      step,
+      rng: rng.state(),
+      curve,
+      unigramPerplexity: unigram,
+      options: o,
+      tokens,
+      seconds,
+    };
+    // The run state is the save's last file: with it in the side directory, the save is whole and a resume
+    // can finish moving it (finishSave) if this process stops among the renames.
+    writeFileSync(join(tmp, STATE_FILE), JSON.stringify(record, null, 1));
+    for (const f of readdirSync(tmp)) fsyncFile(join(tmp, f));
+    finishSave(tmp, out);
+  };
+  const bar = process.stderr.isTTY
+    ? new SingleBar({
+        format: "pretrain [{bar}] {value}/{total} | loss {loss} | val {val} | ETA {eta_formatted}",
+        stream: process.stderr,
+      })
+    : undefined;
+  bar?.start(o.steps, start, { loss: "-", val: "-" });
+  const t0 = performance.now();
+  let lastLine = t0;
+  try {
+    for (let step = start + 1; step <= o.steps; step++) {
+      const ids = new Int32Array(o.batchSize * o.seqLen);
+      for (let r = 0; r < o.batchSize; r++) window(train, rng.int(train.length - o.seqLen), ids, r);
+      const s = await trainer.step({ inputIds: ids, batch: o.batchSize, seqLen: o.seqLen });
+      tokens += o.batchSize * o.seqLen;
+      const point: (typeof curve)[number] = { step, loss: s.loss, lr: s.lr };
+      if (step % o.evalEvery === 0 || step === o.steps) {
+        const v = await evaluate();
+        point.validationLoss = v;
+        point.validationPerplexity = Math.exp(v);
+        point.tokens = tokens;
+        point.seconds = secondsBefore + (performance.now() - t0) / 1e3;
+        if (bar) bar.update(step, { loss: s.loss.toFixed(3), val: v.toFixed(3) });
+        log(
+          `${bar ? "\n" : ""}step ${step}: loss ${s.loss.toFixed(4)}, held-out loss ${v.toFixed(4)} (perplexity ${Math.exp(v).toFixed(1)} vs unigram ${unigram.toFixed(1)}), ${(tokens / point.seconds).toFixed(0)} tok/s`,
+        );
+      } else if (bar) bar.update(step, { loss: s.loss.toFixed(3) });
+      else if (performance.now() - lastLine > 30_000) {
+        // No terminal (a log file, CI): a line at least every 30 s between evaluations.
+        lastLine = performance.now();
+        log(`step ${step}/${o.steps}: loss ${s.loss.toFixed(4)}, lr ${s.lr.toExponential(2)}`);
+      }
+      curve.push(point);
+      if (step % o.saveEvery === 0 || step === o.steps) save(step);
+    }
+  } finally {
+    bar?.stop();
+  }
+  model.dispose();
+  return { curve, unigramPerplexity: unigram };
 }
 
 export function registerPretrainCommand(program: Command): void {

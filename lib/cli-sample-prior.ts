@@ -486,14 +486,14 @@ async function samplePrior(dir: string, o: SamplePriorOptions): Promise<void> {
   try {
     const log = process.stderr.isTTY ? (m: string) => process.stderr.write(`${m}\n`) : undefined;
     const prior = await createPrior(record, { model, dim, threads: o.threads, onProgress: log });
-    // The library names its argument n; here it is --count.
-    const prompt = named("--count", () => {
-      try {
-        return prior.sample(o.count, new Rng(o.seed));
-      } catch (e) {
-        throw new Error((e as Error).message.replace(/^n: /, ""));
-      }
-    });
+    // The library names the count n; here it is --count (other sampling errors pass as they are).
+    let prompt: Float32Array;
+    try {
+      prompt = prior.sample(o.count, new Rng(o.seed));
+    } catch (e) {
+      if (e instanceof Error && e.message.startsWith("n: ")) e.message = `--count: ${e.message.slice(3)}`;
+      throw e;
+    }
     const stats = prior.stats?.() ?? {};
     const described = prior.describe();
     const out = resolve(o.out);

@@ -1,6 +1,18 @@
 // Small file helpers shared by the loaders, the training loop and the reports.
 
-import { closeSync, fsyncSync, openSync, readFileSync, renameSync, rmSync, writeSync } from "node:fs";
+import { randomBytes } from "node:crypto";
+import {
+  closeSync,
+  fsyncSync,
+  linkSync,
+  openSync,
+  readFileSync,
+  renameSync,
+  rmSync,
+  writeFileSync,
+  writeSync,
+} from "node:fs";
+import { hostname } from "node:os";
 import { join } from "node:path";
 
 /** JSON.parse of a file, with the file's path in the error. */
@@ -60,12 +72,20 @@ export function replaceWith(path: string, write: (tmp: string) => void): void {
   }
 }
 
+/** The lock files this process holds (its own pid in a lock it does not hold: an earlier incarnation's). */
+const heldLocks = new Set<string>();
+
 /**
- * An exclusive lock on `dir` for this process: `dir/.lock` holds its pid. A lock whose process has ended
- * (killed, crashed) is taken over; one whose process runs is an error naming it. Returns the release.
+ * An exclusive lock on `dir` for this process: `dir/.lock` holds "pid host". A lock whose process has ended
+ * (killed, crashed; also a container's earlier run under the same pid) is taken over; one whose process
+ * runs, or one from another host (whose processes cannot be checked), is an error naming it. The file is
+ * created whole (written aside, then linked into place) and a stale one is moved aside and checked before
+ * it is replaced, so two processes starting at once cannot both hold it. Returns the release.
  */
 export function lockDirectory(dir: string, what: string): () => void {
   const path = join(dir, ".lock");
+  const mine = `${process.pid} ${hostname()}`;
+  const unique = () => `${process.pid}-${randomBytes(6).toString("hex")}`;
   const alive = (pid: number) => {
     try {
       process.kill(pid, 0);
@@ -74,38 +94,71 @@ export function lockDirectory(dir: string, what: string): () => void {
       return (e as NodeJS.ErrnoException).code === "EPERM";
     }
   };
-  for (let attempt = 0; ; attempt++) {
-    let fd: number;
+  const read = (file: string): string | null => {
     try {
-      fd = openSync(path, "wx");
+      return readFileSync(file, "utf8").trim();
+    } catch {
+      return null;
+    }
+  };
+  for (let attempt = 0; attempt < 8; attempt++) {
+    const aside = `${path}.new-${unique()}`;
+    writeFileSync(aside, mine);
+    let taken = false;
+    try {
+      linkSync(aside, path); // fails if a lock is there: creation and content in one step
+      taken = true;
     } catch (e) {
-      if ((e as NodeJS.ErrnoException).code !== "EEXIST") throw e;
-      let pid = Number.NaN;
-      try {
-        pid = Number(readFileSync(path, "utf8").trim());
-      } catch {
-        // removed meanwhile: try again
+      const code = (e as NodeJS.ErrnoException).code;
+      if (code !== "EEXIST") {
+        // A file system without hard links: exclusive creation, then the content.
+        try {
+          writeFileSync(path, mine, { flag: "wx" });
+          taken = true;
+        } catch (e2) {
+          if ((e2 as NodeJS.ErrnoException).code !== "EEXIST") throw e2;
+        }
       }
-      if (Number.isInteger(pid) && pid > 0 && alive(pid))
+    } finally {
+      rmSync(aside, { force: true });
+    }
+    if (taken) {
+      heldLocks.add(path);
+      return () => {
+        heldLocks.delete(path);
+        if (read(path) === mine) rmSync(path, { force: true });
+      };
+    }
+    const seen = read(path);
+    if (seen === null) continue; // released meanwhile
+    const [pidText, host] = seen.split(" ");
+    const pid = Number(pidText);
+    if (Number.isInteger(pid) && pid > 0) {
+      if (host !== undefined && host !== hostname())
+        throw new Error(
+          `${dir}: ${what} is locked by process ${pid} on host ${host} (if it no longer runs, delete ${path})`,
+        );
+      const inUse = pid === process.pid ? heldLocks.has(path) : alive(pid);
+      if (inUse)
         throw new Error(
           `${dir}: ${what} is in use by process ${pid}${pid === process.pid ? " (this one)" : ""}; wait for it to end or stop it`,
         );
-      if (attempt > 0)
-        throw new Error(`${dir}: ${what}: its .lock could not be taken (another process took it)`);
-      rmSync(path, { force: true }); // its process has ended
-      continue;
     }
+    // Stale: moved aside, then checked to be the lock judged (another process may have replaced it).
+    const stale = `${path}.stale-${unique()}`;
     try {
-      writeAll(fd, Buffer.from(String(process.pid)));
-    } finally {
-      closeSync(fd);
+      renameSync(path, stale);
+    } catch {
+      continue; // gone meanwhile
     }
-    return () => {
+    if (read(stale) !== seen) {
       try {
-        if (readFileSync(path, "utf8") === String(process.pid)) rmSync(path, { force: true });
+        linkSync(stale, path); // a fresh lock was moved: put it back
       } catch {
-        // already gone
+        // its owner's release or another lock is there now
       }
-    };
+    }
+    rmSync(stale, { force: true });
   }
+  throw new Error(`${dir}: ${what}: its .lock could not be taken (other processes keep taking it)`);
 }

@@ -1,5 +1,6 @@
 // `priortune pretrain` end to end on a fixture config and tokenizer: the loss falls, the written directory
 // loads with loadModel, and --resume continues from the last save.
+import { spawn } from "node:child_process";
 import {
   cpSync,
   existsSync,
@@ -10,7 +11,7 @@ import {
   rmSync,
   writeFileSync,
 } from "node:fs";
-import { tmpdir } from "node:os";
+import { hostname, tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
 import { pretrain, tokenizeFiles, unigramPerplexity } from "../lib/cli-pretrain.js";
@@ -146,11 +147,20 @@ describe("pretrain", () => {
     expect(readFileSync(join(out, "model.safetensors")).equals(before)).toBe(true);
     await pretrain({ ...small, out, seed: 5, force: true }, () => {});
     expect(readFileSync(join(out, "model.safetensors")).equals(before)).toBe(false);
-    // A live process's lock (this one's pid) refuses a second run; a dead process's is taken over.
-    writeFileSync(join(out, ".lock"), String(process.pid));
-    await expect(pretrain({ ...small, out, seed: 5, resume: true }, () => {})).rejects.toThrow(
-      `${out}: the pretraining run is in use by process ${process.pid} (this one)`,
-    );
+    // A live process's lock refuses a second run before it touches anything (a half-made save included);
+    // a dead process's is taken over.
+    const other = spawn("sleep", ["60"]);
+    try {
+      writeFileSync(join(out, ".lock"), `${other.pid} ${hostname()}`);
+      mkdirSync(`${out}.saving`);
+      await expect(pretrain({ ...small, out, seed: 5, resume: true }, () => {})).rejects.toThrow(
+        `${out}: the pretraining run is in use by process ${other.pid}`,
+      );
+      expect(existsSync(`${out}.saving`)).toBe(true); // deleted by the refused run before
+      rmSync(`${out}.saving`, { recursive: true });
+    } finally {
+      other.kill();
+    }
     writeFileSync(join(out, ".lock"), "999999999");
     await pretrain({ ...small, out, seed: 5, resume: true, steps: 3 }, () => {});
     expect(existsSync(join(out, ".lock"))).toBe(false);

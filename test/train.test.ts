@@ -1,8 +1,8 @@
 // The tuning loop on a fixture model: loss falls for each mode, regularisers pull where they should, run
 // directories hold what they promise, and a run killed mid-way resumes to the same prompt, bit for bit.
-import { execFileSync, spawnSync } from "node:child_process";
+import { execFileSync, spawn, spawnSync } from "node:child_process";
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { hostname, tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -309,11 +309,25 @@ describe("a run directory in use", () => {
       const runDir = join(tmp, "locked");
       const run = () => tune({ model, task, prior, promptLength: 2, steps: 1, maxNewTokens: 2, runDir });
       mkdirSync(runDir, { recursive: true });
-      writeFileSync(join(runDir, ".lock"), String(process.pid));
-      await expect(run()).rejects.toThrow(`${runDir}: the run directory is in use by process ${process.pid}`);
+      const other = spawn("sleep", ["60"]);
+      try {
+        writeFileSync(join(runDir, ".lock"), `${other.pid} ${hostname()}`);
+        await expect(run()).rejects.toThrow(`${runDir}: the run directory is in use by process ${other.pid}`);
+      } finally {
+        other.kill();
+      }
+      // A process that has ended, and this pid in a lock this process does not hold (a container's earlier
+      // run restarted as pid 1 was refused for good): both taken over.
       writeFileSync(join(runDir, ".lock"), "999999999");
       expect((await run()).steps).toBe(1);
+      writeFileSync(join(runDir, ".lock"), `${process.pid} ${hostname()}`);
+      expect((await run()).steps).toBe(1);
       expect(existsSync(join(runDir, ".lock"))).toBe(false);
+      // Another host's lock cannot be checked: refused, saying how to clear it.
+      writeFileSync(join(runDir, ".lock"), "1234 some-other-host");
+      await expect(run()).rejects.toThrow(
+        /locked by process 1234 on host some-other-host \(if it no longer runs, delete /,
+      );
     } finally {
       model.dispose();
     }
