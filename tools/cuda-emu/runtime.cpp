@@ -7,6 +7,7 @@
 #include <chrono>
 #include <deque>
 #include <map>
+#include <mutex>
 #include <set>
 
 #include "cuda.h"
@@ -42,6 +43,15 @@ struct CUevent_st {
 
 namespace emu {
 long long errors = 0, warnings = 0, launches = 0, jobs_run = 0, graph_launches = 0, captured_jobs = 0;
+// One host thread at a time: the queue, the allocations and the fibers that run a grid are shared state,
+// and the addon calls the runtime from libuv workers and the JS thread (a finalizer's stream teardown)
+// at once; the CUDA runtime is thread-safe, so the emulator serialises its calls. Recursive: a job run by a
+// wait may call the runtime again.
+static std::recursive_mutex emu_mutex;
+struct EmuLock {
+  std::lock_guard<std::recursive_mutex> guard{emu_mutex};
+};
+
 unsigned order_seed = 0;
 bool reverse_blocks = false;
 static int last_error = cudaSuccess;
@@ -201,6 +211,7 @@ static void warn_unordered(CUstream_st* s, const char* call) {
     }
 }
 void enqueue(cudaStream_t st, const char* what, Job job) {
+  EmuLock lock_;
   CUstream_st* s = S(st);
   if (s->capturing) {
     s->graph.emplace_back(what, std::move(job));
@@ -225,6 +236,7 @@ static size_t smem_optin() {
 }
 static std::map<const void*, int> func_smem;
 void set_func_smem(const void* k, int bytes) {
+  EmuLock lock_;
   if (bytes < 0 || size_t(bytes) > smem_optin())
     report(true, "cudaFuncSetAttribute: " + std::to_string(bytes) +
                      " bytes of dynamic shared memory, more than the device's " +
@@ -232,6 +244,7 @@ void set_func_smem(const void* k, int bytes) {
   func_smem[k] = bytes;
 }
 void check_func_smem(const void* k, size_t dyn, const char* name) {
+  EmuLock lock_;
   auto it = func_smem.find(k);
   const size_t lim = it == func_smem.end() ? 48 * 1024 : static_cast<size_t>(it->second);
   if (dyn > lim)
@@ -726,17 +739,21 @@ void run_grid(dim3 grid, dim3 block, size_t dyn, const char* name, const std::fu
 using namespace emu;
 
 cudaError_t cudaSetDevice(int d) {
+  EmuLock lock_;
   return d == 0 ? cudaSuccess : fail(cudaErrorInvalidValue);
 }
 cudaError_t cudaGetDevice(int* d) {
+  EmuLock lock_;
   *d = 0;
   return cudaSuccess;
 }
 cudaError_t cudaGetDeviceCount(int* c) {
+  EmuLock lock_;
   *c = 1;
   return cudaSuccess;
 }
 cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int) {
+  EmuLock lock_;
   std::memset(p, 0, sizeof *p);
   std::snprintf(p->name, sizeof p->name, "CPU emulator");
   p->major = 9;
@@ -755,11 +772,13 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int) {
   return cudaSuccess;
 }
 cudaError_t cudaDeviceSynchronize() {
+  EmuLock lock_;
   if (illegal_in_capture("cudaDeviceSynchronize")) return fail(cudaErrorStreamCaptureUnsupported);
   flush_all();
   return cudaSuccess;
 }
 cudaError_t cudaGetLastError() {
+  EmuLock lock_;
   const int e = last_error;
   last_error = cudaSuccess;
   return e;
@@ -785,6 +804,7 @@ const char* cudaGetErrorString(cudaError_t e) {
 }
 
 cudaError_t cudaMalloc(void** p, size_t n) {
+  EmuLock lock_;
   illegal_in_capture("cudaMalloc");  // reported; the allocation still happens
   // EMU_MAX_ALLOC_BYTES (read at each call, so a check can set it between calls): a larger single
   // allocation fails, as on a nearly full device.
@@ -803,6 +823,7 @@ cudaError_t cudaMalloc(void** p, size_t n) {
   return cudaSuccess;
 }
 cudaError_t cudaFree(void* p) {
+  EmuLock lock_;
   if (!p) return cudaSuccess;
   if (illegal_in_capture("cudaFree")) return fail(cudaErrorStreamCaptureUnsupported);
   flush_all();  // cudaFree synchronises the device
@@ -819,6 +840,7 @@ cudaError_t cudaFree(void* p) {
   return cudaSuccess;
 }
 cudaError_t cudaMallocHost(void** p, size_t n) {
+  EmuLock lock_;
   if (illegal_in_capture("cudaMallocHost")) return fail(cudaErrorStreamCaptureUnsupported);
   if (posix_memalign(p, 4096, n ? n : 1)) return fail(cudaErrorMemoryAllocation);
   std::memset(*p, 0xcd, n);
@@ -826,6 +848,7 @@ cudaError_t cudaMallocHost(void** p, size_t n) {
   return cudaSuccess;
 }
 cudaError_t cudaFreeHost(void* p) {
+  EmuLock lock_;
   if (!p) return cudaSuccess;
   if (illegal_in_capture("cudaFreeHost")) return fail(cudaErrorStreamCaptureUnsupported);
   flush_all();
@@ -840,6 +863,7 @@ cudaError_t cudaFreeHost(void* p) {
   return cudaSuccess;
 }
 cudaError_t cudaMemGetInfo(size_t* f, size_t* t) {
+  EmuLock lock_;
   *t = device_capacity();
   *f = *t - std::min(dev_bytes, *t);
   return cudaSuccess;
@@ -867,6 +891,7 @@ static void kind_sides(cudaMemcpyKind k, bool* dst_dev, bool* src_dev) {
 // device returns once the data is staged (the DMA may still be pending), device to device does not block,
 // copies to the host block until done. A legacy-stream copy is not ordered with non-blocking streams.
 cudaError_t cudaMemcpy(void* d, const void* s, size_t n, cudaMemcpyKind k) {
+  EmuLock lock_;
   if (illegal_in_capture("cudaMemcpy (synchronous)")) return fail(cudaErrorStreamCaptureUnsupported);
   bool dd, sd;
   kind_sides(k, &dd, &sd);
@@ -925,19 +950,23 @@ static cudaError_t copy_async(const char* call, void* d, size_t dpitch, const vo
   return cudaSuccess;
 }
 cudaError_t cudaMemcpyAsync(void* d, const void* s, size_t n, cudaMemcpyKind k, cudaStream_t st) {
+  EmuLock lock_;
   return copy_async("cudaMemcpyAsync", d, n, s, n, n, 1, k, st);
 }
 cudaError_t cudaMemcpy2DAsync(void* d, size_t dp, const void* s, size_t sp, size_t w, size_t h,
                               cudaMemcpyKind k, cudaStream_t st) {
+  EmuLock lock_;
   return copy_async("cudaMemcpy2DAsync", d, dp, s, sp, w, h, k, st);
 }
 cudaError_t cudaMemsetAsync(void* d, int v, size_t n, cudaStream_t st) {
+  EmuLock lock_;
   if (!n) return cudaSuccess;
   side(d, n, true, "cudaMemsetAsync", "destination");
   enqueue(st, "cudaMemsetAsync", [=] { std::memset(d, v, n); });
   return cudaSuccess;
 }
 cudaError_t cudaMemset(void* d, int v, size_t n) {
+  EmuLock lock_;
   if (illegal_in_capture("cudaMemset")) return fail(cudaErrorStreamCaptureUnsupported);
   if (!n) return cudaSuccess;
   side(d, n, true, "cudaMemset", "destination");
@@ -947,9 +976,11 @@ cudaError_t cudaMemset(void* d, int v, size_t n) {
 
 static int next_stream_id = 1;
 cudaError_t cudaStreamCreate(cudaStream_t* s) {
+  EmuLock lock_;
   return cudaStreamCreateWithFlags(s, cudaStreamDefault);
 }
 cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned flags) {
+  EmuLock lock_;
   *s = new CUstream_st;
   (*s)->flags = flags;
   (*s)->id = next_stream_id++;
@@ -957,6 +988,7 @@ cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned flags) {
   return cudaSuccess;
 }
 cudaError_t cudaStreamDestroy(cudaStream_t s) {
+  EmuLock lock_;
   if (!s) return cudaSuccess;
   CUstream_st* p = S(s);
   if (p->capturing) report(true, "cudaStreamDestroy of a capturing stream");
@@ -966,6 +998,7 @@ cudaError_t cudaStreamDestroy(cudaStream_t s) {
   return cudaSuccess;
 }
 cudaError_t cudaStreamSynchronize(cudaStream_t s) {
+  EmuLock lock_;
   if (illegal_in_capture("cudaStreamSynchronize")) return fail(cudaErrorStreamCaptureUnsupported);
   CUstream_st* p = S(s);
   if (p->legacy) warn_unordered(p, "cudaStreamSynchronize(0)");
@@ -973,6 +1006,7 @@ cudaError_t cudaStreamSynchronize(cudaStream_t s) {
   return cudaSuccess;
 }
 cudaError_t cudaStreamBeginCapture(cudaStream_t s, cudaStreamCaptureMode) {
+  EmuLock lock_;
   CUstream_st* p = S(s);
   if (p->legacy) {
     report(true, "capture on the legacy stream");
@@ -988,6 +1022,7 @@ cudaError_t cudaStreamBeginCapture(cudaStream_t s, cudaStreamCaptureMode) {
   return cudaSuccess;
 }
 cudaError_t cudaStreamEndCapture(cudaStream_t s, cudaGraph_t* g) {
+  EmuLock lock_;
   CUstream_st* p = S(s);
   *g = nullptr;
   if (!p->capturing) {
@@ -1002,12 +1037,14 @@ cudaError_t cudaStreamEndCapture(cudaStream_t s, cudaGraph_t* g) {
   return cudaSuccess;
 }
 cudaError_t cudaGraphInstantiate(cudaGraphExec_t* e, cudaGraph_t g, unsigned long long) {
+  EmuLock lock_;
   if (!g) return fail(cudaErrorInvalidValue);
   *e = new CUgraphExec_st{g->ops};
   live_execs.insert(*e);
   return cudaSuccess;
 }
 cudaError_t cudaGraphLaunch(cudaGraphExec_t e, cudaStream_t s) {
+  EmuLock lock_;
   if (!live_execs.count(e)) {
     report(true, "cudaGraphLaunch of a destroyed graph");
     return fail(cudaErrorInvalidValue);
@@ -1022,10 +1059,12 @@ cudaError_t cudaGraphLaunch(cudaGraphExec_t e, cudaStream_t s) {
   return cudaSuccess;
 }
 cudaError_t cudaGraphDestroy(cudaGraph_t g) {
+  EmuLock lock_;
   delete g;
   return cudaSuccess;
 }
 cudaError_t cudaGraphExecDestroy(cudaGraphExec_t e) {
+  EmuLock lock_;
   if (!live_execs.count(e)) {
     report(true, "cudaGraphExecDestroy of an unknown graph");
     return fail(cudaErrorInvalidValue);
@@ -1036,14 +1075,17 @@ cudaError_t cudaGraphExecDestroy(cudaGraphExec_t e) {
   return cudaSuccess;
 }
 cudaError_t cudaEventCreate(cudaEvent_t* e) {
+  EmuLock lock_;
   *e = new CUevent_st;
   return cudaSuccess;
 }
 cudaError_t cudaEventDestroy(cudaEvent_t e) {
+  EmuLock lock_;
   delete e;
   return cudaSuccess;
 }
 cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
+  EmuLock lock_;
   e->s = s;
   enqueue(s, "cudaEventRecord", [e] {
     e->t = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch())
@@ -1052,11 +1094,13 @@ cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
   return cudaSuccess;
 }
 cudaError_t cudaEventSynchronize(cudaEvent_t e) {
+  EmuLock lock_;
   if (illegal_in_capture("cudaEventSynchronize")) return fail(cudaErrorStreamCaptureUnsupported);
   flush(S(e->s));
   return cudaSuccess;
 }
 cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t a, cudaEvent_t b) {
+  EmuLock lock_;
   *ms = static_cast<float>(b->t - a->t);
   return cudaSuccess;
 }
@@ -1068,6 +1112,7 @@ CUresult cuTensorMapEncodeTiled(CUtensorMap* map, CUtensorMapDataType type, cuui
                                 const cuuint32_t* elem_strides, CUtensorMapInterleave interleave,
                                 CUtensorMapSwizzle swizzle, CUtensorMapL2promotion,
                                 CUtensorMapFloatOOBfill fill) {
+  EmuLock lock_;
   auto bad = [](const std::string& why) {
     emu::report(true, "cuTensorMapEncodeTiled: " + why);
     return CUDA_ERROR_INVALID_VALUE;
@@ -1096,6 +1141,7 @@ CUresult cuTensorMapEncodeTiled(CUtensorMap* map, CUtensorMapDataType type, cuui
 }
 cudaError_t cudaGetDriverEntryPointByVersion(const char* symbol, void** fn, unsigned, unsigned long long,
                                              cudaDriverEntryPointQueryResult* status) {
+  EmuLock lock_;
   const bool found = std::strcmp(symbol, "cuTensorMapEncodeTiled") == 0;
   *fn = found ? reinterpret_cast<void*>(&cuTensorMapEncodeTiled) : nullptr;
   if (status) *status = found ? cudaDriverEntryPointSuccess : cudaDriverEntryPointSymbolNotFound;
