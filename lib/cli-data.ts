@@ -14,6 +14,7 @@ import {
   writeCloze,
   writeQaFacts,
 } from "./data/generators.js";
+import { isGzip } from "./data/loaders.js";
 import { CLOZE_TEMPLATE } from "./data/templates.js";
 
 const fraction = (value: string) => {
@@ -68,7 +69,7 @@ function readText(path: string): string {
   } catch (e) {
     throw new Error(`--input: cannot read ${path} (${(e as Error).message})`);
   }
-  return (bytes[0] === 0x1f && bytes[1] === 0x8b ? gunzipSync(bytes) : bytes).toString("utf8");
+  return (isGzip(bytes) ? gunzipSync(bytes) : bytes).toString("utf8");
 }
 
 /** Adds `make-data arithmetic|qa|cloze` to the program. */

@@ -196,6 +196,7 @@ export {
   type TaskKind,
   type TaskMetric,
   type TaskSpec,
+  withRecordedSplit,
   writeArithmetic,
   writeCloze,
   writeQaFacts,

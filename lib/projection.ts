@@ -478,6 +478,13 @@ class QuadTree {
   }
 }
 
+/** A finite number > 0, else a RangeError naming the option. */
+function positive(name: string, v: number): number {
+  if (typeof v !== "number" || !Number.isFinite(v) || v <= 0)
+    throw new RangeError(`${name}: expected a finite number > 0, got ${v}`);
+  return v;
+}
+
 /**
  * t-SNE to 2-D (van der Maaten and Hinton 2008; Barnes-Hut, van der Maaten 2014): rows x 2 coordinates.
  * Optimisation as the reference implementation: momentum 0.5 then 0.8, early exaggeration for 250
@@ -497,11 +504,6 @@ export async function tsne(
     throw new RangeError(`perplexity: expected a number >= 1, got ${options.perplexity}`);
   const perplexity = Math.min(options.perplexity ?? 30, (n - 1) / 3);
   const iterations = checkInteger("iterations", options.iterations ?? 1000, 1);
-  const positive = (name: string, v: number) => {
-    if (typeof v !== "number" || !Number.isFinite(v) || v <= 0)
-      throw new RangeError(`${name}: expected a finite number > 0, got ${v}`);
-    return v;
-  };
   const exaggeration = positive("earlyExaggeration", options.earlyExaggeration ?? 12);
   const theta = options.theta ?? 0.5;
   if (typeof theta !== "number" || !(theta >= 0 && theta <= 1))
@@ -625,9 +627,7 @@ export async function umap(
   // umap-js loops until its epoch counter equals nEpochs (2.5 or Infinity: forever, on the main thread),
   // takes 0 or a negative count as its default, and fits a degenerate curve for spread <= 0 or
   // minDist > spread: all refused here.
-  const spread = options.spread ?? 1;
-  if (typeof spread !== "number" || !Number.isFinite(spread) || spread <= 0)
-    throw new RangeError(`spread: expected a finite number > 0, got ${spread}`);
+  const spread = positive("spread", options.spread ?? 1);
   const minDist = options.minDist ?? 0.1;
   if (typeof minDist !== "number" || !(minDist >= 0 && minDist <= spread))
     throw new RangeError(`minDist: expected a number from 0 to spread (${spread}), got ${minDist}`);

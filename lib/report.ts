@@ -143,8 +143,8 @@ interface LoadedRun {
   initial: Float32Array | null;
   final: Float32Array | null;
   snapshots: { step: number; prompt: Float32Array }[];
-  /** No prompt.safetensors: the step of the prompt taken as final instead (null when there was none). */
-  unfinishedAt: number | null;
+  /** No prompt.safetensors: the step and file of the prompt taken as final instead (null: none either). */
+  unfinished: { step: number; from: "snapshot" | "checkpoint" } | null;
 }
 
 function loadRun(dir: string, name: string): LoadedRun {
@@ -162,14 +162,14 @@ function loadRun(dir: string, name: string): LoadedRun {
     : [];
   const finalFile = join(dir, "prompt.safetensors");
   let final: Float32Array | null = null;
-  let unfinishedAt: number | null = null;
+  let unfinished: LoadedRun["unfinished"] = null;
   if (existsSync(finalFile)) final = readPromptFile(finalFile).prompt ?? null;
   else {
     // An unfinished run (killed, crashed): its newest prompt is the checkpoint's when that is newer than
     // the last snapshot (sparse snapshots would otherwise give the initial prompt as "trained").
     const last = snapshots[snapshots.length - 1];
     final = last?.prompt ?? null;
-    unfinishedAt = last?.step ?? null;
+    unfinished = last ? { step: last.step, from: "snapshot" } : null;
     const checkpoint = join(dir, "checkpoint.safetensors");
     if (Number(record.promptLength ?? 0) > 0 && existsSync(checkpoint)) {
       const { tensors, metadata } = readTensors(checkpoint);
@@ -179,7 +179,7 @@ function loadRun(dir: string, name: string): LoadedRun {
       const prompt = tensors.get("param.0")?.data; // the soft prompt is the first trainable tensor
       if (prompt instanceof Float32Array && Number.isFinite(step) && step > (last?.step ?? -1)) {
         final = prompt;
-        unfinishedAt = step;
+        unfinished = { step, from: "checkpoint" };
       }
     }
   }
@@ -190,7 +190,7 @@ function loadRun(dir: string, name: string): LoadedRun {
     metrics,
     initial: snapshots[0]?.prompt ?? null,
     final,
-    unfinishedAt,
+    unfinished,
     snapshots,
   };
 }
@@ -249,9 +249,9 @@ export async function buildReport(runDirs: readonly string[], options: ReportOpt
   mkdirSync(figDir, { recursive: true }); // after the runs are read: a failed report leaves no empty folder
   const notes: string[] = [];
   for (const r of runs)
-    if (r.unfinishedAt !== null)
+    if (r.unfinished)
       notes.push(
-        `${r.name} has no prompt.safetensors (unfinished): its prompt is the step-${r.unfinishedAt} ${r.final === r.snapshots.at(-1)?.prompt ? "snapshot" : "checkpoint"}.`,
+        `${r.name} has no prompt.safetensors (unfinished): its prompt is the step-${r.unfinished.step} ${r.unfinished.from}.`,
       );
   const figures: { name: string; title: string; spec: PlotSpec }[] = [];
 
@@ -455,6 +455,12 @@ export async function buildReport(runDirs: readonly string[], options: ReportOpt
       const layers = act.layers ?? Array.from({ length: model.config.numLayers + 1 }, (_, i) => i);
       const perTask = act.texts ?? 64;
       const sets: { name: string; texts: string[] }[] = [];
+      // A name taken already (two tasks of one kind, an extra set named like a task) is told apart.
+      const addSet = (wanted: string, texts: string[]) => {
+        let name = wanted;
+        while (sets.some((s) => s.name === name)) name += "'";
+        sets.push({ name, texts });
+      };
       const seen = new Set<string>();
       for (const r of runs) {
         const key = JSON.stringify(r.record.task);
@@ -465,20 +471,14 @@ export async function buildReport(runDirs: readonly string[], options: ReportOpt
           const texts = [...task.validation, ...task.train]
             .slice(0, perTask)
             .map((e) => e.prompt + e.completion);
-          let name = task.name;
-          while (sets.some((s) => s.name === name)) name += "'";
-          sets.push({ name, texts });
+          addSet(task.name, texts);
         } catch (e) {
           notes.push(
             `Task of ${r.name} could not be reloaded (${(e as Error).message}): left out of the activations.`,
           );
         }
       }
-      for (const s of act.extraSets ?? []) {
-        let name = s.name; // a task's name taken already: the extra set is told apart, as tasks are
-        while (sets.some((t) => t.name === name)) name += "'";
-        sets.push({ name, texts: s.texts.slice(0, perTask) });
-      }
+      for (const s of act.extraSets ?? []) addSet(s.name, s.texts.slice(0, perTask));
       if (sets.length > 0) {
         progress(`capturing activations of ${sets.length} text set(s) at ${layers.length} layers`);
         const captured = [];

@@ -460,8 +460,16 @@ function c4Examples(text: string | readonly string[], prefixWords: number, sourc
 }
 
 /**
+ * A task description a run recorded (run.json's `task`) with its split: descriptions written before `split`
+ * existed divided their source train first.
+ */
+export function withRecordedSplit(description: Record<string, unknown>): Record<string, unknown> {
+  return "split" in description ? description : { ...description, split: "train-first" };
+}
+
+/**
  * The spec to resume run directories with: one whose run.json was written before `split` existed (its task
- * has none) divided its source train first, so the spec does too unless it names a split itself.
+ * has none) divided its source as withRecordedSplit says, so the spec does too unless it names a split.
  */
 export function specForRunDirs<T extends TaskSpec>(spec: T, runDirs: readonly (string | undefined)[]): T {
   if (spec.split !== undefined) return spec;
@@ -470,17 +478,14 @@ export function specForRunDirs<T extends TaskSpec>(spec: T, runDirs: readonly (s
     if (!path || !existsSync(path)) continue;
     const task = (readJsonFile(path) as { task?: unknown }).task;
     if (typeof task === "object" && task !== null && !("split" in task))
-      return { ...spec, split: "train-first" };
+      return { ...spec, split: withRecordedSplit(task as Record<string, unknown>)["split"] as SplitOrder };
   }
   return spec;
 }
 
-/**
- * loadTask for a description a run recorded (run.json's `task`). Descriptions written before `split`
- * existed divided their source train first, and reload that way.
- */
+/** loadTask for a description a run recorded, divided as it was (withRecordedSplit). */
 export function loadRecordedTask(description: Record<string, unknown>): Promise<Task> {
-  return loadTask("split" in description ? description : { ...description, split: "train-first" });
+  return loadTask(withRecordedSplit(description));
 }
 
 /**

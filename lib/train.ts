@@ -25,7 +25,7 @@ import { AdamW, promptGrads, promptTensors } from "./optim.js";
 import { createRegularizer, type Prior, type Regularizer, type RegularizerSpec } from "./priors.js";
 import { Rng, type RngState } from "./rng.js";
 import { readTensors, type TensorToWrite, writeSafetensorsAtomic } from "./safetensors.js";
-import { type Example, encodeExample, type Task } from "./tasks.js";
+import { type Example, encodeExample, type Task, withRecordedSplit } from "./tasks.js";
 
 export type TuneMode = "soft" | "deep-hidden" | "deep-prefix";
 export type Schedule = "constant" | "linear" | "cosine";
@@ -494,11 +494,10 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
       if (existsSync(runJson)) {
         const previous = readJsonFile(runJson) as Record<string, unknown>;
         // Fields this version records that an older run.json lacks are not a difference (they were not
-        // recorded then); key order is not either. Tasks recorded before `split` existed were divided
-        // train first (loadRecordedTask reloads them so).
+        // recorded then); key order is not either. A task recorded before `split` existed is compared with
+        // the split it was divided by (withRecordedSplit; loadRecordedTask reloads it so).
         const previousTask = previous["task"] as Record<string, unknown> | undefined;
-        if (previousTask && !("split" in previousTask))
-          previous["task"] = { ...previousTask, split: "train-first" };
+        if (previousTask) previous["task"] = withRecordedSplit(previousTask);
         const comparable: Record<string, unknown> = { ...runRecord, ...previous };
         const differing = Object.keys(comparable).filter(
           (k) => canonicalJson(comparable[k]) !== canonicalJson((runRecord as Record<string, unknown>)[k]),

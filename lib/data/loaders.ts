@@ -14,6 +14,11 @@ export interface SourceText {
   sha256: string;
 }
 
+/** Whether `bytes` (a file's first two at least) start with the gzip magic bytes. */
+export function isGzip(bytes: Uint8Array): boolean {
+  return bytes.length >= 2 && bytes[0] === 0x1f && bytes[1] === 0x8b;
+}
+
 /** Reads a UTF-8 text file, gunzipping it when it starts with the gzip magic bytes (any extension). */
 export async function readSource(path: string): Promise<SourceText> {
   if (typeof path !== "string" || path.length === 0) {
@@ -27,7 +32,7 @@ export async function readSource(path: string): Promise<SourceText> {
   }
   const sha256 = createHash("sha256").update(bytes).digest("hex");
   let raw = bytes;
-  if (bytes.length >= 2 && bytes[0] === 0x1f && bytes[1] === 0x8b) {
+  if (isGzip(bytes)) {
     try {
       raw = gunzipSync(bytes);
     } catch (e) {
@@ -65,7 +70,7 @@ export async function readSourceLines(path: string): Promise<SourceLines> {
   } catch (e) {
     throw new Error(`${path}: cannot read (${(e as Error).message})`);
   }
-  const gzipped = got === 2 && magic[0] === 0x1f && magic[1] === 0x8b;
+  const gzipped = isGzip(magic.subarray(0, got));
   const hash = createHash("sha256");
   const lines: string[] = [];
   const decoder = new StringDecoder("utf8");
