@@ -458,6 +458,36 @@ export async function trainerStateChecks(backend: "cpu" | "cuda"): Promise<Check
     rows.add("restored trainer: losses of two more steps", diff, 0, "bit-identical expected");
     rows.add("restored trainer: prompt", rel(pb, pa), 0, "bit-identical expected");
     rows.add("restored trainer: moments", Math.max(rel(sb.m[0]!, sa.m[0]!), rel(sb.v[0]!, sa.v[0]!)), 0);
+    // A non-finite gradient (a finite key row so large that the scores overflow) is refused: the step throws
+    // and leaves the tensors, the moments and the step count as they were (the device checks the norm
+    // on the device, so a replayed graph does too). Twice: the second step replays the captured graph.
+    const kvw = model.config.numKvHeads * model.config.headDim;
+    const keys = new Float32Array(2 * kvw).fill(0.1).fill(3e38, 0, kvw);
+    const values = new Float32Array(2 * kvw).fill(0.1);
+    const c = await other.promptTrainer(
+      { deepPrompts: { kind: "prefix", layers: [0], keys: [keys], values: [values] } },
+      opts,
+    );
+    for (let i = 0; i < 2; i++) {
+      const message = await c.step(base).then(
+        () => "",
+        (e: Error) => e.message,
+      );
+      const kept = (await c.tensors()).deepPrompts;
+      const st = await c.optimizerState();
+      const same =
+        kept?.kind === "prefix" &&
+        kept.keys[0]!.every((x, k) => x === keys[k]) &&
+        st.step === 0 &&
+        c.steps === 0 &&
+        st.m.every((t) => t.every((x) => x === 0));
+      rows.add(
+        `non-finite gradient refused, tensors and moments kept (try ${i + 1})`,
+        /gradient is not finite/.test(message) && same ? 0 : 1,
+        0,
+        message.slice(0, 80),
+      );
+    }
     if (backend === "cuda") {
       await model.promptTrainer({ prompt }, opts);
       const message = await a.step(base).then(

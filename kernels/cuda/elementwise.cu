@@ -716,7 +716,10 @@ void launch_sum_f64(const char* name, Stream stream, double* out, const float* x
 
 __global__ void adamw_kernel(float* param, const float* grad, float* m, float* v, int64_t n, int64_t n4,
                              const float* hyper, float beta1, float beta2, float eps, float weight_decay,
-                             const float* clip) {
+                             const float* clip, const double* sum_sq) {
+  // A non-finite gradient norm leaves the parameters and moments as they are (the host then refuses the step,
+  // as the CPU trainers do); read on the device so that a replayed graph checks every step.
+  if (sum_sq && !(sum_sq[0] - sum_sq[0] == 0.0)) return;  // NaN or +-inf (x - x is NaN for both)
   const float lr = hyper[0], bc1 = hyper[1], bc2 = hyper[2];
   const float step = lr / bc1;
   const float inv_sqrt_bc2 = 1.0f / sqrtf(bc2);
@@ -1014,7 +1017,7 @@ void sum_squares_f64(Stream stream, double* out, const float* x, int64_t n, bool
 
 void adamw_step(Stream stream, float* param, const float* grad, float* m, float* v, int64_t n,
                 const float* hyper, float beta1, float beta2, float eps, float weight_decay,
-                const float* clip) {
+                const float* clip, const double* sum_sq) {
   const char* name = "adamw_step";
   require(n >= 0, name, "negative size");
   if (n == 0) return;
@@ -1022,7 +1025,7 @@ void adamw_step(Stream stream, float* param, const float* grad, float* m, float*
   const bool vec = aligned16(param) && aligned16(grad) && aligned16(m) && aligned16(v);
   const int64_t n4 = vec ? n / 4 : 0;
   adamw_kernel<<<grid_for(n4 > 0 ? n4 : n, kThreads), kThreads, 0, stream>>>(
-      param, grad, m, v, n, n4, hyper, beta1, beta2, eps, weight_decay, clip);
+      param, grad, m, v, n, n4, hyper, beta1, beta2, eps, weight_decay, clip, sum_sq);
   check_launch(name);
 }
 
@@ -1561,6 +1564,29 @@ void test_adamw(std::vector<OpCheck>& out, uint32_t& seed) {
     out.push_back(make_check("adamw_step", shape, err, kTolMath,
                              "sqrt/div correctly rounded on both sides, but the step size comes from fp32 "
                              "hyper values and FMA contraction differs: ulp-level differences"));
+  }
+  // A non-finite squared gradient norm (NaN, +inf) leaves the parameters and both moments untouched; a finite
+  // one steps as without it.
+  {
+    const int64_t n = 1001;
+    const std::vector<float> p = random_vector(n, ++seed), g = random_vector(n, ++seed);
+    const std::vector<float> hyper = {lr, 1.0f - beta1, 1.0f - beta2};
+    auto d_hyper = to_device(hyper), d_g = to_device(g);
+    double err = 0.0;
+    for (double sq : {static_cast<double>(NAN), static_cast<double>(INFINITY), 4.0}) {
+      std::vector<float> m(n, 0.0f), v(n, 0.0f), want = p, wm = m, wv = v;
+      if (std::isfinite(sq))
+        ::pt::adamw_step(want.data(), g.data(), wm.data(), wv.data(), n, lr, beta1, beta2, eps, wd, 1);
+      auto d_p = to_device(p), d_m = to_device(m), d_v = to_device(v);
+      auto d_sq = to_device(std::vector<double>{sq});
+      adamw_step(nullptr, d_p.get(), d_g.get(), d_m.get(), d_v.get(), n, d_hyper.get(), beta1, beta2, eps, wd,
+                 nullptr, d_sq.get());
+      check(cudaDeviceSynchronize(), "adamw_step");
+      err = std::max({err, rel_error(to_host(d_p.get(), n), want), rel_error(to_host(d_m.get(), n), wm),
+                      rel_error(to_host(d_v.get(), n), wv)});
+    }
+    out.push_back(make_check("adamw_step", "n=1001, squared norm NaN, inf (no write) and 4", err, kTolMath,
+                             "non-finite: bit-identical to the untouched input; finite: as the steps above"));
   }
 }
 

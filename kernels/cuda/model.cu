@@ -397,7 +397,7 @@ class CudaModel final : public DeviceModel {
         TrainTensor& tt = train_.tensors[i];
         cuda::adamw_step(stream_, tt.param.get(), grad_of_trainable(i), tt.m.get(), tt.v.get(),
                          static_cast<int64_t>(tt.n), hyper_dev, o.beta1, o.beta2, o.eps, o.weight_decay,
-                         o.max_grad_norm > 0.0 ? clip_.get() : nullptr);
+                         o.max_grad_norm > 0.0 ? clip_.get() : nullptr, gnorm_sq_.get());
       }
     });
     check(cudaMemcpyAsync(host_out_, loss_sum_.get(), sizeof(double), cudaMemcpyDeviceToHost, stream_),
@@ -405,6 +405,13 @@ class CudaModel final : public DeviceModel {
     check(cudaMemcpyAsync(host_out_ + 1, gnorm_sq_.get(), sizeof(double), cudaMemcpyDeviceToHost, stream_),
           "gradient norm copy");
     sync("promptStep");
+    // adamw_step wrote nothing when the norm is not finite: refuse the step as the CPU trainers do.
+    if (!std::isfinite(host_out_[1])) {
+      const double loss = host_out_[0] / static_cast<double>(pl.R);
+      throw std::runtime_error("prompt step: the gradient is not finite (loss " +
+                               (std::isnan(loss) ? std::string("NaN") : std::to_string(loss)) +
+                               "); prompt and optimizer state left unchanged");
+    }
     train_.step = t;
     TrainStats st;
     st.loss = host_out_[0] / static_cast<double>(pl.R);

@@ -186,10 +186,11 @@ void sum_f64(Stream stream, double* out, const float* x, int64_t n, bool accumul
 // AdamW on n values, torch.optim.AdamW's update (ops.h adamw_step). The step-dependent numbers are read
 // from device memory so a captured graph can be replayed for every step:
 //   hyper[0] = lr, hyper[1] = 1 - beta1^t, hyper[2] = 1 - beta2^t.
-// When clip is non-null, the gradient is first multiplied by clip[0] (global-norm clipping factor).
+// When clip is non-null, the gradient is first multiplied by clip[0] (global-norm clipping factor). When
+// sum_sq is non-null and sum_sq[0] (the squared global gradient norm) is not finite, nothing is written.
 void adamw_step(Stream stream, float* param, const float* grad, float* m, float* v, int64_t n,
                 const float* hyper, float beta1, float beta2, float eps, float weight_decay,
-                const float* clip);
+                const float* clip, const double* sum_sq = nullptr);
 // out[0] (= or += when accumulate) = sum of squares of x[0..n) in float64 (for the global gradient norm).
 void sum_squares_f64(Stream stream, double* out, const float* x, int64_t n, bool accumulate);
 // clip[0] (=) = max_norm / (sqrt(sum_sq[0]) + 1e-6) when that is below 1, else 1 (clip_grad_norm_).
