@@ -92,6 +92,19 @@ const deviceTrainer = new WeakMap<Model, PromptTrainer>();
  * gradients and AdamW's moments stay on the device and a repeated step shape replays a CUDA graph; on the
  * CPU the same update runs through lossAndGrad and the native AdamW (the reference).
  */
+/** Runs async work one call at a time, in call order (a failed call does not stop the ones after it). */
+export class CallQueue {
+  #tail: Promise<void> = Promise.resolve();
+  run<T>(work: () => Promise<T>): Promise<T> {
+    const result = this.#tail.then(work);
+    this.#tail = result.then(
+      () => undefined,
+      () => undefined,
+    );
+    return result;
+  }
+}
+
 export class PromptTrainer {
   readonly #model: Model;
   readonly #native: NativeModel | null;
@@ -99,6 +112,9 @@ export class PromptTrainer {
   readonly #adamw: AdamW | null;
   readonly #options: Required<Omit<PromptTrainerOptions, "lr">> & { lr: number };
   #steps = 0;
+  // Steps and state calls run one at a time in call order: two steps in flight at once would both take
+  // their gradient at the same prompt (each call copies the tensors when it starts).
+  readonly #queue = new CallQueue();
 
   /** Use Model.promptTrainer. */
   constructor(
@@ -129,30 +145,55 @@ export class PromptTrainer {
     return this.#steps;
   }
 
-  /** One step on `batch`; `lr` overrides the learning rate for this step (schedules). */
+  /**
+   * One step on `batch`; `lr` overrides the learning rate for this step (schedules). Calls made before the
+   * previous one settled wait for it (each step starts from the previous step's tensors).
+   */
   async step(batch: PromptBatch, lr = this.#options.lr): Promise<PromptStepResult> {
     if (typeof lr !== "number" || !Number.isFinite(lr) || lr < 0)
       throw new RangeError(`lr: expected a finite number >= 0, got ${lr}`);
-    const o = this.#options;
-    if (this.#native) {
-      this.#checkCurrent();
-      const args = checkCallArgs(this.#model.config, batch);
-      if (args.labels === undefined)
-        throw new TypeError("labels: expected an Int32Array (required for a step)");
-      const r = await this.#native.promptStep(
-        { ...args, labels: args.labels },
-        {
+    const args = checkCallArgs(this.#model.config, batch);
+    if (args.labels === undefined)
+      throw new TypeError("labels: expected an Int32Array (required for a step)");
+    // The batch's arrays as they are now: a queued step runs later, and the caller may refill them meanwhile.
+    const now = {
+      ...batch,
+      inputIds: args.inputIds.slice(),
+      labels: args.labels.slice(),
+      attentionMask: args.attentionMask?.slice(),
+    };
+    if (this.#native)
+      return this.#queue.run(() =>
+        this.#deviceStep(
+          { ...args, inputIds: now.inputIds, labels: now.labels, attentionMask: now.attentionMask },
           lr,
-          beta1: o.beta1,
-          beta2: o.beta2,
-          eps: o.eps,
-          weightDecay: o.weightDecay,
-          maxGradNorm: o.maxGradNorm,
-        },
+        ),
       );
+    return this.#queue.run(() => this.#hostStep(now, lr));
+  }
+
+  async #deviceStep(
+    args: ReturnType<typeof checkCallArgs> & { labels: Int32Array },
+    lr: number,
+  ): Promise<PromptStepResult> {
+    const o = this.#options;
+    {
+      this.#checkCurrent();
+      const r = await this.#native!.promptStep(args, {
+        lr,
+        beta1: o.beta1,
+        beta2: o.beta2,
+        eps: o.eps,
+        weightDecay: o.weightDecay,
+        maxGradNorm: o.maxGradNorm,
+      });
       this.#steps = r.step;
       return r;
     }
+  }
+
+  async #hostStep(batch: PromptBatch, lr: number): Promise<PromptStepResult> {
+    const o = this.#options;
     const g = await this.#model.lossAndGrad({ ...batch, ...this.#tensors } as LossAndGradOptions);
     const grads = promptGrads(g);
     let sq = 0;
@@ -179,8 +220,12 @@ export class PromptTrainer {
       );
   }
 
-  /** Copies of the current tensors. */
-  async tensors(): Promise<{ prompt?: Float32Array; deepPrompts?: DeepPrompts }> {
+  /** Copies of the current tensors (after the steps called before). */
+  tensors(): Promise<{ prompt?: Float32Array; deepPrompts?: DeepPrompts }> {
+    return this.#queue.run(() => this.#tensorsNow());
+  }
+
+  async #tensorsNow(): Promise<{ prompt?: Float32Array; deepPrompts?: DeepPrompts }> {
     if (this.#native) {
       this.#checkCurrent();
       const { step: _, ...t } = await this.#native.trainables();
@@ -189,8 +234,12 @@ export class PromptTrainer {
     return copyPromptTensors(this.#tensors);
   }
 
-  /** Copies of AdamW's state (checkpoints). */
-  async optimizerState(): Promise<OptimizerState> {
+  /** Copies of AdamW's state (checkpoints), after the steps called before. */
+  optimizerState(): Promise<OptimizerState> {
+    return this.#queue.run(() => this.#optimizerStateNow());
+  }
+
+  async #optimizerStateNow(): Promise<OptimizerState> {
     if (this.#native) {
       this.#checkCurrent();
       const m = await this.#native.trainables("m");
@@ -217,20 +266,25 @@ export class PromptTrainer {
       if (list.length !== shapes.length || list.some((t, i) => t.length !== shapes[i]!.length))
         throw new RangeError(`${name}: expected ${shapes.length} tensors shaped as the trainer's`);
     }
-    if (this.#native) {
-      this.#checkCurrent();
-      await this.#native.setOptimizerState(
-        fromPromptTensors(this.#tensors, state.m),
-        fromPromptTensors(this.#tensors, state.v),
-        state.step,
-      );
-    } else {
-      const a = this.#adamw!;
-      for (const [i, t] of state.m.entries()) a.m[i]!.set(t);
-      for (const [i, t] of state.v.entries()) a.v[i]!.set(t);
-      a.stepCount = state.step;
-    }
-    this.#steps = state.step;
+    // The caller's arrays are copied now: they may change before the queued call runs.
+    const m = state.m.map((t) => Float32Array.from(t));
+    const v = state.v.map((t) => Float32Array.from(t));
+    return this.#queue.run(async () => {
+      if (this.#native) {
+        this.#checkCurrent();
+        await this.#native.setOptimizerState(
+          fromPromptTensors(this.#tensors, m),
+          fromPromptTensors(this.#tensors, v),
+          state.step,
+        );
+      } else {
+        const a = this.#adamw!;
+        for (const [i, t] of m.entries()) a.m[i]!.set(t);
+        for (const [i, t] of v.entries()) a.v[i]!.set(t);
+        a.stepCount = state.step;
+      }
+      this.#steps = state.step;
+    });
   }
 }
 

@@ -112,8 +112,8 @@ export interface NativeModel {
 }
 
 /**
- * A native kNN search's result; deviceMs: the CUDA kernels' device time (events), deviceScreenMs the screening
- * kernel's part of it; both 0 on the CPU.
+ * A native kNN search's result; deviceMs: the CUDA kernels' device time (events, query preparation included),
+ * deviceScreenMs the preparation and screening part of it; both 0 on the CPU.
  */
 export interface NativeKnnResult {
   indices: Int32Array;
@@ -341,10 +341,15 @@ export function packageRoot(): string {
 
 let cached: Addon | undefined;
 
+/** Where the addon is loaded from: $PRIORTUNE_ADDON, else this package's build/Release/priortune.node. */
+export function addonPath(): string {
+  return process.env.PRIORTUNE_ADDON ?? join(packageRoot(), "build", "Release", "priortune.node");
+}
+
 /** The native addon, loaded once. Throws an error that says how to build it when it is missing. */
 export function addon(): Addon {
   if (cached) return cached;
-  const path = process.env.PRIORTUNE_ADDON ?? join(packageRoot(), "build", "Release", "priortune.node");
+  const path = addonPath();
   if (!existsSync(path)) {
     throw new Error(
       `priortune: native addon not found at ${path}; build it with \`npm run build:native\` (cmake-js) or \`npm run build:gyp\` (node-gyp)`,

@@ -12,7 +12,7 @@ import { join, resolve } from "node:path";
 import { defaultLogger, type Logger } from "./backend.js";
 import { loadPlan, type ModelConfig, nativeConfig, parseConfig } from "./config.js";
 import { atomicWrite, readJsonFile } from "./files.js";
-import { Model } from "./model.js";
+import { CallQueue, Model } from "./model.js";
 import { addon, type NativeAdamState, type NativeModel } from "./native.js";
 import { Rng } from "./rng.js";
 import { listModelTensors, type TensorToWrite, writeSafetensorsAtomic } from "./safetensors.js";
@@ -552,7 +552,7 @@ export class Pretrainer {
   readonly #lr: number | ((step: number) => number);
   readonly #adamw: { beta1: number; beta2: number; eps: number; weightDecay: number; maxGradNorm: number };
   #steps = 0;
-  #queue: Promise<void> = Promise.resolve();
+  readonly #queue = new CallQueue();
 
   constructor(model: Model, options: PretrainerOptions) {
     this.#native = trainableOf(model, "Pretrainer").native;
@@ -619,12 +619,7 @@ export class Pretrainer {
 
   /** Runs `work` after everything queued before it (steps, gradients, evaluations), in call order. */
   #queued<T>(work: () => Promise<T>): Promise<T> {
-    const result = this.#queue.then(work);
-    this.#queue = result.then(
-      () => undefined,
-      () => undefined,
-    );
-    return result;
+    return this.#queue.run(work);
   }
 
   /** saveModel(this.model, dir, options). */

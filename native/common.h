@@ -97,10 +97,10 @@ template <class T>
 View<T> view_of(const Napi::Value& v, const std::string& name) {
   if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != typed_array_kind<T>())
     throw_type(v.Env(), name, typed_array_label<T>(), v);
-  auto ta = v.As<Napi::TypedArray>();
-  auto buf = ta.ArrayBuffer();
-  return View<T>{reinterpret_cast<T*>(static_cast<uint8_t*>(buf.Data()) + ta.ByteOffset()),
-                 ta.ElementLength()};
+  // The typed array's own data pointer (offset included): going through its buffer fails on a
+  // SharedArrayBuffer, which napi_get_arraybuffer_info refuses.
+  auto ta = v.As<Napi::TypedArrayOf<T>>();
+  return View<T>{ta.Data(), ta.ElementLength()};
 }
 
 template <class T>
@@ -295,19 +295,28 @@ class PromiseWorker : public Napi::AsyncWorker {
       SetError("priortune: unknown native error");
     }
   }
+  // Both settle the promise; when that itself fails, the environment is being torn down (a worker thread
+  // ended while the call ran) and no JS can run: nothing is left to tell, and an exception escaping here
+  // would end the whole process (std::terminate), so it is dropped.
   void OnOK() override {
     Napi::Env env = Env();
     try {
-      deferred_.Resolve(complete_ ? complete_(env) : env.Undefined());
-    } catch (const Napi::Error& e) {
-      deferred_.Reject(e.Value());
-    } catch (const std::exception& e) {
-      deferred_.Reject(Napi::Error::New(env, e.what()).Value());
+      try {
+        deferred_.Resolve(complete_ ? complete_(env) : env.Undefined());
+      } catch (const Napi::Error& e) {
+        deferred_.Reject(e.Value());
+      } catch (const std::exception& e) {
+        deferred_.Reject(Napi::Error::New(env, e.what()).Value());
+      }
+    } catch (...) {
     }
   }
   void OnError(const Napi::Error& e) override {
-    if (on_error_) on_error_();
-    deferred_.Reject(e.Value());
+    try {
+      if (on_error_) on_error_();
+      deferred_.Reject(e.Value());
+    } catch (...) {
+    }
   }
 
  private:
@@ -316,6 +325,28 @@ class PromiseWorker : public Napi::AsyncWorker {
   Complete complete_;
   std::function<void()> on_error_;
   std::vector<Napi::ObjectReference> refs_;
+};
+
+// Host memory a wrapped object holds, told to V8 (napi_adjust_external_memory) so that garbage collection
+// weighs it: an undisposed vocabulary index of 150 MB is otherwise a few bytes to the collector, and
+// forgotten ones pile up until the machine runs out. set() reports the current size, clear() (dispose, the
+// destructor) takes it back. The C call, not node-addon-api's: it must not throw from a destructor.
+class ExternalMemory {
+ public:
+  void set(napi_env env, int64_t bytes) { adjust(env, bytes - bytes_); }
+  void clear() noexcept {
+    if (env_ && bytes_) adjust(env_, -bytes_);
+  }
+  ~ExternalMemory() { clear(); }
+
+ private:
+  void adjust(napi_env env, int64_t delta) noexcept {
+    env_ = env;
+    int64_t total = 0;
+    if (delta != 0 && napi_adjust_external_memory(env, delta, &total) == napi_ok) bytes_ += delta;
+  }
+  napi_env env_ = nullptr;
+  int64_t bytes_ = 0;
 };
 
 // Runs `body`, converting C++ exceptions thrown synchronously into JS errors.

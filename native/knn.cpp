@@ -87,6 +87,7 @@ class KnnIndexWrap : public Napi::ObjectWrap<KnnIndexWrap> {
             building_ = false;
             if (disposed_) return e.Undefined();  // disposed while building: drop the index
             index_ = *slot;
+            external_.set(e, index_->host_bytes());
             return e.Undefined();
           });
       worker->on_error([this]() { building_ = false; });  // a failed build leaves the index buildable
@@ -164,11 +165,13 @@ class KnnIndexWrap : public Napi::ObjectWrap<KnnIndexWrap> {
 
   Napi::Value Dispose(const Napi::CallbackInfo& info) {
     index_.reset();
+    external_.clear();
     disposed_ = true;
     return info.Env().Undefined();
   }
 
   std::shared_ptr<const pt::KnnIndex> index_;
+  ExternalMemory external_;
   bool building_ = false, disposed_ = false;
 };
 

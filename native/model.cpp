@@ -17,6 +17,10 @@ namespace {
 
 int64_t get_int(const Napi::Object& o, const char* key, int64_t fallback, int64_t min_value = INT64_MIN) {
   Napi::Value v = o.Get(key);
+  // A fallback the field's minimum refuses means the field is required (numHeads 0 would divide by zero).
+  if (v.IsUndefined() && fallback < min_value)
+    throw Napi::TypeError::New(o.Env(), std::string("config.") + key +
+                                            ": required (an integer >= " + std::to_string(min_value) + ")");
   if (v.IsUndefined()) return fallback;
   return int_of(v, std::string("config.") + key, min_value);
 }
@@ -103,6 +107,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       c.rope_original_max_positions = get_int(o, "ropeOriginalMaxPositions", 8192, 1);
       c.threads = o.Get("threads").IsUndefined() ? 1 : threads_value(o.Get("threads"), "config.threads");
       model_ = std::make_shared<pt::Model>(c);
+      external_.set(env, static_cast<int64_t>(model_->weight_bytes()));
       return env.Undefined();
     });
   }
@@ -435,8 +440,14 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     Napi::Env env = info.Env();
     return guarded(env, [&]() -> Napi::Value {  // the V x C copy can throw std::bad_alloc
       auto model = live(env);
-      const std::vector<float>& e = model->token_embeddings();
-      return to_float32(env, std::vector<float>(e));
+      // Under the run lock: a training step on a worker writes the embeddings (a copy taken meanwhile was
+      // half before, half after it). This waits for a call in flight to finish.
+      std::vector<float> copy;
+      {
+        auto lock = model->lock_weights();
+        copy = model->token_embeddings();
+      }
+      return to_float32(env, std::move(copy));
     });
   }
 
@@ -447,6 +458,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
   Napi::Value Dispose(const Napi::CallbackInfo& info) {
     device_.reset();  // device memory is freed here unless a running worker still holds the model
     model_.reset();
+    external_.clear();
     return info.Env().Undefined();
   }
 
@@ -799,6 +811,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
   }
 
   std::shared_ptr<pt::Model> model_;
+  ExternalMemory external_;  // the host weights, told to the garbage collector
   std::shared_ptr<pt::DeviceModel> device_;
 };
 

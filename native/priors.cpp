@@ -190,6 +190,7 @@ class NearestRowsWrap : public Napi::ObjectWrap<NearestRowsWrap> {
       const std::string bad = pt::knn_check_rows(vocab.data, V, d, threads);
       if (!bad.empty()) throw Napi::RangeError::New(env, "vocab: " + bad);
       index_ = pt::knn_index_cpu(vocab.data, V, d, pt::KnnMetric::L2, threads);
+      external_.set(env, index_->host_bytes());
       return env.Undefined();
     });
   }
@@ -220,10 +221,12 @@ class NearestRowsWrap : public Napi::ObjectWrap<NearestRowsWrap> {
 
   Napi::Value Dispose(const Napi::CallbackInfo& info) {
     index_.reset();
+    external_.clear();
     return info.Env().Undefined();
   }
 
   std::unique_ptr<pt::KnnIndex> index_;
+  ExternalMemory external_;
 };
 
 }  // namespace

@@ -1,13 +1,14 @@
 // Bad input gets an error that names the argument; nothing aborts the process.
+import { spawnSync } from "node:child_process";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { nativeConfig, parseConfig } from "../lib/config.js";
-import { loadModel, type Model } from "../lib/index.js";
-import { addon } from "../lib/native.js";
+import { loadModel, type Model, VocabIndex } from "../lib/index.js";
+import { addon, addonPath } from "../lib/native.js";
 import { AdamW } from "../lib/optim.js";
-import { createModel, loadTrainableModel } from "../lib/pretrain.js";
+import { createModel, loadTrainableModel, Pretrainer } from "../lib/pretrain.js";
 import { Rng } from "../lib/rng.js";
 import { readTensors } from "../lib/safetensors.js";
 import { copyModelDir, modelDir } from "./helpers.js";
@@ -300,5 +301,115 @@ describe("optimizer, RNG and file-format checks", () => {
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
+  });
+});
+
+describe("the bindings under a host's conditions", () => {
+  it("a worker thread that ends while its call runs ends alone (the process used to abort)", () => {
+    // The worker starts a covariance of 12000 x 512 and exits 50 ms later, while the call still runs; its
+    // settling then met a torn-down environment and the exception ended the whole process (SIGABRT).
+    const worker = `
+      const addon = require(${JSON.stringify(addonPath())});
+      const x = new Float32Array(12000 * 512).map((_, i) => Math.sin(i));
+      addon.analysisCovariance(x, 512, 1);
+      setTimeout(() => process.exit(0), 50);`;
+    const script = `
+      const { Worker } = require("node:worker_threads");
+      const w = new Worker(${JSON.stringify(worker)}, { eval: true });
+      w.on("exit", (code) => setTimeout(() => console.log("main alive after worker exit " + code), 200));`;
+    const r = spawnSync(process.execPath, ["-e", script], { encoding: "utf8", timeout: 60_000 });
+    expect(r.stderr).not.toMatch(/terminate called/);
+    expect(r.status).toBe(0);
+    expect(r.stdout).toContain("main alive after worker exit 0");
+  });
+
+  it("typed arrays on a SharedArrayBuffer are read as any other (they failed with 'Invalid argument')", async () => {
+    const shared = (n: number) => new Float32Array(new SharedArrayBuffer(4 * n));
+    const vocab = shared(4 * 3);
+    vocab.set([1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0]);
+    const queries = shared(4);
+    queries.set([0.1, 0.9, 0, 0]);
+    const index = await VocabIndex.create(vocab, { dim: 4, metric: "cosine", backend: "cpu" });
+    try {
+      expect([...(await index.search(queries, { k: 1 })).indices]).toEqual([1]);
+    } finally {
+      index.dispose();
+    }
+    const model = await loadModel(modelDir("gpt2-tiny"), { backend: "cpu", threads: 1 });
+    try {
+      const ids = new Int32Array(new SharedArrayBuffer(16));
+      ids.set([1, 2, 3, 4]);
+      const a = await model.forward({ inputIds: ids, batch: 1, seqLen: 4 });
+      const b = await model.forward({ inputIds: Int32Array.from(ids), batch: 1, seqLen: 4 });
+      expect(Buffer.from(a.logits!.buffer).equals(Buffer.from(b.logits!.buffer))).toBe(true);
+    } finally {
+      model.dispose();
+    }
+  });
+
+  it("tokenEmbeddings() during a training step is the table before or after it, never a mix", async () => {
+    const model = await loadTrainableModel(modelDir("gpt2-tiny"), { threads: 1 });
+    try {
+      const trainer = new Pretrainer(model, { lr: 1e-2, weightDecay: 0 });
+      const ids = new Int32Array(4 * 32).map((_, i) => (i * 7919) % model.config.vocabSize);
+      for (let s = 0; s < 3; s++) {
+        const before = model.tokenEmbeddings();
+        let done = false;
+        const step = trainer.step({ inputIds: ids, batch: 4, seqLen: 32 }).then(() => {
+          done = true;
+        });
+        const copies: Float32Array[] = [];
+        while (!done) {
+          copies.push(model.tokenEmbeddings());
+          await new Promise((r) => setImmediate(r));
+        }
+        await step;
+        const after = model.tokenEmbeddings();
+        for (const c of copies) {
+          const same = (t: Float32Array) => Buffer.from(c.buffer).equals(Buffer.from(t.buffer));
+          expect(same(before) || same(after)).toBe(true);
+        }
+      }
+    } finally {
+      model.dispose();
+    }
+  });
+
+  it("PromptTrainer steps called together run in call order, each from the previous step's prompt", async () => {
+    const model = await loadModel(modelDir("gpt2-tiny"), { backend: "cpu", threads: 1 });
+    try {
+      const C = model.config.hiddenSize;
+      const prompt = new Float32Array(4 * C).map((_, i) => Math.sin(i) * 0.02);
+      const batch = (s: number) => {
+        const ids = new Int32Array(16).map((_, i) => (i * 31 + s * 7) % model.config.vocabSize);
+        return { inputIds: ids, labels: ids, batch: 1, seqLen: 16 };
+      };
+      const seq = await model.promptTrainer({ prompt }, { lr: 0.1 });
+      const s1 = await seq.step(batch(1));
+      const s2 = await seq.step(batch(2));
+      const together = await model.promptTrainer({ prompt }, { lr: 0.1 });
+      // The second batch's arrays are refilled right after the call: the step uses them as they were.
+      const b2 = batch(2);
+      const calls = [together.step(batch(1)), together.step(b2), together.tensors()] as const;
+      b2.inputIds.fill(0);
+      const [c1, c2, t] = await Promise.all(calls);
+      expect([c1.loss, c2.loss, c2.step]).toEqual([s1.loss, s2.loss, 2]);
+      const p = (await seq.tensors()).prompt!;
+      expect(Buffer.from(t.prompt!.buffer).equals(Buffer.from(p.buffer))).toBe(true);
+    } finally {
+      model.dispose();
+    }
+  });
+
+  it("a raw NativeModel config without numHeads is a TypeError (it divided by zero: SIGFPE)", () => {
+    const script = `
+      const addon = require(${JSON.stringify(addonPath())});
+      try {
+        new addon.NativeModel({ architecture: "gpt2", vocabSize: 10, hiddenSize: 8, numLayers: 1, intermediateSize: 8, maxPositions: 8 });
+        console.log("no error");
+      } catch (e) { console.log(e.name + ": " + e.message); }`;
+    const r = spawnSync(process.execPath, ["-e", script], { encoding: "utf8", timeout: 60_000 });
+    expect(r.status).toBe(0);
+    expect(r.stdout.trim()).toBe("TypeError: config.numHeads: required (an integer >= 1)");
   });
 });
