@@ -86,6 +86,7 @@ interface TuneCliOptions extends BackendFlags {
   snapshotEvery: number;
   checkpointEvery: number;
   maxLength?: number;
+  specialTokens: boolean;
   seed: number;
   runDir?: string;
   threads?: number;
@@ -241,6 +242,10 @@ export function registerTuneCommands(program: Command): void {
       "longest sequence, prompt included (default 256; a GPT-2 model's positions if fewer)",
       integerArg(1),
     )
+    .option(
+      "--no-special-tokens",
+      "texts without the tokenizer's special tokens (Llama 3's BOS; default: with them, as Transformers)",
+    )
     .option("--seed <n>", "seed of every random choice", seedArg, 0)
     .option("--run-dir <dir>", "run directory (created, or resumed when it holds the same run)")
     .option("--threads <n>", "CPU threads (default: all cores)", integerArg(1))
@@ -287,6 +292,8 @@ export function registerTuneCommands(program: Command): void {
             snapshotEvery: o.snapshotEvery,
             checkpointEvery: o.checkpointEvery,
             maxLength: o.maxLength,
+            // Unset unless given: a run directory then resumes as it was recorded.
+            addSpecialTokens: o.specialTokens === false ? false : undefined,
             seed: o.seed,
             runDir: o.runDir,
             onStep: (r) => bar.step(r),
@@ -356,6 +363,7 @@ export function registerTuneCommands(program: Command): void {
             evalExamples: o.evalExamples ?? run.evalExamples ?? undefined,
             maxNewTokens: o.maxNewTokens ?? run.maxNewTokens,
             maxLength: textBudget(run.maxLength, P, run.mode, run.deepLength ?? 0),
+            addSpecialTokens: run.addSpecialTokens === true, // absent: recorded before the option, without
             seed: run.seed,
             step: Number(saved.metadata.step ?? 0),
             onProgress: evalLog(5_000),

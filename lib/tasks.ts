@@ -438,6 +438,9 @@ function jsonlExamples(text: string | readonly string[], template: string, sourc
     const given = r["answers"];
     if (given !== undefined && !(Array.isArray(given) && given.every((a) => typeof a === "string")))
       throw new TypeError(`${where}: "answers" must be an array of strings when present`);
+    // Exact match and F1 need a gold answer: an unanswerable question is [""] (SQuAD v2's convention).
+    if (Array.isArray(given) && given.length === 0)
+      throw new RangeError(`${where}: "answers" is empty (give [""] for a question without an answer)`);
     const answers = given !== undefined ? [...(given as string[])] : [r["completion"].trim()];
     return { prompt, completion: r["completion"], answers };
   });

@@ -17,15 +17,27 @@ export interface Tokenizer {
   readonly vocabSize: number;
   /** Where it was loaded from: "tokenizer.json" or "vocab.json+merges.txt". */
   readonly source: string;
+  /** tokenizer_config.json's eos_token, where it names one (training labels end with it). */
+  readonly eosToken?: string;
 }
 
 class HfBackedTokenizer implements Tokenizer {
   readonly vocabSize: number;
+  readonly eosToken?: string;
   constructor(
     private readonly inner: HfTokenizer,
     readonly source: string,
+    config: unknown,
   ) {
     this.vocabSize = inner.get_vocab(true).size;
+    // A string, or an AddedToken object ({ content, ... }) in older files.
+    const eos =
+      typeof config === "object" && config !== null
+        ? (config as Record<string, unknown>)["eos_token"]
+        : undefined;
+    const content =
+      typeof eos === "object" && eos !== null ? (eos as Record<string, unknown>)["content"] : eos;
+    if (typeof content === "string" && content !== "") this.eosToken = content;
   }
   encode(text: string, options: { addSpecialTokens?: boolean } = {}): number[] {
     if (typeof text !== "string") throw new TypeError(`text: expected a string, got ${typeof text}`);
@@ -99,7 +111,7 @@ export function loadTokenizer(dir: string): Tokenizer {
   const tokConfig = join(dir, "tokenizer_config.json");
   const config = existsSync(tokConfig) ? readJsonFile(tokConfig) : {};
   if (existsSync(tokJson)) {
-    return new HfBackedTokenizer(new HfTokenizer(readJsonFile(tokJson), config), "tokenizer.json");
+    return new HfBackedTokenizer(new HfTokenizer(readJsonFile(tokJson), config), "tokenizer.json", config);
   }
   const vocabPath = join(dir, "vocab.json");
   const mergesPath = join(dir, "merges.txt");
@@ -108,7 +120,7 @@ export function loadTokenizer(dir: string): Tokenizer {
       readJsonFile(vocabPath) as Record<string, number>,
       readFileSync(mergesPath, "utf8"),
     );
-    return new HfBackedTokenizer(new HfTokenizer(json, config), "vocab.json+merges.txt");
+    return new HfBackedTokenizer(new HfTokenizer(json, config), "vocab.json+merges.txt", config);
   }
   throw new Error(`${dir}: no tokenizer.json (or vocab.json + merges.txt) found`);
 }

@@ -91,6 +91,12 @@ export interface TuneOptions {
   checkpointEvery?: number;
   /** Longest encoded example; longer prompts are cut from the left (default 256 positions with the prompt). */
   maxLength?: number;
+  /**
+   * Put the tokenizer's special tokens (Llama 3's BOS) before each text, as Transformers' `tokenizer(text)`
+   * and the activation priors do (default true; tokenizers without such tokens, GPT-2's, are unaffected).
+   * A run directory recorded before this option existed resumes without them, as it was trained.
+   */
+  addSpecialTokens?: boolean;
   seed?: number;
   /** Where the run is written (and resumed from). Without it nothing is written. */
   runDir?: string;
@@ -366,6 +372,16 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
   const tokenizer = model.tokenizer;
   if (!tokenizer) throw new Error(`model ${model.dir} has no tokenizer; tune needs one to encode the task`);
   const eosId = endOfText(model);
+  if (options.addSpecialTokens !== undefined && typeof options.addSpecialTokens !== "boolean")
+    throw new TypeError(`addSpecialTokens: expected a boolean, got ${String(options.addSpecialTokens)}`);
+  // A run directory's run.json says how its texts were encoded: one recorded before addSpecialTokens
+  // existed encoded without special tokens.
+  const recordedRun =
+    options.runDir && existsSync(join(options.runDir, "run.json"))
+      ? (readJsonFile(join(options.runDir, "run.json")) as Record<string, unknown>)
+      : undefined;
+  const addSpecialTokens =
+    options.addSpecialTokens ?? (recordedRun ? recordedRun["addSpecialTokens"] === true : true);
 
   // Initial tensors from the prior (a fixed draw order: soft prompt, then each deep layer).
   const rng = new Rng(seed);
@@ -427,11 +443,25 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
       );
     const completionOverflow = task.metric === "none" ? "truncate" : "error";
     const encode = (ex: Example): Encoded => {
-      const e = encodeExample(tokenizer, ex, { maxLength: budget, eosId, completionOverflow });
+      const e = encodeExample(tokenizer, ex, {
+        maxLength: budget,
+        eosId,
+        completionOverflow,
+        addSpecialTokens,
+      });
       return { ids: e.ids, labels: e.labels };
     };
     const train = task.train.map(encode);
     if (train.length === 0) throw new Error(`task ${task.name}: no training examples`);
+    // The examples every evaluation scores, encoded now as evaluatePrompt will: one that does not fit would
+    // otherwise fail the first evaluation, by default the final one, after all the training.
+    for (const [i, ex] of task.validation.slice(0, options.evalExamples).entries()) {
+      try {
+        encode(ex);
+      } catch (e) {
+        throw new RangeError(`task ${task.name}: validation example ${i + 1}: ${(e as Error).message}`);
+      }
+    }
     // Validation asked for but none left (a small file whose examples trainCount took): every evaluation
     // would be NaN. validationCount 0, asked for, trains without scores.
     const described = task.describe();
@@ -470,6 +500,7 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
       collapseEvery: options.collapseEvery ?? null,
       maxNewTokens,
       maxLength,
+      addSpecialTokens,
       seed,
       threads: model.threads,
     };
@@ -498,6 +529,7 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
         // the split it was divided by (withRecordedSplit; loadRecordedTask reloads it so).
         const previousTask = previous["task"] as Record<string, unknown> | undefined;
         if (previousTask) previous["task"] = withRecordedSplit(previousTask);
+        previous["addSpecialTokens"] ??= false; // encoded without them before the option existed
         const comparable: Record<string, unknown> = { ...runRecord, ...previous };
         const differing = Object.keys(comparable).filter(
           (k) => canonicalJson(comparable[k]) !== canonicalJson((runRecord as Record<string, unknown>)[k]),
@@ -607,6 +639,7 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
         maxNewTokens,
         evalExamples: options.evalExamples,
         maxLength: budget,
+        addSpecialTokens,
         step,
         collapseReference: collapseRef,
         onProgress: options.onEvalProgress,
@@ -786,6 +819,8 @@ export interface EvaluateOptions {
   maxNewTokens?: number;
   /** Token budget for an example without the soft prompt (default 256 - P). */
   maxLength?: number;
+  /** The tokenizer's special tokens (BOS) before each text, as tune's option (default true). */
+  addSpecialTokens?: boolean;
   step?: number;
   /** Collapse metrics of the soft prompt against this reference (created from the model when absent). */
   collapseReference?: CollapseReference;
@@ -804,6 +839,7 @@ export async function evaluatePrompt(options: EvaluateOptions): Promise<EvalReco
   const tokenizer = model.tokenizer;
   if (!tokenizer) throw new Error(`model ${model.dir} has no tokenizer`);
   const eosId = endOfText(model);
+  const addSpecialTokens = options.addSpecialTokens ?? true;
   const batchSize = options.batchSize ?? 2;
   const maxNewTokens = options.maxNewTokens ?? 16;
   const budget = options.maxLength ?? 256 - (prompt ? prompt.length / model.config.hiddenSize : 0);
@@ -821,7 +857,9 @@ export async function evaluatePrompt(options: EvaluateOptions): Promise<EvalReco
     const completionOverflow = task.metric === "none" ? "truncate" : "error";
     const enc = validation
       .slice(i, i + batchSize)
-      .map((ex) => encodeExample(tokenizer, ex, { maxLength: budget, eosId, completionOverflow }));
+      .map((ex) =>
+        encodeExample(tokenizer, ex, { maxLength: budget, eosId, completionOverflow, addSpecialTokens }),
+      );
     const out = await model.forward({ ...collate(enc), prompt, deepPrompts, logits: false });
     if (out.labelCount) {
       lossSum += out.loss! * out.labelCount;
@@ -842,7 +880,11 @@ export async function evaluatePrompt(options: EvaluateOptions): Promise<EvalReco
     for (let i = 0; i < validation.length; i += batchSize) {
       const group = validation.slice(i, i + batchSize);
       const enc = group.map((ex) =>
-        encodeExample(tokenizer, { ...ex, completion: "" }, { maxLength: budget - maxNewTokens }),
+        encodeExample(
+          tokenizer,
+          { ...ex, completion: "" },
+          { maxLength: budget - maxNewTokens, addSpecialTokens },
+        ),
       );
       const b = collate(enc);
       const ids = await model.generate({
@@ -859,11 +901,13 @@ export async function evaluatePrompt(options: EvaluateOptions): Promise<EvalReco
         const row = Array.from(ids.subarray(j * maxNewTokens, (j + 1) * maxNewTokens)).filter(
           (t) => t >= 0 && t !== eosId,
         );
-        const text = tokenizer.decode(row).split("\n")[0]!.trim();
-        const golds = ex.answers ?? [ex.completion.trim()];
-        em += exactMatch(text, golds);
-        f1 += f1Score(text, golds);
-        acc += arithmeticCorrect(text, golds[0]!) ? 1 : 0;
+        // Special tokens the model writes besides the end of text (another end-of-turn id) are no answer text.
+        const text = tokenizer.decode(row, { skipSpecialTokens: true }).split("\n")[0]!.trim();
+        const golds = ex.answers?.length ? ex.answers : [ex.completion.trim()];
+        if (task.metric === "qa") {
+          em += exactMatch(text, golds);
+          f1 += f1Score(text, golds);
+        } else acc += arithmeticCorrect(text, golds[0]!) ? 1 : 0;
       });
       progressed();
     }
@@ -893,12 +937,17 @@ export async function evaluatePrompt(options: EvaluateOptions): Promise<EvalReco
   return record;
 }
 
-/** The tokenizer's end-of-text token, if it has one of the usual names. */
+/**
+ * The tokenizer's end-of-text token: its tokenizer_config.json's eos_token (Llama 3 Instruct's <|eot_id|>)
+ * where that is in the vocabulary, else the first of the usual names it has.
+ */
 export function endOfText(model: {
-  readonly tokenizer: { tokenToId?(token: string): number | undefined } | null;
+  readonly tokenizer: { tokenToId?(token: string): number | undefined; readonly eosToken?: string } | null;
 }): number | undefined {
   const t = model.tokenizer;
   if (!t?.tokenToId) return undefined;
+  const configured = t.eosToken === undefined ? undefined : t.tokenToId(t.eosToken);
+  if (configured !== undefined) return configured;
   for (const name of ["<|endoftext|>", "<|end_of_text|>", "</s>", "<|eot_id|>"]) {
     const id = t.tokenToId(name);
     if (id !== undefined) return id;

@@ -5,6 +5,7 @@ import { gunzipSync, gzipSync } from "node:zlib";
 import { Command } from "commander";
 import { afterAll, describe, expect, it } from "vitest";
 import { registerDataCommands } from "../lib/cli-data.js";
+import { impliesLeadingSpace } from "../lib/data/encoding.js";
 import { readSource, readSourceLines } from "../lib/data/loaders.js";
 import {
   CLOZE_TEMPLATE,
@@ -233,6 +234,22 @@ describe("C4 loader", () => {
     const padded = join(tmp, "padded.json.gz");
     writeFileSync(padded, Buffer.concat([gzipSync(text), Buffer.alloc(16)]));
     expect((await readSourceLines(padded)).lines).toEqual(docs);
+    // Bytes that are not UTF-8 (Latin-1's "é") are refused, whole-file and streamed, plain and gzipped, and
+    // a character split across stream chunks is not mistaken for one.
+    const latin1 = join(tmp, "latin1.json");
+    const latinBytes = Buffer.concat([
+      Buffer.from(`${"x".repeat(70_000)}\n`),
+      Buffer.from([0x63, 0x61, 0x66, 0xe9, 0x0a]),
+    ]);
+    writeFileSync(latin1, latinBytes);
+    writeFileSync(`${latin1}.gz`, gzipSync(latinBytes));
+    for (const f of [latin1, `${latin1}.gz`]) {
+      await expect(readSource(f)).rejects.toThrow(/latin1\.json(\.gz)?: not valid UTF-8 text/);
+      await expect(readSourceLines(f)).rejects.toThrow(/latin1\.json(\.gz)?: not valid UTF-8 text/);
+    }
+    const split = join(tmp, "split-char.json");
+    writeFileSync(split, `${"y".repeat(65_535)}日本\n`); // 日 straddles the first 64 KiB chunk's end
+    expect((await readSourceLines(split)).lines).toEqual([`${"y".repeat(65_535)}日本`]);
     const array = join(tmp, "array.json");
     writeFileSync(array, `\uFEFF[${docs.join(",")}]`);
     const [line] = (await readSourceLines(array)).lines;
@@ -284,6 +301,11 @@ describe("JSONL loader", () => {
     writeFileSync(path, '{"prompt": "x", "completion": " 2", "answers": [2]}\n');
     await expect(loadTask({ kind: "jsonl", path })).rejects.toThrow(
       /record 1: "answers" must be an array of strings when present/,
+    );
+    // No gold answer at all: exact match and F1 had nothing to compare with (the evaluation threw).
+    writeFileSync(path, '{"prompt": "x", "completion": "", "answers": []}\n');
+    await expect(loadTask({ kind: "jsonl", path })).rejects.toThrow(
+      /record 1: "answers" is empty \(give \[""\] for a question without an answer\)/,
     );
   });
 });
@@ -710,6 +732,28 @@ describe("encodeExample", () => {
     const cut = encodeExample(tokenizer, long, { maxLength: 4, completionOverflow: "truncate" });
     expect([...cut.ids]).toEqual(tokenizer.encode(long.completion).slice(0, 4));
     expect([...cut.labels]).toEqual([...cut.ids]);
+    // "truncate" keeps the text's first tokens: the whole prompt (C4's first words), then the start of the
+    // completion (the prompt was dropped when the completion alone overflowed, or cut from the left).
+    const prefixed = { prompt: "Once upon a time", completion: long.completion };
+    const p = tokenizer.encode(prefixed.prompt).length;
+    for (const maxLength of [p + 1, p + 3, p + n - 1]) {
+      const kept = encodeExample(tokenizer, prefixed, {
+        maxLength,
+        completionOverflow: "truncate",
+        eosId: 0,
+      });
+      expect(kept.promptLength).toBe(p);
+      expect([...kept.ids]).toEqual(
+        [...tokenizer.encode(prefixed.prompt), ...tokenizer.encode(long.completion)].slice(0, maxLength),
+      );
+    }
+    expect(() =>
+      encodeExample(tokenizer, prefixed, { maxLength: p, completionOverflow: "truncate" }),
+    ).toThrow(
+      new RegExp(
+        `maxLength: ${p} tokens cannot hold the prompt \\(${p} tokens\\) and a token of the completion`,
+      ),
+    );
     expect(() => encodeExample(tokenizer, example, { eosId: 10_000 })).toThrow(/eosId: expected a token id/);
     expect(() => encodeExample(tokenizer, example, { maxLength: 0 })).toThrow(
       /maxLength: expected a positive integer/,
@@ -733,6 +777,69 @@ describe("encodeExample", () => {
     const empty = encodeExample(withBos, { prompt: "", completion: " 42" }, { addSpecialTokens: true });
     expect(empty.promptLength).toBe(1);
     expect(empty.labels[0]).toBe(IGNORE_INDEX);
+  });
+
+  it("labels what the joined text holds with a tokenizer that prefixes every text (Llama 2, Mistral v0.1)", () => {
+    // SentencePiece's dummy prefix as a tokenizer.json writes it: "▁" prepended, spaces become "▁"; one
+    // token a character here. The completion's leading space would otherwise become a lone "▁" label.
+    const chars = [..."▁abcdefghijklmnopqrstuvwxyzAQ:?"];
+    const dir = join(tmp, "sentencepiece-like");
+    mkdirSync(dir, { recursive: true });
+    writeFileSync(
+      join(dir, "tokenizer.json"),
+      JSON.stringify({
+        version: "1.0",
+        added_tokens: [
+          {
+            id: chars.length,
+            content: "</s>",
+            single_word: false,
+            lstrip: false,
+            rstrip: false,
+            normalized: false,
+            special: true,
+          },
+        ],
+        normalizer: {
+          type: "Sequence",
+          normalizers: [
+            { type: "Prepend", prepend: "▁" },
+            { type: "Replace", pattern: { String: " " }, content: "▁" },
+          ],
+        },
+        pre_tokenizer: null,
+        post_processor: null,
+        decoder: {
+          type: "Sequence",
+          decoders: [
+            { type: "Replace", pattern: { String: "▁" }, content: " " },
+            { type: "Fuse" },
+            { type: "Strip", content: " ", start: 1, stop: 0 },
+          ],
+        },
+        model: {
+          type: "BPE",
+          dropout: null,
+          unk_token: null,
+          continuing_subword_prefix: null,
+          end_of_word_suffix: null,
+          fuse_unk: false,
+          byte_fallback: false,
+          vocab: Object.fromEntries([...chars.map((c, i) => [c, i]), ["</s>", chars.length]]),
+          merges: [],
+        },
+      }),
+    );
+    const sp = loadTokenizer(dir);
+    expect(impliesLeadingSpace(sp)).toBe(true);
+    expect(impliesLeadingSpace(tokenizer)).toBe(false); // byte-level BPE: the space is part of " x"
+    const ex = { prompt: "Q: what is it?\nA:", completion: " the license" };
+    const e = encodeExample(sp, ex);
+    const joined = sp.encode(ex.prompt + ex.completion);
+    expect([...e.ids]).toEqual(joined);
+    expect(sp.decode(e.labels.filter((l) => l !== IGNORE_INDEX))).toBe("the license");
+    // Without a prompt the completion is the text itself.
+    expect([...encodeExample(sp, { prompt: "", completion: " x" }).ids]).toEqual(sp.encode(" x"));
   });
 
   it("encodes loaded tasks end to end", async () => {

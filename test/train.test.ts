@@ -10,15 +10,18 @@ import { loadModel, type Model } from "../lib/model.js";
 import { createPrior, createRegularizer } from "../lib/priors.js";
 import { readTensors, writeSafetensors } from "../lib/safetensors.js";
 import { loadTask, type Task } from "../lib/tasks.js";
+import { loadTokenizer } from "../lib/tokenizer.js";
 import {
   bucketBatches,
   combineMicroBatches,
+  endOfText,
+  evaluatePrompt,
   learningRate,
   readPromptFile,
   type StepRecord,
   tune,
 } from "../lib/train.js";
-import { fixtures, modelDir } from "./helpers.js";
+import { copyModelDir, fixtures, modelDir } from "./helpers.js";
 
 const here = dirname(fileURLToPath(import.meta.url));
 const tmp = mkdtempSync(join(tmpdir(), "priortune-train-"));
@@ -248,7 +251,8 @@ describe("run directories of the previous version", () => {
       // Make it look as the previous version wrote it: no newer run.json fields, no state in the tensors.
       const runJson = join(old, "run.json");
       const record = JSON.parse(readFileSync(runJson, "utf8"));
-      for (const k of ["prefixInitStd", "evalExamples", "collapseEvery"]) delete record[k];
+      for (const k of ["prefixInitStd", "evalExamples", "collapseEvery", "addSpecialTokens"])
+        delete record[k];
       writeFileSync(runJson, JSON.stringify(record, null, 2));
       const file = join(old, "checkpoint.safetensors");
       const { tensors, metadata } = readTensors(file);
@@ -349,6 +353,105 @@ describe("GPT-2's learned positions", () => {
     } finally {
       model.dispose();
     }
+  });
+});
+
+describe("texts as the tokenizer frames them", () => {
+  it("a validation example that cannot fit is refused before step 1, naming it", async () => {
+    const model = await loadModel(modelDir("gpt2-tiny"), { backend: "cpu", threads: 2 });
+    try {
+      const path = join(tmp, "long-validation.jsonl");
+      const rec = (completion: string) => JSON.stringify({ prompt: "Q: name it\nA:", completion });
+      writeFileSync(join(tmp, "short-train.jsonl"), `${rec(" cat")}\n${rec(" dog")}\n`);
+      writeFileSync(path, `${rec(" owl")}\n${rec(` ${"very long answer ".repeat(30)}`)}\n`);
+      const task = await loadTask({
+        kind: "jsonl",
+        path: join(tmp, "short-train.jsonl"),
+        validationPath: path,
+      });
+      const prior = await createPrior({ kind: "gaussian", sigma: 0.5 }, { model });
+      const runDir = join(tmp, "long-validation-run");
+      // It trained every step, then failed at the final evaluation, before saving the prompt.
+      await expect(
+        tune({ model, task, prior, promptLength: 4, steps: 3, maxLength: 40, runDir }),
+      ).rejects.toThrow(
+        /task jsonl:short-train\.jsonl: validation example [12]: maxLength: 36 tokens cannot hold the completion \(\d+ tokens with EOS\)/,
+      );
+      expect(existsSync(join(runDir, "metrics.jsonl"))).toBe(false);
+    } finally {
+      model.dispose();
+    }
+  });
+
+  it("special tokens (BOS) go before each text, recorded in run.json; end of text from tokenizer_config", async () => {
+    // llama-tiny with a tokenizer that puts <|endoftext|> first, as Llama 3's puts <|begin_of_text|>.
+    const dir = join(tmp, "llama-bos");
+    copyModelDir("llama-tiny", dir);
+    const tj = JSON.parse(readFileSync(join(dir, "tokenizer.json"), "utf8"));
+    tj.post_processor = {
+      type: "TemplateProcessing",
+      single: [{ SpecialToken: { id: "<|endoftext|>", type_id: 0 } }, { Sequence: { id: "A", type_id: 0 } }],
+      pair: [{ Sequence: { id: "A", type_id: 0 } }, { Sequence: { id: "B", type_id: 1 } }],
+      special_tokens: {
+        "<|endoftext|>": { id: "<|endoftext|>", ids: [tj.added_tokens[0].id], tokens: ["<|endoftext|>"] },
+      },
+    };
+    writeFileSync(join(dir, "tokenizer.json"), JSON.stringify(tj));
+    const model = await loadModel(dir, { backend: "cpu", threads: 2 });
+    try {
+      expect(model.tokenizer!.encode("x", { addSpecialTokens: true })[0]).toBe(tj.added_tokens[0].id);
+      const task = await loadTask({ kind: "arithmetic", trainCount: 8, validationCount: 2, seed: 4 });
+      const prior = await createPrior({ kind: "gaussian", sigma: 0.5 }, { model });
+      const runDir = join(tmp, "bos-run");
+      const r = await tune({
+        model,
+        task,
+        prior,
+        promptLength: 2,
+        steps: 2,
+        batchSize: 4,
+        maxNewTokens: 2,
+        runDir,
+      });
+      expect(JSON.parse(readFileSync(join(runDir, "run.json"), "utf8")).addSpecialTokens).toBe(true);
+      const evalWith = (addSpecialTokens: boolean) =>
+        evaluatePrompt({
+          model,
+          task,
+          prompt: r.prompt,
+          maxLength: 254,
+          maxNewTokens: 2,
+          addSpecialTokens,
+          scores: false,
+        });
+      const [withBos, without] = [await evalWith(true), await evalWith(false)];
+      expect(r.evals.at(-1)!.validationLoss).toBe(withBos.validationLoss);
+      expect(withBos.validationLoss).not.toBe(without.validationLoss);
+      const off = await tune({
+        model,
+        task,
+        prior,
+        promptLength: 2,
+        steps: 2,
+        batchSize: 4,
+        maxNewTokens: 2,
+        addSpecialTokens: false,
+      });
+      expect(off.evals.at(-1)!.validationLoss).not.toBe(r.evals.at(-1)!.validationLoss);
+    } finally {
+      model.dispose();
+    }
+    // tokenizer_config.json's eos_token names the end of text (Llama 3 Instruct's <|eot_id|>), as a string
+    // or an AddedToken object; without it, the usual names.
+    const tok = (config: unknown) => {
+      writeFileSync(join(dir, "tokenizer_config.json"), JSON.stringify(config));
+      return { tokenizer: loadTokenizer(dir) };
+    };
+    const id = (t: string) => loadTokenizer(dir).tokenToId(t);
+    expect(endOfText(tok({ eos_token: "a" }))).toBe(id("a"));
+    expect(endOfText(tok({ eos_token: { content: "b", special: true } }))).toBe(id("b"));
+    expect(endOfText(tok({}))).toBe(id("<|endoftext|>"));
+    expect(endOfText(tok({ eos_token: "not-a-token" }))).toBe(id("<|endoftext|>"));
   });
 });
 

@@ -14,8 +14,10 @@ export interface EncodeOptions {
   /** Let the tokenizer add its special tokens (e.g. Llama 3's BOS) to the prompt. Default false. */
   addSpecialTokens?: boolean;
   /**
-   * When even the completion alone exceeds maxLength: "error" (default) throws; "truncate" keeps its
-   * first tokens (plain-text tasks such as C4, where the whole document is the completion).
+   * When prompt and completion exceed maxLength: "error" (default) cuts the prompt from the left and throws
+   * when even the completion alone does not fit; "truncate" keeps the text's first tokens, the whole prompt
+   * and the start of the completion (plain-text tasks such as C4, whose prompt is the document's first
+   * words, if any, and the completion the rest), and throws only when the prompt leaves no completion token.
    */
   completionOverflow?: "error" | "truncate";
 }
@@ -35,6 +37,22 @@ export interface EncodedExample {
 // How many special tokens each tokenizer puts before the text (Llama 3: BOS), found once on a probe
 // text: an empty prompt alone cannot tell leading special tokens from trailing ones.
 const leadingSpecialCount = new WeakMap<Tokenizer, number>();
+
+// Whether a tokenizer starts every text with a word boundary of its own (SentencePiece's dummy prefix:
+// Llama 2 and Mistral v0.1 tokenizer.json files prepend "▁"): "a" + " x" then encodes as "a" and "x"
+// apart, not as "a" and " x", whose leading space would become a token of its own. Found once by probe.
+const impliedSpace = new WeakMap<Tokenizer, boolean>();
+
+export function impliesLeadingSpace(tokenizer: Tokenizer): boolean {
+  let implied = impliedSpace.get(tokenizer);
+  if (implied === undefined) {
+    const enc = (t: string) => tokenizer.encode(t, { addSpecialTokens: false }).join();
+    const joined = enc("a x");
+    implied = joined !== `${enc("a")},${enc(" x")}` && joined === `${enc("a")},${enc("x")}`;
+    impliedSpace.set(tokenizer, implied);
+  }
+  return implied;
+}
 
 function leadingSpecialTokens(tokenizer: Tokenizer, prompt: string, plain: number[]): number[] {
   let k = leadingSpecialCount.get(tokenizer);
@@ -63,11 +81,17 @@ function leadingSpecialTokens(tokenizer: Tokenizer, prompt: string, plain: numbe
  * the prompt alone. Separate encoding makes the boundary exact; the completions carry their leading
  * space (" Paris") so that they tokenize the way the model writes them after "Answer:".
  *
+ * A tokenizer that starts every text with a word boundary of its own (SentencePiece's dummy prefix, as
+ * Llama 2's and Mistral v0.1's) would read the completion's leading space as a second one and label a lone
+ * "▁" token the model never writes after the prompt: for those the completion is encoded without its first
+ * space (the tokenizer's prefix stands for it), as the joined text encodes it.
+ *
  * Truncation to `maxLength` keeps the whole completion (and EOS) and the tokenizer's leading special
  * tokens, and cuts the prompt from the left: for SQuAD that drops the start of the context, keeping
- * the question next to the answer. If even the completion does not fit, it is an error, unless
- * `completionOverflow` is "truncate". Special tokens a tokenizer appends after the text (add_eos_token)
- * are not kept in the middle of the sequence; pass `eosId` to end the completion instead.
+ * the question next to the answer. If even the completion does not fit, it is an error. With
+ * `completionOverflow` "truncate" the text keeps its first tokens instead: the whole prompt, then as much
+ * of the completion as fits. Special tokens a tokenizer appends after the text (add_eos_token) are not
+ * kept in the middle of the sequence; pass `eosId` to end the completion instead.
  */
 export function encodeExample(
   tokenizer: Tokenizer,
@@ -95,22 +119,31 @@ export function encodeExample(
   if (options.addSpecialTokens) {
     special = leadingSpecialTokens(tokenizer, example.prompt, promptPlain);
   }
-  let tail = tokenizer.encode(example.completion, { addSpecialTokens: false });
+  const completion =
+    promptPlain.length > 0 && example.completion.startsWith(" ") && impliesLeadingSpace(tokenizer)
+      ? example.completion.slice(1)
+      : example.completion;
+  let tail = tokenizer.encode(completion, { addSpecialTokens: false });
   if (eosId !== undefined) tail.push(eosId);
 
   let body = promptPlain;
   if (maxLength !== undefined && special.length + body.length + tail.length > maxLength) {
     const room = maxLength - special.length - tail.length;
-    if (room >= 0) {
+    const left = maxLength - special.length - body.length; // completion tokens "truncate" keeps
+    if (overflow === "truncate" && left >= 1) {
+      tail = tail.slice(0, left);
+    } else if (overflow === "error" && room >= 0) {
       body = body.slice(body.length - room);
-    } else if (overflow === "truncate" && maxLength > special.length) {
-      body = [];
-      tail = tail.slice(0, maxLength - special.length);
+    } else if (overflow === "truncate") {
+      throw new RangeError(
+        `maxLength: ${maxLength} tokens cannot hold the prompt (${body.length} tokens` +
+          `${special.length ? ` plus ${special.length} special` : ""}) and a token of the completion; raise maxLength`,
+      );
     } else {
       throw new RangeError(
         `maxLength: ${maxLength} tokens cannot hold the completion (${tail.length} tokens` +
           `${eosId !== undefined ? " with EOS" : ""}${special.length ? ` plus ${special.length} special` : ""}); ` +
-          `raise maxLength${overflow === "error" ? ' or set completionOverflow: "truncate"' : ""}`,
+          'raise maxLength or set completionOverflow: "truncate"',
       );
     }
   }

@@ -5,7 +5,6 @@ import { createHash } from "node:crypto";
 import { createReadStream } from "node:fs";
 import { open, readFile } from "node:fs/promises";
 import { pipeline } from "node:stream/promises";
-import { StringDecoder } from "node:string_decoder";
 import { createGunzip, gunzipSync } from "node:zlib";
 
 export interface SourceText {
@@ -39,7 +38,21 @@ export async function readSource(path: string): Promise<SourceText> {
       throw new Error(`${path}: not a valid gzip file (${(e as Error).message})`);
     }
   }
-  return { text: new TextDecoder("utf-8").decode(raw), sha256 };
+  let text: string;
+  try {
+    text = new TextDecoder("utf-8", { fatal: true }).decode(raw);
+  } catch {
+    throw new NotUtf8Error(path);
+  }
+  return { text, sha256 };
+}
+
+// Bytes that are not UTF-8 (a Latin-1 export, a truncated multi-byte character) would become U+FFFD in
+// the examples unnoticed; Python's json.load refuses them too.
+class NotUtf8Error extends Error {
+  constructor(path: string) {
+    super(`${path}: not valid UTF-8 text (convert it to UTF-8)`);
+  }
 }
 
 export interface SourceLines {
@@ -73,7 +86,7 @@ export async function readSourceLines(path: string): Promise<SourceLines> {
   const gzipped = isGzip(magic.subarray(0, got));
   const hash = createHash("sha256");
   const lines: string[] = [];
-  const decoder = new StringDecoder("utf8");
+  const decoder = new TextDecoder("utf-8", { fatal: true }); // streaming: a character may span chunks
   const push = (line: string) => lines.push(line.endsWith("\r") ? line.slice(0, -1) : line);
   // Only the new text is searched for line ends; a line spanning chunks is kept in pieces and joined once
   // (rescanning the partial line with each chunk was quadratic on one-line files such as JSON arrays).
@@ -94,13 +107,21 @@ export async function readSourceLines(path: string): Promise<SourceLines> {
       yield chunk;
     }
   }
+  const decode = (chunk?: Buffer) => {
+    try {
+      return chunk ? decoder.decode(chunk, { stream: true }) : decoder.decode();
+    } catch {
+      throw new NotUtf8Error(path);
+    }
+  };
   async function split(source: AsyncIterable<Buffer>) {
-    for await (const chunk of source) take(decoder.write(chunk));
+    for await (const chunk of source) take(decode(chunk));
   }
   try {
     if (gzipped) await pipeline(createReadStream(path), hashed, createGunzip(), split);
     else await pipeline(createReadStream(path), hashed, split);
   } catch (e) {
+    if (e instanceof NotUtf8Error) throw e;
     if (!gzipped) throw new Error(`${path}: cannot read (${(e as Error).message})`);
     // What the streaming gunzip refuses, the whole-file one may still take (zero padding after the last
     // member), as this reader did before it streamed; it names a damaged file itself.
@@ -111,7 +132,7 @@ export async function readSourceLines(path: string): Promise<SourceLines> {
     for (const line of all) push(line);
     return { lines, sha256: whole.sha256 };
   }
-  take(decoder.end());
+  take(decode());
   if (pending.length > 0) push(pending.join(""));
   // A UTF-8 byte-order mark is not part of the text (TextDecoder, used for whole files, drops it too).
   if (lines[0]?.startsWith("\uFEFF")) lines[0] = lines[0].slice(1);
