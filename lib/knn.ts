@@ -47,11 +47,15 @@ export interface NeighborResult {
   /** Queries whose fp32 screening could not be certified at first and were searched again (diagnostic). */
   recoveredQueries: number;
   /**
-   * CUDA: milliseconds the device spent in this search's kernels (CUDA events; the host-side query preparation
-   * and the transfers excluded), summed over screening rounds and chunks. 0 on the CPU.
+   * CUDA: milliseconds the device spent in this search's kernels (CUDA events; the device's query preparation
+   * included, the host's float64 query norms and the transfers excluded), summed over screening rounds and
+   * chunks. 0 on the CPU.
    */
   deviceMs: number;
-  /** CUDA: the screening kernel's part of deviceMs (the rest merges and re-scores the candidates). 0 on the CPU. */
+  /**
+   * CUDA: the query preparation and screening part of deviceMs (the rest merges and re-scores the
+   * candidates). 0 on the CPU.
+   */
   deviceScreenMs: number;
 }
 

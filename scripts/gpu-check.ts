@@ -3,10 +3,12 @@
 // (default: all but wgmma, tma and async, which run only when named, first):
 //   checks  every CUDA op against the CPU reference and the whole-model checks of test/cuda-checks.ts
 //   gemm    the device GEMM's throughput per precision, ours and cuBLASLt's where the machine has it (loaded at
-//           run time), each checked against our fp32 GEMM; the bf16 8192^3 peaks are MFU's denominators
+//           run time), each checked against our fp32 GEMM (bf16: both on operands converted before timing, so
+//           the same work); the bf16 8192^3 peaks are MFU's denominators
 //   steps   full prompt-tuning steps (loss + prompt gradients + AdamW, P = 20) on issue #5's shapes with
 //           synthetic weights: median wall-clock ms per step (graph replay), tokens/s, MFU, device memory
-//   knn     the CUDA kNN index against the CPU index on issue #4's shapes, and its timings
+//   knn     the CUDA kNN index against the CPU index on issue #4's shapes, and its timings (device time: the
+//           query preparation, screening and finalize kernels, by CUDA events)
 //   wgmma   the Hopper wgmma GEMM kernel's correctness alone (the GEMM self-test, which covers it, the
 //           attention self-test's bf16 rows and the model-level kernel comparison), so that gpu-check.sh can
 //           run it first in its own process and keep it out of the other groups (PRIORTUNE_CUDA_WGMMA=0) if
@@ -15,7 +17,9 @@
 //   async   the same for the cp.async attention kernels, fp32-staged (PRIORTUNE_CUDA_ATTN=async) and on bf16
 //           copies of the operands (=bf16) (PRIORTUNE_CUDA_ATTN_ASYNC=0 keeps both out)
 // Prints JSON lines and Markdown tables (also appended to FILE with --results FILE); exits non-zero when a
-// correctness check fails.
+// correctness check fails, 2 without a usable CUDA device (results.md then says why).
+// `ratios --logs DIR [--results FILE]` is another mode, with no device: the same-call ratio table from the
+// groups' logs (scripts/gpu-ratios.ts), which gpu-check.sh appends to results.md after all groups.
 // --tiny runs every section on small shapes: a dry run of the whole script, which scripts/cuda-emu.mjs does
 // under the CPU emulator so that the bundle carried to a GPU machine has already run end to end.
 
@@ -25,22 +29,40 @@ import { VocabIndex } from "../lib/knn.js";
 import { addon, type CudaPrecision, type NativeModel } from "../lib/native.js";
 import { allCudaChecks, type CheckRow } from "../test/cuda-checks.js";
 import { withEnv, withEnvs } from "../test/helpers.js";
+import { writeRatios } from "./gpu-ratios.js";
 
-const native = addon();
-const info = native.cudaInfo();
-console.log(JSON.stringify({ what: "cuda", ...info }));
-if (!info.usable) {
-  console.log(`no usable CUDA device: ${info.reason}`);
-  process.exit(2);
-}
-const tiny = process.argv.includes("--tiny");
-// --quick: knn runs its first workload only (cosine, the default path, a few searches, no CPU timing or
-// self-search), e.g. under a profiler.
-const quick = process.argv.includes("--quick");
 const argv = process.argv.slice(2);
 const resultsAt = argv.indexOf("--results");
 // --results FILE: the Markdown tables are also appended to FILE.
 const resultsFile = resultsAt >= 0 ? argv[resultsAt + 1] : undefined;
+// The ratios mode: no device and no addon needed; it always exits 0 (a missing log is a note in the table).
+if (argv[0] === "ratios") {
+  const logsAt = argv.indexOf("--logs");
+  writeRatios(logsAt >= 0 ? argv[logsAt + 1]! : "/tmp/gpu-check-logs", resultsFile);
+  process.exit(0);
+}
+// Without the addon or a usable device nothing below can run: results.md says why (else a device call's
+// results.md would be missing or silent), and the exit status 2 tells gpu-check.sh to skip the other groups.
+function noDevice(reason: string): never {
+  const note = `no usable CUDA device: ${reason}`;
+  console.log(note);
+  if (resultsFile) appendFileSync(resultsFile, `${note}\n\n`);
+  process.exit(2);
+}
+const native = (() => {
+  try {
+    return addon();
+  } catch (e) {
+    return noDevice(`the addon did not load: ${String(e)}`);
+  }
+})();
+const info = native.cudaInfo();
+console.log(JSON.stringify({ what: "cuda", ...info }));
+if (!info.usable) noDevice(info.reason);
+const tiny = process.argv.includes("--tiny");
+// --quick: knn runs its first workload only (cosine, the default path, a few searches, no CPU timing or
+// self-search), e.g. under a profiler.
+const quick = process.argv.includes("--quick");
 const wanted = new Set(argv.filter((a, i) => !a.startsWith("--") && (resultsAt < 0 || i !== resultsAt + 1)));
 const want = (s: string) => wanted.size === 0 || wanted.has(s);
 const tables: string[] = [];
@@ -210,7 +232,7 @@ if (want("gemm")) {
   const lines: string[] = [];
   let cublasLt = "";
   const gemmTable = () =>
-    `Device GEMM, ours and cuBLASLt (${cublasLt || "not run"}); error vs our fp32 GEMM on the same operands\n` +
+    `Device GEMM, ours and cuBLASLt (${cublasLt || "not run"}); bf16: both engines on operands converted before the timed calls (the product alone); error vs our fp32 GEMM on the same operands\n` +
     `| shape | precision | engine | ms | TFLOP/s | max rel. error |\n|---|---|---|---|---|---|\n${lines.join("\n")}`;
   partial = gemmTable;
   // NT: C = A B^T (forward products, B the weight [N, K]); NN: C = A B (input gradients, B the weight [K, N]).
@@ -353,11 +375,43 @@ if (want("steps")) {
   // --tiny: vocabularies of 600, so that the LM head's input gradient (K = 600) takes the wgmma kernel and,
   // under PRIORTUNE_CUDA_GEMM_SPLITK=1, split-K, which the first-loss check then covers.
   const shape = (B: number, S: number) => (tiny ? { B: 2, S: 40 + B } : { B, S });
+  // Each model's smaller shape first: a setup attaches the model once and its device work buffers only grow,
+  // so each row's device memory is its own shape's only when the shapes run in increasing size. peer: the
+  // issue's PyTorch anchors (H200, 2026-11-26); the same call's peers are set beside ours by the ratio table
+  // (gpu-check.sh's last step). profiled: the shape the profile after the table runs (the larger).
   const runs = [
-    { name: "GPT-2 124M", config: gpt2, ...shape(32, 512), goalMs: 28, peer: "eager bf16 85.3" },
-    { name: "GPT-2 124M", config: gpt2, ...shape(8, 256), goalMs: 6, peer: "eager 23.4, compile 11.1" },
-    { name: "Llama-3.2-1B shape", config: llama, ...shape(8, 512), goalMs: 38, peer: "bf16 63.6" },
-    { name: "Llama-3.2-1B shape", config: llama, ...shape(2, 276), goalMs: 15, peer: "bf16 37.5" },
+    {
+      name: "GPT-2 124M",
+      config: gpt2,
+      ...shape(8, 256),
+      goalMs: 6,
+      peer: "eager 23.4, compile 11.1",
+      profiled: false,
+    },
+    {
+      name: "GPT-2 124M",
+      config: gpt2,
+      ...shape(32, 512),
+      goalMs: 28,
+      peer: "eager bf16 85.3",
+      profiled: true,
+    },
+    {
+      name: "Llama-3.2-1B shape",
+      config: llama,
+      ...shape(2, 276),
+      goalMs: 15,
+      peer: "bf16 37.5",
+      profiled: false,
+    },
+    {
+      name: "Llama-3.2-1B shape",
+      config: llama,
+      ...shape(8, 512),
+      goalMs: 38,
+      peer: "bf16 63.6",
+      profiled: true,
+    },
   ];
   const lines: string[] = [];
   const firstLoss: Record<string, number> = {};
@@ -390,7 +444,7 @@ if (want("steps")) {
   if (Number.isNaN(peak.priortune!)) await measurePeaks();
   const stepsTable = () =>
     `Prompt-tuning steps (P = 20, loss + prompt gradients + AdamW; MFU over the bf16 8192^3 GEMM peak, ours ${peak.priortune!.toFixed(0)} / cuBLASLt ${peak.cublaslt!.toFixed(0)} TFLOP/s)\n` +
-    "| model | B x S | precision | ms | goal ms | peer ms (issue) | tokens/s | MFU (ours / cuBLASLt peak) | device MiB | first loss / gradient norm vs default |\n|---|---|---|---|---|---|---|---|---|---|\n" +
+    "| model | B x S | precision | ms | goal ms | PyTorch ms (the issue's anchors: H200, 2026-11-26; this call's: the ratio table) | tokens/s | MFU (ours / cuBLASLt peak) | device memory, weights + workspace: MiB (2^20 B) / GB (1e9 B) | first loss / gradient norm vs default |\n|---|---|---|---|---|---|---|---|---|---|\n" +
     lines.join("\n");
   partial = stepsTable;
   // bf16 with graphs: the default kernels (auto GEMM: wgmma on Hopper where it is faster, else mma.sync;
@@ -459,7 +513,8 @@ if (want("steps")) {
           `${precision}${graphs ? "" : " eager"}${kernel ? ` (${kernel} GEMM)` : ""}` +
           `${peel ? " (peeled tails)" : ""}${splitk ? " (split-K)" : ""}${attn ? ` (${attn} attention)` : ""}` +
           `${sep16 ? " (GELU as a separate pass)" : ""}`;
-        for (const r of runs.filter((x) => x.config === cfg)) {
+        // Smaller shapes first (the buffers grow to each in turn: see runs); explicit, whatever runs' order.
+        for (const r of runs.filter((x) => x.config === cfg).sort((a, b) => a.B * a.S - b.B * b.S)) {
           const C = cfg.hiddenSize;
           const args = await prepareStep(model, cfg, r.B, r.S);
           try {
@@ -497,11 +552,15 @@ if (want("steps")) {
             const N = c.numLayers * perLayer + c.vocabSize * C;
             const flops = 4 * N * r.B * r.S + 6 * r.B * c.numLayers * c.numHeads * r.S * r.S * c.headDim;
             const tflops = flops / ms / 1e9;
+            const deviceBytes = mem.weightBytes + mem.workspaceBytes;
             const row = {
               what: "step",
               model: r.name,
               B: r.B,
               S: r.S,
+              // The setup's label and place in the table (0: the default), for the ratio table.
+              setup: label,
+              setupIndex: setups.indexOf(setup),
               precision,
               graphs,
               gemmKernel: kernel ?? "auto",
@@ -512,17 +571,20 @@ if (want("steps")) {
               firstLoss: first,
               firstLossRelToDefault: lossRel,
               firstGradNormRelToDefault: gradRel,
+              lossOk,
               ms,
               tokPerS: (r.B * r.S) / (ms / 1e3),
               tflops,
               mfu: tflops / peak.priortune!,
               mfuCublasLt: tflops / peak.cublaslt!,
-              deviceMiB: (mem.weightBytes + mem.workspaceBytes) / 2 ** 20,
+              // MiB = 2^20 bytes; GB = 1e9 bytes, PyTorch's mem_GB unit (max_memory_allocated() / 1e9).
+              deviceMiB: deviceBytes / 2 ** 20,
+              deviceGB: deviceBytes / 1e9,
               goalMs: r.goalMs,
             };
             console.log(JSON.stringify(row));
             lines.push(
-              `| ${r.name} | ${r.B} x ${r.S} | ${label} | ${ms.toFixed(2)} | ${r.goalMs} | ${r.peer} | ${row.tokPerS.toFixed(0)} | ${(100 * row.mfu).toFixed(1)}% / ${Number.isNaN(row.mfuCublasLt) ? "-" : `${(100 * row.mfuCublasLt).toFixed(1)}%`} | ${row.deviceMiB.toFixed(0)} | ${lossRel.toExponential(1)} / ${gradRel.toExponential(1)}${lossOk ? "" : " **NO**"} |`,
+              `| ${r.name} | ${r.B} x ${r.S} | ${label} | ${ms.toFixed(2)} | ${r.goalMs} | ${r.peer} | ${row.tokPerS.toFixed(0)} | ${(100 * row.mfu).toFixed(1)}% / ${Number.isNaN(row.mfuCublasLt) ? "-" : `${(100 * row.mfuCublasLt).toFixed(1)}%`} | ${row.deviceMiB.toFixed(0)} / ${row.deviceGB.toFixed(2)} | ${lossRel.toExponential(1)} / ${gradRel.toExponential(1)}${lossOk ? "" : " **NO**"} |`,
             );
           } catch (e) {
             console.log(
@@ -553,7 +615,8 @@ if (want("steps")) {
     // Where the time goes: one profiled configuration per model (eager, CUDA events between stages), with the
     // default kernels and with the cp.async attention ones (fp32-staged, on bf16 copies: their conversions
     // count as attention).
-    const r = runs.filter((x) => x.config === cfg)[0]!;
+    // The larger shape, named (runs lists the smaller first).
+    const r = runs.find((x) => x.config === cfg && x.profiled)!;
     for (const attn of [undefined, ...(asyncRuns ? ["async", "bf16"] : ["wmma"])])
       await withEnv("PRIORTUNE_CUDA_ATTN", attn, async () => {
         await model.attachCuda({ precision: "bf16", graphs: false, profile: true });
@@ -603,7 +666,7 @@ if (want("knn")) {
       ];
   const rows: string[] = [];
   const knnTable = () =>
-    "| workload (Q x V x d, top-10) | metric | CUDA path | same indices as CPU | max rel. score error | CUDA device ms (screening) | CUDA wall ms | recovered queries | goal ms | CPU ms |\n|---|---|---|---|---|---|---|---|---|---|\n" +
+    "| workload (Q x V x d, top-10) | metric | CUDA path | same indices as CPU | max rel. score error | CUDA device ms, query preparation to finalize (of which preparation + screening) | CUDA wall ms | recovered queries | goal ms | CPU ms |\n|---|---|---|---|---|---|---|---|---|---|\n" +
     rows.join("\n");
   partial = knnTable;
   // The screening paths of the CUDA index (PRIORTUNE_CUDA_KNN): fused (the TF32 screening kernel), matrix
@@ -657,7 +720,8 @@ if (want("knn")) {
           const ok = same && worst < 1e-5;
           failed ||= !ok;
           // Wall clock per search (host preparation, transfers and the Node call included) and the kernels' device
-          // time (CUDA events), the figure comparable with the PyTorch peer's event timing of matmul + topk.
+          // time (CUDA events, from the query preparation to the finalize kernel's end), the figure comparable
+          // with the PyTorch peer's event timing of normalise + matmul + topk.
           const device: number[] = [];
           const screen: number[] = [];
           const ms = await median(
@@ -674,6 +738,9 @@ if (want("knn")) {
             JSON.stringify({
               what: "knn",
               workload: w.name,
+              Q: w.Q,
+              V: w.V,
+              d: w.d,
               metric,
               path,
               identicalIndices: same,

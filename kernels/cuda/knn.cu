@@ -1077,14 +1077,17 @@ class CudaIndex final : public KnnIndex {
     if (exclude)
       cuda_check(cudaMemcpyAsync(excl_.get(), hx.data(), hx.size() * 4, cudaMemcpyHostToDevice, stream_),
                  "upload exclude");
+    // Device time from the query preparation (the cosine queries' normalisation and the screening copy) to
+    // the finalize kernel's end, so that it covers what a PyTorch peer timing normalise + matmul + topk does;
+    // the transfers above are excluded (the peer's queries are on the device already), and so is the host's
+    // float64 query norms (knn_search_begin, before this: host time, in the wall clock only).
+    cuda_check(cudaEventRecord(start_, stream_), "cudaEventRecord");
     const int64_t nd = int64_t{n} * d;
     knn_prep_kernel<<<cuda::grid_for(nd, 256), 256, 0, stream_>>>(
         q_orig_.get(), q_norm_.get(), n, d, metric_ == KnnMetric::Cosine, matrix ? nullptr : q_screen_.get(),
         matrix ? q16_.get() : nullptr);
     cuda_check(cudaGetLastError(), "knn_prep_kernel launch");
     const int* excl = exclude ? excl_.get() : nullptr;
-    // Device time of the screening and finalize kernels (the transfers and the query preparation excluded).
-    cuda_check(cudaEventRecord(start_, stream_), "cudaEventRecord");
     if (matrix) {
       for (int64_t v0 = 0; v0 < V_; v0 += W) {
         const int64_t L = std::min(W, V_ - v0);
@@ -1199,8 +1202,8 @@ class CudaIndex final : public KnnIndex {
     cuda_check(cudaEventRecord(stop_, stream_), "cudaEventRecord");
   }
 
-  // Downloads the n queries' results and flags, waits, and adds the start..stop (start..mid: screening)
-  // device time to res.
+  // Downloads the n queries' results and flags, waits, and adds the start..stop (start..mid: the query
+  // preparation and screening, or a second selection) device time to res.
   void collect(int n, int64_t k, std::vector<int>* oi, std::vector<float>* os, std::vector<int>* fl,
                KnnResult* res) const {
     cuda_check(cudaMemcpyAsync(oi->data(), out_i_.get(), size_t(n) * k * 4, cudaMemcpyDeviceToHost, stream_),

@@ -1359,15 +1359,19 @@ GemmBenchResult cuda_gemm_benchmark(GemmPrecision precision, int64_t M, int64_t 
     };
     fill(A.get(), M * K);
     fill(Bf.get(), N * K);
-    if (bf16) cuda::to_bf16(s, Bh.get(), Bf.get(), N * K);
-    if (lt && bf16) cuda::to_bf16(s, Ah.get(), A.get(), M * K);
-    // Ours at BF16 is timed as the model runs it: the fp32 activations converted to bf16, then the product.
+    // Both operands go to bf16 once, before the timed calls, for both engines: the timed window holds the
+    // product alone, the same work for ours and cuBLASLt's. (In the model an activation operand reaches the
+    // product in bf16 where its producer writes it so, e.g. the MLP activation; elsewhere a separate
+    // conversion pass runs first, which the step timings include and this table does not.)
+    if (bf16) {
+      cuda::to_bf16(s, Bh.get(), Bf.get(), N * K);
+      cuda::to_bf16(s, Ah.get(), A.get(), M * K);
+    }
     auto run = [&] {
       if (lt) {
         lt->run(s, bf16 ? static_cast<const void*>(Ah.get()) : A.get(),
                 bf16 ? static_cast<const void*>(Bh.get()) : Bf.get(), C.get());
       } else {
-        if (bf16) cuda::to_bf16(s, Ah.get(), A.get(), M * K);
         cuda::gemm(s, precision, b_transposed, M, N, K, bf16 ? static_cast<const void*>(Ah.get()) : A.get(),
                    K, bf16, bf16 ? static_cast<const void*>(Bh.get()) : Bf.get(), ldb, bf16, C.get(), N,
                    nullptr, 0.0f);

@@ -90,7 +90,7 @@ struct GemmBenchResult {
 // `iters` timed calls (CUDA events, after warm-up) of C[M, N] = A[M, K] . B[N, K]^T (b_transposed; else
 // B[K, N], the NN product of input gradients) on random operands (never zeros; for BF16 the values are
 // bf16-exact, so both engines and the reference see the same operands).
-// Ours takes A in fp32 and B in bf16 for BF16, as the model does; cuBLASLt takes both in bf16. The median
+// For BF16 both engines take both operands in bf16, converted before the timed calls. The median
 // of ours at BF16 8192^3 is the peak the model FLOP utilisation is reported against.
 GemmBenchResult cuda_gemm_benchmark(cuda::GemmPrecision precision, int64_t M, int64_t N, int64_t K, int iters,
                                     GemmEngine engine = GemmEngine::Ours, bool b_transposed = true);

@@ -38,8 +38,10 @@ struct KnnResult {
   std::vector<int32_t> indices;   // [Q, k]
   std::vector<float> scores;      // [Q, k]
   int64_t recovered_queries = 0;  // queries that needed more than one screening round (see above)
-  double device_ms = 0.0;         // CUDA: time the search's kernels took on the device (events); 0 on the CPU
-  double device_screen_ms = 0.0;  // the part of device_ms spent screening (the rest: merging, re-scoring)
+  double device_ms = 0.0;         // CUDA: time the search's kernels took on the device, query preparation
+                                  // included (events); 0 on the CPU
+  double device_screen_ms = 0.0;  // the query preparation and screening part of device_ms (the rest: merging,
+                                  // re-scoring)
 };
 
 // A search index over a copy of vocab[V, d]. search() is const and may run from several threads at once.
