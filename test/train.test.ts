@@ -403,16 +403,8 @@ describe("texts as the tokenizer frames them", () => {
       const task = await loadTask({ kind: "arithmetic", trainCount: 8, validationCount: 2, seed: 4 });
       const prior = await createPrior({ kind: "gaussian", sigma: 0.5 }, { model });
       const runDir = join(tmp, "bos-run");
-      const r = await tune({
-        model,
-        task,
-        prior,
-        promptLength: 2,
-        steps: 2,
-        batchSize: 4,
-        maxNewTokens: 2,
-        runDir,
-      });
+      const short = { model, task, prior, promptLength: 2, steps: 2, batchSize: 4, maxNewTokens: 2 };
+      const r = await tune({ ...short, runDir });
       expect(JSON.parse(readFileSync(join(runDir, "run.json"), "utf8")).addSpecialTokens).toBe(true);
       const evalWith = (addSpecialTokens: boolean) =>
         evaluatePrompt({
@@ -427,16 +419,7 @@ describe("texts as the tokenizer frames them", () => {
       const [withBos, without] = [await evalWith(true), await evalWith(false)];
       expect(r.evals.at(-1)!.validationLoss).toBe(withBos.validationLoss);
       expect(withBos.validationLoss).not.toBe(without.validationLoss);
-      const off = await tune({
-        model,
-        task,
-        prior,
-        promptLength: 2,
-        steps: 2,
-        batchSize: 4,
-        maxNewTokens: 2,
-        addSpecialTokens: false,
-      });
+      const off = await tune({ ...short, addSpecialTokens: false });
       expect(off.evals.at(-1)!.validationLoss).not.toBe(r.evals.at(-1)!.validationLoss);
     } finally {
       model.dispose();
