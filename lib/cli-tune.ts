@@ -12,10 +12,11 @@ import {
   withBackend,
 } from "./cli-args.js";
 import { readJsonFile } from "./files.js";
-import { loadModel } from "./model.js";
-import { createPrior, type PriorRecord } from "./priors.js";
+import { loadModel, type Model } from "./model.js";
+import { createPrior, type Prior, type PriorRecord } from "./priors.js";
 import { loadRecordedTask, loadTask, specForRunDirs, type TaskSpec } from "./tasks.js";
 import {
+  defaultDeepLayers,
   type EvalRecord,
   evaluatePrompt,
   readPromptFile,
@@ -64,6 +65,9 @@ interface TuneCliOptions extends BackendFlags {
   taskOpt: Record<string, unknown>;
   prior: string;
   priorOpt: Record<string, unknown>;
+  deepPrior?: string;
+  deepPriorOpt: Record<string, unknown>;
+  deepLr?: number;
   mode: TuneMode;
   promptLength: number;
   deepLayers?: number[];
@@ -168,6 +172,22 @@ function progress(total: number, start: number) {
   };
 }
 
+// --deep-prior: one prior for every deep layer, or, for a prior fitted to activations without a layer, one
+// per deep layer fitted to that layer's input (hidden_states[l], the states the vectors are prepended to).
+async function deepPriorOf(o: TuneCliOptions, model: Model): Promise<Prior | Prior[] | undefined> {
+  if (o.deepPrior === undefined) {
+    if (Object.keys(o.deepPriorOpt).length > 0) throw new Error("--deep-prior-opt: give --deep-prior too");
+    return undefined;
+  }
+  const record = { kind: o.deepPrior, ...o.deepPriorOpt } as PriorRecord;
+  if (record["source"] !== "activations" || record["layer"] !== undefined)
+    return createPrior(record, { model });
+  const layers = o.deepLayers ?? defaultDeepLayers(model.config.numLayers);
+  const priors: Prior[] = [];
+  for (const layer of layers) priors.push(await createPrior({ ...record, layer } as PriorRecord, { model }));
+  return priors;
+}
+
 export function registerTuneCommands(program: Command): void {
   withBackend(program.command("tune"))
     .description("prompt-tune a frozen model on a task from a prior, writing a resumable run directory")
@@ -194,6 +214,17 @@ export function registerTuneCommands(program: Command): void {
       keyValue,
       {},
     )
+    .option(
+      "--deep-prior <kind>",
+      "deep-hidden: prior of the deep vectors (default --prior); with source=activations and no layer, each " +
+        "deep layer's own input activations (hidden_states[l])",
+    )
+    .option("--deep-prior-opt <key=value>", "deep prior option, repeatable (as --prior-opt)", keyValue, {})
+    .option(
+      "--deep-lr <x>",
+      "learning rate of the deep prompts (default --lr; the paper: 1e-3 for activations)",
+      numberArg,
+    )
     .addOption(
       new Option("--mode <mode>", "what is trained")
         .choices(["soft", "deep-hidden", "deep-prefix"])
@@ -202,7 +233,8 @@ export function registerTuneCommands(program: Command): void {
     .option("--prompt-length <n>", "soft-prompt vectors P", integerArg(0), 20)
     .option(
       "--deep-layers <list>",
-      "deep-prompt layers, comma separated (default: the last three)",
+      "deep-prompt layers, comma separated (default: the last three, as the paper; PEFT-style prefix tuning: " +
+        "every layer with --mode deep-prefix --prompt-length 0)",
       integerListArg,
     )
     .option("--deep-length <n>", "deep-prompt vectors per layer (default: --prompt-length)", integerArg(1))
@@ -256,6 +288,7 @@ export function registerTuneCommands(program: Command): void {
         // A run directory of an earlier version resumes with the split it began with.
         const task = await loadTask(specForRunDirs(taskSpec(o), [o.runDir]));
         const prior = await createPrior({ kind: o.prior, ...o.priorOpt } as PriorRecord, { model });
+        const deepPrior = await deepPriorOf(o, model);
         const regularizer = o.regularizer
           ? { regularizer: { kind: o.regularizer }, lambda: o.lambda, schedule: o.lambdaSchedule }
           : undefined;
@@ -274,6 +307,7 @@ export function registerTuneCommands(program: Command): void {
             promptLength: o.promptLength,
             deepLayers: o.deepLayers,
             deepLength: o.deepLength,
+            deepPrior,
             optimizer: {
               lr: o.lr,
               weightDecay: o.weightDecay,
@@ -281,6 +315,7 @@ export function registerTuneCommands(program: Command): void {
               warmupSteps: o.warmup,
               clipNorm: o.clipNorm,
               accumulate: o.accumulate,
+              deepLr: o.deepLr,
             },
             regularizer,
             steps: o.steps,

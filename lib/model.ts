@@ -52,7 +52,7 @@ export interface LoadOptions {
 /** A batch for PromptTrainer.step: token ids with labels (the trainer supplies the prompts). */
 export type PromptBatch = Omit<LossAndGradOptions, "prompt" | "deepPrompts">;
 
-export interface PromptTrainerOptions extends AdamWOptions {
+export interface PromptTrainerOptions extends Omit<AdamWOptions, "lrScale"> {
   /** Clip the global gradient norm (over every trainable tensor) to this before the update; 0 = none. */
   maxGradNorm?: number;
 }

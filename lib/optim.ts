@@ -11,6 +11,12 @@ export interface AdamWOptions {
   eps?: number;
   /** Decoupled weight decay (PyTorch's AdamW default 0.01). */
   weightDecay?: number;
+  /**
+   * Per tensor, a factor on the learning rate (default 1 each): parameter groups with their own rates, as
+   * PyTorch's (a schedule scales every group alike). The paper trains activation-space vectors at 1e-3
+   * beside token-space ones at 5e-3.
+   */
+  lrScale?: number[];
 }
 
 /** The trainable tensors of a prompt-tuning run, in a fixed order: the soft prompt, then the deep prompts. */
@@ -62,6 +68,7 @@ export class AdamW {
   readonly beta2: number;
   readonly eps: number;
   readonly weightDecay: number;
+  readonly lrScale: number[];
 
   constructor(params: Float32Array[], options: AdamWOptions) {
     if (!Array.isArray(params) || params.length === 0)
@@ -76,6 +83,14 @@ export class AdamW {
       }
     }
     if (beta1 >= 1 || beta2 >= 1) throw new RangeError("beta1 and beta2 must be below 1");
+    const scale = options.lrScale ?? this.params.map(() => 1);
+    if (
+      !Array.isArray(scale) ||
+      scale.length !== this.params.length ||
+      !scale.every((x) => typeof x === "number" && Number.isFinite(x) && x >= 0)
+    )
+      throw new RangeError(`lrScale: expected ${this.params.length} finite numbers >= 0 (one per tensor)`);
+    this.lrScale = [...scale];
     this.lr = lr;
     this.beta1 = beta1;
     this.beta2 = beta2;
@@ -103,7 +118,7 @@ export class AdamW {
         grads[i]!,
         this.m[i]!,
         this.v[i]!,
-        lr,
+        lr * this.lrScale[i]!,
         this.beta1,
         this.beta2,
         this.eps,

@@ -46,6 +46,12 @@ export interface OptimizerOptions {
    * labelled tokens, as one batch holding them all would give.
    */
   accumulate?: number;
+  /**
+   * Learning rate of the deep prompts (deep-hidden vectors, deep-prefix keys and values; default lr): the
+   * paper trains activation-space vectors at 1e-3 beside token-space ones at 5e-3. The schedule scales
+   * both alike.
+   */
+  deepLr?: number;
 }
 
 export interface RegularizerOptions {
@@ -73,6 +79,12 @@ export interface TuneOptions {
   deepLength?: number;
   /** Standard deviation of the initial prefix keys and values (deep-prefix; default 0.02). */
   prefixInitStd?: number;
+  /**
+   * Prior of the deep-hidden vectors (default `prior`): one for every layer, or one per layer in
+   * `deepLayers` order, e.g. Gaussians fitted to each layer's input activations (the vectors are
+   * prepended to that input, whose scale differs from the token embeddings' by orders of magnitude).
+   */
+  deepPrior?: Prior | Prior[];
   optimizer?: OptimizerOptions;
   regularizer?: RegularizerOptions;
   steps: number;
@@ -300,6 +312,38 @@ interface Checkpoint {
   evals: EvalRecord[];
 }
 
+/** The deep layers when none are given: the last three, as the paper. */
+export function defaultDeepLayers(numLayers: number): number[] {
+  return [numLayers - 3, numLayers - 2, numLayers - 1].filter((l) => l >= 0);
+}
+
+// The deep-hidden vectors' priors, one per deep layer: `given` (one for all, or one per layer), else the
+// run's prior. Checked here: count and dimension; only deep-hidden runs draw from them.
+function deepPriorsFor(
+  given: Prior | Prior[] | undefined,
+  prior: Prior,
+  mode: TuneMode,
+  layers: number,
+  dim: number,
+): Prior[] {
+  if (given === undefined) return Array.from({ length: layers }, () => prior);
+  if (mode !== "deep-hidden")
+    throw new TypeError(
+      `deepPrior: only deep-hidden runs draw deep vectors from a prior (mode is "${mode}")`,
+    );
+  const list = Array.isArray(given) ? given : Array.from({ length: layers }, () => given);
+  if (list.length !== layers)
+    throw new RangeError(
+      `deepPrior: expected one prior or ${layers} (one per deep layer), got ${list.length}`,
+    );
+  for (const [i, p] of list.entries()) {
+    if (typeof p?.sample !== "function") throw new TypeError(`deepPrior[${i}]: expected a Prior`);
+    if (p.dim !== dim)
+      throw new RangeError(`deepPrior[${i}]: its dimension ${p.dim} is not the model's hidden size ${dim}`);
+  }
+  return list;
+}
+
 /** Runs (or resumes) prompt-tuning. See TuneOptions; everything is reproducible from the seed. */
 export async function tune(options: TuneOptions): Promise<TuneResult> {
   const { model, task, prior } = options;
@@ -339,8 +383,14 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
     throw new RangeError(
       `optimizer.clipNorm: expected a finite number > 0 (leave it out for none), got ${opt.clipNorm}`,
     );
-  const deepLayers =
-    options.deepLayers ?? [c.numLayers - 3, c.numLayers - 2, c.numLayers - 1].filter((l) => l >= 0);
+  if (opt.deepLr !== undefined) {
+    if (mode === "soft") throw new TypeError("optimizer.deepLr: a soft-prompt run has no deep prompts");
+    if (!(Number.isFinite(opt.deepLr) && opt.deepLr >= 0))
+      throw new RangeError(`optimizer.deepLr: expected a finite number >= 0, got ${opt.deepLr}`);
+    if (!(opt.lr > 0))
+      throw new RangeError("optimizer.deepLr: needs lr > 0 (it is applied as a factor on lr's schedule)");
+  }
+  const deepLayers = options.deepLayers ?? defaultDeepLayers(c.numLayers);
   const deepLength = options.deepLength ?? (P > 0 ? P : 20);
   const seed = options.seed ?? 0;
   // The generator takes 32 bits: a seed outside them would repeat another seed's run under its own name.
@@ -387,11 +437,12 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
   const rng = new Rng(seed);
   const prompt = mode === "deep-prefix" && P === 0 ? undefined : prior.sample(P, rng);
   let deepPrompts: DeepPrompts | undefined;
+  const deepPriors = deepPriorsFor(options.deepPrior, prior, mode, deepLayers.length, c.hiddenSize);
   if (mode === "deep-hidden") {
     deepPrompts = {
       kind: "hidden",
       layers: deepLayers,
-      vectors: deepLayers.map(() => prior.sample(deepLength, rng)),
+      vectors: deepLayers.map((_, i) => deepPriors[i]!.sample(deepLength, rng)),
     };
   } else if (mode === "deep-prefix") {
     const per = deepLength * c.numKvHeads * c.headDim;
@@ -409,7 +460,9 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
   if (deepPrompts?.kind === "hidden") tensors.push(...deepPrompts.vectors);
   if (deepPrompts?.kind === "prefix") tensors.push(...deepPrompts.keys, ...deepPrompts.values);
   const initial = tensors.map((t) => t.slice());
-  const adamw = new AdamW(tensors, opt);
+  // The deep tensors' rate as a factor on lr (the schedule scales both alike), as PyTorch's param groups.
+  const deepScale = opt.deepLr === undefined ? 1 : opt.deepLr / opt.lr;
+  const adamw = new AdamW(tensors, { ...opt, lrScale: tensors.map((t) => (t === prompt ? 1 : deepScale)) });
   let regularizer: Regularizer | undefined;
   let ownsRegularizer = false;
   if (options.regularizer) {
@@ -479,6 +532,7 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
       model: { dir: model.dir, fingerprint: modelFingerprint(model.dir), architecture: c.hfArchitecture },
       task: task.describe(),
       prior: prior.describe(),
+      deepPriors: options.deepPrior === undefined ? null : deepPriors.map((p) => p.describe()),
       mode,
       promptLength: P,
       deepLayers: mode === "soft" ? null : deepLayers,
@@ -651,7 +705,7 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
     // refreshed only where something reads them (evaluation, collapse metrics, snapshots, checkpoints, the
     // result). A regulariser or gradient accumulation combine gradients on the host and take the host path.
     const trainer =
-      model.backend === "cuda" && !regularizer && opt.accumulate === 1
+      model.backend === "cuda" && !regularizer && opt.accumulate === 1 && deepScale === 1
         ? await model.promptTrainer(
             { prompt, deepPrompts },
             {

@@ -611,7 +611,7 @@ agree. Claims quoted from the project's summary of ${claims}.
 - Machine: ${machine}; the whole run took ${seconds} s (CPU backend, seeded: the same command gives the same numbers; only the timings in seconds vary
   between runs).
 - Runs: arithmetic task (2-digit add/sub, 512 training examples, ${VALIDATION} validation examples), soft prompt
-  P=${P}, ${STEPS} AdamW steps (lr 0.03, cosine, batch 8), validation every ${EVAL_EVERY} steps, ${SEEDS} seed(s) per prior;
+  P=${P}, ${STEPS} AdamW steps (lr 0.03, cosine after 10 warm-up steps, batch 8), validation every ${EVAL_EVERY} steps, ${SEEDS} seed(s) per prior;
   priors: \`gaussian\` (sigma 0.02, the paper's baseline), \`fitted-gaussian\` on the vocabulary, \`exclusion\` (c=5),
   \`interpolation\` (alpha 0.5) between a Gaussian fitted to arithmetic and one fitted to plain-text activations.
 - Activation sets (finding 4): ${SETS} arithmetic prompts, ${SETS} QA prompts (\`qa-facts\`), ${SETS} passages of the
@@ -737,8 +737,8 @@ within one prior: ${seedNoise}. Rule: supported if the across-prior range is wit
 within 2% of the loss); contradicted if it exceeds four times the seed noise. Accuracy (exact answer, greedy) is
 reported but not used: at this scale it is near zero for every prior.
 
-**Verdict: ${f2Verdict}.** The exclusion prior's prompts stay outside the vocabulary's bulk (finding 1's
-Mahalanobis and percentile columns), which is the "regions no data activation covers" part of the claim.
+**Verdict: ${f2Verdict}.** This run does not test the claim's "regions no data activation covers" part: finding 1's
+Mahalanobis and percentile columns place the prompts against the vocabulary's Gaussian, not against any data's activations.
 
 ## Finding 3: distant priors take longer to reach the same validation loss
 

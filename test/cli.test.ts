@@ -6,7 +6,7 @@ import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { afterAll, describe, expect, it } from "vitest";
 import { writeSafetensors } from "../lib/safetensors.js";
-import { modelDir } from "./helpers.js";
+import { fixtures, modelDir } from "./helpers.js";
 
 const cli = join(dirname(fileURLToPath(import.meta.url)), "..", "lib", "cli.ts");
 const run = (...args: string[]) =>
@@ -236,6 +236,52 @@ describe("priortune CLI", () => {
     const other = run(...common.map((a) => (a === "24" ? "25" : a)));
     expect(other.status).not.toBe(0);
     expect(other.stderr).toMatch(/holds a different run \(run\.json differs in task\)/);
+  });
+});
+
+describe("tune --deep-prior", () => {
+  it("fits one Gaussian per deep layer to that layer's input activations; --deep-lr is recorded", () => {
+    const runDir = join(tmp, "deep-prior-run");
+    const r = run(
+      "tune",
+      modelDir("llama-tiny"),
+      "--task",
+      "arithmetic",
+      "--train-count",
+      "8",
+      "--validation-count",
+      "2",
+      "--steps",
+      "1",
+      "--prompt-length",
+      "2",
+      "--mode",
+      "deep-hidden",
+      "--deep-prior",
+      "fitted-gaussian",
+      "--deep-prior-opt",
+      "source=activations",
+      "--deep-prior-opt",
+      `textsFile=${join(fixtures, "data", "prose.txt")}`,
+      "--deep-lr",
+      "0.001",
+      "--max-new-tokens",
+      "2",
+      "--run-dir",
+      runDir,
+      "--threads",
+      "2",
+    );
+    expect(r.status, r.stderr).toBe(0);
+    const record = JSON.parse(readFileSync(join(runDir, "run.json"), "utf8"));
+    expect(record.deepLayers).toEqual([0, 1, 2]);
+    expect(record.deepPriors.map((p: { layer: number; source: string }) => `${p.source}@${p.layer}`)).toEqual(
+      ["activations@0", "activations@1", "activations@2"],
+    );
+    expect(record.optimizer.deepLr).toBe(0.001);
+    const lone = run("tune", modelDir("llama-tiny"), "--task", "arithmetic", "--deep-prior-opt", "sigma=1");
+    expect(lone.status).not.toBe(0);
+    expect(lone.stderr).toContain("--deep-prior-opt: give --deep-prior too");
   });
 });
 

@@ -283,6 +283,27 @@ describe("optimizer, RNG and file-format checks", () => {
     expect(a[0]).toBeLessThan(1);
   });
 
+  it("AdamW's lrScale gives each tensor its own rate, as PyTorch's parameter groups", () => {
+    const init = [Float32Array.from([1, -2, 3]), Float32Array.from([0.5, 0.25])];
+    const grads = [Float32Array.from([0.3, -0.1, 0.2]), Float32Array.from([-0.4, 0.6])];
+    const grouped = new AdamW(
+      init.map((t) => t.slice()),
+      { lr: 0.1, lrScale: [1, 0.2] },
+    );
+    const alone = [new AdamW([init[0]!.slice()], { lr: 0.1 }), new AdamW([init[1]!.slice()], { lr: 0.02 })];
+    for (const lr of [0.1, 0.05, 0.1]) {
+      grouped.step(grads, lr);
+      alone[0]!.step([grads[0]!], lr);
+      alone[1]!.step([grads[1]!], lr * 0.2);
+    }
+    expect(Array.from(grouped.params[0]!)).toEqual(Array.from(alone[0]!.params[0]!));
+    expect(Array.from(grouped.params[1]!)).toEqual(Array.from(alone[1]!.params[0]!));
+    expect(() => new AdamW([init[0]!], { lr: 0.1, lrScale: [1, 1] })).toThrow(
+      "lrScale: expected 1 finite numbers >= 0 (one per tensor)",
+    );
+    expect(() => new AdamW([init[0]!], { lr: 0.1, lrScale: [-1] })).toThrow(/lrScale/);
+  });
+
   it("Rng seeds are 32-bit: a wider or negative seed is refused (it repeated another seed's draws)", () => {
     expect(() => new Rng(2 ** 32)).toThrow("seed: expected an integer from 0 to 2^32 - 1, got 4294967296");
     expect(() => new Rng(-1)).toThrow(RangeError);

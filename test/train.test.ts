@@ -438,6 +438,54 @@ describe("texts as the tokenizer frames them", () => {
   });
 });
 
+describe("deep-hidden priors and learning rate", () => {
+  it("deep vectors from their own priors, trained at deepLr; both recorded; misuse refused", async () => {
+    const model = await loadModel(modelDir("llama-tiny"), { backend: "cpu", threads: 2 });
+    try {
+      const task = await loadTask({ kind: "arithmetic", trainCount: 8, validationCount: 2, seed: 4 });
+      const prior = await createPrior({ kind: "gaussian", sigma: 0.02 }, { model });
+      const wide = await createPrior({ kind: "gaussian", sigma: 3 }, { model });
+      const runDir = join(tmp, "deep-priors");
+      const base = { model, task, prior, mode: "deep-hidden" as const, promptLength: 3, batchSize: 4 };
+      const r = await tune({
+        ...base,
+        deepLayers: [0, 1],
+        deepPrior: [prior, wide],
+        optimizer: { lr: 0.05, deepLr: 0 },
+        steps: 3,
+        maxNewTokens: 2,
+        snapshotEvery: 1,
+        runDir,
+      });
+      const first = readPromptFile(join(runDir, "snapshots", "step-000000.safetensors"));
+      const std = (t: Float32Array) => Math.sqrt(t.reduce((s, x) => s + x * x, 0) / t.length);
+      const deep0 = first.deepPrompts as { vectors: Float32Array[] };
+      expect(std(first.prompt!)).toBeLessThan(0.05);
+      expect(std(deep0.vectors[0]!)).toBeLessThan(0.05);
+      expect(std(deep0.vectors[1]!)).toBeGreaterThan(2);
+      // deepLr 0: the deep vectors stay where they started (no step, no decay); the soft prompt moves.
+      const last = r.deepPrompts as { vectors: Float32Array[] };
+      for (const [i, v] of last.vectors.entries()) expect(v).toEqual(deep0.vectors[i]);
+      expect(r.prompt).not.toEqual(first.prompt);
+      const record = JSON.parse(readFileSync(join(runDir, "run.json"), "utf8"));
+      expect(record.deepPriors.map((p: { sigma: number }) => p.sigma)).toEqual([0.02, 3]);
+      expect(record.optimizer.deepLr).toBe(0);
+      const refused = (extra: object) => tune({ ...base, steps: 1, ...extra } as Parameters<typeof tune>[0]);
+      await expect(refused({ mode: "soft", optimizer: { deepLr: 1e-3 } })).rejects.toThrow(
+        "optimizer.deepLr: a soft-prompt run has no deep prompts",
+      );
+      await expect(refused({ mode: "deep-prefix", deepPrior: wide })).rejects.toThrow(
+        'deepPrior: only deep-hidden runs draw deep vectors from a prior (mode is "deep-prefix")',
+      );
+      await expect(refused({ deepPrior: [wide] })).rejects.toThrow(
+        "deepPrior: expected one prior or 3 (one per deep layer), got 1",
+      );
+    } finally {
+      model.dispose();
+    }
+  });
+});
+
 describe("a run killed before its first checkpoint", () => {
   it("starts again, metrics included: one line per step", () => {
     const child = join(here, "support", "tune-child.ts");
