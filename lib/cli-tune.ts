@@ -84,6 +84,8 @@ interface TuneCliOptions extends BackendFlags {
   lambda: number;
   lambdaSchedule: "constant" | "linear";
   evalEvery: number;
+  earlyStopping?: number;
+  minDelta?: number;
   evalExamples?: number;
   maxNewTokens: number;
   collapseEvery?: number;
@@ -264,6 +266,16 @@ export function registerTuneCommands(program: Command): void {
         .default("constant"),
     )
     .option("--eval-every <n>", "evaluate every n steps (0: at the end only)", integerArg(0), 0)
+    .option(
+      "--early-stopping <patience>",
+      "stop once the validation loss has not improved for this many evaluations in a row (needs --eval-every)",
+      integerArg(1),
+    )
+    .option(
+      "--min-delta <x>",
+      "with --early-stopping: an improvement is a drop by more than x of the best",
+      numberArg,
+    )
     .option("--eval-examples <n>", "validation examples per evaluation (default all)", integerArg(1))
     .option("--max-new-tokens <n>", "tokens generated per validation example", integerArg(1), 16)
     .option("--collapse-every <n>", "collapse metrics of the prompt every n steps", integerArg(0))
@@ -287,6 +299,8 @@ export function registerTuneCommands(program: Command): void {
       try {
         // A run directory of an earlier version resumes with the split it began with.
         const task = await loadTask(specForRunDirs(taskSpec(o), [o.runDir]));
+        if (o.minDelta !== undefined && o.earlyStopping === undefined)
+          throw new Error("--min-delta: give --early-stopping too");
         const prior = await createPrior({ kind: o.prior, ...o.priorOpt } as PriorRecord, { model });
         const deepPrior = await deepPriorOf(o, model);
         const regularizer = o.regularizer
@@ -321,6 +335,8 @@ export function registerTuneCommands(program: Command): void {
             steps: o.steps,
             batchSize: o.batchSize,
             evalEvery: o.evalEvery,
+            earlyStopping:
+              o.earlyStopping === undefined ? undefined : { patience: o.earlyStopping, minDelta: o.minDelta },
             evalExamples: o.evalExamples,
             maxNewTokens: o.maxNewTokens,
             collapseEvery: o.collapseEvery,
@@ -342,13 +358,14 @@ export function registerTuneCommands(program: Command): void {
           steps: result.steps,
           lastLoss: result.lastLoss,
           resumedFrom: result.resumedFrom ?? null,
+          stoppedEarly: result.stoppedEarly ?? false,
           final: result.evals.at(-1) ?? null,
           runDir: result.runDir ?? null,
         };
         process.stdout.write(
           o.json
             ? `${JSON.stringify(summary, null, 2)}\n`
-            : `done: ${summary.steps} steps, loss ${summary.lastLoss.toFixed(4)}${summary.runDir ? `, run in ${summary.runDir}` : ""}\n`,
+            : `done: ${summary.steps} steps${summary.stoppedEarly ? " (stopped early: the validation loss stopped improving)" : ""}, loss ${summary.lastLoss.toFixed(4)}${summary.runDir ? `, run in ${summary.runDir}` : ""}\n`,
         );
       } finally {
         model.dispose();

@@ -91,6 +91,13 @@ export interface TuneOptions {
   batchSize?: number;
   /** Evaluate every N steps (and at the end); 0 = only at the end (default 0). */
   evalEvery?: number;
+  /**
+   * A convergence criterion: stop before `steps` once the validation loss has not improved for `patience`
+   * evaluations in a row (improved: below the best so far by more than `minDelta` of it, default 0). Needs
+   * evalEvery. The run then ends as a finished one at that step (prompt.safetensors, `stoppedEarly`), and
+   * rerunning its directory does not train further.
+   */
+  earlyStopping?: { patience: number; minDelta?: number };
   /** Validation examples used per evaluation (default all). */
   evalExamples?: number;
   /** Tokens generated per validation example for task metrics (default 16). */
@@ -155,6 +162,25 @@ export interface TuneResult {
   evals: EvalRecord[];
   runDir?: string;
   resumedFrom?: number;
+  /** The run ended before `steps` by its earlyStopping criterion (at `steps` of this result). */
+  stoppedEarly?: boolean;
+}
+
+/**
+ * Whether the validation losses of `evals` (in order) ended `patience` evaluations in a row without an
+ * improvement: a loss below the best before it by more than `minDelta` of that best.
+ */
+export function plateaued(evals: readonly EvalRecord[], patience: number, minDelta = 0): boolean {
+  let best = Number.POSITIVE_INFINITY;
+  let stale = 0;
+  for (const e of evals) {
+    if (!Number.isFinite(e.validationLoss)) continue; // collapse-only records carry no loss
+    if (e.validationLoss < best - minDelta * Math.abs(best) || best === Number.POSITIVE_INFINITY) {
+      best = e.validationLoss;
+      stale = 0;
+    } else stale++;
+  }
+  return stale >= patience;
 }
 
 interface Encoded {
@@ -397,6 +423,15 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
   if (!Number.isInteger(seed) || seed < 0 || seed > 2 ** 32 - 1)
     throw new RangeError(`seed: expected an integer from 0 to 2^32 - 1, got ${seed}`);
   const evalEvery = countOption("evalEvery", options.evalEvery ?? 0, 0);
+  const early = options.earlyStopping;
+  if (early !== undefined) {
+    countOption("earlyStopping.patience", early.patience, 1);
+    const d = early.minDelta ?? 0;
+    if (!(Number.isFinite(d) && d >= 0 && d < 1))
+      throw new RangeError(`earlyStopping.minDelta: expected a number in [0, 1), got ${d}`);
+    if (evalEvery === 0)
+      throw new RangeError("earlyStopping: needs evalEvery > 0 (it watches the validation loss)");
+  }
   const snapshotEvery = countOption("snapshotEvery", options.snapshotEvery ?? 10, 0);
   const checkpointEvery = countOption("checkpointEvery", options.checkpointEvery ?? 10, 0);
   if (options.collapseEvery !== undefined) countOption("collapseEvery", options.collapseEvery, 0);
@@ -550,6 +585,7 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
       steps,
       batchSize,
       evalEvery,
+      earlyStopping: early ? { patience: early.patience, minDelta: early.minDelta ?? 0 } : null,
       evalExamples: options.evalExamples ?? null,
       collapseEvery: options.collapseEvery ?? null,
       maxNewTokens,
@@ -742,7 +778,10 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
       }
       return collate(state.epochBatches[state.epochCursor++]!.map((i) => train[i]!));
     };
-    while (state.step < steps) {
+    // A directory whose run stopped early is finished: rerunning it trains no further.
+    const stopsNow = () => !!early && plateaued(state.evals, early.patience, early.minDelta);
+    let stoppedEarly = stopsNow();
+    while (!stoppedEarly && state.step < steps) {
       if (options.signal?.aborted) throw new Error("tune: aborted");
       const t0 = performance.now();
       const step = state.step;
@@ -808,12 +847,11 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
       options.onStep?.(record);
       // What this step ends with; each reads the host tensors, which a device-resident step must refresh.
       const due = (every: number | undefined) => !!every && state.step % every === 0;
-      const last = state.step === steps;
+      let last = state.step === steps;
       const evalNow = due(evalEvery) || last;
       const collapseNow = due(options.collapseEvery) && prompt !== undefined && !evalNow;
-      const snapshotNow = runDir !== undefined && (due(snapshotEvery) || last);
-      const checkpointNow = runDir !== undefined && (due(checkpointEvery) || last);
-      if (collapseNow || evalNow || snapshotNow || checkpointNow) await pull();
+      const saves = () => runDir !== undefined && (due(snapshotEvery) || due(checkpointEvery) || last);
+      if (collapseNow || evalNow || saves()) await pull();
       if (collapseNow) {
         collapseRef ??= await createCollapseReference(model, { seed });
         const report = await collapseRef.report(prompt, { perDimensionSpread: false });
@@ -835,15 +873,17 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
         state.evals.push(ev);
         appendMetrics(ev);
         options.onEval?.(ev);
+        // A stop the evaluation decides makes this the run's last step: snapshot, checkpoint, final prompt.
+        if (!last && stopsNow()) stoppedEarly = last = true;
       }
-      if (snapshotNow) {
+      if (runDir && (due(snapshotEvery) || last)) {
         saveTensors(
           join(runDir, "snapshots", `step-${String(state.step).padStart(6, "0")}.safetensors`),
           state.step,
           "snapshot",
         );
       }
-      if (checkpointNow) checkpoint();
+      if (runDir && (due(checkpointEvery) || last)) checkpoint();
     }
     if (runDir) saveTensors(join(runDir, "prompt.safetensors"), state.step, "final");
     return {
@@ -854,6 +894,7 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
       evals: state.evals,
       runDir,
       resumedFrom,
+      ...(stoppedEarly ? { stoppedEarly } : {}),
     };
   } finally {
     collapseRef?.dispose();

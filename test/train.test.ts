@@ -17,6 +17,7 @@ import {
   endOfText,
   evaluatePrompt,
   learningRate,
+  plateaued,
   readPromptFile,
   type StepRecord,
   tune,
@@ -479,6 +480,61 @@ describe("deep-hidden priors and learning rate", () => {
       );
       await expect(refused({ deepPrior: [wide] })).rejects.toThrow(
         "deepPrior: expected one prior or 3 (one per deep layer), got 1",
+      );
+    } finally {
+      model.dispose();
+    }
+  });
+});
+
+describe("early stopping", () => {
+  it("plateaued: patience evaluations in a row without a drop of more than minDelta of the best", () => {
+    const ev = (...losses: number[]) =>
+      losses.map((validationLoss, i) => ({ type: "eval" as const, step: i + 1, validationLoss, ms: 0 }));
+    expect(plateaued(ev(3, 2, 2.5, 2.1), 2)).toBe(true);
+    expect(plateaued(ev(3, 2, 2.5, 1.9), 2)).toBe(false);
+    expect(plateaued(ev(3, 2, 1.99), 1, 0.01)).toBe(true); // 0.5% is not more than 1% of 2
+    expect(plateaued(ev(3, Number.NaN, Number.NaN), 1)).toBe(false); // collapse-only records do not count
+    expect(plateaued(ev(3), 1)).toBe(false);
+  });
+
+  it("a run whose validation loss stops improving ends there, finished; rerunning it trains no further", async () => {
+    const model = await loadModel(modelDir("llama-tiny"), { backend: "cpu", threads: 2 });
+    try {
+      const task = await loadTask({ kind: "arithmetic", trainCount: 8, validationCount: 2, seed: 4 });
+      const prior = await createPrior({ kind: "gaussian", sigma: 0.5 }, { model });
+      const runDir = join(tmp, "early-stop");
+      // lr 0: the loss cannot improve, so evaluations 2 and 3 are the two stale ones.
+      const opts = {
+        model,
+        task,
+        prior,
+        promptLength: 2,
+        steps: 10,
+        batchSize: 4,
+        maxNewTokens: 2,
+        evalEvery: 1,
+        earlyStopping: { patience: 2 },
+        optimizer: { lr: 0 },
+        checkpointEvery: 0,
+        snapshotEvery: 0,
+        runDir,
+      };
+      const r = await tune(opts);
+      expect([r.steps, r.stoppedEarly, r.evals.length]).toEqual([3, true, 3]);
+      expect(readPromptFile(join(runDir, "prompt.safetensors")).metadata.step).toBe("3");
+      expect(existsSync(join(runDir, "snapshots", "step-000003.safetensors"))).toBe(true);
+      expect(JSON.parse(readFileSync(join(runDir, "run.json"), "utf8")).earlyStopping).toEqual({
+        patience: 2,
+        minDelta: 0,
+      });
+      const again = await tune(opts);
+      expect([again.steps, again.stoppedEarly, again.resumedFrom]).toEqual([3, true, 3]);
+      await expect(tune({ ...opts, runDir: undefined, evalEvery: 0 })).rejects.toThrow(
+        "earlyStopping: needs evalEvery > 0",
+      );
+      await expect(tune({ ...opts, runDir: undefined, earlyStopping: { patience: 0 } })).rejects.toThrow(
+        /earlyStopping\.patience/,
       );
     } finally {
       model.dispose();
