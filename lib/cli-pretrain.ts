@@ -1,24 +1,15 @@
 // `priortune pretrain`: full-parameter training of a small model from scratch on text files, with the
 // native weight-gradient engine (lib/pretrain.ts). Writes the model directory (Hugging Face layout), a loss
 // curve with held-out perplexity against a unigram baseline, and checkpoints it can resume from.
-import {
-  copyFileSync,
-  existsSync,
-  mkdirSync,
-  readdirSync,
-  readFileSync,
-  renameSync,
-  rmSync,
-  writeFileSync,
-} from "node:fs";
+import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { SingleBar } from "cli-progress";
 import type { Command } from "commander";
 import { integerArg, numberArg, seedArg } from "./cli-args.js";
-import { atomicWrite, fsyncFile, lockDirectory, readJsonFile } from "./files.js";
+import { fsyncFile, lockDirectory, readJsonFile } from "./files.js";
 import type { Model } from "./model.js";
 import type { NativeAdamState } from "./native.js";
-import { createModel, loadTrainableModel, Pretrainer, TOKENIZER_FILES } from "./pretrain.js";
+import { createModel, loadTrainableModel, Pretrainer } from "./pretrain.js";
 import { readTexts } from "./priors.js";
 import { Rng, type RngState } from "./rng.js";
 import { readTensors, type TensorToWrite, writeSafetensors } from "./safetensors.js";
@@ -288,11 +279,8 @@ async function pretrainLocked(
   const save = (step: number) => {
     const tmp = `${out}.saving`;
     rmSync(tmp, { recursive: true, force: true });
-    trainer.save(tmp, { tokenizer }); // bos/eos ids of the tokenizer trained with, when config.json lacks them
-    for (const f of TOKENIZER_FILES) {
-      const src = join(o.tokenizer, f); // the tokenizer trained with, not the --config directory's
-      if (existsSync(src)) copyFileSync(src, join(tmp, f));
-    }
+    // The tokenizer trained with, not the --config directory's: its files and its bos/eos ids.
+    trainer.save(tmp, { tokenizer, tokenizerDir: o.tokenizer });
     const adamState = trainer.optimizerState();
     const tensors: TensorToWrite[] = [];
     for (const name of Object.keys(adamState.m).sort())

@@ -11,7 +11,6 @@ import {
   seedArg,
   withBackend,
 } from "./cli-args.js";
-import { readJsonFile } from "./files.js";
 import { loadModel, type Model } from "./model.js";
 import { createPrior, type Prior, type PriorRecord } from "./priors.js";
 import { loadRecordedTask, loadTask, specForRunDirs, type TaskSpec } from "./tasks.js";

@@ -144,6 +144,11 @@ function parseRope(cfg: Json): { theta: number; scaling: RopeScaling } {
   return { theta, scaling };
 }
 
+/** Whether a Llama-family config is Mistral's (whose config class has defaults of its own). */
+export function isMistral(hfArchitecture: string, cfg: Json = {}): boolean {
+  return hfArchitecture === "MistralForCausalLM" || cfg.model_type === "mistral";
+}
+
 function parseLlama(cfg: Json, hfArchitecture: string): ModelConfig {
   const act = (cfg.hidden_act as string | undefined) ?? "silu";
   if (act !== "silu") throw new Error(`Llama hidden_act '${act}' is not supported (supported: silu)`);
@@ -160,7 +165,10 @@ function parseLlama(cfg: Json, hfArchitecture: string): ModelConfig {
     );
   }
   const rope = parseRope(cfg);
-  const window = cfg.sliding_window;
+  // Transformers' MistralConfig defaults, where config.json leaves them out: a window of 4096 (an absent key;
+  // null is no window) and 131072 positions.
+  const mistral = isMistral(hfArchitecture, cfg);
+  const window = mistral && !("sliding_window" in cfg) ? 4096 : cfg.sliding_window;
   return {
     architecture: "llama",
     hfArchitecture,
@@ -171,7 +179,7 @@ function parseLlama(cfg: Json, hfArchitecture: string): ModelConfig {
     numKvHeads: kvHeads,
     headDim: num(cfg, "head_dim", hidden / heads),
     intermediateSize: num(cfg, "intermediate_size"),
-    maxPositions: num(cfg, "max_position_embeddings", 2048),
+    maxPositions: num(cfg, "max_position_embeddings", mistral ? 131072 : 2048),
     normEps: nonNegative(cfg, "rms_norm_eps", 1e-6),
     tiedHead: cfg.tie_word_embeddings === true,
     attentionBias: cfg.attention_bias === true,

@@ -6,17 +6,17 @@
 // master weights, the AdamW moments belong to the model, and weight decay applies only to the weight
 // matrices of linear layers (attention q/k/v and output, MLP, an untied LM head) — never to embeddings, norm
 // weights or biases (see Model::decays in kernels/include/priortune/model.h).
-import { copyFileSync, existsSync, mkdirSync, statSync } from "node:fs";
+import { copyFileSync, existsSync, mkdirSync, rmSync, statSync } from "node:fs";
 import { availableParallelism } from "node:os";
 import { join, resolve } from "node:path";
 import { defaultLogger, type Logger } from "./backend.js";
-import { loadPlan, type ModelConfig, nativeConfig, parseConfig } from "./config.js";
+import { isMistral, loadPlan, type ModelConfig, nativeConfig, parseConfig } from "./config.js";
 import { atomicWrite, readJsonFile } from "./files.js";
 import { CallQueue, Model } from "./model.js";
 import { addon, type NativeAdamState, type NativeModel } from "./native.js";
 import { Rng } from "./rng.js";
 import { listModelTensors, type TensorToWrite, writeSafetensorsAtomic } from "./safetensors.js";
-import { findTokenizer, type Tokenizer } from "./tokenizer.js";
+import { endOfTextId, findTokenizer, type Tokenizer } from "./tokenizer.js";
 import {
   checkLabels,
   checkTokenIds,
@@ -182,7 +182,8 @@ export function hfConfigJson(c: ModelConfig): Json {
   const rope = c.ropeScaling;
   return {
     architectures: [c.hfArchitecture || "LlamaForCausalLM"],
-    model_type: "llama",
+    // Transformers builds the class of model_type: Mistral's is the one with the sliding window.
+    model_type: isMistral(c.hfArchitecture) ? "mistral" : "llama",
     vocab_size: c.vocabSize,
     hidden_size: c.hiddenSize,
     intermediate_size: c.intermediateSize,
@@ -196,7 +197,10 @@ export function hfConfigJson(c: ModelConfig): Json {
     attention_bias: c.attentionBias,
     mlp_bias: c.mlpBias,
     tie_word_embeddings: c.tiedHead,
-    ...(c.slidingWindow !== undefined ? { sliding_window: c.slidingWindow } : {}),
+    // Mistral's config class reads an absent window as 4096: no window is an explicit null there.
+    ...(c.slidingWindow !== undefined || isMistral(c.hfArchitecture)
+      ? { sliding_window: c.slidingWindow ?? null }
+      : {}),
     // Transformers 4.x reads rope_theta and rope_scaling, 5.x rope_parameters: both are written.
     rope_theta: c.ropeTheta ?? 10000,
     ...(rope && rope.type !== "default"
@@ -422,7 +426,7 @@ function slotShapes(native: NativeModel): Record<string, { rows: number; cols: n
 }
 
 /** A model directory's tokenizer files (either tokenizer.json or GPT-2's vocab.json + merges.txt). */
-export const TOKENIZER_FILES = [
+const TOKENIZER_FILES = [
   "tokenizer.json",
   "tokenizer_config.json",
   "special_tokens_map.json",
@@ -433,15 +437,29 @@ export const TOKENIZER_FILES = [
 /** Files a save copies from the source directory: the tokenizer and generation defaults. */
 const COMPANION_FILES = [...TOKENIZER_FILES, "generation_config.json"];
 
+export interface SaveModelOptions {
+  /**
+   * The tokenizer the model goes with (default the model's): its end-of-text token fills config.json's
+   * missing bos_token_id / eos_token_id (null without one): Transformers would fill them with its class
+   * defaults (GPT-2 50256, Llama 1 and 2), other tokens or none at all in a priortune vocabulary.
+   */
+  tokenizer?: Tokenizer;
+  /**
+   * The directory of that tokenizer when it is not the model's source (a model pretrained with a tokenizer of
+   * its own): its tokenizer files are written instead of the source's, none of the source's tokenizer files
+   * or generation_config.json (the source tokenizer's ids) is kept, and bos/eos come from `tokenizer`
+   * whatever the source config said.
+   */
+  tokenizerDir?: string;
+}
+
 /**
  * Writes a Hugging Face model directory: config.json, model.safetensors (F32, Transformers' tensor names and
- * layouts) and the source directory's tokenizer files. loadModel and from_pretrained read it back. Files of
- * the same names are overwritten. `tokenizer` (default the model's) names the end-of-text token that
- * config.json's missing bos_token_id / eos_token_id are set to (null without one): Transformers would fill
- * them with its class defaults (GPT-2 50256, Llama 1 and 2), other tokens or none at all in a priortune
- * vocabulary.
+ * layouts) and the tokenizer files (the source directory's, or options.tokenizerDir's). loadModel and
+ * from_pretrained read it back. Files of the same names are overwritten. A tokenizer_config.json whose
+ * model_max_length exceeds the model's positions is written with the positions (Transformers truncates to it).
  */
-export function saveModel(model: Model, dirArg: string, options: { tokenizer?: Tokenizer } = {}): void {
+export function saveModel(model: Model, dirArg: string, options: SaveModelOptions = {}): void {
   const t = trainableOf(model, "saveModel");
   if (model.disposed) throw new Error("Model is disposed");
   const dir = resolve(dirArg);
@@ -455,17 +473,36 @@ export function saveModel(model: Model, dirArg: string, options: { tokenizer?: T
   // would otherwise risk the only copy).
   writeSafetensorsAtomic(join(dir, "model.safetensors"), tensors, { format: "pt" });
   const hfConfig: Json = { ...t.hfConfig };
-  if (!("bos_token_id" in hfConfig) || !("eos_token_id" in hfConfig)) {
-    const end = (options.tokenizer ?? model.tokenizer)?.tokenToId("<|endoftext|>") ?? null;
+  const tokenizerDir = options.tokenizerDir === undefined ? undefined : resolve(options.tokenizerDir);
+  const ownTokenizer = tokenizerDir !== undefined && tokenizerDir !== t.sourceDir;
+  if (ownTokenizer || !("bos_token_id" in hfConfig) || !("eos_token_id" in hfConfig)) {
+    const end = endOfTextId(options.tokenizer ?? model.tokenizer) ?? null;
+    if (ownTokenizer) hfConfig.bos_token_id = hfConfig.eos_token_id = end;
     hfConfig.bos_token_id ??= end;
     hfConfig.eos_token_id ??= end;
   }
   atomicWrite(join(dir, "config.json"), `${JSON.stringify(hfConfig, null, 2)}\n`);
-  if (t.sourceDir && t.sourceDir !== dir) {
-    for (const f of COMPANION_FILES) {
-      const from = join(t.sourceDir, f);
-      if (existsSync(from)) copyFileSync(from, join(dir, f));
+  // The tokenizer files: all of one directory's, so that no file of another tokenizer survives beside them.
+  const from = ownTokenizer ? tokenizerDir : t.sourceDir;
+  if (from && from !== dir) {
+    for (const f of ownTokenizer ? COMPANION_FILES : []) rmSync(join(dir, f), { force: true });
+    for (const f of ownTokenizer ? TOKENIZER_FILES : COMPANION_FILES) {
+      if (existsSync(join(from, f))) copyFileSync(join(from, f), join(dir, f));
     }
+  }
+  capModelMaxLength(join(dir, "tokenizer_config.json"), model.config.maxPositions);
+}
+
+// tokenizer_config.json's model_max_length, the longest input Transformers lets through, at most the model's
+// positions (a tokenizer trained for 256 beside a 64-position model would let GPT-2 overflow its positions).
+function capModelMaxLength(path: string, positions: number): void {
+  if (!existsSync(path) || !(positions > 0)) return;
+  const config = readJsonFile(path) as Json;
+  if (typeof config !== "object" || config === null) return;
+  const max = config.model_max_length;
+  if (typeof max === "number" && max > positions) {
+    config.model_max_length = positions;
+    atomicWrite(path, `${JSON.stringify(config, null, 2)}\n`);
   }
 }
 
@@ -623,7 +660,7 @@ export class Pretrainer {
   }
 
   /** saveModel(this.model, dir, options). */
-  save(dir: string, options: { tokenizer?: Tokenizer } = {}): void {
+  save(dir: string, options: SaveModelOptions = {}): void {
     saveModel(this.#model, dir, options);
   }
 

@@ -105,6 +105,23 @@ export function byteLevelBpeJson(vocab: Record<string, number>, mergesText: stri
   };
 }
 
+/**
+ * The id of a tokenizer's end-of-text token: its tokenizer_config.json's eos_token (Llama 3 Instruct's
+ * <|eot_id|>) where that is in the vocabulary, else the first of the usual names it has.
+ */
+export function endOfTextId(
+  t: { tokenToId?(token: string): number | undefined; readonly eosToken?: string } | null | undefined,
+): number | undefined {
+  if (!t?.tokenToId) return undefined;
+  const configured = t.eosToken === undefined ? undefined : t.tokenToId(t.eosToken);
+  if (configured !== undefined) return configured;
+  for (const name of ["<|endoftext|>", "<|end_of_text|>", "</s>", "<|eot_id|>"]) {
+    const id = t.tokenToId(name);
+    if (id !== undefined) return id;
+  }
+  return undefined;
+}
+
 /** The tokenizer of a model directory: tokenizer.json, or GPT-2's vocab.json + merges.txt. */
 export function loadTokenizer(dir: string): Tokenizer {
   const tokJson = join(dir, "tokenizer.json");

@@ -26,6 +26,7 @@ import { createRegularizer, type Prior, type Regularizer, type RegularizerSpec }
 import { Rng, type RngState } from "./rng.js";
 import { readTensors, type TensorToWrite, writeSafetensorsAtomic } from "./safetensors.js";
 import { type Example, encodeExample, type Task, withRecordedSplit } from "./tasks.js";
+import { endOfTextId } from "./tokenizer.js";
 
 export type TuneMode = "soft" | "deep-hidden" | "deep-prefix";
 export type Schedule = "constant" | "linear" | "cosine";
@@ -1032,22 +1033,11 @@ export async function evaluatePrompt(options: EvaluateOptions): Promise<EvalReco
   return record;
 }
 
-/**
- * The tokenizer's end-of-text token: its tokenizer_config.json's eos_token (Llama 3 Instruct's <|eot_id|>)
- * where that is in the vocabulary, else the first of the usual names it has.
- */
+/** The model's tokenizer's end-of-text token (endOfTextId: tokenizer_config's eos_token, else the usual names). */
 export function endOfText(model: {
   readonly tokenizer: { tokenToId?(token: string): number | undefined; readonly eosToken?: string } | null;
 }): number | undefined {
-  const t = model.tokenizer;
-  if (!t?.tokenToId) return undefined;
-  const configured = t.eosToken === undefined ? undefined : t.tokenToId(t.eosToken);
-  if (configured !== undefined) return configured;
-  for (const name of ["<|endoftext|>", "<|end_of_text|>", "</s>", "<|eot_id|>"]) {
-    const id = t.tokenToId(name);
-    if (id !== undefined) return id;
-  }
-  return undefined;
+  return endOfTextId(model.tokenizer);
 }
 
 function tensorNames(prompt: Float32Array | undefined, deep: DeepPrompts | undefined): string[] {

@@ -179,6 +179,20 @@ describe("config and weights agree", () => {
       sliding_window: 16,
     });
     expect(parseConfig(hfConfigJson(llama)).slidingWindow).toBe(16);
+    // Mistral's config class: written as model_type "mistral" (Transformers builds the class with the
+    // window from it: "llama" built one without), an absent window is its default 4096 (it was none), an
+    // explicit null no window, written back as null (absent would read as 4096).
+    expect(hfConfigJson(llama).model_type).toBe("mistral");
+    const { sliding_window: _, ...noKey } = { ...hfConfigJson(llama) };
+    expect(parseConfig(noKey).slidingWindow).toBe(4096);
+    expect(parseConfig({ ...noKey, max_position_embeddings: undefined }).maxPositions).toBe(131072);
+    const unwindowed = parseConfig({ ...noKey, sliding_window: null });
+    expect(unwindowed.slidingWindow).toBeUndefined();
+    expect(hfConfigJson(unwindowed).sliding_window).toBeNull();
+    expect(parseConfig(hfConfigJson(unwindowed)).slidingWindow).toBeUndefined();
+    const plainLlama = parseConfig({ ...noKey, architectures: ["LlamaForCausalLM"], model_type: "llama" });
+    expect([plainLlama.slidingWindow, hfConfigJson(plainLlama).model_type]).toEqual([undefined, "llama"]);
+    expect("sliding_window" in hfConfigJson(plainLlama)).toBe(false);
     const gpt2 = parseConfig({
       architectures: ["GPT2LMHeadModel"],
       vocab_size: 10,

@@ -180,6 +180,38 @@ describe("pretrain", () => {
     expect(existsSync(join(tmp, "bad"))).toBe(false);
   });
 
+  it("a tokenizer of its own: its files alone, its end-of-text ids, model_max_length within the positions", async () => {
+    // --config a model directory whose tokenizer is another (bos 1 / eos 2, a special_tokens_map.json and
+    // generation_config.json of its own): the output held a mix of both tokenizers' files and those ids.
+    const config = join(tmp, "other-config");
+    cpSync(modelDir("llama-tiny"), config, { recursive: true });
+    const cfg = JSON.parse(readFileSync(join(config, "config.json"), "utf8"));
+    writeFileSync(join(config, "config.json"), JSON.stringify({ ...cfg, bos_token_id: 1, eos_token_id: 2 }));
+    writeFileSync(join(config, "special_tokens_map.json"), JSON.stringify({ eos_token: "</s>" }));
+    const tokDir = join(tmp, "own-tokenizer");
+    mkdirSync(tokDir);
+    cpSync(join(modelDir("llama-tiny"), "tokenizer.json"), join(tokDir, "tokenizer.json"));
+    const tokConfig = JSON.parse(readFileSync(join(modelDir("llama-tiny"), "tokenizer_config.json"), "utf8"));
+    writeFileSync(
+      join(tokDir, "tokenizer_config.json"),
+      JSON.stringify({ ...tokConfig, model_max_length: 256 }),
+    );
+    const out = join(tmp, "own-tokenizer-model");
+    await pretrain(
+      { ...base, config, tokenizer: tokDir, out, steps: 2, evalEvery: 2, saveEvery: 2 },
+      () => {},
+    );
+    expect(existsSync(join(out, "special_tokens_map.json"))).toBe(false);
+    expect(existsSync(join(out, "generation_config.json"))).toBe(false);
+    const written = JSON.parse(readFileSync(join(out, "config.json"), "utf8"));
+    const end = loadTokenizer(tokDir).tokenToId("<|endoftext|>");
+    expect([written.bos_token_id, written.eos_token_id]).toEqual([end, end]);
+    expect(JSON.parse(readFileSync(join(out, "tokenizer_config.json"), "utf8")).model_max_length).toBe(64);
+    expect(readFileSync(join(out, "tokenizer.json"), "utf8")).toBe(
+      readFileSync(join(tokDir, "tokenizer.json"), "utf8"),
+    );
+  });
+
   it("the unigram baseline is the add-one smoothed perplexity", () => {
     const tok = loadTokenizer(modelDir("llama-tiny"));
     const ids = tokenizeFiles(tok, [validation], undefined);
