@@ -13,7 +13,7 @@ import { createModel, loadTrainableModel, Pretrainer } from "./pretrain.js";
 import { readTexts } from "./priors.js";
 import { Rng, type RngState } from "./rng.js";
 import { readTensors, type TensorToWrite, writeSafetensors } from "./safetensors.js";
-import { loadTokenizer, type Tokenizer } from "./tokenizer.js";
+import { endOfTextId, loadTokenizer, type Tokenizer } from "./tokenizer.js";
 
 /**
  * Token stream of text files, each document followed by end-of-text: JSON lines / JSON (optionally .gz) with a
@@ -117,7 +117,19 @@ function finishSave(tmp: string, out: string): void {
 }
 
 /** Options a resumed run keeps from its first start (they shape its schedule, batches and weights). */
-const RUN_OPTIONS = ["batchSize", "seqLen", "lr", "minLr", "warmup", "weightDecay", "seed"] as const;
+// Options a resumed run keeps (given again, they must be equal): evalBatches too, since it sets what the
+// held-out loss measures. evalEvery, saveEvery and steps come from the run when left out, and may change.
+const RUN_OPTIONS = [
+  "batchSize",
+  "seqLen",
+  "lr",
+  "minLr",
+  "warmup",
+  "weightDecay",
+  "seed",
+  "evalBatches",
+] as const;
+const SCHEDULE_OPTIONS = ["steps", "evalEvery", "saveEvery"] as const;
 
 /** Refuses option values that would fail mid-run or mean nothing, before any work. */
 function checkOptions(o: PretrainCliOptions): void {
@@ -200,15 +212,18 @@ async function pretrainLocked(
           `--resume: ${key} ${merged[key]} differs from the run's ${was}; a resumed run keeps its options (leave it out)`,
         );
     }
-    // --steps may be given to extend (or shorten) a run, which re-spans its cosine decay; left out, the run's.
-    if (given && !given.has("steps") && saved.steps !== undefined) merged.steps = saved.steps;
+    // --steps may be given to extend (or shorten) a run, which re-spans its cosine decay; --eval-every and
+    // --save-every to evaluate or save at another rhythm; left out, the run's own.
+    for (const key of SCHEDULE_OPTIONS)
+      if (given && !given.has(key) && saved[key] !== undefined)
+        (merged as Record<string, unknown>)[key] = saved[key];
     o = merged;
   }
   checkOptions(o);
   makeOut();
   const tokenizer = loadTokenizer(o.tokenizer);
   log(`tokenizing ${[...o.train, ...o.validation].join(", ")}`);
-  const eos = tokenizer.tokenToId("<|endoftext|>");
+  const eos = endOfTextId(tokenizer); // the document separator: eos_token of tokenizer_config, else the usual names
   const train = tokenizeFiles(tokenizer, o.train, eos);
   const validation = tokenizeFiles(tokenizer, o.validation, eos);
   if (train.length < o.seqLen + 1)

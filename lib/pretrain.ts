@@ -561,6 +561,12 @@ function checkedBatch(c: ModelConfig, b: PretrainBatch) {
   checkTokenIds(inputIds, c.vocabSize, "inputIds");
   if (c.architecture === "gpt2" && seqLen > c.maxPositions)
     throw new RangeError(`seqLen ${seqLen} exceeds the model's ${c.maxPositions} positions`);
+  // Training attends over every position: past a sliding window that would be another model than the one
+  // evaluated (and Transformers') computes.
+  if (c.slidingWindow !== undefined && seqLen > c.slidingWindow)
+    throw new RangeError(
+      `seqLen ${seqLen} exceeds the model's sliding window (${c.slidingWindow}), which priortune does not implement`,
+    );
   const attentionMask =
     b.attentionMask === undefined
       ? undefined

@@ -78,7 +78,19 @@ describe("pretrain", () => {
     const lines: string[] = [];
     // Only --steps given: the warm-up, lr and the rest come from the run (the defaults would change them).
     await pretrain(
-      { ...small, out: split, steps: 6, resume: true, warmup: 100, lr: 3e-3 },
+      // (the CLI's defaults of the options left out; --eval-every, --save-every and --eval-batches were
+      // dropped on resume before: a held-out loss over 8 batches instead of 1, at other steps)
+      {
+        ...small,
+        out: split,
+        steps: 6,
+        resume: true,
+        warmup: 100,
+        lr: 3e-3,
+        evalEvery: 100,
+        saveEvery: 200,
+        evalBatches: 8,
+      },
       (l) => lines.push(l),
       new Set(["steps", "resume", "out"]),
     );
@@ -105,6 +117,14 @@ describe("pretrain", () => {
         new Set(["lr", "steps"]),
       ),
     ).rejects.toThrow("--resume: lr 0.05 differs from the run's 0.01");
+    expect(curve(split).options).toMatchObject({ evalEvery: 3, saveEvery: 3, evalBatches: 1 });
+    await expect(
+      pretrain(
+        { ...small, out: split, steps: 9, resume: true, evalBatches: 4 },
+        () => {},
+        new Set(["evalBatches"]),
+      ),
+    ).rejects.toThrow("--resume: evalBatches 4 differs from the run's 1");
   });
 
   it("a save stopped among its renames is finished by --resume; one stopped before them is dropped", async () => {

@@ -322,6 +322,29 @@ describe.each(MODELS)("full-parameter training against PyTorch autograd: %s", (n
 });
 
 describe("saved config.json: bos and eos token ids", () => {
+  it("training refuses sequences past a sliding window (it attended over all of them; evaluation refused)", async () => {
+    const config = parseConfig({
+      architectures: ["MistralForCausalLM"],
+      vocab_size: 50,
+      hidden_size: 16,
+      num_attention_heads: 2,
+      num_hidden_layers: 1,
+      intermediate_size: 16,
+      sliding_window: 8,
+    });
+    const model = await createModel(config, { seed: 1, threads: 1 });
+    try {
+      const trainer = new Pretrainer(model, { lr: 1e-3 });
+      const batch = (seqLen: number) => ({ inputIds: new Int32Array(seqLen).fill(3), batch: 1, seqLen });
+      await expect(trainer.step(batch(9))).rejects.toThrow(
+        "seqLen 9 exceeds the model's sliding window (8), which priortune does not implement",
+      );
+      await expect(trainer.step(batch(8))).resolves.toBeDefined();
+    } finally {
+      model.dispose();
+    }
+  });
+
   it("are the tokenizer's end of text, or null without one (not Transformers' class defaults)", async () => {
     const config = parseConfig({
       architectures: ["GPT2LMHeadModel"],

@@ -203,9 +203,10 @@ class Model {
   // whole before anything changes.
   void set_adam_state(const AdamState& state);
   // Weight decay rule: the weight matrices of linear layers (l{i}.qkv.w, proj.w, fc.w, fc2.w and an untied
-  // lm_head), as Hugging Face's Trainer decays every nn.Linear weight; no decay for embeddings (tok_emb,
-  // which a tied head shares, and pos_emb), norm weights or biases, which set scales and offsets that decay
-  // toward zero would only distort (GPT-2 / nanoGPT / Llama practice).
+  // lm_head); no decay for norm weights or biases (as Hugging Face's Trainer and nanoGPT), nor, unlike
+  // those two (which decay every matrix, embeddings included), for the embeddings (tok_emb, which a tied
+  // head shares, and pos_emb): ours keeps the token table, which prompt priors and collapse metrics read,
+  // free of decay's shrinkage.
   static bool decays(const std::string& slot_name);
 
  private:
