@@ -6,6 +6,7 @@ import { join, resolve } from "node:path";
 import { SingleBar } from "cli-progress";
 import type { Command } from "commander";
 import { integerArg, numberArg, seedArg } from "./cli-args.js";
+import { decodeUtf8 } from "./data/loaders.js";
 import { fsyncFile, lockDirectory, readJsonFile } from "./files.js";
 import type { Model } from "./model.js";
 import type { NativeAdamState } from "./native.js";
@@ -25,7 +26,7 @@ export function tokenizeFiles(tokenizer: Tokenizer, files: string[], eos: number
   for (const f of files) {
     const docs = /\.jsonl?(\.gz)?$/.test(f)
       ? readTexts(f)
-      : readFileSync(f, "utf8")
+      : decodeUtf8(readFileSync(f), f)
           .replace(/\r\n?/g, "\n")
           .split(/\n{2,}/);
     for (const doc of docs) {

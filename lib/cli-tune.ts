@@ -415,6 +415,7 @@ export function registerTuneCommands(program: Command): void {
             maxNewTokens: o.maxNewTokens ?? run.maxNewTokens,
             maxLength: textBudget(run.maxLength, P, run.mode, run.deepLength ?? 0),
             addSpecialTokens: run.addSpecialTokens === true, // absent: recorded before the option, without
+            encoding: run.encoding ?? 1, // absent: recorded before the field (train.ts TEXT_ENCODING)
             seed: run.seed,
             step: Number(saved.metadata.step ?? 0),
             onProgress: evalLog(5_000),

@@ -146,7 +146,9 @@ function parseRope(cfg: Json): { theta: number; scaling: RopeScaling } {
 
 /** Whether a Llama-family config is Mistral's (whose config class has defaults of its own). */
 export function isMistral(hfArchitecture: string, cfg: Json = {}): boolean {
-  return hfArchitecture === "MistralForCausalLM" || cfg.model_type === "mistral";
+  // model_type is what Transformers builds from (an earlier saveModel wrote "llama" beside a Mistral name).
+  if (typeof cfg.model_type === "string") return cfg.model_type === "mistral";
+  return hfArchitecture === "MistralForCausalLM";
 }
 
 function parseLlama(cfg: Json, hfArchitecture: string): ModelConfig {

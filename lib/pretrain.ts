@@ -476,7 +476,10 @@ export function saveModel(model: Model, dirArg: string, options: SaveModelOption
   const tokenizerDir = options.tokenizerDir === undefined ? undefined : resolve(options.tokenizerDir);
   const ownTokenizer = tokenizerDir !== undefined && tokenizerDir !== t.sourceDir;
   if (ownTokenizer || !("bos_token_id" in hfConfig) || !("eos_token_id" in hfConfig)) {
-    const end = endOfTextId(options.tokenizer ?? model.tokenizer) ?? null;
+    // The tokenizer whose files are written (loaded from tokenizerDir when not given), not the model's.
+    const tokenizer =
+      options.tokenizer ?? (ownTokenizer ? findTokenizer(tokenizerDir, () => {}) : model.tokenizer);
+    const end = endOfTextId(tokenizer) ?? null;
     if (ownTokenizer) hfConfig.bos_token_id = hfConfig.eos_token_id = end;
     hfConfig.bos_token_id ??= end;
     hfConfig.eos_token_id ??= end;

@@ -12,6 +12,7 @@ import { readFileSync } from "node:fs";
 import { resolve } from "node:path";
 import { gunzipSync } from "node:zlib";
 import { captureActivations } from "./activations.js";
+import { decodeUtf8 } from "./data/loaders.js";
 import {
   checkCount,
   type Energy,
@@ -595,7 +596,7 @@ export function readTexts(file: string): string[] {
     raw = gunzipSync(raw);
     name = name.slice(0, -3);
   }
-  const text = raw.toString("utf8");
+  const text = decodeUtf8(raw, file);
   const fromItem = (item: unknown, where: string): string => {
     if (typeof item === "string") return item;
     if (typeof item === "object" && item !== null && typeof (item as { text?: unknown }).text === "string")

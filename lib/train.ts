@@ -457,7 +457,6 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
   }
   const tokenizer = model.tokenizer;
   if (!tokenizer) throw new Error(`model ${model.dir} has no tokenizer; tune needs one to encode the task`);
-  const eosId = endOfText(model);
   if (options.addSpecialTokens !== undefined && typeof options.addSpecialTokens !== "boolean")
     throw new TypeError(`addSpecialTokens: expected a boolean, got ${String(options.addSpecialTokens)}`);
   // A run directory's run.json says how its texts were encoded: one recorded before addSpecialTokens
@@ -468,6 +467,11 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
       : undefined;
   const addSpecialTokens =
     options.addSpecialTokens ?? (recordedRun ? recordedRun["addSpecialTokens"] === true : true);
+  // How examples become tokens: a run directory keeps the encoding it was recorded with (1 when run.json
+  // predates the field).
+  const encoding = recordedRun ? Number(recordedRun["encoding"] ?? 1) : TEXT_ENCODING;
+  const encodeOptions = textEncoding(model, task, encoding, addSpecialTokens);
+  const { eosId } = encodeOptions;
 
   // Initial tensors from the prior (a fixed draw order: soft prompt, then each deep layer).
   const rng = new Rng(seed);
@@ -530,14 +534,8 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
       throw new RangeError(
         `maxNewTokens: ${positions} leaves ${budget}, no room for a question before ${maxNewTokens} generated tokens`,
       );
-    const completionOverflow = task.metric === "none" ? "truncate" : "error";
     const encode = (ex: Example): Encoded => {
-      const e = encodeExample(tokenizer, ex, {
-        maxLength: budget,
-        eosId,
-        completionOverflow,
-        addSpecialTokens,
-      });
+      const e = encodeExample(tokenizer, ex, { ...encodeOptions, maxLength: budget });
       return { ids: e.ids, labels: e.labels };
     };
     const train = task.train.map(encode);
@@ -551,6 +549,8 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
         throw new RangeError(`task ${task.name}: validation example ${i + 1}: ${(e as Error).message}`);
       }
     }
+    if (early && task.validation.length === 0)
+      throw new RangeError(`earlyStopping: task ${task.name} has no validation examples to watch`);
     // Validation asked for but none left (a small file whose examples trainCount took): every evaluation
     // would be NaN. validationCount 0, asked for, trains without scores.
     const described = task.describe();
@@ -592,6 +592,8 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
       maxNewTokens,
       maxLength,
       addSpecialTokens,
+      encoding,
+      eosId: eosId ?? null,
       seed,
       threads: model.threads,
     };
@@ -621,6 +623,7 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
         const previousTask = previous["task"] as Record<string, unknown> | undefined;
         if (previousTask) previous["task"] = withRecordedSplit(previousTask);
         previous["addSpecialTokens"] ??= false; // encoded without them before the option existed
+        previous["encoding"] ??= 1;
         const comparable: Record<string, unknown> = { ...runRecord, ...previous };
         const differing = Object.keys(comparable).filter(
           (k) => canonicalJson(comparable[k]) !== canonicalJson((runRecord as Record<string, unknown>)[k]),
@@ -731,6 +734,7 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
         evalExamples: options.evalExamples,
         maxLength: budget,
         addSpecialTokens,
+        encoding,
         step,
         collapseReference: collapseRef,
         onProgress: options.onEvalProgress,
@@ -781,7 +785,7 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
     };
     // A directory whose run stopped early is finished: rerunning it trains no further.
     const stopsNow = () => !!early && plateaued(state.evals, early.patience, early.minDelta);
-    let stoppedEarly = stopsNow();
+    let stoppedEarly = state.step < steps && stopsNow();
     while (!stoppedEarly && state.step < steps) {
       if (options.signal?.aborted) throw new Error("tune: aborted");
       const t0 = performance.now();
@@ -917,6 +921,8 @@ export interface EvaluateOptions {
   maxLength?: number;
   /** The tokenizer's special tokens (BOS) before each text, as tune's option (default true). */
   addSpecialTokens?: boolean;
+  /** The run's text encoding (run.json's `encoding`; default TEXT_ENCODING, this version's). */
+  encoding?: number;
   step?: number;
   /** Collapse metrics of the soft prompt against this reference (created from the model when absent). */
   collapseReference?: CollapseReference;
@@ -934,8 +940,13 @@ export async function evaluatePrompt(options: EvaluateOptions): Promise<EvalReco
   const t0 = performance.now();
   const tokenizer = model.tokenizer;
   if (!tokenizer) throw new Error(`model ${model.dir} has no tokenizer`);
-  const eosId = endOfText(model);
-  const addSpecialTokens = options.addSpecialTokens ?? true;
+  const encodeOptions = textEncoding(
+    model,
+    task,
+    options.encoding ?? TEXT_ENCODING,
+    options.addSpecialTokens ?? true,
+  );
+  const { eosId, addSpecialTokens } = encodeOptions;
   const batchSize = options.batchSize ?? 2;
   const maxNewTokens = options.maxNewTokens ?? 16;
   const budget = options.maxLength ?? 256 - (prompt ? prompt.length / model.config.hiddenSize : 0);
@@ -949,13 +960,10 @@ export async function evaluatePrompt(options: EvaluateOptions): Promise<EvalReco
   let lossSum = 0;
   let count = 0;
   for (let i = 0; i < validation.length; i += batchSize) {
-    // As training encodes them: plain-text tasks keep the first tokens of a longer document.
-    const completionOverflow = task.metric === "none" ? "truncate" : "error";
+    // As training encodes them.
     const enc = validation
       .slice(i, i + batchSize)
-      .map((ex) =>
-        encodeExample(tokenizer, ex, { maxLength: budget, eosId, completionOverflow, addSpecialTokens }),
-      );
+      .map((ex) => encodeExample(tokenizer, ex, { ...encodeOptions, maxLength: budget }));
     const out = await model.forward({ ...collate(enc), prompt, deepPrompts, logits: false });
     if (out.labelCount) {
       lossSum += out.loss! * out.labelCount;
@@ -1031,6 +1039,33 @@ export async function evaluatePrompt(options: EvaluateOptions): Promise<EvalReco
   }
   record.ms = performance.now() - t0;
   return record;
+}
+
+/**
+ * How a run turns examples into tokens, by run.json's `encoding`. 2 (this version): the end of text is
+ * tokenizer_config's eos_token (else the usual names), the answer's leading space is left to a tokenizer
+ * that starts every text with one, and C4 documents keep their first tokens ("head"). 1 (run directories
+ * recorded before the field): the first of the usual names, the space kept, C4 cut as other plain text
+ * ("truncate"), so that they resume and evaluate as they were trained.
+ */
+export const TEXT_ENCODING = 2;
+
+function textEncoding(model: Model, task: Task, version: number, addSpecialTokens: boolean) {
+  if (version !== 1 && version !== 2)
+    throw new RangeError(
+      `encoding: ${version} is not a text encoding this version knows (1 or ${TEXT_ENCODING})`,
+    );
+  const t = model.tokenizer;
+  const eosId =
+    version >= 2 ? endOfText(model) : endOfTextId(t && { tokenToId: (s: string) => t.tokenToId(s) });
+  const plain = task.metric === "none";
+  const c4 = task.describe()["kind"] === "c4";
+  const completionOverflow: "error" | "truncate" | "head" = !plain
+    ? "error"
+    : version >= 2 && c4
+      ? "head"
+      : "truncate";
+  return { eosId, completionOverflow, impliedSpace: version >= 2, addSpecialTokens };
 }
 
 /** The model's tokenizer's end-of-text token (endOfTextId: tokenizer_config's eos_token, else the usual names). */

@@ -190,6 +190,8 @@ describe("config and weights agree", () => {
     expect(unwindowed.slidingWindow).toBeUndefined();
     expect(hfConfigJson(unwindowed).sliding_window).toBeNull();
     expect(parseConfig(hfConfigJson(unwindowed)).slidingWindow).toBeUndefined();
+    // model_type decides where given (an earlier saveModel wrote "llama" beside the Mistral name: no window).
+    expect(parseConfig({ ...noKey, model_type: "llama" }).slidingWindow).toBeUndefined();
     const plainLlama = parseConfig({ ...noKey, architectures: ["LlamaForCausalLM"], model_type: "llama" });
     expect([plainLlama.slidingWindow, hfConfigJson(plainLlama).model_type]).toEqual([undefined, "llama"]);
     expect("sliding_window" in hfConfigJson(plainLlama)).toBe(false);

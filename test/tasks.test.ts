@@ -7,6 +7,7 @@ import { afterAll, describe, expect, it } from "vitest";
 import { registerDataCommands } from "../lib/cli-data.js";
 import { impliesLeadingSpace } from "../lib/data/encoding.js";
 import { readSource, readSourceLines } from "../lib/data/loaders.js";
+import { readTexts } from "../lib/priors.js";
 import {
   CLOZE_TEMPLATE,
   encodeExample,
@@ -244,6 +245,7 @@ describe("C4 loader", () => {
     writeFileSync(latin1, latinBytes);
     writeFileSync(`${latin1}.gz`, gzipSync(latinBytes));
     for (const f of [latin1, `${latin1}.gz`]) {
+      expect(() => readTexts(f)).toThrow(/latin1\.json(\.gz)?: not valid UTF-8 text/); // priors' texts too
       await expect(readSource(f)).rejects.toThrow(/latin1\.json(\.gz)?: not valid UTF-8 text/);
       await expect(readSourceLines(f)).rejects.toThrow(/latin1\.json(\.gz)?: not valid UTF-8 text/);
     }
@@ -732,28 +734,27 @@ describe("encodeExample", () => {
     const cut = encodeExample(tokenizer, long, { maxLength: 4, completionOverflow: "truncate" });
     expect([...cut.ids]).toEqual(tokenizer.encode(long.completion).slice(0, 4));
     expect([...cut.labels]).toEqual([...cut.ids]);
-    // "truncate" keeps the text's first tokens: the whole prompt (C4's first words), then the start of the
-    // completion (the prompt was dropped when the completion alone overflowed, or cut from the left).
+    // "head" keeps the text's first tokens: the whole prompt (C4's first words), then the start of the
+    // completion (the prompt was dropped when the completion alone overflowed, or cut from the left),
+    // while the prompt leaves room; "truncate" (other plain text) cuts the prompt from the left as before.
     const prefixed = { prompt: "Once upon a time", completion: long.completion };
     const p = tokenizer.encode(prefixed.prompt).length;
+    const joined = [...tokenizer.encode(prefixed.prompt), ...tokenizer.encode(long.completion), 0];
     for (const maxLength of [p + 1, p + 3, p + n - 1]) {
-      const kept = encodeExample(tokenizer, prefixed, {
-        maxLength,
-        completionOverflow: "truncate",
-        eosId: 0,
-      });
+      const kept = encodeExample(tokenizer, prefixed, { maxLength, completionOverflow: "head", eosId: 0 });
       expect(kept.promptLength).toBe(p);
-      expect([...kept.ids]).toEqual(
-        [...tokenizer.encode(prefixed.prompt), ...tokenizer.encode(long.completion)].slice(0, maxLength),
+      expect([...kept.ids]).toEqual(joined.slice(0, maxLength));
+      const cut = encodeExample(tokenizer, prefixed, { maxLength, completionOverflow: "truncate", eosId: 0 });
+      expect([...cut.ids]).toEqual(
+        maxLength >= n + 1 ? joined.slice(-maxLength) : tokenizer.encode(long.completion).slice(0, maxLength),
       );
     }
-    expect(() =>
-      encodeExample(tokenizer, prefixed, { maxLength: p, completionOverflow: "truncate" }),
-    ).toThrow(
-      new RegExp(
-        `maxLength: ${p} tokens cannot hold the prompt \\(${p} tokens\\) and a token of the completion`,
-      ),
-    );
+    // A prompt that leaves no room: "head" is "truncate" (a long SQuAD context does not fail the run).
+    for (const maxLength of [p - 1, p]) {
+      const head = encodeExample(tokenizer, prefixed, { maxLength, completionOverflow: "head", eosId: 0 });
+      const cut = encodeExample(tokenizer, prefixed, { maxLength, completionOverflow: "truncate", eosId: 0 });
+      expect([...head.ids]).toEqual([...cut.ids]);
+    }
     expect(() => encodeExample(tokenizer, example, { eosId: 10_000 })).toThrow(/eosId: expected a token id/);
     expect(() => encodeExample(tokenizer, example, { maxLength: 0 })).toThrow(
       /maxLength: expected a positive integer/,

@@ -252,7 +252,16 @@ describe("run directories of the previous version", () => {
       // Make it look as the previous version wrote it: no newer run.json fields, no state in the tensors.
       const runJson = join(old, "run.json");
       const record = JSON.parse(readFileSync(runJson, "utf8"));
-      for (const k of ["prefixInitStd", "evalExamples", "collapseEvery", "addSpecialTokens"])
+      for (const k of [
+        "prefixInitStd",
+        "evalExamples",
+        "collapseEvery",
+        "addSpecialTokens",
+        "encoding",
+        "eosId",
+        "deepPriors",
+        "earlyStopping",
+      ])
         delete record[k];
       writeFileSync(runJson, JSON.stringify(record, null, 2));
       const file = join(old, "checkpoint.safetensors");
@@ -432,6 +441,20 @@ describe("texts as the tokenizer frames them", () => {
       return { tokenizer: loadTokenizer(dir) };
     };
     const id = (t: string) => loadTokenizer(dir).tokenToId(t);
+    // A run recorded before the text encoding was (encoding 1) ends its answers with the usual name, as it
+    // was trained; this version's (2) with the configured eos_token: their validation losses differ.
+    tok({ eos_token: "a" });
+    const reloaded = await loadModel(dir, { backend: "cpu", threads: 2 });
+    try {
+      const task = await loadTask({ kind: "arithmetic", trainCount: 2, validationCount: 2, seed: 4 });
+      const loss = async (encoding: number) =>
+        (await evaluatePrompt({ model: reloaded, task, maxLength: 60, encoding, scores: false }))
+          .validationLoss;
+      expect(await loss(1)).not.toBe(await loss(2));
+      await expect(loss(3)).rejects.toThrow("encoding: 3 is not a text encoding this version knows (1 or 2)");
+    } finally {
+      reloaded.dispose();
+    }
     expect(endOfText(tok({ eos_token: "a" }))).toBe(id("a"));
     expect(endOfText(tok({ eos_token: { content: "b", special: true } }))).toBe(id("b"));
     expect(endOfText(tok({}))).toBe(id("<|endoftext|>"));
@@ -530,6 +553,15 @@ describe("early stopping", () => {
       });
       const again = await tune(opts);
       expect([again.steps, again.stoppedEarly, again.resumedFrom]).toEqual([3, true, 3]);
+      // A run that reached its steps did not stop early, rerun or not (the rerun said it had).
+      const full = { ...opts, steps: 2, runDir: join(tmp, "early-stop-full") };
+      expect((await tune(full)).stoppedEarly).toBeUndefined();
+      expect((await tune(full)).stoppedEarly).toBeUndefined();
+      // Without validation examples there is no loss to watch (every evaluation NaN: it never stopped).
+      const none = await loadTask({ kind: "arithmetic", trainCount: 8, validationCount: 0, seed: 4 });
+      await expect(tune({ ...opts, task: none, runDir: undefined })).rejects.toThrow(
+        "earlyStopping: task arithmetic has no validation examples to watch",
+      );
       await expect(tune({ ...opts, runDir: undefined, evalEvery: 0 })).rejects.toThrow(
         "earlyStopping: needs evalEvery > 0",
       );

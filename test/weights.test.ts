@@ -367,6 +367,11 @@ describe("saved config.json: bos and eos token ids", () => {
       const end = tokenizer.tokenToId("<|endoftext|>");
       expect(end).toBeTypeOf("number");
       expect([saved.bos_token_id, saved.eos_token_id]).toEqual([end, end]);
+      // The tokenizer's directory alone: its files and its ids (those of the model's tokenizer, none here,
+      // were written before).
+      saveModel(model, dir, { tokenizerDir: join(import.meta.dirname, "..", "models", "priortune-small") });
+      saved = JSON.parse(readFileSync(join(dir, "config.json"), "utf8"));
+      expect([saved.bos_token_id, saved.eos_token_id]).toEqual([end, end]);
     } finally {
       model.dispose();
       rmSync(dir, { recursive: true, force: true });

@@ -14,12 +14,18 @@ export interface EncodeOptions {
   /** Let the tokenizer add its special tokens (e.g. Llama 3's BOS) to the prompt. Default false. */
   addSpecialTokens?: boolean;
   /**
-   * When prompt and completion exceed maxLength: "error" (default) cuts the prompt from the left and throws
-   * when even the completion alone does not fit; "truncate" keeps the text's first tokens, the whole prompt
-   * and the start of the completion (plain-text tasks such as C4, whose prompt is the document's first
-   * words, if any, and the completion the rest), and throws only when the prompt leaves no completion token.
+   * When prompt and completion exceed maxLength: the prompt is cut from the left, and when even the
+   * completion alone does not fit, "error" (default) throws and "truncate" keeps the completion's first
+   * tokens (plain-text tasks, where the completion is the text); "head" keeps the text's first tokens, the
+   * whole prompt and the start of the completion (C4 documents, whose prompt is their first words), as
+   * long as the prompt leaves room for a completion token, and is "truncate" otherwise.
    */
-  completionOverflow?: "error" | "truncate";
+  completionOverflow?: "error" | "truncate" | "head";
+  /**
+   * Encode the completion without its leading space for a tokenizer that starts every text with a word
+   * boundary of its own (see encodeExample; default true; false: as run directories recorded before it).
+   */
+  impliedSpace?: boolean;
 }
 
 export interface EncodedExample {
@@ -88,9 +94,10 @@ function leadingSpecialTokens(tokenizer: Tokenizer, prompt: string, plain: numbe
  *
  * Truncation to `maxLength` keeps the whole completion (and EOS) and the tokenizer's leading special
  * tokens, and cuts the prompt from the left: for SQuAD that drops the start of the context, keeping
- * the question next to the answer. If even the completion does not fit, it is an error. With
- * `completionOverflow` "truncate" the text keeps its first tokens instead: the whole prompt, then as much
- * of the completion as fits. Special tokens a tokenizer appends after the text (add_eos_token) are not
+ * the question next to the answer. If even the completion does not fit, it is an error, or with
+ * `completionOverflow` "truncate" the completion's first tokens. With "head" the text keeps its first
+ * tokens instead (the whole prompt, then as much of the completion as fits) while the prompt leaves room
+ * for one. Special tokens a tokenizer appends after the text (add_eos_token) are not
  * kept in the middle of the sequence; pass `eosId` to end the completion instead.
  */
 export function encodeExample(
@@ -108,9 +115,9 @@ export function encodeExample(
     throw new RangeError(`eosId: expected a token id in [0, ${tokenizer.vocabSize}), got ${eosId}`);
   }
   const overflow = options.completionOverflow ?? "error";
-  if (overflow !== "error" && overflow !== "truncate") {
+  if (overflow !== "error" && overflow !== "truncate" && overflow !== "head") {
     throw new RangeError(
-      `completionOverflow: expected "error" or "truncate", got ${JSON.stringify(overflow)}`,
+      `completionOverflow: expected "error", "truncate" or "head", got ${JSON.stringify(overflow)}`,
     );
   }
 
@@ -120,7 +127,10 @@ export function encodeExample(
     special = leadingSpecialTokens(tokenizer, example.prompt, promptPlain);
   }
   const completion =
-    promptPlain.length > 0 && example.completion.startsWith(" ") && impliesLeadingSpace(tokenizer)
+    (options.impliedSpace ?? true) &&
+    promptPlain.length > 0 &&
+    example.completion.startsWith(" ") &&
+    impliesLeadingSpace(tokenizer)
       ? example.completion.slice(1)
       : example.completion;
   let tail = tokenizer.encode(completion, { addSpecialTokens: false });
@@ -129,16 +139,14 @@ export function encodeExample(
   let body = promptPlain;
   if (maxLength !== undefined && special.length + body.length + tail.length > maxLength) {
     const room = maxLength - special.length - tail.length;
-    const left = maxLength - special.length - body.length; // completion tokens "truncate" keeps
-    if (overflow === "truncate" && left >= 1) {
+    const left = maxLength - special.length - body.length; // completion tokens "head" keeps
+    if (overflow === "head" && left >= 1) {
       tail = tail.slice(0, left);
-    } else if (overflow === "error" && room >= 0) {
+    } else if (room >= 0) {
       body = body.slice(body.length - room);
-    } else if (overflow === "truncate") {
-      throw new RangeError(
-        `maxLength: ${maxLength} tokens cannot hold the prompt (${body.length} tokens` +
-          `${special.length ? ` plus ${special.length} special` : ""}) and a token of the completion; raise maxLength`,
-      );
+    } else if (overflow !== "error" && maxLength > special.length) {
+      body = [];
+      tail = tail.slice(0, maxLength - special.length);
     } else {
       throw new RangeError(
         `maxLength: ${maxLength} tokens cannot hold the completion (${tail.length} tokens` +

@@ -38,13 +38,19 @@ export async function readSource(path: string): Promise<SourceText> {
       throw new Error(`${path}: not a valid gzip file (${(e as Error).message})`);
     }
   }
-  let text: string;
+  return { text: decodeUtf8(raw, path), sha256 };
+}
+
+/**
+ * A whole file's bytes as text: UTF-8, a leading byte-order mark dropped; bytes that are not UTF-8 are an
+ * error naming `path` (not U+FFFD in the text).
+ */
+export function decodeUtf8(bytes: Uint8Array, path: string): string {
   try {
-    text = new TextDecoder("utf-8", { fatal: true }).decode(raw);
+    return new TextDecoder("utf-8", { fatal: true }).decode(bytes);
   } catch {
     throw new NotUtf8Error(path);
   }
-  return { text, sha256 };
 }
 
 // Bytes that are not UTF-8 (a Latin-1 export, a truncated multi-byte character) would become U+FFFD in
