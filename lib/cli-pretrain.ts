@@ -1,7 +1,16 @@
 // `priortune pretrain`: full-parameter training of a small model from scratch on text files, with the
 // native weight-gradient engine (lib/pretrain.ts). Writes the model directory (Hugging Face layout), a loss
 // curve with held-out perplexity against a unigram baseline, and checkpoints it can resume from.
-import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from "node:fs";
+import {
+  existsSync,
+  mkdirSync,
+  readdirSync,
+  readFileSync,
+  renameSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+} from "node:fs";
 import { join, resolve } from "node:path";
 import { SingleBar } from "cli-progress";
 import type { Command } from "commander";
@@ -10,7 +19,7 @@ import { decodeUtf8 } from "./data/loaders.js";
 import { fsyncFile, lockDirectory, readJsonFile } from "./files.js";
 import type { Model } from "./model.js";
 import type { NativeAdamState } from "./native.js";
-import { createModel, loadTrainableModel, Pretrainer } from "./pretrain.js";
+import { COMPANION_FILES, createModel, loadTrainableModel, Pretrainer } from "./pretrain.js";
 import { readTexts } from "./priors.js";
 import { Rng, type RngState } from "./rng.js";
 import { readTensors, type TensorToWrite, writeSafetensors } from "./safetensors.js";
@@ -82,6 +91,11 @@ interface PretrainState {
   /** Training tokens and seconds so far (runs saved before these were kept restart them at 0). */
   tokens?: number;
   seconds?: number;
+  /**
+   * The token between documents (null: none). Runs saved before it was recorded used the token named
+   * <|endoftext|>, and resume so: another separator would change the batches and the held-out set.
+   */
+  separator?: number | null;
 }
 
 type PretrainCurvePoint = {
@@ -224,7 +238,12 @@ async function pretrainLocked(
   makeOut();
   const tokenizer = loadTokenizer(o.tokenizer);
   log(`tokenizing ${[...o.train, ...o.validation].join(", ")}`);
-  const eos = endOfTextId(tokenizer); // the document separator: eos_token of tokenizer_config, else the usual names
+  // The document separator: eos_token of tokenizer_config, else the usual names; a resumed run keeps its own.
+  const eos = !state
+    ? endOfTextId(tokenizer)
+    : state.separator !== undefined
+      ? (state.separator ?? undefined)
+      : tokenizer.tokenToId("<|endoftext|>");
   const train = tokenizeFiles(tokenizer, o.train, eos);
   const validation = tokenizeFiles(tokenizer, o.validation, eos);
   if (train.length < o.seqLen + 1)
@@ -292,11 +311,21 @@ async function pretrainLocked(
   };
   // A save: every file written and flushed in a side directory, then renamed into --out (the optimizer
   // state first, the run state last: a resume refuses a directory whose two steps differ).
+  // Whether the tokenizer is its own, not the --config model directory's (the run's first --config on resume,
+  // when the model is read from --out).
+  const config = state?.options.config ?? o.config;
+  const configDir =
+    config && existsSync(config) && statSync(config).isDirectory() ? resolve(config) : undefined;
+  const ownTokenizer = resolve(o.tokenizer) !== configDir;
   const save = (step: number) => {
     const tmp = `${out}.saving`;
     rmSync(tmp, { recursive: true, force: true });
-    // The tokenizer trained with, not the --config directory's: its files and its bos/eos ids.
-    trainer.save(tmp, { tokenizer, tokenizerDir: o.tokenizer });
+    // The tokenizer trained with, when it is not the --config directory's: its files and its bos/eos ids
+    // (a --config directory's own tokenizer keeps that directory's files and ids, on resume too, when the
+    // model's source is --out).
+    trainer.save(tmp, { tokenizer, tokenizerDir: ownTokenizer ? o.tokenizer : undefined });
+    // A file of another tokenizer left in --out by an earlier run (--force) would survive the renames.
+    for (const f of COMPANION_FILES) if (!existsSync(join(tmp, f))) rmSync(join(out, f), { force: true });
     const adamState = trainer.optimizerState();
     const tensors: TensorToWrite[] = [];
     for (const name of Object.keys(adamState.m).sort())
@@ -319,6 +348,7 @@ async function pretrainLocked(
       options: o,
       tokens,
       seconds,
+      separator: eos ?? null,
     };
     // The run state is the save's last file: with it in the side directory, the save is whole and a resume
     // can finish moving it (finishSave) if this process stops among the renames.

@@ -435,7 +435,7 @@ const TOKENIZER_FILES = [
 ];
 
 /** Files a save copies from the source directory: the tokenizer and generation defaults. */
-const COMPANION_FILES = [...TOKENIZER_FILES, "generation_config.json"];
+export const COMPANION_FILES = [...TOKENIZER_FILES, "generation_config.json"];
 
 export interface SaveModelOptions {
   /**

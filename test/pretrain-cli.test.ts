@@ -217,15 +217,29 @@ describe("pretrain", () => {
       JSON.stringify({ ...tokConfig, model_max_length: 256 }),
     );
     const out = join(tmp, "own-tokenizer-model");
+    const ids = () => {
+      const c = JSON.parse(readFileSync(join(out, "config.json"), "utf8"));
+      return [c.bos_token_id, c.eos_token_id];
+    };
+    // First with the --config directory's own tokenizer: its files and ids, kept on resume (the model is
+    // then read from --out: the resumed save took its bos for the end of text).
+    const short = { ...base, config, out, steps: 2, evalEvery: 2, saveEvery: 2 };
+    await pretrain({ ...short, tokenizer: config }, () => {});
+    expect(ids()).toEqual([1, 2]);
     await pretrain(
-      { ...base, config, tokenizer: tokDir, out, steps: 2, evalEvery: 2, saveEvery: 2 },
+      { ...short, tokenizer: config, steps: 3, resume: true },
       () => {},
+      new Set(["steps", "resume"]),
     );
+    expect(ids()).toEqual([1, 2]);
+    expect(existsSync(join(out, "generation_config.json"))).toBe(true);
+    const end = loadTokenizer(tokDir).tokenToId("<|endoftext|>");
+    expect(JSON.parse(readFileSync(join(out, "pretrain-state.json"), "utf8")).separator).toBe(end);
+    // Then --force with a tokenizer of its own: no file of the first survives in --out.
+    await pretrain({ ...short, tokenizer: tokDir, force: true }, () => {});
     expect(existsSync(join(out, "special_tokens_map.json"))).toBe(false);
     expect(existsSync(join(out, "generation_config.json"))).toBe(false);
-    const written = JSON.parse(readFileSync(join(out, "config.json"), "utf8"));
-    const end = loadTokenizer(tokDir).tokenToId("<|endoftext|>");
-    expect([written.bos_token_id, written.eos_token_id]).toEqual([end, end]);
+    expect(ids()).toEqual([end, end]);
     expect(JSON.parse(readFileSync(join(out, "tokenizer_config.json"), "utf8")).model_max_length).toBe(64);
     expect(readFileSync(join(out, "tokenizer.json"), "utf8")).toBe(
       readFileSync(join(tokDir, "tokenizer.json"), "utf8"),
