@@ -145,6 +145,7 @@ const RUN_OPTIONS = [
   "evalBatches",
 ] as const;
 const SCHEDULE_OPTIONS = ["steps", "evalEvery", "saveEvery"] as const;
+const FILE_OPTIONS = ["train", "validation", "tokenizer"] as const;
 
 /** Refuses option values that would fail mid-run or mean nothing, before any work. */
 function checkOptions(o: PretrainCliOptions): void {
@@ -225,6 +226,18 @@ async function pretrainLocked(
       else if (merged[key] !== was)
         throw new Error(
           `--resume: ${key} ${merged[key]} differs from the run's ${was}; a resumed run keeps its options (leave it out)`,
+        );
+    }
+    // The run's data and tokenizer: other files would continue another run under this one's name (the
+    // recorded separator, batches and held-out set are those of its own). Compared as resolved paths.
+    for (const key of FILE_OPTIONS) {
+      const was = saved[key];
+      if (was === undefined) continue;
+      const paths = (v: unknown) => JSON.stringify([v].flat().map((p) => resolve(String(p))));
+      if (given && !given.has(key)) (merged as Record<string, unknown>)[key] = was;
+      else if (paths(merged[key]) !== paths(was))
+        throw new Error(
+          `--resume: --${key} ${[merged[key]].flat().join(" ")} is not the run's (${[was].flat().join(" ")}); a resumed run reads its own files`,
         );
     }
     // --steps may be given to extend (or shorten) a run, which re-spans its cosine decay; --eval-every and

@@ -272,7 +272,7 @@ export function registerTuneCommands(program: Command): void {
     )
     .option(
       "--min-delta <x>",
-      "with --early-stopping: an improvement is a drop by more than x of the best",
+      "with --early-stopping: an improvement is a drop by more than x of the best (0 <= x < 1; default 0)",
       numberArg,
     )
     .option("--eval-examples <n>", "validation examples per evaluation (default all)", integerArg(1))
@@ -287,7 +287,8 @@ export function registerTuneCommands(program: Command): void {
     )
     .option(
       "--no-special-tokens",
-      "texts without the tokenizer's special tokens (Llama 3's BOS; default: with them, as Transformers)",
+      "texts without the tokenizer's special tokens (Llama 3's BOS; default: with them, as Transformers; a run " +
+        "directory keeps what it recorded)",
     )
     .option("--seed <n>", "seed of every random choice", seedArg, 0)
     .option("--run-dir <dir>", "run directory (created, or resumed when it holds the same run)")

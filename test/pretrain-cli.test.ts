@@ -125,6 +125,14 @@ describe("pretrain", () => {
         new Set(["evalBatches"]),
       ),
     ).rejects.toThrow("--resume: evalBatches 4 differs from the run's 1");
+    // Other data (or another tokenizer) would continue another run under this one's name.
+    await expect(
+      pretrain(
+        { ...small, out: split, steps: 9, resume: true, train: [validation] },
+        () => {},
+        new Set(["train"]),
+      ),
+    ).rejects.toThrow(/--resume: --train .*validation\.txt is not the run's \(.*train\.txt\)/);
   });
 
   it("a save stopped among its renames is finished by --resume; one stopped before them is dropped", async () => {
