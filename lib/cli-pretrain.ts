@@ -131,9 +131,9 @@ function finishSave(tmp: string, out: string): void {
   rmSync(tmp, { recursive: true, force: true });
 }
 
-/** Options a resumed run keeps from its first start (they shape its schedule, batches and weights). */
-// Options a resumed run keeps (given again, they must be equal): evalBatches too, since it sets what the
-// held-out loss measures. evalEvery, saveEvery and steps come from the run when left out, and may change.
+// Options a resumed run keeps from its first start (they shape its schedule, batches and weights; given again,
+// they must be equal): evalBatches too, since it sets what the held-out loss measures. evalEvery, saveEvery
+// and steps come from the run when left out, and may change; the run's files must be its own.
 const RUN_OPTIONS = [
   "batchSize",
   "seqLen",
@@ -322,14 +322,14 @@ async function pretrainLocked(
     }
     return sum / o.evalBatches;
   };
-  // A save: every file written and flushed in a side directory, then renamed into --out (the optimizer
-  // state first, the run state last: a resume refuses a directory whose two steps differ).
   // Whether the tokenizer is its own, not the --config model directory's (the run's first --config on resume,
   // when the model is read from --out).
   const config = state?.options.config ?? o.config;
   const configDir =
     config && existsSync(config) && statSync(config).isDirectory() ? resolve(config) : undefined;
   const ownTokenizer = resolve(o.tokenizer) !== configDir;
+  // A save: every file written and flushed in a side directory, then renamed into --out (the optimizer
+  // state first, the run state last: a resume refuses a directory whose two steps differ).
   const save = (step: number) => {
     const tmp = `${out}.saving`;
     rmSync(tmp, { recursive: true, force: true });

@@ -87,11 +87,6 @@ export interface OptimizerState {
 // The trainer whose tensors a CUDA model holds on the device (one set per model; a newer trainer replaces it).
 const deviceTrainer = new WeakMap<Model, PromptTrainer>();
 
-/**
- * One loss + gradient + AdamW step per call on prompt tensors the trainer owns. On CUDA the tensors, their
- * gradients and AdamW's moments stay on the device and a repeated step shape replays a CUDA graph; on the
- * CPU the same update runs through lossAndGrad and the native AdamW (the reference).
- */
 /** Runs async work one call at a time, in call order (a failed call does not stop the ones after it). */
 export class CallQueue {
   #tail: Promise<void> = Promise.resolve();
@@ -105,6 +100,11 @@ export class CallQueue {
   }
 }
 
+/**
+ * One loss + gradient + AdamW step per call on prompt tensors the trainer owns. On CUDA the tensors, their
+ * gradients and AdamW's moments stay on the device and a repeated step shape replays a CUDA graph; on the
+ * CPU the same update runs through lossAndGrad and the native AdamW (the reference).
+ */
 export class PromptTrainer {
   readonly #model: Model;
   readonly #native: NativeModel | null;
@@ -156,20 +156,13 @@ export class PromptTrainer {
     if (args.labels === undefined)
       throw new TypeError("labels: expected an Int32Array (required for a step)");
     // The batch's arrays as they are now: a queued step runs later, and the caller may refill them meanwhile.
-    const now = {
-      ...batch,
+    const arrays = {
       inputIds: args.inputIds.slice(),
       labels: args.labels.slice(),
       attentionMask: args.attentionMask?.slice(),
     };
-    if (this.#native)
-      return this.#queue.run(() =>
-        this.#deviceStep(
-          { ...args, inputIds: now.inputIds, labels: now.labels, attentionMask: now.attentionMask },
-          lr,
-        ),
-      );
-    return this.#queue.run(() => this.#hostStep(now, lr));
+    if (this.#native) return this.#queue.run(() => this.#deviceStep({ ...args, ...arrays }, lr));
+    return this.#queue.run(() => this.#hostStep({ ...batch, ...arrays }, lr));
   }
 
   async #deviceStep(
@@ -177,19 +170,17 @@ export class PromptTrainer {
     lr: number,
   ): Promise<PromptStepResult> {
     const o = this.#options;
-    {
-      this.#checkCurrent();
-      const r = await this.#native!.promptStep(args, {
-        lr,
-        beta1: o.beta1,
-        beta2: o.beta2,
-        eps: o.eps,
-        weightDecay: o.weightDecay,
-        maxGradNorm: o.maxGradNorm,
-      });
-      this.#steps = r.step;
-      return r;
-    }
+    this.#checkCurrent();
+    const r = await this.#native!.promptStep(args, {
+      lr,
+      beta1: o.beta1,
+      beta2: o.beta2,
+      eps: o.eps,
+      weightDecay: o.weightDecay,
+      maxGradNorm: o.maxGradNorm,
+    });
+    this.#steps = r.step;
+    return r;
   }
 
   async #hostStep(batch: PromptBatch, lr: number): Promise<PromptStepResult> {

@@ -488,7 +488,7 @@ export function saveModel(model: Model, dirArg: string, options: SaveModelOption
   // The tokenizer files: all of one directory's, so that no file of another tokenizer survives beside them.
   const from = ownTokenizer ? tokenizerDir : t.sourceDir;
   if (from && from !== dir) {
-    for (const f of ownTokenizer ? COMPANION_FILES : []) rmSync(join(dir, f), { force: true });
+    if (ownTokenizer) for (const f of COMPANION_FILES) rmSync(join(dir, f), { force: true });
     for (const f of ownTokenizer ? TOKENIZER_FILES : COMPANION_FILES) {
       if (existsSync(join(from, f))) copyFileSync(join(from, f), join(dir, f));
     }

@@ -616,7 +616,8 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
       const runJson = join(runDir, "run.json");
       const checkpointJson = join(runDir, "checkpoint.json");
       if (existsSync(runJson)) {
-        const previous = readJsonFile(runJson) as Record<string, unknown>;
+        // Read once, above (it set the encoding); a run.json written since then is read now.
+        const previous = { ...(recordedRun ?? (readJsonFile(runJson) as Record<string, unknown>)) };
         // Fields this version records that an older run.json lacks are not a difference (they were not
         // recorded then); key order is not either. A task recorded before `split` existed is compared with
         // the split it was divided by (withRecordedSplit; loadRecordedTask reloads it so).

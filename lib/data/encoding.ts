@@ -151,7 +151,7 @@ export function encodeExample(
       throw new RangeError(
         `maxLength: ${maxLength} tokens cannot hold the completion (${tail.length} tokens` +
           `${eosId !== undefined ? " with EOS" : ""}${special.length ? ` plus ${special.length} special` : ""}); ` +
-          'raise maxLength or set completionOverflow: "truncate"',
+          `raise maxLength${overflow === "error" ? ' or set completionOverflow: "truncate"' : ""}`,
       );
     }
   }
