@@ -32,6 +32,30 @@ describe("finite-difference checks of the CPU ops' backward", () => {
     checkGradient(x, (v) => dot(ops.rmsnorm(v, w, N, C)[0], r), dx);
   });
 
+  // Both norms are scale-invariant once eps is negligible, so s d/dx at s x is the same for every large s.
+  // RMSNorm's rstd^3 falls below FLT_MIN once entries pass ~1e13: the backward must not form it.
+  it.each([
+    { name: "layernorm", ln: true },
+    { name: "rmsnorm", ln: false },
+  ])("$name backward keeps its precision on rows of scale 1e30", ({ ln }) => {
+    const x = randn(N * C, 14);
+    const w = randn(C, 15);
+    const b = randn(C, 16);
+    const r = randn(N * C, 17);
+    const grad = (v: Float32Array) => {
+      if (ln) {
+        const [, mean, rstd] = ops.layernorm(v, w, b, N, C);
+        return ops.layernormBackward(r, v, w, mean, rstd, N, C);
+      }
+      const [, rstd] = ops.rmsnorm(v, w, N, C);
+      return ops.rmsnormBackward(r, v, w, rstd, N, C);
+    };
+    const want = grad(x.map((v) => v * 1e10)).map((v) => v * 1e10);
+    const got = grad(x.map((v) => v * 1e30)).map((v) => v * 1e30);
+    const scale = Math.max(...want.map(Math.abs));
+    for (let i = 0; i < want.length; i++) expect(Math.abs(got[i] - want[i])).toBeLessThan(1e-5 * scale);
+  });
+
   it("gelu (tanh approximation)", () => {
     const x = randn(64, 8, 2);
     const r = randn(64, 9);

@@ -20,14 +20,16 @@ PT_MULTIVERSION void rmsnorm_row(float* o, float* rstd, const float* x, const fl
   if (rstd) *rstd = r;
 }
 
-// dx += rstd * dnorm - rstd^3 * x * mean(dnorm * x), dnorm = dout * w.
+// dx += rstd * dnorm - rstd^3 * x * mean(dnorm * x), dnorm = dout * w, computed as
+// rstd * (dnorm - xhat * mean(dnorm * xhat)), xhat = x * rstd: no power of rstd under- or overflows, so rows
+// of any scale keep their precision (rstd^3 is below FLT_MIN once entries pass ~1e13).
 PT_MULTIVERSION void rmsnorm_backward_row(float* d, const float* g, const float* x, const float* w, float r,
                                           int64_t C) {
   double s = 0.0;
 #pragma omp simd reduction(+ : s)
-  for (int64_t c = 0; c < C; ++c) s += static_cast<double>(g[c]) * w[c] * x[c];
-  const float k = static_cast<float>(s / C) * r * r * r;
-  for (int64_t c = 0; c < C; ++c) d[c] += r * g[c] * w[c] - k * x[c];
+  for (int64_t c = 0; c < C; ++c) s += static_cast<double>(g[c] * w[c]) * (x[c] * r);
+  const float m2 = static_cast<float>(s / C);
+  for (int64_t c = 0; c < C; ++c) d[c] += r * (g[c] * w[c] - x[c] * r * m2);
 }
 
 }  // namespace

@@ -10,9 +10,10 @@
 //  - Row ops (embedding, SwiGLU, RoPE, gather/scatter): grid.y strides over rows, grid.x over a row's
 //    columns, so there is no per-element division.
 //  - Norms: one block per row. The row (forward: x or x + residual; backward: dout * w and x) is held in
-//    registers, up to 8 (forward) or 4 (backward) packs per thread with up to 1024 threads; statistics are
-//    fp32, two-pass for LayerNorm (mean, then centred squares). Longer rows take a scalar kernel that
-//    re-reads global memory.
+//    registers, up to 8 (forward) or 4 (backward) packs per thread with up to 1024 threads; the forward's
+//    statistics are float64 sums as on the CPU (fp32 squares overflow past ~1e19), two-pass for LayerNorm
+//    (mean, then centred squares); the backward's row sums are of scale-free terms (dn, dn xhat) in fp32.
+//    Longer rows take a scalar kernel that re-reads global memory.
 //  - softmax_xent: one block per row: max and sum of exp in one read (a running max per thread), then
 //    (optionally) the gradient, in place or as bf16
 //    into a second buffer. A row whose start is not 16-byte aligned runs as a scalar head, a float4 body
@@ -25,6 +26,7 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <exception>
 #include <initializer_list>
@@ -198,6 +200,12 @@ __global__ void batch_sum_kernel(float* dst, const float* src, int64_t B, int64_
   }
 }
 
+// 1 / sqrt(sum / C + eps) from a float64 sum of squares (as the CPU reference: fp32 squares overflow for
+// entries past ~1e19 and lose the row's scale).
+__device__ __forceinline__ float norm_rstd(double sum_sq, int64_t C, float eps) {
+  return static_cast<float>(1.0 / sqrt(sum_sq / static_cast<double>(C) + eps));
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Norms (no __restrict__: x_sum may alias x; each thread reads its own elements before writing them)
 
@@ -205,13 +213,12 @@ template <int VEC, int MAXV, bool LN, class O>
 __global__ void __launch_bounds__(kMaxBlockThreads)
     norm_forward_cached(O* out, float* mean, float* rstd, const float* x, const float* residual, float* x_sum,
                         const float* w, const float* b, int64_t N, int C, float eps) {
-  __shared__ float sh[32];
+  __shared__ double sh[32];
   const int packs = C / VEC;
-  const float fc = static_cast<float>(C);
   for (int64_t row = blockIdx.x; row < N; row += gridDim.x) {
     const int64_t off = row * C;
     float v[MAXV][VEC];
-    float s = 0.0f;
+    double s = 0.0;
 #pragma unroll
     for (int k = 0; k < MAXV; ++k) {
       const int j = threadIdx.x + k * blockDim.x;
@@ -225,29 +232,33 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
           store_vec<VEC>(x_sum + off + j * VEC, v[k]);
         }
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) s += LN ? v[k][e] : v[k][e] * v[k][e];
+        for (int e = 0; e < VEC; ++e) {
+          const double d = v[k][e];
+          s += LN ? d : d * d;
+        }
       }
     }
-    s = block_reduce(s, 0.0f, sh, SumOp());
+    s = block_reduce(s, 0.0, sh, SumOp());
     float m = 0.0f, r;
     if constexpr (LN) {
-      m = s / fc;
-      float q = 0.0f;
+      const double md = s / static_cast<double>(C);
+      m = static_cast<float>(md);
+      double q = 0.0;
 #pragma unroll
       for (int k = 0; k < MAXV; ++k) {
         const int j = threadIdx.x + k * blockDim.x;
         if (j < packs) {
 #pragma unroll
           for (int e = 0; e < VEC; ++e) {
-            const float d = v[k][e] - m;
+            const double d = v[k][e] - md;
             q += d * d;
           }
         }
       }
-      q = block_reduce(q, 0.0f, sh, SumOp());
-      r = 1.0f / sqrtf(q / fc + eps);
+      q = block_reduce(q, 0.0, sh, SumOp());
+      r = norm_rstd(q, C, eps);
     } else {
-      r = 1.0f / sqrtf(s / fc + eps);
+      r = norm_rstd(s, C, eps);
     }
 #pragma unroll
     for (int k = 0; k < MAXV; ++k) {
@@ -280,33 +291,34 @@ template <bool LN, class O>
 __global__ void __launch_bounds__(kMaxBlockThreads)
     norm_forward_uncached(O* out, float* mean, float* rstd, const float* x, const float* residual,
                           float* x_sum, const float* w, const float* b, int64_t N, int64_t C, float eps) {
-  __shared__ float sh[32];
-  const float fc = static_cast<float>(C);
+  __shared__ double sh[32];
   for (int64_t row = blockIdx.x; row < N; row += gridDim.x) {
     const int64_t off = row * C;
-    float s = 0.0f;
+    double s = 0.0;
     for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
       float v = x[off + c];
       if (residual) {
         v += residual[off + c];
         x_sum[off + c] = v;
       }
-      s += LN ? v : v * v;
+      const double d = v;
+      s += LN ? d : d * d;
     }
-    s = block_reduce(s, 0.0f, sh, SumOp());
+    s = block_reduce(s, 0.0, sh, SumOp());
     const float* in = (residual ? x_sum : x) + off;
     float m = 0.0f, r;
     if constexpr (LN) {
-      m = s / fc;
-      float q = 0.0f;
+      const double md = s / static_cast<double>(C);
+      m = static_cast<float>(md);
+      double q = 0.0;
       for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
-        const float d = in[c] - m;
+        const double d = in[c] - md;
         q += d * d;
       }
-      q = block_reduce(q, 0.0f, sh, SumOp());
-      r = 1.0f / sqrtf(q / fc + eps);
+      q = block_reduce(q, 0.0, sh, SumOp());
+      r = norm_rstd(q, C, eps);
     } else {
-      r = 1.0f / sqrtf(s / fc + eps);
+      r = norm_rstd(s, C, eps);
     }
     for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
       if constexpr (LN)
@@ -322,7 +334,8 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
 }
 
 // LayerNorm: dx += r (dn - mean(dn) - xhat mean(dn xhat)), dn = dout w, xhat = (x - m) r.
-// RMSNorm:   dx += r dn - r^3 x mean(dn x).
+// RMSNorm:   the same with m = 0 and no mean(dn) term (r dn - r^3 x mean(dn x), written so that no power of r
+// under- or overflows: rows of any scale keep their precision).
 template <int VEC, int MAXV, bool LN>
 __global__ void __launch_bounds__(kMaxBlockThreads)
     norm_backward_cached(float* dx, uint16_t* dx16, const float* dout, const float* x, const float* w,
@@ -348,18 +361,14 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
           dn[k][e] = g[e] * wv[e];
-          if constexpr (LN) {
-            s1 += dn[k][e];
-            s2 += dn[k][e] * ((xv[k][e] - m) * r);
-          } else {
-            s1 += dn[k][e] * xv[k][e];
-          }
+          if constexpr (LN) s1 += dn[k][e];
+          s2 += dn[k][e] * ((xv[k][e] - m) * r);
         }
       }
     }
-    s1 = block_reduce(s1, 0.0f, sh, SumOp());
-    if constexpr (LN) s2 = block_reduce(s2, 0.0f, sh, SumOp());
-    const float m1 = s1 / fc, m2 = s2 / fc, kr = m1 * r * r * r;
+    if constexpr (LN) s1 = block_reduce(s1, 0.0f, sh, SumOp());
+    s2 = block_reduce(s2, 0.0f, sh, SumOp());
+    const float m1 = s1 / fc, m2 = s2 / fc;
 #pragma unroll
     for (int k = 0; k < MAXV; ++k) {
       const int j = threadIdx.x + k * blockDim.x;
@@ -367,12 +376,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
         float d[VEC];
         load_vec<VEC>(d, dx + off + j * VEC);
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) {
-          if constexpr (LN)
-            d[e] += r * (dn[k][e] - m1 - (xv[k][e] - m) * r * m2);
-          else
-            d[e] += r * dn[k][e] - kr * xv[k][e];
-        }
+        for (int e = 0; e < VEC; ++e) d[e] += r * (dn[k][e] - m1 - (xv[k][e] - m) * r * m2);
         store_vec<VEC>(dx + off + j * VEC, d);
         if (dx16) store_vec<VEC>(dx16 + off + j * VEC, d);
       }
@@ -394,19 +398,15 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
     float s1 = 0.0f, s2 = 0.0f;
     for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
       const float dn = dout[off + c] * w[c], xc = x[off + c];
-      if constexpr (LN) {
-        s1 += dn;
-        s2 += dn * ((xc - m) * r);
-      } else {
-        s1 += dn * xc;
-      }
+      if constexpr (LN) s1 += dn;
+      s2 += dn * ((xc - m) * r);
     }
-    s1 = block_reduce(s1, 0.0f, sh, SumOp());
-    if constexpr (LN) s2 = block_reduce(s2, 0.0f, sh, SumOp());
-    const float m1 = s1 / fc, m2 = s2 / fc, kr = m1 * r * r * r;
+    if constexpr (LN) s1 = block_reduce(s1, 0.0f, sh, SumOp());
+    s2 = block_reduce(s2, 0.0f, sh, SumOp());
+    const float m1 = s1 / fc, m2 = s2 / fc;
     for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
       const float dn = dout[off + c] * w[c], xc = x[off + c];
-      const float d = dx[off + c] + (LN ? r * (dn - m1 - (xc - m) * r * m2) : r * dn - kr * xc);
+      const float d = dx[off + c] + r * (dn - m1 - (xc - m) * r * m2);
       dx[off + c] = d;
       if (dx16) put(dx16 + off + c, d);
     }
@@ -1116,15 +1116,24 @@ void test_batch_sum(std::vector<OpCheck>& out, uint32_t& seed) {
 }
 
 // residual: 0 none, 1 separate x_sum, 2 x_sum aliasing x. The op runs on rows [row0, row0 + N) of buffers of
-// `total` rows; whole buffers are compared (rows outside must be untouched).
+// `total` rows; whole buffers are compared (rows outside must be untouched). `scale` multiplies x and the
+// residual (1e20: squares past FLT_MAX, rstd^3 below FLT_MIN; compare whole buffers only with row0 = 0).
+std::string scale_note(float scale) {
+  if (scale == 1.0f) return "";
+  char buf[32];
+  std::snprintf(buf, sizeof buf, " x*%g", static_cast<double>(scale));
+  return buf;
+}
+
 void test_norm_forward(std::vector<OpCheck>& out, uint32_t& seed, NormKind kind, int64_t total, int64_t row0,
-                       int64_t N, int64_t C, int residual) {
+                       int64_t N, int64_t C, int residual, float scale = 1.0f) {
   const bool ln = kind == NormKind::LayerNorm;
   const float eps = 1e-5f;
   const size_t n = static_cast<size_t>(total * C), off = static_cast<size_t>(row0 * C);
   auto x = random_vector(n, ++seed, 2.0f);
-  for (auto& v : x) v += 0.5f;  // a nonzero mean
-  const auto res = random_vector(n, ++seed);
+  for (auto& v : x) v = (v + 0.5f) * scale;  // a nonzero mean
+  auto res = random_vector(n, ++seed);
+  for (auto& v : res) v *= scale;
   const auto w = random_vector(static_cast<size_t>(C), ++seed);
   const auto b = random_vector(static_cast<size_t>(C), ++seed);
   const auto out0 = random_vector(n, ++seed);
@@ -1160,11 +1169,11 @@ void test_norm_forward(std::vector<OpCheck>& out, uint32_t& seed, NormKind kind,
     err = std::max(err, rel_error(to_host(d_x.get(), n), xin));
   }
   const char* res_name[] = {"", " residual", " residual in place"};
-  const std::string shape =
-      dims({{"N", N}, {"C", C}}) + (row0 ? " row0=" + std::to_string(row0) : "") + res_name[residual];
+  const std::string shape = dims({{"N", N}, {"C", C}}) + (row0 ? " row0=" + std::to_string(row0) : "") +
+                            res_name[residual] + scale_note(scale);
   out.push_back(make_check(ln ? "norm_forward layernorm" : "norm_forward rmsnorm", shape, err, kTolMath,
-                           "fp32 block-reduced statistics vs the CPU's float64 ones (order and precision "
-                           "differ); out, mean, rstd and x_sum compared"));
+                           "float64 block-reduced statistics vs the CPU's float64 ones (order differs); "
+                           "out, mean, rstd and x_sum compared"));
   // The bf16 output (a BF16 product's operand): the fp32 one above rounded to nearest even, bit for bit. Run
   // on the original inputs again (the residual-in-place case overwrote x).
   auto d_x2 = to_device(x);
@@ -1188,15 +1197,16 @@ void test_norm_forward(std::vector<OpCheck>& out, uint32_t& seed, NormKind kind,
 }
 
 void test_norm_backward(std::vector<OpCheck>& out, uint32_t& seed, NormKind kind, int64_t total, int64_t row0,
-                        int64_t N, int64_t C) {
+                        int64_t N, int64_t C, float scale = 1.0f) {
   const bool ln = kind == NormKind::LayerNorm;
   const size_t n = static_cast<size_t>(total * C), off = static_cast<size_t>(row0 * C);
   auto x = random_vector(n, ++seed, 2.0f);
-  for (auto& v : x) v += 0.5f;
+  for (auto& v : x) v = (v + 0.5f) * scale;
   const auto w = random_vector(static_cast<size_t>(C), ++seed);
   const auto b = random_vector(static_cast<size_t>(C), ++seed);
   const auto dout = random_vector(n, ++seed);
-  const auto dx0 = random_vector(n, ++seed);
+  auto dx0 = random_vector(n, ++seed);
+  for (auto& v : dx0) v /= scale;  // the size of the update (dx scales as 1 / x)
   std::vector<float> y(n), mean(static_cast<size_t>(total)), rstd(static_cast<size_t>(total));
   if (ln)
     ::pt::layernorm_forward(y.data(), mean.data(), rstd.data(), x.data(), w.data(), b.data(), total, C, 1e-5f,
@@ -1216,10 +1226,10 @@ void test_norm_backward(std::vector<OpCheck>& out, uint32_t& seed, NormKind kind
                 ln ? d_mean.get() + row0 : nullptr, d_rstd.get() + row0, N, C);
   const std::vector<float> got = to_host(d_dx.get(), n);
   const double err = rel_error(got, want);
-  const std::string shape =
-      dims({{"N", N}, {"C", C}}) + (row0 ? " row0=" + std::to_string(row0) : "") + " dx+=";
+  const std::string shape = dims({{"N", N}, {"C", C}}) + (row0 ? " row0=" + std::to_string(row0) : "") +
+                            " dx+=" + scale_note(scale);
   out.push_back(make_check(ln ? "norm_backward layernorm" : "norm_backward rmsnorm", shape, err, kTolMath,
-                           "fp32 block-reduced row sums vs the CPU's float64 ones"));
+                           "fp32 block-reduced row sums (of scale-free terms) vs the CPU's float64 ones"));
   // With dx16: the same dx, and dx16 its bf16 rounding, bit for bit.
   auto d_dx2 = to_device(dx0);
   auto d_dx16 = to_device(std::vector<uint16_t>(n, 0x7fc1));
@@ -1678,14 +1688,18 @@ std::vector<OpCheck> selftest_elementwise() {
     test_norm_forward(out, seed, kind, 37, 0, 37, 770, 1);
     test_norm_forward(out, seed, kind, 37, 0, 37, 768, 2);
     test_norm_forward(out, seed, kind, 37, 5, 1, 2048, 2);
-    test_norm_forward(out, seed, kind, 3, 0, 3, 9001, 2);   // beyond the register cache
-    test_norm_forward(out, seed, kind, 2, 0, 2, 16388, 1);  // 1024 threads, 5 float4 packs each
+    test_norm_forward(out, seed, kind, 3, 0, 3, 9001, 2);          // beyond the register cache
+    test_norm_forward(out, seed, kind, 2, 0, 2, 16388, 1);         // 1024 threads, 5 float4 packs each
+    test_norm_forward(out, seed, kind, 37, 0, 37, 768, 1, 1e20f);  // squares past FLT_MAX (cached)
+    test_norm_forward(out, seed, kind, 3, 0, 3, 9001, 0, 1e20f);   // the same, uncached
     test_norm_backward(out, seed, kind, 37, 0, 37, 768);
     test_norm_backward(out, seed, kind, 37, 0, 37, 770);
     test_norm_backward(out, seed, kind, 37, 5, 1, 2048);
-    test_norm_backward(out, seed, kind, 3, 0, 3, 9001);   // beyond the register cache
-    test_norm_backward(out, seed, kind, 2, 0, 2, 16384);  // 1024 threads, 4 float4 packs each (cached)
-    test_norm_backward(out, seed, kind, 2, 0, 2, 16388);  // just beyond the cache
+    test_norm_backward(out, seed, kind, 3, 0, 3, 9001);          // beyond the register cache
+    test_norm_backward(out, seed, kind, 2, 0, 2, 16384);         // 1024 threads, 4 float4 packs each (cached)
+    test_norm_backward(out, seed, kind, 2, 0, 2, 16388);         // just beyond the cache
+    test_norm_backward(out, seed, kind, 37, 0, 37, 768, 1e20f);  // rstd^3 below FLT_MIN (cached)
+    test_norm_backward(out, seed, kind, 3, 0, 3, 9001, 1e20f);   // the same, uncached
   }
   test_gelu(out, seed);
   test_swiglu(out, seed);
