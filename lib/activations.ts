@@ -7,8 +7,9 @@
 // `padding: "include"` reproduces the paper's code, which padded every text to max_length and averaged
 // over all positions: each sequence is padded to `maxLength` with `padId` (mask 0), and the pad positions'
 // hidden states are kept in the token rows and in the means.
-import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, writeFileSync } from "node:fs";
+import { existsSync, readdirSync, readFileSync, renameSync, rmSync } from "node:fs";
 import { join } from "node:path";
+import { atomicWrite, ensureDir } from "./files.js";
 import { checkInteger } from "./knn.js";
 import type { ForwardOptions, ForwardOutput } from "./model.js";
 
@@ -289,108 +290,124 @@ export async function captureActivations(
       if (wantMean) memoryMeans.set(l, new Float32Array(ids.length * d));
     }
   } else {
-    mkdirSync(options.outDir, { recursive: true });
+    ensureDir(options.outDir);
     const stale = readdirSync(options.outDir).filter(
       (f) => f === "index.json" || /^chunk-\d+\.safetensors$/.test(f),
     );
     if (stale.length > 0)
       throw new Error(
-        `outDir: ${options.outDir} already holds activations (${stale[0]}); choose an empty directory`,
+        stale.includes("index.json")
+          ? `outDir: ${options.outDir} already holds activations (index.json); choose an empty directory`
+          : `outDir: ${options.outDir} holds the chunks of a capture that did not finish (${stale[0]}, no index.json); delete them or choose an empty directory`,
       );
   }
-  const tokenOffsets = new Int32Array(ids.length + 1);
-  for (let i = 0; i < ids.length; i++) tokenOffsets[i + 1] = tokenOffsets[i] + lengths[i];
-  let done = 0;
-  let tokensDone = 0;
-  for (let c0 = 0; c0 < ids.length; c0 += chunkTexts) {
-    const c1 = Math.min(ids.length, c0 + chunkTexts);
-    const chunkTokenBase = tokenOffsets[c0];
-    const chunkTokens = tokenOffsets[c1] - chunkTokenBase;
-    const tokenBuf = new Map<number, Float32Array>();
-    const meanBuf = new Map<number, Float32Array>();
-    for (const l of layers) {
-      if (wantTokens)
-        tokenBuf.set(
-          l,
-          options.outDir
-            ? new Float32Array(chunkTokens * d)
-            : memoryTokens.get(l)!.subarray(chunkTokenBase * d, tokenOffsets[c1] * d),
-        );
-      if (wantMean)
-        meanBuf.set(
-          l,
-          options.outDir ? new Float32Array((c1 - c0) * d) : memoryMeans.get(l)!.subarray(c0 * d, c1 * d),
-        );
-    }
-    // Batch the chunk's texts by length (less padding), then write each row at its text's place.
-    const order = Array.from({ length: c1 - c0 }, (_, i) => c0 + i).sort(
-      (a, b) => ids[a].length - ids[b].length || a - b,
-    );
-    for (let b0 = 0; b0 < order.length; b0 += batchSize) {
-      options.signal?.throwIfAborted();
-      const batch = order.slice(b0, b0 + batchSize);
-      const seqLen = padding === "include" ? maxLength : Math.max(...batch.map((t) => ids[t].length));
-      const inputIds = new Int32Array(batch.length * seqLen).fill(padId);
-      const attentionMask = new Uint8Array(batch.length * seqLen);
-      batch.forEach((t, b) => {
-        inputIds.set(ids[t], b * seqLen);
-        attentionMask.fill(1, b * seqLen, b * seqLen + ids[t].length);
-      });
-      const out = await model.forward({
-        inputIds,
-        batch: batch.length,
-        seqLen,
-        attentionMask,
-        prompt,
-        hiddenStates: layers,
-        logits: false,
-      });
-      const positions = out.hiddenStates[0]!.length / (batch.length * d); // prompt + sequence rows
-      layers.forEach((l, li) => {
-        const h = out.hiddenStates[li];
-        batch.forEach((t, b) => {
-          const first = includePrompt ? 0 : promptLength;
-          const count = lengths[t];
-          const base = (b * positions + first) * d;
-          const rows = h.subarray(base, base + count * d);
-          if (wantTokens) tokenBuf.get(l)!.set(rows, (tokenOffsets[t] - chunkTokenBase) * d);
-          if (wantMean) {
-            const m = meanBuf.get(l)!;
-            const at = (t - c0) * d;
-            const sum = new Float64Array(d);
-            for (let p = 0; p < count; p++) for (let j = 0; j < d; j++) sum[j] += rows[p * d + j];
-            for (let j = 0; j < d; j++) m[at + j] = sum[j] / count;
-          }
-        });
-      });
-      done += batch.length;
-      for (const t of batch) tokensDone += lengths[t];
-      options.onProgress?.({ texts: done, total: ids.length, tokens: tokensDone });
-    }
-    if (options.outDir) {
-      const file = `chunk-${String(index.chunks.length).padStart(6, "0")}.safetensors`;
-      const tensors: TensorToWrite[] = [
-        { name: "lengths", dtype: "I32", shape: [c1 - c0], data: lengths.slice(c0, c1) },
-      ];
+  // A capture that fails (a full disk, an abort) removes the files it wrote: the directory is as it was.
+  const written: string[] = [];
+  try {
+    const tokenOffsets = new Int32Array(ids.length + 1);
+    for (let i = 0; i < ids.length; i++) tokenOffsets[i + 1] = tokenOffsets[i] + lengths[i];
+    let done = 0;
+    let tokensDone = 0;
+    for (let c0 = 0; c0 < ids.length; c0 += chunkTexts) {
+      const c1 = Math.min(ids.length, c0 + chunkTexts);
+      const chunkTokenBase = tokenOffsets[c0];
+      const chunkTokens = tokenOffsets[c1] - chunkTokenBase;
+      const tokenBuf = new Map<number, Float32Array>();
+      const meanBuf = new Map<number, Float32Array>();
       for (const l of layers) {
         if (wantTokens)
-          tensors.push({ name: `token.${l}`, dtype: "F32", shape: [chunkTokens, d], data: tokenBuf.get(l)! });
+          tokenBuf.set(
+            l,
+            options.outDir
+              ? new Float32Array(chunkTokens * d)
+              : memoryTokens.get(l)!.subarray(chunkTokenBase * d, tokenOffsets[c1] * d),
+          );
         if (wantMean)
-          tensors.push({ name: `mean.${l}`, dtype: "F32", shape: [c1 - c0, d], data: meanBuf.get(l)! });
+          meanBuf.set(
+            l,
+            options.outDir ? new Float32Array((c1 - c0) * d) : memoryMeans.get(l)!.subarray(c0 * d, c1 * d),
+          );
       }
-      writeSafetensors(join(options.outDir, file), tensors, {
-        format: ACTIVATIONS_FORMAT,
-        texts: `${c0}-${c1}`,
-      });
-      index.chunks.push({ file, texts: [c0, c1], tokens: [chunkTokenBase, tokenOffsets[c1]] });
+      // Batch the chunk's texts by length (less padding), then write each row at its text's place.
+      const order = Array.from({ length: c1 - c0 }, (_, i) => c0 + i).sort(
+        (a, b) => ids[a].length - ids[b].length || a - b,
+      );
+      for (let b0 = 0; b0 < order.length; b0 += batchSize) {
+        options.signal?.throwIfAborted();
+        const batch = order.slice(b0, b0 + batchSize);
+        const seqLen = padding === "include" ? maxLength : Math.max(...batch.map((t) => ids[t].length));
+        const inputIds = new Int32Array(batch.length * seqLen).fill(padId);
+        const attentionMask = new Uint8Array(batch.length * seqLen);
+        batch.forEach((t, b) => {
+          inputIds.set(ids[t], b * seqLen);
+          attentionMask.fill(1, b * seqLen, b * seqLen + ids[t].length);
+        });
+        const out = await model.forward({
+          inputIds,
+          batch: batch.length,
+          seqLen,
+          attentionMask,
+          prompt,
+          hiddenStates: layers,
+          logits: false,
+        });
+        const positions = out.hiddenStates[0]!.length / (batch.length * d); // prompt + sequence rows
+        layers.forEach((l, li) => {
+          const h = out.hiddenStates[li];
+          batch.forEach((t, b) => {
+            const first = includePrompt ? 0 : promptLength;
+            const count = lengths[t];
+            const base = (b * positions + first) * d;
+            const rows = h.subarray(base, base + count * d);
+            if (wantTokens) tokenBuf.get(l)!.set(rows, (tokenOffsets[t] - chunkTokenBase) * d);
+            if (wantMean) {
+              const m = meanBuf.get(l)!;
+              const at = (t - c0) * d;
+              const sum = new Float64Array(d);
+              for (let p = 0; p < count; p++) for (let j = 0; j < d; j++) sum[j] += rows[p * d + j];
+              for (let j = 0; j < d; j++) m[at + j] = sum[j] / count;
+            }
+          });
+        });
+        done += batch.length;
+        for (const t of batch) tokensDone += lengths[t];
+        options.onProgress?.({ texts: done, total: ids.length, tokens: tokensDone });
+      }
+      if (options.outDir) {
+        const file = `chunk-${String(index.chunks.length).padStart(6, "0")}.safetensors`;
+        const tensors: TensorToWrite[] = [
+          { name: "lengths", dtype: "I32", shape: [c1 - c0], data: lengths.slice(c0, c1) },
+        ];
+        for (const l of layers) {
+          if (wantTokens)
+            tensors.push({
+              name: `token.${l}`,
+              dtype: "F32",
+              shape: [chunkTokens, d],
+              data: tokenBuf.get(l)!,
+            });
+          if (wantMean)
+            tensors.push({ name: `mean.${l}`, dtype: "F32", shape: [c1 - c0, d], data: meanBuf.get(l)! });
+        }
+        written.push(join(options.outDir, file));
+        writeSafetensors(join(options.outDir, file), tensors, {
+          format: ACTIVATIONS_FORMAT,
+          texts: `${c0}-${c1}`,
+        });
+        index.chunks.push({ file, texts: [c0, c1], tokens: [chunkTokenBase, tokenOffsets[c1]] });
+      }
     }
+    if (options.outDir) {
+      // The index is written last and atomically: a directory with an index.json is complete.
+      const tmp = join(options.outDir, "index.json.tmp");
+      written.push(tmp);
+      atomicWrite(tmp, `${JSON.stringify(index, null, 2)}\n`);
+      renameSync(tmp, join(options.outDir, "index.json"));
+      return new DiskActivations(options.outDir, index);
+    }
+    return new MemoryActivations(index, lengths, memoryTokens, memoryMeans);
+  } catch (e) {
+    for (const f of written) rmSync(f, { force: true });
+    throw e;
   }
-  if (options.outDir) {
-    // The index is written last and atomically: a directory with an index.json is complete.
-    const tmp = join(options.outDir, "index.json.tmp");
-    writeFileSync(tmp, `${JSON.stringify(index, null, 2)}\n`);
-    renameSync(tmp, join(options.outDir, "index.json"));
-    return new DiskActivations(options.outDir, index);
-  }
-  return new MemoryActivations(index, lengths, memoryTokens, memoryMeans);
 }

@@ -56,3 +56,36 @@ export function numberArg(value: string): number {
 export function integerListArg(value: string): number[] {
   return value.split(",").map((v) => integerArg()(v.trim()));
 }
+
+/**
+ * Ctrl-C (SIGINT) or SIGTERM during a command that can stop cleanly: the first aborts `signal` (the work
+ * stops at its next step boundary, keeping what it did) after printing `stopping`; a second ends the process
+ * at once (status 130 or 143). `release` removes the handlers. `exitCode` is the status for the stop.
+ */
+export function interruptible(stopping: string): {
+  signal: AbortSignal;
+  release: () => void;
+  exitCode: () => number;
+} {
+  const controller = new AbortController();
+  let first: NodeJS.Signals | undefined;
+  const statusOf = (s: NodeJS.Signals) => (s === "SIGINT" ? 130 : 143);
+  const handler = (s: NodeJS.Signals) => {
+    if (first) process.exit(statusOf(s));
+    first = s;
+    process.stderr.write(
+      `\n${s === "SIGINT" ? "interrupted" : "terminated"}: ${stopping} (${s} again quits now)\n`,
+    );
+    controller.abort();
+  };
+  process.on("SIGINT", handler);
+  process.on("SIGTERM", handler);
+  return {
+    signal: controller.signal,
+    release: () => {
+      process.off("SIGINT", handler);
+      process.off("SIGTERM", handler);
+    },
+    exitCode: () => (first ? statusOf(first) : 1),
+  };
+}

@@ -1,5 +1,5 @@
 // `priortune make-data ...`: write the seeded synthetic datasets in the formats the task loaders read.
-import { existsSync, mkdirSync, readFileSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
 import { dirname, resolve } from "node:path";
 import { gunzipSync } from "node:zlib";
 import { type Command, InvalidArgumentError, Option } from "commander";
@@ -16,6 +16,7 @@ import {
 } from "./data/generators.js";
 import { isGzip } from "./data/loaders.js";
 import { CLOZE_TEMPLATE } from "./data/templates.js";
+import { ensureDir } from "./files.js";
 
 const fraction = (value: string) => {
   const x = Number(value);
@@ -57,7 +58,7 @@ function emit(o: OutputOptions, what: string, text: () => string, write: () => {
     return;
   }
   if (existsSync(o.out) && !o.force) throw new Error(`--out: ${o.out} exists; pass --force to overwrite it`);
-  mkdirSync(dirname(resolve(o.out)), { recursive: true }); // e.g. data/ in a fresh checkout
+  ensureDir(dirname(resolve(o.out))); // e.g. data/ in a fresh checkout
   const { count } = write();
   process.stderr.write(`wrote ${count} ${what} to ${o.out}\n`);
 }

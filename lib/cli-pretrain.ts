@@ -1,22 +1,13 @@
 // `priortune pretrain`: full-parameter training of a small model from scratch on text files, with the
 // native weight-gradient engine (lib/pretrain.ts). Writes the model directory (Hugging Face layout), a loss
 // curve with held-out perplexity against a unigram baseline, and checkpoints it can resume from.
-import {
-  existsSync,
-  mkdirSync,
-  readdirSync,
-  readFileSync,
-  renameSync,
-  rmSync,
-  statSync,
-  writeFileSync,
-} from "node:fs";
+import { existsSync, readdirSync, readFileSync, renameSync, rmSync, statSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { SingleBar } from "cli-progress";
 import type { Command } from "commander";
-import { integerArg, numberArg, seedArg } from "./cli-args.js";
+import { integerArg, interruptible, numberArg, seedArg } from "./cli-args.js";
 import { decodeUtf8 } from "./data/loaders.js";
-import { fsyncFile, lockDirectory, readJsonFile } from "./files.js";
+import { atomicWrite, ensureWritableDir, fsyncFile, lockDirectory, readJsonFile } from "./files.js";
 import type { Model } from "./model.js";
 import type { NativeAdamState } from "./native.js";
 import { COMPANION_FILES, createModel, loadTrainableModel, Pretrainer } from "./pretrain.js";
@@ -118,6 +109,9 @@ function schedule(o: PretrainCliOptions) {
 }
 
 const STATE_FILE = "pretrain-state.json";
+// A save's side directory, inside --out: on its file system (renames work where --out is a mount point) and
+// writable where --out is (its parent need not be). Saves before this version used `${out}.saving`.
+const SAVING_DIR = ".saving";
 
 /**
  * Moves a whole save from its side directory into `out`: the optimizer state first and the run state last
@@ -177,6 +171,7 @@ export async function pretrain(
   options: PretrainCliOptions,
   log: (line: string) => void = (l) => process.stderr.write(`${l}\n`),
   given?: ReadonlySet<string>,
+  signal?: AbortSignal,
 ) {
   // One process at a time (a second, with the first not dead yet, would interleave saves). An existing
   // directory is locked before anything in it is read or moved (the save recovery renames and deletes
@@ -185,8 +180,8 @@ export async function pretrain(
   const what = "the pretraining run";
   let release = existsSync(out) ? lockDirectory(out, what) : null;
   try {
-    return await pretrainLocked(options, log, given, () => {
-      mkdirSync(out, { recursive: true });
+    return await pretrainLocked(options, log, given, signal, () => {
+      ensureWritableDir(out); // before the work: saves go through out/.saving, renamed into out
       release ??= lockDirectory(out, what);
     });
   } finally {
@@ -198,18 +193,20 @@ async function pretrainLocked(
   options: PretrainCliOptions,
   log: (line: string) => void,
   given: ReadonlySet<string> | undefined,
+  signal: AbortSignal | undefined,
   makeOut: () => void,
 ) {
   let o = options;
   const out = resolve(o.out);
   const statePath = join(out, STATE_FILE);
-  const pending = `${out}.saving`;
-  if (o.resume && existsSync(pending)) {
-    if (existsSync(join(pending, STATE_FILE))) {
-      finishSave(pending, out); // a whole save stopped among its renames: finish it
-      log(`completed the save that was interrupted in ${pending}`);
-    } else rmSync(pending, { recursive: true, force: true }); // stopped before its renames: --out is whole
-  }
+  if (o.resume)
+    for (const pending of [join(out, SAVING_DIR), `${out}.saving`]) {
+      if (!existsSync(pending) || !statSync(pending).isDirectory()) continue;
+      if (existsSync(join(pending, STATE_FILE))) {
+        finishSave(pending, out); // a whole save stopped among its renames: finish it
+        log(`completed the save that was interrupted in ${pending}`);
+      } else rmSync(pending, { recursive: true, force: true }); // stopped before its renames: --out is whole
+    }
   const resuming = !!o.resume && existsSync(statePath);
   if (!o.resume && !o.force && existsSync(statePath))
     throw new Error(
@@ -331,14 +328,26 @@ async function pretrainLocked(
   // A save: every file written and flushed in a side directory, then renamed into --out (the optimizer
   // state first, the run state last: a resume refuses a directory whose two steps differ).
   const save = (step: number) => {
-    const tmp = `${out}.saving`;
+    const tmp = join(out, SAVING_DIR);
     rmSync(tmp, { recursive: true, force: true });
+    try {
+      writeSave(tmp, step);
+    } catch (e) {
+      // Nothing in --out was touched (a full disk, say): its last save stays whole; the partial one goes.
+      rmSync(tmp, { recursive: true, force: true });
+      if (e instanceof Error)
+        e.message += ` (the save of step ${step} failed; ${out} keeps its last save: make room, then rerun with --resume)`;
+      throw e;
+    }
+    // A file of another tokenizer left in --out by an earlier run (--force) would survive the renames.
+    for (const f of COMPANION_FILES) if (!existsSync(join(tmp, f))) rmSync(join(out, f), { force: true });
+    finishSave(tmp, out);
+  };
+  const writeSave = (tmp: string, step: number) => {
     // The tokenizer trained with, when it is not the --config directory's: its files and its bos/eos ids
     // (a --config directory's own tokenizer keeps that directory's files and ids, on resume too, when the
     // model's source is --out).
     trainer.save(tmp, { tokenizer, tokenizerDir: ownTokenizer ? o.tokenizer : undefined });
-    // A file of another tokenizer left in --out by an earlier run (--force) would survive the renames.
-    for (const f of COMPANION_FILES) if (!existsSync(join(tmp, f))) rmSync(join(out, f), { force: true });
     const adamState = trainer.optimizerState();
     const tensors: TensorToWrite[] = [];
     for (const name of Object.keys(adamState.m).sort())
@@ -365,9 +374,9 @@ async function pretrainLocked(
     };
     // The run state is the save's last file: with it in the side directory, the save is whole and a resume
     // can finish moving it (finishSave) if this process stops among the renames.
-    writeFileSync(join(tmp, STATE_FILE), JSON.stringify(record, null, 1));
+    // Written aside and renamed: a torn state file would pass for a whole save.
     for (const f of readdirSync(tmp)) fsyncFile(join(tmp, f));
-    finishSave(tmp, out);
+    atomicWrite(join(tmp, STATE_FILE), JSON.stringify(record, null, 1));
   };
   const bar = process.stderr.isTTY
     ? new SingleBar({
@@ -379,7 +388,18 @@ async function pretrainLocked(
   const t0 = performance.now();
   let lastLine = t0;
   try {
+    let saved = start;
     for (let step = start + 1; step <= o.steps; step++) {
+      if (signal?.aborted) {
+        // The steps since the last save are saved (the same command with --resume goes on from there).
+        if (step - 1 > saved) {
+          log(`${bar ? "\n" : ""}saving step ${step - 1} before stopping`);
+          save(step - 1);
+        }
+        throw new Error(
+          `pretrain: stopped at step ${step - 1}; ${out} holds it: rerun with --resume to go on`,
+        );
+      }
       const ids = new Int32Array(o.batchSize * o.seqLen);
       for (let r = 0; r < o.batchSize; r++) window(train, rng.int(train.length - o.seqLen), ids, r);
       const s = await trainer.step({ inputIds: ids, batch: o.batchSize, seqLen: o.seqLen });
@@ -402,7 +422,10 @@ async function pretrainLocked(
         log(`step ${step}/${o.steps}: loss ${s.loss.toFixed(4)}, lr ${s.lr.toExponential(2)}`);
       }
       curve.push(point);
-      if (step % o.saveEvery === 0 || step === o.steps) save(step);
+      if (step % o.saveEvery === 0 || step === o.steps) {
+        save(step);
+        saved = step;
+      }
     }
   } finally {
     bar?.stop();
@@ -442,9 +465,18 @@ export function registerPretrainCommand(program: Command): void {
     .option("--threads <n>", "CPU threads (default: all cores)", integerArg(1))
     .action(async (o: PretrainCliOptions, cmd: Command) => {
       const given = new Set(Object.keys(o).filter((k) => cmd.getOptionValueSource(k) === "cli"));
-      const result = await pretrain(o, undefined, given);
+      const stop = interruptible("saving the steps done, then stopping");
+      let result: Awaited<ReturnType<typeof pretrain>>;
+      try {
+        result = await pretrain(o, undefined, given, stop.signal);
+      } catch (e) {
+        if (stop.signal.aborted && e instanceof Error) Object.assign(e, { exitCode: stop.exitCode() });
+        throw e;
+      } finally {
+        stop.release();
+      }
       const last = result.curve.filter((p) => p.validationLoss !== undefined).at(-1);
-      writeFileSync(
+      atomicWrite(
         join(o.out, "loss-curve.json"),
         `${JSON.stringify({ unigramPerplexity: result.unigramPerplexity, curve: result.curve }, null, 1)}\n`,
       );

@@ -1,9 +1,10 @@
 // `priortune sample-prior`: draw prompt vectors from a prior and write them to a safetensors file, with the
 // prior's record (createPrior rebuilds it), the seed and the prior's statistics in the file's metadata.
 import { readFileSync } from "node:fs";
-import { resolve } from "node:path";
+import { dirname, resolve } from "node:path";
 import { type Command, InvalidArgumentError, Option } from "commander";
 import { type BackendFlags, integerArg, numberArg, seedArg, withBackend } from "./cli-args.js";
+import { ensureWritableDir } from "./files.js";
 import { describeModel, loadModel, type Model } from "./model.js";
 import { createPrior, PRIOR_KINDS, type PriorKind, type PriorRecord } from "./priors.js";
 import { Rng } from "./rng.js";
@@ -475,6 +476,8 @@ export function registerSamplePrior(program: Command): void {
 
 async function samplePrior(dir: string, o: SamplePriorOptions): Promise<void> {
   const record = priorRecordFromOptions(o);
+  // Its directory made (as make-data does) and checked before the prior is fitted.
+  ensureWritableDir(dirname(resolve(o.out)));
   let model: Model | undefined;
   let dim: number;
   if (needsWeights(record)) {

@@ -7,6 +7,7 @@ import {
   type BackendFlags,
   integerArg,
   integerListArg,
+  interruptible,
   numberArg,
   seedArg,
   withBackend,
@@ -136,7 +137,6 @@ function progress(total: number, start: number) {
     ? new SingleBar({
         format: "tune [{bar}] {value}/{total} | loss {loss} | {rate} ms/step | ETA {eta_formatted}{phase}",
         stream: process.stderr,
-        hideCursor: true,
       })
     : undefined;
   bar?.start(total, start, { loss: "-", rate: "-", phase: "" });
@@ -311,6 +311,11 @@ export function registerTuneCommands(program: Command): void {
             ? JSON.parse(readFileSync(join(o.runDir, "checkpoint.json"), "utf8")).step
             : 0;
         const bar = progress(o.steps, resumed);
+        const stop = interruptible(
+          o.runDir
+            ? "stopping after this step; a checkpoint keeps it and the same command resumes"
+            : "stopping after this step (no --run-dir: nothing is kept)",
+        );
         let result: Awaited<ReturnType<typeof tune>>;
         try {
           result = await tune({
@@ -350,8 +355,13 @@ export function registerTuneCommands(program: Command): void {
             onStep: (r) => bar.step(r),
             onEval: (e) => bar.eval(e),
             onEvalProgress: (done, of) => bar.evalProgress(done, of),
+            signal: stop.signal,
           });
+        } catch (e) {
+          if (stop.signal.aborted && e instanceof Error) Object.assign(e, { exitCode: stop.exitCode() });
+          throw e;
         } finally {
+          stop.release();
           bar.stop();
         }
         const summary = {

@@ -5,7 +5,7 @@ import { dirname } from "node:path";
 import { fileURLToPath } from "node:url";
 import { Command } from "commander";
 import { type CudaSelfTestPart, cudaSelfTest, cudaStatus } from "./backend.js";
-import { integerArg } from "./cli-args.js";
+import { integerArg, interruptible } from "./cli-args.js";
 import { registerDataCommands } from "./cli-data.js";
 import { registerPretrainCommand } from "./cli-pretrain.js";
 import { registerReportCommands } from "./cli-report.js";
@@ -124,7 +124,22 @@ export async function main(argv: string[]): Promise<void> {
     .option("--json", "print the result rows as JSON")
     .action(async (o: { model?: string; out?: string; steps: number; threads?: number; json?: boolean }) => {
       const t0 = performance.now();
-      const rows = await demo({ modelDir: o.model, outDir: o.out, steps: o.steps, threads: o.threads });
+      const stop = interruptible("stopping after this step; its run is checkpointed and --out resumes");
+      let rows: Awaited<ReturnType<typeof demo>>;
+      try {
+        rows = await demo({
+          modelDir: o.model,
+          outDir: o.out,
+          steps: o.steps,
+          threads: o.threads,
+          signal: stop.signal,
+        });
+      } catch (e) {
+        if (stop.signal.aborted && e instanceof Error) Object.assign(e, { exitCode: stop.exitCode() });
+        throw e;
+      } finally {
+        stop.release();
+      }
       if (o.json) process.stdout.write(`${JSON.stringify(rows, null, 2)}\n`);
       else
         process.stdout.write(
@@ -140,7 +155,7 @@ export async function main(argv: string[]): Promise<void> {
       return;
     }
     process.stderr.write(`priortune: ${err.message}\n`);
-    process.exitCode = 1;
+    process.exitCode = err.exitCode ?? 1; // an interrupted command's: 130 (SIGINT) or 143 (SIGTERM)
   }
 }
 

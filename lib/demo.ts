@@ -35,6 +35,8 @@ export interface DemoOptions {
   /** Write the comparison report (report/report.html and figures) after the runs (default true). */
   report?: boolean;
   log?: (line: string) => void;
+  /** Stops at the next step boundary, the run under way checkpointed (the same outDir resumes it). */
+  signal?: AbortSignal;
 }
 
 export interface DemoRow {
@@ -111,6 +113,10 @@ export async function demo(options: DemoOptions = {}): Promise<DemoRow[]> {
   );
   const tasks = options.tasks ?? ["arithmetic", "qa"];
   const priors = options.priors ?? ["gaussian", "fitted-gaussian", "exclusion"];
+  // Named first: an interrupted demo goes on where it stopped when given this directory again.
+  log(
+    `runs in ${outDir}${options.outDir === undefined ? ` (to resume after an interruption: --out ${outDir})` : ""}`,
+  );
   const model = await loadModel(modelDir, { backend: "auto", threads: options.threads });
   log(
     `model ${modelDir}: ${model.config.hfArchitecture}, ${(model.parameterCount / 1e6).toFixed(1)}M parameters, ${model.backend} backend, ${model.threads} threads`,
@@ -147,7 +153,8 @@ export async function demo(options: DemoOptions = {}): Promise<DemoRow[]> {
           evalEvery: 0,
           maxNewTokens: taskName === "arithmetic" ? 6 : 8,
           snapshotEvery: Math.max(1, Math.floor(steps / 10)),
-          checkpointEvery: steps,
+          checkpointEvery: Math.max(1, Math.floor(steps / 10)),
+          signal: options.signal,
           seed: o.seed,
           runDir,
           onStep: (r) => {

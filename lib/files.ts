@@ -2,9 +2,12 @@
 
 import { randomBytes } from "node:crypto";
 import {
+  appendFileSync,
   closeSync,
+  existsSync,
   fsyncSync,
   linkSync,
+  mkdirSync,
   openSync,
   readFileSync,
   renameSync,
@@ -13,7 +16,66 @@ import {
   writeSync,
 } from "node:fs";
 import { hostname } from "node:os";
-import { join } from "node:path";
+import { dirname, join, resolve } from "node:path";
+
+/**
+ * `e` with `path` at the head of its message (its code and stack kept): Node's write errors name no file
+ * ("ENOSPC: no space left on device, write"). An error that names the path already is returned as it is.
+ */
+export function fileError(e: unknown, path: string): unknown {
+  if (e instanceof Error && !e.message.includes(path)) e.message = `${path}: ${e.message}`;
+  return e;
+}
+
+/**
+ * mkdir -p whose error says why: Node's recursive mkdir reports ENOENT for any failure under an existing
+ * directory (a read-only file system, a permission), so the first missing directory is then made alone,
+ * which fails with the real reason.
+ */
+export function ensureDir(dir: string): void {
+  try {
+    mkdirSync(dir, { recursive: true });
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== "ENOENT") throw fileError(e, dir);
+    let first = resolve(dir);
+    while (!existsSync(dirname(first)) && dirname(first) !== first) first = dirname(first);
+    try {
+      mkdirSync(first);
+    } catch (e2) {
+      throw fileError(e2, first);
+    }
+    try {
+      mkdirSync(dir, { recursive: true });
+    } catch (e3) {
+      throw fileError(e3, dir);
+    }
+  }
+}
+
+/**
+ * Makes `dir` (and its parents) and checks that a file can be written in it, so that work whose results go
+ * there fails before it starts, naming the directory and the reason.
+ */
+export function ensureWritableDir(dir: string): void {
+  ensureDir(dir);
+  const probe = join(dir, `.priortune-probe-${process.pid}`);
+  try {
+    writeFileSync(probe, "");
+  } catch (e) {
+    throw fileError(e, dir);
+  } finally {
+    rmSync(probe, { force: true });
+  }
+}
+
+/** appendFileSync with the path in its errors. */
+export function appendToFile(path: string, text: string): void {
+  try {
+    appendFileSync(path, text);
+  } catch (e) {
+    throw fileError(e, path);
+  }
+}
 
 /** JSON.parse of a file, with the file's path in the error. */
 export function readJsonFile(path: string): unknown {
@@ -68,7 +130,7 @@ export function replaceWith(path: string, write: (tmp: string) => void): void {
     renameSync(tmp, path);
   } catch (e) {
     rmSync(tmp, { force: true });
-    throw e;
+    throw fileError(e, path);
   }
 }
 

@@ -4,12 +4,11 @@
 //
 // Data go inline (`data.values`) so that a specification is self-contained; large point sets should be
 // subsampled first (limitRows), since every point becomes an SVG element.
-import { mkdirSync } from "node:fs";
 import { join } from "node:path";
 import { Resvg } from "@resvg/resvg-js";
 import * as vega from "vega";
 import { compile, type TopLevelSpec } from "vega-lite";
-import { atomicWrite } from "./files.js";
+import { atomicWrite, ensureDir } from "./files.js";
 import { Rng } from "./rng.js";
 
 export type PlotSpec = TopLevelSpec;
@@ -357,7 +356,7 @@ export async function writeFigure(
   options: { scale?: number } = {},
 ): Promise<{ svg: string; png: string; spec: string }> {
   if (!/^[A-Za-z0-9._-]+$/.test(name)) throw new TypeError(`name: expected a file-name stem, got "${name}"`);
-  mkdirSync(dir, { recursive: true });
+  ensureDir(dir);
   const { svg, png } = await renderFigure(spec, options);
   const paths = {
     svg: join(dir, `${name}.svg`),

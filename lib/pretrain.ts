@@ -6,12 +6,12 @@
 // master weights, the AdamW moments belong to the model, and weight decay applies only to the weight
 // matrices of linear layers (attention q/k/v and output, MLP, an untied LM head) — never to embeddings, norm
 // weights or biases (see Model::decays in kernels/include/priortune/model.h).
-import { copyFileSync, existsSync, mkdirSync, rmSync, statSync } from "node:fs";
+import { copyFileSync, existsSync, rmSync, statSync } from "node:fs";
 import { availableParallelism } from "node:os";
 import { join, resolve } from "node:path";
 import { defaultLogger, type Logger } from "./backend.js";
 import { isMistral, loadPlan, type ModelConfig, nativeConfig, parseConfig } from "./config.js";
-import { atomicWrite, readJsonFile } from "./files.js";
+import { atomicWrite, ensureDir, readJsonFile } from "./files.js";
 import { CallQueue, Model } from "./model.js";
 import { addon, type NativeAdamState, type NativeModel } from "./native.js";
 import { Rng } from "./rng.js";
@@ -467,7 +467,7 @@ export function saveModel(model: Model, dirArg: string, options: SaveModelOption
   // single file first, other tools may not)
   if (existsSync(join(dir, "model.safetensors.index.json")))
     throw new Error(`${dir} holds model.safetensors.index.json (sharded weights); save to another directory`);
-  mkdirSync(dir, { recursive: true });
+  ensureDir(dir);
   const tensors = toHfTensors(model.config, t.native.exportTensors(), slotShapes(t.native));
   // Atomic: a crash leaves the old weights or the new, never a torn file (a save over the source directory
   // would otherwise risk the only copy).

@@ -4,7 +4,7 @@
 // trained (posterior) prompts, the prompt trajectories over training, and, when the model is at hand,
 // activation clusters and densities per layer for the runs' tasks with the distances between them (paper,
 // findings 1, 2 and 4). The page embeds vega, vega-lite and vega-embed inline: it needs no network to view.
-import { existsSync, mkdirSync, readdirSync, readFileSync } from "node:fs";
+import { existsSync, readdirSync, readFileSync } from "node:fs";
 import { createRequire } from "node:module";
 import { basename, dirname, join, resolve } from "node:path";
 import { captureActivations } from "./activations.js";
@@ -19,7 +19,7 @@ import {
   readMetrics,
   trajectoryStatistics,
 } from "./analysis.js";
-import { atomicWrite } from "./files.js";
+import { atomicWrite, ensureWritableDir } from "./files.js";
 import { loadModel, type Model } from "./model.js";
 import {
   barSpec,
@@ -246,7 +246,9 @@ export async function buildReport(runDirs: readonly string[], options: ReportOpt
   if (new Set(names).size !== names.length)
     throw new RangeError(`names: run names must differ (${names.join(", ")})`);
   const runs = runDirs.map((d, i) => loadRun(resolve(d), names[i]));
-  mkdirSync(figDir, { recursive: true }); // after the runs are read: a failed report leaves no empty folder
+  // After the runs are read (a failed read leaves no empty folder), before the work: a directory that cannot
+  // be written fails now, not after the analyses.
+  ensureWritableDir(figDir);
   const notes: string[] = [];
   for (const r of runs)
     if (r.unfinished)

@@ -5,7 +5,7 @@
 // small files such as test fixtures.
 import { closeSync, existsSync, fstatSync, openSync, readFileSync, readSync } from "node:fs";
 import { join } from "node:path";
-import { fsyncFile, readJsonFile, replaceWith, writeAll } from "./files.js";
+import { fileError, fsyncFile, readJsonFile, replaceWith, writeAll } from "./files.js";
 
 export type SafetensorsDType = "F64" | "F32" | "F16" | "BF16" | "I64" | "I32" | "I16" | "I8" | "U8" | "BOOL";
 
@@ -300,6 +300,8 @@ export function writeSafetensors(
     writeAll(fd, len);
     writeAll(fd, Buffer.from(json, "utf8"));
     for (const t of sorted) writeAll(fd, new Uint8Array(t.data.buffer, t.data.byteOffset, t.data.byteLength));
+  } catch (e) {
+    throw fileError(e, file);
   } finally {
     closeSync(fd);
   }

@@ -3,10 +3,8 @@
 // or resume it. The heavy work (loss, gradients, AdamW, generation, collapse search) is native.
 import { createHash } from "node:crypto";
 import {
-  appendFileSync,
   closeSync,
   existsSync,
-  mkdirSync,
   openSync,
   readdirSync,
   readFileSync,
@@ -17,7 +15,7 @@ import {
 } from "node:fs";
 import { join } from "node:path";
 import { type CollapseReference, createCollapseReference } from "./collapse.js";
-import { atomicWrite, lockDirectory, readJsonFile } from "./files.js";
+import { appendToFile, atomicWrite, ensureDir, lockDirectory, readJsonFile } from "./files.js";
 import { arithmeticCorrect, exactMatch, f1Score } from "./metrics.js";
 import type { LossAndGrad, Model } from "./model.js";
 import type { DeepPrompts } from "./native.js";
@@ -124,6 +122,10 @@ export interface TuneOptions {
   onEval?: (record: EvalRecord) => void;
   /** Progress of an evaluation: batches done of the total (loss batches, then generation batches). */
   onEvalProgress?: (done: number, total: number) => void;
+  /**
+   * Stops the run at the next step boundary: with runDir, the steps done since the last checkpoint are
+   * checkpointed first (the same call resumes from there); the promise then rejects ("tune: aborted at step N").
+   */
   signal?: AbortSignal;
 }
 
@@ -610,7 +612,7 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
     let resumedFrom: number | undefined;
     const metricsPath = runDir ? join(runDir, "metrics.jsonl") : "";
     if (runDir) {
-      mkdirSync(join(runDir, "snapshots"), { recursive: true });
+      ensureDir(join(runDir, "snapshots"));
       // One process at a time: a second tune on the directory (the first not dead yet) interleaved metrics.
       releaseLock = lockDirectory(runDir, "the run directory");
       const runJson = join(runDir, "run.json");
@@ -680,7 +682,7 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
 
     const appendMetrics = (record: StepRecord | EvalRecord) => {
       if (!runDir) return;
-      appendFileSync(metricsPath, `${JSON.stringify(record)}\n`);
+      appendToFile(metricsPath, `${JSON.stringify(record)}\n`);
     };
     const names = tensorNames(prompt, deepPrompts);
     const saveTensors = (path: string, step: number, kind: string) => {
@@ -702,8 +704,10 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
         },
       );
     };
+    let checkpointed = state.step;
     const checkpoint = () => {
       if (!runDir) return;
+      checkpointed = state.step;
       state.rng = rngNow.state();
       state.optimizerStep = adamw.stepCount;
       state.metricsBytes = statSync(metricsPath).size;
@@ -788,7 +792,16 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
     const stopsNow = () => !!early && plateaued(state.evals, early.patience, early.minDelta);
     let stoppedEarly = state.step < steps && stopsNow();
     while (!stoppedEarly && state.step < steps) {
-      if (options.signal?.aborted) throw new Error("tune: aborted");
+      if (options.signal?.aborted) {
+        // The steps since the last checkpoint are kept (host copies first: a CUDA trainer holds them).
+        if (runDir && state.step > checkpointed) {
+          await pull();
+          checkpoint();
+        }
+        throw new Error(
+          `tune: aborted at step ${state.step}${runDir ? ` (checkpointed in ${runDir}: run it again to resume)` : ""}`,
+        );
+      }
       const t0 = performance.now();
       const step = state.step;
       const lr = learningRate(step, steps, opt.lr, opt.schedule, opt.warmupSteps);

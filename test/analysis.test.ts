@@ -1,8 +1,8 @@
 // Statistics, projections, activation capture and plots, checked against closed forms and independent
 // implementations written here (a Jacobi eigen-solver, direct float64 sums).
-import { mkdirSync, mkdtempSync, writeFileSync } from "node:fs";
+import { mkdirSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { captureActivations, loadActivations } from "../lib/activations.js";
 import {
@@ -639,6 +639,25 @@ describe("activation capture", () => {
       /already holds/,
     );
     expect(() => disk.mean(2)).toThrow(/layer: 2 was not captured/);
+    // A capture that fails part way (here its progress callback; a full disk alike) removes its chunks, so
+    // the directory can take the capture again; chunks without an index are named as an unfinished capture.
+    const failed = join(dirname(dir), "failed");
+    await expect(
+      captureActivations(model, texts, {
+        layers: [1],
+        chunkTexts: 3,
+        outDir: failed,
+        onProgress: (p) => {
+          if (p.texts > 3) throw new Error("stop here");
+        },
+      }),
+    ).rejects.toThrow("stop here");
+    expect(readdirSync(failed)).toEqual([]);
+    await captureActivations(model, texts, { layers: [1], chunkTexts: 3, outDir: failed });
+    rmSync(join(failed, "index.json"));
+    await expect(captureActivations(model, texts, { layers: [1], outDir: failed })).rejects.toThrow(
+      /holds the chunks of a capture that did not finish \(chunk-000000\.safetensors, no index\.json\)/,
+    );
   });
 
   it("a soft prompt in front changes the text rows; its own rows are kept on request", async () => {

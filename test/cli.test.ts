@@ -1,5 +1,5 @@
 // The priortune command line, run as a user would (a child process, no terminal: plain log lines).
-import { execFileSync, spawnSync } from "node:child_process";
+import { execFileSync, spawn, spawnSync } from "node:child_process";
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
@@ -130,6 +130,7 @@ describe("priortune CLI", () => {
       { encoding: "utf8" },
     );
     expect(limited.status).not.toBe(0);
+    expect(limited.stderr).toMatch(/old\.safetensors\S*: EFBIG/); // the file named (Node's write errors do not)
     expect(readFileSync(old).equals(before)).toBe(true); // was a torn 8 KiB file
     expect(readdirSync(tmp).filter((f) => f.includes(".tmp-"))).toEqual([]);
     // make-data into a pipe that closes early ends quietly (was an unhandled EPIPE with a stack trace).
@@ -171,6 +172,68 @@ describe("priortune CLI", () => {
     ]) {
       expect(r.stdout).toContain(opt);
     }
+  });
+
+  it("Ctrl-C stops tune after its step, checkpointed (status 130); the same command resumes to the same prompt", async () => {
+    const args = (runDir: string) => [
+      "--import",
+      "tsx",
+      cli,
+      "tune",
+      modelDir("llama-tiny"),
+      "--task",
+      "arithmetic",
+      "--train-count",
+      "24",
+      "--validation-count",
+      "2",
+      "--steps",
+      "200",
+      "--prompt-length",
+      "4",
+      "--eval-every",
+      "200",
+      "--checkpoint-every",
+      "1000",
+      "--max-length",
+      "40",
+      "--seed",
+      "5",
+      "--run-dir",
+      runDir,
+      "--threads",
+      "2",
+    ];
+    const runDir = join(tmp, "interrupted");
+    const metrics = join(runDir, "metrics.jsonl");
+    const child = spawn(process.execPath, args(runDir));
+    let stderr = "";
+    child.stderr.on("data", (d) => {
+      stderr += d;
+    });
+    // SIGINT once the first step is on record (long before the 200th).
+    const poll = setInterval(() => {
+      if (existsSync(metrics) && readFileSync(metrics, "utf8").includes('"type":"step"')) {
+        clearInterval(poll);
+        child.kill("SIGINT");
+      }
+    }, 20);
+    const status = await new Promise<number | null>((done) => child.on("exit", (code) => done(code)));
+    clearInterval(poll);
+    expect(status, stderr).toBe(130);
+    expect(stderr).toMatch(/interrupted: stopping after this step; a checkpoint keeps it/);
+    const m = /tune: aborted at step (\d+) \(checkpointed in /.exec(stderr);
+    expect(m, stderr).not.toBeNull();
+    const stopped = Number(m![1]);
+    expect(stopped).toBeGreaterThan(0);
+    expect(stopped).toBeLessThan(200);
+    expect(JSON.parse(readFileSync(join(runDir, "checkpoint.json"), "utf8")).step).toBe(stopped);
+    const resumed = spawnSync(process.execPath, args(runDir), { encoding: "utf8" });
+    expect(resumed.status, resumed.stderr).toBe(0);
+    const whole = join(tmp, "uninterrupted");
+    expect(spawnSync(process.execPath, args(whole), { encoding: "utf8" }).status).toBe(0);
+    const prompt = (dir: string) => readFileSync(join(dir, "prompt.safetensors"));
+    expect(prompt(runDir).equals(prompt(whole))).toBe(true);
   });
 
   it("tune writes a run that eval reads back; a second tune on the finished run resumes at its end", () => {

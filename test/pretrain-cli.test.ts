@@ -1,6 +1,6 @@
 // `priortune pretrain` end to end on a fixture config and tokenizer: the loss falls, the written directory
 // loads with loadModel, and --resume continues from the last save.
-import { spawn } from "node:child_process";
+import { spawn, spawnSync } from "node:child_process";
 import {
   cpSync,
   existsSync,
@@ -142,18 +142,24 @@ describe("pretrain", () => {
     const weights = (dir: string) => readFileSync(join(dir, "model.safetensors"));
     // The step-6 save, stopped after its first two renames: --out has step 6's optimizer state and weights
     // and step 3's run state; the side directory holds the rest. It was unresumable ("a save stopped half way").
+    // The side directory is inside --out (on its file system: --out may be a mount point, its parent
+    // read-only); a file beside --out named as the old side directory is not touched.
     const stopped = join(tmp, "renames-stopped");
+    writeFileSync(`${stopped}.saving`, "not the run's");
     await pretrain({ ...small, out: stopped, steps: 3 }, () => {});
-    cpSync(whole, `${stopped}.saving`, { recursive: true });
+    const side = join(stopped, ".saving");
+    cpSync(whole, side, { recursive: true });
     for (const f of ["optimizer.safetensors", "model.safetensors"])
-      renameSync(join(`${stopped}.saving`, f), join(stopped, f));
+      renameSync(join(side, f), join(stopped, f));
     const lines: string[] = [];
     const done = await pretrain({ ...small, out: stopped, resume: true }, (l) => lines.push(l));
     expect(lines.join("\n")).toMatch(/completed the save that was interrupted/);
     expect(done.curve.at(-1)!.step).toBe(6);
-    expect(existsSync(`${stopped}.saving`)).toBe(false);
+    expect(existsSync(side)).toBe(false);
+    expect(readFileSync(`${stopped}.saving`, "utf8")).toBe("not the run's");
     expect(weights(stopped).equals(weights(whole))).toBe(true);
-    // Stopped before the renames (no run state in the side directory): --out still holds step 3, resumed.
+    // Stopped before the renames (no run state in the side directory; here the side directory of saves
+    // before it moved into --out): --out still holds step 3, resumed.
     const early = join(tmp, "renames-early");
     await pretrain({ ...small, out: early, steps: 3 }, () => {});
     mkdirSync(`${early}.saving`);
@@ -161,6 +167,94 @@ describe("pretrain", () => {
     await pretrain({ ...small, out: early, resume: true }, () => {});
     expect(existsSync(`${early}.saving`)).toBe(false);
     expect(weights(early).equals(weights(whole))).toBe(true);
+  });
+
+  it("a save that fails (file size limit) names the file, keeps the last save whole, and --resume goes on", async () => {
+    const small = { ...base, steps: 6, warmup: 3, evalEvery: 3, saveEvery: 3, seqLen: 16, batchSize: 2 };
+    const whole = join(tmp, "failed-whole");
+    await pretrain({ ...small, out: whole }, () => {});
+    const out = join(tmp, "failed-save");
+    await pretrain({ ...small, out, steps: 3 }, () => {});
+    const state = () => JSON.parse(readFileSync(join(out, "pretrain-state.json"), "utf8")).step;
+    // 64 KiB a file: the step-6 save's weights do not fit (a full disk fails the same way).
+    const cli = join(import.meta.dirname, "..", "lib", "cli.ts");
+    const flags = ["--config", small.config, "--tokenizer", small.tokenizer, "--train", train];
+    const failed = spawnSync(
+      "bash",
+      [
+        "-c",
+        'ulimit -f 64; exec "$0" --import tsx "$@"',
+        process.execPath,
+        cli,
+        "pretrain",
+        ...flags,
+        "--validation",
+        validation,
+        "--out",
+        out,
+        "--resume",
+        "--steps",
+        "6",
+      ],
+      { encoding: "utf8" },
+    );
+    expect(failed.status).not.toBe(0);
+    expect(failed.stderr).toMatch(
+      /\.saving\/model\.safetensors.*EFBIG.*the save of step 6 failed;.*rerun with --resume/s,
+    );
+    expect(state()).toBe(3);
+    expect(existsSync(join(out, ".saving"))).toBe(false);
+    await pretrain({ ...small, out, resume: true }, () => {});
+    expect(state()).toBe(6);
+    const weights = (dir: string) => readFileSync(join(dir, "model.safetensors"));
+    expect(weights(out).equals(weights(whole))).toBe(true);
+  });
+
+  it("Ctrl-C saves the steps done and stops (status 130); --resume goes on from them", async () => {
+    const out = join(tmp, "interrupted");
+    const cli = join(import.meta.dirname, "..", "lib", "cli.ts");
+    const child = spawn(process.execPath, [
+      "--import",
+      "tsx",
+      cli,
+      "pretrain",
+      ...[
+        "--config",
+        base.config,
+        "--tokenizer",
+        base.tokenizer,
+        "--train",
+        train,
+        "--validation",
+        validation,
+      ],
+      ...["--out", out, "--steps", "100000", "--save-every", "100000", "--eval-every", "100000"],
+      ...["--seq-len", "16", "--batch-size", "2", "--eval-batches", "1", "--threads", "2"],
+    ]);
+    let stderr = "";
+    let sent = false;
+    child.stderr.on("data", (d) => {
+      stderr += d;
+      // Once training has begun (the line after tokenizing), give it a few steps.
+      if (!sent && /unigram perplexity/.test(stderr)) {
+        sent = true;
+        setTimeout(() => child.kill("SIGINT"), 300);
+      }
+    });
+    const status = await new Promise<number | null>((done) => child.on("exit", (code) => done(code)));
+    expect(status, stderr).toBe(130);
+    const m = /saving step (\d+) before stopping/.exec(stderr);
+    expect(m, stderr).not.toBeNull();
+    const stopped = Number(m![1]);
+    expect(stderr).toContain(`pretrain: stopped at step ${stopped}; ${out} holds it: rerun with --resume`);
+    expect(JSON.parse(readFileSync(join(out, "pretrain-state.json"), "utf8")).step).toBe(stopped);
+    const lines: string[] = [];
+    const more = await pretrain(
+      { ...base, out, resume: true, steps: stopped + 2, seqLen: 16, batchSize: 2 },
+      (l) => lines.push(l),
+      new Set(["steps"]),
+    );
+    expect(more.curve.at(-1)!.step).toBe(stopped + 2);
   });
 
   it("a finished run in --out is not replaced without --force; a directory in use is refused", async () => {
@@ -180,12 +274,12 @@ describe("pretrain", () => {
     const other = spawn("sleep", ["60"]);
     try {
       writeFileSync(join(out, ".lock"), `${other.pid} ${hostname()}`);
-      mkdirSync(`${out}.saving`);
+      mkdirSync(join(out, ".saving"));
       await expect(pretrain({ ...small, out, seed: 5, resume: true }, () => {})).rejects.toThrow(
         `${out}: the pretraining run is in use by process ${other.pid}`,
       );
-      expect(existsSync(`${out}.saving`)).toBe(true); // deleted by the refused run before
-      rmSync(`${out}.saving`, { recursive: true });
+      expect(existsSync(join(out, ".saving"))).toBe(true); // deleted by the refused run before
+      rmSync(join(out, ".saving"), { recursive: true });
     } finally {
       other.kill();
     }

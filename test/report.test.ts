@@ -198,7 +198,7 @@ describe("priortune report: unusual sets of runs", () => {
       steps: 4,
       runDir: finished,
     });
-    // Stopped after step 3: its snapshots are step 0 only, its checkpoint step 2.
+    // Stopped after step 3: its snapshots are step 0 only, its checkpoint step 3 (an abort checkpoints).
     const killed = join(dir, "narrow");
     const stop = new AbortController();
     await expect(
@@ -224,7 +224,7 @@ describe("priortune report: unusual sets of runs", () => {
     // The initial prompt was taken as trained before (displacement 0).
     expect(byName.narrow!.promptDisplacement).toBeGreaterThan(0);
     expect(data.notes.join("\n")).toMatch(
-      /narrow has no prompt\.safetensors \(unfinished\): its prompt is the step-2 checkpoint/,
+      /narrow has no prompt\.safetensors \(unfinished\): its prompt is the step-3 checkpoint/,
     );
     expect(byName.narrow!.prior).toBe("uniform (range=0.5)");
     expect(byName.wide!.prior).toBe("uniform (range=2)"); // both read "uniform" before

@@ -248,7 +248,10 @@ describe("run directories of the previous version", () => {
       const whole = await run(join(tmp, "v1-whole"));
       const old = join(tmp, "v1-old");
       const stop = new AbortController();
-      await expect(run(old, stop.signal, (r) => r.step === 4 && stop.abort())).rejects.toThrow("aborted");
+      // Aborted after step 4: the steps since the step-3 checkpoint are checkpointed before it stops.
+      await expect(run(old, stop.signal, (r) => r.step === 4 && stop.abort())).rejects.toThrow(
+        `tune: aborted at step 4 (checkpointed in ${old}`,
+      );
       // Make it look as the previous version wrote it: no newer run.json fields, no state in the tensors.
       const runJson = join(old, "run.json");
       const record = JSON.parse(readFileSync(runJson, "utf8"));
@@ -277,7 +280,7 @@ describe("run directories of the previous version", () => {
         { step: metadata.step! },
       );
       const resumed = await run(old);
-      expect(resumed.resumedFrom).toBe(3);
+      expect(resumed.resumedFrom).toBe(4);
       expect(Buffer.from(resumed.prompt!.buffer).equals(Buffer.from(whole.prompt!.buffer))).toBe(true);
       // A run.json task without a split was divided train first: resuming it with a task loaded the new
       // way (validation first) is refused, and the error says how to load it.
