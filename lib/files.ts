@@ -17,6 +17,8 @@ import {
 } from "node:fs";
 import { hostname } from "node:os";
 import { dirname, join, resolve } from "node:path";
+import { threadId } from "node:worker_threads";
+import { addon } from "./native.js";
 
 /**
  * `e` with `path` at the head of its message (its code and stack kept): Node's write errors name no file
@@ -124,7 +126,7 @@ export function atomicWrite(path: string, data: string | Uint8Array): void {
  * `path`; if the write fails, the temporary file is removed and `path` keeps its old contents.
  */
 export function replaceWith(path: string, write: (tmp: string) => void): void {
-  const tmp = `${path}.tmp-${process.pid}`;
+  const tmp = `${path}.tmp-${process.pid}${threadId ? `-${threadId}` : ""}`; // threads of one process apart
   try {
     write(tmp);
     renameSync(tmp, path);
@@ -134,8 +136,15 @@ export function replaceWith(path: string, write: (tmp: string) => void): void {
   }
 }
 
-/** The lock files this process holds (its own pid in a lock it does not hold: an earlier incarnation's). */
-const heldLocks = new Set<string>();
+/**
+ * The lock files this process holds (its own pid in a lock it does not hold: an earlier incarnation's), in
+ * the addon: one set for every worker thread of the process (each thread has its own copy of this module).
+ */
+const heldLocks = {
+  add: (path: string) => addon().heldLock("add", path),
+  delete: (path: string) => addon().heldLock("delete", path),
+  has: (path: string) => addon().heldLock("has", path),
+};
 
 /**
  * An exclusive lock on `dir` for this process: `dir/.lock` holds "pid host". A lock whose process has ended

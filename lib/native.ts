@@ -144,6 +144,8 @@ export interface Addon {
   ): void;
   selectGemmKernel(name: "avx512" | "avx2" | "generic"): boolean;
   fmaPeakGflops(threads: number): number;
+  /** The process's held directory locks, shared by its worker threads (lib/files.ts lockDirectory). */
+  heldLock(op: "add" | "delete" | "has", path: string): boolean;
   adamwStep(
     param: Float32Array,
     grad: Float32Array,

@@ -329,13 +329,18 @@ class PromiseWorker : public Napi::AsyncWorker {
 
 // Host memory a wrapped object holds, told to V8 (napi_adjust_external_memory) so that garbage collection
 // weighs it: an undisposed vocabulary index of 150 MB is otherwise a few bytes to the collector, and
-// forgotten ones pile up until the machine runs out. set() reports the current size, clear() (dispose, the
-// destructor) takes it back. The C call, not node-addon-api's: it must not throw from a destructor.
+// forgotten ones pile up until the machine runs out. set() reports the current size (again as it changes),
+// clear() (dispose, the destructor) takes it back for good: a set() after it (a call that finishes after
+// dispose) reports nothing. The C call, not node-addon-api's: it must not throw from a destructor. JS
+// thread only.
 class ExternalMemory {
  public:
-  void set(napi_env env, int64_t bytes) { adjust(env, bytes - bytes_); }
+  void set(napi_env env, int64_t bytes) {
+    if (!closed_) adjust(env, bytes - bytes_);
+  }
   void clear() noexcept {
     if (env_ && bytes_) adjust(env_, -bytes_);
+    closed_ = true;
   }
   ~ExternalMemory() { clear(); }
 
@@ -347,6 +352,7 @@ class ExternalMemory {
   }
   napi_env env_ = nullptr;
   int64_t bytes_ = 0;
+  bool closed_ = false;
 };
 
 // Runs `body`, converting C++ exceptions thrown synchronously into JS errors.

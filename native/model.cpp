@@ -107,7 +107,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       c.rope_original_max_positions = get_int(o, "ropeOriginalMaxPositions", 8192, 1);
       c.threads = o.Get("threads").IsUndefined() ? 1 : threads_value(o.Get("threads"), "config.threads");
       model_ = std::make_shared<pt::Model>(c);
-      external_.set(env, static_cast<int64_t>(model_->weight_bytes()));
+      external_->set(env, static_cast<int64_t>(model_->host_bytes()));
       return env.Undefined();
     });
   }
@@ -161,7 +161,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
               }
             }
           },
-          nullptr);
+          tracked(model));
       return worker->queue();
     });
   }
@@ -458,7 +458,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
   Napi::Value Dispose(const Napi::CallbackInfo& info) {
     device_.reset();  // device memory is freed here unless a running worker still holds the model
     model_.reset();
-    external_.clear();
+    external_->clear();
     return info.Env().Undefined();
   }
 
@@ -532,6 +532,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
                                                 std::vector<float>(vv.data, vv.data + vv.length)));
       }
       model->set_adam_state(st);
+      external_->set(env, static_cast<int64_t>(model->host_bytes()));
       return env.Undefined();
     });
   }
@@ -543,11 +544,15 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       auto model = live(env);
       Napi::Object o = object_of(arg(info, 0, "tensors"), "tensors");
       Napi::Array keys = o.GetPropertyNames();
+      // Every tensor checked (finite values, then names and lengths) before any is written.
+      std::vector<pt::Model::SlotValues> list;
       for (uint32_t i = 0; i < keys.Length(); ++i) {
         const std::string name = keys.Get(i).ToString().Utf8Value();
         auto view = finite_view(env, o.Get(name), "tensors." + name, 0);
-        model->set_slot(name, view.data, view.length);
+        list.push_back({name, view.data, view.length});
       }
+      model->set_slots(list);
+      external_->set(env, static_cast<int64_t>(model->host_bytes()));
       return env.Undefined();
     });
   }
@@ -593,13 +598,13 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       auto result = std::make_shared<Result>();
       auto* worker = new PromiseWorker(
           env, [model, args, result]() { result->stats = model->train_grads(*args, &result->grads); },
-          [result](Napi::Env env) -> Napi::Value {
+          tracked(model, [result](Napi::Env env) -> Napi::Value {
             Napi::Object out = train_result(env, result->stats);
             Napi::Object grads = Napi::Object::New(env);
             for (auto& [name, g] : result->grads) grads.Set(name, to_float32(env, std::move(g)));
             out.Set("gradients", grads);
             return out;
-          });
+          }));
       return worker->queue();
     });
   }
@@ -615,7 +620,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       auto result = std::make_shared<pt::TrainStats>();
       auto* worker = new PromiseWorker(
           env, [model, args, result, cfg]() { *result = model->train_step(*args, cfg); },
-          [result](Napi::Env env) -> Napi::Value { return step_result(env, *result); });
+          tracked(model, [result](Napi::Env env) -> Napi::Value { return step_result(env, *result); }));
       return worker->queue();
     });
   }
@@ -644,7 +649,8 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       if (!(std_dev > 0.0) || !std::isfinite(std_dev))
         throw Napi::RangeError::New(env, "std: expected a finite value > 0");
       auto* worker = new PromiseWorker(
-          env, [model, seed, std_dev]() { model->fill_random(seed, static_cast<float>(std_dev)); }, nullptr);
+          env, [model, seed, std_dev]() { model->fill_random(seed, static_cast<float>(std_dev)); },
+          tracked(model));
       return worker->queue();
     });
   }
@@ -811,7 +817,17 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
   }
 
   std::shared_ptr<pt::Model> model_;
-  ExternalMemory external_;  // the host weights, told to the garbage collector
+  // The host slots (weights; gradients and moments once trained), told to the garbage collector: set at
+  // construction and again when a call that allocates them completes. Shared with those calls'
+  // completions (on the JS thread), which may run after this wrapper is collected.
+  std::shared_ptr<ExternalMemory> external_ = std::make_shared<ExternalMemory>();
+  // A completion that reports the model's host memory anew, then returns `then(env)` (undefined if null).
+  PromiseWorker::Complete tracked(std::shared_ptr<pt::Model> model, PromiseWorker::Complete then = nullptr) {
+    return [external = external_, model, then](Napi::Env env) -> Napi::Value {
+      external->set(env, static_cast<int64_t>(model->host_bytes()));
+      return then ? then(env) : env.Undefined();
+    };
+  }
   std::shared_ptr<pt::DeviceModel> device_;
 };
 

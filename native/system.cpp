@@ -1,4 +1,7 @@
 // System-level functions: backend probe, CPU facts, and direct access to the GEMM (tests and benchmarks).
+#include <mutex>
+#include <set>
+#include <string>
 #include <tuple>
 
 #include "common.h"
@@ -175,9 +178,33 @@ Napi::Value AdamwStep(const Napi::CallbackInfo& info) {
   });
 }
 
+// heldLock(op, path) -> boolean: the directory locks this process holds (lib/files.ts lockDirectory), in one
+// set for the whole process: each worker thread has its own JS modules, so a JS set would let two threads of
+// one process take the same lock. op "add" (false if already held), "delete", "has".
+Napi::Value HeldLock(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&]() -> Napi::Value {
+    static std::mutex mu;
+    static std::set<std::string>& held =
+        *new std::set<std::string>;  // never destroyed: threads may outlive exit
+    auto text = [&](size_t i, const char* name) {
+      Napi::Value v = arg(info, i, name);
+      if (!v.IsString()) throw_type(env, name, "a string", v);
+      return v.As<Napi::String>().Utf8Value();
+    };
+    const std::string op = text(0, "op"), path = text(1, "path");
+    std::lock_guard<std::mutex> lock(mu);
+    if (op == "add") return Napi::Boolean::New(env, held.insert(path).second);
+    if (op == "delete") return Napi::Boolean::New(env, held.erase(path) > 0);
+    if (op == "has") return Napi::Boolean::New(env, held.count(path) > 0);
+    throw Napi::TypeError::New(env, "op: expected \"add\", \"delete\" or \"has\", got " + op);
+  });
+}
+
 }  // namespace
 
 void init_system(Napi::Env env, Napi::Object exports) {
+  exports.Set("heldLock", Napi::Function::New(env, HeldLock, "heldLock"));
   exports.Set("cudaInfo", Napi::Function::New(env, CudaInfo, "cudaInfo"));
   exports.Set("cudaGemmBench", Napi::Function::New(env, CudaGemmBench, "cudaGemmBench"));
   exports.Set("cudaSelfTest", Napi::Function::New(env, CudaSelfTest, "cudaSelfTest"));

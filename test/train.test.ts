@@ -4,7 +4,8 @@ import { execFileSync, spawn, spawnSync } from "node:child_process";
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { hostname, tmpdir } from "node:os";
 import { dirname, join } from "node:path";
-import { fileURLToPath } from "node:url";
+import { fileURLToPath, pathToFileURL } from "node:url";
+import { Worker } from "node:worker_threads";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { loadModel, type Model } from "../lib/model.js";
 import { createPrior, createRegularizer } from "../lib/priors.js";
@@ -345,6 +346,36 @@ describe("a run directory in use", () => {
       await expect(run()).rejects.toThrow(
         /locked by process 1234 on host some-other-host \(if it no longer runs, delete /,
       );
+      rmSync(join(runDir, ".lock"));
+      // A worker thread of this process holding it (each thread has its own modules: a lock with this pid
+      // counted as stale, and two threads' tunes interleaved): refused, then taken once it is released.
+      const files = join(dirname(fileURLToPath(import.meta.url)), "..", "lib", "files.ts");
+      const worker = new Worker(
+        `import { parentPort } from "node:worker_threads";
+         import { register } from "tsx/esm/api";
+         register();
+         const { lockDirectory } = await import(${JSON.stringify(pathToFileURL(files).href)});
+         const release = lockDirectory(${JSON.stringify(runDir)}, "the run directory");
+         parentPort.postMessage("held");
+         parentPort.once("message", () => { release(); parentPort.postMessage("released"); });`,
+        { eval: true },
+      );
+      const next = () =>
+        new Promise((done, fail) => {
+          worker.once("message", done);
+          worker.once("error", fail);
+        });
+      try {
+        expect(await next()).toBe("held");
+        await expect(run()).rejects.toThrow(
+          `${runDir}: the run directory is in use by process ${process.pid} (this one)`,
+        );
+        worker.postMessage("release");
+        expect(await next()).toBe("released");
+        expect((await run()).steps).toBe(1);
+      } finally {
+        await worker.terminate();
+      }
     } finally {
       model.dispose();
     }

@@ -276,6 +276,24 @@ describe.each(MODELS)("full-parameter training against PyTorch autograd: %s", (n
     }
   });
 
+  it("a setModelWeights that throws writes no weight (every tensor is checked first)", async () => {
+    const { tensors: before } = modelWeights(model);
+    const lossBefore = (await model.forward({ ...batch, logits: false })).loss!;
+    const changed = before["l0.fc.w"]!.map((v) => v + 1);
+    const nan = before["lnf.w"]!.slice();
+    nan[0] = Number.NaN;
+    expect(() => setModelWeights(model, { "l0.fc.w": changed, "lnf.w": nan })).toThrow(/lnf\.w.*not finite/);
+    expect(() => setModelWeights(model, { "l0.fc.w": changed, "lnf.w": new Float32Array(3) })).toThrow(
+      /weights for 'lnf\.w': expected/,
+    );
+    expect(() => setModelWeights(model, { "l0.fc.w": changed, nope: changed })).toThrow(
+      /no weight slot named 'nope'/,
+    );
+    const { tensors: after } = modelWeights(model);
+    expect(Buffer.from(after["l0.fc.w"]!.buffer).equals(Buffer.from(before["l0.fc.w"]!.buffer))).toBe(true);
+    expect((await model.forward({ ...batch, logits: false })).loss).toBe(lossBefore);
+  });
+
   it("10 AdamW steps over every weight follow PyTorch's loss curve", async () => {
     const losses = g.get("curve_losses") as Float64Array;
     const norms = g.get("curve_grad_norms") as Float64Array;

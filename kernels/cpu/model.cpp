@@ -220,6 +220,14 @@ std::vector<std::string> Model::slot_names() const {
   return names;
 }
 
+void Model::recount_host_bytes() {
+  size_t n = 0;
+  for (const auto& kv : slots_)
+    n += (kv.second.data.size() + kv.second.grad.size() + kv.second.adam_m.size() + kv.second.adam_v.size()) *
+         sizeof(float);
+  host_bytes_.store(n, std::memory_order_relaxed);
+}
+
 size_t Model::weight_bytes() const {
   size_t n = 0;
   for (const auto& kv : slots_) n += kv.second.data.size() * sizeof(float);
@@ -237,7 +245,10 @@ void Model::load_tensor(const std::string& target, int64_t row_offset, const std
                                 std::to_string(rows) + ", " + std::to_string(cols) + "] at row " +
                                 std::to_string(row_offset) + ", which does not fit the slot's [" +
                                 std::to_string(s.rows) + ", " + std::to_string(s.cols) + "]");
-  if (s.data.empty()) s.data.assign(static_cast<size_t>(s.rows * s.cols), 0.0f);
+  if (s.data.empty()) {
+    s.data.assign(static_cast<size_t>(s.rows * s.cols), 0.0f);
+    recount_host_bytes();
+  }
   Fd fd(file);
   float* dst = s.data.data() + row_offset * cols;
   const size_t n = static_cast<size_t>(rows * cols);
@@ -880,16 +891,27 @@ float* Model::grad_or_null(const std::string& name) {
 }
 
 void Model::set_slot(const std::string& name, const float* values, size_t n) {
+  set_slots({{name, values, n}});
+}
+
+void Model::set_slots(const std::vector<SlotValues>& list) {
   std::lock_guard<std::mutex> lock(run_mutex_);
-  auto it = slots_.find(name);
-  if (it == slots_.end()) throw std::invalid_argument("no weight slot named '" + name + "'");
-  Slot& s = it->second;
-  if (n != static_cast<size_t>(s.rows * s.cols))
-    throw std::invalid_argument("weights for '" + name + "': expected " + std::to_string(s.rows) + " x " +
-                                std::to_string(s.cols) + " = " + std::to_string(s.rows * s.cols) +
-                                " values, got " + std::to_string(n));
-  s.data.assign(values, values + n);
-  s.loaded_rows = s.rows;
+  std::vector<Slot*> targets;
+  for (const SlotValues& v : list) {
+    auto it = slots_.find(v.name);
+    if (it == slots_.end()) throw std::invalid_argument("no weight slot named '" + v.name + "'");
+    const Slot& s = it->second;
+    if (v.n != static_cast<size_t>(s.rows * s.cols))
+      throw std::invalid_argument("weights for '" + v.name + "': expected " + std::to_string(s.rows) + " x " +
+                                  std::to_string(s.cols) + " = " + std::to_string(s.rows * s.cols) +
+                                  " values, got " + std::to_string(v.n));
+    targets.push_back(&it->second);
+  }
+  for (size_t i = 0; i < list.size(); ++i) {
+    targets[i]->data.assign(list[i].values, list[i].values + list[i].n);
+    targets[i]->loaded_rows = targets[i]->rows;
+  }
+  recount_host_bytes();
 }
 
 void Model::fill_random(uint64_t seed, float std) {
@@ -928,6 +950,7 @@ void Model::fill_random(uint64_t seed, float std) {
       }
     }
   }
+  recount_host_bytes();
 }
 
 void Model::layer_backward_weights(int64_t l, const ForwardArgs& a, LayerState& st, Scratch& sc, float* dx) {
@@ -987,6 +1010,7 @@ TrainStats Model::train_grads_locked(const ForwardArgs& a) {
   for (int32_t t : targets) R += t >= 0;
   if (R == 0) throw std::invalid_argument("labels: no labelled position (all -100 after the causal shift)");
   for (auto& kv : slots_) kv.second.grad.assign(kv.second.data.size(), 0.0f);
+  recount_host_bytes();
 
   if (!ws_) ws_ = std::make_unique<Workspace>();
   Workspace& ws = *ws_;
@@ -1092,6 +1116,7 @@ void Model::set_adam_state(const AdamState& state) {
     }
   }
   adam_step_ = state.step;
+  recount_host_bytes();
 }
 
 void check_adamw(const AdamWConfig& o) {
@@ -1125,6 +1150,7 @@ TrainStats Model::train_step(const ForwardArgs& a, const AdamWConfig& o) {
     if (s.adam_m.size() != s.data.size()) {
       s.adam_m.assign(n, 0.0f);
       s.adam_v.assign(n, 0.0f);
+      recount_host_bytes();
     }
     const float wd = decays(kv.first) ? o.weight_decay : 0.0f;
     float* g = s.grad.data();

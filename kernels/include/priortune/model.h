@@ -14,6 +14,7 @@
 //   l{i}.ln2.w/.b [C]; l{i}.fc.w [I, C] (GPT-2) or [2I, C] (Llama: gate rows then up rows), l{i}.fc.b;
 //   l{i}.fc2.w [C, I], l{i}.fc2.b.   (.b slots exist only where the architecture has biases)
 #pragma once
+#include <atomic>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -162,6 +163,9 @@ class Model {
   const Slot& slot(const std::string& name) const;
   const std::vector<float>& token_embeddings() const { return slot("tok_emb").data; }
   size_t weight_bytes() const;
+  // Host memory of the slots: weights, and for full-parameter training their gradients and AdamW moments
+  // (kept current under the run lock, read without it: the binding tells the garbage collector).
+  size_t host_bytes() const { return host_bytes_.load(std::memory_order_relaxed); }
   std::vector<std::string> slot_names() const;
   // RoPE's inverse frequencies (Llama; empty for GPT-2), scalings applied: the angle of position p in pair i
   // is p * inv_freq()[i].
@@ -178,6 +182,14 @@ class Model {
   // Copies `n` values into slot `name` (n must be rows x cols) and marks it loaded: random initialisation
   // or weights computed elsewhere. Optimizer moments are kept.
   void set_slot(const std::string& name, const float* values, size_t n);
+  // set_slot for several slots at once: every name and length is checked before any slot is written (a call
+  // that throws leaves the weights as they were).
+  struct SlotValues {
+    std::string name;
+    const float* values;
+    size_t n;
+  };
+  void set_slots(const std::vector<SlotValues>& list);
   // Fills every slot with synthetic weights for benchmarks (timing needs no trained weights, only realistic
   // magnitudes): uniform values of standard deviation `std` in matrices and embeddings, 1 in norm weights, 0
   // in biases; deterministic for a seed, filled in parallel (a 1B-parameter model in about a second).
@@ -250,6 +262,8 @@ class Model {
   // faulting in fresh pages every call; freed with the model.
   std::unique_ptr<Workspace> ws_;
   int64_t adam_step_ = 0;  // AdamW's t, shared by every slot
+  std::atomic<size_t> host_bytes_{0};
+  void recount_host_bytes();  // under run_mutex_, after a slot's vectors change size
 };
 
 }  // namespace pt
