@@ -32,6 +32,7 @@ export interface ActivationModel {
 
 import { readTensors, type TensorToWrite, writeSafetensors } from "./safetensors.js";
 import { endOfText } from "./train.js";
+import { checkOptions, type OptionKeys, requireObject } from "./validate.js";
 
 export const ACTIVATIONS_FORMAT = "priortune-activations";
 export const ACTIVATIONS_VERSION = 1;
@@ -62,6 +63,22 @@ export interface CaptureOptions {
   onProgress?: (progress: { texts: number; total: number; tokens: number }) => void;
   signal?: AbortSignal;
 }
+
+const CAPTURE_KEYS = {
+  layers: true,
+  pooling: true,
+  padding: true,
+  padId: true,
+  maxLength: true,
+  batchSize: true,
+  addSpecialTokens: true,
+  prompt: true,
+  includePrompt: true,
+  outDir: true,
+  chunkTexts: true,
+  onProgress: true,
+  signal: true,
+} satisfies OptionKeys<CaptureOptions>;
 
 export interface ActivationIndex {
   format: typeof ACTIVATIONS_FORMAT;
@@ -214,6 +231,8 @@ export async function captureActivations(
 ): Promise<ActivationSet> {
   const c = model.config;
   const d = c.hiddenSize;
+  requireObject(options, "captureActivations options");
+  checkOptions(options, "captureActivations options", CAPTURE_KEYS);
   if (!Array.isArray(options?.layers) || options.layers.length === 0)
     throw new TypeError("layers: expected a non-empty array of hidden-state indices");
   const layers = [...options.layers];

@@ -12,7 +12,7 @@ import { addon } from "./native.js";
 import { Rng } from "./rng.js";
 import { logGamma, logUpperGammaRegularized } from "./stats.js";
 import type { EvalRecord, StepRecord } from "./train.js";
-import { threadsOr } from "./validate.js";
+import { checkOptions, type OptionKeys, requireObject, threadsOr } from "./validate.js";
 
 /** Threads for native calls: the given count or every core. */
 export function analysisThreads(threads: number | undefined): number {
@@ -52,6 +52,16 @@ export interface FitGaussianOptions {
   threads?: number;
 }
 
+const FIT_GAUSSIAN_KEYS = {
+  shrinkage: true,
+  ridgeRelative: true,
+  ridgeAbsolute: true,
+  name: true,
+  threads: true,
+} satisfies OptionKeys<FitGaussianOptions>;
+
+const THREADS_KEYS = { threads: true } satisfies OptionKeys<{ threads?: number }>;
+
 /**
  * N(mu, Sigma) fitted to rows x dim vectors (one dataset's activations, a prior's samples, trained prompts),
  * with the full covariance kept: lib/gaussian.ts's GaussianPrior, so it can also be sampled and scored. The
@@ -60,8 +70,9 @@ export interface FitGaussianOptions {
 export async function fitGaussian(
   rows: Float32Array,
   dim: number,
-  options: FitGaussianOptions = {},
+  optionsArg?: FitGaussianOptions,
 ): Promise<GaussianPrior> {
+  const options = checkOptions(optionsArg, "fitGaussian options", FIT_GAUSSIAN_KEYS);
   checkFloat32("rows", rows);
   checkDim(dim);
   const n = rowCount("rows", rows, dim);
@@ -120,8 +131,9 @@ function trace(m: Float64Array, d: number): number {
 export async function frechetDistance(
   a: GaussianLike,
   b: GaussianLike,
-  options: { threads?: number } = {},
+  optionsArg?: { threads?: number },
 ): Promise<{ distanceSquared: number; meanTerm: number; covarianceTerm: number }> {
+  const options = checkOptions(optionsArg, "frechetDistance options", THREADS_KEYS);
   const ga = momentsOf("a", a);
   const gb = momentsOf("b", b);
   const d = samePair(ga, gb);
@@ -172,8 +184,9 @@ function mahalanobisOf(L: Float64Array, v: Float64Array, d: number): number {
 export async function gaussianKl(
   a: GaussianLike,
   b: GaussianLike,
-  options: { threads?: number } = {},
+  optionsArg?: { threads?: number },
 ): Promise<{ forward: number; backward: number; symmetric: number }> {
+  const options = checkOptions(optionsArg, "gaussianKl options", THREADS_KEYS);
   const ga = momentsOf("a", a);
   const gb = momentsOf("b", b);
   const d = samePair(ga, gb);
@@ -190,7 +203,8 @@ export async function gaussianKl(
 }
 
 /** Symmetric KL divergence KL(a || b) + KL(b || a) between two Gaussians (see gaussianKl). */
-export async function symmetricKl(a: GaussianLike, b: GaussianLike, options: { threads?: number } = {}) {
+export async function symmetricKl(a: GaussianLike, b: GaussianLike, options?: { threads?: number }) {
+  checkOptions(options, "symmetricKl options", THREADS_KEYS);
   return (await gaussianKl(a, b, options)).symmetric;
 }
 
@@ -207,6 +221,14 @@ export interface MmdOptions {
   seed?: number;
   threads?: number;
 }
+
+const MMD_KEYS = {
+  bandwidth: true,
+  maxRows: true,
+  permutations: true,
+  seed: true,
+  threads: true,
+} satisfies OptionKeys<MmdOptions>;
 
 export interface MmdResult {
   /** The unbiased estimate of MMD^2 (Gretton et al. 2012, eq. 3); can be slightly negative. */
@@ -267,8 +289,9 @@ export async function mmd(
   x: Float32Array,
   y: Float32Array,
   dim: number,
-  options: MmdOptions = {},
+  optionsArg?: MmdOptions,
 ): Promise<MmdResult> {
+  const options = checkOptions(optionsArg, "mmd options", MMD_KEYS);
   checkFloat32("x", x);
   checkFloat32("y", y);
   checkDim(dim);
@@ -352,6 +375,14 @@ export interface LinearProbeOptions {
   threads?: number;
 }
 
+const LINEAR_PROBE_KEYS = {
+  folds: true,
+  l2: true,
+  iterations: true,
+  seed: true,
+  threads: true,
+} satisfies OptionKeys<LinearProbeOptions>;
+
 export interface LinearProbeResult {
   /** Held-out accuracy over all folds (each row predicted by the model that did not see it). */
   accuracy: number;
@@ -371,8 +402,9 @@ export async function linearProbe(
   rows: Float32Array,
   labels: Int32Array,
   dim: number,
-  options: LinearProbeOptions = {},
+  optionsArg?: LinearProbeOptions,
 ): Promise<LinearProbeResult> {
+  const options = checkOptions(optionsArg, "linearProbe options", LINEAR_PROBE_KEYS);
   checkFloat32("rows", rows);
   checkDim(dim);
   const n = rowCount("rows", rows, dim);
@@ -634,6 +666,14 @@ export interface KMeansOptions {
   threads?: number;
 }
 
+const KMEANS_KEYS = {
+  k: true,
+  restarts: true,
+  maxIterations: true,
+  seed: true,
+  threads: true,
+} satisfies OptionKeys<KMeansOptions>;
+
 export interface KMeansResult {
   /** k x dim. */
   centroids: Float32Array;
@@ -648,15 +688,24 @@ export interface KMeansResult {
  * k-means (Lloyd's iterations from a k-means++ start: Arthur and Vassilvitskii 2007), seeded; distances are
  * native. An empty cluster is re-seeded with the row farthest from its centroid.
  */
-export async function kMeans(rows: Float32Array, dim: number, options: KMeansOptions): Promise<KMeansResult> {
-  checkFloat32("rows", rows);
+export async function kMeans(
+  rowsArg: Float32Array,
+  dim: number,
+  options: KMeansOptions,
+): Promise<KMeansResult> {
+  checkFloat32("rows", rowsArg);
   checkDim(dim);
-  const n = rowCount("rows", rows, dim);
+  const n = rowCount("rows", rowsArg, dim);
+  requireObject(options, "kMeans options");
+  checkOptions(options, "kMeans options", KMEANS_KEYS);
   const k = checkInteger("k", options?.k, 1, n);
   const restarts = checkInteger("restarts", options.restarts ?? 4, 1);
   const maxIterations = checkInteger("maxIterations", options.maxIterations ?? 100, 1);
   const threads = analysisThreads(options.threads);
   const rng = new Rng(options.seed ?? 0);
+  // Copied once, after the checks: the restarts read the rows across awaits, and the caller may change or
+  // transfer its array meanwhile.
+  const rows = rowsArg.slice();
   let best: KMeansResult | null = null;
   for (let r = 0; r < restarts; r++) {
     const result = await kMeansOnce(rows, dim, n, k, maxIterations, rng, threads);
@@ -917,6 +966,8 @@ export function randomWalkTrajectories(
   options: { count: number; length: number; seed?: number },
 ): { trajectories: Float32Array[]; tokenIds: Int32Array[] } {
   checkFloat32("vocab", vocab);
+  requireObject(options, "randomWalkTrajectories options");
+  checkOptions(options, "randomWalkTrajectories options", { count: true, length: true, seed: true });
   const V = rowCount("vocab", vocab, checkDim(dim));
   const count = checkInteger("count", options?.count, 1);
   const length = checkInteger("length", options.length, 2);
@@ -1018,6 +1069,8 @@ export interface ConvergenceOptions {
   window?: number;
 }
 
+const CONVERGENCE_KEYS = { source: true, window: true } satisfies OptionKeys<ConvergenceOptions>;
+
 const finiteLoss = (x: unknown): x is number => typeof x === "number" && Number.isFinite(x);
 
 /**
@@ -1027,8 +1080,9 @@ const finiteLoss = (x: unknown): x is number => typeof x === "number" && Number.
  */
 export function lossCurve(
   metrics: RunMetrics,
-  options: ConvergenceOptions = {},
+  optionsArg?: ConvergenceOptions,
 ): { step: number; loss: number }[] {
+  const options = checkOptions(optionsArg, "lossCurve options", CONVERGENCE_KEYS);
   const source = options.source ?? "validation";
   if (source !== "validation" && source !== "train")
     throw new TypeError(`source: expected "validation" or "train", got ${JSON.stringify(source)}`);
@@ -1057,8 +1111,9 @@ export function lossCurve(
 export function convergenceStep(
   metrics: RunMetrics,
   level: number,
-  options: ConvergenceOptions = {},
+  options?: ConvergenceOptions,
 ): number | null {
+  checkOptions(options, "convergenceStep options", CONVERGENCE_KEYS);
   for (const p of lossCurve(metrics, options)) if (Number.isFinite(p.loss) && p.loss <= level) return p.step;
   return null;
 }
@@ -1069,14 +1124,20 @@ export function convergenceStep(
  */
 export function convergenceByRun(
   runs: readonly { name: string; metrics: RunMetrics }[],
-  options: ConvergenceOptions & { level?: number } = {},
+  optionsArg?: ConvergenceOptions & { level?: number },
 ): { level: number; steps: { name: string; step: number | null; finalLoss: number | null }[] } {
+  const { level: givenLevel, ...options } = checkOptions(optionsArg, "convergenceByRun options", {
+    ...CONVERGENCE_KEYS,
+    level: true,
+  });
+  if (givenLevel !== undefined && typeof givenLevel !== "number")
+    throw new TypeError(`level: expected a number, got ${typeof givenLevel} ${JSON.stringify(givenLevel)}`);
   const finals = runs.map((r) => {
     const c = lossCurve(r.metrics, options);
     return c.length && Number.isFinite(c[c.length - 1].loss) ? c[c.length - 1].loss : null;
   });
   const known = finals.filter((f): f is number => f !== null);
-  const level = options.level ?? (known.length ? Math.max(...known) : Number.NaN);
+  const level = givenLevel ?? (known.length ? Math.max(...known) : Number.NaN);
   return {
     level,
     steps: runs.map((r, i) => ({

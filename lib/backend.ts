@@ -1,6 +1,7 @@
 // Backend choice at run time. One addon binary serves every machine: CUDA is used only when this build
 // has CUDA kernels for the requested work and a usable device answers the probe.
 import { addon, type CudaInfo, type CudaOpCheck } from "./native.js";
+import { checkOptions } from "./validate.js";
 
 export type BackendChoice = "auto" | "cpu" | "cuda";
 export type Backend = "cpu" | "cuda";
@@ -28,6 +29,11 @@ export type CudaSelfTestPart = (typeof CUDA_SELFTEST_PARTS)[number];
  * those parts (default: all). Rejects without a usable device, and on an unknown part.
  */
 export function cudaSelfTest(options: { parts?: readonly CudaSelfTestPart[] } = {}): Promise<CudaOpCheck[]> {
+  try {
+    checkOptions(options, "cudaSelfTest options", { parts: true });
+  } catch (e) {
+    return Promise.reject(e);
+  }
   const parts = options.parts;
   if (parts !== undefined) {
     const bad = Array.isArray(parts) ? parts.find((p) => !CUDA_SELFTEST_PARTS.includes(p)) : parts;

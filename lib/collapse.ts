@@ -23,6 +23,7 @@ import {
   quantile,
   sampleWithoutReplacement,
 } from "./stats.js";
+import { checkOptions, type OptionKeys } from "./validate.js";
 
 export interface TokenDecoder {
   decode(ids: number[]): string;
@@ -65,6 +66,17 @@ export interface CollapseReferenceOptions {
   seed?: number;
 }
 
+const REFERENCE_KEYS = {
+  metric: true,
+  backend: true,
+  threads: true,
+  neighborSample: true,
+  gaussianSample: true,
+  covarianceJitter: true,
+  divergenceRows: true,
+  seed: true,
+} satisfies OptionKeys<CollapseReferenceOptions>;
+
 export interface CollapseReportOptions {
   /** Nearest reference rows listed per vector (default 5, or every row of a smaller reference). */
   k?: number;
@@ -82,6 +94,18 @@ export interface CollapseReportOptions {
   /** Include the per-dimension standard deviations (default true; a dim-long array). */
   perDimensionSpread?: boolean;
 }
+
+const REPORT_KEYS = {
+  k: true,
+  collapseQuantile: true,
+  collapseThreshold: true,
+  energy: true,
+  perDimensionSpread: true,
+} satisfies OptionKeys<CollapseReportOptions>;
+
+const COLLAPSE_REPORT_KEYS = { ...REFERENCE_KEYS, ...REPORT_KEYS } satisfies OptionKeys<
+  CollapseReferenceOptions & CollapseReportOptions
+>;
 
 export interface NeighborEntry {
   id: number;
@@ -263,8 +287,9 @@ export class CollapseReference {
 
   static async create(
     source: ModelLike | VectorSetSource,
-    options: CollapseReferenceOptions = {},
+    optionsArg?: CollapseReferenceOptions,
   ): Promise<CollapseReference> {
+    const options = checkOptions(optionsArg, "CollapseReference options", REFERENCE_KEYS);
     let vocab: Float32Array;
     let dim: number;
     let tokenizer: TokenDecoder | undefined;
@@ -378,10 +403,12 @@ export class CollapseReference {
   }
 
   /** The collapse report of `vectors` (count x dim: prompt vectors, or activations) against this reference. */
-  async report(vectors: Float32Array, options: CollapseReportOptions = {}): Promise<CollapseReport> {
+  async report(vectorsArg: Float32Array, optionsArg?: CollapseReportOptions): Promise<CollapseReport> {
     const index = this.#index;
     if (!index) throw new Error("CollapseReference is disposed");
-    checkFloat32("promptVectors", vectors);
+    const options = checkOptions(optionsArg, "report options", REPORT_KEYS);
+    checkFloat32("promptVectors", vectorsArg);
+    let vectors = vectorsArg;
     const dim = this.dim;
     const count = rowCount("promptVectors", vectors, dim);
     const k =
@@ -391,6 +418,8 @@ export class CollapseReference {
     // Non-finite values are refused here, naming the row and column, before the searches below start
     // together (any of which would otherwise fail first, with its own message).
     checkFiniteRows("promptVectors", vectors, dim);
+    // Copied once, after the checks: the caller may change or transfer its array while the searches run.
+    vectors = vectors.slice();
     const energy = optionalNumber("energy", options.energy, 0.95, 0, 1);
     const quantileRule = options.collapseThreshold === undefined;
     const collapseQuantile = optionalNumber("collapseQuantile", options.collapseQuantile, 0.05, 0, 1);
@@ -517,7 +546,7 @@ export class CollapseReference {
  */
 export async function createCollapseReference(
   source: ModelLike | VectorSetSource,
-  options: CollapseReferenceOptions = {},
+  options?: CollapseReferenceOptions,
 ): Promise<CollapseReference> {
   return CollapseReference.create(source, options);
 }
@@ -530,13 +559,31 @@ export async function createCollapseReference(
 export async function collapseReport(
   promptVectors: Float32Array,
   source: CollapseSource,
-  options: CollapseReferenceOptions & CollapseReportOptions = {},
+  optionsArg?: CollapseReferenceOptions & CollapseReportOptions,
 ): Promise<CollapseReport> {
-  if (source instanceof CollapseReference) return source.report(promptVectors, options);
+  const options = checkOptions(optionsArg, "collapseReport options", COLLAPSE_REPORT_KEYS);
+  const referenceOptions: CollapseReferenceOptions = {};
+  const reportOptions: CollapseReportOptions = {};
+  for (const [key, value] of Object.entries(options)) {
+    if (value === undefined) continue;
+    if (Object.hasOwn(REPORT_KEYS, key)) (reportOptions as Record<string, unknown>)[key] = value;
+    else (referenceOptions as Record<string, unknown>)[key] = value;
+  }
+  if (source instanceof CollapseReference) {
+    const given = Object.keys(referenceOptions);
+    if (given.length > 0)
+      throw new TypeError(
+        `collapseReport options: ${given.join(", ")} configure a new reference, and the source is a CollapseReference ` +
+          "built with its own (pass them to createCollapseReference, or a model or { vocab, dim } as the source)",
+      );
+    return source.report(promptVectors, reportOptions);
+  }
   checkFloat32("promptVectors", promptVectors);
-  const reference = await CollapseReference.create(source, options);
+  // Copied now: the reference is built first, and the caller may change its array meanwhile.
+  const vectors = promptVectors.slice();
+  const reference = await CollapseReference.create(source, referenceOptions);
   try {
-    return await reference.report(promptVectors, options);
+    return await reference.report(vectors, reportOptions);
   } finally {
     reference.dispose();
   }

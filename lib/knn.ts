@@ -11,7 +11,7 @@
 // from 1 to min(1024, rows) (rows - 1 for a self-search): a non-integer is a TypeError, one out of range a
 // RangeError, never a clamp.
 import { addon } from "./native.js";
-import { threadsOr } from "./validate.js";
+import { checkOptions, type OptionKeys, threadsOr } from "./validate.js";
 
 export type KnnMetric = "cosine" | "l2" | "dot";
 export type KnnBackendChoice = "auto" | "cpu" | "cuda";
@@ -30,11 +30,23 @@ export interface VocabIndexOptions {
   threads?: number;
 }
 
+const VOCAB_INDEX_KEYS = {
+  dim: true,
+  metric: true,
+  backend: true,
+  threads: true,
+} satisfies OptionKeys<VocabIndexOptions>;
+
 export interface SearchOptions {
   /** Neighbours per query, 1..min(1024, rows). */
   k: number;
   threads?: number;
 }
+
+const SEARCH_KEYS = { k: true, threads: true } satisfies OptionKeys<SearchOptions>;
+const NEAREST_KEYS = { ...VOCAB_INDEX_KEYS, ...SEARCH_KEYS } satisfies OptionKeys<
+  VocabIndexOptions & SearchOptions
+>;
 
 export interface NeighborResult {
   /** [count, k] row indices, best first. */
@@ -68,6 +80,14 @@ export interface SelfSearchOptions {
   onProgress?: (done: number, total: number) => void;
   threads?: number;
 }
+
+const SELF_SEARCH_KEYS = {
+  k: true,
+  rows: true,
+  chunkRows: true,
+  onProgress: true,
+  threads: true,
+} satisfies OptionKeys<SelfSearchOptions>;
 
 type NativeIndex = InstanceType<ReturnType<typeof addon>["NativeKnnIndex"]>;
 
@@ -171,6 +191,7 @@ export class VocabIndex {
     checkFloat32("vocab", vocab);
     if (typeof options !== "object" || options === null)
       throw new TypeError(`options: expected an object with dim, got ${describeValue(options)}`);
+    checkOptions(options, "VocabIndex.create options", VOCAB_INDEX_KEYS);
     const dim = checkInteger("dim", options.dim, 1);
     const rows = rowCount("vocab", vocab, dim);
     const metric = checkMetric(options.metric ?? "cosine");
@@ -201,6 +222,9 @@ export class VocabIndex {
     const native = this.#live();
     checkFloat32("queries", queries);
     const count = rowCount("queries", queries, this.dim);
+    if (typeof options !== "object" || options === null)
+      throw new TypeError(`options: expected an object with k, got ${describeValue(options)}`);
+    checkOptions(options, "search options", SEARCH_KEYS);
     const k = this.#k(options?.k, false);
     const threads = threadsOr(options.threads, this.threads);
     const r = await native.search(queries, k, threads);
@@ -213,6 +237,9 @@ export class VocabIndex {
    */
   async selfSearch(options: SelfSearchOptions): Promise<NeighborResult> {
     this.#live();
+    if (typeof options !== "object" || options === null)
+      throw new TypeError(`options: expected an object with k, got ${describeValue(options)}`);
+    checkOptions(options, "selfSearch options", SELF_SEARCH_KEYS);
     const k = this.#k(options?.k, true);
     let rows: Int32Array;
     if (options.rows === undefined) {
@@ -270,6 +297,9 @@ export async function nearestNeighbors(
 ): Promise<NeighborResult> {
   checkFloat32("queries", queries);
   checkFloat32("vocab", vocab);
+  if (typeof options !== "object" || options === null)
+    throw new TypeError(`options: expected an object with dim and k, got ${describeValue(options)}`);
+  checkOptions(options, "nearestNeighbors options", NEAREST_KEYS);
   const dim = checkInteger("dim", options?.dim, 1);
   const count = rowCount("queries", queries, dim);
   const rows = rowCount("vocab", vocab, dim);
@@ -280,9 +310,10 @@ export async function nearestNeighbors(
     const r = await addon().knnSearchOnce(queries, vocab, dim, metric, k, threads);
     return { ...r, k, count };
   }
-  const index = await VocabIndex.create(vocab, options);
+  const { dim: _, metric: __, backend, ...search } = options;
+  const index = await VocabIndex.create(vocab, { dim, metric, backend, threads: options.threads });
   try {
-    return await index.search(queries, options);
+    return await index.search(queries, search);
   } finally {
     index.dispose();
   }

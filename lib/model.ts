@@ -19,15 +19,27 @@ import { listModelTensors } from "./safetensors.js";
 import { findTokenizer, type Tokenizer } from "./tokenizer.js";
 import {
   checkLabels,
+  checkOptions,
   checkTokenIds,
+  type OptionKeys,
   requireFloat32,
   requireInt32,
+  requireObject,
   requirePositiveInt,
   requireUint8,
   threadsOr,
 } from "./validate.js";
 
 export type { ModelConfig } from "./config.js";
+
+const LOAD_KEYS = {
+  backend: true,
+  threads: true,
+  logger: true,
+  precision: true,
+  cudaGraphs: true,
+  cudaProfile: true,
+} satisfies OptionKeys<LoadOptions>;
 
 export interface LoadOptions {
   /** "auto" (default): CUDA when usable, else CPU, with the reason logged. */
@@ -56,6 +68,28 @@ export interface PromptTrainerOptions extends Omit<AdamWOptions, "lrScale"> {
   /** Clip the global gradient norm (over every trainable tensor) to this before the update; 0 = none. */
   maxGradNorm?: number;
 }
+
+const PROMPT_TRAINER_KEYS = {
+  lr: true,
+  beta1: true,
+  beta2: true,
+  eps: true,
+  weightDecay: true,
+  maxGradNorm: true,
+} satisfies OptionKeys<PromptTrainerOptions>;
+
+const PROMPT_BATCH_KEYS = {
+  inputIds: true,
+  batch: true,
+  seqLen: true,
+  attentionMask: true,
+  labels: true,
+} satisfies OptionKeys<PromptBatch>;
+
+const TRAINER_INIT_KEYS = { prompt: true, deepPrompts: true } satisfies OptionKeys<{
+  prompt?: Float32Array;
+  deepPrompts?: DeepPrompts;
+}>;
 
 export interface PromptStepResult {
   loss: number;
@@ -152,6 +186,7 @@ export class PromptTrainer {
   async step(batch: PromptBatch, lr = this.#options.lr): Promise<PromptStepResult> {
     if (typeof lr !== "number" || !Number.isFinite(lr) || lr < 0)
       throw new RangeError(`lr: expected a finite number >= 0, got ${lr}`);
+    checkOptions(batch, "PromptTrainer.step batch", PROMPT_BATCH_KEYS);
     const args = checkCallArgs(this.#model.config, batch);
     if (args.labels === undefined)
       throw new TypeError("labels: expected an Int32Array (required for a step)");
@@ -171,14 +206,16 @@ export class PromptTrainer {
   ): Promise<PromptStepResult> {
     const o = this.#options;
     this.#checkCurrent();
-    const r = await this.#native!.promptStep(args, {
-      lr,
-      beta1: o.beta1,
-      beta2: o.beta2,
-      eps: o.eps,
-      weightDecay: o.weightDecay,
-      maxGradNorm: o.maxGradNorm,
-    });
+    const r = await modelCall(this.#model, () =>
+      this.#native!.promptStep(args, {
+        lr,
+        beta1: o.beta1,
+        beta2: o.beta2,
+        eps: o.eps,
+        weightDecay: o.weightDecay,
+        maxGradNorm: o.maxGradNorm,
+      }),
+    );
     this.#steps = r.step;
     return r;
   }
@@ -219,7 +256,7 @@ export class PromptTrainer {
   async #tensorsNow(): Promise<{ prompt?: Float32Array; deepPrompts?: DeepPrompts }> {
     if (this.#native) {
       this.#checkCurrent();
-      const { step: _, ...t } = await this.#native.trainables();
+      const { step: _, ...t } = await modelCall(this.#model, () => this.#native!.trainables());
       return t;
     }
     return copyPromptTensors(this.#tensors);
@@ -233,8 +270,8 @@ export class PromptTrainer {
   async #optimizerStateNow(): Promise<OptimizerState> {
     if (this.#native) {
       this.#checkCurrent();
-      const m = await this.#native.trainables("m");
-      const v = await this.#native.trainables("v");
+      const m = await modelCall(this.#model, () => this.#native!.trainables("m"));
+      const v = await modelCall(this.#model, () => this.#native!.trainables("v"));
       return {
         step: m.step,
         m: promptTensors(m.prompt, m.deepPrompts),
@@ -263,10 +300,13 @@ export class PromptTrainer {
     return this.#queue.run(async () => {
       if (this.#native) {
         this.#checkCurrent();
-        await this.#native.setOptimizerState(
-          fromPromptTensors(this.#tensors, m),
-          fromPromptTensors(this.#tensors, v),
-          state.step,
+        const native = this.#native;
+        await modelCall(this.#model, () =>
+          native.setOptimizerState(
+            fromPromptTensors(this.#tensors, m),
+            fromPromptTensors(this.#tensors, v),
+            state.step,
+          ),
         );
       } else {
         const a = this.#adamw!;
@@ -303,6 +343,18 @@ export interface ForwardOptions {
   logits?: boolean;
 }
 
+const FORWARD_KEYS = {
+  inputIds: true,
+  batch: true,
+  seqLen: true,
+  attentionMask: true,
+  prompt: true,
+  deepPrompts: true,
+  hiddenStates: true,
+  labels: true,
+  logits: true,
+} satisfies OptionKeys<ForwardOptions>;
+
 export interface LossAndGradOptions extends Omit<ForwardOptions, "hiddenStates" | "logits" | "labels"> {
   /** Labels, batch x seqLen aligned with inputIds, -100 = ignore. */
   labels: Int32Array;
@@ -313,6 +365,65 @@ export interface GenerateOptions extends Omit<ForwardOptions, "hiddenStates" | "
   /** Stop a sequence after this token (default: none). */
   eosId?: number;
   labels?: never;
+}
+
+const LOSS_AND_GRAD_KEYS = {
+  inputIds: true,
+  batch: true,
+  seqLen: true,
+  attentionMask: true,
+  prompt: true,
+  deepPrompts: true,
+  labels: true,
+} satisfies OptionKeys<LossAndGradOptions>;
+
+const GENERATE_KEYS = {
+  inputIds: true,
+  batch: true,
+  seqLen: true,
+  attentionMask: true,
+  prompt: true,
+  deepPrompts: true,
+  maxNewTokens: true,
+  eosId: true,
+  labels: true,
+} satisfies OptionKeys<GenerateOptions>;
+
+// Each model's native calls run one at a time in JS: a native job waits on the model's lock, so calls queued
+// at once would each hold a libuv pool thread while they wait (starving file reads and other models).
+const modelQueues = new WeakMap<Model, CallQueue>();
+
+/** Runs `work` (one native call on `model`) after the model's calls before it have settled. */
+export function modelCall<T>(model: Model, work: () => Promise<T>): Promise<T> {
+  let queue = modelQueues.get(model);
+  if (!queue) {
+    queue = new CallQueue();
+    modelQueues.set(model, queue);
+  }
+  return queue.run(work);
+}
+
+/** The caller's arrays of a call, copied: a queued call runs later, and they may change or be transferred. */
+function copyCallArrays<T extends ReturnType<typeof checkCallArgs>>(args: T): T {
+  const deep = args.deepPrompts;
+  return {
+    ...args,
+    inputIds: args.inputIds.slice(),
+    attentionMask: args.attentionMask?.slice(),
+    labels: args.labels?.slice(),
+    prompt: args.prompt?.slice(),
+    deepPrompts:
+      deep === undefined
+        ? undefined
+        : deep.kind === "hidden"
+          ? { kind: "hidden", layers: [...deep.layers], vectors: deep.vectors.map((v) => v.slice()) }
+          : {
+              kind: "prefix",
+              layers: [...deep.layers],
+              keys: deep.keys.map((v) => v.slice()),
+              values: deep.values.map((v) => v.slice()),
+            },
+  };
 }
 
 /** Loss and the gradients of the prompt tensors (the native result as it is). */
@@ -409,13 +520,15 @@ export class Model {
   }
 
   async forward(options: ForwardOptions): Promise<ForwardOutput> {
-    const native = this.#live();
-    const args = checkCallArgs(this.config, options);
-    const out = await native.forward({
-      ...args,
-      hiddenStates: checkHiddenStates(this.config, options.hiddenStates),
-      logits: options.logits ?? true,
-    });
+    this.#live();
+    requireObject(options, "forward options");
+    checkOptions(options, "forward options", FORWARD_KEYS);
+    const args = copyCallArrays(checkCallArgs(this.config, options));
+    const hiddenStates = checkHiddenStates(this.config, options.hiddenStates);
+    const logits = options.logits ?? true;
+    const out = await modelCall(this, () =>
+      this.#live().forward({ ...args, hiddenStates: hiddenStates && [...hiddenStates], logits }),
+    );
     return { ...out, positions: args.positions };
   }
 
@@ -424,7 +537,9 @@ export class Model {
    * gradient with respect to the soft prompt and the deep prompts. Weights get no gradient.
    */
   async lossAndGrad(options: LossAndGradOptions): Promise<LossAndGrad> {
-    const native = this.#live();
+    this.#live();
+    requireObject(options, "lossAndGrad options");
+    checkOptions(options, "lossAndGrad options", LOSS_AND_GRAD_KEYS);
     if (options?.labels === undefined)
       throw new TypeError("labels: expected an Int32Array (required by lossAndGrad)");
     if (options.prompt === undefined && options.deepPrompts === undefined) {
@@ -432,8 +547,8 @@ export class Model {
         "lossAndGrad: give a prompt and/or deepPrompts (there is nothing else to differentiate)",
       );
     }
-    const args = checkCallArgs(this.config, options);
-    const out = await native.lossAndGrad({ ...args, labels: args.labels! });
+    const args = copyCallArrays(checkCallArgs(this.config, options));
+    const out = await modelCall(this, () => this.#live().lossAndGrad({ ...args, labels: args.labels! }));
     if (out.labelCount === 0) throw new RangeError("labels: no labelled position");
     return out;
   }
@@ -444,25 +559,29 @@ export class Model {
    * sequence stops after `eosId`; the rest of its row is -1. Returns batch x maxNewTokens ids.
    */
   async generate(options: GenerateOptions): Promise<Int32Array> {
-    const native = this.#live();
+    this.#live();
+    requireObject(options, "generate options");
+    checkOptions(options, "generate options", GENERATE_KEYS);
     if (options?.labels !== undefined) throw new TypeError("generate: labels are not used; leave them out");
     const maxNew = requirePositiveInt(options?.maxNewTokens, "maxNewTokens");
-    const args = checkCallArgs(this.config, options, maxNew - 1);
+    const args = copyCallArrays(checkCallArgs(this.config, options, maxNew - 1));
     const eos = options.eosId ?? -1;
     if (!Number.isInteger(eos) || eos < -1 || eos >= this.config.vocabSize) {
       throw new RangeError(`eosId: expected a token id in the vocabulary (or -1 for none), got ${eos}`);
     }
-    return native.generate(args, maxNew, eos);
+    return modelCall(this, () => this.#live().generate(args, maxNew, eos));
   }
 
   /** Milliseconds per device stage since the last call (loadModel with cudaProfile; null on the CPU). */
   deviceProfile(): Record<string, number> | null {
-    return this.backend === "cuda" ? this.#live().deviceProfile() : null;
+    const native = this.#live();
+    return this.backend === "cuda" ? native.deviceProfile() : null;
   }
 
   /** Device memory held by this model on CUDA (null on the CPU backend). */
   deviceMemory(): DeviceMemory | null {
-    return this.backend === "cuda" ? this.#live().deviceMemory() : null;
+    const native = this.#live();
+    return this.backend === "cuda" ? native.deviceMemory() : null;
   }
 
   /**
@@ -473,6 +592,10 @@ export class Model {
     options: PromptTrainerOptions,
   ): Promise<PromptTrainer> {
     const native = this.#live();
+    requireObject(init, "promptTrainer init");
+    checkOptions(init, "promptTrainer init", TRAINER_INIT_KEYS);
+    requireObject(options, "promptTrainer options");
+    checkOptions(options, "promptTrainer options", PROMPT_TRAINER_KEYS);
     if (init?.prompt === undefined && init?.deepPrompts === undefined)
       throw new TypeError("promptTrainer: give a prompt and/or deepPrompts to train");
     // Validates the tensors' shapes against the config (a one-token dummy batch).
@@ -481,7 +604,7 @@ export class Model {
     if (this.backend === "cuda") {
       // A CUDA model holds one device-resident set of trainables: this trainer replaces the previous one.
       const trainer = new PromptTrainer(this, native, tensors, options);
-      await native.setTrainables(tensors);
+      await modelCall(this, () => native.setTrainables(tensors));
       deviceTrainer.set(this, trainer);
       return trainer;
     }
@@ -500,9 +623,10 @@ export class Model {
  * Loads a Hugging Face model directory (config.json, safetensors weights, tokenizer) on the backend asked
  * for ("auto": CUDA when usable). Weights are converted to fp32 as they are read; see LoadOptions.
  */
-export async function loadModel(dirArg: string, options: LoadOptions = {}): Promise<Model> {
+export async function loadModel(dirArg: string, optionsArg?: LoadOptions): Promise<Model> {
   if (typeof dirArg !== "string")
     throw new TypeError(`dir: expected a model directory path, got ${typeof dirArg}`);
+  const options = checkOptions(optionsArg, "loadModel options", LOAD_KEYS);
   const dir = resolve(dirArg);
   if (!existsSync(dir) || !statSync(dir).isDirectory()) throw new Error(`${dir}: not a directory`);
   const logger = options.logger ?? defaultLogger;

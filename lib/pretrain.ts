@@ -12,14 +12,16 @@ import { join, resolve } from "node:path";
 import { defaultLogger, type Logger } from "./backend.js";
 import { isMistral, loadPlan, type ModelConfig, nativeConfig, parseConfig } from "./config.js";
 import { atomicWrite, ensureDir, readJsonFile } from "./files.js";
-import { CallQueue, Model } from "./model.js";
+import { CallQueue, Model, modelCall } from "./model.js";
 import { addon, type NativeAdamState, type NativeModel } from "./native.js";
 import { Rng } from "./rng.js";
 import { listModelTensors, type TensorToWrite, writeSafetensorsAtomic } from "./safetensors.js";
 import { endOfTextId, findTokenizer, type Tokenizer } from "./tokenizer.js";
 import {
   checkLabels,
+  checkOptions,
   checkTokenIds,
+  type OptionKeys,
   requireInt32,
   requirePositiveInt,
   requireUint8,
@@ -247,6 +249,13 @@ export interface CreateModelOptions {
   logger?: Logger;
 }
 
+const CREATE_MODEL_KEYS = {
+  seed: true,
+  initStd: true,
+  threads: true,
+  logger: true,
+} satisfies OptionKeys<CreateModelOptions>;
+
 function isParsedConfig(v: Json): boolean {
   return (v.architecture === "gpt2" || v.architecture === "llama") && typeof v.hiddenSize === "number";
 }
@@ -284,8 +293,9 @@ export function initialWeights(
  */
 export async function createModel(
   source: string | Json | ModelConfig,
-  options: CreateModelOptions = {},
+  optionsArg?: CreateModelOptions,
 ): Promise<Model> {
+  const options = checkOptions(optionsArg, "createModel options", CREATE_MODEL_KEYS);
   let hfConfig: Json;
   let config: ModelConfig;
   let sourceDir: string | null = null;
@@ -361,8 +371,9 @@ function float32Config(hfConfig: Json): Json {
 /** loadModel for training: the same directory formats, and the model can be given to a Pretrainer. */
 export async function loadTrainableModel(
   dirArg: string,
-  options: { threads?: number; logger?: Logger } = {},
+  optionsArg?: { threads?: number; logger?: Logger },
 ): Promise<Model> {
+  const options = checkOptions(optionsArg, "loadTrainableModel options", { threads: true, logger: true });
   if (typeof dirArg !== "string")
     throw new TypeError(`dir: expected a model directory path, got ${typeof dirArg}`);
   const dir = resolve(dirArg);
@@ -453,16 +464,31 @@ export interface SaveModelOptions {
   tokenizerDir?: string;
 }
 
+const SAVE_MODEL_KEYS = { tokenizer: true, tokenizerDir: true } satisfies OptionKeys<SaveModelOptions>;
+
 /**
  * Writes a Hugging Face model directory: config.json, model.safetensors (F32, Transformers' tensor names and
  * layouts) and the tokenizer files (the source directory's, or options.tokenizerDir's). loadModel and
  * from_pretrained read it back. Files of the same names are overwritten. A tokenizer_config.json whose
  * model_max_length exceeds the model's positions is written with the positions (Transformers truncates to it).
  */
-export function saveModel(model: Model, dirArg: string, options: SaveModelOptions = {}): void {
+export function saveModel(model: Model, dirArg: string, optionsArg?: SaveModelOptions): void {
+  const options = checkOptions(optionsArg, "saveModel options", SAVE_MODEL_KEYS);
   const t = trainableOf(model, "saveModel");
   if (model.disposed) throw new Error("Model is disposed");
+  if (typeof dirArg !== "string") throw new TypeError(`dir: expected a directory path, got ${typeof dirArg}`);
   const dir = resolve(dirArg);
+  if (options.tokenizerDir !== undefined && typeof options.tokenizerDir !== "string")
+    throw new TypeError(`tokenizerDir: expected a directory path, got ${typeof options.tokenizerDir}`);
+  const tokenizerDir = options.tokenizerDir === undefined ? undefined : resolve(options.tokenizerDir);
+  const ownTokenizer = tokenizerDir !== undefined && tokenizerDir !== t.sourceDir;
+  // The tokenizer whose files are written: a tokenizerDir without one would write a model with no tokenizer
+  // (and null bos/eos ids).
+  const dirTokenizer = ownTokenizer ? findTokenizer(tokenizerDir, () => {}) : null;
+  if (ownTokenizer && !dirTokenizer)
+    throw new Error(
+      `tokenizerDir: ${tokenizerDir} holds no tokenizer (tokenizer.json, or vocab.json and merges.txt)`,
+    );
   // an old index beside the new model.safetensors would describe other weights (we and Transformers read the
   // single file first, other tools may not)
   if (existsSync(join(dir, "model.safetensors.index.json")))
@@ -473,12 +499,9 @@ export function saveModel(model: Model, dirArg: string, options: SaveModelOption
   // would otherwise risk the only copy).
   writeSafetensorsAtomic(join(dir, "model.safetensors"), tensors, { format: "pt" });
   const hfConfig: Json = { ...t.hfConfig };
-  const tokenizerDir = options.tokenizerDir === undefined ? undefined : resolve(options.tokenizerDir);
-  const ownTokenizer = tokenizerDir !== undefined && tokenizerDir !== t.sourceDir;
   if (ownTokenizer || !("bos_token_id" in hfConfig) || !("eos_token_id" in hfConfig)) {
     // The tokenizer whose files are written (loaded from tokenizerDir when not given), not the model's.
-    const tokenizer =
-      options.tokenizer ?? (ownTokenizer ? findTokenizer(tokenizerDir, () => {}) : model.tokenizer);
+    const tokenizer = options.tokenizer ?? (ownTokenizer ? dirTokenizer : model.tokenizer);
     const end = endOfTextId(tokenizer) ?? null;
     if (ownTokenizer) hfConfig.bos_token_id = hfConfig.eos_token_id = end;
     hfConfig.bos_token_id ??= end;
@@ -526,6 +549,15 @@ export interface PretrainerOptions {
   maxGradNorm?: number;
 }
 
+const PRETRAINER_KEYS = {
+  lr: true,
+  beta1: true,
+  beta2: true,
+  eps: true,
+  weightDecay: true,
+  maxGradNorm: true,
+} satisfies OptionKeys<PretrainerOptions>;
+
 export interface PretrainBatch {
   /** Token ids, batch x seqLen, row-major. */
   inputIds: Int32Array;
@@ -552,12 +584,21 @@ export interface PretrainStep {
   step: number;
 }
 
+const PRETRAIN_BATCH_KEYS = {
+  inputIds: true,
+  batch: true,
+  seqLen: true,
+  attentionMask: true,
+  labels: true,
+} satisfies OptionKeys<PretrainBatch>;
+
 /**
  * A checked batch holding its own copies of the arrays, so that a queued call reads what was checked
  * whatever the caller does to its arrays meanwhile.
  */
 function checkedBatch(c: ModelConfig, b: PretrainBatch) {
   if (typeof b !== "object" || b === null) throw new TypeError("batch: expected an object");
+  checkOptions(b, "batch", PRETRAIN_BATCH_KEYS);
   const batch = requirePositiveInt(b.batch, "batch");
   const seqLen = requirePositiveInt(b.seqLen, "seqLen");
   const inputIds = requireInt32(b.inputIds, "inputIds", batch * seqLen).slice();
@@ -603,7 +644,9 @@ export class Pretrainer {
   constructor(model: Model, options: PretrainerOptions) {
     this.#native = trainableOf(model, "Pretrainer").native;
     this.#model = model;
+    if (model.disposed) throw new Error("Model is disposed");
     if (typeof options !== "object" || options === null) throw new TypeError("options: expected an object");
+    checkOptions(options, "Pretrainer options", PRETRAINER_KEYS);
     if (typeof options.lr !== "function")
       checkNumber(options.lr, "lr", (x) => x >= 0, "a number >= 0 or a function");
     this.#lr = options.lr;
@@ -639,7 +682,7 @@ export class Pretrainer {
       const next = this.#steps + 1;
       const lr = typeof this.#lr === "function" ? this.#lr(next) : this.#lr;
       checkNumber(lr, `lr(${next})`, (x) => x >= 0, "a number >= 0");
-      const out = await this.#native.trainStep(args, { lr, ...this.#adamw });
+      const out = await modelCall(this.#model, () => this.#native.trainStep(args, { lr, ...this.#adamw }));
       this.#steps = next;
       return { loss: out.loss, labelCount: out.labelCount, gradNorm: out.gradNorm, lr, step: next };
     };
@@ -653,7 +696,7 @@ export class Pretrainer {
     const args = checkedBatch(this.#model.config, batch);
     return this.#queued(async () => {
       if (this.#model.disposed) throw new Error("Model is disposed");
-      return this.#native.trainGrads(args);
+      return modelCall(this.#model, () => this.#native.trainGrads(args));
     });
   }
 

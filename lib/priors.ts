@@ -28,6 +28,7 @@ import { addon } from "./native.js";
 import { Rng } from "./rng.js";
 import { readTensors } from "./safetensors.js";
 import { quantile } from "./stats.js";
+import { checkOptions, type OptionKeys, requireObject } from "./validate.js";
 
 export { type Energy, ExclusionLaw, ExclusionPrior, GaussianPrior } from "./gaussian.js";
 
@@ -640,6 +641,15 @@ export interface ActivationOptions {
   onProgress?: (done: number, total: number) => void;
 }
 
+const ACTIVATION_KEYS = {
+  layer: true,
+  pooling: true,
+  maxLength: true,
+  batchSize: true,
+  addSpecialTokens: true,
+  onProgress: true,
+} satisfies OptionKeys<ActivationOptions>;
+
 /**
  * Hidden states of `model` at one layer over a dataset of texts: rows x hiddenSize, one row per text (mean
  * pooling) or per token (token pooling), in the texts' order. Right padding is masked out. A thin view of
@@ -650,6 +660,8 @@ export async function datasetActivations(
   texts: readonly string[],
   options: ActivationOptions,
 ): Promise<{ rows: Float32Array; count: number; tokens: number }> {
+  requireObject(options, "datasetActivations options");
+  checkOptions(options, "datasetActivations options", ACTIVATION_KEYS);
   const c = model.config;
   const layer = options.layer;
   if (!Number.isInteger(layer) || layer < 0 || layer > c.numLayers)

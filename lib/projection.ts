@@ -13,6 +13,7 @@ import { analysisThreads } from "./analysis.js";
 import { checkFloat32, checkInteger, rowCount } from "./knn.js";
 import { addon } from "./native.js";
 import { Rng } from "./rng.js";
+import { checkOptions, type OptionKeys } from "./validate.js";
 
 // ---------------------------------------------------------------------------------------------------------
 // PCA
@@ -33,6 +34,15 @@ export interface PcaOptions {
   seed?: number;
   threads?: number;
 }
+
+const PCA_KEYS = {
+  components: true,
+  method: true,
+  oversample: true,
+  powerIterations: true,
+  seed: true,
+  threads: true,
+} satisfies OptionKeys<PcaOptions>;
 
 /** A fitted PCA: project any set of rows (e.g. prior samples) into the axes of the set it was fitted on. */
 export interface Pca {
@@ -93,7 +103,8 @@ function makePca(
 }
 
 /** Fits a PCA to rows x dim vectors (see PcaOptions). */
-export async function fitPca(rows: Float32Array, dim: number, options: PcaOptions = {}): Promise<Pca> {
+export async function fitPca(rows: Float32Array, dim: number, optionsArg?: PcaOptions): Promise<Pca> {
+  const options = checkOptions(optionsArg, "fitPca options", PCA_KEYS);
   checkFloat32("rows", rows);
   checkInteger("dim", dim, 1);
   const n = rowCount("rows", rows, dim);
@@ -203,8 +214,9 @@ async function randomizedPca(
 export async function pca(
   rows: Float32Array,
   dim: number,
-  options: PcaOptions = {},
+  options?: PcaOptions,
 ): Promise<{ pca: Pca; projection: Float64Array }> {
+  checkOptions(options, "pca options", PCA_KEYS);
   const fitted = await fitPca(rows, dim, options);
   return { pca: fitted, projection: fitted.transform(rows) };
 }
@@ -304,6 +316,18 @@ export interface TsneOptions {
   threads?: number;
   onIteration?: (iteration: number, total: number) => void;
 }
+
+const TSNE_KEYS = {
+  perplexity: true,
+  iterations: true,
+  learningRate: true,
+  earlyExaggeration: true,
+  theta: true,
+  init: true,
+  seed: true,
+  threads: true,
+  onIteration: true,
+} satisfies OptionKeys<TsneOptions>;
 
 /** Input similarities p_ij on the k nearest neighbours: per-row bandwidth by bisection on the perplexity. */
 function tsneAffinities(
@@ -490,11 +514,8 @@ function positive(name: string, v: number): number {
  * Optimisation as the reference implementation: momentum 0.5 then 0.8, early exaggeration for 250
  * iterations, per-parameter gains. Deterministic for a seed (the PCA start needs none).
  */
-export async function tsne(
-  rows: Float32Array,
-  dim: number,
-  options: TsneOptions = {},
-): Promise<Float64Array> {
+export async function tsne(rows: Float32Array, dim: number, optionsArg?: TsneOptions): Promise<Float64Array> {
+  const options = checkOptions(optionsArg, "tsne options", TSNE_KEYS);
   checkFloat32("rows", rows);
   checkInteger("dim", dim, 1);
   const n = rowCount("rows", rows, dim);
@@ -605,12 +626,18 @@ export interface UmapOptions {
   threads?: number;
 }
 
+const UMAP_KEYS = {
+  neighbors: true,
+  minDist: true,
+  spread: true,
+  epochs: true,
+  seed: true,
+  threads: true,
+} satisfies OptionKeys<UmapOptions>;
+
 /** UMAP to 2-D with umap-js on exact neighbours; deterministic for a seed. rows x 2 coordinates. */
-export async function umap(
-  rows: Float32Array,
-  dim: number,
-  options: UmapOptions = {},
-): Promise<Float64Array> {
+export async function umap(rows: Float32Array, dim: number, optionsArg?: UmapOptions): Promise<Float64Array> {
+  const options = checkOptions(optionsArg, "umap options", UMAP_KEYS);
   checkFloat32("rows", rows);
   checkInteger("dim", dim, 1);
   const n = rowCount("rows", rows, dim);

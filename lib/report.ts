@@ -43,6 +43,7 @@ import { readTensors } from "./safetensors.js";
 import { concatRows } from "./stats.js";
 import { loadRecordedTask } from "./tasks.js";
 import { type EvalRecord, modelFingerprint, readPromptFile } from "./train.js";
+import { checkOptions, type OptionKeys, requireObject } from "./validate.js";
 
 export interface ReportOptions {
   /** Where report.html, report.json and figures/ are written (created if missing). */
@@ -75,6 +76,24 @@ export interface ReportOptions {
   threads?: number;
   onProgress?: (message: string) => void;
 }
+
+const REPORT_KEYS = {
+  outDir: true,
+  title: true,
+  names: true,
+  model: true,
+  projection: true,
+  maxVocabularyPoints: true,
+  level: true,
+  activations: true,
+  seed: true,
+  threads: true,
+  onProgress: true,
+} satisfies OptionKeys<ReportOptions>;
+
+const ACTIVATION_SECTION_KEYS = { layers: true, texts: true, extraSets: true } satisfies OptionKeys<
+  Exclude<NonNullable<ReportOptions["activations"]>, false>
+>;
 
 export interface RunSummary {
   name: string;
@@ -233,7 +252,21 @@ function meanDisplacement(a: Float32Array | null, b: Float32Array | null, dim: n
 export async function buildReport(runDirs: readonly string[], options: ReportOptions): Promise<ReportResult> {
   if (!Array.isArray(runDirs) || runDirs.length === 0)
     throw new TypeError("runDirs: expected at least one run directory");
+  requireObject(options, "buildReport options");
+  checkOptions(options, "buildReport options", REPORT_KEYS);
   if (typeof options?.outDir !== "string") throw new TypeError("outDir: expected a directory path");
+  // Checked before the work (the level was read only at the convergence figure, after the analyses).
+  if (options.level !== undefined && !(typeof options.level === "number" && Number.isFinite(options.level)))
+    throw new TypeError(
+      `level: expected a finite number, got ${typeof options.level} ${JSON.stringify(options.level)}`,
+    );
+  const projection: unknown = options.projection;
+  if (projection !== undefined && projection !== "pca" && projection !== "tsne" && projection !== "umap")
+    throw new TypeError(`projection: expected "pca", "tsne" or "umap", got ${JSON.stringify(projection)}`);
+  if (options.activations !== undefined && options.activations !== false) {
+    requireObject(options.activations, "buildReport options.activations");
+    checkOptions(options.activations, "buildReport options.activations", ACTIVATION_SECTION_KEYS);
+  }
   if (options.names && options.names.length !== runDirs.length)
     throw new RangeError(
       `names: expected ${runDirs.length} names (one per run), got ${options.names.length}`,

@@ -36,6 +36,7 @@ import {
 } from "./data/templates.js";
 import { readJsonFile } from "./files.js";
 import { Rng } from "./rng.js";
+import { suggestKey } from "./validate.js";
 
 export * from "./data/encoding.js";
 export * from "./data/generators.js";
@@ -288,8 +289,9 @@ export function parseTaskSpec(spec: unknown): TaskSpec {
     if (value === undefined) continue;
     const check = known[key];
     if (!check) {
+      const hint = suggestKey(key, Object.keys(known));
       throw new RangeError(
-        `task spec: unknown option "${key}" for kind "${kind}" (known: ${Object.keys(known).join(", ")})`,
+        `task spec: unknown option "${key}" for kind "${kind}"${hint ? ` (did you mean "${hint}"?)` : ""} (known: ${Object.keys(known).join(", ")})`,
       );
     }
     check(value, key);

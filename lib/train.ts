@@ -25,6 +25,7 @@ import { Rng, type RngState } from "./rng.js";
 import { readTensors, type TensorToWrite, writeSafetensorsAtomic } from "./safetensors.js";
 import { type Example, encodeExample, type Task, withRecordedSplit } from "./tasks.js";
 import { endOfTextId } from "./tokenizer.js";
+import { checkOptions, definedOnly, type OptionKeys, requireObject } from "./validate.js";
 
 export type TuneMode = "soft" | "deep-hidden" | "deep-prefix";
 export type Schedule = "constant" | "linear" | "cosine";
@@ -53,6 +54,19 @@ export interface OptimizerOptions {
   deepLr?: number;
 }
 
+const OPTIMIZER_KEYS = {
+  lr: true,
+  beta1: true,
+  beta2: true,
+  eps: true,
+  weightDecay: true,
+  schedule: true,
+  warmupSteps: true,
+  clipNorm: true,
+  accumulate: true,
+  deepLr: true,
+} satisfies OptionKeys<OptimizerOptions>;
+
 export interface RegularizerOptions {
   /**
    * The penalty on the soft prompt: a Regularizer, or its spec ({ kind: "prior-nll" | "l2-init" |
@@ -64,6 +78,12 @@ export interface RegularizerOptions {
   /** λ over training: constant, or ramped linearly from 0 to λ over the run (default constant). */
   schedule?: "constant" | "linear";
 }
+
+const REGULARIZER_KEYS = {
+  regularizer: true,
+  lambda: true,
+  schedule: true,
+} satisfies OptionKeys<RegularizerOptions>;
 
 export interface TuneOptions {
   model: Model;
@@ -128,6 +148,41 @@ export interface TuneOptions {
    */
   signal?: AbortSignal;
 }
+
+const TUNE_KEYS = {
+  model: true,
+  task: true,
+  prior: true,
+  mode: true,
+  promptLength: true,
+  deepLayers: true,
+  deepLength: true,
+  prefixInitStd: true,
+  deepPrior: true,
+  optimizer: true,
+  regularizer: true,
+  steps: true,
+  batchSize: true,
+  evalEvery: true,
+  earlyStopping: true,
+  evalExamples: true,
+  maxNewTokens: true,
+  collapseEvery: true,
+  snapshotEvery: true,
+  checkpointEvery: true,
+  maxLength: true,
+  addSpecialTokens: true,
+  seed: true,
+  runDir: true,
+  onStep: true,
+  onEval: true,
+  onEvalProgress: true,
+  signal: true,
+} satisfies OptionKeys<TuneOptions>;
+
+const EARLY_STOPPING_KEYS = { patience: true, minDelta: true } satisfies OptionKeys<
+  NonNullable<TuneOptions["earlyStopping"]>
+>;
 
 export interface StepRecord {
   type: "step";
@@ -217,6 +272,12 @@ export function collate(group: { ids: Int32Array; labels: Int32Array }[]): Batch
   return { inputIds, labels, attentionMask, batch: n, seqLen, tokens };
 }
 
+/** A batch's arrays and shape as the model's calls take them (without the token count). */
+function modelBatch(b: Batch): Omit<Batch, "tokens"> {
+  const { tokens: _, ...rest } = b;
+  return rest;
+}
+
 /**
  * Length-bucketed batches: examples sorted by length (stable), cut into batches of `size`, so padding
  * stays small; the order of the batches is shuffled with `rng` each epoch.
@@ -278,8 +339,58 @@ export function combineMicroBatches(parts: MicroBatch[], into: Float32Array[]): 
 /** An integer option >= min, else a RangeError naming it. */
 function countOption(name: string, value: number, min: number): number {
   if (!Number.isInteger(value) || value < min)
-    throw new RangeError(`${name}: expected an integer >= ${min}, got ${value}`);
+    throw new RangeError(
+      `${name}: expected an integer >= ${min}, got ${typeof value === "number" ? value : `${typeof value} ${JSON.stringify(value)}`}`,
+    );
   return value;
+}
+
+// The model, task and prior arguments of tune and evaluatePrompt: their shape, before any work.
+function checkModelArg(model: unknown): void {
+  const m = model as Model | null | undefined;
+  if (typeof m !== "object" || m === null || typeof m.forward !== "function" || typeof m.config !== "object")
+    throw new TypeError(`model: expected a Model (loadModel), got ${m === null ? "null" : typeof m}`);
+}
+
+function checkTaskArg(task: unknown): void {
+  const t = task as Task | null | undefined;
+  if (typeof t !== "object" || t === null || !Array.isArray(t.train) || !Array.isArray(t.validation))
+    throw new TypeError(`task: expected a Task (loadTask), got ${t === null ? "null" : typeof t}`);
+}
+
+function checkPriorArg(prior: unknown): void {
+  const p = prior as Prior | null | undefined;
+  if (typeof p !== "object" || p === null || typeof p.sample !== "function" || typeof p.dim !== "number")
+    throw new TypeError(`prior: expected a Prior (createPrior), got ${p === null ? "null" : typeof p}`);
+}
+
+// The deep-prompt settings of a run, checked before anything is written (the model only sees them at the
+// first forward, after run.json).
+function checkDeepSettings(options: TuneOptions, numLayers: number, mode: TuneMode): void {
+  const layers: unknown = options.deepLayers;
+  if (layers !== undefined) {
+    if (!Array.isArray(layers))
+      throw new TypeError(
+        `deepLayers: expected an array of layer indices, got ${typeof layers} ${JSON.stringify(layers)}`,
+      );
+    if (layers.length === 0 && mode !== "soft")
+      throw new RangeError("deepLayers: expected at least one layer index");
+    const seen = new Set<number>();
+    for (const [i, l] of layers.entries()) {
+      if (typeof l !== "number" || !Number.isInteger(l) || l < 0 || l >= numLayers)
+        throw new RangeError(
+          `deepLayers[${i}] = ${JSON.stringify(l)}: expected an integer in 0..${numLayers - 1} (the model has ${numLayers} layers)`,
+        );
+      if (seen.has(l)) throw new RangeError(`deepLayers: layer ${l} is repeated`);
+      seen.add(l);
+    }
+  }
+  if (options.deepLength !== undefined) countOption("deepLength", options.deepLength, 1);
+  const std: unknown = options.prefixInitStd;
+  if (std !== undefined && !(typeof std === "number" && Number.isFinite(std) && std >= 0))
+    throw new RangeError(
+      `prefixInitStd: expected a finite number >= 0, got ${typeof std === "number" ? std : `${typeof std} ${JSON.stringify(std)}`}`,
+    );
 }
 
 export function learningRate(
@@ -375,7 +486,12 @@ function deepPriorsFor(
 
 /** Runs (or resumes) prompt-tuning. See TuneOptions; everything is reproducible from the seed. */
 export async function tune(options: TuneOptions): Promise<TuneResult> {
+  requireObject(options, "tune options");
+  checkOptions(options, "tune options", TUNE_KEYS);
   const { model, task, prior } = options;
+  checkModelArg(model);
+  checkTaskArg(task);
+  checkPriorArg(prior);
   const c = model.config;
   const mode = options.mode ?? "soft";
   if (mode !== "soft" && mode !== "deep-hidden" && mode !== "deep-prefix") {
@@ -391,6 +507,7 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
     throw new RangeError(`prior: its dimension ${prior.dim} is not the model's hidden size ${c.hiddenSize}`);
   }
   const batchSize = countOption("batchSize", options.batchSize ?? 2, 1);
+  const optimizer = checkOptions(options.optimizer, "tune options.optimizer", OPTIMIZER_KEYS);
   const opt = {
     lr: 5e-3,
     beta1: 0.9,
@@ -400,7 +517,7 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
     schedule: "constant" as Schedule,
     warmupSteps: 0,
     accumulate: 1,
-    ...options.optimizer,
+    ...definedOnly(optimizer),
   };
   countOption("optimizer.accumulate", opt.accumulate, 1);
   countOption("optimizer.warmupSteps", opt.warmupSteps, 0);
@@ -419,6 +536,7 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
     if (!(opt.lr > 0))
       throw new RangeError("optimizer.deepLr: needs lr > 0 (it is applied as a factor on lr's schedule)");
   }
+  checkDeepSettings(options, c.numLayers, mode);
   const deepLayers = options.deepLayers ?? defaultDeepLayers(c.numLayers);
   const deepLength = options.deepLength ?? (P > 0 ? P : 20);
   const seed = options.seed ?? 0;
@@ -426,7 +544,10 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
   if (!Number.isInteger(seed) || seed < 0 || seed > 2 ** 32 - 1)
     throw new RangeError(`seed: expected an integer from 0 to 2^32 - 1, got ${seed}`);
   const evalEvery = countOption("evalEvery", options.evalEvery ?? 0, 0);
-  const early = options.earlyStopping;
+  const early =
+    options.earlyStopping === undefined
+      ? undefined
+      : checkOptions(options.earlyStopping, "tune options.earlyStopping", EARLY_STOPPING_KEYS);
   if (early !== undefined) {
     countOption("earlyStopping.patience", early.patience, 1);
     const d = early.minDelta ?? 0;
@@ -448,7 +569,9 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
     throw new RangeError(
       `maxLength: ${maxLength} exceeds the model's ${gpt2Positions} positions (GPT-2's are learned)`,
     );
-  if (options.regularizer) {
+  if (options.regularizer !== undefined) {
+    requireObject(options.regularizer, "tune options.regularizer");
+    checkOptions(options.regularizer, "tune options.regularizer", REGULARIZER_KEYS);
     const { lambda, schedule = "constant" } = options.regularizer;
     if (!(Number.isFinite(lambda) && lambda >= 0))
       throw new RangeError(`regularizer.lambda: expected a finite number >= 0, got ${lambda}`);
@@ -504,7 +627,14 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
   const initial = tensors.map((t) => t.slice());
   // The deep tensors' rate as a factor on lr (the schedule scales both alike), as PyTorch's param groups.
   const deepScale = opt.deepLr === undefined ? 1 : opt.deepLr / opt.lr;
-  const adamw = new AdamW(tensors, { ...opt, lrScale: tensors.map((t) => (t === prompt ? 1 : deepScale)) });
+  const adamw = new AdamW(tensors, {
+    lr: opt.lr,
+    beta1: opt.beta1,
+    beta2: opt.beta2,
+    eps: opt.eps,
+    weightDecay: opt.weightDecay,
+    lrScale: tensors.map((t) => (t === prompt ? 1 : deepScale)),
+  });
   let regularizer: Regularizer | undefined;
   let ownsRegularizer = false;
   if (options.regularizer) {
@@ -811,7 +941,7 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
       let regValue: number | null = null;
       if (trainer) {
         const b = nextBatch();
-        const r = await trainer.step(b, lr);
+        const r = await trainer.step(modelBatch(b), lr);
         taskLoss = r.loss;
         tokens = b.tokens;
         gradNorm = r.gradNorm;
@@ -825,7 +955,7 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
         const parts: MicroBatch[] = [];
         for (let micro = 0; micro < opt.accumulate; micro++) {
           const b = nextBatch();
-          const g: LossAndGrad = await model.lossAndGrad({ ...b, prompt, deepPrompts });
+          const g: LossAndGrad = await model.lossAndGrad({ ...modelBatch(b), prompt, deepPrompts });
           tokens += b.tokens;
           parts.push({ loss: g.loss, count: g.labelCount, grads: promptGrads(g) });
         }
@@ -948,9 +1078,44 @@ export interface EvaluateOptions {
   onProgress?: (done: number, total: number) => void;
 }
 
+const EVALUATE_KEYS = {
+  model: true,
+  task: true,
+  prompt: true,
+  deepPrompts: true,
+  batchSize: true,
+  evalExamples: true,
+  maxNewTokens: true,
+  maxLength: true,
+  addSpecialTokens: true,
+  encoding: true,
+  step: true,
+  collapseReference: true,
+  seed: true,
+  scores: true,
+  onProgress: true,
+} satisfies OptionKeys<EvaluateOptions>;
+
 /** Mean cross-entropy on validation tokens; task metrics from greedy generation; collapse of the soft prompt. */
 export async function evaluatePrompt(options: EvaluateOptions): Promise<EvalRecord> {
+  requireObject(options, "evaluatePrompt options");
+  checkOptions(options, "evaluatePrompt options", EVALUATE_KEYS);
   const { model, task, prompt, deepPrompts } = options;
+  checkModelArg(model);
+  checkTaskArg(task);
+  const batchSize = countOption("batchSize", options.batchSize ?? 2, 1);
+  const maxNewTokens = countOption("maxNewTokens", options.maxNewTokens ?? 16, 1);
+  if (options.evalExamples !== undefined) countOption("evalExamples", options.evalExamples, 1);
+  if (options.maxLength !== undefined) countOption("maxLength", options.maxLength, 1);
+  if (options.step !== undefined) countOption("step", options.step, 0);
+  if (options.seed !== undefined) countOption("seed", options.seed, 0);
+  for (const key of ["scores", "addSpecialTokens"] as const) {
+    const v: unknown = options[key];
+    if (v !== undefined && typeof v !== "boolean")
+      throw new TypeError(`${key}: expected a boolean, got ${typeof v} ${JSON.stringify(v)}`);
+  }
+  if (options.onProgress !== undefined && typeof options.onProgress !== "function")
+    throw new TypeError(`onProgress: expected a function, got ${typeof options.onProgress}`);
   const t0 = performance.now();
   const tokenizer = model.tokenizer;
   if (!tokenizer) throw new Error(`model ${model.dir} has no tokenizer`);
@@ -961,8 +1126,6 @@ export async function evaluatePrompt(options: EvaluateOptions): Promise<EvalReco
     options.addSpecialTokens ?? true,
   );
   const { eosId, addSpecialTokens } = encodeOptions;
-  const batchSize = options.batchSize ?? 2;
-  const maxNewTokens = options.maxNewTokens ?? 16;
   const budget = options.maxLength ?? 256 - (prompt ? prompt.length / model.config.hiddenSize : 0);
   const validation = task.validation.slice(0, options.evalExamples ?? task.validation.length);
   const scores = options.scores ?? true;
@@ -978,7 +1141,7 @@ export async function evaluatePrompt(options: EvaluateOptions): Promise<EvalReco
     const enc = validation
       .slice(i, i + batchSize)
       .map((ex) => encodeExample(tokenizer, ex, { ...encodeOptions, maxLength: budget }));
-    const out = await model.forward({ ...collate(enc), prompt, deepPrompts, logits: false });
+    const out = await model.forward({ ...modelBatch(collate(enc)), prompt, deepPrompts, logits: false });
     if (out.labelCount) {
       lossSum += out.loss! * out.labelCount;
       count += out.labelCount;

@@ -1,7 +1,7 @@
 // Token ids and causal-LM labels for one example: the loss falls on the answer only (paper.md, Setup:
 // "labels only on answer tokens").
 import type { Tokenizer } from "../tokenizer.js";
-import { requirePositiveInt } from "../validate.js";
+import { checkOptions, type OptionKeys, requirePositiveInt } from "../validate.js";
 
 /** Label value the loss ignores (PyTorch / Hugging Face convention, also lib/model.ts). */
 export const IGNORE_INDEX = -100;
@@ -27,6 +27,14 @@ export interface EncodeOptions {
    */
   impliedSpace?: boolean;
 }
+
+const ENCODE_KEYS = {
+  maxLength: true,
+  eosId: true,
+  addSpecialTokens: true,
+  completionOverflow: true,
+  impliedSpace: true,
+} satisfies OptionKeys<EncodeOptions>;
 
 export interface EncodedExample {
   /** Prompt tokens then completion tokens (then EOS). */
@@ -103,8 +111,9 @@ function leadingSpecialTokens(tokenizer: Tokenizer, prompt: string, plain: numbe
 export function encodeExample(
   tokenizer: Tokenizer,
   example: { prompt: string; completion: string },
-  options: EncodeOptions = {},
+  optionsArg?: EncodeOptions,
 ): EncodedExample {
+  const options = checkOptions(optionsArg, "encodeExample options", ENCODE_KEYS);
   if (typeof tokenizer?.encode !== "function") throw new TypeError("tokenizer: expected a Tokenizer");
   if (typeof example?.prompt !== "string") throw new TypeError("example.prompt: expected a string");
   if (typeof example.completion !== "string") throw new TypeError("example.completion: expected a string");

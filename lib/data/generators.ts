@@ -4,6 +4,7 @@
 import { gzipSync } from "node:zlib";
 import { atomicWrite } from "../files.js";
 import { Rng } from "../rng.js";
+import { checkOptions, type OptionKeys } from "../validate.js";
 import { CLOZE_TEMPLATE, checkTemplate, completionAfter, fillTemplate } from "./templates.js";
 
 function requireInt(v: unknown, name: string, min: number, max = Number.MAX_SAFE_INTEGER): number {
@@ -51,6 +52,17 @@ export interface ArithmeticOptions {
   /** No question text twice in the file (Mathematics files have none). Default true. */
   unique?: boolean;
 }
+
+const ARITHMETIC_KEYS = {
+  count: true,
+  seed: true,
+  operations: true,
+  digits: true,
+  decimals: true,
+  negative: true,
+  phrasing: true,
+  unique: true,
+} satisfies OptionKeys<ArithmeticOptions>;
 
 // Wordings in the style of DeepMind Mathematics' arithmetic modules. `value` gives the answer from p and q.
 interface Wording {
@@ -128,6 +140,7 @@ function randomOperand(rng: Rng, digits: number, decimals: number, negative: boo
 
 function arithmeticDefaults(opts: ArithmeticOptions): Required<ArithmeticOptions> {
   if (typeof opts !== "object" || opts === null) throw new TypeError("options: expected an object");
+  checkOptions(opts, "arithmetic options", ARITHMETIC_KEYS);
   const operations = opts.operations ?? ["add", "sub"];
   if (!Array.isArray(operations) || operations.length === 0) {
     throw new RangeError(`operations: expected a non-empty array of ${ARITHMETIC_OPERATIONS.join("/")}`);
@@ -220,6 +233,14 @@ export interface QaFactsOptions {
   unanswerableFraction?: number;
 }
 
+const QA_FACTS_KEYS = {
+  count: true,
+  seed: true,
+  peoplePerContext: true,
+  questionsPerContext: true,
+  unanswerableFraction: true,
+} satisfies OptionKeys<QaFactsOptions>;
+
 const FIRST_NAMES = (
   "Ada Boris Clara Dmitri Elena Farid Greta Hugo Ines Jonas Kiri Lena Mateo Nadia Oskar Priya " +
   "Quentin Rosa Samir Tilda Umar Vera Wendell Xenia Yusuf Zofia Anton Beatrix Cyril Delia"
@@ -302,6 +323,7 @@ function describePerson(b: ContextBuilder, p: Person, i: number, rng: Rng): void
 
 function qaFactsDefaults(opts: QaFactsOptions): Required<QaFactsOptions> {
   if (typeof opts !== "object" || opts === null) throw new TypeError("options: expected an object");
+  checkOptions(opts, "qa-facts options", QA_FACTS_KEYS);
   return {
     count: requireInt(opts.count, "count", 0),
     seed: requireInt(opts.seed ?? 0, "seed", 0, 2 ** 32 - 1),
@@ -416,6 +438,17 @@ export interface ClozeOptions {
   template?: string;
 }
 
+const CLOZE_KEYS = {
+  text: true,
+  count: true,
+  seed: true,
+  minWords: true,
+  maxWords: true,
+  minWordLength: true,
+  mask: true,
+  template: true,
+} satisfies OptionKeys<ClozeOptions>;
+
 /** One line of a cloze JSONL file; `prompt`/`completion` make it readable as a generic JSONL task. */
 export interface ClozeRecord {
   prompt: string;
@@ -435,6 +468,7 @@ const STOPWORDS = new Set(
 
 function clozeDefaults(opts: ClozeOptions): Required<Omit<ClozeOptions, "count">> & { count?: number } {
   if (typeof opts !== "object" || opts === null) throw new TypeError("options: expected an object");
+  checkOptions(opts, "cloze options", CLOZE_KEYS);
   if (typeof opts.text !== "string") throw new TypeError(`text: expected a string, got ${typeof opts.text}`);
   const template = opts.template ?? CLOZE_TEMPLATE;
   checkTemplate(template, ["context", "mask"], "cloze");
