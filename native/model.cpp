@@ -426,7 +426,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     return guarded(env, [&]() -> Napi::Value {
       auto model = live(env);
       auto args = parse_args(env, model->config(), object_of(arg(info, 0, "args"), "args"));
-      const int64_t max_new = int_of(arg(info, 1, "maxNewTokens"), "maxNewTokens", 1);
+      const int64_t max_new = size_of(arg(info, 1, "maxNewTokens"), "maxNewTokens", 1);
       const int32_t eos = static_cast<int32_t>(int_of(arg(info, 2, "eosId"), "eosId", -1));
       auto result = std::make_shared<std::vector<int32_t>>();
       auto* worker = new PromiseWorker(

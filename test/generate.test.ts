@@ -119,6 +119,14 @@ describe.each(["gpt2-tiny", "llama-tiny", "llama-tiny-untied"])("generate with a
     expect(Array.from(got.subarray(2, maxNew))).toEqual(new Array(maxNew - 2).fill(-1));
   });
 
+  it("refuses a maxNewTokens whose caches cannot be sized (a Llama model has no position limit to stop it)", async () => {
+    // 4 x 2^62 wrapped to 0: the output was allocated empty and written through (SIGSEGV).
+    const ids = new Int32Array(4).fill(5);
+    await expect(
+      model.generate({ inputIds: ids, batch: 4, seqLen: 1, maxNewTokens: 2 ** 62 }),
+    ).rejects.toThrow(/maxNewTokens: expected at most 2\^32|positions/);
+  });
+
   it("refuses left padding", async () => {
     const mask = Uint8Array.from([1, 1, 1, 1, 1, 1, 0, 0, 0, 1, 1, 1]);
     await expect(

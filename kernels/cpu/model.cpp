@@ -717,6 +717,11 @@ std::vector<int32_t> Model::generate(const ForwardArgs& a, int64_t max_new, int3
     const LayerState& st = ws.states[l];
     P_l[l] = st.P_l;
     cap[l] = st.S_l + max_new;
+    int64_t cache = 0;  // B x cap x kv_w floats, and B x max_new outputs: refused before they wrap
+    if (__builtin_mul_overflow(B, cap[l], &cache) || __builtin_mul_overflow(cache, kv_w, &cache) ||
+        __builtin_mul_overflow(B, max_new, &cache))
+      throw std::out_of_range("maxNewTokens: " + std::to_string(max_new) + " new tokens for " +
+                              std::to_string(B) + " sequences need more memory than can be addressed");
     kc[l].assign(B * cap[l] * kv_w, 0.0f);
     vc[l].assign(B * cap[l] * kv_w, 0.0f);
     for (int64_t b = 0; b < B; ++b)

@@ -18,8 +18,10 @@ namespace pt {
 // polynomial for e^r (Cephes expf coefficients); max relative error about 2 ulp on [-87, 88].
 inline float exp_approx(float x) {
   x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  // Round to nearest by the 1.5 * 2^23 trick (no floorf call, so it vectorises without SSE4.1).
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  // Round to nearest by the 1.5 * 2^23 trick (no floorf call, so it vectorises without SSE4.1): `big`'s
+  // bits are 0x4B400000 + n.
+  const float big = x * 1.44269504088896341f + 12582912.0f;
+  const float n = big - 12582912.0f;
   float r = x - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -29,7 +31,11 @@ inline float exp_approx(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  // 2^n from big's bits, in unsigned arithmetic: a NaN x (the clamp lets it through; p is NaN then) would
+  // make a float-to-int cast and a shift of a negative value, both undefined behaviour.
+  uint32_t bits;
+  std::memcpy(&bits, &big, sizeof bits);
+  bits = (bits - 0x4B400000u + 127u) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return p * scale;
