@@ -157,6 +157,10 @@ function progress(total: number, start: number) {
         );
       }
     },
+    /** A long phase that the bar does not count (the collapse reference's build). */
+    status(message: string) {
+      process.stderr.write(`${bar ? "\n" : ""}${message}\n`);
+    },
     eval(e: EvalRecord) {
       const parts = [`eval @${e.step}: val loss ${e.validationLoss.toFixed(4)}`];
       if (e.exactMatch !== undefined)
@@ -295,12 +299,15 @@ export function registerTuneCommands(program: Command): void {
     .option("--threads <n>", "CPU threads (default: all cores)", integerArg(1))
     .option("--json", "print the result as JSON")
     .action(async (dir: string, o: TuneCliOptions) => {
+      // Lines for the phases before step 1 (a 1B model loads for tens of seconds, a kNN prior searches).
+      process.stderr.write(`loading ${dir}\n`);
       const model = await loadModel(dir, { backend: o.backend, precision: o.precision, threads: o.threads });
       try {
         // A run directory of an earlier version resumes with the split it began with.
         const task = await loadTask(specForRunDirs(taskSpec(o), [o.runDir]));
         if (o.minDelta !== undefined && o.earlyStopping === undefined)
           throw new Error("--min-delta: give --early-stopping too");
+        process.stderr.write(`preparing the ${o.prior} prior\n`);
         const prior = await createPrior({ kind: o.prior, ...o.priorOpt } as PriorRecord, { model });
         const deepPrior = await deepPriorOf(o, model);
         const regularizer = o.regularizer
@@ -355,6 +362,7 @@ export function registerTuneCommands(program: Command): void {
             onStep: (r) => bar.step(r),
             onEval: (e) => bar.eval(e),
             onEvalProgress: (done, of) => bar.evalProgress(done, of),
+            onStatus: (message) => bar.status(message),
             signal: stop.signal,
           });
         } catch (e) {
@@ -430,6 +438,7 @@ export function registerTuneCommands(program: Command): void {
             seed: run.seed,
             step: Number(saved.metadata.step ?? 0),
             onProgress: evalLog(5_000),
+            onStatus: (message) => process.stderr.write(`${message}\n`),
           });
           process.stdout.write(`${JSON.stringify(record, null, 2)}\n`);
         } finally {

@@ -142,6 +142,8 @@ export interface TuneOptions {
   onEval?: (record: EvalRecord) => void;
   /** Progress of an evaluation: batches done of the total (loss batches, then generation batches). */
   onEvalProgress?: (done: number, total: number) => void;
+  /** A long phase starting that no other callback shows (building the collapse reference: minutes at 128k x 2048). */
+  onStatus?: (message: string) => void;
   /**
    * Stops the run at the next step boundary: with runDir, the steps done since the last checkpoint are
    * checkpointed first (the same call resumes from there); the promise then rejects ("tune: aborted at step N").
@@ -177,6 +179,7 @@ const TUNE_KEYS = {
   onStep: true,
   onEval: true,
   onEvalProgress: true,
+  onStatus: true,
   signal: true,
 } satisfies OptionKeys<TuneOptions>;
 
@@ -857,9 +860,22 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
       atomicWrite(join(runDir, "checkpoint.json"), JSON.stringify(state));
     };
 
+    // The collapse reference, built once per run (in the first evaluation's time).
+    let referenceMs = 0;
+    const reference = async () => {
+      if (!collapseRef) {
+        options.onStatus?.(COLLAPSE_STATUS);
+        const t0 = performance.now();
+        collapseRef = await createCollapseReference(model, { seed });
+        referenceMs = performance.now() - t0;
+      }
+      return collapseRef;
+    };
     const evaluate = async (step: number): Promise<EvalRecord> => {
-      if (prompt) collapseRef ??= await createCollapseReference(model, { seed });
-      return evaluatePrompt({
+      if (prompt) await reference();
+      const built = referenceMs;
+      referenceMs = 0;
+      const record = await evaluatePrompt({
         model,
         task,
         prompt,
@@ -874,6 +890,8 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
         collapseReference: collapseRef,
         onProgress: options.onEvalProgress,
       });
+      record.ms += built;
+      return record;
     };
 
     // On CUDA a step that is loss + clipping + AdamW alone stays on the device (PromptTrainer: tensors, gradients
@@ -1002,8 +1020,7 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
       const saves = () => runDir !== undefined && (due(snapshotEvery) || due(checkpointEvery) || last);
       if (collapseNow || evalNow || saves()) await pull();
       if (collapseNow) {
-        collapseRef ??= await createCollapseReference(model, { seed });
-        const report = await collapseRef.report(prompt, { perDimensionSpread: false });
+        const report = await (await reference()).report(prompt, { perDimensionSpread: false });
         appendMetrics({
           type: "eval",
           step: state.step,
@@ -1076,6 +1093,8 @@ export interface EvaluateOptions {
   scores?: boolean;
   /** Called after each batch: batches done of the total (loss batches, then generation batches). */
   onProgress?: (done: number, total: number) => void;
+  /** A long phase starting that onProgress does not show (building the collapse reference). */
+  onStatus?: (message: string) => void;
 }
 
 const EVALUATE_KEYS = {
@@ -1094,6 +1113,7 @@ const EVALUATE_KEYS = {
   seed: true,
   scores: true,
   onProgress: true,
+  onStatus: true,
 } satisfies OptionKeys<EvaluateOptions>;
 
 /** Mean cross-entropy on validation tokens; task metrics from greedy generation; collapse of the soft prompt. */
@@ -1200,6 +1220,7 @@ export async function evaluatePrompt(options: EvaluateOptions): Promise<EvalReco
     }
   }
   if (scores && prompt) {
+    if (!options.collapseReference) options.onStatus?.(COLLAPSE_STATUS);
     const ref =
       options.collapseReference ?? (await createCollapseReference(model, { seed: options.seed ?? 0 }));
     try {
@@ -1226,6 +1247,9 @@ export async function evaluatePrompt(options: EvaluateOptions): Promise<EvalReco
  * ("truncate"), so that they resume and evaluate as they were trained.
  */
 export const TEXT_ENCODING = 2;
+
+const COLLAPSE_STATUS =
+  "building the collapse reference (the vocabulary's index, neighbour distances and Gaussian fit; once)";
 
 function textEncoding(model: Model, task: Task, version: number, addSpecialTokens: boolean) {
   if (version !== 1 && version !== 2)

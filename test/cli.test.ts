@@ -275,6 +275,9 @@ describe("priortune CLI", () => {
     expect(r.status, r.stderr).toBe(0);
     expect(r.stderr).toMatch(/step 1\/6 loss \d+\.\d+/);
     expect(r.stderr).toMatch(/eval @6: val loss \d+\.\d+, accuracy/);
+    // The phases before step 1 and the collapse reference's build (minutes on a large model) are named.
+    expect(r.stderr).toMatch(/^loading .*llama-tiny\npreparing the gaussian prior\n/);
+    expect(r.stderr.match(/building the collapse reference/g)).toHaveLength(1);
     expect(existsSync(join(runDir, "prompt.safetensors"))).toBe(true);
     const ev = JSON.parse(
       execFileSync(process.execPath, ["--import", "tsx", cli, "eval", runDir], { encoding: "utf8" }),

@@ -58,6 +58,22 @@ describe.each(MODELS)("forward matches Transformers: %s", (name) => {
     expect(Math.abs(out.loss! - loss)).toBeLessThan(1e-5 * Math.abs(loss));
   });
 
+  it("hidden states alone (no logits, no labels) stop at the highest asked for, with the same values", async () => {
+    const L = model.config.numLayers;
+    const args = { inputIds, batch: B, seqLen: T, attentionMask, prompt };
+    const full = await model.forward({ ...args, hiddenStates: [0, 1, L] });
+    for (const asked of [[0], [1], [1, 0], [L]]) {
+      const out = await model.forward({ ...args, hiddenStates: asked, logits: false });
+      expect(out.logits).toBeUndefined();
+      asked.forEach((h, i) => {
+        const want = full.hiddenStates[[0, 1, L].indexOf(h)]!;
+        expect(Buffer.from(out.hiddenStates[i]!.buffer).equals(Buffer.from(want.buffer)), `${asked}`).toBe(
+          true,
+        );
+      });
+    }
+  });
+
   it("logits without a prompt", async () => {
     const out = await model.forward({ inputIds, batch: B, seqLen: T, attentionMask });
     const r = compare(out.logits!, golden.get("noprompt_logits") as Float64Array);
