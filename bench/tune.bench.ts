@@ -45,7 +45,8 @@ async function main() {
   const P = 20;
   const prompt = prior.sample(P, new (await import("../lib/rng.js")).Rng(0));
   const eos = model.tokenizer!.tokenToId("<|endoftext|>");
-  const batch = collate(
+  // The collated batch less its token count (not a lossAndGrad option).
+  const { tokens, ...batch } = collate(
     task.train.slice(0, 4).map((ex) => encodeExample(model.tokenizer!, ex, { maxLength: 108, eosId: eos })),
   );
   const opt = new AdamW([prompt], { lr: 5e-3 });
@@ -99,7 +100,7 @@ async function main() {
       { what: "loop overhead over the native step, %", median: med(overheads) },
     ]),
   );
-  console.log(`positions per example: ${batch.seqLen + P}, batch ${batch.batch}, tokens ${batch.tokens}`);
+  console.log(`positions per example: ${batch.seqLen + P}, batch ${batch.batch}, tokens ${tokens}`);
   model.dispose();
 }
 

@@ -10,6 +10,7 @@ import {
   mkdirSync,
   openSync,
   readFileSync,
+  realpathSync,
   renameSync,
   rmSync,
   writeFileSync,
@@ -154,7 +155,15 @@ const heldLocks = {
  * it is replaced, so two processes starting at once cannot both hold it. Returns the release.
  */
 export function lockDirectory(dir: string, what: string): () => void {
-  const path = join(dir, ".lock");
+  // One key for every spelling of the directory (relative, absolute, through links): the registry of held
+  // locks compares paths.
+  let real = resolve(dir);
+  try {
+    real = realpathSync(real);
+  } catch {
+    // not there yet: its lock file cannot be made either, and that error names it
+  }
+  const path = join(real, ".lock");
   const mine = `${process.pid} ${hostname()}`;
   const unique = () => `${process.pid}-${randomBytes(6).toString("hex")}`;
   const alive = (pid: number) => {

@@ -520,14 +520,14 @@ export class Model {
   }
 
   async forward(options: ForwardOptions): Promise<ForwardOutput> {
-    this.#live();
+    const native = this.#live();
     requireObject(options, "forward options");
     checkOptions(options, "forward options", FORWARD_KEYS);
     const args = copyCallArrays(checkCallArgs(this.config, options));
     const hiddenStates = checkHiddenStates(this.config, options.hiddenStates);
     const logits = options.logits ?? true;
     const out = await modelCall(this, () =>
-      this.#live().forward({ ...args, hiddenStates: hiddenStates && [...hiddenStates], logits }),
+      native.forward({ ...args, hiddenStates: hiddenStates && [...hiddenStates], logits }),
     );
     return { ...out, positions: args.positions };
   }
@@ -537,7 +537,7 @@ export class Model {
    * gradient with respect to the soft prompt and the deep prompts. Weights get no gradient.
    */
   async lossAndGrad(options: LossAndGradOptions): Promise<LossAndGrad> {
-    this.#live();
+    const native = this.#live();
     requireObject(options, "lossAndGrad options");
     checkOptions(options, "lossAndGrad options", LOSS_AND_GRAD_KEYS);
     if (options?.labels === undefined)
@@ -548,7 +548,7 @@ export class Model {
       );
     }
     const args = copyCallArrays(checkCallArgs(this.config, options));
-    const out = await modelCall(this, () => this.#live().lossAndGrad({ ...args, labels: args.labels! }));
+    const out = await modelCall(this, () => native.lossAndGrad({ ...args, labels: args.labels! }));
     if (out.labelCount === 0) throw new RangeError("labels: no labelled position");
     return out;
   }
@@ -559,7 +559,7 @@ export class Model {
    * sequence stops after `eosId`; the rest of its row is -1. Returns batch x maxNewTokens ids.
    */
   async generate(options: GenerateOptions): Promise<Int32Array> {
-    this.#live();
+    const native = this.#live();
     requireObject(options, "generate options");
     checkOptions(options, "generate options", GENERATE_KEYS);
     if (options?.labels !== undefined) throw new TypeError("generate: labels are not used; leave them out");
@@ -569,7 +569,7 @@ export class Model {
     if (!Number.isInteger(eos) || eos < -1 || eos >= this.config.vocabSize) {
       throw new RangeError(`eosId: expected a token id in the vocabulary (or -1 for none), got ${eos}`);
     }
-    return modelCall(this, () => this.#live().generate(args, maxNew, eos));
+    return modelCall(this, () => native.generate(args, maxNew, eos));
   }
 
   /** Milliseconds per device stage since the last call (loadModel with cudaProfile; null on the CPU). */
@@ -611,11 +611,15 @@ export class Model {
     return new PromptTrainer(this, null, tensors, options);
   }
 
-  /** Frees the native memory now (otherwise it goes with the garbage collector). Safe to call twice. */
+  /**
+   * Frees the native memory (otherwise it goes with the garbage collector) once the calls already made have
+   * finished (they complete; calls made after this throw "Model is disposed"). Safe to call twice.
+   */
   dispose(): void {
     if (this.#disposed) return;
     this.#disposed = true;
-    this.#native.dispose();
+    const native = this.#native;
+    void modelCall(this, async () => native.dispose());
   }
 }
 

@@ -74,6 +74,7 @@ export type OptionKeys<T> = Record<keyof T, true>;
 // Names that other functions of this package use for the same thing: a key of one group, unknown where it
 // was given, suggests the group's known name.
 const ALIASES: readonly (readonly string[])[] = [
+  ["lr", "learningRate", "learning_rate"],
   ["clipNorm", "maxGradNorm"],
   ["jitter", "covarianceJitter", "ridgeRelative"],
   ["promptLength", "promptLen"],

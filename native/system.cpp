@@ -1,4 +1,5 @@
 // System-level functions: backend probe, CPU facts, and direct access to the GEMM (tests and benchmarks).
+#include <map>
 #include <mutex>
 #include <set>
 #include <string>
@@ -179,24 +180,47 @@ Napi::Value AdamwStep(const Napi::CallbackInfo& info) {
 }
 
 // heldLock(op, path) -> boolean: the directory locks this process holds (lib/files.ts lockDirectory), in one
-// set for the whole process: each worker thread has its own JS modules, so a JS set would let two threads of
-// one process take the same lock. op "add" (false if already held), "delete", "has".
+// registry for the whole process: each worker thread has its own JS modules, so a JS set would let two
+// threads of one process take the same lock. op "add" (false if already held), "delete", "has". Each entry
+// belongs to the thread (napi_env) that added it and goes when that thread ends (a terminated worker runs no
+// JS release).
+struct LockRegistry {
+  std::mutex mu;
+  std::map<std::string, napi_env> held;
+  std::set<napi_env> hooked;  // threads whose cleanup hook is registered
+};
+LockRegistry& lock_registry() {
+  static LockRegistry& r = *new LockRegistry;  // never destroyed: threads may outlive exit
+  return r;
+}
+void drop_thread_locks(void* arg) {
+  const napi_env env = static_cast<napi_env>(arg);
+  LockRegistry& r = lock_registry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  for (auto it = r.held.begin(); it != r.held.end();)
+    it = it->second == env ? r.held.erase(it) : std::next(it);
+  r.hooked.erase(env);
+}
+
 Napi::Value HeldLock(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return guarded(env, [&]() -> Napi::Value {
-    static std::mutex mu;
-    static std::set<std::string>& held =
-        *new std::set<std::string>;  // never destroyed: threads may outlive exit
     auto text = [&](size_t i, const char* name) {
       Napi::Value v = arg(info, i, name);
       if (!v.IsString()) throw_type(env, name, "a string", v);
       return v.As<Napi::String>().Utf8Value();
     };
     const std::string op = text(0, "op"), path = text(1, "path");
-    std::lock_guard<std::mutex> lock(mu);
-    if (op == "add") return Napi::Boolean::New(env, held.insert(path).second);
-    if (op == "delete") return Napi::Boolean::New(env, held.erase(path) > 0);
-    if (op == "has") return Napi::Boolean::New(env, held.count(path) > 0);
+    LockRegistry& r = lock_registry();
+    std::lock_guard<std::mutex> lock(r.mu);
+    if (op == "add") {
+      if (!r.held.emplace(path, static_cast<napi_env>(env)).second) return Napi::Boolean::New(env, false);
+      if (r.hooked.insert(env).second)
+        napi_add_env_cleanup_hook(env, drop_thread_locks, static_cast<napi_env>(env));
+      return Napi::Boolean::New(env, true);
+    }
+    if (op == "delete") return Napi::Boolean::New(env, r.held.erase(path) > 0);
+    if (op == "has") return Napi::Boolean::New(env, r.held.count(path) > 0);
     throw Napi::TypeError::New(env, "op: expected \"add\", \"delete\" or \"has\", got " + op);
   });
 }

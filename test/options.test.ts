@@ -67,7 +67,7 @@ describe("checkOptions", () => {
   });
   it("an unknown key names it, the known keys and a close match; undefined values of known keys pass", () => {
     expect(() => checkOptions({ learningRate: 1 } as Loose, "f options", known)).toThrow(
-      /^f options: unknown option "learningRate"; known: lr, weightDecay, maxGradNorm, eosId, minDelta$/,
+      /^f options: unknown option "learningRate" \(did you mean "lr"\?\); known: lr, weightDecay, maxGradNorm, eosId, minDelta$/,
     );
     expect(() => checkOptions({ lr: 1, weight_decay: 1 } as Loose, "f options", known)).toThrow(
       unknownKey("weight_decay", "weightDecay"),
@@ -217,6 +217,18 @@ describe("models: forward, lossAndGrad, generate, promptTrainer, loadModel", () 
     const after = model.forward(batch());
     await expect(bad).rejects.toThrow(/inputIds/);
     expect((await after).logits).toEqual((await model.forward(batch())).logits);
+  });
+
+  it("calls made before dispose() complete; calls after it are refused", async () => {
+    const m = await loadModel(modelDir("gpt2-tiny"), { backend: "cpu", threads: 1 });
+    const ids = Int32Array.from([5, 6, 7, 8]);
+    const want = await m.forward({ inputIds: ids, batch: 1, seqLen: 4 });
+    const made = m.forward({ inputIds: ids, batch: 1, seqLen: 4 });
+    const generated = m.generate({ inputIds: ids, batch: 1, seqLen: 4, maxNewTokens: 2 });
+    m.dispose();
+    expect((await made).logits).toEqual(want.logits);
+    expect(await generated).toHaveLength(2);
+    await expect(m.forward({ inputIds: ids, batch: 1, seqLen: 4 })).rejects.toThrow("Model is disposed");
   });
 
   it("a disposed model: deviceMemory, deviceProfile and new Pretrainer throw", async () => {
@@ -552,7 +564,7 @@ describe("tune and evaluatePrompt", () => {
       expect(existsSync(runDir)).toBe(false);
     }
     await expect(tune({ ...base(), optimizer: { learningRate: 0.1 } } as Loose)).rejects.toThrow(
-      /tune options.optimizer: unknown option "learningRate"; known: lr, /,
+      /tune options.optimizer: unknown option "learningRate" \(did you mean "lr"\?\); known: lr, /,
     );
   });
 

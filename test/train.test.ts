@@ -3,7 +3,7 @@
 import { execFileSync, spawn, spawnSync } from "node:child_process";
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { hostname, tmpdir } from "node:os";
-import { dirname, join } from "node:path";
+import { dirname, join, relative } from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
 import { Worker } from "node:worker_threads";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -375,6 +375,32 @@ describe("a run directory in use", () => {
         expect((await run()).steps).toBe(1);
       } finally {
         await worker.terminate();
+      }
+      // A worker terminated while it holds the lock (no JS release runs): its hold ends with it.
+      const held = new Worker(
+        `import { parentPort } from "node:worker_threads";
+         import { register } from "tsx/esm/api";
+         register();
+         const { lockDirectory } = await import(${JSON.stringify(pathToFileURL(files).href)});
+         lockDirectory(${JSON.stringify(runDir)}, "the run directory");
+         parentPort.postMessage("held");`,
+        { eval: true },
+      );
+      await new Promise((done, fail) => {
+        held.once("message", done);
+        held.once("error", fail);
+      });
+      await held.terminate();
+      expect((await run()).steps).toBe(1);
+      // Two spellings of one directory are one lock (the registry compares paths).
+      const { lockDirectory } = await import("../lib/files.js");
+      const release = lockDirectory(runDir, "the run directory");
+      try {
+        expect(() => lockDirectory(relative(process.cwd(), runDir), "the run directory")).toThrow(
+          "(this one)",
+        );
+      } finally {
+        release();
       }
     } finally {
       model.dispose();
