@@ -58,15 +58,15 @@ export function integerListArg(value: string): number[] {
 }
 
 /**
- * Ctrl-C (SIGINT) or SIGTERM during a command that can stop cleanly: the first aborts `signal` (the work
- * stops at its next step boundary, keeping what it did) after printing `stopping`; a second ends the process
- * at once (status 130 or 143). `release` removes the handlers. `exitCode` is the status for the stop.
+ * Runs `work` so that Ctrl-C (SIGINT) or SIGTERM stops it cleanly: the first aborts the signal it is given
+ * (the work stops at its next step boundary, keeping what it did) after printing `stopping`; a second ends
+ * the process at once (status 130 or 143). The error of a stopped work carries that status as `exitCode`
+ * (main() exits with it). The handlers are removed when the work settles.
  */
-export function interruptible(stopping: string): {
-  signal: AbortSignal;
-  release: () => void;
-  exitCode: () => number;
-} {
+export async function interruptible<T>(
+  stopping: string,
+  work: (signal: AbortSignal) => Promise<T>,
+): Promise<T> {
   const controller = new AbortController();
   let first: NodeJS.Signals | undefined;
   const statusOf = (s: NodeJS.Signals) => (s === "SIGINT" ? 130 : 143);
@@ -80,12 +80,13 @@ export function interruptible(stopping: string): {
   };
   process.on("SIGINT", handler);
   process.on("SIGTERM", handler);
-  return {
-    signal: controller.signal,
-    release: () => {
-      process.off("SIGINT", handler);
-      process.off("SIGTERM", handler);
-    },
-    exitCode: () => (first ? statusOf(first) : 1),
-  };
+  try {
+    return await work(controller.signal);
+  } catch (e) {
+    if (first && e instanceof Error) Object.assign(e, { exitCode: statusOf(first) });
+    throw e;
+  } finally {
+    process.off("SIGINT", handler);
+    process.off("SIGTERM", handler);
+  }
 }

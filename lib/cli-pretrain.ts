@@ -465,16 +465,9 @@ export function registerPretrainCommand(program: Command): void {
     .option("--threads <n>", "CPU threads (default: all cores)", integerArg(1))
     .action(async (o: PretrainCliOptions, cmd: Command) => {
       const given = new Set(Object.keys(o).filter((k) => cmd.getOptionValueSource(k) === "cli"));
-      const stop = interruptible("saving the steps done, then stopping");
-      let result: Awaited<ReturnType<typeof pretrain>>;
-      try {
-        result = await pretrain(o, undefined, given, stop.signal);
-      } catch (e) {
-        if (stop.signal.aborted && e instanceof Error) Object.assign(e, { exitCode: stop.exitCode() });
-        throw e;
-      } finally {
-        stop.release();
-      }
+      const result = await interruptible("saving the steps done, then stopping", (signal) =>
+        pretrain(o, undefined, given, signal),
+      );
       const last = result.curve.filter((p) => p.validationLoss !== undefined).at(-1);
       atomicWrite(
         join(o.out, "loss-curve.json"),

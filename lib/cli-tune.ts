@@ -318,58 +318,56 @@ export function registerTuneCommands(program: Command): void {
             ? JSON.parse(readFileSync(join(o.runDir, "checkpoint.json"), "utf8")).step
             : 0;
         const bar = progress(o.steps, resumed);
-        const stop = interruptible(
-          o.runDir
-            ? "stopping after this step; a checkpoint keeps it and the same command resumes"
-            : "stopping after this step (no --run-dir: nothing is kept)",
-        );
         let result: Awaited<ReturnType<typeof tune>>;
         try {
-          result = await tune({
-            model,
-            task,
-            prior,
-            mode: o.mode,
-            promptLength: o.promptLength,
-            deepLayers: o.deepLayers,
-            deepLength: o.deepLength,
-            deepPrior,
-            optimizer: {
-              lr: o.lr,
-              weightDecay: o.weightDecay,
-              schedule: o.schedule,
-              warmupSteps: o.warmup,
-              clipNorm: o.clipNorm,
-              accumulate: o.accumulate,
-              deepLr: o.deepLr,
-            },
-            regularizer,
-            steps: o.steps,
-            batchSize: o.batchSize,
-            evalEvery: o.evalEvery,
-            earlyStopping:
-              o.earlyStopping === undefined ? undefined : { patience: o.earlyStopping, minDelta: o.minDelta },
-            evalExamples: o.evalExamples,
-            maxNewTokens: o.maxNewTokens,
-            collapseEvery: o.collapseEvery,
-            snapshotEvery: o.snapshotEvery,
-            checkpointEvery: o.checkpointEvery,
-            maxLength: o.maxLength,
-            // Unset unless given: a run directory then resumes as it was recorded.
-            addSpecialTokens: o.specialTokens === false ? false : undefined,
-            seed: o.seed,
-            runDir: o.runDir,
-            onStep: (r) => bar.step(r),
-            onEval: (e) => bar.eval(e),
-            onEvalProgress: (done, of) => bar.evalProgress(done, of),
-            onStatus: (message) => bar.status(message),
-            signal: stop.signal,
-          });
-        } catch (e) {
-          if (stop.signal.aborted && e instanceof Error) Object.assign(e, { exitCode: stop.exitCode() });
-          throw e;
+          const stopping = o.runDir
+            ? "stopping after this step; a checkpoint keeps it and the same command resumes"
+            : "stopping after this step (no --run-dir: nothing is kept)";
+          result = await interruptible(stopping, (signal) =>
+            tune({
+              model,
+              task,
+              prior,
+              mode: o.mode,
+              promptLength: o.promptLength,
+              deepLayers: o.deepLayers,
+              deepLength: o.deepLength,
+              deepPrior,
+              optimizer: {
+                lr: o.lr,
+                weightDecay: o.weightDecay,
+                schedule: o.schedule,
+                warmupSteps: o.warmup,
+                clipNorm: o.clipNorm,
+                accumulate: o.accumulate,
+                deepLr: o.deepLr,
+              },
+              regularizer,
+              steps: o.steps,
+              batchSize: o.batchSize,
+              evalEvery: o.evalEvery,
+              earlyStopping:
+                o.earlyStopping === undefined
+                  ? undefined
+                  : { patience: o.earlyStopping, minDelta: o.minDelta },
+              evalExamples: o.evalExamples,
+              maxNewTokens: o.maxNewTokens,
+              collapseEvery: o.collapseEvery,
+              snapshotEvery: o.snapshotEvery,
+              checkpointEvery: o.checkpointEvery,
+              maxLength: o.maxLength,
+              // Unset unless given: a run directory then resumes as it was recorded.
+              addSpecialTokens: o.specialTokens === false ? false : undefined,
+              seed: o.seed,
+              runDir: o.runDir,
+              onStep: (r) => bar.step(r),
+              onEval: (e) => bar.eval(e),
+              onEvalProgress: (done, of) => bar.evalProgress(done, of),
+              onStatus: (message) => bar.status(message),
+              signal,
+            }),
+          );
         } finally {
-          stop.release();
           bar.stop();
         }
         const summary = {

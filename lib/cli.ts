@@ -124,22 +124,10 @@ export async function main(argv: string[]): Promise<void> {
     .option("--json", "print the result rows as JSON")
     .action(async (o: { model?: string; out?: string; steps: number; threads?: number; json?: boolean }) => {
       const t0 = performance.now();
-      const stop = interruptible("stopping after this step; its run is checkpointed and --out resumes");
-      let rows: Awaited<ReturnType<typeof demo>>;
-      try {
-        rows = await demo({
-          modelDir: o.model,
-          outDir: o.out,
-          steps: o.steps,
-          threads: o.threads,
-          signal: stop.signal,
-        });
-      } catch (e) {
-        if (stop.signal.aborted && e instanceof Error) Object.assign(e, { exitCode: stop.exitCode() });
-        throw e;
-      } finally {
-        stop.release();
-      }
+      const rows = await interruptible(
+        "stopping after this step; its run is checkpointed and --out resumes",
+        (signal) => demo({ modelDir: o.model, outDir: o.out, steps: o.steps, threads: o.threads, signal }),
+      );
       if (o.json) process.stdout.write(`${JSON.stringify(rows, null, 2)}\n`);
       else
         process.stdout.write(

@@ -69,7 +69,7 @@ export interface PromptTrainerOptions extends Omit<AdamWOptions, "lrScale"> {
   maxGradNorm?: number;
 }
 
-const PROMPT_TRAINER_KEYS = {
+export const PROMPT_TRAINER_KEYS = {
   lr: true,
   beta1: true,
   beta2: true,

@@ -12,7 +12,7 @@ import { join, resolve } from "node:path";
 import { defaultLogger, type Logger } from "./backend.js";
 import { isMistral, loadPlan, type ModelConfig, nativeConfig, parseConfig } from "./config.js";
 import { atomicWrite, ensureDir, readJsonFile } from "./files.js";
-import { CallQueue, Model, modelCall } from "./model.js";
+import { CallQueue, Model, modelCall, PROMPT_TRAINER_KEYS } from "./model.js";
 import { addon, type NativeAdamState, type NativeModel } from "./native.js";
 import { Rng } from "./rng.js";
 import { listModelTensors, type TensorToWrite, writeSafetensorsAtomic } from "./safetensors.js";
@@ -549,14 +549,8 @@ export interface PretrainerOptions {
   maxGradNorm?: number;
 }
 
-const PRETRAINER_KEYS = {
-  lr: true,
-  beta1: true,
-  beta2: true,
-  eps: true,
-  weightDecay: true,
-  maxGradNorm: true,
-} satisfies OptionKeys<PretrainerOptions>;
+// The same AdamW settings as a prompt trainer's (the compiler checks that the two types agree).
+const PRETRAINER_KEYS = PROMPT_TRAINER_KEYS satisfies OptionKeys<PretrainerOptions>;
 
 export interface PretrainBatch {
   /** Token ids, batch x seqLen, row-major. */
