@@ -328,6 +328,35 @@ void test_steps(Model& host, cuda::GemmPrecision prec, double tol, int steps, Ca
   for (auto& x : Dp) md.emplace_back(x.size()), vd.emplace_back(x.size());
   for (auto& x : K) mk.emplace_back(x.size()), vk.emplace_back(x.size());
   for (auto& x : Vv) mv.emplace_back(x.size()), vv.emplace_back(x.size());
+  // AdamW's first steps move an entry by about lr * sign(g): an entry whose CPU gradient is rounding noise
+  // (below 1e-4 of its tensor's largest, about 100x fp32 accumulation noise) may move by up to lr either way
+  // on either backend, so it is held to Adam's bound (2 lr a step so far) and the rest to `tol` (a GPT-2
+  // prefix key with gradient 9e-7 of max 0.36 moved 1.5e-4 of the keys' scale apart after one step).
+  std::vector<uint8_t> noisyP(p.size());
+  std::vector<std::vector<uint8_t>> noisyD, noisyK, noisyV;
+  for (auto& x : Dp) noisyD.emplace_back(x.size());
+  for (auto& x : K) noisyK.emplace_back(x.size()), noisyV.emplace_back(x.size());
+  auto mark = [](std::vector<uint8_t>& noisy, const std::vector<float>& g) {
+    double top = 0;
+    for (float x : g) top = std::max(top, std::fabs(double(x)));
+    for (size_t j = 0; j < g.size(); ++j) noisy[j] |= std::fabs(double(g[j])) < 1e-4 * top;
+  };
+  double lr_sum = 0;
+  auto steady = [&](const std::vector<float>& got, const std::vector<float>& want,
+                    const std::vector<uint8_t>& noisy) {
+    if (got.size() != want.size()) return double(INFINITY);
+    double w = 0, sc = 1e-30, worst_noisy = 0;
+    for (size_t j = 0; j < want.size(); ++j) {
+      const double d = std::fabs(double(got[j]) - want[j]);
+      if (std::isnan(d)) return double(INFINITY);
+      sc = std::max(sc, std::fabs(double(want[j])));
+      if (noisy[j])
+        worst_noisy = std::max(worst_noisy, d);
+      else
+        w = std::max(w, d);
+    }
+    return worst_noisy > std::max(2.0 * lr_sum, tol * sc) ? double(INFINITY) : w / sc;
+  };
   Case ref = c;
   for (int s = 1; s <= steps; ++s) {
     Case batch = c;
@@ -364,12 +393,16 @@ void test_steps(Model& host, cuda::GemmPrecision prec, double tol, int steps, Ca
       adamw_step(prm.data(), gr.data(), m.data(), v.data(), prm.size(), o.lr, o.beta1, o.beta2, o.eps,
                  o.weight_decay, s);
     };
-    if (!p.empty()) upd(p, g.prompt_grad, mp, vp);
-    for (size_t i = 0; i < Dp.size(); ++i) upd(Dp[i], g.deep_grads[i], md[i], vd[i]);
+    if (!p.empty()) upd(p, g.prompt_grad, mp, vp), mark(noisyP, g.prompt_grad);
+    for (size_t i = 0; i < Dp.size(); ++i)
+      upd(Dp[i], g.deep_grads[i], md[i], vd[i]), mark(noisyD[i], g.deep_grads[i]);
     for (size_t i = 0; i < K.size(); ++i) {
       upd(K[i], g.key_grads[i], mk[i], vk[i]);
       upd(Vv[i], g.value_grads[i], mv[i], vv[i]);
+      mark(noisyK[i], g.key_grads[i]);
+      mark(noisyV[i], g.value_grads[i]);
     }
+    lr_sum += o.lr;
 
     const std::string tag = "step " + std::to_string(s) +
                             (s == 1   ? " (eager)"
@@ -384,15 +417,15 @@ void test_steps(Model& host, cuda::GemmPrecision prec, double tol, int steps, Ca
     PromptTensors tgp = dg->trainables(), tep = de->trainables();
     check(tag + " trainables: graphs = eager, bitwise", tgp.prompt == tep.prompt && tgp.keys == tep.keys &&
                                                             tgp.values == tep.values && tgp.deep == tep.deep);
-    if (!p.empty()) expect(tag + " prompt vs cpu", rel(tgp.prompt, p), tol);
+    if (!p.empty()) expect(tag + " prompt vs cpu", steady(tgp.prompt, p, noisyP), tol);
     for (size_t i = 0; i < Dp.size(); ++i)
       expect(tag + " deep[" + std::to_string(i) + "] vs cpu",
-             i < tgp.deep.size() ? rel(tgp.deep[i], Dp[i]) : INFINITY, tol);
+             i < tgp.deep.size() ? steady(tgp.deep[i], Dp[i], noisyD[i]) : INFINITY, tol);
     for (size_t i = 0; i < K.size(); ++i) {
       expect(tag + " keys[" + std::to_string(i) + "] vs cpu",
-             i < tgp.keys.size() ? rel(tgp.keys[i], K[i]) : INFINITY, tol);
+             i < tgp.keys.size() ? steady(tgp.keys[i], K[i], noisyK[i]) : INFINITY, tol);
       expect(tag + " values[" + std::to_string(i) + "] vs cpu",
-             i < tgp.values.size() ? rel(tgp.values[i], Vv[i]) : INFINITY, tol);
+             i < tgp.values.size() ? steady(tgp.values[i], Vv[i], noisyV[i]) : INFINITY, tol);
     }
   }
   if (!p.empty() && prec == cuda::GemmPrecision::FP32) {
