@@ -7,7 +7,7 @@
 // `padding: "include"` reproduces the paper's code, which padded every text to max_length and averaged
 // over all positions: each sequence is padded to `maxLength` with `padId` (mask 0), and the pad positions'
 // hidden states are kept in the token rows and in the means.
-import { existsSync, readdirSync, readFileSync, renameSync, rmSync } from "node:fs";
+import { existsSync, readdirSync, readFileSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import { atomicWrite, ensureDir } from "./files.js";
 import { checkInteger } from "./knn.js";
@@ -32,7 +32,7 @@ export interface ActivationModel {
 
 import { readTensors, type TensorToWrite, writeSafetensors } from "./safetensors.js";
 import { endOfText } from "./train.js";
-import { checkOptions, type OptionKeys, requireObject } from "./validate.js";
+import { checkRequiredOptions, type OptionKeys } from "./validate.js";
 
 export const ACTIVATIONS_FORMAT = "priortune-activations";
 export const ACTIVATIONS_VERSION = 1;
@@ -231,8 +231,7 @@ export async function captureActivations(
 ): Promise<ActivationSet> {
   const c = model.config;
   const d = c.hiddenSize;
-  requireObject(options, "captureActivations options");
-  checkOptions(options, "captureActivations options", CAPTURE_KEYS);
+  checkRequiredOptions(options, "captureActivations options", CAPTURE_KEYS);
   if (!Array.isArray(options?.layers) || options.layers.length === 0)
     throw new TypeError("layers: expected a non-empty array of hidden-state indices");
   const layers = [...options.layers];
@@ -418,10 +417,7 @@ export async function captureActivations(
     }
     if (options.outDir) {
       // The index is written last and atomically: a directory with an index.json is complete.
-      const tmp = join(options.outDir, "index.json.tmp");
-      written.push(tmp);
-      atomicWrite(tmp, `${JSON.stringify(index, null, 2)}\n`);
-      renameSync(tmp, join(options.outDir, "index.json"));
+      atomicWrite(join(options.outDir, "index.json"), `${JSON.stringify(index, null, 2)}\n`);
       return new DiskActivations(options.outDir, index);
     }
     return new MemoryActivations(index, lengths, memoryTokens, memoryMeans);

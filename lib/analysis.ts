@@ -12,7 +12,7 @@ import { addon } from "./native.js";
 import { Rng } from "./rng.js";
 import { logGamma, logUpperGammaRegularized } from "./stats.js";
 import type { EvalRecord, StepRecord } from "./train.js";
-import { checkOptions, type OptionKeys, requireObject, threadsOr } from "./validate.js";
+import { checkOptions, checkRequiredOptions, type OptionKeys, threadsOr } from "./validate.js";
 
 /** Threads for native calls: the given count or every core. */
 export function analysisThreads(threads: number | undefined): number {
@@ -696,8 +696,7 @@ export async function kMeans(
   checkFloat32("rows", rowsArg);
   checkDim(dim);
   const n = rowCount("rows", rowsArg, dim);
-  requireObject(options, "kMeans options");
-  checkOptions(options, "kMeans options", KMEANS_KEYS);
+  checkRequiredOptions(options, "kMeans options", KMEANS_KEYS);
   const k = checkInteger("k", options?.k, 1, n);
   const restarts = checkInteger("restarts", options.restarts ?? 4, 1);
   const maxIterations = checkInteger("maxIterations", options.maxIterations ?? 100, 1);
@@ -966,8 +965,7 @@ export function randomWalkTrajectories(
   options: { count: number; length: number; seed?: number },
 ): { trajectories: Float32Array[]; tokenIds: Int32Array[] } {
   checkFloat32("vocab", vocab);
-  requireObject(options, "randomWalkTrajectories options");
-  checkOptions(options, "randomWalkTrajectories options", { count: true, length: true, seed: true });
+  checkRequiredOptions(options, "randomWalkTrajectories options", { count: true, length: true, seed: true });
   const V = rowCount("vocab", vocab, checkDim(dim));
   const count = checkInteger("count", options?.count, 1);
   const length = checkInteger("length", options.length, 2);

@@ -408,18 +408,17 @@ export class CollapseReference {
     if (!index) throw new Error("CollapseReference is disposed");
     const options = checkOptions(optionsArg, "report options", REPORT_KEYS);
     checkFloat32("promptVectors", vectorsArg);
-    let vectors = vectorsArg;
     const dim = this.dim;
-    const count = rowCount("promptVectors", vectors, dim);
+    const count = rowCount("promptVectors", vectorsArg, dim);
     const k =
       options.k === undefined
         ? Math.min(5, this.summary.rows)
         : checkInteger("k", options.k, 1, Math.min(1024, this.summary.rows));
     // Non-finite values are refused here, naming the row and column, before the searches below start
     // together (any of which would otherwise fail first, with its own message).
-    checkFiniteRows("promptVectors", vectors, dim);
+    checkFiniteRows("promptVectors", vectorsArg, dim);
     // Copied once, after the checks: the caller may change or transfer its array while the searches run.
-    vectors = vectors.slice();
+    const vectors = vectorsArg.slice();
     const energy = optionalNumber("energy", options.energy, 0.95, 0, 1);
     const quantileRule = options.collapseThreshold === undefined;
     const collapseQuantile = optionalNumber("collapseQuantile", options.collapseQuantile, 0.05, 0, 1);

@@ -89,6 +89,18 @@ const SELF_SEARCH_KEYS = {
   threads: true,
 } satisfies OptionKeys<SelfSearchOptions>;
 
+/** A required options argument (undefined too is refused, saying what it must hold), then its keys checked. */
+function optionsHolding<T extends object>(
+  options: T,
+  what: string,
+  name: string,
+  known: OptionKeys<T> | Readonly<Record<string, true>>,
+): void {
+  if (typeof options !== "object" || options === null)
+    throw new TypeError(`options: expected an object with ${what}, got ${describeValue(options)}`);
+  checkOptions(options, name, known);
+}
+
 type NativeIndex = InstanceType<ReturnType<typeof addon>["NativeKnnIndex"]>;
 
 /** "Float32Array", "Array", "number", ... for error messages. */
@@ -189,9 +201,7 @@ export class VocabIndex {
   /** Builds the index (copies, normalises and packs or uploads the rows) off the JS thread. */
   static async create(vocab: Float32Array, options: VocabIndexOptions): Promise<VocabIndex> {
     checkFloat32("vocab", vocab);
-    if (typeof options !== "object" || options === null)
-      throw new TypeError(`options: expected an object with dim, got ${describeValue(options)}`);
-    checkOptions(options, "VocabIndex.create options", VOCAB_INDEX_KEYS);
+    optionsHolding(options, "dim", "VocabIndex.create options", VOCAB_INDEX_KEYS);
     const dim = checkInteger("dim", options.dim, 1);
     const rows = rowCount("vocab", vocab, dim);
     const metric = checkMetric(options.metric ?? "cosine");
@@ -222,9 +232,7 @@ export class VocabIndex {
     const native = this.#live();
     checkFloat32("queries", queries);
     const count = rowCount("queries", queries, this.dim);
-    if (typeof options !== "object" || options === null)
-      throw new TypeError(`options: expected an object with k, got ${describeValue(options)}`);
-    checkOptions(options, "search options", SEARCH_KEYS);
+    optionsHolding(options, "k", "search options", SEARCH_KEYS);
     const k = this.#k(options?.k, false);
     const threads = threadsOr(options.threads, this.threads);
     const r = await native.search(queries, k, threads);
@@ -237,9 +245,7 @@ export class VocabIndex {
    */
   async selfSearch(options: SelfSearchOptions): Promise<NeighborResult> {
     this.#live();
-    if (typeof options !== "object" || options === null)
-      throw new TypeError(`options: expected an object with k, got ${describeValue(options)}`);
-    checkOptions(options, "selfSearch options", SELF_SEARCH_KEYS);
+    optionsHolding(options, "k", "selfSearch options", SELF_SEARCH_KEYS);
     const k = this.#k(options?.k, true);
     let rows: Int32Array;
     if (options.rows === undefined) {
@@ -297,9 +303,7 @@ export async function nearestNeighbors(
 ): Promise<NeighborResult> {
   checkFloat32("queries", queries);
   checkFloat32("vocab", vocab);
-  if (typeof options !== "object" || options === null)
-    throw new TypeError(`options: expected an object with dim and k, got ${describeValue(options)}`);
-  checkOptions(options, "nearestNeighbors options", NEAREST_KEYS);
+  optionsHolding(options, "dim and k", "nearestNeighbors options", NEAREST_KEYS);
   const dim = checkInteger("dim", options?.dim, 1);
   const count = rowCount("queries", queries, dim);
   const rows = rowCount("vocab", vocab, dim);

@@ -20,11 +20,11 @@ import { findTokenizer, type Tokenizer } from "./tokenizer.js";
 import {
   checkLabels,
   checkOptions,
+  checkRequiredOptions,
   checkTokenIds,
   type OptionKeys,
   requireFloat32,
   requireInt32,
-  requireObject,
   requirePositiveInt,
   requireUint8,
   threadsOr,
@@ -405,24 +405,12 @@ export function modelCall<T>(model: Model, work: () => Promise<T>): Promise<T> {
 
 /** The caller's arrays of a call, copied: a queued call runs later, and they may change or be transferred. */
 function copyCallArrays<T extends ReturnType<typeof checkCallArgs>>(args: T): T {
-  const deep = args.deepPrompts;
   return {
     ...args,
+    ...copyPromptTensors(args),
     inputIds: args.inputIds.slice(),
     attentionMask: args.attentionMask?.slice(),
     labels: args.labels?.slice(),
-    prompt: args.prompt?.slice(),
-    deepPrompts:
-      deep === undefined
-        ? undefined
-        : deep.kind === "hidden"
-          ? { kind: "hidden", layers: [...deep.layers], vectors: deep.vectors.map((v) => v.slice()) }
-          : {
-              kind: "prefix",
-              layers: [...deep.layers],
-              keys: deep.keys.map((v) => v.slice()),
-              values: deep.values.map((v) => v.slice()),
-            },
   };
 }
 
@@ -521,8 +509,7 @@ export class Model {
 
   async forward(options: ForwardOptions): Promise<ForwardOutput> {
     const native = this.#live();
-    requireObject(options, "forward options");
-    checkOptions(options, "forward options", FORWARD_KEYS);
+    checkRequiredOptions(options, "forward options", FORWARD_KEYS);
     const args = copyCallArrays(checkCallArgs(this.config, options));
     const hiddenStates = checkHiddenStates(this.config, options.hiddenStates);
     const logits = options.logits ?? true;
@@ -538,8 +525,7 @@ export class Model {
    */
   async lossAndGrad(options: LossAndGradOptions): Promise<LossAndGrad> {
     const native = this.#live();
-    requireObject(options, "lossAndGrad options");
-    checkOptions(options, "lossAndGrad options", LOSS_AND_GRAD_KEYS);
+    checkRequiredOptions(options, "lossAndGrad options", LOSS_AND_GRAD_KEYS);
     if (options?.labels === undefined)
       throw new TypeError("labels: expected an Int32Array (required by lossAndGrad)");
     if (options.prompt === undefined && options.deepPrompts === undefined) {
@@ -560,8 +546,7 @@ export class Model {
    */
   async generate(options: GenerateOptions): Promise<Int32Array> {
     const native = this.#live();
-    requireObject(options, "generate options");
-    checkOptions(options, "generate options", GENERATE_KEYS);
+    checkRequiredOptions(options, "generate options", GENERATE_KEYS);
     if (options?.labels !== undefined) throw new TypeError("generate: labels are not used; leave them out");
     const maxNew = requirePositiveInt(options?.maxNewTokens, "maxNewTokens");
     const args = copyCallArrays(checkCallArgs(this.config, options, maxNew - 1));
@@ -592,10 +577,8 @@ export class Model {
     options: PromptTrainerOptions,
   ): Promise<PromptTrainer> {
     const native = this.#live();
-    requireObject(init, "promptTrainer init");
-    checkOptions(init, "promptTrainer init", TRAINER_INIT_KEYS);
-    requireObject(options, "promptTrainer options");
-    checkOptions(options, "promptTrainer options", PROMPT_TRAINER_KEYS);
+    checkRequiredOptions(init, "promptTrainer init", TRAINER_INIT_KEYS);
+    checkRequiredOptions(options, "promptTrainer options", PROMPT_TRAINER_KEYS);
     if (init?.prompt === undefined && init?.deepPrompts === undefined)
       throw new TypeError("promptTrainer: give a prompt and/or deepPrompts to train");
     // Validates the tensors' shapes against the config (a one-token dummy batch).

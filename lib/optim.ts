@@ -2,7 +2,7 @@
 import type { LossAndGrad } from "./model.js";
 import type { DeepPrompts } from "./native.js";
 import { addon } from "./native.js";
-import { checkOptions, type OptionKeys, requireFloat32, requireObject } from "./validate.js";
+import { checkRequiredOptions, type OptionKeys, requireFloat32 } from "./validate.js";
 
 export interface AdamWOptions {
   lr: number;
@@ -83,8 +83,7 @@ export class AdamW {
     if (!Array.isArray(params) || params.length === 0)
       throw new TypeError("params: expected a non-empty array of Float32Array");
     this.params = params.map((p, i) => requireFloat32(p, `params[${i}]`));
-    requireObject(options, "AdamW options");
-    checkOptions(options, "AdamW options", ADAMW_KEYS);
+    checkRequiredOptions(options, "AdamW options", ADAMW_KEYS);
     this.m = this.params.map((p) => new Float32Array(p.length));
     this.v = this.params.map((p) => new Float32Array(p.length));
     const { lr, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weightDecay = 0.01 } = options;

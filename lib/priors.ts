@@ -28,7 +28,7 @@ import { addon } from "./native.js";
 import { Rng } from "./rng.js";
 import { readTensors } from "./safetensors.js";
 import { quantile } from "./stats.js";
-import { checkOptions, type OptionKeys, requireObject } from "./validate.js";
+import { checkRequiredOptions, type OptionKeys } from "./validate.js";
 
 export { type Energy, ExclusionLaw, ExclusionPrior, GaussianPrior } from "./gaussian.js";
 
@@ -660,8 +660,7 @@ export async function datasetActivations(
   texts: readonly string[],
   options: ActivationOptions,
 ): Promise<{ rows: Float32Array; count: number; tokens: number }> {
-  requireObject(options, "datasetActivations options");
-  checkOptions(options, "datasetActivations options", ACTIVATION_KEYS);
+  checkRequiredOptions(options, "datasetActivations options", ACTIVATION_KEYS);
   const c = model.config;
   const layer = options.layer;
   if (!Number.isInteger(layer) || layer < 0 || layer > c.numLayers)

@@ -43,7 +43,7 @@ import { readTensors } from "./safetensors.js";
 import { concatRows } from "./stats.js";
 import { loadRecordedTask } from "./tasks.js";
 import { type EvalRecord, modelFingerprint, readPromptFile } from "./train.js";
-import { checkOptions, type OptionKeys, requireObject } from "./validate.js";
+import { checkRequiredOptions, type OptionKeys } from "./validate.js";
 
 export interface ReportOptions {
   /** Where report.html, report.json and figures/ are written (created if missing). */
@@ -252,8 +252,7 @@ function meanDisplacement(a: Float32Array | null, b: Float32Array | null, dim: n
 export async function buildReport(runDirs: readonly string[], options: ReportOptions): Promise<ReportResult> {
   if (!Array.isArray(runDirs) || runDirs.length === 0)
     throw new TypeError("runDirs: expected at least one run directory");
-  requireObject(options, "buildReport options");
-  checkOptions(options, "buildReport options", REPORT_KEYS);
+  checkRequiredOptions(options, "buildReport options", REPORT_KEYS);
   if (typeof options?.outDir !== "string") throw new TypeError("outDir: expected a directory path");
   // Checked before the work (the level was read only at the convergence figure, after the analyses).
   if (options.level !== undefined && !(typeof options.level === "number" && Number.isFinite(options.level)))
@@ -264,8 +263,7 @@ export async function buildReport(runDirs: readonly string[], options: ReportOpt
   if (projection !== undefined && projection !== "pca" && projection !== "tsne" && projection !== "umap")
     throw new TypeError(`projection: expected "pca", "tsne" or "umap", got ${JSON.stringify(projection)}`);
   if (options.activations !== undefined && options.activations !== false) {
-    requireObject(options.activations, "buildReport options.activations");
-    checkOptions(options.activations, "buildReport options.activations", ACTIVATION_SECTION_KEYS);
+    checkRequiredOptions(options.activations, "buildReport options.activations", ACTIVATION_SECTION_KEYS);
   }
   if (options.names && options.names.length !== runDirs.length)
     throw new RangeError(

@@ -25,7 +25,7 @@ import { Rng, type RngState } from "./rng.js";
 import { readTensors, type TensorToWrite, writeSafetensorsAtomic } from "./safetensors.js";
 import { type Example, encodeExample, type Task, withRecordedSplit } from "./tasks.js";
 import { endOfTextId } from "./tokenizer.js";
-import { checkOptions, definedOnly, type OptionKeys, requireObject } from "./validate.js";
+import { checkOptions, checkRequiredOptions, definedOnly, type OptionKeys } from "./validate.js";
 
 export type TuneMode = "soft" | "deep-hidden" | "deep-prefix";
 export type Schedule = "constant" | "linear" | "cosine";
@@ -489,8 +489,7 @@ function deepPriorsFor(
 
 /** Runs (or resumes) prompt-tuning. See TuneOptions; everything is reproducible from the seed. */
 export async function tune(options: TuneOptions): Promise<TuneResult> {
-  requireObject(options, "tune options");
-  checkOptions(options, "tune options", TUNE_KEYS);
+  checkRequiredOptions(options, "tune options", TUNE_KEYS);
   const { model, task, prior } = options;
   checkModelArg(model);
   checkTaskArg(task);
@@ -573,8 +572,7 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
       `maxLength: ${maxLength} exceeds the model's ${gpt2Positions} positions (GPT-2's are learned)`,
     );
   if (options.regularizer !== undefined) {
-    requireObject(options.regularizer, "tune options.regularizer");
-    checkOptions(options.regularizer, "tune options.regularizer", REGULARIZER_KEYS);
+    checkRequiredOptions(options.regularizer, "tune options.regularizer", REGULARIZER_KEYS);
     const { lambda, schedule = "constant" } = options.regularizer;
     if (!(Number.isFinite(lambda) && lambda >= 0))
       throw new RangeError(`regularizer.lambda: expected a finite number >= 0, got ${lambda}`);
@@ -860,21 +858,18 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
       atomicWrite(join(runDir, "checkpoint.json"), JSON.stringify(state));
     };
 
-    // The collapse reference, built once per run (in the first evaluation's time).
-    let referenceMs = 0;
+    // The collapse reference, built once per run (an evaluation that builds it counts the time in its ms).
     const reference = async () => {
       if (!collapseRef) {
         options.onStatus?.(COLLAPSE_STATUS);
-        const t0 = performance.now();
         collapseRef = await createCollapseReference(model, { seed });
-        referenceMs = performance.now() - t0;
       }
       return collapseRef;
     };
     const evaluate = async (step: number): Promise<EvalRecord> => {
+      const t0 = performance.now();
       if (prompt) await reference();
-      const built = referenceMs;
-      referenceMs = 0;
+      const built = performance.now() - t0;
       const record = await evaluatePrompt({
         model,
         task,
@@ -1118,8 +1113,7 @@ const EVALUATE_KEYS = {
 
 /** Mean cross-entropy on validation tokens; task metrics from greedy generation; collapse of the soft prompt. */
 export async function evaluatePrompt(options: EvaluateOptions): Promise<EvalRecord> {
-  requireObject(options, "evaluatePrompt options");
-  checkOptions(options, "evaluatePrompt options", EVALUATE_KEYS);
+  checkRequiredOptions(options, "evaluatePrompt options", EVALUATE_KEYS);
   const { model, task, prompt, deepPrompts } = options;
   checkModelArg(model);
   checkTaskArg(task);

@@ -173,3 +173,13 @@ export function requireObject(value: unknown, name: string): void {
       `${name}: expected an object, got ${value === undefined ? "undefined" : describe(value)}`,
     );
 }
+
+/** checkOptions for an options argument that has no default: undefined is refused as well. */
+export function checkRequiredOptions<T extends object>(
+  value: T,
+  name: string,
+  known: OptionKeys<T> | Readonly<Record<string, true>>,
+): T {
+  requireObject(value, name);
+  return checkOptions(value, name, known);
+}
