@@ -55,6 +55,54 @@ describe.each(kernels)("sgemm with the %s micro-kernel", (kernel) => {
   });
 });
 
+// The float64 covariance behind every Gaussian fit (collapse reference, fitted priors) runs register tiles of
+// the GEMM's instruction set: against a float64 reference for odd widths (partial panels) and several row
+// chunks, bit-identical for any thread count, and the same bits from the AVX-512 and AVX2 tiles (both fuse
+// each multiply-add, in row order).
+describe("float64 covariance tiles", () => {
+  async function covariance(x: Float32Array, d: number, threads: number): Promise<Float64Array> {
+    const fit = await native.priorGaussianFit(x, d, { keepCovariance: true }, threads);
+    return fit.covariance!;
+  }
+
+  it.each([
+    [600, 37],
+    [300, 48],
+    [257, 8],
+    [3, 1],
+  ])("n=%i d=%i with every kernel this CPU has", async (n, d) => {
+    const x = rand(n * d, 11 + d).map((v, i) => 5 + v * (1 + (i % d) / 3));
+    const mean = new Float64Array(d);
+    for (let r = 0; r < n; r++) for (let j = 0; j < d; j++) mean[j] += x[r * d + j]! / n;
+    const ref = new Float64Array(d * d);
+    for (let r = 0; r < n; r++)
+      for (let i = 0; i < d; i++)
+        for (let j = 0; j < d; j++)
+          ref[i * d + j] += ((x[r * d + i]! - mean[i]!) * (x[r * d + j]! - mean[j]!)) / (n - 1);
+    const scale = Math.max(...ref.map(Math.abs));
+    const bits: Record<string, Buffer> = {};
+    try {
+      for (const kernel of kernels) {
+        native.selectGemmKernel(kernel);
+        const one = await covariance(x, d, 1);
+        let worst = 0;
+        for (let i = 0; i < d * d; i++) worst = Math.max(worst, Math.abs(one[i]! - ref[i]!) / scale);
+        expect(worst, kernel).toBeLessThan(1e-13);
+        for (let i = 0; i < d; i++)
+          for (let j = 0; j < i; j++) expect(one[i * d + j], `${kernel} symmetric`).toBe(one[j * d + i]);
+        bits[kernel] = Buffer.from(one.buffer);
+        expect(
+          Buffer.from((await covariance(x, d, 2)).buffer).equals(bits[kernel]!),
+          `${kernel} threads`,
+        ).toBe(true);
+      }
+    } finally {
+      native.selectGemmKernel(original as "avx512");
+    }
+    if (bits.avx512 && bits.avx2) expect(bits.avx512.equals(bits.avx2)).toBe(true);
+  });
+});
+
 describe("gemm argument checks", () => {
   it("rejects arrays too short for the shape", () => {
     const a = new Float32Array(4);

@@ -1,11 +1,15 @@
 // Float64 linear algebra for the collapse metrics; see priortune/collapse.h for the contracts.
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <stdexcept>
 #include <utility>
 #include <vector>
 
 #include "priortune/collapse.h"
+#include "priortune/gemm.h"
 #include "priortune/parallel.h"
 #include "priortune/vec64.h"
 #include "priortune/vecmath.h"
@@ -14,34 +18,91 @@ namespace pt {
 
 namespace {
 
-// cov[i][j] += sum_r c[r][i] c[r][j] for i in [i0, i0 + 4), j in [j0, j0 + 8): a register tile of the
-// rows x d centred chunk c (row-major float64). Each entry's sum runs over the rows in order.
-PT_MULTIVERSION void syrk_tile(double* cov, const double* c, int64_t rows, int64_t d, int64_t i0,
-                               int64_t j0) {
-  double acc[4][8] = {};
-  for (int64_t r = 0; r < rows; ++r) {
-    const double* row = c + r * d;
-    double xj[8];
-    for (int jj = 0; jj < 8; ++jj) xj[jj] = row[j0 + jj];
-    for (int ii = 0; ii < 4; ++ii) {
-      const double xi = row[i0 + ii];
-#pragma omp simd
-      for (int jj = 0; jj < 8; ++jj) acc[ii][jj] += xi * xj[jj];
-    }
-  }
-  for (int ii = 0; ii < 4; ++ii)
-    for (int jj = 0; jj < 8; ++jj) cov[(i0 + ii) * d + j0 + jj] += acc[ii][jj];
+// The centred chunk is packed in panels of 8 columns: panel p holds columns [8p, 8p + 8) of every row, row
+// after row (p[r * 8 + jj]), zero-padded past d, so a register tile reads two contiguous streams. Each
+// kernel adds to cov[i][j] the sum over the chunk's rows, in row order, of c[r][i] c[r][j] for its tile: the
+// same sum whatever the tile shape, so the result does not depend on which kernel the CPU selects (beyond
+// fused or separate multiply-adds) nor on the thread count.
+constexpr int64_t kPanel = 8;
+
+// Adds an acc[ti][tj] tile to cov at (i0, j0), clipped to d x d (the padding columns are dropped).
+void add_tile(double* cov, int64_t d, int64_t i0, int64_t j0, const double* acc, int ti, int tj) {
+  for (int ii = 0; ii < ti && i0 + ii < d; ++ii)
+    for (int jj = 0; jj < tj && j0 + jj < d; ++jj) cov[(i0 + ii) * d + j0 + jj] += acc[ii * tj + jj];
 }
 
-// The same for a partial tile at the edges (ni <= 4 rows, nj <= 8 columns of cov).
-void syrk_edge(double* cov, const double* c, int64_t rows, int64_t d, int64_t i0, int64_t ni, int64_t j0,
-               int64_t nj) {
-  for (int64_t i = i0; i < i0 + ni; ++i)
-    for (int64_t j = j0; j < j0 + nj; ++j) {
-      double s = 0.0;
-      for (int64_t r = 0; r < rows; ++r) s += c[r * d + i] * c[r * d + j];
-      cov[i * d + j] += s;
+// AVX-512: 8 rows of cov (one panel) by 16 columns (two panels): 16 zmm accumulators.
+__attribute__((target("avx512f,fma"))) void syrk_tile_avx512(double* cov, const double* packed, int64_t rows,
+                                                             int64_t d, int64_t i0, int64_t j0) {
+  const double* a = packed + (i0 / kPanel) * rows * kPanel;
+  const double* b0 = packed + (j0 / kPanel) * rows * kPanel;
+  const double* b1 = b0 + rows * kPanel;
+  __m512d c0[8], c1[8];
+  for (int ii = 0; ii < 8; ++ii) c0[ii] = c1[ii] = _mm512_setzero_pd();
+  for (int64_t r = 0; r < rows; ++r) {
+    const __m512d x0 = _mm512_loadu_pd(b0 + r * kPanel), x1 = _mm512_loadu_pd(b1 + r * kPanel);
+    const double* ar = a + r * kPanel;
+    for (int ii = 0; ii < 8; ++ii) {
+      const __m512d xi = _mm512_set1_pd(ar[ii]);
+      c0[ii] = _mm512_fmadd_pd(xi, x0, c0[ii]);
+      c1[ii] = _mm512_fmadd_pd(xi, x1, c1[ii]);
     }
+  }
+  alignas(64) double acc[8 * 16];
+  for (int ii = 0; ii < 8; ++ii) {
+    _mm512_store_pd(acc + ii * 16, c0[ii]);
+    _mm512_store_pd(acc + ii * 16 + 8, c1[ii]);
+  }
+  add_tile(cov, d, i0, j0, acc, 8, 16);
+}
+
+// AVX2: 4 rows of cov (half a panel) by 8 columns (one panel): 8 ymm accumulators.
+__attribute__((target("avx2,fma"))) void syrk_tile_avx2(double* cov, const double* packed, int64_t rows,
+                                                        int64_t d, int64_t i0, int64_t j0) {
+  const double* a = packed + (i0 / kPanel) * rows * kPanel + i0 % kPanel;
+  const double* b = packed + (j0 / kPanel) * rows * kPanel;
+  __m256d c0[4], c1[4];
+  for (int ii = 0; ii < 4; ++ii) c0[ii] = c1[ii] = _mm256_setzero_pd();
+  for (int64_t r = 0; r < rows; ++r) {
+    const __m256d x0 = _mm256_loadu_pd(b + r * kPanel), x1 = _mm256_loadu_pd(b + r * kPanel + 4);
+    const double* ar = a + r * kPanel;
+    for (int ii = 0; ii < 4; ++ii) {
+      const __m256d xi = _mm256_broadcast_sd(ar + ii);
+      c0[ii] = _mm256_fmadd_pd(xi, x0, c0[ii]);
+      c1[ii] = _mm256_fmadd_pd(xi, x1, c1[ii]);
+    }
+  }
+  alignas(32) double acc[4 * 8];
+  for (int ii = 0; ii < 4; ++ii) {
+    _mm256_store_pd(acc + ii * 8, c0[ii]);
+    _mm256_store_pd(acc + ii * 8 + 4, c1[ii]);
+  }
+  add_tile(cov, d, i0, j0, acc, 4, 8);
+}
+
+// Portable: the AVX2 tile's shape in plain C++.
+void syrk_tile_generic(double* cov, const double* packed, int64_t rows, int64_t d, int64_t i0, int64_t j0) {
+  const double* a = packed + (i0 / kPanel) * rows * kPanel + i0 % kPanel;
+  const double* b = packed + (j0 / kPanel) * rows * kPanel;
+  double acc[4 * 8] = {};
+  for (int64_t r = 0; r < rows; ++r)
+    for (int ii = 0; ii < 4; ++ii)
+      for (int jj = 0; jj < 8; ++jj) acc[ii * 8 + jj] += a[r * kPanel + ii] * b[r * kPanel + jj];
+  add_tile(cov, d, i0, j0, acc, 4, 8);
+}
+
+struct SyrkKernel {
+  int ti, tj;  // tile rows (a divisor of kPanel) and columns (a multiple of kPanel)
+  void (*tile)(double*, const double*, int64_t, int64_t, int64_t, int64_t);
+};
+
+// The instruction set the GEMM uses (its selection already checked the CPU; PRIORTUNE_GEMM_KERNEL and
+// selectGemmKernel narrow both).
+SyrkKernel syrk_kernel() {
+  const char* gemm = sgemm_micro_kernel().name;
+  if (!std::strcmp(gemm, "avx512")) return {8, 16, syrk_tile_avx512};
+  if (!std::strcmp(gemm, "avx2")) return {4, 8, syrk_tile_avx2};
+  return {4, 8, syrk_tile_generic};
 }
 
 }  // namespace
@@ -49,8 +110,9 @@ void syrk_edge(double* cov, const double* c, int64_t rows, int64_t d, int64_t i0
 // The mean's summation order does not depend on the thread count (threads own column blocks and add the
 // rows in order); the centred cross-products are float64 sums over the rows in order, in register tiles
 // that one thread each owns: a fit is bit-identical whatever the number of threads (a prior drawn with a
-// given seed must be). Float64 throughout: fp32 GEMM products (as before) carried rounding of about 1e-7
-// of the entries' scale, which a fit with little or no ridge on nearly collinear data took for signal.
+// given seed must be), and the AVX-512 and AVX2 kernels give the same bits (both fuse each multiply-add).
+// Float64 throughout: fp32 GEMM products (as before) carried rounding of about 1e-7 of the entries' scale,
+// which a fit with little or no ridge on nearly collinear data took for signal.
 void collapse_covariance(double* mean, double* cov, const float* x, int64_t n, int64_t d, int threads) {
   if (n < 2) throw std::invalid_argument("covariance: needs at least 2 rows");
   threads = std::max(1, threads);
@@ -66,30 +128,36 @@ void collapse_covariance(double* mean, double* cov, const float* x, int64_t n, i
   }
   std::fill(cov, cov + d * d, 0.0);
   constexpr int64_t kChunk = 256;
-  std::vector<double> centred(static_cast<size_t>(std::min(kChunk, n) * d));
-  // Tiles of the lower triangle (diagonal tiles included): 4 rows of cov by 8 columns.
-  const int64_t row_tiles = (d + 3) / 4, col_tiles = (d + 7) / 8;
+  const SyrkKernel kernel = syrk_kernel();
+  // Panels rounded up to whole column tiles (the extra ones stay zero).
+  const int64_t col_tiles = (d + kernel.tj - 1) / kernel.tj, panels = col_tiles * (kernel.tj / kPanel);
+  const int64_t chunk_rows = std::min(kChunk, n);
+  std::vector<double> packed(static_cast<size_t>(panels * chunk_rows * kPanel));
+  // Tiles of the lower triangle (diagonal tiles included).
+  const int64_t row_tiles = (d + kernel.ti - 1) / kernel.ti;
   std::vector<std::pair<int64_t, int64_t>> tiles;
   for (int64_t ti = 0; ti < row_tiles; ++ti)
-    for (int64_t tj = 0; tj < col_tiles && tj * 8 <= ti * 4 + 3; ++tj) tiles.emplace_back(ti * 4, tj * 8);
+    for (int64_t tj = 0; tj < col_tiles && tj * kernel.tj < (ti + 1) * kernel.ti; ++tj)
+      tiles.emplace_back(ti * kernel.ti, tj * kernel.tj);
   const int64_t ntiles = static_cast<int64_t>(tiles.size());
   for (int64_t r0 = 0; r0 < n; r0 += kChunk) {
     const int64_t rows = std::min(kChunk, n - r0);
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(static)
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t j = 0; j < d; ++j)
-          centred[r * d + j] = static_cast<double>(x[(r0 + r) * d + j]) - mean[j];
-#pragma omp for schedule(dynamic, 16)
-      for (int64_t t = 0; t < ntiles; ++t) {
-        const auto [i0, j0] = tiles[t];
-        const int64_t ni = std::min<int64_t>(4, d - i0), nj = std::min<int64_t>(8, d - j0);
-        if (ni == 4 && nj == 8)
-          syrk_tile(cov, centred.data(), rows, d, i0, j0);
-        else
-          syrk_edge(cov, centred.data(), rows, d, i0, ni, j0, nj);
+      for (int64_t p = 0; p < panels; ++p) {
+        const int64_t j0 = p * kPanel, nj = std::clamp<int64_t>(d - j0, 0, kPanel);
+        double* panel = packed.data() + p * rows * kPanel;
+        for (int64_t r = 0; r < rows; ++r) {
+          const float* xr = x + (r0 + r) * d;
+          for (int64_t jj = 0; jj < nj; ++jj)
+            panel[r * kPanel + jj] = static_cast<double>(xr[j0 + jj]) - mean[j0 + jj];
+          for (int64_t jj = nj; jj < kPanel; ++jj) panel[r * kPanel + jj] = 0.0;
+        }
       }
+#pragma omp for schedule(dynamic, 16)
+      for (int64_t t = 0; t < ntiles; ++t)
+        kernel.tile(cov, packed.data(), rows, d, tiles[t].first, tiles[t].second);
     }
   }
   const double inv = 1.0 / static_cast<double>(n - 1);
