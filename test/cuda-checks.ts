@@ -140,6 +140,23 @@ export async function fixtureChecks(name: string, precision: CudaPrecision): Pro
         rel(f.hiddenStates[i]!, Array.prototype.slice.call(hs, i * per, (i + 1) * per)),
       );
     rows.add("forward hidden states 0..L", worst, tol.logits);
+    // Hidden states alone stop at the highest index asked for: the same values, bit for bit.
+    for (const asked of [[0], [1], [1, 0]]) {
+      const alone = await model.forward({
+        ...base,
+        labels: undefined,
+        prompt,
+        hiddenStates: asked,
+        logits: false,
+      });
+      let diff = alone.logits === undefined ? 0 : Number.POSITIVE_INFINITY;
+      asked.forEach((h, i) => {
+        const a = alone.hiddenStates[i]!;
+        const b = f.hiddenStates[h]!;
+        for (let j = 0; j < b.length; j++) diff = Math.max(diff, Math.abs(a[j]! - b[j]!));
+      });
+      rows.add(`hidden states [${asked}] alone equal the full forward's`, diff, 0);
+    }
     rows.add("forward loss", lossErr(f.loss!, "loss"), tol.loss);
     const np = await model.forward({ ...base, labels: undefined });
     rows.add(
