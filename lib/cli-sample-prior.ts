@@ -1,14 +1,17 @@
 // `priortune sample-prior`: draw prompt vectors from a prior and write them to a safetensors file, with the
 // prior's record (createPrior rebuilds it), the seed and the prior's statistics in the file's metadata.
 import { readFileSync } from "node:fs";
+import { availableParallelism } from "node:os";
 import { dirname, resolve } from "node:path";
 import { type Command, InvalidArgumentError, Option } from "commander";
+import { defaultLogger } from "./backend.js";
 import { type BackendFlags, integerArg, numberArg, seedArg, withBackend } from "./cli-args.js";
 import { ensureWritableDir } from "./files.js";
-import { describeModel, loadModel, type Model } from "./model.js";
-import { createPrior, PRIOR_KINDS, type PriorKind, type PriorRecord } from "./priors.js";
+import { describeModel, loadModel, type Model, readTokenEmbeddings } from "./model.js";
+import { createPrior, PRIOR_KINDS, type PriorContext, type PriorKind, type PriorRecord } from "./priors.js";
 import { Rng } from "./rng.js";
 import { writeSafetensorsAtomic } from "./safetensors.js";
+import { findTokenizer, type Tokenizer } from "./tokenizer.js";
 
 function words(value: string, previous: string[] = []): string[] {
   return [...previous, ...value.split(",")];
@@ -294,23 +297,48 @@ export function priorRecordFromOptions(o: PriorCliOptions): PriorRecord {
   }
 }
 
-/** Does building this record need the model's weights (vocabulary, tokenizer or activations)? */
-function needsWeights(record: unknown): boolean {
-  if (typeof record !== "object" || record === null) return false;
+// What building a record reads of the model, least to most: its hidden size only; its vocabulary matrix and
+// tokenizer; activations (forward passes of the loaded model).
+const NEEDS = ["size", "vocabulary", "model"] as const;
+type ModelNeed = (typeof NEEDS)[number];
+
+/** What building this record (and the priors inside it: base, first, second, fill) reads of the model. */
+function modelNeed(record: unknown): ModelNeed {
+  if (typeof record !== "object" || record === null) return "size";
   const r = record as PriorRecord;
-  switch (r.kind) {
-    case "vocab":
-    case "class-label":
-    case "knn":
-      return true;
-    case "fitted-gaussian":
-      return r.source === undefined || r.source === "vocab" || r.source === "activations";
-    default:
-      return [r.base, r.first, r.second, r.fill].some(needsWeights);
-  }
+  let own: ModelNeed = "size";
+  if (r.kind === "vocab" || r.kind === "class-label" || r.kind === "knn") own = "vocabulary";
+  else if (r.kind === "fitted-gaussian")
+    own =
+      r.source === "activations"
+        ? "model"
+        : r.source === undefined || r.source === "vocab"
+          ? "vocabulary"
+          : "size";
+  const parts = [r.base, r.first, r.second, r.fill].map(modelNeed);
+  return NEEDS[Math.max(...[own, ...parts].map((n) => NEEDS.indexOf(n)))]!;
 }
 
-interface SamplePriorOptions extends PriorCliOptions, BackendFlags {
+/**
+ * The vocabulary matrix, tokenizer and hidden size of a model directory without loading the model
+ * (readTokenEmbeddings: the values a loaded model would give). The tokenizer is read only when a prior asks
+ * for it.
+ */
+function vocabularyContext(dirArg: string, threads: number): PriorContext {
+  const { dir, config, vocab } = readTokenEmbeddings(dirArg);
+  let tokenizer: Tokenizer | null | undefined;
+  return {
+    dim: config.hiddenSize,
+    vocab,
+    threads,
+    get tokenizer() {
+      if (tokenizer === undefined) tokenizer = findTokenizer(dir, (m) => defaultLogger("warn", m));
+      return tokenizer ?? undefined;
+    },
+  };
+}
+
+export interface SamplePriorOptions extends PriorCliOptions, BackendFlags {
   count: number;
   seed: number;
   out: string;
@@ -474,21 +502,32 @@ export function registerSamplePrior(program: Command): void {
     });
 }
 
-async function samplePrior(dir: string, o: SamplePriorOptions): Promise<void> {
+/**
+ * sample-prior's work. Priors that need only the vocabulary and tokenizer read just those
+ * (vocabularyContext); `loadWholeModel` loads the model for them too (the reference the tests hold that
+ * path's files to).
+ */
+export async function samplePrior(dir: string, o: SamplePriorOptions, loadWholeModel = false): Promise<void> {
   const record = priorRecordFromOptions(o);
   // Its directory made (as make-data does) and checked before the prior is fitted.
   ensureWritableDir(dirname(resolve(o.out)));
+  const need = modelNeed(record);
   let model: Model | undefined;
-  let dim: number;
-  if (needsWeights(record)) {
+  let context: PriorContext;
+  if (need === "model" || (need === "vocabulary" && loadWholeModel)) {
     model = await loadModel(dir, { backend: o.backend, precision: o.precision, threads: o.threads });
-    dim = model.config.hiddenSize;
+    context = { model, dim: model.config.hiddenSize, threads: o.threads };
+  } else if (need === "vocabulary") {
+    // The loaded model's thread count, by the same default (loadModel's).
+    context = vocabularyContext(dir, o.threads ?? availableParallelism());
   } else {
-    dim = describeModel(dir).config.hiddenSize;
+    context = { dim: describeModel(dir).config.hiddenSize, threads: o.threads };
   }
+  const dim = context.dim!;
   try {
-    const log = process.stderr.isTTY ? (m: string) => process.stderr.write(`${m}\n`) : undefined;
-    const prior = await createPrior(record, { model, dim, threads: o.threads, onProgress: log });
+    // Set on the context, not spread into a copy (that would read the lazy tokenizer).
+    context.onProgress = process.stderr.isTTY ? (m: string) => process.stderr.write(`${m}\n`) : undefined;
+    const prior = await createPrior(record, context);
     // The library names the count n; here it is --count (other sampling errors pass as they are).
     let prompt: Float32Array;
     try {

@@ -102,6 +102,7 @@ export {
   type PromptStepResult,
   PromptTrainer,
   type PromptTrainerOptions,
+  readTokenEmbeddings,
 } from "./model.js";
 export type { CudaOpCheck, CudaPrecision, DeepPrompts, DeviceMemory } from "./native.js";
 export { AdamW, type AdamWOptions, fromPromptTensors, promptGrads, promptTensors } from "./optim.js";

@@ -15,7 +15,7 @@ import {
   type NativeModel,
 } from "./native.js";
 import { AdamW, type AdamWOptions, fromPromptTensors, promptGrads, promptTensors } from "./optim.js";
-import { listModelTensors } from "./safetensors.js";
+import { listModelTensors, readTensorFloat32 } from "./safetensors.js";
 import { findTokenizer, type Tokenizer } from "./tokenizer.js";
 import {
   checkLabels,
@@ -444,6 +444,24 @@ function readConfig(dir: string): ModelConfig {
   const path = join(dir, "config.json");
   if (!existsSync(path)) throw new Error(`${dir}: no config.json (expected a Hugging Face model directory)`);
   return parseConfig(readJsonFile(path) as Record<string, unknown>);
+}
+
+/**
+ * The token-embedding matrix (vocabSize x hiddenSize) of a model directory, without loading the model: the
+ * loader's own plan finds the tensor (names per architecture, prefixes, tied heads, dtype and shape checked
+ * against config.json) and only its bytes are read, converted to fp32 as the loader converts them: the
+ * values `loadModel(dir).tokenEmbeddings()` gives.
+ */
+export function readTokenEmbeddings(dirArg: string): {
+  dir: string;
+  config: ModelConfig;
+  vocab: Float32Array;
+} {
+  const dir = resolve(dirArg);
+  const config = readConfig(dir);
+  const tensors = listModelTensors(dir);
+  const entry = loadPlan(config, tensors).entries.find((e) => e.target === "tok_emb")!;
+  return { dir, config, vocab: readTensorFloat32(tensors.get(entry.name!)!) };
 }
 
 export function describeModel(dirArg: string): ModelInfo {

@@ -1,8 +1,8 @@
 // Safetensors headers: the 8-byte little-endian header length, a JSON header of
 // { name: { dtype, shape, data_offsets: [begin, end] } } (offsets relative to the end of the header), then
-// the raw little-endian data. We read only headers here; tensor bytes are read by the native loader
-// straight into the model's fp32 storage (one copy of the weights in memory), or by readTensors for
-// small files such as test fixtures.
+// the raw little-endian data. Tensor bytes are read by the native loader straight into the model's fp32
+// storage (one copy of the weights in memory), by readTensorFloat32 (one tensor, e.g. the vocabulary
+// matrix without the rest of the model), or by readTensors for small files such as test fixtures.
 import { closeSync, existsSync, fstatSync, openSync, readFileSync, readSync } from "node:fs";
 import { join } from "node:path";
 import { fileError, fsyncFile, readJsonFile, replaceWith, writeAll } from "./files.js";
@@ -233,20 +233,97 @@ export function readTensors(file: string): {
 
 function widenHalf(src: Uint16Array, dtype: "F16" | "BF16"): Float32Array {
   const out = new Float32Array(src.length);
-  const u32 = new Uint32Array(out.buffer);
+  widenHalfInto(src, dtype, out, 0);
+  return out;
+}
+
+/**
+ * F16 / BF16 bits to fp32 at out[at..], bit for bit as the native loader converts them (kernels/cpu/model.cpp
+ * f16_to_f32: a NaN keeps its payload), so a tensor read here equals the loaded model's copy.
+ */
+function widenHalfInto(src: Uint16Array, dtype: "F16" | "BF16", out: Float32Array, at: number): void {
+  const u32 = new Uint32Array(out.buffer, out.byteOffset + 4 * at, src.length);
+  if (dtype === "BF16") {
+    for (let i = 0; i < src.length; i++) u32[i] = src[i]! << 16;
+    return;
+  }
   for (let i = 0; i < src.length; i++) {
     const h = src[i]!;
-    if (dtype === "BF16") {
-      u32[i] = h << 16;
-      continue;
-    }
-    const sign = h & 0x8000 ? -1 : 1;
+    const sign = (h & 0x8000) << 16;
     const exp = (h >> 10) & 0x1f;
-    const man = h & 0x3ff;
-    if (exp === 0) out[i] = sign * man * 2 ** -24;
-    else if (exp === 31) out[i] = man ? Number.NaN : sign * Number.POSITIVE_INFINITY;
-    else out[i] = sign * (1 + man / 1024) * 2 ** (exp - 15);
+    let man = h & 0x3ff;
+    if (exp === 0x1f) u32[i] = sign | 0x7f800000 | (man << 13);
+    else if (exp !== 0) u32[i] = sign | ((exp + 112) << 23) | (man << 13);
+    else if (man === 0) u32[i] = sign;
+    else {
+      // A subnormal half is a normal float: shift the mantissa up to its leading 1, lowering the exponent.
+      let e = -1;
+      do {
+        e++;
+        man <<= 1;
+      } while ((man & 0x400) === 0);
+      u32[i] = sign | ((112 - e) << 23) | ((man & 0x3ff) << 13);
+    }
   }
+}
+
+// Bytes per positioned read of readTensorFloat32: bounded memory beside the fp32 result.
+const READ_CHUNK_BYTES = 16 << 20;
+
+/** readSync until `bytes` is full (one read(2) stops at 2 GiB - 4 KiB; a short file is an error). */
+function readAllAt(fd: number, bytes: Uint8Array, position: number, file: string): void {
+  for (let done = 0; done < bytes.byteLength; ) {
+    const got = readSync(fd, bytes, done, Math.min(bytes.byteLength - done, 1 << 30), position + done);
+    if (got === 0)
+      throw new Error(`cannot read ${file} at byte ${position + done}: file is shorter than its header says`);
+    done += got;
+  }
+}
+
+/**
+ * One weight tensor as fp32, read with positioned reads of its own bytes only (a model's vocabulary matrix
+ * without the rest of its shard). F32, F16, BF16 and F64 are converted as the native loader converts them
+ * (F64 rounded to the nearest float), so the values equal a loaded model's; as there, a NaN or infinite
+ * value is an error (a damaged file).
+ */
+export function readTensorFloat32(t: TensorInfo): Float32Array {
+  const dtype = t.dtype;
+  if (dtype !== "F32" && dtype !== "F16" && dtype !== "BF16" && dtype !== "F64")
+    throw new Error(`${t.file}: tensor '${t.name}' has dtype ${dtype}; expected F32, F16, BF16 or F64`);
+  const bytesPer = DTYPE_BYTES[dtype]!;
+  const out = new Float32Array(t.byteLength / bytesPer);
+  const fd = openSync(t.file, "r");
+  try {
+    if (dtype === "F32") {
+      readAllAt(fd, new Uint8Array(out.buffer), t.offset, t.file);
+    } else {
+      // A chunk of whole values, in its own (aligned) buffer so that it can be viewed as 16- or 64-bit values.
+      const chunk = new Uint8Array(Math.min(t.byteLength, READ_CHUNK_BYTES));
+      for (let done = 0; done < t.byteLength; ) {
+        const bytes = chunk.subarray(0, Math.min(chunk.byteLength, t.byteLength - done));
+        readAllAt(fd, bytes, t.offset + done, t.file);
+        const at = done / bytesPer;
+        if (dtype === "F64") out.set(new Float64Array(bytes.buffer, 0, bytes.byteLength / 8), at);
+        else widenHalfInto(new Uint16Array(bytes.buffer, 0, bytes.byteLength / 2), dtype, out, at);
+        done += bytes.byteLength;
+      }
+    }
+  } catch (e) {
+    throw fileError(e, t.file); // a failed read(2) names no file
+  } finally {
+    closeSync(fd);
+  }
+  // NaN and infinities are the floats whose exponent bits are all ones (an integer test, quicker than
+  // Number.isFinite over a vocabulary matrix).
+  const bits = new Uint32Array(out.buffer);
+  for (let i = 0; i < bits.length; i++)
+    if ((bits[i]! & 0x7f800000) === 0x7f800000) {
+      const cols = t.shape.length === 2 ? t.shape[1]! : 0;
+      const at = cols > 0 ? `[${Math.floor(i / cols)}, ${i % cols}]` : `index ${i}`;
+      throw new Error(
+        `tensor '${t.name}' in ${t.file}: value ${Number.isNaN(out[i]) ? "NaN" : "infinite"} at ${at} (weights must be finite: the file is damaged)`,
+      );
+    }
   return out;
 }
 
