@@ -196,12 +196,6 @@ function isModelLike(s: unknown): s is ModelLike {
   );
 }
 
-function gatherRows(data: Float32Array, dim: number, rows: Int32Array): Float32Array {
-  const out = new Float32Array(rows.length * dim);
-  for (let i = 0; i < rows.length; i++) out.set(data.subarray(rows[i] * dim, (rows[i] + 1) * dim), i * dim);
-  return out;
-}
-
 function cosineAndL2(
   a: Float32Array,
   ai: number,
@@ -240,17 +234,77 @@ function optionalNumber(name: string, value: unknown, fallback: number, min: num
   return value;
 }
 
+// Rows of the index gathered per call of rowsAt() when the reference's own nearest-neighbour pairs are scored:
+// bounds the copies (64 MB at dim 2048) when neighborSample is "all".
+const PAIR_CHUNK_ROWS = 4096;
+
+/** A reference's settings, checked against the source's row count before the index is built. */
+function referenceSettings(options: CollapseReferenceOptions, rows: number) {
+  const metric = options.metric ?? "cosine";
+  if (metric !== "cosine" && metric !== "l2")
+    throw new TypeError(`metric: expected "cosine" or "l2", got ${describeValue(metric)}`);
+  return {
+    metric,
+    seed: options.seed === undefined ? 0 : checkInteger("seed", options.seed, 0, 2 ** 32 - 1),
+    jitter: optionalNumber("covarianceJitter", options.covarianceJitter, 1e-3, 0, 1e6),
+    neighborRows: sampleSize("neighborSample", options.neighborSample, 4096, rows),
+    gaussianRows: sampleSize("gaussianSample", options.gaussianSample, "all", rows),
+    divergenceCount: sampleSize("divergenceRows", options.divergenceRows, 1000, rows),
+  };
+}
+
+/**
+ * The checked source, its settings and the index over its rows. A model's tokenEmbeddings() copy is
+ * unreachable once this returns: the index holds the rows from then on.
+ */
+async function sourceIndex(source: ModelLike | VectorSetSource, options: CollapseReferenceOptions) {
+  let vocab: Float32Array;
+  let dim: number;
+  let tokenizer: TokenDecoder | undefined;
+  if (isModelLike(source)) {
+    dim = checkInteger("source.config.hiddenSize", source.config.hiddenSize, 1);
+    vocab = checkFloat32("source.tokenEmbeddings()", source.tokenEmbeddings());
+    const expected = source.config.vocabSize * dim;
+    if (vocab.length !== expected)
+      throw new RangeError(
+        `source.tokenEmbeddings(): expected vocabSize x hiddenSize = ${expected} elements, got ${vocab.length}`,
+      );
+    tokenizer = source.tokenizer ?? undefined;
+  } else if (typeof source === "object" && source !== null && "vocab" in source) {
+    vocab = checkFloat32("source.vocab", source.vocab);
+    dim = checkInteger("source.dim", source.dim, 1);
+    tokenizer = source.tokenizer;
+  } else {
+    throw new TypeError(
+      `source: expected a loaded model, a { vocab, dim } object or a CollapseReference, got ${describeValue(source)}`,
+    );
+  }
+  if (tokenizer !== undefined && typeof tokenizer.decode !== "function")
+    throw new TypeError(
+      `source.tokenizer: expected an object with decode(ids), got ${describeValue(tokenizer)}`,
+    );
+  const rows = rowCount("source.vocab", vocab, dim);
+  if (rows < 2) throw new RangeError("source.vocab: the reference needs at least 2 rows");
+  const settings = referenceSettings(options, rows);
+  const index = await VocabIndex.create(vocab, {
+    dim,
+    metric: settings.metric,
+    backend: options.backend ?? "auto",
+    threads: options.threads,
+  });
+  return { index, tokenizer, settings };
+}
+
 /**
  * The reference side of the collapse metrics, computed once: index, neighbour baseline, Gaussian, divergence
- * rows. A { vocab, dim } source's array is kept (not copied) to compute the reported cosine and L2 values:
- * leave it unchanged while the reference is in use.
+ * rows. The reference keeps no JS copy of the source's rows: reported cosine and L2 values are computed from
+ * the index's own copy, so a { vocab, dim } source's array may change once create() has resolved.
  */
 export class CollapseReference {
   readonly summary: ReferenceSummary;
   readonly dim: number;
   readonly tokenizer: TokenDecoder | undefined;
   #index: VocabIndex | undefined;
-  readonly #vocab: Float32Array;
   readonly #nearestCos: Float64Array; // ascending
   readonly #nearestCosDistance: Float64Array; // ascending 1 - cos
   readonly #nearestL2: Float64Array; // ascending
@@ -263,7 +317,6 @@ export class CollapseReference {
     summary: ReferenceSummary;
     tokenizer: TokenDecoder | undefined;
     index: VocabIndex;
-    vocab: Float32Array;
     nearestCos: Float64Array;
     nearestL2: Float64Array;
     mean: Float64Array;
@@ -275,7 +328,6 @@ export class CollapseReference {
     this.dim = init.summary.dim;
     this.tokenizer = init.tokenizer;
     this.#index = init.index;
-    this.#vocab = init.vocab;
     this.#nearestCos = init.nearestCos;
     this.#nearestCosDistance = Float64Array.from(init.nearestCos, (c) => 1 - c).sort();
     this.#nearestL2 = init.nearestL2;
@@ -290,75 +342,45 @@ export class CollapseReference {
     optionsArg?: CollapseReferenceOptions,
   ): Promise<CollapseReference> {
     const options = checkOptions(optionsArg, "CollapseReference options", REFERENCE_KEYS);
-    let vocab: Float32Array;
-    let dim: number;
-    let tokenizer: TokenDecoder | undefined;
-    if (isModelLike(source)) {
-      dim = checkInteger("source.config.hiddenSize", source.config.hiddenSize, 1);
-      vocab = checkFloat32("source.tokenEmbeddings()", source.tokenEmbeddings());
-      const expected = source.config.vocabSize * dim;
-      if (vocab.length !== expected)
-        throw new RangeError(
-          `source.tokenEmbeddings(): expected vocabSize x hiddenSize = ${expected} elements, got ${vocab.length}`,
-        );
-      tokenizer = source.tokenizer ?? undefined;
-    } else if (typeof source === "object" && source !== null && "vocab" in source) {
-      vocab = checkFloat32("source.vocab", source.vocab);
-      dim = checkInteger("source.dim", source.dim, 1);
-      tokenizer = source.tokenizer;
-    } else {
-      throw new TypeError(
-        `source: expected a loaded model, a { vocab, dim } object or a CollapseReference, got ${describeValue(source)}`,
-      );
-    }
-    if (tokenizer !== undefined && typeof tokenizer.decode !== "function")
-      throw new TypeError(
-        `source.tokenizer: expected an object with decode(ids), got ${describeValue(tokenizer)}`,
-      );
-    const rows = rowCount("source.vocab", vocab, dim);
-    if (rows < 2) throw new RangeError("source.vocab: the reference needs at least 2 rows");
-    const metric = options.metric ?? "cosine";
-    if (metric !== "cosine" && metric !== "l2")
-      throw new TypeError(`metric: expected "cosine" or "l2", got ${describeValue(metric)}`);
-    const seed = options.seed === undefined ? 0 : checkInteger("seed", options.seed, 0, 2 ** 32 - 1);
-    const jitter = optionalNumber("covarianceJitter", options.covarianceJitter, 1e-3, 0, 1e6);
-    const neighborRows = sampleSize("neighborSample", options.neighborSample, 4096, rows);
-    const gaussianRows = sampleSize("gaussianSample", options.gaussianSample, "all", rows);
-    const divergenceCount = sampleSize("divergenceRows", options.divergenceRows, 1000, rows);
-
-    const index = await VocabIndex.create(vocab, {
-      dim,
-      metric,
-      backend: options.backend ?? "auto",
-      threads: options.threads,
-    });
+    const { index, tokenizer, settings } = await sourceIndex(source, options);
     try {
-      const threads = index.threads;
-      // The reference's own nearest-neighbour distribution (each sampled row's nearest *other* row).
+      const { metric, seed, jitter, neighborRows, gaussianRows, divergenceCount } = settings;
+      const { rows, dim, threads } = index;
+      // The reference's own nearest-neighbour distribution (each sampled row's nearest *other* row), scored
+      // from rows of the index, chunk by chunk.
       const sampled =
         neighborRows === rows ? undefined : sampleWithoutReplacement(rows, neighborRows, seed).sort();
       const self = await index.selfSearch({ k: 1, rows: sampled });
       const nearestCos = new Float64Array(self.count);
       const nearestL2 = new Float64Array(self.count);
-      for (let i = 0; i < self.count; i++) {
-        const r = sampled ? sampled[i] : i;
-        [nearestCos[i], nearestL2[i]] = cosineAndL2(vocab, r, vocab, self.indices[i], dim);
+      for (let start = 0; start < self.count; start += PAIR_CHUNK_ROWS) {
+        const end = Math.min(self.count, start + PAIR_CHUNK_ROWS);
+        const own = new Int32Array(end - start);
+        for (let i = start; i < end; i++) own[i - start] = sampled ? sampled[i] : i;
+        const a = index.rowsAt(own);
+        const b = index.rowsAt(self.indices.subarray(start, end));
+        for (let i = start; i < end; i++)
+          [nearestCos[i], nearestL2[i]] = cosineAndL2(a, i - start, b, i - start, dim);
       }
       nearestCos.sort();
       nearestL2.sort();
-      // Gaussian fit.
-      const fitRows =
+      // Gaussian fit: all rows are read in place from the index (no copy of the vocabulary).
+      const fit =
         gaussianRows === rows
-          ? vocab
-          : gatherRows(vocab, dim, sampleWithoutReplacement(rows, gaussianRows, seed + 1));
-      const fit = await addon().priorGaussianFit(fitRows, dim, { ridgeRelative: jitter }, threads);
+          ? await index.fitGaussian({ ridgeRelative: jitter }, threads)
+          : await addon().priorGaussianFit(
+              index.rowsAt(sampleWithoutReplacement(rows, gaussianRows, seed + 1)),
+              dim,
+              { ridgeRelative: jitter },
+              threads,
+            );
       // Divergence rows, and the reference's own divergence against them: from M other rows where the
       // reference has 2M (one draw, split), else from the divergence rows themselves with each row's zero
       // distance to itself left out of its mean (a prompt vector has no such zero term).
       const drawn = sampleWithoutReplacement(rows, Math.min(rows, 2 * divergenceCount), seed + 2);
-      const divergenceRows = gatherRows(vocab, dim, drawn.subarray(0, divergenceCount));
+      const divergenceRows = index.rowsAt(drawn.subarray(0, divergenceCount));
       const disjoint = drawn.length >= 2 * divergenceCount;
-      const others = disjoint ? gatherRows(vocab, dim, drawn.subarray(divergenceCount)) : divergenceRows;
+      const others = disjoint ? index.rowsAt(drawn.subarray(divergenceCount)) : divergenceRows;
       const own = await addon().meanDistances(others, divergenceRows, dim, threads);
       if (!disjoint) for (let i = 0; i < own.length; i++) own[i] *= divergenceCount / (divergenceCount - 1);
       const q = (a: Float64Array) => ({
@@ -388,7 +410,6 @@ export class CollapseReference {
         },
         tokenizer,
         index,
-        vocab,
         nearestCos,
         nearestL2,
         mean: fit.mean,
@@ -433,6 +454,7 @@ export class CollapseReference {
       addon().gramEigenvalues(vectors, dim, this.#threads),
     ]);
     const decode = this.tokenizer ? (ids: number[]) => this.tokenizer!.decode(ids) : undefined;
+    const neighbors = index.rowsAt(found.indices); // row i * k + j: vector i's j-th nearest
     const reports: VectorReport[] = [];
     const norms = new Float64Array(count);
     let collapsedCount = 0;
@@ -445,7 +467,7 @@ export class CollapseReference {
       const nearest: NeighborEntry[] = [];
       for (let j = 0; j < k; j++) {
         const id = found.indices[i * k + j];
-        const [cosine, l2] = cosineAndL2(vectors, i, this.#vocab, id, dim);
+        const [cosine, l2] = cosineAndL2(vectors, i, neighbors, i * k + j, dim);
         nearest.push({ id, token: decode ? decode([id]) : null, cosine, l2 });
       }
       const m2 = mahalanobis2[i];

@@ -251,13 +251,7 @@ export class VocabIndex {
     if (options.rows === undefined) {
       rows = new Int32Array(this.rows);
       for (let i = 0; i < this.rows; i++) rows[i] = i;
-    } else {
-      // Checked before the Int32Array conversion, which would wrap 2^32 + 1 to row 1.
-      for (const [i, r] of Array.from(options.rows).entries())
-        if (!Number.isInteger(r) || r < 0 || r >= this.rows)
-          throw new RangeError(`rows: element ${i} is ${r}, outside the index's rows [0, ${this.rows})`);
-      rows = Int32Array.from(options.rows);
-    }
+    } else rows = this.#rowIds("rows", options.rows);
     const chunk = options.chunkRows === undefined ? 4096 : checkInteger("chunkRows", options.chunkRows, 1);
     const threads = threadsOr(options.threads, this.threads);
     const indices = new Int32Array(rows.length * k);
@@ -276,6 +270,39 @@ export class VocabIndex {
       options.onProgress?.(start + part.length, rows.length);
     }
     return { indices, scores, k, count: rows.length, recoveredQueries: recovered, deviceMs, deviceScreenMs };
+  }
+
+  /**
+   * Copies of the listed rows (ids.length x dim), as the index keeps them: the original fp32 values. So a
+   * caller needs no copy of the vocabulary of its own beside the index.
+   */
+  rowsAt(ids: Int32Array | readonly number[]): Float32Array {
+    const native = this.#live();
+    return native.rowsAt(this.#rowIds("ids", ids));
+  }
+
+  /**
+   * The full-covariance Gaussian fitted to all the index's rows (the native fit of lib/gaussian.ts, same
+   * options), read in place: no copy of the vocabulary.
+   */
+  fitGaussian(
+    regularisation: { shrinkage?: number; ridgeAbsolute?: number; ridgeRelative?: number },
+    threads?: number,
+  ): ReturnType<ReturnType<typeof addon>["priorGaussianFit"]> {
+    const native = this.#live();
+    return addon().priorGaussianFit(native, this.dim, regularisation, threadsOr(threads, this.threads));
+  }
+
+  // Row ids checked before the Int32Array conversion, which would wrap 2^32 + 1 to row 1.
+  #rowIds(name: string, ids: Int32Array | readonly number[]): Int32Array {
+    if (!(ids instanceof Int32Array) && !Array.isArray(ids))
+      throw new TypeError(
+        `${name}: expected an Int32Array or an array of row indices, got ${describeValue(ids)}`,
+      );
+    for (const [i, r] of Array.from(ids).entries())
+      if (!Number.isInteger(r) || r < 0 || r >= this.rows)
+        throw new RangeError(`${name}: element ${i} is ${r}, outside the index's rows [0, ${this.rows})`);
+    return Int32Array.from(ids);
   }
 
   /** Bytes the index holds in host and device memory. */

@@ -172,6 +172,8 @@ export interface Addon {
     ): Promise<void>;
     search(queries: Float32Array, k: number, threads: number): Promise<NativeKnnResult>;
     searchRows(rows: Int32Array, k: number, threads: number, excludeSelf: boolean): Promise<NativeKnnResult>;
+    /** The listed rows, copied (ids.length x dim). */
+    rowsAt(ids: Int32Array): Float32Array;
     info(): {
       rows: number;
       dim: number;
@@ -205,8 +207,9 @@ export interface Addon {
   ): Promise<Float64Array>;
   gramEigenvalues(x: Float32Array, dim: number, threads: number): Promise<Float64Array>;
   // --- priors and regularisers (kernels/cpu/prior_gaussian.cpp, native/priors.cpp) ---
+  /** rows: an array, or a NativeKnnIndex (fitted to all its rows, read in place). */
   priorGaussianFit(
-    rows: Float32Array,
+    rows: Float32Array | InstanceType<Addon["NativeKnnIndex"]>,
     dim: number,
     options: { shrinkage?: number; ridgeAbsolute?: number; ridgeRelative?: number; keepCovariance?: boolean },
     threads: number,
@@ -248,7 +251,12 @@ export interface Addon {
     vocab: Float32Array,
     dim: number,
     threads: number,
-  ) => { nearest(queries: Float32Array, threads: number): Int32Array; rows(): number; dispose(): void };
+  ) => {
+    nearest(queries: Float32Array, threads: number): Int32Array;
+    rowsAt(ids: Int32Array): Float32Array;
+    rows(): number;
+    dispose(): void;
+  };
   // --- end priors ---
 }
 

@@ -1174,7 +1174,7 @@ export interface RegularizerContext {
   prior?: Prior;
   /** l2-init: the initial prompt x0, rows x dim. */
   init?: Float32Array;
-  /** nearest-vocab: the vocabulary, rows x dim. */
+  /** nearest-vocab: the vocabulary, rows x dim (copied into the regulariser's index, not kept). */
   vocab?: Float32Array;
   dim: number;
   threads?: number;
@@ -1313,18 +1313,18 @@ export function createRegularizer(spec: RegularizerSpec, context: RegularizerCon
   if (!(vocab instanceof Float32Array))
     throw new TypeError(`context.vocab: expected a Float32Array, got ${shown(vocab)}`);
   const vocabRows = rowsOf("context.vocab", vocab, dim);
+  // The index copies the rows (synchronously) and serves the nearest ones: context.vocab is not kept.
   const index = new (addon().NativeNearestRows)(vocab, dim, threads);
   return new CachedRegularizer(
     "nearest-vocab",
     dim,
     (x) => {
-      const ids = index.nearest(x, threads);
+      const nearest = index.rowsAt(index.nearest(x, threads)); // row r: x's row r's nearest
       const gradient = new Float32Array(x.length);
       let value = 0;
-      for (let r = 0; r < ids.length; r++) {
-        const v = ids[r] * dim;
+      for (let r = 0; r < nearest.length / dim; r++) {
         for (let j = 0; j < dim; j++) {
-          const t = x[r * dim + j] - vocab[v + j];
+          const t = x[r * dim + j] - nearest[r * dim + j];
           gradient[r * dim + j] = t;
           value += t * t;
         }

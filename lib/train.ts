@@ -648,6 +648,7 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
       regularizer = createRegularizer(spec, {
         prior,
         init: initial[0],
+        // A transient copy: the regulariser's index takes its own and keeps no reference to this one.
         vocab: spec.kind === "nearest-vocab" ? model.tokenEmbeddings() : undefined,
         dim: c.hiddenSize,
         threads: model.threads,

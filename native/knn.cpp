@@ -2,11 +2,12 @@
 // float64 linear algebra behind the collapse metrics (kernels/cpu/collapse_linalg.cpp).
 //
 // NativeKnnIndex: build() (async: copies, normalises and packs the rows, or uploads them to the device),
-// search() and searchRows() (async), info(), dispose(). The index is held by shared_ptr, so a search still
-// running after dispose() keeps it alive until it finishes; calls after dispose() throw "Index is disposed".
-// Every typed-array input is copied before the worker starts (common.h: owned()): a worker reading a JS
-// array in place could read freed memory if the caller transferred or resized its buffer meanwhile.
-#include "priortune/knn.h"
+// search() and searchRows() (async), rowsAt(), info(), dispose(). The index is held by shared_ptr, so a
+// search still running after dispose() keeps it alive until it finishes; calls after dispose() throw "Index
+// is disposed". Every typed-array input is copied before the worker starts (common.h: owned()): a worker
+// reading a JS array in place could read freed memory if the caller transferred or resized its buffer
+// meanwhile. build()'s copy of the vocabulary is the one the index keeps (no second copy).
+#include "knn.h"
 
 #include <algorithm>
 #include <cmath>
@@ -31,25 +32,31 @@ Napi::Object result_object(Napi::Env env, pt::KnnResult&& r) {
   return o;
 }
 
+// Marks NativeKnnIndex objects, so that knn_index_of() can tell them from other wrapped objects.
+constexpr napi_type_tag kKnnIndexTag = {0x7072696f7274756eULL, 0x6b6e6e696e646578ULL};
+
 class KnnIndexWrap : public Napi::ObjectWrap<KnnIndexWrap> {
  public:
   static Napi::Function Define(Napi::Env env) {
     return DefineClass(
         env, "NativeKnnIndex",
         {InstanceMethod("build", &KnnIndexWrap::Build), InstanceMethod("search", &KnnIndexWrap::Search),
-         InstanceMethod("searchRows", &KnnIndexWrap::SearchRows), InstanceMethod("info", &KnnIndexWrap::Info),
+         InstanceMethod("searchRows", &KnnIndexWrap::SearchRows),
+         InstanceMethod("rowsAt", &KnnIndexWrap::RowsAt), InstanceMethod("info", &KnnIndexWrap::Info),
          InstanceMethod("dispose", &KnnIndexWrap::Dispose)});
   }
 
-  explicit KnnIndexWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<KnnIndexWrap>(info) {}
+  explicit KnnIndexWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<KnnIndexWrap>(info) {
+    Value().TypeTag(&kKnnIndexTag);
+  }
 
- private:
   std::shared_ptr<const pt::KnnIndex> live(Napi::Env env) {
     if (disposed_) throw Napi::Error::New(env, "Index is disposed");
     if (!index_) throw Napi::Error::New(env, "Index is not built yet (await build() first)");
     return index_;
   }
 
+ private:
   // build(vocab: Float32Array, dim, metric, backend: "cpu" | "cuda", threads) -> Promise<void>
   Napi::Value Build(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
@@ -68,20 +75,18 @@ class KnnIndexWrap : public Napi::ObjectWrap<KnnIndexWrap> {
         throw Napi::TypeError::New(env, "backend: expected \"cpu\" or \"cuda\", got \"" + backend + "\"");
       const int threads = threads_of(info, 4);
       auto slot = std::make_shared<std::shared_ptr<const pt::KnnIndex>>();
-      // Copied for the worker (common.h: owned()); the copy is freed once the index holds its own.
-      auto rows = std::make_shared<Owned<float>>(owned(vocab));
+      // Copied for the worker, as owned() does; the index takes the copy over as its rows.
+      auto rows = std::make_shared<std::vector<float>>(vocab.data, vocab.data + vocab.length);
       building_ = true;
       auto* worker = new PromiseWorker(
           env,
           [slot, rows, V, d, metric, backend, threads]() {
-            const float* vocab = (*rows)->data();
-            const std::string bad = pt::knn_check_rows(vocab, V, d, threads);
+            const std::string bad = pt::knn_check_rows(rows->data(), V, d, threads);
             if (!bad.empty()) throw std::invalid_argument("vocab: " + bad);
             if (backend == "cuda")
-              *slot = pt::knn_index_cuda(vocab, V, d, metric);
+              *slot = pt::knn_index_cuda(std::move(*rows), d, metric);
             else
-              *slot = pt::knn_index_cpu(vocab, V, d, metric, threads);
-            rows->reset();
+              *slot = pt::knn_index_cpu(std::move(*rows), d, metric, threads);
           },
           [this, slot](Napi::Env e) -> Napi::Value {
             building_ = false;
@@ -149,6 +154,9 @@ class KnnIndexWrap : public Napi::ObjectWrap<KnnIndexWrap> {
       return worker->queue();
     });
   }
+
+  // rowsAt(ids: Int32Array) -> Float32Array (knn.h)
+  Napi::Value RowsAt(const Napi::CallbackInfo& info) { return knn_rows_at(info, *live(info.Env())); }
 
   Napi::Value Info(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
@@ -268,6 +276,27 @@ Napi::Value GramEigenvalues(const Napi::CallbackInfo& info) {
 }
 
 }  // namespace
+
+std::shared_ptr<const pt::KnnIndex> knn_index_of(const Napi::Value& v) {
+  if (!v.IsObject() || !v.As<Napi::Object>().CheckTypeTag(&kKnnIndexTag)) return nullptr;
+  return KnnIndexWrap::Unwrap(v.As<Napi::Object>())->live(v.Env());
+}
+
+Napi::Value knn_rows_at(const Napi::CallbackInfo& info, const pt::KnnIndex& index) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&]() -> Napi::Value {
+    View<int32_t> ids = view_of<int32_t>(arg(info, 0, "ids"), "ids");
+    const int64_t V = index.rows(), d = index.dim();
+    for (size_t i = 0; i < ids.length; ++i)
+      if (ids.data[i] < 0 || ids.data[i] >= V)
+        throw Napi::RangeError::New(env, "ids: element " + std::to_string(i) + " is " +
+                                             std::to_string(ids.data[i]) + ", outside the index's rows [0, " +
+                                             std::to_string(V) + ")");
+    std::vector<float> out(ids.length * static_cast<size_t>(d));
+    for (size_t i = 0; i < ids.length; ++i) std::copy_n(index.row(ids.data[i]), d, out.begin() + i * d);
+    return to_float32(env, std::move(out));
+  });
+}
 
 void init_knn(Napi::Env env, Napi::Object exports) {
   exports.Set("NativeKnnIndex", KnnIndexWrap::Define(env));

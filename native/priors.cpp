@@ -13,8 +13,8 @@
 #include <sstream>
 
 #include "common.h"
+#include "knn.h"
 #include "modules.h"
-#include "priortune/knn.h"
 #include "priortune/prior.h"
 
 namespace ptn {
@@ -38,15 +38,33 @@ double option_number(const Napi::Object& o, const char* key, double fallback, do
   return x;
 }
 
-// priorGaussianFit(rows: Float32Array, dim, { shrinkage, ridgeAbsolute, ridgeRelative, keepCovariance },
-//   threads) -> Promise<{ mean, cholesky, covariance | null, ridge, meanVariance, logDet, covarianceSeconds,
-//   choleskySeconds }>
+// priorGaussianFit(rows: Float32Array | NativeKnnIndex, dim, { shrinkage, ridgeAbsolute, ridgeRelative,
+//   keepCovariance }, threads) -> Promise<{ mean, cholesky, covariance | null, ridge, meanVariance, logDet,
+//   covarianceSeconds, choleskySeconds }>. An index is fitted to all its rows, read in place: they never
+// change and the worker holds the index, so they need no copy (a vocabulary-sized one for the collapse
+// metrics), unlike a JS array (common.h: owned()).
 Napi::Value PriorGaussianFit(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return guarded(env, [&]() -> Napi::Value {
     Napi::Value rows_value = arg(info, 0, "rows");
-    View<float> x = view_of<float>(rows_value, "rows");
-    const int64_t d = int_of(arg(info, 1, "dim"), "dim", 1), n = rows_of(x, d, "rows", env);
+    const int64_t d = int_of(arg(info, 1, "dim"), "dim", 1);
+    std::shared_ptr<const void> held;  // what the worker reads: the index, or a copy of the array
+    const float* rows = nullptr;
+    int64_t n = 0;
+    if (auto index = knn_index_of(rows_value)) {
+      if (index->dim() != d)
+        throw Napi::RangeError::New(env, "rows: the index's rows have dim " + std::to_string(index->dim()) +
+                                             ", expected " + std::to_string(d));
+      rows = index->row(0);
+      n = index->rows();
+      held = index;
+    } else {
+      View<float> x = view_of<float>(rows_value, "rows");
+      n = rows_of(x, d, "rows", env);
+      const Owned<float> xc = owned(x);
+      rows = xc->data();
+      held = xc;
+    }
     if (n < 2) throw Napi::RangeError::New(env, "rows: a Gaussian fit needs at least 2 rows, got 1");
     Napi::Object options = object_of(arg(info, 2, "options"), "options");
     const double shrinkage = option_number(options, "shrinkage", 0.0, 0.0, 1.0);
@@ -55,7 +73,6 @@ Napi::Value PriorGaussianFit(const Napi::CallbackInfo& info) {
     const bool keep_covariance = options.Get("keepCovariance").ToBoolean().Value();
     const int threads = threads_of(info, 3);
     count_of(env, "dim x dim covariance", {d, d});
-    const Owned<float> xc = owned(x);
     struct Out {
       std::vector<double> mean, chol, cov;
       pt::PriorGaussianFitInfo fit;
@@ -63,8 +80,8 @@ Napi::Value PriorGaussianFit(const Napi::CallbackInfo& info) {
     auto out = std::make_shared<Out>();
     auto* worker = new PromiseWorker(
         env,
-        [xc, n, d, shrinkage, ridge_absolute, ridge_relative, keep_covariance, threads, out]() {
-          const float* x = xc->data();
+        [held, rows, n, d, shrinkage, ridge_absolute, ridge_relative, keep_covariance, threads, out]() {
+          const float* x = rows;
           const std::string bad = pt::knn_check_rows(x, n, d, threads);
           if (!bad.empty()) throw std::invalid_argument("rows: " + bad);
           out->mean.resize(d);
@@ -171,13 +188,15 @@ Napi::Value PriorGaussianEnergy(const Napi::CallbackInfo& info) {
 
 // new NativeNearestRows(vocab: Float32Array, dim, threads): an exact L2 index over a copy of the rows, built
 // synchronously; nearest(queries: Float32Array, threads) -> Int32Array, each query's nearest row (ties to the
-// lower index, as knn.h defines exact); rows(); dispose().
+// lower index, as knn.h defines exact); rowsAt(ids: Int32Array) -> Float32Array, those rows (knn.h), so that
+// the caller need not keep its own copy of the vocabulary; rows(); dispose().
 class NearestRowsWrap : public Napi::ObjectWrap<NearestRowsWrap> {
  public:
   static Napi::Function Define(Napi::Env env) {
     return DefineClass(
         env, "NativeNearestRows",
-        {InstanceMethod("nearest", &NearestRowsWrap::Nearest), InstanceMethod("rows", &NearestRowsWrap::Rows),
+        {InstanceMethod("nearest", &NearestRowsWrap::Nearest),
+         InstanceMethod("rowsAt", &NearestRowsWrap::RowsAt), InstanceMethod("rows", &NearestRowsWrap::Rows),
          InstanceMethod("dispose", &NearestRowsWrap::Dispose)});
   }
 
@@ -214,6 +233,8 @@ class NearestRowsWrap : public Napi::ObjectWrap<NearestRowsWrap> {
       return to_int32(env, std::move(r.indices));
     });
   }
+
+  Napi::Value RowsAt(const Napi::CallbackInfo& info) { return knn_rows_at(info, live(info.Env())); }
 
   Napi::Value Rows(const Napi::CallbackInfo& info) {
     return Napi::Number::New(info.Env(), static_cast<double>(live(info.Env()).rows()));

@@ -232,6 +232,47 @@ describe("collapseReport", () => {
     await expect(reference.report(new Float32Array(d))).rejects.toThrow("CollapseReference is disposed");
   });
 
+  it("keeps no copy of a { vocab, dim } source: its nearest cosine and L2 are float64 values of the rows as given", async () => {
+    const d = 37;
+    const V = 400;
+    const vocab = gaussian(V * d, 31);
+    const given = vocab.slice();
+    const x = gaussian(6 * d, 32);
+    x.set(vocab.subarray(9 * d, 10 * d), 0);
+    const reference = await createCollapseReference(
+      { vocab, dim: d },
+      { backend: "cpu", neighborSample: 150, gaussianSample: 300 },
+    );
+    try {
+      const before = await reference.report(x, { k: 4 });
+      vocab.fill(0.25); // the caller's array is its own once the reference is built
+      const after = await reference.report(x, { k: 4 });
+      expect(after).toEqual(before);
+      for (const [i, v] of after.vectors.entries())
+        for (const n of v.nearest) {
+          // Summed in the order of lib/collapse.ts's float64 loop: the same bits.
+          let dot = 0;
+          let aa = 0;
+          let bb = 0;
+          let d2 = 0;
+          for (let t = 0; t < d; t++) {
+            const a = x[i * d + t];
+            const b = given[n.id * d + t];
+            dot += a * b;
+            aa += a * a;
+            bb += b * b;
+            d2 += (a - b) * (a - b);
+          }
+          expect(n.cosine).toBe(dot / Math.sqrt(aa * bb));
+          expect(n.l2).toBe(Math.sqrt(d2));
+        }
+      expect(after.vectors[0].nearest[0]).toMatchObject({ id: 9, l2: 0 });
+    } finally {
+      reference.dispose();
+    }
+    await expect(reference.report(x)).rejects.toThrow("CollapseReference is disposed");
+  });
+
   it("divergence equals the mean distance to all rows when M covers the reference", async () => {
     const d = 16;
     const V = 120;

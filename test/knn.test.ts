@@ -322,6 +322,57 @@ describe("VocabIndex argument checks", () => {
     index.dispose();
   });
 
+  it("rowsAt copies the index's own rows: the original values, whatever the caller does to its array", async () => {
+    const mine = vocab.slice();
+    const index = await VocabIndex.create(mine, { dim, backend: "cpu" });
+    mine.fill(7); // the index copied the rows when create() was called
+    const rows = index.rowsAt([19, 0, 19]);
+    expect(rows).toEqual(
+      Float32Array.from([
+        ...vocab.subarray(19 * dim, 20 * dim),
+        ...vocab.subarray(0, dim),
+        ...vocab.subarray(19 * dim, 20 * dim),
+      ]),
+    );
+    rows.fill(3); // a copy: the index is unchanged
+    expect(index.rowsAt(Int32Array.of(19))).toEqual(vocab.subarray(19 * dim, 20 * dim));
+    expect(index.rowsAt([])).toEqual(new Float32Array(0));
+    expect(() => index.rowsAt([3, 20])).toThrow("ids: element 1 is 20, outside the index's rows [0, 20)");
+    expect(() => index.rowsAt([2 ** 32 + 1])).toThrow("ids: element 0 is 4294967297");
+    expect(() => index.rowsAt([0.5])).toThrow("ids: element 0 is 0.5");
+    expect(() => index.rowsAt(Float32Array.of(1) as never)).toThrow(
+      "ids: expected an Int32Array or an array of row indices, got Float32Array",
+    );
+    index.dispose();
+  });
+
+  it("fitGaussian reads the index's rows: the same bits as the fit of the array, even if disposed meanwhile", async () => {
+    const rows = gaussian(300 * dim, 23);
+    const options = { ridgeRelative: 1e-3, shrinkage: 0.1 };
+    const want = await addon().priorGaussianFit(rows, dim, options, 2);
+    for (const backend of ["cpu", ...(addon().cudaInfo().usable ? ["cuda" as const] : [])] as const) {
+      const index = await VocabIndex.create(rows, { dim, backend });
+      const got = await index.fitGaussian(options, 2);
+      for (const key of ["mean", "cholesky", "ridge", "meanVariance", "logDet"] as const)
+        expect(got[key]).toEqual(want[key]);
+      expect(got.covariance).toBeNull();
+      const pending = index.fitGaussian(options);
+      index.dispose(); // the fit in flight holds the rows
+      expect((await pending).logDet).toBe(want.logDet);
+    }
+    // The native call checks the width, and takes arrays as before.
+    const native = new (addon().NativeKnnIndex)();
+    await native.build(rows, dim, "cosine", "cpu", 1);
+    expect(() => addon().priorGaussianFit(native, dim + 1, {}, 1)).toThrow(
+      `rows: the index's rows have dim ${dim}, expected ${dim + 1}`,
+    );
+    expect(() => addon().priorGaussianFit({} as never, dim, {}, 1)).toThrow(
+      "rows: expected Float32Array, got object",
+    );
+    native.dispose();
+    expect(() => addon().priorGaussianFit(native, dim, {}, 1)).toThrow("Index is disposed");
+  });
+
   it("a native index whose build failed can be built again; thread counts above 1024 are refused", async () => {
     const bad = new Float32Array(vocab);
     bad[2] = Number.NaN;
@@ -373,6 +424,8 @@ describe("VocabIndex argument checks", () => {
     await expect(index.search(vocab, { k: 2 })).rejects.toThrow("Index is disposed");
     await expect(index.selfSearch({ k: 1 })).rejects.toThrow("Index is disposed");
     expect(() => index.memory()).toThrow("Index is disposed");
+    expect(() => index.rowsAt([0])).toThrow("Index is disposed");
+    expect(() => index.fitGaussian({})).toThrow("Index is disposed");
     index.dispose(); // idempotent
   });
 });
@@ -476,6 +529,9 @@ describe.skipIf(!cuda.usable)(`VocabIndex (CUDA) equals the CPU index${cudaSuffi
     const b = await gpu.selfSearch({ k: 5, chunkRows: 1000 });
     expect(Array.from(b.indices)).toEqual(Array.from(a.indices));
     expect(b.deviceMs).toBeGreaterThan(0);
+    // The CUDA index serves its rows from its host copy, as the CPU index does.
+    const ids = [2999, 7, 11, 2500];
+    expect(gpu.rowsAt(ids)).toEqual(cpu.rowsAt(ids));
     cpu.dispose();
     gpu.dispose();
   });

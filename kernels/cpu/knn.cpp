@@ -1,10 +1,10 @@
 // Exact k-nearest-neighbour search on the CPU: the GEMM micro-kernel fused with per-query top-k selection,
 // followed by float64 re-scoring of the candidates and a certificate of exactness (see knn.h).
 //
-// Memory contract. The index owns rows_[V, d] (a copy of the vocabulary), norms in float64, and packed_, the
-// rows in the micro-kernel's B-panel layout: panel p holds rows [p*nr, p*nr + nr) as d x nr, k-major,
-// zero-padded; for cosine the packed rows are normalised (v / |v| in float64, rounded to fp32). A search
-// packs its queries into A-panels the same way, computes a score tile of MC queries x NC rows into a
+// Memory contract. The index owns rows_[V, d] (the vocabulary, copied or handed over), norms in float64, and
+// packed_, the rows in the micro-kernel's B-panel layout: panel p holds rows [p*nr, p*nr + nr) as d x nr,
+// k-major, zero-padded; for cosine the packed rows are normalised (v / |v| in float64, rounded to fp32). A
+// search packs its queries into A-panels the same way, computes a score tile of MC queries x NC rows into a
 // thread-local buffer with the micro-kernel and scans it into per-query candidate heaps of size c > k. The
 // full Q x V score matrix never exists. Threads split the rows; their candidate lists are merged per query.
 // A borrowed index (knn_index_cpu_borrowed, for one-shot searches) keeps only norms and packs each KC x NC
@@ -250,20 +250,39 @@ int64_t candidate_count(int64_t k) {
 
 class CpuIndex final : public KnnIndex {
  public:
-  // borrow = false: copies and packs the rows (a reusable index). borrow = true: keeps a pointer to vocab
-  // (which must outlive the index, unchanged) and packs each search's panels on the fly: no copy, no 2x
-  // memory, for one-shot searches.
-  CpuIndex(const float* vocab, int64_t V, int64_t d, KnnMetric metric, int threads, bool borrow)
+  // A reusable index: takes over `rows` (V x d) as its original rows and packs them. The form with `vocab`
+  // borrows it instead (it must outlive the index, unchanged) and packs each search's panels on the fly: no
+  // copy, no 2x memory, for one-shot searches.
+  CpuIndex(std::vector<float>&& rows, int64_t d, KnnMetric metric, int threads)
+      : V_(d > 0 ? static_cast<int64_t>(rows.size()) / d : 0),
+        d_(d),
+        metric_(metric),
+        mk_(sgemm_micro_kernel()) {
+    if (d > 0 && static_cast<int64_t>(rows.size()) % d != 0)
+      throw std::invalid_argument("vocab: expected a length that is a multiple of dim");
+    rows_ = std::move(rows);
+    rows_ptr_ = rows_.data();
+    init(threads, true);
+  }
+  CpuIndex(const float* vocab, int64_t V, int64_t d, KnnMetric metric, int threads)
       : V_(V), d_(d), metric_(metric), mk_(sgemm_micro_kernel()) {
+    rows_ptr_ = vocab;
+    init(threads, false);
+  }
+
+ private:
+  // Norms, half squared norms and (pack) the packed rows, from rows_ptr_.
+  void init(int threads, bool pack) {
+    const int64_t V = V_, d = d_;
     if (V <= 0 || d <= 0) throw std::invalid_argument("vocab: expected at least one row of dimension >= 1");
     if (V > std::numeric_limits<int32_t>::max() - 1)
       throw std::out_of_range("vocab: more than 2^31 - 2 rows");
     norms_.resize(V);
     half_sq_ = aligned_array<float>(static_cast<size_t>(V));
     float* half_sq = half_sq_.get();
+    const float* vocab = rows_ptr_;
     double vmax = 0.0;
-    if (borrow) {
-      rows_ptr_ = vocab;
+    if (!pack) {
 #pragma omp parallel for num_threads(threads) schedule(static) reduction(max : vmax)
       for (int64_t r = 0; r < V; ++r) {
         const double n2 = dot_f64(vocab + r * d, vocab + r * d, d), n = std::sqrt(n2);
@@ -272,11 +291,8 @@ class CpuIndex final : public KnnIndex {
         vmax = std::max(vmax, n);
       }
     } else {
-      rows_ = aligned_array<float>(static_cast<size_t>(V * d));
-      rows_ptr_ = rows_.get();
       const int64_t nr = mk_.nr, panels = (V + nr - 1) / nr;
       packed_ = aligned_array<float>(static_cast<size_t>(panels * nr * d));
-      float* rows = rows_.get();
       float* packed = packed_.get();
 #pragma omp parallel for num_threads(threads) schedule(static) reduction(max : vmax)
       for (int64_t p = 0; p < panels; ++p) {
@@ -288,7 +304,6 @@ class CpuIndex final : public KnnIndex {
             continue;
           }
           const float* src = vocab + r * d;
-          std::memcpy(rows + r * d, src, sizeof(float) * d);
           const double n2 = dot_f64(src, src, d), n = std::sqrt(n2);
           norms_[r] = n;
           half_sq[r] = static_cast<float>(0.5 * n2);
@@ -303,6 +318,7 @@ class CpuIndex final : public KnnIndex {
       throw std::out_of_range("vocab: a row norm is 1e18 or more (fp32 overflow risk)");
   }
 
+ public:
   int64_t rows() const override {
     return V_;
   }
@@ -564,7 +580,8 @@ class CpuIndex final : public KnnIndex {
     return metric_ == KnnMetric::Cosine ? (norm > 0.0 ? 1.0 / norm : 0.0) : 1.0;
   }
 
-  AlignedArray<float> rows_, packed_, half_sq_;  // rows_ and packed_ are empty when borrowing
+  std::vector<float> rows_;               // empty when borrowing
+  AlignedArray<float> packed_, half_sq_;  // packed_ is empty when borrowing
   const float* rows_ptr_ = nullptr;
   std::vector<double> norms_;
   double vmax_ = 0.0;
@@ -574,12 +591,18 @@ class CpuIndex final : public KnnIndex {
 
 std::unique_ptr<KnnIndex> knn_index_cpu(const float* vocab, int64_t V, int64_t d, KnnMetric metric,
                                         int threads) {
-  return std::make_unique<CpuIndex>(vocab, V, d, metric, std::max(1, threads), false);
+  if (V <= 0 || d <= 0) throw std::invalid_argument("vocab: expected at least one row of dimension >= 1");
+  return knn_index_cpu(std::vector<float>(vocab, vocab + V * d), d, metric, threads);
+}
+
+std::unique_ptr<KnnIndex> knn_index_cpu(std::vector<float>&& vocab, int64_t d, KnnMetric metric,
+                                        int threads) {
+  return std::make_unique<CpuIndex>(std::move(vocab), d, metric, std::max(1, threads));
 }
 
 std::unique_ptr<KnnIndex> knn_index_cpu_borrowed(const float* vocab, int64_t V, int64_t d, KnnMetric metric,
                                                  int threads) {
-  return std::make_unique<CpuIndex>(vocab, V, d, metric, std::max(1, threads), true);
+  return std::make_unique<CpuIndex>(vocab, V, d, metric, std::max(1, threads));
 }
 
 std::vector<int64_t> knn_search_begin(KnnResult& res, std::vector<double>& q_norms, const float* queries,

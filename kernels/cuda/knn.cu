@@ -813,13 +813,19 @@ int next_pow2(int x) {
 
 class CudaIndex final : public KnnIndex {
  public:
-  CudaIndex(const float* vocab, int64_t V, int64_t d, KnnMetric metric) : V_(V), d_(d), metric_(metric) {
-    if (V <= 0 || d <= 0) throw std::invalid_argument("vocab: expected at least one row of dimension >= 1");
-    if (V > std::numeric_limits<int32_t>::max() - 1 || d > std::numeric_limits<int32_t>::max() / 2)
+  // Takes over `vocab` (V x d) as the host rows.
+  CudaIndex(std::vector<float>&& vocab, int64_t d, KnnMetric metric)
+      : V_(d > 0 ? static_cast<int64_t>(vocab.size()) / d : 0),
+        d_(d),
+        metric_(metric),
+        host_rows_(std::move(vocab)) {
+    if (V_ <= 0 || d <= 0 || static_cast<int64_t>(host_rows_.size()) != V_ * d)
+      throw std::invalid_argument("vocab: expected at least one row of dimension >= 1");
+    if (V_ > std::numeric_limits<int32_t>::max() - 1 || d > std::numeric_limits<int32_t>::max() / 2)
       throw std::out_of_range("vocab: too large for the CUDA index");
     cuda_check(cudaSetDevice(0), "cudaSetDevice");
     try {
-      build(vocab);
+      build();
     } catch (...) {
       release();  // no destructor runs for an object whose constructor threw
       throw;
@@ -882,15 +888,15 @@ class CudaIndex final : public KnnIndex {
 
  private:
   // The stream, events and device copies of the vocabulary (the constructor's work).
-  void build(const float* vocab) {
+  void build() {
     const int64_t V = V_, d = d_;
     const KnnMetric metric = metric_;
+    const float* vocab = host_rows_.data();
     cuda_check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
     cuda_check(cudaEventCreate(&start_), "cudaEventCreate");
     cuda_check(cudaEventCreate(&mid_), "cudaEventCreate");
     cuda_check(cudaEventCreate(&stop_), "cudaEventCreate");
 
-    host_rows_.assign(vocab, vocab + V * d);
     host_norms_.resize(V);
     knn_row_norms(host_norms_.data(), vocab, V, d, 1);
     vmax_ = 0.0;
@@ -1254,7 +1260,12 @@ class CudaIndex final : public KnnIndex {
 }  // namespace
 
 std::unique_ptr<KnnIndex> knn_index_cuda(const float* vocab, int64_t V, int64_t d, KnnMetric metric) {
-  return std::make_unique<CudaIndex>(vocab, V, d, metric);
+  if (V <= 0 || d <= 0) throw std::invalid_argument("vocab: expected at least one row of dimension >= 1");
+  return knn_index_cuda(std::vector<float>(vocab, vocab + V * d), d, metric);
+}
+
+std::unique_ptr<KnnIndex> knn_index_cuda(std::vector<float>&& vocab, int64_t d, KnnMetric metric) {
+  return std::make_unique<CudaIndex>(std::move(vocab), d, metric);
 }
 
 }  // namespace pt

@@ -58,14 +58,18 @@ class KnnIndex {
   virtual const char* backend() const = 0;  // "cpu" | "cuda"
   virtual int64_t host_bytes() const = 0;
   virtual int64_t device_bytes() const = 0;
-  // Row r of the original vocabulary (fp32, as given).
+  // Row r of the original vocabulary (fp32, as given), in host memory on both backends. The rows are
+  // contiguous (row(r) == row(0) + r * dim()) and never change: callers may read them, all at once too (the
+  // collapse metrics fit their Gaussian to them), from any thread while the index lives.
   virtual const float* row(int64_t r) const = 0;
 };
 
 // CPU index: keeps the original rows (for float64 re-scoring) and a copy packed into the GEMM micro-kernel's
-// panel layout (normalised for cosine), so a search streams the vocabulary once with no packing.
+// panel layout (normalised for cosine), so a search streams the vocabulary once with no packing. The second
+// form takes over `vocab` (V = vocab.size() / d rows) as its original rows instead of copying them.
 std::unique_ptr<KnnIndex> knn_index_cpu(const float* vocab, int64_t V, int64_t d, KnnMetric metric,
                                         int threads);
+std::unique_ptr<KnnIndex> knn_index_cpu(std::vector<float>&& vocab, int64_t d, KnnMetric metric, int threads);
 
 // CPU index that borrows vocab (no copy, no packed copy; the caller keeps vocab alive and unchanged while the
 // index lives) and packs each search's panels on the fly: for one-shot searches.
@@ -73,9 +77,11 @@ std::unique_ptr<KnnIndex> knn_index_cpu_borrowed(const float* vocab, int64_t V, 
                                                  int threads);
 
 // CUDA index on device 0 (kernels/cuda/knn.cu): the rows stay resident on the device (original fp32 rows, a
-// normalised copy for cosine, float64 norms). Throws std::runtime_error when this build has no CUDA backend
-// or the device fails.
+// normalised copy for cosine, float64 norms), and the original rows on the host too (the last-resort scan,
+// row()). Throws std::runtime_error when this build has no CUDA backend or the device fails. The second form
+// takes over `vocab` as its host rows instead of copying them.
 std::unique_ptr<KnnIndex> knn_index_cuda(const float* vocab, int64_t V, int64_t d, KnnMetric metric);
+std::unique_ptr<KnnIndex> knn_index_cuda(std::vector<float>&& vocab, int64_t d, KnnMetric metric);
 
 // The float64 brute force, the reference of both backends and their last resort: for each query, every row
 // is scored in float64 and the best k are kept (ties to the lower index). Threads split the rows.
