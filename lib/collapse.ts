@@ -27,6 +27,12 @@ import { checkOptions, type OptionKeys } from "./validate.js";
 
 export interface TokenDecoder {
   decode(ids: number[]): string;
+  /**
+   * The token of an id, undefined for an id the tokenizer does not have (a model's embedding may have more
+   * rows, e.g. padded to a multiple of 64: those rows are reported without a token). Without it every id is
+   * decoded.
+   */
+  idToToken?(id: number): string | undefined;
 }
 
 /** A loaded model, duck-typed: lib/model.ts's Model satisfies it. */
@@ -109,7 +115,7 @@ const COLLAPSE_REPORT_KEYS = { ...REFERENCE_KEYS, ...REPORT_KEYS } satisfies Opt
 
 export interface NeighborEntry {
   id: number;
-  /** Decoded token string (null without a tokenizer). */
+  /** Decoded token string (null without a tokenizer, or for a row past the tokenizer's vocabulary). */
   token: string | null;
   cosine: number;
   l2: number;
@@ -158,7 +164,10 @@ export interface CollapseReport {
     meanNorm: number;
     meanDivergence: number;
     meanMahalanobis: number;
-    /** Nearest token per vector, decoded together (the "projected prompt"); null without a tokenizer. */
+    /**
+     * Nearest token per vector, decoded together (the "projected prompt"); null without a tokenizer. A row
+     * past the tokenizer's vocabulary shows as "[id N]".
+     */
     projectedPrompt: string | null;
     projectedTokenIds: number[];
   };
@@ -232,6 +241,30 @@ function optionalNumber(name: string, value: unknown, fallback: number, min: num
   if (typeof value !== "number" || !Number.isFinite(value) || value < min || value > max)
     throw new RangeError(`${name}: expected a number from ${min} to ${max}, got ${describeValue(value)}`);
   return value;
+}
+
+/**
+ * Decoding for reports: ids past the tokenizer's vocabulary (rows a model's embedding has beyond it) have no
+ * token, and in the projected prompt they show as "[id N]" between the decoded runs of the others (a
+ * tokenizer decodes them to nothing, which hid that a vector's nearest row is such a row).
+ */
+function projectedText(tokenizer: TokenDecoder) {
+  const known = (id: number) => !tokenizer.idToToken || tokenizer.idToToken(id) !== undefined;
+  return {
+    token: (id: number) => (known(id) ? tokenizer.decode([id]) : null),
+    text(ids: number[]): string {
+      let out = "";
+      let run: number[] = [];
+      for (const id of ids) {
+        if (known(id)) run.push(id);
+        else {
+          out += `${run.length > 0 ? tokenizer.decode(run) : ""}[id ${id}]`;
+          run = [];
+        }
+      }
+      return out + (run.length > 0 ? tokenizer.decode(run) : "");
+    },
+  };
 }
 
 // Rows of the index gathered per call of rowsAt() when the reference's own nearest-neighbour pairs are scored:
@@ -453,7 +486,7 @@ export class CollapseReference {
       addon().meanDistances(vectors, this.#divergenceRows, dim, this.#threads),
       addon().gramEigenvalues(vectors, dim, this.#threads),
     ]);
-    const decode = this.tokenizer ? (ids: number[]) => this.tokenizer!.decode(ids) : undefined;
+    const decode = this.tokenizer ? projectedText(this.tokenizer) : undefined;
     const neighbors = index.rowsAt(found.indices); // row i * k + j: vector i's j-th nearest
     const reports: VectorReport[] = [];
     const norms = new Float64Array(count);
@@ -468,7 +501,7 @@ export class CollapseReference {
       for (let j = 0; j < k; j++) {
         const id = found.indices[i * k + j];
         const [cosine, l2] = cosineAndL2(vectors, i, neighbors, i * k + j, dim);
-        nearest.push({ id, token: decode ? decode([id]) : null, cosine, l2 });
+        nearest.push({ id, token: decode?.token(id) ?? null, cosine, l2 });
       }
       const m2 = mahalanobis2[i];
       const logTail = chiSquareLogSurvival(m2, dim);
@@ -547,7 +580,7 @@ export class CollapseReference {
         meanNorm: mean(norms),
         meanDivergence: mean(divergence),
         meanMahalanobis: mean(reports.map((r) => r.mahalanobis)),
-        projectedPrompt: decode ? decode(projectedTokenIds) : null,
+        projectedPrompt: decode ? decode.text(projectedTokenIds) : null,
         projectedTokenIds,
       },
     };

@@ -182,7 +182,7 @@ export async function demo(options: DemoOptions = {}): Promise<DemoRow[]> {
           collapseRate: report.aggregate.collapseRate,
           meanNearestCosine: report.aggregate.meanNearestCosine,
           medianDistancePercentile: median(report.vectors.map((v) => v.nearestDistancePercentile.cosine)),
-          nearestTokens: report.vectors.map((v) => v.nearest[0]?.token ?? "?"),
+          nearestTokens: report.vectors.map((v) => v.nearest[0]!.token ?? `[id ${v.nearest[0]!.id}]`),
           runDir,
           seconds: (performance.now() - t0) / 1e3,
         };

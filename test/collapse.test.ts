@@ -273,6 +273,31 @@ describe("collapseReport", () => {
     await expect(reference.report(x)).rejects.toThrow("CollapseReference is disposed");
   });
 
+  it("rows past the tokenizer's vocabulary: no token, and [id N] in the projected prompt", async () => {
+    const d = 8;
+    const V = 12;
+    const vocab = gaussian(V * d, 41);
+    // A tokenizer of 6 tokens for 12 embedding rows (a padded embedding matrix).
+    const tokenizer = {
+      decode: (ids: number[]) => ids.map((i) => `<${i}>`).join(""),
+      idToToken: (id: number) => (id < 6 ? `<${id}>` : undefined),
+    };
+    const ids = [2, 7, 3, 9, 11, 4, 5];
+    const x = new Float32Array(ids.length * d);
+    for (const [i, id] of ids.entries()) x.set(vocab.subarray(id * d, (id + 1) * d), i * d);
+    const r = await collapseReport(x, { vocab, dim: d, tokenizer }, { backend: "cpu", k: 2 });
+    expect(r.aggregate.projectedTokenIds).toEqual(ids);
+    expect(r.aggregate.projectedPrompt).toBe("<2>[id 7]<3>[id 9][id 11]<4><5>");
+    expect(r.vectors.map((v) => v.nearest[0].token)).toEqual(["<2>", null, "<3>", null, null, "<4>", "<5>"]);
+    // Without idToToken every id is decoded, as before.
+    const plain = await collapseReport(
+      x,
+      { vocab, dim: d, tokenizer: { decode: tokenizer.decode } },
+      { backend: "cpu" },
+    );
+    expect(plain.aggregate.projectedPrompt).toBe("<2><7><3><9><11><4><5>");
+  });
+
   it("divergence equals the mean distance to all rows when M covers the reference", async () => {
     const d = 16;
     const V = 120;

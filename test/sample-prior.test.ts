@@ -12,7 +12,6 @@ import { loadModel, readTokenEmbeddings } from "../lib/model.js";
 import { createPrior } from "../lib/priors.js";
 import { Rng } from "../lib/rng.js";
 import {
-  listModelTensors,
   readSafetensorsHeader,
   readTensorFloat32,
   readTensors,
