@@ -307,7 +307,9 @@ function modelNeed(record: unknown): ModelNeed {
   if (typeof record !== "object" || record === null) return "size";
   const r = record as PriorRecord;
   let own: ModelNeed = "size";
+  // An exclusion record without a base gets the library's default, the vocabulary's Gaussian.
   if (r.kind === "vocab" || r.kind === "class-label" || r.kind === "knn") own = "vocabulary";
+  else if (r.kind === "exclusion" && r.base === undefined) own = "vocabulary";
   else if (r.kind === "fitted-gaussian")
     own =
       r.source === "activations"

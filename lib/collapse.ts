@@ -338,6 +338,7 @@ export class CollapseReference {
   readonly dim: number;
   readonly tokenizer: TokenDecoder | undefined;
   #index: VocabIndex | undefined;
+  #reportsInFlight = 0;
   readonly #nearestCos: Float64Array; // ascending
   readonly #nearestCosDistance: Float64Array; // ascending 1 - cos
   readonly #nearestL2: Float64Array; // ascending
@@ -456,10 +457,26 @@ export class CollapseReference {
     }
   }
 
-  /** The collapse report of `vectors` (count x dim: prompt vectors, or activations) against this reference. */
+  /**
+   * The collapse report of `vectors` (count x dim: prompt vectors, or activations) against this reference.
+   * A report under way when dispose() is called still completes (the index is freed after it).
+   */
   async report(vectorsArg: Float32Array, optionsArg?: CollapseReportOptions): Promise<CollapseReport> {
     const index = this.#index;
     if (!index) throw new Error("CollapseReference is disposed");
+    this.#reportsInFlight++;
+    try {
+      return await this.#report(index, vectorsArg, optionsArg);
+    } finally {
+      if (--this.#reportsInFlight === 0 && this.#index === undefined) index.dispose();
+    }
+  }
+
+  async #report(
+    index: VocabIndex,
+    vectorsArg: Float32Array,
+    optionsArg: CollapseReportOptions | undefined,
+  ): Promise<CollapseReport> {
     const options = checkOptions(optionsArg, "report options", REPORT_KEYS);
     checkFloat32("promptVectors", vectorsArg);
     const dim = this.dim;
@@ -586,10 +603,11 @@ export class CollapseReference {
     };
   }
 
-  /** Frees the index; later reports throw "CollapseReference is disposed". */
+  /** Frees the index (after the reports under way); later reports throw "CollapseReference is disposed". */
   dispose(): void {
-    this.#index?.dispose();
+    const index = this.#index;
     this.#index = undefined;
+    if (this.#reportsInFlight === 0) index?.dispose();
   }
 }
 

@@ -273,6 +273,20 @@ describe("collapseReport", () => {
     await expect(reference.report(x)).rejects.toThrow("CollapseReference is disposed");
   });
 
+  it("dispose() during a report: the report completes, later ones are refused", async () => {
+    const d = 16;
+    const vocab = gaussian(500 * d, 51);
+    const x = gaussian(3 * d, 52);
+    const reference = await createCollapseReference({ vocab, dim: d }, { backend: "cpu", threads: 1 });
+    const want = await reference.report(x);
+    const pending = [reference.report(x), reference.report(x)];
+    reference.dispose();
+    await expect(reference.report(x)).rejects.toThrow("CollapseReference is disposed");
+    for (const r of await Promise.all(pending)) expect(r).toEqual(want);
+    await expect(reference.report(x)).rejects.toThrow("CollapseReference is disposed");
+    reference.dispose(); // idempotent
+  });
+
   it("rows past the tokenizer's vocabulary: no token, and [id N] in the projected prompt", async () => {
     const d = 8;
     const V = 12;

@@ -52,6 +52,8 @@ const PRIORS: [string, Flags, { timings?: true }][] = [
   ["knn", { prior: "knn", sampleRows: "300", fitSeed: 2 }, {}],
   ["fitted-gaussian vocab", { prior: "fitted-gaussian", source: "vocab", rows: 400 }, { timings: true }],
   ["exclusion", { prior: "exclusion", rows: 400 }, { timings: true }],
+  // A record without its base: the library's default base is the vocabulary's Gaussian.
+  ["exclusion spec", { spec: '{"kind":"exclusion","c":3}' }, { timings: true }],
 ];
 
 const MODELS: [string, string][] = [
