@@ -355,7 +355,8 @@ export function registerSamplePrior(program: Command): void {
     .description(
       'draw prompt vectors from a prior (paper, "Priors") and write them to a safetensors file: tensor "prompt" ' +
         "[count, hidden size] F32, with the prior's record (it rebuilds the prior), the seed and the prior's " +
-        "statistics in the metadata",
+        "statistics in the metadata. Only what the prior needs is read: the hidden size, the embedding tensor " +
+        "and tokenizer (vocabulary priors), or the whole model (activation priors)",
     )
     .argument(
       "<model-dir>",
