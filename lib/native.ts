@@ -362,7 +362,10 @@ export function addon(): Addon {
   const path = addonPath();
   if (!existsSync(path)) {
     throw new Error(
-      `priortune: native addon not found at ${path}; build it with \`npm run build:native\` (cmake-js) or \`npm run build:gyp\` (node-gyp)`,
+      `priortune: native addon not found at ${path}: its install script did not run or failed. ` +
+        `In a project that depends on priortune, allow it (\`npm approve-scripts priortune\`, or ` +
+        `"allowScripts": { "priortune": true } in package.json) and run \`npm rebuild priortune\`; in a ` +
+        `checkout of priortune, \`npm run build:native\` (cmake-js) or \`npm run build:gyp\` (node-gyp)`,
     );
   }
   cached = createRequire(import.meta.url)(path) as Addon;

@@ -4,10 +4,10 @@
 //
 // Data go inline (`data.values`) so that a specification is self-contained; large point sets should be
 // subsampled first (limitRows), since every point becomes an SVG element.
+import { createRequire } from "node:module";
 import { join } from "node:path";
-import { Resvg } from "@resvg/resvg-js";
-import * as vega from "vega";
-import { compile, type TopLevelSpec } from "vega-lite";
+import type * as vega from "vega";
+import type { TopLevelSpec } from "vega-lite";
 import { atomicWrite, ensureDir } from "./files.js";
 import { Rng } from "./rng.js";
 
@@ -308,13 +308,15 @@ export function barSpec(
 }
 
 /** Compiles a Vega-Lite specification to Vega (what the browser and the headless view run). */
-export function toVega(spec: PlotSpec): vega.Spec {
+export async function toVega(spec: PlotSpec): Promise<vega.Spec> {
+  const { compile } = await import("vega-lite");
   return compile(spec).spec as vega.Spec;
 }
 
 /** Renders a Vega-Lite specification to an SVG document, headlessly (no browser, no canvas). */
 export async function renderSvg(spec: PlotSpec): Promise<string> {
-  const view = new vega.View(vega.parse(toVega(spec)), { renderer: "none", logLevel: vega.Error });
+  const vega = await import("vega");
+  const view = new vega.View(vega.parse(await toVega(spec)), { renderer: "none", logLevel: vega.Error });
   try {
     return (await view.toSVG()).replace(XML_FORBIDDEN, "\uFFFD");
   } finally {
@@ -331,6 +333,7 @@ const XML_FORBIDDEN = /[\u0000-\u0008\u000B\u000C\u000E-\u001F\uFFFE\uFFFF]/gu;
 
 /** Rasterises an SVG document to PNG with resvg at `scale` x its size (default 2: print resolution). */
 export function svgToPng(svg: string, options: { scale?: number } = {}): Buffer {
+  const { Resvg } = createRequire(import.meta.url)("@resvg/resvg-js") as typeof import("@resvg/resvg-js");
   const resvg = new Resvg(svg, {
     fitTo: { mode: "zoom", value: options.scale ?? 2 },
     background: "white",
