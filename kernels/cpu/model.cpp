@@ -481,14 +481,10 @@ void Model::run_forward(const ForwardArgs& a, Workspace& ws, bool save, ForwardR
   embedding_forward(x.data(), a.ids, a.prompt, P, w("tok_emb"), gpt2 ? w("pos_emb") : nullptr, pos0, B, T, C,
                     nt);
   keep(0, x.data());
-  // Hidden states alone (no logits, no loss, nothing saved for a backward): the layers above the highest one
-  // asked for are not run (an activation prior at layer 8 of 16 ran all 16 and the final norm).
-  int64_t top = c.layers;
-  if (capture && !save && !train && !a.want_logits && !a.labels) {
-    top = 0;
-    for (int64_t i : a.hidden_indices) top = std::max<int64_t>(top, i);
-  }
-  for (int64_t l = 0; l < std::min<int64_t>(top, c.layers); ++l) {
+  // Hidden states alone (nothing saved for a backward): the layers above the highest one asked for are not
+  // run.
+  const int64_t top = capture && !save && !train ? a.layers_to_run(c.layers) : c.layers;
+  for (int64_t l = 0; l < top; ++l) {
     layer_forward(l, a, ws.states[save ? l : 0], ws.sc, x.data(), key_mask.data(), save, train);
     if (l + 1 < c.layers) keep(l + 1, x.data());
   }

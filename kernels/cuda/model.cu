@@ -156,14 +156,9 @@ class CudaModel final : public DeviceModel {
     };
     embed(pl, in);
     keep(0, x_.get());
-    // Hidden states alone (no logits, no loss): the layers above the highest one asked for are not run, as
-    // on the CPU (an activation prior at layer 8 of 16 ran all 16 and the final norm).
-    int64_t top = cfg_.layers;
-    if (!a.want_logits && !a.labels) {
-      top = 0;
-      for (int64_t i : a.hidden_indices) top = std::max<int64_t>(top, i);
-    }
-    for (int64_t l = 0; l < std::min<int64_t>(top, cfg_.layers); ++l) {
+    // Hidden states alone: the layers above the highest one asked for are not run, as on the CPU.
+    const int64_t top = a.layers_to_run(cfg_.layers);
+    for (int64_t l = 0; l < top; ++l) {
       layer_forward(l, pl, in, states_[0]);
       if (l + 1 < cfg_.layers) keep(l + 1, x_.get());
     }

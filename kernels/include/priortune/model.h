@@ -14,6 +14,7 @@
 //   l{i}.ln2.w/.b [C]; l{i}.fc.w [I, C] (GPT-2) or [2I, C] (Llama: gate rows then up rows), l{i}.fc.b;
 //   l{i}.fc2.w [C, I], l{i}.fc2.b.   (.b slots exist only where the architecture has biases)
 #pragma once
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <map>
@@ -86,6 +87,16 @@ struct ForwardArgs {
   DeepPrompts deep;
   std::vector<int> hidden_indices;  // 0..layers, Transformers' output_hidden_states order
   bool want_logits = true;
+
+  // The layers an inference forward of a `layers`-layer model runs: all (then the final norm) when logits or
+  // a loss are asked for; for hidden states alone, those up to the highest index asked for (an activation
+  // prior at layer 8 of 16 needs 8 of them, and no final norm).
+  int64_t layers_to_run(int64_t layers) const {
+    if (want_logits || labels) return layers;
+    int64_t top = 0;
+    for (int i : hidden_indices) top = std::max<int64_t>(top, i);
+    return std::min(top, layers);
+  }
 };
 
 struct ForwardResult {
