@@ -430,7 +430,10 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       const int32_t eos = static_cast<int32_t>(int_of(arg(info, 2, "eosId"), "eosId", -1));
       auto result = std::make_shared<std::vector<int32_t>>();
       auto* worker = new PromiseWorker(
-          env, [model, args, result, max_new, eos]() { *result = model->generate(*args, max_new, eos); },
+          env,
+          [model, device = device_, args, result, max_new, eos]() {
+            *result = device ? device->generate(*args, max_new, eos) : model->generate(*args, max_new, eos);
+          },
           [result](Napi::Env env) -> Napi::Value { return to_int32(env, std::move(*result)); });
       return worker->queue();
     });

@@ -375,16 +375,21 @@ async function runAddonSuite(env) {
   rmSync(results, { force: true });
   const check = await run(
     process.execPath,
-    [bundle, "--tiny", "wgmma", "tma", "async", "gemm", "steps", "knn", "--results", results],
+    [bundle, "--tiny", "wgmma", "tma", "async", "gemm", "steps", "generate", "knn", "--results", results],
     {
       env: suiteEnv,
     },
   );
   // The tables must also have reached --results (gpu-check.sh collects them there).
-  if (check.code === 0 && !readFileSync(results, "utf8").includes("| workload (Q x V x d, top-10) |")) {
-    check.code = 1;
-    check.output += "\ngpu-check --tiny: the knn table is missing from --results\n";
-  }
+  const tables = readFileSync(results, "utf8");
+  for (const [section, head] of [
+    ["knn", "| workload (Q x V x d, top-10) |"],
+    ["generate", "| model | B x prompt tokens |"],
+  ])
+    if (check.code === 0 && !tables.includes(head)) {
+      check.code = 1;
+      check.output += `\ngpu-check --tiny: the ${section} table is missing from --results\n`;
+    }
   const ansi = new RegExp(`${String.fromCharCode(27)}\\[[0-9;]*m`, "g"); // colour codes, if any remain
   const r = {
     code: suite.code || check.code,

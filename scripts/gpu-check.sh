@@ -5,9 +5,9 @@
 #                                                      PyTorch peers go to .carry/ (ignored by git); carry .carry
 #   bash scripts/gpu-check.sh [groups...]              there: runs the groups in order, each in its own process
 #                                                      (sections of the check: wgmma tma async checks gemm steps
-#                                                      knn, a group joining them with commas; "peers": the
-#                                                      PyTorch peers, Llama's first; default: wgmma tma async
-#                                                      knn steps peers gemm checks). wgmma runs with
+#                                                      generate knn, a group joining them with commas; "peers":
+#                                                      the PyTorch peers, Llama's first; default: wgmma tma
+#                                                      async knn steps peers gemm checks generate). wgmma runs with
 #                                                      PRIORTUNE_CUDA_TMA=0 and PRIORTUNE_CUDA_ATTN_ASYNC=0,
 #                                                      tma with the latter; when wgmma, tma or async fails, the
 #                                                      groups after it run with PRIORTUNE_CUDA_WGMMA=0,
@@ -135,7 +135,7 @@ peers() {
 }
 
 groups=("$@")
-[ ${#groups[@]} -eq 0 ] && groups=(wgmma tma async knn steps peers gemm checks)
+[ ${#groups[@]} -eq 0 ] && groups=(wgmma tma async knn steps peers gemm checks generate)
 case " ${groups[*]} " in *" peers "*) ;; *) groups+=(peers) ;; esac  # the ratios need their peer
 # The peers' reserve, at most half the budget: a short BUDGET_S still runs some of our groups.
 if [ "${PEERS:-1}" != "0" ]; then

@@ -7,6 +7,7 @@
 //           the same work); the bf16 8192^3 peaks are MFU's denominators
 //   steps   full prompt-tuning steps (loss + prompt gradients + AdamW, P = 20) on issue #5's shapes with
 //           synthetic weights: median wall-clock ms per step (graph replay), tokens/s, MFU, device memory
+//   generate greedy decoding on the device (bf16, fp32) against the CPU model, at the steps' model shapes
 //   knn     the CUDA kNN index against the CPU index on issue #4's shapes, and its timings (device time: the
 //           query preparation, screening and finalize kernels, by CUDA events)
 //   wgmma   the Hopper wgmma GEMM kernel's correctness alone (the GEMM self-test, which covers it, the
@@ -24,6 +25,7 @@
 // under the CPU emulator so that the bundle carried to a GPU machine has already run end to end.
 
 import { appendFileSync } from "node:fs";
+import { availableParallelism } from "node:os";
 import { type ModelConfig, nativeConfig, parseConfig } from "../lib/config.js";
 import { VocabIndex } from "../lib/knn.js";
 import { addon, type CudaPrecision, type NativeModel } from "../lib/native.js";
@@ -340,38 +342,39 @@ if (want("gemm")) {
 }
 
 // ---- steps ----
+// Issue #5's model shapes (synthetic weights), for the steps and generate sections.
+const gpt2 = parseConfig({
+  architectures: ["GPT2LMHeadModel"],
+  model_type: "gpt2",
+  ...(tiny
+    ? { vocab_size: 600, n_embd: 128, n_layer: 2, n_head: 2, n_positions: 128 }
+    : { vocab_size: 50257, n_embd: 768, n_layer: 12, n_head: 12, n_positions: 1024 }),
+});
+const llama = parseConfig({
+  architectures: ["LlamaForCausalLM"],
+  model_type: "llama",
+  ...(tiny
+    ? {
+        vocab_size: 600,
+        hidden_size: 128,
+        intermediate_size: 320,
+        num_hidden_layers: 2,
+        num_attention_heads: 2,
+        num_key_value_heads: 1,
+      }
+    : {
+        vocab_size: 128256,
+        hidden_size: 2048,
+        intermediate_size: 8192,
+        num_hidden_layers: 16,
+        num_attention_heads: 32,
+        num_key_value_heads: 8,
+      }),
+  max_position_embeddings: 4096,
+  tie_word_embeddings: true,
+  rope_theta: 500000.0,
+});
 if (want("steps")) {
-  const gpt2 = parseConfig({
-    architectures: ["GPT2LMHeadModel"],
-    model_type: "gpt2",
-    ...(tiny
-      ? { vocab_size: 600, n_embd: 128, n_layer: 2, n_head: 2, n_positions: 128 }
-      : { vocab_size: 50257, n_embd: 768, n_layer: 12, n_head: 12, n_positions: 1024 }),
-  });
-  const llama = parseConfig({
-    architectures: ["LlamaForCausalLM"],
-    model_type: "llama",
-    ...(tiny
-      ? {
-          vocab_size: 600,
-          hidden_size: 128,
-          intermediate_size: 320,
-          num_hidden_layers: 2,
-          num_attention_heads: 2,
-          num_key_value_heads: 1,
-        }
-      : {
-          vocab_size: 128256,
-          hidden_size: 2048,
-          intermediate_size: 8192,
-          num_hidden_layers: 16,
-          num_attention_heads: 32,
-          num_key_value_heads: 8,
-        }),
-    max_position_embeddings: 4096,
-    tie_word_embeddings: true,
-    rope_theta: 500000.0,
-  });
   // --tiny: vocabularies of 600, so that the LM head's input gradient (K = 600) takes the wgmma kernel and,
   // under PRIORTUNE_CUDA_GEMM_SPLITK=1, split-K, which the first-loss check then covers.
   const shape = (B: number, S: number) => (tiny ? { B: 2, S: 40 + B } : { B, S });
@@ -648,6 +651,87 @@ if (want("steps")) {
       });
     model.dispose();
   }
+}
+
+// ---- generate ----
+// Greedy decoding (evaluation's generation) on the device against the CPU model on this machine's cores, at
+// the steps' model shapes: the prompt batch of the paper's evaluation (Llama, B = 2) and a GPT-2 batch, 16
+// new tokens after a soft prompt of 20, no end-of-text stop. Tokens agreeing with the CPU's: a share, not a
+// check (synthetic weights make near-ties common, and bf16 may pick either; test/cuda-checks.ts checks
+// each token against the CPU's logits on the fixture models).
+if (want("generate")) {
+  const runs = [
+    { name: "GPT-2 124M", config: gpt2, B: tiny ? 2 : 8, T: tiny ? 24 : 236 },
+    { name: "Llama-3.2-1B shape", config: llama, B: 2, T: tiny ? 24 : 256 },
+  ];
+  const maxNew = tiny ? 3 : 16;
+  const cpuThreads = Math.min(16, availableParallelism());
+  const lines: string[] = [];
+  const table = () =>
+    `Greedy generation, ${maxNew} new tokens after a soft prompt of 20 (median ms of a call; CPU: one call, ${cpuThreads} threads)\n` +
+    "| model | B x prompt tokens | CUDA bf16 ms | CUDA fp32 ms | CPU ms | CPU / CUDA bf16 | bf16 / fp32 tokens equal to the CPU's |\n|---|---|---|---|---|---|---|\n" +
+    lines.join("\n");
+  partial = table;
+  for (const r of runs) {
+    const cfg = r.config;
+    const model = new native.NativeModel(nativeConfig(cfg, cpuThreads));
+    try {
+      await model.fillRandom(1, 0.02);
+      const P = 20;
+      const args = {
+        inputIds: new Int32Array(r.B * r.T).map((_, i) => (i * 7919 + 13) % cfg.vocabSize),
+        attentionMask: new Uint8Array(r.B * r.T).map((_, i) =>
+          i % r.T < r.T - 7 * (Math.floor(i / r.T) % 2) ? 1 : 0,
+        ),
+        batch: r.B,
+        seqLen: r.T,
+        prompt: random(P * cfg.hiddenSize, 3, 0.04),
+      };
+      const t0 = performance.now();
+      const cpu = await model.generate(args, maxNew, -1);
+      const cpuMs = performance.now() - t0;
+      const timed: Record<string, { ms: number; equal: number }> = {};
+      for (const precision of ["bf16", "fp32"] as const) {
+        await model.attachCuda({ precision, graphs: true });
+        let ids: Int32Array = new Int32Array();
+        const ms = await median(
+          async () => {
+            ids = await model.generate(args, maxNew, -1);
+          },
+          tiny ? 1 : 5,
+        );
+        timed[precision] = { ms, equal: ids.filter((t, i) => t === cpu[i]).length / cpu.length };
+      }
+      const { bf16, fp32 } = timed as Record<"bf16" | "fp32", { ms: number; equal: number }>;
+      console.log(
+        JSON.stringify({
+          what: "generate",
+          model: r.name,
+          B: r.B,
+          T: r.T,
+          P,
+          maxNew,
+          cpuMs,
+          cpuThreads,
+          bf16Ms: bf16.ms,
+          fp32Ms: fp32.ms,
+          bf16Equal: bf16.equal,
+          fp32Equal: fp32.equal,
+        }),
+      );
+      lines.push(
+        `| ${r.name} | ${r.B} x ${r.T} | ${bf16.ms.toFixed(1)} | ${fp32.ms.toFixed(1)} | ${cpuMs.toFixed(0)} | ${(cpuMs / bf16.ms).toFixed(1)}x | ${(100 * bf16.equal).toFixed(0)}% / ${(100 * fp32.equal).toFixed(0)}% |`,
+      );
+    } catch (e) {
+      console.log(JSON.stringify({ what: "generate", model: r.name, error: String(e) }));
+      lines.push(`| ${r.name} | ${r.B} x ${r.T} | error: ${String(e).slice(0, 80)} | | | | |`);
+      failed = true;
+    } finally {
+      model.dispose();
+    }
+  }
+  partial = undefined;
+  emit(table());
 }
 
 // ---- knn ----

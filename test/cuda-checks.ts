@@ -14,7 +14,13 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 // Module imports (not lib/index.js): the GPU check's bundle must not pull in the plotting stack.
 import { collapseReport } from "../lib/collapse.js";
-import { type LossAndGrad, type LossAndGradOptions, loadModel } from "../lib/model.js";
+import {
+  type GenerateOptions,
+  type LossAndGrad,
+  type LossAndGradOptions,
+  loadModel,
+  type Model,
+} from "../lib/model.js";
 import { addon, type CudaPrecision, type DeepPrompts } from "../lib/native.js";
 import { promptGrads } from "../lib/optim.js";
 import { createModel, saveModel } from "../lib/pretrain.js";
@@ -198,6 +204,22 @@ export async function fixtureChecks(name: string, precision: CudaPrecision): Pro
       rel(concatRows(dpk.values), g.get("prefix_value_grads") as Float64Array),
       tol.grad,
     );
+    // Greedy generation: soft prompt with padding (and stopped at an end-of-text id), deep hidden, prefix.
+    const cpu = await loadModel(modelDir(name), { backend: "cpu" });
+    try {
+      const { labels: _l, ...input } = { ...base, prompt };
+      await generationRows(rows, "soft prompt, padding", model, cpu, precision, input);
+      const first = await cpu.generate({ ...input, maxNewTokens: 2 });
+      await generationRows(rows, "soft prompt, stopped at eos", model, cpu, precision, input, first[1]!);
+      await generationRows(rows, "deep hidden", model, cpu, precision, { ...input, deepPrompts: hidden });
+      await generationRows(rows, "prefix", model, cpu, precision, {
+        ...input,
+        prompt: undefined,
+        deepPrompts: prefix,
+      });
+    } finally {
+      cpu.dispose();
+    }
     // Ten device-resident AdamW steps against PyTorch's curve.
     const { maxGradNorm: _, ...adamw } = goldenAdamW(g);
     const trainer = await model.promptTrainer({ prompt }, adamw);
@@ -219,6 +241,70 @@ export async function fixtureChecks(name: string, precision: CudaPrecision): Pro
     model.dispose();
   }
   return rows.list;
+}
+
+/**
+ * Greedy generation on the device against the CPU model: the tokens (fp32: equal to the CPU's KV-cached
+ * decoding), and for every precision each token against the CPU's logits of the sequence it was chosen
+ * after (teacher-forced): its gap below the row's largest logit, over the row's spread, within the logits'
+ * tolerance (tf32 and bf16 may pick another token where two are that close).
+ */
+async function generationRows(
+  rows: Rows,
+  what: string,
+  device: Model,
+  cpu: Model,
+  precision: CudaPrecision,
+  input: Omit<GenerateOptions, "maxNewTokens" | "eosId">,
+  eosId = -1,
+): Promise<void> {
+  const maxNewTokens = 5;
+  const ours = await device.generate({ ...input, maxNewTokens, eosId });
+  const ref = await cpu.generate({ ...input, maxNewTokens, eosId });
+  const { batch: B, seqLen: T } = input;
+  const P = input.prompt ? input.prompt.length / cpu.config.hiddenSize : 0;
+  const V = cpu.config.vocabSize;
+  const lengths = Array.from({ length: B }, (_, b) => {
+    let n = 0;
+    while (n < T && (!input.attentionMask || input.attentionMask[b * T + n])) n++;
+    return n;
+  });
+  const T2 = T + maxNewTokens;
+  const ids = new Int32Array(B * T2);
+  const mask = new Uint8Array(B * T2);
+  for (let b = 0; b < B; b++) {
+    ids.set(input.inputIds.subarray(b * T, b * T + lengths[b]!), b * T2);
+    mask.fill(1, b * T2, b * T2 + lengths[b]!);
+    for (let t = 0; t < maxNewTokens && ours[b * maxNewTokens + t]! >= 0; t++) {
+      ids[b * T2 + lengths[b]! + t] = ours[b * maxNewTokens + t]!;
+      mask[b * T2 + lengths[b]! + t] = 1;
+    }
+  }
+  const { logits } = await cpu.forward({ ...input, inputIds: ids, attentionMask: mask, seqLen: T2 });
+  let worst = 0;
+  let tokens = 0;
+  for (let b = 0; b < B; b++)
+    for (let t = 0; t < maxNewTokens && ours[b * maxNewTokens + t]! >= 0; t++) {
+      const row = logits!.subarray((b * (P + T2) + P + lengths[b]! + t - 1) * V).subarray(0, V);
+      let hi = Number.NEGATIVE_INFINITY;
+      let lo = Number.POSITIVE_INFINITY;
+      for (const v of row) {
+        hi = Math.max(hi, v);
+        lo = Math.min(lo, v);
+      }
+      worst = Math.max(worst, (hi - row[ours[b * maxNewTokens + t]!]!) / (hi - lo));
+      tokens++;
+    }
+  rows.add(
+    `generate (${what}): each token the CPU's argmax, gap / spread`,
+    tokens ? worst : Infinity,
+    TOL[precision].logits,
+  );
+  if (precision === "fp32") {
+    let differ = 0;
+    for (let i = 0; i < ref.length; i++) if (ours[i] !== ref[i]) differ++;
+    rows.add(`generate (${what}): tokens differing from the CPU's`, differ, 0);
+  }
 }
 
 /**

@@ -683,21 +683,15 @@ namespace pt {
 // a cache of P_l + S + max_new slots per sequence and layer. Each new token then runs the layers for one
 // row per sequence: its key/value go to slot P_l + P + len_b + t of its sequence (overwriting the padding
 // there, which no query ever saw), and it attends to the prefix, the slots before it and itself.
-std::vector<int32_t> Model::generate(const ForwardArgs& a, int64_t max_new, int32_t eos) {
-  std::lock_guard<std::mutex> lock(run_mutex_);
+std::vector<int64_t> Model::generation_lengths(const ForwardArgs& a, int64_t max_new) const {
   check_args(a);
-  const ModelConfig& c = cfg_;
-  const bool gpt2 = c.arch == Arch::GPT2;
-  const int nt = c.threads;
-  const int64_t B = a.B, T = a.T, P = a.P, S = P + T, C = c.hidden, V = c.vocab, L = c.layers;
-  const int64_t H = c.heads, KV = c.kv_heads, hd = c.head_dim, I = c.intermediate, half = hd / 2;
-  const int64_t qkv_w = (H + 2 * KV) * hd, kv_w = KV * hd, fc_w = gpt2 ? I : 2 * I, group = H / KV;
+  const int64_t B = a.B, T = a.T, P = a.P;
   const int64_t pos0 = a.deep.kind == DeepPrompts::Kind::Prefix ? a.deep.prefix_len : 0;
   if (max_new < 1) throw std::invalid_argument("maxNewTokens: expected at least 1");
   // The last new token is returned, not fed back: it takes no position.
-  if (gpt2 && pos0 + S + max_new - 1 > c.max_positions)
-    throw std::out_of_range("generation needs " + std::to_string(pos0 + S + max_new - 1) +
-                            " positions; the model has " + std::to_string(c.max_positions));
+  if (cfg_.arch == Arch::GPT2 && pos0 + P + T + max_new - 1 > cfg_.max_positions)
+    throw std::out_of_range("generation needs " + std::to_string(pos0 + P + T + max_new - 1) +
+                            " positions; the model has " + std::to_string(cfg_.max_positions));
   std::vector<int64_t> len(B, T);
   if (a.mask)
     for (int64_t b = 0; b < B; ++b) {
@@ -709,6 +703,19 @@ std::vector<int32_t> Model::generate(const ForwardArgs& a, int64_t max_new, int3
         throw std::invalid_argument("attentionMask: sequence " + std::to_string(b) + " is empty");
       len[b] = n;
     }
+  return len;
+}
+
+std::vector<int32_t> Model::generate(const ForwardArgs& a, int64_t max_new, int32_t eos) {
+  std::lock_guard<std::mutex> lock(run_mutex_);
+  const ModelConfig& c = cfg_;
+  const bool gpt2 = c.arch == Arch::GPT2;
+  const int nt = c.threads;
+  const int64_t B = a.B, T = a.T, P = a.P, S = P + T, C = c.hidden, V = c.vocab, L = c.layers;
+  const int64_t H = c.heads, KV = c.kv_heads, hd = c.head_dim, I = c.intermediate, half = hd / 2;
+  const int64_t qkv_w = (H + 2 * KV) * hd, kv_w = KV * hd, fc_w = gpt2 ? I : 2 * I, group = H / KV;
+  const int64_t pos0 = a.deep.kind == DeepPrompts::Kind::Prefix ? a.deep.prefix_len : 0;
+  const std::vector<int64_t> len = generation_lengths(a, max_new);
 
   if (!ws_) ws_ = std::make_unique<Workspace>();
   Workspace& ws = *ws_;

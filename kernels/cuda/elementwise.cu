@@ -23,6 +23,7 @@
 // Reductions across threads use xor-butterfly shuffles (then one shared-memory step across warps): every
 // lane ends with bitwise the same value, so all threads of a block agree on a row's statistics.
 #include <algorithm>
+#include <array>
 #include <climits>
 #include <cmath>
 #include <cstdint>
@@ -676,6 +677,32 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
   }
 }
 
+// Greedy decoding's argmax: each thread keeps the first column of its share's largest value (its columns
+// come in increasing order, NaNs never win a comparison), then the block takes the largest value and the
+// lowest column holding it.
+struct MinOp {
+  __device__ __forceinline__ int operator()(int a, int b) const { return a < b ? a : b; }
+};
+
+__global__ void __launch_bounds__(kMaxBlockThreads)
+    argmax_kernel(int32_t* out, const float* logits, int64_t ld, int64_t R, int64_t V) {
+  __shared__ float sh[32];
+  __shared__ int shi[32];
+  for (int64_t r = blockIdx.x; r < R; r += gridDim.x) {
+    float m = -INFINITY;
+    int at = INT_MAX;
+    row_visit<false>(const_cast<float*>(logits + r * ld), V, [&](int64_t j, float& v) {
+      if (v > m || (at == INT_MAX && v == -INFINITY)) {
+        m = v;
+        at = static_cast<int>(j);
+      }
+    });
+    const float mx = block_reduce(m, -INFINITY, sh, MaxOp());
+    const int first = block_reduce(m == mx ? at : INT_MAX, INT_MAX, shi, MinOp());
+    if (threadIdx.x == 0) out[r] = first == INT_MAX ? 0 : first;
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Deterministic float64 sums (one block)
 
@@ -1004,6 +1031,18 @@ void softmax_xent(Stream stream, float* logits, int64_t ld, float* losses, const
   const int threads = V >= 8192 ? kMaxBlockThreads : (V >= 1024 ? 256 : 128);
   softmax_xent_kernel<<<rows_grid(R), threads, 0, stream>>>(logits, ld, losses, targets, R, V, grad_scale,
                                                             want_grad, grad_bf16);
+  check_launch(name);
+}
+
+void argmax_rows(Stream stream, int32_t* out, const float* logits, int64_t ld, int64_t R, int64_t V) {
+  const char* name = "argmax_rows";
+  require(R >= 0 && V >= 0, name, "negative size");
+  if (R == 0) return;
+  require(V > 0 && V <= INT_MAX, name, "V must be in 1..INT_MAX");
+  require(ld >= V, name, "row stride ld must be >= V");
+  require(out && logits, name, "null pointer");
+  const int threads = V >= 8192 ? kMaxBlockThreads : (V >= 1024 ? 256 : 128);
+  argmax_kernel<<<rows_grid(R), threads, 0, stream>>>(out, logits, ld, R, V);
   check_launch(name);
 }
 
@@ -1600,6 +1639,37 @@ void test_adamw(std::vector<OpCheck>& out, uint32_t& seed) {
   }
 }
 
+// Rows of random logits with the largest value repeated at a later column (the first wins), NaNs, a row of
+// -inf, and row strides that misalign every other row; the want is std::max_element's column.
+void test_argmax(std::vector<OpCheck>& out, uint32_t& seed) {
+  for (const auto& [R, V, ld] :
+       {std::array<int64_t, 3>{5, 50257, 50257}, std::array<int64_t, 3>{4, 50257, 50264},
+        std::array<int64_t, 3>{3, 1000, 1003}}) {
+    auto logits = random_vector(static_cast<size_t>(R * ld), ++seed, 8.0f);
+    auto at = [&](int64_t r, int64_t j) -> float& { return logits[static_cast<size_t>(r * ld + j)]; };
+    at(0, 7) = 100.0f;
+    at(0, V - 1) = 100.0f;  // a tie: column 7 wins
+    at(1, 3) = NAN;
+    at(1, V / 2) = NAN;  // passed over
+    for (int64_t j = 0; j < V; ++j) at(2, j) = -INFINITY;
+    at(R - 1, V - 1) = 50.0f;  // the last column
+    std::vector<float> want(static_cast<size_t>(R));
+    for (int64_t r = 0; r < R; ++r) {
+      const float* row = logits.data() + r * ld;
+      want[static_cast<size_t>(r)] = static_cast<float>(std::max_element(row, row + V) - row);
+    }
+    auto d_logits = to_device(logits);
+    DeviceBuffer<int32_t> d_out(static_cast<size_t>(R));
+    argmax_rows(nullptr, d_out.get(), d_logits.get(), ld, R, V);
+    const auto got_i = to_host(d_out.get(), static_cast<size_t>(R));
+    double mismatches = 0;
+    for (int64_t r = 0; r < R; ++r)
+      if (static_cast<float>(got_i[static_cast<size_t>(r)]) != want[static_cast<size_t>(r)]) ++mismatches;
+    out.push_back(make_check("argmax_rows", dims({{"R", R}, {"V", V}, {"ld", ld}}), mismatches, 0.0,
+                             "rows whose column differs from std::max_element's (ties, NaNs, -inf): 0"));
+  }
+}
+
 void test_clip(std::vector<OpCheck>& out) {
   const std::vector<double> sums = {1e4, 0.25};
   const float max_norm = 1.0f;
@@ -1635,6 +1705,7 @@ void test_arguments(std::vector<OpCheck>& out) {
     gather_rows(nullptr, nullptr, nullptr, nullptr, 0, 8);
     scatter_rows(nullptr, nullptr, nullptr, nullptr, 0, 8);
     softmax_xent(nullptr, nullptr, 50257, nullptr, nullptr, 0, 50257, 1.0f, true);
+    argmax_rows(nullptr, nullptr, nullptr, 50257, 0, 50257);
     sum_f64(nullptr, nullptr, nullptr, 0, true);
     sum_squares_f64(nullptr, nullptr, nullptr, 0, true);
     adamw_step(nullptr, nullptr, nullptr, nullptr, nullptr, 0, nullptr, 0.9f, 0.999f, 1e-8f, 0.0f, nullptr);
@@ -1667,6 +1738,9 @@ void test_arguments(std::vector<OpCheck>& out) {
   expect_throw([&] {  // row stride below V
     softmax_xent(nullptr, buf.get(), 7, buf.get(), reinterpret_cast<const int32_t*>(buf.get()), 1, 8, 1.0f,
                  false);
+  });
+  expect_throw([&] {  // argmax row stride below V
+    argmax_rows(nullptr, reinterpret_cast<int32_t*>(buf.get()), buf.get(), 7, 1, 8);
   });
   if (missed) {
     err = INFINITY;
@@ -1707,6 +1781,7 @@ std::vector<OpCheck> selftest_elementwise() {
   test_rope(out, seed);
   test_rows(out, seed);
   test_softmax_xent(out, seed);
+  test_argmax(out, seed);
   test_sums(out, seed);
   test_adamw(out, seed);
   test_clip(out);

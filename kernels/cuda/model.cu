@@ -201,6 +201,88 @@ class CudaModel final : public DeviceModel {
     return res;
   }
 
+  std::vector<int32_t> generate(const ForwardArgs& a, int64_t max_new, int32_t eos) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return releasing_on_oom([&] { return generate_locked(a, max_new, eos); });
+  }
+  // Greedy decoding as pt::Model::generate, without a key/value cache: each new token runs the forward over
+  // the sequences so far (the prompts and deep prompts in place, right padding masked), then the final norm,
+  // the LM head and the argmax on each sequence's last row only; the B ids come back and go in at the next
+  // column. max_new forwards of at most T + max_new - 1 tokens.
+  std::vector<int32_t> generate_locked(const ForwardArgs& a, int64_t max_new, int32_t eos) {
+    check(cudaSetDevice(0), "cudaSetDevice(0)");
+    const std::vector<int64_t> len = host_.generation_lengths(a, max_new);
+    const int64_t B = a.B, P = a.P, C = cfg_.hidden, V = cfg_.vocab, ld = logits_ld();
+    const int64_t longest = *std::max_element(len.begin(), len.end());
+    const int64_t width = longest + max_new - 1;  // token columns at the last step
+    std::vector<int32_t> ids(B * width, 0), step_ids, rows(B), next(B), out(B * max_new, -1);
+    std::vector<uint8_t> mask(B * width, 0), step_mask, done(B, 0);
+    for (int64_t b = 0; b < B; ++b) {
+      std::copy_n(a.ids + b * a.T, len[b], ids.begin() + b * width);
+      std::fill(mask.begin() + b * width, mask.begin() + b * width + len[b], 1);
+    }
+    need(tokens_, B);
+    for (int64_t t = 0; t < max_new; ++t) {
+      // Columns [0, T) of the tokens so far (a step with no token yet, prompt rows only, keeps one padded
+      // one).
+      const int64_t T = std::max<int64_t>(longest + t, 1), S = P + T;
+      step_ids.assign(B * T, 0);
+      step_mask.assign(B * T, 0);
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t n = std::min(T, width);
+        std::copy_n(ids.begin() + b * width, n, step_ids.begin() + b * T);
+        std::copy_n(mask.begin() + b * width, n, step_mask.begin() + b * T);
+        rows[b] = static_cast<int32_t>(b * S + P + len[b] + t - 1);  // the last row: prompt or token
+      }
+      ForwardArgs s = a;
+      s.ids = step_ids.data();
+      s.mask = step_mask.data();
+      s.T = T;
+      s.labels = nullptr;
+      s.want_logits = false;
+      s.hidden_indices.clear();
+      Plan pl = plan(s, false, &rows);
+      upload_prompts(pl, s);
+      send(pl);
+      const Ptrs in = pointers(pl, s, false);
+      embed(pl, in);
+      for (int64_t l = 0; l < cfg_.layers; ++l) layer_forward(l, pl, in, states_[0]);
+      // The final norm is per row: on the B gathered rows alone.
+      need(xr_in_, B * C);
+      need(xr_, B * C);
+      need(lnf_mean_, B);
+      need(lnf_rstd_, B);
+      need(logits_, B * ld);
+      mark("gather, scatter, batch sums");
+      cuda::gather_rows(stream_, xr_in_.get(), x_.get(), in.rows, B, C);
+      mark("norm forward");
+      cuda::norm_forward(stream_, kind_, xr_.get(), lnf_mean_.get(), lnf_rstd_.get(), xr_in_.get(), nullptr,
+                         nullptr, f("lnf.w"), f_or_null("lnf.b"), B, C, cfg_.norm_eps);
+      gemm_nt(B, V, C, xr_.get(), C, head(), logits_.get(), ld, nullptr, 0.0f);
+      mark("argmax");
+      cuda::argmax_rows(stream_, tokens_.get(), logits_.get(), ld, B, V);
+      check(cudaMemcpyAsync(next.data(), tokens_.get(), B * sizeof(int32_t), cudaMemcpyDeviceToHost, stream_),
+            "token copy");
+      sync("generate");
+      bool all_done = true;
+      for (int64_t b = 0; b < B; ++b) {
+        if (done[b]) continue;
+        out[b * max_new + t] = next[b];
+        if (next[b] == eos) done[b] = 1;
+        all_done = all_done && done[b];
+      }
+      if (all_done || t + 1 == max_new) break;
+      // The new tokens go in after each sequence's last one (finished sequences too: their rows are not
+      // read).
+      for (int64_t b = 0; b < B; ++b)
+        if (len[b] + t < width) {
+          ids[b * width + len[b] + t] = next[b];
+          mask[b * width + len[b] + t] = 1;
+        }
+    }
+    return out;
+  }
+
   GradResult loss_and_grad(const ForwardArgs& a) override {
     std::lock_guard<std::mutex> lock(mutex_);
     return releasing_on_oom([&] { return loss_and_grad_locked(a); });
@@ -514,6 +596,7 @@ class CudaModel final : public DeviceModel {
       f(*b);
     f(loss_sum_);
     f(gnorm_sq_);
+    f(tokens_);
     f(inputs_);
     f(a16_);
     f(prefix16_);
@@ -730,7 +813,8 @@ class CudaModel final : public DeviceModel {
       throw std::invalid_argument("nothing to train (no prompt and no deepPrompts)");
   }
 
-  Plan plan(const ForwardArgs& a, bool grads) {
+  // `rows` (generation): the rows whose logits are wanted, in place of labelled rows (no targets).
+  Plan plan(const ForwardArgs& a, bool grads, const std::vector<int32_t>* rows = nullptr) {
     host_.check_args(a);
     const ModelConfig& c = cfg_;
     Plan pl;
@@ -760,6 +844,10 @@ class CudaModel final : public DeviceModel {
       pl.R = static_cast<int64_t>(pl.rows.size());
       if (grads && pl.R == 0)
         throw std::invalid_argument("labels: no labelled position (all -100 after the causal shift)");
+    }
+    if (rows) {
+      pl.rows = *rows;
+      pl.R = static_cast<int64_t>(pl.rows.size());
     }
     if (pl.N > INT32_MAX) throw std::out_of_range("batch x sequence is too large for the CUDA backend");
     // Inputs: ids, per-layer key masks (deep rows always attended), labelled rows and their targets.
@@ -1302,6 +1390,7 @@ class CudaModel final : public DeviceModel {
   // Workspace (grown on demand, kept between calls).
   std::vector<LayerState> states_;
   DeviceBuffer<float> x_, xf_, lnf_mean_, lnf_rstd_, xr_in_, xr_, dxr_, dxr_in_, logits_, losses_, dx_;
+  DeviceBuffer<int32_t> tokens_;  // generate(): each sequence's next token
   DeviceBuffer<float> ln_, tmp_, act_, dmid_, dact_, dfc_, dln_, datt_, dqkv_, attn_scratch_;
   DeviceBuffer<float> rope_cos_, rope_sin_, gprompt_, clip_;
   DeviceBuffer<float> gemm_ws_;  // split-K partial products (product)

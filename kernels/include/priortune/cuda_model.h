@@ -12,7 +12,8 @@
 // back in one copy after it. The first call of a shape runs eagerly (allocating what it needs), the second
 // captures the graph. Nothing synchronises the host inside a step.
 //
-// Generation stays on the CPU model (the host weights are kept).
+// Generation (greedy, as pt::Model::generate) runs each new token's forward on the device; the host weights
+// are kept for the CPU paths.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -54,6 +55,8 @@ class DeviceModel {
   virtual ~DeviceModel() = default;
   virtual ForwardResult forward(const ForwardArgs& args) = 0;
   virtual GradResult loss_and_grad(const ForwardArgs& args) = 0;
+  // pt::Model::generate's contract (same checks, [B, max_new] ids, -1 after a stop).
+  virtual std::vector<int32_t> generate(const ForwardArgs& args, int64_t max_new, int32_t eos) = 0;
   // Device-resident prompt training: set_trainables copies args' prompt and deep prompts to the device and
   // resets the AdamW state; prompt_step then runs loss, gradients and one AdamW step on them for a batch
   // (args' own prompt and deep prompt pointers are ignored; their shapes must match). lr is the step's

@@ -179,6 +179,10 @@ void scatter_rows(Stream stream, float* dst, const float* src, const int32_t* ro
 // LM head backward's operand, ready for the pipelined GEMM.
 void softmax_xent(Stream stream, float* logits, int64_t ld, float* losses, const int32_t* targets, int64_t R,
                   int64_t V, float grad_scale, bool want_grad, bf16_t* grad_bf16 = nullptr);
+// out[r] (=) = the column of the largest value of logits[r, 0..V) (row stride ld >= V), the lowest one among
+// equal values, as std::max_element (greedy decoding); NaNs are passed over (a row with no other value gives
+// 0, as does the CPU's when its first value is NaN).
+void argmax_rows(Stream stream, int32_t* out, const float* logits, int64_t ld, int64_t R, int64_t V);
 // out[0] (= or += when accumulate) = sum of x[0..n) in float64, in a fixed order (deterministic).
 void sum_f64(Stream stream, double* out, const float* x, int64_t n, bool accumulate);
 

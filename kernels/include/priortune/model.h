@@ -170,6 +170,9 @@ class Model {
   // last token for up to max_new tokens; a sequence stops after emitting `eos` (>= 0), the rest of its row
   // is filled with -1. Returns [B, max_new].
   std::vector<int32_t> generate(const ForwardArgs& args, int64_t max_new, int32_t eos);
+  // generate()'s checks (check_args, max_new >= 1, positions for the new tokens, right padding, no empty
+  // sequence without a prompt); returns each sequence's token count. The CUDA model's generation uses it too.
+  std::vector<int64_t> generation_lengths(const ForwardArgs& args, int64_t max_new) const;
 
   const Slot& slot(const std::string& name) const;
   const std::vector<float>& token_embeddings() const { return slot("tok_emb").data; }
