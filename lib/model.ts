@@ -558,10 +558,10 @@ export class Model {
   }
 
   /**
-   * Greedy decoding (native; on the CPU from a key/value cache, on a CUDA model on the device, one forward
-   * per new token): every sequence of the right-padded batch continues after its last token for up to
-   * `maxNewTokens` tokens, with the soft and deep prompts in place. A sequence stops after `eosId`; the rest
-   * of its row is -1. Returns batch x maxNewTokens ids.
+   * Greedy decoding from a key/value cache (native; on a CUDA model on the device): every sequence of the
+   * right-padded batch continues after its last token for up to `maxNewTokens` tokens, with the soft and
+   * deep prompts in place. A sequence stops after `eosId`; the rest of its row is -1. Returns batch x
+   * maxNewTokens ids.
    */
   async generate(options: GenerateOptions): Promise<Int32Array> {
     const native = this.#live();

@@ -381,7 +381,7 @@ async function runAddonSuite(env) {
     },
   );
   // The tables must also have reached --results (gpu-check.sh collects them there).
-  const tables = readFileSync(results, "utf8");
+  const tables = check.code === 0 && existsSync(results) ? readFileSync(results, "utf8") : "";
   for (const [section, head] of [
     ["knn", "| workload (Q x V x d, top-10) |"],
     ["generate", "| model | B x prompt tokens |"],

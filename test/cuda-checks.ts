@@ -212,6 +212,13 @@ export async function fixtureChecks(name: string, precision: CudaPrecision): Pro
       const first = await cpu.generate({ ...input, maxNewTokens: 2 });
       await generationRows(rows, "soft prompt, stopped at eos", model, cpu, precision, input, first[1]!);
       await generationRows(rows, "deep hidden", model, cpu, precision, { ...input, deepPrompts: hidden });
+      // A sequence with no token after the prompt (its first new token follows the prompt's last row).
+      const empty = new Uint8Array(base.attentionMask);
+      empty.fill(0, base.seqLen, 2 * base.seqLen);
+      await generationRows(rows, "soft prompt, a sequence of no tokens", model, cpu, precision, {
+        ...input,
+        attentionMask: empty,
+      });
       await generationRows(rows, "prefix", model, cpu, precision, {
         ...input,
         prompt: undefined,
@@ -259,6 +266,25 @@ async function generationRows(
   eosId = -1,
 ): Promise<void> {
   const maxNewTokens = 5;
+  // The default cached decoding, then the re-forward path it is timed against, each checked on its own.
+  for (const mode of ["cache", "reforward"] as const)
+    await withEnv("PRIORTUNE_CUDA_GENERATE", mode, async () => {
+      await generationRowsOf(rows, `${what}, ${mode}`, device, cpu, precision, input, eosId, maxNewTokens);
+      // One new token: the prompt batch's forward alone.
+      await generationRowsOf(rows, `${what}, ${mode}, 1 new token`, device, cpu, precision, input, eosId, 1);
+    });
+}
+
+async function generationRowsOf(
+  rows: Rows,
+  what: string,
+  device: Model,
+  cpu: Model,
+  precision: CudaPrecision,
+  input: Omit<GenerateOptions, "maxNewTokens" | "eosId">,
+  eosId: number,
+  maxNewTokens: number,
+): Promise<void> {
   const ours = await device.generate({ ...input, maxNewTokens, eosId });
   const ref = await cpu.generate({ ...input, maxNewTokens, eosId });
   const { batch: B, seqLen: T } = input;

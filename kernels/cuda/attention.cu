@@ -597,6 +597,106 @@ void backward_fit(Stream stream, const AttnArgs& a, const BwdPtrs& p) {
 
 }  // namespace
 
+// ---------------------------------------------------------------------------------------------------------
+// Decoding: one query row per sequence against its key/value cache. Block (b, h), 4 warps: warp w takes keys
+// w, w + 4, ... (the prefix rows, then the cache rows), a lane holding dims lane + 32 e of q and of its share
+// of the output; each key's score is a warp sum, folded into the warp's online softmax (running max, sum,
+// output rescaled as the max rises); then the four warps' states are merged through shared memory.
+
+namespace {
+
+constexpr int kDecodeWarps = 4;
+
+template <int D>
+__global__ void __launch_bounds__(kDecodeWarps * 32)
+    attention_decode_kernel(float* out, const float* q, int64_t q_ld, const float* cache, int64_t cap,
+                            int64_t ld, int64_t k_col, int64_t v_col, const int32_t* n, const float* prefix_k,
+                            const float* prefix_v, int64_t Pp, int64_t H, int64_t KV, int64_t hd,
+                            float scale) {
+  constexpr int E = D / 32;
+  __shared__ float s_max[kDecodeWarps], s_sum[kDecodeWarps], s_acc[kDecodeWarps][D];
+  const int64_t b = blockIdx.x / H, h = blockIdx.x % H, g = h / (H / KV);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const float* qr = q + b * q_ld + h * hd;
+  float qv[E], acc[E];
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    const int d = lane + 32 * e;
+    qv[e] = d < hd ? qr[d] : 0.0f;
+    acc[e] = 0.0f;
+  }
+  float m = -INFINITY, l = 0.0f;
+  const int64_t keys = Pp + n[b];
+  for (int64_t j = warp; j < keys; j += kDecodeWarps) {
+    const float* row = j < Pp ? nullptr : cache + (b * cap + (j - Pp)) * ld;
+    const float* k = row ? row + k_col + g * hd : prefix_k + (j * KV + g) * hd;
+    const float* v = row ? row + v_col + g * hd : prefix_v + (j * KV + g) * hd;
+    float s = 0.0f;
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      const int d = lane + 32 * e;
+      if (d < hd) s += qv[e] * k[d];
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    s *= scale;
+    const float mn = fmaxf(m, s);
+    const float corr = expf(m - mn), p = expf(s - mn);
+    l = l * corr + p;
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      const int d = lane + 32 * e;
+      acc[e] = acc[e] * corr + (d < hd ? p * v[d] : 0.0f);
+    }
+    m = mn;
+  }
+  if (lane == 0) {
+    s_max[warp] = m;
+    s_sum[warp] = l;
+  }
+#pragma unroll
+  for (int e = 0; e < E; ++e) s_acc[warp][lane + 32 * e] = acc[e];
+  __syncthreads();
+  float M = -INFINITY;
+  for (int w = 0; w < kDecodeWarps; ++w) M = fmaxf(M, s_max[w]);
+  float L = 0.0f;
+  float f[kDecodeWarps];
+  for (int w = 0; w < kDecodeWarps; ++w) {
+    f[w] = s_max[w] == -INFINITY ? 0.0f : expf(s_max[w] - M);  // a warp that saw no key adds nothing
+    L += s_sum[w] * f[w];
+  }
+  for (int64_t d = threadIdx.x; d < hd; d += blockDim.x) {
+    float o = 0.0f;
+    for (int w = 0; w < kDecodeWarps; ++w) o += s_acc[w][d] * f[w];
+    out[(b * H + h) * hd + d] = L > 0.0f ? o / L : 0.0f;
+  }
+}
+
+}  // namespace
+
+void attention_decode(Stream stream, float* out, const float* q, int64_t q_ld, const float* cache,
+                      int64_t cap, int64_t ld, int64_t k_col, int64_t v_col, const int32_t* n,
+                      const float* prefix_k, const float* prefix_v, int64_t Pp, int64_t B, int64_t H,
+                      int64_t KV, int64_t hd, float scale) {
+  validate("attention_decode", Pp, B, cap, H, KV, hd, prefix_k, prefix_v);
+  if (B == 0) return;
+  if (!out || !q || !cache || !n) throw std::invalid_argument("attention_decode: null pointer");
+  if (q_ld < H * hd || k_col < 0 || v_col < 0 || k_col + KV * hd > ld || v_col + KV * hd > ld)
+    throw std::invalid_argument("attention_decode: q_ld, k_col, v_col or ld out of range");
+  const dim3 grid(static_cast<unsigned>(B * H));
+  const int threads = kDecodeWarps * 32;
+  if (hd <= 64)
+    attention_decode_kernel<64><<<grid, threads, 0, stream>>>(out, q, q_ld, cache, cap, ld, k_col, v_col, n,
+                                                              prefix_k, prefix_v, Pp, H, KV, hd, scale);
+  else if (hd <= 128)
+    attention_decode_kernel<128><<<grid, threads, 0, stream>>>(out, q, q_ld, cache, cap, ld, k_col, v_col, n,
+                                                               prefix_k, prefix_v, Pp, H, KV, hd, scale);
+  else
+    attention_decode_kernel<256><<<grid, threads, 0, stream>>>(out, q, q_ld, cache, cap, ld, k_col, v_col, n,
+                                                               prefix_k, prefix_v, Pp, H, KV, hd, scale);
+  check_launch("attention_decode");
+}
+
 bool attention_takes_bf16_operands(AttentionPrecision precision, int64_t hd) {
   return precision == AttentionPrecision::BF16 && attn::tc_supported(hd) &&
          attn::attention_kernel() == attn::AttnKernel::MmaBf16;
@@ -997,6 +1097,44 @@ std::vector<OpCheck> selftest_attention() {
           make_check("attention_forward bf16 rounding", shape, same_fwd ? 0.0 : 1.0, 0.0,
                      "BF16 forward on raw fp32 inputs vs on host-rounded (RN-even) inputs: same bits"));
     }
+  }
+  // Decoding: the last visible row of each sequence (n_b tokens, no mask: causal alone) against the
+  // reference forward's row n_b - 1, the sequence's qkv rows serving as its cache (q, keys, values in place).
+  for (const AttnCase& t :
+       {AttnCase{2, 37, 8, 2, 64, 5, 37, false, 0}, AttnCase{2, 130, 4, 2, 128, 70, 130, false, 0},
+        AttnCase{1, 40, 2, 2, 1, 2, 40, false, 0}, AttnCase{2, 70, 2, 1, 200, 3, 70, false, 0},
+        AttnCase{2, 20, 4, 4, 24, 0, 20, false, 0}}) {
+    const int64_t B = t.B, S = t.S, H = t.H, KV = t.KV, hd = t.hd, Pp = t.Pp;
+    const int64_t ld = (H + 2 * KV) * hd;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+    AttnData d;
+    d.qkv = random_vector(B * S * ld, seed++);
+    d.pk = random_vector(Pp * KV * hd, seed++);
+    d.pv = random_vector(Pp * KV * hd, seed++);
+    d.dout = random_vector(B * S * H * hd, seed++);
+    d.mask.assign(B * S, 1);
+    const AttnRef ref = attention_reference(t, d, scale);
+    std::vector<int32_t> n(B);
+    std::vector<float> q(B * H * hd), want(B * H * hd);
+    for (int64_t b = 0; b < B; ++b) {
+      n[b] = static_cast<int32_t>(S - 7 * b);  // sequence 1 stops 7 tokens short
+      const int64_t row = b * S + n[b] - 1;
+      std::copy_n(d.qkv.begin() + row * ld, H * hd, q.begin() + b * H * hd);
+      std::copy_n(ref.out.begin() + row * H * hd, H * hd, want.begin() + b * H * hd);
+    }
+    auto d_qkv = to_device(d.qkv), d_pk = to_device(d.pk), d_pv = to_device(d.pv), d_q = to_device(q);
+    auto d_n = to_device(n);
+    DeviceBuffer<float> d_out(B * H * hd);
+    attention_decode(nullptr, d_out.get(), d_q.get(), H * hd, d_qkv.get(), S, ld, H * hd, (H + KV) * hd,
+                     d_n.get(), Pp ? d_pk.get() : nullptr, Pp ? d_pv.get() : nullptr, Pp, B, H, KV, hd,
+                     scale);
+    const std::string shape = "B=" + std::to_string(B) + " cap=" + std::to_string(S) +
+                              " H=" + std::to_string(H) + " KV=" + std::to_string(KV) +
+                              " hd=" + std::to_string(hd) + " Pp=" + std::to_string(Pp) + " n=S, S-7";
+    checks.push_back(
+        make_check("attention_decode", shape, rel_error(to_host(d_out.get(), want.size()), want), tol,
+                   "one query row per sequence, fp32 on CUDA cores (online softmax per warp, four "
+                   "warps merged) vs the forward reference's row: summation order and expf"));
   }
   return checks;
 }

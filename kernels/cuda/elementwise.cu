@@ -699,7 +699,11 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
     });
     const float mx = block_reduce(m, -INFINITY, sh, MaxOp());
     const int first = block_reduce(m == mx ? at : INT_MAX, INT_MAX, shi, MinOp());
-    if (threadIdx.x == 0) out[r] = first == INT_MAX ? 0 : first;
+    // std::max_element keeps a NaN in column 0 (no value compares above it).
+    if (threadIdx.x == 0) {
+      const float v0 = logits[r * ld];
+      out[r] = first == INT_MAX || v0 != v0 ? 0 : first;
+    }
   }
 }
 
@@ -1639,8 +1643,9 @@ void test_adamw(std::vector<OpCheck>& out, uint32_t& seed) {
   }
 }
 
-// Rows of random logits with the largest value repeated at a later column (the first wins), NaNs, a row of
-// -inf, and row strides that misalign every other row; the want is std::max_element's column.
+// Rows of random logits with the largest value repeated at a later column (the first wins), NaNs (passed
+// over, but a NaN in column 0 wins), a row of -inf, the largest in the last column; odd row strides misalign
+// every other row (50264 aligns them all); the want is std::max_element's column.
 void test_argmax(std::vector<OpCheck>& out, uint32_t& seed) {
   for (const auto& [R, V, ld] :
        {std::array<int64_t, 3>{5, 50257, 50257}, std::array<int64_t, 3>{4, 50257, 50264},
@@ -1650,9 +1655,10 @@ void test_argmax(std::vector<OpCheck>& out, uint32_t& seed) {
     at(0, 7) = 100.0f;
     at(0, V - 1) = 100.0f;  // a tie: column 7 wins
     at(1, 3) = NAN;
-    at(1, V / 2) = NAN;  // passed over
+    at(1, V / 2) = NAN;    // passed over
+    at(1, V - 1) = 60.0f;  // the last column
     for (int64_t j = 0; j < V; ++j) at(2, j) = -INFINITY;
-    at(R - 1, V - 1) = 50.0f;  // the last column
+    if (R > 3) at(3, 0) = NAN;  // column 0, as std::max_element
     std::vector<float> want(static_cast<size_t>(R));
     for (int64_t r = 0; r < R; ++r) {
       const float* row = logits.data() + r * ld;

@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <iterator>
 #include <map>
@@ -82,6 +83,17 @@ struct Plan {
   std::vector<size_t> off_mask;                // per layer
   std::vector<size_t> off_deep_a, off_deep_b;  // hidden vectors, or prefix keys and values, when uploaded
   std::string key;
+};
+
+// One decoding step of generate()'s cached path: B rows, one per sequence, through every layer. Per layer:
+// the key/value cache ([B, cap, qkv width] rows: the forward's qkv rows, keys after RoPE), where each row's
+// qkv goes (device rows b cap + slot) and how many cache rows it then attends (device), its RoPE positions
+// (host).
+struct Decode {
+  std::vector<float*> cache;
+  std::vector<int64_t> cap;
+  std::vector<const int32_t*> rows, n;
+  std::vector<std::vector<int64_t>> rope_pos;
 };
 
 class CudaModel final : public DeviceModel {
@@ -205,14 +217,26 @@ class CudaModel final : public DeviceModel {
     std::lock_guard<std::mutex> lock(mutex_);
     return releasing_on_oom([&] { return generate_locked(a, max_new, eos); });
   }
-  // Greedy decoding as pt::Model::generate, without a key/value cache: each new token runs the forward over
-  // the sequences so far (the prompts and deep prompts in place, right padding masked), then the final norm,
-  // the LM head and the argmax on each sequence's last row only; the B ids come back and go in at the next
-  // column. max_new forwards of at most T + max_new - 1 tokens.
+  // Greedy decoding as pt::Model::generate. The first token comes from a forward over the sequences (prompts
+  // and deep prompts in place, right padding masked): the final norm, the LM head and argmax_rows on each
+  // sequence's last row only; the B ids come back to the host. Then, by default (PRIORTUNE_CUDA_GENERATE=
+  // cache), each layer's qkv rows of that forward (keys after RoPE) seed a cache of P_l + S + max_new rows
+  // per sequence, and each new token runs the layers on B rows: its qkv row goes to its sequence's next cache
+  // row (the padding there was never attended) and attention_decode reads the prefix and the rows so far, as
+  // the CPU's decoding does. PRIORTUNE_CUDA_GENERATE=reforward instead runs the whole forward again for each
+  // new token (no cache: max_new forwards), the path the cached one is checked and timed against.
   std::vector<int32_t> generate_locked(const ForwardArgs& a, int64_t max_new, int32_t eos) {
     check(cudaSetDevice(0), "cudaSetDevice(0)");
     const std::vector<int64_t> len = host_.generation_lengths(a, max_new);
-    const int64_t B = a.B, P = a.P, C = cfg_.hidden, V = cfg_.vocab, ld = logits_ld();
+    const char* mode = std::getenv("PRIORTUNE_CUDA_GENERATE");
+    const std::string how = mode && *mode ? mode : "cache";
+    if (how != "cache" && how != "reforward")
+      throw std::invalid_argument("PRIORTUNE_CUDA_GENERATE: expected cache or reforward, got \"" + how +
+                                  "\"");
+    const bool cached = how == "cache";
+    const ModelConfig& c = cfg_;
+    const int64_t B = a.B, P = a.P, C = c.hidden, V = c.vocab, ld = logits_ld(), L = c.layers;
+    const int64_t qkv_w = (c.heads + 2 * c.kv_heads) * c.head_dim;
     const int64_t longest = *std::max_element(len.begin(), len.end());
     const int64_t width = longest + max_new - 1;  // token columns at the last step
     std::vector<int32_t> ids(B * width, 0), step_ids, rows(B), next(B), out(B * max_new, -1);
@@ -222,39 +246,112 @@ class CudaModel final : public DeviceModel {
       std::fill(mask.begin() + b * width, mask.begin() + b * width + len[b], 1);
     }
     need(tokens_, B);
+    // The cache path's state: the prefill's shape and per-layer deep rows, each layer's cache rows.
+    Plan first;
+    std::vector<int64_t> cap(L);
     for (int64_t t = 0; t < max_new; ++t) {
-      // Columns [0, T) of the tokens so far (a step with no token yet, prompt rows only, keeps one padded
-      // one).
-      const int64_t T = std::max<int64_t>(longest + t, 1), S = P + T;
-      step_ids.assign(B * T, 0);
-      step_mask.assign(B * T, 0);
-      for (int64_t b = 0; b < B; ++b) {
-        const int64_t n = std::min(T, width);
-        std::copy_n(ids.begin() + b * width, n, step_ids.begin() + b * T);
-        std::copy_n(mask.begin() + b * width, n, step_mask.begin() + b * T);
-        rows[b] = static_cast<int32_t>(b * S + P + len[b] + t - 1);  // the last row: prompt or token
+      if (t == 0 || !cached) {
+        // The prompt batch (no token yet, prompt rows only: one padded column); re-forwarding, every step at
+        // the last step's width (the columns after each sequence's tokens masked): one shape, so that the
+        // work buffers are sized once.
+        const int64_t T = std::max<int64_t>(cached ? longest : width, 1), S = P + T;
+        step_ids.assign(B * T, 0);
+        step_mask.assign(B * T, 0);
+        for (int64_t b = 0; b < B; ++b) {
+          const int64_t n = std::min(T, width);
+          std::copy_n(ids.begin() + b * width, n, step_ids.begin() + b * T);
+          std::copy_n(mask.begin() + b * width, n, step_mask.begin() + b * T);
+          rows[b] = static_cast<int32_t>(b * S + P + len[b] + t - 1);  // the last row: prompt or token
+        }
+        ForwardArgs s = a;
+        s.ids = step_ids.data();
+        s.mask = step_mask.data();
+        s.T = T;
+        s.labels = nullptr;
+        s.want_logits = false;
+        s.hidden_indices.clear();
+        Plan pl = plan(s, false, &rows);
+        if (cached) {  // RoPE tables up to the last new token's position
+          Plan reach = pl;
+          reach.S += max_new;
+          rope_for(reach);
+        }
+        upload_prompts(pl, s);
+        send(pl);
+        const Ptrs in = pointers(pl, s, false);
+        embed(pl, in);
+        if (cached && kv_cache_.size() < static_cast<size_t>(L)) kv_cache_.resize(L);
+        for (int64_t l = 0; l < L; ++l) {
+          layer_forward(l, pl, in, states_[0]);
+          if (!cached) continue;
+          const int64_t S_l = states_[0].S_l;
+          cap[l] = S_l + max_new;
+          need(kv_cache_[l], B * cap[l] * qkv_w);
+          mark("copies, memsets");
+          check(cudaMemcpy2DAsync(kv_cache_[l].get(), cap[l] * qkv_w * sizeof(float), states_[0].qkv.get(),
+                                  S_l * qkv_w * sizeof(float), S_l * qkv_w * sizeof(float), B,
+                                  cudaMemcpyDeviceToDevice, stream_),
+                "key/value cache copy");
+        }
+        need(xr_in_, B * C);
+        mark("gather, scatter, batch sums");
+        cuda::gather_rows(stream_, xr_in_.get(), x_.get(), in.rows, B, C);
+        if (t == 0) first = std::move(pl);
+      } else {
+        // Token t - 1 of each sequence at sequence row s_b = P + len[b] + t - 1 (GPT-2 position pos0 + s_b;
+        // in layer l cache row and RoPE position P_l + s_b, RoPE's after pos0).
+        ForwardArgs s = a;
+        s.ids = next.data();
+        s.mask = nullptr;
+        s.T = 1;
+        s.P = 0;
+        s.prompt = nullptr;
+        s.labels = nullptr;
+        s.want_logits = false;
+        s.hidden_indices.clear();
+        if (s.deep.kind == DeepPrompts::Kind::Hidden) s.deep = DeepPrompts{};  // their rows are in the caches
+        Plan pl = plan(s, false);
+        upload_prompts(pl, s);
+        Decode dec;
+        dec.cache.resize(L);
+        dec.cap = cap;
+        dec.rope_pos.resize(L);
+        std::vector<size_t> off_rows(L), off_n(L);
+        for (int64_t l = 0; l < L; ++l) {
+          std::vector<int32_t> r(B), n(B);
+          for (int64_t b = 0; b < B; ++b) {
+            const int64_t slot = first.P_l[l] + P + len[b] + t - 1;
+            r[b] = static_cast<int32_t>(b * cap[l] + slot);
+            n[b] = static_cast<int32_t>(slot + 1);
+            dec.rope_pos[l].push_back(first.pos0 + slot);
+          }
+          off_rows[l] = pl.in.put(r.data(), r.size());
+          off_n[l] = pl.in.put(n.data(), n.size());
+          dec.cache[l] = kv_cache_[l].get();
+        }
+        send(pl);
+        const Ptrs in = pointers(pl, s, false);
+        for (int64_t l = 0; l < L; ++l) {
+          dec.rows.push_back(reinterpret_cast<const int32_t*>(inputs_.get() + off_rows[l]));
+          dec.n.push_back(reinterpret_cast<const int32_t*>(inputs_.get() + off_n[l]));
+        }
+        need(x_, B * C);
+        mark("embedding");
+        for (int64_t b = 0; b < B; ++b)
+          cuda::embedding_forward(stream_, x_.get() + b * C, in.ids + b, nullptr, 0, f("tok_emb"),
+                                  gpt2_ ? f("pos_emb") : nullptr, first.pos0 + P + len[b] + t - 1, 1, 1, C);
+        for (int64_t l = 0; l < L; ++l) layer_forward(l, pl, in, states_[0], false, nullptr, &dec);
+        need(xr_in_, B * C);
+        mark("copies, memsets");
+        check(
+            cudaMemcpyAsync(xr_in_.get(), x_.get(), B * C * sizeof(float), cudaMemcpyDeviceToDevice, stream_),
+            "decode rows copy");
       }
-      ForwardArgs s = a;
-      s.ids = step_ids.data();
-      s.mask = step_mask.data();
-      s.T = T;
-      s.labels = nullptr;
-      s.want_logits = false;
-      s.hidden_indices.clear();
-      Plan pl = plan(s, false, &rows);
-      upload_prompts(pl, s);
-      send(pl);
-      const Ptrs in = pointers(pl, s, false);
-      embed(pl, in);
-      for (int64_t l = 0; l < cfg_.layers; ++l) layer_forward(l, pl, in, states_[0]);
-      // The final norm is per row: on the B gathered rows alone.
-      need(xr_in_, B * C);
+      // The final norm is per row: on the B last rows alone.
       need(xr_, B * C);
       need(lnf_mean_, B);
       need(lnf_rstd_, B);
       need(logits_, B * ld);
-      mark("gather, scatter, batch sums");
-      cuda::gather_rows(stream_, xr_in_.get(), x_.get(), in.rows, B, C);
       mark("norm forward");
       cuda::norm_forward(stream_, kind_, xr_.get(), lnf_mean_.get(), lnf_rstd_.get(), xr_in_.get(), nullptr,
                          nullptr, f("lnf.w"), f_or_null("lnf.b"), B, C, cfg_.norm_eps);
@@ -610,6 +707,7 @@ class CudaModel final : public DeviceModel {
     }
     for (auto& b : gdeep_a_) f(b);
     for (auto& b : gdeep_b_) f(b);
+    for (auto& b : kv_cache_) f(b);
   }
   size_t workspace_bytes() {
     size_t n = 0;
@@ -1015,8 +1113,11 @@ class CudaModel final : public DeviceModel {
   // Layer l on x_ ([B, S, C]) into x_, with its saved state in st. grad_pass chains layers without deep rows
   // through their states instead: input_ready says st.x_in holds the input already (the layer below, or the
   // embedding, wrote it there), and out (when not null) takes the output rows in x_'s layout.
+  // With `dec` (generate's cached path) the rows are B single tokens (pl: T = 1, no prompt, no deep rows):
+  // each row's RoPE is at its own position, its qkv row goes into the layer's cache, and attention_decode
+  // reads the cache.
   void layer_forward(int64_t l, const Plan& pl, const Ptrs& in, LayerState& st, bool input_ready = false,
-                     float* out = nullptr) {
+                     float* out = nullptr, const Decode* dec = nullptr) {
     const ModelConfig& c = cfg_;
     const int64_t B = pl.B, S = pl.S, C = c.hidden, H = c.heads, KV = c.kv_heads, hd = c.head_dim,
                   I = c.intermediate;
@@ -1050,7 +1151,7 @@ class CudaModel final : public DeviceModel {
     need(st.rstd1, N_l);
     need(st.qkv, N_l * qkv_w);
     // The attention's bf16 copy of qkv (attention_bf16): GPT-2's comes with the product (no RoPE after it).
-    st.has_qkv16 = attention_bf16();
+    st.has_qkv16 = attention_bf16() && !dec;
     if (st.has_qkv16) need(st.qkv16, N_l * qkv_w);
     // The norms' outputs have one reader, the next product: under BF16 they are written as its bf16 operand.
     norm_then_gemm(N_l, qkv_w, C, st.x_in.get(), nullptr, nullptr, p + "ln1",
@@ -1058,23 +1159,42 @@ class CudaModel final : public DeviceModel {
                    f_or_null(p + "qkv.b"), gpt2_ && st.has_qkv16 ? st.qkv16.get() : nullptr);
     if (!gpt2_) {
       const int64_t half = hd / 2;
-      const float* cs = rope_cos_.get() + pl.pos0 * half;
-      const float* sn = rope_sin_.get() + pl.pos0 * half;
       mark("rope");
-      cuda::rope_forward(stream_, st.qkv.get(), B, S_l, qkv_w, 0, H, hd, cs, sn);
-      cuda::rope_forward(stream_, st.qkv.get(), B, S_l, qkv_w, H * hd, KV, hd, cs, sn);
+      if (dec) {
+        for (int64_t b = 0; b < B; ++b) {
+          const int64_t pos = dec->rope_pos[l][b];
+          float* row = st.qkv.get() + b * qkv_w;
+          const float *cs = rope_cos_.get() + pos * half, *sn = rope_sin_.get() + pos * half;
+          cuda::rope_forward(stream_, row, 1, 1, qkv_w, 0, H, hd, cs, sn);
+          cuda::rope_forward(stream_, row, 1, 1, qkv_w, H * hd, KV, hd, cs, sn);
+        }
+      } else {
+        const float* cs = rope_cos_.get() + pl.pos0 * half;
+        const float* sn = rope_sin_.get() + pl.pos0 * half;
+        cuda::rope_forward(stream_, st.qkv.get(), B, S_l, qkv_w, 0, H, hd, cs, sn);
+        cuda::rope_forward(stream_, st.qkv.get(), B, S_l, qkv_w, H * hd, KV, hd, cs, sn);
+      }
     }
     need(st.att, N_l * H * hd);
     need(st.lse, B * H * S_l);
-    mark("attention forward");
-    // Llama's qkv copy (kept for the backward) is made here, after RoPE; GPT-2's came with the product.
-    cuda::AttentionBf16Operands ops;
-    if (st.has_qkv16) {
-      if (!gpt2_) cuda::to_bf16(stream_, st.qkv16.get(), st.qkv.get(), N_l * qkv_w);
-      ops = attention_operands(st, pk, pv, nullptr);
+    if (dec) {
+      mark("gather, scatter, batch sums");
+      cuda::scatter_rows(stream_, dec->cache[l], st.qkv.get(), dec->rows[l], B, qkv_w);
+      mark("attention forward");
+      cuda::attention_decode(stream_, st.att.get(), st.qkv.get(), qkv_w, dec->cache[l], dec->cap[l], qkv_w,
+                             H * hd, (H + KV) * hd, dec->n[l], pk, pv, st.Pp, B, H, KV, hd,
+                             host_.attn_scale(l));
+    } else {
+      mark("attention forward");
+      // Llama's qkv copy (kept for the backward) is made here, after RoPE; GPT-2's came with the product.
+      cuda::AttentionBf16Operands ops;
+      if (st.has_qkv16) {
+        if (!gpt2_) cuda::to_bf16(stream_, st.qkv16.get(), st.qkv.get(), N_l * qkv_w);
+        ops = attention_operands(st, pk, pv, nullptr);
+      }
+      cuda::attention_forward(stream_, st.att.get(), st.lse.get(), st.qkv.get(), in.mask[l], pk, pv, st.Pp, B,
+                              S_l, H, KV, hd, host_.attn_scale(l), attention_precision(), &ops);
     }
-    cuda::attention_forward(stream_, st.att.get(), st.lse.get(), st.qkv.get(), in.mask[l], pk, pv, st.Pp, B,
-                            S_l, H, KV, hd, host_.attn_scale(l), attention_precision(), &ops);
     need(tmp_, N_l * C);
     gemm_nt(N_l, C, H * hd, st.att.get(), H * hd, mat(p + "proj.w"), tmp_.get(), C, f_or_null(p + "proj.b"),
             0.0f);
@@ -1390,7 +1510,8 @@ class CudaModel final : public DeviceModel {
   // Workspace (grown on demand, kept between calls).
   std::vector<LayerState> states_;
   DeviceBuffer<float> x_, xf_, lnf_mean_, lnf_rstd_, xr_in_, xr_, dxr_, dxr_in_, logits_, losses_, dx_;
-  DeviceBuffer<int32_t> tokens_;  // generate(): each sequence's next token
+  DeviceBuffer<int32_t> tokens_;               // generate(): each sequence's next token
+  std::vector<DeviceBuffer<float>> kv_cache_;  // generate()'s cached path: per layer [B, cap, qkv width]
   DeviceBuffer<float> ln_, tmp_, act_, dmid_, dact_, dfc_, dln_, datt_, dqkv_, attn_scratch_;
   DeviceBuffer<float> rope_cos_, rope_sin_, gprompt_, clip_;
   DeviceBuffer<float> gemm_ws_;  // split-K partial products (product)

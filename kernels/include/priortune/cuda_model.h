@@ -12,8 +12,8 @@
 // back in one copy after it. The first call of a shape runs eagerly (allocating what it needs), the second
 // captures the graph. Nothing synchronises the host inside a step.
 //
-// Generation (greedy, as pt::Model::generate) runs each new token's forward on the device; the host weights
-// are kept for the CPU paths.
+// Generation (greedy, as pt::Model::generate) runs on the device from a key/value cache of the prompt batch's
+// forward; the host weights are kept for the CPU paths.
 #pragma once
 #include <cstdint>
 #include <memory>

@@ -153,6 +153,15 @@ void attention_forward(Stream stream, float* out, float* lse, const float* qkv, 
                        int64_t H, int64_t KV, int64_t hd, float scale,
                        AttentionPrecision precision = AttentionPrecision::FP32,
                        const AttentionBf16Operands* bf16 = nullptr);
+// Greedy decoding's attention: one query row per sequence, q[b, h hd .. (h + 1) hd) (rows of q_ld floats),
+// against the Pp prefix rows (shared, [Pp, KV, hd]) and the first n[b] rows of sequence b's cache (rows
+// b cap .. b cap + n[b] - 1 of ld floats; keys at column k_col + g hd, values at v_col + g hd, kv head
+// g = h / (H / KV)); all of them visible. out[b, h hd + i] (=), fp32 (the same softmax as attention_forward's
+// last visible row; n: device int32, n[b] >= 1).
+void attention_decode(Stream stream, float* out, const float* q, int64_t q_ld, const float* cache,
+                      int64_t cap, int64_t ld, int64_t k_col, int64_t v_col, const int32_t* n,
+                      const float* prefix_k, const float* prefix_v, int64_t Pp, int64_t B, int64_t H,
+                      int64_t KV, int64_t hd, float scale);
 // Same outputs as ops.h attention_backward (dqkv (=) with dq rows >= q_rows zero; dprefix_k/v (=) summed
 // over the batch, nullptr when Pp == 0), recomputing the probabilities from qkv and lse. `out` is the
 // forward's output. `scratch` holds attention_backward_scratch_floats(...) floats (the same for either
@@ -180,8 +189,8 @@ void scatter_rows(Stream stream, float* dst, const float* src, const int32_t* ro
 void softmax_xent(Stream stream, float* logits, int64_t ld, float* losses, const int32_t* targets, int64_t R,
                   int64_t V, float grad_scale, bool want_grad, bf16_t* grad_bf16 = nullptr);
 // out[r] (=) = the column of the largest value of logits[r, 0..V) (row stride ld >= V), the lowest one among
-// equal values, as std::max_element (greedy decoding); NaNs are passed over (a row with no other value gives
-// 0, as does the CPU's when its first value is NaN).
+// equal values: std::max_element's column (greedy decoding), so NaNs are passed over but a NaN in column 0
+// gives 0.
 void argmax_rows(Stream stream, int32_t* out, const float* logits, int64_t ld, int64_t R, int64_t V);
 // out[0] (= or += when accumulate) = sum of x[0..n) in float64, in a fixed order (deterministic).
 void sum_f64(Stream stream, double* out, const float* x, int64_t n, bool accumulate);
