@@ -88,6 +88,7 @@ interface TuneCliOptions extends BackendFlags {
   minDelta?: number;
   evalExamples?: number;
   maxNewTokens: number;
+  generationBatchSize?: number;
   collapseEvery?: number;
   snapshotEvery: number;
   checkpointEvery: number;
@@ -281,6 +282,11 @@ export function registerTuneCommands(program: Command): void {
     )
     .option("--eval-examples <n>", "validation examples per evaluation (default all)", integerArg(1))
     .option("--max-new-tokens <n>", "tokens generated per validation example", integerArg(1), 16)
+    .option(
+      "--generation-batch-size <n>",
+      "validation examples decoded together at evaluation (default 16)",
+      integerArg(1),
+    )
     .option("--collapse-every <n>", "collapse metrics of the prompt every n steps", integerArg(0))
     .option("--snapshot-every <n>", "prompt snapshots (trajectory) every n steps", integerArg(0), 10)
     .option("--checkpoint-every <n>", "resumable checkpoints every n steps", integerArg(0), 10)
@@ -352,6 +358,7 @@ export function registerTuneCommands(program: Command): void {
                   : { patience: o.earlyStopping, minDelta: o.minDelta },
               evalExamples: o.evalExamples,
               maxNewTokens: o.maxNewTokens,
+              generationBatchSize: o.generationBatchSize,
               collapseEvery: o.collapseEvery,
               snapshotEvery: o.snapshotEvery,
               checkpointEvery: o.checkpointEvery,
@@ -395,7 +402,12 @@ export function registerTuneCommands(program: Command): void {
     .option("--model <dir>", "model directory (default: the one in run.json)")
     .option("--eval-examples <n>", "validation examples (default: all)", integerArg(1))
     .option("--max-new-tokens <n>", "tokens generated per example", integerArg(1))
-    .option("--batch-size <n>", "examples per batch", integerArg(1))
+    .option("--batch-size <n>", "examples per batch of the loss pass", integerArg(1))
+    .option(
+      "--generation-batch-size <n>",
+      "examples decoded together (default: the run's, else its batch size)",
+      integerArg(1),
+    )
     .option("--threads <n>", "CPU threads", integerArg(1))
     .action(
       async (
@@ -406,6 +418,7 @@ export function registerTuneCommands(program: Command): void {
           evalExamples?: number;
           maxNewTokens?: number;
           batchSize?: number;
+          generationBatchSize?: number;
           threads?: number;
         } & BackendFlags,
       ) => {
@@ -428,6 +441,8 @@ export function registerTuneCommands(program: Command): void {
             prompt: saved.prompt,
             deepPrompts: saved.deepPrompts,
             batchSize: o.batchSize ?? run.batchSize,
+            // Absent from run.json: recorded before the option, when generation decoded the loss pass's batches.
+            generationBatchSize: o.generationBatchSize ?? run.generationBatchSize ?? run.batchSize,
             evalExamples: o.evalExamples ?? run.evalExamples ?? undefined,
             maxNewTokens: o.maxNewTokens ?? run.maxNewTokens,
             maxLength: textBudget(run.maxLength, P, run.mode, run.deepLength ?? 0),

@@ -121,6 +121,12 @@ export interface TuneOptions {
   evalExamples?: number;
   /** Tokens generated per validation example for task metrics (default 16). */
   maxNewTokens?: number;
+  /**
+   * Validation examples decoded together for the task metrics (default 16; the loss pass runs at
+   * batchSize). Decoding is weight-bound, so larger groups are cheaper per example: on the CPU up to 32 rows
+   * share each pass over the weights.
+   */
+  generationBatchSize?: number;
   /** Collapse metrics of the soft prompt every N steps (default: at evaluations only). */
   collapseEvery?: number;
   /** Prompt snapshots (the trajectory) every N steps (default 10). */
@@ -169,6 +175,7 @@ const TUNE_KEYS = {
   earlyStopping: true,
   evalExamples: true,
   maxNewTokens: true,
+  generationBatchSize: true,
   collapseEvery: true,
   snapshotEvery: true,
   checkpointEvery: true,
@@ -563,6 +570,8 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
   if (options.collapseEvery !== undefined) countOption("collapseEvery", options.collapseEvery, 0);
   if (options.evalExamples !== undefined) countOption("evalExamples", options.evalExamples, 1);
   const maxNewTokens = countOption("maxNewTokens", options.maxNewTokens ?? 16, 1);
+  if (options.generationBatchSize !== undefined)
+    countOption("generationBatchSize", options.generationBatchSize, 1);
   // GPT-2's positions are learned: a longer sequence cannot run (it failed at the final evaluation, after
   // training, before its last checkpoint). Its default fits them.
   const gpt2Positions = c.architecture === "gpt2" ? c.maxPositions : Number.POSITIVE_INFINITY;
@@ -596,6 +605,10 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
   // How examples become tokens: a run directory keeps the encoding it was recorded with (1 when run.json
   // predates the field).
   const encoding = recordedRun ? Number(recordedRun["encoding"] ?? 1) : TEXT_ENCODING;
+  // Examples decoded together at evaluation; a run directory recorded before the option decoded its batches.
+  const generationBatchSize =
+    options.generationBatchSize ??
+    (recordedRun ? Number(recordedRun["generationBatchSize"] ?? recordedRun["batchSize"] ?? 16) : 16);
   const encodeOptions = textEncoding(model, task, encoding, addSpecialTokens);
   const { eosId } = encodeOptions;
 
@@ -724,6 +737,7 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
       evalExamples: options.evalExamples ?? null,
       collapseEvery: options.collapseEvery ?? null,
       maxNewTokens,
+      generationBatchSize,
       maxLength,
       addSpecialTokens,
       encoding,
@@ -878,6 +892,7 @@ export async function tune(options: TuneOptions): Promise<TuneResult> {
         deepPrompts,
         batchSize,
         maxNewTokens,
+        generationBatchSize,
         evalExamples: options.evalExamples,
         maxLength: budget,
         addSpecialTokens,
@@ -1074,6 +1089,8 @@ export interface EvaluateOptions {
   /** Validation examples used (default all). */
   evalExamples?: number;
   maxNewTokens?: number;
+  /** Examples decoded together for the task metrics (default 16; see TuneOptions). */
+  generationBatchSize?: number;
   /** Token budget for an example without the soft prompt (default 256 - P). */
   maxLength?: number;
   /** The tokenizer's special tokens (BOS) before each text, as tune's option (default true). */
@@ -1101,6 +1118,7 @@ const EVALUATE_KEYS = {
   batchSize: true,
   evalExamples: true,
   maxNewTokens: true,
+  generationBatchSize: true,
   maxLength: true,
   addSpecialTokens: true,
   encoding: true,
@@ -1120,6 +1138,7 @@ export async function evaluatePrompt(options: EvaluateOptions): Promise<EvalReco
   checkTaskArg(task);
   const batchSize = countOption("batchSize", options.batchSize ?? 2, 1);
   const maxNewTokens = countOption("maxNewTokens", options.maxNewTokens ?? 16, 1);
+  const generationBatchSize = countOption("generationBatchSize", options.generationBatchSize ?? 16, 1);
   if (options.evalExamples !== undefined) countOption("evalExamples", options.evalExamples, 1);
   if (options.maxLength !== undefined) countOption("maxLength", options.maxLength, 1);
   if (options.step !== undefined) countOption("step", options.step, 0);
@@ -1146,7 +1165,7 @@ export async function evaluatePrompt(options: EvaluateOptions): Promise<EvalReco
   const scores = options.scores ?? true;
   const generating = scores && task.metric !== "none" && validation.length > 0;
   const batches = Math.ceil(validation.length / batchSize);
-  const total = generating ? 2 * batches : batches;
+  const total = generating ? batches + Math.ceil(validation.length / generationBatchSize) : batches;
   let done = 0;
   const progressed = () => options.onProgress?.(++done, total);
   let lossSum = 0;
@@ -1173,8 +1192,8 @@ export async function evaluatePrompt(options: EvaluateOptions): Promise<EvalReco
     let em = 0;
     let f1 = 0;
     let acc = 0;
-    for (let i = 0; i < validation.length; i += batchSize) {
-      const group = validation.slice(i, i + batchSize);
+    for (let i = 0; i < validation.length; i += generationBatchSize) {
+      const group = validation.slice(i, i + generationBatchSize);
       const enc = group.map((ex) =>
         encodeExample(
           tokenizer,

@@ -265,28 +265,30 @@ async function generationRows(
   input: Omit<GenerateOptions, "maxNewTokens" | "eosId">,
   eosId = -1,
 ): Promise<void> {
-  const maxNewTokens = 5;
-  // The default cached decoding, then the re-forward path it is timed against, each checked on its own.
+  // The default cached decoding, then the re-forward path it is timed against, each checked on its own, with
+  // five new tokens and with one (the prompt batch's forward alone).
   for (const mode of ["cache", "reforward"] as const)
-    await withEnv("PRIORTUNE_CUDA_GENERATE", mode, async () => {
-      await generationRowsOf(rows, `${what}, ${mode}`, device, cpu, precision, input, eosId, maxNewTokens);
-      // One new token: the prompt batch's forward alone.
-      await generationRowsOf(rows, `${what}, ${mode}, 1 new token`, device, cpu, precision, input, eosId, 1);
-    });
+    for (const maxNewTokens of [5, 1])
+      await withEnv("PRIORTUNE_CUDA_GENERATE", mode, () =>
+        generatedTokenRows(rows, `${what}, ${mode}, ${maxNewTokens} new`, device, cpu, precision, {
+          ...input,
+          maxNewTokens,
+          eosId,
+        }),
+      );
 }
 
-async function generationRowsOf(
+async function generatedTokenRows(
   rows: Rows,
   what: string,
   device: Model,
   cpu: Model,
   precision: CudaPrecision,
-  input: Omit<GenerateOptions, "maxNewTokens" | "eosId">,
-  eosId: number,
-  maxNewTokens: number,
+  input: GenerateOptions & { eosId: number },
 ): Promise<void> {
-  const ours = await device.generate({ ...input, maxNewTokens, eosId });
-  const ref = await cpu.generate({ ...input, maxNewTokens, eosId });
+  const { maxNewTokens, eosId: _eos, ...batchInput } = input;
+  const ours = await device.generate(input);
+  const ref = await cpu.generate(input);
   const { batch: B, seqLen: T } = input;
   const P = input.prompt ? input.prompt.length / cpu.config.hiddenSize : 0;
   const V = cpu.config.vocabSize;
@@ -306,7 +308,7 @@ async function generationRowsOf(
       mask[b * T2 + lengths[b]! + t] = 1;
     }
   }
-  const { logits } = await cpu.forward({ ...input, inputIds: ids, attentionMask: mask, seqLen: T2 });
+  const { logits } = await cpu.forward({ ...batchInput, inputIds: ids, attentionMask: mask, seqLen: T2 });
   let worst = 0;
   let tokens = 0;
   for (let b = 0; b < B; b++)

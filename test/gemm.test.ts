@@ -139,3 +139,39 @@ describe("build flavour", () => {
     if (!info.usable) expect(info.reason.length).toBeGreaterThan(0);
   });
 });
+
+// Linear layers of a few rows (token-by-token decoding): up to 32 rows stream W once (AVX-512 tiles with the
+// GEMM's AVX-512 kernel, else plain dot products), each out[n, o] summed in the same order whatever the other rows,
+// so a row's result is the same alone or in any batch of up to 32 (generation's tokens do not depend on the
+// batch). Against float64 with the GEMM's tolerance.
+describe.each(kernels)("matmul of a few rows (decoding), with the %s GEMM kernel", (kernel) => {
+  it.each([
+    [768, 67],
+    [770, 5],
+    [8, 33],
+  ])("C=%i OC=%i: each row as alone, N = 1..33, and the float64 values", (C, OC) => {
+    native.selectGemmKernel(kernel);
+    const rows = 33;
+    const x = rand(rows * C, 11 + C);
+    const W = rand(OC * C, 12 + OC);
+    const bias = rand(OC, 13);
+    const alone = Array.from({ length: rows }, (_, n) =>
+      native.ops.matmul(x.subarray(n * C, (n + 1) * C), W, bias, 1, C, OC),
+    );
+    for (const N of [2, 3, 4, 5, 8, 17, 32, 33]) {
+      const out = native.ops.matmul(x.subarray(0, N * C), W, bias, N, C, OC);
+      let differ = 0;
+      let worst = 0;
+      for (let n = 0; n < N; n++)
+        for (let o = 0; o < OC; o++) {
+          if (out[n * OC + o] !== alone[n]![o]) differ++;
+          let ref = bias[o]!;
+          for (let c = 0; c < C; c++) ref += x[n * C + c]! * W[o * C + c]!;
+          worst = Math.max(worst, Math.abs(out[n * OC + o]! - ref) / ((1 + Math.abs(ref)) * Math.sqrt(C)));
+        }
+      // 33 rows go to the blocked GEMM (another summation order): accuracy only.
+      if (N <= 32) expect(differ, `N=${N}`).toBe(0);
+      expect(worst, `N=${N}`).toBeLessThan(1e-5 / 4);
+    }
+  });
+});

@@ -104,6 +104,39 @@ describe.each(["gpt2-tiny", "llama-tiny", "llama-tiny-untied"])("generate with a
     }
   });
 
+  it("gives each sequence the tokens it gets alone, in a batch of any size up to 32", async () => {
+    const prompt = randn(3 * model.config.hiddenSize, 7, 0.5);
+    const lengths = [9, 1, 4, 7, 2, 9, 5];
+    const T9 = 9;
+    const seqOf = (b: number) => Array.from({ length: lengths[b]! }, (_, t) => (37 * b + 11 * t + 5) % 500);
+    const ids = new Int32Array(lengths.length * T9);
+    const mask = new Uint8Array(lengths.length * T9);
+    lengths.forEach((n, b) => {
+      ids.set(seqOf(b), b * T9);
+      mask.fill(1, b * T9, b * T9 + n);
+    });
+    const batch = await model.generate({
+      inputIds: ids,
+      attentionMask: mask,
+      batch: lengths.length,
+      seqLen: T9,
+      prompt,
+      maxNewTokens: maxNew,
+    });
+    for (let b = 0; b < lengths.length; b++) {
+      const alone = await model.generate({
+        inputIds: Int32Array.from(seqOf(b)),
+        batch: 1,
+        seqLen: lengths[b]!,
+        prompt,
+        maxNewTokens: maxNew,
+      });
+      expect(Array.from(batch.subarray(b * maxNew, (b + 1) * maxNew)), `sequence ${b}`).toEqual(
+        Array.from(alone),
+      );
+    }
+  });
+
   it("stops a sequence at eos and fills the rest with -1", async () => {
     const free = await model.generate({ inputIds, attentionMask, batch: 2, seqLen: T, maxNewTokens: maxNew });
     const eos = free[1]!; // the first sequence's second token

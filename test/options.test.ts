@@ -634,6 +634,7 @@ describe("tune and evaluatePrompt", () => {
       accumulate: 1,
     });
     expect(run.batchSize).toBe(2);
+    expect(run.generationBatchSize).toBe(16);
     expect(run.mode).toBe("soft");
   });
 
@@ -652,6 +653,7 @@ describe("tune and evaluatePrompt", () => {
       [{ evalExamples: 1.5 }, /^evalExamples: expected an integer >= 1, got 1\.5/],
       [{ batchSize: -1 }, /^batchSize: expected an integer >= 1, got -1/],
       [{ maxNewTokens: 0 }, /^maxNewTokens: expected an integer >= 1, got 0/],
+      [{ generationBatchSize: 0 }, /^generationBatchSize: expected an integer >= 1, got 0/],
       [{ scores: "false" }, /^scores: expected a boolean, got string "false"/],
     ];
     for (const [extra, message] of cases)
@@ -668,5 +670,43 @@ describe("tune and evaluatePrompt", () => {
     });
     expect(same.validationLoss).toBe(plain.validationLoss);
     expect(Number.isFinite(plain.validationLoss)).toBe(true);
+  });
+
+  it("evaluatePrompt decodes in groups of generationBatchSize (default 16), the loss pass in batchSize", async () => {
+    const seven = await loadTask({ kind: "arithmetic", trainCount: 2, validationCount: 7, seed: 5 });
+    const prompt = new Float32Array(2 * model.config.hiddenSize).fill(0.01);
+    const generate = model.generate.bind(model);
+    const groups: number[] = [];
+    const spied = model as unknown as { generate: typeof generate };
+    spied.generate = (o) => {
+      groups.push(o.batch);
+      return generate(o);
+    };
+    try {
+      const scores: number[] = [];
+      for (const [g, want] of [
+        [undefined, [7]],
+        [3, [3, 3, 1]],
+        [1, [1, 1, 1, 1, 1, 1, 1]],
+      ] as const) {
+        groups.length = 0;
+        const totals: number[] = [];
+        const r = await evaluatePrompt({
+          model,
+          task: seven,
+          prompt,
+          batchSize: 2,
+          generationBatchSize: g,
+          maxNewTokens: 3,
+          onProgress: (_done, total) => totals.push(total),
+        });
+        expect(groups, `generationBatchSize ${g}`).toEqual(want);
+        expect(new Set(totals)).toEqual(new Set([4 + want.length])); // 4 loss batches of 2, then the groups
+        scores.push(r.accuracy!);
+      }
+      expect(new Set(scores).size).toBe(1);
+    } finally {
+      delete (spied as Partial<typeof spied>).generate;
+    }
   });
 });

@@ -4,9 +4,9 @@ shared/peers/cpu_peer.py: the vocabulary is normalised outside the timed region,
 usage: knn_torch.py THREADS Q V D K [self_chunk_rows]"""
 import json
 import sys
-import time
 
 import torch
+from timing import med
 
 threads, Q, V, d, k = (int(a) for a in sys.argv[1:6])
 self_chunk = int(sys.argv[6]) if len(sys.argv) > 6 else 0
@@ -18,26 +18,14 @@ def out(**kw):
     print(json.dumps(kw), flush=True)
 
 
-def med(fn, warm=1, iters=7):
-    for _ in range(warm):
-        fn()
-    ts = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    ts.sort()
-    return ts[len(ts) // 2] * 1e3
-
-
 out(torch=torch.__version__, threads=torch.get_num_threads())
 E = torch.randn(V, d)
 q = torch.randn(Q, d)
 En = torch.nn.functional.normalize(E, dim=1)
-ms = med(lambda: (torch.nn.functional.normalize(q, dim=1) @ En.T).topk(k))
+ms = med(lambda: (torch.nn.functional.normalize(q, dim=1) @ En.T).topk(k), iters=7)
 out(what="torch_cos", ms=ms)
 e2 = (E * E).sum(1)
-ms = med(lambda: ((q * q).sum(1, keepdim=True) - 2 * (q @ E.T) + e2).topk(k, largest=False))
+ms = med(lambda: ((q * q).sum(1, keepdim=True) - 2 * (q @ E.T) + e2).topk(k, largest=False), iters=7)
 out(what="torch_l2", ms=ms)
 try:
     import faiss
@@ -51,7 +39,7 @@ try:
         x = qn / (1e-30 + (qn * qn).sum(1, keepdims=True) ** 0.5)
         idx.search(x, k)
 
-    out(what="faiss_cos", ms=med(faiss_cos))
+    out(what="faiss_cos", ms=med(faiss_cos, iters=7))
 except ImportError as e:
     out(what="faiss_cos", error=str(e))
 if self_chunk:

@@ -3,17 +3,11 @@ GPT-2-124M-shaped random model with a soft prompt (P=20) in front, B=4, 128 posi
 Prints one JSON line per figure (median of runs), like ../shared/peers/cpu_peer.py."""
 import json, sys, time
 import torch
+from timing import med
 
 threads = int(sys.argv[1]) if len(sys.argv) > 1 else 2
 torch.manual_seed(0); torch.set_num_threads(threads)
 out = lambda **kw: print(json.dumps(kw), flush=True)
-
-def med(fn, warm=1, iters=5):
-    for _ in range(warm): fn()
-    ts = []
-    for _ in range(iters):
-        t = time.perf_counter(); fn(); ts.append(time.perf_counter() - t)
-    ts.sort(); return ts[len(ts) // 2] * 1e3
 
 out(torch=torch.__version__, threads=torch.get_num_threads())
 a = torch.randn(1024, 1024); b = torch.randn(1024, 1024)

@@ -4,16 +4,10 @@ cpu_peer.py. Usage: torch_step.py THREADS MODEL B POSITIONS, MODEL in {gpt2-124M
 Prints one JSON line (median of runs)."""
 import json, resource, sys, time
 import torch
+from timing import med
 
 threads, kind, B, T = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 torch.manual_seed(0); torch.set_num_threads(threads)
-
-def med(fn, warm=1, iters=3):
-    for _ in range(warm): fn()
-    ts = []
-    for _ in range(iters):
-        t = time.perf_counter(); fn(); ts.append(time.perf_counter() - t)
-    ts.sort(); return ts[len(ts) // 2] * 1e3
 
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 if kind == "gpt2-124M":

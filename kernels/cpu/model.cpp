@@ -9,6 +9,7 @@
 #include <cerrno>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <stdexcept>
 
 #include "priortune/ops.h"
@@ -455,7 +456,8 @@ float Model::attn_scale(int64_t l) const {
   return scale;
 }
 
-void Model::run_forward(const ForwardArgs& a, Workspace& ws, bool save, ForwardResult* capture, bool train) {
+void Model::run_forward(const ForwardArgs& a, Workspace& ws, bool save, ForwardResult* capture, bool train,
+                        const std::function<void(int64_t, const LayerState&)>* after_layer) {
   const ModelConfig& c = cfg_;
   const bool gpt2 = c.arch == Arch::GPT2;
   const int nt = c.threads;
@@ -486,6 +488,7 @@ void Model::run_forward(const ForwardArgs& a, Workspace& ws, bool save, ForwardR
   const int64_t top = capture && !save && !train ? a.layers_to_run(c.layers) : c.layers;
   for (int64_t l = 0; l < top; ++l) {
     layer_forward(l, a, ws.states[save ? l : 0], ws.sc, x.data(), key_mask.data(), save, train);
+    if (after_layer) (*after_layer)(l, ws.states[save ? l : 0]);
     if (l + 1 < c.layers) keep(l + 1, x.data());
   }
   if (top < c.layers) return;
@@ -719,14 +722,16 @@ std::vector<int32_t> Model::generate(const ForwardArgs& a, int64_t max_new, int3
 
   if (!ws_) ws_ = std::make_unique<Workspace>();
   Workspace& ws = *ws_;
-  run_forward(a, ws, true, nullptr);
-
-  // Caches, seeded from the prefill's keys and values.
-  std::vector<int64_t> cap(L), P_l(L);
+  // Caches, seeded from the prefill's keys and values layer by layer (the prefill keeps one layer's
+  // activations at a time: its memory does not grow with the layers).
+  std::vector<int64_t> cap(L), P_l(L), Pp(L);
+  std::vector<const float*> prefix_k(L), prefix_v(L);
   std::vector<std::vector<float>> kc(L), vc(L);
-  for (int64_t l = 0; l < L; ++l) {
-    const LayerState& st = ws.states[l];
+  const std::function<void(int64_t, const LayerState&)> seed = [&](int64_t l, const LayerState& st) {
     P_l[l] = st.P_l;
+    Pp[l] = st.Pp;
+    prefix_k[l] = st.prefix_k;
+    prefix_v[l] = st.prefix_v;
     cap[l] = st.S_l + max_new;
     int64_t cache = 0;  // B x cap x kv_w floats, and B x max_new outputs: refused before they wrap
     if (__builtin_mul_overflow(B, cap[l], &cache) || __builtin_mul_overflow(cache, kv_w, &cache) ||
@@ -741,7 +746,8 @@ std::vector<int32_t> Model::generate(const ForwardArgs& a, int64_t max_new, int3
         std::memcpy(kc[l].data() + (b * cap[l] + s) * kv_w, row + H * hd, kv_w * sizeof(float));
         std::memcpy(vc[l].data() + (b * cap[l] + s) * kv_w, row + (H + KV) * hd, kv_w * sizeof(float));
       }
-  }
+  };
+  run_forward(a, ws, false, nullptr, false, &seed);
   const float* head = c.tied_head ? w("tok_emb") : w("lm_head");
   std::vector<float> x(B * C), ln(B * C), qkv(B * qkv_w), att(B * H * hd), tmp(B * C), fc(B * fc_w),
       act(B * I), logits(B * V), cosr(B * half), sinr(B * half);
@@ -760,14 +766,7 @@ std::vector<int32_t> Model::generate(const ForwardArgs& a, int64_t max_new, int3
   argmax_rows(next);
 
   for (int64_t t = 0; t < max_new; ++t) {
-    bool all_done = true;
-    for (int64_t b = 0; b < B; ++b) {
-      if (done[b]) continue;
-      out[b * max_new + t] = next[b];
-      if (next[b] == eos) done[b] = 1;
-      all_done = all_done && done[b];
-    }
-    if (all_done || t + 1 == max_new) break;
+    if (take_tokens(next, t, max_new, eos, out, done) || t + 1 == max_new) break;
     // Embed the new tokens at their positions.
     for (int64_t b = 0; b < B; ++b) {
       const int64_t pos = pos0 + P + len[b] + t;
@@ -776,7 +775,6 @@ std::vector<int32_t> Model::generate(const ForwardArgs& a, int64_t max_new, int3
     }
     for (int64_t l = 0; l < L; ++l) {
       const std::string p = "l" + std::to_string(l) + ".";
-      const LayerState& st = ws.states[l];
       norm_forward(p + "ln1", ln.data(), nullptr, nullptr, x.data(), B);
       matmul_forward(qkv.data(), ln.data(), w(p + "qkv.w"), w_or_null(p + "qkv.b"), B, C, qkv_w, nt);
       if (!gpt2) {
@@ -808,7 +806,7 @@ std::vector<int32_t> Model::generate(const ForwardArgs& a, int64_t max_new, int3
 #pragma omp parallel for num_threads(nt) schedule(static)
       for (int64_t bh = 0; bh < B * H; ++bh) {
         const int64_t b = bh / H, h = bh % H, g = h / group;
-        const int64_t slot = P_l[l] + P + len[b] + t, Pp = st.Pp, n = Pp + slot + 1;
+        const int64_t slot = P_l[l] + P + len[b] + t, pp = Pp[l], n = pp + slot + 1;
         const float* q = qkv.data() + b * qkv_w + h * hd;
         const float* K = kc[l].data() + b * cap[l] * kv_w;
         const float* Vc = vc[l].data() + b * cap[l] * kv_w;
@@ -817,7 +815,7 @@ std::vector<int32_t> Model::generate(const ForwardArgs& a, int64_t max_new, int3
         std::vector<float> sc(n);
         float mx = -INFINITY;
         for (int64_t j = 0; j < n; ++j) {
-          const float* k = j < Pp ? st.prefix_k + (j * KV + g) * hd : K + (j - Pp) * kv_w + g * hd;
+          const float* k = j < pp ? prefix_k[l] + (j * KV + g) * hd : K + (j - pp) * kv_w + g * hd;
           float d = 0.0f;
           for (int64_t i = 0; i < hd; ++i) d += q[i] * k[i];
           sc[j] = d * scale;
@@ -832,7 +830,7 @@ std::vector<int32_t> Model::generate(const ForwardArgs& a, int64_t max_new, int3
         std::fill(o, o + hd, 0.0f);
         for (int64_t j = 0; j < n; ++j) {
           const float pj = sc[j] / sum;
-          const float* v = j < Pp ? st.prefix_v + (j * KV + g) * hd : Vc + (j - Pp) * kv_w + g * hd;
+          const float* v = j < pp ? prefix_v[l] + (j * KV + g) * hd : Vc + (j - pp) * kv_w + g * hd;
           for (int64_t i = 0; i < hd; ++i) o[i] += pj * v[i];
         }
       }

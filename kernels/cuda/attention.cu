@@ -829,6 +829,18 @@ AttnData round_data_bf16(const AttnData& d) {
 }
 
 // CPU reference (ops.h), plus lse in float64.
+// Random qkv, prefix keys and values and output gradient of a case's shape; every key unmasked.
+AttnData random_attn_data(const AttnCase& t, uint32_t& seed) {
+  const int64_t ld = (t.H + 2 * t.KV) * t.hd;
+  AttnData d;
+  d.qkv = random_vector(t.B * t.S * ld, seed++);
+  d.pk = random_vector(t.Pp * t.KV * t.hd, seed++);
+  d.pv = random_vector(t.Pp * t.KV * t.hd, seed++);
+  d.dout = random_vector(t.B * t.S * t.H * t.hd, seed++);
+  d.mask.assign(t.B * t.S, 1);
+  return d;
+}
+
 AttnRef attention_reference(const AttnCase& t, const AttnData& d, float scale) {
   const int64_t B = t.B, S = t.S, H = t.H, KV = t.KV, hd = t.hd, Pp = t.Pp, L = Pp + S;
   const int64_t ld = (H + 2 * KV) * hd;
@@ -990,12 +1002,7 @@ std::vector<OpCheck> selftest_attention() {
     const int64_t B = t.B, S = t.S, H = t.H, KV = t.KV, hd = t.hd, Pp = t.Pp;
     const int64_t ld = (H + 2 * KV) * hd;
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-    AttnData d;
-    d.qkv = random_vector(B * S * ld, seed++);
-    d.pk = random_vector(Pp * KV * hd, seed++);
-    d.pv = random_vector(Pp * KV * hd, seed++);
-    d.dout = random_vector(B * S * H * hd, seed++);
-    d.mask.assign(B * S, 1);
+    AttnData d = random_attn_data(t, seed);
     if (t.mask) {
       for (int64_t j = 0; j < t.lead_pad; ++j) d.mask[j] = 0;
       if (B > 1)
@@ -1107,12 +1114,7 @@ std::vector<OpCheck> selftest_attention() {
     const int64_t B = t.B, S = t.S, H = t.H, KV = t.KV, hd = t.hd, Pp = t.Pp;
     const int64_t ld = (H + 2 * KV) * hd;
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-    AttnData d;
-    d.qkv = random_vector(B * S * ld, seed++);
-    d.pk = random_vector(Pp * KV * hd, seed++);
-    d.pv = random_vector(Pp * KV * hd, seed++);
-    d.dout = random_vector(B * S * H * hd, seed++);
-    d.mask.assign(B * S, 1);
+    const AttnData d = random_attn_data(t, seed);
     const AttnRef ref = attention_reference(t, d, scale);
     std::vector<int32_t> n(B);
     std::vector<float> q(B * H * hd), want(B * H * hd);

@@ -361,14 +361,7 @@ class CudaModel final : public DeviceModel {
       check(cudaMemcpyAsync(next.data(), tokens_.get(), B * sizeof(int32_t), cudaMemcpyDeviceToHost, stream_),
             "token copy");
       sync("generate");
-      bool all_done = true;
-      for (int64_t b = 0; b < B; ++b) {
-        if (done[b]) continue;
-        out[b * max_new + t] = next[b];
-        if (next[b] == eos) done[b] = 1;
-        all_done = all_done && done[b];
-      }
-      if (all_done || t + 1 == max_new) break;
+      if (take_tokens(next, t, max_new, eos, out, done) || t + 1 == max_new) break;
       // The new tokens go in after each sequence's last one (finished sequences too: their rows are not
       // read).
       for (int64_t b = 0; b < B; ++b)

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -140,6 +141,20 @@ struct LayerState;
 struct Scratch;
 struct Workspace;
 
+// Greedy decoding's bookkeeping, shared by the CPU and CUDA generate(): writes step t's tokens `next` into
+// out[b, t] for the sequences not yet stopped, stops those that wrote `eos`; true when every one has stopped.
+inline bool take_tokens(const std::vector<int32_t>& next, int64_t t, int64_t max_new, int32_t eos,
+                        std::vector<int32_t>& out, std::vector<uint8_t>& done) {
+  bool all_done = true;
+  for (size_t b = 0; b < next.size(); ++b) {
+    if (done[b]) continue;
+    out[b * max_new + t] = next[b];
+    if (next[b] == eos) done[b] = 1;
+    all_done = all_done && done[b];
+  }
+  return all_done;
+}
+
 // Causal shift over the concatenated sequence (prompt rows, then tokens): row (b, s) of [B, P + T] predicts
 // token s + 1; prompt rows carry no label (-100).
 std::vector<int32_t> shifted_targets(const ForwardArgs& a);
@@ -252,9 +267,10 @@ class Model {
   // Runs the embedding and every layer, saving what the backward needs when `states` holds one entry per
   // layer (else one reused entry). Returns the last layer's output in x and the final-norm output in xf.
   // `train` also keeps each layer's matmul inputs (norm outputs, attention output, MLP activation) for the
-  // weight gradients; the prompt-tuning paths never set it.
-  void run_forward(const ForwardArgs& a, Workspace& ws, bool save, ForwardResult* capture,
-                   bool train = false);
+  // weight gradients; the prompt-tuning paths never set it. `after_layer` (generation) sees each layer's
+  // state (its qkv rows: keys after RoPE) before the next layer reuses it.
+  void run_forward(const ForwardArgs& a, Workspace& ws, bool save, ForwardResult* capture, bool train = false,
+                   const std::function<void(int64_t, const LayerState&)>* after_layer = nullptr);
   void layer_forward(int64_t l, const ForwardArgs& a, LayerState& st, Scratch& sc, float* x,
                      const uint8_t* key_mask, bool save, bool train = false);
   void layer_backward(int64_t l, const ForwardArgs& a, LayerState& st, Scratch& sc, float* dx,
