@@ -1,7 +1,7 @@
 // Greedy generation on the CPU (evaluation's task metrics), beside Transformers' generate() measured in the
 // same run (bench/peers/torch_generate.py): a GPT-2-124M-shaped random model, a soft prompt of P=20 in front
 // of B sequences of T=100 tokens, 16 new tokens (no early stop), B = 2 (the default batch) and 16 (the
-// default generationBatchSize). Figures: ms per example (median of 3 calls), and the decoding steps' own cost
+// default generationBatchSize). Figures: ms per example (tinybench's median), and the decoding steps' own cost
 // (the 16-token call less the 1-token call, over 15 steps).
 //   npx tsx bench/generate.bench.ts      (PRIORTUNE_PYTHON=/path/to/python with torch+transformers for the peer)
 import { availableParallelism } from "node:os";

@@ -284,7 +284,7 @@ export function registerTuneCommands(program: Command): void {
     .option("--max-new-tokens <n>", "tokens generated per validation example", integerArg(1), 16)
     .option(
       "--generation-batch-size <n>",
-      "validation examples decoded together at evaluation (default 16)",
+      "validation examples decoded together at evaluation (default 16; a run directory keeps its own)",
       integerArg(1),
     )
     .option("--collapse-every <n>", "collapse metrics of the prompt every n steps", integerArg(0))
@@ -442,7 +442,8 @@ export function registerTuneCommands(program: Command): void {
             deepPrompts: saved.deepPrompts,
             batchSize: o.batchSize ?? run.batchSize,
             // Absent from run.json: recorded before the option, when generation decoded the loss pass's batches.
-            generationBatchSize: o.generationBatchSize ?? run.generationBatchSize ?? run.batchSize,
+            generationBatchSize:
+              o.generationBatchSize ?? run.generationBatchSize ?? o.batchSize ?? run.batchSize,
             evalExamples: o.evalExamples ?? run.evalExamples ?? undefined,
             maxNewTokens: o.maxNewTokens ?? run.maxNewTokens,
             maxLength: textBudget(run.maxLength, P, run.mode, run.deepLength ?? 0),

@@ -682,10 +682,6 @@ GradResult Model::loss_and_grad(const ForwardArgs& a) {
 
 namespace pt {
 
-// Greedy decoding. The prefill is the saving forward pass: its per-layer qkv rows (keys after RoPE) seed
-// a cache of P_l + S + max_new slots per sequence and layer. Each new token then runs the layers for one
-// row per sequence: its key/value go to slot P_l + P + len_b + t of its sequence (overwriting the padding
-// there, which no query ever saw), and it attends to the prefix, the slots before it and itself.
 std::vector<int64_t> Model::generation_lengths(const ForwardArgs& a, int64_t max_new) const {
   check_args(a);
   const int64_t B = a.B, T = a.T, P = a.P;
@@ -709,6 +705,10 @@ std::vector<int64_t> Model::generation_lengths(const ForwardArgs& a, int64_t max
   return len;
 }
 
+// Greedy decoding. The prefill is the plain forward pass; as each layer finishes, its qkv rows (keys after
+// RoPE) seed a cache of P_l + S + max_new slots per sequence for that layer. Each new token then runs the
+// layers for one row per sequence: its key/value go to slot P_l + P + len_b + t of its sequence (overwriting
+// the padding there, which no query ever saw), and it attends to the prefix, the slots before it and itself.
 std::vector<int32_t> Model::generate(const ForwardArgs& a, int64_t max_new, int32_t eos) {
   std::lock_guard<std::mutex> lock(run_mutex_);
   const ModelConfig& c = cfg_;

@@ -828,7 +828,6 @@ AttnData round_data_bf16(const AttnData& d) {
   return r;
 }
 
-// CPU reference (ops.h), plus lse in float64.
 // Random qkv, prefix keys and values and output gradient of a case's shape; every key unmasked.
 AttnData random_attn_data(const AttnCase& t, uint32_t& seed) {
   const int64_t ld = (t.H + 2 * t.KV) * t.hd;
@@ -841,6 +840,7 @@ AttnData random_attn_data(const AttnCase& t, uint32_t& seed) {
   return d;
 }
 
+// CPU reference (ops.h), plus lse in float64.
 AttnRef attention_reference(const AttnCase& t, const AttnData& d, float scale) {
   const int64_t B = t.B, S = t.S, H = t.H, KV = t.KV, hd = t.hd, Pp = t.Pp, L = Pp + S;
   const int64_t ld = (H + 2 * KV) * hd;

@@ -562,11 +562,12 @@ void launch_rope(const char* name, Stream stream, float* x, int64_t B, int64_t S
 // Row gather / scatter
 
 template <int VEC, bool GATHER>
-__global__ void rows_copy_kernel(float* dst, const float* src, const int32_t* rows, int64_t R, int64_t C) {
+__global__ void rows_copy_kernel(float* dst, const float* src, const int32_t* rows, int64_t R, int64_t C,
+                                 int64_t src_ld) {
   const int64_t packs = C / VEC, stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = blockIdx.y; i < R; i += gridDim.y) {
     const int64_t other = rows[i];
-    const float* s = src + (GATHER ? other : i) * C;
+    const float* s = src + (GATHER ? other : i) * src_ld;
     float* d = dst + (GATHER ? i : other) * C;
     for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < packs; j += stride) {
       float v[VEC];
@@ -578,18 +579,19 @@ __global__ void rows_copy_kernel(float* dst, const float* src, const int32_t* ro
 
 template <bool GATHER>
 void launch_rows_copy(const char* name, Stream stream, float* dst, const float* src, const int32_t* rows,
-                      int64_t R, int64_t C) {
+                      int64_t R, int64_t C, int64_t src_ld) {
   require(R >= 0 && C >= 0, name, "negative size");
   if (R == 0 || C == 0) return;
   require(dst && src && rows, name, "null pointer");
-  const bool vec = C % 4 == 0 && aligned16(dst) && aligned16(src);
+  require(src_ld >= C, name, "source row stride below C");
+  const bool vec = C % 4 == 0 && src_ld % 4 == 0 && aligned16(dst) && aligned16(src);
   const int64_t cols = vec ? C / 4 : C;
   const int threads = row_threads(cols);
   const dim3 grid = row_grid(R, cols, threads);
   if (vec)
-    rows_copy_kernel<4, GATHER><<<grid, threads, 0, stream>>>(dst, src, rows, R, C);
+    rows_copy_kernel<4, GATHER><<<grid, threads, 0, stream>>>(dst, src, rows, R, C, src_ld);
   else
-    rows_copy_kernel<1, GATHER><<<grid, threads, 0, stream>>>(dst, src, rows, R, C);
+    rows_copy_kernel<1, GATHER><<<grid, threads, 0, stream>>>(dst, src, rows, R, C, src_ld);
   check_launch(name);
 }
 
@@ -1017,11 +1019,12 @@ void rope_backward(Stream stream, float* dx, int64_t B, int64_t S, int64_t ld, i
 }
 
 void gather_rows(Stream stream, float* dst, const float* src, const int32_t* rows, int64_t R, int64_t C) {
-  launch_rows_copy<true>("gather_rows", stream, dst, src, rows, R, C);
+  launch_rows_copy<true>("gather_rows", stream, dst, src, rows, R, C, C);
 }
 
-void scatter_rows(Stream stream, float* dst, const float* src, const int32_t* rows, int64_t R, int64_t C) {
-  launch_rows_copy<false>("scatter_rows", stream, dst, src, rows, R, C);
+void scatter_rows(Stream stream, float* dst, const float* src, const int32_t* rows, int64_t R, int64_t C,
+                  int64_t src_ld) {
+  launch_rows_copy<false>("scatter_rows", stream, dst, src, rows, R, C, src_ld ? src_ld : C);
 }
 
 void softmax_xent(Stream stream, float* logits, int64_t ld, float* losses, const int32_t* targets, int64_t R,
@@ -1438,6 +1441,19 @@ void test_rows(std::vector<OpCheck>& out, uint32_t& seed) {
     scatter_rows(nullptr, d_big.get(), d_small.get(), d_rows.get(), R, C);
     out.push_back(make_check("scatter_rows", dims({{"R", R}, {"C", C}}),
                              rel_error(to_host(d_big.get(), static_cast<size_t>(Rsrc * C)), want_s),
+                             kTolExact, kNoteExact));
+    // Source rows of a wider matrix (src_ld = C + 12, the columns from 8): the decoding's keys and values.
+    const int64_t wide = C + 12;
+    auto strided = random_vector(static_cast<size_t>(R * wide), ++seed);
+    auto want_w = want_s;
+    for (int64_t i = 0; i < R; ++i)
+      for (int64_t c = 0; c < C; ++c)
+        want_w[static_cast<size_t>(rows[static_cast<size_t>(i)] * C + c)] =
+            strided[static_cast<size_t>(i * wide + 8 + c)];
+    auto d_strided = to_device(strided);
+    scatter_rows(nullptr, d_big.get(), d_strided.get() + 8, d_rows.get(), R, C, wide);
+    out.push_back(make_check("scatter_rows strided", dims({{"R", R}, {"C", C}, {"src_ld", wide}}),
+                             rel_error(to_host(d_big.get(), static_cast<size_t>(Rsrc * C)), want_w),
                              kTolExact, kNoteExact));
   }
 }

@@ -86,9 +86,8 @@ struct Plan {
 };
 
 // One decoding step of generate()'s cached path: B rows, one per sequence, through every layer. Per layer:
-// the key/value cache ([B, cap, qkv width] rows: the forward's qkv rows, keys after RoPE), where each row's
-// qkv goes (device rows b cap + slot) and how many cache rows it then attends (device), its RoPE positions
-// (host).
+// the key/value cache ([B, cap, 2 KV hd] rows: keys after RoPE, then values), where each row's key and value
+// go (device rows b cap + slot) and how many cache rows it then attends (device), its RoPE positions (host).
 struct Decode {
   std::vector<float*> cache;
   std::vector<int64_t> cap;
@@ -220,11 +219,12 @@ class CudaModel final : public DeviceModel {
   // Greedy decoding as pt::Model::generate. The first token comes from a forward over the sequences (prompts
   // and deep prompts in place, right padding masked): the final norm, the LM head and argmax_rows on each
   // sequence's last row only; the B ids come back to the host. Then, by default (PRIORTUNE_CUDA_GENERATE=
-  // cache), each layer's qkv rows of that forward (keys after RoPE) seed a cache of P_l + S + max_new rows
-  // per sequence, and each new token runs the layers on B rows: its qkv row goes to its sequence's next cache
-  // row (the padding there was never attended) and attention_decode reads the prefix and the rows so far, as
-  // the CPU's decoding does. PRIORTUNE_CUDA_GENERATE=reforward instead runs the whole forward again for each
-  // new token (no cache: max_new forwards), the path the cached one is checked and timed against.
+  // cache), each layer's keys (after RoPE) and values of that forward seed a cache of P_l + S + max_new rows
+  // per sequence, freed when the call ends, and each new token runs the layers on B rows: its key and value
+  // go to its sequence's next cache row (the padding there was never attended) and attention_decode reads the
+  // prefix and the rows so far, as the CPU's decoding does. PRIORTUNE_CUDA_GENERATE=reforward instead runs
+  // the whole forward again for each new token (no cache: max_new forwards), the path the cached one is
+  // checked and timed against.
   std::vector<int32_t> generate_locked(const ForwardArgs& a, int64_t max_new, int32_t eos) {
     check(cudaSetDevice(0), "cudaSetDevice(0)");
     const std::vector<int64_t> len = host_.generation_lengths(a, max_new);
@@ -233,10 +233,10 @@ class CudaModel final : public DeviceModel {
     if (how != "cache" && how != "reforward")
       throw std::invalid_argument("PRIORTUNE_CUDA_GENERATE: expected cache or reforward, got \"" + how +
                                   "\"");
-    const bool cached = how == "cache";
+    const bool cached = how == "cache" && max_new > 1;  // one new token: the prompt pass alone
     const ModelConfig& c = cfg_;
     const int64_t B = a.B, P = a.P, C = c.hidden, V = c.vocab, ld = logits_ld(), L = c.layers;
-    const int64_t qkv_w = (c.heads + 2 * c.kv_heads) * c.head_dim;
+    const int64_t qkv_w = (c.heads + 2 * c.kv_heads) * c.head_dim, kvw = c.kv_heads * c.head_dim;
     const int64_t longest = *std::max_element(len.begin(), len.end());
     const int64_t width = longest + max_new - 1;  // token columns at the last step
     std::vector<int32_t> ids(B * width, 0), step_ids, rows(B), next(B), out(B * max_new, -1);
@@ -246,9 +246,19 @@ class CudaModel final : public DeviceModel {
       std::fill(mask.begin() + b * width, mask.begin() + b * width + len[b], 1);
     }
     need(tokens_, B);
-    // The cache path's state: the prefill's shape and per-layer deep rows, each layer's cache rows.
+    // The cache path's state: the prefill's shape and per-layer deep rows, each layer's cache rows
+    // ([B, cap, keys | values]), given back when the call ends however it ends (the workspace of the next
+    // training step needs the room; not counted as growth: no graph reads it).
     Plan first;
     std::vector<int64_t> cap(L);
+    struct CacheRelease {
+      std::vector<DeviceBuffer<float>>& cache;
+      cudaStream_t stream;
+      ~CacheRelease() {
+        cudaStreamSynchronize(stream);  // kernels queued before a failure may still use it
+        cache.clear();
+      }
+    } release{kv_cache_, stream_};
     for (int64_t t = 0; t < max_new; ++t) {
       if (t == 0 || !cached) {
         // The prompt batch (no token yet, prompt rows only: one padded column); re-forwarding, every step at
@@ -284,14 +294,19 @@ class CudaModel final : public DeviceModel {
         for (int64_t l = 0; l < L; ++l) {
           layer_forward(l, pl, in, states_[0]);
           if (!cached) continue;
-          const int64_t S_l = states_[0].S_l;
+          const int64_t S_l = states_[0].S_l, H = c.heads, hd = c.head_dim;
           cap[l] = S_l + max_new;
-          need(kv_cache_[l], B * cap[l] * qkv_w);
+          if (B * cap[l] > INT32_MAX)  // the cache's rows are addressed by int32
+            throw std::out_of_range("generation: " + std::to_string(B) + " sequences of " +
+                                    std::to_string(cap[l]) + " positions are too many for the CUDA backend");
+          if (kv_cache_[l].size() < static_cast<size_t>(B * cap[l] * 2 * kvw))
+            kv_cache_[l].resize(static_cast<size_t>(B * cap[l] * 2 * kvw));
           mark("copies, memsets");
-          check(cudaMemcpy2DAsync(kv_cache_[l].get(), cap[l] * qkv_w * sizeof(float), states_[0].qkv.get(),
-                                  S_l * qkv_w * sizeof(float), S_l * qkv_w * sizeof(float), B,
-                                  cudaMemcpyDeviceToDevice, stream_),
-                "key/value cache copy");
+          for (int64_t b = 0; b < B; ++b)  // each sequence's S_l rows of keys and values
+            check(cudaMemcpy2DAsync(kv_cache_[l].get() + b * cap[l] * 2 * kvw, 2 * kvw * sizeof(float),
+                                    states_[0].qkv.get() + b * S_l * qkv_w + H * hd, qkv_w * sizeof(float),
+                                    2 * kvw * sizeof(float), S_l, cudaMemcpyDeviceToDevice, stream_),
+                  "key/value cache copy");
         }
         need(xr_in_, B * C);
         mark("gather, scatter, batch sums");
@@ -1171,12 +1186,12 @@ class CudaModel final : public DeviceModel {
     need(st.att, N_l * H * hd);
     need(st.lse, B * H * S_l);
     if (dec) {
+      const int64_t kvw = KV * hd;
       mark("gather, scatter, batch sums");
-      cuda::scatter_rows(stream_, dec->cache[l], st.qkv.get(), dec->rows[l], B, qkv_w);
+      cuda::scatter_rows(stream_, dec->cache[l], st.qkv.get() + H * hd, dec->rows[l], B, 2 * kvw, qkv_w);
       mark("attention forward");
-      cuda::attention_decode(stream_, st.att.get(), st.qkv.get(), qkv_w, dec->cache[l], dec->cap[l], qkv_w,
-                             H * hd, (H + KV) * hd, dec->n[l], pk, pv, st.Pp, B, H, KV, hd,
-                             host_.attn_scale(l));
+      cuda::attention_decode(stream_, st.att.get(), st.qkv.get(), qkv_w, dec->cache[l], dec->cap[l], 2 * kvw,
+                             0, kvw, dec->n[l], pk, pv, st.Pp, B, H, KV, hd, host_.attn_scale(l));
     } else {
       mark("attention forward");
       // Llama's qkv copy (kept for the backward) is made here, after RoPE; GPT-2's came with the product.
@@ -1504,7 +1519,7 @@ class CudaModel final : public DeviceModel {
   std::vector<LayerState> states_;
   DeviceBuffer<float> x_, xf_, lnf_mean_, lnf_rstd_, xr_in_, xr_, dxr_, dxr_in_, logits_, losses_, dx_;
   DeviceBuffer<int32_t> tokens_;               // generate(): each sequence's next token
-  std::vector<DeviceBuffer<float>> kv_cache_;  // generate()'s cached path: per layer [B, cap, qkv width]
+  std::vector<DeviceBuffer<float>> kv_cache_;  // generate()'s cached path, during the call: [B, cap, 2 KV hd]
   DeviceBuffer<float> ln_, tmp_, act_, dmid_, dact_, dfc_, dln_, datt_, dqkv_, attn_scratch_;
   DeviceBuffer<float> rope_cos_, rope_sin_, gprompt_, clip_;
   DeviceBuffer<float> gemm_ws_;  // split-K partial products (product)

@@ -178,8 +178,10 @@ void attention_backward(Stream stream, float* dqkv, float* dprefix_k, float* dpr
 // --- LM head and loss ----------------------------------------------------------------------------------
 // dst[i, :] (=) = src[rows[i], :] for i < R (rows: device int32).
 void gather_rows(Stream stream, float* dst, const float* src, const int32_t* rows, int64_t R, int64_t C);
-// dst[rows[i], :] (=) = src[i, :]; rows are distinct; other rows of dst are untouched.
-void scatter_rows(Stream stream, float* dst, const float* src, const int32_t* rows, int64_t R, int64_t C);
+// dst[rows[i], :] (=) = src[i, :]; rows are distinct; other rows of dst are untouched. Row i of src starts at
+// src + i src_ld (0: C; a wider matrix's columns from src on).
+void scatter_rows(Stream stream, float* dst, const float* src, const int32_t* rows, int64_t R, int64_t C,
+                  int64_t src_ld = 0);
 // Softmax cross-entropy over rows of logits[R, V] (row stride ld >= V; the columns past V are neither read
 // nor written) with targets[R] (all >= 0, < V):
 //   losses[r] (=) = logsumexp(logits[r, :]) - logits[r, targets[r]]
