@@ -405,7 +405,7 @@ export function registerTuneCommands(program: Command): void {
     .option("--batch-size <n>", "examples per batch of the loss pass", integerArg(1))
     .option(
       "--generation-batch-size <n>",
-      "examples decoded together (default: the run's, else its batch size)",
+      "examples decoded together (default: the run's; for a run recorded before the option, --batch-size, else its batch size)",
       integerArg(1),
     )
     .option("--threads <n>", "CPU threads", integerArg(1))

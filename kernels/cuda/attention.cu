@@ -1137,6 +1137,19 @@ std::vector<OpCheck> selftest_attention() {
         make_check("attention_decode", shape, rel_error(to_host(d_out.get(), want.size()), want), tol,
                    "one query row per sequence, fp32 on CUDA cores (online softmax per warp, four "
                    "warps merged) vs the forward reference's row: summation order and expf"));
+    // The decoder's cache layout, keys then values ([B, S, 2 KV hd]): the same values, bit for bit.
+    const int64_t kvw = KV * hd;
+    std::vector<float> kv(B * S * 2 * kvw);
+    for (int64_t r = 0; r < B * S; ++r)
+      std::copy_n(d.qkv.begin() + r * ld + H * hd, 2 * kvw, kv.begin() + r * 2 * kvw);
+    auto d_kv = to_device(kv);
+    DeviceBuffer<float> d_out2(B * H * hd);
+    attention_decode(nullptr, d_out2.get(), d_q.get(), H * hd, d_kv.get(), S, 2 * kvw, 0, kvw, d_n.get(),
+                     Pp ? d_pk.get() : nullptr, Pp ? d_pv.get() : nullptr, Pp, B, H, KV, hd, scale);
+    const auto a = to_host(d_out.get(), want.size()), b = to_host(d_out2.get(), want.size());
+    checks.push_back(make_check("attention_decode, keys | values cache", shape,
+                                std::equal(a.begin(), a.end(), b.begin()) ? 0.0 : 1.0, 0.0,
+                                "the same rows read from the decoder's [B, cap, 2 KV hd] layout: same bits"));
   }
   return checks;
 }

@@ -1455,6 +1455,15 @@ void test_rows(std::vector<OpCheck>& out, uint32_t& seed) {
     out.push_back(make_check("scatter_rows strided", dims({{"R", R}, {"C", C}, {"src_ld", wide}}),
                              rel_error(to_host(d_big.get(), static_cast<size_t>(Rsrc * C)), want_w),
                              kTolExact, kNoteExact));
+    // The same rows from one float further on: the source rows misaligned (the scalar path, also at C = 768).
+    for (int64_t i = 0; i < R; ++i)
+      for (int64_t c = 0; c < C; ++c)
+        want_w[static_cast<size_t>(rows[static_cast<size_t>(i)] * C + c)] =
+            strided[static_cast<size_t>(i * wide + 9 + c)];
+    scatter_rows(nullptr, d_big.get(), d_strided.get() + 9, d_rows.get(), R, C, wide);
+    out.push_back(make_check(
+        "scatter_rows strided, misaligned source", dims({{"R", R}, {"C", C}, {"src_ld", wide}}),
+        rel_error(to_host(d_big.get(), static_cast<size_t>(Rsrc * C)), want_w), kTolExact, kNoteExact));
   }
 }
 

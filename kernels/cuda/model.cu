@@ -296,11 +296,11 @@ class CudaModel final : public DeviceModel {
           if (!cached) continue;
           const int64_t S_l = states_[0].S_l, H = c.heads, hd = c.head_dim;
           cap[l] = S_l + max_new;
-          if (B * cap[l] > INT32_MAX)  // the cache's rows are addressed by int32
+          if (B * cap[l] > INT32_MAX / 4)  // attention_decode's bound on B x cap (int32 row indices)
             throw std::out_of_range("generation: " + std::to_string(B) + " sequences of " +
                                     std::to_string(cap[l]) + " positions are too many for the CUDA backend");
           if (kv_cache_[l].size() < static_cast<size_t>(B * cap[l] * 2 * kvw))
-            kv_cache_[l].resize(static_cast<size_t>(B * cap[l] * 2 * kvw));
+            kv_cache_[l].resize(static_cast<size_t>(B * cap[l] * 2 * kvw), "key/value cache");
           mark("copies, memsets");
           for (int64_t b = 0; b < B; ++b)  // each sequence's S_l rows of keys and values
             check(cudaMemcpy2DAsync(kv_cache_[l].get() + b * cap[l] * 2 * kvw, 2 * kvw * sizeof(float),
@@ -1122,8 +1122,8 @@ class CudaModel final : public DeviceModel {
   // through their states instead: input_ready says st.x_in holds the input already (the layer below, or the
   // embedding, wrote it there), and out (when not null) takes the output rows in x_'s layout.
   // With `dec` (generate's cached path) the rows are B single tokens (pl: T = 1, no prompt, no deep rows):
-  // each row's RoPE is at its own position, its qkv row goes into the layer's cache, and attention_decode
-  // reads the cache.
+  // each row's RoPE is at its own position, its key and value go into the layer's cache, and
+  // attention_decode reads the cache.
   void layer_forward(int64_t l, const Plan& pl, const Ptrs& in, LayerState& st, bool input_ready = false,
                      float* out = nullptr, const Decode* dec = nullptr) {
     const ModelConfig& c = cfg_;
