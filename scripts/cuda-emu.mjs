@@ -230,9 +230,10 @@ async function build() {
   for (const f of readdirSync(gen)) if (!wanted.has(f)) rmSync(join(gen, f)); // a removed source
 
   // The reference's GEMMs with device-rounded operands (tools/cuda-emu/rounded_sgemm.cpp) in the check
-  // program; the addon gets the real CPU backend.
+  // program; the addon gets the real CPU backend. Its linear layers of 5 to 32 rows go through that GEMM
+  // too (PRIORTUNE_FEW_ROWS_REFERENCE: the CPU backend streams them past it; see kernels/cpu/matmul.cpp).
   const rounded = {
-    "matmul.cpp": ["-Dsgemm=sgemm_rounded"],
+    "matmul.cpp": ["-Dsgemm=sgemm_rounded", "-DPRIORTUNE_FEW_ROWS_REFERENCE"],
     "lm_head.cpp": ["-Dsgemm=sgemm_rounded"],
     "attention.cpp": ["-Dsgemm=sgemm_rounded_attention"],
   };

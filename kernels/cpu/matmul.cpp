@@ -131,11 +131,22 @@ __attribute__((target("avx512f,fma"))) void matmul_rows_avx512(float* out, const
 
 }  // namespace
 
+// The emulated CUDA check's reference (tools/cuda-emu) reads its GEMM operands rounded as the device does,
+// by standing in for sgemm: built with PRIORTUNE_FEW_ROWS_REFERENCE, linear layers of more than 4 rows go
+// through it, and those of at most 4 by plain dot products, as before the tiles below existed.
+#ifdef PRIORTUNE_FEW_ROWS_REFERENCE
+constexpr int64_t kFewRows = 4;
+constexpr bool kFewRowTiles = false;
+#else
+constexpr int64_t kFewRows = 32;
+constexpr bool kFewRowTiles = true;
+#endif
+
 void matmul_forward(float* out, const float* x, const float* W, const float* bias, int64_t N, int64_t C,
                     int64_t OC, int threads) {
   // Up to 32 rows stream W once: AVX-512 tiles with the GEMM's AVX-512 kernel, else plain dot products.
-  if (N <= 32) {
-    const bool avx512 = !std::strcmp(sgemm_kernel_name(), "avx512");
+  if (N <= kFewRows) {
+    const bool avx512 = kFewRowTiles && !std::strcmp(sgemm_kernel_name(), "avx512");
     const int64_t block = 64;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t o0 = 0; o0 < OC; o0 += block) {
