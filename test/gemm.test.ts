@@ -55,6 +55,46 @@ describe.each(kernels)("sgemm with the %s micro-kernel", (kernel) => {
   });
 });
 
+// Packing (register transposes for operands read along k, row copies for the others) moves values only, and
+// each C element is summed in one order wherever it sits in the tiles: any block of the product, computed
+// alone through strided views (rows and columns starting mid-panel, leading dimensions wider than the block,
+// unaligned starts), equals that block of the full product bit for bit, at 1 and 2 threads. K = 600 has two
+// full KC blocks and a tail that is not a multiple of 8.
+describe.each(kernels)("sgemm blocks with the %s micro-kernel", (kernel) => {
+  it("a block through strided views equals the full product's block, every transpose", () => {
+    native.selectGemmKernel(kernel);
+    const [M, N, K] = [75, 93, 600];
+    const blocks = [
+      [3, 70, 5, 90],
+      [1, 2, 31, 33],
+      [9, 75, 0, 17],
+    ];
+    for (const ta of [false, true])
+      for (const tb of [false, true]) {
+        const A = rand(M * K, 5);
+        const B = rand(K * N, 6);
+        const lda = ta ? M : K;
+        const ldb = tb ? K : N;
+        const full = new Float32Array(M * N);
+        native.gemm(ta, tb, M, N, K, 1, A, lda, B, ldb, 0, full, N, 2);
+        for (const [i0, i1, j0, j1] of blocks) {
+          const m = i1! - i0!;
+          const n = j1! - j0!;
+          const a = A.subarray(ta ? i0! : i0! * K);
+          const b = B.subarray(tb ? j0! * K : j0!);
+          for (const threads of [1, 2]) {
+            const part = new Float32Array(m * n);
+            native.gemm(ta, tb, m, n, K, 1, a, lda, b, ldb, 0, part, n, threads);
+            let differ = 0;
+            for (let i = 0; i < m; i++)
+              for (let j = 0; j < n; j++) if (part[i * n + j] !== full[(i0! + i) * N + j0! + j]) differ++;
+            expect(differ, `ta=${ta} tb=${tb} rows ${i0}-${i1} cols ${j0}-${j1} threads ${threads}`).toBe(0);
+          }
+        }
+      }
+  });
+});
+
 // The float64 covariance behind every Gaussian fit (collapse reference, fitted priors) runs register tiles of
 // the GEMM's instruction set: against a float64 reference for odd widths (partial panels) and several row
 // chunks, bit-identical for any thread count, and the same bits from the AVX-512 and AVX2 tiles (both fuse
