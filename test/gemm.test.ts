@@ -55,39 +55,50 @@ describe.each(kernels)("sgemm with the %s micro-kernel", (kernel) => {
   });
 });
 
-// Packing (register transposes for operands read along k, row copies for the others) moves values only, and
-// each C element is summed in one order wherever it sits in the tiles: any block of the product, computed
-// alone through strided views (rows and columns starting mid-panel, leading dimensions wider than the block,
-// unaligned starts), equals that block of the full product bit for bit, at 1 and 2 threads. K = 600 has two
-// full KC blocks and a tail that is not a multiple of 8.
+// Packing (register transposes for operands read along k, row copies for the others; portable loops with the
+// generic kernel) moves values only, and each C element is summed in one order wherever it sits in the tiles:
+// any block of the product, computed alone through strided views (rows and columns starting mid-panel,
+// unaligned starts, leading dimensions wider than the rows, padded with NaN so that a read past a row's end
+// shows), equals that block of the full product bit for bit, at 1 and 2 threads. K = 604: two full KC blocks
+// and a tail of 92 (not a multiple of 8).
 describe.each(kernels)("sgemm blocks with the %s micro-kernel", (kernel) => {
   it("a block through strided views equals the full product's block, every transpose", () => {
     native.selectGemmKernel(kernel);
-    const [M, N, K] = [75, 93, 600];
+    const [M, N, K] = [75, 93, 604];
+    const pad = 5;
     const blocks = [
       [3, 70, 5, 90],
       [1, 2, 31, 33],
       [9, 75, 0, 17],
     ];
+    // rows x cols with row stride cols + pad, the padding NaN
+    const padded = (rows: number, cols: number, seed: number) => {
+      const v = rand(rows * cols, seed);
+      const out = new Float32Array(rows * (cols + pad)).fill(Number.NaN);
+      for (let r = 0; r < rows; r++) out.set(v.subarray(r * cols, (r + 1) * cols), r * (cols + pad));
+      return out;
+    };
     for (const ta of [false, true])
       for (const tb of [false, true]) {
-        const A = rand(M * K, 5);
-        const B = rand(K * N, 6);
-        const lda = ta ? M : K;
-        const ldb = tb ? K : N;
+        const A = ta ? padded(K, M, 5) : padded(M, K, 5);
+        const B = tb ? padded(N, K, 6) : padded(K, N, 6);
+        const lda = (ta ? M : K) + pad;
+        const ldb = (tb ? K : N) + pad;
         const full = new Float32Array(M * N);
         native.gemm(ta, tb, M, N, K, 1, A, lda, B, ldb, 0, full, N, 2);
+        expect(full.some(Number.isNaN), `ta=${ta} tb=${tb}: a padding value was read`).toBe(false);
         for (const [i0, i1, j0, j1] of blocks) {
           const m = i1! - i0!;
           const n = j1! - j0!;
-          const a = A.subarray(ta ? i0! : i0! * K);
-          const b = B.subarray(tb ? j0! * K : j0!);
+          const a = A.subarray(ta ? i0! : i0! * lda);
+          const b = B.subarray(tb ? j0! * ldb : j0!);
           for (const threads of [1, 2]) {
             const part = new Float32Array(m * n);
             native.gemm(ta, tb, m, n, K, 1, a, lda, b, ldb, 0, part, n, threads);
             let differ = 0;
             for (let i = 0; i < m; i++)
-              for (let j = 0; j < n; j++) if (part[i * n + j] !== full[(i0! + i) * N + j0! + j]) differ++;
+              for (let j = 0; j < n; j++)
+                if (!Object.is(part[i * n + j], full[(i0! + i) * N + j0! + j])) differ++;
             expect(differ, `ta=${ta} tb=${tb} rows ${i0}-${i1} cols ${j0}-${j1} threads ${threads}`).toBe(0);
           }
         }

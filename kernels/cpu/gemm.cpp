@@ -1,10 +1,11 @@
 // Blocked single-precision GEMM (BLIS-style loop nest) with runtime-selected micro-kernels.
 //
 // Loop nest per thread: jc (NC columns of C) > pc (KC of the shared dimension, B block packed into
-// KC x NC panels of NR columns, about 1 MB: it stays in L2) > ic (MC rows, A block packed into MR-row
-// panels) > ir > jr (MR x NR register tile). The innermost loop keeps one A panel (KC x MR) in L1 and
-// streams the B panels from L2, prefetched ahead by the micro-kernel (measured: 25-30% faster than
-// keeping the larger B panel in L1 beside streamed A panels, where the two evicted each other).
+// KC x NC panels of NR columns, 1 MiB: sized for a 2 MiB L2 beside the A block) > ic (MC rows, A block
+// packed into MR-row panels) > ir > jr (MR x NR register tile). The innermost loop keeps one A panel
+// (KC x MR) in L1 and streams the B panels from L2, which the AVX-512 and AVX2 micro-kernels prefetch
+// ahead (measured on a 2-core Xeon with 48 KiB L1: 25-30% faster than keeping the larger B panel in L1
+// beside streamed A panels, where the two evicted each other).
 // Packing zero-pads partial panels, so the micro-kernels always run full tiles and only their stores are
 // masked. Threads split C by columns (or by rows when M > N); each thread packs its own panels, so
 // nothing is shared and every C element is summed in a fixed order (deterministic): per KC block from
@@ -37,6 +38,7 @@ struct KernelDesc {
   int mr, nr;
   int64_t mc, nc;
   MicroKernel kernel;
+  bool avx2_packing;  // pack with AVX2 register transposes and copies (the portable kernel packs portably)
 };
 
 // ---------------------------------------------------------------------------------------------------------
@@ -177,9 +179,9 @@ void kernel_generic(int64_t kc, const float* Ap, const float* Bp, float* C, int6
   }
 }
 
-const KernelDesc kAvx512{"avx512", 8, 32, 8 * 24, 32 * 32, kernel_avx512};
-const KernelDesc kAvx2{"avx2", 6, 16, 6 * 32, 16 * 64, kernel_avx2};
-const KernelDesc kGeneric{"generic", 4, 16, 4 * 32, 16 * 64, kernel_generic};
+const KernelDesc kAvx512{"avx512", 8, 32, 8 * 24, 32 * 32, kernel_avx512, true};
+const KernelDesc kAvx2{"avx2", 6, 16, 6 * 32, 16 * 64, kernel_avx2, true};
+const KernelDesc kGeneric{"generic", 4, 16, 4 * 32, 16 * 64, kernel_generic, false};
 
 const KernelDesc* detect_kernel() {
   __builtin_cpu_init();
@@ -200,14 +202,12 @@ const KernelDesc* g_kernel = detect_kernel();
 // ---------------------------------------------------------------------------------------------------------
 // Packing. Element (i, k) of op(A) and (k, j) of op(B), honouring the transposes. A row-major operand read
 // along k (A untransposed, B transposed: the linear layers' weights) is packed by 8 x 8 register transposes
-// where the CPU has AVX2 (scalar strided stores cost about a fifth of a GEMM's time); the other orientation
-// is already k-major, so its panels are row copies. Packing moves values only: results do not depend on it.
+// with the AVX-512 and AVX2 kernels (every CPU with AVX-512 has AVX2; scalar strided stores cost about a
+// fifth of a GEMM's time); the other orientation is already k-major, so its panels are row copies. The
+// portable kernel packs with portable loops (so selecting it tests them). Packing moves values only:
+// results do not depend on it.
 
 const float kZeroRow[8] = {};
-const bool g_avx2 = [] {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") != 0;
-}();
 
 // dst[c * dld + r] = src[r][c] for r, c < 8, only r < w stored (w <= 8).
 __attribute__((target("avx2"))) inline void transpose8(const float* const src[8], float* dst, int64_t dld,
@@ -276,14 +276,14 @@ void pack_A(const KernelDesc& kd, bool transA, const float* A, int64_t lda, int6
   for (int64_t ip = 0; ip < mc; ip += mr) {
     const int m = (int)std::min<int64_t>(mr, mc - ip);
     float* dst = Ap + ip * kc;
-    if (transA && g_avx2 && mr % 8 == 0) {  // k-major already: row k of the panel is A[k0 + k][i0 + ip ..]
+    if (transA && kd.avx2_packing && mr % 8 == 0) {  // k-major already: row k of the panel is A[k0 + k][i0 + ip ..]
       pack_rows_copied(A + k0 * lda + i0 + ip, lda, m, kc, dst, mr);
     } else if (transA) {
       for (int64_t k = 0; k < kc; ++k) {
         std::memcpy(dst + k * mr, A + (k0 + k) * lda + i0 + ip, m * sizeof(float));
         std::fill(dst + k * mr + m, dst + (k + 1) * mr, 0.0f);
       }
-    } else if (g_avx2 && mr <= 8) {
+    } else if (kd.avx2_packing && mr <= 8) {
       const float* rows[8];
       for (int r = 0; r < m; ++r) rows[r] = A + (i0 + ip + r) * lda + k0;
       pack_rows_transposed(rows, m, kc, dst, mr, mr);
@@ -300,14 +300,14 @@ void pack_B(const KernelDesc& kd, bool transB, const float* B, int64_t ldb, int6
   for (int64_t jp = 0; jp < nc; jp += nr) {
     const int n = (int)std::min<int64_t>(nr, nc - jp);
     float* dst = Bp + jp * kc;
-    if (!transB && g_avx2) {  // k-major already: row k of the panel is B[k0 + k][j0 + jp ..]
+    if (!transB && kd.avx2_packing) {  // k-major already: row k of the panel is B[k0 + k][j0 + jp ..]
       pack_rows_copied(B + k0 * ldb + j0 + jp, ldb, n, kc, dst, nr);
     } else if (!transB) {
       for (int64_t k = 0; k < kc; ++k) {
         std::memcpy(dst + k * nr, B + (k0 + k) * ldb + j0 + jp, n * sizeof(float));
         std::fill(dst + k * nr + n, dst + (k + 1) * nr, 0.0f);
       }
-    } else if (g_avx2 && nr % 8 == 0) {
+    } else if (kd.avx2_packing && nr % 8 == 0) {
       for (int g = 0; g < nr; g += 8) {
         const float* rows[8];
         const int rn = std::max(0, std::min(8, n - g));
