@@ -257,17 +257,17 @@ __attribute__((target("avx2"))) inline void transpose8(const float* const src[8]
   }
 }
 
-// dst[k * ld + r] = rows[r][k] for k < kc, r < w (w <= 8); rows past `n` read as zeros.
-__attribute__((target("avx2"))) void pack_rows_transposed(const float* const rows[8], int n, int64_t kc,
+// dst[k * ld + r] = src[r * lds + k] for k < kc, r < w (w <= 8); rows r >= n read as zeros.
+__attribute__((target("avx2"))) void pack_rows_transposed(const float* src, int64_t lds, int n, int64_t kc,
                                                           float* dst, int64_t ld, int w) {
-  const float* src[8];
+  const float* rows[8];
   int64_t k = 0;
   for (; k + 8 <= kc; k += 8) {
-    for (int r = 0; r < 8; ++r) src[r] = r < n ? rows[r] + k : kZeroRow;
-    transpose8(src, dst + k * ld, ld, w);
+    for (int r = 0; r < 8; ++r) rows[r] = r < n ? src + r * lds + k : kZeroRow;
+    transpose8(rows, dst + k * ld, ld, w);
   }
   for (; k < kc; ++k)
-    for (int r = 0; r < w; ++r) dst[k * ld + r] = r < n ? rows[r][k] : 0.0f;
+    for (int r = 0; r < w; ++r) dst[k * ld + r] = r < n ? src[r * lds + k] : 0.0f;
 }
 
 // dst[k * ld + c] = src[k * lds + c] for k < kc, c < n, zeros for n <= c < ld (ld a multiple of 8, n <= ld).
@@ -286,56 +286,48 @@ __attribute__((target("avx2"))) void pack_rows_copied(const float* src, int64_t 
   }
 }
 
-void pack_A(const KernelDesc& kd, bool transA, const float* A, int64_t lda, int64_t i0, int64_t mc,
-            int64_t k0, int64_t kc, float* Ap) {
-  const int mr = kd.mr;
-  for (int64_t ip = 0; ip < mc; ip += mr) {
-    const int m = (int)std::min<int64_t>(mr, mc - ip);
-    float* dst = Ap + ip * kc;
-    // Transposed A is k-major already: row k of the panel is A[k0 + k][i0 + ip ..].
-    if (transA && kd.avx2_packing && mr % 8 == 0) {
-      pack_rows_copied(A + k0 * lda + i0 + ip, lda, m, kc, dst, mr);
-    } else if (transA) {
-      for (int64_t k = 0; k < kc; ++k) {
-        std::memcpy(dst + k * mr, A + (k0 + k) * lda + i0 + ip, m * sizeof(float));
-        std::fill(dst + k * mr + m, dst + (k + 1) * mr, 0.0f);
+// Panels of w lines (A's rows or B's columns: lines [l0, l0 + count) of the operand), each kc x w k-major,
+// the lines past `count` zero. An operand stored with lines along k (row-major, element (line, k) at
+// M[line * ld + k]: A untransposed, B transposed) is transposed; one stored k-major (M[k * ld + line])
+// is copied row by row.
+void pack_panels(const KernelDesc& kd, bool lines_along_k, const float* M, int64_t ld, int64_t l0,
+                 int64_t count, int64_t k0, int64_t kc, int w, float* out) {
+  for (int64_t p = 0; p < count; p += w) {
+    const int n = (int)std::min<int64_t>(w, count - p);
+    float* dst = out + p * kc;
+    if (lines_along_k) {
+      const float* src = M + (l0 + p) * ld + k0;
+      if (kd.avx2_packing) {
+        for (int g = 0; g < w; g += 8) {
+          const int rn = std::clamp(n - g, 0, 8);
+          pack_rows_transposed(rn ? src + g * ld : src, ld, rn, kc, dst + g, w, std::min(8, w - g));
+        }
+      } else {
+        for (int r = 0; r < w; ++r)
+          for (int64_t k = 0; k < kc; ++k) dst[k * w + r] = r < n ? src[r * ld + k] : 0.0f;
       }
-    } else if (kd.avx2_packing && mr <= 8) {
-      const float* rows[8];
-      for (int r = 0; r < m; ++r) rows[r] = A + (i0 + ip + r) * lda + k0;
-      pack_rows_transposed(rows, m, kc, dst, mr, mr);
     } else {
-      for (int r = 0; r < mr; ++r)
-        for (int64_t k = 0; k < kc; ++k) dst[k * mr + r] = r < m ? A[(i0 + ip + r) * lda + k0 + k] : 0.0f;
+      const float* src = M + k0 * ld + l0 + p;
+      if (kd.avx2_packing && w % 8 == 0) {
+        pack_rows_copied(src, ld, n, kc, dst, w);
+      } else {
+        for (int64_t k = 0; k < kc; ++k) {
+          std::memcpy(dst + k * w, src + k * ld, n * sizeof(float));
+          std::fill(dst + k * w + n, dst + (k + 1) * w, 0.0f);
+        }
+      }
     }
   }
 }
 
+void pack_A(const KernelDesc& kd, bool transA, const float* A, int64_t lda, int64_t i0, int64_t mc,
+            int64_t k0, int64_t kc, float* Ap) {
+  pack_panels(kd, !transA, A, lda, i0, mc, k0, kc, kd.mr, Ap);
+}
+
 void pack_B(const KernelDesc& kd, bool transB, const float* B, int64_t ldb, int64_t k0, int64_t kc,
             int64_t j0, int64_t nc, float* Bp) {
-  const int nr = kd.nr;
-  for (int64_t jp = 0; jp < nc; jp += nr) {
-    const int n = (int)std::min<int64_t>(nr, nc - jp);
-    float* dst = Bp + jp * kc;
-    if (!transB && kd.avx2_packing) {  // k-major already: row k of the panel is B[k0 + k][j0 + jp ..]
-      pack_rows_copied(B + k0 * ldb + j0 + jp, ldb, n, kc, dst, nr);
-    } else if (!transB) {
-      for (int64_t k = 0; k < kc; ++k) {
-        std::memcpy(dst + k * nr, B + (k0 + k) * ldb + j0 + jp, n * sizeof(float));
-        std::fill(dst + k * nr + n, dst + (k + 1) * nr, 0.0f);
-      }
-    } else if (kd.avx2_packing && nr % 8 == 0) {
-      for (int g = 0; g < nr; g += 8) {
-        const float* rows[8];
-        const int rn = std::max(0, std::min(8, n - g));
-        for (int r = 0; r < rn; ++r) rows[r] = B + (j0 + jp + g + r) * ldb + k0;
-        pack_rows_transposed(rows, rn, kc, dst + g, nr, 8);
-      }
-    } else {
-      for (int j = 0; j < nr; ++j)
-        for (int64_t k = 0; k < kc; ++k) dst[k * nr + j] = j < n ? B[(j0 + jp + j) * ldb + k0 + k] : 0.0f;
-    }
-  }
+  pack_panels(kd, transB, B, ldb, j0, nc, k0, kc, kd.nr, Bp);
 }
 
 struct AlignedBuffer {

@@ -299,8 +299,7 @@ class CudaModel final : public DeviceModel {
           if (B * cap[l] > INT32_MAX / 4)  // attention_decode's bound on B x cap (int32 row indices)
             throw std::out_of_range("generation: " + std::to_string(B) + " sequences of " +
                                     std::to_string(cap[l]) + " positions are too many for the CUDA backend");
-          if (kv_cache_[l].size() < static_cast<size_t>(B * cap[l] * 2 * kvw))
-            kv_cache_[l].resize(static_cast<size_t>(B * cap[l] * 2 * kvw), "key/value cache");
+          kv_cache_[l].resize(static_cast<size_t>(B * cap[l] * 2 * kvw), "key/value cache");  // grows only
           mark("copies, memsets");
           for (int64_t b = 0; b < B; ++b)  // each sequence's S_l rows of keys and values
             check(cudaMemcpy2DAsync(kv_cache_[l].get() + b * cap[l] * 2 * kvw, 2 * kvw * sizeof(float),
