@@ -81,6 +81,7 @@ function gaussian(n: number, seed: number, scale = 1): Float32Array {
 }
 
 const METRICS: KnnMetric[] = ["cosine", "l2", "dot"];
+type GemmKernel = Parameters<ReturnType<typeof addon>["selectGemmKernel"]>[0];
 
 // ---- CPU -------------------------------------------------------------------------------------------------
 
@@ -143,7 +144,7 @@ describe("VocabIndex (CPU) equals the float64 brute force", () => {
   it("duplicated rows: exact ties go to the lower index, also with more copies than candidates", async () => {
     const d = 64;
     const base = gaussian(400 * d, 5);
-    // Row 7 copied to 150 further places (more than the 42 screening candidates of k = 10): the screening bound
+    // Row 7 copied to 150 further places (more than the 43 screening candidates of k = 10): the screening bound
     // cannot certify and the query is searched again with more candidates.
     const V2 = 400 + 150;
     const v = new Float32Array(V2 * d);
@@ -171,17 +172,17 @@ describe("VocabIndex (CPU) equals the float64 brute force", () => {
     const d = 32;
     const base = gaussian(2000 * d, 17);
     const v = new Float32Array(base);
-    for (let c = 0; c < 60; c++) v.set(base.subarray(5 * d, 6 * d), (1000 + c) * d); // 61 equal rows > 42
+    for (let c = 0; c < 60; c++) v.set(base.subarray(5 * d, 6 * d), (1000 + c) * d); // 61 equal rows > 43
     const q = new Float32Array(base.subarray(5 * d, 6 * d));
     for (const metric of METRICS) {
-      // One thread: one candidate heap of 42 for all rows (with more threads each holds a share of the copies).
+      // One thread: one candidate buffer keeping 43 for all rows (with more threads each holds a share of the copies).
       const got = await nearestNeighbors(q, v, { dim: d, k: 10, metric, backend: "cpu", threads: 1 });
       expect(got.recoveredQueries).toBe(1);
       expectExact(got, bruteForce(q, v, d, 10, metric));
     }
   });
 
-  it("a query that takes four rounds (42, 168, 672 candidates, then the exact scan) is recovered once", async () => {
+  it("a query that takes four rounds (43, 172, 688 candidates, then the exact scan) is recovered once", async () => {
     const d = 32;
     const base = gaussian(2000 * d, 19);
     const v = new Float32Array(base);
@@ -264,12 +265,68 @@ describe("VocabIndex (CPU) equals the float64 brute force", () => {
     index.dispose();
   });
 
+  it("candidate buffers cut many times, and under massive ties, with every kernel's scan", async () => {
+    // 20000 rows: each thread's buffers fill and are cut back many times (the scan follows the GEMM kernel's
+    // instruction set: AVX-512, AVX2 or scalar; kernels this CPU lacks are skipped). Rows of entries +-1 (d = 4)
+    // tie massively, so the cut by bisection finds no value between the ties and selects exactly. Self-search
+    // excludes each query's own row while its buffers are cut.
+    const d = 16;
+    const v = gaussian(20000 * d, 21);
+    const q = gaussian(7 * d, 22);
+    const dq = 4;
+    const vq = gaussian(20000 * dq, 23).map(Math.sign);
+    const qq = gaussian(5 * dq, 24).map(Math.sign);
+    const rows = Int32Array.from([0, 7, 9999, 19999]);
+    const qs = new Float32Array(rows.length * d);
+    rows.forEach((r, i) => {
+      qs.set(v.subarray(r * d, (r + 1) * d), i * d);
+    });
+    const want = new Map<number, ReturnType<typeof bruteForce>>();
+    for (const k of [1, 10, 100]) want.set(k, bruteForce(q, v, d, k, "cosine"));
+    const wantSelf = bruteForce(qs, v, d, 10, "cosine", rows);
+    const wantTied = new Map(METRICS.map((m) => [m, bruteForce(qq, vq, dq, 30, m)]));
+    const initial = addon().cpuInfo().gemmKernel as GemmKernel;
+    try {
+      for (const kernel of ["avx512", "avx2", "generic"] as const) {
+        if (!addon().selectGemmKernel(kernel)) continue;
+        for (const k of [1, 10, 100]) {
+          for (const threads of [1, 3]) {
+            const got = await nearestNeighbors(q, v, {
+              dim: d,
+              k,
+              metric: "cosine",
+              backend: "cpu",
+              threads,
+            });
+            expectExact(got, want.get(k)!);
+            // The gap between the k-th and the 2c-th candidates is far above the screening error: a cut that
+            // kept too few candidates would show as a second round.
+            expect(got.recoveredQueries).toBe(0);
+          }
+        }
+        const index = await VocabIndex.create(v, { dim: d, metric: "cosine", backend: "cpu" });
+        try {
+          expectExact(await index.selfSearch({ k: 10, rows, chunkRows: 3 }), wantSelf);
+        } finally {
+          index.dispose();
+        }
+        for (const metric of METRICS) {
+          const got = await nearestNeighbors(qq, vq, { dim: dq, k: 30, metric, backend: "cpu", threads: 2 });
+          expectExact(got, wantTied.get(metric)!);
+        }
+      }
+    } finally {
+      addon().selectGemmKernel(initial);
+    }
+  });
+
   it("all GEMM micro-kernels give the exact answer", async () => {
     const d = 100;
     const v = gaussian(900 * d, 14);
     const q = gaussian(9 * d, 15);
     const want = bruteForce(q, v, d, 10, "l2");
     const kernels = ["avx2", "generic", "avx512"] as const;
+    const initial = addon().cpuInfo().gemmKernel as GemmKernel;
     try {
       for (const kernel of kernels) {
         if (!addon().selectGemmKernel(kernel)) continue;
@@ -277,9 +334,7 @@ describe("VocabIndex (CPU) equals the float64 brute force", () => {
         expectExact(got, want);
       }
     } finally {
-      addon().selectGemmKernel("avx512") ||
-        addon().selectGemmKernel("avx2") ||
-        addon().selectGemmKernel("generic");
+      addon().selectGemmKernel(initial);
     }
   });
 });

@@ -5,10 +5,10 @@
 // packed_, the rows in the micro-kernel's B-panel layout: panel p holds rows [p*nr, p*nr + nr) as d x nr,
 // k-major, zero-padded; for cosine the packed rows are normalised (v / |v| in float64, rounded to fp32). A
 // search packs its queries into A-panels the same way, computes a score tile of MC queries x NC rows into a
-// thread-local buffer with the micro-kernel and scans it into per-query candidate heaps of size c > k. The
-// full Q x V score matrix never exists. Threads split the rows; their candidate lists are merged per query.
-// A borrowed index (knn_index_cpu_borrowed, for one-shot searches) keeps only norms and packs each KC x NC
-// block of rows into a thread-local buffer just before it is used.
+// thread-local buffer with the micro-kernel and scans it into per-query candidate buffers that keep at least
+// the best c > k (CandBuf). The full Q x V score matrix never exists. Threads split the rows; their candidate
+// lists are merged per query. A borrowed index (knn_index_cpu_borrowed, for one-shot searches) keeps only
+// norms and packs each KC x NC block of rows into a thread-local buffer just before it is used.
 //
 // Screening value a(q, v) (fp32) and what it approximates, s(q, v):
 //   cosine: a = fl(q^ . v^),             s = cos(q, v)
@@ -20,8 +20,9 @@
 //   cosine: err = 1.25 (d + 6) u            dot: err = 1.25 (d + 2) u |q| vmax
 //   l2:     err = 1.25 (d + 4) u (|q| vmax + vmax^2)
 // plus d * 2^-146 for subnormal products; vmax = the largest row norm, 1.25 covers g_d/(d u) and the float64
-// re-scoring error. A row that no thread kept as a candidate has a <= B, B = the largest "heap minimum" of
-// the threads that dropped rows, hence s <= B + err. If the k-th best re-scored candidate has s_k > B + err,
+// re-scoring error. A row that was not kept as a candidate has a <= B, B = the largest of the threads' buffer
+// thresholds (-inf where a thread dropped no row) and of the cut of the pooled candidates to the best 2c,
+// hence s <= B + err. If the k-th best re-scored candidate has s_k > B + err,
 // no dropped row can reach the top k: the answer equals the float64 brute force. Otherwise the query is
 // searched again with 4c candidates, and once c reaches V by knn_exact_scan.
 #include "priortune/knn.h"
@@ -33,6 +34,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <stdexcept>
 
@@ -155,81 +157,258 @@ inline float returned_score(KnnMetric metric, double m) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Candidate heaps for the fp32 screening: a min-heap on the screening value (the root is the worst kept).
+// Candidate buffers for the fp32 screening, one per query and thread. Screening values above the threshold
+// thr are appended (values in a[], row indices in i[]); when the buffer is full it is cut back to between
+// `keep` and `limit` entries, those above a new, higher thr. So a row that is not in the buffer always has a
+// screening value <= thr, and the buffer holds at least the best `keep` rows seen. Appending is branch-free
+// with AVX-512 (a compress per 16 values) and a cut is a few vector counting passes (see cut), once per (cap
+// - keep) * 3/4 appended entries: cheaper than a heap, whose sift-downs mispredict at every level (at 160 x
+// 8192 x 256 the heaps took 40% of the search).
 
 struct Cand {
   float a;
   int32_t i;
 };
 
-struct TopHeap {
-  Cand* h;
-  int32_t size, cap;
-  float threshold() const { return size < cap ? kNegInf : h[0].a; }
-  void push(float a, int32_t i) {
-    if (size < cap) {
-      int32_t c = size++;
-      while (c > 0) {
-        int32_t p = (c - 1) / 2;
-        if (h[p].a <= a) break;
-        h[c] = h[p];
-        c = p;
-      }
-      h[c] = {a, i};
-      return;
-    }
-    if (!(a > h[0].a)) return;
-    int32_t c = 0;
-    for (;;) {
-      int32_t l = 2 * c + 1;
-      if (l >= size) break;
-      int32_t r = l + 1;
-      int32_t m = (r < size && h[r].a < h[l].a) ? r : l;
-      if (h[m].a >= a) break;
-      h[c] = h[m];
-      c = m;
-    }
-    h[c] = {a, i};
-  }
+struct CandBuf {
+  float* a;
+  int32_t* i;
+  int32_t size, cap, keep;
+  float thr;
 };
 
-// Scans one row of a score tile: values s[j] (minus sub[j] for l2) of rows base + j, j < n, into the heap.
-// Chunks of 16 are rejected with one vector max; only chunks holding a value above the threshold are pushed.
-__attribute__((target_clones("avx512f", "avx2", "default"))) void scan_row(const float* s, const float* sub,
-                                                                           int64_t n, int32_t base,
-                                                                           int32_t excl, TopHeap* heap) {
-  float thr = heap->threshold();
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16) {
-    float m = kNegInf;
-    if (sub) {
-#pragma omp simd reduction(max : m)
-      for (int t = 0; t < 16; ++t) {
-        const float v = s[j + t] - sub[j + t];
-        m = v > m ? v : m;
-      }
-    } else {
-#pragma omp simd reduction(max : m)
-      for (int t = 0; t < 16; ++t) m = s[j + t] > m ? s[j + t] : m;
+__attribute__((target_clones("avx512f", "avx2", "default"))) int32_t count_above(const float* a, int32_t n,
+                                                                                 float t) {
+  int32_t count = 0;
+#pragma omp simd reduction(+ : count)
+  for (int32_t r = 0; r < n; ++r) count += a[r] > t ? 1 : 0;
+  return count;
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default"))) void value_range(const float* a, int32_t n,
+                                                                              float* lo, float* hi) {
+  float l = a[0], h = a[0];
+#pragma omp simd reduction(min : l) reduction(max : h)
+  for (int32_t r = 0; r < n; ++r) {
+    l = a[r] < l ? a[r] : l;
+    h = a[r] > h ? a[r] : h;
+  }
+  *lo = l;
+  *hi = h;
+}
+
+// Moves the entries with value > t to the front, in order; returns their number.
+__attribute__((target("avx512f"))) int32_t keep_above_avx512(float* a, int32_t* idx, int32_t n, float t) {
+  const __m512 tv = _mm512_set1_ps(t);
+  int32_t w = 0;
+  for (int32_t r = 0; r < n; r += 16) {
+    const __mmask16 valid = n - r >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - r)) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(valid, a + r);
+    const __m512i x = _mm512_maskz_loadu_epi32(valid, idx + r);
+    const __mmask16 keep = _mm512_mask_cmp_ps_mask(valid, v, tv, _CMP_GT_OQ);
+    // w <= r: the masked stores write only below r + 16, over entries already read.
+    _mm512_mask_storeu_ps(a + w, (1u << __builtin_popcount(keep)) - 1, _mm512_maskz_compress_ps(keep, v));
+    _mm512_mask_storeu_epi32(idx + w, (1u << __builtin_popcount(keep)) - 1,
+                             _mm512_maskz_compress_epi32(keep, x));
+    w += __builtin_popcount(keep);
+  }
+  return w;
+}
+
+int32_t keep_above_generic(float* a, int32_t* idx, int32_t n, float t) {
+  int32_t w = 0;
+  for (int32_t r = 0; r < n; ++r)
+    if (a[r] > t) {
+      a[w] = a[r];
+      idx[w++] = idx[r];
     }
-    if (!(m > thr)) continue;
-    for (int t = 0; t < 16; ++t) {
-      const float v = sub ? s[j + t] - sub[j + t] : s[j + t];
-      const int32_t idx = base + static_cast<int32_t>(j + t);
-      if (v > thr && idx != excl) {
-        heap->push(v, idx);
-        thr = heap->threshold();
-      }
+  return w;
+}
+
+// Cuts a buffer back: finds by bisection a cut t with keep <= #(a > t) <= limit, keeps the entries above it
+// and raises thr to t; a few vector counting passes instead of a selection. Where ties leave no such t (many
+// equal values), keeps exactly the best `keep` by nth_element (tmp: cap floats).
+using KeepAbove = int32_t (*)(float*, int32_t*, int32_t, float);
+
+void cut(CandBuf* b, float* tmp, int32_t limit, KeepAbove keep_above) {
+  float lo, hi;
+  value_range(b->a, b->size, &lo, &hi);
+  // Invariant: #(a > lo) >= keep (checked), #(a > hi) = 0 < keep.
+  float t = lo;
+  int32_t above = count_above(b->a, b->size, lo);
+  bool found = above >= b->keep;
+  while (found && above > limit) {
+    const float mid = lo + (hi - lo) * 0.5f;
+    if (!(mid > lo && mid < hi)) {
+      found = false;
+      break;
+    }
+    const int32_t m = count_above(b->a, b->size, mid);
+    if (m < b->keep) {
+      hi = mid;
+    } else {
+      lo = mid;
+      t = mid;
+      above = m;
     }
   }
+  int32_t w = 0;
+  if (found) {
+    w = keep_above(b->a, b->i, b->size, t);
+  } else {
+    std::copy(b->a, b->a + b->size, tmp);
+    std::nth_element(tmp, tmp + (b->keep - 1), tmp + b->size, std::greater<float>());
+    t = tmp[b->keep - 1];
+    int32_t ties = b->keep - count_above(b->a, b->size, t);
+    for (int32_t r = 0; r < b->size; ++r)
+      if (b->a[r] > t || (b->a[r] == t && ties-- > 0)) {
+        b->a[w] = b->a[r];
+        b->i[w++] = b->i[r];
+      }
+  }
+  b->size = w;
+  b->thr = t;
+}
+
+// Capacity of a candidate buffer that keeps c: at least a tile row (256) more, so that cuts are rare, and
+// room for 16 values after any cut (a compress stores 16).
+int64_t buffer_capacity(int64_t c) {
+  return (c + std::max<int64_t>(c, 256) + 15) / 16 * 16;
+}
+
+// Scans one row of a score tile: values s[j] (minus sub[j] for l2) of rows base + j, j < n, except row
+// `excl`, into the buffer. tmp: scratch for cuts.
+__attribute__((target("avx512f"))) void scan_row_avx512(const float* s, const float* sub, int64_t n,
+                                                        int32_t base, int32_t excl, CandBuf* buf,
+                                                        float* tmp) {
+  __m512 thr = _mm512_set1_ps(buf->thr);
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 valid = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+    __m512 v = _mm512_maskz_loadu_ps(valid, s + j);
+    if (sub) v = _mm512_sub_ps(v, _mm512_maskz_loadu_ps(valid, sub + j));
+    __mmask16 hit = _mm512_mask_cmp_ps_mask(valid, v, thr, _CMP_GT_OQ);
+    // No branch on hit: about half the chunks hold a value above a threshold that is a little stale, and
+    // storing nothing costs less than the mispredictions.
+    const int64_t e = static_cast<int64_t>(excl) - base - j;
+    if (e >= 0 && e < 16) hit &= __mmask16(~(1u << e));
+    if (buf->size + 16 > buf->cap) {
+      cut(buf, tmp, buf->keep + (buf->cap - buf->keep) / 4, keep_above_avx512);
+      thr = _mm512_set1_ps(buf->thr);
+      hit = _mm512_mask_cmp_ps_mask(hit, v, thr, _CMP_GT_OQ);
+    }
+    // Compress into a register, then store all 16 lanes: a compressing store is microcoded on some cores.
+    const __m512i idx = _mm512_add_epi32(lanes, _mm512_set1_epi32(base + static_cast<int32_t>(j)));
+    _mm512_storeu_ps(buf->a + buf->size, _mm512_maskz_compress_ps(hit, v));
+    _mm512_storeu_si512(buf->i + buf->size, _mm512_maskz_compress_epi32(hit, idx));
+    buf->size += __builtin_popcount(hit);
+  }
+}
+
+// Left-packing with AVX2: entry m lists the lanes set in the 8-bit mask m, in order (for vpermps).
+struct PackTable {
+  int32_t lanes[256][8];
+  constexpr PackTable() : lanes() {
+    for (int m = 0; m < 256; ++m) {
+      int w = 0;
+      for (int l = 0; l < 8; ++l)
+        if (m & (1 << l)) lanes[m][w++] = l;
+    }
+  }
+};
+constexpr PackTable kPack{};
+
+// Appends the lanes of v (indices idx) set in mask at a + size, i + size: stores all 8 lanes.
+__attribute__((target("avx2"))) inline int32_t pack8(float* a, int32_t* ids, int32_t size, __m256 v,
+                                                     __m256i idx, int mask) {
+  const __m256i perm = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kPack.lanes[mask]));
+  _mm256_storeu_ps(a + size, _mm256_permutevar8x32_ps(v, perm));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(ids + size), _mm256_permutevar8x32_epi32(idx, perm));
+  return size + __builtin_popcount(mask);
+}
+
+__attribute__((target("avx2"))) int32_t keep_above_avx2(float* a, int32_t* idx, int32_t n, float t) {
+  const __m256 tv = _mm256_set1_ps(t);
+  int32_t w = 0, r = 0;
+  // w <= r: the 8-lane stores write below r + 8, over entries already read.
+  for (; r + 8 <= n; r += 8) {
+    const __m256 v = _mm256_loadu_ps(a + r);
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx + r));
+    w = pack8(a, idx, w, v, x, _mm256_movemask_ps(_mm256_cmp_ps(v, tv, _CMP_GT_OQ)));
+  }
+  for (; r < n; ++r)
+    if (a[r] > t) {
+      a[w] = a[r];
+      idx[w++] = idx[r];
+    }
+  return w;
+}
+
+// The AVX-512 scan in two 8-lane halves.
+__attribute__((target("avx2"))) void scan_row_avx2(const float* s, const float* sub, int64_t n, int32_t base,
+                                                   int32_t excl, CandBuf* buf, float* tmp) {
+  __m256 thr = _mm256_set1_ps(buf->thr);
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  int32_t size = buf->size;
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    __m256 v = _mm256_loadu_ps(s + j);
+    if (sub) v = _mm256_sub_ps(v, _mm256_loadu_ps(sub + j));
+    int hit = _mm256_movemask_ps(_mm256_cmp_ps(v, thr, _CMP_GT_OQ));
+    const int64_t e = static_cast<int64_t>(excl) - base - j;
+    if (e >= 0 && e < 8) hit &= ~(1 << e);
+    if (size + 16 > buf->cap) {
+      buf->size = size;
+      cut(buf, tmp, buf->keep + (buf->cap - buf->keep) / 4, keep_above_avx2);
+      size = buf->size;
+      thr = _mm256_set1_ps(buf->thr);
+      hit &= _mm256_movemask_ps(_mm256_cmp_ps(v, thr, _CMP_GT_OQ));
+    }
+    const __m256i idx = _mm256_add_epi32(lanes, _mm256_set1_epi32(base + static_cast<int32_t>(j)));
+    size = pack8(buf->a, buf->i, size, v, idx, hit);
+  }
+  buf->size = size;
   for (; j < n; ++j) {
     const float v = sub ? s[j] - sub[j] : s[j];
     const int32_t idx = base + static_cast<int32_t>(j);
-    if (v > thr && idx != excl) {
-      heap->push(v, idx);
-      thr = heap->threshold();
+    if (v > buf->thr && idx != excl) {
+      if (buf->size + 16 > buf->cap) cut(buf, tmp, buf->keep + (buf->cap - buf->keep) / 4, keep_above_avx2);
+      if (v > buf->thr) {
+        buf->a[buf->size] = v;
+        buf->i[buf->size++] = idx;
+      }
     }
   }
+}
+
+// Without AVX2: one value at a time.
+void scan_row_scalar(const float* s, const float* sub, int64_t n, int32_t base, int32_t excl, CandBuf* buf,
+                     float* tmp) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float v = sub ? s[j] - sub[j] : s[j];
+    const int32_t idx = base + static_cast<int32_t>(j);
+    if (v > buf->thr && idx != excl) {
+      if (buf->size + 16 > buf->cap)
+        cut(buf, tmp, buf->keep + (buf->cap - buf->keep) / 4, keep_above_generic);
+      if (v > buf->thr) {
+        buf->a[buf->size] = v;
+        buf->i[buf->size++] = idx;
+      }
+    }
+  }
+}
+
+// The scan and cut of the instruction set of the GEMM micro-kernel in use (so that forcing a kernel in tests
+// covers these too).
+struct Selection {
+  void (*scan)(const float*, const float*, int64_t, int32_t, int32_t, CandBuf*, float*);
+  KeepAbove keep_above;
+};
+
+Selection selection_for(const SgemmMicroKernel& mk) {
+  if (!std::strcmp(mk.name, "avx512")) return {scan_row_avx512, keep_above_avx512};
+  if (!std::strcmp(mk.name, "avx2")) return {scan_row_avx2, keep_above_avx2};
+  return {scan_row_scalar, keep_above_generic};
 }
 
 double screening_error(KnnMetric metric, int64_t d, double q_norm, double vmax) {
@@ -353,13 +532,14 @@ class CpuIndex final : public KnnIndex {
     int64_t c = candidate_count(k);
     bool first = true;
     while (!pending.empty()) {
-      if (c >= available) {
+      if (c >= available || buffer_capacity(c) > (int64_t{1} << 30)) {  // (int32 sizes in CandBuf)
         exact_subset(pending, queries, q_norms, k, exclude, threads, &res);
         break;
       }
       std::vector<int64_t> failed;
-      // Bound the candidate heaps (threads x chunk x c entries) to about 64 MiB.
-      const int64_t chunk = std::clamp<int64_t>((int64_t{1} << 23) / (int64_t{threads} * c), mk_.mr, 4096);
+      // Bound the candidate buffers (threads x chunk x capacity entries) to about 64 MiB.
+      const int64_t chunk =
+          std::clamp<int64_t>((int64_t{1} << 23) / (int64_t{threads} * buffer_capacity(c)), mk_.mr, 4096);
       for (size_t b = 0; b < pending.size(); b += chunk) {
         const size_t e = std::min(pending.size(), b + static_cast<size_t>(chunk));
         std::vector<int64_t> part(pending.begin() + b, pending.begin() + e);
@@ -416,11 +596,15 @@ class CpuIndex final : public KnnIndex {
     const int64_t MC = ((n + q_blocks - 1) / q_blocks + mr - 1) / mr * mr;
     const int64_t v_panels = (V_ + nr - 1) / nr;
     const int T = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, v_panels)));
-    thread_local Scratch heap_scratch;
-    Cand* heap_store = scratch<Cand>(heap_scratch, static_cast<size_t>(T) * n * c);
-    std::vector<TopHeap> heaps(static_cast<size_t>(T) * n);
-    std::vector<int64_t> offered(static_cast<size_t>(T) * n, 0);
-    for (int64_t i = 0; i < T * n; ++i) heaps[i] = TopHeap{heap_store + i * c, 0, static_cast<int32_t>(c)};
+    const int64_t cap = buffer_capacity(c);
+    thread_local Scratch value_scratch, index_scratch;
+    float* value_store = scratch<float>(value_scratch, static_cast<size_t>(T * n * cap));
+    int32_t* index_store = scratch<int32_t>(index_scratch, static_cast<size_t>(T * n * cap));
+    std::vector<CandBuf> bufs(static_cast<size_t>(T) * n);
+    for (int64_t i = 0; i < T * n; ++i)
+      bufs[i] = CandBuf{value_store + i * cap,     index_store + i * cap,   0,
+                        static_cast<int32_t>(cap), static_cast<int32_t>(c), kNegInf};
+    const Selection sel = selection_for(mk_);
     const float* sub = metric_ == KnnMetric::L2 ? half_sq_.get() : nullptr;
     const float* packed = packed_.get();
     const float* rows_src = rows_ptr_;
@@ -432,18 +616,19 @@ class CpuIndex final : public KnnIndex {
       const int t = thread_id(), parts = team_size();
       int64_t p0, p1;
       split_range(v_panels, parts, t, 1, &p0, &p1);
-      thread_local Scratch tile_store, bpack_store;
+      thread_local Scratch tile_store, bpack_store, cut_store;
       float* S = nullptr;
       float* bpack = nullptr;
+      float* cut_tmp = nullptr;
       try {
         S = scratch<float>(tile_store, static_cast<size_t>(MC * NC));
+        cut_tmp = scratch<float>(cut_store, static_cast<size_t>(cap));
         if (!packed) bpack = scratch<float>(bpack_store, static_cast<size_t>(KC * NC));
       } catch (...) {
         oom = true;
       }
-      if (S && (packed || bpack) && p0 < p1) {
-        TopHeap* my_heaps = heaps.data() + static_cast<size_t>(t) * n;
-        int64_t* my_offered = offered.data() + static_cast<size_t>(t) * n;
+      if (S && cut_tmp && (packed || bpack) && p0 < p1) {
+        CandBuf* my_bufs = bufs.data() + static_cast<size_t>(t) * n;
         for (int64_t ic = 0; ic < a_panels; ic += MC / mr) {
           const int64_t mp = std::min<int64_t>(MC / mr, a_panels - ic);
           for (int64_t jc = p0; jc < p1; jc += NC / nr) {
@@ -503,10 +688,14 @@ class CpuIndex final : public KnnIndex {
             const int64_t q_end = std::min<int64_t>(n, (ic + mp) * mr);
             for (int64_t qi = ic * mr; qi < q_end; ++qi) {
               const int32_t excl = exclude ? exclude[part[qi]] : -1;
-              scan_row(S + (qi - ic * mr) * NC, sub ? sub + row0 : nullptr, ncols, static_cast<int32_t>(row0),
-                       excl, &my_heaps[qi]);
-              my_offered[qi] += ncols - ((excl >= row0 && excl < row0 + ncols) ? 1 : 0);
+              sel.scan(S + (qi - ic * mr) * NC, sub ? sub + row0 : nullptr, ncols, static_cast<int32_t>(row0),
+                       excl, &my_bufs[qi], cut_tmp);
             }
+          }
+          // Leave the merge little more than c per thread to rank.
+          for (int64_t qi = ic * mr; qi < std::min<int64_t>(n, (ic + mp) * mr); ++qi) {
+            CandBuf* b = &my_bufs[qi];
+            if (b->size > b->keep + 16) cut(b, cut_tmp, b->keep + 16, sel.keep_above);
           }
         }
       }
@@ -516,7 +705,7 @@ class CpuIndex final : public KnnIndex {
     // Merge, re-score in float64 lazily (best screening values first), rank, certify. A candidate not yet
     // re-scored has s <= a_next + err (a_next: the best screening value left), a dropped row s <= B + err; so
     // once the k-th re-scored s_k exceeds max(a_next, B) + err the top k is final. Usually a few more than k
-    // candidates are re-scored, not all T * c.
+    // candidates are re-scored, not all 2c.
     const float* rows = rows_ptr_;
     std::vector<char> ok(n, 0);
 #pragma omp parallel num_threads(threads)
@@ -539,14 +728,20 @@ class CpuIndex final : public KnnIndex {
         scored.clear();
         double bound = -std::numeric_limits<double>::infinity();
         for (int tt = 0; tt < T; ++tt) {
-          const TopHeap& h = heaps[static_cast<size_t>(tt) * n + qi];
-          cands.insert(cands.end(), h.h, h.h + h.size);
-          if (offered[static_cast<size_t>(tt) * n + qi] > h.size)
-            bound = std::max(bound, static_cast<double>(h.h[0].a));
+          const CandBuf& b = bufs[static_cast<size_t>(tt) * n + qi];
+          for (int32_t r = 0; r < b.size; ++r) cands.push_back({b.a[r], b.i[r]});
+          bound = std::max(bound, static_cast<double>(b.thr));  // -inf where the thread dropped no row
+        }
+        const auto higher = [](const Cand& x, const Cand& y) { return x.a > y.a; };
+        // Only the best 2c of the pooled buffers are ranked; the rest count as dropped rows.
+        if (static_cast<int64_t>(cands.size()) > 2 * c) {
+          std::nth_element(cands.begin(), cands.begin() + (2 * c - 1), cands.end(), higher);
+          bound = std::max(bound, static_cast<double>(cands[2 * c - 1].a));
+          cands.resize(2 * c);
         }
         const int64_t total = static_cast<int64_t>(cands.size());
         if (total < k) continue;  // cannot happen (each thread keeps min(c, its rows) >= k in all); retry
-        std::sort(cands.begin(), cands.end(), [](const Cand& x, const Cand& y) { return x.a > y.a; });
+        std::sort(cands.begin(), cands.end(), higher);
         const double err = screening_error(metric_, d, q_norms[q], vmax_);
         int64_t done = 0, want = std::min<int64_t>(total, k + 8);
         for (;;) {
