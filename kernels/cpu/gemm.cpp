@@ -320,6 +320,16 @@ void pack_panels(const KernelDesc& kd, bool lines_along_k, const float* M, int64
   }
 }
 
+void pack_rows_fast(const float* M, int64_t ld, int64_t r0, int64_t count, int64_t k0, int64_t kc, int w,
+                    float* out) {
+  pack_panels(kAvx2, true, M, ld, r0, count, k0, kc, w, out);
+}
+
+void pack_rows_portable(const float* M, int64_t ld, int64_t r0, int64_t count, int64_t k0, int64_t kc, int w,
+                        float* out) {
+  pack_panels(kGeneric, true, M, ld, r0, count, k0, kc, w, out);
+}
+
 void pack_A(const KernelDesc& kd, bool transA, const float* A, int64_t lda, int64_t i0, int64_t mc,
             int64_t k0, int64_t kc, float* Ap) {
   pack_panels(kd, !transA, A, lda, i0, mc, k0, kc, kd.mr, Ap);
@@ -412,7 +422,9 @@ const char* sgemm_kernel_name() {
 
 SgemmMicroKernel sgemm_micro_kernel() {
   const KernelDesc& kd = *g_kernel;
-  return SgemmMicroKernel{kd.name, kd.mr, kd.nr, KC, kd.mc, block_cols(kd), kd.kernel};
+  return SgemmMicroKernel{
+      kd.name, kd.mr,          kd.nr,     KC,
+      kd.mc,   block_cols(kd), kd.kernel, kd.avx2_packing ? pack_rows_fast : pack_rows_portable};
 }
 
 bool sgemm_select_kernel(const char* name) {

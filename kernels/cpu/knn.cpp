@@ -411,6 +411,30 @@ Selection selection_for(const SgemmMicroKernel& mk) {
   return {scan_row_scalar, keep_above_generic};
 }
 
+// panel[k * w + j] *= scale[j] in float64, rounded to float.
+__attribute__((target_clones("avx2", "default"))) void scale_panel_generic(float* panel, int64_t kc,
+                                                                           int64_t w, const double* scale) {
+  for (int64_t k = 0; k < kc; ++k, panel += w)
+    for (int64_t j = 0; j < w; ++j) panel[j] = static_cast<float>(panel[j] * scale[j]);
+}
+
+__attribute__((target("avx512f"))) void scale_panel_avx512(float* panel, int64_t kc, int64_t w,
+                                                           const double* scale) {
+  if (w % 8) return scale_panel_generic(panel, kc, w, scale);
+  for (int64_t k = 0; k < kc; ++k, panel += w)
+    for (int64_t j = 0; j < w; j += 8) {
+      // (The zero-masking forms: GCC 12 warns of the plain ones' undefined pass-through operand.)
+      const __m512d x =
+          _mm512_mul_pd(_mm512_maskz_cvtps_pd(0xFF, _mm256_loadu_ps(panel + j)), _mm512_loadu_pd(scale + j));
+      _mm256_storeu_ps(panel + j, _mm512_maskz_cvtpd_ps(0xFF, x));
+    }
+}
+
+void scale_panel(float* panel, int64_t kc, int64_t w, const double* scale) {
+  static const auto fn = __builtin_cpu_supports("avx512f") ? scale_panel_avx512 : scale_panel_generic;
+  fn(panel, kc, w, scale);
+}
+
 double screening_error(KnnMetric metric, int64_t d, double q_norm, double vmax) {
   const double u = std::ldexp(1.0, -24), tiny = static_cast<double>(d) * std::ldexp(1.0, -146);
   switch (metric) {
@@ -461,36 +485,20 @@ class CpuIndex final : public KnnIndex {
     float* half_sq = half_sq_.get();
     const float* vocab = rows_ptr_;
     double vmax = 0.0;
-    if (!pack) {
 #pragma omp parallel for num_threads(threads) schedule(static) reduction(max : vmax)
-      for (int64_t r = 0; r < V; ++r) {
-        const double n2 = dot_f64(vocab + r * d, vocab + r * d, d), n = std::sqrt(n2);
-        norms_[r] = n;
-        half_sq[r] = static_cast<float>(0.5 * n2);
-        vmax = std::max(vmax, n);
-      }
-    } else {
+    for (int64_t r = 0; r < V; ++r) {
+      const double n2 = dot_f64(vocab + r * d, vocab + r * d, d), n = std::sqrt(n2);
+      norms_[r] = n;
+      half_sq[r] = static_cast<float>(0.5 * n2);
+      vmax = std::max(vmax, n);
+    }
+    if (pack) {
       const int64_t nr = mk_.nr, panels = (V + nr - 1) / nr;
       packed_ = aligned_array<float>(static_cast<size_t>(panels * nr * d));
       float* packed = packed_.get();
-#pragma omp parallel for num_threads(threads) schedule(static) reduction(max : vmax)
-      for (int64_t p = 0; p < panels; ++p) {
-        float* dst = packed + p * nr * d;
-        for (int64_t j = 0; j < nr; ++j) {
-          const int64_t r = p * nr + j;
-          if (r >= V) {
-            for (int64_t k = 0; k < d; ++k) dst[k * nr + j] = 0.0f;
-            continue;
-          }
-          const float* src = vocab + r * d;
-          const double n2 = dot_f64(src, src, d), n = std::sqrt(n2);
-          norms_[r] = n;
-          half_sq[r] = static_cast<float>(0.5 * n2);
-          vmax = std::max(vmax, n);
-          const double scale = screen_scale(n);
-          for (int64_t k = 0; k < d; ++k) dst[k * nr + j] = static_cast<float>(src[k] * scale);
-        }
-      }
+#pragma omp parallel for num_threads(threads) schedule(static)
+      for (int64_t p = 0; p < panels; p += 8)
+        pack_screen_rows(p * nr, std::min(8 * nr, V - p * nr), 0, d, packed + p * nr * d);
     }
     vmax_ = vmax;
     if (!(vmax < kKnnMaxNorm))
@@ -607,7 +615,6 @@ class CpuIndex final : public KnnIndex {
     const Selection sel = selection_for(mk_);
     const float* sub = metric_ == KnnMetric::L2 ? half_sq_.get() : nullptr;
     const float* packed = packed_.get();
-    const float* rows_src = rows_ptr_;
     const auto kernel = mk_.run;
     std::atomic<bool> oom{false};
 
@@ -637,21 +644,8 @@ class CpuIndex final : public KnnIndex {
             for (int64_t pc = 0; pc < d; pc += KC) {
               const int64_t kc = std::min<int64_t>(KC, d - pc);
               const float beta = pc == 0 ? 0.0f : 1.0f;
-              if (!packed) {  // borrowed rows: pack this kc x (np * nr) block now, panel after panel
-                float* dst = bpack;
-                for (int64_t jp = 0; jp < np; ++jp, dst += kc * nr)
-                  for (int64_t j = 0; j < nr; ++j) {
-                    const int64_t r = (jc + jp) * nr + j;
-                    if (r >= V_) {
-                      for (int64_t kk = 0; kk < kc; ++kk) dst[kk * nr + j] = 0.0f;
-                      continue;
-                    }
-                    const float* src = rows_src + r * d + pc;
-                    const double scale = screen_scale(norms_[r]);
-                    for (int64_t kk = 0; kk < kc; ++kk)
-                      dst[kk * nr + j] = static_cast<float>(src[kk] * scale);
-                  }
-              }
+              if (!packed)
+                pack_screen_rows(row0, ncols, pc, kc, bpack);  // borrowed rows: pack this block now
               for (int64_t jp = 0; jp < np; ++jp) {
                 const float* Bp = packed ? packed + (jc + jp) * nr * d + pc * nr : bpack + jp * kc * nr;
                 const int ncol = static_cast<int>(std::min<int64_t>(nr, V_ - (jc + jp) * nr));
@@ -796,6 +790,20 @@ class CpuIndex final : public KnnIndex {
   // The fp32 screening copy of a row is row * screen_scale(|row|) (rounded): normalised for cosine.
   double screen_scale(double norm) const {
     return metric_ == KnnMetric::Cosine ? (norm > 0.0 ? 1.0 / norm : 0.0) : 1.0;
+  }
+
+  // Packs rows [r0, r0 + count), columns [k0, k0 + kc), as the kernel's B panels (kc x nr each, at out +
+  // p * nr * kc) of screening copies: by the GEMM's packing (register transposes), then, for cosine, each
+  // value times its row's scale in float64, rounded once (the same bits as fl(v_k / |v|)).
+  void pack_screen_rows(int64_t r0, int64_t count, int64_t k0, int64_t kc, float* out) const {
+    const int64_t nr = mk_.nr;
+    mk_.pack_rows(rows_ptr_, d_, r0, count, k0, kc, static_cast<int>(nr), out);
+    if (metric_ != KnnMetric::Cosine) return;
+    double scale[64];
+    for (int64_t p = 0; p < count; p += nr) {
+      for (int64_t j = 0; j < nr; ++j) scale[j] = p + j < count ? screen_scale(norms_[r0 + p + j]) : 0.0;
+      scale_panel(out + p * kc, kc, nr, scale);
+    }
   }
 
   std::vector<float> rows_;               // empty when borrowing

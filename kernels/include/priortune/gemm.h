@@ -24,6 +24,11 @@ struct SgemmMicroKernel {
   int64_t kc, mc, nc;
   void (*run)(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc, int m, int n, float alpha,
               float beta);
+  // Packs rows [r0, r0 + count) of a row-major M (leading dimension ld), columns [k0, k0 + kc), into panels
+  // of w rows (nr for Bp, mr for Ap): panel p, at out + p * w * kc, holds rows r0 + p*w ... as kc x w,
+  // k-major, zero-padded. With the kernel's packing (register transposes for AVX2 and AVX-512).
+  void (*pack_rows)(const float* M, int64_t ld, int64_t r0, int64_t count, int64_t k0, int64_t kc, int w,
+                    float* out);
 };
 SgemmMicroKernel sgemm_micro_kernel();
 
