@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "priortune/cuda_ops.h"
+#include "priortune/host_array.h"
 
 namespace ptn {
 
@@ -249,13 +250,13 @@ void require_finite(const View<T>& v, int64_t d, const std::string& name, Napi::
 // An owned copy of a typed array's elements, for a worker thread to read. A worker must not read a JS array
 // in place: keeping the array referenced stops its collection, not a transfer of its buffer
 // (structuredClone, postMessage), a detach or a resize, after which the memory can be freed or unmapped
-// while the worker reads it. The copy is one pass over memory on the JS thread, small beside the work of
-// the calls that take it.
+// while the worker reads it. The copy is one pass over memory on the JS thread (in parallel for large arrays:
+// pt::host_copy), small beside the work of the calls that take it.
 template <class T>
-using Owned = std::shared_ptr<const std::vector<T>>;
+using Owned = std::shared_ptr<const pt::HostArray<T>>;
 template <class T>
 Owned<T> owned(const View<T>& v) {
-  return std::make_shared<const std::vector<T>>(v.data, v.data + v.length);
+  return std::make_shared<const pt::HostArray<T>>(pt::host_copy(v.data, v.length));
 }
 using Copies = std::vector<Owned<float>>;  // a call's copied float inputs (kept with its arguments)
 

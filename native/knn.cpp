@@ -76,7 +76,7 @@ class KnnIndexWrap : public Napi::ObjectWrap<KnnIndexWrap> {
       const int threads = threads_of(info, 4);
       auto slot = std::make_shared<std::shared_ptr<const pt::KnnIndex>>();
       // Copied for the worker, as owned() does; the index takes the copy over as its rows.
-      auto rows = std::make_shared<std::vector<float>>(vocab.data, vocab.data + vocab.length);
+      auto rows = std::make_shared<pt::HostFloats>(pt::host_copy(vocab.data, vocab.length));
       building_ = true;
       auto* worker = new PromiseWorker(
           env,

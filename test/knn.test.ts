@@ -320,6 +320,31 @@ describe("VocabIndex (CPU) equals the float64 brute force", () => {
     }
   });
 
+  it("one-shot searches (rows packed during the search, in 256-wide k-slices) with every kernel, dim 300", async () => {
+    const initial = addon().cpuInfo().gemmKernel as GemmKernel;
+    const want = new Map(METRICS.map((m) => [m, bruteForce(queries, vocab, dim, 10, m)]));
+    try {
+      for (const kernel of ["avx512", "avx2", "generic"] as const) {
+        if (!addon().selectGemmKernel(kernel)) continue;
+        for (const metric of METRICS) {
+          const got = await nearestNeighbors(queries, vocab, { dim, k: 10, metric, backend: "cpu" });
+          expectExact(got, want.get(metric)!);
+          expect(got.recoveredQueries).toBe(0);
+          const index = await VocabIndex.create(vocab, { dim, metric, backend: "cpu" });
+          try {
+            const viaIndex = await index.search(queries, { k: 10 });
+            expect(Array.from(viaIndex.scores)).toEqual(Array.from(got.scores));
+            expect(viaIndex.recoveredQueries).toBe(0);
+          } finally {
+            index.dispose();
+          }
+        }
+      }
+    } finally {
+      addon().selectGemmKernel(initial);
+    }
+  });
+
   it("all GEMM micro-kernels give the exact answer", async () => {
     const d = 100;
     const v = gaussian(900 * d, 14);

@@ -430,10 +430,7 @@ __attribute__((target("avx512f"))) void scale_panel_avx512(float* panel, int64_t
     }
 }
 
-void scale_panel(float* panel, int64_t kc, int64_t w, const double* scale) {
-  static const auto fn = __builtin_cpu_supports("avx512f") ? scale_panel_avx512 : scale_panel_generic;
-  fn(panel, kc, w, scale);
-}
+constexpr int kMaxPanelRows = 64;  // the widest B panel (nr) pack_screen_rows scales
 
 double screening_error(KnnMetric metric, int64_t d, double q_norm, double vmax) {
   const double u = std::ldexp(1.0, -24), tiny = static_cast<double>(d) * std::ldexp(1.0, -146);
@@ -456,7 +453,7 @@ class CpuIndex final : public KnnIndex {
   // A reusable index: takes over `rows` (V x d) as its original rows and packs them. The form with `vocab`
   // borrows it instead (it must outlive the index, unchanged) and packs each search's panels on the fly: no
   // copy, no 2x memory, for one-shot searches.
-  CpuIndex(std::vector<float>&& rows, int64_t d, KnnMetric metric, int threads)
+  CpuIndex(HostFloats&& rows, int64_t d, KnnMetric metric, int threads)
       : V_(d > 0 ? static_cast<int64_t>(rows.size()) / d : 0),
         d_(d),
         metric_(metric),
@@ -478,6 +475,7 @@ class CpuIndex final : public KnnIndex {
   void init(int threads, bool pack) {
     const int64_t V = V_, d = d_;
     if (V <= 0 || d <= 0) throw std::invalid_argument("vocab: expected at least one row of dimension >= 1");
+    if (mk_.nr > kMaxPanelRows) throw std::logic_error("kNN: a micro-kernel panel wider than 64 rows");
     if (V > std::numeric_limits<int32_t>::max() - 1)
       throw std::out_of_range("vocab: more than 2^31 - 2 rows");
     norms_.resize(V);
@@ -497,8 +495,8 @@ class CpuIndex final : public KnnIndex {
       packed_ = aligned_array<float>(static_cast<size_t>(panels * nr * d));
       float* packed = packed_.get();
 #pragma omp parallel for num_threads(threads) schedule(static)
-      for (int64_t p = 0; p < panels; p += 8)
-        pack_screen_rows(p * nr, std::min(8 * nr, V - p * nr), 0, d, packed + p * nr * d);
+      for (int64_t p = 0; p < panels; ++p)  // panel by panel: scaled while it is in L2
+        pack_screen_rows(p * nr, std::min(nr, V - p * nr), 0, d, packed + p * nr * d);
     }
     vmax_ = vmax;
     if (!(vmax < kKnnMaxNorm))
@@ -794,19 +792,21 @@ class CpuIndex final : public KnnIndex {
 
   // Packs rows [r0, r0 + count), columns [k0, k0 + kc), as the kernel's B panels (kc x nr each, at out +
   // p * nr * kc) of screening copies: by the GEMM's packing (register transposes), then, for cosine, each
-  // value times its row's scale in float64, rounded once (the same bits as fl(v_k / |v|)).
+  // value times its row's scale 1/|v| (a double) in float64 arithmetic, rounded to float: the bits the
+  // index has always had. The scaling follows the kernel's instruction set, as the candidate scan does.
   void pack_screen_rows(int64_t r0, int64_t count, int64_t k0, int64_t kc, float* out) const {
     const int64_t nr = mk_.nr;
     mk_.pack_rows(rows_ptr_, d_, r0, count, k0, kc, static_cast<int>(nr), out);
     if (metric_ != KnnMetric::Cosine) return;
-    double scale[64];
+    double scale[kMaxPanelRows];  // (init() checks nr)
+    const auto scale_panel = !std::strcmp(mk_.name, "avx512") ? scale_panel_avx512 : scale_panel_generic;
     for (int64_t p = 0; p < count; p += nr) {
       for (int64_t j = 0; j < nr; ++j) scale[j] = p + j < count ? screen_scale(norms_[r0 + p + j]) : 0.0;
       scale_panel(out + p * kc, kc, nr, scale);
     }
   }
 
-  std::vector<float> rows_;               // empty when borrowing
+  HostFloats rows_;                       // empty when borrowing
   AlignedArray<float> packed_, half_sq_;  // packed_ is empty when borrowing
   const float* rows_ptr_ = nullptr;
   std::vector<double> norms_;
@@ -818,11 +818,10 @@ class CpuIndex final : public KnnIndex {
 std::unique_ptr<KnnIndex> knn_index_cpu(const float* vocab, int64_t V, int64_t d, KnnMetric metric,
                                         int threads) {
   if (V <= 0 || d <= 0) throw std::invalid_argument("vocab: expected at least one row of dimension >= 1");
-  return knn_index_cpu(std::vector<float>(vocab, vocab + V * d), d, metric, threads);
+  return knn_index_cpu(host_copy(vocab, static_cast<size_t>(V * d)), d, metric, threads);
 }
 
-std::unique_ptr<KnnIndex> knn_index_cpu(std::vector<float>&& vocab, int64_t d, KnnMetric metric,
-                                        int threads) {
+std::unique_ptr<KnnIndex> knn_index_cpu(HostFloats&& vocab, int64_t d, KnnMetric metric, int threads) {
   return std::make_unique<CpuIndex>(std::move(vocab), d, metric, std::max(1, threads));
 }
 

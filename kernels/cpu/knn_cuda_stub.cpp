@@ -17,7 +17,7 @@ namespace {
 std::unique_ptr<KnnIndex> knn_index_cuda(const float*, int64_t, int64_t, KnnMetric) {
   no_cuda();
 }
-std::unique_ptr<KnnIndex> knn_index_cuda(std::vector<float>&&, int64_t, KnnMetric) {
+std::unique_ptr<KnnIndex> knn_index_cuda(HostFloats&&, int64_t, KnnMetric) {
   no_cuda();
 }
 }  // namespace pt

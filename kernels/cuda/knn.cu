@@ -814,7 +814,7 @@ int next_pow2(int x) {
 class CudaIndex final : public KnnIndex {
  public:
   // Takes over `vocab` (V x d) as the host rows.
-  CudaIndex(std::vector<float>&& vocab, int64_t d, KnnMetric metric)
+  CudaIndex(HostFloats&& vocab, int64_t d, KnnMetric metric)
       : V_(d > 0 ? static_cast<int64_t>(vocab.size()) / d : 0),
         d_(d),
         metric_(metric),
@@ -1244,7 +1244,7 @@ class CudaIndex final : public KnnIndex {
   cudaStream_t stream_ = nullptr;
   cudaEvent_t start_ = nullptr, mid_ = nullptr, stop_ = nullptr;
   double vmax_ = 0.0;
-  std::vector<float> host_rows_;
+  HostFloats host_rows_;
   std::vector<double> host_norms_;
   DeviceBuffer<float> rows_, screen_, neg_half_;
   DeviceBuffer<uint16_t> screen16_;
@@ -1261,10 +1261,10 @@ class CudaIndex final : public KnnIndex {
 
 std::unique_ptr<KnnIndex> knn_index_cuda(const float* vocab, int64_t V, int64_t d, KnnMetric metric) {
   if (V <= 0 || d <= 0) throw std::invalid_argument("vocab: expected at least one row of dimension >= 1");
-  return knn_index_cuda(std::vector<float>(vocab, vocab + V * d), d, metric);
+  return knn_index_cuda(HostFloats(vocab, vocab + V * d), d, metric);
 }
 
-std::unique_ptr<KnnIndex> knn_index_cuda(std::vector<float>&& vocab, int64_t d, KnnMetric metric) {
+std::unique_ptr<KnnIndex> knn_index_cuda(HostFloats&& vocab, int64_t d, KnnMetric metric) {
   return std::make_unique<CudaIndex>(std::move(vocab), d, metric);
 }
 

@@ -24,6 +24,8 @@
 #include <string>
 #include <vector>
 
+#include "priortune/host_array.h"
+
 namespace pt {
 
 enum class KnnMetric { Cosine, L2, Dot };
@@ -69,7 +71,7 @@ class KnnIndex {
 // form takes over `vocab` (V = vocab.size() / d rows) as its original rows instead of copying them.
 std::unique_ptr<KnnIndex> knn_index_cpu(const float* vocab, int64_t V, int64_t d, KnnMetric metric,
                                         int threads);
-std::unique_ptr<KnnIndex> knn_index_cpu(std::vector<float>&& vocab, int64_t d, KnnMetric metric, int threads);
+std::unique_ptr<KnnIndex> knn_index_cpu(HostFloats&& vocab, int64_t d, KnnMetric metric, int threads);
 
 // CPU index that borrows vocab (no copy, no packed copy; the caller keeps vocab alive and unchanged while the
 // index lives) and packs each search's panels on the fly: for one-shot searches.
@@ -81,7 +83,7 @@ std::unique_ptr<KnnIndex> knn_index_cpu_borrowed(const float* vocab, int64_t V, 
 // row()). Throws std::runtime_error when this build has no CUDA backend or the device fails. The second form
 // takes over `vocab` as its host rows instead of copying them.
 std::unique_ptr<KnnIndex> knn_index_cuda(const float* vocab, int64_t V, int64_t d, KnnMetric metric);
-std::unique_ptr<KnnIndex> knn_index_cuda(std::vector<float>&& vocab, int64_t d, KnnMetric metric);
+std::unique_ptr<KnnIndex> knn_index_cuda(HostFloats&& vocab, int64_t d, KnnMetric metric);
 
 // The float64 brute force, the reference of both backends and their last resort: for each query, every row
 // is scored in float64 and the best k are kept (ties to the lower index). Threads split the rows.
