@@ -255,8 +255,8 @@ void require_finite(const View<T>& v, int64_t d, const std::string& name, Napi::
 template <class T>
 using Owned = std::shared_ptr<const pt::HostArray<T>>;
 template <class T>
-Owned<T> owned(const View<T>& v) {
-  return std::make_shared<const pt::HostArray<T>>(pt::host_copy(v.data, v.length));
+Owned<T> owned(const View<T>& v, int threads = 0) {
+  return std::make_shared<const pt::HostArray<T>>(pt::host_copy(v.data, v.length, threads));
 }
 using Copies = std::vector<Owned<float>>;  // a call's copied float inputs (kept with its arguments)
 

@@ -76,7 +76,7 @@ class KnnIndexWrap : public Napi::ObjectWrap<KnnIndexWrap> {
       const int threads = threads_of(info, 4);
       auto slot = std::make_shared<std::shared_ptr<const pt::KnnIndex>>();
       // Copied for the worker, as owned() does; the index takes the copy over as its rows.
-      auto rows = std::make_shared<pt::HostFloats>(pt::host_copy(vocab.data, vocab.length));
+      auto rows = std::make_shared<pt::HostFloats>(pt::host_copy(vocab.data, vocab.length, threads));
       building_ = true;
       auto* worker = new PromiseWorker(
           env,
@@ -197,7 +197,7 @@ Napi::Value KnnSearchOnce(const Napi::CallbackInfo& info) {
     const pt::KnnMetric metric = pt::knn_metric_from_name(info[3].As<Napi::String>().Utf8Value());
     const int64_t k = int_of(arg(info, 4, "k"), "k", 1);
     const int threads = threads_of(info, 5);
-    const Owned<float> queries = owned(q), rows = owned(vocab);
+    const Owned<float> queries = owned(q), rows = owned(vocab, threads);
     auto out = std::make_shared<pt::KnnResult>();
     auto* worker = new PromiseWorker(
         env,

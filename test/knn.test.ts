@@ -168,6 +168,31 @@ describe("VocabIndex (CPU) equals the float64 brute force", () => {
     expect(got.recoveredQueries).toBeGreaterThan(0);
   });
 
+  it("equal rows score the same bits wherever they fall (dim 37: rows not 64-byte aligned; any thread count)", async () => {
+    const d = 37;
+    const base = gaussian(3000 * d, 31);
+    const copies = [5, 6, 7, 8, 9, 100, 1001, 2002, 2999]; // consecutive ones share a re-scoring group
+    const v = new Float32Array(base);
+    for (const c of copies) v.set(base.subarray(5 * d, 6 * d), c * d);
+    const q = new Float32Array(2 * d);
+    q.set(base.subarray(5 * d, 6 * d));
+    q.set(gaussian(d, 32), d);
+    for (let i = d; i < 2 * d; i++) q[i] = 0.25 * q[i] + base[5 * d + (i - d)];
+    for (const metric of METRICS) {
+      const want = bruteForce(q, v, d, 12, metric);
+      for (const threads of [1, 2, 3]) {
+        const got = await nearestNeighbors(q, v, { dim: d, k: 12, metric, backend: "cpu", threads });
+        expectExact(got, want);
+        for (let row = 0; row < 2; row++) {
+          const ids = Array.from(got.indices.subarray(row * 12, row * 12 + copies.length));
+          expect(ids).toEqual(copies);
+          const first = got.scores[row * 12];
+          for (let t = 1; t < copies.length; t++) expect(got.scores[row * 12 + t]).toBe(first);
+        }
+      }
+    }
+  });
+
   it("a second screening round with 4x the candidates certifies what the first could not", async () => {
     const d = 32;
     const base = gaussian(2000 * d, 17);

@@ -861,7 +861,7 @@ class CpuIndex final : public KnnIndex {
 std::unique_ptr<KnnIndex> knn_index_cpu(const float* vocab, int64_t V, int64_t d, KnnMetric metric,
                                         int threads) {
   if (V <= 0 || d <= 0) throw std::invalid_argument("vocab: expected at least one row of dimension >= 1");
-  return knn_index_cpu(host_copy(vocab, static_cast<size_t>(V * d)), d, metric, threads);
+  return knn_index_cpu(host_copy(vocab, static_cast<size_t>(V * d), threads), d, metric, threads);
 }
 
 std::unique_ptr<KnnIndex> knn_index_cpu(HostFloats&& vocab, int64_t d, KnnMetric metric, int threads) {

@@ -1261,7 +1261,7 @@ class CudaIndex final : public KnnIndex {
 
 std::unique_ptr<KnnIndex> knn_index_cuda(const float* vocab, int64_t V, int64_t d, KnnMetric metric) {
   if (V <= 0 || d <= 0) throw std::invalid_argument("vocab: expected at least one row of dimension >= 1");
-  return knn_index_cuda(HostFloats(vocab, vocab + V * d), d, metric);
+  return knn_index_cuda(host_copy(vocab, static_cast<size_t>(V * d)), d, metric);
 }
 
 std::unique_ptr<KnnIndex> knn_index_cuda(HostFloats&& vocab, int64_t d, KnnMetric metric) {

@@ -1,12 +1,10 @@
 // Host copies of large arrays. HostArray is a std::vector whose allocator leaves new elements of trivial
 // types uninitialised, so that host_copy can fill it in parallel: copying a 154 MB vocabulary into a plain
 // vector (the range constructor) spends most of its time in page faults on one thread, 77 ms of a 154 ms
-// one-shot kNN search on the JS thread; faulting and copying 1 MiB blocks on all cores takes about half that
-// on two.
+// one-shot kNN search on the JS thread; faulting and copying 1 MiB blocks on the call's threads takes about
+// half that on two.
 #pragma once
-#include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <memory>
 #include <new>
 #include <type_traits>
@@ -39,22 +37,11 @@ template <class T>
 using HostArray = std::vector<T, UninitAllocator<T>>;
 using HostFloats = HostArray<float>;
 
-// A copy of src[0, n): in 1 MiB blocks over OpenMP's threads where there are at least 8 blocks.
-template <class T>
-HostArray<T> host_copy(const T* src, size_t n) {
-  static_assert(std::is_trivially_copyable<T>::value, "host_copy copies bytes");
-  HostArray<T> out(n);
-  const size_t block = (size_t{1} << 20) / sizeof(T);
-  const int64_t blocks = static_cast<int64_t>((n + block - 1) / block);
-  T* dst = out.data();
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (blocks >= 8)
-#endif
-  for (int64_t b = 0; b < blocks; ++b) {
-    const size_t o = static_cast<size_t>(b) * block;
-    std::memcpy(dst + o, src + o, std::min(block, n - o) * sizeof(T));
-  }
-  return out;
-}
+// A copy of src[0, n): in 1 MiB blocks over `threads` OpenMP threads (0: OpenMP's default) where there
+// are at least 8 blocks (kernels/cpu/host_array.cpp: compiled with OpenMP, out of line so that every caller,
+// nvcc's too, gets the same one). Note: HostArray<T>(n), resize(n) and emplace_back() leave trivial
+// elements unset; write them all before reading.
+HostArray<float> host_copy(const float* src, size_t n, int threads = 0);
+HostArray<double> host_copy(const double* src, size_t n, int threads = 0);
 
 }  // namespace pt

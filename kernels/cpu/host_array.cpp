@@ -1,0 +1,44 @@
+#include "priortune/host_array.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "priortune/parallel.h"
+
+namespace pt {
+
+namespace {
+
+template <class T>
+HostArray<T> copy_blocks(const T* src, size_t n, int threads) {
+  HostArray<T> out(n);
+  const size_t block = (size_t{1} << 20) / sizeof(T);
+  const int64_t blocks = static_cast<int64_t>((n + block - 1) / block);
+#ifdef _OPENMP
+  const int all = omp_get_max_threads();  // OMP_NUM_THREADS, else the cores
+#else
+  const int all = 1;
+#endif
+  const int team =
+      static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(blocks, threads > 0 ? threads : all)));
+  T* dst = out.data();
+  // Dynamic: a thread the OS deschedules (searches may be running on every core) holds up fewer blocks.
+#pragma omp parallel for num_threads(team) schedule(dynamic) if (blocks >= 8 && team > 1)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const size_t o = static_cast<size_t>(b) * block;
+    std::memcpy(dst + o, src + o, std::min(block, n - o) * sizeof(T));
+  }
+  return out;
+}
+
+}  // namespace
+
+HostArray<float> host_copy(const float* src, size_t n, int threads) {
+  return copy_blocks(src, n, threads);
+}
+
+HostArray<double> host_copy(const double* src, size_t n, int threads) {
+  return copy_blocks(src, n, threads);
+}
+
+}  // namespace pt
