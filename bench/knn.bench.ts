@@ -2,7 +2,8 @@
 // and FAISS (bench/peers/knn_torch.py, when a Python with torch is available: PRIORTUNE_PYTHON), usearch
 // exactSearch and hnswlib-node BruteforceSearch (dev dependencies). Prints the machine, the backend, medians
 // and peer/ours ratios (> 1: we are faster).
-//   npx tsx bench/knn.bench.ts [gpt2] [llama3] [small] [gpt2-l2] [self]
+//   npx tsx bench/knn.bench.ts [gpt2] [llama3] [small] [gpt2-l2] [self]; only when named: [gpt2-k100]
+//   [gpt2-k1024] [small-k1024]
 // Environment: PRIORTUNE_THREADS (default: all), KNN_BENCH_SELF_ROWS (rows of the vocabulary self-search;
 // default all 50257, which takes about a minute here).
 import { createRequire } from "node:module";
@@ -23,6 +24,8 @@ interface Workload {
   k: number;
   metric: KnnMetric;
   hnswlib: boolean;
+  /** Run only when named on the command line. */
+  optIn?: boolean;
 }
 
 const workloads: Workload[] = [
@@ -30,6 +33,9 @@ const workloads: Workload[] = [
   { name: "llama3", Q: 20, V: 128256, d: 2048, k: 10, metric: "cosine", hnswlib: true },
   { name: "small", Q: 160, V: 8192, d: 256, k: 10, metric: "cosine", hnswlib: true },
   { name: "gpt2-l2", Q: 160, V: 50257, d: 768, k: 10, metric: "l2", hnswlib: false },
+  { name: "gpt2-k100", Q: 160, V: 50257, d: 768, k: 100, metric: "cosine", hnswlib: false, optIn: true },
+  { name: "gpt2-k1024", Q: 160, V: 50257, d: 768, k: 1024, metric: "cosine", hnswlib: false, optIn: true },
+  { name: "small-k1024", Q: 160, V: 8192, d: 256, k: 1024, metric: "cosine", hnswlib: false, optIn: true },
 ];
 
 /** Deterministic N(0, 1) data (Box-Muller over a 32-bit LCG); the peers use their own N(0, 1) data. */
@@ -219,7 +225,8 @@ async function main() {
   // The large-batch GPU workload, run only where CUDA is usable (it adds seconds per trial on the CPU).
   if (cuda.usable)
     workloads.push({ name: "gpt2-4096", Q: 4096, V: 50257, d: 768, k: 10, metric: "cosine", hnswlib: false });
-  for (const w of workloads.filter((w) => pick(w.name))) await runWorkload(w, rows);
+  for (const w of workloads.filter((w) => (w.optIn ? wanted.includes(w.name) : pick(w.name))))
+    await runWorkload(w, rows);
   if (rows.length) console.log(table(rows));
   if (pick("self")) {
     const selfRows: Record<string, string | number>[] = [];
