@@ -73,7 +73,7 @@ Napi::Value PairwiseSquaredDistances(const Napi::CallbackInfo& info) {
       throw Napi::RangeError::New(env, "a, b: " + std::to_string(na) + " x " + std::to_string(nb) +
                                            " distances are too many for one matrix; split the rows");
     const int threads = threads_of(info, 3);
-    const Owned<float> ac = owned(a), bc = bv.IsNull() || bv.IsUndefined() ? ac : owned(b);
+    const Owned<float> ac = owned(a, threads), bc = bv.IsNull() || bv.IsUndefined() ? ac : owned(b, threads);
     auto out = std::make_shared<std::vector<double>>();
     auto* worker = new PromiseWorker(
         env,
@@ -135,7 +135,7 @@ Napi::Value Covariance(const Napi::CallbackInfo& info) {
     require_finite(x, d, "rows", env);
     const int threads = threads_of(info, 2);
     count_of(env, "dim x dim covariance", {d, d});
-    const Owned<float> xc = owned(x);
+    const Owned<float> xc = owned(x, threads);
     struct Out {
       std::vector<double> mean, cov;
     };

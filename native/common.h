@@ -254,6 +254,7 @@ void require_finite(const View<T>& v, int64_t d, const std::string& name, Napi::
 // pt::host_copy), small beside the work of the calls that take it.
 template <class T>
 using Owned = std::shared_ptr<const pt::HostArray<T>>;
+// threads: the call's thread count where it has one (0: OpenMP's default).
 template <class T>
 Owned<T> owned(const View<T>& v, int threads = 0) {
   return std::make_shared<const pt::HostArray<T>>(pt::host_copy(v.data, v.length, threads));

@@ -110,7 +110,7 @@ class KnnIndexWrap : public Napi::ObjectWrap<KnnIndexWrap> {
       const int64_t d = index->dim(), Q = rows_of(q, d, "queries", env);
       const int64_t k = int_of(arg(info, 1, "k"), "k", 1);
       const int threads = threads_of(info, 2);
-      const Owned<float> queries = owned(q);
+      const Owned<float> queries = owned(q, threads);
       auto out = std::make_shared<pt::KnnResult>();
       auto* worker = new PromiseWorker(
           env,
@@ -197,7 +197,7 @@ Napi::Value KnnSearchOnce(const Napi::CallbackInfo& info) {
     const pt::KnnMetric metric = pt::knn_metric_from_name(info[3].As<Napi::String>().Utf8Value());
     const int64_t k = int_of(arg(info, 4, "k"), "k", 1);
     const int threads = threads_of(info, 5);
-    const Owned<float> queries = owned(q), rows = owned(vocab, threads);
+    const Owned<float> queries = owned(q, threads), rows = owned(vocab, threads);
     auto out = std::make_shared<pt::KnnResult>();
     auto* worker = new PromiseWorker(
         env,
@@ -224,8 +224,8 @@ Napi::Value MahalanobisSquared(const Napi::CallbackInfo& info) {
     View<double> mean = view_of_length<double>(arg(info, 2, "mean"), "mean", d);
     View<double> L = square_view<double>(arg(info, 3, "cholesky"), "cholesky", d);
     const int threads = threads_of(info, 4);
-    const Owned<float> xc = owned(x);
-    const Owned<double> mc = owned(mean), lc = owned(L);
+    const Owned<float> xc = owned(x, threads);
+    const Owned<double> mc = owned(mean, threads), lc = owned(L, threads);
     auto out = std::make_shared<std::vector<double>>(n);
     auto* worker = new PromiseWorker(
         env,
@@ -246,7 +246,7 @@ Napi::Value MeanDistances(const Napi::CallbackInfo& info) {
     const int64_t d = int_of(arg(info, 2, "dim"), "dim", 1);
     const int64_t nq = rows_of(q, d, "queries", env), nr = rows_of(r, d, "rows", env);
     const int threads = threads_of(info, 3);
-    const Owned<float> qc = owned(q), rc = owned(r);
+    const Owned<float> qc = owned(q, threads), rc = owned(r, threads);
     auto out = std::make_shared<std::vector<double>>(nq);
     auto* worker = new PromiseWorker(
         env,
@@ -266,7 +266,7 @@ Napi::Value GramEigenvalues(const Napi::CallbackInfo& info) {
     View<float> x = view_of<float>(arg(info, 0, "x"), "x");
     const int64_t d = int_of(arg(info, 1, "dim"), "dim", 1), n = rows_of(x, d, "x", env);
     const int threads = threads_of(info, 2);
-    const Owned<float> xc = owned(x);
+    const Owned<float> xc = owned(x, threads);
     auto out = std::make_shared<std::vector<double>>();
     auto* worker = new PromiseWorker(
         env, [xc, n, d, threads, out]() { *out = pt::collapse_gram_eigenvalues(xc->data(), n, d, threads); },

@@ -171,7 +171,7 @@ describe("VocabIndex (CPU) equals the float64 brute force", () => {
   it("equal rows score the same bits wherever they fall (dim 37: rows not 64-byte aligned; any thread count)", async () => {
     const d = 37;
     const base = gaussian(3000 * d, 31);
-    const copies = [5, 6, 7, 8, 9, 100, 1001, 2002, 2999]; // consecutive ones share a re-scoring group
+    const copies = [5, 6, 7, 8, 9, 100, 1001, 2002, 2999]; // (re-scored four at a time, in any grouping)
     const v = new Float32Array(base);
     for (const c of copies) v.set(base.subarray(5 * d, 6 * d), c * d);
     const q = new Float32Array(2 * d);
@@ -190,6 +190,29 @@ describe("VocabIndex (CPU) equals the float64 brute force", () => {
           for (let t = 1; t < copies.length; t++) expect(got.scores[row * 12 + t]).toBe(first);
         }
       }
+    }
+  });
+
+  it("a vocabulary of more than 8 MiB (copied in parallel blocks) keeps every row, with 1 and 3 threads", async () => {
+    const d = 64;
+    const V = 33001; // 8.06 MiB: nine 1 MiB blocks, the last partial
+    const v = gaussian(V * d, 33);
+    const q = new Float32Array(v.subarray((V - 1) * d, V * d)); // the last row, in the partial block
+    for (const threads of [1, 3]) {
+      const index = await VocabIndex.create(v, { dim: d, metric: "l2", backend: "cpu", threads });
+      try {
+        const back = index.rowsAt([0, 16384, V - 1]);
+        expect(Array.from(back.subarray(0, d))).toEqual(Array.from(v.subarray(0, d)));
+        expect(Array.from(back.subarray(d, 2 * d))).toEqual(Array.from(v.subarray(16384 * d, 16385 * d)));
+        expect(Array.from(back.subarray(2 * d))).toEqual(Array.from(q));
+        const got = await index.search(q, { k: 1 });
+        expect(got.indices[0]).toBe(V - 1);
+        expect(got.scores[0]).toBe(0);
+      } finally {
+        index.dispose();
+      }
+      const once = await nearestNeighbors(q, v, { dim: d, k: 3, metric: "l2", backend: "cpu", threads });
+      expectExact(once, bruteForce(q, v, d, 3, "l2"));
     }
   });
 
@@ -291,17 +314,17 @@ describe("VocabIndex (CPU) equals the float64 brute force", () => {
   });
 
   it("candidate buffers cut many times, and under massive ties, with every kernel's scan", async () => {
-    // 20000 rows: each thread's buffers fill and are cut back many times (the scan follows the GEMM kernel's
+    // 20005 rows: each thread's buffers fill and are cut back many times (the scan follows the GEMM kernel's
     // instruction set: AVX-512, AVX2 or scalar; kernels this CPU lacks are skipped). Rows of entries +-1 (d = 4)
     // tie massively, so the cut by bisection finds no value between the ties and selects exactly. Self-search
-    // excludes each query's own row while its buffers are cut.
+    // excludes each query's own row while its buffers are cut, the last one in the AVX2 scan's scalar tail.
     const d = 16;
-    const v = gaussian(20000 * d, 21);
+    const v = gaussian(20005 * d, 21);
     const q = gaussian(7 * d, 22);
     const dq = 4;
     const vq = gaussian(20000 * dq, 23).map(Math.sign);
     const qq = gaussian(5 * dq, 24).map(Math.sign);
-    const rows = Int32Array.from([0, 7, 9999, 19999]);
+    const rows = Int32Array.from([0, 7, 9999, 19999, 20004]);
     const qs = new Float32Array(rows.length * d);
     rows.forEach((r, i) => {
       qs.set(v.subarray(r * d, (r + 1) * d), i * d);

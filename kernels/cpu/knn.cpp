@@ -197,7 +197,8 @@ inline float returned_score(KnnMetric metric, double m) {
 // thr are appended (values in a[], row indices in i[]); when the buffer is full it is cut back to between
 // `keep` and `limit` entries, those above a new, higher thr. So a row that is not in the buffer always has a
 // screening value <= thr, and the buffer holds at least the best `keep` rows seen. Appending is branch-free
-// with AVX-512 (a compress per 16 values) and a cut is a few vector counting passes (see cut), once per (cap
+// with AVX-512 (a compress per 16 values) and AVX2 (a permute per 8) and a cut is a few vector counting
+// passes (see cut), once per (cap
 // - keep) * 3/4 appended entries: cheaper than a heap, whose sift-downs mispredict at every level (at 160 x
 // 8192 x 256 the heaps took 40% of the search).
 
@@ -251,14 +252,19 @@ __attribute__((target("avx512f"))) int32_t keep_above_avx512(float* a, int32_t* 
   return w;
 }
 
-int32_t keep_above_generic(float* a, int32_t* idx, int32_t n, float t) {
-  int32_t w = 0;
-  for (int32_t r = 0; r < n; ++r)
+// Moves the entries from r on with value > t to w on (w <= r); returns the new end. The scalar form, and the
+// vector forms' tails.
+int32_t keep_above_from(float* a, int32_t* idx, int32_t r, int32_t w, int32_t n, float t) {
+  for (; r < n; ++r)
     if (a[r] > t) {
       a[w] = a[r];
       idx[w++] = idx[r];
     }
   return w;
+}
+
+int32_t keep_above_generic(float* a, int32_t* idx, int32_t n, float t) {
+  return keep_above_from(a, idx, 0, 0, n, t);
 }
 
 // Cuts a buffer back: finds by bisection a cut t with keep <= #(a > t) <= limit, keeps the entries above it
@@ -372,15 +378,31 @@ __attribute__((target("avx2"))) int32_t keep_above_avx2(float* a, int32_t* idx, 
     const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx + r));
     w = pack8(a, idx, w, v, x, _mm256_movemask_ps(_mm256_cmp_ps(v, tv, _CMP_GT_OQ)));
   }
-  for (; r < n; ++r)
-    if (a[r] > t) {
-      a[w] = a[r];
-      idx[w++] = idx[r];
-    }
-  return w;
+  return keep_above_from(a, idx, r, w, n, t);
 }
 
-// The AVX-512 scan in two 8-lane halves.
+// Scans s[j0, n) one value at a time (the scalar scan; the AVX2 scan's tail), cutting with keep_above.
+void scan_values(const float* s, const float* sub, int64_t j0, int64_t n, int32_t base, int32_t excl,
+                 CandBuf* buf, float* tmp, KeepAbove keep_above) {
+  for (int64_t j = j0; j < n; ++j) {
+    const float v = sub ? s[j] - sub[j] : s[j];
+    const int32_t idx = base + static_cast<int32_t>(j);
+    if (v > buf->thr && idx != excl) {
+      if (buf->size + 16 > buf->cap) cut(buf, tmp, buf->keep + (buf->cap - buf->keep) / 4, keep_above);
+      if (v > buf->thr) {
+        buf->a[buf->size] = v;
+        buf->i[buf->size++] = idx;
+      }
+    }
+  }
+}
+
+void scan_row_scalar(const float* s, const float* sub, int64_t n, int32_t base, int32_t excl, CandBuf* buf,
+                     float* tmp) {
+  scan_values(s, sub, 0, n, base, excl, buf, tmp, keep_above_generic);
+}
+
+// The AVX-512 scan's AVX2 form: 8 values a step, a scalar tail.
 __attribute__((target("avx2"))) void scan_row_avx2(const float* s, const float* sub, int64_t n, int32_t base,
                                                    int32_t excl, CandBuf* buf, float* tmp) {
   __m256 thr = _mm256_set1_ps(buf->thr);
@@ -404,34 +426,7 @@ __attribute__((target("avx2"))) void scan_row_avx2(const float* s, const float* 
     size = pack8(buf->a, buf->i, size, v, idx, hit);
   }
   buf->size = size;
-  for (; j < n; ++j) {
-    const float v = sub ? s[j] - sub[j] : s[j];
-    const int32_t idx = base + static_cast<int32_t>(j);
-    if (v > buf->thr && idx != excl) {
-      if (buf->size + 16 > buf->cap) cut(buf, tmp, buf->keep + (buf->cap - buf->keep) / 4, keep_above_avx2);
-      if (v > buf->thr) {
-        buf->a[buf->size] = v;
-        buf->i[buf->size++] = idx;
-      }
-    }
-  }
-}
-
-// Without AVX2: one value at a time.
-void scan_row_scalar(const float* s, const float* sub, int64_t n, int32_t base, int32_t excl, CandBuf* buf,
-                     float* tmp) {
-  for (int64_t j = 0; j < n; ++j) {
-    const float v = sub ? s[j] - sub[j] : s[j];
-    const int32_t idx = base + static_cast<int32_t>(j);
-    if (v > buf->thr && idx != excl) {
-      if (buf->size + 16 > buf->cap)
-        cut(buf, tmp, buf->keep + (buf->cap - buf->keep) / 4, keep_above_generic);
-      if (v > buf->thr) {
-        buf->a[buf->size] = v;
-        buf->i[buf->size++] = idx;
-      }
-    }
-  }
+  scan_values(s, sub, j, n, base, excl, buf, tmp, keep_above_avx2);
 }
 
 // The scan and cut of the instruction set of the GEMM micro-kernel in use (so that forcing a kernel in tests
@@ -736,6 +731,7 @@ class CpuIndex final : public KnnIndex {
     // candidates are re-scored, not all 2c.
     const float* rows = rows_ptr_;
     std::vector<char> ok(n, 0);
+    std::atomic<bool> merge_oom{false};
 #pragma omp parallel num_threads(threads)
     {
       struct Scored {
@@ -744,12 +740,23 @@ class CpuIndex final : public KnnIndex {
       };
       std::vector<Cand> cands;
       std::vector<Scored> scored;
+      // Room for every candidate up front (each buffer holds at most c + 16 after the final cut; at most 2c
+      // are scored), so that nothing below allocates: no exception may leave the parallel region.
+      bool room = true;
+      try {
+        cands.reserve(static_cast<size_t>(T * (c + 16)));
+        scored.reserve(static_cast<size_t>(2 * c));
+      } catch (...) {
+        room = false;
+        merge_oom = true;
+      }
       const KnnMetric metric = metric_;
       const auto better = [metric](const Scored& x, const Scored& y) {
         return ranks_before(metric, x.m, x.i, y.m, y.i);
       };
 #pragma omp for schedule(dynamic, 1)
       for (int64_t qi = 0; qi < n; ++qi) {
+        if (!room) continue;
         const int64_t q = part[qi];
         const float* qv = queries + q * d;
         cands.clear();
@@ -806,6 +813,7 @@ class CpuIndex final : public KnnIndex {
         }
       }
     }
+    if (merge_oom) throw std::bad_alloc();
     for (int64_t qi = 0; qi < n; ++qi)
       if (!ok[qi]) failed->push_back(part[qi]);
   }
@@ -946,13 +954,19 @@ void knn_exact_scan(int32_t* indices, float* scores, const float* queries, int64
     const double qn = std::sqrt(dot_f64(qv, qv, d));
     const int32_t excl = exclude ? exclude[q] : -1;
     std::vector<std::vector<Item>> parts(threads);
+    std::atomic<bool> oom{false};
 #pragma omp parallel num_threads(threads)
     {
       const int t = thread_id();
       int64_t b, e;
       split_range(V, team_size(), t, 1, &b, &e);
       std::vector<Item> heap;  // max-heap under `before`: the root is the worst kept item
-      heap.reserve(k + 1);
+      try {
+        heap.reserve(k + 1);  // (then no push below allocates: no exception may leave the region)
+      } catch (...) {
+        oom = true;
+        e = b;
+      }
       for (int64_t r0 = b; r0 < e; r0 += 4) {
         const int count = static_cast<int>(std::min<int64_t>(4, e - r0));
         int32_t ids[4];
@@ -975,6 +989,7 @@ void knn_exact_scan(int32_t* indices, float* scores, const float* queries, int64
       }
       parts[t] = std::move(heap);
     }
+    if (oom) throw std::bad_alloc();
     std::vector<Item> all;
     for (auto& p : parts) all.insert(all.end(), p.begin(), p.end());
     const int64_t kk = std::min<int64_t>(k, static_cast<int64_t>(all.size()));
