@@ -197,10 +197,9 @@ inline float returned_score(KnnMetric metric, double m) {
 // thr are appended (values in a[], row indices in i[]); when the buffer is full it is cut back to between
 // `keep` and `limit` entries, those above a new, higher thr. So a row that is not in the buffer always has a
 // screening value <= thr, and the buffer holds at least the best `keep` rows seen. Appending is branch-free
-// with AVX-512 (a compress per 16 values) and AVX2 (a permute per 8) and a cut is a few vector counting
-// passes (see cut), once per (cap
-// - keep) * 3/4 appended entries: cheaper than a heap, whose sift-downs mispredict at every level (at 160 x
-// 8192 x 256 the heaps took 40% of the search).
+// with AVX-512 (a compress per 16 values) and AVX2 (a permute per 8), and a cut is a few vector counting
+// passes (see cut), once per (cap - keep) * 3/4 appended entries: cheaper than a heap, whose sift-downs
+// mispredict at every level (at 160 x 8192 x 256 the heaps took 40% of the search).
 
 struct Cand {
   float a;
