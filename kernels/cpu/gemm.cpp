@@ -297,15 +297,15 @@ __attribute__((target("avx2"))) void pack_rows_copied(const float* src, int64_t 
 // Panels of w lines (A's rows or B's columns: lines [l0, l0 + count) of the operand), each kc x w k-major,
 // the lines past `count` zero. An operand stored with lines along k (row-major, element (line, k) at
 // M[line * ld + k]: A untransposed, B transposed) is transposed; one stored k-major (M[k * ld + line])
-// is copied row by row.
-void pack_panels(const KernelDesc& kd, bool lines_along_k, const float* M, int64_t ld, int64_t l0,
-                 int64_t count, int64_t k0, int64_t kc, int w, float* out) {
+// is copied row by row. avx2_packing: by AVX2 register transposes and copies (the kernel descriptor's flag).
+void pack_panels(bool avx2_packing, bool lines_along_k, const float* M, int64_t ld, int64_t l0, int64_t count,
+                 int64_t k0, int64_t kc, int w, float* out) {
   for (int64_t p = 0; p < count; p += w) {
     const int n = (int)std::min<int64_t>(w, count - p);
     float* dst = out + p * kc;
     if (lines_along_k) {
       const float* src = M + (l0 + p) * ld + k0;
-      if (kd.avx2_packing) {
+      if (avx2_packing) {
         for (int g = 0; g < w; g += 8) {
           const int rn = std::clamp(n - g, 0, 8);
           pack_rows_transposed(rn ? src + g * ld : src, ld, rn, kc, dst + g, w, std::min(8, w - g));
@@ -316,7 +316,7 @@ void pack_panels(const KernelDesc& kd, bool lines_along_k, const float* M, int64
       }
     } else {
       const float* src = M + k0 * ld + l0 + p;
-      if (kd.avx2_packing && w % 8 == 0) {
+      if (avx2_packing && w % 8 == 0) {
         pack_rows_copied(src, ld, n, kc, dst, w);
       } else {
         for (int64_t k = 0; k < kc; ++k) {
@@ -328,24 +328,25 @@ void pack_panels(const KernelDesc& kd, bool lines_along_k, const float* M, int64
   }
 }
 
+// SgemmMicroKernel::pack_rows, with and without the AVX2 packing.
 void pack_rows_fast(const float* M, int64_t ld, int64_t r0, int64_t count, int64_t k0, int64_t kc, int w,
                     float* out) {
-  pack_panels(kAvx2, true, M, ld, r0, count, k0, kc, w, out);
+  pack_panels(true, true, M, ld, r0, count, k0, kc, w, out);
 }
 
 void pack_rows_portable(const float* M, int64_t ld, int64_t r0, int64_t count, int64_t k0, int64_t kc, int w,
                         float* out) {
-  pack_panels(kGeneric, true, M, ld, r0, count, k0, kc, w, out);
+  pack_panels(false, true, M, ld, r0, count, k0, kc, w, out);
 }
 
 void pack_A(const KernelDesc& kd, bool transA, const float* A, int64_t lda, int64_t i0, int64_t mc,
             int64_t k0, int64_t kc, float* Ap) {
-  pack_panels(kd, !transA, A, lda, i0, mc, k0, kc, kd.mr, Ap);
+  pack_panels(kd.avx2_packing, !transA, A, lda, i0, mc, k0, kc, kd.mr, Ap);
 }
 
 void pack_B(const KernelDesc& kd, bool transB, const float* B, int64_t ldb, int64_t k0, int64_t kc,
             int64_t j0, int64_t nc, float* Bp) {
-  pack_panels(kd, transB, B, ldb, j0, nc, k0, kc, kd.nr, Bp);
+  pack_panels(kd.avx2_packing, transB, B, ldb, j0, nc, k0, kc, kd.nr, Bp);
 }
 
 struct AlignedBuffer {

@@ -311,6 +311,11 @@ void cut(CandBuf* b, float* tmp, int32_t limit, KeepAbove keep_above) {
   b->thr = t;
 }
 
+// Cuts a full buffer (during a scan) back to at most a quarter of its spare room above `keep`.
+void cut_full(CandBuf* b, float* tmp, KeepAbove keep_above) {
+  cut(b, tmp, b->keep + (b->cap - b->keep) / 4, keep_above);
+}
+
 // Capacity of a candidate buffer that keeps c: at least a tile row (256) more, so that cuts are rare, and
 // room for 16 values after any cut (a compress stores 16).
 int64_t buffer_capacity(int64_t c) {
@@ -334,7 +339,7 @@ __attribute__((target("avx512f"))) void scan_row_avx512(const float* s, const fl
     const int64_t e = static_cast<int64_t>(excl) - base - j;
     if (e >= 0 && e < 16) hit &= __mmask16(~(1u << e));
     if (buf->size + 16 > buf->cap) {
-      cut(buf, tmp, buf->keep + (buf->cap - buf->keep) / 4, keep_above_avx512);
+      cut_full(buf, tmp, keep_above_avx512);
       thr = _mm512_set1_ps(buf->thr);
       hit = _mm512_mask_cmp_ps_mask(hit, v, thr, _CMP_GT_OQ);
     }
@@ -387,7 +392,7 @@ void scan_values(const float* s, const float* sub, int64_t j0, int64_t n, int32_
     const float v = sub ? s[j] - sub[j] : s[j];
     const int32_t idx = base + static_cast<int32_t>(j);
     if (v > buf->thr && idx != excl) {
-      if (buf->size + 16 > buf->cap) cut(buf, tmp, buf->keep + (buf->cap - buf->keep) / 4, keep_above);
+      if (buf->size + 16 > buf->cap) cut_full(buf, tmp, keep_above);
       if (v > buf->thr) {
         buf->a[buf->size] = v;
         buf->i[buf->size++] = idx;
@@ -416,7 +421,7 @@ __attribute__((target("avx2"))) void scan_row_avx2(const float* s, const float* 
     if (e >= 0 && e < 8) hit &= ~(1 << e);
     if (size + 16 > buf->cap) {
       buf->size = size;
-      cut(buf, tmp, buf->keep + (buf->cap - buf->keep) / 4, keep_above_avx2);
+      cut_full(buf, tmp, keep_above_avx2);
       size = buf->size;
       thr = _mm256_set1_ps(buf->thr);
       hit &= _mm256_movemask_ps(_mm256_cmp_ps(v, thr, _CMP_GT_OQ));
@@ -426,19 +431,6 @@ __attribute__((target("avx2"))) void scan_row_avx2(const float* s, const float* 
   }
   buf->size = size;
   scan_values(s, sub, j, n, base, excl, buf, tmp, keep_above_avx2);
-}
-
-// The scan and cut of the instruction set of the GEMM micro-kernel in use (so that forcing a kernel in tests
-// covers these too).
-struct Selection {
-  void (*scan)(const float*, const float*, int64_t, int32_t, int32_t, CandBuf*, float*);
-  KeepAbove keep_above;
-};
-
-Selection selection_for(const SgemmMicroKernel& mk) {
-  if (!std::strcmp(mk.name, "avx512")) return {scan_row_avx512, keep_above_avx512};
-  if (!std::strcmp(mk.name, "avx2")) return {scan_row_avx2, keep_above_avx2};
-  return {scan_row_scalar, keep_above_generic};
 }
 
 // panel[k * w + j] *= scale[j] in float64, rounded to float.
@@ -458,6 +450,20 @@ __attribute__((target("avx512f"))) void scale_panel_avx512(float* panel, int64_t
           _mm512_mul_pd(_mm512_maskz_cvtps_pd(0xFF, _mm256_loadu_ps(panel + j)), _mm512_loadu_pd(scale + j));
       _mm256_storeu_ps(panel + j, _mm512_maskz_cvtpd_ps(0xFF, x));
     }
+}
+
+// The candidate scan and cut and the rows' scaling of the instruction set of the GEMM micro-kernel in use (so
+// that forcing a kernel in tests covers these too).
+struct IsaPaths {
+  void (*scan)(const float*, const float*, int64_t, int32_t, int32_t, CandBuf*, float*);
+  KeepAbove keep_above;
+  void (*scale_panel)(float*, int64_t, int64_t, const double*);
+};
+
+IsaPaths isa_paths_for(const SgemmMicroKernel& mk) {
+  if (!std::strcmp(mk.name, "avx512")) return {scan_row_avx512, keep_above_avx512, scale_panel_avx512};
+  if (!std::strcmp(mk.name, "avx2")) return {scan_row_avx2, keep_above_avx2, scale_panel_generic};
+  return {scan_row_scalar, keep_above_generic, scale_panel_generic};
 }
 
 constexpr int kMaxPanelRows = 64;  // the widest B panel (nr) pack_screen_rows scales
@@ -487,7 +493,8 @@ class CpuIndex final : public KnnIndex {
       : V_(d > 0 ? static_cast<int64_t>(rows.size()) / d : 0),
         d_(d),
         metric_(metric),
-        mk_(sgemm_micro_kernel()) {
+        mk_(sgemm_micro_kernel()),
+        isa_(isa_paths_for(mk_)) {
     if (d > 0 && static_cast<int64_t>(rows.size()) % d != 0)
       throw std::invalid_argument("vocab: expected a length that is a multiple of dim");
     rows_ = std::move(rows);
@@ -495,7 +502,7 @@ class CpuIndex final : public KnnIndex {
     init(threads, true);
   }
   CpuIndex(const float* vocab, int64_t V, int64_t d, KnnMetric metric, int threads)
-      : V_(V), d_(d), metric_(metric), mk_(sgemm_micro_kernel()) {
+      : V_(V), d_(d), metric_(metric), mk_(sgemm_micro_kernel()), isa_(isa_paths_for(mk_)) {
     rows_ptr_ = vocab;
     init(threads, false);
   }
@@ -640,7 +647,6 @@ class CpuIndex final : public KnnIndex {
     for (int64_t i = 0; i < T * n; ++i)
       bufs[i] = CandBuf{value_store + i * cap,     index_store + i * cap,   0,
                         static_cast<int32_t>(cap), static_cast<int32_t>(c), kNegInf};
-    const Selection sel = selection_for(mk_);
     const float* sub = metric_ == KnnMetric::L2 ? half_sq_.get() : nullptr;
     const float* packed = packed_.get();
     const auto kernel = mk_.run;
@@ -710,14 +716,14 @@ class CpuIndex final : public KnnIndex {
             const int64_t q_end = std::min<int64_t>(n, (ic + mp) * mr);
             for (int64_t qi = ic * mr; qi < q_end; ++qi) {
               const int32_t excl = exclude ? exclude[part[qi]] : -1;
-              sel.scan(S + (qi - ic * mr) * NC, sub ? sub + row0 : nullptr, ncols, static_cast<int32_t>(row0),
-                       excl, &my_bufs[qi], cut_tmp);
+              isa_.scan(S + (qi - ic * mr) * NC, sub ? sub + row0 : nullptr, ncols,
+                        static_cast<int32_t>(row0), excl, &my_bufs[qi], cut_tmp);
             }
           }
           // Leave the merge little more than c per thread to rank.
           for (int64_t qi = ic * mr; qi < std::min<int64_t>(n, (ic + mp) * mr); ++qi) {
             CandBuf* b = &my_bufs[qi];
-            if (b->size > b->keep + 16) cut(b, cut_tmp, b->keep + 16, sel.keep_above);
+            if (b->size > b->keep + 16) cut(b, cut_tmp, b->keep + 16, isa_.keep_above);
           }
         }
       }
@@ -835,6 +841,7 @@ class CpuIndex final : public KnnIndex {
   int64_t V_, d_;
   KnnMetric metric_;
   SgemmMicroKernel mk_;
+  IsaPaths isa_;
   // The fp32 screening copy of a row is row * screen_scale(|row|) (rounded): normalised for cosine.
   double screen_scale(double norm) const {
     return metric_ == KnnMetric::Cosine ? (norm > 0.0 ? 1.0 / norm : 0.0) : 1.0;
@@ -843,16 +850,15 @@ class CpuIndex final : public KnnIndex {
   // Packs rows [r0, r0 + count), columns [k0, k0 + kc), as the kernel's B panels (kc x nr each, at out +
   // p * nr * kc) of screening copies: by the GEMM's packing (register transposes), then, for cosine, each
   // value times its row's scale 1/|v| (a double) in float64 arithmetic, rounded to float: the bits the
-  // index has always had. The scaling follows the kernel's instruction set, as the candidate scan does.
+  // index has always had.
   void pack_screen_rows(int64_t r0, int64_t count, int64_t k0, int64_t kc, float* out) const {
     const int64_t nr = mk_.nr;
     mk_.pack_rows(rows_ptr_, d_, r0, count, k0, kc, static_cast<int>(nr), out);
     if (metric_ != KnnMetric::Cosine) return;
     double scale[kMaxPanelRows];  // (init() checks nr)
-    const auto scale_panel = !std::strcmp(mk_.name, "avx512") ? scale_panel_avx512 : scale_panel_generic;
     for (int64_t p = 0; p < count; p += nr) {
       for (int64_t j = 0; j < nr; ++j) scale[j] = p + j < count ? screen_scale(norms_[r0 + p + j]) : 0.0;
-      scale_panel(out + p * kc, kc, nr, scale);
+      isa_.scale_panel(out + p * kc, kc, nr, scale);
     }
   }
 
