@@ -393,21 +393,87 @@ describe("VocabIndex (CPU) equals the float64 brute force", () => {
     }
   });
 
-  it("all GEMM micro-kernels give the exact answer", async () => {
+  it("all GEMM micro-kernels give the exact answer, with the same bits (their float64 re-scoring included)", async () => {
+    // dim 100: twelve 8-wide steps and a tail of 4 in the float64 sums. k = 60 with 40 queries re-scores by rows
+    // (about 2 candidates per row), k = 10 by queries.
     const d = 100;
     const v = gaussian(900 * d, 14);
-    const q = gaussian(9 * d, 15);
-    const want = bruteForce(q, v, d, 10, "l2");
+    const q = gaussian(40 * d, 15);
     const kernels = ["avx2", "generic", "avx512"] as const;
     const initial = addon().cpuInfo().gemmKernel as GemmKernel;
     try {
-      for (const kernel of kernels) {
-        if (!addon().selectGemmKernel(kernel)) continue;
-        const got = await nearestNeighbors(q, v, { dim: d, k: 10, metric: "l2", backend: "cpu" });
-        expectExact(got, want);
+      for (const metric of METRICS) {
+        for (const k of [10, 60]) {
+          const want = bruteForce(q, v, d, k, metric);
+          let first: NeighborResult | undefined;
+          for (const kernel of kernels) {
+            if (!addon().selectGemmKernel(kernel)) continue;
+            const got = await nearestNeighbors(q, v, { dim: d, k, metric, backend: "cpu" });
+            expectExact(got, want);
+            first ??= got;
+            expect(Array.from(got.scores)).toEqual(Array.from(first.scores));
+          }
+        }
       }
     } finally {
       addon().selectGemmKernel(initial);
+    }
+  });
+
+  it("re-scoring by rows and by queries give the same bits; a query alone gets the bits it gets in a batch", async () => {
+    // 1500 rows, 40 queries, k = 200: about 5 candidates per row, so re-scored row by row unless forced.
+    const q = gaussian(40 * dim, 41);
+    q.set(vocab.subarray(7 * dim, 8 * dim), 3 * dim); // a query equal to a row
+    for (const metric of METRICS) {
+      const index = await VocabIndex.create(vocab, { dim, metric, backend: "cpu" });
+      try {
+        const want = bruteForce(q, vocab, dim, 200, metric);
+        const byMode = new Map<string, NeighborResult>();
+        for (const mode of ["rows", "queries", undefined]) {
+          const got = await withEnv("PRIORTUNE_KNN_RESCORE", mode, () => index.search(q, { k: 200 }));
+          expectExact(got, want);
+          byMode.set(String(mode), got);
+        }
+        const rows = byMode.get("rows") as NeighborResult;
+        for (const other of [byMode.get("queries"), byMode.get("undefined")] as NeighborResult[]) {
+          expect(Array.from(other.indices)).toEqual(Array.from(rows.indices));
+          expect(Array.from(other.scores)).toEqual(Array.from(rows.scores));
+        }
+        const alone = await index.search(q.subarray(3 * dim, 4 * dim), { k: 200 });
+        expect(Array.from(alone.scores)).toEqual(Array.from(rows.scores.subarray(3 * 200, 4 * 200)));
+        // A self-search re-scored both ways (the excluded row never re-scored).
+        const self = await withEnv("PRIORTUNE_KNN_RESCORE", "rows", () =>
+          index.selfSearch({ k: 100, rows: Int32Array.from({ length: 40 }, (_, i) => i * 37) }),
+        );
+        const selfQ = await withEnv("PRIORTUNE_KNN_RESCORE", "queries", () =>
+          index.selfSearch({ k: 100, rows: Int32Array.from({ length: 40 }, (_, i) => i * 37) }),
+        );
+        expect(Array.from(self.indices)).toEqual(Array.from(selfQ.indices));
+        expect(Array.from(self.scores)).toEqual(Array.from(selfQ.scores));
+        for (let i = 0; i < 40; i++)
+          expect(Array.from(self.indices.subarray(i * 100, i * 100 + 100))).not.toContain(i * 37);
+      } finally {
+        index.dispose();
+      }
+    }
+  });
+
+  it("ties beyond the first re-scoring's reach are certified by re-scoring more, in the same round", async () => {
+    // 40 equal rows: more than the k + 24 = 34 re-scored first, fewer than the 86 (2c) the merge can re-score.
+    const d = 32;
+    const base = gaussian(2000 * d, 43);
+    const v = new Float32Array(base);
+    for (let c = 0; c < 39; c++) v.set(base.subarray(5 * d, 6 * d), (1200 + c) * d);
+    const q = new Float32Array(base.subarray(5 * d, 6 * d));
+    for (const metric of METRICS) {
+      for (const mode of ["rows", "queries"]) {
+        const got = await withEnv("PRIORTUNE_KNN_RESCORE", mode, () =>
+          nearestNeighbors(q, v, { dim: d, k: 10, metric, backend: "cpu", threads: 1 }),
+        );
+        expect(got.recoveredQueries).toBe(0);
+        expectExact(got, bruteForce(q, v, d, 10, metric));
+        expect(Array.from(got.indices)).toEqual([5, ...Array.from({ length: 9 }, (_, i) => 1200 + i)]);
+      }
     }
   });
 });

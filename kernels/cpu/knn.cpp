@@ -20,11 +20,11 @@
 //   cosine: err = 1.25 (d + 6) u            dot: err = 1.25 (d + 2) u |q| vmax
 //   l2:     err = 1.25 (d + 4) u (|q| vmax + vmax^2)
 // plus d * 2^-146 for subnormal products; vmax = the largest row norm, 1.25 covers g_d/(d u) and the float64
-// re-scoring error. A row that was not kept as a candidate has a <= B, B = the largest of the threads' buffer
-// thresholds (-inf where a thread dropped no row) and of the cut of the pooled candidates to the best 2c,
-// hence s <= B + err. If the k-th best re-scored candidate has s_k > B + err,
-// no dropped row can reach the top k: the answer equals the float64 brute force. Otherwise the query is
-// searched again with 4c candidates, and once c reaches V by knn_exact_scan.
+// re-scoring error. A row that was not re-scored has a <= B, B = the largest of the threads' buffer
+// thresholds (-inf where a thread dropped no row) and of the cut of the pooled candidates to those re-scored,
+// hence s <= B + err. If the k-th best re-scored candidate has s_k > B + err, no other row can reach the top
+// k: the answer equals the float64 brute force. Otherwise more of the pooled candidates are re-scored (up to
+// 2c), then the query is searched again with 4c candidates, and once c reaches V by knn_exact_scan.
 #include "priortune/knn.h"
 
 #include <immintrin.h>
@@ -102,8 +102,8 @@ T* scratch(Scratch& s, size_t count) {
 
 // ---------------------------------------------------------------------------------------------------------
 // Float64 scoring. Products of two floats are exact in double, so only the summation order differs from a
-// plain loop; one code path per row keeps duplicated rows bit-identical (their ties then go to the lower
-// index).
+// plain loop; one summation order for every row keeps duplicated rows bit-identical (their ties then go to
+// the lower index). dot_f64 serves the norms; the candidates' values come from dots4 below.
 
 __attribute__((target_clones("avx512f", "avx2", "default"))) double dot_f64(const float* a, const float* b,
                                                                             int64_t n) {
@@ -119,67 +119,196 @@ struct Exact {
   double m, s;
 };
 
-// The float64 dot products of q with four rows v[0..3] (and, with dist2, their squared distances), the
-// four interleaved: four independent sums in flight, and four rows streaming from memory at once (scoring
-// the 1032 candidates of a k = 1024 search one row at a time took 44% of it, waiting on each sum and each
-// row). Every row gets the same operations whatever its slot, so equal rows get equal bits.
-__attribute__((target_clones("avx512f", "avx2", "default"))) void dots4_f64(const float* q,
-                                                                            const float* const* v, int64_t n,
-                                                                            double* dot, double* dist2) {
-  const float *v0 = v[0], *v1 = v[1], *v2 = v[2], *v3 = v[3];
-  double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+// The float64 dot products of x with four vectors y[0..3] (and, with dist2, their squared distances), the
+// four interleaved: four independent sums in flight and four vectors streaming at once. Every sum runs in
+// eight lanes (element e into lane e % 8, the tail padded with zeros), by fused multiply-adds, and its lanes
+// are added in one fixed order, whatever the instruction set. Products of floats are exact in double, so the
+// bits depend neither on the instruction set, nor on the slot, nor on which vector is x, nor on whether y
+// was widened to double beforehand: equal rows get equal bits, and a query gets the same values searched
+// alone or in any batch.
+inline double add_lanes(const double* l) {
+  return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+}
+
+// Adds elements [body, n) (fewer than 8) into lanes 0.. of the sums s (and e), then adds up the lanes.
+template <class Y>
+inline void finish_lanes(const float* x, const Y* const* y, int64_t body, int64_t n, double (*s)[8],
+                         double (*e)[8], double* dot, double* dist2) {
+  for (int64_t i = body; i < n; ++i) {
+    const double xv = x[i];
+    for (int j = 0; j < 4; ++j) {
+      const double yv = y[j][i];
+      s[j][i - body] = std::fma(xv, yv, s[j][i - body]);
+      if (e) e[j][i - body] = std::fma(xv - yv, xv - yv, e[j][i - body]);
+    }
+  }
+  for (int j = 0; j < 4; ++j) {
+    dot[j] = add_lanes(s[j]);
+    if (dist2) dist2[j] = add_lanes(e[j]);
+  }
+}
+
+template <class Y>
+void dots4_generic(const float* x, const Y* const* y, int64_t n, double* dot, double* dist2) {
+  double s[4][8] = {}, e[4][8] = {};
+  for (int64_t i = 0; i < n; i += 8)
+    for (int l = 0; l < 8; ++l) {
+      const bool in = i + l < n;
+      const double xv = in ? x[i + l] : 0.0;
+      for (int j = 0; j < 4; ++j) {
+        const double yv = in ? static_cast<double>(y[j][i + l]) : 0.0;
+        s[j][l] = std::fma(xv, yv, s[j][l]);
+        if (dist2) e[j][l] = std::fma(xv - yv, xv - yv, e[j][l]);
+      }
+    }
+  finish_lanes(x, y, n, n, s, dist2 ? e : nullptr, dot, dist2);
+}
+
+__attribute__((target("avx512f"))) inline __m512d load8_pd(const float* p) {
+  return _mm512_maskz_cvtps_pd(0xFF, _mm256_loadu_ps(p));  // (GCC 12 warns of the unmasked form)
+}
+__attribute__((target("avx512f"))) inline __m512d load8_pd(const double* p) {
+  return _mm512_loadu_pd(p);
+}
+
+template <class Y>
+__attribute__((target("avx512f"))) void dots4_avx512(const float* x, const Y* const* y, int64_t n,
+                                                     double* dot, double* dist2) {
+  __m512d s0 = _mm512_setzero_pd(), s1 = s0, s2 = s0, s3 = s0, e0 = s0, e1 = s0, e2 = s0, e3 = s0;
+  const Y *y0 = y[0], *y1 = y[1], *y2 = y[2], *y3 = y[3];
+  const int64_t body = n / 8 * 8;
   if (!dist2) {
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-    for (int64_t i = 0; i < n; ++i) {
-      const double x = q[i];
-      s0 += x * static_cast<double>(v0[i]);
-      s1 += x * static_cast<double>(v1[i]);
-      s2 += x * static_cast<double>(v2[i]);
-      s3 += x * static_cast<double>(v3[i]);
+    for (int64_t i = 0; i < body; i += 8) {
+      const __m512d xv = load8_pd(x + i);
+      s0 = _mm512_fmadd_pd(xv, load8_pd(y0 + i), s0);
+      s1 = _mm512_fmadd_pd(xv, load8_pd(y1 + i), s1);
+      s2 = _mm512_fmadd_pd(xv, load8_pd(y2 + i), s2);
+      s3 = _mm512_fmadd_pd(xv, load8_pd(y3 + i), s3);
     }
   } else {
-    double e0 = 0.0, e1 = 0.0, e2 = 0.0, e3 = 0.0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3, e0, e1, e2, e3)
-    for (int64_t i = 0; i < n; ++i) {
-      const double x = q[i], y0 = v0[i], y1 = v1[i], y2 = v2[i], y3 = v3[i];
-      s0 += x * y0;
-      s1 += x * y1;
-      s2 += x * y2;
-      s3 += x * y3;
-      e0 += (x - y0) * (x - y0);
-      e1 += (x - y1) * (x - y1);
-      e2 += (x - y2) * (x - y2);
-      e3 += (x - y3) * (x - y3);
+    for (int64_t i = 0; i < body; i += 8) {
+      const __m512d xv = load8_pd(x + i), v0 = load8_pd(y0 + i), v1 = load8_pd(y1 + i), v2 = load8_pd(y2 + i),
+                    v3 = load8_pd(y3 + i);
+      s0 = _mm512_fmadd_pd(xv, v0, s0);
+      s1 = _mm512_fmadd_pd(xv, v1, s1);
+      s2 = _mm512_fmadd_pd(xv, v2, s2);
+      s3 = _mm512_fmadd_pd(xv, v3, s3);
+      const __m512d d0 = _mm512_sub_pd(xv, v0), d1 = _mm512_sub_pd(xv, v1), d2 = _mm512_sub_pd(xv, v2),
+                    d3 = _mm512_sub_pd(xv, v3);
+      e0 = _mm512_fmadd_pd(d0, d0, e0);
+      e1 = _mm512_fmadd_pd(d1, d1, e1);
+      e2 = _mm512_fmadd_pd(d2, d2, e2);
+      e3 = _mm512_fmadd_pd(d3, d3, e3);
     }
-    dist2[0] = e0;
-    dist2[1] = e1;
-    dist2[2] = e2;
-    dist2[3] = e3;
   }
-  dot[0] = s0;
-  dot[1] = s1;
-  dot[2] = s2;
-  dot[3] = s3;
+  double s[4][8], e[4][8];
+  _mm512_storeu_pd(s[0], s0);
+  _mm512_storeu_pd(s[1], s1);
+  _mm512_storeu_pd(s[2], s2);
+  _mm512_storeu_pd(s[3], s3);
+  _mm512_storeu_pd(e[0], e0);
+  _mm512_storeu_pd(e[1], e1);
+  _mm512_storeu_pd(e[2], e2);
+  _mm512_storeu_pd(e[3], e3);
+  finish_lanes(x, y, body, n, s, dist2 ? e : nullptr, dot, dist2);
+}
+
+__attribute__((target("avx2"))) inline void load8_pd(const float* p, __m256d* lo, __m256d* hi) {
+  *lo = _mm256_cvtps_pd(_mm_loadu_ps(p));
+  *hi = _mm256_cvtps_pd(_mm_loadu_ps(p + 4));
+}
+__attribute__((target("avx2"))) inline void load8_pd(const double* p, __m256d* lo, __m256d* hi) {
+  *lo = _mm256_loadu_pd(p);
+  *hi = _mm256_loadu_pd(p + 4);
+}
+
+// AVX2: lanes 0-3 and 4-7 of each sum in two registers (the L2 form goes one vector at a time: 16 registers).
+template <class Y>
+__attribute__((target("avx2,fma"))) void dots4_avx2(const float* x, const Y* const* y, int64_t n, double* dot,
+                                                    double* dist2) {
+  const int64_t body = n / 8 * 8;
+  double s[4][8], e[4][8];
+  if (!dist2) {
+    __m256d a[4][2];
+    for (int j = 0; j < 4; ++j) a[j][0] = a[j][1] = _mm256_setzero_pd();
+    for (int64_t i = 0; i < body; i += 8) {
+      __m256d xl, xh;
+      load8_pd(x + i, &xl, &xh);
+      for (int j = 0; j < 4; ++j) {
+        __m256d yl, yh;
+        load8_pd(y[j] + i, &yl, &yh);
+        a[j][0] = _mm256_fmadd_pd(xl, yl, a[j][0]);
+        a[j][1] = _mm256_fmadd_pd(xh, yh, a[j][1]);
+      }
+    }
+    for (int j = 0; j < 4; ++j) {
+      _mm256_storeu_pd(s[j], a[j][0]);
+      _mm256_storeu_pd(s[j] + 4, a[j][1]);
+    }
+  } else {
+    for (int j = 0; j < 4; ++j) {  // one vector at a time: 4 registers of sums
+      __m256d sl = _mm256_setzero_pd(), sh = sl, el = sl, eh = sl;
+      const Y* yj = y[j];
+      for (int64_t i = 0; i < body; i += 8) {
+        __m256d xl, xh, yl, yh;
+        load8_pd(x + i, &xl, &xh);
+        load8_pd(yj + i, &yl, &yh);
+        sl = _mm256_fmadd_pd(xl, yl, sl);
+        sh = _mm256_fmadd_pd(xh, yh, sh);
+        const __m256d dl = _mm256_sub_pd(xl, yl), dh = _mm256_sub_pd(xh, yh);
+        el = _mm256_fmadd_pd(dl, dl, el);
+        eh = _mm256_fmadd_pd(dh, dh, eh);
+      }
+      _mm256_storeu_pd(s[j], sl);
+      _mm256_storeu_pd(s[j] + 4, sh);
+      _mm256_storeu_pd(e[j], el);
+      _mm256_storeu_pd(e[j] + 4, eh);
+    }
+  }
+  finish_lanes(x, y, body, n, s, dist2 ? e : nullptr, dot, dist2);
+}
+
+template <class Y>
+using Dots4 = void (*)(const float*, const Y* const*, int64_t, double*, double*);
+
+// dots4 with y in floats (ff) and in doubles (fd), of one instruction set.
+struct Dots4Paths {
+  Dots4<float> ff;
+  Dots4<double> fd;
+};
+
+constexpr Dots4Paths kDots4Avx512{dots4_avx512<float>, dots4_avx512<double>};
+constexpr Dots4Paths kDots4Avx2{dots4_avx2<float>, dots4_avx2<double>};
+constexpr Dots4Paths kDots4Generic{dots4_generic<float>, dots4_generic<double>};
+
+// The best this CPU runs (the bits are the same with any).
+const Dots4Paths& dots4_best() {
+  static const Dots4Paths* best = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) return &kDots4Avx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &kDots4Avx2;
+    return &kDots4Generic;
+  }();
+  return *best;
+}
+
+// The metric value m and the screening-comparable s from a float64 dot product (and squared distance).
+inline Exact exact_from(KnnMetric metric, double dot, double dist2, double q_norm, double v_norm) {
+  if (metric == KnnMetric::L2) return {dist2, dot - 0.5 * v_norm * v_norm};
+  if (metric == KnnMetric::Dot) return {dot, dot};
+  const double c = (q_norm == 0.0 || v_norm == 0.0) ? 0.0 : dot / (q_norm * v_norm);
+  return {c, c};
 }
 
 // The exact values of q against rows rows[i[j]], j < count <= 4 (the last repeated to fill four slots).
-inline void exact_scores(KnnMetric metric, const float* q, double q_norm, const float* rows,
-                         const double* row_norms, int64_t d, const int32_t* i, int count, Exact* out) {
+inline void exact_scores(Dots4<float> dots4, KnnMetric metric, const float* q, double q_norm,
+                         const float* rows, const double* row_norms, int64_t d, const int32_t* i, int count,
+                         Exact* out) {
   const float* v[4];
   for (int j = 0; j < 4; ++j) v[j] = rows + static_cast<int64_t>(i[std::min(j, count - 1)]) * d;
-  double dot[4], dist2[4];
-  dots4_f64(q, v, d, dot, metric == KnnMetric::L2 ? dist2 : nullptr);
-  for (int j = 0; j < count; ++j) {
-    const double v_norm = row_norms[i[j]];
-    if (metric == KnnMetric::L2) {
-      out[j] = {dist2[j], dot[j] - 0.5 * v_norm * v_norm};
-    } else if (metric == KnnMetric::Dot) {
-      out[j] = {dot[j], dot[j]};
-    } else {
-      const double c = (q_norm == 0.0 || v_norm == 0.0) ? 0.0 : dot[j] / (q_norm * v_norm);
-      out[j] = {c, c};
-    }
-  }
+  double dot[4], dist2[4] = {};
+  dots4(q, v, d, dot, metric == KnnMetric::L2 ? dist2 : nullptr);
+  for (int j = 0; j < count; ++j) out[j] = exact_from(metric, dot[j], dist2[j], q_norm, row_norms[i[j]]);
 }
 
 // "a ranks before b": better metric value, then lower index.
@@ -190,6 +319,56 @@ inline bool ranks_before(KnnMetric metric, double ma, int32_t ia, double mb, int
 
 inline float returned_score(KnnMetric metric, double m) {
   return static_cast<float>(metric == KnnMetric::L2 ? std::sqrt(m) : m);
+}
+
+// A re-scored candidate being ranked: key (rank_key of its metric value), row index, and where its values
+// are.
+struct Ranked {
+  uint64_t key;
+  int32_t i, slot;
+};
+
+// An unsigned key whose ascending order is the ranking order of metric value m, best first (the order of
+// ranks_before up to the index).
+inline uint64_t rank_key(KnnMetric metric, double m) {
+  if (m == 0.0) m = 0.0;  // -0 with +0: they compare equal
+  uint64_t u;
+  std::memcpy(&u, &m, sizeof u);
+  u = (u >> 63) ? ~u : u | (uint64_t{1} << 63);  // ascending in m
+  return metric == KnnMetric::L2 ? u : ~u;
+}
+
+// Sorts a[0, n) by key, then index, into a (tmp: n entries): a least-significant-digit radix sort, one pass
+// per key byte that differs between the keys, then runs of equal keys by index. At k = 1024 std::sort took
+// a sixth of the search, its comparisons mispredicting.
+void rank_sort(Ranked* a, Ranked* tmp, int64_t n) {
+  if (n < 2) return;
+  uint32_t hist[8][256] = {};
+  for (int64_t r = 0; r < n; ++r) {
+    const uint64_t key = a[r].key;
+    for (int b = 0; b < 8; ++b) ++hist[b][(key >> (8 * b)) & 0xFF];
+  }
+  Ranked *src = a, *dst = tmp;
+  for (int b = 0; b < 8; ++b) {
+    uint32_t* h = hist[b];
+    if (h[(src[0].key >> (8 * b)) & 0xFF] == static_cast<uint64_t>(n)) continue;  // all keys share this byte
+    uint32_t sum = 0;
+    for (int v = 0; v < 256; ++v) {
+      const uint32_t count = h[v];
+      h[v] = sum;
+      sum += count;
+    }
+    for (int64_t r = 0; r < n; ++r) dst[h[(src[r].key >> (8 * b)) & 0xFF]++] = src[r];
+    std::swap(src, dst);
+  }
+  if (src != a) std::copy(src, src + n, a);
+  for (int64_t r = 1; r < n; ++r) {  // ties (rare): by index
+    if (a[r].key != a[r - 1].key) continue;
+    int64_t e = r + 1;
+    while (e < n && a[e].key == a[r].key) ++e;
+    std::sort(a + r - 1, a + e, [](const Ranked& x, const Ranked& y) { return x.i < y.i; });
+    r = e - 1;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -452,18 +631,20 @@ __attribute__((target("avx512f"))) void scale_panel_avx512(float* panel, int64_t
     }
 }
 
-// The candidate scan and cut and the rows' scaling of the instruction set of the GEMM micro-kernel in use (so
-// that forcing a kernel in tests covers these too).
+// The candidate scan and cut, the rows' scaling and the float64 re-scoring of the instruction set of the GEMM
+// micro-kernel in use (so that forcing a kernel in tests covers these too).
 struct IsaPaths {
   void (*scan)(const float*, const float*, int64_t, int32_t, int32_t, CandBuf*, float*);
   KeepAbove keep_above;
   void (*scale_panel)(float*, int64_t, int64_t, const double*);
+  Dots4Paths dots4;
 };
 
 IsaPaths isa_paths_for(const SgemmMicroKernel& mk) {
-  if (!std::strcmp(mk.name, "avx512")) return {scan_row_avx512, keep_above_avx512, scale_panel_avx512};
-  if (!std::strcmp(mk.name, "avx2")) return {scan_row_avx2, keep_above_avx2, scale_panel_generic};
-  return {scan_row_scalar, keep_above_generic, scale_panel_generic};
+  if (!std::strcmp(mk.name, "avx512"))
+    return {scan_row_avx512, keep_above_avx512, scale_panel_avx512, kDots4Avx512};
+  if (!std::strcmp(mk.name, "avx2")) return {scan_row_avx2, keep_above_avx2, scale_panel_generic, kDots4Avx2};
+  return {scan_row_scalar, keep_above_generic, scale_panel_generic, kDots4Generic};
 }
 
 constexpr int kMaxPanelRows = 64;  // the widest B panel (nr) pack_screen_rows scales
@@ -729,98 +910,248 @@ class CpuIndex final : public KnnIndex {
       }
     }
     if (oom) throw std::bad_alloc();
+    merge(part, queries, q_norms, k, c, bufs, T, threads, res, failed);
+  }
 
-    // Merge, re-score in float64 lazily (best screening values first), rank, certify. A candidate not yet
-    // re-scored has s <= a_next + err (a_next: the best screening value left), a dropped row s <= B + err; so
-    // once the k-th re-scored s_k exceeds max(a_next, B) + err the top k is final. Usually a few more than k
-    // candidates are re-scored, not all 2c.
-    const float* rows = rows_ptr_;
-    std::vector<char> ok(n, 0);
+  // Merges each query's candidate buffers, re-scores in float64, ranks and certifies (see the header
+  // comment). The pooled candidates are cut (as the buffers are) to the best want = k + 8 screening values,
+  // up to 16 more; those are re-scored. A row not re-scored has s <= left + err, left = the larger of that
+  // cut and the buffers' thresholds B; so once the k-th best re-scored s_k exceeds left + err the top k is
+  // final. Where near-ties leave it uncertified, lazy_merge re-scores more of the pool.
+  //
+  // Re-scoring reads each candidate's row, V x d floats in all: with many candidates per row (at k = 1024,
+  // 160 queries and 8192 rows, twenty) it goes row by row, each row read once for all the queries that kept
+  // it (by query it read a row per candidate from L3, and took a quarter of the search waiting on them); with
+  // few it goes query by query, four rows at a time. Both compute each value by the same dots4 sums
+  // (products of floats are exact in double, so the row and the query may swap roles): the same bits either
+  // way.
+  void merge(const std::vector<int64_t>& part, const float* queries, const std::vector<double>& q_norms,
+             int64_t k, int64_t c, const std::vector<CandBuf>& bufs, int T, int threads, KnnResult* res,
+             std::vector<int64_t>* failed) const {
+    const int64_t n = static_cast<int64_t>(part.size()), d = d_, want = k + 8, W = want + 16;
+    const int64_t pool_cap = T * (c + 16);  // each buffer holds at most c + 16 after the final cut
+    thread_local Scratch sel_store, count_store, left_store, m_store, s_store;
+    int32_t* sel = scratch<int32_t>(sel_store, static_cast<size_t>(n * W));  // query qi's rows: [qi * W, ...)
+    int32_t* sel_n = scratch<int32_t>(count_store, static_cast<size_t>(n));  // how many (-1: too few)
+    double* left = scratch<double>(left_store, static_cast<size_t>(n));
+    double* ms = scratch<double>(m_store, static_cast<size_t>(n * W));  // their m and s, same slots
+    double* ss = scratch<double>(s_store, static_cast<size_t>(n * W));
     std::atomic<bool> merge_oom{false};
+    const KeepAbove keep_above = isa_.keep_above;
 #pragma omp parallel num_threads(threads)
     {
-      struct Scored {
-        double m, s;
-        int32_t i;
-      };
-      std::vector<Cand> cands;
-      std::vector<Scored> scored;
-      // Room for every candidate up front (each buffer holds at most c + 16 after the final cut; at most 2c
-      // are scored), so that nothing below allocates: no exception may leave the parallel region.
-      bool room = true;
+      thread_local Scratch pool_a_store, pool_i_store, pool_tmp_store;
+      float *pa = nullptr, *tmp = nullptr;
+      int32_t* pi = nullptr;
       try {
-        cands.reserve(static_cast<size_t>(T * (c + 16)));
-        scored.reserve(static_cast<size_t>(2 * c));
+        pa = scratch<float>(pool_a_store, static_cast<size_t>(pool_cap));
+        pi = scratch<int32_t>(pool_i_store, static_cast<size_t>(pool_cap));
+        tmp = scratch<float>(pool_tmp_store, static_cast<size_t>(pool_cap));
       } catch (...) {
-        room = false;
         merge_oom = true;
       }
-      const KnnMetric metric = metric_;
-      const auto better = [metric](const Scored& x, const Scored& y) {
-        return ranks_before(metric, x.m, x.i, y.m, y.i);
-      };
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 4)
       for (int64_t qi = 0; qi < n; ++qi) {
-        if (!room) continue;
-        const int64_t q = part[qi];
-        const float* qv = queries + q * d;
-        cands.clear();
-        scored.clear();
-        double bound = -std::numeric_limits<double>::infinity();
+        sel_n[qi] = -1;
+        if (!tmp) continue;
+        int32_t size = 0;
+        float bound = kNegInf;  // stays -inf where no thread dropped a row
         for (int tt = 0; tt < T; ++tt) {
           const CandBuf& b = bufs[static_cast<size_t>(tt) * n + qi];
-          for (int32_t r = 0; r < b.size; ++r) cands.push_back({b.a[r], b.i[r]});
-          bound = std::max(bound, static_cast<double>(b.thr));  // -inf where the thread dropped no row
+          std::copy(b.a, b.a + b.size, pa + size);
+          std::copy(b.i, b.i + b.size, pi + size);
+          size += b.size;
+          bound = std::max(bound, b.thr);
         }
-        const auto higher = [](const Cand& x, const Cand& y) { return x.a > y.a; };
-        // Only the best 2c of the pooled buffers are ranked; the rest count as dropped rows.
-        if (static_cast<int64_t>(cands.size()) > 2 * c) {
-          std::nth_element(cands.begin(), cands.begin() + (2 * c - 1), cands.end(), higher);
-          bound = std::max(bound, static_cast<double>(cands[2 * c - 1].a));
-          cands.resize(2 * c);
+        if (size < k) continue;  // cannot happen (each thread keeps min(c, its rows) >= k in all); retry
+        CandBuf pool{pa, pi, size, static_cast<int32_t>(pool_cap), static_cast<int32_t>(want), kNegInf};
+        if (size > W) {
+          cut(&pool, tmp, static_cast<int32_t>(W), keep_above);
+          bound = std::max(bound, pool.thr);
         }
-        const int64_t total = static_cast<int64_t>(cands.size());
-        if (total < k) continue;  // cannot happen (each thread keeps min(c, its rows) >= k in all); retry
+        std::copy(pi, pi + pool.size, sel + qi * W);
+        sel_n[qi] = pool.size;
+        left[qi] = bound;
+      }
+    }
+    if (merge_oom) throw std::bad_alloc();
+
+    int64_t pairs = 0;
+    for (int64_t qi = 0; qi < n; ++qi) pairs += std::max(0, sel_n[qi]);
+    if (rescore_by_rows(pairs, n)) {
+      // The queries widened to double once (they stay in L2 while the rows pass), and a counting sort of the
+      // slots by row: row r's are order[start[r - 1], start[r]) (start[-1] = 0).
+      thread_local Scratch start_store, order_store, wide_store;
+      int32_t* start = scratch<int32_t>(start_store, static_cast<size_t>(V_ + 1));
+      int32_t* order = scratch<int32_t>(order_store, static_cast<size_t>(pairs));
+      double* wide = scratch<double>(wide_store, static_cast<size_t>(n * d));
+      for (int64_t qi = 0; qi < n; ++qi)
+        std::copy(queries + part[qi] * d, queries + part[qi] * d + d, wide + qi * d);
+      std::fill(start, start + V_ + 1, 0);
+      for (int64_t qi = 0; qi < n; ++qi)
+        for (int32_t j = 0; j < sel_n[qi]; ++j) ++start[sel[qi * W + j] + 1];
+      for (int64_t r = 0; r < V_; ++r) start[r + 1] += start[r];
+      for (int64_t qi = 0; qi < n; ++qi)
+        for (int32_t j = 0; j < sel_n[qi]; ++j)
+          order[start[sel[qi * W + j]]++] = static_cast<int32_t>(qi * W + j);
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 64)
+      for (int64_t r = 0; r < V_; ++r) {
+        const int32_t e1 = start[r];
+        for (int32_t e = r == 0 ? 0 : start[r - 1]; e < e1; e += 4) {
+          const int count = std::min(4, e1 - e);
+          const double* qv[4];
+          for (int j = 0; j < 4; ++j) qv[j] = wide + order[e + std::min(j, count - 1)] / W * d;
+          double dot[4], dist2[4] = {};
+          isa_.dots4.fd(rows_ptr_ + r * d, qv, d, dot, metric_ == KnnMetric::L2 ? dist2 : nullptr);
+          for (int j = 0; j < count; ++j) {
+            const int32_t slot = order[e + j];
+            const Exact x = exact_from(metric_, dot[j], dist2[j], q_norms[part[slot / W]], norms_[r]);
+            ms[slot] = x.m;
+            ss[slot] = x.s;
+          }
+        }
+      }
+    } else {
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 4)
+      for (int64_t qi = 0; qi < n; ++qi) {
+        const int64_t q = part[qi];
+        for (int32_t j = 0; j < sel_n[qi]; j += 4) {
+          const int count = std::min(4, sel_n[qi] - j);
+          Exact x[4];
+          exact_scores(isa_.dots4.ff, metric_, queries + q * d, q_norms[q], rows_ptr_, norms_.data(), d,
+                       sel + qi * W + j, count, x);
+          for (int t = 0; t < count; ++t) {
+            ms[qi * W + j + t] = x[t].m;
+            ss[qi * W + j + t] = x[t].s;
+          }
+        }
+      }
+    }
+
+    std::vector<char> ok(n, 0);
+#pragma omp parallel num_threads(threads)
+    {
+      thread_local Scratch ranked_store;
+      Ranked* ranked = nullptr;
+      LazyMerge lazy;
+      try {
+        ranked = scratch<Ranked>(ranked_store, static_cast<size_t>(4 * c));  // two arrays of 2c >= W
+        lazy.reserve(pool_cap, 2 * c);
+      } catch (...) {
+        merge_oom = true;
+      }
+#pragma omp for schedule(dynamic, 4)
+      for (int64_t qi = 0; qi < n; ++qi) {
+        if (!ranked || sel_n[qi] < 0) continue;
+        const int64_t q = part[qi], count = sel_n[qi];
+        for (int64_t j = 0; j < count; ++j)
+          ranked[j] = {rank_key(metric_, ms[qi * W + j]), sel[qi * W + j], static_cast<int32_t>(qi * W + j)};
+        rank_sort(ranked, ranked + 2 * c, count);
+        double s_k = std::numeric_limits<double>::infinity();
+        for (int64_t t = 0; t < k; ++t) s_k = std::min(s_k, ss[ranked[t].slot]);
         const double err = screening_error(metric_, d, q_norms[q], vmax_);
-        int64_t done = 0, want = std::min<int64_t>(total, k + 8);
-        for (;;) {
-          // The best `want` screening values to [0, want) (those from `done` on are scored now), the best of
-          // the rest to `want`: selections, not a sort (at k = 1024 sorting the ~2400 took a fifth).
-          if (want < total) std::nth_element(cands.begin() + done, cands.begin() + want, cands.end(), higher);
-          for (; done < want; done += 4) {
-            const int count = static_cast<int>(std::min<int64_t>(4, want - done));
-            int32_t ids[4];
-            Exact x[4];
-            for (int j = 0; j < count; ++j) ids[j] = cands[done + j].i;
-            exact_scores(metric_, qv, q_norms[q], rows, norms_.data(), d, ids, count, x);
-            for (int j = 0; j < count; ++j) scored.push_back({x[j].m, x[j].s, ids[j]});
+        if (left[qi] == -std::numeric_limits<double>::infinity() || s_k > left[qi] + err) {
+          for (int64_t t = 0; t < k; ++t) {
+            res->indices[q * k + t] = ranked[t].i;
+            res->scores[q * k + t] = returned_score(metric_, ms[ranked[t].slot]);
           }
-          done = want;
-          std::nth_element(scored.begin(), scored.begin() + (k - 1), scored.end(),
-                           better);  // the best k first
-          double s_k = std::numeric_limits<double>::infinity();
-          for (int64_t t = 0; t < k; ++t) s_k = std::min(s_k, scored[t].s);
-          const double left =
-              done < total ? static_cast<double>(cands[done].a) : -std::numeric_limits<double>::infinity();
-          const double limit = std::max(left, bound);
-          if (limit == -std::numeric_limits<double>::infinity() || s_k > limit + err) {
-            ok[qi] = 1;
-            break;
-          }
-          if (done == total) break;  // not certified: search again with more candidates
-          want = std::min(total, 2 * want);
-        }
-        if (!ok[qi]) continue;
-        std::sort(scored.begin(), scored.begin() + k, better);
-        for (int64_t t = 0; t < k; ++t) {
-          res->indices[q * k + t] = scored[t].i;
-          res->scores[q * k + t] = returned_score(metric_, scored[t].m);
+          ok[qi] = 1;
+        } else {
+          ok[qi] =
+              lazy_merge(qi, n, q, queries + q * d, q_norms[q], k, c, bufs, T, 2 * count, &lazy, ranked, res);
         }
       }
     }
     if (merge_oom) throw std::bad_alloc();
     for (int64_t qi = 0; qi < n; ++qi)
       if (!ok[qi]) failed->push_back(part[qi]);
+  }
+
+  // Re-scoring by rows pays where there are several candidates per row and the n queries, in double, fit in
+  // L2 (PRIORTUNE_KNN_RESCORE = rows or queries forces either way, for tests).
+  bool rescore_by_rows(int64_t pairs, int64_t n) const {
+    const char* env = std::getenv("PRIORTUNE_KNN_RESCORE");
+    if (env && !std::strcmp(env, "rows")) return true;
+    if (env && !std::strcmp(env, "queries")) return false;
+    return pairs >= 2 * V_ && n * d_ * 8 <= (int64_t{1} << 20);
+  }
+
+  // The lazy merge's working space, reserved before the loop: no allocation inside the parallel region.
+  struct LazyMerge {
+    struct Scored {
+      double m, s;
+      int32_t i;
+    };
+    std::vector<Cand> cands;
+    std::vector<Scored> scored;
+    void reserve(int64_t pool, int64_t scored_max) {
+      cands.reserve(static_cast<size_t>(pool));
+      scored.reserve(static_cast<size_t>(scored_max));
+    }
+  };
+
+  // The merge of one query where the first re-scoring did not certify: pools the buffers again, keeps the
+  // best 2c (the rest count as dropped), and re-scores the best `want` screening values, doubling until the
+  // top k is certified or all 2c are scored (then false: the query is searched again with more candidates).
+  // ranked: 4c entries of scratch.
+  bool lazy_merge(int64_t qi, int64_t n, int64_t q, const float* qv, double q_norm, int64_t k, int64_t c,
+                  const std::vector<CandBuf>& bufs, int T, int64_t want, LazyMerge* lm, Ranked* ranked,
+                  KnnResult* res) const {
+    auto& cands = lm->cands;
+    auto& scored = lm->scored;
+    cands.clear();
+    scored.clear();
+    double bound = -std::numeric_limits<double>::infinity();
+    for (int tt = 0; tt < T; ++tt) {
+      const CandBuf& b = bufs[static_cast<size_t>(tt) * n + qi];
+      for (int32_t r = 0; r < b.size; ++r) cands.push_back({b.a[r], b.i[r]});
+      bound = std::max(bound, static_cast<double>(b.thr));
+    }
+    const auto higher = [](const Cand& x, const Cand& y) { return x.a > y.a; };
+    if (static_cast<int64_t>(cands.size()) > 2 * c) {
+      std::nth_element(cands.begin(), cands.begin() + (2 * c - 1), cands.end(), higher);
+      bound = std::max(bound, static_cast<double>(cands[2 * c - 1].a));
+      cands.resize(2 * c);
+    }
+    const int64_t total = static_cast<int64_t>(cands.size());
+    const double err = screening_error(metric_, d_, q_norm, vmax_);
+    const KnnMetric metric = metric_;
+    const auto better = [metric](const LazyMerge::Scored& x, const LazyMerge::Scored& y) {
+      return ranks_before(metric, x.m, x.i, y.m, y.i);
+    };
+    int64_t done = 0;
+    want = std::min(total, want);
+    for (;;) {
+      // The best `want` screening values to [0, want) (those from `done` on are scored now), the best of
+      // the rest to `want`: selections, not a sort.
+      if (want < total) std::nth_element(cands.begin() + done, cands.begin() + want, cands.end(), higher);
+      for (; done < want; done += 4) {
+        const int count = static_cast<int>(std::min<int64_t>(4, want - done));
+        int32_t ids[4];
+        Exact x[4];
+        for (int j = 0; j < count; ++j) ids[j] = cands[done + j].i;
+        exact_scores(isa_.dots4.ff, metric_, qv, q_norm, rows_ptr_, norms_.data(), d_, ids, count, x);
+        for (int j = 0; j < count; ++j) scored.push_back({x[j].m, x[j].s, ids[j]});
+      }
+      done = want;
+      std::nth_element(scored.begin(), scored.begin() + (k - 1), scored.end(), better);  // the best k first
+      double s_k = std::numeric_limits<double>::infinity();
+      for (int64_t t = 0; t < k; ++t) s_k = std::min(s_k, scored[t].s);
+      const double next =
+          done < total ? static_cast<double>(cands[done].a) : -std::numeric_limits<double>::infinity();
+      const double limit = std::max(next, bound);
+      if (limit == -std::numeric_limits<double>::infinity() || s_k > limit + err) break;
+      if (done == total) return false;
+      want = std::min(total, 2 * want);
+    }
+    for (int64_t t = 0; t < k; ++t)
+      ranked[t] = {rank_key(metric_, scored[t].m), scored[t].i, static_cast<int32_t>(t)};
+    rank_sort(ranked, ranked + 2 * c, k);
+    for (int64_t t = 0; t < k; ++t) {
+      res->indices[q * k + t] = ranked[t].i;
+      res->scores[q * k + t] = returned_score(metric_, scored[ranked[t].slot].m);
+    }
+    return true;
   }
 
   void exact_subset(const std::vector<int64_t>& part, const float* queries,
@@ -977,7 +1308,7 @@ void knn_exact_scan(int32_t* indices, float* scores, const float* queries, int64
         int32_t ids[4];
         Exact x[4];
         for (int j = 0; j < count; ++j) ids[j] = static_cast<int32_t>(r0 + j);
-        exact_scores(metric, qv, qn, vocab, row_norms, d, ids, count, x);
+        exact_scores(dots4_best().ff, metric, qv, qn, vocab, row_norms, d, ids, count, x);
         for (int j = 0; j < count; ++j) {
           const int64_t r = r0 + j;
           if (r == excl) continue;
