@@ -192,6 +192,13 @@ export interface Addon {
     k: number,
     threads: number,
   ): Promise<NativeKnnResult>;
+  /** Test hook: the kNN float64 re-scoring sums of one instruction set (null where the CPU lacks it). */
+  knnDots4(
+    isa: "avx512" | "avx2" | "generic",
+    yDouble: boolean,
+    x: Float32Array,
+    y: Float32Array,
+  ): Float64Array | null;
   mahalanobisSquared(
     vectors: Float32Array,
     dim: number,

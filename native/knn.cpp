@@ -275,6 +275,26 @@ Napi::Value GramEigenvalues(const Napi::CallbackInfo& info) {
   });
 }
 
+// knnDots4(isa, yDouble, x: Float32Array(n), y: Float32Array(4n)) -> Float64Array(12) | null: a test hook
+// (pt::knn_dots4_test); null where this CPU lacks the instruction set.
+Napi::Value KnnDots4(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&]() -> Napi::Value {
+    const Napi::Value isa = arg(info, 0, "isa"), wide = arg(info, 1, "yDouble");
+    if (!isa.IsString()) throw_type(env, "isa", "a string", isa);
+    if (!wide.IsBoolean()) throw_type(env, "yDouble", "a boolean", wide);
+    View<float> x = view_of<float>(arg(info, 2, "x"), "x"), y = view_of<float>(arg(info, 3, "y"), "y");
+    if (x.length < 1 || y.length != 4 * x.length)
+      throw Napi::RangeError::New(env, "y: expected 4 x the length of x (" + std::to_string(4 * x.length) +
+                                           "), got " + std::to_string(y.length));
+    std::vector<double> out(12);
+    if (!pt::knn_dots4_test(isa.As<Napi::String>().Utf8Value(), wide.As<Napi::Boolean>().Value(), x.data,
+                            y.data, static_cast<int64_t>(x.length), out.data()))
+      return env.Null();
+    return to_float64(env, std::move(out));
+  });
+}
+
 }  // namespace
 
 std::shared_ptr<const pt::KnnIndex> knn_index_of(const Napi::Value& v) {
@@ -301,6 +321,7 @@ Napi::Value knn_rows_at(const Napi::CallbackInfo& info, const pt::KnnIndex& inde
 void init_knn(Napi::Env env, Napi::Object exports) {
   exports.Set("NativeKnnIndex", KnnIndexWrap::Define(env));
   exports.Set("knnSearchOnce", Napi::Function::New(env, KnnSearchOnce, "knnSearchOnce"));
+  exports.Set("knnDots4", Napi::Function::New(env, KnnDots4, "knnDots4"));
   exports.Set("mahalanobisSquared", Napi::Function::New(env, MahalanobisSquared, "mahalanobisSquared"));
   exports.Set("meanDistances", Napi::Function::New(env, MeanDistances, "meanDistances"));
   exports.Set("gramEigenvalues", Napi::Function::New(env, GramEigenvalues, "gramEigenvalues"));

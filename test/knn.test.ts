@@ -401,13 +401,15 @@ describe("VocabIndex (CPU) equals the float64 brute force", () => {
     const q = gaussian(40 * d, 15);
     const kernels = ["avx2", "generic", "avx512"] as const;
     const initial = addon().cpuInfo().gemmKernel as GemmKernel;
+    const ran = new Set<string>();
     try {
       for (const metric of METRICS) {
         for (const k of [10, 60]) {
           const want = bruteForce(q, v, d, k, metric);
           let first: NeighborResult | undefined;
           for (const kernel of kernels) {
-            if (!addon().selectGemmKernel(kernel)) continue;
+            if (!addon().selectGemmKernel(kernel)) continue; // (this CPU lacks it)
+            ran.add(kernel);
             const got = await nearestNeighbors(q, v, { dim: d, k, metric, backend: "cpu" });
             expectExact(got, want);
             first ??= got;
@@ -418,6 +420,71 @@ describe("VocabIndex (CPU) equals the float64 brute force", () => {
     } finally {
       addon().selectGemmKernel(initial);
     }
+    expect(ran).toContain("generic");
+    expect(ran).toContain(initial);
+  });
+
+  it("the float64 re-scoring sums give the same bits in every instruction set, operand width and role", () => {
+    // The returned scores are float32: the float64 sums are compared here directly. Lengths 1..70 (every
+    // tail), signed zeros, subnormals, values near 1e17 and exponents far apart (x - y inexact).
+    const r = seededRandom(47);
+    const special = [0, -0, 1e-40, -3e-42, 1e17, -2.5e16, 1e-30, 3e30];
+    const isas = ["avx512", "avx2", "generic"] as const;
+    const bits = (a: Float64Array) => Buffer.from(a.buffer, a.byteOffset, a.byteLength).toString("hex");
+    let compared = 0;
+    for (let n = 1; n <= 70; n++) {
+      for (let trial = 0; trial < 3; trial++) {
+        const x = new Float32Array(n);
+        const y = new Float32Array(4 * n);
+        const fill = (a: Float32Array) => {
+          for (let i = 0; i < a.length; i++) {
+            const u = r();
+            a[i] =
+              u < 0.15
+                ? special[Math.floor(r() * special.length)]
+                : (r() - 0.5) * 2 ** Math.floor(r() * 40 - 20);
+          }
+        };
+        fill(x);
+        fill(y);
+        let want: string | undefined;
+        for (const isa of isas) {
+          for (const wide of [false, true]) {
+            const out = addon().knnDots4(isa, wide, x, y);
+            if (!out) continue; // (this CPU lacks the instruction set)
+            const got = bits(out);
+            want ??= got;
+            expect(got).toBe(want);
+            expect(bits(out.subarray(0, 4))).toBe(bits(out.subarray(4, 8))); // with or without distances
+            compared++;
+          }
+        }
+        // Roles swapped: y_0 as x, x as all four y.
+        const swapped = addon().knnDots4(
+          "generic",
+          true,
+          y.subarray(0, n),
+          new Float32Array([...x, ...x, ...x, ...x]),
+        );
+        const first = addon().knnDots4("generic", false, x, y) as Float64Array;
+        expect(bits((swapped as Float64Array).subarray(0, 1))).toBe(bits(first.subarray(0, 1)));
+        expect(bits((swapped as Float64Array).subarray(8, 9))).toBe(bits(first.subarray(8, 9)));
+        // And the values are the float64 sums, to the rounding of any summation order (n u sum |terms|).
+        for (let j = 0; j < 4; j++) {
+          let dot = 0;
+          let size = 0;
+          let dist2 = 0;
+          for (let i = 0; i < n; i++) {
+            dot += x[i] * y[j * n + i];
+            size += Math.abs(x[i] * y[j * n + i]);
+            dist2 += (x[i] - y[j * n + i]) ** 2;
+          }
+          expect(Math.abs(first[j] - dot)).toBeLessThanOrEqual(2 * n * 2 ** -53 * size);
+          expect(Math.abs(first[8 + j] - dist2)).toBeLessThanOrEqual(2 * n * 2 ** -53 * dist2);
+        }
+      }
+    }
+    expect(compared).toBeGreaterThanOrEqual(2 * 70 * 3 * 2);
   });
 
   it("re-scoring by rows and by queries give the same bits; a query alone gets the bits it gets in a batch", async () => {
@@ -441,7 +508,7 @@ describe("VocabIndex (CPU) equals the float64 brute force", () => {
         }
         const alone = await index.search(q.subarray(3 * dim, 4 * dim), { k: 200 });
         expect(Array.from(alone.scores)).toEqual(Array.from(rows.scores.subarray(3 * 200, 4 * 200)));
-        // A self-search re-scored both ways (the excluded row never re-scored).
+        // A self-search re-scored both ways (the excluded row is never a candidate).
         const self = await withEnv("PRIORTUNE_KNN_RESCORE", "rows", () =>
           index.selfSearch({ k: 100, rows: Int32Array.from({ length: 40 }, (_, i) => i * 37) }),
         );
@@ -459,7 +526,9 @@ describe("VocabIndex (CPU) equals the float64 brute force", () => {
   });
 
   it("ties beyond the first re-scoring's reach are certified by re-scoring more, in the same round", async () => {
-    // 40 equal rows: more than the k + 24 = 34 re-scored first, fewer than the 86 (2c) the merge can re-score.
+    // 40 equal rows (cosine 1 with the query): the pooled candidates' cut keeps exactly k + 8 = 18 of those ties to
+    // re-score first, which cannot certify; the merge then re-scores the rest of the pool (one thread: at most
+    // c + 16 = 59) in the same round.
     const d = 32;
     const base = gaussian(2000 * d, 43);
     const v = new Float32Array(base);

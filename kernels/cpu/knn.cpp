@@ -122,10 +122,11 @@ struct Exact {
 // The float64 dot products of x with four vectors y[0..3] (and, with dist2, their squared distances), the
 // four interleaved: four independent sums in flight and four vectors streaming at once. Every sum runs in
 // eight lanes (element e into lane e % 8, the tail padded with zeros), by fused multiply-adds, and its lanes
-// are added in one fixed order, whatever the instruction set. Products of floats are exact in double, so the
-// bits depend neither on the instruction set, nor on the slot, nor on which vector is x, nor on whether y
-// was widened to double beforehand: equal rows get equal bits, and a query gets the same values searched
-// alone or in any batch.
+// are added in one fixed order, whatever the instruction set. Products of floats are exact in double (so a
+// multiply-add equals a multiply and an add, and x y = y x), and fl(x - y) = -fl(y - x) under
+// round-to-nearest: so the bits depend neither on the instruction set, nor on the slot, nor on which vector
+// is x, nor on whether y was widened to double beforehand. Equal rows get equal bits, and a query gets the
+// same values searched alone or in any batch.
 inline double add_lanes(const double* l) {
   return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
 }
@@ -157,7 +158,9 @@ void dots4_generic(const float* x, const Y* const* y, int64_t n, double* dot, do
       const double xv = in ? x[i + l] : 0.0;
       for (int j = 0; j < 4; ++j) {
         const double yv = in ? static_cast<double>(y[j][i + l]) : 0.0;
-        s[j][l] = std::fma(xv, yv, s[j][l]);
+        s[j][l] += xv * yv;  // (exact product: the same as a fused multiply-add)
+        // Not exact: fused as in the vector forms. Without hardware FMA, std::fma is a slow library call;
+        // this form serves only CPUs without AVX2 (and tests).
         if (dist2) e[j][l] = std::fma(xv - yv, xv - yv, e[j][l]);
       }
     }
@@ -922,17 +925,17 @@ class CpuIndex final : public KnnIndex {
   // Re-scoring reads each candidate's row, V x d floats in all: with many candidates per row (at k = 1024,
   // 160 queries and 8192 rows, twenty) it goes row by row, each row read once for all the queries that kept
   // it (by query it read a row per candidate from L3, and took a quarter of the search waiting on them); with
-  // few it goes query by query, four rows at a time. Both compute each value by the same dots4 sums
-  // (products of floats are exact in double, so the row and the query may swap roles): the same bits either
-  // way.
+  // few it goes query by query, four rows at a time. Both compute each value by the same dots4 sums, in
+  // which the row and the query may swap roles: the same bits either way.
   void merge(const std::vector<int64_t>& part, const float* queries, const std::vector<double>& q_norms,
              int64_t k, int64_t c, const std::vector<CandBuf>& bufs, int T, int threads, KnnResult* res,
              std::vector<int64_t>* failed) const {
     const int64_t n = static_cast<int64_t>(part.size()), d = d_, want = k + 8, W = want + 16;
     const int64_t pool_cap = T * (c + 16);  // each buffer holds at most c + 16 after the final cut
-    thread_local Scratch sel_store, count_store, left_store, m_store, s_store;
+    thread_local Scratch sel_store, count_store, pool_n_store, left_store, m_store, s_store;
     int32_t* sel = scratch<int32_t>(sel_store, static_cast<size_t>(n * W));  // query qi's rows: [qi * W, ...)
     int32_t* sel_n = scratch<int32_t>(count_store, static_cast<size_t>(n));  // how many (-1: too few)
+    int32_t* pool_n = scratch<int32_t>(pool_n_store, static_cast<size_t>(n));  // of how many pooled
     double* left = scratch<double>(left_store, static_cast<size_t>(n));
     double* ms = scratch<double>(m_store, static_cast<size_t>(n * W));  // their m and s, same slots
     double* ss = scratch<double>(s_store, static_cast<size_t>(n * W));
@@ -964,13 +967,19 @@ class CpuIndex final : public KnnIndex {
           bound = std::max(bound, b.thr);
         }
         if (size < k) continue;  // cannot happen (each thread keeps min(c, its rows) >= k in all); retry
-        CandBuf pool{pa, pi, size, static_cast<int32_t>(pool_cap), static_cast<int32_t>(want), kNegInf};
+        CandBuf pool{pa,
+                     pi,
+                     size,
+                     static_cast<int32_t>(std::min<int64_t>(pool_cap, std::numeric_limits<int32_t>::max())),
+                     static_cast<int32_t>(want),
+                     kNegInf};
         if (size > W) {
           cut(&pool, tmp, static_cast<int32_t>(W), keep_above);
           bound = std::max(bound, pool.thr);
         }
         std::copy(pi, pi + pool.size, sel + qi * W);
         sel_n[qi] = pool.size;
+        pool_n[qi] = size;
         left[qi] = bound;
       }
     }
@@ -1032,17 +1041,19 @@ class CpuIndex final : public KnnIndex {
 #pragma omp parallel num_threads(threads)
     {
       thread_local Scratch ranked_store;
+      thread_local LazyMerge lazy;  // (its vectors keep their capacity from search to search)
       Ranked* ranked = nullptr;
-      LazyMerge lazy;
+      bool ready = false;
       try {
         ranked = scratch<Ranked>(ranked_store, static_cast<size_t>(4 * c));  // two arrays of 2c >= W
         lazy.reserve(pool_cap, 2 * c);
+        ready = true;
       } catch (...) {
         merge_oom = true;
       }
 #pragma omp for schedule(dynamic, 4)
       for (int64_t qi = 0; qi < n; ++qi) {
-        if (!ranked || sel_n[qi] < 0) continue;
+        if (!ready || sel_n[qi] < 0) continue;
         const int64_t q = part[qi], count = sel_n[qi];
         for (int64_t j = 0; j < count; ++j)
           ranked[j] = {rank_key(metric_, ms[qi * W + j]), sel[qi * W + j], static_cast<int32_t>(qi * W + j)};
@@ -1056,7 +1067,7 @@ class CpuIndex final : public KnnIndex {
             res->scores[q * k + t] = returned_score(metric_, ms[ranked[t].slot]);
           }
           ok[qi] = 1;
-        } else {
+        } else if (count < std::min<int64_t>(pool_n[qi], 2 * c)) {  // (else it would score the same again)
           ok[qi] =
               lazy_merge(qi, n, q, queries + q * d, q_norms[q], k, c, bufs, T, 2 * count, &lazy, ranked, res);
         }
@@ -1068,7 +1079,8 @@ class CpuIndex final : public KnnIndex {
   }
 
   // Re-scoring by rows pays where there are several candidates per row and the n queries, in double, fit in
-  // L2 (PRIORTUNE_KNN_RESCORE = rows or queries forces either way, for tests).
+  // L2. PRIORTUNE_KNN_RESCORE = rows or queries forces either way, for tests (read per search, from the
+  // worker thread: set it only while no search is running).
   bool rescore_by_rows(int64_t pairs, int64_t n) const {
     const char* env = std::getenv("PRIORTUNE_KNN_RESCORE");
     if (env && !std::strcmp(env, "rows")) return true;
@@ -1076,7 +1088,8 @@ class CpuIndex final : public KnnIndex {
     return pairs >= 2 * V_ && n * d_ * 8 <= (int64_t{1} << 20);
   }
 
-  // The lazy merge's working space, reserved before the loop: no allocation inside the parallel region.
+  // The lazy merge's working space, reserved before the loop: no allocation inside the parallel region
+  // (re-scores from scratch: it runs rarely).
   struct LazyMerge {
     struct Scored {
       double m, s;
@@ -1274,6 +1287,31 @@ std::string knn_check_rows(const float* x, int64_t n, int64_t d, int threads) {
              std::to_string(k);
   return "row " + std::to_string(first_bad) +
          " has a norm of 1e18 or more, which fp32 screening cannot represent";
+}
+
+bool knn_dots4_test(const std::string& isa, bool y_double, const float* x, const float* y, int64_t n,
+                    double* out) {
+  const Dots4Paths* paths = isa == "avx512"    ? &kDots4Avx512
+                            : isa == "avx2"    ? &kDots4Avx2
+                            : isa == "generic" ? &kDots4Generic
+                                               : nullptr;
+  if (!paths)
+    throw std::invalid_argument("isa: expected \"avx512\", \"avx2\" or \"generic\", got \"" + isa + "\"");
+  __builtin_cpu_init();
+  if (paths == &kDots4Avx512 && !__builtin_cpu_supports("avx512f")) return false;
+  if (paths == &kDots4Avx2 && !(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")))
+    return false;
+  if (y_double) {
+    const std::vector<double> wide(y, y + 4 * n);
+    const double* yd[4] = {wide.data(), wide.data() + n, wide.data() + 2 * n, wide.data() + 3 * n};
+    paths->fd(x, yd, n, out, nullptr);
+    paths->fd(x, yd, n, out + 4, out + 8);
+  } else {
+    const float* yf[4] = {y, y + n, y + 2 * n, y + 3 * n};
+    paths->ff(x, yf, n, out, nullptr);
+    paths->ff(x, yf, n, out + 4, out + 8);
+  }
+  return true;
 }
 
 void knn_exact_scan(int32_t* indices, float* scores, const float* queries, int64_t Q, const float* vocab,

@@ -91,6 +91,13 @@ void knn_exact_scan(int32_t* indices, float* scores, const float* queries, int64
                     const double* row_norms, int64_t V, int64_t d, int64_t k, KnnMetric metric,
                     const int32_t* exclude, int threads);
 
+// Test hook for the float64 re-scoring sums of one instruction set (isa: "avx512", "avx2" or "generic"):
+// out[0, 4) = x . y_j computed alone, out[4, 8) = x . y_j and out[8, 12) = |x - y_j|^2 computed together,
+// for y_j = y[j n, j n + n), widened to double before the call where y_double. False where this CPU lacks
+// the instruction set. Every form must give the same bits (kernels/cpu/knn.cpp, dots4).
+bool knn_dots4_test(const std::string& isa, bool y_double, const float* x, const float* y, int64_t n,
+                    double* out);
+
 // Float64 L2 norms of the rows of x[n, d] (=).
 void knn_row_norms(double* norms, const float* x, int64_t n, int64_t d, int threads);
 
