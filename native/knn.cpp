@@ -81,12 +81,13 @@ class KnnIndexWrap : public Napi::ObjectWrap<KnnIndexWrap> {
       auto* worker = new PromiseWorker(
           env,
           [slot, rows, V, d, metric, backend, threads]() {
-            const std::string bad = pt::knn_check_rows(rows->data(), V, d, threads);
-            if (!bad.empty()) throw std::invalid_argument("vocab: " + bad);
-            if (backend == "cuda")
+            if (backend == "cuda") {
+              const std::string bad = pt::knn_check_rows(rows->data(), V, d, threads);
+              if (!bad.empty()) throw std::invalid_argument("vocab: " + bad);
               *slot = pt::knn_index_cuda(std::move(*rows), d, metric);
-            else
-              *slot = pt::knn_index_cpu(std::move(*rows), d, metric, threads);
+            } else {
+              *slot = pt::knn_index_cpu(std::move(*rows), d, metric, threads);  // (checks the rows itself)
+            }
           },
           [this, slot](Napi::Env e) -> Napi::Value {
             building_ = false;
@@ -202,11 +203,9 @@ Napi::Value KnnSearchOnce(const Napi::CallbackInfo& info) {
     auto* worker = new PromiseWorker(
         env,
         [queries, rows, Q, V, d, metric, k, threads, out]() {
-          std::string bad = pt::knn_check_rows(rows->data(), V, d, threads);
-          if (!bad.empty()) throw std::invalid_argument("vocab: " + bad);
-          bad = pt::knn_check_rows(queries->data(), Q, d, threads);
+          const std::string bad = pt::knn_check_rows(queries->data(), Q, d, threads);
           if (!bad.empty()) throw std::invalid_argument("queries: " + bad);
-          auto index = pt::knn_index_cpu_borrowed(rows->data(), V, d, metric, threads);
+          auto index = pt::knn_index_cpu_borrowed(rows->data(), V, d, metric, threads);  // (checks the rows)
           *out = index->search(queries->data(), Q, k, nullptr, threads);
         },
         [out](Napi::Env e) -> Napi::Value { return result_object(e, std::move(*out)); });

@@ -666,6 +666,22 @@ describe("VocabIndex argument checks", () => {
     await expect(nearestNeighbors(vocab, bad, { dim, k: 1, backend: "cpu" })).rejects.toThrow(
       "vocab: row 3 has a non-finite value (NaN) at column 5",
     );
+    // The CPU index checks its rows as it takes their norms: the first bad row is named, whichever thread saw it.
+    const two = new Float32Array(vocab);
+    two.fill(1e30, 9 * dim, 10 * dim);
+    two[14 * dim + 7] = Number.POSITIVE_INFINITY;
+    for (const threads of [1, 2, 3]) {
+      await expect(VocabIndex.create(two, { dim, backend: "cpu", threads })).rejects.toThrow(
+        "vocab: row 9 has a norm of 1e18 or more",
+      );
+      await expect(nearestNeighbors(vocab, two, { dim, k: 1, backend: "cpu", threads })).rejects.toThrow(
+        "vocab: row 9 has a norm of 1e18 or more",
+      );
+    }
+    two.fill(0, 9 * dim, 10 * dim);
+    await expect(VocabIndex.create(two, { dim, backend: "cpu" })).rejects.toThrow(
+      "vocab: row 14 has a non-finite value (Infinity) at column 7",
+    );
     const index = await VocabIndex.create(vocab, { dim, backend: "cpu" });
     const q = new Float32Array(2 * dim);
     q[dim + 1] = Number.NEGATIVE_INFINITY;

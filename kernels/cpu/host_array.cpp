@@ -1,11 +1,33 @@
 #include "priortune/host_array.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 #include "priortune/parallel.h"
 
 namespace pt {
+
+void* host_alloc(size_t bytes) {
+  constexpr size_t kHuge = size_t{2} << 20;
+  const bool huge = bytes >= 4 * kHuge;
+  const size_t align = huge ? kHuge : 64;
+  const size_t rounded = (std::max<size_t>(bytes, 1) + align - 1) / align * align;
+  if (rounded < bytes) throw std::bad_alloc();  // (wrapped around)
+  void* p = std::aligned_alloc(align, rounded);
+  if (!p) throw std::bad_alloc();
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (huge) madvise(p, rounded, MADV_HUGEPAGE);  // a hint: ignored where THP is off
+#endif
+  return p;
+}
+
+void host_free(void* p) noexcept {
+  std::free(p);
+}
 
 namespace {
 

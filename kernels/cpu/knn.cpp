@@ -65,18 +65,16 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-struct FreeDeleter {
-  void operator()(void* p) const { std::free(p); }
+struct HostDeleter {
+  void operator()(void* p) const { host_free(p); }
 };
 template <class T>
-using AlignedArray = std::unique_ptr<T[], FreeDeleter>;
+using AlignedArray = std::unique_ptr<T[], HostDeleter>;
 
+// n uninitialised Ts from host_alloc: 64-byte aligned (2 MiB and huge pages from 8 MiB on).
 template <class T>
 AlignedArray<T> aligned_array(size_t n) {
-  size_t bytes = ((std::max<size_t>(n, 1) * sizeof(T) + 63) / 64) * 64;
-  T* p = static_cast<T*>(std::aligned_alloc(64, bytes));
-  if (!p) throw std::bad_alloc();
-  return AlignedArray<T>(p);
+  return AlignedArray<T>(static_cast<T*>(host_alloc(std::max<size_t>(n, 1) * sizeof(T))));
 }
 
 // Per-thread scratch reused across searches (OpenMP and libuv threads persist), so a search does not pay
@@ -704,13 +702,20 @@ class CpuIndex final : public KnnIndex {
     float* half_sq = half_sq_.get();
     const float* vocab = rows_ptr_;
     double vmax = 0.0;
-#pragma omp parallel for num_threads(threads) schedule(static) reduction(max : vmax)
+    int64_t first_bad = V;
+    // The norms are the rows' check too (knn_check_rows, without a second pass over them): a non-finite
+    // value makes a norm NaN or infinite.
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(max                   \
+                                                                         : vmax) reduction(min \
+                                                                                           : first_bad)
     for (int64_t r = 0; r < V; ++r) {
       const double n2 = dot_f64(vocab + r * d, vocab + r * d, d), n = std::sqrt(n2);
       norms_[r] = n;
       half_sq[r] = static_cast<float>(0.5 * n2);
       vmax = std::max(vmax, n);
+      if (!(n < kKnnMaxNorm)) first_bad = std::min(first_bad, r);
     }
+    if (first_bad < V) throw std::invalid_argument("vocab: " + knn_row_problem(vocab, first_bad, d));
     if (pack) {
       const int64_t nr = mk_.nr, panels = (V + nr - 1) / nr;
       packed_ = aligned_array<float>(static_cast<size_t>(panels * nr * d));
@@ -720,8 +725,6 @@ class CpuIndex final : public KnnIndex {
         pack_screen_rows(p * nr, std::min(nr, V - p * nr), 0, d, packed + p * nr * d);
     }
     vmax_ = vmax;
-    if (!(vmax < kKnnMaxNorm))
-      throw std::out_of_range("vocab: a row norm is 1e18 or more (fp32 overflow risk)");
   }
 
  public:
@@ -1278,15 +1281,17 @@ std::string knn_check_rows(const float* x, int64_t n, int64_t d, int threads) {
     const double n2 = dot_f64(x + r * d, x + r * d, d);
     if (!(std::sqrt(n2) < kKnnMaxNorm)) first_bad = std::min(first_bad, r);
   }
-  if (first_bad == n) return "";
-  const float* row = x + first_bad * d;
+  return first_bad == n ? "" : knn_row_problem(x, first_bad, d);
+}
+
+std::string knn_row_problem(const float* x, int64_t r, int64_t d) {
+  const float* row = x + r * d;
   for (int64_t k = 0; k < d; ++k)
     if (!std::isfinite(row[k]))
-      return "row " + std::to_string(first_bad) + " has a non-finite value (" +
+      return "row " + std::to_string(r) + " has a non-finite value (" +
              (std::isnan(row[k]) ? "NaN" : (row[k] > 0 ? "Infinity" : "-Infinity")) + ") at column " +
              std::to_string(k);
-  return "row " + std::to_string(first_bad) +
-         " has a norm of 1e18 or more, which fp32 screening cannot represent";
+  return "row " + std::to_string(r) + " has a norm of 1e18 or more, which fp32 screening cannot represent";
 }
 
 bool knn_dots4_test(const std::string& isa, bool y_double, const float* x, const float* y, int64_t n,

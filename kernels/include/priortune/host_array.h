@@ -13,6 +13,13 @@
 
 namespace pt {
 
+// Host memory aligned to 64 bytes; blocks of 8 MiB or more are aligned to 2 MiB and marked for transparent
+// huge pages (Linux madvise; where THP is "madvise", the default of many distributions, plain allocations
+// get 4 KiB pages): a 154 MB vocabulary then faults 74 times instead of 37,600, and random row reads miss
+// the TLB less. Never null (std::bad_alloc). Free with host_free.
+void* host_alloc(size_t bytes);
+void host_free(void* p) noexcept;
+
 template <class T>
 struct UninitAllocator : std::allocator<T> {
   template <class U>
@@ -22,6 +29,8 @@ struct UninitAllocator : std::allocator<T> {
   UninitAllocator() noexcept = default;
   template <class U>
   UninitAllocator(const UninitAllocator<U>&) noexcept {}
+  T* allocate(size_t n) { return static_cast<T*>(host_alloc(n * sizeof(T))); }
+  void deallocate(T* p, size_t) noexcept { host_free(p); }
   // Default-initialisation: no zeroing of floats.
   template <class U>
   void construct(U* p) noexcept(std::is_nothrow_default_constructible<U>::value) {

@@ -16,8 +16,10 @@
 //   l2:     |q - v|, the Euclidean distance (not squared); smaller is nearer
 //
 // Memory contract: every buffer is row-major fp32. Indices[Q, k] and scores[Q, k] are overwritten (=), best
-// first. Inputs must be finite (the Node layer checks and names the offending row), and row norms must stay
-// below 1e18 so that no fp32 product or squared norm overflows (checked: std::out_of_range).
+// first. Inputs must be finite, and row norms must stay below 1e18 so that no fp32 product or squared norm
+// overflows: the CPU index checks its rows as it computes their norms (std::invalid_argument naming the row
+// and column, as knn_check_rows); the Node layer checks queries, and the CUDA index's rows, by
+// knn_check_rows.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -112,5 +114,9 @@ std::vector<int64_t> knn_search_begin(KnnResult& res, std::vector<double>& q_nor
 // Checks x[n, d] for non-finite values and rows with norm >= kKnnMaxNorm; returns "" or a message naming
 // the first offending row and column (the caller prefixes the argument name).
 std::string knn_check_rows(const float* x, int64_t n, int64_t d, int threads);
+
+// The message of knn_check_rows for row r of x[*, d], known to have a non-finite value or a norm >=
+// kKnnMaxNorm.
+std::string knn_row_problem(const float* x, int64_t r, int64_t d);
 
 }  // namespace pt
