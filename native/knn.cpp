@@ -203,9 +203,9 @@ Napi::Value KnnSearchOnce(const Napi::CallbackInfo& info) {
     auto* worker = new PromiseWorker(
         env,
         [queries, rows, Q, V, d, metric, k, threads, out]() {
+          auto index = pt::knn_index_cpu_borrowed(rows->data(), V, d, metric, threads);  // (checks the rows)
           const std::string bad = pt::knn_check_rows(queries->data(), Q, d, threads);
           if (!bad.empty()) throw std::invalid_argument("queries: " + bad);
-          auto index = pt::knn_index_cpu_borrowed(rows->data(), V, d, metric, threads);  // (checks the rows)
           *out = index->search(queries->data(), Q, k, nullptr, threads);
         },
         [out](Napi::Env e) -> Napi::Value { return result_object(e, std::move(*out)); });

@@ -14,13 +14,12 @@ namespace pt {
 void* host_alloc(size_t bytes) {
   constexpr size_t kHuge = size_t{2} << 20;
   const bool huge = bytes >= 4 * kHuge;
-  const size_t align = huge ? kHuge : 64;
-  const size_t rounded = (std::max<size_t>(bytes, 1) + align - 1) / align * align;
-  if (rounded < bytes) throw std::bad_alloc();  // (wrapped around)
-  void* p = std::aligned_alloc(align, rounded);
-  if (!p) throw std::bad_alloc();
+  void* p = nullptr;
+  // posix_memalign: no size-multiple rule (aligned_alloc's), so no rounding up to 2 MiB.
+  if (posix_memalign(&p, huge ? kHuge : 64, std::max<size_t>(bytes, 1)) != 0 || !p) throw std::bad_alloc();
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  if (huge) madvise(p, rounded, MADV_HUGEPAGE);  // a hint: ignored where THP is off
+  // A hint, ignored where THP is off; the block's whole 4 KiB pages, all its own.
+  if (huge) madvise(p, bytes / 4096 * 4096, MADV_HUGEPAGE);
 #endif
   return p;
 }
@@ -34,7 +33,8 @@ namespace {
 template <class T>
 HostArray<T> copy_blocks(const T* src, size_t n, int threads) {
   HostArray<T> out(n);
-  const size_t block = (size_t{1} << 20) / sizeof(T);
+  // 2 MiB blocks over huge pages (host_alloc): two threads faulting one huge page would wait on each other.
+  const size_t block = ((n * sizeof(T) >= (size_t{8} << 20) ? size_t{2} : size_t{1}) << 20) / sizeof(T);
   const int64_t blocks = static_cast<int64_t>((n + block - 1) / block);
 #ifdef _OPENMP
   const int all = omp_get_max_threads();  // OMP_NUM_THREADS, else the cores

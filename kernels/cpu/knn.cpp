@@ -711,7 +711,7 @@ class CpuIndex final : public KnnIndex {
     for (int64_t r = 0; r < V; ++r) {
       const double n2 = dot_f64(vocab + r * d, vocab + r * d, d), n = std::sqrt(n2);
       norms_[r] = n;
-      half_sq[r] = static_cast<float>(0.5 * n2);
+      half_sq[r] = n < kKnnMaxNorm ? static_cast<float>(0.5 * n2) : 0.0f;  // (no out-of-range cast)
       vmax = std::max(vmax, n);
       if (!(n < kKnnMaxNorm)) first_bad = std::min(first_bad, r);
     }
@@ -1075,6 +1075,7 @@ class CpuIndex final : public KnnIndex {
               lazy_merge(qi, n, q, queries + q * d, q_norms[q], k, c, bufs, T, 2 * count, &lazy, ranked, res);
         }
       }
+      if (lazy.cands.capacity() * sizeof(Cand) > (size_t{16} << 20)) lazy = LazyMerge();  // (as Scratch caps)
     }
     if (merge_oom) throw std::bad_alloc();
     for (int64_t qi = 0; qi < n; ++qi)

@@ -900,9 +900,11 @@ class CudaIndex final : public KnnIndex {
     host_norms_.resize(V);
     knn_row_norms(host_norms_.data(), vocab, V, d, 1);
     vmax_ = 0.0;
-    for (double n : host_norms_) vmax_ = std::max(vmax_, n);
-    if (!(vmax_ < kKnnMaxNorm))
-      throw std::out_of_range("vocab: a row norm is 1e18 or more (fp32 overflow risk)");
+    for (int64_t r = 0; r < V; ++r) {  // (the CPU index's check: a non-finite value makes a norm NaN or inf)
+      if (!(host_norms_[r] < kKnnMaxNorm))
+        throw std::invalid_argument("vocab: " + knn_row_problem(vocab, r, d));
+      vmax_ = std::max(vmax_, host_norms_[r]);
+    }
     const size_t elems = size_t(V) * d;
     rows_.resize(elems, "rows");
     cuda_check(cudaMemcpyAsync(rows_.get(), vocab, elems * sizeof(float), cudaMemcpyHostToDevice, stream_),

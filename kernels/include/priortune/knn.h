@@ -17,9 +17,9 @@
 //
 // Memory contract: every buffer is row-major fp32. Indices[Q, k] and scores[Q, k] are overwritten (=), best
 // first. Inputs must be finite, and row norms must stay below 1e18 so that no fp32 product or squared norm
-// overflows: the CPU index checks its rows as it computes their norms (std::invalid_argument naming the row
-// and column, as knn_check_rows); the Node layer checks queries, and the CUDA index's rows, by
-// knn_check_rows.
+// overflows: both indexes check their rows as they compute their norms (std::invalid_argument naming the row
+// and column, as knn_check_rows); the Node layer checks queries by knn_check_rows (and a CUDA index's rows
+// before the upload).
 #pragma once
 #include <cstdint>
 #include <memory>
