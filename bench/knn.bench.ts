@@ -124,6 +124,8 @@ async function runWorkload(w: Workload, rows: Record<string, string | number>[])
   const torchMs = peer?.find((r) => r.what === (w.metric === "l2" ? "torch_l2" : "torch_cos"))?.ms as
     | number
     | undefined;
+  const torchOnceMs = peer?.find((r) => r.what === (w.metric === "l2" ? "torch_l2_once" : "torch_cos_once"))
+    ?.ms as number | undefined;
   const faissMs =
     w.metric === "cosine" ? (peer?.find((r) => r.what === "faiss_cos")?.ms as number | undefined) : undefined;
 
@@ -158,6 +160,8 @@ async function runWorkload(w: Workload, rows: Record<string, string | number>[])
     workload: `${w.Q} x ${w.V} x ${w.d}, top-${w.k} ${w.metric}`,
     "priortune ms": ours,
     "one-shot ms": oneShot,
+    "pt one-shot ms": fmt(torchOnceMs),
+    "pt/ours one-shot": ratio(torchOnceMs, oneShot),
     "create ms": createMs,
     "pytorch ms": fmt(torchMs),
     "pt/ours": ratio(torchMs, ours),

@@ -1,6 +1,8 @@
 """Exact kNN peers for bench/knn.bench.ts: PyTorch (matmul + topk) and FAISS (IndexFlatIP on normalised rows
 for cosine), fp32 on the CPU, one JSON line per figure (median of runs), the same recipe as
-shared/peers/cpu_peer.py: the vocabulary is normalised outside the timed region, the queries inside.
+shared/peers/cpu_peer.py: the vocabulary is normalised outside the timed region, the queries inside; the
+one-shot figures (torch_cos_once, torch_l2_once: beside our nearestNeighbors) time the vocabulary's
+normalisation or squared norms too.
 usage: knn_torch.py THREADS Q V D K [self_chunk_rows]"""
 import json
 import sys
@@ -27,6 +29,12 @@ out(what="torch_cos", ms=ms)
 e2 = (E * E).sum(1)
 ms = med(lambda: ((q * q).sum(1, keepdim=True) - 2 * (q @ E.T) + e2).topk(k, largest=False), iters=7)
 out(what="torch_l2", ms=ms)
+ms = med(
+    lambda: (torch.nn.functional.normalize(q, dim=1) @ torch.nn.functional.normalize(E, dim=1).T).topk(k), iters=5
+)
+out(what="torch_cos_once", ms=ms)
+ms = med(lambda: ((q * q).sum(1, keepdim=True) - 2 * (q @ E.T) + (E * E).sum(1)).topk(k, largest=False), iters=5)
+out(what="torch_l2_once", ms=ms)
 try:
     import faiss
 
