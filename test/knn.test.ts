@@ -195,7 +195,7 @@ describe("VocabIndex (CPU) equals the float64 brute force", () => {
 
   it("a vocabulary of more than 8 MiB (copied in parallel blocks) keeps every row, with 1 and 3 threads", async () => {
     const d = 64;
-    const V = 33001; // 8.06 MiB: nine 1 MiB blocks, the last partial
+    const V = 33001; // 8.06 MiB: five 2 MiB blocks, the last partial
     const v = gaussian(V * d, 33);
     const q = new Float32Array(v.subarray((V - 1) * d, V * d)); // the last row, in the partial block
     for (const threads of [1, 3]) {

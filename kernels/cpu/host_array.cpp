@@ -33,8 +33,10 @@ namespace {
 template <class T>
 HostArray<T> copy_blocks(const T* src, size_t n, int threads) {
   HostArray<T> out(n);
-  // 2 MiB blocks over huge pages (host_alloc): two threads faulting one huge page would wait on each other.
-  const size_t block = ((n * sizeof(T) >= (size_t{8} << 20) ? size_t{2} : size_t{1}) << 20) / sizeof(T);
+  // From 8 MiB, in parallel and in 2 MiB blocks over huge pages (host_alloc): two threads faulting one huge
+  // page would wait on each other.
+  const bool large = n * sizeof(T) >= (size_t{8} << 20);
+  const size_t block = ((large ? size_t{2} : size_t{1}) << 20) / sizeof(T);
   const int64_t blocks = static_cast<int64_t>((n + block - 1) / block);
 #ifdef _OPENMP
   const int all = omp_get_max_threads();  // OMP_NUM_THREADS, else the cores
@@ -45,7 +47,7 @@ HostArray<T> copy_blocks(const T* src, size_t n, int threads) {
       static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(blocks, threads > 0 ? threads : all)));
   T* dst = out.data();
   // Dynamic: a thread the OS deschedules (searches may be running on every core) holds up fewer blocks.
-#pragma omp parallel for num_threads(team) schedule(dynamic) if (blocks >= 8 && team > 1)
+#pragma omp parallel for num_threads(team) schedule(dynamic) if (large && team > 1)
   for (int64_t b = 0; b < blocks; ++b) {
     const size_t o = static_cast<size_t>(b) * block;
     std::memcpy(dst + o, src + o, std::min(block, n - o) * sizeof(T));

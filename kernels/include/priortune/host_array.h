@@ -64,9 +64,9 @@ template <class T>
 using HostArray = std::vector<T, UninitAllocator<T>>;
 using HostFloats = HostArray<float>;
 
-// A copy of src[0, n): in 1 MiB blocks (2 MiB, a huge page, from 8 MiB) over `threads` OpenMP threads (0:
-// OpenMP's default) where there are at least 8 blocks (kernels/cpu/host_array.cpp: compiled with OpenMP, out
-// of line so that every caller, nvcc's too, gets the same one). Note: HostArray<T>(n), resize(n) and
+// A copy of src[0, n): from 8 MiB, in 2 MiB blocks (a huge page) over `threads` OpenMP threads (0: OpenMP's
+// default); below, one memcpy (kernels/cpu/host_array.cpp: compiled with OpenMP, out of line so that every
+// caller, nvcc's too, gets the same one). Note: HostArray<T>(n), resize(n) and
 // emplace_back() leave trivial elements unset; write them all before reading.
 HostArray<float> host_copy(const float* src, size_t n, int threads = 0);
 HostArray<double> host_copy(const double* src, size_t n, int threads = 0);
