@@ -81,13 +81,11 @@ class KnnIndexWrap : public Napi::ObjectWrap<KnnIndexWrap> {
       auto* worker = new PromiseWorker(
           env,
           [slot, rows, V, d, metric, backend, threads]() {
-            if (backend == "cuda") {
-              const std::string bad = pt::knn_check_rows(rows->data(), V, d, threads);
-              if (!bad.empty()) throw std::invalid_argument("vocab: " + bad);
+            // Both indexes check the rows in their norm passes (naming the first bad row and column).
+            if (backend == "cuda")
               *slot = pt::knn_index_cuda(std::move(*rows), d, metric);
-            } else {
-              *slot = pt::knn_index_cpu(std::move(*rows), d, metric, threads);  // (checks the rows itself)
-            }
+            else
+              *slot = pt::knn_index_cpu(std::move(*rows), d, metric, threads);
           },
           [this, slot](Napi::Env e) -> Napi::Value {
             building_ = false;
@@ -274,7 +272,7 @@ Napi::Value GramEigenvalues(const Napi::CallbackInfo& info) {
   });
 }
 
-// knnDots4(isa, yDouble, x: Float32Array(n), y: Float32Array(4n)) -> Float64Array(12) | null: a test hook
+// knnDots4(isa, yDouble, x: Float32Array(n), y: Float32Array(4n)) -> Float64Array(16) | null: a test hook
 // (pt::knn_dots4_test); null where this CPU lacks the instruction set.
 Napi::Value KnnDots4(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -286,7 +284,7 @@ Napi::Value KnnDots4(const Napi::CallbackInfo& info) {
     if (x.length < 1 || y.length != 4 * x.length)
       throw Napi::RangeError::New(env, "y: expected 4 x the length of x (" + std::to_string(4 * x.length) +
                                            "), got " + std::to_string(y.length));
-    std::vector<double> out(12);
+    std::vector<double> out(16);
     if (!pt::knn_dots4_test(isa.As<Napi::String>().Utf8Value(), wide.As<Napi::Boolean>().Value(), x.data,
                             y.data, static_cast<int64_t>(x.length), out.data()))
       return env.Null();

@@ -101,14 +101,27 @@ T* scratch(Scratch& s, size_t count) {
 // ---------------------------------------------------------------------------------------------------------
 // Float64 scoring. Products of two floats are exact in double, so only the summation order differs from a
 // plain loop; one summation order for every row keeps duplicated rows bit-identical (their ties then go to
-// the lower index). dot_f64 serves the norms; the candidates' values come from dots4 below.
+// the lower index), and one for every instruction set makes the answers the same on every CPU. dot_f64
+// serves the norms; the candidates' values come from dots4 below.
 
+inline double add_lanes(const double* l) {
+  return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+}
+
+// a . b (the norms), element e summed into lane e % 32, the lanes added in one fixed order: the same bits
+// on every CPU (the order is the source's, which no vectoriser may change without -ffast-math; a fused
+// multiply-add of an exact product rounds as the add does). 32 lanes: four independent AVX-512 sums in
+// flight (a norm pass over a 1 GB vocabulary is otherwise bound by one addition chain).
 __attribute__((target_clones("avx512f", "avx2", "default"))) double dot_f64(const float* a, const float* b,
                                                                             int64_t n) {
-  double s = 0.0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += static_cast<double>(a[i]) * static_cast<double>(b[i]);
-  return s;
+  double l[32] = {};
+  const int64_t body = n / 32 * 32;
+  for (int64_t i = 0; i < body; i += 32)
+    for (int j = 0; j < 32; ++j) l[j] += static_cast<double>(a[i + j]) * static_cast<double>(b[i + j]);
+  for (int64_t i = body; i < n; ++i) l[i - body] += static_cast<double>(a[i]) * static_cast<double>(b[i]);
+  double f[8];
+  for (int j = 0; j < 8; ++j) f[j] = (l[j] + l[j + 16]) + (l[j + 8] + l[j + 24]);
+  return add_lanes(f);
 }
 
 // The metric value in float64 ("m": larger is better for cosine/dot, smaller for l2 = squared distance) and
@@ -125,9 +138,6 @@ struct Exact {
 // round-to-nearest: so the bits depend neither on the instruction set, nor on the slot, nor on which vector
 // is x, nor on whether y was widened to double beforehand. Equal rows get equal bits, and a query gets the
 // same values searched alone or in any batch.
-inline double add_lanes(const double* l) {
-  return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
-}
 
 // Adds elements [body, n) (fewer than 8) into lanes 0.. of the sums s (and e), then adds up the lanes.
 template <class Y>
@@ -1082,9 +1092,9 @@ class CpuIndex final : public KnnIndex {
       if (!ok[qi]) failed->push_back(part[qi]);
   }
 
-  // Re-scoring by rows pays where there are several candidates per row and the n queries, in double, fit in
-  // L2. PRIORTUNE_KNN_RESCORE = rows or queries forces either way, for tests (read per search, from the
-  // worker thread: set it only while no search is running).
+  // Re-scoring by rows pays where there are several candidates per row and the n queries, in double, stay in
+  // L2 (1 MiB of them at most). PRIORTUNE_KNN_RESCORE = rows or queries forces either way, for tests (read
+  // per search, from the worker thread: set it only while no search is running).
   bool rescore_by_rows(int64_t pairs, int64_t n) const {
     const char* env = std::getenv("PRIORTUNE_KNN_RESCORE");
     if (env && !std::strcmp(env, "rows")) return true;
@@ -1317,6 +1327,7 @@ bool knn_dots4_test(const std::string& isa, bool y_double, const float* x, const
     paths->ff(x, yf, n, out, nullptr);
     paths->ff(x, yf, n, out + 4, out + 8);
   }
+  for (int j = 0; j < 4; ++j) out[12 + j] = dot_f64(x, y + j * n, n);
   return true;
 }
 

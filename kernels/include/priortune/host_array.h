@@ -1,8 +1,8 @@
 // Host copies of large arrays. HostArray is a std::vector whose allocator leaves new elements of trivial
 // types uninitialised, so that host_copy can fill it in parallel: copying a 154 MB vocabulary into a plain
 // vector (the range constructor) spends most of its time in page faults on one thread, 77 ms of a 154 ms
-// one-shot kNN search on the JS thread; faulting and copying 1 MiB blocks on the call's threads takes about
-// half that on two.
+// one-shot kNN search on the JS thread; faulting and copying blocks on the call's threads took about half
+// that on two, and huge pages (host_alloc) most of the rest.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -65,9 +65,9 @@ using HostArray = std::vector<T, UninitAllocator<T>>;
 using HostFloats = HostArray<float>;
 
 // A copy of src[0, n): from 8 MiB, in 2 MiB blocks (a huge page) over `threads` OpenMP threads (0: OpenMP's
-// default); below, one memcpy (kernels/cpu/host_array.cpp: compiled with OpenMP, out of line so that every
-// caller, nvcc's too, gets the same one). Note: HostArray<T>(n), resize(n) and
-// emplace_back() leave trivial elements unset; write them all before reading.
+// default); below, on the calling thread (kernels/cpu/host_array.cpp: compiled with OpenMP, out of line so
+// that every caller, nvcc's too, gets the same one). Note: HostArray<T>(n), resize(n) and emplace_back()
+// leave trivial elements unset; write them all before reading.
 HostArray<float> host_copy(const float* src, size_t n, int threads = 0);
 HostArray<double> host_copy(const double* src, size_t n, int threads = 0);
 

@@ -17,9 +17,10 @@
 //
 // Memory contract: every buffer is row-major fp32. Indices[Q, k] and scores[Q, k] are overwritten (=), best
 // first. Inputs must be finite, and row norms must stay below 1e18 so that no fp32 product or squared norm
-// overflows: both indexes check their rows as they compute their norms (std::invalid_argument naming the row
-// and column, as knn_check_rows); the Node layer checks queries by knn_check_rows (and a CUDA index's rows
-// before the upload).
+// overflows: both indexes check their rows as they compute their norms (std::invalid_argument with
+// knn_check_rows's message: the first bad row, and the column of a non-finite value); the Node layer checks
+// queries by knn_check_rows, and a search throws std::out_of_range for a query norm >= 1e18 it is handed
+// unchecked.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -95,8 +96,9 @@ void knn_exact_scan(int32_t* indices, float* scores, const float* queries, int64
 
 // Test hook for the float64 re-scoring sums of one instruction set (isa: "avx512", "avx2" or "generic"):
 // out[0, 4) = x . y_j computed alone, out[4, 8) = x . y_j and out[8, 12) = |x - y_j|^2 computed together,
-// for y_j = y[j n, j n + n), widened to double before the call where y_double. False where this CPU lacks
-// the instruction set. Every form must give the same bits (kernels/cpu/knn.cpp, dots4).
+// for y_j = y[j n, j n + n), widened to double before the call where y_double; out[12, 16) = x . y_j by
+// the norms' dot product (32 lanes; this CPU's best form). False where this CPU lacks the instruction set.
+// Every form must give the same bits (kernels/cpu/knn.cpp, dots4 and dot_f64).
 bool knn_dots4_test(const std::string& isa, bool y_double, const float* x, const float* y, int64_t n,
                     double* out);
 
