@@ -188,10 +188,9 @@ const KernelDesc kAvx2{"avx2", 6, 16, 6 * 32, kernel_avx2, true};
 const KernelDesc kGeneric{"generic", 4, 16, 4 * 32, kernel_generic, false};
 
 const KernelDesc* detect_kernel() {
-  __builtin_cpu_init();
   const char* forced = std::getenv("PRIORTUNE_GEMM_KERNEL");
-  const bool has512 = __builtin_cpu_supports("avx512f");
-  const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool has512 = sgemm_kernel_supported("avx512");
+  const bool has2 = sgemm_kernel_supported("avx2");
   if (forced) {
     if (!std::strcmp(forced, "generic")) return &kGeneric;
     if (!std::strcmp(forced, "avx2") && has2) return &kAvx2;
@@ -436,16 +435,16 @@ SgemmMicroKernel sgemm_micro_kernel() {
       kd.mc,   block_cols(kd), kd.kernel, kd.avx2_packing ? pack_rows_fast : pack_rows_portable};
 }
 
-bool sgemm_select_kernel(const char* name) {
+bool sgemm_kernel_supported(const char* name) {
   __builtin_cpu_init();
-  if (!std::strcmp(name, "avx512") && __builtin_cpu_supports("avx512f"))
-    g_kernel = &kAvx512;
-  else if (!std::strcmp(name, "avx2") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-    g_kernel = &kAvx2;
-  else if (!std::strcmp(name, "generic"))
-    g_kernel = &kGeneric;
-  else
-    return false;
+  if (!std::strcmp(name, "avx512")) return __builtin_cpu_supports("avx512f");
+  if (!std::strcmp(name, "avx2")) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return !std::strcmp(name, "generic");
+}
+
+bool sgemm_select_kernel(const char* name) {
+  if (!sgemm_kernel_supported(name)) return false;
+  g_kernel = !std::strcmp(name, "avx512") ? &kAvx512 : !std::strcmp(name, "avx2") ? &kAvx2 : &kGeneric;
   return true;
 }
 

@@ -292,17 +292,6 @@ constexpr Dots4Paths kDots4Avx512{dots4_avx512<float>, dots4_avx512<double>};
 constexpr Dots4Paths kDots4Avx2{dots4_avx2<float>, dots4_avx2<double>};
 constexpr Dots4Paths kDots4Generic{dots4_generic<float>, dots4_generic<double>};
 
-// The best this CPU runs (the bits are the same with any).
-const Dots4Paths& dots4_best() {
-  static const Dots4Paths* best = [] {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f")) return &kDots4Avx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &kDots4Avx2;
-    return &kDots4Generic;
-  }();
-  return *best;
-}
-
 // The metric value m and the screening-comparable s from a float64 dot product (and squared distance).
 inline Exact exact_from(KnnMetric metric, double dot, double dist2, double q_norm, double v_norm) {
   if (metric == KnnMetric::L2) return {dist2, dot - 0.5 * v_norm * v_norm};
@@ -651,10 +640,11 @@ struct IsaPaths {
   Dots4Paths dots4;
 };
 
-IsaPaths isa_paths_for(const SgemmMicroKernel& mk) {
-  if (!std::strcmp(mk.name, "avx512"))
+IsaPaths isa_paths_for(const char* kernel_name) {
+  if (!std::strcmp(kernel_name, "avx512"))
     return {scan_row_avx512, keep_above_avx512, scale_panel_avx512, kDots4Avx512};
-  if (!std::strcmp(mk.name, "avx2")) return {scan_row_avx2, keep_above_avx2, scale_panel_generic, kDots4Avx2};
+  if (!std::strcmp(kernel_name, "avx2"))
+    return {scan_row_avx2, keep_above_avx2, scale_panel_generic, kDots4Avx2};
   return {scan_row_scalar, keep_above_generic, scale_panel_generic, kDots4Generic};
 }
 
@@ -686,7 +676,7 @@ class CpuIndex final : public KnnIndex {
         d_(d),
         metric_(metric),
         mk_(sgemm_micro_kernel()),
-        isa_(isa_paths_for(mk_)) {
+        isa_(isa_paths_for(mk_.name)) {
     if (d > 0 && static_cast<int64_t>(rows.size()) % d != 0)
       throw std::invalid_argument("vocab: expected a length that is a multiple of dim");
     rows_ = std::move(rows);
@@ -694,7 +684,7 @@ class CpuIndex final : public KnnIndex {
     init(threads, true);
   }
   CpuIndex(const float* vocab, int64_t V, int64_t d, KnnMetric metric, int threads)
-      : V_(V), d_(d), metric_(metric), mk_(sgemm_micro_kernel()), isa_(isa_paths_for(mk_)) {
+      : V_(V), d_(d), metric_(metric), mk_(sgemm_micro_kernel()), isa_(isa_paths_for(mk_.name)) {
     rows_ptr_ = vocab;
     init(threads, false);
   }
@@ -1307,25 +1297,19 @@ std::string knn_row_problem(const float* x, int64_t r, int64_t d) {
 
 bool knn_dots4_test(const std::string& isa, bool y_double, const float* x, const float* y, int64_t n,
                     double* out) {
-  const Dots4Paths* paths = isa == "avx512"    ? &kDots4Avx512
-                            : isa == "avx2"    ? &kDots4Avx2
-                            : isa == "generic" ? &kDots4Generic
-                                               : nullptr;
-  if (!paths)
+  if (isa != "avx512" && isa != "avx2" && isa != "generic")
     throw std::invalid_argument("isa: expected \"avx512\", \"avx2\" or \"generic\", got \"" + isa + "\"");
-  __builtin_cpu_init();
-  if (paths == &kDots4Avx512 && !__builtin_cpu_supports("avx512f")) return false;
-  if (paths == &kDots4Avx2 && !(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")))
-    return false;
+  if (!sgemm_kernel_supported(isa.c_str())) return false;
+  const Dots4Paths paths = isa_paths_for(isa.c_str()).dots4;
   if (y_double) {
     const std::vector<double> wide(y, y + 4 * n);
     const double* yd[4] = {wide.data(), wide.data() + n, wide.data() + 2 * n, wide.data() + 3 * n};
-    paths->fd(x, yd, n, out, nullptr);
-    paths->fd(x, yd, n, out + 4, out + 8);
+    paths.fd(x, yd, n, out, nullptr);
+    paths.fd(x, yd, n, out + 4, out + 8);
   } else {
     const float* yf[4] = {y, y + n, y + 2 * n, y + 3 * n};
-    paths->ff(x, yf, n, out, nullptr);
-    paths->ff(x, yf, n, out + 4, out + 8);
+    paths.ff(x, yf, n, out, nullptr);
+    paths.ff(x, yf, n, out + 4, out + 8);
   }
   for (int j = 0; j < 4; ++j) out[12 + j] = dot_f64(x, y + j * n, n);
   return true;
@@ -1339,6 +1323,7 @@ void knn_exact_scan(int32_t* indices, float* scores, const float* queries, int64
     int32_t i;
   };
   auto before = [metric](const Item& a, const Item& b) { return ranks_before(metric, a.m, a.i, b.m, b.i); };
+  const Dots4<float> dots4 = isa_paths_for(sgemm_kernel_name()).dots4.ff;  // (the same bits with any)
   threads = std::max(1, threads);
   for (int64_t q = 0; q < Q; ++q) {
     const float* qv = queries + q * d;
@@ -1363,7 +1348,7 @@ void knn_exact_scan(int32_t* indices, float* scores, const float* queries, int64
         int32_t ids[4];
         Exact x[4];
         for (int j = 0; j < count; ++j) ids[j] = static_cast<int32_t>(r0 + j);
-        exact_scores(dots4_best().ff, metric, qv, qn, vocab, row_norms, d, ids, count, x);
+        exact_scores(dots4, metric, qv, qn, vocab, row_norms, d, ids, count, x);
         for (int j = 0; j < count; ++j) {
           const int64_t r = r0 + j;
           if (r == excl) continue;

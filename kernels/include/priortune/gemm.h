@@ -35,6 +35,9 @@ SgemmMicroKernel sgemm_micro_kernel();
 // Name of the micro-kernel in use: "avx512", "avx2" or "generic" (chosen from the CPU at load time).
 const char* sgemm_kernel_name();
 
+// Whether this CPU runs the micro-kernel `name` ("avx512", "avx2", "generic"; false for any other name).
+bool sgemm_kernel_supported(const char* name);
+
 // Force a micro-kernel by name (for tests and benchmarks); returns false if the CPU lacks it.
 bool sgemm_select_kernel(const char* name);
 
