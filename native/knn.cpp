@@ -80,7 +80,7 @@ class KnnIndexWrap : public Napi::ObjectWrap<KnnIndexWrap> {
       building_ = true;
       auto* worker = new PromiseWorker(
           env,
-          [slot, rows, V, d, metric, backend, threads]() {
+          [slot, rows, d, metric, backend, threads]() {
             // Both indexes check the rows in their norm passes (naming the first bad row and column).
             if (backend == "cuda")
               *slot = pt::knn_index_cuda(std::move(*rows), d, metric);
