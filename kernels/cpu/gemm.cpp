@@ -27,6 +27,7 @@
 #include <cstring>
 #include <vector>
 
+#include "priortune/host_array.h"
 #include "priortune/parallel.h"
 
 namespace pt {
@@ -348,18 +349,22 @@ void pack_B(const KernelDesc& kd, bool transB, const float* B, int64_t ldb, int6
   pack_panels(kd.avx2_packing, transB, B, ldb, j0, nc, k0, kc, kd.nr, Bp);
 }
 
+// A thread's packing buffer, grown as needed (host_alloc: 64-byte aligned; std::bad_alloc, not a null
+// pointer, when memory runs out).
 struct AlignedBuffer {
   float* ptr = nullptr;
   size_t cap = 0;
   float* get(size_t n) {
     if (n > cap) {
-      std::free(ptr);
-      ptr = static_cast<float*>(std::aligned_alloc(64, ((n * sizeof(float) + 63) / 64) * 64));
+      host_free(ptr);
+      ptr = nullptr;
+      cap = 0;
+      ptr = static_cast<float*>(host_alloc(n * sizeof(float)));
       cap = n;
     }
     return ptr;
   }
-  ~AlignedBuffer() { std::free(ptr); }
+  ~AlignedBuffer() { host_free(ptr); }
 };
 
 // One thread's share: the sub-problem rows [i_begin, i_end) x columns [j_begin, j_end).
